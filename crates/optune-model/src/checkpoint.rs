@@ -1,0 +1,230 @@
+//! Loading and saving Hugging Face checkpoint directories (and reading llama-family GGUF files).
+
+use crate::config::{ModelConfig, TokenIds};
+use crate::tokenizer::ChatTokenizer;
+use crate::transformer::Transformer;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Files copied verbatim from the source checkpoint when saving, so transformers finds the same
+/// tokenizer and generation settings.
+const CARRIED_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+];
+
+/// Everything of a checkpoint except the weights.
+#[derive(Clone)]
+pub struct CheckpointMeta {
+    pub config: ModelConfig,
+    /// `config.json` as read, rewritten unchanged on save (so unknown fields survive).
+    pub config_json: Value,
+    /// Token ids at which generation stops: generation_config's, else config's, else the
+    /// tokenizer's EOS.
+    pub eos_token_ids: Vec<u32>,
+    /// Carried files by name.
+    pub files: Vec<(String, Vec<u8>)>,
+    /// Where it came from (a directory or a GGUF file), for provenance columns.
+    pub source: PathBuf,
+}
+
+/// A checkpoint read from disk: metadata, weights by Hugging Face name, tokenizer.
+pub struct Checkpoint {
+    pub meta: CheckpointMeta,
+    pub tensors: HashMap<String, Tensor>,
+    pub tokenizer: ChatTokenizer,
+}
+
+impl Checkpoint {
+    /// Reads a Hugging Face directory or a `.gguf` file onto `device` (weights keep their stored
+    /// dtype until the model is built).
+    pub fn read(path: &Path, device: &Device) -> Result<Self> {
+        if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+            return read_gguf_checkpoint(path, device);
+        }
+        if !path.is_dir() {
+            bail!("{}: not a model directory or .gguf file", path.display());
+        }
+        let config_json: Value = read_json(&path.join("config.json"))?;
+        let config = ModelConfig::from_json_str(&config_json.to_string())
+            .with_context(|| format!("{}", path.join("config.json").display()))?;
+        let tokenizer = ChatTokenizer::from_dir(path)?;
+        tokenizer.check_vocab(config.vocab_size).with_context(|| format!("{}", path.display()))?;
+        let tensors = read_safetensors(path, device)?;
+        let mut files = Vec::new();
+        for name in CARRIED_FILES {
+            if let Ok(bytes) = std::fs::read(path.join(name)) {
+                files.push((name.to_string(), bytes));
+            }
+        }
+        let generation_eos = match std::fs::read(path.join("generation_config.json")) {
+            Ok(bytes) => {
+                let v: Value = serde_json::from_slice(&bytes)
+                    .with_context(|| format!("parsing {}", path.join("generation_config.json").display()))?;
+                eos_from_json(&v)
+            }
+            Err(_) => Vec::new(),
+        };
+        let eos_token_ids = first_non_empty([generation_eos, config.eos_token_ids(), tokenizer.eos_token_id().into_iter().collect()]);
+        Ok(Self {
+            meta: CheckpointMeta { config, config_json, eos_token_ids, files, source: path.to_path_buf() },
+            tensors,
+            tokenizer,
+        })
+    }
+
+    /// Builds the model in `dtype` on `device`.
+    pub fn into_model(self, dtype: DType, device: &Device) -> Result<(Transformer, ChatTokenizer, CheckpointMeta)> {
+        let model = Transformer::from_weights(&self.meta.config, self.tensors, dtype, device)
+            .with_context(|| format!("building the model from {}", self.meta.source.display()))?;
+        Ok((model, self.tokenizer, self.meta))
+    }
+}
+
+/// Loads a model for inference.
+pub fn load_model(path: &Path, dtype: DType, device: &Device) -> Result<(Transformer, ChatTokenizer, CheckpointMeta)> {
+    Checkpoint::read(path, device)?.into_model(dtype, device)
+}
+
+fn first_non_empty<const N: usize>(candidates: [Vec<u32>; N]) -> Vec<u32> {
+    candidates.into_iter().find(|c| !c.is_empty()).unwrap_or_default()
+}
+
+fn eos_from_json(v: &Value) -> Vec<u32> {
+    v.get("eos_token_id")
+        .and_then(|e| serde_json::from_value::<TokenIds>(e.clone()).ok())
+        .map(|ids| ids.to_vec())
+        .unwrap_or_default()
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// `model.safetensors`, or the shards listed in `model.safetensors.index.json`.
+fn read_safetensors(dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let single = dir.join("model.safetensors");
+    let files: Vec<PathBuf> = if single.is_file() {
+        vec![single]
+    } else {
+        let index_path = dir.join("model.safetensors.index.json");
+        let index = read_json(&index_path).with_context(|| {
+            format!("{}: no model.safetensors or model.safetensors.index.json", dir.display())
+        })?;
+        let map = index
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .with_context(|| format!("{}: no weight_map", index_path.display()))?;
+        let mut names: Vec<&str> = map.values().filter_map(Value::as_str).collect();
+        names.sort_unstable();
+        names.dedup();
+        names.into_iter().map(|n| dir.join(n)).collect()
+    };
+    let mut tensors = HashMap::new();
+    for file in files {
+        let loaded = candle_core::safetensors::load(&file, device)
+            .with_context(|| format!("reading weights from {}", file.display()))?;
+        tensors.extend(loaded);
+    }
+    Ok(tensors)
+}
+
+fn read_gguf_checkpoint(path: &Path, device: &Device) -> Result<Checkpoint> {
+    let hf = crate::gguf::read_gguf(path)?;
+    let config = ModelConfig::from_json_str(&hf.config.to_string())
+        .with_context(|| format!("{}: the config derived from its metadata", path.display()))?;
+    let tokenizer = ChatTokenizer::from_parts(&hf.tokenizer_json.to_string(), &hf.tokenizer_config)
+        .with_context(|| format!("{}: the tokenizer rebuilt from its metadata", path.display()))?;
+    tokenizer.check_vocab(config.vocab_size)?;
+    let eos_token_ids = first_non_empty([
+        eos_from_json(&hf.generation_config),
+        config.eos_token_ids(),
+        tokenizer.eos_token_id().into_iter().collect(),
+    ]);
+    let files = vec![
+        ("tokenizer.json".to_string(), serde_json::to_vec_pretty(&hf.tokenizer_json)?),
+        ("tokenizer_config.json".to_string(), serde_json::to_vec_pretty(&hf.tokenizer_config)?),
+        ("generation_config.json".to_string(), serde_json::to_vec_pretty(&hf.generation_config)?),
+    ];
+    let tensors = hf
+        .tensors
+        .into_iter()
+        .map(|(name, t)| Ok((name, t.to_device(device)?)))
+        .collect::<Result<HashMap<_, _>>>()?;
+    Ok(Checkpoint {
+        meta: CheckpointMeta { config, config_json: hf.config, eos_token_ids, files, source: path.to_path_buf() },
+        tensors,
+        tokenizer,
+    })
+}
+
+/// Writes `tensors` as a safetensors file with the `format: pt` metadata transformers requires.
+pub fn write_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()> {
+    let contiguous: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(n, t)| Ok((n.clone(), t.to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<Result<_>>()?;
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(contiguous.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata), path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Writes a Hugging Face checkpoint directory: `model.safetensors`, `config.json` and the
+/// carried tokenizer/generation files. Written beside `dir` and renamed into place, so a failed
+/// save never leaves a half-written checkpoint; an existing `dir` is replaced.
+pub fn save_checkpoint(model: &Transformer, meta: &CheckpointMeta, dir: &Path) -> Result<()> {
+    let weights = model.named_weights()?;
+    let mut config_json = meta.config_json.clone();
+    if let Some(obj) = config_json.as_object_mut() {
+        let dtype = match model.dtype() {
+            DType::BF16 => "bfloat16",
+            DType::F16 => "float16",
+            _ => "float32",
+        };
+        obj.insert("torch_dtype".into(), Value::String(dtype.into()));
+    }
+    let files: Vec<(String, Vec<u8>)> = std::iter::once(("config.json".to_string(), serde_json::to_vec_pretty(&config_json)?))
+        .chain(meta.files.iter().cloned())
+        .collect();
+    write_dir_atomically(dir, |tmp| {
+        write_safetensors(&weights, &tmp.join("model.safetensors"))?;
+        for (name, bytes) in &files {
+            std::fs::write(tmp.join(name), bytes).with_context(|| format!("writing {name}"))?;
+        }
+        Ok(())
+    })
+}
+
+/// Fills a fresh temporary directory beside `dir` with `fill`, then moves it to `dir`.
+pub fn write_dir_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
+    let name = dir.file_name().context("output directory has no name")?.to_string_lossy().to_string();
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}.tmp-"))
+        .tempdir_in(&parent)
+        .with_context(|| format!("creating a temporary directory in {}", parent.display()))?;
+    fill(tmp.path())?;
+    if dir.exists() {
+        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+        std::fs::rename(dir, &old).with_context(|| format!("moving the old {} aside", dir.display()))?;
+        let tmp_path = tmp.keep();
+        std::fs::rename(&tmp_path, dir).with_context(|| format!("moving the new checkpoint to {}", dir.display()))?;
+        std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+    } else {
+        let tmp_path = tmp.keep();
+        std::fs::rename(&tmp_path, dir).with_context(|| format!("moving the new checkpoint to {}", dir.display()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,272 @@
+//! `config.json` of the supported decoder-only families, deserialised directly.
+//!
+//! Llama, Mistral and Qwen2 share one architecture (pre-norm RMSNorm blocks, rotary attention with
+//! grouped KV heads, SwiGLU MLP); they differ only in a few switches, which [`ModelConfig`] resolves
+//! per family so the forward pass can stay a single readable function.
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use std::path::Path;
+
+/// The model families whose `config.json` we accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Llama,
+    Mistral,
+    Qwen2,
+}
+
+impl Family {
+    pub fn parse(model_type: &str) -> Result<Self> {
+        match model_type {
+            "llama" => Ok(Family::Llama),
+            "mistral" => Ok(Family::Mistral),
+            "qwen2" => Ok(Family::Qwen2),
+            other => bail!(
+                "unsupported model_type '{other}': optune supports llama, mistral and qwen2 \
+                 (Llama 2/3, TinyLlama, SmolLM2, Zephyr/Mistral, Qwen2/2.5)"
+            ),
+        }
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Family::Llama => "llama",
+            Family::Mistral => "mistral",
+            Family::Qwen2 => "qwen2",
+        }
+    }
+}
+
+/// `rope_scaling` as written by transformers; only the Llama-3 form changes the frequencies here.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct RopeScaling {
+    #[serde(alias = "type")]
+    pub rope_type: String,
+    #[serde(default)]
+    pub factor: Option<f64>,
+    #[serde(default)]
+    pub low_freq_factor: Option<f64>,
+    #[serde(default)]
+    pub high_freq_factor: Option<f64>,
+    #[serde(default)]
+    pub original_max_position_embeddings: Option<usize>,
+}
+
+/// A token id field that transformers writes either as one integer or as a list.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum TokenIds {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl TokenIds {
+    pub fn to_vec(&self) -> Vec<u32> {
+        match self {
+            TokenIds::One(id) => vec![*id],
+            TokenIds::Many(ids) => ids.clone(),
+        }
+    }
+}
+
+/// The fields of `config.json` that the forward pass needs. Unknown fields are ignored, so a real
+/// checkpoint's config deserialises as it is.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ModelConfig {
+    pub model_type: String,
+    #[serde(default)]
+    pub architectures: Vec<String>,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    #[serde(default = "default_rms_norm_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    #[serde(default)]
+    pub rope_scaling: Option<RopeScaling>,
+    #[serde(default = "default_max_position_embeddings")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Mistral: attend to at most this many previous positions (inclusive of the current one).
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    /// Qwen2 writes a window size but only uses it when this is set.
+    #[serde(default)]
+    pub use_sliding_window: Option<bool>,
+    /// Llama's optional biases on q/k/v/o.
+    #[serde(default)]
+    pub attention_bias: Option<bool>,
+    #[serde(default)]
+    pub mlp_bias: Option<bool>,
+    #[serde(default)]
+    pub hidden_act: Option<String>,
+    #[serde(default)]
+    pub bos_token_id: Option<TokenIds>,
+    #[serde(default)]
+    pub eos_token_id: Option<TokenIds>,
+    #[serde(default)]
+    pub pad_token_id: Option<TokenIds>,
+    /// Sequence-classification heads (reward models) only.
+    #[serde(default)]
+    pub num_labels: Option<usize>,
+    #[serde(default)]
+    pub id2label: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+fn default_rms_norm_eps() -> f64 {
+    1e-6
+}
+fn default_rope_theta() -> f64 {
+    10_000.0
+}
+fn default_max_position_embeddings() -> usize {
+    4096
+}
+
+impl ModelConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        Self::from_json_str(&text).with_context(|| format!("{}", path.display()))
+    }
+
+    pub fn from_json_str(text: &str) -> Result<Self> {
+        let config: ModelConfig =
+            serde_json::from_str(text).context("parsing config.json")?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<()> {
+        self.family()?;
+        if let Some(act) = &self.hidden_act {
+            if act != "silu" && act != "swish" {
+                bail!("hidden_act '{act}' is not supported (only silu)");
+            }
+        }
+        if self.num_attention_heads == 0 || self.hidden_size == 0 || self.num_hidden_layers == 0 {
+            bail!("config has zero heads, hidden size or layers");
+        }
+        if self.num_attention_heads % self.num_kv_heads() != 0 {
+            bail!(
+                "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
+                self.num_attention_heads,
+                self.num_kv_heads()
+            );
+        }
+        if self.head_dim() % 2 != 0 {
+            bail!("head_dim {} must be even for rotary embeddings", self.head_dim());
+        }
+        if let Some(scaling) = &self.rope_scaling {
+            match scaling.rope_type.as_str() {
+                "default" | "llama3" => {}
+                other => bail!("rope_scaling type '{other}' is not supported (default, llama3)"),
+            }
+        }
+        Ok(())
+    }
+
+    pub fn family(&self) -> Result<Family> {
+        Family::parse(&self.model_type)
+    }
+
+    pub fn num_kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    /// Qwen2 always carries q/k/v biases; Llama only when `attention_bias` says so.
+    pub fn qkv_bias(&self) -> bool {
+        match self.family() {
+            Ok(Family::Qwen2) => true,
+            _ => self.attention_bias.unwrap_or(false),
+        }
+    }
+
+    pub fn o_bias(&self) -> bool {
+        match self.family() {
+            Ok(Family::Llama) => self.attention_bias.unwrap_or(false),
+            _ => false,
+        }
+    }
+
+    pub fn mlp_bias(&self) -> bool {
+        self.mlp_bias.unwrap_or(false)
+    }
+
+    /// The attention window in positions, when the family uses one.
+    pub fn attention_window(&self) -> Option<usize> {
+        match self.family() {
+            Ok(Family::Mistral) => self.sliding_window,
+            Ok(Family::Qwen2) if self.use_sliding_window == Some(true) => self.sliding_window,
+            _ => None,
+        }
+    }
+
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        self.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default()
+    }
+
+    /// Outputs of a classification head: `num_labels`, else the size of `id2label` (transformers
+    /// writes only the latter), else 2 as transformers defaults.
+    pub fn label_count(&self) -> Option<usize> {
+        self.num_labels.or_else(|| self.id2label.as_ref().map(|m| m.len())).or(Some(2))
+    }
+
+    pub fn pad_token_id(&self) -> Option<u32> {
+        self.pad_token_id.as_ref().and_then(|ids| ids.to_vec().first().copied())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base(model_type: &str) -> serde_json::Value {
+        serde_json::json!({
+            "model_type": model_type, "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+            "sliding_window": 4
+        })
+    }
+
+    #[test]
+    fn families_resolve_their_switches() {
+        let llama = ModelConfig::from_json_str(&base("llama").to_string()).unwrap();
+        assert!(!llama.qkv_bias() && llama.attention_window().is_none());
+        let qwen = ModelConfig::from_json_str(&base("qwen2").to_string()).unwrap();
+        assert!(qwen.qkv_bias() && qwen.attention_window().is_none());
+        let mistral = ModelConfig::from_json_str(&base("mistral").to_string()).unwrap();
+        assert_eq!(mistral.attention_window(), Some(4));
+        assert_eq!(mistral.head_dim(), 4);
+    }
+
+    #[test]
+    fn unknown_model_type_is_a_clear_error() {
+        let err = ModelConfig::from_json_str(&base("gpt2").to_string()).unwrap_err();
+        assert!(format!("{err:#}").contains("unsupported model_type 'gpt2'"), "{err:#}");
+    }
+
+    #[test]
+    fn eos_accepts_int_or_list() {
+        let mut c = base("llama");
+        c["eos_token_id"] = serde_json::json!([2, 0]);
+        let cfg = ModelConfig::from_json_str(&c.to_string()).unwrap();
+        assert_eq!(cfg.eos_token_ids(), vec![2, 0]);
+        c["eos_token_id"] = serde_json::json!(7);
+        let cfg = ModelConfig::from_json_str(&c.to_string()).unwrap();
+        assert_eq!(cfg.eos_token_ids(), vec![7]);
+    }
+}

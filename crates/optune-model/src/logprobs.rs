@@ -1,0 +1,103 @@
+//! Sequence log-probabilities of responses given prompts: what DPO trains on and what the
+//! generator reports.
+
+use crate::transformer::{PaddedBatch, Transformer};
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor, D};
+
+/// One (prompt, response) pair as token ids; the response includes its final EOS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenizedPair {
+    pub prompt: Vec<u32>,
+    pub response: Vec<u32>,
+}
+
+/// Summed log-probs `[batch]` (f32, differentiable) and the number of response tokens of each.
+pub struct SequenceLogprobs {
+    pub sums: Tensor,
+    pub token_counts: Vec<usize>,
+}
+
+impl SequenceLogprobs {
+    /// Per-token mean log-probs `[batch]`.
+    pub fn means(&self) -> candle_core::Result<Tensor> {
+        let counts: Vec<f32> = self.token_counts.iter().map(|&c| c.max(1) as f32).collect();
+        let counts = Tensor::from_vec(counts, self.token_counts.len(), self.sums.device())?;
+        self.sums.div(&counts)
+    }
+}
+
+/// Rows of the vocabulary projection computed at once: bounds the logits buffer to
+/// `CHUNK_ROWS × vocab` floats.
+const CHUNK_ROWS: usize = 256;
+
+/// `log p(response | prompt)` summed over response tokens, for a batch run as one right-padded
+/// forward pass. Prompt tokens are masked out of the sum.
+pub fn sequence_logprobs(model: &Transformer, pairs: &[TokenizedPair], pad_id: u32) -> Result<SequenceLogprobs> {
+    let mut sequences = Vec::with_capacity(pairs.len());
+    let mut predictor_rows = Vec::new();
+    let mut targets = Vec::new();
+    let mut owners = Vec::new();
+    let seq_len = pairs.iter().map(|p| p.prompt.len() + p.response.len()).max().unwrap_or(0);
+    for (b, pair) in pairs.iter().enumerate() {
+        if pair.prompt.is_empty() {
+            bail!("pair {b}: empty prompt (at least one prompt token is needed to predict the response)");
+        }
+        if pair.response.is_empty() {
+            bail!("pair {b}: empty response");
+        }
+        let mut seq = pair.prompt.clone();
+        seq.extend_from_slice(&pair.response);
+        for (j, &token) in pair.response.iter().enumerate() {
+            predictor_rows.push((b * seq_len + pair.prompt.len() - 1 + j) as u32);
+            targets.push(token);
+            owners.push(b);
+        }
+        sequences.push(seq);
+    }
+    let device = model.device();
+    let batch = PaddedBatch::right_padded(&sequences, pad_id, device)?;
+    let hidden = model.hidden_states(&batch)?;
+    let hidden_size = hidden.dim(D::Minus1)?;
+    let flat = hidden.reshape((pairs.len() * seq_len, hidden_size))?;
+    let rows = flat.index_select(&Tensor::new(predictor_rows.as_slice(), device)?, 0)?;
+    let token_logps = token_logprobs(model, &rows, &targets)?;
+    // Segment sum as a [batch, tokens] 0/1 matrix product: differentiable and one kernel.
+    let mut membership = vec![0f32; pairs.len() * targets.len()];
+    for (i, &b) in owners.iter().enumerate() {
+        membership[b * targets.len() + i] = 1.0;
+    }
+    let membership = Tensor::from_vec(membership, (pairs.len(), targets.len()), device)?;
+    let sums = membership.matmul(&token_logps.unsqueeze(1)?)?.squeeze(1)?;
+    Ok(SequenceLogprobs { sums, token_counts: pairs.iter().map(|p| p.response.len()).collect() })
+}
+
+/// `log softmax(head(rows))[target]` for each row, `[rows]` in f32, computed in chunks.
+pub fn token_logprobs(model: &Transformer, rows: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    let n = rows.dim(0)?;
+    let device = rows.device();
+    let mut parts = Vec::with_capacity(n.div_ceil(CHUNK_ROWS));
+    for start in (0..n).step_by(CHUNK_ROWS) {
+        let len = CHUNK_ROWS.min(n - start);
+        let logits = model.head_logits(&rows.narrow(0, start, len)?)?.to_dtype(DType::F32)?;
+        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let index = Tensor::new(&targets[start..start + len], device)?.unsqueeze(1)?;
+        parts.push(logp.gather(&index, 1)?.squeeze(1)?);
+    }
+    Ok(Tensor::cat(&parts, 0)?)
+}
+
+/// Sequence-classification scores `[batch]` (label 0) read at each sequence's last token:
+/// what a reward model outputs.
+pub fn sequence_scores(model: &Transformer, sequences: &[Vec<u32>], pad_id: u32) -> Result<Tensor> {
+    if let Some(b) = sequences.iter().position(Vec::is_empty) {
+        bail!("sequence {b} is empty");
+    }
+    let device = model.device();
+    let batch = PaddedBatch::right_padded(sequences, pad_id, device)?;
+    let (b, t) = batch.dims();
+    let hidden = model.hidden_states(&batch)?;
+    let last: Vec<u32> = sequences.iter().enumerate().map(|(i, s)| (i * t + s.len() - 1) as u32).collect();
+    let rows = hidden.reshape((b * t, hidden.dim(D::Minus1)?))?.index_select(&Tensor::new(last.as_slice(), device)?, 0)?;
+    Ok(model.head_logits(&rows)?.narrow(1, 0, 1)?.squeeze(1)?.to_dtype(DType::F32)?)
+}

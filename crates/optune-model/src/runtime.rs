@@ -1,0 +1,79 @@
+//! Process-wide numeric setup that every binary which generates or trains calls first.
+//!
+//! Denormal floats make x86 matrix kernels up to ~10× slower (measured: a SmolLM2-135M backward
+//! went from 37.9 s to 4.7 s); gradients near zero produce many of them. Flush-to-zero and
+//! denormals-are-zero are per-thread CPU flags, so they are set on the calling thread and on
+//! every worker of rayon's global pool, which candle's matrix multiplications run on.
+
+use anyhow::Result;
+
+/// Sets FTZ/DAZ on this thread.
+pub fn flush_denormals_on_this_thread() {
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        // MXCSR bit 15 = flush-to-zero, bit 6 = denormals-are-zero.
+        let mut csr: u32 = 0;
+        std::arch::asm!("stmxcsr [{}]", in(reg) &mut csr, options(nostack));
+        csr |= 0x8040;
+        std::arch::asm!("ldmxcsr [{}]", in(reg) &csr, options(nostack));
+    }
+    #[cfg(target_arch = "aarch64")]
+    unsafe {
+        // FPCR bit 24 = flush-to-zero.
+        let mut fpcr: u64;
+        std::arch::asm!("mrs {}, fpcr", out(reg) fpcr);
+        fpcr |= 1 << 24;
+        std::arch::asm!("msr fpcr, {}", in(reg) fpcr);
+    }
+}
+
+/// Whether this thread flushes denormals (always false on other architectures).
+pub fn denormals_flushed_on_this_thread() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        let mut csr: u32 = 0;
+        std::arch::asm!("stmxcsr [{}]", in(reg) &mut csr, options(nostack));
+        csr & 0x8040 == 0x8040
+    }
+    #[cfg(target_arch = "aarch64")]
+    unsafe {
+        let fpcr: u64;
+        std::arch::asm!("mrs {}, fpcr", out(reg) fpcr);
+        fpcr & (1 << 24) != 0
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    false
+}
+
+/// Initialises the numeric runtime: FTZ/DAZ here and on every rayon worker, with `threads`
+/// workers (default: rayon's choice, i.e. `RAYON_NUM_THREADS` or the core count). Safe to call
+/// more than once; only the first call builds the pool.
+pub fn init(threads: Option<usize>) -> Result<()> {
+    flush_denormals_on_this_thread();
+    let mut builder = rayon::ThreadPoolBuilder::new().start_handler(|_| flush_denormals_on_this_thread());
+    if let Some(n) = threads {
+        builder = builder.num_threads(n);
+    }
+    // An error here means the global pool already exists: it was built by an earlier call.
+    let _ = builder.build_global();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    fn every_rayon_worker_flushes_denormals() {
+        init(Some(2)).unwrap();
+        assert!(denormals_flushed_on_this_thread());
+        let flags = rayon::broadcast(|_| denormals_flushed_on_this_thread());
+        assert!(!flags.is_empty());
+        assert!(flags.iter().all(|&f| f), "workers without FTZ: {flags:?}");
+        // And the flag really changes arithmetic: a denormal product flushes to zero.
+        let tiny = std::hint::black_box(1e-30f32);
+        let flushed = rayon::broadcast(|_| std::hint::black_box(tiny) * std::hint::black_box(1e-10f32));
+        assert!(flushed.iter().all(|&x| x == 0.0), "{flushed:?}");
+    }
+}

@@ -1,0 +1,567 @@
+//! The decoder-only transformer shared by Llama, Mistral and Qwen2, read top to bottom:
+//! embed → N × (RMSNorm → rotary GQA attention → residual → RMSNorm → SwiGLU MLP → residual)
+//! → RMSNorm → head.
+//!
+//! Two paths over one set of weights:
+//! * [`Transformer::hidden_states`], the training path: a padded batch with an attention mask,
+//!   every position, built only from ops that propagate gradients;
+//! * [`Transformer::prefill`] / [`Transformer::decode_step`], the inference path with a KV cache
+//!   whose slots can hold sequences of different lengths (continuous batching).
+
+use crate::config::ModelConfig;
+use crate::linear::Linear;
+use crate::rope::{apply_rotary, RotaryTables};
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Result, Tensor, D};
+use std::collections::HashMap;
+
+/// Additive mask value for disallowed keys. Finite so that a row never turns into NaN.
+const MASKED: f32 = -1e30;
+
+/// What sits on top of the final norm.
+#[derive(Clone)]
+pub enum OutputHead {
+    /// `lm_head.weight [vocab, hidden]`; the embedding matrix itself when tied.
+    LanguageModel { weight: Tensor, tied: bool },
+    /// A sequence-classification head (`score.weight [num_labels, hidden]`), read at the last
+    /// non-padding token: a reward model.
+    Score { weight: Tensor },
+}
+
+#[derive(Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+}
+
+#[derive(Clone)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+#[derive(Clone)]
+struct Block {
+    input_layernorm: Tensor,
+    self_attn: Attention,
+    post_attention_layernorm: Tensor,
+    mlp: Mlp,
+}
+
+#[derive(Clone)]
+pub struct Transformer {
+    config: ModelConfig,
+    embed_tokens: Tensor,
+    layers: Vec<Block>,
+    norm: Tensor,
+    head: OutputHead,
+    rope: std::sync::Arc<RotaryTables>,
+    dtype: DType,
+    device: Device,
+}
+
+/// A padded batch for the training path. `mask` is 1 for real tokens, 0 for padding (either
+/// side); `positions` are each token's position among its sequence's real tokens.
+pub struct PaddedBatch {
+    pub input_ids: Tensor,
+    pub positions: Tensor,
+    pub mask: Vec<Vec<bool>>,
+}
+
+impl PaddedBatch {
+    /// Right-pads `sequences` with `pad_id`.
+    pub fn right_padded(sequences: &[Vec<u32>], pad_id: u32, device: &Device) -> Result<Self> {
+        let batch = sequences.len();
+        let seq = sequences.iter().map(Vec::len).max().unwrap_or(0).max(1);
+        let mut ids = Vec::with_capacity(batch * seq);
+        let mut positions = Vec::with_capacity(batch * seq);
+        let mut mask = Vec::with_capacity(batch);
+        for s in sequences {
+            ids.extend(s.iter().copied().chain(std::iter::repeat(pad_id)).take(seq));
+            positions.extend((0..seq as u32).map(|p| p.min(s.len().saturating_sub(1) as u32)));
+            mask.push((0..seq).map(|t| t < s.len()).collect());
+        }
+        Ok(Self {
+            input_ids: Tensor::from_vec(ids, (batch, seq), device)?,
+            positions: Tensor::from_vec(positions, (batch, seq), device)?,
+            mask,
+        })
+    }
+
+    pub fn dims(&self) -> (usize, usize) {
+        (self.mask.len(), self.mask.first().map_or(0, Vec::len))
+    }
+}
+
+/// Weights by Hugging Face name; [`WeightMap::take`] checks presence and shape.
+pub struct WeightMap {
+    tensors: HashMap<String, Tensor>,
+}
+
+impl WeightMap {
+    pub fn new(tensors: HashMap<String, Tensor>) -> Self {
+        Self { tensors }
+    }
+
+    fn take(&mut self, name: &str, shape: &[usize]) -> anyhow::Result<Tensor> {
+        let tensor = self.tensors.remove(name).with_context(|| {
+            format!("missing weight '{name}' (expected shape {shape:?}) in the checkpoint")
+        })?;
+        if tensor.dims() != shape {
+            bail!("weight '{name}' has shape {:?}, expected {shape:?}", tensor.dims());
+        }
+        Ok(tensor)
+    }
+
+    fn take_optional(&mut self, name: &str, shape: &[usize]) -> anyhow::Result<Option<Tensor>> {
+        if self.tensors.contains_key(name) {
+            self.take(name, shape).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    fn linear(&mut self, prefix: &str, out: usize, inp: usize, bias: bool) -> anyhow::Result<Linear> {
+        let weight = self.take(&format!("{prefix}.weight"), &[out, inp])?;
+        let bias = if bias { Some(self.take(&format!("{prefix}.bias"), &[out])?) } else { None };
+        Ok(Linear::new(weight, bias))
+    }
+}
+
+fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    // transformers normalises in f32 whatever the working dtype, then casts back.
+    let x32 = x.to_dtype(DType::F32)?;
+    let inv_rms = (x32.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    x32.broadcast_mul(&inv_rms)?.to_dtype(dtype)?.broadcast_mul(weight)
+}
+
+fn silu(x: &Tensor) -> Result<Tensor> {
+    x.silu()
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = silu(&self.gate_proj.forward(x)?)?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    }
+}
+
+impl Transformer {
+    /// Builds the model from Hugging Face-named weights, converted to `dtype` on `device`.
+    /// Weights that are already variables keep their identity (training relies on it).
+    pub fn from_weights(
+        config: &ModelConfig,
+        tensors: HashMap<String, Tensor>,
+        dtype: DType,
+        device: &Device,
+    ) -> anyhow::Result<Self> {
+        config.family()?;
+        let mut weights = WeightMap::new(tensors);
+        let (h, v, i) = (config.hidden_size, config.vocab_size, config.intermediate_size);
+        let head_dim = config.head_dim();
+        let q_out = config.num_attention_heads * head_dim;
+        let kv_out = config.num_kv_heads() * head_dim;
+        let embed_tokens = weights.take("model.embed_tokens.weight", &[v, h])?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for l in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let attn = format!("{p}.self_attn");
+            let mlp = format!("{p}.mlp");
+            layers.push(Block {
+                input_layernorm: weights.take(&format!("{p}.input_layernorm.weight"), &[h])?,
+                self_attn: Attention {
+                    q_proj: weights.linear(&format!("{attn}.q_proj"), q_out, h, config.qkv_bias())?,
+                    k_proj: weights.linear(&format!("{attn}.k_proj"), kv_out, h, config.qkv_bias())?,
+                    v_proj: weights.linear(&format!("{attn}.v_proj"), kv_out, h, config.qkv_bias())?,
+                    o_proj: weights.linear(&format!("{attn}.o_proj"), h, q_out, config.o_bias())?,
+                },
+                post_attention_layernorm: weights
+                    .take(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                mlp: Mlp {
+                    gate_proj: weights.linear(&format!("{mlp}.gate_proj"), i, h, config.mlp_bias())?,
+                    up_proj: weights.linear(&format!("{mlp}.up_proj"), i, h, config.mlp_bias())?,
+                    down_proj: weights.linear(&format!("{mlp}.down_proj"), h, i, config.mlp_bias())?,
+                },
+            });
+        }
+        let norm = weights.take("model.norm.weight", &[h])?;
+        let head = if let Some(labels) = config.label_count().filter(|_| is_classifier(config)) {
+            OutputHead::Score { weight: weights.take("score.weight", &[labels, h])? }
+        } else if let Some(w) = weights.take_optional("lm_head.weight", &[v, h])?.filter(|_| !config.tie_word_embeddings) {
+            OutputHead::LanguageModel { weight: w, tied: false }
+        } else if config.tie_word_embeddings {
+            OutputHead::LanguageModel { weight: embed_tokens.clone(), tied: true }
+        } else {
+            bail!("missing weight 'lm_head.weight' and tie_word_embeddings is false");
+        };
+        let rope = RotaryTables::new(config, dtype, device)?;
+        let mut model = Self {
+            config: config.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            head,
+            rope: std::sync::Arc::new(rope),
+            dtype,
+            device: device.clone(),
+        };
+        model.convert(dtype, device)?;
+        Ok(model)
+    }
+
+    /// Moves every weight to `dtype`/`device`; variables already there are left untouched.
+    fn convert(&mut self, dtype: DType, device: &Device) -> Result<()> {
+        let fix = |t: &mut Tensor| -> Result<()> {
+            if t.dtype() != dtype || !t.device().same_device(device) {
+                *t = t.to_device(device)?.to_dtype(dtype)?;
+            }
+            Ok(())
+        };
+        self.for_each_tensor_mut(&mut |_, t| fix(t))?;
+        if let OutputHead::LanguageModel { weight, tied: true } = &mut self.head {
+            *weight = self.embed_tokens.clone();
+        }
+        Ok(())
+    }
+
+    fn for_each_tensor_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor) -> Result<()>) -> Result<()> {
+        f("model.embed_tokens.weight", &mut self.embed_tokens)?;
+        for (l, block) in self.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{l}");
+            f(&format!("{p}.input_layernorm.weight"), &mut block.input_layernorm)?;
+            f(&format!("{p}.post_attention_layernorm.weight"), &mut block.post_attention_layernorm)?;
+            for (name, lin) in block.linears_mut() {
+                f(&format!("{p}.{name}.weight"), &mut lin.weight)?;
+                if let Some(b) = &mut lin.bias {
+                    f(&format!("{p}.{name}.bias"), b)?;
+                }
+            }
+        }
+        f("model.norm.weight", &mut self.norm)?;
+        match &mut self.head {
+            OutputHead::LanguageModel { weight, tied: false } => f("lm_head.weight", weight)?,
+            OutputHead::LanguageModel { tied: true, .. } => {}
+            OutputHead::Score { weight } => f("score.weight", weight)?,
+        }
+        Ok(())
+    }
+
+    /// Every weight by its Hugging Face name (the tied head appears once, as the embedding),
+    /// with LoRA adapters merged in.
+    pub fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.clone())];
+        for (l, block) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{l}");
+            out.push((format!("{p}.input_layernorm.weight"), block.input_layernorm.clone()));
+            out.push((format!("{p}.post_attention_layernorm.weight"), block.post_attention_layernorm.clone()));
+            for (name, lin) in block.linears() {
+                out.push((format!("{p}.{name}.weight"), lin.merged_weight()?));
+                if let Some(b) = &lin.bias {
+                    out.push((format!("{p}.{name}.bias"), b.clone()));
+                }
+            }
+        }
+        out.push(("model.norm.weight".to_string(), self.norm.clone()));
+        match &self.head {
+            OutputHead::LanguageModel { weight, tied: false } => {
+                out.push(("lm_head.weight".to_string(), weight.clone()))
+            }
+            OutputHead::LanguageModel { tied: true, .. } => {}
+            OutputHead::Score { weight } => out.push(("score.weight".to_string(), weight.clone())),
+        }
+        Ok(out)
+    }
+
+    /// Mutable access to each linear layer by its Hugging Face module name
+    /// (`model.layers.3.self_attn.q_proj`), for attaching LoRA adapters.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        for (l, block) in self.layers.iter_mut().enumerate() {
+            for (name, lin) in block.linears_mut() {
+                out.push((format!("model.layers.{l}.{name}"), lin));
+            }
+        }
+        out
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+    pub fn head(&self) -> &OutputHead {
+        &self.head
+    }
+    pub fn max_positions(&self) -> usize {
+        self.rope.max_positions()
+    }
+
+    /// Final-norm hidden states `[batch, seq, hidden]` of a padded batch: the training path.
+    pub fn hidden_states(&self, batch: &PaddedBatch) -> Result<Tensor> {
+        let (b, t) = batch.dims();
+        let window = self.config.attention_window();
+        let mut mask = Vec::with_capacity(b * t * t);
+        for row in &batch.mask {
+            for q in 0..t {
+                for k in 0..t {
+                    let visible = k <= q && row[k] && window.is_none_or(|w| q - k < w);
+                    // A padding query attends to itself, so no row is fully masked.
+                    let own_padding = k == q && !row[q];
+                    mask.push(if visible || own_padding { 0.0 } else { MASKED });
+                }
+            }
+        }
+        let mask = Tensor::from_vec(mask, (b, 1, t, t), &self.device)?.to_dtype(self.dtype)?;
+        let (cos, sin) = self.rope.lookup(&batch.positions)?;
+        let mut x = self.embed(&batch.input_ids)?;
+        for block in &self.layers {
+            let (out, _, _) = block.forward(&self.config, &x, &cos, &sin, &mask, None)?;
+            x = out;
+        }
+        rms_norm(&x, &self.norm, self.config.rms_norm_eps)
+    }
+
+    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.config.hidden_size))
+    }
+
+    /// Logits `[rows, vocab]` (or scores `[rows, labels]`) of hidden rows `[rows, hidden]`.
+    pub fn head_logits(&self, hidden_rows: &Tensor) -> Result<Tensor> {
+        let weight = match &self.head {
+            OutputHead::LanguageModel { weight, .. } | OutputHead::Score { weight } => weight,
+        };
+        hidden_rows.matmul(&weight.t()?)
+    }
+
+    /// Runs one sequence's prompt through the model, writes its keys and values into `slot` of
+    /// `cache`, and returns the logits `[vocab]` of its last position.
+    pub fn prefill(&self, tokens: &[u32], cache: &mut KvCache, slot: usize) -> anyhow::Result<Tensor> {
+        let len = tokens.len();
+        if len == 0 {
+            bail!("cannot prefill an empty prompt");
+        }
+        if len > cache.capacity {
+            bail!("prompt of {len} tokens exceeds the KV cache capacity {}", cache.capacity);
+        }
+        let batch = PaddedBatch::right_padded(&[tokens.to_vec()], 0, &self.device)?;
+        let window = self.config.attention_window();
+        let mask: Vec<f32> = (0..len)
+            .flat_map(|q| (0..len).map(move |k| (q, k)))
+            .map(|(q, k)| if k <= q && window.is_none_or(|w| q - k < w) { 0.0 } else { MASKED })
+            .collect();
+        let mask = Tensor::from_vec(mask, (1, 1, len, len), &self.device)?.to_dtype(self.dtype)?;
+        let (cos, sin) = self.rope.lookup(&batch.positions)?;
+        let mut x = self.embed(&batch.input_ids)?;
+        for (l, block) in self.layers.iter().enumerate() {
+            let (out, k, v) = block.forward(&self.config, &x, &cos, &sin, &mask, None)?;
+            cache.write_prefix(l, slot, &k, &v)?;
+            x = out;
+        }
+        cache.lengths[slot] = len;
+        let last = x.narrow(1, len - 1, 1)?.reshape((1, self.config.hidden_size))?;
+        let last = rms_norm(&last, &self.norm, self.config.rms_norm_eps)?;
+        Ok(self.head_logits(&last)?.squeeze(0)?)
+    }
+
+    /// Feeds one token to each active slot (inactive slots get `None` and are left as they are)
+    /// and returns the logits `[slots, vocab]` of the new positions.
+    pub fn decode_step(&self, tokens: &[Option<u32>], cache: &mut KvCache) -> anyhow::Result<Tensor> {
+        let slots = cache.slots();
+        if tokens.len() != slots {
+            bail!("decode_step got {} tokens for {slots} slots", tokens.len());
+        }
+        // Idle slots still flow through the batch; keep their (ignored) write inside the cache.
+        let positions: Vec<u32> = (0..slots)
+            .map(|s| match tokens[s] {
+                Some(_) => cache.lengths[s],
+                None => cache.lengths[s].min(cache.capacity - 1),
+            } as u32)
+            .collect();
+        if let Some(full) = (0..slots).find(|&s| tokens[s].is_some() && cache.lengths[s] >= cache.capacity) {
+            bail!("slot {full} is full: the KV cache holds {} positions", cache.capacity);
+        }
+        let keys = positions.iter().copied().max().unwrap_or(0) as usize + 1;
+        let window = self.config.attention_window();
+        let mut mask = Vec::with_capacity(slots * keys);
+        for s in 0..slots {
+            let q = positions[s] as usize;
+            mask.extend((0..keys).map(|k| {
+                if k <= q && window.is_none_or(|w| q - k < w) { 0.0 } else { MASKED }
+            }));
+        }
+        let mask = Tensor::from_vec(mask, (slots, 1, 1, keys), &self.device)?.to_dtype(self.dtype)?;
+        let ids: Vec<u32> = tokens.iter().map(|t| t.unwrap_or(0)).collect();
+        let ids = Tensor::from_vec(ids, (slots, 1), &self.device)?;
+        let pos = Tensor::from_vec(positions.clone(), (slots, 1), &self.device)?;
+        let (cos, sin) = self.rope.lookup(&pos)?;
+        let write_at = Tensor::from_vec(positions, (slots, 1, 1, 1), &self.device)?;
+        let mut x = self.embed(&ids)?;
+        for (l, block) in self.layers.iter().enumerate() {
+            let cached = CachedKv { cache, layer: l, write_at: &write_at, keys };
+            let (out, _, _) = block.forward(&self.config, &x, &cos, &sin, &mask, Some(cached))?;
+            x = out;
+        }
+        for (s, token) in tokens.iter().enumerate() {
+            if token.is_some() {
+                cache.lengths[s] += 1;
+            }
+        }
+        let x = rms_norm(&x.reshape((slots, self.config.hidden_size))?, &self.norm, self.config.rms_norm_eps)?;
+        Ok(self.head_logits(&x)?)
+    }
+}
+
+fn is_classifier(config: &ModelConfig) -> bool {
+    config.architectures.iter().any(|a| a.ends_with("ForSequenceClassification"))
+}
+
+/// The decode step's view of one layer's cache.
+struct CachedKv<'a> {
+    cache: &'a mut KvCache,
+    layer: usize,
+    write_at: &'a Tensor,
+    keys: usize,
+}
+
+impl Block {
+    fn linears(&self) -> [(&'static str, &Linear); 7] {
+        [
+            ("self_attn.q_proj", &self.self_attn.q_proj),
+            ("self_attn.k_proj", &self.self_attn.k_proj),
+            ("self_attn.v_proj", &self.self_attn.v_proj),
+            ("self_attn.o_proj", &self.self_attn.o_proj),
+            ("mlp.gate_proj", &self.mlp.gate_proj),
+            ("mlp.up_proj", &self.mlp.up_proj),
+            ("mlp.down_proj", &self.mlp.down_proj),
+        ]
+    }
+
+    fn linears_mut(&mut self) -> [(&'static str, &mut Linear); 7] {
+        let Block { self_attn, mlp, .. } = self;
+        [
+            ("self_attn.q_proj", &mut self_attn.q_proj),
+            ("self_attn.k_proj", &mut self_attn.k_proj),
+            ("self_attn.v_proj", &mut self_attn.v_proj),
+            ("self_attn.o_proj", &mut self_attn.o_proj),
+            ("mlp.gate_proj", &mut mlp.gate_proj),
+            ("mlp.up_proj", &mut mlp.up_proj),
+            ("mlp.down_proj", &mut mlp.down_proj),
+        ]
+    }
+
+    /// Returns the block output and this call's rotated keys and values `[b, kv_heads, t, d]`.
+    fn forward(
+        &self,
+        config: &ModelConfig,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        cached: Option<CachedKv>,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let eps = config.rms_norm_eps;
+        let (b, t, _) = x.dims3()?;
+        let (heads, kv_heads, d) = (config.num_attention_heads, config.num_kv_heads(), config.head_dim());
+        let h = rms_norm(x, &self.input_layernorm, eps)?;
+        let split = |y: Tensor, n: usize| y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous();
+        let q = apply_rotary(&split(self.self_attn.q_proj.forward(&h)?, heads)?, cos, sin)?;
+        let k = apply_rotary(&split(self.self_attn.k_proj.forward(&h)?, kv_heads)?, cos, sin)?;
+        let v = split(self.self_attn.v_proj.forward(&h)?, kv_heads)?;
+        let attn = match cached {
+            None => attend(&q, &k, &v, mask, kv_heads)?,
+            Some(c) => {
+                let (keys, values) = c.cache.append(c.layer, c.write_at, &k, &v, c.keys)?;
+                attend(&q, &keys, &values, mask, kv_heads)?
+            }
+        };
+        let attn = attn.transpose(1, 2)?.reshape((b, t, heads * d))?;
+        let x = (x + self.self_attn.o_proj.forward(&attn)?)?;
+        let h = rms_norm(&x, &self.post_attention_layernorm, eps)?;
+        let x = (&x + self.mlp.forward(&h)?)?;
+        Ok((x, k, v))
+    }
+}
+
+/// Scaled dot-product attention with grouped KV heads, without materialising repeated keys:
+/// the query heads that share a KV head are folded into the sequence axis.
+/// `q [b, heads, tq, d]`, `k`/`v [b, kv_heads, tk, d]`, `mask [b, 1, tq, tk]` (additive).
+fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, kv_heads: usize) -> Result<Tensor> {
+    let (b, heads, tq, d) = q.dims4()?;
+    let tk = k.dim(2)?;
+    let group = heads / kv_heads;
+    let q = (q.reshape((b, kv_heads, group * tq, d))? * (1.0 / (d as f64).sqrt()))?;
+    let scores = q.matmul(&k.t()?)?.reshape((b, kv_heads, group, tq, tk))?;
+    let scores = scores.broadcast_add(&mask.unsqueeze(1)?)?;
+    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.reshape((b, kv_heads, group * tq, tk))?;
+    probs.matmul(&v.contiguous()?)?.reshape((b, heads, tq, d))
+}
+
+/// Per-layer keys and values for `slots` sequences of up to `capacity` positions each, stored as
+/// `[slots, kv_heads, capacity, head_dim]` so one decode step writes every slot with one scatter.
+pub struct KvCache {
+    keys: Vec<Tensor>,
+    values: Vec<Tensor>,
+    lengths: Vec<usize>,
+    capacity: usize,
+}
+
+impl KvCache {
+    pub fn new(model: &Transformer, slots: usize, capacity: usize) -> Result<Self> {
+        let cfg = model.config();
+        let shape = (slots, cfg.num_kv_heads(), capacity, cfg.head_dim());
+        let zeros = || Tensor::zeros(shape, model.dtype(), model.device());
+        let layers = cfg.num_hidden_layers;
+        Ok(Self {
+            keys: (0..layers).map(|_| zeros()).collect::<Result<_>>()?,
+            values: (0..layers).map(|_| zeros()).collect::<Result<_>>()?,
+            lengths: vec![0; slots],
+            capacity,
+        })
+    }
+
+    pub fn slots(&self) -> usize {
+        self.lengths.len()
+    }
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+    pub fn len(&self, slot: usize) -> usize {
+        self.lengths[slot]
+    }
+    pub fn is_empty(&self, slot: usize) -> bool {
+        self.lengths[slot] == 0
+    }
+    /// Frees a slot for the next sequence; its stale entries are masked out by length.
+    pub fn clear(&mut self, slot: usize) {
+        self.lengths[slot] = 0;
+    }
+
+    fn write_prefix(&mut self, layer: usize, slot: usize, k: &Tensor, v: &Tensor) -> Result<()> {
+        let len = k.dim(2)?;
+        for (store, src) in [(&self.keys[layer], k), (&self.values[layer], v)] {
+            let (_, kvh, cap, d) = store.dims4()?;
+            let pad = Tensor::zeros((1, kvh, cap - len, d), src.dtype(), src.device())?;
+            let full = Tensor::cat(&[src, &pad], 2)?.contiguous()?;
+            store.slice_set(&full, 0, slot)?;
+        }
+        Ok(())
+    }
+
+    /// Writes each slot's new `[slots, kv_heads, 1, d]` key/value at its own position and returns
+    /// views of the first `keys` positions.
+    fn append(&mut self, layer: usize, write_at: &Tensor, k: &Tensor, v: &Tensor, keys: usize) -> Result<(Tensor, Tensor)> {
+        let index = write_at.broadcast_as(k.shape())?.contiguous()?;
+        self.keys[layer].scatter_set(&index, k, 2)?;
+        self.values[layer].scatter_set(&index, v, 2)?;
+        Ok((self.keys[layer].narrow(2, 0, keys)?, self.values[layer].narrow(2, 0, keys)?))
+    }
+}
