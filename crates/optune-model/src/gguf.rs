@@ -175,7 +175,12 @@ fn write_checkpoint_files(ckpt: &HfCheckpoint, dir: &Path) -> Result<()> {
         Some(metadata),
         &path,
     )
-    .with_context(|| format!("cannot write {}", path.display()))
+    .with_context(|| format!("cannot write {}", path.display()))?;
+    // safetensors writes through a private (0600) temporary file; give the weights the same
+    // permissions as the JSON files beside them.
+    let permissions = fs::metadata(dir.join("config.json"))?.permissions();
+    fs::set_permissions(&path, permissions)
+        .with_context(|| format!("cannot set the permissions of {}", path.display()))
 }
 
 /// Inverts llama.cpp's rope permutation of a `W_q` or `W_k` weight of shape `[heads * head_dim, in]`.

@@ -1,7 +1,7 @@
 //! Sequence log-probabilities of responses given prompts: what DPO trains on and what the
 //! generator reports.
 
-use crate::transformer::{PaddedBatch, Transformer};
+use crate::transformer::{accumulation_dtype, PaddedBatch, Transformer};
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, D};
 
@@ -12,7 +12,7 @@ pub struct TokenizedPair {
     pub response: Vec<u32>,
 }
 
-/// Summed log-probs `[batch]` (f32, differentiable) and the number of response tokens of each.
+/// Summed log-probs `[batch]` (f32, or f64 for f64 models; differentiable) and the number of response tokens of each.
 pub struct SequenceLogprobs {
     pub sums: Tensor,
     pub token_counts: Vec<usize>,
@@ -22,7 +22,7 @@ impl SequenceLogprobs {
     /// Per-token mean log-probs `[batch]`.
     pub fn means(&self) -> candle_core::Result<Tensor> {
         let counts: Vec<f32> = self.token_counts.iter().map(|&c| c.max(1) as f32).collect();
-        let counts = Tensor::from_vec(counts, self.token_counts.len(), self.sums.device())?;
+        let counts = Tensor::from_vec(counts, self.token_counts.len(), self.sums.device())?.to_dtype(self.sums.dtype())?;
         self.sums.div(&counts)
     }
 }
@@ -67,19 +67,20 @@ pub fn sequence_logprobs(model: &Transformer, pairs: &[TokenizedPair], pad_id: u
     for (i, &b) in owners.iter().enumerate() {
         membership[b * targets.len() + i] = 1.0;
     }
-    let membership = Tensor::from_vec(membership, (pairs.len(), targets.len()), device)?;
+    let membership = Tensor::from_vec(membership, (pairs.len(), targets.len()), device)?.to_dtype(token_logps.dtype())?;
     let sums = membership.matmul(&token_logps.unsqueeze(1)?)?.squeeze(1)?;
     Ok(SequenceLogprobs { sums, token_counts: pairs.iter().map(|p| p.response.len()).collect() })
 }
 
-/// `log softmax(head(rows))[target]` for each row, `[rows]` in f32, computed in chunks.
+/// `log softmax(head(rows))[target]` for each row, `[rows]`, computed in chunks.
 pub fn token_logprobs(model: &Transformer, rows: &Tensor, targets: &[u32]) -> Result<Tensor> {
     let n = rows.dim(0)?;
     let device = rows.device();
     let mut parts = Vec::with_capacity(n.div_ceil(CHUNK_ROWS));
     for start in (0..n).step_by(CHUNK_ROWS) {
         let len = CHUNK_ROWS.min(n - start);
-        let logits = model.head_logits(&rows.narrow(0, start, len)?)?.to_dtype(DType::F32)?;
+        let logits = model.head_logits(&rows.narrow(0, start, len)?)?;
+        let logits = logits.to_dtype(accumulation_dtype(logits.dtype()))?;
         let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         let index = Tensor::new(&targets[start..start + len], device)?.unsqueeze(1)?;
         parts.push(logp.gather(&index, 1)?.squeeze(1)?);

@@ -131,10 +131,18 @@ impl WeightMap {
     }
 }
 
+/// The dtype reductions run in: f32 for half-precision weights (as transformers does), else the
+/// weights' own dtype (f64 for gradient checks).
+pub fn accumulation_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::F16 | DType::BF16 => DType::F32,
+        other => other,
+    }
+}
+
 fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
-    // transformers normalises in f32 whatever the working dtype, then casts back.
-    let x32 = x.to_dtype(DType::F32)?;
+    let x32 = x.to_dtype(accumulation_dtype(dtype))?;
     let inv_rms = (x32.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
     x32.broadcast_mul(&inv_rms)?.to_dtype(dtype)?.broadcast_mul(weight)
 }
