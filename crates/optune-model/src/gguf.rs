@@ -22,6 +22,8 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{Device, Tensor};
 use serde_json::{json, Map};
 
+use crate::checkpoint::{write_dir_atomically, write_safetensors};
+
 /// A Hugging Face `LlamaForCausalLM` checkpoint held in memory, ready to be written by
 /// [`write_hf_dir`].
 #[derive(Debug)]
@@ -52,12 +54,13 @@ pub fn read_gguf(path: &Path) -> Result<HfCheckpoint> {
 
     let architecture = metadata.string("general.architecture")?;
     if architecture != "llama" {
-        bail!(
-            "GGUF architecture `{architecture}` is not supported: only `llama` can be converted"
-        );
+        bail!("GGUF architecture `{architecture}` is not supported: only `llama` can be converted");
     }
     let vocabulary = Vocabulary::from_metadata(&metadata)?;
     let hyperparameters = LlamaHyperparameters::from_metadata(&metadata, vocabulary.tokens.len())?;
+    let special = SpecialTokens::from_metadata(&metadata, &vocabulary)?;
+    let tokenizer_json = vocabulary.tokenizer_json()?;
+    let chat_template = metadata.optional_string("tokenizer.chat_template")?;
     let tied_embeddings = !content.tensor_infos.contains_key(LM_HEAD_GGUF_NAME);
 
     let plan = tensor_plan(&hyperparameters, tied_embeddings);
@@ -99,9 +102,6 @@ pub fn read_gguf(path: &Path) -> Result<HfCheckpoint> {
         tensors.push((entry.hf_name.clone(), weight));
     }
 
-    let special = SpecialTokens::from_metadata(&metadata, &vocabulary)?;
-    let tokenizer_json = vocabulary.tokenizer_json()?;
-    let chat_template = metadata.optional_string("tokenizer.chat_template")?;
     Ok(HfCheckpoint {
         config: hyperparameters.config_json(&special, tied_embeddings),
         tensors,
@@ -116,6 +116,7 @@ pub fn read_gguf(path: &Path) -> Result<HfCheckpoint> {
 /// Everything is written into a staging directory beside `dir` and renamed into place at the end,
 /// so a failed conversion leaves neither `dir` nor the staging directory behind.
 pub fn write_hf_dir(ckpt: &HfCheckpoint, dir: &Path) -> Result<()> {
+    // Unlike saving a training checkpoint, a conversion never replaces someone's files.
     if dir.exists() {
         let mut entries = fs::read_dir(dir)
             .with_context(|| format!("{} exists and is not a readable directory", dir.display()))?;
@@ -125,34 +126,7 @@ pub fn write_hf_dir(ckpt: &HfCheckpoint, dir: &Path) -> Result<()> {
             dir.display()
         );
     }
-    let (parent, prefix) = staging_location(dir)?;
-    let staging = tempfile::Builder::new()
-        .prefix(&prefix)
-        .tempdir_in(parent)
-        .with_context(|| format!("cannot create a staging directory in {}", parent.display()))?;
-    write_checkpoint_files(ckpt, staging.path())?;
-    fs::rename(staging.path(), dir).with_context(|| {
-        format!("cannot move {} to {}", staging.path().display(), dir.display())
-    })?;
-    // The staging path now is `dir`: it must not be cleaned up.
-    let _ = staging.keep();
-    Ok(())
-}
-
-/// The directory to stage `dir` in (its parent, so that the final rename stays on one file
-/// system) and a hidden name prefix that says what is being staged.
-fn staging_location(dir: &Path) -> Result<(&Path, std::ffi::OsString)> {
-    let name = dir
-        .file_name()
-        .with_context(|| format!("{} does not name a directory to create", dir.display()))?;
-    let parent = match dir.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent,
-        _ => Path::new("."),
-    };
-    let mut prefix = std::ffi::OsString::from(".");
-    prefix.push(name);
-    prefix.push(".partial-");
-    Ok((parent, prefix))
+    write_dir_atomically(dir, |staging| write_checkpoint_files(ckpt, staging))
 }
 
 fn write_checkpoint_files(ckpt: &HfCheckpoint, dir: &Path) -> Result<()> {
@@ -167,20 +141,13 @@ fn write_checkpoint_files(ckpt: &HfCheckpoint, dir: &Path) -> Result<()> {
         fs::write(&path, serde_json::to_string_pretty(value)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
-    // transformers refuses safetensors files whose metadata names no known framework.
-    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let path = dir.join("model.safetensors");
-    safetensors::serialize_to_file(
-        ckpt.tensors.iter().map(|(name, tensor)| (name.as_str(), tensor)),
-        Some(metadata),
-        &path,
-    )
-    .with_context(|| format!("cannot write {}", path.display()))?;
+    let weights = dir.join("model.safetensors");
+    write_safetensors(&ckpt.tensors, &weights)?;
     // safetensors writes through a private (0600) temporary file; give the weights the same
     // permissions as the JSON files beside them.
     let permissions = fs::metadata(dir.join("config.json"))?.permissions();
-    fs::set_permissions(&path, permissions)
-        .with_context(|| format!("cannot set the permissions of {}", path.display()))
+    fs::set_permissions(&weights, permissions)
+        .with_context(|| format!("cannot set the permissions of {}", weights.display()))
 }
 
 /// Inverts llama.cpp's rope permutation of a `W_q` or `W_k` weight of shape `[heads * head_dim, in]`.
@@ -217,7 +184,11 @@ const BLOCK_TENSORS: [(&str, &str, BlockTensor); 9] = [
     ("attn_q", "self_attn.q_proj", BlockTensor::Query),
     ("attn_k", "self_attn.k_proj", BlockTensor::Key),
     ("attn_v", "self_attn.v_proj", BlockTensor::Value),
-    ("attn_output", "self_attn.o_proj", BlockTensor::AttentionOutput),
+    (
+        "attn_output",
+        "self_attn.o_proj",
+        BlockTensor::AttentionOutput,
+    ),
     ("attn_norm", "input_layernorm", BlockTensor::Norm),
     ("ffn_norm", "post_attention_layernorm", BlockTensor::Norm),
     ("ffn_gate", "mlp.gate_proj", BlockTensor::FeedForwardIn),
@@ -304,25 +275,33 @@ impl LlamaHyperparameters {
             ensure!(value > 0, "GGUF metadata `{key}` must be positive, got 0");
             Ok(value)
         };
+        let positive_float = |key: &str| -> Result<f64> {
+            let value = metadata.f64(key)?;
+            ensure!(
+                value.is_finite() && value > 0.0,
+                "GGUF metadata `{key}` must be a positive number, got {value}"
+            );
+            Ok(value)
+        };
         let hidden_size = positive("llama.embedding_length")?;
         let heads = positive("llama.attention.head_count")?;
         let kv_heads = positive("llama.attention.head_count_kv")?;
         ensure!(
-            heads % kv_heads == 0,
+            heads.is_multiple_of(kv_heads),
             "llama.attention.head_count ({heads}) is not a multiple of llama.attention.head_count_kv ({kv_heads})"
         );
         let head_dim = match metadata.optional_usize("llama.attention.key_length")? {
             Some(key_length) => key_length,
             None => {
                 ensure!(
-                    hidden_size % heads == 0,
+                    hidden_size.is_multiple_of(heads),
                     "llama.embedding_length ({hidden_size}) is not a multiple of llama.attention.head_count ({heads})"
                 );
                 hidden_size / heads
             }
         };
         ensure!(
-            head_dim > 0 && head_dim % 2 == 0,
+            head_dim > 0 && head_dim.is_multiple_of(2),
             "the attention head size must be even and positive for rope, got {head_dim}"
         );
         // Hugging Face's llama has one head size for keys and values and rotates whole heads.
@@ -349,8 +328,8 @@ impl LlamaHyperparameters {
             head_dim,
             vocab_size,
             context_length: positive("llama.context_length")?,
-            rope_theta: metadata.f64("llama.rope.freq_base")?,
-            rms_norm_eps: metadata.f64("llama.attention.layer_norm_rms_epsilon")?,
+            rope_theta: positive_float("llama.rope.freq_base")?,
+            rms_norm_eps: positive_float("llama.attention.layer_norm_rms_epsilon")?,
         })
     }
 
@@ -413,7 +392,10 @@ impl Vocabulary {
             DIGIT_SPLITTING_PRE_TOKENIZERS.contains(&pre),
             "pre-tokenizer `{pre}` (tokenizer.ggml.pre) is not supported: only {DIGIT_SPLITTING_PRE_TOKENIZERS:?}"
         );
-        for key in ["tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_space_prefix"] {
+        for key in [
+            "tokenizer.ggml.add_bos_token",
+            "tokenizer.ggml.add_space_prefix",
+        ] {
             ensure!(
                 !metadata.optional_bool(key)?.unwrap_or(false),
                 "GGUF metadata `{key}` = true is not supported"
@@ -577,15 +559,14 @@ impl SpecialTokens {
             "clean_up_tokenization_spaces": false,
             "model_max_length": model_max_length,
         });
-        let optional = [
-            ("pad_token", self.pad.as_ref().map(|token| json!(token.content))),
-            ("unk_token", self.unk.as_ref().map(|token| json!(token.content))),
-            ("chat_template", chat_template.map(|template| json!(template))),
-        ];
-        for (key, value) in optional {
-            if let Some(value) = value {
-                config[key] = value;
-            }
+        if let Some(pad) = &self.pad {
+            config["pad_token"] = json!(pad.content);
+        }
+        if let Some(unk) = &self.unk {
+            config["unk_token"] = json!(unk.content);
+        }
+        if let Some(template) = chat_template {
+            config["chat_template"] = json!(template);
         }
         config
     }
@@ -621,7 +602,10 @@ impl Metadata<'_> {
         match self.0.get(key) {
             None => Ok(None),
             Some(Value::String(value)) => Ok(Some(value)),
-            Some(other) => bail!("GGUF metadata `{key}` should be a string, got {:?}", other.value_type()),
+            Some(other) => bail!(
+                "GGUF metadata `{key}` should be a string, got {:?}",
+                other.value_type()
+            ),
         }
     }
 
@@ -629,7 +613,10 @@ impl Metadata<'_> {
         match self.0.get(key) {
             None => Ok(None),
             Some(Value::Bool(value)) => Ok(Some(*value)),
-            Some(other) => bail!("GGUF metadata `{key}` should be a boolean, got {:?}", other.value_type()),
+            Some(other) => bail!(
+                "GGUF metadata `{key}` should be a boolean, got {:?}",
+                other.value_type()
+            ),
         }
     }
 
@@ -653,14 +640,20 @@ impl Metadata<'_> {
             // back into 1e-5 rather than 9.999999747378752e-6.
             Value::F32(value) => Ok(value.to_string().parse()?),
             Value::F64(value) => Ok(*value),
-            other => bail!("GGUF metadata `{key}` should be a float, got {:?}", other.value_type()),
+            other => bail!(
+                "GGUF metadata `{key}` should be a float, got {:?}",
+                other.value_type()
+            ),
         }
     }
 
     fn array(&self, key: &str) -> Result<&[Value]> {
         match self.get(key)? {
             Value::Array(values) => Ok(values),
-            other => bail!("GGUF metadata `{key}` should be an array, got {:?}", other.value_type()),
+            other => bail!(
+                "GGUF metadata `{key}` should be an array, got {:?}",
+                other.value_type()
+            ),
         }
     }
 
@@ -669,7 +662,10 @@ impl Metadata<'_> {
             .iter()
             .map(|value| match value {
                 Value::String(value) => Ok(value.clone()),
-                other => bail!("GGUF metadata `{key}` should hold strings, got {:?}", other.value_type()),
+                other => bail!(
+                    "GGUF metadata `{key}` should hold strings, got {:?}",
+                    other.value_type()
+                ),
             })
             .collect()
     }
@@ -693,7 +689,10 @@ fn integer(value: &Value, key: &str) -> Result<i64> {
         Value::U64(value) => i64::try_from(*value)
             .with_context(|| format!("GGUF metadata `{key}` = {value} is too large"))?,
         Value::I64(value) => *value,
-        other => bail!("GGUF metadata `{key}` should be an integer, got {:?}", other.value_type()),
+        other => bail!(
+            "GGUF metadata `{key}` should be an integer, got {:?}",
+            other.value_type()
+        ),
     })
 }
 
@@ -754,17 +753,41 @@ mod tests {
     fn hf_weights() -> Vec<(String, Tensor)> {
         let layer = |name: &str| format!("model.layers.0.{name}.weight");
         vec![
-            ("model.embed_tokens.weight".into(), ramp(TOKENS.len(), HIDDEN, 0.5)),
-            (layer("self_attn.q_proj"), ramp(HEADS * HEAD_DIM, HIDDEN, 0.1)),
-            (layer("self_attn.k_proj"), ramp(KV_HEADS * HEAD_DIM, HIDDEN, 0.2)),
-            (layer("self_attn.v_proj"), ramp(KV_HEADS * HEAD_DIM, HIDDEN, 0.3)),
-            (layer("self_attn.o_proj"), ramp(HIDDEN, HEADS * HEAD_DIM, 0.4)),
-            (layer("input_layernorm"), ramp(1, HIDDEN, 0.6).flatten_all().unwrap()),
-            (layer("post_attention_layernorm"), ramp(1, HIDDEN, 0.7).flatten_all().unwrap()),
+            (
+                "model.embed_tokens.weight".into(),
+                ramp(TOKENS.len(), HIDDEN, 0.5),
+            ),
+            (
+                layer("self_attn.q_proj"),
+                ramp(HEADS * HEAD_DIM, HIDDEN, 0.1),
+            ),
+            (
+                layer("self_attn.k_proj"),
+                ramp(KV_HEADS * HEAD_DIM, HIDDEN, 0.2),
+            ),
+            (
+                layer("self_attn.v_proj"),
+                ramp(KV_HEADS * HEAD_DIM, HIDDEN, 0.3),
+            ),
+            (
+                layer("self_attn.o_proj"),
+                ramp(HIDDEN, HEADS * HEAD_DIM, 0.4),
+            ),
+            (
+                layer("input_layernorm"),
+                ramp(1, HIDDEN, 0.6).flatten_all().unwrap(),
+            ),
+            (
+                layer("post_attention_layernorm"),
+                ramp(1, HIDDEN, 0.7).flatten_all().unwrap(),
+            ),
             (layer("mlp.gate_proj"), ramp(INTERMEDIATE, HIDDEN, 0.8)),
             (layer("mlp.up_proj"), ramp(INTERMEDIATE, HIDDEN, 0.9)),
             (layer("mlp.down_proj"), ramp(HIDDEN, INTERMEDIATE, 0.05)),
-            ("model.norm.weight".into(), ramp(1, HIDDEN, 0.15).flatten_all().unwrap()),
+            (
+                "model.norm.weight".into(),
+                ramp(1, HIDDEN, 0.15).flatten_all().unwrap(),
+            ),
         ]
     }
 
@@ -790,7 +813,12 @@ mod tests {
                 })
                 .collect();
             let strings = |values: &[&str]| {
-                Value::Array(values.iter().map(|v| Value::String(v.to_string())).collect())
+                Value::Array(
+                    values
+                        .iter()
+                        .map(|v| Value::String(v.to_string()))
+                        .collect(),
+                )
             };
             let mut token_types = vec![Value::I32(3); 3];
             token_types.extend(vec![Value::I32(1); TOKENS.len() - 3]);
@@ -812,10 +840,16 @@ mod tests {
                 ("tokenizer.ggml.bos_token_id", Value::U32(1)),
                 ("tokenizer.ggml.eos_token_id", Value::U32(2)),
                 ("tokenizer.ggml.padding_token_id", Value::U32(2)),
-                ("tokenizer.chat_template", Value::String("{{ messages }}".into())),
+                (
+                    "tokenizer.chat_template",
+                    Value::String("{{ messages }}".into()),
+                ),
             ];
             Self {
-                metadata: metadata.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+                metadata: metadata
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v))
+                    .collect(),
                 tensors,
             }
         }
@@ -847,13 +881,21 @@ mod tests {
                 .tensors
                 .iter()
                 .map(|(name, weight)| {
-                    (name.as_str(), QTensor::quantize(weight, GgmlDType::F32).unwrap())
+                    (
+                        name.as_str(),
+                        QTensor::quantize(weight, GgmlDType::F32).unwrap(),
+                    )
                 })
                 .collect();
-            let tensors: Vec<(&str, &QTensor)> =
-                quantized.iter().map(|(name, tensor)| (*name, tensor)).collect();
-            let metadata: Vec<(&str, &Value)> =
-                self.metadata.iter().map(|(key, value)| (key.as_str(), value)).collect();
+            let tensors: Vec<(&str, &QTensor)> = quantized
+                .iter()
+                .map(|(name, tensor)| (*name, tensor))
+                .collect();
+            let metadata: Vec<(&str, &Value)> = self
+                .metadata
+                .iter()
+                .map(|(key, value)| (key.as_str(), value))
+                .collect();
             let mut file = fs::File::create(&path).unwrap();
             candle_core::quantized::gguf_file::write(&mut file, &metadata, &tensors).unwrap();
             path
@@ -903,14 +945,50 @@ mod tests {
     }
 
     #[test]
+    fn gguf_stores_dimensions_innermost_first_and_conversion_restores_hf_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = fs::read(TinyGguf::new().write(dir.path())).unwrap();
+        // A tensor-info record: name, u32 dimension count, u64 dimensions (little-endian).
+        let name = b"blk.0.ffn_up.weight";
+        let start = bytes
+            .windows(name.len())
+            .position(|window| window == name)
+            .unwrap()
+            + name.len();
+        let u64_at = |offset: usize| {
+            u64::from_le_bytes(bytes[offset..offset + 8].try_into().unwrap()) as usize
+        };
+        assert_eq!(bytes[start..start + 4], 2u32.to_le_bytes());
+        assert_eq!(
+            [u64_at(start + 4), u64_at(start + 12)],
+            [HIDDEN, INTERMEDIATE]
+        );
+
+        let ckpt = convert(TinyGguf::new()).unwrap();
+        let (_, up) = ckpt
+            .tensors
+            .iter()
+            .find(|(name, _)| name == "model.layers.0.mlp.up_proj.weight")
+            .unwrap();
+        assert_eq!(up.dims(), [INTERMEDIATE, HIDDEN]);
+    }
+
+    #[test]
     fn unpermuting_inverts_llama_cpp_permutation_head_by_head() {
         let weight = ramp(3 * 6, 5, 0.0);
         let permuted = llama_cpp_permute(&weight, 3);
         assert_ne!(values(&permuted), values(&weight));
         // Head 0 with head_dim 6: rows [0 1 2 | 3 4 5] are stored interleaved as 0 3 1 4 2 5.
-        let first_column: Vec<f32> = values(&permuted).chunks(5).take(6).map(|row| row[0]).collect();
+        let first_column: Vec<f32> = values(&permuted)
+            .chunks(5)
+            .take(6)
+            .map(|row| row[0])
+            .collect();
         assert_eq!(first_column, [0.0, 300.0, 100.0, 400.0, 200.0, 500.0]);
-        assert_eq!(values(&unpermute_rope_rows(&permuted, 3).unwrap()), values(&weight));
+        assert_eq!(
+            values(&unpermute_rope_rows(&permuted, 3).unwrap()),
+            values(&weight)
+        );
     }
 
     #[test]
@@ -932,12 +1010,21 @@ mod tests {
         assert_eq!(config["bos_token_id"], json!(1));
         assert_eq!(config["eos_token_id"], json!(2));
         assert_eq!(config["pad_token_id"], json!(2));
-        assert!(!ckpt.tensors.iter().any(|(name, _)| name == "lm_head.weight"));
-        assert_eq!(ckpt.generation_config, json!({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}));
+        assert!(!ckpt
+            .tensors
+            .iter()
+            .any(|(name, _)| name == "lm_head.weight"));
+        assert_eq!(
+            ckpt.generation_config,
+            json!({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2})
+        );
         assert_eq!(ckpt.tokenizer_config["bos_token"], json!("<|im_start|>"));
         assert_eq!(ckpt.tokenizer_config["eos_token"], json!("<|im_end|>"));
         assert_eq!(ckpt.tokenizer_config["pad_token"], json!("<|im_end|>"));
-        assert_eq!(ckpt.tokenizer_config["chat_template"], json!("{{ messages }}"));
+        assert_eq!(
+            ckpt.tokenizer_config["chat_template"],
+            json!("{{ messages }}")
+        );
     }
 
     #[test]
@@ -955,8 +1042,13 @@ mod tests {
     fn rebuilt_tokenizer_splits_digits_and_keeps_control_tokens_whole() {
         let ckpt = convert(TinyGguf::new()).unwrap();
         let tokenizer = tokenizers::Tokenizer::from_str(&ckpt.tokenizer_json.to_string()).unwrap();
-        let encoding = tokenizer.encode("<|im_start|>ab a12<|im_end|>", false).unwrap();
-        assert_eq!(encoding.get_tokens(), ["<|im_start|>", "ab", "Ġa", "1", "2", "<|im_end|>"]);
+        let encoding = tokenizer
+            .encode("<|im_start|>ab a12<|im_end|>", false)
+            .unwrap();
+        assert_eq!(
+            encoding.get_tokens(),
+            ["<|im_start|>", "ab", "Ġa", "1", "2", "<|im_end|>"]
+        );
         assert_eq!(encoding.get_ids(), [1, 8, 9, 6, 7, 2]);
         assert_eq!(tokenizer.decode(&[8, 9, 6, 2], true).unwrap(), "ab a1");
     }
@@ -1009,14 +1101,20 @@ mod tests {
     fn rejects_other_architectures_by_name() {
         let gguf = TinyGguf::new().set("general.architecture", Value::String("qwen2".into()));
         let error = error_of(gguf);
-        assert!(error.contains("`qwen2`") && error.contains("llama"), "{error}");
+        assert!(
+            error.contains("`qwen2`") && error.contains("llama"),
+            "{error}"
+        );
     }
 
     #[test]
     fn names_a_missing_tensor() {
         let gguf = TinyGguf::new().without_tensor("blk.0.ffn_down.weight");
         let error = error_of(gguf);
-        assert!(error.contains("`blk.0.ffn_down.weight` is missing"), "{error}");
+        assert!(
+            error.contains("`blk.0.ffn_down.weight` is missing"),
+            "{error}"
+        );
     }
 
     #[test]
@@ -1032,18 +1130,31 @@ mod tests {
             .without_tensor("blk.0.ffn_up.weight")
             .with_tensor("blk.0.ffn_up.weight", ramp(HIDDEN, INTERMEDIATE, 0.0));
         let error = error_of(gguf);
-        assert!(error.contains("`blk.0.ffn_up.weight` has shape [8, 12]"), "{error}");
+        assert!(
+            error.contains("`blk.0.ffn_up.weight` has shape [8, 12]"),
+            "{error}"
+        );
     }
 
     #[test]
     fn names_missing_or_malformed_metadata() {
         let error = error_of(TinyGguf::new().without_metadata("llama.attention.head_count"));
-        assert!(error.contains("`llama.attention.head_count` is missing"), "{error}");
+        assert!(
+            error.contains("`llama.attention.head_count` is missing"),
+            "{error}"
+        );
         let error = error_of(TinyGguf::new().set("llama.attention.head_count", Value::U32(0)));
-        assert!(error.contains("`llama.attention.head_count` must be positive"), "{error}");
+        assert!(
+            error.contains("`llama.attention.head_count` must be positive"),
+            "{error}"
+        );
         let error = error_of(TinyGguf::new().set("tokenizer.ggml.bos_token_id", Value::U32(99)));
-        assert!(error.contains("`tokenizer.ggml.bos_token_id` = 99"), "{error}");
-        let error = error_of(TinyGguf::new().set("tokenizer.ggml.pre", Value::String("llama-bpe".into())));
+        assert!(
+            error.contains("`tokenizer.ggml.bos_token_id` = 99"),
+            "{error}"
+        );
+        let error =
+            error_of(TinyGguf::new().set("tokenizer.ggml.pre", Value::String("llama-bpe".into())));
         assert!(error.contains("`llama-bpe`"), "{error}");
     }
 
@@ -1069,17 +1180,24 @@ mod tests {
         }
         assert_eq!(ckpt.tensors.len(), 1 + 30 * 9 + 1);
         let tokenizer = tokenizers::Tokenizer::from_str(&ckpt.tokenizer_json.to_string()).unwrap();
-        let encoding = tokenizer.encode("<|im_start|>user\nWhat is 2024?<|im_end|>", false).unwrap();
+        let encoding = tokenizer
+            .encode("<|im_start|>user\nWhat is 2024?<|im_end|>", false)
+            .unwrap();
         assert_eq!(encoding.get_ids()[0], 1);
         assert_eq!(*encoding.get_ids().last().unwrap(), 2);
-        assert!(encoding.get_tokens().windows(2).any(|pair| pair == ["2", "0"]));
+        assert!(encoding
+            .get_tokens()
+            .windows(2)
+            .any(|pair| pair == ["2", "0"]));
         let chat_template = ckpt.tokenizer_config["chat_template"].as_str().unwrap();
         assert!(chat_template.contains("<|im_start|>"));
 
         let dir = tempfile::tempdir().unwrap();
-        write_hf_dir(&ckpt, &dir.path().join("smollm2")).unwrap();
-        let loaded = candle_core::safetensors::load(dir.path().join("smollm2/model.safetensors"), &Device::Cpu)
-            .unwrap();
-        assert_eq!(loaded.len(), ckpt.tensors.len());
+        let converted = dir.path().join("smollm2");
+        write_hf_dir(&ckpt, &converted).unwrap();
+        let (_, tokenizer, meta) =
+            crate::load_model(&converted, candle_core::DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(meta.config.vocab_size, 49152);
+        assert_eq!(tokenizer.eos_token_id(), Some(2));
     }
 }

@@ -3,6 +3,7 @@
 //! sequence log-probabilities.
 
 pub mod checkpoint;
+pub mod cli;
 pub mod config;
 pub mod generate;
 pub mod gguf;

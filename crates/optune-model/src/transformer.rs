@@ -151,10 +151,30 @@ fn silu(x: &Tensor) -> Result<Tensor> {
     x.silu()
 }
 
+/// How linear layers multiply: freely (training, prefill) or in fixed row blocks so that a
+/// decoded sequence's numbers do not depend on its batch (see [`Linear::forward_fixed_rows`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Rows {
+    Free,
+    Fixed,
+}
+
+impl Rows {
+    fn apply(self, linear: &Linear, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Rows::Free => linear.forward(x),
+            Rows::Fixed => {
+                let (b, t, h) = x.dims3()?;
+                linear.forward_fixed_rows(&x.reshape((b * t, h))?)?.reshape((b, t, ()))
+            }
+        }
+    }
+}
+
 impl Mlp {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = silu(&self.gate_proj.forward(x)?)?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    fn forward(&self, x: &Tensor, rows: Rows) -> Result<Tensor> {
+        let gate = silu(&rows.apply(&self.gate_proj, x)?)?;
+        rows.apply(&self.down_proj, &(gate * rows.apply(&self.up_proj, x)?)?)
     }
 }
 
@@ -424,7 +444,7 @@ impl Transformer {
             }
         }
         let x = rms_norm(&x.reshape((slots, self.config.hidden_size))?, &self.norm, self.config.rms_norm_eps)?;
-        Ok(self.head_logits(&x)?)
+        Ok(crate::linear::fixed_row_blocks(&x, |rows| self.head_logits(rows))?)
     }
 }
 
@@ -479,11 +499,12 @@ impl Block {
         let eps = config.rms_norm_eps;
         let (b, t, _) = x.dims3()?;
         let (heads, kv_heads, d) = (config.num_attention_heads, config.num_kv_heads(), config.head_dim());
+        let rows = if cached.is_some() { Rows::Fixed } else { Rows::Free };
         let h = rms_norm(x, &self.input_layernorm, eps)?;
         let split = |y: Tensor, n: usize| y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous();
-        let q = apply_rotary(&split(self.self_attn.q_proj.forward(&h)?, heads)?, cos, sin)?;
-        let k = apply_rotary(&split(self.self_attn.k_proj.forward(&h)?, kv_heads)?, cos, sin)?;
-        let v = split(self.self_attn.v_proj.forward(&h)?, kv_heads)?;
+        let q = apply_rotary(&split(rows.apply(&self.self_attn.q_proj, &h)?, heads)?, cos, sin)?;
+        let k = apply_rotary(&split(rows.apply(&self.self_attn.k_proj, &h)?, kv_heads)?, cos, sin)?;
+        let v = split(rows.apply(&self.self_attn.v_proj, &h)?, kv_heads)?;
         let attn = match cached {
             None => attend(&q, &k, &v, mask, kv_heads)?,
             Some(c) => {
@@ -492,9 +513,9 @@ impl Block {
             }
         };
         let attn = attn.transpose(1, 2)?.reshape((b, t, heads * d))?;
-        let x = (x + self.self_attn.o_proj.forward(&attn)?)?;
+        let x = (x + rows.apply(&self.self_attn.o_proj, &attn)?)?;
         let h = rms_norm(&x, &self.post_attention_layernorm, eps)?;
-        let x = (&x + self.mlp.forward(&h)?)?;
+        let x = (&x + self.mlp.forward(&h, rows)?)?;
         Ok((x, k, v))
     }
 }

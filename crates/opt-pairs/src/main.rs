@@ -1,0 +1,88 @@
+//! opt-pairs: turn scored responses into preference pairs for opt-wdpo.
+//! The logic lives in `optune_shard::pairs`; this is the command line.
+
+use anyhow::Result;
+use clap::Parser;
+use optune_shard::cli::{run_tool, OutputArgs, Summary};
+use optune_shard::pairs::{build_pairs, parse_min_gap};
+use optune_shard::Shard;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+const TOOL: &str = "opt-pairs";
+
+const ABOUT: &str = "Build one preference pair per prompt from scored responses.";
+
+const LONG_ABOUT: &str = "\
+Build one preference pair per prompt from scored responses.
+
+Reads one or more scored shards (one row per response: prompt_id, prompt or
+messages, sample, response, reward, ...), groups all their rows by prompt_id
+and pairs each prompt's highest-rewarded response (chosen) with its
+lowest-rewarded one (rejected); among equal rewards the lower sample is taken.
+Writes the pairs shard: the prompt-level columns, then chosen, rejected,
+chosen_reward, rejected_reward and reward_gap (float32).
+
+A prompt is skipped when it has fewer than two responses or when
+chosen_reward - rejected_reward is not greater than --min-gap (so with the
+default 0, a prompt whose rewards are all equal is skipped); both counts go to
+the summary on stderr. A (prompt_id, sample) that occurs twice, or a reward
+that is NaN or infinite, is an error.
+
+Use it after opt-score, before opt-wdpo. From the second OPTune iteration on,
+pass the rows opt-select kept (--rest) together with the newly scored rows.
+
+The pairs follow the order of the prompts' first rows across the inputs.";
+
+const EXAMPLES: &str = "\
+Examples:
+  Pairs from one scored shard:
+    opt-pairs scored.parquet -o pairs.parquet
+
+  An OPTune iteration: the kept rows plus the regenerated ones:
+    opt-pairs kept.parquet rescored.parquet -o pairs.parquet
+
+  In a pipe, keeping only clear preferences:
+    opt-score ... | opt-pairs --min-gap 0.5 > pairs.parquet";
+
+#[derive(Debug, Parser)]
+#[command(name = TOOL, version, about = ABOUT, long_about = LONG_ABOUT, after_help = EXAMPLES)]
+struct Cli {
+    /// Scored shards: Parquet, JSONL or CSV. `-` or none: stdin
+    #[arg(value_name = "INPUT")]
+    inputs: Vec<PathBuf>,
+
+    /// Keep a prompt only when its reward gap is greater than this
+    #[arg(long, value_name = "GAP", default_value_t = 0.0, value_parser = parse_min_gap)]
+    min_gap: f64,
+
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    run_tool(TOOL, || run(&cli))
+}
+
+fn run(cli: &Cli) -> Result<()> {
+    let inputs = if cli.inputs.is_empty() {
+        vec![Shard::read(None)?]
+    } else {
+        cli.inputs
+            .iter()
+            .map(|path| Shard::read(Some(path)))
+            .collect::<Result<Vec<_>>>()?
+    };
+    let pairs = build_pairs(&inputs, cli.min_gap)?;
+    cli.output.write(&pairs.shard)?;
+    Summary::new(TOOL)
+        .field("rows_in", pairs.rows_in)
+        .field("prompts", pairs.prompts_in)
+        .field("pairs", pairs.shard.num_rows())
+        .field("skipped_single", pairs.skipped_single)
+        .field("skipped_gap", pairs.skipped_gap)
+        .field("min_gap", cli.min_gap)
+        .print();
+    Ok(())
+}

@@ -1,0 +1,230 @@
+//! opt-pairs as users run it: files, several inputs, stdin/stdout, a pipe
+//! from opt-select, and --help.
+
+use optune_shard::arrow::array::Array;
+use optune_testkit::{
+    check_parquet_readers, pipe, read, run, scored_fixture, sibling_binary, testdata, write_parquet,
+};
+use std::process::Command;
+
+const OPT_PAIRS: &str = env!("CARGO_BIN_EXE_opt-pairs");
+
+#[test]
+fn pairs_the_fixture_and_skips_equal_rewards() {
+    let dir = tempfile::tempdir().unwrap();
+    let pairs_path = dir.path().join("pairs.parquet");
+    let scored = testdata("scored.jsonl");
+    let outcome = run(
+        OPT_PAIRS.as_ref(),
+        &[scored.to_str().unwrap(), "-o", pairs_path.to_str().unwrap()],
+        None,
+    );
+    outcome.assert_success();
+    assert_eq!(
+        outcome.stderr,
+        "opt-pairs: rows_in=12 prompts=6 pairs=5 skipped_single=0 skipped_gap=1 min_gap=0\n"
+    );
+
+    let pairs = read(&pairs_path);
+    assert_eq!(
+        pairs.column_names(),
+        [
+            "prompt_id",
+            "prompt",
+            "topic",
+            "chosen",
+            "rejected",
+            "chosen_reward",
+            "rejected_reward",
+            "reward_gap"
+        ]
+    );
+    assert_eq!(
+        pairs.strings("prompt_id").unwrap(),
+        ["p01", "p02", "p04", "p05", "p06"]
+    );
+    assert_eq!(pairs.strings("chosen").unwrap()[3], "Taste as you go.");
+    assert_eq!(
+        pairs.strings("rejected").unwrap()[3],
+        "Start with simple recipes and taste often."
+    );
+    let float32 = |values: &[f64]| values.iter().map(|&v| v as f32 as f64).collect::<Vec<_>>();
+    assert_eq!(
+        pairs.floats("chosen_reward").unwrap(),
+        float32(&[0.8, 0.1, -0.3, 0.9, 0.4])
+    );
+    assert_eq!(
+        pairs.floats("rejected_reward").unwrap(),
+        float32(&[0.2, -0.4, -0.9, 0.7, -0.2])
+    );
+    assert_eq!(
+        pairs.floats("reward_gap").unwrap(),
+        float32(&[0.8 - 0.2, 0.1 + 0.4, -0.3 + 0.9, 0.9 - 0.7, 0.4 + 0.2])
+    );
+    check_parquet_readers(&[pairs_path]);
+}
+
+#[test]
+fn min_gap_skips_close_calls() {
+    // Gaps: p01 0.6, p02 0.5, p03 0, p04 0.6, p05 0.2, p06 0.6.
+    let scored = testdata("scored.jsonl");
+    let outcome = run(
+        OPT_PAIRS.as_ref(),
+        &["--min-gap", "0.5", scored.to_str().unwrap()],
+        None,
+    );
+    let pairs = outcome.assert_success().stdout_shard();
+    assert_eq!(pairs.strings("prompt_id").unwrap(), ["p01", "p04", "p06"]);
+    assert!(
+        outcome
+            .stderr
+            .contains("pairs=3 skipped_single=0 skipped_gap=3"),
+        "{}",
+        outcome.stderr
+    );
+}
+
+#[test]
+fn merges_kept_rows_with_new_rows_from_another_format() {
+    // The kept rows of p01 and p03 as Parquet, plus second samples for p03 and p07 (new) as JSONL
+    // with a column the Parquet file lacks.
+    let dir = tempfile::tempdir().unwrap();
+    let kept = dir.path().join("kept.parquet");
+    write_parquet(&scored_fixture().take(&[0, 1, 4]).unwrap(), &kept);
+    let new = dir.path().join("new.jsonl");
+    std::fs::write(
+        &new,
+        concat!(
+            r#"{"prompt_id": "p03", "prompt": "Name three prime numbers.", "sample": 7, "response": "2, 3, 5", "reward": 0.75, "judge": "ok"}"#,
+            "\n",
+            r#"{"prompt_id": "p07", "prompt": "Say hi.", "sample": 0, "response": "hi", "reward": 1}"#,
+            "\n",
+        ),
+    )
+    .unwrap();
+    let outcome = run(
+        OPT_PAIRS.as_ref(),
+        &[
+            kept.to_str().unwrap(),
+            new.to_str().unwrap(),
+            "--format",
+            "jsonl",
+        ],
+        None,
+    );
+    let pairs = outcome.assert_success().stdout_shard();
+    assert!(
+        outcome
+            .stderr
+            .contains("rows_in=5 prompts=3 pairs=2 skipped_single=1 skipped_gap=0"),
+        "{}",
+        outcome.stderr
+    );
+    assert_eq!(pairs.strings("prompt_id").unwrap(), ["p01", "p03"]);
+    assert_eq!(pairs.strings("chosen").unwrap()[1], "2, 3, 5");
+    assert_eq!(pairs.strings("rejected").unwrap()[1], "2, 3 and 5.");
+    // JSONL prints a float32 in its shortest form, so 0.6 reads back as 0.6.
+    assert_eq!(pairs.floats("reward_gap").unwrap(), [0.6, 0.25]);
+    // The pairs' first rows come from the Parquet file, which has no judge column.
+    assert_eq!(pairs.column("judge").unwrap().logical_null_count(), 2);
+}
+
+#[test]
+fn reads_stdin_and_writes_stdout() {
+    let dir = tempfile::tempdir().unwrap();
+    let scored = dir.path().join("scored.parquet");
+    write_parquet(&scored_fixture(), &scored);
+    let bytes = std::fs::read(&scored).unwrap();
+    let from_stdin = run(OPT_PAIRS.as_ref(), &[] as &[&str], Some(&bytes));
+    let with_dash = run(OPT_PAIRS.as_ref(), &["-"], Some(&bytes));
+    let from_file = run(OPT_PAIRS.as_ref(), &[scored.to_str().unwrap()], None);
+    let expected = from_file.assert_success().stdout_shard();
+    assert_eq!(expected.num_rows(), 5);
+    assert_eq!(
+        from_stdin.assert_success().stdout_shard().batch(),
+        expected.batch()
+    );
+    assert_eq!(
+        with_dash.assert_success().stdout_shard().batch(),
+        expected.batch()
+    );
+}
+
+#[test]
+fn pairs_what_opt_select_kept_in_a_pipe() {
+    // cat scored.jsonl | opt-select --rho 0.5 -o regen.parquet --rest - | opt-pairs - rescored.jsonl
+    let Some(opt_select) = sibling_binary(OPT_PAIRS, "opt-select") else {
+        eprintln!("SKIP: opt-select is not built next to opt-pairs; run cargo test --workspace");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let regen = dir.path().join("regen.parquet");
+    // New samples for the regenerated prompts p02, p04 and p06, as opt-gen and opt-score would add them.
+    let rescored = dir.path().join("rescored.jsonl");
+    let new_rows: String = ["p02", "p04", "p06"]
+        .iter()
+        .flat_map(|id| {
+            (2..4).map(move |sample| {
+                format!(
+                    r#"{{"prompt_id": "{id}", "prompt": "?", "topic": "new", "sample": {sample}, "response": "{id}-{sample}", "reward": {sample}.5}}"#
+                ) + "\n"
+            })
+        })
+        .collect();
+    std::fs::write(&rescored, new_rows).unwrap();
+
+    let mut select = Command::new(opt_select);
+    select
+        .args(["--rho", "0.5", "--rest", "-", "-o"])
+        .arg(&regen);
+    let mut pairs = Command::new(OPT_PAIRS);
+    pairs.arg("-").arg(&rescored);
+    let scored = std::fs::read(testdata("scored.jsonl")).unwrap();
+    let outcomes = pipe(vec![select, pairs], Some(&scored));
+    outcomes[0].assert_success();
+    let pairs = outcomes[1].assert_success().stdout_shard();
+    assert_eq!(
+        read(&regen).strings("prompt_id").unwrap(),
+        ["p02", "p04", "p06"]
+    );
+    // Kept: p01, p03 (equal rewards: skipped), p05; regenerated: p02, p04, p06.
+    assert_eq!(
+        pairs.strings("prompt_id").unwrap(),
+        ["p01", "p05", "p02", "p04", "p06"]
+    );
+    assert_eq!(
+        pairs.strings("chosen").unwrap()[2..],
+        ["p02-3", "p04-3", "p06-3"]
+    );
+    assert_eq!(pairs.strings("topic").unwrap()[..2], ["poetry", "advice"]);
+    assert!(
+        outcomes[1]
+            .stderr
+            .contains("rows_in=12 prompts=6 pairs=5 skipped_single=0 skipped_gap=1"),
+        "{}",
+        outcomes[1].stderr
+    );
+}
+
+#[test]
+fn help_explains_what_and_when() {
+    let help = String::from_utf8(
+        run(OPT_PAIRS.as_ref(), &["--help"], None)
+            .assert_success()
+            .stdout
+            .clone(),
+    )
+    .unwrap();
+    for fragment in [
+        "chosen",
+        "--min-gap <GAP>",
+        "[INPUT]...",
+        "Examples:",
+        "opt-pairs kept.parquet rescored.parquet",
+    ] {
+        assert!(
+            help.contains(fragment),
+            "--help lacks {fragment:?}:\n{help}"
+        );
+    }
+}

@@ -1,0 +1,115 @@
+//! opt-select: choose the prompts to regenerate in the next OPTune iteration.
+//! The logic lives in `optune_shard::select`; this is the command line.
+
+use anyhow::{bail, Result};
+use clap::Parser;
+use optune_shard::cli::{run_tool, ShardArgs, Summary};
+use optune_shard::select::{parse_rho, select_prompts, RankBy, SelectOptions, Strategy};
+use optune_shard::Destination;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+const TOOL: &str = "opt-select";
+
+const ABOUT: &str = "Select the prompts to regenerate in the next OPTune iteration.";
+
+const LONG_ABOUT: &str = "\
+Select the prompts to regenerate in the next OPTune iteration.
+
+Reads a scored shard (one row per response: prompt_id, prompt or messages,
+sample, response, reward, ...), groups the rows by prompt_id, ranks the
+prompts by a statistic of their rewards (--by) and writes the prompts shard of
+the ceil(rho x prompts) that rank lowest (or, with --strategy, highest or at
+random): one row per prompt, with every prompt-level column and without the
+response-level ones (sample, response, response_tokens, finish_reason, policy,
+seed, logp, reward, reward_model, ref_*logp). Feed it to the generator; --rest
+keeps the scored rows of the other prompts, to merge with the new scores
+before opt-pairs.
+
+Use it between opt-score and opt-gen from the second iteration on. rho = 1
+regenerates every prompt (vanilla online DPO).
+
+The output lists the selected prompts in the order of their first rows in the
+input. Ties in the statistic break by prompt_id; --strategy random draws from
+--seed, independently of the input's row order.";
+
+const EXAMPLES: &str = "\
+Examples:
+  Regenerate the 70% of prompts whose best response scored lowest:
+    opt-select --rho 0.7 scored.parquet -o regen.parquet --rest kept.parquet
+
+  In a pipe:
+    opt-select --rho 0.7 < scored.parquet > regen.parquet
+    cat scored.parquet | opt-select --rho 0.5 --by gap --format jsonl | head
+
+  Random selection, an ablation baseline:
+    opt-select --rho 0.5 --strategy random --seed 3 scored.parquet -o regen.parquet";
+
+#[derive(Debug, Parser)]
+#[command(name = TOOL, version, about = ABOUT, long_about = LONG_ABOUT, after_help = EXAMPLES)]
+struct Cli {
+    /// Fraction of the prompts to select, 0 < RHO <= 1
+    #[arg(long, value_parser = parse_rho)]
+    rho: f64,
+
+    /// Statistic of each prompt's rewards to rank by
+    #[arg(long, value_enum, default_value_t = RankBy::Max)]
+    by: RankBy,
+
+    /// Which end of the ranking to select
+    #[arg(long, value_enum, default_value_t = Strategy::Lowest)]
+    strategy: Strategy,
+
+    /// Seed of --strategy random
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+
+    /// Also write the scored rows (all columns) of the prompts not selected
+    /// to FILE (`-`: stdout, when -o names a file)
+    #[arg(long, value_name = "FILE")]
+    rest: Option<PathBuf>,
+
+    #[command(flatten)]
+    shard: ShardArgs,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    run_tool(TOOL, || run(&cli))
+}
+
+fn run(cli: &Cli) -> Result<()> {
+    let output = &cli.shard.output;
+    let rest = cli
+        .rest
+        .as_deref()
+        .map(|path| Destination::from_arg(Some(path)));
+    if rest.as_ref() == Some(&output.destination()) {
+        bail!(
+            "--rest and -o both name {}: give them different destinations",
+            output.destination()
+        );
+    }
+    let scored = cli.shard.read_input()?;
+    let options = SelectOptions {
+        rho: cli.rho,
+        by: cli.by,
+        strategy: cli.strategy,
+        seed: cli.seed,
+    };
+    let selection = select_prompts(&scored, &options)?;
+    if let Some(rest) = &rest {
+        output.write_to(rest, &selection.rest)?;
+    }
+    output.write(&selection.prompts)?;
+    Summary::new(TOOL)
+        .field("rows_in", scored.num_rows())
+        .field("prompts", selection.prompts_in)
+        .field("selected", selection.prompts.num_rows())
+        .field("rest_rows", selection.rest.num_rows())
+        .field("rho", cli.rho)
+        .field("by", format!("{:?}", cli.by).to_lowercase())
+        .field("strategy", format!("{:?}", cli.strategy).to_lowercase())
+        .print();
+    Ok(())
+}

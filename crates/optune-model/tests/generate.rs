@@ -1,0 +1,118 @@
+//! Generation against the training path, on the tiny testdata models.
+
+use candle_core::{DType, Device};
+use optune_model::generate::{generate, stream_seed, FinishReason, GenerationRequest, SamplingParams};
+use optune_model::{load_model, sequence_logprobs, PaddedBatch, TokenizedPair, Transformer};
+use std::path::PathBuf;
+
+fn model(name: &str) -> Transformer {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/models").join(name);
+    load_model(&dir, DType::F32, &Device::Cpu).unwrap().0
+}
+
+fn prompts() -> Vec<Vec<u32>> {
+    vec![
+        vec![1, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49],
+        vec![1, 300, 301],
+        vec![1, 90, 91, 92, 93, 94],
+        vec![1, 200],
+        vec![1, 120, 121, 122, 123, 124, 125, 126, 127, 128, 129, 130, 131, 132],
+    ]
+}
+
+fn requests(seed: u64) -> Vec<GenerationRequest> {
+    prompts()
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| GenerationRequest { prompt_ids: p, seed: stream_seed(seed, &format!("p{i}"), 0) })
+        .collect()
+}
+
+fn sampling(temperature: f64, max_new_tokens: usize) -> SamplingParams {
+    SamplingParams { temperature, top_p: 0.9, top_k: None, max_new_tokens }
+}
+
+/// Greedy continuation recomputed with the training path: a full forward pass per step.
+fn argmax_continuation(model: &Transformer, prompt: &[u32], steps: usize) -> Vec<u32> {
+    let mut seq = prompt.to_vec();
+    for _ in 0..steps {
+        let batch = PaddedBatch::right_padded(&[seq.clone()], 0, &Device::Cpu).unwrap();
+        let hidden = model.hidden_states(&batch).unwrap().squeeze(0).unwrap();
+        let last = hidden.narrow(0, seq.len() - 1, 1).unwrap();
+        let logits: Vec<f32> = model.head_logits(&last).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+        let best = (0..logits.len()).fold(0, |b, i| if logits[i] > logits[b] { i } else { b });
+        seq.push(best as u32);
+    }
+    seq[prompt.len()..].to_vec()
+}
+
+#[test]
+fn greedy_decoding_equals_the_training_path_argmax() {
+    for name in ["tiny-llama", "tiny-mistral", "tiny-qwen2"] {
+        let model = model(name);
+        // No EOS, so every sequence runs the full length (past mistral's window of 8).
+        let out = generate(&model, &requests(0), &sampling(0.0, 16), &[], 3, |_| {}).unwrap();
+        for (g, p) in out.iter().zip(prompts()) {
+            assert_eq!(g.finish, FinishReason::Length);
+            assert_eq!(g.tokens, argmax_continuation(&model, &p, 16), "{name}");
+        }
+    }
+}
+
+#[test]
+fn reported_logp_equals_the_sequence_logprob() {
+    let model = model("tiny-qwen2");
+    let out = generate(&model, &requests(3), &sampling(1.0, 12), &[], 2, |_| {}).unwrap();
+    let pairs: Vec<TokenizedPair> = out
+        .iter()
+        .zip(prompts())
+        .map(|(g, p)| TokenizedPair { prompt: p, response: g.tokens.clone() })
+        .collect();
+    let sums: Vec<f32> = sequence_logprobs(&model, &pairs, 3).unwrap().sums.to_vec1().unwrap();
+    for (g, s) in out.iter().zip(sums) {
+        assert!((g.logp - s as f64).abs() <= 1e-4 * (s.abs() as f64).max(1.0), "{} vs {s}", g.logp);
+    }
+}
+
+/// Sampled tokens do not depend on the batch size. The linear layers decode in fixed row blocks,
+/// but attention spans the batch's longest sequence, so `logp` can differ in its last bits.
+#[test]
+fn output_does_not_depend_on_the_batch_size() {
+    let model = model("tiny-mistral");
+    let reference = generate(&model, &requests(11), &sampling(1.0, 20), &[5, 7], 2, |_| {}).unwrap();
+    for batch in [2, 3, 5, 8] {
+        let out = generate(&model, &requests(11), &sampling(1.0, 20), &[5, 7], batch, |_| {}).unwrap();
+        for (a, b) in reference.iter().zip(&out) {
+            assert_eq!(a.tokens, b.tokens, "batch {batch}");
+            assert!((a.logp - b.logp).abs() <= 1e-5 * a.logp.abs(), "batch {batch}: {} vs {}", a.logp, b.logp);
+        }
+    }
+}
+
+#[test]
+fn generation_stops_at_any_eos_and_reports_it() {
+    let model = model("tiny-llama");
+    let free = generate(&model, &requests(5), &sampling(1.0, 30), &[], 4, |_| {}).unwrap();
+    // Use tokens that the free run produced as EOS ids: those runs must now stop there.
+    let eos = [free[0].tokens[3], free[1].tokens[5]];
+    let out = generate(&model, &requests(5), &sampling(1.0, 30), &eos, 4, |_| {}).unwrap();
+    for (f, g) in free.iter().zip(&out) {
+        match f.tokens.iter().position(|t| eos.contains(t)) {
+            Some(stop) => {
+                assert_eq!(g.finish, FinishReason::Stop);
+                assert_eq!(g.tokens, f.tokens[..=stop]);
+            }
+            None => assert_eq!(g.tokens, f.tokens),
+        }
+    }
+    assert_eq!(out[0].finish, FinishReason::Stop);
+    assert!(out[0].tokens.len() <= 4);
+}
+
+#[test]
+fn capacity_beyond_the_model_positions_is_an_error() {
+    let model = model("tiny-llama");
+    let long = vec![GenerationRequest { prompt_ids: vec![1; 250], seed: 0 }];
+    let err = generate(&model, &long, &sampling(1.0, 10), &[], 1, |_| {}).unwrap_err();
+    assert!(err.to_string().contains("exceeds the model's 256 positions"), "{err}");
+}

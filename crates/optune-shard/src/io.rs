@@ -1,0 +1,555 @@
+//! Reading shards (Parquet, JSONL, CSV; file or stdin) and writing them
+//! (Parquet or JSONL; atomically to a file, or to stdout).
+
+use crate::contract::TEXT_COLUMNS;
+use crate::shard::Shard;
+use anyhow::{anyhow, bail, Context, Result};
+use arrow::array::{ArrayRef, RecordBatch, RecordBatchOptions};
+use arrow::compute::{cast, concat_batches};
+use arrow::datatypes::{DataType, Field, Schema};
+use bytes::Bytes;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+use std::fmt;
+use std::io::{BufWriter, Cursor, IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// The name stdin goes by in error messages.
+pub const STDIN_NAME: &str = "<stdin>";
+
+const PARQUET_MAGIC: &[u8] = b"PAR1";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InputFormat {
+    Parquet,
+    Jsonl,
+    Csv,
+}
+
+impl InputFormat {
+    /// The format a file name promises, if its extension is one we know.
+    pub fn from_extension(path: &Path) -> Option<InputFormat> {
+        let extension = path.extension()?.to_str()?.to_ascii_lowercase();
+        match extension.as_str() {
+            "parquet" | "pq" => Some(InputFormat::Parquet),
+            "jsonl" | "ndjson" | "json" => Some(InputFormat::Jsonl),
+            "csv" => Some(InputFormat::Csv),
+            _ => None,
+        }
+    }
+
+    /// The format of unnamed bytes (stdin, odd extensions): the Parquet magic,
+    /// else a JSON object, else CSV.
+    pub fn sniff(bytes: &[u8]) -> InputFormat {
+        if bytes.starts_with(PARQUET_MAGIC) {
+            InputFormat::Parquet
+        } else if bytes.trim_ascii_start().starts_with(b"{") {
+            InputFormat::Jsonl
+        } else {
+            InputFormat::Csv
+        }
+    }
+}
+
+impl Shard {
+    /// Reads a whole shard from `path`, or from stdin when `path` is `None`
+    /// or `-`. Stdin is buffered completely: Parquet keeps its index in the
+    /// footer.
+    pub fn read(path: Option<&Path>) -> Result<Shard> {
+        match path {
+            Some(path) if path != Path::new("-") => {
+                let bytes = std::fs::read(path)
+                    .with_context(|| format!("{}: cannot read", path.display()))?;
+                Shard::from_bytes(
+                    path.display().to_string(),
+                    bytes,
+                    InputFormat::from_extension(path),
+                )
+            }
+            _ => {
+                let mut stdin = std::io::stdin().lock();
+                if stdin.is_terminal() {
+                    bail!("no input: give a shard file, or pipe a shard into stdin");
+                }
+                let mut bytes = Vec::new();
+                stdin.read_to_end(&mut bytes).context("reading stdin")?;
+                Shard::from_bytes(STDIN_NAME, bytes, None)
+            }
+        }
+    }
+
+    /// Parses a shard from bytes; `format: None` sniffs it. Strings are
+    /// normalised to `utf8` and lists to `list`, so callers see one type of
+    /// each, and all record batches become one.
+    pub fn from_bytes(
+        name: impl Into<String>,
+        bytes: Vec<u8>,
+        format: Option<InputFormat>,
+    ) -> Result<Shard> {
+        let name = name.into();
+        if bytes.is_empty() {
+            bail!("{name}: empty input (0 bytes): expected a Parquet, JSONL or CSV shard");
+        }
+        let format = format.unwrap_or_else(|| InputFormat::sniff(&bytes));
+        let batch = match format {
+            InputFormat::Parquet => read_parquet(&bytes).map_err(|err| {
+                let hint = if bytes.starts_with(PARQUET_MAGIC) {
+                    ""
+                } else {
+                    " (it does not start with the Parquet magic bytes PAR1)"
+                };
+                anyhow!("{name}: not a readable Parquet file{hint}: {err}")
+            }),
+            InputFormat::Jsonl => {
+                read_jsonl(&bytes).with_context(|| format!("{name}: not a readable JSONL file"))
+            }
+            InputFormat::Csv => {
+                read_csv(&bytes).with_context(|| format!("{name}: not a readable CSV file"))
+            }
+        }?;
+        let batch =
+            normalise(batch).with_context(|| format!("{name}: normalising column types"))?;
+        Ok(Shard::new(name, batch))
+    }
+}
+
+fn read_parquet(bytes: &[u8]) -> Result<RecordBatch> {
+    let builder = ParquetRecordBatchReaderBuilder::try_new(Bytes::copy_from_slice(bytes))?;
+    let schema = builder.schema().clone();
+    let batches = builder.build()?.collect::<Result<Vec<_>, _>>()?;
+    Ok(concat_batches(&schema, &batches)?)
+}
+
+fn read_jsonl(bytes: &[u8]) -> Result<RecordBatch> {
+    let (schema, _) = arrow::json::reader::infer_json_schema(Cursor::new(bytes), None)?;
+    let schema = Arc::new(text_columns_as_utf8(in_written_order(schema, bytes)));
+    // Coercion turns the numbers in a text column (`"prompt_id": 7`) into text.
+    let reader = arrow::json::ReaderBuilder::new(schema.clone())
+        .with_coerce_primitive(true)
+        .build(Cursor::new(bytes))?;
+    let batches = reader.collect::<Result<Vec<_>, _>>()?;
+    Ok(concat_batches(&schema, &batches)?)
+}
+
+/// Arrow's JSON inference sorts the columns by name; this puts them back in
+/// the order the file first writes each key, as a person reading it expects.
+fn in_written_order(schema: Schema, jsonl: &[u8]) -> Schema {
+    let mut written: Vec<String> = Vec::new();
+    for keys in serde_json::Deserializer::from_slice(jsonl).into_iter::<ObjectKeys>() {
+        // Malformed lines are left to Arrow's reader, which reports them.
+        let Ok(ObjectKeys(keys)) = keys else { break };
+        for key in keys {
+            if !written.contains(&key) {
+                written.push(key);
+            }
+        }
+    }
+    let position = |name: &str| {
+        written
+            .iter()
+            .position(|key| key == name)
+            .unwrap_or(usize::MAX)
+    };
+    let mut fields: Vec<_> = schema.fields().iter().cloned().collect();
+    fields.sort_by_key(|field| position(field.name()));
+    Schema::new(fields)
+}
+
+/// The top-level keys of one JSON object, in the order they are written.
+struct ObjectKeys(Vec<String>);
+
+impl<'de> serde::Deserialize<'de> for ObjectKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeysVisitor;
+        impl<'de> serde::de::Visitor<'de> for KeysVisitor {
+            type Value = ObjectKeys;
+            fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+                formatter.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<ObjectKeys, A::Error> {
+                let mut keys = Vec::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                    keys.push(key);
+                }
+                Ok(ObjectKeys(keys))
+            }
+        }
+        deserializer.deserialize_map(KeysVisitor)
+    }
+}
+
+fn read_csv(bytes: &[u8]) -> Result<RecordBatch> {
+    let format = arrow::csv::reader::Format::default().with_header(true);
+    let (schema, _) = format.infer_schema(Cursor::new(bytes), None)?;
+    let schema = Arc::new(text_columns_as_utf8(schema));
+    let reader = arrow::csv::ReaderBuilder::new(schema.clone())
+        .with_format(format)
+        .build(Cursor::new(bytes))?;
+    let batches = reader.collect::<Result<Vec<_>, _>>()?;
+    Ok(concat_batches(&schema, &batches)?)
+}
+
+/// Retypes the contract's text columns that type inference took for
+/// numbers or booleans (see `TEXT_COLUMNS`).
+fn text_columns_as_utf8(schema: Schema) -> Schema {
+    let fields: Vec<Field> = schema
+        .fields()
+        .iter()
+        .map(|field| {
+            let scalar =
+                field.data_type().is_primitive() || *field.data_type() == DataType::Boolean;
+            if scalar && TEXT_COLUMNS.contains(&field.name().as_str()) {
+                field.as_ref().clone().with_data_type(DataType::Utf8)
+            } else {
+                field.as_ref().clone()
+            }
+        })
+        .collect();
+    Schema::new(fields)
+}
+
+/// The type a column is normalised to: one string type (`utf8`) and one list
+/// type (`list`), also inside lists and structs.
+fn normalised_type(data_type: &DataType) -> DataType {
+    let normalised_field = |field: &Field| {
+        field
+            .clone()
+            .with_data_type(normalised_type(field.data_type()))
+    };
+    match data_type {
+        DataType::LargeUtf8 | DataType::Utf8View => DataType::Utf8,
+        DataType::Dictionary(_, values)
+            if matches!(
+                **values,
+                DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+            ) =>
+        {
+            DataType::Utf8
+        }
+        DataType::List(item)
+        | DataType::LargeList(item)
+        | DataType::ListView(item)
+        | DataType::LargeListView(item) => DataType::List(Arc::new(normalised_field(item))),
+        DataType::Struct(fields) => {
+            DataType::Struct(fields.iter().map(|field| normalised_field(field)).collect())
+        }
+        other => other.clone(),
+    }
+}
+
+/// Casts every column to its normalised type. Schema-level metadata (pandas
+/// or Hugging Face descriptions of the columns) is dropped: it would go stale
+/// as soon as a tool adds or removes a column.
+fn normalise(batch: RecordBatch) -> Result<RecordBatch> {
+    let mut fields = Vec::with_capacity(batch.num_columns());
+    let mut columns: Vec<ArrayRef> = Vec::with_capacity(batch.num_columns());
+    for (field, column) in batch.schema_ref().fields().iter().zip(batch.columns()) {
+        let target = normalised_type(field.data_type());
+        if target == *field.data_type() {
+            columns.push(column.clone());
+        } else {
+            columns
+                .push(cast(column, &target).with_context(|| format!("column '{}'", field.name()))?);
+        }
+        fields.push(field.as_ref().clone().with_data_type(target));
+    }
+    let options = RecordBatchOptions::new().with_row_count(Some(batch.num_rows()));
+    Ok(RecordBatch::try_new_with_options(
+        Arc::new(Schema::new(fields)),
+        columns,
+        &options,
+    )?)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// Parquet, zstd-compressed
+    Parquet,
+    /// JSON Lines, one object per row
+    Jsonl,
+}
+
+impl OutputFormat {
+    /// The format to write: `explicit` when given, else what a file's
+    /// extension says (`.jsonl`, `.ndjson`, `.json`: JSONL; `.csv`: an error,
+    /// since shards hold nested columns CSV cannot; anything else and stdout:
+    /// Parquet).
+    pub fn resolve(
+        explicit: Option<OutputFormat>,
+        destination: &Destination,
+    ) -> Result<OutputFormat> {
+        if let Some(format) = explicit {
+            return Ok(format);
+        }
+        let Destination::File(path) = destination else {
+            return Ok(OutputFormat::Parquet);
+        };
+        match InputFormat::from_extension(path) {
+            Some(InputFormat::Jsonl) => Ok(OutputFormat::Jsonl),
+            Some(InputFormat::Csv) => {
+                bail!(
+                    "{}: cannot write CSV; name the file .parquet or .jsonl, or pass --format",
+                    path.display()
+                )
+            }
+            Some(InputFormat::Parquet) | None => Ok(OutputFormat::Parquet),
+        }
+    }
+}
+
+/// Where an output shard goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Destination {
+    Stdout,
+    File(PathBuf),
+}
+
+impl Destination {
+    /// `None` and `-` mean stdout.
+    pub fn from_arg(path: Option<&Path>) -> Destination {
+        match path {
+            Some(path) if path != Path::new("-") => Destination::File(path.to_path_buf()),
+            _ => Destination::Stdout,
+        }
+    }
+}
+
+impl fmt::Display for Destination {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Destination::Stdout => f.write_str("<stdout>"),
+            Destination::File(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
+/// Writes `shard` to `destination`. A file is written under a temporary
+/// name in the same directory and renamed into place only when complete, so
+/// a failed run leaves neither a partial file nor a stale one under the
+/// final name (a run killed by a signal may leave a `.NAME.*.partial` file).
+pub fn write_shard(shard: &Shard, destination: &Destination, format: OutputFormat) -> Result<()> {
+    match destination {
+        Destination::Stdout => {
+            let stdout = std::io::stdout();
+            if format == OutputFormat::Parquet && stdout.is_terminal() {
+                bail!("refusing to write Parquet to a terminal: pass -o FILE, --format jsonl, or pipe the output");
+            }
+            let mut out = BufWriter::new(stdout);
+            encode(shard.batch(), format, &mut out)?;
+            out.flush().context("writing to stdout")
+        }
+        Destination::File(path) => write_file_atomically(shard.batch(), path, format)
+            .with_context(|| format!("{}: cannot write", path.display())),
+    }
+}
+
+fn write_file_atomically(batch: &RecordBatch, path: &Path, format: OutputFormat) -> Result<()> {
+    let directory = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| anyhow!("not a file name"))?
+        .to_string_lossy();
+    let prefix = format!(".{file_name}.");
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(&prefix).suffix(".partial");
+    // Temporary files are private by default; the output should get the
+    // usual permissions (0666 less the umask) like any file a tool writes.
+    #[cfg(unix)]
+    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
+    let mut temporary = builder.tempfile_in(directory)?;
+    {
+        let mut out = BufWriter::new(temporary.as_file_mut());
+        encode(batch, format, &mut out)?;
+        out.flush()?;
+    }
+    temporary.persist(path)?;
+    Ok(())
+}
+
+fn encode<W: Write + Send>(batch: &RecordBatch, format: OutputFormat, out: W) -> Result<()> {
+    match format {
+        OutputFormat::Parquet => {
+            let properties = WriterProperties::builder()
+                .set_compression(Compression::ZSTD(ZstdLevel::default()))
+                .build();
+            let mut writer = ArrowWriter::try_new(out, batch.schema(), Some(properties))?;
+            writer.write(batch)?;
+            writer.close()?;
+        }
+        OutputFormat::Jsonl => {
+            // Explicit nulls keep a column that is null in every row, so the
+            // columns survive a trip through JSONL.
+            let mut writer = arrow::json::WriterBuilder::new()
+                .with_explicit_nulls(true)
+                .build::<_, arrow::json::writer::LineDelimited>(out);
+            writer.write(batch)?;
+            writer.finish()?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shard::tests::scored;
+    use arrow::array::{Array, LargeStringArray, StringViewArray};
+
+    fn round_trip(shard: &Shard, format: OutputFormat, extension: &str) -> Shard {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join(format!("out.{extension}"));
+        write_shard(shard, &Destination::File(path.clone()), format).unwrap();
+        let listing: Vec<_> = std::fs::read_dir(directory.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            listing,
+            [std::ffi::OsString::from(format!("out.{extension}"))],
+            "no temporary file left"
+        );
+        Shard::read(Some(&path)).unwrap()
+    }
+
+    #[test]
+    fn parquet_round_trip_keeps_types() {
+        let shard = scored(&[("a", 0, 0.25), ("b", 1, -2.0)]);
+        let back = round_trip(&shard, OutputFormat::Parquet, "parquet");
+        assert_eq!(back.batch(), shard.batch());
+        assert!(back.name().ends_with("out.parquet"));
+    }
+
+    #[test]
+    fn jsonl_round_trip_keeps_values() {
+        let shard = scored(&[("a", 0, 0.25), ("7", 1, -2.0)]);
+        let back = round_trip(&shard, OutputFormat::Jsonl, "jsonl");
+        assert_eq!(back.column_names(), shard.column_names());
+        assert_eq!(back.strings("prompt_id").unwrap(), ["a", "7"]);
+        assert_eq!(back.uints("sample").unwrap(), [0, 1]);
+        assert_eq!(back.floats("reward").unwrap(), [0.25, -2.0]);
+    }
+
+    #[test]
+    fn sniffs_formats_without_an_extension() {
+        let shard = scored(&[("a", 0, 0.5)]);
+        let mut parquet = Vec::new();
+        encode(shard.batch(), OutputFormat::Parquet, &mut parquet).unwrap();
+        assert_eq!(InputFormat::sniff(&parquet), InputFormat::Parquet);
+        assert_eq!(
+            Shard::from_bytes(STDIN_NAME, parquet, None)
+                .unwrap()
+                .batch(),
+            shard.batch()
+        );
+        assert_eq!(InputFormat::sniff(b"\n  {\"a\": 1}"), InputFormat::Jsonl);
+        assert_eq!(InputFormat::sniff(b"prompt_id,prompt\n"), InputFormat::Csv);
+    }
+
+    #[test]
+    fn csv_reads_numeric_ids_as_text() {
+        let csv = b"prompt_id,prompt,weight\n1,Say hi,0.5\n2,\"Count, to three\",1\n".to_vec();
+        let shard = Shard::from_bytes("prompts.csv", csv, None).unwrap();
+        assert_eq!(shard.strings("prompt_id").unwrap(), ["1", "2"]);
+        assert_eq!(
+            shard.strings("prompt").unwrap(),
+            ["Say hi", "Count, to three"]
+        );
+        assert_eq!(shard.floats("weight").unwrap(), [0.5, 1.0]);
+    }
+
+    #[test]
+    fn jsonl_reads_numeric_ids_as_text() {
+        let jsonl =
+            b"{\"prompt_id\": 7, \"prompt\": \"x\"}\n{\"prompt_id\": \"p8\", \"prompt\": \"y\"}\n"
+                .to_vec();
+        let shard = Shard::from_bytes("prompts.jsonl", jsonl, None).unwrap();
+        assert_eq!(shard.strings("prompt_id").unwrap(), ["7", "p8"]);
+    }
+
+    #[test]
+    fn large_and_view_strings_become_utf8() {
+        let batch = RecordBatch::try_from_iter([
+            (
+                "large",
+                Arc::new(LargeStringArray::from(vec!["a"])) as ArrayRef,
+            ),
+            (
+                "view",
+                Arc::new(StringViewArray::from(vec!["b"])) as ArrayRef,
+            ),
+        ])
+        .unwrap();
+        let mut parquet = Vec::new();
+        encode(&batch, OutputFormat::Parquet, &mut parquet).unwrap();
+        let shard = Shard::from_bytes("strings.parquet", parquet, None).unwrap();
+        assert_eq!(shard.strings("large").unwrap(), ["a"]);
+        assert_eq!(shard.strings("view").unwrap(), ["b"]);
+    }
+
+    #[test]
+    fn bad_bytes_are_errors_naming_the_input() {
+        let err = Shard::from_bytes("x.parquet", Vec::new(), None).unwrap_err();
+        assert!(
+            err.to_string().starts_with("x.parquet: empty input"),
+            "{err}"
+        );
+        let err = Shard::from_bytes("x.parquet", b"hello".to_vec(), Some(InputFormat::Parquet))
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("x.parquet: not a readable Parquet file (it does not start"),
+            "{err}"
+        );
+        let shard = scored(&[("a", 0, 0.5)]);
+        let mut parquet = Vec::new();
+        encode(shard.batch(), OutputFormat::Parquet, &mut parquet).unwrap();
+        parquet.truncate(parquet.len() / 2);
+        let err = Shard::from_bytes("cut.parquet", parquet, None).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("cut.parquet: not a readable Parquet file: "),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn output_format_follows_the_extension_unless_given() {
+        let file = |name: &str| Destination::File(PathBuf::from(name));
+        assert_eq!(
+            OutputFormat::resolve(None, &Destination::Stdout).unwrap(),
+            OutputFormat::Parquet
+        );
+        assert_eq!(
+            OutputFormat::resolve(None, &file("a.jsonl")).unwrap(),
+            OutputFormat::Jsonl
+        );
+        assert_eq!(
+            OutputFormat::resolve(None, &file("a.parquet")).unwrap(),
+            OutputFormat::Parquet
+        );
+        assert_eq!(
+            OutputFormat::resolve(Some(OutputFormat::Jsonl), &file("a.parquet")).unwrap(),
+            OutputFormat::Jsonl
+        );
+        assert!(OutputFormat::resolve(None, &file("a.csv")).is_err());
+    }
+
+    #[test]
+    fn zero_rows_survive_a_round_trip() {
+        let shard = scored(&[]);
+        let back = round_trip(&shard, OutputFormat::Parquet, "parquet");
+        assert_eq!(back.num_rows(), 0);
+        assert_eq!(back.column_names(), shard.column_names());
+        assert!(back.column("reward").unwrap().is_empty());
+    }
+}

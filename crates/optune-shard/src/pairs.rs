@@ -1,0 +1,338 @@
+//! `opt-pairs`: turn scored responses into one preference pair per prompt,
+//! the best response against the worst.
+
+use crate::concat::concat_shards;
+use crate::contract::{col, ColumnKind};
+use crate::groups::group_by_prompt;
+use crate::shard::Shard;
+use anyhow::{bail, Result};
+use arrow::array::{ArrayRef, Float32Array};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// The pairs shard with the counts the summary line reports.
+#[derive(Debug)]
+pub struct PairShard {
+    /// One row per kept prompt, in the order of the prompts' first rows
+    /// across the inputs: prompt-level columns, then `chosen`, `rejected`,
+    /// `chosen_reward`, `rejected_reward`, `reward_gap`.
+    pub shard: Shard,
+    pub rows_in: usize,
+    pub prompts_in: usize,
+    /// Prompts with fewer than two responses.
+    pub skipped_single: usize,
+    /// Prompts whose best and worst rewards differ by no more than the
+    /// minimum gap.
+    pub skipped_gap: usize,
+}
+
+/// Parses and checks `--min-gap`, for clap: a finite number ≥ 0.
+pub fn parse_min_gap(text: &str) -> Result<f64, String> {
+    let min_gap: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{text}' is not a number"))?;
+    if !(min_gap.is_finite() && min_gap >= 0.0) {
+        return Err(format!(
+            "the minimum reward gap must be a finite number >= 0, got {min_gap}"
+        ));
+    }
+    Ok(min_gap)
+}
+
+/// One scored response, located in its input for error messages.
+struct Response<'a> {
+    input: usize,
+    row: usize,
+    prompt_id: &'a str,
+    sample: u64,
+    text: &'a str,
+    reward: f64,
+}
+
+/// Pairs each prompt's highest-rewarded response (`chosen`) with its
+/// lowest-rewarded one (`rejected`), over the rows of all `inputs`. Among
+/// equal rewards the lower `sample` is taken for either role. A prompt is
+/// kept only when `chosen_reward − rejected_reward > min_gap`, so with the
+/// default 0 a prompt whose rewards are all equal is skipped, as is a
+/// prompt with a single response.
+pub fn build_pairs(inputs: &[Shard], min_gap: f64) -> Result<PairShard> {
+    let mut responses = Vec::new();
+    for (input, shard) in inputs.iter().enumerate() {
+        shard.require(&[
+            (col::PROMPT_ID, ColumnKind::Utf8),
+            (col::SAMPLE, ColumnKind::UInt),
+            (col::RESPONSE, ColumnKind::Utf8),
+            (col::REWARD, ColumnKind::Float),
+        ])?;
+        let prompt_ids = shard.strings(col::PROMPT_ID)?;
+        let samples = shard.uints(col::SAMPLE)?;
+        let texts = shard.strings(col::RESPONSE)?;
+        let rewards = shard.finite_floats(col::REWARD)?;
+        for (row, (((prompt_id, sample), text), reward)) in prompt_ids
+            .into_iter()
+            .zip(samples)
+            .zip(texts)
+            .zip(rewards)
+            .enumerate()
+        {
+            responses.push(Response {
+                input,
+                row,
+                prompt_id,
+                sample,
+                text,
+                reward,
+            });
+        }
+    }
+    let locate =
+        |response: &Response| format!("{} row {}", inputs[response.input].name(), response.row + 1);
+
+    let mut first_seen: HashMap<(&str, u64), usize> = HashMap::new();
+    for (index, response) in responses.iter().enumerate() {
+        if let Some(&earlier) = first_seen.get(&(response.prompt_id, response.sample)) {
+            bail!(
+                "duplicate response (prompt_id '{}', sample {}): {} and {}",
+                response.prompt_id,
+                response.sample,
+                locate(&responses[earlier]),
+                locate(response)
+            );
+        }
+        first_seen.insert((response.prompt_id, response.sample), index);
+    }
+    if responses.is_empty() {
+        let names: Vec<&str> = inputs.iter().map(Shard::name).collect();
+        bail!(
+            "{}: no rows: there are no responses to pair",
+            names.join(", ")
+        );
+    }
+
+    // Row i of the merged shard is responses[i]: both follow the inputs in order.
+    let merged = concat_shards(inputs)?;
+    let prompt_ids: Vec<&str> = responses
+        .iter()
+        .map(|response| response.prompt_id)
+        .collect();
+    let groups = group_by_prompt(&prompt_ids);
+    let (mut skipped_single, mut skipped_gap) = (0, 0);
+    let mut first_rows = Vec::new();
+    let mut chosen: Vec<&Response> = Vec::new();
+    let mut rejected: Vec<&Response> = Vec::new();
+    for group in &groups {
+        if group.rows.len() < 2 {
+            skipped_single += 1;
+            continue;
+        }
+        let members = || group.rows.iter().map(|&row| &responses[row]);
+        // Distinct samples (checked above) make these orders total.
+        let best =
+            members().max_by(|a, b| a.reward.total_cmp(&b.reward).then(b.sample.cmp(&a.sample)));
+        let worst =
+            members().min_by(|a, b| a.reward.total_cmp(&b.reward).then(a.sample.cmp(&b.sample)));
+        let (Some(best), Some(worst)) = (best, worst) else {
+            continue;
+        };
+        // Rewards are finite (checked above), so this comparison is total.
+        if best.reward - worst.reward <= min_gap {
+            skipped_gap += 1;
+            continue;
+        }
+        first_rows.push(group.rows[0]);
+        chosen.push(best);
+        rejected.push(worst);
+    }
+
+    let rewards = |side: &[&Response]| -> ArrayRef {
+        Arc::new(Float32Array::from_iter_values(
+            side.iter().map(|response| response.reward as f32),
+        ))
+    };
+    let gaps: ArrayRef = Arc::new(Float32Array::from_iter_values(
+        chosen
+            .iter()
+            .zip(&rejected)
+            .map(|(c, r)| (c.reward - r.reward) as f32),
+    ));
+    let shard = merged
+        .prompt_level(&first_rows)?
+        .with_column(
+            col::CHOSEN,
+            Shard::string_column(chosen.iter().map(|response| response.text)),
+        )?
+        .with_column(
+            col::REJECTED,
+            Shard::string_column(rejected.iter().map(|response| response.text)),
+        )?
+        .with_column(col::CHOSEN_REWARD, rewards(&chosen))?
+        .with_column(col::REJECTED_REWARD, rewards(&rejected))?
+        .with_column(col::REWARD_GAP, gaps)?;
+    Ok(PairShard {
+        shard,
+        rows_in: responses.len(),
+        prompts_in: groups.len(),
+        skipped_single,
+        skipped_gap,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shard::tests::scored;
+
+    fn pairs_of(pairs: &PairShard) -> Vec<(String, String, String, f64)> {
+        let shard = &pairs.shard;
+        let ids = shard.strings(col::PROMPT_ID).unwrap();
+        let chosen = shard.strings(col::CHOSEN).unwrap();
+        let rejected = shard.strings(col::REJECTED).unwrap();
+        let gaps = shard.floats(col::REWARD_GAP).unwrap();
+        (0..shard.num_rows())
+            .map(|row| {
+                (
+                    ids[row].into(),
+                    chosen[row].into(),
+                    rejected[row].into(),
+                    (gaps[row] * 1e4).round() / 1e4,
+                )
+            })
+            .collect()
+    }
+
+    fn pair(id: &str, chosen: u32, rejected: u32, gap: f64) -> (String, String, String, f64) {
+        (
+            id.into(),
+            format!("{id} response {chosen}"),
+            format!("{id} response {rejected}"),
+            gap,
+        )
+    }
+
+    #[test]
+    fn pairs_best_against_worst_and_counts_skips() {
+        let shard = scored(&[
+            ("a", 0, 0.5),
+            ("a", 1, 0.9),
+            ("a", 2, -0.5),
+            ("b", 0, 0.25),
+            ("c", 0, 0.1),
+            ("c", 1, 0.1),
+            ("d", 0, -1.0),
+            ("d", 1, 1.0),
+        ]);
+        let pairs = build_pairs(&[shard], 0.0).unwrap();
+        assert_eq!(
+            pairs_of(&pairs),
+            [pair("a", 1, 2, 1.4), pair("d", 1, 0, 2.0)]
+        );
+        assert_eq!(
+            (
+                pairs.rows_in,
+                pairs.prompts_in,
+                pairs.skipped_single,
+                pairs.skipped_gap
+            ),
+            (8, 4, 1, 1)
+        );
+        assert_eq!(
+            pairs.shard.column_names(),
+            [
+                "prompt_id",
+                "prompt",
+                "note",
+                "chosen",
+                "rejected",
+                "chosen_reward",
+                "rejected_reward",
+                "reward_gap"
+            ]
+        );
+        assert_eq!(
+            pairs.shard.floats(col::CHOSEN_REWARD).unwrap(),
+            [0.9f32 as f64, 1.0]
+        );
+        assert_eq!(
+            pairs.shard.floats(col::REJECTED_REWARD).unwrap(),
+            [-0.5, -1.0]
+        );
+    }
+
+    #[test]
+    fn ties_prefer_the_lower_sample() {
+        let shard = scored(&[("a", 3, 1.0), ("a", 1, 1.0), ("a", 2, 0.0), ("a", 0, 0.0)]);
+        let pairs = build_pairs(&[shard], 0.0).unwrap();
+        assert_eq!(pairs_of(&pairs), [pair("a", 1, 0, 1.0)]);
+    }
+
+    #[test]
+    fn min_gap_is_exclusive() {
+        let shard = scored(&[("a", 0, 1.0), ("a", 1, 0.5), ("b", 0, 1.0), ("b", 1, 0.0)]);
+        let pairs = build_pairs(std::slice::from_ref(&shard), 0.5).unwrap();
+        assert_eq!(pairs_of(&pairs), [pair("b", 0, 1, 1.0)]);
+        assert_eq!(pairs.skipped_gap, 1);
+        assert_eq!(build_pairs(&[shard], 0.49).unwrap().shard.num_rows(), 2);
+    }
+
+    #[test]
+    fn merges_prompts_across_shards() {
+        let kept = scored(&[("a", 0, 0.1), ("a", 1, 0.2), ("b", 0, 0.3)]);
+        let new = Shard::new(
+            "new.parquet",
+            scored(&[("b", 1, 0.7), ("c", 0, 0.5), ("c", 1, 0.4)]).into_batch(),
+        );
+        let pairs = build_pairs(&[kept, new], 0.0).unwrap();
+        assert_eq!(
+            pairs_of(&pairs),
+            [
+                pair("a", 1, 0, 0.1),
+                pair("b", 1, 0, 0.4),
+                pair("c", 0, 1, 0.1)
+            ]
+        );
+        assert_eq!(
+            (pairs.rows_in, pairs.prompts_in, pairs.skipped_single),
+            (6, 3, 0)
+        );
+    }
+
+    #[test]
+    fn duplicates_across_shards_name_both_places() {
+        let kept = scored(&[("a", 0, 0.1), ("b", 1, 0.2)]);
+        let new = Shard::new(
+            "new.parquet",
+            scored(&[("c", 0, 0.7), ("b", 1, 0.5)]).into_batch(),
+        );
+        let err = build_pairs(&[kept, new], 0.0).unwrap_err();
+        assert_eq!(err.to_string(), "duplicate response (prompt_id 'b', sample 1): scored.parquet row 2 and new.parquet row 2");
+    }
+
+    #[test]
+    fn bad_rewards_and_empty_inputs_are_errors() {
+        let infinite = scored(&[("a", 0, f32::INFINITY)]);
+        let err = build_pairs(&[infinite], 0.0).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "scored.parquet: column 'reward': inf at row 1"
+        );
+        let err = build_pairs(&[scored(&[])], 0.0).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "scored.parquet: no rows: there are no responses to pair"
+        );
+    }
+
+    #[test]
+    fn min_gap_must_be_finite_and_not_negative() {
+        assert_eq!(parse_min_gap("0.25"), Ok(0.25));
+        for bad in ["-1", "NaN", "inf"] {
+            assert!(
+                parse_min_gap(bad)
+                    .unwrap_err()
+                    .contains("finite number >= 0"),
+                "{bad}"
+            );
+        }
+    }
+}

@@ -1,0 +1,3 @@
+//! Training building blocks for optune.
+
+pub mod optim;
