@@ -20,3 +20,10 @@ test:
 	@if $(OPTUNE_PYTHON) -c 'import duckdb, pyarrow' 2>/dev/null; \
 	then echo 'DuckDB/pyarrow cross-read: ran'; \
 	else echo 'DuckDB/pyarrow cross-read: SKIPPED ($(OPTUNE_PYTHON) cannot import duckdb and pyarrow; pip install duckdb pyarrow)'; fi
+
+# Generation speed of opt-gen against Hugging Face transformers on the CPU (batch 1 and 16, 128
+# new tokens, greedy): see scripts/bench/bench_gen.sh for the environment variables and
+# docs/perf.md for the figures. Not part of `make test`.
+.PHONY: bench-gen
+bench-gen:
+	scripts/bench/bench_gen.sh $(BENCH_ARGS)

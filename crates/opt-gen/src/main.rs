@@ -61,6 +61,10 @@ struct Args {
     #[arg(long, default_value_t = 256)]
     max_new_tokens: usize,
 
+    /// Do not stop at EOS: every response gets --max-new-tokens tokens (for benchmarks)
+    #[arg(long)]
+    ignore_eos: bool,
+
     /// Longest templated prompt accepted, in tokens
     #[arg(long, default_value_t = 1024)]
     max_prompt_tokens: usize,
@@ -125,7 +129,7 @@ fn run(args: Args) -> Result<()> {
 
     let started = Instant::now();
     let (model, tokenizer, meta) = load_model(&args.model, dtype, &device)?;
-    if meta.eos_token_ids.is_empty() {
+    if meta.eos_token_ids.is_empty() && !args.ignore_eos {
         bail!("{}: no eos_token_id in generation_config.json, config.json or the tokenizer", args.model.display());
     }
     let mut requests = Vec::with_capacity(rows.len() * args.n as usize);
@@ -165,7 +169,8 @@ fn run(args: Args) -> Result<()> {
     );
     let decode_started = Instant::now();
     let mut tokens_done = 0usize;
-    let generations = generate(&model, &requests, &params, &meta.eos_token_ids, args.batch_size, |tokens| {
+    let eos_ids: &[u32] = if args.ignore_eos { &[] } else { &meta.eos_token_ids };
+    let generations = generate(&model, &requests, &params, eos_ids, args.batch_size, |tokens| {
         tokens_done += tokens;
         progress.inc(1);
         let rate = tokens_done as f64 / decode_started.elapsed().as_secs_f64().max(1e-9);

@@ -9,14 +9,19 @@ use std::process::Command;
 
 const OPT_PAIRS: &str = env!("CARGO_BIN_EXE_opt-pairs");
 
+fn opt_pairs() -> Command {
+    Command::new(OPT_PAIRS)
+}
+
 #[test]
 fn pairs_the_fixture_and_skips_equal_rewards() {
     let dir = tempfile::tempdir().unwrap();
     let pairs_path = dir.path().join("pairs.parquet");
-    let scored = testdata("scored.jsonl");
     let outcome = run(
-        OPT_PAIRS.as_ref(),
-        &[scored.to_str().unwrap(), "-o", pairs_path.to_str().unwrap()],
+        opt_pairs()
+            .arg(testdata("scored.jsonl"))
+            .arg("-o")
+            .arg(&pairs_path),
         None,
     );
     outcome.assert_success();
@@ -48,29 +53,27 @@ fn pairs_the_fixture_and_skips_equal_rewards() {
         pairs.strings("rejected").unwrap()[3],
         "Start with simple recipes and taste often."
     );
-    let float32 = |values: &[f64]| values.iter().map(|&v| v as f32 as f64).collect::<Vec<_>>();
+    let float32 = |values: [f64; 5]| values.map(|value| value as f32 as f64);
     assert_eq!(
         pairs.floats("chosen_reward").unwrap(),
-        float32(&[0.8, 0.1, -0.3, 0.9, 0.4])
+        float32([0.8, 0.1, -0.3, 0.9, 0.4])
     );
     assert_eq!(
         pairs.floats("rejected_reward").unwrap(),
-        float32(&[0.2, -0.4, -0.9, 0.7, -0.2])
+        float32([0.2, -0.4, -0.9, 0.7, -0.2])
     );
-    assert_eq!(
-        pairs.floats("reward_gap").unwrap(),
-        float32(&[0.8 - 0.2, 0.1 + 0.4, -0.3 + 0.9, 0.9 - 0.7, 0.4 + 0.2])
-    );
+    let gaps = float32([0.8 - 0.2, 0.1 + 0.4, -0.3 + 0.9, 0.9 - 0.7, 0.4 + 0.2]);
+    assert_eq!(pairs.floats("reward_gap").unwrap(), gaps);
     check_parquet_readers(&[pairs_path]);
 }
 
 #[test]
 fn min_gap_skips_close_calls() {
     // Gaps: p01 0.6, p02 0.5, p03 0, p04 0.6, p05 0.2, p06 0.6.
-    let scored = testdata("scored.jsonl");
     let outcome = run(
-        OPT_PAIRS.as_ref(),
-        &["--min-gap", "0.5", scored.to_str().unwrap()],
+        opt_pairs()
+            .args(["--min-gap", "0.5"])
+            .arg(testdata("scored.jsonl")),
         None,
     );
     let pairs = outcome.assert_success().stdout_shard();
@@ -95,7 +98,8 @@ fn merges_kept_rows_with_new_rows_from_another_format() {
     std::fs::write(
         &new,
         concat!(
-            r#"{"prompt_id": "p03", "prompt": "Name three prime numbers.", "sample": 7, "response": "2, 3, 5", "reward": 0.75, "judge": "ok"}"#,
+            r#"{"prompt_id": "p03", "prompt": "Name three prime numbers.", "sample": 7,"#,
+            r#" "response": "2, 3, 5", "reward": 0.75, "judge": "ok"}"#,
             "\n",
             r#"{"prompt_id": "p07", "prompt": "Say hi.", "sample": 0, "response": "hi", "reward": 1}"#,
             "\n",
@@ -103,23 +107,12 @@ fn merges_kept_rows_with_new_rows_from_another_format() {
     )
     .unwrap();
     let outcome = run(
-        OPT_PAIRS.as_ref(),
-        &[
-            kept.to_str().unwrap(),
-            new.to_str().unwrap(),
-            "--format",
-            "jsonl",
-        ],
+        opt_pairs().arg(&kept).arg(&new).args(["--format", "jsonl"]),
         None,
     );
     let pairs = outcome.assert_success().stdout_shard();
-    assert!(
-        outcome
-            .stderr
-            .contains("rows_in=5 prompts=3 pairs=2 skipped_single=1 skipped_gap=0"),
-        "{}",
-        outcome.stderr
-    );
+    let summary = "rows_in=5 prompts=3 pairs=2 skipped_single=1 skipped_gap=0";
+    assert!(outcome.stderr.contains(summary), "{}", outcome.stderr);
     assert_eq!(pairs.strings("prompt_id").unwrap(), ["p01", "p03"]);
     assert_eq!(pairs.strings("chosen").unwrap()[1], "2, 3, 5");
     assert_eq!(pairs.strings("rejected").unwrap()[1], "2, 3 and 5.");
@@ -135,19 +128,19 @@ fn reads_stdin_and_writes_stdout() {
     let scored = dir.path().join("scored.parquet");
     write_parquet(&scored_fixture(), &scored);
     let bytes = std::fs::read(&scored).unwrap();
-    let from_stdin = run(OPT_PAIRS.as_ref(), &[] as &[&str], Some(&bytes));
-    let with_dash = run(OPT_PAIRS.as_ref(), &["-"], Some(&bytes));
-    let from_file = run(OPT_PAIRS.as_ref(), &[scored.to_str().unwrap()], None);
-    let expected = from_file.assert_success().stdout_shard();
+    let expected = run(opt_pairs().arg(&scored), None)
+        .assert_success()
+        .stdout_shard();
     assert_eq!(expected.num_rows(), 5);
-    assert_eq!(
-        from_stdin.assert_success().stdout_shard().batch(),
-        expected.batch()
-    );
-    assert_eq!(
-        with_dash.assert_success().stdout_shard().batch(),
-        expected.batch()
-    );
+    for stdin_run in [
+        run(&mut opt_pairs(), Some(&bytes)),
+        run(opt_pairs().arg("-"), Some(&bytes)),
+    ] {
+        assert_eq!(
+            stdin_run.assert_success().stdout_shard().batch(),
+            expected.batch()
+        );
+    }
 }
 
 #[test]
@@ -159,28 +152,37 @@ fn pairs_what_opt_select_kept_in_a_pipe() {
     };
     let dir = tempfile::tempdir().unwrap();
     let regen = dir.path().join("regen.parquet");
-    // New samples for the regenerated prompts p02, p04 and p06, as opt-gen and opt-score would add them.
+    // New samples for the regenerated prompts p02, p04 and p06, as opt-gen and opt-score would
+    // add them.
     let rescored = dir.path().join("rescored.jsonl");
     let new_rows: String = ["p02", "p04", "p06"]
         .iter()
         .flat_map(|id| {
             (2..4).map(move |sample| {
                 format!(
-                    r#"{{"prompt_id": "{id}", "prompt": "?", "topic": "new", "sample": {sample}, "response": "{id}-{sample}", "reward": {sample}.5}}"#
-                ) + "\n"
+                    concat!(
+                        r#"{{"prompt_id": "{id}", "prompt": "?", "topic": "new", "sample": {sample},"#,
+                        r#" "response": "{id}-{sample}", "reward": {sample}.5}}"#,
+                        "\n"
+                    ),
+                    id = id,
+                    sample = sample
+                )
             })
         })
         .collect();
     std::fs::write(&rescored, new_rows).unwrap();
 
-    let mut select = Command::new(opt_select);
-    select
-        .args(["--rho", "0.5", "--rest", "-", "-o"])
-        .arg(&regen);
-    let mut pairs = Command::new(OPT_PAIRS);
-    pairs.arg("-").arg(&rescored);
     let scored = std::fs::read(testdata("scored.jsonl")).unwrap();
-    let outcomes = pipe(vec![select, pairs], Some(&scored));
+    let outcomes = pipe(
+        &mut [
+            Command::new(opt_select)
+                .args(["--rho", "0.5", "--rest", "-", "-o"])
+                .arg(&regen),
+            opt_pairs().arg("-").arg(&rescored),
+        ],
+        Some(&scored),
+    );
     outcomes[0].assert_success();
     let pairs = outcomes[1].assert_success().stdout_shard();
     assert_eq!(
@@ -197,10 +199,9 @@ fn pairs_what_opt_select_kept_in_a_pipe() {
         ["p02-3", "p04-3", "p06-3"]
     );
     assert_eq!(pairs.strings("topic").unwrap()[..2], ["poetry", "advice"]);
+    let summary = "rows_in=12 prompts=6 pairs=5 skipped_single=0 skipped_gap=1";
     assert!(
-        outcomes[1]
-            .stderr
-            .contains("rows_in=12 prompts=6 pairs=5 skipped_single=0 skipped_gap=1"),
+        outcomes[1].stderr.contains(summary),
         "{}",
         outcomes[1].stderr
     );
@@ -208,13 +209,9 @@ fn pairs_what_opt_select_kept_in_a_pipe() {
 
 #[test]
 fn help_explains_what_and_when() {
-    let help = String::from_utf8(
-        run(OPT_PAIRS.as_ref(), &["--help"], None)
-            .assert_success()
-            .stdout
-            .clone(),
-    )
-    .unwrap();
+    let help = run(opt_pairs().arg("--help"), None)
+        .assert_success()
+        .stdout_text();
     for fragment in [
         "chosen",
         "--min-gap <GAP>",

@@ -5,10 +5,13 @@ use optune_testkit::{assert_failed_cleanly, run, testdata, write_bad_scored_inpu
 use std::path::Path;
 use std::process::Command;
 
-/// `opt-select --rho 0.5 -o OUT_DIR/regen.parquet`, to which each case adds.
-fn opt_select(out_dir: &Path) -> Command {
+/// `opt-select ARGS -o OUT_DIR/regen.parquet`, to which each case adds.
+fn opt_select(args: &[&str], out_dir: &Path) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_opt-select"));
-    command.args(["--rho", "0.5", "-o"]).arg(out_dir.join("regen.parquet"));
+    command
+        .args(args)
+        .arg("-o")
+        .arg(out_dir.join("regen.parquet"));
     command
 }
 
@@ -17,8 +20,11 @@ fn bad_scored_shards_fail_cleanly() {
     let inputs = tempfile::tempdir().unwrap();
     let out = tempfile::tempdir().unwrap();
     for bad in write_bad_scored_inputs(inputs.path()) {
-        let mut command = opt_select(out.path());
-        command.arg("--rest").arg(out.path().join("kept.parquet")).arg(&bad.path);
+        let mut command = opt_select(&["--rho", "0.5"], out.path());
+        command
+            .arg("--rest")
+            .arg(out.path().join("kept.parquet"))
+            .arg(&bad.path);
         let expected: Vec<&str> = bad.expected.iter().map(String::as_str).collect();
         assert_failed_cleanly(bad.case, &run(&mut command, None), &expected, out.path());
     }
@@ -27,7 +33,10 @@ fn bad_scored_shards_fail_cleanly() {
 #[test]
 fn bad_stdin_fails_cleanly_and_names_stdin() {
     let out = tempfile::tempdir().unwrap();
-    let outcome = run(&mut opt_select(out.path()), Some(b"PAR1 but not really"));
+    let outcome = run(
+        &mut opt_select(&["--rho", "0.5"], out.path()),
+        Some(b"PAR1 but not really"),
+    );
     let expected = ["<stdin>", "not a readable Parquet file"];
     assert_failed_cleanly("garbage on stdin", &outcome, &expected, out.path());
 }
@@ -35,40 +44,60 @@ fn bad_stdin_fails_cleanly_and_names_stdin() {
 #[test]
 fn bad_arguments_fail_cleanly() {
     let out = tempfile::tempdir().unwrap();
-    // Later occurrences of --rho override the helper's 0.5.
-    let cases: [(&str, &[&str], &[&str]); 6] = [
+    let cases: [(&str, &[&str], &[&str]); 7] = [
         ("rho 0", &["--rho", "0"], &["'0'", "--rho", "(0, 1]"]),
         ("rho 1.5", &["--rho", "1.5"], &["'1.5'", "--rho", "(0, 1]"]),
         ("rho NaN", &["--rho", "NaN"], &["'NaN'", "--rho", "(0, 1]"]),
         ("rho text", &["--rho", "most"], &["'most'", "not a number"]),
-        ("unknown --by", &["--by", "median"], &["'median'", "max, mean, min, gap"]),
-        ("unknown --strategy", &["--strategy", "best"], &["'best'", "lowest, random"]),
+        ("no --rho", &[], &["--rho <RHO>"]),
+        (
+            "unknown --by",
+            &["--rho", "0.5", "--by", "median"],
+            &["'median'", "max, mean, min, gap"],
+        ),
+        (
+            "unknown --strategy",
+            &["--rho", "0.5", "--strategy", "best"],
+            &["'best'", "lowest, random"],
+        ),
     ];
     for (case, args, expected) in cases {
-        let mut command = opt_select(out.path());
-        command.args(args).arg(testdata("scored.jsonl"));
+        let mut command = opt_select(args, out.path());
+        command.arg(testdata("scored.jsonl"));
         assert_failed_cleanly(case, &run(&mut command, None), expected, out.path());
     }
-    let mut no_rho = Command::new(env!("CARGO_BIN_EXE_opt-select"));
-    no_rho.arg(testdata("scored.jsonl")).arg("-o").arg(out.path().join("regen.parquet"));
-    assert_failed_cleanly("no --rho", &run(&mut no_rho, None), &["--rho <RHO>"], out.path());
 }
 
 #[test]
 fn missing_inputs_and_unwritable_outputs_fail_cleanly() {
     let out = tempfile::tempdir().unwrap();
-    let mut missing = opt_select(out.path());
+    let mut missing = opt_select(&["--rho", "0.5"], out.path());
     missing.arg(out.path().join("absent.parquet"));
     let expected = ["absent.parquet", "cannot read"];
-    assert_failed_cleanly("missing input", &run(&mut missing, None), &expected, out.path());
+    assert_failed_cleanly(
+        "missing input",
+        &run(&mut missing, None),
+        &expected,
+        out.path(),
+    );
 
-    let mut same_twice = opt_select(out.path());
-    same_twice.arg("--rest").arg(out.path().join("regen.parquet")).arg(testdata("scored.jsonl"));
+    let mut same_twice = opt_select(&["--rho", "0.5"], out.path());
+    same_twice
+        .arg("--rest")
+        .arg(out.path().join("regen.parquet"))
+        .arg(testdata("scored.jsonl"));
     let expected = ["--rest and -o"];
-    assert_failed_cleanly("same -o and --rest", &run(&mut same_twice, None), &expected, out.path());
+    assert_failed_cleanly(
+        "same -o and --rest",
+        &run(&mut same_twice, None),
+        &expected,
+        out.path(),
+    );
 
     let mut csv = Command::new(env!("CARGO_BIN_EXE_opt-select"));
-    csv.args(["--rho", "0.5", "-o"]).arg(out.path().join("regen.csv")).arg(testdata("scored.jsonl"));
+    csv.args(["--rho", "0.5", "-o"])
+        .arg(out.path().join("regen.csv"));
+    csv.arg(testdata("scored.jsonl"));
     let expected = ["regen.csv", "cannot write CSV"];
     assert_failed_cleanly("CSV output", &run(&mut csv, None), &expected, out.path());
 }

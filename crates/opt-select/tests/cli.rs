@@ -14,7 +14,10 @@ fn opt_select() -> Command {
 #[test]
 fn selects_the_lowest_max_prompts_and_keeps_the_rest() {
     let dir = tempfile::tempdir().unwrap();
-    let (regen, kept) = (dir.path().join("regen.parquet"), dir.path().join("kept.parquet"));
+    let (regen, kept) = (
+        dir.path().join("regen.parquet"),
+        dir.path().join("kept.parquet"),
+    );
     let outcome = run(
         opt_select()
             .args(["--rho", "0.5", "-o"])
@@ -34,12 +37,21 @@ fn selects_the_lowest_max_prompts_and_keeps_the_rest() {
     let prompts = read(&regen);
     assert_eq!(prompts.column_names(), ["prompt_id", "prompt", "topic"]);
     assert_eq!(prompts.strings("prompt_id").unwrap(), ["p02", "p04", "p06"]);
-    assert_eq!(prompts.strings("prompt").unwrap()[0], "Explain photosynthesis to a child.");
+    assert_eq!(
+        prompts.strings("prompt").unwrap()[0],
+        "Explain photosynthesis to a child."
+    );
 
     let rest = read(&kept);
     assert_eq!(rest.column_names(), scored_fixture().column_names());
-    assert_eq!(rest.strings("prompt_id").unwrap(), ["p01", "p01", "p03", "p03", "p05", "p05"]);
-    assert_eq!(rest.floats("reward").unwrap(), [0.8, 0.2, 0.5, 0.5, 0.9, 0.7]);
+    assert_eq!(
+        rest.strings("prompt_id").unwrap(),
+        ["p01", "p01", "p03", "p03", "p05", "p05"]
+    );
+    assert_eq!(
+        rest.floats("reward").unwrap(),
+        [0.8, 0.2, 0.5, 0.5, 0.9, 0.7]
+    );
 
     check_parquet_readers(&[regen, kept]);
 }
@@ -58,16 +70,27 @@ fn stdin_gives_the_same_selection_as_a_file() {
     let from_file = run(select().arg(&scored), None);
     let selected = from_file.assert_success().stdout_shard();
     // Lowest gap: p03 (0.0), p05 (0.2), p02 (0.5).
-    assert_eq!(selected.strings("prompt_id").unwrap(), ["p02", "p03", "p05"]);
-    for stdin_run in [run(&mut select(), Some(&bytes)), run(select().arg("-"), Some(&bytes))] {
-        assert_eq!(stdin_run.assert_success().stdout_shard().batch(), selected.batch());
+    assert_eq!(
+        selected.strings("prompt_id").unwrap(),
+        ["p02", "p03", "p05"]
+    );
+    for stdin_run in [
+        run(&mut select(), Some(&bytes)),
+        run(select().arg("-"), Some(&bytes)),
+    ] {
+        assert_eq!(
+            stdin_run.assert_success().stdout_shard().batch(),
+            selected.batch()
+        );
     }
 }
 
 #[test]
 fn writes_jsonl_when_asked() {
     let outcome = run(
-        opt_select().args(["--rho", "1", "--format", "jsonl"]).arg(testdata("scored.jsonl")),
+        opt_select()
+            .args(["--rho", "1", "--format", "jsonl"])
+            .arg(testdata("scored.jsonl")),
         None,
     );
     let text = outcome.assert_success().stdout_text();
@@ -82,7 +105,10 @@ fn writes_jsonl_when_asked() {
 #[test]
 fn output_format_follows_the_file_extension() {
     let dir = tempfile::tempdir().unwrap();
-    let (regen, kept) = (dir.path().join("regen.jsonl"), dir.path().join("kept.parquet"));
+    let (regen, kept) = (
+        dir.path().join("regen.jsonl"),
+        dir.path().join("kept.parquet"),
+    );
     let outcome = run(
         opt_select()
             .args(["--rho", "0.5", "-o"])
@@ -93,7 +119,9 @@ fn output_format_follows_the_file_extension() {
         None,
     );
     outcome.assert_success();
-    assert!(std::fs::read_to_string(&regen).unwrap().starts_with(r#"{"prompt_id":"p02""#));
+    assert!(std::fs::read_to_string(&regen)
+        .unwrap()
+        .starts_with(r#"{"prompt_id":"p02""#));
     assert!(std::fs::read(&kept).unwrap().starts_with(b"PAR1"));
 }
 
@@ -106,7 +134,9 @@ fn composes_in_a_pipe() {
     let scored = std::fs::read(testdata("scored.jsonl")).unwrap();
     let outcomes = pipe(
         &mut [
-            opt_select().args(["--rho", "0.5", "--rest", "-", "-o"]).arg(&regen),
+            opt_select()
+                .args(["--rho", "0.5", "--rest", "-", "-o"])
+                .arg(&regen),
             opt_select().args(["--rho", "0.3"]),
         ],
         Some(&scored),
@@ -114,7 +144,10 @@ fn composes_in_a_pipe() {
     outcomes[0].assert_success();
     let selected = outcomes[1].assert_success().stdout_shard();
     assert_eq!(selected.strings("prompt_id").unwrap(), ["p03"]);
-    assert_eq!(read(&regen).strings("prompt_id").unwrap(), ["p02", "p04", "p06"]);
+    assert_eq!(
+        read(&regen).strings("prompt_id").unwrap(),
+        ["p02", "p04", "p06"]
+    );
 }
 
 #[test]
@@ -128,9 +161,19 @@ fn keeps_message_prompts() {
     let responses = responses.with_column("sample", samples).unwrap();
     let responses = responses.with_column("reward", rewards).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (scored, regen) = (dir.path().join("scored.parquet"), dir.path().join("regen.parquet"));
+    let (scored, regen) = (
+        dir.path().join("scored.parquet"),
+        dir.path().join("regen.parquet"),
+    );
     write_parquet(&responses, &scored);
-    run(opt_select().args(["--rho", "0.3", "-o"]).arg(&regen).arg(&scored), None).assert_success();
+    run(
+        opt_select()
+            .args(["--rho", "0.3", "-o"])
+            .arg(&regen)
+            .arg(&scored),
+        None,
+    )
+    .assert_success();
     let selected = read(&regen);
     assert_eq!(selected.column_names(), ["prompt_id", "messages", "topic"]);
     assert_eq!(selected.prompts().unwrap(), prompts.prompts().unwrap()[..1]);
@@ -139,7 +182,9 @@ fn keeps_message_prompts() {
 
 #[test]
 fn help_explains_what_and_when() {
-    let help = run(opt_select().arg("--help"), None).assert_success().stdout_text();
+    let help = run(opt_select().arg("--help"), None)
+        .assert_success()
+        .stdout_text();
     for fragment in [
         "rank lowest",
         "--rho <RHO>",
@@ -148,6 +193,9 @@ fn help_explains_what_and_when() {
         "Examples:",
         "< scored.parquet",
     ] {
-        assert!(help.contains(fragment), "--help lacks {fragment:?}:\n{help}");
+        assert!(
+            help.contains(fragment),
+            "--help lacks {fragment:?}:\n{help}"
+        );
     }
 }

@@ -174,6 +174,12 @@ pub fn write_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::serialize_to_file(contiguous.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata), path)
         .with_context(|| format!("writing {}", path.display()))?;
+    // safetensors writes through a private (0600) temporary file; give it the usual mode.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))?;
+    }
     Ok(())
 }
 
@@ -181,6 +187,17 @@ pub fn write_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()
 /// carried tokenizer/generation files. Written beside `dir` and renamed into place, so a failed
 /// save never leaves a half-written checkpoint; an existing `dir` is replaced.
 pub fn save_checkpoint(model: &Transformer, meta: &CheckpointMeta, dir: &Path) -> Result<()> {
+    save_checkpoint_with(model, meta, dir, |_| Ok(()))
+}
+
+/// [`save_checkpoint`], letting `extra` add files (metrics, adapters) to the directory before it
+/// is moved into place.
+pub fn save_checkpoint_with(
+    model: &Transformer,
+    meta: &CheckpointMeta,
+    dir: &Path,
+    extra: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
     let weights = model.named_weights()?;
     let mut config_json = meta.config_json.clone();
     if let Some(obj) = config_json.as_object_mut() {
@@ -199,7 +216,7 @@ pub fn save_checkpoint(model: &Transformer, meta: &CheckpointMeta, dir: &Path) -
         for (name, bytes) in &files {
             std::fs::write(tmp.join(name), bytes).with_context(|| format!("writing {name}"))?;
         }
-        Ok(())
+        extra(tmp)
     })
 }
 

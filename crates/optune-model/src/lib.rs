@@ -9,12 +9,13 @@ pub mod generate;
 pub mod gguf;
 pub mod linear;
 pub mod logprobs;
+pub mod lora;
 pub mod rope;
 pub mod runtime;
 pub mod tokenizer;
 pub mod transformer;
 
-pub use checkpoint::{load_model, save_checkpoint, Checkpoint, CheckpointMeta};
+pub use checkpoint::{load_model, save_checkpoint, save_checkpoint_with, Checkpoint, CheckpointMeta};
 pub use config::{Family, ModelConfig};
 pub use logprobs::{sequence_logprobs, sequence_scores, SequenceLogprobs, TokenizedPair};
 pub use tokenizer::{ChatMessage, ChatTokenizer, Prompt};

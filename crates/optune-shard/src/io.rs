@@ -54,13 +54,18 @@ impl InputFormat {
     }
 }
 
+/// The file a path argument names: `None` for stdin/stdout (no path, or `-`).
+fn named_file(path: Option<&Path>) -> Option<&Path> {
+    path.filter(|path| *path != Path::new("-"))
+}
+
 impl Shard {
     /// Reads a whole shard from `path`, or from stdin when `path` is `None`
     /// or `-`. Stdin is buffered completely: Parquet keeps its index in the
     /// footer.
     pub fn read(path: Option<&Path>) -> Result<Shard> {
-        match path {
-            Some(path) if path != Path::new("-") => {
+        match named_file(path) {
+            Some(path) => {
                 let bytes = std::fs::read(path)
                     .with_context(|| format!("{}: cannot read", path.display()))?;
                 Shard::from_bytes(
@@ -69,7 +74,7 @@ impl Shard {
                     InputFormat::from_extension(path),
                 )
             }
-            _ => {
+            None => {
                 let mut stdin = std::io::stdin().lock();
                 if stdin.is_terminal() {
                     bail!("no input: give a shard file, or pipe a shard into stdin");
@@ -95,14 +100,15 @@ impl Shard {
         }
         let format = format.unwrap_or_else(|| InputFormat::sniff(&bytes));
         let batch = match format {
-            InputFormat::Parquet => read_parquet(&bytes).map_err(|err| {
+            InputFormat::Parquet => {
                 let hint = if bytes.starts_with(PARQUET_MAGIC) {
                     ""
                 } else {
                     " (it does not start with the Parquet magic bytes PAR1)"
                 };
-                anyhow!("{name}: not a readable Parquet file{hint}: {err}")
-            }),
+                read_parquet(bytes)
+                    .map_err(|err| anyhow!("{name}: not a readable Parquet file{hint}: {err}"))
+            }
             InputFormat::Jsonl => {
                 read_jsonl(&bytes).with_context(|| format!("{name}: not a readable JSONL file"))
             }
@@ -116,8 +122,8 @@ impl Shard {
     }
 }
 
-fn read_parquet(bytes: &[u8]) -> Result<RecordBatch> {
-    let builder = ParquetRecordBatchReaderBuilder::try_new(Bytes::copy_from_slice(bytes))?;
+fn read_parquet(bytes: Vec<u8>) -> Result<RecordBatch> {
+    let builder = ParquetRecordBatchReaderBuilder::try_new(Bytes::from(bytes))?;
     let schema = builder.schema().clone();
     let batches = builder.build()?.collect::<Result<Vec<_>, _>>()?;
     Ok(concat_batches(&schema, &batches)?)
@@ -314,9 +320,9 @@ pub enum Destination {
 impl Destination {
     /// `None` and `-` mean stdout.
     pub fn from_arg(path: Option<&Path>) -> Destination {
-        match path {
-            Some(path) if path != Path::new("-") => Destination::File(path.to_path_buf()),
-            _ => Destination::Stdout,
+        match named_file(path) {
+            Some(path) => Destination::File(path.to_path_buf()),
+            None => Destination::Stdout,
         }
     }
 }

@@ -1,3 +1,4 @@
 //! Training building blocks for optune.
 
+pub mod loss;
 pub mod optim;

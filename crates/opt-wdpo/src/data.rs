@@ -1,0 +1,106 @@
+//! Preference pairs as token ids, and length-bucketed batches of them.
+
+use anyhow::{Context, Result};
+use optune_model::{ChatMessage, ChatTokenizer, Prompt, TokenizedPair};
+use optune_shard::{PromptText, Shard};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+/// One training example: both sides tokenised, the reward gap, and the reference log-probs.
+#[derive(Clone, Debug)]
+pub struct TrainPair {
+    pub chosen: TokenizedPair,
+    pub rejected: TokenizedPair,
+    /// 0 when the shard has no rewards (an offline dataset): the weight is then 1 for every form.
+    pub reward_gap: f32,
+    pub ref_logps: Option<(f32, f32)>,
+}
+
+pub fn to_model_prompt(text: &PromptText) -> Prompt {
+    match text {
+        PromptText::Text(t) => Prompt::Text(t.clone()),
+        PromptText::Messages(ms) => {
+            Prompt::Messages(ms.iter().map(|m| ChatMessage::new(m.role.clone(), m.content.clone())).collect())
+        }
+    }
+}
+
+/// Keeps a sequence within `max_length` tokens: the prompt loses tokens from its start (down to
+/// half the budget), then the response loses tokens from its end.
+fn truncate(pair: &mut TokenizedPair, max_length: usize) {
+    let total = pair.prompt.len() + pair.response.len();
+    if total <= max_length {
+        return;
+    }
+    let prompt_budget = (max_length / 2).max(max_length.saturating_sub(pair.response.len()));
+    if pair.prompt.len() > prompt_budget {
+        pair.prompt.drain(..pair.prompt.len() - prompt_budget);
+    }
+    pair.response.truncate(max_length.saturating_sub(pair.prompt.len()).max(1));
+}
+
+/// Reads and tokenises the pairs of `shard`.
+pub fn read_pairs(shard: &Shard, tokenizer: &ChatTokenizer, max_length: usize) -> Result<Vec<TrainPair>> {
+    let pairs = shard.preference_pairs()?;
+    let gaps = if shard.has_column("reward_gap") { Some(shard.finite_floats("reward_gap")?) } else { None };
+    let refs = if shard.has_column("ref_chosen_logp") && shard.has_column("ref_rejected_logp") {
+        Some((shard.finite_floats("ref_chosen_logp")?, shard.finite_floats("ref_rejected_logp")?))
+    } else {
+        None
+    };
+    pairs
+        .into_iter()
+        .enumerate()
+        .map(|(row, pair)| {
+            let prompt = to_model_prompt(&pair.prompt);
+            let encode = |response: &str| -> Result<TokenizedPair> {
+                let (prompt_ids, response_ids) = tokenizer.encode_pair(&prompt, response)?;
+                let mut tokenized = TokenizedPair { prompt: prompt_ids, response: response_ids };
+                truncate(&mut tokenized, max_length);
+                Ok(tokenized)
+            };
+            let at_row = || format!("{}: row {}", shard.name(), row + 1);
+            Ok(TrainPair {
+                chosen: encode(&pair.chosen).with_context(at_row)?,
+                rejected: encode(&pair.rejected).with_context(at_row)?,
+                reward_gap: gaps.as_ref().map_or(0.0, |g| g[row] as f32),
+                ref_logps: refs.as_ref().map(|(c, r)| (c[row] as f32, r[row] as f32)),
+            })
+        })
+        .collect()
+}
+
+/// The order of one epoch: shuffled by `seed + epoch`, then sorted by length within windows of
+/// 8 batches so each batch holds similar lengths (less padding) while batches stay mixed.
+pub fn epoch_batches(pairs: &[TrainPair], batch_size: usize, seed: u64, epoch: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..pairs.len()).collect();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(epoch as u64));
+    order.shuffle(&mut rng);
+    let length = |i: usize| {
+        let p = &pairs[i];
+        (p.chosen.prompt.len() + p.chosen.response.len()).max(p.rejected.prompt.len() + p.rejected.response.len())
+    };
+    for window in order.chunks_mut(batch_size * 8) {
+        window.sort_by_key(|&i| (length(i), i));
+    }
+    let mut batches: Vec<Vec<usize>> = order.chunks(batch_size).map(<[usize]>::to_vec).collect();
+    batches.shuffle(&mut rng);
+    batches
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncation_keeps_the_prompt_end_and_the_response_start() {
+        let mut pair = TokenizedPair { prompt: (0..10).collect(), response: (100..110).collect() };
+        truncate(&mut pair, 12);
+        assert_eq!(pair.prompt, (4..10).collect::<Vec<u32>>());
+        assert_eq!(pair.response, (100..106).collect::<Vec<u32>>());
+        let mut short = TokenizedPair { prompt: vec![1, 2], response: vec![3] };
+        truncate(&mut short, 12);
+        assert_eq!(short.prompt, vec![1, 2]);
+    }
+}

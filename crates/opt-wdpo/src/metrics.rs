@@ -1,0 +1,157 @@
+//! Per-optimiser-step metrics, named as TRL names them, written as CSV.
+
+use anyhow::{Context, Result};
+use candle_core::Tensor;
+use optune_train::loss::PairLosses;
+use std::io::Write;
+use std::path::Path;
+
+const HEADER: &str = "step,epoch,loss,rewards/chosen,rewards/rejected,rewards/margins,rewards/accuracies,\
+logps/chosen,logps/rejected,weight/mean,kl,grad_norm,lr,tokens_per_s,seconds";
+
+#[derive(Clone, Debug)]
+pub struct MetricsRow {
+    pub step: u64,
+    pub epoch: usize,
+    pub loss: f64,
+    pub chosen_reward: f64,
+    pub rejected_reward: f64,
+    pub margin: f64,
+    pub accuracy: f64,
+    pub chosen_logp: f64,
+    pub rejected_logp: f64,
+    pub weight_mean: f64,
+    pub kl: Option<f64>,
+    pub grad_norm: f32,
+    pub lr: f64,
+    pub tokens_per_s: f64,
+    pub seconds: f64,
+}
+
+impl MetricsRow {
+    fn csv_line(&self) -> String {
+        let kl = self.kl.map(|k| format!("{k:.6}")).unwrap_or_default();
+        format!(
+            "{},{},{:.6},{:.6},{:.6},{:.6},{:.4},{:.4},{:.4},{:.4},{kl},{:.6},{:e},{:.1},{:.3}",
+            self.step, self.epoch, self.loss, self.chosen_reward, self.rejected_reward, self.margin, self.accuracy,
+            self.chosen_logp, self.rejected_logp, self.weight_mean, self.grad_norm, self.lr, self.tokens_per_s, self.seconds
+        )
+    }
+}
+
+/// Sums over the micro-batches of one optimiser step.
+#[derive(Default)]
+pub struct StepMetrics {
+    pairs: usize,
+    batches: usize,
+    loss: f64,
+    chosen_reward: f64,
+    rejected_reward: f64,
+    correct: usize,
+    chosen_logp: f64,
+    rejected_logp: f64,
+    weight: f64,
+    kl: Option<f64>,
+    tokens: usize,
+}
+
+fn values(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.detach().to_dtype(candle_core::DType::F32)?.to_vec1()?)
+}
+
+impl StepMetrics {
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_batch(
+        &mut self,
+        losses: &PairLosses,
+        chosen_logps: &Tensor,
+        rejected_logps: &Tensor,
+        weights: &[f32],
+        loss: f32,
+        kl: Option<f32>,
+        tokens: usize,
+    ) -> Result<()> {
+        let chosen = values(&losses.chosen_rewards)?;
+        let rejected = values(&losses.rejected_rewards)?;
+        self.pairs += chosen.len();
+        self.batches += 1;
+        self.loss += loss as f64;
+        self.chosen_reward += chosen.iter().map(|&x| x as f64).sum::<f64>();
+        self.rejected_reward += rejected.iter().map(|&x| x as f64).sum::<f64>();
+        self.correct += chosen.iter().zip(&rejected).filter(|(c, r)| c > r).count();
+        self.chosen_logp += values(chosen_logps)?.iter().map(|&x| x as f64).sum::<f64>();
+        self.rejected_logp += values(rejected_logps)?.iter().map(|&x| x as f64).sum::<f64>();
+        self.weight += weights.iter().map(|&w| w as f64).sum::<f64>();
+        if let Some(kl) = kl {
+            self.kl = Some(self.kl.unwrap_or(0.0) + kl as f64);
+        }
+        self.tokens += tokens;
+        Ok(())
+    }
+
+    pub fn finish(&self, step: u64, epoch: usize, grad_norm: f32, lr: f64, seconds: f64) -> MetricsRow {
+        let n = self.pairs.max(1) as f64;
+        let chosen_reward = self.chosen_reward / n;
+        let rejected_reward = self.rejected_reward / n;
+        MetricsRow {
+            step,
+            epoch,
+            loss: self.loss / self.batches.max(1) as f64,
+            chosen_reward,
+            rejected_reward,
+            margin: chosen_reward - rejected_reward,
+            accuracy: self.correct as f64 / n,
+            chosen_logp: self.chosen_logp / n,
+            rejected_logp: self.rejected_logp / n,
+            weight_mean: self.weight / n,
+            kl: self.kl.map(|k| k / self.batches.max(1) as f64),
+            grad_norm,
+            lr,
+            tokens_per_s: self.tokens as f64 / seconds.max(1e-9),
+            seconds,
+        }
+    }
+}
+
+/// The rows so far; with an explicit path, also appended to that file as each step ends.
+pub struct MetricsLog {
+    rows: Vec<MetricsRow>,
+    live: Option<std::fs::File>,
+}
+
+impl MetricsLog {
+    pub fn new(path: Option<&Path>) -> Result<Self> {
+        let live = match path {
+            Some(p) => {
+                let mut f = std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?;
+                writeln!(f, "{HEADER}")?;
+                Some(f)
+            }
+            None => None,
+        };
+        Ok(Self { rows: Vec::new(), live })
+    }
+
+    pub fn push(&mut self, row: MetricsRow) -> Result<()> {
+        if let Some(f) = &mut self.live {
+            writeln!(f, "{}", row.csv_line())?;
+            f.flush()?;
+        }
+        self.rows.push(row);
+        Ok(())
+    }
+
+    pub fn last(&self) -> Option<&MetricsRow> {
+        self.rows.last()
+    }
+
+    pub fn to_csv(&self) -> Result<String> {
+        let mut out = String::from(HEADER);
+        out.push('\n');
+        for row in &self.rows {
+            out.push_str(&row.csv_line());
+            out.push('\n');
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,301 @@
+//! Helpers for the optune tools' integration tests: the committed test
+//! shards, running a tool binary (alone or in a pipe), checking that a bad
+//! input failed cleanly, and the DuckDB/pyarrow cross-read.
+
+use optune_shard::arrow::array::{ArrayRef, Float32Array};
+use optune_shard::arrow::compute::cast;
+use optune_shard::arrow::datatypes::DataType;
+use optune_shard::{col, write_shard, Destination, OutputFormat, Shard};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::Arc;
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A committed test shard in `testdata/shards/`.
+pub fn testdata(name: &str) -> PathBuf {
+    workspace_root().join("testdata/shards").join(name)
+}
+
+/// The committed scored shard: six prompts × two samples.
+pub fn scored_fixture() -> Shard {
+    read(&testdata("scored.jsonl"))
+}
+
+pub fn read(path: &Path) -> Shard {
+    Shard::read(Some(path)).unwrap_or_else(|err| panic!("reading {}: {err:#}", path.display()))
+}
+
+/// Writes a shard as Parquet, through the same writer the tools use.
+pub fn write_parquet(shard: &Shard, path: &Path) {
+    write_shard(
+        shard,
+        &Destination::File(path.to_path_buf()),
+        OutputFormat::Parquet,
+    )
+    .unwrap_or_else(|err| panic!("writing {}: {err:#}", path.display()));
+}
+
+/// How a tool run ended.
+#[derive(Debug)]
+pub struct Outcome {
+    pub status: ExitStatus,
+    pub stdout: Vec<u8>,
+    pub stderr: String,
+}
+
+impl Outcome {
+    /// Panics with the tool's stderr unless it succeeded.
+    pub fn assert_success(&self) -> &Outcome {
+        assert!(
+            self.status.success(),
+            "failed with {}: {}",
+            self.status,
+            self.stderr
+        );
+        self
+    }
+
+    pub fn stdout_text(&self) -> String {
+        String::from_utf8(self.stdout.clone()).expect("UTF-8 on stdout")
+    }
+
+    /// The shard the tool wrote to stdout.
+    pub fn stdout_shard(&self) -> Shard {
+        Shard::from_bytes("<stdout>", self.stdout.clone(), None)
+            .unwrap_or_else(|err| panic!("reading stdout: {err:#}"))
+    }
+}
+
+/// Runs `command`, feeding it `stdin` (nothing when `None`).
+pub fn run(command: &mut Command, stdin: Option<&[u8]>) -> Outcome {
+    pipe(&mut [command], stdin).pop().expect("one stage")
+}
+
+/// Runs the commands as a shell pipe (each one's stdout into the next one's
+/// stdin), feeding `stdin` to the first. Returns every stage's outcome; only
+/// the last one's stdout is captured.
+pub fn pipe(commands: &mut [&mut Command], stdin: Option<&[u8]>) -> Vec<Outcome> {
+    let mut children = Vec::new();
+    let mut upstream = Some(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
+    let last = commands.len() - 1;
+    for (index, command) in commands.iter_mut().enumerate() {
+        let mut child = command
+            .stdin(upstream.take().expect("stdin for every stage"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|err| panic!("starting {command:?}: {err}"));
+        if index < last {
+            upstream = Some(Stdio::from(child.stdout.take().expect("piped stdout")));
+        }
+        children.push(child);
+    }
+    if let Some(bytes) = stdin {
+        let mut first_stdin = children[0].stdin.take().expect("piped stdin");
+        // A tool that fails early stops reading: a broken pipe here is its answer, not ours.
+        let _ = first_stdin.write_all(bytes);
+    }
+    children
+        .into_iter()
+        .map(|child| {
+            let output = child.wait_with_output().expect("waiting for a tool");
+            Outcome {
+                status: output.status,
+                stdout: output.stdout,
+                stderr: String::from_utf8_lossy(&output.stderr).into(),
+            }
+        })
+        .collect()
+}
+
+/// Another tool of the workspace, next to this test's own binaries. Cargo
+/// builds every binary of the workspace before running the tests of
+/// `cargo test --workspace`; `None` when it was not built.
+pub fn sibling_binary(own_binary: &str, name: &str) -> Option<PathBuf> {
+    let sibling =
+        Path::new(own_binary).with_file_name(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    sibling.exists().then_some(sibling)
+}
+
+/// Checks that a tool rejected a bad input the way users need: a non-zero
+/// exit that is not a panic, the `expected` fragments (file, column, value)
+/// on stderr, and nothing at all left in `output_dir`.
+pub fn assert_failed_cleanly(case: &str, outcome: &Outcome, expected: &[&str], output_dir: &Path) {
+    let stderr = &outcome.stderr;
+    assert!(
+        !outcome.status.success(),
+        "{case}: succeeded; stderr: {stderr}"
+    );
+    assert!(
+        matches!(outcome.status.code(), Some(1 | 2)),
+        "{case}: exited with {}: {stderr}",
+        outcome.status
+    );
+    assert!(!stderr.contains("panicked"), "{case}: panicked: {stderr}");
+    for fragment in expected {
+        assert!(
+            stderr.contains(fragment),
+            "{case}: stderr lacks {fragment:?}: {stderr}"
+        );
+    }
+    let left: Vec<_> = std::fs::read_dir(output_dir)
+        .expect("listing the output directory")
+        .map(|entry| entry.expect("directory entry").file_name())
+        .collect();
+    assert!(
+        left.is_empty(),
+        "{case}: left {left:?} in the output directory"
+    );
+}
+
+/// A bad scored input and the fragments its error must show.
+pub struct BadInput {
+    pub case: &'static str,
+    pub path: PathBuf,
+    pub expected: Vec<String>,
+}
+
+/// Writes into `dir` the bad scored shards both tools must reject: a
+/// truncated Parquet file, a text file named .parquet, an empty file, a
+/// shard with no rows, no `reward`, `reward` as text, and a NaN reward.
+pub fn write_bad_scored_inputs(dir: &Path) -> Vec<BadInput> {
+    let scored = scored_fixture();
+    let mut cases = Vec::new();
+    let mut case = |case: &'static str, file: &str, bytes: Vec<u8>, expected: &[&str]| {
+        let path = dir.join(file);
+        std::fs::write(&path, bytes).expect("writing a bad input");
+        let mut expected: Vec<String> = expected
+            .iter()
+            .map(|fragment| fragment.to_string())
+            .collect();
+        expected.push(path.display().to_string());
+        cases.push(BadInput {
+            case,
+            path,
+            expected,
+        });
+    };
+
+    let parquet = parquet_bytes(&scored, dir);
+    case(
+        "truncated parquet",
+        "truncated.parquet",
+        parquet[..parquet.len() / 2].to_vec(),
+        &["not a readable Parquet file"],
+    );
+    case(
+        "text named .parquet",
+        "notes.parquet",
+        b"prompt_id,reward\np1,0.5\n".to_vec(),
+        &["not a readable Parquet file", "PAR1"],
+    );
+    case("empty file", "empty.parquet", Vec::new(), &["empty input"]);
+    case(
+        "no rows",
+        "no_rows.parquet",
+        parquet_bytes(&scored.take(&[]).expect("no rows"), dir),
+        &["no rows"],
+    );
+
+    let keep: Vec<usize> = (0..scored.batch().num_columns())
+        .filter(|&index| scored.schema().field(index).name() != col::REWARD)
+        .collect();
+    let no_reward = Shard::new("", scored.batch().project(&keep).expect("projection"));
+    case(
+        "missing reward",
+        "no_reward.parquet",
+        parquet_bytes(&no_reward, dir),
+        &["missing required column 'reward'"],
+    );
+
+    let reward = scored.column(col::REWARD).expect("fixture has rewards");
+    let text_reward = cast(reward, &DataType::Utf8).expect("cast to text");
+    let text_reward = scored
+        .clone()
+        .with_column(col::REWARD, text_reward)
+        .expect("same length");
+    case(
+        "reward as text",
+        "text_reward.parquet",
+        parquet_bytes(&text_reward, dir),
+        &["column 'reward': expected float, found utf8"],
+    );
+
+    let mut rewards: Vec<f32> = scored
+        .floats(col::REWARD)
+        .expect("float rewards")
+        .iter()
+        .map(|&r| r as f32)
+        .collect();
+    rewards[2] = f32::NAN;
+    let nan_reward = scored.clone().with_column(
+        col::REWARD,
+        Arc::new(Float32Array::from(rewards)) as ArrayRef,
+    );
+    case(
+        "NaN reward",
+        "nan_reward.parquet",
+        parquet_bytes(&nan_reward.expect("same length"), dir),
+        &["column 'reward': NaN at row 3"],
+    );
+    cases
+}
+
+fn parquet_bytes(shard: &Shard, scratch_dir: &Path) -> Vec<u8> {
+    let path = scratch_dir.join(".scratch.parquet");
+    write_parquet(shard, &path);
+    let bytes = std::fs::read(&path).expect("reading back");
+    std::fs::remove_file(&path).expect("removing scratch file");
+    bytes
+}
+
+/// Runs `scripts/check_parquet_readers.py` (DuckDB and pyarrow read every
+/// file) when the Python in `OPTUNE_PYTHON` (default `python3`) has both
+/// modules; otherwise prints SKIP, or fails when `OPTUNE_REQUIRE_DUCKDB` is
+/// set (CI sets it so the check cannot silently vanish).
+pub fn check_parquet_readers(paths: &[PathBuf]) {
+    let python = std::env::var("OPTUNE_PYTHON").unwrap_or_else(|_| "python3".into());
+    let importable = Command::new(&python)
+        .args(["-c", "import duckdb, pyarrow"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    if !importable {
+        let message = format!("SKIP: {python} cannot import duckdb and pyarrow, so the Parquet cross-read did not run");
+        assert!(
+            std::env::var_os("OPTUNE_REQUIRE_DUCKDB").is_none(),
+            "{message} (OPTUNE_REQUIRE_DUCKDB is set)"
+        );
+        eprintln!("{message}");
+        return;
+    }
+    let output = Command::new(&python)
+        .arg(workspace_root().join("scripts/check_parquet_readers.py"))
+        .args(paths)
+        .output()
+        .unwrap_or_else(|err| panic!("running {python}: {err}"));
+    assert!(
+        output.status.success(),
+        "check_parquet_readers.py failed:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let checked = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        checked
+            .lines()
+            .filter(|line| line.starts_with("ok "))
+            .count(),
+        paths.len(),
+        "{checked}"
+    );
+}

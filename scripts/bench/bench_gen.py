@@ -1,0 +1,245 @@
+#!/usr/bin/env python3
+"""Generation benchmark: opt-gen against Hugging Face transformers' `generate` on the CPU.
+
+Run through `make bench-gen` (scripts/bench/bench_gen.sh), which provides a Python with torch and
+transformers and builds opt-gen. By hand:
+
+    python scripts/bench/bench_gen.py --opt-gen target/release/opt-gen --work runs/bench/gen
+
+What it does, on each model:
+  * writes the prompts (raw text, rendered by each side with the model's chat template);
+  * runs opt-gen greedy (--temperature 0 --ignore-eos --max-new-tokens 128 --threads T) and reads
+    the generation time from its stderr summary (`gen_s`: prefill + decoding + sampling, model
+    loading excluded);
+  * runs transformers `model.generate(do_sample=False, max_new_tokens=128, min_new_tokens=128)`
+    on the same token ids (left-padded batch), timed around the call, after one warm-up call;
+  * alternates the two sides, repeats, and prints the median tokens/s and their ratio.
+
+Both sides use the same number of CPU threads (torch.set_num_threads / opt-gen --threads) and
+f32 weights. Models: a deterministic random llama of ~12.9M parameters (created here with
+transformers, vocab 32000, tokenizer files from testdata/models/tiny-llama whose 512 tokens
+cover the prompts) and, when OPTUNE_SMOLLM2_DIR points to a converted Hugging Face directory,
+SmolLM2-135M-Instruct.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+PROMPTS = [
+    "Write one sentence about the sea.",
+    "What is the capital of France?",
+    "List three colours.",
+    "Explain why the sky is blue in two sentences.",
+    "Give me a short poem about autumn leaves falling in the park.",
+    "Name a fruit.",
+    "What is two plus two?",
+    "Describe a cat to someone who has never seen one.",
+    "Tell me a fact about the moon.",
+    "How do plants make their food?",
+    "Write a haiku about winter.",
+    "Why do we sleep?",
+    "Suggest a name for a small boat.",
+    "What is the boiling point of water at sea level, and why does it change on a mountain?",
+    "Say hello in French.",
+    "Summarise the story of the three little pigs.",
+]
+
+
+def make_random_llama(path: Path, vocab: int) -> None:
+    """A ~12.9M-parameter random llama (8.2M of it the tied 32000 x 256 embedding)."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    if (path / "model.safetensors").exists():
+        return
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        torch_dtype="float32",
+    )
+    model = LlamaForCausalLM(config).eval()
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=3).save_pretrained(tmp)
+    for name in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]:
+        shutil.copy(REPO / "testdata/models/tiny-llama" / name, tmp / name)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+
+
+class Peer:
+    """transformers on one model, kept loaded across repeats."""
+
+    def __init__(self, model_dir: Path, threads: int):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.tok = AutoTokenizer.from_pretrained(model_dir)
+        self.tok.padding_side = "left"
+        if self.tok.pad_token is None:
+            self.tok.pad_token = self.tok.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    def encode(self, prompts):
+        out = []
+        for p in prompts:
+            ids = self.tok.apply_chat_template(
+                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True
+            )
+            if isinstance(ids, dict) or hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+            out.append(list(ids))
+        return out
+
+    def generate(self, batch_ids, new_tokens: int) -> float:
+        """Seconds for one `generate` call on a left-padded batch."""
+        torch = self.torch
+        width = max(len(x) for x in batch_ids)
+        pad = self.tok.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(x)) + x for x in batch_ids])
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch_ids])
+        with torch.inference_mode():
+            start = time.perf_counter()
+            out = self.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=False,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                pad_token_id=pad,
+            )
+            elapsed = time.perf_counter() - start
+        assert out.shape[1] - width == new_tokens, out.shape
+        return elapsed
+
+    def run(self, token_ids, batch: int, new_tokens: int) -> float:
+        """tokens/s over all prompts, `batch` at a time."""
+        elapsed = 0.0
+        for i in range(0, len(token_ids), batch):
+            elapsed += self.generate(token_ids[i : i + batch], new_tokens)
+        return len(token_ids) * new_tokens / elapsed
+
+
+def run_ours(opt_gen: Path, model_dir: Path, prompts_file: Path, out: Path, batch: int, threads: int, new_tokens: int):
+    cmd = [
+        str(opt_gen), "--model", str(model_dir), str(prompts_file), "-o", str(out),
+        "--n", "1", "--temperature", "0", "--ignore-eos", "--max-new-tokens", str(new_tokens),
+        "--batch-size", str(batch), "--threads", str(threads),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"opt-gen failed ({proc.returncode}):\n{proc.stderr}")
+    summary = [l for l in proc.stderr.splitlines() if l.startswith("opt-gen:")][-1]
+    fields = dict(kv.split("=", 1) for kv in summary.split()[1:])
+    tokens = int(fields["new_tokens"])
+    gen_s = float(fields["gen_s"])
+    return tokens / gen_s, tokens
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--opt-gen", type=Path, required=True, help="the opt-gen binary")
+    ap.add_argument("--work", type=Path, default=REPO / "runs/bench/gen", help="scratch directory")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--batches", default="1,16", help="comma-separated batch sizes")
+    ap.add_argument("--prompts-batch1", type=int, default=4, help="prompts run one at a time")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--vocab", type=int, default=32000, help="vocabulary of the random llama")
+    ap.add_argument("--models", default="random,smollm2", help="which models (smollm2 needs OPTUNE_SMOLLM2_DIR)")
+    ap.add_argument("--json", type=Path, help="also write the raw figures here")
+    args = ap.parse_args()
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    models = []
+    wanted = args.models.split(",")
+    if "random" in wanted:
+        path = args.work / f"random-llama-v{args.vocab}"
+        make_random_llama(path, args.vocab)
+        models.append(("random llama 12.9M", path))
+    smol = os.environ.get("OPTUNE_SMOLLM2_DIR")
+    if "smollm2" in wanted:
+        if smol:
+            models.append(("SmolLM2-135M", Path(smol)))
+        else:
+            print("(SmolLM2-135M skipped: set OPTUNE_SMOLLM2_DIR to its converted directory)", file=sys.stderr)
+
+    import torch
+    import transformers
+
+    print(f"# torch {torch.__version__}, transformers {transformers.__version__}, threads {args.threads}, "
+          f"{args.new_tokens} new tokens, greedy, f32, {args.repeats} repeats (medians)")
+    print(f"# load average at start: {loadavg()}")
+    rows = []
+    raw = []
+    for label, model_dir in models:
+        peer = Peer(model_dir, args.threads)
+        ids_all = peer.encode(PROMPTS)
+        # Warm-up of the peer (first-call allocations, oneDNN kernels).
+        peer.generate(ids_all[:2], 8)
+        for batch in [int(b) for b in args.batches.split(",")]:
+            count = args.prompts_batch1 if batch == 1 else batch
+            texts = [PROMPTS[i % len(PROMPTS)] for i in range(count)]
+            ids = [ids_all[i % len(PROMPTS)] for i in range(count)]
+            prompts_file = args.work / f"prompts-{count}.jsonl"
+            with open(prompts_file, "w") as f:
+                for i, t in enumerate(texts):
+                    f.write(json.dumps({"prompt_id": f"b{i:03d}", "prompt": t}) + "\n")
+            ours, theirs = [], []
+            for r in range(args.repeats):
+                tps, tokens = run_ours(args.opt_gen, model_dir, prompts_file, args.work / "out.jsonl", batch,
+                                       args.threads, args.new_tokens)
+                assert tokens == count * args.new_tokens, (tokens, count)
+                ours.append(tps)
+                theirs.append(peer.run(ids, batch, args.new_tokens))
+                print(f"  {label} batch {batch} repeat {r + 1}: ours {ours[-1]:.1f} tok/s, "
+                      f"transformers {theirs[-1]:.1f} tok/s  (load {loadavg()})", file=sys.stderr)
+            o, t = statistics.median(ours), statistics.median(theirs)
+            rows.append((label, batch, count, o, t, o / t))
+            raw.append({"model": label, "batch": batch, "prompts": count, "ours": ours, "transformers": theirs})
+        del peer
+
+    print()
+    print(f"| model | batch | prompts | opt-gen tok/s | transformers tok/s | ratio |")
+    print(f"|---|---:|---:|---:|---:|---:|")
+    for label, batch, count, o, t, ratio in rows:
+        print(f"| {label} | {batch} | {count} | {o:.1f} | {t:.1f} | {ratio:.2f}x |")
+    print()
+    print(f"# load average at end: {loadavg()}")
+    if args.json:
+        args.json.write_text(json.dumps({"rows": raw, "loadavg_end": loadavg()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Generation benchmark: opt-gen against Hugging Face transformers on the CPU (`make bench-gen`).
+#
+# Environment:
+#   OPTUNE_BENCH_PYTHON  a Python that already has torch and transformers; without it a throwaway
+#                        virtual environment is made in $OPTUNE_BENCH_DIR/venv (CPU torch from
+#                        download.pytorch.org, transformers from PyPI) and reused by later runs
+#   OPTUNE_BENCH_DIR     scratch directory [runs/bench]; delete it to throw everything away
+#   OPTUNE_SMOLLM2_DIR   a SmolLM2-135M-Instruct Hugging Face directory (opt-convert's output) to
+#                        benchmark as well
+#   CARGO_TARGET_DIR     where cargo builds opt-gen [target]
+# Extra arguments go to bench_gen.py (--repeats N, --batches 1,16, --threads N, --models ...).
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$repo"
+bench_dir="${OPTUNE_BENCH_DIR:-$repo/runs/bench}"
+mkdir -p "$bench_dir"
+
+if [[ -n "${OPTUNE_BENCH_PYTHON:-}" ]]; then
+    python="$OPTUNE_BENCH_PYTHON"
+else
+    venv="$bench_dir/venv"
+    if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c 'import torch, transformers' 2>/dev/null; then
+        echo "bench-gen: creating a virtual environment with torch (CPU) and transformers in $venv" >&2
+        python3 -m venv "$venv"
+        "$venv/bin/python" -m pip install --quiet --upgrade pip
+        "$venv/bin/python" -m pip install --quiet torch --index-url "${OPTUNE_BENCH_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
+        "$venv/bin/python" -m pip install --quiet transformers safetensors
+    fi
+    python="$venv/bin/python"
+fi
+"$python" -c 'import torch, transformers' || {
+    echo "bench-gen: $python cannot import torch and transformers" >&2
+    exit 1
+}
+
+target="${CARGO_TARGET_DIR:-$repo/target}"
+CARGO_TARGET_DIR="$target" cargo build --release --quiet -p opt-gen
+exec "$python" "$repo/scripts/bench/bench_gen.py" --opt-gen "$target/release/opt-gen" \
+    --work "$bench_dir/gen" "$@"
