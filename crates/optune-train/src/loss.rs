@@ -88,7 +88,12 @@ pub enum DpoLoss {
 }
 
 impl DpoLoss {
-    pub const ALL: [DpoLoss; 4] = [DpoLoss::Sigmoid, DpoLoss::Ipo, DpoLoss::Hinge, DpoLoss::Robust];
+    pub const ALL: [DpoLoss; 4] = [
+        DpoLoss::Sigmoid,
+        DpoLoss::Ipo,
+        DpoLoss::Hinge,
+        DpoLoss::Robust,
+    ];
 
     /// TRL's `loss_type` name.
     pub fn name(self) -> &'static str {
@@ -224,7 +229,9 @@ pub fn dpo_losses(
         DpoLoss::Hinge => logits.affine(-beta, 1.0)?.relu()?,
     };
     let chosen_rewards = (policy_chosen - ref_chosen)?.affine(beta, 0.0)?.detach();
-    let rejected_rewards = (policy_rejected - ref_rejected)?.affine(beta, 0.0)?.detach();
+    let rejected_rewards = (policy_rejected - ref_rejected)?
+        .affine(beta, 0.0)?
+        .detach();
     Ok(PairLosses {
         losses,
         chosen_rewards,
@@ -462,8 +469,8 @@ pub fn loo_reinforce_kl(
         advantages.extend(group.iter().map(|&v| v - (sum - v) / (k - 1) as f64));
     }
     let kl = values.iter().sum::<f64>() / n as f64;
-    let advantages = Tensor::from_vec(advantages, n, policy_logps.device())?
-        .to_dtype(policy_logps.dtype())?;
+    let advantages =
+        Tensor::from_vec(advantages, n, policy_logps.device())?.to_dtype(policy_logps.dtype())?;
     let surrogate = (policy_logps * advantages)?.mean_all()?;
     Ok((surrogate, kl as f32))
 }

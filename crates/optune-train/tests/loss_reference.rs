@@ -3,6 +3,8 @@
 //! against finite differences, and the leave-one-out REINFORCE KL estimator (exact per-sample
 //! gradient, and unbiasedness on a categorical toy policy by Monte Carlo).
 
+use std::f64::consts::LN_2;
+
 use candle_core::{DType, Device, Tensor, Var};
 use optune_train::loss::{
     dpo_losses, log_sigmoid, loo_reinforce_kl, pair_weights, weighted_mean, DpoLoss, PairLosses,
@@ -51,7 +53,7 @@ fn assert_close(what: &str, actual: &[f64], expected: &[f64], tolerance: f64) {
 // rejected rewards β(πr − refr) = 0.5·(−3, 0, 1) = (−1.5, 0, 0.5)
 //
 // logσ(2) = −ln(1 + e⁻²) = −0.126928011, logσ(−2) = −2.126928011
-// logσ(0) = −ln 2 = −0.693147181
+// logσ(0) = −ln 2 = −0.693147181 (LN_2 below)
 // logσ(−1) = −1.313261688, logσ(1) = −0.313261688
 // ---------------------------------------------------------------------------------------------
 
@@ -80,7 +82,7 @@ fn hand_computed_dpo_losses() {
         //   βl = 2:  0.9·0.126928011 + 0.1·2.126928011 = 0.114235210 + 0.212692801 = 0.326928011
         //   βl = 0:  (0.9 + 0.1)·0.693147181 = 0.693147181
         //   βl = −1: 0.9·1.313261688 + 0.1·0.313261688 = 1.181935519 + 0.031326169 = 1.213261688
-        (DpoLoss::Sigmoid, [0.326928011, 0.693147181, 1.213261688]),
+        (DpoLoss::Sigmoid, [0.326928011, LN_2, 1.213261688]),
         // ipo: (l − 1/(2β))² = (l − 1)²: (4 − 1)² = 9, (0 − 1)² = 1, (−2 − 1)² = 9
         (DpoLoss::Ipo, [9.0, 1.0, 9.0]),
         // hinge: relu(1 − βl): relu(−1) = 0, relu(1) = 1, relu(2) = 2
@@ -89,14 +91,24 @@ fn hand_computed_dpo_losses() {
         //   βl = 2:  (0.114235210 − 0.212692801)/0.8 = −0.098457591/0.8 = −0.123071989
         //   βl = 0:  (0.9 − 0.1)·0.693147181/0.8 = 0.693147181
         //   βl = −1: (1.181935519 − 0.031326169)/0.8 = 1.150609350/0.8 = 1.438261688
-        (DpoLoss::Robust, [-0.123071989, 0.693147181, 1.438261688]),
+        (DpoLoss::Robust, [-0.123071989, LN_2, 1.438261688]),
     ];
     for (kind, losses) in expected {
         let out = hand_losses(kind, EPS);
         assert_eq!(out.losses.dtype(), DType::F32);
         assert_close(kind.name(), &values(&out.losses), &losses, TOLERANCE);
-        assert_close("chosen rewards", &values(&out.chosen_rewards), &[0.5, 0.0, -0.5], 0.0);
-        assert_close("rejected rewards", &values(&out.rejected_rewards), &[-1.5, 0.0, 0.5], 0.0);
+        assert_close(
+            "chosen rewards",
+            &values(&out.chosen_rewards),
+            &[0.5, 0.0, -0.5],
+            0.0,
+        );
+        assert_close(
+            "rejected rewards",
+            &values(&out.rejected_rewards),
+            &[-1.5, 0.0, 0.5],
+            0.0,
+        );
     }
     // ε = 0: sigmoid and robust are both plain DPO, −logσ(βl) = (0.126928011, 0.693147181, 1.313261688).
     for kind in [DpoLoss::Sigmoid, DpoLoss::Robust] {
@@ -104,7 +116,7 @@ fn hand_computed_dpo_losses() {
         assert_close(
             kind.name(),
             &values(&out.losses),
-            &[0.126928011, 0.693147181, 1.313261688],
+            &[0.126928011, LN_2, 1.313261688],
             TOLERANCE,
         );
     }
@@ -122,7 +134,7 @@ fn log_sigmoid_is_stable() {
     // logσ(±200) and logσ(±1e30): no overflow, no NaN. logσ(−x) → −x.
     let x = t32(&[200.0, -200.0, 1e30, -1e30, 0.0]);
     let y = values(&log_sigmoid(&x).unwrap());
-    assert_close("logsigmoid", &y, &[0.0, -200.0, 0.0, -1e30, -std::f64::consts::LN_2], 1e-7);
+    assert_close("logsigmoid", &y, &[0.0, -200.0, 0.0, -1e30, -LN_2], 1e-7);
 }
 
 #[test]
@@ -160,14 +172,27 @@ fn hand_computed_weights() {
                 .collect()
         };
         assert_close(&format!("{form} raw"), &w(WeightNorm::None), &raw, 1e-6);
-        assert_close(&format!("{form} batch"), &w(WeightNorm::Batch), &normalised, 1e-6);
+        assert_close(
+            &format!("{form} batch"),
+            &w(WeightNorm::Batch),
+            &normalised,
+            1e-6,
+        );
         // A negative gap weighs as a tie: 1 unnormalised for every form.
-        assert_eq!(pair_weights(form, 0.5, &[-1.0], WeightNorm::None).unwrap(), [1.0]);
-        assert!(pair_weights(form, 0.5, &[], WeightNorm::Batch).unwrap().is_empty());
+        assert_eq!(
+            pair_weights(form, 0.5, &[-1.0], WeightNorm::None).unwrap(),
+            [1.0]
+        );
+        assert!(pair_weights(form, 0.5, &[], WeightNorm::Batch)
+            .unwrap()
+            .is_empty());
     }
     // β2 = 0: every form is 1.
     for form in WeightForm::ALL {
-        assert_eq!(pair_weights(form, 0.0, &gaps, WeightNorm::None).unwrap(), [1.0; 3]);
+        assert_eq!(
+            pair_weights(form, 0.0, &gaps, WeightNorm::None).unwrap(),
+            [1.0; 3]
+        );
     }
 }
 
@@ -179,10 +204,12 @@ fn weights_overflow_and_bad_input() {
     let w = pair_weights(WeightForm::Exp, 1.0, &[100.0, 0.0], WeightNorm::Batch).unwrap();
     assert_eq!(w[0], 2.0);
     assert!(w[1] >= 0.0 && w[1] < 1e-40);
-    assert!(pair_weights(WeightForm::Exp, 1.0, &[1e4, 0.0], WeightNorm::Batch)
-        .unwrap()
-        .iter()
-        .all(|w| w.is_finite()));
+    assert!(
+        pair_weights(WeightForm::Exp, 1.0, &[1e4, 0.0], WeightNorm::Batch)
+            .unwrap()
+            .iter()
+            .all(|w| w.is_finite())
+    );
     assert!(pair_weights(WeightForm::Exp, -0.1, &[1.0], WeightNorm::None).is_err());
     assert!(pair_weights(WeightForm::Linear, f64::NAN, &[1.0], WeightNorm::None).is_err());
     assert!(pair_weights(WeightForm::Linear, 1.0, &[f32::NAN], WeightNorm::None).is_err());
@@ -195,10 +222,16 @@ fn hand_computed_weighted_mean() {
     //   (0.6·0 + 0.9·1 + 1.5·2)/3 = 3.9/3 = 1.3
     let losses = hand_losses(DpoLoss::Hinge, 0.0).losses;
     let w = pair_weights(WeightForm::Linear, 0.5, &[0.0, 1.0, 3.0], WeightNorm::Batch).unwrap();
-    let mean = weighted_mean(&losses, &w).unwrap().to_scalar::<f32>().unwrap();
+    let mean = weighted_mean(&losses, &w)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!((mean - 1.3).abs() < 1e-6, "{mean}");
     // Unit weights: the plain mean (0 + 1 + 2)/3 = 1.
-    let mean = weighted_mean(&losses, &[1.0; 3]).unwrap().to_scalar::<f32>().unwrap();
+    let mean = weighted_mean(&losses, &[1.0; 3])
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!((mean - 1.0).abs() < 1e-7, "{mean}");
     assert!(weighted_mean(&losses, &[1.0; 2]).is_err());
     assert!(weighted_mean(&t32(&[]), &[]).is_err());
@@ -215,7 +248,13 @@ fn dpo_bad_input() {
     assert!(call(DpoLoss::Sigmoid, 0.1, 0.5, &rr).is_ok());
     assert!(call(DpoLoss::Robust, 0.1, 0.5, &rr).is_err());
     assert!(call(DpoLoss::Sigmoid, 0.1, 0.0, &t32(&[1.0, 2.0])).is_err());
-    assert!(call(DpoLoss::Sigmoid, 0.1, 0.0, &rr.to_dtype(DType::F64).unwrap()).is_err());
+    assert!(call(
+        DpoLoss::Sigmoid,
+        0.1,
+        0.0,
+        &rr.to_dtype(DType::F64).unwrap()
+    )
+    .is_err());
 }
 
 #[test]
@@ -299,8 +338,18 @@ fn matches_trl_dpo_loss() {
             reference.trl, case.loss_type, case.beta, case.label_smoothing
         );
         assert_close(&what, &values(&out.losses), &case.losses, TOLERANCE);
-        assert_close(&what, &values(&out.chosen_rewards), &case.chosen_rewards, TOLERANCE);
-        assert_close(&what, &values(&out.rejected_rewards), &case.rejected_rewards, TOLERANCE);
+        assert_close(
+            &what,
+            &values(&out.chosen_rewards),
+            &case.chosen_rewards,
+            TOLERANCE,
+        );
+        assert_close(
+            &what,
+            &values(&out.rejected_rewards),
+            &case.rejected_rewards,
+            TOLERANCE,
+        );
     }
 }
 
@@ -343,7 +392,9 @@ fn gradients_match_finite_differences() {
                             } else {
                                 (t64(&pc0), t64(&moved))
                             };
-                            batch_loss(kind, eps, &c, &r, &w).to_scalar::<f64>().unwrap()
+                            batch_loss(kind, eps, &c, &r, &w)
+                                .to_scalar::<f64>()
+                                .unwrap()
                         };
                         (at(h) - at(-h)) / (2.0 * h)
                     })
@@ -454,7 +505,9 @@ fn loo_estimate_is_unbiased_on_a_categorical_policy() {
     let (log_pi, log_ref) = (log_softmax(&theta), log_softmax(&theta_ref));
     let pi: Vec<f64> = log_pi.iter().map(|l| l.exp()).collect();
     let kl: f64 = (0..5).map(|j| pi[j] * (log_pi[j] - log_ref[j])).sum();
-    let exact: Vec<f64> = (0..5).map(|j| pi[j] * (log_pi[j] - log_ref[j] - kl)).collect();
+    let exact: Vec<f64> = (0..5)
+        .map(|j| pi[j] * (log_pi[j] - log_ref[j] - kl))
+        .collect();
 
     let (draws, prompts, k) = (2000, 4, 4);
     let mut rng = SplitMix(0x5EED);
@@ -472,7 +525,11 @@ fn loo_estimate_is_unbiased_on_a_categorical_policy() {
         let sample_logps = log_probs.index_select(&ids, 0).unwrap();
         let (surrogate, kl_estimate) = loo_reinforce_kl(&sample_logps, &reference, k).unwrap();
         let grad = values(surrogate.backward().unwrap().get(&theta_var).unwrap());
-        for (j, g) in grad.iter().chain([f64::from(kl_estimate)].iter()).enumerate() {
+        for (j, g) in grad
+            .iter()
+            .chain([f64::from(kl_estimate)].iter())
+            .enumerate()
+        {
             sum[j] += g;
             sum_sq[j] += g * g;
         }
