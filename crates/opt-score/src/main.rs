@@ -11,6 +11,7 @@ use optune_shard::arrow::array::Float32Array;
 use optune_shard::cli::{run_tool, OutputArgs, Summary};
 use optune_shard::split::SliceSpec;
 use optune_shard::{col, PromptText, Shard};
+use rayon::prelude::*;
 use rm::RewardModel;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -151,16 +152,28 @@ impl Input {
             None
         };
         let rows = match (slice, &prompt_ids) {
-            (Some(slice), Some(ids)) => slice_rows(ids, slice).with_context(|| shard.name().to_string())?,
+            (Some(slice), Some(ids)) => {
+                slice_rows(ids, slice).with_context(|| shard.name().to_string())?
+            }
             _ => (0..shard.num_rows()).collect(),
         };
-        Ok(Input { shard, responses, prompt_ids, rows })
+        Ok(Input {
+            shard,
+            responses,
+            prompt_ids,
+            rows,
+        })
     }
 
     /// `responses.jsonl: row 3 (prompt_id 'p2')`, for errors; rows count from 1.
     fn row_label(&self, row: usize) -> String {
         match &self.prompt_ids {
-            Some(ids) => format!("{}: row {} (prompt_id '{}')", self.shard.name(), row + 1, ids[row]),
+            Some(ids) => format!(
+                "{}: row {} (prompt_id '{}')",
+                self.shard.name(),
+                row + 1,
+                ids[row]
+            ),
             None => format!("{}: row {}", self.shard.name(), row + 1),
         }
     }
@@ -176,8 +189,14 @@ fn slice_rows(prompt_ids: &[String], slice: SliceSpec) -> Result<Vec<usize>> {
     let mut distinct: Vec<&str> = prompt_ids.iter().map(String::as_str).collect();
     distinct.sort_unstable();
     distinct.dedup();
-    let chosen: HashSet<&str> = slice.select(&distinct)?.into_iter().map(|i| distinct[i]).collect();
-    let mut rows: Vec<usize> = (0..prompt_ids.len()).filter(|&r| chosen.contains(prompt_ids[r].as_str())).collect();
+    let chosen: HashSet<&str> = slice
+        .select(&distinct)?
+        .into_iter()
+        .map(|i| distinct[i])
+        .collect();
+    let mut rows: Vec<usize> = (0..prompt_ids.len())
+        .filter(|&r| chosen.contains(prompt_ids[r].as_str()))
+        .collect();
     rows.sort_by(|&a, &b| prompt_ids[a].cmp(&prompt_ids[b]));
     Ok(rows)
 }
@@ -185,8 +204,10 @@ fn slice_rows(prompt_ids: &[String], slice: SliceSpec) -> Result<Vec<usize>> {
 fn progress_bar(len: usize) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(len as u64);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("opt-score {bar:30} {pos}/{len} responses  {msg}  eta {eta}")
-            .expect("valid template"),
+        indicatif::ProgressStyle::with_template(
+            "opt-score {bar:30} {pos}/{len} responses  {msg}  eta {eta}",
+        )
+        .expect("valid template"),
     );
     bar
 }
@@ -198,9 +219,10 @@ fn run(args: Args) -> Result<()> {
     if args.max_length == Some(0) {
         bail!("--max-length must be at least 1");
     }
-    if !(args.cmd_timeout.is_finite() && args.cmd_timeout > 0.0) {
-        bail!("--cmd-timeout must be a positive number of seconds");
-    }
+    let timeout = Duration::try_from_secs_f64(args.cmd_timeout)
+        .ok()
+        .filter(|timeout| !timeout.is_zero())
+        .context("--cmd-timeout must be a positive number of seconds")?;
     let started = Instant::now();
     let input = Input::read(args.input.as_deref(), args.shard)?;
     let source = &args.source;
@@ -215,22 +237,38 @@ fn run(args: Args) -> Result<()> {
         details.push(("model_s", format!("{:.2}", stats.model_secs)));
         (rewards, dir_name(dir))
     } else if let Some(command_line) = &source.reward_cmd {
-        let timeout = Duration::from_secs_f64(args.cmd_timeout);
-        (score_with_command(&input, command_line, timeout)?, command_line.join(" "))
+        (
+            score_with_command(&input, command_line, timeout)?,
+            command_line.join(" "),
+        )
     } else if let Some(path) = &source.lexicon {
-        (score_with_lexicon(&input, path)?, format!("lexicon:{}", file_name(path)))
+        (
+            score_with_lexicon(&input, path)?,
+            format!("lexicon:{}", file_name(path)),
+        )
     } else {
         unreachable!("clap requires one reward source");
     };
     if let Some(position) = rewards.iter().position(|r| !r.is_finite()) {
-        bail!("{}: the reward source gave {}", input.row_label(input.rows[position]), rewards[position]);
+        bail!(
+            "{}: the reward source gave {}",
+            input.row_label(input.rows[position]),
+            rewards[position]
+        );
     }
 
     let name = args.reward_name.clone().unwrap_or(default_name);
-    let scored = if args.shard.is_some() { input.shard.take(&input.rows)? } else { input.shard };
+    let scored = if args.shard.is_some() {
+        input.shard.take(&input.rows)?
+    } else {
+        input.shard
+    };
     let out = scored
         .with_column(col::REWARD, Arc::new(Float32Array::from(rewards.clone())))?
-        .with_column(col::REWARD_MODEL, Shard::string_column(rewards.iter().map(|_| name.as_str())))?;
+        .with_column(
+            col::REWARD_MODEL,
+            Shard::string_column(rewards.iter().map(|_| name.as_str())),
+        )?;
     args.output.write(&out)?;
     let mean = rewards.iter().map(|&r| r as f64).sum::<f64>() / rewards.len().max(1) as f64;
     let mut summary = Summary::new("opt-score")
@@ -240,13 +278,18 @@ fn run(args: Args) -> Result<()> {
     for (key, value) in details {
         summary = summary.field(key, value);
     }
-    summary.field("total_s", format!("{:.2}", started.elapsed().as_secs_f64())).print();
+    summary
+        .field("total_s", format!("{:.2}", started.elapsed().as_secs_f64()))
+        .print();
     Ok(())
 }
 
 /// The last component of `path`, or the path itself when it has none (`.`, `/`).
 fn file_name(path: &Path) -> String {
-    path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned())
+    path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
 }
 
 /// A reward model's name: its directory's name, resolving `.` and `..`.
@@ -259,7 +302,11 @@ fn dir_name(dir: &Path) -> String {
 
 fn score_with_lexicon(input: &Input, path: &Path) -> Result<Vec<f32>> {
     let lexicon = SentimentLexicon::load(path)?;
-    Ok(input.rows.iter().map(|&row| lexicon.score(&input.responses[row])).collect())
+    Ok(input
+        .rows
+        .iter()
+        .map(|&row| lexicon.score(&input.responses[row]))
+        .collect())
 }
 
 /// What a reward program is sent as `prompt`: the raw text, or a conversation's last user
@@ -267,13 +314,19 @@ fn score_with_lexicon(input: &Input, path: &Path) -> Result<Vec<f32>> {
 fn command_prompt(text: &PromptText) -> Option<&str> {
     match text {
         PromptText::Text(text) => Some(text),
-        PromptText::Messages(messages) => {
-            messages.iter().rev().find(|m| m.role == "user").map(|m| m.content.as_str())
-        }
+        PromptText::Messages(messages) => messages
+            .iter()
+            .rev()
+            .find(|m| m.role == "user")
+            .map(|m| m.content.as_str()),
     }
 }
 
-fn score_with_command(input: &Input, command_line: &[String], timeout: Duration) -> Result<Vec<f32>> {
+fn score_with_command(
+    input: &Input,
+    command_line: &[String],
+    timeout: Duration,
+) -> Result<Vec<f32>> {
     let prompt_ids = input.prompt_ids.as_ref().ok_or_else(|| {
         anyhow!(
             "{}: missing required column 'prompt_id' (found: {})",
@@ -284,8 +337,12 @@ fn score_with_command(input: &Input, command_line: &[String], timeout: Duration)
     let texts = input.shard.prompt_texts()?;
     let mut prompts = Vec::with_capacity(input.rows.len());
     for &row in &input.rows {
-        let prompt = command_prompt(&texts[row])
-            .ok_or_else(|| anyhow!("{}: the conversation has no user message", input.row_label(row)))?;
+        let prompt = command_prompt(&texts[row]).ok_or_else(|| {
+            anyhow!(
+                "{}: the conversation has no user message",
+                input.row_label(row)
+            )
+        })?;
         prompts.push(prompt);
     }
     let (program, program_args) = command_line.split_first().expect("clap requires a program");
@@ -294,7 +351,11 @@ fn score_with_command(input: &Input, command_line: &[String], timeout: Duration)
     let mut rewards = Vec::with_capacity(input.rows.len());
     // One request at a time, so that an error names exactly the row it is about.
     for (&row, prompt) in input.rows.iter().zip(prompts) {
-        let request = RewardRequest { prompt_id: &prompt_ids[row], prompt, response: &input.responses[row] };
+        let request = RewardRequest {
+            prompt_id: &prompt_ids[row],
+            prompt,
+            response: &input.responses[row],
+        };
         let reward = command.score([request]).map_err(|err| {
             anyhow!(
                 "{}: reward program `{}`: {}",
@@ -328,11 +389,17 @@ fn score_with_rm(input: &Input, dir: &Path, args: &Args) -> Result<(Vec<f32>, Rm
         Some(length) => length,
         None => model.max_positions(),
     };
+    // Rendering the template dominates the time outside the model: spread it over the threads,
+    // then report the first failing row in input order.
+    let tokenized: Vec<Result<Vec<u32>>> = input
+        .rows
+        .par_iter()
+        .map(|&row| model.tokenize(&texts[row], &input.responses[row]))
+        .collect();
     let mut sequences = Vec::with_capacity(input.rows.len());
     let mut truncated = 0;
-    for &row in &input.rows {
-        let mut tokens =
-            model.tokenize(&texts[row], &input.responses[row]).with_context(|| input.row_label(row))?;
+    for (&row, tokens) in input.rows.iter().zip(tokenized) {
+        let mut tokens = tokens.with_context(|| input.row_label(row))?;
         if tokens.len() > max_length {
             if args.truncate == Truncate::Error {
                 bail!(
@@ -354,10 +421,20 @@ fn score_with_rm(input: &Input, dir: &Path, args: &Args) -> Result<(Vec<f32>, Rm
     let rewards = model.score(&sequences, args.batch_size, |count| {
         bar.inc(count as u64);
         done += count;
-        bar.set_message(format!("{:.1} seq/s", done as f64 / model_started.elapsed().as_secs_f64().max(1e-9)));
+        bar.set_message(format!(
+            "{:.1} seq/s",
+            done as f64 / model_started.elapsed().as_secs_f64().max(1e-9)
+        ));
     })?;
     bar.finish_and_clear();
-    Ok((rewards, RmStats { tokens, truncated, model_secs: model_started.elapsed().as_secs_f64() }))
+    Ok((
+        rewards,
+        RmStats {
+            tokens,
+            truncated,
+            model_secs: model_started.elapsed().as_secs_f64(),
+        },
+    ))
 }
 
 #[cfg(test)]
@@ -367,17 +444,27 @@ mod tests {
 
     #[test]
     fn slices_keep_prompts_together_and_concatenate_to_the_sorted_input() {
-        let ids: Vec<String> = ["b", "a", "c", "a", "b", "d"].iter().map(|s| s.to_string()).collect();
-        let slices: Vec<Vec<usize>> =
-            (1..=3).map(|k| slice_rows(&ids, SliceSpec { index: k, count: 3 }).unwrap()).collect();
+        let ids: Vec<String> = ["b", "a", "c", "a", "b", "d"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let slices: Vec<Vec<usize>> = (1..=3)
+            .map(|k| slice_rows(&ids, SliceSpec { index: k, count: 3 }).unwrap())
+            .collect();
         // Distinct ids a b c d: slices {a}, {b}, {c, d}.
         assert_eq!(slices, [vec![1, 3], vec![0, 4], vec![2, 5]]);
-        assert_eq!(slice_rows(&ids, SliceSpec::WHOLE).unwrap(), [1, 3, 0, 4, 2, 5]);
+        assert_eq!(
+            slice_rows(&ids, SliceSpec::WHOLE).unwrap(),
+            [1, 3, 0, 4, 2, 5]
+        );
     }
 
     #[test]
     fn command_prompt_is_the_text_or_the_last_user_message() {
-        let message = |role: &str, content: &str| Message { role: role.into(), content: content.into() };
+        let message = |role: &str, content: &str| Message {
+            role: role.into(),
+            content: content.into(),
+        };
         assert_eq!(command_prompt(&PromptText::Text("hi".into())), Some("hi"));
         let conversation = PromptText::Messages(vec![
             message("system", "S"),
@@ -386,12 +473,18 @@ mod tests {
             message("user", "second"),
         ]);
         assert_eq!(command_prompt(&conversation), Some("second"));
-        assert_eq!(command_prompt(&PromptText::Messages(vec![message("system", "S")])), None);
+        assert_eq!(
+            command_prompt(&PromptText::Messages(vec![message("system", "S")])),
+            None
+        );
     }
 
     #[test]
     fn names_of_sources() {
         assert_eq!(dir_name(Path::new("models/tiny-rm/")), "tiny-rm");
-        assert_eq!(file_name(Path::new("data/vader_lexicon.txt")), "vader_lexicon.txt");
+        assert_eq!(
+            file_name(Path::new("data/vader_lexicon.txt")),
+            "vader_lexicon.txt"
+        );
     }
 }

@@ -8,7 +8,9 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
-use optune_model::{load_model, sequence_scores, ChatMessage, ChatTokenizer, OutputHead, Transformer};
+use optune_model::{
+    load_model, sequence_scores, ChatMessage, ChatTokenizer, OutputHead, Transformer,
+};
 use optune_shard::PromptText;
 use std::cmp::Reverse;
 use std::path::Path;
@@ -51,7 +53,11 @@ impl RewardModel {
             .or_else(|| tokenizer.pad_token_id())
             .or_else(|| meta.eos_token_ids.first().copied())
             .unwrap_or(0);
-        Ok(Self { model, tokenizer, pad_id })
+        Ok(Self {
+            model,
+            tokenizer,
+            pad_id,
+        })
     }
 
     /// The longest sequence the model has positions for.
@@ -87,7 +93,9 @@ impl RewardModel {
             let tokens: Vec<Vec<u32>> = batch.iter().map(|&i| sequences[i].clone()).collect();
             let batch_scores: Vec<f32> = sequence_scores(&self.model, &tokens, self.pad_id)
                 .and_then(|t| Ok(t.to_vec1()?))
-                .with_context(|| format!("running the reward model on {} sequences", batch.len()))?;
+                .with_context(|| {
+                    format!("running the reward model on {} sequences", batch.len())
+                })?;
             for (&index, score) in batch.iter().zip(batch_scores) {
                 scores[index] = score;
             }
@@ -102,7 +110,10 @@ impl RewardModel {
 fn length_buckets(sequences: &[Vec<u32>], batch_size: usize) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..sequences.len()).collect();
     order.sort_by_key(|&i| Reverse(sequences[i].len()));
-    order.chunks(batch_size.max(1)).map(<[usize]>::to_vec).collect()
+    order
+        .chunks(batch_size.max(1))
+        .map(<[usize]>::to_vec)
+        .collect()
 }
 
 #[cfg(test)]
@@ -112,7 +123,10 @@ mod tests {
     #[test]
     fn buckets_group_similar_lengths_and_cover_every_index_once() {
         let sequences: Vec<Vec<u32>> = [3, 9, 1, 9, 5].iter().map(|&n| vec![0; n]).collect();
-        assert_eq!(length_buckets(&sequences, 2), [vec![1, 3], vec![4, 0], vec![2]]);
+        assert_eq!(
+            length_buckets(&sequences, 2),
+            [vec![1, 3], vec![4, 0], vec![2]]
+        );
         assert_eq!(length_buckets(&sequences, 10), [vec![1, 3, 4, 0, 2]]);
         assert!(length_buckets(&[], 4).is_empty());
     }

@@ -1,0 +1,240 @@
+//! `--rm` against the tiny testdata reward models: scores match the committed transformers
+//! references on batches with padding, in the input's row order.
+
+mod common;
+
+use common::{opt_score, repo_file, write_jsonl};
+use optune_shard::arrow::datatypes::DataType;
+use optune_testkit::{assert_failed_cleanly, read, run};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+
+const REWARD_MODELS: [&str; 3] = ["tiny-rm-llama", "tiny-rm-mistral", "tiny-rm-qwen2"];
+
+fn model_dir(name: &str) -> PathBuf {
+    repo_file("testdata/models").join(name)
+}
+
+/// The reference cases of `testdata/reference/NAME.json`.
+fn reference_cases(name: &str) -> Vec<Value> {
+    let path = repo_file("testdata/reference").join(format!("{name}.json"));
+    let text =
+        std::fs::read_to_string(&path).unwrap_or_else(|err| panic!("{}: {err}", path.display()));
+    let reference: Value = serde_json::from_str(&text).unwrap();
+    reference["cases"].as_array().expect("cases").clone()
+}
+
+/// A responses row for a reference case: its messages, or its raw prompt as one user message
+/// (the reference renders both the same way) when `raw_prompts` is false; its raw prompt when
+/// true.
+fn case_row(index: usize, case: &Value, raw_prompts: bool) -> Value {
+    let mut row = json!({
+        "prompt_id": format!("c{index}"),
+        "sample": 0,
+        "response": case["response"],
+        "note": format!("carried {index}"),
+    });
+    match case.get("messages") {
+        Some(messages) if !raw_prompts => row["messages"] = messages.clone(),
+        None if raw_prompts => row["prompt"] = case["prompt"].clone(),
+        None => row["messages"] = json!([{"role": "user", "content": case["prompt"]}]),
+        Some(_) => unreachable!("filtered out"),
+    }
+    row
+}
+
+/// Scores `rows` with `model` at --batch-size 2 and checks each reward against `expected`.
+fn check_scores(model: &str, rows: &[Value], expected: &[f64], dir: &Path) {
+    let input = dir.join(format!("{model}-{}.jsonl", rows.len()));
+    let output = dir.join(format!("{model}-{}.parquet", rows.len()));
+    write_jsonl(&input, rows);
+    let outcome = run(
+        opt_score()
+            .arg(&input)
+            .arg("--rm")
+            .arg(model_dir(model))
+            .args(["--batch-size", "2", "-o"])
+            .arg(&output),
+        None,
+    );
+    outcome.assert_success();
+    assert!(
+        outcome.stderr.starts_with(&format!(
+            "opt-score: rows={} reward_model={model} ",
+            rows.len()
+        )),
+        "{}",
+        outcome.stderr
+    );
+
+    let scored = read(&output);
+    let input_shard = read(&input);
+    let mut columns = input_shard.column_names();
+    columns.extend(["reward", "reward_model"]);
+    assert_eq!(scored.column_names(), columns);
+    assert_eq!(
+        scored.column("reward").unwrap().data_type(),
+        &DataType::Float32
+    );
+    assert_eq!(
+        scored.strings("note").unwrap(),
+        input_shard.strings("note").unwrap()
+    );
+    assert!(scored
+        .strings("reward_model")
+        .unwrap()
+        .iter()
+        .all(|name| *name == model));
+    let rewards = scored.floats("reward").unwrap();
+    assert_eq!(rewards.len(), expected.len());
+    for (row, (ours, theirs)) in rewards.iter().zip(expected).enumerate() {
+        assert!(
+            (ours - theirs).abs() < 1e-4,
+            "{model} row {}: {ours} vs transformers {theirs}",
+            row + 1
+        );
+    }
+}
+
+#[test]
+fn scores_match_transformers_on_padded_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    for model in REWARD_MODELS {
+        let cases = reference_cases(model);
+        // Every case, as message lists: lengths differ, so batches of two are padded, and the
+        // length bucketing reorders rows that must come back in input order.
+        let rows: Vec<Value> = cases
+            .iter()
+            .enumerate()
+            .map(|(i, case)| case_row(i, case, false))
+            .collect();
+        let expected: Vec<f64> = cases
+            .iter()
+            .map(|case| case["score"].as_f64().unwrap())
+            .collect();
+        check_scores(model, &rows, &expected, dir.path());
+
+        // The raw-text prompts in a `prompt` column.
+        let raw: Vec<(usize, &Value)> = cases
+            .iter()
+            .enumerate()
+            .filter(|(_, case)| case.get("messages").is_none())
+            .collect();
+        assert!(!raw.is_empty(), "{model}: no raw-prompt case");
+        let rows: Vec<Value> = raw
+            .iter()
+            .map(|&(i, case)| case_row(i, case, true))
+            .collect();
+        let expected: Vec<f64> = raw
+            .iter()
+            .map(|(_, case)| case["score"].as_f64().unwrap())
+            .collect();
+        check_scores(model, &rows, &expected, dir.path());
+    }
+}
+
+#[test]
+fn long_conversations_fail_unless_truncated() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let cases = reference_cases("tiny-rm-qwen2");
+    let rows: Vec<Value> = cases
+        .iter()
+        .enumerate()
+        .map(|(i, case)| case_row(i, case, false))
+        .collect();
+    let input = dir.path().join("responses.jsonl");
+    write_jsonl(&input, &rows);
+    let score = |extra: &[&str]| {
+        let mut command = opt_score();
+        command
+            .arg(&input)
+            .arg("--rm")
+            .arg(model_dir("tiny-rm-qwen2"))
+            .args(extra);
+        command.arg("-o").arg(out.path().join("scored.parquet"));
+        run(&mut command, None)
+    };
+    // Token counts of the qwen2 cases: 116, 31, 120, 38, 65. The first one above 100 is row 1.
+    let expected = [
+        "responses.jsonl: row 1 (prompt_id 'c0'): 116 tokens",
+        "--max-length 100",
+        "--truncate left",
+    ];
+    assert_failed_cleanly(
+        "too long",
+        &score(&["--max-length", "100"]),
+        &expected,
+        out.path(),
+    );
+
+    let expected = ["--max-length 1000", "max_position_embeddings 256"];
+    assert_failed_cleanly(
+        "beyond the model",
+        &score(&["--max-length", "1000"]),
+        &expected,
+        out.path(),
+    );
+
+    let outcome = score(&["--max-length", "100", "--truncate", "left"]);
+    outcome.assert_success();
+    assert!(
+        outcome.stderr.contains(" tokens=334 truncated=2 "),
+        "{}",
+        outcome.stderr
+    );
+    let rewards = read(&out.path().join("scored.parquet"))
+        .floats("reward")
+        .unwrap();
+    // Rows that fit score as before.
+    for row in [1, 3, 4] {
+        assert!(
+            (rewards[row] - cases[row]["score"].as_f64().unwrap()).abs() < 1e-4,
+            "row {}",
+            row + 1
+        );
+    }
+}
+
+#[test]
+fn models_and_conversations_the_reward_model_cannot_take_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let input = dir.path().join("responses.jsonl");
+    let user = |content: &str| json!({"role": "user", "content": content});
+    write_jsonl(
+        &input,
+        &[
+            json!({"prompt_id": "a", "messages": [user("Hi")], "response": "Hello"}),
+            json!({"prompt_id": "b", "messages": [user("Hi"), user("again")], "response": "Hello"}),
+        ],
+    );
+    let score = |model: &str| {
+        run(
+            opt_score()
+                .arg(&input)
+                .arg("--rm")
+                .arg(model_dir(model))
+                .arg("-o")
+                .arg(out.path().join("s.parquet")),
+            None,
+        )
+    };
+    assert_failed_cleanly(
+        "language model",
+        &score("tiny-llama"),
+        &["tiny-llama: not a reward model"],
+        out.path(),
+    );
+    // The Mistral template raises on two user turns in a row.
+    let expected = [
+        "responses.jsonl: row 2 (prompt_id 'b'): rendering the chat template",
+        "must alternate",
+    ];
+    assert_failed_cleanly(
+        "template error",
+        &score("tiny-rm-mistral"),
+        &expected,
+        out.path(),
+    );
+}
