@@ -1,5 +1,13 @@
 # optune: build and test. CI runs `make test` through .ci/run.
 
+# The OPTune pipeline (`make iter1`, `make iter2`, …; the section at the end of
+# this file, docs/pipeline.md): PIPELINE names the experiment, a makefile of
+# variables and download rules under pipelines/.
+PIPELINE ?= pipelines/smollm2-sentiment.mk
+include $(PIPELINE)
+# A pipeline file may define rules (downloads); plain `make` still builds.
+.DEFAULT_GOAL := build
+
 # One target dir outside the clone, shared by every checkout and by CI.
 CARGO_TARGET_DIR ?= $(HOME)/.cache/optune-target
 export CARGO_TARGET_DIR
@@ -27,3 +35,251 @@ test:
 .PHONY: bench-gen
 bench-gen:
 	scripts/bench/bench_gen.sh $(BENCH_ARGS)
+
+# ===========================================================================
+# The OPTune pipeline (docs/pipeline.md)
+#
+#   make iter1            iteration 1: generate for every prompt, score, pair, train policy 1
+#   make iter2 iter3 …    iteration N ≥ 2: opt-select --rho RHO on iteration N-1's scored set,
+#                         regenerate those prompts with policy N-1, score, pair with the kept
+#                         rows, train policy N (any N: `make iter7` runs 1–7 as needed)
+#   make report           runs/NAME/report.md and its plots
+#   make sweep            RHOS="0.3 0.5 0.7 1.0" ITERS=3: one run per ρ, runs/NAME-sweep.md
+#   make pipeline-test    the miniature pipeline (pipelines/tiny.mk) end to end, in a temp dir
+#
+# Every stage writes one file under runs/NAME/iterN/ (its tool writes a temporary file and
+# renames it), so an interrupted run resumes at the first missing file and a finished stage
+# is never redone. Inputs from outside the run (model, prompts, lexicon) only have to exist:
+# their timestamps never make a stage run again. To redo a stage, delete its file and those
+# after it, or start a fresh run with RUN_NAME=… . Settings are recorded in runs/NAME/run.env
+# when the run starts; a later `make` with other settings warns.
+#
+# The pipeline file (PIPELINE, included at the top) sets the variables below; the defaults
+# here apply to what it leaves unset. Any of them can be given on the command line.
+
+NAME ?= $(basename $(notdir $(PIPELINE)))
+RUNS ?= runs
+RUN_NAME ?= $(NAME)
+RUN_DIR = $(RUNS)/$(RUN_NAME)
+# Where the tools are; `tools` builds them there first (BUILD_TOOLS=0: use them as they are).
+BIN ?= $(CARGO_TARGET_DIR)/release
+BUILD_TOOLS ?= 1
+CARGO_FLAGS ?=
+TOOL_PACKAGES ?= opt-gen opt-score opt-select opt-pairs opt-wdpo opt-report $(EXTRA_TOOL_PACKAGES)
+PYTHON ?= python3
+# The initial policy (a Hugging Face model directory) and the file make needs of it.
+POLICY_DEPS ?= $(POLICY)/config.json
+# The prompts: the first PROMPTS rows of PROMPTS_FILE (0: all), and optionally the next
+# EVAL_PROMPTS rows as held-out prompts on which every policy is evaluated (EVAL_N samples each).
+PROMPTS ?= 0
+EVAL_PROMPTS ?= 0
+EVAL_N ?= 1
+EVAL_SEED ?= 1000
+# Sampling (opt-gen); iteration N samples with seed SEED + N.
+N ?= 2
+TEMPERATURE ?= 1.0
+TOP_P ?= 0.9
+MAX_NEW_TOKENS ?= 256
+GEN_BATCH ?= 16
+GEN_ARGS ?=
+SEED ?= 0
+# Reward (opt-score): e.g. `--lexicon FILE`, `--rm DIR`, `--reward-cmd PROG ARGS…` (last).
+SCORE_ARGS ?=
+SCORE_DEPS ?=
+# Selection (opt-select) and pairs (opt-pairs).
+RHO ?= 0.7
+SELECT_BY ?= max
+SELECT_ARGS ?=
+PAIRS_ARGS ?=
+# Training (opt-wdpo): the reference is the initial policy (REF=initial), the policy being
+# trained from (REF=previous) or a model directory.
+REF ?= initial
+TRAIN_ARGS ?=
+# Given to opt-gen, opt-score and opt-wdpo, e.g. `--device cuda --dtype bf16`.
+DEVICE_ARGS ?=
+# Variables a run cannot do without; files that must come from the user (make says which).
+REQUIRED_VARS ?= POLICY PROMPTS_FILE SCORE_ARGS
+EXTERNAL_INPUTS ?=
+EXTERNAL_HINT ?= Set the variable that names it (see $(PIPELINE)).
+MAX_ITER ?= 10
+ITERS ?= 3
+RHOS ?= 0.3 0.5 0.7 1.0
+SWEEP_NAME ?= $(NAME)
+SWEEP_SHARE_ITER1 ?= 1
+
+TIMED = scripts/pipeline/timed.sh
+SETTINGS_VARS = PIPELINE NAME POLICY PROMPTS_FILE PROMPTS EVAL_PROMPTS EVAL_N EVAL_SEED N TEMPERATURE \
+  TOP_P MAX_NEW_TOKENS GEN_BATCH GEN_ARGS SEED RHO SELECT_BY SELECT_ARGS PAIRS_ARGS REF SCORE_ARGS \
+  TRAIN_ARGS DEVICE_ARGS
+
+# Rules exist for iterations 1..max(MAX_ITER, ITERS, any iterN named on the command line).
+ITER_LAST := $(shell printf '%s\n' $(MAX_ITER) $(ITERS) $(patsubst iter%,%,$(filter iter%,$(MAKECMDGOALS))) \
+  | grep -E '^[0-9]+$$' | sort -n | tail -n 1)
+ITER_NUMS := $(shell seq 1 $(ITER_LAST))
+
+iter_dir = $(RUN_DIR)/iter$(1)
+# The policy that iteration N generates with and trains from is policy N-1; policy 0 is POLICY.
+policy_of = $(if $(filter 0,$(1)),$(POLICY),$(RUN_DIR)/iter$(1)/policy)
+policy_file = $(if $(filter 0,$(1)),,$(RUN_DIR)/iter$(1)/policy/config.json)
+ref_of = $(if $(filter initial,$(REF)),$(POLICY),$(if $(filter previous,$(REF)),$(call policy_of,$(1)),$(REF)))
+ref_file = $(if $(filter previous,$(REF)),$(call policy_file,$(1)))
+# opt-wdpo's reference defaults to the policy it trains from: pass --ref only when it differs.
+ref_arg = $(if $(filter $(call policy_of,$(1)),$(call ref_of,$(1))),,--ref $(call ref_of,$(1)))
+plus = $(shell expr $(1) + $(2))
+EVAL_ON = $(filter-out 0,$(EVAL_PROMPTS))
+
+# One iteration's rules: $(1) = N, $(2) = N-1.
+define ITERATION
+$(call iter_dir,$(1))/responses.parquet: $(if $(filter 1,$(1)),$(call iter_dir,1)/prompts.parquet,$(call iter_dir,$(1))/regen.parquet) $(call policy_file,$(2)) | $(POLICY_DEPS) tools settings
+	$(TIMED) gen $(call iter_dir,$(1))/logs/gen.csv --rows responses --tokens new_tokens -- \
+	  $(BIN)/opt-gen --model $(call policy_of,$(2)) $$< -o $$@ --n $(N) --temperature $(TEMPERATURE) \
+	  --top-p $(TOP_P) --max-new-tokens $(MAX_NEW_TOKENS) --batch-size $(GEN_BATCH) \
+	  --seed $(call plus,$(SEED),$(1)) $(GEN_ARGS) $(DEVICE_ARGS)
+
+$(call iter_dir,$(1))/new_scored.parquet: $(call iter_dir,$(1))/responses.parquet | $(SCORE_DEPS) tools settings
+	$(TIMED) score $(call iter_dir,$(1))/logs/score.csv --rows rows,responses,scored --tokens tokens,response_tokens -- \
+	  $(BIN)/opt-score $$< -o $$@ $(DEVICE_ARGS) $(SCORE_ARGS)
+
+$(call iter_dir,$(1))/scored.parquet: $(call iter_dir,$(1))/new_scored.parquet $(if $(filter 1,$(1)),,$(call iter_dir,$(1))/kept.parquet) | tools
+	$(BIN)/opt-cat $(if $(filter 1,$(1)),,$(call iter_dir,$(1))/kept.parquet) $(call iter_dir,$(1))/new_scored.parquet -o $$@
+
+$(call iter_dir,$(1))/pairs.parquet: $(call iter_dir,$(1))/new_scored.parquet $(if $(filter 1,$(1)),,$(call iter_dir,$(1))/kept.parquet) | tools settings
+	$(TIMED) pairs $(call iter_dir,$(1))/logs/pairs.csv --rows pairs -- \
+	  $(BIN)/opt-pairs $(if $(filter 1,$(1)),,$(call iter_dir,$(1))/kept.parquet) $(call iter_dir,$(1))/new_scored.parquet \
+	  -o $$@ $(PAIRS_ARGS)
+
+# A policy directory is complete once config.json is there; anything else in it is left
+# over from an interrupted run.
+$(call iter_dir,$(1))/policy/config.json: $(call iter_dir,$(1))/pairs.parquet $(call policy_file,$(2)) $(call ref_file,$(2)) | $(POLICY_DEPS) tools settings
+	rm -rf $(call iter_dir,$(1))/policy
+	$(TIMED) train $(call iter_dir,$(1))/logs/train.csv --rows pairs --tokens tokens -- \
+	  $(BIN)/opt-wdpo --policy $(call policy_of,$(2)) $(call ref_arg,$(2)) $$< -o $(call iter_dir,$(1))/policy \
+	  --seed $(call plus,$(SEED),$(1)) $(TRAIN_ARGS) $(DEVICE_ARGS)
+
+$(call iter_dir,$(1))/metrics.csv: $(call iter_dir,$(1))/policy/config.json
+	cp $(call iter_dir,$(1))/policy/metrics.csv $$@.tmp && mv $$@.tmp $$@
+
+$(call iter_dir,$(1))/timings.csv: $(call iter_dir,$(1))/metrics.csv $(call iter_dir,$(1))/scored.parquet
+	{ echo stage,seconds,rows,tokens; for s in gen score select pairs train; do \
+	    cat $(call iter_dir,$(1))/logs/$$$$s.csv 2>/dev/null || true; done; } >$$@.tmp && mv $$@.tmp $$@
+
+$(call iter_dir,$(1))/eval_responses.parquet: $(RUN_DIR)/eval_prompts.parquet $(call policy_file,$(1)) | $(POLICY_DEPS) tools settings
+	$(TIMED) eval-gen $(call iter_dir,$(1))/logs/eval-gen.csv --rows responses --tokens new_tokens -- \
+	  $(BIN)/opt-gen --model $(call policy_of,$(1)) $$< -o $$@ --n $(EVAL_N) --temperature $(TEMPERATURE) \
+	  --top-p $(TOP_P) --max-new-tokens $(MAX_NEW_TOKENS) --batch-size $(GEN_BATCH) --seed $(EVAL_SEED) \
+	  $(GEN_ARGS) $(DEVICE_ARGS)
+
+$(call iter_dir,$(1))/eval_scored.parquet: $(call iter_dir,$(1))/eval_responses.parquet | $(SCORE_DEPS) tools settings
+	$(TIMED) eval-score $(call iter_dir,$(1))/logs/eval-score.csv --rows rows,responses,scored -- \
+	  $(BIN)/opt-score $$< -o $$@ $(DEVICE_ARGS) $(SCORE_ARGS)
+
+iter$(1): $(if $(filter 1,$(1)),,iter$(2)) $(call iter_dir,$(1))/timings.csv $(if $(EVAL_ON),$(call iter_dir,$(1))/eval_scored.parquet $(if $(filter 1,$(1)),$(call iter_dir,0)/eval_scored.parquet))
+	@echo "$(RUN_NAME): iteration $(1) done ($(call iter_dir,$(1))/timings.csv):"; sed 's/^/  /' $(call iter_dir,$(1))/timings.csv
+endef
+
+$(foreach n,$(ITER_NUMS),$(eval $(call ITERATION,$(n),$(word $(n),0 $(ITER_NUMS)))))
+
+# Selection for iteration N ≥ 2. opt-select writes --rest (kept.parquet) before -o
+# (regen.parquet), so regen.parquet's presence means both are complete.
+define SELECTION
+$(call iter_dir,$(1))/regen.parquet: $(call iter_dir,$(2))/scored.parquet | tools settings
+	$(TIMED) select $(call iter_dir,$(1))/logs/select.csv --rows selected -- \
+	  $(BIN)/opt-select --rho $(RHO) --by $(SELECT_BY) $(SELECT_ARGS) $$< -o $$@ --rest $(call iter_dir,$(1))/kept.parquet
+
+$(call iter_dir,$(1))/kept.parquet: $(call iter_dir,$(1))/regen.parquet
+	@test -f $$@ || { echo "$$@ is missing: delete $$< to redo the selection" >&2; exit 1; }
+endef
+
+$(foreach n,$(wordlist 2,$(words $(ITER_NUMS)),$(ITER_NUMS)),$(eval $(call SELECTION,$(n),$(word $(n),0 $(ITER_NUMS)))))
+
+$(RUN_DIR)/iter1/prompts.parquet: | $(PROMPTS_FILE) tools settings
+	@mkdir -p $(@D)
+	$(BIN)/opt-cat --head $(PROMPTS) $(PROMPTS_FILE) -o $@
+
+$(RUN_DIR)/eval_prompts.parquet: | $(PROMPTS_FILE) tools settings
+	@test "$(PROMPTS)" != 0 || { echo "EVAL_PROMPTS needs PROMPTS > 0: the held-out prompts follow the first PROMPTS rows" >&2; exit 1; }
+	@mkdir -p $(@D)
+	$(BIN)/opt-cat --skip $(PROMPTS) --head $(EVAL_PROMPTS) $(PROMPTS_FILE) -o $@
+
+# The initial policy's evaluation (iter0/ holds nothing else).
+$(RUN_DIR)/iter0/eval_responses.parquet: $(RUN_DIR)/eval_prompts.parquet | $(POLICY_DEPS) tools settings
+	$(TIMED) eval-gen $(RUN_DIR)/iter0/logs/eval-gen.csv --rows responses --tokens new_tokens -- \
+	  $(BIN)/opt-gen --model $(POLICY) $< -o $@ --n $(EVAL_N) --temperature $(TEMPERATURE) --top-p $(TOP_P) \
+	  --max-new-tokens $(MAX_NEW_TOKENS) --batch-size $(GEN_BATCH) --seed $(EVAL_SEED) $(GEN_ARGS) $(DEVICE_ARGS)
+
+$(RUN_DIR)/iter0/eval_scored.parquet: $(RUN_DIR)/iter0/eval_responses.parquet | $(SCORE_DEPS) tools settings
+	$(TIMED) eval-score $(RUN_DIR)/iter0/logs/eval-score.csv --rows rows,responses,scored -- \
+	  $(BIN)/opt-score $< -o $@ $(DEVICE_ARGS) $(SCORE_ARGS)
+
+ifneq ($(strip $(EXTERNAL_INPUTS)),)
+$(sort $(EXTERNAL_INPUTS)):
+	@echo "error: $@ does not exist. $(EXTERNAL_HINT)" >&2; exit 1
+endif
+
+.PHONY: tools report-tool settings report sweep pipeline-test $(addprefix iter,$(ITER_NUMS))
+
+tools:
+ifeq ($(BUILD_TOOLS),1)
+	cargo build --release $(CARGO_FLAGS) $(addprefix -p ,$(TOOL_PACKAGES))
+else
+	@:
+endif
+
+report-tool:
+ifeq ($(BUILD_TOOLS),1)
+	cargo build --release -p opt-report
+else
+	@:
+endif
+
+# Checks the required variables and records the settings in run.env (or warns when they
+# differ from the recorded ones).
+settings:
+	@$(foreach v,$(REQUIRED_VARS),test -n "$(strip $($(v)))" || { echo "error: $(v) is not set: $(PIPELINE) needs it (make … $(v)=…)" >&2; exit 1; };)
+	@mkdir -p $(RUN_DIR)
+	@printf '%s\n' $(foreach v,$(SETTINGS_VARS),'$(v)=$(subst ','"'"',$(strip $($(v))))') >$(RUN_DIR)/.run.env.new
+	@if [ ! -f $(RUN_DIR)/run.env ]; then mv $(RUN_DIR)/.run.env.new $(RUN_DIR)/run.env; \
+	elif cmp -s $(RUN_DIR)/run.env $(RUN_DIR)/.run.env.new; then rm -f $(RUN_DIR)/.run.env.new; \
+	else echo "warning: these settings differ from $(RUN_DIR)/run.env, recorded when the run started;" \
+	  "finished stages keep the old ones (use RUN_NAME=… for a separate run):" >&2; \
+	  diff $(RUN_DIR)/run.env $(RUN_DIR)/.run.env.new | grep '^[<>]' >&2 || true; rm -f $(RUN_DIR)/.run.env.new; fi
+
+report: report-tool
+	$(BIN)/opt-report $(RUN_DIR) -o $(RUN_DIR)/report.md
+
+# One run per ρ in RHOS, ITERS iterations each, into $(RUNS)/$(SWEEP_NAME)-rhoR; then the
+# table. Iteration 1 does not depend on ρ: with SWEEP_SHARE_ITER1=1 the later runs start
+# from hard links to the first run's iter1/ (and iter0/) instead of computing it again.
+sweep: tools
+	@set -e; first=; for r in $(RHOS); do \
+	  run=$(RUNS)/$(SWEEP_NAME)-rho$$r; \
+	  if [ "$(SWEEP_SHARE_ITER1)" = 1 ] && [ -n "$$first" ]; then \
+	    for d in iter0 iter1; do \
+	      if [ -d $$first/$$d ] && [ ! -e $$run/$$d ]; then \
+	        mkdir -p $$run; rm -rf $$run/.$$d.tmp; \
+	        cp -al $$first/$$d $$run/.$$d.tmp 2>/dev/null || cp -a $$first/$$d $$run/.$$d.tmp; \
+	        mv $$run/.$$d.tmp $$run/$$d; echo "sweep: $$run/$$d shared with $$first/$$d"; \
+	      fi; \
+	    done; \
+	  fi; \
+	  echo "sweep: rho=$$r -> $$run"; \
+	  $(MAKE) --no-print-directory iter$(ITERS) RHO=$$r RUN_NAME=$(SWEEP_NAME)-rho$$r BUILD_TOOLS=0; \
+	  $(BIN)/opt-report $$run -o $$run/report.md; \
+	  first=$${first:-$$run}; \
+	done
+	$(BIN)/opt-report --sweep $(foreach r,$(RHOS),$(RUNS)/$(SWEEP_NAME)-rho$(r)) -o $(RUNS)/$(SWEEP_NAME)-sweep.md
+	@echo "sweep: $(RUNS)/$(SWEEP_NAME)-sweep.md"
+
+# The miniature pipeline on the testdata models, iterations 1-3 in a temporary RUNS
+# directory: every expected file, resumption, the report, a two-ρ sweep, and (when
+# $(OPTUNE_PYTHON) has duckdb and pyarrow) both readers on every Parquet file.
+pipeline-test: tools
+	scripts/pipeline/pipeline_test.sh
+
+# CUDA binaries (opt-gen, opt-wdpo, opt-score with --features cuda) for compute capability 9.0,
+# built without a GPU or a system CUDA toolkit: nvcc and the CUDA libraries come from NVIDIA's PyPI
+# wheels (cached in ~/.cache/optune-cuda), libcuda from a link-time stub. Stripped copies land in
+# target/cuda-dist. `make cuda CUDA_ARGS=check` only compile-checks. See docs/cuda.md.
+.PHONY: cuda
+cuda:
+	scripts/build-cuda.sh $(CUDA_ARGS)

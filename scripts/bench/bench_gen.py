@@ -25,6 +25,12 @@ SmolLM2-135M-Instruct.
 import argparse
 import json
 import os
+
+# torch's OpenMP threads spin while they wait for work by default; when other processes compete
+# for the cores that collapses its speed (measured on 2 busy cores: 2 tok/s instead of 87).
+# PASSIVE is transformers' better setting on a shared machine and costs little on an idle one;
+# `OMP_WAIT_POLICY=ACTIVE make bench-gen` measures the default behaviour.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import shutil
 import statistics
 import subprocess
@@ -199,7 +205,8 @@ def main() -> None:
     import transformers
 
     print(f"# torch {torch.__version__}, transformers {transformers.__version__}, threads {args.threads}, "
-          f"{args.new_tokens} new tokens, greedy, f32, {args.repeats} repeats (medians)")
+          f"{args.new_tokens} new tokens, greedy, f32, {args.repeats} repeats (medians), "
+          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
     print(f"# load average at start: {loadavg()}")
     rows = []
     raw = []

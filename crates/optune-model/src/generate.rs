@@ -5,9 +5,9 @@
 //! own random stream, so what a request samples does not depend on which requests share its
 //! batch, on the batch size, or on the thread count.
 
-use crate::transformer::{KvCache, Transformer};
+use crate::transformer::{KvCache, Segment, Transformer};
 use anyhow::{bail, Result};
-use candle_core::{DType, Tensor};
+use rayon::prelude::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -73,49 +73,95 @@ fn splitmix64(x: u64) -> u64 {
 }
 
 /// Picks the next token from `logits` and returns it with its untempered log-probability.
+///
+/// Greedy (temperature 0) takes the argmax, ties to the lowest id. Otherwise the support is
+/// the `top_k` most likely tokens (all without it), then the smallest prefix of them, by
+/// descending probability, whose tempered mass reaches `top_p`; a token is drawn from that
+/// prefix in proportion to `exp((logit − max) / temperature)`. Only as much of the vocabulary as
+/// the prefix needs is sorted.
 pub fn sample_token(logits: &[f32], params: &SamplingParams, rng: &mut ChaCha8Rng) -> (u32, f64) {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let log_z = max + logits.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln();
+    let log_z = crate::decode::log_sum_exp(logits);
     let logp = |t: usize| logits[t] as f64 - log_z;
+    // Argmax, ties to the lowest id.
+    let max = crate::decode::max_f32(logits);
+    let best = logits.iter().position(|&l| l == max).unwrap_or(0);
     if params.temperature <= 0.0 {
-        // Greedy; ties go to the lowest id.
-        let best = logits
-            .iter()
-            .enumerate()
-            .fold(0, |best, (i, &l)| if l > logits[best] { i } else { best });
         return (best as u32, logp(best));
     }
     let inv_t = 1.0 / params.temperature;
-    let mut order: Vec<usize> = (0..logits.len()).collect();
-    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
-    if let Some(k) = params.top_k.filter(|&k| k > 0) {
-        order.truncate(k);
+    let top = logits[best] as f64;
+    let weight = |t: usize| crate::decode::exp_f32(((logits[t] as f64 - top) * inv_t) as f32) as f64;
+    let vocab = logits.len();
+    let top_k = params.top_k.filter(|&k| k > 0 && k < vocab);
+    let by_probability = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+    if top_k.is_none() && params.top_p >= 1.0 {
+        // The whole vocabulary: draw in id order, no sorting needed.
+        let weights: Vec<f64> = (0..vocab).map(weight).collect();
+        let total: f64 = weights.iter().sum();
+        return draw(rng, &weights, total, |i| i, logp);
     }
-    let top = logits[order[0]] as f64;
-    let weights: Vec<f64> = order.iter().map(|&t| ((logits[t] as f64 - top) * inv_t).exp()).collect();
-    let total: f64 = weights.iter().sum();
-    // Nucleus: the smallest prefix (by descending probability) whose mass reaches top_p.
-    let mut keep = weights.len();
+    let mut order: Vec<u32> = (0..vocab as u32).collect();
+    let cap = top_k.unwrap_or(vocab);
+    // The mass the nucleus is measured against: the top-k tokens' or the whole vocabulary's.
+    let total: f64 = match top_k {
+        Some(k) => {
+            order.select_nth_unstable_by(k - 1, by_probability);
+            order.truncate(k);
+            order.sort_unstable_by(by_probability);
+            order.iter().map(|&t| weight(t as usize)).sum()
+        }
+        None => (0..vocab).map(weight).sum(),
+    };
+    let mut sorted = if top_k.is_some() { cap } else { 0 };
+    let mut keep = cap;
     if params.top_p < 1.0 {
         let mut cumulative = 0.0;
-        for (i, w) in weights.iter().enumerate() {
-            cumulative += w / total;
-            if cumulative >= params.top_p {
-                keep = i + 1;
-                break;
+        let mut i = 0;
+        keep = loop {
+            if i == sorted {
+                if sorted == cap {
+                    break cap;
+                }
+                // Sort the next stretch of the ranking: 64 tokens, then 8× more each time.
+                let want = (sorted.max(8) * 8).min(cap);
+                if want < order.len() {
+                    order[sorted..].select_nth_unstable_by(want - sorted - 1, by_probability);
+                }
+                order[sorted..want].sort_unstable_by(by_probability);
+                sorted = want;
             }
-        }
+            cumulative += weight(order[i] as usize) / total;
+            i += 1;
+            if cumulative >= params.top_p {
+                break i;
+            }
+        };
+    } else if sorted < cap {
+        order[..cap].sort_unstable_by(by_probability);
     }
-    let kept_total: f64 = weights[..keep].iter().sum();
-    let mut u = rng.random::<f64>() * kept_total;
-    for (i, w) in weights[..keep].iter().enumerate() {
+    let weights: Vec<f64> = order[..keep].iter().map(|&t| weight(t as usize)).collect();
+    let kept: f64 = weights.iter().sum();
+    draw(rng, &weights, kept, |i| order[i] as usize, logp)
+}
+
+/// Draws index `i` with probability `weights[i] / total` and returns the token `token(i)`.
+fn draw(
+    rng: &mut ChaCha8Rng,
+    weights: &[f64],
+    total: f64,
+    token: impl Fn(usize) -> usize,
+    logp: impl Fn(usize) -> f64,
+) -> (u32, f64) {
+    let mut u = rng.random::<f64>() * total;
+    for (i, w) in weights.iter().enumerate() {
         if u < *w {
-            return (order[i] as u32, logp(order[i]));
+            return (token(i) as u32, logp(token(i)));
         }
         u -= w;
     }
-    let last = order[keep - 1];
-    (last as u32, logp(last))
+    // Rounding left u past the end: the last token with any weight.
+    let last = weights.iter().rposition(|w| *w > 0.0).unwrap_or(weights.len() - 1);
+    (token(last) as u32, logp(token(last)))
 }
 
 struct Active {
@@ -123,12 +169,22 @@ struct Active {
     rng: ChaCha8Rng,
     tokens: Vec<u32>,
     logp: f64,
-    /// Sampled but not yet fed to the model.
-    pending: u32,
+    /// Sampled but not yet fed to the model; `None` while the prompt is still to be fed.
+    pending: Option<u32>,
 }
+
+/// Most prompt tokens fed in one step: bounds the step's buffers (a longer prompt still goes
+/// in, alone).
+const PROMPT_TOKENS_PER_STEP: usize = 4096;
 
 /// Generates one continuation per request, in request order. `on_finish(tokens_in_this_one)` is
 /// called as each request completes (for progress reporting).
+///
+/// Every step feeds the model the next token of each running sequence together with the whole
+/// prompts of the requests that just took a free slot (continuous batching: a finished sequence's
+/// slot is refilled at once). Each request samples with its own random stream, and on the CPU in
+/// f32 its numbers do not depend on the other requests, so the output is the same to the bit
+/// for any `batch_size` and thread count.
 pub fn generate(
     model: &Transformer,
     requests: &[GenerationRequest],
@@ -143,6 +199,9 @@ pub fn generate(
     if params.max_new_tokens == 0 {
         bail!("max_new_tokens must be at least 1");
     }
+    if let Some(empty) = requests.iter().position(|r| r.prompt_ids.is_empty()) {
+        bail!("request {empty}: empty prompt");
+    }
     let longest = requests.iter().map(|r| r.prompt_ids.len()).max().unwrap_or(0);
     let capacity = longest + params.max_new_tokens;
     if capacity > model.max_positions() {
@@ -155,62 +214,88 @@ pub fn generate(
     let slots = batch_size.min(requests.len()).max(1);
     let mut cache = KvCache::new(model, slots, capacity)?;
     let mut results: Vec<Option<Generation>> = vec![None; requests.len()];
-    // Longest prompts first: the batch's attention span then shrinks as the queue drains.
+    // Longest prompts first, so that the long ones do not straggle at the end.
     let mut queue: Vec<usize> = (0..requests.len()).collect();
     queue.sort_by_key(|&i| (std::cmp::Reverse(requests[i].prompt_ids.len()), i));
     queue.reverse();
     let mut active: Vec<Option<Active>> = (0..slots).map(|_| None).collect();
     loop {
-        // Refill free slots; a request may finish on its very first token.
+        // Refill free slots, within the step's prompt budget.
+        let mut prompt_tokens = 0;
         for slot in 0..slots {
-            while active[slot].is_none() {
-                let Some(request) = queue.pop() else { break };
-                let prompt = &requests[request].prompt_ids;
-                if prompt.is_empty() {
-                    bail!("request {request}: empty prompt");
-                }
-                cache.clear(slot);
-                let logits = model.prefill(prompt, &mut cache, slot)?;
-                let mut state = Active {
-                    request,
-                    rng: ChaCha8Rng::seed_from_u64(requests[request].seed),
-                    tokens: Vec::new(),
-                    logp: 0.0,
-                    pending: 0,
-                };
-                if let Some(done) = advance(&mut state, &logits, params, eos_ids)? {
-                    on_finish(done.tokens.len());
-                    results[request] = Some(done);
-                } else {
-                    active[slot] = Some(state);
-                }
+            if active[slot].is_some() {
+                continue;
             }
+            let Some(&request) = queue.last() else { break };
+            let len = requests[request].prompt_ids.len();
+            if prompt_tokens > 0 && prompt_tokens + len > PROMPT_TOKENS_PER_STEP {
+                break;
+            }
+            queue.pop();
+            prompt_tokens += len;
+            cache.clear(slot);
+            active[slot] = Some(Active {
+                request,
+                rng: ChaCha8Rng::seed_from_u64(requests[request].seed),
+                tokens: Vec::new(),
+                logp: 0.0,
+                pending: None,
+            });
         }
-        if active.iter().all(Option::is_none) {
+        let pending: Vec<[u32; 1]> = active.iter().map(|a| [a.as_ref().and_then(|s| s.pending).unwrap_or(0)]).collect();
+        let segments: Vec<Segment> = active
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, a)| {
+                let a = a.as_ref()?;
+                let tokens: &[u32] = match a.pending {
+                    Some(_) => &pending[slot],
+                    None => &requests[a.request].prompt_ids,
+                };
+                Some(Segment { slot, tokens })
+            })
+            .collect();
+        if segments.is_empty() {
             break;
         }
-        let feed: Vec<Option<u32>> = active.iter().map(|a| a.as_ref().map(|s| s.pending)).collect();
-        let logits = model.decode_step(&feed, &mut cache)?;
-        for slot in 0..slots {
-            let Some(state) = active[slot].as_mut() else { continue };
-            let row = logits.get(slot)?;
-            if let Some(done) = advance(state, &row, params, eos_ids)? {
-                on_finish(done.tokens.len());
-                results[state.request] = Some(done);
-                active[slot] = None;
-            }
+        let finished = on_worker(|| -> Result<Vec<(usize, Generation)>> {
+            let logits = model.feed(&segments, &mut cache)?;
+            let width = logits.len() / segments.len();
+            let mut states: Vec<(usize, &mut Active)> =
+                active.iter_mut().enumerate().filter_map(|(slot, a)| Some((slot, a.as_mut()?))).collect();
+            // Each sequence samples from its own row with its own random stream: in parallel.
+            Ok(states
+                .par_iter_mut()
+                .zip(logits.par_chunks(width))
+                .filter_map(|((slot, state), row)| Some((*slot, advance(state, row, params, eos_ids)?)))
+                .collect())
+        })?;
+        for (slot, done) in finished {
+            let state = active[slot].take().expect("a finished slot was active");
+            on_finish(done.tokens.len());
+            results[state.request] = Some(done);
         }
     }
     Ok(results.into_iter().map(|r| r.expect("every request finishes")).collect())
 }
 
+/// Runs `f` on a worker of rayon's pool. The kernels' parallel regions are then forked from a
+/// worker, which works through the tasks itself while the others steal, instead of from a
+/// thread that only waits for the pool: fewer wake-ups, and no stall when the machine is busy.
+fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        f()
+    } else {
+        rayon::join(f, || ()).0
+    }
+}
+
 /// Samples the next token from `logits`; returns the finished generation when it ends here.
-fn advance(state: &mut Active, logits: &Tensor, params: &SamplingParams, eos_ids: &[u32]) -> Result<Option<Generation>> {
-    let logits: Vec<f32> = logits.to_dtype(DType::F32)?.to_vec1()?;
-    let (token, logp) = sample_token(&logits, params, &mut state.rng);
+fn advance(state: &mut Active, logits: &[f32], params: &SamplingParams, eos_ids: &[u32]) -> Option<Generation> {
+    let (token, logp) = sample_token(logits, params, &mut state.rng);
     state.tokens.push(token);
     state.logp += logp;
-    state.pending = token;
+    state.pending = Some(token);
     let finish = if eos_ids.contains(&token) {
         Some(FinishReason::Stop)
     } else if state.tokens.len() >= params.max_new_tokens {
@@ -218,7 +303,7 @@ fn advance(state: &mut Active, logits: &Tensor, params: &SamplingParams, eos_ids
     } else {
         None
     };
-    Ok(finish.map(|finish| Generation { tokens: std::mem::take(&mut state.tokens), finish, logp: state.logp }))
+    finish.map(|finish| Generation { tokens: std::mem::take(&mut state.tokens), finish, logp: state.logp })
 }
 
 #[cfg(test)]
@@ -236,7 +321,8 @@ mod tests {
         let (t, lp) = sample_token(&logits, &params(0.0, 1.0, None), &mut rng);
         assert_eq!(t, 1);
         let z = (0f64.exp() + 2f64.exp() + 1f64.exp()).ln();
-        assert!((lp - (2.0 - z)).abs() < 1e-12);
+        // The exponentials are f32: a few 1e-8 of error.
+        assert!((lp - (2.0 - z)).abs() < 1e-6, "{lp}");
     }
 
     #[test]

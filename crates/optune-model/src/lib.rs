@@ -5,6 +5,8 @@
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+mod decode;
+pub mod fused;
 pub mod generate;
 pub mod gguf;
 pub mod linear;

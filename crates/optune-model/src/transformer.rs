@@ -9,10 +9,12 @@
 //!   whose slots can hold sequences of different lengths (continuous batching).
 
 use crate::config::ModelConfig;
+use crate::fused;
 use crate::linear::Linear;
 use crate::rope::{apply_rotary, RotaryTables};
 use anyhow::{bail, Context};
-use candle_core::{DType, Device, Result, Tensor, D};
+use crate::decode;
+use candle_core::{CpuStorage, DType, Device, Result, Storage, StorageRef, Tensor, D};
 use std::collections::HashMap;
 
 /// Additive mask value for disallowed keys. Finite so that a row never turns into NaN.
@@ -141,6 +143,9 @@ pub fn accumulation_dtype(dtype: DType) -> DType {
 }
 
 fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if fused::supported(x) && weight.dtype() == x.dtype() {
+        return fused::rms_norm(x, weight, eps);
+    }
     let dtype = x.dtype();
     let x32 = x.to_dtype(accumulation_dtype(dtype))?;
     let inv_rms = (x32.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
@@ -173,8 +178,10 @@ impl Rows {
 
 impl Mlp {
     fn forward(&self, x: &Tensor, rows: Rows) -> Result<Tensor> {
-        let gate = silu(&rows.apply(&self.gate_proj, x)?)?;
-        rows.apply(&self.down_proj, &(gate * rows.apply(&self.up_proj, x)?)?)
+        let gate = rows.apply(&self.gate_proj, x)?;
+        let up = rows.apply(&self.up_proj, x)?;
+        let act = if fused::supported(&gate) { fused::silu_mul(&gate, &up)? } else { (silu(&gate)? * up)? };
+        rows.apply(&self.down_proj, &act)
     }
 }
 
@@ -371,8 +378,21 @@ impl Transformer {
     }
 
     /// Runs one sequence's prompt through the model, writes its keys and values into `slot` of
-    /// `cache`, and returns the logits `[vocab]` of its last position.
+    /// `cache` (replacing what the slot held), and returns the logits `[vocab]` of its last
+    /// position.
     pub fn prefill(&self, tokens: &[u32], cache: &mut KvCache, slot: usize) -> anyhow::Result<Tensor> {
+        if slot >= cache.slots() {
+            bail!("slot {slot} is outside the KV cache's {} slots", cache.slots());
+        }
+        cache.clear(slot);
+        if cache.is_host() {
+            let logits = self.feed_host(&[Segment { slot, tokens }], cache)?;
+            return Ok(Tensor::from_vec(logits, self.head_width()?, &self.device)?);
+        }
+        self.prefill_masked(tokens, cache, slot)
+    }
+
+    fn prefill_masked(&self, tokens: &[u32], cache: &mut KvCache, slot: usize) -> anyhow::Result<Tensor> {
         let len = tokens.len();
         if len == 0 {
             bail!("cannot prefill an empty prompt");
@@ -400,12 +420,183 @@ impl Transformer {
         Ok(self.head_logits(&last)?.squeeze(0)?)
     }
 
+    /// Logits per position: the vocabulary size, or the label count of a score head.
+    fn head_width(&self) -> Result<usize> {
+        match &self.head {
+            OutputHead::LanguageModel { weight, .. } | OutputHead::Score { weight } => weight.dim(0),
+        }
+    }
+
     /// Feeds one token to each active slot (inactive slots get `None` and are left as they are)
-    /// and returns the logits `[slots, vocab]` of the new positions.
+    /// and returns the logits `[slots, vocab]` of the new positions (rows of inactive slots are
+    /// meaningless).
     pub fn decode_step(&self, tokens: &[Option<u32>], cache: &mut KvCache) -> anyhow::Result<Tensor> {
+        if !cache.is_host() {
+            return self.decode_masked(tokens, cache);
+        }
+        if tokens.len() != cache.slots() {
+            bail!("decode_step got {} tokens for {} slots", tokens.len(), cache.slots());
+        }
+        let ids: Vec<[u32; 1]> = tokens.iter().map(|t| [t.unwrap_or(0)]).collect();
+        let segments: Vec<Segment> = (0..tokens.len())
+            .filter(|&s| tokens[s].is_some())
+            .map(|slot| Segment { slot, tokens: &ids[slot] })
+            .collect();
+        let rows = self.feed_host(&segments, cache)?;
+        let width = self.head_width()?;
+        let mut logits = vec![0f32; tokens.len() * width];
+        for (segment, row) in segments.iter().zip(rows.chunks_exact(width)) {
+            logits[segment.slot * width..(segment.slot + 1) * width].copy_from_slice(row);
+        }
+        Ok(Tensor::from_vec(logits, (tokens.len(), width), &self.device)?)
+    }
+
+    /// Appends each segment's tokens to its slot of `cache` — a whole prompt to an empty slot, or
+    /// the next token of a sequence being decoded — and returns the logits of each segment's last
+    /// position, one row-major f32 vector `[segments × vocab]`. Prompts and decoding sequences
+    /// go through the model together.
+    ///
+    /// On the CPU in f32 (a host cache) every row is computed on its own by the kernels of
+    /// [`crate::decode`], attending over its own slot's cached positions only: a sequence's
+    /// numbers do not depend on which segments share the call, on their number or on the thread
+    /// count. Otherwise (the masked tensor path) each prompt is prefilled alone and the
+    /// single-token segments are decoded together.
+    pub fn feed(&self, segments: &[Segment], cache: &mut KvCache) -> anyhow::Result<Vec<f32>> {
+        if cache.is_host() {
+            return self.feed_host(segments, cache);
+        }
+        let width = self.head_width()?;
+        let mut out = vec![0f32; segments.len() * width];
+        let mut decode: Vec<Option<u32>> = vec![None; cache.slots()];
+        let mut decoded = Vec::new();
+        for (i, segment) in segments.iter().enumerate() {
+            if segment.slot >= cache.slots() {
+                bail!("slot {} is outside the KV cache's {} slots", segment.slot, cache.slots());
+            }
+            if cache.lengths[segment.slot] > 0 && segment.tokens.len() == 1 {
+                decode[segment.slot] = Some(segment.tokens[0]);
+                decoded.push((i, segment.slot));
+            } else if cache.lengths[segment.slot] == 0 {
+                let logits: Vec<f32> = self.prefill_masked(segment.tokens, cache, segment.slot)?.to_dtype(DType::F32)?.to_vec1()?;
+                out[i * width..(i + 1) * width].copy_from_slice(&logits);
+            } else {
+                bail!("the tensor KV cache appends one token at a time to a started slot (slot {})", segment.slot);
+            }
+        }
+        if !decoded.is_empty() {
+            let logits: Vec<f32> = self.decode_masked(&decode, cache)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            for (i, slot) in decoded {
+                out[i * width..(i + 1) * width].copy_from_slice(&logits[slot * width..(slot + 1) * width]);
+            }
+        }
+        Ok(out)
+    }
+
+    /// [`Transformer::feed`] on a host cache.
+    fn feed_host(&self, segments: &[Segment], cache: &mut KvCache) -> anyhow::Result<Vec<f32>> {
+        let cfg = &self.config;
+        let (h, heads, kvh, d) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
+        let weights = HostWeights::new(self)?;
+        let width = weights.head.out;
+        let slots = cache.slots();
+        let vocab = cfg.vocab_size;
+        let window = cfg.attention_window();
+        let mut seen = vec![false; slots];
+        let mut queries: Vec<decode::Query> = Vec::new();
+        let mut ids: Vec<usize> = Vec::new();
+        for segment in segments {
+            let slot = segment.slot;
+            if slot >= slots || std::mem::replace(&mut seen[slot], true) {
+                bail!("segment for slot {slot}: outside the KV cache's {slots} slots or given twice");
+            }
+            if segment.tokens.is_empty() {
+                bail!("segment for slot {slot} has no tokens");
+            }
+            let start = cache.lengths[slot];
+            if start + segment.tokens.len() > cache.capacity {
+                bail!(
+                    "slot {slot} is full: {start} + {} tokens exceed the KV cache's {} positions",
+                    segment.tokens.len(),
+                    cache.capacity
+                );
+            }
+            for (i, &id) in segment.tokens.iter().enumerate() {
+                if id as usize >= vocab {
+                    bail!("token id {id} is outside the vocabulary of {vocab}");
+                }
+                let position = start + i;
+                let first = window.map_or(0, |w| (position + 1).saturating_sub(w));
+                queries.push(decode::Query { slot, first, position });
+                ids.push(id as usize);
+            }
+        }
+        let rows = queries.len();
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        let positions: Vec<usize> = queries.iter().map(|q| q.position).collect();
+        let inv_freq: Vec<f32> = crate::rope::inverse_frequencies(cfg).iter().map(|f| *f as f32).collect();
+        let (cos, sin) = decode::rotary_tables(&positions, &inv_freq);
+        let embed = weights.embed.data();
+        let mut x = Vec::with_capacity(rows * h);
+        for &id in &ids {
+            x.extend_from_slice(&embed[id * h..(id + 1) * h]);
+        }
+        let eps = cfg.rms_norm_eps;
+        let mut normed = vec![0f32; rows * h];
+        let mut attn = vec![0f32; rows * heads * d];
+        let capacity = cache.capacity;
+        let Some((keys, values)) = cache.host_layers_mut() else { unreachable!("host cache") };
+        for (l, block) in weights.layers.iter().enumerate() {
+            decode::rms_norm(&x, block.input_norm.data(), eps, &mut normed);
+            let [mut q, mut k, v] = HostLinear::forward_many([&block.q, &block.k, &block.v], &normed, rows);
+            decode::rotary(&mut q, heads, d, &cos, &sin);
+            decode::rotary(&mut k, kvh, d, &cos, &sin);
+            // Every row's key and value go in before any row attends (a prompt's rows read
+            // each other's).
+            for (row, query) in queries.iter().enumerate() {
+                for head in 0..kvh {
+                    let at = ((query.slot * kvh + head) * capacity + query.position) * d;
+                    let from = (row * kvh + head) * d;
+                    keys[l][at..at + d].copy_from_slice(&k[from..from + d]);
+                    values[l][at..at + d].copy_from_slice(&v[from..from + d]);
+                }
+            }
+            let layer = decode::LayerCache { keys: &keys[l], values: &values[l], kv_heads: kvh, capacity };
+            decode::attention(&q, &queries, heads, d, &layer, &mut attn);
+            let o = block.o.forward(&attn, rows);
+            x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
+            decode::rms_norm(&x, block.post_norm.data(), eps, &mut normed);
+            let [mut gate, up] = HostLinear::forward_many([&block.gate, &block.up], &normed, rows);
+            decode::silu_mul(&mut gate, &up);
+            let down = block.down.forward(&gate, rows);
+            x.iter_mut().zip(&down).for_each(|(x, o)| *x += o);
+        }
+        // Only each segment's last position needs logits.
+        let mut last = Vec::with_capacity(segments.len() * h);
+        let mut end = 0;
+        for segment in segments {
+            cache.lengths[segment.slot] += segment.tokens.len();
+            end += segment.tokens.len();
+            last.extend_from_slice(&x[(end - 1) * h..end * h]);
+        }
+        let mut normed = vec![0f32; segments.len() * h];
+        decode::rms_norm(&last, weights.norm.data(), eps, &mut normed);
+        let logits = weights.head.forward(&normed, segments.len());
+        debug_assert_eq!(logits.len(), segments.len() * width);
+        Ok(logits)
+    }
+
+    /// The decode step from tensor ops, for other devices and dtypes: the batch attends over its
+    /// longest sequence with a mask, so a slot's logits can change in the last bits with the
+    /// other slots' lengths.
+    fn decode_masked(&self, tokens: &[Option<u32>], cache: &mut KvCache) -> anyhow::Result<Tensor> {
         let slots = cache.slots();
         if tokens.len() != slots {
             bail!("decode_step got {} tokens for {slots} slots", tokens.len());
+        }
+        if let Some(full) = (0..slots).find(|&s| tokens[s].is_some() && cache.lengths[s] >= cache.capacity) {
+            bail!("slot {full} is full: the KV cache holds {} positions", cache.capacity);
         }
         // Idle slots still flow through the batch; keep their (ignored) write inside the cache.
         let positions: Vec<u32> = (0..slots)
@@ -414,9 +605,6 @@ impl Transformer {
                 None => cache.lengths[s].min(cache.capacity - 1),
             } as u32)
             .collect();
-        if let Some(full) = (0..slots).find(|&s| tokens[s].is_some() && cache.lengths[s] >= cache.capacity) {
-            bail!("slot {full} is full: the KV cache holds {} positions", cache.capacity);
-        }
         let keys = positions.iter().copied().max().unwrap_or(0) as usize + 1;
         let window = self.config.attention_window();
         let mut mask = Vec::with_capacity(slots * keys);
@@ -445,6 +633,150 @@ impl Transformer {
         }
         let x = rms_norm(&x.reshape((slots, self.config.hidden_size))?, &self.norm, self.config.rms_norm_eps)?;
         Ok(crate::linear::fixed_row_blocks(&x, |rows| self.head_logits(rows))?)
+    }
+}
+
+/// Tokens to append to one slot of a [`KvCache`] with [`Transformer::feed`].
+#[derive(Clone, Copy, Debug)]
+pub struct Segment<'a> {
+    pub slot: usize,
+    pub tokens: &'a [u32],
+}
+
+/// A contiguous CPU f32 tensor's data, read under its storage's lock.
+struct HostView<'a> {
+    guard: StorageRef<'a>,
+    start: usize,
+    end: usize,
+}
+
+impl<'a> HostView<'a> {
+    fn new(tensor: &'a Tensor) -> anyhow::Result<Self> {
+        let (guard, layout) = tensor.storage_and_layout();
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            bail!("CPU decoding needs contiguous weights (a weight of shape {:?} is strided)", tensor.dims());
+        };
+        if !matches!(&*guard, Storage::Cpu(CpuStorage::F32(_))) {
+            bail!("CPU decoding needs f32 weights on the CPU, found {:?}", tensor.dtype());
+        }
+        Ok(Self { guard, start, end })
+    }
+
+    fn data(&self) -> &[f32] {
+        match &*self.guard {
+            Storage::Cpu(CpuStorage::F32(v)) => &v[self.start..self.end],
+            _ => unreachable!("checked in HostView::new"),
+        }
+    }
+}
+
+/// A linear layer (and its enabled LoRA adapter) for [`decode::linear`]. Dropout is never
+/// applied here: decoding is inference.
+struct HostLinear<'a> {
+    weight: HostView<'a>,
+    bias: Option<HostView<'a>>,
+    lora: Option<(HostView<'a>, HostView<'a>, f32)>,
+    out: usize,
+}
+
+impl<'a> HostLinear<'a> {
+    fn new(linear: &'a Linear) -> anyhow::Result<Self> {
+        let lora = match &linear.lora {
+            Some(a) if a.enabled.load(std::sync::atomic::Ordering::Relaxed) => {
+                Some((HostView::new(&a.a)?, HostView::new(&a.b)?, a.scale as f32))
+            }
+            _ => None,
+        };
+        Ok(Self {
+            weight: HostView::new(&linear.weight)?,
+            bias: linear.bias.as_ref().map(HostView::new).transpose()?,
+            lora,
+            out: linear.weight.dim(0)?,
+        })
+    }
+
+    fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        let [y] = Self::forward_many([self], x, rows);
+        y
+    }
+
+    /// Several layers on the same input, their base products in one parallel region.
+    fn forward_many<const N: usize>(layers: [&Self; N], x: &[f32], rows: usize) -> [Vec<f32>; N] {
+        let mut outs: [Vec<f32>; N] = std::array::from_fn(|i| vec![0f32; rows * layers[i].out]);
+        let mut products: Vec<decode::Product> = layers
+            .iter()
+            .zip(outs.iter_mut())
+            .map(|(l, out)| decode::Product { w: l.weight.data(), bias: l.bias.as_ref().map(|b| b.data()), out })
+            .collect();
+        decode::linear_many(decode::isa(), x, rows, &mut products);
+        drop(products);
+        for (layer, y) in layers.iter().zip(outs.iter_mut()) {
+            if let Some((a, b, scale)) = &layer.lora {
+                let rank = a.data().len() / (x.len() / rows);
+                let mut t = vec![0f32; rows * rank];
+                decode::linear(x, rows, a.data(), None, &mut t);
+                let mut delta = vec![0f32; rows * layer.out];
+                decode::linear(&t, rows, b.data(), None, &mut delta);
+                y.iter_mut().zip(&delta).for_each(|(y, d)| *y += d * scale);
+            }
+        }
+        outs
+    }
+}
+
+struct HostBlock<'a> {
+    input_norm: HostView<'a>,
+    q: HostLinear<'a>,
+    k: HostLinear<'a>,
+    v: HostLinear<'a>,
+    o: HostLinear<'a>,
+    post_norm: HostView<'a>,
+    gate: HostLinear<'a>,
+    up: HostLinear<'a>,
+    down: HostLinear<'a>,
+}
+
+/// Every weight of the model as host slices, for one decode step.
+struct HostWeights<'a> {
+    embed: HostView<'a>,
+    layers: Vec<HostBlock<'a>>,
+    norm: HostView<'a>,
+    head: HostLinear<'a>,
+}
+
+impl<'a> HostWeights<'a> {
+    fn new(model: &'a Transformer) -> anyhow::Result<Self> {
+        let layers = model
+            .layers
+            .iter()
+            .map(|b| {
+                Ok(HostBlock {
+                    input_norm: HostView::new(&b.input_layernorm)?,
+                    q: HostLinear::new(&b.self_attn.q_proj)?,
+                    k: HostLinear::new(&b.self_attn.k_proj)?,
+                    v: HostLinear::new(&b.self_attn.v_proj)?,
+                    o: HostLinear::new(&b.self_attn.o_proj)?,
+                    post_norm: HostView::new(&b.post_attention_layernorm)?,
+                    gate: HostLinear::new(&b.mlp.gate_proj)?,
+                    up: HostLinear::new(&b.mlp.up_proj)?,
+                    down: HostLinear::new(&b.mlp.down_proj)?,
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let head = match &model.head {
+            OutputHead::LanguageModel { weight, .. } | OutputHead::Score { weight } => weight,
+        };
+        Ok(Self {
+            embed: HostView::new(&model.embed_tokens)?,
+            layers,
+            norm: HostView::new(&model.norm)?,
+            head: HostLinear {
+                weight: HostView::new(head)?,
+                bias: None,
+                lora: None,
+                out: head.dim(0)?,
+            },
+        })
     }
 }
 
@@ -502,8 +834,12 @@ impl Block {
         let rows = if cached.is_some() { Rows::Fixed } else { Rows::Free };
         let h = rms_norm(x, &self.input_layernorm, eps)?;
         let split = |y: Tensor, n: usize| y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous();
-        let q = apply_rotary(&split(rows.apply(&self.self_attn.q_proj, &h)?, heads)?, cos, sin)?;
-        let k = apply_rotary(&split(rows.apply(&self.self_attn.k_proj, &h)?, kv_heads)?, cos, sin)?;
+        let rotate = |y: Tensor, n: usize| match fused::supported(&y) && cos.dtype() == y.dtype() {
+            true => fused::rotary_heads(&y, cos, sin, n),
+            false => apply_rotary(&split(y, n)?, cos, sin),
+        };
+        let q = rotate(rows.apply(&self.self_attn.q_proj, &h)?, heads)?;
+        let k = rotate(rows.apply(&self.self_attn.k_proj, &h)?, kv_heads)?;
         let v = split(rows.apply(&self.self_attn.v_proj, &h)?, kv_heads)?;
         let attn = match cached {
             None => attend(&q, &k, &v, mask, kv_heads)?,
@@ -527,34 +863,84 @@ fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, kv_heads: usize) ->
     let (b, heads, tq, d) = q.dims4()?;
     let tk = k.dim(2)?;
     let group = heads / kv_heads;
-    let q = (q.reshape((b, kv_heads, group * tq, d))? * (1.0 / (d as f64).sqrt()))?;
+    let scale = 1.0 / (d as f64).sqrt();
+    if fused::supported(q) && mask.dtype() == q.dtype() {
+        // One op for scale, mask and softmax (and one node for autograd).
+        let scores = q.reshape((b, kv_heads, group * tq, d))?.matmul(&k.t()?)?.reshape((b, heads, tq, tk))?;
+        let probs = fused::masked_softmax(&scores, mask, scale)?.reshape((b, kv_heads, group * tq, tk))?;
+        return probs.matmul(&v.contiguous()?)?.reshape((b, heads, tq, d));
+    }
+    let q = (q.reshape((b, kv_heads, group * tq, d))? * scale)?;
     let scores = q.matmul(&k.t()?)?.reshape((b, kv_heads, group, tq, tk))?;
     let scores = scores.broadcast_add(&mask.unsqueeze(1)?)?;
     let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.reshape((b, kv_heads, group * tq, tk))?;
     probs.matmul(&v.contiguous()?)?.reshape((b, heads, tq, d))
 }
 
-/// Per-layer keys and values for `slots` sequences of up to `capacity` positions each, stored as
-/// `[slots, kv_heads, capacity, head_dim]` so one decode step writes every slot with one scatter.
+/// Per-layer keys and values for `slots` sequences of up to `capacity` positions each, laid out
+/// `[slots, kv_heads, capacity, head_dim]`. On the CPU in f32 they live in plain host vectors
+/// that the decode kernels read directly ([`Transformer::decode_step`] then attends over each
+/// slot's own length); otherwise in tensors, and one decode step writes every slot with one
+/// scatter and attends with a mask.
 pub struct KvCache {
-    keys: Vec<Tensor>,
-    values: Vec<Tensor>,
+    store: KvStore,
     lengths: Vec<usize>,
     capacity: usize,
 }
 
+enum KvStore {
+    Host { keys: Vec<Vec<f32>>, values: Vec<Vec<f32>>, kv_heads: usize, head_dim: usize },
+    Tensors { keys: Vec<Tensor>, values: Vec<Tensor> },
+}
+
 impl KvCache {
+    /// A cache for `model`: host vectors when the model runs on the CPU in f32, else tensors.
     pub fn new(model: &Transformer, slots: usize, capacity: usize) -> Result<Self> {
+        if model.device().is_cpu() && model.dtype() == DType::F32 {
+            let cfg = model.config();
+            let size = slots * cfg.num_kv_heads() * capacity * cfg.head_dim();
+            let layers = cfg.num_hidden_layers;
+            return Ok(Self {
+                store: KvStore::Host {
+                    keys: (0..layers).map(|_| vec![0f32; size]).collect(),
+                    values: (0..layers).map(|_| vec![0f32; size]).collect(),
+                    kv_heads: cfg.num_kv_heads(),
+                    head_dim: cfg.head_dim(),
+                },
+                lengths: vec![0; slots],
+                capacity,
+            });
+        }
+        Self::new_masked(model, slots, capacity)
+    }
+
+    /// A tensor-backed cache whatever the device: decoding then takes the masked tensor path
+    /// (what other devices and dtypes use), e.g. to compare it with the CPU kernels.
+    pub fn new_masked(model: &Transformer, slots: usize, capacity: usize) -> Result<Self> {
         let cfg = model.config();
         let shape = (slots, cfg.num_kv_heads(), capacity, cfg.head_dim());
         let zeros = || Tensor::zeros(shape, model.dtype(), model.device());
         let layers = cfg.num_hidden_layers;
         Ok(Self {
-            keys: (0..layers).map(|_| zeros()).collect::<Result<_>>()?,
-            values: (0..layers).map(|_| zeros()).collect::<Result<_>>()?,
+            store: KvStore::Tensors {
+                keys: (0..layers).map(|_| zeros()).collect::<Result<_>>()?,
+                values: (0..layers).map(|_| zeros()).collect::<Result<_>>()?,
+            },
             lengths: vec![0; slots],
             capacity,
         })
+    }
+
+    fn is_host(&self) -> bool {
+        matches!(self.store, KvStore::Host { .. })
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn host_layers_mut(&mut self) -> Option<(&mut [Vec<f32>], &mut [Vec<f32>])> {
+        match &mut self.store {
+            KvStore::Host { keys, values, .. } => Some((keys, values)),
+            KvStore::Tensors { .. } => None,
+        }
     }
 
     pub fn slots(&self) -> usize {
@@ -569,28 +955,47 @@ impl KvCache {
     pub fn is_empty(&self, slot: usize) -> bool {
         self.lengths[slot] == 0
     }
-    /// Frees a slot for the next sequence; its stale entries are masked out by length.
+    /// Frees a slot for the next sequence; its stale entries are never read (host) or masked
+    /// out by length (tensors).
     pub fn clear(&mut self, slot: usize) {
         self.lengths[slot] = 0;
     }
 
     fn write_prefix(&mut self, layer: usize, slot: usize, k: &Tensor, v: &Tensor) -> Result<()> {
         let len = k.dim(2)?;
-        for (store, src) in [(&self.keys[layer], k), (&self.values[layer], v)] {
-            let (_, kvh, cap, d) = store.dims4()?;
-            let pad = Tensor::zeros((1, kvh, cap - len, d), src.dtype(), src.device())?;
-            let full = Tensor::cat(&[src, &pad], 2)?.contiguous()?;
-            store.slice_set(&full, 0, slot)?;
+        let capacity = self.capacity;
+        match &mut self.store {
+            KvStore::Host { keys, values, kv_heads, head_dim } => {
+                let (kvh, d) = (*kv_heads, *head_dim);
+                for (store, src) in [(&mut keys[layer], k), (&mut values[layer], v)] {
+                    let src: Vec<f32> = src.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                    for h in 0..kvh {
+                        let at = (slot * kvh + h) * capacity * d;
+                        store[at..at + len * d].copy_from_slice(&src[h * len * d..(h + 1) * len * d]);
+                    }
+                }
+            }
+            KvStore::Tensors { keys, values } => {
+                for (store, src) in [(&keys[layer], k), (&values[layer], v)] {
+                    let (_, kvh, cap, d) = store.dims4()?;
+                    let pad = Tensor::zeros((1, kvh, cap - len, d), src.dtype(), src.device())?;
+                    let full = Tensor::cat(&[src, &pad], 2)?.contiguous()?;
+                    store.slice_set(&full, 0, slot)?;
+                }
+            }
         }
         Ok(())
     }
 
     /// Writes each slot's new `[slots, kv_heads, 1, d]` key/value at its own position and returns
-    /// views of the first `keys` positions.
+    /// views of the first `keys` positions (tensor store only).
     fn append(&mut self, layer: usize, write_at: &Tensor, k: &Tensor, v: &Tensor, keys: usize) -> Result<(Tensor, Tensor)> {
+        let KvStore::Tensors { keys: key_store, values } = &mut self.store else {
+            candle_core::bail!("append on a host KV cache");
+        };
         let index = write_at.broadcast_as(k.shape())?.contiguous()?;
-        self.keys[layer].scatter_set(&index, k, 2)?;
-        self.values[layer].scatter_set(&index, v, 2)?;
-        Ok((self.keys[layer].narrow(2, 0, keys)?, self.values[layer].narrow(2, 0, keys)?))
+        key_store[layer].scatter_set(&index, k, 2)?;
+        values[layer].scatter_set(&index, v, 2)?;
+        Ok((key_store[layer].narrow(2, 0, keys)?, values[layer].narrow(2, 0, keys)?))
     }
 }

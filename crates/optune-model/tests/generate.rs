@@ -2,7 +2,7 @@
 
 use candle_core::{DType, Device};
 use optune_model::generate::{generate, stream_seed, FinishReason, GenerationRequest, SamplingParams};
-use optune_model::{load_model, sequence_logprobs, PaddedBatch, TokenizedPair, Transformer};
+use optune_model::{load_model, sequence_logprobs, KvCache, PaddedBatch, TokenizedPair, Transformer};
 use std::path::PathBuf;
 
 fn model(name: &str) -> Transformer {
@@ -74,17 +74,52 @@ fn reported_logp_equals_the_sequence_logprob() {
     }
 }
 
-/// Sampled tokens do not depend on the batch size. The linear layers decode in fixed row blocks,
-/// but attention spans the batch's longest sequence, so `logp` can differ in its last bits.
+/// A sequence's output does not depend on the batch size, on the other sequences in its batch
+/// or on the thread count, to the bit: the CPU decode kernels compute every number of a slot
+/// from that slot alone, in a fixed order.
 #[test]
 fn output_does_not_depend_on_the_batch_size() {
     let model = model("tiny-mistral");
-    let reference = generate(&model, &requests(11), &sampling(1.0, 20), &[5, 7], 2, |_| {}).unwrap();
-    for batch in [2, 3, 5, 8] {
-        let out = generate(&model, &requests(11), &sampling(1.0, 20), &[5, 7], batch, |_| {}).unwrap();
+    let run = |batch: usize, threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| generate(&model, &requests(11), &sampling(1.0, 20), &[5, 7], batch, |_| {}).unwrap())
+    };
+    let reference = run(2, 1);
+    for (batch, threads) in [(1, 1), (2, 2), (3, 2), (5, 1), (5, 3), (8, 2)] {
+        let out = run(batch, threads);
         for (a, b) in reference.iter().zip(&out) {
-            assert_eq!(a.tokens, b.tokens, "batch {batch}");
-            assert!((a.logp - b.logp).abs() <= 1e-5 * a.logp.abs(), "batch {batch}: {} vs {}", a.logp, b.logp);
+            assert_eq!(a.tokens, b.tokens, "batch {batch} threads {threads}");
+            assert_eq!(a.logp.to_bits(), b.logp.to_bits(), "batch {batch} threads {threads}: {} vs {}", a.logp, b.logp);
+        }
+    }
+}
+
+/// The CPU kernels (host cache) and the masked tensor path that other devices use compute the
+/// same logits, up to rounding.
+#[test]
+fn cpu_kernels_agree_with_the_masked_tensor_path() {
+    for name in ["tiny-llama", "tiny-mistral", "tiny-qwen2"] {
+        let model = model(name);
+        let prompts = prompts();
+        let mut host = KvCache::new(&model, 3, 64).unwrap();
+        let mut masked = KvCache::new_masked(&model, 3, 64).unwrap();
+        for (slot, p) in prompts[..3].iter().enumerate() {
+            model.prefill(p, &mut host, slot).unwrap();
+            model.prefill(p, &mut masked, slot).unwrap();
+        }
+        for step in 0..12u32 {
+            // Slot 1 sits out every third step: idle slots must be left alone.
+            let feed: Vec<Option<u32>> = (0..3).map(|s| (s != 1 || step % 3 != 0).then_some(10 + 7 * step + s)).collect();
+            let a: Vec<Vec<f32>> = model.decode_step(&feed, &mut host).unwrap().to_vec2().unwrap();
+            let b: Vec<Vec<f32>> = model.decode_step(&feed, &mut masked).unwrap().to_vec2().unwrap();
+            for s in (0..3).filter(|&s| feed[s].is_some()) {
+                for (x, y) in a[s].iter().zip(&b[s]) {
+                    assert!((x - y).abs() <= 1e-5 * y.abs().max(1.0), "{name} step {step} slot {s}: {x} vs {y}");
+                }
+            }
+            for s in 0..3 {
+                assert_eq!(host.len(s), masked.len(s));
+            }
         }
     }
 }
@@ -115,4 +150,34 @@ fn capacity_beyond_the_model_positions_is_an_error() {
     let long = vec![GenerationRequest { prompt_ids: vec![1; 250], seed: 0 }];
     let err = generate(&model, &long, &sampling(1.0, 10), &[], 1, |_| {}).unwrap_err();
     assert!(err.to_string().contains("exceeds the model's 256 positions"), "{err}");
+}
+
+/// Feeding prompts and decode tokens together in one call gives every slot the same logits, to
+/// the bit, as feeding each slot alone.
+#[test]
+fn feeding_slots_together_equals_feeding_them_alone() {
+    use optune_model::transformer::Segment;
+    for name in ["tiny-llama", "tiny-mistral", "tiny-qwen2"] {
+        let model = model(name);
+        let prompts = prompts();
+        let mut together = KvCache::new(&model, 3, 64).unwrap();
+        let mut alone = KvCache::new(&model, 3, 64).unwrap();
+        // Slot 0 starts decoding before the others arrive.
+        let first = model.feed(&[Segment { slot: 0, tokens: &prompts[0] }], &mut together).unwrap();
+        assert_eq!(first, model.feed(&[Segment { slot: 0, tokens: &prompts[0] }], &mut alone).unwrap());
+        let mixed = [
+            Segment { slot: 0, tokens: &[17] },
+            Segment { slot: 1, tokens: &prompts[1] },
+            Segment { slot: 2, tokens: &prompts[4] },
+        ];
+        let rows = model.feed(&mixed, &mut together).unwrap();
+        let width = rows.len() / 3;
+        for (i, segment) in mixed.iter().enumerate() {
+            let one = model.feed(&[*segment], &mut alone).unwrap();
+            assert_eq!(one, rows[i * width..(i + 1) * width], "{name} slot {}", segment.slot);
+        }
+        for s in 0..3 {
+            assert_eq!(together.len(s), alone.len(s));
+        }
+    }
 }

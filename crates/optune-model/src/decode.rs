@@ -1,0 +1,803 @@
+//! CPU kernels of the f32 decode step: linear layers, attention over each sequence's own cached
+//! keys, RMS norm, rotary embedding, SiLU and a vectorisable `exp`.
+//!
+//! Deterministic by construction. Every output element is produced by one fixed sequence of
+//! floating-point operations on its own inputs only — not on how many rows share the batch, not
+//! on how the work is split between threads, not on which instruction set runs it:
+//! * a dot product keeps 16 partial sums (lane `j` accumulates elements `j, j+16, j+32, …` with
+//!   fused multiply-adds; a tail shorter than 16 is zero-padded) folded by a fixed pairwise tree
+//!   (`lane j + lane j+8`, then `+4`, `+2`, `+1`). AVX-512, AVX2+FMA and the portable code all
+//!   implement exactly these 16 lanes, so they agree to the bit;
+//! * attention reads only the sequence's own keys (no padding to the batch's longest sequence,
+//!   no mask), so a sequence's softmax sums never see another sequence's length;
+//! * every other reduction (RMS norm, softmax sums) uses the same 16-lane scheme in plain code.
+//!
+//! Threads split linear layers by output column and attention by (sequence, KV head); each
+//! element is computed whole by one thread.
+
+use rayon::prelude::*;
+use std::sync::OnceLock;
+
+/// The widest instruction set the kernels can use on this CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Isa {
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    Portable,
+}
+
+pub(crate) fn isa() -> Isa {
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx512f") {
+                return Isa::Avx512;
+            }
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Portable
+    })
+}
+
+/// 16 f32 lanes.
+trait Lanes: Copy {
+    unsafe fn zero() -> Self;
+    /// Loads 16 floats from `p`.
+    unsafe fn load(p: *const f32) -> Self;
+    /// `self + a·b`, fused (one rounding), lane by lane.
+    unsafe fn fma(self, a: Self, b: Self) -> Self;
+    /// `((v[j] + v[j+8]) + (… +4)) + …`: the fixed pairwise tree.
+    unsafe fn sum(self) -> f32;
+
+    /// Loads `n < 16` floats, the other lanes zero.
+    #[inline(always)]
+    unsafe fn load_padded(p: *const f32, n: usize) -> Self {
+        let mut buf = [0f32; 16];
+        std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), n);
+        Self::load(buf.as_ptr())
+    }
+}
+
+/// The reference implementation of the 16 lanes.
+#[derive(Clone, Copy)]
+struct Portable([f32; 16]);
+
+impl Lanes for Portable {
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        Portable([0.0; 16])
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        Portable(std::ptr::read_unaligned(p as *const [f32; 16]))
+    }
+    #[inline(always)]
+    unsafe fn fma(self, a: Self, b: Self) -> Self {
+        let mut out = self.0;
+        for j in 0..16 {
+            out[j] = a.0[j].mul_add(b.0[j], out[j]);
+        }
+        Portable(out)
+    }
+    #[inline(always)]
+    unsafe fn sum(self) -> f32 {
+        tree16(&self.0)
+    }
+}
+
+/// The fixed pairwise fold of 16 partial sums.
+#[inline(always)]
+fn tree16(v: &[f32; 16]) -> f32 {
+    let mut t = [0f32; 8];
+    for j in 0..8 {
+        t[j] = v[j] + v[j + 8];
+    }
+    let u = [t[0] + t[4], t[1] + t[5], t[2] + t[6], t[3] + t[7]];
+    let w = [u[0] + u[2], u[1] + u[3]];
+    w[0] + w[1]
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::Lanes;
+    use std::arch::x86_64::*;
+
+    /// Lanes 4..7 of 8 → one 4-lane fold, then 2, then 1 (shared by both x86 paths).
+    #[inline(always)]
+    unsafe fn fold8(t: __m256) -> f32 {
+        let u = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps::<1>(t));
+        let w = _mm_add_ps(u, _mm_movehl_ps(u, u));
+        _mm_cvtss_f32(_mm_add_ss(w, _mm_shuffle_ps::<0b01>(w, w)))
+    }
+
+    #[derive(Clone, Copy)]
+    pub(super) struct Avx512(__m512);
+
+    impl Lanes for Avx512 {
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            Avx512(_mm512_setzero_ps())
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            Avx512(_mm512_loadu_ps(p))
+        }
+        #[inline(always)]
+        unsafe fn fma(self, a: Self, b: Self) -> Self {
+            Avx512(_mm512_fmadd_ps(a.0, b.0, self.0))
+        }
+        #[inline(always)]
+        unsafe fn sum(self) -> f32 {
+            let lo = _mm512_castps512_ps256(self.0);
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(self.0)));
+            fold8(_mm256_add_ps(lo, hi))
+        }
+    }
+
+    /// Lanes 0..7 and 8..15.
+    #[derive(Clone, Copy)]
+    pub(super) struct Avx2(__m256, __m256);
+
+    impl Lanes for Avx2 {
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            Avx2(_mm256_setzero_ps(), _mm256_setzero_ps())
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            Avx2(_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)))
+        }
+        #[inline(always)]
+        unsafe fn fma(self, a: Self, b: Self) -> Self {
+            Avx2(_mm256_fmadd_ps(a.0, b.0, self.0), _mm256_fmadd_ps(a.1, b.1, self.1))
+        }
+        #[inline(always)]
+        unsafe fn sum(self) -> f32 {
+            fold8(_mm256_add_ps(self.0, self.1))
+        }
+    }
+}
+
+/// `out[r·ldo + o] = dot(x[r·k..], w[o·k..]) (+ bias[o])` for an `R × O` tile.
+#[inline(always)]
+unsafe fn tile<L: Lanes, const R: usize, const O: usize>(
+    x: *const f32,
+    w: *const f32,
+    k: usize,
+    bias: Option<*const f32>,
+    out: *mut f32,
+    ldo: usize,
+) {
+    let mut acc = [[L::zero(); O]; R];
+    let chunks = k / 16;
+    for c in 0..chunks {
+        let off = c * 16;
+        let mut xs = [L::zero(); R];
+        for r in 0..R {
+            xs[r] = L::load(x.add(r * k + off));
+        }
+        for o in 0..O {
+            let wv = L::load(w.add(o * k + off));
+            for r in 0..R {
+                acc[r][o] = acc[r][o].fma(xs[r], wv);
+            }
+        }
+    }
+    let rest = k % 16;
+    if rest != 0 {
+        let off = chunks * 16;
+        let mut xs = [L::zero(); R];
+        for r in 0..R {
+            xs[r] = L::load_padded(x.add(r * k + off), rest);
+        }
+        for o in 0..O {
+            let wv = L::load_padded(w.add(o * k + off), rest);
+            for r in 0..R {
+                acc[r][o] = acc[r][o].fma(xs[r], wv);
+            }
+        }
+    }
+    for r in 0..R {
+        for o in 0..O {
+            let mut s = acc[r][o].sum();
+            if let Some(b) = bias {
+                s += *b.add(o);
+            }
+            *out.add(r * ldo + o) = s;
+        }
+    }
+}
+
+macro_rules! tile_dispatch {
+    ($L:ty, $rw:expr, $ow:expr, $args:tt; $(($r:literal, $o:literal)),*) => {
+        match ($rw, $ow) {
+            $(($r, $o) => tile::<$L, $r, $o> $args,)*
+            _ => unreachable!("tile {}x{}", $rw, $ow),
+        }
+    };
+}
+
+/// Columns `c0..c1` of `out [rows, ldo] = x [rows, k] · w[c0..c1]ᵀ (+ bias)`, in tiles of at most
+/// `RT × OT`. `w` and `bias` point at column 0.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn columns<L: Lanes, const RT: usize, const OT: usize>(
+    x: *const f32,
+    rows: usize,
+    k: usize,
+    w: *const f32,
+    bias: Option<*const f32>,
+    out: *mut f32,
+    ldo: usize,
+    c0: usize,
+    c1: usize,
+) {
+    let mut o = c0;
+    while o < c1 {
+        let ow = OT.min(c1 - o);
+        // With several row tiles the weights are reused from L1 and the kernel is compute
+        // bound: fetch the next column tile's weights meanwhile.
+        if rows > RT {
+            let next = (o + ow).min(c1);
+            let lines = (OT.min(c1 - next) * k) / 16;
+            for line in 0..lines {
+                prefetch(w.add(next * k + line * 16));
+            }
+        }
+        let mut r = 0;
+        while r < rows {
+            let rw = RT.min(rows - r);
+            let (xa, wa, ba, oa) = (x.add(r * k), w.add(o * k), bias.map(|b| b.add(o)), out.add(r * ldo + o));
+            tile_dispatch!(L, rw, ow, (xa, wa, k, ba, oa, ldo);
+                (1, 1), (1, 2), (1, 3), (1, 4), (1, 5), (1, 6), (1, 7), (1, 8), (1, 12),
+                (2, 1), (2, 2), (2, 3), (2, 4), (2, 5), (2, 6), (2, 7), (2, 8), (2, 9), (2, 10), (2, 11), (2, 12),
+                (3, 1), (3, 2), (3, 3), (3, 4), (3, 5), (3, 6),
+                (4, 1), (4, 2), (4, 3), (4, 4), (4, 5), (4, 6),
+                (5, 1), (5, 2), (5, 3), (5, 4), (6, 1), (6, 2), (6, 3), (6, 4),
+                (7, 1), (7, 2), (7, 3), (8, 1), (8, 2), (8, 3));
+            r += rw;
+        }
+        o += ow;
+    }
+}
+
+#[inline(always)]
+unsafe fn prefetch(p: *const f32) {
+    #[cfg(target_arch = "x86_64")]
+    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn columns_avx512(x: *const f32, rows: usize, k: usize, w: *const f32, bias: Option<*const f32>, out: *mut f32, ldo: usize, c0: usize, c1: usize) {
+    columns::<x86::Avx512, 4, 6>(x, rows, k, w, bias, out, ldo, c0, c1)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn columns_avx2(x: *const f32, rows: usize, k: usize, w: *const f32, bias: Option<*const f32>, out: *mut f32, ldo: usize, c0: usize, c1: usize) {
+    columns::<x86::Avx2, 2, 2>(x, rows, k, w, bias, out, ldo, c0, c1)
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn columns_portable(x: *const f32, rows: usize, k: usize, w: *const f32, bias: Option<*const f32>, out: *mut f32, ldo: usize, c0: usize, c1: usize) {
+    columns::<Portable, 1, 4>(x, rows, k, w, bias, out, ldo, c0, c1)
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn columns_with(isa: Isa, x: *const f32, rows: usize, k: usize, w: *const f32, bias: Option<*const f32>, out: *mut f32, ldo: usize, c0: usize, c1: usize) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => columns_avx512(x, rows, k, w, bias, out, ldo, c0, c1),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => columns_avx2(x, rows, k, w, bias, out, ldo, c0, c1),
+        Isa::Portable => columns_portable(x, rows, k, w, bias, out, ldo, c0, c1),
+    }
+}
+
+/// A pointer that rayon tasks may share; each task writes a disjoint part.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+impl SharedMut {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Below this many multiply-adds a linear layer runs on the calling thread.
+const PARALLEL_WORK: usize = 1 << 17;
+
+/// `out [rows, n] = x [rows, k] · wᵀ (+ bias)` with `w [n, k]` row-major (the Hugging Face
+/// layout of a linear layer's weight). Each element is a [`Lanes`] dot product, so a row's
+/// result does not depend on `rows`, on the thread count or on the instruction set.
+pub(crate) fn linear(x: &[f32], rows: usize, w: &[f32], bias: Option<&[f32]>, out: &mut [f32]) {
+    linear_many(isa(), x, rows, &mut [Product { w, bias, out }])
+}
+
+#[cfg(test)]
+pub(crate) fn linear_with(isa: Isa, x: &[f32], rows: usize, w: &[f32], bias: Option<&[f32]>, out: &mut [f32]) {
+    linear_many(isa, x, rows, &mut [Product { w, bias, out }])
+}
+
+/// One weight matrix applied to a shared input by [`linear_many`].
+pub(crate) struct Product<'a> {
+    pub w: &'a [f32],
+    pub bias: Option<&'a [f32]>,
+    pub out: &'a mut [f32],
+}
+
+/// Several [`linear`] layers on the same input (q, k and v; gate and up) in one parallel region,
+/// so the threads meet once instead of once per matrix.
+pub(crate) fn linear_many(isa: Isa, x: &[f32], rows: usize, products: &mut [Product]) {
+    if rows == 0 {
+        return;
+    }
+    let k = x.len() / rows;
+    assert!(k > 0 && x.len() == rows * k, "linear: x {} rows {rows}", x.len());
+    // (product, first column, end column) of every task.
+    let mut tasks: Vec<(usize, usize, usize)> = Vec::new();
+    let threads = rayon::current_num_threads();
+    let total: usize = products.iter().map(|p| p.w.len()).sum::<usize>() * rows;
+    for (i, p) in products.iter().enumerate() {
+        assert!(p.w.len() % k == 0, "linear: w {} is not a multiple of k {k}", p.w.len());
+        let n = p.w.len() / k;
+        assert_eq!(p.out.len(), rows * n, "linear: output size");
+        if let Some(b) = p.bias {
+            assert_eq!(b.len(), n, "linear: bias size");
+        }
+        // About four tasks per thread over all products, in whole 6-column tiles.
+        let share = if threads <= 1 || total < PARALLEL_WORK { 1 } else { (threads * 4 * p.w.len() * rows).div_ceil(total) };
+        let chunk = n.div_ceil(share.max(1)).div_ceil(6).max(1) * 6;
+        let mut c0 = 0;
+        while c0 < n {
+            tasks.push((i, c0, (c0 + chunk).min(n)));
+            c0 += chunk;
+        }
+    }
+    struct Raw {
+        w: *const f32,
+        bias: Option<*const f32>,
+        out: SharedMut,
+        n: usize,
+    }
+    unsafe impl Send for Raw {}
+    unsafe impl Sync for Raw {}
+    let raw: Vec<Raw> = products
+        .iter_mut()
+        .map(|p| Raw { w: p.w.as_ptr(), bias: p.bias.map(<[f32]>::as_ptr), out: SharedMut(p.out.as_mut_ptr()), n: p.w.len() / k })
+        .collect();
+    let xp = x.as_ptr() as usize;
+    // Tasks write disjoint columns of their product's output.
+    let run = |&(i, c0, c1): &(usize, usize, usize)| unsafe {
+        let p = &raw[i];
+        columns_with(isa, xp as *const f32, rows, k, p.w, p.bias, p.out.get(), p.n, c0, c1)
+    };
+    if tasks.len() == 1 {
+        tasks.iter().for_each(run);
+    } else {
+        tasks.par_iter().for_each(run);
+    }
+}
+
+/// Where one layer's keys and values of every slot live: `[slots, kv_heads, capacity, head_dim]`.
+pub(crate) struct LayerCache<'a> {
+    pub keys: &'a [f32],
+    pub values: &'a [f32],
+    pub kv_heads: usize,
+    pub capacity: usize,
+}
+
+/// One decoding sequence: its cache slot and the position of its new token (already written to
+/// the cache), plus the first position its attention window reaches.
+#[derive(Clone, Copy)]
+pub(crate) struct Query {
+    pub slot: usize,
+    pub first: usize,
+    pub position: usize,
+}
+
+/// Attention of each query row over its own cached positions `first..=position`.
+/// `q [rows, heads·d]` → `out [rows, heads·d]`; the query heads sharing a KV head are computed
+/// together. Scores are `(q·scale)·k` dot products, the softmax is `exp(s − max) / Σ`, and the
+/// output is `Σ_t p_t·v_t` accumulated in position order.
+pub(crate) fn attention(q: &[f32], queries: &[Query], heads: usize, head_dim: usize, cache: &LayerCache, out: &mut [f32]) {
+    let rows = queries.len();
+    let d = head_dim;
+    let kvh = cache.kv_heads;
+    let group = heads / kvh;
+    assert_eq!(q.len(), rows * heads * d);
+    assert_eq!(out.len(), rows * heads * d);
+    let scale = (1.0 / (d as f64).sqrt()) as f32;
+    let isa = isa();
+    let out_ptr = SharedMut(out.as_mut_ptr());
+    let task = |t: usize| {
+        let (row, h) = (t / kvh, t % kvh);
+        let query = queries[row];
+        let base = (query.slot * kvh + h) * cache.capacity * d;
+        let keys = &cache.keys[base + query.first * d..base + (query.position + 1) * d];
+        let values = &cache.values[base + query.first * d..base + (query.position + 1) * d];
+        let qs: Vec<f32> = q[(row * heads + h * group) * d..(row * heads + (h + 1) * group) * d]
+            .iter()
+            .map(|v| v * scale)
+            .collect();
+        // Disjoint: row `row`, heads h·group .. (h+1)·group.
+        let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add((row * heads + h * group) * d), group * d) };
+        unsafe { attend_group(isa, &qs, group, keys, values, d, dst) };
+    };
+    let tasks = rows * kvh;
+    let span: usize = queries.iter().map(|q| q.position + 1 - q.first).sum();
+    if rayon::current_num_threads() <= 1 || span * heads * d < PARALLEL_WORK / 2 {
+        (0..tasks).for_each(task);
+    } else {
+        (0..tasks).into_par_iter().for_each(task);
+    }
+}
+
+unsafe fn attend_group(isa: Isa, qs: &[f32], group: usize, keys: &[f32], values: &[f32], d: usize, out: &mut [f32]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => attend_group_avx512(qs, group, keys, values, d, out),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => attend_group_avx2(qs, group, keys, values, d, out),
+        Isa::Portable => attend_group_portable(qs, group, keys, values, d, out),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn attend_group_avx512(qs: &[f32], group: usize, keys: &[f32], values: &[f32], d: usize, out: &mut [f32]) {
+    attend_group_impl(Isa::Avx512, qs, group, keys, values, d, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_group_avx2(qs: &[f32], group: usize, keys: &[f32], values: &[f32], d: usize, out: &mut [f32]) {
+    attend_group_impl(Isa::Avx2, qs, group, keys, values, d, out)
+}
+
+unsafe fn attend_group_portable(qs: &[f32], group: usize, keys: &[f32], values: &[f32], d: usize, out: &mut [f32]) {
+    attend_group_impl(Isa::Portable, qs, group, keys, values, d, out)
+}
+
+#[inline(always)]
+unsafe fn attend_group_impl(isa: Isa, qs: &[f32], group: usize, keys: &[f32], values: &[f32], d: usize, out: &mut [f32]) {
+    let len = keys.len() / d;
+    let mut scores = vec![0f32; group * len];
+    columns_with(isa, qs.as_ptr(), group, d, keys.as_ptr(), None, scores.as_mut_ptr(), len, 0, len);
+    for g in 0..group {
+        let s = &mut scores[g * len..(g + 1) * len];
+        let max = max_f32(s);
+        for v in s.iter_mut() {
+            *v = exp_f32(*v - max);
+        }
+        let total = sum16(s);
+        for v in s.iter_mut() {
+            *v /= total;
+        }
+        let o = &mut out[g * d..(g + 1) * d];
+        o.fill(0.0);
+        for (t, p) in s.iter().enumerate() {
+            let v = &values[t * d..(t + 1) * d];
+            for j in 0..d {
+                o[j] = p.mul_add(v[j], o[j]);
+            }
+        }
+    }
+}
+
+/// Sum in 16 interleaved partial sums folded by the fixed tree.
+#[inline(always)]
+pub(crate) fn sum16(v: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let mut chunks = v.chunks_exact(16);
+    for c in &mut chunks {
+        for j in 0..16 {
+            acc[j] += c[j];
+        }
+    }
+    for (j, x) in chunks.remainder().iter().enumerate() {
+        acc[j] += x;
+    }
+    tree16(&acc)
+}
+
+/// `ln Σ exp(v)`: the exponentials of `v − max` in f32 ([`exp_f32`]) summed in f64 in 8
+/// interleaved partial sums folded pairwise; the same bits on every instruction set.
+pub(crate) fn log_sum_exp(v: &[f32]) -> f64 {
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { log_sum_exp_avx512(v) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { log_sum_exp_avx2(v) },
+        Isa::Portable => log_sum_exp_impl(v),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn log_sum_exp_avx512(v: &[f32]) -> f64 {
+    log_sum_exp_impl(v)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn log_sum_exp_avx2(v: &[f32]) -> f64 {
+    log_sum_exp_impl(v)
+}
+
+#[inline(always)]
+fn log_sum_exp_impl(v: &[f32]) -> f64 {
+    let max = max_f32(v);
+    let mut acc = [0f64; 16];
+    let mut chunks = v.chunks_exact(16);
+    for c in &mut chunks {
+        for j in 0..16 {
+            acc[j] += exp_f32(c[j] - max) as f64;
+        }
+    }
+    for (j, l) in chunks.remainder().iter().enumerate() {
+        acc[j] += exp_f32(l - max) as f64;
+    }
+    let mut width = 8;
+    while width > 0 {
+        for j in 0..width {
+            acc[j] += acc[j + width];
+        }
+        width /= 2;
+    }
+    max as f64 + acc[0].ln()
+}
+
+/// The largest value (NaNs ignored), in 16 lanes so that it vectorises.
+#[inline(always)]
+pub(crate) fn max_f32(v: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 16];
+    let mut chunks = v.chunks_exact(16);
+    for c in &mut chunks {
+        for j in 0..16 {
+            acc[j] = if c[j] > acc[j] { c[j] } else { acc[j] };
+        }
+    }
+    for (j, x) in chunks.remainder().iter().enumerate() {
+        acc[j] = if *x > acc[j] { *x } else { acc[j] };
+    }
+    acc.iter().copied().fold(f32::NEG_INFINITY, |m, x| if x > m { x } else { m })
+}
+
+/// `x · (1/√(mean(x²) + eps)) · weight`, row by row.
+pub(crate) fn rms_norm(x: &[f32], weight: &[f32], eps: f64, out: &mut [f32]) {
+    let h = weight.len();
+    for (row, dst) in x.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
+        let mut acc = [0f32; 16];
+        let mut chunks = row.chunks_exact(16);
+        for c in &mut chunks {
+            for j in 0..16 {
+                acc[j] += c[j] * c[j];
+            }
+        }
+        for (j, v) in chunks.remainder().iter().enumerate() {
+            acc[j] += v * v;
+        }
+        let mean = tree16(&acc) * (1.0 / h as f64) as f32;
+        let inv = 1.0 / (mean + eps as f32).sqrt();
+        for ((d, v), w) in dst.iter_mut().zip(row).zip(weight) {
+            *d = (v * inv) * w;
+        }
+    }
+}
+
+/// Cosines and sines `[rows, head_dim/2]` of the angles `position · inv_freq`, computed in f32
+/// as the tables of the training path are.
+pub(crate) fn rotary_tables(positions: &[usize], inv_freq: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let mut cos = Vec::with_capacity(positions.len() * inv_freq.len());
+    let mut sin = Vec::with_capacity(positions.len() * inv_freq.len());
+    for &pos in positions {
+        for f in inv_freq {
+            let angle = pos as f32 * f;
+            cos.push(angle.cos());
+            sin.push(angle.sin());
+        }
+    }
+    (cos, sin)
+}
+
+/// Rotary embedding in the rotate-half layout on `x [rows, heads·d]`, with the row's tables from
+/// [`rotary_tables`].
+pub(crate) fn rotary(x: &mut [f32], heads: usize, head_dim: usize, cos: &[f32], sin: &[f32]) {
+    let half = head_dim / 2;
+    for ((row, cos), sin) in x.chunks_exact_mut(heads * head_dim).zip(cos.chunks_exact(half)).zip(sin.chunks_exact(half)) {
+        for head in row.chunks_exact_mut(head_dim) {
+            let (a, b) = head.split_at_mut(half);
+            for i in 0..half {
+                let (x1, x2) = (a[i], b[i]);
+                a[i] = x1 * cos[i] + (-x2) * sin[i];
+                b[i] = x2 * cos[i] + x1 * sin[i];
+            }
+        }
+    }
+}
+
+/// `silu(gate) · up`, in place in `gate`.
+pub(crate) fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    for (g, u) in gate.iter_mut().zip(up) {
+        *g = (*g / (1.0 + exp_f32(-*g))) * u;
+    }
+}
+
+/// `e^x` in f32 within about 2 ulp, from plain arithmetic (no fused operations, so its value
+/// does not depend on vectorisation). Inputs below −87.3 give ~1e-38 (0 with
+/// flush-to-zero), inputs above 88.3 saturate at e^88.3.
+#[inline(always)]
+pub(crate) fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const C1: f32 = 0.693_359_4;
+    const C2: f32 = -2.121_944_4e-4;
+    // 1.5·2²³: adding it rounds to an integer (ties to even) in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    let x = if x < -87.3 { -87.3 } else { x };
+    let x = if x > 88.3 { 88.3 } else { x };
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = (x - n * C1) - n * C2;
+    let mut p = 1.987_569_1e-4_f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let y = (p * (r * r) + r) + 1.0;
+    // n is an integer in [-126, 127]: read it from the rounded sum's low mantissa bits.
+    let n_int = (x * LOG2E + ROUND).to_bits() as i32 - ROUND.to_bits() as i32;
+    let scale = f32::from_bits(((n_int + 127) as u32) << 23);
+    y * scale
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s as f32 / u32::MAX as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn isas() -> Vec<Isa> {
+        let mut out = vec![Isa::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                out.push(Isa::Avx2);
+            }
+            if std::is_x86_feature_detected!("avx512f") {
+                out.push(Isa::Avx512);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn linear_is_close_to_f64_and_bitwise_independent_of_rows_and_isa() {
+        // Build rayon's pool the way the binaries do (with flush-to-zero on every worker), before
+        // the kernels use it.
+        crate::runtime::init(None).unwrap();
+        for (k, n) in [(64, 37), (100, 13), (256, 300), (7, 5)] {
+            let w = data(n * k, 1);
+            let bias = data(n, 2);
+            let x = data(9 * k, 3);
+            let mut reference = vec![0f32; 9 * n];
+            linear_with(Isa::Portable, &x, 9, &w, Some(&bias), &mut reference);
+            for r in 0..9 {
+                for o in 0..n {
+                    let exact: f64 = (0..k).map(|i| x[r * k + i] as f64 * w[o * k + i] as f64).sum::<f64>() + bias[o] as f64;
+                    assert!((reference[r * n + o] as f64 - exact).abs() < 1e-4, "{k}x{n}");
+                }
+            }
+            for isa in isas() {
+                let mut all = vec![0f32; 9 * n];
+                linear_with(isa, &x, 9, &w, Some(&bias), &mut all);
+                assert_eq!(all, reference, "{isa:?} {k}x{n}");
+                // Each row alone gives the same bits.
+                for r in 0..9 {
+                    let mut one = vec![0f32; n];
+                    linear_with(isa, &x[r * k..(r + 1) * k], 1, &w, Some(&bias), &mut one);
+                    assert_eq!(one, reference[r * n..(r + 1) * n], "{isa:?} row {r}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn exp_is_accurate() {
+        for i in -2000..=800 {
+            let x = i as f32 * 0.05;
+            let (ours, exact) = (exp_f32(x) as f64, (x as f64).exp());
+            assert!((ours - exact).abs() <= 4e-7 * exact + 1e-37, "{x}: {ours} vs {exact}");
+        }
+        assert_eq!(exp_f32(0.0), 1.0);
+        assert!(exp_f32(-1e30) < 1e-37);
+    }
+
+    #[test]
+    fn attention_matches_a_direct_softmax() {
+        crate::runtime::init(None).unwrap();
+        let (heads, kvh, d, cap) = (4, 2, 16, 10);
+        let keys = data(3 * kvh * cap * d, 4);
+        let values = data(3 * kvh * cap * d, 5);
+        let cache = LayerCache { keys: &keys, values: &values, kv_heads: kvh, capacity: cap };
+        let queries = [Query { slot: 2, first: 0, position: 6 }, Query { slot: 0, first: 3, position: 9 }];
+        let q = data(2 * heads * d, 6);
+        let mut out = vec![0f32; 2 * heads * d];
+        attention(&q, &queries, heads, d, &cache, &mut out);
+        for (row, query) in queries.iter().enumerate() {
+            for h in 0..heads {
+                let kv = h / (heads / kvh);
+                let base = (query.slot * kvh + kv) * cap * d;
+                let qv = &q[(row * heads + h) * d..][..d];
+                let scores: Vec<f64> = (query.first..=query.position)
+                    .map(|t| (0..d).map(|j| qv[j] as f64 * keys[base + t * d + j] as f64).sum::<f64>() / (d as f64).sqrt())
+                    .collect();
+                let max = scores.iter().copied().fold(f64::MIN, f64::max);
+                let z: f64 = scores.iter().map(|s| (s - max).exp()).sum();
+                for j in 0..d {
+                    let exact: f64 = scores
+                        .iter()
+                        .enumerate()
+                        .map(|(i, s)| (s - max).exp() / z * values[base + (query.first + i) * d + j] as f64)
+                        .sum();
+                    assert!((out[(row * heads + h) * d + j] as f64 - exact).abs() < 1e-5);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod speed_probe {
+    use super::*;
+    fn cpu_ns() -> f64 {
+        let s = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap();
+        s.split_whitespace().next().unwrap().parse::<f64>().unwrap()
+    }
+    #[target_feature(enable = "avx512f")]
+    unsafe fn v<const RT: usize, const OT: usize>(x: &[f32], rows: usize, k: usize, w: &[f32], out: &mut [f32], n: usize) {
+        columns::<x86::Avx512, RT, OT>(x.as_ptr(), rows, k, w.as_ptr(), None, out.as_mut_ptr(), n, 0, n)
+    }
+    #[test]
+    #[ignore]
+    fn probe() {
+        for (rows, n, k) in [(16, 32000, 256), (16, 768, 256), (16, 1536, 576), (16, 576, 1536), (16, 49152, 576), (1, 1536, 576), (1, 49152, 576)] {
+            let w: Vec<f32> = (0..n * k).map(|i| (i % 7) as f32 * 0.01).collect();
+            let x: Vec<f32> = (0..rows * k).map(|i| (i % 5) as f32 * 0.1).collect();
+            let mut out = vec![0f32; rows * n];
+            let variants: [(&str, unsafe fn(&[f32], usize, usize, &[f32], &mut [f32], usize)); 5] =
+                [("4x6", v::<4, 6>), ("6x4", v::<6, 4>), ("8x3", v::<8, 3>), ("2x12", v::<2, 12>), ("1x8", v::<1, 8>)];
+            for (name, f) in variants {
+                let reps = (2e8 / (rows * n * k) as f64).max(2.0) as usize;
+                let mut best = f64::MAX;
+                for _ in 0..7 {
+                    let t = cpu_ns();
+                    for _ in 0..reps {
+                        unsafe { f(&x, rows, k, &w, &mut out, n) };
+                    }
+                    best = best.min((cpu_ns() - t) * 1e-9 / reps as f64);
+                }
+                println!("{name} rows {rows} n {n} k {k}: {:.3} ms cpu, {:.1} GFLOP/s per core", best * 1e3, 2.0 * (rows * n * k) as f64 / best / 1e9);
+            }
+        }
+    }
+}

@@ -1,0 +1,1193 @@
+//! Fused CPU kernels with their own backward for the training path.
+//!
+//! Each op is a candle `CustomOp` whose `bwd` returns the gradients of its inputs, so autograd sees
+//! one node where the generic version builds tens (each of which costs candle's backward a zeroed
+//! buffer and an add), and the forward makes one pass over memory instead of one per elementwise
+//! op. The ops run on the CPU in f32 (with AVX2/FMA where the CPU has it) and f64 (for gradient
+//! checks); callers keep the generic-op version for other devices and dtypes, which is also what
+//! the tests compare against. A CUDA kernel can slot in behind the same op boundary
+//! (`cuda_fwd`).
+//!
+//! * [`token_logprobs`]: `log softmax(rows · Wᵀ)[target]` for each row, computed in chunks of
+//!   rows so that only one `chunk × vocab` block of logits ever exists; the backward recomputes
+//!   each block's logits instead of keeping them.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// Whether the fused kernels handle `t`: on the CPU, in f32 or f64.
+pub fn supported(t: &Tensor) -> bool {
+    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Element types and row kernels.
+
+/// f32 or f64. The row kernels below are written once, generic over this trait; f32 runs them
+/// compiled for AVX2+FMA when the CPU has it (see `dispatch!`), f64 (gradient checks) as they are.
+trait Real:
+    Copy
+    + Send
+    + Sync
+    + 'static
+    + PartialOrd
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::Div<Output = Self>
+    + std::ops::Neg<Output = Self>
+    + std::ops::AddAssign
+{
+    const ZERO: Self;
+    const ONE: Self;
+    const NEG_INFINITY: Self;
+    fn from_f64(x: f64) -> Self;
+    /// `e^x`: the library's for f64, [`simd::exp`] (a polynomial that vectorises) for f32.
+    fn exp_fast(self) -> Self;
+    fn ln(self) -> Self;
+    fn sqrt(self) -> Self;
+    fn slice(s: &CpuStorage) -> Option<&[Self]>;
+    fn storage(v: Vec<Self>) -> CpuStorage;
+
+    fn log_sum_exp(row: &[Self]) -> Self {
+        kernels::log_sum_exp(row)
+    }
+    fn scaled_exp(row: &mut [Self], shift: Self, scale: Self) {
+        kernels::scaled_exp(row, shift, scale)
+    }
+    fn softmax(src: &[Self], mask: &[Self], scale: Self, dst: &mut [Self]) {
+        kernels::softmax(src, mask, scale, dst)
+    }
+    fn silu_mul(gate: &[Self], up: &[Self], out: &mut [Self]) {
+        kernels::silu_mul(gate, up, out)
+    }
+    fn silu_mul_grad(gate: &[Self], up: &[Self], grad: &[Self], d_gate: &mut [Self], d_up: &mut [Self]) {
+        kernels::silu_mul_grad(gate, up, grad, d_gate, d_up)
+    }
+}
+
+impl Real for f64 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    const NEG_INFINITY: Self = f64::NEG_INFINITY;
+    fn from_f64(x: f64) -> Self {
+        x
+    }
+    fn exp_fast(self) -> Self {
+        self.exp()
+    }
+    fn ln(self) -> Self {
+        f64::ln(self)
+    }
+    fn sqrt(self) -> Self {
+        f64::sqrt(self)
+    }
+    fn slice(s: &CpuStorage) -> Option<&[Self]> {
+        match s {
+            CpuStorage::F64(v) => Some(v),
+            _ => None,
+        }
+    }
+    fn storage(v: Vec<Self>) -> CpuStorage {
+        CpuStorage::F64(v)
+    }
+}
+
+impl Real for f32 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    const NEG_INFINITY: Self = f32::NEG_INFINITY;
+    fn from_f64(x: f64) -> Self {
+        x as f32
+    }
+    #[inline(always)]
+    fn exp_fast(self) -> Self {
+        simd::exp(self)
+    }
+    fn ln(self) -> Self {
+        f32::ln(self)
+    }
+    fn sqrt(self) -> Self {
+        f32::sqrt(self)
+    }
+    fn slice(s: &CpuStorage) -> Option<&[Self]> {
+        match s {
+            CpuStorage::F32(v) => Some(v),
+            _ => None,
+        }
+    }
+    fn storage(v: Vec<Self>) -> CpuStorage {
+        CpuStorage::F32(v)
+    }
+    fn log_sum_exp(row: &[Self]) -> Self {
+        simd::log_sum_exp(row)
+    }
+    fn scaled_exp(row: &mut [Self], shift: Self, scale: Self) {
+        simd::scaled_exp(row, shift, scale)
+    }
+    fn softmax(src: &[Self], mask: &[Self], scale: Self, dst: &mut [Self]) {
+        simd::softmax(src, mask, scale, dst)
+    }
+    fn silu_mul(gate: &[Self], up: &[Self], out: &mut [Self]) {
+        simd::silu_mul(gate, up, out)
+    }
+    fn silu_mul_grad(gate: &[Self], up: &[Self], grad: &[Self], d_gate: &mut [Self], d_up: &mut [Self]) {
+        simd::silu_mul_grad(gate, up, grad, d_gate, d_up)
+    }
+}
+
+/// The row kernels, generic; written so that LLVM vectorises them (independent lanes instead of
+/// ordered float reductions).
+mod kernels {
+    use super::Real;
+
+    const LANES: usize = 16;
+
+    #[inline(always)]
+    pub fn max<T: Real>(row: &[T]) -> T {
+        let mut acc = [T::NEG_INFINITY; LANES];
+        let chunks = row.chunks_exact(LANES);
+        let tail = chunks.remainder();
+        for c in chunks {
+            for i in 0..LANES {
+                acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
+            }
+        }
+        tail.iter().chain(&acc).fold(T::NEG_INFINITY, |m, &x| if x > m { x } else { m })
+    }
+
+    #[inline(always)]
+    pub fn sum<T: Real>(row: &[T]) -> T {
+        let mut acc = [T::ZERO; LANES];
+        let chunks = row.chunks_exact(LANES);
+        let tail = chunks.remainder();
+        for c in chunks {
+            for i in 0..LANES {
+                acc[i] += c[i];
+            }
+        }
+        tail.iter().chain(&acc).fold(T::ZERO, |s, &x| s + x)
+    }
+
+    /// `Σ a·b`.
+    #[inline(always)]
+    pub fn dot<T: Real>(a: &[T], b: &[T]) -> T {
+        let mut acc = [T::ZERO; LANES];
+        let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+        let tail = ca.remainder().iter().zip(cb.remainder()).fold(T::ZERO, |s, (&x, &y)| s + x * y);
+        for (x, y) in ca.zip(cb) {
+            for i in 0..LANES {
+                acc[i] += x[i] * y[i];
+            }
+        }
+        acc.iter().fold(tail, |s, &x| s + x)
+    }
+
+    #[inline(always)]
+    pub fn sum_exp<T: Real>(row: &[T], shift: T) -> T {
+        let mut acc = [T::ZERO; LANES];
+        let chunks = row.chunks_exact(LANES);
+        let tail = chunks.remainder();
+        for c in chunks {
+            for i in 0..LANES {
+                acc[i] += (c[i] - shift).exp_fast();
+            }
+        }
+        tail.iter().map(|&x| (x - shift).exp_fast()).chain(acc).fold(T::ZERO, |s, x| s + x)
+    }
+
+    /// `ln Σ e^x`.
+    #[inline(always)]
+    pub fn log_sum_exp<T: Real>(row: &[T]) -> T {
+        let max = max(row);
+        max + sum_exp(row, max).ln()
+    }
+
+    /// `row ← scale · e^(row − shift)`.
+    #[inline(always)]
+    pub fn scaled_exp<T: Real>(row: &mut [T], shift: T, scale: T) {
+        for x in row.iter_mut() {
+            *x = scale * (*x - shift).exp_fast();
+        }
+    }
+
+    /// `dst = softmax(scale · src + mask)`.
+    #[inline(always)]
+    pub fn softmax<T: Real>(src: &[T], mask: &[T], scale: T, dst: &mut [T]) {
+        for ((d, &s), &m) in dst.iter_mut().zip(src).zip(mask) {
+            *d = scale * s + m;
+        }
+        let max = max(dst);
+        for d in dst.iter_mut() {
+            *d = (*d - max).exp_fast();
+        }
+        let inv = T::ONE / sum(dst);
+        for d in dst.iter_mut() {
+            *d = *d * inv;
+        }
+    }
+
+    #[inline(always)]
+    fn sigmoid<T: Real>(x: T) -> T {
+        T::ONE / (T::ONE + (-x).exp_fast())
+    }
+
+    /// `out = silu(gate) · up`, `silu(x) = x σ(x)`.
+    #[inline(always)]
+    pub fn silu_mul<T: Real>(gate: &[T], up: &[T], out: &mut [T]) {
+        for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+            *o = g * sigmoid(g) * u;
+        }
+    }
+
+    /// Gradients of `silu(gate) · up`: `∂gate = grad · up · σ(gate)(1 + gate(1 − σ(gate)))`,
+    /// `∂up = grad · silu(gate)`.
+    #[inline(always)]
+    pub fn silu_mul_grad<T: Real>(gate: &[T], up: &[T], grad: &[T], d_gate: &mut [T], d_up: &mut [T]) {
+        for i in 0..gate.len().min(up.len()).min(grad.len()).min(d_gate.len()).min(d_up.len()) {
+            let (g, u, dy) = (gate[i], up[i], grad[i]);
+            let s = sigmoid(g);
+            d_gate[i] = dy * u * s * (T::ONE + g * (T::ONE - s));
+            d_up[i] = dy * g * s;
+        }
+    }
+}
+
+/// f32 entry points of the row kernels, run with AVX2+FMA when the CPU has them, and the
+/// vectorisable `exp`.
+mod simd {
+    use super::kernels;
+
+    /// `e^x` to about 2 ulp (Cephes' `expf`: range reduction by ln 2 and a degree-5 polynomial);
+    /// exactly 0 below −87.3 (where `e^x` leaves the normal range), which is what a masked or far
+    /// smaller logit contributes.
+    #[inline(always)]
+    pub fn exp(x: f32) -> f32 {
+        const LOW: f32 = -87.336_55;
+        let clamped = x.clamp(LOW, 88.0);
+        let n = (clamped * std::f32::consts::LOG2_E + 0.5).floor();
+        let r = clamped - n * 0.693_359_4 + n * 2.121_944_4e-4;
+        let mut p = 1.987_569_1e-4f32;
+        p = p * r + 1.398_199_9e-3;
+        p = p * r + 8.333_452e-3;
+        p = p * r + 4.166_579_6e-2;
+        p = p * r + 0.166_666_65;
+        p = p * r + 0.5;
+        let y = p * r * r + r + 1.0;
+        // 2^n from the bits of n + 127 (in [1, 254]), read off the float 2^23 + n + 127 rather
+        // than by a float-to-int cast, which does not vectorise.
+        let biased = (n + (127.0 + 8_388_608.0)).to_bits() - 0x4b00_0000;
+        let scale = f32::from_bits(biased << 23);
+        if x < LOW {
+            0.0
+        } else {
+            y * scale
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn has_avx2_fma() -> bool {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+
+    /// Defines `pub fn $name` that runs `$kernel` compiled for AVX2+FMA when the CPU has them.
+    macro_rules! dispatch {
+        ($name:ident => $kernel:expr; ($($arg:ident: $ty:ty),*) -> $ret:ty) => {
+            pub fn $name($($arg: $ty),*) -> $ret {
+                #[cfg(target_arch = "x86_64")]
+                {
+                    #[target_feature(enable = "avx2,fma")]
+                    unsafe fn wide($($arg: $ty),*) -> $ret {
+                        $kernel($($arg),*)
+                    }
+                    if has_avx2_fma() {
+                        // SAFETY: the CPU has the features `wide` was compiled for.
+                        return unsafe { wide($($arg),*) };
+                    }
+                }
+                $kernel($($arg),*)
+            }
+        };
+    }
+
+    dispatch!(log_sum_exp => kernels::log_sum_exp::<f32>; (row: &[f32]) -> f32);
+    dispatch!(scaled_exp => kernels::scaled_exp::<f32>; (row: &mut [f32], shift: f32, scale: f32) -> ());
+    dispatch!(softmax => kernels::softmax::<f32>; (src: &[f32], mask: &[f32], scale: f32, dst: &mut [f32]) -> ());
+    dispatch!(silu_mul => kernels::silu_mul::<f32>; (gate: &[f32], up: &[f32], out: &mut [f32]) -> ());
+    dispatch!(silu_mul_grad => kernels::silu_mul_grad::<f32>;
+        (gate: &[f32], up: &[f32], grad: &[f32], d_gate: &mut [f32], d_up: &mut [f32]) -> ());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Storage access and matrix products.
+
+fn contiguous<'a, T: Real>(s: &'a CpuStorage, l: &Layout, op: &str, what: &str) -> Result<&'a [T]> {
+    let Some(data) = T::slice(s) else {
+        bail!("{op}: {what} has dtype {:?}, expected {:?}", s.dtype(), T::storage(Vec::new()).dtype());
+    };
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => bail!("{op}: {what} must be contiguous (shape {:?}, stride {:?})", l.dims(), l.stride()),
+    }
+}
+
+/// `$run::<f32>(..)` or `$run::<f64>(..)` by `$dtype`, else an error naming `$op`.
+macro_rules! by_dtype {
+    ($op:expr, $dtype:expr, $run:ident($($arg:expr),*)) => {
+        match $dtype {
+            DType::F32 => $run::<f32>($($arg),*)?,
+            DType::F64 => $run::<f64>($($arg),*)?,
+            other => bail!("{}: dtype {other:?} is not supported (f32, f64)", $op.name()),
+        }
+    };
+}
+
+/// A row-major matrix operand: element `(i, j)` at `ptr[i * rs + j * cs]`.
+#[derive(Clone, Copy)]
+struct Mat<T> {
+    ptr: *const T,
+    rs: usize,
+    cs: usize,
+}
+
+impl<T> Mat<T> {
+    /// `data` as an `[rows, cols]` row-major matrix.
+    fn rows(data: &[T], cols: usize) -> Self {
+        Self { ptr: data.as_ptr(), rs: cols, cs: 1 }
+    }
+    /// The transpose of `data` seen as `[cols, rows]` row-major, i.e. `dataᵀ`.
+    fn transposed(data: &[T], cols: usize) -> Self {
+        Self { ptr: data.as_ptr(), rs: 1, cs: cols }
+    }
+}
+
+/// `dst [m, n] (row-major) = (accumulate ? dst : 0) + lhs [m, k] · rhs [k, n]`, on rayon's pool.
+fn matmul<T: Real>(m: usize, n: usize, k: usize, dst: &mut [T], accumulate: bool, lhs: Mat<T>, rhs: Mat<T>) {
+    assert!(dst.len() >= m * n);
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY: dst holds m × n elements; the operands' strides were built from slices that hold
+    // m × k and k × n elements (checked by the callers' shape checks).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.ptr,
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.ptr,
+            rhs.cs as isize,
+            rhs.rs as isize,
+            if accumulate { T::ONE } else { T::ZERO },
+            T::ONE,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Token log-probabilities through the vocabulary head.
+
+/// Rows of logits computed at once: bounds the logits buffer to `chunk × vocab` floats.
+pub const HEAD_CHUNK_ROWS: usize = 256;
+
+/// `log softmax(rows · weightᵀ)[targets[i]]` for each row `i` of `rows [n, hidden]`, with
+/// `weight [vocab, hidden]`: `[n]`, differentiable in both. At most `chunk × vocab` logits exist
+/// at a time, in the forward and the backward pass. CPU, f32/f64, contiguous inputs.
+pub fn token_logprobs(rows: &Tensor, weight: &Tensor, targets: &[u32], chunk: usize) -> Result<Tensor> {
+    let op = TokenLogprobs { targets: targets.into(), chunk: chunk.max(1) };
+    rows.contiguous()?.apply_op2(&weight.contiguous()?, op)
+}
+
+struct TokenLogprobs {
+    targets: Arc<[u32]>,
+    chunk: usize,
+}
+
+impl TokenLogprobs {
+    fn check(&self, rows: &Layout, weight: &Layout) -> Result<(usize, usize, usize)> {
+        let (&[n, h], &[v, h2]) = (rows.dims(), weight.dims()) else {
+            bail!("token-logprobs: rows {:?} and weight {:?} must be matrices", rows.dims(), weight.dims());
+        };
+        if h != h2 {
+            bail!("token-logprobs: rows have width {h}, the weight {h2}");
+        }
+        if self.targets.len() != n {
+            bail!("token-logprobs: {} targets for {n} rows", self.targets.len());
+        }
+        if let Some(t) = self.targets.iter().find(|&&t| t as usize >= v) {
+            bail!("token-logprobs: target {t} is outside the vocabulary of {v}");
+        }
+        Ok((n, h, v))
+    }
+
+    fn forward<T: Real>(&self, rows: &[T], weight: &[T], n: usize, h: usize, v: usize) -> Vec<T> {
+        let mut out = vec![T::ZERO; n];
+        let mut logits = vec![T::ZERO; self.chunk.min(n) * v];
+        for start in (0..n).step_by(self.chunk) {
+            let c = self.chunk.min(n - start);
+            let logits = &mut logits[..c * v];
+            matmul(c, v, h, logits, false, Mat::rows(&rows[start * h..], h), Mat::transposed(weight, h));
+            logits
+                .par_chunks(v)
+                .zip(out[start..start + c].par_iter_mut())
+                .zip(self.targets[start..start + c].par_iter())
+                .for_each(|((row, out), &t)| *out = row[t as usize] - T::log_sum_exp(row));
+        }
+        out
+    }
+
+    /// Gradients of `Σ grad[i] · logp[i]`, packed `[rows (n × h) | weight (v × h)]`. With
+    /// `p = softmax(logits)`, `∂/∂logits = grad · (onehot(target) − p)`; the log-sum-exp of each row
+    /// comes back as `logit[target] − logp`, so only the logits are recomputed.
+    fn backward<T: Real>(&self, rows: &[T], weight: &[T], logp: &[T], grad: &[T], n: usize, h: usize, v: usize) -> Vec<T> {
+        let mut out = vec![T::ZERO; n * h + v * h];
+        let (grad_rows, grad_weight) = out.split_at_mut(n * h);
+        let mut block = vec![T::ZERO; self.chunk.min(n) * v];
+        for (i, start) in (0..n).step_by(self.chunk).enumerate() {
+            let c = self.chunk.min(n - start);
+            let block = &mut block[..c * v];
+            let rows_c = &rows[start * h..(start + c) * h];
+            matmul(c, v, h, block, false, Mat::rows(rows_c, h), Mat::transposed(weight, h));
+            block.par_chunks_mut(v).enumerate().for_each(|(r, row)| {
+                let (t, g) = (self.targets[start + r] as usize, grad[start + r]);
+                let lse = row[t] - logp[start + r];
+                T::scaled_exp(row, lse, -g);
+                row[t] += g;
+            });
+            matmul(c, h, v, &mut grad_rows[start * h..(start + c) * h], false, Mat::rows(block, v), Mat::rows(weight, h));
+            matmul(v, h, c, grad_weight, i > 0, Mat::transposed(block, v), Mat::rows(rows_c, h));
+        }
+        out
+    }
+}
+
+impl CustomOp2 for TokenLogprobs {
+    fn name(&self) -> &'static str {
+        "token-logprobs"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, h, v) = self.check(l1, l2)?;
+        fn run<T: Real>(op: &TokenLogprobs, s: [(&CpuStorage, &Layout); 2], n: usize, h: usize, v: usize) -> Result<CpuStorage> {
+            let rows = contiguous::<T>(s[0].0, s[0].1, op.name(), "rows")?;
+            let weight = contiguous::<T>(s[1].0, s[1].1, op.name(), "weight")?;
+            Ok(T::storage(op.forward(rows, weight, n, h, v)))
+        }
+        let out = by_dtype!(self, s1.dtype(), run(self, [(s1, l1), (s2, l2)], n, h, v));
+        Ok((out, Shape::from(n)))
+    }
+
+    fn bwd(&self, rows: &Tensor, weight: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (n, h) = rows.dims2()?;
+        let v = weight.dim(0)?;
+        let aux = Tensor::stack(&[res.detach(), grad.detach().to_dtype(res.dtype())?], 0)?;
+        let op = TokenLogprobsGrad { op: TokenLogprobs { targets: self.targets.clone(), chunk: self.chunk } };
+        let packed = rows.detach().apply_op3_no_bwd(&weight.detach(), &aux, &op)?;
+        let grad_rows = packed.narrow(0, 0, n * h)?.reshape((n, h))?;
+        let grad_weight = packed.narrow(0, n * h, v * h)?.reshape((v, h))?;
+        Ok((Some(grad_rows), Some(grad_weight)))
+    }
+}
+
+/// The backward of [`TokenLogprobs`] as one op over (rows, weight, [logp; grad]).
+struct TokenLogprobsGrad {
+    op: TokenLogprobs,
+}
+
+impl CustomOp3 for TokenLogprobsGrad {
+    fn name(&self) -> &'static str {
+        "token-logprobs-grad"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, h, v) = self.op.check(l1, l2)?;
+        fn run<T: Real>(g: &TokenLogprobsGrad, s: [(&CpuStorage, &Layout); 3], n: usize, h: usize, v: usize) -> Result<CpuStorage> {
+            let name = g.name();
+            let rows = contiguous::<T>(s[0].0, s[0].1, name, "rows")?;
+            let weight = contiguous::<T>(s[1].0, s[1].1, name, "weight")?;
+            let aux = contiguous::<T>(s[2].0, s[2].1, name, "logp and grad")?;
+            Ok(T::storage(g.op.backward(rows, weight, &aux[..n], &aux[n..2 * n], n, h, v)))
+        }
+        let out = by_dtype!(self, s1.dtype(), run(self, [(s1, l1), (s2, l2), (s3, l3)], n, h, v));
+        Ok((out, Shape::from(n * h + v * h)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm.
+
+/// `x / sqrt(mean(x²) + eps) · weight` over the last dimension of `x [.., h]`, `weight [h]`;
+/// differentiable in both. CPU, f32/f64.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(&weight.contiguous()?, RmsNorm { eps })
+}
+
+#[derive(Clone, Copy)]
+struct RmsNorm {
+    eps: f64,
+}
+
+/// Rows whose weight-gradient contributions are summed together before the (ordered) sum over
+/// blocks: deterministic whatever the thread count.
+const ROW_BLOCK: usize = 64;
+
+impl RmsNorm {
+    fn check(&self, x: &Layout, w: &Layout) -> Result<(usize, usize)> {
+        let h = x.dims().last().copied().unwrap_or(0);
+        if w.dims() != [h] {
+            bail!("rms-norm: weight {:?} does not match the input's last dimension {h}", w.dims());
+        }
+        Ok((x.shape().elem_count() / h.max(1), h))
+    }
+
+    fn inv_rms<T: Real>(&self, row: &[T]) -> T {
+        let h = T::from_f64(row.len() as f64);
+        T::ONE / (kernels::dot(row, row) / h + T::from_f64(self.eps)).sqrt()
+    }
+
+    fn forward<T: Real>(&self, x: &[T], w: &[T], h: usize) -> Vec<T> {
+        let mut out = vec![T::ZERO; x.len()];
+        out.par_chunks_mut(h).zip(x.par_chunks(h)).for_each(|(y, x)| {
+            let inv = self.inv_rms(x);
+            for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
+                *y = x * inv * w;
+            }
+        });
+        out
+    }
+
+    /// Packed `[∂x (rows × h) | ∂w (h)]`: with `x̂ = x·r`, `r = 1/rms(x)`,
+    /// `∂x = r (w∘g − x̂ · mean(w∘g∘x̂))`, `∂w = Σ_rows g∘x̂`.
+    fn backward<T: Real>(&self, x: &[T], w: &[T], g: &[T], h: usize) -> Vec<T> {
+        let rows = x.len() / h.max(1);
+        let mut out = vec![T::ZERO; x.len() + h];
+        let (grad_x, grad_w) = out.split_at_mut(rows * h);
+        let partials: Vec<Vec<T>> = grad_x
+            .par_chunks_mut(ROW_BLOCK * h)
+            .zip(x.par_chunks(ROW_BLOCK * h))
+            .zip(g.par_chunks(ROW_BLOCK * h))
+            .map(|((dx, x), g)| {
+                let mut dw = vec![T::ZERO; h];
+                let mut wg = vec![T::ZERO; h];
+                for ((dx, x), g) in dx.chunks_mut(h).zip(x.chunks(h)).zip(g.chunks(h)) {
+                    let inv = self.inv_rms(x);
+                    for ((wg, &w), &g) in wg.iter_mut().zip(w).zip(g) {
+                        *wg = w * g;
+                    }
+                    let mean = kernels::dot(&wg, x) * inv / T::from_f64(h as f64);
+                    for i in 0..h {
+                        let xhat = x[i] * inv;
+                        dx[i] = inv * (wg[i] - xhat * mean);
+                        dw[i] += g[i] * xhat;
+                    }
+                }
+                dw
+            })
+            .collect();
+        for dw in partials {
+            for (a, b) in grad_w.iter_mut().zip(dw) {
+                *a += b;
+            }
+        }
+        out
+    }
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (_, h) = self.check(l1, l2)?;
+        fn run<T: Real>(op: &RmsNorm, s: [(&CpuStorage, &Layout); 2], h: usize) -> Result<CpuStorage> {
+            let x = contiguous::<T>(s[0].0, s[0].1, op.name(), "input")?;
+            let w = contiguous::<T>(s[1].0, s[1].1, op.name(), "weight")?;
+            Ok(T::storage(op.forward(x, w, h)))
+        }
+        let out = by_dtype!(self, s1.dtype(), run(self, [(s1, l1), (s2, l2)], h));
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let n = x.elem_count();
+        let packed = x.detach().apply_op3_no_bwd(&w.detach(), &grad.detach().contiguous()?, &RmsNormGrad(*self))?;
+        let grad_x = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+        let grad_w = packed.narrow(0, n, w.elem_count())?.reshape(w.shape())?;
+        Ok((Some(grad_x), Some(grad_w)))
+    }
+}
+
+struct RmsNormGrad(RmsNorm);
+
+impl CustomOp3 for RmsNormGrad {
+    fn name(&self) -> &'static str {
+        "rms-norm-grad"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (rows, h) = self.0.check(l1, l2)?;
+        if l3.shape() != l1.shape() {
+            bail!("{}: gradient {:?} does not match the input {:?}", self.name(), l3.dims(), l1.dims());
+        }
+        fn run<T: Real>(op: &RmsNormGrad, s: [(&CpuStorage, &Layout); 3], h: usize) -> Result<CpuStorage> {
+            let x = contiguous::<T>(s[0].0, s[0].1, op.name(), "input")?;
+            let w = contiguous::<T>(s[1].0, s[1].1, op.name(), "weight")?;
+            let g = contiguous::<T>(s[2].0, s[2].1, op.name(), "gradient")?;
+            Ok(T::storage(op.0.backward(x, w, g, h)))
+        }
+        let out = by_dtype!(self, s1.dtype(), run(self, [(s1, l1), (s2, l2), (s3, l3)], h));
+        Ok((out, Shape::from(rows * h + h)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention softmax.
+
+/// `softmax(scale · scores + mask)` over the last dimension, for `scores [b, heads, tq, tk]` and
+/// an additive `mask [b, 1, tq, tk]` shared by the heads; differentiable in `scores` (the mask is
+/// a constant). CPU, f32/f64.
+pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    scores.contiguous()?.apply_op2(&mask.contiguous()?, MaskedSoftmax { scale })
+}
+
+#[derive(Clone, Copy)]
+struct MaskedSoftmax {
+    scale: f64,
+}
+
+impl MaskedSoftmax {
+    fn check(&self, scores: &Layout, mask: &Layout) -> Result<(usize, usize, usize)> {
+        let (&[b, heads, tq, tk], &[mb, 1, mq, mk]) = (scores.dims(), mask.dims()) else {
+            bail!("masked-softmax: scores {:?} and mask {:?} must be [b, heads, tq, tk] and [b, 1, tq, tk]", scores.dims(), mask.dims());
+        };
+        if (mb, mq, mk) != (b, tq, tk) {
+            bail!("masked-softmax: mask {:?} does not match scores {:?}", mask.dims(), scores.dims());
+        }
+        Ok((heads, tq, tk))
+    }
+
+    fn forward<T: Real>(&self, scores: &[T], mask: &[T], heads: usize, tq: usize, tk: usize) -> Vec<T> {
+        let mut out = vec![T::ZERO; scores.len()];
+        let scale = T::from_f64(self.scale);
+        out.par_chunks_mut(tk).zip(scores.par_chunks(tk)).enumerate().for_each(|(r, (y, s))| {
+            let m = (r / (heads * tq)) * tq + r % tq;
+            T::softmax(s, &mask[m * tk..(m + 1) * tk], scale, y);
+        });
+        out
+    }
+}
+
+impl CustomOp2 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "masked-softmax"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (heads, tq, tk) = self.check(l1, l2)?;
+        fn run<T: Real>(op: &MaskedSoftmax, s: [(&CpuStorage, &Layout); 2], dims: (usize, usize, usize)) -> Result<CpuStorage> {
+            let scores = contiguous::<T>(s[0].0, s[0].1, op.name(), "scores")?;
+            let mask = contiguous::<T>(s[1].0, s[1].1, op.name(), "mask")?;
+            Ok(T::storage(op.forward(scores, mask, dims.0, dims.1, dims.2)))
+        }
+        let out = by_dtype!(self, s1.dtype(), run(self, [(s1, l1), (s2, l2)], (heads, tq, tk)));
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(&self, _scores: &Tensor, _mask: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = res.detach().apply_op2_no_bwd(&grad.detach().contiguous()?, &SoftmaxGrad(*self))?;
+        Ok((Some(grad), None))
+    }
+}
+
+/// `∂scores = scale · y ∘ (g − Σ g∘y)` from the softmax output `y` and its gradient `g`.
+struct SoftmaxGrad(MaskedSoftmax);
+
+impl CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "masked-softmax-grad"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        if l1.shape() != l2.shape() {
+            bail!("{}: gradient {:?} does not match the output {:?}", self.name(), l2.dims(), l1.dims());
+        }
+        let tk = l1.dims().last().copied().unwrap_or(1).max(1);
+        fn run<T: Real>(op: &SoftmaxGrad, s: [(&CpuStorage, &Layout); 2], tk: usize) -> Result<CpuStorage> {
+            let y = contiguous::<T>(s[0].0, s[0].1, op.name(), "output")?;
+            let g = contiguous::<T>(s[1].0, s[1].1, op.name(), "gradient")?;
+            let scale = T::from_f64(op.0.scale);
+            let mut out = vec![T::ZERO; y.len()];
+            out.par_chunks_mut(tk).zip(y.par_chunks(tk)).zip(g.par_chunks(tk)).for_each(|((d, y), g)| {
+                let dot = kernels::dot(y, g);
+                for ((d, &y), &g) in d.iter_mut().zip(y).zip(g) {
+                    *d = scale * y * (g - dot);
+                }
+            });
+            Ok(T::storage(out))
+        }
+        let out = by_dtype!(self, s1.dtype(), run(self, [(s1, l1), (s2, l2)], tk));
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// SwiGLU gate.
+
+/// Elements per parallel task of the elementwise ops.
+const ELEMENT_BLOCK: usize = 16 * 1024;
+
+/// `silu(gate) · up`, elementwise, differentiable in both. CPU, f32/f64.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.contiguous()?.apply_op2(&up.contiguous()?, SiluMul)
+}
+
+struct SiluMul;
+
+impl CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "silu-mul"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        if l1.shape() != l2.shape() {
+            bail!("silu-mul: gate {:?} and up {:?} differ in shape", l1.dims(), l2.dims());
+        }
+        fn run<T: Real>(op: &SiluMul, s: [(&CpuStorage, &Layout); 2]) -> Result<CpuStorage> {
+            let gate = contiguous::<T>(s[0].0, s[0].1, op.name(), "gate")?;
+            let up = contiguous::<T>(s[1].0, s[1].1, op.name(), "up")?;
+            let mut out = vec![T::ZERO; gate.len()];
+            out.par_chunks_mut(ELEMENT_BLOCK)
+                .zip(gate.par_chunks(ELEMENT_BLOCK))
+                .zip(up.par_chunks(ELEMENT_BLOCK))
+                .for_each(|((o, g), u)| T::silu_mul(g, u, o));
+            Ok(T::storage(out))
+        }
+        let out = by_dtype!(self, s1.dtype(), run(self, [(s1, l1), (s2, l2)]));
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(&self, gate: &Tensor, up: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let n = gate.elem_count();
+        let packed = gate.detach().apply_op3_no_bwd(&up.detach(), &grad.detach().contiguous()?, &SiluMulGrad)?;
+        Ok((Some(packed.narrow(0, 0, n)?.reshape(gate.shape())?), Some(packed.narrow(0, n, n)?.reshape(up.shape())?)))
+    }
+}
+
+/// Packed `[∂gate | ∂up]` of [`SiluMul`].
+struct SiluMulGrad;
+
+impl CustomOp3 for SiluMulGrad {
+    fn name(&self) -> &'static str {
+        "silu-mul-grad"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        if l1.shape() != l2.shape() || l1.shape() != l3.shape() {
+            bail!("{}: gate {:?}, up {:?} and gradient {:?} differ in shape", self.name(), l1.dims(), l2.dims(), l3.dims());
+        }
+        let n = l1.shape().elem_count();
+        fn run<T: Real>(op: &SiluMulGrad, s: [(&CpuStorage, &Layout); 3]) -> Result<CpuStorage> {
+            let gate = contiguous::<T>(s[0].0, s[0].1, op.name(), "gate")?;
+            let up = contiguous::<T>(s[1].0, s[1].1, op.name(), "up")?;
+            let g = contiguous::<T>(s[2].0, s[2].1, op.name(), "gradient")?;
+            let mut out = vec![T::ZERO; 2 * gate.len()];
+            let (d_gate, d_up) = out.split_at_mut(gate.len());
+            d_gate
+                .par_chunks_mut(ELEMENT_BLOCK)
+                .zip(d_up.par_chunks_mut(ELEMENT_BLOCK))
+                .zip(gate.par_chunks(ELEMENT_BLOCK).zip(up.par_chunks(ELEMENT_BLOCK)).zip(g.par_chunks(ELEMENT_BLOCK)))
+                .for_each(|((dg, du), ((gate, up), g))| T::silu_mul_grad(gate, up, g, dg, du));
+            Ok(T::storage(out))
+        }
+        let out = by_dtype!(self, s1.dtype(), run(self, [(s1, l1), (s2, l2), (s3, l3)]));
+        Ok((out, Shape::from(2 * n)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rotary position embedding, with the split into heads.
+
+/// Splits `x [b, t, heads·d]` (a projection's output) into heads and rotates them:
+/// `[b, heads, t, d]` with `y = x·cos + rotate_half(x)·sin` (Hugging Face's layout), for
+/// `cos`/`sin [b, 1, t, d]`. Differentiable in `x` (the tables are constants). CPU, f32/f64.
+pub fn rotary_heads(x: &Tensor, cos: &Tensor, sin: &Tensor, heads: usize) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope { heads })
+}
+
+#[derive(Clone, Copy)]
+struct Rope {
+    heads: usize,
+}
+
+impl Rope {
+    /// `(b, t, d)` of `x [b, t, heads·d]` against tables `[b, 1, t, d]`.
+    fn check(&self, x: &[usize], cos: &Layout, sin: &Layout) -> Result<(usize, usize, usize)> {
+        let &[b, t, width] = x else {
+            bail!("rotary: input {x:?} must be [b, t, heads·d]");
+        };
+        let d = width / self.heads.max(1);
+        if d * self.heads != width || d % 2 != 0 {
+            bail!("rotary: width {width} is not {} heads of an even size", self.heads);
+        }
+        if cos.dims() != [b, 1, t, d] || sin.dims() != cos.dims() {
+            bail!("rotary: tables {:?} and {:?} must be [{b}, 1, {t}, {d}]", cos.dims(), sin.dims());
+        }
+        Ok((b, t, d))
+    }
+
+    /// `[b, t, heads, d]` → rotated `[b, heads, t, d]`.
+    fn forward<T: Real>(&self, x: &[T], cos: &[T], sin: &[T], b: usize, t: usize, d: usize) -> Vec<T> {
+        let heads = self.heads;
+        let half = d / 2;
+        let mut out = vec![T::ZERO; b * heads * t * d];
+        out.par_chunks_mut(t * d).enumerate().for_each(|(bh, y)| {
+            let (bi, hh) = (bh / heads, bh % heads);
+            for ti in 0..t {
+                let src = &x[((bi * t + ti) * heads + hh) * d..][..d];
+                let (c, s) = (&cos[(bi * t + ti) * d..][..d], &sin[(bi * t + ti) * d..][..d]);
+                let y = &mut y[ti * d..(ti + 1) * d];
+                for j in 0..half {
+                    y[j] = src[j] * c[j] - src[j + half] * s[j];
+                    y[j + half] = src[j + half] * c[j + half] + src[j] * s[j + half];
+                }
+            }
+        });
+        out
+    }
+
+    /// Gradient `[b, t, heads·d]` from `g [b, heads, t, d]`:
+    /// `∂x_j = g_j c_j + g_{j+½} s_{j+½}` (first half), `g_j c_j − g_{j−½} s_{j−½}` (second).
+    fn backward<T: Real>(&self, g: &[T], cos: &[T], sin: &[T], b: usize, t: usize, d: usize) -> Vec<T> {
+        let heads = self.heads;
+        let half = d / 2;
+        let mut out = vec![T::ZERO; b * t * heads * d];
+        out.par_chunks_mut(heads * d).enumerate().for_each(|(bt, dx)| {
+            let (bi, ti) = (bt / t, bt % t);
+            let (c, s) = (&cos[bt * d..][..d], &sin[bt * d..][..d]);
+            for hh in 0..heads {
+                let g = &g[((bi * heads + hh) * t + ti) * d..][..d];
+                let dx = &mut dx[hh * d..(hh + 1) * d];
+                for j in 0..half {
+                    dx[j] = g[j] * c[j] + g[j + half] * s[j + half];
+                    dx[j + half] = g[j + half] * c[j + half] - g[j] * s[j];
+                }
+            }
+        });
+        out
+    }
+}
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "rotary"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, t, d) = self.check(l1.dims(), l2, l3)?;
+        fn run<T: Real>(op: &Rope, s: [(&CpuStorage, &Layout); 3], (b, t, d): (usize, usize, usize)) -> Result<CpuStorage> {
+            let x = contiguous::<T>(s[0].0, s[0].1, op.name(), "input")?;
+            let cos = contiguous::<T>(s[1].0, s[1].1, op.name(), "cos")?;
+            let sin = contiguous::<T>(s[2].0, s[2].1, op.name(), "sin")?;
+            Ok(T::storage(op.forward(x, cos, sin, b, t, d)))
+        }
+        let out = by_dtype!(self, s1.dtype(), run(self, [(s1, l1), (s2, l2), (s3, l3)], (b, t, d)));
+        Ok((out, Shape::from((b, self.heads, t, d))))
+    }
+
+    fn bwd(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.detach().contiguous()?.apply_op3_no_bwd(cos, sin, &RopeGrad(*self))?;
+        Ok((Some(grad.reshape(x.shape())?), None, None))
+    }
+}
+
+struct RopeGrad(Rope);
+
+impl CustomOp3 for RopeGrad {
+    fn name(&self) -> &'static str {
+        "rotary-grad"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let &[b, heads, t, d] = l1.dims() else {
+            bail!("{}: gradient {:?} must be [b, heads, t, d]", self.name(), l1.dims());
+        };
+        if heads != self.0.heads {
+            bail!("{}: gradient has {heads} heads, expected {}", self.name(), self.0.heads);
+        }
+        self.0.check(&[b, t, heads * d], l2, l3)?;
+        fn run<T: Real>(op: &RopeGrad, s: [(&CpuStorage, &Layout); 3], (b, t, d): (usize, usize, usize)) -> Result<CpuStorage> {
+            let g = contiguous::<T>(s[0].0, s[0].1, op.name(), "gradient")?;
+            let cos = contiguous::<T>(s[1].0, s[1].1, op.name(), "cos")?;
+            let sin = contiguous::<T>(s[2].0, s[2].1, op.name(), "sin")?;
+            Ok(T::storage(op.0.backward(g, cos, sin, b, t, d)))
+        }
+        let out = by_dtype!(self, s1.dtype(), run(self, [(s1, l1), (s2, l2), (s3, l3)], (b, t, d)));
+        Ok((out, Shape::from((b, t, heads * d))))
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use candle_core::{Device, Var, D};
+    use rand::{Rng, SeedableRng};
+
+    /// Deterministic normal-ish values (uniform sums) `[shape]` in `dtype`.
+    pub fn values(shape: &[usize], seed: u64, scale: f64, dtype: DType) -> Tensor {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = (0..n).map(|_| scale * (rng.random::<f64>() + rng.random::<f64>() - 1.0) * 1.7).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+    }
+
+    /// Autograd gradients of `f(inputs)` (a scalar) for each input in `check`, against central
+    /// finite differences in f64 on every element. Returns the largest relative error.
+    pub fn finite_differences(inputs: &[Tensor], check: &[usize], f: impl Fn(&[Tensor]) -> Tensor) -> f64 {
+        let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+        let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let grads = f(&tensors).backward().unwrap();
+        let mut worst = 0f64;
+        for &i in check {
+            let grad: Vec<f64> = grads.get(&tensors[i]).expect("a gradient").flatten_all().unwrap().to_vec1().unwrap();
+            let original: Vec<f64> = inputs[i].flatten_all().unwrap().to_vec1().unwrap();
+            for j in 0..original.len() {
+                let at = |delta: f64| {
+                    let mut moved = inputs.to_vec();
+                    let mut v = original.clone();
+                    v[j] += delta;
+                    moved[i] = Tensor::from_vec(v, inputs[i].shape(), &Device::Cpu).unwrap();
+                    f(&moved).to_scalar::<f64>().unwrap()
+                };
+                let eps = 1e-6;
+                let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
+                let err = (grad[j] - numeric).abs() / numeric.abs().max(grad[j].abs()).max(1e-4);
+                assert!(err < 1e-6, "input {i}[{j}]: autograd {} vs finite difference {numeric}", grad[j]);
+                worst = worst.max(err);
+            }
+        }
+        worst
+    }
+
+    /// Largest |a − b| / max(|b|, floor) over two tensors of one shape.
+    pub fn max_rel_diff(a: &Tensor, b: &Tensor, floor: f64) -> f64 {
+        assert_eq!(a.dims(), b.dims());
+        let a: Vec<f64> = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f64> = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        a.iter().zip(&b).map(|(x, y)| (x - y).abs() / y.abs().max(floor)).fold(0.0, f64::max)
+    }
+
+    /// Values and input gradients of `f(inputs)` reduced to a scalar by a fixed weighted sum.
+    fn values_and_grads(inputs: &[Tensor], f: &dyn Fn(&[Tensor]) -> Tensor) -> (Tensor, Vec<Option<Tensor>>) {
+        let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+        let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let out = f(&tensors);
+        let weights = values(out.dims(), 99, 1.0, out.dtype());
+        let grads = (&out * weights).unwrap().sum_all().unwrap().backward().unwrap();
+        (out, tensors.iter().map(|t| grads.get(t).cloned()).collect())
+    }
+
+    /// The fused op in f32 is as close to the truth (the generic ops in f64) as the generic ops in
+    /// f32 are, within `slack`×, in value and every input's gradient (errors relative to each
+    /// tensor's largest magnitude).
+    pub fn compare_with_generic(inputs: &[Tensor], slack: f64, fused: impl Fn(&[Tensor]) -> Tensor, generic: impl Fn(&[Tensor]) -> Tensor) {
+        let f32s: Vec<Tensor> = inputs.iter().map(|t| t.to_dtype(DType::F32).unwrap()).collect();
+        let f64s: Vec<Tensor> = inputs.iter().map(|t| t.to_dtype(DType::F64).unwrap()).collect();
+        let (truth, truth_grads) = values_and_grads(&f64s, &generic);
+        let (ours, our_grads) = values_and_grads(&f32s, &fused);
+        let (theirs, their_grads) = values_and_grads(&f32s, &generic);
+        let scale = |t: &Tensor| t.abs().unwrap().max_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap().max(1e-30);
+        let err = |a: &Tensor, truth: &Tensor| max_rel_diff(a, truth, scale(truth)) ;
+        let check = |what: String, a: &Tensor, b: &Tensor, truth: &Tensor| {
+            let (ea, eb) = (err(a, truth), err(b, truth));
+            assert!(ea <= slack * eb.max(1e-7), "{what}: fused f32 error {ea:e}, generic f32 error {eb:e}");
+        };
+        check("values".into(), &ours, &theirs, &truth);
+        for (i, truth) in truth_grads.iter().enumerate() {
+            match (&our_grads[i], &their_grads[i], truth) {
+                (Some(a), Some(b), Some(t)) => check(format!("gradient of input {i}"), a, b, t),
+                (None, None, None) => {}
+                (a, _, t) => panic!("input {i}: fused has a gradient: {}, generic: {}", a.is_some(), t.is_some()),
+            }
+        }
+    }
+
+    #[test]
+    fn simd_exp_is_within_a_few_ulp() {
+        let mut worst = 0f64;
+        for i in 0..200_000 {
+            let x = -87.0 + 175.0 * i as f64 / 200_000.0;
+            let got = simd::exp(x as f32) as f64;
+            let want = (x as f32 as f64).exp();
+            worst = worst.max((got - want).abs() / want);
+        }
+        assert!(worst < 4e-7, "relative error {worst:e}");
+        assert_eq!(simd::exp(-1e30), 0.0);
+        assert_eq!(simd::exp(-100.0), 0.0);
+        assert_eq!(simd::exp(0.0), 1.0);
+    }
+
+    fn generic_token_logprobs(rows: &Tensor, weight: &Tensor, targets: &[u32]) -> Tensor {
+        let logp = candle_nn::ops::log_softmax(&rows.matmul(&weight.t().unwrap()).unwrap(), D::Minus1).unwrap();
+        let index = Tensor::new(targets, rows.device()).unwrap().unsqueeze(1).unwrap();
+        logp.gather(&index, 1).unwrap().squeeze(1).unwrap()
+    }
+
+    #[test]
+    fn token_logprobs_gradients_match_finite_differences_in_f64() {
+        let targets = [3u32, 0, 6, 6, 2];
+        let inputs = [values(&[5, 4], 1, 1.0, DType::F64), values(&[7, 4], 2, 1.0, DType::F64)];
+        let w = values(&[5], 3, 1.0, DType::F64);
+        // Chunks of 2 rows: three blocks, the last partial, and the weight gradient accumulated.
+        let worst = finite_differences(&inputs, &[0, 1], |t| {
+            (token_logprobs(&t[0], &t[1], &targets, 2).unwrap() * &w).unwrap().sum_all().unwrap()
+        });
+        assert!(worst < 1e-6);
+        let fused = token_logprobs(&inputs[0], &inputs[1], &targets, 2).unwrap();
+        let generic = generic_token_logprobs(&inputs[0], &inputs[1], &targets);
+        assert!(max_rel_diff(&fused, &generic, 1.0) < 1e-14);
+    }
+
+    #[test]
+    fn token_logprobs_match_the_generic_ops_in_f32() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let targets: Vec<u32> = (0..300).map(|_| rng.random_range(0..1000)).collect();
+        let inputs = [values(&[300, 48], 6, 1.0, DType::F32), values(&[1000, 48], 7, 0.3, DType::F32)];
+        compare_with_generic(
+            &inputs,
+            2.0,
+            |t| token_logprobs(&t[0], &t[1], &targets, HEAD_CHUNK_ROWS).unwrap(),
+            |t| generic_token_logprobs(&t[0], &t[1], &targets),
+        );
+    }
+
+    fn generic_rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
+        let inv = (x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + eps).unwrap().sqrt().unwrap().recip().unwrap();
+        x.broadcast_mul(&inv).unwrap().broadcast_mul(w).unwrap()
+    }
+
+    #[test]
+    fn rms_norm_gradients_match_finite_differences_in_f64() {
+        let inputs = [values(&[2, 3, 5], 10, 1.0, DType::F64), values(&[5], 11, 1.0, DType::F64)];
+        let w = values(&[2, 3, 5], 12, 1.0, DType::F64);
+        finite_differences(&inputs, &[0, 1], |t| (rms_norm(&t[0], &t[1], 1e-5).unwrap() * &w).unwrap().sum_all().unwrap());
+        let fused = rms_norm(&inputs[0], &inputs[1], 1e-5).unwrap();
+        assert!(max_rel_diff(&fused, &generic_rms_norm(&inputs[0], &inputs[1], 1e-5), 1.0) < 1e-14);
+    }
+
+    #[test]
+    fn rms_norm_matches_the_generic_ops_in_f32() {
+        // 150 rows: three row blocks for the weight gradient, the last partial.
+        let inputs = [values(&[3, 50, 64], 13, 2.0, DType::F64), values(&[64], 14, 1.0, DType::F64)];
+        compare_with_generic(&inputs, 2.0, |t| rms_norm(&t[0], &t[1], 1e-6).unwrap(), |t| generic_rms_norm(&t[0], &t[1], 1e-6));
+    }
+
+    /// A causal mask with the last `pad` keys of batch row 1 masked too, as the training path
+    /// builds it (a padding query attends to itself).
+    fn causal_mask(b: usize, t: usize, pad: usize, dtype: DType) -> Tensor {
+        let mut m = Vec::new();
+        for bi in 0..b {
+            for q in 0..t {
+                for k in 0..t {
+                    let padded = bi == 1 && k >= t - pad;
+                    m.push(if k <= q && (!padded || k == q) { 0.0 } else { -1e30 });
+                }
+            }
+        }
+        Tensor::from_vec(m, (b, 1, t, t), &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+    }
+
+    fn generic_masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Tensor {
+        candle_nn::ops::softmax(&(scores * scale).unwrap().broadcast_add(mask).unwrap(), D::Minus1).unwrap()
+    }
+
+    #[test]
+    fn masked_softmax_gradients_match_finite_differences_in_f64() {
+        let mask = causal_mask(2, 4, 1, DType::F64);
+        let inputs = [values(&[2, 3, 4, 4], 20, 2.0, DType::F64)];
+        let w = values(&[2, 3, 4, 4], 21, 1.0, DType::F64);
+        finite_differences(&inputs, &[0], |t| (masked_softmax(&t[0], &mask, 0.35).unwrap() * &w).unwrap().sum_all().unwrap());
+        let fused = masked_softmax(&inputs[0], &mask, 0.35).unwrap();
+        assert!(max_rel_diff(&fused, &generic_masked_softmax(&inputs[0], &mask, 0.35), 1.0) < 1e-14);
+    }
+
+    #[test]
+    fn masked_softmax_matches_the_generic_ops_in_f32() {
+        let mask = causal_mask(2, 37, 5, DType::F32);
+        let inputs = [values(&[2, 4, 37, 37], 22, 4.0, DType::F64)];
+        compare_with_generic(&inputs, 2.0, |t| masked_softmax(&t[0], &mask.to_dtype(t[0].dtype()).unwrap(), 0.25).unwrap(), |t| {
+            generic_masked_softmax(&t[0], &mask.to_dtype(t[0].dtype()).unwrap(), 0.25)
+        });
+    }
+
+    #[test]
+    fn silu_mul_gradients_match_finite_differences_in_f64() {
+        let inputs = [values(&[3, 7], 30, 3.0, DType::F64), values(&[3, 7], 31, 1.0, DType::F64)];
+        let w = values(&[3, 7], 32, 1.0, DType::F64);
+        finite_differences(&inputs, &[0, 1], |t| (silu_mul(&t[0], &t[1]).unwrap() * &w).unwrap().sum_all().unwrap());
+        let generic = (inputs[0].silu().unwrap() * &inputs[1]).unwrap();
+        assert!(max_rel_diff(&silu_mul(&inputs[0], &inputs[1]).unwrap(), &generic, 1.0) < 1e-14);
+    }
+
+    #[test]
+    fn silu_mul_matches_the_generic_ops_in_f32() {
+        // More than one parallel block, the last partial.
+        let inputs = [values(&[40_000], 33, 6.0, DType::F64), values(&[40_000], 34, 1.0, DType::F64)];
+        compare_with_generic(&inputs, 2.0, |t| silu_mul(&t[0], &t[1]).unwrap(), |t| (t[0].silu().unwrap() * &t[1]).unwrap());
+    }
+
+    /// Tables `[b, 1, t, d]` for positions that differ per batch row.
+    fn rotary_tables(b: usize, t: usize, d: usize, dtype: DType) -> (Tensor, Tensor) {
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for bi in 0..b {
+            for ti in 0..t {
+                for j in 0..d {
+                    let angle = (ti + 3 * bi) as f64 / 10f64.powf((j % (d / 2)) as f64 / (d / 2) as f64);
+                    cos.push(angle.cos());
+                    sin.push(angle.sin());
+                }
+            }
+        }
+        let make = |v: Vec<f64>| Tensor::from_vec(v, (b, 1, t, d), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+        (make(cos), make(sin))
+    }
+
+    fn generic_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor, heads: usize) -> Tensor {
+        let (b, t, w) = x.dims3().unwrap();
+        let split = x.reshape((b, t, heads, w / heads)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+        crate::rope::apply_rotary(&split, cos, sin).unwrap()
+    }
+
+    #[test]
+    fn rotary_gradients_match_finite_differences_in_f64() {
+        let (cos, sin) = rotary_tables(2, 3, 4, DType::F64);
+        let inputs = [values(&[2, 3, 3 * 4], 40, 1.0, DType::F64)];
+        let w = values(&[2, 3, 3, 4], 41, 1.0, DType::F64);
+        finite_differences(&inputs, &[0], |t| (rotary_heads(&t[0], &cos, &sin, 3).unwrap() * &w).unwrap().sum_all().unwrap());
+        let fused = rotary_heads(&inputs[0], &cos, &sin, 3).unwrap();
+        assert!(max_rel_diff(&fused, &generic_rotary(&inputs[0], &cos, &sin, 3), 1.0) < 1e-14);
+    }
+
+    #[test]
+    fn rotary_matches_the_generic_ops_in_f32() {
+        let (cos, sin) = rotary_tables(3, 17, 16, DType::F64);
+        let inputs = [values(&[3, 17, 4 * 16], 42, 1.0, DType::F64)];
+        compare_with_generic(
+            &inputs,
+            2.0,
+            |t| rotary_heads(&t[0], &cos.to_dtype(t[0].dtype()).unwrap(), &sin.to_dtype(t[0].dtype()).unwrap(), 4).unwrap(),
+            |t| generic_rotary(&t[0], &cos.to_dtype(t[0].dtype()).unwrap(), &sin.to_dtype(t[0].dtype()).unwrap(), 4),
+        );
+    }
+}

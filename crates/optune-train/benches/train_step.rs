@@ -1,0 +1,275 @@
+//! Profile of one DPO training step, split into forward, backward and optimiser, on the ~12.9M
+//! random llama that `make bench-train` compares with TRL (hidden 256, 6 layers, 8 heads, 4 KV
+//! heads, intermediate 768, vocab 32000, tied embeddings; 8 pairs of ~130 tokens per side), and on
+//! SmolLM2-135M when `OPTUNE_SMOLLM2_DIR` names a converted Hugging Face directory (2 pairs of
+//! ~128 tokens). Run with
+//!
+//!     cargo bench -p optune-train --bench train_step
+//!
+//! Environment: `OPTUNE_BENCH_THREADS` (default 2), `OPTUNE_BENCH_STEPS` (timed steps after one
+//! warm-up step, default 5), `OPTUNE_SMOLLM2_DIR`.
+//!
+//! The step is opt-wdpo's: policy log-probs of chosen and rejected in one padded forward pass,
+//! sigmoid DPO against precomputed reference log-probs, backward, global-norm clipping, AdamW
+//! (full fine-tuning). The forward pass is also split into the transformer trunk and the
+//! vocabulary head (projection, log-softmax, gather), and the backward likewise (the head's
+//! backward is timed on its own, from detached hidden rows). `cpu` is the process CPU time over
+//! the same span: above `threads × wall` nothing can be, below it the threads waited. Peak RSS is
+//! the process high-water mark, reset before each model.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use optune_model::logprobs::token_logprobs;
+use optune_model::{sequence_logprobs, Checkpoint, ModelConfig, TokenizedPair, Transformer};
+use optune_train::loss::{dpo_losses, DpoLoss};
+use optune_train::optim::{clip_grad_norm, decay_groups, AdamW, Algorithm, Optimizer};
+
+/// SplitMix64: deterministic weights and token ids without a seeded RNG crate.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// Normal(0, std) by Box-Muller.
+    fn normal(&mut self, std: f64) -> f32 {
+        let (u, v) = (self.uniform().max(1e-300), self.uniform());
+        (std * (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+}
+
+const RANDOM_LLAMA: &str = r#"{
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32000,
+    "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 6,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "max_position_embeddings": 1024,
+    "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": true,
+    "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3, "hidden_act": "silu"
+}"#;
+
+/// Hugging Face-named weight shapes of a llama without biases (tied head).
+fn llama_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let (h, i, d) = (c.hidden_size, c.intermediate_size, c.head_dim());
+    let (q, kv) = (c.num_attention_heads * d, c.num_kv_heads() * d);
+    let mut shapes = vec![("model.embed_tokens.weight".to_string(), vec![c.vocab_size, h])];
+    for l in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        shapes.push((format!("{p}.input_layernorm.weight"), vec![h]));
+        shapes.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+        for (name, out, inp) in [("self_attn.q_proj", q, h), ("self_attn.k_proj", kv, h), ("self_attn.v_proj", kv, h),
+                                 ("self_attn.o_proj", h, q), ("mlp.gate_proj", i, h), ("mlp.up_proj", i, h),
+                                 ("mlp.down_proj", h, i)] {
+            shapes.push((format!("{p}.{name}.weight"), vec![out, inp]));
+        }
+    }
+    shapes.push(("model.norm.weight".to_string(), vec![h]));
+    shapes
+}
+
+/// Every weight a variable (full fine-tuning), as opt-wdpo holds them.
+fn trainable_model(config: &ModelConfig, tensors: HashMap<String, Tensor>) -> Result<(Transformer, Vec<(String, Var)>)> {
+    let mut vars = Vec::new();
+    let mut model_tensors = HashMap::new();
+    for (name, t) in tensors {
+        let var = Var::from_tensor(&t.to_dtype(DType::F32)?)?;
+        model_tensors.insert(name.clone(), var.as_tensor().clone());
+        vars.push((name, var));
+    }
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let model = Transformer::from_weights(config, model_tensors, DType::F32, &Device::Cpu)?;
+    Ok((model, vars))
+}
+
+fn random_llama() -> Result<(Transformer, Vec<(String, Var)>)> {
+    let config = ModelConfig::from_json_str(RANDOM_LLAMA)?;
+    let mut rng = Rng(0);
+    let mut tensors = HashMap::new();
+    for (name, shape) in llama_shapes(&config) {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = if shape.len() == 1 { vec![1.0; n] } else { (0..n).map(|_| rng.normal(0.02)).collect() };
+        tensors.insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?);
+    }
+    trainable_model(&config, tensors)
+}
+
+/// `pairs` pairs of random tokens, prompt + response ≈ `per_side` tokens on each side.
+fn random_pairs(pairs: usize, per_side: usize, vocab: usize) -> Vec<(TokenizedPair, TokenizedPair)> {
+    let mut rng = Rng(1);
+    let mut tokens = |n: usize| (0..n).map(|_| 4 + rng.below(vocab - 4) as u32).collect::<Vec<_>>();
+    (0..pairs)
+        .map(|i| {
+            let prompt = tokens(28 + i % 8);
+            let total = per_side + i % 5 - 2;
+            let chosen = TokenizedPair { prompt: prompt.clone(), response: tokens(total - prompt.len()) };
+            let rejected = TokenizedPair { prompt, response: tokens(total - chosen.prompt.len() + 1 - i % 3) };
+            (chosen, rejected)
+        })
+        .collect()
+}
+
+/// Process CPU seconds (user + system) from /proc/self/stat; 0 where unavailable.
+fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return 0.0 };
+    let after_name = stat.rsplit(')').next().unwrap_or("");
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    // Fields 14 and 15 of the whole line (utime, stime) are 11 and 12 after the name; 100 Hz.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Peak resident set (MB) from /proc/self/status.
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse::<f64>().ok().map(|kb| kb / 1024.0)
+}
+
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Wall and CPU seconds of `f`.
+fn timed<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, f64, f64)> {
+    let (wall, cpu) = (Instant::now(), cpu_seconds());
+    let out = f()?;
+    Ok((out, wall.elapsed().as_secs_f64(), cpu_seconds() - cpu))
+}
+
+#[derive(Default, Clone, Copy)]
+struct Split {
+    forward: f64,
+    backward: f64,
+    optimiser: f64,
+    cpu: f64,
+}
+
+impl Split {
+    fn total(&self) -> f64 {
+        self.forward + self.backward + self.optimiser
+    }
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+fn profile(label: &str, model: &Transformer, vars: &[(String, Var)], pairs: &[(TokenizedPair, TokenizedPair)], steps: usize) -> Result<()> {
+    let n = pairs.len();
+    let sequences: Vec<TokenizedPair> =
+        pairs.iter().map(|p| p.0.clone()).chain(pairs.iter().map(|p| p.1.clone())).collect();
+    let tokens: usize = sequences.iter().map(|s| s.prompt.len() + s.response.len()).sum();
+    let targets: Vec<u32> = sequences.iter().flat_map(|s| s.response.iter().copied()).collect();
+    let pad = model.config().pad_token_id().unwrap_or(0);
+    let reference = sequence_logprobs(model, &sequences, pad)?.sums.detach();
+    let (ref_c, ref_r) = (reference.narrow(0, 0, n)?, reference.narrow(0, n, n)?);
+    let mut optimizer = Optimizer::new(decay_groups(vars.to_vec(), 0.0), Algorithm::AdamW(AdamW::default()), 1e-5)?;
+    let params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+    println!(
+        "\n## {label}: {:.1}M parameters, {n} pairs, {} sequences, {tokens} tokens ({} response tokens), {} threads",
+        params as f64 / 1e6,
+        sequences.len(),
+        targets.len(),
+        rayon::current_num_threads()
+    );
+    println!("| step | forward s | backward s | optimiser s | total s | cpu s | tokens/s |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    let mut splits = Vec::new();
+    for step in 0..=steps {
+        let (loss, forward, cpu_f) = timed(|| {
+            let logps = sequence_logprobs(model, &sequences, pad)?;
+            let (c, r) = (logps.sums.narrow(0, 0, n)?, logps.sums.narrow(0, n, n)?);
+            Ok(dpo_losses(DpoLoss::Sigmoid, 0.1, 0.0, &c, &r, &ref_c, &ref_r)?.losses.mean_all()?)
+        })?;
+        let (mut grads, backward, cpu_b) = timed(|| Ok(loss.backward()?))?;
+        let ((), optimiser, cpu_o) = timed(|| {
+            clip_grad_norm(&mut grads, vars.iter().map(|(_, v)| v), 1.0)?;
+            optimizer.step(&grads)?;
+            Ok(())
+        })?;
+        drop(grads);
+        let s = Split { forward, backward, optimiser, cpu: cpu_f + cpu_b + cpu_o };
+        let tag = if step == 0 { "warm-up".to_string() } else { step.to_string() };
+        println!("| {tag} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} | {:.0} |", s.forward, s.backward, s.optimiser,
+                 s.total(), s.cpu, tokens as f64 / s.total());
+        if step > 0 {
+            splits.push(s);
+        }
+    }
+    let m = Split {
+        forward: median(splits.iter().map(|s| s.forward).collect()),
+        backward: median(splits.iter().map(|s| s.backward).collect()),
+        optimiser: median(splits.iter().map(|s| s.optimiser).collect()),
+        cpu: median(splits.iter().map(|s| s.cpu).collect()),
+    };
+    let total = median(splits.iter().map(|s| s.total()).collect());
+    println!("| **median** | {:.3} | {:.3} | {:.3} | {total:.3} | {:.2} | {:.0} |", m.forward, m.backward, m.optimiser,
+             m.cpu, tokens as f64 / total);
+
+    // The vocabulary head alone, from detached hidden rows: projection, log-softmax, gather.
+    let hidden = model.config().hidden_size;
+    let mut rng = Rng(2);
+    let rows: Vec<f32> = (0..targets.len() * hidden).map(|_| rng.normal(1.0)).collect();
+    let rows = Var::from_tensor(&Tensor::from_vec(rows, (targets.len(), hidden), &Device::Cpu)?)?;
+    let mut head = (Vec::new(), Vec::new());
+    for _ in 0..=steps.min(3) {
+        let (sum, f, _) = timed(|| Ok(token_logprobs(model, rows.as_tensor(), &targets)?.sum_all()?))?;
+        let (_, b, _) = timed(|| Ok(sum.backward()?))?;
+        head.0.push(f);
+        head.1.push(b);
+    }
+    head.0.remove(0);
+    head.1.remove(0);
+    let (hf, hb) = (median(head.0), median(head.1));
+    println!(
+        "\n| part | forward s | backward s |\n|---|---:|---:|\n| vocabulary head ({} rows x {}) | {hf:.3} | {hb:.3} |\n\
+         | transformer trunk (the rest) | {:.3} | {:.3} |",
+        targets.len(),
+        model.config().vocab_size,
+        (m.forward - hf).max(0.0),
+        (m.backward - hb).max(0.0)
+    );
+    match peak_rss_mb() {
+        Some(mb) => println!("\npeak RSS since the model was built: {mb:.0} MB"),
+        None => println!("\npeak RSS: n/a"),
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let threads = std::env::var("OPTUNE_BENCH_THREADS").ok().and_then(|t| t.parse().ok()).unwrap_or(2);
+    let steps = std::env::var("OPTUNE_BENCH_STEPS").ok().and_then(|t| t.parse().ok()).unwrap_or(5usize).max(1);
+    optune_model::runtime::init(Some(threads))?;
+    println!("# one DPO step (sigmoid, reference precomputed, full fine-tuning, AdamW, f32)");
+
+    reset_peak_rss();
+    let (model, vars) = random_llama()?;
+    let pairs = random_pairs(8, 130, model.config().vocab_size);
+    profile("random llama 12.9M", &model, &vars, &pairs, steps)?;
+    drop((model, vars));
+
+    match std::env::var_os("OPTUNE_SMOLLM2_DIR") {
+        Some(dir) => {
+            reset_peak_rss();
+            let checkpoint = Checkpoint::read(std::path::Path::new(&dir), &Device::Cpu)
+                .with_context(|| format!("OPTUNE_SMOLLM2_DIR={}", dir.to_string_lossy()))?;
+            let (model, vars) = trainable_model(&checkpoint.meta.config, checkpoint.tensors)?;
+            let pairs = random_pairs(2, 128, model.config().vocab_size);
+            profile("SmolLM2-135M", &model, &vars, &pairs, steps.min(3))?;
+        }
+        None => println!("\n(SmolLM2-135M skipped: set OPTUNE_SMOLLM2_DIR to a converted Hugging Face directory)"),
+    }
+    Ok(())
+}

@@ -1,0 +1,44 @@
+# The OPTune paper's setting (Chen et al. 2024, arXiv 2406.07657, §5), as a recipe for a GPU
+# machine: Zephyr-7B-SFT as the policy, a Mistral-7B sequence-classification reward model,
+# UltraChat prompts; ρ = 0.7, 2 samples per prompt at temperature 1.0 and top-p 0.9,
+# 3 iterations, bf16 on CUDA. It cannot run on a CPU in any useful time.
+#
+# The user downloads the models and the prompts and names them:
+#   POLICY        a Hugging Face directory of the SFT policy (e.g. zephyr-7b-sft-full)
+#   RM            a Hugging Face *ForSequenceClassification reward model directory
+#                 (Mistral-7B based, num_labels 1)
+#   PROMPTS_FILE  a prompts shard: Parquet or JSONL with prompt_id and prompt or messages
+#                 (e.g. UltraChat's train_prefs prompts, about 48k rows)
+#
+#   make iter3 PIPELINE=pipelines/zephyr-ultrachat.mk POLICY=… RM=… PROMPTS_FILE=…
+#
+# The tools are built with CUDA (CARGO_FLAGS below; needs nvcc, see the CUDA notes in the
+# README). For a quick look at what would run: `make -n iter1 PIPELINE=… POLICY=… RM=… PROMPTS_FILE=…`.
+
+NAME = zephyr-ultrachat
+POLICY =
+RM =
+PROMPTS_FILE =
+REQUIRED_VARS = POLICY RM PROMPTS_FILE
+SCORE_ARGS = $(if $(RM),--rm $(RM) --batch-size 16 --max-length 2048 --truncate left)
+SCORE_DEPS = $(if $(RM),$(RM)/config.json)
+EXTERNAL_INPUTS = $(if $(POLICY),$(POLICY)/config.json) $(SCORE_DEPS) $(PROMPTS_FILE)
+EXTERNAL_HINT = Download it and name it with POLICY=, RM= or PROMPTS_FILE= (see pipelines/zephyr-ultrachat.mk).
+
+PROMPTS = 0
+EVAL_PROMPTS = 0
+N = 2
+TEMPERATURE = 1.0
+TOP_P = 0.9
+MAX_NEW_TOKENS = 512
+GEN_BATCH = 64
+GEN_ARGS = --max-prompt-tokens 1024 --truncate left
+RHO = 0.7
+ITERS = 3
+REF = initial
+DEVICE_ARGS = --device cuda --dtype bf16
+# Zephyr's DPO recipe: β 0.01, lr 5e-7, 128 pairs per step (8 × 16 accumulated), full fine-tuning;
+# the wDPO weight exp(β2 · gap) on top, as in OPTune.
+TRAIN_ARGS = --loss sigmoid --beta 0.01 --weight exp --beta2 1.0 --lr 5e-7 --epochs 1 \
+  --batch-size 8 --grad-accum 16 --max-length 1024 --warmup-ratio 0.1
+CARGO_FLAGS = --features opt-gen/cuda,opt-score/cuda,opt-wdpo/cuda

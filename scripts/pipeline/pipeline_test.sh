@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# The miniature OPTune pipeline end to end (`make pipeline-test`; CI runs it).
+#
+# Runs pipelines/tiny.mk (the testdata models, seconds per iteration) into a temporary
+# RUNS directory and checks:
+#   1. `make iter3` writes every expected file of iterations 0-3;
+#   2. a second `make iter3` rewrites nothing;
+#   3. after deleting iteration 3's files from the generation on (an interruption there),
+#      `make iter3` redoes exactly those and leaves the selection alone;
+#   4. `make report` writes the report and its four plots;
+#   5. `make sweep RHOS="0.5 1.0" ITERS=2` writes both runs and the sweep table, the second
+#      run sharing the first run's iteration 1, and ρ = 1 regenerates every prompt;
+#   6. DuckDB and pyarrow read every Parquet file (skipped when $OPTUNE_PYTHON lacks them,
+#      a failure with OPTUNE_REQUIRE_DUCKDB=1).
+# Ends with `pipeline-test: N passed, N failed`. KEEP_RUNS=1 keeps the temporary directory.
+set -uo pipefail
+
+cd "$(dirname "$0")/../.."
+MAKE=${MAKE:-make}
+PYTHON=${OPTUNE_PYTHON:-python3}
+runs=$(mktemp -d "${TMPDIR:-/tmp}/optune-pipeline-test.XXXXXX")
+log=$runs/make.log
+passed=0 failed=0
+
+finish() {
+  echo "pipeline-test: $passed passed, $failed failed"
+  if [ "${KEEP_RUNS:-0}" = 1 ] || [ "$failed" -gt 0 ]; then
+    echo "pipeline-test: runs kept in $runs"
+  else
+    rm -rf "$runs"
+  fi
+}
+trap finish EXIT
+
+ok() { passed=$((passed + 1)); echo "ok: $*"; }
+fail() { failed=$((failed + 1)); echo "FAILED: $*"; }
+
+pipeline_make() {
+  "$MAKE" --no-print-directory PIPELINE=pipelines/tiny.mk RUNS="$runs" BUILD_TOOLS=0 "$@" >>"$log" 2>&1
+}
+
+# Build the tools once, through make (the stages then use them as they are).
+if ! "$MAKE" --no-print-directory PIPELINE=pipelines/tiny.mk tools >"$log" 2>&1; then
+  fail "building the tools"; tail -n 30 "$log"; exit 1
+fi
+
+run=$runs/tiny
+expected_files() {
+  local dir=$1 last=$2 i
+  echo "$dir/run.env" "$dir/eval_prompts.parquet" "$dir/iter0/eval_responses.parquet" "$dir/iter0/eval_scored.parquet"
+  echo "$dir/iter1/prompts.parquet"
+  for i in $(seq 1 "$last"); do
+    [ "$i" -ge 2 ] && echo "$dir/iter$i/regen.parquet" "$dir/iter$i/kept.parquet"
+    for f in responses.parquet new_scored.parquet scored.parquet pairs.parquet policy/config.json \
+      policy/model.safetensors metrics.csv timings.csv eval_responses.parquet eval_scored.parquet; do
+      echo "$dir/iter$i/$f"
+    done
+  done
+}
+
+check_files() {
+  local missing=0 f
+  for f in $(expected_files "$1" "$2"); do
+    [ -s "$f" ] || { echo "  missing: $f"; missing=1; }
+  done
+  return $missing
+}
+
+# 1. Iterations 1-3.
+if pipeline_make iter3 && check_files "$run" 3; then ok "make iter3 wrote every expected file"
+else fail "make iter3"; tail -n 30 "$log"; exit 1; fi
+stages=$(cut -d, -f1 "$run/iter2/timings.csv" | tr '\n' ' ')
+if [ "$stages" = "stage gen score select pairs train " ]; then ok "timings.csv has stage,seconds,rows,tokens for every stage"
+else fail "iter2/timings.csv stages: $stages"; fi
+
+# 2. Nothing is redone.
+stamp=$runs/.stamp; touch "$stamp"; sleep 1
+pipeline_make iter3
+changed=$(find "$run" -type f -newer "$stamp" | grep -v '/\.' || true)
+if [ -z "$changed" ]; then ok "a second make iter3 rewrote nothing"
+else fail "a second make iter3 rewrote: $changed"; fi
+
+# 3. Resume after an interruption during iteration 3's generation.
+regen_before=$(stat -c %Y "$run/iter3/regen.parquet" 2>/dev/null || stat -f %m "$run/iter3/regen.parquet")
+rm -rf "$run/iter3/responses.parquet" "$run/iter3/new_scored.parquet" "$run/iter3/scored.parquet" \
+  "$run/iter3/pairs.parquet" "$run/iter3/policy" "$run/iter3/metrics.csv" "$run/iter3/timings.csv" \
+  "$run/iter3/eval_responses.parquet" "$run/iter3/eval_scored.parquet"
+touch "$stamp"; sleep 1
+pipeline_make iter3
+regen_after=$(stat -c %Y "$run/iter3/regen.parquet" 2>/dev/null || stat -f %m "$run/iter3/regen.parquet")
+redone=$(find "$run" -type f -newer "$stamp" | grep -v '/\.' | grep -v '/logs/' | sed "s|$run/||" | sort | tr '\n' ' ')
+if check_files "$run" 3 && [ "$regen_before" = "$regen_after" ] && ! echo "$redone" | grep -q 'iter[12]/'; then
+  ok "resumed iteration 3 at the generation (redone: $redone)"
+else fail "resume: regen.parquet $regen_before -> $regen_after; redone: $redone"; fi
+
+# 4. The report.
+if pipeline_make report && [ -s "$run/report.md" ] && grep -q '^| 3 |' "$run/report.md" \
+  && [ "$(ls "$run"/plots/*.png 2>/dev/null | wc -l)" -eq 4 ]; then ok "make report wrote report.md and 4 plots"
+else fail "make report"; fi
+
+# 5. A two-ρ sweep of 2 iterations.
+if pipeline_make sweep RHOS="0.5 1.0" ITERS=2 && check_files "$runs/tiny-rho0.5" 2 && check_files "$runs/tiny-rho1.0" 2 \
+  && [ -s "$runs/tiny-sweep.md" ] && [ -s "$runs/tiny-sweep.png" ]; then ok "make sweep wrote both runs and tiny-sweep.md"
+else fail "make sweep"; tail -n 30 "$log"; fi
+if [ "$(stat -c %i "$runs/tiny-rho0.5/iter1/pairs.parquet" 2>/dev/null)" = "$(stat -c %i "$runs/tiny-rho1.0/iter1/pairs.parquet" 2>/dev/null)" ] \
+  || cmp -s "$runs/tiny-rho0.5/iter1/pairs.parquet" "$runs/tiny-rho1.0/iter1/pairs.parquet"; then ok "the sweep's runs share iteration 1"
+else fail "the sweep's iteration 1 differs between runs"; fi
+regen_rows=$(sed -n 's/^select,[^,]*,\([0-9]*\),.*/\1/p' "$runs/tiny-rho1.0/iter2/timings.csv")
+if [ "$regen_rows" = 8 ]; then ok "rho = 1 regenerates all 8 prompts"
+else fail "rho = 1 selected '$regen_rows' prompts, not 8"; fi
+
+# 6. Other readers.
+parquets=$(find "$runs" -name '*.parquet' -type f | sort)
+if "$PYTHON" -c 'import duckdb, pyarrow' 2>/dev/null; then
+  # shellcheck disable=SC2086
+  if "$PYTHON" scripts/check_parquet_readers.py $parquets >"$runs/readers.log" 2>&1; then
+    ok "DuckDB and pyarrow read all $(echo "$parquets" | wc -l) Parquet files"
+  else fail "Parquet readers"; grep FAILED "$runs/readers.log"; fi
+elif [ "${OPTUNE_REQUIRE_DUCKDB:-0}" = 1 ]; then
+  fail "$PYTHON cannot import duckdb and pyarrow (OPTUNE_REQUIRE_DUCKDB=1)"
+else
+  echo "skipped: DuckDB/pyarrow cross-read ($PYTHON cannot import duckdb and pyarrow; pip install duckdb pyarrow)"
+fi
+
+[ "$failed" -eq 0 ]
