@@ -283,3 +283,12 @@ pipeline-test: tools
 .PHONY: cuda
 cuda:
 	scripts/build-cuda.sh $(CUDA_ARGS)
+
+# Seconds per DPO step of opt-wdpo against TRL's DPOTrainer on the CPU (8 pairs x ~130 tokens on a
+# 12.9M random llama, same threads; SmolLM2-135M too when OPTUNE_SMOLLM2_DIR is set): see
+# scripts/bench/bench_train.sh for the environment variables and docs/perf.md for the figures.
+# `cargo bench -p optune-train --bench train_step` splits our step into forward, backward and
+# optimiser. Not part of `make test`.
+.PHONY: bench-train
+bench-train:
+	scripts/bench/bench_train.sh $(BENCH_ARGS)

@@ -25,18 +25,19 @@ SmolLM2-135M-Instruct.
 import argparse
 import json
 import os
-
-# torch's OpenMP threads spin while they wait for work by default; when other processes compete
-# for the cores that collapses its speed (measured on 2 busy cores: 2 tok/s instead of 87).
-# PASSIVE is transformers' better setting on a shared machine and costs little on an idle one;
-# `OMP_WAIT_POLICY=ACTIVE make bench-gen` measures the default behaviour.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+# torch's OpenMP threads spin while they wait for work by default; when other processes compete
+# for the cores that collapses its speed (measured on 2 busy cores: 2 tok/s instead of 87).
+# PASSIVE is transformers' better setting on a shared machine and costs little on an idle one;
+# `OMP_WAIT_POLICY=ACTIVE make bench-gen` measures the default behaviour.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -121,14 +122,15 @@ class Peer:
             out.append(list(ids))
         return out
 
-    def generate(self, batch_ids, new_tokens: int) -> float:
-        """Seconds for one `generate` call on a left-padded batch."""
+    def generate(self, batch_ids, new_tokens: int):
+        """(wall, CPU) seconds of one `generate` call on a left-padded batch."""
         torch = self.torch
         width = max(len(x) for x in batch_ids)
         pad = self.tok.pad_token_id
         ids = torch.tensor([[pad] * (width - len(x)) + x for x in batch_ids])
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch_ids])
         with torch.inference_mode():
+            cpu = cpu_seconds()
             start = time.perf_counter()
             out = self.model.generate(
                 input_ids=ids,
@@ -139,15 +141,25 @@ class Peer:
                 pad_token_id=pad,
             )
             elapsed = time.perf_counter() - start
+            cpu = cpu_seconds() - cpu
         assert out.shape[1] - width == new_tokens, out.shape
-        return elapsed
+        return elapsed, cpu
 
-    def run(self, token_ids, batch: int, new_tokens: int) -> float:
-        """tokens/s over all prompts, `batch` at a time."""
-        elapsed = 0.0
+    def run(self, token_ids, batch: int, new_tokens: int):
+        """(tokens/s, CPU ms per token) over all prompts, `batch` at a time."""
+        elapsed = cpu = 0.0
         for i in range(0, len(token_ids), batch):
-            elapsed += self.generate(token_ids[i : i + batch], new_tokens)
-        return len(token_ids) * new_tokens / elapsed
+            e, c = self.generate(token_ids[i : i + batch], new_tokens)
+            elapsed += e
+            cpu += c
+        tokens = len(token_ids) * new_tokens
+        return tokens / elapsed, 1000 * cpu / tokens
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process, every thread included."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def run_ours(opt_gen: Path, model_dir: Path, prompts_file: Path, out: Path, batch: int, threads: int, new_tokens: int):
@@ -163,7 +175,8 @@ def run_ours(opt_gen: Path, model_dir: Path, prompts_file: Path, out: Path, batc
     fields = dict(kv.split("=", 1) for kv in summary.split()[1:])
     tokens = int(fields["new_tokens"])
     gen_s = float(fields["gen_s"])
-    return tokens / gen_s, tokens
+    cpu_ms = 1000 * float(fields["gen_cpu_s"]) / tokens if "gen_cpu_s" in fields else float("nan")
+    return tokens / gen_s, cpu_ms, tokens
 
 
 def loadavg() -> str:
@@ -185,6 +198,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=32000, help="vocabulary of the random llama")
     ap.add_argument("--models", default="random,smollm2", help="which models (smollm2 needs OPTUNE_SMOLLM2_DIR)")
     ap.add_argument("--json", type=Path, help="also write the raw figures here")
+    ap.add_argument("--baseline", type=Path, help="another opt-gen binary (e.g. an earlier version) to time alongside")
     args = ap.parse_args()
 
     args.work.mkdir(parents=True, exist_ok=True)
@@ -223,25 +237,39 @@ def main() -> None:
             with open(prompts_file, "w") as f:
                 for i, t in enumerate(texts):
                     f.write(json.dumps({"prompt_id": f"b{i:03d}", "prompt": t}) + "\n")
-            ours, theirs = [], []
+            ours, theirs, ours_cpu, theirs_cpu, base = [], [], [], [], []
             for r in range(args.repeats):
-                tps, tokens = run_ours(args.opt_gen, model_dir, prompts_file, args.work / "out.jsonl", batch,
-                                       args.threads, args.new_tokens)
+                if args.baseline:
+                    tps, _, _ = run_ours(args.baseline, model_dir, prompts_file, args.work / "out.jsonl", batch,
+                                         args.threads, args.new_tokens)
+                    base.append(tps)
+                    print(f"  {label} batch {batch} repeat {r + 1}: baseline {tps:.1f} tok/s", file=sys.stderr)
+                tps, cpu_ms, tokens = run_ours(args.opt_gen, model_dir, prompts_file, args.work / "out.jsonl", batch,
+                                               args.threads, args.new_tokens)
                 assert tokens == count * args.new_tokens, (tokens, count)
                 ours.append(tps)
-                theirs.append(peer.run(ids, batch, args.new_tokens))
-                print(f"  {label} batch {batch} repeat {r + 1}: ours {ours[-1]:.1f} tok/s, "
-                      f"transformers {theirs[-1]:.1f} tok/s  (load {loadavg()})", file=sys.stderr)
+                ours_cpu.append(cpu_ms)
+                tps, cpu_ms = peer.run(ids, batch, args.new_tokens)
+                theirs.append(tps)
+                theirs_cpu.append(cpu_ms)
+                print(f"  {label} batch {batch} repeat {r + 1}: ours {ours[-1]:.1f} tok/s ({ours_cpu[-1]:.2f} CPU ms/tok), "
+                      f"transformers {theirs[-1]:.1f} tok/s ({theirs_cpu[-1]:.2f} CPU ms/tok)  (load {loadavg()})",
+                      file=sys.stderr)
             o, t = statistics.median(ours), statistics.median(theirs)
-            rows.append((label, batch, count, o, t, o / t))
-            raw.append({"model": label, "batch": batch, "prompts": count, "ours": ours, "transformers": theirs})
+            oc, tc = statistics.median(ours_cpu), statistics.median(theirs_cpu)
+            rows.append((label, batch, count, o, t, o / t, oc, tc, statistics.median(base) if base else None))
+            raw.append({"model": label, "batch": batch, "prompts": count, "ours": ours, "transformers": theirs,
+                        "ours_cpu_ms_per_token": ours_cpu, "transformers_cpu_ms_per_token": theirs_cpu,
+                        "baseline": base})
         del peer
 
     print()
-    print(f"| model | batch | prompts | opt-gen tok/s | transformers tok/s | ratio |")
-    print(f"|---|---:|---:|---:|---:|---:|")
-    for label, batch, count, o, t, ratio in rows:
-        print(f"| {label} | {batch} | {count} | {o:.1f} | {t:.1f} | {ratio:.2f}x |")
+    extra = " baseline tok/s | baseline ratio |" if args.baseline else ""
+    print(f"| model | batch | prompts | opt-gen tok/s | transformers tok/s | ratio | opt-gen CPU ms/tok | transformers CPU ms/tok |{extra}")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if args.baseline else ""))
+    for label, batch, count, o, t, ratio, oc, tc, b in rows:
+        tail = f" {b:.1f} | {b / t:.2f}x |" if b is not None else ""
+        print(f"| {label} | {batch} | {count} | {o:.1f} | {t:.1f} | {ratio:.2f}x | {oc:.2f} | {tc:.2f} |{tail}")
     print()
     print(f"# load average at end: {loadavg()}")
     if args.json:

@@ -17,23 +17,9 @@ cd "$repo"
 bench_dir="${OPTUNE_BENCH_DIR:-$repo/runs/bench}"
 mkdir -p "$bench_dir"
 
-if [[ -n "${OPTUNE_BENCH_PYTHON:-}" ]]; then
-    python="$OPTUNE_BENCH_PYTHON"
-else
-    venv="$bench_dir/venv"
-    if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c 'import torch, transformers' 2>/dev/null; then
-        echo "bench-gen: creating a virtual environment with torch (CPU) and transformers in $venv" >&2
-        python3 -m venv "$venv"
-        "$venv/bin/python" -m pip install --quiet --upgrade pip
-        "$venv/bin/python" -m pip install --quiet torch --index-url "${OPTUNE_BENCH_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
-        "$venv/bin/python" -m pip install --quiet transformers safetensors
-    fi
-    python="$venv/bin/python"
-fi
-"$python" -c 'import torch, transformers' || {
-    echo "bench-gen: $python cannot import torch and transformers" >&2
-    exit 1
-}
+source "$repo/scripts/bench/python_env.sh"
+export OPTUNE_BENCH_DIR="$bench_dir"
+python="$(bench_python venv 'torch, transformers' 'transformers>=4.57' safetensors)"
 
 target="${CARGO_TARGET_DIR:-$repo/target}"
 CARGO_TARGET_DIR="$target" cargo build --release --quiet -p opt-gen

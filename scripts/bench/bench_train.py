@@ -20,7 +20,8 @@ What it does, on each model:
   * drops the first --warmup steps of each run, takes the median of the rest, alternates the two
     sides for --repeats rounds, and prints the median seconds per step, tokens/s, peak RSS
     (/usr/bin/time -v for opt-wdpo, getrusage for the TRL process: both include model loading and
-    the reference pass) and the ratio ours / TRL (below 1: opt-wdpo is faster).
+    the reference pass) and the ratio ours / TRL (below 1: opt-wdpo is faster);
+  * `--compare NAME=PATH` times further opt-wdpo builds (an older commit's, say) in the same rounds.
 
 Models: a deterministic random llama of ~12.9M parameters (bench_gen.py's: hidden 256, 6 layers,
 8 heads, 4 KV heads, intermediate 768, vocab 32000 with tokenizer files from
@@ -223,6 +224,8 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=32000, help="vocabulary of the random llama")
     ap.add_argument("--models", default="random,smollm2", help="which models (smollm2 needs OPTUNE_SMOLLM2_DIR)")
     ap.add_argument("--sides", default="ours,trl", help="which trainers to run")
+    ap.add_argument("--compare", action="append", default=[], metavar="NAME=PATH",
+                    help="also time another opt-wdpo build (e.g. an older commit's) in the same rounds")
     ap.add_argument("--json", type=Path, help="also write the raw figures here")
     args = ap.parse_args()
     if args.steps <= args.warmup:
@@ -245,6 +248,13 @@ def main() -> None:
         else:
             print("(SmolLM2-135M skipped: set OPTUNE_SMOLLM2_DIR to its converted directory)", file=sys.stderr)
     sides = args.sides.split(",")
+    builds = {"ours": args.opt_wdpo}
+    for spec in args.compare:
+        name, _, path = spec.partition("=")
+        if not path or name in ("ours", "trl"):
+            sys.exit(f"--compare {spec}: expected NAME=PATH with a NAME other than ours and trl")
+        builds[name] = Path(path)
+        sides.append(name)
 
     import torch
     import transformers
@@ -268,11 +278,11 @@ def main() -> None:
         results = {side: [] for side in sides}
         for r in range(args.repeats):
             for side in sides:
-                if side == "ours":
-                    res = run_ours(args.opt_wdpo, model_dir, work / "pairs.jsonl", work, args.threads, batch, steps,
-                                   batch)
-                else:
+                if side == "trl":
                     res = run_trl(model_dir, work / "pairs-trl.jsonl", work, args.threads, batch, steps)
+                else:
+                    res = run_ours(builds[side], model_dir, work / "pairs.jsonl", work, args.threads, batch, steps,
+                                   batch)
                 res["median_s"] = statistics.median(res["step_seconds"][args.warmup:])
                 res["load"] = loadavg()
                 results[side].append(res)
@@ -295,17 +305,16 @@ def main() -> None:
     print()
     print("| model | pairs/step | trainer | tokens/step | s/step | tokens/s | peak RSS MB |")
     print("|---|---:|---|---:|---:|---:|---:|")
+    name = lambda side: {"ours": "opt-wdpo", "trl": "TRL DPOTrainer"}.get(side, f"opt-wdpo ({side})")
     for label, batch, summary in table:
-        for side, name in [("ours", "opt-wdpo"), ("trl", "TRL DPOTrainer")]:
-            if side in summary:
-                s = summary[side]
-                print(f"| {label} | {batch} | {name} | {s['tokens_per_step']} | {s['s_per_step']:.3f} | "
-                      f"{s['tokens_per_s']:.0f} | {s['peak_rss_mb']:.0f} |")
+        for side, s in summary.items():
+            print(f"| {label} | {batch} | {name(side)} | {s['tokens_per_step']} | {s['s_per_step']:.3f} | "
+                  f"{s['tokens_per_s']:.0f} | {s['peak_rss_mb']:.0f} |")
     print()
     for label, _, summary in table:
-        if "ours" in summary and "trl" in summary:
-            ratio = summary["ours"]["s_per_step"] / summary["trl"]["s_per_step"]
-            print(f"{label}: opt-wdpo / TRL seconds per step = {ratio:.2f}x")
+        for side in (s for s in summary if s != "trl" and "trl" in summary):
+            ratio = summary[side]["s_per_step"] / summary["trl"]["s_per_step"]
+            print(f"{label}: {name(side)} / TRL seconds per step = {ratio:.2f}x")
     print(f"# load average at end: {loadavg()}")
     if args.json:
         args.json.write_text(json.dumps({"models": raw, "loadavg_end": loadavg()}, indent=1))

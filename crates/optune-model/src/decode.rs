@@ -254,12 +254,10 @@ unsafe fn columns<L: Lanes, const RT: usize, const OT: usize>(
             let rw = RT.min(rows - r);
             let (xa, wa, ba, oa) = (x.add(r * k), w.add(o * k), bias.map(|b| b.add(o)), out.add(r * ldo + o));
             tile_dispatch!(L, rw, ow, (xa, wa, k, ba, oa, ldo);
-                (1, 1), (1, 2), (1, 3), (1, 4), (1, 5), (1, 6), (1, 7), (1, 8), (1, 12),
-                (2, 1), (2, 2), (2, 3), (2, 4), (2, 5), (2, 6), (2, 7), (2, 8), (2, 9), (2, 10), (2, 11), (2, 12),
+                (1, 1), (1, 2), (1, 3), (1, 4), (1, 5), (1, 6),
+                (2, 1), (2, 2), (2, 3), (2, 4), (2, 5), (2, 6),
                 (3, 1), (3, 2), (3, 3), (3, 4), (3, 5), (3, 6),
-                (4, 1), (4, 2), (4, 3), (4, 4), (4, 5), (4, 6),
-                (5, 1), (5, 2), (5, 3), (5, 4), (6, 1), (6, 2), (6, 3), (6, 4),
-                (7, 1), (7, 2), (7, 3), (8, 1), (8, 2), (8, 3));
+                (4, 1), (4, 2), (4, 3), (4, 4), (4, 5), (4, 6));
             r += rw;
         }
         o += ow;
@@ -316,6 +314,9 @@ impl SharedMut {
 /// Below this many multiply-adds a linear layer runs on the calling thread.
 const PARALLEL_WORK: usize = 1 << 17;
 
+/// Rows per task of a linear layer (prompts fed whole have many).
+const ROW_BLOCK: usize = 64;
+
 /// `out [rows, n] = x [rows, k] · wᵀ (+ bias)` with `w [n, k]` row-major (the Hugging Face
 /// layout of a linear layer's weight). Each element is a [`Lanes`] dot product, so a row's
 /// result does not depend on `rows`, on the thread count or on the instruction set.
@@ -343,10 +344,13 @@ pub(crate) fn linear_many(isa: Isa, x: &[f32], rows: usize, products: &mut [Prod
     }
     let k = x.len() / rows;
     assert!(k > 0 && x.len() == rows * k, "linear: x {} rows {rows}", x.len());
-    // (product, first column, end column) of every task.
-    let mut tasks: Vec<(usize, usize, usize)> = Vec::new();
     let threads = rayon::current_num_threads();
     let total: usize = products.iter().map(|p| p.w.len()).sum::<usize>() * rows;
+    let parallel = threads > 1 && total >= PARALLEL_WORK;
+    // Tasks: (product, row block, columns). Row blocks keep a long prompt's rows in L2 while a
+    // weight tile sweeps them; columns are split into about four tasks per thread overall.
+    let row_blocks: Vec<(usize, usize)> = (0..rows).step_by(ROW_BLOCK).map(|r| (r, (r + ROW_BLOCK).min(rows))).collect();
+    let mut tasks: Vec<(usize, (usize, usize), (usize, usize))> = Vec::new();
     for (i, p) in products.iter().enumerate() {
         assert!(p.w.len() % k == 0, "linear: w {} is not a multiple of k {k}", p.w.len());
         let n = p.w.len() / k;
@@ -354,13 +358,13 @@ pub(crate) fn linear_many(isa: Isa, x: &[f32], rows: usize, products: &mut [Prod
         if let Some(b) = p.bias {
             assert_eq!(b.len(), n, "linear: bias size");
         }
-        // About four tasks per thread over all products, in whole 6-column tiles.
-        let share = if threads <= 1 || total < PARALLEL_WORK { 1 } else { (threads * 4 * p.w.len() * rows).div_ceil(total) };
+        let share = if parallel { (threads * 4 * p.w.len() * rows).div_ceil(total * row_blocks.len()) } else { 1 };
+        // Whole 6-column tiles.
         let chunk = n.div_ceil(share.max(1)).div_ceil(6).max(1) * 6;
-        let mut c0 = 0;
-        while c0 < n {
-            tasks.push((i, c0, (c0 + chunk).min(n)));
-            c0 += chunk;
+        for &block in &row_blocks {
+            for c0 in (0..n).step_by(chunk) {
+                tasks.push((i, block, (c0, (c0 + chunk).min(n))));
+            }
         }
     }
     struct Raw {
@@ -376,15 +380,16 @@ pub(crate) fn linear_many(isa: Isa, x: &[f32], rows: usize, products: &mut [Prod
         .map(|p| Raw { w: p.w.as_ptr(), bias: p.bias.map(<[f32]>::as_ptr), out: SharedMut(p.out.as_mut_ptr()), n: p.w.len() / k })
         .collect();
     let xp = x.as_ptr() as usize;
-    // Tasks write disjoint columns of their product's output.
-    let run = |&(i, c0, c1): &(usize, usize, usize)| unsafe {
+    // Tasks write disjoint blocks of their product's output.
+    let run = |&(i, (r0, r1), (c0, c1)): &(usize, (usize, usize), (usize, usize))| unsafe {
         let p = &raw[i];
-        columns_with(isa, xp as *const f32, rows, k, p.w, p.bias, p.out.get(), p.n, c0, c1)
+        let x = (xp as *const f32).add(r0 * k);
+        columns_with(isa, x, r1 - r0, k, p.w, p.bias, p.out.get().add(r0 * p.n), p.n, c0, c1)
     };
-    if tasks.len() == 1 {
-        tasks.iter().for_each(run);
-    } else {
+    if parallel && tasks.len() > 1 {
         tasks.par_iter().for_each(run);
+    } else {
+        tasks.iter().for_each(run);
     }
 }
 
@@ -698,21 +703,22 @@ mod tests {
         for (k, n) in [(64, 37), (100, 13), (256, 300), (7, 5)] {
             let w = data(n * k, 1);
             let bias = data(n, 2);
-            let x = data(9 * k, 3);
-            let mut reference = vec![0f32; 9 * n];
-            linear_with(Isa::Portable, &x, 9, &w, Some(&bias), &mut reference);
-            for r in 0..9 {
+            let rows = 70; // more than one row block
+            let x = data(rows * k, 3);
+            let mut reference = vec![0f32; rows * n];
+            linear_with(Isa::Portable, &x, rows, &w, Some(&bias), &mut reference);
+            for r in 0..rows {
                 for o in 0..n {
                     let exact: f64 = (0..k).map(|i| x[r * k + i] as f64 * w[o * k + i] as f64).sum::<f64>() + bias[o] as f64;
                     assert!((reference[r * n + o] as f64 - exact).abs() < 1e-4, "{k}x{n}");
                 }
             }
             for isa in isas() {
-                let mut all = vec![0f32; 9 * n];
-                linear_with(isa, &x, 9, &w, Some(&bias), &mut all);
+                let mut all = vec![0f32; rows * n];
+                linear_with(isa, &x, rows, &w, Some(&bias), &mut all);
                 assert_eq!(all, reference, "{isa:?} {k}x{n}");
                 // Each row alone gives the same bits.
-                for r in 0..9 {
+                for r in 0..rows {
                     let mut one = vec![0f32; n];
                     linear_with(isa, &x[r * k..(r + 1) * k], 1, &w, Some(&bias), &mut one);
                     assert_eq!(one, reference[r * n..(r + 1) * n], "{isa:?} row {r}");
@@ -761,42 +767,6 @@ mod tests {
                         .sum();
                     assert!((out[(row * heads + h) * d + j] as f64 - exact).abs() < 1e-5);
                 }
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod speed_probe {
-    use super::*;
-    fn cpu_ns() -> f64 {
-        let s = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap();
-        s.split_whitespace().next().unwrap().parse::<f64>().unwrap()
-    }
-    #[target_feature(enable = "avx512f")]
-    unsafe fn v<const RT: usize, const OT: usize>(x: &[f32], rows: usize, k: usize, w: &[f32], out: &mut [f32], n: usize) {
-        columns::<x86::Avx512, RT, OT>(x.as_ptr(), rows, k, w.as_ptr(), None, out.as_mut_ptr(), n, 0, n)
-    }
-    #[test]
-    #[ignore]
-    fn probe() {
-        for (rows, n, k) in [(16, 32000, 256), (16, 768, 256), (16, 1536, 576), (16, 576, 1536), (16, 49152, 576), (1, 1536, 576), (1, 49152, 576)] {
-            let w: Vec<f32> = (0..n * k).map(|i| (i % 7) as f32 * 0.01).collect();
-            let x: Vec<f32> = (0..rows * k).map(|i| (i % 5) as f32 * 0.1).collect();
-            let mut out = vec![0f32; rows * n];
-            let variants: [(&str, unsafe fn(&[f32], usize, usize, &[f32], &mut [f32], usize)); 5] =
-                [("4x6", v::<4, 6>), ("6x4", v::<6, 4>), ("8x3", v::<8, 3>), ("2x12", v::<2, 12>), ("1x8", v::<1, 8>)];
-            for (name, f) in variants {
-                let reps = (2e8 / (rows * n * k) as f64).max(2.0) as usize;
-                let mut best = f64::MAX;
-                for _ in 0..7 {
-                    let t = cpu_ns();
-                    for _ in 0..reps {
-                        unsafe { f(&x, rows, k, &w, &mut out, n) };
-                    }
-                    best = best.min((cpu_ns() - t) * 1e-9 / reps as f64);
-                }
-                println!("{name} rows {rows} n {n} k {k}: {:.3} ms cpu, {:.1} GFLOP/s per core", best * 1e3, 2.0 * (rows * n * k) as f64 / best / 1e9);
             }
         }
     }

@@ -1,9 +1,11 @@
 //! Batched sampling with a KV cache and continuous batching.
 //!
-//! Up to `batch_size` sequences decode together; when one finishes, the next waiting request is
-//! prefilled into its slot, so a long response never idles the batch. Each request carries its
-//! own random stream, so what a request samples does not depend on which requests share its
-//! batch, on the batch size, or on the thread count.
+//! Up to `batch_size` sequences decode together; when one finishes, the next waiting request's
+//! prompt goes into its slot in the very next step, so a long response never idles the batch.
+//! Each request carries its own random stream, and on the CPU in f32 the model computes every
+//! sequence's numbers on their own (see [`crate::decode`]), so what a request samples — and its
+//! `logp`, to the bit — does not depend on which requests share its batch, on the batch size or
+//! on the thread count.
 
 use crate::transformer::{KvCache, Segment, Transformer};
 use anyhow::{bail, Result};
@@ -112,6 +114,7 @@ pub fn sample_token(logits: &[f32], params: &SamplingParams, rng: &mut ChaCha8Rn
         }
         None => (0..vocab).map(weight).sum(),
     };
+    // `order[..sorted]` is ranked; with top-k all of it already is.
     let mut sorted = if top_k.is_some() { cap } else { 0 };
     let mut keep = cap;
     if params.top_p < 1.0 {
@@ -136,8 +139,6 @@ pub fn sample_token(logits: &[f32], params: &SamplingParams, rng: &mut ChaCha8Rn
                 break i;
             }
         };
-    } else if sorted < cap {
-        order[..cap].sort_unstable_by(by_probability);
     }
     let weights: Vec<f64> = order[..keep].iter().map(|&t| weight(t as usize)).collect();
     let kept: f64 = weights.iter().sum();
@@ -334,6 +335,49 @@ mod tests {
             assert_eq!(sample_token(&logits, &params(1.0, 0.5, None), &mut rng).0, 1);
             let (t, _) = sample_token(&logits, &params(1.0, 1.0, Some(2)), &mut rng);
             assert!(t == 0 || t == 1);
+        }
+    }
+
+    /// The nucleus by sorting the whole vocabulary, as the definition reads.
+    fn sample_by_full_sort(logits: &[f32], params: &SamplingParams, rng: &mut ChaCha8Rng) -> u32 {
+        let top = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let weight = |t: usize| crate::decode::exp_f32(((logits[t] as f64 - top) / params.temperature) as f32) as f64;
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+        if let Some(k) = params.top_k {
+            order.truncate(k);
+        }
+        let total: f64 = if params.top_k.is_some() { order.iter().map(|&t| weight(t)).sum() } else { (0..logits.len()).map(weight).sum() };
+        let mut keep = order.len();
+        let mut cumulative = 0.0;
+        for (i, &t) in order.iter().enumerate() {
+            cumulative += weight(t) / total;
+            if cumulative >= params.top_p {
+                keep = i + 1;
+                break;
+            }
+        }
+        let weights: Vec<f64> = order[..keep].iter().map(|&t| weight(t)).collect();
+        let kept: f64 = weights.iter().sum();
+        draw(rng, &weights, kept, |i| order[i], |_| 0.0).0
+    }
+
+    #[test]
+    fn partial_ranking_draws_what_a_full_sort_draws() {
+        let mut data = ChaCha8Rng::seed_from_u64(42);
+        for case in 0..60 {
+            let vocab = [5, 300, 5000][case % 3];
+            // Peaked and flat distributions, with ties.
+            let spread = [0.5, 4.0, 12.0][case % 3];
+            let logits: Vec<f32> = (0..vocab).map(|_| ((data.random::<f64>() * spread * 4.0).round() / 4.0) as f32).collect();
+            let params = params([0.7, 1.0, 1.5][case % 3], [0.5, 0.9, 0.99, 1.0][case % 4], [None, Some(3), Some(40)][case % 3]);
+            if params.top_p >= 1.0 && params.top_k.is_none() {
+                continue;
+            }
+            let (mut a, mut b) = (ChaCha8Rng::seed_from_u64(case as u64), ChaCha8Rng::seed_from_u64(case as u64));
+            for _ in 0..20 {
+                assert_eq!(sample_token(&logits, &params, &mut a).0, sample_by_full_sort(&logits, &params, &mut b), "case {case}");
+            }
         }
     }
 

@@ -167,6 +167,13 @@ enum Rows {
 impl Rows {
     fn apply(self, linear: &Linear, x: &Tensor) -> Result<Tensor> {
         match self {
+            Rows::Free if linear.lora.is_none() && fused::supported(x) && linear.weight.dtype() == x.dtype() => {
+                let y = fused::linear(x, &linear.weight)?;
+                match &linear.bias {
+                    Some(bias) => y.broadcast_add(bias),
+                    None => Ok(y),
+                }
+            }
             Rows::Free => linear.forward(x),
             Rows::Fixed => {
                 let (b, t, h) = x.dims3()?;
@@ -865,10 +872,8 @@ fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, kv_heads: usize) ->
     let group = heads / kv_heads;
     let scale = 1.0 / (d as f64).sqrt();
     if fused::supported(q) && mask.dtype() == q.dtype() {
-        // One op for scale, mask and softmax (and one node for autograd).
-        let scores = q.reshape((b, kv_heads, group * tq, d))?.matmul(&k.t()?)?.reshape((b, heads, tq, tk))?;
-        let probs = fused::masked_softmax(&scores, mask, scale)?.reshape((b, kv_heads, group * tq, tk))?;
-        return probs.matmul(&v.contiguous()?)?.reshape((b, heads, tq, d));
+        // One op (one autograd node): scores and probabilities never become tensors.
+        return fused::attention(q, k, v, mask, scale);
     }
     let q = (q.reshape((b, kv_heads, group * tq, d))? * scale)?;
     let scores = q.matmul(&k.t()?)?.reshape((b, kv_heads, group, tq, tk))?;

@@ -1,0 +1,31 @@
+# Sourced by the bench scripts: picks the Python that runs the peer (transformers, TRL).
+#
+# bench_python NAME IMPORTS PACKAGE...
+#   Prints the path of a Python that can run `import IMPORTS`: $OPTUNE_BENCH_PYTHON when set,
+#   else a throwaway virtual environment $OPTUNE_BENCH_DIR/NAME (default runs/bench/NAME), made on
+#   first use with CPU torch from download.pytorch.org ($OPTUNE_BENCH_TORCH_INDEX overrides) and
+#   PACKAGE... from PyPI, and reused by later runs. Exits when the imports fail.
+bench_python() {
+    local name="$1" imports="$2"
+    shift 2
+    local python
+    if [[ -n "${OPTUNE_BENCH_PYTHON:-}" ]]; then
+        python="$OPTUNE_BENCH_PYTHON"
+    else
+        local venv="${OPTUNE_BENCH_DIR:-runs/bench}/$name"
+        if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c "import $imports" 2>/dev/null; then
+            echo "bench: creating a virtual environment with $imports in $venv" >&2
+            python3 -m venv "$venv" >&2
+            "$venv/bin/python" -m pip install --quiet --upgrade pip >&2
+            "$venv/bin/python" -m pip install --quiet torch \
+                --index-url "${OPTUNE_BENCH_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}" >&2
+            "$venv/bin/python" -m pip install --quiet "$@" >&2
+        fi
+        python="$venv/bin/python"
+    fi
+    if ! "$python" -c "import $imports" >&2; then
+        echo "bench: $python cannot import $imports" >&2
+        exit 1
+    fi
+    echo "$python"
+}
