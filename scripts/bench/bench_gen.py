@@ -9,15 +9,21 @@ transformers and builds opt-gen. By hand:
 What it does, on each model:
   * writes the prompts (raw text, rendered by each side with the model's chat template);
   * runs opt-gen greedy (--temperature 0 --ignore-eos --max-new-tokens 128 --threads T) and reads
-    the generation time from its stderr summary (`gen_s`: prefill + decoding + sampling, model
-    loading excluded);
+    the generation time from its stderr summary (`gen_s`: prompts + decoding + sampling, model
+    loading excluded; `gen_cpu_s`: CPU seconds of all its threads meanwhile);
   * runs transformers `model.generate(do_sample=False, max_new_tokens=128, min_new_tokens=128)`
-    on the same token ids (left-padded batch), timed around the call, after one warm-up call;
-  * alternates the two sides, repeats, and prints the median tokens/s and their ratio.
+    on the same prompts (left-padded batch), timed around the call after one warm-up call, in a
+    fresh process per run, once with torch's OpenMP threads spinning while they wait
+    (OMP_WAIT_POLICY=ACTIVE, the default) and once sleeping (PASSIVE): the first is faster on an
+    idle machine, the second when other processes compete for the cores; the table compares
+    with the better of the two;
+  * alternates the sides, repeats, and prints medians: tokens/s, the ratio, and CPU
+    milliseconds per token (all threads), which says more than the wall clock on a busy machine.
 
-Both sides use the same number of CPU threads (torch.set_num_threads / opt-gen --threads) and
-f32 weights. Models: a deterministic random llama of ~12.9M parameters (created here with
-transformers, vocab 32000, tokenizer files from testdata/models/tiny-llama whose 512 tokens
+Both sides use the same number of threads (torch.set_num_threads / opt-gen --threads) and f32
+weights. Models: a deterministic random llama of ~12.9M parameters (created here with
+transformers: hidden 256, 6 layers, 8 heads, 4 KV heads, intermediate 768, vocab 32000 of which
+8.2M in the tied embedding; tokenizer files from testdata/models/tiny-llama, whose 512 tokens
 cover the prompts) and, when OPTUNE_SMOLLM2_DIR points to a converted Hugging Face directory,
 SmolLM2-135M-Instruct.
 """
@@ -33,11 +39,6 @@ import sys
 import time
 from pathlib import Path
 
-# torch's OpenMP threads spin while they wait for work by default; when other processes compete
-# for the cores that collapses its speed (measured on 2 busy cores: 2 tok/s instead of 87).
-# PASSIVE is transformers' better setting on a shared machine and costs little on an idle one;
-# `OMP_WAIT_POLICY=ACTIVE make bench-gen` measures the default behaviour.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -162,6 +163,37 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def peer_main(argv) -> None:
+    """`bench_gen.py peer ...`: one timed transformers run, printed as JSON."""
+    ap = argparse.ArgumentParser(prog="bench_gen.py peer")
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--threads", type=int, required=True)
+    ap.add_argument("--batch", type=int, required=True)
+    ap.add_argument("--prompts", type=int, required=True, help="how many of PROMPTS (cycled)")
+    ap.add_argument("--new-tokens", type=int, required=True)
+    args = ap.parse_args(argv)
+    import torch
+    import transformers
+
+    peer = Peer(args.model, args.threads)
+    ids_all = peer.encode(PROMPTS)
+    ids = [ids_all[i % len(PROMPTS)] for i in range(args.prompts)]
+    # Warm-up (first-call allocations, kernel selection).
+    peer.generate(ids[:2], 8)
+    tps, cpu_ms = peer.run(ids, args.batch, args.new_tokens)
+    print(json.dumps({"tok_per_s": tps, "cpu_ms_per_token": cpu_ms, "torch": torch.__version__,
+                      "transformers": transformers.__version__}))
+
+
+def run_peer(model_dir: Path, batch: int, count: int, threads: int, new_tokens: int, policy: str) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "peer", "--model", str(model_dir), "--threads", str(threads),
+           "--batch", str(batch), "--prompts", str(count), "--new-tokens", str(new_tokens)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_WAIT_POLICY": policy})
+    if proc.returncode != 0:
+        sys.exit(f"transformers run failed ({proc.returncode}):\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def run_ours(opt_gen: Path, model_dir: Path, prompts_file: Path, out: Path, batch: int, threads: int, new_tokens: int):
     cmd = [
         str(opt_gen), "--model", str(model_dir), str(prompts_file), "-o", str(out),
@@ -199,6 +231,7 @@ def main() -> None:
     ap.add_argument("--models", default="random,smollm2", help="which models (smollm2 needs OPTUNE_SMOLLM2_DIR)")
     ap.add_argument("--json", type=Path, help="also write the raw figures here")
     ap.add_argument("--baseline", type=Path, help="another opt-gen binary (e.g. an earlier version) to time alongside")
+    ap.add_argument("--peer-policies", default="ACTIVE,PASSIVE", help="OMP_WAIT_POLICY values to run transformers with")
     args = ap.parse_args()
 
     args.work.mkdir(parents=True, exist_ok=True)
@@ -215,66 +248,63 @@ def main() -> None:
         else:
             print("(SmolLM2-135M skipped: set OPTUNE_SMOLLM2_DIR to its converted directory)", file=sys.stderr)
 
-    import torch
-    import transformers
-
-    print(f"# torch {torch.__version__}, transformers {transformers.__version__}, threads {args.threads}, "
-          f"{args.new_tokens} new tokens, greedy, f32, {args.repeats} repeats (medians), "
-          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
+    policies = args.peer_policies.split(",")
+    print(f"# threads {args.threads}, {args.new_tokens} new tokens, greedy, f32, {args.repeats} repeats (medians); "
+          f"transformers with OMP_WAIT_POLICY in {policies}, the better one compared")
     print(f"# load average at start: {loadavg()}")
-    rows = []
-    raw = []
+    rows, raw, versions = [], [], None
     for label, model_dir in models:
-        peer = Peer(model_dir, args.threads)
-        ids_all = peer.encode(PROMPTS)
-        # Warm-up of the peer (first-call allocations, oneDNN kernels).
-        peer.generate(ids_all[:2], 8)
         for batch in [int(b) for b in args.batches.split(",")]:
             count = args.prompts_batch1 if batch == 1 else batch
-            texts = [PROMPTS[i % len(PROMPTS)] for i in range(count)]
-            ids = [ids_all[i % len(PROMPTS)] for i in range(count)]
             prompts_file = args.work / f"prompts-{count}.jsonl"
             with open(prompts_file, "w") as f:
-                for i, t in enumerate(texts):
-                    f.write(json.dumps({"prompt_id": f"b{i:03d}", "prompt": t}) + "\n")
-            ours, theirs, ours_cpu, theirs_cpu, base = [], [], [], [], []
+                for i in range(count):
+                    f.write(json.dumps({"prompt_id": f"b{i:03d}", "prompt": PROMPTS[i % len(PROMPTS)]}) + "\n")
+            ours, ours_cpu, base = [], [], []
+            peer = {p: {"tok_per_s": [], "cpu_ms_per_token": []} for p in policies}
             for r in range(args.repeats):
+                line = f"  {label} batch {batch} repeat {r + 1}:"
                 if args.baseline:
                     tps, _, _ = run_ours(args.baseline, model_dir, prompts_file, args.work / "out.jsonl", batch,
                                          args.threads, args.new_tokens)
                     base.append(tps)
-                    print(f"  {label} batch {batch} repeat {r + 1}: baseline {tps:.1f} tok/s", file=sys.stderr)
+                    line += f" baseline {tps:.1f},"
                 tps, cpu_ms, tokens = run_ours(args.opt_gen, model_dir, prompts_file, args.work / "out.jsonl", batch,
                                                args.threads, args.new_tokens)
                 assert tokens == count * args.new_tokens, (tokens, count)
                 ours.append(tps)
                 ours_cpu.append(cpu_ms)
-                tps, cpu_ms = peer.run(ids, batch, args.new_tokens)
-                theirs.append(tps)
-                theirs_cpu.append(cpu_ms)
-                print(f"  {label} batch {batch} repeat {r + 1}: ours {ours[-1]:.1f} tok/s ({ours_cpu[-1]:.2f} CPU ms/tok), "
-                      f"transformers {theirs[-1]:.1f} tok/s ({theirs_cpu[-1]:.2f} CPU ms/tok)  (load {loadavg()})",
-                      file=sys.stderr)
-            o, t = statistics.median(ours), statistics.median(theirs)
-            oc, tc = statistics.median(ours_cpu), statistics.median(theirs_cpu)
-            rows.append((label, batch, count, o, t, o / t, oc, tc, statistics.median(base) if base else None))
-            raw.append({"model": label, "batch": batch, "prompts": count, "ours": ours, "transformers": theirs,
-                        "ours_cpu_ms_per_token": ours_cpu, "transformers_cpu_ms_per_token": theirs_cpu,
-                        "baseline": base})
-        del peer
+                line += f" ours {tps:.1f} tok/s ({cpu_ms:.2f} CPU ms/tok)"
+                for policy in policies:
+                    result = run_peer(model_dir, batch, count, args.threads, args.new_tokens, policy)
+                    versions = f"torch {result['torch']}, transformers {result['transformers']}"
+                    peer[policy]["tok_per_s"].append(result["tok_per_s"])
+                    peer[policy]["cpu_ms_per_token"].append(result["cpu_ms_per_token"])
+                    line += f", transformers {policy} {result['tok_per_s']:.1f} ({result['cpu_ms_per_token']:.2f})"
+                print(f"{line}  (load {loadavg()})", file=sys.stderr)
+            best = max(policies, key=lambda p: statistics.median(peer[p]["tok_per_s"]))
+            o, t = statistics.median(ours), statistics.median(peer[best]["tok_per_s"])
+            oc, tc = statistics.median(ours_cpu), statistics.median(peer[best]["cpu_ms_per_token"])
+            rows.append((label, batch, count, o, t, best, oc, tc, statistics.median(base) if base else None))
+            raw.append({"model": label, "batch": batch, "prompts": count, "ours": ours,
+                        "ours_cpu_ms_per_token": ours_cpu, "transformers": peer, "baseline": base})
 
+    print(f"# {versions}")
     print()
     extra = " baseline tok/s | baseline ratio |" if args.baseline else ""
     print(f"| model | batch | prompts | opt-gen tok/s | transformers tok/s | ratio | opt-gen CPU ms/tok | transformers CPU ms/tok |{extra}")
     print("|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if args.baseline else ""))
-    for label, batch, count, o, t, ratio, oc, tc, b in rows:
+    for label, batch, count, o, t, best, oc, tc, b in rows:
         tail = f" {b:.1f} | {b / t:.2f}x |" if b is not None else ""
-        print(f"| {label} | {batch} | {count} | {o:.1f} | {t:.1f} | {ratio:.2f}x | {oc:.2f} | {tc:.2f} |{tail}")
+        print(f"| {label} | {batch} | {count} | {o:.1f} | {t:.1f} ({best}) | {o / t:.2f}x | {oc:.2f} | {tc:.2f} |{tail}")
     print()
     print(f"# load average at end: {loadavg()}")
     if args.json:
-        args.json.write_text(json.dumps({"rows": raw, "loadavg_end": loadavg()}, indent=1))
+        args.json.write_text(json.dumps({"rows": raw, "versions": versions, "loadavg_end": loadavg()}, indent=1))
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["peer"]:
+        peer_main(sys.argv[2:])
+    else:
+        main()

@@ -172,11 +172,17 @@ unsafe fn tile<L: Lanes, const R: usize, const O: usize>(
     bias: Option<*const f32>,
     out: *mut f32,
     ldo: usize,
+    next: *const f32,
 ) {
     let mut acc = [[L::zero(); O]; R];
     let chunks = k / 16;
     for c in 0..chunks {
         let off = c * 16;
+        if !next.is_null() {
+            for o in 0..O {
+                prefetch(next.add(o * k + off));
+            }
+        }
         let mut xs = [L::zero(); R];
         for r in 0..R {
             xs[r] = L::load(x.add(r * k + off));
@@ -240,20 +246,15 @@ unsafe fn columns<L: Lanes, const RT: usize, const OT: usize>(
     let mut o = c0;
     while o < c1 {
         let ow = OT.min(c1 - o);
-        // With several row tiles the weights are reused from L1 and the kernel is compute
-        // bound: fetch the next column tile's weights meanwhile.
-        if rows > RT {
-            let next = (o + ow).min(c1);
-            let lines = (OT.min(c1 - next) * k) / 16;
-            for line in 0..lines {
-                prefetch(w.add(next * k + line * 16));
-            }
-        }
+        // The first row tile fetches the next column tile's weights as it goes (measured: +10–40 %
+        // on weights streamed from memory, batch 1 included).
+        let next = if o + ow < c1 { w.add((o + ow) * k) } else { std::ptr::null() };
         let mut r = 0;
         while r < rows {
             let rw = RT.min(rows - r);
             let (xa, wa, ba, oa) = (x.add(r * k), w.add(o * k), bias.map(|b| b.add(o)), out.add(r * ldo + o));
-            tile_dispatch!(L, rw, ow, (xa, wa, k, ba, oa, ldo);
+            let pf = if r == 0 { next } else { std::ptr::null() };
+            tile_dispatch!(L, rw, ow, (xa, wa, k, ba, oa, ldo, pf);
                 (1, 1), (1, 2), (1, 3), (1, 4), (1, 5), (1, 6),
                 (2, 1), (2, 2), (2, 3), (2, 4), (2, 5), (2, 6),
                 (3, 1), (3, 2), (3, 3), (3, 4), (3, 5), (3, 6),
@@ -314,8 +315,9 @@ impl SharedMut {
 /// Below this many multiply-adds a linear layer runs on the calling thread.
 const PARALLEL_WORK: usize = 1 << 17;
 
-/// Rows per task of a linear layer (prompts fed whole have many).
-const ROW_BLOCK: usize = 64;
+/// Input bytes per row block of a linear layer (prompts fed whole have many rows): a block stays
+/// in L2 while the weights stream past it once.
+const ROW_BLOCK_BYTES: usize = 1 << 20;
 
 /// `out [rows, n] = x [rows, k] · wᵀ (+ bias)` with `w [n, k]` row-major (the Hugging Face
 /// layout of a linear layer's weight). Each element is a [`Lanes`] dot product, so a row's
@@ -349,7 +351,8 @@ pub(crate) fn linear_many(isa: Isa, x: &[f32], rows: usize, products: &mut [Prod
     let parallel = threads > 1 && total >= PARALLEL_WORK;
     // Tasks: (product, row block, columns). Row blocks keep a long prompt's rows in L2 while a
     // weight tile sweeps them; columns are split into about four tasks per thread overall.
-    let row_blocks: Vec<(usize, usize)> = (0..rows).step_by(ROW_BLOCK).map(|r| (r, (r + ROW_BLOCK).min(rows))).collect();
+    let block = (ROW_BLOCK_BYTES / (4 * k)).clamp(16, 1024) / 4 * 4;
+    let row_blocks: Vec<(usize, usize)> = (0..rows).step_by(block).map(|r| (r, (r + block).min(rows))).collect();
     let mut tasks: Vec<(usize, (usize, usize), (usize, usize))> = Vec::new();
     for (i, p) in products.iter().enumerate() {
         assert!(p.w.len() % k == 0, "linear: w {} is not a multiple of k {k}", p.w.len());
