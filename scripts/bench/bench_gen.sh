@@ -22,6 +22,6 @@ export OPTUNE_BENCH_DIR="$bench_dir"
 python="$(bench_python venv 'torch, transformers' 'transformers>=4.57' safetensors)"
 
 target="${CARGO_TARGET_DIR:-$repo/target}"
-CARGO_TARGET_DIR="$target" cargo build --release --quiet -p opt-gen
+CARGO_TARGET_DIR="$target" cargo build --release --quiet --workspace  # as `make build`: the same features, nothing rebuilt
 exec "$python" "$repo/scripts/bench/bench_gen.py" --opt-gen "$target/release/opt-gen" \
     --work "$bench_dir/gen" "$@"

@@ -17,27 +17,11 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$repo"
 bench_dir="${OPTUNE_BENCH_DIR:-$repo/runs/bench}"
 mkdir -p "$bench_dir"
-imports='import torch, transformers, trl, datasets'
-
-if [[ -n "${OPTUNE_BENCH_PYTHON:-}" ]]; then
-    python="$OPTUNE_BENCH_PYTHON"
-else
-    venv="$bench_dir/venv-train"
-    if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c "$imports" 2>/dev/null; then
-        echo "bench-train: creating a virtual environment with torch (CPU), transformers and trl in $venv" >&2
-        python3 -m venv "$venv"
-        "$venv/bin/python" -m pip install --quiet --upgrade pip
-        "$venv/bin/python" -m pip install --quiet torch --index-url "${OPTUNE_BENCH_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
-        "$venv/bin/python" -m pip install --quiet 'transformers>=4.57,<4.58' 'trl>=0.25,<0.26' datasets safetensors
-    fi
-    python="$venv/bin/python"
-fi
-"$python" -c "$imports" || {
-    echo "bench-train: $python cannot import torch, transformers, trl and datasets" >&2
-    exit 1
-}
+source "$repo/scripts/bench/python_env.sh"
+export OPTUNE_BENCH_DIR="$bench_dir"
+python="$(bench_python venv-train 'torch, transformers, trl, datasets' 'transformers>=4.57,<4.58' 'trl>=0.25,<0.26' datasets safetensors)"
 
 target="${CARGO_TARGET_DIR:-$repo/target}"
-CARGO_TARGET_DIR="$target" cargo build --release --quiet -p opt-wdpo
+CARGO_TARGET_DIR="$target" cargo build --release --quiet --workspace  # as `make build`: the same features, nothing rebuilt
 exec "$python" "$repo/scripts/bench/bench_train.py" --opt-wdpo "$target/release/opt-wdpo" \
     --work "$bench_dir/train" "$@"

@@ -3,7 +3,8 @@
 # bench_python NAME IMPORTS PACKAGE...
 #   Prints the path of a Python that can run `import IMPORTS`: $OPTUNE_BENCH_PYTHON when set,
 #   else a throwaway virtual environment $OPTUNE_BENCH_DIR/NAME (default runs/bench/NAME), made on
-#   first use with CPU torch from download.pytorch.org ($OPTUNE_BENCH_TORCH_INDEX overrides) and
+#   first use with CPU torch from download.pytorch.org ($OPTUNE_BENCH_TORCH_INDEX overrides; PyPI's
+#   torch when that index is out of reach) and
 #   PACKAGE... from PyPI, and reused by later runs. Exits when the imports fail.
 bench_python() {
     local name="$1" imports="$2"
@@ -17,8 +18,11 @@ bench_python() {
             echo "bench: creating a virtual environment with $imports in $venv" >&2
             python3 -m venv "$venv" >&2
             "$venv/bin/python" -m pip install --quiet --upgrade pip >&2
-            "$venv/bin/python" -m pip install --quiet torch \
-                --index-url "${OPTUNE_BENCH_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}" >&2
+            # The CPU-only wheel is a fifth of PyPI's CUDA build; where download.pytorch.org is
+            # out of reach (only the package registries are), PyPI's runs on the CPU as well.
+            "$venv/bin/python" -m pip install --quiet --timeout 15 torch \
+                --index-url "${OPTUNE_BENCH_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}" >&2 ||
+                "$venv/bin/python" -m pip install --quiet torch >&2
             "$venv/bin/python" -m pip install --quiet "$@" >&2
         fi
         python="$venv/bin/python"

@@ -21,9 +21,20 @@ use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result,
 use rayon::prelude::*;
 use std::sync::Arc;
 
-/// Whether the fused kernels handle `t`: on the CPU, in f32 or f64.
+/// Off: the training path builds every op from candle's generic ops, as before the fused kernels
+/// existed (the profiling bench times both in one process; see docs/perf.md).
+static ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Turns the fused kernels on (the default) or off for the whole process.
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether the fused kernels handle `t`: on the CPU, in f32 or f64, unless [`set_enabled`]`(false)`.
 pub fn supported(t: &Tensor) -> bool {
-    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
+    ENABLED.load(std::sync::atomic::Ordering::Relaxed)
+        && t.device().is_cpu()
+        && matches!(t.dtype(), DType::F32 | DType::F64)
 }
 
 // ---------------------------------------------------------------------------------------------

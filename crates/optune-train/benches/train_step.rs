@@ -15,7 +15,9 @@
 //! vocabulary head (projection, log-softmax, gather), and the backward likewise (the head's
 //! backward is timed on its own, from detached hidden rows). `cpu` is the process CPU time over
 //! the same span: above `threads × wall` nothing can be, below it the threads waited. Peak RSS is
-//! the process high-water mark, reset before each model.
+//! the process high-water mark, reset before each model. Every model runs twice: with the training
+//! path built from candle's generic ops only (`fused::set_enabled(false)`), then with the fused
+//! kernels of `optune_model::fused`.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -254,22 +256,29 @@ fn main() -> Result<()> {
     optune_model::runtime::init(Some(threads))?;
     println!("# one DPO step (sigmoid, reference precomputed, full fine-tuning, AdamW, f32)");
 
-    reset_peak_rss();
-    let (model, vars) = random_llama()?;
-    let pairs = random_pairs(8, 130, model.config().vocab_size);
-    profile("random llama 12.9M", &model, &vars, &pairs, steps)?;
-    drop((model, vars));
+    // Each model twice: the training path built from candle's generic ops only (as before the
+    // fused kernels), then with them; a fresh model each time so both start from the same weights.
+    let variants = [("generic ops", false), ("fused ops", true)];
+    for (variant, fused) in variants {
+        optune_model::fused::set_enabled(fused);
+        reset_peak_rss();
+        let (model, vars) = random_llama()?;
+        let pairs = random_pairs(8, 130, model.config().vocab_size);
+        profile(&format!("random llama 12.9M, {variant}"), &model, &vars, &pairs, steps)?;
+    }
 
-    match std::env::var_os("OPTUNE_SMOLLM2_DIR") {
-        Some(dir) => {
-            reset_peak_rss();
-            let checkpoint = Checkpoint::read(std::path::Path::new(&dir), &Device::Cpu)
-                .with_context(|| format!("OPTUNE_SMOLLM2_DIR={}", dir.to_string_lossy()))?;
-            let (model, vars) = trainable_model(&checkpoint.meta.config, checkpoint.tensors)?;
-            let pairs = random_pairs(2, 128, model.config().vocab_size);
-            profile("SmolLM2-135M", &model, &vars, &pairs, steps.min(3))?;
-        }
-        None => println!("\n(SmolLM2-135M skipped: set OPTUNE_SMOLLM2_DIR to a converted Hugging Face directory)"),
+    let Some(dir) = std::env::var_os("OPTUNE_SMOLLM2_DIR") else {
+        println!("\n(SmolLM2-135M skipped: set OPTUNE_SMOLLM2_DIR to a converted Hugging Face directory)");
+        return Ok(());
+    };
+    for (variant, fused) in variants {
+        optune_model::fused::set_enabled(fused);
+        reset_peak_rss();
+        let checkpoint = Checkpoint::read(std::path::Path::new(&dir), &Device::Cpu)
+            .with_context(|| format!("OPTUNE_SMOLLM2_DIR={}", dir.to_string_lossy()))?;
+        let (model, vars) = trainable_model(&checkpoint.meta.config, checkpoint.tensors)?;
+        let pairs = random_pairs(2, 128, model.config().vocab_size);
+        profile(&format!("SmolLM2-135M, {variant}"), &model, &vars, &pairs, steps.min(3))?;
     }
     Ok(())
 }
