@@ -20,7 +20,7 @@ bench_python() {
             "$venv/bin/python" -m pip install --quiet --upgrade pip >&2
             # The CPU-only wheel is a fifth of PyPI's CUDA build; where download.pytorch.org is
             # out of reach (only the package registries are), PyPI's runs on the CPU as well.
-            "$venv/bin/python" -m pip install --quiet --timeout 15 torch \
+            "$venv/bin/python" -m pip install --quiet --timeout 15 --retries 1 torch \
                 --index-url "${OPTUNE_BENCH_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}" >&2 ||
                 "$venv/bin/python" -m pip install --quiet torch >&2
             "$venv/bin/python" -m pip install --quiet "$@" >&2

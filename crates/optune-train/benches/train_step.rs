@@ -14,12 +14,16 @@
 //! (full fine-tuning). The forward pass is also split into the transformer trunk and the
 //! vocabulary head (projection, log-softmax, gather), and the backward likewise (the head's
 //! backward is timed on its own, from detached hidden rows). `cpu` is the process CPU time over
-//! the same span: above `threads × wall` nothing can be, below it the threads waited. Peak RSS is
-//! the process high-water mark, reset before each model. Every model runs twice: with the training
+//! the same span: above `threads × wall` nothing can be, below it the threads waited. Memory is
+//! counted by the allocator (the process RSS keeps freed pages): each step's heap high-water mark,
+//! and for the 12.9M llama (both variants) a table of a step's peak above the heap between steps for batches of
+//! growing size (activations and gradients per token). Every model runs twice: with the training
 //! path built from candle's generic ops only (`fused::set_enabled(false)`), then with the fused
 //! kernels of `optune_model::fused`.
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -131,15 +135,68 @@ fn cpu_seconds() -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-/// Peak resident set (MB) from /proc/self/status.
-fn peak_rss_mb() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse::<f64>().ok().map(|kb| kb / 1024.0)
+/// The system allocator, counting the bytes live on the heap and their high-water mark, so a
+/// step's memory can be read exactly: the process RSS cannot show it, as the allocator keeps freed
+/// pages mapped for reuse.
+struct CountingAllocator;
+
+static HEAP_NOW: AtomicUsize = AtomicUsize::new(0);
+static HEAP_PEAK: AtomicUsize = AtomicUsize::new(0);
+
+#[global_allocator]
+static ALLOCATOR: CountingAllocator = CountingAllocator;
+
+impl CountingAllocator {
+    fn grew(by: usize) {
+        let now = HEAP_NOW.fetch_add(by, Ordering::Relaxed) + by;
+        HEAP_PEAK.fetch_max(now, Ordering::Relaxed);
+    }
 }
 
-fn reset_peak_rss() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            Self::grew(layout.size());
+        }
+        p
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            Self::grew(layout.size());
+        }
+        p
+    }
+    unsafe fn dealloc(&self, p: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(p, layout) };
+        HEAP_NOW.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+    unsafe fn realloc(&self, p: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let q = unsafe { System.realloc(p, layout, new_size) };
+        if !q.is_null() {
+            HEAP_NOW.fetch_sub(layout.size(), Ordering::Relaxed);
+            Self::grew(new_size);
+        }
+        q
+    }
+}
+
+const MB: f64 = 1024.0 * 1024.0;
+
+/// Heap bytes live now, in MB.
+fn heap_mb() -> f64 {
+    HEAP_NOW.load(Ordering::Relaxed) as f64 / MB
+}
+
+/// Starts a new high-water mark at the heap's current size.
+fn reset_heap_peak() {
+    HEAP_PEAK.store(HEAP_NOW.load(Ordering::Relaxed), Ordering::Relaxed);
+}
+
+/// The heap's high-water mark since the last reset, in MB.
+fn heap_peak_mb() -> f64 {
+    HEAP_PEAK.load(Ordering::Relaxed) as f64 / MB
 }
 
 /// Wall and CPU seconds of `f`.
@@ -168,15 +225,71 @@ fn median(mut xs: Vec<f64>) -> f64 {
     xs[xs.len() / 2]
 }
 
-fn profile(label: &str, model: &Transformer, vars: &[(String, Var)], pairs: &[(TokenizedPair, TokenizedPair)], steps: usize) -> Result<()> {
+/// One DPO step as opt-wdpo takes it: chosen and rejected in one padded forward pass, sigmoid
+/// loss against the precomputed reference, backward, clipping, AdamW. Returns the timings and the
+/// loss.
+fn dpo_step(
+    model: &Transformer,
+    vars: &[(String, Var)],
+    optimizer: &mut Optimizer,
+    sequences: &[TokenizedPair],
+    (ref_c, ref_r): (&Tensor, &Tensor),
+) -> Result<(Split, f32)> {
+    let n = sequences.len() / 2;
+    let pad = model.config().pad_token_id().unwrap_or(0);
+    let (loss, forward, cpu_f) = timed(|| {
+        let logps = sequence_logprobs(model, sequences, pad)?;
+        let (c, r) = (logps.sums.narrow(0, 0, n)?, logps.sums.narrow(0, n, n)?);
+        Ok(dpo_losses(DpoLoss::Sigmoid, 0.1, 0.0, &c, &r, ref_c, ref_r)?.losses.mean_all()?)
+    })?;
+    let (mut grads, backward, cpu_b) = timed(|| Ok(loss.backward()?))?;
+    let ((), optimiser, cpu_o) = timed(|| {
+        clip_grad_norm(&mut grads, vars.iter().map(|(_, v)| v), 1.0)?;
+        optimizer.step(&grads)?;
+        Ok(())
+    })?;
+    Ok((Split { forward, backward, optimiser, cpu: cpu_f + cpu_b + cpu_o }, loss.to_scalar::<f32>()?))
+}
+
+/// The sequences of `pairs` (all chosen, then all rejected) and their reference log-probs.
+fn prepare(model: &Transformer, pairs: &[(TokenizedPair, TokenizedPair)]) -> Result<(Vec<TokenizedPair>, Tensor, Tensor)> {
     let n = pairs.len();
     let sequences: Vec<TokenizedPair> =
         pairs.iter().map(|p| p.0.clone()).chain(pairs.iter().map(|p| p.1.clone())).collect();
-    let tokens: usize = sequences.iter().map(|s| s.prompt.len() + s.response.len()).sum();
-    let targets: Vec<u32> = sequences.iter().flat_map(|s| s.response.iter().copied()).collect();
     let pad = model.config().pad_token_id().unwrap_or(0);
     let reference = sequence_logprobs(model, &sequences, pad)?.sums.detach();
-    let (ref_c, ref_r) = (reference.narrow(0, 0, n)?, reference.narrow(0, n, n)?);
+    Ok((sequences, reference.narrow(0, 0, n)?, reference.narrow(0, n, n)?))
+}
+
+/// The heap's peak during a step above the heap between steps (weights, optimiser state), for
+/// batches of growing pairs × length: activations and gradients, which should grow with
+/// batch × length (and the gradients with the parameters).
+fn activation_scaling(model: &Transformer, vars: &[(String, Var)]) -> Result<()> {
+    println!("\n### step memory: heap peak during a step above the heap between steps");
+    println!("| pairs | tokens per side | tokens | heap between steps MB | step peak MB | above MB | KB per token |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    let mut optimizer = Optimizer::new(decay_groups(vars.to_vec(), 0.0), Algorithm::AdamW(AdamW::default()), 1e-5)?;
+    for (pairs, per_side) in [(2, 130), (4, 130), (8, 65), (8, 130), (16, 130)] {
+        let pairs = random_pairs(pairs, per_side, model.config().vocab_size);
+        let (sequences, ref_c, ref_r) = prepare(model, &pairs)?;
+        let tokens: usize = sequences.iter().map(|s| s.prompt.len() + s.response.len()).sum();
+        // One step first so that the optimiser state exists.
+        dpo_step(model, vars, &mut optimizer, &sequences, (&ref_c, &ref_r))?;
+        let rest = heap_mb();
+        reset_heap_peak();
+        dpo_step(model, vars, &mut optimizer, &sequences, (&ref_c, &ref_r))?;
+        let (peak, above) = (heap_peak_mb(), heap_peak_mb() - rest);
+        println!("| {} | {per_side} | {tokens} | {rest:.0} | {peak:.0} | {above:.0} | {:.1} |", pairs.len(),
+                 above * 1024.0 / tokens as f64);
+    }
+    Ok(())
+}
+
+fn profile(label: &str, model: &Transformer, vars: &[(String, Var)], pairs: &[(TokenizedPair, TokenizedPair)], steps: usize) -> Result<()> {
+    let n = pairs.len();
+    let (sequences, ref_c, ref_r) = prepare(model, pairs)?;
+    let tokens: usize = sequences.iter().map(|s| s.prompt.len() + s.response.len()).sum();
+    let targets: Vec<u32> = sequences.iter().flat_map(|s| s.response.iter().copied()).collect();
     let mut optimizer = Optimizer::new(decay_groups(vars.to_vec(), 0.0), Algorithm::AdamW(AdamW::default()), 1e-5)?;
     let params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
     println!(
@@ -186,26 +299,15 @@ fn profile(label: &str, model: &Transformer, vars: &[(String, Var)], pairs: &[(T
         targets.len(),
         rayon::current_num_threads()
     );
-    println!("| step | forward s | backward s | optimiser s | total s | cpu s | tokens/s |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| step | forward s | backward s | optimiser s | total s | cpu s | tokens/s | heap peak MB |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut splits = Vec::new();
     for step in 0..=steps {
-        let (loss, forward, cpu_f) = timed(|| {
-            let logps = sequence_logprobs(model, &sequences, pad)?;
-            let (c, r) = (logps.sums.narrow(0, 0, n)?, logps.sums.narrow(0, n, n)?);
-            Ok(dpo_losses(DpoLoss::Sigmoid, 0.1, 0.0, &c, &r, &ref_c, &ref_r)?.losses.mean_all()?)
-        })?;
-        let (mut grads, backward, cpu_b) = timed(|| Ok(loss.backward()?))?;
-        let ((), optimiser, cpu_o) = timed(|| {
-            clip_grad_norm(&mut grads, vars.iter().map(|(_, v)| v), 1.0)?;
-            optimizer.step(&grads)?;
-            Ok(())
-        })?;
-        drop(grads);
-        let s = Split { forward, backward, optimiser, cpu: cpu_f + cpu_b + cpu_o };
+        reset_heap_peak();
+        let (s, _) = dpo_step(model, vars, &mut optimizer, &sequences, (&ref_c, &ref_r))?;
         let tag = if step == 0 { "warm-up".to_string() } else { step.to_string() };
-        println!("| {tag} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} | {:.0} |", s.forward, s.backward, s.optimiser,
-                 s.total(), s.cpu, tokens as f64 / s.total());
+        println!("| {tag} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} | {:.0} | {:.0} |", s.forward, s.backward,
+                 s.optimiser, s.total(), s.cpu, tokens as f64 / s.total(), heap_peak_mb());
         if step > 0 {
             splits.push(s);
         }
@@ -243,10 +345,6 @@ fn profile(label: &str, model: &Transformer, vars: &[(String, Var)], pairs: &[(T
         (m.forward - hf).max(0.0),
         (m.backward - hb).max(0.0)
     );
-    match peak_rss_mb() {
-        Some(mb) => println!("\npeak RSS since the model was built: {mb:.0} MB"),
-        None => println!("\npeak RSS: n/a"),
-    }
     Ok(())
 }
 
@@ -261,10 +359,10 @@ fn main() -> Result<()> {
     let variants = [("generic ops", false), ("fused ops", true)];
     for (variant, fused) in variants {
         optune_model::fused::set_enabled(fused);
-        reset_peak_rss();
         let (model, vars) = random_llama()?;
         let pairs = random_pairs(8, 130, model.config().vocab_size);
         profile(&format!("random llama 12.9M, {variant}"), &model, &vars, &pairs, steps)?;
+        activation_scaling(&model, &vars)?;
     }
 
     let Some(dir) = std::env::var_os("OPTUNE_SMOLLM2_DIR") else {
@@ -273,7 +371,6 @@ fn main() -> Result<()> {
     };
     for (variant, fused) in variants {
         optune_model::fused::set_enabled(fused);
-        reset_peak_rss();
         let checkpoint = Checkpoint::read(std::path::Path::new(&dir), &Device::Cpu)
             .with_context(|| format!("OPTUNE_SMOLLM2_DIR={}", dir.to_string_lossy()))?;
         let (model, vars) = trainable_model(&checkpoint.meta.config, checkpoint.tensors)?;
