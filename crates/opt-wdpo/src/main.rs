@@ -104,12 +104,15 @@ struct Args {
     #[arg(long)]
     lora_rank: Option<usize>,
 
+    /// LoRA scale numerator: the adapter's output is multiplied by alpha / rank
     #[arg(long, default_value_t = 16.0)]
     lora_alpha: f64,
 
+    /// Dropout on the adapters' input while training, in [0, 1); the masks are drawn from --seed
     #[arg(long, default_value_t = 0.0)]
     lora_dropout: f32,
 
+    /// Projections that get adapters (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)
     #[arg(long, value_delimiter = ',', default_value = "q_proj,k_proj,v_proj,o_proj")]
     lora_targets: Vec<String>,
 
@@ -311,16 +314,14 @@ fn run(args: Args) -> Result<()> {
     if args.batch_size == 0 || args.grad_accum == 0 || args.epochs == 0 {
         bail!("--batch-size, --grad-accum and --epochs must be at least 1");
     }
+    if !(0.0..1.0).contains(&args.lora_dropout) {
+        bail!("--lora-dropout {} must be in [0, 1)", args.lora_dropout);
+    }
     if args.loss == LossArg::Hypo && args.kl_samples < 2 {
         bail!("--kl-samples must be at least 2: the leave-one-out baseline needs another sample");
     }
     let started = Instant::now();
     let (device, _dtype) = args.runtime.init()?;
-    // Only LoRA dropout draws from the device RNG; the CPU one cannot be seeded, so runs with
-    // --lora-dropout > 0 on the CPU are not bit-reproducible (the default dropout is 0).
-    if device.is_cuda() {
-        device.set_seed(args.seed)?;
-    }
     let shard = Shard::read(args.input.as_deref())?;
     let policy = load_policy(&args, &device)?;
     let use_means = args.loss == LossArg::Ipo;

@@ -136,6 +136,26 @@ fn lora_trains_adapters_and_saves_merged_and_peft() {
 }
 
 #[test]
+fn lora_dropout_is_reproducible_with_the_seed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pairs = tmp.path().join("pairs.jsonl");
+    write_pairs(&pairs);
+    let train = |name: &str, seed: &str| {
+        let out = tmp.path().join(name);
+        let (ok, err) = wdpo(&[
+            "--policy", model("tiny-llama").to_str().unwrap(), pairs.to_str().unwrap(), "-o", out.to_str().unwrap(),
+            "--lora-rank", "4", "--lora-dropout", "0.3", "--lr", "5e-3", "--epochs", "2", "--batch-size", "4",
+            "--seed", seed,
+        ]);
+        assert!(ok, "{err}");
+        weights(&out)
+    };
+    let first = train("a", "1");
+    assert_eq!(first, train("b", "1"), "same seed, different weights");
+    assert_ne!(first, train("c", "2"), "the seed does not reach the dropout masks");
+}
+
+#[test]
 fn hypo_keeps_the_policy_closer_to_the_reference() {
     let tmp = tempfile::tempdir().unwrap();
     let pairs = tmp.path().join("pairs.jsonl");

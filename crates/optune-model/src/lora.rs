@@ -1,6 +1,6 @@
 //! LoRA adapters on the attention/MLP projections, and their PEFT-format files.
 
-use crate::linear::LoraAdapter;
+use crate::linear::{DropoutStream, LoraAdapter};
 use crate::transformer::Transformer;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, Var};
@@ -66,13 +66,15 @@ impl LoraAdapters {
 
 /// Attaches fresh adapters to every linear whose module name ends with one of the targets:
 /// `A` drawn uniformly in ±1/√in (PEFT's Kaiming-uniform default), `B` zero, so the adapted model
-/// starts equal to the base.
+/// starts equal to the base. `seed` also seeds the dropout masks.
 pub fn attach_lora(model: &mut Transformer, config: &LoraConfig, seed: u64) -> Result<LoraAdapters> {
     if config.rank == 0 {
         bail!("--lora-rank must be at least 1");
     }
     let enabled = Arc::new(AtomicBool::new(true));
     let training = Arc::new(AtomicBool::new(false));
+    // Its own stream ("dropout" in ASCII), apart from the one that drew `A`.
+    let dropout_stream = DropoutStream::new(seed ^ 0x64_726f_706f_7574);
     let device = model.device().clone();
     let dtype = model.dtype();
     let mut rng_state = seed ^ 0x5eed_1a7a;
@@ -101,6 +103,7 @@ pub fn attach_lora(model: &mut Transformer, config: &LoraConfig, seed: u64) -> R
             dropout: config.dropout,
             enabled: enabled.clone(),
             training: training.clone(),
+            dropout_stream: dropout_stream.clone(),
         });
         vars.push((format!("{name}.lora_A.weight"), a));
         vars.push((format!("{name}.lora_B.weight"), b));
