@@ -472,13 +472,14 @@ impl TokenLogprobs {
         out
     }
 
-    /// Gradients of `Σ grad[i] · logp[i]`, packed `[rows (n × h) | weight (v × h)]`. With
-    /// `p = softmax(logits)`, `∂/∂logits = grad · (onehot(target) − p)`; the log-sum-exp of each row
-    /// comes back as `logit[target] − logp`, so only the logits are recomputed.
+    /// Gradients of `Σ grad[i] · logp[i]`, packed `[rows (n × h) | weight (v × h)]`, each part
+    /// only if wanted. With `p = softmax(logits)`, `∂/∂logits = grad · (onehot(target) − p)`; the
+    /// log-sum-exp of each row comes back as `logit[target] − logp`, so only the logits are
+    /// recomputed.
     #[allow(clippy::too_many_arguments)]
-    fn backward<T: Real>(&self, rows: &[T], weight: &[T], logp: &[T], grad: &[T], n: usize, h: usize, v: usize) -> Vec<T> {
-        let mut out = vec![T::ZERO; n * h + v * h];
-        let (grad_rows, grad_weight) = out.split_at_mut(n * h);
+    fn backward<T: Real>(&self, wanted: Wanted, rows: &[T], weight: &[T], logp: &[T], grad: &[T], n: usize, h: usize, v: usize) -> Vec<T> {
+        let mut out = vec![T::ZERO; wanted.packed_len(n * h, v * h)];
+        let (grad_rows, grad_weight) = out.split_at_mut(if wanted.first { n * h } else { 0 });
         let mut block = vec![T::ZERO; self.chunk.min(n) * v];
         for (i, start) in (0..n).step_by(self.chunk).enumerate() {
             let c = self.chunk.min(n - start);
@@ -491,8 +492,12 @@ impl TokenLogprobs {
                 T::scaled_exp(row, lse, -g);
                 row[t] += g;
             });
-            matmul(c, h, v, &mut grad_rows[start * h..(start + c) * h], false, Mat::rows(block, v), Mat::rows(weight, h));
-            matmul(v, h, c, grad_weight, i > 0, Mat::transposed(block, v), Mat::rows(rows_c, h));
+            if wanted.first {
+                matmul(c, h, v, &mut grad_rows[start * h..(start + c) * h], false, Mat::rows(block, v), Mat::rows(weight, h));
+            }
+            if wanted.second {
+                matmul(v, h, c, grad_weight, i > 0, Mat::transposed(block, v), Mat::rows(rows_c, h));
+            }
         }
         out
     }
@@ -515,20 +520,21 @@ impl CustomOp2 for TokenLogprobs {
     }
 
     fn bwd(&self, rows: &Tensor, weight: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (n, h) = rows.dims2()?;
-        let v = weight.dim(0)?;
+        let wanted = Wanted::of(rows, weight);
+        if wanted.none() {
+            return Ok((None, None));
+        }
         let aux = Tensor::stack(&[res.detach(), grad.detach().to_dtype(res.dtype())?], 0)?;
-        let op = TokenLogprobsGrad { op: TokenLogprobs { targets: self.targets.clone(), chunk: self.chunk } };
+        let op = TokenLogprobsGrad { op: TokenLogprobs { targets: self.targets.clone(), chunk: self.chunk }, wanted };
         let packed = rows.detach().apply_op3_no_bwd(&weight.detach(), &aux, &op)?;
-        let grad_rows = packed.narrow(0, 0, n * h)?.reshape((n, h))?;
-        let grad_weight = packed.narrow(0, n * h, v * h)?.reshape((v, h))?;
-        Ok((Some(grad_rows), Some(grad_weight)))
+        wanted.unpack(&packed, rows, weight)
     }
 }
 
 /// The backward of [`TokenLogprobs`] as one op over (rows, weight, [logp; grad]).
 struct TokenLogprobsGrad {
     op: TokenLogprobs,
+    wanted: Wanted,
 }
 
 impl CustomOp3 for TokenLogprobsGrad {
@@ -543,10 +549,10 @@ impl CustomOp3 for TokenLogprobsGrad {
             let rows = contiguous::<T>(s[0].0, s[0].1, name, "rows")?;
             let weight = contiguous::<T>(s[1].0, s[1].1, name, "weight")?;
             let aux = contiguous::<T>(s[2].0, s[2].1, name, "logp and grad")?;
-            Ok(T::storage(g.op.backward(rows, weight, &aux[..n], &aux[n..2 * n], n, h, v)))
+            Ok(T::storage(g.op.backward(g.wanted, rows, weight, &aux[..n], &aux[n..2 * n], n, h, v)))
         }
         let out = by_dtype!(self, s1.dtype(), run(self, [(s1, l1), (s2, l2), (s3, l3)], n, h, v));
-        Ok((out, Shape::from(n * h + v * h)))
+        Ok((out, Shape::from(self.wanted.packed_len(n * h, v * h))))
     }
 }
 
@@ -725,14 +731,50 @@ impl CustomOp2 for LinearOp {
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let n = x.elem_count();
-        let packed = x.detach().apply_op3_no_bwd(&w.detach(), &grad.detach().contiguous()?, &LinearGrad)?;
-        Ok((Some(packed.narrow(0, 0, n)?.reshape(x.shape())?), Some(packed.narrow(0, n, w.elem_count())?.reshape(w.shape())?)))
+        let wanted = Wanted::of(x, w);
+        if wanted.none() {
+            return Ok((None, None));
+        }
+        let packed = x.detach().apply_op3_no_bwd(&w.detach(), &grad.detach().contiguous()?, &LinearGrad { wanted })?;
+        wanted.unpack(&packed, x, w)
     }
 }
 
-/// Packed `[∂x = g · W | ∂W = gᵀ · x]` of [`LinearOp`] over (x, W, g).
-struct LinearGrad;
+/// Which inputs of a two-input op need a gradient: those that track an op, i.e. lead back to a
+/// variable. A frozen weight (LoRA's base, the reference) gets none, which saves its product.
+#[derive(Clone, Copy)]
+struct Wanted {
+    first: bool,
+    second: bool,
+}
+
+impl Wanted {
+    fn of(first: &Tensor, second: &Tensor) -> Self {
+        Self { first: first.track_op(), second: second.track_op() }
+    }
+
+    fn none(self) -> bool {
+        !self.first && !self.second
+    }
+
+    /// Elements of the packed gradients `[first | second]` (the unwanted part left out).
+    fn packed_len(self, first: usize, second: usize) -> usize {
+        (if self.first { first } else { 0 }) + (if self.second { second } else { 0 })
+    }
+
+    /// Splits packed gradients into those of `first` and `second`.
+    fn unpack(self, packed: &Tensor, first: &Tensor, second: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let n = if self.first { first.elem_count() } else { 0 };
+        let a = if self.first { Some(packed.narrow(0, 0, n)?.reshape(first.shape())?) } else { None };
+        let b = if self.second { Some(packed.narrow(0, n, second.elem_count())?.reshape(second.shape())?) } else { None };
+        Ok((a, b))
+    }
+}
+
+/// Packed `[∂x = g · W | ∂W = gᵀ · x]` of [`LinearOp`] over (x, W, g), each part only if wanted.
+struct LinearGrad {
+    wanted: Wanted,
+}
 
 impl CustomOp3 for LinearGrad {
     fn name(&self) -> &'static str {
@@ -744,18 +786,23 @@ impl CustomOp3 for LinearGrad {
         if l3.shape().elem_count() != rows * out {
             bail!("{}: gradient {:?} does not fit {rows} rows of {out}", self.name(), l3.dims());
         }
-        fn run<T: Real>(op: &LinearGrad, s: [(&CpuStorage, &Layout); 3], (rows, k, out): (usize, usize, usize)) -> Result<CpuStorage> {
+        let len = self.wanted.packed_len(rows * k, out * k);
+        fn run<T: Real>(op: &LinearGrad, s: [(&CpuStorage, &Layout); 3], (rows, k, out): (usize, usize, usize), len: usize) -> Result<CpuStorage> {
             let x = contiguous::<T>(s[0].0, s[0].1, op.name(), "input")?;
             let w = contiguous::<T>(s[1].0, s[1].1, op.name(), "weight")?;
             let g = contiguous::<T>(s[2].0, s[2].1, op.name(), "gradient")?;
-            let mut packed = vec![T::ZERO; rows * k + out * k];
-            let (dx, dw) = packed.split_at_mut(rows * k);
-            matmul(rows, k, out, dx, false, Mat::rows(g, out), Mat::rows(w, k));
-            matmul(out, k, rows, dw, false, Mat::transposed(g, out), Mat::rows(x, k));
+            let mut packed = vec![T::ZERO; len];
+            let (dx, dw) = packed.split_at_mut(if op.wanted.first { rows * k } else { 0 });
+            if op.wanted.first {
+                matmul(rows, k, out, dx, false, Mat::rows(g, out), Mat::rows(w, k));
+            }
+            if op.wanted.second {
+                matmul(out, k, rows, dw, false, Mat::transposed(g, out), Mat::rows(x, k));
+            }
             Ok(T::storage(packed))
         }
-        let packed = by_dtype!(self, s1.dtype(), run(self, [(s1, l1), (s2, l2), (s3, l3)], (rows, k, out)));
-        Ok((packed, Shape::from(rows * k + out * k)))
+        let packed = by_dtype!(self, s1.dtype(), run(self, [(s1, l1), (s2, l2), (s3, l3)], (rows, k, out), len));
+        Ok((packed, Shape::from(len)))
     }
 }
 
@@ -1420,6 +1467,30 @@ pub(crate) mod tests {
         finite_differences(&inputs, &[0, 1], |t| (linear(&t[0], &t[1]).unwrap() * &w).unwrap().sum_all().unwrap());
         let generic = inputs[0].broadcast_matmul(&inputs[1].t().unwrap()).unwrap();
         assert!(max_rel_diff(&linear(&inputs[0], &inputs[1]).unwrap(), &generic, 1.0) < 1e-14);
+    }
+
+    /// With the second input frozen (a plain tensor, as LoRA's base weights are), the op gives it
+    /// no gradient and the first input's gradient is the one the trainable case gives.
+    fn frozen_second_input_gets_no_gradient(x: &Tensor, w: &Tensor, f: impl Fn(&Tensor, &Tensor) -> Tensor) {
+        let (xv, wv) = (Var::from_tensor(x).unwrap(), Var::from_tensor(w).unwrap());
+        let both = f(xv.as_tensor(), wv.as_tensor()).sum_all().unwrap().backward().unwrap();
+        let frozen = f(xv.as_tensor(), w).sum_all().unwrap().backward().unwrap();
+        assert!(frozen.get(w).is_none());
+        let (a, b) = (both.get(xv.as_tensor()).unwrap(), frozen.get(xv.as_tensor()).unwrap());
+        assert_eq!(a.flatten_all().unwrap().to_vec1::<f64>().unwrap(), b.flatten_all().unwrap().to_vec1::<f64>().unwrap());
+        // Nothing to differentiate: no gradient at all.
+        assert!(f(x, w).sum_all().unwrap().backward().unwrap().get(x).is_none());
+    }
+
+    #[test]
+    fn frozen_weights_get_no_gradient() {
+        let x = values(&[2, 3, 5], 80, 1.0, DType::F64);
+        let w = values(&[4, 5], 81, 1.0, DType::F64);
+        frozen_second_input_gets_no_gradient(&x, &w, |x, w| linear(x, w).unwrap());
+        let rows = values(&[7, 6], 82, 1.0, DType::F64);
+        let head = values(&[11, 6], 83, 1.0, DType::F64);
+        let targets = [0u32, 3, 10, 5, 5, 1, 9];
+        frozen_second_input_gets_no_gradient(&rows, &head, |r, h| token_logprobs(r, h, &targets, 3).unwrap());
     }
 
     #[test]

@@ -86,19 +86,26 @@ impl Linear {
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias)?;
         }
-        if let Some(lora) = &self.lora {
-            if lora.enabled.load(Ordering::Relaxed) {
-                let input = if lora.dropout > 0.0 && lora.training.load(Ordering::Relaxed) {
-                    lora.dropout_stream.apply(&x2, lora.dropout)?
-                } else {
-                    x2.clone()
-                };
-                let delta = input.matmul(&lora.a.t()?)?.matmul(&lora.b.t()?)?;
-                y = (y + (delta * lora.scale)?)?;
-            }
+        if let Some(delta) = self.adapter_delta(&x2)? {
+            y = (y + delta)?;
         }
         *out_dims.last_mut().expect("non-empty") = self.weight.dim(0)?;
         y.reshape(out_dims)
+    }
+
+    /// The LoRA adapter's contribution `scale · dropout(x) Aᵀ Bᵀ` for `x [rows, in]`, or `None`
+    /// without an adapter or with adapters switched off.
+    pub fn adapter_delta(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let Some(lora) = &self.lora else { return Ok(None) };
+        if !lora.enabled.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let input = if lora.dropout > 0.0 && lora.training.load(Ordering::Relaxed) {
+            lora.dropout_stream.apply(x, lora.dropout)?
+        } else {
+            x.clone()
+        };
+        Ok(Some((input.matmul(&lora.a.t()?)?.matmul(&lora.b.t()?)? * lora.scale)?))
     }
 
     /// Like [`Linear::forward`] on `[rows, in]`, but always multiplies blocks of exactly

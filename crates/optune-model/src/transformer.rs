@@ -167,10 +167,17 @@ enum Rows {
 impl Rows {
     fn apply(self, linear: &Linear, x: &Tensor) -> Result<Tensor> {
         match self {
-            Rows::Free if linear.lora.is_none() && fused::supported(x) && linear.weight.dtype() == x.dtype() => {
-                let y = fused::linear(x, &linear.weight)?;
-                match &linear.bias {
-                    Some(bias) => y.broadcast_add(bias),
+            Rows::Free if fused::supported(x) && linear.weight.dtype() == x.dtype() => {
+                let mut y = fused::linear(x, &linear.weight)?;
+                if let Some(bias) = &linear.bias {
+                    y = y.broadcast_add(bias)?;
+                }
+                let width = x.dim(D::Minus1)?;
+                match linear.adapter_delta(&x.reshape(((), width))?)? {
+                    Some(delta) => {
+                        let delta = delta.reshape(y.shape())?;
+                        y + delta
+                    }
                     None => Ok(y),
                 }
             }

@@ -19,7 +19,8 @@
 //! and for the 12.9M llama (both variants) a table of a step's peak above the heap between steps for batches of
 //! growing size (activations and gradients per token). Every model runs twice: with the training
 //! path built from candle's generic ops only (`fused::set_enabled(false)`), then with the fused
-//! kernels of `optune_model::fused`.
+//! kernels of `optune_model::fused`; SmolLM2 a third time as the pipeline trains it (LoRA rank 16
+//! on q/k/v/o, frozen base, 4 pairs).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::HashMap;
@@ -29,6 +30,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use optune_model::logprobs::token_logprobs;
+use optune_model::lora::{attach_lora, LoraConfig};
 use optune_model::{sequence_logprobs, Checkpoint, ModelConfig, TokenizedPair, Transformer};
 use optune_train::loss::{dpo_losses, DpoLoss};
 use optune_train::optim::{clip_grad_norm, decay_groups, AdamW, Algorithm, Optimizer};
@@ -369,13 +371,23 @@ fn main() -> Result<()> {
         println!("\n(SmolLM2-135M skipped: set OPTUNE_SMOLLM2_DIR to a converted Hugging Face directory)");
         return Ok(());
     };
+    let read = || {
+        Checkpoint::read(std::path::Path::new(&dir), &Device::Cpu)
+            .with_context(|| format!("OPTUNE_SMOLLM2_DIR={}", dir.to_string_lossy()))
+    };
     for (variant, fused) in variants {
         optune_model::fused::set_enabled(fused);
-        let checkpoint = Checkpoint::read(std::path::Path::new(&dir), &Device::Cpu)
-            .with_context(|| format!("OPTUNE_SMOLLM2_DIR={}", dir.to_string_lossy()))?;
+        let checkpoint = read()?;
         let (model, vars) = trainable_model(&checkpoint.meta.config, checkpoint.tensors)?;
         let pairs = random_pairs(2, 128, model.config().vocab_size);
         profile(&format!("SmolLM2-135M, {variant}"), &model, &vars, &pairs, steps.min(3))?;
     }
+    // The pipeline's setting: LoRA rank 16 on q/k/v/o over frozen f32 weights, 4 pairs.
+    let checkpoint = read()?;
+    let mut model = Transformer::from_weights(&checkpoint.meta.config, checkpoint.tensors, DType::F32, &Device::Cpu)?;
+    let targets = ["q_proj", "k_proj", "v_proj", "o_proj"].map(String::from).to_vec();
+    let adapters = attach_lora(&mut model, &LoraConfig { rank: 16, alpha: 32.0, dropout: 0.0, targets }, 0)?;
+    let pairs = random_pairs(4, 128, model.config().vocab_size);
+    profile("SmolLM2-135M, fused ops, LoRA r16 on q/k/v/o", &model, &adapters.vars, &pairs, steps.min(3))?;
     Ok(())
 }
