@@ -210,6 +210,10 @@ fn run(args: Args) -> Result<()> {
         Some(cpu) => summary.field("gen_cpu_s", format!("{cpu:.2}")),
         None => summary,
     };
+    let summary = match optune_model::runtime::peak_rss_mb() {
+        Some(mb) => summary.field("peak_rss_mb", format!("{mb:.0}")),
+        None => summary,
+    };
     summary.field("total_s", format!("{:.2}", started.elapsed().as_secs_f64())).print();
     Ok(())
 }

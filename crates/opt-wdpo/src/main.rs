@@ -499,6 +499,9 @@ fn run(args: Args) -> Result<()> {
     if let Some(last) = last {
         summary = summary.field("final_loss", format!("{:.4}", last.loss)).field("final_margin", format!("{:.4}", last.margin));
     }
+    if let Some(mb) = optune_model::runtime::peak_rss_mb() {
+        summary = summary.field("peak_rss_mb", format!("{mb:.0}"));
+    }
     summary.field("total_s", format!("{:.2}", started.elapsed().as_secs_f64())).print();
     Ok(())
 }

@@ -102,9 +102,26 @@ pub fn dtype(spec: Option<&str>, device: &candle_core::Device) -> Result<candle_
     }
 }
 
+/// The process's peak resident memory so far in MB (`VmHWM` of /proc/self/status, Linux); `None`
+/// elsewhere. The tools print it in their summary line.
+pub fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse::<f64>().ok().map(|kb| kb / 1024.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn peak_rss_counts_touched_memory() {
+        let block = vec![1u8; 64 << 20];
+        let peak = peak_rss_mb().expect("VmHWM on Linux");
+        assert!(peak >= 64.0, "peak {peak} MB after touching 64 MB");
+        assert_eq!(block.iter().map(|&b| b as usize).sum::<usize>(), 64 << 20);
+    }
 
     #[test]
     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
