@@ -118,7 +118,8 @@ fn run(args: Args) -> Result<()> {
     if args.n == 0 {
         bail!("--n must be at least 1");
     }
-    if !(args.temperature >= 0.0) || !(args.top_p > 0.0 && args.top_p <= 1.0) {
+    // Written as ranges so that NaN is refused too.
+    if !(0.0..=f64::INFINITY).contains(&args.temperature) || !(f64::MIN_POSITIVE..=1.0).contains(&args.top_p) {
         bail!("--temperature must be >= 0 and --top-p in (0, 1]");
     }
     let (device, dtype) = args.runtime.init()?;

@@ -456,7 +456,7 @@ fn run(args: Args) -> Result<()> {
             step_metrics.add_batch(&losses, pc, pr, &weights, loss.to_scalar::<f32>()? * args.grad_accum as f32, kl, logps.tokens)?;
             total_tokens += logps.tokens;
             micro += 1;
-            if micro % args.grad_accum == 0 || b == last_batch {
+            if micro.is_multiple_of(args.grad_accum) || b == last_batch {
                 let mut grads = accumulated.take().expect("a micro-batch ran");
                 let grad_norm = clip_grad_norm(&mut grads, trainable.iter().map(|(_, v)| v), if args.max_grad_norm > 0.0 { args.max_grad_norm } else { f64::INFINITY })?;
                 let lr = schedule.lr_at(optimizer.step_count());
