@@ -21,7 +21,9 @@ What it does, on each model:
     sides for --repeats rounds, and prints the median seconds per step, tokens/s, peak RSS
     (/usr/bin/time -v for opt-wdpo, getrusage for the TRL process: both include model loading and
     the reference pass) and the ratio ours / TRL (below 1: opt-wdpo is faster);
-  * `--compare NAME=PATH` times further opt-wdpo builds (an older commit's, say) in the same rounds.
+  * `--compare NAME=PATH` times further opt-wdpo builds (an older commit's, say) in the same rounds;
+  * `--lora-rank R` trains LoRA adapters (alpha 2R, q/k/v/o) on both sides instead of every weight
+    (TRL through peft; its reference is then the model with the adapters off, as ours).
 
 Models: a deterministic random llama of ~12.9M parameters (bench_gen.py's: hidden 256, 6 layers,
 8 heads, 4 KV heads, intermediate 768, vocab 32000 with tokenizer files from
@@ -50,6 +52,10 @@ WORDS = (
     "little open long short blue red yellow white black early late always never often because "
     "after before under over between through around walk read write sing cook build find keep"
 ).split()
+
+
+# The projections that get adapters with --lora-rank (opt-wdpo's default targets).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def sentence(rng: random.Random, words: int) -> str:
@@ -147,12 +153,19 @@ def trl_worker(args) -> None:
         dataloader_num_workers=0,
         seed=0,
     )
+    peft_config = None
+    if args.lora_rank:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0,
+                                 target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM")
     trainer = DPOTrainer(
         model=model,
         args=config,
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
         callbacks=[clock],
+        peft_config=peft_config,
     )
     trainer.train()
     data = trainer.train_dataset
@@ -166,13 +179,14 @@ def trl_worker(args) -> None:
                                     "peak_rss_mb": rss_kb / 1024}))
 
 
-def run_trl(model_dir: Path, pairs: Path, work: Path, threads: int, batch: int, steps: int):
+def run_trl(model_dir: Path, pairs: Path, work: Path, threads: int, batch: int, steps: int, lora_rank: int):
     out = work / "trl-result.json"
     out.unlink(missing_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                TOKENIZERS_PARALLELISM="false", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
     cmd = [sys.executable, __file__, "trl-worker", "--model", str(model_dir), "--pairs", str(pairs),
-           "--threads", str(threads), "--batch", str(batch), "--steps", str(steps), "--out", str(out)]
+           "--threads", str(threads), "--batch", str(batch), "--steps", str(steps), "--out", str(out),
+           "--lora-rank", str(lora_rank)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.exit(f"TRL run failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -180,7 +194,7 @@ def run_trl(model_dir: Path, pairs: Path, work: Path, threads: int, batch: int, 
 
 
 def run_ours(opt_wdpo: Path, model_dir: Path, pairs: Path, work: Path, threads: int, batch: int, steps: int,
-             pair_count: int):
+             pair_count: int, lora_rank: int):
     out = work / "wdpo-out"
     metrics = work / "wdpo-metrics.csv"
     epochs = steps * batch // pair_count
@@ -188,6 +202,8 @@ def run_ours(opt_wdpo: Path, model_dir: Path, pairs: Path, work: Path, threads: 
            "--metrics", str(metrics), "--batch-size", str(batch), "--epochs", str(epochs), "--lr", "1e-5",
            "--loss", "sigmoid", "--beta", "0.1", "--weight", "none", "--optimizer", "adamw",
            "--threads", str(threads)]
+    if lora_rank:
+        cmd += ["--lora-rank", str(lora_rank), "--lora-alpha", str(2 * lora_rank), "--lora-targets", ",".join(LORA_TARGETS)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"opt-wdpo failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -209,7 +225,7 @@ def main() -> None:
         ap.add_argument("cmd")
         for name in ["--model", "--pairs", "--out"]:
             ap.add_argument(name, type=Path, required=True)
-        for name in ["--threads", "--batch", "--steps"]:
+        for name in ["--threads", "--batch", "--steps", "--lora-rank"]:
             ap.add_argument(name, type=int, required=True)
         trl_worker(ap.parse_args())
         return
@@ -227,6 +243,8 @@ def main() -> None:
     ap.add_argument("--compare", action="append", default=[], metavar="NAME=PATH",
                     help="also time another opt-wdpo build (e.g. an older commit's) in the same rounds")
     ap.add_argument("--json", type=Path, help="also write the raw figures here")
+    ap.add_argument("--lora-rank", type=int, default=0,
+                    help="train LoRA adapters of this rank (alpha 2r, q/k/v/o, TRL through peft) instead of every weight")
     args = ap.parse_args()
     if args.steps <= args.warmup:
         sys.exit("--steps must exceed --warmup")
@@ -260,8 +278,9 @@ def main() -> None:
     import transformers
     import trl
 
+    tuning = f"LoRA r{args.lora_rank} alpha {2 * args.lora_rank} on {'/'.join(LORA_TARGETS)}" if args.lora_rank else "full fine-tuning"
     print(f"# torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}; "
-          f"{args.threads} threads, f32, full fine-tuning, AdamW, sigmoid DPO, reference log-probs precomputed; "
+          f"{args.threads} threads, f32, {tuning}, AdamW, sigmoid DPO, reference log-probs precomputed; "
           f"median over {args.repeats} repeats of each run's median step after {args.warmup} warm-up steps")
     print(f"# load average at start: {loadavg()}")
     table, raw = [], []
@@ -279,10 +298,10 @@ def main() -> None:
         for r in range(args.repeats):
             for side in sides:
                 if side == "trl":
-                    res = run_trl(model_dir, work / "pairs-trl.jsonl", work, args.threads, batch, steps)
+                    res = run_trl(model_dir, work / "pairs-trl.jsonl", work, args.threads, batch, steps, args.lora_rank)
                 else:
                     res = run_ours(builds[side], model_dir, work / "pairs.jsonl", work, args.threads, batch, steps,
-                                   batch)
+                                   batch, args.lora_rank)
                 res["median_s"] = statistics.median(res["step_seconds"][args.warmup:])
                 res["load"] = loadavg()
                 results[side].append(res)

@@ -2,7 +2,7 @@
 # Training benchmark: a DPO step of opt-wdpo against TRL's DPOTrainer on the CPU (`make bench-train`).
 #
 # Environment:
-#   OPTUNE_BENCH_PYTHON  a Python that already has torch, transformers and trl; without it a throwaway
+#   OPTUNE_BENCH_PYTHON  a Python that already has torch, transformers, trl and peft; without it a throwaway
 #                        virtual environment is made in $OPTUNE_BENCH_DIR/venv-train (CPU torch from
 #                        download.pytorch.org, transformers 4.57 and trl 0.25 from PyPI) and reused by
 #                        later runs
@@ -19,7 +19,7 @@ bench_dir="${OPTUNE_BENCH_DIR:-$repo/runs/bench}"
 mkdir -p "$bench_dir"
 source "$repo/scripts/bench/python_env.sh"
 export OPTUNE_BENCH_DIR="$bench_dir"
-python="$(bench_python venv-train 'torch, transformers, trl, datasets' 'transformers>=4.57,<4.58' 'trl>=0.25,<0.26' datasets safetensors)"
+python="$(bench_python venv-train 'torch, transformers, trl, datasets, peft' 'transformers>=4.57,<4.58' 'trl>=0.25,<0.26' datasets safetensors peft)"
 
 target="${CARGO_TARGET_DIR:-$repo/target}"
 CARGO_TARGET_DIR="$target" cargo build --release --quiet --workspace  # as `make build`: the same features, nothing rebuilt
