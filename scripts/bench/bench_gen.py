@@ -211,6 +211,29 @@ def run_ours(opt_gen: Path, model_dir: Path, prompts_file: Path, out: Path, batc
     return tokens / gen_s, cpu_ms, tokens
 
 
+RANDOM_LLAMA = "random llama 12.9M"
+SMOLLM2 = "SmolLM2-135M"
+
+
+def bench_models(work: Path, wanted: str, vocab: int) -> list:
+    """(label, directory) of the models named in `wanted` ("random,smollm2"): the random llama,
+    made in `work`, and SmolLM2-135M from $OPTUNE_SMOLLM2_DIR when that is set."""
+    work.mkdir(parents=True, exist_ok=True)
+    models = []
+    names = wanted.split(",")
+    if "random" in names:
+        path = work / f"random-llama-v{vocab}"
+        make_random_llama(path, vocab)
+        models.append((RANDOM_LLAMA, path))
+    if "smollm2" in names:
+        smol = os.environ.get("OPTUNE_SMOLLM2_DIR")
+        if smol:
+            models.append((SMOLLM2, Path(smol)))
+        else:
+            print(f"({SMOLLM2} skipped: set OPTUNE_SMOLLM2_DIR to its converted directory)", file=sys.stderr)
+    return models
+
+
 def loadavg() -> str:
     try:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -234,19 +257,7 @@ def main() -> None:
     ap.add_argument("--peer-policies", default="ACTIVE,PASSIVE", help="OMP_WAIT_POLICY values to run transformers with")
     args = ap.parse_args()
 
-    args.work.mkdir(parents=True, exist_ok=True)
-    models = []
-    wanted = args.models.split(",")
-    if "random" in wanted:
-        path = args.work / f"random-llama-v{args.vocab}"
-        make_random_llama(path, args.vocab)
-        models.append(("random llama 12.9M", path))
-    smol = os.environ.get("OPTUNE_SMOLLM2_DIR")
-    if "smollm2" in wanted:
-        if smol:
-            models.append(("SmolLM2-135M", Path(smol)))
-        else:
-            print("(SmolLM2-135M skipped: set OPTUNE_SMOLLM2_DIR to its converted directory)", file=sys.stderr)
+    models = bench_models(args.work, args.models, args.vocab)
 
     policies = args.peer_policies.split(",")
     print(f"# threads {args.threads}, {args.new_tokens} new tokens, greedy, f32, {args.repeats} repeats (medians); "

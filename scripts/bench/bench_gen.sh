@@ -12,16 +12,10 @@
 # Extra arguments go to bench_gen.py (--repeats N, --batches 1,16, --threads N, --models ...).
 set -euo pipefail
 
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+source "$(dirname "${BASH_SOURCE[0]}")/python_env.sh"
 cd "$repo"
-bench_dir="${OPTUNE_BENCH_DIR:-$repo/runs/bench}"
-mkdir -p "$bench_dir"
-
-source "$repo/scripts/bench/python_env.sh"
-export OPTUNE_BENCH_DIR="$bench_dir"
 python="$(bench_python venv 'torch, transformers' 'transformers>=4.57' safetensors)"
 
-target="${CARGO_TARGET_DIR:-$repo/target}"
-CARGO_TARGET_DIR="$target" cargo build --release --quiet --workspace  # as `make build`: the same features, nothing rebuilt
+bench_build
 exec "$python" "$repo/scripts/bench/bench_gen.py" --opt-gen "$target/release/opt-gen" \
     --work "$bench_dir/gen" "$@"

@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gen import loadavg, make_random_llama  # noqa: E402  (the same random llama)
+from bench_gen import RANDOM_LLAMA, SMOLLM2, bench_models, loadavg  # noqa: E402  (the same models)
 
 WORDS = (
     "the a river stone light garden window quiet morning city train north paper music green old "
@@ -251,20 +251,9 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    args.work.mkdir(parents=True, exist_ok=True)
-    # (label, directory, pairs per step, tokens per side, steps)
-    models = []
-    wanted = args.models.split(",")
-    if "random" in wanted:
-        path = args.work / f"random-llama-v{args.vocab}"
-        make_random_llama(path, args.vocab)
-        models.append(("random llama 12.9M", path, 8, 130, args.steps))
-    smol = os.environ.get("OPTUNE_SMOLLM2_DIR")
-    if "smollm2" in wanted:
-        if smol:
-            models.append(("SmolLM2-135M", Path(smol), 2, 128, max(args.warmup + 3, args.steps // 2)))
-        else:
-            print("(SmolLM2-135M skipped: set OPTUNE_SMOLLM2_DIR to its converted directory)", file=sys.stderr)
+    # (pairs per step, tokens per side, steps) of each model.
+    shapes = {RANDOM_LLAMA: (8, 130, args.steps), SMOLLM2: (2, 128, max(args.warmup + 3, args.steps // 2))}
+    models = [(label, path, *shapes[label]) for label, path in bench_models(args.work, args.models, args.vocab)]
     sides = args.sides.split(",")
     builds = {"ours": args.opt_wdpo}
     for spec in args.compare:

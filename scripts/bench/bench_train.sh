@@ -13,15 +13,10 @@
 # Extra arguments go to bench_train.py (--repeats N, --steps N, --threads N, --models ..., --json F).
 set -euo pipefail
 
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+source "$(dirname "${BASH_SOURCE[0]}")/python_env.sh"
 cd "$repo"
-bench_dir="${OPTUNE_BENCH_DIR:-$repo/runs/bench}"
-mkdir -p "$bench_dir"
-source "$repo/scripts/bench/python_env.sh"
-export OPTUNE_BENCH_DIR="$bench_dir"
 python="$(bench_python venv-train 'torch, transformers, trl, datasets, peft' 'transformers>=4.57,<4.58' 'trl>=0.25,<0.26' datasets safetensors peft)"
 
-target="${CARGO_TARGET_DIR:-$repo/target}"
-CARGO_TARGET_DIR="$target" cargo build --release --quiet --workspace  # as `make build`: the same features, nothing rebuilt
+bench_build
 exec "$python" "$repo/scripts/bench/bench_train.py" --opt-wdpo "$target/release/opt-wdpo" \
     --work "$bench_dir/train" "$@"

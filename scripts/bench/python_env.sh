@@ -1,11 +1,26 @@
-# Sourced by the bench scripts: picks the Python that runs the peer (transformers, TRL).
+# Sourced by the bench scripts: the repository, the scratch directory, the release build of the
+# tools, and the Python that runs the peer (transformers, TRL).
 #
+# Sets: repo (the checkout), bench_dir ($OPTUNE_BENCH_DIR [runs/bench], created and exported),
+# target ($CARGO_TARGET_DIR [target]).
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+bench_dir="${OPTUNE_BENCH_DIR:-$repo/runs/bench}"
+mkdir -p "$bench_dir"
+export OPTUNE_BENCH_DIR="$bench_dir"
+target="${CARGO_TARGET_DIR:-$repo/target}"
+
+# bench_build
+#   Builds the release binaries into $target with `make build`'s command, so the features are the
+#   same and nothing is rebuilt after it.
+bench_build() {
+    CARGO_TARGET_DIR="$target" cargo build --release --quiet --workspace
+}
+
 # bench_python NAME IMPORTS PACKAGE...
 #   Prints the path of a Python that can run `import IMPORTS`: $OPTUNE_BENCH_PYTHON when set,
-#   else a throwaway virtual environment $OPTUNE_BENCH_DIR/NAME (default runs/bench/NAME), made on
-#   first use with CPU torch from download.pytorch.org ($OPTUNE_BENCH_TORCH_INDEX overrides; PyPI's
-#   torch when that index is out of reach) and
-#   PACKAGE... from PyPI, and reused by later runs. Exits when the imports fail.
+#   else a throwaway virtual environment $bench_dir/NAME, made on first use with CPU torch from
+#   download.pytorch.org ($OPTUNE_BENCH_TORCH_INDEX overrides; PyPI's torch when that index is out
+#   of reach) and PACKAGE... from PyPI, and reused by later runs. Exits when the imports fail.
 bench_python() {
     local name="$1" imports="$2"
     shift 2
@@ -13,7 +28,7 @@ bench_python() {
     if [[ -n "${OPTUNE_BENCH_PYTHON:-}" ]]; then
         python="$OPTUNE_BENCH_PYTHON"
     else
-        local venv="${OPTUNE_BENCH_DIR:-runs/bench}/$name"
+        local venv="$bench_dir/$name"
         if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c "import $imports" 2>/dev/null; then
             echo "bench: creating a virtual environment with $imports in $venv" >&2
             python3 -m venv "$venv" >&2

@@ -54,24 +54,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 TESTDATA = REPO / "testdata"
 
-PROMPTS = [
-    "Write one sentence about the sea.",
-    "What is the capital of France?",
-    "List three colours.",
-    "Explain why the sky is blue in two sentences.",
-    "Give me a short poem about autumn leaves falling in the park.",
-    "Name a fruit.",
-    "What is two plus two?",
-    "Describe a cat to someone who has never seen one.",
-    "Tell me a fact about the moon.",
-    "How do plants make their food?",
-    "Write a haiku about winter.",
-    "Why do we sleep?",
-    "Suggest a name for a small boat.",
-    "What is the boiling point of water at sea level, and why does it change on a mountain?",
-    "Say hello in French.",
-    "Summarise the story of the three little pigs.",
-]
+sys.path.insert(0, str(REPO / "scripts/bench"))
+from bench_gen import PROMPTS  # noqa: E402  (the CPU generation benchmark's prompts)
 
 SHAPES = {
     "smollm2": dict(label="SmolLM2-135M", vocab_size=49152, hidden_size=576, intermediate_size=1536,

@@ -66,14 +66,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: &Cli) -> Result<()> {
-    let inputs = if cli.inputs.is_empty() {
-        vec![Shard::read(None)?]
-    } else {
-        cli.inputs
-            .iter()
-            .map(|path| Shard::read(Some(path)))
-            .collect::<Result<Vec<_>>>()?
-    };
+    let inputs = Shard::read_all(&cli.inputs)?;
     let pairs = build_pairs(&inputs, cli.min_gap)?;
     cli.output.write(&pairs.shard)?;
     Summary::new(TOOL)

@@ -93,19 +93,24 @@ impl Linear {
         y.reshape(out_dims)
     }
 
-    /// The LoRA adapter's contribution `scale · dropout(x) Aᵀ Bᵀ` for `x [rows, in]`, or `None`
-    /// without an adapter or with adapters switched off.
+    /// The LoRA adapter's contribution `scale · dropout(x) Aᵀ Bᵀ` for `x [.., in]`, shaped
+    /// `[.., out]`; `None` without an adapter or with adapters switched off.
     pub fn adapter_delta(&self, x: &Tensor) -> Result<Option<Tensor>> {
         let Some(lora) = &self.lora else { return Ok(None) };
         if !lora.enabled.load(Ordering::Relaxed) {
             return Ok(None);
         }
+        let mut out_dims = x.dims().to_vec();
+        let in_features = *out_dims.last().expect("linear input has at least one dim");
+        let x2 = x.reshape((x.elem_count() / in_features, in_features))?;
         let input = if lora.dropout > 0.0 && lora.training.load(Ordering::Relaxed) {
-            lora.dropout_stream.apply(x, lora.dropout)?
+            lora.dropout_stream.apply(&x2, lora.dropout)?
         } else {
-            x.clone()
+            x2
         };
-        Ok(Some((input.matmul(&lora.a.t()?)?.matmul(&lora.b.t()?)? * lora.scale)?))
+        let delta = (input.matmul(&lora.a.t()?)?.matmul(&lora.b.t()?)? * lora.scale)?;
+        *out_dims.last_mut().expect("non-empty") = lora.b.dim(0)?;
+        Some(delta.reshape(out_dims)).transpose()
     }
 
     /// Like [`Linear::forward`] on `[rows, in]`, but always multiplies blocks of exactly

@@ -172,12 +172,8 @@ impl Rows {
                 if let Some(bias) = &linear.bias {
                     y = y.broadcast_add(bias)?;
                 }
-                let width = x.dim(D::Minus1)?;
-                match linear.adapter_delta(&x.reshape(((), width))?)? {
-                    Some(delta) => {
-                        let delta = delta.reshape(y.shape())?;
-                        y + delta
-                    }
+                match linear.adapter_delta(x)? {
+                    Some(delta) => y + delta,
                     None => Ok(y),
                 }
             }

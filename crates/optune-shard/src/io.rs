@@ -60,6 +60,15 @@ fn named_file(path: Option<&Path>) -> Option<&Path> {
 }
 
 impl Shard {
+    /// Reads every shard named by `paths` in order; no paths at all reads one
+    /// shard from stdin (the tools that take several inputs).
+    pub fn read_all(paths: &[PathBuf]) -> Result<Vec<Shard>> {
+        if paths.is_empty() {
+            return Ok(vec![Shard::read(None)?]);
+        }
+        paths.iter().map(|path| Shard::read(Some(path))).collect()
+    }
+
     /// Reads a whole shard from `path`, or from stdin when `path` is `None`
     /// or `-`. Stdin is buffered completely: Parquet keeps its index in the
     /// footer.

@@ -54,14 +54,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: &Cli) -> Result<()> {
-    let shards = if cli.inputs.is_empty() {
-        vec![Shard::read(None)?]
-    } else {
-        cli.inputs
-            .iter()
-            .map(|path| Shard::read(Some(path.as_path())))
-            .collect::<Result<Vec<_>>>()?
-    };
+    let shards = Shard::read_all(&cli.inputs)?;
     let rows_in: usize = shards.iter().map(Shard::num_rows).sum();
     let stacked = if shards.len() == 1 {
         shards.into_iter().next().expect("one shard")
