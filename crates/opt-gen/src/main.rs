@@ -108,9 +108,11 @@ fn main() -> ExitCode {
 fn to_model_prompt(text: &PromptText) -> Prompt {
     match text {
         PromptText::Text(t) => Prompt::Text(t.clone()),
-        PromptText::Messages(ms) => {
-            Prompt::Messages(ms.iter().map(|m| ChatMessage::new(m.role.clone(), m.content.clone())).collect())
-        }
+        PromptText::Messages(ms) => Prompt::Messages(
+            ms.iter()
+                .map(|m| ChatMessage::new(m.role.clone(), m.content.clone()))
+                .collect(),
+        ),
     }
 }
 
@@ -119,19 +121,27 @@ fn run(args: Args) -> Result<()> {
         bail!("--n must be at least 1");
     }
     // Written as ranges so that NaN is refused too.
-    if !(0.0..=f64::INFINITY).contains(&args.temperature) || !(f64::MIN_POSITIVE..=1.0).contains(&args.top_p) {
+    if !(0.0..=f64::INFINITY).contains(&args.temperature)
+        || !(f64::MIN_POSITIVE..=1.0).contains(&args.top_p)
+    {
         bail!("--temperature must be >= 0 and --top-p in (0, 1]");
     }
     let (device, dtype) = args.runtime.init()?;
     let shard = Shard::read(args.input.as_deref())?;
     let prompts = shard.prompts()?;
     let ids: Vec<&str> = prompts.iter().map(|p| p.prompt_id.as_str()).collect();
-    let rows = args.shard.select(&ids).with_context(|| shard.name().to_string())?;
+    let rows = args
+        .shard
+        .select(&ids)
+        .with_context(|| shard.name().to_string())?;
 
     let started = Instant::now();
     let (model, tokenizer, meta) = load_model(&args.model, dtype, &device)?;
     if meta.eos_token_ids.is_empty() && !args.ignore_eos {
-        bail!("{}: no eos_token_id in generation_config.json, config.json or the tokenizer", args.model.display());
+        bail!(
+            "{}: no eos_token_id in generation_config.json, config.json or the tokenizer",
+            args.model.display()
+        );
     }
     let mut requests = Vec::with_capacity(rows.len() * args.n as usize);
     for &row in &rows {
@@ -165,36 +175,84 @@ fn run(args: Args) -> Result<()> {
     };
     let progress = indicatif::ProgressBar::new(requests.len() as u64);
     progress.set_style(
-        indicatif::ProgressStyle::with_template("opt-gen {bar:30} {pos}/{len} responses  {msg}  eta {eta}")
-            .expect("valid template"),
+        indicatif::ProgressStyle::with_template(
+            "opt-gen {bar:30} {pos}/{len} responses  {msg}  eta {eta}",
+        )
+        .expect("valid template"),
     );
     let decode_started = Instant::now();
     let cpu_started = process_cpu_seconds();
     let mut tokens_done = 0usize;
-    let eos_ids: &[u32] = if args.ignore_eos { &[] } else { &meta.eos_token_ids };
-    let generations = generate(&model, &requests, &params, eos_ids, args.batch_size, |tokens| {
-        tokens_done += tokens;
-        progress.inc(1);
-        let rate = tokens_done as f64 / decode_started.elapsed().as_secs_f64().max(1e-9);
-        progress.set_message(format!("{rate:.0} tok/s"));
-    })?;
+    let eos_ids: &[u32] = if args.ignore_eos {
+        &[]
+    } else {
+        &meta.eos_token_ids
+    };
+    let generations = generate(
+        &model,
+        &requests,
+        &params,
+        eos_ids,
+        args.batch_size,
+        |tokens| {
+            tokens_done += tokens;
+            progress.inc(1);
+            let rate = tokens_done as f64 / decode_started.elapsed().as_secs_f64().max(1e-9);
+            progress.set_message(format!("{rate:.0} tok/s"));
+        },
+    )?;
     progress.finish_and_clear();
 
     let mut texts = Vec::with_capacity(generations.len());
     for g in &generations {
         texts.push(tokenizer.decode(&g.tokens)?);
     }
-    let out_rows: Vec<usize> = rows.iter().flat_map(|&r| std::iter::repeat_n(r, args.n as usize)).collect();
-    let policy = args.policy_name.clone().unwrap_or_else(|| args.model.display().to_string());
+    let out_rows: Vec<usize> = rows
+        .iter()
+        .flat_map(|&r| std::iter::repeat_n(r, args.n as usize))
+        .collect();
+    let policy = args
+        .policy_name
+        .clone()
+        .unwrap_or_else(|| args.model.display().to_string());
     let out = shard
         .take(&out_rows)?
-        .with_column("sample", Arc::new(UInt32Array::from_iter_values(rows.iter().flat_map(|_| 0..args.n))))?
-        .with_column("response", Shard::string_column(texts.iter().map(String::as_str)))?
-        .with_column("response_tokens", Arc::new(UInt32Array::from_iter_values(generations.iter().map(|g| g.tokens.len() as u32))))?
-        .with_column("finish_reason", Shard::string_column(generations.iter().map(|g| g.finish.as_str())))?
-        .with_column("policy", Shard::string_column(generations.iter().map(|_| policy.as_str())))?
-        .with_column("seed", Arc::new(UInt64Array::from_iter_values(generations.iter().map(|_| args.seed))))?
-        .with_column("logp", Arc::new(Float32Array::from_iter_values(generations.iter().map(|g| g.logp as f32))))?;
+        .with_column(
+            "sample",
+            Arc::new(UInt32Array::from_iter_values(
+                rows.iter().flat_map(|_| 0..args.n),
+            )),
+        )?
+        .with_column(
+            "response",
+            Shard::string_column(texts.iter().map(String::as_str)),
+        )?
+        .with_column(
+            "response_tokens",
+            Arc::new(UInt32Array::from_iter_values(
+                generations.iter().map(|g| g.tokens.len() as u32),
+            )),
+        )?
+        .with_column(
+            "finish_reason",
+            Shard::string_column(generations.iter().map(|g| g.finish.as_str())),
+        )?
+        .with_column(
+            "policy",
+            Shard::string_column(generations.iter().map(|_| policy.as_str())),
+        )?
+        .with_column(
+            "seed",
+            Arc::new(UInt64Array::from_iter_values(
+                generations.iter().map(|_| args.seed),
+            )),
+        )?
+        .with_column(
+            "logp",
+            Arc::new(Float32Array::from_iter_values(
+                generations.iter().map(|g| g.logp as f32),
+            )),
+        )?;
     args.output.write(&out)?;
     let total_tokens: usize = generations.iter().map(|g| g.tokens.len()).sum();
     let decode_secs = decode_started.elapsed().as_secs_f64();
@@ -203,7 +261,10 @@ fn run(args: Args) -> Result<()> {
         .field("prompts", rows.len())
         .field("responses", generations.len())
         .field("new_tokens", total_tokens)
-        .field("tok_per_s", format!("{:.1}", total_tokens as f64 / decode_secs.max(1e-9)))
+        .field(
+            "tok_per_s",
+            format!("{:.1}", total_tokens as f64 / decode_secs.max(1e-9)),
+        )
         .field("gen_s", format!("{decode_secs:.2}"));
     // CPU seconds of all threads while generating (Linux only): on a busy machine this says
     // more about the work done than the wall clock does.
@@ -215,7 +276,9 @@ fn run(args: Args) -> Result<()> {
         Some(mb) => summary.field("peak_rss_mb", format!("{mb:.0}")),
         None => summary,
     };
-    summary.field("total_s", format!("{:.2}", started.elapsed().as_secs_f64())).print();
+    summary
+        .field("total_s", format!("{:.2}", started.elapsed().as_secs_f64()))
+        .print();
     Ok(())
 }
 

@@ -29,12 +29,19 @@ fn run(args: &[&str]) -> String {
     let mut all = vec!["--format", "jsonl"];
     all.extend_from_slice(args);
     let out = opt_gen(&all);
-    assert!(out.status.success(), "opt-gen {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "opt-gen {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).expect("utf-8 output")
 }
 
 fn rows(jsonl: &str) -> Vec<serde_json::Value> {
-    jsonl.lines().map(|l| serde_json::from_str(l).expect("a JSON row")).collect()
+    jsonl
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON row"))
+        .collect()
 }
 
 #[test]
@@ -42,7 +49,16 @@ fn output_bytes_do_not_depend_on_batch_size_or_threads() {
     for name in ["tiny-llama", "tiny-mistral", "tiny-qwen2"] {
         let m = model(name);
         let p = prompts();
-        let base = [m.to_str().unwrap(), p.to_str().unwrap(), "--n", "3", "--max-new-tokens", "24", "--seed", "7"];
+        let base = [
+            m.to_str().unwrap(),
+            p.to_str().unwrap(),
+            "--n",
+            "3",
+            "--max-new-tokens",
+            "24",
+            "--seed",
+            "7",
+        ];
         let args = |batch: &'static str, threads: &'static str| {
             let mut a = vec!["--model"];
             a.extend_from_slice(&base);
@@ -51,8 +67,19 @@ fn output_bytes_do_not_depend_on_batch_size_or_threads() {
         };
         let reference = run(&args("1", "1"));
         assert_eq!(rows(&reference).len(), 9, "{name}");
-        for (batch, threads) in [("3", "1"), ("16", "1"), ("1", "2"), ("3", "2"), ("16", "2"), ("4", "3")] {
-            assert_eq!(run(&args(batch, threads)), reference, "{name}: --batch-size {batch} --threads {threads}");
+        for (batch, threads) in [
+            ("3", "1"),
+            ("16", "1"),
+            ("1", "2"),
+            ("3", "2"),
+            ("16", "2"),
+            ("4", "3"),
+        ] {
+            assert_eq!(
+                run(&args(batch, threads)),
+                reference,
+                "{name}: --batch-size {batch} --threads {threads}"
+            );
         }
     }
 }
@@ -61,7 +88,17 @@ fn output_bytes_do_not_depend_on_batch_size_or_threads() {
 fn concatenated_shards_equal_the_unsharded_run() {
     let m = model("tiny-llama");
     let p = prompts();
-    let base = ["--model", m.to_str().unwrap(), p.to_str().unwrap(), "--n", "2", "--max-new-tokens", "16", "--seed", "3"];
+    let base = [
+        "--model",
+        m.to_str().unwrap(),
+        p.to_str().unwrap(),
+        "--n",
+        "2",
+        "--max-new-tokens",
+        "16",
+        "--seed",
+        "3",
+    ];
     let whole = run(&base);
     let mut joined = String::new();
     for shard in ["1/2", "2/2"] {
@@ -84,13 +121,31 @@ fn concatenated_shards_equal_the_unsharded_run() {
 fn n_gives_that_many_samples_per_prompt() {
     let m = model("tiny-llama");
     let p = prompts();
-    let out = rows(&run(&["--model", m.to_str().unwrap(), p.to_str().unwrap(), "--n", "3", "--max-new-tokens", "8"]));
+    let out = rows(&run(&[
+        "--model",
+        m.to_str().unwrap(),
+        p.to_str().unwrap(),
+        "--n",
+        "3",
+        "--max-new-tokens",
+        "8",
+    ]));
     assert_eq!(out.len(), 9);
     for (i, row) in out.iter().enumerate() {
         assert_eq!(row["prompt_id"], ["m01", "m02", "m03"][i / 3]);
         assert_eq!(row["sample"], (i % 3) as u64);
-        assert!(row["messages"].is_array(), "prompt columns are carried: {row}");
-        for column in ["response", "response_tokens", "finish_reason", "policy", "seed", "logp"] {
+        assert!(
+            row["messages"].is_array(),
+            "prompt columns are carried: {row}"
+        );
+        for column in [
+            "response",
+            "response_tokens",
+            "finish_reason",
+            "policy",
+            "seed",
+            "logp",
+        ] {
             assert!(!row[column].is_null(), "missing {column}: {row}");
         }
         assert!(row["logp"].as_f64().unwrap() < 0.0);
@@ -118,7 +173,17 @@ fn eos_stops_a_response_and_is_reported() {
     let eos: Vec<u32> = (2..512).step_by(64).collect();
     let m = model_with_eos(tmp.path(), &eos);
     let p = prompts();
-    let base = ["--model", m.to_str().unwrap(), p.to_str().unwrap(), "--n", "4", "--max-new-tokens", "24", "--seed", "1"];
+    let base = [
+        "--model",
+        m.to_str().unwrap(),
+        p.to_str().unwrap(),
+        "--n",
+        "4",
+        "--max-new-tokens",
+        "24",
+        "--seed",
+        "1",
+    ];
     let stopped = rows(&run(&base));
     let mut free_args = base.to_vec();
     free_args.push("--ignore-eos");
@@ -143,24 +208,45 @@ fn eos_stops_a_response_and_is_reported() {
             other => panic!("finish_reason {other}"),
         }
     }
-    assert_eq!(kinds.len(), 2, "expected both stop and length among {kinds:?}");
+    assert_eq!(
+        kinds.len(),
+        2,
+        "expected both stop and length among {kinds:?}"
+    );
 }
 
 #[test]
 fn over_long_prompts_fail_unless_truncated() {
     let m = model("tiny-llama");
     let p = prompts();
-    let base = ["--format", "jsonl", "--model", m.to_str().unwrap(), p.to_str().unwrap(), "--n", "1", "--max-new-tokens", "4"];
+    let base = [
+        "--format",
+        "jsonl",
+        "--model",
+        m.to_str().unwrap(),
+        p.to_str().unwrap(),
+        "--n",
+        "1",
+        "--max-new-tokens",
+        "4",
+    ];
     let mut args = base.to_vec();
     args.extend_from_slice(&["--max-prompt-tokens", "10"]);
     let out = opt_gen(&args);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("prompt_id 'm01'") && stderr.contains("above --max-prompt-tokens 10"), "{stderr}");
+    assert!(
+        stderr.contains("prompt_id 'm01'") && stderr.contains("above --max-prompt-tokens 10"),
+        "{stderr}"
+    );
     assert!(stderr.contains("--truncate left"), "{stderr}");
     assert!(out.stdout.is_empty());
     args.extend_from_slice(&["--truncate", "left"]);
     let out = opt_gen(&args);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(rows(&String::from_utf8(out.stdout).unwrap()).len(), 3);
 }

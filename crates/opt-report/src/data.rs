@@ -54,7 +54,10 @@ pub struct Iteration {
 
 impl Iteration {
     pub fn stage_seconds(&self, stage: &str) -> Option<f64> {
-        self.timings.iter().find(|t| t.stage == stage).and_then(|t| t.seconds)
+        self.timings
+            .iter()
+            .find(|t| t.stage == stage)
+            .and_then(|t| t.seconds)
     }
 
     pub fn stage(&self, stage: &str) -> Option<&StageTiming> {
@@ -126,12 +129,17 @@ impl Run {
         if let Some(rho) = self.settings.get("RHO").and_then(|v| v.parse().ok()) {
             return Some(rho);
         }
-        self.name.rsplit_once("-rho").and_then(|(_, v)| v.parse().ok())
+        self.name
+            .rsplit_once("-rho")
+            .and_then(|(_, v)| v.parse().ok())
     }
 
     /// The initial policy's held-out rewards (`iter0/eval_scored.parquet`).
     pub fn initial_eval(&self) -> Option<&Vec<f64>> {
-        self.iterations.iter().find(|it| it.index == 0).and_then(|it| it.eval.as_ref())
+        self.iterations
+            .iter()
+            .find(|it| it.index == 0)
+            .and_then(|it| it.eval.as_ref())
     }
 }
 
@@ -139,13 +147,17 @@ fn load_iteration(dir: &Path, index: u32) -> Result<Iteration> {
     let read = |name: &str| -> Result<Option<Shard>> {
         let path = dir.join(name);
         if path.is_file() {
-            Ok(Some(Shard::read(Some(&path)).with_context(|| format!("reading {}", path.display()))?))
+            Ok(Some(
+                Shard::read(Some(&path)).with_context(|| format!("reading {}", path.display()))?,
+            ))
         } else {
             Ok(None)
         }
     };
     let rewards = |shard: &Shard| -> Result<Vec<f64>> {
-        shard.floats("reward").with_context(|| format!("{}: column 'reward'", shard.name()))
+        shard
+            .floats("reward")
+            .with_context(|| format!("{}: column 'reward'", shard.name()))
     };
 
     let mut it = Iteration {
@@ -187,7 +199,11 @@ fn load_iteration(dir: &Path, index: u32) -> Result<Iteration> {
 }
 
 fn distinct(shard: &Shard, column: &str) -> Result<usize> {
-    Ok(shard.strings(column)?.into_iter().collect::<BTreeSet<_>>().len())
+    Ok(shard
+        .strings(column)?
+        .into_iter()
+        .collect::<BTreeSet<_>>()
+        .len())
 }
 
 /// `KEY=VALUE` lines; blank lines and `#` comments skipped. A missing file is empty.
@@ -195,7 +211,8 @@ fn read_settings(path: &Path) -> Result<BTreeMap<String, String>> {
     if !path.is_file() {
         return Ok(BTreeMap::new());
     }
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     Ok(text
         .lines()
         .map(str::trim)
@@ -214,7 +231,11 @@ fn read_csv(path: &Path) -> Result<Option<(Vec<String>, Vec<Vec<String>>)>> {
         .flexible(true)
         .from_path(path)
         .with_context(|| format!("reading {}", path.display()))?;
-    let header = reader.headers()?.iter().map(|h| h.trim().to_string()).collect();
+    let header = reader
+        .headers()?
+        .iter()
+        .map(|h| h.trim().to_string())
+        .collect();
     let rows = reader
         .records()
         .map(|record| record.map(|r| r.iter().map(|f| f.trim().to_string()).collect()))
@@ -249,7 +270,8 @@ fn read_metrics(path: &Path) -> Result<Vec<MetricsPoint>> {
     let Some((header, rows)) = read_csv(path)? else {
         return Ok(Vec::new());
     };
-    let number = |row: &[String], name: &str| field(&header, row, name).and_then(|v| v.parse::<f64>().ok());
+    let number =
+        |row: &[String], name: &str| field(&header, row, name).and_then(|v| v.parse::<f64>().ok());
     Ok(rows
         .iter()
         .enumerate()

@@ -70,20 +70,41 @@ fn main() -> ExitCode {
 
 fn single(cli: &Cli) -> Result<()> {
     if cli.runs.len() != 1 {
-        bail!("one RUN_DIR expected ({} given); use --sweep to compare runs", cli.runs.len());
+        bail!(
+            "one RUN_DIR expected ({} given); use --sweep to compare runs",
+            cli.runs.len()
+        );
     }
     let run = Run::load(&cli.runs[0])?;
-    let output = cli.output.clone().unwrap_or_else(|| run.dir.join("report.md"));
+    let output = cli
+        .output
+        .clone()
+        .unwrap_or_else(|| run.dir.join("report.md"));
     let report_dir = parent_dir(&output);
     let mut plot_files = Vec::new();
     if !cli.no_plots {
-        let dir = cli.plots.clone().unwrap_or_else(|| report_dir.join("plots"));
+        let dir = cli
+            .plots
+            .clone()
+            .unwrap_or_else(|| report_dir.join("plots"));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let jobs: [(&str, &str, fn(&Run, &Path) -> Result<()>); 4] = [
-            ("Mean reward per iteration", "reward_mean.png", plots::reward_means),
-            ("Reward distribution of the fresh samples", "reward_hist.png", plots::reward_histograms),
+            (
+                "Mean reward per iteration",
+                "reward_mean.png",
+                plots::reward_means,
+            ),
+            (
+                "Reward distribution of the fresh samples",
+                "reward_hist.png",
+                plots::reward_histograms,
+            ),
             ("Wall time per stage", "wall_time.png", plots::wall_times),
-            ("DPO margins and loss over the steps", "dpo_margins.png", plots::dpo_margins),
+            (
+                "DPO margins and loss over the steps",
+                "dpo_margins.png",
+                plots::dpo_margins,
+            ),
         ];
         for (title, file, draw) in jobs {
             let path = dir.join(file);
@@ -103,19 +124,28 @@ fn single(cli: &Cli) -> Result<()> {
 }
 
 fn sweep(cli: &Cli) -> Result<()> {
-    let runs = cli.runs.iter().map(|dir| Run::load(dir)).collect::<Result<Vec<_>>>()?;
+    let runs = cli
+        .runs
+        .iter()
+        .map(|dir| Run::load(dir))
+        .collect::<Result<Vec<_>>>()?;
     let mut plot = None;
     if !cli.no_plots {
         let path = match (&cli.plots, &cli.output) {
             (Some(dir), _) => {
-                std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
                 dir.join("sweep.png")
             }
             (None, Some(out)) => out.with_extension("png"),
             (None, None) => PathBuf::from("sweep.png"),
         };
         plots::sweep(&runs, &path).with_context(|| format!("drawing {}", path.display()))?;
-        let base = cli.output.as_deref().map(parent_dir).unwrap_or_else(|| PathBuf::from("."));
+        let base = cli
+            .output
+            .as_deref()
+            .map(parent_dir)
+            .unwrap_or_else(|| PathBuf::from("."));
         plot = Some(link(&base, &path));
     }
     let markdown = sweep_markdown(&runs, plot.as_deref());
@@ -125,7 +155,13 @@ fn sweep(cli: &Cli) -> Result<()> {
     }
     Summary::new(TOOL)
         .field("sweep_runs", runs.len())
-        .field("output", cli.output.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "-".into()))
+        .field(
+            "output",
+            cli.output
+                .as_deref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "-".into()),
+        )
         .print();
     Ok(())
 }
@@ -139,14 +175,21 @@ fn parent_dir(path: &Path) -> PathBuf {
 
 /// `path` as the report links it: relative to the report's directory when below it.
 fn link(report_dir: &Path, path: &Path) -> String {
-    let strip = |p: &Path| p.strip_prefix("./").map(Path::to_path_buf).unwrap_or_else(|_| p.to_path_buf());
+    let strip = |p: &Path| {
+        p.strip_prefix("./")
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|_| p.to_path_buf())
+    };
     let (dir, file) = (strip(report_dir), strip(path));
     if dir == Path::new(".") {
         return file.display().to_string();
     }
     match file.strip_prefix(&dir) {
         Ok(rel) => rel.display().to_string(),
-        Err(_) => std::fs::canonicalize(&file).unwrap_or(file).display().to_string(),
+        Err(_) => std::fs::canonicalize(&file)
+            .unwrap_or(file)
+            .display()
+            .to_string(),
     }
 }
 
@@ -154,10 +197,14 @@ fn link(report_dir: &Path, path: &Path) -> String {
 fn write_atomic(path: &Path, text: &str) -> Result<()> {
     let dir = parent_dir(path);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "report".into());
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "report".into());
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
     std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
 }
 
 fn num(value: Option<f64>, decimals: usize) -> String {
@@ -168,7 +215,9 @@ fn num(value: Option<f64>, decimals: usize) -> String {
 }
 
 fn count(value: Option<impl std::fmt::Display>) -> String {
-    value.map(|v| v.to_string()).unwrap_or_else(|| "–".to_string())
+    value
+        .map(|v| v.to_string())
+        .unwrap_or_else(|| "–".to_string())
 }
 
 fn run_markdown(run: &Run, plots: &[(&str, String)]) -> String {
@@ -176,10 +225,27 @@ fn run_markdown(run: &Run, plots: &[(&str, String)]) -> String {
     let _ = writeln!(md, "# OPTune run `{}`\n", run.name);
     let trained: Vec<&Iteration> = run.trained().collect();
     if trained.is_empty() {
-        let _ = writeln!(md, "No iteration directories (`iter1/`, …) under `{}` yet.\n", run.dir.display());
+        let _ = writeln!(
+            md,
+            "No iteration directories (`iter1/`, …) under `{}` yet.\n",
+            run.dir.display()
+        );
     }
     if !run.settings.is_empty() {
-        let keys = ["PIPELINE", "POLICY", "PROMPTS_FILE", "PROMPTS", "N", "MAX_NEW_TOKENS", "TEMPERATURE", "TOP_P", "RHO", "REF", "SCORE_ARGS", "TRAIN_ARGS"];
+        let keys = [
+            "PIPELINE",
+            "POLICY",
+            "PROMPTS_FILE",
+            "PROMPTS",
+            "N",
+            "MAX_NEW_TOKENS",
+            "TEMPERATURE",
+            "TOP_P",
+            "RHO",
+            "REF",
+            "SCORE_ARGS",
+            "TRAIN_ARGS",
+        ];
         let shown: Vec<String> = keys
             .iter()
             .filter_map(|k| run.settings.get(*k).map(|v| format!("{k}={v}")))
@@ -202,7 +268,10 @@ fn run_markdown(run: &Run, plots: &[(&str, String)]) -> String {
         md,
         "| iteration | prompts regenerated | fresh samples | fresh mean | fresh median | all mean | all median | held-out mean | pairs | mean reward gap | wall s | DPO margin (last step) | DPO accuracy (last step) |"
     );
-    let _ = writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(
+        md,
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
     if let Some(initial) = run.initial_eval() {
         let _ = writeln!(
             md,
@@ -235,7 +304,10 @@ fn run_markdown(run: &Run, plots: &[(&str, String)]) -> String {
     md.push('\n');
     if let (Some(first), Some(last)) = (trained.first(), trained.last()) {
         if first.index != last.index {
-            if let (Some(a), Some(b)) = (first.fresh.as_deref().and_then(mean), last.fresh.as_deref().and_then(mean)) {
+            if let (Some(a), Some(b)) = (
+                first.fresh.as_deref().and_then(mean),
+                last.fresh.as_deref().and_then(mean),
+            ) {
                 let _ = writeln!(
                     md,
                     "Mean reward of the fresh samples: {a:.4} in iteration {} → {b:.4} in iteration {} ({:+.4}).\n",
@@ -248,7 +320,11 @@ fn run_markdown(run: &Run, plots: &[(&str, String)]) -> String {
     }
 
     let _ = writeln!(md, "## Wall time per stage (seconds)\n");
-    let _ = writeln!(md, "| iteration | {} | total | generated tokens | generation tok/s |", STAGES.join(" | "));
+    let _ = writeln!(
+        md,
+        "| iteration | {} | total | generated tokens | generation tok/s |",
+        STAGES.join(" | ")
+    );
     let _ = writeln!(md, "|---:|{}---:|---:|---:|", "---:|".repeat(STAGES.len()));
     let mut totals = vec![0.0; STAGES.len()];
     for it in &trained {
@@ -274,7 +350,12 @@ fn run_markdown(run: &Run, plots: &[(&str, String)]) -> String {
     }
     if trained.len() > 1 {
         let cells: Vec<String> = totals.iter().map(|t| format!("{t:.1}")).collect();
-        let _ = writeln!(md, "| all | {} | {:.1} | | |", cells.join(" | "), totals.iter().sum::<f64>());
+        let _ = writeln!(
+            md,
+            "| all | {} | {:.1} | | |",
+            cells.join(" | "),
+            totals.iter().sum::<f64>()
+        );
     }
     md.push('\n');
 
@@ -290,7 +371,14 @@ fn run_markdown(run: &Run, plots: &[(&str, String)]) -> String {
         let _ = writeln!(md, "| stage | seconds | rows | tokens |");
         let _ = writeln!(md, "|---|---:|---:|---:|");
         for t in &it.timings {
-            let _ = writeln!(md, "| {} | {} | {} | {} |", t.stage, num(t.seconds, 2), count(t.rows), count(t.tokens));
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} |",
+                t.stage,
+                num(t.seconds, 2),
+                count(t.rows),
+                count(t.tokens)
+            );
         }
         if it.timings.is_empty() {
             let _ = writeln!(md, "| (no timings.csv yet) | | | |");
@@ -349,7 +437,10 @@ fn sweep_markdown(runs: &[Run], plot: Option<&str>) -> String {
                 final_fresh: last.and_then(|it| mean(it.fresh.as_deref()?)),
                 final_all: last.and_then(|it| mean(it.all.as_deref()?)),
                 final_eval: last.and_then(|it| mean(it.eval.as_deref()?)),
-                gen_total: trained.iter().filter_map(|it| it.stage_seconds("gen")).sum(),
+                gen_total: trained
+                    .iter()
+                    .filter_map(|it| it.stage_seconds("gen"))
+                    .sum(),
                 total: trained.iter().filter_map(|it| it.total_seconds()).sum(),
                 later_iters: later.len(),
                 later_gen: later.iter().filter_map(|it| it.stage_seconds("gen")).sum(),
@@ -358,7 +449,9 @@ fn sweep_markdown(runs: &[Run], plot: Option<&str>) -> String {
         })
         .collect();
     let per_iter = |total: f64, n: usize| (n > 0).then(|| total / n as f64);
-    let vanilla = rows.iter().find(|r| r.rho.is_some_and(|rho| (rho - 1.0).abs() < 1e-9));
+    let vanilla = rows
+        .iter()
+        .find(|r| r.rho.is_some_and(|rho| (rho - 1.0).abs() < 1e-9));
 
     let mut md = String::new();
     let _ = writeln!(md, "# OPTune ρ sweep\n");
@@ -373,7 +466,10 @@ fn sweep_markdown(runs: &[Run], plot: Option<&str>) -> String {
         md,
         "| ρ | run | iterations | final fresh mean reward | final all mean reward | final held-out mean reward | generation s (all iterations) | total s (all iterations) | generation s per iteration ≥ 2 | s per iteration ≥ 2 | generation speedup (iter ≥ 2) | iteration speedup (iter ≥ 2) | total speedup |"
     );
-    let _ = writeln!(md, "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(
+        md,
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
     for r in &rows {
         let speed = |mine: Option<f64>, theirs: Option<f64>| match (mine, theirs) {
             (Some(m), Some(t)) if m > 0.0 => format!("{:.2}×", t / m),
@@ -394,8 +490,14 @@ fn sweep_markdown(runs: &[Run], plot: Option<&str>) -> String {
             r.total,
             num(gen_iter, 1),
             num(iter, 1),
-            speed(gen_iter, vanilla.and_then(|v| per_iter(v.later_gen, v.later_iters))),
-            speed(iter, vanilla.and_then(|v| per_iter(v.later_total, v.later_iters))),
+            speed(
+                gen_iter,
+                vanilla.and_then(|v| per_iter(v.later_gen, v.later_iters))
+            ),
+            speed(
+                iter,
+                vanilla.and_then(|v| per_iter(v.later_total, v.later_iters))
+            ),
             speed(Some(r.total), vanilla.map(|v| v.total)),
         );
     }

@@ -19,7 +19,8 @@ fn register_font() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         // The bytes are a valid TrueType font shipped by the crate: failing here is a build defect.
-        if plotters::style::register_font(FONT, FontStyle::Normal, dejavu::sans::regular()).is_err() {
+        if plotters::style::register_font(FONT, FontStyle::Normal, dejavu::sans::regular()).is_err()
+        {
             panic!("the embedded DejaVu Sans font did not load");
         }
     });
@@ -82,10 +83,15 @@ fn padded_range(values: impl IntoIterator<Item = f64>) -> (f64, f64) {
     (lo - pad, hi + pad)
 }
 
-type Chart<'a, 'b> = ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+type Chart<'a, 'b> =
+    ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
 
 /// The chart's legend, in a white box.
-fn legend<'a, 'b: 'a>(chart: &mut Chart<'a, 'b>, position: SeriesLabelPosition, size: u32) -> Result<()> {
+fn legend<'a, 'b: 'a>(
+    chart: &mut Chart<'a, 'b>,
+    position: SeriesLabelPosition,
+    size: u32,
+) -> Result<()> {
     chart
         .configure_series_labels()
         .label_font((FONT, size))
@@ -97,7 +103,12 @@ fn legend<'a, 'b: 'a>(chart: &mut Chart<'a, 'b>, position: SeriesLabelPosition, 
 }
 
 /// A labelled line through `points`.
-fn line(chart: &mut Chart<'_, '_>, points: &[(f64, f64)], c: RGBColor, label: String) -> Result<()> {
+fn line(
+    chart: &mut Chart<'_, '_>,
+    points: &[(f64, f64)],
+    c: RGBColor,
+    label: String,
+) -> Result<()> {
     chart
         .draw_series(LineSeries::new(points.to_vec(), c.stroke_width(2)))
         .map_err(err)?
@@ -127,17 +138,26 @@ pub fn reward_means(run: &Run, path: &Path) -> Result<()> {
         }
     }
     series.retain(|(_, points)| !points.is_empty());
-    let xs: Vec<f64> = series.iter().flat_map(|(_, p)| p.iter().map(|q| q.0)).collect();
+    let xs: Vec<f64> = series
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|q| q.0))
+        .collect();
     let (x_lo, x_hi) = (
         xs.iter().copied().fold(f64::INFINITY, f64::min).min(1.0),
-        xs.iter().copied().fold(f64::NEG_INFINITY, f64::max).max(1.0),
+        xs.iter()
+            .copied()
+            .fold(f64::NEG_INFINITY, f64::max)
+            .max(1.0),
     );
     let (y_lo, y_hi) = padded_range(series.iter().flat_map(|(_, p)| p.iter().map(|q| q.1)));
 
     let root = BitMapBackend::new(path, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let mut chart = ChartBuilder::on(&root)
-        .caption(format!("{}: mean reward per iteration", run.name), (FONT, 22))
+        .caption(
+            format!("{}: mean reward per iteration", run.name),
+            (FONT, 22),
+        )
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(65)
@@ -170,20 +190,29 @@ pub fn reward_means(run: &Run, path: &Path) -> Result<()> {
 /// Histograms of the fresh samples' rewards, one panel per iteration, on a common x range.
 pub fn reward_histograms(run: &Run, path: &Path) -> Result<()> {
     register_font();
-    let panels: Vec<&Iteration> = run.trained().filter(|it| it.fresh.as_ref().is_some_and(|f| !f.is_empty())).collect();
+    let panels: Vec<&Iteration> = run
+        .trained()
+        .filter(|it| it.fresh.as_ref().is_some_and(|f| !f.is_empty()))
+        .collect();
     let columns = panels.len().clamp(1, 3);
     let rows = panels.len().div_ceil(columns).max(1);
     let root = BitMapBackend::new(path, (SIZE.0, 60 + 300 * rows as u32)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let (title, body) = root.split_vertically(50);
     title
-        .titled(&format!("{}: reward distribution of the fresh samples", run.name), (FONT, 22))
+        .titled(
+            &format!("{}: reward distribution of the fresh samples", run.name),
+            (FONT, 22),
+        )
         .map_err(err)?;
     if panels.is_empty() {
         root.present().map_err(err)?;
         return Ok(());
     }
-    let all: Vec<f64> = panels.iter().flat_map(|it| it.fresh.iter().flatten().copied()).collect();
+    let all: Vec<f64> = panels
+        .iter()
+        .flat_map(|it| it.fresh.iter().flatten().copied())
+        .collect();
     let (lo, hi) = padded_range(all.iter().copied());
     const BINS: usize = 20;
     let width = (hi - lo) / BINS as f64;
@@ -220,7 +249,12 @@ fn draw_histogram(
     let hi = lo + width * bins.len() as f64;
     let mut chart = ChartBuilder::on(area)
         .caption(
-            format!("iteration {}: n={}, mean {:.3}", it.index, fresh.len(), mean(fresh).unwrap_or(f64::NAN)),
+            format!(
+                "iteration {}: n={}, mean {:.3}",
+                it.index,
+                fresh.len(),
+                mean(fresh).unwrap_or(f64::NAN)
+            ),
             (FONT, 15),
         )
         .margin(8)
@@ -240,10 +274,15 @@ fn draw_histogram(
         .draw()
         .map_err(err)?;
     chart
-        .draw_series(bins.iter().enumerate().filter(|(_, &n)| n > 0).map(|(b, &n)| {
-            let x0 = lo + b as f64 * width;
-            Rectangle::new([(x0, 0.0), (x0 + width, n as f64)], c.mix(0.75).filled())
-        }))
+        .draw_series(
+            bins.iter()
+                .enumerate()
+                .filter(|(_, &n)| n > 0)
+                .map(|(b, &n)| {
+                    let x0 = lo + b as f64 * width;
+                    Rectangle::new([(x0, 0.0), (x0 + width, n as f64)], c.mix(0.75).filled())
+                }),
+        )
         .map_err(err)?;
     if let Some(m) = mean(fresh) {
         chart
@@ -266,7 +305,12 @@ pub fn wall_times(run: &Run, path: &Path) -> Result<()> {
         (Some(a), Some(b)) => (a.index as f64, b.index as f64),
         _ => (1.0, 1.0),
     };
-    let top = iterations.iter().filter_map(|it| it.total_seconds()).fold(0.0, f64::max).max(1.0) * 1.15;
+    let top = iterations
+        .iter()
+        .filter_map(|it| it.total_seconds())
+        .fold(0.0, f64::max)
+        .max(1.0)
+        * 1.15;
     let mut chart = ChartBuilder::on(&root)
         .caption(format!("{}: wall time per stage", run.name), (FONT, 22))
         .margin(15)
@@ -291,10 +335,16 @@ pub fn wall_times(run: &Run, path: &Path) -> Result<()> {
         let bars: Vec<Rectangle<(f64, f64)>> = iterations
             .iter()
             .filter_map(|it| {
-                let below: f64 = STAGES[..s].iter().filter_map(|st| it.stage_seconds(st)).sum();
+                let below: f64 = STAGES[..s]
+                    .iter()
+                    .filter_map(|st| it.stage_seconds(st))
+                    .sum();
                 let height = it.stage_seconds(stage)?;
                 let x = it.index as f64;
-                Some(Rectangle::new([(x - 0.3, below), (x + 0.3, below + height)], c.filled()))
+                Some(Rectangle::new(
+                    [(x - 0.3, below), (x + 0.3, below + height)],
+                    c.filled(),
+                ))
             })
             .collect();
         chart
@@ -314,7 +364,9 @@ pub fn dpo_margins(run: &Run, path: &Path) -> Result<()> {
     let root = BitMapBackend::new(path, (SIZE.0, SIZE.1 + 120)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let (top, bottom) = root.split_vertically(SIZE.1 / 2 + 60);
-    panel(run, &top, "DPO reward margin (rewards/margins)", |p| p.margin)?;
+    panel(run, &top, "DPO reward margin (rewards/margins)", |p| {
+        p.margin
+    })?;
     panel(run, &bottom, "DPO loss", |p| p.loss)?;
     root.present().map_err(err)?;
     Ok(())
@@ -328,10 +380,21 @@ fn panel(
 ) -> Result<()> {
     let lines: Vec<(u32, Vec<(f64, f64)>)> = run
         .trained()
-        .map(|it| (it.index, it.metrics.iter().filter_map(|p| Some((p.step, value(p)?))).collect::<Vec<_>>()))
+        .map(|it| {
+            (
+                it.index,
+                it.metrics
+                    .iter()
+                    .filter_map(|p| Some((p.step, value(p)?)))
+                    .collect::<Vec<_>>(),
+            )
+        })
         .filter(|(_, points)| !points.is_empty())
         .collect();
-    let max_step = lines.iter().flat_map(|(_, p)| p.iter().map(|q| q.0)).fold(1.0, f64::max);
+    let max_step = lines
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|q| q.0))
+        .fold(1.0, f64::max);
     let (lo, hi) = padded_range(lines.iter().flat_map(|(_, p)| p.iter().map(|q| q.1)));
     let mut chart = ChartBuilder::on(area)
         .caption(format!("{}: {title}", run.name), (FONT, 18))
@@ -370,7 +433,10 @@ pub fn sweep(runs: &[crate::data::Run], path: &Path) -> Result<()> {
     let lines: Vec<(String, Vec<(f64, f64)>)> = runs
         .iter()
         .map(|run| {
-            let label = run.rho().map(|r| format!("rho {r}")).unwrap_or_else(|| run.name.clone());
+            let label = run
+                .rho()
+                .map(|r| format!("rho {r}"))
+                .unwrap_or_else(|| run.name.clone());
             let points = run
                 .trained()
                 .filter_map(|it| Some((it.index as f64, mean(it.fresh.as_deref()?)?)))
@@ -378,7 +444,10 @@ pub fn sweep(runs: &[crate::data::Run], path: &Path) -> Result<()> {
             (label, points)
         })
         .collect();
-    let last = lines.iter().flat_map(|(_, p)| p.iter().map(|q| q.0)).fold(1.0, f64::max);
+    let last = lines
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|q| q.0))
+        .fold(1.0, f64::max);
     let (lo, hi) = padded_range(lines.iter().flat_map(|(_, p)| p.iter().map(|q| q.1)));
     let mut chart = ChartBuilder::on(&left)
         .caption("mean reward of the fresh samples", (FONT, 18))
@@ -401,7 +470,9 @@ pub fn sweep(runs: &[crate::data::Run], path: &Path) -> Result<()> {
     for (k, (label, points)) in lines.iter().enumerate() {
         let c = color(k);
         line(&mut chart, points, c, label.clone())?;
-        chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, c.filled()))).map_err(err)?;
+        chart
+            .draw_series(points.iter().map(|&p| Circle::new(p, 4, c.filled())))
+            .map_err(err)?;
     }
     legend(&mut chart, SeriesLabelPosition::LowerRight, 13)?;
 
@@ -409,7 +480,10 @@ pub fn sweep(runs: &[crate::data::Run], path: &Path) -> Result<()> {
     let bars: Vec<(String, f64, f64)> = runs
         .iter()
         .map(|run| {
-            let label = run.rho().map(|r| format!("{r}")).unwrap_or_else(|| run.name.clone());
+            let label = run
+                .rho()
+                .map(|r| format!("{r}"))
+                .unwrap_or_else(|| run.name.clone());
             let gen: f64 = run.trained().filter_map(|it| it.stage_seconds("gen")).sum();
             let total: f64 = run.trained().filter_map(|it| it.total_seconds()).sum();
             (label, gen, total)
@@ -445,20 +519,22 @@ pub fn sweep(runs: &[crate::data::Run], path: &Path) -> Result<()> {
         .map_err(err)?;
     let (gen_color, rest_color) = (color(0), color(4));
     chart
-        .draw_series(
-            bars.iter()
-                .enumerate()
-                .map(|(i, b)| Rectangle::new([(i as f64 - 0.3, 0.0), (i as f64 + 0.3, b.1)], gen_color.filled())),
-        )
+        .draw_series(bars.iter().enumerate().map(|(i, b)| {
+            Rectangle::new(
+                [(i as f64 - 0.3, 0.0), (i as f64 + 0.3, b.1)],
+                gen_color.filled(),
+            )
+        }))
         .map_err(err)?
         .label("generation")
         .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], gen_color.filled()));
     chart
-        .draw_series(
-            bars.iter()
-                .enumerate()
-                .map(|(i, b)| Rectangle::new([(i as f64 - 0.3, b.1), (i as f64 + 0.3, b.2)], rest_color.filled())),
-        )
+        .draw_series(bars.iter().enumerate().map(|(i, b)| {
+            Rectangle::new(
+                [(i as f64 - 0.3, b.1), (i as f64 + 0.3, b.2)],
+                rest_color.filled(),
+            )
+        }))
         .map_err(err)?
         .label("score, select, pairs, train")
         .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], rest_color.filled()));

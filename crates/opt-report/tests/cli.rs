@@ -8,7 +8,10 @@ const REPORT: &str = env!("CARGO_BIN_EXE_opt-report");
 const CAT: &str = env!("CARGO_BIN_EXE_opt-cat");
 
 fn run(bin: &str, args: &[&str]) -> Output {
-    Command::new(bin).args(args).output().expect("the binary runs")
+    Command::new(bin)
+        .args(args)
+        .output()
+        .expect("the binary runs")
 }
 
 fn ok(bin: &str, args: &[&str]) -> String {
@@ -26,7 +29,10 @@ fn parquet(path: &Path, rows: &[String]) {
     fs::create_dir_all(path.parent().unwrap()).unwrap();
     let jsonl = path.with_extension("jsonl");
     fs::write(&jsonl, rows.join("\n") + "\n").unwrap();
-    ok(CAT, &[jsonl.to_str().unwrap(), "-o", path.to_str().unwrap()]);
+    ok(
+        CAT,
+        &[jsonl.to_str().unwrap(), "-o", path.to_str().unwrap()],
+    );
     fs::remove_file(jsonl).unwrap();
 }
 
@@ -55,10 +61,16 @@ fn pair_rows(gaps: &[f64]) -> Vec<String> {
 /// A two-iteration run: iteration 1 on p1-p4, iteration 2 regenerating p1 and p2.
 fn make_run(dir: &Path, rho: &str, gen_seconds: [f64; 2]) {
     let it1 = dir.join("iter1");
-    let all1 = scored_rows(&["p1", "p2", "p3", "p4"], &[0.0, 0.2, -0.4, 0.0, 0.6, 0.8, 0.4, 1.0]);
+    let all1 = scored_rows(
+        &["p1", "p2", "p3", "p4"],
+        &[0.0, 0.2, -0.4, 0.0, 0.6, 0.8, 0.4, 1.0],
+    );
     parquet(&it1.join("new_scored.parquet"), &all1);
     parquet(&it1.join("scored.parquet"), &all1);
-    parquet(&it1.join("pairs.parquet"), &pair_rows(&[0.2, 0.4, 0.2, 0.6]));
+    parquet(
+        &it1.join("pairs.parquet"),
+        &pair_rows(&[0.2, 0.4, 0.2, 0.6]),
+    );
     fs::write(
         it1.join("timings.csv"),
         format!("stage,seconds,rows,tokens\ngen,{},8,32\nscore,1.0,8,\npairs,0.5,4,\ntrain,10.0,4,400\n", gen_seconds[0]),
@@ -73,14 +85,20 @@ fn make_run(dir: &Path, rho: &str, gen_seconds: [f64; 2]) {
     let it2 = dir.join("iter2");
     parquet(
         &it2.join("regen.parquet"),
-        &[r#"{"prompt_id":"p1","prompt":"say something about p1"}"#.to_string(), r#"{"prompt_id":"p2","prompt":"say something about p2"}"#.to_string()],
+        &[
+            r#"{"prompt_id":"p1","prompt":"say something about p1"}"#.to_string(),
+            r#"{"prompt_id":"p2","prompt":"say something about p2"}"#.to_string(),
+        ],
     );
     let new2 = scored_rows(&["p1", "p2"], &[0.5, 0.7, 0.1, 0.3]);
     parquet(&it2.join("new_scored.parquet"), &new2);
     let mut all2 = new2.clone();
     all2.extend(scored_rows(&["p3", "p4"], &[0.6, 0.8, 0.4, 1.0]));
     parquet(&it2.join("scored.parquet"), &all2);
-    parquet(&it2.join("pairs.parquet"), &pair_rows(&[0.2, 0.2, 0.2, 0.6]));
+    parquet(
+        &it2.join("pairs.parquet"),
+        &pair_rows(&[0.2, 0.2, 0.2, 0.6]),
+    );
     fs::write(
         it2.join("timings.csv"),
         format!("stage,seconds,rows,tokens\ngen,{},4,16\nscore,1.0,4,\nselect,0.5,2,\npairs,0.5,4,\ntrain,10.0,4,400\n", gen_seconds[1]),
@@ -91,11 +109,17 @@ fn make_run(dir: &Path, rho: &str, gen_seconds: [f64; 2]) {
         "step,epoch,loss,rewards/chosen,rewards/rejected,rewards/margins,rewards/accuracies\n1,0,0.65,0,0,0.1,0.5\n2,0,0.55,0.2,-0.2,0.4,1.0\n",
     )
     .unwrap();
-    fs::write(dir.join("run.env"), format!("PIPELINE=pipelines/test.mk\nRHO={rho}\nN=2\n")).unwrap();
+    fs::write(
+        dir.join("run.env"),
+        format!("PIPELINE=pipelines/test.mk\nRHO={rho}\nN=2\n"),
+    )
+    .unwrap();
 }
 
 fn is_png(path: &Path) -> bool {
-    fs::read(path).map(|b| b.starts_with(b"\x89PNG\r\n\x1a\n")).unwrap_or(false)
+    fs::read(path)
+        .map(|b| b.starts_with(b"\x89PNG\r\n\x1a\n"))
+        .unwrap_or(false)
 }
 
 #[test]
@@ -114,10 +138,21 @@ fn report_tabulates_each_iteration_and_draws_four_plots() {
         "{md}"
     );
     // Iteration 2: 2 regenerated, fresh mean 0.4, all mean 0.55.
-    assert!(md.contains("| 2 | 2 | 4 | 0.4000 | 0.4000 | 0.5500 |"), "{md}");
-    assert!(md.contains("| 2 | 10.0 | 1.0 | 0.5 | 0.5 | 10.0 | 22.0 | 16 | 1.6 |"), "{md}");
+    assert!(
+        md.contains("| 2 | 2 | 4 | 0.4000 | 0.4000 | 0.5500 |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| 2 | 10.0 | 1.0 | 0.5 | 0.5 | 10.0 | 22.0 | 16 | 1.6 |"),
+        "{md}"
+    );
     assert!(md.contains("`RHO=0.5`"), "{md}");
-    for png in ["reward_mean.png", "reward_hist.png", "wall_time.png", "dpo_margins.png"] {
+    for png in [
+        "reward_mean.png",
+        "reward_hist.png",
+        "wall_time.png",
+        "dpo_margins.png",
+    ] {
         assert!(is_png(&dir.join("plots").join(png)), "{png}");
         assert!(md.contains(&format!("(plots/{png})")), "{md}");
     }
@@ -131,7 +166,15 @@ fn report_on_a_run_still_in_its_first_stages() {
     fs::create_dir_all(&it1).unwrap();
     fs::write(it1.join("timings.csv"), "stage,seconds,rows,tokens\n").unwrap();
     let out = tmp.path().join("out").join("r.md");
-    ok(REPORT, &[dir.to_str().unwrap(), "-o", out.to_str().unwrap(), "--no-plots"]);
+    ok(
+        REPORT,
+        &[
+            dir.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--no-plots",
+        ],
+    );
     let md = fs::read_to_string(out).unwrap();
     assert!(md.contains("| 1 | – | – | – |"), "{md}");
 }
@@ -144,7 +187,16 @@ fn sweep_gives_speedups_against_rho_one() {
     make_run(&half, "0.5", [20.0, 10.0]);
     make_run(&one, "1.0", [20.0, 20.0]);
     let out = tmp.path().join("x-sweep.md");
-    ok(REPORT, &["--sweep", half.to_str().unwrap(), one.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    ok(
+        REPORT,
+        &[
+            "--sweep",
+            half.to_str().unwrap(),
+            one.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ],
+    );
     let md = fs::read_to_string(&out).unwrap();
     // ρ = 0.5: iteration 2 takes 22 s against 32 s, generation 10 s against 20 s.
     assert!(md.contains("| 0.5 | `x-rho0.5` | 2 | 0.4000 | 0.5500 | – | 30.0 | 53.5 | 10.0 | 22.0 | 2.00× | 1.45× | 1.19× |"), "{md}");
@@ -156,7 +208,10 @@ fn sweep_gives_speedups_against_rho_one() {
 #[test]
 fn report_refuses_several_runs_without_sweep() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = run(REPORT, &[tmp.path().to_str().unwrap(), tmp.path().to_str().unwrap()]);
+    let out = run(
+        REPORT,
+        &[tmp.path().to_str().unwrap(), tmp.path().to_str().unwrap()],
+    );
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--sweep"));
 }
@@ -169,17 +224,35 @@ fn cat_slices_and_stacks_shards() {
     fs::write(&a, "{\"prompt_id\":\"p1\",\"n\":1}\n{\"prompt_id\":\"p2\",\"n\":2}\n{\"prompt_id\":\"p3\",\"n\":3}\n").unwrap();
     fs::write(&b, "{\"prompt_id\":\"p4\",\"extra\":\"x\"}\n").unwrap();
     let out = tmp.path().join("out.jsonl");
-    let (a, b, o) = (a.to_str().unwrap(), b.to_str().unwrap(), out.to_str().unwrap());
+    let (a, b, o) = (
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
 
     let stderr = ok(CAT, &[a, b, "-o", o]);
-    assert!(stderr.contains("opt-cat: inputs=2 rows_in=4 rows=4"), "{stderr}");
+    assert!(
+        stderr.contains("opt-cat: inputs=2 rows_in=4 rows=4"),
+        "{stderr}"
+    );
     let text = fs::read_to_string(&out).unwrap();
     assert_eq!(text.lines().count(), 4);
-    assert!(text.lines().last().unwrap().contains("\"extra\":\"x\""), "{text}");
-    assert!(text.lines().next().unwrap().contains("\"extra\":null") || !text.lines().next().unwrap().contains("extra"), "{text}");
+    assert!(
+        text.lines().last().unwrap().contains("\"extra\":\"x\""),
+        "{text}"
+    );
+    assert!(
+        text.lines().next().unwrap().contains("\"extra\":null")
+            || !text.lines().next().unwrap().contains("extra"),
+        "{text}"
+    );
 
     ok(CAT, &["--skip", "1", "--head", "2", a, "-o", o]);
-    let ids: Vec<String> = fs::read_to_string(&out).unwrap().lines().map(|l| l[14..16].to_string()).collect();
+    let ids: Vec<String> = fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| l[14..16].to_string())
+        .collect();
     assert_eq!(ids, ["p2", "p3"]);
 
     ok(CAT, &["--head", "10", a, "-o", o]);

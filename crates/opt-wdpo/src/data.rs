@@ -20,9 +20,11 @@ pub struct TrainPair {
 pub fn to_model_prompt(text: &PromptText) -> Prompt {
     match text {
         PromptText::Text(t) => Prompt::Text(t.clone()),
-        PromptText::Messages(ms) => {
-            Prompt::Messages(ms.iter().map(|m| ChatMessage::new(m.role.clone(), m.content.clone())).collect())
-        }
+        PromptText::Messages(ms) => Prompt::Messages(
+            ms.iter()
+                .map(|m| ChatMessage::new(m.role.clone(), m.content.clone()))
+                .collect(),
+        ),
     }
 }
 
@@ -37,15 +39,27 @@ fn truncate(pair: &mut TokenizedPair, max_length: usize) {
     if pair.prompt.len() > prompt_budget {
         pair.prompt.drain(..pair.prompt.len() - prompt_budget);
     }
-    pair.response.truncate(max_length.saturating_sub(pair.prompt.len()).max(1));
+    pair.response
+        .truncate(max_length.saturating_sub(pair.prompt.len()).max(1));
 }
 
 /// Reads and tokenises the pairs of `shard`.
-pub fn read_pairs(shard: &Shard, tokenizer: &ChatTokenizer, max_length: usize) -> Result<Vec<TrainPair>> {
+pub fn read_pairs(
+    shard: &Shard,
+    tokenizer: &ChatTokenizer,
+    max_length: usize,
+) -> Result<Vec<TrainPair>> {
     let pairs = shard.preference_pairs()?;
-    let gaps = if shard.has_column("reward_gap") { Some(shard.finite_floats("reward_gap")?) } else { None };
+    let gaps = if shard.has_column("reward_gap") {
+        Some(shard.finite_floats("reward_gap")?)
+    } else {
+        None
+    };
     let refs = if shard.has_column("ref_chosen_logp") && shard.has_column("ref_rejected_logp") {
-        Some((shard.finite_floats("ref_chosen_logp")?, shard.finite_floats("ref_rejected_logp")?))
+        Some((
+            shard.finite_floats("ref_chosen_logp")?,
+            shard.finite_floats("ref_rejected_logp")?,
+        ))
     } else {
         None
     };
@@ -56,7 +70,10 @@ pub fn read_pairs(shard: &Shard, tokenizer: &ChatTokenizer, max_length: usize) -
             let prompt = to_model_prompt(&pair.prompt);
             let encode = |response: &str| -> Result<TokenizedPair> {
                 let (prompt_ids, response_ids) = tokenizer.encode_pair(&prompt, response)?;
-                let mut tokenized = TokenizedPair { prompt: prompt_ids, response: response_ids };
+                let mut tokenized = TokenizedPair {
+                    prompt: prompt_ids,
+                    response: response_ids,
+                };
                 truncate(&mut tokenized, max_length);
                 Ok(tokenized)
             };
@@ -73,13 +90,19 @@ pub fn read_pairs(shard: &Shard, tokenizer: &ChatTokenizer, max_length: usize) -
 
 /// The order of one epoch: shuffled by `seed + epoch`, then sorted by length within windows of
 /// 8 batches so each batch holds similar lengths (less padding) while batches stay mixed.
-pub fn epoch_batches(pairs: &[TrainPair], batch_size: usize, seed: u64, epoch: usize) -> Vec<Vec<usize>> {
+pub fn epoch_batches(
+    pairs: &[TrainPair],
+    batch_size: usize,
+    seed: u64,
+    epoch: usize,
+) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..pairs.len()).collect();
     let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(epoch as u64));
     order.shuffle(&mut rng);
     let length = |i: usize| {
         let p = &pairs[i];
-        (p.chosen.prompt.len() + p.chosen.response.len()).max(p.rejected.prompt.len() + p.rejected.response.len())
+        (p.chosen.prompt.len() + p.chosen.response.len())
+            .max(p.rejected.prompt.len() + p.rejected.response.len())
     };
     for window in order.chunks_mut(batch_size * 8) {
         window.sort_by_key(|&i| (length(i), i));
@@ -95,11 +118,17 @@ mod tests {
 
     #[test]
     fn truncation_keeps_the_prompt_end_and_the_response_start() {
-        let mut pair = TokenizedPair { prompt: (0..10).collect(), response: (100..110).collect() };
+        let mut pair = TokenizedPair {
+            prompt: (0..10).collect(),
+            response: (100..110).collect(),
+        };
         truncate(&mut pair, 12);
         assert_eq!(pair.prompt, (4..10).collect::<Vec<u32>>());
         assert_eq!(pair.response, (100..106).collect::<Vec<u32>>());
-        let mut short = TokenizedPair { prompt: vec![1, 2], response: vec![3] };
+        let mut short = TokenizedPair {
+            prompt: vec![1, 2],
+            response: vec![3],
+        };
         truncate(&mut short, 12);
         assert_eq!(short.prompt, vec![1, 2]);
     }

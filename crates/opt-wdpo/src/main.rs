@@ -12,12 +12,19 @@ use metrics::{MetricsLog, StepMetrics};
 use optune_model::cli::RuntimeArgs;
 use optune_model::generate::{generate, stream_seed, GenerationRequest, SamplingParams};
 use optune_model::lora::{attach_lora, LoraAdapters, LoraConfig};
-use optune_model::{sequence_logprobs, Checkpoint, CheckpointMeta, ChatTokenizer, TokenizedPair, Transformer};
+use optune_model::{
+    sequence_logprobs, ChatTokenizer, Checkpoint, CheckpointMeta, TokenizedPair, Transformer,
+};
 use optune_shard::arrow::array::Float32Array;
 use optune_shard::cli::{run_tool, Summary};
 use optune_shard::{Destination, Shard};
-use optune_train::loss::{dpo_losses, loo_reinforce_kl, pair_weights, weighted_mean, DpoLoss, WeightForm, WeightNorm};
-use optune_train::optim::{clip_grad_norm, decay_groups, missing_grads, AdamW, Algorithm, Decay, Optimizer, RmsProp, Schedule};
+use optune_train::loss::{
+    dpo_losses, loo_reinforce_kl, pair_weights, weighted_mean, DpoLoss, WeightForm, WeightNorm,
+};
+use optune_train::optim::{
+    clip_grad_norm, decay_groups, missing_grads, AdamW, Algorithm, Decay, Optimizer, RmsProp,
+    Schedule,
+};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -113,7 +120,11 @@ struct Args {
     lora_dropout: f32,
 
     /// Projections that get adapters (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)
-    #[arg(long, value_delimiter = ',', default_value = "q_proj,k_proj,v_proj,o_proj")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "q_proj,k_proj,v_proj,o_proj"
+    )]
     lora_targets: Vec<String>,
 
     /// With LoRA: also write a PEFT adapter (adapter_config.json + adapter_model.safetensors)
@@ -246,7 +257,8 @@ fn load_policy(args: &Args, device: &Device) -> Result<Policy> {
         })
         .collect::<Result<_>>()?;
     trainable.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut model = Transformer::from_weights(&checkpoint.meta.config, tensors, DType::F32, device)?;
+    let mut model =
+        Transformer::from_weights(&checkpoint.meta.config, tensors, DType::F32, device)?;
     let lora = match args.lora_rank {
         Some(rank) => {
             let config = LoraConfig {
@@ -263,7 +275,14 @@ fn load_policy(args: &Args, device: &Device) -> Result<Policy> {
     };
     // A tied embedding is one variable; don't hand it to the optimiser twice.
     let pad_id = pad_id(&checkpoint.tokenizer, &checkpoint.meta);
-    Ok(Policy { model, tokenizer: checkpoint.tokenizer, meta: checkpoint.meta, trainable, lora, pad_id })
+    Ok(Policy {
+        model,
+        tokenizer: checkpoint.tokenizer,
+        meta: checkpoint.meta,
+        trainable,
+        lora,
+        pad_id,
+    })
 }
 
 /// Summed (and mean) log-probs of the chosen and rejected sides of `pairs`, in one forward pass.
@@ -276,9 +295,15 @@ struct SideLogps {
 }
 
 fn side_logps(model: &Transformer, pairs: &[&TrainPair], pad_id: u32) -> Result<SideLogps> {
-    let sequences: Vec<TokenizedPair> =
-        pairs.iter().map(|p| p.chosen.clone()).chain(pairs.iter().map(|p| p.rejected.clone())).collect();
-    let tokens = sequences.iter().map(|s| s.prompt.len() + s.response.len()).sum();
+    let sequences: Vec<TokenizedPair> = pairs
+        .iter()
+        .map(|p| p.chosen.clone())
+        .chain(pairs.iter().map(|p| p.rejected.clone()))
+        .collect();
+    let tokens = sequences
+        .iter()
+        .map(|s| s.prompt.len() + s.response.len())
+        .sum();
     let logps = sequence_logprobs(model, &sequences, pad_id)?;
     let means = logps.means()?;
     let n = pairs.len();
@@ -292,14 +317,28 @@ fn side_logps(model: &Transformer, pairs: &[&TrainPair], pad_id: u32) -> Result<
 }
 
 /// Fills every pair's reference log-probs (summed, or per-token means for IPO) with `model`.
-fn compute_reference(model: &Transformer, pairs: &mut [TrainPair], pad_id: u32, use_means: bool, batch: usize) -> Result<()> {
-    let progress = indicatif::ProgressBar::new(pairs.len() as u64)
-        .with_style(indicatif::ProgressStyle::with_template("opt-wdpo reference {bar:30} {pos}/{len} pairs").expect("valid"));
-    let todo: Vec<usize> = (0..pairs.len()).filter(|&i| pairs[i].ref_logps.is_none()).collect();
+fn compute_reference(
+    model: &Transformer,
+    pairs: &mut [TrainPair],
+    pad_id: u32,
+    use_means: bool,
+    batch: usize,
+) -> Result<()> {
+    let progress = indicatif::ProgressBar::new(pairs.len() as u64).with_style(
+        indicatif::ProgressStyle::with_template("opt-wdpo reference {bar:30} {pos}/{len} pairs")
+            .expect("valid"),
+    );
+    let todo: Vec<usize> = (0..pairs.len())
+        .filter(|&i| pairs[i].ref_logps.is_none())
+        .collect();
     for chunk in todo.chunks(batch.max(1)) {
         let batch_pairs: Vec<&TrainPair> = chunk.iter().map(|&i| &pairs[i]).collect();
         let logps = side_logps(model, &batch_pairs, pad_id)?;
-        let (c, r) = if use_means { (logps.chosen_mean, logps.rejected_mean) } else { (logps.chosen, logps.rejected) };
+        let (c, r) = if use_means {
+            (logps.chosen_mean, logps.rejected_mean)
+        } else {
+            (logps.chosen, logps.rejected)
+        };
         let (c, r): (Vec<f32>, Vec<f32>) = (c.to_vec1()?, r.to_vec1()?);
         for (k, &i) in chunk.iter().enumerate() {
             pairs[i].ref_logps = Some((c[k], r[k]));
@@ -340,22 +379,40 @@ fn run(args: Args) -> Result<()> {
             Some(dir) => {
                 let (model, _, meta) = optune_model::load_model(dir, DType::F32, &device)?;
                 if meta.config.vocab_size != policy.meta.config.vocab_size {
-                    bail!("--ref {}: vocab_size {} differs from the policy's {}", dir.display(), meta.config.vocab_size, policy.meta.config.vocab_size);
+                    bail!(
+                        "--ref {}: vocab_size {} differs from the policy's {}",
+                        dir.display(),
+                        meta.config.vocab_size,
+                        policy.meta.config.vocab_size
+                    );
                 }
-                compute_reference(&model, &mut pairs, policy.pad_id, use_means, args.batch_size)?;
+                compute_reference(
+                    &model,
+                    &mut pairs,
+                    policy.pad_id,
+                    use_means,
+                    args.batch_size,
+                )?;
                 reference_model = Some(model);
             }
             None => {
                 if let Some(lora) = &policy.lora {
                     lora.set_enabled(false);
                 }
-                compute_reference(&policy.model, &mut pairs, policy.pad_id, use_means, args.batch_size)?;
+                compute_reference(
+                    &policy.model,
+                    &mut pairs,
+                    policy.pad_id,
+                    use_means,
+                    args.batch_size,
+                )?;
                 if let Some(lora) = &policy.lora {
                     lora.set_enabled(true);
                 }
                 // HyPO with full fine-tuning needs the initial weights at train time: keep a copy.
                 if args.loss == LossArg::Hypo && policy.lora.is_none() {
-                    let (model, _, _) = optune_model::load_model(&args.policy, DType::F32, &device)?;
+                    let (model, _, _) =
+                        optune_model::load_model(&args.policy, DType::F32, &device)?;
                     reference_model = Some(model);
                 }
             }
@@ -385,7 +442,10 @@ fn run(args: Args) -> Result<()> {
         WeightNormArg::Batch => WeightNorm::Batch,
         WeightNormArg::None => WeightNorm::None,
     };
-    let steps_per_epoch = pairs.len().div_ceil(args.batch_size).div_ceil(args.grad_accum);
+    let steps_per_epoch = pairs
+        .len()
+        .div_ceil(args.batch_size)
+        .div_ceil(args.grad_accum);
     let total_steps = (steps_per_epoch * args.epochs) as u64;
     let schedule = Schedule {
         peak_lr: args.lr,
@@ -402,13 +462,20 @@ fn run(args: Args) -> Result<()> {
         OptimizerArg::Rmsprop => Algorithm::RmsProp(RmsProp::default()),
     };
     let trainable = dedup_vars(&policy.trainable);
-    let mut optimizer = Optimizer::new(decay_groups(trainable.clone(), args.weight_decay), algorithm, schedule.lr_at(0))?;
+    let mut optimizer = Optimizer::new(
+        decay_groups(trainable.clone(), args.weight_decay),
+        algorithm,
+        schedule.lr_at(0),
+    )?;
     if let Some(lora) = &policy.lora {
         lora.set_training(true);
     }
     let mut log = MetricsLog::new(args.metrics.as_deref())?;
     let progress = indicatif::ProgressBar::new(total_steps).with_style(
-        indicatif::ProgressStyle::with_template("opt-wdpo {bar:30} {pos}/{len} steps  {msg}  eta {eta}").expect("valid"),
+        indicatif::ProgressStyle::with_template(
+            "opt-wdpo {bar:30} {pos}/{len} steps  {msg}  eta {eta}",
+        )
+        .expect("valid"),
     );
     let train_started = Instant::now();
     let mut step_metrics = StepMetrics::default();
@@ -422,18 +489,43 @@ fn run(args: Args) -> Result<()> {
         for (b, batch) in batches.iter().enumerate() {
             let batch_pairs: Vec<&TrainPair> = batch.iter().map(|&i| &pairs[i]).collect();
             let logps = side_logps(&policy.model, &batch_pairs, policy.pad_id)?;
-            let (pc, pr) = if use_means { (&logps.chosen_mean, &logps.rejected_mean) } else { (&logps.chosen, &logps.rejected) };
-            let ref_c: Vec<f32> = batch_pairs.iter().map(|p| p.ref_logps.expect("computed above").0).collect();
-            let ref_r: Vec<f32> = batch_pairs.iter().map(|p| p.ref_logps.expect("computed above").1).collect();
+            let (pc, pr) = if use_means {
+                (&logps.chosen_mean, &logps.rejected_mean)
+            } else {
+                (&logps.chosen, &logps.rejected)
+            };
+            let ref_c: Vec<f32> = batch_pairs
+                .iter()
+                .map(|p| p.ref_logps.expect("computed above").0)
+                .collect();
+            let ref_r: Vec<f32> = batch_pairs
+                .iter()
+                .map(|p| p.ref_logps.expect("computed above").1)
+                .collect();
             let ref_c = Tensor::new(ref_c.as_slice(), &device)?;
             let ref_r = Tensor::new(ref_r.as_slice(), &device)?;
-            let losses = dpo_losses(loss_kind, args.beta, args.label_smoothing, pc, pr, &ref_c, &ref_r)?;
+            let losses = dpo_losses(
+                loss_kind,
+                args.beta,
+                args.label_smoothing,
+                pc,
+                pr,
+                &ref_c,
+                &ref_r,
+            )?;
             let gaps: Vec<f32> = batch_pairs.iter().map(|p| p.reward_gap).collect();
             let weights = pair_weights(weight_form, args.beta2, &gaps, weight_norm)?;
             let mut loss = weighted_mean(&losses.losses, &weights)?;
             let mut kl = None;
             if args.loss == LossArg::Hypo {
-                let (surrogate, estimate) = hypo_kl_term(&args, &policy, reference_model.as_ref(), &batch_pairs, epoch, b)?;
+                let (surrogate, estimate) = hypo_kl_term(
+                    &args,
+                    &policy,
+                    reference_model.as_ref(),
+                    &batch_pairs,
+                    epoch,
+                    b,
+                )?;
                 loss = (loss + (surrogate * args.kl_coef)?)?;
                 kl = Some(estimate);
             }
@@ -447,22 +539,45 @@ fn run(args: Args) -> Result<()> {
                 None => grads,
                 Some(mut acc) => {
                     for (_, var) in &trainable {
-                        let sum = (acc.get(var.as_tensor()).expect("checked") + grads.get(var.as_tensor()).expect("checked"))?;
+                        let sum = (acc.get(var.as_tensor()).expect("checked")
+                            + grads.get(var.as_tensor()).expect("checked"))?;
                         acc.insert(var.as_tensor(), sum);
                     }
                     acc
                 }
             });
-            step_metrics.add_batch(&losses, pc, pr, &weights, loss.to_scalar::<f32>()? * args.grad_accum as f32, kl, logps.tokens)?;
+            step_metrics.add_batch(
+                &losses,
+                pc,
+                pr,
+                &weights,
+                loss.to_scalar::<f32>()? * args.grad_accum as f32,
+                kl,
+                logps.tokens,
+            )?;
             total_tokens += logps.tokens;
             micro += 1;
             if micro.is_multiple_of(args.grad_accum) || b == last_batch {
                 let mut grads = accumulated.take().expect("a micro-batch ran");
-                let grad_norm = clip_grad_norm(&mut grads, trainable.iter().map(|(_, v)| v), if args.max_grad_norm > 0.0 { args.max_grad_norm } else { f64::INFINITY })?;
+                let grad_norm = clip_grad_norm(
+                    &mut grads,
+                    trainable.iter().map(|(_, v)| v),
+                    if args.max_grad_norm > 0.0 {
+                        args.max_grad_norm
+                    } else {
+                        f64::INFINITY
+                    },
+                )?;
                 let lr = schedule.lr_at(optimizer.step_count());
                 optimizer.set_lr(lr);
                 optimizer.step(&grads)?;
-                let row = step_metrics.finish(optimizer.step_count(), epoch, grad_norm, lr, step_started.elapsed().as_secs_f64());
+                let row = step_metrics.finish(
+                    optimizer.step_count(),
+                    epoch,
+                    grad_norm,
+                    lr,
+                    step_started.elapsed().as_secs_f64(),
+                );
                 progress.set_message(format!("loss {:.4} margin {:.3}", row.loss, row.margin));
                 log.push(row)?;
                 progress.inc(1);
@@ -495,21 +610,31 @@ fn run(args: Args) -> Result<()> {
         .field("steps", optimizer.step_count())
         .field("tokens", total_tokens)
         .field("train_s", format!("{train_secs:.2}"))
-        .field("s_per_step", format!("{:.3}", train_secs / optimizer.step_count().max(1) as f64));
+        .field(
+            "s_per_step",
+            format!("{:.3}", train_secs / optimizer.step_count().max(1) as f64),
+        );
     if let Some(last) = last {
-        summary = summary.field("final_loss", format!("{:.4}", last.loss)).field("final_margin", format!("{:.4}", last.margin));
+        summary = summary
+            .field("final_loss", format!("{:.4}", last.loss))
+            .field("final_margin", format!("{:.4}", last.margin));
     }
     if let Some(mb) = optune_model::runtime::peak_rss_mb() {
         summary = summary.field("peak_rss_mb", format!("{mb:.0}"));
     }
-    summary.field("total_s", format!("{:.2}", started.elapsed().as_secs_f64())).print();
+    summary
+        .field("total_s", format!("{:.2}", started.elapsed().as_secs_f64()))
+        .print();
     Ok(())
 }
 
 /// Each variable once (a tied embedding appears under one name only, but be safe).
 fn dedup_vars(vars: &[(String, Var)]) -> Vec<(String, Var)> {
     let mut seen = std::collections::HashSet::new();
-    vars.iter().filter(|(_, v)| seen.insert(v.as_tensor().id())).cloned().collect()
+    vars.iter()
+        .filter(|(_, v)| seen.insert(v.as_tensor().id()))
+        .cloned()
+        .collect()
 }
 
 /// HyPO's KL term on fresh samples: k responses per prompt of the batch from the current policy,
@@ -527,24 +652,47 @@ fn hypo_kl_term(
     for (i, pair) in batch.iter().enumerate() {
         for s in 0..k {
             let key = format!("hypo/{epoch}/{step}/{i}");
-            requests.push(GenerationRequest { prompt_ids: pair.chosen.prompt.clone(), seed: stream_seed(args.seed, &key, s as u32) });
+            requests.push(GenerationRequest {
+                prompt_ids: pair.chosen.prompt.clone(),
+                seed: stream_seed(args.seed, &key, s as u32),
+            });
         }
     }
-    let params = SamplingParams { temperature: 1.0, top_p: 1.0, top_k: None, max_new_tokens: args.kl_max_new_tokens };
+    let params = SamplingParams {
+        temperature: 1.0,
+        top_p: 1.0,
+        top_k: None,
+        max_new_tokens: args.kl_max_new_tokens,
+    };
     if let Some(lora) = &policy.lora {
         lora.set_training(false);
     }
-    let samples = generate(&policy.model, &requests, &params, &policy.meta.eos_token_ids, args.batch_size * k, |_| {})?;
+    let samples = generate(
+        &policy.model,
+        &requests,
+        &params,
+        &policy.meta.eos_token_ids,
+        args.batch_size * k,
+        |_| {},
+    )?;
     let sequences: Vec<TokenizedPair> = requests
         .iter()
         .zip(&samples)
-        .map(|(r, g)| TokenizedPair { prompt: r.prompt_ids.clone(), response: g.tokens.clone() })
+        .map(|(r, g)| TokenizedPair {
+            prompt: r.prompt_ids.clone(),
+            response: g.tokens.clone(),
+        })
         .collect();
     let reference_logps: Vec<f32> = match (reference, &policy.lora) {
-        (Some(model), _) => sequence_logprobs(model, &sequences, policy.pad_id)?.sums.to_vec1()?,
+        (Some(model), _) => sequence_logprobs(model, &sequences, policy.pad_id)?
+            .sums
+            .to_vec1()?,
         (None, Some(lora)) => {
             lora.set_enabled(false);
-            let logps = sequence_logprobs(&policy.model, &sequences, policy.pad_id)?.sums.detach().to_vec1()?;
+            let logps = sequence_logprobs(&policy.model, &sequences, policy.pad_id)?
+                .sums
+                .detach()
+                .to_vec1()?;
             lora.set_enabled(true);
             logps
         }
@@ -562,13 +710,20 @@ fn write_reference_columns(args: &Args, shard: &Shard, pairs: &[TrainPair]) -> R
     let Some(path) = args.input.as_ref().filter(|p| p.as_os_str() != "-") else {
         bail!("--precompute-ref needs the pairs as a file, not stdin");
     };
-    let chosen: Vec<f32> = pairs.iter().map(|p| p.ref_logps.expect("computed").0).collect();
-    let rejected: Vec<f32> = pairs.iter().map(|p| p.ref_logps.expect("computed").1).collect();
+    let chosen: Vec<f32> = pairs
+        .iter()
+        .map(|p| p.ref_logps.expect("computed").0)
+        .collect();
+    let rejected: Vec<f32> = pairs
+        .iter()
+        .map(|p| p.ref_logps.expect("computed").1)
+        .collect();
     let updated = shard
         .clone()
         .with_column("ref_chosen_logp", Arc::new(Float32Array::from(chosen)))?
         .with_column("ref_rejected_logp", Arc::new(Float32Array::from(rejected)))?;
     let destination = Destination::from_arg(Some(path));
     let format = optune_shard::OutputFormat::resolve(None, &destination)?;
-    optune_shard::write_shard(&updated, &destination, format).with_context(|| format!("writing {}", path.display()))
+    optune_shard::write_shard(&updated, &destination, format)
+        .with_context(|| format!("writing {}", path.display()))
 }

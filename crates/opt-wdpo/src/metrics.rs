@@ -6,7 +6,8 @@ use optune_train::loss::PairLosses;
 use std::io::Write;
 use std::path::Path;
 
-const HEADER: &str = "step,epoch,loss,rewards/chosen,rewards/rejected,rewards/margins,rewards/accuracies,\
+const HEADER: &str =
+    "step,epoch,loss,rewards/chosen,rewards/rejected,rewards/margins,rewards/accuracies,\
 logps/chosen,logps/rejected,weight/mean,kl,grad_norm,lr,tokens_per_s,seconds";
 
 #[derive(Clone, Debug)]
@@ -33,8 +34,20 @@ impl MetricsRow {
         let kl = self.kl.map(|k| format!("{k:.6}")).unwrap_or_default();
         format!(
             "{},{},{:.6},{:.6},{:.6},{:.6},{:.4},{:.4},{:.4},{:.4},{kl},{:.6},{:e},{:.1},{:.3}",
-            self.step, self.epoch, self.loss, self.chosen_reward, self.rejected_reward, self.margin, self.accuracy,
-            self.chosen_logp, self.rejected_logp, self.weight_mean, self.grad_norm, self.lr, self.tokens_per_s, self.seconds
+            self.step,
+            self.epoch,
+            self.loss,
+            self.chosen_reward,
+            self.rejected_reward,
+            self.margin,
+            self.accuracy,
+            self.chosen_logp,
+            self.rejected_logp,
+            self.weight_mean,
+            self.grad_norm,
+            self.lr,
+            self.tokens_per_s,
+            self.seconds
         )
     }
 }
@@ -80,7 +93,10 @@ impl StepMetrics {
         self.rejected_reward += rejected.iter().map(|&x| x as f64).sum::<f64>();
         self.correct += chosen.iter().zip(&rejected).filter(|(c, r)| c > r).count();
         self.chosen_logp += values(chosen_logps)?.iter().map(|&x| x as f64).sum::<f64>();
-        self.rejected_logp += values(rejected_logps)?.iter().map(|&x| x as f64).sum::<f64>();
+        self.rejected_logp += values(rejected_logps)?
+            .iter()
+            .map(|&x| x as f64)
+            .sum::<f64>();
         self.weight += weights.iter().map(|&w| w as f64).sum::<f64>();
         if let Some(kl) = kl {
             self.kl = Some(self.kl.unwrap_or(0.0) + kl as f64);
@@ -89,7 +105,14 @@ impl StepMetrics {
         Ok(())
     }
 
-    pub fn finish(&self, step: u64, epoch: usize, grad_norm: f32, lr: f64, seconds: f64) -> MetricsRow {
+    pub fn finish(
+        &self,
+        step: u64,
+        epoch: usize,
+        grad_norm: f32,
+        lr: f64,
+        seconds: f64,
+    ) -> MetricsRow {
         let n = self.pairs.max(1) as f64;
         let chosen_reward = self.chosen_reward / n;
         let rejected_reward = self.rejected_reward / n;
@@ -123,13 +146,17 @@ impl MetricsLog {
     pub fn new(path: Option<&Path>) -> Result<Self> {
         let live = match path {
             Some(p) => {
-                let mut f = std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?;
+                let mut f = std::fs::File::create(p)
+                    .with_context(|| format!("creating {}", p.display()))?;
                 writeln!(f, "{HEADER}")?;
                 Some(f)
             }
             None => None,
         };
-        Ok(Self { rows: Vec::new(), live })
+        Ok(Self {
+            rows: Vec::new(),
+            live,
+        })
     }
 
     pub fn push(&mut self, row: MetricsRow) -> Result<()> {

@@ -13,8 +13,16 @@ fn model(name: &str) -> PathBuf {
 
 /// Eight pairs: the chosen replies are cheerful, the rejected ones gloomy.
 fn write_pairs(path: &Path) {
-    let prompts = ["Tell me about your day.", "How was the film?", "Describe the sea.", "What do you think of rain?",
-                   "Review this cafe.", "How is the weather?", "Describe your trip.", "What about the concert?"];
+    let prompts = [
+        "Tell me about your day.",
+        "How was the film?",
+        "Describe the sea.",
+        "What do you think of rain?",
+        "Review this cafe.",
+        "How is the weather?",
+        "Describe your trip.",
+        "What about the concert?",
+    ];
     let mut text = String::new();
     for (i, p) in prompts.iter().enumerate() {
         let row = serde_json::json!({
@@ -31,25 +39,49 @@ fn write_pairs(path: &Path) {
 }
 
 fn wdpo(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_opt-wdpo")).args(args).args(["--threads", "2"]).output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).to_string())
+    let out = Command::new(env!("CARGO_BIN_EXE_opt-wdpo"))
+        .args(args)
+        .args(["--threads", "2"])
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
 }
 
 fn metrics(dir: &Path) -> Vec<Vec<String>> {
     let text = std::fs::read_to_string(dir.join("metrics.csv")).unwrap();
-    text.lines().map(|l| l.split(',').map(str::to_string).collect()).collect()
+    text.lines()
+        .map(|l| l.split(',').map(str::to_string).collect())
+        .collect()
 }
 
 fn column(rows: &[Vec<String>], name: &str) -> Vec<f64> {
-    let i = rows[0].iter().position(|h| h == name).unwrap_or_else(|| panic!("no column {name}"));
+    let i = rows[0]
+        .iter()
+        .position(|h| h == name)
+        .unwrap_or_else(|| panic!("no column {name}"));
     rows[1..].iter().map(|r| r[i].parse().unwrap()).collect()
 }
 
 fn weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
-    let tensors = candle_core::safetensors::load(dir.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let tensors =
+        candle_core::safetensors::load(dir.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
     let mut out: Vec<(String, Vec<f32>)> = tensors
         .into_iter()
-        .map(|(n, t)| (n, t.flatten_all().unwrap().to_dtype(candle_core::DType::F32).unwrap().to_vec1().unwrap()))
+        .map(|(n, t)| {
+            (
+                n,
+                t.flatten_all()
+                    .unwrap()
+                    .to_dtype(candle_core::DType::F32)
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap(),
+            )
+        })
         .collect();
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
@@ -62,8 +94,21 @@ fn training_lowers_the_loss_and_widens_the_margin() {
     write_pairs(&pairs);
     let out = tmp.path().join("policy");
     let (ok, err) = wdpo(&[
-        "--policy", model("tiny-llama").to_str().unwrap(), pairs.to_str().unwrap(), "-o", out.to_str().unwrap(),
-        "--lr", "1e-3", "--epochs", "6", "--batch-size", "4", "--warmup-ratio", "0", "--schedule", "constant",
+        "--policy",
+        model("tiny-llama").to_str().unwrap(),
+        pairs.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--lr",
+        "1e-3",
+        "--epochs",
+        "6",
+        "--batch-size",
+        "4",
+        "--warmup-ratio",
+        "0",
+        "--schedule",
+        "constant",
     ]);
     assert!(ok, "{err}");
     let rows = metrics(&out);
@@ -82,14 +127,25 @@ fn zero_learning_rate_returns_the_input_weights() {
     let pairs = tmp.path().join("pairs.jsonl");
     write_pairs(&pairs);
     let out = tmp.path().join("policy");
-    let (ok, err) = wdpo(&["--policy", model("tiny-qwen2").to_str().unwrap(), pairs.to_str().unwrap(), "-o", out.to_str().unwrap(), "--lr", "0"]);
+    let (ok, err) = wdpo(&[
+        "--policy",
+        model("tiny-qwen2").to_str().unwrap(),
+        pairs.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--lr",
+        "0",
+    ]);
     assert!(ok, "{err}");
     let trained = weights(&out);
     let original = weights(&model("tiny-qwen2"));
     assert_eq!(trained.len(), original.len());
     for ((na, a), (nb, b)) in trained.iter().zip(&original) {
         assert_eq!(na, nb);
-        assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "{na} changed");
+        assert!(
+            a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{na} changed"
+        );
     }
 }
 
@@ -103,12 +159,40 @@ fn precomputed_reference_gives_the_same_result() {
     let pairs = jsonl;
     let common = ["--lr", "1e-3", "--batch-size", "4", "--epochs", "2"];
     let first = tmp.path().join("a");
-    let (ok, err) = wdpo(&[&["--policy", model("tiny-llama").to_str().unwrap(), pairs.to_str().unwrap(), "-o", first.to_str().unwrap(), "--precompute-ref"][..], &common[..]].concat());
+    let (ok, err) = wdpo(
+        &[
+            &[
+                "--policy",
+                model("tiny-llama").to_str().unwrap(),
+                pairs.to_str().unwrap(),
+                "-o",
+                first.to_str().unwrap(),
+                "--precompute-ref",
+            ][..],
+            &common[..],
+        ]
+        .concat(),
+    );
     assert!(ok, "{err}");
     let written = std::fs::read_to_string(&pairs).unwrap();
-    assert!(written.contains("ref_chosen_logp"), "reference columns not written");
+    assert!(
+        written.contains("ref_chosen_logp"),
+        "reference columns not written"
+    );
     let second = tmp.path().join("b");
-    let (ok, err) = wdpo(&[&["--policy", model("tiny-llama").to_str().unwrap(), pairs.to_str().unwrap(), "-o", second.to_str().unwrap()][..], &common[..]].concat());
+    let (ok, err) = wdpo(
+        &[
+            &[
+                "--policy",
+                model("tiny-llama").to_str().unwrap(),
+                pairs.to_str().unwrap(),
+                "-o",
+                second.to_str().unwrap(),
+            ][..],
+            &common[..],
+        ]
+        .concat(),
+    );
     assert!(ok, "{err}");
     assert_eq!(weights(&first), weights(&second));
 }
@@ -120,19 +204,48 @@ fn lora_trains_adapters_and_saves_merged_and_peft() {
     write_pairs(&pairs);
     let out = tmp.path().join("policy");
     let (ok, err) = wdpo(&[
-        "--policy", model("tiny-mistral").to_str().unwrap(), pairs.to_str().unwrap(), "-o", out.to_str().unwrap(),
-        "--lora-rank", "4", "--lora-alpha", "8", "--lora-targets", "q_proj,v_proj,down_proj", "--lr", "5e-3",
-        "--epochs", "4", "--batch-size", "4", "--save-adapter",
+        "--policy",
+        model("tiny-mistral").to_str().unwrap(),
+        pairs.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--lora-rank",
+        "4",
+        "--lora-alpha",
+        "8",
+        "--lora-targets",
+        "q_proj,v_proj,down_proj",
+        "--lr",
+        "5e-3",
+        "--epochs",
+        "4",
+        "--batch-size",
+        "4",
+        "--save-adapter",
     ]);
     assert!(ok, "{err}");
     let rows = metrics(&out);
     let loss = column(&rows, "loss");
     assert!(loss.last().unwrap() < &loss[0], "loss {loss:?}");
-    assert!(out.join("adapter/adapter_config.json").is_file() && out.join("adapter/adapter_model.safetensors").is_file());
+    assert!(
+        out.join("adapter/adapter_config.json").is_file()
+            && out.join("adapter/adapter_model.safetensors").is_file()
+    );
     let merged = weights(&out);
     let base = weights(&model("tiny-mistral"));
-    let changed: Vec<&String> = merged.iter().zip(&base).filter(|(a, b)| a.1 != b.1).map(|(a, _)| &a.0).collect();
-    assert!(!changed.is_empty() && changed.iter().all(|n| n.contains("q_proj") || n.contains("v_proj") || n.contains("down_proj")), "{changed:?}");
+    let changed: Vec<&String> = merged
+        .iter()
+        .zip(&base)
+        .filter(|(a, b)| a.1 != b.1)
+        .map(|(a, _)| &a.0)
+        .collect();
+    assert!(
+        !changed.is_empty()
+            && changed
+                .iter()
+                .all(|n| n.contains("q_proj") || n.contains("v_proj") || n.contains("down_proj")),
+        "{changed:?}"
+    );
 }
 
 #[test]
@@ -143,16 +256,34 @@ fn lora_dropout_is_reproducible_with_the_seed() {
     let train = |name: &str, seed: &str| {
         let out = tmp.path().join(name);
         let (ok, err) = wdpo(&[
-            "--policy", model("tiny-llama").to_str().unwrap(), pairs.to_str().unwrap(), "-o", out.to_str().unwrap(),
-            "--lora-rank", "4", "--lora-dropout", "0.3", "--lr", "5e-3", "--epochs", "2", "--batch-size", "4",
-            "--seed", seed,
+            "--policy",
+            model("tiny-llama").to_str().unwrap(),
+            pairs.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--lora-rank",
+            "4",
+            "--lora-dropout",
+            "0.3",
+            "--lr",
+            "5e-3",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "4",
+            "--seed",
+            seed,
         ]);
         assert!(ok, "{err}");
         weights(&out)
     };
     let first = train("a", "1");
     assert_eq!(first, train("b", "1"), "same seed, different weights");
-    assert_ne!(first, train("c", "2"), "the seed does not reach the dropout masks");
+    assert_ne!(
+        first,
+        train("c", "2"),
+        "the seed does not reach the dropout masks"
+    );
 }
 
 #[test]
@@ -163,9 +294,29 @@ fn hypo_keeps_the_policy_closer_to_the_reference() {
     let run = |coef: &str, dir: &str| {
         let out = tmp.path().join(dir);
         let (ok, err) = wdpo(&[
-            "--policy", model("tiny-llama").to_str().unwrap(), pairs.to_str().unwrap(), "-o", out.to_str().unwrap(),
-            "--loss", "hypo", "--kl-coef", coef, "--kl-samples", "4", "--kl-max-new-tokens", "8",
-            "--lora-rank", "4", "--lr", "2e-2", "--epochs", "4", "--batch-size", "4", "--warmup-ratio", "0",
+            "--policy",
+            model("tiny-llama").to_str().unwrap(),
+            pairs.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--loss",
+            "hypo",
+            "--kl-coef",
+            coef,
+            "--kl-samples",
+            "4",
+            "--kl-max-new-tokens",
+            "8",
+            "--lora-rank",
+            "4",
+            "--lr",
+            "2e-2",
+            "--epochs",
+            "4",
+            "--batch-size",
+            "4",
+            "--warmup-ratio",
+            "0",
         ]);
         assert!(ok, "{err}");
         column(&metrics(&out), "kl")
@@ -173,7 +324,10 @@ fn hypo_keeps_the_policy_closer_to_the_reference() {
     let free = run("0", "free");
     let held = run("5", "held");
     let tail = |v: &[f64]| v[v.len() - 3..].iter().sum::<f64>() / 3.0;
-    assert!(tail(&held) < tail(&free), "KL with λ=5: {held:?}; with λ=0: {free:?}");
+    assert!(
+        tail(&held) < tail(&free),
+        "KL with λ=5: {held:?}; with λ=0: {free:?}"
+    );
 }
 
 #[test]
@@ -182,8 +336,17 @@ fn bad_input_is_a_clear_error() {
     let pairs = tmp.path().join("pairs.jsonl");
     std::fs::write(&pairs, "{\"prompt\": \"hi\", \"chosen\": \"a\"}\n").unwrap();
     let out = tmp.path().join("policy");
-    let (ok, err) = wdpo(&["--policy", model("tiny-llama").to_str().unwrap(), pairs.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    let (ok, err) = wdpo(&[
+        "--policy",
+        model("tiny-llama").to_str().unwrap(),
+        pairs.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
     assert!(!ok);
-    assert!(err.contains("rejected") && !err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("rejected") && !err.contains("panicked"),
+        "{err}"
+    );
     assert!(!out.exists());
 }

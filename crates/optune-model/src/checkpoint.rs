@@ -55,7 +55,9 @@ impl Checkpoint {
         let config = ModelConfig::from_json_str(&config_json.to_string())
             .with_context(|| format!("{}", path.join("config.json").display()))?;
         let tokenizer = ChatTokenizer::from_dir(path)?;
-        tokenizer.check_vocab(config.vocab_size).with_context(|| format!("{}", path.display()))?;
+        tokenizer
+            .check_vocab(config.vocab_size)
+            .with_context(|| format!("{}", path.display()))?;
         let tensors = read_safetensors(path, device)?;
         let mut files = Vec::new();
         for name in CARRIED_FILES {
@@ -65,22 +67,37 @@ impl Checkpoint {
         }
         let generation_eos = match std::fs::read(path.join("generation_config.json")) {
             Ok(bytes) => {
-                let v: Value = serde_json::from_slice(&bytes)
-                    .with_context(|| format!("parsing {}", path.join("generation_config.json").display()))?;
+                let v: Value = serde_json::from_slice(&bytes).with_context(|| {
+                    format!("parsing {}", path.join("generation_config.json").display())
+                })?;
                 eos_from_json(&v)
             }
             Err(_) => Vec::new(),
         };
-        let eos_token_ids = first_non_empty([generation_eos, config.eos_token_ids(), tokenizer.eos_token_id().into_iter().collect()]);
+        let eos_token_ids = first_non_empty([
+            generation_eos,
+            config.eos_token_ids(),
+            tokenizer.eos_token_id().into_iter().collect(),
+        ]);
         Ok(Self {
-            meta: CheckpointMeta { config, config_json, eos_token_ids, files, source: path.to_path_buf() },
+            meta: CheckpointMeta {
+                config,
+                config_json,
+                eos_token_ids,
+                files,
+                source: path.to_path_buf(),
+            },
             tensors,
             tokenizer,
         })
     }
 
     /// Builds the model in `dtype` on `device`.
-    pub fn into_model(self, dtype: DType, device: &Device) -> Result<(Transformer, ChatTokenizer, CheckpointMeta)> {
+    pub fn into_model(
+        self,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Transformer, ChatTokenizer, CheckpointMeta)> {
         let model = Transformer::from_weights(&self.meta.config, self.tensors, dtype, device)
             .with_context(|| format!("building the model from {}", self.meta.source.display()))?;
         Ok((model, self.tokenizer, self.meta))
@@ -88,12 +105,19 @@ impl Checkpoint {
 }
 
 /// Loads a model for inference.
-pub fn load_model(path: &Path, dtype: DType, device: &Device) -> Result<(Transformer, ChatTokenizer, CheckpointMeta)> {
+pub fn load_model(
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Transformer, ChatTokenizer, CheckpointMeta)> {
     Checkpoint::read(path, device)?.into_model(dtype, device)
 }
 
 fn first_non_empty<const N: usize>(candidates: [Vec<u32>; N]) -> Vec<u32> {
-    candidates.into_iter().find(|c| !c.is_empty()).unwrap_or_default()
+    candidates
+        .into_iter()
+        .find(|c| !c.is_empty())
+        .unwrap_or_default()
 }
 
 fn eos_from_json(v: &Value) -> Vec<u32> {
@@ -104,7 +128,8 @@ fn eos_from_json(v: &Value) -> Vec<u32> {
 }
 
 fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
@@ -116,7 +141,10 @@ fn read_safetensors(dir: &Path, device: &Device) -> Result<HashMap<String, Tenso
     } else {
         let index_path = dir.join("model.safetensors.index.json");
         let index = read_json(&index_path).with_context(|| {
-            format!("{}: no model.safetensors or model.safetensors.index.json", dir.display())
+            format!(
+                "{}: no model.safetensors or model.safetensors.index.json",
+                dir.display()
+            )
         })?;
         let map = index
             .get("weight_map")
@@ -141,7 +169,12 @@ fn read_gguf_checkpoint(path: &Path, device: &Device) -> Result<Checkpoint> {
     let config = ModelConfig::from_json_str(&hf.config.to_string())
         .with_context(|| format!("{}: the config derived from its metadata", path.display()))?;
     let tokenizer = ChatTokenizer::from_parts(&hf.tokenizer_json.to_string(), &hf.tokenizer_config)
-        .with_context(|| format!("{}: the tokenizer rebuilt from its metadata", path.display()))?;
+        .with_context(|| {
+            format!(
+                "{}: the tokenizer rebuilt from its metadata",
+                path.display()
+            )
+        })?;
     tokenizer.check_vocab(config.vocab_size)?;
     let eos_token_ids = first_non_empty([
         eos_from_json(&hf.generation_config),
@@ -149,9 +182,18 @@ fn read_gguf_checkpoint(path: &Path, device: &Device) -> Result<Checkpoint> {
         tokenizer.eos_token_id().into_iter().collect(),
     ]);
     let files = vec![
-        ("tokenizer.json".to_string(), serde_json::to_vec_pretty(&hf.tokenizer_json)?),
-        ("tokenizer_config.json".to_string(), serde_json::to_vec_pretty(&hf.tokenizer_config)?),
-        ("generation_config.json".to_string(), serde_json::to_vec_pretty(&hf.generation_config)?),
+        (
+            "tokenizer.json".to_string(),
+            serde_json::to_vec_pretty(&hf.tokenizer_json)?,
+        ),
+        (
+            "tokenizer_config.json".to_string(),
+            serde_json::to_vec_pretty(&hf.tokenizer_config)?,
+        ),
+        (
+            "generation_config.json".to_string(),
+            serde_json::to_vec_pretty(&hf.generation_config)?,
+        ),
     ];
     let tensors = hf
         .tensors
@@ -159,7 +201,13 @@ fn read_gguf_checkpoint(path: &Path, device: &Device) -> Result<Checkpoint> {
         .map(|(name, t)| Ok((name, t.to_device(device)?)))
         .collect::<Result<HashMap<_, _>>>()?;
     Ok(Checkpoint {
-        meta: CheckpointMeta { config, config_json: hf.config, eos_token_ids, files, source: path.to_path_buf() },
+        meta: CheckpointMeta {
+            config,
+            config_json: hf.config,
+            eos_token_ids,
+            files,
+            source: path.to_path_buf(),
+        },
         tensors,
         tokenizer,
     })
@@ -172,8 +220,12 @@ pub fn write_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()
         .map(|(n, t)| Ok((n.clone(), t.to_device(&Device::Cpu)?.contiguous()?)))
         .collect::<Result<_>>()?;
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(contiguous.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata), path)
-        .with_context(|| format!("writing {}", path.display()))?;
+    safetensors::serialize_to_file(
+        contiguous.iter().map(|(n, t)| (n.as_str(), t)),
+        Some(metadata),
+        path,
+    )
+    .with_context(|| format!("writing {}", path.display()))?;
     // safetensors writes through a private (0600) temporary file; give it the usual mode.
     #[cfg(unix)]
     {
@@ -208,9 +260,12 @@ pub fn save_checkpoint_with(
         };
         obj.insert("torch_dtype".into(), Value::String(dtype.into()));
     }
-    let files: Vec<(String, Vec<u8>)> = std::iter::once(("config.json".to_string(), serde_json::to_vec_pretty(&config_json)?))
-        .chain(meta.files.iter().cloned())
-        .collect();
+    let files: Vec<(String, Vec<u8>)> = std::iter::once((
+        "config.json".to_string(),
+        serde_json::to_vec_pretty(&config_json)?,
+    ))
+    .chain(meta.files.iter().cloned())
+    .collect();
     write_dir_atomically(dir, |tmp| {
         write_safetensors(&weights, &tmp.join("model.safetensors"))?;
         for (name, bytes) in &files {
@@ -227,7 +282,11 @@ pub fn write_dir_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) 
         _ => PathBuf::from("."),
     };
     std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
-    let name = dir.file_name().context("output directory has no name")?.to_string_lossy().to_string();
+    let name = dir
+        .file_name()
+        .context("output directory has no name")?
+        .to_string_lossy()
+        .to_string();
     let tmp = tempfile::Builder::new()
         .prefix(&format!(".{name}.tmp-"))
         .tempdir_in(&parent)
@@ -235,13 +294,16 @@ pub fn write_dir_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) 
     fill(tmp.path())?;
     if dir.exists() {
         let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-        std::fs::rename(dir, &old).with_context(|| format!("moving the old {} aside", dir.display()))?;
+        std::fs::rename(dir, &old)
+            .with_context(|| format!("moving the old {} aside", dir.display()))?;
         let tmp_path = tmp.keep();
-        std::fs::rename(&tmp_path, dir).with_context(|| format!("moving the new checkpoint to {}", dir.display()))?;
+        std::fs::rename(&tmp_path, dir)
+            .with_context(|| format!("moving the new checkpoint to {}", dir.display()))?;
         std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
     } else {
         let tmp_path = tmp.keep();
-        std::fs::rename(&tmp_path, dir).with_context(|| format!("moving the new checkpoint to {}", dir.display()))?;
+        std::fs::rename(&tmp_path, dir)
+            .with_context(|| format!("moving the new checkpoint to {}", dir.display()))?;
     }
     Ok(())
 }

@@ -134,14 +134,13 @@ fn default_max_position_embeddings() -> usize {
 
 impl ModelConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         Self::from_json_str(&text).with_context(|| format!("{}", path.display()))
     }
 
     pub fn from_json_str(text: &str) -> Result<Self> {
-        let config: ModelConfig =
-            serde_json::from_str(text).context("parsing config.json")?;
+        let config: ModelConfig = serde_json::from_str(text).context("parsing config.json")?;
         config.validate()?;
         Ok(config)
     }
@@ -164,7 +163,10 @@ impl ModelConfig {
             );
         }
         if !self.head_dim().is_multiple_of(2) {
-            bail!("head_dim {} must be even for rotary embeddings", self.head_dim());
+            bail!(
+                "head_dim {} must be even for rotary embeddings",
+                self.head_dim()
+            );
         }
         if let Some(scaling) = &self.rope_scaling {
             match scaling.rope_type.as_str() {
@@ -184,7 +186,8 @@ impl ModelConfig {
     }
 
     pub fn head_dim(&self) -> usize {
-        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
     }
 
     /// Qwen2 always carries q/k/v biases; Llama only when `attention_bias` says so.
@@ -216,17 +219,24 @@ impl ModelConfig {
     }
 
     pub fn eos_token_ids(&self) -> Vec<u32> {
-        self.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default()
+        self.eos_token_id
+            .as_ref()
+            .map(TokenIds::to_vec)
+            .unwrap_or_default()
     }
 
     /// Outputs of a classification head: `num_labels`, else the size of `id2label` (transformers
     /// writes only the latter), else 2 as transformers defaults.
     pub fn label_count(&self) -> Option<usize> {
-        self.num_labels.or_else(|| self.id2label.as_ref().map(|m| m.len())).or(Some(2))
+        self.num_labels
+            .or_else(|| self.id2label.as_ref().map(|m| m.len()))
+            .or(Some(2))
     }
 
     pub fn pad_token_id(&self) -> Option<u32> {
-        self.pad_token_id.as_ref().and_then(|ids| ids.to_vec().first().copied())
+        self.pad_token_id
+            .as_ref()
+            .and_then(|ids| ids.to_vec().first().copied())
     }
 }
 
@@ -256,7 +266,10 @@ mod tests {
     #[test]
     fn unknown_model_type_is_a_clear_error() {
         let err = ModelConfig::from_json_str(&base("gpt2").to_string()).unwrap_err();
-        assert!(format!("{err:#}").contains("unsupported model_type 'gpt2'"), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("unsupported model_type 'gpt2'"),
+            "{err:#}"
+        );
     }
 
     #[test]

@@ -154,7 +154,10 @@ mod x86 {
         }
         #[inline(always)]
         unsafe fn fma(self, a: Self, b: Self) -> Self {
-            Avx2(_mm256_fmadd_ps(a.0, b.0, self.0), _mm256_fmadd_ps(a.1, b.1, self.1))
+            Avx2(
+                _mm256_fmadd_ps(a.0, b.0, self.0),
+                _mm256_fmadd_ps(a.1, b.1, self.1),
+            )
         }
         #[inline(always)]
         unsafe fn sum(self) -> f32 {
@@ -248,11 +251,20 @@ unsafe fn columns<L: Lanes, const RT: usize, const OT: usize>(
         let ow = OT.min(c1 - o);
         // The first row tile fetches the next column tile's weights as it goes (measured: +10–40 %
         // on weights streamed from memory, batch 1 included).
-        let next = if o + ow < c1 { w.add((o + ow) * k) } else { std::ptr::null() };
+        let next = if o + ow < c1 {
+            w.add((o + ow) * k)
+        } else {
+            std::ptr::null()
+        };
         let mut r = 0;
         while r < rows {
             let rw = RT.min(rows - r);
-            let (xa, wa, ba, oa) = (x.add(r * k), w.add(o * k), bias.map(|b| b.add(o)), out.add(r * ldo + o));
+            let (xa, wa, ba, oa) = (
+                x.add(r * k),
+                w.add(o * k),
+                bias.map(|b| b.add(o)),
+                out.add(r * ldo + o),
+            );
             let pf = if r == 0 { next } else { std::ptr::null() };
             tile_dispatch!(L, rw, ow, (xa, wa, k, ba, oa, ldo, pf);
                 (1, 1), (1, 2), (1, 3), (1, 4), (1, 5), (1, 6),
@@ -274,24 +286,65 @@ unsafe fn prefetch(p: *const f32) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn columns_avx512(x: *const f32, rows: usize, k: usize, w: *const f32, bias: Option<*const f32>, out: *mut f32, ldo: usize, c0: usize, c1: usize) {
+unsafe fn columns_avx512(
+    x: *const f32,
+    rows: usize,
+    k: usize,
+    w: *const f32,
+    bias: Option<*const f32>,
+    out: *mut f32,
+    ldo: usize,
+    c0: usize,
+    c1: usize,
+) {
     columns::<x86::Avx512, 4, 6>(x, rows, k, w, bias, out, ldo, c0, c1)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn columns_avx2(x: *const f32, rows: usize, k: usize, w: *const f32, bias: Option<*const f32>, out: *mut f32, ldo: usize, c0: usize, c1: usize) {
+unsafe fn columns_avx2(
+    x: *const f32,
+    rows: usize,
+    k: usize,
+    w: *const f32,
+    bias: Option<*const f32>,
+    out: *mut f32,
+    ldo: usize,
+    c0: usize,
+    c1: usize,
+) {
     columns::<x86::Avx2, 2, 2>(x, rows, k, w, bias, out, ldo, c0, c1)
 }
 
 #[allow(clippy::too_many_arguments)]
-unsafe fn columns_portable(x: *const f32, rows: usize, k: usize, w: *const f32, bias: Option<*const f32>, out: *mut f32, ldo: usize, c0: usize, c1: usize) {
+unsafe fn columns_portable(
+    x: *const f32,
+    rows: usize,
+    k: usize,
+    w: *const f32,
+    bias: Option<*const f32>,
+    out: *mut f32,
+    ldo: usize,
+    c0: usize,
+    c1: usize,
+) {
     columns::<Portable, 1, 4>(x, rows, k, w, bias, out, ldo, c0, c1)
 }
 
 #[allow(clippy::too_many_arguments)]
-unsafe fn columns_with(isa: Isa, x: *const f32, rows: usize, k: usize, w: *const f32, bias: Option<*const f32>, out: *mut f32, ldo: usize, c0: usize, c1: usize) {
+unsafe fn columns_with(
+    isa: Isa,
+    x: *const f32,
+    rows: usize,
+    k: usize,
+    w: *const f32,
+    bias: Option<*const f32>,
+    out: *mut f32,
+    ldo: usize,
+    c0: usize,
+    c1: usize,
+) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => columns_avx512(x, rows, k, w, bias, out, ldo, c0, c1),
@@ -327,7 +380,14 @@ pub(crate) fn linear(x: &[f32], rows: usize, w: &[f32], bias: Option<&[f32]>, ou
 }
 
 #[cfg(test)]
-pub(crate) fn linear_with(isa: Isa, x: &[f32], rows: usize, w: &[f32], bias: Option<&[f32]>, out: &mut [f32]) {
+pub(crate) fn linear_with(
+    isa: Isa,
+    x: &[f32],
+    rows: usize,
+    w: &[f32],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
     linear_many(isa, x, rows, &mut [Product { w, bias, out }])
 }
 
@@ -345,23 +405,38 @@ pub(crate) fn linear_many(isa: Isa, x: &[f32], rows: usize, products: &mut [Prod
         return;
     }
     let k = x.len() / rows;
-    assert!(k > 0 && x.len() == rows * k, "linear: x {} rows {rows}", x.len());
+    assert!(
+        k > 0 && x.len() == rows * k,
+        "linear: x {} rows {rows}",
+        x.len()
+    );
     let threads = rayon::current_num_threads();
     let total: usize = products.iter().map(|p| p.w.len()).sum::<usize>() * rows;
     let parallel = threads > 1 && total >= PARALLEL_WORK;
     // Tasks: (product, row block, columns). Row blocks keep a long prompt's rows in L2 while a
     // weight tile sweeps them; columns are split into about four tasks per thread overall.
     let block = (ROW_BLOCK_BYTES / (4 * k)).clamp(16, 1024) / 4 * 4;
-    let row_blocks: Vec<(usize, usize)> = (0..rows).step_by(block).map(|r| (r, (r + block).min(rows))).collect();
+    let row_blocks: Vec<(usize, usize)> = (0..rows)
+        .step_by(block)
+        .map(|r| (r, (r + block).min(rows)))
+        .collect();
     let mut tasks: Vec<(usize, (usize, usize), (usize, usize))> = Vec::new();
     for (i, p) in products.iter().enumerate() {
-        assert!(p.w.len() % k == 0, "linear: w {} is not a multiple of k {k}", p.w.len());
+        assert!(
+            p.w.len() % k == 0,
+            "linear: w {} is not a multiple of k {k}",
+            p.w.len()
+        );
         let n = p.w.len() / k;
         assert_eq!(p.out.len(), rows * n, "linear: output size");
         if let Some(b) = p.bias {
             assert_eq!(b.len(), n, "linear: bias size");
         }
-        let share = if parallel { (threads * 4 * p.w.len() * rows).div_ceil(total * row_blocks.len()) } else { 1 };
+        let share = if parallel {
+            (threads * 4 * p.w.len() * rows).div_ceil(total * row_blocks.len())
+        } else {
+            1
+        };
         // Whole 6-column tiles.
         let chunk = n.div_ceil(share.max(1)).div_ceil(6).max(1) * 6;
         for &block in &row_blocks {
@@ -380,14 +455,30 @@ pub(crate) fn linear_many(isa: Isa, x: &[f32], rows: usize, products: &mut [Prod
     unsafe impl Sync for Raw {}
     let raw: Vec<Raw> = products
         .iter_mut()
-        .map(|p| Raw { w: p.w.as_ptr(), bias: p.bias.map(<[f32]>::as_ptr), out: SharedMut(p.out.as_mut_ptr()), n: p.w.len() / k })
+        .map(|p| Raw {
+            w: p.w.as_ptr(),
+            bias: p.bias.map(<[f32]>::as_ptr),
+            out: SharedMut(p.out.as_mut_ptr()),
+            n: p.w.len() / k,
+        })
         .collect();
     let xp = x.as_ptr() as usize;
     // Tasks write disjoint blocks of their product's output.
     let run = |&(i, (r0, r1), (c0, c1)): &(usize, (usize, usize), (usize, usize))| unsafe {
         let p = &raw[i];
         let x = (xp as *const f32).add(r0 * k);
-        columns_with(isa, x, r1 - r0, k, p.w, p.bias, p.out.get().add(r0 * p.n), p.n, c0, c1)
+        columns_with(
+            isa,
+            x,
+            r1 - r0,
+            k,
+            p.w,
+            p.bias,
+            p.out.get().add(r0 * p.n),
+            p.n,
+            c0,
+            c1,
+        )
     };
     if parallel && tasks.len() > 1 {
         tasks.par_iter().for_each(run);
@@ -417,7 +508,14 @@ pub(crate) struct Query {
 /// `q [rows, heads·d]` → `out [rows, heads·d]`; the query heads sharing a KV head are computed
 /// together. Scores are `(q·scale)·k` dot products, the softmax is `exp(s − max) / Σ`, and the
 /// output is `Σ_t p_t·v_t` accumulated in position order.
-pub(crate) fn attention(q: &[f32], queries: &[Query], heads: usize, head_dim: usize, cache: &LayerCache, out: &mut [f32]) {
+pub(crate) fn attention(
+    q: &[f32],
+    queries: &[Query],
+    heads: usize,
+    head_dim: usize,
+    cache: &LayerCache,
+    out: &mut [f32],
+) {
     let rows = queries.len();
     let d = head_dim;
     let kvh = cache.kv_heads;
@@ -438,7 +536,12 @@ pub(crate) fn attention(q: &[f32], queries: &[Query], heads: usize, head_dim: us
             .map(|v| v * scale)
             .collect();
         // Disjoint: row `row`, heads h·group .. (h+1)·group.
-        let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add((row * heads + h * group) * d), group * d) };
+        let dst = unsafe {
+            std::slice::from_raw_parts_mut(
+                out_ptr.get().add((row * heads + h * group) * d),
+                group * d,
+            )
+        };
         unsafe { attend_group(isa, &qs, group, keys, values, d, dst) };
     };
     let tasks = rows * kvh;
@@ -450,7 +553,15 @@ pub(crate) fn attention(q: &[f32], queries: &[Query], heads: usize, head_dim: us
     }
 }
 
-unsafe fn attend_group(isa: Isa, qs: &[f32], group: usize, keys: &[f32], values: &[f32], d: usize, out: &mut [f32]) {
+unsafe fn attend_group(
+    isa: Isa,
+    qs: &[f32],
+    group: usize,
+    keys: &[f32],
+    values: &[f32],
+    d: usize,
+    out: &mut [f32],
+) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => attend_group_avx512(qs, group, keys, values, d, out),
@@ -462,25 +573,65 @@ unsafe fn attend_group(isa: Isa, qs: &[f32], group: usize, keys: &[f32], values:
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn attend_group_avx512(qs: &[f32], group: usize, keys: &[f32], values: &[f32], d: usize, out: &mut [f32]) {
+unsafe fn attend_group_avx512(
+    qs: &[f32],
+    group: usize,
+    keys: &[f32],
+    values: &[f32],
+    d: usize,
+    out: &mut [f32],
+) {
     attend_group_impl(Isa::Avx512, qs, group, keys, values, d, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn attend_group_avx2(qs: &[f32], group: usize, keys: &[f32], values: &[f32], d: usize, out: &mut [f32]) {
+unsafe fn attend_group_avx2(
+    qs: &[f32],
+    group: usize,
+    keys: &[f32],
+    values: &[f32],
+    d: usize,
+    out: &mut [f32],
+) {
     attend_group_impl(Isa::Avx2, qs, group, keys, values, d, out)
 }
 
-unsafe fn attend_group_portable(qs: &[f32], group: usize, keys: &[f32], values: &[f32], d: usize, out: &mut [f32]) {
+unsafe fn attend_group_portable(
+    qs: &[f32],
+    group: usize,
+    keys: &[f32],
+    values: &[f32],
+    d: usize,
+    out: &mut [f32],
+) {
     attend_group_impl(Isa::Portable, qs, group, keys, values, d, out)
 }
 
 #[inline(always)]
-unsafe fn attend_group_impl(isa: Isa, qs: &[f32], group: usize, keys: &[f32], values: &[f32], d: usize, out: &mut [f32]) {
+unsafe fn attend_group_impl(
+    isa: Isa,
+    qs: &[f32],
+    group: usize,
+    keys: &[f32],
+    values: &[f32],
+    d: usize,
+    out: &mut [f32],
+) {
     let len = keys.len() / d;
     let mut scores = vec![0f32; group * len];
-    columns_with(isa, qs.as_ptr(), group, d, keys.as_ptr(), None, scores.as_mut_ptr(), len, 0, len);
+    columns_with(
+        isa,
+        qs.as_ptr(),
+        group,
+        d,
+        keys.as_ptr(),
+        None,
+        scores.as_mut_ptr(),
+        len,
+        0,
+        len,
+    );
     for g in 0..group {
         let s = &mut scores[g * len..(g + 1) * len];
         let max = max_f32(s);
@@ -578,7 +729,9 @@ pub(crate) fn max_f32(v: &[f32]) -> f32 {
     for (j, x) in chunks.remainder().iter().enumerate() {
         acc[j] = if *x > acc[j] { *x } else { acc[j] };
     }
-    acc.iter().copied().fold(f32::NEG_INFINITY, |m, x| if x > m { x } else { m })
+    acc.iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, |m, x| if x > m { x } else { m })
 }
 
 /// `x · (1/√(mean(x²) + eps)) · weight`, row by row.
@@ -622,7 +775,11 @@ pub(crate) fn rotary_tables(positions: &[usize], inv_freq: &[f32]) -> (Vec<f32>,
 /// [`rotary_tables`].
 pub(crate) fn rotary(x: &mut [f32], heads: usize, head_dim: usize, cos: &[f32], sin: &[f32]) {
     let half = head_dim / 2;
-    for ((row, cos), sin) in x.chunks_exact_mut(heads * head_dim).zip(cos.chunks_exact(half)).zip(sin.chunks_exact(half)) {
+    for ((row, cos), sin) in x
+        .chunks_exact_mut(heads * head_dim)
+        .zip(cos.chunks_exact(half))
+        .zip(sin.chunks_exact(half))
+    {
         for head in row.chunks_exact_mut(head_dim) {
             let (a, b) = head.split_at_mut(half);
             for i in 0..half {
@@ -712,8 +869,14 @@ mod tests {
             linear_with(Isa::Portable, &x, rows, &w, Some(&bias), &mut reference);
             for r in 0..rows {
                 for o in 0..n {
-                    let exact: f64 = (0..k).map(|i| x[r * k + i] as f64 * w[o * k + i] as f64).sum::<f64>() + bias[o] as f64;
-                    assert!((reference[r * n + o] as f64 - exact).abs() < 1e-4, "{k}x{n}");
+                    let exact: f64 = (0..k)
+                        .map(|i| x[r * k + i] as f64 * w[o * k + i] as f64)
+                        .sum::<f64>()
+                        + bias[o] as f64;
+                    assert!(
+                        (reference[r * n + o] as f64 - exact).abs() < 1e-4,
+                        "{k}x{n}"
+                    );
                 }
             }
             for isa in isas() {
@@ -735,7 +898,10 @@ mod tests {
         for i in -2000..=800 {
             let x = i as f32 * 0.05;
             let (ours, exact) = (exp_f32(x) as f64, (x as f64).exp());
-            assert!((ours - exact).abs() <= 4e-7 * exact + 1e-37, "{x}: {ours} vs {exact}");
+            assert!(
+                (ours - exact).abs() <= 4e-7 * exact + 1e-37,
+                "{x}: {ours} vs {exact}"
+            );
         }
         assert_eq!(exp_f32(0.0), 1.0);
         assert!(exp_f32(-1e30) < 1e-37);
@@ -747,8 +913,24 @@ mod tests {
         let (heads, kvh, d, cap) = (4, 2, 16, 10);
         let keys = data(3 * kvh * cap * d, 4);
         let values = data(3 * kvh * cap * d, 5);
-        let cache = LayerCache { keys: &keys, values: &values, kv_heads: kvh, capacity: cap };
-        let queries = [Query { slot: 2, first: 0, position: 6 }, Query { slot: 0, first: 3, position: 9 }];
+        let cache = LayerCache {
+            keys: &keys,
+            values: &values,
+            kv_heads: kvh,
+            capacity: cap,
+        };
+        let queries = [
+            Query {
+                slot: 2,
+                first: 0,
+                position: 6,
+            },
+            Query {
+                slot: 0,
+                first: 3,
+                position: 9,
+            },
+        ];
         let q = data(2 * heads * d, 6);
         let mut out = vec![0f32; 2 * heads * d];
         attention(&q, &queries, heads, d, &cache, &mut out);
@@ -758,7 +940,12 @@ mod tests {
                 let base = (query.slot * kvh + kv) * cap * d;
                 let qv = &q[(row * heads + h) * d..][..d];
                 let scores: Vec<f64> = (query.first..=query.position)
-                    .map(|t| (0..d).map(|j| qv[j] as f64 * keys[base + t * d + j] as f64).sum::<f64>() / (d as f64).sqrt())
+                    .map(|t| {
+                        (0..d)
+                            .map(|j| qv[j] as f64 * keys[base + t * d + j] as f64)
+                            .sum::<f64>()
+                            / (d as f64).sqrt()
+                    })
                     .collect();
                 let max = scores.iter().copied().fold(f64::MIN, f64::max);
                 let z: f64 = scores.iter().map(|s| (s - max).exp()).sum();
@@ -766,7 +953,9 @@ mod tests {
                     let exact: f64 = scores
                         .iter()
                         .enumerate()
-                        .map(|(i, s)| (s - max).exp() / z * values[base + (query.first + i) * d + j] as f64)
+                        .map(|(i, s)| {
+                            (s - max).exp() / z * values[base + (query.first + i) * d + j] as f64
+                        })
                         .sum();
                     assert!((out[(row * heads + h) * d + j] as f64 - exact).abs() < 1e-5);
                 }

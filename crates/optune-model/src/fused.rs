@@ -78,7 +78,13 @@ trait Real:
     fn silu_mul(gate: &[Self], up: &[Self], out: &mut [Self]) {
         kernels::silu_mul(gate, up, out)
     }
-    fn silu_mul_grad(gate: &[Self], up: &[Self], grad: &[Self], d_gate: &mut [Self], d_up: &mut [Self]) {
+    fn silu_mul_grad(
+        gate: &[Self],
+        up: &[Self],
+        grad: &[Self],
+        d_gate: &mut [Self],
+        d_up: &mut [Self],
+    ) {
         kernels::silu_mul_grad(gate, up, grad, d_gate, d_up)
     }
 }
@@ -148,7 +154,13 @@ impl Real for f32 {
     fn silu_mul(gate: &[Self], up: &[Self], out: &mut [Self]) {
         simd::silu_mul(gate, up, out)
     }
-    fn silu_mul_grad(gate: &[Self], up: &[Self], grad: &[Self], d_gate: &mut [Self], d_up: &mut [Self]) {
+    fn silu_mul_grad(
+        gate: &[Self],
+        up: &[Self],
+        grad: &[Self],
+        d_gate: &mut [Self],
+        d_up: &mut [Self],
+    ) {
         simd::silu_mul_grad(gate, up, grad, d_gate, d_up)
     }
 }
@@ -170,7 +182,9 @@ mod kernels {
                 acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
             }
         }
-        tail.iter().chain(&acc).fold(T::NEG_INFINITY, |m, &x| if x > m { x } else { m })
+        tail.iter()
+            .chain(&acc)
+            .fold(T::NEG_INFINITY, |m, &x| if x > m { x } else { m })
     }
 
     #[inline(always)]
@@ -191,7 +205,11 @@ mod kernels {
     pub fn dot<T: Real>(a: &[T], b: &[T]) -> T {
         let mut acc = [T::ZERO; LANES];
         let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-        let tail = ca.remainder().iter().zip(cb.remainder()).fold(T::ZERO, |s, (&x, &y)| s + x * y);
+        let tail = ca
+            .remainder()
+            .iter()
+            .zip(cb.remainder())
+            .fold(T::ZERO, |s, (&x, &y)| s + x * y);
         for (x, y) in ca.zip(cb) {
             for i in 0..LANES {
                 acc[i] += x[i] * y[i];
@@ -210,7 +228,10 @@ mod kernels {
                 acc[i] += (c[i] - shift).exp_fast();
             }
         }
-        tail.iter().map(|&x| (x - shift).exp_fast()).chain(acc).fold(T::ZERO, |s, x| s + x)
+        tail.iter()
+            .map(|&x| (x - shift).exp_fast())
+            .chain(acc)
+            .fold(T::ZERO, |s, x| s + x)
     }
 
     /// `ln Σ e^x`.
@@ -260,8 +281,20 @@ mod kernels {
     /// Gradients of `silu(gate) · up`: `∂gate = grad · up · σ(gate)(1 + gate(1 − σ(gate)))`,
     /// `∂up = grad · silu(gate)`.
     #[inline(always)]
-    pub fn silu_mul_grad<T: Real>(gate: &[T], up: &[T], grad: &[T], d_gate: &mut [T], d_up: &mut [T]) {
-        for i in 0..gate.len().min(up.len()).min(grad.len()).min(d_gate.len()).min(d_up.len()) {
+    pub fn silu_mul_grad<T: Real>(
+        gate: &[T],
+        up: &[T],
+        grad: &[T],
+        d_gate: &mut [T],
+        d_up: &mut [T],
+    ) {
+        for i in 0..gate
+            .len()
+            .min(up.len())
+            .min(grad.len())
+            .min(d_gate.len())
+            .min(d_up.len())
+        {
             let (g, u, dy) = (gate[i], up[i], grad[i]);
             let s = sigmoid(g);
             d_gate[i] = dy * u * s * (T::ONE + g * (T::ONE - s));
@@ -340,11 +373,19 @@ mod simd {
 
 fn contiguous<'a, T: Real>(s: &'a CpuStorage, l: &Layout, op: &str, what: &str) -> Result<&'a [T]> {
     let Some(data) = T::slice(s) else {
-        bail!("{op}: {what} has dtype {:?}, expected {:?}", s.dtype(), T::storage(Vec::new()).dtype());
+        bail!(
+            "{op}: {what} has dtype {:?}, expected {:?}",
+            s.dtype(),
+            T::storage(Vec::new()).dtype()
+        );
     };
     match l.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
-        None => bail!("{op}: {what} must be contiguous (shape {:?}, stride {:?})", l.dims(), l.stride()),
+        None => bail!(
+            "{op}: {what} must be contiguous (shape {:?}, stride {:?})",
+            l.dims(),
+            l.stride()
+        ),
     }
 }
 
@@ -370,28 +411,65 @@ struct Mat<T> {
 impl<T> Mat<T> {
     /// `data` as an `[rows, cols]` row-major matrix.
     fn rows(data: &[T], cols: usize) -> Self {
-        Self { ptr: data.as_ptr(), rs: cols, cs: 1 }
+        Self {
+            ptr: data.as_ptr(),
+            rs: cols,
+            cs: 1,
+        }
     }
     /// The transpose of `data` seen as `[cols, rows]` row-major, i.e. `dataᵀ`.
     fn transposed(data: &[T], cols: usize) -> Self {
-        Self { ptr: data.as_ptr(), rs: 1, cs: cols }
+        Self {
+            ptr: data.as_ptr(),
+            rs: 1,
+            cs: cols,
+        }
     }
 }
 
 /// `dst [m, n] (row-major) = (accumulate ? dst : 0) + lhs [m, k] · rhs [k, n]`, on rayon's pool.
-fn matmul<T: Real>(m: usize, n: usize, k: usize, dst: &mut [T], accumulate: bool, lhs: Mat<T>, rhs: Mat<T>) {
+fn matmul<T: Real>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [T],
+    accumulate: bool,
+    lhs: Mat<T>,
+    rhs: Mat<T>,
+) {
     let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
     gemm_with(m, n, k, dst, accumulate, lhs, rhs, parallelism)
 }
 
 /// [`matmul`] on the calling thread (inside a parallel task).
-fn matmul_serial<T: Real>(m: usize, n: usize, k: usize, dst: &mut [T], accumulate: bool, lhs: Mat<T>, rhs: Mat<T>) {
+fn matmul_serial<T: Real>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [T],
+    accumulate: bool,
+    lhs: Mat<T>,
+    rhs: Mat<T>,
+) {
     gemm_with(m, n, k, dst, accumulate, lhs, rhs, gemm::Parallelism::None)
 }
 
 #[allow(clippy::too_many_arguments)]
-fn gemm_with<T: Real>(m: usize, n: usize, k: usize, dst: &mut [T], accumulate: bool, lhs: Mat<T>, rhs: Mat<T>, parallelism: gemm::Parallelism) {
+fn gemm_with<T: Real>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [T],
+    accumulate: bool,
+    lhs: Mat<T>,
+    rhs: Mat<T>,
+    parallelism: gemm::Parallelism,
+) {
     assert!(dst.len() >= m * n);
     // SAFETY: dst holds m × n elements; the operands' strides were built from slices that hold
     // m × k and k × n elements (checked by the callers' shape checks).
@@ -429,8 +507,16 @@ pub const HEAD_CHUNK_ROWS: usize = 256;
 /// `log softmax(rows · weightᵀ)[targets[i]]` for each row `i` of `rows [n, hidden]`, with
 /// `weight [vocab, hidden]`: `[n]`, differentiable in both. At most `chunk × vocab` logits exist
 /// at a time, in the forward and the backward pass. CPU, f32/f64, contiguous inputs.
-pub fn token_logprobs(rows: &Tensor, weight: &Tensor, targets: &[u32], chunk: usize) -> Result<Tensor> {
-    let op = TokenLogprobs { targets: targets.into(), chunk: chunk.max(1) };
+pub fn token_logprobs(
+    rows: &Tensor,
+    weight: &Tensor,
+    targets: &[u32],
+    chunk: usize,
+) -> Result<Tensor> {
+    let op = TokenLogprobs {
+        targets: targets.into(),
+        chunk: chunk.max(1),
+    };
     rows.contiguous()?.apply_op2(&weight.contiguous()?, op)
 }
 
@@ -442,13 +528,20 @@ struct TokenLogprobs {
 impl TokenLogprobs {
     fn check(&self, rows: &Layout, weight: &Layout) -> Result<(usize, usize, usize)> {
         let (&[n, h], &[v, h2]) = (rows.dims(), weight.dims()) else {
-            bail!("token-logprobs: rows {:?} and weight {:?} must be matrices", rows.dims(), weight.dims());
+            bail!(
+                "token-logprobs: rows {:?} and weight {:?} must be matrices",
+                rows.dims(),
+                weight.dims()
+            );
         };
         if h != h2 {
             bail!("token-logprobs: rows have width {h}, the weight {h2}");
         }
         if self.targets.len() != n {
-            bail!("token-logprobs: {} targets for {n} rows", self.targets.len());
+            bail!(
+                "token-logprobs: {} targets for {n} rows",
+                self.targets.len()
+            );
         }
         if let Some(t) = self.targets.iter().find(|&&t| t as usize >= v) {
             bail!("token-logprobs: target {t} is outside the vocabulary of {v}");
@@ -462,7 +555,15 @@ impl TokenLogprobs {
         for start in (0..n).step_by(self.chunk) {
             let c = self.chunk.min(n - start);
             let logits = &mut logits[..c * v];
-            matmul(c, v, h, logits, false, Mat::rows(&rows[start * h..], h), Mat::transposed(weight, h));
+            matmul(
+                c,
+                v,
+                h,
+                logits,
+                false,
+                Mat::rows(&rows[start * h..], h),
+                Mat::transposed(weight, h),
+            );
             logits
                 .par_chunks(v)
                 .zip(out[start..start + c].par_iter_mut())
@@ -477,7 +578,17 @@ impl TokenLogprobs {
     /// log-sum-exp of each row comes back as `logit[target] − logp`, so only the logits are
     /// recomputed.
     #[allow(clippy::too_many_arguments)]
-    fn backward<T: Real>(&self, wanted: Wanted, rows: &[T], weight: &[T], logp: &[T], grad: &[T], n: usize, h: usize, v: usize) -> Vec<T> {
+    fn backward<T: Real>(
+        &self,
+        wanted: Wanted,
+        rows: &[T],
+        weight: &[T],
+        logp: &[T],
+        grad: &[T],
+        n: usize,
+        h: usize,
+        v: usize,
+    ) -> Vec<T> {
         let mut out = vec![T::ZERO; wanted.packed_len(n * h, v * h)];
         let (grad_rows, grad_weight) = out.split_at_mut(if wanted.first { n * h } else { 0 });
         let mut block = vec![T::ZERO; self.chunk.min(n) * v];
@@ -485,7 +596,15 @@ impl TokenLogprobs {
             let c = self.chunk.min(n - start);
             let block = &mut block[..c * v];
             let rows_c = &rows[start * h..(start + c) * h];
-            matmul(c, v, h, block, false, Mat::rows(rows_c, h), Mat::transposed(weight, h));
+            matmul(
+                c,
+                v,
+                h,
+                block,
+                false,
+                Mat::rows(rows_c, h),
+                Mat::transposed(weight, h),
+            );
             block.par_chunks_mut(v).enumerate().for_each(|(r, row)| {
                 let (t, g) = (self.targets[start + r] as usize, grad[start + r]);
                 let lse = row[t] - logp[start + r];
@@ -493,10 +612,26 @@ impl TokenLogprobs {
                 row[t] += g;
             });
             if wanted.first {
-                matmul(c, h, v, &mut grad_rows[start * h..(start + c) * h], false, Mat::rows(block, v), Mat::rows(weight, h));
+                matmul(
+                    c,
+                    h,
+                    v,
+                    &mut grad_rows[start * h..(start + c) * h],
+                    false,
+                    Mat::rows(block, v),
+                    Mat::rows(weight, h),
+                );
             }
             if wanted.second {
-                matmul(v, h, c, grad_weight, i > 0, Mat::transposed(block, v), Mat::rows(rows_c, h));
+                matmul(
+                    v,
+                    h,
+                    c,
+                    grad_weight,
+                    i > 0,
+                    Mat::transposed(block, v),
+                    Mat::rows(rows_c, h),
+                );
             }
         }
         out
@@ -508,9 +643,21 @@ impl CustomOp2 for TokenLogprobs {
         "token-logprobs"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (n, h, v) = self.check(l1, l2)?;
-        fn run<T: Real>(op: &TokenLogprobs, s: [(&CpuStorage, &Layout); 2], n: usize, h: usize, v: usize) -> Result<CpuStorage> {
+        fn run<T: Real>(
+            op: &TokenLogprobs,
+            s: [(&CpuStorage, &Layout); 2],
+            n: usize,
+            h: usize,
+            v: usize,
+        ) -> Result<CpuStorage> {
             let rows = contiguous::<T>(s[0].0, s[0].1, op.name(), "rows")?;
             let weight = contiguous::<T>(s[1].0, s[1].1, op.name(), "weight")?;
             Ok(T::storage(op.forward(rows, weight, n, h, v)))
@@ -519,14 +666,28 @@ impl CustomOp2 for TokenLogprobs {
         Ok((out, Shape::from(n)))
     }
 
-    fn bwd(&self, rows: &Tensor, weight: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        rows: &Tensor,
+        weight: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let wanted = Wanted::of(rows, weight);
         if wanted.none() {
             return Ok((None, None));
         }
         let aux = Tensor::stack(&[res.detach(), grad.detach().to_dtype(res.dtype())?], 0)?;
-        let op = TokenLogprobsGrad { op: TokenLogprobs { targets: self.targets.clone(), chunk: self.chunk }, wanted };
-        let packed = rows.detach().apply_op3_no_bwd(&weight.detach(), &aux, &op)?;
+        let op = TokenLogprobsGrad {
+            op: TokenLogprobs {
+                targets: self.targets.clone(),
+                chunk: self.chunk,
+            },
+            wanted,
+        };
+        let packed = rows
+            .detach()
+            .apply_op3_no_bwd(&weight.detach(), &aux, &op)?;
         wanted.unpack(&packed, rows, weight)
     }
 }
@@ -542,16 +703,43 @@ impl CustomOp3 for TokenLogprobsGrad {
         "token-logprobs-grad"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (n, h, v) = self.op.check(l1, l2)?;
-        fn run<T: Real>(g: &TokenLogprobsGrad, s: [(&CpuStorage, &Layout); 3], n: usize, h: usize, v: usize) -> Result<CpuStorage> {
+        fn run<T: Real>(
+            g: &TokenLogprobsGrad,
+            s: [(&CpuStorage, &Layout); 3],
+            n: usize,
+            h: usize,
+            v: usize,
+        ) -> Result<CpuStorage> {
             let name = g.name();
             let rows = contiguous::<T>(s[0].0, s[0].1, name, "rows")?;
             let weight = contiguous::<T>(s[1].0, s[1].1, name, "weight")?;
             let aux = contiguous::<T>(s[2].0, s[2].1, name, "logp and grad")?;
-            Ok(T::storage(g.op.backward(g.wanted, rows, weight, &aux[..n], &aux[n..2 * n], n, h, v)))
+            Ok(T::storage(g.op.backward(
+                g.wanted,
+                rows,
+                weight,
+                &aux[..n],
+                &aux[n..2 * n],
+                n,
+                h,
+                v,
+            )))
         }
-        let out = by_dtype!(self, s1.dtype(), run(self, [(s1, l1), (s2, l2), (s3, l3)], n, h, v));
+        let out = by_dtype!(
+            self,
+            s1.dtype(),
+            run(self, [(s1, l1), (s2, l2), (s3, l3)], n, h, v)
+        );
         Ok((out, Shape::from(self.wanted.packed_len(n * h, v * h))))
     }
 }
@@ -562,7 +750,8 @@ impl CustomOp3 for TokenLogprobsGrad {
 /// `x / sqrt(mean(x²) + eps) · weight` over the last dimension of `x [.., h]`, `weight [h]`;
 /// differentiable in both. CPU, f32/f64.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    x.contiguous()?.apply_op2(&weight.contiguous()?, RmsNorm { eps })
+    x.contiguous()?
+        .apply_op2(&weight.contiguous()?, RmsNorm { eps })
 }
 
 #[derive(Clone, Copy)]
@@ -578,7 +767,10 @@ impl RmsNorm {
     fn check(&self, x: &Layout, w: &Layout) -> Result<(usize, usize)> {
         let h = x.dims().last().copied().unwrap_or(0);
         if w.dims() != [h] {
-            bail!("rms-norm: weight {:?} does not match the input's last dimension {h}", w.dims());
+            bail!(
+                "rms-norm: weight {:?} does not match the input's last dimension {h}",
+                w.dims()
+            );
         }
         Ok((x.shape().elem_count() / h.max(1), h))
     }
@@ -590,12 +782,14 @@ impl RmsNorm {
 
     fn forward<T: Real>(&self, x: &[T], w: &[T], h: usize) -> Vec<T> {
         let mut out = vec![T::ZERO; x.len()];
-        out.par_chunks_mut(h).zip(x.par_chunks(h)).for_each(|(y, x)| {
-            let inv = self.inv_rms(x);
-            for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
-                *y = x * inv * w;
-            }
-        });
+        out.par_chunks_mut(h)
+            .zip(x.par_chunks(h))
+            .for_each(|(y, x)| {
+                let inv = self.inv_rms(x);
+                for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
+                    *y = x * inv * w;
+                }
+            });
         out
     }
 
@@ -641,9 +835,19 @@ impl CustomOp2 for RmsNorm {
         "rms-norm"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (_, h) = self.check(l1, l2)?;
-        fn run<T: Real>(op: &RmsNorm, s: [(&CpuStorage, &Layout); 2], h: usize) -> Result<CpuStorage> {
+        fn run<T: Real>(
+            op: &RmsNorm,
+            s: [(&CpuStorage, &Layout); 2],
+            h: usize,
+        ) -> Result<CpuStorage> {
             let x = contiguous::<T>(s[0].0, s[0].1, op.name(), "input")?;
             let w = contiguous::<T>(s[1].0, s[1].1, op.name(), "weight")?;
             Ok(T::storage(op.forward(x, w, h)))
@@ -652,9 +856,19 @@ impl CustomOp2 for RmsNorm {
         Ok((out, l1.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let n = x.elem_count();
-        let packed = x.detach().apply_op3_no_bwd(&w.detach(), &grad.detach().contiguous()?, &RmsNormGrad(*self))?;
+        let packed = x.detach().apply_op3_no_bwd(
+            &w.detach(),
+            &grad.detach().contiguous()?,
+            &RmsNormGrad(*self),
+        )?;
         let grad_x = packed.narrow(0, 0, n)?.reshape(x.shape())?;
         let grad_w = packed.narrow(0, n, w.elem_count())?.reshape(w.shape())?;
         Ok((Some(grad_x), Some(grad_w)))
@@ -668,18 +882,39 @@ impl CustomOp3 for RmsNormGrad {
         "rms-norm-grad"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (rows, h) = self.0.check(l1, l2)?;
         if l3.shape() != l1.shape() {
-            bail!("{}: gradient {:?} does not match the input {:?}", self.name(), l3.dims(), l1.dims());
+            bail!(
+                "{}: gradient {:?} does not match the input {:?}",
+                self.name(),
+                l3.dims(),
+                l1.dims()
+            );
         }
-        fn run<T: Real>(op: &RmsNormGrad, s: [(&CpuStorage, &Layout); 3], h: usize) -> Result<CpuStorage> {
+        fn run<T: Real>(
+            op: &RmsNormGrad,
+            s: [(&CpuStorage, &Layout); 3],
+            h: usize,
+        ) -> Result<CpuStorage> {
             let x = contiguous::<T>(s[0].0, s[0].1, op.name(), "input")?;
             let w = contiguous::<T>(s[1].0, s[1].1, op.name(), "weight")?;
             let g = contiguous::<T>(s[2].0, s[2].1, op.name(), "gradient")?;
             Ok(T::storage(op.0.backward(x, w, g, h)))
         }
-        let out = by_dtype!(self, s1.dtype(), run(self, [(s1, l1), (s2, l2), (s3, l3)], h));
+        let out = by_dtype!(
+            self,
+            s1.dtype(),
+            run(self, [(s1, l1), (s2, l2), (s3, l3)], h)
+        );
         Ok((out, Shape::from(rows * h + h)))
     }
 }
@@ -704,7 +939,11 @@ impl LinearOp {
             bail!("linear: weight {:?} must be a matrix", w.dims());
         };
         if k != k2 || k == 0 {
-            bail!("linear: input {:?} does not fit weight {:?}", x.dims(), w.dims());
+            bail!(
+                "linear: input {:?} does not fit weight {:?}",
+                x.dims(),
+                w.dims()
+            );
         }
         Ok((x.shape().elem_count() / k, k, out))
     }
@@ -715,27 +954,59 @@ impl CustomOp2 for LinearOp {
         "linear"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (rows, k, out) = Self::check(l1, l2)?;
-        fn run<T: Real>(op: &LinearOp, s: [(&CpuStorage, &Layout); 2], (rows, k, out): (usize, usize, usize)) -> Result<CpuStorage> {
+        fn run<T: Real>(
+            op: &LinearOp,
+            s: [(&CpuStorage, &Layout); 2],
+            (rows, k, out): (usize, usize, usize),
+        ) -> Result<CpuStorage> {
             let x = contiguous::<T>(s[0].0, s[0].1, op.name(), "input")?;
             let w = contiguous::<T>(s[1].0, s[1].1, op.name(), "weight")?;
             let mut y = vec![T::ZERO; rows * out];
-            matmul(rows, out, k, &mut y, false, Mat::rows(x, k), Mat::transposed(w, k));
+            matmul(
+                rows,
+                out,
+                k,
+                &mut y,
+                false,
+                Mat::rows(x, k),
+                Mat::transposed(w, k),
+            );
             Ok(T::storage(y))
         }
-        let y = by_dtype!(self, s1.dtype(), run(self, [(s1, l1), (s2, l2)], (rows, k, out)));
+        let y = by_dtype!(
+            self,
+            s1.dtype(),
+            run(self, [(s1, l1), (s2, l2)], (rows, k, out))
+        );
         let mut dims = l1.dims().to_vec();
         *dims.last_mut().expect("checked") = out;
         Ok((y, Shape::from(dims)))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let wanted = Wanted::of(x, w);
         if wanted.none() {
             return Ok((None, None));
         }
-        let packed = x.detach().apply_op3_no_bwd(&w.detach(), &grad.detach().contiguous()?, &LinearGrad { wanted })?;
+        let packed = x.detach().apply_op3_no_bwd(
+            &w.detach(),
+            &grad.detach().contiguous()?,
+            &LinearGrad { wanted },
+        )?;
         wanted.unpack(&packed, x, w)
     }
 }
@@ -750,7 +1021,10 @@ struct Wanted {
 
 impl Wanted {
     fn of(first: &Tensor, second: &Tensor) -> Self {
-        Self { first: first.track_op(), second: second.track_op() }
+        Self {
+            first: first.track_op(),
+            second: second.track_op(),
+        }
     }
 
     fn none(self) -> bool {
@@ -763,10 +1037,27 @@ impl Wanted {
     }
 
     /// Splits packed gradients into those of `first` and `second`.
-    fn unpack(self, packed: &Tensor, first: &Tensor, second: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn unpack(
+        self,
+        packed: &Tensor,
+        first: &Tensor,
+        second: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let n = if self.first { first.elem_count() } else { 0 };
-        let a = if self.first { Some(packed.narrow(0, 0, n)?.reshape(first.shape())?) } else { None };
-        let b = if self.second { Some(packed.narrow(0, n, second.elem_count())?.reshape(second.shape())?) } else { None };
+        let a = if self.first {
+            Some(packed.narrow(0, 0, n)?.reshape(first.shape())?)
+        } else {
+            None
+        };
+        let b = if self.second {
+            Some(
+                packed
+                    .narrow(0, n, second.elem_count())?
+                    .reshape(second.shape())?,
+            )
+        } else {
+            None
+        };
         Ok((a, b))
     }
 }
@@ -781,13 +1072,30 @@ impl CustomOp3 for LinearGrad {
         "linear-grad"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (rows, k, out) = LinearOp::check(l1, l2)?;
         if l3.shape().elem_count() != rows * out {
-            bail!("{}: gradient {:?} does not fit {rows} rows of {out}", self.name(), l3.dims());
+            bail!(
+                "{}: gradient {:?} does not fit {rows} rows of {out}",
+                self.name(),
+                l3.dims()
+            );
         }
         let len = self.wanted.packed_len(rows * k, out * k);
-        fn run<T: Real>(op: &LinearGrad, s: [(&CpuStorage, &Layout); 3], (rows, k, out): (usize, usize, usize), len: usize) -> Result<CpuStorage> {
+        fn run<T: Real>(
+            op: &LinearGrad,
+            s: [(&CpuStorage, &Layout); 3],
+            (rows, k, out): (usize, usize, usize),
+            len: usize,
+        ) -> Result<CpuStorage> {
             let x = contiguous::<T>(s[0].0, s[0].1, op.name(), "input")?;
             let w = contiguous::<T>(s[1].0, s[1].1, op.name(), "weight")?;
             let g = contiguous::<T>(s[2].0, s[2].1, op.name(), "gradient")?;
@@ -797,11 +1105,23 @@ impl CustomOp3 for LinearGrad {
                 matmul(rows, k, out, dx, false, Mat::rows(g, out), Mat::rows(w, k));
             }
             if op.wanted.second {
-                matmul(out, k, rows, dw, false, Mat::transposed(g, out), Mat::rows(x, k));
+                matmul(
+                    out,
+                    k,
+                    rows,
+                    dw,
+                    false,
+                    Mat::transposed(g, out),
+                    Mat::rows(x, k),
+                );
             }
             Ok(T::storage(packed))
         }
-        let packed = by_dtype!(self, s1.dtype(), run(self, [(s1, l1), (s2, l2), (s3, l3)], (rows, k, out), len));
+        let packed = by_dtype!(
+            self,
+            s1.dtype(),
+            run(self, [(s1, l1), (s2, l2), (s3, l3)], (rows, k, out), len)
+        );
         Ok((packed, Shape::from(len)))
     }
 }
@@ -824,9 +1144,19 @@ impl CustomOp2 for SiluMul {
         "silu-mul"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         if l1.shape() != l2.shape() {
-            bail!("silu-mul: gate {:?} and up {:?} differ in shape", l1.dims(), l2.dims());
+            bail!(
+                "silu-mul: gate {:?} and up {:?} differ in shape",
+                l1.dims(),
+                l2.dims()
+            );
         }
         fn run<T: Real>(op: &SiluMul, s: [(&CpuStorage, &Layout); 2]) -> Result<CpuStorage> {
             let gate = contiguous::<T>(s[0].0, s[0].1, op.name(), "gate")?;
@@ -842,10 +1172,23 @@ impl CustomOp2 for SiluMul {
         Ok((out, l1.shape().clone()))
     }
 
-    fn bwd(&self, gate: &Tensor, up: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let n = gate.elem_count();
-        let packed = gate.detach().apply_op3_no_bwd(&up.detach(), &grad.detach().contiguous()?, &SiluMulGrad)?;
-        Ok((Some(packed.narrow(0, 0, n)?.reshape(gate.shape())?), Some(packed.narrow(0, n, n)?.reshape(up.shape())?)))
+        let packed = gate.detach().apply_op3_no_bwd(
+            &up.detach(),
+            &grad.detach().contiguous()?,
+            &SiluMulGrad,
+        )?;
+        Ok((
+            Some(packed.narrow(0, 0, n)?.reshape(gate.shape())?),
+            Some(packed.narrow(0, n, n)?.reshape(up.shape())?),
+        ))
     }
 }
 
@@ -857,9 +1200,23 @@ impl CustomOp3 for SiluMulGrad {
         "silu-mul-grad"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         if l1.shape() != l2.shape() || l1.shape() != l3.shape() {
-            bail!("{}: gate {:?}, up {:?} and gradient {:?} differ in shape", self.name(), l1.dims(), l2.dims(), l3.dims());
+            bail!(
+                "{}: gate {:?}, up {:?} and gradient {:?} differ in shape",
+                self.name(),
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            );
         }
         let n = l1.shape().elem_count();
         fn run<T: Real>(op: &SiluMulGrad, s: [(&CpuStorage, &Layout); 3]) -> Result<CpuStorage> {
@@ -871,7 +1228,11 @@ impl CustomOp3 for SiluMulGrad {
             d_gate
                 .par_chunks_mut(ELEMENT_BLOCK)
                 .zip(d_up.par_chunks_mut(ELEMENT_BLOCK))
-                .zip(gate.par_chunks(ELEMENT_BLOCK).zip(up.par_chunks(ELEMENT_BLOCK)).zip(g.par_chunks(ELEMENT_BLOCK)))
+                .zip(
+                    gate.par_chunks(ELEMENT_BLOCK)
+                        .zip(up.par_chunks(ELEMENT_BLOCK))
+                        .zip(g.par_chunks(ELEMENT_BLOCK)),
+                )
                 .for_each(|((dg, du), ((gate, up), g))| T::silu_mul_grad(gate, up, g, dg, du));
             Ok(T::storage(out))
         }
@@ -887,7 +1248,8 @@ impl CustomOp3 for SiluMulGrad {
 /// `[b, heads, t, d]` with `y = x·cos + rotate_half(x)·sin` (Hugging Face's layout), for
 /// `cos`/`sin [b, 1, t, d]`. Differentiable in `x` (the tables are constants). CPU, f32/f64.
 pub fn rotary_heads(x: &Tensor, cos: &Tensor, sin: &Tensor, heads: usize) -> Result<Tensor> {
-    x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope { heads })
+    x.contiguous()?
+        .apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope { heads })
 }
 
 #[derive(Clone, Copy)]
@@ -903,16 +1265,31 @@ impl Rope {
         };
         let d = width / self.heads.max(1);
         if d * self.heads != width || !d.is_multiple_of(2) {
-            bail!("rotary: width {width} is not {} heads of an even size", self.heads);
+            bail!(
+                "rotary: width {width} is not {} heads of an even size",
+                self.heads
+            );
         }
         if cos.dims() != [b, 1, t, d] || sin.dims() != cos.dims() {
-            bail!("rotary: tables {:?} and {:?} must be [{b}, 1, {t}, {d}]", cos.dims(), sin.dims());
+            bail!(
+                "rotary: tables {:?} and {:?} must be [{b}, 1, {t}, {d}]",
+                cos.dims(),
+                sin.dims()
+            );
         }
         Ok((b, t, d))
     }
 
     /// `[b, t, heads, d]` → rotated `[b, heads, t, d]`.
-    fn forward<T: Real>(&self, x: &[T], cos: &[T], sin: &[T], b: usize, t: usize, d: usize) -> Vec<T> {
+    fn forward<T: Real>(
+        &self,
+        x: &[T],
+        cos: &[T],
+        sin: &[T],
+        b: usize,
+        t: usize,
+        d: usize,
+    ) -> Vec<T> {
         let heads = self.heads;
         let half = d / 2;
         let mut out = vec![T::ZERO; b * heads * t * d];
@@ -920,7 +1297,10 @@ impl Rope {
             let (bi, hh) = (bh / heads, bh % heads);
             for ti in 0..t {
                 let src = &x[((bi * t + ti) * heads + hh) * d..][..d];
-                let (c, s) = (&cos[(bi * t + ti) * d..][..d], &sin[(bi * t + ti) * d..][..d]);
+                let (c, s) = (
+                    &cos[(bi * t + ti) * d..][..d],
+                    &sin[(bi * t + ti) * d..][..d],
+                );
                 let y = &mut y[ti * d..(ti + 1) * d];
                 for j in 0..half {
                     y[j] = src[j] * c[j] - src[j + half] * s[j];
@@ -933,22 +1313,32 @@ impl Rope {
 
     /// Gradient `[b, t, heads·d]` from `g [b, heads, t, d]`:
     /// `∂x_j = g_j c_j + g_{j+½} s_{j+½}` (first half), `g_j c_j − g_{j−½} s_{j−½}` (second).
-    fn backward<T: Real>(&self, g: &[T], cos: &[T], sin: &[T], b: usize, t: usize, d: usize) -> Vec<T> {
+    fn backward<T: Real>(
+        &self,
+        g: &[T],
+        cos: &[T],
+        sin: &[T],
+        b: usize,
+        t: usize,
+        d: usize,
+    ) -> Vec<T> {
         let heads = self.heads;
         let half = d / 2;
         let mut out = vec![T::ZERO; b * t * heads * d];
-        out.par_chunks_mut(heads * d).enumerate().for_each(|(bt, dx)| {
-            let (bi, ti) = (bt / t, bt % t);
-            let (c, s) = (&cos[bt * d..][..d], &sin[bt * d..][..d]);
-            for hh in 0..heads {
-                let g = &g[((bi * heads + hh) * t + ti) * d..][..d];
-                let dx = &mut dx[hh * d..(hh + 1) * d];
-                for j in 0..half {
-                    dx[j] = g[j] * c[j] + g[j + half] * s[j + half];
-                    dx[j + half] = g[j + half] * c[j + half] - g[j] * s[j];
+        out.par_chunks_mut(heads * d)
+            .enumerate()
+            .for_each(|(bt, dx)| {
+                let (bi, ti) = (bt / t, bt % t);
+                let (c, s) = (&cos[bt * d..][..d], &sin[bt * d..][..d]);
+                for hh in 0..heads {
+                    let g = &g[((bi * heads + hh) * t + ti) * d..][..d];
+                    let dx = &mut dx[hh * d..(hh + 1) * d];
+                    for j in 0..half {
+                        dx[j] = g[j] * c[j] + g[j + half] * s[j + half];
+                        dx[j + half] = g[j + half] * c[j + half] - g[j] * s[j];
+                    }
                 }
-            }
-        });
+            });
         out
     }
 }
@@ -958,20 +1348,46 @@ impl CustomOp3 for Rope {
         "rotary"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (b, t, d) = self.check(l1.dims(), l2, l3)?;
-        fn run<T: Real>(op: &Rope, s: [(&CpuStorage, &Layout); 3], (b, t, d): (usize, usize, usize)) -> Result<CpuStorage> {
+        fn run<T: Real>(
+            op: &Rope,
+            s: [(&CpuStorage, &Layout); 3],
+            (b, t, d): (usize, usize, usize),
+        ) -> Result<CpuStorage> {
             let x = contiguous::<T>(s[0].0, s[0].1, op.name(), "input")?;
             let cos = contiguous::<T>(s[1].0, s[1].1, op.name(), "cos")?;
             let sin = contiguous::<T>(s[2].0, s[2].1, op.name(), "sin")?;
             Ok(T::storage(op.forward(x, cos, sin, b, t, d)))
         }
-        let out = by_dtype!(self, s1.dtype(), run(self, [(s1, l1), (s2, l2), (s3, l3)], (b, t, d)));
+        let out = by_dtype!(
+            self,
+            s1.dtype(),
+            run(self, [(s1, l1), (s2, l2), (s3, l3)], (b, t, d))
+        );
         Ok((out, Shape::from((b, self.heads, t, d))))
     }
 
-    fn bwd(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.detach().contiguous()?.apply_op3_no_bwd(cos, sin, &RopeGrad(*self))?;
+    fn bwd(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad
+            .detach()
+            .contiguous()?
+            .apply_op3_no_bwd(cos, sin, &RopeGrad(*self))?;
         Ok((Some(grad.reshape(x.shape())?), None, None))
     }
 }
@@ -983,21 +1399,45 @@ impl CustomOp3 for RopeGrad {
         "rotary-grad"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let &[b, heads, t, d] = l1.dims() else {
-            bail!("{}: gradient {:?} must be [b, heads, t, d]", self.name(), l1.dims());
+            bail!(
+                "{}: gradient {:?} must be [b, heads, t, d]",
+                self.name(),
+                l1.dims()
+            );
         };
         if heads != self.0.heads {
-            bail!("{}: gradient has {heads} heads, expected {}", self.name(), self.0.heads);
+            bail!(
+                "{}: gradient has {heads} heads, expected {}",
+                self.name(),
+                self.0.heads
+            );
         }
         self.0.check(&[b, t, heads * d], l2, l3)?;
-        fn run<T: Real>(op: &RopeGrad, s: [(&CpuStorage, &Layout); 3], (b, t, d): (usize, usize, usize)) -> Result<CpuStorage> {
+        fn run<T: Real>(
+            op: &RopeGrad,
+            s: [(&CpuStorage, &Layout); 3],
+            (b, t, d): (usize, usize, usize),
+        ) -> Result<CpuStorage> {
             let g = contiguous::<T>(s[0].0, s[0].1, op.name(), "gradient")?;
             let cos = contiguous::<T>(s[1].0, s[1].1, op.name(), "cos")?;
             let sin = contiguous::<T>(s[2].0, s[2].1, op.name(), "sin")?;
             Ok(T::storage(op.0.backward(g, cos, sin, b, t, d)))
         }
-        let out = by_dtype!(self, s1.dtype(), run(self, [(s1, l1), (s2, l2), (s3, l3)], (b, t, d)));
+        let out = by_dtype!(
+            self,
+            s1.dtype(),
+            run(self, [(s1, l1), (s2, l2), (s3, l3)], (b, t, d))
+        );
         Ok((out, Shape::from((b, t, heads * d))))
     }
 }
@@ -1011,8 +1451,12 @@ impl CustomOp3 for RopeGrad {
 /// probabilities live only inside it, one (batch, KV head) block at a time, and the backward
 /// recomputes them. CPU, f32/f64.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
-    let op = Attention { mask: mask.detach().contiguous()?, scale };
-    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+    let op = Attention {
+        mask: mask.detach().contiguous()?,
+        scale,
+    };
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
 
 #[derive(Clone)]
@@ -1040,15 +1484,26 @@ impl AttnDims {
 impl Attention {
     fn check(&self, q: &[usize], k: &[usize], v: &[usize]) -> Result<AttnDims> {
         let (&[b, heads, tq, d], &[kb, kv_heads, tk, kd]) = (q, k) else {
-            bail!("attention: q {q:?} and k {k:?} must be [b, heads, tq, d] and [b, kv_heads, tk, d]");
+            bail!(
+                "attention: q {q:?} and k {k:?} must be [b, heads, tq, d] and [b, kv_heads, tk, d]"
+            );
         };
         if kb != b || kd != d || v != k || kv_heads == 0 || heads % kv_heads != 0 {
             bail!("attention: q {q:?}, k {k:?} and v {v:?} do not fit together");
         }
         if self.mask.dims() != [b, 1, tq, tk] {
-            bail!("attention: mask {:?} must be [{b}, 1, {tq}, {tk}]", self.mask.dims());
+            bail!(
+                "attention: mask {:?} must be [{b}, 1, {tq}, {tk}]",
+                self.mask.dims()
+            );
         }
-        Ok(AttnDims { heads, kv_heads, tq, tk, d })
+        Ok(AttnDims {
+            heads,
+            kv_heads,
+            tq,
+            tk,
+            d,
+        })
     }
 
     /// The mask's data, read under its storage lock, passed to `f`.
@@ -1061,36 +1516,75 @@ impl Attention {
     }
 
     /// Probabilities `[group·tq, tk]` of one (batch, KV head) block: `qg [group·tq, d]`, `kg [tk, d]`.
-    fn probabilities<T: Real>(&self, qg: &[T], kg: &[T], mask: &[T], bi: usize, n: AttnDims, p: &mut [T]) {
+    fn probabilities<T: Real>(
+        &self,
+        qg: &[T],
+        kg: &[T],
+        mask: &[T],
+        bi: usize,
+        n: AttnDims,
+        p: &mut [T],
+    ) {
         let rows = n.group() * n.tq;
-        matmul_serial(rows, n.tk, n.d, p, false, Mat::rows(qg, n.d), Mat::transposed(kg, n.d));
+        matmul_serial(
+            rows,
+            n.tk,
+            n.d,
+            p,
+            false,
+            Mat::rows(qg, n.d),
+            Mat::transposed(kg, n.d),
+        );
         let scale = T::from_f64(self.scale);
         let mut scratch = vec![T::ZERO; n.tk];
         for (r, row) in p.chunks_mut(n.tk).enumerate() {
             let qi = r % n.tq;
             scratch.copy_from_slice(row);
-            T::softmax(&scratch, &mask[(bi * n.tq + qi) * n.tk..][..n.tk], scale, row);
+            T::softmax(
+                &scratch,
+                &mask[(bi * n.tq + qi) * n.tk..][..n.tk],
+                scale,
+                row,
+            );
         }
     }
 
     fn forward<T: Real>(&self, q: &[T], k: &[T], v: &[T], mask: &[T], n: AttnDims) -> Vec<T> {
         let (group, rows) = (n.group(), n.group() * n.tq);
         let mut out = vec![T::ZERO; q.len()];
-        out.par_chunks_mut(rows * n.d).enumerate().for_each(|(task, o)| {
-            let (bi, g) = (task / n.kv_heads, task % n.kv_heads);
-            let qg = &q[((bi * n.heads + g * group) * n.tq) * n.d..][..rows * n.d];
-            let kg = &k[task * n.tk * n.d..][..n.tk * n.d];
-            let vg = &v[task * n.tk * n.d..][..n.tk * n.d];
-            let mut p = vec![T::ZERO; rows * n.tk];
-            self.probabilities(qg, kg, mask, bi, n, &mut p);
-            matmul_serial(rows, n.d, n.tk, o, false, Mat::rows(&p, n.tk), Mat::rows(vg, n.d));
-        });
+        out.par_chunks_mut(rows * n.d)
+            .enumerate()
+            .for_each(|(task, o)| {
+                let (bi, g) = (task / n.kv_heads, task % n.kv_heads);
+                let qg = &q[((bi * n.heads + g * group) * n.tq) * n.d..][..rows * n.d];
+                let kg = &k[task * n.tk * n.d..][..n.tk * n.d];
+                let vg = &v[task * n.tk * n.d..][..n.tk * n.d];
+                let mut p = vec![T::ZERO; rows * n.tk];
+                self.probabilities(qg, kg, mask, bi, n, &mut p);
+                matmul_serial(
+                    rows,
+                    n.d,
+                    n.tk,
+                    o,
+                    false,
+                    Mat::rows(&p, n.tk),
+                    Mat::rows(vg, n.d),
+                );
+            });
         out
     }
 
     /// Packed `[∂q | ∂k | ∂v]`: with `P` the probabilities and `G` the output's gradient,
     /// `∂v = Pᵀ G`, `∂S = scale · P ∘ (G vᵀ − rowsum(P ∘ G vᵀ))`, `∂q = ∂S k`, `∂k = ∂Sᵀ q`.
-    fn backward<T: Real>(&self, q: &[T], k: &[T], v: &[T], grad: &[T], mask: &[T], n: AttnDims) -> Vec<T> {
+    fn backward<T: Real>(
+        &self,
+        q: &[T],
+        k: &[T],
+        v: &[T],
+        grad: &[T],
+        mask: &[T],
+        n: AttnDims,
+    ) -> Vec<T> {
         let (group, rows) = (n.group(), n.group() * n.tq);
         let mut out = vec![T::ZERO; q.len() + 2 * k.len()];
         let (dq, dkv) = out.split_at_mut(q.len());
@@ -1108,17 +1602,49 @@ impl Attention {
                 let vg = &v[task * n.tk * n.d..][..n.tk * n.d];
                 let mut p = vec![T::ZERO; rows * n.tk];
                 self.probabilities(qg, kg, mask, bi, n, &mut p);
-                matmul_serial(n.tk, n.d, rows, dv, false, Mat::transposed(&p, n.tk), Mat::rows(gg, n.d));
+                matmul_serial(
+                    n.tk,
+                    n.d,
+                    rows,
+                    dv,
+                    false,
+                    Mat::transposed(&p, n.tk),
+                    Mat::rows(gg, n.d),
+                );
                 let mut ds = vec![T::ZERO; rows * n.tk];
-                matmul_serial(rows, n.tk, n.d, &mut ds, false, Mat::rows(gg, n.d), Mat::transposed(vg, n.d));
+                matmul_serial(
+                    rows,
+                    n.tk,
+                    n.d,
+                    &mut ds,
+                    false,
+                    Mat::rows(gg, n.d),
+                    Mat::transposed(vg, n.d),
+                );
                 for (ds, p) in ds.chunks_mut(n.tk).zip(p.chunks(n.tk)) {
                     let dot = kernels::dot(ds, p);
                     for (ds, &p) in ds.iter_mut().zip(p) {
                         *ds = scale * p * (*ds - dot);
                     }
                 }
-                matmul_serial(rows, n.d, n.tk, dq, false, Mat::rows(&ds, n.tk), Mat::rows(kg, n.d));
-                matmul_serial(n.tk, n.d, rows, dk, false, Mat::transposed(&ds, n.tk), Mat::rows(qg, n.d));
+                matmul_serial(
+                    rows,
+                    n.d,
+                    n.tk,
+                    dq,
+                    false,
+                    Mat::rows(&ds, n.tk),
+                    Mat::rows(kg, n.d),
+                );
+                matmul_serial(
+                    n.tk,
+                    n.d,
+                    rows,
+                    dk,
+                    false,
+                    Mat::transposed(&ds, n.tk),
+                    Mat::rows(qg, n.d),
+                );
             });
         out
     }
@@ -1129,22 +1655,51 @@ impl CustomOp3 for Attention {
         "attention"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let n = self.check(l1.dims(), l2.dims(), l3.dims())?;
-        fn run<T: Real>(op: &Attention, s: [(&CpuStorage, &Layout); 3], n: AttnDims) -> Result<CpuStorage> {
+        fn run<T: Real>(
+            op: &Attention,
+            s: [(&CpuStorage, &Layout); 3],
+            n: AttnDims,
+        ) -> Result<CpuStorage> {
             let q = contiguous::<T>(s[0].0, s[0].1, op.name(), "q")?;
             let k = contiguous::<T>(s[1].0, s[1].1, op.name(), "k")?;
             let v = contiguous::<T>(s[2].0, s[2].1, op.name(), "v")?;
             op.with_mask(|mask: &[T]| Ok(T::storage(op.forward(q, k, v, mask, n))))
         }
-        let out = by_dtype!(self, s1.dtype(), run(self, [(s1, l1), (s2, l2), (s3, l3)], n));
+        let out = by_dtype!(
+            self,
+            s1.dtype(),
+            run(self, [(s1, l1), (s2, l2), (s3, l3)], n)
+        );
         Ok((out, l1.shape().clone()))
     }
 
-    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (nq, nk) = (q.elem_count(), k.elem_count());
-        let op = AttentionGrad { op: self.clone(), q: q.detach() };
-        let packed = grad.detach().contiguous()?.apply_op3_no_bwd(&k.detach(), &v.detach(), &op)?;
+        let op = AttentionGrad {
+            op: self.clone(),
+            q: q.detach(),
+        };
+        let packed = grad
+            .detach()
+            .contiguous()?
+            .apply_op3_no_bwd(&k.detach(), &v.detach(), &op)?;
         Ok((
             Some(packed.narrow(0, 0, nq)?.reshape(q.shape())?),
             Some(packed.narrow(0, nq, nk)?.reshape(k.shape())?),
@@ -1164,12 +1719,29 @@ impl CustomOp3 for AttentionGrad {
         "attention-grad"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let n = self.op.check(self.q.dims(), l2.dims(), l3.dims())?;
         if l1.dims() != self.q.dims() {
-            bail!("{}: gradient {:?} does not match q {:?}", self.name(), l1.dims(), self.q.dims());
+            bail!(
+                "{}: gradient {:?} does not match q {:?}",
+                self.name(),
+                l1.dims(),
+                self.q.dims()
+            );
         }
-        fn run<T: Real>(g: &AttentionGrad, s: [(&CpuStorage, &Layout); 3], n: AttnDims) -> Result<CpuStorage> {
+        fn run<T: Real>(
+            g: &AttentionGrad,
+            s: [(&CpuStorage, &Layout); 3],
+            n: AttnDims,
+        ) -> Result<CpuStorage> {
             let grad = contiguous::<T>(s[0].0, s[0].1, g.name(), "gradient")?;
             let k = contiguous::<T>(s[1].0, s[1].1, g.name(), "k")?;
             let v = contiguous::<T>(s[2].0, s[2].1, g.name(), "v")?;
@@ -1180,8 +1752,15 @@ impl CustomOp3 for AttentionGrad {
             let q = contiguous::<T>(cpu, layout, g.name(), "q")?;
             g.op.with_mask(|mask: &[T]| Ok(T::storage(g.op.backward(q, k, v, grad, mask, n))))
         }
-        let out = by_dtype!(self, s1.dtype(), run(self, [(s1, l1), (s2, l2), (s3, l3)], n));
-        Ok((out, Shape::from(l1.shape().elem_count() + 2 * l2.shape().elem_count())))
+        let out = by_dtype!(
+            self,
+            s1.dtype(),
+            run(self, [(s1, l1), (s2, l2), (s3, l3)], n)
+        );
+        Ok((
+            out,
+            Shape::from(l1.shape().elem_count() + 2 * l2.shape().elem_count()),
+        ))
     }
 }
 
@@ -1195,19 +1774,37 @@ pub(crate) mod tests {
     pub fn values(shape: &[usize], seed: u64, scale: f64, dtype: DType) -> Tensor {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let n: usize = shape.iter().product();
-        let v: Vec<f64> = (0..n).map(|_| scale * (rng.random::<f64>() + rng.random::<f64>() - 1.0) * 1.7).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+        let v: Vec<f64> = (0..n)
+            .map(|_| scale * (rng.random::<f64>() + rng.random::<f64>() - 1.0) * 1.7)
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
     }
 
     /// Autograd gradients of `f(inputs)` (a scalar) for each input in `check`, against central
     /// finite differences in f64 on every element. Returns the largest relative error.
-    pub fn finite_differences(inputs: &[Tensor], check: &[usize], f: impl Fn(&[Tensor]) -> Tensor) -> f64 {
-        let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+    pub fn finite_differences(
+        inputs: &[Tensor],
+        check: &[usize],
+        f: impl Fn(&[Tensor]) -> Tensor,
+    ) -> f64 {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
         let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         let grads = f(&tensors).backward().unwrap();
         let mut worst = 0f64;
         for &i in check {
-            let grad: Vec<f64> = grads.get(&tensors[i]).expect("a gradient").flatten_all().unwrap().to_vec1().unwrap();
+            let grad: Vec<f64> = grads
+                .get(&tensors[i])
+                .expect("a gradient")
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             let original: Vec<f64> = inputs[i].flatten_all().unwrap().to_vec1().unwrap();
             for j in 0..original.len() {
                 let at = |delta: f64| {
@@ -1220,7 +1817,11 @@ pub(crate) mod tests {
                 let eps = 1e-6;
                 let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
                 let err = (grad[j] - numeric).abs() / numeric.abs().max(grad[j].abs()).max(1e-3);
-                assert!(err < 1e-6, "input {i}[{j}]: autograd {} vs finite difference {numeric}", grad[j]);
+                assert!(
+                    err < 1e-6,
+                    "input {i}[{j}]: autograd {} vs finite difference {numeric}",
+                    grad[j]
+                );
                 worst = worst.max(err);
             }
         }
@@ -1230,42 +1831,96 @@ pub(crate) mod tests {
     /// Largest |a − b| / max(|b|, floor) over two tensors of one shape.
     pub fn max_rel_diff(a: &Tensor, b: &Tensor, floor: f64) -> f64 {
         assert_eq!(a.dims(), b.dims());
-        let a: Vec<f64> = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        let b: Vec<f64> = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        a.iter().zip(&b).map(|(x, y)| (x - y).abs() / y.abs().max(floor)).fold(0.0, f64::max)
+        let a: Vec<f64> = a
+            .to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let b: Vec<f64> = b
+            .to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        a.iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs() / y.abs().max(floor))
+            .fold(0.0, f64::max)
     }
 
     /// Values and input gradients of `f(inputs)` reduced to a scalar by a fixed weighted sum.
-    fn values_and_grads(inputs: &[Tensor], f: &dyn Fn(&[Tensor]) -> Tensor) -> (Tensor, Vec<Option<Tensor>>) {
-        let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+    fn values_and_grads(
+        inputs: &[Tensor],
+        f: &dyn Fn(&[Tensor]) -> Tensor,
+    ) -> (Tensor, Vec<Option<Tensor>>) {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
         let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         let out = f(&tensors);
         let weights = values(out.dims(), 99, 1.0, out.dtype());
-        let grads = (&out * weights).unwrap().sum_all().unwrap().backward().unwrap();
+        let grads = (&out * weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         (out, tensors.iter().map(|t| grads.get(t).cloned()).collect())
     }
 
     /// The fused op in f32 is as close to the truth (the generic ops in f64) as the generic ops in
     /// f32 are, within `slack`×, in value and every input's gradient (errors relative to each
     /// tensor's largest magnitude).
-    pub fn compare_with_generic(inputs: &[Tensor], slack: f64, fused: impl Fn(&[Tensor]) -> Tensor, generic: impl Fn(&[Tensor]) -> Tensor) {
-        let f32s: Vec<Tensor> = inputs.iter().map(|t| t.to_dtype(DType::F32).unwrap()).collect();
-        let f64s: Vec<Tensor> = inputs.iter().map(|t| t.to_dtype(DType::F64).unwrap()).collect();
+    pub fn compare_with_generic(
+        inputs: &[Tensor],
+        slack: f64,
+        fused: impl Fn(&[Tensor]) -> Tensor,
+        generic: impl Fn(&[Tensor]) -> Tensor,
+    ) {
+        let f32s: Vec<Tensor> = inputs
+            .iter()
+            .map(|t| t.to_dtype(DType::F32).unwrap())
+            .collect();
+        let f64s: Vec<Tensor> = inputs
+            .iter()
+            .map(|t| t.to_dtype(DType::F64).unwrap())
+            .collect();
         let (truth, truth_grads) = values_and_grads(&f64s, &generic);
         let (ours, our_grads) = values_and_grads(&f32s, &fused);
         let (theirs, their_grads) = values_and_grads(&f32s, &generic);
-        let scale = |t: &Tensor| t.abs().unwrap().max_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap().max(1e-30);
-        let err = |a: &Tensor, truth: &Tensor| max_rel_diff(a, truth, scale(truth)) ;
+        let scale = |t: &Tensor| {
+            t.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+                .max(1e-30)
+        };
+        let err = |a: &Tensor, truth: &Tensor| max_rel_diff(a, truth, scale(truth));
         let check = |what: String, a: &Tensor, b: &Tensor, truth: &Tensor| {
             let (ea, eb) = (err(a, truth), err(b, truth));
-            assert!(ea <= slack * eb.max(1e-7), "{what}: fused f32 error {ea:e}, generic f32 error {eb:e}");
+            assert!(
+                ea <= slack * eb.max(1e-7),
+                "{what}: fused f32 error {ea:e}, generic f32 error {eb:e}"
+            );
         };
         check("values".into(), &ours, &theirs, &truth);
         for (i, truth) in truth_grads.iter().enumerate() {
             match (&our_grads[i], &their_grads[i], truth) {
                 (Some(a), Some(b), Some(t)) => check(format!("gradient of input {i}"), a, b, t),
                 (None, None, None) => {}
-                (a, _, t) => panic!("input {i}: fused has a gradient: {}, generic: {}", a.is_some(), t.is_some()),
+                (a, _, t) => panic!(
+                    "input {i}: fused has a gradient: {}, generic: {}",
+                    a.is_some(),
+                    t.is_some()
+                ),
             }
         }
     }
@@ -1286,19 +1941,30 @@ pub(crate) mod tests {
     }
 
     fn generic_token_logprobs(rows: &Tensor, weight: &Tensor, targets: &[u32]) -> Tensor {
-        let logp = candle_nn::ops::log_softmax(&rows.matmul(&weight.t().unwrap()).unwrap(), D::Minus1).unwrap();
-        let index = Tensor::new(targets, rows.device()).unwrap().unsqueeze(1).unwrap();
+        let logp =
+            candle_nn::ops::log_softmax(&rows.matmul(&weight.t().unwrap()).unwrap(), D::Minus1)
+                .unwrap();
+        let index = Tensor::new(targets, rows.device())
+            .unwrap()
+            .unsqueeze(1)
+            .unwrap();
         logp.gather(&index, 1).unwrap().squeeze(1).unwrap()
     }
 
     #[test]
     fn token_logprobs_gradients_match_finite_differences_in_f64() {
         let targets = [3u32, 0, 6, 6, 2];
-        let inputs = [values(&[5, 4], 1, 1.0, DType::F64), values(&[7, 4], 2, 1.0, DType::F64)];
+        let inputs = [
+            values(&[5, 4], 1, 1.0, DType::F64),
+            values(&[7, 4], 2, 1.0, DType::F64),
+        ];
         let w = values(&[5], 3, 1.0, DType::F64);
         // Chunks of 2 rows: three blocks, the last partial, and the weight gradient accumulated.
         let worst = finite_differences(&inputs, &[0, 1], |t| {
-            (token_logprobs(&t[0], &t[1], &targets, 2).unwrap() * &w).unwrap().sum_all().unwrap()
+            (token_logprobs(&t[0], &t[1], &targets, 2).unwrap() * &w)
+                .unwrap()
+                .sum_all()
+                .unwrap()
         });
         assert!(worst < 1e-6);
         let fused = token_logprobs(&inputs[0], &inputs[1], &targets, 2).unwrap();
@@ -1310,7 +1976,10 @@ pub(crate) mod tests {
     fn token_logprobs_match_the_generic_ops_in_f32() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
         let targets: Vec<u32> = (0..300).map(|_| rng.random_range(0..1000)).collect();
-        let inputs = [values(&[300, 48], 6, 1.0, DType::F32), values(&[1000, 48], 7, 0.3, DType::F32)];
+        let inputs = [
+            values(&[300, 48], 6, 1.0, DType::F32),
+            values(&[1000, 48], 7, 0.3, DType::F32),
+        ];
         compare_with_generic(
             &inputs,
             2.0,
@@ -1320,15 +1989,28 @@ pub(crate) mod tests {
     }
 
     fn generic_rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
-        let inv = (x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + eps).unwrap().sqrt().unwrap().recip().unwrap();
+        let inv = (x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + eps)
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .recip()
+            .unwrap();
         x.broadcast_mul(&inv).unwrap().broadcast_mul(w).unwrap()
     }
 
     #[test]
     fn rms_norm_gradients_match_finite_differences_in_f64() {
-        let inputs = [values(&[2, 3, 5], 10, 1.0, DType::F64), values(&[5], 11, 1.0, DType::F64)];
+        let inputs = [
+            values(&[2, 3, 5], 10, 1.0, DType::F64),
+            values(&[5], 11, 1.0, DType::F64),
+        ];
         let w = values(&[2, 3, 5], 12, 1.0, DType::F64);
-        finite_differences(&inputs, &[0, 1], |t| (rms_norm(&t[0], &t[1], 1e-5).unwrap() * &w).unwrap().sum_all().unwrap());
+        finite_differences(&inputs, &[0, 1], |t| {
+            (rms_norm(&t[0], &t[1], 1e-5).unwrap() * &w)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+        });
         let fused = rms_norm(&inputs[0], &inputs[1], 1e-5).unwrap();
         assert!(max_rel_diff(&fused, &generic_rms_norm(&inputs[0], &inputs[1], 1e-5), 1.0) < 1e-14);
     }
@@ -1336,8 +2018,16 @@ pub(crate) mod tests {
     #[test]
     fn rms_norm_matches_the_generic_ops_in_f32() {
         // 150 rows: three row blocks for the weight gradient, the last partial.
-        let inputs = [values(&[3, 50, 64], 13, 2.0, DType::F64), values(&[64], 14, 1.0, DType::F64)];
-        compare_with_generic(&inputs, 2.0, |t| rms_norm(&t[0], &t[1], 1e-6).unwrap(), |t| generic_rms_norm(&t[0], &t[1], 1e-6));
+        let inputs = [
+            values(&[3, 50, 64], 13, 2.0, DType::F64),
+            values(&[64], 14, 1.0, DType::F64),
+        ];
+        compare_with_generic(
+            &inputs,
+            2.0,
+            |t| rms_norm(&t[0], &t[1], 1e-6).unwrap(),
+            |t| generic_rms_norm(&t[0], &t[1], 1e-6),
+        );
     }
 
     /// A causal mask with the last `pad` keys of batch row 1 masked too, as the training path
@@ -1348,18 +2038,33 @@ pub(crate) mod tests {
             for q in 0..t {
                 for k in 0..t {
                     let padded = bi == 1 && k >= t - pad;
-                    m.push(if k <= q && (!padded || k == q) { 0.0 } else { -1e30 });
+                    m.push(if k <= q && (!padded || k == q) {
+                        0.0
+                    } else {
+                        -1e30
+                    });
                 }
             }
         }
-        Tensor::from_vec(m, (b, 1, t, t), &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+        Tensor::from_vec(m, (b, 1, t, t), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
     }
 
     #[test]
     fn silu_mul_gradients_match_finite_differences_in_f64() {
-        let inputs = [values(&[3, 7], 30, 3.0, DType::F64), values(&[3, 7], 31, 1.0, DType::F64)];
+        let inputs = [
+            values(&[3, 7], 30, 3.0, DType::F64),
+            values(&[3, 7], 31, 1.0, DType::F64),
+        ];
         let w = values(&[3, 7], 32, 1.0, DType::F64);
-        finite_differences(&inputs, &[0, 1], |t| (silu_mul(&t[0], &t[1]).unwrap() * &w).unwrap().sum_all().unwrap());
+        finite_differences(&inputs, &[0, 1], |t| {
+            (silu_mul(&t[0], &t[1]).unwrap() * &w)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+        });
         let generic = (inputs[0].silu().unwrap() * &inputs[1]).unwrap();
         assert!(max_rel_diff(&silu_mul(&inputs[0], &inputs[1]).unwrap(), &generic, 1.0) < 1e-14);
     }
@@ -1367,8 +2072,16 @@ pub(crate) mod tests {
     #[test]
     fn silu_mul_matches_the_generic_ops_in_f32() {
         // More than one parallel block, the last partial.
-        let inputs = [values(&[40_000], 33, 6.0, DType::F64), values(&[40_000], 34, 1.0, DType::F64)];
-        compare_with_generic(&inputs, 2.0, |t| silu_mul(&t[0], &t[1]).unwrap(), |t| (t[0].silu().unwrap() * &t[1]).unwrap());
+        let inputs = [
+            values(&[40_000], 33, 6.0, DType::F64),
+            values(&[40_000], 34, 1.0, DType::F64),
+        ];
+        compare_with_generic(
+            &inputs,
+            2.0,
+            |t| silu_mul(&t[0], &t[1]).unwrap(),
+            |t| (t[0].silu().unwrap() * &t[1]).unwrap(),
+        );
     }
 
     /// Tables `[b, 1, t, d]` for positions that differ per batch row.
@@ -1377,19 +2090,31 @@ pub(crate) mod tests {
         for bi in 0..b {
             for ti in 0..t {
                 for j in 0..d {
-                    let angle = (ti + 3 * bi) as f64 / 10f64.powf((j % (d / 2)) as f64 / (d / 2) as f64);
+                    let angle =
+                        (ti + 3 * bi) as f64 / 10f64.powf((j % (d / 2)) as f64 / (d / 2) as f64);
                     cos.push(angle.cos());
                     sin.push(angle.sin());
                 }
             }
         }
-        let make = |v: Vec<f64>| Tensor::from_vec(v, (b, 1, t, d), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+        let make = |v: Vec<f64>| {
+            Tensor::from_vec(v, (b, 1, t, d), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+        };
         (make(cos), make(sin))
     }
 
     fn generic_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor, heads: usize) -> Tensor {
         let (b, t, w) = x.dims3().unwrap();
-        let split = x.reshape((b, t, heads, w / heads)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+        let split = x
+            .reshape((b, t, heads, w / heads))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap();
         crate::rope::apply_rotary(&split, cos, sin).unwrap()
     }
 
@@ -1398,7 +2123,12 @@ pub(crate) mod tests {
         let (cos, sin) = rotary_tables(2, 3, 4, DType::F64);
         let inputs = [values(&[2, 3, 3 * 4], 40, 1.0, DType::F64)];
         let w = values(&[2, 3, 3, 4], 41, 1.0, DType::F64);
-        finite_differences(&inputs, &[0], |t| (rotary_heads(&t[0], &cos, &sin, 3).unwrap() * &w).unwrap().sum_all().unwrap());
+        finite_differences(&inputs, &[0], |t| {
+            (rotary_heads(&t[0], &cos, &sin, 3).unwrap() * &w)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+        });
         let fused = rotary_heads(&inputs[0], &cos, &sin, 3).unwrap();
         assert!(max_rel_diff(&fused, &generic_rotary(&inputs[0], &cos, &sin, 3), 1.0) < 1e-14);
     }
@@ -1410,8 +2140,23 @@ pub(crate) mod tests {
         compare_with_generic(
             &inputs,
             2.0,
-            |t| rotary_heads(&t[0], &cos.to_dtype(t[0].dtype()).unwrap(), &sin.to_dtype(t[0].dtype()).unwrap(), 4).unwrap(),
-            |t| generic_rotary(&t[0], &cos.to_dtype(t[0].dtype()).unwrap(), &sin.to_dtype(t[0].dtype()).unwrap(), 4),
+            |t| {
+                rotary_heads(
+                    &t[0],
+                    &cos.to_dtype(t[0].dtype()).unwrap(),
+                    &sin.to_dtype(t[0].dtype()).unwrap(),
+                    4,
+                )
+                .unwrap()
+            },
+            |t| {
+                generic_rotary(
+                    &t[0],
+                    &cos.to_dtype(t[0].dtype()).unwrap(),
+                    &sin.to_dtype(t[0].dtype()).unwrap(),
+                    4,
+                )
+            },
         );
     }
 
@@ -1421,18 +2166,34 @@ pub(crate) mod tests {
         let (kvh, tk) = (k.dim(1).unwrap(), k.dim(2).unwrap());
         let group = heads / kvh;
         let q = (q.reshape((b, kvh, group * tq, d)).unwrap() * scale).unwrap();
-        let scores = q.matmul(&k.t().unwrap()).unwrap().reshape((b, kvh, group, tq, tk)).unwrap();
+        let scores = q
+            .matmul(&k.t().unwrap())
+            .unwrap()
+            .reshape((b, kvh, group, tq, tk))
+            .unwrap();
         let scores = scores.broadcast_add(&mask.unsqueeze(1).unwrap()).unwrap();
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1).unwrap().reshape((b, kvh, group * tq, tk)).unwrap();
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)
+            .unwrap()
+            .reshape((b, kvh, group * tq, tk))
+            .unwrap();
         probs.matmul(v).unwrap().reshape((b, heads, tq, d)).unwrap()
     }
 
     #[test]
     fn attention_gradients_match_finite_differences_in_f64() {
         let mask = causal_mask(2, 3, 1, DType::F64);
-        let inputs = [values(&[2, 4, 3, 4], 50, 1.0, DType::F64), values(&[2, 2, 3, 4], 51, 1.0, DType::F64), values(&[2, 2, 3, 4], 52, 1.0, DType::F64)];
+        let inputs = [
+            values(&[2, 4, 3, 4], 50, 1.0, DType::F64),
+            values(&[2, 2, 3, 4], 51, 1.0, DType::F64),
+            values(&[2, 2, 3, 4], 52, 1.0, DType::F64),
+        ];
         let w = values(&[2, 4, 3, 4], 53, 1.0, DType::F64);
-        finite_differences(&inputs, &[0, 1, 2], |t| (attention(&t[0], &t[1], &t[2], &mask, 0.5).unwrap() * &w).unwrap().sum_all().unwrap());
+        finite_differences(&inputs, &[0, 1, 2], |t| {
+            (attention(&t[0], &t[1], &t[2], &mask, 0.5).unwrap() * &w)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+        });
         let fused = attention(&inputs[0], &inputs[1], &inputs[2], &mask, 0.5).unwrap();
         let generic = generic_attention(&inputs[0], &inputs[1], &inputs[2], &mask, 0.5);
         assert!(max_rel_diff(&fused, &generic, 1.0) < 1e-14);
@@ -1441,10 +2202,34 @@ pub(crate) mod tests {
     #[test]
     fn attention_matches_the_generic_ops_in_f32() {
         let mask = causal_mask(3, 29, 6, DType::F64);
-        let inputs = [values(&[3, 6, 29, 16], 54, 1.0, DType::F64), values(&[3, 2, 29, 16], 55, 1.0, DType::F64), values(&[3, 2, 29, 16], 56, 1.0, DType::F64)];
-        compare_with_generic(&inputs, 2.0, |t| attention(&t[0], &t[1], &t[2], &mask.to_dtype(t[0].dtype()).unwrap(), 0.25).unwrap(), |t| {
-            generic_attention(&t[0], &t[1], &t[2], &mask.to_dtype(t[0].dtype()).unwrap(), 0.25)
-        });
+        let inputs = [
+            values(&[3, 6, 29, 16], 54, 1.0, DType::F64),
+            values(&[3, 2, 29, 16], 55, 1.0, DType::F64),
+            values(&[3, 2, 29, 16], 56, 1.0, DType::F64),
+        ];
+        compare_with_generic(
+            &inputs,
+            2.0,
+            |t| {
+                attention(
+                    &t[0],
+                    &t[1],
+                    &t[2],
+                    &mask.to_dtype(t[0].dtype()).unwrap(),
+                    0.25,
+                )
+                .unwrap()
+            },
+            |t| {
+                generic_attention(
+                    &t[0],
+                    &t[1],
+                    &t[2],
+                    &mask.to_dtype(t[0].dtype()).unwrap(),
+                    0.25,
+                )
+            },
+        );
     }
 
     #[test]
@@ -1453,33 +2238,76 @@ pub(crate) mod tests {
         let mut m = vec![0f64; 2 * 5];
         m[4] = -1e30;
         let mask = Tensor::from_vec(m, (2, 1, 1, 5), &Device::Cpu).unwrap();
-        let inputs = [values(&[2, 4, 1, 8], 57, 1.0, DType::F64), values(&[2, 2, 5, 8], 58, 1.0, DType::F64), values(&[2, 2, 5, 8], 59, 1.0, DType::F64)];
+        let inputs = [
+            values(&[2, 4, 1, 8], 57, 1.0, DType::F64),
+            values(&[2, 2, 5, 8], 58, 1.0, DType::F64),
+            values(&[2, 2, 5, 8], 59, 1.0, DType::F64),
+        ];
         let w = values(&[2, 4, 1, 8], 60, 1.0, DType::F64);
-        finite_differences(&inputs, &[0, 1, 2], |t| (attention(&t[0], &t[1], &t[2], &mask, 0.3).unwrap() * &w).unwrap().sum_all().unwrap());
+        finite_differences(&inputs, &[0, 1, 2], |t| {
+            (attention(&t[0], &t[1], &t[2], &mask, 0.3).unwrap() * &w)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+        });
         let fused = attention(&inputs[0], &inputs[1], &inputs[2], &mask, 0.3).unwrap();
-        assert!(max_rel_diff(&fused, &generic_attention(&inputs[0], &inputs[1], &inputs[2], &mask, 0.3), 1.0) < 1e-14);
+        assert!(
+            max_rel_diff(
+                &fused,
+                &generic_attention(&inputs[0], &inputs[1], &inputs[2], &mask, 0.3),
+                1.0
+            ) < 1e-14
+        );
     }
 
     #[test]
     fn linear_gradients_match_finite_differences_in_f64() {
-        let inputs = [values(&[2, 3, 5], 70, 1.0, DType::F64), values(&[4, 5], 71, 1.0, DType::F64)];
+        let inputs = [
+            values(&[2, 3, 5], 70, 1.0, DType::F64),
+            values(&[4, 5], 71, 1.0, DType::F64),
+        ];
         let w = values(&[2, 3, 4], 72, 1.0, DType::F64);
-        finite_differences(&inputs, &[0, 1], |t| (linear(&t[0], &t[1]).unwrap() * &w).unwrap().sum_all().unwrap());
+        finite_differences(&inputs, &[0, 1], |t| {
+            (linear(&t[0], &t[1]).unwrap() * &w)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+        });
         let generic = inputs[0].broadcast_matmul(&inputs[1].t().unwrap()).unwrap();
         assert!(max_rel_diff(&linear(&inputs[0], &inputs[1]).unwrap(), &generic, 1.0) < 1e-14);
     }
 
     /// With the second input frozen (a plain tensor, as LoRA's base weights are), the op gives it
     /// no gradient and the first input's gradient is the one the trainable case gives.
-    fn frozen_second_input_gets_no_gradient(x: &Tensor, w: &Tensor, f: impl Fn(&Tensor, &Tensor) -> Tensor) {
+    fn frozen_second_input_gets_no_gradient(
+        x: &Tensor,
+        w: &Tensor,
+        f: impl Fn(&Tensor, &Tensor) -> Tensor,
+    ) {
         let (xv, wv) = (Var::from_tensor(x).unwrap(), Var::from_tensor(w).unwrap());
-        let both = f(xv.as_tensor(), wv.as_tensor()).sum_all().unwrap().backward().unwrap();
+        let both = f(xv.as_tensor(), wv.as_tensor())
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         let frozen = f(xv.as_tensor(), w).sum_all().unwrap().backward().unwrap();
         assert!(frozen.get(w).is_none());
-        let (a, b) = (both.get(xv.as_tensor()).unwrap(), frozen.get(xv.as_tensor()).unwrap());
-        assert_eq!(a.flatten_all().unwrap().to_vec1::<f64>().unwrap(), b.flatten_all().unwrap().to_vec1::<f64>().unwrap());
+        let (a, b) = (
+            both.get(xv.as_tensor()).unwrap(),
+            frozen.get(xv.as_tensor()).unwrap(),
+        );
+        assert_eq!(
+            a.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+            b.flatten_all().unwrap().to_vec1::<f64>().unwrap()
+        );
         // Nothing to differentiate: no gradient at all.
-        assert!(f(x, w).sum_all().unwrap().backward().unwrap().get(x).is_none());
+        assert!(f(x, w)
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap()
+            .get(x)
+            .is_none());
     }
 
     #[test]
@@ -1490,12 +2318,22 @@ pub(crate) mod tests {
         let rows = values(&[7, 6], 82, 1.0, DType::F64);
         let head = values(&[11, 6], 83, 1.0, DType::F64);
         let targets = [0u32, 3, 10, 5, 5, 1, 9];
-        frozen_second_input_gets_no_gradient(&rows, &head, |r, h| token_logprobs(r, h, &targets, 3).unwrap());
+        frozen_second_input_gets_no_gradient(&rows, &head, |r, h| {
+            token_logprobs(r, h, &targets, 3).unwrap()
+        });
     }
 
     #[test]
     fn linear_matches_the_generic_ops_in_f32() {
-        let inputs = [values(&[4, 37, 48], 73, 1.0, DType::F64), values(&[40, 48], 74, 0.2, DType::F64)];
-        compare_with_generic(&inputs, 2.0, |t| linear(&t[0], &t[1]).unwrap(), |t| t[0].broadcast_matmul(&t[1].t().unwrap()).unwrap());
+        let inputs = [
+            values(&[4, 37, 48], 73, 1.0, DType::F64),
+            values(&[40, 48], 74, 0.2, DType::F64),
+        ];
+        compare_with_generic(
+            &inputs,
+            2.0,
+            |t| linear(&t[0], &t[1]).unwrap(),
+            |t| t[0].broadcast_matmul(&t[1].t().unwrap()).unwrap(),
+        );
     }
 }

@@ -9,9 +9,9 @@
 
 use crate::transformer::{KvCache, Segment, Transformer};
 use anyhow::{bail, Result};
-use rayon::prelude::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 
 #[derive(Debug, Clone)]
 pub struct SamplingParams {
@@ -92,10 +92,15 @@ pub fn sample_token(logits: &[f32], params: &SamplingParams, rng: &mut ChaCha8Rn
     }
     let inv_t = 1.0 / params.temperature;
     let top = logits[best] as f64;
-    let weight = |t: usize| crate::decode::exp_f32(((logits[t] as f64 - top) * inv_t) as f32) as f64;
+    let weight =
+        |t: usize| crate::decode::exp_f32(((logits[t] as f64 - top) * inv_t) as f32) as f64;
     let vocab = logits.len();
     let top_k = params.top_k.filter(|&k| k > 0 && k < vocab);
-    let by_probability = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+    let by_probability = |a: &u32, b: &u32| {
+        logits[*b as usize]
+            .total_cmp(&logits[*a as usize])
+            .then(a.cmp(b))
+    };
     if top_k.is_none() && params.top_p >= 1.0 {
         // The whole vocabulary: draw in id order, no sorting needed.
         let weights: Vec<f64> = (0..vocab).map(weight).collect();
@@ -161,7 +166,10 @@ fn draw(
         u -= w;
     }
     // Rounding left u past the end: the last token with any weight.
-    let last = weights.iter().rposition(|w| *w > 0.0).unwrap_or(weights.len() - 1);
+    let last = weights
+        .iter()
+        .rposition(|w| *w > 0.0)
+        .unwrap_or(weights.len() - 1);
     (token(last) as u32, logp(token(last)))
 }
 
@@ -203,7 +211,11 @@ pub fn generate(
     if let Some(empty) = requests.iter().position(|r| r.prompt_ids.is_empty()) {
         bail!("request {empty}: empty prompt");
     }
-    let longest = requests.iter().map(|r| r.prompt_ids.len()).max().unwrap_or(0);
+    let longest = requests
+        .iter()
+        .map(|r| r.prompt_ids.len())
+        .max()
+        .unwrap_or(0);
     let capacity = longest + params.max_new_tokens;
     if capacity > model.max_positions() {
         bail!(
@@ -243,7 +255,10 @@ pub fn generate(
                 pending: None,
             });
         }
-        let pending: Vec<[u32; 1]> = active.iter().map(|a| [a.as_ref().and_then(|s| s.pending).unwrap_or(0)]).collect();
+        let pending: Vec<[u32; 1]> = active
+            .iter()
+            .map(|a| [a.as_ref().and_then(|s| s.pending).unwrap_or(0)])
+            .collect();
         let segments: Vec<Segment> = active
             .iter()
             .enumerate()
@@ -262,13 +277,18 @@ pub fn generate(
         let finished = on_worker(|| -> Result<Vec<(usize, Generation)>> {
             let logits = model.feed(&segments, &mut cache)?;
             let width = logits.len() / segments.len();
-            let mut states: Vec<(usize, &mut Active)> =
-                active.iter_mut().enumerate().filter_map(|(slot, a)| Some((slot, a.as_mut()?))).collect();
+            let mut states: Vec<(usize, &mut Active)> = active
+                .iter_mut()
+                .enumerate()
+                .filter_map(|(slot, a)| Some((slot, a.as_mut()?)))
+                .collect();
             // Each sequence samples from its own row with its own random stream: in parallel.
             Ok(states
                 .par_iter_mut()
                 .zip(logits.par_chunks(width))
-                .filter_map(|((slot, state), row)| Some((*slot, advance(state, row, params, eos_ids)?)))
+                .filter_map(|((slot, state), row)| {
+                    Some((*slot, advance(state, row, params, eos_ids)?))
+                })
                 .collect())
         })?;
         for (slot, done) in finished {
@@ -277,7 +297,10 @@ pub fn generate(
             results[state.request] = Some(done);
         }
     }
-    Ok(results.into_iter().map(|r| r.expect("every request finishes")).collect())
+    Ok(results
+        .into_iter()
+        .map(|r| r.expect("every request finishes"))
+        .collect())
 }
 
 /// Runs `f` on a worker of rayon's pool. The kernels' parallel regions are then forked from a
@@ -292,7 +315,12 @@ fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 }
 
 /// Samples the next token from `logits`; returns the finished generation when it ends here.
-fn advance(state: &mut Active, logits: &[f32], params: &SamplingParams, eos_ids: &[u32]) -> Option<Generation> {
+fn advance(
+    state: &mut Active,
+    logits: &[f32],
+    params: &SamplingParams,
+    eos_ids: &[u32],
+) -> Option<Generation> {
     let (token, logp) = sample_token(logits, params, &mut state.rng);
     state.tokens.push(token);
     state.logp += logp;
@@ -304,7 +332,11 @@ fn advance(state: &mut Active, logits: &[f32], params: &SamplingParams, eos_ids:
     } else {
         None
     };
-    finish.map(|finish| Generation { tokens: std::mem::take(&mut state.tokens), finish, logp: state.logp })
+    finish.map(|finish| Generation {
+        tokens: std::mem::take(&mut state.tokens),
+        finish,
+        logp: state.logp,
+    })
 }
 
 #[cfg(test)]
@@ -312,7 +344,12 @@ mod tests {
     use super::*;
 
     fn params(temperature: f64, top_p: f64, top_k: Option<usize>) -> SamplingParams {
-        SamplingParams { temperature, top_p, top_k, max_new_tokens: 1 }
+        SamplingParams {
+            temperature,
+            top_p,
+            top_k,
+            max_new_tokens: 1,
+        }
     }
 
     #[test]
@@ -332,7 +369,10 @@ mod tests {
         let logits = [2.0f32, 3.0, 0.0, 0.0];
         let mut rng = ChaCha8Rng::seed_from_u64(1);
         for _ in 0..200 {
-            assert_eq!(sample_token(&logits, &params(1.0, 0.5, None), &mut rng).0, 1);
+            assert_eq!(
+                sample_token(&logits, &params(1.0, 0.5, None), &mut rng).0,
+                1
+            );
             let (t, _) = sample_token(&logits, &params(1.0, 1.0, Some(2)), &mut rng);
             assert!(t == 0 || t == 1);
         }
@@ -341,13 +381,19 @@ mod tests {
     /// The nucleus by sorting the whole vocabulary, as the definition reads.
     fn sample_by_full_sort(logits: &[f32], params: &SamplingParams, rng: &mut ChaCha8Rng) -> u32 {
         let top = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let weight = |t: usize| crate::decode::exp_f32(((logits[t] as f64 - top) / params.temperature) as f32) as f64;
+        let weight = |t: usize| {
+            crate::decode::exp_f32(((logits[t] as f64 - top) / params.temperature) as f32) as f64
+        };
         let mut order: Vec<usize> = (0..logits.len()).collect();
         order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
         if let Some(k) = params.top_k {
             order.truncate(k);
         }
-        let total: f64 = if params.top_k.is_some() { order.iter().map(|&t| weight(t)).sum() } else { (0..logits.len()).map(weight).sum() };
+        let total: f64 = if params.top_k.is_some() {
+            order.iter().map(|&t| weight(t)).sum()
+        } else {
+            (0..logits.len()).map(weight).sum()
+        };
         let mut keep = order.len();
         let mut cumulative = 0.0;
         for (i, &t) in order.iter().enumerate() {
@@ -369,14 +415,27 @@ mod tests {
             let vocab = [5, 300, 5000][case % 3];
             // Peaked and flat distributions, with ties.
             let spread = [0.5, 4.0, 12.0][case % 3];
-            let logits: Vec<f32> = (0..vocab).map(|_| ((data.random::<f64>() * spread * 4.0).round() / 4.0) as f32).collect();
-            let params = params([0.7, 1.0, 1.5][case % 3], [0.5, 0.9, 0.99, 1.0][case % 4], [None, Some(3), Some(40)][case % 3]);
+            let logits: Vec<f32> = (0..vocab)
+                .map(|_| ((data.random::<f64>() * spread * 4.0).round() / 4.0) as f32)
+                .collect();
+            let params = params(
+                [0.7, 1.0, 1.5][case % 3],
+                [0.5, 0.9, 0.99, 1.0][case % 4],
+                [None, Some(3), Some(40)][case % 3],
+            );
             if params.top_p >= 1.0 && params.top_k.is_none() {
                 continue;
             }
-            let (mut a, mut b) = (ChaCha8Rng::seed_from_u64(case as u64), ChaCha8Rng::seed_from_u64(case as u64));
+            let (mut a, mut b) = (
+                ChaCha8Rng::seed_from_u64(case as u64),
+                ChaCha8Rng::seed_from_u64(case as u64),
+            );
             for _ in 0..20 {
-                assert_eq!(sample_token(&logits, &params, &mut a).0, sample_by_full_sort(&logits, &params, &mut b), "case {case}");
+                assert_eq!(
+                    sample_token(&logits, &params, &mut a).0,
+                    sample_by_full_sort(&logits, &params, &mut b),
+                    "case {case}"
+                );
             }
         }
     }
@@ -385,7 +444,9 @@ mod tests {
     fn sampling_follows_the_distribution() {
         let logits = [0.0f32, (3.0f32).ln()];
         let mut rng = ChaCha8Rng::seed_from_u64(7);
-        let ones = (0..20000).filter(|_| sample_token(&logits, &params(1.0, 1.0, None), &mut rng).0 == 1).count();
+        let ones = (0..20000)
+            .filter(|_| sample_token(&logits, &params(1.0, 1.0, None), &mut rng).0 == 1)
+            .count();
         let share = ones as f64 / 20000.0;
         assert!((share - 0.75).abs() < 0.015, "{share}");
     }

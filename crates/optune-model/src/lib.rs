@@ -17,7 +17,9 @@ pub mod runtime;
 pub mod tokenizer;
 pub mod transformer;
 
-pub use checkpoint::{load_model, save_checkpoint, save_checkpoint_with, Checkpoint, CheckpointMeta};
+pub use checkpoint::{
+    load_model, save_checkpoint, save_checkpoint_with, Checkpoint, CheckpointMeta,
+};
 pub use config::{Family, ModelConfig};
 pub use logprobs::{sequence_logprobs, sequence_scores, SequenceLogprobs, TokenizedPair};
 pub use tokenizer::{ChatMessage, ChatTokenizer, Prompt};

@@ -23,9 +23,19 @@ impl DropoutStream {
         let keep = 1.0 - p;
         let mask: Vec<f32> = {
             let mut rng = self.0.lock().expect("dropout stream lock");
-            (0..x.elem_count()).map(|_| if rng.random::<f32>() < keep { 1.0 / keep } else { 0.0 }).collect()
+            (0..x.elem_count())
+                .map(|_| {
+                    if rng.random::<f32>() < keep {
+                        1.0 / keep
+                    } else {
+                        0.0
+                    }
+                })
+                .collect()
         };
-        let mask = Tensor::from_vec(mask, x.shape(), &Device::Cpu)?.to_device(x.device())?.to_dtype(x.dtype())?;
+        let mask = Tensor::from_vec(mask, x.shape(), &Device::Cpu)?
+            .to_device(x.device())?
+            .to_dtype(x.dtype())?;
         x * mask
     }
 }
@@ -73,7 +83,11 @@ pub struct Linear {
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias, lora: None }
+        Self {
+            weight,
+            bias,
+            lora: None,
+        }
     }
 
     /// `x [.., in] → [.., out]`.
@@ -96,7 +110,9 @@ impl Linear {
     /// The LoRA adapter's contribution `scale · dropout(x) Aᵀ Bᵀ` for `x [.., in]`, shaped
     /// `[.., out]`; `None` without an adapter or with adapters switched off.
     pub fn adapter_delta(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        let Some(lora) = &self.lora else { return Ok(None) };
+        let Some(lora) = &self.lora else {
+            return Ok(None);
+        };
         if !lora.enabled.load(Ordering::Relaxed) {
             return Ok(None);
         }
@@ -137,7 +153,15 @@ mod tests {
     #[test]
     fn dropout_keeps_one_minus_p_scaled_and_repeats_with_the_seed() {
         let x = Tensor::ones((200, 50), candle_core::DType::F32, &Device::Cpu).unwrap();
-        let masked = |seed| DropoutStream::new(seed).apply(&x, 0.25).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let masked = |seed| {
+            DropoutStream::new(seed)
+                .apply(&x, 0.25)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
         let a = masked(7);
         let kept = a.iter().filter(|&&v| v != 0.0).count() as f64 / a.len() as f64;
         // 10000 draws: the kept fraction's standard deviation is 0.0043.

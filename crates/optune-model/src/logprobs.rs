@@ -22,7 +22,8 @@ impl SequenceLogprobs {
     /// Per-token mean log-probs `[batch]`.
     pub fn means(&self) -> candle_core::Result<Tensor> {
         let counts: Vec<f32> = self.token_counts.iter().map(|&c| c.max(1) as f32).collect();
-        let counts = Tensor::from_vec(counts, self.token_counts.len(), self.sums.device())?.to_dtype(self.sums.dtype())?;
+        let counts = Tensor::from_vec(counts, self.token_counts.len(), self.sums.device())?
+            .to_dtype(self.sums.dtype())?;
         self.sums.div(&counts)
     }
 }
@@ -33,12 +34,20 @@ const CHUNK_ROWS: usize = crate::fused::HEAD_CHUNK_ROWS;
 
 /// `log p(response | prompt)` summed over response tokens, for a batch run as one right-padded
 /// forward pass. Prompt tokens are masked out of the sum.
-pub fn sequence_logprobs(model: &Transformer, pairs: &[TokenizedPair], pad_id: u32) -> Result<SequenceLogprobs> {
+pub fn sequence_logprobs(
+    model: &Transformer,
+    pairs: &[TokenizedPair],
+    pad_id: u32,
+) -> Result<SequenceLogprobs> {
     let mut sequences = Vec::with_capacity(pairs.len());
     let mut predictor_rows = Vec::new();
     let mut targets = Vec::new();
     let mut owners = Vec::new();
-    let seq_len = pairs.iter().map(|p| p.prompt.len() + p.response.len()).max().unwrap_or(0);
+    let seq_len = pairs
+        .iter()
+        .map(|p| p.prompt.len() + p.response.len())
+        .max()
+        .unwrap_or(0);
     for (b, pair) in pairs.iter().enumerate() {
         if pair.prompt.is_empty() {
             bail!("pair {b}: empty prompt (at least one prompt token is needed to predict the response)");
@@ -67,9 +76,13 @@ pub fn sequence_logprobs(model: &Transformer, pairs: &[TokenizedPair], pad_id: u
     for (i, &b) in owners.iter().enumerate() {
         membership[b * targets.len() + i] = 1.0;
     }
-    let membership = Tensor::from_vec(membership, (pairs.len(), targets.len()), device)?.to_dtype(token_logps.dtype())?;
+    let membership = Tensor::from_vec(membership, (pairs.len(), targets.len()), device)?
+        .to_dtype(token_logps.dtype())?;
     let sums = membership.matmul(&token_logps.unsqueeze(1)?)?.squeeze(1)?;
-    Ok(SequenceLogprobs { sums, token_counts: pairs.iter().map(|p| p.response.len()).collect() })
+    Ok(SequenceLogprobs {
+        sums,
+        token_counts: pairs.iter().map(|p| p.response.len()).collect(),
+    })
 }
 
 /// `log softmax(head(rows))[target]` for each row, `[rows]`, computed in chunks: on the CPU in
@@ -80,7 +93,9 @@ pub fn token_logprobs(model: &Transformer, rows: &Tensor, targets: &[u32]) -> Re
         OutputHead::LanguageModel { weight, .. } | OutputHead::Score { weight } => weight,
     };
     if crate::fused::supported(rows) && rows.dtype() == weight.dtype() {
-        return Ok(crate::fused::token_logprobs(rows, weight, targets, CHUNK_ROWS)?);
+        return Ok(crate::fused::token_logprobs(
+            rows, weight, targets, CHUNK_ROWS,
+        )?);
     }
     token_logprobs_generic(model, rows, targets)
 }
@@ -88,7 +103,11 @@ pub fn token_logprobs(model: &Transformer, rows: &Tensor, targets: &[u32]) -> Re
 /// [`token_logprobs`] from candle's generic ops, chunk by chunk (autograd keeps every chunk's
 /// logits until the backward pass): the path for other devices and dtypes, and the reference the
 /// fused op is tested against.
-pub fn token_logprobs_generic(model: &Transformer, rows: &Tensor, targets: &[u32]) -> Result<Tensor> {
+pub fn token_logprobs_generic(
+    model: &Transformer,
+    rows: &Tensor,
+    targets: &[u32],
+) -> Result<Tensor> {
     let n = rows.dim(0)?;
     let device = rows.device();
     let mut parts = Vec::with_capacity(n.div_ceil(CHUNK_ROWS));
@@ -113,7 +132,17 @@ pub fn sequence_scores(model: &Transformer, sequences: &[Vec<u32>], pad_id: u32)
     let batch = PaddedBatch::right_padded(sequences, pad_id, device)?;
     let (b, t) = batch.dims();
     let hidden = model.hidden_states(&batch)?;
-    let last: Vec<u32> = sequences.iter().enumerate().map(|(i, s)| (i * t + s.len() - 1) as u32).collect();
-    let rows = hidden.reshape((b * t, hidden.dim(D::Minus1)?))?.index_select(&Tensor::new(last.as_slice(), device)?, 0)?;
-    Ok(model.head_logits(&rows)?.narrow(1, 0, 1)?.squeeze(1)?.to_dtype(DType::F32)?)
+    let last: Vec<u32> = sequences
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (i * t + s.len() - 1) as u32)
+        .collect();
+    let rows = hidden
+        .reshape((b * t, hidden.dim(D::Minus1)?))?
+        .index_select(&Tensor::new(last.as_slice(), device)?, 0)?;
+    Ok(model
+        .head_logits(&rows)?
+        .narrow(1, 0, 1)?
+        .squeeze(1)?
+        .to_dtype(DType::F32)?)
 }

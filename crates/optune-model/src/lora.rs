@@ -54,11 +54,19 @@ impl LoraAdapters {
             "use_dora": false,
             "modules_to_save": null,
         });
-        std::fs::write(dir.join("adapter_config.json"), serde_json::to_vec_pretty(&config)?)?;
+        std::fs::write(
+            dir.join("adapter_config.json"),
+            serde_json::to_vec_pretty(&config)?,
+        )?;
         let tensors: Vec<(String, Tensor)> = self
             .vars
             .iter()
-            .map(|(name, var)| Ok((format!("base_model.model.{name}"), var.as_tensor().to_dtype(DType::F32)?)))
+            .map(|(name, var)| {
+                Ok((
+                    format!("base_model.model.{name}"),
+                    var.as_tensor().to_dtype(DType::F32)?,
+                ))
+            })
             .collect::<Result<_>>()?;
         crate::checkpoint::write_safetensors(&tensors, &dir.join("adapter_model.safetensors"))
     }
@@ -67,7 +75,11 @@ impl LoraAdapters {
 /// Attaches fresh adapters to every linear whose module name ends with one of the targets:
 /// `A` drawn uniformly in ±1/√in (PEFT's Kaiming-uniform default), `B` zero, so the adapted model
 /// starts equal to the base. `seed` also seeds the dropout masks.
-pub fn attach_lora(model: &mut Transformer, config: &LoraConfig, seed: u64) -> Result<LoraAdapters> {
+pub fn attach_lora(
+    model: &mut Transformer,
+    config: &LoraConfig,
+    seed: u64,
+) -> Result<LoraAdapters> {
     if config.rank == 0 {
         bail!("--lora-rank must be at least 1");
     }
@@ -89,12 +101,21 @@ pub fn attach_lora(model: &mut Transformer, config: &LoraConfig, seed: u64) -> R
     let mut vars = Vec::new();
     let mut matched = std::collections::BTreeSet::new();
     for (name, linear) in model.linears_mut() {
-        let Some(target) = config.targets.iter().find(|t| name.ends_with(&format!(".{t}"))) else { continue };
+        let Some(target) = config
+            .targets
+            .iter()
+            .find(|t| name.ends_with(&format!(".{t}")))
+        else {
+            continue;
+        };
         matched.insert(target.clone());
         let (out, inp) = linear.weight.dims2()?;
         let bound = 1.0 / (inp as f64).sqrt();
-        let a: Vec<f32> = (0..config.rank * inp).map(|_| ((uniform() * 2.0 - 1.0) * bound) as f32).collect();
-        let a = Var::from_tensor(&Tensor::from_vec(a, (config.rank, inp), &device)?.to_dtype(dtype)?)?;
+        let a: Vec<f32> = (0..config.rank * inp)
+            .map(|_| ((uniform() * 2.0 - 1.0) * bound) as f32)
+            .collect();
+        let a =
+            Var::from_tensor(&Tensor::from_vec(a, (config.rank, inp), &device)?.to_dtype(dtype)?)?;
         let b = Var::zeros((out, config.rank), dtype, &device)?;
         linear.lora = Some(LoraAdapter {
             a: a.as_tensor().clone(),
@@ -111,5 +132,10 @@ pub fn attach_lora(model: &mut Transformer, config: &LoraConfig, seed: u64) -> R
     if let Some(missing) = config.targets.iter().find(|t| !matched.contains(*t)) {
         bail!("--lora-targets '{missing}' matches no linear layer (expected q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)");
     }
-    Ok(LoraAdapters { config: config.clone(), vars, enabled, training })
+    Ok(LoraAdapters {
+        config: config.clone(),
+        vars,
+        enabled,
+        training,
+    })
 }

@@ -17,7 +17,11 @@ pub fn inverse_frequencies(config: &ModelConfig) -> Vec<f64> {
     let base: Vec<f64> = (0..dim / 2)
         .map(|i| 1.0 / config.rope_theta.powf((2 * i) as f64 / dim as f64))
         .collect();
-    let Some(scaling) = config.rope_scaling.as_ref().filter(|s| s.rope_type == "llama3") else {
+    let Some(scaling) = config
+        .rope_scaling
+        .as_ref()
+        .filter(|s| s.rope_type == "llama3")
+    else {
         return base;
     };
     let factor = scaling.factor.unwrap_or(8.0);

@@ -62,7 +62,8 @@ pub fn init(threads: Option<usize>) -> Result<()> {
         // Before anything else runs: candle reads it once, when it first needs the pool.
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
-    let mut builder = rayon::ThreadPoolBuilder::new().start_handler(|_| flush_denormals_on_this_thread());
+    let mut builder =
+        rayon::ThreadPoolBuilder::new().start_handler(|_| flush_denormals_on_this_thread());
     if let Some(n) = threads {
         builder = builder.num_threads(n);
     }
@@ -77,14 +78,18 @@ pub fn init(threads: Option<usize>) -> Result<()> {
 pub fn device(spec: Option<&str>) -> Result<candle_core::Device> {
     use candle_core::Device;
     match spec {
-        None if candle_core::utils::cuda_is_available() => Ok(Device::new_cuda(0).unwrap_or(Device::Cpu)),
+        None if candle_core::utils::cuda_is_available() => {
+            Ok(Device::new_cuda(0).unwrap_or(Device::Cpu))
+        }
         None | Some("cpu") => Ok(Device::Cpu),
         Some("cuda") => Device::new_cuda(0).map_err(|e| anyhow::anyhow!("--device cuda: {e}")),
         Some(other) => {
             let ordinal = other
                 .strip_prefix("cuda:")
                 .and_then(|n| n.parse::<usize>().ok())
-                .ok_or_else(|| anyhow::anyhow!("--device '{other}': expected cpu, cuda or cuda:N"))?;
+                .ok_or_else(|| {
+                    anyhow::anyhow!("--device '{other}': expected cpu, cuda or cuda:N")
+                })?;
             Device::new_cuda(ordinal).map_err(|e| anyhow::anyhow!("--device {other}: {e}"))
         }
     }
@@ -107,7 +112,11 @@ pub fn dtype(spec: Option<&str>, device: &candle_core::Device) -> Result<candle_
 pub fn peak_rss_mb() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse::<f64>().ok().map(|kb| kb / 1024.0)
+    line.split_whitespace()
+        .nth(1)?
+        .parse::<f64>()
+        .ok()
+        .map(|kb| kb / 1024.0)
 }
 
 #[cfg(test)]
@@ -133,12 +142,21 @@ mod tests {
         assert!(flags.iter().all(|&f| f), "workers without FTZ: {flags:?}");
         // And the flag really changes arithmetic: a denormal product flushes to zero.
         let tiny = std::hint::black_box(1e-30f32);
-        let flushed = rayon::broadcast(|_| std::hint::black_box(tiny) * std::hint::black_box(1e-10f32));
+        let flushed =
+            rayon::broadcast(|_| std::hint::black_box(tiny) * std::hint::black_box(1e-10f32));
         assert!(flushed.iter().all(|&x| x == 0.0), "{flushed:?}");
         // candle's own elementwise pool: every thread that runs its work flushes too.
         let pool_flags = std::sync::Mutex::new(Vec::new());
-        candle_core::utils::barrier_pool().execute(|_| pool_flags.lock().unwrap().push(denormals_flushed_on_this_thread()));
+        candle_core::utils::barrier_pool().execute(|_| {
+            pool_flags
+                .lock()
+                .unwrap()
+                .push(denormals_flushed_on_this_thread())
+        });
         let pool_flags = pool_flags.into_inner().unwrap();
-        assert!(!pool_flags.is_empty() && pool_flags.iter().all(|&f| f), "candle pool threads without FTZ: {pool_flags:?}");
+        assert!(
+            !pool_flags.is_empty() && pool_flags.iter().all(|&f| f),
+            "candle pool threads without FTZ: {pool_flags:?}"
+        );
     }
 }

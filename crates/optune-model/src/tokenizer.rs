@@ -18,7 +18,10 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Self { role: role.into(), content: content.into() }
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
     }
 }
 
@@ -67,7 +70,8 @@ impl ChatTokenizer {
             .with_context(|| format!("reading {}", tok_path.display()))?;
         let cfg_path = dir.join("tokenizer_config.json");
         let config: Value = match std::fs::read_to_string(&cfg_path) {
-            Ok(text) => serde_json::from_str(&text).with_context(|| format!("parsing {}", cfg_path.display()))?,
+            Ok(text) => serde_json::from_str(&text)
+                .with_context(|| format!("parsing {}", cfg_path.display()))?,
             Err(_) => Value::Object(Default::default()),
         };
         let mut tokenizer = Self::from_parts(&tokenizer_json, &config)
@@ -111,19 +115,29 @@ impl ChatTokenizer {
     }
 
     /// Renders `messages` with the chat template.
-    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
-        let template = self
-            .template
-            .as_deref()
-            .context("the tokenizer has no chat_template: give prompts as raw text or add a template")?;
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let template = self.template.as_deref().context(
+            "the tokenizer has no chat_template: give prompts as raw text or add a template",
+        )?;
         let mut env = minijinja::Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |message: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, message))
-        });
-        env.add_template("chat", template).context("parsing the chat template")?;
+        env.add_function(
+            "raise_exception",
+            |message: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    message,
+                ))
+            },
+        );
+        env.add_template("chat", template)
+            .context("parsing the chat template")?;
         let rendered = env
             .get_template("chat")?
             .render(minijinja::context! {
@@ -152,13 +166,18 @@ impl ChatTokenizer {
 
     /// Token ids of `text`, without adding special tokens (templates write them themselves).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let encoding = self.tokenizer.encode(text, false).map_err(|e| anyhow!("tokenizing: {e}"))?;
+        let encoding = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| anyhow!("tokenizing: {e}"))?;
         Ok(encoding.get_ids().to_vec())
     }
 
     /// Text of `ids`, skipping special tokens.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.tokenizer.decode(ids, true).map_err(|e| anyhow!("decoding: {e}"))
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| anyhow!("decoding: {e}"))
     }
 
     /// Prompt and response token ids by TRL's rule: the prompt is the templated prompt tokenised

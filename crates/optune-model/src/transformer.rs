@@ -9,11 +9,11 @@
 //!   whose slots can hold sequences of different lengths (continuous batching).
 
 use crate::config::ModelConfig;
+use crate::decode;
 use crate::fused;
 use crate::linear::Linear;
 use crate::rope::{apply_rotary, RotaryTables};
 use anyhow::{bail, Context};
-use crate::decode;
 use candle_core::{CpuStorage, DType, Device, Result, Storage, StorageRef, Tensor, D};
 use std::collections::HashMap;
 
@@ -113,7 +113,10 @@ impl WeightMap {
             format!("missing weight '{name}' (expected shape {shape:?}) in the checkpoint")
         })?;
         if tensor.dims() != shape {
-            bail!("weight '{name}' has shape {:?}, expected {shape:?}", tensor.dims());
+            bail!(
+                "weight '{name}' has shape {:?}, expected {shape:?}",
+                tensor.dims()
+            );
         }
         Ok(tensor)
     }
@@ -126,9 +129,19 @@ impl WeightMap {
         }
     }
 
-    fn linear(&mut self, prefix: &str, out: usize, inp: usize, bias: bool) -> anyhow::Result<Linear> {
+    fn linear(
+        &mut self,
+        prefix: &str,
+        out: usize,
+        inp: usize,
+        bias: bool,
+    ) -> anyhow::Result<Linear> {
         let weight = self.take(&format!("{prefix}.weight"), &[out, inp])?;
-        let bias = if bias { Some(self.take(&format!("{prefix}.bias"), &[out])?) } else { None };
+        let bias = if bias {
+            Some(self.take(&format!("{prefix}.bias"), &[out])?)
+        } else {
+            None
+        };
         Ok(Linear::new(weight, bias))
     }
 }
@@ -148,8 +161,12 @@ fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     }
     let dtype = x.dtype();
     let x32 = x.to_dtype(accumulation_dtype(dtype))?;
-    let inv_rms = (x32.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
-    x32.broadcast_mul(&inv_rms)?.to_dtype(dtype)?.broadcast_mul(weight)
+    let inv_rms = (x32.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?;
+    x32.broadcast_mul(&inv_rms)?
+        .to_dtype(dtype)?
+        .broadcast_mul(weight)
 }
 
 fn silu(x: &Tensor) -> Result<Tensor> {
@@ -180,7 +197,9 @@ impl Rows {
             Rows::Free => linear.forward(x),
             Rows::Fixed => {
                 let (b, t, h) = x.dims3()?;
-                linear.forward_fixed_rows(&x.reshape((b * t, h))?)?.reshape((b, t, ()))
+                linear
+                    .forward_fixed_rows(&x.reshape((b * t, h))?)?
+                    .reshape((b, t, ()))
             }
         }
     }
@@ -190,7 +209,11 @@ impl Mlp {
     fn forward(&self, x: &Tensor, rows: Rows) -> Result<Tensor> {
         let gate = rows.apply(&self.gate_proj, x)?;
         let up = rows.apply(&self.up_proj, x)?;
-        let act = if fused::supported(&gate) { fused::silu_mul(&gate, &up)? } else { (silu(&gate)? * up)? };
+        let act = if fused::supported(&gate) {
+            fused::silu_mul(&gate, &up)?
+        } else {
+            (silu(&gate)? * up)?
+        };
         rows.apply(&self.down_proj, &act)
     }
 }
@@ -206,7 +229,11 @@ impl Transformer {
     ) -> anyhow::Result<Self> {
         config.family()?;
         let mut weights = WeightMap::new(tensors);
-        let (h, v, i) = (config.hidden_size, config.vocab_size, config.intermediate_size);
+        let (h, v, i) = (
+            config.hidden_size,
+            config.vocab_size,
+            config.intermediate_size,
+        );
         let head_dim = config.head_dim();
         let q_out = config.num_attention_heads * head_dim;
         let kv_out = config.num_kv_heads() * head_dim;
@@ -219,27 +246,63 @@ impl Transformer {
             layers.push(Block {
                 input_layernorm: weights.take(&format!("{p}.input_layernorm.weight"), &[h])?,
                 self_attn: Attention {
-                    q_proj: weights.linear(&format!("{attn}.q_proj"), q_out, h, config.qkv_bias())?,
-                    k_proj: weights.linear(&format!("{attn}.k_proj"), kv_out, h, config.qkv_bias())?,
-                    v_proj: weights.linear(&format!("{attn}.v_proj"), kv_out, h, config.qkv_bias())?,
+                    q_proj: weights.linear(
+                        &format!("{attn}.q_proj"),
+                        q_out,
+                        h,
+                        config.qkv_bias(),
+                    )?,
+                    k_proj: weights.linear(
+                        &format!("{attn}.k_proj"),
+                        kv_out,
+                        h,
+                        config.qkv_bias(),
+                    )?,
+                    v_proj: weights.linear(
+                        &format!("{attn}.v_proj"),
+                        kv_out,
+                        h,
+                        config.qkv_bias(),
+                    )?,
                     o_proj: weights.linear(&format!("{attn}.o_proj"), h, q_out, config.o_bias())?,
                 },
                 post_attention_layernorm: weights
                     .take(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
                 mlp: Mlp {
-                    gate_proj: weights.linear(&format!("{mlp}.gate_proj"), i, h, config.mlp_bias())?,
+                    gate_proj: weights.linear(
+                        &format!("{mlp}.gate_proj"),
+                        i,
+                        h,
+                        config.mlp_bias(),
+                    )?,
                     up_proj: weights.linear(&format!("{mlp}.up_proj"), i, h, config.mlp_bias())?,
-                    down_proj: weights.linear(&format!("{mlp}.down_proj"), h, i, config.mlp_bias())?,
+                    down_proj: weights.linear(
+                        &format!("{mlp}.down_proj"),
+                        h,
+                        i,
+                        config.mlp_bias(),
+                    )?,
                 },
             });
         }
         let norm = weights.take("model.norm.weight", &[h])?;
         let head = if let Some(labels) = config.label_count().filter(|_| is_classifier(config)) {
-            OutputHead::Score { weight: weights.take("score.weight", &[labels, h])? }
-        } else if let Some(w) = weights.take_optional("lm_head.weight", &[v, h])?.filter(|_| !config.tie_word_embeddings) {
-            OutputHead::LanguageModel { weight: w, tied: false }
+            OutputHead::Score {
+                weight: weights.take("score.weight", &[labels, h])?,
+            }
+        } else if let Some(w) = weights
+            .take_optional("lm_head.weight", &[v, h])?
+            .filter(|_| !config.tie_word_embeddings)
+        {
+            OutputHead::LanguageModel {
+                weight: w,
+                tied: false,
+            }
         } else if config.tie_word_embeddings {
-            OutputHead::LanguageModel { weight: embed_tokens.clone(), tied: true }
+            OutputHead::LanguageModel {
+                weight: embed_tokens.clone(),
+                tied: true,
+            }
         } else {
             bail!("missing weight 'lm_head.weight' and tie_word_embeddings is false");
         };
@@ -273,12 +336,21 @@ impl Transformer {
         Ok(())
     }
 
-    fn for_each_tensor_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor) -> Result<()>) -> Result<()> {
+    fn for_each_tensor_mut(
+        &mut self,
+        f: &mut dyn FnMut(&str, &mut Tensor) -> Result<()>,
+    ) -> Result<()> {
         f("model.embed_tokens.weight", &mut self.embed_tokens)?;
         for (l, block) in self.layers.iter_mut().enumerate() {
             let p = format!("model.layers.{l}");
-            f(&format!("{p}.input_layernorm.weight"), &mut block.input_layernorm)?;
-            f(&format!("{p}.post_attention_layernorm.weight"), &mut block.post_attention_layernorm)?;
+            f(
+                &format!("{p}.input_layernorm.weight"),
+                &mut block.input_layernorm,
+            )?;
+            f(
+                &format!("{p}.post_attention_layernorm.weight"),
+                &mut block.post_attention_layernorm,
+            )?;
             for (name, lin) in block.linears_mut() {
                 f(&format!("{p}.{name}.weight"), &mut lin.weight)?;
                 if let Some(b) = &mut lin.bias {
@@ -288,7 +360,10 @@ impl Transformer {
         }
         f("model.norm.weight", &mut self.norm)?;
         match &mut self.head {
-            OutputHead::LanguageModel { weight, tied: false } => f("lm_head.weight", weight)?,
+            OutputHead::LanguageModel {
+                weight,
+                tied: false,
+            } => f("lm_head.weight", weight)?,
             OutputHead::LanguageModel { tied: true, .. } => {}
             OutputHead::Score { weight } => f("score.weight", weight)?,
         }
@@ -298,11 +373,20 @@ impl Transformer {
     /// Every weight by its Hugging Face name (the tied head appears once, as the embedding),
     /// with LoRA adapters merged in.
     pub fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
-        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.clone())];
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            self.embed_tokens.clone(),
+        )];
         for (l, block) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{l}");
-            out.push((format!("{p}.input_layernorm.weight"), block.input_layernorm.clone()));
-            out.push((format!("{p}.post_attention_layernorm.weight"), block.post_attention_layernorm.clone()));
+            out.push((
+                format!("{p}.input_layernorm.weight"),
+                block.input_layernorm.clone(),
+            ));
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                block.post_attention_layernorm.clone(),
+            ));
             for (name, lin) in block.linears() {
                 out.push((format!("{p}.{name}.weight"), lin.merged_weight()?));
                 if let Some(b) = &lin.bias {
@@ -312,9 +396,10 @@ impl Transformer {
         }
         out.push(("model.norm.weight".to_string(), self.norm.clone()));
         match &self.head {
-            OutputHead::LanguageModel { weight, tied: false } => {
-                out.push(("lm_head.weight".to_string(), weight.clone()))
-            }
+            OutputHead::LanguageModel {
+                weight,
+                tied: false,
+            } => out.push(("lm_head.weight".to_string(), weight.clone())),
             OutputHead::LanguageModel { tied: true, .. } => {}
             OutputHead::Score { weight } => out.push(("score.weight".to_string(), weight.clone())),
         }
@@ -376,7 +461,9 @@ impl Transformer {
 
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.config.hidden_size))
+        self.embed_tokens
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, self.config.hidden_size))
     }
 
     /// Logits `[rows, vocab]` (or scores `[rows, labels]`) of hidden rows `[rows, hidden]`.
@@ -390,9 +477,17 @@ impl Transformer {
     /// Runs one sequence's prompt through the model, writes its keys and values into `slot` of
     /// `cache` (replacing what the slot held), and returns the logits `[vocab]` of its last
     /// position.
-    pub fn prefill(&self, tokens: &[u32], cache: &mut KvCache, slot: usize) -> anyhow::Result<Tensor> {
+    pub fn prefill(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        slot: usize,
+    ) -> anyhow::Result<Tensor> {
         if slot >= cache.slots() {
-            bail!("slot {slot} is outside the KV cache's {} slots", cache.slots());
+            bail!(
+                "slot {slot} is outside the KV cache's {} slots",
+                cache.slots()
+            );
         }
         cache.clear(slot);
         if cache.is_host() {
@@ -402,19 +497,33 @@ impl Transformer {
         self.prefill_masked(tokens, cache, slot)
     }
 
-    fn prefill_masked(&self, tokens: &[u32], cache: &mut KvCache, slot: usize) -> anyhow::Result<Tensor> {
+    fn prefill_masked(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        slot: usize,
+    ) -> anyhow::Result<Tensor> {
         let len = tokens.len();
         if len == 0 {
             bail!("cannot prefill an empty prompt");
         }
         if len > cache.capacity {
-            bail!("prompt of {len} tokens exceeds the KV cache capacity {}", cache.capacity);
+            bail!(
+                "prompt of {len} tokens exceeds the KV cache capacity {}",
+                cache.capacity
+            );
         }
         let batch = PaddedBatch::right_padded(&[tokens.to_vec()], 0, &self.device)?;
         let window = self.config.attention_window();
         let mask: Vec<f32> = (0..len)
             .flat_map(|q| (0..len).map(move |k| (q, k)))
-            .map(|(q, k)| if k <= q && window.is_none_or(|w| q - k < w) { 0.0 } else { MASKED })
+            .map(|(q, k)| {
+                if k <= q && window.is_none_or(|w| q - k < w) {
+                    0.0
+                } else {
+                    MASKED
+                }
+            })
             .collect();
         let mask = Tensor::from_vec(mask, (1, 1, len, len), &self.device)?.to_dtype(self.dtype)?;
         let (cos, sin) = self.rope.lookup(&batch.positions)?;
@@ -425,7 +534,9 @@ impl Transformer {
             x = out;
         }
         cache.lengths[slot] = len;
-        let last = x.narrow(1, len - 1, 1)?.reshape((1, self.config.hidden_size))?;
+        let last = x
+            .narrow(1, len - 1, 1)?
+            .reshape((1, self.config.hidden_size))?;
         let last = rms_norm(&last, &self.norm, self.config.rms_norm_eps)?;
         Ok(self.head_logits(&last)?.squeeze(0)?)
     }
@@ -433,24 +544,37 @@ impl Transformer {
     /// Logits per position: the vocabulary size, or the label count of a score head.
     fn head_width(&self) -> Result<usize> {
         match &self.head {
-            OutputHead::LanguageModel { weight, .. } | OutputHead::Score { weight } => weight.dim(0),
+            OutputHead::LanguageModel { weight, .. } | OutputHead::Score { weight } => {
+                weight.dim(0)
+            }
         }
     }
 
     /// Feeds one token to each active slot (inactive slots get `None` and are left as they are)
     /// and returns the logits `[slots, vocab]` of the new positions (rows of inactive slots are
     /// meaningless).
-    pub fn decode_step(&self, tokens: &[Option<u32>], cache: &mut KvCache) -> anyhow::Result<Tensor> {
+    pub fn decode_step(
+        &self,
+        tokens: &[Option<u32>],
+        cache: &mut KvCache,
+    ) -> anyhow::Result<Tensor> {
         if !cache.is_host() {
             return self.decode_masked(tokens, cache);
         }
         if tokens.len() != cache.slots() {
-            bail!("decode_step got {} tokens for {} slots", tokens.len(), cache.slots());
+            bail!(
+                "decode_step got {} tokens for {} slots",
+                tokens.len(),
+                cache.slots()
+            );
         }
         let ids: Vec<[u32; 1]> = tokens.iter().map(|t| [t.unwrap_or(0)]).collect();
         let segments: Vec<Segment> = (0..tokens.len())
             .filter(|&s| tokens[s].is_some())
-            .map(|slot| Segment { slot, tokens: &ids[slot] })
+            .map(|slot| Segment {
+                slot,
+                tokens: &ids[slot],
+            })
             .collect();
         let rows = self.feed_host(&segments, cache)?;
         let width = self.head_width()?;
@@ -458,7 +582,11 @@ impl Transformer {
         for (segment, row) in segments.iter().zip(rows.chunks_exact(width)) {
             logits[segment.slot * width..(segment.slot + 1) * width].copy_from_slice(row);
         }
-        Ok(Tensor::from_vec(logits, (tokens.len(), width), &self.device)?)
+        Ok(Tensor::from_vec(
+            logits,
+            (tokens.len(), width),
+            &self.device,
+        )?)
     }
 
     /// Appends each segment's tokens to its slot of `cache` — a whole prompt to an empty slot, or
@@ -481,22 +609,37 @@ impl Transformer {
         let mut decoded = Vec::new();
         for (i, segment) in segments.iter().enumerate() {
             if segment.slot >= cache.slots() {
-                bail!("slot {} is outside the KV cache's {} slots", segment.slot, cache.slots());
+                bail!(
+                    "slot {} is outside the KV cache's {} slots",
+                    segment.slot,
+                    cache.slots()
+                );
             }
             if cache.lengths[segment.slot] > 0 && segment.tokens.len() == 1 {
                 decode[segment.slot] = Some(segment.tokens[0]);
                 decoded.push((i, segment.slot));
             } else if cache.lengths[segment.slot] == 0 {
-                let logits: Vec<f32> = self.prefill_masked(segment.tokens, cache, segment.slot)?.to_dtype(DType::F32)?.to_vec1()?;
+                let logits: Vec<f32> = self
+                    .prefill_masked(segment.tokens, cache, segment.slot)?
+                    .to_dtype(DType::F32)?
+                    .to_vec1()?;
                 out[i * width..(i + 1) * width].copy_from_slice(&logits);
             } else {
-                bail!("the tensor KV cache appends one token at a time to a started slot (slot {})", segment.slot);
+                bail!(
+                    "the tensor KV cache appends one token at a time to a started slot (slot {})",
+                    segment.slot
+                );
             }
         }
         if !decoded.is_empty() {
-            let logits: Vec<f32> = self.decode_masked(&decode, cache)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            let logits: Vec<f32> = self
+                .decode_masked(&decode, cache)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1()?;
             for (i, slot) in decoded {
-                out[i * width..(i + 1) * width].copy_from_slice(&logits[slot * width..(slot + 1) * width]);
+                out[i * width..(i + 1) * width]
+                    .copy_from_slice(&logits[slot * width..(slot + 1) * width]);
             }
         }
         Ok(out)
@@ -505,7 +648,12 @@ impl Transformer {
     /// [`Transformer::feed`] on a host cache.
     fn feed_host(&self, segments: &[Segment], cache: &mut KvCache) -> anyhow::Result<Vec<f32>> {
         let cfg = &self.config;
-        let (h, heads, kvh, d) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
+        let (h, heads, kvh, d) = (
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_kv_heads(),
+            cfg.head_dim(),
+        );
         let weights = HostWeights::new(self)?;
         let width = weights.head.out;
         let slots = cache.slots();
@@ -517,7 +665,9 @@ impl Transformer {
         for segment in segments {
             let slot = segment.slot;
             if slot >= slots || std::mem::replace(&mut seen[slot], true) {
-                bail!("segment for slot {slot}: outside the KV cache's {slots} slots or given twice");
+                bail!(
+                    "segment for slot {slot}: outside the KV cache's {slots} slots or given twice"
+                );
             }
             if segment.tokens.is_empty() {
                 bail!("segment for slot {slot} has no tokens");
@@ -536,7 +686,11 @@ impl Transformer {
                 }
                 let position = start + i;
                 let first = window.map_or(0, |w| (position + 1).saturating_sub(w));
-                queries.push(decode::Query { slot, first, position });
+                queries.push(decode::Query {
+                    slot,
+                    first,
+                    position,
+                });
                 ids.push(id as usize);
             }
         }
@@ -545,7 +699,10 @@ impl Transformer {
             return Ok(Vec::new());
         }
         let positions: Vec<usize> = queries.iter().map(|q| q.position).collect();
-        let inv_freq: Vec<f32> = crate::rope::inverse_frequencies(cfg).iter().map(|f| *f as f32).collect();
+        let inv_freq: Vec<f32> = crate::rope::inverse_frequencies(cfg)
+            .iter()
+            .map(|f| *f as f32)
+            .collect();
         let (cos, sin) = decode::rotary_tables(&positions, &inv_freq);
         let embed = weights.embed.data();
         let mut x = Vec::with_capacity(rows * h);
@@ -556,10 +713,13 @@ impl Transformer {
         let mut normed = vec![0f32; rows * h];
         let mut attn = vec![0f32; rows * heads * d];
         let capacity = cache.capacity;
-        let Some((keys, values)) = cache.host_layers_mut() else { unreachable!("host cache") };
+        let Some((keys, values)) = cache.host_layers_mut() else {
+            unreachable!("host cache")
+        };
         for (l, block) in weights.layers.iter().enumerate() {
             decode::rms_norm(&x, block.input_norm.data(), eps, &mut normed);
-            let [mut q, mut k, v] = HostLinear::forward_many([&block.q, &block.k, &block.v], &normed, rows);
+            let [mut q, mut k, v] =
+                HostLinear::forward_many([&block.q, &block.k, &block.v], &normed, rows);
             decode::rotary(&mut q, heads, d, &cos, &sin);
             decode::rotary(&mut k, kvh, d, &cos, &sin);
             // Every row's key and value go in before any row attends (a prompt's rows read
@@ -572,7 +732,12 @@ impl Transformer {
                     values[l][at..at + d].copy_from_slice(&v[from..from + d]);
                 }
             }
-            let layer = decode::LayerCache { keys: &keys[l], values: &values[l], kv_heads: kvh, capacity };
+            let layer = decode::LayerCache {
+                keys: &keys[l],
+                values: &values[l],
+                kv_heads: kvh,
+                capacity,
+            };
             decode::attention(&q, &queries, heads, d, &layer, &mut attn);
             let o = block.o.forward(&attn, rows);
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
@@ -605,8 +770,13 @@ impl Transformer {
         if tokens.len() != slots {
             bail!("decode_step got {} tokens for {slots} slots", tokens.len());
         }
-        if let Some(full) = (0..slots).find(|&s| tokens[s].is_some() && cache.lengths[s] >= cache.capacity) {
-            bail!("slot {full} is full: the KV cache holds {} positions", cache.capacity);
+        if let Some(full) =
+            (0..slots).find(|&s| tokens[s].is_some() && cache.lengths[s] >= cache.capacity)
+        {
+            bail!(
+                "slot {full} is full: the KV cache holds {} positions",
+                cache.capacity
+            );
         }
         // Idle slots still flow through the batch; keep their (ignored) write inside the cache.
         let positions: Vec<u32> = (0..slots)
@@ -621,10 +791,15 @@ impl Transformer {
         for s in 0..slots {
             let q = positions[s] as usize;
             mask.extend((0..keys).map(|k| {
-                if k <= q && window.is_none_or(|w| q - k < w) { 0.0 } else { MASKED }
+                if k <= q && window.is_none_or(|w| q - k < w) {
+                    0.0
+                } else {
+                    MASKED
+                }
             }));
         }
-        let mask = Tensor::from_vec(mask, (slots, 1, 1, keys), &self.device)?.to_dtype(self.dtype)?;
+        let mask =
+            Tensor::from_vec(mask, (slots, 1, 1, keys), &self.device)?.to_dtype(self.dtype)?;
         let ids: Vec<u32> = tokens.iter().map(|t| t.unwrap_or(0)).collect();
         let ids = Tensor::from_vec(ids, (slots, 1), &self.device)?;
         let pos = Tensor::from_vec(positions.clone(), (slots, 1), &self.device)?;
@@ -632,7 +807,12 @@ impl Transformer {
         let write_at = Tensor::from_vec(positions, (slots, 1, 1, 1), &self.device)?;
         let mut x = self.embed(&ids)?;
         for (l, block) in self.layers.iter().enumerate() {
-            let cached = CachedKv { cache, layer: l, write_at: &write_at, keys };
+            let cached = CachedKv {
+                cache,
+                layer: l,
+                write_at: &write_at,
+                keys,
+            };
             let (out, _, _) = block.forward(&self.config, &x, &cos, &sin, &mask, Some(cached))?;
             x = out;
         }
@@ -641,8 +821,14 @@ impl Transformer {
                 cache.lengths[s] += 1;
             }
         }
-        let x = rms_norm(&x.reshape((slots, self.config.hidden_size))?, &self.norm, self.config.rms_norm_eps)?;
-        Ok(crate::linear::fixed_row_blocks(&x, |rows| self.head_logits(rows))?)
+        let x = rms_norm(
+            &x.reshape((slots, self.config.hidden_size))?,
+            &self.norm,
+            self.config.rms_norm_eps,
+        )?;
+        Ok(crate::linear::fixed_row_blocks(&x, |rows| {
+            self.head_logits(rows)
+        })?)
     }
 }
 
@@ -664,10 +850,16 @@ impl<'a> HostView<'a> {
     fn new(tensor: &'a Tensor) -> anyhow::Result<Self> {
         let (guard, layout) = tensor.storage_and_layout();
         let Some((start, end)) = layout.contiguous_offsets() else {
-            bail!("CPU decoding needs contiguous weights (a weight of shape {:?} is strided)", tensor.dims());
+            bail!(
+                "CPU decoding needs contiguous weights (a weight of shape {:?} is strided)",
+                tensor.dims()
+            );
         };
         if !matches!(&*guard, Storage::Cpu(CpuStorage::F32(_))) {
-            bail!("CPU decoding needs f32 weights on the CPU, found {:?}", tensor.dtype());
+            bail!(
+                "CPU decoding needs f32 weights on the CPU, found {:?}",
+                tensor.dtype()
+            );
         }
         Ok(Self { guard, start, end })
     }
@@ -716,7 +908,11 @@ impl<'a> HostLinear<'a> {
         let mut products: Vec<decode::Product> = layers
             .iter()
             .zip(outs.iter_mut())
-            .map(|(l, out)| decode::Product { w: l.weight.data(), bias: l.bias.as_ref().map(|b| b.data()), out })
+            .map(|(l, out)| decode::Product {
+                w: l.weight.data(),
+                bias: l.bias.as_ref().map(|b| b.data()),
+                out,
+            })
             .collect();
         decode::linear_many(decode::isa(), x, rows, &mut products);
         drop(products);
@@ -791,7 +987,10 @@ impl<'a> HostWeights<'a> {
 }
 
 fn is_classifier(config: &ModelConfig) -> bool {
-    config.architectures.iter().any(|a| a.ends_with("ForSequenceClassification"))
+    config
+        .architectures
+        .iter()
+        .any(|a| a.ends_with("ForSequenceClassification"))
 }
 
 /// The decode step's view of one layer's cache.
@@ -840,8 +1039,16 @@ impl Block {
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let eps = config.rms_norm_eps;
         let (b, t, _) = x.dims3()?;
-        let (heads, kv_heads, d) = (config.num_attention_heads, config.num_kv_heads(), config.head_dim());
-        let rows = if cached.is_some() { Rows::Fixed } else { Rows::Free };
+        let (heads, kv_heads, d) = (
+            config.num_attention_heads,
+            config.num_kv_heads(),
+            config.head_dim(),
+        );
+        let rows = if cached.is_some() {
+            Rows::Fixed
+        } else {
+            Rows::Free
+        };
         let h = rms_norm(x, &self.input_layernorm, eps)?;
         let split = |y: Tensor, n: usize| y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous();
         let rotate = |y: Tensor, n: usize| match fused::supported(&y) && cos.dtype() == y.dtype() {
@@ -881,7 +1088,8 @@ fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, kv_heads: usize) ->
     let q = (q.reshape((b, kv_heads, group * tq, d))? * scale)?;
     let scores = q.matmul(&k.t()?)?.reshape((b, kv_heads, group, tq, tk))?;
     let scores = scores.broadcast_add(&mask.unsqueeze(1)?)?;
-    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.reshape((b, kv_heads, group * tq, tk))?;
+    let probs =
+        candle_nn::ops::softmax(&scores, D::Minus1)?.reshape((b, kv_heads, group * tq, tk))?;
     probs.matmul(&v.contiguous()?)?.reshape((b, heads, tq, d))
 }
 
@@ -897,8 +1105,16 @@ pub struct KvCache {
 }
 
 enum KvStore {
-    Host { keys: Vec<Vec<f32>>, values: Vec<Vec<f32>>, kv_heads: usize, head_dim: usize },
-    Tensors { keys: Vec<Tensor>, values: Vec<Tensor> },
+    Host {
+        keys: Vec<Vec<f32>>,
+        values: Vec<Vec<f32>>,
+        kv_heads: usize,
+        head_dim: usize,
+    },
+    Tensors {
+        keys: Vec<Tensor>,
+        values: Vec<Tensor>,
+    },
 }
 
 impl KvCache {
@@ -973,13 +1189,19 @@ impl KvCache {
         let len = k.dim(2)?;
         let capacity = self.capacity;
         match &mut self.store {
-            KvStore::Host { keys, values, kv_heads, head_dim } => {
+            KvStore::Host {
+                keys,
+                values,
+                kv_heads,
+                head_dim,
+            } => {
                 let (kvh, d) = (*kv_heads, *head_dim);
                 for (store, src) in [(&mut keys[layer], k), (&mut values[layer], v)] {
                     let src: Vec<f32> = src.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
                     for h in 0..kvh {
                         let at = (slot * kvh + h) * capacity * d;
-                        store[at..at + len * d].copy_from_slice(&src[h * len * d..(h + 1) * len * d]);
+                        store[at..at + len * d]
+                            .copy_from_slice(&src[h * len * d..(h + 1) * len * d]);
                     }
                 }
             }
@@ -997,13 +1219,27 @@ impl KvCache {
 
     /// Writes each slot's new `[slots, kv_heads, 1, d]` key/value at its own position and returns
     /// views of the first `keys` positions (tensor store only).
-    fn append(&mut self, layer: usize, write_at: &Tensor, k: &Tensor, v: &Tensor, keys: usize) -> Result<(Tensor, Tensor)> {
-        let KvStore::Tensors { keys: key_store, values } = &mut self.store else {
+    fn append(
+        &mut self,
+        layer: usize,
+        write_at: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        keys: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let KvStore::Tensors {
+            keys: key_store,
+            values,
+        } = &mut self.store
+        else {
             candle_core::bail!("append on a host KV cache");
         };
         let index = write_at.broadcast_as(k.shape())?.contiguous()?;
         key_store[layer].scatter_set(&index, k, 2)?;
         values[layer].scatter_set(&index, v, 2)?;
-        Ok((key_store[layer].narrow(2, 0, keys)?, values[layer].narrow(2, 0, keys)?))
+        Ok((
+            key_store[layer].narrow(2, 0, keys)?,
+            values[layer].narrow(2, 0, keys)?,
+        ))
     }
 }

@@ -5,7 +5,9 @@ use optune_model::{load_model, save_checkpoint};
 use std::path::{Path, PathBuf};
 
 fn model_dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/models").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../testdata/models")
+        .join(name)
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -23,7 +25,12 @@ fn a_saved_checkpoint_reloads_bit_identically() {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("saved");
         save_checkpoint(&model, &meta, &out).unwrap();
-        for file in ["model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"] {
+        for file in [
+            "model.safetensors",
+            "config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        ] {
             assert!(out.join(file).is_file(), "{name}: {file} not written");
         }
         let (again, _, _) = load_model(&out, DType::F32, &Device::Cpu).unwrap();
@@ -34,11 +41,17 @@ fn a_saved_checkpoint_reloads_bit_identically() {
             assert_eq!(na, nb);
             let va: Vec<f32> = ta.flatten_all().unwrap().to_vec1().unwrap();
             let vb: Vec<f32> = tb.flatten_all().unwrap().to_vec1().unwrap();
-            assert!(va.iter().zip(&vb).all(|(x, y)| x.to_bits() == y.to_bits()), "{name}: {na} changed");
+            assert!(
+                va.iter().zip(&vb).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{name}: {na} changed"
+            );
         }
         // Saving over an existing checkpoint replaces it and leaves no temporary directories.
         save_checkpoint(&again, &meta, &out).unwrap();
-        let leftovers: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(leftovers, vec![std::ffi::OsString::from("saved")]);
     }
 }
@@ -56,7 +69,8 @@ fn load_error(edit: impl FnOnce(&Path)) -> String {
 
 fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
     let path = dir.join("config.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     f(&mut v);
     std::fs::write(path, v.to_string()).unwrap();
 }
@@ -64,7 +78,10 @@ fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
 #[test]
 fn unknown_model_type_names_it() {
     let err = load_error(|d| edit_config(d, |v| v["model_type"] = "gpt_neox".into()));
-    assert!(err.contains("unsupported model_type 'gpt_neox'") && err.contains("config.json"), "{err}");
+    assert!(
+        err.contains("unsupported model_type 'gpt_neox'") && err.contains("config.json"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -75,17 +92,25 @@ fn missing_weight_names_it() {
         tensors.remove("model.layers.1.mlp.up_proj.weight");
         candle_core::safetensors::save(&tensors, &path).unwrap();
     });
-    assert!(err.contains("missing weight 'model.layers.1.mlp.up_proj.weight'"), "{err}");
+    assert!(
+        err.contains("missing weight 'model.layers.1.mlp.up_proj.weight'"),
+        "{err}"
+    );
 }
 
 #[test]
 fn tokenizer_larger_than_the_vocab_is_rejected() {
     let err = load_error(|d| edit_config(d, |v| v["vocab_size"] = 100.into()));
-    assert!(err.contains("tokenizer has 512 tokens but the model's vocab_size is 100"), "{err}");
+    assert!(
+        err.contains("tokenizer has 512 tokens but the model's vocab_size is 100"),
+        "{err}"
+    );
 }
 
 #[test]
 fn missing_directory_is_named() {
-    let err = load_model(Path::new("/nonexistent/model"), DType::F32, &Device::Cpu).err().unwrap();
+    let err = load_model(Path::new("/nonexistent/model"), DType::F32, &Device::Cpu)
+        .err()
+        .unwrap();
     assert!(format!("{err:#}").contains("/nonexistent/model"), "{err:#}");
 }

@@ -1,12 +1,18 @@
 //! Generation against the training path, on the tiny testdata models.
 
 use candle_core::{DType, Device};
-use optune_model::generate::{generate, stream_seed, FinishReason, GenerationRequest, SamplingParams};
-use optune_model::{load_model, sequence_logprobs, KvCache, PaddedBatch, TokenizedPair, Transformer};
+use optune_model::generate::{
+    generate, stream_seed, FinishReason, GenerationRequest, SamplingParams,
+};
+use optune_model::{
+    load_model, sequence_logprobs, KvCache, PaddedBatch, TokenizedPair, Transformer,
+};
 use std::path::PathBuf;
 
 fn model(name: &str) -> Transformer {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/models").join(name);
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../testdata/models")
+        .join(name);
     load_model(&dir, DType::F32, &Device::Cpu).unwrap().0
 }
 
@@ -16,7 +22,9 @@ fn prompts() -> Vec<Vec<u32>> {
         vec![1, 300, 301],
         vec![1, 90, 91, 92, 93, 94],
         vec![1, 200],
-        vec![1, 120, 121, 122, 123, 124, 125, 126, 127, 128, 129, 130, 131, 132],
+        vec![
+            1, 120, 121, 122, 123, 124, 125, 126, 127, 128, 129, 130, 131, 132,
+        ],
     ]
 }
 
@@ -24,12 +32,20 @@ fn requests(seed: u64) -> Vec<GenerationRequest> {
     prompts()
         .into_iter()
         .enumerate()
-        .map(|(i, p)| GenerationRequest { prompt_ids: p, seed: stream_seed(seed, &format!("p{i}"), 0) })
+        .map(|(i, p)| GenerationRequest {
+            prompt_ids: p,
+            seed: stream_seed(seed, &format!("p{i}"), 0),
+        })
         .collect()
 }
 
 fn sampling(temperature: f64, max_new_tokens: usize) -> SamplingParams {
-    SamplingParams { temperature, top_p: 0.9, top_k: None, max_new_tokens }
+    SamplingParams {
+        temperature,
+        top_p: 0.9,
+        top_k: None,
+        max_new_tokens,
+    }
 }
 
 /// Greedy continuation recomputed with the training path: a full forward pass per step.
@@ -39,7 +55,13 @@ fn argmax_continuation(model: &Transformer, prompt: &[u32], steps: usize) -> Vec
         let batch = PaddedBatch::right_padded(&[seq.clone()], 0, &Device::Cpu).unwrap();
         let hidden = model.hidden_states(&batch).unwrap().squeeze(0).unwrap();
         let last = hidden.narrow(0, seq.len() - 1, 1).unwrap();
-        let logits: Vec<f32> = model.head_logits(&last).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+        let logits: Vec<f32> = model
+            .head_logits(&last)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let best = (0..logits.len()).fold(0, |b, i| if logits[i] > logits[b] { i } else { b });
         seq.push(best as u32);
     }
@@ -66,11 +88,22 @@ fn reported_logp_equals_the_sequence_logprob() {
     let pairs: Vec<TokenizedPair> = out
         .iter()
         .zip(prompts())
-        .map(|(g, p)| TokenizedPair { prompt: p, response: g.tokens.clone() })
+        .map(|(g, p)| TokenizedPair {
+            prompt: p,
+            response: g.tokens.clone(),
+        })
         .collect();
-    let sums: Vec<f32> = sequence_logprobs(&model, &pairs, 3).unwrap().sums.to_vec1().unwrap();
+    let sums: Vec<f32> = sequence_logprobs(&model, &pairs, 3)
+        .unwrap()
+        .sums
+        .to_vec1()
+        .unwrap();
     for (g, s) in out.iter().zip(sums) {
-        assert!((g.logp - s as f64).abs() <= 1e-4 * (s.abs() as f64).max(1.0), "{} vs {s}", g.logp);
+        assert!(
+            (g.logp - s as f64).abs() <= 1e-4 * (s.abs() as f64).max(1.0),
+            "{} vs {s}",
+            g.logp
+        );
     }
 }
 
@@ -81,15 +114,34 @@ fn reported_logp_equals_the_sequence_logprob() {
 fn output_does_not_depend_on_the_batch_size() {
     let model = model("tiny-mistral");
     let run = |batch: usize, threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-        pool.install(|| generate(&model, &requests(11), &sampling(1.0, 20), &[5, 7], batch, |_| {}).unwrap())
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            generate(
+                &model,
+                &requests(11),
+                &sampling(1.0, 20),
+                &[5, 7],
+                batch,
+                |_| {},
+            )
+            .unwrap()
+        })
     };
     let reference = run(2, 1);
     for (batch, threads) in [(1, 1), (2, 2), (3, 2), (5, 1), (5, 3), (8, 2)] {
         let out = run(batch, threads);
         for (a, b) in reference.iter().zip(&out) {
             assert_eq!(a.tokens, b.tokens, "batch {batch} threads {threads}");
-            assert_eq!(a.logp.to_bits(), b.logp.to_bits(), "batch {batch} threads {threads}: {} vs {}", a.logp, b.logp);
+            assert_eq!(
+                a.logp.to_bits(),
+                b.logp.to_bits(),
+                "batch {batch} threads {threads}: {} vs {}",
+                a.logp,
+                b.logp
+            );
         }
     }
 }
@@ -109,12 +161,25 @@ fn cpu_kernels_agree_with_the_masked_tensor_path() {
         }
         for step in 0..12u32 {
             // Slot 1 sits out every third step: idle slots must be left alone.
-            let feed: Vec<Option<u32>> = (0..3).map(|s| (s != 1 || step % 3 != 0).then_some(10 + 7 * step + s)).collect();
-            let a: Vec<Vec<f32>> = model.decode_step(&feed, &mut host).unwrap().to_vec2().unwrap();
-            let b: Vec<Vec<f32>> = model.decode_step(&feed, &mut masked).unwrap().to_vec2().unwrap();
+            let feed: Vec<Option<u32>> = (0..3)
+                .map(|s| (s != 1 || step % 3 != 0).then_some(10 + 7 * step + s))
+                .collect();
+            let a: Vec<Vec<f32>> = model
+                .decode_step(&feed, &mut host)
+                .unwrap()
+                .to_vec2()
+                .unwrap();
+            let b: Vec<Vec<f32>> = model
+                .decode_step(&feed, &mut masked)
+                .unwrap()
+                .to_vec2()
+                .unwrap();
             for s in (0..3).filter(|&s| feed[s].is_some()) {
                 for (x, y) in a[s].iter().zip(&b[s]) {
-                    assert!((x - y).abs() <= 1e-5 * y.abs().max(1.0), "{name} step {step} slot {s}: {x} vs {y}");
+                    assert!(
+                        (x - y).abs() <= 1e-5 * y.abs().max(1.0),
+                        "{name} step {step} slot {s}: {x} vs {y}"
+                    );
                 }
             }
             for s in 0..3 {
@@ -147,9 +212,16 @@ fn generation_stops_at_any_eos_and_reports_it() {
 #[test]
 fn capacity_beyond_the_model_positions_is_an_error() {
     let model = model("tiny-llama");
-    let long = vec![GenerationRequest { prompt_ids: vec![1; 250], seed: 0 }];
+    let long = vec![GenerationRequest {
+        prompt_ids: vec![1; 250],
+        seed: 0,
+    }];
     let err = generate(&model, &long, &sampling(1.0, 10), &[], 1, |_| {}).unwrap_err();
-    assert!(err.to_string().contains("exceeds the model's 256 positions"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("exceeds the model's 256 positions"),
+        "{err}"
+    );
 }
 
 /// Feeding prompts and decode tokens together in one call gives every slot the same logits, to
@@ -163,18 +235,51 @@ fn feeding_slots_together_equals_feeding_them_alone() {
         let mut together = KvCache::new(&model, 3, 64).unwrap();
         let mut alone = KvCache::new(&model, 3, 64).unwrap();
         // Slot 0 starts decoding before the others arrive.
-        let first = model.feed(&[Segment { slot: 0, tokens: &prompts[0] }], &mut together).unwrap();
-        assert_eq!(first, model.feed(&[Segment { slot: 0, tokens: &prompts[0] }], &mut alone).unwrap());
+        let first = model
+            .feed(
+                &[Segment {
+                    slot: 0,
+                    tokens: &prompts[0],
+                }],
+                &mut together,
+            )
+            .unwrap();
+        assert_eq!(
+            first,
+            model
+                .feed(
+                    &[Segment {
+                        slot: 0,
+                        tokens: &prompts[0]
+                    }],
+                    &mut alone
+                )
+                .unwrap()
+        );
         let mixed = [
-            Segment { slot: 0, tokens: &[17] },
-            Segment { slot: 1, tokens: &prompts[1] },
-            Segment { slot: 2, tokens: &prompts[4] },
+            Segment {
+                slot: 0,
+                tokens: &[17],
+            },
+            Segment {
+                slot: 1,
+                tokens: &prompts[1],
+            },
+            Segment {
+                slot: 2,
+                tokens: &prompts[4],
+            },
         ];
         let rows = model.feed(&mixed, &mut together).unwrap();
         let width = rows.len() / 3;
         for (i, segment) in mixed.iter().enumerate() {
             let one = model.feed(&[*segment], &mut alone).unwrap();
-            assert_eq!(one, rows[i * width..(i + 1) * width], "{name} slot {}", segment.slot);
+            assert_eq!(
+                one,
+                rows[i * width..(i + 1) * width],
+                "{name} slot {}",
+                segment.slot
+            );
         }
         for s in 0..3 {
             assert_eq!(together.len(s), alone.len(s));

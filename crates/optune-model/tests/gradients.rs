@@ -7,7 +7,9 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 fn model_with_vars(name: &str) -> (Transformer, Vec<(String, Var)>) {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/models").join(name);
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../testdata/models")
+        .join(name);
     let ckpt = Checkpoint::read(&dir, &Device::Cpu).unwrap();
     let mut vars = Vec::new();
     let mut tensors = HashMap::new();
@@ -17,7 +19,8 @@ fn model_with_vars(name: &str) -> (Transformer, Vec<(String, Var)>) {
         vars.push((n, var));
     }
     vars.sort_by(|a, b| a.0.cmp(&b.0));
-    let model = Transformer::from_weights(&ckpt.meta.config, tensors, DType::F64, &Device::Cpu).unwrap();
+    let model =
+        Transformer::from_weights(&ckpt.meta.config, tensors, DType::F64, &Device::Cpu).unwrap();
     (model, vars)
 }
 
@@ -31,16 +34,41 @@ fn loss(model: &Transformer, pairs: &[TokenizedPair]) -> Tensor {
 fn check(name: &str, kinds: &[&str]) {
     let (model, vars) = model_with_vars(name);
     let pairs = vec![
-        TokenizedPair { prompt: vec![1, 40, 41, 42, 43, 44, 45, 46, 47], response: vec![50, 51, 52, 2] },
-        TokenizedPair { prompt: vec![1, 60, 61], response: vec![70, 71, 72, 73, 74, 75, 76, 2] },
-        TokenizedPair { prompt: vec![1, 80, 81, 82, 83], response: vec![90, 2] },
+        TokenizedPair {
+            prompt: vec![1, 40, 41, 42, 43, 44, 45, 46, 47],
+            response: vec![50, 51, 52, 2],
+        },
+        TokenizedPair {
+            prompt: vec![1, 60, 61],
+            response: vec![70, 71, 72, 73, 74, 75, 76, 2],
+        },
+        TokenizedPair {
+            prompt: vec![1, 80, 81, 82, 83],
+            response: vec![90, 2],
+        },
     ];
     let grads = loss(&model, &pairs).backward().unwrap();
-    let missing: Vec<&String> = vars.iter().filter(|(_, v)| grads.get(v.as_tensor()).is_none()).map(|(n, _)| n).collect();
-    assert!(missing.is_empty(), "{name}: variables without gradient: {missing:?}");
+    let missing: Vec<&String> = vars
+        .iter()
+        .filter(|(_, v)| grads.get(v.as_tensor()).is_none())
+        .map(|(n, _)| n)
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{name}: variables without gradient: {missing:?}"
+    );
     for kind in kinds {
-        let (pname, var) = vars.iter().find(|(n, _)| n.contains(kind)).unwrap_or_else(|| panic!("{name}: no weight like {kind}"));
-        let grad: Vec<f64> = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let (pname, var) = vars
+            .iter()
+            .find(|(n, _)| n.contains(kind))
+            .unwrap_or_else(|| panic!("{name}: no weight like {kind}"));
+        let grad: Vec<f64> = grads
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let original: Vec<f64> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
         let n = original.len();
         // A handful of spread-out elements, including the first and the last.
@@ -49,13 +77,19 @@ fn check(name: &str, kinds: &[&str]) {
             let at = |delta: f64| {
                 let mut v = original.clone();
                 v[i] += delta;
-                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
+                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
                 loss(&model, &pairs).to_scalar::<f64>().unwrap()
             };
             let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
-            var.set(&Tensor::from_vec(original.clone(), var.shape(), &Device::Cpu).unwrap()).unwrap();
+            var.set(&Tensor::from_vec(original.clone(), var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
             let err = (grad[i] - numeric).abs() / numeric.abs().max(grad[i].abs()).max(1e-3);
-            assert!(err < 1e-5, "{name} {pname}[{i}]: autograd {} vs finite difference {numeric} (rel err {err:e})", grad[i]);
+            assert!(
+                err < 1e-5,
+                "{name} {pname}[{i}]: autograd {} vs finite difference {numeric} (rel err {err:e})",
+                grad[i]
+            );
         }
     }
 }
@@ -64,17 +98,44 @@ fn check(name: &str, kinds: &[&str]) {
 fn llama_tied_embeddings_norms_attention_mlp() {
     check(
         "tiny-llama",
-        &["embed_tokens", "layers.0.input_layernorm", "q_proj.weight", "k_proj.weight", "v_proj.weight",
-          "o_proj.weight", "post_attention_layernorm", "gate_proj", "up_proj", "down_proj", "model.norm"],
+        &[
+            "embed_tokens",
+            "layers.0.input_layernorm",
+            "q_proj.weight",
+            "k_proj.weight",
+            "v_proj.weight",
+            "o_proj.weight",
+            "post_attention_layernorm",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+            "model.norm",
+        ],
     );
 }
 
 #[test]
 fn qwen2_biases_and_untied_head() {
-    check("tiny-qwen2", &["lm_head", "q_proj.bias", "k_proj.bias", "v_proj.bias", "embed_tokens"]);
+    check(
+        "tiny-qwen2",
+        &[
+            "lm_head",
+            "q_proj.bias",
+            "k_proj.bias",
+            "v_proj.bias",
+            "embed_tokens",
+        ],
+    );
 }
 
 #[test]
 fn mistral_sliding_window() {
-    check("tiny-mistral", &["layers.1.self_attn.q_proj.weight", "layers.0.self_attn.k_proj.weight", "lm_head"]);
+    check(
+        "tiny-mistral",
+        &[
+            "layers.1.self_attn.q_proj.weight",
+            "layers.0.self_attn.k_proj.weight",
+            "lm_head",
+        ],
+    );
 }

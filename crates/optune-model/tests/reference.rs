@@ -3,7 +3,9 @@
 
 use candle_core::{DType, Device, Tensor};
 use optune_model::tokenizer::{ChatMessage, Prompt};
-use optune_model::{load_model, sequence_logprobs, sequence_scores, KvCache, PaddedBatch, TokenizedPair};
+use optune_model::{
+    load_model, sequence_logprobs, sequence_scores, KvCache, PaddedBatch, TokenizedPair,
+};
 use serde_json::Value;
 use std::path::PathBuf;
 
@@ -32,32 +34,64 @@ fn prompt_of(case: &Value) -> Prompt {
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn floats(v: &Value) -> Vec<f64> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
 }
 
 fn assert_close(ours: f64, theirs: f64, rel: f64, what: &str) {
     let tol = rel * theirs.abs().max(1.0);
-    assert!((ours - theirs).abs() <= tol, "{what}: ours {ours} vs transformers {theirs} (tol {tol})");
+    assert!(
+        (ours - theirs).abs() <= tol,
+        "{what}: ours {ours} vs transformers {theirs} (tol {tol})"
+    );
 }
 
 fn check_causal_model(name: &str) {
     let reference = reference(name);
-    let (model, tokenizer, meta) =
-        load_model(&testdata().join("models").join(name), DType::F32, &Device::Cpu).unwrap();
+    let (model, tokenizer, meta) = load_model(
+        &testdata().join("models").join(name),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
     let cases = reference["cases"].as_array().unwrap();
     let mut pairs = Vec::new();
     for (i, case) in cases.iter().enumerate() {
         let prompt = prompt_of(case);
         let text = tokenizer.render_prompt(&prompt).unwrap();
-        assert_eq!(text, case["prompt_text"].as_str().unwrap(), "{name} case {i}: rendered prompt");
-        let (prompt_ids, response_ids) = tokenizer.encode_pair(&prompt, case["response"].as_str().unwrap()).unwrap();
-        assert_eq!(prompt_ids, ids(&case["prompt_ids"]), "{name} case {i}: prompt ids");
-        assert_eq!(response_ids, ids(&case["response_ids"]), "{name} case {i}: response ids");
-        pairs.push(TokenizedPair { prompt: prompt_ids, response: response_ids });
+        assert_eq!(
+            text,
+            case["prompt_text"].as_str().unwrap(),
+            "{name} case {i}: rendered prompt"
+        );
+        let (prompt_ids, response_ids) = tokenizer
+            .encode_pair(&prompt, case["response"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(
+            prompt_ids,
+            ids(&case["prompt_ids"]),
+            "{name} case {i}: prompt ids"
+        );
+        assert_eq!(
+            response_ids,
+            ids(&case["response_ids"]),
+            "{name} case {i}: response ids"
+        );
+        pairs.push(TokenizedPair {
+            prompt: prompt_ids,
+            response: response_ids,
+        });
     }
     // Training path: one right-padded batch of unequal lengths.
     let pad = reference["pad_token_id"].as_u64().unwrap() as u32;
@@ -65,18 +99,39 @@ fn check_causal_model(name: &str) {
     let sums: Vec<f32> = logps.sums.to_vec1().unwrap();
     let means: Vec<f32> = logps.means().unwrap().to_vec1().unwrap();
     for (i, case) in cases.iter().enumerate() {
-        assert_close(sums[i] as f64, case["sum_logp"].as_f64().unwrap(), 1e-4, &format!("{name} case {i} sum"));
-        assert_close(means[i] as f64, case["mean_logp"].as_f64().unwrap(), 1e-4, &format!("{name} case {i} mean"));
+        assert_close(
+            sums[i] as f64,
+            case["sum_logp"].as_f64().unwrap(),
+            1e-4,
+            &format!("{name} case {i} sum"),
+        );
+        assert_close(
+            means[i] as f64,
+            case["mean_logp"].as_f64().unwrap(),
+            1e-4,
+            &format!("{name} case {i} mean"),
+        );
     }
     // Raw logits at two positions of case 0.
     let sample = &reference["logits_sample"];
     let case = sample["case"].as_u64().unwrap() as usize;
-    let seq: Vec<u32> = pairs[case].prompt.iter().chain(&pairs[case].response).copied().collect();
+    let seq: Vec<u32> = pairs[case]
+        .prompt
+        .iter()
+        .chain(&pairs[case].response)
+        .copied()
+        .collect();
     let batch = PaddedBatch::right_padded(&[seq], pad, &Device::Cpu).unwrap();
     let hidden = model.hidden_states(&batch).unwrap().squeeze(0).unwrap();
     for key in ["last_prompt_position", "last_response_position"] {
         let pos = sample[key].as_u64().unwrap() as usize;
-        let logits: Vec<f32> = model.head_logits(&hidden.narrow(0, pos, 1).unwrap()).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+        let logits: Vec<f32> = model
+            .head_logits(&hidden.narrow(0, pos, 1).unwrap())
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let expected = floats(&sample[format!("{key}_logits").as_str()]);
         for (v, (a, b)) in logits.iter().zip(&expected).enumerate() {
             assert_close(*a as f64, *b, 1e-4, &format!("{name} {key} logit {v}"));
@@ -92,7 +147,10 @@ fn check_causal_model(name: &str) {
     }
     let longest = pairs.iter().map(|p| p.response.len()).max().unwrap();
     for step in 1..longest {
-        let feed: Vec<Option<u32>> = pairs.iter().map(|p| (step < p.response.len()).then(|| p.response[step - 1])).collect();
+        let feed: Vec<Option<u32>> = pairs
+            .iter()
+            .map(|p| (step < p.response.len()).then(|| p.response[step - 1]))
+            .collect();
         let logits = model.decode_step(&feed, &mut cache).unwrap();
         for (slot, pair) in pairs.iter().enumerate() {
             if step < pair.response.len() {
@@ -101,12 +159,25 @@ fn check_causal_model(name: &str) {
         }
     }
     for (i, case) in cases.iter().enumerate() {
-        for (t, (ours, theirs)) in per_token[i].iter().zip(floats(&case["token_logps"])).enumerate() {
-            assert_close(*ours, theirs, 1e-4, &format!("{name} case {i} cached token {t}"));
+        for (t, (ours, theirs)) in per_token[i]
+            .iter()
+            .zip(floats(&case["token_logps"]))
+            .enumerate()
+        {
+            assert_close(
+                *ours,
+                theirs,
+                1e-4,
+                &format!("{name} case {i} cached token {t}"),
+            );
         }
     }
     let eos = reference["eos_token_id"].as_u64().unwrap() as u32;
-    assert!(meta.eos_token_ids.contains(&eos), "{name}: generation stops at {:?}, not at {eos}", meta.eos_token_ids);
+    assert!(
+        meta.eos_token_ids.contains(&eos),
+        "{name}: generation stops at {:?}, not at {eos}",
+        meta.eos_token_ids
+    );
 }
 
 fn logprob(logits: &Tensor, token: u32) -> f64 {
@@ -133,14 +204,22 @@ fn qwen2_matches_transformers() {
 
 fn check_reward_model(name: &str) {
     let reference = reference(name);
-    let (model, tokenizer, _) = load_model(&testdata().join("models").join(name), DType::F32, &Device::Cpu).unwrap();
+    let (model, tokenizer, _) = load_model(
+        &testdata().join("models").join(name),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
     let mut sequences = Vec::new();
     for case in reference["cases"].as_array().unwrap() {
         let mut conversation = match prompt_of(case) {
             Prompt::Messages(m) => m,
             Prompt::Text(t) => vec![ChatMessage::new("user", t)],
         };
-        conversation.push(ChatMessage::new("assistant", case["response"].as_str().unwrap()));
+        conversation.push(ChatMessage::new(
+            "assistant",
+            case["response"].as_str().unwrap(),
+        ));
         let text = tokenizer.apply_chat_template(&conversation, false).unwrap();
         assert_eq!(text, case["text"].as_str().unwrap());
         let tokens = tokenizer.encode(&text).unwrap();
@@ -148,9 +227,17 @@ fn check_reward_model(name: &str) {
         sequences.push(tokens);
     }
     let pad = reference["pad_token_id"].as_u64().unwrap() as u32;
-    let scores: Vec<f32> = sequence_scores(&model, &sequences, pad).unwrap().to_vec1().unwrap();
+    let scores: Vec<f32> = sequence_scores(&model, &sequences, pad)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     for (i, case) in reference["cases"].as_array().unwrap().iter().enumerate() {
-        assert_close(scores[i] as f64, case["score"].as_f64().unwrap(), 1e-4, &format!("{name} case {i} score"));
+        assert_close(
+            scores[i] as f64,
+            case["score"].as_f64().unwrap(),
+            1e-4,
+            &format!("{name} case {i} score"),
+        );
     }
 }
 
@@ -172,14 +259,24 @@ fn chat_templates_render_like_transformers() {
                 "chat_template": entry["chat_template"],
                 "bos_token": entry["bos_token"], "eos_token": entry["eos_token"],
             });
-            let tokenizer_json = std::fs::read_to_string(testdata().join("models/tiny-llama/tokenizer.json")).unwrap();
-            let tokenizer = optune_model::ChatTokenizer::from_parts(&tokenizer_json, &config).unwrap();
+            let tokenizer_json =
+                std::fs::read_to_string(testdata().join("models/tiny-llama/tokenizer.json"))
+                    .unwrap();
+            let tokenizer =
+                optune_model::ChatTokenizer::from_parts(&tokenizer_json, &config).unwrap();
             for case in entry["cases"].as_array().unwrap() {
                 let msgs = messages(&case["messages"]);
-                let rendered = tokenizer.apply_chat_template(&msgs, case["add_generation_prompt"].as_bool().unwrap());
+                let rendered = tokenizer
+                    .apply_chat_template(&msgs, case["add_generation_prompt"].as_bool().unwrap());
                 match case.get("rendered").and_then(Value::as_str) {
-                    Some(expected) => assert_eq!(rendered.unwrap(), expected, "{name} / {}", case["name"]),
-                    None => assert!(rendered.is_err(), "{name} / {}: transformers raised, we rendered", case["name"]),
+                    Some(expected) => {
+                        assert_eq!(rendered.unwrap(), expected, "{name} / {}", case["name"])
+                    }
+                    None => assert!(
+                        rendered.is_err(),
+                        "{name} / {}: transformers raised, we rendered",
+                        case["name"]
+                    ),
                 }
                 checked += 1;
             }

@@ -17,9 +17,12 @@ impl SliceSpec {
 
     /// Parses `K/N` with 1 ≤ K ≤ N (for clap's `value_parser`).
     pub fn parse(text: &str) -> Result<SliceSpec, String> {
-        let parsed = text
-            .split_once('/')
-            .and_then(|(k, n)| Some((k.trim().parse::<usize>().ok()?, n.trim().parse::<usize>().ok()?)));
+        let parsed = text.split_once('/').and_then(|(k, n)| {
+            Some((
+                k.trim().parse::<usize>().ok()?,
+                n.trim().parse::<usize>().ok()?,
+            ))
+        });
         match parsed {
             Some((index, count)) if index >= 1 && index <= count => Ok(SliceSpec { index, count }),
             _ => Err(format!("'{text}': expected K/N with 1 <= K <= N, e.g. 2/4")),
@@ -32,7 +35,12 @@ impl SliceSpec {
         let mut order: Vec<usize> = (0..keys.len()).collect();
         order.sort_by(|&a, &b| keys[a].cmp(keys[b]));
         if let Some(w) = order.windows(2).find(|w| keys[w[0]] == keys[w[1]]) {
-            bail!("duplicate prompt_id '{}' (rows {} and {})", keys[w[0]], w[0] + 1, w[1] + 1);
+            bail!(
+                "duplicate prompt_id '{}' (rows {} and {})",
+                keys[w[0]],
+                w[0] + 1,
+                w[1] + 1
+            );
         }
         let start = (self.index - 1) * keys.len() / self.count;
         let end = self.index * keys.len() / self.count;
@@ -56,7 +64,10 @@ mod tests {
 
     #[test]
     fn parse_rejects_out_of_range() {
-        assert_eq!(SliceSpec::parse("2/4"), Ok(SliceSpec { index: 2, count: 4 }));
+        assert_eq!(
+            SliceSpec::parse("2/4"),
+            Ok(SliceSpec { index: 2, count: 4 })
+        );
         for bad in ["0/4", "5/4", "x", "1/0", "1-2"] {
             assert!(SliceSpec::parse(bad).is_err(), "{bad}");
         }

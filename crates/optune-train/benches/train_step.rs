@@ -71,14 +71,23 @@ const RANDOM_LLAMA: &str = r#"{
 fn llama_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     let (h, i, d) = (c.hidden_size, c.intermediate_size, c.head_dim());
     let (q, kv) = (c.num_attention_heads * d, c.num_kv_heads() * d);
-    let mut shapes = vec![("model.embed_tokens.weight".to_string(), vec![c.vocab_size, h])];
+    let mut shapes = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![c.vocab_size, h],
+    )];
     for l in 0..c.num_hidden_layers {
         let p = format!("model.layers.{l}");
         shapes.push((format!("{p}.input_layernorm.weight"), vec![h]));
         shapes.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-        for (name, out, inp) in [("self_attn.q_proj", q, h), ("self_attn.k_proj", kv, h), ("self_attn.v_proj", kv, h),
-                                 ("self_attn.o_proj", h, q), ("mlp.gate_proj", i, h), ("mlp.up_proj", i, h),
-                                 ("mlp.down_proj", h, i)] {
+        for (name, out, inp) in [
+            ("self_attn.q_proj", q, h),
+            ("self_attn.k_proj", kv, h),
+            ("self_attn.v_proj", kv, h),
+            ("self_attn.o_proj", h, q),
+            ("mlp.gate_proj", i, h),
+            ("mlp.up_proj", i, h),
+            ("mlp.down_proj", h, i),
+        ] {
             shapes.push((format!("{p}.{name}.weight"), vec![out, inp]));
         }
     }
@@ -87,7 +96,10 @@ fn llama_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
 }
 
 /// Every weight a variable (full fine-tuning), as opt-wdpo holds them.
-fn trainable_model(config: &ModelConfig, tensors: HashMap<String, Tensor>) -> Result<(Transformer, Vec<(String, Var)>)> {
+fn trainable_model(
+    config: &ModelConfig,
+    tensors: HashMap<String, Tensor>,
+) -> Result<(Transformer, Vec<(String, Var)>)> {
     let mut vars = Vec::new();
     let mut model_tensors = HashMap::new();
     for (name, t) in tensors {
@@ -106,22 +118,40 @@ fn random_llama() -> Result<(Transformer, Vec<(String, Var)>)> {
     let mut tensors = HashMap::new();
     for (name, shape) in llama_shapes(&config) {
         let n: usize = shape.iter().product();
-        let data: Vec<f32> = if shape.len() == 1 { vec![1.0; n] } else { (0..n).map(|_| rng.normal(0.02)).collect() };
+        let data: Vec<f32> = if shape.len() == 1 {
+            vec![1.0; n]
+        } else {
+            (0..n).map(|_| rng.normal(0.02)).collect()
+        };
         tensors.insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?);
     }
     trainable_model(&config, tensors)
 }
 
 /// `pairs` pairs of random tokens, prompt + response ≈ `per_side` tokens on each side.
-fn random_pairs(pairs: usize, per_side: usize, vocab: usize) -> Vec<(TokenizedPair, TokenizedPair)> {
+fn random_pairs(
+    pairs: usize,
+    per_side: usize,
+    vocab: usize,
+) -> Vec<(TokenizedPair, TokenizedPair)> {
     let mut rng = Rng(1);
-    let mut tokens = |n: usize| (0..n).map(|_| 4 + rng.below(vocab - 4) as u32).collect::<Vec<_>>();
+    let mut tokens = |n: usize| {
+        (0..n)
+            .map(|_| 4 + rng.below(vocab - 4) as u32)
+            .collect::<Vec<_>>()
+    };
     (0..pairs)
         .map(|i| {
             let prompt = tokens(28 + i % 8);
             let total = per_side + i % 5 - 2;
-            let chosen = TokenizedPair { prompt: prompt.clone(), response: tokens(total - prompt.len()) };
-            let rejected = TokenizedPair { prompt, response: tokens(total - chosen.prompt.len() + 1 - i % 3) };
+            let chosen = TokenizedPair {
+                prompt: prompt.clone(),
+                response: tokens(total - prompt.len()),
+            };
+            let rejected = TokenizedPair {
+                prompt,
+                response: tokens(total - chosen.prompt.len() + 1 - i % 3),
+            };
             (chosen, rejected)
         })
         .collect()
@@ -129,10 +159,17 @@ fn random_pairs(pairs: usize, per_side: usize, vocab: usize) -> Vec<(TokenizedPa
 
 /// Process CPU seconds (user + system) from /proc/self/stat; 0 where unavailable.
 fn cpu_seconds() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return 0.0 };
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
     let after_name = stat.rsplit(')').next().unwrap_or("");
     let fields: Vec<&str> = after_name.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     // Fields 14 and 15 of the whole line (utime, stime) are 11 and 12 after the name; 100 Hz.
     (ticks(11) + ticks(12)) / 100.0
 }
@@ -242,7 +279,11 @@ fn dpo_step(
     let (loss, forward, cpu_f) = timed(|| {
         let logps = sequence_logprobs(model, sequences, pad)?;
         let (c, r) = (logps.sums.narrow(0, 0, n)?, logps.sums.narrow(0, n, n)?);
-        Ok(dpo_losses(DpoLoss::Sigmoid, 0.1, 0.0, &c, &r, ref_c, ref_r)?.losses.mean_all()?)
+        Ok(
+            dpo_losses(DpoLoss::Sigmoid, 0.1, 0.0, &c, &r, ref_c, ref_r)?
+                .losses
+                .mean_all()?,
+        )
     })?;
     let (mut grads, backward, cpu_b) = timed(|| Ok(loss.backward()?))?;
     let ((), optimiser, cpu_o) = timed(|| {
@@ -250,17 +291,35 @@ fn dpo_step(
         optimizer.step(&grads)?;
         Ok(())
     })?;
-    Ok((Split { forward, backward, optimiser, cpu: cpu_f + cpu_b + cpu_o }, loss.to_scalar::<f32>()?))
+    Ok((
+        Split {
+            forward,
+            backward,
+            optimiser,
+            cpu: cpu_f + cpu_b + cpu_o,
+        },
+        loss.to_scalar::<f32>()?,
+    ))
 }
 
 /// The sequences of `pairs` (all chosen, then all rejected) and their reference log-probs.
-fn prepare(model: &Transformer, pairs: &[(TokenizedPair, TokenizedPair)]) -> Result<(Vec<TokenizedPair>, Tensor, Tensor)> {
+fn prepare(
+    model: &Transformer,
+    pairs: &[(TokenizedPair, TokenizedPair)],
+) -> Result<(Vec<TokenizedPair>, Tensor, Tensor)> {
     let n = pairs.len();
-    let sequences: Vec<TokenizedPair> =
-        pairs.iter().map(|p| p.0.clone()).chain(pairs.iter().map(|p| p.1.clone())).collect();
+    let sequences: Vec<TokenizedPair> = pairs
+        .iter()
+        .map(|p| p.0.clone())
+        .chain(pairs.iter().map(|p| p.1.clone()))
+        .collect();
     let pad = model.config().pad_token_id().unwrap_or(0);
     let reference = sequence_logprobs(model, &sequences, pad)?.sums.detach();
-    Ok((sequences, reference.narrow(0, 0, n)?, reference.narrow(0, n, n)?))
+    Ok((
+        sequences,
+        reference.narrow(0, 0, n)?,
+        reference.narrow(0, n, n)?,
+    ))
 }
 
 /// The heap's peak during a step above the heap between steps (weights, optimiser state), for
@@ -270,29 +329,55 @@ fn activation_scaling(model: &Transformer, vars: &[(String, Var)]) -> Result<()>
     println!("\n### step memory: heap peak during a step above the heap between steps");
     println!("| pairs | tokens per side | tokens | heap between steps MB | step peak MB | above MB | KB per token |");
     println!("|---:|---:|---:|---:|---:|---:|---:|");
-    let mut optimizer = Optimizer::new(decay_groups(vars.to_vec(), 0.0), Algorithm::AdamW(AdamW::default()), 1e-5)?;
+    let mut optimizer = Optimizer::new(
+        decay_groups(vars.to_vec(), 0.0),
+        Algorithm::AdamW(AdamW::default()),
+        1e-5,
+    )?;
     for (pairs, per_side) in [(2, 130), (4, 130), (8, 65), (8, 130), (16, 130)] {
         let pairs = random_pairs(pairs, per_side, model.config().vocab_size);
         let (sequences, ref_c, ref_r) = prepare(model, &pairs)?;
-        let tokens: usize = sequences.iter().map(|s| s.prompt.len() + s.response.len()).sum();
+        let tokens: usize = sequences
+            .iter()
+            .map(|s| s.prompt.len() + s.response.len())
+            .sum();
         // One step first so that the optimiser state exists.
         dpo_step(model, vars, &mut optimizer, &sequences, (&ref_c, &ref_r))?;
         let rest = heap_mb();
         reset_heap_peak();
         dpo_step(model, vars, &mut optimizer, &sequences, (&ref_c, &ref_r))?;
         let (peak, above) = (heap_peak_mb(), heap_peak_mb() - rest);
-        println!("| {} | {per_side} | {tokens} | {rest:.0} | {peak:.0} | {above:.0} | {:.1} |", pairs.len(),
-                 above * 1024.0 / tokens as f64);
+        println!(
+            "| {} | {per_side} | {tokens} | {rest:.0} | {peak:.0} | {above:.0} | {:.1} |",
+            pairs.len(),
+            above * 1024.0 / tokens as f64
+        );
     }
     Ok(())
 }
 
-fn profile(label: &str, model: &Transformer, vars: &[(String, Var)], pairs: &[(TokenizedPair, TokenizedPair)], steps: usize) -> Result<()> {
+fn profile(
+    label: &str,
+    model: &Transformer,
+    vars: &[(String, Var)],
+    pairs: &[(TokenizedPair, TokenizedPair)],
+    steps: usize,
+) -> Result<()> {
     let n = pairs.len();
     let (sequences, ref_c, ref_r) = prepare(model, pairs)?;
-    let tokens: usize = sequences.iter().map(|s| s.prompt.len() + s.response.len()).sum();
-    let targets: Vec<u32> = sequences.iter().flat_map(|s| s.response.iter().copied()).collect();
-    let mut optimizer = Optimizer::new(decay_groups(vars.to_vec(), 0.0), Algorithm::AdamW(AdamW::default()), 1e-5)?;
+    let tokens: usize = sequences
+        .iter()
+        .map(|s| s.prompt.len() + s.response.len())
+        .sum();
+    let targets: Vec<u32> = sequences
+        .iter()
+        .flat_map(|s| s.response.iter().copied())
+        .collect();
+    let mut optimizer = Optimizer::new(
+        decay_groups(vars.to_vec(), 0.0),
+        Algorithm::AdamW(AdamW::default()),
+        1e-5,
+    )?;
     let params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
     println!(
         "\n## {label}: {:.1}M parameters, {n} pairs, {} sequences, {tokens} tokens ({} response tokens), {} threads",
@@ -307,9 +392,21 @@ fn profile(label: &str, model: &Transformer, vars: &[(String, Var)], pairs: &[(T
     for step in 0..=steps {
         reset_heap_peak();
         let (s, _) = dpo_step(model, vars, &mut optimizer, &sequences, (&ref_c, &ref_r))?;
-        let tag = if step == 0 { "warm-up".to_string() } else { step.to_string() };
-        println!("| {tag} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} | {:.0} | {:.0} |", s.forward, s.backward,
-                 s.optimiser, s.total(), s.cpu, tokens as f64 / s.total(), heap_peak_mb());
+        let tag = if step == 0 {
+            "warm-up".to_string()
+        } else {
+            step.to_string()
+        };
+        println!(
+            "| {tag} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} | {:.0} | {:.0} |",
+            s.forward,
+            s.backward,
+            s.optimiser,
+            s.total(),
+            s.cpu,
+            tokens as f64 / s.total(),
+            heap_peak_mb()
+        );
         if step > 0 {
             splits.push(s);
         }
@@ -321,17 +418,30 @@ fn profile(label: &str, model: &Transformer, vars: &[(String, Var)], pairs: &[(T
         cpu: median(splits.iter().map(|s| s.cpu).collect()),
     };
     let total = median(splits.iter().map(|s| s.total()).collect());
-    println!("| **median** | {:.3} | {:.3} | {:.3} | {total:.3} | {:.2} | {:.0} |", m.forward, m.backward, m.optimiser,
-             m.cpu, tokens as f64 / total);
+    println!(
+        "| **median** | {:.3} | {:.3} | {:.3} | {total:.3} | {:.2} | {:.0} |",
+        m.forward,
+        m.backward,
+        m.optimiser,
+        m.cpu,
+        tokens as f64 / total
+    );
 
     // The vocabulary head alone, from detached hidden rows: projection, log-softmax, gather.
     let hidden = model.config().hidden_size;
     let mut rng = Rng(2);
-    let rows: Vec<f32> = (0..targets.len() * hidden).map(|_| rng.normal(1.0)).collect();
-    let rows = Var::from_tensor(&Tensor::from_vec(rows, (targets.len(), hidden), &Device::Cpu)?)?;
+    let rows: Vec<f32> = (0..targets.len() * hidden)
+        .map(|_| rng.normal(1.0))
+        .collect();
+    let rows = Var::from_tensor(&Tensor::from_vec(
+        rows,
+        (targets.len(), hidden),
+        &Device::Cpu,
+    )?)?;
     let mut head = (Vec::new(), Vec::new());
     for _ in 0..=steps.min(3) {
-        let (sum, f, _) = timed(|| Ok(token_logprobs(model, rows.as_tensor(), &targets)?.sum_all()?))?;
+        let (sum, f, _) =
+            timed(|| Ok(token_logprobs(model, rows.as_tensor(), &targets)?.sum_all()?))?;
         let (_, b, _) = timed(|| Ok(sum.backward()?))?;
         head.0.push(f);
         head.1.push(b);
@@ -351,8 +461,15 @@ fn profile(label: &str, model: &Transformer, vars: &[(String, Var)], pairs: &[(T
 }
 
 fn main() -> Result<()> {
-    let threads = std::env::var("OPTUNE_BENCH_THREADS").ok().and_then(|t| t.parse().ok()).unwrap_or(2);
-    let steps = std::env::var("OPTUNE_BENCH_STEPS").ok().and_then(|t| t.parse().ok()).unwrap_or(5usize).max(1);
+    let threads = std::env::var("OPTUNE_BENCH_THREADS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(2);
+    let steps = std::env::var("OPTUNE_BENCH_STEPS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(5usize)
+        .max(1);
     optune_model::runtime::init(Some(threads))?;
     println!("# one DPO step (sigmoid, reference precomputed, full fine-tuning, AdamW, f32)");
 
@@ -363,7 +480,13 @@ fn main() -> Result<()> {
         optune_model::fused::set_enabled(fused);
         let (model, vars) = random_llama()?;
         let pairs = random_pairs(8, 130, model.config().vocab_size);
-        profile(&format!("random llama 12.9M, {variant}"), &model, &vars, &pairs, steps)?;
+        profile(
+            &format!("random llama 12.9M, {variant}"),
+            &model,
+            &vars,
+            &pairs,
+            steps,
+        )?;
         activation_scaling(&model, &vars)?;
     }
 
@@ -380,14 +503,42 @@ fn main() -> Result<()> {
         let checkpoint = read()?;
         let (model, vars) = trainable_model(&checkpoint.meta.config, checkpoint.tensors)?;
         let pairs = random_pairs(2, 128, model.config().vocab_size);
-        profile(&format!("SmolLM2-135M, {variant}"), &model, &vars, &pairs, steps.min(3))?;
+        profile(
+            &format!("SmolLM2-135M, {variant}"),
+            &model,
+            &vars,
+            &pairs,
+            steps.min(3),
+        )?;
     }
     // The pipeline's setting: LoRA rank 16 on q/k/v/o over frozen f32 weights, 4 pairs.
     let checkpoint = read()?;
-    let mut model = Transformer::from_weights(&checkpoint.meta.config, checkpoint.tensors, DType::F32, &Device::Cpu)?;
-    let targets = ["q_proj", "k_proj", "v_proj", "o_proj"].map(String::from).to_vec();
-    let adapters = attach_lora(&mut model, &LoraConfig { rank: 16, alpha: 32.0, dropout: 0.0, targets }, 0)?;
+    let mut model = Transformer::from_weights(
+        &checkpoint.meta.config,
+        checkpoint.tensors,
+        DType::F32,
+        &Device::Cpu,
+    )?;
+    let targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+        .map(String::from)
+        .to_vec();
+    let adapters = attach_lora(
+        &mut model,
+        &LoraConfig {
+            rank: 16,
+            alpha: 32.0,
+            dropout: 0.0,
+            targets,
+        },
+        0,
+    )?;
     let pairs = random_pairs(4, 128, model.config().vocab_size);
-    profile("SmolLM2-135M, fused ops, LoRA r16 on q/k/v/o", &model, &adapters.vars, &pairs, steps.min(3))?;
+    profile(
+        "SmolLM2-135M, fused ops, LoRA r16 on q/k/v/o",
+        &model,
+        &adapters.vars,
+        &pairs,
+        steps.min(3),
+    )?;
     Ok(())
 }

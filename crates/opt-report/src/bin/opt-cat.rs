@@ -62,7 +62,11 @@ fn run(cli: &Cli) -> Result<()> {
         concat_shards(&shards)?
     };
     let start = cli.skip.min(rows_in);
-    let end = if cli.head == 0 { rows_in } else { (start + cli.head).min(rows_in) };
+    let end = if cli.head == 0 {
+        rows_in
+    } else {
+        (start + cli.head).min(rows_in)
+    };
     ensure!(
         cli.skip == 0 || cli.skip < rows_in,
         "--skip {} leaves none of the {rows_in} rows",
