@@ -43,7 +43,13 @@ pub fn prepare(
             }
             None => {
                 policy.with_adapters_off(|| {
-                    fill(&policy.model, pairs, policy.pad_id, use_means, args.batch_size)
+                    fill(
+                        &policy.model,
+                        pairs,
+                        policy.pad_id,
+                        use_means,
+                        args.batch_size,
+                    )
                 })?;
                 // Online sampling with full fine-tuning needs the initial weights at train time.
                 if online && policy.lora.is_none() {

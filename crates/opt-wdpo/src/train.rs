@@ -122,7 +122,12 @@ impl<'a> Trainer<'a> {
         let reference = |pick: fn((f32, f32)) -> f32| -> Result<Tensor> {
             let values: Vec<f32> = batch
                 .iter()
-                .map(|p| pick(p.ref_logps.expect("reference log-probs are filled before training")))
+                .map(|p| {
+                    pick(
+                        p.ref_logps
+                            .expect("reference log-probs are filled before training"),
+                    )
+                })
                 .collect();
             Ok(Tensor::new(values.as_slice(), self.device)?)
         };
@@ -176,7 +181,8 @@ impl<'a> Trainer<'a> {
             None => grads,
             Some(mut sum) => {
                 for var in trainable.iter().map(|(_, v)| v.as_tensor()) {
-                    let total = (sum.get(var).expect("checked") + grads.get(var).expect("checked"))?;
+                    let total =
+                        (sum.get(var).expect("checked") + grads.get(var).expect("checked"))?;
                     sum.insert(var, total);
                 }
                 sum
