@@ -78,7 +78,7 @@ pub fn exp_f32(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let y = (p * (r * r) + r) + 1.0;
     // n is an integer in [-126, 127]: read it from the rounded sum's low mantissa bits.
     let n_int = (clamped * LOG2E + ROUND).to_bits() as i32 - ROUND.to_bits() as i32;
