@@ -40,6 +40,12 @@ use std::time::Instant;
 /// --precompute-ref also writes them back into the pairs file. With LoRA the reference is the
 /// base model with the adapters off.
 ///
+/// Precision: the model computes in --dtype (f32 on the CPU, bf16 on CUDA), with reductions
+/// (RMS norm statistics, softmax, log-softmax, the loss) in f32; the trained weights (all of
+/// them, or the LoRA adapters) are f32 master copies with f32 gradients and optimiser moments,
+/// frozen weights and the reference exist in --dtype only. The checkpoint is saved in the dtype
+/// its config.json names.
+///
 /// Example:
 ///   opt-wdpo --policy runs/x/iter1/policy pairs.parquet -o runs/x/iter2/policy \
 ///       --lora-rank 16 --lr 5e-5 --beta 0.1 --weight exp --beta2 1.0
@@ -196,17 +202,16 @@ impl Args {
 fn run(args: Args) -> Result<()> {
     args.validate()?;
     let started = Instant::now();
-    let (device, _dtype) = args.runtime.init()?;
-    // Training holds and computes in f32 whatever --dtype says (for now).
-    let kernels = optune_cli::kernels_in_use(&device, candle_core::DType::F32);
+    let (device, dtype) = args.runtime.init()?;
+    let kernels = optune_cli::kernels_in_use(&device, dtype);
     let shard = Shard::read(args.input.as_deref())?;
-    let policy = Policy::load(&args, &device)?;
+    let mut policy = Policy::load(&args, &device, dtype)?;
     let mut pairs = data::read_pairs(&shard, &policy.tokenizer, args.max_length)?;
     if pairs.is_empty() {
         bail!("{}: no pairs to train on", shard.name());
     }
-    let reference = reference::prepare(&args, &policy, &shard, &mut pairs, &device)?;
-    let trained = train::train(&args, &policy, &pairs, reference.as_ref(), &device)?;
+    let reference = reference::prepare(&args, &policy, &shard, &mut pairs, &device, dtype)?;
+    let trained = train::train(&args, &mut policy, &pairs, reference.as_ref(), &device)?;
     save(&args, &policy, &trained)?;
     summary(&trained, pairs.len(), started)
         .field("kernels", kernels)

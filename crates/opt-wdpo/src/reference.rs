@@ -20,6 +20,7 @@ pub fn prepare(
     shard: &Shard,
     pairs: &mut [TrainPair],
     device: &Device,
+    dtype: DType,
 ) -> Result<Option<Transformer>> {
     let had_reference = pairs.iter().all(|p| p.ref_logps.is_some());
     let online = args.loss.samples_online();
@@ -29,7 +30,7 @@ pub fn prepare(
     if !had_reference || online {
         match separate {
             Some(dir) => {
-                let (model, _, meta) = optune_model::load_model(dir, DType::F32, device)?;
+                let (model, _, meta) = optune_model::load_model(dir, dtype, device)?;
                 if meta.config.vocab_size != policy.meta.config.vocab_size {
                     bail!(
                         "--ref {}: vocab_size {} differs from the policy's {}",
@@ -53,7 +54,7 @@ pub fn prepare(
                 })?;
                 // Online sampling with full fine-tuning needs the initial weights at train time.
                 if online && policy.lora.is_none() {
-                    let (model, _, _) = optune_model::load_model(&args.policy, DType::F32, device)?;
+                    let (model, _, _) = optune_model::load_model(&args.policy, dtype, device)?;
                     reference_model = Some(model);
                 }
             }

@@ -24,14 +24,14 @@ pub struct Trained {
 /// Trains `policy` on `pairs` (reference log-probs filled in) for `--epochs`.
 pub fn train(
     args: &Args,
-    policy: &Policy,
+    policy: &mut Policy,
     pairs: &[TrainPair],
     reference: Option<&Transformer>,
     device: &Device,
 ) -> Result<Trained> {
+    policy.set_training(true);
     let mut trainer = Trainer::new(args, policy, reference, device, pairs.len())?;
     let started = Instant::now();
-    policy.set_training(true);
     for epoch in 0..args.epochs {
         let batches = epoch_batches(pairs, args.batch_size, args.seed, epoch);
         let last_batch = batches.len() - 1;
@@ -43,7 +43,7 @@ pub fn train(
             }
         }
     }
-    policy.set_training(false);
+    trainer.policy.set_training(false);
     trainer.progress.finish_and_clear();
     Ok(Trained {
         steps: trainer.optimizer.step_count(),
@@ -55,7 +55,7 @@ pub fn train(
 
 struct Trainer<'a> {
     args: &'a Args,
-    policy: &'a Policy,
+    policy: &'a mut Policy,
     reference: Option<&'a Transformer>,
     device: &'a Device,
     optimizer: Optimizer,
@@ -73,7 +73,7 @@ struct Trainer<'a> {
 impl<'a> Trainer<'a> {
     fn new(
         args: &'a Args,
-        policy: &'a Policy,
+        policy: &'a mut Policy,
         reference: Option<&'a Transformer>,
         device: &'a Device,
         pairs: usize,
@@ -204,6 +204,7 @@ impl<'a> Trainer<'a> {
         let lr = self.schedule.lr_at(self.optimizer.step_count());
         self.optimizer.set_lr(lr);
         self.optimizer.step(&grads)?;
+        self.policy.refresh_compute_weights()?;
         let row = std::mem::take(&mut self.step_metrics).finish(
             self.optimizer.step_count(),
             epoch,

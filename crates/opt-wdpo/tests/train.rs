@@ -397,3 +397,115 @@ fn generic_and_fused_kernels_give_the_same_lora_losses() {
         }
     }
 }
+
+/// The safetensors dtype names of a checkpoint's weights.
+fn saved_dtypes(dir: &Path) -> std::collections::BTreeSet<String> {
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(_, v)| v["dtype"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// `--dtype bf16` computes in bf16 with f32 master weights: full fine-tuning (whose bf16 weights
+/// are re-cast from the masters after every step) and LoRA follow the f32 run's losses to bf16
+/// rounding.
+#[test]
+fn bf16_training_follows_f32_within_rounding() {
+    let dir = tempfile::tempdir().unwrap();
+    let pairs = dir.path().join("pairs.jsonl");
+    write_pairs(&pairs);
+    for lora in [false, true] {
+        let mut runs = Vec::new();
+        for dtype in ["f32", "bf16"] {
+            let out = dir.path().join(format!("{dtype}-{lora}"));
+            let (policy, pairs_path, out_path) = (
+                model("tiny-llama").to_str().unwrap().to_string(),
+                pairs.to_str().unwrap().to_string(),
+                out.to_str().unwrap().to_string(),
+            );
+            let lr = if lora { "2e-2" } else { "1e-3" };
+            let mut args: Vec<String> = [
+                "--policy",
+                &policy,
+                &pairs_path,
+                "-o",
+                &out_path,
+                "--lr",
+                lr,
+                "--batch-size",
+                "2",
+                "--warmup-ratio",
+                "0",
+                "--dtype",
+                dtype,
+            ]
+            .map(String::from)
+            .to_vec();
+            if lora {
+                args.extend(["--lora-rank", "4"].map(String::from));
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let (ok, stderr) = wdpo(&args);
+            assert!(ok, "{stderr}");
+            // Saved in the checkpoint's own dtype (its config says float32), not the compute one.
+            assert_eq!(saved_dtypes(&out).into_iter().collect::<Vec<_>>(), ["F32"]);
+            runs.push(column(&metrics(&out), "loss"));
+        }
+        let (f32_losses, bf16_losses) = (&runs[0], &runs[1]);
+        assert_eq!(f32_losses.len(), 4);
+        // The first step sees equal policy and reference: exactly ln 2 in both.
+        assert!((bf16_losses[0] - std::f64::consts::LN_2).abs() < 1e-6);
+        for (step, (a, b)) in f32_losses.iter().zip(bf16_losses).enumerate().skip(1) {
+            assert!(
+                (a - b).abs() <= 0.02,
+                "lora {lora}, step {}: f32 {a} vs bf16 {b}",
+                step + 1
+            );
+        }
+        // Training moved the loss: a bf16 copy left stale after the first step would not.
+        assert!(
+            bf16_losses[3] < bf16_losses[0] - 0.05,
+            "lora {lora}: {bf16_losses:?}"
+        );
+    }
+}
+
+/// A checkpoint is saved in the dtype its config.json names, whatever the run computed in.
+#[test]
+fn checkpoints_keep_their_own_dtype() {
+    let dir = tempfile::tempdir().unwrap();
+    let pairs = dir.path().join("pairs.jsonl");
+    write_pairs(&pairs);
+    let policy = dir.path().join("policy");
+    std::fs::create_dir(&policy).unwrap();
+    for entry in std::fs::read_dir(model("tiny-llama")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), policy.join(entry.file_name())).unwrap();
+    }
+    let config = policy.join("config.json");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("\"float32\"", "\"bfloat16\"")).unwrap();
+    let out = dir.path().join("out");
+    let (ok, stderr) = wdpo(&[
+        "--policy",
+        policy.to_str().unwrap(),
+        pairs.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--lora-rank",
+        "4",
+        "--dtype",
+        "f32",
+    ]);
+    assert!(ok, "{stderr}");
+    assert_eq!(saved_dtypes(&out).into_iter().collect::<Vec<_>>(), ["BF16"]);
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(saved["torch_dtype"], "bfloat16");
+}

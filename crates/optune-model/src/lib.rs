@@ -10,7 +10,7 @@ pub mod lora;
 pub mod rope;
 pub mod transformer;
 
-pub use load::{load_model, save_checkpoint, save_checkpoint_with};
+pub use load::{load_model, save_checkpoint, save_checkpoint_with, saved_dtype};
 pub use logprobs::{sequence_logprobs, sequence_scores, SequenceLogprobs, TokenizedPair};
 pub use optune_checkpoint::{
     config, gguf, tokenizer, ChatMessage, ChatTokenizer, Checkpoint, CheckpointMeta, Family,

@@ -119,7 +119,13 @@ impl Linear {
         } else {
             x2
         };
-        let delta = (input.matmul(&lora.a.t()?)?.matmul(&lora.b.t()?)? * lora.scale)?;
+        // The adapters are f32 master weights; they compute in the input's dtype (bf16 on a GPU),
+        // and the cast passes their gradients back in f32.
+        let (a, b) = (
+            lora.a.to_dtype(input.dtype())?,
+            lora.b.to_dtype(input.dtype())?,
+        );
+        let delta = (input.matmul(&a.t()?)?.matmul(&b.t()?)? * lora.scale)?;
         *out_dims.last_mut().expect("non-empty") = lora.b.dim(0)?;
         Some(delta.reshape(out_dims)).transpose()
     }
@@ -135,7 +141,10 @@ impl Linear {
     /// The weight with the adapter folded in, for saving a merged checkpoint.
     pub fn merged_weight(&self) -> Result<Tensor> {
         match &self.lora {
-            Some(lora) => self.weight.add(&(lora.b.matmul(&lora.a)? * lora.scale)?),
+            Some(lora) => {
+                let delta = (lora.b.matmul(&lora.a)? * lora.scale)?;
+                self.weight.add(&delta.to_dtype(self.weight.dtype())?)
+            }
             None => Ok(self.weight.clone()),
         }
     }

@@ -31,12 +31,33 @@ pub fn save_checkpoint(model: &Transformer, meta: &CheckpointMeta, dir: &Path) -
 }
 
 /// [`save_checkpoint`], letting `extra` add files (metrics, adapters) to the directory before it
-/// is moved into place.
+/// is moved into place. The weights are saved in the checkpoint's own dtype (`torch_dtype` of
+/// its `config.json`; the model's when it names none), whatever the model computed in: a bf16
+/// model trained with f32 master weights saves bf16, an f32 one stays f32.
 pub fn save_checkpoint_with(
     model: &Transformer,
     meta: &CheckpointMeta,
     dir: &Path,
     extra: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<()> {
-    write_checkpoint(&model.named_weights()?, meta, dir, extra)
+    let dtype = saved_dtype(meta).unwrap_or(model.dtype());
+    let weights = model
+        .named_weights()?
+        .into_iter()
+        .map(|(name, t)| Ok((name, t.to_dtype(dtype)?)))
+        .collect::<Result<Vec<_>>>()?;
+    write_checkpoint(&weights, meta, dir, extra)
+}
+
+/// The dtype `config.json` declares (`torch_dtype`, or transformers 5's `dtype`).
+pub fn saved_dtype(meta: &CheckpointMeta) -> Option<DType> {
+    let name = ["torch_dtype", "dtype"]
+        .iter()
+        .find_map(|key| meta.config_json.get(*key)?.as_str())?;
+    match name {
+        "float32" => Some(DType::F32),
+        "bfloat16" => Some(DType::BF16),
+        "float16" => Some(DType::F16),
+        _ => None,
+    }
 }

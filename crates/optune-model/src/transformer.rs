@@ -293,6 +293,22 @@ impl Transformer {
         Ok(())
     }
 
+    /// Replaces every weight by `f(name, weight)`; the tied head follows the embedding. opt-wdpo
+    /// re-casts its f32 master weights into the compute dtype after each optimiser step.
+    pub fn map_weights(
+        &mut self,
+        f: &mut dyn FnMut(&str, &Tensor) -> Result<Tensor>,
+    ) -> Result<()> {
+        self.for_each_tensor_mut(&mut |name, t| {
+            *t = f(name, t)?;
+            Ok(())
+        })?;
+        if let OutputHead::LanguageModel { weight, tied: true } = &mut self.head {
+            *weight = self.embed_tokens.clone();
+        }
+        Ok(())
+    }
+
     fn for_each_tensor_mut(
         &mut self,
         f: &mut dyn FnMut(&str, &mut Tensor) -> Result<()>,
