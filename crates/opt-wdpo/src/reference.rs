@@ -14,6 +14,7 @@ use std::sync::Arc;
 /// Fills the pairs' reference log-probs where the shard had none, writes them back with
 /// `--precompute-ref`, and returns the reference model when the objective samples online (with
 /// LoRA and no separate `--ref`, the reference is the policy with its adapters off: `None`).
+/// Reference-free objectives (SimPO, SFT) skip all of it.
 pub fn prepare(
     args: &Args,
     policy: &Policy,
@@ -21,9 +22,12 @@ pub fn prepare(
     pairs: &mut [TrainPair],
     device: &Device,
 ) -> Result<Option<Transformer>> {
+    if !args.loss.needs_reference() {
+        return Ok(None);
+    }
     let had_reference = pairs.iter().all(|p| p.ref_logps.is_some());
     let online = args.loss.samples_online();
-    let use_means = args.loss.pair_loss().uses_mean_logps();
+    let use_means = args.loss.uses_mean_logps();
     let separate = args.reference.as_ref().filter(|r| **r != args.policy);
     let mut reference_model = None;
     if !had_reference || online {
@@ -43,7 +47,13 @@ pub fn prepare(
             }
             None => {
                 policy.with_adapters_off(|| {
-                    fill(&policy.model, pairs, policy.pad_id, use_means, args.batch_size)
+                    fill(
+                        &policy.model,
+                        pairs,
+                        policy.pad_id,
+                        use_means,
+                        args.batch_size,
+                    )
                 })?;
                 // Online sampling with full fine-tuning needs the initial weights at train time.
                 if online && policy.lora.is_none() {

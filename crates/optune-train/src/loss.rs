@@ -157,8 +157,9 @@ impl FromStr for DpoLoss {
     }
 }
 
-/// What a training run minimises: one of the pair losses of [`DpoLoss`], or HyPO (the sigmoid
-/// pair loss plus `λ · KL(π‖π_ref)` on fresh samples, see [`loo_reinforce_kl`]).
+/// What a training run minimises: one of the pair losses of [`DpoLoss`], HyPO (the sigmoid
+/// pair loss plus `λ · KL(π‖π_ref)` on fresh samples, see [`loo_reinforce_kl`]), SimPO, RPO or
+/// SFT (see [`batch_loss`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum Objective {
     /// DPO; cDPO with label smoothing
@@ -171,16 +172,36 @@ pub enum Objective {
     Robust,
     /// DPO plus λ·KL(π‖π_ref) estimated on fresh samples (leave-one-out REINFORCE)
     Hypo,
+    /// SimPO: reference-free, length-normalised, target margin γ (TRL CPOTrainer "simpo")
+    Simpo,
+    /// RPO: DPO plus α × the NLL of the chosen reply (TRL rpo_alpha)
+    Rpo,
+    /// SFT on the chosen reply alone: its NLL (Best-of-N / rejection-sampling fine-tuning)
+    Sft,
 }
 
 impl Objective {
-    /// The loss applied to each preference pair.
-    pub fn pair_loss(self) -> DpoLoss {
+    /// The DPO-family loss applied to each pair; `None` for the reference-free SimPO and SFT.
+    pub fn pair_loss(self) -> Option<DpoLoss> {
         match self {
-            Objective::Sigmoid | Objective::Hypo => DpoLoss::Sigmoid,
-            Objective::Ipo => DpoLoss::Ipo,
-            Objective::Hinge => DpoLoss::Hinge,
-            Objective::Robust => DpoLoss::Robust,
+            Objective::Sigmoid | Objective::Hypo | Objective::Rpo => Some(DpoLoss::Sigmoid),
+            Objective::Ipo => Some(DpoLoss::Ipo),
+            Objective::Hinge => Some(DpoLoss::Hinge),
+            Objective::Robust => Some(DpoLoss::Robust),
+            Objective::Simpo | Objective::Sft => None,
+        }
+    }
+
+    /// Whether the loss reads reference log-probs of the pairs.
+    pub fn needs_reference(self) -> bool {
+        self.pair_loss().is_some()
+    }
+
+    /// Whether the pair loss takes per-token mean log-probs (IPO, SimPO) instead of sums.
+    pub fn uses_mean_logps(self) -> bool {
+        match self.pair_loss() {
+            Some(kind) => kind.uses_mean_logps(),
+            None => self == Objective::Simpo,
         }
     }
 
@@ -188,6 +209,96 @@ impl Objective {
     pub fn samples_online(self) -> bool {
         self == Objective::Hypo
     }
+}
+
+/// The constants of an [`Objective`]'s loss.
+#[derive(Clone, Copy, Debug)]
+pub struct ObjectiveParams {
+    /// `β` of the DPO family and of SimPO.
+    pub beta: f64,
+    /// `ε` of sigmoid, robust and SimPO.
+    pub label_smoothing: f64,
+    /// SimPO's target margin `γ`.
+    pub simpo_gamma: f64,
+    /// RPO's NLL weight `α`.
+    pub rpo_alpha: f64,
+}
+
+/// The log-probs of one batch of pairs that an objective reads, each `[batch]`.
+pub struct BatchLogps<'a> {
+    /// The policy's log-probs of the chosen and rejected replies: per-token means when
+    /// [`Objective::uses_mean_logps`], else sums.
+    pub chosen: &'a Tensor,
+    pub rejected: &'a Tensor,
+    /// The reference's log-probs of the same kind; needed when [`Objective::needs_reference`].
+    pub reference: Option<(&'a Tensor, &'a Tensor)>,
+    /// The policy's *summed* log-probs of the chosen replies and their lengths in tokens, for
+    /// the NLL term.
+    pub chosen_sums: &'a Tensor,
+    pub chosen_tokens: &'a [usize],
+}
+
+/// The batch loss of `objective` with pair weights `weights`, and the per-pair results for the
+/// metrics:
+///
+/// - DPO family (and HyPO's pair part): `weighted_mean(dpo_losses)`;
+/// - SimPO: `weighted_mean(simpo_losses)`;
+/// - RPO: `weighted_mean(sigmoid dpo_losses) + α · chosen_nll`;
+/// - SFT: `chosen_nll`; its per-pair "losses" are each reply's per-token NLL and its rewards 0,
+///   as TRL logs them for `loss_type="sft"`.
+pub fn batch_loss(
+    objective: Objective,
+    params: &ObjectiveParams,
+    logps: &BatchLogps,
+    weights: &[f32],
+) -> Result<(Tensor, PairLosses)> {
+    if objective == Objective::Sft {
+        let nll = chosen_nll(logps.chosen_sums, logps.chosen_tokens, weights)?;
+        let tokens: Vec<f32> = logps.chosen_tokens.iter().map(|&n| n as f32).collect();
+        let tokens = Tensor::from_slice(&tokens, tokens.len(), logps.chosen_sums.device())?
+            .to_dtype(logps.chosen_sums.dtype())?;
+        let zeros = logps.chosen_sums.zeros_like()?;
+        let per_pair = PairLosses {
+            losses: (logps.chosen_sums.neg()? / tokens)?.detach(),
+            chosen_rewards: zeros.clone(),
+            rejected_rewards: zeros,
+        };
+        return Ok((nll, per_pair));
+    }
+    let pairs = match objective.pair_loss() {
+        Some(kind) => {
+            let Some((ref_chosen, ref_rejected)) = logps.reference else {
+                bail!("the {kind} loss needs reference log-probs");
+            };
+            dpo_losses(
+                kind,
+                params.beta,
+                params.label_smoothing,
+                logps.chosen,
+                logps.rejected,
+                ref_chosen,
+                ref_rejected,
+            )?
+        }
+        None => simpo_losses(
+            params.beta,
+            params.simpo_gamma,
+            params.label_smoothing,
+            logps.chosen,
+            logps.rejected,
+        )?,
+    };
+    let mut loss = weighted_mean(&pairs.losses, weights)?;
+    if objective == Objective::Rpo {
+        ensure!(
+            params.rpo_alpha.is_finite() && params.rpo_alpha >= 0.0,
+            "the RPO weight alpha must be finite and >= 0, got {}",
+            params.rpo_alpha
+        );
+        let nll = chosen_nll(logps.chosen_sums, logps.chosen_tokens, weights)?;
+        loss = (loss + (nll * params.rpo_alpha)?)?;
+    }
+    Ok((loss, pairs))
 }
 
 /// Per-pair results of [`dpo_losses`], each `[batch]`.

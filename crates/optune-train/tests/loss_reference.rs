@@ -8,8 +8,9 @@ use std::f64::consts::LN_2;
 
 use candle_core::{DType, Device, Tensor, Var};
 use optune_train::loss::{
-    chosen_nll, dpo_losses, given_weights, log_sigmoid, loo_reinforce_kl, pair_weights,
-    simpo_losses, weighted_mean, DpoLoss, PairLosses, WeightForm, WeightNorm,
+    batch_loss, chosen_nll, dpo_losses, given_weights, log_sigmoid, loo_reinforce_kl, pair_weights,
+    simpo_losses, weighted_mean, BatchLogps, DpoLoss, Objective, ObjectiveParams, PairLosses,
+    WeightForm, WeightNorm,
 };
 use serde::Deserialize;
 
@@ -315,6 +316,52 @@ fn hand_computed_chosen_nll() {
 }
 
 #[test]
+fn batch_loss_combines_each_objective_with_the_weights() {
+    // The hand pairs' sigmoid losses at β = 0.5, ε = 0: (0.126928011, ln 2, 1.313261688);
+    // chosen sums (−10, −20, −6) over (5, 10, 3) tokens; weights (0.5, 1, 1.5).
+    let [pc, pr, rc, rr] = hand_pairs(DType::F32);
+    let w = [0.5f32, 1.0, 1.5];
+    let tokens = [5, 10, 3];
+    let params = ObjectiveParams {
+        beta: BETA,
+        label_smoothing: 0.0,
+        simpo_gamma: 0.0,
+        rpo_alpha: 0.5,
+    };
+    let logps = BatchLogps {
+        chosen: &pc,
+        rejected: &pr,
+        reference: Some((&rc, &rr)),
+        chosen_sums: &pc,
+        chosen_tokens: &tokens,
+    };
+    let loss = |objective| scalar(&batch_loss(objective, &params, &logps, &w).unwrap().0);
+    // DPO: (0.5·0.126928011 + 0.693147181 + 1.5·1.313261688)/3 = 2.726503719/3 = 0.908834573
+    assert!((loss(Objective::Sigmoid) - 0.908834573).abs() < 1e-6);
+    // NLL: (0.5·10 + 20 + 1.5·6)/18 = 34/18 = 1.888888889; RPO = DPO + 0.5·NLL = 1.853279017
+    assert!((loss(Objective::Sft) - 34.0 / 18.0).abs() < 1e-6);
+    assert!((loss(Objective::Rpo) - 1.853279017).abs() < 1e-6);
+    // SimPO reads no reference (γ = 0, β = 0.5 on (πc − πr) = (4, 0, −1)):
+    //   −logσ(2, 0, −0.5) = (0.126928011, ln 2, 0.974076984)
+    //   weighted: (0.063464006 + 0.693147181 + 1.461115476)/3 = 0.739242221
+    let reference_free = BatchLogps {
+        reference: None,
+        ..logps
+    };
+    let simpo = batch_loss(Objective::Simpo, &params, &reference_free, &w)
+        .unwrap()
+        .0;
+    assert!((scalar(&simpo) - 0.739242221).abs() < 1e-6);
+    assert!(batch_loss(Objective::Sigmoid, &params, &reference_free, &w).is_err());
+    // SFT logs each reply's per-token NLL (2, 2, 2) and zero rewards.
+    let (_, per_pair) = batch_loss(Objective::Sft, &params, &logps, &w).unwrap();
+    assert_eq!(values(&per_pair.losses), [2.0, 2.0, 2.0]);
+    assert_eq!(values(&per_pair.chosen_rewards), [0.0; 3]);
+    assert!(!Objective::Simpo.needs_reference() && !Objective::Sft.needs_reference());
+    assert!(Objective::Rpo.needs_reference() && Objective::Simpo.uses_mean_logps());
+}
+
+#[test]
 fn given_weights_are_checked_and_normalised() {
     // (0, 1, 3): mean 4/3, normalised (0, 0.75, 2.25)
     assert_eq!(
@@ -505,43 +552,45 @@ fn matches_trl_rpo_and_sft_losses() {
             ("sft", None)
         ]
     );
+    let params = |case: &NllCase| ObjectiveParams {
+        beta: case.beta,
+        label_smoothing: 0.0,
+        simpo_gamma: 0.0,
+        rpo_alpha: case.rpo_alpha.unwrap_or(0.0),
+    };
     for case in &reference.nll_cases {
         let what = format!(
             "TRL {} {} rpo_alpha {:?}",
             reference.trl, case.loss_type, case.rpo_alpha
         );
         let unit = vec![1.0f32; case.chosen_tokens.len()];
-        let pc = t32(&case.policy_chosen);
+        let [pc, pr, rc, rr] = [
+            &case.policy_chosen,
+            &case.policy_rejected,
+            &case.ref_chosen,
+            &case.ref_rejected,
+        ]
+        .map(|v| t32(v));
         let nll = chosen_nll(&pc, &case.chosen_tokens, &unit).unwrap();
-        assert_close(
-            &what,
-            &values(&nll.unsqueeze(0).unwrap()),
-            &[case.nll_loss],
-            TOLERANCE,
-        );
-        let loss = match case.rpo_alpha {
-            Some(alpha) => {
-                let dpo = dpo_losses(
-                    DpoLoss::Sigmoid,
-                    case.beta,
-                    0.0,
-                    &pc,
-                    &t32(&case.policy_rejected),
-                    &t32(&case.ref_chosen),
-                    &t32(&case.ref_rejected),
-                )
-                .unwrap();
-                (weighted_mean(&dpo.losses, &unit).unwrap() + (nll * alpha).unwrap()).unwrap()
-            }
-            None => nll,
+        assert_close(&what, &[scalar(&nll)], &[case.nll_loss], TOLERANCE);
+        let objective = match case.rpo_alpha {
+            Some(_) => Objective::Rpo,
+            None => Objective::Sft,
         };
-        assert_close(
-            &what,
-            &values(&loss.unsqueeze(0).unwrap()),
-            &[case.loss],
-            TOLERANCE,
-        );
+        let logps = BatchLogps {
+            chosen: &pc,
+            rejected: &pr,
+            reference: Some((&rc, &rr)),
+            chosen_sums: &pc,
+            chosen_tokens: &case.chosen_tokens,
+        };
+        let (loss, _) = batch_loss(objective, &params(case), &logps, &unit).unwrap();
+        assert_close(&what, &[scalar(&loss)], &[case.loss], TOLERANCE);
     }
+}
+
+fn scalar(t: &Tensor) -> f64 {
+    t.to_dtype(DType::F64).unwrap().to_scalar().unwrap()
 }
 
 #[test]
@@ -583,7 +632,7 @@ fn matches_trl_dpo_loss() {
 // ---------------------------------------------------------------------------------------------
 
 /// The wDPO batch loss: `weighted_mean(dpo_losses(...))`.
-fn batch_loss(kind: DpoLoss, eps: f64, pc: &Tensor, pr: &Tensor, w: &[f32]) -> Tensor {
+fn weighted_dpo_loss(kind: DpoLoss, eps: f64, pc: &Tensor, pr: &Tensor, w: &[f32]) -> Tensor {
     let [_, _, rc, rr] = hand_pairs(DType::F64);
     let out = dpo_losses(kind, BETA, eps, pc, pr, &rc, &rr).unwrap();
     weighted_mean(&out.losses, w).unwrap()
@@ -601,7 +650,7 @@ fn gradients_match_finite_differences() {
         for eps in [0.0, 0.2] {
             let pc = Var::from_tensor(&t64(&pc0)).unwrap();
             let pr = Var::from_tensor(&t64(&pr0)).unwrap();
-            let loss = batch_loss(kind, eps, pc.as_tensor(), pr.as_tensor(), &w);
+            let loss = weighted_dpo_loss(kind, eps, pc.as_tensor(), pr.as_tensor(), &w);
             let grads = loss.backward().unwrap();
             for (name, var, base, is_chosen) in
                 [("chosen", &pc, &pc0, true), ("rejected", &pr, &pr0, false)]
@@ -617,7 +666,7 @@ fn gradients_match_finite_differences() {
                             } else {
                                 (t64(&pc0), t64(&moved))
                             };
-                            batch_loss(kind, eps, &c, &r, &w)
+                            weighted_dpo_loss(kind, eps, &c, &r, &w)
                                 .to_scalar::<f64>()
                                 .unwrap()
                         };
@@ -636,7 +685,7 @@ fn gradients_match_finite_differences() {
     // The DPO gradient at logit 0 by hand: d/dπc [−logσ(β(πc − …))] = −β·σ(0) = −0.25, times
     // the pair's weight over the batch size.
     let pc = Var::from_tensor(&t64(&pc0)).unwrap();
-    let loss = batch_loss(DpoLoss::Sigmoid, 0.0, pc.as_tensor(), &t64(&pr0), &w);
+    let loss = weighted_dpo_loss(DpoLoss::Sigmoid, 0.0, pc.as_tensor(), &t64(&pr0), &w);
     let g = values(loss.backward().unwrap().get(&pc).unwrap())[1];
     assert!((g - (-0.25 * f64::from(w[1]) / 3.0)).abs() < 1e-12, "{g}");
 }
