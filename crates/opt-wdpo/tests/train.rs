@@ -357,9 +357,9 @@ fn write_jsonl(path: &Path, rows: &[serde_json::Value]) {
     std::fs::write(path, text).unwrap();
 }
 
-/// Runs opt-wdpo on tiny-llama with `pairs` into `out`, `extra` arguments and --seed 3.
-fn wdpo_tiny(pairs: &Path, out: &Path, extra: &[&str]) -> (bool, String) {
-    let policy = model("tiny-llama");
+/// Runs opt-wdpo on the test model `policy` with `pairs` into `out`, `extra` arguments and --seed 3.
+fn wdpo_on(policy: &str, pairs: &Path, out: &Path, extra: &[&str]) -> (bool, String) {
+    let policy = model(policy);
     let args = [
         "--policy",
         policy.to_str().unwrap(),
@@ -372,10 +372,10 @@ fn wdpo_tiny(pairs: &Path, out: &Path, extra: &[&str]) -> (bool, String) {
     wdpo(&[&args[..], extra].concat())
 }
 
-/// [`wdpo_tiny`] into `tmp/name`, which must succeed; returns the output directory.
-fn train_tiny(tmp: &Path, name: &str, pairs: &Path, extra: &[&str]) -> PathBuf {
+/// [`wdpo_on`] into `tmp/name`, which must succeed; returns the output directory.
+fn train_on(policy: &str, tmp: &Path, name: &str, pairs: &Path, extra: &[&str]) -> PathBuf {
     let out = tmp.join(name);
-    let (ok, err) = wdpo_tiny(pairs, &out, extra);
+    let (ok, err) = wdpo_on(policy, pairs, &out, extra);
     assert!(ok, "{err}");
     out
 }
@@ -386,7 +386,8 @@ fn max_steps_overrides_epochs() {
     let pairs = tmp.path().join("pairs.jsonl");
     write_pairs(&pairs);
     // 8 pairs in batches of 4: 2 steps an epoch, so 5 steps take 3 epochs.
-    let out = train_tiny(
+    let out = train_on(
+        "tiny-llama",
         tmp.path(),
         "five",
         &pairs,
@@ -395,27 +396,33 @@ fn max_steps_overrides_epochs() {
     let rows = metrics(&out);
     assert_eq!(column(&rows, "step"), [1.0, 2.0, 3.0, 4.0, 5.0]);
     assert_eq!(column(&rows, "epoch"), [0.0, 0.0, 1.0, 1.0, 2.0]);
-    let out = train_tiny(
+    let out = train_on(
+        "tiny-llama",
         tmp.path(),
         "one",
         &pairs,
         &["--batch-size", "4", "--epochs", "3", "--max-steps", "1"],
     );
     assert_eq!(column(&metrics(&out), "step"), [1.0]);
-    let (ok, err) = wdpo_tiny(&pairs, &tmp.path().join("zero"), &["--max-steps", "0"]);
+    let (ok, err) = wdpo_on(
+        "tiny-llama",
+        &pairs,
+        &tmp.path().join("zero"),
+        &["--max-steps", "0"],
+    );
     assert!(
         !ok && err.contains("--max-steps must be at least 1"),
         "{err}"
     );
 }
 
-/// The pairs of testdata/reference/tiny-llama.json's cases (chosen: the case's response, whose
-/// log-probs transformers computed; rejected: a short reply), and the reference itself. A
-/// raw-text case becomes the one user message the chat template makes of it (one column holds
-/// one kind).
-fn reference_pairs(path: &Path) -> serde_json::Value {
+/// The pairs of testdata/reference/`model`.json's cases (chosen: the case's response, whose
+/// log-probs transformers computed; rejected: a short reply), and the reference itself. For a
+/// templated model a raw-text case becomes the one user message the chat template makes of it
+/// (one column holds one kind); an untemplated model's cases are all raw text.
+fn reference_pairs(model: &str, path: &Path) -> serde_json::Value {
     let reference: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(repo().join("testdata/reference/tiny-llama.json")).unwrap(),
+        &std::fs::read_to_string(repo().join(format!("testdata/reference/{model}.json"))).unwrap(),
     )
     .unwrap();
     let rows: Vec<serde_json::Value> = reference["cases"]
@@ -425,7 +432,10 @@ fn reference_pairs(path: &Path) -> serde_json::Value {
         .map(|case| {
             let prompt = match case.get("messages") {
                 Some(messages) => messages.clone(),
-                None => serde_json::json!([{"role": "user", "content": case["prompt"]}]),
+                None if model == "tiny-llama" => {
+                    serde_json::json!([{"role": "user", "content": case["prompt"]}])
+                }
+                None => case["prompt"].clone(),
             };
             serde_json::json!({"prompt": prompt, "chosen": case["response"], "rejected": "No."})
         })
@@ -436,37 +446,42 @@ fn reference_pairs(path: &Path) -> serde_json::Value {
 
 #[test]
 fn sft_and_rpo_losses_are_transformers_token_level_nll() {
-    let tmp = tempfile::tempdir().unwrap();
-    let pairs = tmp.path().join("pairs.jsonl");
-    let reference = reference_pairs(&pairs);
-    // TRL's NLL: Σ −log π(chosen) / Σ chosen tokens, from transformers' log-probs.
-    let cases = reference["cases"].as_array().unwrap();
-    let logp: f64 = cases.iter().map(|c| c["sum_logp"].as_f64().unwrap()).sum();
-    let tokens: usize = cases
-        .iter()
-        .map(|c| c["response_ids"].as_array().unwrap().len())
-        .sum();
-    let nll = -logp / tokens as f64;
-    let first_loss = |name: &str, extra: &[&str]| {
-        let args = [
-            &["--lr", "0", "--batch-size", "4", "--max-steps", "1"][..],
-            extra,
-        ]
-        .concat();
-        column(
-            &metrics(&train_tiny(tmp.path(), name, &pairs, &args)),
-            "loss",
-        )[0]
-    };
-    let sft = first_loss("sft", &["--loss", "sft"]);
-    assert!((sft - nll).abs() < 1e-4 * nll, "sft {sft} vs {nll}");
-    // RPO on the first step: policy = reference, so each DPO loss is ln 2, plus α·NLL.
-    let rpo = first_loss("rpo", &["--loss", "rpo", "--rpo-alpha", "0.5"]);
-    let expected = std::f64::consts::LN_2 + 0.5 * nll;
-    assert!(
-        (rpo - expected).abs() < 1e-4 * expected,
-        "rpo {rpo} vs {expected}"
-    );
+    // tiny-llama renders its chat template; tiny-llama-base has none and its tokenizer puts BOS
+    // before raw text, as transformers' tokenizer(prompt) does.
+    for model_name in ["tiny-llama", "tiny-llama-base"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let pairs = tmp.path().join("pairs.jsonl");
+        let reference = reference_pairs(model_name, &pairs);
+        // TRL's NLL: Σ −log π(chosen) / Σ chosen tokens, from transformers' log-probs.
+        let cases = reference["cases"].as_array().unwrap();
+        let logp: f64 = cases.iter().map(|c| c["sum_logp"].as_f64().unwrap()).sum();
+        let tokens: usize = cases
+            .iter()
+            .map(|c| c["response_ids"].as_array().unwrap().len())
+            .sum();
+        let nll = -logp / tokens as f64;
+        let first_loss = |name: &str, extra: &[&str]| {
+            let args = [
+                &["--lr", "0", "--batch-size", "4", "--max-steps", "1"][..],
+                extra,
+            ]
+            .concat();
+            let out = train_on(model_name, tmp.path(), name, &pairs, &args);
+            column(&metrics(&out), "loss")[0]
+        };
+        let sft = first_loss("sft", &["--loss", "sft"]);
+        assert!(
+            (sft - nll).abs() < 1e-4 * nll,
+            "{model_name}: sft {sft} vs {nll}"
+        );
+        // RPO on the first step: policy = reference, so each DPO loss is ln 2, plus α·NLL.
+        let rpo = first_loss("rpo", &["--loss", "rpo", "--rpo-alpha", "0.5"]);
+        let expected = std::f64::consts::LN_2 + 0.5 * nll;
+        assert!(
+            (rpo - expected).abs() < 1e-4 * expected,
+            "{model_name}: rpo {rpo} vs {expected}"
+        );
+    }
 }
 
 #[test]
@@ -475,7 +490,8 @@ fn simpo_and_sft_train_without_a_reference() {
     let pairs = tmp.path().join("pairs.jsonl");
     write_pairs(&pairs);
     for loss in ["simpo", "sft"] {
-        let out = train_tiny(
+        let out = train_on(
+            "tiny-llama",
             tmp.path(),
             loss,
             &pairs,
@@ -502,7 +518,8 @@ fn simpo_and_sft_train_without_a_reference() {
             "{loss}: {loss_column:?}"
         );
         // Nothing to precompute.
-        let (ok, err) = wdpo_tiny(
+        let (ok, err) = wdpo_on(
+            "tiny-llama",
             &pairs,
             &tmp.path().join("none"),
             &["--loss", loss, "--precompute-ref"],
@@ -549,7 +566,7 @@ fn ultrafeedback_scores_drive_the_weights() {
     let run = |name: &str, columns| {
         let pairs = tmp.path().join(format!("{name}.jsonl"));
         write_scored_pairs(&pairs, columns, None);
-        weights(&train_tiny(tmp.path(), name, &pairs, &args))
+        weights(&train_on("tiny-llama", tmp.path(), name, &pairs, &args))
     };
     let explicit = run("explicit", Some(("chosen_reward", "rejected_reward")));
     let ultrafeedback = run("ultrafeedback", Some(("score_chosen", "score_rejected")));
@@ -570,7 +587,8 @@ fn weight_col_gives_each_pair_its_weight() {
     let pairs = tmp.path().join("pairs.jsonl");
     // w = 0.5·i for pairs 0..8: mean 1.75.
     write_scored_pairs(&pairs, None, Some(0.5));
-    let out = train_tiny(
+    let out = train_on(
+        "tiny-llama",
         tmp.path(),
         "given",
         &pairs,
@@ -587,7 +605,8 @@ fn weight_col_gives_each_pair_its_weight() {
     );
     assert_eq!(column(&metrics(&out), "weight/mean"), [1.75]);
     // Normalised per batch, the weights average 1.
-    let out = train_tiny(
+    let out = train_on(
+        "tiny-llama",
         tmp.path(),
         "normalised",
         &pairs,
@@ -607,7 +626,7 @@ fn weight_col_gives_each_pair_its_weight() {
             "cannot be used with",
         ),
     ] {
-        let (ok, err) = wdpo_tiny(&pairs, &tmp.path().join("bad"), extra);
+        let (ok, err) = wdpo_on("tiny-llama", &pairs, &tmp.path().join("bad"), extra);
         assert!(!ok && err.contains(expected), "{extra:?}: {err}");
     }
 }
@@ -648,7 +667,8 @@ fn hh_transcripts_give_the_reference_of_the_explicit_split() {
     let reference_columns = |name: &str, rows: &[serde_json::Value]| {
         let pairs = tmp.path().join(format!("{name}.jsonl"));
         write_jsonl(&pairs, rows);
-        train_tiny(
+        train_on(
+            "tiny-llama-base",
             tmp.path(),
             name,
             &pairs,
