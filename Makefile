@@ -22,9 +22,13 @@ build:
 
 # The cargo tests include the Parquet cross-read, which skips itself when
 # $(OPTUNE_PYTHON) lacks duckdb or pyarrow (OPTUNE_REQUIRE_DUCKDB=1 makes that
-# a failure); the last line says which happened.
+# a failure); the last line says which happened. The packages that run a model are
+# then tested a second time with OPTUNE_KERNELS=generic: candle's generic ops, the op
+# graph CUDA runs, so every commit tests it on the CPU.
+GENERIC_TEST_PACKAGES ?= optune-model optune-train opt-gen opt-score opt-wdpo
 test:
 	cargo test --release --workspace
+	OPTUNE_KERNELS=generic cargo test --release $(addprefix -p ,$(GENERIC_TEST_PACKAGES))
 	@if $(OPTUNE_PYTHON) -c 'import duckdb, pyarrow' 2>/dev/null; \
 	then echo 'DuckDB/pyarrow cross-read: ran'; \
 	else echo 'DuckDB/pyarrow cross-read: SKIPPED ($(OPTUNE_PYTHON) cannot import duckdb and pyarrow; pip install duckdb pyarrow)'; fi
@@ -66,7 +70,7 @@ RUN_DIR = $(RUNS)/$(RUN_NAME)
 BIN ?= $(CARGO_TARGET_DIR)/release
 BUILD_TOOLS ?= 1
 CARGO_FLAGS ?=
-TOOL_PACKAGES ?= opt-gen opt-score opt-select opt-pairs opt-wdpo opt-report $(EXTRA_TOOL_PACKAGES)
+TOOL_PACKAGES ?= opt-gen opt-score opt-select opt-pairs opt-wdpo opt-cat opt-report $(EXTRA_TOOL_PACKAGES)
 PYTHON ?= python3
 # The initial policy (a Hugging Face model directory) and the file make needs of it.
 POLICY_DEPS ?= $(POLICY)/config.json

@@ -2,13 +2,13 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
-use optune_model::cli::RuntimeArgs;
+use optune_cli::RuntimeArgs;
 use optune_model::generate::{generate, stream_seed, GenerationRequest, SamplingParams};
-use optune_model::{load_model, ChatMessage, Prompt};
+use optune_model::load_model;
 use optune_shard::arrow::array::{Float32Array, UInt32Array, UInt64Array};
 use optune_shard::cli::{run_tool, OutputArgs, Summary};
 use optune_shard::split::SliceSpec;
-use optune_shard::{PromptText, Shard};
+use optune_shard::Shard;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -108,17 +108,6 @@ fn main() -> ExitCode {
     run_tool("opt-gen", || run(args))
 }
 
-fn to_model_prompt(text: &PromptText) -> Prompt {
-    match text {
-        PromptText::Text(t) => Prompt::Text(t.clone()),
-        PromptText::Messages(ms) => Prompt::Messages(
-            ms.iter()
-                .map(|m| ChatMessage::new(m.role.clone(), m.content.clone()))
-                .collect(),
-        ),
-    }
-}
-
 fn run(args: Args) -> Result<()> {
     if args.n == 0 {
         bail!("--n must be at least 1");
@@ -150,7 +139,7 @@ fn run(args: Args) -> Result<()> {
     for &row in &rows {
         let prompt = &prompts[row];
         let mut ids = tokenizer
-            .encode_prompt(&to_model_prompt(&prompt.text))
+            .encode_prompt(&optune_cli::model_prompt(&prompt.text))
             .with_context(|| format!("{}: prompt_id '{}'", shard.name(), prompt.prompt_id))?;
         if ids.len() > args.max_prompt_tokens {
             match args.truncate {
@@ -274,7 +263,8 @@ fn run(args: Args) -> Result<()> {
         Some(cpu) => summary.field("gen_cpu_s", format!("{cpu:.2}")),
         None => summary,
     };
-    let summary = match optune_model::runtime::peak_rss_mb() {
+    let summary = summary.field("kernels", optune_cli::kernels_in_use(&device, dtype));
+    let summary = match optune_cli::runtime::peak_rss_mb() {
         Some(mb) => summary.field("peak_rss_mb", format!("{mb:.0}")),
         None => summary,
     };

@@ -1,5 +1,6 @@
 //! opt-gen end to end on the tiny testdata models: byte-identical output whatever the batch size
-//! and thread count, sharding, --n, EOS handling and over-long prompts.
+//! and thread count (fused kernels; the same text and log-probs to rounding on the generic path),
+//! sharding, --n, EOS handling and over-long prompts.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -35,6 +36,40 @@ fn run(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+/// Whether this run tests the generic path (`OPTUNE_KERNELS=generic`, inherited by opt-gen). Its
+/// decode step attends over the batch with a mask, so only the fused path promises the same bits
+/// whatever the batch; the generic path promises the same tokens and log-probs to rounding.
+fn generic_kernels() -> bool {
+    std::env::var("OPTUNE_KERNELS").as_deref() == Ok("generic")
+}
+
+/// `got` equals `want`: byte for byte on the fused path; on the generic path row by row, with the
+/// same responses and `logp` within 1e-4.
+fn assert_same_output(got: &str, want: &str, what: &str) {
+    if !generic_kernels() {
+        assert_eq!(got, want, "{what}");
+        return;
+    }
+    let (got, want) = (rows(got), rows(want));
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (g, w) in got.iter().zip(&want) {
+        for column in [
+            "prompt_id",
+            "sample",
+            "response",
+            "response_tokens",
+            "finish_reason",
+        ] {
+            assert_eq!(g[column], w[column], "{what}: {column}");
+        }
+        let (a, b) = (g["logp"].as_f64().unwrap(), w["logp"].as_f64().unwrap());
+        assert!(
+            (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+            "{what}: logp {a} vs {b}"
+        );
+    }
 }
 
 fn rows(jsonl: &str) -> Vec<serde_json::Value> {
@@ -75,10 +110,10 @@ fn output_bytes_do_not_depend_on_batch_size_or_threads() {
             ("16", "2"),
             ("4", "3"),
         ] {
-            assert_eq!(
-                run(&args(batch, threads)),
-                reference,
-                "{name}: --batch-size {batch} --threads {threads}"
+            assert_same_output(
+                &run(&args(batch, threads)),
+                &reference,
+                &format!("{name}: --batch-size {batch} --threads {threads}"),
             );
         }
     }
@@ -106,7 +141,7 @@ fn concatenated_shards_equal_the_unsharded_run() {
         args.extend_from_slice(&["--shard", shard, "--batch-size", "1"]);
         joined.push_str(&run(&args));
     }
-    assert_eq!(joined, whole);
+    assert_same_output(&joined, &whole, "shards 1/2 + 2/2");
     // And three slices of three prompts: one each.
     let third = {
         let mut args = base.to_vec();
@@ -364,4 +399,45 @@ fn ultrachat_conversations_are_answered_like_their_bare_prompts() {
         .iter()
         .zip(&after_the_reference)
         .all(|(a, b)| a != b));
+}
+
+/// Greedy decoding gives the same text on the generic kernels (the op graph CUDA runs) as on the
+/// fused CPU kernels, for every model family, and the summary line names the kernels used.
+#[test]
+fn generic_kernels_give_the_fused_greedy_output() {
+    for name in ["tiny-llama", "tiny-mistral", "tiny-qwen2"] {
+        let m = model(name);
+        let p = prompts();
+        let mut outputs = Vec::new();
+        for kernels in ["fused", "generic"] {
+            let out = opt_gen(&[
+                "--format",
+                "jsonl",
+                "--model",
+                m.to_str().unwrap(),
+                p.to_str().unwrap(),
+                "--temperature",
+                "0",
+                "--max-new-tokens",
+                "24",
+                "--batch-size",
+                "2",
+                "--kernels",
+                kernels,
+            ]);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "{name} {kernels}: {stderr}");
+            assert!(stderr.contains(&format!("kernels={kernels}")), "{stderr}");
+            outputs.push(rows(&String::from_utf8(out.stdout).unwrap()));
+        }
+        assert_eq!(outputs[0].len(), outputs[1].len());
+        for (f, g) in outputs[0].iter().zip(&outputs[1]) {
+            assert_eq!(f["response"], g["response"], "{name}");
+            let (a, b) = (f["logp"].as_f64().unwrap(), g["logp"].as_f64().unwrap());
+            assert!(
+                (a - b).abs() <= 1e-4 * a.abs().max(1.0),
+                "{name}: logp {a} vs {b}"
+            );
+        }
+    }
 }

@@ -197,14 +197,7 @@ fn link(report_dir: &Path, path: &Path) -> String {
 fn write_atomic(path: &Path, text: &str) -> Result<()> {
     let dir = parent_dir(path);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "report".into());
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+    optune_fs::write_bytes_atomically(path, text.as_bytes())
 }
 
 fn num(value: Option<f64>, decimals: usize) -> String {

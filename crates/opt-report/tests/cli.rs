@@ -1,11 +1,10 @@
-//! opt-report and opt-cat end to end on small hand-made runs.
+//! opt-report end to end on small hand-made runs.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 const REPORT: &str = env!("CARGO_BIN_EXE_opt-report");
-const CAT: &str = env!("CARGO_BIN_EXE_opt-cat");
 
 fn run(bin: &str, args: &[&str]) -> Output {
     Command::new(bin)
@@ -24,15 +23,14 @@ fn ok(bin: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// Writes JSONL rows and converts them to Parquet with opt-cat.
+/// Writes JSONL rows as a Parquet shard.
 fn parquet(path: &Path, rows: &[String]) {
     fs::create_dir_all(path.parent().unwrap()).unwrap();
     let jsonl = path.with_extension("jsonl");
     fs::write(&jsonl, rows.join("\n") + "\n").unwrap();
-    ok(
-        CAT,
-        &[jsonl.to_str().unwrap(), "-o", path.to_str().unwrap()],
-    );
+    let shard = optune_shard::Shard::read(Some(&jsonl)).unwrap();
+    let destination = optune_shard::Destination::from_arg(Some(path));
+    optune_shard::write_shard(&shard, &destination, optune_shard::OutputFormat::Parquet).unwrap();
     fs::remove_file(jsonl).unwrap();
 }
 
@@ -254,51 +252,4 @@ fn report_refuses_several_runs_without_sweep() {
     );
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--sweep"));
-}
-
-#[test]
-fn cat_slices_and_stacks_shards() {
-    let tmp = tempfile::tempdir().unwrap();
-    let a = tmp.path().join("a.jsonl");
-    let b = tmp.path().join("b.jsonl");
-    fs::write(&a, "{\"prompt_id\":\"p1\",\"n\":1}\n{\"prompt_id\":\"p2\",\"n\":2}\n{\"prompt_id\":\"p3\",\"n\":3}\n").unwrap();
-    fs::write(&b, "{\"prompt_id\":\"p4\",\"extra\":\"x\"}\n").unwrap();
-    let out = tmp.path().join("out.jsonl");
-    let (a, b, o) = (
-        a.to_str().unwrap(),
-        b.to_str().unwrap(),
-        out.to_str().unwrap(),
-    );
-
-    let stderr = ok(CAT, &[a, b, "-o", o]);
-    assert!(
-        stderr.contains("opt-cat: inputs=2 rows_in=4 rows=4"),
-        "{stderr}"
-    );
-    let text = fs::read_to_string(&out).unwrap();
-    assert_eq!(text.lines().count(), 4);
-    assert!(
-        text.lines().last().unwrap().contains("\"extra\":\"x\""),
-        "{text}"
-    );
-    assert!(
-        text.lines().next().unwrap().contains("\"extra\":null")
-            || !text.lines().next().unwrap().contains("extra"),
-        "{text}"
-    );
-
-    ok(CAT, &["--skip", "1", "--head", "2", a, "-o", o]);
-    let ids: Vec<String> = fs::read_to_string(&out)
-        .unwrap()
-        .lines()
-        .map(|l| l[14..16].to_string())
-        .collect();
-    assert_eq!(ids, ["p2", "p3"]);
-
-    ok(CAT, &["--head", "10", a, "-o", o]);
-    assert_eq!(fs::read_to_string(&out).unwrap().lines().count(), 3);
-
-    let failed = run(CAT, &["--skip", "3", a, "-o", o]);
-    assert_eq!(failed.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&failed.stderr).contains("--skip 3 leaves none of the 3 rows"));
 }

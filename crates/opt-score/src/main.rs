@@ -5,7 +5,7 @@ mod rm;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, ValueEnum};
-use optune_model::cli::RuntimeArgs;
+use optune_cli::RuntimeArgs;
 use optune_reward::{RewardCommand, RewardRequest, SentimentLexicon};
 use optune_shard::arrow::array::Float32Array;
 use optune_shard::cli::{run_tool, OutputArgs, Summary};
@@ -235,6 +235,7 @@ fn run(args: Args) -> Result<()> {
         details.push(("truncated", stats.truncated.to_string()));
         details.push(("seq_per_s", format!("{per_s:.1}")));
         details.push(("model_s", format!("{:.2}", stats.model_secs)));
+        details.push(("kernels", stats.kernels.to_string()));
         (rewards, dir_name(dir))
     } else if let Some(command_line) = &source.reward_cmd {
         (
@@ -375,6 +376,7 @@ struct RmStats {
     tokens: usize,
     truncated: usize,
     model_secs: f64,
+    kernels: &'static str,
 }
 
 fn score_with_rm(input: &Input, dir: &Path, args: &Args) -> Result<(Vec<f32>, RmStats)> {
@@ -433,6 +435,7 @@ fn score_with_rm(input: &Input, dir: &Path, args: &Args) -> Result<(Vec<f32>, Rm
             tokens,
             truncated,
             model_secs: model_started.elapsed().as_secs_f64(),
+            kernels: optune_cli::kernels_in_use(&device, dtype),
         },
     ))
 }

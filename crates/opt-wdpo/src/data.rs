@@ -1,8 +1,8 @@
 //! Preference pairs as token ids, and length-bucketed batches of them.
 
 use anyhow::{bail, Context, Result};
-use optune_model::{ChatMessage, ChatTokenizer, Prompt, TokenizedPair};
-use optune_shard::{PromptText, Shard};
+use optune_model::{ChatTokenizer, TokenizedPair};
+use optune_shard::Shard;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -17,17 +17,6 @@ pub struct TrainPair {
     /// The pair's weight from `--weight-col`, when given.
     pub given_weight: Option<f64>,
     pub ref_logps: Option<(f32, f32)>,
-}
-
-pub fn to_model_prompt(text: &PromptText) -> Prompt {
-    match text {
-        PromptText::Text(t) => Prompt::Text(t.clone()),
-        PromptText::Messages(ms) => Prompt::Messages(
-            ms.iter()
-                .map(|m| ChatMessage::new(m.role.clone(), m.content.clone()))
-                .collect(),
-        ),
-    }
 }
 
 /// Keeps a sequence within `max_length` tokens: the prompt loses tokens from its start (down to
@@ -81,7 +70,7 @@ pub fn read_pairs(
         .into_iter()
         .enumerate()
         .map(|(row, pair)| {
-            let prompt = to_model_prompt(&pair.prompt);
+            let prompt = optune_cli::model_prompt(&pair.prompt);
             let encode = |response: &str| -> Result<TokenizedPair> {
                 let (prompt_ids, response_ids) = tokenizer.encode_pair(&prompt, response)?;
                 let mut tokenized = TokenizedPair {

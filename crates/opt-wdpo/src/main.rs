@@ -14,7 +14,7 @@ mod train;
 
 use anyhow::{bail, Result};
 use clap::Parser;
-use optune_model::cli::RuntimeArgs;
+use optune_cli::RuntimeArgs;
 use optune_shard::cli::{run_tool, Summary};
 use optune_shard::Shard;
 use optune_train::loss::{Objective, WeightForm, WeightNorm};
@@ -233,6 +233,8 @@ fn run(args: Args) -> Result<()> {
     args.validate()?;
     let started = Instant::now();
     let (device, _dtype) = args.runtime.init()?;
+    // Training holds and computes in f32 whatever --dtype says (for now).
+    let kernels = optune_cli::kernels_in_use(&device, candle_core::DType::F32);
     let shard = Shard::read(args.input.as_deref())?;
     let policy = Policy::load(&args, &device)?;
     let mut pairs = data::read_pairs(
@@ -247,7 +249,9 @@ fn run(args: Args) -> Result<()> {
     let reference = reference::prepare(&args, &policy, &shard, &mut pairs, &device)?;
     let trained = train::train(&args, &policy, &pairs, reference.as_ref(), &device)?;
     save(&args, &policy, &trained)?;
-    summary(&trained, pairs.len(), started).print();
+    summary(&trained, pairs.len(), started)
+        .field("kernels", kernels)
+        .print();
     Ok(())
 }
 
@@ -282,7 +286,7 @@ fn summary(trained: &train::Trained, pairs: usize, started: Instant) -> Summary 
             .field("final_loss", format!("{:.4}", last.loss))
             .field("final_margin", format!("{:.4}", last.margin));
     }
-    if let Some(mb) = optune_model::runtime::peak_rss_mb() {
+    if let Some(mb) = optune_cli::runtime::peak_rss_mb() {
         summary = summary.field("peak_rss_mb", format!("{mb:.0}"));
     }
     summary.field("total_s", format!("{:.2}", started.elapsed().as_secs_f64()))

@@ -92,19 +92,14 @@ impl Linear {
 
     /// `x [.., in] → [.., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut out_dims = x.dims().to_vec();
-        let in_features = *out_dims.last().expect("linear input has at least one dim");
-        let rows = x.elem_count() / in_features;
-        let x2 = x.reshape((rows, in_features))?;
-        let mut y = x2.matmul(&self.weight.t()?)?;
+        let mut y = optune_kernels::linear(x, &self.weight)?;
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias)?;
         }
-        if let Some(delta) = self.adapter_delta(&x2)? {
-            y = (y + delta)?;
+        match self.adapter_delta(x)? {
+            Some(delta) => y + delta,
+            None => Ok(y),
         }
-        *out_dims.last_mut().expect("non-empty") = self.weight.dim(0)?;
-        y.reshape(out_dims)
     }
 
     /// The LoRA adapter's contribution `scale · dropout(x) Aᵀ Bᵀ` for `x [.., in]`, shaped

@@ -68,7 +68,7 @@ impl LoraAdapters {
                 ))
             })
             .collect::<Result<_>>()?;
-        crate::checkpoint::write_safetensors(&tensors, &dir.join("adapter_model.safetensors"))
+        optune_checkpoint::write_safetensors(&tensors, &dir.join("adapter_model.safetensors"))
     }
 }
 

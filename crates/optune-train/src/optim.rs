@@ -25,7 +25,7 @@ use std::borrow::Cow;
 use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::backprop::GradStore;
@@ -403,12 +403,10 @@ impl Optimizer {
             STATE_METADATA_KEY.to_string(),
             serde_json::to_string(&header)?,
         )]);
-        let partial = partial_path(path);
-        safetensors::serialize_to_file(tensors, Some(metadata), &partial)
-            .with_context(|| format!("writing optimizer state {}", partial.display()))?;
-        std::fs::rename(&partial, path)
-            .with_context(|| format!("moving {} to {}", partial.display(), path.display()))?;
-        Ok(())
+        let bytes = safetensors::serialize(tensors, Some(metadata))
+            .context("serialising the optimizer state")?;
+        optune_fs::write_bytes_atomically(path, &bytes)
+            .with_context(|| format!("writing optimizer state {}", path.display()))
     }
 
     /// Restores a state written by [`Optimizer::save_state`] for the same parameter names and
@@ -542,12 +540,6 @@ fn check_lr(lr: f64) -> Result<()> {
         "learning rate must be finite and >= 0, got {lr}"
     );
     Ok(())
-}
-
-fn partial_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".partial");
-    path.with_file_name(name)
 }
 
 /// The scalars of one parameter's update at one step, rounded to `f32` from `f64` the way torch
