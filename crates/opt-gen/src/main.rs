@@ -16,9 +16,12 @@ use std::time::Instant;
 
 /// Sample responses to prompts with a policy model: the generation step of OPTune.
 ///
-/// Reads a prompts shard (`prompt_id` plus `prompt` text or `messages`), renders each prompt with
-/// the model's chat template (raw text becomes one user message), samples --n responses per
-/// prompt and writes the responses shard: the prompt's columns plus `sample`, `response`,
+/// Reads a prompts shard (`prompt_id` plus `prompt` text or `messages`; a `messages` conversation
+/// that ends with the assistant's reply, as UltraChat's does, is prompted without that reply),
+/// renders each prompt with the model's chat template (raw text becomes one user message; for a
+/// model without a template it is tokenised as transformers' tokenizer(prompt) does, BOS
+/// included when the tokenizer adds it), samples --n responses per prompt and writes the
+/// responses shard: the prompt's columns plus `sample`, `response`,
 /// `response_tokens`, `finish_reason` (stop|length), `policy`, `seed` and `logp` (the summed
 /// log-probability of the response under the policy at temperature 1, EOS included).
 ///
@@ -135,10 +138,9 @@ fn run(args: Args) -> Result<()> {
     let mut requests = Vec::with_capacity(rows.len() * args.n as usize);
     for &row in &rows {
         let prompt = &prompts[row];
-        let text = tokenizer
-            .render_prompt(&optune_cli::model_prompt(&prompt.text))
+        let mut ids = tokenizer
+            .encode_prompt(&optune_cli::model_prompt(&prompt.text))
             .with_context(|| format!("{}: prompt_id '{}'", shard.name(), prompt.prompt_id))?;
-        let mut ids = tokenizer.encode(&text)?;
         if ids.len() > args.max_prompt_tokens {
             match args.truncate {
                 Truncate::Error => bail!(

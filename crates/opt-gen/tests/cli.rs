@@ -286,6 +286,121 @@ fn over_long_prompts_fail_unless_truncated() {
     assert_eq!(rows(&String::from_utf8(out.stdout).unwrap()).len(), 3);
 }
 
+fn write_jsonl(path: &Path, rows: &[serde_json::Value]) {
+    let text: String = rows.iter().map(|row| format!("{row}\n")).collect();
+    std::fs::write(path, text).unwrap();
+}
+
+/// Greedy responses (text, token count, finish reason) of `model_name` to `prompts`.
+fn greedy(model_name: &str, prompts: &Path, new_tokens: &str) -> Vec<(String, u64, String)> {
+    let m = model(model_name);
+    let args = [
+        "--model",
+        m.to_str().unwrap(),
+        prompts.to_str().unwrap(),
+        "--n",
+        "1",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        new_tokens,
+    ];
+    rows(&run(&args))
+        .iter()
+        .map(|row| {
+            (
+                row["response"].as_str().unwrap().to_string(),
+                row["response_tokens"].as_u64().unwrap(),
+                row["finish_reason"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn an_untemplated_base_model_continues_raw_text_like_transformers() {
+    // testdata/reference/tiny-llama-base.json: transformers' greedy continuation of
+    // tokenizer(prompt), which puts BOS first (scripts/reference/make_base_testdata.py checks
+    // that the continuation without BOS differs).
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("testdata/reference/tiny-llama-base.json")).unwrap(),
+    )
+    .unwrap();
+    let cases = reference["greedy"].as_array().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = tmp.path().join("prompts.jsonl");
+    let shard: Vec<serde_json::Value> = cases
+        .iter()
+        .enumerate()
+        .map(|(i, c)| serde_json::json!({"prompt_id": format!("g{i}"), "prompt": c["prompt"]}))
+        .collect();
+    write_jsonl(&prompts, &shard);
+    let new_tokens = reference["greedy_new_tokens"].to_string();
+    let ours = greedy("tiny-llama-base", &prompts, &new_tokens);
+    let theirs: Vec<(String, u64, String)> = cases
+        .iter()
+        .map(|c| {
+            (
+                c["response"].as_str().unwrap().to_string(),
+                c["new_ids"].as_array().unwrap().len() as u64,
+                c["finish_reason"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(ours, theirs);
+}
+
+#[test]
+fn ultrachat_conversations_are_answered_like_their_bare_prompts() {
+    // UltraChat's layout: `prompt` text and `messages` ending with the reference answer. The
+    // model must answer the conversation before that answer.
+    let tmp = tempfile::tempdir().unwrap();
+    let user = |text: &str| serde_json::json!({"role": "user", "content": text});
+    let assistant = |text: &str| serde_json::json!({"role": "assistant", "content": text});
+    let conversations = [
+        (
+            "a",
+            vec![user("Describe the sea."), assistant("Blue and wide.")],
+        ),
+        (
+            "b",
+            vec![
+                user("Name a fruit."),
+                assistant("A pear."),
+                user("Another?"),
+                assistant("A plum."),
+            ],
+        ),
+    ];
+    let shard = |name: &str, row: &dyn Fn(&str, &[serde_json::Value]) -> serde_json::Value| {
+        let path = tmp.path().join(name);
+        let rows: Vec<serde_json::Value> = conversations.iter().map(|(id, c)| row(id, c)).collect();
+        write_jsonl(&path, &rows);
+        path
+    };
+    let ultrachat = shard(
+        "ultrachat.jsonl",
+        &|id, c| serde_json::json!({"prompt_id": id, "prompt": c[c.len() - 2]["content"], "messages": c}),
+    );
+    let bare = shard(
+        "bare.jsonl",
+        &|id, c| serde_json::json!({"prompt_id": id, "messages": c[..c.len() - 1]}),
+    );
+    // The whole conversation as a prompt (a `prompt` column keeps a final assistant message):
+    // the answer the model gives after the reference answer, which UltraChat must not get.
+    let whole = shard(
+        "whole.jsonl",
+        &|id, c| serde_json::json!({"prompt_id": id, "prompt": c}),
+    );
+    let answers = greedy("tiny-llama", &ultrachat, "12");
+    assert_eq!(answers, greedy("tiny-llama", &bare, "12"));
+    let after_the_reference = greedy("tiny-llama", &whole, "12");
+    assert!(answers
+        .iter()
+        .zip(&after_the_reference)
+        .all(|(a, b)| a != b));
+}
+
 /// Greedy decoding gives the same text on the generic kernels (the op graph CUDA runs) as on the
 /// fused CPU kernels, for every model family, and the summary line names the kernels used.
 #[test]

@@ -197,10 +197,50 @@ fn sweep_gives_speedups_against_rho_one() {
     );
     let md = fs::read_to_string(&out).unwrap();
     // ρ = 0.5: iteration 2 takes 22 s against 32 s, generation 10 s against 20 s.
-    assert!(md.contains("| 0.5 | `x-rho0.5` | 2 | 0.4000 | 0.5500 | – | 30.0 | 53.5 | 10.0 | 22.0 | 2.00× | 1.45× | 1.19× |"), "{md}");
-    assert!(md.contains("| 1 | `x-rho1.0` | 2 |"), "{md}");
+    assert!(md.contains("| 0.5 | – | `x-rho0.5` | 2 | 0.4000 | 0.5500 | – | 30.0 | 53.5 | 10.0 | 22.0 | 2.00× | 1.45× | 1.19× |"), "{md}");
+    assert!(md.contains("| 1 | – | `x-rho1.0` | 2 |"), "{md}");
     assert!(is_png(&tmp.path().join("x-sweep.png")));
     assert!(md.contains("![rho sweep](x-sweep.png)"), "{md}");
+}
+
+#[test]
+fn sweep_names_each_runs_selection() {
+    let tmp = tempfile::tempdir().unwrap();
+    let settings = [
+        (
+            "x-max-rho1.0",
+            "SELECT_BY=max\nSELECT_ARGS=\nSELECT_HISTORY=0\n",
+        ),
+        (
+            "x-random-rho0.5",
+            "SELECT_BY=max\nSELECT_ARGS=--strategy random\nSELECT_HISTORY=0\n",
+        ),
+        (
+            "x-history-rho0.5",
+            "SELECT_BY=max\nSELECT_ARGS=--skip-flat 2\nSELECT_HISTORY=1\n",
+        ),
+    ];
+    let mut dirs = Vec::new();
+    for (name, selection) in settings {
+        let dir = tmp.path().join(name);
+        make_run(&dir, name.rsplit_once("-rho").unwrap().1, [20.0, 10.0]);
+        let env = fs::read_to_string(dir.join("run.env")).unwrap();
+        fs::write(dir.join("run.env"), env + selection).unwrap();
+        dirs.push(dir.to_str().unwrap().to_string());
+    }
+    let out = tmp.path().join("x-sweep.md");
+    let mut args: Vec<&str> = vec!["--sweep"];
+    args.extend(dirs.iter().map(String::as_str));
+    args.extend(["-o", out.to_str().unwrap()]);
+    ok(REPORT, &args);
+    let md = fs::read_to_string(&out).unwrap();
+    for row in [
+        "| 1 | `--by max` | `x-max-rho1.0` |",
+        "| 0.5 | `--by max --strategy random` | `x-random-rho0.5` |",
+        "| 0.5 | `--by max --skip-flat 2 + history` | `x-history-rho0.5` |",
+    ] {
+        assert!(md.contains(row), "{row} not in {md}");
+    }
 }
 
 #[test]

@@ -33,7 +33,16 @@ use std::time::Instant;
 /// Each pair's DPO loss is multiplied by a weight that grows with its reward gap,
 /// w = f(beta2 × reward_gap) with f = exp (default), linear (1 + x) or sigmoid (2σ(x)),
 /// normalised to mean 1 within each batch, so pairs whose rewards differ most drive learning
-/// while the effective learning rate stays that of plain DPO. Pairs without rewards get weight 1.
+/// while the effective learning rate stays that of plain DPO. The gap is the reward_gap column,
+/// else chosen_reward − rejected_reward, else UltraFeedback's score_chosen − score_rejected;
+/// pairs without rewards get weight 1. --weight-col takes each pair's weight from a column
+/// instead.
+///
+/// Losses (--loss): sigmoid (DPO), ipo, hinge, robust, hypo (DPO + λ·KL on fresh samples),
+/// simpo (reference-free, length-normalised, margin --simpo-gamma; its paper uses --beta 2 to
+/// 2.5), rpo (DPO + --rpo-alpha × the NLL of the chosen reply) and sft (the NLL of the chosen
+/// reply alone: Best-of-N fine-tuning on opt-pairs' output). All take the pair weights; simpo
+/// and sft need no reference log-probs.
 ///
 /// Reference log-probs are computed once before training (or read from the shard's
 /// ref_chosen_logp/ref_rejected_logp columns), so no reference model is held during training;
@@ -71,9 +80,17 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = Objective::Sigmoid)]
     pub loss: Objective,
 
-    /// DPO temperature β
+    /// DPO temperature β (SimPO's reward scale with --loss simpo)
     #[arg(long, default_value_t = 0.1)]
     pub beta: f64,
+
+    /// SimPO's target margin γ between the chosen and rejected mean log-probs (with --loss simpo)
+    #[arg(long, default_value_t = 0.5)]
+    pub simpo_gamma: f64,
+
+    /// RPO: weight α of the chosen reply's NLL (with --loss rpo; the paper uses 1)
+    #[arg(long, default_value_t = 1.0)]
+    pub rpo_alpha: f64,
 
     /// Label smoothing ε for sigmoid (cDPO) and robust
     #[arg(long, default_value_t = 0.0)]
@@ -89,6 +106,11 @@ pub struct Args {
 
     #[arg(long, value_enum, default_value_t = WeightNorm::Batch)]
     pub weight_norm: WeightNorm,
+
+    /// Each pair's weight from this column (finite, >= 0) instead of its reward gap;
+    /// --weight-norm still applies
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["weight", "beta2"])]
+    pub weight_col: Option<String>,
 
     /// HyPO: weight λ of the reverse-KL term (with --loss hypo)
     #[arg(long, default_value_t = 0.1)]
@@ -149,6 +171,11 @@ pub struct Args {
     #[arg(long, default_value_t = 1)]
     pub epochs: usize,
 
+    /// Stop after this many optimiser steps, taking as many epochs as that needs (overrides
+    /// --epochs, as transformers' max_steps does)
+    #[arg(long, value_name = "N")]
+    pub max_steps: Option<u64>,
+
     /// Pairs per micro-batch
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
@@ -190,6 +217,15 @@ impl Args {
         if !(0.0..1.0).contains(&self.lora_dropout) {
             bail!("--lora-dropout {} must be in [0, 1)", self.lora_dropout);
         }
+        if self.max_steps == Some(0) {
+            bail!("--max-steps must be at least 1");
+        }
+        if self.precompute_ref && !self.loss.needs_reference() {
+            bail!(
+                "--precompute-ref: --loss {:?} reads no reference log-probs",
+                self.loss
+            );
+        }
         if self.loss.samples_online() && self.kl_samples < 2 {
             bail!(
                 "--kl-samples must be at least 2: the leave-one-out baseline needs another sample"
@@ -206,7 +242,12 @@ fn run(args: Args) -> Result<()> {
     let kernels = optune_cli::kernels_in_use(&device, dtype);
     let shard = Shard::read(args.input.as_deref())?;
     let mut policy = Policy::load(&args, &device, dtype)?;
-    let mut pairs = data::read_pairs(&shard, &policy.tokenizer, args.max_length)?;
+    let mut pairs = data::read_pairs(
+        &shard,
+        &policy.tokenizer,
+        args.max_length,
+        args.weight_col.as_deref(),
+    )?;
     if pairs.is_empty() {
         bail!("{}: no pairs to train on", shard.name());
     }

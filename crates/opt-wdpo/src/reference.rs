@@ -14,6 +14,7 @@ use std::sync::Arc;
 /// Fills the pairs' reference log-probs where the shard had none, writes them back with
 /// `--precompute-ref`, and returns the reference model when the objective samples online (with
 /// LoRA and no separate `--ref`, the reference is the policy with its adapters off: `None`).
+/// Reference-free objectives (SimPO, SFT) skip all of it.
 pub fn prepare(
     args: &Args,
     policy: &Policy,
@@ -22,9 +23,12 @@ pub fn prepare(
     device: &Device,
     dtype: DType,
 ) -> Result<Option<Transformer>> {
+    if !args.loss.needs_reference() {
+        return Ok(None);
+    }
     let had_reference = pairs.iter().all(|p| p.ref_logps.is_some());
     let online = args.loss.samples_online();
-    let use_means = args.loss.pair_loss().uses_mean_logps();
+    let use_means = args.loss.uses_mean_logps();
     let separate = args.reference.as_ref().filter(|r| **r != args.policy);
     let mut reference_model = None;
     if !had_reference || online {

@@ -9,7 +9,7 @@ use anyhow::{bail, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
 use optune_model::Transformer;
-use optune_train::loss::{dpo_losses, pair_weights, weighted_mean};
+use optune_train::loss::{batch_loss, given_weights, pair_weights, BatchLogps, ObjectiveParams};
 use optune_train::optim::{clip_grad_norm, decay_groups, missing_grads, Optimizer, Schedule};
 use std::time::Instant;
 
@@ -21,7 +21,8 @@ pub struct Trained {
     pub log: MetricsLog,
 }
 
-/// Trains `policy` on `pairs` (reference log-probs filled in) for `--epochs`.
+/// Trains `policy` on `pairs` (reference log-probs filled in when the loss reads them) for
+/// `--epochs`, or for `--max-steps` optimiser steps over as many epochs as that takes.
 pub fn train(
     args: &Args,
     policy: &mut Policy,
@@ -32,7 +33,12 @@ pub fn train(
     policy.set_training(true);
     let mut trainer = Trainer::new(args, policy, reference, device, pairs.len())?;
     let started = Instant::now();
-    for epoch in 0..args.epochs {
+    let epochs = if args.max_steps.is_some() {
+        usize::MAX
+    } else {
+        args.epochs
+    };
+    'epochs: for epoch in 0..epochs {
         let batches = epoch_batches(pairs, args.batch_size, args.seed, epoch);
         let last_batch = batches.len() - 1;
         for (b, batch) in batches.iter().enumerate() {
@@ -40,6 +46,9 @@ pub fn train(
             trainer.micro_batch(&batch_pairs, epoch, b)?;
             if trainer.micro.is_multiple_of(args.grad_accum) || b == last_batch {
                 trainer.optimizer_step(epoch)?;
+                if Some(trainer.optimizer.step_count()) == args.max_steps {
+                    break 'epochs;
+                }
             }
         }
     }
@@ -79,7 +88,9 @@ impl<'a> Trainer<'a> {
         pairs: usize,
     ) -> Result<Self> {
         let steps_per_epoch = pairs.div_ceil(args.batch_size).div_ceil(args.grad_accum);
-        let total_steps = (steps_per_epoch * args.epochs) as u64;
+        let total_steps = args
+            .max_steps
+            .unwrap_or((steps_per_epoch * args.epochs) as u64);
         let schedule = Schedule {
             peak_lr: args.lr,
             warmup_steps: (args.warmup_ratio * total_steps as f64).ceil() as u64,
@@ -118,7 +129,7 @@ impl<'a> Trainer<'a> {
     fn micro_batch(&mut self, batch: &[&TrainPair], epoch: usize, index: usize) -> Result<()> {
         let args = self.args;
         let logps = SideLogps::of(&self.policy.model, batch, self.policy.pad_id)?;
-        let (chosen, rejected) = logps.sides(args.loss.pair_loss().uses_mean_logps());
+        let (chosen, rejected) = logps.sides(args.loss.uses_mean_logps());
         let reference = |pick: fn((f32, f32)) -> f32| -> Result<Tensor> {
             let values: Vec<f32> = batch
                 .iter()
@@ -131,18 +142,36 @@ impl<'a> Trainer<'a> {
                 .collect();
             Ok(Tensor::new(values.as_slice(), self.device)?)
         };
-        let losses = dpo_losses(
-            args.loss.pair_loss(),
-            args.beta,
-            args.label_smoothing,
+        let reference = if args.loss.needs_reference() {
+            Some((reference(|(c, _)| c)?, reference(|(_, r)| r)?))
+        } else {
+            None
+        };
+        let weights = if args.weight_col.is_some() {
+            let given: Vec<f64> = batch
+                .iter()
+                .map(|p| p.given_weight.expect("read with --weight-col"))
+                .collect();
+            given_weights(&given, args.weight_norm)?
+        } else {
+            let gaps: Vec<f32> = batch.iter().map(|p| p.reward_gap).collect();
+            pair_weights(args.weight, args.beta2, &gaps, args.weight_norm)?
+        };
+        let chosen_tokens: Vec<usize> = batch.iter().map(|p| p.chosen.response.len()).collect();
+        let params = ObjectiveParams {
+            beta: args.beta,
+            label_smoothing: args.label_smoothing,
+            simpo_gamma: args.simpo_gamma,
+            rpo_alpha: args.rpo_alpha,
+        };
+        let batch_logps = BatchLogps {
             chosen,
             rejected,
-            &reference(|(c, _)| c)?,
-            &reference(|(_, r)| r)?,
-        )?;
-        let gaps: Vec<f32> = batch.iter().map(|p| p.reward_gap).collect();
-        let weights = pair_weights(args.weight, args.beta2, &gaps, args.weight_norm)?;
-        let mut loss = weighted_mean(&losses.losses, &weights)?;
+            reference: reference.as_ref().map(|(c, r)| (c, r)),
+            chosen_sums: &logps.chosen,
+            chosen_tokens: &chosen_tokens,
+        };
+        let (mut loss, losses) = batch_loss(args.loss, &params, &batch_logps, &weights)?;
         let mut kl = None;
         if args.loss.samples_online() {
             let (surrogate, estimate) =
