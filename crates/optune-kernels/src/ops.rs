@@ -11,7 +11,7 @@
 //! | [`silu_mul`] | [`generic::silu_mul`] | `fused::SiluMul` | [`crate::host::silu_mul`] |
 //! | [`rotary_heads`] | [`generic::rotary_heads`] | `fused::Rope` | [`crate::host::rotary`] |
 //! | [`attention`] | [`generic::attention`] | `fused::Attention` | [`crate::host::attention`] |
-//! | [`token_logprobs`] | [`generic::token_logprobs`] | `fused::TokenLogprobs` | (sampler: [`crate::host::log_sum_exp`]) |
+//! | [`token_logprobs`] | [`generic::token_logprobs`] (`ChunkedLogprobs`) | `fused::TokenLogprobs` | (sampler: [`crate::host::log_sum_exp`]) |
 
 use crate::dispatch::{path_for, Path};
 use crate::fused;
@@ -89,8 +89,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) 
 }
 
 /// `log softmax(rows · weightᵀ)[targets[i]]` for each row of `rows [n, hidden]`: `[n]`, in
-/// chunks of [`HEAD_CHUNK_ROWS`] rows so that only one chunk of logits exists at a time (the
-/// fused form keeps that bound in the backward pass too).
+/// chunks of [`HEAD_CHUNK_ROWS`] rows so that only one chunk of logits exists at a time, in the
+/// backward pass too, on every device.
 pub fn token_logprobs(rows: &Tensor, weight: &Tensor, targets: &[u32]) -> Result<Tensor> {
     match path_for(&[rows, weight]) {
         Path::Fused => fused::token_logprobs(rows, weight, targets, HEAD_CHUNK_ROWS),
@@ -104,7 +104,7 @@ pub fn token_logprobs(rows: &Tensor, weight: &Tensor, targets: &[u32]) -> Result
 pub mod generic {
     use super::accumulation_dtype;
     use candle_core::backend::BackendStorage;
-    use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, D};
+    use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
 
     pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
         let dtype = x.dtype();
@@ -229,25 +229,146 @@ pub mod generic {
         probs.matmul(&v.contiguous()?)?.reshape((b, heads, tq, d))
     }
 
-    /// Chunk by chunk, but autograd keeps every chunk's logits until the backward pass.
+    /// One chunk of `chunk × vocab` logits at a time, in the backward pass too: the values are
+    /// computed outside autograd, and [`ChunkedLogprobs`] gives them a backward that recomputes
+    /// each chunk's softmax. Logits and their softmax in [`accumulation_dtype`].
     pub fn token_logprobs(
         rows: &Tensor,
         weight: &Tensor,
         targets: &[u32],
         chunk: usize,
     ) -> Result<Tensor> {
-        let n = rows.dim(0)?;
-        let chunk = chunk.max(1);
-        let mut parts = Vec::with_capacity(n.div_ceil(chunk));
-        for start in (0..n).step_by(chunk) {
-            let len = chunk.min(n - start);
-            let logits = rows.narrow(0, start, len)?.matmul(&weight.t()?)?;
-            let logits = logits.to_dtype(accumulation_dtype(logits.dtype()))?;
-            let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-            let index = Tensor::new(&targets[start..start + len], rows.device())?.unsqueeze(1)?;
-            parts.push(logp.gather(&index, 1)?.squeeze(1)?);
+        let op = ChunkedLogprobs {
+            targets: targets.to_vec(),
+            chunk: chunk.max(1),
+        };
+        let values = op.values(&rows.detach(), &weight.detach())?;
+        if !(rows.track_op() || weight.track_op()) {
+            return Ok(values);
         }
-        Tensor::cat(&parts, 0)
+        rows.apply_op3(weight, &values, op)
+    }
+
+    /// `log softmax(rows · weightᵀ)[target]` by chunks, as a node whose forward hands over the
+    /// values computed beforehand (a copy of the third input, on any backend) and whose backward
+    /// is written in tensor ops, so it runs on every device.
+    struct ChunkedLogprobs {
+        targets: Vec<u32>,
+        chunk: usize,
+    }
+
+    impl ChunkedLogprobs {
+        /// `(start, len, targets [len, 1])` of each chunk of rows.
+        fn chunks(&self, device: &candle_core::Device) -> Result<Vec<(usize, usize, Tensor)>> {
+            let n = self.targets.len();
+            (0..n)
+                .step_by(self.chunk)
+                .map(|start| {
+                    let len = self.chunk.min(n - start);
+                    let index = Tensor::new(&self.targets[start..start + len], device)?;
+                    Ok((start, len, index.unsqueeze(1)?))
+                })
+                .collect()
+        }
+
+        /// Log-softmax of one chunk's logits, `[len, vocab]`.
+        fn log_probs(rows: &Tensor, weight: &Tensor) -> Result<Tensor> {
+            let logits = rows.matmul(&weight.t()?)?;
+            candle_nn::ops::log_softmax(
+                &logits.to_dtype(accumulation_dtype(logits.dtype()))?,
+                D::Minus1,
+            )
+        }
+
+        fn values(&self, rows: &Tensor, weight: &Tensor) -> Result<Tensor> {
+            let mut parts = Vec::new();
+            for (start, len, index) in self.chunks(rows.device())? {
+                let logp = Self::log_probs(&rows.narrow(0, start, len)?, weight)?;
+                parts.push(logp.gather(&index, 1)?.squeeze(1)?);
+            }
+            Tensor::cat(&parts, 0)
+        }
+    }
+
+    impl CustomOp3 for ChunkedLogprobs {
+        fn name(&self) -> &'static str {
+            "chunked-token-logprobs"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            values: &CpuStorage,
+            layout: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            Ok((values.try_clone(layout)?, layout.shape().clone()))
+        }
+
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &self,
+            _: &candle_core::CudaStorage,
+            _: &Layout,
+            _: &candle_core::CudaStorage,
+            _: &Layout,
+            values: &candle_core::CudaStorage,
+            layout: &Layout,
+        ) -> Result<(candle_core::CudaStorage, Shape)> {
+            Ok((values.try_clone(layout)?, layout.shape().clone()))
+        }
+
+        /// `∂logits = g · (onehot(target) − softmax)` chunk by chunk; `∂rows = ∂logits · W`,
+        /// `∂W = Σ ∂logitsᵀ · rows`, each only when its input leads to a variable.
+        fn bwd(
+            &self,
+            rows: &Tensor,
+            weight: &Tensor,
+            _values: &Tensor,
+            _res: &Tensor,
+            grad: &Tensor,
+        ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+            let (want_rows, want_weight) = (rows.track_op(), weight.track_op());
+            let (rows, weight) = (rows.detach(), weight.detach());
+            let grad = grad.detach();
+            let vocab = weight.dim(0)?;
+            let mut row_grads = Vec::new();
+            let mut weight_grad: Option<Tensor> = None;
+            for (start, len, index) in self.chunks(rows.device())? {
+                let chunk_rows = rows.narrow(0, start, len)?;
+                let probs = Self::log_probs(&chunk_rows, &weight)?.exp()?;
+                let onehot = Tensor::zeros((len, vocab), probs.dtype(), probs.device())?
+                    .scatter_add(
+                        &index,
+                        &Tensor::ones((len, 1), probs.dtype(), probs.device())?,
+                        1,
+                    )?;
+                let g = grad
+                    .narrow(0, start, len)?
+                    .to_dtype(probs.dtype())?
+                    .unsqueeze(1)?;
+                let d_logits = (onehot - probs)?
+                    .broadcast_mul(&g)?
+                    .to_dtype(rows.dtype())?;
+                if want_rows {
+                    row_grads.push(d_logits.matmul(&weight)?);
+                }
+                if want_weight {
+                    let part = d_logits.t()?.matmul(&chunk_rows)?;
+                    weight_grad = Some(match weight_grad {
+                        Some(sum) => (sum + part)?,
+                        None => part,
+                    });
+                }
+            }
+            let row_grad = match want_rows {
+                true => Some(Tensor::cat(&row_grads, 0)?),
+                false => None,
+            };
+            Ok((row_grad, weight_grad, None))
+        }
     }
 }
 
@@ -293,6 +414,35 @@ mod tests {
                 .to_scalar::<f64>()
                 .unwrap()
                 < 1e-5
+        );
+    }
+
+    /// The chunked generic head's hand-written backward against finite differences (f64), with
+    /// chunks of 2 rows (the last partial, the weight gradient summed over chunks), and a frozen
+    /// weight that gets no gradient.
+    #[test]
+    fn chunked_token_logprobs_gradients_match_finite_differences_in_f64() {
+        use crate::fused::tests::{finite_differences, values};
+        let targets = [3u32, 0, 6, 6, 2];
+        let inputs = [
+            values(&[5, 4], 1, 1.0, DType::F64),
+            values(&[7, 4], 2, 1.0, DType::F64),
+        ];
+        let w = values(&[5], 3, 1.0, DType::F64);
+        let worst = finite_differences(&inputs, &[0, 1], |t| {
+            (generic::token_logprobs(&t[0], &t[1], &targets, 2).unwrap() * &w)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+        });
+        assert!(worst < 1e-6, "{worst:e}");
+        let rows = Var::from_tensor(&inputs[0]).unwrap();
+        let logp = generic::token_logprobs(rows.as_tensor(), &inputs[1], &targets, 2).unwrap();
+        let grads = logp.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(rows.as_tensor()).is_some());
+        assert!(
+            grads.get(&inputs[1]).is_none(),
+            "the frozen head got a gradient"
         );
     }
 }
