@@ -7,6 +7,7 @@
 
 mod data;
 mod hypo;
+mod memory;
 mod metrics;
 mod policy;
 mod reference;
@@ -199,6 +200,11 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     pub metrics: Option<PathBuf>,
 
+    /// Plan memory against this many GB instead of what the device reports free (e.g. to leave
+    /// room for another process on the GPU); the run is refused when the estimate exceeds it
+    #[arg(long, value_name = "GB")]
+    pub memory_budget: Option<f64>,
+
     #[command(flatten)]
     pub runtime: RuntimeArgs,
 }
@@ -250,6 +256,16 @@ fn run(args: Args) -> Result<()> {
     )?;
     if pairs.is_empty() {
         bail!("{}: no pairs to train on", shard.name());
+    }
+    let plan = memory::Plan::estimate(
+        &args,
+        &policy,
+        &pairs,
+        reference::held_during_training(&args, &policy),
+    );
+    match args.memory_budget {
+        Some(gb) => plan.check(Some(gb * 1e9), "in --memory-budget")?,
+        None => plan.check(memory::available(&device), "available")?,
     }
     let reference = reference::prepare(&args, &policy, &shard, &mut pairs, &device, dtype)?;
     let trained = train::train(&args, &mut policy, &pairs, reference.as_ref(), &device)?;

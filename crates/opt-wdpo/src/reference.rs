@@ -11,6 +11,13 @@ use optune_shard::arrow::array::Float32Array;
 use optune_shard::{Destination, Shard};
 use std::sync::Arc;
 
+/// Whether a reference model stays in memory through training: online sampling (HyPO) needs
+/// one, unless the reference is the LoRA policy with its adapters off.
+pub fn held_during_training(args: &Args, policy: &Policy) -> bool {
+    let separate = args.reference.as_ref().is_some_and(|r| *r != args.policy);
+    args.loss.needs_reference() && args.loss.samples_online() && (separate || policy.lora.is_none())
+}
+
 /// Fills the pairs' reference log-probs where the shard had none, writes them back with
 /// `--precompute-ref`, and returns the reference model when the objective samples online (with
 /// LoRA and no separate `--ref`, the reference is the policy with its adapters off: `None`).

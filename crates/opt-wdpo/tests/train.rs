@@ -843,3 +843,34 @@ fn checkpoints_keep_their_own_dtype() {
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(saved["torch_dtype"], "bfloat16");
 }
+
+/// Before training opt-wdpo prints its memory estimate, and refuses a run that does not fit in
+/// the memory it plans against, with advice, leaving no output behind.
+#[test]
+fn a_run_that_cannot_fit_is_refused_before_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let pairs = dir.path().join("pairs.jsonl");
+    write_pairs(&pairs);
+    let out = dir.path().join("out");
+    let policy = model("tiny-llama");
+    let base = [
+        "--policy",
+        policy.to_str().unwrap(),
+        pairs.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--max-steps",
+        "1",
+    ];
+    let (ok, stderr) = wdpo(&[&base[..], &["--memory-budget", "0.0001"]].concat());
+    assert!(!ok, "{stderr}");
+    assert!(stderr.contains("memory estimate"), "{stderr}");
+    assert!(
+        stderr.contains("--lora-rank") && stderr.contains("--batch-size"),
+        "{stderr}"
+    );
+    assert!(!out.exists());
+    let (ok, stderr) = wdpo(&base);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("memory estimate"), "{stderr}");
+}

@@ -403,6 +403,25 @@ impl Transformer {
     pub fn head(&self) -> &OutputHead {
         &self.head
     }
+    /// The number of weights (the tied head counted once, LoRA adapters not at all).
+    pub fn parameter_count(&self) -> usize {
+        let mut count = self.embed_tokens.elem_count() + self.norm.elem_count();
+        for block in &self.layers {
+            count +=
+                block.input_layernorm.elem_count() + block.post_attention_layernorm.elem_count();
+            for (_, lin) in block.linears() {
+                count += lin.weight.elem_count() + lin.bias.as_ref().map_or(0, Tensor::elem_count);
+            }
+        }
+        count
+            + match &self.head {
+                OutputHead::LanguageModel { tied: true, .. } => 0,
+                OutputHead::LanguageModel { weight, .. } | OutputHead::Score { weight } => {
+                    weight.elem_count()
+                }
+            }
+    }
+
     pub fn max_positions(&self) -> usize {
         self.rope.max_positions()
     }
