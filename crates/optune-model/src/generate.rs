@@ -12,6 +12,7 @@ use anyhow::{bail, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
+use std::collections::HashMap;
 
 #[derive(Debug, Clone)]
 pub struct SamplingParams {
@@ -255,6 +256,21 @@ pub fn generate(
                 pending: None,
             });
         }
+        // A prompt identical to one entering in the same step (the --n samples of a prompt) is
+        // fed once: its slot copies the first one's keys and values and samples from its row.
+        let mut shares: Vec<Option<usize>> = vec![None; slots];
+        let mut first_of: HashMap<&[u32], usize> = HashMap::new();
+        for (slot, a) in active.iter().enumerate() {
+            if let Some(a) = a.as_ref().filter(|a| a.pending.is_none()) {
+                let prompt = requests[a.request].prompt_ids.as_slice();
+                match first_of.get(prompt) {
+                    Some(&first) => shares[slot] = Some(first),
+                    None => {
+                        first_of.insert(prompt, slot);
+                    }
+                }
+            }
+        }
         let pending: Vec<[u32; 1]> = active
             .iter()
             .map(|a| [a.as_ref().and_then(|s| s.pending).unwrap_or(0)])
@@ -262,6 +278,7 @@ pub fn generate(
         let segments: Vec<Segment> = active
             .iter()
             .enumerate()
+            .filter(|(slot, _)| shares[*slot].is_none())
             .filter_map(|(slot, a)| {
                 let a = a.as_ref()?;
                 let tokens: &[u32] = match a.pending {
@@ -277,6 +294,16 @@ pub fn generate(
         let finished = on_worker(|| -> Result<Vec<(usize, Generation)>> {
             let logits = model.feed(&segments, &mut cache)?;
             let width = logits.len() / segments.len();
+            let mut row_of = vec![usize::MAX; slots];
+            for (row, segment) in segments.iter().enumerate() {
+                row_of[segment.slot] = row;
+            }
+            for (slot, first) in shares.iter().enumerate() {
+                if let Some(first) = *first {
+                    cache.copy_slot(first, slot)?;
+                    row_of[slot] = row_of[first];
+                }
+            }
             let mut states: Vec<(usize, &mut Active)> = active
                 .iter_mut()
                 .enumerate()
@@ -285,8 +312,8 @@ pub fn generate(
             // Each sequence samples from its own row with its own random stream: in parallel.
             Ok(states
                 .par_iter_mut()
-                .zip(logits.par_chunks(width))
-                .filter_map(|((slot, state), row)| {
+                .filter_map(|(slot, state)| {
+                    let row = &logits[row_of[*slot] * width..(row_of[*slot] + 1) * width];
                     Some((*slot, advance(state, row, params, eos_ids)?))
                 })
                 .collect())

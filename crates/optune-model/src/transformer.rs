@@ -428,6 +428,19 @@ impl Transformer {
 
     /// Final-norm hidden states `[batch, seq, hidden]` of a padded batch: the training path.
     pub fn hidden_states(&self, batch: &PaddedBatch) -> Result<Tensor> {
+        let x = self.run_layers(batch, |_, _, _| Ok(()))?;
+        ops::rms_norm(&x, &self.norm, self.config.rms_norm_eps)
+    }
+
+    /// The blocks over a padded batch (causal, within the sliding window, padding keys hidden;
+    /// a padding query attends to itself, so no row is fully masked): the hidden states before
+    /// the final norm. `on_layer(l, k, v)` sees each layer's rotated keys and values
+    /// `[b, kv_heads, t, d]`.
+    fn run_layers(
+        &self,
+        batch: &PaddedBatch,
+        mut on_layer: impl FnMut(usize, &Tensor, &Tensor) -> Result<()>,
+    ) -> Result<Tensor> {
         let (b, t) = batch.dims();
         let window = self.config.attention_window();
         let mut mask = Vec::with_capacity(b * t * t);
@@ -435,7 +448,6 @@ impl Transformer {
             for q in 0..t {
                 for k in 0..t {
                     let visible = k <= q && row[k] && window.is_none_or(|w| q - k < w);
-                    // A padding query attends to itself, so no row is fully masked.
                     let own_padding = k == q && !row[q];
                     mask.push(if visible || own_padding { 0.0 } else { MASKED });
                 }
@@ -444,11 +456,12 @@ impl Transformer {
         let mask = Tensor::from_vec(mask, (b, 1, t, t), &self.device)?.to_dtype(self.dtype)?;
         let (cos, sin) = self.rope.lookup(&batch.positions)?;
         let mut x = self.embed(&batch.input_ids)?;
-        for block in &self.layers {
-            let (out, _, _) = block.forward(&self.config, &x, &cos, &sin, &mask, None)?;
+        for (l, block) in self.layers.iter().enumerate() {
+            let (out, k, v) = block.forward(&self.config, &x, &cos, &sin, &mask, None)?;
+            on_layer(l, &k, &v)?;
             x = out;
         }
-        ops::rms_norm(&x, &self.norm, self.config.rms_norm_eps)
+        Ok(x)
     }
 
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {
@@ -486,51 +499,56 @@ impl Transformer {
             let logits = self.feed_host(&[Segment { slot, tokens }], cache)?;
             return Ok(Tensor::from_vec(logits, self.head_width()?, &self.device)?);
         }
-        self.prefill_masked(tokens, cache, slot)
+        Ok(self
+            .prefill_masked(&[Segment { slot, tokens }], cache)?
+            .squeeze(0)?)
     }
 
-    fn prefill_masked(
-        &self,
-        tokens: &[u32],
-        cache: &mut KvCache,
-        slot: usize,
-    ) -> anyhow::Result<Tensor> {
-        let len = tokens.len();
-        if len == 0 {
-            bail!("cannot prefill an empty prompt");
+    /// The prompts of empty slots as one right-padded batch, on the tensor path: writes each
+    /// prompt's keys and values into its slot and returns the logits `[prompts, vocab]` of each
+    /// prompt's last position.
+    fn prefill_masked(&self, prompts: &[Segment], cache: &mut KvCache) -> anyhow::Result<Tensor> {
+        for segment in prompts {
+            let len = segment.tokens.len();
+            if len == 0 {
+                bail!("cannot prefill an empty prompt (slot {})", segment.slot);
+            }
+            if len > cache.capacity {
+                bail!(
+                    "prompt of {len} tokens exceeds the KV cache capacity {}",
+                    cache.capacity
+                );
+            }
         }
-        if len > cache.capacity {
-            bail!(
-                "prompt of {len} tokens exceeds the KV cache capacity {}",
-                cache.capacity
-            );
-        }
-        let batch = PaddedBatch::right_padded(&[tokens.to_vec()], 0, &self.device)?;
-        let window = self.config.attention_window();
-        let mask: Vec<f32> = (0..len)
-            .flat_map(|q| (0..len).map(move |k| (q, k)))
-            .map(|(q, k)| {
-                if k <= q && window.is_none_or(|w| q - k < w) {
-                    0.0
-                } else {
-                    MASKED
-                }
-            })
+        let sequences: Vec<Vec<u32>> = prompts.iter().map(|s| s.tokens.to_vec()).collect();
+        let batch = PaddedBatch::right_padded(&sequences, 0, &self.device)?;
+        let x = self.run_layers(&batch, |l, k, v| {
+            for (row, segment) in prompts.iter().enumerate() {
+                let len = segment.tokens.len();
+                let (k, v) = (k.narrow(0, row, 1)?, v.narrow(0, row, 1)?);
+                cache.write_prefix(
+                    l,
+                    segment.slot,
+                    &k.narrow(2, 0, len)?,
+                    &v.narrow(2, 0, len)?,
+                )?;
+            }
+            Ok(())
+        })?;
+        let (b, t) = batch.dims();
+        let last: Vec<u32> = prompts
+            .iter()
+            .enumerate()
+            .map(|(row, s)| (row * t + s.tokens.len() - 1) as u32)
             .collect();
-        let mask = Tensor::from_vec(mask, (1, 1, len, len), &self.device)?.to_dtype(self.dtype)?;
-        let (cos, sin) = self.rope.lookup(&batch.positions)?;
-        let mut x = self.embed(&batch.input_ids)?;
-        for (l, block) in self.layers.iter().enumerate() {
-            let (out, k, v) = block.forward(&self.config, &x, &cos, &sin, &mask, None)?;
-            cache.write_prefix(l, slot, &k, &v)?;
-            x = out;
+        for segment in prompts {
+            cache.lengths[segment.slot] = segment.tokens.len();
         }
-        cache.lengths[slot] = len;
-        let last = x
-            .narrow(1, len - 1, 1)?
-            .reshape((1, self.config.hidden_size))?;
-        let last = ops::rms_norm(&last, &self.norm, self.config.rms_norm_eps)?;
-        Ok(self.head_logits(&last)?.squeeze(0)?)
+        let rows = x
+            .reshape((b * t, self.config.hidden_size))?
+            .index_select(&Tensor::new(last.as_slice(), &self.device)?, 0)?;
+        let rows = ops::rms_norm(&rows, &self.norm, self.config.rms_norm_eps)?;
+        Ok(self.head_logits(&rows)?)
     }
 
     /// Logits per position: the vocabulary size, or the label count of a score head.
@@ -589,8 +607,8 @@ impl Transformer {
     /// On the CPU in f32 (a host cache) every row is computed on its own by the kernels of
     /// [`optune_kernels::host`], attending over its own slot's cached positions only: a sequence's
     /// numbers do not depend on which segments share the call, on their number or on the thread
-    /// count. Otherwise (the masked tensor path) each prompt is prefilled alone and the
-    /// single-token segments are decoded together.
+    /// count. Otherwise (the masked tensor path) the new prompts are prefilled together as one
+    /// padded batch and the single-token segments are decoded together.
     pub fn feed(&self, segments: &[Segment], cache: &mut KvCache) -> anyhow::Result<Vec<f32>> {
         if cache.is_host() {
             return self.feed_host(segments, cache);
@@ -599,6 +617,8 @@ impl Transformer {
         let mut out = vec![0f32; segments.len() * width];
         let mut decode: Vec<Option<u32>> = vec![None; cache.slots()];
         let mut decoded = Vec::new();
+        let mut prompts = Vec::new();
+        let mut prompted = Vec::new();
         for (i, segment) in segments.iter().enumerate() {
             if segment.slot >= cache.slots() {
                 bail!(
@@ -611,16 +631,25 @@ impl Transformer {
                 decode[segment.slot] = Some(segment.tokens[0]);
                 decoded.push((i, segment.slot));
             } else if cache.lengths[segment.slot] == 0 {
-                let logits: Vec<f32> = self
-                    .prefill_masked(segment.tokens, cache, segment.slot)?
-                    .to_dtype(DType::F32)?
-                    .to_vec1()?;
-                out[i * width..(i + 1) * width].copy_from_slice(&logits);
+                prompts.push(*segment);
+                prompted.push(i);
             } else {
                 bail!(
                     "the tensor KV cache appends one token at a time to a started slot (slot {})",
                     segment.slot
                 );
+            }
+        }
+        // Every new prompt in one padded forward pass.
+        if !prompts.is_empty() {
+            let logits: Vec<f32> = self
+                .prefill_masked(&prompts, cache)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1()?;
+            for (row, &i) in prompted.iter().enumerate() {
+                out[i * width..(i + 1) * width]
+                    .copy_from_slice(&logits[row * width..(row + 1) * width]);
             }
         }
         if !decoded.is_empty() {
@@ -1153,6 +1182,39 @@ impl KvCache {
     /// out by length (tensors).
     pub fn clear(&mut self, slot: usize) {
         self.lengths[slot] = 0;
+    }
+
+    /// Makes slot `to` a copy of slot `from` (its keys, values and length): the samples of one
+    /// prompt share its prefill.
+    pub fn copy_slot(&mut self, from: usize, to: usize) -> Result<()> {
+        let len = self.lengths[from];
+        let capacity = self.capacity;
+        match &mut self.store {
+            KvStore::Host {
+                keys,
+                values,
+                kv_heads,
+                head_dim,
+            } => {
+                let (kvh, d) = (*kv_heads, *head_dim);
+                for store in keys.iter_mut().chain(values.iter_mut()) {
+                    for h in 0..kvh {
+                        let (src, dst) = (
+                            (from * kvh + h) * capacity * d,
+                            (to * kvh + h) * capacity * d,
+                        );
+                        store.copy_within(src..src + len * d, dst);
+                    }
+                }
+            }
+            KvStore::Tensors { keys, values } => {
+                for store in keys.iter().chain(values.iter()) {
+                    store.slice_set(&store.narrow(0, from, 1)?.copy()?, 0, to)?;
+                }
+            }
+        }
+        self.lengths[to] = len;
+        Ok(())
     }
 
     fn write_prefix(&mut self, layer: usize, slot: usize, k: &Tensor, v: &Tensor) -> Result<()> {

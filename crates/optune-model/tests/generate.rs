@@ -230,8 +230,9 @@ fn capacity_beyond_the_model_positions_is_an_error() {
     );
 }
 
-/// Feeding prompts and decode tokens together in one call gives every slot the same logits, to
-/// the bit, as feeding each slot alone.
+/// Feeding prompts and decode tokens together in one call gives every slot the same logits as
+/// feeding each slot alone: to the bit on the fused path (host kernels), to rounding on the
+/// generic path (its new prompts go through one padded forward pass).
 #[test]
 fn feeding_slots_together_equals_feeding_them_alone() {
     use optune_model::transformer::Segment;
@@ -278,14 +279,20 @@ fn feeding_slots_together_equals_feeding_them_alone() {
         ];
         let rows = model.feed(&mixed, &mut together).unwrap();
         let width = rows.len() / 3;
+        let fused = optune_kernels::kernels() == optune_kernels::Kernels::Fused;
         for (i, segment) in mixed.iter().enumerate() {
             let one = model.feed(&[*segment], &mut alone).unwrap();
-            assert_eq!(
-                one,
-                rows[i * width..(i + 1) * width],
-                "{name} slot {}",
-                segment.slot
-            );
+            let row = &rows[i * width..(i + 1) * width];
+            if fused {
+                assert_eq!(one, row, "{name} slot {}", segment.slot);
+            } else {
+                let worst = one
+                    .iter()
+                    .zip(row)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(worst < 1e-4, "{name} slot {}: {worst}", segment.slot);
+            }
         }
         for s in 0..3 {
             assert_eq!(together.len(s), alone.len(s));
