@@ -732,15 +732,7 @@ impl CustomOp2 for RmsNorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let n = x.elem_count();
-        let packed = x.detach().apply_op3_no_bwd(
-            &w.detach(),
-            &grad.detach().contiguous()?,
-            &RmsNormGrad(*self),
-        )?;
-        let grad_x = packed.narrow(0, 0, n)?.reshape(x.shape())?;
-        let grad_w = packed.narrow(0, n, w.elem_count())?.reshape(w.shape())?;
-        Ok((Some(grad_x), Some(grad_w)))
+        both_grads(x, w, grad, &RmsNormGrad(*self))
     }
 }
 
@@ -931,6 +923,24 @@ impl Wanted {
     }
 }
 
+/// Both gradients of a two-input op: `grad_op` over `(a, b, grad)` writes them as one packed
+/// `[∂a | ∂b]` buffer.
+fn both_grads(
+    a: &Tensor,
+    b: &Tensor,
+    grad: &Tensor,
+    grad_op: &impl CustomOp3,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let packed = a
+        .detach()
+        .apply_op3_no_bwd(&b.detach(), &grad.detach().contiguous()?, grad_op)?;
+    let both = Wanted {
+        first: true,
+        second: true,
+    };
+    both.unpack(&packed, a, b)
+}
+
 /// Packed `[∂x = g · W | ∂W = gᵀ · x]` of [`LinearOp`] over (x, W, g), each part only if wanted.
 struct LinearGrad {
     wanted: Wanted,
@@ -1048,16 +1058,7 @@ impl CustomOp2 for SiluMul {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let n = gate.elem_count();
-        let packed = gate.detach().apply_op3_no_bwd(
-            &up.detach(),
-            &grad.detach().contiguous()?,
-            &SiluMulGrad,
-        )?;
-        Ok((
-            Some(packed.narrow(0, 0, n)?.reshape(gate.shape())?),
-            Some(packed.narrow(0, n, n)?.reshape(up.shape())?),
-        ))
+        both_grads(gate, up, grad, &SiluMulGrad)
     }
 }
 
@@ -1653,6 +1654,18 @@ pub(crate) mod tests {
             .unwrap()
     }
 
+    /// [`finite_differences`] of `Σ w · op(inputs)` with fixed random weights `w` (drawn from
+    /// `seed`), so that every output element's gradient is checked.
+    pub fn weighted_finite_differences(
+        inputs: &[Tensor],
+        check: &[usize],
+        seed: u64,
+        op: impl Fn(&[Tensor]) -> Tensor,
+    ) -> f64 {
+        let w = values(op(inputs).dims(), seed, 1.0, DType::F64);
+        finite_differences(inputs, check, |t| (op(t) * &w).unwrap().sum_all().unwrap())
+    }
+
     /// Autograd gradients of `f(inputs)` (a scalar) for each input in `check`, against central
     /// finite differences in f64 on every element. Returns the largest relative error.
     pub fn finite_differences(
@@ -1846,12 +1859,8 @@ pub(crate) mod tests {
             values(&[2, 3, 5], 10, 1.0, DType::F64),
             values(&[5], 11, 1.0, DType::F64),
         ];
-        let w = values(&[2, 3, 5], 12, 1.0, DType::F64);
-        finite_differences(&inputs, &[0, 1], |t| {
-            (rms_norm(&t[0], &t[1], 1e-5).unwrap() * &w)
-                .unwrap()
-                .sum_all()
-                .unwrap()
+        weighted_finite_differences(&inputs, &[0, 1], 12, |t| {
+            rms_norm(&t[0], &t[1], 1e-5).unwrap()
         });
         let fused = rms_norm(&inputs[0], &inputs[1], 1e-5).unwrap();
         assert!(max_rel_diff(&fused, &generic_rms_norm(&inputs[0], &inputs[1], 1e-5), 1.0) < 1e-14);
@@ -1900,13 +1909,7 @@ pub(crate) mod tests {
             values(&[3, 7], 30, 3.0, DType::F64),
             values(&[3, 7], 31, 1.0, DType::F64),
         ];
-        let w = values(&[3, 7], 32, 1.0, DType::F64);
-        finite_differences(&inputs, &[0, 1], |t| {
-            (silu_mul(&t[0], &t[1]).unwrap() * &w)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-        });
+        weighted_finite_differences(&inputs, &[0, 1], 32, |t| silu_mul(&t[0], &t[1]).unwrap());
         let generic = (inputs[0].silu().unwrap() * &inputs[1]).unwrap();
         assert!(max_rel_diff(&silu_mul(&inputs[0], &inputs[1]).unwrap(), &generic, 1.0) < 1e-14);
     }
@@ -1956,12 +1959,8 @@ pub(crate) mod tests {
     fn rotary_gradients_match_finite_differences_in_f64() {
         let (cos, sin) = rotary_tables(2, 3, 4, DType::F64);
         let inputs = [values(&[2, 3, 3 * 4], 40, 1.0, DType::F64)];
-        let w = values(&[2, 3, 3, 4], 41, 1.0, DType::F64);
-        finite_differences(&inputs, &[0], |t| {
-            (rotary_heads(&t[0], &cos, &sin, 3).unwrap() * &w)
-                .unwrap()
-                .sum_all()
-                .unwrap()
+        weighted_finite_differences(&inputs, &[0], 41, |t| {
+            rotary_heads(&t[0], &cos, &sin, 3).unwrap()
         });
         let fused = rotary_heads(&inputs[0], &cos, &sin, 3).unwrap();
         assert!(max_rel_diff(&fused, &generic_rotary(&inputs[0], &cos, &sin, 3), 1.0) < 1e-14);
@@ -2007,12 +2006,8 @@ pub(crate) mod tests {
             values(&[2, 2, 3, 4], 51, 1.0, DType::F64),
             values(&[2, 2, 3, 4], 52, 1.0, DType::F64),
         ];
-        let w = values(&[2, 4, 3, 4], 53, 1.0, DType::F64);
-        finite_differences(&inputs, &[0, 1, 2], |t| {
-            (attention(&t[0], &t[1], &t[2], &mask, 0.5).unwrap() * &w)
-                .unwrap()
-                .sum_all()
-                .unwrap()
+        weighted_finite_differences(&inputs, &[0, 1, 2], 53, |t| {
+            attention(&t[0], &t[1], &t[2], &mask, 0.5).unwrap()
         });
         let fused = attention(&inputs[0], &inputs[1], &inputs[2], &mask, 0.5).unwrap();
         let generic = generic_attention(&inputs[0], &inputs[1], &inputs[2], &mask, 0.5);
@@ -2063,12 +2058,8 @@ pub(crate) mod tests {
             values(&[2, 2, 5, 8], 58, 1.0, DType::F64),
             values(&[2, 2, 5, 8], 59, 1.0, DType::F64),
         ];
-        let w = values(&[2, 4, 1, 8], 60, 1.0, DType::F64);
-        finite_differences(&inputs, &[0, 1, 2], |t| {
-            (attention(&t[0], &t[1], &t[2], &mask, 0.3).unwrap() * &w)
-                .unwrap()
-                .sum_all()
-                .unwrap()
+        weighted_finite_differences(&inputs, &[0, 1, 2], 60, |t| {
+            attention(&t[0], &t[1], &t[2], &mask, 0.3).unwrap()
         });
         let fused = attention(&inputs[0], &inputs[1], &inputs[2], &mask, 0.3).unwrap();
         assert!(
@@ -2086,13 +2077,7 @@ pub(crate) mod tests {
             values(&[2, 3, 5], 70, 1.0, DType::F64),
             values(&[4, 5], 71, 1.0, DType::F64),
         ];
-        let w = values(&[2, 3, 4], 72, 1.0, DType::F64);
-        finite_differences(&inputs, &[0, 1], |t| {
-            (linear(&t[0], &t[1]).unwrap() * &w)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-        });
+        weighted_finite_differences(&inputs, &[0, 1], 72, |t| linear(&t[0], &t[1]).unwrap());
         let generic = inputs[0].broadcast_matmul(&inputs[1].t().unwrap()).unwrap();
         assert!(max_rel_diff(&linear(&inputs[0], &inputs[1]).unwrap(), &generic, 1.0) < 1e-14);
     }

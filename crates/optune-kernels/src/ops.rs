@@ -422,18 +422,14 @@ mod tests {
     /// weight that gets no gradient.
     #[test]
     fn chunked_token_logprobs_gradients_match_finite_differences_in_f64() {
-        use crate::fused::tests::{finite_differences, values};
+        use crate::fused::tests::{values, weighted_finite_differences};
         let targets = [3u32, 0, 6, 6, 2];
         let inputs = [
             values(&[5, 4], 1, 1.0, DType::F64),
             values(&[7, 4], 2, 1.0, DType::F64),
         ];
-        let w = values(&[5], 3, 1.0, DType::F64);
-        let worst = finite_differences(&inputs, &[0, 1], |t| {
-            (generic::token_logprobs(&t[0], &t[1], &targets, 2).unwrap() * &w)
-                .unwrap()
-                .sum_all()
-                .unwrap()
+        let worst = weighted_finite_differences(&inputs, &[0, 1], 3, |t| {
+            generic::token_logprobs(&t[0], &t[1], &targets, 2).unwrap()
         });
         assert!(worst < 1e-6, "{worst:e}");
         let rows = Var::from_tensor(&inputs[0]).unwrap();
