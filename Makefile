@@ -320,7 +320,8 @@ cuda:
 # The device check (scripts/cuda/measure.py, docs/cuda.md) in its dry mode: every stage on the CPU
 # with tiny models and the CPU release binaries, to try the script where no GPU is (about a minute
 # on 2 cores; its figures mean nothing). The Python: $OPTUNE_BENCH_PYTHON, else the bench scripts'
-# virtual environment (scripts/bench/python_env.sh) with peft added. Not part of `make test`.
+# virtual environment (scripts/bench/python_env.sh) with peft added. CHECK_ARGS: more measure.py
+# options (e.g. --stages logprobs). Not part of `make test`.
 .PHONY: cuda-check-dry
 cuda-check-dry: tools
 	python=$$(bash -c 'source scripts/bench/python_env.sh && bench_python venv "torch, transformers, peft" "transformers>=4.57" safetensors peft') && \

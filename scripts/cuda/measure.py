@@ -46,7 +46,7 @@ measured wall seconds of each stage; replace these guesses with them):
 
 --budget-s (default 420) bounds the run: before each row the elapsed time plus that row's guessed
 cost (ESTIMATE_S) must fit, else the row is skipped with a note; every tool run is killed at
---budget-s + 45 s. Rows print as soon as they are measured and measure.md/measure.json are
+--budget-s + 45 s, and a training or generation run after 3x its row's guess (at least 60 s). Rows print as soon as they are measured and measure.md/measure.json are
 rewritten after each, so a run stopped from outside still leaves its rows on stdout and in --out.
 
 GPU memory: optune's peak is polled with nvidia-smi every ~0.1 s (the process's used_memory,
@@ -201,8 +201,11 @@ class Budget:
         REPORT.row(stage, what, "", "", "", f"skipped: {elapsed():.0f} s elapsed + ~{need} s needed "
                    f"> --budget-s {self.seconds:.0f}", kind="skip")
 
-    def timeout(self) -> float:
-        return max(1.0, self.seconds + self.GRACE_S - elapsed())
+    def timeout(self, unit: str = None) -> float:
+        """Seconds a tool run may still take: to budget + grace, and for a unit of work at most
+        3x its guess (at least a minute), so that one runaway row cannot eat the rows after it."""
+        left = max(1.0, self.seconds + self.GRACE_S - elapsed())
+        return left if unit is None else min(left, max(60.0, 3 * ESTIMATE_S[unit]))
 
 
 BUDGET = None  # the Budget, made by main()
@@ -222,20 +225,22 @@ def guarded(stage: str, what: str, fn) -> None:
 # helpers
 # ---------------------------------------------------------------------------------------------
 
-def run(cmd, watch_gpu: bool = False):
-    """Runs a tool; returns (stderr, peak GPU GiB or None, how the peak was read)."""
+def run(cmd, watch_gpu: bool = False, unit: str = None):
+    """Runs a tool, killed at BUDGET.timeout(unit); returns (stderr, peak GPU GiB or None, how the
+    peak was read)."""
     cmd = [str(c) for c in cmd]
+    limit = BUDGET.timeout(unit)
     peak = GpuMemoryPeak() if watch_gpu else None
     try:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if peak:
             peak.watch(proc.pid)
         try:
-            _, stderr = proc.communicate(timeout=BUDGET.timeout())
+            _, stderr = proc.communicate(timeout=limit)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.communicate()
-            raise RuntimeError(f"killed at the budget's limit: {' '.join(cmd)}")
+            raise RuntimeError(f"killed after {limit:.0f} s (its time limit): {' '.join(cmd)}")
     finally:
         gib, how = peak.stop() if peak else (None, "")
     if proc.returncode != 0:
@@ -703,7 +708,7 @@ def make_train_pairs(tok, n_pairs: int, tokens: int, path: Path):
     return sides
 
 
-def optune_train(args, model_dir: Path, pairs: Path, work: Path, lora: bool) -> dict:
+def optune_train(args, model_dir: Path, pairs: Path, work: Path, lora: bool, unit: str) -> dict:
     metrics = work / "metrics.csv"
     cmd = [args.bin / "opt-wdpo", "--policy", model_dir, pairs, "-o", work / "ckpt",
            "--lr", "1e-5" if lora else "1e-6", "--warmup-ratio", "0", "--schedule", "constant",
@@ -714,7 +719,7 @@ def optune_train(args, model_dir: Path, pairs: Path, work: Path, lora: bool) -> 
         cmd += ["--lora-rank", str(args.lora_rank), "--lora-alpha", str(2 * args.lora_rank),
                 "--lora-targets", ",".join(LORA_TARGETS)]
     start = time.perf_counter()
-    stderr, peak, how = run(cmd, watch_gpu=True)
+    stderr, peak, how = run(cmd, watch_gpu=True, unit=unit)
     wall = time.perf_counter() - start
     shutil.rmtree(work / "ckpt", ignore_errors=True)  # a merged 7B is 13.5 GB of disk
     s = summary(stderr, "opt-wdpo")
@@ -872,7 +877,7 @@ def train_row(args, models: Models, role: str, kind: str, pairs: Path, sides) ->
     work = args.work / "train" / f"{role}-{kind}"
     work.mkdir(parents=True, exist_ok=True)
     free_torch_memory()
-    ours = optune_train(args, models.path(role), pairs, work, lora=(kind == "lora"))
+    ours = optune_train(args, models.path(role), pairs, work, lora=(kind == "lora"), unit=f"{kind}:{role}")
     theirs = (peer_lora if kind == "lora" else peer_full)(args, models, role, sides)
     o = statistics.median(ours["step_s"][1:] or ours["step_s"])
     t = statistics.median(theirs["step_s"][1:] or theirs["step_s"])
@@ -950,7 +955,7 @@ def gen_row(args, models: Models, role: str, batch: int, peer, ids_all, bytes_pe
     ours, theirs, peaks = [], [], []
     for _ in range(args.repeats):
         free_torch_memory()
-        stderr, peak, how = run(cmd, watch_gpu=True)
+        stderr, peak, how = run(cmd, watch_gpu=True, unit=f"gen:{role}")
         s = summary(stderr, "opt-gen")
         if int(s["new_tokens"]) != count * args.new_tokens:
             raise RuntimeError(f"opt-gen made {s['new_tokens']} tokens, not {count} x {args.new_tokens}")
@@ -1001,7 +1006,7 @@ def stage_gen(args, models: Models, role: str) -> None:
         write_jsonl(prompts, [{"prompt_id": f"w{i:02d}", "prompt": p} for i, p in enumerate(PROMPTS)])
         run([args.bin / "opt-gen", "--model", models.path(role), prompts, "-o", work / "out.jsonl", "--n", "1",
              "--temperature", "0", "--ignore-eos", "--max-new-tokens", "8", "--batch-size", "16",
-             "--device", GPU, "--dtype", "bf16", *kernels_flag("cuda")])
+             "--device", GPU, "--dtype", "bf16", *kernels_flag("cuda")], unit=f"gen:{role}")
         with torch.inference_mode():
             x = torch.tensor([state["ids"][0]], device=GPU)
             peer.generate(input_ids=x, do_sample=False, max_new_tokens=8, pad_token_id=3)
