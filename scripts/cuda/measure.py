@@ -23,8 +23,9 @@ rows the issues' acceptance names first, the 1.1B generation rows, cheapest to r
             weights and fused AdamW, clip 1.0, reference log-probs computed before the steps as
             opt-wdpo does; LoRA through peft when importable, else a LoRA module written here).
             Seconds per step (median of steps 2..N), tokens/s, peak GPU memory.
-  train-7b  The LoRA step of train-1b on a random llama of Llama-2-7B's shape, built on the GPU in
-            bf16 and saved once under --work (reused by a later run on the same machine).
+  train-7b  The LoRA step of train-1b, with --train-pairs-7b (4) pairs, on a random llama of
+            Llama-2-7B's shape, built on the GPU in bf16 and saved once under --work (reused by a
+            later run on the same machine).
   gen-7b    Generation tokens/s on that 7B, greedy, --new-tokens per sequence, EOS ignored, at
             each of --batches: `opt-gen --device cuda --dtype bf16` against transformers
             `generate` (bf16, sdpa, left-padded, the same token ids), the ratio, and the fraction
@@ -39,19 +40,22 @@ measured wall seconds of each stage; replace these guesses with them):
   logprobs   18 CUDA runs of the tools, the first ones JIT-compile candle's PTX     ~60 s
   train-1b   build the 1.1B (2.2 GB), 2 x (optune run + peer)                        ~50 s
   train-7b   build the 7B (init on the GPU, 13.5 GB written once), optune LoRA run
-             (load, 5 steps, 13.5 GB merged checkpoint written) + peer               ~90 s
+             (load, 5 steps, 13.5 GB merged checkpoint written), peer (loads the 7B) ~100 s
   gen-7b     4 batch sizes x (opt-gen run incl. 13.5 GB load + generate)            ~90 s
   gen-1b     4 batch sizes x (opt-gen run incl. load + generate), 1.1B reloaded     ~50 s
-  total                                                                             ~355 s
+  total                                                                             ~365 s
 
 --budget-s (default 420) bounds the run: before each row the elapsed time plus that row's guessed
 cost (ESTIMATE_S) must fit, else the row is skipped with a note; every tool run is killed at
---budget-s + 45 s, and a training or generation run after 3x its row's guess (at least 60 s). Rows print as soon as they are measured and measure.md/measure.json are
-rewritten after each, so a run stopped from outside still leaves its rows on stdout and in --out.
+--budget-s + 45 s, and a training or generation run after 3x its row's guess (at least 60 s).
+Rows print as soon as they are measured and measure.md/measure.json are rewritten after each, so
+a run stopped from outside still leaves its rows on stdout and in --out.
 
 GPU memory: optune's peak is polled with nvidia-smi every ~0.1 s (the process's used_memory,
 its CUDA context included; the device's memory.used above its value at the start when the
-process is not listed); the peer's is torch.cuda.max_memory_allocated (no context, no cache).
+process is not listed), shown beside opt-wdpo's own plan (its "memory estimate" line); the
+peer's is torch.cuda.max_memory_allocated (no context, no cache). opt-wdpo trains with the
+device to itself; opt-gen runs while this process holds the peer's bf16 model.
 
 --dry-run runs every stage with the same code on the CPU (the "CUDA" runs use --device cpu with
 --kernels generic, the op graph a GPU runs; torch on the CPU; tiny model shapes; fewer tokens),
@@ -67,6 +71,7 @@ import argparse
 import csv
 import json
 import math
+import re
 import shutil
 import statistics
 import subprocess
@@ -106,7 +111,7 @@ STAGES = ["logprobs", "train-1b", "train-7b", "gen-7b", "gen-1b"]
 ESTIMATE_S = {
     "logprobs": 60,
     "build:1b": 15, "lora:1b": 15, "full:1b": 20, "gen:1b": 12,
-    "build:7b": 45, "lora:7b": 45, "gen:7b": 22,
+    "build:7b": 45, "lora:7b": 55, "gen:7b": 22,
 }
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -603,7 +608,8 @@ class Models:
 
     def build(self, role: str) -> None:
         """Random weights initialised on the device in bf16 (milliseconds on a GPU, so no
-        init-skipping: uninitialised memory could hold NaNs), written once as safetensors."""
+        init-skipping: uninitialised memory could hold NaNs), written once as safetensors. Not kept:
+        optune's training runs get the device to themselves, and the peer loads it after."""
         import torch
         from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -628,8 +634,8 @@ class Models:
         tmp.rename(path)
         total_s = time.perf_counter() - start
         size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-        model.requires_grad_(False).eval()
-        self.loaded = (role, model)
+        del model
+        free_torch_memory()
         REPORT.row(f"build {role}", f"{self.label(role)}: init on the {GPU} in bf16 + safetensors written "
                    f"({size / 1e9:.2f} GB)", "", "", "", f"{total_s:.1f} s (init {init_s:.1f} s)")
         REPORT.raw.setdefault("build", {})[role] = {"seconds": total_s, "init_s": init_s, "bytes": size}
@@ -708,11 +714,11 @@ def make_train_pairs(tok, n_pairs: int, tokens: int, path: Path):
     return sides
 
 
-def optune_train(args, model_dir: Path, pairs: Path, work: Path, lora: bool, unit: str) -> dict:
+def optune_train(args, model_dir: Path, pairs: Path, n_pairs: int, work: Path, lora: bool, unit: str) -> dict:
     metrics = work / "metrics.csv"
     cmd = [args.bin / "opt-wdpo", "--policy", model_dir, pairs, "-o", work / "ckpt",
            "--lr", "1e-5" if lora else "1e-6", "--warmup-ratio", "0", "--schedule", "constant",
-           "--batch-size", str(args.train_pairs), "--max-steps", str(args.train_steps),
+           "--batch-size", str(n_pairs), "--max-steps", str(args.train_steps),
            "--max-length", str(4 * args.train_tokens), "--metrics", metrics,
            "--device", GPU, "--dtype", "bf16", *kernels_flag("cuda")]
     if lora:
@@ -728,7 +734,9 @@ def optune_train(args, model_dir: Path, pairs: Path, work: Path, lora: bool, uni
     steps = int(s["steps"])
     if steps != args.train_steps or len(seconds) != steps:
         raise RuntimeError(f"opt-wdpo ran {steps} steps ({len(seconds)} in its metrics), not {args.train_steps}")
+    planned = re.search(r"^opt-wdpo: memory estimate ([0-9.]+) GB", stderr, re.M)
     return {"step_s": seconds, "tokens_per_step": int(s["tokens"]) // steps, "peak_gib": peak, "peak_how": how,
+            "planned_gib": float(planned.group(1)) * 1e9 / 2**30 if planned else None,
             "kernels": s.get("kernels", "?"), "peak_rss_mb": s.get("peak_rss_mb"), "wall_s": wall}
 
 
@@ -876,15 +884,16 @@ def train_row(args, models: Models, role: str, kind: str, pairs: Path, sides) ->
     stage = f"train {role} {'LoRA' if kind == 'lora' else 'full'}"
     work = args.work / "train" / f"{role}-{kind}"
     work.mkdir(parents=True, exist_ok=True)
-    free_torch_memory()
-    ours = optune_train(args, models.path(role), pairs, work, lora=(kind == "lora"), unit=f"{kind}:{role}")
+    models.release()  # the whole device for opt-wdpo, whose memory plan reads what is free
+    ours = optune_train(args, models.path(role), pairs, len(sides) // 2, work, lora=(kind == "lora"),
+                        unit=f"{kind}:{role}")
     theirs = (peer_lora if kind == "lora" else peer_full)(args, models, role, sides)
     o = statistics.median(ours["step_s"][1:] or ours["step_s"])
     t = statistics.median(theirs["step_s"][1:] or theirs["step_s"])
     ot, tt = ours["tokens_per_step"] / o, theirs["tokens_per_step"] / t
     what = (f"LoRA r{args.lora_rank} on {','.join(p[0] for p in LORA_TARGETS)}" if kind == "lora"
             else "full fine-tuning")
-    REPORT.row(stage, f"s/step, {what}, {args.train_pairs} pairs x ~{args.train_tokens} response tokens "
+    REPORT.row(stage, f"s/step, {what}, {len(sides) // 2} pairs x ~{args.train_tokens} response tokens "
                f"(median of steps 2..{args.train_steps})", f"{o:.3f}", f"{t:.3f}", ratio(o, t),
                f"peer: {theirs['used']}, {theirs['trainable']:,} trainable in {theirs['dtype']}; "
                f"optune kernels={ours['kernels']}")
@@ -892,7 +901,8 @@ def train_row(args, models: Models, role: str, kind: str, pairs: Path, sides) ->
                f"tokens/step: optune {ours['tokens_per_step']}, peer {theirs['tokens_per_step']}")
     REPORT.row(stage, "peak GPU memory, GiB", fmt(ours["peak_gib"], ".1f"), fmt(theirs["peak_gib"], ".1f"),
                ratio(ours["peak_gib"], theirs["peak_gib"]),
-               f"optune: {ours['peak_how']}; peer: torch max allocated")
+               f"optune: {ours['peak_how']}, its own plan {fmt(ours['planned_gib'], '.1f')} GiB; "
+               f"peer: torch max allocated")
     REPORT.raw.setdefault("train", []).append({"role": role, "kind": kind, "optune": ours, "peer": theirs})
 
 
@@ -903,7 +913,8 @@ def stage_train(args, models: Models, role: str, kinds) -> None:
     tok = tokenizer_for(model_dir)
     pairs = args.work / "train" / f"pairs-{role}.jsonl"
     pairs.parent.mkdir(parents=True, exist_ok=True)
-    sides = make_train_pairs(tok, args.train_pairs, args.train_tokens, pairs)
+    n_pairs = args.train_pairs if role == "1b" else args.train_pairs_7b
+    sides = make_train_pairs(tok, n_pairs, args.train_tokens, pairs)
     for kind in kinds:
         stage = f"train {role} {'LoRA' if kind == 'lora' else 'full'}"
         if not BUDGET.allows(f"{kind}:{role}"):
@@ -1064,7 +1075,9 @@ def main() -> None:
     ap.add_argument("--prompts-batch1", type=int, help="prompts run one at a time at batch 1 [2; dry run 1]")
     ap.add_argument("--new-tokens", type=int, help="new tokens per generated sequence [128; dry run 16]")
     ap.add_argument("--repeats", type=int, default=1, help="generation runs per side and batch (median)")
-    ap.add_argument("--train-pairs", type=int, default=8)
+    ap.add_argument("--train-pairs", type=int, default=8, help="pairs per step (one micro-batch) on the 1.1B")
+    ap.add_argument("--train-pairs-7b", type=int, default=4,
+                    help="pairs per step on the 7B (with 8, opt-wdpo's memory plan nears an H100's 80 GB)")
     ap.add_argument("--train-tokens", type=int, help="response tokens per side [128; dry run 32]")
     ap.add_argument("--train-steps", type=int, help="optimiser steps per run [5; dry run 3]")
     ap.add_argument("--lora-rank", type=int, default=16, help="LoRA rank (alpha = 2 x rank) on q,k,v,o")
