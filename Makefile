@@ -317,6 +317,17 @@ pipeline-test: tools
 cuda:
 	scripts/build-cuda.sh $(CUDA_ARGS)
 
+# The device check (scripts/cuda/measure.py, docs/cuda.md) in its dry mode: every stage on the CPU
+# with tiny models and the CPU release binaries, to try the script where no GPU is (about a minute
+# on 2 cores; its figures mean nothing). The Python: $OPTUNE_BENCH_PYTHON, else the bench scripts'
+# virtual environment (scripts/bench/python_env.sh) with peft added. CHECK_ARGS: more measure.py
+# options (e.g. --stages logprobs). Not part of `make test`.
+.PHONY: cuda-check-dry
+cuda-check-dry: tools
+	python=$$(bash -c 'source scripts/bench/python_env.sh && bench_python venv "torch, transformers, peft" "transformers>=4.57" safetensors peft') && \
+	OPTUNE_MEASURE_OUT=$(RUNS)/cuda-check-dry PYTHON=$$python \
+	  scripts/cuda/measure.sh $(BIN) --dry-run --work $(RUNS)/cuda-check-dry/work $(CHECK_ARGS)
+
 # Seconds per DPO step of opt-wdpo against TRL's DPOTrainer on the CPU (8 pairs x ~130 tokens on a
 # 12.9M random llama, same threads; SmolLM2-135M too when OPTUNE_SMOLLM2_DIR is set): see
 # scripts/bench/bench_train.sh for the environment variables and docs/perf.md for the figures.

@@ -1,54 +1,84 @@
 #!/usr/bin/env python3
-"""CUDA checks and speed of optune's CUDA binaries against PyTorch/transformers on the same GPU.
+"""The device check: optune's CUDA binaries against PyTorch/transformers on one GPU, one table.
 
-Run through scripts/cuda/measure.sh on a machine with an NVIDIA GPU, the CUDA binaries of
-scripts/build-cuda.sh (opt-gen, opt-wdpo, opt-score built with `--features cuda`) and a Python
-with torch (CUDA) and transformers. Nothing is downloaded; the models are the repo's testdata
-models and random llamas made here with transformers.
+Run through scripts/cuda/measure.sh on a machine with an NVIDIA GPU (H100/H200), the CUDA
+binaries of scripts/build-cuda.sh (opt-gen, opt-wdpo, opt-score built with `--features cuda`) and
+a Python with torch (CUDA) and transformers; peft is used when importable. Nothing is downloaded:
+the correctness rows use the repo's testdata models, the speed rows random llamas made there with
+transformers (weights do not change the speed of a training step or of greedy decoding with EOS
+ignored), all sharing tiny-llama's tokenizer so both sides see the same token ids.
 
-Stages (--stages, comma-separated; default all):
+Stages (--stages, comma-separated, run in the order given; default all five, in this order: the
+rows the issues' acceptance names first, the 1.1B generation rows, cheapest to rerun, last):
 
-  logprobs  Correctness, on testdata/models (tiny llama/mistral/qwen2 policies, tiny reward models):
-            * response log-probs (teacher-forced, summed, EOS included) from
-              `opt-wdpo --precompute-ref` on --device cpu --dtype f32 against --device cuda with
-              --dtype f32 (tolerance 1e-4 relative) and --dtype bf16 (1e-2 relative), plus the
-              transformers figures stored in testdata/reference/*.json;
-            * reward-model scores from `opt-score --rm` (CPU f32 against CUDA f32/bf16, and
-              transformers' stored scores);
-            * `opt-gen` greedy on tiny-llama, CPU f32 against CUDA f32/bf16: identical responses
-              and the KV-cache path's `logp` of those responses;
-            * one training step (opt-wdpo, lr 1e-4): the first step's loss on CPU and CUDA and a
-              finite loss after it.
-  gen       Generation tokens/s, greedy, --new-tokens (128) per sequence, EOS ignored, at each of
-            --batches (1,16): opt-gen --device cuda --dtype bf16 against transformers
-            `generate` (bf16, sdpa attention, the same token ids, left-padded), after a warm-up.
-  train     Seconds per optimiser step of full fine-tuning with the sigmoid DPO loss, AdamW, 8 pairs
-            of ~--train-tokens tokens per side: opt-wdpo --device cuda --dtype bf16
-            against a plain PyTorch DPO step (f32 master weights, bf16 autocast, fused AdamW,
-            grad-norm clip 1.0, reference log-probs precomputed as opt-wdpo does), and the same in
-            f32 (--train-dtypes). The median of the steps after the first. opt-wdpo is passed
-            --dtype; whether it computes in bf16 is its own business (at the time of writing it
-            trained in f32 whatever --dtype said), so the f32 row is the like-for-like one.
+  logprobs  Correctness on testdata/models (tiny llama/mistral/qwen2 policies, tiny reward models),
+            CUDA against the CPU: teacher-forced response log-probs from `opt-wdpo --precompute-ref`
+            (f32 within 1e-4 relative, bf16 within 1e-2), reward scores from `opt-score --rm` (f32
+            1e-4; bf16 reported), `opt-gen` greedy (identical responses, KV-cache `logp`) and
+            three opt-wdpo training steps (losses after one and two updates: f32 1e-3, bf16 3e-2).
+            The first CUDA runs also pay the driver's JIT of candle's PTX for the later stages.
+  train-1b  One bf16 DPO optimiser step on a random llama of TinyLlama-1.1B's shape: LoRA r16 on
+            q,k,v,o, then full fine-tuning. optune: `opt-wdpo --device cuda --dtype bf16`. Peer: a
+            plain PyTorch DPO step of the same sizes (sigmoid loss, bf16 autocast, f32 trainable
+            weights and fused AdamW, clip 1.0, reference log-probs computed before the steps as
+            opt-wdpo does; LoRA through peft when importable, else a LoRA module written here).
+            Seconds per step (median of steps 2..N), tokens/s, peak GPU memory.
+  train-7b  The LoRA step of train-1b, with --train-pairs-7b (4) pairs, on a random llama of
+            Llama-2-7B's shape, built on the GPU in bf16 and saved once under --work (reused by a
+            later run on the same machine).
+  gen-7b    Generation tokens/s on that 7B, greedy, --new-tokens per sequence, EOS ignored, at
+            each of --batches: `opt-gen --device cuda --dtype bf16` against transformers
+            `generate` (bf16, sdpa, left-padded, the same token ids), the ratio, and the fraction
+            of the bandwidth roof: bytes of weights one decode step reads x steps per second
+            (tokens/s / batch, prefill included) / the copy bandwidth measured at the start.
+  gen-1b    The rows of gen-7b on the 1.1B.
 
-Models for gen/train (--models): `smollm2` = SmolLM2-135M (its architecture: 30 layers, hidden 576,
-9/3 heads, vocab 49152, tied), random weights unless OPTUNE_SMOLLM2_DIR names the converted
-checkpoint (weights do not change the speed: greedy with EOS ignored runs the same kernels);
-`llama1b` = a random llama of TinyLlama-1.1B's shape (22 layers, hidden 2048, 32/4 heads, vocab
-32000). Both use tiny-llama's tokenizer (512 tokens, so prompts and pairs are the same token ids
-on both sides). The random checkpoints are written (bf16) under --work and reused.
+Cost on one H100/H200, guessed from the sizes before any GPU run (the table's last row gives the
+measured wall seconds of each stage; replace these guesses with them):
 
-Output: a Markdown report on stdout and in --out/measure.md, the raw figures in --out/measure.json.
+  start      unpack the archive, import torch, copy bandwidth                      ~15 s
+  logprobs   18 CUDA runs of the tools, the first ones JIT-compile candle's PTX     ~60 s
+  train-1b   build the 1.1B (2.2 GB), 2 x (optune run + peer)                        ~50 s
+  train-7b   build the 7B (init on the GPU, 13.5 GB written once), optune LoRA run
+             (load, 5 steps, 13.5 GB merged checkpoint written), peer (loads the 7B) ~100 s
+  gen-7b     4 batch sizes x (opt-gen run incl. 13.5 GB load + generate)            ~90 s
+  gen-1b     4 batch sizes x (opt-gen run incl. load + generate), 1.1B reloaded     ~50 s
+  total                                                                             ~365 s
+
+--budget-s (default 420) bounds the run: before each row the elapsed time plus that row's guessed
+cost (ESTIMATE_S) must fit, else the row is skipped with a note; every tool run is killed at
+--budget-s + 45 s, and a training or generation run after 3x its row's guess (at least 60 s).
+Rows print as soon as they are measured and measure.md/measure.json are rewritten after each, so
+a run stopped from outside still leaves its rows on stdout and in --out.
+
+GPU memory: optune's peak is polled with nvidia-smi every ~0.1 s (the process's used_memory,
+its CUDA context included; the device's memory.used above its value at the start when the
+process is not listed), shown beside opt-wdpo's own plan (its "memory estimate" line); the
+peer's is torch.cuda.max_memory_allocated (no context, no cache). opt-wdpo trains with the
+device to itself; opt-gen runs while this process holds the peer's bf16 model.
+
+--dry-run runs every stage with the same code on the CPU (the "CUDA" runs use --device cpu with
+--kernels generic, the op graph a GPU runs; torch on the CPU; tiny model shapes; fewer tokens),
+reports that no GPU was present, and checks its own plumbing (every row made, files written,
+summaries parsed). Its figures mean nothing.
+
+Output: the table on stdout (streamed, then complete at the end) and with the detailed
+correctness tables in --out/measure.md, the raw figures in --out/measure.json. Exit status 1 when
+a correctness check or a row fails (or, in a dry run, the plumbing check).
 """
 
 import argparse
+import csv
 import json
 import math
-import os
+import re
 import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
+import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,52 +88,239 @@ sys.path.insert(0, str(REPO / "scripts/bench"))
 from bench_gen import PROMPTS  # noqa: E402  (the CPU generation benchmark's prompts)
 
 SHAPES = {
-    "smollm2": dict(label="SmolLM2-135M", vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                    num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                    rope_theta=100000.0, tie_word_embeddings=True, max_position_embeddings=8192),
-    "llama1b": dict(label="random llama 1.1B", vocab_size=32000, hidden_size=2048, intermediate_size=5632,
-                    num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
-                    rope_theta=10000.0, tie_word_embeddings=False, max_position_embeddings=2048),
-    # For --dry-run on a machine without a GPU.
-    "tiny": dict(label="random llama 1M (dry run)", vocab_size=512, hidden_size=64, intermediate_size=128,
+    "llama1b": dict(label="random llama 1.1B (TinyLlama shape)", vocab_size=32000, hidden_size=2048,
+                    intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                    num_key_value_heads=4, tie_word_embeddings=False, max_position_embeddings=2048),
+    "llama7b": dict(label="random llama 6.7B (Llama-2-7B shape)", vocab_size=32000, hidden_size=4096,
+                    intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                    num_key_value_heads=32, tie_word_embeddings=False, max_position_embeddings=4096),
+    # --dry-run stand-ins for the two (the 7B's: untied and no GQA, like Llama-2-7B).
+    "tiny": dict(label="random llama 0.1M (dry run)", vocab_size=512, hidden_size=64, intermediate_size=128,
                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 rope_theta=10000.0, tie_word_embeddings=True, max_position_embeddings=1024),
+                 tie_word_embeddings=True, max_position_embeddings=1024),
+    "tiny-mha": dict(label="random llama 0.3M (dry run)", vocab_size=512, hidden_size=128, intermediate_size=256,
+                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                     tie_word_embeddings=False, max_position_embeddings=1024),
 }
+MODEL_OF = {"1b": "llama1b", "7b": "llama7b"}
+DRY_MODEL_OF = {"1b": "tiny", "7b": "tiny-mha"}
+STAGES = ["logprobs", "train-1b", "train-7b", "gen-7b", "gen-1b"]
 
-REPORT = []  # Markdown lines
-RAW = {}
-# The GPU device as the binaries and torch name it; --dry-run sets both to "cpu" to try the
-# script on a machine without a GPU (figures then mean nothing).
+# Guessed cost in seconds on an H100 of each unit of work the budget is checked before (see the
+# docstring); a dry run checks against 0 (its figures are the CPU's).
+ESTIMATE_S = {
+    "logprobs": 60,
+    "build:1b": 15, "lora:1b": 15, "full:1b": 20, "gen:1b": 12,
+    "build:7b": 45, "lora:7b": 55, "gen:7b": 22,
+}
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+# The GPU device as the binaries and torch name it; --dry-run sets it to "cpu".
 GPU = "cuda"
-
-
-def say(line: str = "") -> None:
-    print(line, flush=True)
-    REPORT.append(line)
+T0 = time.monotonic()
 
 
 def note(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def run(cmd, **kw) -> subprocess.CompletedProcess:
+# ---------------------------------------------------------------------------------------------
+# the report: one table, rows as they are measured
+# ---------------------------------------------------------------------------------------------
+
+class Report:
+    COLUMNS = ["stage", "measurement", "optune", "peer", "optune / peer", "note"]
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.preamble = []
+        self.rows = []
+        self.details = []
+        self.raw = {}
+        self.failed = False
+        self.table_started = False
+
+    def line(self, text: str = "") -> None:
+        print(text, flush=True)
+        self.preamble.append(text)
+
+    def detail(self, text: str = "") -> None:
+        note(text)
+        self.details.append(text)
+
+    @staticmethod
+    def md(cells) -> str:
+        return "| " + " | ".join(str(c) for c in cells) + " |"
+
+    def header(self) -> list:
+        return [self.md(self.COLUMNS), self.md(["---", "---", "---:", "---:", "---:", "---"])]
+
+    def row(self, stage, what, ours="", peer="", ratio="", note_text="", kind="ok") -> None:
+        """kind: ok, fail (a check or a measurement failed), skip (budget)."""
+        if not self.table_started:
+            for h in self.header():
+                print(h, flush=True)
+            self.table_started = True
+        cells = [stage, what, ours, peer, ratio, note_text]
+        self.rows.append({"cells": cells, "kind": kind})
+        self.failed |= kind == "fail"
+        print(self.md(cells), flush=True)
+        self.save()
+
+    def table(self) -> list:
+        return self.header() + [self.md(r["cells"]) for r in self.rows]
+
+    def save(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        text = self.preamble + self.table() + ["", LEGEND, "", "## Details", ""] + self.details
+        (self.out / "measure.md").write_text("\n".join(text) + "\n")
+        (self.out / "measure.json").write_text(json.dumps({"rows": self.rows, **self.raw}, indent=1, default=str))
+
+
+LEGEND = ("optune / peer: for s/step and GiB below 1 favours optune, for tok/s above 1. Peer: a plain "
+          "PyTorch step (training), transformers `generate` (generation). Roof: bytes of weights read per "
+          "decode step x steps/s / the measured copy bandwidth.")
+
+REPORT = None  # the Report, made by main()
+
+
+def elapsed() -> float:
+    return time.monotonic() - T0
+
+
+class Budget:
+    """Whether the next unit of work fits in --budget-s; tool runs are killed past budget + grace."""
+
+    GRACE_S = 45
+
+    def __init__(self, seconds: float, dry_run: bool):
+        self.seconds = seconds
+        self.dry_run = dry_run
+
+    def allows(self, unit: str) -> bool:
+        need = 0 if self.dry_run else ESTIMATE_S[unit]
+        return elapsed() + need <= self.seconds
+
+    def skip(self, stage: str, what: str, unit: str) -> None:
+        need = 0 if self.dry_run else ESTIMATE_S[unit]
+        REPORT.row(stage, what, "", "", "", f"skipped: {elapsed():.0f} s elapsed + ~{need} s needed "
+                   f"> --budget-s {self.seconds:.0f}", kind="skip")
+
+    def timeout(self, unit: str = None) -> float:
+        """Seconds a tool run may still take: to budget + grace, and for a unit of work at most
+        3x its guess (at least a minute), so that one runaway row cannot eat the rows after it."""
+        left = max(1.0, self.seconds + self.GRACE_S - elapsed())
+        return left if unit is None else min(left, max(60.0, 3 * ESTIMATE_S[unit]))
+
+
+BUDGET = None  # the Budget, made by main()
+
+
+def guarded(stage: str, what: str, fn) -> None:
+    """Runs fn(); a failure becomes a FAILED row and the check goes on."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001  (one broken row must not hide the others)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        note(f"{stage} / {what} failed:\n{e}")
+        REPORT.row(stage, what, "", "", "", f"FAILED: {first[:160]}", kind="fail")
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+def run(cmd, watch_gpu: bool = False, unit: str = None):
+    """Runs a tool, killed at BUDGET.timeout(unit); returns (stderr, peak GPU GiB or None, how the
+    peak was read)."""
     cmd = [str(c) for c in cmd]
-    proc = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    limit = BUDGET.timeout(unit)
+    peak = GpuMemoryPeak() if watch_gpu else None
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if peak:
+            peak.watch(proc.pid)
+        try:
+            _, stderr = proc.communicate(timeout=limit)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise RuntimeError(f"killed after {limit:.0f} s (its time limit): {' '.join(cmd)}")
+    finally:
+        gib, how = peak.stop() if peak else (None, "")
     if proc.returncode != 0:
-        raise RuntimeError(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-4000:]}")
-    return proc
+        raise RuntimeError(f"failed ({proc.returncode}): {' '.join(cmd)}\n{stderr[-4000:]}")
+    return stderr, gib, how
+
+
+class GpuMemoryPeak:
+    """Peak GPU memory of a child process, polled with nvidia-smi (~every 0.1 s) while it runs."""
+
+    def __init__(self):
+        self.pid = None
+        self.process_mib = None
+        self.device_mib = None
+        self.baseline_mib = None
+        self.done = threading.Event()
+        self.thread = None
+        if GPU == "cuda" and shutil.which("nvidia-smi"):
+            self.baseline_mib = self.device_used()
+            if self.baseline_mib is not None:
+                self.thread = threading.Thread(target=self.poll, daemon=True)
+                self.thread.start()
+
+    @staticmethod
+    def smi(query: str) -> list:
+        """nvidia-smi's CSV lines as lists of numbers; lines that are not all numbers are left out."""
+        out = subprocess.run(["nvidia-smi", query, "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10).stdout
+        rows = []
+        for line in out.strip().splitlines():
+            try:
+                rows.append([float(x) for x in line.split(",")])
+            except ValueError:
+                continue  # "[N/A]", "No running processes found"
+        return rows
+
+    def device_used(self):
+        rows = self.smi("--query-gpu=memory.used")
+        return rows[0][0] if rows else None
+
+    def watch(self, pid: int) -> None:
+        self.pid = pid
+
+    def poll(self) -> None:
+        while True:
+            try:
+                apps = self.smi("--query-compute-apps=pid,used_memory")
+                used = self.device_used()
+            except (OSError, subprocess.SubprocessError):
+                return  # what was read so far stands
+            for row in apps:
+                if len(row) == 2 and row[0] == self.pid:
+                    self.process_mib = max(self.process_mib or 0.0, row[1])
+            if used is not None:
+                self.device_mib = max(self.device_mib or 0.0, used)
+            if self.done.wait(0.1):
+                return
+
+    def stop(self):
+        if self.thread is None:
+            return None, "n/a: no GPU" if GPU != "cuda" else "n/a: nvidia-smi not usable"
+        self.done.set()
+        self.thread.join()
+        if self.process_mib is not None:
+            return self.process_mib / 1024, "nvidia-smi, the process (CUDA context incl.)"
+        if self.device_mib is not None:
+            return (self.device_mib - self.baseline_mib) / 1024, "nvidia-smi, device used minus its start"
+        return None, "n/a: nvidia-smi gave nothing"
 
 
 def summary(stderr: str, tool: str) -> dict:
     lines = [l for l in stderr.splitlines() if l.startswith(tool + ":")]
     if not lines:
         raise RuntimeError(f"no '{tool}:' summary line in:\n{stderr[-2000:]}")
-    out = {}
-    for kv in lines[-1].split()[1:]:
-        if "=" in kv:
-            k, v = kv.split("=", 1)
-            out[k] = v
-    return out
+    return dict(kv.split("=", 1) for kv in lines[-1].split()[1:] if "=" in kv)
 
 
 def read_jsonl(path: Path):
@@ -124,7 +341,7 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def sync_free() -> None:
+def free_torch_memory() -> None:
     import gc
     import torch
 
@@ -137,14 +354,58 @@ def dev(device: str) -> str:
     return GPU if device == "cuda" else device
 
 
+def kernels_flag(device: str) -> list:
+    # The op graph a GPU runs, also when a dry run puts the "cuda" side on the CPU.
+    return ["--kernels", "generic"] if device == "cuda" else []
+
+
 def rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
+
+
+def fmt(x, spec: str) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def ratio(a, b) -> str:
+    return "n/a" if a is None or b is None or not b else f"{a / b:.2f}"
 
 
 def messages_of(case) -> list:
     if "messages" in case:
         return case["messages"]
     return [{"role": "user", "content": case["prompt"]}]
+
+
+def verdict(value: float, tol: float) -> tuple:
+    passed = value <= tol
+    return f"≤ {tol:g}: {'pass' if passed else 'FAIL'}", ("ok" if passed else "fail")
+
+
+# ---------------------------------------------------------------------------------------------
+# copy bandwidth (the roof of the generation rows)
+# ---------------------------------------------------------------------------------------------
+
+def copy_bandwidth(size_bytes: int) -> float:
+    """Bytes per second of a device-to-device tensor copy, bytes read + written, median of 5 x 10 copies."""
+    import torch
+
+    src = torch.randint(0, 256, (size_bytes,), dtype=torch.uint8, device=GPU)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    rates = []
+    for _ in range(5):
+        sync()
+        start = time.perf_counter()
+        for _ in range(10):
+            dst.copy_(src)
+        sync()
+        rates.append(2 * size_bytes * 10 / (time.perf_counter() - start))
+    assert torch.equal(dst, src)
+    del src, dst
+    free_torch_memory()
+    return statistics.median(rates)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,186 +420,254 @@ def wdpo_ref_logps(bins: Path, model: Path, pairs: Path, work: Path, device: str
     metrics = work / "metrics.csv"
     run([bins / "opt-wdpo", "--policy", model, copy, "-o", work / "ckpt", "--precompute-ref",
          "--lr", lr, "--warmup-ratio", "0", "--schedule", "constant", "--batch-size", "4",
-         "--epochs", str(epochs), "--metrics", metrics, "--device", device, "--dtype", dtype])
+         "--epochs", str(epochs), "--metrics", metrics, "--device", dev(device), "--dtype", dtype,
+         *kernels_flag(device)])
     rows = read_jsonl(copy)
-    import csv
     with open(metrics) as f:
         steps = list(csv.DictReader(f))
     return [r["ref_chosen_logp"] for r in rows], [r["ref_rejected_logp"] for r in rows], steps
 
 
-def stage_logprobs(args, bins: Path) -> bool:
-    work = args.work / "logprobs"
-    work.mkdir(parents=True, exist_ok=True)
-    ok = True
-    say("## Log-probs: CUDA against CPU f32")
-    say()
-    say("Teacher-forced response log-probs (summed over the response and its EOS) from "
-        "`opt-wdpo --precompute-ref`; tolerance on the largest relative difference: f32 1e-4, bf16 1e-2. "
-        "`transformers` is the stored reference of testdata/reference (transformers on the CPU, f32, chosen sides only).")
-    say()
-    say("| model | compared | log-probs | max rel. diff | tolerance | result |")
-    say("|---|---|---:|---:|---:|---|")
-    RAW["logprobs"] = {}
+RUNS = [("cpu", "f32"), ("cuda", "f32"), ("cuda", "bf16")]
+
+
+def logprobs_policies(bins: Path, work: Path) -> None:
+    R = REPORT
+    R.detail("### Log-probs: CUDA against CPU f32 (`opt-wdpo --precompute-ref`, summed over response + EOS)")
+    R.detail()
+    R.detail("| model | compared | log-probs | max rel. diff | tolerance | result |")
+    R.detail("|---|---|---:|---:|---:|---|")
+    worst = {"f32": 0.0, "bf16": 0.0, "hf": 0.0}
+    count = 0
     for name in ["tiny-llama", "tiny-mistral", "tiny-qwen2"]:
         model = TESTDATA / "models" / name
-        ref = json.loads((TESTDATA / "reference" / f"{name}.json").read_text())
-        cases = ref["cases"]
+        cases = json.loads((TESTDATA / "reference" / f"{name}.json").read_text())["cases"]
         n = len(cases)
         pairs = [{"messages": messages_of(c), "chosen": c["response"], "rejected": cases[(i + 1) % n]["response"]}
                  for i, c in enumerate(cases)]
         pairs_file = work / f"{name}-pairs.jsonl"
         write_jsonl(pairs_file, pairs)
         got = {}
-        for device, dtype in [("cpu", "f32"), ("cuda", "f32"), ("cuda", "bf16")]:
-            c, r, _ = wdpo_ref_logps(bins, model, pairs_file, work / f"{name}-{device}-{dtype}", dev(device), dtype)
+        for device, dtype in RUNS:
+            c, r, _ = wdpo_ref_logps(bins, model, pairs_file, work / f"{name}-{device}-{dtype}", device, dtype)
             got[f"{device}-{dtype}"] = c + r
         cpu = got["cpu-f32"]
         hf = [float(c["sum_logp"]) for c in cases]
-        checks = [("CPU f32 vs transformers", got["cpu-f32"][:n], hf, 1e-4),
-                  ("CUDA f32 vs transformers", got["cuda-f32"][:n], hf, 1e-4),
-                  ("CUDA f32 vs CPU f32", got["cuda-f32"], cpu, 1e-4),
-                  ("CUDA bf16 vs CPU f32", got["cuda-bf16"], cpu, 1e-2)]
-        for label, a, b, tol in checks:
-            worst = max(rel(x, y) for x, y in zip(a, b))
-            passed = worst <= tol
-            ok &= passed
-            say(f"| {name} | {label} | {len(a)} | {worst:.2e} | {tol:g} | {'pass' if passed else 'FAIL'} |")
-        RAW["logprobs"][name] = {"values": got, "transformers_chosen": hf}
-    say()
+        count += len(cpu)
+        for key, label, a, b, tol in [("cpu-hf", "CPU f32 vs transformers", cpu[:n], hf, 1e-4),
+                                      ("hf", "CUDA f32 vs transformers", got["cuda-f32"][:n], hf, 1e-4),
+                                      ("f32", "CUDA f32 vs CPU f32", got["cuda-f32"], cpu, 1e-4),
+                                      ("bf16", "CUDA bf16 vs CPU f32", got["cuda-bf16"], cpu, 1e-2)]:
+            w = max(rel(x, y) for x, y in zip(a, b))
+            if key in worst:
+                worst[key] = max(worst[key], w)
+            R.detail(f"| {name} | {label} | {len(a)} | {w:.2e} | {tol:g} | {'pass' if w <= tol else 'FAIL'} |")
+        R.raw.setdefault("logprobs", {})[name] = {"values": got, "transformers_chosen": hf}
+    R.detail()
+    for key, what, tol in [("f32", f"log-probs CUDA f32 vs CPU f32, max rel. diff ({count}, 3 tiny models)", 1e-4),
+                           ("bf16", f"log-probs CUDA bf16 vs CPU f32, max rel. diff ({count})", 1e-2),
+                           ("hf", "log-probs CUDA f32 vs transformers (stored), max rel. diff", 1e-4)]:
+        text, kind = verdict(worst[key], tol)
+        R.row("logprobs", what, f"{worst[key]:.2e}", "", "", text, kind)
 
-    # Reward models.
-    say("Reward-model scores from `opt-score --rm` (relative to the largest |score| of the model).")
-    say()
-    say("| reward model | compared | rows | max diff / max abs | tolerance | result |")
-    say("|---|---|---:|---:|---:|---|")
-    RAW["rewards"] = {}
+
+def logprobs_rewards(bins: Path, work: Path) -> None:
+    R = REPORT
+    R.detail("### Reward-model scores from `opt-score --rm` (difference over the largest |score| of the model)")
+    R.detail()
+    R.detail("| reward model | compared | rows | max diff / max abs | tolerance | result |")
+    R.detail("|---|---|---:|---:|---:|---|")
+    worst = {"cuda-f32": 0.0, "cuda-bf16": 0.0}
     for name in ["tiny-rm-llama", "tiny-rm-mistral", "tiny-rm-qwen2"]:
         model = TESTDATA / "models" / name
         cases = json.loads((TESTDATA / "reference" / f"{name}.json").read_text())["cases"]
-        rows = [{"prompt_id": f"r{i}", "messages": messages_of(c), "response": c["response"]} for i, c in enumerate(cases)]
+        rows = [{"prompt_id": f"r{i}", "messages": messages_of(c), "response": c["response"]}
+                for i, c in enumerate(cases)]
         shard = work / f"{name}-responses.jsonl"
         write_jsonl(shard, rows)
         got = {}
-        for device, dtype in [("cpu", "f32"), ("cuda", "f32"), ("cuda", "bf16")]:
+        for device, dtype in RUNS:
             out = work / f"{name}-{device}-{dtype}.jsonl"
-            run([bins / "opt-score", shard, "--rm", model, "-o", out, "--device", dev(device), "--dtype", dtype])
+            run([bins / "opt-score", shard, "--rm", model, "-o", out, "--device", dev(device), "--dtype", dtype,
+                 *kernels_flag(device)])
             got[f"{device}-{dtype}"] = [r["reward"] for r in read_jsonl(out)]
         hf = [float(c["score"]) for c in cases]
         scale = max(abs(x) for x in got["cpu-f32"])
-        # bf16 scores: reported, not judged (the bf16 tolerance of the issue is for log-probs; a
-        # scalar head after bf16 layers moves by a few percent: 1.7-2.8e-2 on the CPU's bf16 too).
-        for label, a, b, tol in [("CPU f32 vs transformers", got["cpu-f32"], hf, 1e-4),
-                                 ("CUDA f32 vs CPU f32", got["cuda-f32"], got["cpu-f32"], 1e-4),
-                                 ("CUDA bf16 vs CPU f32", got["cuda-bf16"], got["cpu-f32"], None)]:
-            worst = max(abs(x - y) for x, y in zip(a, b)) / scale
-            if tol is None:
-                say(f"| {name} | {label} | {len(a)} | {worst:.2e} | - | (info) |")
-                continue
-            passed = worst <= tol
-            ok &= passed
-            say(f"| {name} | {label} | {len(a)} | {worst:.2e} | {tol:g} | {'pass' if passed else 'FAIL'} |")
-        RAW["rewards"][name] = {"values": got, "transformers": hf}
-    say()
+        for key, label, a, b in [("cpu-hf", "CPU f32 vs transformers", got["cpu-f32"], hf),
+                                 ("cuda-f32", "CUDA f32 vs CPU f32", got["cuda-f32"], got["cpu-f32"]),
+                                 ("cuda-bf16", "CUDA bf16 vs CPU f32", got["cuda-bf16"], got["cpu-f32"])]:
+            w = max(abs(x - y) for x, y in zip(a, b)) / scale
+            if key in worst:
+                worst[key] = max(worst[key], w)
+            R.detail(f"| {name} | {label} | {len(a)} | {w:.2e} | {'-' if key == 'cuda-bf16' else '1e-4'} | "
+                     f"{'(info)' if key == 'cuda-bf16' else ('pass' if w <= 1e-4 else 'FAIL')} |")
+        R.raw.setdefault("rewards", {})[name] = {"values": got, "transformers": hf}
+    R.detail()
+    text, kind = verdict(worst["cuda-f32"], 1e-4)
+    R.row("logprobs", "reward scores CUDA f32 vs CPU f32, max diff / largest score (3 tiny RMs)",
+          f"{worst['cuda-f32']:.2e}", "", "", text, kind)
+    # A scalar head after bf16 layers moves by a few percent (1.7-2.8e-2 on the CPU's bf16 too):
+    # reported, not judged.
+    R.row("logprobs", "reward scores CUDA bf16 vs CPU f32, max diff / largest score",
+          f"{worst['cuda-bf16']:.2e}", "", "", "info (not judged)")
 
-    # Generation path (KV cache) on tiny-llama.
+
+def logprobs_generation(bins: Path, work: Path) -> None:
     model = TESTDATA / "models" / "tiny-llama"
     prompts = work / "gen-prompts.jsonl"
     write_jsonl(prompts, [{"prompt_id": f"g{i:02d}", "prompt": p} for i, p in enumerate(PROMPTS)])
     got = {}
-    for device, dtype in [("cpu", "f32"), ("cuda", "f32"), ("cuda", "bf16")]:
+    for device, dtype in RUNS:
         out = work / f"gen-{device}-{dtype}.jsonl"
         run([bins / "opt-gen", "--model", model, prompts, "-o", out, "--n", "1", "--temperature", "0",
-             "--max-new-tokens", "48", "--batch-size", "8", "--device", dev(device), "--dtype", dtype])
+             "--max-new-tokens", "48", "--batch-size", "8", "--device", dev(device), "--dtype", dtype,
+             *kernels_flag(device)])
         got[f"{device}-{dtype}"] = read_jsonl(out)
-    say("`opt-gen` greedy on tiny-llama (16 prompts, 48 new tokens, batch 8): responses identical to CPU f32, "
-        "and for those the relative difference of `logp` (the KV-cache decoding path).")
-    say()
-    say("| compared | identical responses | max rel. diff of logp | tolerance | result |")
-    say("|---|---:|---:|---:|---|")
     for key, tol in [("cuda-f32", 1e-4), ("cuda-bf16", 1e-2)]:
         same = [(a, b) for a, b in zip(got[key], got["cpu-f32"]) if a["response"] == b["response"]]
         worst = max((rel(a["logp"], b["logp"]) for a, b in same), default=float("nan"))
+        label = "f32" if key == "cuda-f32" else "bf16"
+        what = (f"opt-gen greedy CUDA {label} vs CPU f32 (tiny-llama, 16 x 48 tokens): identical "
+                f"responses, max rel. diff of their logp")
         if key == "cuda-f32":
             passed = len(same) == len(got[key]) and worst <= tol
-            result = "pass" if passed else "FAIL"
+            text = f"all identical, ≤ {tol:g}: {'pass' if passed else 'FAIL'}"
         else:
             # bf16 greedy may pick other tokens on a near-flat random model: only the identical
             # responses are judged, and none identical is no verdict.
             passed = not same or worst <= tol
-            result = ("pass" if passed else "FAIL") if same else "n/a"
-        ok &= passed
-        label = "CUDA f32" if key == "cuda-f32" else "CUDA bf16"
-        say(f"| {label} vs CPU f32 | {len(same)}/{len(got[key])} | {worst:.2e} | {tol:g} | {result} |")
-    say()
+            text = f"≤ {tol:g}: {'pass' if passed else 'FAIL'}" if same else "n/a: none identical"
+        REPORT.row("logprobs", what, f"{len(same)}/{len(got[key])}, {fmt(worst, '.2e')}", "", "", text,
+                   "ok" if passed else "fail")
 
-    # Training steps: step 1's loss is ln 2 everywhere (policy = reference); step 2's depends on
-    # the first update (gradients, clipping, AdamW), so it is the one compared.
-    say("Training: opt-wdpo on tiny-llama, 4 pairs, batch 4, lr 1e-3 constant (AdamW), 3 steps; the loss "
-        "and margin of steps 2 and 3 (after one and two updates) on CUDA against CPU f32 "
-        "(tolerance on the loss: f32 1e-3, bf16 3e-2 relative); the trained policy must give finite log-probs.")
-    say()
-    say("| device | dtype | loss step 2 | loss step 3 | margin step 3 | max rel. diff of loss | finite after | result |")
-    say("|---|---|---:|---:|---:|---:|---|---|")
+
+def logprobs_training(bins: Path, work: Path) -> None:
+    # Step 1's loss is ln 2 everywhere (policy = reference); steps 2 and 3 depend on the updates
+    # (gradients, clipping, AdamW), so they are the ones compared.
+    R = REPORT
+    model = TESTDATA / "models" / "tiny-llama"
     pairs_file = work / "tiny-llama-pairs.jsonl"
+    R.detail("### Training: opt-wdpo on tiny-llama, 4 pairs, batch 4, lr 1e-3 constant (AdamW), 3 steps")
+    R.detail()
+    R.detail("| device | dtype | loss step 2 | loss step 3 | margin step 3 | max rel. diff of loss | finite after |")
+    R.detail("|---|---|---:|---:|---:|---:|---|")
     losses = {}
-    for device, dtype in [("cpu", "f32"), ("cuda", "f32"), ("cuda", "bf16")]:
+    for device, dtype in RUNS:
         w = work / f"train-{device}-{dtype}"
-        _, _, steps = wdpo_ref_logps(bins, model, pairs_file, w, dev(device), dtype, lr="1e-3", epochs=3)
-        losses[(device, dtype)] = [float(s["loss"]) for s in steps]
-        margin = float(steps[-1]["rewards/margins"])
+        _, _, steps = wdpo_ref_logps(bins, model, pairs_file, w, device, dtype, lr="1e-3", epochs=3)
+        losses[dtype if device == "cuda" else "cpu"] = [float(s["loss"]) for s in steps]
         # The trained checkpoint's log-probs, on the same device.
-        c, r, _ = wdpo_ref_logps(bins, w / "ckpt", pairs_file, w / "after", dev(device), dtype)
-        finite = all(math.isfinite(x) for x in c + r + losses[(device, dtype)])
-        tol = 1e-3 if dtype == "f32" else 3e-2
-        d = max(rel(a, b) for a, b in zip(losses[(device, dtype)][1:], losses[("cpu", "f32")][1:]))
-        passed = finite and d <= tol
-        ok &= passed
-        l = losses[(device, dtype)]
-        say(f"| {device} | {dtype} | {l[1]:.6f} | {l[2]:.6f} | {margin:.5f} | {d:.2e} | {finite} | {'pass' if passed else 'FAIL'} |")
-    say()
-    return ok
+        c, r, _ = wdpo_ref_logps(bins, w / "ckpt", pairs_file, w / "after", device, dtype)
+        finite = all(math.isfinite(x) for x in c + r + losses[dtype if device == "cuda" else "cpu"])
+        l = losses[dtype if device == "cuda" else "cpu"]
+        d = max(rel(a, b) for a, b in zip(l[1:], losses["cpu"][1:]))
+        R.detail(f"| {device} | {dtype} | {l[1]:.6f} | {l[2]:.6f} | {float(steps[-1]['rewards/margins']):.5f} "
+                 f"| {d:.2e} | {finite} |")
+        if device == "cuda":
+            tol = 1e-3 if dtype == "f32" else 3e-2
+            text, kind = verdict(d, tol)
+            if not finite:
+                text, kind = "non-finite log-probs after training: FAIL", "fail"
+            R.row("logprobs", f"opt-wdpo loss after 1 and 2 updates, CUDA {dtype} vs CPU f32, max rel. diff "
+                  f"(tiny-llama, lr 1e-3)", f"{d:.2e}", "", "", text, kind)
+    R.detail()
+
+
+def stage_logprobs(args, models) -> None:
+    if not BUDGET.allows("logprobs"):
+        BUDGET.skip("logprobs", "correctness rows", "logprobs")
+        return
+    work = args.work / "logprobs"
+    work.mkdir(parents=True, exist_ok=True)
+    guarded("logprobs", "log-probs", lambda: logprobs_policies(args.bin, work))
+    guarded("logprobs", "reward scores", lambda: logprobs_rewards(args.bin, work))
+    guarded("logprobs", "opt-gen greedy", lambda: logprobs_generation(args.bin, work))
+    guarded("logprobs", "training steps", lambda: logprobs_training(args.bin, work))
 
 
 # ---------------------------------------------------------------------------------------------
-# models for gen/train
+# the random llamas: built once under --work; the peer's bf16 copy stays on the device
 # ---------------------------------------------------------------------------------------------
 
-def make_model(key: str, work: Path) -> Path:
-    if key == "smollm2" and os.environ.get("OPTUNE_SMOLLM2_DIR"):
-        return Path(os.environ["OPTUNE_SMOLLM2_DIR"])
-    path = work / f"random-{key}"
-    if (path / "config.json").exists():
-        return path
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+class Models:
+    def __init__(self, args):
+        self.args = args
+        self.loaded = None  # (role, model): the peer's bf16 model of one role at a time
 
-    shape = dict(SHAPES[key])
-    shape.pop("label")
-    torch.manual_seed(0)
-    config = LlamaConfig(rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=3, **shape)
-    note(f"creating {path} ...")
-    with torch.device(GPU):
-        model = LlamaForCausalLM(config)
-    model = model.to(torch.bfloat16)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=3).save_pretrained(tmp)
-    for name in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]:
-        shutil.copy(TESTDATA / "models/tiny-llama" / name, tmp / name)
-    del model
-    sync_free()
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
-    return path
+    def key(self, role: str) -> str:
+        return (DRY_MODEL_OF if self.args.dry_run else MODEL_OF)[role]
+
+    def label(self, role: str) -> str:
+        return SHAPES[self.key(role)]["label"]
+
+    def path(self, role: str) -> Path:
+        return self.args.work / f"random-{self.key(role)}"
+
+    def ready(self, role: str) -> bool:
+        return (self.path(role) / "config.json").exists()
+
+    def build(self, role: str) -> None:
+        """Random weights initialised on the device in bf16 (milliseconds on a GPU, so no
+        init-skipping: uninitialised memory could hold NaNs), written once as safetensors. Not kept:
+        optune's training runs get the device to themselves, and the peer loads it after."""
+        import torch
+        from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+        self.release()
+        path = self.path(role)
+        shape = {k: v for k, v in SHAPES[self.key(role)].items() if k != "label"}
+        torch.manual_seed(0)
+        config = LlamaConfig(rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1, eos_token_id=2,
+                             pad_token_id=3, **shape)
+        start = time.perf_counter()
+        with torch.device(GPU):
+            model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+        sync()
+        init_s = time.perf_counter() - start
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=3).save_pretrained(tmp)
+        for name in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]:
+            shutil.copy(TESTDATA / "models/tiny-llama" / name, tmp / name)
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+        total_s = time.perf_counter() - start
+        size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+        del model
+        free_torch_memory()
+        REPORT.row(f"build {role}", f"{self.label(role)}: init on the {GPU} in bf16 + safetensors written "
+                   f"({size / 1e9:.2f} GB)", "", "", "", f"{total_s:.1f} s (init {init_s:.1f} s)")
+        REPORT.raw.setdefault("build", {})[role] = {"seconds": total_s, "init_s": init_s, "bytes": size}
+
+    def peer(self, role: str):
+        """The bf16 model on the device (transformers, sdpa attention), frozen."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        if self.loaded and self.loaded[0] == role:
+            return self.loaded[1]
+        self.release()
+        model = AutoModelForCausalLM.from_pretrained(self.path(role), dtype=torch.bfloat16,
+                                                     attn_implementation="sdpa").to(GPU)
+        model.requires_grad_(False).eval()
+        self.loaded = (role, model)
+        return model
+
+    def release(self) -> None:
+        self.loaded = None
+        free_torch_memory()
 
 
-def model_label(key: str) -> str:
-    label = SHAPES[key]["label"]
-    if key == "smollm2" and not os.environ.get("OPTUNE_SMOLLM2_DIR"):
-        label += " (random weights)"
-    return label
+def ensure_model(models: Models, role: str) -> bool:
+    """Builds the role's model unless --work holds it; False when the budget or the build says no."""
+    if models.ready(role):
+        return True
+    if not BUDGET.allows(f"build:{role}"):
+        BUDGET.skip(f"build {role}", models.label(role), f"build:{role}")
+        return False
+    guarded(f"build {role}", models.label(role), lambda: models.build(role))
+    return models.ready(role)
 
 
 def tokenizer_for(model_dir: Path):
@@ -359,81 +688,11 @@ def chat_ids(tok, messages) -> list:
 
 
 # ---------------------------------------------------------------------------------------------
-# gen
-# ---------------------------------------------------------------------------------------------
-
-def stage_gen(args, bins: Path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    work = args.work / "gen"
-    work.mkdir(parents=True, exist_ok=True)
-    rows = []
-    RAW["gen"] = []
-    for key in args.models.split(","):
-        model_dir = make_model(key, args.work)
-        tok = tokenizer_for(model_dir)
-        peer = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(GPU).eval()
-        ids_all = [chat_ids(tok, [{"role": "user", "content": p}]) for p in PROMPTS]
-        pad = tok.pad_token_id
-
-        def hf_generate(batch_ids, new_tokens):
-            width = max(len(x) for x in batch_ids)
-            ids = torch.tensor([[pad] * (width - len(x)) + x for x in batch_ids], device=GPU)
-            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch_ids], device=GPU)
-            sync()
-            start = time.perf_counter()
-            with torch.inference_mode():
-                out = peer.generate(input_ids=ids, attention_mask=mask, do_sample=False,
-                                    max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad)
-            sync()
-            elapsed = time.perf_counter() - start
-            assert out.shape[1] - width == new_tokens, out.shape
-            return elapsed
-
-        hf_generate(ids_all[:2], 8)  # warm-up
-        for batch in [int(b) for b in args.batches.split(",")]:
-            count = args.prompts_batch1 if batch == 1 else batch
-            texts = [PROMPTS[i % len(PROMPTS)] for i in range(count)]
-            ids = [ids_all[i % len(PROMPTS)] for i in range(count)]
-            prompts_file = work / f"prompts-{count}.jsonl"
-            write_jsonl(prompts_file, [{"prompt_id": f"b{i:03d}", "prompt": t} for i, t in enumerate(texts)])
-            def opt_gen(new_tokens):
-                return [bins / "opt-gen", "--model", model_dir, prompts_file, "-o", work / "out.jsonl", "--n", "1",
-                        "--temperature", "0", "--ignore-eos", "--max-new-tokens", str(new_tokens),
-                        "--batch-size", str(batch), "--device", GPU, "--dtype", "bf16"]
-
-            run(opt_gen(8))  # warm-up: the driver's PTX JIT cache, file cache
-            cmd = opt_gen(args.new_tokens)
-            ours, theirs = [], []
-            for r in range(args.repeats):
-                s = summary(run(cmd).stderr, "opt-gen")
-                tokens = int(s["new_tokens"])
-                assert tokens == count * args.new_tokens, (tokens, count)
-                ours.append(float(s["tok_per_s"]))
-                elapsed = sum(hf_generate(ids[i:i + batch], args.new_tokens) for i in range(0, count, batch))
-                theirs.append(count * args.new_tokens / elapsed)
-                note(f"  gen {key} batch {batch} repeat {r + 1}: opt-gen {ours[-1]:.1f} tok/s, transformers {theirs[-1]:.1f} tok/s")
-            o, t = statistics.median(ours), statistics.median(theirs)
-            rows.append((model_label(key), batch, count, o, t))
-            RAW["gen"].append({"model": key, "batch": batch, "prompts": count, "opt_gen": ours, "transformers": theirs})
-        del peer
-        sync_free()
-    say(f"## Generation: tokens/s (greedy, {args.new_tokens} new tokens per sequence, bf16, median of {args.repeats})")
-    say()
-    say("| model | batch | prompts | opt-gen tok/s | transformers tok/s | ratio |")
-    say("|---|---:|---:|---:|---:|---:|")
-    for label, batch, count, o, t in rows:
-        say(f"| {label} | {batch} | {count} | {o:.1f} | {t:.1f} | {o / t:.2f}x |")
-    say()
-
-
-# ---------------------------------------------------------------------------------------------
-# train
+# training
 # ---------------------------------------------------------------------------------------------
 
 def make_train_pairs(tok, n_pairs: int, tokens: int, path: Path):
-    """Pairs of ~`tokens` response tokens each; returns the python-side token ids of every side."""
+    """Pairs of ~`tokens` response tokens each; returns the (prompt ids, response ids + EOS) of every side."""
     words = " ".join(PROMPTS).split()
 
     def text_of(offset: int) -> str:
@@ -455,13 +714,89 @@ def make_train_pairs(tok, n_pairs: int, tokens: int, path: Path):
     return sides
 
 
-def torch_dpo_steps(model_dir: Path, sides, steps: int, dtype: str):
+def optune_train(args, model_dir: Path, pairs: Path, n_pairs: int, work: Path, lora: bool, unit: str) -> dict:
+    metrics = work / "metrics.csv"
+    cmd = [args.bin / "opt-wdpo", "--policy", model_dir, pairs, "-o", work / "ckpt",
+           "--lr", "1e-5" if lora else "1e-6", "--warmup-ratio", "0", "--schedule", "constant",
+           "--batch-size", str(n_pairs), "--max-steps", str(args.train_steps),
+           "--max-length", str(4 * args.train_tokens), "--metrics", metrics,
+           "--device", GPU, "--dtype", "bf16", *kernels_flag("cuda")]
+    if lora:
+        cmd += ["--lora-rank", str(args.lora_rank), "--lora-alpha", str(2 * args.lora_rank),
+                "--lora-targets", ",".join(LORA_TARGETS)]
+    start = time.perf_counter()
+    stderr, peak, how = run(cmd, watch_gpu=True, unit=unit)
+    wall = time.perf_counter() - start
+    shutil.rmtree(work / "ckpt", ignore_errors=True)  # a merged 7B is 13.5 GB of disk
+    s = summary(stderr, "opt-wdpo")
+    with open(metrics) as f:
+        seconds = [float(r["seconds"]) for r in csv.DictReader(f)]
+    steps = int(s["steps"])
+    if steps != args.train_steps or len(seconds) != steps:
+        raise RuntimeError(f"opt-wdpo ran {steps} steps ({len(seconds)} in its metrics), not {args.train_steps}")
+    planned = re.search(r"^opt-wdpo: memory estimate ([0-9.]+) GB", stderr, re.M)
+    return {"step_s": seconds, "tokens_per_step": int(s["tokens"]) // steps, "peak_gib": peak, "peak_how": how,
+            "planned_gib": float(planned.group(1)) * 1e9 / 2**30 if planned else None,
+            "kernels": s.get("kernels", "?"), "peak_rss_mb": s.get("peak_rss_mb"), "wall_s": wall}
+
+
+def lora_linear(base, rank: int, alpha: float):
+    """y = base(x) + (alpha / r) * B(A(x)), A and B in f32 with B zero at the start (peft's layout):
+    the peer's LoRA where peft is not importable."""
     import torch
     import torch.nn.functional as F
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(GPU)
-    model.config.use_cache = False
+    class LoraLinear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base = base
+            out_features, in_features = base.weight.shape
+            device = base.weight.device
+            self.lora_a = torch.nn.Parameter(torch.empty(rank, in_features, dtype=torch.float32, device=device))
+            torch.nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+            self.lora_b = torch.nn.Parameter(torch.zeros(out_features, rank, dtype=torch.float32, device=device))
+            self.scale = alpha / rank
+
+        def forward(self, x):
+            return self.base(x) + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.scale
+
+    return LoraLinear()
+
+
+def attach_lora(model, rank: int, how: str):
+    """Adapters on q,k,v,o of a frozen bf16 model; returns (model to train, undo, what was used)."""
+    try:
+        import peft
+    except ImportError:
+        peft = None
+    if how == "peft" and peft is None:
+        raise RuntimeError("--peer-lora peft: peft is not importable")
+    if peft is not None and how != "torch":
+        config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, bias="none",
+                                 target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+        wrapped = peft.get_peft_model(model, config)  # adapters in f32 (autocast_adapter_dtype)
+        return wrapped, wrapped.unload, f"peft {peft.__version__}"
+    replaced = []
+    for layer in model.model.layers:
+        for name in LORA_TARGETS:
+            base = getattr(layer.self_attn, name)
+            setattr(layer.self_attn, name, lora_linear(base, rank, 2 * rank))
+            replaced.append((layer.self_attn, name, base))
+
+    def undo():
+        for parent, name, base in replaced:
+            setattr(parent, name, base)
+        return model
+
+    return model, undo, "LoRA module of this script" + (" (peft not importable)" if peft is None else "")
+
+
+def peer_dpo_steps(model, sides, steps: int, lr: float) -> dict:
+    """A plain PyTorch DPO step: sigmoid loss (beta 0.1), bf16 autocast, AdamW (fused on a GPU) on
+    the parameters that require grad, clip 1.0; reference log-probs computed before the steps."""
+    import torch
+    import torch.nn.functional as F
+
     width = max(len(p) + len(r) for p, r in sides)
     pad = 3
     ids = torch.full((len(sides), width), pad, dtype=torch.long)
@@ -473,143 +808,367 @@ def torch_dpo_steps(model_dir: Path, sides, steps: int, dtype: str):
         mask[i, :len(seq)] = 1
         labels_mask[i, len(p):len(seq)] = True
     ids, mask, labels_mask = ids.to(GPU), mask.to(GPU), labels_mask.to(GPU)
-    autocast = torch.autocast(GPU, dtype=torch.bfloat16, enabled=(dtype == "bf16"))
 
     def logps():
-        with autocast:
-            logits = model(input_ids=ids, attention_mask=mask).logits
-        logits = logits[:, :-1].float()
-        target = ids[:, 1:]
-        lp = torch.log_softmax(logits, dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        with torch.autocast(GPU, dtype=torch.bfloat16):
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        lp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
         lp = (lp * labels_mask[:, 1:]).sum(-1)
         return lp[0::2], lp[1::2]
 
     with torch.no_grad():
         ref_c, ref_r = logps()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=(GPU == "cuda"))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=lr, fused=(GPU == "cuda"))
+    model.train()
     times = []
-    tokens = int(mask.sum())
     for _ in range(steps):
         sync()
         start = time.perf_counter()
         c, r = logps()
         loss = -F.logsigmoid(0.1 * ((c - ref_c) - (r - ref_r))).mean()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync()
         times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if GPU == "cuda" else float("nan")
-    del model, opt
-    sync_free()
+    model.eval()
+    if not math.isfinite(loss.item()):
+        raise RuntimeError(f"peer DPO loss not finite: {loss.item()}")
+    return {"step_s": times, "tokens_per_step": int(mask.sum()),
+            "trainable": sum(p.numel() for p in trainable), "dtype": str(trainable[0].dtype).removeprefix("torch.")}
+
+
+def peak_allocated_gib():
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if GPU == "cuda" else None
+
+
+def reset_peak() -> None:
+    import torch
+
+    free_torch_memory()
     if GPU == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    return times, tokens, peak
 
 
-def stage_train(args, bins: Path) -> None:
-    import csv
+def peer_lora(args, models: Models, role: str, sides) -> dict:
+    model = models.peer(role)
+    reset_peak()
+    wrapped, undo, used = attach_lora(model, args.lora_rank, args.peer_lora)
+    try:
+        out = peer_dpo_steps(wrapped, sides, args.train_steps, 1e-5)
+    finally:
+        undo()
+    out.update(peak_gib=peak_allocated_gib(), used=used)
+    return out
 
-    work = args.work / "train"
+
+def peer_full(args, models: Models, role: str, sides) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    reset_peak()
+    model = AutoModelForCausalLM.from_pretrained(models.path(role), dtype=torch.float32,
+                                                 attn_implementation="sdpa").to(GPU)
+    out = peer_dpo_steps(model, sides, args.train_steps, 1e-6)
+    out.update(peak_gib=peak_allocated_gib(), used="transformers model in f32")
+    del model
+    free_torch_memory()
+    return out
+
+
+def train_row(args, models: Models, role: str, kind: str, pairs: Path, sides) -> None:
+    stage = f"train {role} {'LoRA' if kind == 'lora' else 'full'}"
+    work = args.work / "train" / f"{role}-{kind}"
     work.mkdir(parents=True, exist_ok=True)
-    rows = []
-    RAW["train"] = []
-    for key in args.models.split(","):
-        model_dir = make_model(key, args.work)
-        tok = tokenizer_for(model_dir)
-        pairs = work / f"pairs-{key}.jsonl"
-        sides = make_train_pairs(tok, args.train_pairs, args.train_tokens, pairs)
-        for dtype in args.train_dtypes.split(","):
-            metrics = work / f"metrics-{key}-{dtype}.csv"
-            proc = run([bins / "opt-wdpo", "--policy", model_dir, pairs, "-o", work / f"ckpt-{key}",
-                        "--lr", "1e-6", "--batch-size", str(args.train_pairs), "--epochs", str(args.train_steps),
-                        "--warmup-ratio", "0", "--metrics", metrics, "--device", GPU, "--dtype", dtype,
-                        "--max-length", str(4 * args.train_tokens)])
-            s = summary(proc.stderr, "opt-wdpo")
-            with open(metrics) as f:
-                ours = [float(r["seconds"]) for r in csv.DictReader(f)]
-            ours_tokens = int(s.get("tokens", 0)) // max(len(ours), 1)
-            theirs, their_tokens, peak = torch_dpo_steps(model_dir, sides, args.train_steps, dtype)
-            o = statistics.median(ours[1:] or ours)
-            t = statistics.median(theirs[1:] or theirs)
-            note(f"  train {key} {dtype}: opt-wdpo {ours}, torch {theirs}")
-            rows.append((model_label(key), dtype, ours_tokens, their_tokens, o, t, peak))
-            RAW["train"].append({"model": key, "dtype": dtype, "opt_wdpo_s": ours, "torch_s": theirs,
-                                 "opt_wdpo_tokens_per_step": ours_tokens, "torch_tokens_per_step": their_tokens,
-                                 "torch_peak_gib": peak})
-        shutil.rmtree(work / f"ckpt-{key}", ignore_errors=True)
-    say(f"## Training: seconds per optimiser step (full fine-tuning, sigmoid DPO, AdamW, "
-        f"{args.train_pairs} pairs, ~{args.train_tokens} response tokens per side, median of steps 2..{args.train_steps})")
-    say()
-    say("| model | dtype | tokens/step (opt-wdpo / torch) | opt-wdpo s/step | PyTorch s/step | ratio (torch/ours) | torch peak GiB |")
-    say("|---|---|---:|---:|---:|---:|---:|")
-    for label, dtype, ot, tt, o, t, peak in rows:
-        say(f"| {label} | {dtype} | {ot} / {tt} | {o:.3f} | {t:.3f} | {t / o:.2f}x | {peak:.1f} |")
-    say()
+    models.release()  # the whole device for opt-wdpo, whose memory plan reads what is free
+    ours = optune_train(args, models.path(role), pairs, len(sides) // 2, work, lora=(kind == "lora"),
+                        unit=f"{kind}:{role}")
+    theirs = (peer_lora if kind == "lora" else peer_full)(args, models, role, sides)
+    o = statistics.median(ours["step_s"][1:] or ours["step_s"])
+    t = statistics.median(theirs["step_s"][1:] or theirs["step_s"])
+    ot, tt = ours["tokens_per_step"] / o, theirs["tokens_per_step"] / t
+    what = (f"LoRA r{args.lora_rank} on {','.join(p[0] for p in LORA_TARGETS)}" if kind == "lora"
+            else "full fine-tuning")
+    REPORT.row(stage, f"s/step, {what}, {len(sides) // 2} pairs x ~{args.train_tokens} response tokens "
+               f"(median of steps 2..{args.train_steps})", f"{o:.3f}", f"{t:.3f}", ratio(o, t),
+               f"peer: {theirs['used']}, {theirs['trainable']:,} trainable in {theirs['dtype']}; "
+               f"optune kernels={ours['kernels']}")
+    REPORT.row(stage, "tokens/s (prompt + response, both sides)", f"{ot:,.0f}", f"{tt:,.0f}", ratio(ot, tt),
+               f"tokens/step: optune {ours['tokens_per_step']}, peer {theirs['tokens_per_step']}")
+    REPORT.row(stage, "peak GPU memory, GiB", fmt(ours["peak_gib"], ".1f"), fmt(theirs["peak_gib"], ".1f"),
+               ratio(ours["peak_gib"], theirs["peak_gib"]),
+               f"optune: {ours['peak_how']}, its own plan {fmt(ours['planned_gib'], '.1f')} GiB; "
+               f"peer: torch max allocated")
+    REPORT.raw.setdefault("train", []).append({"role": role, "kind": kind, "optune": ours, "peer": theirs})
+
+
+def stage_train(args, models: Models, role: str, kinds) -> None:
+    if not ensure_model(models, role):
+        return
+    model_dir = models.path(role)
+    tok = tokenizer_for(model_dir)
+    pairs = args.work / "train" / f"pairs-{role}.jsonl"
+    pairs.parent.mkdir(parents=True, exist_ok=True)
+    n_pairs = args.train_pairs if role == "1b" else args.train_pairs_7b
+    sides = make_train_pairs(tok, n_pairs, args.train_tokens, pairs)
+    for kind in kinds:
+        stage = f"train {role} {'LoRA' if kind == 'lora' else 'full'}"
+        if not BUDGET.allows(f"{kind}:{role}"):
+            BUDGET.skip(stage, "DPO step rows", f"{kind}:{role}")
+            continue
+        guarded(stage, "DPO step", lambda: train_row(args, models, role, kind, pairs, sides))
+
+
+# ---------------------------------------------------------------------------------------------
+# generation
+# ---------------------------------------------------------------------------------------------
+
+def decode_weight_bytes(model) -> int:
+    """Bytes of weights one decode step reads: every parameter once, except the input embedding
+    table (only the batch's rows are gathered) unless the output head is tied to it."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    if not model.config.tie_word_embeddings:
+        emb = model.get_input_embeddings().weight
+        total -= emb.numel() * emb.element_size()
+    return total
+
+
+def gen_row(args, models: Models, role: str, batch: int, peer, ids_all, bytes_per_step: int) -> None:
+    import torch
+
+    work = args.work / "gen" / role
+    count = args.prompts_batch1 if batch == 1 else batch
+    prompts_file = work / f"prompts-{count}.jsonl"
+    write_jsonl(prompts_file, [{"prompt_id": f"b{i:03d}", "prompt": PROMPTS[i % len(PROMPTS)]} for i in range(count)])
+    ids = [ids_all[i % len(PROMPTS)] for i in range(count)]
+    pad = 3
+    cmd = [args.bin / "opt-gen", "--model", models.path(role), prompts_file, "-o", work / "out.jsonl", "--n", "1",
+           "--temperature", "0", "--ignore-eos", "--max-new-tokens", str(args.new_tokens),
+           "--batch-size", str(batch), "--device", GPU, "--dtype", "bf16", *kernels_flag("cuda")]
+
+    def peer_generate(batch_ids) -> float:
+        width = max(len(x) for x in batch_ids)
+        x = torch.tensor([[pad] * (width - len(s)) + s for s in batch_ids], device=GPU)
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in batch_ids], device=GPU)
+        sync()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = peer.generate(input_ids=x, attention_mask=mask, do_sample=False, max_new_tokens=args.new_tokens,
+                                min_new_tokens=args.new_tokens, pad_token_id=pad)
+        sync()
+        assert out.shape[1] - width == args.new_tokens, out.shape
+        return time.perf_counter() - start
+
+    ours, theirs, peaks = [], [], []
+    for _ in range(args.repeats):
+        free_torch_memory()
+        stderr, peak, how = run(cmd, watch_gpu=True, unit=f"gen:{role}")
+        s = summary(stderr, "opt-gen")
+        if int(s["new_tokens"]) != count * args.new_tokens:
+            raise RuntimeError(f"opt-gen made {s['new_tokens']} tokens, not {count} x {args.new_tokens}")
+        ours.append(float(s["tok_per_s"]))
+        peaks.append(peak)
+        seconds = sum(peer_generate(ids[i:i + batch]) for i in range(0, count, batch))
+        theirs.append(count * args.new_tokens / seconds)
+    o, t = statistics.median(ours), statistics.median(theirs)
+    bw = REPORT.raw.get("copy_bytes_per_s")
+
+    def roof(tok_s):
+        return None if bw is None else bytes_per_step * tok_s / batch / bw * 100
+
+    goals = ""
+    if role == "7b" and batch == 64:
+        goals = f"; goal ≥ 3x transformers: {'met' if o >= 3 * t else 'not met'}"
+    if role == "7b" and batch == 1 and bw is not None:
+        goals = f"; goal ≥ 50 % of the roof: {'met' if roof(o) >= 50 else 'not met'}"
+    REPORT.row(f"gen {role}", f"tok/s at batch {batch} (sequences: {count}, new tokens each: {args.new_tokens}"
+               f"{', median of ' + str(args.repeats) + ' runs' if args.repeats > 1 else ''})",
+               f"{o:,.1f}", f"{t:,.1f}", ratio(o, t),
+               f"roof: optune {fmt(roof(o), '.1f')} %, peer {fmt(roof(t), '.1f')} %; optune peak GiB "
+               f"{fmt(max((p for p in peaks if p is not None), default=None), '.1f')} ({how}){goals}")
+    REPORT.raw.setdefault("gen", []).append({"role": role, "batch": batch, "prompts": count, "optune": ours,
+                                             "transformers": theirs, "optune_peak_gib": peaks,
+                                             "weight_bytes_per_step": bytes_per_step})
+
+
+def stage_gen(args, models: Models, role: str) -> None:
+    if not ensure_model(models, role):
+        return
+    if not BUDGET.allows(f"gen:{role}"):
+        BUDGET.skip(f"gen {role}", "generation rows", f"gen:{role}")
+        return
+    work = args.work / "gen" / role
+    work.mkdir(parents=True, exist_ok=True)
+    state = {}
+
+    def warm_up():
+        # The driver's PTX cache, the file cache, cuBLAS handles: one short run on each side.
+        import torch
+
+        peer = models.peer(role)
+        tok = tokenizer_for(models.path(role))
+        state["ids"] = [chat_ids(tok, [{"role": "user", "content": p}]) for p in PROMPTS]
+        state["bytes"] = decode_weight_bytes(peer)
+        prompts = work / "warm-up.jsonl"
+        write_jsonl(prompts, [{"prompt_id": f"w{i:02d}", "prompt": p} for i, p in enumerate(PROMPTS)])
+        run([args.bin / "opt-gen", "--model", models.path(role), prompts, "-o", work / "out.jsonl", "--n", "1",
+             "--temperature", "0", "--ignore-eos", "--max-new-tokens", "8", "--batch-size", "16",
+             "--device", GPU, "--dtype", "bf16", *kernels_flag("cuda")], unit=f"gen:{role}")
+        with torch.inference_mode():
+            x = torch.tensor([state["ids"][0]], device=GPU)
+            peer.generate(input_ids=x, do_sample=False, max_new_tokens=8, pad_token_id=3)
+        REPORT.raw.setdefault("weight_bytes_per_step", {})[role] = state["bytes"]
+
+    guarded(f"gen {role}", "warm-up", warm_up)
+    if "bytes" not in state:
+        return
+    for batch in args.batches:
+        if not BUDGET.allows(f"gen:{role}"):
+            BUDGET.skip(f"gen {role}", f"tok/s at batch {batch}", f"gen:{role}")
+            continue
+        guarded(f"gen {role}", f"tok/s at batch {batch}",
+                lambda: gen_row(args, models, role, batch, models.peer(role), state["ids"], state["bytes"]))
 
 
 # ---------------------------------------------------------------------------------------------
 
+def plumbing_check(args, rows_before_check: int) -> bool:
+    """Dry run: every row made (a row exists only once its tool's outputs and summary line were
+    read) and none failed or skipped, the files written, the checkpoints there."""
+    problems = []
+    rows = REPORT.rows[:rows_before_check]
+    kinds = [r["kind"] for r in rows]
+    if "fail" in kinds or "skip" in kinds:
+        problems.append(f"{kinds.count('fail')} failed and {kinds.count('skip')} skipped rows")
+    expected = {"logprobs": 9, "train-1b": 6, "train-7b": 3, "gen-7b": len(args.batches), "gen-1b": len(args.batches)}
+    want = sum(expected[s] for s in args.stages)
+    made = sum(1 for r in rows if r["kind"] == "ok" and not r["cells"][0].startswith(("build", "setup")))
+    if made < want:
+        problems.append(f"{made} measured rows, {want} expected")
+    for f in ["measure.md", "measure.json"]:
+        if not (args.out / f).stat().st_size:
+            problems.append(f"{args.out / f} empty")
+    for role in ("1b", "7b"):
+        checkpoint = args.work / f"random-{DRY_MODEL_OF[role]}"
+        if any(s.endswith(role) for s in args.stages) and not list(checkpoint.glob("*.safetensors")):
+            problems.append(f"no checkpoint in {checkpoint}")
+    ok = not problems
+    REPORT.row("dry run", "plumbing: rows made, summaries parsed, files written", "", "", "",
+               "ok" if ok else "FAILED: " + "; ".join(problems), "ok" if ok else "fail")
+    return ok
+
+
 def main() -> None:
+    global GPU, REPORT, BUDGET
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bin", type=Path, required=True, help="folder with the CUDA opt-gen, opt-wdpo, opt-score")
     ap.add_argument("--work", type=Path, default=Path("/tmp/optune-cuda-measure"), help="scratch folder")
-    ap.add_argument("--out", type=Path, help="write measure.md and measure.json here")
-    ap.add_argument("--stages", default="logprobs,gen,train")
-    ap.add_argument("--models", default="smollm2,llama1b", help="gen/train models: smollm2, llama1b (tiny for a dry run)")
-    ap.add_argument("--batches", default="1,16")
-    ap.add_argument("--prompts-batch1", type=int, default=4, help="prompts run one at a time at batch 1")
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--train-pairs", type=int, default=8)
-    ap.add_argument("--train-tokens", type=int, default=128)
-    ap.add_argument("--train-steps", type=int, default=6)
-    ap.add_argument("--train-dtypes", default="bf16,f32",
-                    help="comma-separated: bf16 (torch: bf16 autocast), f32 (torch: f32; both: no TF32)")
+    ap.add_argument("--out", type=Path, default=Path("runs/cuda-measure"), help="measure.md and measure.json go here")
+    ap.add_argument("--stages", default=",".join(STAGES),
+                    help=f"comma-separated, run in the order given, of: {','.join(STAGES)}")
+    ap.add_argument("--budget-s", type=float, default=420, help="start no row whose guessed cost overruns this")
+    ap.add_argument("--batches", default="1,16,64,256", help="generation batch sizes")
+    ap.add_argument("--prompts-batch1", type=int, help="prompts run one at a time at batch 1 [2; dry run 1]")
+    ap.add_argument("--new-tokens", type=int, help="new tokens per generated sequence [128; dry run 16]")
+    ap.add_argument("--repeats", type=int, default=1, help="generation runs per side and batch (median)")
+    ap.add_argument("--train-pairs", type=int, default=8, help="pairs per step (one micro-batch) on the 1.1B")
+    ap.add_argument("--train-pairs-7b", type=int, default=4,
+                    help="pairs per step on the 7B (with 8, opt-wdpo's memory plan nears an H100's 80 GB)")
+    ap.add_argument("--train-tokens", type=int, help="response tokens per side [128; dry run 32]")
+    ap.add_argument("--train-steps", type=int, help="optimiser steps per run [5; dry run 3]")
+    ap.add_argument("--lora-rank", type=int, default=16, help="LoRA rank (alpha = 2 x rank) on q,k,v,o")
+    ap.add_argument("--peer-lora", choices=["auto", "peft", "torch"], default="auto",
+                    help="the peer's LoRA: peft (auto: when importable) or this script's module")
+    ap.add_argument("--copy-mib", type=int, help="size of the bandwidth copy [2048; dry run 64]")
     ap.add_argument("--dry-run", action="store_true",
-                    help="run everything on the CPU (no GPU here): tries the script, the figures mean nothing")
+                    help="everything on the CPU with tiny models (no GPU here): tries the script, figures mean nothing")
     args = ap.parse_args()
+    dry = args.dry_run
+    for name, gpu_default, dry_default in [("prompts_batch1", 2, 1), ("new_tokens", 128, 16), ("train_tokens", 128, 32),
+                                           ("train_steps", 5, 3), ("copy_mib", 2048, 64)]:
+        if getattr(args, name) is None:
+            setattr(args, name, dry_default if dry else gpu_default)
+    args.stages = [s for s in args.stages.split(",") if s]
+    unknown = set(args.stages) - set(STAGES)
+    if unknown:
+        ap.error(f"unknown stages {sorted(unknown)}; known: {STAGES}")
+    args.batches = [int(b) for b in args.batches.split(",")]
     args.bin = args.bin.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
-    if args.dry_run:
-        global GPU
-        GPU = "cpu"
+    GPU = "cpu" if dry else "cuda"
+    REPORT = Report(args.out)
+    BUDGET = Budget(args.budget_s, dry)
 
     import torch
     import transformers
 
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices of peft/transformers
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        peft_version = __import__("peft").__version__
+    except ImportError:
+        peft_version = "not importable"
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU visible to torch"
     try:
         smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
                              capture_output=True, text=True).stdout.strip()
     except OSError:
         smi = ""
-    say(f"# optune CUDA measurement, {time.strftime('%Y-%m-%d %H:%M %Z')}")
-    say()
-    say(f"- GPU: {gpu} ({smi or 'nvidia-smi n/a'}); torch {torch.__version__} (CUDA {torch.version.cuda}), "
-        f"transformers {transformers.__version__}")
-    say(f"- binaries: {args.bin}")
-    if args.dry_run:
-        say("- DRY RUN (--dry-run): every 'CUDA' row and torch ran on the CPU; the figures say nothing about a GPU")
-    say()
-    RAW["env"] = {"gpu": gpu, "nvidia_smi": smi, "torch": torch.__version__, "transformers": transformers.__version__}
-    ok = True
-    stages = args.stages.split(",")
-    try:
-        if "logprobs" in stages:
-            ok &= stage_logprobs(args, args.bin)
-        if "gen" in stages:
-            stage_gen(args, args.bin)
-        if "train" in stages:
-            stage_train(args, args.bin)
-    finally:
-        if args.out:
-            args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / "measure.md").write_text("\n".join(REPORT) + "\n")
-            (args.out / "measure.json").write_text(json.dumps(RAW, indent=1, default=str))
-    if not ok:
-        say("Some checks FAILED (see above).")
+    R = REPORT
+    R.line(f"# optune device check, {time.strftime('%Y-%m-%d %H:%M %Z')}")
+    R.line()
+    R.line(f"- GPU: {gpu} ({smi or 'nvidia-smi n/a'}); torch {torch.__version__} (CUDA {torch.version.cuda}), "
+           f"transformers {transformers.__version__}, peft {peft_version}")
+    R.line(f"- binaries: {args.bin}; stages: {','.join(args.stages)}; budget {args.budget_s:.0f} s")
+    if dry:
+        R.line("- DRY RUN (--dry-run): NO GPU. Every 'CUDA' run and torch ran on the CPU (the binaries with "
+               "--kernels generic), on tiny models; the figures say nothing about a GPU.")
+    if GPU == "cuda" and not torch.cuda.is_available():
+        R.line("- torch sees no GPU: the peer rows will fail (run with --dry-run on a machine without one)")
+    R.line()
+    R.raw["env"] = {"gpu": gpu, "nvidia_smi": smi, "torch": torch.__version__, "transformers": transformers.__version__,
+                    "peft": peft_version, "dry_run": dry, "args": vars(args)}
+
+    def bandwidth():
+        bw = copy_bandwidth(args.copy_mib * 2**20)
+        R.raw["copy_bytes_per_s"] = bw
+        R.row("setup", f"copy bandwidth (torch copy_ of {args.copy_mib} MiB, bytes read + written, median of 5)",
+              "", "", "", f"{bw / 1e12:.3f} TB/s")
+
+    guarded("setup", "copy bandwidth", bandwidth)
+    models = Models(args)
+    run_stage = {
+        "logprobs": lambda: stage_logprobs(args, models),
+        "train-1b": lambda: stage_train(args, models, "1b", ["lora", "full"]),
+        "gen-1b": lambda: stage_gen(args, models, "1b"),
+        "train-7b": lambda: stage_train(args, models, "7b", ["lora"]),
+        "gen-7b": lambda: stage_gen(args, models, "7b"),
+    }
+    walls = []
+    for stage in args.stages:
+        start = elapsed()
+        guarded(stage, "stage", run_stage[stage])
+        walls.append(f"{stage} {elapsed() - start:.0f}")
+        note(f"-- {stage} done at {elapsed():.0f} s")
+    models.release()
+    rows_measured = len(R.rows)
+    R.row("time", "wall seconds per stage", "", "", "",
+          f"{', '.join(walls)}; total {elapsed():.0f} of --budget-s {args.budget_s:.0f}")
+    ok = plumbing_check(args, rows_measured) if dry else True
+    print(flush=True)
+    print("## Device check: the complete table", flush=True)
+    print(flush=True)
+    print("\n".join(R.table()), flush=True)
+    print(flush=True)
+    print(LEGEND, flush=True)
+    R.save()
+    if R.failed or not ok:
+        print("Some checks or rows FAILED (see the table; details in measure.md and on stderr).", flush=True)
         sys.exit(1)
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CUDA checks and speed figures on a GPU machine (see docs/cuda.md and scripts/cuda/measure.py).
+# The device check on a GPU machine: one run, one table (see docs/cuda.md and scripts/cuda/measure.py).
 #
 #   scripts/cuda/measure.sh [BIN_DIR | ARCHIVE.tar.xz] [measure.py options...]
 #
@@ -7,14 +7,14 @@
 # opt-score built by scripts/build-cuda.sh.
 # Needs: the NVIDIA driver (libcuda.so.1), the CUDA 13 libraries the binaries link (found on the
 # loader's path, next to the binaries, in a CUDA 13 toolkit, or in a cu13 PyTorch's nvidia/*
-# packages), and $PYTHON (default python3) with torch (CUDA) and transformers.
+# packages), and $PYTHON (default python3) with torch (CUDA) and transformers (peft when there).
 # The report goes to stdout and, with measure.json, to $OPTUNE_MEASURE_OUT (default: $OUT when
 # set, as on the device machine, else runs/cuda-measure).
 #
-# Examples (stages and models can be split across calls to fit a time limit):
-#   scripts/cuda/measure.sh target/cuda-dist.tar.xz --stages logprobs
-#   scripts/cuda/measure.sh target/cuda-dist.tar.xz --stages gen,train --models smollm2
-#   scripts/cuda/measure.sh target/cuda-dist.tar.xz --stages gen,train --models llama1b
+# Examples:
+#   scripts/cuda/measure.sh target/cuda-dist.tar.xz                  # the device check, <= 8 min
+#   scripts/cuda/measure.sh target/cuda-dist.tar.xz --stages logprobs # correctness rows only
+#   PYTHON=venv/bin/python scripts/cuda/measure.sh "$CARGO_TARGET_DIR/release" --dry-run  # no GPU: CPU builds
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
