@@ -122,6 +122,29 @@ pub struct ModelConfig {
     pub id2label: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
+/// transformers 5 writes `rope_theta` and the scaling inside `rope_parameters`; older versions
+/// at the top level. Lifts the former into the latter where the top level has none.
+fn lift_rope_parameters(json: &mut serde_json::Value) {
+    let Some(params) = json.get("rope_parameters").cloned() else {
+        return;
+    };
+    let Some(object) = json.as_object_mut() else {
+        return;
+    };
+    if !object.contains_key("rope_theta") {
+        if let Some(theta) = params.get("rope_theta") {
+            object.insert("rope_theta".into(), theta.clone());
+        }
+    }
+    let scaled = params
+        .get("rope_type")
+        .and_then(|t| t.as_str())
+        .is_some_and(|t| t != "default");
+    if scaled && object.get("rope_scaling").is_none_or(|v| v.is_null()) {
+        object.insert("rope_scaling".into(), params);
+    }
+}
+
 fn default_rms_norm_eps() -> f64 {
     1e-6
 }
@@ -140,7 +163,10 @@ impl ModelConfig {
     }
 
     pub fn from_json_str(text: &str) -> Result<Self> {
-        let config: ModelConfig = serde_json::from_str(text).context("parsing config.json")?;
+        let mut json: serde_json::Value =
+            serde_json::from_str(text).context("parsing config.json")?;
+        lift_rope_parameters(&mut json);
+        let config: ModelConfig = serde_json::from_value(json).context("parsing config.json")?;
         config.validate()?;
         Ok(config)
     }
@@ -281,5 +307,30 @@ mod tests {
         c["eos_token_id"] = serde_json::json!(7);
         let cfg = ModelConfig::from_json_str(&c.to_string()).unwrap();
         assert_eq!(cfg.eos_token_ids(), vec![7]);
+    }
+
+    #[test]
+    fn transformers_5_rope_parameters_are_read() {
+        let base = |rope: serde_json::Value| {
+            let mut json = serde_json::json!({
+                "model_type": "llama", "vocab_size": 4, "hidden_size": 64,
+                "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 4,
+            });
+            json["rope_parameters"] = rope;
+            ModelConfig::from_json_str(&json.to_string()).unwrap()
+        };
+        let plain = base(serde_json::json!({"rope_type": "default", "rope_theta": 100000.0}));
+        assert_eq!(plain.rope_theta, 100000.0);
+        assert_eq!(plain.rope_scaling, None);
+        let llama3 = base(serde_json::json!({
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192
+        }));
+        assert_eq!(llama3.rope_theta, 500000.0);
+        let scaling = llama3.rope_scaling.unwrap();
+        assert_eq!(
+            (scaling.rope_type.as_str(), scaling.factor),
+            ("llama3", Some(8.0))
+        );
     }
 }
