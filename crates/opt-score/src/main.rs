@@ -33,8 +33,10 @@ use std::time::{Duration, Instant};
 ///                      conversation with the RM's own chat template (a raw-text prompt becomes
 ///                      one user message, the response the final assistant message), tokenised
 ///                      with the RM's tokenizer and scored at its last token. Sequences run in
-///                      batches of similar length (--batch-size). A conversation longer than
-///                      --max-length is an error naming the row, unless --truncate left.
+///                      batches of equal length (--batch-size), so a row's reward does not
+///                      depend on the rows beside it or on --shard (on the CPU, to the bit).
+///                      A conversation longer than --max-length is an error naming the row,
+///                      unless --truncate left.
 ///                      reward_model: the directory's name.
 ///   --reward-cmd PROGRAM [ARGS]...
 ///                      any program, started once without a shell. It reads one JSON line
