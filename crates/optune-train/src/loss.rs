@@ -133,6 +133,39 @@ impl FromStr for DpoLoss {
     }
 }
 
+/// What a training run minimises: one of the pair losses of [`DpoLoss`], or HyPO (the sigmoid
+/// pair loss plus `λ · KL(π‖π_ref)` on fresh samples, see [`loo_reinforce_kl`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum Objective {
+    /// DPO; cDPO with label smoothing
+    Sigmoid,
+    /// IPO, on per-token mean log-probs
+    Ipo,
+    /// SLiC's hinge loss
+    Hinge,
+    /// Robust DPO under label noise of rate ε
+    Robust,
+    /// DPO plus λ·KL(π‖π_ref) estimated on fresh samples (leave-one-out REINFORCE)
+    Hypo,
+}
+
+impl Objective {
+    /// The loss applied to each preference pair.
+    pub fn pair_loss(self) -> DpoLoss {
+        match self {
+            Objective::Sigmoid | Objective::Hypo => DpoLoss::Sigmoid,
+            Objective::Ipo => DpoLoss::Ipo,
+            Objective::Hinge => DpoLoss::Hinge,
+            Objective::Robust => DpoLoss::Robust,
+        }
+    }
+
+    /// Whether training needs fresh samples from the policy (and so a reference model at hand).
+    pub fn samples_online(self) -> bool {
+        self == Objective::Hypo
+    }
+}
+
 /// Per-pair results of [`dpo_losses`], each `[batch]`.
 #[derive(Clone, Debug)]
 pub struct PairLosses {
@@ -240,7 +273,9 @@ pub fn dpo_losses(
 }
 
 /// How a pair's weight grows with `β2 × reward_gap` (`x` below).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum WeightForm {
     /// Every weight 1: plain DPO.
@@ -290,7 +325,9 @@ impl FromStr for WeightForm {
 }
 
 /// Whether pair weights are rescaled after [`WeightForm`] is applied.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum WeightNorm {
     /// Divide by the batch's mean weight, so the weights average 1 (the recommended default).

@@ -89,6 +89,24 @@ pub enum Algorithm {
     RmsProp(RmsProp),
 }
 
+/// The update rule by name, with torch's default hyperparameters ([`OptimizerKind::algorithm`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OptimizerKind {
+    /// torch.optim.AdamW
+    Adamw,
+    /// torch.optim.RMSprop (not centered)
+    Rmsprop,
+}
+
+impl OptimizerKind {
+    pub fn algorithm(self) -> Algorithm {
+        match self {
+            OptimizerKind::Adamw => Algorithm::AdamW(AdamW::default()),
+            OptimizerKind::Rmsprop => Algorithm::RmsProp(RmsProp::default()),
+        }
+    }
+}
+
 impl Algorithm {
     /// Per-parameter state buffers, named as in torch's optimiser state.
     fn buffer_names(&self) -> &'static [&'static str] {
@@ -919,7 +937,7 @@ fn f32_from_le_bytes(bytes: &[u8]) -> Vec<f32> {
 }
 
 /// What happens to the learning rate after warmup.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Decay {
     /// `get_constant_schedule_with_warmup` (the DPO paper's schedule).

@@ -1,0 +1,146 @@
+//! The policy being trained: its weights (variables for full fine-tuning, LoRA adapters
+//! otherwise), tokenizer and checkpoint metadata, and the summed log-probs of pair sides.
+
+use crate::data::TrainPair;
+use crate::Args;
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor, Var};
+use optune_model::lora::{attach_lora, LoraAdapters, LoraConfig};
+use optune_model::{
+    sequence_logprobs, ChatTokenizer, Checkpoint, CheckpointMeta, TokenizedPair, Transformer,
+};
+use std::collections::HashMap;
+
+pub struct Policy {
+    pub model: Transformer,
+    pub tokenizer: ChatTokenizer,
+    pub meta: CheckpointMeta,
+    /// Each trainable variable once, sorted by name.
+    pub trainable: Vec<(String, Var)>,
+    pub lora: Option<LoraAdapters>,
+    pub pad_id: u32,
+}
+
+impl Policy {
+    pub fn load(args: &Args, device: &Device) -> Result<Self> {
+        let checkpoint = Checkpoint::read(&args.policy, device)?;
+        let full_finetune = args.lora_rank.is_none();
+        let mut trainable = Vec::new();
+        let tensors: HashMap<String, Tensor> = checkpoint
+            .tensors
+            .into_iter()
+            .map(|(name, t)| {
+                // Master weights and optimiser state stay in f32 whatever the checkpoint's dtype.
+                let t = t.to_dtype(DType::F32)?;
+                if full_finetune {
+                    let var = Var::from_tensor(&t)?;
+                    trainable.push((name.clone(), var.clone()));
+                    Ok((name, var.as_tensor().clone()))
+                } else {
+                    Ok((name, t))
+                }
+            })
+            .collect::<Result<_>>()?;
+        trainable.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut model =
+            Transformer::from_weights(&checkpoint.meta.config, tensors, DType::F32, device)?;
+        let lora = match args.lora_rank {
+            Some(rank) => {
+                let config = LoraConfig {
+                    rank,
+                    alpha: args.lora_alpha,
+                    dropout: args.lora_dropout,
+                    targets: args.lora_targets.clone(),
+                };
+                let adapters = attach_lora(&mut model, &config, args.seed)?;
+                trainable = adapters.vars.clone();
+                Some(adapters)
+            }
+            None => None,
+        };
+        let pad_id = checkpoint
+            .tokenizer
+            .pad_token_id()
+            .or(checkpoint.meta.config.pad_token_id())
+            .or(checkpoint.meta.eos_token_ids.first().copied())
+            .unwrap_or(0);
+        Ok(Policy {
+            model,
+            tokenizer: checkpoint.tokenizer,
+            meta: checkpoint.meta,
+            trainable: dedup_vars(trainable),
+            lora,
+            pad_id,
+        })
+    }
+
+    /// Runs `f` with the LoRA adapters off (the base model: the reference), then turns them back on.
+    pub fn with_adapters_off<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        if let Some(lora) = &self.lora {
+            lora.set_enabled(false);
+        }
+        let out = f();
+        if let Some(lora) = &self.lora {
+            lora.set_enabled(true);
+        }
+        out
+    }
+
+    /// LoRA dropout on (training) or off (sampling, saving); nothing without LoRA.
+    pub fn set_training(&self, on: bool) {
+        if let Some(lora) = &self.lora {
+            lora.set_training(on);
+        }
+    }
+}
+
+/// Each variable once: a tied embedding is one variable under one name, but the optimiser must
+/// never see a variable twice whatever the checkpoint holds.
+fn dedup_vars(vars: Vec<(String, Var)>) -> Vec<(String, Var)> {
+    let mut seen = std::collections::HashSet::new();
+    vars.into_iter()
+        .filter(|(_, v)| seen.insert(v.as_tensor().id()))
+        .collect()
+}
+
+/// Summed (and mean) log-probs of the chosen and rejected sides of `pairs`, in one forward pass.
+pub struct SideLogps {
+    pub chosen: Tensor,
+    pub rejected: Tensor,
+    pub chosen_mean: Tensor,
+    pub rejected_mean: Tensor,
+    pub tokens: usize,
+}
+
+impl SideLogps {
+    pub fn of(model: &Transformer, pairs: &[&TrainPair], pad_id: u32) -> Result<Self> {
+        let sequences: Vec<TokenizedPair> = pairs
+            .iter()
+            .map(|p| p.chosen.clone())
+            .chain(pairs.iter().map(|p| p.rejected.clone()))
+            .collect();
+        let tokens = sequences
+            .iter()
+            .map(|s| s.prompt.len() + s.response.len())
+            .sum();
+        let logps = sequence_logprobs(model, &sequences, pad_id)?;
+        let means = logps.means()?;
+        let n = pairs.len();
+        Ok(SideLogps {
+            chosen: logps.sums.narrow(0, 0, n)?,
+            rejected: logps.sums.narrow(0, n, n)?,
+            chosen_mean: means.narrow(0, 0, n)?,
+            rejected_mean: means.narrow(0, n, n)?,
+            tokens,
+        })
+    }
+
+    /// The (chosen, rejected) values a loss takes: per-token means or sums.
+    pub fn sides(&self, means: bool) -> (&Tensor, &Tensor) {
+        if means {
+            (&self.chosen_mean, &self.rejected_mean)
+        } else {
+            (&self.chosen, &self.rejected)
+        }
+    }
+}

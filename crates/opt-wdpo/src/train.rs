@@ -1,0 +1,215 @@
+//! The training loop: micro-batches of pairs, gradient accumulation, clipping, the optimiser and
+//! learning-rate schedule, and the per-step metrics log.
+
+use crate::data::{epoch_batches, TrainPair};
+use crate::metrics::{MetricsLog, StepMetrics};
+use crate::policy::{Policy, SideLogps};
+use crate::Args;
+use anyhow::{bail, Result};
+use candle_core::backprop::GradStore;
+use candle_core::{Device, Tensor, Var};
+use optune_model::Transformer;
+use optune_train::loss::{dpo_losses, pair_weights, weighted_mean};
+use optune_train::optim::{clip_grad_norm, decay_groups, missing_grads, Optimizer, Schedule};
+use std::time::Instant;
+
+/// What a finished run reports.
+pub struct Trained {
+    pub steps: u64,
+    pub tokens: usize,
+    pub seconds: f64,
+    pub log: MetricsLog,
+}
+
+/// Trains `policy` on `pairs` (reference log-probs filled in) for `--epochs`.
+pub fn train(
+    args: &Args,
+    policy: &Policy,
+    pairs: &[TrainPair],
+    reference: Option<&Transformer>,
+    device: &Device,
+) -> Result<Trained> {
+    let mut trainer = Trainer::new(args, policy, reference, device, pairs.len())?;
+    let started = Instant::now();
+    policy.set_training(true);
+    for epoch in 0..args.epochs {
+        let batches = epoch_batches(pairs, args.batch_size, args.seed, epoch);
+        let last_batch = batches.len() - 1;
+        for (b, batch) in batches.iter().enumerate() {
+            let batch_pairs: Vec<&TrainPair> = batch.iter().map(|&i| &pairs[i]).collect();
+            trainer.micro_batch(&batch_pairs, epoch, b)?;
+            if trainer.micro.is_multiple_of(args.grad_accum) || b == last_batch {
+                trainer.optimizer_step(epoch)?;
+            }
+        }
+    }
+    policy.set_training(false);
+    trainer.progress.finish_and_clear();
+    Ok(Trained {
+        steps: trainer.optimizer.step_count(),
+        tokens: trainer.tokens,
+        seconds: started.elapsed().as_secs_f64(),
+        log: trainer.log,
+    })
+}
+
+struct Trainer<'a> {
+    args: &'a Args,
+    policy: &'a Policy,
+    reference: Option<&'a Transformer>,
+    device: &'a Device,
+    optimizer: Optimizer,
+    schedule: Schedule,
+    /// Gradients summed over the micro-batches of the current optimiser step.
+    accumulated: Option<GradStore>,
+    micro: usize,
+    tokens: usize,
+    step_metrics: StepMetrics,
+    step_started: Instant,
+    log: MetricsLog,
+    progress: indicatif::ProgressBar,
+}
+
+impl<'a> Trainer<'a> {
+    fn new(
+        args: &'a Args,
+        policy: &'a Policy,
+        reference: Option<&'a Transformer>,
+        device: &'a Device,
+        pairs: usize,
+    ) -> Result<Self> {
+        let steps_per_epoch = pairs.div_ceil(args.batch_size).div_ceil(args.grad_accum);
+        let total_steps = (steps_per_epoch * args.epochs) as u64;
+        let schedule = Schedule {
+            peak_lr: args.lr,
+            warmup_steps: (args.warmup_ratio * total_steps as f64).ceil() as u64,
+            total_steps,
+            decay: args.schedule,
+        };
+        let optimizer = Optimizer::new(
+            decay_groups(policy.trainable.clone(), args.weight_decay),
+            args.optimizer.algorithm(),
+            schedule.lr_at(0),
+        )?;
+        let progress = indicatif::ProgressBar::new(total_steps).with_style(
+            indicatif::ProgressStyle::with_template(
+                "opt-wdpo {bar:30} {pos}/{len} steps  {msg}  eta {eta}",
+            )
+            .expect("valid"),
+        );
+        Ok(Self {
+            args,
+            policy,
+            reference,
+            device,
+            optimizer,
+            schedule,
+            accumulated: None,
+            micro: 0,
+            tokens: 0,
+            step_metrics: StepMetrics::default(),
+            step_started: Instant::now(),
+            log: MetricsLog::new(args.metrics.as_deref())?,
+            progress,
+        })
+    }
+
+    /// Forward and backward of one micro-batch; its gradients join the step's sum.
+    fn micro_batch(&mut self, batch: &[&TrainPair], epoch: usize, index: usize) -> Result<()> {
+        let args = self.args;
+        let logps = SideLogps::of(&self.policy.model, batch, self.policy.pad_id)?;
+        let (chosen, rejected) = logps.sides(args.loss.pair_loss().uses_mean_logps());
+        let reference = |pick: fn((f32, f32)) -> f32| -> Result<Tensor> {
+            let values: Vec<f32> = batch
+                .iter()
+                .map(|p| pick(p.ref_logps.expect("reference log-probs are filled before training")))
+                .collect();
+            Ok(Tensor::new(values.as_slice(), self.device)?)
+        };
+        let losses = dpo_losses(
+            args.loss.pair_loss(),
+            args.beta,
+            args.label_smoothing,
+            chosen,
+            rejected,
+            &reference(|(c, _)| c)?,
+            &reference(|(_, r)| r)?,
+        )?;
+        let gaps: Vec<f32> = batch.iter().map(|p| p.reward_gap).collect();
+        let weights = pair_weights(args.weight, args.beta2, &gaps, args.weight_norm)?;
+        let mut loss = weighted_mean(&losses.losses, &weights)?;
+        let mut kl = None;
+        if args.loss.samples_online() {
+            let (surrogate, estimate) =
+                crate::hypo::kl_term(args, self.policy, self.reference, batch, epoch, index)?;
+            loss = (loss + (surrogate * args.kl_coef)?)?;
+            kl = Some(estimate);
+        }
+        let loss = (loss / args.grad_accum as f64)?;
+        let grads = loss.backward()?;
+        self.accumulate(grads)?;
+        self.step_metrics.add_batch(
+            &losses,
+            chosen,
+            rejected,
+            &weights,
+            loss.to_scalar::<f32>()? * args.grad_accum as f32,
+            kl,
+            logps.tokens,
+        )?;
+        self.tokens += logps.tokens;
+        self.micro += 1;
+        Ok(())
+    }
+
+    fn accumulate(&mut self, grads: GradStore) -> Result<()> {
+        let trainable = &self.policy.trainable;
+        let missing = missing_grads(&grads, trainable);
+        if !missing.is_empty() {
+            bail!(
+                "no gradient reached {} trainable weights (first: {}): a detached op in the forward pass",
+                missing.len(),
+                missing[0]
+            );
+        }
+        self.accumulated = Some(match self.accumulated.take() {
+            None => grads,
+            Some(mut sum) => {
+                for var in trainable.iter().map(|(_, v)| v.as_tensor()) {
+                    let total = (sum.get(var).expect("checked") + grads.get(var).expect("checked"))?;
+                    sum.insert(var, total);
+                }
+                sum
+            }
+        });
+        Ok(())
+    }
+
+    /// Clips the summed gradients, steps the optimiser at the scheduled rate, logs the step.
+    fn optimizer_step(&mut self, epoch: usize) -> Result<()> {
+        let mut grads = self.accumulated.take().expect("a micro-batch ran");
+        let max_norm = if self.args.max_grad_norm > 0.0 {
+            self.args.max_grad_norm
+        } else {
+            f64::INFINITY
+        };
+        let vars = self.policy.trainable.iter().map(|(_, v): &(String, Var)| v);
+        let grad_norm = clip_grad_norm(&mut grads, vars, max_norm)?;
+        let lr = self.schedule.lr_at(self.optimizer.step_count());
+        self.optimizer.set_lr(lr);
+        self.optimizer.step(&grads)?;
+        let row = std::mem::take(&mut self.step_metrics).finish(
+            self.optimizer.step_count(),
+            epoch,
+            grad_norm,
+            lr,
+            self.step_started.elapsed().as_secs_f64(),
+        );
+        self.progress
+            .set_message(format!("loss {:.4} margin {:.3}", row.loss, row.margin));
+        self.log.push(row)?;
+        self.progress.inc(1);
+        self.step_started = Instant::now();
+        Ok(())
+    }
+}
