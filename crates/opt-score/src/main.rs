@@ -6,14 +6,16 @@ mod rm;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, ValueEnum};
 use optune_model::cli::RuntimeArgs;
+use optune_resume::{file_stamps, Digest, Fingerprint, Journal};
 use optune_reward::{RewardCommand, RewardRequest, SentimentLexicon};
 use optune_shard::arrow::array::Float32Array;
 use optune_shard::cli::{run_tool, OutputArgs, Summary};
 use optune_shard::split::SliceSpec;
-use optune_shard::{col, PromptText, Shard};
+use optune_shard::{col, Destination, PromptText, Shard};
 use rayon::prelude::*;
 use rm::RewardModel;
-use std::collections::HashSet;
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -36,7 +38,11 @@ use std::time::{Duration, Instant};
 ///                      batches of equal length (--batch-size), so a row's reward does not
 ///                      depend on the rows beside it or on --shard (on the CPU, to the bit).
 ///                      A conversation longer than --max-length is an error naming the row,
-///                      unless --truncate left.
+///                      unless --truncate left. With -o FILE, the rewards are kept every few
+///                      seconds in FILE.journal: after a crash or a kill, the same command run
+///                      again scores only the rest (the output is the same as an uninterrupted
+///                      run's); a run with other arguments or input is refused. The journal is
+///                      removed once FILE is written.
 ///                      reward_model: the directory's name.
 ///   --reward-cmd PROGRAM [ARGS]...
 ///                      any program, started once without a shell. It reads one JSON line
@@ -230,11 +236,14 @@ fn run(args: Args) -> Result<()> {
     let source = &args.source;
     // Source-specific summary fields, printed after the common ones.
     let mut details: Vec<(&str, String)> = Vec::new();
+    let mut journal = None;
     let (rewards, default_name) = if let Some(dir) = &source.rm {
-        let (rewards, stats) = score_with_rm(&input, dir, &args)?;
+        let (rewards, stats, rm_journal) = score_with_rm(&input, dir, &args)?;
+        journal = rm_journal;
         let per_s = input.rows.len() as f64 / stats.model_secs.max(1e-9);
         details.push(("tokens", stats.tokens.to_string()));
         details.push(("truncated", stats.truncated.to_string()));
+        details.push(("resumed", stats.resumed.to_string()));
         details.push(("seq_per_s", format!("{per_s:.1}")));
         details.push(("model_s", format!("{:.2}", stats.model_secs)));
         (rewards, dir_name(dir))
@@ -272,6 +281,9 @@ fn run(args: Args) -> Result<()> {
             Shard::string_column(rewards.iter().map(|_| name.as_str())),
         )?;
     args.output.write(&out)?;
+    if let Some(journal) = journal {
+        journal.remove()?;
+    }
     let mean = rewards.iter().map(|&r| r as f64).sum::<f64>() / rewards.len().max(1) as f64;
     let mut summary = Summary::new("opt-score")
         .field("rows", rewards.len())
@@ -376,10 +388,18 @@ fn score_with_command(
 struct RmStats {
     tokens: usize,
     truncated: usize,
+    /// Rows whose rewards came from the journal of a killed run.
+    resumed: usize,
     model_secs: f64,
 }
 
-fn score_with_rm(input: &Input, dir: &Path, args: &Args) -> Result<(Vec<f32>, RmStats)> {
+/// The rewards of `input`'s rows from the reward model in `dir`, and, when the output is a file,
+/// the journal that kept them as they came (to remove once the output is written).
+fn score_with_rm(
+    input: &Input,
+    dir: &Path,
+    args: &Args,
+) -> Result<(Vec<f32>, RmStats, Option<Journal<ScoredRow>>)> {
     let texts = input.shard.prompt_texts()?;
     let (device, dtype) = args.runtime.init()?;
     let model = RewardModel::load(dir, dtype, &device)?;
@@ -417,26 +437,95 @@ fn score_with_rm(input: &Input, dir: &Path, args: &Args) -> Result<(Vec<f32>, Rm
         sequences.push(tokens);
     }
     let tokens: usize = sequences.iter().map(Vec::len).sum();
+
+    // What an earlier, killed run with the same arguments scored.
+    let mut journal = match args.output.destination() {
+        Destination::File(path) => {
+            let mut digest = Digest::new();
+            for (&row, sequence) in input.rows.iter().zip(&sequences) {
+                digest.u64(row as u64).u32s(sequence);
+            }
+            let fingerprint = Fingerprint::new()
+                .with("--rm", dir.display())
+                .with("the reward model's files", file_stamps(dir)?)
+                .with(
+                    "the rows (input, --shard, --max-length, --truncate, template)",
+                    digest.hex(),
+                )
+                .with("--device", format!("{:?}", device.location()))
+                .with("--dtype", format!("{dtype:?}").to_lowercase());
+            Some(Journal::<ScoredRow>::open(&path, &fingerprint)?)
+        }
+        Destination::Stdout => None,
+    };
+    let mut rewards: Vec<Option<f32>> = vec![None; sequences.len()];
+    if let Some((journal, scored)) = &journal {
+        let position: HashMap<usize, usize> = input
+            .rows
+            .iter()
+            .enumerate()
+            .map(|(p, &row)| (row, p))
+            .collect();
+        for scored in scored {
+            let Some(&p) = position.get(&scored.row) else {
+                bail!(
+                    "{}: row {} is not one of this run's",
+                    journal.path().display(),
+                    scored.row + 1
+                );
+            };
+            rewards[p] = Some(scored.reward);
+        }
+    }
+    let resumed = rewards.iter().filter(|r| r.is_some()).count();
+    let todo: Vec<usize> = (0..sequences.len())
+        .filter(|&p| rewards[p].is_none())
+        .collect();
+    let todo_sequences: Vec<Vec<u32>> = todo.iter().map(|&p| sequences[p].clone()).collect();
+
     let bar = progress_bar(sequences.len());
+    bar.set_position(resumed as u64);
     let model_started = Instant::now();
     let mut done = 0usize;
-    let rewards = model.score(&sequences, args.batch_size, |count| {
-        bar.inc(count as u64);
-        done += count;
+    let scored = model.score(&todo_sequences, args.batch_size, |batch, scores| {
+        if let Some((journal, _)) = &mut journal {
+            for (&i, &reward) in batch.iter().zip(scores) {
+                let row = input.rows[todo[i]];
+                journal.push(&ScoredRow { row, reward })?;
+            }
+        }
+        bar.inc(batch.len() as u64);
+        done += batch.len();
         bar.set_message(format!(
             "{:.1} seq/s",
             done as f64 / model_started.elapsed().as_secs_f64().max(1e-9)
         ));
+        Ok(())
     })?;
     bar.finish_and_clear();
+    for (&p, reward) in todo.iter().zip(scored) {
+        rewards[p] = Some(reward);
+    }
     Ok((
-        rewards,
+        rewards
+            .into_iter()
+            .map(|r| r.expect("journalled or scored"))
+            .collect(),
         RmStats {
             tokens,
             truncated,
+            resumed,
             model_secs: model_started.elapsed().as_secs_f64(),
         },
+        journal.map(|(journal, _)| journal),
     ))
+}
+
+/// One scored row in the journal (see [`Journal`]): its row in the input, from 0.
+#[derive(Serialize, Deserialize)]
+struct ScoredRow {
+    row: usize,
+    reward: f32,
 }
 
 #[cfg(test)]

@@ -83,13 +83,13 @@ impl RewardModel {
         self.tokenizer.encode(&text)
     }
 
-    /// Scores `sequences`, `batch_size` at a time grouped by length, calling `progress` with the
-    /// number of sequences each batch finished. Returns the scores in `sequences`' order.
+    /// Scores `sequences`, `batch_size` at a time grouped by length, calling `on_batch` with the
+    /// indices and scores of each batch as it finishes. Returns the scores in `sequences'` order.
     pub fn score(
         &self,
         sequences: &[Vec<u32>],
         batch_size: usize,
-        mut progress: impl FnMut(usize),
+        mut on_batch: impl FnMut(&[usize], &[f32]) -> Result<()>,
     ) -> Result<Vec<f32>> {
         let mut scores = vec![0f32; sequences.len()];
         for batch in length_buckets(sequences, batch_size) {
@@ -99,10 +99,10 @@ impl RewardModel {
                 .with_context(|| {
                     format!("running the reward model on {} sequences", batch.len())
                 })?;
-            for (&index, score) in batch.iter().zip(batch_scores) {
+            for (&index, &score) in batch.iter().zip(&batch_scores) {
                 scores[index] = score;
             }
-            progress(batch.len());
+            on_batch(&batch, &batch_scores)?;
         }
         Ok(scores)
     }

@@ -2,6 +2,7 @@
 //! shards, running a tool binary (alone or in a pipe), checking that a bad
 //! input failed cleanly, and the DuckDB/pyarrow cross-read.
 
+pub use optune_resume::journal_path;
 use optune_shard::arrow::array::{ArrayRef, Float32Array};
 use optune_shard::arrow::compute::cast;
 use optune_shard::arrow::datatypes::DataType;
@@ -297,5 +298,72 @@ pub fn check_parquet_readers(paths: &[PathBuf]) {
             .count(),
         paths.len(),
         "{checked}"
+    );
+}
+
+/// Rows in OUTPUT.journal (its lines less the header line; 0 when there is none).
+pub fn journal_rows(output: &Path) -> usize {
+    std::fs::read(journal_path(output))
+        .map(|bytes| {
+            bytes
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count()
+                .saturating_sub(1)
+        })
+        .unwrap_or(0)
+}
+
+/// Starts `command` (its stdout and stderr discarded) and SIGKILLs it once the journal of
+/// `output` holds at least `rows` rows; returns the rows it then holds. Panics when the tool
+/// ends before that or makes no progress for ten minutes.
+pub fn kill_when_journalled(command: &mut Command, output: &Path, rows: usize) -> usize {
+    let mut child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the tool starts");
+    let started = std::time::Instant::now();
+    while journal_rows(output) < rows {
+        if let Some(status) = child.try_wait().expect("waiting for the tool") {
+            panic!("the tool ended ({status}) before its journal held {rows} rows");
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(600),
+            "no progress in ten minutes"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reaping the tool");
+    journal_rows(output)
+}
+
+/// Runs `command` to its end like [`run`], and how many seconds it took.
+pub fn timed(command: &mut Command) -> (Outcome, f64) {
+    let started = std::time::Instant::now();
+    let outcome = run(command, None);
+    (outcome, started.elapsed().as_secs_f64())
+}
+
+/// Checks a rerun after a kill: it succeeded, took `kept` rows from the journal (its summary's
+/// `resumed=`), wrote `resumed` byte for byte as the uninterrupted run wrote `whole`, and removed
+/// the journal.
+pub fn assert_resumed(outcome: &Outcome, kept: usize, resumed: &Path, whole: &Path) {
+    outcome.assert_success();
+    assert!(
+        outcome.stderr.contains(&format!(" resumed={kept} ")),
+        "{}",
+        outcome.stderr
+    );
+    assert!(
+        std::fs::read(resumed).unwrap() == std::fs::read(whole).unwrap(),
+        "{} differs from the uninterrupted run's {}",
+        resumed.display(),
+        whole.display()
+    );
+    assert!(
+        !journal_path(resumed).exists(),
+        "the journal is removed once the output is written"
     );
 }
