@@ -98,9 +98,10 @@ REF ?= initial
 TRAIN_ARGS ?=
 # Given to opt-gen, opt-score and opt-wdpo, e.g. `--device cuda --dtype bf16`.
 DEVICE_ARGS ?=
-# Beyond one process (docs/pipeline.md): SHARDS=N runs generation, scoring and the held-out
-# evaluation as N `--shard K/N` jobs, merged by opt-cat, which checks that the parts cover every
-# prompt exactly once; make -j runs them side by side. DEVICES="cuda:0 cuda:1" gives shard K the
+# Beyond one process (docs/pipeline.md): SHARDS=N runs generation, scoring, the reference
+# log-probs and the held-out evaluation as N `--shard K/N` jobs, merged by opt-cat, which checks
+# that the parts cover every prompt exactly once; make -j runs them side by side.
+# DEVICES="cuda:0 cuda:1" gives shard K the
 # K-th device (in turn when there are fewer devices than shards; the unsharded stages get the
 # first); leave --device out of DEVICE_ARGS then. LAUNCHER=slurm runs every stage as a Slurm job
 # (`srun SLURM_ARGS …`, which make waits for), so `make -j8 iter3 LAUNCHER=slurm SHARDS=8
@@ -215,19 +216,35 @@ $(call iter_dir,$(1))/pairs.parquet: $(call iter_dir,$(1))/new_scored.parquet $(
 	  $(BIN)/opt-pairs $(if $(filter 1,$(1)),,$(call iter_dir,$(1))/kept.parquet) $(call iter_dir,$(1))/new_scored.parquet \
 	  -o $$@ $(PAIRS_ARGS)
 
+# With SHARDS > 1 the reference log-probs are a stage of their own (opt-wdpo --reference-only),
+# split like the others; training then reads pairs_ref.parquet, which is deleted once the policy
+# is written (pairs.parquet plus two columns). With SHARDS=1 opt-wdpo computes them itself.
+ifneq ($(SHARDS),1)
+$(if $(filter 1,$(SHARDS)),,$(call sharded_stage,$(call iter_dir,$(1))/pairs_ref.parquet,$(call iter_dir,$(1))/pairs.parquet,ref))
+.SECONDARY: $(call iter_dir,$(1))/pairs_ref.parquet
+$(call shard_parts,$(call iter_dir,$(1))/pairs_ref.parquet): $(call iter_dir,$(1))/pairs.parquet $(call policy_file,$(2)) $(call ref_file,$(2)) | $(POLICY_DEPS) tools settings
+	@mkdir -p $$(@D)
+	$$(LAUNCH) $(TIMED) ref $$(SHARD_LOG) --rows pairs -- \
+	  $(BIN)/opt-wdpo --policy $(call policy_of,$(2)) $(call ref_arg,$(2)) $$< --reference-only $$(SHARD_ARGS) \
+	  --seed $(call plus,$(SEED),$(1)) $(TRAIN_ARGS) $(DEVICE_ARGS)
+endif
+
 # A policy directory is complete once config.json is there; anything else in it is left
-# over from an interrupted run.
-$(call iter_dir,$(1))/policy/config.json: $(call iter_dir,$(1))/pairs.parquet $(call policy_file,$(2)) $(call ref_file,$(2)) | $(POLICY_DEPS) tools settings
+# over from an interrupted run. An interrupted opt-wdpo keeps its training state in
+# policy.state beside it (on SIGTERM/SIGINT, or every --save-steps N steps in TRAIN_ARGS), and
+# the next make continues from there.
+$(call iter_dir,$(1))/policy/config.json: $(call iter_dir,$(1))/$(if $(filter 1,$(SHARDS)),pairs,pairs_ref).parquet $(call policy_file,$(2)) $(call ref_file,$(2)) | $(POLICY_DEPS) tools settings
 	rm -rf $(call iter_dir,$(1))/policy
 	$(call launch,$(call job_name,$(call iter_dir,$(1))/train)) $(TIMED) train $(call iter_dir,$(1))/logs/train.csv --rows pairs --tokens tokens -- \
 	  $(BIN)/opt-wdpo --policy $(call policy_of,$(2)) $(call ref_arg,$(2)) $$< -o $(call iter_dir,$(1))/policy \
 	  --seed $(call plus,$(SEED),$(1)) $(TRAIN_ARGS) $(DEVICE_ARGS) $(call device_arg,1)
+	$(if $(filter 1,$(SHARDS)),,rm -f $(call iter_dir,$(1))/pairs_ref.parquet)
 
 $(call iter_dir,$(1))/metrics.csv: $(call iter_dir,$(1))/policy/config.json
 	cp $(call iter_dir,$(1))/policy/metrics.csv $$@.tmp && mv $$@.tmp $$@
 
 $(call iter_dir,$(1))/timings.csv: $(call iter_dir,$(1))/metrics.csv $(call iter_dir,$(1))/scored.parquet
-	{ echo stage,seconds,rows,tokens; for s in gen score select pairs train; do \
+	{ echo stage,seconds,rows,tokens; for s in gen score select pairs ref train; do \
 	    cat $(call iter_dir,$(1))/logs/$$$$s.csv 2>/dev/null || true; done; } >$$@.tmp && mv $$@.tmp $$@
 
 

@@ -8,6 +8,9 @@ use optune_testkit::{
 use std::path::Path;
 use std::process::Command;
 
+/// The tests of this file time whole runs: one at a time, so that they do not slow each other.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// 300 prompts × 8 samples × 128 tokens on the tiny llama (seed 0 unless `extra` says): about
 /// 10 s on 2 cores, long enough for the journal (written every 2 s) to fill in several steps.
 fn opt_gen(output: &Path, extra: &[&str]) -> Command {
@@ -27,6 +30,9 @@ const RESPONSES: usize = 300 * 8;
 
 #[test]
 fn a_killed_run_resumes_to_the_uninterrupted_output_in_less_time() {
+    let _serial = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let whole = dir.path().join("whole.parquet");
     let (outcome, whole_secs) = timed(&mut opt_gen(&whole, &[]));
@@ -61,6 +67,9 @@ fn a_killed_run_resumes_to_the_uninterrupted_output_in_less_time() {
 
 #[test]
 fn a_rerun_with_other_arguments_is_refused() {
+    let _serial = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let output = dir.path().join("responses.parquet");
     kill_when_journalled(&mut opt_gen(&output, &[]), &output, 1);

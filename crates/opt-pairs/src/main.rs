@@ -32,7 +32,7 @@ that is NaN or infinite, is an error.
 Use it after opt-score, before opt-wdpo. From the second OPTune iteration on,
 pass the rows opt-select kept (--rest) together with the newly scored rows.
 
-The pairs follow the order of the prompts' first rows across the inputs.";
+The pairs come out sorted by prompt_id.";
 
 const EXAMPLES: &str = "\
 Examples:

@@ -15,7 +15,7 @@ use optune_shard::{col, Destination, PromptText, Shard};
 use rayon::prelude::*;
 use rm::RewardModel;
 use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -160,9 +160,9 @@ impl Input {
             None
         };
         let rows = match (slice, &prompt_ids) {
-            (Some(slice), Some(ids)) => {
-                slice_rows(ids, slice).with_context(|| shard.name().to_string())?
-            }
+            (Some(slice), Some(ids)) => slice
+                .rows(&ids.iter().map(String::as_str).collect::<Vec<_>>())
+                .with_context(|| shard.name().to_string())?,
             _ => (0..shard.num_rows()).collect(),
         };
         Ok(Input {
@@ -189,24 +189,6 @@ impl Input {
 
 fn owned(values: Vec<&str>) -> Vec<String> {
     values.into_iter().map(str::to_string).collect()
-}
-
-/// The rows whose prompt_id falls in `slice` of the sorted distinct ids, sorted by prompt_id
-/// and in input order within one.
-fn slice_rows(prompt_ids: &[String], slice: SliceSpec) -> Result<Vec<usize>> {
-    let mut distinct: Vec<&str> = prompt_ids.iter().map(String::as_str).collect();
-    distinct.sort_unstable();
-    distinct.dedup();
-    let chosen: HashSet<&str> = slice
-        .select(&distinct)?
-        .into_iter()
-        .map(|i| distinct[i])
-        .collect();
-    let mut rows: Vec<usize> = (0..prompt_ids.len())
-        .filter(|&r| chosen.contains(prompt_ids[r].as_str()))
-        .collect();
-    rows.sort_by(|&a, &b| prompt_ids[a].cmp(&prompt_ids[b]));
-    Ok(rows)
 }
 
 fn progress_bar(len: usize) -> indicatif::ProgressBar {
@@ -532,23 +514,6 @@ struct ScoredRow {
 mod tests {
     use super::*;
     use optune_shard::Message;
-
-    #[test]
-    fn slices_keep_prompts_together_and_concatenate_to_the_sorted_input() {
-        let ids: Vec<String> = ["b", "a", "c", "a", "b", "d"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        let slices: Vec<Vec<usize>> = (1..=3)
-            .map(|k| slice_rows(&ids, SliceSpec { index: k, count: 3 }).unwrap())
-            .collect();
-        // Distinct ids a b c d: slices {a}, {b}, {c, d}.
-        assert_eq!(slices, [vec![1, 3], vec![0, 4], vec![2, 5]]);
-        assert_eq!(
-            slice_rows(&ids, SliceSpec::WHOLE).unwrap(),
-            [1, 3, 0, 4, 2, 5]
-        );
-    }
 
     #[test]
     fn command_prompt_is_the_text_or_the_last_user_message() {

@@ -10,6 +10,9 @@ use serde_json::json;
 use std::path::Path;
 use std::process::Command;
 
+/// The tests of this file time whole runs: one at a time, so that they do not slow each other.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 const ROWS: usize = 4800;
 
 /// 480 prompts × 10 responses of 20 to 180 words (so of many lengths), made up from a fixed
@@ -55,6 +58,9 @@ fn score(input: &Path, output: &Path, extra: &[&str]) -> Command {
 
 #[test]
 fn a_killed_run_resumes_to_the_uninterrupted_output() {
+    let _serial = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("responses.jsonl");
     write_responses(&input);
@@ -79,6 +85,9 @@ fn a_killed_run_resumes_to_the_uninterrupted_output() {
 
 #[test]
 fn a_rerun_with_other_arguments_is_refused() {
+    let _serial = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("responses.jsonl");
     write_responses(&input);

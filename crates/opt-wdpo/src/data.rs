@@ -14,6 +14,7 @@ pub struct TrainPair {
     pub rejected: TokenizedPair,
     /// 0 when the shard has no rewards (an offline dataset): the weight is then 1 for every form.
     pub reward_gap: f32,
+    /// Reference log-probs of (chosen, rejected), summed over each response.
     pub ref_logps: Option<(f32, f32)>,
 }
 

@@ -2,20 +2,23 @@
 //!
 //! The stages of a run, one module each: [`policy`] (load the policy, LoRA), [`data`] (pairs as
 //! tokens, batches), [`reference`] (reference log-probs once before training), [`train`] (the
-//! loop: loss, accumulation, clipping, optimiser, metrics; [`hypo`] for the online KL term), then
-//! the checkpoint and the summary line here.
+//! loop: loss, accumulation, clipping, optimiser, metrics; [`hypo`] for the online KL term;
+//! [`state`] for the training state a killed run resumes from), then the checkpoint and the
+//! summary line here.
 
 mod data;
 mod hypo;
 mod metrics;
 mod policy;
 mod reference;
+mod state;
 mod train;
 
 use anyhow::{bail, Result};
 use clap::Parser;
 use optune_model::cli::RuntimeArgs;
 use optune_shard::cli::{run_tool, Summary};
+use optune_shard::split::SliceSpec;
 use optune_shard::Shard;
 use optune_train::loss::{Objective, WeightForm, WeightNorm};
 use optune_train::optim::{Decay, OptimizerKind};
@@ -38,7 +41,17 @@ use std::time::Instant;
 /// Reference log-probs are computed once before training (or read from the shard's
 /// ref_chosen_logp/ref_rejected_logp columns), so no reference model is held during training;
 /// --precompute-ref also writes them back into the pairs file. With LoRA the reference is the
-/// base model with the adapters off.
+/// base model with the adapters off. --reference-only computes them and writes the pairs with
+/// them to -o FILE without training; with --shard K/N only for the K-th of N slices of the
+/// prompts (sorted by prompt_id), so that N jobs share the work and opt-cat joins their outputs.
+///
+/// With --save-steps N, every N optimiser steps a training state (the trained weights or
+/// adapters, optimiser moments, step, random streams, position in the data order, reference
+/// log-probs) is written atomically to OUT_DIR.state; SIGTERM or SIGINT writes one at the next
+/// step boundary and exits with an error (a second signal exits at once). The same command run
+/// again resumes from it and ends with the weights an uninterrupted run writes (to the bit on
+/// the CPU); a run with other arguments or pairs is refused. OUT_DIR.state is removed once
+/// OUT_DIR is written.
 ///
 /// Example:
 ///   opt-wdpo --policy runs/x/iter1/policy pairs.parquet -o runs/x/iter2/policy \
@@ -58,7 +71,8 @@ pub struct Args {
     #[arg(value_name = "PAIRS")]
     pub input: Option<PathBuf>,
 
-    /// Output checkpoint directory (replaced atomically when training ends)
+    /// Output checkpoint directory (replaced atomically when training ends); with
+    /// --reference-only, the pairs shard file
     #[arg(short = 'o', long = "output", value_name = "OUT_DIR")]
     pub output: PathBuf,
 
@@ -99,6 +113,16 @@ pub struct Args {
     /// Write ref_chosen_logp/ref_rejected_logp into the PAIRS file (atomically) once computed
     #[arg(long)]
     pub precompute_ref: bool,
+
+    /// Only compute the reference log-probs: write the pairs with ref_chosen_logp and
+    /// ref_rejected_logp to -o FILE, and do not train
+    #[arg(long, conflicts_with_all = ["precompute_ref", "metrics"])]
+    pub reference_only: bool,
+
+    /// With --reference-only: only the pairs of the K-th of N slices of the prompts (by
+    /// prompt_id)
+    #[arg(long, value_name = "K/N", value_parser = SliceSpec::parse, requires = "reference_only")]
+    pub shard: Option<SliceSpec>,
 
     /// LoRA rank; full fine-tuning when absent
     #[arg(long)]
@@ -162,6 +186,11 @@ pub struct Args {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 
+    /// Write a training state to OUT_DIR.state every N optimiser steps, for a rerun to resume
+    /// from (0: only on SIGTERM/SIGINT)
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub save_steps: u64,
+
     /// Per-step metrics CSV, written as training goes [default: OUT_DIR/metrics.csv at the end]
     #[arg(long, value_name = "FILE")]
     pub metrics: Option<PathBuf>,
@@ -197,15 +226,37 @@ fn run(args: Args) -> Result<()> {
     args.validate()?;
     let started = Instant::now();
     let (device, _dtype) = args.runtime.init()?;
+    if args.reference_only {
+        let pairs = reference::write_only(&args, &device)?;
+        Summary::new("opt-wdpo")
+            .field("pairs", pairs)
+            .field("total_s", format!("{:.2}", started.elapsed().as_secs_f64()))
+            .print();
+        return Ok(());
+    }
     let shard = Shard::read(args.input.as_deref())?;
     let policy = Policy::load(&args, &device)?;
     let mut pairs = data::read_pairs(&shard, &policy.tokenizer, args.max_length)?;
     if pairs.is_empty() {
         bail!("{}: no pairs to train on", shard.name());
     }
+    let fingerprint = state::fingerprint(&args, &device, &pairs)?;
+    let resumed = state::load(&args.output, &fingerprint)?;
+    if let Some(saved) = &resumed {
+        saved.fill_reference(&mut pairs)?;
+    }
     let reference = reference::prepare(&args, &policy, &shard, &mut pairs, &device)?;
-    let trained = train::train(&args, &policy, &pairs, reference.as_ref(), &device)?;
+    let trained = train::train(
+        &args,
+        &policy,
+        &pairs,
+        reference.as_ref(),
+        &device,
+        &fingerprint,
+        resumed,
+    )?;
     save(&args, &policy, &trained)?;
+    state::remove(&args.output)?;
     summary(&trained, pairs.len(), started).print();
     Ok(())
 }
@@ -230,11 +281,15 @@ fn summary(trained: &train::Trained, pairs: usize, started: Instant) -> Summary 
     let mut summary = Summary::new("opt-wdpo")
         .field("pairs", pairs)
         .field("steps", trained.steps)
+        .field("resumed_from", trained.resumed_from)
         .field("tokens", trained.tokens)
         .field("train_s", format!("{:.2}", trained.seconds))
         .field(
             "s_per_step",
-            format!("{:.3}", trained.seconds / trained.steps.max(1) as f64),
+            format!(
+                "{:.3}",
+                trained.seconds / (trained.steps - trained.resumed_from).max(1) as f64
+            ),
         );
     if let Some(last) = trained.log.last() {
         summary = summary

@@ -6,7 +6,7 @@
 use crate::contract::col;
 use crate::shard::Shard;
 use anyhow::{bail, ensure, Result};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 /// The K-th (1-based) of N slices.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,6 +48,27 @@ impl SliceSpec {
         let start = (self.index - 1) * keys.len() / self.count;
         let end = self.index * keys.len() / self.count;
         Ok(order[start..end].to_vec())
+    }
+}
+
+impl SliceSpec {
+    /// The rows (of a shard with several rows per prompt, given their prompt_ids) whose prompt
+    /// falls in this slice of the sorted distinct prompt_ids: sorted by prompt_id, in input
+    /// order within one, so that the slices of an input sorted by prompt_id concatenate to it.
+    pub fn rows(&self, prompt_ids: &[&str]) -> Result<Vec<usize>> {
+        let mut distinct: Vec<&str> = prompt_ids.to_vec();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let chosen: HashSet<&str> = self
+            .select(&distinct)?
+            .into_iter()
+            .map(|i| distinct[i])
+            .collect();
+        let mut rows: Vec<usize> = (0..prompt_ids.len())
+            .filter(|&r| chosen.contains(prompt_ids[r]))
+            .collect();
+        rows.sort_by(|&a, &b| prompt_ids[a].cmp(prompt_ids[b]));
+        Ok(rows)
     }
 }
 
@@ -146,6 +167,17 @@ mod tests {
             .collect();
         assert_eq!(all, SliceSpec::WHOLE.select(&keys).unwrap());
         assert_eq!(all, vec![1, 3, 2, 0, 4]);
+    }
+
+    #[test]
+    fn rows_keep_prompts_together_and_concatenate_to_the_sorted_input() {
+        let ids = ["b", "a", "c", "a", "b", "d"];
+        let slices: Vec<Vec<usize>> = (1..=3)
+            .map(|k| SliceSpec { index: k, count: 3 }.rows(&ids).unwrap())
+            .collect();
+        // Distinct ids a b c d: slices {a}, {b}, {c, d}.
+        assert_eq!(slices, [vec![1, 3], vec![0, 4], vec![2, 5]]);
+        assert_eq!(SliceSpec::WHOLE.rows(&ids).unwrap(), [1, 3, 0, 4, 2, 5]);
     }
 
     #[test]

@@ -314,19 +314,34 @@ pub fn journal_rows(output: &Path) -> usize {
         .unwrap_or(0)
 }
 
-/// Starts `command` (its stdout and stderr discarded) and SIGKILLs it once the journal of
-/// `output` holds at least `rows` rows; returns the rows it then holds. Panics when the tool
-/// ends before that or makes no progress for ten minutes.
-pub fn kill_when_journalled(command: &mut Command, output: &Path, rows: usize) -> usize {
+/// Starts `command` (stdout discarded, stderr kept), waits until `ready()` holds, sends it
+/// `signal` (`KILL`, `TERM`, `INT`) and waits for it to end; returns how it ended and how many
+/// seconds it took to end after the signal. Panics when the tool ends before `ready()` holds or
+/// makes no progress for ten minutes.
+pub fn signal_when(
+    command: &mut Command,
+    signal: &str,
+    ready: impl Fn() -> bool,
+) -> (Outcome, f64) {
     let mut child = command
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("the tool starts");
+    let mut stderr = child.stderr.take().expect("piped stderr");
+    // Read while it runs, so that a full pipe never stalls the tool.
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut text).ok();
+        text
+    });
     let started = std::time::Instant::now();
-    while journal_rows(output) < rows {
+    while !ready() {
         if let Some(status) = child.try_wait().expect("waiting for the tool") {
-            panic!("the tool ended ({status}) before its journal held {rows} rows");
+            panic!(
+                "the tool ended ({status}) before the moment to signal it:\n{}",
+                reader.join().unwrap_or_default()
+            );
         }
         assert!(
             started.elapsed() < std::time::Duration::from_secs(600),
@@ -334,8 +349,30 @@ pub fn kill_when_journalled(command: &mut Command, output: &Path, rows: usize) -
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    child.kill().expect("SIGKILL");
-    child.wait().expect("reaping the tool");
+    let signalled = std::time::Instant::now();
+    let sent = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(child.id().to_string())
+        .status()
+        .expect("kill runs");
+    assert!(sent.success(), "kill -{signal} failed");
+    let status = child.wait().expect("reaping the tool");
+    let seconds = signalled.elapsed().as_secs_f64();
+    let stderr = reader.join().unwrap_or_default();
+    (
+        Outcome {
+            status,
+            stdout: Vec::new(),
+            stderr,
+        },
+        seconds,
+    )
+}
+
+/// SIGKILLs `command` once the journal of `output` holds at least `rows` rows (see
+/// [`signal_when`]); returns the rows it then holds.
+pub fn kill_when_journalled(command: &mut Command, output: &Path, rows: usize) -> usize {
+    signal_when(command, "KILL", || journal_rows(output) >= rows);
     journal_rows(output)
 }
 
