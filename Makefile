@@ -22,9 +22,13 @@ build:
 
 # The cargo tests include the Parquet cross-read, which skips itself when
 # $(OPTUNE_PYTHON) lacks duckdb or pyarrow (OPTUNE_REQUIRE_DUCKDB=1 makes that
-# a failure); the last line says which happened.
+# a failure); the last line says which happened. The packages that run a model are
+# then tested a second time with OPTUNE_KERNELS=generic: candle's generic ops, the op
+# graph CUDA runs, so every commit tests it on the CPU.
+GENERIC_TEST_PACKAGES ?= optune-model optune-train opt-gen opt-score opt-wdpo
 test:
 	cargo test --release --workspace
+	OPTUNE_KERNELS=generic cargo test --release $(addprefix -p ,$(GENERIC_TEST_PACKAGES))
 	@if $(OPTUNE_PYTHON) -c 'import duckdb, pyarrow' 2>/dev/null; \
 	then echo 'DuckDB/pyarrow cross-read: ran'; \
 	else echo 'DuckDB/pyarrow cross-read: SKIPPED ($(OPTUNE_PYTHON) cannot import duckdb and pyarrow; pip install duckdb pyarrow)'; fi
@@ -44,7 +48,8 @@ bench-gen:
 #                         regenerate those prompts with policy N-1, score, pair with the kept
 #                         rows, train policy N (any N: `make iter7` runs 1–7 as needed)
 #   make report           runs/NAME/report.md and its plots
-#   make sweep            RHOS="0.3 0.5 0.7 1.0" ITERS=3: one run per ρ, runs/NAME-sweep.md
+#   make sweep            RHOS="0.3 0.5 0.7 1.0" ITERS=3: one run per ρ, runs/NAME-sweep.md;
+#                         SWEEP_SELECTS="max random history": one run per ρ and selection
 #   make pipeline-test    the miniature pipeline (pipelines/tiny.mk) end to end, in a temp dir
 #   make slurm-test       the miniature pipeline through a single-node Slurm started for it (root)
 #
@@ -66,7 +71,7 @@ RUN_DIR = $(RUNS)/$(RUN_NAME)
 BIN ?= $(CARGO_TARGET_DIR)/release
 BUILD_TOOLS ?= 1
 CARGO_FLAGS ?=
-TOOL_PACKAGES ?= opt-gen opt-score opt-select opt-pairs opt-wdpo opt-report $(EXTRA_TOOL_PACKAGES)
+TOOL_PACKAGES ?= opt-gen opt-score opt-select opt-pairs opt-wdpo opt-cat opt-report $(EXTRA_TOOL_PACKAGES)
 PYTHON ?= python3
 # The initial policy (a Hugging Face model directory) and the file make needs of it.
 POLICY_DEPS ?= $(POLICY)/config.json
@@ -91,6 +96,9 @@ SCORE_DEPS ?=
 RHO ?= 0.7
 SELECT_BY ?= max
 SELECT_ARGS ?=
+# SELECT_HISTORY=1: iteration N's selection also reads the scored sets of iterations 1..N-2
+# (opt-select --history: rank by every round's rewards; with --skip-flat, skip flat prompts).
+SELECT_HISTORY ?= 0
 PAIRS_ARGS ?=
 # Training (opt-wdpo): the reference is the initial policy (REF=initial), the policy being
 # trained from (REF=previous) or a model directory.
@@ -119,10 +127,21 @@ ITERS ?= 3
 RHOS ?= 0.3 0.5 0.7 1.0
 SWEEP_NAME ?= $(NAME)
 SWEEP_SHARE_ITER1 ?= 1
+# Selections the sweep compares, by name: each runs with SELECT_BY=$(SELECT_BY_name) (default
+# SELECT_BY), SELECT_ARGS=$(SELECT_ARGS_name) and SELECT_HISTORY=$(SELECT_HISTORY_name) (default
+# 0) into runs/SWEEP_NAME-name-rhoR. Empty: one run per ρ with the selection settings as set,
+# into runs/SWEEP_NAME-rhoR. Three are defined here: OPTune's lowest max reward, the random
+# baseline, and the max over every iteration's rewards with GRESO-style skipping.
+SWEEP_SELECTS ?=
+SELECT_BY_max ?= max
+SELECT_ARGS_random ?= --strategy random
+SELECT_BY_history ?= max
+SELECT_ARGS_history ?= --skip-flat 2 --explore 0.1
+SELECT_HISTORY_history ?= 1
 
 TIMED = scripts/pipeline/timed.sh
 SETTINGS_VARS = PIPELINE NAME POLICY PROMPTS_FILE PROMPTS EVAL_PROMPTS EVAL_N EVAL_SEED N TEMPERATURE \
-  TOP_P MAX_NEW_TOKENS GEN_BATCH GEN_ARGS SEED RHO SELECT_BY SELECT_ARGS PAIRS_ARGS REF SCORE_ARGS \
+  TOP_P MAX_NEW_TOKENS GEN_BATCH GEN_ARGS SEED RHO SELECT_BY SELECT_ARGS SELECT_HISTORY PAIRS_ARGS REF SCORE_ARGS \
   TRAIN_ARGS DEVICE_ARGS
 
 # Rules exist for iterations 1..max(MAX_ITER, ITERS, any iterN named on the command line).
@@ -139,6 +158,8 @@ ref_file = $(if $(filter previous,$(REF)),$(call policy_file,$(1)))
 # opt-wdpo's reference defaults to the policy it trains from: pass --ref only when it differs.
 ref_arg = $(if $(filter $(call policy_of,$(1)),$(call ref_of,$(1))),,--ref $(call ref_of,$(1)))
 plus = $(shell expr $(1) + $(2))
+# The scored sets before iteration N-1's ($(1) = N-1): iterations 1..N-2, with SELECT_HISTORY=1.
+select_history = $(if $(filter 1,$(SELECT_HISTORY)),$(foreach k,$(wordlist 1,$(shell expr $(1) - 1),$(ITER_NUMS)),$(call iter_dir,$(k))/scored.parquet))
 EVAL_ON = $(filter-out 0,$(EVAL_PROMPTS))
 
 ifeq ($(filter local slurm,$(LAUNCHER)),)
@@ -276,9 +297,10 @@ $(foreach n,0 $(ITER_NUMS),$(eval $(call EVALUATION,$(n))))
 # Selection for iteration N ≥ 2. opt-select writes --rest (kept.parquet) before -o
 # (regen.parquet), so regen.parquet's presence means both are complete.
 define SELECTION
-$(call iter_dir,$(1))/regen.parquet: $(call iter_dir,$(2))/scored.parquet | tools settings
+$(call iter_dir,$(1))/regen.parquet: $(call iter_dir,$(2))/scored.parquet $(call select_history,$(2)) | tools settings
 	$(call launch,$(call job_name,$(call iter_dir,$(1))/select)) $(TIMED) select $(call iter_dir,$(1))/logs/select.csv --rows selected -- \
-	  $(BIN)/opt-select --rho $(RHO) --by $(SELECT_BY) $(SELECT_ARGS) $$< -o $$@ --rest $(call iter_dir,$(1))/kept.parquet
+	  $(BIN)/opt-select --rho $(RHO) --by $(SELECT_BY) $(SELECT_ARGS) $$< \
+	  $(if $(call select_history,$(2)),--history $(call select_history,$(2))) -o $$@ --rest $(call iter_dir,$(1))/kept.parquet
 
 $(call iter_dir,$(1))/kept.parquet: $(call iter_dir,$(1))/regen.parquet
 	@test -f $$@ || { echo "$$@ is missing: delete $$< to redo the selection" >&2; exit 1; }
@@ -331,12 +353,23 @@ settings:
 report: report-tool
 	$(BIN)/opt-report $(RUN_DIR) -o $(RUN_DIR)/report.md
 
-# One run per ρ in RHOS, ITERS iterations each, into $(RUNS)/$(SWEEP_NAME)-rhoR; then the
-# table. Iteration 1 does not depend on ρ: with SWEEP_SHARE_ITER1=1 the later runs start
-# from hard links to the first run's iter1/ (and iter0/) instead of computing it again.
+# One run per ρ in RHOS (and per selection in SWEEP_SELECTS), ITERS iterations each, into
+# $(RUNS)/$(SWEEP_NAME)[-SELECTION]-rhoR; then the table. Iteration 1 depends on neither ρ nor
+# the selection: with SWEEP_SHARE_ITER1=1 the later runs start from hard links to the first
+# run's iter1/ (and iter0/) instead of computing it again.
+# Each run of the sweep as SELECTION/RHO (SELECTION `_`: SELECT_ARGS as set), and its directory.
+sweep_runs = $(foreach sel,$(or $(SWEEP_SELECTS),_),$(foreach r,$(RHOS),$(sel)/$(r)))
+sweep_dir = $(RUNS)/$(SWEEP_NAME)$(patsubst %,-%,$(patsubst _,,$(firstword $(subst /, ,$(1)))))-rho$(lastword $(subst /, ,$(1)))
+close_paren := )
 sweep: tools
-	@set -e; first=; for r in $(RHOS); do \
-	  run=$(RUNS)/$(SWEEP_NAME)-rho$$r; \
+	@set -e; first=; for spec in $(sweep_runs); do \
+	  sel=$${spec%%/*}; r=$${spec#*/}; \
+	  if [ "$$sel" = _ ]; then run=$(RUNS)/$(SWEEP_NAME)-rho$$r; else run=$(RUNS)/$(SWEEP_NAME)-$$sel-rho$$r; fi; \
+	  case $$sel in \
+	    $(foreach sel,$(SWEEP_SELECTS),$(sel)$(close_paren) set -- "SELECT_BY=$(or $(SELECT_BY_$(sel)),$(SELECT_BY))" \
+	      "SELECT_ARGS=$(SELECT_ARGS_$(sel))" "SELECT_HISTORY=$(or $(SELECT_HISTORY_$(sel)),0)";;) \
+	    *$(close_paren) set --;; \
+	  esac; \
 	  if [ "$(SWEEP_SHARE_ITER1)" = 1 ] && [ -n "$$first" ]; then \
 	    for d in iter0 iter1; do \
 	      if [ -d $$first/$$d ] && [ ! -e $$run/$$d ]; then \
@@ -346,12 +379,12 @@ sweep: tools
 	      fi; \
 	    done; \
 	  fi; \
-	  echo "sweep: rho=$$r -> $$run"; \
-	  $(MAKE) --no-print-directory iter$(ITERS) RHO=$$r RUN_NAME=$(SWEEP_NAME)-rho$$r BUILD_TOOLS=0; \
+	  echo "sweep: rho=$$r $$* -> $$run"; \
+	  $(MAKE) --no-print-directory iter$(ITERS) RHO=$$r RUN_NAME=$$(basename $$run) BUILD_TOOLS=0 "$$@"; \
 	  $(BIN)/opt-report $$run -o $$run/report.md; \
 	  first=$${first:-$$run}; \
 	done
-	$(BIN)/opt-report --sweep $(foreach r,$(RHOS),$(RUNS)/$(SWEEP_NAME)-rho$(r)) -o $(RUNS)/$(SWEEP_NAME)-sweep.md
+	$(BIN)/opt-report --sweep $(foreach spec,$(sweep_runs),$(call sweep_dir,$(spec))) -o $(RUNS)/$(SWEEP_NAME)-sweep.md
 	@echo "sweep: $(RUNS)/$(SWEEP_NAME)-sweep.md"
 
 # The miniature pipeline on the testdata models, iterations 1-3 in a temporary RUNS

@@ -8,7 +8,8 @@
 #   RM            a Hugging Face *ForSequenceClassification reward model directory
 #                 (Mistral-7B based, num_labels 1)
 #   PROMPTS_FILE  a prompts shard: Parquet or JSONL with prompt_id and prompt or messages
-#                 (e.g. UltraChat's train_prefs prompts, about 48k rows)
+#                 (e.g. UltraChat's train_prefs prompts, about 48k rows, as published:
+#                 prompt, prompt_id and messages, whose final assistant reply is left out)
 #
 #   make iter3 PIPELINE=pipelines/zephyr-ultrachat.mk POLICY=… RM=… PROMPTS_FILE=…
 #

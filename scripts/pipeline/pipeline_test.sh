@@ -9,7 +9,9 @@
 #      `make iter3` redoes exactly those and leaves the selection alone;
 #   4. `make report` writes the report and its four plots;
 #   5. `make sweep RHOS="0.5 1.0" ITERS=2` writes both runs and the sweep table, the second
-#      run sharing the first run's iteration 1, and ρ = 1 regenerates every prompt;
+#      run sharing the first run's iteration 1, and ρ = 1 regenerates every prompt; a sweep over
+#      SWEEP_SELECTS="random history" writes one row per selection, and the history run's
+#      iteration 3 selects with iteration 1's scored set as history;
 #   6. DuckDB and pyarrow read every Parquet file (skipped when $OPTUNE_PYTHON lacks them,
 #      a failure with OPTUNE_REQUIRE_DUCKDB=1);
 #   7. the run again with SHARDS=3 DEVICES="cpu cpu" (make -j2) up to iteration 2: the same
@@ -111,6 +113,18 @@ else fail "the sweep's iteration 1 differs between runs"; fi
 regen_rows=$(sed -n 's/^select,[^,]*,\([0-9]*\),.*/\1/p' "$runs/tiny-rho1.0/iter2/timings.csv")
 if [ "$regen_rows" = 8 ]; then ok "rho = 1 regenerates all 8 prompts"
 else fail "rho = 1 selected '$regen_rows' prompts, not 8"; fi
+
+# 5b. A sweep over two selections at one ρ, 3 iterations (the history run's iteration 3 reads
+#     iteration 1's scored set).
+if pipeline_make sweep SWEEP_NAME=sel SWEEP_SELECTS="random history" RHOS=0.5 ITERS=3 \
+  && check_files "$runs/sel-random-rho0.5" 3 && check_files "$runs/sel-history-rho0.5" 3 \
+  && grep -q '^| 0.5 | `--by max --strategy random` | `sel-random-rho0.5` |' "$runs/sel-sweep.md" \
+  && grep -q '^| 0.5 | `--by max --skip-flat 2 --explore 0.1 + history` | `sel-history-rho0.5` |' "$runs/sel-sweep.md"; then
+  ok "make sweep SWEEP_SELECTS wrote a row per selection"
+else fail "make sweep SWEEP_SELECTS"; tail -n 30 "$log"; fi
+if grep -q "opt-select: .* history=1 skipped=" "$log" && ! grep -q "history=2" "$log"; then
+  ok "the history selection read iteration 1's scored set in iteration 3"
+else fail "no opt-select summary with history=1 in the log"; fi
 
 # 6. Other readers.
 parquets=$(find "$runs" -name '*.parquet' -type f | sort)

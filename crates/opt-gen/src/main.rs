@@ -2,16 +2,16 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
-use optune_model::cli::RuntimeArgs;
+use optune_cli::RuntimeArgs;
 use optune_model::generate::{
     generate, stream_seed, FinishReason, Generation, GenerationRequest, SamplingParams,
 };
-use optune_model::{load_model, ChatMessage, Prompt};
+use optune_model::load_model;
 use optune_resume::{file_stamps, Digest, Fingerprint, Journal};
 use optune_shard::arrow::array::{Float32Array, UInt32Array, UInt64Array};
 use optune_shard::cli::{run_tool, OutputArgs, Summary};
 use optune_shard::split::SliceSpec;
-use optune_shard::{Destination, PromptText, Shard};
+use optune_shard::{Destination, Shard};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -21,9 +21,12 @@ use std::time::Instant;
 
 /// Sample responses to prompts with a policy model: the generation step of OPTune.
 ///
-/// Reads a prompts shard (`prompt_id` plus `prompt` text or `messages`), renders each prompt with
-/// the model's chat template (raw text becomes one user message), samples --n responses per
-/// prompt and writes the responses shard: the prompt's columns plus `sample`, `response`,
+/// Reads a prompts shard (`prompt_id` plus `prompt` text or `messages`; a `messages` conversation
+/// that ends with the assistant's reply, as UltraChat's does, is prompted without that reply),
+/// renders each prompt with the model's chat template (raw text becomes one user message; for a
+/// model without a template it is tokenised as transformers' tokenizer(prompt) does, BOS
+/// included when the tokenizer adds it), samples --n responses per prompt and writes the
+/// responses shard: the prompt's columns plus `sample`, `response`,
 /// `response_tokens`, `finish_reason` (stop|length), `policy`, `seed` and `logp` (the summed
 /// log-probability of the response under the policy at temperature 1, EOS included).
 ///
@@ -32,9 +35,10 @@ use std::time::Instant;
 /// the N outputs equals the unsplit run.
 ///
 /// With -o FILE, finished responses are kept every few seconds in FILE.journal: after a crash or
-/// a kill, the same command run again generates only the rest (the output is the same as an
-/// uninterrupted run's), and a run with other arguments or prompts is refused. The journal is
-/// removed once FILE is written.
+/// a kill, the same command run again generates only the rest, and a run with other arguments
+/// or prompts is refused. The output is then the uninterrupted run's, byte for byte on the CPU
+/// (fused kernels); elsewhere the batch a response shares changes its log-prob in the last bits,
+/// as another --batch-size does. The journal is removed once FILE is written.
 ///
 /// Example:
 ///   opt-gen --model runs/policy prompts.jsonl --n 2 --max-new-tokens 64 -o responses.parquet
@@ -115,17 +119,6 @@ fn main() -> ExitCode {
     run_tool("opt-gen", || run(args))
 }
 
-fn to_model_prompt(text: &PromptText) -> Prompt {
-    match text {
-        PromptText::Text(t) => Prompt::Text(t.clone()),
-        PromptText::Messages(ms) => Prompt::Messages(
-            ms.iter()
-                .map(|m| ChatMessage::new(m.role.clone(), m.content.clone()))
-                .collect(),
-        ),
-    }
-}
-
 fn run(args: Args) -> Result<()> {
     if args.n == 0 {
         bail!("--n must be at least 1");
@@ -156,10 +149,9 @@ fn run(args: Args) -> Result<()> {
     let mut requests = Vec::with_capacity(rows.len() * args.n as usize);
     for &row in &rows {
         let prompt = &prompts[row];
-        let text = tokenizer
-            .render_prompt(&to_model_prompt(&prompt.text))
+        let mut ids = tokenizer
+            .encode_prompt(&optune_cli::model_prompt(&prompt.text))
             .with_context(|| format!("{}: prompt_id '{}'", shard.name(), prompt.prompt_id))?;
-        let mut ids = tokenizer.encode(&text)?;
         if ids.len() > args.max_prompt_tokens {
             match args.truncate {
                 Truncate::Error => bail!(
@@ -340,7 +332,8 @@ fn run(args: Args) -> Result<()> {
         Some(cpu) => summary.field("gen_cpu_s", format!("{cpu:.2}")),
         None => summary,
     };
-    let summary = match optune_model::runtime::peak_rss_mb() {
+    let summary = summary.field("kernels", optune_cli::kernels_in_use(&device, dtype));
+    let summary = match optune_cli::runtime::peak_rss_mb() {
         Some(mb) => summary.field("peak_rss_mb", format!("{mb:.0}")),
         None => summary,
     };
@@ -417,7 +410,8 @@ fn fingerprint(
         .with("--max-new-tokens", args.max_new_tokens)
         .with("--ignore-eos", args.ignore_eos)
         .with("--device", format!("{:?}", device.location()))
-        .with("--dtype", format!("{dtype:?}").to_lowercase()))
+        .with("--dtype", format!("{dtype:?}").to_lowercase())
+        .with("--kernels", optune_cli::kernels_in_use(device, dtype)))
 }
 
 /// CPU time used so far by every live thread of this process, from /proc (Linux); `None`

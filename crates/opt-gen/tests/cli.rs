@@ -1,5 +1,6 @@
 //! opt-gen end to end on the tiny testdata models: byte-identical output whatever the batch size
-//! and thread count, sharding, --n, EOS handling and over-long prompts.
+//! and thread count (fused kernels; the same text and log-probs to rounding on the generic path),
+//! sharding, --n, EOS handling and over-long prompts.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -35,6 +36,40 @@ fn run(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+/// Whether this run tests the generic path (`OPTUNE_KERNELS=generic`, inherited by opt-gen). Its
+/// decode step attends over the batch with a mask, so only the fused path promises the same bits
+/// whatever the batch; the generic path promises the same tokens and log-probs to rounding.
+fn generic_kernels() -> bool {
+    std::env::var("OPTUNE_KERNELS").as_deref() == Ok("generic")
+}
+
+/// `got` equals `want`: byte for byte on the fused path; on the generic path row by row, with the
+/// same responses and `logp` within 1e-4.
+fn assert_same_output(got: &str, want: &str, what: &str) {
+    if !generic_kernels() {
+        assert_eq!(got, want, "{what}");
+        return;
+    }
+    let (got, want) = (rows(got), rows(want));
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (g, w) in got.iter().zip(&want) {
+        for column in [
+            "prompt_id",
+            "sample",
+            "response",
+            "response_tokens",
+            "finish_reason",
+        ] {
+            assert_eq!(g[column], w[column], "{what}: {column}");
+        }
+        let (a, b) = (g["logp"].as_f64().unwrap(), w["logp"].as_f64().unwrap());
+        assert!(
+            (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+            "{what}: logp {a} vs {b}"
+        );
+    }
 }
 
 fn rows(jsonl: &str) -> Vec<serde_json::Value> {
@@ -75,10 +110,10 @@ fn output_bytes_do_not_depend_on_batch_size_or_threads() {
             ("16", "2"),
             ("4", "3"),
         ] {
-            assert_eq!(
-                run(&args(batch, threads)),
-                reference,
-                "{name}: --batch-size {batch} --threads {threads}"
+            assert_same_output(
+                &run(&args(batch, threads)),
+                &reference,
+                &format!("{name}: --batch-size {batch} --threads {threads}"),
             );
         }
     }
@@ -106,7 +141,7 @@ fn concatenated_shards_equal_the_unsharded_run() {
         args.extend_from_slice(&["--shard", shard, "--batch-size", "1"]);
         joined.push_str(&run(&args));
     }
-    assert_eq!(joined, whole);
+    assert_same_output(&joined, &whole, "shards 1/2 + 2/2");
     // And three slices of three prompts: one each.
     let third = {
         let mut args = base.to_vec();
@@ -249,4 +284,160 @@ fn over_long_prompts_fail_unless_truncated() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(rows(&String::from_utf8(out.stdout).unwrap()).len(), 3);
+}
+
+fn write_jsonl(path: &Path, rows: &[serde_json::Value]) {
+    let text: String = rows.iter().map(|row| format!("{row}\n")).collect();
+    std::fs::write(path, text).unwrap();
+}
+
+/// Greedy responses (text, token count, finish reason) of `model_name` to `prompts`.
+fn greedy(model_name: &str, prompts: &Path, new_tokens: &str) -> Vec<(String, u64, String)> {
+    let m = model(model_name);
+    let args = [
+        "--model",
+        m.to_str().unwrap(),
+        prompts.to_str().unwrap(),
+        "--n",
+        "1",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        new_tokens,
+    ];
+    rows(&run(&args))
+        .iter()
+        .map(|row| {
+            (
+                row["response"].as_str().unwrap().to_string(),
+                row["response_tokens"].as_u64().unwrap(),
+                row["finish_reason"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn an_untemplated_base_model_continues_raw_text_like_transformers() {
+    // testdata/reference/tiny-llama-base.json: transformers' greedy continuation of
+    // tokenizer(prompt), which puts BOS first (scripts/reference/make_base_testdata.py checks
+    // that the continuation without BOS differs).
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("testdata/reference/tiny-llama-base.json")).unwrap(),
+    )
+    .unwrap();
+    let cases = reference["greedy"].as_array().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = tmp.path().join("prompts.jsonl");
+    let shard: Vec<serde_json::Value> = cases
+        .iter()
+        .enumerate()
+        .map(|(i, c)| serde_json::json!({"prompt_id": format!("g{i}"), "prompt": c["prompt"]}))
+        .collect();
+    write_jsonl(&prompts, &shard);
+    let new_tokens = reference["greedy_new_tokens"].to_string();
+    let ours = greedy("tiny-llama-base", &prompts, &new_tokens);
+    let theirs: Vec<(String, u64, String)> = cases
+        .iter()
+        .map(|c| {
+            (
+                c["response"].as_str().unwrap().to_string(),
+                c["new_ids"].as_array().unwrap().len() as u64,
+                c["finish_reason"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(ours, theirs);
+}
+
+#[test]
+fn ultrachat_conversations_are_answered_like_their_bare_prompts() {
+    // UltraChat's layout: `prompt` text and `messages` ending with the reference answer. The
+    // model must answer the conversation before that answer.
+    let tmp = tempfile::tempdir().unwrap();
+    let user = |text: &str| serde_json::json!({"role": "user", "content": text});
+    let assistant = |text: &str| serde_json::json!({"role": "assistant", "content": text});
+    let conversations = [
+        (
+            "a",
+            vec![user("Describe the sea."), assistant("Blue and wide.")],
+        ),
+        (
+            "b",
+            vec![
+                user("Name a fruit."),
+                assistant("A pear."),
+                user("Another?"),
+                assistant("A plum."),
+            ],
+        ),
+    ];
+    let shard = |name: &str, row: &dyn Fn(&str, &[serde_json::Value]) -> serde_json::Value| {
+        let path = tmp.path().join(name);
+        let rows: Vec<serde_json::Value> = conversations.iter().map(|(id, c)| row(id, c)).collect();
+        write_jsonl(&path, &rows);
+        path
+    };
+    let ultrachat = shard(
+        "ultrachat.jsonl",
+        &|id, c| serde_json::json!({"prompt_id": id, "prompt": c[c.len() - 2]["content"], "messages": c}),
+    );
+    let bare = shard(
+        "bare.jsonl",
+        &|id, c| serde_json::json!({"prompt_id": id, "messages": c[..c.len() - 1]}),
+    );
+    // The whole conversation as a prompt (a `prompt` column keeps a final assistant message):
+    // the answer the model gives after the reference answer, which UltraChat must not get.
+    let whole = shard(
+        "whole.jsonl",
+        &|id, c| serde_json::json!({"prompt_id": id, "prompt": c}),
+    );
+    let answers = greedy("tiny-llama", &ultrachat, "12");
+    assert_eq!(answers, greedy("tiny-llama", &bare, "12"));
+    let after_the_reference = greedy("tiny-llama", &whole, "12");
+    assert!(answers
+        .iter()
+        .zip(&after_the_reference)
+        .all(|(a, b)| a != b));
+}
+
+/// Greedy decoding gives the same text on the generic kernels (the op graph CUDA runs) as on the
+/// fused CPU kernels, for every model family, and the summary line names the kernels used.
+#[test]
+fn generic_kernels_give_the_fused_greedy_output() {
+    for name in ["tiny-llama", "tiny-mistral", "tiny-qwen2"] {
+        let m = model(name);
+        let p = prompts();
+        let mut outputs = Vec::new();
+        for kernels in ["fused", "generic"] {
+            let out = opt_gen(&[
+                "--format",
+                "jsonl",
+                "--model",
+                m.to_str().unwrap(),
+                p.to_str().unwrap(),
+                "--temperature",
+                "0",
+                "--max-new-tokens",
+                "24",
+                "--batch-size",
+                "2",
+                "--kernels",
+                kernels,
+            ]);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "{name} {kernels}: {stderr}");
+            assert!(stderr.contains(&format!("kernels={kernels}")), "{stderr}");
+            outputs.push(rows(&String::from_utf8(out.stdout).unwrap()));
+        }
+        assert_eq!(outputs[0].len(), outputs[1].len());
+        for (f, g) in outputs[0].iter().zip(&outputs[1]) {
+            assert_eq!(f["response"], g["response"], "{name}");
+            let (a, b) = (f["logp"].as_f64().unwrap(), g["logp"].as_f64().unwrap());
+            assert!(
+                (a - b).abs() <= 1e-4 * a.abs().max(1.0),
+                "{name}: logp {a} vs {b}"
+            );
+        }
+    }
 }

@@ -3,7 +3,8 @@
 //! output, and a rerun with other arguments is refused.
 
 use optune_testkit::{
-    assert_resumed, journal_path, journal_rows, kill_when_journalled, timed, workspace_root,
+    assert_resumed, generic_kernels, journal_path, journal_rows, kill_when_journalled, timed,
+    workspace_root,
 };
 use std::path::Path;
 use std::process::Command;
@@ -11,7 +12,7 @@ use std::process::Command;
 /// The tests of this file time whole runs: one at a time, so that they do not slow each other.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// 300 prompts × 8 samples × 128 tokens on the tiny llama (seed 0 unless `extra` says): about
+/// 300 prompts × `samples()` × 128 tokens on the tiny llama (seed 0 unless `extra` says): about
 /// 10 s on 2 cores, long enough for the journal (written every 2 s) to fill in several steps.
 fn opt_gen(output: &Path, extra: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_opt-gen"));
@@ -19,14 +20,23 @@ fn opt_gen(output: &Path, extra: &[&str]) -> Command {
         .arg("--model")
         .arg(workspace_root().join("testdata/models/tiny-llama"))
         .arg(workspace_root().join("pipelines/data/sentiment-prompts.jsonl"))
-        .args(["--n", "8", "--max-new-tokens", "128", "--ignore-eos"])
+        .args(["--n", &samples().to_string()])
+        .args(["--max-new-tokens", "128", "--ignore-eos"])
         .args(extra)
         .arg("-o")
         .arg(output);
     command
 }
 
-const RESPONSES: usize = 300 * 8;
+/// Samples per prompt: 8, or 2 on the generic kernels (the `make test` pass that tests the op
+/// graph CUDA runs), which decode about four times slower.
+fn samples() -> usize {
+    if generic_kernels() {
+        2
+    } else {
+        8
+    }
+}
 
 #[test]
 fn a_killed_run_resumes_to_the_uninterrupted_output_in_less_time() {
@@ -43,7 +53,11 @@ fn a_killed_run_resumes_to_the_uninterrupted_output_in_less_time() {
     );
 
     let resumed = dir.path().join("resumed.parquet");
-    let kept = kill_when_journalled(&mut opt_gen(&resumed, &[]), &resumed, RESPONSES * 6 / 10);
+    let kept = kill_when_journalled(
+        &mut opt_gen(&resumed, &[]),
+        &resumed,
+        300 * samples() * 6 / 10,
+    );
     assert!(!resumed.exists(), "a killed run leaves no output");
     let leftovers: Vec<String> = std::fs::read_dir(dir.path())
         .unwrap()
@@ -56,7 +70,8 @@ fn a_killed_run_resumes_to_the_uninterrupted_output_in_less_time() {
     let (outcome, rerun_secs) = timed(&mut opt_gen(&resumed, &["--batch-size", "7"]));
     assert_resumed(&outcome, kept, &resumed, &whole);
     eprintln!(
-        "uninterrupted {whole_secs:.1} s; killed after {kept} of {RESPONSES} responses; rerun {rerun_secs:.1} s ({:.0} %)",
+        "uninterrupted {whole_secs:.1} s; killed after {kept} of {} responses; rerun {rerun_secs:.1} s ({:.0} %)",
+        300 * samples(),
         100.0 * rerun_secs / whole_secs
     );
     assert!(

@@ -4,7 +4,7 @@
 use anyhow::Result;
 use clap::Parser;
 use optune_shard::cli::{run_tool, OutputArgs, Summary};
-use optune_shard::pairs::{build_pairs, parse_min_gap};
+use optune_shard::pairs::{build_pairs, keep_top_fraction, parse_min_gap, parse_top_frac};
 use optune_shard::Shard;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -29,6 +29,11 @@ default 0, a prompt whose rewards are all equal is skipped); both counts go to
 the summary on stderr. A (prompt_id, sample) that occurs twice, or a reward
 that is NaN or infinite, is an error.
 
+--top-frac F then keeps only the ceil(F x pairs) pairs with the largest
+reward gap (at least one; equal gaps keep the lower prompt_id), the margin
+rule of \"Less is More\" (arXiv 2502.14560): fewer pairs, the clearest
+preferences. The dropped count goes to the summary as skipped_top_frac.
+
 Use it after opt-score, before opt-wdpo. From the second OPTune iteration on,
 pass the rows opt-select kept (--rest) together with the newly scored rows.
 
@@ -43,7 +48,10 @@ Examples:
     opt-pairs kept.parquet rescored.parquet -o pairs.parquet
 
   In a pipe, keeping only clear preferences:
-    opt-score ... | opt-pairs --min-gap 0.5 > pairs.parquet";
+    opt-score ... | opt-pairs --min-gap 0.5 > pairs.parquet
+
+  The tenth of the pairs with the largest reward gap:
+    opt-pairs scored.parquet --top-frac 0.1 -o pairs.parquet";
 
 #[derive(Debug, Parser)]
 #[command(name = TOOL, version, about = ABOUT, long_about = LONG_ABOUT, after_help = EXAMPLES)]
@@ -56,6 +64,10 @@ struct Cli {
     #[arg(long, value_name = "GAP", default_value_t = 0.0, value_parser = parse_min_gap)]
     min_gap: f64,
 
+    /// Keep only this fraction of the pairs, those with the largest reward gap, 0 < F <= 1
+    #[arg(long, value_name = "F", value_parser = parse_top_frac)]
+    top_frac: Option<f64>,
+
     #[command(flatten)]
     output: OutputArgs,
 }
@@ -67,15 +79,23 @@ fn main() -> ExitCode {
 
 fn run(cli: &Cli) -> Result<()> {
     let inputs = Shard::read_all(&cli.inputs)?;
-    let pairs = build_pairs(&inputs, cli.min_gap)?;
+    let mut pairs = build_pairs(&inputs, cli.min_gap)?;
+    if let Some(frac) = cli.top_frac {
+        keep_top_fraction(&mut pairs, frac)?;
+    }
     cli.output.write(&pairs.shard)?;
-    Summary::new(TOOL)
+    let mut summary = Summary::new(TOOL)
         .field("rows_in", pairs.rows_in)
         .field("prompts", pairs.prompts_in)
         .field("pairs", pairs.shard.num_rows())
         .field("skipped_single", pairs.skipped_single)
         .field("skipped_gap", pairs.skipped_gap)
-        .field("min_gap", cli.min_gap)
-        .print();
+        .field("min_gap", cli.min_gap);
+    if let Some(frac) = cli.top_frac {
+        summary = summary
+            .field("skipped_top_frac", pairs.skipped_top_frac)
+            .field("top_frac", frac);
+    }
+    summary.print();
     Ok(())
 }

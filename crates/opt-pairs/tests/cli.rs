@@ -88,6 +88,44 @@ fn min_gap_skips_close_calls() {
 }
 
 #[test]
+fn top_frac_keeps_the_largest_margins() {
+    // Pairs and gaps: p01 0.6, p02 0.5, p04 0.6, p05 0.2, p06 0.6 (p03's gap is 0).
+    let keep = |frac: &str| {
+        let outcome = run(
+            opt_pairs()
+                .args(["--top-frac", frac])
+                .arg(testdata("scored.jsonl")),
+            None,
+        );
+        let pairs = outcome.assert_success().stdout_shard();
+        let ids: Vec<String> = pairs
+            .strings("prompt_id")
+            .unwrap()
+            .into_iter()
+            .map(String::from)
+            .collect();
+        (ids, outcome.stderr.clone())
+    };
+    // ⌈0.8 · 5⌉ = 4: all but p05.
+    let (ids, stderr) = keep("0.8");
+    assert_eq!(ids, ["p01", "p02", "p04", "p06"]);
+    assert_eq!(
+        stderr,
+        "opt-pairs: rows_in=12 prompts=6 pairs=4 skipped_single=0 skipped_gap=1 min_gap=0 \
+         skipped_top_frac=1 top_frac=0.8\n"
+    );
+    // ⌈0.2 · 5⌉ = 1: three pairs tie at 0.6, the lowest prompt_id stays.
+    assert_eq!(keep("0.2").0, ["p01"]);
+    let outcome = run(
+        opt_pairs()
+            .args(["--top-frac", "0"])
+            .arg(testdata("scored.jsonl")),
+        None,
+    );
+    assert_eq!(outcome.status.code(), Some(2), "{}", outcome.stderr);
+}
+
+#[test]
 fn merges_kept_rows_with_new_rows_from_another_format() {
     // The kept rows of p01 and p03 as Parquet, plus second samples for p03 and p07 (new) as JSONL
     // with a column the Parquet file lacks.
@@ -217,6 +255,8 @@ fn help_explains_what_and_when() {
     for fragment in [
         "chosen",
         "--min-gap <GAP>",
+        "--top-frac <F>",
+        "Less is More",
         "[INPUT]...",
         "Examples:",
         "opt-pairs kept.parquet rescored.parquet",

@@ -134,6 +134,26 @@ impl Run {
             .and_then(|(_, v)| v.parse().ok())
     }
 
+    /// How the run selected prompts, from `run.env`: `--by SELECT_BY`, then SELECT_ARGS, then
+    /// `+ history` with SELECT_HISTORY=1 (`make sweep SWEEP_SELECTS=…`); `None` for a run.env
+    /// without SELECT_BY.
+    pub fn selection(&self) -> Option<String> {
+        let by = self.settings.get("SELECT_BY")?;
+        let mut selection = format!("--by {by}");
+        if let Some(args) = self.settings.get("SELECT_ARGS").filter(|a| !a.is_empty()) {
+            selection.push(' ');
+            selection.push_str(args);
+        }
+        if self
+            .settings
+            .get("SELECT_HISTORY")
+            .is_some_and(|h| h == "1")
+        {
+            selection.push_str(" + history");
+        }
+        Some(selection)
+    }
+
     /// The initial policy's held-out rewards (`iter0/eval_scored.parquet`).
     pub fn initial_eval(&self) -> Option<&Vec<f64>> {
         self.iterations

@@ -197,14 +197,7 @@ fn link(report_dir: &Path, path: &Path) -> String {
 fn write_atomic(path: &Path, text: &str) -> Result<()> {
     let dir = parent_dir(path);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "report".into());
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+    optune_fs::write_bytes_atomically(path, text.as_bytes())
 }
 
 fn num(value: Option<f64>, decimals: usize) -> String {
@@ -458,17 +451,19 @@ fn sweep_markdown(runs: &[Run], plot: Option<&str>) -> String {
     let _ = writeln!(
         md,
         "Each run is the same pipeline with a different ρ, the fraction of prompts regenerated \
-         from iteration 2 on (ρ = 1: vanilla online DPO). Iteration 1 generates for every prompt \
-         whatever ρ, so the per-iteration times of iterations ≥ 2 are where ρ acts; speedups are \
-         the ρ = 1 run's seconds divided by this run's.\n"
+         from iteration 2 on (ρ = 1: vanilla online DPO), or a different selection (opt-select's \
+         arguments; `+ history`: it also read the earlier iterations' scored sets). Iteration 1 \
+         generates for every prompt whatever ρ, so the per-iteration times of iterations ≥ 2 are \
+         where the selection acts; speedups are the first ρ = 1 run's seconds divided by this \
+         run's.\n"
     );
     let _ = writeln!(
         md,
-        "| ρ | run | iterations | final fresh mean reward | final all mean reward | final held-out mean reward | generation s (all iterations) | total s (all iterations) | generation s per iteration ≥ 2 | s per iteration ≥ 2 | generation speedup (iter ≥ 2) | iteration speedup (iter ≥ 2) | total speedup |"
+        "| ρ | selection | run | iterations | final fresh mean reward | final all mean reward | final held-out mean reward | generation s (all iterations) | total s (all iterations) | generation s per iteration ≥ 2 | s per iteration ≥ 2 | generation speedup (iter ≥ 2) | iteration speedup (iter ≥ 2) | total speedup |"
     );
     let _ = writeln!(
         md,
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for r in &rows {
         let speed = |mine: Option<f64>, theirs: Option<f64>| match (mine, theirs) {
@@ -479,8 +474,12 @@ fn sweep_markdown(runs: &[Run], plot: Option<&str>) -> String {
         let iter = per_iter(r.later_total, r.later_iters);
         let _ = writeln!(
             md,
-            "| {} | `{}` | {} | {} | {} | {} | {:.1} | {:.1} | {} | {} | {} | {} | {} |",
+            "| {} | {} | `{}` | {} | {} | {} | {} | {:.1} | {:.1} | {} | {} | {} | {} | {} |",
             r.rho.map(|v| v.to_string()).unwrap_or_else(|| "?".into()),
+            r.run
+                .selection()
+                .map(|s| format!("`{s}`"))
+                .unwrap_or_else(|| "–".into()),
             r.run.name,
             r.iterations,
             num(r.final_fresh, 4),

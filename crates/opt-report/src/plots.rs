@@ -426,6 +426,14 @@ fn panel(
 /// generation and total wall time per ρ (right).
 pub fn sweep(runs: &[crate::data::Run], path: &Path) -> Result<()> {
     register_font();
+    // Runs of several selections are told apart by their names.
+    let one_selection = runs
+        .iter()
+        .all(|run| run.selection() == runs[0].selection());
+    let label = |run: &crate::data::Run, prefix: &str| match run.rho() {
+        Some(r) if one_selection => format!("{prefix}{r}"),
+        _ => run.name.clone(),
+    };
     let root = BitMapBackend::new(path, (SIZE.0 + 300, SIZE.1)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let (left, right) = root.split_horizontally(SIZE.0 * 3 / 5 + 180);
@@ -433,10 +441,7 @@ pub fn sweep(runs: &[crate::data::Run], path: &Path) -> Result<()> {
     let lines: Vec<(String, Vec<(f64, f64)>)> = runs
         .iter()
         .map(|run| {
-            let label = run
-                .rho()
-                .map(|r| format!("rho {r}"))
-                .unwrap_or_else(|| run.name.clone());
+            let label = label(run, "rho ");
             let points = run
                 .trained()
                 .filter_map(|it| Some((it.index as f64, mean(it.fresh.as_deref()?)?)))
@@ -480,10 +485,7 @@ pub fn sweep(runs: &[crate::data::Run], path: &Path) -> Result<()> {
     let bars: Vec<(String, f64, f64)> = runs
         .iter()
         .map(|run| {
-            let label = run
-                .rho()
-                .map(|r| format!("{r}"))
-                .unwrap_or_else(|| run.name.clone());
+            let label = label(run, "");
             let gen: f64 = run.trained().filter_map(|it| it.stage_seconds("gen")).sum();
             let total: f64 = run.trained().filter_map(|it| it.total_seconds()).sum();
             (label, gen, total)

@@ -1,11 +1,10 @@
-//! opt-report and opt-cat end to end on small hand-made runs.
+//! opt-report end to end on small hand-made runs.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 const REPORT: &str = env!("CARGO_BIN_EXE_opt-report");
-const CAT: &str = env!("CARGO_BIN_EXE_opt-cat");
 
 fn run(bin: &str, args: &[&str]) -> Output {
     Command::new(bin)
@@ -24,15 +23,14 @@ fn ok(bin: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// Writes JSONL rows and converts them to Parquet with opt-cat.
+/// Writes JSONL rows as a Parquet shard.
 fn parquet(path: &Path, rows: &[String]) {
     fs::create_dir_all(path.parent().unwrap()).unwrap();
     let jsonl = path.with_extension("jsonl");
     fs::write(&jsonl, rows.join("\n") + "\n").unwrap();
-    ok(
-        CAT,
-        &[jsonl.to_str().unwrap(), "-o", path.to_str().unwrap()],
-    );
+    let shard = optune_shard::Shard::read(Some(&jsonl)).unwrap();
+    let destination = optune_shard::Destination::from_arg(Some(path));
+    optune_shard::write_shard(&shard, &destination, optune_shard::OutputFormat::Parquet).unwrap();
     fs::remove_file(jsonl).unwrap();
 }
 
@@ -199,10 +197,50 @@ fn sweep_gives_speedups_against_rho_one() {
     );
     let md = fs::read_to_string(&out).unwrap();
     // ρ = 0.5: iteration 2 takes 22 s against 32 s, generation 10 s against 20 s.
-    assert!(md.contains("| 0.5 | `x-rho0.5` | 2 | 0.4000 | 0.5500 | – | 30.0 | 53.5 | 10.0 | 22.0 | 2.00× | 1.45× | 1.19× |"), "{md}");
-    assert!(md.contains("| 1 | `x-rho1.0` | 2 |"), "{md}");
+    assert!(md.contains("| 0.5 | – | `x-rho0.5` | 2 | 0.4000 | 0.5500 | – | 30.0 | 53.5 | 10.0 | 22.0 | 2.00× | 1.45× | 1.19× |"), "{md}");
+    assert!(md.contains("| 1 | – | `x-rho1.0` | 2 |"), "{md}");
     assert!(is_png(&tmp.path().join("x-sweep.png")));
     assert!(md.contains("![rho sweep](x-sweep.png)"), "{md}");
+}
+
+#[test]
+fn sweep_names_each_runs_selection() {
+    let tmp = tempfile::tempdir().unwrap();
+    let settings = [
+        (
+            "x-max-rho1.0",
+            "SELECT_BY=max\nSELECT_ARGS=\nSELECT_HISTORY=0\n",
+        ),
+        (
+            "x-random-rho0.5",
+            "SELECT_BY=max\nSELECT_ARGS=--strategy random\nSELECT_HISTORY=0\n",
+        ),
+        (
+            "x-history-rho0.5",
+            "SELECT_BY=max\nSELECT_ARGS=--skip-flat 2\nSELECT_HISTORY=1\n",
+        ),
+    ];
+    let mut dirs = Vec::new();
+    for (name, selection) in settings {
+        let dir = tmp.path().join(name);
+        make_run(&dir, name.rsplit_once("-rho").unwrap().1, [20.0, 10.0]);
+        let env = fs::read_to_string(dir.join("run.env")).unwrap();
+        fs::write(dir.join("run.env"), env + selection).unwrap();
+        dirs.push(dir.to_str().unwrap().to_string());
+    }
+    let out = tmp.path().join("x-sweep.md");
+    let mut args: Vec<&str> = vec!["--sweep"];
+    args.extend(dirs.iter().map(String::as_str));
+    args.extend(["-o", out.to_str().unwrap()]);
+    ok(REPORT, &args);
+    let md = fs::read_to_string(&out).unwrap();
+    for row in [
+        "| 1 | `--by max` | `x-max-rho1.0` |",
+        "| 0.5 | `--by max --strategy random` | `x-random-rho0.5` |",
+        "| 0.5 | `--by max --skip-flat 2 + history` | `x-history-rho0.5` |",
+    ] {
+        assert!(md.contains(row), "{row} not in {md}");
+    }
 }
 
 #[test]
@@ -214,98 +252,4 @@ fn report_refuses_several_runs_without_sweep() {
     );
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--sweep"));
-}
-
-#[test]
-fn cat_slices_and_stacks_shards() {
-    let tmp = tempfile::tempdir().unwrap();
-    let a = tmp.path().join("a.jsonl");
-    let b = tmp.path().join("b.jsonl");
-    fs::write(&a, "{\"prompt_id\":\"p1\",\"n\":1}\n{\"prompt_id\":\"p2\",\"n\":2}\n{\"prompt_id\":\"p3\",\"n\":3}\n").unwrap();
-    fs::write(&b, "{\"prompt_id\":\"p4\",\"extra\":\"x\"}\n").unwrap();
-    let out = tmp.path().join("out.jsonl");
-    let (a, b, o) = (
-        a.to_str().unwrap(),
-        b.to_str().unwrap(),
-        out.to_str().unwrap(),
-    );
-
-    let stderr = ok(CAT, &[a, b, "-o", o]);
-    assert!(
-        stderr.contains("opt-cat: inputs=2 rows_in=4 rows=4"),
-        "{stderr}"
-    );
-    let text = fs::read_to_string(&out).unwrap();
-    assert_eq!(text.lines().count(), 4);
-    assert!(
-        text.lines().last().unwrap().contains("\"extra\":\"x\""),
-        "{text}"
-    );
-    assert!(
-        text.lines().next().unwrap().contains("\"extra\":null")
-            || !text.lines().next().unwrap().contains("extra"),
-        "{text}"
-    );
-
-    ok(CAT, &["--skip", "1", "--head", "2", a, "-o", o]);
-    let ids: Vec<String> = fs::read_to_string(&out)
-        .unwrap()
-        .lines()
-        .map(|l| l[14..16].to_string())
-        .collect();
-    assert_eq!(ids, ["p2", "p3"]);
-
-    ok(CAT, &["--head", "10", a, "-o", o]);
-    assert_eq!(fs::read_to_string(&out).unwrap().lines().count(), 3);
-
-    let failed = run(CAT, &["--skip", "3", a, "-o", o]);
-    assert_eq!(failed.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&failed.stderr).contains("--skip 3 leaves none of the 3 rows"));
-}
-
-#[test]
-fn cat_checks_that_shard_outputs_cover_their_input() {
-    let tmp = tempfile::tempdir().unwrap();
-    let write = |name: &str, ids: &[&str]| {
-        let path = tmp.path().join(name);
-        let lines: String = ids
-            .iter()
-            .map(|id| format!("{{\"prompt_id\":\"{id}\"}}\n"))
-            .collect();
-        fs::write(&path, lines).unwrap();
-        path.to_str().unwrap().to_string()
-    };
-    let prompts = write("prompts.jsonl", &["p3", "p1", "p2"]);
-    // Two samples per prompt; --shard 1/2 takes p1, 2/2 takes p2 and p3.
-    let first = write("1.jsonl", &["p1", "p1"]);
-    let second = write("2.jsonl", &["p2", "p2", "p3", "p3"]);
-    let out = tmp.path().join("out.jsonl");
-    let o = out.to_str().unwrap();
-    let stderr = ok(CAT, &["--slices-of", &prompts, &first, &second, "-o", o]);
-    assert!(
-        stderr.contains("opt-cat: inputs=2 rows_in=6 rows=6 rows_per_ref_row=2"),
-        "{stderr}"
-    );
-
-    let short = write("2short.jsonl", &["p2", "p2"]);
-    let refused = tmp.path().join("refused.jsonl");
-    let failed = run(
-        CAT,
-        &[
-            "--slices-of",
-            &prompts,
-            &first,
-            &short,
-            "-o",
-            refused.to_str().unwrap(),
-        ],
-    );
-    assert_eq!(failed.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&failed.stderr);
-    assert!(
-        stderr.contains("2short.jsonl (slice 2/2 of")
-            && stderr.contains("prompt_id 'p3' is missing"),
-        "{stderr}"
-    );
-    assert!(!refused.exists(), "no output once the check fails");
 }

@@ -5,7 +5,7 @@ mod rm;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, ValueEnum};
-use optune_model::cli::RuntimeArgs;
+use optune_cli::RuntimeArgs;
 use optune_resume::{file_stamps, Digest, Fingerprint, Journal};
 use optune_reward::{RewardCommand, RewardRequest, SentimentLexicon};
 use optune_shard::arrow::array::Float32Array;
@@ -228,6 +228,7 @@ fn run(args: Args) -> Result<()> {
         details.push(("resumed", stats.resumed.to_string()));
         details.push(("seq_per_s", format!("{per_s:.1}")));
         details.push(("model_s", format!("{:.2}", stats.model_secs)));
+        details.push(("kernels", stats.kernels.to_string()));
         (rewards, dir_name(dir))
     } else if let Some(command_line) = &source.reward_cmd {
         (
@@ -373,6 +374,7 @@ struct RmStats {
     /// Rows whose rewards came from the journal of a killed run.
     resumed: usize,
     model_secs: f64,
+    kernels: &'static str,
 }
 
 /// The rewards of `input`'s rows from the reward model in `dir`, and, when the output is a file,
@@ -435,7 +437,8 @@ fn score_with_rm(
                     digest.hex(),
                 )
                 .with("--device", format!("{:?}", device.location()))
-                .with("--dtype", format!("{dtype:?}").to_lowercase());
+                .with("--dtype", format!("{dtype:?}").to_lowercase())
+                .with("--kernels", optune_cli::kernels_in_use(&device, dtype));
             Some(Journal::<ScoredRow>::open(&path, &fingerprint)?)
         }
         Destination::Stdout => None,
@@ -498,6 +501,7 @@ fn score_with_rm(
             truncated,
             resumed,
             model_secs: model_started.elapsed().as_secs_f64(),
+            kernels: optune_cli::kernels_in_use(&device, dtype),
         },
         journal.map(|(journal, _)| journal),
     ))

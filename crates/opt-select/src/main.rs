@@ -4,8 +4,8 @@
 use anyhow::{bail, Result};
 use clap::Parser;
 use optune_shard::cli::{run_tool, ShardArgs, Summary};
-use optune_shard::select::{parse_rho, select_prompts, RankBy, SelectOptions, Strategy};
-use optune_shard::Destination;
+use optune_shard::select::{parse_rho, select_prompts, RankBy, SelectOptions, SkipFlat, Strategy};
+use optune_shard::{Destination, Shard};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -31,7 +31,21 @@ regenerates every prompt (vanilla online DPO).
 
 The output lists the selected prompts in the order of their first rows in the
 input. Ties in the statistic break by prompt_id; --strategy random draws from
---seed, independently of the input's row order.";
+--seed, independently of the input's row order.
+
+History: --history takes the scored shards of earlier iterations, oldest
+first. Each prompt of the input is then ranked by the rewards of all its
+responses there and in the input, each response once (a row of an earlier
+shard kept unchanged, same prompt_id, reward and sample/response/policy/seed,
+counts once). A round of a prompt is a shard in which it has responses not
+seen before.
+
+Skipping (GRESO, arXiv 2506.02177): with --skip-flat K, a prompt whose rewards
+spread (max - min) by no more than --flat-tol in each of its last K rounds is
+not regenerated, unless a draw of probability --explore brings it back (one
+draw per prompt from --seed, in prompt_id order). Skipped prompts go to
+--rest; rho is then the fraction of the prompts not skipped. Without
+--history every prompt has one round, the input.";
 
 const EXAMPLES: &str = "\
 Examples:
@@ -43,7 +57,11 @@ Examples:
     cat scored.parquet | opt-select --rho 0.5 --by gap --format jsonl | head
 
   Random selection, an ablation baseline:
-    opt-select --rho 0.5 --strategy random --seed 3 scored.parquet -o regen.parquet";
+    opt-select --rho 0.5 --strategy random --seed 3 scored.parquet -o regen.parquet
+
+  Rank by every iteration's rewards, skip prompts flat in their last 2 rounds:
+    opt-select --rho 0.7 iter3/scored.parquet --history iter1/scored.parquet \
+        iter2/scored.parquet --skip-flat 2 --explore 0.1 -o regen.parquet";
 
 #[derive(Debug, Parser)]
 #[command(name = TOOL, version, about = ABOUT, long_about = LONG_ABOUT, after_help = EXAMPLES)]
@@ -60,9 +78,25 @@ struct Cli {
     #[arg(long, value_enum, default_value_t = Strategy::Lowest)]
     strategy: Strategy,
 
-    /// Seed of --strategy random
+    /// Seed of --strategy random and of the --explore draws
     #[arg(long, default_value_t = 0)]
     seed: u64,
+
+    /// Scored shards of earlier iterations, oldest first (put the input before them)
+    #[arg(long, value_name = "FILES", num_args = 1..)]
+    history: Vec<PathBuf>,
+
+    /// Skip prompts whose rewards had no spread in each of their last K rounds
+    #[arg(long, value_name = "K", value_parser = clap::value_parser!(u64).range(1..))]
+    skip_flat: Option<u64>,
+
+    /// With --skip-flat: probability that a prompt to skip is kept as a candidate
+    #[arg(long, value_name = "P", default_value_t = 0.1, requires = "skip_flat")]
+    explore: f64,
+
+    /// With --skip-flat: the largest reward spread (max - min) that counts as none
+    #[arg(long, value_name = "X", default_value_t = 0.0, requires = "skip_flat")]
+    flat_tol: f64,
 
     /// Also write the scored rows (all columns) of the prompts not selected
     /// to FILE (`-`: stdout, when -o names a file)
@@ -91,25 +125,41 @@ fn run(cli: &Cli) -> Result<()> {
         );
     }
     let scored = cli.shard.read_input()?;
+    let history = cli
+        .history
+        .iter()
+        .map(|path| Shard::read(Some(path)))
+        .collect::<Result<Vec<_>>>()?;
     let options = SelectOptions {
         rho: cli.rho,
         by: cli.by,
         strategy: cli.strategy,
         seed: cli.seed,
+        skip_flat: cli.skip_flat.map(|rounds| SkipFlat {
+            rounds: rounds as usize,
+            explore: cli.explore,
+            tolerance: cli.flat_tol,
+        }),
     };
-    let selection = select_prompts(&scored, &options)?;
+    let selection = select_prompts(&scored, &history, &options)?;
     if let Some(rest) = &rest {
         output.write_to(rest, &selection.rest)?;
     }
     output.write(&selection.prompts)?;
-    Summary::new(TOOL)
+    let mut summary = Summary::new(TOOL)
         .field("rows_in", scored.num_rows())
         .field("prompts", selection.prompts_in)
         .field("selected", selection.prompts.num_rows())
         .field("rest_rows", selection.rest.num_rows())
         .field("rho", cli.rho)
         .field("by", format!("{:?}", cli.by).to_lowercase())
-        .field("strategy", format!("{:?}", cli.strategy).to_lowercase())
-        .print();
+        .field("strategy", format!("{:?}", cli.strategy).to_lowercase());
+    if !history.is_empty() {
+        summary = summary.field("history", history.len());
+    }
+    if options.skip_flat.is_some() {
+        summary = summary.field("skipped", selection.skipped);
+    }
+    summary.print();
     Ok(())
 }

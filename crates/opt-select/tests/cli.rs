@@ -192,10 +192,71 @@ fn help_explains_what_and_when() {
         "Possible values",
         "Examples:",
         "< scored.parquet",
+        "--history <FILES>...",
+        "--skip-flat <K>",
+        "GRESO",
     ] {
         assert!(
             help.contains(fragment),
             "--help lacks {fragment:?}:\n{help}"
+        );
+    }
+}
+
+#[test]
+fn history_ranks_by_every_round_and_skips_flat_prompts() {
+    // testdata/shards/history (see its README): a flat in every round; b spread 1 in iteration
+    // 1, then flat; c kept in iteration 2 (its iteration-1 rows copied), flat.
+    let round = |i: u32| testdata(&format!("history/scored-iter{i}.jsonl"));
+    let select = |extra: &[&str]| {
+        let outcome = run(
+            opt_select()
+                .args(["--format", "jsonl", "--rho"])
+                .args(extra)
+                .arg(round(3))
+                .arg("--history")
+                .arg(round(1))
+                .arg(round(2)),
+            None,
+        );
+        outcome.assert_success();
+        // No prompt selected: JSONL of no rows is empty.
+        let ids: Vec<String> = if outcome.stdout.is_empty() {
+            Vec::new()
+        } else {
+            let shard = outcome.stdout_shard();
+            shard
+                .strings("prompt_id")
+                .unwrap()
+                .into_iter()
+                .map(String::from)
+                .collect()
+        };
+        (ids, outcome.stderr.clone())
+    };
+    // Max over all rounds: a 0.9, b 1.0, c 0.1; the last round alone would pick b and c.
+    let (ids, stderr) = select(&["0.6"]);
+    assert_eq!(ids, ["a", "c"]);
+    assert_eq!(stderr, "opt-select: rows_in=6 prompts=3 selected=2 rest_rows=2 rho=0.6 by=max strategy=lowest history=2\n");
+    // Flat in the last 3 rounds: a only (c has 2 rounds, b spread in its first).
+    let (ids, stderr) = select(&["1", "--skip-flat", "3", "--explore", "0"]);
+    assert_eq!(ids, ["b", "c"]);
+    assert!(stderr.ends_with(" history=2 skipped=1\n"), "{stderr}");
+    let (ids, _) = select(&["1", "--skip-flat", "2", "--explore", "0"]);
+    assert!(ids.is_empty(), "{ids:?}");
+    let (ids, _) = select(&["1", "--skip-flat", "2", "--explore", "1"]);
+    assert_eq!(ids, ["a", "b", "c"]);
+    // --explore needs --skip-flat; K must be at least 1.
+    for bad in [
+        &["0.5", "--explore", "0.5"][..],
+        &["0.5", "--skip-flat", "0"],
+    ] {
+        let outcome = run(opt_select().arg("--rho").args(bad).arg(round(3)), None);
+        assert_eq!(
+            outcome.status.code(),
+            Some(2),
+            "{bad:?}: {}",
+            outcome.stderr
         );
     }
 }

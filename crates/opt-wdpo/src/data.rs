@@ -1,8 +1,8 @@
 //! Preference pairs as token ids, and length-bucketed batches of them.
 
-use anyhow::{Context, Result};
-use optune_model::{ChatMessage, ChatTokenizer, Prompt, TokenizedPair};
-use optune_shard::{PromptText, Shard};
+use anyhow::{bail, Context, Result};
+use optune_model::{ChatTokenizer, TokenizedPair};
+use optune_shard::Shard;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -14,19 +14,10 @@ pub struct TrainPair {
     pub rejected: TokenizedPair,
     /// 0 when the shard has no rewards (an offline dataset): the weight is then 1 for every form.
     pub reward_gap: f32,
+    /// The pair's weight from `--weight-col`, when given.
+    pub given_weight: Option<f64>,
     /// Reference log-probs of (chosen, rejected), summed over each response.
     pub ref_logps: Option<(f32, f32)>,
-}
-
-pub fn to_model_prompt(text: &PromptText) -> Prompt {
-    match text {
-        PromptText::Text(t) => Prompt::Text(t.clone()),
-        PromptText::Messages(ms) => Prompt::Messages(
-            ms.iter()
-                .map(|m| ChatMessage::new(m.role.clone(), m.content.clone()))
-                .collect(),
-        ),
-    }
 }
 
 /// Keeps a sequence within `max_length` tokens: the prompt loses tokens from its start (down to
@@ -44,17 +35,29 @@ fn truncate(pair: &mut TokenizedPair, max_length: usize) {
         .truncate(max_length.saturating_sub(pair.prompt.len()).max(1));
 }
 
-/// Reads and tokenises the pairs of `shard`.
+/// Reads and tokenises the pairs of `shard`, with their weights from `weight_column` when given.
 pub fn read_pairs(
     shard: &Shard,
     tokenizer: &ChatTokenizer,
     max_length: usize,
+    weight_column: Option<&str>,
 ) -> Result<Vec<TrainPair>> {
     let pairs = shard.preference_pairs()?;
-    let gaps = if shard.has_column("reward_gap") {
-        Some(shard.finite_floats("reward_gap")?)
-    } else {
-        None
+    let gaps = shard.pair_reward_gaps()?;
+    let given_weights = match weight_column {
+        Some(name) => {
+            let values = shard.finite_floats(name)?;
+            if let Some(row) = values.iter().position(|&w| w < 0.0) {
+                bail!(
+                    "{}: column '{name}': weight {} at row {} is negative",
+                    shard.name(),
+                    values[row],
+                    row + 1
+                );
+            }
+            Some(values)
+        }
+        None => None,
     };
     let refs = if shard.has_column("ref_chosen_logp") && shard.has_column("ref_rejected_logp") {
         Some((
@@ -68,7 +71,7 @@ pub fn read_pairs(
         .into_iter()
         .enumerate()
         .map(|(row, pair)| {
-            let prompt = to_model_prompt(&pair.prompt);
+            let prompt = optune_cli::model_prompt(&pair.prompt);
             let encode = |response: &str| -> Result<TokenizedPair> {
                 let (prompt_ids, response_ids) = tokenizer.encode_pair(&prompt, response)?;
                 let mut tokenized = TokenizedPair {
@@ -83,6 +86,7 @@ pub fn read_pairs(
                 chosen: encode(&pair.chosen).with_context(at_row)?,
                 rejected: encode(&pair.rejected).with_context(at_row)?,
                 reward_gap: gaps.as_ref().map_or(0.0, |g| g[row] as f32),
+                given_weight: given_weights.as_ref().map(|w| w[row]),
                 ref_logps: refs.as_ref().map(|(c, r)| (c[row] as f32, r[row] as f32)),
             })
         })

@@ -8,6 +8,7 @@
 
 mod data;
 mod hypo;
+mod memory;
 mod metrics;
 mod policy;
 mod reference;
@@ -16,7 +17,7 @@ mod train;
 
 use anyhow::{bail, Result};
 use clap::Parser;
-use optune_model::cli::RuntimeArgs;
+use optune_cli::RuntimeArgs;
 use optune_shard::cli::{run_tool, Summary};
 use optune_shard::split::SliceSpec;
 use optune_shard::Shard;
@@ -36,7 +37,16 @@ use std::time::Instant;
 /// Each pair's DPO loss is multiplied by a weight that grows with its reward gap,
 /// w = f(beta2 × reward_gap) with f = exp (default), linear (1 + x) or sigmoid (2σ(x)),
 /// normalised to mean 1 within each batch, so pairs whose rewards differ most drive learning
-/// while the effective learning rate stays that of plain DPO. Pairs without rewards get weight 1.
+/// while the effective learning rate stays that of plain DPO. The gap is the reward_gap column,
+/// else chosen_reward − rejected_reward, else UltraFeedback's score_chosen − score_rejected;
+/// pairs without rewards get weight 1. --weight-col takes each pair's weight from a column
+/// instead.
+///
+/// Losses (--loss): sigmoid (DPO), ipo, hinge, robust, hypo (DPO + λ·KL on fresh samples),
+/// simpo (reference-free, length-normalised, margin --simpo-gamma; its paper uses --beta 2 to
+/// 2.5), rpo (DPO + --rpo-alpha × the NLL of the chosen reply) and sft (the NLL of the chosen
+/// reply alone: Best-of-N fine-tuning on opt-pairs' output). All take the pair weights; simpo
+/// and sft need no reference log-probs.
 ///
 /// Reference log-probs are computed once before training (or read from the shard's
 /// ref_chosen_logp/ref_rejected_logp columns), so no reference model is held during training;
@@ -52,6 +62,12 @@ use std::time::Instant;
 /// again resumes from it and ends with the weights an uninterrupted run writes (to the bit on
 /// the CPU); a run with other arguments or pairs is refused. OUT_DIR.state is removed once
 /// OUT_DIR is written.
+///
+/// Precision: the model computes in --dtype (f32 on the CPU, bf16 on CUDA), with reductions
+/// (RMS norm statistics, softmax, log-softmax, the loss) in f32; the trained weights (all of
+/// them, or the LoRA adapters) are f32 master copies with f32 gradients and optimiser moments,
+/// frozen weights and the reference exist in --dtype only. The checkpoint is saved in the dtype
+/// its config.json names.
 ///
 /// Example:
 ///   opt-wdpo --policy runs/x/iter1/policy pairs.parquet -o runs/x/iter2/policy \
@@ -79,9 +95,17 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = Objective::Sigmoid)]
     pub loss: Objective,
 
-    /// DPO temperature β
+    /// DPO temperature β (SimPO's reward scale with --loss simpo)
     #[arg(long, default_value_t = 0.1)]
     pub beta: f64,
+
+    /// SimPO's target margin γ between the chosen and rejected mean log-probs (with --loss simpo)
+    #[arg(long, default_value_t = 0.5)]
+    pub simpo_gamma: f64,
+
+    /// RPO: weight α of the chosen reply's NLL (with --loss rpo; the paper uses 1)
+    #[arg(long, default_value_t = 1.0)]
+    pub rpo_alpha: f64,
 
     /// Label smoothing ε for sigmoid (cDPO) and robust
     #[arg(long, default_value_t = 0.0)]
@@ -97,6 +121,11 @@ pub struct Args {
 
     #[arg(long, value_enum, default_value_t = WeightNorm::Batch)]
     pub weight_norm: WeightNorm,
+
+    /// Each pair's weight from this column (finite, >= 0) instead of its reward gap;
+    /// --weight-norm still applies
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["weight", "beta2"])]
+    pub weight_col: Option<String>,
 
     /// HyPO: weight λ of the reverse-KL term (with --loss hypo)
     #[arg(long, default_value_t = 0.1)]
@@ -167,6 +196,11 @@ pub struct Args {
     #[arg(long, default_value_t = 1)]
     pub epochs: usize,
 
+    /// Stop after this many optimiser steps, taking as many epochs as that needs (overrides
+    /// --epochs, as transformers' max_steps does)
+    #[arg(long, value_name = "N")]
+    pub max_steps: Option<u64>,
+
     /// Pairs per micro-batch
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
@@ -195,6 +229,11 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     pub metrics: Option<PathBuf>,
 
+    /// Plan memory against this many GB instead of what the device reports free (e.g. to leave
+    /// room for another process on the GPU); the run is refused when the estimate exceeds it
+    #[arg(long, value_name = "GB")]
+    pub memory_budget: Option<f64>,
+
     #[command(flatten)]
     pub runtime: RuntimeArgs,
 }
@@ -213,6 +252,20 @@ impl Args {
         if !(0.0..1.0).contains(&self.lora_dropout) {
             bail!("--lora-dropout {} must be in [0, 1)", self.lora_dropout);
         }
+        if self.max_steps == Some(0) {
+            bail!("--max-steps must be at least 1");
+        }
+        for (given, flag) in [
+            (self.precompute_ref, "--precompute-ref"),
+            (self.reference_only, "--reference-only"),
+        ] {
+            if given && !self.loss.needs_reference() {
+                bail!(
+                    "{flag}: --loss {:?} reads no reference log-probs",
+                    self.loss
+                );
+            }
+        }
         if self.loss.samples_online() && self.kl_samples < 2 {
             bail!(
                 "--kl-samples must be at least 2: the leave-one-out baseline needs another sample"
@@ -225,30 +278,46 @@ impl Args {
 fn run(args: Args) -> Result<()> {
     args.validate()?;
     let started = Instant::now();
-    let (device, _dtype) = args.runtime.init()?;
+    let (device, dtype) = args.runtime.init()?;
     if args.reference_only {
-        let pairs = reference::write_only(&args, &device)?;
+        let pairs = reference::write_only(&args, &device, dtype)?;
         Summary::new("opt-wdpo")
             .field("pairs", pairs)
             .field("total_s", format!("{:.2}", started.elapsed().as_secs_f64()))
             .print();
         return Ok(());
     }
+    let kernels = optune_cli::kernels_in_use(&device, dtype);
     let shard = Shard::read(args.input.as_deref())?;
-    let policy = Policy::load(&args, &device)?;
-    let mut pairs = data::read_pairs(&shard, &policy.tokenizer, args.max_length)?;
+    let mut policy = Policy::load(&args, &device, dtype)?;
+    let mut pairs = data::read_pairs(
+        &shard,
+        &policy.tokenizer,
+        args.max_length,
+        args.weight_col.as_deref(),
+    )?;
     if pairs.is_empty() {
         bail!("{}: no pairs to train on", shard.name());
     }
-    let fingerprint = state::fingerprint(&args, &device, &pairs)?;
+    let plan = memory::Plan::estimate(
+        &args,
+        &policy,
+        &pairs,
+        reference::held_during_training(&args, &policy),
+    );
+    match args.memory_budget {
+        Some(gb) => plan.check(Some(gb * 1e9), "in --memory-budget")?,
+        None => plan.check(memory::available(&device), "available")?,
+    }
+    let fingerprint = state::fingerprint(&args, &device, dtype, &pairs)?;
     let resumed = state::load(&args.output, &fingerprint)?;
     if let Some(saved) = &resumed {
         saved.fill_reference(&mut pairs)?;
     }
-    let reference = reference::prepare(&args, &policy, &shard, &mut pairs, &device)?;
+    let reference = reference::prepare(&args, &policy, &shard, &mut pairs, &device, dtype)?;
     let trained = train::train(
         &args,
-        &policy,
+        &mut policy,
         &pairs,
         reference.as_ref(),
         &device,
@@ -257,7 +326,9 @@ fn run(args: Args) -> Result<()> {
     )?;
     save(&args, &policy, &trained)?;
     state::remove(&args.output)?;
-    summary(&trained, pairs.len(), started).print();
+    summary(&trained, pairs.len(), started)
+        .field("kernels", kernels)
+        .print();
     Ok(())
 }
 
@@ -296,7 +367,7 @@ fn summary(trained: &train::Trained, pairs: usize, started: Instant) -> Summary 
             .field("final_loss", format!("{:.4}", last.loss))
             .field("final_margin", format!("{:.4}", last.margin));
     }
-    if let Some(mb) = optune_model::runtime::peak_rss_mb() {
+    if let Some(mb) = optune_cli::runtime::peak_rss_mb() {
         summary = summary.field("peak_rss_mb", format!("{mb:.0}"));
     }
     summary.field("total_s", format!("{:.2}", started.elapsed().as_secs_f64()))

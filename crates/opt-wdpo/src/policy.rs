@@ -12,6 +12,8 @@ use optune_model::{
 use std::collections::HashMap;
 
 pub struct Policy {
+    /// Computes in the run's dtype (`--dtype`); with full fine-tuning in bf16/f16 its weights are
+    /// casts of the f32 masters in `trainable`, renewed after each optimiser step.
     pub model: Transformer,
     pub tokenizer: ChatTokenizer,
     pub meta: CheckpointMeta,
@@ -22,7 +24,10 @@ pub struct Policy {
 }
 
 impl Policy {
-    pub fn load(args: &Args, device: &Device) -> Result<Self> {
+    /// Loads the policy to compute in `dtype`. Trainable weights (all of them, or the LoRA
+    /// adapters) are f32 variables, and so are their gradients and optimiser moments; frozen
+    /// weights exist in `dtype` only.
+    pub fn load(args: &Args, device: &Device, dtype: DType) -> Result<Self> {
         let checkpoint = Checkpoint::read(&args.policy, device)?;
         let full_finetune = args.lora_rank.is_none();
         let mut trainable = Vec::new();
@@ -30,20 +35,18 @@ impl Policy {
             .tensors
             .into_iter()
             .map(|(name, t)| {
-                // Master weights and optimiser state stay in f32 whatever the checkpoint's dtype.
-                let t = t.to_dtype(DType::F32)?;
                 if full_finetune {
-                    let var = Var::from_tensor(&t)?;
+                    let var = Var::from_tensor(&t.to_dtype(DType::F32)?)?;
                     trainable.push((name.clone(), var.clone()));
-                    Ok((name, var.as_tensor().clone()))
+                    // In f32 this is the variable itself (the model keeps its identity).
+                    Ok((name, var.as_tensor().to_dtype(dtype)?))
                 } else {
-                    Ok((name, t))
+                    Ok((name, t.to_dtype(dtype)?))
                 }
             })
             .collect::<Result<_>>()?;
         trainable.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut model =
-            Transformer::from_weights(&checkpoint.meta.config, tensors, DType::F32, device)?;
+        let mut model = Transformer::from_weights(&checkpoint.meta.config, tensors, dtype, device)?;
         let lora = match args.lora_rank {
             Some(rank) => {
                 let config = LoraConfig {
@@ -72,6 +75,27 @@ impl Policy {
             lora,
             pad_id,
         })
+    }
+
+    /// After an optimiser step: the compute weights of full fine-tuning in bf16/f16 are casts of
+    /// the f32 masters, taken again (in f32 the model holds the variables themselves, and LoRA
+    /// casts its adapters in every forward pass).
+    pub fn refresh_compute_weights(&mut self) -> Result<()> {
+        if self.lora.is_some() || self.model.dtype() == DType::F32 {
+            return Ok(());
+        }
+        let masters: HashMap<&str, &Var> = self
+            .trainable
+            .iter()
+            .map(|(n, v)| (n.as_str(), v))
+            .collect();
+        let dtype = self.model.dtype();
+        self.model
+            .map_weights(&mut |name, current| match masters.get(name) {
+                Some(master) => master.as_tensor().to_dtype(dtype),
+                None => Ok(current.clone()),
+            })?;
+        Ok(())
     }
 
     /// Runs `f` with the LoRA adapters off (the base model: the reference), then turns them back on.

@@ -14,20 +14,32 @@ use optune_shard::{col, Destination, OutputFormat, Shard};
 use std::path::Path;
 use std::sync::Arc;
 
+/// Whether a reference model stays in memory through training: online sampling (HyPO) needs
+/// one, unless the reference is the LoRA policy with its adapters off.
+pub fn held_during_training(args: &Args, policy: &Policy) -> bool {
+    let separate = args.reference.as_ref().is_some_and(|r| *r != args.policy);
+    args.loss.needs_reference() && args.loss.samples_online() && (separate || policy.lora.is_none())
+}
+
 /// Fills the pairs' reference log-probs where the shard had none, writes them back with
 /// `--precompute-ref`, and returns the reference model when the objective samples online (with
 /// LoRA and no separate `--ref`, the reference is the policy with its adapters off: `None`).
+/// Reference-free objectives (SimPO, SFT) skip all of it.
 pub fn prepare(
     args: &Args,
     policy: &Policy,
     shard: &Shard,
     pairs: &mut [TrainPair],
     device: &Device,
+    dtype: DType,
 ) -> Result<Option<Transformer>> {
+    if !args.loss.needs_reference() {
+        return Ok(None);
+    }
     let had_reference = pairs.iter().all(|p| p.ref_logps.is_some());
     let online = args.loss.samples_online();
     let separate = if !had_reference || online {
-        separate_reference(args, policy, device)?
+        separate_reference(args, policy, device, dtype)?
     } else {
         None
     };
@@ -47,7 +59,7 @@ pub fn prepare(
     match separate {
         Some(model) => Ok(Some(model)),
         None if policy.lora.is_none() => Ok(Some(
-            optune_model::load_model(&args.policy, DType::F32, device)?.0,
+            optune_model::load_model(&args.policy, dtype, device)?.0,
         )),
         None => Ok(None),
     }
@@ -55,7 +67,7 @@ pub fn prepare(
 
 /// `--reference-only`: the pairs of the input (of its `--shard` slice, sorted by prompt_id), with
 /// their reference log-probs, written to `-o`. Returns how many pairs.
-pub fn write_only(args: &Args, device: &Device) -> Result<usize> {
+pub fn write_only(args: &Args, device: &Device, dtype: DType) -> Result<usize> {
     let shard = Shard::read(args.input.as_deref())?;
     let shard = match args.shard {
         Some(slice) => {
@@ -66,10 +78,15 @@ pub fn write_only(args: &Args, device: &Device) -> Result<usize> {
         }
         None => shard,
     };
-    let policy = Policy::load(args, device)?;
-    let mut pairs = read_pairs(&shard, &policy.tokenizer, args.max_length)?;
+    let policy = Policy::load(args, device, dtype)?;
+    let mut pairs = read_pairs(
+        &shard,
+        &policy.tokenizer,
+        args.max_length,
+        args.weight_col.as_deref(),
+    )?;
     if pairs.iter().any(|p| p.ref_logps.is_none()) {
-        let separate = separate_reference(args, &policy, device)?;
+        let separate = separate_reference(args, &policy, device, dtype)?;
         fill_missing(&policy, separate.as_ref(), &mut pairs)?;
     }
     write_with_reference(&shard, &pairs, &args.output)?;
@@ -81,11 +98,12 @@ fn separate_reference(
     args: &Args,
     policy: &Policy,
     device: &Device,
+    dtype: DType,
 ) -> Result<Option<Transformer>> {
     let Some(dir) = args.reference.as_ref().filter(|r| **r != args.policy) else {
         return Ok(None);
     };
-    let (model, _, meta) = optune_model::load_model(dir, DType::F32, device)?;
+    let (model, _, meta) = optune_model::load_model(dir, dtype, device)?;
     if meta.config.vocab_size != policy.meta.config.vocab_size {
         bail!(
             "--ref {}: vocab_size {} differs from the policy's {}",

@@ -14,10 +14,11 @@ use crate::metrics::MetricsRow;
 use crate::policy::Policy;
 use crate::Args;
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use optune_resume::{file_stamps, Digest, Fingerprint};
 use optune_train::optim::Optimizer;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -46,8 +47,9 @@ pub struct Saved {
     pub tokens: usize,
     /// The LoRA dropout stream's word position, as a decimal string (JSON has no u128).
     dropout_position: Option<String>,
-    /// Each pair's reference log-probs (chosen, rejected), in input order.
-    reference: Vec<(f32, f32)>,
+    /// Each pair's reference log-probs (chosen, rejected), in input order; none for the
+    /// objectives that read none.
+    reference: Option<Vec<(f32, f32)>>,
     pub metrics: Vec<MetricsRow>,
 }
 
@@ -59,18 +61,24 @@ pub fn dir_of(output: &Path) -> PathBuf {
 }
 
 /// What fixes the trained weights: a state is resumed only by a run with the same. The pairs'
-/// digest covers the input's pairs as tokens (so --max-length and the chat template) and their
-/// reward gaps; reference log-probs read from the input are left out, since --precompute-ref
-/// writes them into it (the state keeps its own). --threads, --dtype (training runs in f32),
-/// --metrics, --save-steps, --save-adapter and --precompute-ref do not change the weights and
-/// may differ.
-pub fn fingerprint(args: &Args, device: &Device, pairs: &[TrainPair]) -> Result<Fingerprint> {
+/// digest covers the input's pairs as tokens (so --max-length and the chat template), their
+/// reward gaps and --weight-col weights; reference log-probs read from the input are left out,
+/// since --precompute-ref writes them into it (the state keeps its own). --threads, --metrics,
+/// --save-steps, --save-adapter, --precompute-ref and --memory-budget do not change the weights
+/// and may differ.
+pub fn fingerprint(
+    args: &Args,
+    device: &Device,
+    dtype: DType,
+    pairs: &[TrainPair],
+) -> Result<Fingerprint> {
     let mut digest = Digest::new();
     for pair in pairs {
         for side in [&pair.chosen, &pair.rejected] {
             digest.u32s(&side.prompt).u32s(&side.response);
         }
         digest.u64(pair.reward_gap.to_bits() as u64);
+        digest.u64(pair.given_weight.map_or(u64::MAX, f64::to_bits));
     }
     let reference = match &args.reference {
         Some(dir) => format!("{} ({})", dir.display(), file_stamps(dir)?),
@@ -86,10 +94,13 @@ pub fn fingerprint(args: &Args, device: &Device, pairs: &[TrainPair]) -> Result<
         )
         .with("--loss", format!("{:?}", args.loss))
         .with("--beta", args.beta)
+        .with("--simpo-gamma", args.simpo_gamma)
+        .with("--rpo-alpha", args.rpo_alpha)
         .with("--label-smoothing", args.label_smoothing)
         .with("--weight", format!("{:?}", args.weight))
         .with("--beta2", args.beta2)
         .with("--weight-norm", format!("{:?}", args.weight_norm))
+        .with("--weight-col", format!("{:?}", args.weight_col))
         .with("--kl-coef", args.kl_coef)
         .with("--kl-samples", args.kl_samples)
         .with("--kl-max-new-tokens", args.kl_max_new_tokens)
@@ -103,11 +114,14 @@ pub fn fingerprint(args: &Args, device: &Device, pairs: &[TrainPair]) -> Result<
         .with("--warmup-ratio", args.warmup_ratio)
         .with("--schedule", format!("{:?}", args.schedule))
         .with("--epochs", args.epochs)
+        .with("--max-steps", format!("{:?}", args.max_steps))
         .with("--batch-size", args.batch_size)
         .with("--grad-accum", args.grad_accum)
         .with("--max-grad-norm", args.max_grad_norm)
         .with("--seed", args.seed)
-        .with("--device", format!("{:?}", device.location())))
+        .with("--device", format!("{:?}", device.location()))
+        .with("--dtype", format!("{dtype:?}").to_lowercase())
+        .with("--kernels", optune_cli::kernels_in_use(device, dtype)))
 }
 
 /// The state a killed or interrupted run with this fingerprint left beside `output`, if any.
@@ -142,14 +156,17 @@ pub fn load(output: &Path, fingerprint: &Fingerprint) -> Result<Option<Saved>> {
 impl Saved {
     /// Sets the pairs' reference log-probs to the ones the state's run used.
     pub fn fill_reference(&self, pairs: &mut [TrainPair]) -> Result<()> {
-        if self.reference.len() != pairs.len() {
+        let Some(reference) = &self.reference else {
+            return Ok(());
+        };
+        if reference.len() != pairs.len() {
             bail!(
                 "the training state holds {} reference log-probs for {} pairs",
-                self.reference.len(),
+                reference.len(),
                 pairs.len()
             );
         }
-        for (pair, &logps) in pairs.iter_mut().zip(&self.reference) {
+        for (pair, &logps) in pairs.iter_mut().zip(reference) {
             pair.ref_logps = Some(logps);
         }
         Ok(())
@@ -199,14 +216,15 @@ pub fn save(
     let dir = dir_of(output);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let step = position.step;
-    let weights: Vec<(String, Tensor)> = policy
+    let weights: HashMap<String, Tensor> = policy
         .trainable
         .iter()
         .map(|(name, var)| (name.clone(), var.as_tensor().clone()))
         .collect();
     let weights_path = dir.join(format!("trainable-{step}.safetensors"));
     let partial = dir.join(format!("trainable-{step}.safetensors.partial"));
-    optune_model::checkpoint::write_safetensors(&weights, &partial)?;
+    candle_core::safetensors::save(&weights, &partial)
+        .with_context(|| format!("writing {}", partial.display()))?;
     std::fs::rename(&partial, &weights_path)?;
     optimizer.save_state(&dir.join(format!("optimizer-{step}.safetensors")))?;
     let saved = Saved {
@@ -218,13 +236,7 @@ pub fn save(
             .lora
             .as_ref()
             .map(|lora| lora.dropout_stream.position().to_string()),
-        reference: pairs
-            .iter()
-            .map(|p| {
-                p.ref_logps
-                    .expect("reference log-probs are filled before training")
-            })
-            .collect(),
+        reference: pairs.iter().map(|p| p.ref_logps).collect(),
         metrics: metrics.to_vec(),
     };
     let state = dir.join("state.json");

@@ -11,7 +11,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
 use optune_model::Transformer;
 use optune_resume::Fingerprint;
-use optune_train::loss::{dpo_losses, pair_weights, weighted_mean};
+use optune_train::loss::{batch_loss, given_weights, pair_weights, BatchLogps, ObjectiveParams};
 use optune_train::optim::{clip_grad_norm, decay_groups, missing_grads, Optimizer, Schedule};
 use std::time::Instant;
 
@@ -25,18 +25,20 @@ pub struct Trained {
     pub log: MetricsLog,
 }
 
-/// Trains `policy` on `pairs` (reference log-probs filled in) for `--epochs`, from the start or
-/// from `resumed`, keeping a state every --save-steps steps and when SIGTERM/SIGINT arrives
-/// (then ending with an error once it is written).
+/// Trains `policy` on `pairs` (reference log-probs filled in when the loss reads them) for
+/// `--epochs`, or for `--max-steps` optimiser steps over as many epochs as that takes, from the
+/// start or from `resumed`, keeping a state every --save-steps steps and when SIGTERM/SIGINT
+/// arrives (then ending with an error once it is written).
 pub fn train(
     args: &Args,
-    policy: &Policy,
+    policy: &mut Policy,
     pairs: &[TrainPair],
     reference: Option<&Transformer>,
     device: &Device,
     fingerprint: &Fingerprint,
     resumed: Option<Saved>,
 ) -> Result<Trained> {
+    policy.set_training(true);
     let mut trainer = Trainer::new(args, policy, reference, device, pairs.len())?;
     let mut start = Position {
         step: 0,
@@ -45,7 +47,8 @@ pub fn train(
         micro: 0,
     };
     if let Some(saved) = resumed {
-        saved.restore(&args.output, policy, &mut trainer.optimizer)?;
+        saved.restore(&args.output, trainer.policy, &mut trainer.optimizer)?;
+        trainer.policy.refresh_compute_weights()?;
         start = saved.position;
         trainer.micro = start.micro;
         trainer.tokens = saved.tokens;
@@ -55,8 +58,12 @@ pub fn train(
     let total_steps = trainer.schedule.total_steps;
     let interrupts = Interrupts::register()?;
     let started = Instant::now();
-    policy.set_training(true);
-    for epoch in start.epoch..args.epochs {
+    let epochs = if args.max_steps.is_some() {
+        usize::MAX
+    } else {
+        args.epochs
+    };
+    'epochs: for epoch in start.epoch..epochs {
         let batches = epoch_batches(pairs, args.batch_size, args.seed, epoch);
         let last_batch = batches.len() - 1;
         let first = if epoch == start.epoch { start.batch } else { 0 };
@@ -69,7 +76,11 @@ pub fn train(
             trainer.optimizer_step(epoch)?;
             let step = trainer.optimizer.step_count();
             if step == total_steps {
-                continue; // the checkpoint follows at once
+                // The checkpoint follows at once.
+                if args.max_steps.is_some() {
+                    break 'epochs;
+                }
+                continue;
             }
             let (epoch, batch) = if b == last_batch {
                 (epoch + 1, 0)
@@ -90,7 +101,7 @@ pub fn train(
                     fingerprint,
                     position,
                     trainer.tokens,
-                    policy,
+                    trainer.policy,
                     &trainer.optimizer,
                     pairs,
                     trainer.log.rows(),
@@ -106,7 +117,7 @@ pub fn train(
             }
         }
     }
-    policy.set_training(false);
+    trainer.policy.set_training(false);
     trainer.progress.finish_and_clear();
     Ok(Trained {
         steps: trainer.optimizer.step_count(),
@@ -119,7 +130,7 @@ pub fn train(
 
 struct Trainer<'a> {
     args: &'a Args,
-    policy: &'a Policy,
+    policy: &'a mut Policy,
     reference: Option<&'a Transformer>,
     device: &'a Device,
     optimizer: Optimizer,
@@ -137,13 +148,15 @@ struct Trainer<'a> {
 impl<'a> Trainer<'a> {
     fn new(
         args: &'a Args,
-        policy: &'a Policy,
+        policy: &'a mut Policy,
         reference: Option<&'a Transformer>,
         device: &'a Device,
         pairs: usize,
     ) -> Result<Self> {
         let steps_per_epoch = pairs.div_ceil(args.batch_size).div_ceil(args.grad_accum);
-        let total_steps = (steps_per_epoch * args.epochs) as u64;
+        let total_steps = args
+            .max_steps
+            .unwrap_or((steps_per_epoch * args.epochs) as u64);
         let schedule = Schedule {
             peak_lr: args.lr,
             warmup_steps: (args.warmup_ratio * total_steps as f64).ceil() as u64,
@@ -182,7 +195,7 @@ impl<'a> Trainer<'a> {
     fn micro_batch(&mut self, batch: &[&TrainPair], epoch: usize, index: usize) -> Result<()> {
         let args = self.args;
         let logps = SideLogps::of(&self.policy.model, batch, self.policy.pad_id)?;
-        let means = args.loss.pair_loss().uses_mean_logps();
+        let means = args.loss.uses_mean_logps();
         let (chosen, rejected) = logps.sides(means);
         // The reference values are sums; a loss on per-token means divides them by the
         // response's length, as the policy's means are divided (in f32).
@@ -207,18 +220,36 @@ impl<'a> Trainer<'a> {
                 .collect();
             Ok(Tensor::new(values.as_slice(), self.device)?)
         };
-        let losses = dpo_losses(
-            args.loss.pair_loss(),
-            args.beta,
-            args.label_smoothing,
+        let reference = if args.loss.needs_reference() {
+            Some((reference(true)?, reference(false)?))
+        } else {
+            None
+        };
+        let weights = if args.weight_col.is_some() {
+            let given: Vec<f64> = batch
+                .iter()
+                .map(|p| p.given_weight.expect("read with --weight-col"))
+                .collect();
+            given_weights(&given, args.weight_norm)?
+        } else {
+            let gaps: Vec<f32> = batch.iter().map(|p| p.reward_gap).collect();
+            pair_weights(args.weight, args.beta2, &gaps, args.weight_norm)?
+        };
+        let chosen_tokens: Vec<usize> = batch.iter().map(|p| p.chosen.response.len()).collect();
+        let params = ObjectiveParams {
+            beta: args.beta,
+            label_smoothing: args.label_smoothing,
+            simpo_gamma: args.simpo_gamma,
+            rpo_alpha: args.rpo_alpha,
+        };
+        let batch_logps = BatchLogps {
             chosen,
             rejected,
-            &reference(true)?,
-            &reference(false)?,
-        )?;
-        let gaps: Vec<f32> = batch.iter().map(|p| p.reward_gap).collect();
-        let weights = pair_weights(args.weight, args.beta2, &gaps, args.weight_norm)?;
-        let mut loss = weighted_mean(&losses.losses, &weights)?;
+            reference: reference.as_ref().map(|(c, r)| (c, r)),
+            chosen_sums: &logps.chosen,
+            chosen_tokens: &chosen_tokens,
+        };
+        let (mut loss, losses) = batch_loss(args.loss, &params, &batch_logps, &weights)?;
         let mut kl = None;
         if args.loss.samples_online() {
             let (surrogate, estimate) =
@@ -280,6 +311,7 @@ impl<'a> Trainer<'a> {
         let lr = self.schedule.lr_at(self.optimizer.step_count());
         self.optimizer.set_lr(lr);
         self.optimizer.step(&grads)?;
+        self.policy.refresh_compute_weights()?;
         let row = std::mem::take(&mut self.step_metrics).finish(
             self.optimizer.step_count(),
             epoch,

@@ -350,3 +350,527 @@ fn bad_input_is_a_clear_error() {
     );
     assert!(!out.exists());
 }
+
+/// Writes `rows` as JSONL.
+fn write_jsonl(path: &Path, rows: &[serde_json::Value]) {
+    let text: String = rows.iter().map(|row| format!("{row}\n")).collect();
+    std::fs::write(path, text).unwrap();
+}
+
+/// Runs opt-wdpo on the test model `policy` with `pairs` into `out`, `extra` arguments and --seed 3.
+fn wdpo_on(policy: &str, pairs: &Path, out: &Path, extra: &[&str]) -> (bool, String) {
+    let policy = model(policy);
+    let args = [
+        "--policy",
+        policy.to_str().unwrap(),
+        pairs.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--seed",
+        "3",
+    ];
+    wdpo(&[&args[..], extra].concat())
+}
+
+/// [`wdpo_on`] into `tmp/name`, which must succeed; returns the output directory.
+fn train_on(policy: &str, tmp: &Path, name: &str, pairs: &Path, extra: &[&str]) -> PathBuf {
+    let out = tmp.join(name);
+    let (ok, err) = wdpo_on(policy, pairs, &out, extra);
+    assert!(ok, "{err}");
+    out
+}
+
+#[test]
+fn max_steps_overrides_epochs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pairs = tmp.path().join("pairs.jsonl");
+    write_pairs(&pairs);
+    // 8 pairs in batches of 4: 2 steps an epoch, so 5 steps take 3 epochs.
+    let out = train_on(
+        "tiny-llama",
+        tmp.path(),
+        "five",
+        &pairs,
+        &["--batch-size", "4", "--max-steps", "5", "--lr", "1e-4"],
+    );
+    let rows = metrics(&out);
+    assert_eq!(column(&rows, "step"), [1.0, 2.0, 3.0, 4.0, 5.0]);
+    assert_eq!(column(&rows, "epoch"), [0.0, 0.0, 1.0, 1.0, 2.0]);
+    let out = train_on(
+        "tiny-llama",
+        tmp.path(),
+        "one",
+        &pairs,
+        &["--batch-size", "4", "--epochs", "3", "--max-steps", "1"],
+    );
+    assert_eq!(column(&metrics(&out), "step"), [1.0]);
+    let (ok, err) = wdpo_on(
+        "tiny-llama",
+        &pairs,
+        &tmp.path().join("zero"),
+        &["--max-steps", "0"],
+    );
+    assert!(
+        !ok && err.contains("--max-steps must be at least 1"),
+        "{err}"
+    );
+}
+
+/// The pairs of testdata/reference/`model`.json's cases (chosen: the case's response, whose
+/// log-probs transformers computed; rejected: a short reply), and the reference itself. For a
+/// templated model a raw-text case becomes the one user message the chat template makes of it
+/// (one column holds one kind); an untemplated model's cases are all raw text.
+fn reference_pairs(model: &str, path: &Path) -> serde_json::Value {
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join(format!("testdata/reference/{model}.json"))).unwrap(),
+    )
+    .unwrap();
+    let rows: Vec<serde_json::Value> = reference["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|case| {
+            let prompt = match case.get("messages") {
+                Some(messages) => messages.clone(),
+                None if model == "tiny-llama" => {
+                    serde_json::json!([{"role": "user", "content": case["prompt"]}])
+                }
+                None => case["prompt"].clone(),
+            };
+            serde_json::json!({"prompt": prompt, "chosen": case["response"], "rejected": "No."})
+        })
+        .collect();
+    write_jsonl(path, &rows);
+    reference
+}
+
+#[test]
+fn sft_and_rpo_losses_are_transformers_token_level_nll() {
+    // tiny-llama renders its chat template; tiny-llama-base has none and its tokenizer puts BOS
+    // before raw text, as transformers' tokenizer(prompt) does.
+    for model_name in ["tiny-llama", "tiny-llama-base"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let pairs = tmp.path().join("pairs.jsonl");
+        let reference = reference_pairs(model_name, &pairs);
+        // TRL's NLL: Σ −log π(chosen) / Σ chosen tokens, from transformers' log-probs.
+        let cases = reference["cases"].as_array().unwrap();
+        let logp: f64 = cases.iter().map(|c| c["sum_logp"].as_f64().unwrap()).sum();
+        let tokens: usize = cases
+            .iter()
+            .map(|c| c["response_ids"].as_array().unwrap().len())
+            .sum();
+        let nll = -logp / tokens as f64;
+        let first_loss = |name: &str, extra: &[&str]| {
+            let args = [
+                &["--lr", "0", "--batch-size", "4", "--max-steps", "1"][..],
+                extra,
+            ]
+            .concat();
+            let out = train_on(model_name, tmp.path(), name, &pairs, &args);
+            column(&metrics(&out), "loss")[0]
+        };
+        let sft = first_loss("sft", &["--loss", "sft"]);
+        assert!(
+            (sft - nll).abs() < 1e-4 * nll,
+            "{model_name}: sft {sft} vs {nll}"
+        );
+        // RPO on the first step: policy = reference, so each DPO loss is ln 2, plus α·NLL.
+        let rpo = first_loss("rpo", &["--loss", "rpo", "--rpo-alpha", "0.5"]);
+        let expected = std::f64::consts::LN_2 + 0.5 * nll;
+        assert!(
+            (rpo - expected).abs() < 1e-4 * expected,
+            "{model_name}: rpo {rpo} vs {expected}"
+        );
+    }
+}
+
+#[test]
+fn simpo_and_sft_train_without_a_reference() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pairs = tmp.path().join("pairs.jsonl");
+    write_pairs(&pairs);
+    for loss in ["simpo", "sft"] {
+        let out = train_on(
+            "tiny-llama",
+            tmp.path(),
+            loss,
+            &pairs,
+            &[
+                "--loss",
+                loss,
+                "--beta",
+                "2",
+                "--lr",
+                "1e-3",
+                "--epochs",
+                "4",
+                "--batch-size",
+                "4",
+                "--warmup-ratio",
+                "0",
+                "--schedule",
+                "constant",
+            ],
+        );
+        let loss_column = column(&metrics(&out), "loss");
+        assert!(
+            loss_column.last().unwrap() < &(loss_column[0] * 0.8),
+            "{loss}: {loss_column:?}"
+        );
+        // Nothing to precompute.
+        let (ok, err) = wdpo_on(
+            "tiny-llama",
+            &pairs,
+            &tmp.path().join("none"),
+            &["--loss", loss, "--precompute-ref"],
+        );
+        assert!(!ok && err.contains("reads no reference log-probs"), "{err}");
+    }
+}
+
+/// Eight pairs with varying rewards, under `chosen`/`rejected` column names of the caller's choice.
+fn write_scored_pairs(path: &Path, reward_columns: Option<(&str, &str)>, weight: Option<f64>) {
+    let rows: Vec<serde_json::Value> = (0..8)
+        .map(|i| {
+            let mut row = serde_json::json!({
+                "prompt": format!("Say something about the number {i}."),
+                "chosen": format!("It was great and happy {i}!"),
+                "rejected": format!("It was bad, sad and awful {i}."),
+            });
+            if let Some((chosen, rejected)) = reward_columns {
+                row[chosen] = serde_json::json!(8.0 - i as f64 * 0.5);
+                row[rejected] = serde_json::json!(1.0 + i as f64 * 0.25);
+            }
+            if let Some(w) = weight {
+                row["w"] = serde_json::json!(w * i as f64);
+            }
+            row
+        })
+        .collect();
+    write_jsonl(path, &rows);
+}
+
+#[test]
+fn ultrafeedback_scores_drive_the_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let args = [
+        "--lr",
+        "1e-3",
+        "--batch-size",
+        "8",
+        "--epochs",
+        "2",
+        "--beta2",
+        "0.5",
+    ];
+    let run = |name: &str, columns| {
+        let pairs = tmp.path().join(format!("{name}.jsonl"));
+        write_scored_pairs(&pairs, columns, None);
+        weights(&train_on("tiny-llama", tmp.path(), name, &pairs, &args))
+    };
+    let explicit = run("explicit", Some(("chosen_reward", "rejected_reward")));
+    let ultrafeedback = run("ultrafeedback", Some(("score_chosen", "score_rejected")));
+    assert_eq!(
+        explicit, ultrafeedback,
+        "scores and rewards train differently"
+    );
+    assert_ne!(
+        explicit,
+        run("unscored", None),
+        "the scores do not reach the weights"
+    );
+}
+
+#[test]
+fn weight_col_gives_each_pair_its_weight() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pairs = tmp.path().join("pairs.jsonl");
+    // w = 0.5·i for pairs 0..8: mean 1.75.
+    write_scored_pairs(&pairs, None, Some(0.5));
+    let out = train_on(
+        "tiny-llama",
+        tmp.path(),
+        "given",
+        &pairs,
+        &[
+            "--weight-col",
+            "w",
+            "--weight-norm",
+            "none",
+            "--batch-size",
+            "8",
+            "--lr",
+            "1e-4",
+        ],
+    );
+    assert_eq!(column(&metrics(&out), "weight/mean"), [1.75]);
+    // Normalised per batch, the weights average 1.
+    let out = train_on(
+        "tiny-llama",
+        tmp.path(),
+        "normalised",
+        &pairs,
+        &["--weight-col", "w", "--batch-size", "8"],
+    );
+    assert_eq!(column(&metrics(&out), "weight/mean"), [1.0]);
+    // Negative weights, a missing column, and --beta2 beside --weight-col are errors.
+    write_scored_pairs(&pairs, None, Some(-1.0));
+    for (extra, expected) in [
+        (
+            &["--weight-col", "w"][..],
+            "column 'w': weight -1 at row 2 is negative",
+        ),
+        (&["--weight-col", "v"][..], "'v'"),
+        (
+            &["--weight-col", "w", "--beta2", "2"][..],
+            "cannot be used with",
+        ),
+    ] {
+        let (ok, err) = wdpo_on("tiny-llama", &pairs, &tmp.path().join("bad"), extra);
+        assert!(!ok && err.contains(expected), "{extra:?}: {err}");
+    }
+}
+
+#[test]
+fn hh_transcripts_give_the_reference_of_the_explicit_split() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dialogues = [
+        (
+            "How do I boil an egg?",
+            "Put it in boiling water for eight minutes.",
+            "Eggs are round.",
+        ),
+        ("Name a colour.", "Blue.", "I would rather not."),
+        (
+            "What is the capital of France?",
+            "Paris.",
+            "London, I think.",
+        ),
+    ];
+    let transcript = |q: &str, a: &str| format!("\n\nHuman: {q}\n\nAssistant: {a}");
+    let hh: Vec<serde_json::Value> = dialogues
+        .iter()
+        .map(|(q, good, bad)| {
+            serde_json::json!({"chosen": transcript(q, good), "rejected": transcript(q, bad)})
+        })
+        .collect();
+    let split: Vec<serde_json::Value> = dialogues
+        .iter()
+        .map(|(q, good, bad)| {
+            serde_json::json!({
+                "prompt": format!("\n\nHuman: {q}\n\nAssistant:"),
+                "chosen": format!(" {good}"),
+                "rejected": format!(" {bad}"),
+            })
+        })
+        .collect();
+    let reference_columns = |name: &str, rows: &[serde_json::Value]| {
+        let pairs = tmp.path().join(format!("{name}.jsonl"));
+        write_jsonl(&pairs, rows);
+        train_on(
+            "tiny-llama-base",
+            tmp.path(),
+            name,
+            &pairs,
+            &["--precompute-ref", "--lr", "0", "--max-steps", "1"],
+        );
+        let shard = optune_shard::Shard::read(Some(&pairs)).unwrap();
+        (
+            shard.floats("ref_chosen_logp").unwrap(),
+            shard.floats("ref_rejected_logp").unwrap(),
+        )
+    };
+    let from_transcripts = reference_columns("hh", &hh);
+    assert_eq!(from_transcripts, reference_columns("split", &split));
+    assert!(from_transcripts.0.iter().all(|l| l.is_finite() && *l < 0.0));
+}
+
+/// The generic kernels (the op graph CUDA runs) and the fused CPU kernels train the same LoRA
+/// adapters: losses and gradient norms agree step by step, and each summary names its kernels.
+#[test]
+fn generic_and_fused_kernels_give_the_same_lora_losses() {
+    let dir = tempfile::tempdir().unwrap();
+    let pairs = dir.path().join("pairs.jsonl");
+    write_pairs(&pairs);
+    let mut runs = Vec::new();
+    for kernels in ["fused", "generic"] {
+        let out = dir.path().join(kernels);
+        let (ok, stderr) = wdpo(&[
+            "--policy",
+            model("tiny-llama").to_str().unwrap(),
+            pairs.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--lora-rank",
+            "4",
+            "--lr",
+            "1e-2",
+            "--batch-size",
+            "2",
+            "--warmup-ratio",
+            "0",
+            "--kernels",
+            kernels,
+        ]);
+        assert!(ok, "{stderr}");
+        assert!(
+            stderr.contains(&format!("kernels={kernels}")),
+            "{kernels}: {stderr}"
+        );
+        runs.push(metrics(&out));
+    }
+    for name in ["loss", "grad_norm", "rewards/margins"] {
+        let (fused, generic) = (column(&runs[0], name), column(&runs[1], name));
+        assert_eq!(fused.len(), 4);
+        for (step, (a, b)) in fused.iter().zip(&generic).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-4,
+                "{name} at step {}: {a} vs {b}",
+                step + 1
+            );
+        }
+    }
+}
+
+/// The safetensors dtype names of a checkpoint's weights.
+fn saved_dtypes(dir: &Path) -> std::collections::BTreeSet<String> {
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(_, v)| v["dtype"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// `--dtype bf16` computes in bf16 with f32 master weights: full fine-tuning (whose bf16 weights
+/// are re-cast from the masters after every step) and LoRA follow the f32 run's losses to bf16
+/// rounding.
+#[test]
+fn bf16_training_follows_f32_within_rounding() {
+    let dir = tempfile::tempdir().unwrap();
+    let pairs = dir.path().join("pairs.jsonl");
+    write_pairs(&pairs);
+    for lora in [false, true] {
+        let mut runs = Vec::new();
+        for dtype in ["f32", "bf16"] {
+            let out = dir.path().join(format!("{dtype}-{lora}"));
+            let (policy, pairs_path, out_path) = (
+                model("tiny-llama").to_str().unwrap().to_string(),
+                pairs.to_str().unwrap().to_string(),
+                out.to_str().unwrap().to_string(),
+            );
+            let lr = if lora { "2e-2" } else { "1e-3" };
+            let mut args: Vec<String> = [
+                "--policy",
+                &policy,
+                &pairs_path,
+                "-o",
+                &out_path,
+                "--lr",
+                lr,
+                "--batch-size",
+                "2",
+                "--warmup-ratio",
+                "0",
+                "--dtype",
+                dtype,
+            ]
+            .map(String::from)
+            .to_vec();
+            if lora {
+                args.extend(["--lora-rank", "4"].map(String::from));
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let (ok, stderr) = wdpo(&args);
+            assert!(ok, "{stderr}");
+            // Saved in the checkpoint's own dtype (its config says float32), not the compute one.
+            assert_eq!(saved_dtypes(&out).into_iter().collect::<Vec<_>>(), ["F32"]);
+            runs.push(column(&metrics(&out), "loss"));
+        }
+        let (f32_losses, bf16_losses) = (&runs[0], &runs[1]);
+        assert_eq!(f32_losses.len(), 4);
+        // The first step sees equal policy and reference: exactly ln 2 in both.
+        assert!((bf16_losses[0] - std::f64::consts::LN_2).abs() < 1e-6);
+        for (step, (a, b)) in f32_losses.iter().zip(bf16_losses).enumerate().skip(1) {
+            assert!(
+                (a - b).abs() <= 0.02,
+                "lora {lora}, step {}: f32 {a} vs bf16 {b}",
+                step + 1
+            );
+        }
+        // Training moved the loss: a bf16 copy left stale after the first step would not.
+        assert!(
+            bf16_losses[3] < bf16_losses[0] - 0.05,
+            "lora {lora}: {bf16_losses:?}"
+        );
+    }
+}
+
+/// A checkpoint is saved in the dtype its config.json names, whatever the run computed in.
+#[test]
+fn checkpoints_keep_their_own_dtype() {
+    let dir = tempfile::tempdir().unwrap();
+    let pairs = dir.path().join("pairs.jsonl");
+    write_pairs(&pairs);
+    let policy = dir.path().join("policy");
+    std::fs::create_dir(&policy).unwrap();
+    for entry in std::fs::read_dir(model("tiny-llama")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), policy.join(entry.file_name())).unwrap();
+    }
+    let config = policy.join("config.json");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("\"float32\"", "\"bfloat16\"")).unwrap();
+    let out = dir.path().join("out");
+    let (ok, stderr) = wdpo(&[
+        "--policy",
+        policy.to_str().unwrap(),
+        pairs.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--lora-rank",
+        "4",
+        "--dtype",
+        "f32",
+    ]);
+    assert!(ok, "{stderr}");
+    assert_eq!(saved_dtypes(&out).into_iter().collect::<Vec<_>>(), ["BF16"]);
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(saved["torch_dtype"], "bfloat16");
+}
+
+/// Before training opt-wdpo prints its memory estimate, and refuses a run that does not fit in
+/// the memory it plans against, with advice, leaving no output behind.
+#[test]
+fn a_run_that_cannot_fit_is_refused_before_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let pairs = dir.path().join("pairs.jsonl");
+    write_pairs(&pairs);
+    let out = dir.path().join("out");
+    let policy = model("tiny-llama");
+    let base = [
+        "--policy",
+        policy.to_str().unwrap(),
+        pairs.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--max-steps",
+        "1",
+    ];
+    let (ok, stderr) = wdpo(&[&base[..], &["--memory-budget", "0.0001"]].concat());
+    assert!(!ok, "{stderr}");
+    assert!(stderr.contains("memory estimate"), "{stderr}");
+    assert!(
+        stderr.contains("--lora-rank") && stderr.contains("--batch-size"),
+        "{stderr}"
+    );
+    assert!(!out.exists());
+    let (ok, stderr) = wdpo(&base);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("memory estimate"), "{stderr}");
+}

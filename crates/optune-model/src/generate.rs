@@ -3,7 +3,7 @@
 //! Up to `batch_size` sequences decode together; when one finishes, the next waiting request's
 //! prompt goes into its slot in the very next step, so a long response never idles the batch.
 //! Each request carries its own random stream, and on the CPU in f32 the model computes every
-//! sequence's numbers on their own (see [`crate::decode`]), so what a request samples — and its
+//! sequence's numbers on their own (see [`optune_kernels::host`]), so what a request samples — and its
 //! `logp`, to the bit — does not depend on which requests share its batch, on the batch size or
 //! on the thread count.
 
@@ -82,10 +82,10 @@ fn splitmix64(x: u64) -> u64 {
 /// prefix in proportion to `exp((logit − max) / temperature)`. Only as much of the vocabulary as
 /// the prefix needs is sorted.
 pub fn sample_token(logits: &[f32], params: &SamplingParams, rng: &mut ChaCha8Rng) -> (u32, f64) {
-    let log_z = crate::decode::log_sum_exp(logits);
+    let log_z = optune_kernels::host::log_sum_exp(logits);
     let logp = |t: usize| logits[t] as f64 - log_z;
     // Argmax, ties to the lowest id.
-    let max = crate::decode::max_f32(logits);
+    let max = optune_kernels::host::max_f32(logits);
     let best = logits.iter().position(|&l| l == max).unwrap_or(0);
     if params.temperature <= 0.0 {
         return (best as u32, logp(best));
@@ -93,7 +93,7 @@ pub fn sample_token(logits: &[f32], params: &SamplingParams, rng: &mut ChaCha8Rn
     let inv_t = 1.0 / params.temperature;
     let top = logits[best] as f64;
     let weight =
-        |t: usize| crate::decode::exp_f32(((logits[t] as f64 - top) * inv_t) as f32) as f64;
+        |t: usize| optune_kernels::host::exp_f32(((logits[t] as f64 - top) * inv_t) as f32) as f64;
     let vocab = logits.len();
     let top_k = params.top_k.filter(|&k| k > 0 && k < vocab);
     let by_probability = |a: &u32, b: &u32| {
@@ -383,7 +383,8 @@ mod tests {
     fn sample_by_full_sort(logits: &[f32], params: &SamplingParams, rng: &mut ChaCha8Rng) -> u32 {
         let top = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
         let weight = |t: usize| {
-            crate::decode::exp_f32(((logits[t] as f64 - top) / params.temperature) as f32) as f64
+            optune_kernels::host::exp_f32(((logits[t] as f64 - top) / params.temperature) as f32)
+                as f64
         };
         let mut order: Vec<usize> = (0..logits.len()).collect();
         order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));

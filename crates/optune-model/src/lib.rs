@@ -1,26 +1,19 @@
-//! The model core of optune: a trainable Llama/Mistral/Qwen2 transformer on candle, its
-//! checkpoints (Hugging Face directories and GGUF files), tokenizer and chat templates, and
-//! sequence log-probabilities.
+//! The model core of optune: a trainable Llama/Mistral/Qwen2 transformer on candle, its KV cache
+//! and generation, sequence log-probabilities and LoRA. Checkpoint files, tokenizers and chat
+//! templates come from `optune-checkpoint` (re-exported here), the ops from `optune-kernels`.
 
-pub mod checkpoint;
-pub mod cli;
-pub mod config;
-mod decode;
-pub mod fused;
 pub mod generate;
-pub mod gguf;
 pub mod linear;
+mod load;
 pub mod logprobs;
 pub mod lora;
 pub mod rope;
-pub mod runtime;
-pub mod tokenizer;
 pub mod transformer;
 
-pub use checkpoint::{
-    load_model, save_checkpoint, save_checkpoint_with, Checkpoint, CheckpointMeta,
-};
-pub use config::{Family, ModelConfig};
+pub use load::{load_model, save_checkpoint, save_checkpoint_with, saved_dtype};
 pub use logprobs::{sequence_logprobs, sequence_scores, SequenceLogprobs, TokenizedPair};
-pub use tokenizer::{ChatMessage, ChatTokenizer, Prompt};
+pub use optune_checkpoint::{
+    config, gguf, tokenizer, ChatMessage, ChatTokenizer, Checkpoint, CheckpointMeta, Family,
+    ModelConfig, Prompt,
+};
 pub use transformer::{KvCache, OutputHead, PaddedBatch, Transformer};

@@ -106,19 +106,14 @@ impl Linear {
 
     /// `x [.., in] → [.., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut out_dims = x.dims().to_vec();
-        let in_features = *out_dims.last().expect("linear input has at least one dim");
-        let rows = x.elem_count() / in_features;
-        let x2 = x.reshape((rows, in_features))?;
-        let mut y = x2.matmul(&self.weight.t()?)?;
+        let mut y = optune_kernels::linear(x, &self.weight)?;
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias)?;
         }
-        if let Some(delta) = self.adapter_delta(&x2)? {
-            y = (y + delta)?;
+        match self.adapter_delta(x)? {
+            Some(delta) => y + delta,
+            None => Ok(y),
         }
-        *out_dims.last_mut().expect("non-empty") = self.weight.dim(0)?;
-        y.reshape(out_dims)
     }
 
     /// The LoRA adapter's contribution `scale · dropout(x) Aᵀ Bᵀ` for `x [.., in]`, shaped
@@ -138,7 +133,13 @@ impl Linear {
         } else {
             x2
         };
-        let delta = (input.matmul(&lora.a.t()?)?.matmul(&lora.b.t()?)? * lora.scale)?;
+        // The adapters are f32 master weights; they compute in the input's dtype (bf16 on a GPU),
+        // and the cast passes their gradients back in f32.
+        let (a, b) = (
+            lora.a.to_dtype(input.dtype())?,
+            lora.b.to_dtype(input.dtype())?,
+        );
+        let delta = (input.matmul(&a.t()?)?.matmul(&b.t()?)? * lora.scale)?;
         *out_dims.last_mut().expect("non-empty") = lora.b.dim(0)?;
         Some(delta.reshape(out_dims)).transpose()
     }
@@ -154,7 +155,10 @@ impl Linear {
     /// The weight with the adapter folded in, for saving a merged checkpoint.
     pub fn merged_weight(&self) -> Result<Tensor> {
         match &self.lora {
-            Some(lora) => self.weight.add(&(lora.b.matmul(&lora.a)? * lora.scale)?),
+            Some(lora) => {
+                let delta = (lora.b.matmul(&lora.a)? * lora.scale)?;
+                self.weight.add(&delta.to_dtype(self.weight.dtype())?)
+            }
             None => Ok(self.weight.clone()),
         }
     }

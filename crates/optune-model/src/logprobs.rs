@@ -1,7 +1,7 @@
 //! Sequence log-probabilities of responses given prompts: what DPO trains on and what the
 //! generator reports.
 
-use crate::transformer::{accumulation_dtype, OutputHead, PaddedBatch, Transformer};
+use crate::transformer::{OutputHead, PaddedBatch, Transformer};
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, D};
 
@@ -27,10 +27,6 @@ impl SequenceLogprobs {
         self.sums.div(&counts)
     }
 }
-
-/// Rows of the vocabulary projection computed at once: bounds the logits buffer to
-/// `CHUNK_ROWS × vocab` floats.
-const CHUNK_ROWS: usize = crate::fused::HEAD_CHUNK_ROWS;
 
 /// `log p(response | prompt)` summed over response tokens, for a batch run as one right-padded
 /// forward pass. Prompt tokens are masked out of the sum.
@@ -85,41 +81,13 @@ pub fn sequence_logprobs(
     })
 }
 
-/// `log softmax(head(rows))[target]` for each row, `[rows]`, computed in chunks: on the CPU in
-/// f32/f64 by the fused op [`crate::fused::token_logprobs`] (one `CHUNK_ROWS × vocab` block of
-/// logits at a time, in the backward pass too), elsewhere by [`token_logprobs_generic`].
+/// `log softmax(head(rows))[target]` for each row, `[rows]`, one chunk of logits at a time
+/// ([`optune_kernels::token_logprobs`]).
 pub fn token_logprobs(model: &Transformer, rows: &Tensor, targets: &[u32]) -> Result<Tensor> {
     let weight = match model.head() {
         OutputHead::LanguageModel { weight, .. } | OutputHead::Score { weight } => weight,
     };
-    if crate::fused::supported(rows) && rows.dtype() == weight.dtype() {
-        return Ok(crate::fused::token_logprobs(
-            rows, weight, targets, CHUNK_ROWS,
-        )?);
-    }
-    token_logprobs_generic(model, rows, targets)
-}
-
-/// [`token_logprobs`] from candle's generic ops, chunk by chunk (autograd keeps every chunk's
-/// logits until the backward pass): the path for other devices and dtypes, and the reference the
-/// fused op is tested against.
-pub fn token_logprobs_generic(
-    model: &Transformer,
-    rows: &Tensor,
-    targets: &[u32],
-) -> Result<Tensor> {
-    let n = rows.dim(0)?;
-    let device = rows.device();
-    let mut parts = Vec::with_capacity(n.div_ceil(CHUNK_ROWS));
-    for start in (0..n).step_by(CHUNK_ROWS) {
-        let len = CHUNK_ROWS.min(n - start);
-        let logits = model.head_logits(&rows.narrow(0, start, len)?)?;
-        let logits = logits.to_dtype(accumulation_dtype(logits.dtype()))?;
-        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let index = Tensor::new(&targets[start..start + len], device)?.unsqueeze(1)?;
-        parts.push(logp.gather(&index, 1)?.squeeze(1)?);
-    }
-    Ok(Tensor::cat(&parts, 0)?)
+    Ok(optune_kernels::token_logprobs(rows, weight, targets)?)
 }
 
 /// Sequence-classification scores `[batch]` (label 0) read at each sequence's last token:

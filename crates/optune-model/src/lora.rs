@@ -70,13 +70,14 @@ impl LoraAdapters {
                 ))
             })
             .collect::<Result<_>>()?;
-        crate::checkpoint::write_safetensors(&tensors, &dir.join("adapter_model.safetensors"))
+        optune_checkpoint::write_safetensors(&tensors, &dir.join("adapter_model.safetensors"))
     }
 }
 
 /// Attaches fresh adapters to every linear whose module name ends with one of the targets:
 /// `A` drawn uniformly in ±1/√in (PEFT's Kaiming-uniform default), `B` zero, so the adapted model
-/// starts equal to the base. `seed` also seeds the dropout masks.
+/// starts equal to the base. `seed` also seeds the dropout masks. The adapters are f32 whatever
+/// the model's dtype (master weights for mixed precision; optimiser moments follow them).
 pub fn attach_lora(
     model: &mut Transformer,
     config: &LoraConfig,
@@ -90,7 +91,7 @@ pub fn attach_lora(
     // Its own stream ("dropout" in ASCII), apart from the one that drew `A`.
     let dropout_stream = DropoutStream::new(seed ^ 0x64_726f_706f_7574);
     let device = model.device().clone();
-    let dtype = model.dtype();
+    let dtype = DType::F32;
     let mut rng_state = seed ^ 0x5eed_1a7a;
     let mut uniform = move || {
         // SplitMix64 → [0, 1): reproducible and independent of candle's device RNG.

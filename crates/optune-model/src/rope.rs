@@ -1,7 +1,7 @@
 //! Rotary position embeddings in the Hugging Face layout (rotate-half, not interleaved pairs).
 
 use crate::config::ModelConfig;
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor};
 
 /// Cosine and sine tables for every position up to the model's context length,
 /// shaped `[positions, head_dim]` with the two halves duplicated as transformers does.
@@ -82,16 +82,6 @@ impl RotaryTables {
         };
         Ok((pick(&self.cos)?, pick(&self.sin)?))
     }
-}
-
-/// `x·cos + rotate_half(x)·sin` on `[batch, heads, seq, head_dim]`, from differentiable ops only
-/// (candle's fused rope kernels do not propagate gradients).
-pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let half = x.dim(D::Minus1)? / 2;
-    let first = x.narrow(D::Minus1, 0, half)?;
-    let second = x.narrow(D::Minus1, half, half)?;
-    let rotated = Tensor::cat(&[&second.neg()?, &first], D::Minus1)?;
-    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
 }
 
 #[cfg(test)]

@@ -8,13 +8,12 @@
 //! * [`Transformer::prefill`] / [`Transformer::decode_step`], the inference path with a KV cache
 //!   whose slots can hold sequences of different lengths (continuous batching).
 
-use crate::config::ModelConfig;
-use crate::decode;
-use crate::fused;
 use crate::linear::Linear;
-use crate::rope::{apply_rotary, RotaryTables};
+use crate::rope::RotaryTables;
 use anyhow::{bail, Context};
-use candle_core::{CpuStorage, DType, Device, Result, Storage, StorageRef, Tensor, D};
+use candle_core::{CpuStorage, DType, Device, Result, Storage, StorageRef, Tensor};
+use optune_checkpoint::ModelConfig;
+use optune_kernels::{host, ops, Path};
 use std::collections::HashMap;
 
 /// Additive mask value for disallowed keys. Finite so that a row never turns into NaN.
@@ -146,33 +145,6 @@ impl WeightMap {
     }
 }
 
-/// The dtype reductions run in: f32 for half-precision weights (as transformers does), else the
-/// weights' own dtype (f64 for gradient checks).
-pub fn accumulation_dtype(dtype: DType) -> DType {
-    match dtype {
-        DType::F16 | DType::BF16 => DType::F32,
-        other => other,
-    }
-}
-
-fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    if fused::supported(x) && weight.dtype() == x.dtype() {
-        return fused::rms_norm(x, weight, eps);
-    }
-    let dtype = x.dtype();
-    let x32 = x.to_dtype(accumulation_dtype(dtype))?;
-    let inv_rms = (x32.sqr()?.mean_keepdim(D::Minus1)? + eps)?
-        .sqrt()?
-        .recip()?;
-    x32.broadcast_mul(&inv_rms)?
-        .to_dtype(dtype)?
-        .broadcast_mul(weight)
-}
-
-fn silu(x: &Tensor) -> Result<Tensor> {
-    x.silu()
-}
-
 /// How linear layers multiply: freely (training, prefill) or in fixed row blocks so that a
 /// decoded sequence's numbers do not depend on its batch (see [`Linear::forward_fixed_rows`]).
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -184,16 +156,6 @@ enum Rows {
 impl Rows {
     fn apply(self, linear: &Linear, x: &Tensor) -> Result<Tensor> {
         match self {
-            Rows::Free if fused::supported(x) && linear.weight.dtype() == x.dtype() => {
-                let mut y = fused::linear(x, &linear.weight)?;
-                if let Some(bias) = &linear.bias {
-                    y = y.broadcast_add(bias)?;
-                }
-                match linear.adapter_delta(x)? {
-                    Some(delta) => y + delta,
-                    None => Ok(y),
-                }
-            }
             Rows::Free => linear.forward(x),
             Rows::Fixed => {
                 let (b, t, h) = x.dims3()?;
@@ -209,12 +171,7 @@ impl Mlp {
     fn forward(&self, x: &Tensor, rows: Rows) -> Result<Tensor> {
         let gate = rows.apply(&self.gate_proj, x)?;
         let up = rows.apply(&self.up_proj, x)?;
-        let act = if fused::supported(&gate) {
-            fused::silu_mul(&gate, &up)?
-        } else {
-            (silu(&gate)? * up)?
-        };
-        rows.apply(&self.down_proj, &act)
+        rows.apply(&self.down_proj, &ops::silu_mul(&gate, &up)?)
     }
 }
 
@@ -336,6 +293,22 @@ impl Transformer {
         Ok(())
     }
 
+    /// Replaces every weight by `f(name, weight)`; the tied head follows the embedding. opt-wdpo
+    /// re-casts its f32 master weights into the compute dtype after each optimiser step.
+    pub fn map_weights(
+        &mut self,
+        f: &mut dyn FnMut(&str, &Tensor) -> Result<Tensor>,
+    ) -> Result<()> {
+        self.for_each_tensor_mut(&mut |name, t| {
+            *t = f(name, t)?;
+            Ok(())
+        })?;
+        if let OutputHead::LanguageModel { weight, tied: true } = &mut self.head {
+            *weight = self.embed_tokens.clone();
+        }
+        Ok(())
+    }
+
     fn for_each_tensor_mut(
         &mut self,
         f: &mut dyn FnMut(&str, &mut Tensor) -> Result<()>,
@@ -430,6 +403,25 @@ impl Transformer {
     pub fn head(&self) -> &OutputHead {
         &self.head
     }
+    /// The number of weights (the tied head counted once, LoRA adapters not at all).
+    pub fn parameter_count(&self) -> usize {
+        let mut count = self.embed_tokens.elem_count() + self.norm.elem_count();
+        for block in &self.layers {
+            count +=
+                block.input_layernorm.elem_count() + block.post_attention_layernorm.elem_count();
+            for (_, lin) in block.linears() {
+                count += lin.weight.elem_count() + lin.bias.as_ref().map_or(0, Tensor::elem_count);
+            }
+        }
+        count
+            + match &self.head {
+                OutputHead::LanguageModel { tied: true, .. } => 0,
+                OutputHead::LanguageModel { weight, .. } | OutputHead::Score { weight } => {
+                    weight.elem_count()
+                }
+            }
+    }
+
     pub fn max_positions(&self) -> usize {
         self.rope.max_positions()
     }
@@ -456,7 +448,7 @@ impl Transformer {
             let (out, _, _) = block.forward(&self.config, &x, &cos, &sin, &mask, None)?;
             x = out;
         }
-        rms_norm(&x, &self.norm, self.config.rms_norm_eps)
+        ops::rms_norm(&x, &self.norm, self.config.rms_norm_eps)
     }
 
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {
@@ -537,7 +529,7 @@ impl Transformer {
         let last = x
             .narrow(1, len - 1, 1)?
             .reshape((1, self.config.hidden_size))?;
-        let last = rms_norm(&last, &self.norm, self.config.rms_norm_eps)?;
+        let last = ops::rms_norm(&last, &self.norm, self.config.rms_norm_eps)?;
         Ok(self.head_logits(&last)?.squeeze(0)?)
     }
 
@@ -595,7 +587,7 @@ impl Transformer {
     /// go through the model together.
     ///
     /// On the CPU in f32 (a host cache) every row is computed on its own by the kernels of
-    /// [`crate::decode`], attending over its own slot's cached positions only: a sequence's
+    /// [`optune_kernels::host`], attending over its own slot's cached positions only: a sequence's
     /// numbers do not depend on which segments share the call, on their number or on the thread
     /// count. Otherwise (the masked tensor path) each prompt is prefilled alone and the
     /// single-token segments are decoded together.
@@ -660,7 +652,7 @@ impl Transformer {
         let vocab = cfg.vocab_size;
         let window = cfg.attention_window();
         let mut seen = vec![false; slots];
-        let mut queries: Vec<decode::Query> = Vec::new();
+        let mut queries: Vec<host::Query> = Vec::new();
         let mut ids: Vec<usize> = Vec::new();
         for segment in segments {
             let slot = segment.slot;
@@ -686,7 +678,7 @@ impl Transformer {
                 }
                 let position = start + i;
                 let first = window.map_or(0, |w| (position + 1).saturating_sub(w));
-                queries.push(decode::Query {
+                queries.push(host::Query {
                     slot,
                     first,
                     position,
@@ -703,7 +695,7 @@ impl Transformer {
             .iter()
             .map(|f| *f as f32)
             .collect();
-        let (cos, sin) = decode::rotary_tables(&positions, &inv_freq);
+        let (cos, sin) = host::rotary_tables(&positions, &inv_freq);
         let embed = weights.embed.data();
         let mut x = Vec::with_capacity(rows * h);
         for &id in &ids {
@@ -717,11 +709,11 @@ impl Transformer {
             unreachable!("host cache")
         };
         for (l, block) in weights.layers.iter().enumerate() {
-            decode::rms_norm(&x, block.input_norm.data(), eps, &mut normed);
+            host::rms_norm(&x, block.input_norm.data(), eps, &mut normed);
             let [mut q, mut k, v] =
                 HostLinear::forward_many([&block.q, &block.k, &block.v], &normed, rows);
-            decode::rotary(&mut q, heads, d, &cos, &sin);
-            decode::rotary(&mut k, kvh, d, &cos, &sin);
+            host::rotary(&mut q, heads, d, &cos, &sin);
+            host::rotary(&mut k, kvh, d, &cos, &sin);
             // Every row's key and value go in before any row attends (a prompt's rows read
             // each other's).
             for (row, query) in queries.iter().enumerate() {
@@ -732,18 +724,18 @@ impl Transformer {
                     values[l][at..at + d].copy_from_slice(&v[from..from + d]);
                 }
             }
-            let layer = decode::LayerCache {
+            let layer = host::LayerCache {
                 keys: &keys[l],
                 values: &values[l],
                 kv_heads: kvh,
                 capacity,
             };
-            decode::attention(&q, &queries, heads, d, &layer, &mut attn);
+            host::attention(&q, &queries, heads, d, &layer, &mut attn);
             let o = block.o.forward(&attn, rows);
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
-            decode::rms_norm(&x, block.post_norm.data(), eps, &mut normed);
+            host::rms_norm(&x, block.post_norm.data(), eps, &mut normed);
             let [mut gate, up] = HostLinear::forward_many([&block.gate, &block.up], &normed, rows);
-            decode::silu_mul(&mut gate, &up);
+            host::silu_mul(&mut gate, &up);
             let down = block.down.forward(&gate, rows);
             x.iter_mut().zip(&down).for_each(|(x, o)| *x += o);
         }
@@ -756,7 +748,7 @@ impl Transformer {
             last.extend_from_slice(&x[(end - 1) * h..end * h]);
         }
         let mut normed = vec![0f32; segments.len() * h];
-        decode::rms_norm(&last, weights.norm.data(), eps, &mut normed);
+        host::rms_norm(&last, weights.norm.data(), eps, &mut normed);
         let logits = weights.head.forward(&normed, segments.len());
         debug_assert_eq!(logits.len(), segments.len() * width);
         Ok(logits)
@@ -821,7 +813,7 @@ impl Transformer {
                 cache.lengths[s] += 1;
             }
         }
-        let x = rms_norm(
+        let x = ops::rms_norm(
             &x.reshape((slots, self.config.hidden_size))?,
             &self.norm,
             self.config.rms_norm_eps,
@@ -872,7 +864,7 @@ impl<'a> HostView<'a> {
     }
 }
 
-/// A linear layer (and its enabled LoRA adapter) for [`decode::linear`]. Dropout is never
+/// A linear layer (and its enabled LoRA adapter) for [`host::linear`]. Dropout is never
 /// applied here: decoding is inference.
 struct HostLinear<'a> {
     weight: HostView<'a>,
@@ -905,24 +897,24 @@ impl<'a> HostLinear<'a> {
     /// Several layers on the same input, their base products in one parallel region.
     fn forward_many<const N: usize>(layers: [&Self; N], x: &[f32], rows: usize) -> [Vec<f32>; N] {
         let mut outs: [Vec<f32>; N] = std::array::from_fn(|i| vec![0f32; rows * layers[i].out]);
-        let mut products: Vec<decode::Product> = layers
+        let mut products: Vec<host::Product> = layers
             .iter()
             .zip(outs.iter_mut())
-            .map(|(l, out)| decode::Product {
+            .map(|(l, out)| host::Product {
                 w: l.weight.data(),
                 bias: l.bias.as_ref().map(|b| b.data()),
                 out,
             })
             .collect();
-        decode::linear_many(decode::isa(), x, rows, &mut products);
+        host::linear_many(x, rows, &mut products);
         drop(products);
         for (layer, y) in layers.iter().zip(outs.iter_mut()) {
             if let Some((a, b, scale)) = &layer.lora {
                 let rank = a.data().len() / (x.len() / rows);
                 let mut t = vec![0f32; rows * rank];
-                decode::linear(x, rows, a.data(), None, &mut t);
+                host::linear(x, rows, a.data(), None, &mut t);
                 let mut delta = vec![0f32; rows * layer.out];
-                decode::linear(&t, rows, b.data(), None, &mut delta);
+                host::linear(&t, rows, b.data(), None, &mut delta);
                 y.iter_mut().zip(&delta).for_each(|(y, d)| *y += d * scale);
             }
         }
@@ -1049,48 +1041,25 @@ impl Block {
         } else {
             Rows::Free
         };
-        let h = rms_norm(x, &self.input_layernorm, eps)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let h = ops::rms_norm(x, &self.input_layernorm, eps)?;
         let split = |y: Tensor, n: usize| y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous();
-        let rotate = |y: Tensor, n: usize| match fused::supported(&y) && cos.dtype() == y.dtype() {
-            true => fused::rotary_heads(&y, cos, sin, n),
-            false => apply_rotary(&split(y, n)?, cos, sin),
-        };
-        let q = rotate(rows.apply(&self.self_attn.q_proj, &h)?, heads)?;
-        let k = rotate(rows.apply(&self.self_attn.k_proj, &h)?, kv_heads)?;
+        let q = ops::rotary_heads(&rows.apply(&self.self_attn.q_proj, &h)?, cos, sin, heads)?;
+        let k = ops::rotary_heads(&rows.apply(&self.self_attn.k_proj, &h)?, cos, sin, kv_heads)?;
         let v = split(rows.apply(&self.self_attn.v_proj, &h)?, kv_heads)?;
         let attn = match cached {
-            None => attend(&q, &k, &v, mask, kv_heads)?,
+            None => ops::attention(&q, &k, &v, mask, scale)?,
             Some(c) => {
                 let (keys, values) = c.cache.append(c.layer, c.write_at, &k, &v, c.keys)?;
-                attend(&q, &keys, &values, mask, kv_heads)?
+                ops::attention(&q, &keys, &values, mask, scale)?
             }
         };
         let attn = attn.transpose(1, 2)?.reshape((b, t, heads * d))?;
         let x = (x + rows.apply(&self.self_attn.o_proj, &attn)?)?;
-        let h = rms_norm(&x, &self.post_attention_layernorm, eps)?;
+        let h = ops::rms_norm(&x, &self.post_attention_layernorm, eps)?;
         let x = (&x + self.mlp.forward(&h, rows)?)?;
         Ok((x, k, v))
     }
-}
-
-/// Scaled dot-product attention with grouped KV heads, without materialising repeated keys:
-/// the query heads that share a KV head are folded into the sequence axis.
-/// `q [b, heads, tq, d]`, `k`/`v [b, kv_heads, tk, d]`, `mask [b, 1, tq, tk]` (additive).
-fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, kv_heads: usize) -> Result<Tensor> {
-    let (b, heads, tq, d) = q.dims4()?;
-    let tk = k.dim(2)?;
-    let group = heads / kv_heads;
-    let scale = 1.0 / (d as f64).sqrt();
-    if fused::supported(q) && mask.dtype() == q.dtype() {
-        // One op (one autograd node): scores and probabilities never become tensors.
-        return fused::attention(q, k, v, mask, scale);
-    }
-    let q = (q.reshape((b, kv_heads, group * tq, d))? * scale)?;
-    let scores = q.matmul(&k.t()?)?.reshape((b, kv_heads, group, tq, tk))?;
-    let scores = scores.broadcast_add(&mask.unsqueeze(1)?)?;
-    let probs =
-        candle_nn::ops::softmax(&scores, D::Minus1)?.reshape((b, kv_heads, group * tq, tk))?;
-    probs.matmul(&v.contiguous()?)?.reshape((b, heads, tq, d))
 }
 
 /// Per-layer keys and values for `slots` sequences of up to `capacity` positions each, laid out
@@ -1118,9 +1087,10 @@ enum KvStore {
 }
 
 impl KvCache {
-    /// A cache for `model`: host vectors when the model runs on the CPU in f32, else tensors.
+    /// A cache for `model`: host vectors read by the host decode kernels where
+    /// [`optune_kernels::path`] picks them (the CPU in f32, fused kernels), else tensors.
     pub fn new(model: &Transformer, slots: usize, capacity: usize) -> Result<Self> {
-        if model.device().is_cpu() && model.dtype() == DType::F32 {
+        if optune_kernels::path(model.device(), model.dtype(), &[DType::F32]) == Path::Fused {
             let cfg = model.config();
             let size = slots * cfg.num_kv_heads() * capacity * cfg.head_dim();
             let layers = cfg.num_hidden_layers;

@@ -131,16 +131,22 @@ fn output_does_not_depend_on_the_batch_size() {
         })
     };
     let reference = run(2, 1);
+    // Same bits on the fused path (host kernels, each slot on its own); the generic path attends
+    // over the batch with a mask, so there the same tokens and log-probs to rounding.
+    let fused = optune_kernels::kernels() == optune_kernels::Kernels::Fused;
     for (batch, threads) in [(1, 1), (2, 2), (3, 2), (5, 1), (5, 3), (8, 2)] {
         let out = run(batch, threads);
         for (a, b) in reference.iter().zip(&out) {
             assert_eq!(a.tokens, b.tokens, "batch {batch} threads {threads}");
-            assert_eq!(
-                a.logp.to_bits(),
-                b.logp.to_bits(),
+            let same = if fused {
+                a.logp.to_bits() == b.logp.to_bits()
+            } else {
+                (a.logp - b.logp).abs() <= 1e-4 * a.logp.abs().max(1.0)
+            };
+            assert!(
+                same,
                 "batch {batch} threads {threads}: {} vs {}",
-                a.logp,
-                b.logp
+                a.logp, b.logp
             );
         }
     }

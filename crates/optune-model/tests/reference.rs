@@ -284,3 +284,52 @@ fn chat_templates_render_like_transformers() {
     }
     assert!(checked >= 10, "only {checked} template cases");
 }
+
+/// The untemplated tiny-llama-base (`scripts/reference/make_base_testdata.py`): raw-text prompts
+/// tokenised as transformers' `tokenizer(prompt)` does, BOS first, give its log-probs in training
+/// and through the KV cache.
+#[test]
+fn untemplated_base_model_matches_transformers() {
+    check_causal_model("tiny-llama-base");
+}
+
+/// Which special tokens `tokenizer(text)` adds for a tokenizer class, its add_bos_token /
+/// add_eos_token and tokenizer.json's post-processor, against transformers.
+#[test]
+fn raw_text_gets_the_special_tokens_transformers_adds() {
+    let reference = reference("tiny-llama-base");
+    let read = |model: &str, file: &str| -> Value {
+        let path = testdata().join("models").join(model).join(file);
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    };
+    let with_bos = read("tiny-llama-base", "tokenizer.json");
+    let byte_level = read("tiny-llama", "tokenizer.json");
+    let texts = reference["variant_texts"].as_array().unwrap();
+    let variants = reference["tokenizer_variants"].as_array().unwrap();
+    for variant in variants {
+        let tokenizer_json = match variant["post_processor"].as_str().unwrap() {
+            "bos" => &with_bos,
+            "bytelevel" => &byte_level,
+            other => panic!("unknown post-processor {other}"),
+        };
+        let mut config = read("tiny-llama-base", "tokenizer_config.json");
+        config["tokenizer_class"] = variant["tokenizer_class"].clone();
+        for (key, value) in variant["config"].as_object().unwrap() {
+            config[key] = value.clone();
+        }
+        let tokenizer =
+            optune_model::ChatTokenizer::from_parts(&tokenizer_json.to_string(), &config).unwrap();
+        for (text, expected) in texts.iter().zip(variant["ids"].as_array().unwrap()) {
+            let prompt = Prompt::Text(text.as_str().unwrap().to_string());
+            assert_eq!(
+                tokenizer.encode_prompt(&prompt).unwrap(),
+                ids(expected),
+                "{} with the {} post-processor and {}",
+                variant["tokenizer_class"],
+                variant["post_processor"],
+                variant["config"]
+            );
+        }
+    }
+    assert_eq!(variants.len(), 9);
+}

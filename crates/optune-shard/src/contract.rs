@@ -25,6 +25,9 @@ pub mod col {
     pub const REWARD_GAP: &str = "reward_gap";
     pub const REF_CHOSEN_LOGP: &str = "ref_chosen_logp";
     pub const REF_REJECTED_LOGP: &str = "ref_rejected_logp";
+    /// UltraFeedback's names for the chosen and rejected replies' scores.
+    pub const SCORE_CHOSEN: &str = "score_chosen";
+    pub const SCORE_REJECTED: &str = "score_rejected";
 }
 
 /// Columns that describe one response rather than its prompt. When a tool

@@ -360,35 +360,11 @@ pub fn write_shard(shard: &Shard, destination: &Destination, format: OutputForma
             encode(shard.batch(), format, &mut out)?;
             out.flush().context("writing to stdout")
         }
-        Destination::File(path) => write_file_atomically(shard.batch(), path, format)
-            .with_context(|| format!("{}: cannot write", path.display())),
+        Destination::File(path) => {
+            { optune_fs::write_file_atomically(path, |out| encode(shard.batch(), format, out)) }
+                .with_context(|| format!("{}: cannot write", path.display()))
+        }
     }
-}
-
-fn write_file_atomically(batch: &RecordBatch, path: &Path, format: OutputFormat) -> Result<()> {
-    let directory = match path.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent,
-        _ => Path::new("."),
-    };
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| anyhow!("not a file name"))?
-        .to_string_lossy();
-    let prefix = format!(".{file_name}.");
-    let mut builder = tempfile::Builder::new();
-    builder.prefix(&prefix).suffix(".partial");
-    // Temporary files are private by default; the output should get the
-    // usual permissions (0666 less the umask) like any file a tool writes.
-    #[cfg(unix)]
-    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
-    let mut temporary = builder.tempfile_in(directory)?;
-    {
-        let mut out = BufWriter::new(temporary.as_file_mut());
-        encode(batch, format, &mut out)?;
-        out.flush()?;
-    }
-    temporary.persist(path)?;
-    Ok(())
 }
 
 fn encode<W: Write + Send>(batch: &RecordBatch, format: OutputFormat, out: W) -> Result<()> {

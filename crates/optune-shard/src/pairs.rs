@@ -1,9 +1,11 @@
 //! `opt-pairs`: turn scored responses into one preference pair per prompt,
-//! the best response against the worst.
+//! the best response against the worst, and keep the pairs of largest
+//! margin on request ([`keep_top_fraction`]).
 
 use crate::concat::concat_shards;
 use crate::contract::{col, ColumnKind};
 use crate::groups::group_by_prompt;
+use crate::select::selected_count;
 use crate::shard::Shard;
 use anyhow::{bail, Result};
 use arrow::array::{ArrayRef, Float32Array};
@@ -25,6 +27,43 @@ pub struct PairShard {
     /// Prompts whose best and worst rewards differ by no more than the
     /// minimum gap.
     pub skipped_gap: usize,
+    /// Pairs dropped by [`keep_top_fraction`].
+    pub skipped_top_frac: usize,
+}
+
+/// Parses and checks `--top-frac`, for clap: a number in (0, 1].
+pub fn parse_top_frac(text: &str) -> Result<f64, String> {
+    let frac: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{text}' is not a number"))?;
+    if !(frac > 0.0 && frac <= 1.0) {
+        return Err(format!(
+            "the fraction of pairs to keep must be in (0, 1], got {frac}"
+        ));
+    }
+    Ok(frac)
+}
+
+/// Keeps the ⌈frac · pairs⌉ pairs with the largest `reward_gap` (the margin
+/// rule of "Less is More", Deng et al. 2025, arXiv 2502.14560), in their
+/// order; among equal gaps the lower `prompt_id` is kept. Rounds as
+/// `opt-select` does ([`selected_count`]), so at least one pair stays.
+pub fn keep_top_fraction(pairs: &mut PairShard, frac: f64) -> Result<()> {
+    let shard = &pairs.shard;
+    let n = shard.num_rows();
+    if n == 0 {
+        return Ok(());
+    }
+    let gaps = shard.finite_floats(col::REWARD_GAP)?;
+    let ids = shard.strings(col::PROMPT_ID)?;
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| gaps[b].total_cmp(&gaps[a]).then(ids[a].cmp(ids[b])));
+    let mut kept = order[..selected_count(frac, n)].to_vec();
+    kept.sort_unstable();
+    pairs.skipped_top_frac = n - kept.len();
+    pairs.shard = shard.take(&kept)?;
+    Ok(())
 }
 
 /// Parses and checks `--min-gap`, for clap: a finite number ≥ 0.
@@ -177,6 +216,7 @@ pub fn build_pairs(inputs: &[Shard], min_gap: f64) -> Result<PairShard> {
         prompts_in: groups.len(),
         skipped_single,
         skipped_gap,
+        skipped_top_frac: 0,
     })
 }
 
@@ -323,6 +363,55 @@ mod tests {
             err.to_string(),
             "scored.parquet: no rows: there are no responses to pair"
         );
+    }
+
+    #[test]
+    fn top_fraction_keeps_the_largest_gaps_in_order() {
+        // Gaps: a 0.4, b 1.5, c 0.4, d 2.0, e 0.1.
+        let shard = scored(&[
+            ("a", 0, 0.5),
+            ("a", 1, 0.1),
+            ("b", 0, 1.0),
+            ("b", 1, -0.5),
+            ("c", 0, 0.9),
+            ("c", 1, 0.5),
+            ("d", 0, -1.0),
+            ("d", 1, 1.0),
+            ("e", 0, 0.2),
+            ("e", 1, 0.1),
+        ]);
+        let ids = |frac: f64| {
+            let mut pairs = build_pairs(std::slice::from_ref(&shard), 0.0).unwrap();
+            keep_top_fraction(&mut pairs, frac).unwrap();
+            let kept: Vec<String> = pairs
+                .shard
+                .strings(col::PROMPT_ID)
+                .unwrap()
+                .into_iter()
+                .map(String::from)
+                .collect();
+            (kept, pairs.skipped_top_frac)
+        };
+        // ⌈0.4 · 5⌉ = 2: d and b, in input order.
+        assert_eq!(ids(0.4), (vec!["b".to_string(), "d".into()], 3));
+        // ⌈0.6 · 5⌉ = 3: a and c tie at 0.4 for the third place; a, the lower id, stays.
+        assert_eq!(ids(0.6), (vec!["a".to_string(), "b".into(), "d".into()], 2));
+        assert_eq!(ids(1.0).1, 0);
+        // At least one pair stays.
+        assert_eq!(ids(1e-9), (vec!["d".to_string()], 4));
+    }
+
+    #[test]
+    fn top_frac_must_be_a_fraction() {
+        assert_eq!(parse_top_frac("0.1"), Ok(0.1));
+        for bad in ["0", "1.5", "NaN", "-0.2"] {
+            assert!(
+                parse_top_frac(bad)
+                    .unwrap_err()
+                    .contains("must be in (0, 1]"),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -1,5 +1,21 @@
 //! Prompts and preference pairs as the generation and training tools see
 //! them, whichever of the accepted layouts a shard uses.
+//!
+//! The common Hugging Face layouts are read the way transformers and TRL read
+//! them:
+//!
+//! - prompts: `prompt` as text or messages, or a `messages` conversation. A
+//!   `messages` list that ends with the assistant's reply (UltraChat's layout,
+//!   TRL's conversational language-modelling layout) is the conversation
+//!   *before* that reply: the prompt a model should answer.
+//! - preference pairs: `prompt`/`chosen`/`rejected` as text or messages;
+//!   `chosen`/`rejected` as whole conversations that share their prompt turns;
+//!   `chosen`/`rejected` as whole text transcripts without a prompt
+//!   (Anthropic HH), split at TRL's `extract_prompt` point (see
+//!   [`split_shared_prefix`]).
+//! - pair rewards ([`Shard::pair_reward_gaps`]): `reward_gap`,
+//!   `chosen_reward`/`rejected_reward`, or UltraFeedback's
+//!   `score_chosen`/`score_rejected`.
 
 use crate::contract::{col, describe_type, ColumnKind};
 use crate::shard::Shard;
@@ -69,8 +85,26 @@ impl Shard {
 
     /// Every row's prompt, from [`Shard::prompt_column`]. A `prompt` column
     /// may also hold message lists (the Hugging Face conversational layout).
+    /// A `messages` conversation that ends with an assistant message loses
+    /// that message: the prompt is what comes before the final reply.
     pub fn prompt_texts(&self) -> Result<Vec<PromptText>> {
-        self.texts_or_messages(self.prompt_column()?)
+        let column = self.prompt_column()?;
+        let texts = self.texts_or_messages(column)?;
+        if column != col::MESSAGES {
+            return Ok(texts);
+        }
+        Ok(texts
+            .into_iter()
+            .map(|text| match text {
+                PromptText::Messages(mut messages) => {
+                    if messages.last().is_some_and(|m| m.role == "assistant") {
+                        messages.pop();
+                    }
+                    PromptText::Messages(messages)
+                }
+                text => text,
+            })
+            .collect())
     }
 
     /// A column that holds text or message lists.
@@ -141,11 +175,12 @@ impl Shard {
     }
 
     /// Every row as a preference pair, from our pairs shards or the Hugging
-    /// Face preference layout. `chosen`/`rejected` hold text or
+    /// Face preference layouts. `chosen`/`rejected` hold text or
     /// conversations; a conversation's reply is its last assistant message
     /// and the messages before it are its prompt. The prompt comes from the
     /// `messages`/`prompt` column when there is one, else from the
-    /// conversations, which must then agree on it.
+    /// conversations, which must then agree on it, else (two texts, as in
+    /// Anthropic HH) from the texts' shared start ([`split_shared_prefix`]).
     pub fn preference_pairs(&self) -> Result<Vec<PreferencePair>> {
         let chosen = self.texts_or_messages(col::CHOSEN)?;
         let rejected = self.texts_or_messages(col::REJECTED)?;
@@ -160,6 +195,16 @@ impl Shard {
             .enumerate()
             .map(|(row, (chosen, rejected))| {
                 let at_row = |message: String| anyhow!("{}: row {}: {message}", self.name(), row + 1);
+                if let (None, PromptText::Text(chosen), PromptText::Text(rejected)) = (&explicit_prompts, &chosen, &rejected) {
+                    let (prompt, chosen, rejected) = split_shared_prefix(chosen, rejected).ok_or_else(|| at_row(
+                        "no prompt: there is no 'prompt' or 'messages' column and 'chosen' and 'rejected' share no start to take as the prompt".into(),
+                    ))?;
+                    return Ok(PreferencePair {
+                        prompt: PromptText::Text(prompt.to_string()),
+                        chosen: chosen.to_string(),
+                        rejected: rejected.to_string(),
+                    });
+                }
                 let (chosen_context, chosen) = split_final_reply(chosen, col::CHOSEN).map_err(at_row)?;
                 let (rejected_context, rejected) = split_final_reply(rejected, col::REJECTED).map_err(at_row)?;
                 let prompt = match (&explicit_prompts, chosen_context, rejected_context) {
@@ -181,6 +226,79 @@ impl Shard {
             })
             .collect()
     }
+
+    /// The reward gap (chosen − rejected) of each preference pair, from the
+    /// first of: a `reward_gap` column; `chosen_reward` − `rejected_reward`
+    /// (as `opt-pairs` writes them); UltraFeedback's `score_chosen` −
+    /// `score_rejected`. `None` when the shard has none of these (an offline
+    /// dataset without scores). One column of a pair without the other, or a
+    /// value that is null, NaN or infinite, is an error naming the column
+    /// and row.
+    pub fn pair_reward_gaps(&self) -> Result<Option<Vec<f64>>> {
+        if self.has_column(col::REWARD_GAP) {
+            return Ok(Some(self.finite_floats(col::REWARD_GAP)?));
+        }
+        for (chosen, rejected) in [
+            (col::CHOSEN_REWARD, col::REJECTED_REWARD),
+            (col::SCORE_CHOSEN, col::SCORE_REJECTED),
+        ] {
+            match (self.has_column(chosen), self.has_column(rejected)) {
+                (true, true) => {
+                    let chosen = self.finite_floats(chosen)?;
+                    let rejected = self.finite_floats(rejected)?;
+                    return Ok(Some(
+                        chosen.iter().zip(&rejected).map(|(c, r)| c - r).collect(),
+                    ));
+                }
+                (false, false) => {}
+                (true, false) | (false, true) => {
+                    let (present, missing) = if self.has_column(chosen) {
+                        (chosen, rejected)
+                    } else {
+                        (rejected, chosen)
+                    };
+                    bail!(
+                        "{}: column '{present}' has no partner '{missing}': the pair's rewards need both",
+                        self.name()
+                    )
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Splits two whole texts that share their prompt (the Anthropic HH layout)
+/// into `(prompt, chosen reply, rejected reply)` the way TRL's
+/// `extract_prompt` does: the prompt is the longest common prefix, in
+/// characters, moved one character back when the character before the first
+/// difference is a space, so the replies keep their leading space
+/// (`"…Assistant: Yes"` / `"…Assistant: No"` split into `"…Assistant:"`,
+/// `" Yes"`, `" No"`). When one text is a prefix of the other (identical
+/// replies, which HH holds), TRL's loop ends on the shorter text's last
+/// character and so does this: the replies are the texts from there on.
+/// `None` when the texts share no start (an empty prompt) or one is empty.
+pub fn split_shared_prefix<'a>(
+    chosen: &'a str,
+    rejected: &'a str,
+) -> Option<(&'a str, &'a str, &'a str)> {
+    let chosen_chars: Vec<(usize, char)> = chosen.char_indices().collect();
+    let shortest = chosen_chars.len().min(rejected.chars().count());
+    let first_difference = chosen_chars
+        .iter()
+        .zip(rejected.chars())
+        .position(|(&(_, c), r)| c != r);
+    let split = match first_difference {
+        Some(i) if i > 0 && chosen_chars[i - 1].1 == ' ' => i - 1,
+        Some(i) => i,
+        None => shortest.checked_sub(1)?,
+    };
+    if split == 0 {
+        return None;
+    }
+    // The texts agree on the characters before `split`, so the byte offset is the same in both.
+    let at = chosen_chars[split].0;
+    Some((&chosen[..at], &chosen[at..], &rejected[at..]))
 }
 
 /// Splits a reply into the conversation before it (`None` for plain text or
@@ -324,6 +442,144 @@ mod tests {
         );
         let err = no_reply.preference_pairs().unwrap_err().to_string();
         assert_eq!(err, "prefs.jsonl: row 1: 'chosen' has no assistant message");
+    }
+
+    #[test]
+    fn a_conversation_ending_with_the_reply_is_prompted_without_it() {
+        // UltraChat: `prompt` text, `messages` ending with the reference answer.
+        let shard = shard(concat!(
+            r#"{"prompt_id": "a", "prompt": "Q", "messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}"#,
+            "\n",
+            r#"{"prompt_id": "b", "prompt": "Q1", "messages": [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},"#,
+            r#" {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]}"#,
+            "\n",
+            r#"{"prompt_id": "c", "prompt": "Q1", "messages": [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},"#,
+            r#" {"role": "user", "content": "Q2"}]}"#,
+        ));
+        let multi_turn = vec![
+            message("user", "Q1"),
+            message("assistant", "A1"),
+            message("user", "Q2"),
+        ];
+        assert_eq!(
+            shard.prompt_texts().unwrap(),
+            [
+                PromptText::Messages(vec![message("user", "Q")]),
+                PromptText::Messages(multi_turn.clone()),
+                // Already ends with the user's turn: unchanged.
+                PromptText::Messages(multi_turn),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_prompt_column_keeps_a_final_assistant_message() {
+        // Only a `messages` conversation holds its reply; a `prompt` that ends with the assistant
+        // is a prompt to continue.
+        let shard = shard(
+            r#"{"prompt_id": "a", "prompt": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "The answer is"}]}"#,
+        );
+        assert_eq!(
+            shard.prompt_texts().unwrap(),
+            [PromptText::Messages(vec![
+                message("user", "Q"),
+                message("assistant", "The answer is")
+            ])]
+        );
+    }
+
+    fn text_pair(prompt: &str, chosen: &str, rejected: &str) -> PreferencePair {
+        PreferencePair {
+            prompt: PromptText::Text(prompt.into()),
+            chosen: chosen.into(),
+            rejected: rejected.into(),
+        }
+    }
+
+    #[test]
+    fn transcripts_without_a_prompt_split_at_their_shared_start() {
+        // Anthropic HH. Expected splits as TRL 0.25's extract_prompt gives them.
+        let shard = shard(concat!(
+            r#"{"chosen": "\n\nHuman: Hi\n\nAssistant: Yes, sure.", "rejected": "\n\nHuman: Hi\n\nAssistant: No."}"#,
+            "\n",
+            r#"{"chosen": "Q: café? A: oui", "rejected": "Q: café? A: non"}"#,
+            "\n",
+            r#"{"chosen": "Q:x", "rejected": "Q:y"}"#,
+        ));
+        assert_eq!(
+            shard.preference_pairs().unwrap(),
+            [
+                text_pair("\n\nHuman: Hi\n\nAssistant:", " Yes, sure.", " No."),
+                text_pair("Q: café? A:", " oui", " non"),
+                text_pair("Q:", "x", "y"),
+            ]
+        );
+    }
+
+    #[test]
+    fn shared_prefix_follows_trl_at_the_edges() {
+        // One text a prefix of the other, or both the same: TRL's loop ends on the shorter
+        // text's last character.
+        assert_eq!(
+            split_shared_prefix("Q: same", "Q: same"),
+            Some(("Q: sam", "e", "e"))
+        );
+        assert_eq!(
+            split_shared_prefix("Q: ab", "Q: abc"),
+            Some(("Q: a", "b", "bc"))
+        );
+        // No shared start, or a shared start that is only the space before the replies.
+        assert_eq!(split_shared_prefix("Yes", "No"), None);
+        assert_eq!(split_shared_prefix(" Yes", " No"), None);
+        assert_eq!(split_shared_prefix("", "No"), None);
+        // Characters, not bytes: é is two bytes.
+        assert_eq!(split_shared_prefix("éa", "éb"), Some(("é", "a", "b")));
+    }
+
+    #[test]
+    fn reward_gaps_come_from_any_reward_layout() {
+        let gaps = |jsonl: &str| shard(jsonl).pair_reward_gaps().unwrap();
+        assert_eq!(
+            gaps(
+                r#"{"prompt": "Q", "chosen": "a", "rejected": "b", "reward_gap": 0.5, "chosen_reward": 9, "rejected_reward": 0}"#
+            ),
+            Some(vec![0.5])
+        );
+        assert_eq!(
+            gaps(
+                r#"{"prompt": "Q", "chosen": "a", "rejected": "b", "chosen_reward": 2.5, "rejected_reward": -1}"#
+            ),
+            Some(vec![3.5])
+        );
+        // UltraFeedback-binarized
+        assert_eq!(
+            gaps(
+                r#"{"prompt": "Q", "chosen": "a", "rejected": "b", "score_chosen": 8.0, "score_rejected": 5.5}"#
+            ),
+            Some(vec![2.5])
+        );
+        assert_eq!(
+            gaps(r#"{"prompt": "Q", "chosen": "a", "rejected": "b"}"#),
+            None
+        );
+        let err = shard(r#"{"prompt": "Q", "chosen": "a", "rejected": "b", "score_chosen": 8.0}"#)
+            .pair_reward_gaps()
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "prefs.jsonl: column 'score_chosen' has no partner 'score_rejected': the pair's rewards need both"
+        );
+        let err = shard(concat!(
+            r#"{"prompt": "Q", "chosen": "a", "rejected": "b", "score_chosen": 8.0, "score_rejected": 1}"#,
+            "\n",
+            r#"{"prompt": "Q", "chosen": "a", "rejected": "b", "score_chosen": null, "score_rejected": 1}"#,
+        ))
+        .pair_reward_gaps()
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "prefs.jsonl: column 'score_chosen': null at row 2"
+        );
     }
 
     #[test]

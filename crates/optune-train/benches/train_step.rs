@@ -18,8 +18,8 @@
 //! counted by the allocator (the process RSS keeps freed pages): each step's heap high-water mark,
 //! and for the 12.9M llama (both variants) a table of a step's peak above the heap between steps for batches of
 //! growing size (activations and gradients per token). Every model runs twice: with the training
-//! path built from candle's generic ops only (`fused::set_enabled(false)`), then with the fused
-//! kernels of `optune_model::fused`; SmolLM2 a third time as the pipeline trains it (LoRA rank 16
+//! path built from candle's generic ops only (`set_kernels(Kernels::Generic)`), then with the fused
+//! kernels of `optune_kernels`; SmolLM2 a third time as the pipeline trains it (LoRA rank 16
 //! on q/k/v/o, frozen base, 4 pairs).
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -470,14 +470,17 @@ fn main() -> Result<()> {
         .and_then(|t| t.parse().ok())
         .unwrap_or(5usize)
         .max(1);
-    optune_model::runtime::init(Some(threads))?;
+    optune_kernels::runtime::init(Some(threads))?;
     println!("# one DPO step (sigmoid, reference precomputed, full fine-tuning, AdamW, f32)");
 
     // Each model twice: the training path built from candle's generic ops only (as before the
     // fused kernels), then with them; a fresh model each time so both start from the same weights.
-    let variants = [("generic ops", false), ("fused ops", true)];
+    let variants = [
+        ("generic ops", optune_kernels::Kernels::Generic),
+        ("fused ops", optune_kernels::Kernels::Fused),
+    ];
     for (variant, fused) in variants {
-        optune_model::fused::set_enabled(fused);
+        optune_kernels::set_kernels(fused);
         let (model, vars) = random_llama()?;
         let pairs = random_pairs(8, 130, model.config().vocab_size);
         profile(
@@ -499,7 +502,7 @@ fn main() -> Result<()> {
             .with_context(|| format!("OPTUNE_SMOLLM2_DIR={}", dir.to_string_lossy()))
     };
     for (variant, fused) in variants {
-        optune_model::fused::set_enabled(fused);
+        optune_kernels::set_kernels(fused);
         let checkpoint = read()?;
         let (model, vars) = trainable_model(&checkpoint.meta.config, checkpoint.tensors)?;
         let pairs = random_pairs(2, 128, model.config().vocab_size);

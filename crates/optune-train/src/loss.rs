@@ -1,4 +1,5 @@
-//! Losses of `opt-wdpo`: the DPO family, the wDPO pair weights and HyPO's KL term.
+//! Losses of `opt-wdpo`: the DPO family, SimPO, the NLL term of RPO and SFT, the wDPO pair
+//! weights and HyPO's KL term.
 //!
 //! All losses are candle tensor ops, so `backward()` gives their gradients with respect to the
 //! policy log-probs. Inputs are rank-1 tensors of per-sequence log-probs (`[batch]`, any float
@@ -34,6 +35,29 @@
 //! (or 1.5) instead of ½ — and `x = 0` is every pair on the first step, when policy and
 //! reference are the same model. Here the kink of `|x|` enters only through `−a/2 − ln(1 + e^{−a})`, whose
 //! derivative at `a = 0` is 0, so either convention gives the right gradient.
+//!
+//! # SimPO ([`simpo_losses`])
+//!
+//! SimPO (Meng et al. 2024, arXiv 2405.14734) needs no reference model: its implicit reward is
+//! the policy's per-token *mean* log-prob scaled by `β`, and it asks the chosen reply to win by
+//! a target margin `γ`. The per-pair loss is that of TRL's `CPOTrainer.cpo_loss` with
+//! `loss_type="simpo"` (and `cpo_alpha = 0`, which TRL's SimPO setting implies): with
+//! `l = (π̄c − π̄r) − γ/β` on mean log-probs `π̄`, `−logσ(βl)(1−ε) − logσ(−βl)ε`. Its rewards are
+//! `β π̄c` and `β π̄r`.
+//!
+//! # The NLL term: RPO and SFT ([`chosen_nll`])
+//!
+//! RPO (Pang et al. 2024, arXiv 2404.19733; TRL's `rpo_alpha`) adds `α ×` the negative
+//! log-likelihood of the chosen replies to the DPO loss, and SFT on the chosen replies (TRL's
+//! `loss_type="sft"`; Best-of-N or rejection-sampling fine-tuning when the pairs come from
+//! `opt-pairs`) is that NLL alone. TRL computes it as one cross-entropy over all chosen reply
+//! tokens of the batch: `Σᵢ(−log π(yᵢ)) / Σᵢ nᵢ` with `nᵢ` reply tokens (EOS included), a
+//! token-level mean, not the mean of per-reply means. [`chosen_nll`] weighs each reply's tokens
+//! by its pair's weight, `Σᵢ wᵢ(−log π(yᵢ)) / Σᵢ nᵢ`, which is TRL's value when every weight is 1.
+//! So RPO's batch loss is `weighted_mean(dpo) + α · chosen_nll` and SFT's is `chosen_nll`.
+//! (TRL's cross-entropy ignores every label equal to 0, the id it fills masked positions with,
+//! so a reply that really contains token 0 loses that token there; here every reply token
+//! counts.)
 //!
 //! # wDPO weights ([`pair_weights`], [`weighted_mean`])
 //!
@@ -133,8 +157,9 @@ impl FromStr for DpoLoss {
     }
 }
 
-/// What a training run minimises: one of the pair losses of [`DpoLoss`], or HyPO (the sigmoid
-/// pair loss plus `λ · KL(π‖π_ref)` on fresh samples, see [`loo_reinforce_kl`]).
+/// What a training run minimises: one of the pair losses of [`DpoLoss`], HyPO (the sigmoid
+/// pair loss plus `λ · KL(π‖π_ref)` on fresh samples, see [`loo_reinforce_kl`]), SimPO, RPO or
+/// SFT (see [`batch_loss`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum Objective {
     /// DPO; cDPO with label smoothing
@@ -147,16 +172,36 @@ pub enum Objective {
     Robust,
     /// DPO plus λ·KL(π‖π_ref) estimated on fresh samples (leave-one-out REINFORCE)
     Hypo,
+    /// SimPO: reference-free, length-normalised, target margin γ (TRL CPOTrainer "simpo")
+    Simpo,
+    /// RPO: DPO plus α × the NLL of the chosen reply (TRL rpo_alpha)
+    Rpo,
+    /// SFT on the chosen reply alone: its NLL (Best-of-N / rejection-sampling fine-tuning)
+    Sft,
 }
 
 impl Objective {
-    /// The loss applied to each preference pair.
-    pub fn pair_loss(self) -> DpoLoss {
+    /// The DPO-family loss applied to each pair; `None` for the reference-free SimPO and SFT.
+    pub fn pair_loss(self) -> Option<DpoLoss> {
         match self {
-            Objective::Sigmoid | Objective::Hypo => DpoLoss::Sigmoid,
-            Objective::Ipo => DpoLoss::Ipo,
-            Objective::Hinge => DpoLoss::Hinge,
-            Objective::Robust => DpoLoss::Robust,
+            Objective::Sigmoid | Objective::Hypo | Objective::Rpo => Some(DpoLoss::Sigmoid),
+            Objective::Ipo => Some(DpoLoss::Ipo),
+            Objective::Hinge => Some(DpoLoss::Hinge),
+            Objective::Robust => Some(DpoLoss::Robust),
+            Objective::Simpo | Objective::Sft => None,
+        }
+    }
+
+    /// Whether the loss reads reference log-probs of the pairs.
+    pub fn needs_reference(self) -> bool {
+        self.pair_loss().is_some()
+    }
+
+    /// Whether the pair loss takes per-token mean log-probs (IPO, SimPO) instead of sums.
+    pub fn uses_mean_logps(self) -> bool {
+        match self.pair_loss() {
+            Some(kind) => kind.uses_mean_logps(),
+            None => self == Objective::Simpo,
         }
     }
 
@@ -164,6 +209,96 @@ impl Objective {
     pub fn samples_online(self) -> bool {
         self == Objective::Hypo
     }
+}
+
+/// The constants of an [`Objective`]'s loss.
+#[derive(Clone, Copy, Debug)]
+pub struct ObjectiveParams {
+    /// `β` of the DPO family and of SimPO.
+    pub beta: f64,
+    /// `ε` of sigmoid, robust and SimPO.
+    pub label_smoothing: f64,
+    /// SimPO's target margin `γ`.
+    pub simpo_gamma: f64,
+    /// RPO's NLL weight `α`.
+    pub rpo_alpha: f64,
+}
+
+/// The log-probs of one batch of pairs that an objective reads, each `[batch]`.
+pub struct BatchLogps<'a> {
+    /// The policy's log-probs of the chosen and rejected replies: per-token means when
+    /// [`Objective::uses_mean_logps`], else sums.
+    pub chosen: &'a Tensor,
+    pub rejected: &'a Tensor,
+    /// The reference's log-probs of the same kind; needed when [`Objective::needs_reference`].
+    pub reference: Option<(&'a Tensor, &'a Tensor)>,
+    /// The policy's *summed* log-probs of the chosen replies and their lengths in tokens, for
+    /// the NLL term.
+    pub chosen_sums: &'a Tensor,
+    pub chosen_tokens: &'a [usize],
+}
+
+/// The batch loss of `objective` with pair weights `weights`, and the per-pair results for the
+/// metrics:
+///
+/// - DPO family (and HyPO's pair part): `weighted_mean(dpo_losses)`;
+/// - SimPO: `weighted_mean(simpo_losses)`;
+/// - RPO: `weighted_mean(sigmoid dpo_losses) + α · chosen_nll`;
+/// - SFT: `chosen_nll`; its per-pair "losses" are each reply's per-token NLL and its rewards 0,
+///   as TRL logs them for `loss_type="sft"`.
+pub fn batch_loss(
+    objective: Objective,
+    params: &ObjectiveParams,
+    logps: &BatchLogps,
+    weights: &[f32],
+) -> Result<(Tensor, PairLosses)> {
+    if objective == Objective::Sft {
+        let nll = chosen_nll(logps.chosen_sums, logps.chosen_tokens, weights)?;
+        let tokens: Vec<f32> = logps.chosen_tokens.iter().map(|&n| n as f32).collect();
+        let tokens = Tensor::from_slice(&tokens, tokens.len(), logps.chosen_sums.device())?
+            .to_dtype(logps.chosen_sums.dtype())?;
+        let zeros = logps.chosen_sums.zeros_like()?;
+        let per_pair = PairLosses {
+            losses: (logps.chosen_sums.neg()? / tokens)?.detach(),
+            chosen_rewards: zeros.clone(),
+            rejected_rewards: zeros,
+        };
+        return Ok((nll, per_pair));
+    }
+    let pairs = match objective.pair_loss() {
+        Some(kind) => {
+            let Some((ref_chosen, ref_rejected)) = logps.reference else {
+                bail!("the {kind} loss needs reference log-probs");
+            };
+            dpo_losses(
+                kind,
+                params.beta,
+                params.label_smoothing,
+                logps.chosen,
+                logps.rejected,
+                ref_chosen,
+                ref_rejected,
+            )?
+        }
+        None => simpo_losses(
+            params.beta,
+            params.simpo_gamma,
+            params.label_smoothing,
+            logps.chosen,
+            logps.rejected,
+        )?,
+    };
+    let mut loss = weighted_mean(&pairs.losses, weights)?;
+    if objective == Objective::Rpo {
+        ensure!(
+            params.rpo_alpha.is_finite() && params.rpo_alpha >= 0.0,
+            "the RPO weight alpha must be finite and >= 0, got {}",
+            params.rpo_alpha
+        );
+        let nll = chosen_nll(logps.chosen_sums, logps.chosen_tokens, weights)?;
+        loss = (loss + (nll * params.rpo_alpha)?)?;
+    }
+    Ok((loss, pairs))
 }
 
 /// Per-pair results of [`dpo_losses`], each `[batch]`.
@@ -183,6 +318,29 @@ pub fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
     let abs = x.abs()?;
     let log_term = (abs.neg()?.exp()? + 1.0)?.log()?;
     Ok(((x - &abs)?.affine(0.5, 0.0)? - log_term)?)
+}
+
+/// `−logσ(z)(1−ε) − logσ(−z)ε`: DPO's and SimPO's loss of the scaled logit `z`.
+fn smoothed_sigmoid_loss(z: &Tensor, eps: f64) -> Result<Tensor> {
+    let pos = log_sigmoid(z)?;
+    let neg = log_sigmoid(&z.neg()?)?;
+    Ok((pos.affine(-(1.0 - eps), 0.0)? - neg.affine(eps, 0.0)?)?)
+}
+
+fn check_beta(beta: f64) -> Result<()> {
+    ensure!(
+        beta.is_finite() && beta > 0.0,
+        "beta must be finite and > 0, got {beta}"
+    );
+    Ok(())
+}
+
+fn check_label_smoothing(eps: f64) -> Result<()> {
+    ensure!(
+        (0.0..=0.5).contains(&eps),
+        "label smoothing must be in [0, 0.5], got {eps}"
+    );
+    Ok(())
 }
 
 fn check_logps(name: &str, t: &Tensor, like: &Tensor) -> Result<()> {
@@ -222,15 +380,9 @@ pub fn dpo_losses(
     ref_chosen: &Tensor,
     ref_rejected: &Tensor,
 ) -> Result<PairLosses> {
-    ensure!(
-        beta.is_finite() && beta > 0.0,
-        "beta must be finite and > 0, got {beta}"
-    );
+    check_beta(beta)?;
     let eps = label_smoothing;
-    ensure!(
-        (0.0..=0.5).contains(&eps),
-        "label smoothing must be in [0, 0.5], got {eps}"
-    );
+    check_label_smoothing(eps)?;
     ensure!(
         !(kind == DpoLoss::Robust && eps == 0.5),
         "the robust loss divides by 1 - 2 * label_smoothing: label smoothing must be < 0.5"
@@ -247,16 +399,13 @@ pub fn dpo_losses(
     // The same association as TRL: (πc − πr) − (refc − refr).
     let logits = ((policy_chosen - policy_rejected)? - (ref_chosen - ref_rejected)?)?;
     let losses = match kind {
-        DpoLoss::Sigmoid | DpoLoss::Robust => {
+        DpoLoss::Sigmoid => smoothed_sigmoid_loss(&logits.affine(beta, 0.0)?, eps)?,
+        DpoLoss::Robust => {
             let z = logits.affine(beta, 0.0)?;
             let pos = log_sigmoid(&z)?;
             let neg = log_sigmoid(&z.neg()?)?;
-            if kind == DpoLoss::Sigmoid {
-                (pos.affine(-(1.0 - eps), 0.0)? - neg.affine(eps, 0.0)?)?
-            } else {
-                (pos.affine(-(1.0 - eps), 0.0)? + neg.affine(eps, 0.0)?)?
-                    .affine(1.0 / (1.0 - 2.0 * eps), 0.0)?
-            }
+            (pos.affine(-(1.0 - eps), 0.0)? + neg.affine(eps, 0.0)?)?
+                .affine(1.0 / (1.0 - 2.0 * eps), 0.0)?
         }
         DpoLoss::Ipo => logits.affine(1.0, -1.0 / (2.0 * beta))?.sqr()?,
         DpoLoss::Hinge => logits.affine(-beta, 1.0)?.relu()?,
@@ -270,6 +419,76 @@ pub fn dpo_losses(
         chosen_rewards,
         rejected_rewards,
     })
+}
+
+/// TRL's `CPOTrainer.cpo_loss` with `loss_type="simpo"`: per-pair SimPO losses and detached
+/// rewards `β π̄`.
+///
+/// Takes the policy's per-token *mean* log-probs of the chosen and rejected replies (`[batch]`,
+/// same dtype), as TRL computes them for SimPO; no reference. `beta` must be finite and > 0,
+/// `gamma` (the target margin γ) finite, `label_smoothing` in `[0, 0.5]`.
+pub fn simpo_losses(
+    beta: f64,
+    gamma: f64,
+    label_smoothing: f64,
+    policy_chosen_mean: &Tensor,
+    policy_rejected_mean: &Tensor,
+) -> Result<PairLosses> {
+    check_beta(beta)?;
+    ensure!(
+        gamma.is_finite(),
+        "the SimPO margin gamma must be finite, got {gamma}"
+    );
+    check_label_smoothing(label_smoothing)?;
+    ensure!(
+        policy_chosen_mean.rank() == 1,
+        "policy_chosen must be a [batch] tensor, got shape {:?}",
+        policy_chosen_mean.dims()
+    );
+    check_logps("policy_rejected", policy_rejected_mean, policy_chosen_mean)?;
+    // TRL: logits = (πc − πr) − γ/β, then the sigmoid loss of β·logits.
+    let logits = (policy_chosen_mean - policy_rejected_mean)?.affine(1.0, -gamma / beta)?;
+    let losses = smoothed_sigmoid_loss(&logits.affine(beta, 0.0)?, label_smoothing)?;
+    Ok(PairLosses {
+        losses,
+        chosen_rewards: policy_chosen_mean.affine(beta, 0.0)?.detach(),
+        rejected_rewards: policy_rejected_mean.affine(beta, 0.0)?.detach(),
+    })
+}
+
+/// The weighted NLL of the chosen replies, `Σᵢ wᵢ(−log π(yᵢ)) / Σᵢ nᵢ`: RPO's extra term and
+/// SFT's loss (see the module documentation).
+///
+/// `chosen_logps` are the policy's *summed* log-probs of the chosen replies (`[batch]`,
+/// differentiable), `chosen_tokens` their lengths in tokens (EOS included), `weights` the pair
+/// weights (all 1: TRL's `nll_loss`).
+pub fn chosen_nll(
+    chosen_logps: &Tensor,
+    chosen_tokens: &[usize],
+    weights: &[f32],
+) -> Result<Tensor> {
+    ensure!(
+        chosen_logps.rank() == 1,
+        "chosen log-probs must be a [batch] tensor, got shape {:?}",
+        chosen_logps.dims()
+    );
+    let n = chosen_logps.dim(0)?;
+    ensure!(
+        chosen_tokens.len() == n && weights.len() == n,
+        "{} token counts and {} weights for {n} chosen log-probs",
+        chosen_tokens.len(),
+        weights.len()
+    );
+    let tokens: usize = chosen_tokens.iter().sum();
+    ensure!(
+        tokens > 0,
+        "the chosen replies hold no tokens: no NLL to take"
+    );
+    let w =
+        Tensor::from_slice(weights, n, chosen_logps.device())?.to_dtype(chosen_logps.dtype())?;
+    Ok((chosen_logps * w)?
+        .sum_all()?
+        .affine(-1.0 / tokens as f64, 0.0)?)
 }
 
 /// How a pair's weight grows with `β2 × reward_gap` (`x` below).
@@ -408,10 +627,7 @@ pub fn pair_weights(
             WeightForm::Sigmoid => 2.0 / (1.0 + (-x).exp()),
         })
         .collect();
-    if norm == WeightNorm::Batch && !weights.is_empty() {
-        let mean = weights.iter().sum::<f64>() / weights.len() as f64;
-        weights.iter_mut().for_each(|w| *w /= mean);
-    }
+    normalise(&mut weights, norm);
     let weights: Vec<f32> = weights.into_iter().map(|w| w as f32).collect();
     if let Some(i) = weights.iter().position(|w| !w.is_finite()) {
         bail!(
@@ -421,6 +637,36 @@ pub fn pair_weights(
         );
     }
     Ok(weights)
+}
+
+/// Pair weights given as they are, from a column of the pairs (`opt-wdpo --weight-col`), with
+/// the same normalisation as [`pair_weights`]. Each must be finite and ≥ 0. A batch whose
+/// weights are all 0 keeps them at 0 under [`WeightNorm::Batch`] (there is no mean to rescale
+/// to): it contributes nothing.
+pub fn given_weights(values: &[f64], norm: WeightNorm) -> Result<Vec<f32>> {
+    if let Some(i) = values.iter().position(|w| !(w.is_finite() && *w >= 0.0)) {
+        bail!(
+            "weight {i} is {}: weights must be finite and >= 0",
+            values[i]
+        );
+    }
+    let mut weights = values.to_vec();
+    normalise(&mut weights, norm);
+    let weights: Vec<f32> = weights.into_iter().map(|w| w as f32).collect();
+    if let Some(i) = weights.iter().position(|w| !w.is_finite()) {
+        bail!("weight {i} ({}) overflows f32", values[i]);
+    }
+    Ok(weights)
+}
+
+/// Divides the weights by their mean under [`WeightNorm::Batch`] (unless the mean is 0).
+fn normalise(weights: &mut [f64], norm: WeightNorm) {
+    if norm == WeightNorm::Batch && !weights.is_empty() {
+        let mean = weights.iter().sum::<f64>() / weights.len() as f64;
+        if mean > 0.0 {
+            weights.iter_mut().for_each(|w| *w /= mean);
+        }
+    }
 }
 
 /// `Σ wᵢ·lossᵢ / batch`: the batch loss of wDPO (`weights` all 1 gives the plain mean).

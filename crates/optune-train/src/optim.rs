@@ -25,7 +25,7 @@ use std::borrow::Cow;
 use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::backprop::GradStore;
@@ -403,12 +403,10 @@ impl Optimizer {
             STATE_METADATA_KEY.to_string(),
             serde_json::to_string(&header)?,
         )]);
-        let partial = partial_path(path);
-        safetensors::serialize_to_file(tensors, Some(metadata), &partial)
-            .with_context(|| format!("writing optimizer state {}", partial.display()))?;
-        std::fs::rename(&partial, path)
-            .with_context(|| format!("moving {} to {}", partial.display(), path.display()))?;
-        Ok(())
+        let bytes = safetensors::serialize(tensors, Some(metadata))
+            .context("serialising the optimizer state")?;
+        optune_fs::write_bytes_atomically(path, &bytes)
+            .with_context(|| format!("writing optimizer state {}", path.display()))
     }
 
     /// Restores a state written by [`Optimizer::save_state`] for the same parameter names and
@@ -542,12 +540,6 @@ fn check_lr(lr: f64) -> Result<()> {
         "learning rate must be finite and >= 0, got {lr}"
     );
     Ok(())
-}
-
-fn partial_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".partial");
-    path.with_file_name(name)
 }
 
 /// The scalars of one parameter's update at one step, rounded to `f32` from `f64` the way torch
@@ -844,14 +836,24 @@ pub fn clip_grad_norm<'a>(
     let mut seen = HashSet::new();
     let mut with_grad = Vec::new();
     let mut sum_of_squares = 0.0f64;
+    // Gradients off the host: each one's sum of squares stays on its device, and all of them
+    // come back in one transfer, so the device synchronises once per step, not per parameter.
+    let mut device_sums = Vec::new();
     for var in vars {
         if !seen.insert(var.id()) {
             continue;
         }
         if let Some(grad) = grads.get(var.as_tensor()) {
-            sum_of_squares += squared_l2_norm(grad)?;
+            match host_squared_l2_norm(grad) {
+                Some(sum) => sum_of_squares += sum,
+                None => device_sums.push(grad.to_dtype(DType::F32)?.sqr()?.sum_all()?),
+            }
             with_grad.push(var.as_tensor());
         }
+    }
+    if !device_sums.is_empty() {
+        let sums: Vec<f32> = Tensor::stack(&device_sums, 0)?.to_vec1()?;
+        sum_of_squares += sums.iter().map(|&s| f64::from(s)).sum::<f64>();
     }
     // torch reduces in f32; accumulating in f64 agrees with it to rounding and stays accurate
     // over 10^8 elements.
@@ -870,26 +872,20 @@ pub fn clip_grad_norm<'a>(
     Ok(total_norm)
 }
 
-fn squared_l2_norm(grad: &Tensor) -> Result<f64> {
-    {
-        let (storage, layout) = grad.storage_and_layout();
-        if let Storage::Cpu(storage @ CpuStorage::F32(_)) = &*storage {
-            if let Ok(values) = f32_slice(storage, layout) {
-                // Per-chunk sums added in chunk order: the result does not depend on how rayon
-                // schedules the chunks, so a resumed run clips exactly like an uninterrupted one.
-                let chunk_sums: Vec<f64> = values
-                    .par_chunks(CHUNK_LEN)
-                    .map(|chunk| chunk.iter().map(|&x| f64::from(x) * f64::from(x)).sum())
-                    .collect();
-                return Ok(chunk_sums.iter().sum());
-            }
-        }
-    }
-    Ok(grad
-        .to_dtype(DType::F64)?
-        .sqr()?
-        .sum_all()?
-        .to_scalar::<f64>()?)
+/// The sum of squares of a contiguous f32 gradient on the host, in f64; `None` for others.
+fn host_squared_l2_norm(grad: &Tensor) -> Option<f64> {
+    let (storage, layout) = grad.storage_and_layout();
+    let Storage::Cpu(storage @ CpuStorage::F32(_)) = &*storage else {
+        return None;
+    };
+    let values = f32_slice(storage, layout).ok()?;
+    // Per-chunk sums added in chunk order: the result does not depend on how rayon schedules
+    // the chunks, so a resumed run clips exactly like an uninterrupted one.
+    let chunk_sums: Vec<f64> = values
+        .par_chunks(CHUNK_LEN)
+        .map(|chunk| chunk.iter().map(|&x| f64::from(x) * f64::from(x)).sum())
+        .collect();
+    Some(chunk_sums.iter().sum())
 }
 
 fn scale_grad(grads: &mut GradStore, var: &Tensor, scale: f32) -> Result<()> {
@@ -1190,6 +1186,24 @@ mod tests {
         assert!(clip_grad_norm(&mut grads, [&a], 0.0).is_err());
         let mut infinite = grads_for(&[(&a, &[f32::INFINITY, 0.0])]);
         assert!(clip_grad_norm(&mut infinite, [&a], 1.0).is_err());
+    }
+
+    /// Gradients that are not contiguous f32 host buffers (a GPU's, here f64 ones) take the
+    /// batched path: one transfer for all of them, the same norm and scale.
+    #[test]
+    fn clip_grad_norm_of_device_side_gradients() {
+        let a = Var::from_tensor(&Tensor::new(&[0.0f64, 0.0], &Device::Cpu).unwrap()).unwrap();
+        let b = var(&[0.0]);
+        let mut grads = GradStore::default();
+        grads.insert(&a, Tensor::new(&[3.0f64, 4.0], &Device::Cpu).unwrap());
+        grads.insert(&b, Tensor::new(&[12.0f32], &Device::Cpu).unwrap());
+        let norm = clip_grad_norm(&mut grads, [&a, &b], 6.5).unwrap();
+        assert_eq!(norm, 13.0);
+        let scaled = grads.get(&a).unwrap().to_vec1::<f64>().unwrap();
+        assert!(
+            (scaled[0] - 1.5).abs() < 1e-6 && (scaled[1] - 2.0).abs() < 1e-6,
+            "{scaled:?}"
+        );
     }
 
     #[test]

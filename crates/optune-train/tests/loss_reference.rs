@@ -1,13 +1,15 @@
-//! The losses of `opt-wdpo` (src/loss.rs): hand-computed values, TRL's own `dpo_loss` outputs
-//! (testdata/reference/losses.json, written by scripts/reference/loss_reference.py), gradients
-//! against finite differences, and the leave-one-out REINFORCE KL estimator (exact per-sample
-//! gradient, and unbiasedness on a categorical toy policy by Monte Carlo).
+//! The losses of `opt-wdpo` (src/loss.rs): hand-computed values, TRL's own `dpo_loss`,
+//! `cpo_loss` (SimPO) and RPO/SFT batch losses (testdata/reference/losses.json, written by
+//! scripts/reference/loss_reference.py), gradients against finite differences, and the
+//! leave-one-out REINFORCE KL estimator (exact per-sample gradient, and unbiasedness on a
+//! categorical toy policy by Monte Carlo).
 
 use std::f64::consts::LN_2;
 
 use candle_core::{DType, Device, Tensor, Var};
 use optune_train::loss::{
-    dpo_losses, log_sigmoid, loo_reinforce_kl, pair_weights, weighted_mean, DpoLoss, PairLosses,
+    batch_loss, chosen_nll, dpo_losses, given_weights, log_sigmoid, loo_reinforce_kl, pair_weights,
+    simpo_losses, weighted_mean, BatchLogps, DpoLoss, Objective, ObjectiveParams, PairLosses,
     WeightForm, WeightNorm,
 };
 use serde::Deserialize;
@@ -238,6 +240,153 @@ fn hand_computed_weighted_mean() {
 }
 
 #[test]
+fn hand_computed_simpo() {
+    // Mean log-probs (chosen, rejected): (−1, −2), (−1.5, −1.5), (−2, −1); β = 2, γ = 1, so
+    // γ/β = 0.5 and l = (1 − 0.5, 0 − 0.5, −1 − 0.5) = (0.5, −0.5, −1.5), βl = (1, −1, −3).
+    // ε = 0: −logσ(βl) = (0.313261688, 1.313261688, 3.048587351)   (ln(1 + e³) = 3.048587351)
+    // ε = 0.1: 0.9·(…) + 0.1·(−logσ(−βl)) with −logσ(−βl) = (1.313261688, 0.313261688, 0.048587351):
+    //   (0.281935519 + 0.131326169, 1.181935519 + 0.031326169, 2.743728616 + 0.004858735)
+    //   = (0.413261688, 1.213261688, 2.748587351)
+    let chosen = t32(&[-1.0, -1.5, -2.0]);
+    let rejected = t32(&[-2.0, -1.5, -1.0]);
+    let out = simpo_losses(2.0, 1.0, 0.0, &chosen, &rejected).unwrap();
+    assert_close(
+        "simpo",
+        &values(&out.losses),
+        &[0.313261688, 1.313261688, 3.048587351],
+        TOLERANCE,
+    );
+    // rewards β·π̄: 2·(−1, −1.5, −2) and 2·(−2, −1.5, −1)
+    assert_close(
+        "simpo chosen rewards",
+        &values(&out.chosen_rewards),
+        &[-2.0, -3.0, -4.0],
+        0.0,
+    );
+    assert_close(
+        "simpo rejected rewards",
+        &values(&out.rejected_rewards),
+        &[-4.0, -3.0, -2.0],
+        0.0,
+    );
+    let smoothed = simpo_losses(2.0, 1.0, 0.1, &chosen, &rejected).unwrap();
+    assert_close(
+        "simpo eps 0.1",
+        &values(&smoothed.losses),
+        &[0.413261688, 1.213261688, 2.748587351],
+        TOLERANCE,
+    );
+    // γ = 0 is the sigmoid loss of β(π̄c − π̄r): βl = (2, 0, −2), −logσ = (0.126928011, ln 2, 2.126928011)
+    let no_margin = simpo_losses(2.0, 0.0, 0.0, &chosen, &rejected).unwrap();
+    assert_close(
+        "simpo gamma 0",
+        &values(&no_margin.losses),
+        &[0.126928011, LN_2, 2.126928011],
+        TOLERANCE,
+    );
+    assert!(simpo_losses(0.0, 1.0, 0.0, &chosen, &rejected).is_err());
+    assert!(simpo_losses(2.0, f64::NAN, 0.0, &chosen, &rejected).is_err());
+    assert!(simpo_losses(2.0, 1.0, 0.7, &chosen, &rejected).is_err());
+    assert!(simpo_losses(2.0, 1.0, 0.0, &chosen, &t32(&[1.0])).is_err());
+}
+
+#[test]
+fn hand_computed_chosen_nll() {
+    // Summed chosen log-probs (−10, −4, −6) over (5, 2, 3) tokens: 10 tokens in all.
+    //   unit weights: (10 + 4 + 6)/10 = 2 (not the mean of per-reply means (2 + 2 + 2)/3 = 2 by
+    //   coincidence, so also (−10, −2, −6): 18/10 = 1.8 against (2 + 1 + 2)/3 = 1.667)
+    //   weights (0.5, 1, 1.5): (5 + 4 + 9)/10 = 1.8
+    let sums = Var::from_tensor(&t64(&[-10.0, -4.0, -6.0])).unwrap();
+    let nll = |sums: &Tensor, w: &[f32]| {
+        chosen_nll(sums, &[5, 2, 3], w)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    assert!((nll(sums.as_tensor(), &[1.0; 3]) - 2.0).abs() < 1e-12);
+    assert!((nll(&t64(&[-10.0, -2.0, -6.0]), &[1.0; 3]) - 1.8).abs() < 1e-12);
+    assert!((nll(sums.as_tensor(), &[0.5, 1.0, 1.5]) - 1.8).abs() < 1e-12);
+    // d/dsumᵢ = −wᵢ/10
+    let loss = chosen_nll(sums.as_tensor(), &[5, 2, 3], &[0.5, 1.0, 1.5]).unwrap();
+    let grad = values(loss.backward().unwrap().get(&sums).unwrap());
+    assert_close("nll gradient", &grad, &[-0.05, -0.1, -0.15], 1e-12);
+    assert!(chosen_nll(sums.as_tensor(), &[5, 2], &[1.0; 3]).is_err());
+    assert!(chosen_nll(sums.as_tensor(), &[5, 2, 3], &[1.0; 2]).is_err());
+    assert!(chosen_nll(sums.as_tensor(), &[0, 0, 0], &[1.0; 3]).is_err());
+}
+
+#[test]
+fn batch_loss_combines_each_objective_with_the_weights() {
+    // The hand pairs' sigmoid losses at β = 0.5, ε = 0: (0.126928011, ln 2, 1.313261688);
+    // chosen sums (−10, −20, −6) over (5, 10, 3) tokens; weights (0.5, 1, 1.5).
+    let [pc, pr, rc, rr] = hand_pairs(DType::F32);
+    let w = [0.5f32, 1.0, 1.5];
+    let tokens = [5, 10, 3];
+    let params = ObjectiveParams {
+        beta: BETA,
+        label_smoothing: 0.0,
+        simpo_gamma: 0.0,
+        rpo_alpha: 0.5,
+    };
+    let logps = BatchLogps {
+        chosen: &pc,
+        rejected: &pr,
+        reference: Some((&rc, &rr)),
+        chosen_sums: &pc,
+        chosen_tokens: &tokens,
+    };
+    let loss = |objective| scalar(&batch_loss(objective, &params, &logps, &w).unwrap().0);
+    // DPO: (0.5·0.126928011 + 0.693147181 + 1.5·1.313261688)/3 = 2.726503719/3 = 0.908834573
+    assert!((loss(Objective::Sigmoid) - 0.908834573).abs() < 1e-6);
+    // NLL: (0.5·10 + 20 + 1.5·6)/18 = 34/18 = 1.888888889; RPO = DPO + 0.5·NLL = 1.853279017
+    assert!((loss(Objective::Sft) - 34.0 / 18.0).abs() < 1e-6);
+    assert!((loss(Objective::Rpo) - 1.853279017).abs() < 1e-6);
+    // SimPO reads no reference (γ = 0, β = 0.5 on (πc − πr) = (4, 0, −1)):
+    //   −logσ(2, 0, −0.5) = (0.126928011, ln 2, 0.974076984)
+    //   weighted: (0.063464006 + 0.693147181 + 1.461115476)/3 = 0.739242221
+    let reference_free = BatchLogps {
+        reference: None,
+        ..logps
+    };
+    let simpo = batch_loss(Objective::Simpo, &params, &reference_free, &w)
+        .unwrap()
+        .0;
+    assert!((scalar(&simpo) - 0.739242221).abs() < 1e-6);
+    assert!(batch_loss(Objective::Sigmoid, &params, &reference_free, &w).is_err());
+    // SFT logs each reply's per-token NLL (2, 2, 2) and zero rewards.
+    let (_, per_pair) = batch_loss(Objective::Sft, &params, &logps, &w).unwrap();
+    assert_eq!(values(&per_pair.losses), [2.0, 2.0, 2.0]);
+    assert_eq!(values(&per_pair.chosen_rewards), [0.0; 3]);
+    assert!(!Objective::Simpo.needs_reference() && !Objective::Sft.needs_reference());
+    assert!(Objective::Rpo.needs_reference() && Objective::Simpo.uses_mean_logps());
+}
+
+#[test]
+fn given_weights_are_checked_and_normalised() {
+    // (0, 1, 3): mean 4/3, normalised (0, 0.75, 2.25)
+    assert_eq!(
+        given_weights(&[0.0, 1.0, 3.0], WeightNorm::None).unwrap(),
+        [0.0, 1.0, 3.0]
+    );
+    assert_eq!(
+        given_weights(&[0.0, 1.0, 3.0], WeightNorm::Batch).unwrap(),
+        [0.0, 0.75, 2.25]
+    );
+    // A batch of zeros stays zero: nothing to rescale.
+    assert_eq!(
+        given_weights(&[0.0, 0.0], WeightNorm::Batch).unwrap(),
+        [0.0, 0.0]
+    );
+    for bad in [-1.0, f64::NAN, f64::INFINITY] {
+        let err = given_weights(&[1.0, bad], WeightNorm::None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("weight 1 is"), "{err}");
+    }
+    assert!(given_weights(&[1e300], WeightNorm::None).is_err());
+}
+
+#[test]
 fn dpo_bad_input() {
     let [pc, pr, rc, rr] = hand_pairs(DType::F32);
     let call = |kind, beta, eps, rr: &Tensor| dpo_losses(kind, beta, eps, &pc, &pr, &rc, rr);
@@ -311,6 +460,139 @@ struct Case {
     rejected_rewards: Vec<f64>,
 }
 
+/// Losses, chosen rewards and rejected rewards against TRL's.
+fn assert_pair_losses(what: &str, out: &PairLosses, expected: [&[f64]; 3]) {
+    let actual = [&out.losses, &out.chosen_rewards, &out.rejected_rewards];
+    for (name, (t, e)) in ["losses", "chosen rewards", "rejected rewards"]
+        .iter()
+        .zip(actual.into_iter().zip(expected))
+    {
+        assert_close(&format!("{what} {name}"), &values(t), e, TOLERANCE);
+    }
+}
+
+#[derive(Deserialize)]
+struct SimpoCase {
+    beta: f64,
+    simpo_gamma: f64,
+    label_smoothing: f64,
+    logps: String,
+    losses: Vec<f64>,
+    chosen_rewards: Vec<f64>,
+    rejected_rewards: Vec<f64>,
+}
+
+/// One batch through TRL's DPOTrainer with an NLL term (RPO's `rpo_alpha`, or `loss_type="sft"`).
+#[derive(Deserialize)]
+struct NllCase {
+    loss_type: String,
+    rpo_alpha: Option<f64>,
+    beta: f64,
+    policy_chosen: Vec<f32>,
+    policy_rejected: Vec<f32>,
+    ref_chosen: Vec<f32>,
+    ref_rejected: Vec<f32>,
+    chosen_tokens: Vec<usize>,
+    nll_loss: f64,
+    loss: f64,
+}
+
+#[derive(Deserialize)]
+struct MethodReference {
+    trl: String,
+    inputs: Inputs,
+    simpo_cases: Vec<SimpoCase>,
+    nll_cases: Vec<NllCase>,
+}
+
+fn method_reference() -> MethodReference {
+    serde_json::from_str(&std::fs::read_to_string(REFERENCE).unwrap()).unwrap()
+}
+
+#[test]
+fn matches_trl_simpo_loss() {
+    let reference = method_reference();
+    assert_eq!(reference.simpo_cases.len(), 8);
+    let logps = &reference.inputs.mean;
+    for case in &reference.simpo_cases {
+        assert_eq!(case.logps, "mean");
+        let out = simpo_losses(
+            case.beta,
+            case.simpo_gamma,
+            case.label_smoothing,
+            &t32(&logps.policy_chosen),
+            &t32(&logps.policy_rejected),
+        )
+        .unwrap();
+        let what = format!(
+            "TRL {} simpo beta {} gamma {} eps {}",
+            reference.trl, case.beta, case.simpo_gamma, case.label_smoothing
+        );
+        assert_pair_losses(
+            &what,
+            &out,
+            [&case.losses, &case.chosen_rewards, &case.rejected_rewards],
+        );
+    }
+}
+
+#[test]
+fn matches_trl_rpo_and_sft_losses() {
+    let reference = method_reference();
+    let kinds: Vec<(&str, Option<f64>)> = reference
+        .nll_cases
+        .iter()
+        .map(|c| (c.loss_type.as_str(), c.rpo_alpha))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("sigmoid", Some(1.0)),
+            ("sigmoid", Some(0.5)),
+            ("sft", None)
+        ]
+    );
+    let params = |case: &NllCase| ObjectiveParams {
+        beta: case.beta,
+        label_smoothing: 0.0,
+        simpo_gamma: 0.0,
+        rpo_alpha: case.rpo_alpha.unwrap_or(0.0),
+    };
+    for case in &reference.nll_cases {
+        let what = format!(
+            "TRL {} {} rpo_alpha {:?}",
+            reference.trl, case.loss_type, case.rpo_alpha
+        );
+        let unit = vec![1.0f32; case.chosen_tokens.len()];
+        let [pc, pr, rc, rr] = [
+            &case.policy_chosen,
+            &case.policy_rejected,
+            &case.ref_chosen,
+            &case.ref_rejected,
+        ]
+        .map(|v| t32(v));
+        let nll = chosen_nll(&pc, &case.chosen_tokens, &unit).unwrap();
+        assert_close(&what, &[scalar(&nll)], &[case.nll_loss], TOLERANCE);
+        let objective = match case.rpo_alpha {
+            Some(_) => Objective::Rpo,
+            None => Objective::Sft,
+        };
+        let logps = BatchLogps {
+            chosen: &pc,
+            rejected: &pr,
+            reference: Some((&rc, &rr)),
+            chosen_sums: &pc,
+            chosen_tokens: &case.chosen_tokens,
+        };
+        let (loss, _) = batch_loss(objective, &params(case), &logps, &unit).unwrap();
+        assert_close(&what, &[scalar(&loss)], &[case.loss], TOLERANCE);
+    }
+}
+
+fn scalar(t: &Tensor) -> f64 {
+    t.to_dtype(DType::F64).unwrap().to_scalar().unwrap()
+}
+
 #[test]
 fn matches_trl_dpo_loss() {
     let reference: Reference =
@@ -337,18 +619,10 @@ fn matches_trl_dpo_loss() {
             "TRL {} {} beta {} eps {}",
             reference.trl, case.loss_type, case.beta, case.label_smoothing
         );
-        assert_close(&what, &values(&out.losses), &case.losses, TOLERANCE);
-        assert_close(
+        assert_pair_losses(
             &what,
-            &values(&out.chosen_rewards),
-            &case.chosen_rewards,
-            TOLERANCE,
-        );
-        assert_close(
-            &what,
-            &values(&out.rejected_rewards),
-            &case.rejected_rewards,
-            TOLERANCE,
+            &out,
+            [&case.losses, &case.chosen_rewards, &case.rejected_rewards],
         );
     }
 }
@@ -358,7 +632,7 @@ fn matches_trl_dpo_loss() {
 // ---------------------------------------------------------------------------------------------
 
 /// The wDPO batch loss: `weighted_mean(dpo_losses(...))`.
-fn batch_loss(kind: DpoLoss, eps: f64, pc: &Tensor, pr: &Tensor, w: &[f32]) -> Tensor {
+fn weighted_dpo_loss(kind: DpoLoss, eps: f64, pc: &Tensor, pr: &Tensor, w: &[f32]) -> Tensor {
     let [_, _, rc, rr] = hand_pairs(DType::F64);
     let out = dpo_losses(kind, BETA, eps, pc, pr, &rc, &rr).unwrap();
     weighted_mean(&out.losses, w).unwrap()
@@ -376,7 +650,7 @@ fn gradients_match_finite_differences() {
         for eps in [0.0, 0.2] {
             let pc = Var::from_tensor(&t64(&pc0)).unwrap();
             let pr = Var::from_tensor(&t64(&pr0)).unwrap();
-            let loss = batch_loss(kind, eps, pc.as_tensor(), pr.as_tensor(), &w);
+            let loss = weighted_dpo_loss(kind, eps, pc.as_tensor(), pr.as_tensor(), &w);
             let grads = loss.backward().unwrap();
             for (name, var, base, is_chosen) in
                 [("chosen", &pc, &pc0, true), ("rejected", &pr, &pr0, false)]
@@ -392,7 +666,7 @@ fn gradients_match_finite_differences() {
                             } else {
                                 (t64(&pc0), t64(&moved))
                             };
-                            batch_loss(kind, eps, &c, &r, &w)
+                            weighted_dpo_loss(kind, eps, &c, &r, &w)
                                 .to_scalar::<f64>()
                                 .unwrap()
                         };
@@ -411,9 +685,42 @@ fn gradients_match_finite_differences() {
     // The DPO gradient at logit 0 by hand: d/dπc [−logσ(β(πc − …))] = −β·σ(0) = −0.25, times
     // the pair's weight over the batch size.
     let pc = Var::from_tensor(&t64(&pc0)).unwrap();
-    let loss = batch_loss(DpoLoss::Sigmoid, 0.0, pc.as_tensor(), &t64(&pr0), &w);
+    let loss = weighted_dpo_loss(DpoLoss::Sigmoid, 0.0, pc.as_tensor(), &t64(&pr0), &w);
     let g = values(loss.backward().unwrap().get(&pc).unwrap())[1];
     assert!((g - (-0.25 * f64::from(w[1]) / 3.0)).abs() < 1e-12, "{g}");
+}
+
+#[test]
+fn simpo_gradient_matches_finite_differences() {
+    // Mean log-probs with βl = 2·((π̄c − π̄r) − 0.25) = (0.5, 0, −1.5): pair 1 at logit 0.
+    let chosen0 = [-1.0, -1.25, -2.0];
+    let rejected0 = [-1.5, -1.5, -1.25];
+    let w = [0.5f32, 1.0, 1.5];
+    let loss = |c: &Tensor, r: &Tensor| {
+        weighted_mean(&simpo_losses(2.0, 0.5, 0.2, c, r).unwrap().losses, &w).unwrap()
+    };
+    let var = Var::from_tensor(&t64(&chosen0)).unwrap();
+    let analytic = values(
+        loss(var.as_tensor(), &t64(&rejected0))
+            .backward()
+            .unwrap()
+            .get(&var)
+            .unwrap(),
+    );
+    let h = 1e-5;
+    let numeric: Vec<f64> = (0..3)
+        .map(|i| {
+            let at = |delta: f64| {
+                let mut moved = chosen0;
+                moved[i] += delta;
+                loss(&t64(&moved), &t64(&rejected0))
+                    .to_scalar::<f64>()
+                    .unwrap()
+            };
+            (at(h) - at(-h)) / (2.0 * h)
+        })
+        .collect();
+    assert_close("simpo d/dchosen", &analytic, &numeric, 1e-7);
 }
 
 #[test]

@@ -1,5 +1,6 @@
-//! CPU kernels of the f32 decode step: linear layers, attention over each sequence's own cached
-//! keys, RMS norm, rotary embedding, SiLU and a vectorisable `exp`.
+//! The host forms of the ops: CPU kernels of the f32 decode step on plain slices (linear layers,
+//! attention over each sequence's own cached keys, RMS norm, rotary embedding, SiLU) and the
+//! sampler's reductions.
 //!
 //! Deterministic by construction. Every output element is produced by one fixed sequence of
 //! floating-point operations on its own inputs only — not on how many rows share the batch, not
@@ -15,34 +16,9 @@
 //! Threads split linear layers by output column and attention by (sequence, KV head); each
 //! element is computed whole by one thread.
 
+pub use crate::simd::exp_f32;
+use crate::simd::{isa, Isa};
 use rayon::prelude::*;
-use std::sync::OnceLock;
-
-/// The widest instruction set the kernels can use on this CPU.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Isa {
-    #[cfg(target_arch = "x86_64")]
-    Avx512,
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-    Portable,
-}
-
-pub(crate) fn isa() -> Isa {
-    static ISA: OnceLock<Isa> = OnceLock::new();
-    *ISA.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::is_x86_feature_detected!("avx512f") {
-                return Isa::Avx512;
-            }
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                return Isa::Avx2;
-            }
-        }
-        Isa::Portable
-    })
-}
 
 /// 16 f32 lanes.
 trait Lanes: Copy {
@@ -283,55 +259,7 @@ unsafe fn prefetch(p: *const f32) {
     std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8);
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn columns_avx512(
-    x: *const f32,
-    rows: usize,
-    k: usize,
-    w: *const f32,
-    bias: Option<*const f32>,
-    out: *mut f32,
-    ldo: usize,
-    c0: usize,
-    c1: usize,
-) {
-    columns::<x86::Avx512, 4, 6>(x, rows, k, w, bias, out, ldo, c0, c1)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn columns_avx2(
-    x: *const f32,
-    rows: usize,
-    k: usize,
-    w: *const f32,
-    bias: Option<*const f32>,
-    out: *mut f32,
-    ldo: usize,
-    c0: usize,
-    c1: usize,
-) {
-    columns::<x86::Avx2, 2, 2>(x, rows, k, w, bias, out, ldo, c0, c1)
-}
-
-#[allow(clippy::too_many_arguments)]
-unsafe fn columns_portable(
-    x: *const f32,
-    rows: usize,
-    k: usize,
-    w: *const f32,
-    bias: Option<*const f32>,
-    out: *mut f32,
-    ldo: usize,
-    c0: usize,
-    c1: usize,
-) {
-    columns::<Portable, 1, 4>(x, rows, k, w, bias, out, ldo, c0, c1)
-}
-
+/// [`columns`] for `isa`: its lanes and tile shape, compiled with its instruction set.
 #[allow(clippy::too_many_arguments)]
 unsafe fn columns_with(
     isa: Isa,
@@ -345,12 +273,33 @@ unsafe fn columns_with(
     c0: usize,
     c1: usize,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    macro_rules! compiled_for {
+        ($features:literal, $lanes:ty, $rt:literal, $ot:literal) => {{
+            #[target_feature(enable = $features)]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn run(
+                x: *const f32,
+                rows: usize,
+                k: usize,
+                w: *const f32,
+                bias: Option<*const f32>,
+                out: *mut f32,
+                ldo: usize,
+                c0: usize,
+                c1: usize,
+            ) {
+                columns::<$lanes, $rt, $ot>(x, rows, k, w, bias, out, ldo, c0, c1)
+            }
+            run(x, rows, k, w, bias, out, ldo, c0, c1)
+        }};
+    }
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => columns_avx512(x, rows, k, w, bias, out, ldo, c0, c1),
+        Isa::Avx512 => compiled_for!("avx512f", x86::Avx512, 4, 6),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => columns_avx2(x, rows, k, w, bias, out, ldo, c0, c1),
-        Isa::Portable => columns_portable(x, rows, k, w, bias, out, ldo, c0, c1),
+        Isa::Avx2 => compiled_for!("avx2,fma", x86::Avx2, 2, 2),
+        Isa::Portable => columns::<Portable, 1, 4>(x, rows, k, w, bias, out, ldo, c0, c1),
     }
 }
 
@@ -375,24 +324,17 @@ const ROW_BLOCK_BYTES: usize = 1 << 20;
 /// `out [rows, n] = x [rows, k] · wᵀ (+ bias)` with `w [n, k]` row-major (the Hugging Face
 /// layout of a linear layer's weight). Each element is a [`Lanes`] dot product, so a row's
 /// result does not depend on `rows`, on the thread count or on the instruction set.
-pub(crate) fn linear(x: &[f32], rows: usize, w: &[f32], bias: Option<&[f32]>, out: &mut [f32]) {
-    linear_many(isa(), x, rows, &mut [Product { w, bias, out }])
+pub fn linear(x: &[f32], rows: usize, w: &[f32], bias: Option<&[f32]>, out: &mut [f32]) {
+    linear_many(x, rows, &mut [Product { w, bias, out }])
 }
 
 #[cfg(test)]
-pub(crate) fn linear_with(
-    isa: Isa,
-    x: &[f32],
-    rows: usize,
-    w: &[f32],
-    bias: Option<&[f32]>,
-    out: &mut [f32],
-) {
-    linear_many(isa, x, rows, &mut [Product { w, bias, out }])
+fn linear_with(isa: Isa, x: &[f32], rows: usize, w: &[f32], bias: Option<&[f32]>, out: &mut [f32]) {
+    linear_many_with(isa, x, rows, &mut [Product { w, bias, out }])
 }
 
 /// One weight matrix applied to a shared input by [`linear_many`].
-pub(crate) struct Product<'a> {
+pub struct Product<'a> {
     pub w: &'a [f32],
     pub bias: Option<&'a [f32]>,
     pub out: &'a mut [f32],
@@ -400,7 +342,11 @@ pub(crate) struct Product<'a> {
 
 /// Several [`linear`] layers on the same input (q, k and v; gate and up) in one parallel region,
 /// so the threads meet once instead of once per matrix.
-pub(crate) fn linear_many(isa: Isa, x: &[f32], rows: usize, products: &mut [Product]) {
+pub fn linear_many(x: &[f32], rows: usize, products: &mut [Product]) {
+    linear_many_with(isa(), x, rows, products)
+}
+
+fn linear_many_with(isa: Isa, x: &[f32], rows: usize, products: &mut [Product]) {
     if rows == 0 {
         return;
     }
@@ -488,7 +434,7 @@ pub(crate) fn linear_many(isa: Isa, x: &[f32], rows: usize, products: &mut [Prod
 }
 
 /// Where one layer's keys and values of every slot live: `[slots, kv_heads, capacity, head_dim]`.
-pub(crate) struct LayerCache<'a> {
+pub struct LayerCache<'a> {
     pub keys: &'a [f32],
     pub values: &'a [f32],
     pub kv_heads: usize,
@@ -498,7 +444,7 @@ pub(crate) struct LayerCache<'a> {
 /// One decoding sequence: its cache slot and the position of its new token (already written to
 /// the cache), plus the first position its attention window reaches.
 #[derive(Clone, Copy)]
-pub(crate) struct Query {
+pub struct Query {
     pub slot: usize,
     pub first: usize,
     pub position: usize,
@@ -508,7 +454,7 @@ pub(crate) struct Query {
 /// `q [rows, heads·d]` → `out [rows, heads·d]`; the query heads sharing a KV head are computed
 /// together. Scores are `(q·scale)·k` dot products, the softmax is `exp(s − max) / Σ`, and the
 /// output is `Σ_t p_t·v_t` accumulated in position order.
-pub(crate) fn attention(
+pub fn attention(
     q: &[f32],
     queries: &[Query],
     heads: usize,
@@ -655,7 +601,7 @@ unsafe fn attend_group_impl(
 
 /// Sum in 16 interleaved partial sums folded by the fixed tree.
 #[inline(always)]
-pub(crate) fn sum16(v: &[f32]) -> f32 {
+pub fn sum16(v: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
     let mut chunks = v.chunks_exact(16);
     for c in &mut chunks {
@@ -669,29 +615,9 @@ pub(crate) fn sum16(v: &[f32]) -> f32 {
     tree16(&acc)
 }
 
-/// `ln Σ exp(v)`: the exponentials of `v − max` in f32 ([`exp_f32`]) summed in f64 in 8
-/// interleaved partial sums folded pairwise; the same bits on every instruction set.
-pub(crate) fn log_sum_exp(v: &[f32]) -> f64 {
-    match isa() {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { log_sum_exp_avx512(v) },
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { log_sum_exp_avx2(v) },
-        Isa::Portable => log_sum_exp_impl(v),
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn log_sum_exp_avx512(v: &[f32]) -> f64 {
-    log_sum_exp_impl(v)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn log_sum_exp_avx2(v: &[f32]) -> f64 {
-    log_sum_exp_impl(v)
-}
+// `ln Σ exp(v)`: the exponentials of `v − max` in f32 ([`exp_f32`]) summed in f64 in 8
+// interleaved partial sums folded pairwise; the same bits on every instruction set.
+crate::simd::with_widest_isa!(pub log_sum_exp => log_sum_exp_impl; (v: &[f32]) -> f64);
 
 #[inline(always)]
 fn log_sum_exp_impl(v: &[f32]) -> f64 {
@@ -718,7 +644,7 @@ fn log_sum_exp_impl(v: &[f32]) -> f64 {
 
 /// The largest value (NaNs ignored), in 16 lanes so that it vectorises.
 #[inline(always)]
-pub(crate) fn max_f32(v: &[f32]) -> f32 {
+pub fn max_f32(v: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; 16];
     let mut chunks = v.chunks_exact(16);
     for c in &mut chunks {
@@ -735,7 +661,7 @@ pub(crate) fn max_f32(v: &[f32]) -> f32 {
 }
 
 /// `x · (1/√(mean(x²) + eps)) · weight`, row by row.
-pub(crate) fn rms_norm(x: &[f32], weight: &[f32], eps: f64, out: &mut [f32]) {
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f64, out: &mut [f32]) {
     let h = weight.len();
     for (row, dst) in x.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
         let mut acc = [0f32; 16];
@@ -758,7 +684,7 @@ pub(crate) fn rms_norm(x: &[f32], weight: &[f32], eps: f64, out: &mut [f32]) {
 
 /// Cosines and sines `[rows, head_dim/2]` of the angles `position · inv_freq`, computed in f32
 /// as the tables of the training path are.
-pub(crate) fn rotary_tables(positions: &[usize], inv_freq: &[f32]) -> (Vec<f32>, Vec<f32>) {
+pub fn rotary_tables(positions: &[usize], inv_freq: &[f32]) -> (Vec<f32>, Vec<f32>) {
     let mut cos = Vec::with_capacity(positions.len() * inv_freq.len());
     let mut sin = Vec::with_capacity(positions.len() * inv_freq.len());
     for &pos in positions {
@@ -773,7 +699,7 @@ pub(crate) fn rotary_tables(positions: &[usize], inv_freq: &[f32]) -> (Vec<f32>,
 
 /// Rotary embedding in the rotate-half layout on `x [rows, heads·d]`, with the row's tables from
 /// [`rotary_tables`].
-pub(crate) fn rotary(x: &mut [f32], heads: usize, head_dim: usize, cos: &[f32], sin: &[f32]) {
+pub fn rotary(x: &mut [f32], heads: usize, head_dim: usize, cos: &[f32], sin: &[f32]) {
     let half = head_dim / 2;
     for ((row, cos), sin) in x
         .chunks_exact_mut(heads * head_dim)
@@ -792,37 +718,10 @@ pub(crate) fn rotary(x: &mut [f32], heads: usize, head_dim: usize, cos: &[f32], 
 }
 
 /// `silu(gate) · up`, in place in `gate`.
-pub(crate) fn silu_mul(gate: &mut [f32], up: &[f32]) {
+pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     for (g, u) in gate.iter_mut().zip(up) {
         *g = (*g / (1.0 + exp_f32(-*g))) * u;
     }
-}
-
-/// `e^x` in f32 within about 2 ulp, from plain arithmetic (no fused operations, so its value
-/// does not depend on vectorisation). Inputs below −87.3 give ~1e-38 (0 with
-/// flush-to-zero), inputs above 88.3 saturate at e^88.3.
-#[inline(always)]
-pub(crate) fn exp_f32(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const C1: f32 = 0.693_359_4;
-    const C2: f32 = -2.121_944_4e-4;
-    // 1.5·2²³: adding it rounds to an integer (ties to even) in the low mantissa bits.
-    const ROUND: f32 = 12_582_912.0;
-    let x = if x < -87.3 { -87.3 } else { x };
-    let x = if x > 88.3 { 88.3 } else { x };
-    let n = (x * LOG2E + ROUND) - ROUND;
-    let r = (x - n * C1) - n * C2;
-    let mut p = 1.987_569_1e-4_f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
-    let y = (p * (r * r) + r) + 1.0;
-    // n is an integer in [-126, 127]: read it from the rounded sum's low mantissa bits.
-    let n_int = (x * LOG2E + ROUND).to_bits() as i32 - ROUND.to_bits() as i32;
-    let scale = f32::from_bits(((n_int + 127) as u32) << 23);
-    y * scale
 }
 
 #[cfg(test)]
@@ -891,20 +790,6 @@ mod tests {
                 }
             }
         }
-    }
-
-    #[test]
-    fn exp_is_accurate() {
-        for i in -2000..=800 {
-            let x = i as f32 * 0.05;
-            let (ours, exact) = (exp_f32(x) as f64, (x as f64).exp());
-            assert!(
-                (ours - exact).abs() <= 4e-7 * exact + 1e-37,
-                "{x}: {ours} vs {exact}"
-            );
-        }
-        assert_eq!(exp_f32(0.0), 1.0);
-        assert!(exp_f32(-1e30) < 1e-37);
     }
 
     #[test]

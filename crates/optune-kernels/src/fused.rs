@@ -5,7 +5,7 @@
 //! buffer and an add for every input of every node), and the forward makes one pass over memory
 //! instead of one per elementwise op. The ops run on the CPU in f32 (row kernels compiled for
 //! AVX2/FMA when the CPU has them, matrix products by `gemm`, the crate candle itself uses) and f64
-//! (for gradient checks); callers keep the generic-op version for other devices and dtypes, which
+//! (for gradient checks); [`crate::ops`] takes the generic form on other devices and dtypes, which
 //! is also what the tests compare against (f64 finite differences for every op, f32 against the
 //! generic ops). A CUDA kernel can slot in behind the same op boundary (`cuda_fwd`).
 //!
@@ -20,22 +20,6 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Arc;
-
-/// Off: the training path builds every op from candle's generic ops, as before the fused kernels
-/// existed (the profiling bench times both in one process; see docs/perf.md).
-static ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
-
-/// Turns the fused kernels on (the default) or off for the whole process.
-pub fn set_enabled(on: bool) {
-    ENABLED.store(on, std::sync::atomic::Ordering::Relaxed);
-}
-
-/// Whether the fused kernels handle `t`: on the CPU, in f32 or f64, unless [`set_enabled`]`(false)`.
-pub fn supported(t: &Tensor) -> bool {
-    ENABLED.load(std::sync::atomic::Ordering::Relaxed)
-        && t.device().is_cpu()
-        && matches!(t.dtype(), DType::F32 | DType::F64)
-}
 
 // ---------------------------------------------------------------------------------------------
 // Element types and row kernels.
@@ -59,111 +43,61 @@ trait Real:
     const ONE: Self;
     const NEG_INFINITY: Self;
     fn from_f64(x: f64) -> Self;
-    /// `e^x`: the library's for f64, [`simd::exp`] (a polynomial that vectorises) for f32.
+    /// `e^x`: the library's for f64, [`crate::simd::exp_f32`] (a polynomial that vectorises) for
+    /// f32.
     fn exp_fast(self) -> Self;
     fn ln(self) -> Self;
     fn sqrt(self) -> Self;
     fn slice(s: &CpuStorage) -> Option<&[Self]>;
     fn storage(v: Vec<Self>) -> CpuStorage;
 
-    fn log_sum_exp(row: &[Self]) -> Self {
-        kernels::log_sum_exp(row)
-    }
-    fn scaled_exp(row: &mut [Self], shift: Self, scale: Self) {
-        kernels::scaled_exp(row, shift, scale)
-    }
-    fn softmax(src: &[Self], mask: &[Self], scale: Self, dst: &mut [Self]) {
-        kernels::softmax(src, mask, scale, dst)
-    }
-    fn silu_mul(gate: &[Self], up: &[Self], out: &mut [Self]) {
-        kernels::silu_mul(gate, up, out)
-    }
-    fn silu_mul_grad(
-        gate: &[Self],
-        up: &[Self],
-        grad: &[Self],
-        d_gate: &mut [Self],
-        d_up: &mut [Self],
-    ) {
-        kernels::silu_mul_grad(gate, up, grad, d_gate, d_up)
-    }
+    /// `ln Σ e^x` of a row.
+    fn log_sum_exp(row: &[Self]) -> Self;
 }
 
-impl Real for f64 {
-    const ZERO: Self = 0.0;
-    const ONE: Self = 1.0;
-    const NEG_INFINITY: Self = f64::NEG_INFINITY;
-    fn from_f64(x: f64) -> Self {
-        x
-    }
-    fn exp_fast(self) -> Self {
-        self.exp()
-    }
-    fn ln(self) -> Self {
-        f64::ln(self)
-    }
-    fn sqrt(self) -> Self {
-        f64::sqrt(self)
-    }
-    fn slice(s: &CpuStorage) -> Option<&[Self]> {
-        match s {
-            CpuStorage::F64(v) => Some(v),
-            _ => None,
+/// `Real` for one float type; the two differ in `exp` and `ln Σ e^x` alone.
+macro_rules! impl_real {
+    ($t:ident, $variant:ident, exp: $exp:expr, log_sum_exp: $lse:expr) => {
+        impl Real for $t {
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+            const NEG_INFINITY: Self = $t::NEG_INFINITY;
+            #[allow(clippy::unnecessary_cast)]
+            fn from_f64(x: f64) -> Self {
+                x as $t
+            }
+            #[inline(always)]
+            fn exp_fast(self) -> Self {
+                $exp(self)
+            }
+            fn ln(self) -> Self {
+                $t::ln(self)
+            }
+            fn sqrt(self) -> Self {
+                $t::sqrt(self)
+            }
+            fn slice(s: &CpuStorage) -> Option<&[Self]> {
+                match s {
+                    CpuStorage::$variant(v) => Some(v),
+                    _ => None,
+                }
+            }
+            fn storage(v: Vec<Self>) -> CpuStorage {
+                CpuStorage::$variant(v)
+            }
+            fn log_sum_exp(row: &[Self]) -> Self {
+                $lse(row)
+            }
         }
-    }
-    fn storage(v: Vec<Self>) -> CpuStorage {
-        CpuStorage::F64(v)
-    }
+    };
 }
 
-impl Real for f32 {
-    const ZERO: Self = 0.0;
-    const ONE: Self = 1.0;
-    const NEG_INFINITY: Self = f32::NEG_INFINITY;
-    fn from_f64(x: f64) -> Self {
-        x as f32
-    }
-    #[inline(always)]
-    fn exp_fast(self) -> Self {
-        simd::exp(self)
-    }
-    fn ln(self) -> Self {
-        f32::ln(self)
-    }
-    fn sqrt(self) -> Self {
-        f32::sqrt(self)
-    }
-    fn slice(s: &CpuStorage) -> Option<&[Self]> {
-        match s {
-            CpuStorage::F32(v) => Some(v),
-            _ => None,
-        }
-    }
-    fn storage(v: Vec<Self>) -> CpuStorage {
-        CpuStorage::F32(v)
-    }
-    fn log_sum_exp(row: &[Self]) -> Self {
-        simd::log_sum_exp(row)
-    }
-    fn scaled_exp(row: &mut [Self], shift: Self, scale: Self) {
-        simd::scaled_exp(row, shift, scale)
-    }
-    fn softmax(src: &[Self], mask: &[Self], scale: Self, dst: &mut [Self]) {
-        simd::softmax(src, mask, scale, dst)
-    }
-    fn silu_mul(gate: &[Self], up: &[Self], out: &mut [Self]) {
-        simd::silu_mul(gate, up, out)
-    }
-    fn silu_mul_grad(
-        gate: &[Self],
-        up: &[Self],
-        grad: &[Self],
-        d_gate: &mut [Self],
-        d_up: &mut [Self],
-    ) {
-        simd::silu_mul_grad(gate, up, grad, d_gate, d_up)
-    }
-}
+impl_real!(f64, F64, exp: f64::exp, log_sum_exp: kernels::log_sum_exp::<f64>);
+// f32 sums the exponentials with the host kernel (f64 partial sums in a fixed order), shared
+// with the sampler.
+impl_real!(f32, F32, exp: crate::simd::exp_f32, log_sum_exp: |row: &[f32]| {
+    crate::host::log_sum_exp(row) as f32
+});
 
 /// The row kernels, generic; written so that LLVM vectorises them (independent lanes instead of
 /// ordered float reductions).
@@ -234,7 +168,7 @@ mod kernels {
             .fold(T::ZERO, |s, x| s + x)
     }
 
-    /// `ln Σ e^x`.
+    /// `ln Σ e^x`; f64 only (gradient checks): f32 takes [`crate::host::log_sum_exp`].
     #[inline(always)]
     pub fn log_sum_exp<T: Real>(row: &[T]) -> T {
         let max = max(row);
@@ -303,69 +237,16 @@ mod kernels {
     }
 }
 
-/// f32 entry points of the row kernels, run with AVX2+FMA when the CPU has them, and the
-/// vectorisable `exp`.
+/// The row kernels' entry points, compiled for the widest instruction set of this CPU.
 mod simd {
-    use super::kernels;
+    use super::{kernels, Real};
+    use crate::simd::with_widest_isa;
 
-    /// `e^x` to about 2 ulp (Cephes' `expf`: range reduction by ln 2 and a degree-5 polynomial);
-    /// exactly 0 below −87.3 (where `e^x` leaves the normal range), which is what a masked or far
-    /// smaller logit contributes.
-    #[inline(always)]
-    pub fn exp(x: f32) -> f32 {
-        const LOW: f32 = -87.336_55;
-        let clamped = x.clamp(LOW, 88.0);
-        let n = (clamped * std::f32::consts::LOG2_E + 0.5).floor();
-        let r = clamped - n * 0.693_359_4 + n * 2.121_944_4e-4;
-        let mut p = 1.987_569_1e-4f32;
-        p = p * r + 1.398_199_9e-3;
-        p = p * r + 8.333_452e-3;
-        p = p * r + 4.166_579_6e-2;
-        p = p * r + 0.166_666_65;
-        p = p * r + 0.5;
-        let y = p * r * r + r + 1.0;
-        // 2^n from the bits of n + 127 (in [1, 254]), read off the float 2^23 + n + 127 rather
-        // than by a float-to-int cast, which does not vectorise.
-        let biased = (n + (127.0 + 8_388_608.0)).to_bits() - 0x4b00_0000;
-        let scale = f32::from_bits(biased << 23);
-        if x < LOW {
-            0.0
-        } else {
-            y * scale
-        }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    fn has_avx2_fma() -> bool {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-    }
-
-    /// Defines `pub fn $name` that runs `$kernel` compiled for AVX2+FMA when the CPU has them.
-    macro_rules! dispatch {
-        ($name:ident => $kernel:expr; ($($arg:ident: $ty:ty),*) -> $ret:ty) => {
-            pub fn $name($($arg: $ty),*) -> $ret {
-                #[cfg(target_arch = "x86_64")]
-                {
-                    #[target_feature(enable = "avx2,fma")]
-                    unsafe fn wide($($arg: $ty),*) -> $ret {
-                        $kernel($($arg),*)
-                    }
-                    if has_avx2_fma() {
-                        // SAFETY: the CPU has the features `wide` was compiled for.
-                        return unsafe { wide($($arg),*) };
-                    }
-                }
-                $kernel($($arg),*)
-            }
-        };
-    }
-
-    dispatch!(log_sum_exp => kernels::log_sum_exp::<f32>; (row: &[f32]) -> f32);
-    dispatch!(scaled_exp => kernels::scaled_exp::<f32>; (row: &mut [f32], shift: f32, scale: f32) -> ());
-    dispatch!(softmax => kernels::softmax::<f32>; (src: &[f32], mask: &[f32], scale: f32, dst: &mut [f32]) -> ());
-    dispatch!(silu_mul => kernels::silu_mul::<f32>; (gate: &[f32], up: &[f32], out: &mut [f32]) -> ());
-    dispatch!(silu_mul_grad => kernels::silu_mul_grad::<f32>;
-        (gate: &[f32], up: &[f32], grad: &[f32], d_gate: &mut [f32], d_up: &mut [f32]) -> ());
+    with_widest_isa!(pub scaled_exp<T: Real> => kernels::scaled_exp::<T>; (row: &mut [T], shift: T, scale: T) -> ());
+    with_widest_isa!(pub softmax<T: Real> => kernels::softmax::<T>; (src: &[T], mask: &[T], scale: T, dst: &mut [T]) -> ());
+    with_widest_isa!(pub silu_mul<T: Real> => kernels::silu_mul::<T>; (gate: &[T], up: &[T], out: &mut [T]) -> ());
+    with_widest_isa!(pub silu_mul_grad<T: Real> => kernels::silu_mul_grad::<T>;
+        (gate: &[T], up: &[T], grad: &[T], d_gate: &mut [T], d_up: &mut [T]) -> ());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -501,9 +382,6 @@ fn gemm_with<T: Real>(
 // ---------------------------------------------------------------------------------------------
 // Token log-probabilities through the vocabulary head.
 
-/// Rows of logits computed at once: bounds the logits buffer to `chunk × vocab` floats.
-pub const HEAD_CHUNK_ROWS: usize = 256;
-
 /// `log softmax(rows · weightᵀ)[targets[i]]` for each row `i` of `rows [n, hidden]`, with
 /// `weight [vocab, hidden]`: `[n]`, differentiable in both. At most `chunk × vocab` logits exist
 /// at a time, in the forward and the backward pass. CPU, f32/f64, contiguous inputs.
@@ -527,16 +405,7 @@ struct TokenLogprobs {
 
 impl TokenLogprobs {
     fn check(&self, rows: &Layout, weight: &Layout) -> Result<(usize, usize, usize)> {
-        let (&[n, h], &[v, h2]) = (rows.dims(), weight.dims()) else {
-            bail!(
-                "token-logprobs: rows {:?} and weight {:?} must be matrices",
-                rows.dims(),
-                weight.dims()
-            );
-        };
-        if h != h2 {
-            bail!("token-logprobs: rows have width {h}, the weight {h2}");
-        }
+        let (n, h, v) = crate::ops::product_dims("token-logprobs", rows, weight)?;
         if self.targets.len() != n {
             bail!(
                 "token-logprobs: {} targets for {n} rows",
@@ -608,7 +477,7 @@ impl TokenLogprobs {
             block.par_chunks_mut(v).enumerate().for_each(|(r, row)| {
                 let (t, g) = (self.targets[start + r] as usize, grad[start + r]);
                 let lse = row[t] - logp[start + r];
-                T::scaled_exp(row, lse, -g);
+                simd::scaled_exp(row, lse, -g);
                 row[t] += g;
             });
             if wanted.first {
@@ -1165,7 +1034,7 @@ impl CustomOp2 for SiluMul {
             out.par_chunks_mut(ELEMENT_BLOCK)
                 .zip(gate.par_chunks(ELEMENT_BLOCK))
                 .zip(up.par_chunks(ELEMENT_BLOCK))
-                .for_each(|((o, g), u)| T::silu_mul(g, u, o));
+                .for_each(|((o, g), u)| simd::silu_mul(g, u, o));
             Ok(T::storage(out))
         }
         let out = by_dtype!(self, s1.dtype(), run(self, [(s1, l1), (s2, l2)]));
@@ -1233,7 +1102,7 @@ impl CustomOp3 for SiluMulGrad {
                         .zip(up.par_chunks(ELEMENT_BLOCK))
                         .zip(g.par_chunks(ELEMENT_BLOCK)),
                 )
-                .for_each(|((dg, du), ((gate, up), g))| T::silu_mul_grad(gate, up, g, dg, du));
+                .for_each(|((dg, du), ((gate, up), g))| simd::silu_mul_grad(gate, up, g, dg, du));
             Ok(T::storage(out))
         }
         let out = by_dtype!(self, s1.dtype(), run(self, [(s1, l1), (s2, l2), (s3, l3)]));
@@ -1540,7 +1409,7 @@ impl Attention {
         for (r, row) in p.chunks_mut(n.tk).enumerate() {
             let qi = r % n.tq;
             scratch.copy_from_slice(row);
-            T::softmax(
+            simd::softmax(
                 &scratch,
                 &mask[(bi * n.tq + qi) * n.tk..][..n.tk],
                 scale,
@@ -1767,7 +1636,8 @@ impl CustomOp3 for AttentionGrad {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use candle_core::{Device, Var, D};
+    use crate::ops::HEAD_CHUNK_ROWS;
+    use candle_core::{Device, Var};
     use rand::{Rng, SeedableRng};
 
     /// Deterministic normal-ish values (uniform sums) `[shape]` in `dtype`.
@@ -1925,30 +1795,8 @@ pub(crate) mod tests {
         }
     }
 
-    #[test]
-    fn simd_exp_is_within_a_few_ulp() {
-        let mut worst = 0f64;
-        for i in 0..200_000 {
-            let x = -87.0 + 175.0 * i as f64 / 200_000.0;
-            let got = simd::exp(x as f32) as f64;
-            let want = (x as f32 as f64).exp();
-            worst = worst.max((got - want).abs() / want);
-        }
-        assert!(worst < 4e-7, "relative error {worst:e}");
-        assert_eq!(simd::exp(-1e30), 0.0);
-        assert_eq!(simd::exp(-100.0), 0.0);
-        assert_eq!(simd::exp(0.0), 1.0);
-    }
-
     fn generic_token_logprobs(rows: &Tensor, weight: &Tensor, targets: &[u32]) -> Tensor {
-        let logp =
-            candle_nn::ops::log_softmax(&rows.matmul(&weight.t().unwrap()).unwrap(), D::Minus1)
-                .unwrap();
-        let index = Tensor::new(targets, rows.device())
-            .unwrap()
-            .unsqueeze(1)
-            .unwrap();
-        logp.gather(&index, 1).unwrap().squeeze(1).unwrap()
+        crate::ops::generic::token_logprobs(rows, weight, targets, HEAD_CHUNK_ROWS).unwrap()
     }
 
     #[test]
@@ -1989,13 +1837,7 @@ pub(crate) mod tests {
     }
 
     fn generic_rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
-        let inv = (x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + eps)
-            .unwrap()
-            .sqrt()
-            .unwrap()
-            .recip()
-            .unwrap();
-        x.broadcast_mul(&inv).unwrap().broadcast_mul(w).unwrap()
+        crate::ops::generic::rms_norm(x, w, eps).unwrap()
     }
 
     #[test]
@@ -2107,15 +1949,7 @@ pub(crate) mod tests {
     }
 
     fn generic_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor, heads: usize) -> Tensor {
-        let (b, t, w) = x.dims3().unwrap();
-        let split = x
-            .reshape((b, t, heads, w / heads))
-            .unwrap()
-            .transpose(1, 2)
-            .unwrap()
-            .contiguous()
-            .unwrap();
-        crate::rope::apply_rotary(&split, cos, sin).unwrap()
+        crate::ops::generic::rotary_heads(x, cos, sin, heads).unwrap()
     }
 
     #[test]
@@ -2162,21 +1996,7 @@ pub(crate) mod tests {
 
     /// `attend`'s generic composition: GQA by folding the query heads into the rows.
     fn generic_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Tensor {
-        let (b, heads, tq, d) = q.dims4().unwrap();
-        let (kvh, tk) = (k.dim(1).unwrap(), k.dim(2).unwrap());
-        let group = heads / kvh;
-        let q = (q.reshape((b, kvh, group * tq, d)).unwrap() * scale).unwrap();
-        let scores = q
-            .matmul(&k.t().unwrap())
-            .unwrap()
-            .reshape((b, kvh, group, tq, tk))
-            .unwrap();
-        let scores = scores.broadcast_add(&mask.unsqueeze(1).unwrap()).unwrap();
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)
-            .unwrap()
-            .reshape((b, kvh, group * tq, tk))
-            .unwrap();
-        probs.matmul(v).unwrap().reshape((b, heads, tq, d)).unwrap()
+        crate::ops::generic::attention(q, k, v, mask, scale).unwrap()
     }
 
     #[test]

@@ -3,6 +3,11 @@
 //! The chat template is the Jinja text from `tokenizer_config.json` (or `chat_template.jinja`),
 //! rendered with minijinja under the same environment settings transformers uses
 //! (`trim_blocks`, `lstrip_blocks`, Python string methods, `raise_exception`).
+//!
+//! A templated prompt is tokenised without special tokens (the template writes them, as
+//! `apply_chat_template` does); a raw-text prompt for a model without a template gets the special
+//! tokens `tokenizer(prompt)` adds, so a base model whose tokenizer adds BOS sees it
+//! ([`RawTextSpecials`]).
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
@@ -39,6 +44,41 @@ pub struct ChatTokenizer {
     bos_token: Option<String>,
     eos_token: Option<String>,
     pad_token: Option<String>,
+    raw_text_specials: RawTextSpecials,
+}
+
+/// The special tokens transformers' `tokenizer(text)` adds around raw text (transformers 4.x).
+///
+/// The tokenizer classes that rebuild `tokenizer.json`'s post-processor when they load
+/// (Llama, Code Llama, Gemma, Cohere, GPT-NeoX) add BOS and EOS as `tokenizer_config.json`'s
+/// `add_bos_token`/`add_eos_token` say, with their class's defaults (BOS on, except GPT-NeoX; EOS
+/// off) when it does not; every other class applies the post-processor of `tokenizer.json`
+/// (Llama 3's and Qwen's tokenizers, SmolLM's), whatever those flags say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RawTextSpecials {
+    PostProcessor,
+    Flags { bos: bool, eos: bool },
+}
+
+impl RawTextSpecials {
+    /// The rule of `config` (a `tokenizer_config.json`).
+    pub fn of(config: &Value) -> Self {
+        let class = config
+            .get("tokenizer_class")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let default_bos = match class.strip_suffix("Fast").unwrap_or(class) {
+            "LlamaTokenizer" | "CodeLlamaTokenizer" | "GemmaTokenizer" | "CohereTokenizer" => true,
+            "GPTNeoXTokenizer" => false,
+            _ => return RawTextSpecials::PostProcessor,
+        };
+        let flag =
+            |key: &str, default: bool| config.get(key).and_then(Value::as_bool).unwrap_or(default);
+        RawTextSpecials::Flags {
+            bos: flag("add_bos_token", default_bos),
+            eos: flag("add_eos_token", false),
+        }
+    }
 }
 
 /// `tokenizer_config.json` writes special tokens as a string or as an AddedToken object.
@@ -91,6 +131,7 @@ impl ChatTokenizer {
             bos_token: token_text(config.get("bos_token")),
             eos_token: token_text(config.get("eos_token")),
             pad_token: token_text(config.get("pad_token")),
+            raw_text_specials: RawTextSpecials::of(config),
         })
     }
 
@@ -173,6 +214,40 @@ impl ChatTokenizer {
         Ok(encoding.get_ids().to_vec())
     }
 
+    /// Token ids of `text` as transformers' `tokenizer(text)` gives them: with the special tokens
+    /// of [`RawTextSpecials`].
+    pub fn encode_raw_text(&self, text: &str) -> Result<Vec<u32>> {
+        let RawTextSpecials::Flags { bos, eos } = self.raw_text_specials else {
+            let encoding = self
+                .tokenizer
+                .encode(text, true)
+                .map_err(|e| anyhow!("tokenizing: {e}"))?;
+            return Ok(encoding.get_ids().to_vec());
+        };
+        let special = |on: bool, name: &str, token: &Option<String>| -> Result<Option<u32>> {
+            if !on {
+                return Ok(None);
+            }
+            match token.as_deref().and_then(|t| self.token_id(t)) {
+                Some(id) => Ok(Some(id)),
+                None => bail!("add_{name}_token is on but the tokenizer has no {name}_token"),
+            }
+        };
+        let mut ids: Vec<u32> = special(bos, "bos", &self.bos_token)?.into_iter().collect();
+        ids.extend(self.encode(text)?);
+        ids.extend(special(eos, "eos", &self.eos_token)?);
+        Ok(ids)
+    }
+
+    /// Token ids of the prompt a model continues from: the templated conversation without special
+    /// tokens, or raw text (no template) as `tokenizer(prompt)` gives it.
+    pub fn encode_prompt(&self, prompt: &Prompt) -> Result<Vec<u32>> {
+        match prompt {
+            Prompt::Text(text) if !self.has_chat_template() => self.encode_raw_text(text),
+            _ => self.encode(&self.render_prompt(prompt)?),
+        }
+    }
+
     /// Text of `ids`, skipping special tokens.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.tokenizer
@@ -180,10 +255,11 @@ impl ChatTokenizer {
             .map_err(|e| anyhow!("decoding: {e}"))
     }
 
-    /// Prompt and response token ids by TRL's rule: the prompt is the templated prompt tokenised
-    /// alone, the response is the response text tokenised alone followed by EOS.
+    /// Prompt and response token ids by TRL's rule: the prompt is tokenised alone
+    /// ([`ChatTokenizer::encode_prompt`]), the response is the response text tokenised alone
+    /// followed by EOS.
     pub fn encode_pair(&self, prompt: &Prompt, response: &str) -> Result<(Vec<u32>, Vec<u32>)> {
-        let prompt_ids = self.encode(&self.render_prompt(prompt)?)?;
+        let prompt_ids = self.encode_prompt(prompt)?;
         let mut response_ids = self.encode(response)?;
         let eos = self
             .eos_token_id()

@@ -1,8 +1,9 @@
-//! Loading and saving Hugging Face checkpoint directories (and reading llama-family GGUF files).
+//! Reading and writing Hugging Face checkpoint directories (and reading llama-family GGUF files):
+//! weights by name, config, tokenizer and the files carried along. Building a model from them is
+//! the model crate's job.
 
 use crate::config::{ModelConfig, TokenIds};
 use crate::tokenizer::ChatTokenizer;
-use crate::transformer::Transformer;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
@@ -91,26 +92,6 @@ impl Checkpoint {
             tokenizer,
         })
     }
-
-    /// Builds the model in `dtype` on `device`.
-    pub fn into_model(
-        self,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<(Transformer, ChatTokenizer, CheckpointMeta)> {
-        let model = Transformer::from_weights(&self.meta.config, self.tensors, dtype, device)
-            .with_context(|| format!("building the model from {}", self.meta.source.display()))?;
-        Ok((model, self.tokenizer, self.meta))
-    }
-}
-
-/// Loads a model for inference.
-pub fn load_model(
-    path: &Path,
-    dtype: DType,
-    device: &Device,
-) -> Result<(Transformer, ChatTokenizer, CheckpointMeta)> {
-    Checkpoint::read(path, device)?.into_model(dtype, device)
 }
 
 fn first_non_empty<const N: usize>(candidates: [Vec<u32>; N]) -> Vec<u32> {
@@ -235,25 +216,19 @@ pub fn write_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()
     Ok(())
 }
 
-/// Writes a Hugging Face checkpoint directory: `model.safetensors`, `config.json` and the
-/// carried tokenizer/generation files. Written beside `dir` and renamed into place, so a failed
-/// save never leaves a half-written checkpoint; an existing `dir` is replaced.
-pub fn save_checkpoint(model: &Transformer, meta: &CheckpointMeta, dir: &Path) -> Result<()> {
-    save_checkpoint_with(model, meta, dir, |_| Ok(()))
-}
-
-/// [`save_checkpoint`], letting `extra` add files (metrics, adapters) to the directory before it
-/// is moved into place.
-pub fn save_checkpoint_with(
-    model: &Transformer,
+/// Writes a Hugging Face checkpoint directory: `model.safetensors` of `weights`, `config.json`
+/// (with `torch_dtype` set to the weights' dtype) and the carried tokenizer/generation files;
+/// `extra` may add files (metrics, adapters). Written beside `dir` and renamed into place, so a
+/// failed save never leaves a half-written checkpoint; an existing `dir` is replaced.
+pub fn write_checkpoint(
+    weights: &[(String, Tensor)],
     meta: &CheckpointMeta,
     dir: &Path,
     extra: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<()> {
-    let weights = model.named_weights()?;
     let mut config_json = meta.config_json.clone();
-    if let Some(obj) = config_json.as_object_mut() {
-        let dtype = match model.dtype() {
+    if let (Some(obj), Some((_, first))) = (config_json.as_object_mut(), weights.first()) {
+        let dtype = match first.dtype() {
             DType::BF16 => "bfloat16",
             DType::F16 => "float16",
             _ => "float32",
@@ -266,44 +241,11 @@ pub fn save_checkpoint_with(
     ))
     .chain(meta.files.iter().cloned())
     .collect();
-    write_dir_atomically(dir, |tmp| {
-        write_safetensors(&weights, &tmp.join("model.safetensors"))?;
+    optune_fs::write_dir_atomically(dir, |tmp| {
+        write_safetensors(weights, &tmp.join("model.safetensors"))?;
         for (name, bytes) in &files {
             std::fs::write(tmp.join(name), bytes).with_context(|| format!("writing {name}"))?;
         }
         extra(tmp)
     })
-}
-
-/// Fills a fresh temporary directory beside `dir` with `fill`, then moves it to `dir`.
-pub fn write_dir_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let parent = match dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
-    let name = dir
-        .file_name()
-        .context("output directory has no name")?
-        .to_string_lossy()
-        .to_string();
-    let tmp = tempfile::Builder::new()
-        .prefix(&format!(".{name}.tmp-"))
-        .tempdir_in(&parent)
-        .with_context(|| format!("creating a temporary directory in {}", parent.display()))?;
-    fill(tmp.path())?;
-    if dir.exists() {
-        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-        std::fs::rename(dir, &old)
-            .with_context(|| format!("moving the old {} aside", dir.display()))?;
-        let tmp_path = tmp.keep();
-        std::fs::rename(&tmp_path, dir)
-            .with_context(|| format!("moving the new checkpoint to {}", dir.display()))?;
-        std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
-    } else {
-        let tmp_path = tmp.keep();
-        std::fs::rename(&tmp_path, dir)
-            .with_context(|| format!("moving the new checkpoint to {}", dir.display()))?;
-    }
-    Ok(())
 }

@@ -22,7 +22,8 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{Device, Tensor};
 use serde_json::{json, Map};
 
-use crate::checkpoint::{write_dir_atomically, write_safetensors};
+use crate::checkpoint::write_safetensors;
+use optune_fs::write_dir_atomically;
 
 /// A Hugging Face `LlamaForCausalLM` checkpoint held in memory, ready to be written by
 /// [`write_hf_dir`].
@@ -1195,9 +1196,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let converted = dir.path().join("smollm2");
         write_hf_dir(&ckpt, &converted).unwrap();
-        let (_, tokenizer, meta) =
-            crate::load_model(&converted, candle_core::DType::F32, &Device::Cpu).unwrap();
-        assert_eq!(meta.config.vocab_size, 49152);
-        assert_eq!(tokenizer.eos_token_id(), Some(2));
+        let read = crate::Checkpoint::read(&converted, &Device::Cpu).unwrap();
+        assert_eq!(read.meta.config.vocab_size, 49152);
+        assert_eq!(read.tokenizer.eos_token_id(), Some(2));
     }
 }

@@ -1,0 +1,12 @@
+//! Model files in and out: Hugging Face checkpoint directories (weights by name, `config.json`,
+//! the carried tokenizer and generation files), llama-family GGUF files converted on the fly,
+//! and the tokenizer with its chat template.
+
+pub mod checkpoint;
+pub mod config;
+pub mod gguf;
+pub mod tokenizer;
+
+pub use checkpoint::{write_checkpoint, write_safetensors, Checkpoint, CheckpointMeta};
+pub use config::{Family, ModelConfig};
+pub use tokenizer::{ChatMessage, ChatTokenizer, Prompt};

@@ -1,0 +1,115 @@
+//! Outputs that appear whole or not at all. Every file and directory an optune tool writes is
+//! built under a temporary name beside its destination and renamed into place once complete, so
+//! a failed or killed run never leaves a torn output under the final name (a killed run may leave
+//! a `.NAME.*.partial` file or a `.NAME.tmp-*` directory, which no reader mistakes for an output).
+
+use anyhow::{Context, Result};
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+/// The directory `path` sits in (`.` for a bare file name).
+fn parent_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+fn name_of(path: &Path) -> Result<String> {
+    Ok(path
+        .file_name()
+        .with_context(|| format!("{}: not a file name", path.display()))?
+        .to_string_lossy()
+        .into_owned())
+}
+
+/// Writes the file at `path` through `write`, atomically. The file gets the usual permissions
+/// (0666 less the umask), not a temporary file's private ones.
+pub fn write_file_atomically(
+    path: &Path,
+    write: impl FnOnce(&mut BufWriter<&mut File>) -> Result<()>,
+) -> Result<()> {
+    let directory = parent_of(path);
+    let prefix = format!(".{}.", name_of(path)?);
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(&prefix).suffix(".partial");
+    #[cfg(unix)]
+    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
+    let mut temporary = builder
+        .tempfile_in(&directory)
+        .with_context(|| format!("creating a temporary file in {}", directory.display()))?;
+    {
+        let mut out = BufWriter::new(temporary.as_file_mut());
+        write(&mut out)?;
+        out.flush()?;
+    }
+    temporary
+        .persist(path)
+        .with_context(|| format!("renaming the finished file to {}", path.display()))?;
+    Ok(())
+}
+
+/// [`write_file_atomically`] of a byte string.
+pub fn write_bytes_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_file_atomically(path, |out| Ok(out.write_all(bytes)?))
+}
+
+/// Fills a fresh temporary directory beside `dir` with `fill`, then puts it in `dir`'s place
+/// (a directory already there is replaced).
+pub fn write_dir_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let parent = parent_of(dir);
+    std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
+    let name = name_of(dir)?;
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}.tmp-"))
+        .tempdir_in(&parent)
+        .with_context(|| format!("creating a temporary directory in {}", parent.display()))?;
+    fill(tmp.path())?;
+    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+    let replaced = dir.exists();
+    if replaced {
+        std::fs::rename(dir, &old)
+            .with_context(|| format!("moving the old {} aside", dir.display()))?;
+    }
+    let tmp_path = tmp.keep();
+    std::fs::rename(&tmp_path, dir)
+        .with_context(|| format!("moving the new directory to {}", dir.display()))?;
+    if replaced {
+        std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_write_leaves_nothing_and_keeps_the_old_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("out.txt");
+        write_bytes_atomically(&path, b"first").unwrap();
+        let failed = write_file_atomically(&path, |out| {
+            out.write_all(b"half")?;
+            anyhow::bail!("interrupted")
+        });
+        assert!(failed.is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), b"first");
+        let names: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
+        assert_eq!(names.len(), 1, "a temporary file was left behind");
+    }
+
+    #[test]
+    fn a_directory_is_replaced_whole() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("model");
+        write_dir_atomically(&dir, |d| Ok(std::fs::write(d.join("a"), "1")?)).unwrap();
+        write_dir_atomically(&dir, |d| Ok(std::fs::write(d.join("b"), "2")?)).unwrap();
+        assert!(!dir.join("a").exists());
+        assert_eq!(std::fs::read_to_string(dir.join("b")).unwrap(), "2");
+        assert!(write_dir_atomically(&dir, |_| anyhow::bail!("failed")).is_err());
+        assert_eq!(std::fs::read_to_string(dir.join("b")).unwrap(), "2");
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
+    }
+}

@@ -1,0 +1,26 @@
+//! The model's ops, and the one rule that picks how each runs.
+//!
+//! Every op has up to three forms, found side by side through [`ops`]:
+//! * **generic** ([`ops::generic`]): composed from candle's differentiable tensor ops; runs on
+//!   every device and dtype (this is the graph CUDA runs) and is the reference the others are
+//!   tested against;
+//! * **fused** (`fused.rs`): one candle `CustomOp` per op with its own backward, on the CPU in
+//!   f32/f64, fewer autograd nodes and passes over memory (the CPU training path);
+//! * **host** ([`host`]): plain-slice f32 kernels of the CPU decode step, each output computed by
+//!   a fixed sequence of operations so generated text does not depend on the batch.
+//!
+//! [`dispatch::path`] alone decides between fused/host and generic, from the device, the dtype
+//! and the process setting (`OPTUNE_KERNELS=fused|generic`, or a tool's `--kernels`).
+
+pub mod dispatch;
+mod fused;
+pub mod host;
+pub mod ops;
+pub mod runtime;
+mod simd;
+
+pub use dispatch::{kernels, path, path_for, set_kernels, Kernels, Path};
+pub use ops::{
+    accumulation_dtype, attention, linear, rms_norm, rotary_heads, silu_mul, token_logprobs,
+    HEAD_CHUNK_ROWS,
+};
