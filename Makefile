@@ -51,6 +51,7 @@ bench-gen:
 #   make sweep            RHOS="0.3 0.5 0.7 1.0" ITERS=3: one run per ρ, runs/NAME-sweep.md;
 #                         SWEEP_SELECTS="max random history": one run per ρ and selection
 #   make pipeline-test    the miniature pipeline (pipelines/tiny.mk) end to end, in a temp dir
+#   make slurm-test       the miniature pipeline through a single-node Slurm started for it (root)
 #
 # Every stage writes one file under runs/NAME/iterN/ (its tool writes a temporary file and
 # renames it), so an interrupted run resumes at the first missing file and a finished stage
@@ -105,6 +106,18 @@ REF ?= initial
 TRAIN_ARGS ?=
 # Given to opt-gen, opt-score and opt-wdpo, e.g. `--device cuda --dtype bf16`.
 DEVICE_ARGS ?=
+# Beyond one process (docs/pipeline.md): SHARDS=N runs generation, scoring, the reference
+# log-probs and the held-out evaluation as N `--shard K/N` jobs, merged by opt-cat, which checks
+# that the parts cover every prompt exactly once; make -j runs them side by side.
+# DEVICES="cuda:0 cuda:1" gives shard K the
+# K-th device (in turn when there are fewer devices than shards; the unsharded stages get the
+# first); leave --device out of DEVICE_ARGS then. LAUNCHER=slurm runs every stage as a Slurm job
+# (`srun SLURM_ARGS …`, which make waits for), so `make -j8 iter3 LAUNCHER=slurm SHARDS=8
+# SLURM_ARGS="--gres=gpu:1"` runs on a cluster; RUNS must then be on a file system the nodes share.
+SHARDS ?= 1
+DEVICES ?=
+LAUNCHER ?= local
+SLURM_ARGS ?=
 # Variables a run cannot do without; files that must come from the user (make says which).
 REQUIRED_VARS ?= POLICY PROMPTS_FILE SCORE_ARGS
 EXTERNAL_INPUTS ?=
@@ -149,50 +162,112 @@ plus = $(shell expr $(1) + $(2))
 select_history = $(if $(filter 1,$(SELECT_HISTORY)),$(foreach k,$(wordlist 1,$(shell expr $(1) - 1),$(ITER_NUMS)),$(call iter_dir,$(k))/scored.parquet))
 EVAL_ON = $(filter-out 0,$(EVAL_PROMPTS))
 
+ifeq ($(filter local slurm,$(LAUNCHER)),)
+$(error LAUNCHER=$(LAUNCHER): expected local or slurm)
+endif
+ifeq ($(shell echo '$(SHARDS)' | grep -xE '[1-9][0-9]*'),)
+$(error SHARDS=$(SHARDS): expected a whole number >= 1)
+endif
+SHARD_NUMS := $(shell seq 1 $(SHARDS))
+# How a stage's command is started; $(1) names the job.
+launch = $(if $(filter slurm,$(LAUNCHER)),srun --quit-on-interrupt --job-name=$(1) $(SLURM_ARGS))
+# `--device D` for shard $(1) (1-based) when DEVICES is set.
+device_arg = $(if $(DEVICES),--device $(word $(shell expr \( $(1) - 1 \) % $(words $(DEVICES)) + 1),$(DEVICES)))
+# Shard $(2) of stage output $(1): iterN/shards/responses.2-of-4.parquet.
+shard_part = $(dir $(1))shards/$(basename $(notdir $(1))).$(2)-of-$(SHARDS).parquet
+shard_parts = $(foreach k,$(SHARD_NUMS),$(call shard_part,$(1),$(k)))
+# The files a sharded stage's recipe makes: its output, or its parts when SHARDS > 1.
+stage_files = $(if $(filter 1,$(SHARDS)),$(1),$(call shard_parts,$(1)))
+job_name = $(RUN_NAME)-$(subst /,-,$(patsubst $(RUN_DIR)/%,%,$(1)))
+
+# A stage split by --shard: $(call sharded_stage,OUT,IN,STAGE) for the output OUT of the stage
+# named STAGE in logs/, which splits the shard IN. The stage's recipe is written once, for the
+# files $(call stage_files,OUT); it takes the output and the slice from SHARD_ARGS, the file of its
+# timing line from SHARD_LOG and its launcher from LAUNCH. With SHARDS > 1 the rule here merges
+# the parts and sums their timing lines (seconds of all parts, rows, tokens); the parts are
+# deleted once merged, and make does not remake a missing part of a finished output (.SECONDARY).
+sharded_stage = $(eval $(call $(if $(filter 1,$(SHARDS)),WHOLE_STAGE,SPLIT_STAGE),$(1),$(2),$(3)))
+
+define WHOLE_STAGE
+$(1): private SHARD_ARGS = -o $(1) $(call device_arg,1)
+$(1): private SHARD_LOG = $(dir $(1))logs/$(3).csv
+$(1): private LAUNCH = $(call launch,$(call job_name,$(dir $(1))$(3)))
+endef
+
+define SPLIT_STAGE
+$(foreach k,$(SHARD_NUMS),$(eval $(call SHARD_PART,$(1),$(3),$(k))))
+.SECONDARY: $(call shard_parts,$(1))
+$(1): $(call shard_parts,$(1)) | tools
+	$(BIN)/opt-cat --slices-of $(2) $$^ -o $$@
+	awk -F, -v OFS=, '{ s += $$$$2; r += $$$$3; t += $$$$4; if ($$$$3 == "") nr = 1; if ($$$$4 == "") nt = 1 } \
+	  END { print "$(3)", sprintf("%.3f", s), nr ? "" : r, nt ? "" : t }' \
+	  $(foreach k,$(SHARD_NUMS),$(dir $(1))logs/$(3).$(k)-of-$(SHARDS).csv) >$(dir $(1))logs/$(3).csv.tmp
+	mv $(dir $(1))logs/$(3).csv.tmp $(dir $(1))logs/$(3).csv
+	rm -f $$^
+	rmdir $(dir $(1))shards 2>/dev/null || true
+endef
+
+define SHARD_PART
+$(call shard_part,$(1),$(3)): private SHARD_ARGS = --shard $(3)/$(SHARDS) -o $(call shard_part,$(1),$(3)) $(call device_arg,$(3))
+$(call shard_part,$(1),$(3)): private SHARD_LOG = $(dir $(1))logs/$(2).$(3)-of-$(SHARDS).csv
+$(call shard_part,$(1),$(3)): private LAUNCH = $(call launch,$(call job_name,$(dir $(1))$(2)).$(3)-of-$(SHARDS))
+endef
+
 # One iteration's rules: $(1) = N, $(2) = N-1.
 define ITERATION
-$(call iter_dir,$(1))/responses.parquet: $(if $(filter 1,$(1)),$(call iter_dir,1)/prompts.parquet,$(call iter_dir,$(1))/regen.parquet) $(call policy_file,$(2)) | $(POLICY_DEPS) tools settings
-	$(TIMED) gen $(call iter_dir,$(1))/logs/gen.csv --rows responses --tokens new_tokens -- \
-	  $(BIN)/opt-gen --model $(call policy_of,$(2)) $$< -o $$@ --n $(N) --temperature $(TEMPERATURE) \
+$(call sharded_stage,$(call iter_dir,$(1))/responses.parquet,$(if $(filter 1,$(1)),$(call iter_dir,1)/prompts.parquet,$(call iter_dir,$(1))/regen.parquet),gen)
+$(call stage_files,$(call iter_dir,$(1))/responses.parquet): $(if $(filter 1,$(1)),$(call iter_dir,1)/prompts.parquet,$(call iter_dir,$(1))/regen.parquet) $(call policy_file,$(2)) | $(POLICY_DEPS) tools settings
+	@mkdir -p $$(@D)
+	$$(LAUNCH) $(TIMED) gen $$(SHARD_LOG) --rows responses --tokens new_tokens -- \
+	  $(BIN)/opt-gen --model $(call policy_of,$(2)) $$< $$(SHARD_ARGS) --n $(N) --temperature $(TEMPERATURE) \
 	  --top-p $(TOP_P) --max-new-tokens $(MAX_NEW_TOKENS) --batch-size $(GEN_BATCH) \
 	  --seed $(call plus,$(SEED),$(1)) $(GEN_ARGS) $(DEVICE_ARGS)
 
-$(call iter_dir,$(1))/new_scored.parquet: $(call iter_dir,$(1))/responses.parquet | $(SCORE_DEPS) tools settings
-	$(TIMED) score $(call iter_dir,$(1))/logs/score.csv --rows rows,responses,scored --tokens tokens,response_tokens -- \
-	  $(BIN)/opt-score $$< -o $$@ $(DEVICE_ARGS) $(SCORE_ARGS)
+$(call sharded_stage,$(call iter_dir,$(1))/new_scored.parquet,$(call iter_dir,$(1))/responses.parquet,score)
+$(call stage_files,$(call iter_dir,$(1))/new_scored.parquet): $(call iter_dir,$(1))/responses.parquet | $(SCORE_DEPS) tools settings
+	@mkdir -p $$(@D)
+	$$(LAUNCH) $(TIMED) score $$(SHARD_LOG) --rows rows,responses,scored --tokens tokens,response_tokens -- \
+	  $(BIN)/opt-score $$< $$(SHARD_ARGS) $(DEVICE_ARGS) $(SCORE_ARGS)
 
 $(call iter_dir,$(1))/scored.parquet: $(call iter_dir,$(1))/new_scored.parquet $(if $(filter 1,$(1)),,$(call iter_dir,$(1))/kept.parquet) | tools
 	$(BIN)/opt-cat $(if $(filter 1,$(1)),,$(call iter_dir,$(1))/kept.parquet) $(call iter_dir,$(1))/new_scored.parquet -o $$@
 
 $(call iter_dir,$(1))/pairs.parquet: $(call iter_dir,$(1))/new_scored.parquet $(if $(filter 1,$(1)),,$(call iter_dir,$(1))/kept.parquet) | tools settings
-	$(TIMED) pairs $(call iter_dir,$(1))/logs/pairs.csv --rows pairs -- \
+	$(call launch,$(call job_name,$(call iter_dir,$(1))/pairs)) $(TIMED) pairs $(call iter_dir,$(1))/logs/pairs.csv --rows pairs -- \
 	  $(BIN)/opt-pairs $(if $(filter 1,$(1)),,$(call iter_dir,$(1))/kept.parquet) $(call iter_dir,$(1))/new_scored.parquet \
 	  -o $$@ $(PAIRS_ARGS)
 
-# A policy directory is complete once config.json is there; anything else in it is left
-# over from an interrupted run.
-$(call iter_dir,$(1))/policy/config.json: $(call iter_dir,$(1))/pairs.parquet $(call policy_file,$(2)) $(call ref_file,$(2)) | $(POLICY_DEPS) tools settings
-	rm -rf $(call iter_dir,$(1))/policy
-	$(TIMED) train $(call iter_dir,$(1))/logs/train.csv --rows pairs --tokens tokens -- \
-	  $(BIN)/opt-wdpo --policy $(call policy_of,$(2)) $(call ref_arg,$(2)) $$< -o $(call iter_dir,$(1))/policy \
+# With SHARDS > 1 the reference log-probs are a stage of their own (opt-wdpo --reference-only),
+# split like the others; training then reads pairs_ref.parquet, which is deleted once the policy
+# is written (pairs.parquet plus two columns). With SHARDS=1 opt-wdpo computes them itself.
+ifneq ($(SHARDS),1)
+$(if $(filter 1,$(SHARDS)),,$(call sharded_stage,$(call iter_dir,$(1))/pairs_ref.parquet,$(call iter_dir,$(1))/pairs.parquet,ref))
+.SECONDARY: $(call iter_dir,$(1))/pairs_ref.parquet
+$(call shard_parts,$(call iter_dir,$(1))/pairs_ref.parquet): $(call iter_dir,$(1))/pairs.parquet $(call policy_file,$(2)) $(call ref_file,$(2)) | $(POLICY_DEPS) tools settings
+	@mkdir -p $$(@D)
+	$$(LAUNCH) $(TIMED) ref $$(SHARD_LOG) --rows pairs -- \
+	  $(BIN)/opt-wdpo --policy $(call policy_of,$(2)) $(call ref_arg,$(2)) $$< --reference-only $$(SHARD_ARGS) \
 	  --seed $(call plus,$(SEED),$(1)) $(TRAIN_ARGS) $(DEVICE_ARGS)
+endif
+
+# A policy directory is complete once config.json is there; anything else in it is left
+# over from an interrupted run. An interrupted opt-wdpo keeps its training state in
+# policy.state beside it (on SIGTERM/SIGINT, or every --save-steps N steps in TRAIN_ARGS), and
+# the next make continues from there.
+$(call iter_dir,$(1))/policy/config.json: $(call iter_dir,$(1))/$(if $(filter 1,$(SHARDS)),pairs,pairs_ref).parquet $(call policy_file,$(2)) $(call ref_file,$(2)) | $(POLICY_DEPS) tools settings
+	rm -rf $(call iter_dir,$(1))/policy
+	$(call launch,$(call job_name,$(call iter_dir,$(1))/train)) $(TIMED) train $(call iter_dir,$(1))/logs/train.csv --rows pairs --tokens tokens -- \
+	  $(BIN)/opt-wdpo --policy $(call policy_of,$(2)) $(call ref_arg,$(2)) $$< -o $(call iter_dir,$(1))/policy \
+	  --seed $(call plus,$(SEED),$(1)) $(TRAIN_ARGS) $(DEVICE_ARGS) $(call device_arg,1)
+	$(if $(filter 1,$(SHARDS)),,rm -f $(call iter_dir,$(1))/pairs_ref.parquet)
 
 $(call iter_dir,$(1))/metrics.csv: $(call iter_dir,$(1))/policy/config.json
 	cp $(call iter_dir,$(1))/policy/metrics.csv $$@.tmp && mv $$@.tmp $$@
 
 $(call iter_dir,$(1))/timings.csv: $(call iter_dir,$(1))/metrics.csv $(call iter_dir,$(1))/scored.parquet
-	{ echo stage,seconds,rows,tokens; for s in gen score select pairs train; do \
+	{ echo stage,seconds,rows,tokens; for s in gen score select pairs ref train; do \
 	    cat $(call iter_dir,$(1))/logs/$$$$s.csv 2>/dev/null || true; done; } >$$@.tmp && mv $$@.tmp $$@
 
-$(call iter_dir,$(1))/eval_responses.parquet: $(RUN_DIR)/eval_prompts.parquet $(call policy_file,$(1)) | $(POLICY_DEPS) tools settings
-	$(TIMED) eval-gen $(call iter_dir,$(1))/logs/eval-gen.csv --rows responses --tokens new_tokens -- \
-	  $(BIN)/opt-gen --model $(call policy_of,$(1)) $$< -o $$@ --n $(EVAL_N) --temperature $(TEMPERATURE) \
-	  --top-p $(TOP_P) --max-new-tokens $(MAX_NEW_TOKENS) --batch-size $(GEN_BATCH) --seed $(EVAL_SEED) \
-	  $(GEN_ARGS) $(DEVICE_ARGS)
-
-$(call iter_dir,$(1))/eval_scored.parquet: $(call iter_dir,$(1))/eval_responses.parquet | $(SCORE_DEPS) tools settings
-	$(TIMED) eval-score $(call iter_dir,$(1))/logs/eval-score.csv --rows rows,responses,scored -- \
-	  $(BIN)/opt-score $$< -o $$@ $(DEVICE_ARGS) $(SCORE_ARGS)
 
 iter$(1): $(if $(filter 1,$(1)),,iter$(2)) $(call iter_dir,$(1))/timings.csv $(if $(EVAL_ON),$(call iter_dir,$(1))/eval_scored.parquet $(if $(filter 1,$(1)),$(call iter_dir,0)/eval_scored.parquet))
 	@echo "$(RUN_NAME): iteration $(1) done ($(call iter_dir,$(1))/timings.csv):"; sed 's/^/  /' $(call iter_dir,$(1))/timings.csv
@@ -200,11 +275,30 @@ endef
 
 $(foreach n,$(ITER_NUMS),$(eval $(call ITERATION,$(n),$(word $(n),0 $(ITER_NUMS)))))
 
+# The held-out evaluation of policy $(1) (0: the initial policy) in iter$(1)/.
+define EVALUATION
+$(call sharded_stage,$(call iter_dir,$(1))/eval_responses.parquet,$(RUN_DIR)/eval_prompts.parquet,eval-gen)
+$(call stage_files,$(call iter_dir,$(1))/eval_responses.parquet): $(RUN_DIR)/eval_prompts.parquet $(call policy_file,$(1)) | $(POLICY_DEPS) tools settings
+	@mkdir -p $$(@D)
+	$$(LAUNCH) $(TIMED) eval-gen $$(SHARD_LOG) --rows responses --tokens new_tokens -- \
+	  $(BIN)/opt-gen --model $(call policy_of,$(1)) $$< $$(SHARD_ARGS) --n $(EVAL_N) --temperature $(TEMPERATURE) \
+	  --top-p $(TOP_P) --max-new-tokens $(MAX_NEW_TOKENS) --batch-size $(GEN_BATCH) --seed $(EVAL_SEED) \
+	  $(GEN_ARGS) $(DEVICE_ARGS)
+
+$(call sharded_stage,$(call iter_dir,$(1))/eval_scored.parquet,$(call iter_dir,$(1))/eval_responses.parquet,eval-score)
+$(call stage_files,$(call iter_dir,$(1))/eval_scored.parquet): $(call iter_dir,$(1))/eval_responses.parquet | $(SCORE_DEPS) tools settings
+	@mkdir -p $$(@D)
+	$$(LAUNCH) $(TIMED) eval-score $$(SHARD_LOG) --rows rows,responses,scored -- \
+	  $(BIN)/opt-score $$< $$(SHARD_ARGS) $(DEVICE_ARGS) $(SCORE_ARGS)
+endef
+
+$(foreach n,0 $(ITER_NUMS),$(eval $(call EVALUATION,$(n))))
+
 # Selection for iteration N ≥ 2. opt-select writes --rest (kept.parquet) before -o
 # (regen.parquet), so regen.parquet's presence means both are complete.
 define SELECTION
 $(call iter_dir,$(1))/regen.parquet: $(call iter_dir,$(2))/scored.parquet $(call select_history,$(2)) | tools settings
-	$(TIMED) select $(call iter_dir,$(1))/logs/select.csv --rows selected -- \
+	$(call launch,$(call job_name,$(call iter_dir,$(1))/select)) $(TIMED) select $(call iter_dir,$(1))/logs/select.csv --rows selected -- \
 	  $(BIN)/opt-select --rho $(RHO) --by $(SELECT_BY) $(SELECT_ARGS) $$< \
 	  $(if $(call select_history,$(2)),--history $(call select_history,$(2))) -o $$@ --rest $(call iter_dir,$(1))/kept.parquet
 
@@ -223,22 +317,12 @@ $(RUN_DIR)/eval_prompts.parquet: | $(PROMPTS_FILE) tools settings
 	@mkdir -p $(@D)
 	$(BIN)/opt-cat --skip $(PROMPTS) --head $(EVAL_PROMPTS) $(PROMPTS_FILE) -o $@
 
-# The initial policy's evaluation (iter0/ holds nothing else).
-$(RUN_DIR)/iter0/eval_responses.parquet: $(RUN_DIR)/eval_prompts.parquet | $(POLICY_DEPS) tools settings
-	$(TIMED) eval-gen $(RUN_DIR)/iter0/logs/eval-gen.csv --rows responses --tokens new_tokens -- \
-	  $(BIN)/opt-gen --model $(POLICY) $< -o $@ --n $(EVAL_N) --temperature $(TEMPERATURE) --top-p $(TOP_P) \
-	  --max-new-tokens $(MAX_NEW_TOKENS) --batch-size $(GEN_BATCH) --seed $(EVAL_SEED) $(GEN_ARGS) $(DEVICE_ARGS)
-
-$(RUN_DIR)/iter0/eval_scored.parquet: $(RUN_DIR)/iter0/eval_responses.parquet | $(SCORE_DEPS) tools settings
-	$(TIMED) eval-score $(RUN_DIR)/iter0/logs/eval-score.csv --rows rows,responses,scored -- \
-	  $(BIN)/opt-score $< -o $@ $(DEVICE_ARGS) $(SCORE_ARGS)
-
 ifneq ($(strip $(EXTERNAL_INPUTS)),)
 $(sort $(EXTERNAL_INPUTS)):
 	@echo "error: $@ does not exist. $(EXTERNAL_HINT)" >&2; exit 1
 endif
 
-.PHONY: tools report-tool settings report sweep pipeline-test $(addprefix iter,$(ITER_NUMS))
+.PHONY: tools report-tool settings report sweep pipeline-test slurm-test $(addprefix iter,$(ITER_NUMS))
 
 tools:
 ifeq ($(BUILD_TOOLS),1)
@@ -308,6 +392,13 @@ sweep: tools
 # $(OPTUNE_PYTHON) has duckdb and pyarrow) both readers on every Parquet file.
 pipeline-test: tools
 	scripts/pipeline/pipeline_test.sh
+
+# The miniature pipeline with LAUNCHER=slurm SHARDS=2 on a single-node Slurm that it starts in a
+# temporary directory (installing Debian's munge and Slurm packages when missing; needs root),
+# against a local unsharded run: the same contents in every Parquet file and the same weights,
+# at least 4 jobs through Slurm. Stops only the daemons it started.
+slurm-test: tools
+	scripts/pipeline/slurm_test.sh
 
 # CUDA binaries (opt-gen, opt-wdpo, opt-score with --features cuda) for compute capability 9.0,
 # built without a GPU or a system CUDA toolkit: nvcc and the CUDA libraries come from NVIDIA's PyPI

@@ -13,7 +13,10 @@
 #      SWEEP_SELECTS="random history" writes one row per selection, and the history run's
 #      iteration 3 selects with iteration 1's scored set as history;
 #   6. DuckDB and pyarrow read every Parquet file (skipped when $OPTUNE_PYTHON lacks them,
-#      a failure with OPTUNE_REQUIRE_DUCKDB=1).
+#      a failure with OPTUNE_REQUIRE_DUCKDB=1);
+#   7. the run again with SHARDS=3 DEVICES="cpu cpu" (make -j2) up to iteration 2: the same
+#      contents as the unsharded run, every part merged and removed; and (make -n) the devices
+#      of DEVICES="cuda:0 cuda:1" given to three shards in turn.
 # Ends with `pipeline-test: N passed, N failed`. KEEP_RUNS=1 keeps the temporary directory.
 set -uo pipefail
 
@@ -135,5 +138,33 @@ elif [ "${OPTUNE_REQUIRE_DUCKDB:-0}" = 1 ]; then
 else
   echo "skipped: DuckDB/pyarrow cross-read ($PYTHON cannot import duckdb and pyarrow; pip install duckdb pyarrow)"
 fi
+
+# 7. Sharded stages, in place of the first run (paths recorded in the shards must agree).
+mv "$run" "$runs/tiny-unsharded"
+: >"$log"
+if pipeline_make -j2 iter2 SHARDS=3 DEVICES="cpu cpu"; then
+  if scripts/pipeline/compare_runs.sh "$runs/tiny-unsharded" "$run" >"$runs/compare.log" 2>&1 \
+    || ! grep -v '^only in one run: iter3/' "$runs/compare.log" | grep -q -v '^compare_runs:'; then
+    ok "SHARDS=3 gives the unsharded run's contents ($(grep -c '^only in one run: iter3/' "$runs/compare.log") iteration-3 files not redone)"
+  else fail "SHARDS=3 differs from the unsharded run:"; grep -v '^only in one run: iter3/' "$runs/compare.log"; fi
+  touch "$stamp"; sleep 1
+  pipeline_make -j2 iter2 SHARDS=3 DEVICES="cpu cpu"
+  changed=$(find "$run" -type f -newer "$stamp" | grep -v '/\.' || true)
+  if [ -z "$changed" ]; then ok "a second make iter2 SHARDS=3 rewrote nothing (no part is redone once merged)"
+  else fail "a second make iter2 SHARDS=3 rewrote: $changed"; fi
+  leftovers=$(find "$run" -path '*/shards/*' -o -name shards | tr '\n' ' ')
+  parts=$(grep -c -- '--shard [123]/3 ' "$log")
+  with_device=$(grep -c -- '--shard [123]/3 -o [^ ]* --device cpu ' "$log")
+  if [ -z "$leftovers" ] && [ "$parts" -gt 0 ] && [ "$parts" -eq "$with_device" ] \
+    && [ "$(cut -d, -f1 "$run/iter2/logs/gen.csv")" = gen ]; then
+    ok "$parts shard jobs, each with a device, parts merged and removed"
+  else fail "shards: leftovers '$leftovers', $parts shard commands, $with_device with a device"; fi
+else fail "make iter2 SHARDS=3"; tail -n 30 "$log"; fi
+# Which device each shard gets, from the commands make would run.
+devices=$("$MAKE" --no-print-directory -n PIPELINE=pipelines/tiny.mk RUNS="$runs/dry-run" BUILD_TOOLS=0 \
+  SHARDS=3 DEVICES="cuda:0 cuda:1" "$runs/dry-run/tiny/iter1/responses.parquet" 2>&1 \
+  | sed -n 's/.*--shard \([0-9]\)\/3 .*--device \([^ ]*\).*/\1:\2/p' | tr '\n' ' ')
+if [ "$devices" = "1:cuda:0 2:cuda:1 3:cuda:0 " ]; then ok "DEVICES go to the shards in turn ($devices)"
+else fail "DEVICES=\"cuda:0 cuda:1\" gave the shards: '$devices'"; fi
 
 [ "$failed" -eq 0 ]

@@ -5,6 +5,7 @@
 use anyhow::{ensure, Result};
 use clap::Parser;
 use optune_shard::cli::{run_tool, OutputArgs, Summary};
+use optune_shard::split::check_slices;
 use optune_shard::{concat_shards, Shard};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -20,7 +21,8 @@ const TOOL: &str = "opt-cat";
 ///
 /// The OPTune pipeline uses it to turn the first PROMPTS rows of a prompt file
 /// into the iteration's prompts shard, and to join the rows opt-select kept
-/// with the newly scored ones into the iteration's full scored shard.
+/// with the newly scored ones into the iteration's full scored shard, and to merge the outputs of a
+/// stage split into `--shard K/N` runs (checked with --slices-of).
 #[derive(Debug, Parser)]
 #[command(
     name = TOOL,
@@ -29,7 +31,9 @@ const TOOL: &str = "opt-cat";
       The first 64 prompts of a JSONL file, as Parquet:\n    \
         opt-cat --head 64 prompts.jsonl -o prompts.parquet\n\n  \
       The kept rows and the new ones, one scored shard:\n    \
-        opt-cat kept.parquet new_scored.parquet -o scored.parquet"
+        opt-cat kept.parquet new_scored.parquet -o scored.parquet\n\n  \
+      The outputs of opt-gen --shard 1/2 and 2/2, checked to cover the prompts exactly:\n    \
+        opt-cat --slices-of prompts.parquet r1.parquet r2.parquet -o responses.parquet"
 )]
 struct Cli {
     /// Input shards: Parquet, JSONL or CSV. `-` or none: stdin
@@ -44,6 +48,12 @@ struct Cli {
     #[arg(long, value_name = "N", default_value_t = 0)]
     skip: usize,
 
+    /// The INPUTs are the outputs of `--shard 1/N` … `N/N` (in that order) of one tool run over
+    /// REF: fail unless each slice holds exactly the prompt_ids its --shard takes from REF, with
+    /// the same number of rows per REF row for every prompt (nothing dropped or repeated)
+    #[arg(long, value_name = "REF")]
+    slices_of: Option<PathBuf>,
+
     #[command(flatten)]
     output: OutputArgs,
 }
@@ -56,6 +66,10 @@ fn main() -> ExitCode {
 fn run(cli: &Cli) -> Result<()> {
     let shards = Shard::read_all(&cli.inputs)?;
     let rows_in: usize = shards.iter().map(Shard::num_rows).sum();
+    let rows_per_ref_row = match &cli.slices_of {
+        Some(whole) => Some(check_slices(&Shard::read(Some(whole))?, &shards)?),
+        None => None,
+    };
     let stacked = if shards.len() == 1 {
         shards.into_iter().next().expect("one shard")
     } else {
@@ -78,10 +92,13 @@ fn run(cli: &Cli) -> Result<()> {
         stacked.take(&(start..end).collect::<Vec<_>>())?
     };
     cli.output.write(&out)?;
-    Summary::new(TOOL)
+    let summary = Summary::new(TOOL)
         .field("inputs", cli.inputs.len().max(1))
         .field("rows_in", rows_in)
-        .field("rows", out.num_rows())
-        .print();
+        .field("rows", out.num_rows());
+    match rows_per_ref_row {
+        Some(ratio) => summary.field("rows_per_ref_row", ratio).print(),
+        None => summary.print(),
+    }
     Ok(())
 }

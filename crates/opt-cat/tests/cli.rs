@@ -68,3 +68,47 @@ fn cat_slices_and_stacks_shards() {
     assert_eq!(failed.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&failed.stderr).contains("--skip 3 leaves none of the 3 rows"));
 }
+
+#[test]
+fn cat_checks_that_shard_outputs_cover_their_input() {
+    let tmp = tempfile::tempdir().unwrap();
+    let write = |name: &str, ids: &[&str]| {
+        let path = tmp.path().join(name);
+        let lines: String = ids
+            .iter()
+            .map(|id| format!("{{\"prompt_id\":\"{id}\"}}\n"))
+            .collect();
+        fs::write(&path, lines).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let prompts = write("prompts.jsonl", &["p3", "p1", "p2"]);
+    // Two samples per prompt; --shard 1/2 takes p1, 2/2 takes p2 and p3.
+    let first = write("1.jsonl", &["p1", "p1"]);
+    let second = write("2.jsonl", &["p2", "p2", "p3", "p3"]);
+    let out = tmp.path().join("out.jsonl");
+    let o = out.to_str().unwrap();
+    let stderr = ok(&["--slices-of", &prompts, &first, &second, "-o", o]);
+    assert!(
+        stderr.contains("opt-cat: inputs=2 rows_in=6 rows=6 rows_per_ref_row=2"),
+        "{stderr}"
+    );
+
+    let short = write("2short.jsonl", &["p2", "p2"]);
+    let refused = tmp.path().join("refused.jsonl");
+    let failed = run(&[
+        "--slices-of",
+        &prompts,
+        &first,
+        &short,
+        "-o",
+        refused.to_str().unwrap(),
+    ]);
+    assert_eq!(failed.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(
+        stderr.contains("2short.jsonl (slice 2/2 of")
+            && stderr.contains("prompt_id 'p3' is missing"),
+        "{stderr}"
+    );
+    assert!(!refused.exists(), "no output once the check fails");
+}

@@ -3,12 +3,17 @@
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
 use optune_cli::RuntimeArgs;
-use optune_model::generate::{generate, stream_seed, GenerationRequest, SamplingParams};
+use optune_model::generate::{
+    generate, stream_seed, FinishReason, Generation, GenerationRequest, SamplingParams,
+};
 use optune_model::load_model;
+use optune_resume::{file_stamps, Digest, Fingerprint, Journal};
 use optune_shard::arrow::array::{Float32Array, UInt32Array, UInt64Array};
 use optune_shard::cli::{run_tool, OutputArgs, Summary};
 use optune_shard::split::SliceSpec;
-use optune_shard::Shard;
+use optune_shard::{Destination, Shard};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -28,6 +33,12 @@ use std::time::Instant;
 /// Rows come out sorted by (prompt_id, sample). A fixed --seed gives identical output whatever
 /// --batch-size or --threads, and `--shard K/N` runs the K-th of N slices so that concatenating
 /// the N outputs equals the unsplit run.
+///
+/// With -o FILE, finished responses are kept every few seconds in FILE.journal: after a crash or
+/// a kill, the same command run again generates only the rest, and a run with other arguments
+/// or prompts is refused. The output is then the uninterrupted run's, byte for byte on the CPU
+/// (fused kernels); elsewhere the batch a response shares changes its log-prob in the last bits,
+/// as another --batch-size does. The journal is removed once FILE is written.
 ///
 /// Example:
 ///   opt-gen --model runs/policy prompts.jsonl --n 2 --max-new-tokens 64 -o responses.parquet
@@ -164,7 +175,44 @@ fn run(args: Args) -> Result<()> {
         top_k: (args.top_k > 0).then_some(args.top_k),
         max_new_tokens: args.max_new_tokens,
     };
+    let keys: Vec<(&str, u32)> = rows
+        .iter()
+        .flat_map(|&r| {
+            let prompt_id = prompts[r].prompt_id.as_str();
+            (0..args.n).map(move |sample| (prompt_id, sample))
+        })
+        .collect();
+    // What an earlier, killed run with the same arguments finished.
+    let mut journal = match args.output.destination() {
+        Destination::File(path) => Some(Journal::<Finished>::open(
+            &path,
+            &fingerprint(&args, &device, dtype, &keys, &requests)?,
+        )?),
+        Destination::Stdout => None,
+    };
+    let mut results: Vec<Option<Generation>> = vec![None; requests.len()];
+    if let Some((journal, finished)) = &journal {
+        let index: HashMap<(&str, u32), usize> =
+            keys.iter().enumerate().map(|(i, &key)| (key, i)).collect();
+        for row in finished {
+            let Some(&i) = index.get(&(row.prompt_id.as_str(), row.sample)) else {
+                bail!(
+                    "{}: prompt_id '{}' sample {} is not one of this run's",
+                    journal.path().display(),
+                    row.prompt_id,
+                    row.sample
+                );
+            };
+            results[i] = Some(row.generation()?);
+        }
+    }
+    let resumed = results.iter().filter(|r| r.is_some()).count();
+    let todo: Vec<usize> = (0..requests.len())
+        .filter(|&i| results[i].is_none())
+        .collect();
+    let todo_requests: Vec<GenerationRequest> = todo.iter().map(|&i| requests[i].clone()).collect();
     let progress = indicatif::ProgressBar::new(requests.len() as u64);
+    progress.set_position(resumed as u64);
     progress.set_style(
         indicatif::ProgressStyle::with_template(
             "opt-gen {bar:30} {pos}/{len} responses  {msg}  eta {eta}",
@@ -179,20 +227,37 @@ fn run(args: Args) -> Result<()> {
     } else {
         &meta.eos_token_ids
     };
-    let generations = generate(
+    let mut journal_error = None;
+    let generated = generate(
         &model,
-        &requests,
+        &todo_requests,
         &params,
         eos_ids,
         args.batch_size,
-        |tokens| {
-            tokens_done += tokens;
+        |i, generation| {
+            if let (Some((journal, _)), None) = (&mut journal, &journal_error) {
+                let (prompt_id, sample) = keys[todo[i]];
+                journal_error = journal
+                    .push(&Finished::new(prompt_id, sample, generation))
+                    .err();
+            }
+            tokens_done += generation.tokens.len();
             progress.inc(1);
             let rate = tokens_done as f64 / decode_started.elapsed().as_secs_f64().max(1e-9);
             progress.set_message(format!("{rate:.0} tok/s"));
         },
     )?;
     progress.finish_and_clear();
+    if let Some(err) = journal_error {
+        return Err(err);
+    }
+    for (&i, generation) in todo.iter().zip(generated) {
+        results[i] = Some(generation);
+    }
+    let generations: Vec<Generation> = results
+        .into_iter()
+        .map(|g| g.expect("journalled or generated"))
+        .collect();
 
     let mut texts = Vec::with_capacity(generations.len());
     for g in &generations {
@@ -245,6 +310,9 @@ fn run(args: Args) -> Result<()> {
             )),
         )?;
     args.output.write(&out)?;
+    if let Some((journal, _)) = journal {
+        journal.remove()?;
+    }
     let total_tokens: usize = generations.iter().map(|g| g.tokens.len()).sum();
     let decode_secs = decode_started.elapsed().as_secs_f64();
     let gen_cpu = cpu_started.zip(process_cpu_seconds()).map(|(a, b)| b - a);
@@ -252,9 +320,10 @@ fn run(args: Args) -> Result<()> {
         .field("prompts", rows.len())
         .field("responses", generations.len())
         .field("new_tokens", total_tokens)
+        .field("resumed", resumed)
         .field(
             "tok_per_s",
-            format!("{:.1}", total_tokens as f64 / decode_secs.max(1e-9)),
+            format!("{:.1}", tokens_done as f64 / decode_secs.max(1e-9)),
         )
         .field("gen_s", format!("{decode_secs:.2}"));
     // CPU seconds of all threads while generating (Linux only): on a busy machine this says
@@ -272,6 +341,77 @@ fn run(args: Args) -> Result<()> {
         .field("total_s", format!("{:.2}", started.elapsed().as_secs_f64()))
         .print();
     Ok(())
+}
+
+/// One finished response in the journal (see [`Journal`]): enough to rebuild its output row.
+#[derive(Serialize, Deserialize)]
+struct Finished {
+    prompt_id: String,
+    sample: u32,
+    tokens: Vec<u32>,
+    finish: String,
+    logp: f64,
+}
+
+impl Finished {
+    fn new(prompt_id: &str, sample: u32, generation: &Generation) -> Finished {
+        Finished {
+            prompt_id: prompt_id.to_string(),
+            sample,
+            tokens: generation.tokens.clone(),
+            finish: generation.finish.as_str().to_string(),
+            logp: generation.logp,
+        }
+    }
+
+    fn generation(&self) -> Result<Generation> {
+        let finish = match self.finish.as_str() {
+            "stop" => FinishReason::Stop,
+            "length" => FinishReason::Length,
+            other => bail!("journal: unknown finish reason '{other}'"),
+        };
+        Ok(Generation {
+            tokens: self.tokens.clone(),
+            finish,
+            logp: self.logp,
+        })
+    }
+}
+
+/// What fixes this run's responses: a journal is continued only by a run with the same. The
+/// prompts' digest covers the input rows, --shard, --n, --seed, the chat template and
+/// --max-prompt-tokens/--truncate (every request's tokens and random stream); --batch-size and
+/// --threads do not change the output and may differ.
+fn fingerprint(
+    args: &Args,
+    device: &candle_core::Device,
+    dtype: candle_core::DType,
+    keys: &[(&str, u32)],
+    requests: &[GenerationRequest],
+) -> Result<Fingerprint> {
+    let mut prompts = Digest::new();
+    for (&(prompt_id, sample), request) in keys.iter().zip(requests) {
+        prompts
+            .str(prompt_id)
+            .u64(sample as u64)
+            .u32s(&request.prompt_ids)
+            .u64(request.seed);
+    }
+    Ok(Fingerprint::new()
+        .with("--model", args.model.display())
+        .with("the model's files", file_stamps(&args.model)?)
+        .with(
+            "the prompts (input, --shard, --n, --seed, template)",
+            prompts.hex(),
+        )
+        .with("--temperature", args.temperature)
+        .with("--top-p", args.top_p)
+        .with("--top-k", args.top_k)
+        .with("--max-new-tokens", args.max_new_tokens)
+        .with("--ignore-eos", args.ignore_eos)
+        .with("--device", format!("{:?}", device.location()))
+        .with("--dtype", format!("{dtype:?}").to_lowercase())
+        .with("--kernels", optune_cli::kernels_in_use(device, dtype)))
 }
 
 /// CPU time used so far by every live thread of this process, from /proc (Linux); `None`

@@ -37,7 +37,7 @@ preferences. The dropped count goes to the summary as skipped_top_frac.
 Use it after opt-score, before opt-wdpo. From the second OPTune iteration on,
 pass the rows opt-select kept (--rest) together with the newly scored rows.
 
-The pairs follow the order of the prompts' first rows across the inputs.";
+The pairs come out sorted by prompt_id.";
 
 const EXAMPLES: &str = "\
 Examples:

@@ -227,16 +227,18 @@ fn pairs_what_opt_select_kept_in_a_pipe() {
         read(&regen).strings("prompt_id").unwrap(),
         ["p02", "p04", "p06"]
     );
-    // Kept: p01, p03 (equal rewards: skipped), p05; regenerated: p02, p04, p06.
+    // Kept: p01, p03 (equal rewards: skipped), p05; regenerated: p02, p04, p06. Sorted.
     assert_eq!(
         pairs.strings("prompt_id").unwrap(),
-        ["p01", "p05", "p02", "p04", "p06"]
+        ["p01", "p02", "p04", "p05", "p06"]
     );
+    let chosen = pairs.strings("chosen").unwrap();
     assert_eq!(
-        pairs.strings("chosen").unwrap()[2..],
+        [chosen[1], chosen[2], chosen[4]],
         ["p02-3", "p04-3", "p06-3"]
     );
-    assert_eq!(pairs.strings("topic").unwrap()[..2], ["poetry", "advice"]);
+    let topics = pairs.strings("topic").unwrap();
+    assert_eq!([topics[0], topics[3]], ["poetry", "advice"]);
     let summary = "rows_in=12 prompts=6 pairs=5 skipped_single=0 skipped_gap=1";
     assert!(
         outcomes[1].stderr.contains(summary),

@@ -6,14 +6,16 @@ mod rm;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, ValueEnum};
 use optune_cli::RuntimeArgs;
+use optune_resume::{file_stamps, Digest, Fingerprint, Journal};
 use optune_reward::{RewardCommand, RewardRequest, SentimentLexicon};
 use optune_shard::arrow::array::Float32Array;
 use optune_shard::cli::{run_tool, OutputArgs, Summary};
 use optune_shard::split::SliceSpec;
-use optune_shard::{col, PromptText, Shard};
+use optune_shard::{col, Destination, PromptText, Shard};
 use rayon::prelude::*;
 use rm::RewardModel;
-use std::collections::HashSet;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -33,8 +35,14 @@ use std::time::{Duration, Instant};
 ///                      conversation with the RM's own chat template (a raw-text prompt becomes
 ///                      one user message, the response the final assistant message), tokenised
 ///                      with the RM's tokenizer and scored at its last token. Sequences run in
-///                      batches of similar length (--batch-size). A conversation longer than
-///                      --max-length is an error naming the row, unless --truncate left.
+///                      batches of equal length (--batch-size), so a row's reward does not
+///                      depend on the rows beside it or on --shard (on the CPU, to the bit).
+///                      A conversation longer than --max-length is an error naming the row,
+///                      unless --truncate left. With -o FILE, the rewards are kept every few
+///                      seconds in FILE.journal: after a crash or a kill, the same command run
+///                      again scores only the rest (the output is the same as an uninterrupted
+///                      run's); a run with other arguments or input is refused. The journal is
+///                      removed once FILE is written.
 ///                      reward_model: the directory's name.
 ///   --reward-cmd PROGRAM [ARGS]...
 ///                      any program, started once without a shell. It reads one JSON line
@@ -152,9 +160,9 @@ impl Input {
             None
         };
         let rows = match (slice, &prompt_ids) {
-            (Some(slice), Some(ids)) => {
-                slice_rows(ids, slice).with_context(|| shard.name().to_string())?
-            }
+            (Some(slice), Some(ids)) => slice
+                .rows(&ids.iter().map(String::as_str).collect::<Vec<_>>())
+                .with_context(|| shard.name().to_string())?,
             _ => (0..shard.num_rows()).collect(),
         };
         Ok(Input {
@@ -181,24 +189,6 @@ impl Input {
 
 fn owned(values: Vec<&str>) -> Vec<String> {
     values.into_iter().map(str::to_string).collect()
-}
-
-/// The rows whose prompt_id falls in `slice` of the sorted distinct ids, sorted by prompt_id
-/// and in input order within one.
-fn slice_rows(prompt_ids: &[String], slice: SliceSpec) -> Result<Vec<usize>> {
-    let mut distinct: Vec<&str> = prompt_ids.iter().map(String::as_str).collect();
-    distinct.sort_unstable();
-    distinct.dedup();
-    let chosen: HashSet<&str> = slice
-        .select(&distinct)?
-        .into_iter()
-        .map(|i| distinct[i])
-        .collect();
-    let mut rows: Vec<usize> = (0..prompt_ids.len())
-        .filter(|&r| chosen.contains(prompt_ids[r].as_str()))
-        .collect();
-    rows.sort_by(|&a, &b| prompt_ids[a].cmp(&prompt_ids[b]));
-    Ok(rows)
 }
 
 fn progress_bar(len: usize) -> indicatif::ProgressBar {
@@ -228,11 +218,14 @@ fn run(args: Args) -> Result<()> {
     let source = &args.source;
     // Source-specific summary fields, printed after the common ones.
     let mut details: Vec<(&str, String)> = Vec::new();
+    let mut journal = None;
     let (rewards, default_name) = if let Some(dir) = &source.rm {
-        let (rewards, stats) = score_with_rm(&input, dir, &args)?;
+        let (rewards, stats, rm_journal) = score_with_rm(&input, dir, &args)?;
+        journal = rm_journal;
         let per_s = input.rows.len() as f64 / stats.model_secs.max(1e-9);
         details.push(("tokens", stats.tokens.to_string()));
         details.push(("truncated", stats.truncated.to_string()));
+        details.push(("resumed", stats.resumed.to_string()));
         details.push(("seq_per_s", format!("{per_s:.1}")));
         details.push(("model_s", format!("{:.2}", stats.model_secs)));
         details.push(("kernels", stats.kernels.to_string()));
@@ -271,6 +264,9 @@ fn run(args: Args) -> Result<()> {
             Shard::string_column(rewards.iter().map(|_| name.as_str())),
         )?;
     args.output.write(&out)?;
+    if let Some(journal) = journal {
+        journal.remove()?;
+    }
     let mean = rewards.iter().map(|&r| r as f64).sum::<f64>() / rewards.len().max(1) as f64;
     let mut summary = Summary::new("opt-score")
         .field("rows", rewards.len())
@@ -375,11 +371,19 @@ fn score_with_command(
 struct RmStats {
     tokens: usize,
     truncated: usize,
+    /// Rows whose rewards came from the journal of a killed run.
+    resumed: usize,
     model_secs: f64,
     kernels: &'static str,
 }
 
-fn score_with_rm(input: &Input, dir: &Path, args: &Args) -> Result<(Vec<f32>, RmStats)> {
+/// The rewards of `input`'s rows from the reward model in `dir`, and, when the output is a file,
+/// the journal that kept them as they came (to remove once the output is written).
+fn score_with_rm(
+    input: &Input,
+    dir: &Path,
+    args: &Args,
+) -> Result<(Vec<f32>, RmStats, Option<Journal<ScoredRow>>)> {
     let texts = input.shard.prompt_texts()?;
     let (device, dtype) = args.runtime.init()?;
     let model = RewardModel::load(dir, dtype, &device)?;
@@ -417,50 +421,103 @@ fn score_with_rm(input: &Input, dir: &Path, args: &Args) -> Result<(Vec<f32>, Rm
         sequences.push(tokens);
     }
     let tokens: usize = sequences.iter().map(Vec::len).sum();
+
+    // What an earlier, killed run with the same arguments scored.
+    let mut journal = match args.output.destination() {
+        Destination::File(path) => {
+            let mut digest = Digest::new();
+            for (&row, sequence) in input.rows.iter().zip(&sequences) {
+                digest.u64(row as u64).u32s(sequence);
+            }
+            let fingerprint = Fingerprint::new()
+                .with("--rm", dir.display())
+                .with("the reward model's files", file_stamps(dir)?)
+                .with(
+                    "the rows (input, --shard, --max-length, --truncate, template)",
+                    digest.hex(),
+                )
+                .with("--device", format!("{:?}", device.location()))
+                .with("--dtype", format!("{dtype:?}").to_lowercase())
+                .with("--kernels", optune_cli::kernels_in_use(&device, dtype));
+            Some(Journal::<ScoredRow>::open(&path, &fingerprint)?)
+        }
+        Destination::Stdout => None,
+    };
+    let mut rewards: Vec<Option<f32>> = vec![None; sequences.len()];
+    if let Some((journal, scored)) = &journal {
+        let position: HashMap<usize, usize> = input
+            .rows
+            .iter()
+            .enumerate()
+            .map(|(p, &row)| (row, p))
+            .collect();
+        for scored in scored {
+            let Some(&p) = position.get(&scored.row) else {
+                bail!(
+                    "{}: row {} is not one of this run's",
+                    journal.path().display(),
+                    scored.row + 1
+                );
+            };
+            rewards[p] = Some(scored.reward);
+        }
+    }
+    let resumed = rewards.iter().filter(|r| r.is_some()).count();
+    let todo: Vec<usize> = (0..sequences.len())
+        .filter(|&p| rewards[p].is_none())
+        .collect();
+    let todo_sequences: Vec<Vec<u32>> = todo.iter().map(|&p| sequences[p].clone()).collect();
+
     let bar = progress_bar(sequences.len());
+    bar.set_position(resumed as u64);
     let model_started = Instant::now();
     let mut done = 0usize;
-    let rewards = model.score(&sequences, args.batch_size, |count| {
-        bar.inc(count as u64);
-        done += count;
+    let scored = model.score(&todo_sequences, args.batch_size, |batch, scores| {
+        if let Some((journal, _)) = &mut journal {
+            for (&i, &reward) in batch.iter().zip(scores) {
+                let row = input.rows[todo[i]];
+                journal.push(&ScoredRow { row, reward })?;
+            }
+        }
+        bar.inc(batch.len() as u64);
+        done += batch.len();
         bar.set_message(format!(
             "{:.1} seq/s",
             done as f64 / model_started.elapsed().as_secs_f64().max(1e-9)
         ));
+        Ok(())
     })?;
     bar.finish_and_clear();
+    for (&p, reward) in todo.iter().zip(scored) {
+        rewards[p] = Some(reward);
+    }
     Ok((
-        rewards,
+        rewards
+            .into_iter()
+            .map(|r| r.expect("journalled or scored"))
+            .collect(),
         RmStats {
             tokens,
             truncated,
+            resumed,
             model_secs: model_started.elapsed().as_secs_f64(),
             kernels: optune_cli::kernels_in_use(&device, dtype),
         },
+        journal.map(|(journal, _)| journal),
     ))
+}
+
+/// One scored row in the journal (see [`Journal`]): its row in the input, from 0.
+#[derive(Serialize, Deserialize)]
+struct ScoredRow {
+    row: usize,
+    reward: f32,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use optune_shard::Message;
-
-    #[test]
-    fn slices_keep_prompts_together_and_concatenate_to_the_sorted_input() {
-        let ids: Vec<String> = ["b", "a", "c", "a", "b", "d"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        let slices: Vec<Vec<usize>> = (1..=3)
-            .map(|k| slice_rows(&ids, SliceSpec { index: k, count: 3 }).unwrap())
-            .collect();
-        // Distinct ids a b c d: slices {a}, {b}, {c, d}.
-        assert_eq!(slices, [vec![1, 3], vec![0, 4], vec![2, 5]]);
-        assert_eq!(
-            slice_rows(&ids, SliceSpec::WHOLE).unwrap(),
-            [1, 3, 0, 4, 2, 5]
-        );
-    }
 
     #[test]
     fn command_prompt_is_the_text_or_the_last_user_message() {

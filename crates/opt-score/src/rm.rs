@@ -3,8 +3,11 @@
 //! Each (prompt, response) is rendered as a conversation with the RM's own chat template
 //! (`messages + [assistant: response]`, no generation prompt, as transformers'
 //! `apply_chat_template(..., tokenize=False)`), re-tokenised from that text without added
-//! special tokens, and scored at its last token. Sequences run longest first in batches of
-//! similar length, so padding stays small; the scores go back to the rows' order.
+//! special tokens, and scored at its last token. Sequences run longest first in batches of equal
+//! length: with padding, a sequence's score would change in its last bits with the length of the
+//! longest sequence beside it (the attention's reductions run over the padded length), so a
+//! `--shard` of the rows would not score them as the whole run does. The scores go back to the
+//! rows' order.
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
@@ -80,13 +83,13 @@ impl RewardModel {
         self.tokenizer.encode(&text)
     }
 
-    /// Scores `sequences`, `batch_size` at a time grouped by length, calling `progress` with the
-    /// number of sequences each batch finished. Returns the scores in `sequences`' order.
+    /// Scores `sequences`, `batch_size` at a time grouped by length, calling `on_batch` with the
+    /// indices and scores of each batch as it finishes. Returns the scores in `sequences'` order.
     pub fn score(
         &self,
         sequences: &[Vec<u32>],
         batch_size: usize,
-        mut progress: impl FnMut(usize),
+        mut on_batch: impl FnMut(&[usize], &[f32]) -> Result<()>,
     ) -> Result<Vec<f32>> {
         let mut scores = vec![0f32; sequences.len()];
         for batch in length_buckets(sequences, batch_size) {
@@ -96,22 +99,23 @@ impl RewardModel {
                 .with_context(|| {
                     format!("running the reward model on {} sequences", batch.len())
                 })?;
-            for (&index, score) in batch.iter().zip(batch_scores) {
+            for (&index, &score) in batch.iter().zip(&batch_scores) {
                 scores[index] = score;
             }
-            progress(batch.len());
+            on_batch(&batch, &batch_scores)?;
         }
         Ok(scores)
     }
 }
 
-/// Indices of `sequences` in batches of at most `batch_size`, longest first (ties in input
-/// order), so each batch pads to a length close to its members'.
+/// Indices of `sequences` in batches of at most `batch_size` sequences of one length, longest
+/// first (ties in input order), so no batch needs padding.
 fn length_buckets(sequences: &[Vec<u32>], batch_size: usize) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..sequences.len()).collect();
     order.sort_by_key(|&i| Reverse(sequences[i].len()));
     order
-        .chunks(batch_size.max(1))
+        .chunk_by(|&a, &b| sequences[a].len() == sequences[b].len())
+        .flat_map(|same_length| same_length.chunks(batch_size.max(1)))
         .map(<[usize]>::to_vec)
         .collect()
 }
@@ -121,13 +125,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn buckets_group_similar_lengths_and_cover_every_index_once() {
-        let sequences: Vec<Vec<u32>> = [3, 9, 1, 9, 5].iter().map(|&n| vec![0; n]).collect();
+    fn buckets_hold_one_length_and_cover_every_index_once() {
+        let sequences: Vec<Vec<u32>> = [3, 9, 1, 9, 5, 9, 3].iter().map(|&n| vec![0; n]).collect();
         assert_eq!(
             length_buckets(&sequences, 2),
-            [vec![1, 3], vec![4, 0], vec![2]]
+            [vec![1, 3], vec![5], vec![4], vec![0, 6], vec![2]]
         );
-        assert_eq!(length_buckets(&sequences, 10), [vec![1, 3, 4, 0, 2]]);
+        assert_eq!(
+            length_buckets(&sequences, 10),
+            [vec![1, 3, 5], vec![4], vec![0, 6], vec![2]]
+        );
         assert!(length_buckets(&[], 4).is_empty());
     }
 }

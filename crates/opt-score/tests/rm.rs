@@ -1,5 +1,5 @@
 //! `--rm` against the tiny testdata reward models: scores match the committed transformers
-//! references on batches with padding, in the input's row order.
+//! references in the input's row order, and do not depend on the batch or the shard.
 
 mod common;
 
@@ -97,12 +97,12 @@ fn check_scores(model: &str, rows: &[Value], expected: &[f64], dir: &Path) {
 }
 
 #[test]
-fn scores_match_transformers_on_padded_batches() {
+fn scores_match_transformers() {
     let dir = tempfile::tempdir().unwrap();
     for model in REWARD_MODELS {
         let cases = reference_cases(model);
-        // Every case, as message lists: lengths differ, so batches of two are padded, and the
-        // length bucketing reorders rows that must come back in input order.
+        // Every case, as message lists: lengths differ, so the length bucketing reorders rows
+        // that must come back in input order.
         let rows: Vec<Value> = cases
             .iter()
             .enumerate()
@@ -131,6 +131,66 @@ fn scores_match_transformers_on_padded_batches() {
             .collect();
         check_scores(model, &rows, &expected, dir.path());
     }
+}
+
+#[test]
+fn rewards_do_not_depend_on_the_batch_or_the_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = reference_cases("tiny-rm-llama");
+    // Each case three times under other prompt_ids: batches then hold several sequences of one
+    // length, and the slices of --shard other batch mates than the whole run.
+    let rows: Vec<Value> = (0..3)
+        .flat_map(|copy| {
+            cases.iter().enumerate().map(move |(i, case)| {
+                let mut row = case_row(i, case, false);
+                row["prompt_id"] = json!(format!("p{}", (i * 7 + copy * 3) % 15));
+                row
+            })
+        })
+        .collect();
+    let input = dir.path().join("responses.jsonl");
+    write_jsonl(&input, &rows);
+    let score = |extra: &[&str], name: &str| {
+        let output = dir.path().join(name);
+        run(
+            opt_score()
+                .arg(&input)
+                .arg("--rm")
+                .arg(model_dir("tiny-rm-llama"))
+                .args(extra)
+                .arg("-o")
+                .arg(&output),
+            None,
+        )
+        .assert_success();
+        let scored = read(&output);
+        let ids: Vec<String> = scored
+            .strings("prompt_id")
+            .unwrap()
+            .iter()
+            .map(|id| id.to_string())
+            .collect();
+        (ids, scored.floats("reward").unwrap())
+    };
+    let (_, whole) = score(&["--batch-size", "16"], "whole.parquet");
+    let (_, single) = score(&["--batch-size", "1"], "single.parquet");
+    assert_eq!(single, whole, "--batch-size 1 against 16");
+    // --shard writes rows sorted by prompt_id: compare by prompt_id and input order.
+    let (sorted_ids, sorted) = score(&["--shard", "1/1"], "sorted.parquet");
+    let mut sliced = (Vec::new(), Vec::new());
+    for k in 1..=3 {
+        let (ids, rewards) = score(&["--shard", &format!("{k}/3")], &format!("{k}.parquet"));
+        sliced.0.extend(ids);
+        sliced.1.extend(rewards);
+    }
+    assert_eq!(sliced, (sorted_ids, sorted.clone()));
+    let mut whole_sorted = whole.clone();
+    let mut order: Vec<usize> = (0..rows.len()).collect();
+    order.sort_by_key(|&r| rows[r]["prompt_id"].as_str().unwrap().to_string());
+    for (position, &row) in order.iter().enumerate() {
+        whole_sorted[position] = whole[row];
+    }
+    assert_eq!(sorted, whole_sorted, "--shard 1/1 against the whole run");
 }
 
 #[test]

@@ -16,6 +16,7 @@ pub struct TrainPair {
     pub reward_gap: f32,
     /// The pair's weight from `--weight-col`, when given.
     pub given_weight: Option<f64>,
+    /// Reference log-probs of (chosen, rejected), summed over each response.
     pub ref_logps: Option<(f32, f32)>,
 }
 

@@ -44,7 +44,7 @@ pub fn kl_term(
         &params,
         &policy.meta.eos_token_ids,
         args.batch_size * k,
-        |_| {},
+        |_, _| {},
     )?;
     let sequences: Vec<TokenizedPair> = requests
         .iter()

@@ -2,8 +2,9 @@
 //!
 //! The stages of a run, one module each: [`policy`] (load the policy, LoRA), [`data`] (pairs as
 //! tokens, batches), [`reference`] (reference log-probs once before training), [`train`] (the
-//! loop: loss, accumulation, clipping, optimiser, metrics; [`hypo`] for the online KL term), then
-//! the checkpoint and the summary line here.
+//! loop: loss, accumulation, clipping, optimiser, metrics; [`hypo`] for the online KL term;
+//! [`state`] for the training state a killed run resumes from), then the checkpoint and the
+//! summary line here.
 
 mod data;
 mod hypo;
@@ -11,12 +12,14 @@ mod memory;
 mod metrics;
 mod policy;
 mod reference;
+mod state;
 mod train;
 
 use anyhow::{bail, Result};
 use clap::Parser;
 use optune_cli::RuntimeArgs;
 use optune_shard::cli::{run_tool, Summary};
+use optune_shard::split::SliceSpec;
 use optune_shard::Shard;
 use optune_train::loss::{Objective, WeightForm, WeightNorm};
 use optune_train::optim::{Decay, OptimizerKind};
@@ -48,7 +51,17 @@ use std::time::Instant;
 /// Reference log-probs are computed once before training (or read from the shard's
 /// ref_chosen_logp/ref_rejected_logp columns), so no reference model is held during training;
 /// --precompute-ref also writes them back into the pairs file. With LoRA the reference is the
-/// base model with the adapters off.
+/// base model with the adapters off. --reference-only computes them and writes the pairs with
+/// them to -o FILE without training; with --shard K/N only for the K-th of N slices of the
+/// prompts (sorted by prompt_id), so that N jobs share the work and opt-cat joins their outputs.
+///
+/// With --save-steps N, every N optimiser steps a training state (the trained weights or
+/// adapters, optimiser moments, step, random streams, position in the data order, reference
+/// log-probs) is written atomically to OUT_DIR.state; SIGTERM or SIGINT writes one at the next
+/// step boundary and exits with an error (a second signal exits at once). The same command run
+/// again resumes from it and ends with the weights an uninterrupted run writes (to the bit on
+/// the CPU); a run with other arguments or pairs is refused. OUT_DIR.state is removed once
+/// OUT_DIR is written.
 ///
 /// Precision: the model computes in --dtype (f32 on the CPU, bf16 on CUDA), with reductions
 /// (RMS norm statistics, softmax, log-softmax, the loss) in f32; the trained weights (all of
@@ -74,7 +87,8 @@ pub struct Args {
     #[arg(value_name = "PAIRS")]
     pub input: Option<PathBuf>,
 
-    /// Output checkpoint directory (replaced atomically when training ends)
+    /// Output checkpoint directory (replaced atomically when training ends); with
+    /// --reference-only, the pairs shard file
     #[arg(short = 'o', long = "output", value_name = "OUT_DIR")]
     pub output: PathBuf,
 
@@ -128,6 +142,16 @@ pub struct Args {
     /// Write ref_chosen_logp/ref_rejected_logp into the PAIRS file (atomically) once computed
     #[arg(long)]
     pub precompute_ref: bool,
+
+    /// Only compute the reference log-probs: write the pairs with ref_chosen_logp and
+    /// ref_rejected_logp to -o FILE, and do not train
+    #[arg(long, conflicts_with_all = ["precompute_ref", "metrics"])]
+    pub reference_only: bool,
+
+    /// With --reference-only: only the pairs of the K-th of N slices of the prompts (by
+    /// prompt_id)
+    #[arg(long, value_name = "K/N", value_parser = SliceSpec::parse, requires = "reference_only")]
+    pub shard: Option<SliceSpec>,
 
     /// LoRA rank; full fine-tuning when absent
     #[arg(long)]
@@ -196,6 +220,11 @@ pub struct Args {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 
+    /// Write a training state to OUT_DIR.state every N optimiser steps, for a rerun to resume
+    /// from (0: only on SIGTERM/SIGINT)
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub save_steps: u64,
+
     /// Per-step metrics CSV, written as training goes [default: OUT_DIR/metrics.csv at the end]
     #[arg(long, value_name = "FILE")]
     pub metrics: Option<PathBuf>,
@@ -226,11 +255,16 @@ impl Args {
         if self.max_steps == Some(0) {
             bail!("--max-steps must be at least 1");
         }
-        if self.precompute_ref && !self.loss.needs_reference() {
-            bail!(
-                "--precompute-ref: --loss {:?} reads no reference log-probs",
-                self.loss
-            );
+        for (given, flag) in [
+            (self.precompute_ref, "--precompute-ref"),
+            (self.reference_only, "--reference-only"),
+        ] {
+            if given && !self.loss.needs_reference() {
+                bail!(
+                    "{flag}: --loss {:?} reads no reference log-probs",
+                    self.loss
+                );
+            }
         }
         if self.loss.samples_online() && self.kl_samples < 2 {
             bail!(
@@ -245,6 +279,14 @@ fn run(args: Args) -> Result<()> {
     args.validate()?;
     let started = Instant::now();
     let (device, dtype) = args.runtime.init()?;
+    if args.reference_only {
+        let pairs = reference::write_only(&args, &device, dtype)?;
+        Summary::new("opt-wdpo")
+            .field("pairs", pairs)
+            .field("total_s", format!("{:.2}", started.elapsed().as_secs_f64()))
+            .print();
+        return Ok(());
+    }
     let kernels = optune_cli::kernels_in_use(&device, dtype);
     let shard = Shard::read(args.input.as_deref())?;
     let mut policy = Policy::load(&args, &device, dtype)?;
@@ -267,9 +309,23 @@ fn run(args: Args) -> Result<()> {
         Some(gb) => plan.check(Some(gb * 1e9), "in --memory-budget")?,
         None => plan.check(memory::available(&device), "available")?,
     }
+    let fingerprint = state::fingerprint(&args, &device, dtype, &pairs)?;
+    let resumed = state::load(&args.output, &fingerprint)?;
+    if let Some(saved) = &resumed {
+        saved.fill_reference(&mut pairs)?;
+    }
     let reference = reference::prepare(&args, &policy, &shard, &mut pairs, &device, dtype)?;
-    let trained = train::train(&args, &mut policy, &pairs, reference.as_ref(), &device)?;
+    let trained = train::train(
+        &args,
+        &mut policy,
+        &pairs,
+        reference.as_ref(),
+        &device,
+        &fingerprint,
+        resumed,
+    )?;
     save(&args, &policy, &trained)?;
+    state::remove(&args.output)?;
     summary(&trained, pairs.len(), started)
         .field("kernels", kernels)
         .print();
@@ -296,11 +352,15 @@ fn summary(trained: &train::Trained, pairs: usize, started: Instant) -> Summary 
     let mut summary = Summary::new("opt-wdpo")
         .field("pairs", pairs)
         .field("steps", trained.steps)
+        .field("resumed_from", trained.resumed_from)
         .field("tokens", trained.tokens)
         .field("train_s", format!("{:.2}", trained.seconds))
         .field(
             "s_per_step",
-            format!("{:.3}", trained.seconds / trained.steps.max(1) as f64),
+            format!(
+                "{:.3}",
+                trained.seconds / (trained.steps - trained.resumed_from).max(1) as f64
+            ),
         );
     if let Some(last) = trained.log.last() {
         summary = summary

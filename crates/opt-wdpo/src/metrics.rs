@@ -10,7 +10,7 @@ const HEADER: &str =
     "step,epoch,loss,rewards/chosen,rewards/rejected,rewards/margins,rewards/accuracies,\
 logps/chosen,logps/rejected,weight/mean,kl,grad_norm,lr,tokens_per_s,seconds";
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct MetricsRow {
     pub step: u64,
     pub epoch: usize,
@@ -166,6 +166,22 @@ impl MetricsLog {
         }
         self.rows.push(row);
         Ok(())
+    }
+
+    /// Starts from the rows of a resumed run (rewriting the live file with them).
+    pub fn restore(&mut self, rows: Vec<MetricsRow>) -> Result<()> {
+        if let Some(f) = &mut self.live {
+            for row in &rows {
+                writeln!(f, "{}", row.csv_line())?;
+            }
+            f.flush()?;
+        }
+        self.rows = rows;
+        Ok(())
+    }
+
+    pub fn rows(&self) -> &[MetricsRow] {
+        &self.rows
     }
 
     pub fn last(&self) -> Option<&MetricsRow> {

@@ -4,11 +4,13 @@
 use crate::data::{epoch_batches, TrainPair};
 use crate::metrics::{MetricsLog, StepMetrics};
 use crate::policy::{Policy, SideLogps};
+use crate::state::{self, Interrupts, Position, Saved};
 use crate::Args;
 use anyhow::{bail, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
 use optune_model::Transformer;
+use optune_resume::Fingerprint;
 use optune_train::loss::{batch_loss, given_weights, pair_weights, BatchLogps, ObjectiveParams};
 use optune_train::optim::{clip_grad_norm, decay_groups, missing_grads, Optimizer, Schedule};
 use std::time::Instant;
@@ -16,39 +18,102 @@ use std::time::Instant;
 /// What a finished run reports.
 pub struct Trained {
     pub steps: u64,
+    /// The step a resumed run started from (0: from the start).
+    pub resumed_from: u64,
     pub tokens: usize,
     pub seconds: f64,
     pub log: MetricsLog,
 }
 
 /// Trains `policy` on `pairs` (reference log-probs filled in when the loss reads them) for
-/// `--epochs`, or for `--max-steps` optimiser steps over as many epochs as that takes.
+/// `--epochs`, or for `--max-steps` optimiser steps over as many epochs as that takes, from the
+/// start or from `resumed`, keeping a state every --save-steps steps and when SIGTERM/SIGINT
+/// arrives (then ending with an error once it is written).
 pub fn train(
     args: &Args,
     policy: &mut Policy,
     pairs: &[TrainPair],
     reference: Option<&Transformer>,
     device: &Device,
+    fingerprint: &Fingerprint,
+    resumed: Option<Saved>,
 ) -> Result<Trained> {
     policy.set_training(true);
     let mut trainer = Trainer::new(args, policy, reference, device, pairs.len())?;
+    let mut start = Position {
+        step: 0,
+        epoch: 0,
+        batch: 0,
+        micro: 0,
+    };
+    if let Some(saved) = resumed {
+        saved.restore(&args.output, trainer.policy, &mut trainer.optimizer)?;
+        trainer.policy.refresh_compute_weights()?;
+        start = saved.position;
+        trainer.micro = start.micro;
+        trainer.tokens = saved.tokens;
+        trainer.log.restore(saved.metrics)?;
+        trainer.progress.set_position(start.step);
+    }
+    let total_steps = trainer.schedule.total_steps;
+    let interrupts = Interrupts::register()?;
     let started = Instant::now();
     let epochs = if args.max_steps.is_some() {
         usize::MAX
     } else {
         args.epochs
     };
-    'epochs: for epoch in 0..epochs {
+    'epochs: for epoch in start.epoch..epochs {
         let batches = epoch_batches(pairs, args.batch_size, args.seed, epoch);
         let last_batch = batches.len() - 1;
-        for (b, batch) in batches.iter().enumerate() {
+        let first = if epoch == start.epoch { start.batch } else { 0 };
+        for (b, batch) in batches.iter().enumerate().skip(first) {
             let batch_pairs: Vec<&TrainPair> = batch.iter().map(|&i| &pairs[i]).collect();
             trainer.micro_batch(&batch_pairs, epoch, b)?;
-            if trainer.micro.is_multiple_of(args.grad_accum) || b == last_batch {
-                trainer.optimizer_step(epoch)?;
-                if Some(trainer.optimizer.step_count()) == args.max_steps {
+            if !(trainer.micro.is_multiple_of(args.grad_accum) || b == last_batch) {
+                continue;
+            }
+            trainer.optimizer_step(epoch)?;
+            let step = trainer.optimizer.step_count();
+            if step == total_steps {
+                // The checkpoint follows at once.
+                if args.max_steps.is_some() {
                     break 'epochs;
                 }
+                continue;
+            }
+            let (epoch, batch) = if b == last_batch {
+                (epoch + 1, 0)
+            } else {
+                (epoch, b + 1)
+            };
+            let position = Position {
+                step,
+                epoch,
+                batch,
+                micro: trainer.micro,
+            };
+            let signal = interrupts.received();
+            let scheduled = args.save_steps > 0 && step.is_multiple_of(args.save_steps);
+            if signal.is_some() || scheduled {
+                state::save(
+                    &args.output,
+                    fingerprint,
+                    position,
+                    trainer.tokens,
+                    trainer.policy,
+                    &trainer.optimizer,
+                    pairs,
+                    trainer.log.rows(),
+                )?;
+            }
+            if let Some(signal) = signal {
+                trainer.progress.finish_and_clear();
+                bail!(
+                    "{signal}: stopped after step {step} of {total_steps}; the training state is in {}: \
+                     run the same command again to continue",
+                    state::dir_of(&args.output).display()
+                );
             }
         }
     }
@@ -56,6 +121,7 @@ pub fn train(
     trainer.progress.finish_and_clear();
     Ok(Trained {
         steps: trainer.optimizer.step_count(),
+        resumed_from: start.step,
         tokens: trainer.tokens,
         seconds: started.elapsed().as_secs_f64(),
         log: trainer.log,
@@ -129,21 +195,33 @@ impl<'a> Trainer<'a> {
     fn micro_batch(&mut self, batch: &[&TrainPair], epoch: usize, index: usize) -> Result<()> {
         let args = self.args;
         let logps = SideLogps::of(&self.policy.model, batch, self.policy.pad_id)?;
-        let (chosen, rejected) = logps.sides(args.loss.uses_mean_logps());
-        let reference = |pick: fn((f32, f32)) -> f32| -> Result<Tensor> {
+        let means = args.loss.uses_mean_logps();
+        let (chosen, rejected) = logps.sides(means);
+        // The reference values are sums; a loss on per-token means divides them by the
+        // response's length, as the policy's means are divided (in f32).
+        let reference = |chosen_side: bool| -> Result<Tensor> {
             let values: Vec<f32> = batch
                 .iter()
                 .map(|p| {
-                    pick(
-                        p.ref_logps
-                            .expect("reference log-probs are filled before training"),
-                    )
+                    let (c, r) = p
+                        .ref_logps
+                        .expect("reference log-probs are filled before training");
+                    let (sum, side) = if chosen_side {
+                        (c, &p.chosen)
+                    } else {
+                        (r, &p.rejected)
+                    };
+                    if means {
+                        sum / side.response.len().max(1) as f32
+                    } else {
+                        sum
+                    }
                 })
                 .collect();
             Ok(Tensor::new(values.as_slice(), self.device)?)
         };
         let reference = if args.loss.needs_reference() {
-            Some((reference(|(c, _)| c)?, reference(|(_, r)| r)?))
+            Some((reference(true)?, reference(false)?))
         } else {
             None
         };

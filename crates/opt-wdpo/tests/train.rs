@@ -151,50 +151,50 @@ fn zero_learning_rate_returns_the_input_weights() {
 
 #[test]
 fn precomputed_reference_gives_the_same_result() {
-    let tmp = tempfile::tempdir().unwrap();
-    let pairs = tmp.path().join("pairs.parquet");
-    let jsonl = tmp.path().join("pairs.jsonl");
-    write_pairs(&jsonl);
-    std::fs::copy(&jsonl, &pairs).ok();
-    let pairs = jsonl;
-    let common = ["--lr", "1e-3", "--batch-size", "4", "--epochs", "2"];
-    let first = tmp.path().join("a");
-    let (ok, err) = wdpo(
-        &[
-            &[
-                "--policy",
-                model("tiny-llama").to_str().unwrap(),
-                pairs.to_str().unwrap(),
-                "-o",
-                first.to_str().unwrap(),
-                "--precompute-ref",
-            ][..],
-            &common[..],
-        ]
-        .concat(),
-    );
-    assert!(ok, "{err}");
-    let written = std::fs::read_to_string(&pairs).unwrap();
-    assert!(
-        written.contains("ref_chosen_logp"),
-        "reference columns not written"
-    );
-    let second = tmp.path().join("b");
-    let (ok, err) = wdpo(
-        &[
-            &[
-                "--policy",
-                model("tiny-llama").to_str().unwrap(),
-                pairs.to_str().unwrap(),
-                "-o",
-                second.to_str().unwrap(),
-            ][..],
-            &common[..],
-        ]
-        .concat(),
-    );
-    assert!(ok, "{err}");
-    assert_eq!(weights(&first), weights(&second));
+    // The columns hold summed log-probs; IPO divides them by the response length, as it divides
+    // the policy's.
+    for loss in ["sigmoid", "ipo"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let pairs = tmp.path().join("pairs.jsonl");
+        write_pairs(&pairs);
+        let common = [
+            "--lr",
+            "1e-3",
+            "--batch-size",
+            "4",
+            "--epochs",
+            "2",
+            "--loss",
+            loss,
+        ];
+        let train = |out: &Path, extra: &[&str]| {
+            let (ok, err) = wdpo(
+                &[
+                    &[
+                        "--policy",
+                        model("tiny-llama").to_str().unwrap(),
+                        pairs.to_str().unwrap(),
+                        "-o",
+                        out.to_str().unwrap(),
+                    ][..],
+                    &common[..],
+                    extra,
+                ]
+                .concat(),
+            );
+            assert!(ok, "{loss}: {err}");
+        };
+        let first = tmp.path().join("a");
+        train(&first, &["--precompute-ref"]);
+        let written = std::fs::read_to_string(&pairs).unwrap();
+        assert!(
+            written.contains("ref_chosen_logp"),
+            "{loss}: reference columns not written"
+        );
+        let second = tmp.path().join("b");
+        train(&second, &[]);
+        assert_eq!(weights(&first), weights(&second), "{loss}");
+    }
 }
 
 #[test]

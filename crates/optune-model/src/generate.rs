@@ -187,8 +187,9 @@ struct Active {
 /// in, alone).
 const PROMPT_TOKENS_PER_STEP: usize = 4096;
 
-/// Generates one continuation per request, in request order. `on_finish(tokens_in_this_one)` is
-/// called as each request completes (for progress reporting).
+/// Generates one continuation per request, in request order. `on_finish(request, &generation)`
+/// is called as each request completes (for progress reporting, and for journals that keep the
+/// finished ones through a crash).
 ///
 /// Every step feeds the model the next token of each running sequence together with the whole
 /// prompts of the requests that just took a free slot (continuous batching: a finished sequence's
@@ -201,7 +202,7 @@ pub fn generate(
     params: &SamplingParams,
     eos_ids: &[u32],
     batch_size: usize,
-    mut on_finish: impl FnMut(usize),
+    mut on_finish: impl FnMut(usize, &Generation),
 ) -> Result<Vec<Generation>> {
     if batch_size == 0 {
         bail!("batch size must be at least 1");
@@ -320,7 +321,7 @@ pub fn generate(
         })?;
         for (slot, done) in finished {
             let state = active[slot].take().expect("a finished slot was active");
-            on_finish(done.tokens.len());
+            on_finish(state.request, &done);
             results[state.request] = Some(done);
         }
     }

@@ -18,6 +18,20 @@ impl DropoutStream {
         Self(Arc::new(Mutex::new(ChaCha8Rng::seed_from_u64(seed))))
     }
 
+    /// How far the stream has been drawn (ChaCha's word position): a training state keeps it,
+    /// so that a resumed run draws the masks the uninterrupted run would have drawn.
+    pub fn position(&self) -> u128 {
+        self.0.lock().expect("dropout stream lock").get_word_pos()
+    }
+
+    /// Moves the stream to `position` (from [`DropoutStream::position`]).
+    pub fn set_position(&self, position: u128) {
+        self.0
+            .lock()
+            .expect("dropout stream lock")
+            .set_word_pos(position);
+    }
+
     /// Inverted dropout: each element kept with probability `1 − p` and scaled by `1 / (1 − p)`.
     fn apply(&self, x: &Tensor, p: f32) -> Result<Tensor> {
         let keep = 1.0 - p;
@@ -173,5 +187,26 @@ mod tests {
         assert!(a.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.75).abs() < 1e-6));
         assert_eq!(a, masked(7));
         assert_ne!(a, masked(8));
+    }
+
+    #[test]
+    fn a_stream_moved_to_a_saved_position_draws_the_same_masks() {
+        let x = Tensor::ones((10, 10), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let mask = |stream: &DropoutStream| {
+            stream
+                .apply(&x, 0.5)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let stream = DropoutStream::new(3);
+        mask(&stream);
+        let position = stream.position();
+        let next = mask(&stream);
+        let resumed = DropoutStream::new(3);
+        resumed.set_position(position);
+        assert_eq!(mask(&resumed), next);
     }
 }

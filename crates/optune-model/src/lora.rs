@@ -24,6 +24,8 @@ pub struct LoraAdapters {
     pub vars: Vec<(String, Var)>,
     enabled: Arc<AtomicBool>,
     training: Arc<AtomicBool>,
+    /// The dropout masks' random stream, shared by every adapter.
+    pub dropout_stream: DropoutStream,
 }
 
 impl LoraAdapters {
@@ -138,5 +140,6 @@ pub fn attach_lora(
         vars,
         enabled,
         training,
+        dropout_stream,
     })
 }

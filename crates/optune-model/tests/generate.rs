@@ -73,7 +73,7 @@ fn greedy_decoding_equals_the_training_path_argmax() {
     for name in ["tiny-llama", "tiny-mistral", "tiny-qwen2"] {
         let model = model(name);
         // No EOS, so every sequence runs the full length (past mistral's window of 8).
-        let out = generate(&model, &requests(0), &sampling(0.0, 16), &[], 3, |_| {}).unwrap();
+        let out = generate(&model, &requests(0), &sampling(0.0, 16), &[], 3, |_, _| {}).unwrap();
         for (g, p) in out.iter().zip(prompts()) {
             assert_eq!(g.finish, FinishReason::Length);
             assert_eq!(g.tokens, argmax_continuation(&model, &p, 16), "{name}");
@@ -84,7 +84,7 @@ fn greedy_decoding_equals_the_training_path_argmax() {
 #[test]
 fn reported_logp_equals_the_sequence_logprob() {
     let model = model("tiny-qwen2");
-    let out = generate(&model, &requests(3), &sampling(1.0, 12), &[], 2, |_| {}).unwrap();
+    let out = generate(&model, &requests(3), &sampling(1.0, 12), &[], 2, |_, _| {}).unwrap();
     let pairs: Vec<TokenizedPair> = out
         .iter()
         .zip(prompts())
@@ -125,7 +125,7 @@ fn output_does_not_depend_on_the_batch_size() {
                 &sampling(1.0, 20),
                 &[5, 7],
                 batch,
-                |_| {},
+                |_, _| {},
             )
             .unwrap()
         })
@@ -198,10 +198,10 @@ fn cpu_kernels_agree_with_the_masked_tensor_path() {
 #[test]
 fn generation_stops_at_any_eos_and_reports_it() {
     let model = model("tiny-llama");
-    let free = generate(&model, &requests(5), &sampling(1.0, 30), &[], 4, |_| {}).unwrap();
+    let free = generate(&model, &requests(5), &sampling(1.0, 30), &[], 4, |_, _| {}).unwrap();
     // Use tokens that the free run produced as EOS ids: those runs must now stop there.
     let eos = [free[0].tokens[3], free[1].tokens[5]];
-    let out = generate(&model, &requests(5), &sampling(1.0, 30), &eos, 4, |_| {}).unwrap();
+    let out = generate(&model, &requests(5), &sampling(1.0, 30), &eos, 4, |_, _| {}).unwrap();
     for (f, g) in free.iter().zip(&out) {
         match f.tokens.iter().position(|t| eos.contains(t)) {
             Some(stop) => {
@@ -222,7 +222,7 @@ fn capacity_beyond_the_model_positions_is_an_error() {
         prompt_ids: vec![1; 250],
         seed: 0,
     }];
-    let err = generate(&model, &long, &sampling(1.0, 10), &[], 1, |_| {}).unwrap_err();
+    let err = generate(&model, &long, &sampling(1.0, 10), &[], 1, |_, _| {}).unwrap_err();
     assert!(
         err.to_string()
             .contains("exceeds the model's 256 positions"),

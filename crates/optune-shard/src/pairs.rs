@@ -15,9 +15,10 @@ use std::sync::Arc;
 /// The pairs shard with the counts the summary line reports.
 #[derive(Debug)]
 pub struct PairShard {
-    /// One row per kept prompt, in the order of the prompts' first rows
-    /// across the inputs: prompt-level columns, then `chosen`, `rejected`,
-    /// `chosen_reward`, `rejected_reward`, `reward_gap`.
+    /// One row per kept prompt, sorted by prompt_id: prompt-level columns,
+    /// then `chosen`, `rejected`, `chosen_reward`, `rejected_reward`,
+    /// `reward_gap`. (Sorted, like every tool's `--shard` output, so that the
+    /// slices of `opt-wdpo --reference-only --shard K/N` concatenate to it.)
     pub shard: Shard,
     pub rows_in: usize,
     pub prompts_in: usize,
@@ -155,7 +156,8 @@ pub fn build_pairs(inputs: &[Shard], min_gap: f64) -> Result<PairShard> {
         .iter()
         .map(|response| response.prompt_id)
         .collect();
-    let groups = group_by_prompt(&prompt_ids);
+    let mut groups = group_by_prompt(&prompt_ids);
+    groups.sort_by(|a, b| a.prompt_id.cmp(b.prompt_id));
     let (mut skipped_single, mut skipped_gap) = (0, 0);
     let mut first_rows = Vec::new();
     let mut chosen: Vec<&Response> = Vec::new();
@@ -316,11 +318,11 @@ mod tests {
     }
 
     #[test]
-    fn merges_prompts_across_shards() {
-        let kept = scored(&[("a", 0, 0.1), ("a", 1, 0.2), ("b", 0, 0.3)]);
+    fn merges_prompts_across_shards_and_sorts_them() {
+        let kept = scored(&[("c", 0, 0.5), ("a", 0, 0.1), ("a", 1, 0.2), ("b", 0, 0.3)]);
         let new = Shard::new(
             "new.parquet",
-            scored(&[("b", 1, 0.7), ("c", 0, 0.5), ("c", 1, 0.4)]).into_batch(),
+            scored(&[("b", 1, 0.7), ("c", 1, 0.4)]).into_batch(),
         );
         let pairs = build_pairs(&[kept, new], 0.0).unwrap();
         assert_eq!(

@@ -2,6 +2,7 @@
 //! shards, running a tool binary (alone or in a pipe), checking that a bad
 //! input failed cleanly, and the DuckDB/pyarrow cross-read.
 
+pub use optune_resume::journal_path;
 use optune_shard::arrow::array::{ArrayRef, Float32Array};
 use optune_shard::arrow::compute::cast;
 use optune_shard::arrow::datatypes::DataType;
@@ -297,5 +298,143 @@ pub fn check_parquet_readers(paths: &[PathBuf]) {
             .count(),
         paths.len(),
         "{checked}"
+    );
+}
+
+/// Rows in OUTPUT.journal (its lines less the header line; 0 when there is none).
+pub fn journal_rows(output: &Path) -> usize {
+    std::fs::read(journal_path(output))
+        .map(|bytes| {
+            bytes
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count()
+                .saturating_sub(1)
+        })
+        .unwrap_or(0)
+}
+
+/// Starts `command` (stdout discarded, stderr kept), waits until `ready()` holds, sends it
+/// `signal` (`KILL`, `TERM`, `INT`) and waits for it to end; returns how it ended and how many
+/// seconds it took to end after the signal. Panics when the tool ends before `ready()` holds or
+/// makes no progress for ten minutes.
+pub fn signal_when(
+    command: &mut Command,
+    signal: &str,
+    ready: impl Fn() -> bool,
+) -> (Outcome, f64) {
+    let mut child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the tool starts");
+    let mut stderr = child.stderr.take().expect("piped stderr");
+    // Read while it runs, so that a full pipe never stalls the tool.
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut text).ok();
+        text
+    });
+    let started = std::time::Instant::now();
+    while !ready() {
+        if let Some(status) = child.try_wait().expect("waiting for the tool") {
+            panic!(
+                "the tool ended ({status}) before the moment to signal it:\n{}",
+                reader.join().unwrap_or_default()
+            );
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(600),
+            "no progress in ten minutes"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let signalled = std::time::Instant::now();
+    let sent = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(child.id().to_string())
+        .status()
+        .expect("kill runs");
+    assert!(sent.success(), "kill -{signal} failed");
+    let status = child.wait().expect("reaping the tool");
+    let seconds = signalled.elapsed().as_secs_f64();
+    let stderr = reader.join().unwrap_or_default();
+    (
+        Outcome {
+            status,
+            stdout: Vec::new(),
+            stderr,
+        },
+        seconds,
+    )
+}
+
+/// SIGKILLs `command` once the journal of `output` holds at least `rows` rows (see
+/// [`signal_when`]); returns the rows it then holds.
+pub fn kill_when_journalled(command: &mut Command, output: &Path, rows: usize) -> usize {
+    signal_when(command, "KILL", || journal_rows(output) >= rows);
+    journal_rows(output)
+}
+
+/// Runs `command` to its end like [`run`], and how many seconds it took.
+pub fn timed(command: &mut Command) -> (Outcome, f64) {
+    let started = std::time::Instant::now();
+    let outcome = run(command, None);
+    (outcome, started.elapsed().as_secs_f64())
+}
+
+/// Whether these tests run on the generic kernels (`OPTUNE_KERNELS=generic`, inherited by the
+/// tools: the op graph CUDA runs, tested on the CPU by `make test`'s second pass).
+pub fn generic_kernels() -> bool {
+    std::env::var("OPTUNE_KERNELS").as_deref() == Ok("generic")
+}
+
+/// Checks a rerun after a kill: it succeeded, took `kept` rows from the journal (its summary's
+/// `resumed=`), wrote `resumed` as the uninterrupted run wrote `whole`, and removed the journal.
+/// "As": byte for byte on the fused kernels, where a sequence's numbers do not depend on its
+/// batch; on the generic kernels, whose decode attends over the batch with a mask, the same
+/// rows with `logp` equal to rounding (1e-4 relative).
+pub fn assert_resumed(outcome: &Outcome, kept: usize, resumed: &Path, whole: &Path) {
+    outcome.assert_success();
+    assert!(
+        outcome.stderr.contains(&format!(" resumed={kept} ")),
+        "{}",
+        outcome.stderr
+    );
+    let what = format!(
+        "{} against the uninterrupted run's {}",
+        resumed.display(),
+        whole.display()
+    );
+    if !generic_kernels() {
+        assert!(
+            std::fs::read(resumed).unwrap() == std::fs::read(whole).unwrap(),
+            "{what}: the bytes differ"
+        );
+    } else {
+        let (got, want) = (read(resumed), read(whole));
+        assert_eq!(got.column_names(), want.column_names(), "{what}");
+        for name in want.column_names() {
+            if name == "logp" {
+                let (a, b) = (got.floats(name).unwrap(), want.floats(name).unwrap());
+                for (row, (x, y)) in a.iter().zip(&b).enumerate() {
+                    assert!(
+                        (x - y).abs() <= 1e-4 * y.abs().max(1.0),
+                        "{what}: row {} logp {x} vs {y}",
+                        row + 1
+                    );
+                }
+            } else {
+                assert_eq!(
+                    got.column(name).unwrap(),
+                    want.column(name).unwrap(),
+                    "{what}: column {name}"
+                );
+            }
+        }
+    }
+    assert!(
+        !journal_path(resumed).exists(),
+        "the journal is removed once the output is written"
     );
 }

@@ -1,0 +1,281 @@
+//! opt-wdpo through crashes: a run SIGKILLed with --save-steps 2 resumes from its last state and
+//! writes the uninterrupted run's model.safetensors byte for byte, in less time; SIGTERM makes
+//! it write a state at the next step boundary and exit with an error; a rerun with other
+//! arguments is refused; --reference-only --shard splits the reference pass without changing
+//! the trained weights.
+
+use optune_testkit::{generic_kernels, signal_when, timed, workspace_root, Outcome};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, MutexGuard};
+use tempfile::TempDir;
+
+/// The tests of this file time whole runs: one at a time, so that they do not slow each other.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// Pairs per optimiser step: 32, or 8 on the generic kernels (the `make test` pass that tests
+/// the op graph CUDA runs), which train about four times slower. Every run takes 12 steps.
+fn batch() -> usize {
+    if generic_kernels() {
+        8
+    } else {
+        32
+    }
+}
+
+/// 12 × batch() pairs of 100 to 200 made-up words a side: 12 optimiser steps of about half a
+/// second each on 2 cores with the tiny llama, so the steps outweigh loading and the reference
+/// pass.
+fn write_pairs(path: &Path) {
+    let words = [
+        "good", "bad", "the", "movie", "was", "really", "not", "great", "plot", "fun", "happy",
+        "sad",
+    ];
+    let mut state = 7u64;
+    let mut next = || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 33) as usize
+    };
+    let mut text = String::new();
+    for i in 0..12 * batch() {
+        let mut side = || {
+            let length = 100 + next() % 100;
+            (0..length)
+                .map(|_| words[next() % words.len()])
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let (chosen, rejected) = (side(), side());
+        let row = serde_json::json!({
+            "prompt_id": format!("p{i:03}"),
+            "prompt": format!("Tell me about film {i}."),
+            "chosen": chosen,
+            "rejected": rejected,
+            "reward_gap": 1.0 + (i % 7) as f64 * 0.1,
+        });
+        text.push_str(&row.to_string());
+        text.push('\n');
+    }
+    std::fs::write(path, text).unwrap();
+}
+
+/// This file's lock (see [`ONE_AT_A_TIME`]), a temporary directory and the pairs in it.
+fn setup() -> (MutexGuard<'static, ()>, TempDir, PathBuf) {
+    let serial = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let pairs = dir.path().join("pairs.jsonl");
+    write_pairs(&pairs);
+    (serial, dir, pairs)
+}
+
+fn wdpo(pairs: &Path, output: &Path, extra: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_opt-wdpo"));
+    command
+        .arg("--policy")
+        .arg(workspace_root().join("testdata/models/tiny-llama"))
+        .arg(pairs)
+        .arg("-o")
+        .arg(output)
+        .args(["--lr", "1e-3", "--max-length", "256"])
+        .args(["--lora-rank", "4", "--lora-dropout", "0.1"])
+        .args(extra);
+    if !extra.contains(&"--batch-size") {
+        command.args(["--batch-size", &batch().to_string()]);
+    }
+    command
+}
+
+fn state_dir(output: &Path) -> PathBuf {
+    PathBuf::from(format!("{}.state", output.display()))
+}
+
+/// The step of the state beside `output` (0 when there is none).
+fn state_step(output: &Path) -> u64 {
+    std::fs::read_to_string(state_dir(output).join("state.json"))
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .and_then(|state| state["position"]["step"].as_u64())
+        .unwrap_or(0)
+}
+
+fn model_bytes(output: &Path) -> Vec<u8> {
+    std::fs::read(output.join("model.safetensors")).unwrap()
+}
+
+fn assert_failed(outcome: &Outcome, expected: &str) {
+    assert!(!outcome.status.success(), "succeeded: {}", outcome.stderr);
+    assert!(outcome.stderr.contains(expected), "{}", outcome.stderr);
+}
+
+#[test]
+fn a_killed_run_resumes_from_its_last_state_to_the_same_weights() {
+    let (_serial, dir, pairs) = setup();
+    let whole = dir.path().join("whole");
+    let (outcome, whole_secs) = timed(&mut wdpo(&pairs, &whole, &["--save-steps", "2"]));
+    outcome.assert_success();
+    assert!(outcome.stderr.contains(" steps=12 "), "{}", outcome.stderr);
+    assert!(
+        !state_dir(&whole).exists(),
+        "a finished run leaves no state"
+    );
+
+    let resumed = dir.path().join("resumed");
+    let command = &mut wdpo(&pairs, &resumed, &["--save-steps", "2"]);
+    signal_when(command, "KILL", || state_step(&resumed) >= 6);
+    let kept = state_step(&resumed);
+    assert!(!resumed.exists(), "a killed run leaves no checkpoint");
+    let (outcome, rerun_secs) = timed(&mut wdpo(&pairs, &resumed, &["--save-steps", "2"]));
+    outcome.assert_success();
+    assert!(
+        outcome.stderr.contains(&format!(" resumed_from={kept} ")),
+        "{}",
+        outcome.stderr
+    );
+    assert!(
+        model_bytes(&resumed) == model_bytes(&whole),
+        "the resumed model.safetensors differs from the uninterrupted run's"
+    );
+    assert!(
+        !state_dir(&resumed).exists(),
+        "the state is removed once the checkpoint is written"
+    );
+    eprintln!(
+        "uninterrupted {whole_secs:.1} s; killed after step {kept} of 12; rerun {rerun_secs:.1} s ({:.0} %)",
+        100.0 * rerun_secs / whole_secs
+    );
+    assert!(
+        rerun_secs < 0.75 * whole_secs,
+        "rerun took {rerun_secs:.1} s against {whole_secs:.1} s uninterrupted"
+    );
+}
+
+#[test]
+fn sigterm_writes_a_state_at_the_next_step_and_the_rerun_completes() {
+    let (_serial, dir, pairs) = setup();
+    let whole = dir.path().join("whole");
+    timed(&mut wdpo(&pairs, &whole, &[])).0.assert_success();
+
+    // Without --save-steps: the only state is the one SIGTERM asks for.
+    let output = dir.path().join("policy");
+    let metrics = dir.path().join("metrics.csv");
+    let logged = || {
+        std::fs::read_to_string(&metrics)
+            .map(|text| text.lines().count().saturating_sub(1))
+            .unwrap_or(0)
+    };
+    let command = &mut wdpo(&pairs, &output, &["--metrics", metrics.to_str().unwrap()]);
+    // The signal comes in the middle of a step, some time after the third one ended.
+    let steps_before_signal = std::cell::Cell::new(0);
+    let (outcome, seconds) = signal_when(command, "TERM", || {
+        if logged() < 3 {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        steps_before_signal.set(logged());
+        true
+    });
+    let at_signal = steps_before_signal.get() as u64;
+    let step = state_step(&output);
+    assert_failed(
+        &outcome,
+        &format!(
+            "SIGTERM: stopped after step {step} of 12; the training state is in {}",
+            state_dir(&output).display()
+        ),
+    );
+    assert!(
+        (at_signal..=at_signal + 1).contains(&step),
+        "state at step {step}, signalled after step {at_signal}: more than one step later"
+    );
+    eprintln!("SIGTERM after step {at_signal}: state at step {step}, exit {seconds:.2} s later");
+    assert!(!output.exists());
+
+    let (outcome, _) = timed(&mut wdpo(
+        &pairs,
+        &output,
+        &["--metrics", metrics.to_str().unwrap()],
+    ));
+    outcome.assert_success();
+    assert!(
+        outcome.stderr.contains(&format!(" resumed_from={step} ")),
+        "{}",
+        outcome.stderr
+    );
+    assert!(model_bytes(&output) == model_bytes(&whole));
+    assert_eq!(logged(), 12, "the metrics file holds every step once");
+    assert!(!state_dir(&output).exists());
+}
+
+#[test]
+fn a_state_of_other_arguments_is_refused() {
+    let (_serial, dir, pairs) = setup();
+    let output = dir.path().join("policy");
+    let command = &mut wdpo(&pairs, &output, &["--save-steps", "2"]);
+    signal_when(command, "KILL", || state_step(&output) >= 2);
+    let state = std::fs::read(state_dir(&output).join("state.json")).unwrap();
+
+    let (outcome, _) = timed(&mut wdpo(&pairs, &output, &["--beta", "0.2"]));
+    assert_failed(
+        &outcome,
+        "policy.state holds the unfinished work of a run with other arguments or inputs (--beta: 0.1 then, 0.2 now)",
+    );
+    // Other pairs: one chosen reply changed.
+    let other = dir.path().join("other.jsonl");
+    let text = std::fs::read_to_string(&pairs).unwrap();
+    std::fs::write(
+        &other,
+        text.replacen("\"chosen\":\"", "\"chosen\":\"great ", 1),
+    )
+    .unwrap();
+    let (outcome, _) = timed(&mut wdpo(&other, &output, &[]));
+    assert_failed(
+        &outcome,
+        &format!(
+            "the pairs (input, --max-length, template): {} pairs, ",
+            12 * batch()
+        ),
+    );
+    assert!(!output.exists());
+    assert_eq!(
+        std::fs::read(state_dir(&output).join("state.json")).unwrap(),
+        state,
+        "a refused run leaves the state alone"
+    );
+}
+
+#[test]
+fn reference_shards_join_into_the_reference_of_the_whole_run() {
+    let (_serial, dir, pairs) = setup();
+    let inline = dir.path().join("inline");
+    timed(&mut wdpo(&pairs, &inline, &[])).0.assert_success();
+
+    // Three slices, another batch size: the same values, so the same trained weights.
+    let mut jsonl = String::new();
+    for k in 1..=3 {
+        let part = dir.path().join(format!("ref{k}.jsonl"));
+        let slice = format!("{k}/3");
+        let (outcome, _) = timed(&mut wdpo(
+            &pairs,
+            &part,
+            &["--reference-only", "--shard", &slice, "--batch-size", "5"],
+        ));
+        outcome.assert_success();
+        assert!(
+            outcome
+                .stderr
+                .contains(&format!("opt-wdpo: pairs={} ", 4 * batch())),
+            "{}",
+            outcome.stderr
+        );
+        jsonl.push_str(&std::fs::read_to_string(&part).unwrap());
+    }
+    let joined = dir.path().join("pairs_ref.jsonl");
+    std::fs::write(&joined, jsonl).unwrap();
+    let sharded = dir.path().join("sharded");
+    timed(&mut wdpo(&joined, &sharded, &[])).0.assert_success();
+    assert!(model_bytes(&sharded) == model_bytes(&inline));
+}
