@@ -52,16 +52,15 @@ pub fn prepare(
             write_with_reference(shard, pairs, path)?;
         }
     }
-    if !online {
+    if !held_during_training(args, policy) {
         return Ok(None);
     }
-    // Online sampling with full fine-tuning needs the initial weights at train time.
+    // Without a separate --ref, full fine-tuning keeps the initial weights for train time.
     match separate {
         Some(model) => Ok(Some(model)),
-        None if policy.lora.is_none() => Ok(Some(
+        None => Ok(Some(
             optune_model::load_model(&args.policy, dtype, device)?.0,
         )),
-        None => Ok(None),
     }
 }
 
