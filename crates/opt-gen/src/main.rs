@@ -332,7 +332,10 @@ fn run(args: Args) -> Result<()> {
         Some(cpu) => summary.field("gen_cpu_s", format!("{cpu:.2}")),
         None => summary,
     };
-    let summary = summary.field("kernels", optune_cli::kernels_in_use(&device, dtype));
+    let summary = summary.field(
+        "kernels",
+        optune_kernels::decode_path(&device, dtype).name(),
+    );
     let summary = match optune_cli::runtime::peak_rss_mb() {
         Some(mb) => summary.field("peak_rss_mb", format!("{mb:.0}")),
         None => summary,
@@ -411,7 +414,10 @@ fn fingerprint(
         .with("--ignore-eos", args.ignore_eos)
         .with("--device", format!("{:?}", device.location()))
         .with("--dtype", format!("{dtype:?}").to_lowercase())
-        .with("--kernels", optune_cli::kernels_in_use(device, dtype)))
+        .with(
+            "--kernels",
+            optune_kernels::decode_path(device, dtype).name(),
+        ))
 }
 
 /// CPU time used so far by every live thread of this process, from /proc (Linux); `None`

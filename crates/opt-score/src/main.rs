@@ -438,7 +438,10 @@ fn score_with_rm(
                 )
                 .with("--device", format!("{:?}", device.location()))
                 .with("--dtype", format!("{dtype:?}").to_lowercase())
-                .with("--kernels", optune_cli::kernels_in_use(&device, dtype));
+                .with(
+                    "--kernels",
+                    optune_kernels::autograd_path(&device, dtype).name(),
+                );
             Some(Journal::<ScoredRow>::open(&path, &fingerprint)?)
         }
         Destination::Stdout => None,
@@ -501,7 +504,7 @@ fn score_with_rm(
             truncated,
             resumed,
             model_secs: model_started.elapsed().as_secs_f64(),
-            kernels: optune_cli::kernels_in_use(&device, dtype),
+            kernels: optune_kernels::autograd_path(&device, dtype).name(),
         },
         journal.map(|(journal, _)| journal),
     ))

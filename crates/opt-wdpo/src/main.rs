@@ -287,7 +287,7 @@ fn run(args: Args) -> Result<()> {
             .print();
         return Ok(());
     }
-    let kernels = optune_cli::kernels_in_use(&device, dtype);
+    let kernels = optune_kernels::autograd_path(&device, dtype).name();
     let shard = Shard::read(args.input.as_deref())?;
     let mut policy = Policy::load(&args, &device, dtype)?;
     let mut pairs = data::read_pairs(

@@ -66,7 +66,7 @@ impl Plan {
         let layers = c.num_hidden_layers as f64;
         // candle's generic ops (any GPU) keep about twice what the fused CPU ops keep (measured
         // on SmolLM2-135M LoRA: 1.95 GB of activations against 0.85 GB).
-        let generic = optune_kernels::path(model.device(), model.dtype(), &[DType::F32])
+        let generic = optune_kernels::autograd_path(model.device(), model.dtype())
             == optune_kernels::Path::Generic;
         let per_token_layer = per_token_layer * if generic { 2.0 } else { 1.0 };
         // One chunk of logits, its softmax and its gradient at a time, in f32.

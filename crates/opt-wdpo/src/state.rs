@@ -121,7 +121,10 @@ pub fn fingerprint(
         .with("--seed", args.seed)
         .with("--device", format!("{:?}", device.location()))
         .with("--dtype", format!("{dtype:?}").to_lowercase())
-        .with("--kernels", optune_cli::kernels_in_use(device, dtype)))
+        .with(
+            "--kernels",
+            optune_kernels::autograd_path(device, dtype).name(),
+        ))
 }
 
 /// The state a killed or interrupted run with this fingerprint left beside `output`, if any.

@@ -41,9 +41,3 @@ impl RuntimeArgs {
         Ok((device, dtype))
     }
 }
-
-/// The kernels a model on `device` in `dtype` runs with, for the summary line: `fused` or
-/// `generic`.
-pub fn kernels_in_use(device: &Device, dtype: DType) -> &'static str {
-    optune_kernels::path(device, dtype, &[DType::F32]).name()
-}

@@ -5,7 +5,7 @@
 mod args;
 pub mod runtime;
 
-pub use args::{kernels_in_use, RuntimeArgs};
+pub use args::RuntimeArgs;
 
 use optune_checkpoint::{ChatMessage, Prompt};
 use optune_shard::PromptText;

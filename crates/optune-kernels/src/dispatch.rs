@@ -99,11 +99,11 @@ impl Path {
     }
 }
 
-/// The rule, the only place it is written: the fused forms run on the CPU, in a dtype they are
-/// written for (`fused_dtypes`: f32 and f64 for the autograd ops, f32 alone for the host decode
-/// kernels), unless the process chose generic kernels. Everything else, CUDA included, takes the
+/// The rule, the only place it is written ([`autograd_path`] and [`decode_path`] apply it): the fused forms run on the CPU, in a dtype they are
+/// written for (`fused_dtypes`: f32, f64 and, on CPUs with AVX512-BF16, bf16 for the autograd
+/// ops; f32 alone for the host decode kernels), unless the process chose generic kernels. Everything else, CUDA included, takes the
 /// generic ops.
-pub fn path(device: &Device, dtype: DType, fused_dtypes: &[DType]) -> Path {
+fn path(device: &Device, dtype: DType, fused_dtypes: &[DType]) -> Path {
     if kernels() == Kernels::Fused && device.is_cpu() && fused_dtypes.contains(&dtype) {
         Path::Fused
     } else {
@@ -111,8 +111,24 @@ pub fn path(device: &Device, dtype: DType, fused_dtypes: &[DType]) -> Path {
     }
 }
 
-/// [`path`] for an autograd op's inputs: fused only when they share the first input's device and
-/// dtype (the fused ops do not convert).
+/// Where the fused autograd ops (training, scoring, log-probs) run: the CPU in f32, f64 and, on
+/// CPUs with AVX512-BF16, bf16 (its products on `vdpbf16ps`; without it candle's generic bf16).
+pub fn autograd_path(device: &Device, dtype: DType) -> Path {
+    let fused_dtypes: &[DType] = if crate::matmul::bf16_products_available() {
+        &[DType::F32, DType::F64, DType::BF16]
+    } else {
+        &[DType::F32, DType::F64]
+    };
+    path(device, dtype, fused_dtypes)
+}
+
+/// Where the host decode kernels (generation's step) run: the CPU in f32.
+pub fn decode_path(device: &Device, dtype: DType) -> Path {
+    path(device, dtype, &[DType::F32])
+}
+
+/// [`autograd_path`] for an op's inputs: fused only when they share the first input's device
+/// and dtype (the fused ops do not convert).
 pub fn path_for(inputs: &[&Tensor]) -> Path {
     let Some(first) = inputs.first() else {
         return Path::Generic;
@@ -120,7 +136,7 @@ pub fn path_for(inputs: &[&Tensor]) -> Path {
     let alike = inputs
         .iter()
         .all(|t| t.dtype() == first.dtype() && t.device().same_device(first.device()));
-    match path(first.device(), first.dtype(), &[DType::F32, DType::F64]) {
+    match autograd_path(first.device(), first.dtype()) {
         Path::Fused if alike => Path::Fused,
         _ => Path::Generic,
     }

@@ -16,8 +16,12 @@
 //! * [`attention`]: grouped-query `softmax(scale · q kᵀ + mask) v`; scores and probabilities exist
 //!   one (batch, KV head) block at a time and are recomputed by the backward.
 
+use crate::matmul::{matmul_bf16, matmul_bf16_packed, Mat, PackedRhs};
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{
+    bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
+};
+use half::bf16;
 use rayon::prelude::*;
 use std::sync::Arc;
 
@@ -27,7 +31,8 @@ use std::sync::Arc;
 /// f32 or f64. The row kernels below are written once, generic over this trait; f32 runs them
 /// compiled for AVX2+FMA when the CPU has it (see `dispatch!`), f64 (gradient checks) as they are.
 trait Real:
-    Copy
+    WithDType
+    + Copy
     + Send
     + Sync
     + 'static
@@ -42,13 +47,11 @@ trait Real:
     const ZERO: Self;
     const ONE: Self;
     const NEG_INFINITY: Self;
-    fn from_f64(x: f64) -> Self;
     /// `e^x`: the library's for f64, [`crate::simd::exp_f32`] (a polynomial that vectorises) for
     /// f32.
     fn exp_fast(self) -> Self;
     fn ln(self) -> Self;
     fn sqrt(self) -> Self;
-    fn slice(s: &CpuStorage) -> Option<&[Self]>;
     fn storage(v: Vec<Self>) -> CpuStorage;
 
     /// `ln Σ e^x` of a row.
@@ -63,9 +66,6 @@ macro_rules! impl_real {
             const ONE: Self = 1.0;
             const NEG_INFINITY: Self = $t::NEG_INFINITY;
             #[allow(clippy::unnecessary_cast)]
-            fn from_f64(x: f64) -> Self {
-                x as $t
-            }
             #[inline(always)]
             fn exp_fast(self) -> Self {
                 $exp(self)
@@ -75,12 +75,6 @@ macro_rules! impl_real {
             }
             fn sqrt(self) -> Self {
                 $t::sqrt(self)
-            }
-            fn slice(s: &CpuStorage) -> Option<&[Self]> {
-                match s {
-                    CpuStorage::$variant(v) => Some(v),
-                    _ => None,
-                }
             }
             fn storage(v: Vec<Self>) -> CpuStorage {
                 CpuStorage::$variant(v)
@@ -252,12 +246,17 @@ mod simd {
 // ---------------------------------------------------------------------------------------------
 // Storage access and matrix products.
 
-fn contiguous<'a, T: Real>(s: &'a CpuStorage, l: &Layout, op: &str, what: &str) -> Result<&'a [T]> {
-    let Some(data) = T::slice(s) else {
+fn contiguous<'a, T: WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    op: &str,
+    what: &str,
+) -> Result<&'a [T]> {
+    let Ok(data) = T::cpu_storage_as_slice(s) else {
         bail!(
             "{op}: {what} has dtype {:?}, expected {:?}",
             s.dtype(),
-            T::storage(Vec::new()).dtype()
+            T::DTYPE
         );
     };
     match l.contiguous_offsets() {
@@ -270,6 +269,31 @@ fn contiguous<'a, T: Real>(s: &'a CpuStorage, l: &Layout, op: &str, what: &str) 
     }
 }
 
+/// f32 results of a bf16 op, rounded to bf16 storage.
+fn bf16_storage(values: &[f32]) -> CpuStorage {
+    CpuStorage::BF16(values.par_iter().map(|&x| bf16::from_f32(x)).collect())
+}
+
+/// Returns early from a `cpu_fwd` whose inputs are bf16 and whose op has no bf16 kernel: the
+/// op's f32 kernel runs on widened copies (exact) and its result is rounded to bf16. These ops
+/// are elementwise or per row (norms, gates, rotary, attention one head at a time), so the
+/// copies cost a pass over memory, small next to the products, which have bf16 kernels
+/// ([`LinearOp`], [`TokenLogprobs`]).
+macro_rules! through_f32 {
+    ($op:expr, ($s1:expr, $l1:expr) $(, ($s:expr, $l:expr))*) => {
+        if $s1.dtype() == DType::BF16 {
+            let widen = |s: &CpuStorage, l: &Layout| -> Result<(CpuStorage, Layout)> {
+                Ok((s.to_dtype(l, DType::F32)?, Layout::contiguous(l.shape())))
+            };
+            let (out, shape) = $op.cpu_fwd(
+                &widen($s1, $l1)?.0, &Layout::contiguous($l1.shape())
+                $(, &widen($s, $l)?.0, &Layout::contiguous($l.shape()))*
+            )?;
+            return Ok((out.to_dtype(&Layout::contiguous(&shape), DType::BF16)?, shape));
+        }
+    };
+}
+
 /// `$run::<f32>(..)` or `$run::<f64>(..)` by `$dtype`, else an error naming `$op`.
 macro_rules! by_dtype {
     ($op:expr, $dtype:expr, $run:ident($($arg:expr),*)) => {
@@ -279,33 +303,6 @@ macro_rules! by_dtype {
             other => bail!("{}: dtype {other:?} is not supported (f32, f64)", $op.name()),
         }
     };
-}
-
-/// A row-major matrix operand: element `(i, j)` at `ptr[i * rs + j * cs]`.
-#[derive(Clone, Copy)]
-struct Mat<T> {
-    ptr: *const T,
-    rs: usize,
-    cs: usize,
-}
-
-impl<T> Mat<T> {
-    /// `data` as an `[rows, cols]` row-major matrix.
-    fn rows(data: &[T], cols: usize) -> Self {
-        Self {
-            ptr: data.as_ptr(),
-            rs: cols,
-            cs: 1,
-        }
-    }
-    /// The transpose of `data` seen as `[cols, rows]` row-major, i.e. `dataᵀ`.
-    fn transposed(data: &[T], cols: usize) -> Self {
-        Self {
-            ptr: data.as_ptr(),
-            rs: 1,
-            cs: cols,
-        }
-    }
 }
 
 /// `dst [m, n] (row-major) = (accumulate ? dst : 0) + lhs [m, k] · rhs [k, n]`, on rayon's pool.
@@ -418,21 +415,13 @@ impl TokenLogprobs {
         Ok((n, h, v))
     }
 
-    fn forward<T: Real>(&self, rows: &[T], weight: &[T], n: usize, h: usize, v: usize) -> Vec<T> {
+    fn forward<T: Real>(&self, products: &impl HeadProducts<T>, n: usize, v: usize) -> Vec<T> {
         let mut out = vec![T::ZERO; n];
         let mut logits = vec![T::ZERO; self.chunk.min(n) * v];
         for start in (0..n).step_by(self.chunk) {
             let c = self.chunk.min(n - start);
             let logits = &mut logits[..c * v];
-            matmul(
-                c,
-                v,
-                h,
-                logits,
-                false,
-                Mat::rows(&rows[start * h..], h),
-                Mat::transposed(weight, h),
-            );
+            products.logits(start, c, logits);
             logits
                 .par_chunks(v)
                 .zip(out[start..start + c].par_iter_mut())
@@ -450,8 +439,7 @@ impl TokenLogprobs {
     fn backward<T: Real>(
         &self,
         wanted: Wanted,
-        rows: &[T],
-        weight: &[T],
+        products: &impl HeadProducts<T>,
         logp: &[T],
         grad: &[T],
         n: usize,
@@ -464,16 +452,7 @@ impl TokenLogprobs {
         for (i, start) in (0..n).step_by(self.chunk).enumerate() {
             let c = self.chunk.min(n - start);
             let block = &mut block[..c * v];
-            let rows_c = &rows[start * h..(start + c) * h];
-            matmul(
-                c,
-                v,
-                h,
-                block,
-                false,
-                Mat::rows(rows_c, h),
-                Mat::transposed(weight, h),
-            );
+            products.logits(start, c, block);
             block.par_chunks_mut(v).enumerate().for_each(|(r, row)| {
                 let (t, g) = (self.targets[start + r] as usize, grad[start + r]);
                 let lse = row[t] - logp[start + r];
@@ -481,29 +460,121 @@ impl TokenLogprobs {
                 row[t] += g;
             });
             if wanted.first {
-                matmul(
-                    c,
-                    h,
-                    v,
-                    &mut grad_rows[start * h..(start + c) * h],
-                    false,
-                    Mat::rows(block, v),
-                    Mat::rows(weight, h),
-                );
+                products.grad_rows(block, c, &mut grad_rows[start * h..(start + c) * h]);
             }
             if wanted.second {
-                matmul(
-                    v,
-                    h,
-                    c,
-                    grad_weight,
-                    i > 0,
-                    Mat::transposed(block, v),
-                    Mat::rows(rows_c, h),
-                );
+                products.grad_weight(block, start, c, grad_weight, i > 0);
             }
         }
         out
+    }
+}
+
+/// The three products of the vocabulary head, over `rows [n, h]` and `weight [v, h]`.
+trait HeadProducts<T> {
+    /// `out [c, v] = rows[start..start + c] · weightᵀ`.
+    fn logits(&self, start: usize, c: usize, out: &mut [T]);
+    /// `out [c, h] = block [c, v] · weight`.
+    fn grad_rows(&self, block: &[T], c: usize, out: &mut [T]);
+    /// `out [v, h] = (accumulate ? out : 0) + block [c, v]ᵀ · rows[start..start + c]`.
+    fn grad_weight(&self, block: &[T], start: usize, c: usize, out: &mut [T], accumulate: bool);
+}
+
+/// The head's products in the inputs' own precision (f32, f64).
+struct NativeHead<'a, T> {
+    rows: &'a [T],
+    weight: &'a [T],
+    h: usize,
+    v: usize,
+}
+
+impl<T: Real> HeadProducts<T> for NativeHead<'_, T> {
+    fn logits(&self, start: usize, c: usize, out: &mut [T]) {
+        let (rows, h) = (&self.rows[start * self.h..], self.h);
+        matmul(
+            c,
+            self.v,
+            h,
+            out,
+            false,
+            Mat::rows(rows, h),
+            Mat::transposed(self.weight, h),
+        );
+    }
+    fn grad_rows(&self, block: &[T], c: usize, out: &mut [T]) {
+        let (h, v) = (self.h, self.v);
+        matmul(
+            c,
+            h,
+            v,
+            out,
+            false,
+            Mat::rows(block, v),
+            Mat::rows(self.weight, h),
+        );
+    }
+    fn grad_weight(&self, block: &[T], start: usize, c: usize, out: &mut [T], accumulate: bool) {
+        let (h, v) = (self.h, self.v);
+        let rows = &self.rows[start * h..(start + c) * h];
+        matmul(
+            v,
+            h,
+            c,
+            out,
+            accumulate,
+            Mat::transposed(block, v),
+            Mat::rows(rows, h),
+        );
+    }
+}
+
+/// The head's products for bf16 rows and weight: bf16 operands (the f32 logit gradients
+/// rounded), f32 sums. The weight is packed once per op for the products that read it whole.
+struct Bf16Head<'a> {
+    rows: &'a [bf16],
+    h: usize,
+    v: usize,
+    /// `weightᵀ [h, v]`, for the logits.
+    weight_t: PackedRhs,
+    /// `weight [v, h]`, for the rows' gradient (when wanted).
+    weight: Option<PackedRhs>,
+}
+
+impl<'a> Bf16Head<'a> {
+    fn new(rows: &'a [bf16], weight: &[bf16], h: usize, v: usize, grad_rows: bool) -> Self {
+        Self {
+            rows,
+            h,
+            v,
+            weight_t: PackedRhs::new(h, v, Mat::transposed(weight, h)),
+            weight: grad_rows.then(|| PackedRhs::new(v, h, Mat::rows(weight, h))),
+        }
+    }
+}
+
+impl HeadProducts<f32> for Bf16Head<'_> {
+    fn logits(&self, start: usize, c: usize, out: &mut [f32]) {
+        let rows = Mat::rows(&self.rows[start * self.h..], self.h);
+        matmul_bf16_packed(c, out, false, rows, &self.weight_t);
+    }
+    fn grad_rows(&self, block: &[f32], c: usize, out: &mut [f32]) {
+        let weight = self
+            .weight
+            .as_ref()
+            .expect("packed when the rows' gradient is wanted");
+        matmul_bf16_packed(c, out, false, Mat::rows(block, self.v), weight);
+    }
+    fn grad_weight(
+        &self,
+        block: &[f32],
+        start: usize,
+        c: usize,
+        out: &mut [f32],
+        accumulate: bool,
+    ) {
+        let (h, v) = (self.h, self.v);
+        let rows = Mat::rows(&self.rows[start * h..(start + c) * h], h);
+        matmul_bf16(v, h, c, out, accumulate, Mat::transposed(block, v), rows);
     }
 }
 
@@ -529,9 +600,18 @@ impl CustomOp2 for TokenLogprobs {
         ) -> Result<CpuStorage> {
             let rows = contiguous::<T>(s[0].0, s[0].1, op.name(), "rows")?;
             let weight = contiguous::<T>(s[1].0, s[1].1, op.name(), "weight")?;
-            Ok(T::storage(op.forward(rows, weight, n, h, v)))
+            let products = NativeHead { rows, weight, h, v };
+            Ok(T::storage(op.forward(&products, n, v)))
         }
-        let out = by_dtype!(self, s1.dtype(), run(self, [(s1, l1), (s2, l2)], n, h, v));
+        // bf16 rows and weight give f32 log-probs, as the generic form does.
+        let out = if s1.dtype() == DType::BF16 {
+            let rows = contiguous::<bf16>(s1, l1, self.name(), "rows")?;
+            let weight = contiguous::<bf16>(s2, l2, self.name(), "weight")?;
+            let products = Bf16Head::new(rows, weight, h, v, false);
+            CpuStorage::F32(self.forward(&products, n, v))
+        } else {
+            by_dtype!(self, s1.dtype(), run(self, [(s1, l1), (s2, l2)], n, h, v))
+        };
         Ok((out, Shape::from(n)))
     }
 
@@ -593,22 +673,31 @@ impl CustomOp3 for TokenLogprobsGrad {
             let rows = contiguous::<T>(s[0].0, s[0].1, name, "rows")?;
             let weight = contiguous::<T>(s[1].0, s[1].1, name, "weight")?;
             let aux = contiguous::<T>(s[2].0, s[2].1, name, "logp and grad")?;
-            Ok(T::storage(g.op.backward(
-                g.wanted,
-                rows,
-                weight,
-                &aux[..n],
-                &aux[n..2 * n],
-                n,
-                h,
-                v,
-            )))
+            let products = NativeHead { rows, weight, h, v };
+            let (logp, grad) = (&aux[..n], &aux[n..2 * n]);
+            Ok(T::storage(
+                g.op.backward(g.wanted, &products, logp, grad, n, h, v),
+            ))
         }
-        let out = by_dtype!(
-            self,
-            s1.dtype(),
-            run(self, [(s1, l1), (s2, l2), (s3, l3)], n, h, v)
-        );
+        // bf16 rows and weight (f32 log-probs and gradient): bf16 gradients.
+        let out = if s1.dtype() == DType::BF16 {
+            let rows = contiguous::<bf16>(s1, l1, self.name(), "rows")?;
+            let weight = contiguous::<bf16>(s2, l2, self.name(), "weight")?;
+            let aux = contiguous::<f32>(s3, l3, self.name(), "logp and grad")?;
+            let products = Bf16Head::new(rows, weight, h, v, self.wanted.first);
+            let (logp, grad) = (&aux[..n], &aux[n..2 * n]);
+            bf16_storage(
+                &self
+                    .op
+                    .backward(self.wanted, &products, logp, grad, n, h, v),
+            )
+        } else {
+            by_dtype!(
+                self,
+                s1.dtype(),
+                run(self, [(s1, l1), (s2, l2), (s3, l3)], n, h, v)
+            )
+        };
         Ok((out, Shape::from(self.wanted.packed_len(n * h, v * h))))
     }
 }
@@ -711,6 +800,7 @@ impl CustomOp2 for RmsNorm {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        through_f32!(self, (s1, l1), (s2, l2));
         let (_, h) = self.check(l1, l2)?;
         fn run<T: Real>(
             op: &RmsNorm,
@@ -752,6 +842,7 @@ impl CustomOp3 for RmsNormGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        through_f32!(self, (s1, l1), (s2, l2), (s3, l3));
         let (rows, h) = self.0.check(l1, l2)?;
         if l3.shape() != l1.shape() {
             bail!(
@@ -842,11 +933,27 @@ impl CustomOp2 for LinearOp {
             );
             Ok(T::storage(y))
         }
-        let y = by_dtype!(
-            self,
-            s1.dtype(),
-            run(self, [(s1, l1), (s2, l2)], (rows, k, out))
-        );
+        let y = if s1.dtype() == DType::BF16 {
+            let x = contiguous::<bf16>(s1, l1, self.name(), "input")?;
+            let w = contiguous::<bf16>(s2, l2, self.name(), "weight")?;
+            let mut y = vec![0f32; rows * out];
+            matmul_bf16(
+                rows,
+                out,
+                k,
+                &mut y,
+                false,
+                Mat::rows(x, k),
+                Mat::transposed(w, k),
+            );
+            bf16_storage(&y)
+        } else {
+            by_dtype!(
+                self,
+                s1.dtype(),
+                run(self, [(s1, l1), (s2, l2)], (rows, k, out))
+            )
+        };
         let mut dims = l1.dims().to_vec();
         *dims.last_mut().expect("checked") = out;
         Ok((y, Shape::from(dims)))
@@ -996,11 +1103,28 @@ impl CustomOp3 for LinearGrad {
             }
             Ok(T::storage(packed))
         }
-        let packed = by_dtype!(
-            self,
-            s1.dtype(),
-            run(self, [(s1, l1), (s2, l2), (s3, l3)], (rows, k, out), len)
-        );
+        let packed = if s1.dtype() == DType::BF16 {
+            let name = self.name();
+            let x = contiguous::<bf16>(s1, l1, name, "input")?;
+            let w = contiguous::<bf16>(s2, l2, name, "weight")?;
+            let g = contiguous::<bf16>(s3, l3, name, "gradient")?;
+            let mut packed = vec![0f32; len];
+            let (dx, dw) = packed.split_at_mut(if self.wanted.first { rows * k } else { 0 });
+            if self.wanted.first {
+                matmul_bf16(rows, k, out, dx, false, Mat::rows(g, out), Mat::rows(w, k));
+            }
+            if self.wanted.second {
+                let g_t = Mat::transposed(g, out);
+                matmul_bf16(out, k, rows, dw, false, g_t, Mat::rows(x, k));
+            }
+            bf16_storage(&packed)
+        } else {
+            by_dtype!(
+                self,
+                s1.dtype(),
+                run(self, [(s1, l1), (s2, l2), (s3, l3)], (rows, k, out), len)
+            )
+        };
         Ok((packed, Shape::from(len)))
     }
 }
@@ -1030,6 +1154,7 @@ impl CustomOp2 for SiluMul {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        through_f32!(self, (s1, l1), (s2, l2));
         if l1.shape() != l2.shape() {
             bail!(
                 "silu-mul: gate {:?} and up {:?} differ in shape",
@@ -1079,6 +1204,7 @@ impl CustomOp3 for SiluMulGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        through_f32!(self, (s1, l1), (s2, l2), (s3, l3));
         if l1.shape() != l2.shape() || l1.shape() != l3.shape() {
             bail!(
                 "{}: gate {:?}, up {:?} and gradient {:?} differ in shape",
@@ -1227,6 +1353,7 @@ impl CustomOp3 for Rope {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        through_f32!(self, (s1, l1), (s2, l2), (s3, l3));
         let (b, t, d) = self.check(l1.dims(), l2, l3)?;
         fn run<T: Real>(
             op: &Rope,
@@ -1278,6 +1405,7 @@ impl CustomOp3 for RopeGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        through_f32!(self, (s1, l1), (s2, l2), (s3, l3));
         let &[b, heads, t, d] = l1.dims() else {
             bail!(
                 "{}: gradient {:?} must be [b, heads, t, d]",
@@ -1322,7 +1450,11 @@ impl CustomOp3 for RopeGrad {
 /// recomputes them. CPU, f32/f64.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
     let op = Attention {
-        mask: mask.detach().contiguous()?,
+        // bf16 inputs run the f32 kernel (`through_f32!`), which reads an f32 mask.
+        mask: mask
+            .detach()
+            .to_dtype(crate::ops::accumulation_dtype(mask.dtype()))?
+            .contiguous()?,
         scale,
     };
     q.contiguous()?
@@ -1534,6 +1666,7 @@ impl CustomOp3 for Attention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        through_f32!(self, (s1, l1), (s2, l2), (s3, l3));
         let n = self.check(l1.dims(), l2.dims(), l3.dims())?;
         fn run<T: Real>(
             op: &Attention,
@@ -1564,7 +1697,9 @@ impl CustomOp3 for Attention {
         let (nq, nk) = (q.elem_count(), k.elem_count());
         let op = AttentionGrad {
             op: self.clone(),
-            q: q.detach(),
+            // As the mask: read by the f32 kernel when the inputs are bf16.
+            q: q.detach()
+                .to_dtype(crate::ops::accumulation_dtype(q.dtype()))?,
         };
         let packed = grad
             .detach()
@@ -1598,6 +1733,7 @@ impl CustomOp3 for AttentionGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        through_f32!(self, (s1, l1), (s2, l2), (s3, l3));
         let n = self.op.check(self.q.dims(), l2.dims(), l3.dims())?;
         if l1.dims() != self.q.dims() {
             bail!(
@@ -1755,26 +1891,36 @@ pub(crate) mod tests {
         (out, tensors.iter().map(|t| grads.get(t).cloned()).collect())
     }
 
-    /// The fused op in f32 is as close to the truth (the generic ops in f64) as the generic ops in
-    /// f32 are, within `slack`×, in value and every input's gradient (errors relative to each
-    /// tensor's largest magnitude).
+    /// The fused op is as close to the truth (the generic ops in f64 on the same inputs) as the
+    /// generic ops are, within `slack`×, in value and every input's gradient (errors relative to
+    /// each tensor's largest magnitude): in f32, and in bf16 where the CPU has bf16 products.
     pub fn compare_with_generic(
         inputs: &[Tensor],
         slack: f64,
         fused: impl Fn(&[Tensor]) -> Tensor,
         generic: impl Fn(&[Tensor]) -> Tensor,
     ) {
-        let f32s: Vec<Tensor> = inputs
-            .iter()
-            .map(|t| t.to_dtype(DType::F32).unwrap())
-            .collect();
-        let f64s: Vec<Tensor> = inputs
+        compare_with_generic_in(DType::F32, inputs, slack, &fused, &generic);
+        if crate::matmul::bf16_products_available() {
+            compare_with_generic_in(DType::BF16, inputs, slack, &fused, &generic);
+        }
+    }
+
+    fn compare_with_generic_in(
+        dtype: DType,
+        inputs: &[Tensor],
+        slack: f64,
+        fused: &impl Fn(&[Tensor]) -> Tensor,
+        generic: &impl Fn(&[Tensor]) -> Tensor,
+    ) {
+        let cast: Vec<Tensor> = inputs.iter().map(|t| t.to_dtype(dtype).unwrap()).collect();
+        let f64s: Vec<Tensor> = cast
             .iter()
             .map(|t| t.to_dtype(DType::F64).unwrap())
             .collect();
-        let (truth, truth_grads) = values_and_grads(&f64s, &generic);
-        let (ours, our_grads) = values_and_grads(&f32s, &fused);
-        let (theirs, their_grads) = values_and_grads(&f32s, &generic);
+        let (truth, truth_grads) = values_and_grads(&f64s, generic);
+        let (ours, our_grads) = values_and_grads(&cast, fused);
+        let (theirs, their_grads) = values_and_grads(&cast, generic);
         let scale = |t: &Tensor| {
             t.abs()
                 .unwrap()
@@ -1791,7 +1937,7 @@ pub(crate) mod tests {
             let (ea, eb) = (err(a, truth), err(b, truth));
             assert!(
                 ea <= slack * eb.max(1e-7),
-                "{what}: fused f32 error {ea:e}, generic f32 error {eb:e}"
+                "{what}: fused {dtype:?} error {ea:e}, generic {dtype:?} error {eb:e}"
             );
         };
         check("values".into(), &ours, &theirs, &truth);
@@ -1834,7 +1980,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn token_logprobs_match_the_generic_ops_in_f32() {
+    fn token_logprobs_match_the_generic_ops() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
         let targets: Vec<u32> = (0..300).map(|_| rng.random_range(0..1000)).collect();
         let inputs = [
@@ -1867,7 +2013,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn rms_norm_matches_the_generic_ops_in_f32() {
+    fn rms_norm_matches_the_generic_ops() {
         // 150 rows: three row blocks for the weight gradient, the last partial.
         let inputs = [
             values(&[3, 50, 64], 13, 2.0, DType::F64),
@@ -1915,7 +2061,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn silu_mul_matches_the_generic_ops_in_f32() {
+    fn silu_mul_matches_the_generic_ops() {
         // More than one parallel block, the last partial.
         let inputs = [
             values(&[40_000], 33, 6.0, DType::F64),
@@ -1967,7 +2113,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn rotary_matches_the_generic_ops_in_f32() {
+    fn rotary_matches_the_generic_ops() {
         let (cos, sin) = rotary_tables(3, 17, 16, DType::F64);
         let inputs = [values(&[3, 17, 4 * 16], 42, 1.0, DType::F64)];
         compare_with_generic(
@@ -2015,7 +2161,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn attention_matches_the_generic_ops_in_f32() {
+    fn attention_matches_the_generic_ops() {
         let mask = causal_mask(3, 29, 6, DType::F64);
         let inputs = [
             values(&[3, 6, 29, 16], 54, 1.0, DType::F64),
@@ -2129,7 +2275,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn linear_matches_the_generic_ops_in_f32() {
+    fn linear_matches_the_generic_ops() {
         let inputs = [
             values(&[4, 37, 48], 73, 1.0, DType::F64),
             values(&[40, 48], 74, 0.2, DType::F64),

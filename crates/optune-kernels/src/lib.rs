@@ -9,17 +9,21 @@
 //! * **host** ([`host`]): plain-slice f32 kernels of the CPU decode step, each output computed by
 //!   a fixed sequence of operations so generated text does not depend on the batch.
 //!
-//! [`dispatch::path`] alone decides between fused/host and generic, from the device, the dtype
+//! The rule in `dispatch` alone decides between fused/host and generic, from the device, the dtype
 //! and the process setting (`OPTUNE_KERNELS=fused|generic`, or a tool's `--kernels`).
 
 pub mod dispatch;
 mod fused;
 pub mod host;
+mod matmul;
 pub mod ops;
 pub mod runtime;
 mod simd;
 
-pub use dispatch::{kernels, path, path_for, set_kernels, Kernels, Path};
+pub use dispatch::{autograd_path, decode_path, kernels, path_for, set_kernels, Kernels, Path};
+pub use matmul::{
+    bf16_products_available, matmul_bf16, matmul_bf16_packed, Bf16Source, Mat, PackedRhs,
+};
 pub use ops::{
     accumulation_dtype, attention, linear, rms_norm, rotary_heads, silu_mul, token_logprobs,
     HEAD_CHUNK_ROWS,

@@ -2,7 +2,7 @@
 //! asks [`crate::dispatch::path_for`] which form runs; the generic forms are in [`generic`]
 //! below, the fused autograd ops in `fused.rs` (one `CustomOp` per op, named after it), and the
 //! host decode kernels of the same op in [`crate::host`] (called by the model's CPU decode step,
-//! which [`crate::dispatch::path`] turns on or off as a whole).
+//! which [`crate::dispatch::decode_path`] turns on or off as a whole).
 //!
 //! | op | generic | fused | host |
 //! |---|---|---|---|

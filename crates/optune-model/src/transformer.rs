@@ -1117,9 +1117,9 @@ enum KvStore {
 
 impl KvCache {
     /// A cache for `model`: host vectors read by the host decode kernels where
-    /// [`optune_kernels::path`] picks them (the CPU in f32, fused kernels), else tensors.
+    /// [`optune_kernels::decode_path`] picks them (the CPU in f32, fused kernels), else tensors.
     pub fn new(model: &Transformer, slots: usize, capacity: usize) -> Result<Self> {
-        if optune_kernels::path(model.device(), model.dtype(), &[DType::F32]) == Path::Fused {
+        if optune_kernels::decode_path(model.device(), model.dtype()) == Path::Fused {
             let cfg = model.config();
             let size = slots * cfg.num_kv_heads() * capacity * cfg.head_dim();
             let layers = cfg.num_hidden_layers;

@@ -1,0 +1,512 @@
+//! Matrix operands, and the bf16 matrix product of the fused ops: [`matmul_bf16`] rounds its
+//! operands to bf16 and sums in f32 on AVX512-BF16's `vdpbf16ps`, which does twice the
+//! multiply-adds of an f32 FMA per instruction. (f32/f64 products go through `gemm` in
+//! `fused.rs`.)
+//!
+//! Why not AMX: the development and CI machines are AMD EPYC (Zen 4) with AVX512-BF16; their
+//! kernels offer no tile state (`arch_prctl(ARCH_GET_XCOMP_SUPP)` = 0xe7, no XTILEDATA), so an AMX
+//! kernel could neither run nor be tested here.
+
+use half::bf16;
+use rayon::prelude::*;
+use std::sync::OnceLock;
+
+/// A matrix operand: element `(i, j)` at `ptr[i * rs + j * cs]`.
+#[derive(Clone, Copy)]
+pub struct Mat<T> {
+    pub ptr: *const T,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+// SAFETY: a Mat is a read-only view of a slice the caller borrows for the whole product; sharing
+// it between the product's tasks is sharing `&[T]`.
+unsafe impl<T: Sync> Send for Mat<T> {}
+// SAFETY: as above.
+unsafe impl<T: Sync> Sync for Mat<T> {}
+
+impl<T> Mat<T> {
+    /// `data` as an `[rows, cols]` row-major matrix.
+    pub fn rows(data: &[T], cols: usize) -> Self {
+        Self {
+            ptr: data.as_ptr(),
+            rs: cols,
+            cs: 1,
+        }
+    }
+    /// The address of element `(i, j)`.
+    ///
+    /// # Safety
+    /// `(i, j)` lies inside the matrix.
+    unsafe fn at(self, i: usize, j: usize) -> *const T {
+        self.ptr.add(i * self.rs + j * self.cs)
+    }
+    /// The transpose of `data` seen as `[cols, rows]` row-major, i.e. `dataᵀ`.
+    pub fn transposed(data: &[T], cols: usize) -> Self {
+        Self {
+            ptr: data.as_ptr(),
+            rs: 1,
+            cs: cols,
+        }
+    }
+}
+
+/// An element a bf16 product reads: bf16 as it is, f32 rounded to the nearest bf16 (ties to
+/// even), which is exact for f32 values that came from bf16.
+pub trait Bf16Source: Copy + Send + Sync + 'static {
+    fn bf16_bits(self) -> u16;
+}
+
+impl Bf16Source for bf16 {
+    fn bf16_bits(self) -> u16 {
+        self.to_bits()
+    }
+}
+
+impl Bf16Source for f32 {
+    fn bf16_bits(self) -> u16 {
+        bf16::from_f32(self).to_bits()
+    }
+}
+
+/// Whether this CPU runs [`matmul_bf16`] (AVX512-BF16 and AVX512F).
+pub fn bf16_products_available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bf16")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// Rows of a micro-tile of the product.
+const MR: usize = 8;
+/// 16-lane vectors per micro-tile row.
+const NV: usize = 3;
+/// Columns of a micro-tile: 48 divides the widths of the models we train (576, 1536, 49152, …).
+const NR: usize = 16 * NV;
+/// `k` per block (even): a block of packed `rhs` is `KC × NC` bf16, 1.5 MiB, about an L2.
+const KC: usize = 512;
+/// Columns per block of packed `rhs` (a multiple of [`NR`]).
+const NC: usize = 16 * NR;
+/// Rows of `lhs` one task packs and runs against its columns (a multiple of [`MR`]).
+const MC: usize = 12 * MR;
+
+/// `dst [m, n] = (accumulate ? dst : 0) + lhs [m, k] · rhs [k, n]`: operands rounded to bf16,
+/// products summed in f32 by `vdpbf16ps`, on rayon's pool. [`PackedRhs`] and
+/// [`matmul_bf16_packed`] do the same with `rhs` packed once for several products.
+///
+/// # Panics
+/// When the CPU lacks AVX512-BF16 ([`bf16_products_available`] says so first), or `dst` is
+/// shorter than `m × n`.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_bf16<A: Bf16Source, B: Bf16Source>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: Mat<A>,
+    rhs: Mat<B>,
+) {
+    matmul_bf16_packed(m, dst, accumulate, lhs, &PackedRhs::new(k, n, rhs))
+}
+
+/// The right operand `[k, n]` of bf16 products, packed: blocks of [`KC`] × [`NC`], each as
+/// panels of [`NR`] columns, each panel `[pair][NR]` lanes of two bf16 (the even `k` in the low
+/// half, as `vdpbf16ps` multiplies them); the padding is zero. Packing costs about as much as
+/// reading `rhs` once; a weight reused by several products (the vocabulary head's chunks, a
+/// decode step's layers) is packed once.
+pub struct PackedRhs {
+    k: usize,
+    n: usize,
+    /// Block `(kb, nb)` at `kb * n_blocks + nb`.
+    blocks: Vec<Vec<u32>>,
+}
+
+impl PackedRhs {
+    pub fn new<B: Bf16Source>(k: usize, n: usize, rhs: Mat<B>) -> Self {
+        // Read outside the tasks: a closure naming a field of a Mat captures that field alone.
+        let k_stride = rhs.rs;
+        let mut blocks = Vec::new();
+        for k0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - k0);
+            let pairs = kc.div_ceil(2);
+            for n0 in (0..n).step_by(NC) {
+                let panels = NC.min(n - n0).div_ceil(NR);
+                let mut block = vec![0u32; panels * pairs * NR];
+                block
+                    .par_chunks_mut(pairs * NR)
+                    .enumerate()
+                    .for_each(move |(p, panel)| {
+                        for c in 0..NR.min(n - n0 - p * NR) {
+                            // SAFETY: column n0 + p·NR + c < n, rows k0..k0 + kc lie inside
+                            // the k × n operand; the panel holds `pairs` lanes NR apart from c.
+                            unsafe {
+                                pack_line(
+                                    rhs.at(k0, n0 + p * NR + c),
+                                    k_stride,
+                                    kc,
+                                    &mut panel[c..],
+                                    NR,
+                                )
+                            }
+                        }
+                    });
+                blocks.push(block);
+            }
+        }
+        Self { k, n, blocks }
+    }
+
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    pub fn n(&self) -> usize {
+        self.n
+    }
+}
+
+/// [`matmul_bf16`] with `rhs` packed: `dst [m, n] = (accumulate ? dst : 0) + lhs [m, k] · rhs`.
+///
+/// Every element is summed over `k` in one fixed order (blocks of [`KC`], then pairs), whatever
+/// `m`, `n` and the thread count, so a row's result does not depend on the other rows.
+///
+/// # Panics
+/// As [`matmul_bf16`].
+pub fn matmul_bf16_packed<A: Bf16Source>(
+    m: usize,
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: Mat<A>,
+    rhs: &PackedRhs,
+) {
+    let (k, n) = (rhs.k, rhs.n);
+    assert!(bf16_products_available(), "matmul_bf16 needs AVX512-BF16");
+    assert!(dst.len() >= m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(0.0);
+        }
+        return;
+    }
+    let threads = rayon::current_num_threads().max(1);
+    let out = SharedOut(dst.as_mut_ptr());
+    let mut packed_lhs = Vec::new();
+    let m_tiles = m.div_ceil(MR);
+    // Read outside the tasks: a closure naming a field of a Mat captures that field alone.
+    let lhs_k_stride = lhs.cs;
+    let mut blocks = rhs.blocks.iter();
+    for k0 in (0..k).step_by(KC) {
+        let kc = KC.min(k - k0);
+        let pairs = kc.div_ceil(2);
+        // Later k blocks add to what the first wrote.
+        let add = accumulate || k0 > 0;
+        packed_lhs.resize(m_tiles * MR * pairs, 0u32);
+        packed_lhs
+            .par_chunks_mut(MR * pairs)
+            .enumerate()
+            .for_each(move |(t, tile)| {
+                for (r, line) in tile.chunks_mut(pairs).enumerate() {
+                    let i = t * MR + r;
+                    if i < m {
+                        // SAFETY: row i, columns k0..k0 + kc lie inside the m × k operand.
+                        unsafe { pack_line(lhs.at(i, k0), lhs_k_stride, kc, line, 1) }
+                    } else {
+                        line.fill(0);
+                    }
+                }
+            });
+        for n0 in (0..n).step_by(NC) {
+            let packed_rhs = blocks.next().expect("one packed block per (k, n) block");
+            let panels = NC.min(n - n0).div_ceil(NR);
+            let m_blocks = m.div_ceil(MC);
+            // Enough tasks to keep every thread busy when `m` is small (decoding).
+            let groups = (4 * threads).div_ceil(m_blocks).clamp(1, panels);
+            let per_group = panels.div_ceil(groups);
+            let packed_lhs = &packed_lhs;
+            (0..m_blocks * groups).into_par_iter().for_each(|task| {
+                let (mb, g) = (task / groups, task % groups);
+                let tiles = (mb * MC / MR)..((mb + 1) * MC / MR).min(m_tiles);
+                for p in (g * per_group)..((g + 1) * per_group).min(panels) {
+                    let col = n0 + p * NR;
+                    let cols = NR.min(n - col);
+                    let rhs_panel = &packed_rhs[p * pairs * NR..(p + 1) * pairs * NR];
+                    for t in tiles.clone() {
+                        let row = t * MR;
+                        let rows = MR.min(m - row);
+                        let lhs_tile = &packed_lhs[t * MR * pairs..(t + 1) * MR * pairs];
+                        // SAFETY: the tasks write disjoint blocks of dst (rows of `mb`, columns
+                        // of `g`'s panels), each inside m × n; the packed tiles hold `pairs`
+                        // pairs of MR rows / NR columns; the CPU has AVX512-BF16 (asserted).
+                        unsafe {
+                            micro_tile(
+                                pairs,
+                                lhs_tile,
+                                rhs_panel,
+                                out.at(row * n + col),
+                                n,
+                                rows,
+                                cols,
+                                add,
+                            )
+                        }
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// The destination shared by the tasks of [`matmul_bf16`], each of which writes its own block.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: the tasks holding copies write disjoint elements, and the owning call waits for them.
+unsafe impl Send for SharedOut {}
+// SAFETY: as above.
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// # Safety
+    /// `offset` lies inside the destination.
+    unsafe fn at(self, offset: usize) -> *mut f32 {
+        self.0.add(offset)
+    }
+}
+
+/// Packs `len` elements `stride` apart from `src` (one row of `lhs` or column of `rhs` along
+/// `k`) as bf16 pairs, the first of each pair in the low half of the 32-bit lane `vdpbf16ps`
+/// multiplies pairwise, into `out[0], out[out_stride], …`; the odd element past `len` is zero.
+///
+/// # Safety
+/// `src` points at `len` readable elements `stride` apart; `out` holds `len.div_ceil(2)` lanes
+/// `out_stride` apart.
+unsafe fn pack_line<T: Bf16Source>(
+    src: *const T,
+    stride: usize,
+    len: usize,
+    out: &mut [u32],
+    out_stride: usize,
+) {
+    let at = |i: usize| (*src.add(i * stride)).bf16_bits() as u32;
+    let whole = len / 2;
+    for p in 0..whole {
+        out[p * out_stride] = at(2 * p) | at(2 * p + 1) << 16;
+    }
+    if len % 2 == 1 {
+        out[whole * out_stride] = at(len - 1);
+    }
+}
+
+/// `c [rows, cols] (+)= lhs_tile · rhs_panel` over `pairs` k-pairs, for one MR × NR micro-tile
+/// (`rows ≤ MR`, `cols ≤ NR`; the padding lanes are computed and dropped).
+///
+/// # Safety
+/// The CPU has AVX512F and AVX512-BF16; `c` points at `rows` rows of `cols` writable floats, `ldc`
+/// apart; the tiles hold `pairs × MR` and `pairs × NR` lanes.
+#[allow(clippy::too_many_arguments)]
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn micro_tile(
+    pairs: usize,
+    lhs_tile: &[u32],
+    rhs_panel: &[u32],
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    add: bool,
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(lhs_tile.len() >= MR * pairs && rhs_panel.len() >= pairs * NR);
+    let full = rows == MR && cols == NR;
+    // A partial tile goes through this buffer, so the vector loads and stores stay in bounds.
+    let mut edge = [0f32; MR * NR];
+    let (base, ld) = if full {
+        (c, ldc)
+    } else {
+        if add {
+            for r in 0..rows {
+                std::ptr::copy_nonoverlapping(c.add(r * ldc), edge.as_mut_ptr().add(r * NR), cols);
+            }
+        }
+        (edge.as_mut_ptr(), NR)
+    };
+    let mut acc = [[_mm512_setzero_ps(); NV]; MR];
+    if add {
+        for (r, row) in acc.iter_mut().enumerate() {
+            for (v, lane) in row.iter_mut().enumerate() {
+                *lane = _mm512_loadu_ps(base.add(r * ld + 16 * v));
+            }
+        }
+    }
+    let (a, b) = (lhs_tile.as_ptr(), rhs_panel.as_ptr());
+    // The lhs tile is [MR][pairs]: each row's pairs contiguous (cheap to pack), 8 streams read.
+    for p in 0..pairs {
+        let mut bv = [_mm512_setzero_ps(); NV];
+        for (v, lane) in bv.iter_mut().enumerate() {
+            *lane = _mm512_castsi512_ps(_mm512_loadu_si512(b.add(p * NR + 16 * v).cast()));
+        }
+        for (r, row) in acc.iter_mut().enumerate() {
+            let av = _mm512_castsi512_ps(_mm512_set1_epi32(*a.add(r * pairs + p) as i32));
+            for (v, lane) in row.iter_mut().enumerate() {
+                // SAFETY (transmutes): __m512 and __m512bh are the same 64 bytes; the lanes hold
+                // bf16 pairs.
+                *lane = _mm512_dpbf16_ps(
+                    *lane,
+                    std::mem::transmute::<__m512, __m512bh>(av),
+                    std::mem::transmute::<__m512, __m512bh>(bv[v]),
+                );
+            }
+        }
+    }
+    for (r, row) in acc.iter().enumerate() {
+        for (v, lane) in row.iter().enumerate() {
+            _mm512_storeu_ps(base.add(r * ld + 16 * v), *lane);
+        }
+    }
+    if !full {
+        for r in 0..rows {
+            std::ptr::copy_nonoverlapping(edge.as_ptr().add(r * NR), c.add(r * ldc), cols);
+        }
+    }
+}
+
+/// Never called: [`bf16_products_available`] is false off x86-64, and [`matmul_bf16`] asserts it.
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn micro_tile(
+    _pairs: usize,
+    _lhs_tile: &[u32],
+    _rhs_panel: &[u32],
+    _c: *mut f32,
+    _ldc: usize,
+    _rows: usize,
+    _cols: usize,
+    _add: bool,
+) {
+    unreachable!("matmul_bf16 needs AVX512-BF16")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        (0..len)
+            .map(|_| bf16::from_f32(rng.random_range(-1.0f32..1.0)).to_f32())
+            .collect()
+    }
+
+    /// The product in f64 of bf16-exact operands: what `vdpbf16ps` sums in f32.
+    fn reference(m: usize, n: usize, k: usize, a: Mat<f32>, b: Mat<f32>) -> Vec<f64> {
+        let mut out = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0f64;
+                for l in 0..k {
+                    // SAFETY: inside the test's m × k and k × n buffers.
+                    let (x, y) = unsafe {
+                        (
+                            *a.ptr.add(i * a.rs + l * a.cs),
+                            *b.ptr.add(l * b.rs + j * b.cs),
+                        )
+                    };
+                    s += x as f64 * y as f64;
+                }
+                out[i * n + j] = s;
+            }
+        }
+        out
+    }
+
+    fn check(m: usize, n: usize, k: usize, transposed: bool) {
+        let a = values(m * k, 1 + m as u64);
+        let b = values(k * n, 2 + n as u64);
+        let (lhs, rhs) = if transposed {
+            // lhs given as [k, m] and rhs as [n, k], read transposed.
+            (Mat::transposed(&a, m), Mat::transposed(&b, k))
+        } else {
+            (Mat::rows(&a, k), Mat::rows(&b, n))
+        };
+        let want = reference(m, n, k, lhs, rhs);
+        let mut got = vec![0.5f32; m * n];
+        matmul_bf16(m, n, k, &mut got, true, lhs, rhs);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let tol = 1e-5 * (k as f64).sqrt() * 4.0;
+            assert!(
+                (*g as f64 - 0.5 - w).abs() <= tol,
+                "{m}x{n}x{k} transposed={transposed}: element {i}: {g} vs {}",
+                w + 0.5
+            );
+        }
+        // The bf16 operands give the same product as their f32 copies.
+        let a16: Vec<bf16> = a.iter().map(|&x| bf16::from_f32(x)).collect();
+        let mut from_bf16 = vec![0f32; m * n];
+        let lhs16 = if transposed {
+            Mat::transposed(&a16, m)
+        } else {
+            Mat::rows(&a16, k)
+        };
+        matmul_bf16(m, n, k, &mut from_bf16, false, lhs16, rhs);
+        let mut from_f32 = vec![0f32; m * n];
+        matmul_bf16(m, n, k, &mut from_f32, false, lhs, rhs);
+        assert_eq!(from_bf16, from_f32);
+    }
+
+    #[test]
+    fn products_match_f64_on_edges_blocks_and_transposes() {
+        if !bf16_products_available() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (3, 5, 7),
+            (8, 48, 2),
+            (17, 97, 33),
+            (100, 50, 1100),
+            (2, 800, 64),
+        ] {
+            check(m, n, k, false);
+            check(m, n, k, true);
+        }
+    }
+
+    #[test]
+    fn a_row_does_not_depend_on_the_other_rows() {
+        if !bf16_products_available() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        let (m, n, k) = (130, 200, 1300);
+        let a = values(m * k, 7);
+        let b = values(k * n, 8);
+        let mut all = vec![0f32; m * n];
+        matmul_bf16(m, n, k, &mut all, false, Mat::rows(&a, k), Mat::rows(&b, n));
+        for row in [0, 9, 129] {
+            let mut one = vec![0f32; n];
+            matmul_bf16(
+                1,
+                n,
+                k,
+                &mut one,
+                false,
+                Mat::rows(&a[row * k..], k),
+                Mat::rows(&b, n),
+            );
+            assert_eq!(one, all[row * n..(row + 1) * n], "row {row}");
+        }
+    }
+}
