@@ -113,6 +113,7 @@ pub mod generic {
         bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage,
         Tensor, D,
     };
+    use std::cell::Cell;
     use std::sync::Mutex;
 
     /// candle-nn's RMSNorm kernel (statistics in f32 for half dtypes, on the CPU and on CUDA),
@@ -276,65 +277,114 @@ pub mod generic {
         let mut dims = x.dims().to_vec();
         let inputs = *dims.last().expect("linear input has at least one dim");
         let rows = x.reshape((x.elem_count() / inputs, inputs))?;
-        let y = if weight.track_op() {
-            rows.matmul(&weight.t()?)?
-        } else {
-            rows.apply_op2(weight, FrozenWeightProduct)?
-        };
+        let y = product(&rows, &weight.t()?)?;
         *dims.last_mut().expect("non-empty") = weight.dim(0)?;
         y.reshape(dims)
     }
 
-    /// `x [n, in] · weightᵀ` by candle's own matrix product (cuBLAS on CUDA) with a backward that
-    /// returns `x`'s gradient alone. candle's matmul node differentiates both operands whatever
-    /// they are, so under LoRA every frozen weight would get a full-size gradient: twice the
-    /// backward products and a weight-sized buffer per layer.
-    struct FrozenWeightProduct;
+    thread_local! {
+        /// Multiply-adds of the matrix products that the generic ops' backward passes ran on
+        /// this thread (candle runs a backward pass on the thread that calls it).
+        static BACKWARD_MULTIPLY_ADDS: Cell<u64> = const { Cell::new(0) };
+    }
 
-    impl FrozenWeightProduct {
-        /// `(batch, m, n, k)` of the product and the layout of `weightᵀ`.
-        fn dims(x: &Layout, weight: &Layout) -> Result<((usize, usize, usize, usize), Layout)> {
-            let (n, k, out) = super::product_dims("frozen-weight product", x, weight)?;
-            Ok(((1, n, out, k), weight.transpose(0, 1)?))
+    /// The multiply-adds of the matrix products the generic ops' backward passes have run on this
+    /// thread so far: what a LoRA backward saves is measured with it, deterministically.
+    pub fn backward_multiply_adds() -> u64 {
+        BACKWARD_MULTIPLY_ADDS.with(Cell::get)
+    }
+
+    /// `a · b` in a backward pass, counted.
+    fn backward_product(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        let (dims, k) = (a.dims(), b.dim(D::Minus2)?);
+        let macs = (a.elem_count() / dims[dims.len() - 1] * k * b.dim(D::Minus1)?) as u64;
+        BACKWARD_MULTIPLY_ADDS.with(|count| count.set(count.get() + macs));
+        a.matmul(b)
+    }
+
+    /// `a [.., m, k] · b [.., k, n]` (the same leading axes) by candle's own matrix product
+    /// (cuBLAS on CUDA), as a node whose backward computes only the gradients wanted. candle's
+    /// matmul node differentiates both operands whatever they are, so under LoRA every frozen
+    /// weight would get a full-size gradient (twice the backward products and a weight-sized
+    /// buffer per layer), and the first layer's adapters an input gradient nothing reads.
+    pub fn product(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        if !(a.track_op() || b.track_op()) {
+            return a.matmul(b);
+        }
+        a.apply_op2(b, Product)
+    }
+
+    struct Product;
+
+    impl Product {
+        /// `(batch, m, n, k)` of the product and the output's shape.
+        fn dims(a: &Layout, b: &Layout) -> Result<((usize, usize, usize, usize), Shape)> {
+            let (a_dims, b_dims) = (a.dims(), b.dims());
+            let rank = a_dims.len();
+            if rank < 2 || b_dims.len() != rank || a_dims[..rank - 2] != b_dims[..rank - 2] {
+                bail!("product: {a_dims:?} · {b_dims:?}: not two stacks of matrices alike");
+            }
+            let (m, k, k2, n) = (
+                a_dims[rank - 2],
+                a_dims[rank - 1],
+                b_dims[rank - 2],
+                b_dims[rank - 1],
+            );
+            if k != k2 {
+                bail!("product: {a_dims:?} · {b_dims:?}: inner widths differ");
+            }
+            let batch = a_dims[..rank - 2].iter().product();
+            let mut out = a_dims.to_vec();
+            out[rank - 1] = n;
+            Ok(((batch, m, n, k), Shape::from(out)))
         }
     }
 
-    impl CustomOp2 for FrozenWeightProduct {
+    impl CustomOp2 for Product {
         fn name(&self) -> &'static str {
-            "frozen-weight-product"
+            "product"
         }
 
         fn cpu_fwd(
             &self,
-            x: &CpuStorage,
-            lx: &Layout,
-            w: &CpuStorage,
-            lw: &Layout,
+            a: &CpuStorage,
+            la: &Layout,
+            b: &CpuStorage,
+            lb: &Layout,
         ) -> Result<(CpuStorage, Shape)> {
-            let (bmnk, lwt) = Self::dims(lx, lw)?;
-            Ok((x.matmul(w, bmnk, lx, &lwt)?, Shape::from((bmnk.1, bmnk.2))))
+            let (bmnk, shape) = Self::dims(la, lb)?;
+            Ok((a.matmul(b, bmnk, la, lb)?, shape))
         }
 
         #[cfg(feature = "cuda")]
         fn cuda_fwd(
             &self,
-            x: &candle_core::CudaStorage,
-            lx: &Layout,
-            w: &candle_core::CudaStorage,
-            lw: &Layout,
+            a: &candle_core::CudaStorage,
+            la: &Layout,
+            b: &candle_core::CudaStorage,
+            lb: &Layout,
         ) -> Result<(candle_core::CudaStorage, Shape)> {
-            let (bmnk, lwt) = Self::dims(lx, lw)?;
-            Ok((x.matmul(w, bmnk, lx, &lwt)?, Shape::from((bmnk.1, bmnk.2))))
+            let (bmnk, shape) = Self::dims(la, lb)?;
+            Ok((a.matmul(b, bmnk, la, lb)?, shape))
         }
 
+        /// `∂a = g · bᵀ`, `∂b = aᵀ · g`, each only when its operand leads to a variable.
         fn bwd(
             &self,
-            _x: &Tensor,
-            weight: &Tensor,
+            a: &Tensor,
+            b: &Tensor,
             _res: &Tensor,
             grad: &Tensor,
         ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-            Ok((Some(grad.matmul(weight)?), None))
+            let a_grad = match a.track_op() {
+                true => Some(backward_product(grad, &b.t()?)?),
+                false => None,
+            };
+            let b_grad = match b.track_op() {
+                true => Some(backward_product(&a.t()?, grad)?),
+                false => None,
+            };
+            Ok((a_grad, b_grad))
         }
     }
 
@@ -504,13 +554,13 @@ pub mod generic {
         let (kv_heads, tk) = (k.dim(1)?, k.dim(2)?);
         let group = heads / kv_heads;
         let q = (q.reshape((b, kv_heads, group * tq, d))? * scale)?;
-        let scores = q.matmul(&k.t()?)?.reshape((b, kv_heads, group, tq, tk))?;
+        let scores = product(&q, &k.t()?)?.reshape((b, kv_heads, group, tq, tk))?;
         let scores = scores.broadcast_add(&mask.unsqueeze(1)?)?;
         let dtype = scores.dtype();
         let probs = softmax_last_dim(&scores.to_dtype(accumulation_dtype(dtype))?)?
             .to_dtype(dtype)?
             .reshape((b, kv_heads, group * tq, tk))?;
-        probs.matmul(&v.contiguous()?)?.reshape((b, heads, tq, d))
+        product(&probs, &v.contiguous()?)?.reshape((b, heads, tq, d))
     }
 
     /// One chunk of `chunk × vocab` logits at a time, in the backward pass too: the values are
@@ -567,9 +617,14 @@ pub mod generic {
                 .collect()
         }
 
-        /// Log-softmax of one chunk's logits, `[len, vocab]`.
-        fn log_probs(rows: &Tensor, weight: &Tensor) -> Result<Tensor> {
-            let logits = rows.matmul(&weight.t()?)?;
+        /// Log-softmax of one chunk's logits `[len, vocab]`, multiplied by `product` (the
+        /// backward's recomputation counts its multiply-adds).
+        fn log_probs(
+            rows: &Tensor,
+            weight: &Tensor,
+            product: fn(&Tensor, &Tensor) -> Result<Tensor>,
+        ) -> Result<Tensor> {
+            let logits = product(rows, &weight.t()?)?;
             candle_nn::ops::log_softmax(
                 &logits.to_dtype(accumulation_dtype(logits.dtype()))?,
                 D::Minus1,
@@ -579,7 +634,8 @@ pub mod generic {
         fn values(&self, rows: &Tensor, weight: &Tensor) -> Result<Tensor> {
             let mut parts = Vec::new();
             for (start, len, index) in self.spans(rows.device())? {
-                let logp = Self::log_probs(&rows.narrow(0, start, len)?, weight)?;
+                let logp =
+                    Self::log_probs(&rows.narrow(0, start, len)?, weight, |a, b| a.matmul(b))?;
                 parts.push(logp.gather(&index, 1)?.squeeze(1)?);
             }
             Tensor::cat(&parts, 0)
@@ -629,7 +685,8 @@ pub mod generic {
             let mut weight_grad: Option<Tensor> = None;
             for (start, len, index) in self.chunks.spans(rows.device())? {
                 let chunk_rows = rows.narrow(0, start, len)?;
-                let probs = LogprobChunks::log_probs(&chunk_rows, &weight)?.exp()?;
+                let probs =
+                    LogprobChunks::log_probs(&chunk_rows, &weight, backward_product)?.exp()?;
                 let onehot = Tensor::zeros((len, vocab), probs.dtype(), probs.device())?
                     .scatter_add(
                         &index,
@@ -644,10 +701,10 @@ pub mod generic {
                     .broadcast_mul(&g)?
                     .to_dtype(rows.dtype())?;
                 if want_rows {
-                    row_grads.push(d_logits.matmul(&weight)?);
+                    row_grads.push(backward_product(&d_logits, &weight)?);
                 }
                 if want_weight {
-                    let part = d_logits.t()?.matmul(&chunk_rows)?;
+                    let part = backward_product(&d_logits.t()?, &chunk_rows)?;
                     weight_grad = Some(match weight_grad {
                         Some(sum) => (sum + part)?,
                         None => part,

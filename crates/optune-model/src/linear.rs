@@ -1,6 +1,7 @@
 //! A linear layer with an optional LoRA adapter.
 
 use candle_core::{Device, Result, Tensor};
+use optune_kernels::ops::generic;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -139,7 +140,9 @@ impl Linear {
             lora.a.to_dtype(input.dtype())?,
             lora.b.to_dtype(input.dtype())?,
         );
-        let delta = (input.matmul(&a.t()?)?.matmul(&b.t()?)? * lora.scale)?;
+        // The generic products on every path: their backward computes only the gradients
+        // wanted (no input gradient for the first layer's adapters, whose input is frozen).
+        let delta = (generic::linear(&generic::linear(&input, &a)?, &b)? * lora.scale)?;
         *out_dims.last_mut().expect("non-empty") = lora.b.dim(0)?;
         Some(delta.reshape(out_dims)).transpose()
     }

@@ -97,6 +97,40 @@ impl PaddedBatch {
     }
 }
 
+/// The name and shape of every weight of a Llama checkpoint of `config` (no biases, the head tied
+/// to the embedding), with the linear layers in the order the forward pass runs them: for
+/// building random models in tests and benchmarks.
+pub fn llama_weight_shapes(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let (h, i, d) = (
+        config.hidden_size,
+        config.intermediate_size,
+        config.head_dim(),
+    );
+    let (q, kv) = (config.num_attention_heads * d, config.num_kv_heads() * d);
+    let mut shapes = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![config.vocab_size, h],
+    )];
+    for l in 0..config.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        shapes.push((format!("{p}.input_layernorm.weight"), vec![h]));
+        shapes.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+        for (name, out, inp) in [
+            ("self_attn.q_proj", q, h),
+            ("self_attn.k_proj", kv, h),
+            ("self_attn.v_proj", kv, h),
+            ("self_attn.o_proj", h, q),
+            ("mlp.gate_proj", i, h),
+            ("mlp.up_proj", i, h),
+            ("mlp.down_proj", h, i),
+        ] {
+            shapes.push((format!("{p}.{name}.weight"), vec![out, inp]));
+        }
+    }
+    shapes.push(("model.norm.weight".to_string(), vec![h]));
+    shapes
+}
+
 /// Weights by Hugging Face name; [`WeightMap::take`] checks presence and shape.
 pub struct WeightMap {
     tensors: HashMap<String, Tensor>,
