@@ -489,6 +489,13 @@ impl Transformer {
         }
         let mask = Tensor::from_vec(mask, (b, 1, t, t), &self.device)?.to_dtype(self.dtype)?;
         let (cos, sin) = self.rope.lookup(&batch.positions)?;
+        crate::linear::draw_dropout_masks(
+            self.layers
+                .iter()
+                .flat_map(|block| block.linears().map(|(_, linear)| linear)),
+            b * t,
+            &self.device,
+        )?;
         let mut x = self.embed(&batch.input_ids)?;
         for (l, block) in self.layers.iter().enumerate() {
             let (out, k, v) = block.forward(&self.config, &x, &cos, &sin, &mask, None)?;
@@ -1057,6 +1064,7 @@ struct CachedKv<'a> {
 }
 
 impl Block {
+    /// In the order the forward pass runs them (the dropout masks drawn ahead rely on it).
     fn linears(&self) -> [(&'static str, &Linear); 7] {
         [
             ("self_attn.q_proj", &self.self_attn.q_proj),
