@@ -354,9 +354,13 @@ def dev(device: str) -> str:
     return GPU if device == "cuda" else device
 
 
-def kernels_flag(device: str) -> list:
-    # The op graph a GPU runs, also when a dry run puts the "cuda" side on the CPU.
-    return ["--kernels", "generic"] if device == "cuda" else []
+def device_flags(device: str, dtype: str) -> list:
+    # The op graph a GPU runs, also when a dry run puts the "cuda" side on the CPU. CUDA f32 is
+    # held to the CPU at 1e-4, so it runs full f32 products: TF32 (on by default on CUDA) rounds
+    # their inputs to a 10-bit mantissa.
+    if device != "cuda":
+        return []
+    return ["--kernels", "generic"] + (["--tf32", "false"] if dtype == "f32" else [])
 
 
 def rel(a: float, b: float) -> float:
@@ -421,7 +425,7 @@ def wdpo_ref_logps(bins: Path, model: Path, pairs: Path, work: Path, device: str
     run([bins / "opt-wdpo", "--policy", model, copy, "-o", work / "ckpt", "--precompute-ref",
          "--lr", lr, "--warmup-ratio", "0", "--schedule", "constant", "--batch-size", "4",
          "--epochs", str(epochs), "--metrics", metrics, "--device", dev(device), "--dtype", dtype,
-         *kernels_flag(device)])
+         *device_flags(device, dtype)])
     rows = read_jsonl(copy)
     with open(metrics) as f:
         steps = list(csv.DictReader(f))
@@ -489,7 +493,7 @@ def logprobs_rewards(bins: Path, work: Path) -> None:
         for device, dtype in RUNS:
             out = work / f"{name}-{device}-{dtype}.jsonl"
             run([bins / "opt-score", shard, "--rm", model, "-o", out, "--device", dev(device), "--dtype", dtype,
-                 *kernels_flag(device)])
+                 *device_flags(device, dtype)])
             got[f"{device}-{dtype}"] = [r["reward"] for r in read_jsonl(out)]
         hf = [float(c["score"]) for c in cases]
         scale = max(abs(x) for x in got["cpu-f32"])
@@ -521,7 +525,7 @@ def logprobs_generation(bins: Path, work: Path) -> None:
         out = work / f"gen-{device}-{dtype}.jsonl"
         run([bins / "opt-gen", "--model", model, prompts, "-o", out, "--n", "1", "--temperature", "0",
              "--max-new-tokens", "48", "--batch-size", "8", "--device", dev(device), "--dtype", dtype,
-             *kernels_flag(device)])
+             *device_flags(device, dtype)])
         got[f"{device}-{dtype}"] = read_jsonl(out)
     for key, tol in [("cuda-f32", 1e-4), ("cuda-bf16", 1e-2)]:
         same = [(a, b) for a, b in zip(got[key], got["cpu-f32"]) if a["response"] == b["response"]]
@@ -720,7 +724,7 @@ def optune_train(args, model_dir: Path, pairs: Path, n_pairs: int, work: Path, l
            "--lr", "1e-5" if lora else "1e-6", "--warmup-ratio", "0", "--schedule", "constant",
            "--batch-size", str(n_pairs), "--max-steps", str(args.train_steps),
            "--max-length", str(4 * args.train_tokens), "--metrics", metrics,
-           "--device", GPU, "--dtype", "bf16", *kernels_flag("cuda")]
+           "--device", GPU, "--dtype", "bf16", *device_flags("cuda", "bf16")]
     if lora:
         cmd += ["--lora-rank", str(args.lora_rank), "--lora-alpha", str(2 * args.lora_rank),
                 "--lora-targets", ",".join(LORA_TARGETS)]
@@ -948,7 +952,7 @@ def gen_row(args, models: Models, role: str, batch: int, peer, ids_all, bytes_pe
     pad = 3
     cmd = [args.bin / "opt-gen", "--model", models.path(role), prompts_file, "-o", work / "out.jsonl", "--n", "1",
            "--temperature", "0", "--ignore-eos", "--max-new-tokens", str(args.new_tokens),
-           "--batch-size", str(batch), "--device", GPU, "--dtype", "bf16", *kernels_flag("cuda")]
+           "--batch-size", str(batch), "--device", GPU, "--dtype", "bf16", *device_flags("cuda", "bf16")]
 
     def peer_generate(batch_ids) -> float:
         width = max(len(x) for x in batch_ids)
@@ -1017,7 +1021,7 @@ def stage_gen(args, models: Models, role: str) -> None:
         write_jsonl(prompts, [{"prompt_id": f"w{i:02d}", "prompt": p} for i, p in enumerate(PROMPTS)])
         run([args.bin / "opt-gen", "--model", models.path(role), prompts, "-o", work / "out.jsonl", "--n", "1",
              "--temperature", "0", "--ignore-eos", "--max-new-tokens", "8", "--batch-size", "16",
-             "--device", GPU, "--dtype", "bf16", *kernels_flag("cuda")], unit=f"gen:{role}")
+             "--device", GPU, "--dtype", "bf16", *device_flags("cuda", "bf16")], unit=f"gen:{role}")
         with torch.inference_mode():
             x = torch.tensor([state["ids"][0]], device=GPU)
             peer.generate(input_ids=x, do_sample=False, max_new_tokens=8, pad_token_id=3)

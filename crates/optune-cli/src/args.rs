@@ -4,7 +4,7 @@ use anyhow::Result;
 use candle_core::{DType, Device};
 use optune_kernels::Kernels;
 
-/// `--device`, `--dtype`, `--threads`: flatten into a tool's clap struct.
+/// `--device`, `--dtype`, `--threads`, `--kernels`, `--tf32`: flatten into a tool's clap struct.
 #[derive(Clone, Debug, clap::Args)]
 pub struct RuntimeArgs {
     /// cpu, cuda or cuda:N [default: cuda when built with the cuda feature and a GPU is
@@ -25,6 +25,12 @@ pub struct RuntimeArgs {
     /// on the CPU) [default: OPTUNE_KERNELS, else fused]
     #[arg(long, value_name = "KERNELS", value_parser = ["fused", "generic"])]
     pub kernels: Option<String>,
+
+    /// true: f32 matrix products on a CUDA device use TF32 tensor cores (inputs rounded to a
+    /// 10-bit mantissa, f32 accumulation: several times faster, as PyTorch's
+    /// allow_tf32); false: full f32 products. No effect on the CPU [default: true]
+    #[arg(long, value_name = "BOOL")]
+    pub tf32: Option<bool>,
 }
 
 impl RuntimeArgs {
@@ -38,6 +44,38 @@ impl RuntimeArgs {
         optune_kernels::runtime::init(self.threads)?;
         let device = crate::runtime::device(self.device.as_deref())?;
         let dtype = crate::runtime::dtype(self.dtype.as_deref(), &device)?;
+        if device.is_cuda() {
+            // candle's switch for cuBLAS's f32 compute type (process-wide, off by default). A
+            // build without the cuda feature has candle's stub of it, which does nothing.
+            candle_core::cuda::set_gemm_reduced_precision_f32(self.tf32.unwrap_or(true));
+        }
         Ok((device, dtype))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RuntimeArgs;
+    use clap::{CommandFactory, Parser};
+
+    #[derive(Parser)]
+    struct Tool {
+        #[command(flatten)]
+        runtime: RuntimeArgs,
+    }
+
+    #[test]
+    fn tf32_takes_true_or_false_and_its_help_says_the_cpu_ignores_it() {
+        let tf32 = |args: &[&str]| {
+            Tool::try_parse_from([&["tool"], args].concat())
+                .map(|t| t.runtime.tf32)
+                .map_err(|e| e.kind())
+        };
+        assert_eq!(tf32(&[]), Ok(None));
+        assert_eq!(tf32(&["--tf32", "false"]), Ok(Some(false)));
+        assert_eq!(tf32(&["--tf32", "true"]), Ok(Some(true)));
+        assert!(tf32(&["--tf32", "maybe"]).is_err());
+        let help = Tool::command().render_long_help().to_string();
+        assert!(help.contains("No effect on the CPU"), "{help}");
     }
 }

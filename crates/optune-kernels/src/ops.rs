@@ -12,6 +12,10 @@
 //! | [`rotary_heads`] | [`generic::rotary_heads`] | `fused::Rope` | [`crate::host::rotary`] |
 //! | [`attention`] | [`generic::attention`] | `fused::Attention` | [`crate::host::attention`] |
 //! | [`token_logprobs`] | [`generic::token_logprobs`] (`ChunkedLogprobs`) | `fused::TokenLogprobs` | (sampler: [`crate::host::log_sum_exp`]) |
+//!
+//! The generic RMSNorm, rotary embedding and attention softmax run candle-nn's fused kernels
+//! ([`generic::rms_norm`], [`generic::rope`], [`generic::softmax_last_dim`]: one kernel each on
+//! CUDA) inside nodes of their own whose backward is written in tensor ops.
 
 use crate::dispatch::{path_for, Path};
 use crate::fused;
@@ -98,23 +102,174 @@ pub fn token_logprobs(rows: &Tensor, weight: &Tensor, targets: &[u32]) -> Result
     }
 }
 
-/// The generic forms: candle's differentiable tensor ops only (candle's own fused kernels such
-/// as `rms_norm`, `softmax_last_dim` or `rope` do not propagate gradients), on any device and
-/// dtype, with reductions in [`accumulation_dtype`].
+/// The generic forms: candle's differentiable tensor ops, and candle-nn's fused kernels
+/// (`rms_norm`, `softmax_last_dim`, `rope`: CPU and CUDA forwards, no backward) wrapped in nodes
+/// whose backward is written in tensor ops; on any device and dtype, with reductions in
+/// [`accumulation_dtype`]. Every node returns gradients only for inputs that lead to a variable.
 pub mod generic {
     use super::accumulation_dtype;
     use candle_core::backend::BackendStorage;
-    use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
+    use candle_core::{
+        bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage,
+        Tensor, D,
+    };
+    use std::cell::Cell;
+    use std::sync::Mutex;
 
+    /// candle-nn's RMSNorm kernel (statistics in f32 for half dtypes, on the CPU and on CUDA),
+    /// made differentiable by [`KernelRmsNorm`].
     pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+        let x = x.contiguous()?;
+        let weight = weight.contiguous()?;
+        let values = match x.dtype() {
+            // candle-nn's CPU kernel has no f64 form; f64 is for gradient checks.
+            DType::F64 => rms_norm_composed(&x.detach(), &weight.detach(), eps)?,
+            _ => candle_nn::ops::rms_norm(&x.detach(), &weight.detach(), eps as f32)?,
+        };
+        if !(x.track_op() || weight.track_op()) {
+            return Ok(values);
+        }
+        x.apply_op2(
+            &weight,
+            KernelRmsNorm {
+                eps,
+                values: Precomputed::new(values),
+            },
+        )
+    }
+
+    /// `x / rms(x) · weight` composed of small tensor ops, statistics in [`accumulation_dtype`]:
+    /// the f64 values of [`rms_norm`], and the reference its kernel is tested against.
+    fn rms_norm_composed(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
         let dtype = x.dtype();
         let x32 = x.to_dtype(accumulation_dtype(dtype))?;
-        let inv_rms = (x32.sqr()?.mean_keepdim(D::Minus1)? + eps)?
-            .sqrt()?
-            .recip()?;
-        x32.broadcast_mul(&inv_rms)?
+        x32.broadcast_mul(&inverse_rms(&x32, eps)?)?
             .to_dtype(dtype)?
             .broadcast_mul(weight)
+    }
+
+    /// `1 / sqrt(mean(x²) + eps)` over the last axis, kept as a size-1 axis.
+    fn inverse_rms(x: &Tensor, eps: f64) -> Result<Tensor> {
+        (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()
+    }
+
+    /// A forward computed before its autograd node exists (by one of candle-nn's kernels, which
+    /// have CPU and CUDA forms but no backward), handed to the node by its forward pass. candle
+    /// gives a custom op's forward only storages, and candle-nn's kernels are reachable only
+    /// through tensors, so the node copies the values once (a device-side copy on CUDA); the
+    /// forward takes them out, so the graph keeps the copy alone.
+    struct Precomputed(Mutex<Option<Tensor>>);
+
+    impl Precomputed {
+        /// `values` must be a fresh output (contiguous from offset 0, its own buffer): the
+        /// CPU copy takes the whole buffer.
+        fn new(values: Tensor) -> Self {
+            Self(Mutex::new(Some(values)))
+        }
+
+        fn take(&self) -> Result<Tensor> {
+            let values = self.0.lock().expect("precomputed values lock").take();
+            let Some(values) = values else {
+                bail!("precomputed values handed over twice");
+            };
+            let layout = values.layout();
+            if !(layout.is_contiguous() && layout.start_offset() == 0) {
+                bail!("precomputed values must be a fresh contiguous tensor");
+            }
+            Ok(values)
+        }
+
+        fn cpu(&self) -> Result<(CpuStorage, Shape)> {
+            let values = self.take()?;
+            let (storage, layout) = values.storage_and_layout();
+            match &*storage {
+                Storage::Cpu(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
+                _ => bail!("precomputed values are not on the CPU"),
+            }
+        }
+
+        #[cfg(feature = "cuda")]
+        fn cuda(&self) -> Result<(candle_core::CudaStorage, Shape)> {
+            let values = self.take()?;
+            let (storage, layout) = values.storage_and_layout();
+            match &*storage {
+                Storage::Cuda(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
+                _ => bail!("precomputed values are not on a CUDA device"),
+            }
+        }
+    }
+
+    /// [`rms_norm`]'s node: candle-nn's forward, a backward in tensor ops (statistics
+    /// recomputed in [`accumulation_dtype`]) that returns a gradient only for an input that
+    /// leads to a variable.
+    struct KernelRmsNorm {
+        eps: f64,
+        values: Precomputed,
+    }
+
+    impl CustomOp2 for KernelRmsNorm {
+        fn name(&self) -> &'static str {
+            "kernel-rms-norm"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            self.values.cpu()
+        }
+
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &self,
+            _: &candle_core::CudaStorage,
+            _: &Layout,
+            _: &candle_core::CudaStorage,
+            _: &Layout,
+        ) -> Result<(candle_core::CudaStorage, Shape)> {
+            self.values.cuda()
+        }
+
+        /// With `n = x / rms(x)` and `g` the output gradient: `∂weight = Σ_rows g·n`,
+        /// `∂x = (g·weight − n · mean(g·weight·n)) / rms(x)`.
+        fn bwd(
+            &self,
+            x: &Tensor,
+            weight: &Tensor,
+            _res: &Tensor,
+            grad: &Tensor,
+        ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+            let acc = accumulation_dtype(x.dtype());
+            let x_acc = x.to_dtype(acc)?;
+            let inv_rms = inverse_rms(&x_acc, self.eps)?;
+            let normed = x_acc.broadcast_mul(&inv_rms)?;
+            let grad = grad.to_dtype(acc)?;
+            let x_grad = match x.track_op() {
+                true => {
+                    let g_normed = grad.broadcast_mul(&weight.to_dtype(acc)?)?;
+                    let projection = (&g_normed * &normed)?.mean_keepdim(D::Minus1)?;
+                    let centred = (g_normed - normed.broadcast_mul(&projection)?)?;
+                    Some(centred.broadcast_mul(&inv_rms)?.to_dtype(x.dtype())?)
+                }
+                false => None,
+            };
+            let weight_grad = match weight.track_op() {
+                true => {
+                    let width = weight.elem_count();
+                    let rows = (grad * normed)?.reshape(((), width))?;
+                    Some(
+                        rows.sum(0)?
+                            .reshape(weight.shape())?
+                            .to_dtype(weight.dtype())?,
+                    )
+                }
+                false => None,
+            };
+            Ok((x_grad, weight_grad))
+        }
     }
 
     /// A weight that is no variable and comes from no op (frozen) gets no gradient.
@@ -122,65 +277,114 @@ pub mod generic {
         let mut dims = x.dims().to_vec();
         let inputs = *dims.last().expect("linear input has at least one dim");
         let rows = x.reshape((x.elem_count() / inputs, inputs))?;
-        let y = if weight.track_op() {
-            rows.matmul(&weight.t()?)?
-        } else {
-            rows.apply_op2(weight, FrozenWeightProduct)?
-        };
+        let y = product(&rows, &weight.t()?)?;
         *dims.last_mut().expect("non-empty") = weight.dim(0)?;
         y.reshape(dims)
     }
 
-    /// `x [n, in] · weightᵀ` by candle's own matrix product (cuBLAS on CUDA) with a backward that
-    /// returns `x`'s gradient alone. candle's matmul node differentiates both operands whatever
-    /// they are, so under LoRA every frozen weight would get a full-size gradient: twice the
-    /// backward products and a weight-sized buffer per layer.
-    struct FrozenWeightProduct;
+    thread_local! {
+        /// Multiply-adds of the matrix products that the generic ops' backward passes ran on
+        /// this thread (candle runs a backward pass on the thread that calls it).
+        static BACKWARD_MULTIPLY_ADDS: Cell<u64> = const { Cell::new(0) };
+    }
 
-    impl FrozenWeightProduct {
-        /// `(batch, m, n, k)` of the product and the layout of `weightᵀ`.
-        fn dims(x: &Layout, weight: &Layout) -> Result<((usize, usize, usize, usize), Layout)> {
-            let (n, k, out) = super::product_dims("frozen-weight product", x, weight)?;
-            Ok(((1, n, out, k), weight.transpose(0, 1)?))
+    /// The multiply-adds of the matrix products the generic ops' backward passes have run on this
+    /// thread so far: what a LoRA backward saves is measured with it, deterministically.
+    pub fn backward_multiply_adds() -> u64 {
+        BACKWARD_MULTIPLY_ADDS.with(Cell::get)
+    }
+
+    /// `a · b` in a backward pass, counted.
+    fn backward_product(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        let (dims, k) = (a.dims(), b.dim(D::Minus2)?);
+        let macs = (a.elem_count() / dims[dims.len() - 1] * k * b.dim(D::Minus1)?) as u64;
+        BACKWARD_MULTIPLY_ADDS.with(|count| count.set(count.get() + macs));
+        a.matmul(b)
+    }
+
+    /// `a [.., m, k] · b [.., k, n]` (the same leading axes) by candle's own matrix product
+    /// (cuBLAS on CUDA), as a node whose backward computes only the gradients wanted. candle's
+    /// matmul node differentiates both operands whatever they are, so under LoRA every frozen
+    /// weight would get a full-size gradient (twice the backward products and a weight-sized
+    /// buffer per layer), and the first layer's adapters an input gradient nothing reads.
+    pub fn product(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        if !(a.track_op() || b.track_op()) {
+            return a.matmul(b);
+        }
+        a.apply_op2(b, Product)
+    }
+
+    struct Product;
+
+    impl Product {
+        /// `(batch, m, n, k)` of the product and the output's shape.
+        fn dims(a: &Layout, b: &Layout) -> Result<((usize, usize, usize, usize), Shape)> {
+            let (a_dims, b_dims) = (a.dims(), b.dims());
+            let rank = a_dims.len();
+            if rank < 2 || b_dims.len() != rank || a_dims[..rank - 2] != b_dims[..rank - 2] {
+                bail!("product: {a_dims:?} · {b_dims:?}: not two stacks of matrices alike");
+            }
+            let (m, k, k2, n) = (
+                a_dims[rank - 2],
+                a_dims[rank - 1],
+                b_dims[rank - 2],
+                b_dims[rank - 1],
+            );
+            if k != k2 {
+                bail!("product: {a_dims:?} · {b_dims:?}: inner widths differ");
+            }
+            let batch = a_dims[..rank - 2].iter().product();
+            let mut out = a_dims.to_vec();
+            out[rank - 1] = n;
+            Ok(((batch, m, n, k), Shape::from(out)))
         }
     }
 
-    impl CustomOp2 for FrozenWeightProduct {
+    impl CustomOp2 for Product {
         fn name(&self) -> &'static str {
-            "frozen-weight-product"
+            "product"
         }
 
         fn cpu_fwd(
             &self,
-            x: &CpuStorage,
-            lx: &Layout,
-            w: &CpuStorage,
-            lw: &Layout,
+            a: &CpuStorage,
+            la: &Layout,
+            b: &CpuStorage,
+            lb: &Layout,
         ) -> Result<(CpuStorage, Shape)> {
-            let (bmnk, lwt) = Self::dims(lx, lw)?;
-            Ok((x.matmul(w, bmnk, lx, &lwt)?, Shape::from((bmnk.1, bmnk.2))))
+            let (bmnk, shape) = Self::dims(la, lb)?;
+            Ok((a.matmul(b, bmnk, la, lb)?, shape))
         }
 
         #[cfg(feature = "cuda")]
         fn cuda_fwd(
             &self,
-            x: &candle_core::CudaStorage,
-            lx: &Layout,
-            w: &candle_core::CudaStorage,
-            lw: &Layout,
+            a: &candle_core::CudaStorage,
+            la: &Layout,
+            b: &candle_core::CudaStorage,
+            lb: &Layout,
         ) -> Result<(candle_core::CudaStorage, Shape)> {
-            let (bmnk, lwt) = Self::dims(lx, lw)?;
-            Ok((x.matmul(w, bmnk, lx, &lwt)?, Shape::from((bmnk.1, bmnk.2))))
+            let (bmnk, shape) = Self::dims(la, lb)?;
+            Ok((a.matmul(b, bmnk, la, lb)?, shape))
         }
 
+        /// `∂a = g · bᵀ`, `∂b = aᵀ · g`, each only when its operand leads to a variable.
         fn bwd(
             &self,
-            _x: &Tensor,
-            weight: &Tensor,
+            a: &Tensor,
+            b: &Tensor,
             _res: &Tensor,
             grad: &Tensor,
         ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-            Ok((Some(grad.matmul(weight)?), None))
+            let a_grad = match a.track_op() {
+                true => Some(backward_product(grad, &b.t()?)?),
+                false => None,
+            };
+            let b_grad = match b.track_op() {
+                true => Some(backward_product(&a.t()?, grad)?),
+                false => None,
+            };
+            Ok((a_grad, b_grad))
         }
     }
 
@@ -188,22 +392,153 @@ pub mod generic {
         gate.silu()? * up
     }
 
-    /// `x·cos + rotate_half(x)·sin` on `x [b, heads, t, d]`.
-    pub fn rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let half = x.dim(D::Minus1)? / 2;
-        let first = x.narrow(D::Minus1, 0, half)?;
-        let second = x.narrow(D::Minus1, half, half)?;
-        let rotated = Tensor::cat(&[&second.neg()?, &first], D::Minus1)?;
-        x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
-    }
-
+    /// The tables `[b, 1, t, d]` (halves duplicated, as the model keeps them) cut to the
+    /// `[b, t, d/2]` that [`rope`] takes.
     pub fn rotary_heads(x: &Tensor, cos: &Tensor, sin: &Tensor, heads: usize) -> Result<Tensor> {
         let (b, t, width) = x.dims3()?;
-        let split = x
-            .reshape((b, t, heads, width / heads))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        rotary(&split, cos, sin)
+        let d = width / heads;
+        let split = x.reshape((b, t, heads, d))?.transpose(1, 2)?.contiguous()?;
+        let half = |table: &Tensor| table.squeeze(1)?.narrow(D::Minus1, 0, d / 2)?.contiguous();
+        rope(&split, &half(cos)?, &half(sin)?)
+    }
+
+    /// Rotary embedding (rotate-half layout) of `x [b, heads, t, d]` with `cos`/`sin`
+    /// `[b, t, d/2]` or `[t, d/2]`: candle-nn's kernel, made differentiable by [`KernelRope`].
+    pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let (b, _, t, d) = x.dims4()?;
+        for table in [cos, sin] {
+            let dims = table.dims();
+            if dims != [b, t, d / 2] && dims != [t, d / 2] {
+                bail!("rope: table {dims:?} for x {:?}", x.dims());
+            }
+        }
+        let (x, cos, sin) = (x.contiguous()?, cos.contiguous()?, sin.contiguous()?);
+        let values = candle_nn::rotary_emb::rope(&x.detach(), &cos.detach(), &sin.detach())?;
+        if ![&x, &cos, &sin].iter().any(|t| t.track_op()) {
+            return Ok(values);
+        }
+        x.apply_op3(&cos, &sin, KernelRope(Precomputed::new(values)))
+    }
+
+    /// [`rope`]'s node: candle-nn's forward, a backward in tensor ops that returns a gradient
+    /// only for an input that leads to a variable (the model's tables never do).
+    struct KernelRope(Precomputed);
+
+    impl CustomOp3 for KernelRope {
+        fn name(&self) -> &'static str {
+            "kernel-rope"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            self.0.cpu()
+        }
+
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &self,
+            _: &candle_core::CudaStorage,
+            _: &Layout,
+            _: &candle_core::CudaStorage,
+            _: &Layout,
+            _: &candle_core::CudaStorage,
+            _: &Layout,
+        ) -> Result<(candle_core::CudaStorage, Shape)> {
+            self.0.cuda()
+        }
+
+        /// `y₁ = x₁c − x₂s`, `y₂ = x₁s + x₂c` (halves of the last axis), so `∂x` is the rotation
+        /// by the opposite angle, `rope(g, c, −s)` (the same kernel), and `∂c = Σ_heads g₁x₁ +
+        /// g₂x₂`, `∂s = Σ_heads g₂x₁ − g₁x₂` (summed over the batch too for `[t, d/2]` tables).
+        fn bwd(
+            &self,
+            x: &Tensor,
+            cos: &Tensor,
+            sin: &Tensor,
+            _res: &Tensor,
+            grad: &Tensor,
+        ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+            let x_grad = match x.track_op() {
+                true => Some(rope(grad, cos, &sin.neg()?)?),
+                false => None,
+            };
+            if !(cos.track_op() || sin.track_op()) {
+                return Ok((x_grad, None, None));
+            }
+            let half = x.dim(D::Minus1)? / 2;
+            let halves = |t: &Tensor| -> Result<(Tensor, Tensor)> {
+                Ok((
+                    t.narrow(D::Minus1, 0, half)?,
+                    t.narrow(D::Minus1, half, half)?,
+                ))
+            };
+            let ((x1, x2), (g1, g2)) = (halves(x)?, halves(grad)?);
+            // `[b, heads, t, d/2]` summed to the table's shape.
+            let to_table = |per_head: Tensor, table: &Tensor| -> Result<Tensor> {
+                let per_row = per_head.sum(1)?;
+                match table.rank() {
+                    2 => per_row.sum(0),
+                    _ => Ok(per_row),
+                }
+            };
+            let cos_grad = match cos.track_op() {
+                true => Some(to_table(((&g1 * &x1)? + (&g2 * &x2)?)?, cos)?),
+                false => None,
+            };
+            let sin_grad = match sin.track_op() {
+                true => Some(to_table(((&g2 * &x1)? - (&g1 * &x2)?)?, sin)?),
+                false => None,
+            };
+            Ok((x_grad, cos_grad, sin_grad))
+        }
+    }
+
+    /// Softmax over the last axis: candle-nn's kernel, made differentiable by
+    /// [`KernelSoftmax`]. The caller picks the dtype (attention upcasts half dtypes to f32).
+    pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+        let x = x.contiguous()?;
+        let values = candle_nn::ops::softmax_last_dim(&x.detach())?;
+        if !x.track_op() {
+            return Ok(values);
+        }
+        x.apply_op1(KernelSoftmax(Precomputed::new(values)))
+    }
+
+    /// [`softmax_last_dim`]'s node: candle-nn's forward, a backward in tensor ops from the
+    /// output alone.
+    struct KernelSoftmax(Precomputed);
+
+    impl CustomOp1 for KernelSoftmax {
+        fn name(&self) -> &'static str {
+            "kernel-softmax-last-dim"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            self.0.cpu()
+        }
+
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &self,
+            _: &candle_core::CudaStorage,
+            _: &Layout,
+        ) -> Result<(candle_core::CudaStorage, Shape)> {
+            self.0.cuda()
+        }
+
+        /// `∂x = p·g − p·Σ(p·g)` with `p` the output.
+        fn bwd(&self, _x: &Tensor, probs: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+            let weighted = (probs * grad)?;
+            let total = weighted.sum_keepdim(D::Minus1)?;
+            Ok(Some((weighted - probs.broadcast_mul(&total)?)?))
+        }
     }
 
     /// GQA without materialising repeated keys: the query heads that share a KV head are folded
@@ -219,14 +554,13 @@ pub mod generic {
         let (kv_heads, tk) = (k.dim(1)?, k.dim(2)?);
         let group = heads / kv_heads;
         let q = (q.reshape((b, kv_heads, group * tq, d))? * scale)?;
-        let scores = q.matmul(&k.t()?)?.reshape((b, kv_heads, group, tq, tk))?;
+        let scores = product(&q, &k.t()?)?.reshape((b, kv_heads, group, tq, tk))?;
         let scores = scores.broadcast_add(&mask.unsqueeze(1)?)?;
         let dtype = scores.dtype();
-        let probs =
-            candle_nn::ops::softmax(&scores.to_dtype(accumulation_dtype(dtype))?, D::Minus1)?
-                .to_dtype(dtype)?
-                .reshape((b, kv_heads, group * tq, tk))?;
-        probs.matmul(&v.contiguous()?)?.reshape((b, heads, tq, d))
+        let probs = softmax_last_dim(&scores.to_dtype(accumulation_dtype(dtype))?)?
+            .to_dtype(dtype)?
+            .reshape((b, kv_heads, group * tq, tk))?;
+        product(&probs, &v.contiguous()?)?.reshape((b, heads, tq, d))
     }
 
     /// One chunk of `chunk × vocab` logits at a time, in the backward pass too: the values are
@@ -238,28 +572,40 @@ pub mod generic {
         targets: &[u32],
         chunk: usize,
     ) -> Result<Tensor> {
-        let op = ChunkedLogprobs {
+        let chunks = LogprobChunks {
             targets: targets.to_vec(),
             chunk: chunk.max(1),
         };
-        let values = op.values(&rows.detach(), &weight.detach())?;
+        let values = chunks.values(&rows.detach(), &weight.detach())?;
         if !(rows.track_op() || weight.track_op()) {
             return Ok(values);
         }
-        rows.apply_op3(weight, &values, op)
+        rows.apply_op2(
+            weight,
+            ChunkedLogprobs {
+                chunks,
+                values: Precomputed::new(values),
+            },
+        )
     }
 
-    /// `log softmax(rows · weightᵀ)[target]` by chunks, as a node whose forward hands over the
-    /// values computed beforehand (a copy of the third input, on any backend) and whose backward
-    /// is written in tensor ops, so it runs on every device.
-    struct ChunkedLogprobs {
+    /// The rows of [`token_logprobs`], cut into chunks.
+    struct LogprobChunks {
         targets: Vec<u32>,
         chunk: usize,
     }
 
-    impl ChunkedLogprobs {
+    /// `log softmax(rows · weightᵀ)[target]` by chunks, as a node whose forward hands over the
+    /// values computed beforehand and whose backward is written in tensor ops, so it runs on
+    /// every device.
+    struct ChunkedLogprobs {
+        chunks: LogprobChunks,
+        values: Precomputed,
+    }
+
+    impl LogprobChunks {
         /// `(start, len, targets [len, 1])` of each chunk of rows.
-        fn chunks(&self, device: &candle_core::Device) -> Result<Vec<(usize, usize, Tensor)>> {
+        fn spans(&self, device: &candle_core::Device) -> Result<Vec<(usize, usize, Tensor)>> {
             let n = self.targets.len();
             (0..n)
                 .step_by(self.chunk)
@@ -271,9 +617,14 @@ pub mod generic {
                 .collect()
         }
 
-        /// Log-softmax of one chunk's logits, `[len, vocab]`.
-        fn log_probs(rows: &Tensor, weight: &Tensor) -> Result<Tensor> {
-            let logits = rows.matmul(&weight.t()?)?;
+        /// Log-softmax of one chunk's logits `[len, vocab]`, multiplied by `product` (the
+        /// backward's recomputation counts its multiply-adds).
+        fn log_probs(
+            rows: &Tensor,
+            weight: &Tensor,
+            product: fn(&Tensor, &Tensor) -> Result<Tensor>,
+        ) -> Result<Tensor> {
+            let logits = product(rows, &weight.t()?)?;
             candle_nn::ops::log_softmax(
                 &logits.to_dtype(accumulation_dtype(logits.dtype()))?,
                 D::Minus1,
@@ -282,15 +633,16 @@ pub mod generic {
 
         fn values(&self, rows: &Tensor, weight: &Tensor) -> Result<Tensor> {
             let mut parts = Vec::new();
-            for (start, len, index) in self.chunks(rows.device())? {
-                let logp = Self::log_probs(&rows.narrow(0, start, len)?, weight)?;
+            for (start, len, index) in self.spans(rows.device())? {
+                let logp =
+                    Self::log_probs(&rows.narrow(0, start, len)?, weight, |a, b| a.matmul(b))?;
                 parts.push(logp.gather(&index, 1)?.squeeze(1)?);
             }
             Tensor::cat(&parts, 0)
         }
     }
 
-    impl CustomOp3 for ChunkedLogprobs {
+    impl CustomOp2 for ChunkedLogprobs {
         fn name(&self) -> &'static str {
             "chunked-token-logprobs"
         }
@@ -301,10 +653,8 @@ pub mod generic {
             _: &Layout,
             _: &CpuStorage,
             _: &Layout,
-            values: &CpuStorage,
-            layout: &Layout,
         ) -> Result<(CpuStorage, Shape)> {
-            Ok((values.try_clone(layout)?, layout.shape().clone()))
+            self.values.cpu()
         }
 
         #[cfg(feature = "cuda")]
@@ -314,10 +664,8 @@ pub mod generic {
             _: &Layout,
             _: &candle_core::CudaStorage,
             _: &Layout,
-            values: &candle_core::CudaStorage,
-            layout: &Layout,
         ) -> Result<(candle_core::CudaStorage, Shape)> {
-            Ok((values.try_clone(layout)?, layout.shape().clone()))
+            self.values.cuda()
         }
 
         /// `∂logits = g · (onehot(target) − softmax)` chunk by chunk; `∂rows = ∂logits · W`,
@@ -326,19 +674,19 @@ pub mod generic {
             &self,
             rows: &Tensor,
             weight: &Tensor,
-            _values: &Tensor,
             _res: &Tensor,
             grad: &Tensor,
-        ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        ) -> Result<(Option<Tensor>, Option<Tensor>)> {
             let (want_rows, want_weight) = (rows.track_op(), weight.track_op());
             let (rows, weight) = (rows.detach(), weight.detach());
             let grad = grad.detach();
             let vocab = weight.dim(0)?;
             let mut row_grads = Vec::new();
             let mut weight_grad: Option<Tensor> = None;
-            for (start, len, index) in self.chunks(rows.device())? {
+            for (start, len, index) in self.chunks.spans(rows.device())? {
                 let chunk_rows = rows.narrow(0, start, len)?;
-                let probs = Self::log_probs(&chunk_rows, &weight)?.exp()?;
+                let probs =
+                    LogprobChunks::log_probs(&chunk_rows, &weight, backward_product)?.exp()?;
                 let onehot = Tensor::zeros((len, vocab), probs.dtype(), probs.device())?
                     .scatter_add(
                         &index,
@@ -353,10 +701,10 @@ pub mod generic {
                     .broadcast_mul(&g)?
                     .to_dtype(rows.dtype())?;
                 if want_rows {
-                    row_grads.push(d_logits.matmul(&weight)?);
+                    row_grads.push(backward_product(&d_logits, &weight)?);
                 }
                 if want_weight {
-                    let part = d_logits.t()?.matmul(&chunk_rows)?;
+                    let part = backward_product(&d_logits.t()?, &chunk_rows)?;
                     weight_grad = Some(match weight_grad {
                         Some(sum) => (sum + part)?,
                         None => part,
@@ -367,7 +715,136 @@ pub mod generic {
                 true => Some(Tensor::cat(&row_grads, 0)?),
                 false => None,
             };
-            Ok((row_grad, weight_grad, None))
+            Ok((row_grad, weight_grad))
+        }
+    }
+
+    /// The candle-nn kernel wrappers: their backward against finite differences (f64), their
+    /// values and gradients against the compositions of small ops they replace (f32), and no
+    /// gradient for a frozen input.
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use crate::fused::tests::{compare_with_generic, values, weighted_finite_differences};
+        use candle_core::Var;
+
+        /// The rotary composition the kernel replaced: `x·cos + rotate_half(x)·sin` with
+        /// half-width tables `[b, t, d/2]`.
+        fn composed_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+            let half = x.dim(D::Minus1).unwrap() / 2;
+            let full = |t: &Tensor| {
+                Tensor::cat(&[t, t], D::Minus1)
+                    .unwrap()
+                    .unsqueeze(1)
+                    .unwrap()
+            };
+            let (first, second) = (
+                x.narrow(D::Minus1, 0, half).unwrap(),
+                x.narrow(D::Minus1, half, half).unwrap(),
+            );
+            let rotated = Tensor::cat(&[&second.neg().unwrap(), &first], D::Minus1).unwrap();
+            (x.broadcast_mul(&full(cos)).unwrap() + rotated.broadcast_mul(&full(sin)).unwrap())
+                .unwrap()
+        }
+
+        fn tables(b: usize, t: usize, half: usize, dtype: DType) -> [Tensor; 2] {
+            let angles = values(&[b, t, half], 20, 2.0, DType::F64);
+            [angles.cos().unwrap(), angles.sin().unwrap()].map(|t| t.to_dtype(dtype).unwrap())
+        }
+
+        #[test]
+        fn kernel_rms_norm_gradients_match_finite_differences_in_f64() {
+            let inputs = [
+                values(&[2, 3, 5], 10, 1.0, DType::F64),
+                values(&[5], 11, 1.0, DType::F64),
+            ];
+            let worst = weighted_finite_differences(&inputs, &[0, 1], 12, |t| {
+                rms_norm(&t[0], &t[1], 1e-5).unwrap()
+            });
+            assert!(worst < 1e-6, "{worst:e}");
+        }
+
+        #[test]
+        fn kernel_rope_gradients_match_finite_differences_in_f64() {
+            // Batched tables (the model's), and one table for the whole batch.
+            let [cos, sin] = tables(2, 3, 2, DType::F64);
+            let x = values(&[2, 3, 3, 4], 21, 1.0, DType::F64);
+            for (cos, sin) in [
+                (cos.clone(), sin.clone()),
+                (cos.get(1).unwrap(), sin.get(0).unwrap()),
+            ] {
+                let inputs = [x.clone(), cos, sin];
+                let worst = weighted_finite_differences(&inputs, &[0, 1, 2], 22, |t| {
+                    rope(&t[0], &t[1], &t[2]).unwrap()
+                });
+                assert!(worst < 1e-6, "{worst:e}");
+            }
+        }
+
+        #[test]
+        fn kernel_softmax_gradients_match_finite_differences_in_f64() {
+            let inputs = [values(&[2, 3, 7], 30, 3.0, DType::F64)];
+            let worst = weighted_finite_differences(&inputs, &[0], 31, |t| {
+                softmax_last_dim(&t[0]).unwrap()
+            });
+            assert!(worst < 1e-6, "{worst:e}");
+        }
+
+        /// In f32 each kernel is as close to the truth (the composition in f64) as the
+        /// composition of small ops it replaces is in f32, in value and every gradient.
+        #[test]
+        fn kernels_match_the_compositions_they_replace_in_f32() {
+            let rms_inputs = [
+                values(&[3, 50, 64], 40, 2.0, DType::F64),
+                values(&[64], 41, 1.0, DType::F64),
+            ];
+            compare_with_generic(
+                &rms_inputs,
+                2.0,
+                |t| rms_norm(&t[0], &t[1], 1e-6).unwrap(),
+                |t| rms_norm_composed(&t[0], &t[1], 1e-6).unwrap(),
+            );
+            let [cos, sin] = tables(3, 17, 8, DType::F64);
+            let rope_inputs = [values(&[3, 4, 17, 16], 42, 1.0, DType::F64), cos, sin];
+            compare_with_generic(
+                &rope_inputs,
+                2.0,
+                |t| rope(&t[0], &t[1], &t[2]).unwrap(),
+                |t| composed_rope(&t[0], &t[1], &t[2]),
+            );
+            let scores = [values(&[3, 4, 29, 29], 43, 4.0, DType::F64)];
+            compare_with_generic(
+                &scores,
+                2.0,
+                |t| softmax_last_dim(&t[0]).unwrap(),
+                |t| candle_nn::ops::softmax(&t[0], D::Minus1).unwrap(),
+            );
+        }
+
+        #[test]
+        fn frozen_inputs_of_the_kernels_get_no_gradient() {
+            let x = Var::from_tensor(&values(&[2, 3, 4, 6], 50, 1.0, DType::F64)).unwrap();
+            let weight = values(&[6], 51, 1.0, DType::F64);
+            let [cos, sin] = tables(2, 4, 3, DType::F64);
+            let normed = rms_norm(x.as_tensor(), &weight, 1e-5).unwrap();
+            let rotated = rope(&normed, &cos, &sin).unwrap();
+            let probs = softmax_last_dim(&rotated).unwrap();
+            let grads = (probs * values(&[2, 3, 4, 6], 52, 1.0, DType::F64))
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            assert!(grads.get(x.as_tensor()).is_some());
+            for (name, frozen) in [("weight", &weight), ("cos", &cos), ("sin", &sin)] {
+                assert!(
+                    grads.get(frozen).is_none(),
+                    "the frozen {name} got a gradient"
+                );
+            }
+            // With nothing to differentiate there is no node: the kernel's values as they are.
+            let plain = rms_norm(&x.as_tensor().detach(), &weight, 1e-5).unwrap();
+            assert!(!plain.track_op());
         }
     }
 }

@@ -16,4 +16,4 @@ pub use optune_checkpoint::{
     config, gguf, tokenizer, ChatMessage, ChatTokenizer, Checkpoint, CheckpointMeta, Family,
     ModelConfig, Prompt,
 };
-pub use transformer::{KvCache, OutputHead, PaddedBatch, Transformer};
+pub use transformer::{llama_weight_shapes, KvCache, OutputHead, PaddedBatch, Transformer};

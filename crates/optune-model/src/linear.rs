@@ -1,56 +1,132 @@
 //! A linear layer with an optional LoRA adapter.
 
 use candle_core::{Device, Result, Tensor};
+use optune_kernels::ops::generic;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// The random stream of LoRA dropout, shared by a model's adapters and seeded by the caller, so a
-/// run with a fixed seed draws the same masks on every device (candle's CPU RNG cannot be seeded).
-/// The forward pass visits the adapters in a fixed order, so each mask is a fixed slice of the
-/// stream.
+/// run with a fixed seed draws the same masks on every device (candle's CPU RNG cannot be seeded,
+/// and its CUDA RNG, curand, draws other numbers than any CPU stream would).
+///
+/// The masks are drawn on the host, but not adapter by adapter: [`draw_dropout_masks`] draws a
+/// whole forward pass's keep flags (one byte each) into one buffer and copies it to the device
+/// once, and each adapter then takes its slice in the order the pass visits them. The flags come
+/// from the stream in the same order as when each adapter drew its own, so the masks are the
+/// same as before that change; the price is one byte per masked element held during the pass.
 #[derive(Clone)]
-pub struct DropoutStream(Arc<Mutex<ChaCha8Rng>>);
+pub struct DropoutStream(Arc<Mutex<StreamState>>);
+
+struct StreamState {
+    rng: ChaCha8Rng,
+    /// Keep flags drawn ahead for the current pass (u8 0/1 `[n]` on the device), and how many
+    /// of them the adapters have taken.
+    ahead: Option<(Tensor, usize)>,
+}
 
 impl DropoutStream {
     pub fn new(seed: u64) -> Self {
-        Self(Arc::new(Mutex::new(ChaCha8Rng::seed_from_u64(seed))))
+        Self(Arc::new(Mutex::new(StreamState {
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            ahead: None,
+        })))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, StreamState> {
+        self.0.lock().expect("dropout stream lock")
     }
 
     /// How far the stream has been drawn (ChaCha's word position): a training state keeps it,
-    /// so that a resumed run draws the masks the uninterrupted run would have drawn.
+    /// so that a resumed run draws the masks the uninterrupted run would have drawn. Flags drawn
+    /// ahead count as drawn; a state is saved between steps, when none are left over.
     pub fn position(&self) -> u128 {
-        self.0.lock().expect("dropout stream lock").get_word_pos()
+        self.lock().rng.get_word_pos()
     }
 
     /// Moves the stream to `position` (from [`DropoutStream::position`]).
     pub fn set_position(&self, position: u128) {
-        self.0
-            .lock()
-            .expect("dropout stream lock")
-            .set_word_pos(position);
+        let mut state = self.lock();
+        state.rng.set_word_pos(position);
+        state.ahead = None;
+    }
+
+    /// `count` keep flags (1 with probability `keep`) from the stream, on `device`: one copy.
+    fn keep_flags(
+        rng: &mut ChaCha8Rng,
+        count: usize,
+        keep: f32,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let flags: Vec<u8> = (0..count)
+            .map(|_| u8::from(rng.random::<f32>() < keep))
+            .collect();
+        Tensor::from_vec(flags, count, device)
+    }
+
+    /// Draws `count` flags ahead (replacing any left over), for the adapters of one pass.
+    fn draw_ahead(&self, count: usize, keep: f32, device: &Device) -> Result<()> {
+        let mut state = self.lock();
+        let flags = Self::keep_flags(&mut state.rng, count, keep, device)?;
+        state.ahead = Some((flags, 0));
+        Ok(())
     }
 
     /// Inverted dropout: each element kept with probability `1 − p` and scaled by `1 / (1 − p)`.
+    /// The flags are the next ones drawn ahead, or drawn now when none are (a pass that
+    /// [`draw_dropout_masks`] did not plan).
     fn apply(&self, x: &Tensor, p: f32) -> Result<Tensor> {
         let keep = 1.0 - p;
-        let mask: Vec<f32> = {
-            let mut rng = self.0.lock().expect("dropout stream lock");
-            (0..x.elem_count())
-                .map(|_| {
-                    if rng.random::<f32>() < keep {
-                        1.0 / keep
-                    } else {
-                        0.0
+        let count = x.elem_count();
+        let flags = {
+            let mut state = self.lock();
+            match state.ahead.take() {
+                Some((ahead, taken)) if taken + count <= ahead.elem_count() => {
+                    let flags = ahead.narrow(0, taken, count)?;
+                    if taken + count < ahead.elem_count() {
+                        state.ahead = Some((ahead, taken + count));
                     }
-                })
-                .collect()
+                    flags
+                }
+                _ => Self::keep_flags(&mut state.rng, count, keep, x.device())?,
+            }
         };
-        let mask = Tensor::from_vec(mask, x.shape(), &Device::Cpu)?
-            .to_device(x.device())?
-            .to_dtype(x.dtype())?;
+        let mask = flags
+            .reshape(x.shape())?
+            .to_dtype(x.dtype())?
+            .affine(f64::from(1.0 / keep), 0.0)?;
         x * mask
+    }
+}
+
+/// Draws the dropout masks of one forward pass over `rows` rows through `linears` (in the order
+/// the pass runs them) in one go: one host buffer, one copy to the device. Nothing when no
+/// adapter drops out. The adapters of one model share one stream and one `p`
+/// ([`crate::lora::attach_lora`]); adapters on another stream draw their own masks as they run,
+/// and so do all when the shared stream's adapters differ in `p`.
+pub fn draw_dropout_masks<'a>(
+    linears: impl IntoIterator<Item = &'a Linear>,
+    rows: usize,
+    device: &Device,
+) -> Result<()> {
+    let mut planned: Option<(&DropoutStream, f32, usize)> = None;
+    for lora in linears.into_iter().filter_map(|l| l.lora.as_ref()) {
+        if !lora.drops_out() {
+            continue;
+        }
+        let (stream, p, count) = planned.get_or_insert((&lora.dropout_stream, lora.dropout, 0));
+        if !Arc::ptr_eq(&stream.0, &lora.dropout_stream.0) {
+            continue;
+        }
+        if *p != lora.dropout {
+            return Ok(());
+        }
+        *count += rows * lora.a.dim(1)?;
+    }
+    match planned {
+        Some((stream, p, count)) => stream.draw_ahead(count, 1.0 - p, device),
+        None => Ok(()),
     }
 }
 
@@ -66,6 +142,15 @@ pub struct LoraAdapter {
     /// Dropout is applied only while training.
     pub training: Arc<AtomicBool>,
     pub dropout_stream: DropoutStream,
+}
+
+impl LoraAdapter {
+    /// Whether the adapter applies dropout now: on, training, with `p > 0`.
+    fn drops_out(&self) -> bool {
+        self.dropout > 0.0
+            && self.enabled.load(Ordering::Relaxed)
+            && self.training.load(Ordering::Relaxed)
+    }
 }
 
 /// Row block of [`Linear::forward_fixed_rows`].
@@ -128,7 +213,7 @@ impl Linear {
         let mut out_dims = x.dims().to_vec();
         let in_features = *out_dims.last().expect("linear input has at least one dim");
         let x2 = x.reshape((x.elem_count() / in_features, in_features))?;
-        let input = if lora.dropout > 0.0 && lora.training.load(Ordering::Relaxed) {
+        let input = if lora.drops_out() {
             lora.dropout_stream.apply(&x2, lora.dropout)?
         } else {
             x2
@@ -139,7 +224,9 @@ impl Linear {
             lora.a.to_dtype(input.dtype())?,
             lora.b.to_dtype(input.dtype())?,
         );
-        let delta = (input.matmul(&a.t()?)?.matmul(&b.t()?)? * lora.scale)?;
+        // The generic products on every path: their backward computes only the gradients
+        // wanted (no input gradient for the first layer's adapters, whose input is frozen).
+        let delta = (generic::linear(&generic::linear(&input, &a)?, &b)? * lora.scale)?;
         *out_dims.last_mut().expect("non-empty") = lora.b.dim(0)?;
         Some(delta.reshape(out_dims)).transpose()
     }
@@ -187,6 +274,71 @@ mod tests {
         assert!(a.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.75).abs() < 1e-6));
         assert_eq!(a, masked(7));
         assert_ne!(a, masked(8));
+    }
+
+    /// Adapters sharing one stream, as `attach_lora` makes them: `[rows, in]` inputs of widths
+    /// `widths`, training with dropout `p`.
+    fn adapters(widths: &[usize], p: f32, stream: &DropoutStream) -> Vec<Linear> {
+        let on = Arc::new(AtomicBool::new(true));
+        widths
+            .iter()
+            .map(|&width| {
+                let mut linear = Linear::new(
+                    Tensor::zeros((3, width), candle_core::DType::F32, &Device::Cpu).unwrap(),
+                    None,
+                );
+                linear.lora = Some(LoraAdapter {
+                    a: Tensor::ones((2, width), candle_core::DType::F32, &Device::Cpu).unwrap(),
+                    b: Tensor::ones((3, 2), candle_core::DType::F32, &Device::Cpu).unwrap(),
+                    scale: 1.0,
+                    dropout: p,
+                    enabled: on.clone(),
+                    training: on.clone(),
+                    dropout_stream: stream.clone(),
+                });
+                linear
+            })
+            .collect()
+    }
+
+    #[test]
+    fn masks_drawn_ahead_for_a_pass_are_the_masks_drawn_adapter_by_adapter() {
+        let widths = [5, 7, 5, 11];
+        let rows = 6;
+        let outputs = |ahead: bool| {
+            let stream = DropoutStream::new(9);
+            let linears = adapters(&widths, 0.3, &stream);
+            if ahead {
+                draw_dropout_masks(&linears, rows, &Device::Cpu).unwrap();
+            }
+            let out: Vec<Vec<f32>> = linears
+                .iter()
+                .map(|l| {
+                    let x = Tensor::ones(
+                        (rows, l.weight.dim(1).unwrap()),
+                        candle_core::DType::F32,
+                        &Device::Cpu,
+                    )
+                    .unwrap();
+                    l.forward(&x)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap()
+                })
+                .collect();
+            let left_over = stream.lock().ahead.is_some();
+            (out, stream.position(), left_over)
+        };
+        let (drawn_ahead, position, left_over) = outputs(true);
+        assert_eq!((drawn_ahead.clone(), position), {
+            let (each, position, _) = outputs(false);
+            (each, position)
+        });
+        assert!(!left_over, "the pass took every flag drawn ahead");
+        // Dropout did something: the outputs differ between rows.
+        assert!(drawn_ahead[3].windows(2).any(|w| w[0] != w[1]));
     }
 
     #[test]

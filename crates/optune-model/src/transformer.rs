@@ -97,6 +97,40 @@ impl PaddedBatch {
     }
 }
 
+/// The name and shape of every weight of a Llama checkpoint of `config` (no biases, the head tied
+/// to the embedding), with the linear layers in the order the forward pass runs them: for
+/// building random models in tests and benchmarks.
+pub fn llama_weight_shapes(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let (h, i, d) = (
+        config.hidden_size,
+        config.intermediate_size,
+        config.head_dim(),
+    );
+    let (q, kv) = (config.num_attention_heads * d, config.num_kv_heads() * d);
+    let mut shapes = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![config.vocab_size, h],
+    )];
+    for l in 0..config.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        shapes.push((format!("{p}.input_layernorm.weight"), vec![h]));
+        shapes.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+        for (name, out, inp) in [
+            ("self_attn.q_proj", q, h),
+            ("self_attn.k_proj", kv, h),
+            ("self_attn.v_proj", kv, h),
+            ("self_attn.o_proj", h, q),
+            ("mlp.gate_proj", i, h),
+            ("mlp.up_proj", i, h),
+            ("mlp.down_proj", h, i),
+        ] {
+            shapes.push((format!("{p}.{name}.weight"), vec![out, inp]));
+        }
+    }
+    shapes.push(("model.norm.weight".to_string(), vec![h]));
+    shapes
+}
+
 /// Weights by Hugging Face name; [`WeightMap::take`] checks presence and shape.
 pub struct WeightMap {
     tensors: HashMap<String, Tensor>,
@@ -455,6 +489,13 @@ impl Transformer {
         }
         let mask = Tensor::from_vec(mask, (b, 1, t, t), &self.device)?.to_dtype(self.dtype)?;
         let (cos, sin) = self.rope.lookup(&batch.positions)?;
+        crate::linear::draw_dropout_masks(
+            self.layers
+                .iter()
+                .flat_map(|block| block.linears().map(|(_, linear)| linear)),
+            b * t,
+            &self.device,
+        )?;
         let mut x = self.embed(&batch.input_ids)?;
         for (l, block) in self.layers.iter().enumerate() {
             let (out, k, v) = block.forward(&self.config, &x, &cos, &sin, &mask, None)?;
@@ -1023,6 +1064,7 @@ struct CachedKv<'a> {
 }
 
 impl Block {
+    /// In the order the forward pass runs them (the dropout masks drawn ahead rely on it).
     fn linears(&self) -> [(&'static str, &Linear); 7] {
         [
             ("self_attn.q_proj", &self.self_attn.q_proj),

@@ -31,7 +31,9 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use optune_model::logprobs::token_logprobs;
 use optune_model::lora::{attach_lora, LoraConfig};
-use optune_model::{sequence_logprobs, Checkpoint, ModelConfig, TokenizedPair, Transformer};
+use optune_model::{
+    llama_weight_shapes, sequence_logprobs, Checkpoint, ModelConfig, TokenizedPair, Transformer,
+};
 use optune_train::loss::{dpo_losses, DpoLoss};
 use optune_train::optim::{clip_grad_norm, decay_groups, AdamW, Algorithm, Optimizer};
 
@@ -68,34 +70,6 @@ const RANDOM_LLAMA: &str = r#"{
 }"#;
 
 /// Hugging Face-named weight shapes of a llama without biases (tied head).
-fn llama_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
-    let (h, i, d) = (c.hidden_size, c.intermediate_size, c.head_dim());
-    let (q, kv) = (c.num_attention_heads * d, c.num_kv_heads() * d);
-    let mut shapes = vec![(
-        "model.embed_tokens.weight".to_string(),
-        vec![c.vocab_size, h],
-    )];
-    for l in 0..c.num_hidden_layers {
-        let p = format!("model.layers.{l}");
-        shapes.push((format!("{p}.input_layernorm.weight"), vec![h]));
-        shapes.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-        for (name, out, inp) in [
-            ("self_attn.q_proj", q, h),
-            ("self_attn.k_proj", kv, h),
-            ("self_attn.v_proj", kv, h),
-            ("self_attn.o_proj", h, q),
-            ("mlp.gate_proj", i, h),
-            ("mlp.up_proj", i, h),
-            ("mlp.down_proj", h, i),
-        ] {
-            shapes.push((format!("{p}.{name}.weight"), vec![out, inp]));
-        }
-    }
-    shapes.push(("model.norm.weight".to_string(), vec![h]));
-    shapes
-}
-
-/// Every weight a variable (full fine-tuning), as opt-wdpo holds them.
 fn trainable_model(
     config: &ModelConfig,
     tensors: HashMap<String, Tensor>,
@@ -116,7 +90,7 @@ fn random_llama() -> Result<(Transformer, Vec<(String, Var)>)> {
     let config = ModelConfig::from_json_str(RANDOM_LLAMA)?;
     let mut rng = Rng(0);
     let mut tensors = HashMap::new();
-    for (name, shape) in llama_shapes(&config) {
+    for (name, shape) in llama_weight_shapes(&config) {
         let n: usize = shape.iter().product();
         let data: Vec<f32> = if shape.len() == 1 {
             vec![1.0; n]
