@@ -81,40 +81,49 @@ fn rows(jsonl: &str) -> Vec<serde_json::Value> {
 
 #[test]
 fn output_bytes_do_not_depend_on_batch_size_or_threads() {
-    for name in ["tiny-llama", "tiny-mistral", "tiny-qwen2"] {
-        let m = model(name);
-        let p = prompts();
-        let base = [
-            m.to_str().unwrap(),
-            p.to_str().unwrap(),
-            "--n",
-            "3",
-            "--max-new-tokens",
-            "24",
-            "--seed",
-            "7",
-        ];
-        let args = |batch: &'static str, threads: &'static str| {
-            let mut a = vec!["--model"];
-            a.extend_from_slice(&base);
-            a.extend_from_slice(&["--batch-size", batch, "--threads", threads]);
-            a
-        };
-        let reference = run(&args("1", "1"));
-        assert_eq!(rows(&reference).len(), 9, "{name}");
-        for (batch, threads) in [
-            ("3", "1"),
-            ("16", "1"),
-            ("1", "2"),
-            ("3", "2"),
-            ("16", "2"),
-            ("4", "3"),
-        ] {
-            assert_same_output(
-                &run(&args(batch, threads)),
-                &reference,
-                &format!("{name}: --batch-size {batch} --threads {threads}"),
-            );
+    // bf16 takes the same host decode step with bf16 products, where the CPU has them.
+    let mut dtypes = vec!["f32"];
+    if optune_kernels::bf16_products_available() {
+        dtypes.push("bf16");
+    }
+    for dtype in dtypes {
+        for name in ["tiny-llama", "tiny-mistral", "tiny-qwen2"] {
+            let m = model(name);
+            let p = prompts();
+            let base = [
+                m.to_str().unwrap(),
+                p.to_str().unwrap(),
+                "--n",
+                "3",
+                "--max-new-tokens",
+                "24",
+                "--seed",
+                "7",
+                "--dtype",
+                dtype,
+            ];
+            let args = |batch: &'static str, threads: &'static str| {
+                let mut a = vec!["--model"];
+                a.extend_from_slice(&base);
+                a.extend_from_slice(&["--batch-size", batch, "--threads", threads]);
+                a
+            };
+            let reference = run(&args("1", "1"));
+            assert_eq!(rows(&reference).len(), 9, "{name} {dtype}");
+            for (batch, threads) in [
+                ("3", "1"),
+                ("16", "1"),
+                ("1", "2"),
+                ("3", "2"),
+                ("16", "2"),
+                ("4", "3"),
+            ] {
+                assert_same_output(
+                    &run(&args(batch, threads)),
+                    &reference,
+                    &format!("{name} {dtype}: --batch-size {batch} --threads {threads}"),
+                );
+            }
         }
     }
 }

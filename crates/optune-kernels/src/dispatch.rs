@@ -114,17 +114,26 @@ fn path(device: &Device, dtype: DType, fused_dtypes: &[DType]) -> Path {
 /// Where the fused autograd ops (training, scoring, log-probs) run: the CPU in f32, f64 and, on
 /// CPUs with AVX512-BF16, bf16 (its products on `vdpbf16ps`; without it candle's generic bf16).
 pub fn autograd_path(device: &Device, dtype: DType) -> Path {
-    let fused_dtypes: &[DType] = if crate::matmul::bf16_products_available() {
-        &[DType::F32, DType::F64, DType::BF16]
-    } else {
-        &[DType::F32, DType::F64]
-    };
-    path(device, dtype, fused_dtypes)
+    path(
+        device,
+        dtype,
+        &bf16_where_available(&[DType::F32, DType::F64]),
+    )
 }
 
-/// Where the host decode kernels (generation's step) run: the CPU in f32.
+/// Where the host decode kernels (generation's step) run: the CPU in f32 and, on CPUs with
+/// AVX512-BF16, bf16 (bf16 products, everything else in f32).
 pub fn decode_path(device: &Device, dtype: DType) -> Path {
-    path(device, dtype, &[DType::F32])
+    path(device, dtype, &bf16_where_available(&[DType::F32]))
+}
+
+/// `dtypes`, and bf16 when this CPU has bf16 products.
+fn bf16_where_available(dtypes: &[DType]) -> Vec<DType> {
+    let mut dtypes = dtypes.to_vec();
+    if crate::matmul::bf16_products_available() {
+        dtypes.push(DType::BF16);
+    }
+    dtypes
 }
 
 /// [`autograd_path`] for an op's inputs: fused only when they share the first input's device

@@ -11,9 +11,12 @@
 use crate::linear::Linear;
 use crate::rope::RotaryTables;
 use anyhow::{bail, Context};
-use candle_core::{CpuStorage, DType, Device, Result, Storage, StorageRef, Tensor};
+use candle_core::{CpuStorage, DType, Device, Result, Storage, StorageRef, Tensor, TensorId};
+use half::bf16;
 use optune_checkpoint::ModelConfig;
 use optune_kernels::{host, ops, Path};
+use optune_kernels::{matmul_bf16_packed, Mat, PackedRhs};
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 /// Additive mask value for disallowed keys. Finite so that a row never turns into NaN.
@@ -62,7 +65,16 @@ pub struct Transformer {
     rope: std::sync::Arc<RotaryTables>,
     dtype: DType,
     device: Device,
+    /// bf16 weights packed for the CPU decode step's products, by the weight tensor they were
+    /// packed from (a replaced weight is packed anew; see [`HostWeights::new`]).
+    packed: PackedWeights,
 }
+
+/// See [`Transformer::packed`]. Shared by clones, which start with the same weights.
+#[derive(Clone, Default)]
+struct PackedWeights(
+    std::sync::Arc<std::sync::Mutex<HashMap<TensorId, std::sync::Arc<PackedRhs>>>>,
+);
 
 /// A padded batch for the training path. `mask` is 1 for real tokens, 0 for padding (either
 /// side); `positions` are each token's position among its sequence's real tokens.
@@ -307,6 +319,7 @@ impl Transformer {
             rope: std::sync::Arc::new(rope),
             dtype,
             device: device.clone(),
+            packed: PackedWeights::default(),
         };
         model.convert(dtype, device)?;
         Ok(model)
@@ -766,11 +779,8 @@ impl Transformer {
             .map(|f| *f as f32)
             .collect();
         let (cos, sin) = host::rotary_tables(&positions, &inv_freq);
-        let embed = weights.embed.data();
         let mut x = Vec::with_capacity(rows * h);
-        for &id in &ids {
-            x.extend_from_slice(&embed[id * h..(id + 1) * h]);
-        }
+        weights.embed.gather_rows(&ids, h, &mut x);
         let eps = cfg.rms_norm_eps;
         let mut normed = vec![0f32; rows * h];
         let mut attn = vec![0f32; rows * heads * d];
@@ -779,7 +789,7 @@ impl Transformer {
             unreachable!("host cache")
         };
         for (l, block) in weights.layers.iter().enumerate() {
-            host::rms_norm(&x, block.input_norm.data(), eps, &mut normed);
+            host::rms_norm(&x, &block.input_norm.floats(), eps, &mut normed);
             let [mut q, mut k, v] =
                 HostLinear::forward_many([&block.q, &block.k, &block.v], &normed, rows);
             host::rotary(&mut q, heads, d, &cos, &sin);
@@ -803,7 +813,7 @@ impl Transformer {
             host::attention(&q, &queries, heads, d, &layer, &mut attn);
             let o = block.o.forward(&attn, rows);
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
-            host::rms_norm(&x, block.post_norm.data(), eps, &mut normed);
+            host::rms_norm(&x, &block.post_norm.floats(), eps, &mut normed);
             let [mut gate, up] = HostLinear::forward_many([&block.gate, &block.up], &normed, rows);
             host::silu_mul(&mut gate, &up);
             let down = block.down.forward(&gate, rows);
@@ -818,7 +828,7 @@ impl Transformer {
             last.extend_from_slice(&x[(end - 1) * h..end * h]);
         }
         let mut normed = vec![0f32; segments.len() * h];
-        host::rms_norm(&last, weights.norm.data(), eps, &mut normed);
+        host::rms_norm(&last, &weights.norm.floats(), eps, &mut normed);
         let logits = weights.head.forward(&normed, segments.len());
         debug_assert_eq!(logits.len(), segments.len() * width);
         Ok(logits)
@@ -901,7 +911,7 @@ pub struct Segment<'a> {
     pub tokens: &'a [u32],
 }
 
-/// A contiguous CPU f32 tensor's data, read under its storage's lock.
+/// A contiguous CPU f32 or bf16 tensor's data, read under its storage's lock.
 struct HostView<'a> {
     guard: StorageRef<'a>,
     start: usize,
@@ -917,19 +927,49 @@ impl<'a> HostView<'a> {
                 tensor.dims()
             );
         };
-        if !matches!(&*guard, Storage::Cpu(CpuStorage::F32(_))) {
+        if !matches!(
+            &*guard,
+            Storage::Cpu(CpuStorage::F32(_) | CpuStorage::BF16(_))
+        ) {
             bail!(
-                "CPU decoding needs f32 weights on the CPU, found {:?}",
+                "CPU decoding needs f32 or bf16 weights on the CPU, found {:?}",
                 tensor.dtype()
             );
         }
         Ok(Self { guard, start, end })
     }
 
-    fn data(&self) -> &[f32] {
+    /// The values in f32: the data itself, or a widened copy of bf16 data (for the small
+    /// weights: norms, biases, LoRA adapters).
+    fn floats(&self) -> Cow<'_, [f32]> {
         match &*self.guard {
-            Storage::Cpu(CpuStorage::F32(v)) => &v[self.start..self.end],
+            Storage::Cpu(CpuStorage::F32(v)) => Cow::Borrowed(&v[self.start..self.end]),
+            Storage::Cpu(CpuStorage::BF16(v)) => {
+                Cow::Owned(v[self.start..self.end].iter().map(|x| x.to_f32()).collect())
+            }
             _ => unreachable!("checked in HostView::new"),
+        }
+    }
+
+    /// The data when it is bf16.
+    fn bf16(&self) -> Option<&[bf16]> {
+        match &*self.guard {
+            Storage::Cpu(CpuStorage::BF16(v)) => Some(&v[self.start..self.end]),
+            _ => None,
+        }
+    }
+
+    /// Appends rows `ids` of this `[.., width]` matrix to `out`, in f32.
+    fn gather_rows(&self, ids: &[usize], width: usize, out: &mut Vec<f32>) {
+        for &id in ids {
+            let (from, to) = (self.start + id * width, self.start + (id + 1) * width);
+            match &*self.guard {
+                Storage::Cpu(CpuStorage::F32(v)) => out.extend_from_slice(&v[from..to]),
+                Storage::Cpu(CpuStorage::BF16(v)) => {
+                    out.extend(v[from..to].iter().map(|x| x.to_f32()))
+                }
+                _ => unreachable!("checked in HostView::new"),
+            }
         }
     }
 }
@@ -938,21 +978,25 @@ impl<'a> HostView<'a> {
 /// applied here: decoding is inference.
 struct HostLinear<'a> {
     weight: HostView<'a>,
+    /// bf16 weights, packed for `matmul_bf16_packed` (f32 weights take `host::linear_many`).
+    packed: Option<std::sync::Arc<PackedRhs>>,
     bias: Option<HostView<'a>>,
     lora: Option<(HostView<'a>, HostView<'a>, f32)>,
     out: usize,
 }
 
 impl<'a> HostLinear<'a> {
-    fn new(linear: &'a Linear) -> anyhow::Result<Self> {
+    fn new(linear: &'a Linear, packed: &mut PackedFor) -> anyhow::Result<Self> {
         let lora = match &linear.lora {
             Some(a) if a.enabled.load(std::sync::atomic::Ordering::Relaxed) => {
                 Some((HostView::new(&a.a)?, HostView::new(&a.b)?, a.scale as f32))
             }
             _ => None,
         };
+        let weight = HostView::new(&linear.weight)?;
         Ok(Self {
-            weight: HostView::new(&linear.weight)?,
+            packed: packed.get(&linear.weight, &weight)?,
+            weight,
             bias: linear.bias.as_ref().map(HostView::new).transpose()?,
             lora,
             out: linear.weight.dim(0)?,
@@ -964,31 +1008,91 @@ impl<'a> HostLinear<'a> {
         y
     }
 
-    /// Several layers on the same input, their base products in one parallel region.
+    /// Several layers on the same input, their base products in one parallel region (f32) or
+    /// one after the other, each parallel (bf16).
     fn forward_many<const N: usize>(layers: [&Self; N], x: &[f32], rows: usize) -> [Vec<f32>; N] {
         let mut outs: [Vec<f32>; N] = std::array::from_fn(|i| vec![0f32; rows * layers[i].out]);
-        let mut products: Vec<host::Product> = layers
-            .iter()
-            .zip(outs.iter_mut())
-            .map(|(l, out)| host::Product {
-                w: l.weight.data(),
-                bias: l.bias.as_ref().map(|b| b.data()),
-                out,
-            })
-            .collect();
-        host::linear_many(x, rows, &mut products);
-        drop(products);
+        let width = x.len() / rows.max(1);
+        let mut f32_products: Vec<host::Product> = Vec::new();
+        for (layer, out) in layers.iter().zip(outs.iter_mut()) {
+            match &layer.packed {
+                Some(packed) => {
+                    matmul_bf16_packed(rows, out, false, Mat::rows(x, width), packed);
+                    if let Some(bias) = &layer.bias {
+                        let bias = bias.floats();
+                        out.chunks_mut(layer.out).for_each(|row| {
+                            row.iter_mut().zip(bias.iter()).for_each(|(y, b)| *y += b)
+                        });
+                    }
+                }
+                None => f32_products.push(host::Product {
+                    w: match layer.weight.floats() {
+                        Cow::Borrowed(w) => w,
+                        Cow::Owned(_) => unreachable!("bf16 weights are packed"),
+                    },
+                    bias: layer.bias.as_ref().map(|b| match b.floats() {
+                        Cow::Borrowed(b) => b,
+                        Cow::Owned(_) => unreachable!("an f32 layer has an f32 bias"),
+                    }),
+                    out,
+                }),
+            }
+        }
+        if !f32_products.is_empty() {
+            host::linear_many(x, rows, &mut f32_products);
+        }
+        drop(f32_products);
         for (layer, y) in layers.iter().zip(outs.iter_mut()) {
             if let Some((a, b, scale)) = &layer.lora {
-                let rank = a.data().len() / (x.len() / rows);
+                let (a, b) = (a.floats(), b.floats());
+                let rank = a.len() / width;
                 let mut t = vec![0f32; rows * rank];
-                host::linear(x, rows, a.data(), None, &mut t);
+                host::linear(x, rows, &a, None, &mut t);
                 let mut delta = vec![0f32; rows * layer.out];
-                host::linear(&t, rows, b.data(), None, &mut delta);
+                host::linear(&t, rows, &b, None, &mut delta);
                 y.iter_mut().zip(&delta).for_each(|(y, d)| *y += d * scale);
             }
         }
         outs
+    }
+}
+
+/// Looks up (or packs) the bf16 weights of one decode step in the model's [`PackedWeights`],
+/// and afterwards drops the packings of weights the model no longer holds.
+struct PackedFor<'m> {
+    cache: std::sync::MutexGuard<'m, HashMap<TensorId, std::sync::Arc<PackedRhs>>>,
+    used: std::collections::HashSet<TensorId>,
+}
+
+impl<'m> PackedFor<'m> {
+    fn new(model: &'m Transformer) -> Self {
+        Self {
+            cache: model.packed.0.lock().expect("packed weights lock"),
+            used: Default::default(),
+        }
+    }
+
+    /// The packing of `weight [out, in]` as the right operand `weightᵀ` of `x · weightᵀ`, when it
+    /// is bf16.
+    fn get(
+        &mut self,
+        weight: &Tensor,
+        view: &HostView,
+    ) -> anyhow::Result<Option<std::sync::Arc<PackedRhs>>> {
+        let Some(data) = view.bf16() else {
+            return Ok(None);
+        };
+        let (out, width) = weight.dims2()?;
+        self.used.insert(weight.id());
+        let packed = self.cache.entry(weight.id()).or_insert_with(|| {
+            std::sync::Arc::new(PackedRhs::new(width, out, Mat::transposed(data, width)))
+        });
+        Ok(Some(packed.clone()))
+    }
+
+    fn finish(mut self) {
+        let used = std::mem::take(&mut self.used);
+        self.cache.retain(|id, _| used.contains(id));
     }
 }
 
@@ -1014,36 +1118,41 @@ struct HostWeights<'a> {
 
 impl<'a> HostWeights<'a> {
     fn new(model: &'a Transformer) -> anyhow::Result<Self> {
+        let mut packed = PackedFor::new(model);
         let layers = model
             .layers
             .iter()
             .map(|b| {
                 Ok(HostBlock {
                     input_norm: HostView::new(&b.input_layernorm)?,
-                    q: HostLinear::new(&b.self_attn.q_proj)?,
-                    k: HostLinear::new(&b.self_attn.k_proj)?,
-                    v: HostLinear::new(&b.self_attn.v_proj)?,
-                    o: HostLinear::new(&b.self_attn.o_proj)?,
+                    q: HostLinear::new(&b.self_attn.q_proj, &mut packed)?,
+                    k: HostLinear::new(&b.self_attn.k_proj, &mut packed)?,
+                    v: HostLinear::new(&b.self_attn.v_proj, &mut packed)?,
+                    o: HostLinear::new(&b.self_attn.o_proj, &mut packed)?,
                     post_norm: HostView::new(&b.post_attention_layernorm)?,
-                    gate: HostLinear::new(&b.mlp.gate_proj)?,
-                    up: HostLinear::new(&b.mlp.up_proj)?,
-                    down: HostLinear::new(&b.mlp.down_proj)?,
+                    gate: HostLinear::new(&b.mlp.gate_proj, &mut packed)?,
+                    up: HostLinear::new(&b.mlp.up_proj, &mut packed)?,
+                    down: HostLinear::new(&b.mlp.down_proj, &mut packed)?,
                 })
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         let head = match &model.head {
             OutputHead::LanguageModel { weight, .. } | OutputHead::Score { weight } => weight,
         };
+        let head_view = HostView::new(head)?;
+        let head = HostLinear {
+            packed: packed.get(head, &head_view)?,
+            weight: head_view,
+            bias: None,
+            lora: None,
+            out: head.dim(0)?,
+        };
+        packed.finish();
         Ok(Self {
             embed: HostView::new(&model.embed_tokens)?,
             layers,
             norm: HostView::new(&model.norm)?,
-            head: HostLinear {
-                weight: HostView::new(head)?,
-                bias: None,
-                lora: None,
-                out: head.dim(0)?,
-            },
+            head,
         })
     }
 }
