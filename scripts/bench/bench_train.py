@@ -118,6 +118,7 @@ def trl_worker(args) -> None:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    bf16 = bool(args.bf16)
 
     class StepClock(TrainerCallback):
         def __init__(self):
@@ -144,7 +145,7 @@ def trl_worker(args) -> None:
         max_length=1024,
         max_prompt_length=512,
         use_cpu=True,
-        bf16=False,
+        bf16=bf16,
         fp16=False,
         report_to=[],
         logging_steps=1,
@@ -179,14 +180,15 @@ def trl_worker(args) -> None:
                                     "peak_rss_mb": rss_kb / 1024}))
 
 
-def run_trl(model_dir: Path, pairs: Path, work: Path, threads: int, batch: int, steps: int, lora_rank: int):
+def run_trl(model_dir: Path, pairs: Path, work: Path, threads: int, batch: int, steps: int, lora_rank: int,
+            bf16: bool):
     out = work / "trl-result.json"
     out.unlink(missing_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                TOKENIZERS_PARALLELISM="false", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
     cmd = [sys.executable, __file__, "trl-worker", "--model", str(model_dir), "--pairs", str(pairs),
            "--threads", str(threads), "--batch", str(batch), "--steps", str(steps), "--out", str(out),
-           "--lora-rank", str(lora_rank)]
+           "--lora-rank", str(lora_rank), "--bf16", str(int(bf16))]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.exit(f"TRL run failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -194,14 +196,14 @@ def run_trl(model_dir: Path, pairs: Path, work: Path, threads: int, batch: int, 
 
 
 def run_ours(opt_wdpo: Path, model_dir: Path, pairs: Path, work: Path, threads: int, batch: int, steps: int,
-             pair_count: int, lora_rank: int):
+             pair_count: int, lora_rank: int, bf16: bool):
     out = work / "wdpo-out"
     metrics = work / "wdpo-metrics.csv"
     epochs = steps * batch // pair_count
     cmd = ["/usr/bin/time", "-v", str(opt_wdpo), "--policy", str(model_dir), str(pairs), "-o", str(out),
            "--metrics", str(metrics), "--batch-size", str(batch), "--epochs", str(epochs), "--lr", "1e-5",
            "--loss", "sigmoid", "--beta", "0.1", "--weight", "none", "--optimizer", "adamw",
-           "--threads", str(threads)]
+           "--threads", str(threads), "--dtype", "bf16" if bf16 else "f32"]
     if lora_rank:
         cmd += ["--lora-rank", str(lora_rank), "--lora-alpha", str(2 * lora_rank), "--lora-targets", ",".join(LORA_TARGETS)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -225,7 +227,7 @@ def main() -> None:
         ap.add_argument("cmd")
         for name in ["--model", "--pairs", "--out"]:
             ap.add_argument(name, type=Path, required=True)
-        for name in ["--threads", "--batch", "--steps", "--lora-rank"]:
+        for name in ["--threads", "--batch", "--steps", "--lora-rank", "--bf16"]:
             ap.add_argument(name, type=int, required=True)
         trl_worker(ap.parse_args())
         return
@@ -239,7 +241,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--vocab", type=int, default=32000, help="vocabulary of the random llama")
     ap.add_argument("--models", default="random,smollm2", help="which models (smollm2 needs OPTUNE_SMOLLM2_DIR)")
-    ap.add_argument("--sides", default="ours,trl", help="which trainers to run")
+    ap.add_argument("--sides", default="ours,trl",
+                    help="which trainers to run: ours, trl, and either with -bf16 (opt-wdpo --dtype bf16; TRL bf16=True)")
+    ap.add_argument("--smollm2-pairs", type=int, default=2, help="pairs per step on SmolLM2")
     ap.add_argument("--compare", action="append", default=[], metavar="NAME=PATH",
                     help="also time another opt-wdpo build (e.g. an older commit's) in the same rounds")
     ap.add_argument("--json", type=Path, help="also write the raw figures here")
@@ -252,13 +256,14 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     # (pairs per step, tokens per side, steps) of each model.
-    shapes = {RANDOM_LLAMA: (8, 130, args.steps), SMOLLM2: (2, 128, max(args.warmup + 3, args.steps // 2))}
+    shapes = {RANDOM_LLAMA: (8, 130, args.steps),
+              SMOLLM2: (args.smollm2_pairs, 128, max(args.warmup + 3, args.steps // 2))}
     models = [(label, path, *shapes[label]) for label, path in bench_models(args.work, args.models, args.vocab)]
     sides = args.sides.split(",")
     builds = {"ours": args.opt_wdpo}
     for spec in args.compare:
         name, _, path = spec.partition("=")
-        if not path or name in ("ours", "trl"):
+        if not path or name in ("ours", "trl") or name.endswith("-bf16"):
             sys.exit(f"--compare {spec}: expected NAME=PATH with a NAME other than ours and trl")
         builds[name] = Path(path)
         sides.append(name)
@@ -269,7 +274,7 @@ def main() -> None:
 
     tuning = f"LoRA r{args.lora_rank} alpha {2 * args.lora_rank} on {'/'.join(LORA_TARGETS)}" if args.lora_rank else "full fine-tuning"
     print(f"# torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}; "
-          f"{args.threads} threads, f32, {tuning}, AdamW, sigmoid DPO, reference log-probs precomputed; "
+          f"{args.threads} threads, {tuning}, AdamW, sigmoid DPO, reference log-probs precomputed; "
           f"median over {args.repeats} repeats of each run's median step after {args.warmup} warm-up steps")
     print(f"# load average at start: {loadavg()}")
     table, raw = [], []
@@ -286,11 +291,13 @@ def main() -> None:
         results = {side: [] for side in sides}
         for r in range(args.repeats):
             for side in sides:
-                if side == "trl":
-                    res = run_trl(model_dir, work / "pairs-trl.jsonl", work, args.threads, batch, steps, args.lora_rank)
+                base, bf16 = side.removesuffix("-bf16"), side.endswith("-bf16")
+                if base == "trl":
+                    res = run_trl(model_dir, work / "pairs-trl.jsonl", work, args.threads, batch, steps, args.lora_rank,
+                                  bf16)
                 else:
-                    res = run_ours(builds[side], model_dir, work / "pairs.jsonl", work, args.threads, batch, steps,
-                                   batch, args.lora_rank)
+                    res = run_ours(builds[base], model_dir, work / "pairs.jsonl", work, args.threads, batch, steps,
+                                   batch, args.lora_rank, bf16)
                 res["median_s"] = statistics.median(res["step_seconds"][args.warmup:])
                 res["load"] = loadavg()
                 results[side].append(res)
@@ -313,16 +320,20 @@ def main() -> None:
     print()
     print("| model | pairs/step | trainer | tokens/step | s/step | tokens/s | peak RSS MB |")
     print("|---|---:|---|---:|---:|---:|---:|")
-    name = lambda side: {"ours": "opt-wdpo", "trl": "TRL DPOTrainer"}.get(side, f"opt-wdpo ({side})")
+    def name(side: str) -> str:
+        base, bf16 = side.removesuffix("-bf16"), " bf16" if side.endswith("-bf16") else ""
+        return {"ours": "opt-wdpo", "trl": "TRL DPOTrainer"}.get(base, f"opt-wdpo ({base})") + bf16
     for label, batch, summary in table:
         for side, s in summary.items():
             print(f"| {label} | {batch} | {name(side)} | {s['tokens_per_step']} | {s['s_per_step']:.3f} | "
                   f"{s['tokens_per_s']:.0f} | {s['peak_rss_mb']:.0f} |")
     print()
     for label, _, summary in table:
-        for side in (s for s in summary if s != "trl" and "trl" in summary):
-            ratio = summary[side]["s_per_step"] / summary["trl"]["s_per_step"]
-            print(f"{label}: {name(side)} / TRL seconds per step = {ratio:.2f}x")
+        peers = [s for s in summary if s.startswith("trl")]
+        for side in (s for s in summary if not s.startswith("trl")):
+            for peer in peers:
+                ratio = summary[side]["s_per_step"] / summary[peer]["s_per_step"]
+                print(f"{label}: {name(side)} / {name(peer)} seconds per step = {ratio:.2f}x")
     print(f"# load average at end: {loadavg()}")
     if args.json:
         args.json.write_text(json.dumps({"models": raw, "loadavg_end": loadavg()}, indent=1))

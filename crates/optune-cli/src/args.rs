@@ -12,7 +12,9 @@ pub struct RuntimeArgs {
     #[arg(long, value_name = "DEVICE")]
     pub device: Option<String>,
 
-    /// f32, bf16 or f16 [default: f32 on cpu, bf16 on cuda]
+    /// f32, bf16 or f16 [default: f32 on cpu, bf16 on cuda]. On a CPU with AVX512-BF16 (fused
+    /// kernels), bf16 keeps tensors in f32 and runs the matrix products with bf16 operands and
+    /// f32 sums; elsewhere it computes in bf16 tensors
     #[arg(long, value_name = "DTYPE")]
     pub dtype: Option<String>,
 
@@ -43,7 +45,19 @@ impl RuntimeArgs {
         optune_kernels::set_kernels(kernels.unwrap_or(Kernels::Fused));
         optune_kernels::runtime::init(self.threads)?;
         let device = crate::runtime::device(self.device.as_deref())?;
-        let dtype = crate::runtime::dtype(self.dtype.as_deref(), &device)?;
+        let mut dtype = crate::runtime::dtype(self.dtype.as_deref(), &device)?;
+        if dtype == DType::BF16
+            && optune_kernels::autograd_path(&device, DType::F32) == optune_kernels::Path::Fused
+            && optune_kernels::bf16_products_available()
+        {
+            // bf16 on the CPU's fused path: f32 tensors, matrix products with bf16 operands and
+            // f32 sums (vdpbf16ps). Everything but the products stays in f32, where this CPU
+            // has no faster form, and no bf16 tensor needs converting on its way through the
+            // f32 kernels.
+            optune_kernels::set_f32_product_precision(optune_kernels::ProductPrecision::Bf16)
+                .map_err(anyhow::Error::msg)?;
+            dtype = DType::F32;
+        }
         if device.is_cuda() {
             // candle's switch for cuBLAS's f32 compute type (process-wide, off by default). A
             // build without the cuda feature has candle's stub of it, which does nothing.

@@ -16,7 +16,7 @@
 //! * [`attention`]: grouped-query `softmax(scale · q kᵀ + mask) v`; scores and probabilities exist
 //!   one (batch, KV head) block at a time and are recomputed by the backward.
 
-use crate::matmul::{matmul_bf16, matmul_bf16_packed, Mat, PackedRhs};
+use crate::matmul::{matmul_bf16, matmul_bf16_packed, Mat, PackedRhs, ProductPrecision};
 use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
@@ -305,7 +305,8 @@ macro_rules! by_dtype {
     };
 }
 
-/// `dst [m, n] (row-major) = (accumulate ? dst : 0) + lhs [m, k] · rhs [k, n]`, on rayon's pool.
+/// `dst [m, n] (row-major) = (accumulate ? dst : 0) + lhs [m, k] · rhs [k, n]`, on rayon's pool;
+/// f32 products in bf16 when the process asked for it ([`crate::matmul::ProductPrecision`]).
 fn matmul<T: Real>(
     m: usize,
     n: usize,
@@ -315,6 +316,16 @@ fn matmul<T: Real>(
     lhs: Mat<T>,
     rhs: Mat<T>,
 ) {
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+        && crate::matmul::f32_product_precision() == ProductPrecision::Bf16
+    {
+        // SAFETY: T is f32 (checked above), so the buffer and operands are f32 data.
+        let (dst, lhs, rhs) = unsafe {
+            let dst = std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<f32>(), dst.len());
+            (dst, lhs.cast::<f32>(), rhs.cast::<f32>())
+        };
+        return matmul_bf16(m, n, k, dst, accumulate, lhs, rhs);
+    }
     let threads = rayon::current_num_threads();
     let parallelism = if threads > 1 {
         gemm::Parallelism::Rayon(threads)

@@ -22,7 +22,8 @@ mod simd;
 
 pub use dispatch::{autograd_path, decode_path, kernels, path_for, set_kernels, Kernels, Path};
 pub use matmul::{
-    bf16_products_available, matmul_bf16, matmul_bf16_packed, Bf16Source, Mat, PackedRhs,
+    bf16_products_available, f32_product_precision, matmul_bf16, matmul_bf16_packed,
+    set_f32_product_precision, Bf16Source, Mat, PackedRhs, ProductPrecision,
 };
 pub use ops::{
     accumulation_dtype, attention, linear, rms_norm, rotary_heads, silu_mul, token_logprobs,

@@ -34,13 +34,18 @@ impl<T> Mat<T> {
             cs: 1,
         }
     }
-    /// The address of element `(i, j)`.
+    /// The same operand read as elements of type `U`.
     ///
     /// # Safety
-    /// `(i, j)` lies inside the matrix.
-    unsafe fn at(self, i: usize, j: usize) -> *const T {
-        self.ptr.add(i * self.rs + j * self.cs)
+    /// `T` and `U` are the same type.
+    pub(crate) unsafe fn cast<U>(self) -> Mat<U> {
+        Mat {
+            ptr: self.ptr.cast(),
+            rs: self.rs,
+            cs: self.cs,
+        }
     }
+
     /// The transpose of `data` seen as `[cols, rows]` row-major, i.e. `dataᵀ`.
     pub fn transposed(data: &[T], cols: usize) -> Self {
         Self {
@@ -82,6 +87,37 @@ pub fn bf16_products_available() -> bool {
             false
         }
     })
+}
+
+/// How the fused ops' and the decode step's f32 matrix products run, process-wide: in f32, or
+/// with both operands rounded to bf16 and f32 sums ([`matmul_bf16`]); PyTorch calls the latter
+/// float32 matmul precision "medium". `--dtype bf16` on the CPU sets it (see optune-cli).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProductPrecision {
+    F32,
+    Bf16,
+}
+
+static BF16_PRODUCTS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Sets the precision of f32 products for the whole process; bf16 needs
+/// [`bf16_products_available`] (else an error names the missing instructions).
+pub fn set_f32_product_precision(precision: ProductPrecision) -> Result<(), String> {
+    let bf16 = precision == ProductPrecision::Bf16;
+    if bf16 && !bf16_products_available() {
+        return Err("bf16 products need a CPU with AVX512-BF16".into());
+    }
+    BF16_PRODUCTS.store(bf16, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
+
+/// The precision set by [`set_f32_product_precision`] (f32 unless set).
+pub fn f32_product_precision() -> ProductPrecision {
+    if BF16_PRODUCTS.load(std::sync::atomic::Ordering::Relaxed) {
+        ProductPrecision::Bf16
+    } else {
+        ProductPrecision::F32
+    }
 }
 
 /// Rows of a micro-tile of the product.
@@ -131,8 +167,12 @@ pub struct PackedRhs {
 
 impl PackedRhs {
     pub fn new<B: Bf16Source>(k: usize, n: usize, rhs: Mat<B>) -> Self {
-        // Read outside the tasks: a closure naming a field of a Mat captures that field alone.
-        let k_stride = rhs.rs;
+        // rhs lines are its columns (`cs` apart), `rs` apart along k.
+        let lines = Lines {
+            ptr: rhs.ptr,
+            line_stride: rhs.cs,
+            k_stride: rhs.rs,
+        };
         let mut blocks = Vec::new();
         for k0 in (0..k).step_by(KC) {
             let kc = KC.min(k - k0);
@@ -144,19 +184,10 @@ impl PackedRhs {
                     .par_chunks_mut(pairs * NR)
                     .enumerate()
                     .for_each(move |(p, panel)| {
-                        for c in 0..NR.min(n - n0 - p * NR) {
-                            // SAFETY: column n0 + p·NR + c < n, rows k0..k0 + kc lie inside
-                            // the k × n operand; the panel holds `pairs` lanes NR apart from c.
-                            unsafe {
-                                pack_line(
-                                    rhs.at(k0, n0 + p * NR + c),
-                                    k_stride,
-                                    kc,
-                                    &mut panel[c..],
-                                    NR,
-                                )
-                            }
-                        }
+                        let first = n0 + p * NR;
+                        // SAFETY: columns first.. (those < n) and rows k0..k0 + kc lie inside the
+                        // k × n operand; the panel holds NR lanes for each of `pairs` pairs.
+                        unsafe { lines.pack(first, NR, n, k0, kc, panel, 1, NR) }
                     });
                 blocks.push(block);
             }
@@ -203,8 +234,12 @@ pub fn matmul_bf16_packed<A: Bf16Source>(
     let out = SharedOut(dst.as_mut_ptr());
     let mut packed_lhs = Vec::new();
     let m_tiles = m.div_ceil(MR);
-    // Read outside the tasks: a closure naming a field of a Mat captures that field alone.
-    let lhs_k_stride = lhs.cs;
+    // lhs lines are its rows (`rs` apart), `cs` apart along k.
+    let lhs_lines = Lines {
+        ptr: lhs.ptr,
+        line_stride: lhs.rs,
+        k_stride: lhs.cs,
+    };
     let mut blocks = rhs.blocks.iter();
     for k0 in (0..k).step_by(KC) {
         let kc = KC.min(k - k0);
@@ -216,15 +251,9 @@ pub fn matmul_bf16_packed<A: Bf16Source>(
             .par_chunks_mut(MR * pairs)
             .enumerate()
             .for_each(move |(t, tile)| {
-                for (r, line) in tile.chunks_mut(pairs).enumerate() {
-                    let i = t * MR + r;
-                    if i < m {
-                        // SAFETY: row i, columns k0..k0 + kc lie inside the m × k operand.
-                        unsafe { pack_line(lhs.at(i, k0), lhs_k_stride, kc, line, 1) }
-                    } else {
-                        line.fill(0);
-                    }
-                }
+                // SAFETY: rows t·MR.. (those < m) and columns k0..k0 + kc lie inside the m × k
+                // operand; the tile holds `pairs` lanes for each of MR rows.
+                unsafe { lhs_lines.pack(t * MR, MR, m, k0, kc, tile, pairs, 1) }
             });
         for n0 in (0..n).step_by(NC) {
             let packed_rhs = blocks.next().expect("one packed block per (k, n) block");
@@ -283,27 +312,65 @@ impl SharedOut {
     }
 }
 
-/// Packs `len` elements `stride` apart from `src` (one row of `lhs` or column of `rhs` along
-/// `k`) as bf16 pairs, the first of each pair in the low half of the 32-bit lane `vdpbf16ps`
-/// multiplies pairwise, into `out[0], out[out_stride], …`; the odd element past `len` is zero.
-///
-/// # Safety
-/// `src` points at `len` readable elements `stride` apart; `out` holds `len.div_ceil(2)` lanes
-/// `out_stride` apart.
-unsafe fn pack_line<T: Bf16Source>(
-    src: *const T,
-    stride: usize,
-    len: usize,
-    out: &mut [u32],
-    out_stride: usize,
-) {
-    let at = |i: usize| (*src.add(i * stride)).bf16_bits() as u32;
-    let whole = len / 2;
-    for p in 0..whole {
-        out[p * out_stride] = at(2 * p) | at(2 * p + 1) << 16;
-    }
-    if len % 2 == 1 {
-        out[whole * out_stride] = at(len - 1);
+/// An operand seen as lines along `k` (the rows of `lhs`, the columns of `rhs`), for packing.
+#[derive(Clone, Copy)]
+struct Lines<T> {
+    ptr: *const T,
+    line_stride: usize,
+    k_stride: usize,
+}
+
+// SAFETY: as for Mat, a read-only view of data the product's caller borrows throughout.
+unsafe impl<T: Sync> Send for Lines<T> {}
+// SAFETY: as above.
+unsafe impl<T: Sync> Sync for Lines<T> {}
+
+impl<T: Bf16Source> Lines<T> {
+    /// Packs lines `first..first + count` over `k0..k0 + kc` as bf16 pairs, the even `k` in the
+    /// low half of the 32-bit lane `vdpbf16ps` multiplies pairwise: the lane of (line `l`, pair
+    /// `p`) at `out[l · line_step + p · pair_step]`. Lines from `total` on, and the odd element
+    /// past `kc`, are zero. Reads run along whichever of the two strides is 1 (a transposed
+    /// operand's lines are read across), so every cache line fetched is used whole.
+    ///
+    /// # Safety
+    /// Lines `first..min(first + count, total)` hold `k0 + kc` elements; `out` holds every lane.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn pack(
+        self,
+        first: usize,
+        count: usize,
+        total: usize,
+        k0: usize,
+        kc: usize,
+        out: &mut [u32],
+        line_step: usize,
+        pair_step: usize,
+    ) {
+        let pairs = kc.div_ceil(2);
+        let at = |line: usize, k: usize| -> u32 {
+            if line < total && k < kc {
+                (*self
+                    .ptr
+                    .add(line * self.line_stride + (k0 + k) * self.k_stride))
+                .bf16_bits() as u32
+            } else {
+                0
+            }
+        };
+        let lane = |l: usize, p: usize| at(first + l, 2 * p) | at(first + l, 2 * p + 1) << 16;
+        if self.k_stride == 1 || self.line_stride != 1 {
+            for l in 0..count {
+                for p in 0..pairs {
+                    out[l * line_step + p * pair_step] = lane(l, p);
+                }
+            }
+        } else {
+            for p in 0..pairs {
+                for l in 0..count {
+                    out[l * line_step + p * pair_step] = lane(l, p);
+                }
+            }
+        }
     }
 }
 

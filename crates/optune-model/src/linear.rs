@@ -1,7 +1,6 @@
 //! A linear layer with an optional LoRA adapter.
 
 use candle_core::{Device, Result, Tensor};
-use optune_kernels::ops::generic;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -219,14 +218,15 @@ impl Linear {
             x2
         };
         // The adapters are f32 master weights; they compute in the input's dtype (bf16 on a GPU),
-        // and the cast passes their gradients back in f32.
+        // and the cast passes their gradients back in f32. The scale goes on B (out × rank), not
+        // on the [rows, out] product: one small multiply instead of a large one.
         let (a, b) = (
             lora.a.to_dtype(input.dtype())?,
-            lora.b.to_dtype(input.dtype())?,
+            (&lora.b * lora.scale)?.to_dtype(input.dtype())?,
         );
-        // The generic products on every path: their backward computes only the gradients
-        // wanted (no input gradient for the first layer's adapters, whose input is frozen).
-        let delta = (generic::linear(&generic::linear(&input, &a)?, &b)? * lora.scale)?;
+        // Either path's products compute only the gradients wanted (no input gradient for the
+        // first layer's adapters, whose input is frozen).
+        let delta = optune_kernels::linear(&optune_kernels::linear(&input, &a)?, &b)?;
         *out_dims.last_mut().expect("non-empty") = lora.b.dim(0)?;
         Some(delta.reshape(out_dims)).transpose()
     }

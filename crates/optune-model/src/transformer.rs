@@ -15,7 +15,7 @@ use candle_core::{CpuStorage, DType, Device, Result, Storage, StorageRef, Tensor
 use half::bf16;
 use optune_checkpoint::ModelConfig;
 use optune_kernels::{host, ops, Path};
-use optune_kernels::{matmul_bf16_packed, Mat, PackedRhs};
+use optune_kernels::{matmul_bf16_packed, Mat, PackedRhs, ProductPrecision};
 use std::borrow::Cow;
 use std::collections::HashMap;
 
@@ -978,7 +978,8 @@ impl<'a> HostView<'a> {
 /// applied here: decoding is inference.
 struct HostLinear<'a> {
     weight: HostView<'a>,
-    /// bf16 weights, packed for `matmul_bf16_packed` (f32 weights take `host::linear_many`).
+    /// Weights packed for `matmul_bf16_packed` when the products run in bf16 (bf16 weights, or
+    /// f32 ones under bf16 products); else `host::linear_many` reads the f32 weights.
     packed: Option<std::sync::Arc<PackedRhs>>,
     bias: Option<HostView<'a>>,
     lora: Option<(HostView<'a>, HostView<'a>, f32)>,
@@ -1073,19 +1074,24 @@ impl<'m> PackedFor<'m> {
     }
 
     /// The packing of `weight [out, in]` as the right operand `weightᵀ` of `x · weightᵀ`, when it
-    /// is bf16.
+    /// is bf16, or f32 under bf16 products ([`optune_kernels::f32_product_precision`]).
     fn get(
         &mut self,
         weight: &Tensor,
         view: &HostView,
     ) -> anyhow::Result<Option<std::sync::Arc<PackedRhs>>> {
-        let Some(data) = view.bf16() else {
+        let bf16_products = optune_kernels::f32_product_precision() == ProductPrecision::Bf16;
+        if view.bf16().is_none() && !bf16_products {
             return Ok(None);
-        };
+        }
         let (out, width) = weight.dims2()?;
         self.used.insert(weight.id());
         let packed = self.cache.entry(weight.id()).or_insert_with(|| {
-            std::sync::Arc::new(PackedRhs::new(width, out, Mat::transposed(data, width)))
+            let packed = match view.bf16() {
+                Some(data) => PackedRhs::new(width, out, Mat::transposed(data, width)),
+                None => PackedRhs::new(width, out, Mat::transposed(&view.floats(), width)),
+            };
+            std::sync::Arc::new(packed)
         });
         Ok(Some(packed.clone()))
     }
