@@ -104,6 +104,8 @@ def write_jsonl(path: Path, rows) -> None:
 
 def trl_worker(args) -> None:
     """One TRL DPOTrainer run in this process; writes step times, tokens and peak RSS as JSON."""
+    import inspect
+    import math
     import resource
 
     import torch
@@ -131,7 +133,7 @@ def trl_worker(args) -> None:
             self.ends.append(time.perf_counter())
 
     clock = StepClock()
-    config = DPOConfig(
+    settings = dict(
         output_dir=str(args.out.parent / "trl-out"),
         per_device_train_batch_size=args.batch,
         max_steps=args.steps,
@@ -154,6 +156,11 @@ def trl_worker(args) -> None:
         dataloader_num_workers=0,
         seed=0,
     )
+    # TRL 1.x dropped warmup_ratio (warmup_steps instead) and max_prompt_length.
+    accepted = inspect.signature(DPOConfig.__init__).parameters
+    if "warmup_ratio" not in accepted:
+        settings["warmup_steps"] = math.ceil(settings.pop("warmup_ratio") * args.steps)
+    config = DPOConfig(**{k: v for k, v in settings.items() if k in accepted})
     peft_config = None
     if args.lora_rank:
         from peft import LoraConfig
@@ -170,9 +177,11 @@ def trl_worker(args) -> None:
     )
     trainer.train()
     data = trainer.train_dataset
+    # TRL 0.x names the token columns *_input_ids, TRL 1.x *_ids.
+    suffix = "_input_ids" if "prompt_input_ids" in data.column_names else "_ids"
     tokens = sum(
         2 * len(p) + len(c) + len(r)
-        for p, c, r in zip(data["prompt_input_ids"], data["chosen_input_ids"], data["rejected_input_ids"])
+        for p, c, r in zip(data["prompt" + suffix], data["chosen" + suffix], data["rejected" + suffix])
     )
     steps = [b - a for a, b in zip(clock.ends, clock.ends[1:])]
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -2,9 +2,10 @@
 //! products) and bf16 by [`optune_kernels::matmul_bf16`], on the shapes of a SmolLM2-135M
 //! training step (~700 tokens: the projections, the MLP, the vocabulary head in chunks of 256
 //! rows, each in its forward and both backward layouts). Prints GFLOP/s per shape and the
-//! best; `scripts/bench/roof.sh` runs torch on the same shapes in the same run.
+//! best; `--json FILE` also writes them for `scripts/bench/roof.py`, which times torch on the
+//! same shapes in the same run (`make bench-roof`).
 //!
-//! `cargo bench -p optune-kernels --bench roof [-- --threads N]`
+//! `cargo bench -p optune-kernels --bench roof [-- --threads N] [--json FILE]`
 
 use optune_kernels::{bf16_products_available, matmul_bf16, Mat};
 use std::time::Instant;
@@ -19,7 +20,7 @@ const SHAPES: &[(&str, usize, usize, usize)] = &[
     ("head fwd (256 rows)", 256, 49152, 576),
     ("head dx (256 rows)", 256, 576, 49152),
     ("decode mlp up, batch 32", 32, 1536, 576),
-    ("kernel ceiling", 96, 768, 8192),
+    ("kernel alone, packing amortised", 96, 768, 8192),
 ];
 
 fn seconds(mut f: impl FnMut()) -> f64 {
@@ -62,12 +63,16 @@ fn gemm_f32(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
     }
 }
 
+/// The value after `--name` on the command line.
+fn option(name: &str) -> Option<String> {
+    std::env::args().skip_while(|a| a != name).nth(1)
+}
+
 fn main() {
-    let threads = std::env::args()
-        .skip_while(|a| a != "--threads")
-        .nth(1)
+    let threads = option("--threads")
         .and_then(|t| t.parse().ok())
         .unwrap_or(2);
+    let mut json = Vec::new();
     optune_kernels::runtime::init(Some(threads)).expect("thread pool");
     let bf16 = bf16_products_available();
     println!("threads={threads} avx512bf16={bf16}");
@@ -108,6 +113,13 @@ fn main() {
             "| {name} | {m} | {n} | {k} | {f32_rate:.0} | {bf16_rate:.0} | {:.2}× |",
             bf16_rate / f32_rate
         );
+        json.push(format!(
+            r#"{{"shape": "{name}", "m": {m}, "n": {n}, "k": {k}, "f32": {f32_rate:.1}, "bf16": {}}}"#,
+            if bf16_rate.is_nan() { "null".into() } else { format!("{bf16_rate:.1}") }
+        ));
     }
     println!("best: f32 {best32:.0} GFLOP/s, bf16 {best16:.0} GFLOP/s");
+    if let Some(path) = option("--json") {
+        std::fs::write(&path, json.join("\n") + "\n").expect("writing --json");
+    }
 }

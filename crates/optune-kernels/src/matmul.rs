@@ -60,6 +60,14 @@ impl<T> Mat<T> {
 /// even), which is exact for f32 values that came from bf16.
 pub trait Bf16Source: Copy + Send + Sync + 'static {
     fn bf16_bits(self) -> u16;
+
+    /// `out[i]` = the lane of `src[2i]` (low half) and `src[2i + 1]`, for the whole pairs of
+    /// `src`.
+    fn pack_pairs(src: &[Self], out: &mut [u32]) {
+        for (lane, two) in out.iter_mut().zip(src.chunks_exact(2)) {
+            *lane = two[0].bf16_bits() as u32 | (two[1].bf16_bits() as u32) << 16;
+        }
+    }
 }
 
 impl Bf16Source for bf16 {
@@ -72,6 +80,42 @@ impl Bf16Source for f32 {
     fn bf16_bits(self) -> u16 {
         bf16::from_f32(self).to_bits()
     }
+
+    /// 32 floats at a time by `vcvtne2ps2bf16` (round to nearest even, as `bf16::from_f32`, but
+    /// denormal inputs flush to zero), the rest one by one.
+    fn pack_pairs(src: &[f32], out: &mut [u32]) {
+        let mut done = 0;
+        #[cfg(target_arch = "x86_64")]
+        if bf16_products_available() {
+            // SAFETY: the CPU has AVX512F and AVX512-BF16.
+            done = unsafe { pack_pairs_avx512(src, out) };
+        }
+        for (lane, two) in out[done..].iter_mut().zip(src[2 * done..].chunks_exact(2)) {
+            *lane = two[0].bf16_bits() as u32 | (two[1].bf16_bits() as u32) << 16;
+        }
+    }
+}
+
+/// The whole 32-float blocks of [`Bf16Source::pack_pairs`] for f32; returns the lanes written.
+///
+/// # Safety
+/// The CPU has AVX512F and AVX512-BF16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn pack_pairs_avx512(src: &[f32], out: &mut [u32]) -> usize {
+    use std::arch::x86_64::*;
+    let blocks = (src.len() / 32).min(out.len() / 16);
+    for b in 0..blocks {
+        let lo = _mm512_loadu_ps(src.as_ptr().add(32 * b));
+        let hi = _mm512_loadu_ps(src.as_ptr().add(32 * b + 16));
+        // The low 16 bf16 come from the second operand: x[0..32] in order, i.e. 16 pairs.
+        let pairs = _mm512_cvtne2ps_pbh(hi, lo);
+        _mm512_storeu_si512(
+            out.as_mut_ptr().add(16 * b).cast(),
+            std::mem::transmute::<__m512bh, __m512i>(pairs),
+        );
+    }
+    16 * blocks
 }
 
 /// Whether this CPU runs [`matmul_bf16`] (AVX512-BF16 and AVX512F).
@@ -358,7 +402,28 @@ impl<T: Bf16Source> Lines<T> {
             }
         };
         let lane = |l: usize, p: usize| at(first + l, 2 * p) | at(first + l, 2 * p + 1) << 16;
-        if self.k_stride == 1 || self.line_stride != 1 {
+        if self.k_stride == 1 {
+            // Each line's elements are contiguous: convert them a block at a time.
+            let mut lanes = [0u32; KC / 2];
+            for l in 0..count.min(total.saturating_sub(first)) {
+                let line = std::slice::from_raw_parts(
+                    self.ptr.add((first + l) * self.line_stride + k0),
+                    kc,
+                );
+                T::pack_pairs(line, &mut lanes[..kc / 2]);
+                if kc % 2 == 1 {
+                    lanes[kc / 2] = line[kc - 1].bf16_bits() as u32;
+                }
+                for (p, &v) in lanes[..pairs].iter().enumerate() {
+                    out[l * line_step + p * pair_step] = v;
+                }
+            }
+            for l in total.saturating_sub(first).min(count)..count {
+                for p in 0..pairs {
+                    out[l * line_step + p * pair_step] = 0;
+                }
+            }
+        } else if self.line_stride != 1 {
             for l in 0..count {
                 for p in 0..pairs {
                     out[l * line_step + p * pair_step] = lane(l, p);
