@@ -126,6 +126,10 @@ MAX_ITER ?= 10
 ITERS ?= 3
 RHOS ?= 0.3 0.5 0.7 1.0
 SWEEP_NAME ?= $(NAME)
+# The sweep's response length: a pipeline file may give the sweep longer responses than its
+# iterations, so that generation weighs in an iteration as in the paper (docs/pipeline.md);
+# MAX_NEW_TOKENS on the command line still sets both.
+SWEEP_MAX_NEW_TOKENS ?= $(MAX_NEW_TOKENS)
 SWEEP_SHARE_ITER1 ?= 1
 # Selections the sweep compares, by name: each runs with SELECT_BY=$(SELECT_BY_name) (default
 # SELECT_BY), SELECT_ARGS=$(SELECT_ARGS_name) and SELECT_HISTORY=$(SELECT_HISTORY_name) (default
@@ -354,13 +358,15 @@ report: report-tool
 	$(BIN)/opt-report $(RUN_DIR) -o $(RUN_DIR)/report.md
 
 # One run per ρ in RHOS (and per selection in SWEEP_SELECTS), ITERS iterations each, into
-# $(RUNS)/$(SWEEP_NAME)[-SELECTION]-rhoR; then the table. Iteration 1 depends on neither ρ nor
+# $(RUNS)/$(SWEEP_NAME)[-SELECTION]-rhoR; then the table, and on the terminal its section on the
+# measured and predicted speedups (opt-report's heading). Iteration 1 depends on neither ρ nor
 # the selection: with SWEEP_SHARE_ITER1=1 the later runs start from hard links to the first
 # run's iter1/ (and iter0/) instead of computing it again.
 # Each run of the sweep as SELECTION/RHO (SELECTION `_`: SELECT_ARGS as set), and its directory.
 sweep_runs = $(foreach sel,$(or $(SWEEP_SELECTS),_),$(foreach r,$(RHOS),$(sel)/$(r)))
 sweep_dir = $(RUNS)/$(SWEEP_NAME)$(patsubst %,-%,$(patsubst _,,$(firstword $(subst /, ,$(1)))))-rho$(lastword $(subst /, ,$(1)))
 close_paren := )
+sweep: MAX_NEW_TOKENS := $(SWEEP_MAX_NEW_TOKENS)
 sweep: tools
 	@set -e; first=; for spec in $(sweep_runs); do \
 	  sel=$${spec%%/*}; r=$${spec#*/}; \
@@ -380,11 +386,13 @@ sweep: tools
 	    done; \
 	  fi; \
 	  echo "sweep: rho=$$r $$* -> $$run"; \
-	  $(MAKE) --no-print-directory iter$(ITERS) RHO=$$r RUN_NAME=$$(basename $$run) BUILD_TOOLS=0 "$$@"; \
+	  $(MAKE) --no-print-directory iter$(ITERS) RHO=$$r RUN_NAME=$$(basename $$run) BUILD_TOOLS=0 \
+	    MAX_NEW_TOKENS=$(MAX_NEW_TOKENS) "$$@"; \
 	  $(BIN)/opt-report $$run -o $$run/report.md; \
 	  first=$${first:-$$run}; \
 	done
 	$(BIN)/opt-report --sweep $(foreach spec,$(sweep_runs),$(call sweep_dir,$(spec))) -o $(RUNS)/$(SWEEP_NAME)-sweep.md
+	@sed -n '/^## Iteration speedup: measured and predicted/,$$p' $(RUNS)/$(SWEEP_NAME)-sweep.md
 	@echo "sweep: $(RUNS)/$(SWEEP_NAME)-sweep.md"
 
 # The miniature pipeline on the testdata models, iterations 1-3 in a temporary RUNS

@@ -34,6 +34,10 @@ N = 2
 TEMPERATURE = 1.0
 TOP_P = 0.9
 MAX_NEW_TOKENS = 48
+# `make sweep` samples longer responses so that generation is over half of an iteration, as in
+# the paper's setting; training still reads at most 128 tokens of prompt and response
+# (--max-length), so its time stays put (docs/pipeline.md, the ρ sweep).
+SWEEP_MAX_NEW_TOKENS = 512
 GEN_BATCH = 32
 RHO = 0.7
 TRAIN_ARGS = --loss sigmoid --beta 0.1 --weight exp --beta2 1.0 --lora-rank 16 --lora-alpha 32 \

@@ -8,7 +8,8 @@
 #   3. after deleting iteration 3's files from the generation on (an interruption there),
 #      `make iter3` redoes exactly those and leaves the selection alone;
 #   4. `make report` writes the report and its four plots;
-#   5. `make sweep RHOS="0.5 1.0" ITERS=2` writes both runs and the sweep table, the second
+#   5. `make sweep RHOS="0.5 1.0" ITERS=2 SWEEP_MAX_NEW_TOKENS=6` writes both runs (with 6 new
+#      tokens) and the sweep table, prints a measured and a predicted speedup per ρ, the second
 #      run sharing the first run's iteration 1, and ρ = 1 regenerates every prompt; a sweep over
 #      SWEEP_SELECTS="random history" writes one row per selection, and the history run's
 #      iteration 3 selects with iteration 1's scored set as history;
@@ -104,9 +105,18 @@ if pipeline_make report && [ -s "$run/report.md" ] && grep -q '^| 3 |' "$run/rep
 else fail "make report"; fi
 
 # 5. A two-ρ sweep of 2 iterations.
-if pipeline_make sweep RHOS="0.5 1.0" ITERS=2 && check_files "$runs/tiny-rho0.5" 2 && check_files "$runs/tiny-rho1.0" 2 \
-  && [ -s "$runs/tiny-sweep.md" ] && [ -s "$runs/tiny-sweep.png" ]; then ok "make sweep wrote both runs and tiny-sweep.md"
+if pipeline_make sweep RHOS="0.5 1.0" ITERS=2 SWEEP_MAX_NEW_TOKENS=6 && check_files "$runs/tiny-rho0.5" 2 \
+  && check_files "$runs/tiny-rho1.0" 2 && [ -s "$runs/tiny-sweep.md" ] && [ -s "$runs/tiny-sweep.png" ]; then
+  ok "make sweep wrote both runs and tiny-sweep.md"
 else fail "make sweep"; tail -n 30 "$log"; fi
+if grep -qx 'MAX_NEW_TOKENS=6' "$runs/tiny-rho0.5/run.env" && grep -qx 'MAX_NEW_TOKENS=6' "$runs/tiny-rho1.0/run.env"; then
+  ok "the sweep's runs sampled SWEEP_MAX_NEW_TOKENS"
+else fail "the sweep's runs did not get SWEEP_MAX_NEW_TOKENS=6"; fi
+# The speedup section as make printed it: a measured and a predicted speedup in each row.
+if grep -q '^## Iteration speedup: measured and predicted' "$log" \
+  && grep -qE '^\| 0\.5 \| .* \| [0-9.]+× \| [0-9.]+× \|$' "$log" && grep -qE '^\| 1 \| .* \| 1\.00× \| 1\.00× \|$' "$log"; then
+  ok "make sweep printed the measured and predicted speedups"
+else fail "make sweep did not print the measured and predicted speedups"; fi
 if [ "$(stat -c %i "$runs/tiny-rho0.5/iter1/pairs.parquet" 2>/dev/null)" = "$(stat -c %i "$runs/tiny-rho1.0/iter1/pairs.parquet" 2>/dev/null)" ] \
   || cmp -s "$runs/tiny-rho0.5/iter1/pairs.parquet" "$runs/tiny-rho1.0/iter1/pairs.parquet"; then ok "the sweep's runs share iteration 1"
 else fail "the sweep's iteration 1 differs between runs"; fi

@@ -403,6 +403,15 @@ fn run_markdown(run: &Run, plots: &[(&str, String)]) -> String {
     md
 }
 
+/// Where the sweep report's comparison of measured and predicted speedups starts.
+const SPEEDUP_HEADING: &str = "## Iteration speedup: measured and predicted";
+
+/// The iteration speedup over ρ = 1 when only generation, the share `g` of a ρ = 1 iteration,
+/// shrinks in proportion to ρ and every other stage keeps its time.
+fn predicted_speedup(rho: f64, g: f64) -> f64 {
+    1.0 / (1.0 - (1.0 - rho) * g)
+}
+
 fn sweep_markdown(runs: &[Run], plot: Option<&str>) -> String {
     struct Row<'a> {
         run: &'a Run,
@@ -445,6 +454,29 @@ fn sweep_markdown(runs: &[Run], plot: Option<&str>) -> String {
     let vanilla = rows
         .iter()
         .find(|r| r.rho.is_some_and(|rho| (rho - 1.0).abs() < 1e-9));
+    let speedup = |mine: Option<f64>, theirs: Option<f64>| match (mine, theirs) {
+        (Some(m), Some(t)) if m > 0.0 => Some(t / m),
+        _ => None,
+    };
+    let times = |v: Option<f64>| match v {
+        Some(v) => format!("{v:.2}×"),
+        None => "–".to_string(),
+    };
+    let iter_speedups: Vec<Option<f64>> = rows
+        .iter()
+        .map(|r| {
+            speedup(
+                per_iter(r.later_total, r.later_iters),
+                vanilla.and_then(|v| per_iter(v.later_total, v.later_iters)),
+            )
+        })
+        .collect();
+    let selection = |run: &Run| {
+        run.selection()
+            .map(|s| format!("`{s}`"))
+            .unwrap_or_else(|| "–".into())
+    };
+    let rho = |r: &Row| r.rho.map(|v| v.to_string()).unwrap_or_else(|| "?".into());
 
     let mut md = String::new();
     let _ = writeln!(md, "# OPTune ρ sweep\n");
@@ -465,21 +497,13 @@ fn sweep_markdown(runs: &[Run], plot: Option<&str>) -> String {
         md,
         "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
-    for r in &rows {
-        let speed = |mine: Option<f64>, theirs: Option<f64>| match (mine, theirs) {
-            (Some(m), Some(t)) if m > 0.0 => format!("{:.2}×", t / m),
-            _ => "–".to_string(),
-        };
+    for (r, iter_speedup) in rows.iter().zip(&iter_speedups) {
         let gen_iter = per_iter(r.later_gen, r.later_iters);
-        let iter = per_iter(r.later_total, r.later_iters);
         let _ = writeln!(
             md,
             "| {} | {} | `{}` | {} | {} | {} | {} | {:.1} | {:.1} | {} | {} | {} | {} | {} |",
-            r.rho.map(|v| v.to_string()).unwrap_or_else(|| "?".into()),
-            r.run
-                .selection()
-                .map(|s| format!("`{s}`"))
-                .unwrap_or_else(|| "–".into()),
+            rho(r),
+            selection(r.run),
             r.run.name,
             r.iterations,
             num(r.final_fresh, 4),
@@ -488,29 +512,165 @@ fn sweep_markdown(runs: &[Run], plot: Option<&str>) -> String {
             r.gen_total,
             r.total,
             num(gen_iter, 1),
-            num(iter, 1),
-            speed(
+            num(per_iter(r.later_total, r.later_iters), 1),
+            times(speedup(
                 gen_iter,
                 vanilla.and_then(|v| per_iter(v.later_gen, v.later_iters))
-            ),
-            speed(
-                iter,
-                vanilla.and_then(|v| per_iter(v.later_total, v.later_iters))
-            ),
-            speed(Some(r.total), vanilla.map(|v| v.total)),
+            )),
+            times(*iter_speedup),
+            times(speedup(Some(r.total), vanilla.map(|v| v.total))),
         );
     }
     md.push('\n');
     if vanilla.is_none() {
         let _ = writeln!(md, "No ρ = 1 run among these: no speedups.\n");
     }
-    let _ = writeln!(
-        md,
-        "For comparison, the OPTune paper (Chen et al. 2024, arXiv 2406.07657) reports 1.27–1.56× \
-         faster training than vanilla online DPO (Zephyr-7B policy, UltraChat prompts, GPUs).\n"
-    );
     if let Some(plot) = plot {
         let _ = writeln!(md, "![rho sweep]({plot})\n");
     }
+
+    // `make sweep` prints this section from its heading to the end of the report.
+    let _ = writeln!(md, "{SPEEDUP_HEADING}\n");
+    let share = |r: &Row| (r.later_total > 0.0).then(|| r.later_gen / r.later_total);
+    let g = vanilla.and_then(share);
+    match (vanilla, g) {
+        (Some(v), Some(g)) => {
+            let _ = writeln!(
+                md,
+                "g = {g:.3}: the generation share of an iteration in the ρ = 1 run `{}`, its \
+                 generation seconds over its iteration seconds, summed over iterations ≥ 2; an \
+                 iteration's seconds are the sum of the stages in its `timings.csv` (gen, score, \
+                 select, pairs, ref, train; training includes loading the models and the \
+                 reference pass; the held-out evaluation is not part of an iteration). If only \
+                 generation shrinks with ρ, an iteration at ρ takes 1 − (1 − ρ)·g of a ρ = 1 \
+                 iteration, so the predicted speedup is 1 / (1 − (1 − ρ)·g).\n",
+                v.run.name
+            );
+        }
+        _ => {
+            let _ = writeln!(
+                md,
+                "No ρ = 1 run with timed iterations ≥ 2 among these: no generation share g, no \
+                 prediction.\n"
+            );
+        }
+    }
+    let _ = writeln!(
+        md,
+        "| ρ | selection | run | generation share (iter ≥ 2) | measured iteration speedup (iter ≥ 2) | predicted 1 / (1 − (1 − ρ)·g) |"
+    );
+    let _ = writeln!(md, "|---:|---|---|---:|---:|---:|");
+    for (r, iter_speedup) in rows.iter().zip(&iter_speedups) {
+        let predicted = r.rho.zip(g).map(|(rho, g)| predicted_speedup(rho, g));
+        let _ = writeln!(
+            md,
+            "| {} | {} | `{}` | {} | {} | {} |",
+            rho(r),
+            selection(r.run),
+            r.run.name,
+            num(share(r), 3),
+            times(*iter_speedup),
+            times(predicted),
+        );
+    }
+    md.push('\n');
+    let _ = writeln!(
+        md,
+        "For comparison, the OPTune paper (Chen et al. 2024, arXiv 2406.07657) reports 1.27–1.56× \
+         faster training than vanilla online DPO (Zephyr-7B policy, UltraChat prompts, GPUs), \
+         close to the prediction for g ≈ 0.7 (1.27× at ρ = 0.7, 1.54× at ρ = 0.5).\n"
+    );
     md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use data::StageTiming;
+
+    /// A run at `rho` whose iterations took `stages` (stage, seconds) each.
+    fn fixture_run(name: &str, rho: &str, stages: &[&[(&str, f64)]]) -> Run {
+        let iterations = stages
+            .iter()
+            .zip(1..)
+            .map(|(timings, index)| Iteration {
+                index,
+                timings: timings
+                    .iter()
+                    .map(|&(stage, seconds)| StageTiming {
+                        stage: stage.to_string(),
+                        seconds: Some(seconds),
+                        rows: None,
+                        tokens: None,
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+            .collect();
+        Run {
+            dir: PathBuf::from(name),
+            name: name.to_string(),
+            settings: [("RHO".to_string(), rho.to_string())].into(),
+            iterations,
+        }
+    }
+
+    #[test]
+    fn the_papers_generation_share_predicts_its_speedups() {
+        // The paper's 1.27× at ρ = 0.7 and 1.56× at ρ = 0.5 fit g ≈ 0.7.
+        assert!((predicted_speedup(0.7, 0.7) - 1.266).abs() < 1e-3);
+        assert!((predicted_speedup(0.5, 0.7) - 1.538).abs() < 1e-3);
+        assert_eq!(predicted_speedup(1.0, 0.7), 1.0);
+        assert_eq!(predicted_speedup(0.3, 0.0), 1.0);
+    }
+
+    #[test]
+    fn sweep_predicts_from_the_rho_one_runs_generation_share() {
+        let iter1: &[(&str, f64)] = &[("gen", 80.0), ("score", 2.0), ("train", 38.0)];
+        // ρ = 1, iterations 2 and 3: 60 s of generation in 100 s (select 1 + pairs 1 + train 36
+        // + score 2 s), so g = 0.6; the generation of iteration 1 does not count.
+        let full: &[(&str, f64)] = &[
+            ("gen", 60.0),
+            ("score", 2.0),
+            ("select", 1.0),
+            ("pairs", 1.0),
+            ("train", 36.0),
+        ];
+        // ρ = 0.5: half the generation, the other stages as at ρ = 1: 70 s, as predicted.
+        let half: &[(&str, f64)] = &[
+            ("gen", 30.0),
+            ("score", 2.0),
+            ("select", 1.0),
+            ("pairs", 1.0),
+            ("train", 36.0),
+        ];
+        let runs = [
+            fixture_run("x-rho0.5", "0.5", &[iter1, half, half]),
+            fixture_run("x-rho1.0", "1.0", &[iter1, full, full]),
+        ];
+        let md = sweep_markdown(&runs, None);
+        let section = &md[md.find(SPEEDUP_HEADING).expect("the section")..];
+        assert!(section.contains("g = 0.600: "), "{section}");
+        // 1 / (1 − 0.5 · 0.6) = 1 / 0.7 and 100 s / 70 s both give 1.43×.
+        assert!(
+            section.contains("| 0.5 | – | `x-rho0.5` | 0.429 | 1.43× | 1.43× |"),
+            "{section}"
+        );
+        assert!(
+            section.contains("| 1 | – | `x-rho1.0` | 0.600 | 1.00× | 1.00× |"),
+            "{section}"
+        );
+    }
+
+    #[test]
+    fn sweep_without_a_timed_rho_one_iteration_predicts_nothing() {
+        let only_iter1: &[(&str, f64)] = &[("gen", 10.0), ("train", 10.0)];
+        let runs = [
+            fixture_run("x-rho0.5", "0.5", &[only_iter1]),
+            fixture_run("x-rho1.0", "1.0", &[only_iter1]),
+        ];
+        let md = sweep_markdown(&runs, None);
+        assert!(md.contains("no generation share g"), "{md}");
+        assert!(md.contains("| 0.5 | – | `x-rho0.5` | – | – | – |"), "{md}");
+    }
 }
