@@ -16,7 +16,9 @@
 //! * [`attention`]: grouped-query `softmax(scale · q kᵀ + mask) v`; scores and probabilities exist
 //!   one (batch, KV head) block at a time and are recomputed by the backward.
 
-use crate::matmul::{matmul_bf16, matmul_bf16_packed, Mat, PackedRhs, ProductPrecision};
+use crate::matmul::{
+    matmul_bf16, matmul_bf16_packed, Bf16Source, Mat, PackedRhs, ProductPrecision,
+};
 use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
@@ -267,6 +269,11 @@ fn contiguous<'a, T: WithDType>(
             l.stride()
         ),
     }
+}
+
+/// Whether f32 data takes bf16 products (the process asked for them).
+fn bf16_f32_products(s: &CpuStorage) -> bool {
+    s.dtype() == DType::F32 && crate::matmul::f32_product_precision() == ProductPrecision::Bf16
 }
 
 /// f32 results of a bf16 op, rounded to bf16 storage.
@@ -539,10 +546,11 @@ impl<T: Real> HeadProducts<T> for NativeHead<'_, T> {
     }
 }
 
-/// The head's products for bf16 rows and weight: bf16 operands (the f32 logit gradients
-/// rounded), f32 sums. The weight is packed once per op for the products that read it whole.
-struct Bf16Head<'a> {
-    rows: &'a [bf16],
+/// The head's products in bf16 (bf16 rows and weight, or f32 ones under bf16 products): bf16
+/// operands (the f32 logit gradients rounded), f32 sums. The weight is packed once per op for
+/// the products that read it whole, not once per chunk of rows.
+struct Bf16Head<'a, S> {
+    rows: &'a [S],
     h: usize,
     v: usize,
     /// `weightᵀ [h, v]`, for the logits.
@@ -551,8 +559,8 @@ struct Bf16Head<'a> {
     weight: Option<PackedRhs>,
 }
 
-impl<'a> Bf16Head<'a> {
-    fn new(rows: &'a [bf16], weight: &[bf16], h: usize, v: usize, grad_rows: bool) -> Self {
+impl<'a, S: Bf16Source> Bf16Head<'a, S> {
+    fn new(rows: &'a [S], weight: &[S], h: usize, v: usize, grad_rows: bool) -> Self {
         Self {
             rows,
             h,
@@ -563,7 +571,7 @@ impl<'a> Bf16Head<'a> {
     }
 }
 
-impl HeadProducts<f32> for Bf16Head<'_> {
+impl<S: Bf16Source> HeadProducts<f32> for Bf16Head<'_, S> {
     fn logits(&self, start: usize, c: usize, out: &mut [f32]) {
         let rows = Mat::rows(&self.rows[start * self.h..], self.h);
         matmul_bf16_packed(c, out, false, rows, &self.weight_t);
@@ -618,6 +626,11 @@ impl CustomOp2 for TokenLogprobs {
         let out = if s1.dtype() == DType::BF16 {
             let rows = contiguous::<bf16>(s1, l1, self.name(), "rows")?;
             let weight = contiguous::<bf16>(s2, l2, self.name(), "weight")?;
+            let products = Bf16Head::new(rows, weight, h, v, false);
+            CpuStorage::F32(self.forward(&products, n, v))
+        } else if bf16_f32_products(s1) {
+            let rows = contiguous::<f32>(s1, l1, self.name(), "rows")?;
+            let weight = contiguous::<f32>(s2, l2, self.name(), "weight")?;
             let products = Bf16Head::new(rows, weight, h, v, false);
             CpuStorage::F32(self.forward(&products, n, v))
         } else {
@@ -700,6 +713,16 @@ impl CustomOp3 for TokenLogprobsGrad {
             bf16_storage(
                 &self
                     .op
+                    .backward(self.wanted, &products, logp, grad, n, h, v),
+            )
+        } else if bf16_f32_products(s1) {
+            let rows = contiguous::<f32>(s1, l1, self.name(), "rows")?;
+            let weight = contiguous::<f32>(s2, l2, self.name(), "weight")?;
+            let aux = contiguous::<f32>(s3, l3, self.name(), "logp and grad")?;
+            let products = Bf16Head::new(rows, weight, h, v, self.wanted.first);
+            let (logp, grad) = (&aux[..n], &aux[n..2 * n]);
+            CpuStorage::F32(
+                self.op
                     .backward(self.wanted, &products, logp, grad, n, h, v),
             )
         } else {

@@ -68,6 +68,14 @@ pub trait Bf16Source: Copy + Send + Sync + 'static {
             *lane = two[0].bf16_bits() as u32 | (two[1].bf16_bits() as u32) << 16;
         }
     }
+
+    /// `out[i]` = the lane of `low[i]` (low half) and `high[i]` (zero without `high`).
+    fn pack_side_by_side(low: &[Self], high: Option<&[Self]>, out: &mut [u32]) {
+        for (i, lane) in out.iter_mut().enumerate() {
+            let hi = high.map_or(0, |h| h[i].bf16_bits() as u32);
+            *lane = low[i].bf16_bits() as u32 | hi << 16;
+        }
+    }
 }
 
 impl Bf16Source for bf16 {
@@ -94,6 +102,48 @@ impl Bf16Source for f32 {
             *lane = two[0].bf16_bits() as u32 | (two[1].bf16_bits() as u32) << 16;
         }
     }
+
+    /// 16 lanes at a time by `vcvtneps2bf16` and a zero-extension, the rest one by one.
+    fn pack_side_by_side(low: &[f32], high: Option<&[f32]>, out: &mut [u32]) {
+        let mut done = 0;
+        #[cfg(target_arch = "x86_64")]
+        if bf16_products_available() {
+            // SAFETY: the CPU has AVX512F and AVX512-BF16.
+            done = unsafe { pack_side_by_side_avx512(low, high, out) };
+        }
+        for i in done..out.len() {
+            let hi = high.map_or(0, |h| h[i].bf16_bits() as u32);
+            out[i] = low[i].bf16_bits() as u32 | hi << 16;
+        }
+    }
+}
+
+/// The whole 16-lane blocks of [`Bf16Source::pack_side_by_side`] for f32; returns the lanes
+/// written.
+///
+/// # Safety
+/// The CPU has AVX512F and AVX512-BF16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn pack_side_by_side_avx512(low: &[f32], high: Option<&[f32]>, out: &mut [u32]) -> usize {
+    use std::arch::x86_64::*;
+    let widened = |src: *const f32| {
+        let bf16 =
+            std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(src)));
+        _mm512_cvtepu16_epi32(bf16)
+    };
+    let blocks = out.len().min(low.len()) / 16;
+    for b in 0..blocks {
+        let mut lanes = widened(low.as_ptr().add(16 * b));
+        if let Some(high) = high {
+            lanes = _mm512_or_si512(
+                lanes,
+                _mm512_slli_epi32::<16>(widened(high.as_ptr().add(16 * b))),
+            );
+        }
+        _mm512_storeu_si512(out.as_mut_ptr().add(16 * b).cast(), lanes);
+    }
+    16 * blocks
 }
 
 /// The whole 32-float blocks of [`Bf16Source::pack_pairs`] for f32; returns the lanes written.
@@ -374,7 +424,7 @@ impl<T: Bf16Source> Lines<T> {
     /// low half of the 32-bit lane `vdpbf16ps` multiplies pairwise: the lane of (line `l`, pair
     /// `p`) at `out[l · line_step + p · pair_step]`. Lines from `total` on, and the odd element
     /// past `kc`, are zero. Reads run along whichever of the two strides is 1 (a transposed
-    /// operand's lines are read across), so every cache line fetched is used whole.
+    /// operand's lines are read across), a vector at a time.
     ///
     /// # Safety
     /// Lines `first..min(first + count, total)` hold `k0 + kc` elements; `out` holds every lane.
@@ -423,15 +473,26 @@ impl<T: Bf16Source> Lines<T> {
                     out[l * line_step + p * pair_step] = 0;
                 }
             }
-        } else if self.line_stride != 1 {
-            for l in 0..count {
-                for p in 0..pairs {
-                    out[l * line_step + p * pair_step] = lane(l, p);
+        } else if self.line_stride == 1 && count <= NR {
+            // The lines are adjacent: each pair of k is two runs of adjacent elements.
+            let live = count.min(total.saturating_sub(first));
+            let mut lanes = [0u32; NR];
+            let run = |k: usize| {
+                std::slice::from_raw_parts(self.ptr.add(first + (k0 + k) * self.k_stride), live)
+            };
+            for p in 0..pairs {
+                let high = (2 * p + 1 < kc).then(|| run(2 * p + 1));
+                T::pack_side_by_side(run(2 * p), high, &mut lanes[..live]);
+                for (l, &v) in lanes[..live].iter().enumerate() {
+                    out[l * line_step + p * pair_step] = v;
+                }
+                for l in live..count {
+                    out[l * line_step + p * pair_step] = 0;
                 }
             }
         } else {
-            for p in 0..pairs {
-                for l in 0..count {
+            for l in 0..count {
+                for p in 0..pairs {
                     out[l * line_step + p * pair_step] = lane(l, p);
                 }
             }
