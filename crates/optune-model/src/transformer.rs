@@ -1085,15 +1085,21 @@ impl<'m> PackedFor<'m> {
             return Ok(None);
         }
         let (out, width) = weight.dims2()?;
-        self.used.insert(weight.id());
-        let packed = self.cache.entry(weight.id()).or_insert_with(|| {
-            let packed = match view.bf16() {
+        let pack = || {
+            std::sync::Arc::new(match view.bf16() {
                 Some(data) => PackedRhs::new(width, out, Mat::transposed(data, width)),
                 None => PackedRhs::new(width, out, Mat::transposed(&view.floats(), width)),
-            };
-            std::sync::Arc::new(packed)
-        });
-        Ok(Some(packed.clone()))
+            })
+        };
+        // A variable (full fine-tuning's weights, sampled from during training by HyPO) is
+        // updated in place under the same id: packed afresh for every step, never kept.
+        if weight.is_variable() {
+            return Ok(Some(pack()));
+        }
+        self.used.insert(weight.id());
+        Ok(Some(
+            self.cache.entry(weight.id()).or_insert_with(pack).clone(),
+        ))
     }
 
     fn finish(mut self) {
