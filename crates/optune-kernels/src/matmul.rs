@@ -220,8 +220,16 @@ const MR: usize = 8;
 const NV: usize = 3;
 /// Columns of a micro-tile: 48 divides the widths of the models we train (576, 1536, 49152, …).
 const NR: usize = 16 * NV;
-/// `k` per block (even): a block of packed `rhs` is `KC × NC` bf16, 1.5 MiB, about an L2.
-const KC: usize = 512;
+/// The most `k` per block: a block of packed `rhs` is at most `KC × NC` bf16, 2.3 MiB.
+const KC: usize = 768;
+
+/// `k` per block for a product over `k`: as few blocks as [`KC`] allows, of equal even sizes
+/// (576 is one block, 1536 two), so that few accumulator tiles go back to memory between blocks.
+/// It depends on `k` alone, which keeps each element's summation order independent of the batch.
+fn k_block(k: usize) -> usize {
+    let blocks = k.div_ceil(KC).max(1);
+    (k.div_ceil(blocks).div_ceil(2) * 2).min(KC)
+}
 /// Columns per block of packed `rhs` (a multiple of [`NR`]).
 const NC: usize = 16 * NR;
 /// Rows of `lhs` one task packs and runs against its columns (a multiple of [`MR`]).
@@ -247,7 +255,7 @@ pub fn matmul_bf16<A: Bf16Source, B: Bf16Source>(
     matmul_bf16_packed(m, dst, accumulate, lhs, &PackedRhs::new(k, n, rhs))
 }
 
-/// The right operand `[k, n]` of bf16 products, packed: blocks of [`KC`] × [`NC`], each as
+/// The right operand `[k, n]` of bf16 products, packed: blocks of `k_block(k)` × [`NC`], each as
 /// panels of [`NR`] columns, each panel `[pair][NR]` lanes of two bf16 (the even `k` in the low
 /// half, as `vdpbf16ps` multiplies them); the padding is zero. Packing costs about as much as
 /// reading `rhs` once; a weight reused by several products (the vocabulary head's chunks, a
@@ -268,8 +276,9 @@ impl PackedRhs {
             k_stride: rhs.rs,
         };
         let mut blocks = Vec::new();
-        for k0 in (0..k).step_by(KC) {
-            let kc = KC.min(k - k0);
+        let kb = k_block(k);
+        for k0 in (0..k).step_by(kb) {
+            let kc = kb.min(k - k0);
             let pairs = kc.div_ceil(2);
             for n0 in (0..n).step_by(NC) {
                 let panels = NC.min(n - n0).div_ceil(NR);
@@ -300,7 +309,7 @@ impl PackedRhs {
 
 /// [`matmul_bf16`] with `rhs` packed: `dst [m, n] = (accumulate ? dst : 0) + lhs [m, k] · rhs`.
 ///
-/// Every element is summed over `k` in one fixed order (blocks of [`KC`], then pairs), whatever
+/// Every element is summed over `k` in one fixed order (blocks of `k_block(k)`, then pairs), whatever
 /// `m`, `n` and the thread count, so a row's result does not depend on the other rows.
 ///
 /// # Panics
@@ -335,8 +344,9 @@ pub fn matmul_bf16_packed<A: Bf16Source>(
         k_stride: lhs.cs,
     };
     let mut blocks = rhs.blocks.iter();
-    for k0 in (0..k).step_by(KC) {
-        let kc = KC.min(k - k0);
+    let kb = k_block(k);
+    for k0 in (0..k).step_by(kb) {
+        let kc = kb.min(k - k0);
         let pairs = kc.div_ceil(2);
         // Later k blocks add to what the first wrote.
         let add = accumulate || k0 > 0;
@@ -353,8 +363,9 @@ pub fn matmul_bf16_packed<A: Bf16Source>(
             let packed_rhs = blocks.next().expect("one packed block per (k, n) block");
             let panels = NC.min(n - n0).div_ceil(NR);
             let m_blocks = m.div_ceil(MC);
-            // Enough tasks to keep every thread busy when `m` is small (decoding).
-            let groups = (4 * threads).div_ceil(m_blocks).clamp(1, panels);
+            // Enough tasks that the threads finish together: column groups when `m` is small
+            // (decoding), and when a few row blocks would leave a thread idle at the end.
+            let groups = (8 * threads).div_ceil(m_blocks).clamp(1, panels);
             let per_group = panels.div_ceil(groups);
             let packed_lhs = &packed_lhs;
             (0..m_blocks * groups).into_par_iter().for_each(|task| {
