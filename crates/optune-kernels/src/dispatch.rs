@@ -99,12 +99,15 @@ impl Path {
     }
 }
 
-/// The rule, the only place it is written ([`autograd_path`] and [`decode_path`] apply it): the fused forms run on the CPU, in a dtype they are
-/// written for (`fused_dtypes`: f32, f64 and, on CPUs with AVX512-BF16, bf16 for the autograd
-/// ops; f32 alone for the host decode kernels), unless the process chose generic kernels. Everything else, CUDA included, takes the
-/// generic ops.
-fn path(device: &Device, dtype: DType, fused_dtypes: &[DType]) -> Path {
-    if kernels() == Kernels::Fused && device.is_cpu() && fused_dtypes.contains(&dtype) {
+/// The rule, the only place it is written ([`autograd_path`] and [`decode_path`] apply it): the
+/// fused forms run on the CPU, in a dtype they are written for (`written_for`: f32 and f64 for
+/// the autograd ops, f32 for the host decode kernels, and bf16 for both on CPUs with
+/// AVX512-BF16), unless the process chose generic kernels. Everything else, CUDA included, takes
+/// the generic ops. Asked for every op of every pass, so it allocates nothing.
+fn path(device: &Device, dtype: DType, written_for: &[DType]) -> Path {
+    let has_form = written_for.contains(&dtype)
+        || (dtype == DType::BF16 && crate::matmul::bf16_products_available());
+    if kernels() == Kernels::Fused && device.is_cpu() && has_form {
         Path::Fused
     } else {
         Path::Generic
@@ -114,26 +117,13 @@ fn path(device: &Device, dtype: DType, fused_dtypes: &[DType]) -> Path {
 /// Where the fused autograd ops (training, scoring, log-probs) run: the CPU in f32, f64 and, on
 /// CPUs with AVX512-BF16, bf16 (its products on `vdpbf16ps`; without it candle's generic bf16).
 pub fn autograd_path(device: &Device, dtype: DType) -> Path {
-    path(
-        device,
-        dtype,
-        &bf16_where_available(&[DType::F32, DType::F64]),
-    )
+    path(device, dtype, &[DType::F32, DType::F64])
 }
 
 /// Where the host decode kernels (generation's step) run: the CPU in f32 and, on CPUs with
 /// AVX512-BF16, bf16 (bf16 products, everything else in f32).
 pub fn decode_path(device: &Device, dtype: DType) -> Path {
-    path(device, dtype, &bf16_where_available(&[DType::F32]))
-}
-
-/// `dtypes`, and bf16 when this CPU has bf16 products.
-fn bf16_where_available(dtypes: &[DType]) -> Vec<DType> {
-    let mut dtypes = dtypes.to_vec();
-    if crate::matmul::bf16_products_available() {
-        dtypes.push(DType::BF16);
-    }
-    dtypes
+    path(device, dtype, &[DType::F32])
 }
 
 /// [`autograd_path`] for an op's inputs: fused only when they share the first input's device
