@@ -559,15 +559,25 @@ struct Bf16Head<'a, S> {
     weight: Option<PackedRhs>,
 }
 
-impl<'a, S: Bf16Source> Bf16Head<'a, S> {
-    fn new(rows: &'a [S], weight: &[S], h: usize, v: usize, grad_rows: bool) -> Self {
-        Self {
+impl<'a, S: Bf16Source + WithDType> Bf16Head<'a, S> {
+    /// The products over the (rows, weight) storages of op `name`; the weight packed for the
+    /// rows' gradient too when `grad_rows`.
+    fn read(
+        name: &str,
+        [(rows, rows_layout), (weight, weight_layout)]: [(&'a CpuStorage, &Layout); 2],
+        h: usize,
+        v: usize,
+        grad_rows: bool,
+    ) -> Result<Self> {
+        let rows = contiguous::<S>(rows, rows_layout, name, "rows")?;
+        let weight = contiguous::<S>(weight, weight_layout, name, "weight")?;
+        Ok(Self {
             rows,
             h,
             v,
             weight_t: PackedRhs::new(h, v, Mat::transposed(weight, h)),
             weight: grad_rows.then(|| PackedRhs::new(v, h, Mat::rows(weight, h))),
-        }
+        })
     }
 }
 
@@ -623,16 +633,20 @@ impl CustomOp2 for TokenLogprobs {
             Ok(T::storage(op.forward(&products, n, v)))
         }
         // bf16 rows and weight give f32 log-probs, as the generic form does.
+        fn run_bf16<S: Bf16Source + WithDType>(
+            op: &TokenLogprobs,
+            s: [(&CpuStorage, &Layout); 2],
+            n: usize,
+            h: usize,
+            v: usize,
+        ) -> Result<Vec<f32>> {
+            let products = Bf16Head::<S>::read(op.name(), s, h, v, false)?;
+            Ok(op.forward(&products, n, v))
+        }
         let out = if s1.dtype() == DType::BF16 {
-            let rows = contiguous::<bf16>(s1, l1, self.name(), "rows")?;
-            let weight = contiguous::<bf16>(s2, l2, self.name(), "weight")?;
-            let products = Bf16Head::new(rows, weight, h, v, false);
-            CpuStorage::F32(self.forward(&products, n, v))
+            CpuStorage::F32(run_bf16::<bf16>(self, [(s1, l1), (s2, l2)], n, h, v)?)
         } else if bf16_f32_products(s1) {
-            let rows = contiguous::<f32>(s1, l1, self.name(), "rows")?;
-            let weight = contiguous::<f32>(s2, l2, self.name(), "weight")?;
-            let products = Bf16Head::new(rows, weight, h, v, false);
-            CpuStorage::F32(self.forward(&products, n, v))
+            CpuStorage::F32(run_bf16::<f32>(self, [(s1, l1), (s2, l2)], n, h, v)?)
         } else {
             by_dtype!(self, s1.dtype(), run(self, [(s1, l1), (s2, l2)], n, h, v))
         };
@@ -703,34 +717,27 @@ impl CustomOp3 for TokenLogprobsGrad {
                 g.op.backward(g.wanted, &products, logp, grad, n, h, v),
             ))
         }
-        // bf16 rows and weight (f32 log-probs and gradient): bf16 gradients.
+        // bf16 products, over bf16 rows and weight (their gradients rounded to bf16) or over f32
+        // ones when the process asked for bf16 products; log-probs and gradient are f32 either way.
+        fn run_bf16<S: Bf16Source + WithDType>(
+            g: &TokenLogprobsGrad,
+            s: [(&CpuStorage, &Layout); 3],
+            n: usize,
+            h: usize,
+            v: usize,
+        ) -> Result<Vec<f32>> {
+            let products = Bf16Head::<S>::read(g.name(), [s[0], s[1]], h, v, g.wanted.first)?;
+            let aux = contiguous::<f32>(s[2].0, s[2].1, g.name(), "logp and grad")?;
+            let (logp, grad) = (&aux[..n], &aux[n..2 * n]);
+            Ok(g.op.backward(g.wanted, &products, logp, grad, n, h, v))
+        }
+        let s = [(s1, l1), (s2, l2), (s3, l3)];
         let out = if s1.dtype() == DType::BF16 {
-            let rows = contiguous::<bf16>(s1, l1, self.name(), "rows")?;
-            let weight = contiguous::<bf16>(s2, l2, self.name(), "weight")?;
-            let aux = contiguous::<f32>(s3, l3, self.name(), "logp and grad")?;
-            let products = Bf16Head::new(rows, weight, h, v, self.wanted.first);
-            let (logp, grad) = (&aux[..n], &aux[n..2 * n]);
-            bf16_storage(
-                &self
-                    .op
-                    .backward(self.wanted, &products, logp, grad, n, h, v),
-            )
+            bf16_storage(&run_bf16::<bf16>(self, s, n, h, v)?)
         } else if bf16_f32_products(s1) {
-            let rows = contiguous::<f32>(s1, l1, self.name(), "rows")?;
-            let weight = contiguous::<f32>(s2, l2, self.name(), "weight")?;
-            let aux = contiguous::<f32>(s3, l3, self.name(), "logp and grad")?;
-            let products = Bf16Head::new(rows, weight, h, v, self.wanted.first);
-            let (logp, grad) = (&aux[..n], &aux[n..2 * n]);
-            CpuStorage::F32(
-                self.op
-                    .backward(self.wanted, &products, logp, grad, n, h, v),
-            )
+            CpuStorage::F32(run_bf16::<f32>(self, s, n, h, v)?)
         } else {
-            by_dtype!(
-                self,
-                s1.dtype(),
-                run(self, [(s1, l1), (s2, l2), (s3, l3)], n, h, v)
-            )
+            by_dtype!(self, s1.dtype(), run(self, s, n, h, v))
         };
         Ok((out, Shape::from(self.wanted.packed_len(n * h, v * h))))
     }

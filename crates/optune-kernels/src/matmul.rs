@@ -64,17 +64,35 @@ pub trait Bf16Source: Copy + Send + Sync + 'static {
     /// `out[i]` = the lane of `src[2i]` (low half) and `src[2i + 1]`, for the whole pairs of
     /// `src`.
     fn pack_pairs(src: &[Self], out: &mut [u32]) {
-        for (lane, two) in out.iter_mut().zip(src.chunks_exact(2)) {
-            *lane = two[0].bf16_bits() as u32 | (two[1].bf16_bits() as u32) << 16;
-        }
+        pack_pairs_from(0, src, out)
     }
 
     /// `out[i]` = the lane of `low[i]` (low half) and `high[i]` (zero without `high`).
     fn pack_side_by_side(low: &[Self], high: Option<&[Self]>, out: &mut [u32]) {
-        for (i, lane) in out.iter_mut().enumerate() {
-            let hi = high.map_or(0, |h| h[i].bf16_bits() as u32);
-            *lane = low[i].bf16_bits() as u32 | hi << 16;
-        }
+        pack_side_by_side_from(0, low, high, out)
+    }
+}
+
+/// [`Bf16Source::pack_pairs`] one lane at a time, from lane `first` on.
+fn pack_pairs_from<T: Bf16Source>(first: usize, src: &[T], out: &mut [u32]) {
+    for (lane, two) in out[first..]
+        .iter_mut()
+        .zip(src[2 * first..].chunks_exact(2))
+    {
+        *lane = two[0].bf16_bits() as u32 | (two[1].bf16_bits() as u32) << 16;
+    }
+}
+
+/// [`Bf16Source::pack_side_by_side`] one lane at a time, from lane `first` on.
+fn pack_side_by_side_from<T: Bf16Source>(
+    first: usize,
+    low: &[T],
+    high: Option<&[T]>,
+    out: &mut [u32],
+) {
+    for (i, lane) in out.iter_mut().enumerate().skip(first) {
+        let hi = high.map_or(0, |h| h[i].bf16_bits() as u32);
+        *lane = low[i].bf16_bits() as u32 | hi << 16;
     }
 }
 
@@ -98,9 +116,7 @@ impl Bf16Source for f32 {
             // SAFETY: the CPU has AVX512F and AVX512-BF16.
             done = unsafe { pack_pairs_avx512(src, out) };
         }
-        for (lane, two) in out[done..].iter_mut().zip(src[2 * done..].chunks_exact(2)) {
-            *lane = two[0].bf16_bits() as u32 | (two[1].bf16_bits() as u32) << 16;
-        }
+        pack_pairs_from(done, src, out)
     }
 
     /// 16 lanes at a time by `vcvtneps2bf16` and a zero-extension, the rest one by one.
@@ -111,10 +127,7 @@ impl Bf16Source for f32 {
             // SAFETY: the CPU has AVX512F and AVX512-BF16.
             done = unsafe { pack_side_by_side_avx512(low, high, out) };
         }
-        for i in done..out.len() {
-            let hi = high.map_or(0, |h| h[i].bf16_bits() as u32);
-            out[i] = low[i].bf16_bits() as u32 | hi << 16;
-        }
+        pack_side_by_side_from(done, low, high, out)
     }
 }
 

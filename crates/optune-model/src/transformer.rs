@@ -942,12 +942,18 @@ impl<'a> HostView<'a> {
     /// The values in f32: the data itself, or a widened copy of bf16 data (for the small
     /// weights: norms, biases, LoRA adapters).
     fn floats(&self) -> Cow<'_, [f32]> {
+        match (self.f32(), self.bf16()) {
+            (Some(data), _) => Cow::Borrowed(data),
+            (None, Some(data)) => Cow::Owned(data.iter().map(|x| x.to_f32()).collect()),
+            (None, None) => unreachable!("checked in HostView::new"),
+        }
+    }
+
+    /// The data when it is f32.
+    fn f32(&self) -> Option<&[f32]> {
         match &*self.guard {
-            Storage::Cpu(CpuStorage::F32(v)) => Cow::Borrowed(&v[self.start..self.end]),
-            Storage::Cpu(CpuStorage::BF16(v)) => {
-                Cow::Owned(v[self.start..self.end].iter().map(|x| x.to_f32()).collect())
-            }
-            _ => unreachable!("checked in HostView::new"),
+            Storage::Cpu(CpuStorage::F32(v)) => Some(&v[self.start..self.end]),
+            _ => None,
         }
     }
 
@@ -1027,14 +1033,11 @@ impl<'a> HostLinear<'a> {
                     }
                 }
                 None => f32_products.push(host::Product {
-                    w: match layer.weight.floats() {
-                        Cow::Borrowed(w) => w,
-                        Cow::Owned(_) => unreachable!("bf16 weights are packed"),
-                    },
-                    bias: layer.bias.as_ref().map(|b| match b.floats() {
-                        Cow::Borrowed(b) => b,
-                        Cow::Owned(_) => unreachable!("an f32 layer has an f32 bias"),
-                    }),
+                    w: layer.weight.f32().expect("bf16 weights are packed"),
+                    bias: layer
+                        .bias
+                        .as_ref()
+                        .map(|b| b.f32().expect("an f32 layer has an f32 bias")),
                     out,
                 }),
             }
