@@ -560,7 +560,9 @@ pub mod generic {
         let probs = softmax_last_dim(&scores.to_dtype(accumulation_dtype(dtype))?)?
             .to_dtype(dtype)?
             .reshape((b, kv_heads, group * tq, tk))?;
-        product(&probs, &v.contiguous()?)?.reshape((b, heads, tq, d))
+        // `v` as it comes: a KV cache's first positions are a strided view that the product reads
+        // in place (a copy of it would be a copy of the cache per layer per decode step).
+        product(&probs, v)?.reshape((b, heads, tq, d))
     }
 
     /// One chunk of `chunk × vocab` logits at a time, in the backward pass too: the values are

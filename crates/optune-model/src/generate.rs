@@ -6,9 +6,16 @@
 //! sequence's numbers on their own (see [`optune_kernels::host`]), so what a request samples — and its
 //! `logp`, to the bit — does not depend on which requests share its batch, on the batch size or
 //! on the thread count.
+//!
+//! Elsewhere (a GPU, or `OPTUNE_KERNELS=generic` on the CPU) the logits stay on the model's device
+//! and each sequence samples there ([`crate::device_sampling`]: one uniform per sequence from its
+//! own stream goes in, one token id and its log-probability per sequence come back), from the same
+//! distribution by other arithmetic; a fixed seed repeats its output on that device.
 
+use crate::device_sampling::sample_rows;
 use crate::transformer::{KvCache, Segment, Transformer};
 use anyhow::{bail, Result};
+use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -293,29 +300,61 @@ pub fn generate(
             break;
         }
         let finished = on_worker(|| -> Result<Vec<(usize, Generation)>> {
-            let logits = model.feed(&segments, &mut cache)?;
-            let width = logits.len() / segments.len();
             let mut row_of = vec![usize::MAX; slots];
             for (row, segment) in segments.iter().enumerate() {
                 row_of[segment.slot] = row;
             }
-            for (slot, first) in shares.iter().enumerate() {
-                if let Some(first) = *first {
-                    cache.copy_slot(first, slot)?;
-                    row_of[slot] = row_of[first];
-                }
+            // The samples of a prompt fed once: their slots copy its keys and values (the copy
+            // reads the cache the feed below writes, so it comes after).
+            let shared: Vec<(usize, usize)> = shares
+                .iter()
+                .enumerate()
+                .filter_map(|(slot, first)| Some((slot, (*first)?)))
+                .collect();
+            for &(slot, first) in &shared {
+                row_of[slot] = row_of[first];
             }
             let mut states: Vec<(usize, &mut Active)> = active
                 .iter_mut()
                 .enumerate()
                 .filter_map(|(slot, a)| Some((slot, a.as_mut()?)))
                 .collect();
-            // Each sequence samples from its own row with its own random stream: in parallel.
+            let picks: Vec<(u32, f64)> = if cache.is_host() {
+                let logits = model.feed(&segments, &mut cache)?;
+                let width = logits.len() / segments.len();
+                // Each sequence samples from its own row with its own random stream: in parallel.
+                states
+                    .par_iter_mut()
+                    .map(|(slot, state)| {
+                        let row = &logits[row_of[*slot] * width..(row_of[*slot] + 1) * width];
+                        sample_token(row, params, &mut state.rng)
+                    })
+                    .collect()
+            } else {
+                // On the logits' device; each sequence's uniform comes from its own stream.
+                let logits = model.feed_tensor(&segments, &mut cache)?;
+                let rows: Vec<u32> = states
+                    .iter()
+                    .map(|(slot, _)| row_of[*slot] as u32)
+                    .collect();
+                let rows = Tensor::new(rows.as_slice(), logits.device())?;
+                let uniforms: Vec<f64> = states
+                    .iter_mut()
+                    .map(|(_, state)| match params.temperature > 0.0 {
+                        true => state.rng.random::<f64>(),
+                        false => 0.0,
+                    })
+                    .collect();
+                sample_rows(&logits.index_select(&rows, 0)?, params, &uniforms)?
+            };
+            for &(slot, first) in &shared {
+                cache.copy_slot(first, slot)?;
+            }
             Ok(states
-                .par_iter_mut()
-                .filter_map(|(slot, state)| {
-                    let row = &logits[row_of[*slot] * width..(row_of[*slot] + 1) * width];
-                    Some((*slot, advance(state, row, params, eos_ids)?))
+                .into_iter()
+                .zip(picks)
+                .filter_map(|((slot, state), pick)| {
+                    Some((slot, advance(state, pick, params, eos_ids)?))
                 })
                 .collect())
         })?;
@@ -342,14 +381,14 @@ fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     }
 }
 
-/// Samples the next token from `logits`; returns the finished generation when it ends here.
+/// Takes the sampled token and its log-probability; returns the finished generation when it ends
+/// here.
 fn advance(
     state: &mut Active,
-    logits: &[f32],
+    (token, logp): (u32, f64),
     params: &SamplingParams,
     eos_ids: &[u32],
 ) -> Option<Generation> {
-    let (token, logp) = sample_token(logits, params, &mut state.rng);
     state.tokens.push(token);
     state.logp += logp;
     state.pending = Some(token);
@@ -368,10 +407,11 @@ fn advance(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn params(temperature: f64, top_p: f64, top_k: Option<usize>) -> SamplingParams {
+    /// Sampling parameters for one token.
+    pub(crate) fn params(temperature: f64, top_p: f64, top_k: Option<usize>) -> SamplingParams {
         SamplingParams {
             temperature,
             top_p,

@@ -2,6 +2,7 @@
 //! and generation, sequence log-probabilities and LoRA. Checkpoint files, tokenizers and chat
 //! templates come from `optune-checkpoint` (re-exported here), the ops from `optune-kernels`.
 
+mod device_sampling;
 pub mod generate;
 pub mod linear;
 mod load;

@@ -152,26 +152,6 @@ impl LoraAdapter {
     }
 }
 
-/// Row block of [`Linear::forward_fixed_rows`].
-pub const DECODE_ROW_BLOCK: usize = 16;
-
-/// Applies `f` to `x [rows, ..]` in zero-padded blocks of [`DECODE_ROW_BLOCK`] rows.
-pub fn fixed_row_blocks(x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
-    let rows = x.dim(0)?;
-    let padded = rows.div_ceil(DECODE_ROW_BLOCK) * DECODE_ROW_BLOCK;
-    let x = if padded > rows {
-        let mut pad_shape = x.dims().to_vec();
-        pad_shape[0] = padded - rows;
-        Tensor::cat(&[x, &Tensor::zeros(pad_shape, x.dtype(), x.device())?], 0)?
-    } else {
-        x.clone()
-    };
-    let blocks = (0..padded / DECODE_ROW_BLOCK)
-        .map(|b| f(&x.narrow(0, b * DECODE_ROW_BLOCK, DECODE_ROW_BLOCK)?))
-        .collect::<Result<Vec<_>>>()?;
-    Tensor::cat(&blocks, 0)?.narrow(0, 0, rows)
-}
-
 #[derive(Clone)]
 pub struct Linear {
     pub weight: Tensor,
@@ -229,14 +209,6 @@ impl Linear {
         let delta = optune_kernels::linear(&optune_kernels::linear(&input, &a)?, &b)?;
         *out_dims.last_mut().expect("non-empty") = lora.b.dim(0)?;
         Some(delta.reshape(out_dims)).transpose()
-    }
-
-    /// Like [`Linear::forward`] on `[rows, in]`, but always multiplies blocks of exactly
-    /// [`DECODE_ROW_BLOCK`] rows (zero-padded). CPU matrix kernels pick their blocking by the row
-    /// count, so a row's result can change in the last bits with the number of rows beside it;
-    /// fixed-size blocks make each decoded sequence's logits independent of the batch size.
-    pub fn forward_fixed_rows(&self, x: &Tensor) -> Result<Tensor> {
-        fixed_row_blocks(x, |block| self.forward(block))
     }
 
     /// The weight with the adapter folded in, for saving a merged checkpoint.

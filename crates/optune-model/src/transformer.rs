@@ -191,33 +191,11 @@ impl WeightMap {
     }
 }
 
-/// How linear layers multiply: freely (training, prefill) or in fixed row blocks so that a
-/// decoded sequence's numbers do not depend on its batch (see [`Linear::forward_fixed_rows`]).
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Rows {
-    Free,
-    Fixed,
-}
-
-impl Rows {
-    fn apply(self, linear: &Linear, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Rows::Free => linear.forward(x),
-            Rows::Fixed => {
-                let (b, t, h) = x.dims3()?;
-                linear
-                    .forward_fixed_rows(&x.reshape((b * t, h))?)?
-                    .reshape((b, t, ()))
-            }
-        }
-    }
-}
-
 impl Mlp {
-    fn forward(&self, x: &Tensor, rows: Rows) -> Result<Tensor> {
-        let gate = rows.apply(&self.gate_proj, x)?;
-        let up = rows.apply(&self.up_proj, x)?;
-        rows.apply(&self.down_proj, &ops::silu_mul(&gate, &up)?)
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x)?;
+        let up = self.up_proj.forward(x)?;
+        self.down_proj.forward(&ops::silu_mul(&gate, &up)?)
     }
 }
 
@@ -667,8 +645,19 @@ impl Transformer {
         if cache.is_host() {
             return self.feed_host(segments, cache);
         }
-        let width = self.head_width()?;
-        let mut out = vec![0f32; segments.len() * width];
+        Ok(self
+            .feed_tensor(segments, cache)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1()?)
+    }
+
+    /// [`Transformer::feed`] on a tensor cache, the logits `[segments, vocab]` left where the model
+    /// is (on a GPU: on the device, for [`crate::generate`] to sample there).
+    pub fn feed_tensor(&self, segments: &[Segment], cache: &mut KvCache) -> anyhow::Result<Tensor> {
+        if cache.is_host() {
+            bail!("feed_tensor needs a tensor KV cache (KvCache::new_masked)");
+        }
         let mut decode: Vec<Option<u32>> = vec![None; cache.slots()];
         let mut decoded = Vec::new();
         let mut prompts = Vec::new();
@@ -683,7 +672,7 @@ impl Transformer {
             }
             if cache.lengths[segment.slot] > 0 && segment.tokens.len() == 1 {
                 decode[segment.slot] = Some(segment.tokens[0]);
-                decoded.push((i, segment.slot));
+                decoded.push((i, segment.slot as u32));
             } else if cache.lengths[segment.slot] == 0 {
                 prompts.push(*segment);
                 prompted.push(i);
@@ -694,30 +683,37 @@ impl Transformer {
                 );
             }
         }
-        // Every new prompt in one padded forward pass.
+        // Every new prompt in one padded forward pass, every decoded token in one step; the rows
+        // then go back into the segments' order.
+        let mut parts = Vec::new();
+        let mut order = Vec::with_capacity(segments.len());
         if !prompts.is_empty() {
-            let logits: Vec<f32> = self
-                .prefill_masked(&prompts, cache)?
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1()?;
-            for (row, &i) in prompted.iter().enumerate() {
-                out[i * width..(i + 1) * width]
-                    .copy_from_slice(&logits[row * width..(row + 1) * width]);
-            }
+            parts.push(self.prefill_masked(&prompts, cache)?);
+            order.extend(prompted);
         }
         if !decoded.is_empty() {
-            let logits: Vec<f32> = self
-                .decode_masked(&decode, cache)?
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1()?;
-            for (i, slot) in decoded {
-                out[i * width..(i + 1) * width]
-                    .copy_from_slice(&logits[slot * width..(slot + 1) * width]);
-            }
+            let slots: Vec<u32> = decoded.iter().map(|(_, slot)| *slot).collect();
+            let all = self.decode_masked(&decode, cache)?;
+            parts.push(all.index_select(&Tensor::new(slots.as_slice(), &self.device)?, 0)?);
+            order.extend(decoded.iter().map(|(i, _)| *i));
         }
-        Ok(out)
+        if parts.is_empty() {
+            return Ok(Tensor::zeros(
+                (0, self.head_width()?),
+                self.dtype,
+                &self.device,
+            )?);
+        }
+        let rows = Tensor::cat(&parts, 0)?;
+        // `order[row]` is the segment of `row`; invert it.
+        let mut row_of = vec![0u32; segments.len()];
+        for (row, &segment) in order.iter().enumerate() {
+            row_of[segment] = row as u32;
+        }
+        if row_of.iter().enumerate().all(|(i, &r)| r as usize == i) {
+            return Ok(rows);
+        }
+        Ok(rows.index_select(&Tensor::new(row_of.as_slice(), &self.device)?, 0)?)
     }
 
     /// [`Transformer::feed`] on a host cache.
@@ -898,9 +894,7 @@ impl Transformer {
             &self.norm,
             self.config.rms_norm_eps,
         )?;
-        Ok(crate::linear::fixed_row_blocks(&x, |rows| {
-            self.head_logits(rows)
-        })?)
+        Ok(self.head_logits(&x)?)
     }
 }
 
@@ -1231,17 +1225,12 @@ impl Block {
             config.num_kv_heads(),
             config.head_dim(),
         );
-        let rows = if cached.is_some() {
-            Rows::Fixed
-        } else {
-            Rows::Free
-        };
         let scale = 1.0 / (d as f64).sqrt();
         let h = ops::rms_norm(x, &self.input_layernorm, eps)?;
         let split = |y: Tensor, n: usize| y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous();
-        let q = ops::rotary_heads(&rows.apply(&self.self_attn.q_proj, &h)?, cos, sin, heads)?;
-        let k = ops::rotary_heads(&rows.apply(&self.self_attn.k_proj, &h)?, cos, sin, kv_heads)?;
-        let v = split(rows.apply(&self.self_attn.v_proj, &h)?, kv_heads)?;
+        let q = ops::rotary_heads(&self.self_attn.q_proj.forward(&h)?, cos, sin, heads)?;
+        let k = ops::rotary_heads(&self.self_attn.k_proj.forward(&h)?, cos, sin, kv_heads)?;
+        let v = split(self.self_attn.v_proj.forward(&h)?, kv_heads)?;
         let attn = match cached {
             None => ops::attention(&q, &k, &v, mask, scale)?,
             Some(c) => {
@@ -1250,9 +1239,9 @@ impl Block {
             }
         };
         let attn = attn.transpose(1, 2)?.reshape((b, t, heads * d))?;
-        let x = (x + rows.apply(&self.self_attn.o_proj, &attn)?)?;
+        let x = (x + self.self_attn.o_proj.forward(&attn)?)?;
         let h = ops::rms_norm(&x, &self.post_attention_layernorm, eps)?;
-        let x = (&x + self.mlp.forward(&h, rows)?)?;
+        let x = (&x + self.mlp.forward(&h)?)?;
         Ok((x, k, v))
     }
 }
@@ -1320,7 +1309,8 @@ impl KvCache {
         })
     }
 
-    fn is_host(&self) -> bool {
+    /// Whether the host decode kernels run on this cache (its logits come back as host vectors).
+    pub fn is_host(&self) -> bool {
         matches!(self.store, KvStore::Host { .. })
     }
 

@@ -1,32 +1,13 @@
 //! Generation against the training path, on the tiny testdata models.
 
-use candle_core::{DType, Device};
+use candle_core::Device;
 use optune_model::generate::{
     generate, stream_seed, FinishReason, GenerationRequest, SamplingParams,
 };
-use optune_model::{
-    load_model, sequence_logprobs, KvCache, PaddedBatch, TokenizedPair, Transformer,
-};
-use std::path::PathBuf;
+use optune_model::{sequence_logprobs, KvCache, PaddedBatch, TokenizedPair, Transformer};
 
-fn model(name: &str) -> Transformer {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../testdata/models")
-        .join(name);
-    load_model(&dir, DType::F32, &Device::Cpu).unwrap().0
-}
-
-fn prompts() -> Vec<Vec<u32>> {
-    vec![
-        vec![1, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49],
-        vec![1, 300, 301],
-        vec![1, 90, 91, 92, 93, 94],
-        vec![1, 200],
-        vec![
-            1, 120, 121, 122, 123, 124, 125, 126, 127, 128, 129, 130, 131, 132,
-        ],
-    ]
-}
+mod common;
+use common::{model, prompts};
 
 fn requests(seed: u64) -> Vec<GenerationRequest> {
     prompts()

@@ -1,0 +1,26 @@
+//! What the generation tests share: the tiny testdata models and a handful of prompts.
+
+use candle_core::{DType, Device};
+use optune_model::{load_model, Transformer};
+use std::path::PathBuf;
+
+/// A model of testdata/models in f32 on the CPU.
+pub fn model(name: &str) -> Transformer {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../testdata/models")
+        .join(name);
+    load_model(&dir, DType::F32, &Device::Cpu).unwrap().0
+}
+
+/// Prompts of 2 to 14 tokens, BOS first.
+pub fn prompts() -> Vec<Vec<u32>> {
+    vec![
+        vec![1, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49],
+        vec![1, 300, 301],
+        vec![1, 90, 91, 92, 93, 94],
+        vec![1, 200],
+        vec![
+            1, 120, 121, 122, 123, 124, 125, 126, 127, 128, 129, 130, 131, 132,
+        ],
+    ]
+}
