@@ -38,7 +38,8 @@ use std::time::Instant;
 /// a kill, the same command run again generates only the rest, and a run with other arguments
 /// or prompts is refused. The output is then the uninterrupted run's, byte for byte on the CPU
 /// (fused kernels); elsewhere the batch a response shares changes its log-prob in the last bits,
-/// as another --batch-size does. The journal is removed once FILE is written.
+/// as another --batch-size does (and, rarely, which side of a --top-p cut-off a token falls on).
+/// The journal is removed once FILE is written.
 ///
 /// Example:
 ///   opt-gen --model runs/policy prompts.jsonl --n 2 --max-new-tokens 64 -o responses.parquet
@@ -87,9 +88,17 @@ struct Args {
     #[arg(long, value_enum, default_value_t = Truncate::Error)]
     truncate: Truncate,
 
-    /// Sequences decoded together (finished ones are replaced at once)
-    #[arg(long, default_value_t = 16)]
-    batch_size: usize,
+    /// Sequences decoded together (finished ones are replaced at once) [default: 16; with
+    /// --kv-memory, as many as fit, at most 1024]
+    #[arg(long)]
+    batch_size: Option<usize>,
+
+    /// Size the batch from memory: decode as many sequences together as FRACTION of the device's
+    /// free memory (measured once the model is loaded) holds in KV cache, each slot holding the
+    /// longest prompt and --max-new-tokens; --batch-size then caps it. Like vLLM's
+    /// gpu_memory_utilization, but of the free memory. Default on a GPU: 0.9
+    #[arg(long, value_name = "FRACTION")]
+    kv_memory: Option<f64>,
 
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -128,6 +137,12 @@ fn run(args: Args) -> Result<()> {
         || !(f64::MIN_POSITIVE..=1.0).contains(&args.top_p)
     {
         bail!("--temperature must be >= 0 and --top-p in (0, 1]");
+    }
+    if let Some(f) = args.kv_memory.filter(|f| !(f > &0.0 && f <= &1.0)) {
+        bail!("--kv-memory {f}: expected a fraction in (0, 1]");
+    }
+    if args.batch_size == Some(0) {
+        bail!("--batch-size must be at least 1");
     }
     let (device, dtype) = args.runtime.init()?;
     let shard = Shard::read(args.input.as_deref())?;
@@ -219,6 +234,7 @@ fn run(args: Args) -> Result<()> {
         )
         .expect("valid template"),
     );
+    let batch_size = batch_size(&args, &device, &model, &todo_requests, &params)?;
     let decode_started = Instant::now();
     let cpu_started = process_cpu_seconds();
     let mut tokens_done = 0usize;
@@ -233,7 +249,7 @@ fn run(args: Args) -> Result<()> {
         &todo_requests,
         &params,
         eos_ids,
-        args.batch_size,
+        batch_size,
         |i, generation| {
             if let (Some((journal, _)), None) = (&mut journal, &journal_error) {
                 let (prompt_id, sample) = keys[todo[i]];
@@ -321,6 +337,7 @@ fn run(args: Args) -> Result<()> {
         .field("responses", generations.len())
         .field("new_tokens", total_tokens)
         .field("resumed", resumed)
+        .field("batch", batch_size)
         .field(
             "tok_per_s",
             format!("{:.1}", tokens_done as f64 / decode_secs.max(1e-9)),
@@ -379,6 +396,43 @@ impl Finished {
             logp: self.logp,
         })
     }
+}
+
+/// Sequences decoded together: --batch-size, or what --kv-memory (explicit, or 0.9 on a GPU)
+/// of the free memory holds, capped by --batch-size.
+fn batch_size(
+    args: &Args,
+    device: &candle_core::Device,
+    model: &optune_model::Transformer,
+    requests: &[GenerationRequest],
+    params: &SamplingParams,
+) -> Result<usize> {
+    const DEFAULT_BATCH: usize = 16;
+    const MOST_SLOTS: usize = 1024;
+    const GPU_KV_MEMORY: f64 = 0.9;
+    let fraction = match (args.kv_memory, args.batch_size) {
+        (Some(f), _) => f,
+        (None, None) if device.is_cuda() => GPU_KV_MEMORY,
+        (None, batch) => return Ok(batch.unwrap_or(DEFAULT_BATCH)),
+    };
+    let Some(free) = optune_cli::runtime::available_memory(device) else {
+        bail!("--kv-memory: cannot read the free memory of {device:?}; give --batch-size instead");
+    };
+    let most = args.batch_size.unwrap_or(MOST_SLOTS);
+    let slots =
+        optune_model::generate::slots_for_memory(model, requests, params, fraction * free, most)
+            .context("--kv-memory")?;
+    eprintln!(
+        "opt-gen: {slots} sequences at a time: KV cache of {:.2} GB ({fraction} of {:.2} GB free, at most {most})",
+        slots as f64
+            * optune_model::KvCache::slot_bytes(
+                model,
+                optune_model::generate::cache_capacity(requests, params)
+            ) as f64
+            / 1e9,
+        free / 1e9,
+    );
+    Ok(slots)
 }
 
 /// What fixes this run's responses: a journal is continued only by a run with the same. The

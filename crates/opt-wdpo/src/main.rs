@@ -307,7 +307,7 @@ fn run(args: Args) -> Result<()> {
     );
     match args.memory_budget {
         Some(gb) => plan.check(Some(gb * 1e9), "in --memory-budget")?,
-        None => plan.check(memory::available(&device), "available")?,
+        None => plan.check(optune_cli::runtime::available_memory(&device), "available")?,
     }
     let fingerprint = state::fingerprint(&args, &device, dtype, &pairs)?;
     let resumed = state::load(&args.output, &fingerprint)?;

@@ -5,7 +5,7 @@ use crate::data::TrainPair;
 use crate::policy::Policy;
 use crate::Args;
 use anyhow::{bail, Result};
-use candle_core::{DType, Device};
+use candle_core::DType;
 
 const GB: f64 = 1e9;
 
@@ -142,30 +142,4 @@ impl Plan {
         }
         Ok(())
     }
-}
-
-/// Bytes the device can still give: the CPU's `MemAvailable`, a GPU's free memory as
-/// `nvidia-smi` reports it; `None` when neither can be read.
-pub fn available(device: &Device) -> Option<f64> {
-    if device.is_cpu() {
-        let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-        let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-        let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-        return Some(kb * 1024.0);
-    }
-    let ordinal = match device.location() {
-        candle_core::DeviceLocation::Cuda { gpu_id } => gpu_id,
-        _ => return None,
-    };
-    let out = std::process::Command::new("nvidia-smi")
-        .args([
-            "--query-gpu=memory.free",
-            "--format=csv,noheader,nounits",
-            "-i",
-            &ordinal.to_string(),
-        ])
-        .output()
-        .ok()?;
-    let mib: f64 = String::from_utf8(out.stdout).ok()?.trim().parse().ok()?;
-    Some(mib * 1024.0 * 1024.0)
 }

@@ -36,6 +36,23 @@ pub fn dtype(spec: Option<&str>, device: &candle_core::Device) -> Result<candle_
     }
 }
 
+/// Bytes the device can still give: the CPU's `MemAvailable` (Linux), a GPU's free memory as its
+/// driver reports it; `None` when it cannot be read.
+pub fn available_memory(device: &candle_core::Device) -> Option<f64> {
+    if device.is_cpu() {
+        let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        return Some(kb * 1024.0);
+    }
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(gpu) = device {
+        let (free, _total) = gpu.cuda_stream().context().mem_get_info().ok()?;
+        return Some(free as f64);
+    }
+    None
+}
+
 /// The process's peak resident memory so far in MB (`VmHWM` of /proc/self/status, Linux); `None`
 /// elsewhere. The tools print it in their summary line.
 pub fn peak_rss_mb() -> Option<f64> {
@@ -51,6 +68,29 @@ pub fn peak_rss_mb() -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn the_cpu_has_some_memory_available() {
+        let bytes = available_memory(&candle_core::Device::Cpu).expect("MemAvailable on Linux");
+        // At least what this test holds, at most the machine's memory.
+        let block = vec![1u8; 16 << 20];
+        let total: f64 = std::fs::read_to_string("/proc/meminfo")
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse::<f64>()
+            .unwrap()
+            * 1024.0;
+        assert!(
+            bytes > block.len() as f64 && bytes <= total,
+            "{bytes} of {total}"
+        );
+    }
 
     #[test]
     #[cfg(target_os = "linux")]

@@ -64,6 +64,38 @@ pub struct Generation {
     pub logp: f64,
 }
 
+/// Positions every slot of the KV cache holds for `requests`: the longest prompt and
+/// `max_new_tokens`.
+pub fn cache_capacity(requests: &[GenerationRequest], params: &SamplingParams) -> usize {
+    let longest = requests.iter().map(|r| r.prompt_ids.len()).max();
+    longest.unwrap_or(0) + params.max_new_tokens
+}
+
+/// How many sequences decode together when the KV cache may take `budget_bytes`: as many slots of
+/// [`cache_capacity`] positions as fit, at least one (an error when not even one fits) and at most
+/// `most`.
+pub fn slots_for_memory(
+    model: &Transformer,
+    requests: &[GenerationRequest],
+    params: &SamplingParams,
+    budget_bytes: f64,
+    most: usize,
+) -> Result<usize> {
+    let capacity = cache_capacity(requests, params);
+    let per_slot = KvCache::slot_bytes(model, capacity) as f64;
+    let fit = (budget_bytes / per_slot).floor();
+    if fit < 1.0 {
+        bail!(
+            "one sequence's KV cache ({:.2} GB for {capacity} positions: the longest prompt and \
+             max_new_tokens) does not fit in the {:.2} GB allowed; allow more memory, or shorten \
+             the prompts or the responses",
+            per_slot / 1e9,
+            budget_bytes / 1e9
+        );
+    }
+    Ok((fit as usize).clamp(1, most.max(1)))
+}
+
 /// Mixes a run seed with a request's identity into an independent stream seed (SplitMix64 over
 /// an FNV-1a hash of the key).
 pub fn stream_seed(run_seed: u64, key: &str, sample: u32) -> u64 {
@@ -220,15 +252,11 @@ pub fn generate(
     if let Some(empty) = requests.iter().position(|r| r.prompt_ids.is_empty()) {
         bail!("request {empty}: empty prompt");
     }
-    let longest = requests
-        .iter()
-        .map(|r| r.prompt_ids.len())
-        .max()
-        .unwrap_or(0);
-    let capacity = longest + params.max_new_tokens;
+    let capacity = cache_capacity(requests, params);
     if capacity > model.max_positions() {
         bail!(
-            "prompt ({longest} tokens) + max_new_tokens ({}) exceeds the model's {} positions",
+            "prompt ({} tokens) + max_new_tokens ({}) exceeds the model's {} positions",
+            capacity - params.max_new_tokens,
             params.max_new_tokens,
             model.max_positions()
         );

@@ -1292,6 +1292,17 @@ impl KvCache {
         Self::new_masked(model, slots, capacity)
     }
 
+    /// Bytes one slot of `capacity` positions takes in the cache [`KvCache::new`] makes for
+    /// `model` (keys and values of every layer).
+    pub fn slot_bytes(model: &Transformer, capacity: usize) -> usize {
+        let cfg = model.config();
+        let element = match optune_kernels::decode_path(model.device(), model.dtype()) {
+            Path::Fused => DType::F32.size_in_bytes(),
+            Path::Generic => model.dtype().size_in_bytes(),
+        };
+        2 * cfg.num_hidden_layers * cfg.num_kv_heads() * capacity * cfg.head_dim() * element
+    }
+
     /// A tensor-backed cache whatever the device: decoding then takes the masked tensor path
     /// (what other devices and dtypes use), e.g. to compare it with the CPU kernels.
     pub fn new_masked(model: &Transformer, slots: usize, capacity: usize) -> Result<Self> {
