@@ -12,6 +12,7 @@
 //! The rule in `dispatch` alone decides between fused/host and generic, from the device, the dtype
 //! and the process setting (`OPTUNE_KERNELS=fused|generic`, or a tool's `--kernels`).
 
+mod decode_attention;
 pub mod dispatch;
 mod fused;
 pub mod host;
@@ -20,6 +21,7 @@ pub mod ops;
 pub mod runtime;
 mod simd;
 
+pub use decode_attention::decode_attention;
 pub use dispatch::{autograd_path, decode_path, kernels, path_for, set_kernels, Kernels, Path};
 pub use matmul::{
     bf16_products_available, f32_product_precision, matmul_bf16, matmul_bf16_packed,

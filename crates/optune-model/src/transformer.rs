@@ -489,7 +489,7 @@ impl Transformer {
         )?;
         let mut x = self.embed(&batch.input_ids)?;
         for (l, block) in self.layers.iter().enumerate() {
-            let (out, k, v) = block.forward(&self.config, &x, &cos, &sin, &mask, None)?;
+            let (out, k, v) = block.forward(&self.config, &x, &cos, &sin, Attend::Masked(&mask))?;
             on_layer(l, &k, &v)?;
             x = out;
         }
@@ -601,7 +601,7 @@ impl Transformer {
         cache: &mut KvCache,
     ) -> anyhow::Result<Tensor> {
         if !cache.is_host() {
-            return self.decode_masked(tokens, cache);
+            return self.decode_on_tensors(tokens, cache);
         }
         if tokens.len() != cache.slots() {
             bail!(
@@ -639,7 +639,7 @@ impl Transformer {
     /// On the CPU in f32 (a host cache) every row is computed on its own by the kernels of
     /// [`optune_kernels::host`], attending over its own slot's cached positions only: a sequence's
     /// numbers do not depend on which segments share the call, on their number or on the thread
-    /// count. Otherwise (the masked tensor path) the new prompts are prefilled together as one
+    /// count. Otherwise (the tensor path) the new prompts are prefilled together as one
     /// padded batch and the single-token segments are decoded together.
     pub fn feed(&self, segments: &[Segment], cache: &mut KvCache) -> anyhow::Result<Vec<f32>> {
         if cache.is_host() {
@@ -656,7 +656,7 @@ impl Transformer {
     /// is (on a GPU: on the device, for [`crate::generate`] to sample there).
     pub fn feed_tensor(&self, segments: &[Segment], cache: &mut KvCache) -> anyhow::Result<Tensor> {
         if cache.is_host() {
-            bail!("feed_tensor needs a tensor KV cache (KvCache::new_masked)");
+            bail!("feed_tensor needs a tensor KV cache (KvCache::new_tensors)");
         }
         let mut decode: Vec<Option<u32>> = vec![None; cache.slots()];
         let mut decoded = Vec::new();
@@ -693,7 +693,7 @@ impl Transformer {
         }
         if !decoded.is_empty() {
             let slots: Vec<u32> = decoded.iter().map(|(_, slot)| *slot).collect();
-            let all = self.decode_masked(&decode, cache)?;
+            let all = self.decode_on_tensors(&decode, cache)?;
             parts.push(all.index_select(&Tensor::new(slots.as_slice(), &self.device)?, 0)?);
             order.extend(decoded.iter().map(|(i, _)| *i));
         }
@@ -830,10 +830,15 @@ impl Transformer {
         Ok(logits)
     }
 
-    /// The decode step from tensor ops, for other devices and dtypes: the batch attends over its
-    /// longest sequence with a mask, so a slot's logits can change in the last bits with the
-    /// other slots' lengths.
-    fn decode_masked(&self, tokens: &[Option<u32>], cache: &mut KvCache) -> anyhow::Result<Tensor> {
+    /// The decode step from tensor ops, for other devices and dtypes: every slot (idle ones too,
+    /// their results unused) goes through as one row of each product, and attends over its own
+    /// cached positions ([`optune_kernels::decode_attention`]). The products' blocking depends on
+    /// the row count, so a slot's logits can change in the last bits with the batch.
+    fn decode_on_tensors(
+        &self,
+        tokens: &[Option<u32>],
+        cache: &mut KvCache,
+    ) -> anyhow::Result<Tensor> {
         let slots = cache.slots();
         if tokens.len() != slots {
             bail!("decode_step got {} tokens for {slots} slots", tokens.len());
@@ -853,21 +858,20 @@ impl Transformer {
                 None => cache.lengths[s].min(cache.capacity - 1),
             } as u32)
             .collect();
-        let keys = positions.iter().copied().max().unwrap_or(0) as usize + 1;
+        // Each slot's span of positions `[first, last]`, its new one included; (1, 0), no
+        // position, for an idle slot.
         let window = self.config.attention_window();
-        let mut mask = Vec::with_capacity(slots * keys);
-        for s in 0..slots {
-            let q = positions[s] as usize;
-            mask.extend((0..keys).map(|k| {
-                if k <= q && window.is_none_or(|w| q - k < w) {
-                    0.0
-                } else {
-                    MASKED
+        let spans: Vec<u32> = (0..slots)
+            .flat_map(|s| match tokens[s] {
+                Some(_) => {
+                    let last = positions[s] as usize;
+                    let first = window.map_or(0, |w| (last + 1).saturating_sub(w));
+                    [first as u32, last as u32]
                 }
-            }));
-        }
-        let mask =
-            Tensor::from_vec(mask, (slots, 1, 1, keys), &self.device)?.to_dtype(self.dtype)?;
+                None => [1, 0],
+            })
+            .collect();
+        let spans = Tensor::from_vec(spans, (slots, 2), &self.device)?;
         let ids: Vec<u32> = tokens.iter().map(|t| t.unwrap_or(0)).collect();
         let ids = Tensor::from_vec(ids, (slots, 1), &self.device)?;
         let pos = Tensor::from_vec(positions.clone(), (slots, 1), &self.device)?;
@@ -879,9 +883,10 @@ impl Transformer {
                 cache,
                 layer: l,
                 write_at: &write_at,
-                keys,
+                spans: &spans,
             };
-            let (out, _, _) = block.forward(&self.config, &x, &cos, &sin, &mask, Some(cached))?;
+            let (out, _, _) =
+                block.forward(&self.config, &x, &cos, &sin, Attend::Cached(cached))?;
             x = out;
         }
         for (s, token) in tokens.iter().enumerate() {
@@ -1173,12 +1178,21 @@ fn is_classifier(config: &ModelConfig) -> bool {
         .any(|a| a.ends_with("ForSequenceClassification"))
 }
 
+/// How a block's attention reaches its keys.
+enum Attend<'a> {
+    /// This call's own positions, with an additive mask `[b, 1, t, t]` (training, prefill).
+    Masked(&'a Tensor),
+    /// One new position per slot, over that slot's span of a KV cache (decode).
+    Cached(CachedKv<'a>),
+}
+
 /// The decode step's view of one layer's cache.
 struct CachedKv<'a> {
     cache: &'a mut KvCache,
     layer: usize,
     write_at: &'a Tensor,
-    keys: usize,
+    /// `[slots, 2]` u32: each slot's first and last position to attend over.
+    spans: &'a Tensor,
 }
 
 impl Block {
@@ -1215,8 +1229,7 @@ impl Block {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: &Tensor,
-        cached: Option<CachedKv>,
+        attend: Attend,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let eps = config.rms_norm_eps;
         let (b, t, _) = x.dims3()?;
@@ -1231,11 +1244,11 @@ impl Block {
         let q = ops::rotary_heads(&self.self_attn.q_proj.forward(&h)?, cos, sin, heads)?;
         let k = ops::rotary_heads(&self.self_attn.k_proj.forward(&h)?, cos, sin, kv_heads)?;
         let v = split(self.self_attn.v_proj.forward(&h)?, kv_heads)?;
-        let attn = match cached {
-            None => ops::attention(&q, &k, &v, mask, scale)?,
-            Some(c) => {
-                let (keys, values) = c.cache.append(c.layer, c.write_at, &k, &v, c.keys)?;
-                ops::attention(&q, &keys, &values, mask, scale)?
+        let attn = match attend {
+            Attend::Masked(mask) => ops::attention(&q, &k, &v, mask, scale)?,
+            Attend::Cached(c) => {
+                let (keys, values) = c.cache.append(c.layer, c.write_at, &k, &v)?;
+                optune_kernels::decode_attention(&q, keys, values, c.spans, scale)?
             }
         };
         let attn = attn.transpose(1, 2)?.reshape((b, t, heads * d))?;
@@ -1250,7 +1263,7 @@ impl Block {
 /// `[slots, kv_heads, capacity, head_dim]`. On the CPU in f32 they live in plain host vectors
 /// that the decode kernels read directly ([`Transformer::decode_step`] then attends over each
 /// slot's own length); otherwise in tensors, and one decode step writes every slot with one
-/// scatter and attends with a mask.
+/// scatter and attends over each slot's own span ([`optune_kernels::decode_attention`]).
 pub struct KvCache {
     store: KvStore,
     lengths: Vec<usize>,
@@ -1289,7 +1302,7 @@ impl KvCache {
                 capacity,
             });
         }
-        Self::new_masked(model, slots, capacity)
+        Self::new_tensors(model, slots, capacity)
     }
 
     /// Bytes one slot of `capacity` positions takes in the cache [`KvCache::new`] makes for
@@ -1303,9 +1316,9 @@ impl KvCache {
         2 * cfg.num_hidden_layers * cfg.num_kv_heads() * capacity * cfg.head_dim() * element
     }
 
-    /// A tensor-backed cache whatever the device: decoding then takes the masked tensor path
+    /// A tensor-backed cache whatever the device: decoding then takes the tensor path
     /// (what other devices and dtypes use), e.g. to compare it with the CPU kernels.
-    pub fn new_masked(model: &Transformer, slots: usize, capacity: usize) -> Result<Self> {
+    pub fn new_tensors(model: &Transformer, slots: usize, capacity: usize) -> Result<Self> {
         let cfg = model.config();
         let shape = (slots, cfg.num_kv_heads(), capacity, cfg.head_dim());
         let zeros = || Tensor::zeros(shape, model.dtype(), model.device());
@@ -1345,8 +1358,8 @@ impl KvCache {
     pub fn is_empty(&self, slot: usize) -> bool {
         self.lengths[slot] == 0
     }
-    /// Frees a slot for the next sequence; its stale entries are never read (host) or masked
-    /// out by length (tensors).
+    /// Frees a slot for the next sequence; its stale entries are never read: attention reads a
+    /// slot's positions up to its length only.
     pub fn clear(&mut self, slot: usize) {
         self.lengths[slot] = 0;
     }
@@ -1417,15 +1430,14 @@ impl KvCache {
     }
 
     /// Writes each slot's new `[slots, kv_heads, 1, d]` key/value at its own position and returns
-    /// views of the first `keys` positions (tensor store only).
+    /// the layer's whole key and value stores (tensor store only).
     fn append(
         &mut self,
         layer: usize,
         write_at: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        keys: usize,
-    ) -> Result<(Tensor, Tensor)> {
+    ) -> Result<(&Tensor, &Tensor)> {
         let KvStore::Tensors {
             keys: key_store,
             values,
@@ -1436,9 +1448,6 @@ impl KvCache {
         let index = write_at.broadcast_as(k.shape())?.contiguous()?;
         key_store[layer].scatter_set(&index, k, 2)?;
         values[layer].scatter_set(&index, v, 2)?;
-        Ok((
-            key_store[layer].narrow(2, 0, keys)?,
-            values[layer].narrow(2, 0, keys)?,
-        ))
+        Ok((&key_store[layer], &values[layer]))
     }
 }

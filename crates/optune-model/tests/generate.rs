@@ -112,8 +112,8 @@ fn output_does_not_depend_on_the_batch_size() {
         })
     };
     let reference = run(2, 1);
-    // Same bits on the fused path (host kernels, each slot on its own); the generic path attends
-    // over the batch with a mask, so there the same tokens and log-probs to rounding.
+    // Same bits on the fused path (host kernels, each slot on its own); on the generic path the
+    // products' blocking follows the batch, so there the same tokens and log-probs to rounding.
     let fused = optune_kernels::kernels() == optune_kernels::Kernels::Fused;
     for (batch, threads) in [(1, 1), (2, 2), (3, 2), (5, 1), (5, 3), (8, 2)] {
         let out = run(batch, threads);
@@ -133,18 +133,18 @@ fn output_does_not_depend_on_the_batch_size() {
     }
 }
 
-/// The CPU kernels (host cache) and the masked tensor path that other devices use compute the
+/// The CPU kernels (host cache) and the tensor path that other devices use compute the
 /// same logits, up to rounding.
 #[test]
-fn cpu_kernels_agree_with_the_masked_tensor_path() {
+fn cpu_kernels_agree_with_the_tensor_path() {
     for name in ["tiny-llama", "tiny-mistral", "tiny-qwen2"] {
         let model = model(name);
         let prompts = prompts();
         let mut host = KvCache::new(&model, 3, 64).unwrap();
-        let mut masked = KvCache::new_masked(&model, 3, 64).unwrap();
+        let mut tensors = KvCache::new_tensors(&model, 3, 64).unwrap();
         for (slot, p) in prompts[..3].iter().enumerate() {
             model.prefill(p, &mut host, slot).unwrap();
-            model.prefill(p, &mut masked, slot).unwrap();
+            model.prefill(p, &mut tensors, slot).unwrap();
         }
         for step in 0..12u32 {
             // Slot 1 sits out every third step: idle slots must be left alone.
@@ -157,7 +157,7 @@ fn cpu_kernels_agree_with_the_masked_tensor_path() {
                 .to_vec2()
                 .unwrap();
             let b: Vec<Vec<f32>> = model
-                .decode_step(&feed, &mut masked)
+                .decode_step(&feed, &mut tensors)
                 .unwrap()
                 .to_vec2()
                 .unwrap();
@@ -170,7 +170,7 @@ fn cpu_kernels_agree_with_the_masked_tensor_path() {
                 }
             }
             for s in 0..3 {
-                assert_eq!(host.len(s), masked.len(s));
+                assert_eq!(host.len(s), tensors.len(s));
             }
         }
     }

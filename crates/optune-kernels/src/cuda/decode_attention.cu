@@ -1,0 +1,134 @@
+// Decode attention over each slot's own cached positions (see src/decode_attention.rs).
+//
+// One block per (slot, query head), WARPS warps. Warp w walks the slot's positions
+// first+w, first+w+WARPS, ... up to last (inclusive) with an online softmax: each lane holds the
+// query and the running output for channels lane, lane+32, ... of the head, a key's score is the
+// warp's sum of the lanes' partial dot products. The warps' partial results are merged at the end
+// through shared memory. Everything is accumulated in f32 whatever the storage type. A slot with
+// last < first (idle) gets zeros. Keys and values are read once, in place, from the cache laid out
+// [slots, kv_heads, capacity, head_dim]; q and out are [slots, heads, head_dim].
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <math_constants.h>
+#include <stdint.h>
+
+#define WARPS 4
+// Channels per lane: head_dim up to 32 * 8 = 256.
+#define MAX_PER_LANE 8
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+    return __float2bfloat16(x);
+}
+template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half(x); }
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        x += __shfl_xor_sync(0xffffffffu, x, offset);
+    }
+    return x;
+}
+
+template <typename T>
+__device__ void decode_attention(const T *__restrict__ q, const T *__restrict__ keys,
+                                 const T *__restrict__ values, T *__restrict__ out,
+                                 const uint32_t *__restrict__ spans, int heads, int kv_heads,
+                                 int capacity, int head_dim, float scale) {
+    const int slot = blockIdx.x;
+    const int head = blockIdx.y;
+    const int warp = threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    const int kv_head = head / (heads / kv_heads);
+    const size_t row = (size_t)slot * heads + head;
+    const size_t cache_base = ((size_t)slot * kv_heads + kv_head) * (size_t)capacity * head_dim;
+    // spans: [slots, 2] of (first, last) positions, inclusive.
+    const uint32_t first = spans[2 * slot];
+    const uint32_t last = spans[2 * slot + 1];
+
+    float query[MAX_PER_LANE];
+    float acc[MAX_PER_LANE];
+#pragma unroll
+    for (int i = 0; i < MAX_PER_LANE; ++i) {
+        const int c = lane + 32 * i;
+        query[i] = c < head_dim ? to_float(q[row * head_dim + c]) * scale : 0.0f;
+        acc[i] = 0.0f;
+    }
+    float running_max = -CUDART_INF_F;
+    float running_sum = 0.0f;
+    for (uint32_t position = first + warp; position <= last && first <= last; position += WARPS) {
+        const T *key = keys + cache_base + (size_t)position * head_dim;
+        float partial = 0.0f;
+#pragma unroll
+        for (int i = 0; i < MAX_PER_LANE; ++i) {
+            const int c = lane + 32 * i;
+            if (c < head_dim) partial += query[i] * to_float(key[c]);
+        }
+        const float score = warp_sum(partial);
+        const float new_max = fmaxf(running_max, score);
+        const float rescale = __expf(running_max - new_max);
+        const float weight = __expf(score - new_max);
+        running_sum = running_sum * rescale + weight;
+        const T *value = values + cache_base + (size_t)position * head_dim;
+#pragma unroll
+        for (int i = 0; i < MAX_PER_LANE; ++i) {
+            const int c = lane + 32 * i;
+            if (c < head_dim) acc[i] = acc[i] * rescale + weight * to_float(value[c]);
+        }
+        running_max = new_max;
+    }
+
+    __shared__ float warp_max[WARPS];
+    __shared__ float warp_sum_of[WARPS];
+    __shared__ float warp_acc[WARPS][32 * MAX_PER_LANE];
+    if (lane == 0) {
+        warp_max[warp] = running_max;
+        warp_sum_of[warp] = running_sum;
+    }
+#pragma unroll
+    for (int i = 0; i < MAX_PER_LANE; ++i) {
+        const int c = lane + 32 * i;
+        if (c < head_dim) warp_acc[warp][c] = acc[i];
+    }
+    __syncthreads();
+    if (warp != 0) return;
+    float overall_max = -CUDART_INF_F;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) overall_max = fmaxf(overall_max, warp_max[w]);
+    float total = 0.0f;
+    float factor[WARPS];
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) {
+        // A warp that saw no position holds -inf and contributes nothing.
+        factor[w] = warp_max[w] == -CUDART_INF_F ? 0.0f : __expf(warp_max[w] - overall_max);
+        total += warp_sum_of[w] * factor[w];
+    }
+    const float inverse = total > 0.0f ? 1.0f / total : 0.0f;
+#pragma unroll
+    for (int i = 0; i < MAX_PER_LANE; ++i) {
+        const int c = lane + 32 * i;
+        if (c >= head_dim) continue;
+        float sum = 0.0f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) sum += warp_acc[w][c] * factor[w];
+        out[row * head_dim + c] = from_float<T>(sum * inverse);
+    }
+}
+
+#define DECODE_ATTENTION(NAME, T)                                                                  \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32)                                       \
+        NAME(const T *q, const T *keys, const T *values, T *out, const uint32_t *spans, int heads, \
+             int kv_heads, int capacity, int head_dim, float scale) {                              \
+        decode_attention<T>(q, keys, values, out, spans, heads, kv_heads, capacity, head_dim,     \
+                            scale);                                                                \
+    }
+
+DECODE_ATTENTION(decode_attention_f32, float)
+DECODE_ATTENTION(decode_attention_bf16, __nv_bfloat16)
+DECODE_ATTENTION(decode_attention_f16, __half)
