@@ -28,8 +28,12 @@ impl Policy {
     /// adapters) are f32 variables, and so are their gradients and optimiser moments; frozen
     /// weights exist in `dtype` only.
     pub fn load(args: &Args, device: &Device, dtype: DType) -> Result<Self> {
-        let checkpoint = Checkpoint::read(&args.policy, device)?;
         let full_finetune = args.lora_rank.is_none();
+        // Each weight comes off disk in the dtype it is kept in (f32 masters for full
+        // fine-tuning, the compute dtype when frozen), so no stored-dtype copy of the model is
+        // ever held whole.
+        let stored = if full_finetune { DType::F32 } else { dtype };
+        let checkpoint = Checkpoint::read_as(&args.policy, device, stored)?;
         let mut trainable = Vec::new();
         let tensors: HashMap<String, Tensor> = checkpoint
             .tensors

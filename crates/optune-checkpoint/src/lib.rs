@@ -7,6 +7,8 @@ pub mod config;
 pub mod gguf;
 pub mod tokenizer;
 
-pub use checkpoint::{write_checkpoint, write_safetensors, Checkpoint, CheckpointMeta};
+pub use checkpoint::{
+    write_checkpoint, write_safetensors, write_safetensors_as, Checkpoint, CheckpointMeta,
+};
 pub use config::{Family, ModelConfig};
 pub use tokenizer::{ChatMessage, ChatTokenizer, Prompt};

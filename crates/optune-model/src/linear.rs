@@ -211,12 +211,17 @@ impl Linear {
         Some(delta.reshape(out_dims)).transpose()
     }
 
-    /// The weight with the adapter folded in, for saving a merged checkpoint.
+    /// The weight with the adapter folded in, for saving a merged checkpoint. Computed outside
+    /// autograd: from the adapter variables themselves, the merged weight would record its ops
+    /// and keep every intermediate (B·A, its scaled and cast copies) alive as long as it lives,
+    /// about 12 bytes per adapted weight element for the whole save.
     pub fn merged_weight(&self) -> Result<Tensor> {
         match &self.lora {
             Some(lora) => {
-                let delta = (lora.b.matmul(&lora.a)? * lora.scale)?;
-                self.weight.add(&delta.to_dtype(self.weight.dtype())?)
+                let delta = (lora.b.detach().matmul(&lora.a.detach())? * lora.scale)?;
+                self.weight
+                    .detach()
+                    .add(&delta.to_dtype(self.weight.dtype())?)
             }
             None => Ok(self.weight.clone()),
         }
@@ -332,5 +337,51 @@ mod tests {
         let resumed = DropoutStream::new(3);
         resumed.set_position(position);
         assert_eq!(mask(&resumed), next);
+    }
+
+    /// The merged weight of a trained adapter is plain data: it records no autograd op, so it
+    /// keeps none of the merge's intermediates alive (nor reaches the adapter's variables), and
+    /// it is W + scale·B·A in the base weight's dtype.
+    #[test]
+    fn a_merged_weight_is_computed_outside_autograd() {
+        let dev = Device::Cpu;
+        let a = candle_core::Var::from_tensor(
+            &Tensor::new(&[[1f32, 2.], [3., 4.], [5., 6.]], &dev)
+                .unwrap()
+                .t()
+                .unwrap()
+                .contiguous()
+                .unwrap(),
+        )
+        .unwrap();
+        let b = candle_core::Var::from_tensor(&Tensor::new(&[[1f32, 0.], [0., 1.]], &dev).unwrap())
+            .unwrap();
+        let on = Arc::new(AtomicBool::new(true));
+        let mut linear = Linear::new(
+            Tensor::ones((2, 3), candle_core::DType::BF16, &dev).unwrap(),
+            None,
+        );
+        linear.lora = Some(LoraAdapter {
+            a: a.as_tensor().clone(),
+            b: b.as_tensor().clone(),
+            scale: 0.5,
+            dropout: 0.0,
+            enabled: on.clone(),
+            training: on,
+            dropout_stream: DropoutStream::new(0),
+        });
+        let merged = linear.merged_weight().unwrap();
+        assert_eq!(merged.dtype(), candle_core::DType::BF16);
+        let values: Vec<Vec<f32>> = merged
+            .to_dtype(candle_core::DType::F32)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        assert_eq!(values, [[1.5, 2.5, 3.5], [2.0, 3.0, 4.0]]);
+        let grads = merged.sum_all().unwrap().backward().unwrap();
+        assert!(
+            grads.get(a.as_tensor()).is_none() && grads.get(b.as_tensor()).is_none(),
+            "the merged weight still holds the graph back to the adapters"
+        );
     }
 }

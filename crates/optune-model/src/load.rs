@@ -12,7 +12,7 @@ pub fn load_model(
     dtype: DType,
     device: &Device,
 ) -> Result<(Transformer, ChatTokenizer, CheckpointMeta)> {
-    let checkpoint = Checkpoint::read(path, device)?;
+    let checkpoint = Checkpoint::read_as(path, device, dtype)?;
     let model =
         Transformer::from_weights(&checkpoint.meta.config, checkpoint.tensors, dtype, device)
             .with_context(|| {
@@ -41,12 +41,9 @@ pub fn save_checkpoint_with(
     extra: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<()> {
     let dtype = saved_dtype(meta).unwrap_or(model.dtype());
-    let weights = model
-        .named_weights()?
-        .into_iter()
-        .map(|(name, t)| Ok((name, t.to_dtype(dtype)?)))
-        .collect::<Result<Vec<_>>>()?;
-    write_checkpoint(&weights, meta, dir, extra)
+    // Cast a tensor at a time as it is written: a bf16 model saved as f32 never holds an f32
+    // copy of all its weights.
+    write_checkpoint(&model.named_weights()?, Some(dtype), meta, dir, extra)
 }
 
 /// The dtype `config.json` declares (`torch_dtype`, or transformers 5's `dtype`).

@@ -2,6 +2,8 @@
 //! shards, running a tool binary (alone or in a pipe), checking that a bad
 //! input failed cleanly, and the DuckDB/pyarrow cross-read.
 
+pub mod memory;
+
 pub use optune_resume::journal_path;
 use optune_shard::arrow::array::{ArrayRef, Float32Array};
 use optune_shard::arrow::compute::cast;

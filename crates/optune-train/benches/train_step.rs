@@ -22,9 +22,7 @@
 //! kernels of `optune_kernels`; SmolLM2 a third time as the pipeline trains it (LoRA rank 16
 //! on q/k/v/o, frozen base, 4 pairs).
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -34,6 +32,7 @@ use optune_model::lora::{attach_lora, LoraConfig};
 use optune_model::{
     llama_weight_shapes, sequence_logprobs, Checkpoint, ModelConfig, TokenizedPair, Transformer,
 };
+use optune_testkit::memory::CountingAllocator;
 use optune_train::loss::{dpo_losses, DpoLoss};
 use optune_train::optim::{clip_grad_norm, decay_groups, AdamW, Algorithm, Optimizer};
 
@@ -148,68 +147,26 @@ fn cpu_seconds() -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-/// The system allocator, counting the bytes live on the heap and their high-water mark, so a
-/// step's memory can be read exactly: the process RSS cannot show it, as the allocator keeps freed
-/// pages mapped for reuse.
-struct CountingAllocator;
-
-static HEAP_NOW: AtomicUsize = AtomicUsize::new(0);
-static HEAP_PEAK: AtomicUsize = AtomicUsize::new(0);
-
+/// The heap counted, so a step's memory can be read exactly: the process RSS cannot show it, as
+/// the allocator keeps freed pages mapped for reuse.
 #[global_allocator]
 static ALLOCATOR: CountingAllocator = CountingAllocator;
-
-impl CountingAllocator {
-    fn grew(by: usize) {
-        let now = HEAP_NOW.fetch_add(by, Ordering::Relaxed) + by;
-        HEAP_PEAK.fetch_max(now, Ordering::Relaxed);
-    }
-}
-
-unsafe impl GlobalAlloc for CountingAllocator {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            Self::grew(layout.size());
-        }
-        p
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc_zeroed(layout) };
-        if !p.is_null() {
-            Self::grew(layout.size());
-        }
-        p
-    }
-    unsafe fn dealloc(&self, p: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(p, layout) };
-        HEAP_NOW.fetch_sub(layout.size(), Ordering::Relaxed);
-    }
-    unsafe fn realloc(&self, p: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let q = unsafe { System.realloc(p, layout, new_size) };
-        if !q.is_null() {
-            HEAP_NOW.fetch_sub(layout.size(), Ordering::Relaxed);
-            Self::grew(new_size);
-        }
-        q
-    }
-}
 
 const MB: f64 = 1024.0 * 1024.0;
 
 /// Heap bytes live now, in MB.
 fn heap_mb() -> f64 {
-    HEAP_NOW.load(Ordering::Relaxed) as f64 / MB
+    CountingAllocator::live() as f64 / MB
 }
 
 /// Starts a new high-water mark at the heap's current size.
 fn reset_heap_peak() {
-    HEAP_PEAK.store(HEAP_NOW.load(Ordering::Relaxed), Ordering::Relaxed);
+    CountingAllocator::reset_peak();
 }
 
 /// The heap's high-water mark since the last reset, in MB.
 fn heap_peak_mb() -> f64 {
-    HEAP_PEAK.load(Ordering::Relaxed) as f64 / MB
+    CountingAllocator::peak() as f64 / MB
 }
 
 /// Wall and CPU seconds of `f`.
