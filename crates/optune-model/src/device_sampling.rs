@@ -3,7 +3,7 @@
 //!
 //! It draws from the distribution [`crate::generate::sample_token`] draws from (greedy, temperature,
 //! top-k, top-p), by other means, since sorting a vocabulary is not a device op candle has (its
-//! CUDA sort fits 1024 columns):
+//! CUDA sort holds a row in 48 KiB of shared memory: 12,288 columns):
 //! * the top-k and top-p cut-offs are thresholds on the logit, found per row by bisection: the
 //!   lowest logit whose tokens at or above it number at least k, hold at least p of the mass.
 //!   Tokens tied with the last one kept are all kept (the host sort keeps the lower ids), and
