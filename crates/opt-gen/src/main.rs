@@ -31,7 +31,8 @@ use std::time::Instant;
 /// log-probability of the response under the policy at temperature 1, EOS included).
 ///
 /// Rows come out sorted by (prompt_id, sample). A fixed --seed gives identical output whatever
-/// --batch-size or --threads, and `--shard K/N` runs the K-th of N slices so that concatenating
+/// --batch-size, --kv-memory, --prompt-tokens-per-step or --threads (on the CPU's fused kernels;
+/// see below for elsewhere), and `--shard K/N` runs the K-th of N slices so that concatenating
 /// the N outputs equals the unsplit run.
 ///
 /// With -o FILE, finished responses are kept every few seconds in FILE.journal: after a crash or
@@ -100,6 +101,11 @@ struct Args {
     #[arg(long, value_name = "FRACTION")]
     kv_memory: Option<f64>,
 
+    /// Prompt tokens fed per step at most: a longer prompt goes in over several steps while the
+    /// sequences beside it keep decoding (chunked prefill); the output does not depend on it
+    #[arg(long, value_name = "N", default_value_t = optune_model::generate::Batching::PROMPT_TOKENS_PER_STEP)]
+    prompt_tokens_per_step: usize,
+
     #[arg(long, default_value_t = 0)]
     seed: u64,
 
@@ -143,6 +149,9 @@ fn run(args: Args) -> Result<()> {
     }
     if args.batch_size == Some(0) {
         bail!("--batch-size must be at least 1");
+    }
+    if args.prompt_tokens_per_step == 0 {
+        bail!("--prompt-tokens-per-step must be at least 1");
     }
     let (device, dtype) = args.runtime.init()?;
     let shard = Shard::read(args.input.as_deref())?;
@@ -249,7 +258,10 @@ fn run(args: Args) -> Result<()> {
         &todo_requests,
         &params,
         eos_ids,
-        batch_size,
+        optune_model::generate::Batching {
+            slots: batch_size,
+            prompt_tokens_per_step: args.prompt_tokens_per_step,
+        },
         |i, generation| {
             if let (Some((journal, _)), None) = (&mut journal, &journal_error) {
                 let (prompt_id, sample) = keys[todo[i]];
@@ -437,8 +449,8 @@ fn batch_size(
 
 /// What fixes this run's responses: a journal is continued only by a run with the same. The
 /// prompts' digest covers the input rows, --shard, --n, --seed, the chat template and
-/// --max-prompt-tokens/--truncate (every request's tokens and random stream); --batch-size and
-/// --threads do not change the output and may differ.
+/// --max-prompt-tokens/--truncate (every request's tokens and random stream); --batch-size,
+/// --kv-memory, --prompt-tokens-per-step and --threads do not change the output and may differ.
 fn fingerprint(
     args: &Args,
     device: &candle_core::Device,

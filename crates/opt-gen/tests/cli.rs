@@ -119,6 +119,14 @@ fn output_bytes_do_not_depend_on_batch_size_or_threads() {
             };
             let reference = run(&args("1", "1"));
             assert_eq!(rows(&reference).len(), 9, "{name} {dtype}");
+            // Prompts chunked over steps give the same output too.
+            let mut chunked = args("3", "2");
+            chunked.extend_from_slice(&["--prompt-tokens-per-step", "4"]);
+            assert_same_output(
+                &run(&chunked),
+                &reference,
+                &format!("{name} {dtype}: --prompt-tokens-per-step 4"),
+            );
             for (batch, threads) in [
                 ("3", "1"),
                 ("16", "1"),

@@ -19,7 +19,6 @@ use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
-use std::collections::HashMap;
 
 #[derive(Debug, Clone)]
 pub struct SamplingParams {
@@ -218,33 +217,70 @@ struct Active {
     rng: ChaCha8Rng,
     tokens: Vec<u32>,
     logp: f64,
+    /// Prompt tokens fed so far.
+    fed: usize,
     /// Sampled but not yet fed to the model; `None` while the prompt is still to be fed.
     pending: Option<u32>,
+    /// The slot prefilling the same prompt, whose keys and values this one copies (and whose
+    /// last logits it samples from) once that prefill is complete: the --n samples of a prompt
+    /// share one prefill.
+    follows: Option<usize>,
 }
 
-/// Most prompt tokens fed in one step: bounds the step's buffers (a longer prompt still goes
-/// in, alone).
-const PROMPT_TOKENS_PER_STEP: usize = 4096;
+/// How [`generate`] batches its requests.
+#[derive(Debug, Clone, Copy)]
+pub struct Batching {
+    /// Sequences decoded together: the KV cache's slots.
+    pub slots: usize,
+    /// Most prompt tokens fed in one step: a longer prompt goes in over several steps, so the
+    /// sequences decoding beside it wait at most this much prefill per token, and the step's
+    /// buffers stay bounded.
+    pub prompt_tokens_per_step: usize,
+}
+
+impl Batching {
+    /// The default prompt budget per step.
+    pub const PROMPT_TOKENS_PER_STEP: usize = 2048;
+
+    pub fn new(slots: usize) -> Self {
+        Self {
+            slots,
+            prompt_tokens_per_step: Self::PROMPT_TOKENS_PER_STEP,
+        }
+    }
+}
+
+impl From<usize> for Batching {
+    fn from(slots: usize) -> Self {
+        Self::new(slots)
+    }
+}
 
 /// Generates one continuation per request, in request order. `on_finish(request, &generation)`
 /// is called as each request completes (for progress reporting, and for journals that keep the
 /// finished ones through a crash).
 ///
-/// Every step feeds the model the next token of each running sequence together with the whole
-/// prompts of the requests that just took a free slot (continuous batching: a finished sequence's
-/// slot is refilled at once). Each request samples with its own random stream, and on the CPU in
-/// f32 its numbers do not depend on the other requests, so the output is the same to the bit
-/// for any `batch_size` and thread count.
+/// Every step feeds the model the next token of each running sequence together with prompt
+/// tokens of the requests that took a free slot (continuous batching: a finished sequence's slot
+/// is refilled at once), at most [`Batching::prompt_tokens_per_step`] of them: a longer prompt
+/// goes in over several steps while the others keep decoding. Each request samples with its own
+/// random stream, and on the CPU in f32 its numbers do not depend on the other requests or on
+/// how its prompt was split, so the output is the same to the bit for any [`Batching`] and
+/// thread count.
 pub fn generate(
     model: &Transformer,
     requests: &[GenerationRequest],
     params: &SamplingParams,
     eos_ids: &[u32],
-    batch_size: usize,
+    batching: impl Into<Batching>,
     mut on_finish: impl FnMut(usize, &Generation),
 ) -> Result<Vec<Generation>> {
-    if batch_size == 0 {
+    let batching = batching.into();
+    if batching.slots == 0 {
         bail!("batch size must be at least 1");
+    }
+    if batching.prompt_tokens_per_step == 0 {
+        bail!("prompt tokens per step must be at least 1");
     }
     if params.max_new_tokens == 0 {
         bail!("max_new_tokens must be at least 1");
@@ -261,7 +297,7 @@ pub fn generate(
             model.max_positions()
         );
     }
-    let slots = batch_size.min(requests.len()).max(1);
+    let slots = batching.slots.min(requests.len()).max(1);
     let mut cache = KvCache::new(model, slots, capacity)?;
     let mut results: Vec<Option<Generation>> = vec![None; requests.len()];
     // Longest prompts first, so that the long ones do not straggle at the end.
@@ -270,42 +306,57 @@ pub fn generate(
     queue.reverse();
     let mut active: Vec<Option<Active>> = (0..slots).map(|_| None).collect();
     loop {
-        // Refill free slots, within the step's prompt budget.
-        let mut prompt_tokens = 0;
+        // This step's prompt tokens per slot, `fed..until`: first the prompts already started,
+        // then new requests in free slots, within the step's budget.
+        let mut budget = batching.prompt_tokens_per_step;
+        let mut until: Vec<Option<usize>> = vec![None; slots];
+        for (slot, a) in active.iter().enumerate() {
+            let Some(a) = a
+                .as_ref()
+                .filter(|a| a.pending.is_none() && a.follows.is_none())
+            else {
+                continue;
+            };
+            let take = (requests[a.request].prompt_ids.len() - a.fed).min(budget);
+            if take > 0 {
+                until[slot] = Some(a.fed + take);
+                budget -= take;
+            }
+        }
         for slot in 0..slots {
             if active[slot].is_some() {
                 continue;
             }
             let Some(&request) = queue.last() else { break };
-            let len = requests[request].prompt_ids.len();
-            if prompt_tokens > 0 && prompt_tokens + len > PROMPT_TOKENS_PER_STEP {
+            let prompt = requests[request].prompt_ids.as_slice();
+            // The same prompt being prefilled in another slot (the --n samples of a prompt):
+            // wait for it instead of feeding it again.
+            let leader = (0..slots).find(|&l| {
+                active[l].as_ref().is_some_and(|a| {
+                    a.pending.is_none()
+                        && a.follows.is_none()
+                        && requests[a.request].prompt_ids == prompt
+                })
+            });
+            if leader.is_none() && budget == 0 {
                 break;
             }
             queue.pop();
-            prompt_tokens += len;
             cache.clear(slot);
+            if leader.is_none() {
+                let take = prompt.len().min(budget);
+                until[slot] = Some(take);
+                budget -= take;
+            }
             active[slot] = Some(Active {
                 request,
                 rng: ChaCha8Rng::seed_from_u64(requests[request].seed),
                 tokens: Vec::new(),
                 logp: 0.0,
+                fed: 0,
                 pending: None,
+                follows: leader,
             });
-        }
-        // A prompt identical to one entering in the same step (the --n samples of a prompt) is
-        // fed once: its slot copies the first one's keys and values and samples from its row.
-        let mut shares: Vec<Option<usize>> = vec![None; slots];
-        let mut first_of: HashMap<&[u32], usize> = HashMap::new();
-        for (slot, a) in active.iter().enumerate() {
-            if let Some(a) = a.as_ref().filter(|a| a.pending.is_none()) {
-                let prompt = requests[a.request].prompt_ids.as_slice();
-                match first_of.get(prompt) {
-                    Some(&first) => shares[slot] = Some(first),
-                    None => {
-                        first_of.insert(prompt, slot);
-                    }
-                }
-            }
         }
         let pending: Vec<[u32; 1]> = active
             .iter()
@@ -314,17 +365,21 @@ pub fn generate(
         let segments: Vec<Segment> = active
             .iter()
             .enumerate()
-            .filter(|(slot, _)| shares[*slot].is_none())
             .filter_map(|(slot, a)| {
                 let a = a.as_ref()?;
-                let tokens: &[u32] = match a.pending {
-                    Some(_) => &pending[slot],
-                    None => &requests[a.request].prompt_ids,
+                let tokens: &[u32] = match (a.pending, until[slot]) {
+                    (Some(_), _) => &pending[slot],
+                    (None, Some(end)) => &requests[a.request].prompt_ids[a.fed..end],
+                    (None, None) => return None,
                 };
                 Some(Segment { slot, tokens })
             })
             .collect();
         if segments.is_empty() {
+            debug_assert!(
+                active.iter().all(Option::is_none),
+                "waiting slots with nothing fed"
+            );
             break;
         }
         let finished = on_worker(|| -> Result<Vec<(usize, Generation)>> {
@@ -332,19 +387,32 @@ pub fn generate(
             for (row, segment) in segments.iter().enumerate() {
                 row_of[segment.slot] = row;
             }
-            // The samples of a prompt fed once: their slots copy its keys and values (the copy
-            // reads the cache the feed below writes, so it comes after).
-            let shared: Vec<(usize, usize)> = shares
-                .iter()
-                .enumerate()
-                .filter_map(|(slot, first)| Some((slot, (*first)?)))
-                .collect();
-            for &(slot, first) in &shared {
-                row_of[slot] = row_of[first];
+            // Which slots sample this step: those decoding, those whose prompt this step
+            // completes, and the slots that follow those.
+            let mut samples = vec![false; slots];
+            for (slot, a) in active.iter_mut().enumerate() {
+                let Some(a) = a.as_mut() else { continue };
+                if a.pending.is_some() {
+                    samples[slot] = true;
+                } else if let Some(end) = until[slot] {
+                    a.fed = end;
+                    samples[slot] = end == requests[a.request].prompt_ids.len();
+                }
+            }
+            let mut copies = Vec::new();
+            for (slot, a) in active.iter().enumerate() {
+                if let Some(leader) = a.as_ref().and_then(|a| a.follows) {
+                    if samples[leader] {
+                        samples[slot] = true;
+                        row_of[slot] = row_of[leader];
+                        copies.push((leader, slot));
+                    }
+                }
             }
             let mut states: Vec<(usize, &mut Active)> = active
                 .iter_mut()
                 .enumerate()
+                .filter(|(slot, _)| samples[*slot])
                 .filter_map(|(slot, a)| Some((slot, a.as_mut()?)))
                 .collect();
             let picks: Vec<(u32, f64)> = if cache.is_host() {
@@ -375,13 +443,14 @@ pub fn generate(
                     .collect();
                 sample_rows(&logits.index_select(&rows, 0)?, params, &uniforms)?
             };
-            for &(slot, first) in &shared {
-                cache.copy_slot(first, slot)?;
+            for &(leader, slot) in &copies {
+                cache.copy_slot(leader, slot)?;
             }
             Ok(states
                 .into_iter()
                 .zip(picks)
                 .filter_map(|((slot, state), pick)| {
+                    state.follows = None;
                     Some((slot, advance(state, pick, params, eos_ids)?))
                 })
                 .collect())

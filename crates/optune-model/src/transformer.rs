@@ -532,55 +532,101 @@ impl Transformer {
             return Ok(Tensor::from_vec(logits, self.head_width()?, &self.device)?);
         }
         Ok(self
-            .prefill_masked(&[Segment { slot, tokens }], cache)?
+            .prefill_on_tensors(&[Segment { slot, tokens }], cache)?
             .squeeze(0)?)
     }
 
-    /// The prompts of empty slots as one right-padded batch, on the tensor path: writes each
-    /// prompt's keys and values into its slot and returns the logits `[prompts, vocab]` of each
-    /// prompt's last position.
-    fn prefill_masked(&self, prompts: &[Segment], cache: &mut KvCache) -> anyhow::Result<Tensor> {
-        for segment in prompts {
-            let len = segment.tokens.len();
+    /// Prompts, or the next chunks of prompts already started, appended to their slots as one
+    /// right-padded batch on the tensor path: each row's keys and values go into its slot after
+    /// the positions it holds, each row attends over its slot's positions up to itself, and the
+    /// logits `[segments, vocab]` of each segment's last position come back.
+    fn prefill_on_tensors(
+        &self,
+        segments: &[Segment],
+        cache: &mut KvCache,
+    ) -> anyhow::Result<Tensor> {
+        let mut starts = Vec::with_capacity(segments.len());
+        for segment in segments {
+            let (start, len) = (cache.lengths[segment.slot], segment.tokens.len());
             if len == 0 {
-                bail!("cannot prefill an empty prompt (slot {})", segment.slot);
+                bail!("cannot feed an empty segment (slot {})", segment.slot);
             }
-            if len > cache.capacity {
+            if start + len > cache.capacity {
                 bail!(
-                    "prompt of {len} tokens exceeds the KV cache capacity {}",
+                    "slot {} is full: {start} + {len} tokens exceed the KV cache's {} positions",
+                    segment.slot,
                     cache.capacity
                 );
             }
+            starts.push(start);
         }
-        let sequences: Vec<Vec<u32>> = prompts.iter().map(|s| s.tokens.to_vec()).collect();
-        let batch = PaddedBatch::right_padded(&sequences, 0, &self.device)?;
-        let x = self.run_layers(&batch, |l, k, v| {
-            for (row, segment) in prompts.iter().enumerate() {
-                let len = segment.tokens.len();
-                let (k, v) = (k.narrow(0, row, 1)?, v.narrow(0, row, 1)?);
-                cache.write_prefix(
-                    l,
-                    segment.slot,
-                    &k.narrow(2, 0, len)?,
-                    &v.narrow(2, 0, len)?,
-                )?;
+        let (b, t) = (
+            segments.len(),
+            segments.iter().map(|s| s.tokens.len()).max().unwrap_or(0),
+        );
+        let keys = segments
+            .iter()
+            .zip(&starts)
+            .map(|(s, start)| start + s.tokens.len())
+            .max()
+            .unwrap_or(0);
+        // Padding queries repeat their row's last position (their results are dropped).
+        let position = |row: usize, j: usize| starts[row] + j.min(segments[row].tokens.len() - 1);
+        let window = self.config.attention_window();
+        let mut ids = Vec::with_capacity(b * t);
+        let mut positions = Vec::with_capacity(b * t);
+        let mut mask = Vec::with_capacity(b * t * keys);
+        for (row, segment) in segments.iter().enumerate() {
+            for j in 0..t {
+                let q = position(row, j);
+                ids.push(segment.tokens.get(j).copied().unwrap_or(0));
+                positions.push(q as u32);
+                mask.extend((0..keys).map(|k| {
+                    if k <= q && window.is_none_or(|w| q - k < w) {
+                        0.0
+                    } else {
+                        MASKED
+                    }
+                }));
             }
-            Ok(())
-        })?;
-        let (b, t) = batch.dims();
-        let last: Vec<u32> = prompts
+        }
+        let mask = Tensor::from_vec(mask, (b, 1, t, keys), &self.device)?.to_dtype(self.dtype)?;
+        let positions = Tensor::from_vec(positions, (b, t), &self.device)?;
+        let (cos, sin) = self.rope.lookup(&positions)?;
+        let rows: Vec<ChunkRow> = segments
+            .iter()
+            .zip(&starts)
+            .map(|(s, &start)| ChunkRow {
+                slot: s.slot,
+                start,
+                len: s.tokens.len(),
+            })
+            .collect();
+        let mut x = self.embed(&Tensor::from_vec(ids, (b, t), &self.device)?)?;
+        for (layer, block) in self.layers.iter().enumerate() {
+            let chunk = ChunkKv {
+                cache,
+                layer,
+                rows: &rows,
+                keys,
+                mask: &mask,
+            };
+            let (out, _, _) = block.forward(&self.config, &x, &cos, &sin, Attend::Chunk(chunk))?;
+            x = out;
+        }
+        for row in &rows {
+            cache.lengths[row.slot] += row.len;
+        }
+        let last: Vec<u32> = rows
             .iter()
             .enumerate()
-            .map(|(row, s)| (row * t + s.tokens.len() - 1) as u32)
+            .map(|(i, row)| (i * t + row.len - 1) as u32)
             .collect();
-        for segment in prompts {
-            cache.lengths[segment.slot] = segment.tokens.len();
-        }
-        let rows = x
+        let x = x
             .reshape((b * t, self.config.hidden_size))?
             .index_select(&Tensor::new(last.as_slice(), &self.device)?, 0)?;
-        let rows = ops::rms_norm(&rows, &self.norm, self.config.rms_norm_eps)?;
-        Ok(self.head_logits(&rows)?)
+        let x = ops::rms_norm(&x, &self.norm, self.config.rms_norm_eps)?;
+        Ok(self.head_logits(&x)?)
     }
 
     /// Logits per position: the vocabulary size, or the label count of a score head.
@@ -670,25 +716,22 @@ impl Transformer {
                     cache.slots()
                 );
             }
+            // One token after positions already held is a decode step; anything else (a prompt,
+            // or the next chunk of one) goes through the prefill pass.
             if cache.lengths[segment.slot] > 0 && segment.tokens.len() == 1 {
                 decode[segment.slot] = Some(segment.tokens[0]);
                 decoded.push((i, segment.slot as u32));
-            } else if cache.lengths[segment.slot] == 0 {
+            } else {
                 prompts.push(*segment);
                 prompted.push(i);
-            } else {
-                bail!(
-                    "the tensor KV cache appends one token at a time to a started slot (slot {})",
-                    segment.slot
-                );
             }
         }
-        // Every new prompt in one padded forward pass, every decoded token in one step; the rows
+        // Every prompt chunk in one padded forward pass, every decoded token in one step; the rows
         // then go back into the segments' order.
         let mut parts = Vec::new();
         let mut order = Vec::with_capacity(segments.len());
         if !prompts.is_empty() {
-            parts.push(self.prefill_masked(&prompts, cache)?);
+            parts.push(self.prefill_on_tensors(&prompts, cache)?);
             order.extend(prompted);
         }
         if !decoded.is_empty() {
@@ -1184,6 +1227,26 @@ enum Attend<'a> {
     Masked(&'a Tensor),
     /// One new position per slot, over that slot's span of a KV cache (decode).
     Cached(CachedKv<'a>),
+    /// Rows of new positions appended to their slots, over each slot's positions up to the row's
+    /// own (prefill, and chunks of it).
+    Chunk(ChunkKv<'a>),
+}
+
+/// One row of a prefill batch: `len` new positions of `slot` after the `start` it holds.
+struct ChunkRow {
+    slot: usize,
+    start: usize,
+    len: usize,
+}
+
+/// The prefill pass's view of one layer's cache.
+struct ChunkKv<'a> {
+    cache: &'a mut KvCache,
+    layer: usize,
+    rows: &'a [ChunkRow],
+    /// Positions the longest row reaches: the width of `mask [rows, 1, t, keys]`.
+    keys: usize,
+    mask: &'a Tensor,
 }
 
 /// The decode step's view of one layer's cache.
@@ -1249,6 +1312,10 @@ impl Block {
             Attend::Cached(c) => {
                 let (keys, values) = c.cache.append(c.layer, c.write_at, &k, &v)?;
                 optune_kernels::decode_attention(&q, keys, values, c.spans, scale)?
+            }
+            Attend::Chunk(c) => {
+                let (keys, values) = c.cache.write_chunks(c.layer, c.rows, &k, &v, c.keys)?;
+                ops::attention(&q, &keys, &values, c.mask, scale)?
             }
         };
         let attn = attn.transpose(1, 2)?.reshape((b, t, heads * d))?;
@@ -1397,36 +1464,46 @@ impl KvCache {
         Ok(())
     }
 
-    fn write_prefix(&mut self, layer: usize, slot: usize, k: &Tensor, v: &Tensor) -> Result<()> {
-        let len = k.dim(2)?;
-        let capacity = self.capacity;
-        match &mut self.store {
-            KvStore::Host {
-                keys,
-                values,
-                kv_heads,
-                head_dim,
-            } => {
-                let (kvh, d) = (*kv_heads, *head_dim);
-                for (store, src) in [(&mut keys[layer], k), (&mut values[layer], v)] {
-                    let src: Vec<f32> = src.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-                    for h in 0..kvh {
-                        let at = (slot * kvh + h) * capacity * d;
-                        store[at..at + len * d]
-                            .copy_from_slice(&src[h * len * d..(h + 1) * len * d]);
-                    }
-                }
-            }
-            KvStore::Tensors { keys, values } => {
-                for (store, src) in [(&keys[layer], k), (&values[layer], v)] {
-                    let (_, kvh, cap, d) = store.dims4()?;
-                    let pad = Tensor::zeros((1, kvh, cap - len, d), src.dtype(), src.device())?;
-                    let full = Tensor::cat(&[src, &pad], 2)?.contiguous()?;
-                    store.slice_set(&full, 0, slot)?;
-                }
+    /// Writes row `i` of `k`, `v` (`[rows, kv_heads, t, d]`, its first `rows[i].len` positions)
+    /// into its slot after the positions the slot holds, and returns every row's slot's first
+    /// `keys` positions `[rows, kv_heads, keys, d]` (tensor store only: a prefill's copy of the
+    /// slots it attends over).
+    fn write_chunks(
+        &mut self,
+        layer: usize,
+        rows: &[ChunkRow],
+        k: &Tensor,
+        v: &Tensor,
+        keys: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let KvStore::Tensors {
+            keys: key_store,
+            values,
+        } = &mut self.store
+        else {
+            candle_core::bail!("write_chunks on a host KV cache");
+        };
+        for (store, new) in [(&key_store[layer], k), (&values[layer], v)] {
+            let (_, kvh, capacity, d) = store.dims4()?;
+            for (i, row) in rows.iter().enumerate() {
+                // The slot rebuilt whole: what it holds, the new positions, zeros after.
+                let held = store.narrow(0, row.slot, 1)?.narrow(2, 0, row.start)?;
+                let added = new.narrow(0, i, 1)?.narrow(2, 0, row.len)?;
+                let rest = capacity - row.start - row.len;
+                let zeros = Tensor::zeros((1, kvh, rest, d), store.dtype(), store.device())?;
+                let slot = Tensor::cat(&[&held, &added, &zeros], 2)?;
+                store.slice_set(&slot, 0, row.slot)?;
             }
         }
-        Ok(())
+        let slots: Vec<u32> = rows.iter().map(|r| r.slot as u32).collect();
+        let slots = Tensor::new(slots.as_slice(), key_store[layer].device())?;
+        let gather = |store: &Tensor| {
+            store
+                .index_select(&slots, 0)?
+                .narrow(2, 0, keys)?
+                .contiguous()
+        };
+        Ok((gather(&key_store[layer])?, gather(&values[layer])?))
     }
 
     /// Writes each slot's new `[slots, kv_heads, 1, d]` key/value at its own position and returns

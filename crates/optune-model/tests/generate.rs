@@ -2,7 +2,7 @@
 
 use candle_core::Device;
 use optune_model::generate::{
-    generate, stream_seed, FinishReason, GenerationRequest, SamplingParams,
+    generate, stream_seed, Batching, FinishReason, GenerationRequest, SamplingParams,
 };
 use optune_model::{sequence_logprobs, KvCache, PaddedBatch, TokenizedPair, Transformer};
 
@@ -277,6 +277,61 @@ fn feeding_slots_together_equals_feeding_them_alone() {
         }
         for s in 0..3 {
             assert_eq!(together.len(s), alone.len(s));
+        }
+    }
+}
+
+/// Prompts fed a few tokens per step (chunked prefill), with the samples of a prompt waiting on
+/// one prefill across steps, generate what whole prompts do: to the bit on the fused path (each
+/// row's numbers are its own), the same greedy tokens and log-probs to rounding on the generic
+/// path (its prefill batches pad differently).
+#[test]
+fn chunked_prefill_generates_what_whole_prompts_do() {
+    let fused = optune_kernels::kernels() == optune_kernels::Kernels::Fused;
+    let temperature = if fused { 1.0 } else { 0.0 };
+    for name in ["tiny-llama", "tiny-mistral", "tiny-qwen2"] {
+        let model = model(name);
+        let requests: Vec<GenerationRequest> = prompts()
+            .into_iter()
+            .enumerate()
+            .flat_map(|(i, p)| {
+                (0..3).map(move |sample| GenerationRequest {
+                    prompt_ids: p.clone(),
+                    seed: stream_seed(9, &format!("p{i}"), sample),
+                })
+            })
+            .collect();
+        let run = |batching: Batching| {
+            generate(
+                &model,
+                &requests,
+                &sampling(temperature, 12),
+                &[],
+                batching,
+                |_, _| {},
+            )
+            .unwrap()
+        };
+        let whole = run(Batching::new(4));
+        for (slots, per_step) in [(4, 1), (4, 3), (7, 5), (2, 6)] {
+            let chunked = run(Batching {
+                slots,
+                prompt_tokens_per_step: per_step,
+            });
+            for (i, (a, b)) in whole.iter().zip(&chunked).enumerate() {
+                let what = format!(
+                    "{name}: {slots} slots, {per_step} prompt tokens per step, request {i}"
+                );
+                assert_eq!(a.tokens, b.tokens, "{what}");
+                if fused {
+                    assert_eq!(a.logp.to_bits(), b.logp.to_bits(), "{what}");
+                } else {
+                    assert!(
+                        (a.logp - b.logp).abs() <= 1e-4 * a.logp.abs().max(1.0),
+                        "{what}"
+                    );
+                }
+            }
         }
     }
 }
