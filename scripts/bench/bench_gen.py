@@ -39,6 +39,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import roof  # noqa: E402  (the roofs every figure is reported against)
+
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -300,14 +303,34 @@ def main() -> None:
             raw.append({"model": label, "batch": batch, "prompts": count, "ours": ours,
                         "ours_cpu_ms_per_token": ours_cpu, "transformers": peer, "baseline": base})
 
+    # The roofs, in this run: torch's copy bandwidth (what streaming the weights once per decode
+    # step can reach) and the best f32 product rate ours or torch's reach on a [256, hidden] x
+    # [hidden, intermediate] shape.
+    bandwidth = roof.copy_bandwidth_gbs(args.threads)
+    configs = {label: json.loads((Path(model_dir) / "config.json").read_text()) for label, model_dir in models}
+    compute = {label: roof.matmul_roofs([(256, c["intermediate_size"], c["hidden_size"])], args.threads)["f32"]
+               for label, c in configs.items()}
     print(f"# {versions}")
+    print(f"# roofs (torch, {args.threads} threads): copy bandwidth {bandwidth:.1f} GB/s; f32 products "
+          + ", ".join(f"{label} {g:.0f} GFLOP/s" for label, g in compute.items()))
     print()
+
+    def fractions(label: str, batch: int, tok_s: float) -> str:
+        """A tok/s figure as fractions of the two roofs: the weights' bytes streamed per step
+        (f32) over the copy bandwidth, and the products' work per token over the f32 rate."""
+        weights = roof.linear_params(configs[label])
+        streamed = weights * 4 * tok_s / batch / 1e9
+        work = 2.0 * weights * tok_s / 1e9
+        return f"{streamed / bandwidth:.2f} / {work / compute[label]:.2f}"
+
     extra = " baseline tok/s | baseline ratio |" if args.baseline else ""
-    print(f"| model | batch | prompts | opt-gen tok/s | transformers tok/s | ratio | opt-gen CPU ms/tok | transformers CPU ms/tok |{extra}")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if args.baseline else ""))
+    print(f"| model | batch | prompts | opt-gen tok/s | transformers tok/s | ratio | opt-gen CPU ms/tok | transformers CPU ms/tok "
+          f"| opt-gen of bandwidth / compute roof | transformers of bandwidth / compute roof |{extra}")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if args.baseline else ""))
     for label, batch, count, o, t, best, oc, tc, b in rows:
         tail = f" {b:.1f} | {b / t:.2f}x |" if b is not None else ""
-        print(f"| {label} | {batch} | {count} | {o:.1f} | {t:.1f} ({best}) | {o / t:.2f}x | {oc:.2f} | {tc:.2f} |{tail}")
+        print(f"| {label} | {batch} | {count} | {o:.1f} | {t:.1f} ({best}) | {o / t:.2f}x | {oc:.2f} | {tc:.2f} "
+              f"| {fractions(label, batch, o)} | {fractions(label, batch, t)} |{tail}")
     print()
     print(f"# load average at end: {loadavg()}")
     if args.json:

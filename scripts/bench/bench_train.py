@@ -44,6 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gen import RANDOM_LLAMA, SMOLLM2, bench_models, loadavg  # noqa: E402  (the same models)
+import roof  # noqa: E402  (the roofs every figure is reported against)
 
 WORDS = (
     "the a river stone light garden window quiet morning city train north paper music green old "
@@ -314,28 +315,43 @@ def main() -> None:
                       f"{res['tokens_per_step']} tokens/step, peak RSS {res['peak_rss_mb']:.0f} MB, "
                       f"steps {' '.join(f'{s:.2f}' for s in res['step_seconds'])} (load {res['load']})",
                       file=sys.stderr)
+        # The roof, in this run: the best product rate ours or torch's reach on the step's two
+        # largest shapes (every token of the step x hidden x intermediate, and x vocabulary: the
+        # head), per dtype; the step's product work from config.json.
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        sequences = [p + c for p, c, _ in lengths] + [p + r for p, _, r in lengths]
+        step_flops = roof.train_step_flops(config, sequences, lora=args.lora_rank > 0)
+        roofs = roof.matmul_roofs([(tokens, width, config["hidden_size"])
+                                   for width in (config["intermediate_size"], config["vocab_size"])], args.threads)
+        print(f"# {label}: {step_flops / 1e9:.0f} GFLOP of products per step; roof (the best of ours and "
+              f"torch's on {tokens}x{config['hidden_size']} by x{config['intermediate_size']} and "
+              f"x{config['vocab_size']}): f32 {roofs['f32']:.0f}, bf16 {roofs['bf16']:.0f} GFLOP/s")
         summary = {}
         for side, runs in results.items():
             s = statistics.median(x["median_s"] for x in runs)
+            gflops = step_flops / s / 1e9
             summary[side] = {
                 "s_per_step": s,
                 "tokens_per_step": runs[0]["tokens_per_step"],
                 "tokens_per_s": runs[0]["tokens_per_step"] / s,
                 "peak_rss_mb": max(x["peak_rss_mb"] for x in runs),
+                "gflops": gflops,
+                "of_roof": gflops / roofs["bf16" if side.endswith("-bf16") else "f32"],
+                "roof_gflops": roofs,
             }
         table.append((label, batch, summary))
         raw.append({"model": label, "pairs_per_step": batch, "runs": results, "summary": summary})
 
     print()
-    print("| model | pairs/step | trainer | tokens/step | s/step | tokens/s | peak RSS MB |")
-    print("|---|---:|---|---:|---:|---:|---:|")
+    print("| model | pairs/step | trainer | tokens/step | s/step | tokens/s | GFLOP/s | of its dtype's roof | peak RSS MB |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
     def name(side: str) -> str:
         base, bf16 = side.removesuffix("-bf16"), " bf16" if side.endswith("-bf16") else ""
         return {"ours": "opt-wdpo", "trl": "TRL DPOTrainer"}.get(base, f"opt-wdpo ({base})") + bf16
     for label, batch, summary in table:
         for side, s in summary.items():
             print(f"| {label} | {batch} | {name(side)} | {s['tokens_per_step']} | {s['s_per_step']:.3f} | "
-                  f"{s['tokens_per_s']:.0f} | {s['peak_rss_mb']:.0f} |")
+                  f"{s['tokens_per_s']:.0f} | {s['gflops']:.0f} | {s['of_roof']:.2f} | {s['peak_rss_mb']:.0f} |")
     print()
     for label, _, summary in table:
         peers = [s for s in summary if s.startswith("trl")]

@@ -5,7 +5,8 @@
 //! best; `--json FILE` also writes them for `scripts/bench/roof.py`, which times torch on the
 //! same shapes in the same run (`make bench-roof`).
 //!
-//! `cargo bench -p optune-kernels --bench roof [-- --threads N] [--json FILE]`
+//! `cargo bench -p optune-kernels --bench roof [-- --threads N] [--json FILE] [--shape M,N,K]...`
+//! (`--shape`, repeated: those shapes instead, as the other benches measure their runs' roofs).
 
 use optune_kernels::{bf16_products_available, matmul_bf16, Mat};
 use std::time::Instant;
@@ -75,11 +76,33 @@ fn main() {
     let mut json = Vec::new();
     optune_kernels::runtime::init(Some(threads)).expect("thread pool");
     let bf16 = bf16_products_available();
+    let args: Vec<String> = std::env::args().collect();
+    let asked: Vec<(String, usize, usize, usize)> = args
+        .windows(2)
+        .filter(|w| w[0] == "--shape")
+        .map(|w| {
+            let dims: Vec<usize> = w[1]
+                .split(',')
+                .map(|d| d.parse().expect("--shape M,N,K: three integers"))
+                .collect();
+            let [m, n, k] = dims[..] else {
+                panic!("--shape M,N,K: three integers, got {}", w[1])
+            };
+            (format!("{m}x{k} by {k}x{n}"), m, n, k)
+        })
+        .collect();
+    let shapes: Vec<(String, usize, usize, usize)> = match asked.is_empty() {
+        true => SHAPES
+            .iter()
+            .map(|&(name, m, n, k)| (name.to_string(), m, n, k))
+            .collect(),
+        false => asked,
+    };
     println!("threads={threads} avx512bf16={bf16}");
     println!("| shape | m | n | k | f32 GFLOP/s | bf16 GFLOP/s | bf16 / f32 |");
     println!("|---|---:|---:|---:|---:|---:|---:|");
     let (mut best32, mut best16) = (0f64, 0f64);
-    for &(name, m, n, k) in SHAPES {
+    for (name, m, n, k) in shapes {
         let a: Vec<f32> = (0..m * k)
             .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
             .collect();
