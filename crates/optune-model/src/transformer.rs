@@ -453,19 +453,14 @@ impl Transformer {
 
     /// Final-norm hidden states `[batch, seq, hidden]` of a padded batch: the training path.
     pub fn hidden_states(&self, batch: &PaddedBatch) -> Result<Tensor> {
-        let x = self.run_layers(batch, |_, _, _| Ok(()))?;
+        let x = self.run_layers(batch)?;
         ops::rms_norm(&x, &self.norm, self.config.rms_norm_eps)
     }
 
     /// The blocks over a padded batch (causal, within the sliding window, padding keys hidden;
     /// a padding query attends to itself, so no row is fully masked): the hidden states before
-    /// the final norm. `on_layer(l, k, v)` sees each layer's rotated keys and values
-    /// `[b, kv_heads, t, d]`.
-    fn run_layers(
-        &self,
-        batch: &PaddedBatch,
-        mut on_layer: impl FnMut(usize, &Tensor, &Tensor) -> Result<()>,
-    ) -> Result<Tensor> {
+    /// the final norm.
+    fn run_layers(&self, batch: &PaddedBatch) -> Result<Tensor> {
         let (b, t) = batch.dims();
         let window = self.config.attention_window();
         let mut mask = Vec::with_capacity(b * t * t);
@@ -488,10 +483,8 @@ impl Transformer {
             &self.device,
         )?;
         let mut x = self.embed(&batch.input_ids)?;
-        for (l, block) in self.layers.iter().enumerate() {
-            let (out, k, v) = block.forward(&self.config, &x, &cos, &sin, Attend::Masked(&mask))?;
-            on_layer(l, &k, &v)?;
-            x = out;
+        for block in &self.layers {
+            x = block.forward(&self.config, &x, &cos, &sin, Attend::Masked(&mask))?;
         }
         Ok(x)
     }
@@ -611,8 +604,7 @@ impl Transformer {
                 keys,
                 mask: &mask,
             };
-            let (out, _, _) = block.forward(&self.config, &x, &cos, &sin, Attend::Chunk(chunk))?;
-            x = out;
+            x = block.forward(&self.config, &x, &cos, &sin, Attend::Chunk(chunk))?;
         }
         for row in &rows {
             cache.lengths[row.slot] += row.len;
@@ -928,9 +920,7 @@ impl Transformer {
                 write_at: &write_at,
                 spans: &spans,
             };
-            let (out, _, _) =
-                block.forward(&self.config, &x, &cos, &sin, Attend::Cached(cached))?;
-            x = out;
+            x = block.forward(&self.config, &x, &cos, &sin, Attend::Cached(cached))?;
         }
         for (s, token) in tokens.iter().enumerate() {
             if token.is_some() {
@@ -1285,7 +1275,7 @@ impl Block {
         ]
     }
 
-    /// Returns the block output and this call's rotated keys and values `[b, kv_heads, t, d]`.
+    /// `x [b, t, hidden]` through the block: `[b, t, hidden]`.
     fn forward(
         &self,
         config: &ModelConfig,
@@ -1293,7 +1283,7 @@ impl Block {
         cos: &Tensor,
         sin: &Tensor,
         attend: Attend,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
+    ) -> Result<Tensor> {
         let eps = config.rms_norm_eps;
         let (b, t, _) = x.dims3()?;
         let (heads, kv_heads, d) = (
@@ -1321,8 +1311,7 @@ impl Block {
         let attn = attn.transpose(1, 2)?.reshape((b, t, heads * d))?;
         let x = (x + self.self_attn.o_proj.forward(&attn)?)?;
         let h = ops::rms_norm(&x, &self.post_attention_layernorm, eps)?;
-        let x = (&x + self.mlp.forward(&h)?)?;
-        Ok((x, k, v))
+        &x + self.mlp.forward(&h)?
     }
 }
 
