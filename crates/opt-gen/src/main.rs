@@ -431,17 +431,12 @@ fn batch_size(
         bail!("--kv-memory: cannot read the free memory of {device:?}; give --batch-size instead");
     };
     let most = args.batch_size.unwrap_or(MOST_SLOTS);
-    let slots =
+    let (slots, cache_bytes) =
         optune_model::generate::slots_for_memory(model, requests, params, fraction * free, most)
             .context("--kv-memory")?;
     eprintln!(
         "opt-gen: {slots} sequences at a time: KV cache of {:.2} GB ({fraction} of {:.2} GB free, at most {most})",
-        slots as f64
-            * optune_model::KvCache::slot_bytes(
-                model,
-                optune_model::generate::cache_capacity(requests, params)
-            ) as f64
-            / 1e9,
+        cache_bytes / 1e9,
         free / 1e9,
     );
     Ok(slots)

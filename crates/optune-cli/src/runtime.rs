@@ -40,10 +40,7 @@ pub fn dtype(spec: Option<&str>, device: &candle_core::Device) -> Result<candle_
 /// driver reports it; `None` when it cannot be read.
 pub fn available_memory(device: &candle_core::Device) -> Option<f64> {
     if device.is_cpu() {
-        let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-        let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-        let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-        return Some(kb * 1024.0);
+        return proc_kb("/proc/meminfo", "MemAvailable").map(|kb| kb * 1024.0);
     }
     #[cfg(feature = "cuda")]
     if let candle_core::Device::Cuda(gpu) = device {
@@ -56,13 +53,17 @@ pub fn available_memory(device: &candle_core::Device) -> Option<f64> {
 /// The process's peak resident memory so far in MB (`VmHWM` of /proc/self/status, Linux); `None`
 /// elsewhere. The tools print it in their summary line.
 pub fn peak_rss_mb() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace()
-        .nth(1)?
-        .parse::<f64>()
-        .ok()
-        .map(|kb| kb / 1024.0)
+    proc_kb("/proc/self/status", "VmHWM").map(|kb| kb / 1024.0)
+}
+
+/// The number of a `Field:   1234 kB` line of a /proc file (Linux); `None` elsewhere.
+fn proc_kb(path: &str, field: &str) -> Option<f64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let line = text.lines().find(|l| {
+        l.strip_prefix(field)
+            .is_some_and(|rest| rest.starts_with(':'))
+    })?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 #[cfg(test)]
@@ -75,17 +76,7 @@ mod tests {
         let bytes = available_memory(&candle_core::Device::Cpu).expect("MemAvailable on Linux");
         // At least what this test holds, at most the machine's memory.
         let block = vec![1u8; 16 << 20];
-        let total: f64 = std::fs::read_to_string("/proc/meminfo")
-            .unwrap()
-            .lines()
-            .next()
-            .unwrap()
-            .split_whitespace()
-            .nth(1)
-            .unwrap()
-            .parse::<f64>()
-            .unwrap()
-            * 1024.0;
+        let total = proc_kb("/proc/meminfo", "MemTotal").expect("MemTotal on Linux") * 1024.0;
         assert!(
             bytes > block.len() as f64 && bytes <= total,
             "{bytes} of {total}"

@@ -87,6 +87,8 @@ fn kept_weights(shifted: &Tensor, weights: &Tensor, params: &SamplingParams) -> 
     )?;
     let zeros = weights.zeros_like()?;
     let at_or_above = |threshold: &Tensor| shifted.broadcast_ge(threshold);
+    // `weights` of the tokens at or above `threshold`, 0 elsewhere.
+    let kept_from = |threshold: &Tensor| at_or_above(threshold)?.where_cond(weights, &zeros);
     let mut threshold = floor;
     if let Some(k) = top_k {
         threshold = bisect(&threshold, |mid| {
@@ -98,18 +100,12 @@ fn kept_weights(shifted: &Tensor, weights: &Tensor, params: &SamplingParams) -> 
     }
     if params.top_p < 1.0 {
         // The nucleus is measured against the top-k tokens' mass, as on the host.
-        let total = at_or_above(&threshold)?
-            .where_cond(weights, &zeros)?
-            .sum_keepdim(D::Minus1)?;
-        let target = (total * params.top_p)?;
+        let target = (kept_from(&threshold)?.sum_keepdim(D::Minus1)? * params.top_p)?;
         threshold = bisect(&threshold, |mid| {
-            at_or_above(mid)?
-                .where_cond(weights, &zeros)?
-                .sum_keepdim(D::Minus1)?
-                .ge(&target)
+            kept_from(mid)?.sum_keepdim(D::Minus1)?.ge(&target)
         })?;
     }
-    at_or_above(&threshold)?.where_cond(weights, &zeros)
+    kept_from(&threshold)
 }
 
 /// The highest threshold `t ∈ [low, 1]` per row (to the bisection's resolution) at which

@@ -72,14 +72,14 @@ pub fn cache_capacity(requests: &[GenerationRequest], params: &SamplingParams) -
 
 /// How many sequences decode together when the KV cache may take `budget_bytes`: as many slots of
 /// [`cache_capacity`] positions as fit, at least one (an error when not even one fits) and at most
-/// `most`.
+/// `most`; with the bytes those slots take.
 pub fn slots_for_memory(
     model: &Transformer,
     requests: &[GenerationRequest],
     params: &SamplingParams,
     budget_bytes: f64,
     most: usize,
-) -> Result<usize> {
+) -> Result<(usize, f64)> {
     let capacity = cache_capacity(requests, params);
     let per_slot = KvCache::slot_bytes(model, capacity) as f64;
     let fit = (budget_bytes / per_slot).floor();
@@ -92,7 +92,8 @@ pub fn slots_for_memory(
             budget_bytes / 1e9
         );
     }
-    Ok((fit as usize).clamp(1, most.max(1)))
+    let slots = (fit as usize).clamp(1, most.max(1));
+    Ok((slots, slots as f64 * per_slot))
 }
 
 /// Mixes a run seed with a request's identity into an independent stream seed (SplitMix64 over
@@ -227,6 +228,14 @@ struct Active {
     follows: Option<usize>,
 }
 
+impl Active {
+    /// Whether this slot feeds its own prompt and has not finished feeding it (the slot the
+    /// samples of the same prompt wait on).
+    fn leads_prefill(&self) -> bool {
+        self.pending.is_none() && self.follows.is_none()
+    }
+}
+
 /// How [`generate`] batches its requests.
 #[derive(Debug, Clone, Copy)]
 pub struct Batching {
@@ -311,10 +320,7 @@ pub fn generate(
         let mut budget = batching.prompt_tokens_per_step;
         let mut until: Vec<Option<usize>> = vec![None; slots];
         for (slot, a) in active.iter().enumerate() {
-            let Some(a) = a
-                .as_ref()
-                .filter(|a| a.pending.is_none() && a.follows.is_none())
-            else {
+            let Some(a) = a.as_ref().filter(|a| a.leads_prefill()) else {
                 continue;
             };
             let take = (requests[a.request].prompt_ids.len() - a.fed).min(budget);
@@ -332,11 +338,9 @@ pub fn generate(
             // The same prompt being prefilled in another slot (the --n samples of a prompt):
             // wait for it instead of feeding it again.
             let leader = (0..slots).find(|&l| {
-                active[l].as_ref().is_some_and(|a| {
-                    a.pending.is_none()
-                        && a.follows.is_none()
-                        && requests[a.request].prompt_ids == prompt
-                })
+                active[l]
+                    .as_ref()
+                    .is_some_and(|a| a.leads_prefill() && requests[a.request].prompt_ids == prompt)
             });
             if leader.is_none() && budget == 0 {
                 break;

@@ -466,8 +466,9 @@ impl Transformer {
         let mut mask = Vec::with_capacity(b * t * t);
         for row in &batch.mask {
             for q in 0..t {
+                let attended = first_visible(window, q)..=q;
                 for k in 0..t {
-                    let visible = k <= q && row[k] && window.is_none_or(|w| q - k < w);
+                    let visible = attended.contains(&k) && row[k];
                     let own_padding = k == q && !row[q];
                     mask.push(if visible || own_padding { 0.0 } else { MASKED });
                 }
@@ -574,13 +575,8 @@ impl Transformer {
                 let q = position(row, j);
                 ids.push(segment.tokens.get(j).copied().unwrap_or(0));
                 positions.push(q as u32);
-                mask.extend((0..keys).map(|k| {
-                    if k <= q && window.is_none_or(|w| q - k < w) {
-                        0.0
-                    } else {
-                        MASKED
-                    }
-                }));
+                let attended = first_visible(window, q)..=q;
+                mask.extend((0..keys).map(|k| if attended.contains(&k) { 0.0 } else { MASKED }));
             }
         }
         let mask = Tensor::from_vec(mask, (b, 1, t, keys), &self.device)?.to_dtype(self.dtype)?;
@@ -791,10 +787,9 @@ impl Transformer {
                     bail!("token id {id} is outside the vocabulary of {vocab}");
                 }
                 let position = start + i;
-                let first = window.map_or(0, |w| (position + 1).saturating_sub(w));
                 queries.push(host::Query {
                     slot,
-                    first,
+                    first: first_visible(window, position),
                     position,
                 });
                 ids.push(id as usize);
@@ -900,8 +895,7 @@ impl Transformer {
             .flat_map(|s| match tokens[s] {
                 Some(_) => {
                     let last = positions[s] as usize;
-                    let first = window.map_or(0, |w| (last + 1).saturating_sub(w));
-                    [first as u32, last as u32]
+                    [first_visible(window, last) as u32, last as u32]
                 }
                 None => [1, 0],
             })
@@ -1211,6 +1205,13 @@ fn is_classifier(config: &ModelConfig) -> bool {
         .any(|a| a.ends_with("ForSequenceClassification"))
 }
 
+/// The first position a query at `position` attends to: 0, or with a sliding `window` the first of
+/// the `window` positions that end at its own. Every attention path (mask, span or host query)
+/// takes its keys from here.
+fn first_visible(window: Option<usize>, position: usize) -> usize {
+    window.map_or(0, |w| (position + 1).saturating_sub(w))
+}
+
 /// How a block's attention reaches its keys.
 enum Attend<'a> {
     /// This call's own positions, with an additive mask `[b, 1, t, t]` (training, prefill).
@@ -1343,7 +1344,7 @@ impl KvCache {
     /// A cache for `model`: host vectors read by the host decode kernels where
     /// [`optune_kernels::decode_path`] picks them (the CPU in f32, fused kernels), else tensors.
     pub fn new(model: &Transformer, slots: usize, capacity: usize) -> Result<Self> {
-        if optune_kernels::decode_path(model.device(), model.dtype()) == Path::Fused {
+        if Self::on_host(model) {
             let cfg = model.config();
             let size = slots * cfg.num_kv_heads() * capacity * cfg.head_dim();
             let layers = cfg.num_hidden_layers;
@@ -1365,11 +1366,17 @@ impl KvCache {
     /// `model` (keys and values of every layer).
     pub fn slot_bytes(model: &Transformer, capacity: usize) -> usize {
         let cfg = model.config();
-        let element = match optune_kernels::decode_path(model.device(), model.dtype()) {
-            Path::Fused => DType::F32.size_in_bytes(),
-            Path::Generic => model.dtype().size_in_bytes(),
+        let element = match Self::on_host(model) {
+            true => DType::F32.size_in_bytes(),
+            false => model.dtype().size_in_bytes(),
         };
         2 * cfg.num_hidden_layers * cfg.num_kv_heads() * capacity * cfg.head_dim() * element
+    }
+
+    /// Whether [`KvCache::new`] keeps `model`'s cache in host vectors (f32) for the host decode
+    /// kernels, where [`optune_kernels::decode_path`] picks them.
+    fn on_host(model: &Transformer) -> bool {
+        optune_kernels::decode_path(model.device(), model.dtype()) == Path::Fused
     }
 
     /// A tensor-backed cache whatever the device: decoding then takes the tensor path
