@@ -9,6 +9,7 @@ use crate::Args;
 use anyhow::{bail, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
+use optune_kernels::{GradBuffers, Path};
 use optune_model::Transformer;
 use optune_resume::Fingerprint;
 use optune_train::loss::{batch_loss, given_weights, pair_weights, BatchLogps, ObjectiveParams};
@@ -135,8 +136,10 @@ struct Trainer<'a> {
     device: &'a Device,
     optimizer: Optimizer,
     schedule: Schedule,
-    /// Gradients summed over the micro-batches of the current optimiser step.
+    /// Gradients summed over the micro-batches of the current optimiser step, but for those
+    /// the fused ops sum in `grad_buffers`.
     accumulated: Option<GradStore>,
+    grad_buffers: GradBuffers,
     micro: usize,
     tokens: usize,
     step_metrics: StepMetrics,
@@ -168,6 +171,10 @@ impl<'a> Trainer<'a> {
             args.optimizer.algorithm(),
             schedule.lr_at(0),
         )?;
+        // The fused ops write the gradients of the weights they read into buffers of their own.
+        let fused = optune_kernels::autograd_path(device, policy.model.dtype()) == Path::Fused;
+        let weights = policy.trainable.iter().map(|(_, v)| v.as_tensor());
+        let grad_buffers = GradBuffers::register(weights.filter(|_| fused))?;
         let progress = indicatif::ProgressBar::new(total_steps).with_style(
             indicatif::ProgressStyle::with_template(
                 "opt-wdpo {bar:30} {pos}/{len} steps  {msg}  eta {eta}",
@@ -182,6 +189,7 @@ impl<'a> Trainer<'a> {
             optimizer,
             schedule,
             accumulated: None,
+            grad_buffers,
             micro: 0,
             tokens: 0,
             step_metrics: StepMetrics::default(),
@@ -276,7 +284,12 @@ impl<'a> Trainer<'a> {
 
     fn accumulate(&mut self, grads: GradStore) -> Result<()> {
         let trainable = &self.policy.trainable;
-        let missing = missing_grads(&grads, trainable);
+        let mut missing = missing_grads(&grads, trainable);
+        let buffers = &self.grad_buffers;
+        missing.retain(|name| {
+            let var = trainable.iter().find(|(n, _)| n == name).map(|(_, v)| v);
+            !var.is_some_and(|v| buffers.written(v.as_tensor()))
+        });
         if !missing.is_empty() {
             bail!(
                 "no gradient reached {} trainable weights (first: {}): a detached op in the forward pass",
@@ -288,8 +301,11 @@ impl<'a> Trainer<'a> {
             None => grads,
             Some(mut sum) => {
                 for var in trainable.iter().map(|(_, v)| v.as_tensor()) {
-                    let total =
-                        (sum.get(var).expect("checked") + grads.get(var).expect("checked"))?;
+                    let total = match (sum.get(var), grads.get(var)) {
+                        (Some(a), Some(b)) => (a + b)?,
+                        (None, Some(b)) => b.clone(),
+                        (_, None) => continue,
+                    };
                     sum.insert(var, total);
                 }
                 sum
@@ -301,6 +317,7 @@ impl<'a> Trainer<'a> {
     /// Clips the summed gradients, steps the optimiser at the scheduled rate, logs the step.
     fn optimizer_step(&mut self, epoch: usize) -> Result<()> {
         let mut grads = self.accumulated.take().expect("a micro-batch ran");
+        self.grad_buffers.drain_into(&mut grads)?;
         let max_norm = if self.args.max_grad_norm > 0.0 {
             self.args.max_grad_norm
         } else {

@@ -16,6 +16,7 @@
 //! * [`attention`]: grouped-query `softmax(scale · q kᵀ + mask) v`; scores and probabilities exist
 //!   one (batch, KV head) block at a time and are recomputed by the backward.
 
+use crate::grad_buffers::{self, GradBuffer};
 use crate::matmul::{
     matmul_bf16, matmul_bf16_packed, Bf16Source, Mat, PackedRhs, ProductPrecision,
 };
@@ -450,9 +451,7 @@ impl TokenLogprobs {
     }
 
     /// Gradients of `Σ grad[i] · logp[i]`, packed `[rows (n × h) | weight (v × h)]`, each part
-    /// only if wanted. With `p = softmax(logits)`, `∂/∂logits = grad · (onehot(target) − p)`; the
-    /// log-sum-exp of each row comes back as `logit[target] − logp`, so only the logits are
-    /// recomputed.
+    /// only if wanted.
     #[allow(clippy::too_many_arguments)]
     fn backward<T: Real>(
         &self,
@@ -466,6 +465,25 @@ impl TokenLogprobs {
     ) -> Vec<T> {
         let mut out = vec![T::ZERO; wanted.packed_len(n * h, v * h)];
         let (grad_rows, grad_weight) = out.split_at_mut(if wanted.first { n * h } else { 0 });
+        let grad_rows = wanted.first.then_some(grad_rows);
+        let grad_weight = wanted.second.then_some((grad_weight, false));
+        self.backward_into(products, logp, grad, (n, h, v), grad_rows, grad_weight);
+        out
+    }
+
+    /// The gradients of `Σ grad[i] · logp[i]` into `grad_rows [n, h]` and `grad_weight [v, h]`
+    /// (added to it when its flag says so), each when given. With `p = softmax(logits)`,
+    /// `∂/∂logits = grad · (onehot(target) − p)`; the log-sum-exp of each row comes back as
+    /// `logit[target] − logp`, so only the logits are recomputed.
+    fn backward_into<T: Real>(
+        &self,
+        products: &(impl HeadProducts<T> + ?Sized),
+        logp: &[T],
+        grad: &[T],
+        (n, h, v): (usize, usize, usize),
+        mut grad_rows: Option<&mut [T]>,
+        mut grad_weight: Option<(&mut [T], bool)>,
+    ) {
         let mut block = vec![T::ZERO; self.chunk.min(n) * v];
         for (i, start) in (0..n).step_by(self.chunk).enumerate() {
             let c = self.chunk.min(n - start);
@@ -477,14 +495,13 @@ impl TokenLogprobs {
                 simd::scaled_exp(row, lse, -g);
                 row[t] += g;
             });
-            if wanted.first {
+            if let Some(grad_rows) = grad_rows.as_deref_mut() {
                 products.grad_rows(block, c, &mut grad_rows[start * h..(start + c) * h]);
             }
-            if wanted.second {
-                products.grad_weight(block, start, c, grad_weight, i > 0);
+            if let Some((grad_weight, accumulate)) = grad_weight.as_mut() {
+                products.grad_weight(block, start, c, grad_weight, *accumulate || i > 0);
             }
         }
-        out
     }
 }
 
@@ -664,6 +681,13 @@ impl CustomOp2 for TokenLogprobs {
         if wanted.none() {
             return Ok((None, None));
         }
+        if let Some(buffer) = wanted
+            .second
+            .then(|| grad_buffers::buffer_for(weight))
+            .flatten()
+        {
+            return self.backward_to_buffer(&buffer, wanted.first, rows, weight, res, grad);
+        }
         let aux = Tensor::stack(&[res.detach(), grad.detach().to_dtype(res.dtype())?], 0)?;
         let op = TokenLogprobsGrad {
             op: TokenLogprobs {
@@ -676,6 +700,56 @@ impl CustomOp2 for TokenLogprobs {
             .detach()
             .apply_op3_no_bwd(&weight.detach(), &aux, &op)?;
         wanted.unpack(&packed, rows, weight)
+    }
+}
+
+impl TokenLogprobs {
+    /// The backward pass with the weight's gradient written into its buffer (f32 rows and
+    /// weight): the rows' gradient, when wanted, comes back from the same pass over the logits.
+    fn backward_to_buffer(
+        &self,
+        buffer: &GradBuffer,
+        rows_wanted: bool,
+        rows: &Tensor,
+        weight: &Tensor,
+        logp: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (n, h) = rows.dims2()?;
+        let v = weight.dim(0)?;
+        let logp = logp.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let grad = grad.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let grad_rows = std::cell::RefCell::new(None);
+        let name = "token-logprobs-grad";
+        buffer.write(&rows.detach(), &weight.detach(), |dw, accumulate, r, w| {
+            let mut d_rows = rows_wanted.then(|| vec![0f32; n * h]);
+            let (bf16_head, native_head);
+            let products: &dyn HeadProducts<f32> = if bf16_f32_products(r.0) {
+                bf16_head = Bf16Head::<f32>::read(name, [r, w], h, v, rows_wanted)?;
+                &bf16_head
+            } else {
+                let rows = contiguous::<f32>(r.0, r.1, name, "rows")?;
+                let weight = contiguous::<f32>(w.0, w.1, name, "weight")?;
+                native_head = NativeHead { rows, weight, h, v };
+                &native_head
+            };
+            let d_weight = Some((dw, accumulate));
+            self.backward_into(
+                products,
+                &logp,
+                &grad,
+                (n, h, v),
+                d_rows.as_deref_mut(),
+                d_weight,
+            );
+            *grad_rows.borrow_mut() = d_rows;
+            Ok(())
+        })?;
+        let grad_rows = grad_rows
+            .into_inner()
+            .map(|d| Tensor::from_vec(d, (n, h), rows.device()))
+            .transpose()?;
+        Ok((grad_rows, None))
     }
 }
 
@@ -913,6 +987,104 @@ impl CustomOp3 for RmsNormGrad {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Embedding.
+
+/// Rows `ids` of `weight [vocab, h]`: `[ids.., h]`, differentiable in the weight (candle's
+/// `index_select` backward adds into a zeroed copy of the whole matrix; here a weight with a
+/// gradient buffer gets only its looked-up rows added there). CPU, any dtype; u32 ids.
+pub fn embedding(weight: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    weight
+        .contiguous()?
+        .apply_op2(&ids.contiguous()?, Embedding)
+}
+
+struct Embedding;
+
+impl Embedding {
+    /// `(vocab, h)` of the weight; fails on an id outside the vocabulary.
+    fn check(weight: &Layout, ids: &[u32]) -> Result<(usize, usize)> {
+        let &[v, h] = weight.dims() else {
+            bail!("embedding: weight {:?} must be a matrix", weight.dims());
+        };
+        if let Some(id) = ids.iter().find(|&&id| id as usize >= v) {
+            bail!("embedding: id {id} is outside the vocabulary of {v}");
+        }
+        Ok((v, h))
+    }
+}
+
+impl CustomOp2 for Embedding {
+    fn name(&self) -> &'static str {
+        "embedding"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let ids = contiguous::<u32>(s2, l2, self.name(), "ids")?;
+        let (_, h) = Self::check(l1, ids)?;
+        fn gather<T: WithDType>(weight: &[T], ids: &[u32], h: usize) -> Vec<T> {
+            let mut out = vec![T::from_f64(0.0); ids.len() * h];
+            out.par_chunks_mut(h)
+                .zip(ids.par_iter())
+                .for_each(|(row, &id)| row.copy_from_slice(&weight[id as usize * h..][..h]));
+            out
+        }
+        let name = self.name();
+        let out = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(gather(contiguous(s1, l1, name, "weight")?, ids, h)),
+            DType::F64 => CpuStorage::F64(gather(contiguous(s1, l1, name, "weight")?, ids, h)),
+            DType::BF16 => CpuStorage::BF16(gather(contiguous(s1, l1, name, "weight")?, ids, h)),
+            other => bail!("embedding: dtype {other:?} is not supported"),
+        };
+        let mut dims = l2.dims().to_vec();
+        dims.push(h);
+        Ok((out, Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        weight: &Tensor,
+        ids: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if !weight.track_op() {
+            return Ok((None, None));
+        }
+        let (v, h) = weight.dims2()?;
+        let grad = grad.detach().reshape(((), h))?.contiguous()?;
+        let ids = ids.detach().flatten_all()?;
+        let Some(buffer) = grad_buffers::buffer_for(weight) else {
+            let dense = weight.zeros_like()?.index_add(&ids, &grad, 0)?;
+            return Ok((Some(dense), None));
+        };
+        buffer.write(&grad, &ids, |dw, accumulate, (g, gl), (ids, il)| {
+            let g = contiguous::<f32>(g, gl, "embedding-grad", "gradient")?;
+            let ids = contiguous::<u32>(ids, il, "embedding-grad", "ids")?;
+            if !accumulate {
+                dw.par_chunks_mut(ELEMENT_BLOCK)
+                    .for_each(|block| block.fill(0.0));
+            }
+            // In id order, one row at a time: a token seen twice sums in a fixed order.
+            for (row, &id) in g.chunks_exact(h).zip(ids) {
+                let id = id as usize;
+                debug_assert!(id < v);
+                for (d, &x) in dw[id * h..(id + 1) * h].iter_mut().zip(row) {
+                    *d += x;
+                }
+            }
+            Ok(())
+        })?;
+        Ok((None, None))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Linear layer.
 
 /// `x · weightᵀ` for `x [.., in]` and `weight [out, in]`: `[.., out]`, differentiable in both,
@@ -1007,15 +1179,27 @@ impl CustomOp2 for LinearOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let wanted = Wanted::of(x, w);
+        let mut wanted = Wanted::of(x, w);
+        let grad = grad.detach().contiguous()?;
+        // A weight with a gradient buffer gets ∂W = gᵀ · x written there, and none from here.
+        let buffer = wanted.second.then(|| grad_buffers::buffer_for(w)).flatten();
+        if let Some(buffer) = &buffer {
+            let (rows, k, out) = (x.elem_count() / w.dim(1)?, w.dim(1)?, w.dim(0)?);
+            buffer.write(&grad, x, |dw, accumulate, (g, gl), (x, xl)| {
+                let g = contiguous::<f32>(g, gl, "linear-grad", "gradient")?;
+                let x = contiguous::<f32>(x, xl, "linear-grad", "input")?;
+                let g_t = Mat::transposed(g, out);
+                matmul(out, k, rows, dw, accumulate, g_t, Mat::rows(x, k));
+                Ok(())
+            })?;
+            wanted.second = false;
+        }
         if wanted.none() {
             return Ok((None, None));
         }
-        let packed = x.detach().apply_op3_no_bwd(
-            &w.detach(),
-            &grad.detach().contiguous()?,
-            &LinearGrad { wanted },
-        )?;
+        let packed = x
+            .detach()
+            .apply_op3_no_bwd(&w.detach(), &grad, &LinearGrad { wanted })?;
         wanted.unpack(&packed, x, w)
     }
 }
@@ -2313,6 +2497,24 @@ pub(crate) mod tests {
         frozen_second_input_gets_no_gradient(&rows, &head, |r, h| {
             token_logprobs(r, h, &targets, 3).unwrap()
         });
+    }
+
+    #[test]
+    fn embedding_matches_the_generic_ops() {
+        let ids = Tensor::new(&[[3u32, 0, 3], [9, 1, 3]], &Device::Cpu).unwrap();
+        let inputs = [values(&[10, 6], 84, 1.0, DType::F64)];
+        compare_with_generic(
+            &inputs,
+            1.0,
+            |t| embedding(&t[0], &ids).unwrap(),
+            |t| crate::ops::generic::embedding(&t[0], &ids).unwrap(),
+        );
+        let outside = Tensor::new(&[10u32], &Device::Cpu).unwrap();
+        let err = embedding(&inputs[0], &outside).unwrap_err().to_string();
+        assert!(
+            err.contains("id 10 is outside the vocabulary of 10"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@
 mod decode_attention;
 pub mod dispatch;
 mod fused;
+mod grad_buffers;
 pub mod host;
 mod matmul;
 pub mod ops;
@@ -23,11 +24,12 @@ mod simd;
 
 pub use decode_attention::decode_attention;
 pub use dispatch::{autograd_path, decode_path, kernels, path_for, set_kernels, Kernels, Path};
+pub use grad_buffers::GradBuffers;
 pub use matmul::{
     bf16_products_available, f32_product_precision, matmul_bf16, matmul_bf16_packed,
     set_f32_product_precision, Bf16Source, Mat, PackedRhs, ProductPrecision,
 };
 pub use ops::{
-    accumulation_dtype, attention, linear, rms_norm, rotary_heads, silu_mul, token_logprobs,
-    HEAD_CHUNK_ROWS,
+    accumulation_dtype, attention, embedding, linear, rms_norm, rotary_heads, silu_mul,
+    token_logprobs, HEAD_CHUNK_ROWS,
 };

@@ -6,6 +6,7 @@
 //!
 //! | op | generic | fused | host |
 //! |---|---|---|---|
+//! | [`embedding`] | [`generic::embedding`] | `fused::Embedding` | — |
 //! | [`rms_norm`] | [`generic::rms_norm`] | `fused::RmsNorm` | [`crate::host::rms_norm`] |
 //! | [`linear`] | [`generic::linear`] | `fused::LinearOp` | [`crate::host::linear_many`] |
 //! | [`silu_mul`] | [`generic::silu_mul`] | `fused::SiluMul` | [`crate::host::silu_mul`] |
@@ -54,6 +55,14 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     match path_for(&[x, weight]) {
         Path::Fused => fused::rms_norm(x, weight, eps),
         Path::Generic => generic::rms_norm(x, weight, eps),
+    }
+}
+
+/// Rows `ids [..]` (u32) of `weight [vocab, h]`: `[.., h]`.
+pub fn embedding(weight: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    match path_for(&[weight]) {
+        Path::Fused if ids.dtype() == DType::U32 => fused::embedding(weight, ids),
+        _ => generic::embedding(weight, ids),
     }
 }
 
@@ -270,6 +279,13 @@ pub mod generic {
             };
             Ok((x_grad, weight_grad))
         }
+    }
+
+    /// candle's `index_select`; its backward adds into a zeroed copy of the weight.
+    pub fn embedding(weight: &Tensor, ids: &Tensor) -> Result<Tensor> {
+        let mut dims = ids.dims().to_vec();
+        dims.push(weight.dim(1)?);
+        weight.index_select(&ids.flatten_all()?, 0)?.reshape(dims)
     }
 
     /// A weight that is no variable and comes from no op (frozen) gets no gradient.

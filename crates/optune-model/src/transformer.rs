@@ -491,10 +491,7 @@ impl Transformer {
     }
 
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
-        self.embed_tokens
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, self.config.hidden_size))
+        Ok(ops::embedding(&self.embed_tokens, ids)?)
     }
 
     /// Logits `[rows, vocab]` (or scores `[rows, labels]`) of hidden rows `[rows, hidden]`.
