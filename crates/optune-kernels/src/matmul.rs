@@ -108,7 +108,7 @@ impl Bf16Source for f32 {
     }
 
     /// 32 floats at a time by `vcvtne2ps2bf16` (round to nearest even, as `bf16::from_f32`, but
-    /// denormal inputs flush to zero), the rest one by one.
+    /// denormal inputs flush to zero).
     fn pack_pairs(src: &[f32], out: &mut [u32]) {
         let mut done = 0;
         #[cfg(target_arch = "x86_64")]
@@ -119,7 +119,7 @@ impl Bf16Source for f32 {
         pack_pairs_from(done, src, out)
     }
 
-    /// 16 lanes at a time by `vcvtneps2bf16` and a zero-extension, the rest one by one.
+    /// 16 lanes at a time by `vcvtneps2bf16` and a zero-extension.
     fn pack_side_by_side(low: &[f32], high: Option<&[f32]>, out: &mut [u32]) {
         let mut done = 0;
         #[cfg(target_arch = "x86_64")]
@@ -131,35 +131,37 @@ impl Bf16Source for f32 {
     }
 }
 
-/// The whole 16-lane blocks of [`Bf16Source::pack_side_by_side`] for f32; returns the lanes
-/// written.
+/// [`Bf16Source::pack_side_by_side`] for f32, 16 lanes at a time and the last few under a
+/// mask (a tile of 8 lhs rows is all last few); returns the lanes written.
 ///
 /// # Safety
-/// The CPU has AVX512F and AVX512-BF16.
+/// The CPU has AVX512F and AVX512-BF16; `high`, when given, is as long as `low`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn pack_side_by_side_avx512(low: &[f32], high: Option<&[f32]>, out: &mut [u32]) -> usize {
     use std::arch::x86_64::*;
-    let widened = |src: *const f32| {
-        let bf16 =
-            std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(src)));
+    debug_assert!(high.is_none_or(|h| h.len() >= low.len()));
+    // The masked-off floats are neither read (no fault) nor stored.
+    let widened = |src: *const f32, mask: __mmask16| {
+        let floats = _mm512_maskz_loadu_ps(mask, src);
+        let bf16 = std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(floats));
         _mm512_cvtepu16_epi32(bf16)
     };
-    let blocks = out.len().min(low.len()) / 16;
-    for b in 0..blocks {
-        let mut lanes = widened(low.as_ptr().add(16 * b));
+    let len = out.len().min(low.len());
+    for start in (0..len).step_by(16) {
+        let mask = lane_mask(len - start);
+        let mut lanes = widened(low.as_ptr().add(start), mask);
         if let Some(high) = high {
-            lanes = _mm512_or_si512(
-                lanes,
-                _mm512_slli_epi32::<16>(widened(high.as_ptr().add(16 * b))),
-            );
+            let high = widened(high.as_ptr().add(start), mask);
+            lanes = _mm512_or_si512(lanes, _mm512_slli_epi32::<16>(high));
         }
-        _mm512_storeu_si512(out.as_mut_ptr().add(16 * b).cast(), lanes);
+        _mm512_mask_storeu_epi32(out.as_mut_ptr().add(start).cast(), mask, lanes);
     }
-    16 * blocks
+    len
 }
 
-/// The whole 32-float blocks of [`Bf16Source::pack_pairs`] for f32; returns the lanes written.
+/// [`Bf16Source::pack_pairs`] for f32, 32 floats at a time and the last few under a mask;
+/// returns the lanes written (every whole pair's).
 ///
 /// # Safety
 /// The CPU has AVX512F and AVX512-BF16.
@@ -167,18 +169,34 @@ unsafe fn pack_side_by_side_avx512(low: &[f32], high: Option<&[f32]>, out: &mut 
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn pack_pairs_avx512(src: &[f32], out: &mut [u32]) -> usize {
     use std::arch::x86_64::*;
-    let blocks = (src.len() / 32).min(out.len() / 16);
-    for b in 0..blocks {
-        let lo = _mm512_loadu_ps(src.as_ptr().add(32 * b));
-        let hi = _mm512_loadu_ps(src.as_ptr().add(32 * b + 16));
+    let lanes = (src.len() / 2).min(out.len());
+    for start in (0..lanes).step_by(16) {
+        // Lanes start.. hold floats 2·start..; the low 16 of those come first.
+        let floats = 2 * (lanes - start);
+        let lo = _mm512_maskz_loadu_ps(lane_mask(floats), src.as_ptr().add(2 * start));
+        let hi = _mm512_maskz_loadu_ps(
+            lane_mask(floats.saturating_sub(16)),
+            src.as_ptr().add(2 * start + 16),
+        );
         // The low 16 bf16 come from the second operand: x[0..32] in order, i.e. 16 pairs.
-        let pairs = _mm512_cvtne2ps_pbh(hi, lo);
-        _mm512_storeu_si512(
-            out.as_mut_ptr().add(16 * b).cast(),
-            std::mem::transmute::<__m512bh, __m512i>(pairs),
+        let pairs = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+        _mm512_mask_storeu_epi32(
+            out.as_mut_ptr().add(start).cast(),
+            lane_mask(lanes - start),
+            pairs,
         );
     }
-    16 * blocks
+    lanes
+}
+
+/// The mask of the first `min(count, 16)` of 16 lanes.
+#[cfg(target_arch = "x86_64")]
+fn lane_mask(count: usize) -> u16 {
+    if count >= 16 {
+        u16::MAX
+    } else {
+        (1u16 << count) - 1
+    }
 }
 
 /// Whether this CPU runs [`matmul_bf16`] (AVX512-BF16 and AVX512F).
