@@ -69,8 +69,12 @@ impl Plan {
         let generic = optune_kernels::autograd_path(model.device(), model.dtype())
             == optune_kernels::Path::Generic;
         let per_token_layer = per_token_layer * if generic { 2.0 } else { 1.0 };
-        // One chunk of logits, its softmax and its gradient at a time, in f32.
+        // One chunk of logits, its softmax and its gradient at a time, in f32; the fused head
+        // also keeps all the forward pass's logits for the backward pass when they fit its bound.
         let head = 3.0 * optune_kernels::HEAD_CHUNK_ROWS as f64 * c.vocab_size as f64 * 4.0;
+        let all_logits = tokens * c.vocab_size as f64 * 4.0;
+        let kept = !generic && all_logits <= optune_kernels::KEPT_LOGITS_BYTES as f64;
+        let head = head + if kept { all_logits } else { 0.0 };
         Self {
             weights: params * compute,
             masters: if full_in_half { trained * 4.0 } else { 0.0 },

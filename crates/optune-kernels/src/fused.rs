@@ -26,7 +26,7 @@ use candle_core::{
 };
 use half::bf16;
 use rayon::prelude::*;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 // ---------------------------------------------------------------------------------------------
 // Element types and row kernels.
@@ -56,6 +56,8 @@ trait Real:
     fn ln(self) -> Self;
     fn sqrt(self) -> Self;
     fn storage(v: Vec<Self>) -> CpuStorage;
+    /// The values of a storage made by [`Real::storage`].
+    fn storage_values(s: CpuStorage) -> Option<Vec<Self>>;
 
     /// `ln Σ e^x` of a row.
     fn log_sum_exp(row: &[Self]) -> Self;
@@ -81,6 +83,12 @@ macro_rules! impl_real {
             }
             fn storage(v: Vec<Self>) -> CpuStorage {
                 CpuStorage::$variant(v)
+            }
+            fn storage_values(s: CpuStorage) -> Option<Vec<Self>> {
+                match s {
+                    CpuStorage::$variant(v) => Some(v),
+                    _ => None,
+                }
             }
             fn log_sum_exp(row: &[Self]) -> Self {
                 $lse(row)
@@ -407,16 +415,46 @@ pub fn token_logprobs(
     targets: &[u32],
     chunk: usize,
 ) -> Result<Tensor> {
+    // Logits kept for the backward pass save it recomputing them (a third of the head's
+    // products), when a backward pass will come and they fit the bound.
+    let differentiable = rows.track_op() || weight.track_op();
+    let logits_bytes = rows.dim(0)? * weight.dim(0)? * rows.dtype().size_in_bytes().max(4);
     let op = TokenLogprobs {
         targets: targets.into(),
         chunk: chunk.max(1),
+        kept: (differentiable && logits_bytes <= KEPT_LOGITS_BYTES).then(Default::default),
     };
     rows.contiguous()?.apply_op2(&weight.contiguous()?, op)
+}
+
+/// The most logits (bytes) the head keeps from its forward pass for its backward pass; beyond
+/// it the backward pass recomputes them a chunk at a time. SmolLM2's 4 pairs of ~255 tokens
+/// are 200 MB.
+pub const KEPT_LOGITS_BYTES: usize = 512 << 20;
+
+/// The kept logits of the last backward pass, for the next forward pass to write into: at
+/// hundreds of MB they lie above glibc's mmap threshold, and a fresh buffer would come from the
+/// kernel zeroed page by page on every step.
+static SPARE_LOGITS: Mutex<Option<CpuStorage>> = Mutex::new(None);
+
+/// A buffer of `len` logits: the spare one when it is large enough.
+fn logits_buffer<T: Real>(len: usize) -> Vec<T> {
+    let spare = SPARE_LOGITS.lock().expect("not poisoned").take();
+    match spare.and_then(T::storage_values) {
+        Some(mut spare) if spare.capacity() >= len => {
+            spare.resize(len, T::ZERO);
+            spare
+        }
+        _ => vec![T::ZERO; len],
+    }
 }
 
 struct TokenLogprobs {
     targets: Arc<[u32]>,
     chunk: usize,
+    /// Where the forward pass leaves all its logits `[n, vocab]` for the backward pass, which
+    /// takes them (absent: logits are recomputed).
+    kept: Option<Mutex<Option<CpuStorage>>>,
 }
 
 impl TokenLogprobs {
@@ -436,10 +474,20 @@ impl TokenLogprobs {
 
     fn forward<T: Real>(&self, products: &impl HeadProducts<T>, n: usize, v: usize) -> Vec<T> {
         let mut out = vec![T::ZERO; n];
-        let mut logits = vec![T::ZERO; self.chunk.min(n) * v];
+        let rows = if self.kept.is_some() {
+            n
+        } else {
+            self.chunk.min(n)
+        };
+        let mut logits = if self.kept.is_some() {
+            logits_buffer(rows * v)
+        } else {
+            vec![T::ZERO; rows * v]
+        };
         for start in (0..n).step_by(self.chunk) {
             let c = self.chunk.min(n - start);
-            let logits = &mut logits[..c * v];
+            let first = if self.kept.is_some() { start } else { 0 };
+            let logits = &mut logits[first * v..(first + c) * v];
             products.logits(start, c, logits);
             logits
                 .par_chunks(v)
@@ -447,7 +495,16 @@ impl TokenLogprobs {
                 .zip(self.targets[start..start + c].par_iter())
                 .for_each(|((row, out), &t)| *out = row[t as usize] - T::log_sum_exp(row));
         }
+        if let Some(kept) = &self.kept {
+            *kept.lock().expect("not poisoned") = Some(T::storage(logits));
+        }
         out
+    }
+
+    /// The logits the forward pass kept, taken (a second backward pass recomputes them).
+    fn take_kept<T: Real>(&self) -> Option<Vec<T>> {
+        let kept = self.kept.as_ref()?.lock().expect("not poisoned").take()?;
+        T::storage_values(kept)
     }
 
     /// Gradients of `Σ grad[i] · logp[i]`, packed `[rows (n × h) | weight (v × h)]`, each part
@@ -484,11 +541,18 @@ impl TokenLogprobs {
         mut grad_rows: Option<&mut [T]>,
         mut grad_weight: Option<(&mut [T], bool)>,
     ) {
-        let mut block = vec![T::ZERO; self.chunk.min(n) * v];
+        let kept = self.take_kept::<T>().filter(|kept| kept.len() == n * v);
+        let recomputed = kept.is_none();
+        let mut logits = kept.unwrap_or_else(|| vec![T::ZERO; self.chunk.min(n) * v]);
         for (i, start) in (0..n).step_by(self.chunk).enumerate() {
             let c = self.chunk.min(n - start);
-            let block = &mut block[..c * v];
-            products.logits(start, c, block);
+            let block = if recomputed {
+                let block = &mut logits[..c * v];
+                products.logits(start, c, block);
+                block
+            } else {
+                &mut logits[start * v..(start + c) * v]
+            };
             block.par_chunks_mut(v).enumerate().for_each(|(r, row)| {
                 let (t, g) = (self.targets[start + r] as usize, grad[start + r]);
                 let lse = row[t] - logp[start + r];
@@ -501,6 +565,9 @@ impl TokenLogprobs {
             if let Some((grad_weight, accumulate)) = grad_weight.as_mut() {
                 products.grad_weight(block, start, c, grad_weight, *accumulate || i > 0);
             }
+        }
+        if !recomputed {
+            *SPARE_LOGITS.lock().expect("not poisoned") = Some(T::storage(logits));
         }
     }
 }
@@ -693,6 +760,10 @@ impl CustomOp2 for TokenLogprobs {
             op: TokenLogprobs {
                 targets: self.targets.clone(),
                 chunk: self.chunk,
+                kept: self
+                    .kept
+                    .as_ref()
+                    .map(|kept| Mutex::new(kept.lock().expect("not poisoned").take())),
             },
             wanted,
         };
@@ -2497,6 +2568,26 @@ pub(crate) mod tests {
         frozen_second_input_gets_no_gradient(&rows, &head, |r, h| {
             token_logprobs(r, h, &targets, 3).unwrap()
         });
+    }
+
+    #[test]
+    fn kept_and_recomputed_logits_give_the_same_gradients() {
+        let rows = Var::from_tensor(&values(&[7, 6], 85, 1.0, DType::F32)).unwrap();
+        let head = Var::from_tensor(&values(&[11, 6], 86, 1.0, DType::F32)).unwrap();
+        let targets = [0u32, 3, 10, 5, 5, 1, 9];
+        let loss = token_logprobs(rows.as_tensor(), head.as_tensor(), &targets, 3)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        // The first backward pass takes the logits the forward pass kept; the second finds none.
+        let kept = loss.backward().unwrap();
+        let recomputed = loss.backward().unwrap();
+        for var in [&rows, &head] {
+            let grad = |g: &candle_core::backprop::GradStore| {
+                g.get(var.as_tensor()).unwrap().to_vec2::<f32>().unwrap()
+            };
+            assert_eq!(grad(&kept), grad(&recomputed));
+        }
     }
 
     #[test]

@@ -31,5 +31,5 @@ pub use matmul::{
 };
 pub use ops::{
     accumulation_dtype, attention, embedding, linear, rms_norm, rotary_heads, silu_mul,
-    token_logprobs, HEAD_CHUNK_ROWS,
+    token_logprobs, HEAD_CHUNK_ROWS, KEPT_LOGITS_BYTES,
 };

@@ -20,6 +20,7 @@
 
 use crate::dispatch::{path_for, Path};
 use crate::fused;
+pub use crate::fused::KEPT_LOGITS_BYTES;
 use candle_core::{bail, DType, Layout, Result, Tensor};
 
 /// Rows of logits computed at once by [`token_logprobs`]: bounds the logits buffer to
