@@ -33,9 +33,10 @@ test:
 	then echo 'DuckDB/pyarrow cross-read: ran'; \
 	else echo 'DuckDB/pyarrow cross-read: SKIPPED ($(OPTUNE_PYTHON) cannot import duckdb and pyarrow; pip install duckdb pyarrow)'; fi
 
-# Generation speed of opt-gen against Hugging Face transformers on the CPU (batch 1 and 16, 128
-# new tokens, greedy): see scripts/bench/bench_gen.sh for the environment variables and
-# docs/perf.md for the figures. Not part of `make test`.
+# Generation speed of opt-gen against Hugging Face transformers on the CPU (batches 1, 16 and 32,
+# f32 and bf16 on both sides, 128 new tokens, greedy): see scripts/bench/bench_gen.sh for the
+# environment variables and docs/perf.md for the figures. BENCH_ARGS="--dtypes f32 --batches 1,16"
+# narrows it. Not part of `make test`.
 .PHONY: bench-gen
 bench-gen:
 	scripts/bench/bench_gen.sh $(BENCH_ARGS)

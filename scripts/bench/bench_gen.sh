@@ -9,7 +9,8 @@
 #   OPTUNE_SMOLLM2_DIR   a SmolLM2-135M-Instruct Hugging Face directory (opt-convert's output) to
 #                        benchmark as well
 #   CARGO_TARGET_DIR     where cargo builds opt-gen [target]
-# Extra arguments go to bench_gen.py (--repeats N, --batches 1,16, --threads N, --models ...).
+# Extra arguments go to bench_gen.py (--repeats N, --batches 1,16,32, --dtypes f32,bf16, --threads N,
+# --models ...).
 set -euo pipefail
 
 source "$(dirname "${BASH_SOURCE[0]}")/python_env.sh"
