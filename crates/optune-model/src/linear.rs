@@ -189,13 +189,12 @@ impl Linear {
         if !lora.enabled.load(Ordering::Relaxed) {
             return Ok(None);
         }
-        let mut out_dims = x.dims().to_vec();
-        let in_features = *out_dims.last().expect("linear input has at least one dim");
-        let x2 = x.reshape((x.elem_count() / in_features, in_features))?;
+        // No reshapes: each node on a [rows, width] tensor costs candle's backward a zeroed
+        // gradient and an add of that size (the products take `[.., in]` as they come).
         let input = if lora.drops_out() {
-            lora.dropout_stream.apply(&x2, lora.dropout)?
+            lora.dropout_stream.apply(x, lora.dropout)?
         } else {
-            x2
+            x.clone()
         };
         // The adapters are f32 master weights; they compute in the input's dtype (bf16 on a GPU),
         // and the cast passes their gradients back in f32. The scale goes on B (out × rank), not
@@ -207,8 +206,7 @@ impl Linear {
         // Either path's products compute only the gradients wanted (no input gradient for the
         // first layer's adapters, whose input is frozen).
         let delta = optune_kernels::linear(&optune_kernels::linear(&input, &a)?, &b)?;
-        *out_dims.last_mut().expect("non-empty") = lora.b.dim(0)?;
-        Some(delta.reshape(out_dims)).transpose()
+        Ok(Some(delta))
     }
 
     /// The weight with the adapter folded in, for saving a merged checkpoint. Computed outside
