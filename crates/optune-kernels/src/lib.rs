@@ -30,6 +30,6 @@ pub use matmul::{
     set_f32_product_precision, Bf16Source, Mat, PackedRhs, ProductPrecision,
 };
 pub use ops::{
-    accumulation_dtype, attention, embedding, linear, rms_norm, rotary_heads, silu_mul,
-    token_logprobs, HEAD_CHUNK_ROWS, KEPT_LOGITS_BYTES,
+    accumulation_dtype, attention, embedding, linear, lora_linear, rms_norm, rotary_heads,
+    silu_mul, token_logprobs, HEAD_CHUNK_ROWS, KEPT_LOGITS_BYTES,
 };

@@ -9,6 +9,7 @@
 //! | [`embedding`] | [`generic::embedding`] | `fused::Embedding` | — |
 //! | [`rms_norm`] | [`generic::rms_norm`] | `fused::RmsNorm` | [`crate::host::rms_norm`] |
 //! | [`linear`] | [`generic::linear`] | `fused::LinearOp` | [`crate::host::linear_many`] |
+//! | [`lora_linear`] | [`generic::lora_linear`] | `fused::LoraLinear` | — |
 //! | [`silu_mul`] | [`generic::silu_mul`] | `fused::SiluMul` | [`crate::host::silu_mul`] |
 //! | [`rotary_heads`] | [`generic::rotary_heads`] | `fused::Rope` | [`crate::host::rotary`] |
 //! | [`attention`] | [`generic::attention`] | `fused::Attention` | [`crate::host::attention`] |
@@ -73,6 +74,15 @@ pub fn linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     match path_for(&[x, weight]) {
         Path::Fused => fused::linear(x, weight),
         Path::Generic => generic::linear(x, weight),
+    }
+}
+
+/// `x [.., in] · weightᵀ + (x · aᵀ) · bᵀ`: a linear layer with a LoRA adapter `a [rank, in]`,
+/// `b [out, rank]` (scaled already) on its own input.
+pub fn lora_linear(x: &Tensor, weight: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    match path_for(&[x, weight, a, b]) {
+        Path::Fused => fused::lora_linear(x, weight, a, b),
+        Path::Generic => generic::lora_linear(x, weight, a, b),
     }
 }
 
@@ -287,6 +297,11 @@ pub mod generic {
         let mut dims = ids.dims().to_vec();
         dims.push(weight.dim(1)?);
         weight.index_select(&ids.flatten_all()?, 0)?.reshape(dims)
+    }
+
+    /// The base product plus the adapter's two.
+    pub fn lora_linear(x: &Tensor, weight: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        linear(x, weight)? + linear(&linear(x, a)?, b)?
     }
 
     /// A weight that is no variable and comes from no op (frozen) gets no gradient.

@@ -152,6 +152,14 @@ impl LoraAdapter {
     }
 }
 
+/// A LoRA adapter's operands in one forward pass: `b` is scaled already, `input` is the
+/// dropped-out copy of the layer's input (`None`: the input itself).
+struct Adapter {
+    input: Option<Tensor>,
+    a: Tensor,
+    b: Tensor,
+}
+
 #[derive(Clone)]
 pub struct Linear {
     pub weight: Tensor,
@@ -170,19 +178,30 @@ impl Linear {
 
     /// `x [.., in] → [.., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut y = optune_kernels::linear(x, &self.weight)?;
-        if let Some(bias) = &self.bias {
-            y = y.broadcast_add(bias)?;
-        }
-        match self.adapter_delta(x)? {
-            Some(delta) => y + delta,
+        let y = match self.adapter(x)? {
+            // The adapter reads the layer's own input: one op for the base and the adapter.
+            Some(Adapter { input: None, a, b }) => {
+                optune_kernels::lora_linear(x, &self.weight, &a, &b)?
+            }
+            Some(Adapter {
+                input: Some(dropped),
+                a,
+                b,
+            }) => {
+                let delta = optune_kernels::linear(&optune_kernels::linear(&dropped, &a)?, &b)?;
+                (optune_kernels::linear(x, &self.weight)? + delta)?
+            }
+            None => optune_kernels::linear(x, &self.weight)?,
+        };
+        match &self.bias {
+            Some(bias) => y.broadcast_add(bias),
             None => Ok(y),
         }
     }
 
-    /// The LoRA adapter's contribution `scale · dropout(x) Aᵀ Bᵀ` for `x [.., in]`, shaped
-    /// `[.., out]`; `None` without an adapter or with adapters switched off.
-    pub fn adapter_delta(&self, x: &Tensor) -> Result<Option<Tensor>> {
+    /// The LoRA adapter's operands for `x [.., in]`: `scale · dropout(x) Aᵀ Bᵀ` is its
+    /// contribution; `None` without an adapter or with adapters switched off.
+    fn adapter(&self, x: &Tensor) -> Result<Option<Adapter>> {
         let Some(lora) = &self.lora else {
             return Ok(None);
         };
@@ -192,21 +211,20 @@ impl Linear {
         // No reshapes: each node on a [rows, width] tensor costs candle's backward a zeroed
         // gradient and an add of that size (the products take `[.., in]` as they come).
         let input = if lora.drops_out() {
-            lora.dropout_stream.apply(x, lora.dropout)?
+            Some(lora.dropout_stream.apply(x, lora.dropout)?)
         } else {
-            x.clone()
+            None
         };
         // The adapters are f32 master weights; they compute in the input's dtype (bf16 on a GPU),
         // and the cast passes their gradients back in f32. The scale goes on B (out × rank), not
         // on the [rows, out] product: one small multiply instead of a large one.
         let (a, b) = (
-            lora.a.to_dtype(input.dtype())?,
-            (&lora.b * lora.scale)?.to_dtype(input.dtype())?,
+            lora.a.to_dtype(x.dtype())?,
+            (&lora.b * lora.scale)?.to_dtype(x.dtype())?,
         );
-        // Either path's products compute only the gradients wanted (no input gradient for the
+        // Every path's products compute only the gradients wanted (no input gradient for the
         // first layer's adapters, whose input is frozen).
-        let delta = optune_kernels::linear(&optune_kernels::linear(&input, &a)?, &b)?;
-        Ok(Some(delta))
+        Ok(Some(Adapter { input, a, b }))
     }
 
     /// The weight with the adapter folded in, for saving a merged checkpoint. Computed outside
