@@ -5,14 +5,17 @@
 //! embedding's gradient is an `index_add` into yet another zeroed copy of the whole matrix. For
 //! full fine-tuning that is three passes over every weight's size per step on one thread, and the
 //! matrices above glibc's mmap threshold (the 49152 × 576 embedding of SmolLM2: 113 MB) come back
-//! from the kernel zeroed page by page: ~12 % of a SmolLM2 DPO step, all of it serial.
+//! from the kernel zeroed page by page: ~0.45 s of a ~4.5 s SmolLM2 bf16 DPO step (4 pairs), all
+//! of it on one thread while the others wait.
 //!
 //! A weight registered here instead owns one gradient buffer for the whole run. The fused ops that
 //! read it ([`crate::linear`], [`crate::token_logprobs`], [`crate::embedding`]) write its gradient
 //! into that buffer (the first write since the buffer was drained overwrites, later ones add)
 //! and hand candle no gradient for it; [`GradBuffers::drain_into`] then gives the optimiser the
-//! buffers as ordinary gradients. Only f32 weights on the CPU under the fused kernels get one:
-//! elsewhere the generic ops run and candle's gradients are used as they are.
+//! buffers as ordinary gradients. Only f32 weights on the CPU, registered when the fused kernels
+//! run, get one: elsewhere the generic ops run and candle's gradients are used as they are. The
+//! LoRA-adapted linear layer ([`crate::lora_linear`]) takes its adapters as one concatenation,
+//! so they keep candle's (small) gradients.
 
 use candle_core::backprop::GradStore;
 use candle_core::{bail, CpuStorage, DType, InplaceOp3, Layout, Result, Tensor, TensorId};
