@@ -491,7 +491,7 @@ impl Transformer {
     }
 
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {
-        Ok(ops::embedding(&self.embed_tokens, ids)?)
+        ops::embedding(&self.embed_tokens, ids)
     }
 
     /// Logits `[rows, vocab]` (or scores `[rows, labels]`) of hidden rows `[rows, hidden]`.
