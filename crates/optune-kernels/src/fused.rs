@@ -474,19 +474,16 @@ impl TokenLogprobs {
 
     fn forward<T: Real>(&self, products: &impl HeadProducts<T>, n: usize, v: usize) -> Vec<T> {
         let mut out = vec![T::ZERO; n];
-        let rows = if self.kept.is_some() {
-            n
+        // Kept: all rows' logits, each chunk in its place; else one chunk's, reused.
+        let keep = self.kept.is_some();
+        let mut logits = if keep {
+            logits_buffer(n * v)
         } else {
-            self.chunk.min(n)
-        };
-        let mut logits = if self.kept.is_some() {
-            logits_buffer(rows * v)
-        } else {
-            vec![T::ZERO; rows * v]
+            vec![T::ZERO; self.chunk.min(n) * v]
         };
         for start in (0..n).step_by(self.chunk) {
             let c = self.chunk.min(n - start);
-            let first = if self.kept.is_some() { start } else { 0 };
+            let first = if keep { start } else { 0 };
             let logits = &mut logits[first * v..(first + c) * v];
             products.logits(start, c, logits);
             logits
@@ -1183,9 +1180,7 @@ impl LinearOp {
         }
         Ok((x.shape().elem_count() / k, k, out))
     }
-}
 
-impl LinearOp {
     /// `x [rows, k] · wᵀ` for `w [out, k]`.
     fn product<T: Real>(x: &[T], w: &[T], (rows, k, out): (usize, usize, usize)) -> Vec<T> {
         let mut y = vec![T::ZERO; rows * out];
@@ -1461,9 +1456,15 @@ struct LoraLinear {
 }
 
 impl LoraLinear {
-    /// `(rows, in, out)`.
-    fn check(&self, x: &Layout, w: &Layout) -> Result<(usize, usize, usize)> {
-        LinearOp::check(x, w)
+    /// Elements of `∂x`, `∂weight` and `∂[a | b]` for `(rows, in, out)`; the packed gradient
+    /// holds the wanted ones in that order.
+    fn grad_lens(&self, (rows, k, out): (usize, usize, usize)) -> [usize; 3] {
+        [rows * k, out * k, self.rank * (k + out)]
+    }
+
+    fn packed_len(&self, wanted: [bool; 3], dims: (usize, usize, usize)) -> usize {
+        let lens = self.grad_lens(dims);
+        (0..3).filter(|&i| wanted[i]).map(|i| lens[i]).sum()
     }
 
     /// `x · aᵀ`: `[rows, rank]`.
@@ -1510,9 +1511,8 @@ impl LoraLinear {
     ) -> Vec<T> {
         let r = self.rank;
         let (a, b) = ab.split_at(r * k);
-        let lens = [rows * k, out * k, ab.len()];
-        let len = (0..3).filter(|&i| wanted[i]).map(|i| lens[i]).sum();
-        let mut packed = vec![T::ZERO; len];
+        let lens = self.grad_lens((rows, k, out));
+        let mut packed = vec![T::ZERO; self.packed_len(wanted, (rows, k, out))];
         let (dx, rest) = packed.split_at_mut(if wanted[0] { lens[0] } else { 0 });
         let (dw, dab) = rest.split_at_mut(if wanted[1] { lens[1] } else { 0 });
         // ∂u = g · b, with u = x · aᵀ the adapter's inner activations.
@@ -1582,7 +1582,7 @@ impl CustomOp3 for LoraLinear {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         through_f32!(self, (s1, l1), (s2, l2), (s3, l3));
-        let dims = self.check(l1, l2)?;
+        let dims = LinearOp::check(l1, l2)?;
         fn run<T: Real>(
             op: &LoraLinear,
             s: [(&CpuStorage, &Layout); 3],
@@ -1662,7 +1662,7 @@ impl CustomOp3 for LoraLinearGrad {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         through_f32!(self, (s1, l1), (s2, l2), (s3, l3));
-        let dims = self.op.check(l1, l2)?;
+        let dims = LinearOp::check(l1, l2)?;
         let (adapters, adapters_layout) = self.adapters.storage_and_layout();
         let adapters = match &*adapters {
             candle_core::Storage::Cpu(storage) => storage.to_dtype(adapters_layout, s1.dtype())?,
@@ -1682,13 +1682,7 @@ impl CustomOp3 for LoraLinearGrad {
         let ab_layout = Layout::contiguous(self.adapters.shape());
         let s = [(s1, l1), (s2, l2), (s3, l3), (&adapters, &ab_layout)];
         let packed = by_dtype!(self, s1.dtype(), run(self, s, dims));
-        let (rows, k, out) = dims;
-        let lens = [rows * k, out * k, self.adapters.elem_count()];
-        let len = (0..3)
-            .filter(|&i| self.wanted[i])
-            .map(|i| lens[i])
-            .sum::<usize>();
-        Ok((packed, Shape::from(len)))
+        Ok((packed, Shape::from(self.op.packed_len(self.wanted, dims))))
     }
 }
 
