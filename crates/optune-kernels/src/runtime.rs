@@ -59,7 +59,8 @@ pub fn denormals_flushed_on_this_thread() -> bool {
 /// spinning workers only compete with rayon's for the cores: a DPO step of the 12.9M llama on 2
 /// busy cores took 1.86–5.7 s with one such worker and 1.51–2.7 s without. Unless
 /// `CANDLE_NUM_THREADS` is set, that pool therefore gets no workers (its ops run on the calling
-/// thread); the workers it does get flush denormals too.
+/// thread); the workers it does get flush denormals too. `RAYON_NUM_THREADS`, unless set, is set
+/// to the pool's size, for candle's matrix products (below).
 pub fn init(threads: Option<usize>) -> Result<()> {
     flush_denormals_on_this_thread();
     keep_freed_memory_for_reuse();
@@ -74,6 +75,13 @@ pub fn init(threads: Option<usize>) -> Result<()> {
     }
     // An error here means the global pool already exists: it was built by an earlier call.
     let _ = builder.build_global();
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        // candle's CPU matrix product asks for its thread count on every call: this variable,
+        // else the physical core count, which the num_cpus crate finds by reading and parsing
+        // /proc/cpuinfo each time (~0.4 ms of a 0.5 ms decode step of a 2-layer model on the
+        // generic path). The pool's own size is the right count anyway.
+        std::env::set_var("RAYON_NUM_THREADS", rayon::current_num_threads().to_string());
+    }
     candle_core::utils::barrier_pool().execute(|_| flush_denormals_on_this_thread());
     Ok(())
 }
