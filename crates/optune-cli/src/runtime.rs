@@ -3,15 +3,16 @@
 use anyhow::Result;
 
 /// The device named by `--device`: `cpu`, `cuda` or `cuda:N`. Without a name: the first GPU when
-/// the binary was built with the `cuda` feature and one is visible, else the CPU.
+/// the binary was built with the `cuda` feature and one is visible, else the CPU. A GPU comes
+/// prepared for many small kernels ([`prepare_gpu`]).
 pub fn device(spec: Option<&str>) -> Result<candle_core::Device> {
     use candle_core::Device;
-    match spec {
+    let device = match spec {
         None if candle_core::utils::cuda_is_available() => {
-            Ok(Device::new_cuda(0).unwrap_or(Device::Cpu))
+            Device::new_cuda(0).unwrap_or(Device::Cpu)
         }
-        None | Some("cpu") => Ok(Device::Cpu),
-        Some("cuda") => Device::new_cuda(0).map_err(|e| anyhow::anyhow!("--device cuda: {e}")),
+        None | Some("cpu") => Device::Cpu,
+        Some("cuda") => Device::new_cuda(0).map_err(|e| anyhow::anyhow!("--device cuda: {e}"))?,
         Some(other) => {
             let ordinal = other
                 .strip_prefix("cuda:")
@@ -19,9 +20,14 @@ pub fn device(spec: Option<&str>) -> Result<candle_core::Device> {
                 .ok_or_else(|| {
                     anyhow::anyhow!("--device '{other}': expected cpu, cuda or cuda:N")
                 })?;
-            Device::new_cuda(ordinal).map_err(|e| anyhow::anyhow!("--device {other}: {e}"))
+            Device::new_cuda(ordinal).map_err(|e| anyhow::anyhow!("--device {other}: {e}"))?
         }
+    };
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(gpu) = &device {
+        gpu::prepare(gpu)?;
     }
+    Ok(device)
 }
 
 /// The dtype named by `--dtype`; by default f32 on the CPU and bf16 on a GPU.
@@ -44,10 +50,73 @@ pub fn available_memory(device: &candle_core::Device) -> Option<f64> {
     }
     #[cfg(feature = "cuda")]
     if let candle_core::Device::Cuda(gpu) = device {
-        let (free, _total) = gpu.cuda_stream().context().mem_get_info().ok()?;
-        return Some(free as f64);
+        return gpu::free_bytes(gpu).ok().map(|free| free as f64);
     }
     None
+}
+
+/// What a GPU is set up with before its first tensor: candle runs thousands of small kernels
+/// per decode or training step on one stream, each with a fresh output buffer, so what each
+/// allocation costs on the host is a large part of a step.
+#[cfg(feature = "cuda")]
+mod gpu {
+    use anyhow::{Context, Result};
+    use candle_core::cuda::cudarc::driver::{result, sys};
+    use candle_core::CudaDevice;
+
+    /// 1. No event tracking: cudarc creates and destroys two CUDA events with every buffer so
+    ///    that buffers can cross streams safely; candle issues all of a device's work on one
+    ///    stream and so do we, so the events order nothing.
+    /// 2. The stream-ordered pool keeps what it has reserved: `cuMemAllocAsync`'s pool has a
+    ///    release threshold of 0 by default, which hands every freed buffer back to the driver
+    ///    at each synchronisation (once per decode step, once per training step), so that the
+    ///    next step maps its memory again; PyTorch's caching allocator keeps it the same way.
+    ///    [`free_bytes`] counts what the pool holds unused as free.
+    pub(super) fn prepare(gpu: &CudaDevice) -> Result<()> {
+        // SAFETY: called before this device has made any buffer, and every buffer of it is used
+        // on its one stream only (candle's per-thread stream of this thread; optune issues no
+        // device work from other threads), which is the condition cudarc states for turning the
+        // tracking off.
+        unsafe { gpu.disable_event_tracking() };
+        let context = gpu.cuda_stream().context().clone();
+        if !context.has_async_alloc() {
+            return Ok(());
+        }
+        context.bind_to_thread()?;
+        let mut keep_everything = u64::MAX;
+        // SAFETY: the device comes from a live context bound to this thread, and the release
+        // threshold attribute takes a pointer to a u64 (cuuint64_t).
+        unsafe {
+            let pool = result::device::get_mem_pool(context.cu_device())?;
+            result::mem_pool::set_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut keep_everything as *mut u64).cast(),
+            )
+        }
+        .context("setting the CUDA memory pool's release threshold")?;
+        Ok(())
+    }
+
+    /// The device's free memory with the pool's unused reserve handed back first (finished
+    /// work only: the stream is synchronised), so that a buffer freed after loading counts as
+    /// free, as it will be to the next allocation.
+    pub(super) fn free_bytes(gpu: &CudaDevice) -> Result<usize> {
+        let stream = gpu.cuda_stream();
+        stream.synchronize()?;
+        let context = stream.context();
+        if context.has_async_alloc() {
+            context.bind_to_thread()?;
+            // SAFETY: the device comes from a live context bound to this thread; trimming
+            // releases only memory no allocation holds.
+            unsafe {
+                let pool = result::device::get_mem_pool(context.cu_device())?;
+                result::mem_pool::trim_to(pool, 0)?;
+            }
+        }
+        let (free, _total) = context.mem_get_info()?;
+        Ok(free)
+    }
 }
 
 /// The process's peak resident memory so far in MB (`VmHWM` of /proc/self/status, Linux); `None`

@@ -1799,7 +1799,7 @@ impl CustomOp3 for SiluMulGrad {
 
 /// Splits `x [b, t, heads·d]` (a projection's output) into heads and rotates them:
 /// `[b, heads, t, d]` with `y = x·cos + rotate_half(x)·sin` (Hugging Face's layout), for
-/// `cos`/`sin [b, 1, t, d]`. Differentiable in `x` (the tables are constants). CPU, f32/f64.
+/// `cos`/`sin [b, t, d/2]`. Differentiable in `x` (the tables are constants). CPU, f32/f64.
 pub fn rotary_heads(x: &Tensor, cos: &Tensor, sin: &Tensor, heads: usize) -> Result<Tensor> {
     x.contiguous()?
         .apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope { heads })
@@ -1811,7 +1811,7 @@ struct Rope {
 }
 
 impl Rope {
-    /// `(b, t, d)` of `x [b, t, heads·d]` against tables `[b, 1, t, d]`.
+    /// `(b, t, d)` of `x [b, t, heads·d]` against tables `[b, t, d/2]`.
     fn check(&self, x: &[usize], cos: &Layout, sin: &Layout) -> Result<(usize, usize, usize)> {
         let &[b, t, width] = x else {
             bail!("rotary: input {x:?} must be [b, t, heads·d]");
@@ -1823,11 +1823,12 @@ impl Rope {
                 self.heads
             );
         }
-        if cos.dims() != [b, 1, t, d] || sin.dims() != cos.dims() {
+        if cos.dims() != [b, t, d / 2] || sin.dims() != cos.dims() {
             bail!(
-                "rotary: tables {:?} and {:?} must be [{b}, 1, {t}, {d}]",
+                "rotary: tables {:?} and {:?} must be [{b}, {t}, {}]",
                 cos.dims(),
-                sin.dims()
+                sin.dims(),
+                d / 2
             );
         }
         Ok((b, t, d))
@@ -1851,21 +1852,22 @@ impl Rope {
             for ti in 0..t {
                 let src = &x[((bi * t + ti) * heads + hh) * d..][..d];
                 let (c, s) = (
-                    &cos[(bi * t + ti) * d..][..d],
-                    &sin[(bi * t + ti) * d..][..d],
+                    &cos[(bi * t + ti) * half..][..half],
+                    &sin[(bi * t + ti) * half..][..half],
                 );
                 let y = &mut y[ti * d..(ti + 1) * d];
                 for j in 0..half {
                     y[j] = src[j] * c[j] - src[j + half] * s[j];
-                    y[j + half] = src[j + half] * c[j + half] + src[j] * s[j + half];
+                    y[j + half] = src[j + half] * c[j] + src[j] * s[j];
                 }
             }
         });
         out
     }
 
-    /// Gradient `[b, t, heads·d]` from `g [b, heads, t, d]`:
-    /// `∂x_j = g_j c_j + g_{j+½} s_{j+½}` (first half), `g_j c_j − g_{j−½} s_{j−½}` (second).
+    /// Gradient `[b, t, heads·d]` from `g [b, heads, t, d]`, with `c_j`, `s_j` the angle of
+    /// channels `j` and `j + ½`: `∂x_j = g_j c_j + g_{j+½} s_j` (first half),
+    /// `∂x_{j+½} = g_{j+½} c_j − g_j s_j` (second).
     fn backward<T: Real>(
         &self,
         g: &[T],
@@ -1882,13 +1884,13 @@ impl Rope {
             .enumerate()
             .for_each(|(bt, dx)| {
                 let (bi, ti) = (bt / t, bt % t);
-                let (c, s) = (&cos[bt * d..][..d], &sin[bt * d..][..d]);
+                let (c, s) = (&cos[bt * half..][..half], &sin[bt * half..][..half]);
                 for hh in 0..heads {
                     let g = &g[((bi * heads + hh) * t + ti) * d..][..d];
                     let dx = &mut dx[hh * d..(hh + 1) * d];
                     for j in 0..half {
-                        dx[j] = g[j] * c[j] + g[j + half] * s[j + half];
-                        dx[j + half] = g[j + half] * c[j + half] - g[j] * s[j];
+                        dx[j] = g[j] * c[j] + g[j + half] * s[j];
+                        dx[j + half] = g[j + half] * c[j] - g[j] * s[j];
                     }
                 }
             });
@@ -2632,21 +2634,20 @@ pub(crate) mod tests {
         );
     }
 
-    /// Tables `[b, 1, t, d]` for positions that differ per batch row.
+    /// Tables `[b, t, d/2]` for positions that differ per batch row.
     fn rotary_tables(b: usize, t: usize, d: usize, dtype: DType) -> (Tensor, Tensor) {
         let (mut cos, mut sin) = (Vec::new(), Vec::new());
         for bi in 0..b {
             for ti in 0..t {
-                for j in 0..d {
-                    let angle =
-                        (ti + 3 * bi) as f64 / 10f64.powf((j % (d / 2)) as f64 / (d / 2) as f64);
+                for j in 0..d / 2 {
+                    let angle = (ti + 3 * bi) as f64 / 10f64.powf(j as f64 / (d / 2) as f64);
                     cos.push(angle.cos());
                     sin.push(angle.sin());
                 }
             }
         }
         let make = |v: Vec<f64>| {
-            Tensor::from_vec(v, (b, 1, t, d), &Device::Cpu)
+            Tensor::from_vec(v, (b, t, d / 2), &Device::Cpu)
                 .unwrap()
                 .to_dtype(dtype)
                 .unwrap()

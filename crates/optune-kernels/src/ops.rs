@@ -95,7 +95,8 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 }
 
 /// Splits a projection `x [b, t, heads·d]` into heads and rotates them (rotate-half layout) with
-/// the tables `cos`/`sin [b, 1, t, d]`: `[b, heads, t, d]`.
+/// the tables `cos`/`sin [b, t, d/2]` (channels `j` and `j + d/2` turn by the same angle):
+/// `[b, heads, t, d]`.
 pub fn rotary_heads(x: &Tensor, cos: &Tensor, sin: &Tensor, heads: usize) -> Result<Tensor> {
     match path_for(&[x, cos, sin]) {
         Path::Fused => fused::rotary_heads(x, cos, sin, heads),
@@ -426,14 +427,13 @@ pub mod generic {
         gate.silu()? * up
     }
 
-    /// The tables `[b, 1, t, d]` (halves duplicated, as the model keeps them) cut to the
-    /// `[b, t, d/2]` that [`rope`] takes.
     pub fn rotary_heads(x: &Tensor, cos: &Tensor, sin: &Tensor, heads: usize) -> Result<Tensor> {
         let (b, t, width) = x.dims3()?;
-        let d = width / heads;
-        let split = x.reshape((b, t, heads, d))?.transpose(1, 2)?.contiguous()?;
-        let half = |table: &Tensor| table.squeeze(1)?.narrow(D::Minus1, 0, d / 2)?.contiguous();
-        rope(&split, &half(cos)?, &half(sin)?)
+        let split = x
+            .reshape((b, t, heads, width / heads))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        rope(&split, cos, sin)
     }
 
     /// Rotary embedding (rotate-half layout) of `x [b, heads, t, d]` with `cos`/`sin`

@@ -3,8 +3,10 @@
 use crate::config::ModelConfig;
 use candle_core::{DType, Device, Result, Tensor};
 
-/// Cosine and sine tables for every position up to the model's context length,
-/// shaped `[positions, head_dim]` with the two halves duplicated as transformers does.
+/// Cosine and sine tables for every position up to the model's context length, shaped
+/// `[positions, head_dim / 2]`: one angle per pair of rotated channels (transformers keeps the
+/// two halves duplicated, `[positions, head_dim]`; the kernels read each half's angle from
+/// the one table).
 pub struct RotaryTables {
     cos: Tensor,
     sin: Tensor,
@@ -50,17 +52,15 @@ impl RotaryTables {
         let inv_freq = inverse_frequencies(config);
         let half = inv_freq.len();
         let positions = config.max_position_embeddings.max(1);
-        let mut cos = Vec::with_capacity(positions * half * 2);
-        let mut sin = Vec::with_capacity(positions * half * 2);
+        let mut cos = Vec::with_capacity(positions * half);
+        let mut sin = Vec::with_capacity(positions * half);
         for pos in 0..positions {
             // transformers computes the angles in f32; doing the same keeps long positions equal.
-            let angles: Vec<f32> = inv_freq.iter().map(|f| pos as f32 * *f as f32).collect();
-            for _ in 0..2 {
-                cos.extend(angles.iter().map(|a| a.cos()));
-                sin.extend(angles.iter().map(|a| a.sin()));
-            }
+            let angles = inv_freq.iter().map(|f| pos as f32 * *f as f32);
+            cos.extend(angles.clone().map(f32::cos));
+            sin.extend(angles.map(f32::sin));
         }
-        let shape = (positions, half * 2);
+        let shape = (positions, half);
         Ok(Self {
             cos: Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?,
             sin: Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?,
@@ -71,14 +71,14 @@ impl RotaryTables {
         self.cos.dim(0).unwrap_or(0)
     }
 
-    /// Tables for `positions` (`[batch, seq]`, u32), shaped `[batch, 1, seq, head_dim]` to broadcast
-    /// over heads.
+    /// Tables for `positions` (`[batch, seq]`, u32), shaped `[batch, seq, head_dim / 2]`: what
+    /// [`optune_kernels::rotary_heads`] takes, looked up once per forward pass for every layer.
     pub fn lookup(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
         let (batch, seq) = positions.dims2()?;
         let flat = positions.flatten_all()?;
-        let dim = self.cos.dim(1)?;
+        let half = self.cos.dim(1)?;
         let pick = |table: &Tensor| -> Result<Tensor> {
-            table.index_select(&flat, 0)?.reshape((batch, 1, seq, dim))
+            table.index_select(&flat, 0)?.reshape((batch, seq, half))
         };
         Ok((pick(&self.cos)?, pick(&self.sin)?))
     }

@@ -902,7 +902,12 @@ impl Transformer {
         let ids = Tensor::from_vec(ids, (slots, 1), &self.device)?;
         let pos = Tensor::from_vec(positions.clone(), (slots, 1), &self.device)?;
         let (cos, sin) = self.rope.lookup(&pos)?;
-        let write_at = Tensor::from_vec(positions, (slots, 1, 1, 1), &self.device)?;
+        // Where each slot's new key and value go, spread over the heads and channels once for
+        // every layer's scatter.
+        let (kv_heads, d) = (self.config.num_kv_heads(), self.config.head_dim());
+        let write_at = Tensor::from_vec(positions, (slots, 1, 1, 1), &self.device)?
+            .broadcast_as((slots, kv_heads, 1, d))?
+            .contiguous()?;
         let mut x = self.embed(&ids)?;
         for (l, block) in self.layers.iter().enumerate() {
             let cached = CachedKv {
@@ -1499,8 +1504,9 @@ impl KvCache {
         Ok((gather(&key_store[layer])?, gather(&values[layer])?))
     }
 
-    /// Writes each slot's new `[slots, kv_heads, 1, d]` key/value at its own position and returns
-    /// the layer's whole key and value stores (tensor store only).
+    /// Writes each slot's new `[slots, kv_heads, 1, d]` key/value at its own position
+    /// (`write_at`, the same shape, u32: the slot's position in every element) and returns the
+    /// layer's whole key and value stores (tensor store only).
     fn append(
         &mut self,
         layer: usize,
@@ -1515,9 +1521,8 @@ impl KvCache {
         else {
             candle_core::bail!("append on a host KV cache");
         };
-        let index = write_at.broadcast_as(k.shape())?.contiguous()?;
-        key_store[layer].scatter_set(&index, k, 2)?;
-        values[layer].scatter_set(&index, v, 2)?;
+        key_store[layer].scatter_set(write_at, k, 2)?;
+        values[layer].scatter_set(write_at, v, 2)?;
         Ok((&key_store[layer], &values[layer]))
     }
 }
