@@ -9,9 +9,14 @@
 //! * **host** ([`host`]): plain-slice f32 kernels of the CPU decode step, each output computed by
 //!   a fixed sequence of operations so generated text does not depend on the batch.
 //!
+//! The generic ops' matrix products refuse, on every device, the operand layouts that candle's
+//! CUDA matmul refuses ([`cuda_matmul`]), so the CPU tests of the generic path fail where a GPU
+//! would.
+//!
 //! The rule in `dispatch` alone decides between fused/host and generic, from the device, the dtype
 //! and the process setting (`OPTUNE_KERNELS=fused|generic`, or a tool's `--kernels`).
 
+pub mod cuda_matmul;
 mod decode_attention;
 pub mod dispatch;
 mod fused;

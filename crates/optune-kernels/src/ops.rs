@@ -332,17 +332,18 @@ pub mod generic {
         let (dims, k) = (a.dims(), b.dim(D::Minus2)?);
         let macs = (a.elem_count() / dims[dims.len() - 1] * k * b.dim(D::Minus1)?) as u64;
         BACKWARD_MULTIPLY_ADDS.with(|count| count.set(count.get() + macs));
-        a.matmul(b)
+        crate::cuda_matmul::matmul(a, b)
     }
 
     /// `a [.., m, k] · b [.., k, n]` (the same leading axes) by candle's own matrix product
-    /// (cuBLAS on CUDA), as a node whose backward computes only the gradients wanted. candle's
+    /// (cuBLAS on CUDA, whose operand layouts [`crate::cuda_matmul`] checks on every device, in
+    /// the backward pass too), as a node whose backward computes only the gradients wanted. candle's
     /// matmul node differentiates both operands whatever they are, so under LoRA every frozen
     /// weight would get a full-size gradient (twice the backward products and a weight-sized
     /// buffer per layer), and the first layer's adapters an input gradient nothing reads.
     pub fn product(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         if !(a.track_op() || b.track_op()) {
-            return a.matmul(b);
+            return crate::cuda_matmul::matmul(a, b);
         }
         a.apply_op2(b, Product)
     }
@@ -386,6 +387,7 @@ pub mod generic {
             lb: &Layout,
         ) -> Result<(CpuStorage, Shape)> {
             let (bmnk, shape) = Self::dims(la, lb)?;
+            crate::cuda_matmul::check("product", la, lb)?;
             Ok((a.matmul(b, bmnk, la, lb)?, shape))
         }
 
@@ -668,8 +670,11 @@ pub mod generic {
         fn values(&self, rows: &Tensor, weight: &Tensor) -> Result<Tensor> {
             let mut parts = Vec::new();
             for (start, len, index) in self.spans(rows.device())? {
-                let logp =
-                    Self::log_probs(&rows.narrow(0, start, len)?, weight, |a, b| a.matmul(b))?;
+                let logp = Self::log_probs(
+                    &rows.narrow(0, start, len)?,
+                    weight,
+                    crate::cuda_matmul::matmul,
+                )?;
                 parts.push(logp.gather(&index, 1)?.squeeze(1)?);
             }
             Tensor::cat(&parts, 0)

@@ -18,6 +18,7 @@
 
 use crate::generate::SamplingParams;
 use candle_core::{DType, Device, Result, Tensor, D};
+use optune_kernels::cuda_matmul::matmul;
 
 /// Kept tokens lie at most this many nats (times the temperature) below the most likely one.
 const FLOOR_NATS: f64 = 40.0;
@@ -135,11 +136,16 @@ fn draw(kept: &Tensor, u: &Tensor, vocab: usize) -> Result<Tensor> {
     };
     // Inclusive running sums inside each block [rows, blocks, DRAW_BLOCK], then over the blocks'
     // totals [rows, blocks].
-    let within = padded
-        .reshape((rows, blocks, DRAW_BLOCK))?
-        .broadcast_matmul(&upper_triangle(DRAW_BLOCK, device)?)?;
-    let block_totals = within.narrow(2, DRAW_BLOCK - 1, 1)?.squeeze(2)?;
-    let running = block_totals.matmul(&upper_triangle(blocks, device)?)?;
+    let triangle =
+        upper_triangle(DRAW_BLOCK, device)?.broadcast_as((rows, DRAW_BLOCK, DRAW_BLOCK))?;
+    let within = matmul(&padded.reshape((rows, blocks, DRAW_BLOCK))?, &triangle)?;
+    // Each block's last running sum, copied: as a view its rows lie DRAW_BLOCK apart, which
+    // candle's CUDA matmul refuses.
+    let block_totals = within
+        .narrow(2, DRAW_BLOCK - 1, 1)?
+        .squeeze(2)?
+        .contiguous()?;
+    let running = matmul(&block_totals, &upper_triangle(blocks, device)?)?;
     let target = running.narrow(1, blocks - 1, 1)?.mul(u)?;
     // The block holding the target, and the running sum before it (the same numbers, shifted).
     let block = count_at_or_below(&running, &target)?.clamp(0.0, (blocks - 1) as f64)?;

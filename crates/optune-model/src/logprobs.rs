@@ -74,7 +74,8 @@ pub fn sequence_logprobs(
     }
     let membership = Tensor::from_vec(membership, (pairs.len(), targets.len()), device)?
         .to_dtype(token_logps.dtype())?;
-    let sums = membership.matmul(&token_logps.unsqueeze(1)?)?.squeeze(1)?;
+    let sums =
+        optune_kernels::cuda_matmul::matmul(&membership, &token_logps.unsqueeze(1)?)?.squeeze(1)?;
     Ok(SequenceLogprobs {
         sums,
         token_counts: pairs.iter().map(|p| p.response.len()).collect(),
