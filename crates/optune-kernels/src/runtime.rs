@@ -80,7 +80,10 @@ pub fn init(threads: Option<usize>) -> Result<()> {
         // else the physical core count, which the num_cpus crate finds by reading and parsing
         // /proc/cpuinfo each time (~0.4 ms of a 0.5 ms decode step of a 2-layer model on the
         // generic path). The pool's own size is the right count anyway.
-        std::env::set_var("RAYON_NUM_THREADS", rayon::current_num_threads().to_string());
+        std::env::set_var(
+            "RAYON_NUM_THREADS",
+            rayon::current_num_threads().to_string(),
+        );
     }
     candle_core::utils::barrier_pool().execute(|_| flush_denormals_on_this_thread());
     Ok(())

@@ -499,7 +499,7 @@ impl Transformer {
         let weight = match &self.head {
             OutputHead::LanguageModel { weight, .. } | OutputHead::Score { weight } => weight,
         };
-        hidden_rows.matmul(&weight.t()?)
+        optune_kernels::cuda_matmul::matmul(hidden_rows, &weight.t()?)
     }
 
     /// Runs one sequence's prompt through the model, writes its keys and values into `slot` of
@@ -1482,15 +1482,13 @@ impl KvCache {
             candle_core::bail!("write_chunks on a host KV cache");
         };
         for (store, new) in [(&key_store[layer], k), (&values[layer], v)] {
-            let (_, kvh, capacity, d) = store.dims4()?;
             for (i, row) in rows.iter().enumerate() {
-                // The slot rebuilt whole: what it holds, the new positions, zeros after.
-                let held = store.narrow(0, row.slot, 1)?.narrow(2, 0, row.start)?;
-                let added = new.narrow(0, i, 1)?.narrow(2, 0, row.len)?;
-                let rest = capacity - row.start - row.len;
-                let zeros = Tensor::zeros((1, kvh, rest, d), store.dtype(), store.device())?;
-                let slot = Tensor::cat(&[&held, &added, &zeros], 2)?;
-                store.slice_set(&slot, 0, row.slot)?;
+                // In place: the slot's view `[1, kv_heads, capacity, d]` starts at the slot's
+                // offset in the store, which slice_set writes from.
+                let added = new.narrow(0, i, 1)?.narrow(2, 0, row.len)?.contiguous()?;
+                store
+                    .narrow(0, row.slot, 1)?
+                    .slice_set(&added, 2, row.start)?;
             }
         }
         let slots: Vec<u32> = rows.iter().map(|r| r.slot as u32).collect();
