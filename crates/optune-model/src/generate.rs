@@ -430,6 +430,11 @@ pub fn generate(
                         sample_token(row, params, &mut state.rng)
                     })
                     .collect()
+            } else if states.is_empty() {
+                // Only prompt chunks that complete no prompt: nothing to sample, and no
+                // zero-row selection (a CUDA kernel launched over no elements fails).
+                model.feed_tensor(&segments, &mut cache)?;
+                Vec::new()
             } else {
                 // On the logits' device; each sequence's uniform comes from its own stream.
                 let logits = model.feed_tensor(&segments, &mut cache)?;
