@@ -16,8 +16,8 @@
 //! The rule in `dispatch` alone decides between fused/host and generic, from the device, the dtype
 //! and the process setting (`OPTUNE_KERNELS=fused|generic`, or a tool's `--kernels`).
 
+mod cached_attention;
 pub mod cuda_matmul;
-mod decode_attention;
 pub mod dispatch;
 mod fused;
 mod grad_buffers;
@@ -27,7 +27,7 @@ pub mod ops;
 pub mod runtime;
 mod simd;
 
-pub use decode_attention::decode_attention;
+pub use cached_attention::cached_attention;
 pub use dispatch::{autograd_path, decode_path, kernels, path_for, set_kernels, Kernels, Path};
 pub use grad_buffers::GradBuffers;
 pub use matmul::{

@@ -523,95 +523,8 @@ impl Transformer {
             return Ok(Tensor::from_vec(logits, self.head_width()?, &self.device)?);
         }
         Ok(self
-            .prefill_on_tensors(&[Segment { slot, tokens }], cache)?
+            .feed_tensor(&[Segment { slot, tokens }], cache)?
             .squeeze(0)?)
-    }
-
-    /// Prompts, or the next chunks of prompts already started, appended to their slots as one
-    /// right-padded batch on the tensor path: each row's keys and values go into its slot after
-    /// the positions it holds, each row attends over its slot's positions up to itself, and the
-    /// logits `[segments, vocab]` of each segment's last position come back.
-    fn prefill_on_tensors(
-        &self,
-        segments: &[Segment],
-        cache: &mut KvCache,
-    ) -> anyhow::Result<Tensor> {
-        let mut starts = Vec::with_capacity(segments.len());
-        for segment in segments {
-            let (start, len) = (cache.lengths[segment.slot], segment.tokens.len());
-            if len == 0 {
-                bail!("cannot feed an empty segment (slot {})", segment.slot);
-            }
-            if start + len > cache.capacity {
-                bail!(
-                    "slot {} is full: {start} + {len} tokens exceed the KV cache's {} positions",
-                    segment.slot,
-                    cache.capacity
-                );
-            }
-            starts.push(start);
-        }
-        let (b, t) = (
-            segments.len(),
-            segments.iter().map(|s| s.tokens.len()).max().unwrap_or(0),
-        );
-        let keys = segments
-            .iter()
-            .zip(&starts)
-            .map(|(s, start)| start + s.tokens.len())
-            .max()
-            .unwrap_or(0);
-        // Padding queries repeat their row's last position (their results are dropped).
-        let position = |row: usize, j: usize| starts[row] + j.min(segments[row].tokens.len() - 1);
-        let window = self.config.attention_window();
-        let mut ids = Vec::with_capacity(b * t);
-        let mut positions = Vec::with_capacity(b * t);
-        let mut mask = Vec::with_capacity(b * t * keys);
-        for (row, segment) in segments.iter().enumerate() {
-            for j in 0..t {
-                let q = position(row, j);
-                ids.push(segment.tokens.get(j).copied().unwrap_or(0));
-                positions.push(q as u32);
-                let attended = first_visible(window, q)..=q;
-                mask.extend((0..keys).map(|k| if attended.contains(&k) { 0.0 } else { MASKED }));
-            }
-        }
-        let mask = Tensor::from_vec(mask, (b, 1, t, keys), &self.device)?.to_dtype(self.dtype)?;
-        let positions = Tensor::from_vec(positions, (b, t), &self.device)?;
-        let (cos, sin) = self.rope.lookup(&positions)?;
-        let rows: Vec<ChunkRow> = segments
-            .iter()
-            .zip(&starts)
-            .map(|(s, &start)| ChunkRow {
-                slot: s.slot,
-                start,
-                len: s.tokens.len(),
-            })
-            .collect();
-        let mut x = self.embed(&Tensor::from_vec(ids, (b, t), &self.device)?)?;
-        for (layer, block) in self.layers.iter().enumerate() {
-            let chunk = ChunkKv {
-                cache,
-                layer,
-                rows: &rows,
-                keys,
-                mask: &mask,
-            };
-            x = block.forward(&self.config, &x, &cos, &sin, Attend::Chunk(chunk))?;
-        }
-        for row in &rows {
-            cache.lengths[row.slot] += row.len;
-        }
-        let last: Vec<u32> = rows
-            .iter()
-            .enumerate()
-            .map(|(i, row)| (i * t + row.len - 1) as u32)
-            .collect();
-        let x = x
-            .reshape((b * t, self.config.hidden_size))?
-            .index_select(&Tensor::new(last.as_slice(), &self.device)?, 0)?;
-        let x = ops::rms_norm(&x, &self.norm, self.config.rms_norm_eps)?;
-        Ok(self.head_logits(&x)?)
     }
 
     /// Logits per position: the vocabulary size, or the label count of a score head.
@@ -624,16 +537,12 @@ impl Transformer {
     }
 
     /// Feeds one token to each active slot (inactive slots get `None` and are left as they are)
-    /// and returns the logits `[slots, vocab]` of the new positions (rows of inactive slots are
-    /// meaningless).
+    /// and returns the logits `[slots, vocab]` of the new positions (zeros for inactive slots).
     pub fn decode_step(
         &self,
         tokens: &[Option<u32>],
         cache: &mut KvCache,
     ) -> anyhow::Result<Tensor> {
-        if !cache.is_host() {
-            return self.decode_on_tensors(tokens, cache);
-        }
         if tokens.len() != cache.slots() {
             bail!(
                 "decode_step got {} tokens for {} slots",
@@ -649,8 +558,26 @@ impl Transformer {
                 tokens: &ids[slot],
             })
             .collect();
-        let rows = self.feed_host(&segments, cache)?;
         let width = self.head_width()?;
+        if !cache.is_host() {
+            if segments.is_empty() {
+                return Ok(Tensor::zeros(
+                    (tokens.len(), width),
+                    self.dtype,
+                    &self.device,
+                )?);
+            }
+            // The active slots' rows in slot order, a row of zeros for the others.
+            let rows = self.feed_tensor(&segments, cache)?;
+            let zeros = Tensor::zeros((1, width), rows.dtype(), &self.device)?;
+            let mut row_of = vec![segments.len() as u32; tokens.len()];
+            for (row, segment) in segments.iter().enumerate() {
+                row_of[segment.slot] = row as u32;
+            }
+            let row_of = Tensor::new(row_of.as_slice(), &self.device)?;
+            return Ok(Tensor::cat(&[&rows, &zeros], 0)?.index_select(&row_of, 0)?);
+        }
+        let rows = self.feed_host(&segments, cache)?;
         let mut logits = vec![0f32; tokens.len() * width];
         for (segment, row) in segments.iter().zip(rows.chunks_exact(width)) {
             logits[segment.slot * width..(segment.slot + 1) * width].copy_from_slice(row);
@@ -670,11 +597,14 @@ impl Transformer {
     /// On the CPU in f32 (a host cache) every row is computed on its own by the kernels of
     /// [`optune_kernels::host`], attending over its own slot's cached positions only: a sequence's
     /// numbers do not depend on which segments share the call, on their number or on the thread
-    /// count. Otherwise (the tensor path) the new prompts are prefilled together as one
-    /// padded batch and the single-token segments are decoded together.
+    /// count. Otherwise (the tensor path) all segments' tokens go through as one unpadded batch
+    /// ([`Transformer::feed_tensor`]).
     pub fn feed(&self, segments: &[Segment], cache: &mut KvCache) -> anyhow::Result<Vec<f32>> {
         if cache.is_host() {
             return self.feed_host(segments, cache);
+        }
+        if segments.is_empty() {
+            return Ok(Vec::new());
         }
         Ok(self
             .feed_tensor(segments, cache)?
@@ -685,63 +615,86 @@ impl Transformer {
 
     /// [`Transformer::feed`] on a tensor cache, the logits `[segments, vocab]` left where the model
     /// is (on a GPU: on the device, for [`crate::generate`] to sample there).
+    ///
+    /// Every segment goes through one forward pass with no padding: each token is one row of the
+    /// products, its key and value are written into its slot in place, and it attends over its
+    /// slot's positions up to its own ([`optune_kernels::cached_attention`]). A step of single
+    /// tokens (decoding) goes through as `[segments, 1]`, so that the projections split into
+    /// heads without a copy; anything else packed as `[1, tokens]`.
     pub fn feed_tensor(&self, segments: &[Segment], cache: &mut KvCache) -> anyhow::Result<Tensor> {
         if cache.is_host() {
             bail!("feed_tensor needs a tensor KV cache (KvCache::new_tensors)");
         }
-        let mut decode: Vec<Option<u32>> = vec![None; cache.slots()];
-        let mut decoded = Vec::new();
-        let mut prompts = Vec::new();
-        let mut prompted = Vec::new();
-        for (i, segment) in segments.iter().enumerate() {
-            if segment.slot >= cache.slots() {
+        if segments.is_empty() {
+            // An empty tensor would be a 0-byte device allocation, which drivers may refuse.
+            bail!("feed_tensor: no segments to feed");
+        }
+        let mut fed = vec![false; cache.slots()];
+        // Each token's (slot, position), the ids, and the row of each segment's last token.
+        let mut tokens = Vec::new();
+        let mut ids = Vec::new();
+        let mut last_rows = Vec::with_capacity(segments.len());
+        for segment in segments {
+            let (slot, len) = (segment.slot, segment.tokens.len());
+            if slot >= cache.slots() {
                 bail!(
-                    "slot {} is outside the KV cache's {} slots",
-                    segment.slot,
+                    "slot {slot} is outside the KV cache's {} slots",
                     cache.slots()
                 );
             }
-            // One token after positions already held is a decode step; anything else (a prompt,
-            // or the next chunk of one) goes through the prefill pass.
-            if cache.lengths[segment.slot] > 0 && segment.tokens.len() == 1 {
-                decode[segment.slot] = Some(segment.tokens[0]);
-                decoded.push((i, segment.slot as u32));
-            } else {
-                prompts.push(*segment);
-                prompted.push(i);
+            if std::mem::replace(&mut fed[slot], true) {
+                bail!("slot {slot} is fed twice in one call");
             }
+            if len == 0 {
+                bail!("cannot feed an empty segment (slot {slot})");
+            }
+            let start = cache.lengths[slot];
+            if start + len > cache.capacity {
+                bail!(
+                    "slot {slot} is full: {start} + {len} tokens exceed the KV cache's {} positions",
+                    cache.capacity
+                );
+            }
+            tokens.extend((start..start + len).map(|position| (slot, position)));
+            ids.extend_from_slice(segment.tokens);
+            last_rows.push(tokens.len() as u32 - 1);
         }
-        // Every prompt chunk in one padded forward pass, every decoded token in one step; the rows
-        // then go back into the segments' order.
-        let mut parts = Vec::new();
-        let mut order = Vec::with_capacity(segments.len());
-        if !prompts.is_empty() {
-            parts.push(self.prefill_on_tensors(&prompts, cache)?);
-            order.extend(prompted);
+        let n = tokens.len();
+        let (batch, steps) = match n == segments.len() {
+            true => (n, 1),
+            false => (1, n),
+        };
+        let window = self.config.attention_window();
+        let spans: Vec<u32> = tokens
+            .iter()
+            .flat_map(|&(slot, position)| {
+                [slot, first_visible(window, position), position].map(|x| x as u32)
+            })
+            .collect();
+        let spans = Tensor::from_vec(spans, (n, 3), &self.device)?;
+        let write_at = cache.write_index(&tokens, (batch, steps))?;
+        let positions: Vec<u32> = tokens.iter().map(|&(_, p)| p as u32).collect();
+        let positions = Tensor::from_vec(positions, (batch, steps), &self.device)?;
+        let (cos, sin) = self.rope.lookup(&positions)?;
+        let mut x = self.embed(&Tensor::from_vec(ids, (batch, steps), &self.device)?)?;
+        for (layer, block) in self.layers.iter().enumerate() {
+            let cached = CachedKv {
+                cache,
+                layer,
+                write_at: &write_at,
+                spans: &spans,
+            };
+            x = block.forward(&self.config, &x, &cos, &sin, Attend::Cached(cached))?;
         }
-        if !decoded.is_empty() {
-            let slots: Vec<u32> = decoded.iter().map(|(_, slot)| *slot).collect();
-            let all = self.decode_on_tensors(&decode, cache)?;
-            parts.push(all.index_select(&Tensor::new(slots.as_slice(), &self.device)?, 0)?);
-            order.extend(decoded.iter().map(|(i, _)| *i));
+        for segment in segments {
+            cache.lengths[segment.slot] += segment.tokens.len();
         }
-        if parts.is_empty() {
-            return Ok(Tensor::zeros(
-                (0, self.head_width()?),
-                self.dtype,
-                &self.device,
-            )?);
+        let mut x = x.reshape((n, self.config.hidden_size))?;
+        if steps > 1 {
+            x = x.index_select(&Tensor::new(last_rows.as_slice(), &self.device)?, 0)?;
         }
-        let rows = Tensor::cat(&parts, 0)?;
-        // `order[row]` is the segment of `row`; invert it.
-        let mut row_of = vec![0u32; segments.len()];
-        for (row, &segment) in order.iter().enumerate() {
-            row_of[segment] = row as u32;
-        }
-        if row_of.iter().enumerate().all(|(i, &r)| r as usize == i) {
-            return Ok(rows);
-        }
-        Ok(rows.index_select(&Tensor::new(row_of.as_slice(), &self.device)?, 0)?)
+        let x = ops::rms_norm(&x, &self.norm, self.config.rms_norm_eps)?;
+        Ok(self.head_logits(&x)?)
     }
 
     /// [`Transformer::feed`] on a host cache.
@@ -855,80 +808,6 @@ impl Transformer {
         let logits = weights.head.forward(&normed, segments.len());
         debug_assert_eq!(logits.len(), segments.len() * width);
         Ok(logits)
-    }
-
-    /// The decode step from tensor ops, for other devices and dtypes: every slot (idle ones too,
-    /// their results unused) goes through as one row of each product, and attends over its own
-    /// cached positions ([`optune_kernels::decode_attention`]). The products' blocking depends on
-    /// the row count, so a slot's logits can change in the last bits with the batch.
-    fn decode_on_tensors(
-        &self,
-        tokens: &[Option<u32>],
-        cache: &mut KvCache,
-    ) -> anyhow::Result<Tensor> {
-        let slots = cache.slots();
-        if tokens.len() != slots {
-            bail!("decode_step got {} tokens for {slots} slots", tokens.len());
-        }
-        if let Some(full) =
-            (0..slots).find(|&s| tokens[s].is_some() && cache.lengths[s] >= cache.capacity)
-        {
-            bail!(
-                "slot {full} is full: the KV cache holds {} positions",
-                cache.capacity
-            );
-        }
-        // Idle slots still flow through the batch; keep their (ignored) write inside the cache.
-        let positions: Vec<u32> = (0..slots)
-            .map(|s| match tokens[s] {
-                Some(_) => cache.lengths[s],
-                None => cache.lengths[s].min(cache.capacity - 1),
-            } as u32)
-            .collect();
-        // Each slot's span of positions `[first, last]`, its new one included; (1, 0), no
-        // position, for an idle slot.
-        let window = self.config.attention_window();
-        let spans: Vec<u32> = (0..slots)
-            .flat_map(|s| match tokens[s] {
-                Some(_) => {
-                    let last = positions[s] as usize;
-                    [first_visible(window, last) as u32, last as u32]
-                }
-                None => [1, 0],
-            })
-            .collect();
-        let spans = Tensor::from_vec(spans, (slots, 2), &self.device)?;
-        let ids: Vec<u32> = tokens.iter().map(|t| t.unwrap_or(0)).collect();
-        let ids = Tensor::from_vec(ids, (slots, 1), &self.device)?;
-        let pos = Tensor::from_vec(positions.clone(), (slots, 1), &self.device)?;
-        let (cos, sin) = self.rope.lookup(&pos)?;
-        // Where each slot's new key and value go, spread over the heads and channels once for
-        // every layer's scatter.
-        let (kv_heads, d) = (self.config.num_kv_heads(), self.config.head_dim());
-        let write_at = Tensor::from_vec(positions, (slots, 1, 1, 1), &self.device)?
-            .broadcast_as((slots, kv_heads, 1, d))?
-            .contiguous()?;
-        let mut x = self.embed(&ids)?;
-        for (l, block) in self.layers.iter().enumerate() {
-            let cached = CachedKv {
-                cache,
-                layer: l,
-                write_at: &write_at,
-                spans: &spans,
-            };
-            x = block.forward(&self.config, &x, &cos, &sin, Attend::Cached(cached))?;
-        }
-        for (s, token) in tokens.iter().enumerate() {
-            if token.is_some() {
-                cache.lengths[s] += 1;
-            }
-        }
-        let x = ops::rms_norm(
-            &x.reshape((slots, self.config.hidden_size))?,
-            &self.norm,
-            self.config.rms_norm_eps,
-        )?;
-        Ok(self.head_logits(&x)?)
     }
 }
 
@@ -1216,38 +1095,20 @@ fn first_visible(window: Option<usize>, position: usize) -> usize {
 
 /// How a block's attention reaches its keys.
 enum Attend<'a> {
-    /// This call's own positions, with an additive mask `[b, 1, t, t]` (training, prefill).
+    /// This call's own positions, with an additive mask `[b, 1, t, t]` (training, scoring).
     Masked(&'a Tensor),
-    /// One new position per slot, over that slot's span of a KV cache (decode).
+    /// New positions written into a KV cache, each attending over its slot's positions up to its
+    /// own (prefill, decode).
     Cached(CachedKv<'a>),
-    /// Rows of new positions appended to their slots, over each slot's positions up to the row's
-    /// own (prefill, and chunks of it).
-    Chunk(ChunkKv<'a>),
 }
 
-/// One row of a prefill batch: `len` new positions of `slot` after the `start` it holds.
-struct ChunkRow {
-    slot: usize,
-    start: usize,
-    len: usize,
-}
-
-/// The prefill pass's view of one layer's cache.
-struct ChunkKv<'a> {
-    cache: &'a mut KvCache,
-    layer: usize,
-    rows: &'a [ChunkRow],
-    /// Positions the longest row reaches: the width of `mask [rows, 1, t, keys]`.
-    keys: usize,
-    mask: &'a Tensor,
-}
-
-/// The decode step's view of one layer's cache.
+/// A forward pass's view of one layer's KV cache.
 struct CachedKv<'a> {
     cache: &'a mut KvCache,
     layer: usize,
+    /// Where the new keys and values go ([`KvCache::write_index`]).
     write_at: &'a Tensor,
-    /// `[slots, 2]` u32: each slot's first and last position to attend over.
+    /// `[tokens, 3]` u32: each new token's slot and the first and last position it attends over.
     spans: &'a Tensor,
 }
 
@@ -1300,18 +1161,17 @@ impl Block {
         let q = ops::rotary_heads(&self.self_attn.q_proj.forward(&h)?, cos, sin, heads)?;
         let k = ops::rotary_heads(&self.self_attn.k_proj.forward(&h)?, cos, sin, kv_heads)?;
         let v = split(self.self_attn.v_proj.forward(&h)?, kv_heads)?;
-        let attn = match attend {
-            Attend::Masked(mask) => ops::attention(&q, &k, &v, mask, scale)?,
-            Attend::Cached(c) => {
-                let (keys, values) = c.cache.append(c.layer, c.write_at, &k, &v)?;
-                optune_kernels::decode_attention(&q, keys, values, c.spans, scale)?
-            }
-            Attend::Chunk(c) => {
-                let (keys, values) = c.cache.write_chunks(c.layer, c.rows, &k, &v, c.keys)?;
-                ops::attention(&q, &keys, &values, c.mask, scale)?
-            }
-        };
-        let attn = attn.transpose(1, 2)?.reshape((b, t, heads * d))?;
+        let attn =
+            match attend {
+                Attend::Masked(mask) => ops::attention(&q, &k, &v, mask, scale)?
+                    .transpose(1, 2)?
+                    .reshape((b, t, heads * d))?,
+                Attend::Cached(c) => {
+                    let (keys, values) = c.cache.write(c.layer, c.write_at, &k, &v)?;
+                    optune_kernels::cached_attention(&q, keys, values, c.spans, scale)?
+                        .reshape((b, t, heads * d))?
+                }
+            };
         let x = (x + self.self_attn.o_proj.forward(&attn)?)?;
         let h = ops::rms_norm(&x, &self.post_attention_layernorm, eps)?;
         &x + self.mlp.forward(&h)?
@@ -1321,8 +1181,9 @@ impl Block {
 /// Per-layer keys and values for `slots` sequences of up to `capacity` positions each, laid out
 /// `[slots, kv_heads, capacity, head_dim]`. On the CPU in f32 they live in plain host vectors
 /// that the decode kernels read directly ([`Transformer::decode_step`] then attends over each
-/// slot's own length); otherwise in tensors, and one decode step writes every slot with one
-/// scatter and attends over each slot's own span ([`optune_kernels::decode_attention`]).
+/// slot's own length); otherwise in tensors, into which a forward pass writes all its new
+/// positions with one scatter per layer, each new position then attending over its own slot's
+/// span ([`optune_kernels::cached_attention`]).
 pub struct KvCache {
     store: KvStore,
     lengths: Vec<usize>,
@@ -1462,50 +1323,38 @@ impl KvCache {
         Ok(())
     }
 
-    /// Writes row `i` of `k`, `v` (`[rows, kv_heads, t, d]`, its first `rows[i].len` positions)
-    /// into its slot after the positions the slot holds, and returns every row's slot's first
-    /// `keys` positions `[rows, kv_heads, keys, d]` (tensor store only: a prefill's copy of the
-    /// slots it attends over).
-    fn write_chunks(
-        &mut self,
-        layer: usize,
-        rows: &[ChunkRow],
-        k: &Tensor,
-        v: &Tensor,
-        keys: usize,
-    ) -> Result<(Tensor, Tensor)> {
-        let KvStore::Tensors {
-            keys: key_store,
-            values,
-        } = &mut self.store
-        else {
-            candle_core::bail!("write_chunks on a host KV cache");
+    /// Where [`KvCache::write`] puts the keys and values of `tokens` (each new token's slot and
+    /// position) when they come as `[batch, kv_heads, steps, d]` (token `b·steps + s`): one flat
+    /// row index of the store `[slots·kv_heads·capacity, d]` per row of the new ones
+    /// `[batch·kv_heads·steps, d]`, repeated across `d` (tensor store only). Made once per
+    /// forward pass for every layer.
+    fn write_index(
+        &self,
+        tokens: &[(usize, usize)],
+        (batch, steps): (usize, usize),
+    ) -> Result<Tensor> {
+        let KvStore::Tensors { keys, .. } = &self.store else {
+            candle_core::bail!("write_index on a host KV cache");
         };
-        for (store, new) in [(&key_store[layer], k), (&values[layer], v)] {
-            for (i, row) in rows.iter().enumerate() {
-                // In place: the slot's view `[1, kv_heads, capacity, d]` starts at the slot's
-                // offset in the store, which slice_set writes from.
-                let added = new.narrow(0, i, 1)?.narrow(2, 0, row.len)?.contiguous()?;
-                store
-                    .narrow(0, row.slot, 1)?
-                    .slice_set(&added, 2, row.start)?;
+        let (_, kv_heads, capacity, d) = keys[0].dims4()?;
+        let mut rows = Vec::with_capacity(batch * kv_heads * steps);
+        for b in 0..batch {
+            for h in 0..kv_heads {
+                for &(slot, position) in &tokens[b * steps..(b + 1) * steps] {
+                    rows.push(((slot * kv_heads + h) * capacity + position) as u32);
+                }
             }
         }
-        let slots: Vec<u32> = rows.iter().map(|r| r.slot as u32).collect();
-        let slots = Tensor::new(slots.as_slice(), key_store[layer].device())?;
-        let gather = |store: &Tensor| {
-            store
-                .index_select(&slots, 0)?
-                .narrow(2, 0, keys)?
-                .contiguous()
-        };
-        Ok((gather(&key_store[layer])?, gather(&values[layer])?))
+        let n = rows.len();
+        Tensor::from_vec(rows, (n, 1), keys[0].device())?
+            .broadcast_as((n, d))?
+            .contiguous()
     }
 
-    /// Writes each slot's new `[slots, kv_heads, 1, d]` key/value at its own position
-    /// (`write_at`, the same shape, u32: the slot's position in every element) and returns the
-    /// layer's whole key and value stores (tensor store only).
-    fn append(
+    /// Writes the new keys and values `k`, `v` (`[batch, kv_heads, steps, d]`) of one layer into
+    /// the store in place, each at the row `write_at` ([`KvCache::write_index`]) gives it, and
+    /// returns the layer's whole key and value stores (tensor store only).
+    fn write(
         &mut self,
         layer: usize,
         write_at: &Tensor,
@@ -1517,10 +1366,14 @@ impl KvCache {
             values,
         } = &mut self.store
         else {
-            candle_core::bail!("append on a host KV cache");
+            candle_core::bail!("write on a host KV cache");
         };
-        key_store[layer].scatter_set(write_at, k, 2)?;
-        values[layer].scatter_set(write_at, v, 2)?;
+        for (store, new) in [(&key_store[layer], k), (&values[layer], v)] {
+            let (slots, kv_heads, capacity, d) = store.dims4()?;
+            // A view of the same storage: the scatter writes the store itself.
+            let rows = store.reshape((slots * kv_heads * capacity, d))?;
+            rows.scatter_set(write_at, &new.reshape((new.elem_count() / d, d))?, 0)?;
+        }
         Ok((&key_store[layer], &values[layer]))
     }
 }

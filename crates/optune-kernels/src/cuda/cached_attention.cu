@@ -1,12 +1,17 @@
-// Decode attention over each slot's own cached positions (see src/decode_attention.rs).
+// Attention of queries over a KV cache, each query over its own slot's cached positions (see
+// src/cached_attention.rs): the decode step (one query per slot) and the prefill of packed prompt
+// chunks (many queries per slot) alike.
 //
-// One block per (slot, query head), WARPS warps. Warp w walks the slot's positions
+// One block per (query, query head), WARPS warps. Warp w walks the query's positions
 // first+w, first+w+WARPS, ... up to last (inclusive) with an online softmax: each lane holds the
 // query and the running output for channels lane, lane+32, ... of the head, a key's score is the
 // warp's sum of the lanes' partial dot products. The warps' partial results are merged at the end
-// through shared memory. Everything is accumulated in f32 whatever the storage type. A slot with
-// last < first (idle) gets zeros. Keys and values are read once, in place, from the cache laid out
-// [slots, kv_heads, capacity, head_dim]; q and out are [slots, heads, head_dim].
+// through shared memory. Everything is accumulated in f32 whatever the storage type. A query with
+// last < first (an idle slot) gets zeros. Keys and values are read once, in place, from the cache
+// laid out [slots, kv_heads, capacity, head_dim]. q is [batch, heads, steps, head_dim] (query
+// b * steps + s; the layout the model's projections come in), out is
+// [batch, steps, heads, head_dim] (the layout the output projection reads); spans is
+// [batch * steps, 3] of (slot, first, last).
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -37,27 +42,33 @@ __device__ __forceinline__ float warp_sum(float x) {
 }
 
 template <typename T>
-__device__ void decode_attention(const T *__restrict__ q, const T *__restrict__ keys,
+__device__ void cached_attention(const T *__restrict__ q, const T *__restrict__ keys,
                                  const T *__restrict__ values, T *__restrict__ out,
                                  const uint32_t *__restrict__ spans, int heads, int kv_heads,
-                                 int capacity, int head_dim, float scale) {
-    const int slot = blockIdx.x;
+                                 int capacity, int head_dim, int steps, float scale) {
+    const size_t query_id = blockIdx.x;
     const int head = blockIdx.y;
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
     const int kv_head = head / (heads / kv_heads);
-    const size_t row = (size_t)slot * heads + head;
-    const size_t cache_base = ((size_t)slot * kv_heads + kv_head) * (size_t)capacity * head_dim;
-    // spans: [slots, 2] of (first, last) positions, inclusive.
-    const uint32_t first = spans[2 * slot];
-    const uint32_t last = spans[2 * slot + 1];
+    const size_t batch_row = query_id / steps;
+    const size_t step = query_id % steps;
+    // Where this query head's vector starts in q [batch, heads, steps, d] and in
+    // out [batch, steps, heads, d].
+    const size_t q_at = ((batch_row * heads + head) * steps + step) * head_dim;
+    const size_t out_at = (query_id * heads + head) * head_dim;
+    // spans: [queries, 3] of (slot, first, last), positions inclusive.
+    const size_t slot = spans[3 * query_id];
+    const uint32_t first = spans[3 * query_id + 1];
+    const uint32_t last = spans[3 * query_id + 2];
+    const size_t cache_base = (slot * kv_heads + kv_head) * (size_t)capacity * head_dim;
 
     float query[MAX_PER_LANE];
     float acc[MAX_PER_LANE];
 #pragma unroll
     for (int i = 0; i < MAX_PER_LANE; ++i) {
         const int c = lane + 32 * i;
-        query[i] = c < head_dim ? to_float(q[row * head_dim + c]) * scale : 0.0f;
+        query[i] = c < head_dim ? to_float(q[q_at + c]) * scale : 0.0f;
         acc[i] = 0.0f;
     }
     float running_max = -CUDART_INF_F;
@@ -117,18 +128,18 @@ __device__ void decode_attention(const T *__restrict__ q, const T *__restrict__ 
         float sum = 0.0f;
 #pragma unroll
         for (int w = 0; w < WARPS; ++w) sum += warp_acc[w][c] * factor[w];
-        out[row * head_dim + c] = from_float<T>(sum * inverse);
+        out[out_at + c] = from_float<T>(sum * inverse);
     }
 }
 
-#define DECODE_ATTENTION(NAME, T)                                                                  \
+#define CACHED_ATTENTION(NAME, T)                                                                  \
     extern "C" __global__ void __launch_bounds__(WARPS * 32)                                       \
         NAME(const T *q, const T *keys, const T *values, T *out, const uint32_t *spans, int heads, \
-             int kv_heads, int capacity, int head_dim, float scale) {                              \
-        decode_attention<T>(q, keys, values, out, spans, heads, kv_heads, capacity, head_dim,     \
-                            scale);                                                                \
+             int kv_heads, int capacity, int head_dim, int steps, float scale) {                   \
+        cached_attention<T>(q, keys, values, out, spans, heads, kv_heads, capacity, head_dim,     \
+                            steps, scale);                                                         \
     }
 
-DECODE_ATTENTION(decode_attention_f32, float)
-DECODE_ATTENTION(decode_attention_bf16, __nv_bfloat16)
-DECODE_ATTENTION(decode_attention_f16, __half)
+CACHED_ATTENTION(cached_attention_f32, float)
+CACHED_ATTENTION(cached_attention_bf16, __nv_bfloat16)
+CACHED_ATTENTION(cached_attention_f16, __half)

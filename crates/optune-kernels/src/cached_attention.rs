@@ -1,0 +1,389 @@
+//! Attention of queries over a KV cache, each query over its own slot's cached positions
+//! `first..=last`, read in place: the decode step (one query per slot) and the prefill of packed
+//! prompt chunks (many queries per slot, each up to its own position) run the same op.
+//!
+//! What the masked forms cost instead: at decode every slot reads as many keys as the longest
+//! and the values are copied per layer per step; at prefill every prompt of a step is padded to
+//! the longest, the slots' keys are gathered into a copy, and a `[prompts, 1, t, keys]` mask is
+//! made on the host. Here each query reads its own span once. On CUDA the kernel is
+//! src/cuda/cached_attention.cu (online softmax in f32, one block per query and head); on the CPU
+//! the host decode kernel [`crate::host::attention`], in f32.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+use std::borrow::Cow;
+
+/// `q [batch, heads, steps, d]` (query `b·steps + s`) over `keys`, `values [slots, kv_heads,
+/// capacity, d]` (a KV cache, the queries' own positions already written), with `spans
+/// [batch·steps, 3]` u32 of each query's `(slot, first, last)` positions, inclusive: `[batch,
+/// steps, heads, d]`. A query with `last < first` (an idle slot) gets zeros. The query heads of a
+/// group share their KV head; scores are `(q · k) · scale`, the softmax and the weighted sum of
+/// values are in f32 whatever the dtype.
+pub fn cached_attention(
+    q: &Tensor,
+    keys: &Tensor,
+    values: &Tensor,
+    spans: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let (batch, heads, steps, d) = q.dims4()?;
+    let (_, kv_heads, _, cache_d) = keys.dims4()?;
+    if cache_d != d || heads % kv_heads != 0 {
+        bail!(
+            "cached_attention: q {:?} against a cache {:?}: the same head width, whole groups of \
+             heads",
+            q.dims(),
+            keys.dims()
+        );
+    }
+    let queries = batch * steps;
+    if values.dims() != keys.dims() || spans.dims() != [queries, 3] || spans.dtype() != DType::U32 {
+        bail!(
+            "cached_attention: values {:?}, spans {:?} {:?} for keys {:?} and {queries} queries",
+            values.dims(),
+            spans.dims(),
+            spans.dtype(),
+            keys.dims()
+        );
+    }
+    let op = CachedAttention {
+        spans: spans.contiguous()?,
+        scale,
+    };
+    q.contiguous()?
+        .apply_op3_no_bwd(&keys.contiguous()?, &values.contiguous()?, &op)
+}
+
+struct CachedAttention {
+    spans: Tensor,
+    scale: f64,
+}
+
+impl CachedAttention {
+    /// The spans as host numbers (CPU tensors only).
+    fn host_spans(&self) -> Result<Vec<u32>> {
+        let (storage, layout) = self.spans.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(s) => Ok(s.as_slice::<u32>()?[layout.start_offset()..]
+                [..layout.shape().elem_count()]
+                .to_vec()),
+            _ => bail!("cached_attention: the spans are not on the CPU"),
+        }
+    }
+
+    /// `[batch, steps, heads, d]` from `q [batch, heads, steps, d]`.
+    fn output_shape(lq: &Layout) -> Result<Shape> {
+        let (batch, heads, steps, d) = lq.shape().dims4()?;
+        Ok(Shape::from((batch, steps, heads, d)))
+    }
+}
+
+impl CustomOp3 for CachedAttention {
+    fn name(&self) -> &'static str {
+        "cached-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        lq: &Layout,
+        k: &CpuStorage,
+        lk: &Layout,
+        v: &CpuStorage,
+        lv: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (batch, heads, steps, d) = lq.shape().dims4()?;
+        let (slots, kv_heads, capacity, _) = lk.shape().dims4()?;
+        let (q_all, keys, values) = (floats(q, lq)?, floats(k, lk)?, floats(v, lv)?);
+        let spans = self.host_spans()?;
+        // The host kernel takes the live queries only, as rows [heads·d], and scales by 1/√d
+        // itself (the model's scale, for which this factor is 1).
+        let rescale = (self.scale * (d as f64).sqrt()) as f32;
+        let mut live = Vec::new();
+        let mut queries = Vec::new();
+        let mut rows = Vec::new();
+        for query in 0..batch * steps {
+            let [slot, first, last] = [0, 1, 2].map(|i| spans[3 * query + i] as usize);
+            if last < first {
+                continue;
+            }
+            if slot >= slots || last >= capacity {
+                bail!(
+                    "cached_attention: query {query} reads position {last} of slot {slot}, \
+                     outside the cache's {slots} slots of {capacity}"
+                );
+            }
+            live.push(query);
+            queries.push(crate::host::Query {
+                slot,
+                first,
+                position: last,
+            });
+            let (b, s) = (query / steps, query % steps);
+            for head in 0..heads {
+                let at = ((b * heads + head) * steps + s) * d;
+                rows.extend(q_all[at..at + d].iter().map(|x| x * rescale));
+            }
+        }
+        let mut attended = vec![0f32; rows.len()];
+        let cache = crate::host::LayerCache {
+            keys: &keys,
+            values: &values,
+            kv_heads,
+            capacity,
+        };
+        crate::host::attention(&rows, &queries, heads, d, &cache, &mut attended);
+        let mut out = vec![0f32; batch * steps * heads * d];
+        for (&query, row) in live.iter().zip(attended.chunks_exact(heads * d)) {
+            out[query * heads * d..(query + 1) * heads * d].copy_from_slice(row);
+        }
+        Ok((
+            match q {
+                CpuStorage::F32(_) => CpuStorage::F32(out),
+                CpuStorage::BF16(_) => {
+                    CpuStorage::BF16(out.iter().map(|&x| half::bf16::from_f32(x)).collect())
+                }
+                CpuStorage::F16(_) => {
+                    CpuStorage::F16(out.iter().map(|&x| half::f16::from_f32(x)).collect())
+                }
+                _ => CpuStorage::F64(out.iter().map(|&x| x as f64).collect()),
+            },
+            Self::output_shape(lq)?,
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        lq: &Layout,
+        k: &candle_core::CudaStorage,
+        lk: &Layout,
+        v: &candle_core::CudaStorage,
+        lv: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::{CudaDType, WrapErr};
+        use candle_core::CudaStorage;
+
+        const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/cached_attention.ptx"));
+        /// Warps per block, as WARPS in the kernel.
+        const THREADS: u32 = 4 * 32;
+        const MAX_HEAD_DIM: usize = 256;
+
+        fn launch<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
+            op: &CachedAttention,
+            name: &str,
+            (q, lq): (&CudaStorage, &Layout),
+            (k, lk): (&CudaStorage, &Layout),
+            (v, lv): (&CudaStorage, &Layout),
+        ) -> Result<CudaStorage> {
+            let device = q.device().clone();
+            let (batch, heads, steps, d) = lq.shape().dims4()?;
+            let (_, kv_heads, capacity, _) = lk.shape().dims4()?;
+            let q = q.as_cuda_slice::<T>()?.slice(lq.start_offset()..);
+            let k = k.as_cuda_slice::<T>()?.slice(lk.start_offset()..);
+            let v = v.as_cuda_slice::<T>()?.slice(lv.start_offset()..);
+            let (spans_storage, spans_layout) = op.spans.storage_and_layout();
+            let Storage::Cuda(spans) = &*spans_storage else {
+                bail!("cached_attention: the spans are not on the GPU");
+            };
+            let spans = spans
+                .as_cuda_slice::<u32>()?
+                .slice(spans_layout.start_offset()..);
+            let queries = batch * steps;
+            // SAFETY: every element is written by the kernel (idle queries get zeros).
+            let out = unsafe { device.alloc::<T>(queries * heads * d)? };
+            let func = device.get_or_load_custom_func(name, "optune_cached_attention", PTX)?;
+            let [heads_arg, kv_heads_arg, capacity_arg, d_arg, steps_arg] =
+                [heads, kv_heads, capacity, d, steps].map(|n| n as i32);
+            let scale = op.scale as f32;
+            let config = LaunchConfig {
+                grid_dim: (queries as u32, heads as u32, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut builder = func.builder();
+            builder.arg(&q);
+            builder.arg(&k);
+            builder.arg(&v);
+            builder.arg(&out);
+            builder.arg(&spans);
+            builder.arg(&heads_arg);
+            builder.arg(&kv_heads_arg);
+            builder.arg(&capacity_arg);
+            builder.arg(&d_arg);
+            builder.arg(&steps_arg);
+            builder.arg(&scale);
+            // SAFETY: the argument list matches the kernel's signature; the slices hold
+            // queries·heads·d (q, out), slots·kv_heads·capacity·d (k, v) and 3·queries (spans)
+            // elements, checked by `cached_attention`; the slots and positions the spans name are
+            // the caller's to keep inside the cache (the CPU form checks them).
+            unsafe { builder.launch(config) }.w()?;
+            Ok(CudaStorage::wrap_cuda_slice(out, device))
+        }
+
+        let (batch, _, steps, d) = lq.shape().dims4()?;
+        if d > MAX_HEAD_DIM {
+            bail!("cached_attention: head width {d} above the kernel's {MAX_HEAD_DIM}");
+        }
+        if batch * steps == 0 {
+            bail!("cached_attention: no queries (a CUDA launch over no blocks fails)");
+        }
+        let (q, k, v) = ((q, lq), (k, lk), (v, lv));
+        let out = match q.0.dtype() {
+            DType::F32 => launch::<f32>(self, "cached_attention_f32", q, k, v)?,
+            DType::BF16 => launch::<half::bf16>(self, "cached_attention_bf16", q, k, v)?,
+            DType::F16 => launch::<half::f16>(self, "cached_attention_f16", q, k, v)?,
+            other => bail!("cached_attention: {other:?} on CUDA"),
+        };
+        Ok((out, Self::output_shape(lq)?))
+    }
+}
+
+/// A CPU tensor's elements as f32: read in place when they are f32 (a KV cache is large and read
+/// once per layer), converted otherwise.
+fn floats<'a>(s: &'a CpuStorage, l: &Layout) -> Result<Cow<'a, [f32]>> {
+    let n = l.shape().elem_count();
+    let at = l.start_offset();
+    Ok(match s {
+        CpuStorage::F32(x) => Cow::Borrowed(&x[at..at + n]),
+        CpuStorage::BF16(x) => x[at..at + n].iter().map(|v| v.to_f32()).collect(),
+        CpuStorage::F16(x) => x[at..at + n].iter().map(|v| v.to_f32()).collect(),
+        CpuStorage::F64(x) => x[at..at + n].iter().map(|&v| v as f32).collect(),
+        other => bail!("cached_attention: {:?} values", other.dtype()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    fn random(shape: &[usize], rng: &mut ChaCha8Rng) -> Tensor {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect();
+        Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+    }
+
+    fn spans_tensor(spans: &[(u32, u32, u32)]) -> Tensor {
+        let flat: Vec<u32> = spans.iter().flat_map(|&(s, a, b)| [s, a, b]).collect();
+        Tensor::from_vec(flat, (spans.len(), 3), &Device::Cpu).unwrap()
+    }
+
+    /// One query `q [heads, d]` over its slot's positions `first..=last` by the masked generic
+    /// attention (the form the tensor paths used before): `[heads, d]`.
+    fn masked(q: &Tensor, k: &Tensor, v: &Tensor, (slot, first, last): (u32, u32, u32)) -> Tensor {
+        let (heads, d) = q.dims2().unwrap();
+        let keys = last as usize + 1;
+        let mask: Vec<f32> = (0..keys)
+            .map(|p| if p >= first as usize { 0.0 } else { -1e9 })
+            .collect();
+        let mask = Tensor::from_vec(mask, (1, 1, 1, keys), &Device::Cpu)
+            .unwrap()
+            .to_dtype(q.dtype())
+            .unwrap();
+        let slot_of = |t: &Tensor| t.narrow(0, slot as usize, 1).unwrap().narrow(2, 0, keys);
+        crate::ops::generic::attention(
+            &q.reshape((1, heads, 1, d)).unwrap(),
+            &slot_of(k).unwrap(),
+            &slot_of(v).unwrap(),
+            &mask,
+            0.35,
+        )
+        .unwrap()
+        .reshape((heads, d))
+        .unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// Each query of `q [batch, heads, steps, d]` against the masked form, in f32 and bf16.
+    fn check_against_masked(q: &Tensor, k: &Tensor, v: &Tensor, spans: &[(u32, u32, u32)]) {
+        let (batch, heads, steps, d) = q.dims4().unwrap();
+        for dtype in [DType::F32, DType::BF16] {
+            let [q, k, v] = [q, k, v].map(|t| t.to_dtype(dtype).unwrap());
+            let got = cached_attention(&q, &k, &v, &spans_tensor(spans), 0.35).unwrap();
+            assert_eq!(got.dims(), [batch, steps, heads, d]);
+            assert_eq!(got.dtype(), dtype);
+            for (query, &span) in spans.iter().enumerate() {
+                let (b, s) = (query / steps, query % steps);
+                let one = q
+                    .get(b)
+                    .unwrap()
+                    .narrow(1, s, 1)
+                    .unwrap()
+                    .squeeze(1)
+                    .unwrap();
+                let want = masked(&one, &k, &v, span);
+                let diff = max_diff(&got.get(b).unwrap().get(s).unwrap(), &want);
+                let tolerance = if dtype == DType::F32 { 1e-6 } else { 1e-2 };
+                assert!(diff < tolerance, "{dtype:?} query {query}: {diff}");
+            }
+        }
+    }
+
+    #[test]
+    fn one_query_per_slot_attends_over_its_own_span_as_the_masked_form_does() {
+        // The decode step's layout: [slots, heads, 1, d], query s on slot s.
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let (slots, heads, kv_heads, capacity, d) = (4, 6, 2, 20, 8);
+        let q = random(&[slots, heads, 1, d], &mut rng);
+        let k = random(&[slots, kv_heads, capacity, d], &mut rng);
+        let v = random(&[slots, kv_heads, capacity, d], &mut rng);
+        // Whole prefixes, a sliding window, a single position.
+        check_against_masked(&q, &k, &v, &[(0, 0, 13), (1, 0, 2), (2, 9, 17), (3, 5, 5)]);
+    }
+
+    #[test]
+    fn packed_queries_each_attend_over_their_slot_up_to_their_position() {
+        // A packed prefill's layout: [1, heads, tokens, d], tokens of three prompt chunks on
+        // slots 2, 0 and 1 (the second after 4 positions its slot held), one windowed.
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let (slots, heads, kv_heads, capacity, d) = (3, 4, 2, 16, 8);
+        let spans: Vec<(u32, u32, u32)> = [(2, 0, 0), (2, 0, 1), (2, 0, 2)]
+            .into_iter()
+            .chain((4..9).map(|p| (0, 0, p)))
+            .chain((0..3).map(|p| (1, p.max(1) - 1, p)))
+            .collect();
+        let q = random(&[1, heads, spans.len(), d], &mut rng);
+        let k = random(&[slots, kv_heads, capacity, d], &mut rng);
+        let v = random(&[slots, kv_heads, capacity, d], &mut rng);
+        check_against_masked(&q, &k, &v, &spans);
+    }
+
+    #[test]
+    fn an_idle_query_gets_zeros_and_a_span_past_the_cache_is_refused() {
+        let mut rng = ChaCha8Rng::seed_from_u64(6);
+        let q = random(&[2, 2, 1, 4], &mut rng);
+        let k = random(&[2, 1, 5, 4], &mut rng);
+        let out =
+            cached_attention(&q, &k, &k, &spans_tensor(&[(0, 1, 0), (1, 0, 3)]), 1.0).unwrap();
+        let idle: Vec<f32> = out
+            .get(0)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!(idle.iter().all(|&x| x == 0.0));
+        for (spans, what) in [
+            ([(0, 0, 5), (1, 0, 3)], "reads position 5 of slot 0"),
+            ([(0, 0, 2), (2, 0, 3)], "reads position 3 of slot 2"),
+        ] {
+            let err = cached_attention(&q, &k, &k, &spans_tensor(&spans), 1.0).unwrap_err();
+            assert!(err.to_string().contains(what), "{err}");
+        }
+    }
+}
