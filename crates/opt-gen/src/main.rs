@@ -150,6 +150,9 @@ fn run(args: Args) -> Result<()> {
     if args.batch_size == Some(0) {
         bail!("--batch-size must be at least 1");
     }
+    if args.max_prompt_tokens == 0 {
+        bail!("--max-prompt-tokens must be at least 1");
+    }
     if args.prompt_tokens_per_step == 0 {
         bail!("--prompt-tokens-per-step must be at least 1");
     }
@@ -185,6 +188,14 @@ fn run(args: Args) -> Result<()> {
                 ),
                 Truncate::Left => ids = ids.split_off(ids.len() - args.max_prompt_tokens),
             }
+        }
+        if ids.is_empty() {
+            bail!(
+                "{}: prompt_id '{}' has no tokens (an empty text, and a tokenizer that adds no \
+                 BOS): the first response token has nothing to be predicted from",
+                shard.name(),
+                prompt.prompt_id
+            );
         }
         for sample in 0..args.n {
             requests.push(GenerationRequest {

@@ -312,6 +312,51 @@ fn over_long_prompts_fail_unless_truncated() {
     assert_eq!(rows(&String::from_utf8(out.stdout).unwrap()).len(), 3);
 }
 
+/// A prompt with no tokens (an empty text for a base model that adds no BOS) names its
+/// prompt_id, and so does --max-prompt-tokens 0, before any tensor is made (on a GPU a
+/// zero-size tensor, which its kernels refuse).
+#[test]
+fn a_prompt_without_tokens_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = tmp.path().join("prompts.jsonl");
+    write_jsonl(
+        &prompts,
+        &[
+            serde_json::json!({"prompt_id": "said", "prompt": "Once upon a time"}),
+            serde_json::json!({"prompt_id": "unsaid", "prompt": ""}),
+        ],
+    );
+    let m = optune_testkit::base_model_without_bos(tmp.path());
+    let base = [
+        "--model",
+        m.to_str().unwrap(),
+        prompts.to_str().unwrap(),
+        "--max-new-tokens",
+        "4",
+    ];
+    let out = opt_gen(&base);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("prompt_id 'unsaid' has no tokens"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty());
+    let out = opt_gen(
+        &[
+            &base[..],
+            &["--max-prompt-tokens", "0", "--truncate", "left"],
+        ]
+        .concat(),
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--max-prompt-tokens must be at least 1"),
+        "{stderr}"
+    );
+}
+
 fn write_jsonl(path: &Path, rows: &[serde_json::Value]) {
     let text: String = rows.iter().map(|row| format!("{row}\n")).collect();
     std::fs::write(path, text).unwrap();

@@ -79,6 +79,12 @@ pub fn read_pairs(
                     response: response_ids,
                 };
                 truncate(&mut tokenized, max_length);
+                if tokenized.prompt.is_empty() {
+                    bail!(
+                        "the prompt has no tokens (an empty text, and a tokenizer that adds no \
+                         BOS): the response's first token has nothing to be predicted from"
+                    );
+                }
                 Ok(tokenized)
             };
             let at_row = || format!("{}: row {}", shard.name(), row + 1);

@@ -252,6 +252,13 @@ impl Args {
         if !(0.0..1.0).contains(&self.lora_dropout) {
             bail!("--lora-dropout {} must be in [0, 1)", self.lora_dropout);
         }
+        if self.max_length < 2 {
+            bail!(
+                "--max-length {} leaves no prompt token: it must be at least 2 (a prompt token \
+                 and a response token)",
+                self.max_length
+            );
+        }
         if self.max_steps == Some(0) {
             bail!("--max-steps must be at least 1");
         }

@@ -351,6 +351,34 @@ fn bad_input_is_a_clear_error() {
     assert!(!out.exists());
 }
 
+/// Pairs that cannot be trained on name the flag or the row, before any tensor is made: a
+/// prompt with no tokens would leave the response's first token nothing to be predicted from
+/// (and on a GPU a zero-size tensor, which its kernels refuse).
+#[test]
+fn a_prompt_without_tokens_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pairs = tmp.path().join("pairs.jsonl");
+    let row =
+        |prompt: &str| serde_json::json!({"prompt": prompt, "chosen": "Yes.", "rejected": "No."});
+    write_jsonl(&pairs, &[row("Say yes."), row(""), row("Say no.")]);
+    let out = tmp.path().join("policy");
+    let policy = optune_testkit::base_model_without_bos(tmp.path());
+    let (ok, err) = wdpo_at(&policy, &pairs, &out, &[]);
+    assert!(!ok);
+    assert!(
+        err.contains("pairs.jsonl: row 2") && err.contains("the prompt has no tokens"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    let (ok, err) = wdpo_on("tiny-llama", &pairs, &out, &["--max-length", "1"]);
+    assert!(!ok);
+    assert!(
+        err.contains("--max-length 1 leaves no prompt token"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}
+
 /// Writes `rows` as JSONL.
 fn write_jsonl(path: &Path, rows: &[serde_json::Value]) {
     let text: String = rows.iter().map(|row| format!("{row}\n")).collect();

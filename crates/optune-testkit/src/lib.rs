@@ -23,6 +23,26 @@ pub fn testdata(name: &str) -> PathBuf {
     workspace_root().join("testdata/shards").join(name)
 }
 
+/// A copy, in `dir`, of the committed `tiny-llama-base` whose tokenizer adds no BOS to raw text
+/// (a Llama tokenizer with `add_bos_token: false`, which transformers honours), so that an empty
+/// raw-text prompt has no tokens at all.
+pub fn base_model_without_bos(dir: &Path) -> PathBuf {
+    let base = workspace_root().join("testdata/models/tiny-llama-base");
+    let copy = dir.join("tiny-llama-base-no-bos");
+    std::fs::create_dir_all(&copy).unwrap();
+    for entry in std::fs::read_dir(&base).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, copy.join(path.file_name().unwrap())).unwrap();
+    }
+    let config_path = copy.join("tokenizer_config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["tokenizer_class"] = "LlamaTokenizerFast".into();
+    config["add_bos_token"] = false.into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    copy
+}
+
 /// The committed scored shard: six prompts × two samples.
 pub fn scored_fixture() -> Shard {
     read(&testdata("scored.jsonl"))
