@@ -14,7 +14,9 @@ rows the issues' acceptance names first, the 1.1B generation rows, cheapest to r
   logprobs  Correctness on testdata/models (tiny llama/mistral/qwen2 policies, tiny reward models),
             CUDA against the CPU: teacher-forced response log-probs from `opt-wdpo --precompute-ref`
             (f32 within 1e-4 relative, bf16 within 1e-2), reward scores from `opt-score --rm` (f32
-            1e-4; bf16 reported), `opt-gen` greedy (identical responses, KV-cache `logp`) and
+            1e-4; bf16 reported), `opt-gen` greedy (identical responses, KV-cache `logp`), `opt-gen`
+            sampled at T 1.0 / top-p 0.9 with --n 2 and chunked prefill against the CPU's generic
+            path (the same device sampler and uniforms: identical responses, `logp`) and
             three opt-wdpo training steps (losses after one and two updates: f32 1e-3, bf16 1e-1, see logprobs_training).
             The first CUDA runs also pay the driver's JIT of candle's PTX for the later stages.
   train-1b  One bf16 DPO optimiser step on a random llama of TinyLlama-1.1B's shape: LoRA r16 on
@@ -545,6 +547,32 @@ def logprobs_generation(bins: Path, work: Path) -> None:
                    "ok" if passed else "fail")
 
 
+def logprobs_sampling(bins: Path, work: Path) -> None:
+    """The paper's sampling (temperature 1.0, top-p 0.9) with two samples per prompt sharing one
+    prefill, and prompts fed 7 tokens per step (chunked prefill beside decoding): CUDA f32
+    against the CPU running the same op graph (--kernels generic: the same device sampler, the
+    same uniforms from the same seeded streams), so the draws agree unless rounding moves a
+    uniform across a boundary."""
+    model = TESTDATA / "models" / "tiny-llama"
+    prompts = work / "gen-prompts.jsonl"
+    write_jsonl(prompts, [{"prompt_id": f"g{i:02d}", "prompt": p} for i, p in enumerate(PROMPTS)])
+    got = {}
+    for device in ["cpu", "cuda"]:
+        out = work / f"sampled-{device}.jsonl"
+        flags = device_flags(device, "f32") if device == "cuda" else ["--kernels", "generic"]
+        run([bins / "opt-gen", "--model", model, prompts, "-o", out, "--n", "2", "--temperature", "1.0",
+             "--top-p", "0.9", "--seed", "11", "--prompt-tokens-per-step", "7", "--max-new-tokens", "48",
+             "--batch-size", "8", "--device", dev(device), "--dtype", "f32", *flags])
+        got[device] = read_jsonl(out)
+    same = [(a, b) for a, b in zip(got["cuda"], got["cpu"]) if a["response"] == b["response"]]
+    worst = max((rel(a["logp"], b["logp"]) for a, b in same), default=float("nan"))
+    passed = len(same) >= 0.9 * len(got["cuda"]) and worst <= 1e-4
+    what = ("opt-gen sampled CUDA f32 vs CPU f32 generic (tiny-llama, 16 prompts x 2 samples, T 1.0, "
+            "top-p 0.9, 7 prompt tokens per step): identical responses, max rel. diff of their logp")
+    REPORT.row("logprobs", what, f"{len(same)}/{len(got['cuda'])}, {fmt(worst, '.2e')}", "", "",
+               f"≥ 90 % identical, ≤ 1e-4: {'pass' if passed else 'FAIL'}", "ok" if passed else "fail")
+
+
 def logprobs_training(bins: Path, work: Path) -> None:
     # Step 1's loss is ln 2 everywhere (policy = reference); steps 2 and 3 depend on the updates
     # (gradients, clipping, AdamW), so they are the ones compared.
@@ -589,6 +617,7 @@ def stage_logprobs(args, models) -> None:
     guarded("logprobs", "log-probs", lambda: logprobs_policies(args.bin, work))
     guarded("logprobs", "reward scores", lambda: logprobs_rewards(args.bin, work))
     guarded("logprobs", "opt-gen greedy", lambda: logprobs_generation(args.bin, work))
+    guarded("logprobs", "opt-gen sampled", lambda: logprobs_sampling(args.bin, work))
     guarded("logprobs", "training steps", lambda: logprobs_training(args.bin, work))
 
 
