@@ -25,6 +25,7 @@ pub mod host;
 mod matmul;
 pub mod ops;
 pub mod runtime;
+mod sampling;
 mod simd;
 
 pub use cached_attention::cached_attention;
@@ -38,3 +39,4 @@ pub use ops::{
     accumulation_dtype, attention, embedding, linear, lora_linear, rms_norm, rotary_heads,
     silu_mul, token_logprobs, HEAD_CHUNK_ROWS, KEPT_LOGITS_BYTES,
 };
+pub use sampling::{sample_rows, Sampling, BISECTION_STEPS, FLOOR_NATS};

@@ -1,32 +1,20 @@
-//! Sampling where the logits are: tensor ops only, so that on a GPU the `[rows, vocab]` logits stay
-//! on the device and each step copies back one token id and one log-probability per row.
+//! Sampling where the logits are: on a GPU the `[rows, vocab]` logits stay on the device and
+//! each step copies back one token id and one log-probability per row.
 //!
-//! It draws from the distribution [`crate::generate::sample_token`] draws from (greedy, temperature,
-//! top-k, top-p), by other means, since sorting a vocabulary is not a device op candle has (its
-//! CUDA sort holds a row in 48 KiB of shared memory: 12,288 columns):
-//! * the top-k and top-p cut-offs are thresholds on the logit, found per row by bisection: the
-//!   lowest logit whose tokens at or above it number at least k, hold at least p of the mass.
-//!   Tokens tied with the last one kept are all kept (the host sort keeps the lower ids), and
-//!   tokens more than [`FLOOR_NATS`]·temperature below the top are never kept: each weighs under
-//!   e^-40 of the top token, together under 1e-12 of the mass for any vocabulary up to 10^5.
-//! * the draw is the inverse of the kept weights' cumulative sum in id order, at one uniform per
-//!   row from the row's own seeded stream (the host sends those few bytes). The cumulative sum is
-//!   two-level, blocks of [`DRAW_BLOCK`] ids, each a matrix product with a triangle of ones.
+//! It draws from the distribution [`crate::generate::sample_token`] draws from (greedy,
+//! temperature, top-k, top-p) by other means, in one op ([`optune_kernels::sample_rows`]: one
+//! kernel launch per step on a GPU, its CPU form on the generic path): top-k and top-p become
+//! per-row thresholds on the logit found by bisection (ties at a cut-off kept whole, tokens more
+//! than [`optune_kernels::FLOOR_NATS`]·T below the top never kept), and the token is the first id
+//! whose running kept weight passes `u · total`, at one uniform `u` per row from the row's own
+//! seeded stream (the host sends those few bytes).
 //!
 //! The same seed repeats the same draws on the same device; the host sampler's draws differ (its
 //! uniform walks the tokens in probability order).
 
 use crate::generate::SamplingParams;
-use candle_core::{DType, Device, Result, Tensor, D};
-use optune_kernels::cuda_matmul::matmul;
-
-/// Kept tokens lie at most this many nats (times the temperature) below the most likely one.
-const FLOOR_NATS: f64 = 40.0;
-/// Halvings of the bisection interval: `(FLOOR_NATS·T + 1) / 2^32` resolves any two f32 logits
-/// of ordinary size.
-const BISECTION_STEPS: usize = 32;
-/// Ids per block of the two-level cumulative sum.
-const DRAW_BLOCK: usize = 128;
+use candle_core::{Result, Tensor};
+use optune_kernels::Sampling;
 
 /// Samples one token from each row of `logits [rows, vocab]` with `uniforms[row]` in `[0, 1)`
 /// (unused when greedy), and returns each token with its untempered log-probability
@@ -36,162 +24,35 @@ pub fn sample_rows(
     params: &SamplingParams,
     uniforms: &[f64],
 ) -> Result<Vec<(u32, f64)>> {
-    let (rows, vocab) = logits.dims2()?;
+    let (rows, _) = logits.dims2()?;
     if uniforms.len() != rows {
         candle_core::bail!("{} uniforms for {rows} rows", uniforms.len());
     }
     if rows == 0 {
         return Ok(Vec::new());
     }
-    let device = logits.device();
-    let logits = logits.to_dtype(DType::F32)?;
-    // Logits less their row's maximum: every value ≤ 0, the most likely token(s) at 0.
-    let shifted = logits.broadcast_sub(&logits.max_keepdim(D::Minus1)?)?;
-    let log_z = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    let token = if params.temperature <= 0.0 {
-        shifted.argmax_keepdim(D::Minus1)?
-    } else {
-        let weights = (&shifted / params.temperature)?.exp()?;
-        let kept = kept_weights(&shifted, &weights, params)?;
-        let u = uniforms.iter().map(|&u| (u as f32).min(LARGEST_BELOW_ONE));
-        let u = Tensor::from_iter(u, device)?.reshape((rows, 1))?;
-        let drawn = draw(&kept, &u, vocab)?;
-        // Rounding can leave the draw on a token of no weight (a zero right after the last kept
-        // one): the most likely token, which every support holds, takes its place.
-        let chosen_weight = kept.gather(&drawn, D::Minus1)?;
-        chosen_weight
-            .gt(0.0)?
-            .where_cond(&drawn, &shifted.argmax_keepdim(D::Minus1)?)?
+    let u = uniforms.iter().map(|&u| (u as f32).min(LARGEST_BELOW_ONE));
+    let u = Tensor::from_iter(u, logits.device())?;
+    let sampling = Sampling {
+        temperature: params.temperature as f32,
+        top_k: params.top_k.map_or(0, |k| k.min(u32::MAX as usize) as u32),
+        top_p: params.top_p as f32,
     };
-    let logp = shifted.gather(&token, D::Minus1)?.sub(&log_z)?;
-    let packed = Tensor::cat(&[token.to_dtype(DType::F32)?, logp], 1)?.to_vec2::<f32>()?;
-    Ok(packed
+    let picks = optune_kernels::sample_rows(logits, &u, sampling)?.to_vec2::<f32>()?;
+    Ok(picks
         .into_iter()
         .map(|row| (row[0] as u32, row[1] as f64))
         .collect())
 }
 
+/// The largest f32 below 1: a uniform of 1.0 (f64 rounding up) would draw past the last token.
 const LARGEST_BELOW_ONE: f32 = 1.0 - f32::EPSILON / 2.0;
-
-/// `weights` where the token is in the top-k and top-p support, else 0.
-fn kept_weights(shifted: &Tensor, weights: &Tensor, params: &SamplingParams) -> Result<Tensor> {
-    let vocab = shifted.dim(D::Minus1)?;
-    let top_k = params.top_k.filter(|&k| k > 0 && k < vocab);
-    if top_k.is_none() && params.top_p >= 1.0 {
-        return Ok(weights.clone());
-    }
-    let rows = shifted.dim(0)?;
-    let floor = Tensor::full(
-        (-FLOOR_NATS * params.temperature.max(1e-3)) as f32,
-        (rows, 1),
-        shifted.device(),
-    )?;
-    let zeros = weights.zeros_like()?;
-    let at_or_above = |threshold: &Tensor| shifted.broadcast_ge(threshold);
-    // `weights` of the tokens at or above `threshold`, 0 elsewhere.
-    let kept_from = |threshold: &Tensor| at_or_above(threshold)?.where_cond(weights, &zeros);
-    let mut threshold = floor;
-    if let Some(k) = top_k {
-        threshold = bisect(&threshold, |mid| {
-            at_or_above(mid)?
-                .to_dtype(DType::F32)?
-                .sum_keepdim(D::Minus1)?
-                .ge(k as f64)
-        })?;
-    }
-    if params.top_p < 1.0 {
-        // The nucleus is measured against the top-k tokens' mass, as on the host.
-        let target = (kept_from(&threshold)?.sum_keepdim(D::Minus1)? * params.top_p)?;
-        threshold = bisect(&threshold, |mid| {
-            kept_from(mid)?.sum_keepdim(D::Minus1)?.ge(&target)
-        })?;
-    }
-    kept_from(&threshold)
-}
-
-/// The highest threshold `t ∈ [low, 1]` per row (to the bisection's resolution) at which
-/// `holds(t)` is still true, for a `holds` true at `low` and false at 1 (above every shifted logit)
-/// and monotone in between. `low` and the result are `[rows, 1]`.
-fn bisect(low: &Tensor, holds: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
-    let mut low = low.clone();
-    let mut high = low.ones_like()?;
-    for _ in 0..BISECTION_STEPS {
-        let mid = ((&low + &high)? * 0.5)?;
-        let ok = holds(&mid)?;
-        low = ok.where_cond(&mid, &low)?;
-        high = ok.where_cond(&high, &mid)?;
-    }
-    Ok(low)
-}
-
-/// The first id whose cumulative weight exceeds `u · total` per row: `[rows, 1]` u32.
-fn draw(kept: &Tensor, u: &Tensor, vocab: usize) -> Result<Tensor> {
-    let (rows, device) = (kept.dim(0)?, kept.device());
-    let blocks = vocab.div_ceil(DRAW_BLOCK);
-    let padded = if blocks * DRAW_BLOCK > vocab {
-        let pad = Tensor::zeros((rows, blocks * DRAW_BLOCK - vocab), DType::F32, device)?;
-        Tensor::cat(&[kept, &pad], 1)?
-    } else {
-        kept.clone()
-    };
-    // Inclusive running sums inside each block [rows, blocks, DRAW_BLOCK], then over the blocks'
-    // totals [rows, blocks].
-    let triangle =
-        upper_triangle(DRAW_BLOCK, device)?.broadcast_as((rows, DRAW_BLOCK, DRAW_BLOCK))?;
-    let within = matmul(&padded.reshape((rows, blocks, DRAW_BLOCK))?, &triangle)?;
-    // Each block's last running sum, copied: as a view its rows lie DRAW_BLOCK apart, which
-    // candle's CUDA matmul refuses.
-    let block_totals = within
-        .narrow(2, DRAW_BLOCK - 1, 1)?
-        .squeeze(2)?
-        .contiguous()?;
-    let running = matmul(&block_totals, &upper_triangle(blocks, device)?)?;
-    let target = running.narrow(1, blocks - 1, 1)?.mul(u)?;
-    // The block holding the target, and the running sum before it (the same numbers, shifted).
-    let block = count_at_or_below(&running, &target)?.clamp(0.0, (blocks - 1) as f64)?;
-    let before = Tensor::cat(
-        &[
-            &Tensor::zeros((rows, 1), DType::F32, device)?,
-            &running.narrow(1, 0, blocks - 1)?,
-        ],
-        1,
-    )?;
-    let block_ids = block.to_dtype(DType::U32)?;
-    let rest = (&target - before.gather(&block_ids, 1)?)?;
-    let in_block = within
-        .gather(
-            &block_ids
-                .reshape((rows, 1, 1))?
-                .broadcast_as((rows, 1, DRAW_BLOCK))?
-                .contiguous()?,
-            1,
-        )?
-        .squeeze(1)?;
-    let offset = count_at_or_below(&in_block, &rest)?.clamp(0.0, (DRAW_BLOCK - 1) as f64)?;
-    ((block * DRAW_BLOCK as f64)? + offset)?
-        .clamp(0.0, (vocab - 1) as f64)?
-        .to_dtype(DType::U32)
-}
-
-/// How many entries of each row of `sums [rows, n]` are ≤ that row's `limit [rows, 1]`, as f32.
-fn count_at_or_below(sums: &Tensor, limit: &Tensor) -> Result<Tensor> {
-    sums.broadcast_le(limit)?
-        .to_dtype(DType::F32)?
-        .sum_keepdim(D::Minus1)
-}
-
-/// `[n, n]` with ones on and above the diagonal: `x · it` is the running sum along x's rows.
-fn upper_triangle(n: usize, device: &Device) -> Result<Tensor> {
-    let ones: Vec<f32> = (0..n * n)
-        .map(|i| if i / n <= i % n { 1.0 } else { 0.0 })
-        .collect();
-    Tensor::from_vec(ones, (n, n), device)
-}
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::generate::tests::params;
+    use candle_core::Device;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 

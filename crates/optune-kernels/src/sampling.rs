@@ -1,0 +1,287 @@
+//! Sampling one token from each row of logits where the logits are, as one op: on a GPU one
+//! kernel launch per step (src/cuda/sampling.cu, one block per row), and only the chosen ids and
+//! their log-probabilities cross to the host.
+//!
+//! It draws from the distribution a sorting sampler draws from (greedy, temperature, top-k,
+//! top-p), without sorting the vocabulary (candle's CUDA sort holds a row in 48 KiB of shared
+//! memory: 12,288 columns):
+//! * the top-k and top-p cut-offs are thresholds on the shifted logit `l − max(l)`, found per row
+//!   by [`BISECTION_STEPS`] halvings of `[−FLOOR_NATS·T, 1]`: the highest threshold at which the
+//!   tokens at or above it number at least k, then hold at least p of the top-k tokens' weight.
+//!   Tokens tied with the last one kept are all kept, and tokens more than
+//!   [`FLOOR_NATS`]·T below the top are never kept: each weighs under e^-40 of the top token,
+//!   together under 1e-12 of the mass for any vocabulary up to 10^5.
+//! * the draw is the first id whose running kept weight, in id order, exceeds `u · total` for the
+//!   row's uniform `u`.
+//!
+//! The CPU form below is the specification: it computes every sum in the order the kernel does
+//! (256 lanes, lane `t` summing ids `t, t + 256, …` in order, then the lanes' sums in lane order;
+//! the draw's running weight over 256 contiguous chunks of ids), so the two devices differ only
+//! by their `exp`'s last bits. The same uniform and logits repeat the same draw.
+
+use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Kept tokens lie at most this many nats (times the temperature) below the most likely one.
+pub const FLOOR_NATS: f32 = 40.0;
+/// Halvings of the threshold interval: `(FLOOR_NATS·T + 1) / 2^32` separates any two f32 logits
+/// of ordinary size.
+pub const BISECTION_STEPS: u32 = 32;
+/// Lanes of the kernel's block, and of the CPU form's sums.
+const LANES: usize = 256;
+
+/// How a row's token is chosen: `temperature` 0 is greedy; `top_k` 0 or ≥ the vocabulary and
+/// `top_p` ≥ 1 keep every token.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sampling {
+    pub temperature: f32,
+    pub top_k: u32,
+    pub top_p: f32,
+}
+
+/// One token from each row of `logits [rows, vocab]` (any float dtype, read as f32) with
+/// `uniforms [rows]` (f32 in `[0, 1)`, unused when greedy): `[rows, 2]` f32 of the token id and
+/// its untempered log-probability `log softmax(logits)[token]`, on the logits' device.
+pub fn sample_rows(logits: &Tensor, uniforms: &Tensor, sampling: Sampling) -> Result<Tensor> {
+    let (rows, vocab) = logits.dims2()?;
+    if uniforms.dims() != [rows] {
+        bail!(
+            "sample_rows: uniforms {:?} for {rows} rows",
+            uniforms.dims()
+        );
+    }
+    if rows == 0 || vocab == 0 {
+        bail!("sample_rows: no logits ({rows} rows of {vocab})");
+    }
+    if vocab > 1 << 24 {
+        bail!("sample_rows: {vocab} tokens: ids above 2^24 do not survive f32");
+    }
+    let logits = logits.to_dtype(DType::F32)?.contiguous()?;
+    let uniforms = uniforms.to_dtype(DType::F32)?.contiguous()?;
+    logits.apply_op2_no_bwd(&uniforms, &SampleRows(sampling))
+}
+
+struct SampleRows(Sampling);
+
+/// `Σ f(i)` over `0..n` as the kernel sums: lane `t` adds `f(t), f(t + LANES), …` in order, then
+/// the lanes' sums are added in lane order.
+fn lane_sum(n: usize, f: impl Fn(usize) -> f32) -> f32 {
+    (0..LANES.min(n))
+        .map(|lane| (lane..n).step_by(LANES).fold(0f32, |acc, i| acc + f(i)))
+        .fold(0f32, |acc, s| acc + s)
+}
+
+impl Sampling {
+    /// The token and its log-probability for one row, with uniform `u`.
+    fn row(&self, logits: &[f32], u: f32) -> (u32, f32) {
+        let n = logits.len();
+        let top = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        // Computed once here (the kernel recomputes them in every pass: the same numbers).
+        let shifted: Vec<f32> = logits.iter().map(|&l| l - top).collect();
+        let shifted = |i: usize| shifted[i];
+        let log_z = lane_sum(n, |i| shifted(i).exp()).ln();
+        let best = logits.iter().position(|&l| l == top).unwrap_or(0);
+        let logp = |i: usize| shifted(i) - log_z;
+        if self.temperature <= 0.0 {
+            return (best as u32, logp(best));
+        }
+        let weights: Vec<f32> = (0..n)
+            .map(|i| (shifted(i) / self.temperature).exp())
+            .collect();
+        let weight = |i: usize| weights[i];
+        let mass_from = |t: f32| lane_sum(n, |i| if shifted(i) >= t { weight(i) } else { 0.0 });
+        let mut threshold = -FLOOR_NATS * self.temperature.max(1e-3);
+        if self.top_k > 0 && (self.top_k as usize) < n {
+            let k = self.top_k as f32;
+            threshold = bisect(threshold, |mid| {
+                lane_sum(n, |i| if shifted(i) >= mid { 1.0 } else { 0.0 }) >= k
+            });
+        }
+        if self.top_p < 1.0 {
+            let target = mass_from(threshold) * self.top_p;
+            threshold = bisect(threshold, |mid| mass_from(mid) >= target);
+        }
+        let kept = |i: usize| {
+            if shifted(i) >= threshold {
+                weight(i)
+            } else {
+                0.0
+            }
+        };
+        // Contiguous chunks of ids, one per lane: each lane's kept weight, then the running sum
+        // over the lanes in order finds the chunk, and a walk through it the id.
+        let chunk = n.div_ceil(LANES);
+        let chunks: Vec<f32> = (0..LANES)
+            .map(|lane| (lane * chunk..((lane + 1) * chunk).min(n)).fold(0f32, |a, i| a + kept(i)))
+            .collect();
+        let total = chunks.iter().fold(0f32, |a, &s| a + s);
+        let target = u * total;
+        let mut before = 0f32;
+        for (lane, &sum) in chunks.iter().enumerate() {
+            if before + sum > target {
+                let mut running = before;
+                for i in lane * chunk..((lane + 1) * chunk).min(n) {
+                    running += kept(i);
+                    if running > target {
+                        return (i as u32, logp(i));
+                    }
+                }
+                break;
+            }
+            before += sum;
+        }
+        // Rounding put the target at or past the total: the most likely token, which every
+        // support holds.
+        (best as u32, logp(best))
+    }
+}
+
+/// The highest threshold in `[low, 1]` (to [`BISECTION_STEPS`] halvings) at which `holds` is
+/// still true, for `holds` true at `low` and false at 1 (above every shifted logit).
+fn bisect(low: f32, holds: impl Fn(f32) -> bool) -> f32 {
+    let (mut low, mut high) = (low, 1f32);
+    for _ in 0..BISECTION_STEPS {
+        let mid = (low + high) * 0.5;
+        if holds(mid) {
+            low = mid;
+        } else {
+            high = mid;
+        }
+    }
+    low
+}
+
+impl CustomOp2 for SampleRows {
+    fn name(&self) -> &'static str {
+        "sample-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        logits: &CpuStorage,
+        ll: &Layout,
+        uniforms: &CpuStorage,
+        lu: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, vocab) = ll.shape().dims2()?;
+        let (CpuStorage::F32(logits), CpuStorage::F32(uniforms)) = (logits, uniforms) else {
+            bail!("sample_rows: f32 logits and uniforms expected");
+        };
+        let logits = &logits[ll.start_offset()..][..rows * vocab];
+        let uniforms = &uniforms[lu.start_offset()..][..rows];
+        let picks: Vec<[f32; 2]> = logits
+            .par_chunks(vocab)
+            .zip(uniforms.par_iter())
+            .map(|(row, &u)| {
+                let (token, logp) = self.0.row(row, u);
+                [token as f32, logp]
+            })
+            .collect();
+        Ok((
+            CpuStorage::F32(picks.into_iter().flatten().collect()),
+            Shape::from((rows, 2)),
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        logits: &candle_core::CudaStorage,
+        ll: &Layout,
+        uniforms: &candle_core::CudaStorage,
+        lu: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::WrapErr;
+        use candle_core::CudaStorage;
+
+        const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sampling.ptx"));
+        let (rows, vocab) = ll.shape().dims2()?;
+        let device = logits.device().clone();
+        let logits = logits.as_cuda_slice::<f32>()?.slice(ll.start_offset()..);
+        let uniforms = uniforms.as_cuda_slice::<f32>()?.slice(lu.start_offset()..);
+        // SAFETY: the kernel writes both numbers of every row.
+        let out = unsafe { device.alloc::<f32>(rows * 2)? };
+        let func = device.get_or_load_custom_func("sample_rows_f32", "optune_sampling", PTX)?;
+        let Sampling {
+            temperature,
+            top_k,
+            top_p,
+        } = self.0;
+        let (vocab_arg, top_k_arg, steps) = (vocab as i32, top_k as i32, BISECTION_STEPS as i32);
+        let config = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (LANES as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut builder = func.builder();
+        builder.arg(&logits);
+        builder.arg(&uniforms);
+        builder.arg(&out);
+        builder.arg(&vocab_arg);
+        builder.arg(&temperature);
+        builder.arg(&top_k_arg);
+        builder.arg(&top_p);
+        builder.arg(&FLOOR_NATS);
+        builder.arg(&steps);
+        // SAFETY: the argument list matches the kernel's signature; logits hold rows·vocab f32,
+        // uniforms rows, out 2·rows (shapes checked by `sample_rows`), and the block is LANES
+        // threads as the kernel's shared arrays assume.
+        unsafe { builder.launch(config) }.w()?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, device),
+            Shape::from((rows, 2)),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_run_lane_by_lane_as_the_kernel_adds_them() {
+        // 1e8 and -1e8 head lanes 0 and 1, whose other element (a 1) is lost to rounding there;
+        // the 254 other lanes hold two ones each. In id order the large values cancel first and
+        // all 510 ones count.
+        let f = |i: usize| match i {
+            0 => 1e8f32,
+            1 => -1e8,
+            _ => 1.0,
+        };
+        assert_eq!((0..512).fold(0f32, |a, i| a + f(i)), 510.0);
+        assert_eq!(lane_sum(512, f), 508.0);
+    }
+
+    #[test]
+    fn greedy_top_k_and_top_p_choose_within_their_support() {
+        let sampling = |temperature, top_k, top_p| Sampling {
+            temperature,
+            top_k,
+            top_p,
+        };
+        // Weights at T = 1: 1, e^-1, e^-2, e^-3 (ids 2, 0, 3, 1).
+        let row = [2.0f32, 0.0, 3.0, 1.0];
+        let z = row
+            .iter()
+            .map(|&l| ((l - 3.0) as f64).exp())
+            .sum::<f64>()
+            .ln();
+        let logp = |id: usize| ((row[id] - 3.0) as f64 - z) as f32;
+        let (token, lp) = sampling(0.0, 0, 1.0).row(&row, 0.99);
+        assert_eq!(token, 2);
+        assert!((lp - logp(2)).abs() < 1e-6);
+        // Top-2: ids 2 and 0; u just below 1 takes the later of them in id order, id 2.
+        assert_eq!(sampling(1.0, 2, 1.0).row(&row, 0.999).0, 2);
+        assert_eq!(sampling(1.0, 2, 1.0).row(&row, 0.0).0, 0);
+        // Top-p 0.5: id 2 alone holds 1 / (1 + e^-1 + e^-2 + e^-3) = 0.64 of the mass.
+        for u in [0.0, 0.5, 0.999] {
+            assert_eq!(sampling(1.0, 0, 0.5).row(&row, u).0, 2);
+        }
+        // Everything: u = 0 takes id 0, the first with weight.
+        let (token, lp) = sampling(1.0, 0, 1.0).row(&row, 0.0);
+        assert_eq!(token, 0);
+        assert!((lp - logp(0)).abs() < 1e-6);
+    }
+}
