@@ -409,7 +409,8 @@ fn linear_many_with(isa: Isa, x: &[f32], rows: usize, products: &mut [Product]) 
         })
         .collect();
     let xp = x.as_ptr() as usize;
-    // Tasks write disjoint blocks of their product's output.
+    // SAFETY: tasks write disjoint blocks (rows r0..r1, columns c0..c1) of their product's
+    // output, and read `x` and the weights, which outlive the tasks, within their lengths.
     let run = |&(i, (r0, r1), (c0, c1)): &(usize, (usize, usize), (usize, usize))| unsafe {
         let p = &raw[i];
         let x = (xp as *const f32).add(r0 * k);
@@ -481,13 +482,16 @@ pub fn attention(
             .iter()
             .map(|v| v * scale)
             .collect();
-        // Disjoint: row `row`, heads h·group .. (h+1)·group.
+        // SAFETY: each task owns row `row`, heads h·group .. (h+1)·group of `out` (tasks are
+        // distinct (row, h) pairs), inside `out`'s rows·heads·d elements (asserted above).
         let dst = unsafe {
             std::slice::from_raw_parts_mut(
                 out_ptr.get().add((row * heads + h * group) * d),
                 group * d,
             )
         };
+        // SAFETY: `isa` is what this CPU supports (`isa()`), and the slices have the lengths
+        // attend_group reads: group·d query and output values, whole positions of keys/values.
         unsafe { attend_group(isa, &qs, group, keys, values, d, dst) };
     };
     let tasks = rows * kvh;
