@@ -161,7 +161,14 @@ fn cpu_kernels_agree_with_the_tensor_path() {
                 .unwrap()
                 .to_vec2()
                 .unwrap();
-            for s in (0..3).filter(|&s| feed[s].is_some()) {
+            for s in 0..3 {
+                if feed[s].is_none() {
+                    // An idle slot's row is zeros on both caches.
+                    assert!(
+                        a[s].iter().chain(&b[s]).all(|&x| x == 0.0),
+                        "{name} slot {s}"
+                    );
+                }
                 for (x, y) in a[s].iter().zip(&b[s]) {
                     assert!(
                         (x - y).abs() <= 1e-5 * y.abs().max(1.0),
@@ -334,4 +341,59 @@ fn chunked_prefill_generates_what_whole_prompts_do() {
             }
         }
     }
+}
+
+/// The tensor path's feed refuses what would corrupt the cache or reach a GPU as an empty tensor:
+/// a slot fed twice in one call, a segment past the slot's capacity, no segment at all.
+#[test]
+fn the_tensor_feed_refuses_a_slot_twice_an_overfull_slot_and_nothing() {
+    use optune_model::transformer::Segment;
+    let model = model("tiny-llama");
+    let mut cache = KvCache::new_tensors(&model, 2, 8).unwrap();
+    let (a, b) = ([5u32, 6, 7], [8u32]);
+    let twice = [
+        Segment {
+            slot: 0,
+            tokens: &a,
+        },
+        Segment {
+            slot: 0,
+            tokens: &b,
+        },
+    ];
+    let err = model.feed_tensor(&twice, &mut cache).unwrap_err();
+    assert!(err.to_string().contains("slot 0 is fed twice"), "{err}");
+    let long = [9u32; 9];
+    let err = model
+        .feed_tensor(
+            &[Segment {
+                slot: 1,
+                tokens: &long,
+            }],
+            &mut cache,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("slot 1 is full"), "{err}");
+    let err = model.feed_tensor(&[], &mut cache).unwrap_err();
+    assert!(err.to_string().contains("no segments"), "{err}");
+    // Nothing was written: both slots are still empty, and feeding them works.
+    assert!((0..2).all(|s| cache.is_empty(s)));
+    let rows = model
+        .feed(
+            &[
+                Segment {
+                    slot: 0,
+                    tokens: &a,
+                },
+                Segment {
+                    slot: 1,
+                    tokens: &b,
+                },
+            ],
+            &mut cache,
+        )
+        .unwrap();
+    assert_eq!(rows.len(), 2 * model.config().vocab_size);
+    assert_eq!((cache.len(0), cache.len(1)), (3, 1));
+    assert!(model.feed(&[], &mut cache).unwrap().is_empty());
 }
