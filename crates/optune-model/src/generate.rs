@@ -442,7 +442,15 @@ pub fn generate(
                     .iter()
                     .map(|(slot, _)| row_of[*slot] as u32)
                     .collect();
-                let rows = Tensor::new(rows.as_slice(), logits.device())?;
+                // A decoding step samples every row in order: no copy of the logits then.
+                let every_row = rows.len() == logits.dim(0)?
+                    && rows.iter().enumerate().all(|(i, &r)| r as usize == i);
+                let logits = match every_row {
+                    true => logits,
+                    false => {
+                        logits.index_select(&Tensor::new(rows.as_slice(), logits.device())?, 0)?
+                    }
+                };
                 let uniforms: Vec<f64> = states
                     .iter_mut()
                     .map(|(_, state)| match params.temperature > 0.0 {
@@ -450,7 +458,7 @@ pub fn generate(
                         false => 0.0,
                     })
                     .collect();
-                sample_rows(&logits.index_select(&rows, 0)?, params, &uniforms)?
+                sample_rows(&logits, params, &uniforms)?
             };
             for &(leader, slot) in &copies {
                 cache.copy_slot(leader, slot)?;
