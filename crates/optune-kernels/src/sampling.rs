@@ -19,6 +19,7 @@
 //! the draw's running weight over 256 contiguous chunks of ids), so the two devices differ only
 //! by their `exp`'s last bits. The same uniform and logits repeat the same draw.
 
+use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -39,7 +40,7 @@ pub struct Sampling {
     pub top_p: f32,
 }
 
-/// One token from each row of `logits [rows, vocab]` (any float dtype, read as f32) with
+/// One token from each row of `logits [rows, vocab]` (f32, bf16 or f16, read as f32) with
 /// `uniforms [rows]` (f32 in `[0, 1)`, unused when greedy): `[rows, 2]` f32 of the token id and
 /// its untempered log-probability `log softmax(logits)[token]`, on the logits' device.
 pub fn sample_rows(logits: &Tensor, uniforms: &Tensor, sampling: Sampling) -> Result<Tensor> {
@@ -56,7 +57,11 @@ pub fn sample_rows(logits: &Tensor, uniforms: &Tensor, sampling: Sampling) -> Re
     if vocab > 1 << 24 {
         bail!("sample_rows: {vocab} tokens: ids above 2^24 do not survive f32");
     }
-    let logits = logits.to_dtype(DType::F32)?.contiguous()?;
+    if !matches!(logits.dtype(), DType::F32 | DType::BF16 | DType::F16) {
+        bail!("sample_rows: {:?} logits", logits.dtype());
+    }
+    // Read in their own dtype (as f32 values, exactly): no cast of the logits on the way.
+    let logits = logits.contiguous()?;
     let uniforms = uniforms.to_dtype(DType::F32)?.contiguous()?;
     logits.apply_op2_no_bwd(&uniforms, &SampleRows(sampling))
 }
@@ -164,19 +169,27 @@ impl CustomOp2 for SampleRows {
         lu: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (rows, vocab) = ll.shape().dims2()?;
-        let (CpuStorage::F32(logits), CpuStorage::F32(uniforms)) = (logits, uniforms) else {
-            bail!("sample_rows: f32 logits and uniforms expected");
+        let CpuStorage::F32(uniforms) = uniforms else {
+            bail!("sample_rows: f32 uniforms expected");
         };
-        let logits = &logits[ll.start_offset()..][..rows * vocab];
         let uniforms = &uniforms[lu.start_offset()..][..rows];
-        let picks: Vec<[f32; 2]> = logits
-            .par_chunks(vocab)
-            .zip(uniforms.par_iter())
-            .map(|(row, &u)| {
-                let (token, logp) = self.0.row(row, u);
-                [token as f32, logp]
+        let at = ll.start_offset();
+        let row_of = |r: usize| -> Result<Vec<f32>> {
+            let span = at + r * vocab..at + (r + 1) * vocab;
+            Ok(match logits {
+                CpuStorage::F32(x) => x[span].to_vec(),
+                CpuStorage::BF16(x) => x[span].iter().map(|v| v.to_f32()).collect(),
+                CpuStorage::F16(x) => x[span].iter().map(|v| v.to_f32()).collect(),
+                other => bail!("sample_rows: {:?} logits", other.dtype()),
             })
-            .collect();
+        };
+        let picks: Vec<[f32; 2]> = (0..rows)
+            .into_par_iter()
+            .map(|r| {
+                let (token, logp) = self.0.row(&row_of(r)?, uniforms[r]);
+                Ok([token as f32, logp])
+            })
+            .collect::<Result<_>>()?;
         Ok((
             CpuStorage::F32(picks.into_iter().flatten().collect()),
             Shape::from((rows, 2)),
@@ -191,48 +204,66 @@ impl CustomOp2 for SampleRows {
         uniforms: &candle_core::CudaStorage,
         lu: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
         use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
         use candle_core::cuda_backend::WrapErr;
         use candle_core::CudaStorage;
 
         const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sampling.ptx"));
-        let (rows, vocab) = ll.shape().dims2()?;
-        let device = logits.device().clone();
-        let logits = logits.as_cuda_slice::<f32>()?.slice(ll.start_offset()..);
-        let uniforms = uniforms.as_cuda_slice::<f32>()?.slice(lu.start_offset()..);
-        // SAFETY: the kernel writes both numbers of every row.
-        let out = unsafe { device.alloc::<f32>(rows * 2)? };
-        let func = device.get_or_load_custom_func("sample_rows_f32", "optune_sampling", PTX)?;
-        let Sampling {
-            temperature,
-            top_k,
-            top_p,
-        } = self.0;
-        let (vocab_arg, top_k_arg, steps) = (vocab as i32, top_k as i32, BISECTION_STEPS as i32);
-        let config = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (LANES as u32, 1, 1),
-            shared_mem_bytes: 0,
+
+        fn launch<
+            T: candle_core::cuda_backend::CudaDType
+                + candle_core::cuda_backend::cudarc::driver::DeviceRepr,
+        >(
+            op: &SampleRows,
+            name: &str,
+            (logits, ll): (&CudaStorage, &Layout),
+            (uniforms, lu): (&CudaStorage, &Layout),
+        ) -> Result<CudaStorage> {
+            let (rows, vocab) = ll.shape().dims2()?;
+            let device = logits.device().clone();
+            let logits = logits.as_cuda_slice::<T>()?.slice(ll.start_offset()..);
+            let uniforms = uniforms.as_cuda_slice::<f32>()?.slice(lu.start_offset()..);
+            // SAFETY: the kernel writes both numbers of every row.
+            let out = unsafe { device.alloc::<f32>(rows * 2)? };
+            let func = device.get_or_load_custom_func(name, "optune_sampling", PTX)?;
+            let Sampling {
+                temperature,
+                top_k,
+                top_p,
+            } = op.0;
+            let (vocab_arg, top_k_arg, steps) =
+                (vocab as i32, top_k as i32, BISECTION_STEPS as i32);
+            let config = LaunchConfig {
+                grid_dim: (rows as u32, 1, 1),
+                block_dim: (LANES as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut builder = func.builder();
+            builder.arg(&logits);
+            builder.arg(&uniforms);
+            builder.arg(&out);
+            builder.arg(&vocab_arg);
+            builder.arg(&temperature);
+            builder.arg(&top_k_arg);
+            builder.arg(&top_p);
+            builder.arg(&FLOOR_NATS);
+            builder.arg(&steps);
+            // SAFETY: the argument list matches the kernel's signature; logits hold rows·vocab
+            // elements of T, uniforms rows f32, out 2·rows f32 (shapes checked by
+            // `sample_rows`), and the block is LANES threads as the kernel's shared arrays assume.
+            unsafe { builder.launch(config) }.w()?;
+            Ok(CudaStorage::wrap_cuda_slice(out, device))
+        }
+
+        let rows = ll.shape().dims2()?.0;
+        let (l, u) = ((logits, ll), (uniforms, lu));
+        let out = match logits.dtype() {
+            DType::F32 => launch::<f32>(self, "sample_rows_f32", l, u)?,
+            DType::BF16 => launch::<half::bf16>(self, "sample_rows_bf16", l, u)?,
+            DType::F16 => launch::<half::f16>(self, "sample_rows_f16", l, u)?,
+            other => bail!("sample_rows: {other:?} logits on CUDA"),
         };
-        let mut builder = func.builder();
-        builder.arg(&logits);
-        builder.arg(&uniforms);
-        builder.arg(&out);
-        builder.arg(&vocab_arg);
-        builder.arg(&temperature);
-        builder.arg(&top_k_arg);
-        builder.arg(&top_p);
-        builder.arg(&FLOOR_NATS);
-        builder.arg(&steps);
-        // SAFETY: the argument list matches the kernel's signature; logits hold rows·vocab f32,
-        // uniforms rows, out 2·rows (shapes checked by `sample_rows`), and the block is LANES
-        // threads as the kernel's shared arrays assume.
-        unsafe { builder.launch(config) }.w()?;
-        Ok((
-            CudaStorage::wrap_cuda_slice(out, device),
-            Shape::from((rows, 2)),
-        ))
+        Ok((out, Shape::from((rows, 2))))
     }
 }
 

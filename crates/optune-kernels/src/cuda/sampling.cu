@@ -1,10 +1,16 @@
-// One token from each row of f32 logits (see src/sampling.rs: its CPU form is the specification,
+// One token from each row of logits (see src/sampling.rs: its CPU form is the specification,
 // and it sums in this kernel's order). One block of LANES threads per row; thread 0 adds the
 // lanes' partial sums in lane order, so that every sum is the CPU form's to the last bit of
 // `expf`. Out: [rows, 2] of (token id, log softmax(logits)[token]).
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <math_constants.h>
 #include <stdint.h>
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 
 #define LANES 256
 
@@ -49,45 +55,47 @@ __device__ int lanes_min(int mine, int *shared) {
 }
 
 // Σ of the weights of the tokens whose shifted logit is at or above `threshold`.
-__device__ float mass_from(const float *l, int vocab, float top, float temperature, float threshold,
+template <typename T>
+__device__ float mass_from(const T *l, int vocab, float top, float temperature, float threshold,
                            float *shared) {
     float mine = 0.0f;
     for (int i = threadIdx.x; i < vocab; i += LANES) {
-        const float shifted = l[i] - top;
+        const float shifted = to_float(l[i]) - top;
         if (shifted >= threshold) mine += expf(shifted / temperature);
     }
     return lanes_total(mine, shared);
 }
 
 // How many tokens have a shifted logit at or above `threshold`, as a float.
-__device__ float count_from(const float *l, int vocab, float top, float threshold, float *shared) {
+template <typename T>
+__device__ float count_from(const T *l, int vocab, float top, float threshold, float *shared) {
     float mine = 0.0f;
     for (int i = threadIdx.x; i < vocab; i += LANES) {
-        if (l[i] - top >= threshold) mine += 1.0f;
+        if (to_float(l[i]) - top >= threshold) mine += 1.0f;
     }
     return lanes_total(mine, shared);
 }
 
-extern "C" __global__ void __launch_bounds__(LANES)
-    sample_rows_f32(const float *__restrict__ logits, const float *__restrict__ uniforms,
-                    float *__restrict__ out, int vocab, float temperature, int top_k, float top_p,
-                    float floor_nats, int steps) {
+template <typename T>
+__device__ void sample_rows(const T *__restrict__ logits, const float *__restrict__ uniforms,
+                            float *__restrict__ out, int vocab, float temperature, int top_k,
+                            float top_p, float floor_nats, int steps) {
     __shared__ float shared[LANES + 1];
     __shared__ int shared_int[LANES + 1];
     const int lane = threadIdx.x;
     const size_t row = blockIdx.x;
-    const float *l = logits + row * (size_t)vocab;
+    const T *l = logits + row * (size_t)vocab;
 
     float top = -CUDART_INF_F;
-    for (int i = lane; i < vocab; i += LANES) top = fmaxf(top, l[i]);
+    for (int i = lane; i < vocab; i += LANES) top = fmaxf(top, to_float(l[i]));
     top = lanes_max(top, shared);
     float z = 0.0f;
-    for (int i = lane; i < vocab; i += LANES) z += expf(l[i] - top);
+    for (int i = lane; i < vocab; i += LANES) z += expf(to_float(l[i]) - top);
     const float log_z = logf(lanes_total(z, shared));
     // The most likely token, ties to the lowest id.
     int best = vocab;
     for (int i = lane; i < vocab; i += LANES) {
-        if (l[i] == top) {
+        if (to_float(l[i]) == top) {
             best = i;
             break;
         }
@@ -97,7 +105,7 @@ extern "C" __global__ void __launch_bounds__(LANES)
     if (temperature <= 0.0f) {
         if (lane == 0) {
             out[2 * row] = (float)best;
-            out[2 * row + 1] = (l[best] - top) - log_z;
+            out[2 * row + 1] = (to_float(l[best]) - top) - log_z;
         }
         return;
     }
@@ -136,7 +144,7 @@ extern "C" __global__ void __launch_bounds__(LANES)
     const int end = min(start + chunk, vocab);
     float mine = 0.0f;
     for (int i = start; i < end; ++i) {
-        const float shifted = l[i] - top;
+        const float shifted = to_float(l[i]) - top;
         if (shifted >= threshold) mine += expf(shifted / temperature);
     }
     __syncthreads();
@@ -152,7 +160,7 @@ extern "C" __global__ void __launch_bounds__(LANES)
         if (before + shared[t] > target) {
             float running = before;
             for (int i = t * chunk; i < min((t + 1) * chunk, vocab); ++i) {
-                const float shifted = l[i] - top;
+                const float shifted = to_float(l[i]) - top;
                 if (shifted >= threshold) running += expf(shifted / temperature);
                 if (running > target) {
                     token = i;
@@ -164,5 +172,17 @@ extern "C" __global__ void __launch_bounds__(LANES)
         before += shared[t];
     }
     out[2 * row] = (float)token;
-    out[2 * row + 1] = (l[token] - top) - log_z;
+    out[2 * row + 1] = (to_float(l[token]) - top) - log_z;
 }
+
+#define SAMPLE_ROWS(NAME, T)                                                                       \
+    extern "C" __global__ void __launch_bounds__(LANES)                                            \
+        NAME(const T *logits, const float *uniforms, float *out, int vocab, float temperature,     \
+             int top_k, float top_p, float floor_nats, int steps) {                                \
+        sample_rows<T>(logits, uniforms, out, vocab, temperature, top_k, top_p, floor_nats,       \
+                       steps);                                                                     \
+    }
+
+SAMPLE_ROWS(sample_rows_f32, float)
+SAMPLE_ROWS(sample_rows_bf16, __nv_bfloat16)
+SAMPLE_ROWS(sample_rows_f16, __half)
