@@ -32,7 +32,9 @@ rows the issues' acceptance names first, the 1.1B generation rows, cheapest to r
             each of --batches: `opt-gen --device cuda --dtype bf16` against transformers
             `generate` (bf16, sdpa, left-padded, the same token ids), the ratio, and the fraction
             of the bandwidth roof: bytes of weights one decode step reads x steps per second
-            (tokens/s / batch, prefill included) / the copy bandwidth measured at the start.
+            (tokens/s / batch, prefill included) / the copy bandwidth measured at the start;
+            then the prefill of one ~1,900-token prompt (one new token) against one transformers
+            forward over it.
   gen-1b    The rows of gen-7b on the 1.1B.
 
 Cost on one H100/H200, guessed from the sizes before any GPU run (the table's last row gives the
@@ -43,9 +45,10 @@ measured wall seconds of each stage; replace these guesses with them):
   train-1b   build the 1.1B (2.2 GB), 2 x (optune run + peer)                        ~50 s
   train-7b   build the 7B (init on the GPU, 13.5 GB written once), optune LoRA run
              (load, 5 steps, 13.5 GB merged checkpoint written), peer (loads the 7B) ~100 s
-  gen-7b     4 batch sizes x (opt-gen run incl. 13.5 GB load + generate)            ~90 s
-  gen-1b     4 batch sizes x (opt-gen run incl. load + generate), 1.1B reloaded     ~50 s
-  total                                                                             ~365 s
+  gen-7b     4 batch sizes x (opt-gen run incl. 13.5 GB load + generate), prefill   ~105 s
+  gen-1b     4 batch sizes x (opt-gen run incl. load + generate), 1.1B reloaded,
+             prefill                                                                ~58 s
+  total                                                                             ~388 s
 
 --budget-s (default 420) bounds the run: before each row the elapsed time plus that row's guessed
 cost (ESTIMATE_S) must fit, else the row is skipped with a note; every tool run is killed at
@@ -114,6 +117,7 @@ ESTIMATE_S = {
     "logprobs": 60,
     "build:1b": 15, "lora:1b": 15, "full:1b": 20, "gen:1b": 12,
     "build:7b": 45, "lora:7b": 55, "gen:7b": 22,
+    "prefill:1b": 8, "prefill:7b": 15,
 }
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -1068,6 +1072,53 @@ def stage_gen(args, models: Models, role: str) -> None:
             continue
         guarded(f"gen {role}", f"tok/s at batch {batch}",
                 lambda: gen_row(args, models, role, batch, models.peer(role), state["ids"], state["bytes"]))
+    if BUDGET.allows(f"prefill:{role}"):
+        guarded(f"gen {role}", "prefill of a long prompt", lambda: prefill_row(args, models, role))
+    else:
+        BUDGET.skip(f"gen {role}", "prefill of a long prompt", f"prefill:{role}")
+
+
+def prefill_row(args, models: Models, role: str) -> None:
+    """One long prompt, one new token: the prefill alone. opt-gen attends each prompt token over
+    its slot through the cache kernel (one block per token and head, keys read per token), where
+    transformers runs sdpa over the whole prompt; this row says what that costs on long prompts."""
+    import torch
+
+    work = args.work / "gen" / role
+    peer = models.peer(role)
+    tok = tokenizer_for(models.path(role))
+    target = min(1900, peer.config.max_position_embeddings - 8)
+    text = " ".join(PROMPTS)
+    while len(chat_ids(tok, [{"role": "user", "content": text}])) < target:
+        text = text + " " + " ".join(PROMPTS)
+    ids = chat_ids(tok, [{"role": "user", "content": text}])[-target:]
+    prompts_file = work / "long-prompt.jsonl"
+    write_jsonl(prompts_file, [{"prompt_id": "long", "prompt": text}])
+    cmd = [args.bin / "opt-gen", "--model", models.path(role), prompts_file, "-o", work / "long.jsonl", "--n", "1",
+           "--temperature", "0", "--ignore-eos", "--max-new-tokens", "1", "--batch-size", "1",
+           "--max-prompt-tokens", str(target), "--truncate", "left", "--device", GPU, "--dtype", "bf16",
+           *device_flags("cuda", "bf16")]
+    ours, theirs = [], []
+    x = torch.tensor([ids], device=GPU)
+    with torch.inference_mode():
+        peer(input_ids=x[:, :16])
+    for _ in range(max(2, args.repeats)):
+        free_torch_memory()
+        stderr, _, _ = run(cmd, unit=f"prefill:{role}")
+        ours.append(float(summary(stderr, "opt-gen")["gen_s"]))
+        sync()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            peer(input_ids=x)
+        sync()
+        theirs.append(time.perf_counter() - start)
+    o, t = min(ours), min(theirs)
+    REPORT.row(f"gen {role}", f"prefill of one {target}-token prompt + 1 new token, seconds (best of {len(ours)})",
+               f"{o:.3f}", f"{t:.3f}", ratio(o, t),
+               "optune: opt-gen's gen_s (prefill, one decode step, sampling); peer: one transformers forward "
+               "(bf16, sdpa) over the prompt; below 1 favours optune")
+    REPORT.raw.setdefault("prefill", []).append({"role": role, "tokens": target, "optune_s": ours,
+                                                 "transformers_s": theirs})
 
 
 # ---------------------------------------------------------------------------------------------
