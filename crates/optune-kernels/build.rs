@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const KERNELS: [&str; 2] = ["cached_attention", "sampling"];
+const KERNELS: [&str; 3] = ["cached_attention", "optimizer", "sampling"];
 
 fn main() {
     println!("cargo:rerun-if-env-changed=CARGO_FEATURE_CUDA");

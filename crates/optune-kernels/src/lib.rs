@@ -24,6 +24,7 @@ mod grad_buffers;
 pub mod host;
 mod matmul;
 pub mod ops;
+pub mod optimizer;
 pub mod runtime;
 mod sampling;
 mod simd;

@@ -3,9 +3,10 @@
 //! `candle_nn::AdamW` builds several new tensors per parameter per step (4.8 s per step at 135M
 //! parameters on two cores). Here the update of one parameter is a single fused pass over
 //! parameter, gradient and moment buffers, run as a candle in-place op on the parameter's own
-//! storage: nothing is allocated per step on the CPU `f32` path. Parameters on other devices or
-//! of other dtypes take a tensor-op path (correct, slower, one temporary per operation) so the
-//! same code runs on CUDA.
+//! storage: nothing is allocated per step on the CPU `f32` path. Parameters on other devices
+//! keep their moments in one `[buffers, n]` f32 tensor there and take two in-place ops per step
+//! ([`optune_kernels::optimizer::update_in_place`]: two kernel launches on CUDA); both paths
+//! apply the same element arithmetic ([`optune_kernels::optimizer::StepRule`]).
 //!
 //! Semantics follow PyTorch 2.x, operation by operation in `f32`, so results match
 //! `torch.optim` to rounding:
@@ -30,6 +31,7 @@ use std::path::Path;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, DType, InplaceOp1, InplaceOp2, Layout, Storage, Tensor, Var};
+use optune_kernels::optimizer::{update_in_place, AdamWStep, RmsPropStep, StepRule};
 use rayon::prelude::*;
 use safetensors::{Dtype, SafeTensors, View};
 use serde::{Deserialize, Serialize};
@@ -194,8 +196,9 @@ pub fn missing_grads(grads: &GradStore, params: &[(String, Var)]) -> Vec<String>
 enum Moments {
     /// CPU `f32` parameters: updated by the fused in-place kernel.
     Host(Vec<Vec<f32>>),
-    /// Any other parameter: `f32` tensors on the parameter's device, updated with tensor ops.
-    Device(Vec<Tensor>),
+    /// Any other parameter: one `[buffers, n]` `f32` tensor on the parameter's device, updated in
+    /// place by [`update_in_place`].
+    Device(Tensor),
 }
 
 impl Moments {
@@ -207,10 +210,12 @@ impl Moments {
                 (0..count).map(|_| vec![0.0; var.elem_count()]).collect(),
             ))
         } else {
-            let zeros = (0..count)
-                .map(|_| Tensor::zeros(var.shape(), DType::F32, var.device()))
-                .collect::<candle_core::Result<_>>()?;
-            Ok(Moments::Device(zeros))
+            let shape = (count, var.elem_count());
+            Ok(Moments::Device(Tensor::zeros(
+                shape,
+                DType::F32,
+                var.device(),
+            )?))
         }
     }
 
@@ -218,11 +223,13 @@ impl Moments {
         if updates_on_host(var) {
             Ok(Moments::Host(buffers))
         } else {
-            let tensors = buffers
-                .into_iter()
-                .map(|values| Tensor::from_vec(values, var.shape(), var.device()))
-                .collect::<candle_core::Result<_>>()?;
-            Ok(Moments::Device(tensors))
+            let shape = (buffers.len(), var.elem_count());
+            let values = buffers.concat();
+            Ok(Moments::Device(Tensor::from_vec(
+                values,
+                shape,
+                var.device(),
+            )?))
         }
     }
 }
@@ -348,7 +355,7 @@ impl Optimizer {
         let step = self.step + 1;
         let buffer_count = self.algorithm.buffer_names().len();
         for (param, grad) in self.params.iter_mut().zip(param_grads) {
-            let rule = ElementRule::new(&self.algorithm, self.lr, step, param.weight_decay);
+            let rule = step_rule(&self.algorithm, self.lr, step, param.weight_decay);
             param
                 .update(rule, grad, buffer_count)
                 .with_context(|| format!("updating {}", param.name))?;
@@ -391,9 +398,11 @@ impl Optimizer {
                     }
                 }
                 Moments::Device(buffers) => {
-                    for (buffer_name, tensor) in names.zip(buffers) {
-                        let values = Cow::Owned(tensor.flatten_all()?.to_vec1::<f32>()?);
-                        let view = F32View { shape, values };
+                    for (buffer_name, values) in names.zip(buffers.to_vec2::<f32>()?) {
+                        let view = F32View {
+                            shape,
+                            values: Cow::Owned(values),
+                        };
                         tensors.push((format!("{}.{buffer_name}", param.name), view));
                     }
                 }
@@ -509,7 +518,7 @@ impl Optimizer {
 }
 
 impl Param {
-    fn update(&mut self, rule: ElementRule, grad: &Tensor, buffer_count: usize) -> Result<()> {
+    fn update(&mut self, rule: StepRule, grad: &Tensor, buffer_count: usize) -> Result<()> {
         let moments = match self.moments.take() {
             Some(moments) => moments,
             None => Moments::zeros(&self.var, buffer_count)?,
@@ -525,9 +534,16 @@ impl Param {
                 self.var.as_tensor().inplace_op2(&grad, &op)?;
             }
             Moments::Device(buffers) => {
-                let param = self.var.as_detached_tensor().to_dtype(DType::F32)?;
-                let updated = rule.apply_tensors(&param, &grad.to_dtype(DType::F32)?, buffers)?;
-                self.var.set(&updated.to_dtype(self.var.dtype())?)?;
+                let grad = grad.to_dtype(DType::F32)?.contiguous()?;
+                let var = self.var.as_tensor();
+                if var.dtype() == DType::F32 && var.is_contiguous() {
+                    update_in_place(rule, var, &grad, buffers)?;
+                } else {
+                    // Another dtype or layout: the step on an f32 copy, written back.
+                    let param = var.to_dtype(DType::F32)?.contiguous()?.copy()?;
+                    update_in_place(rule, &param, &grad, buffers)?;
+                    self.var.set(&param.to_dtype(self.var.dtype())?)?;
+                }
             }
         }
         Ok(())
@@ -543,211 +559,91 @@ fn check_lr(lr: f64) -> Result<()> {
 }
 
 /// The scalars of one parameter's update at one step, rounded to `f32` from `f64` the way torch
-/// rounds Python floats when it applies them to `f32` tensors.
-#[derive(Clone, Copy)]
-enum ElementRule {
-    AdamW(AdamWStep),
-    RmsProp(RmsPropStep),
-}
-
-#[derive(Clone, Copy)]
-struct AdamWStep {
-    /// `1 - lr * wd`: decoupled weight decay (exactly 1 without decay).
-    decay_factor: f32,
-    /// `1 - beta1`, the `lerp` weight torch uses for the first moment.
-    avg_weight: f32,
-    beta2: f32,
-    /// `1 - beta2`.
-    sq_weight: f32,
-    bias_correction2_sqrt: f32,
-    eps: f32,
-    /// `-lr / (1 - beta1^t)`.
-    neg_step_size: f32,
-}
-
-#[derive(Clone, Copy)]
-struct RmsPropStep {
-    weight_decay: f32,
-    alpha: f32,
-    /// `1 - alpha`.
-    sq_weight: f32,
-    eps: f32,
-    momentum: f32,
-    neg_lr: f32,
-}
-
-impl RmsPropStep {
-    /// The part shared with and without momentum: updates `square_avg`, returns the gradient with
-    /// weight decay and the denominator `avg`.
-    #[inline(always)]
-    fn grad_and_avg(&self, param: f32, grad: f32, square_avg: &mut f32) -> (f32, f32) {
-        let grad = if self.weight_decay != 0.0 {
-            grad + self.weight_decay * param // grad.add(param, alpha=wd), skipped at 0 as in torch
-        } else {
-            grad
-        };
-        *square_avg = *square_avg * self.alpha + self.sq_weight * grad * grad; // mul_(alpha).addcmul_(grad, grad, 1 - alpha)
-        (grad, square_avg.sqrt() + self.eps)
-    }
-}
-
-impl ElementRule {
-    /// `step` counts from 1, as torch's `state["step"]` after its increment.
-    fn new(algorithm: &Algorithm, lr: f64, step: u64, weight_decay: f64) -> Self {
-        match *algorithm {
-            Algorithm::AdamW(AdamW { beta1, beta2, eps }) => {
-                // torch computes these in Python floats: `beta ** step` is C `pow`, as is `** 0.5`.
-                let step = step as f64;
-                let bias_correction1 = 1.0 - beta1.powf(step);
-                let bias_correction2 = 1.0 - beta2.powf(step);
-                ElementRule::AdamW(AdamWStep {
-                    decay_factor: (1.0 - lr * weight_decay) as f32,
-                    avg_weight: (1.0 - beta1) as f32,
-                    beta2: beta2 as f32,
-                    sq_weight: (1.0 - beta2) as f32,
-                    bias_correction2_sqrt: bias_correction2.powf(0.5) as f32,
-                    eps: eps as f32,
-                    neg_step_size: (-(lr / bias_correction1)) as f32,
-                })
-            }
-            Algorithm::RmsProp(RmsProp {
-                alpha,
-                eps,
-                momentum,
-            }) => ElementRule::RmsProp(RmsPropStep {
-                weight_decay: weight_decay as f32,
-                alpha: alpha as f32,
-                sq_weight: (1.0 - alpha) as f32,
+/// rounds Python floats when it applies them to `f32` tensors. `step` counts from 1, as torch's
+/// `state["step"]` after its increment.
+fn step_rule(algorithm: &Algorithm, lr: f64, step: u64, weight_decay: f64) -> StepRule {
+    match *algorithm {
+        Algorithm::AdamW(AdamW { beta1, beta2, eps }) => {
+            // torch computes these in Python floats: `beta ** step` is C `pow`, as is `** 0.5`.
+            let step = step as f64;
+            let bias_correction1 = 1.0 - beta1.powf(step);
+            let bias_correction2 = 1.0 - beta2.powf(step);
+            StepRule::AdamW(AdamWStep {
+                decay_factor: (1.0 - lr * weight_decay) as f32,
+                avg_weight: (1.0 - beta1) as f32,
+                beta2: beta2 as f32,
+                sq_weight: (1.0 - beta2) as f32,
+                bias_correction2_sqrt: bias_correction2.powf(0.5) as f32,
                 eps: eps as f32,
-                momentum: momentum as f32,
-                neg_lr: (-lr) as f32,
-            }),
+                neg_step_size: (-(lr / bias_correction1)) as f32,
+            })
         }
+        Algorithm::RmsProp(RmsProp {
+            alpha,
+            eps,
+            momentum,
+        }) => StepRule::RmsProp(RmsPropStep {
+            weight_decay: weight_decay as f32,
+            alpha: alpha as f32,
+            sq_weight: (1.0 - alpha) as f32,
+            eps: eps as f32,
+            momentum: momentum as f32,
+            neg_lr: (-lr) as f32,
+        }),
     }
+}
 
-    /// The fused update, one pass over each chunk of the parameter. Each line mirrors one torch
-    /// tensor op, in torch's order, so the rounding matches.
-    fn apply_host(
-        self,
-        param: &mut [f32],
-        grad: &[f32],
-        moments: &mut [Vec<f32>],
-    ) -> candle_core::Result<()> {
-        let len = param.len();
-        if grad.len() != len || moments.iter().any(|buffer| buffer.len() != len) {
-            candle_core::bail!("parameter, gradient and moment buffers differ in length");
-        }
-        let chunks = param
-            .par_chunks_mut(CHUNK_LEN)
-            .zip(grad.par_chunks(CHUNK_LEN));
-        match (self, moments) {
-            (ElementRule::AdamW(s), [exp_avg, exp_avg_sq]) => chunks
-                .zip(exp_avg.par_chunks_mut(CHUNK_LEN))
-                .zip(exp_avg_sq.par_chunks_mut(CHUNK_LEN))
-                .for_each(|(((param, grad), exp_avg), exp_avg_sq)| {
-                    let elements = param.iter_mut().zip(grad).zip(exp_avg).zip(exp_avg_sq);
-                    for (((p, &g), m), v) in elements {
-                        let decayed = *p * s.decay_factor; // param.mul_(1 - lr * wd)
-                        *m = lerp(*m, g, s.avg_weight); // exp_avg.lerp_(grad, 1 - beta1)
-                        *v = *v * s.beta2 + s.sq_weight * g * g; // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1 - beta2)
-                        let denom = v.sqrt() / s.bias_correction2_sqrt + s.eps;
-                        *p = decayed + s.neg_step_size * *m / denom; // param.addcdiv_(exp_avg, denom, -step_size)
-                    }
-                }),
-            (ElementRule::RmsProp(s), [square_avg]) => chunks
-                .zip(square_avg.par_chunks_mut(CHUNK_LEN))
-                .for_each(|((param, grad), square_avg)| {
-                    for ((p, &g), sq) in param.iter_mut().zip(grad).zip(square_avg) {
-                        let (g, avg) = s.grad_and_avg(*p, g, sq);
-                        *p += s.neg_lr * g / avg; // param.addcdiv_(grad, avg, -lr)
-                    }
-                }),
-            (ElementRule::RmsProp(s), [square_avg, momentum_buffer]) => chunks
-                .zip(square_avg.par_chunks_mut(CHUNK_LEN))
-                .zip(momentum_buffer.par_chunks_mut(CHUNK_LEN))
-                .for_each(|(((param, grad), square_avg), momentum_buffer)| {
-                    let elements = param
-                        .iter_mut()
-                        .zip(grad)
-                        .zip(square_avg)
-                        .zip(momentum_buffer);
-                    for (((p, &g), sq), b) in elements {
-                        let (g, avg) = s.grad_and_avg(*p, g, sq);
-                        *b = *b * s.momentum + g / avg; // buf.mul_(momentum).addcdiv_(grad, avg)
-                        *p += s.neg_lr * *b; // param.add_(buf, alpha=-lr)
-                    }
-                }),
-            _ => candle_core::bail!("moment buffers do not match the optimizer algorithm"),
-        }
-        Ok(())
+/// The fused update on the CPU, one pass over each chunk of the parameter and its buffers.
+fn update_host(
+    rule: StepRule,
+    param: &mut [f32],
+    grad: &[f32],
+    moments: &mut [Vec<f32>],
+) -> candle_core::Result<()> {
+    let len = param.len();
+    if grad.len() != len
+        || moments.len() != rule.buffers()
+        || moments.iter().any(|buffer| buffer.len() != len)
+    {
+        candle_core::bail!("parameter, gradient and moment buffers differ in length");
     }
-
-    /// The same update with tensor ops, for parameters not on the CPU in `f32`. `param` and
-    /// `grad` are `f32`; returns the new parameter value.
-    fn apply_tensors(
-        self,
-        param: &Tensor,
-        grad: &Tensor,
-        moments: &mut [Tensor],
-    ) -> Result<Tensor> {
-        let scaled = |t: &Tensor, factor: f32| t.affine(factor.into(), 0.0);
-        match (self, moments) {
-            (ElementRule::AdamW(s), [exp_avg, exp_avg_sq]) => {
-                let decayed = scaled(param, s.decay_factor)?;
-                *exp_avg = lerp_tensor(exp_avg, grad, s.avg_weight)?;
-                *exp_avg_sq =
-                    (scaled(exp_avg_sq, s.beta2)? + (scaled(grad, s.sq_weight)? * grad)?)?;
-                let denom = exp_avg_sq
-                    .sqrt()?
-                    .affine((1.0 / s.bias_correction2_sqrt).into(), s.eps.into())?;
-                Ok((decayed + (scaled(exp_avg, s.neg_step_size)? / denom)?)?)
-            }
-            (ElementRule::RmsProp(s), [square_avg, momentum_buffer @ ..]) => {
-                let grad = if s.weight_decay != 0.0 {
-                    (grad + scaled(param, s.weight_decay)?)?
-                } else {
-                    grad.clone()
-                };
-                *square_avg =
-                    (scaled(square_avg, s.alpha)? + (scaled(&grad, s.sq_weight)? * &grad)?)?;
-                let avg = square_avg.sqrt()?.affine(1.0, s.eps.into())?;
-                match momentum_buffer {
-                    [] => Ok((param + (scaled(&grad, s.neg_lr)? / avg)?)?),
-                    [buffer] => {
-                        *buffer = (scaled(buffer, s.momentum)? + (grad / avg)?)?;
-                        Ok((param + scaled(buffer, s.neg_lr)?)?)
+    let chunks = param
+        .par_chunks_mut(CHUNK_LEN)
+        .zip(grad.par_chunks(CHUNK_LEN));
+    match moments {
+        [first] => {
+            chunks
+                .zip(first.par_chunks_mut(CHUNK_LEN))
+                .for_each(|((param, grad), first)| {
+                    for ((p, &g), m0) in param.iter_mut().zip(grad).zip(first) {
+                        let mut m = [*m0];
+                        rule.update_moments(*p, g, &mut m);
+                        *p = rule.updated_param(*p, g, &m);
+                        *m0 = m[0];
                     }
-                    _ => bail!("moment buffers do not match the optimizer algorithm"),
+                })
+        }
+        [first, second] => chunks
+            .zip(first.par_chunks_mut(CHUNK_LEN))
+            .zip(second.par_chunks_mut(CHUNK_LEN))
+            .for_each(|(((param, grad), first), second)| {
+                let elements = param.iter_mut().zip(grad).zip(first).zip(second);
+                for (((p, &g), m0), m1) in elements {
+                    let mut m = [*m0, *m1];
+                    rule.update_moments(*p, g, &mut m);
+                    *p = rule.updated_param(*p, g, &m);
+                    (*m0, *m1) = (m[0], m[1]);
                 }
-            }
-            _ => bail!("moment buffers do not match the optimizer algorithm"),
-        }
+            }),
+        _ => candle_core::bail!("moment buffers do not match the optimizer algorithm"),
     }
-}
-
-/// torch's `lerp`: the two-sided form keeps the result exact at both ends.
-#[inline(always)]
-fn lerp(start: f32, end: f32, weight: f32) -> f32 {
-    if weight.abs() < 0.5 {
-        start + weight * (end - start)
-    } else {
-        end - (end - start) * (1.0 - weight)
-    }
-}
-
-fn lerp_tensor(start: &Tensor, end: &Tensor, weight: f32) -> candle_core::Result<Tensor> {
-    let diff = (end - start)?;
-    if weight.abs() < 0.5 {
-        start + diff.affine(weight.into(), 0.0)?
-    } else {
-        end - diff.affine((1.0 - weight).into(), 0.0)?
-    }
+    Ok(())
 }
 
 /// Candle in-place op: parameter (destination) and gradient (source) plus the moment buffers,
 /// which the op borrows for the one call candle makes.
 struct FusedUpdate<'a> {
-    rule: ElementRule,
+    rule: StepRule,
     moments: Cell<Option<&'a mut [Vec<f32>]>>,
 }
 
@@ -767,8 +663,12 @@ impl InplaceOp2 for FusedUpdate<'_> {
             candle_core::bail!("{} ran twice", InplaceOp2::name(self))
         };
         let grad = f32_slice(grad, grad_layout)?;
-        self.rule
-            .apply_host(f32_slice_mut(param, param_layout)?, grad, moments)
+        update_host(
+            self.rule,
+            f32_slice_mut(param, param_layout)?,
+            grad,
+            moments,
+        )
     }
 }
 

@@ -1,7 +1,7 @@
 //! Replays the torch trajectories in testdata/reference/optim.json (written by
 //! scripts/reference/optim_reference.py) through optune's optimisers, schedules and clipping.
-//! `f32` parameters take the fused CPU path; `f64` parameters take the tensor-op path used on
-//! other devices and dtypes.
+//! `f32` parameters take the fused CPU path; `f64` parameters the device path (moments in one
+//! tensor, updated by the two in-place ops a GPU runs as kernels, on an f32 copy written back).
 
 use std::collections::BTreeMap;
 

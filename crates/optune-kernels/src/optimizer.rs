@@ -1,0 +1,434 @@
+//! One optimiser step of one parameter, element by element: the arithmetic that optune-train's
+//! AdamW and RMSprop apply, defined once here for the CPU's fused pass and for the two in-place
+//! ops that update a parameter where it lives ([`update_in_place`]; on CUDA two kernel launches,
+//! src/cuda/optimizer.cu, instead of a dozen tensor ops each allocating a parameter-sized
+//! temporary).
+//!
+//! Every line mirrors one torch tensor op in torch's order, in f32, so results match
+//! `torch.optim` to rounding; the scalars come rounded from f64 as torch rounds Python floats.
+
+use candle_core::{bail, CpuStorage, InplaceOp3, Layout, Result, Tensor};
+
+/// The scalars of one parameter's update at one step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum StepRule {
+    AdamW(AdamWStep),
+    RmsProp(RmsPropStep),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWStep {
+    /// `1 - lr * wd`: decoupled weight decay (exactly 1 without decay).
+    pub decay_factor: f32,
+    /// `1 - beta1`, the `lerp` weight torch uses for the first moment.
+    pub avg_weight: f32,
+    pub beta2: f32,
+    /// `1 - beta2`.
+    pub sq_weight: f32,
+    pub bias_correction2_sqrt: f32,
+    pub eps: f32,
+    /// `-lr / (1 - beta1^t)`.
+    pub neg_step_size: f32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RmsPropStep {
+    pub weight_decay: f32,
+    pub alpha: f32,
+    /// `1 - alpha`.
+    pub sq_weight: f32,
+    pub eps: f32,
+    /// With momentum, the second moment buffer is the momentum buffer.
+    pub momentum: f32,
+    pub neg_lr: f32,
+}
+
+impl StepRule {
+    /// Moment buffers this rule keeps: 2 for AdamW (`exp_avg`, `exp_avg_sq`), 1 or 2 for
+    /// RMSprop (`square_avg`, then `momentum_buffer` with momentum).
+    pub fn buffers(&self) -> usize {
+        match self {
+            StepRule::AdamW(_) => 2,
+            StepRule::RmsProp(s) if s.momentum != 0.0 => 2,
+            StepRule::RmsProp(_) => 1,
+        }
+    }
+
+    /// Updates the moments `m` (this element of each buffer) from parameter `p` (before its
+    /// update) and gradient `g`.
+    #[inline(always)]
+    pub fn update_moments(&self, p: f32, g: f32, m: &mut [f32]) {
+        match self {
+            StepRule::AdamW(s) => {
+                m[0] = lerp(m[0], g, s.avg_weight); // exp_avg.lerp_(grad, 1 - beta1)
+                m[1] = m[1] * s.beta2 + s.sq_weight * g * g; // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1 - beta2)
+            }
+            StepRule::RmsProp(s) => {
+                let g = s.decayed_grad(p, g);
+                m[0] = m[0] * s.alpha + s.sq_weight * g * g; // mul_(alpha).addcmul_(grad, grad, 1 - alpha)
+                let avg = m[0].sqrt() + s.eps;
+                if let Some(buffer) = m.get_mut(1) {
+                    *buffer = *buffer * s.momentum + g / avg; // buf.mul_(momentum).addcdiv_(grad, avg)
+                }
+            }
+        }
+    }
+
+    /// The parameter after the step, from its value before, the gradient and the moments
+    /// already updated by [`StepRule::update_moments`].
+    #[inline(always)]
+    pub fn updated_param(&self, p: f32, g: f32, m: &[f32]) -> f32 {
+        match self {
+            StepRule::AdamW(s) => {
+                let decayed = p * s.decay_factor; // param.mul_(1 - lr * wd)
+                let denom = m[1].sqrt() / s.bias_correction2_sqrt + s.eps;
+                decayed + s.neg_step_size * m[0] / denom // param.addcdiv_(exp_avg, denom, -step_size)
+            }
+            StepRule::RmsProp(s) => match m.get(1) {
+                Some(&buffer) => p + s.neg_lr * buffer, // param.add_(buf, alpha=-lr)
+                None => {
+                    let avg = m[0].sqrt() + s.eps;
+                    p + s.neg_lr * s.decayed_grad(p, g) / avg // param.addcdiv_(grad, avg, -lr)
+                }
+            },
+        }
+    }
+}
+
+impl RmsPropStep {
+    /// `grad.add(param, alpha=wd)`, skipped at 0 as in torch.
+    #[inline(always)]
+    fn decayed_grad(&self, p: f32, g: f32) -> f32 {
+        if self.weight_decay != 0.0 {
+            g + self.weight_decay * p
+        } else {
+            g
+        }
+    }
+}
+
+/// torch's `lerp`: the two-sided form keeps the result exact at both ends.
+#[inline(always)]
+fn lerp(start: f32, end: f32, weight: f32) -> f32 {
+    if weight.abs() < 0.5 {
+        start + weight * (end - start)
+    } else {
+        end - (end - start) * (1.0 - weight)
+    }
+}
+
+/// One step of `rule` on an f32 parameter where it lives: `moments [buffers, n]` (f32, as
+/// [`StepRule::buffers`]) updated in place from `param` and `grad` (f32, `n` elements each,
+/// contiguous), then `param` in place. Two in-place ops, no temporaries.
+pub fn update_in_place(
+    rule: StepRule,
+    param: &Tensor,
+    grad: &Tensor,
+    moments: &Tensor,
+) -> Result<()> {
+    let n = param.elem_count();
+    if grad.elem_count() != n || moments.dims() != [rule.buffers(), n] {
+        bail!(
+            "optimizer step: parameter of {n} elements, gradient {:?}, moments {:?} for {} buffers",
+            grad.dims(),
+            moments.dims(),
+            rule.buffers()
+        );
+    }
+    for t in [param, grad, moments] {
+        if t.dtype() != candle_core::DType::F32 || !t.is_contiguous() {
+            bail!(
+                "optimizer step: {:?} {:?} is not a contiguous f32 tensor",
+                t.dtype(),
+                t.dims()
+            );
+        }
+    }
+    let grad = grad.flatten_all()?;
+    let param_flat = param.flatten_all()?;
+    moments.inplace_op3(&param_flat, &grad, &Moments(rule))?;
+    param_flat.inplace_op3(&grad, moments, &Param(rule))
+}
+
+/// In-place op on the moments `[buffers, n]`, reading the parameter and the gradient.
+struct Moments(StepRule);
+/// In-place op on the parameter, reading the gradient and the updated moments.
+struct Param(StepRule);
+
+/// The f32 values of a contiguous CPU tensor.
+fn values<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(x), Some((a, b))) => Ok(&x[a..b]),
+        _ => bail!("optimizer step: expected a contiguous f32 tensor"),
+    }
+}
+
+fn values_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> Result<&'a mut [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(x), Some((a, b))) => Ok(&mut x[a..b]),
+        _ => bail!("optimizer step: expected a contiguous f32 tensor"),
+    }
+}
+
+impl InplaceOp3 for Moments {
+    fn name(&self) -> &'static str {
+        "optimizer-moments"
+    }
+
+    fn cpu_fwd(
+        &self,
+        moments: &mut CpuStorage,
+        lm: &Layout,
+        param: &CpuStorage,
+        lp: &Layout,
+        grad: &CpuStorage,
+        lg: &Layout,
+    ) -> Result<()> {
+        let (param, grad) = (values(param, lp)?, values(grad, lg)?);
+        let n = param.len();
+        let moments = values_mut(moments, lm)?;
+        let mut m = [0f32; 2];
+        let buffers = self.0.buffers();
+        for i in 0..n {
+            for (b, slot) in m.iter_mut().enumerate().take(buffers) {
+                *slot = moments[b * n + i];
+            }
+            self.0.update_moments(param[i], grad[i], &mut m[..buffers]);
+            for (b, &value) in m.iter().enumerate().take(buffers) {
+                moments[b * n + i] = value;
+            }
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        moments: &mut candle_core::CudaStorage,
+        lm: &Layout,
+        param: &candle_core::CudaStorage,
+        lp: &Layout,
+        grad: &candle_core::CudaStorage,
+        lg: &Layout,
+    ) -> Result<()> {
+        cuda::launch(
+            "optimizer_moments",
+            self.0,
+            moments,
+            lm,
+            param,
+            lp,
+            grad,
+            lg,
+        )
+    }
+}
+
+impl InplaceOp3 for Param {
+    fn name(&self) -> &'static str {
+        "optimizer-param"
+    }
+
+    fn cpu_fwd(
+        &self,
+        param: &mut CpuStorage,
+        lp: &Layout,
+        grad: &CpuStorage,
+        lg: &Layout,
+        moments: &CpuStorage,
+        lm: &Layout,
+    ) -> Result<()> {
+        let (grad, moments) = (values(grad, lg)?, values(moments, lm)?);
+        let param = values_mut(param, lp)?;
+        let n = param.len();
+        let buffers = self.0.buffers();
+        let mut m = [0f32; 2];
+        for (i, p) in param.iter_mut().enumerate() {
+            for (b, slot) in m.iter_mut().enumerate().take(buffers) {
+                *slot = moments[b * n + i];
+            }
+            *p = self.0.updated_param(*p, grad[i], &m[..buffers]);
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        param: &mut candle_core::CudaStorage,
+        lp: &Layout,
+        grad: &candle_core::CudaStorage,
+        lg: &Layout,
+        moments: &candle_core::CudaStorage,
+        lm: &Layout,
+    ) -> Result<()> {
+        cuda::launch("optimizer_param", self.0, param, lp, grad, lg, moments, lm)
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::StepRule;
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::{CudaStorage, Layout, Result};
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/optimizer.ptx"));
+
+    /// Launches `name` (optimizer_moments or optimizer_param) over the parameter's elements:
+    /// `target` is written in place, `a` and `b` read, in the argument order of the kernel.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn launch(
+        name: &str,
+        rule: StepRule,
+        target: &mut CudaStorage,
+        lt: &Layout,
+        a: &CudaStorage,
+        la: &Layout,
+        b: &CudaStorage,
+        lb: &Layout,
+    ) -> Result<()> {
+        let device = target.device().clone();
+        // The parameter's element count: the moments hold `buffers` of it.
+        let n = if name == "optimizer_moments" {
+            la.shape().elem_count()
+        } else {
+            lt.shape().elem_count()
+        };
+        // [kind, 7 scalars]: kind 0 AdamW, 1 RMSprop, 2 RMSprop with momentum.
+        let (kind, s): (i32, [f32; 7]) = match rule {
+            StepRule::AdamW(s) => (
+                0,
+                [
+                    s.decay_factor,
+                    s.avg_weight,
+                    s.beta2,
+                    s.sq_weight,
+                    s.bias_correction2_sqrt,
+                    s.eps,
+                    s.neg_step_size,
+                ],
+            ),
+            StepRule::RmsProp(s) => (
+                if s.momentum != 0.0 { 2 } else { 1 },
+                [
+                    s.weight_decay,
+                    s.alpha,
+                    s.sq_weight,
+                    s.eps,
+                    s.momentum,
+                    s.neg_lr,
+                    0.0,
+                ],
+            ),
+        };
+        let target_slice = target.as_cuda_slice_mut::<f32>()?;
+        let mut target_view = target_slice.slice_mut(lt.start_offset()..);
+        let a = a.as_cuda_slice::<f32>()?.slice(la.start_offset()..);
+        let b = b.as_cuda_slice::<f32>()?.slice(lb.start_offset()..);
+        let func = device.get_or_load_custom_func(name, "optune_optimizer", PTX)?;
+        let n_arg = n as u64;
+        let blocks = n.div_ceil(256).min(65_535 * 8) as u32;
+        let config = LaunchConfig {
+            grid_dim: (blocks.max(1), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut builder = func.builder();
+        builder.arg(&mut target_view);
+        builder.arg(&a);
+        builder.arg(&b);
+        builder.arg(&n_arg);
+        builder.arg(&kind);
+        for scalar in &s {
+            builder.arg(scalar);
+        }
+        // SAFETY: the argument list matches the kernel's signature; the target and the two
+        // inputs are contiguous f32 buffers of n (parameter, gradient) or buffers·n (moments)
+        // elements, checked by `update_in_place`; the kernel's grid-stride loop stays below n.
+        unsafe { builder.launch(config) }.w()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn rules() -> Vec<StepRule> {
+        let adamw = |decay_factor| {
+            StepRule::AdamW(AdamWStep {
+                decay_factor,
+                avg_weight: 0.1,
+                beta2: 0.999,
+                sq_weight: 0.001,
+                bias_correction2_sqrt: 0.0447,
+                eps: 1e-8,
+                neg_step_size: -0.01,
+            })
+        };
+        let rmsprop = |weight_decay, momentum| {
+            StepRule::RmsProp(RmsPropStep {
+                weight_decay,
+                alpha: 0.99,
+                sq_weight: 0.01,
+                eps: 1e-8,
+                momentum,
+                neg_lr: -0.01,
+            })
+        };
+        vec![
+            adamw(1.0),
+            adamw(0.999),
+            rmsprop(0.0, 0.0),
+            rmsprop(0.01, 0.0),
+            rmsprop(0.01, 0.9),
+        ]
+    }
+
+    /// The in-place ops give, to the bit, what the element functions give one element at a time
+    /// (the CPU optimiser's fused pass), over two steps.
+    #[test]
+    fn the_in_place_ops_follow_the_element_rule() {
+        let n = 37;
+        let param0: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.37).sin()).collect();
+        let grads: Vec<Vec<f32>> = (0..2)
+            .map(|s| {
+                (0..n)
+                    .map(|i| ((i * 7 + s) as f32 * 0.11).cos() * 0.3)
+                    .collect()
+            })
+            .collect();
+        for rule in rules() {
+            let buffers = rule.buffers();
+            let (mut p, mut m) = (param0.clone(), vec![vec![0f32; buffers]; n]);
+            let param = Tensor::new(param0.as_slice(), &Device::Cpu).unwrap();
+            let moments =
+                Tensor::zeros((buffers, n), candle_core::DType::F32, &Device::Cpu).unwrap();
+            for g in &grads {
+                for i in 0..n {
+                    rule.update_moments(p[i], g[i], &mut m[i]);
+                    p[i] = rule.updated_param(p[i], g[i], &m[i]);
+                }
+                let grad = Tensor::new(g.as_slice(), &Device::Cpu).unwrap();
+                update_in_place(rule, &param, &grad, &moments).unwrap();
+            }
+            assert_eq!(param.to_vec1::<f32>().unwrap(), p, "{rule:?}");
+            let got = moments.to_vec2::<f32>().unwrap();
+            for b in 0..buffers {
+                let want: Vec<f32> = m.iter().map(|mi| mi[b]).collect();
+                assert_eq!(got[b], want, "{rule:?} buffer {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn mismatched_buffers_are_refused() {
+        let param = Tensor::zeros(4, candle_core::DType::F32, &Device::Cpu).unwrap();
+        let moments = Tensor::zeros((1, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let err = update_in_place(rules()[0], &param, &param, &moments).unwrap_err();
+        assert!(err.to_string().contains("for 2 buffers"), "{err}");
+    }
+}
