@@ -54,23 +54,20 @@ impl StepRule {
         }
     }
 
-    /// Updates the moments `m` (this element of each buffer) from parameter `p` (before its
-    /// update) and gradient `g`.
+    /// Updates the moments `m` (this element of each buffer, as many as
+    /// [`StepRule::buffers`]) from parameter `p` (before its update) and gradient `g`.
     #[inline(always)]
     pub fn update_moments(&self, p: f32, g: f32, m: &mut [f32]) {
-        match self {
-            StepRule::AdamW(s) => {
-                m[0] = lerp(m[0], g, s.avg_weight); // exp_avg.lerp_(grad, 1 - beta1)
-                m[1] = m[1] * s.beta2 + s.sq_weight * g * g; // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1 - beta2)
+        match (self, m) {
+            (StepRule::AdamW(s), [exp_avg, exp_avg_sq]) => s.moments(g, exp_avg, exp_avg_sq),
+            (StepRule::RmsProp(s), [square_avg]) => {
+                s.square_avg(p, g, square_avg);
             }
-            StepRule::RmsProp(s) => {
-                let g = s.decayed_grad(p, g);
-                m[0] = m[0] * s.alpha + s.sq_weight * g * g; // mul_(alpha).addcmul_(grad, grad, 1 - alpha)
-                let avg = m[0].sqrt() + s.eps;
-                if let Some(buffer) = m.get_mut(1) {
-                    *buffer = *buffer * s.momentum + g / avg; // buf.mul_(momentum).addcdiv_(grad, avg)
-                }
+            (StepRule::RmsProp(s), [square_avg, buffer]) => {
+                let g = s.square_avg(p, g, square_avg);
+                s.momentum_buffer(g, *square_avg, buffer);
             }
+            _ => unreachable!("moment buffers are checked against StepRule::buffers"),
         }
     }
 
@@ -78,24 +75,60 @@ impl StepRule {
     /// already updated by [`StepRule::update_moments`].
     #[inline(always)]
     pub fn updated_param(&self, p: f32, g: f32, m: &[f32]) -> f32 {
-        match self {
-            StepRule::AdamW(s) => {
-                let decayed = p * s.decay_factor; // param.mul_(1 - lr * wd)
-                let denom = m[1].sqrt() / s.bias_correction2_sqrt + s.eps;
-                decayed + s.neg_step_size * m[0] / denom // param.addcdiv_(exp_avg, denom, -step_size)
-            }
-            StepRule::RmsProp(s) => match m.get(1) {
-                Some(&buffer) => p + s.neg_lr * buffer, // param.add_(buf, alpha=-lr)
-                None => {
-                    let avg = m[0].sqrt() + s.eps;
-                    p + s.neg_lr * s.decayed_grad(p, g) / avg // param.addcdiv_(grad, avg, -lr)
-                }
-            },
+        match (self, m) {
+            (StepRule::AdamW(s), &[exp_avg, exp_avg_sq]) => s.param(p, exp_avg, exp_avg_sq),
+            (StepRule::RmsProp(s), &[square_avg]) => s.param(p, g, square_avg),
+            (StepRule::RmsProp(s), &[_, buffer]) => s.param_with_momentum(p, buffer),
+            _ => unreachable!("moment buffers are checked against StepRule::buffers"),
         }
     }
 }
 
+impl AdamWStep {
+    #[inline(always)]
+    pub fn moments(&self, g: f32, exp_avg: &mut f32, exp_avg_sq: &mut f32) {
+        *exp_avg = lerp(*exp_avg, g, self.avg_weight); // exp_avg.lerp_(grad, 1 - beta1)
+        *exp_avg_sq = *exp_avg_sq * self.beta2 + self.sq_weight * g * g; // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1 - beta2)
+    }
+
+    #[inline(always)]
+    pub fn param(&self, p: f32, exp_avg: f32, exp_avg_sq: f32) -> f32 {
+        let decayed = p * self.decay_factor; // param.mul_(1 - lr * wd)
+        let denom = exp_avg_sq.sqrt() / self.bias_correction2_sqrt + self.eps;
+        decayed + self.neg_step_size * exp_avg / denom // param.addcdiv_(exp_avg, denom, -step_size)
+    }
+}
+
 impl RmsPropStep {
+    /// Updates `square_avg`; returns the gradient with weight decay.
+    #[inline(always)]
+    pub fn square_avg(&self, p: f32, g: f32, square_avg: &mut f32) -> f32 {
+        let g = self.decayed_grad(p, g);
+        *square_avg = *square_avg * self.alpha + self.sq_weight * g * g; // mul_(alpha).addcmul_(grad, grad, 1 - alpha)
+        g
+    }
+
+    /// Updates the momentum buffer from the decayed gradient and the new `square_avg`.
+    #[inline(always)]
+    pub fn momentum_buffer(&self, g: f32, square_avg: f32, buffer: &mut f32) {
+        let avg = square_avg.sqrt() + self.eps;
+        *buffer = *buffer * self.momentum + g / avg; // buf.mul_(momentum).addcdiv_(grad, avg)
+    }
+
+    /// Without momentum: the parameter from its value before, the gradient and the new
+    /// `square_avg`.
+    #[inline(always)]
+    pub fn param(&self, p: f32, g: f32, square_avg: f32) -> f32 {
+        let avg = square_avg.sqrt() + self.eps;
+        p + self.neg_lr * self.decayed_grad(p, g) / avg // param.addcdiv_(grad, avg, -lr)
+    }
+
+    /// With momentum: the parameter from its value before and the new momentum buffer.
+    #[inline(always)]
+    pub fn param_with_momentum(&self, p: f32, buffer: f32) -> f32 {
+        p + self.neg_lr * buffer // param.add_(buf, alpha=-lr)
+    }
+
     /// `grad.add(param, alpha=wd)`, skipped at 0 as in torch.
     #[inline(always)]
     fn decayed_grad(&self, p: f32, g: f32) -> f32 {

@@ -610,29 +610,39 @@ fn update_host(
     let chunks = param
         .par_chunks_mut(CHUNK_LEN)
         .zip(grad.par_chunks(CHUNK_LEN));
-    match moments {
-        [first] => {
-            chunks
-                .zip(first.par_chunks_mut(CHUNK_LEN))
-                .for_each(|((param, grad), first)| {
-                    for ((p, &g), m0) in param.iter_mut().zip(grad).zip(first) {
-                        let mut m = [*m0];
-                        rule.update_moments(*p, g, &mut m);
-                        *p = rule.updated_param(*p, g, &m);
-                        *m0 = m[0];
-                    }
-                })
-        }
-        [first, second] => chunks
-            .zip(first.par_chunks_mut(CHUNK_LEN))
-            .zip(second.par_chunks_mut(CHUNK_LEN))
-            .for_each(|(((param, grad), first), second)| {
-                let elements = param.iter_mut().zip(grad).zip(first).zip(second);
-                for (((p, &g), m0), m1) in elements {
-                    let mut m = [*m0, *m1];
-                    rule.update_moments(*p, g, &mut m);
-                    *p = rule.updated_param(*p, g, &m);
-                    (*m0, *m1) = (m[0], m[1]);
+    // One loop per rule, so that each inner loop is branch-free.
+    match (rule, moments) {
+        (StepRule::AdamW(s), [exp_avg, exp_avg_sq]) => chunks
+            .zip(exp_avg.par_chunks_mut(CHUNK_LEN))
+            .zip(exp_avg_sq.par_chunks_mut(CHUNK_LEN))
+            .for_each(|(((param, grad), exp_avg), exp_avg_sq)| {
+                let elements = param.iter_mut().zip(grad).zip(exp_avg).zip(exp_avg_sq);
+                for (((p, &g), m), v) in elements {
+                    s.moments(g, m, v);
+                    *p = s.param(*p, *m, *v);
+                }
+            }),
+        (StepRule::RmsProp(s), [square_avg]) => chunks
+            .zip(square_avg.par_chunks_mut(CHUNK_LEN))
+            .for_each(|((param, grad), square_avg)| {
+                for ((p, &g), sq) in param.iter_mut().zip(grad).zip(square_avg) {
+                    s.square_avg(*p, g, sq);
+                    *p = s.param(*p, g, *sq);
+                }
+            }),
+        (StepRule::RmsProp(s), [square_avg, momentum_buffer]) => chunks
+            .zip(square_avg.par_chunks_mut(CHUNK_LEN))
+            .zip(momentum_buffer.par_chunks_mut(CHUNK_LEN))
+            .for_each(|(((param, grad), square_avg), momentum_buffer)| {
+                let elements = param
+                    .iter_mut()
+                    .zip(grad)
+                    .zip(square_avg)
+                    .zip(momentum_buffer);
+                for (((p, &g), sq), b) in elements {
+                    let g = s.square_avg(*p, g, sq);
+                    s.momentum_buffer(g, *sq, b);
+                    *p = s.param_with_momentum(*p, *b);
                 }
             }),
         _ => candle_core::bail!("moment buffers do not match the optimizer algorithm"),
