@@ -199,7 +199,8 @@ impl CustomOp3 for CachedAttention {
                 [heads, kv_heads, capacity, d, steps].map(|n| n as i32);
             let scale = op.scale as f32;
             let config = LaunchConfig {
-                grid_dim: (queries as u32, heads as u32, 1),
+                // One block per (query, head), the heads of a query adjacent (see the kernel).
+                grid_dim: ((queries * heads) as u32, 1, 1),
                 block_dim: (THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
@@ -229,6 +230,13 @@ impl CustomOp3 for CachedAttention {
         }
         if batch * steps == 0 {
             bail!("cached_attention: no queries (a CUDA launch over no blocks fails)");
+        }
+        let heads = lq.shape().dims4()?.1;
+        if batch * steps * heads > i32::MAX as usize {
+            bail!(
+                "cached_attention: {} queries of {heads} heads exceed a grid",
+                batch * steps
+            );
         }
         let (q, k, v) = ((q, lq), (k, lk), (v, lv));
         let out = match q.0.dtype() {

@@ -2,7 +2,10 @@
 // src/cached_attention.rs): the decode step (one query per slot) and the prefill of packed prompt
 // chunks (many queries per slot) alike.
 //
-// One block per (query, query head), WARPS warps. Warp w walks the query's positions
+// One block per (query, query head), WARPS warps; block b is head b % heads of query b / heads, so
+// the heads of one query, and among them those sharing a KV head, run side by side and read its
+// keys and values while they are in L2 (with the head as the slow index, a group's other heads
+// would come a whole grid row later). Warp w walks the query's positions
 // first+w, first+w+WARPS, ... up to last (inclusive) with an online softmax: each lane holds the
 // query and the running output for channels lane, lane+32, ... of the head, a key's score is the
 // warp's sum of the lanes' partial dot products. The warps' partial results are merged at the end
@@ -46,8 +49,8 @@ __device__ void cached_attention(const T *__restrict__ q, const T *__restrict__ 
                                  const T *__restrict__ values, T *__restrict__ out,
                                  const uint32_t *__restrict__ spans, int heads, int kv_heads,
                                  int capacity, int head_dim, int steps, float scale) {
-    const size_t query_id = blockIdx.x;
-    const int head = blockIdx.y;
+    const size_t query_id = blockIdx.x / heads;
+    const int head = blockIdx.x % heads;
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
     const int kv_head = head / (heads / kv_heads);
