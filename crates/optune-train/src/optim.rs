@@ -114,7 +114,10 @@ impl Algorithm {
     fn buffer_names(&self) -> &'static [&'static str] {
         match self {
             Algorithm::AdamW(_) => &["exp_avg", "exp_avg_sq"],
-            Algorithm::RmsProp(rms) if rms.momentum > 0.0 => &["square_avg", "momentum_buffer"],
+            // As the f32 step rule counts it (StepRule::buffers).
+            Algorithm::RmsProp(rms) if rms.momentum as f32 > 0.0 => {
+                &["square_avg", "momentum_buffer"]
+            }
             Algorithm::RmsProp(_) => &["square_avg"],
         }
     }
@@ -981,8 +984,9 @@ mod tests {
     }
 
     #[test]
-    fn tensor_path_matches_fused_path() {
-        // f64 parameters on the CPU take the tensor-op path; both must agree to rounding.
+    fn device_path_matches_fused_path() {
+        // f64 parameters on the CPU take the device path (the in-place ops a GPU runs, on an f32
+        // copy); both must agree to rounding.
         let algorithms = [
             Algorithm::AdamW(AdamW::default()),
             Algorithm::RmsProp(RmsProp::default()),
