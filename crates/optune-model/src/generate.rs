@@ -8,26 +8,18 @@
 //! on the thread count.
 //!
 //! Elsewhere (a GPU, or `OPTUNE_KERNELS=generic` on the CPU) the logits stay on the model's device
-//! and each sequence samples there ([`crate::device_sampling`]: one uniform per sequence from its
+//! and each sequence samples there ([`crate::sampling`]: one uniform per sequence from its
 //! own stream goes in, one token id and its log-probability per sequence come back), from the same
 //! distribution by other arithmetic; a fixed seed repeats its output on that device.
 
-use crate::device_sampling::sample_rows;
+pub use crate::sampling::SamplingParams;
+use crate::sampling::{sample_rows, sample_token};
 use crate::transformer::{KvCache, Segment, Transformer};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
-
-#[derive(Debug, Clone)]
-pub struct SamplingParams {
-    /// 0 means greedy decoding.
-    pub temperature: f64,
-    pub top_p: f64,
-    pub top_k: Option<usize>,
-    pub max_new_tokens: usize,
-}
 
 /// One sequence to generate: its prompt tokens and its random stream's seed.
 #[derive(Debug, Clone)]
@@ -112,105 +104,6 @@ fn splitmix64(x: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
-}
-
-/// Picks the next token from `logits` and returns it with its untempered log-probability.
-///
-/// Greedy (temperature 0) takes the argmax, ties to the lowest id. Otherwise the support is
-/// the `top_k` most likely tokens (all without it), then the smallest prefix of them, by
-/// descending probability, whose tempered mass reaches `top_p`; a token is drawn from that
-/// prefix in proportion to `exp((logit − max) / temperature)`. Only as much of the vocabulary as
-/// the prefix needs is sorted.
-pub fn sample_token(logits: &[f32], params: &SamplingParams, rng: &mut ChaCha8Rng) -> (u32, f64) {
-    let log_z = optune_kernels::host::log_sum_exp(logits);
-    let logp = |t: usize| logits[t] as f64 - log_z;
-    // Argmax, ties to the lowest id.
-    let max = optune_kernels::host::max_f32(logits);
-    let best = logits.iter().position(|&l| l == max).unwrap_or(0);
-    if params.temperature <= 0.0 {
-        return (best as u32, logp(best));
-    }
-    let inv_t = 1.0 / params.temperature;
-    let top = logits[best] as f64;
-    let weight =
-        |t: usize| optune_kernels::host::exp_f32(((logits[t] as f64 - top) * inv_t) as f32) as f64;
-    let vocab = logits.len();
-    let top_k = params.top_k.filter(|&k| k > 0 && k < vocab);
-    let by_probability = |a: &u32, b: &u32| {
-        logits[*b as usize]
-            .total_cmp(&logits[*a as usize])
-            .then(a.cmp(b))
-    };
-    if top_k.is_none() && params.top_p >= 1.0 {
-        // The whole vocabulary: draw in id order, no sorting needed.
-        let weights: Vec<f64> = (0..vocab).map(weight).collect();
-        let total: f64 = weights.iter().sum();
-        return draw(rng, &weights, total, |i| i, logp);
-    }
-    let mut order: Vec<u32> = (0..vocab as u32).collect();
-    let cap = top_k.unwrap_or(vocab);
-    // The mass the nucleus is measured against: the top-k tokens' or the whole vocabulary's.
-    let total: f64 = match top_k {
-        Some(k) => {
-            order.select_nth_unstable_by(k - 1, by_probability);
-            order.truncate(k);
-            order.sort_unstable_by(by_probability);
-            order.iter().map(|&t| weight(t as usize)).sum()
-        }
-        None => (0..vocab).map(weight).sum(),
-    };
-    // `order[..sorted]` is ranked; with top-k all of it already is.
-    let mut sorted = if top_k.is_some() { cap } else { 0 };
-    let mut keep = cap;
-    if params.top_p < 1.0 {
-        let mut cumulative = 0.0;
-        let mut i = 0;
-        keep = loop {
-            if i == sorted {
-                if sorted == cap {
-                    break cap;
-                }
-                // Sort the next stretch of the ranking: 64 tokens, then 8× more each time.
-                let want = (sorted.max(8) * 8).min(cap);
-                if want < order.len() {
-                    order[sorted..].select_nth_unstable_by(want - sorted - 1, by_probability);
-                }
-                order[sorted..want].sort_unstable_by(by_probability);
-                sorted = want;
-            }
-            cumulative += weight(order[i] as usize) / total;
-            i += 1;
-            if cumulative >= params.top_p {
-                break i;
-            }
-        };
-    }
-    let weights: Vec<f64> = order[..keep].iter().map(|&t| weight(t as usize)).collect();
-    let kept: f64 = weights.iter().sum();
-    draw(rng, &weights, kept, |i| order[i] as usize, logp)
-}
-
-/// Draws index `i` with probability `weights[i] / total` and returns the token `token(i)`.
-fn draw(
-    rng: &mut ChaCha8Rng,
-    weights: &[f64],
-    total: f64,
-    token: impl Fn(usize) -> usize,
-    logp: impl Fn(usize) -> f64,
-) -> (u32, f64) {
-    let mut u = rng.random::<f64>() * total;
-    for (i, w) in weights.iter().enumerate() {
-        if u < *w {
-            return (token(i) as u32, logp(token(i)));
-        }
-        u -= w;
-    }
-    // Rounding left u past the end: the last token with any weight.
-    let last = weights
-        .iter()
-        .rposition(|w| *w > 0.0)
-        .unwrap_or(weights.len() - 1);
-    (token(last) as u32, logp(token(last)))
 }
 
 struct Active {
@@ -521,118 +414,8 @@ fn advance(
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-
-    /// Sampling parameters for one token.
-    pub(crate) fn params(temperature: f64, top_p: f64, top_k: Option<usize>) -> SamplingParams {
-        SamplingParams {
-            temperature,
-            top_p,
-            top_k,
-            max_new_tokens: 1,
-        }
-    }
-
-    #[test]
-    fn greedy_picks_the_argmax_and_reports_its_logprob() {
-        let logits = [0.0f32, 2.0, 1.0];
-        let mut rng = ChaCha8Rng::seed_from_u64(0);
-        let (t, lp) = sample_token(&logits, &params(0.0, 1.0, None), &mut rng);
-        assert_eq!(t, 1);
-        let z = (0f64.exp() + 2f64.exp() + 1f64.exp()).ln();
-        // The exponentials are f32: a few 1e-8 of error.
-        assert!((lp - (2.0 - z)).abs() < 1e-6, "{lp}");
-    }
-
-    #[test]
-    fn top_p_and_top_k_restrict_the_support() {
-        // Probabilities ∝ e^3, e^2, e^0, e^0: top-p 0.5 keeps only the first.
-        let logits = [2.0f32, 3.0, 0.0, 0.0];
-        let mut rng = ChaCha8Rng::seed_from_u64(1);
-        for _ in 0..200 {
-            assert_eq!(
-                sample_token(&logits, &params(1.0, 0.5, None), &mut rng).0,
-                1
-            );
-            let (t, _) = sample_token(&logits, &params(1.0, 1.0, Some(2)), &mut rng);
-            assert!(t == 0 || t == 1);
-        }
-    }
-
-    /// The nucleus by sorting the whole vocabulary, as the definition reads.
-    fn sample_by_full_sort(logits: &[f32], params: &SamplingParams, rng: &mut ChaCha8Rng) -> u32 {
-        let top = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let weight = |t: usize| {
-            optune_kernels::host::exp_f32(((logits[t] as f64 - top) / params.temperature) as f32)
-                as f64
-        };
-        let mut order: Vec<usize> = (0..logits.len()).collect();
-        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
-        if let Some(k) = params.top_k {
-            order.truncate(k);
-        }
-        let total: f64 = if params.top_k.is_some() {
-            order.iter().map(|&t| weight(t)).sum()
-        } else {
-            (0..logits.len()).map(weight).sum()
-        };
-        let mut keep = order.len();
-        let mut cumulative = 0.0;
-        for (i, &t) in order.iter().enumerate() {
-            cumulative += weight(t) / total;
-            if cumulative >= params.top_p {
-                keep = i + 1;
-                break;
-            }
-        }
-        let weights: Vec<f64> = order[..keep].iter().map(|&t| weight(t)).collect();
-        let kept: f64 = weights.iter().sum();
-        draw(rng, &weights, kept, |i| order[i], |_| 0.0).0
-    }
-
-    #[test]
-    fn partial_ranking_draws_what_a_full_sort_draws() {
-        let mut data = ChaCha8Rng::seed_from_u64(42);
-        for case in 0..60 {
-            let vocab = [5, 300, 5000][case % 3];
-            // Peaked and flat distributions, with ties.
-            let spread = [0.5, 4.0, 12.0][case % 3];
-            let logits: Vec<f32> = (0..vocab)
-                .map(|_| ((data.random::<f64>() * spread * 4.0).round() / 4.0) as f32)
-                .collect();
-            let params = params(
-                [0.7, 1.0, 1.5][case % 3],
-                [0.5, 0.9, 0.99, 1.0][case % 4],
-                [None, Some(3), Some(40)][case % 3],
-            );
-            if params.top_p >= 1.0 && params.top_k.is_none() {
-                continue;
-            }
-            let (mut a, mut b) = (
-                ChaCha8Rng::seed_from_u64(case as u64),
-                ChaCha8Rng::seed_from_u64(case as u64),
-            );
-            for _ in 0..20 {
-                assert_eq!(
-                    sample_token(&logits, &params, &mut a).0,
-                    sample_by_full_sort(&logits, &params, &mut b),
-                    "case {case}"
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn sampling_follows_the_distribution() {
-        let logits = [0.0f32, (3.0f32).ln()];
-        let mut rng = ChaCha8Rng::seed_from_u64(7);
-        let ones = (0..20000)
-            .filter(|_| sample_token(&logits, &params(1.0, 1.0, None), &mut rng).0 == 1)
-            .count();
-        let share = ones as f64 / 20000.0;
-        assert!((share - 0.75).abs() < 0.015, "{share}");
-    }
 
     #[test]
     fn stream_seeds_differ_by_key_and_sample() {

@@ -2,13 +2,13 @@
 //! and generation, sequence log-probabilities and LoRA. Checkpoint files, tokenizers and chat
 //! templates come from `optune-checkpoint` (re-exported here), the ops from `optune-kernels`.
 
-mod device_sampling;
 pub mod generate;
 pub mod linear;
 mod load;
 pub mod logprobs;
 pub mod lora;
 pub mod rope;
+mod sampling;
 pub mod transformer;
 
 pub use load::{load_model, save_checkpoint, save_checkpoint_with, saved_dtype};
