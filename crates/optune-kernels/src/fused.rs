@@ -459,7 +459,7 @@ struct TokenLogprobs {
 
 impl TokenLogprobs {
     fn check(&self, rows: &Layout, weight: &Layout) -> Result<(usize, usize, usize)> {
-        let (n, h, v) = crate::ops::product_dims("token-logprobs", rows, weight)?;
+        let (n, h, v) = crate::op_rules::product_dims("token-logprobs", rows, weight)?;
         if self.targets.len() != n {
             bail!(
                 "token-logprobs: {} targets for {n} rows",
@@ -2012,7 +2012,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) 
         // bf16 inputs run the f32 kernel (`through_f32!`), which reads an f32 mask.
         mask: mask
             .detach()
-            .to_dtype(crate::ops::accumulation_dtype(mask.dtype()))?
+            .to_dtype(crate::op_rules::accumulation_dtype(mask.dtype()))?
             .contiguous()?,
         scale,
     };
@@ -2258,7 +2258,7 @@ impl CustomOp3 for Attention {
             op: self.clone(),
             // As the mask: read by the f32 kernel when the inputs are bf16.
             q: q.detach()
-                .to_dtype(crate::ops::accumulation_dtype(q.dtype()))?,
+                .to_dtype(crate::op_rules::accumulation_dtype(q.dtype()))?,
         };
         let packed = grad
             .detach()

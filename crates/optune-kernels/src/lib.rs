@@ -23,6 +23,7 @@ mod fused;
 mod grad_buffers;
 pub mod host;
 mod matmul;
+mod op_rules;
 pub mod ops;
 pub mod optimizer;
 pub mod runtime;

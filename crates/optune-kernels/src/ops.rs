@@ -22,35 +22,12 @@
 use crate::dispatch::{path_for, Path};
 use crate::fused;
 pub use crate::fused::KEPT_LOGITS_BYTES;
-use candle_core::{bail, DType, Layout, Result, Tensor};
+pub use crate::op_rules::accumulation_dtype;
+use candle_core::{DType, Result, Tensor};
 
 /// Rows of logits computed at once by [`token_logprobs`]: bounds the logits buffer to
 /// `chunk × vocab` floats.
 pub const HEAD_CHUNK_ROWS: usize = 256;
-
-/// `(n, k, out)` of the product `x [n, k] · weightᵀ` with `weight [out, k]`, checked.
-pub(crate) fn product_dims(op: &str, x: &Layout, weight: &Layout) -> Result<(usize, usize, usize)> {
-    let (&[n, k], &[out, k2]) = (x.dims(), weight.dims()) else {
-        bail!(
-            "{op}: {:?} and weight {:?} must be matrices",
-            x.dims(),
-            weight.dims()
-        );
-    };
-    if k != k2 {
-        bail!("{op}: the input has width {k}, the weight {k2}");
-    }
-    Ok((n, k, out))
-}
-
-/// The dtype reductions run in: f32 for half-precision weights (as transformers does), else the
-/// weights' own dtype (f64 for gradient checks).
-pub fn accumulation_dtype(dtype: DType) -> DType {
-    match dtype {
-        DType::F16 | DType::BF16 => DType::F32,
-        other => other,
-    }
-}
 
 /// `x / rms(x) · weight` over the last axis, statistics in [`accumulation_dtype`].
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
