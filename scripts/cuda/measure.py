@@ -522,10 +522,16 @@ def logprobs_rewards(bins: Path, work: Path) -> None:
           f"{worst['cuda-bf16']:.2e}", "", "", "info (not judged)")
 
 
-def logprobs_generation(bins: Path, work: Path) -> None:
-    model = TESTDATA / "models" / "tiny-llama"
+def gen_prompts(work: Path) -> Path:
+    """PROMPTS as a prompts shard under `work`, for the generation rows of the logprobs stage."""
     prompts = work / "gen-prompts.jsonl"
     write_jsonl(prompts, [{"prompt_id": f"g{i:02d}", "prompt": p} for i, p in enumerate(PROMPTS)])
+    return prompts
+
+
+def logprobs_generation(bins: Path, work: Path) -> None:
+    model = TESTDATA / "models" / "tiny-llama"
+    prompts = gen_prompts(work)
     got = {}
     for device, dtype in RUNS:
         out = work / f"gen-{device}-{dtype}.jsonl"
@@ -558,8 +564,7 @@ def logprobs_sampling(bins: Path, work: Path) -> None:
     same uniforms from the same seeded streams), so the draws agree unless rounding moves a
     uniform across a boundary."""
     model = TESTDATA / "models" / "tiny-llama"
-    prompts = work / "gen-prompts.jsonl"
-    write_jsonl(prompts, [{"prompt_id": f"g{i:02d}", "prompt": p} for i, p in enumerate(PROMPTS)])
+    prompts = gen_prompts(work)
     got = {}
     for device in ["cpu", "cuda"]:
         out = work / f"sampled-{device}.jsonl"

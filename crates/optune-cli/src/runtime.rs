@@ -61,7 +61,7 @@ pub fn available_memory(device: &candle_core::Device) -> Option<f64> {
 #[cfg(feature = "cuda")]
 mod gpu {
     use anyhow::{Context, Result};
-    use candle_core::cuda::cudarc::driver::{result, sys};
+    use candle_core::cuda::cudarc::driver::{result, sys, CudaContext};
     use candle_core::CudaDevice;
 
     /// 1. No event tracking: cudarc creates and destroys two CUDA events with every buffer so
@@ -78,16 +78,13 @@ mod gpu {
         // device work from other threads), which is the condition cudarc states for turning the
         // tracking off.
         unsafe { gpu.disable_event_tracking() };
-        let context = gpu.cuda_stream().context().clone();
-        if !context.has_async_alloc() {
+        let Some(pool) = memory_pool(gpu.cuda_stream().context())? else {
             return Ok(());
-        }
-        context.bind_to_thread()?;
+        };
         let mut keep_everything = u64::MAX;
-        // SAFETY: the device comes from a live context bound to this thread, and the release
-        // threshold attribute takes a pointer to a u64 (cuuint64_t).
+        // SAFETY: the pool is the device's current one, and the release threshold attribute takes
+        // a pointer to a u64 (cuuint64_t).
         unsafe {
-            let pool = result::device::get_mem_pool(context.cu_device())?;
             result::mem_pool::set_attribute(
                 pool,
                 sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
@@ -98,6 +95,19 @@ mod gpu {
         Ok(())
     }
 
+    /// The pool `cuMemAllocAsync` draws the device's buffers from (its current one), with the
+    /// context bound to this thread; `None` where the device has no stream-ordered allocator.
+    fn memory_pool(context: &CudaContext) -> Result<Option<sys::CUmemoryPool>> {
+        if !context.has_async_alloc() {
+            return Ok(None);
+        }
+        context.bind_to_thread()?;
+        // SAFETY: the device comes from a live context, bound to this thread above.
+        Ok(Some(unsafe {
+            result::device::get_mem_pool(context.cu_device())?
+        }))
+    }
+
     /// The device's free memory with the pool's unused reserve handed back first (finished
     /// work only: the stream is synchronised), so that a buffer freed after loading counts as
     /// free, as it will be to the next allocation.
@@ -105,14 +115,10 @@ mod gpu {
         let stream = gpu.cuda_stream();
         stream.synchronize()?;
         let context = stream.context();
-        if context.has_async_alloc() {
-            context.bind_to_thread()?;
-            // SAFETY: the device comes from a live context bound to this thread; trimming
-            // releases only memory no allocation holds.
-            unsafe {
-                let pool = result::device::get_mem_pool(context.cu_device())?;
-                result::mem_pool::trim_to(pool, 0)?;
-            }
+        if let Some(pool) = memory_pool(context)? {
+            // SAFETY: the pool is the device's current one; trimming releases only memory no
+            // allocation holds.
+            unsafe { result::mem_pool::trim_to(pool, 0)? };
         }
         let (free, _total) = context.mem_get_info()?;
         Ok(free)

@@ -9,9 +9,7 @@
 //! src/cuda/cached_attention.cu (online softmax in f32, one block per query and head); on the CPU
 //! the host decode kernel [`crate::host::attention`], in f32.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
-use std::borrow::Cow;
 
 /// `q [batch, heads, steps, d]` (query `b·steps + s`) over `keys`, `values [slots, kv_heads,
 /// capacity, d]` (a KV cache, the queries' own positions already written), with `spans
@@ -94,7 +92,12 @@ impl CustomOp3 for CachedAttention {
     ) -> Result<(CpuStorage, Shape)> {
         let (batch, heads, steps, d) = lq.shape().dims4()?;
         let (slots, kv_heads, capacity, _) = lk.shape().dims4()?;
-        let (q_all, keys, values) = (floats(q, lq)?, floats(k, lk)?, floats(v, lv)?);
+        let read = |s, l, what| crate::storage::floats(s, l, "cached_attention", what);
+        let (q_all, keys, values) = (
+            read(q, lq, "q")?,
+            read(k, lk, "keys")?,
+            read(v, lv, "values")?,
+        );
         let spans = self.host_spans()?;
         // The host kernel takes the live queries only, as rows [heads·d], and scales by 1/√d
         // itself (the model's scale, for which this factor is 1).
@@ -162,6 +165,7 @@ impl CustomOp3 for CachedAttention {
         v: &candle_core::CudaStorage,
         lv: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
         use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
         use candle_core::cuda_backend::{CudaDType, WrapErr};
         use candle_core::CudaStorage;
@@ -224,14 +228,13 @@ impl CustomOp3 for CachedAttention {
             Ok(CudaStorage::wrap_cuda_slice(out, device))
         }
 
-        let (batch, _, steps, d) = lq.shape().dims4()?;
+        let (batch, heads, steps, d) = lq.shape().dims4()?;
         if d > MAX_HEAD_DIM {
             bail!("cached_attention: head width {d} above the kernel's {MAX_HEAD_DIM}");
         }
         if batch * steps == 0 {
             bail!("cached_attention: no queries (a CUDA launch over no blocks fails)");
         }
-        let heads = lq.shape().dims4()?.1;
         if batch * steps * heads > i32::MAX as usize {
             bail!(
                 "cached_attention: {} queries of {heads} heads exceed a grid",
@@ -247,20 +250,6 @@ impl CustomOp3 for CachedAttention {
         };
         Ok((out, Self::output_shape(lq)?))
     }
-}
-
-/// A CPU tensor's elements as f32: read in place when they are f32 (a KV cache is large and read
-/// once per layer), converted otherwise.
-fn floats<'a>(s: &'a CpuStorage, l: &Layout) -> Result<Cow<'a, [f32]>> {
-    let n = l.shape().elem_count();
-    let at = l.start_offset();
-    Ok(match s {
-        CpuStorage::F32(x) => Cow::Borrowed(&x[at..at + n]),
-        CpuStorage::BF16(x) => x[at..at + n].iter().map(|v| v.to_f32()).collect(),
-        CpuStorage::F16(x) => x[at..at + n].iter().map(|v| v.to_f32()).collect(),
-        CpuStorage::F64(x) => x[at..at + n].iter().map(|&v| v as f32).collect(),
-        other => bail!("cached_attention: {:?} values", other.dtype()),
-    })
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ use crate::grad_buffers::{self, GradBuffer};
 use crate::matmul::{
     matmul_bf16, matmul_bf16_packed, Bf16Source, Mat, PackedRhs, ProductPrecision,
 };
+use crate::storage::contiguous;
 use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
@@ -256,29 +257,6 @@ mod simd {
 
 // ---------------------------------------------------------------------------------------------
 // Storage access and matrix products.
-
-fn contiguous<'a, T: WithDType>(
-    s: &'a CpuStorage,
-    l: &Layout,
-    op: &str,
-    what: &str,
-) -> Result<&'a [T]> {
-    let Ok(data) = T::cpu_storage_as_slice(s) else {
-        bail!(
-            "{op}: {what} has dtype {:?}, expected {:?}",
-            s.dtype(),
-            T::DTYPE
-        );
-    };
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => bail!(
-            "{op}: {what} must be contiguous (shape {:?}, stride {:?})",
-            l.dims(),
-            l.stride()
-        ),
-    }
-}
 
 /// Whether f32 data takes bf16 products (the process asked for them).
 fn bf16_f32_products(s: &CpuStorage) -> bool {

@@ -29,6 +29,7 @@ pub mod optimizer;
 pub mod runtime;
 mod sampling;
 mod simd;
+pub mod storage;
 
 pub use cached_attention::cached_attention;
 pub use dispatch::{autograd_path, decode_path, kernels, path_for, set_kernels, Kernels, Path};

@@ -7,6 +7,7 @@
 //! Every line mirrors one torch tensor op in torch's order, in f32, so results match
 //! `torch.optim` to rounding; the scalars come rounded from f64 as torch rounds Python floats.
 
+use crate::storage::{contiguous, contiguous_f32_mut};
 use candle_core::{bail, CpuStorage, InplaceOp3, Layout, Result, Tensor};
 
 /// The scalars of one parameter's update at one step.
@@ -188,19 +189,13 @@ struct Moments(StepRule);
 /// In-place op on the parameter, reading the gradient and the updated moments.
 struct Param(StepRule);
 
-/// The f32 values of a contiguous CPU tensor.
-fn values<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(x), Some((a, b))) => Ok(&x[a..b]),
-        _ => bail!("optimizer step: expected a contiguous f32 tensor"),
+/// Element `i` of each of the first `buffers` rows of `moments [buffers, n]`.
+fn element_moments(moments: &[f32], n: usize, i: usize, buffers: usize) -> [f32; 2] {
+    let mut m = [0f32; 2];
+    for (b, slot) in m.iter_mut().enumerate().take(buffers) {
+        *slot = moments[b * n + i];
     }
-}
-
-fn values_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> Result<&'a mut [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(x), Some((a, b))) => Ok(&mut x[a..b]),
-        _ => bail!("optimizer step: expected a contiguous f32 tensor"),
-    }
+    m
 }
 
 impl InplaceOp3 for Moments {
@@ -217,15 +212,14 @@ impl InplaceOp3 for Moments {
         grad: &CpuStorage,
         lg: &Layout,
     ) -> Result<()> {
-        let (param, grad) = (values(param, lp)?, values(grad, lg)?);
+        let name = self.name();
+        let param = contiguous::<f32>(param, lp, name, "parameter")?;
+        let grad = contiguous::<f32>(grad, lg, name, "gradient")?;
         let n = param.len();
-        let moments = values_mut(moments, lm)?;
-        let mut m = [0f32; 2];
+        let moments = contiguous_f32_mut(moments, lm, name, "moments")?;
         let buffers = self.0.buffers();
         for i in 0..n {
-            for (b, slot) in m.iter_mut().enumerate().take(buffers) {
-                *slot = moments[b * n + i];
-            }
+            let mut m = element_moments(moments, n, i, buffers);
             self.0.update_moments(param[i], grad[i], &mut m[..buffers]);
             for (b, &value) in m.iter().enumerate().take(buffers) {
                 moments[b * n + i] = value;
@@ -271,15 +265,14 @@ impl InplaceOp3 for Param {
         moments: &CpuStorage,
         lm: &Layout,
     ) -> Result<()> {
-        let (grad, moments) = (values(grad, lg)?, values(moments, lm)?);
-        let param = values_mut(param, lp)?;
+        let name = self.name();
+        let grad = contiguous::<f32>(grad, lg, name, "gradient")?;
+        let moments = contiguous::<f32>(moments, lm, name, "moments")?;
+        let param = contiguous_f32_mut(param, lp, name, "parameter")?;
         let n = param.len();
         let buffers = self.0.buffers();
-        let mut m = [0f32; 2];
         for (i, p) in param.iter_mut().enumerate() {
-            for (b, slot) in m.iter_mut().enumerate().take(buffers) {
-                *slot = moments[b * n + i];
-            }
+            let m = element_moments(moments, n, i, buffers);
             *p = self.0.updated_param(*p, grad[i], &m[..buffers]);
         }
         Ok(())

@@ -19,7 +19,6 @@
 //! the draw's running weight over 256 contiguous chunks of ids), so the two devices differ only
 //! by their `exp`'s last bits. The same uniform and logits repeat the same draw.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -169,27 +168,17 @@ impl CustomOp2 for SampleRows {
         lu: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (rows, vocab) = ll.shape().dims2()?;
-        let CpuStorage::F32(uniforms) = uniforms else {
-            bail!("sample_rows: f32 uniforms expected");
-        };
-        let uniforms = &uniforms[lu.start_offset()..][..rows];
-        let at = ll.start_offset();
-        let row_of = |r: usize| -> Result<Vec<f32>> {
-            let span = at + r * vocab..at + (r + 1) * vocab;
-            Ok(match logits {
-                CpuStorage::F32(x) => x[span].to_vec(),
-                CpuStorage::BF16(x) => x[span].iter().map(|v| v.to_f32()).collect(),
-                CpuStorage::F16(x) => x[span].iter().map(|v| v.to_f32()).collect(),
-                other => bail!("sample_rows: {:?} logits", other.dtype()),
+        let uniforms = crate::storage::contiguous::<f32>(uniforms, lu, "sample_rows", "uniforms")?;
+        // f32 logits are read in place; bf16 and f16 widened once, exactly.
+        let logits = crate::storage::floats(logits, ll, "sample_rows", "logits")?;
+        let picks: Vec<[f32; 2]> = logits
+            .par_chunks(vocab)
+            .zip(uniforms.par_iter())
+            .map(|(row, &u)| {
+                let (token, logp) = self.0.row(row, u);
+                [token as f32, logp]
             })
-        };
-        let picks: Vec<[f32; 2]> = (0..rows)
-            .into_par_iter()
-            .map(|r| {
-                let (token, logp) = self.0.row(&row_of(r)?, uniforms[r]);
-                Ok([token as f32, logp])
-            })
-            .collect::<Result<_>>()?;
+            .collect();
         Ok((
             CpuStorage::F32(picks.into_iter().flatten().collect()),
             Shape::from((rows, 2)),
@@ -204,6 +193,7 @@ impl CustomOp2 for SampleRows {
         uniforms: &candle_core::CudaStorage,
         lu: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
         use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
         use candle_core::cuda_backend::WrapErr;
         use candle_core::CudaStorage;

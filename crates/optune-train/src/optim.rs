@@ -25,13 +25,13 @@
 use std::borrow::Cow;
 use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::ops::Range;
 use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, DType, InplaceOp1, InplaceOp2, Layout, Storage, Tensor, Var};
 use optune_kernels::optimizer::{update_in_place, AdamWStep, RmsPropStep, StepRule};
+use optune_kernels::storage::{contiguous, contiguous_f32_mut};
 use rayon::prelude::*;
 use safetensors::{Dtype, SafeTensors, View};
 use serde::{Deserialize, Serialize};
@@ -356,11 +356,10 @@ impl Optimizer {
             missing.join(", ")
         );
         let step = self.step + 1;
-        let buffer_count = self.algorithm.buffer_names().len();
         for (param, grad) in self.params.iter_mut().zip(param_grads) {
             let rule = step_rule(&self.algorithm, self.lr, step, param.weight_decay);
             param
-                .update(rule, grad, buffer_count)
+                .update(rule, grad)
                 .with_context(|| format!("updating {}", param.name))?;
         }
         self.step = step;
@@ -521,10 +520,10 @@ impl Optimizer {
 }
 
 impl Param {
-    fn update(&mut self, rule: StepRule, grad: &Tensor, buffer_count: usize) -> Result<()> {
+    fn update(&mut self, rule: StepRule, grad: &Tensor) -> Result<()> {
         let moments = match self.moments.take() {
             Some(moments) => moments,
-            None => Moments::zeros(&self.var, buffer_count)?,
+            None => Moments::zeros(&self.var, rule.buffers())?,
         };
         let moments = self.moments.insert(moments);
         match moments {
@@ -675,13 +674,10 @@ impl InplaceOp2 for FusedUpdate<'_> {
         let Some(moments) = self.moments.take() else {
             candle_core::bail!("{} ran twice", InplaceOp2::name(self))
         };
-        let grad = f32_slice(grad, grad_layout)?;
-        update_host(
-            self.rule,
-            f32_slice_mut(param, param_layout)?,
-            grad,
-            moments,
-        )
+        let name = InplaceOp2::name(self);
+        let grad = contiguous::<f32>(grad, grad_layout, name, "gradient")?;
+        let param = contiguous_f32_mut(param, param_layout, name, "parameter")?;
+        update_host(self.rule, param, grad, moments)
     }
 }
 
@@ -695,40 +691,10 @@ impl InplaceOp1 for ScaleInPlace {
 
     fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
         let scale = self.0;
-        f32_slice_mut(storage, layout)?
+        contiguous_f32_mut(storage, layout, self.name(), "gradient")?
             .par_chunks_mut(CHUNK_LEN)
             .for_each(|chunk| chunk.iter_mut().for_each(|x| *x *= scale));
         Ok(())
-    }
-}
-
-fn contiguous_range(layout: &Layout) -> candle_core::Result<Range<usize>> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(start..end),
-        None => candle_core::bail!("expected a contiguous tensor"),
-    }
-}
-
-fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(values) = storage else {
-        candle_core::bail!("expected an f32 tensor")
-    };
-    match values.get(contiguous_range(layout)?) {
-        Some(values) => Ok(values),
-        None => candle_core::bail!("tensor layout exceeds its storage"),
-    }
-}
-
-fn f32_slice_mut<'a>(
-    storage: &'a mut CpuStorage,
-    layout: &Layout,
-) -> candle_core::Result<&'a mut [f32]> {
-    let CpuStorage::F32(values) = storage else {
-        candle_core::bail!("expected an f32 tensor")
-    };
-    match values.get_mut(contiguous_range(layout)?) {
-        Some(values) => Ok(values),
-        None => candle_core::bail!("tensor layout exceeds its storage"),
     }
 }
 
@@ -791,7 +757,7 @@ fn host_squared_l2_norm(grad: &Tensor) -> Option<f64> {
     let Storage::Cpu(storage @ CpuStorage::F32(_)) = &*storage else {
         return None;
     };
-    let values = f32_slice(storage, layout).ok()?;
+    let values = contiguous::<f32>(storage, layout, "clip_grad_norm", "gradient").ok()?;
     // Per-chunk sums added in chunk order: the result does not depend on how rayon schedules
     // the chunks, so a resumed run clips exactly like an uninterrupted one.
     let chunk_sums: Vec<f64> = values
