@@ -57,6 +57,13 @@ struct CachedAttention {
     scale: f64,
 }
 
+/// The CUDA kernel's launch for `queries` queries of `heads` heads: one block per (query, head),
+/// the heads of a query adjacent (see the kernel), of WARPS (4) warps; `(blocks, threads)`.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
+fn launch_dims(queries: usize, heads: usize) -> (u32, u32) {
+    ((queries * heads) as u32, 4 * 32)
+}
+
 impl CachedAttention {
     /// The spans as host numbers (CPU tensors only).
     fn host_spans(&self) -> Result<Vec<u32>> {
@@ -171,8 +178,6 @@ impl CustomOp3 for CachedAttention {
         use candle_core::CudaStorage;
 
         const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/cached_attention.ptx"));
-        /// Warps per block, as WARPS in the kernel.
-        const THREADS: u32 = 4 * 32;
         const MAX_HEAD_DIM: usize = 256;
 
         fn launch<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
@@ -202,10 +207,10 @@ impl CustomOp3 for CachedAttention {
             let [heads_arg, kv_heads_arg, capacity_arg, d_arg, steps_arg] =
                 [heads, kv_heads, capacity, d, steps].map(|n| n as i32);
             let scale = op.scale as f32;
+            let (blocks, threads) = launch_dims(queries, heads);
             let config = LaunchConfig {
-                // One block per (query, head), the heads of a query adjacent (see the kernel).
-                grid_dim: ((queries * heads) as u32, 1, 1),
-                block_dim: (THREADS, 1, 1),
+                grid_dim: (blocks, 1, 1),
+                block_dim: (threads, 1, 1),
                 shared_mem_bytes: 0,
             };
             let mut builder = func.builder();
@@ -259,13 +264,13 @@ mod tests {
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
-    fn random(shape: &[usize], rng: &mut ChaCha8Rng) -> Tensor {
+    pub(super) fn random(shape: &[usize], rng: &mut ChaCha8Rng) -> Tensor {
         let n: usize = shape.iter().product();
         let data: Vec<f32> = (0..n).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect();
         Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
     }
 
-    fn spans_tensor(spans: &[(u32, u32, u32)]) -> Tensor {
+    pub(super) fn spans_tensor(spans: &[(u32, u32, u32)]) -> Tensor {
         let flat: Vec<u32> = spans.iter().flat_map(|&(s, a, b)| [s, a, b]).collect();
         Tensor::from_vec(flat, (spans.len(), 3), &Device::Cpu).unwrap()
     }
@@ -382,5 +387,141 @@ mod tests {
             let err = cached_attention(&q, &k, &k, &spans_tensor(&spans), 1.0).unwrap_err();
             assert!(err.to_string().contains(what), "{err}");
         }
+    }
+}
+
+/// The CUDA kernel (src/cuda/cached_attention.cu), run by the emulator with the launch the CUDA
+/// path makes, against the CPU form: decode and packed prefill layouts, grouped heads, idle
+/// slots, windows, and head widths that do not fill the last 32 channels.
+#[cfg(test)]
+mod emulated {
+    use super::*;
+    use optune_cuda_emulator::{AttentionDims, Element, Launch};
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+
+    fn kernel<T: Element + Default + candle_core::WithDType>(
+        dims: AttentionDims,
+        [q, k, v]: [&Tensor; 3],
+        spans: &[u32],
+        scale: f32,
+    ) -> Vec<f32> {
+        let flat = |t: &Tensor| -> Vec<T> { t.flatten_all().unwrap().to_vec1().unwrap() };
+        let (grid, block) = launch_dims(dims.batch * dims.steps, dims.heads);
+        let out = optune_cuda_emulator::cached_attention(
+            Launch { grid, block },
+            dims,
+            &flat(q),
+            &flat(k),
+            &flat(v),
+            spans,
+            scale,
+        )
+        .unwrap();
+        out.into_iter().map(|x| x.to_f64() as f32).collect()
+    }
+
+    /// `spans` over a cache of `slots × capacity`, queries laid out `[batch, heads, steps, d]`.
+    fn check(dims: AttentionDims, spans: &[(u32, u32, u32)], seed: u64) {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut random = |shape: &[usize]| super::tests::random(shape, &mut rng);
+        let q = random(&[dims.batch, dims.heads, dims.steps, dims.head_dim]);
+        let cache = [dims.slots, dims.kv_heads, dims.capacity, dims.head_dim];
+        let (k, v) = (random(&cache), random(&cache));
+        let flat_spans: Vec<u32> = spans.iter().flat_map(|&(s, a, b)| [s, a, b]).collect();
+        let spans_tensor = super::tests::spans_tensor(spans);
+        let scale = 1.0 / (dims.head_dim as f32).sqrt();
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let [q, k, v] = [&q, &k, &v].map(|t| t.to_dtype(dtype).unwrap());
+            let want: Vec<f32> = cached_attention(&q, &k, &v, &spans_tensor, scale as f64)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let tensors = [&q, &k, &v];
+            let got = match dtype {
+                DType::F32 => kernel::<f32>(dims, tensors, &flat_spans, scale),
+                DType::BF16 => kernel::<half::bf16>(dims, tensors, &flat_spans, scale),
+                _ => kernel::<half::f16>(dims, tensors, &flat_spans, scale),
+            };
+            // f32: the kernel's online softmax over 4 warps against the CPU's sums; bf16 and
+            // f16: both round their f32 result once, so a rounding step apart at most.
+            let tolerance = if dtype == DType::F32 { 2e-6 } else { 8e-3 };
+            let worst = got
+                .iter()
+                .zip(&want)
+                .map(|(g, w)| (g - w).abs())
+                .fold(0f32, f32::max);
+            assert!(worst <= tolerance, "{dims:?} {dtype:?}: off by {worst}");
+            // Idle queries are zeros on both.
+            let width = dims.heads * dims.head_dim;
+            for (query, &(_, first, last)) in spans.iter().enumerate() {
+                if last < first {
+                    assert!(got[query * width..(query + 1) * width]
+                        .iter()
+                        .all(|&x| x == 0.0));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_decode_step_matches_the_cpu_form() {
+        // Five slots, one query each: whole prefixes, a window, one position, an idle slot; four
+        // query heads per KV head, as Mistral-7B.
+        let dims = AttentionDims {
+            batch: 5,
+            heads: 8,
+            steps: 1,
+            head_dim: 64,
+            slots: 5,
+            kv_heads: 2,
+            capacity: 40,
+        };
+        check(
+            dims,
+            &[(0, 0, 39), (1, 0, 2), (2, 17, 30), (3, 6, 6), (4, 1, 0)],
+            21,
+        );
+    }
+
+    #[test]
+    fn a_packed_prefill_matches_the_cpu_form() {
+        // One row of 12 tokens: a 5-token prompt on slot 2, 4 tokens continuing slot 0 after 9
+        // cached positions, 3 decode tokens; head width 80 leaves 16 lanes idle in the last
+        // pass over the channels.
+        let spans: Vec<(u32, u32, u32)> = (0..5)
+            .map(|p| (2, 0, p))
+            .chain((9..13).map(|p| (0, 0, p)))
+            .chain([(1, 0, 20), (3, 0, 7), (4, 2, 11)])
+            .collect();
+        let dims = AttentionDims {
+            batch: 1,
+            heads: 4,
+            steps: spans.len(),
+            head_dim: 80,
+            slots: 5,
+            kv_heads: 4,
+            capacity: 24,
+        };
+        check(dims, &spans, 22);
+    }
+
+    #[test]
+    fn the_widest_head_matches_the_cpu_form() {
+        // Head width 256, the kernel's limit (8 channels a lane), batch rows of two steps.
+        let dims = AttentionDims {
+            batch: 2,
+            heads: 2,
+            steps: 2,
+            head_dim: 256,
+            slots: 2,
+            kv_heads: 1,
+            capacity: 9,
+        };
+        check(dims, &[(1, 0, 7), (1, 0, 8), (0, 0, 0), (0, 3, 2)], 23);
     }
 }

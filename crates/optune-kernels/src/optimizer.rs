@@ -292,9 +292,48 @@ impl InplaceOp3 for Param {
     }
 }
 
+/// The CUDA kernels' `kind` and seven scalars for `rule`, in the kernels' argument order: kind 0
+/// AdamW, 1 RMSprop, 2 RMSprop with momentum.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
+fn kernel_args(rule: StepRule) -> (i32, [f32; 7]) {
+    match rule {
+        StepRule::AdamW(s) => (
+            0,
+            [
+                s.decay_factor,
+                s.avg_weight,
+                s.beta2,
+                s.sq_weight,
+                s.bias_correction2_sqrt,
+                s.eps,
+                s.neg_step_size,
+            ],
+        ),
+        StepRule::RmsProp(s) => (
+            if s.momentum != 0.0 { 2 } else { 1 },
+            [
+                s.weight_decay,
+                s.alpha,
+                s.sq_weight,
+                s.eps,
+                s.momentum,
+                s.neg_lr,
+                0.0,
+            ],
+        ),
+    }
+}
+
+/// The kernels' launch over a parameter of `n` elements: blocks of 256 threads striding over the
+/// elements, at most 8 blocks per 65,535 of them; `(blocks, threads)`.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
+fn launch_dims(n: usize) -> (u32, u32) {
+    ((n.div_ceil(256).min(65_535 * 8) as u32).max(1), 256)
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
-    use super::StepRule;
+    use super::{kernel_args, launch_dims, StepRule};
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
@@ -322,43 +361,17 @@ mod cuda {
         } else {
             lt.shape().elem_count()
         };
-        // [kind, 7 scalars]: kind 0 AdamW, 1 RMSprop, 2 RMSprop with momentum.
-        let (kind, s): (i32, [f32; 7]) = match rule {
-            StepRule::AdamW(s) => (
-                0,
-                [
-                    s.decay_factor,
-                    s.avg_weight,
-                    s.beta2,
-                    s.sq_weight,
-                    s.bias_correction2_sqrt,
-                    s.eps,
-                    s.neg_step_size,
-                ],
-            ),
-            StepRule::RmsProp(s) => (
-                if s.momentum != 0.0 { 2 } else { 1 },
-                [
-                    s.weight_decay,
-                    s.alpha,
-                    s.sq_weight,
-                    s.eps,
-                    s.momentum,
-                    s.neg_lr,
-                    0.0,
-                ],
-            ),
-        };
+        let (kind, s) = kernel_args(rule);
         let target_slice = target.as_cuda_slice_mut::<f32>()?;
         let mut target_view = target_slice.slice_mut(lt.start_offset()..);
         let a = a.as_cuda_slice::<f32>()?.slice(la.start_offset()..);
         let b = b.as_cuda_slice::<f32>()?.slice(lb.start_offset()..);
         let func = device.get_or_load_custom_func(name, "optune_optimizer", PTX)?;
         let n_arg = n as u64;
-        let blocks = n.div_ceil(256).min(65_535 * 8) as u32;
+        let (blocks, threads) = launch_dims(n);
         let config = LaunchConfig {
-            grid_dim: (blocks.max(1), 1, 1),
-            block_dim: (256, 1, 1),
+            grid_dim: (blocks, 1, 1),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
         let mut builder = func.builder();
@@ -383,7 +396,7 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    fn rules() -> Vec<StepRule> {
+    pub(super) fn rules() -> Vec<StepRule> {
         let adamw = |decay_factor| {
             StepRule::AdamW(AdamWStep {
                 decay_factor,
@@ -414,39 +427,57 @@ mod tests {
         ]
     }
 
-    /// The in-place ops give, to the bit, what the element functions give one element at a time
-    /// (the CPU optimiser's fused pass), over two steps.
-    #[test]
-    fn the_in_place_ops_follow_the_element_rule() {
-        let n = 37;
-        let param0: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.37).sin()).collect();
-        let grads: Vec<Vec<f32>> = (0..2)
+    /// A parameter of `n` elements and two steps' gradients.
+    pub(super) fn problem(n: usize) -> (Vec<f32>, Vec<Vec<f32>>) {
+        let param: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.37).sin()).collect();
+        let grads = (0..2)
             .map(|s| {
                 (0..n)
                     .map(|i| ((i * 7 + s) as f32 * 0.11).cos() * 0.3)
                     .collect()
             })
             .collect();
+        (param, grads)
+    }
+
+    /// `rule` over the gradients one element at a time (the CPU optimiser's fused pass):
+    /// the parameter and the moments `[buffers, n]`, flat.
+    pub(super) fn element_steps(
+        rule: StepRule,
+        param: &[f32],
+        grads: &[Vec<f32>],
+    ) -> (Vec<f32>, Vec<f32>) {
+        let n = param.len();
+        let (mut p, mut m) = (param.to_vec(), vec![vec![0f32; rule.buffers()]; n]);
+        for g in grads {
+            for i in 0..n {
+                rule.update_moments(p[i], g[i], &mut m[i]);
+                p[i] = rule.updated_param(p[i], g[i], &m[i]);
+            }
+        }
+        let moments = (0..rule.buffers())
+            .flat_map(|b| m.iter().map(move |mi| mi[b]))
+            .collect();
+        (p, moments)
+    }
+
+    /// The in-place ops give, to the bit, what the element functions give one element at a time
+    /// (the CPU optimiser's fused pass), over two steps.
+    #[test]
+    fn the_in_place_ops_follow_the_element_rule() {
+        let (param0, grads) = problem(37);
         for rule in rules() {
-            let buffers = rule.buffers();
-            let (mut p, mut m) = (param0.clone(), vec![vec![0f32; buffers]; n]);
             let param = Tensor::new(param0.as_slice(), &Device::Cpu).unwrap();
             let moments =
-                Tensor::zeros((buffers, n), candle_core::DType::F32, &Device::Cpu).unwrap();
+                Tensor::zeros((rule.buffers(), 37), candle_core::DType::F32, &Device::Cpu).unwrap();
             for g in &grads {
-                for i in 0..n {
-                    rule.update_moments(p[i], g[i], &mut m[i]);
-                    p[i] = rule.updated_param(p[i], g[i], &m[i]);
-                }
                 let grad = Tensor::new(g.as_slice(), &Device::Cpu).unwrap();
                 update_in_place(rule, &param, &grad, &moments).unwrap();
             }
+            let (p, m) = element_steps(rule, &param0, &grads);
             assert_eq!(param.to_vec1::<f32>().unwrap(), p, "{rule:?}");
-            let got = moments.to_vec2::<f32>().unwrap();
-            for b in 0..buffers {
-                let want: Vec<f32> = m.iter().map(|mi| mi[b]).collect();
-                assert_eq!(got[b], want, "{rule:?} buffer {b}");
-            }
+            let got = moments.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(got, m, "{rule:?}");
         }
     }
 
@@ -456,5 +487,57 @@ mod tests {
         let moments = Tensor::zeros((1, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
         let err = update_in_place(rules()[0], &param, &param, &moments).unwrap_err();
         assert!(err.to_string().contains("for 2 buffers"), "{err}");
+    }
+}
+
+/// The CUDA kernels (src/cuda/optimizer.cu), run by the emulator with the launch the CUDA path
+/// makes, against the element rule.
+#[cfg(test)]
+mod emulated {
+    use super::tests::{element_steps, problem, rules};
+    use super::*;
+    use optune_cuda_emulator::{optimizer_moments, optimizer_param, Launch, OptimizerArgs};
+
+    /// `rule` over the gradients on the emulated kernels, launched as `launch`: the parameter
+    /// and the moments `[buffers, n]`.
+    fn kernel_steps(
+        rule: StepRule,
+        launch: Launch,
+        param: &[f32],
+        grads: &[Vec<f32>],
+    ) -> (Vec<f32>, Vec<f32>) {
+        let (kind, scalars) = kernel_args(rule);
+        let args = OptimizerArgs { kind, scalars };
+        let (mut param, mut moments) = (param.to_vec(), vec![0f32; rule.buffers() * param.len()]);
+        for g in grads {
+            optimizer_moments(launch, &mut moments, &param, g, args).unwrap();
+            optimizer_param(launch, &mut param, g, &moments, args).unwrap();
+        }
+        (param, moments)
+    }
+
+    #[test]
+    fn the_cuda_kernels_follow_the_element_rule_to_the_bit() {
+        // 1000 elements: a grid of 4 blocks, the last one partly idle; and the same elements
+        // through 2 blocks, whose threads stride over the rest.
+        let (blocks, threads) = launch_dims(1000);
+        assert_eq!((blocks, threads), (4, 256));
+        let (param, grads) = problem(1000);
+        for rule in rules() {
+            let want = element_steps(rule, &param, &grads);
+            for launch in [
+                Launch {
+                    grid: blocks,
+                    block: threads,
+                },
+                Launch {
+                    grid: 2,
+                    block: 256,
+                },
+            ] {
+                let got = kernel_steps(rule, launch, &param, &grads);
+                assert_eq!(got, want, "{rule:?} {launch:?}");
+            }
+        }
     }
 }

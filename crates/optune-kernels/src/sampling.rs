@@ -67,6 +67,13 @@ pub fn sample_rows(logits: &Tensor, uniforms: &Tensor, sampling: Sampling) -> Re
 
 struct SampleRows(Sampling);
 
+/// The CUDA kernel's launch for `rows` rows: one block of [`LANES`] threads per row, as the
+/// kernel's shared arrays assume; `(blocks, threads)`.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
+fn launch_dims(rows: usize) -> (u32, u32) {
+    (rows as u32, LANES as u32)
+}
+
 /// `Σ f(i)` over `0..n` as the kernel sums: lane `t` adds `f(t), f(t + LANES), …` in order, then
 /// the lanes' sums are added in lane order.
 fn lane_sum(n: usize, f: impl Fn(usize) -> f32) -> f32 {
@@ -223,9 +230,10 @@ impl CustomOp2 for SampleRows {
             } = op.0;
             let (vocab_arg, top_k_arg, steps) =
                 (vocab as i32, top_k as i32, BISECTION_STEPS as i32);
+            let (blocks, threads) = launch_dims(rows);
             let config = LaunchConfig {
-                grid_dim: (rows as u32, 1, 1),
-                block_dim: (LANES as u32, 1, 1),
+                grid_dim: (blocks, 1, 1),
+                block_dim: (threads, 1, 1),
                 shared_mem_bytes: 0,
             };
             let mut builder = func.builder();
@@ -304,5 +312,99 @@ mod tests {
         let (token, lp) = sampling(1.0, 0, 1.0).row(&row, 0.0);
         assert_eq!(token, 0);
         assert!((lp - logp(0)).abs() < 1e-6);
+    }
+}
+
+/// The CUDA kernel (src/cuda/sampling.cu), run by the emulator with the launch the CUDA path
+/// makes: it draws the CPU form's tokens, with the same log-probabilities to the bit (both add
+/// in the same order and call the same libm `expf`; on a GPU only `expf`'s last bits differ).
+#[cfg(test)]
+mod emulated {
+    use super::*;
+    use candle_core::Device;
+    use optune_cuda_emulator::{Element, Launch, SampleArgs};
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    /// Rows of logits: spread wide, tied at the top, nearly flat.
+    fn rows(vocab: usize, rng: &mut ChaCha8Rng) -> Vec<f32> {
+        let mut rows = Vec::new();
+        rows.extend((0..vocab).map(|_| rng.random::<f32>() * 12.0 - 6.0));
+        rows.extend((0..vocab).map(|i| {
+            if i % 97 == 3 {
+                5.0
+            } else {
+                rng.random::<f32>() * 4.0
+            }
+        }));
+        rows.extend((0..vocab).map(|_| rng.random::<f32>() * 0.01));
+        rows
+    }
+
+    fn kernel_draws<T: Element>(
+        logits: &[T],
+        vocab: usize,
+        uniforms: &[f32],
+        sampling: Sampling,
+    ) -> Vec<f32> {
+        let (grid, block) = launch_dims(uniforms.len());
+        let args = SampleArgs {
+            temperature: sampling.temperature,
+            top_k: sampling.top_k,
+            top_p: sampling.top_p,
+            floor_nats: FLOOR_NATS,
+            steps: BISECTION_STEPS,
+        };
+        optune_cuda_emulator::sample_rows(Launch { grid, block }, logits, vocab, uniforms, args)
+            .unwrap()
+    }
+
+    #[test]
+    fn the_cuda_kernel_draws_the_cpu_forms_tokens() {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let samplings = [
+            (0.0, 0, 1.0),
+            (1.0, 0, 1.0),
+            (1.0, 0, 0.9),
+            (0.7, 50, 1.0),
+            (1.3, 5, 0.8),
+        ]
+        .map(|(temperature, top_k, top_p)| Sampling {
+            temperature,
+            top_k,
+            top_p,
+        });
+        // Fewer ids than lanes, a vocabulary that is no multiple of the lanes.
+        for vocab in [100, 1000] {
+            let logits = rows(vocab, &mut rng);
+            let uniforms = [0.0, 0.37, 0.9999];
+            let tensor = Tensor::from_vec(logits.clone(), (3, vocab), &Device::Cpu).unwrap();
+            let u = Tensor::new(&uniforms, &Device::Cpu).unwrap();
+            for sampling in samplings {
+                for dtype in [DType::F32, DType::BF16, DType::F16] {
+                    let tensor = tensor.to_dtype(dtype).unwrap();
+                    let want: Vec<f32> = sample_rows(&tensor, &u, sampling)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap();
+                    let got = match dtype {
+                        DType::F32 => kernel_draws(&logits, vocab, &uniforms, sampling),
+                        DType::BF16 => {
+                            let l: Vec<half::bf16> =
+                                tensor.flatten_all().unwrap().to_vec1().unwrap();
+                            kernel_draws(&l, vocab, &uniforms, sampling)
+                        }
+                        _ => {
+                            let l: Vec<half::f16> =
+                                tensor.flatten_all().unwrap().to_vec1().unwrap();
+                            kernel_draws(&l, vocab, &uniforms, sampling)
+                        }
+                    };
+                    assert_eq!(got, want, "vocab {vocab}, {sampling:?}, {dtype:?}");
+                }
+            }
+        }
     }
 }

@@ -1,0 +1,485 @@
+//! This project's CUDA kernels (optune-kernels' src/cuda/*.cu), compiled for the CPU with a small
+//! emulation of the CUDA runtime (emulator/), and run thread by thread: each block's threads are
+//! fibers that run in turn up to their next `__syncthreads` or warp shuffle. A test can then hand
+//! a kernel the launch geometry and the buffers the CUDA launch would, and compare its output with
+//! the op's CPU form, without a GPU.
+//!
+//! What this checks: the kernel's indexing, its barriers and reductions, its handling of edge
+//! cases (idle slots, partial chunks, head widths that are not a multiple of 32), and the launch
+//! geometry. What it cannot: timing, memory coalescing, races between blocks, the GPU's
+//! approximate `__expf`, or the cudarc argument marshalling (compared against the PTX signatures
+//! by `scripts/build-cuda.sh check`).
+//!
+//! A launch that a GPU would refuse (no blocks, more than 1024 threads) or that could never finish
+//! (a barrier some threads cannot reach) is an `Err` naming the kernel and the block.
+
+use std::ffi::{c_char, c_int, CStr};
+
+/// A one-dimensional launch: `grid` blocks of `block` threads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Launch {
+    pub grid: u32,
+    pub block: u32,
+}
+
+/// A storage type the kernels are instantiated for: f32, bf16 and f16.
+pub trait Element: Copy + sealed::Sealed {
+    #[doc(hidden)]
+    const CACHED_ATTENTION: CachedAttentionFn<Self>;
+    #[doc(hidden)]
+    const SAMPLE_ROWS: SampleRowsFn<Self>;
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::bf16 {}
+    impl Sealed for half::f16 {}
+}
+
+#[doc(hidden)]
+pub type CachedAttentionFn<T> = unsafe extern "C" fn(
+    u32,
+    u32,
+    *const T,
+    *const T,
+    *const T,
+    *mut T,
+    *const u32,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    f32,
+) -> c_int;
+
+#[doc(hidden)]
+pub type SampleRowsFn<T> = unsafe extern "C" fn(
+    u32,
+    u32,
+    *const T,
+    *const f32,
+    *mut f32,
+    c_int,
+    f32,
+    c_int,
+    f32,
+    f32,
+    c_int,
+) -> c_int;
+
+type OptimizerFn = unsafe extern "C" fn(
+    u32,
+    u32,
+    *mut f32,
+    *const f32,
+    *const f32,
+    u64,
+    c_int,
+    f32,
+    f32,
+    f32,
+    f32,
+    f32,
+    f32,
+    f32,
+) -> c_int;
+
+extern "C" {
+    fn optune_emu_last_error() -> *const c_char;
+    fn optune_emu_optimizer_moments(
+        grid: u32,
+        block: u32,
+        moments: *mut f32,
+        param: *const f32,
+        grad: *const f32,
+        n: u64,
+        kind: c_int,
+        s0: f32,
+        s1: f32,
+        s2: f32,
+        s3: f32,
+        s4: f32,
+        s5: f32,
+        s6: f32,
+    ) -> c_int;
+    fn optune_emu_optimizer_param(
+        grid: u32,
+        block: u32,
+        param: *mut f32,
+        grad: *const f32,
+        moments: *const f32,
+        n: u64,
+        kind: c_int,
+        s0: f32,
+        s1: f32,
+        s2: f32,
+        s3: f32,
+        s4: f32,
+        s5: f32,
+        s6: f32,
+    ) -> c_int;
+}
+
+/// The entry points of the kernels instantiated per storage type, and their `Element` impl.
+macro_rules! element {
+    ($t:ty, $cached_attention:ident, $sample_rows:ident) => {
+        extern "C" {
+            fn $cached_attention(
+                grid: u32,
+                block: u32,
+                q: *const $t,
+                keys: *const $t,
+                values: *const $t,
+                out: *mut $t,
+                spans: *const u32,
+                heads: c_int,
+                kv_heads: c_int,
+                capacity: c_int,
+                head_dim: c_int,
+                steps: c_int,
+                scale: f32,
+            ) -> c_int;
+            fn $sample_rows(
+                grid: u32,
+                block: u32,
+                logits: *const $t,
+                uniforms: *const f32,
+                out: *mut f32,
+                vocab: c_int,
+                temperature: f32,
+                top_k: c_int,
+                top_p: f32,
+                floor_nats: f32,
+                steps: c_int,
+            ) -> c_int;
+        }
+        impl Element for $t {
+            const CACHED_ATTENTION: CachedAttentionFn<Self> = $cached_attention;
+            const SAMPLE_ROWS: SampleRowsFn<Self> = $sample_rows;
+        }
+    };
+}
+
+element!(
+    f32,
+    optune_emu_cached_attention_f32,
+    optune_emu_sample_rows_f32
+);
+element!(
+    half::bf16,
+    optune_emu_cached_attention_bf16,
+    optune_emu_sample_rows_bf16
+);
+element!(
+    half::f16,
+    optune_emu_cached_attention_f16,
+    optune_emu_sample_rows_f16
+);
+
+/// The emulator's verdict on a launch: `Ok` when every block ran to its end.
+fn verdict(code: c_int) -> Result<(), String> {
+    if code == 0 {
+        return Ok(());
+    }
+    // SAFETY: the emulator returns a pointer to its thread-local, NUL-terminated message, valid
+    // until the next launch on this thread.
+    Err(unsafe { CStr::from_ptr(optune_emu_last_error()) }
+        .to_string_lossy()
+        .into_owned())
+}
+
+fn int(n: usize, what: &str) -> c_int {
+    c_int::try_from(n).unwrap_or_else(|_| panic!("{what} {n} does not fit the kernel's int"))
+}
+
+/// The sizes of the cache attention kernel's arguments (see src/cuda/cached_attention.cu):
+/// `q [batch, heads, steps, head_dim]`, `keys`/`values [slots, kv_heads, capacity, head_dim]`.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionDims {
+    pub batch: usize,
+    pub heads: usize,
+    pub steps: usize,
+    pub head_dim: usize,
+    pub slots: usize,
+    pub kv_heads: usize,
+    pub capacity: usize,
+}
+
+/// Runs `cached_attention_{f32,bf16,f16}`; returns `out [batch, steps, heads, head_dim]`.
+pub fn cached_attention<T: Element + Default>(
+    launch: Launch,
+    dims: AttentionDims,
+    q: &[T],
+    keys: &[T],
+    values: &[T],
+    spans: &[u32],
+    scale: f32,
+) -> Result<Vec<T>, String> {
+    let AttentionDims {
+        batch,
+        heads,
+        steps,
+        head_dim,
+        slots,
+        kv_heads,
+        capacity,
+    } = dims;
+    let queries = batch * steps;
+    assert_eq!(q.len(), queries * heads * head_dim, "q");
+    assert_eq!(keys.len(), slots * kv_heads * capacity * head_dim, "keys");
+    assert_eq!(values.len(), keys.len(), "values");
+    assert_eq!(spans.len(), 3 * queries, "spans");
+    for span in spans.chunks_exact(3) {
+        // The kernel reads what the spans name: keep it inside the buffers.
+        let (slot, first, last) = (span[0] as usize, span[1] as usize, span[2] as usize);
+        assert!(
+            last < first || (slot < slots && last < capacity),
+            "span {span:?} outside the cache"
+        );
+    }
+    let mut out = vec![T::default(); q.len()];
+    // SAFETY: the buffers hold the element counts the kernel reads and writes for these sizes
+    // (checked above, spans included); the emulator runs the launch to its end before returning.
+    let code = unsafe {
+        T::CACHED_ATTENTION(
+            launch.grid,
+            launch.block,
+            q.as_ptr(),
+            keys.as_ptr(),
+            values.as_ptr(),
+            out.as_mut_ptr(),
+            spans.as_ptr(),
+            int(heads, "heads"),
+            int(kv_heads, "kv_heads"),
+            int(capacity, "capacity"),
+            int(head_dim, "head_dim"),
+            int(steps, "steps"),
+            scale,
+        )
+    };
+    verdict(code).map(|()| out)
+}
+
+/// The sampler's scalar arguments (see src/cuda/sampling.cu).
+#[derive(Clone, Copy, Debug)]
+pub struct SampleArgs {
+    pub temperature: f32,
+    pub top_k: u32,
+    pub top_p: f32,
+    pub floor_nats: f32,
+    pub steps: u32,
+}
+
+/// Runs `sample_rows_{f32,bf16,f16}` over `logits [rows, vocab]`; returns `[rows, 2]` of (token
+/// id, log-probability).
+pub fn sample_rows<T: Element>(
+    launch: Launch,
+    logits: &[T],
+    vocab: usize,
+    uniforms: &[f32],
+    args: SampleArgs,
+) -> Result<Vec<f32>, String> {
+    let rows = uniforms.len();
+    assert_eq!(logits.len(), rows * vocab, "logits");
+    assert!(launch.grid as usize <= rows, "one block per row at most");
+    let mut out = vec![0f32; 2 * rows];
+    // SAFETY: logits hold rows·vocab elements, uniforms rows and out 2·rows; each block reads
+    // and writes its own row only, and no more blocks than rows are launched (checked above).
+    let code = unsafe {
+        T::SAMPLE_ROWS(
+            launch.grid,
+            launch.block,
+            logits.as_ptr(),
+            uniforms.as_ptr(),
+            out.as_mut_ptr(),
+            int(vocab, "vocab"),
+            args.temperature,
+            int(args.top_k as usize, "top_k"),
+            args.top_p,
+            args.floor_nats,
+            int(args.steps as usize, "steps"),
+        )
+    };
+    verdict(code).map(|()| out)
+}
+
+/// Which optimiser kernel to run and its arguments after the buffers: the kind and the seven
+/// scalars (see src/cuda/optimizer.cu).
+#[derive(Clone, Copy, Debug)]
+pub struct OptimizerArgs {
+    pub kind: i32,
+    pub scalars: [f32; 7],
+}
+
+fn optimizer(
+    kernel: OptimizerFn,
+    launch: Launch,
+    target: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    n: usize,
+    args: OptimizerArgs,
+) -> Result<(), String> {
+    let s = args.scalars;
+    // SAFETY: the callers check the buffers against n; the kernel's grid-stride loop stays
+    // below n (and below buffers·n for the moments, whose rows are n apart).
+    let code = unsafe {
+        kernel(
+            launch.grid,
+            launch.block,
+            target.as_mut_ptr(),
+            a.as_ptr(),
+            b.as_ptr(),
+            n as u64,
+            args.kind,
+            s[0],
+            s[1],
+            s[2],
+            s[3],
+            s[4],
+            s[5],
+            s[6],
+        )
+    };
+    verdict(code)
+}
+
+/// The gradient holds n elements, the moments one buffer (kind 1) or two of n.
+fn check_sizes(n: usize, grad: &[f32], moments: &[f32], args: OptimizerArgs) {
+    assert_eq!(grad.len(), n, "grad");
+    let buffers = if args.kind == 1 { 1 } else { 2 };
+    assert_eq!(moments.len(), buffers * n, "moments of kind {}", args.kind);
+}
+
+/// Runs `optimizer_moments`: updates `moments [buffers, n]` from `param [n]` and `grad [n]`.
+pub fn optimizer_moments(
+    launch: Launch,
+    moments: &mut [f32],
+    param: &[f32],
+    grad: &[f32],
+    args: OptimizerArgs,
+) -> Result<(), String> {
+    let n = param.len();
+    check_sizes(n, grad, moments, args);
+    optimizer(
+        optune_emu_optimizer_moments,
+        launch,
+        moments,
+        param,
+        grad,
+        n,
+        args,
+    )
+}
+
+/// Runs `optimizer_param`: updates `param [n]` from `grad [n]` and `moments [buffers, n]`.
+pub fn optimizer_param(
+    launch: Launch,
+    param: &mut [f32],
+    grad: &[f32],
+    moments: &[f32],
+    args: OptimizerArgs,
+) -> Result<(), String> {
+    let n = param.len();
+    check_sizes(n, grad, moments, args);
+    optimizer(
+        optune_emu_optimizer_param,
+        launch,
+        param,
+        grad,
+        moments,
+        n,
+        args,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The emulator itself: launches a GPU refuses are refused, by name.
+    #[test]
+    fn launches_over_no_blocks_are_refused() {
+        let err = sample_rows::<f32>(
+            Launch {
+                grid: 0,
+                block: 256,
+            },
+            &[],
+            4,
+            &[],
+            SampleArgs {
+                temperature: 0.0,
+                top_k: 0,
+                top_p: 1.0,
+                floor_nats: 40.0,
+                steps: 32,
+            },
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("sample_rows_f32") && err.contains("no blocks"),
+            "{err}"
+        );
+    }
+
+    extern "C" {
+        fn optune_emu_selftest_block_sum(
+            grid: u32,
+            block: u32,
+            x: *const f32,
+            out: *mut f32,
+        ) -> c_int;
+        fn optune_emu_selftest_warp_sum(
+            grid: u32,
+            block: u32,
+            x: *const f32,
+            out: *mut f32,
+        ) -> c_int;
+        fn optune_emu_selftest_diverged_shuffle(grid: u32, block: u32, out: *mut f32) -> c_int;
+    }
+
+    /// Shared memory and __syncthreads: a tree reduction per block, over several blocks (each
+    /// block reuses the same static shared array, as blocks run one after another).
+    #[test]
+    fn block_barriers_order_shared_memory() {
+        let (grid, block) = (3usize, 256usize);
+        let x: Vec<f32> = (0..grid * block).map(|i| (i % 7) as f32).collect();
+        let mut out = vec![0f32; grid];
+        // SAFETY: x holds grid·block elements, out grid.
+        let code = unsafe {
+            optune_emu_selftest_block_sum(grid as u32, block as u32, x.as_ptr(), out.as_mut_ptr())
+        };
+        verdict(code).unwrap();
+        let want: Vec<f32> = x.chunks(block).map(|c| c.iter().sum()).collect();
+        assert_eq!(out, want);
+    }
+
+    /// Warp shuffles: every lane of each warp ends with its warp's total.
+    #[test]
+    fn shuffles_exchange_within_a_warp() {
+        let x: Vec<f32> = (0..64).map(|i| i as f32).collect();
+        let mut out = vec![0f32; 64];
+        // SAFETY: x and out hold one element per thread of the block.
+        let code = unsafe { optune_emu_selftest_warp_sum(1, 64, x.as_ptr(), out.as_mut_ptr()) };
+        verdict(code).unwrap();
+        let warp = |w: usize| (32 * w..32 * (w + 1)).map(|i| i as f32).sum::<f32>();
+        assert_eq!(out[..32], [warp(0); 32]);
+        assert_eq!(out[32..], [warp(1); 32]);
+    }
+
+    /// A shuffle half its warp never reaches would hang (or worse) on a GPU: an error here.
+    #[test]
+    fn a_barrier_some_threads_cannot_reach_is_reported() {
+        let mut out = vec![0f32; 32];
+        // SAFETY: out holds one element per thread of the block.
+        let code = unsafe { optune_emu_selftest_diverged_shuffle(1, 32, out.as_mut_ptr()) };
+        let err = verdict(code).unwrap_err();
+        assert!(
+            err.contains("selftest_diverged_shuffle") && err.contains("16 wait at __syncthreads"),
+            "{err}"
+        );
+    }
+}
