@@ -7,7 +7,9 @@ fn main() {
     let sources = [
         "emulator",
         "selftest",
+        "cache_write",
         "cached_attention",
+        "forward_only",
         "sampling",
         "optimizer",
     ];

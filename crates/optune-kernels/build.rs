@@ -5,7 +5,13 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const KERNELS: [&str; 3] = ["cached_attention", "optimizer", "sampling"];
+const KERNELS: [&str; 5] = [
+    "cache_write",
+    "cached_attention",
+    "forward_only",
+    "optimizer",
+    "sampling",
+];
 
 fn main() {
     println!("cargo:rerun-if-env-changed=CARGO_FEATURE_CUDA");
@@ -18,6 +24,8 @@ fn main() {
     let nvcc = std::env::var("NVCC").unwrap_or_else(|_| "nvcc".to_string());
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".to_string());
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    // The storage-type helpers every kernel includes.
+    println!("cargo:rerun-if-changed=src/cuda/dtypes.cuh");
     for kernel in KERNELS {
         let source = format!("src/cuda/{kernel}.cu");
         println!("cargo:rerun-if-changed={source}");

@@ -28,6 +28,12 @@ pub trait Element: Copy + sealed::Sealed {
     const CACHED_ATTENTION: CachedAttentionFn<Self>;
     #[doc(hidden)]
     const SAMPLE_ROWS: SampleRowsFn<Self>;
+    #[doc(hidden)]
+    const ADD_RMS_NORM: AddRmsNormFn<Self>;
+    #[doc(hidden)]
+    const SILU_MUL: SiluMulFn<Self>;
+    #[doc(hidden)]
+    const CACHE_WRITE: CacheWriteFn<Self>;
 }
 
 mod sealed {
@@ -66,6 +72,39 @@ pub type SampleRowsFn<T> = unsafe extern "C" fn(
     c_int,
     f32,
     f32,
+    c_int,
+) -> c_int;
+
+#[doc(hidden)]
+pub type AddRmsNormFn<T> = unsafe extern "C" fn(
+    u32,
+    u32,
+    *const T,
+    *const T,
+    *const T,
+    *mut T,
+    c_int,
+    c_int,
+    f32,
+) -> c_int;
+
+#[doc(hidden)]
+pub type SiluMulFn<T> = unsafe extern "C" fn(u32, u32, *const T, *const T, *mut T, u64) -> c_int;
+
+#[doc(hidden)]
+pub type CacheWriteFn<T> = unsafe extern "C" fn(
+    u32,
+    u32,
+    *mut T,
+    *const T,
+    *const T,
+    *const T,
+    *const T,
+    *const u32,
+    u64,
+    c_int,
+    c_int,
+    c_int,
     c_int,
 ) -> c_int;
 
@@ -124,7 +163,14 @@ extern "C" {
 
 /// The entry points of the kernels instantiated per storage type, and their `Element` impl.
 macro_rules! element {
-    ($t:ty, $cached_attention:ident, $sample_rows:ident) => {
+    (
+        $t:ty,
+        $cached_attention:ident,
+        $sample_rows:ident,
+        $add_rms_norm:ident,
+        $silu_mul:ident,
+        $cache_write:ident
+    ) => {
         extern "C" {
             fn $cached_attention(
                 grid: u32,
@@ -154,10 +200,47 @@ macro_rules! element {
                 floor_nats: f32,
                 steps: c_int,
             ) -> c_int;
+            fn $add_rms_norm(
+                grid: u32,
+                block: u32,
+                x: *const $t,
+                delta: *const $t,
+                weight: *const $t,
+                out: *mut $t,
+                rows: c_int,
+                hidden: c_int,
+                eps: f32,
+            ) -> c_int;
+            fn $silu_mul(
+                grid: u32,
+                block: u32,
+                gate: *const $t,
+                up: *const $t,
+                out: *mut $t,
+                n: u64,
+            ) -> c_int;
+            fn $cache_write(
+                grid: u32,
+                block: u32,
+                store: *mut $t,
+                k: *const $t,
+                v: *const $t,
+                cos: *const $t,
+                sin: *const $t,
+                spans: *const u32,
+                tokens: u64,
+                slots: c_int,
+                kv_heads: c_int,
+                capacity: c_int,
+                head_dim: c_int,
+            ) -> c_int;
         }
         impl Element for $t {
             const CACHED_ATTENTION: CachedAttentionFn<Self> = $cached_attention;
             const SAMPLE_ROWS: SampleRowsFn<Self> = $sample_rows;
+            const ADD_RMS_NORM: AddRmsNormFn<Self> = $add_rms_norm;
+            const SILU_MUL: SiluMulFn<Self> = $silu_mul;
+            const CACHE_WRITE: CacheWriteFn<Self> = $cache_write;
         }
     };
 }
@@ -165,17 +248,26 @@ macro_rules! element {
 element!(
     f32,
     optune_emu_cached_attention_f32,
-    optune_emu_sample_rows_f32
+    optune_emu_sample_rows_f32,
+    optune_emu_add_rms_norm_f32,
+    optune_emu_silu_mul_f32,
+    optune_emu_cache_write_rotated_f32
 );
 element!(
     half::bf16,
     optune_emu_cached_attention_bf16,
-    optune_emu_sample_rows_bf16
+    optune_emu_sample_rows_bf16,
+    optune_emu_add_rms_norm_bf16,
+    optune_emu_silu_mul_bf16,
+    optune_emu_cache_write_rotated_bf16
 );
 element!(
     half::f16,
     optune_emu_cached_attention_f16,
-    optune_emu_sample_rows_f16
+    optune_emu_sample_rows_f16,
+    optune_emu_add_rms_norm_f16,
+    optune_emu_silu_mul_f16,
+    optune_emu_cache_write_rotated_f16
 );
 
 /// The emulator's verdict on a launch: `Ok` when every block ran to its end.
@@ -303,6 +395,125 @@ pub fn sample_rows<T: Element>(
         )
     };
     verdict(code).map(|()| out)
+}
+
+/// Runs `add_rms_norm_{f32,bf16,f16}` over `x`, `delta [rows, weight.len()]`; returns `[2, rows,
+/// hidden]`: the sums, then the normalised rows.
+pub fn add_rms_norm<T: Element + Default>(
+    launch: Launch,
+    x: &[T],
+    delta: &[T],
+    weight: &[T],
+    eps: f32,
+) -> Result<Vec<T>, String> {
+    let hidden = weight.len();
+    assert!(hidden > 0 && x.len().is_multiple_of(hidden), "x");
+    assert_eq!(delta.len(), x.len(), "delta");
+    let rows = x.len() / hidden;
+    assert!(launch.grid as usize <= rows, "one block per row at most");
+    let mut out = vec![T::default(); 2 * x.len()];
+    // SAFETY: x and delta hold rows·hidden elements, weight hidden, out 2·rows·hidden; each block
+    // reads and writes its own row, and no more blocks than rows are launched (checked above).
+    let code = unsafe {
+        T::ADD_RMS_NORM(
+            launch.grid,
+            launch.block,
+            x.as_ptr(),
+            delta.as_ptr(),
+            weight.as_ptr(),
+            out.as_mut_ptr(),
+            int(rows, "rows"),
+            int(hidden, "hidden"),
+            eps,
+        )
+    };
+    verdict(code).map(|()| out)
+}
+
+/// Runs `silu_mul_{f32,bf16,f16}` over `gate` and `up` (one length); returns `silu(gate) · up`.
+pub fn silu_mul<T: Element + Default>(
+    launch: Launch,
+    gate: &[T],
+    up: &[T],
+) -> Result<Vec<T>, String> {
+    assert_eq!(gate.len(), up.len(), "up");
+    let mut out = vec![T::default(); gate.len()];
+    // SAFETY: gate, up and out hold n elements; the kernel's grid-stride loop stays below n.
+    let code = unsafe {
+        T::SILU_MUL(
+            launch.grid,
+            launch.block,
+            gate.as_ptr(),
+            up.as_ptr(),
+            out.as_mut_ptr(),
+            gate.len() as u64,
+        )
+    };
+    verdict(code).map(|()| out)
+}
+
+/// The sizes of the cache write kernel's store (see src/cuda/cache_write.cu): `[2, slots,
+/// kv_heads, capacity, head_dim]`.
+#[derive(Clone, Copy, Debug)]
+pub struct StoreDims {
+    pub slots: usize,
+    pub kv_heads: usize,
+    pub capacity: usize,
+    pub head_dim: usize,
+}
+
+/// Runs `cache_write_rotated_{f32,bf16,f16}` on `store` in place: token `i`'s rotated key and
+/// value go to the slot and position `spans[i]` names.
+pub fn cache_write_rotated<T: Element>(
+    launch: Launch,
+    dims: StoreDims,
+    store: &mut [T],
+    (k, v): (&[T], &[T]),
+    (cos, sin): (&[T], &[T]),
+    spans: &[u32],
+) -> Result<(), String> {
+    let StoreDims {
+        slots,
+        kv_heads,
+        capacity,
+        head_dim,
+    } = dims;
+    let tokens = spans.len() / 3;
+    assert_eq!(
+        store.len(),
+        2 * slots * kv_heads * capacity * head_dim,
+        "store"
+    );
+    assert_eq!(k.len(), tokens * kv_heads * head_dim, "k");
+    assert_eq!(v.len(), k.len(), "v");
+    assert_eq!(cos.len(), tokens * head_dim / 2, "cos");
+    assert_eq!(sin.len(), cos.len(), "sin");
+    for span in spans.chunks_exact(3) {
+        assert!(
+            (span[0] as usize) < slots && (span[2] as usize) < capacity,
+            "span {span:?} outside the store"
+        );
+    }
+    // SAFETY: the buffers hold what the kernel reads and writes for these sizes, the spans'
+    // slots and positions included (checked above); the launch runs to its end before returning.
+    let code = unsafe {
+        T::CACHE_WRITE(
+            launch.grid,
+            launch.block,
+            store.as_mut_ptr(),
+            k.as_ptr(),
+            v.as_ptr(),
+            cos.as_ptr(),
+            sin.as_ptr(),
+            spans.as_ptr(),
+            tokens as u64,
+            int(slots, "slots"),
+            int(kv_heads, "kv_heads"),
+            int(capacity, "capacity"),
+            int(head_dim, "head_dim"),
+        )
+    };
+    verdict(code)
 }
 
 /// Which optimiser kernel to run and its arguments after the buffers: the kind and the seven

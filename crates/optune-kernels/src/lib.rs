@@ -16,9 +16,11 @@
 //! The rule in `dispatch` alone decides between fused/host and generic, from the device, the dtype
 //! and the process setting (`OPTUNE_KERNELS=fused|generic`, or a tool's `--kernels`).
 
+pub mod cache_write;
 mod cached_attention;
 pub mod cuda_matmul;
 pub mod dispatch;
+pub mod forward_only;
 mod fused;
 mod grad_buffers;
 pub mod host;
@@ -39,7 +41,7 @@ pub use matmul::{
     set_f32_product_precision, Bf16Source, Mat, PackedRhs, ProductPrecision,
 };
 pub use ops::{
-    accumulation_dtype, attention, embedding, linear, lora_linear, rms_norm, rotary_heads,
-    silu_mul, token_logprobs, HEAD_CHUNK_ROWS, KEPT_LOGITS_BYTES,
+    accumulation_dtype, add_rms_norm, attention, embedding, linear, lora_linear, rms_norm,
+    rotary_heads, silu_mul, token_logprobs, HEAD_CHUNK_ROWS, KEPT_LOGITS_BYTES,
 };
 pub use sampling::{sample_rows, Sampling, BISECTION_STEPS, FLOOR_NATS};

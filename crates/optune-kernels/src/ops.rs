@@ -10,7 +10,8 @@
 //! | [`rms_norm`] | [`generic::rms_norm`] | `fused::RmsNorm` | [`crate::host::rms_norm`] |
 //! | [`linear`] | [`generic::linear`] | `fused::LinearOp` | [`crate::host::linear_many`] |
 //! | [`lora_linear`] | [`generic::lora_linear`] | `fused::LoraLinear` | — |
-//! | [`silu_mul`] | [`generic::silu_mul`] | `fused::SiluMul` | [`crate::host::silu_mul`] |
+//! | [`silu_mul`] | [`generic::silu_mul`] (generation: [`crate::forward_only::silu_mul`]) | `fused::SiluMul` | [`crate::host::silu_mul`] |
+//! | [`add_rms_norm`] | add, [`generic::rms_norm`] (generation: [`crate::forward_only::add_rms_norm`]) | add, `fused::RmsNorm` | (add, [`crate::host::rms_norm`]) |
 //! | [`rotary_heads`] | [`generic::rotary_heads`] | `fused::Rope` | [`crate::host::rotary`] |
 //! | [`attention`] | [`generic::attention`] | `fused::Attention` | [`crate::host::attention`] |
 //! | [`token_logprobs`] | [`generic::token_logprobs`] (`ChunkedLogprobs`) | `fused::TokenLogprobs` | (sampler: [`crate::host::log_sum_exp`]) |
@@ -63,12 +64,57 @@ pub fn lora_linear(x: &Tensor, weight: &Tensor, a: &Tensor, b: &Tensor) -> Resul
     }
 }
 
+/// Which forms a forward pass's ops take, where the forms round differently.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pass {
+    /// Training, and every pass whose numbers are set against a training pass's (reference
+    /// log-probs, scores): the differentiable forms whether or not a gradient flows, so that equal
+    /// weights give equal numbers.
+    Differentiable,
+    /// Generation over a KV cache: on the generic path, the one-kernel forms of
+    /// [`crate::forward_only`] (no gradient).
+    Generation,
+}
+
 /// `silu(gate) · up`: the SwiGLU gate.
-pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+pub fn silu_mul(gate: &Tensor, up: &Tensor, pass: Pass) -> Result<Tensor> {
     match path_for(&[gate, up]) {
         Path::Fused => fused::silu_mul(gate, up),
+        Path::Generic if forward_only(pass, &[gate, up]) => crate::forward_only::silu_mul(gate, up),
         Path::Generic => generic::silu_mul(gate, up),
     }
+}
+
+/// The residual add and the RMS norm after it: `(x + delta, rms_norm(x + delta, weight))`. In a
+/// generation pass on the generic path, one op ([`crate::forward_only::add_rms_norm`]; the sum is
+/// rounded to the dtype before its statistics, as the stream is stored); otherwise the add, then
+/// [`rms_norm`].
+pub fn add_rms_norm(
+    x: &Tensor,
+    delta: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+    pass: Pass,
+) -> Result<(Tensor, Tensor)> {
+    match path_for(&[x, delta, weight]) {
+        Path::Generic if forward_only(pass, &[x, delta, weight]) => {
+            crate::forward_only::add_rms_norm(x, delta, weight, eps)
+        }
+        _ => {
+            let sum = (x + delta)?;
+            let normed = rms_norm(&sum, weight, eps)?;
+            Ok((sum, normed))
+        }
+    }
+}
+
+/// Whether a generic-path op of `pass` runs its [`crate::forward_only`] form on `inputs`: in a
+/// generation pass, for the dtypes the kernels take (f64, for gradient checks, composes).
+fn forward_only(pass: Pass, inputs: &[&Tensor]) -> bool {
+    pass == Pass::Generation
+        && inputs
+            .iter()
+            .all(|t| crate::forward_only::supports(t.dtype()))
 }
 
 /// Splits a projection `x [b, t, heads·d]` into heads and rotates them (rotate-half layout) with

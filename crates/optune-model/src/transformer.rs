@@ -192,10 +192,10 @@ impl WeightMap {
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, pass: ops::Pass) -> Result<Tensor> {
         let gate = self.gate_proj.forward(x)?;
         let up = self.up_proj.forward(x)?;
-        self.down_proj.forward(&ops::silu_mul(&gate, &up)?)
+        self.down_proj.forward(&ops::silu_mul(&gate, &up, pass)?)
     }
 }
 
@@ -453,14 +453,18 @@ impl Transformer {
 
     /// Final-norm hidden states `[batch, seq, hidden]` of a padded batch: the training path.
     pub fn hidden_states(&self, batch: &PaddedBatch) -> Result<Tensor> {
-        let x = self.run_layers(batch)?;
-        ops::rms_norm(&x, &self.norm, self.config.rms_norm_eps)
+        let (_, normed) = self.run_layers(batch)?.add_norm(
+            &self.norm,
+            self.config.rms_norm_eps,
+            ops::Pass::Differentiable,
+        )?;
+        Ok(normed)
     }
 
     /// The blocks over a padded batch (causal, within the sliding window, padding keys hidden;
-    /// a padding query attends to itself, so no row is fully masked): the hidden states before
-    /// the final norm.
-    fn run_layers(&self, batch: &PaddedBatch) -> Result<Tensor> {
+    /// a padding query attends to itself, so no row is fully masked): the stream before the
+    /// final norm.
+    fn run_layers(&self, batch: &PaddedBatch) -> Result<Residual> {
         let (b, t) = batch.dims();
         let window = self.config.attention_window();
         let mut mask = Vec::with_capacity(b * t * t);
@@ -483,11 +487,11 @@ impl Transformer {
             b * t,
             &self.device,
         )?;
-        let mut x = self.embed(&batch.input_ids)?;
+        let mut stream = Residual::new(self.embed(&batch.input_ids)?);
         for block in &self.layers {
-            x = block.forward(&self.config, &x, &cos, &sin, Attend::Masked(&mask))?;
+            stream = block.forward(&self.config, stream, &cos, &sin, Attend::Masked(&mask))?;
         }
-        Ok(x)
+        Ok(stream)
     }
 
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {
@@ -672,28 +676,29 @@ impl Transformer {
             })
             .collect();
         let spans = Tensor::from_vec(spans, (n, 3), &self.device)?;
-        let write_at = cache.write_index(&tokens, (batch, steps))?;
         let positions: Vec<u32> = tokens.iter().map(|&(_, p)| p as u32).collect();
         let positions = Tensor::from_vec(positions, (batch, steps), &self.device)?;
         let (cos, sin) = self.rope.lookup(&positions)?;
-        let mut x = self.embed(&Tensor::from_vec(ids, (batch, steps), &self.device)?)?;
+        let mut stream =
+            Residual::new(self.embed(&Tensor::from_vec(ids, (batch, steps), &self.device)?)?);
         for (layer, block) in self.layers.iter().enumerate() {
             let cached = CachedKv {
                 cache,
                 layer,
-                write_at: &write_at,
                 spans: &spans,
             };
-            x = block.forward(&self.config, &x, &cos, &sin, Attend::Cached(cached))?;
+            stream = block.forward(&self.config, stream, &cos, &sin, Attend::Cached(cached))?;
         }
         for segment in segments {
             cache.lengths[segment.slot] += segment.tokens.len();
         }
-        let mut x = x.reshape((n, self.config.hidden_size))?;
+        let mut stream = stream.map(|t| t.reshape((n, self.config.hidden_size)))?;
         if steps > 1 {
-            x = x.index_select(&Tensor::new(last_rows.as_slice(), &self.device)?, 0)?;
+            let last_rows = Tensor::new(last_rows.as_slice(), &self.device)?;
+            stream = stream.map(|t| t.index_select(&last_rows, 0))?;
         }
-        let x = ops::rms_norm(&x, &self.norm, self.config.rms_norm_eps)?;
+        let (_, x) =
+            stream.add_norm(&self.norm, self.config.rms_norm_eps, ops::Pass::Generation)?;
         Ok(self.head_logits(&x)?)
     }
 
@@ -1093,6 +1098,36 @@ fn first_visible(window: Option<usize>, position: usize) -> usize {
     window.map_or(0, |w| (position + 1).saturating_sub(w))
 }
 
+/// The residual stream between blocks: `x` plus the last block's output `pending`, not yet added.
+/// The add happens inside the next RMS norm ([`ops::add_rms_norm`]: one op where no gradient is
+/// needed on the generic path, the add and then the norm otherwise).
+struct Residual {
+    x: Tensor,
+    pending: Option<Tensor>,
+}
+
+impl Residual {
+    fn new(x: Tensor) -> Self {
+        Self { x, pending: None }
+    }
+
+    /// The stream with its pending output added, and that stream normalised by `weight`.
+    fn add_norm(&self, weight: &Tensor, eps: f64, pass: ops::Pass) -> Result<(Tensor, Tensor)> {
+        match &self.pending {
+            Some(delta) => ops::add_rms_norm(&self.x, delta, weight, eps, pass),
+            None => Ok((self.x.clone(), ops::rms_norm(&self.x, weight, eps)?)),
+        }
+    }
+
+    /// Both parts through `f` (a reshape or a row selection).
+    fn map(self, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Self> {
+        Ok(Self {
+            x: f(&self.x)?,
+            pending: self.pending.as_ref().map(f).transpose()?,
+        })
+    }
+}
+
 /// How a block's attention reaches its keys.
 enum Attend<'a> {
     /// This call's own positions, with an additive mask `[b, 1, t, t]` (training, scoring).
@@ -1102,13 +1137,22 @@ enum Attend<'a> {
     Cached(CachedKv<'a>),
 }
 
+impl Attend<'_> {
+    /// Cache passes generate; masked passes train or are set against training's numbers.
+    fn pass(&self) -> ops::Pass {
+        match self {
+            Attend::Masked(_) => ops::Pass::Differentiable,
+            Attend::Cached(_) => ops::Pass::Generation,
+        }
+    }
+}
+
 /// A forward pass's view of one layer's KV cache.
 struct CachedKv<'a> {
     cache: &'a mut KvCache,
     layer: usize,
-    /// Where the new keys and values go ([`KvCache::write_index`]).
-    write_at: &'a Tensor,
-    /// `[tokens, 3]` u32: each new token's slot and the first and last position it attends over.
+    /// `[tokens, 3]` u32: each new token's slot and the first and last position it attends over
+    /// (the last being its own, where its key and value are written).
     spans: &'a Tensor,
 }
 
@@ -1139,16 +1183,17 @@ impl Block {
         ]
     }
 
-    /// `x [b, t, hidden]` through the block: `[b, t, hidden]`.
+    /// The stream `[b, t, hidden]` through the block, its MLP's output left pending.
     fn forward(
         &self,
         config: &ModelConfig,
-        x: &Tensor,
+        residual: Residual,
         cos: &Tensor,
         sin: &Tensor,
         attend: Attend,
-    ) -> Result<Tensor> {
-        let eps = config.rms_norm_eps;
+    ) -> Result<Residual> {
+        let (eps, pass) = (config.rms_norm_eps, attend.pass());
+        let (x, h) = residual.add_norm(&self.input_layernorm, eps, pass)?;
         let (b, t, _) = x.dims3()?;
         let (heads, kv_heads, d) = (
             config.num_attention_heads,
@@ -1156,25 +1201,37 @@ impl Block {
             config.head_dim(),
         );
         let scale = 1.0 / (d as f64).sqrt();
-        let h = ops::rms_norm(x, &self.input_layernorm, eps)?;
-        let split = |y: Tensor, n: usize| y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous();
         let q = ops::rotary_heads(&self.self_attn.q_proj.forward(&h)?, cos, sin, heads)?;
-        let k = ops::rotary_heads(&self.self_attn.k_proj.forward(&h)?, cos, sin, kv_heads)?;
-        let v = split(self.self_attn.v_proj.forward(&h)?, kv_heads)?;
+        // [b, t, kv_heads·d] each, as the projections give them.
+        let k = self.self_attn.k_proj.forward(&h)?;
+        let v = self.self_attn.v_proj.forward(&h)?;
         let attn =
             match attend {
-                Attend::Masked(mask) => ops::attention(&q, &k, &v, mask, scale)?
-                    .transpose(1, 2)?
-                    .reshape((b, t, heads * d))?,
+                Attend::Masked(mask) => {
+                    let k = ops::rotary_heads(&k, cos, sin, kv_heads)?;
+                    let v = v
+                        .reshape((b, t, kv_heads, d))?
+                        .transpose(1, 2)?
+                        .contiguous()?;
+                    ops::attention(&q, &k, &v, mask, scale)?
+                        .transpose(1, 2)?
+                        .reshape((b, t, heads * d))?
+                }
                 Attend::Cached(c) => {
-                    let (keys, values) = c.cache.write(c.layer, c.write_at, &k, &v)?;
-                    optune_kernels::cached_attention(&q, keys, values, c.spans, scale)?
+                    let (keys, values) = c.cache.write(c.layer, &k, &v, cos, sin, c.spans)?;
+                    optune_kernels::cached_attention(&q, &keys, &values, c.spans, scale)?
                         .reshape((b, t, heads * d))?
                 }
             };
-        let x = (x + self.self_attn.o_proj.forward(&attn)?)?;
-        let h = ops::rms_norm(&x, &self.post_attention_layernorm, eps)?;
-        &x + self.mlp.forward(&h)?
+        let attended = Residual {
+            x,
+            pending: Some(self.self_attn.o_proj.forward(&attn)?),
+        };
+        let (x, h) = attended.add_norm(&self.post_attention_layernorm, eps, pass)?;
+        Ok(Residual {
+            x,
+            pending: Some(self.mlp.forward(&h, pass)?),
+        })
     }
 }
 
@@ -1182,8 +1239,9 @@ impl Block {
 /// `[slots, kv_heads, capacity, head_dim]`. On the CPU in f32 they live in plain host vectors
 /// that the decode kernels read directly ([`Transformer::decode_step`] then attends over each
 /// slot's own length); otherwise in tensors, into which a forward pass writes all its new
-/// positions with one scatter per layer, each new position then attending over its own slot's
-/// span ([`optune_kernels::cached_attention`]).
+/// positions with one op per layer, keys rotated on the way ([`optune_kernels::cache_write`]),
+/// each new position then attending over its own slot's span
+/// ([`optune_kernels::cached_attention`]).
 pub struct KvCache {
     store: KvStore,
     lengths: Vec<usize>,
@@ -1197,10 +1255,9 @@ enum KvStore {
         kv_heads: usize,
         head_dim: usize,
     },
-    Tensors {
-        keys: Vec<Tensor>,
-        values: Vec<Tensor>,
-    },
+    /// Per layer `[2, slots, kv_heads, capacity, d]`: keys, then values, so that one op writes
+    /// both ([`optune_kernels::cache_write`]).
+    Tensors { layers: Vec<Tensor> },
 }
 
 impl KvCache {
@@ -1246,13 +1303,14 @@ impl KvCache {
     /// (what other devices and dtypes use), e.g. to compare it with the CPU kernels.
     pub fn new_tensors(model: &Transformer, slots: usize, capacity: usize) -> Result<Self> {
         let cfg = model.config();
-        let shape = (slots, cfg.num_kv_heads(), capacity, cfg.head_dim());
+        // Keys, then values.
+        let shape = (2, slots, cfg.num_kv_heads(), capacity, cfg.head_dim());
         let zeros = || Tensor::zeros(shape, model.dtype(), model.device());
-        let layers = cfg.num_hidden_layers;
         Ok(Self {
             store: KvStore::Tensors {
-                keys: (0..layers).map(|_| zeros()).collect::<Result<_>>()?,
-                values: (0..layers).map(|_| zeros()).collect::<Result<_>>()?,
+                layers: (0..cfg.num_hidden_layers)
+                    .map(|_| zeros())
+                    .collect::<Result<_>>()?,
             },
             lengths: vec![0; slots],
             capacity,
@@ -1293,6 +1351,9 @@ impl KvCache {
     /// Makes slot `to` a copy of slot `from` (its keys, values and length): the samples of one
     /// prompt share its prefill.
     pub fn copy_slot(&mut self, from: usize, to: usize) -> Result<()> {
+        if from == to {
+            return Ok(());
+        }
         let len = self.lengths[from];
         let capacity = self.capacity;
         match &mut self.store {
@@ -1313,9 +1374,12 @@ impl KvCache {
                     }
                 }
             }
-            KvStore::Tensors { keys, values } => {
-                for store in keys.iter().chain(values.iter()) {
-                    store.slice_set(&store.narrow(0, from, 1)?.copy()?, 0, to)?;
+            KvStore::Tensors { layers } => {
+                for store in layers {
+                    // The slot's keys and values alone, gathered into a tensor of their own
+                    // (`copy` would clone the whole store, on a GPU gigabytes per layer).
+                    let slot = store.narrow(1, from, 1)?.contiguous()?;
+                    store.slice_set(&slot, 1, to)?;
                 }
             }
         }
@@ -1323,57 +1387,24 @@ impl KvCache {
         Ok(())
     }
 
-    /// Where [`KvCache::write`] puts the keys and values of `tokens` (each new token's slot and
-    /// position) when they come as `[batch, kv_heads, steps, d]` (token `b·steps + s`): one flat
-    /// row index of the store `[slots·kv_heads·capacity, d]` per row of the new ones
-    /// `[batch·kv_heads·steps, d]`, repeated across `d` (tensor store only). Made once per
-    /// forward pass for every layer.
-    fn write_index(
-        &self,
-        tokens: &[(usize, usize)],
-        (batch, steps): (usize, usize),
-    ) -> Result<Tensor> {
-        let KvStore::Tensors { keys, .. } = &self.store else {
-            candle_core::bail!("write_index on a host KV cache");
-        };
-        let (_, kv_heads, capacity, d) = keys[0].dims4()?;
-        let mut rows = Vec::with_capacity(batch * kv_heads * steps);
-        for b in 0..batch {
-            for h in 0..kv_heads {
-                for &(slot, position) in &tokens[b * steps..(b + 1) * steps] {
-                    rows.push(((slot * kv_heads + h) * capacity + position) as u32);
-                }
-            }
-        }
-        let n = rows.len();
-        Tensor::from_vec(rows, (n, 1), keys[0].device())?
-            .broadcast_as((n, d))?
-            .contiguous()
-    }
-
-    /// Writes the new keys and values `k`, `v` (`[batch, kv_heads, steps, d]`) of one layer into
-    /// the store in place, each at the row `write_at` ([`KvCache::write_index`]) gives it, and
-    /// returns the layer's whole key and value stores (tensor store only).
+    /// Writes the new keys (turned by `cos`, `sin`) and values `k`, `v` (`[b, t, kv_heads·d]`) of
+    /// one layer into the store in place, each at its token's slot and position (`spans`), and
+    /// returns the layer's whole key and value stores `[slots, kv_heads, capacity, d]` (tensor
+    /// store only).
     fn write(
         &mut self,
         layer: usize,
-        write_at: &Tensor,
         k: &Tensor,
         v: &Tensor,
-    ) -> Result<(&Tensor, &Tensor)> {
-        let KvStore::Tensors {
-            keys: key_store,
-            values,
-        } = &mut self.store
-        else {
+        cos: &Tensor,
+        sin: &Tensor,
+        spans: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let KvStore::Tensors { layers } = &self.store else {
             candle_core::bail!("write on a host KV cache");
         };
-        for (store, new) in [(&key_store[layer], k), (&values[layer], v)] {
-            let (slots, kv_heads, capacity, d) = store.dims4()?;
-            // A view of the same storage: the scatter writes the store itself.
-            let rows = store.reshape((slots * kv_heads * capacity, d))?;
-            rows.scatter_set(write_at, &new.reshape((new.elem_count() / d, d))?, 0)?;
-        }
-        Ok((&key_store[layer], &values[layer]))
+        let store = &layers[layer];
+        optune_kernels::cache_write::write_rotated(store, k, v, cos, sin, spans)?;
+        Ok((store.get(0)?, store.get(1)?))
     }
 }

@@ -16,25 +16,13 @@
 // [batch, steps, heads, head_dim] (the layout the output projection reads); spans is
 // [batch * steps, 3] of (slot, first, last).
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include "dtypes.cuh"
 #include <math_constants.h>
 #include <stdint.h>
 
 #define WARPS 4
 // Channels per lane: head_dim up to 32 * 8 = 256.
 #define MAX_PER_LANE 8
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-
-template <typename T> __device__ __forceinline__ T from_float(float x);
-template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-    return __float2bfloat16(x);
-}
-template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half(x); }
 
 __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll

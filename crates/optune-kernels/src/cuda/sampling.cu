@@ -3,14 +3,9 @@
 // lanes' partial sums in lane order, so that every sum is the CPU form's to the last bit of
 // `expf`. Out: [rows, 2] of (token id, log softmax(logits)[token]).
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include "dtypes.cuh"
 #include <math_constants.h>
 #include <stdint.h>
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 
 #define LANES 256
 

@@ -1,0 +1,513 @@
+//! A forward pass's new keys and values written into a layer's KV cache in place, the keys turned
+//! by their rotary angle on the way: one op (on CUDA one kernel, src/cuda/cache_write.cu) where
+//! the differentiable forms take three (the keys' rotary kernel and a scatter each for keys and
+//! values). Generation only: it has no gradient.
+//!
+//! The CPU form below is the specification: the rotation in f32 from the stored values, rounded
+//! once to the cache's dtype.
+
+use candle_core::{
+    bail, CpuStorage, DType, InplaceOp3, Layout, Result, Storage, Tensor, WithDType,
+};
+
+/// Threads of a block of the CUDA kernel.
+const THREADS: u32 = 256;
+
+/// Writes token `i`'s key `k[i]` (turned by `cos[i]`, `sin[i]`, rotate-half layout) and value
+/// `v[i]` at its slot and position (`spans[i] = (slot, first, last)`, the position being `last`)
+/// of `store [2, slots, kv_heads, capacity, d]` (keys, then values). `k`, `v`: `tokens·kv_heads·d`
+/// elements, token-major (`[b, t, kv_heads·d]` as the projections give them); `cos`, `sin`:
+/// `tokens·d/2`; all of the store's dtype.
+pub fn write_rotated(
+    store: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    spans: &Tensor,
+) -> Result<()> {
+    let &[two, _, kv_heads, _, d] = store.dims() else {
+        bail!(
+            "cache_write: store {:?}, expected [2, slots, kv_heads, capacity, d]",
+            store.dims()
+        );
+    };
+    let tokens = spans.dim(0)?;
+    let per_token = kv_heads * d;
+    if two != 2
+        || d % 2 != 0
+        || spans.dims() != [tokens, 3]
+        || spans.dtype() != DType::U32
+        || k.elem_count() != tokens * per_token
+        || v.elem_count() != tokens * per_token
+        || cos.elem_count() != tokens * d / 2
+        || sin.elem_count() != tokens * d / 2
+    {
+        bail!(
+            "cache_write: store {:?}, k {:?}, v {:?}, cos {:?}, sin {:?}, spans {:?} {:?}",
+            store.dims(),
+            k.dims(),
+            v.dims(),
+            cos.dims(),
+            sin.dims(),
+            spans.dims(),
+            spans.dtype()
+        );
+    }
+    if tokens == 0 {
+        bail!("cache_write: no tokens (a CUDA launch over no blocks fails)");
+    }
+    let dtype = store.dtype();
+    if [k, v, cos, sin].iter().any(|t| t.dtype() != dtype) || !crate::forward_only::supports(dtype)
+    {
+        bail!(
+            "cache_write: store {dtype:?} with k {:?}, v {:?}, tables {:?}",
+            k.dtype(),
+            v.dtype(),
+            cos.dtype()
+        );
+    }
+    if !store.is_contiguous() {
+        bail!("cache_write: the store must be contiguous");
+    }
+    let op = CacheWrite {
+        cos: cos.contiguous()?,
+        sin: sin.contiguous()?,
+        spans: spans.contiguous()?,
+    };
+    store.inplace_op3(&k.contiguous()?, &v.contiguous()?, &op)
+}
+
+struct CacheWrite {
+    cos: Tensor,
+    sin: Tensor,
+    spans: Tensor,
+}
+
+/// The store's sizes: `(slots, kv_heads, capacity, d)`.
+fn store_dims(l: &Layout) -> Result<(usize, usize, usize, usize)> {
+    let &[_, slots, kv_heads, capacity, d] = l.dims() else {
+        bail!("cache_write: store {:?}", l.dims());
+    };
+    Ok((slots, kv_heads, capacity, d))
+}
+
+/// The CUDA launch over `pairs` (token, KV head, channel pair) threads: blocks of [`THREADS`]
+/// striding over them, at most 8 blocks per 65,535; `(blocks, threads)`.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
+fn launch_dims(pairs: usize) -> (u32, u32) {
+    (
+        (pairs.div_ceil(THREADS as usize).min(65_535 * 8) as u32).max(1),
+        THREADS,
+    )
+}
+
+/// The CPU form on slices of one dtype.
+#[allow(clippy::too_many_arguments)]
+fn write<T: WithDType>(
+    store: &mut [T],
+    k: &[T],
+    v: &[T],
+    cos: &[T],
+    sin: &[T],
+    spans: &[u32],
+    (slots, kv_heads, capacity, d): (usize, usize, usize, usize),
+) -> Result<()> {
+    let half = d / 2;
+    let values = slots * kv_heads * capacity * d;
+    let f = |x: T| x.to_f64() as f32;
+    for (token, span) in spans.chunks_exact(3).enumerate() {
+        let (slot, position) = (span[0] as usize, span[2] as usize);
+        if slot >= slots || position >= capacity {
+            bail!(
+                "cache_write: token {token} goes to position {position} of slot {slot}, outside \
+                 the cache's {slots} slots of {capacity}"
+            );
+        }
+        for head in 0..kv_heads {
+            let from = (token * kv_heads + head) * d;
+            let to = ((slot * kv_heads + head) * capacity + position) * d;
+            for c in 0..half {
+                let (k1, k2) = (f(k[from + c]), f(k[from + c + half]));
+                let (cs, sn) = (f(cos[token * half + c]), f(sin[token * half + c]));
+                store[to + c] = T::from_f64((k1 * cs - k2 * sn) as f64);
+                store[to + c + half] = T::from_f64((k1 * sn + k2 * cs) as f64);
+            }
+            store[values + to..values + to + d].copy_from_slice(&v[from..from + d]);
+        }
+    }
+    Ok(())
+}
+
+impl CacheWrite {
+    /// A held tensor's CPU elements of dtype `T`.
+    fn host<T: WithDType>(t: &Tensor, what: &str) -> Result<Vec<T>> {
+        let (storage, layout) = t.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(s) => {
+                Ok(crate::storage::contiguous::<T>(s, layout, "cache_write", what)?.to_vec())
+            }
+            _ => bail!("cache_write: the {what} are not on the CPU"),
+        }
+    }
+}
+
+impl InplaceOp3 for CacheWrite {
+    fn name(&self) -> &'static str {
+        "cache-write"
+    }
+
+    fn cpu_fwd(
+        &self,
+        store: &mut CpuStorage,
+        ls: &Layout,
+        k: &CpuStorage,
+        lk: &Layout,
+        v: &CpuStorage,
+        lv: &Layout,
+    ) -> Result<()> {
+        fn run<T: WithDType>(
+            op: &CacheWrite,
+            store: &mut [T],
+            ls: &Layout,
+            (k, lk): (&CpuStorage, &Layout),
+            (v, lv): (&CpuStorage, &Layout),
+        ) -> Result<()> {
+            let read = |s, l, what| crate::storage::contiguous::<T>(s, l, "cache_write", what);
+            let (k, v) = (read(k, lk, "keys")?, read(v, lv, "values")?);
+            let cos = CacheWrite::host::<T>(&op.cos, "cosines")?;
+            let sin = CacheWrite::host::<T>(&op.sin, "sines")?;
+            let spans = CacheWrite::host::<u32>(&op.spans, "spans")?;
+            let store = &mut store[ls.start_offset()..];
+            write(store, k, v, &cos, &sin, &spans, store_dims(ls)?)
+        }
+        let (k, v) = ((k, lk), (v, lv));
+        match store {
+            CpuStorage::F32(s) => run(self, s, ls, k, v),
+            CpuStorage::BF16(s) => run(self, s, ls, k, v),
+            CpuStorage::F16(s) => run(self, s, ls, k, v),
+            other => bail!(
+                "cache_write: a {:?} store",
+                candle_core::backend::BackendStorage::dtype(other)
+            ),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        store: &mut candle_core::CudaStorage,
+        ls: &Layout,
+        k: &candle_core::CudaStorage,
+        lk: &Layout,
+        v: &candle_core::CudaStorage,
+        lv: &Layout,
+    ) -> Result<()> {
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::{CudaDType, WrapErr};
+        use candle_core::CudaStorage;
+
+        const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/cache_write.ptx"));
+
+        fn launch<T: CudaDType + DeviceRepr>(
+            op: &CacheWrite,
+            name: &str,
+            (store, ls): (&mut CudaStorage, &Layout),
+            (k, lk): (&CudaStorage, &Layout),
+            (v, lv): (&CudaStorage, &Layout),
+        ) -> Result<()> {
+            let device = store.device().clone();
+            let (slots, kv_heads, capacity, d) = store_dims(ls)?;
+            let tokens = op.spans.dim(0)?;
+            let k = k.as_cuda_slice::<T>()?.slice(lk.start_offset()..);
+            let v = v.as_cuda_slice::<T>()?.slice(lv.start_offset()..);
+            // The tables and spans the op holds, read where they are (on the GPU).
+            let (cos_storage, cos_layout) = op.cos.storage_and_layout();
+            let (sin_storage, sin_layout) = op.sin.storage_and_layout();
+            let (spans_storage, spans_layout) = op.spans.storage_and_layout();
+            let (Storage::Cuda(cos), Storage::Cuda(sin), Storage::Cuda(spans)) =
+                (&*cos_storage, &*sin_storage, &*spans_storage)
+            else {
+                bail!("cache_write: the tables or the spans are not on the GPU");
+            };
+            let cos = cos.as_cuda_slice::<T>()?.slice(cos_layout.start_offset()..);
+            let sin = sin.as_cuda_slice::<T>()?.slice(sin_layout.start_offset()..);
+            let spans = spans
+                .as_cuda_slice::<u32>()?
+                .slice(spans_layout.start_offset()..);
+            let mut target = store
+                .as_cuda_slice_mut::<T>()?
+                .slice_mut(ls.start_offset()..);
+            let func = device.get_or_load_custom_func(name, "optune_cache_write", PTX)?;
+            let (blocks, threads) = launch_dims(tokens * kv_heads * d / 2);
+            let config = LaunchConfig {
+                grid_dim: (blocks, 1, 1),
+                block_dim: (threads, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let tokens_arg = tokens as u64;
+            let [slots_arg, kv_heads_arg, capacity_arg, d_arg] =
+                [slots, kv_heads, capacity, d].map(|n| n as i32);
+            let mut builder = func.builder();
+            builder.arg(&mut target);
+            builder.arg(&k);
+            builder.arg(&v);
+            builder.arg(&cos);
+            builder.arg(&sin);
+            builder.arg(&spans);
+            builder.arg(&tokens_arg);
+            builder.arg(&slots_arg);
+            builder.arg(&kv_heads_arg);
+            builder.arg(&capacity_arg);
+            builder.arg(&d_arg);
+            // SAFETY: the argument list matches the kernel's signature; k and v hold
+            // tokens·kv_heads·d elements, cos and sin tokens·d/2, spans 3·tokens (checked by
+            // `write_rotated`), the store 2·slots·kv_heads·capacity·d; the slots and positions
+            // the spans name are the caller's to keep inside the cache (the CPU form checks).
+            unsafe { builder.launch(config) }.w()?;
+            Ok(())
+        }
+
+        for n in [store_dims(ls)?.0, store_dims(ls)?.1, store_dims(ls)?.2] {
+            if n > i32::MAX as usize {
+                bail!(
+                    "cache_write: a store of {:?} exceeds the kernel's int",
+                    ls.dims()
+                );
+            }
+        }
+        let (s, k, v) = ((store, ls), (k, lk), (v, lv));
+        match s.0.dtype() {
+            DType::F32 => launch::<f32>(self, "cache_write_rotated_f32", s, k, v),
+            DType::BF16 => launch::<half::bf16>(self, "cache_write_rotated_bf16", s, k, v),
+            DType::F16 => launch::<half::f16>(self, "cache_write_rotated_f16", s, k, v),
+            other => bail!("cache_write: a {other:?} store on CUDA"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use optune_cuda_emulator::{Element, Launch, StoreDims};
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    const DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
+
+    struct Case {
+        slots: usize,
+        kv_heads: usize,
+        capacity: usize,
+        d: usize,
+        /// Each token's (slot, position).
+        tokens: Vec<(u32, u32)>,
+    }
+
+    impl Case {
+        fn spans(&self) -> Vec<u32> {
+            self.tokens.iter().flat_map(|&(s, p)| [s, 0, p]).collect()
+        }
+
+        fn spans_tensor(&self) -> Tensor {
+            Tensor::from_vec(self.spans(), (self.tokens.len(), 3), &Device::Cpu).unwrap()
+        }
+
+        /// k, v `[1, tokens, kv_heads·d]`, cos, sin `[1, tokens, d/2]`, in `dtype`.
+        fn inputs(&self, dtype: DType, seed: u64) -> [Tensor; 4] {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            let n = self.tokens.len();
+            let mut random = |shape: &[usize]| {
+                let count: usize = shape.iter().product();
+                let data: Vec<f32> = (0..count)
+                    .map(|_| rng.random::<f32>() * 2.0 - 1.0)
+                    .collect();
+                Tensor::from_vec(data, shape, &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+            };
+            let width = self.kv_heads * self.d;
+            [
+                random(&[1, n, width]),
+                random(&[1, n, width]),
+                random(&[1, n, self.d / 2]),
+                random(&[1, n, self.d / 2]),
+            ]
+        }
+
+        fn store(&self, dtype: DType) -> Tensor {
+            let shape = (2, self.slots, self.kv_heads, self.capacity, self.d);
+            Tensor::zeros(shape, dtype, &Device::Cpu).unwrap()
+        }
+    }
+
+    fn cases() -> Vec<Case> {
+        vec![
+            // A decode step: one token on each of three slots.
+            Case {
+                slots: 3,
+                kv_heads: 2,
+                capacity: 8,
+                d: 8,
+                tokens: vec![(0, 5), (2, 0), (1, 7)],
+            },
+            // A packed prefill: a prompt of 4 on slot 1 beside a decoding token on slot 0.
+            Case {
+                slots: 2,
+                kv_heads: 1,
+                capacity: 6,
+                d: 16,
+                tokens: vec![(1, 0), (1, 1), (1, 2), (1, 3), (0, 4)],
+            },
+        ]
+    }
+
+    /// The keys land rotated as the rotary embedding turns them, the values as they are, each at
+    /// its slot and position; nothing else of the store changes.
+    #[test]
+    fn keys_land_rotated_and_values_as_they_are() {
+        for case in cases() {
+            for dtype in DTYPES {
+                let [k, v, cos, sin] = case.inputs(dtype, 1);
+                let store = case.store(dtype);
+                write_rotated(&store, &k, &v, &cos, &sin, &case.spans_tensor()).unwrap();
+                let heads_k = crate::ops::generic::rotary_heads(&k, &cos, &sin, case.kv_heads)
+                    .unwrap() // [1, kv_heads, tokens, d]
+                    .to_dtype(DType::F32)
+                    .unwrap();
+                let v = v
+                    .reshape((case.tokens.len(), case.kv_heads, case.d))
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap();
+                let store = store.to_dtype(DType::F32).unwrap();
+                let mut written = 0f32;
+                for (i, &(slot, position)) in case.tokens.iter().enumerate() {
+                    for head in 0..case.kv_heads {
+                        let at = |kind: usize| -> Vec<f32> {
+                            store
+                                .get(kind)
+                                .unwrap()
+                                .get(slot as usize)
+                                .unwrap()
+                                .get(head)
+                                .unwrap()
+                                .get(position as usize)
+                                .unwrap()
+                                .to_vec1()
+                                .unwrap()
+                        };
+                        let want_k: Vec<f32> = heads_k
+                            .get(0)
+                            .unwrap()
+                            .get(head)
+                            .unwrap()
+                            .get(i)
+                            .unwrap()
+                            .to_vec1()
+                            .unwrap();
+                        let want_v: Vec<f32> =
+                            v.get(i).unwrap().get(head).unwrap().to_vec1().unwrap();
+                        // candle's rotary rounds each product in half dtypes; this rounds once.
+                        let tolerance = if dtype == DType::F32 { 1e-6 } else { 2e-2 };
+                        for (got, want) in at(0).iter().zip(&want_k) {
+                            assert!(
+                                (got - want).abs() <= tolerance,
+                                "{dtype:?} key {got} vs {want}"
+                            );
+                        }
+                        assert_eq!(at(1), want_v, "{dtype:?} value");
+                        written += 2.0 * case.d as f32;
+                    }
+                }
+                // Every other element is still zero.
+                let nonzero = store
+                    .ne(0f32)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap();
+                assert!(nonzero.to_scalar::<f32>().unwrap() <= written);
+            }
+        }
+    }
+
+    #[test]
+    fn a_token_outside_the_cache_is_refused() {
+        let case = Case {
+            slots: 2,
+            kv_heads: 1,
+            capacity: 4,
+            d: 4,
+            tokens: vec![(0, 4)],
+        };
+        let [k, v, cos, sin] = case.inputs(DType::F32, 2);
+        let err = write_rotated(
+            &case.store(DType::F32),
+            &k,
+            &v,
+            &cos,
+            &sin,
+            &case.spans_tensor(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("position 4 of slot 0"), "{err}");
+    }
+
+    fn flat<T: candle_core::WithDType>(t: &Tensor) -> Vec<T> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    fn emulated<T: Element + candle_core::WithDType>(
+        case: &Case,
+        inputs: &[Tensor; 4],
+        launch: Launch,
+    ) -> Vec<f32> {
+        let [k, v, cos, sin] = inputs;
+        let mut store: Vec<T> = flat(&case.store(T::DTYPE));
+        let dims = StoreDims {
+            slots: case.slots,
+            kv_heads: case.kv_heads,
+            capacity: case.capacity,
+            head_dim: case.d,
+        };
+        optune_cuda_emulator::cache_write_rotated(
+            launch,
+            dims,
+            &mut store,
+            (&flat::<T>(k), &flat::<T>(v)),
+            (&flat::<T>(cos), &flat::<T>(sin)),
+            &case.spans(),
+        )
+        .unwrap();
+        store.into_iter().map(|x| x.to_f64() as f32).collect()
+    }
+
+    /// The CUDA kernel (src/cuda/cache_write.cu), run by the emulator with the CUDA path's launch
+    /// and with one block striding over everything, writes the CPU form's store to the bit.
+    #[test]
+    fn the_cuda_kernel_writes_the_cpu_forms_store() {
+        for case in cases() {
+            for dtype in DTYPES {
+                let inputs = case.inputs(dtype, 3);
+                let store = case.store(dtype);
+                let [k, v, cos, sin] = &inputs;
+                write_rotated(&store, k, v, cos, sin, &case.spans_tensor()).unwrap();
+                let want: Vec<f32> = flat(&store.to_dtype(DType::F32).unwrap());
+                let (grid, block) = launch_dims(case.tokens.len() * case.kv_heads * case.d / 2);
+                for launch in [Launch { grid, block }, Launch { grid: 1, block: 32 }] {
+                    let got = match dtype {
+                        DType::F32 => emulated::<f32>(&case, &inputs, launch),
+                        DType::BF16 => emulated::<half::bf16>(&case, &inputs, launch),
+                        _ => emulated::<half::f16>(&case, &inputs, launch),
+                    };
+                    assert_eq!(got, want, "{dtype:?} {launch:?}");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,474 @@
+//! Ops of generation's forward passes, which need no gradient, one kernel each on CUDA
+//! (src/cuda/forward_only.cu) where the differentiable form takes two or three: the residual add
+//! fused into the RMS norm after it, and the SwiGLU gate. [`crate::ops`] picks them on the generic
+//! path for a [`crate::ops::Pass::Generation`]; passes set against training's (reference
+//! log-probs) keep the differentiable forms, whose rounding these do not share.
+//!
+//! The CPU forms below are the specification: every value is computed in f32 from the inputs'
+//! values and rounded once to the dtype, except the residual sum, which is rounded to the dtype
+//! before its statistics are taken, since the stream is stored so.
+
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Threads of a block of the CUDA kernels (THREADS in the kernel).
+const THREADS: u32 = 256;
+
+/// `x + delta` and its RMS norm scaled by `weight [hidden]`, for `x`, `delta [.., hidden]` of
+/// one dtype (f32, bf16 or f16): `(sum, normed)`, both shaped as `x`.
+pub fn add_rms_norm(
+    x: &Tensor,
+    delta: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
+    let hidden = x.dim(candle_core::D::Minus1)?;
+    if delta.dims() != x.dims() || weight.dims() != [hidden] {
+        bail!(
+            "add_rms_norm: delta {:?} and weight {:?} for x {:?}",
+            delta.dims(),
+            weight.dims(),
+            x.dims()
+        );
+    }
+    check_dtypes("add_rms_norm", &[x, delta, weight])?;
+    let rows = x.elem_count() / hidden;
+    if rows == 0 || hidden == 0 {
+        bail!("add_rms_norm: no elements in x {:?}", x.dims());
+    }
+    let both = x.contiguous()?.apply_op3_no_bwd(
+        &delta.contiguous()?,
+        &weight.contiguous()?,
+        &AddRmsNorm { eps: eps as f32 },
+    )?;
+    Ok((
+        both.get(0)?.reshape(x.shape())?,
+        both.get(1)?.reshape(x.shape())?,
+    ))
+}
+
+/// `silu(gate) · up`, elementwise, for `gate` and `up` of one shape and dtype (f32, bf16, f16).
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if gate.dims() != up.dims() {
+        bail!("silu_mul: gate {:?}, up {:?}", gate.dims(), up.dims());
+    }
+    check_dtypes("silu_mul", &[gate, up])?;
+    if gate.elem_count() == 0 {
+        bail!("silu_mul: no elements in {:?}", gate.dims());
+    }
+    gate.contiguous()?
+        .apply_op2_no_bwd(&up.contiguous()?, &SiluMul)
+}
+
+/// Whether this module's ops take tensors of `dtype`.
+pub fn supports(dtype: DType) -> bool {
+    matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
+}
+
+fn check_dtypes(op: &str, tensors: &[&Tensor]) -> Result<()> {
+    let dtype = tensors[0].dtype();
+    if !supports(dtype) || tensors.iter().any(|t| t.dtype() != dtype) {
+        let dtypes: Vec<DType> = tensors.iter().map(|t| t.dtype()).collect();
+        bail!("{op}: dtypes {dtypes:?}, expected one of f32, bf16, f16");
+    }
+    Ok(())
+}
+
+/// The value `v` as stored in the dtype of `like` (rounded to nearest even), back in f32.
+fn rounding(like: &CpuStorage) -> fn(f32) -> f32 {
+    match like {
+        CpuStorage::BF16(_) => |v| half::bf16::from_f32(v).to_f32(),
+        CpuStorage::F16(_) => |v| half::f16::from_f32(v).to_f32(),
+        _ => |v| v,
+    }
+}
+
+/// `values` (already rounded to the dtype of `like`) stored in that dtype.
+fn store(values: Vec<f32>, like: &CpuStorage) -> CpuStorage {
+    match like {
+        CpuStorage::BF16(_) => {
+            CpuStorage::BF16(values.into_iter().map(half::bf16::from_f32).collect())
+        }
+        CpuStorage::F16(_) => {
+            CpuStorage::F16(values.into_iter().map(half::f16::from_f32).collect())
+        }
+        _ => CpuStorage::F32(values),
+    }
+}
+
+struct AddRmsNorm {
+    eps: f32,
+}
+
+impl CustomOp3 for AddRmsNorm {
+    fn name(&self) -> &'static str {
+        "add-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        delta: &CpuStorage,
+        ld: &Layout,
+        weight: &CpuStorage,
+        lw: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let read = |s, l, what| crate::storage::floats(s, l, "add_rms_norm", what);
+        let (xs, deltas, weight) = (
+            read(x, lx, "x")?,
+            read(delta, ld, "delta")?,
+            read(weight, lw, "weight")?,
+        );
+        let hidden = weight.len();
+        let rows = xs.len() / hidden;
+        let round = rounding(x);
+        let mut out = vec![0f32; 2 * rows * hidden];
+        let (sums, normed) = out.split_at_mut(rows * hidden);
+        sums.par_chunks_mut(hidden)
+            .zip(normed.par_chunks_mut(hidden))
+            .enumerate()
+            .for_each(|(row, (sum, normed))| {
+                let at = row * hidden;
+                let mut squares = 0f32;
+                for (i, s) in sum.iter_mut().enumerate() {
+                    *s = round(xs[at + i] + deltas[at + i]);
+                    squares += *s * *s;
+                }
+                let inverse = 1.0 / (squares / hidden as f32 + self.eps).sqrt();
+                for ((n, &s), &w) in normed.iter_mut().zip(sum.iter()).zip(weight.iter()) {
+                    *n = round(s * inverse * w);
+                }
+            });
+        Ok((store(out, x), Shape::from((2, rows, hidden))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        lx: &Layout,
+        delta: &candle_core::CudaStorage,
+        ld: &Layout,
+        weight: &candle_core::CudaStorage,
+        lw: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use cuda::Scalar;
+        let hidden = lw.shape().elem_count();
+        let rows = lx.shape().elem_count() / hidden;
+        let out = cuda::launch(
+            "add_rms_norm",
+            [(x, lx), (delta, ld), (weight, lw)],
+            2 * rows * hidden,
+            add_rms_norm_launch(rows),
+            &[
+                Scalar::int(rows, "rows")?,
+                Scalar::int(hidden, "hidden")?,
+                Scalar::F32(self.eps),
+            ],
+        )?;
+        Ok((out, Shape::from((2, rows, hidden))))
+    }
+}
+
+struct SiluMul;
+
+impl CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "silu-mul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gate: &CpuStorage,
+        lg: &Layout,
+        up: &CpuStorage,
+        lu: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let read = |s, l, what| crate::storage::floats(s, l, "silu_mul", what);
+        let (gates, ups) = (read(gate, lg, "gate")?, read(up, lu, "up")?);
+        let round = rounding(gate);
+        let out: Vec<f32> = gates
+            .par_iter()
+            .zip(ups.par_iter())
+            .map(|(&g, &u)| round(g / (1.0 + (-g).exp()) * u))
+            .collect();
+        Ok((store(out, gate), lg.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        gate: &candle_core::CudaStorage,
+        lg: &Layout,
+        up: &candle_core::CudaStorage,
+        lu: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let n = lg.shape().elem_count();
+        let out = cuda::launch(
+            "silu_mul",
+            [(gate, lg), (up, lu)],
+            n,
+            elementwise_launch(n),
+            &[cuda::Scalar::U64(n as u64)],
+        )?;
+        Ok((out, lg.shape().clone()))
+    }
+}
+
+/// The CUDA launch of add_rms_norm over `rows` rows: one block of [`THREADS`] per row;
+/// `(blocks, threads)`.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
+fn add_rms_norm_launch(rows: usize) -> (u32, u32) {
+    (rows as u32, THREADS)
+}
+
+/// The CUDA launch of an elementwise kernel over `n` elements: blocks of [`THREADS`] striding
+/// over them, at most 8 blocks per 65,535; `(blocks, threads)`.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
+fn elementwise_launch(n: usize) -> (u32, u32) {
+    (
+        (n.div_ceil(THREADS as usize).min(65_535 * 8) as u32).max(1),
+        THREADS,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+    use optune_cuda_emulator::{Element, Launch};
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    fn random(n: usize, spread: f32, seed: u64) -> Vec<f32> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        (0..n)
+            .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * spread)
+            .collect()
+    }
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    fn worst(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs() / y.abs().max(1.0))
+            .fold(0f32, f32::max)
+    }
+
+    const DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
+
+    /// Within one rounding of the dtype of each other, relative.
+    fn tolerance(dtype: DType) -> f32 {
+        match dtype {
+            DType::F32 => 2e-6,
+            DType::BF16 => 8e-3,
+            _ => 1e-3,
+        }
+    }
+
+    /// The one-op forms against the add, candle-nn's RMS norm and candle's SiLU and product.
+    #[test]
+    fn the_one_op_forms_match_the_composed_ops() {
+        let (rows, hidden) = (5, 96);
+        for dtype in DTYPES {
+            let tensor = |v: Vec<f32>, shape: &[usize]| {
+                Tensor::from_vec(v, shape, &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+            };
+            let x = tensor(random(rows * hidden, 3.0, 1), &[rows, hidden]);
+            let delta = tensor(random(rows * hidden, 1.0, 2), &[rows, hidden]);
+            let weight = tensor(random(hidden, 1.0, 3), &[hidden]);
+            let (sum, normed) = add_rms_norm(&x, &delta, &weight, 1e-5).unwrap();
+            let want_sum = (&x + &delta).unwrap();
+            let want_normed = crate::ops::generic::rms_norm(&want_sum, &weight, 1e-5).unwrap();
+            assert_eq!(values(&sum), values(&want_sum), "{dtype:?}");
+            let off = worst(&values(&normed), &values(&want_normed));
+            assert!(off <= tolerance(dtype), "{dtype:?} norm: {off}");
+            let gated = silu_mul(&x, &delta).unwrap();
+            let want = (x.silu().unwrap() * &delta).unwrap();
+            let off = worst(&values(&gated), &values(&want));
+            assert!(off <= tolerance(dtype), "{dtype:?} silu_mul: {off}");
+        }
+    }
+
+    /// A differentiable pass keeps the differentiable forms: a variable gets its gradient through
+    /// the add and the norm (on the path `make test` runs: fused, then generic).
+    #[test]
+    fn a_variable_keeps_its_gradient() {
+        let x = Var::from_vec(random(2 * 8, 1.0, 4), (2, 8), &Device::Cpu).unwrap();
+        let delta = Tensor::from_vec(random(2 * 8, 1.0, 5), (2, 8), &Device::Cpu).unwrap();
+        let weight = Tensor::ones(8, DType::F32, &Device::Cpu).unwrap();
+        let pass = crate::ops::Pass::Differentiable;
+        let (_, normed) = crate::ops::add_rms_norm(&x, &delta, &weight, 1e-5, pass).unwrap();
+        let grads = normed.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(&x).is_some());
+    }
+
+    fn flat<T: candle_core::WithDType>(t: &Tensor) -> Vec<T> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    fn widen<T: candle_core::WithDType>(v: Vec<T>) -> Vec<f32> {
+        v.into_iter().map(|x| x.to_f64() as f32).collect()
+    }
+
+    /// Both kernels by the emulator on `x`, `delta [rows, hidden]` and `weight`, each with the
+    /// CUDA path's launch and the gate also with one block striding: the add+norm's output
+    /// `[2, rows, hidden]` and the gate's, once per launch.
+    fn kernels<T: Element + Default + candle_core::WithDType>(
+        x: &Tensor,
+        delta: &Tensor,
+        weight: &Tensor,
+    ) -> (Vec<f32>, Vec<Vec<f32>>) {
+        let (rows, _) = x.dims2().unwrap();
+        let (x, delta, weight) = (flat::<T>(x), flat::<T>(delta), flat::<T>(weight));
+        let (grid, block) = add_rms_norm_launch(rows);
+        let launch = Launch { grid, block };
+        let norm = optune_cuda_emulator::add_rms_norm(launch, &x, &delta, &weight, 1e-5).unwrap();
+        let (grid, block) = elementwise_launch(x.len());
+        let gates = [
+            Launch { grid, block },
+            Launch {
+                grid: 1,
+                block: 256,
+            },
+        ]
+        .map(|launch| widen(optune_cuda_emulator::silu_mul(launch, &x, &delta).unwrap()));
+        (widen(norm), gates.to_vec())
+    }
+
+    /// The CUDA kernels (src/cuda/forward_only.cu), run by the emulator with the CUDA path's
+    /// launches, against the CPU forms: the sums and the gate to the bit, the norm within a
+    /// rounding (its sum of squares is added in another order).
+    #[test]
+    fn the_cuda_kernels_match_the_cpu_forms() {
+        // Rows wider and narrower than a block.
+        for (rows, hidden) in [(3, 600), (4, 96)] {
+            for dtype in DTYPES {
+                let tensor = |v: Vec<f32>, shape: &[usize]| {
+                    Tensor::from_vec(v, shape, &Device::Cpu)
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap()
+                };
+                let x = tensor(random(rows * hidden, 3.0, 6), &[rows, hidden]);
+                let delta = tensor(random(rows * hidden, 1.0, 7), &[rows, hidden]);
+                let weight = tensor(random(hidden, 1.0, 8), &[hidden]);
+                let (norm, gates) = match dtype {
+                    DType::F32 => kernels::<f32>(&x, &delta, &weight),
+                    DType::BF16 => kernels::<half::bf16>(&x, &delta, &weight),
+                    _ => kernels::<half::f16>(&x, &delta, &weight),
+                };
+                let (sum, normed) = add_rms_norm(&x, &delta, &weight, 1e-5).unwrap();
+                let (got_sum, got_normed) = norm.split_at(rows * hidden);
+                assert_eq!(got_sum, values(&sum), "{dtype:?} sums");
+                let off = worst(got_normed, &values(&normed));
+                assert!(off <= tolerance(dtype), "{dtype:?} norm: {off}");
+                let gated = values(&silu_mul(&x, &delta).unwrap());
+                for got in gates {
+                    assert_eq!(got, gated, "{dtype:?} silu_mul");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaDType, WrapErr};
+    use candle_core::{bail, CudaStorage, DType, Layout, Result};
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/forward_only.ptx"));
+
+    /// A kernel argument after the buffers.
+    pub(super) enum Scalar {
+        I32(i32),
+        U64(u64),
+        F32(f32),
+    }
+
+    impl Scalar {
+        pub(super) fn int(n: usize, what: &str) -> Result<Scalar> {
+            match i32::try_from(n) {
+                Ok(n) => Ok(Scalar::I32(n)),
+                Err(_) => bail!("{what} {n} exceeds the kernel's int"),
+            }
+        }
+    }
+
+    /// Launches `{kernel}_{f32,bf16,f16}`, by the inputs' dtype, on `(blocks, threads)`: the
+    /// inputs (contiguous, of one dtype), a fresh output of `out_len` elements of that dtype,
+    /// then `scalars`, in the kernel's argument order.
+    pub(super) fn launch<const N: usize>(
+        kernel: &str,
+        inputs: [(&CudaStorage, &Layout); N],
+        out_len: usize,
+        (blocks, threads): (u32, u32),
+        scalars: &[Scalar],
+    ) -> Result<CudaStorage> {
+        fn run<T: CudaDType + DeviceRepr, const N: usize>(
+            name: &str,
+            inputs: [(&CudaStorage, &Layout); N],
+            out_len: usize,
+            config: LaunchConfig,
+            scalars: &[Scalar],
+        ) -> Result<CudaStorage> {
+            let device = inputs[0].0.device().clone();
+            let views = inputs
+                .iter()
+                .map(|(s, l)| Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..)))
+                .collect::<Result<Vec<_>>>()?;
+            // SAFETY: both kernels write every element of their output.
+            let out = unsafe { device.alloc::<T>(out_len)? };
+            let func = device.get_or_load_custom_func(name, "optune_forward_only", PTX)?;
+            let mut builder = func.builder();
+            for view in &views {
+                builder.arg(view);
+            }
+            builder.arg(&out);
+            for scalar in scalars {
+                match scalar {
+                    Scalar::I32(v) => builder.arg(v),
+                    Scalar::U64(v) => builder.arg(v),
+                    Scalar::F32(v) => builder.arg(v),
+                };
+            }
+            // SAFETY: the argument list matches the kernel's signature (buffers, output, then
+            // the scalars, as the callers pass them); the inputs are contiguous buffers of the
+            // sizes the callers checked, and the output holds what the launch writes.
+            unsafe { builder.launch(config) }.w()?;
+            Ok(CudaStorage::wrap_cuda_slice(out, device))
+        }
+
+        let config = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let dtype = inputs[0].0.dtype();
+        match dtype {
+            DType::F32 => run::<f32, N>(&format!("{kernel}_f32"), inputs, out_len, config, scalars),
+            DType::BF16 => {
+                run::<half::bf16, N>(&format!("{kernel}_bf16"), inputs, out_len, config, scalars)
+            }
+            DType::F16 => {
+                run::<half::f16, N>(&format!("{kernel}_f16"), inputs, out_len, config, scalars)
+            }
+            other => bail!("{kernel}: {other:?} on CUDA"),
+        }
+    }
+}
