@@ -3,9 +3,10 @@
 
 #define CACHED_ATTENTION_EMULATED(NAME, T)                                                         \
     EMULATED(NAME,                                                                                 \
-             PARAMS(const T *q, const T *keys, const T *values, T *out, const uint32_t *spans,     \
-                    int heads, int kv_heads, int capacity, int head_dim, int steps, float scale), \
-             PARAMS(q, keys, values, out, spans, heads, kv_heads, capacity, head_dim, steps,      \
+             PARAMS(const T *q, const T *cos, const T *sin, const T *keys, const T *values,        \
+                    T *out, const uint32_t *spans, int heads, int kv_heads, int capacity,          \
+                    int head_dim, float scale),                                                    \
+             PARAMS(q, cos, sin, keys, values, out, spans, heads, kv_heads, capacity, head_dim,   \
                     scale))
 
 CACHED_ATTENTION_EMULATED(cached_attention_f32, float)

@@ -50,9 +50,10 @@ pub type CachedAttentionFn<T> = unsafe extern "C" fn(
     *const T,
     *const T,
     *const T,
+    *const T,
+    *const T,
     *mut T,
     *const u32,
-    c_int,
     c_int,
     c_int,
     c_int,
@@ -176,6 +177,8 @@ macro_rules! element {
                 grid: u32,
                 block: u32,
                 q: *const $t,
+                cos: *const $t,
+                sin: *const $t,
                 keys: *const $t,
                 values: *const $t,
                 out: *mut $t,
@@ -184,7 +187,6 @@ macro_rules! element {
                 kv_heads: c_int,
                 capacity: c_int,
                 head_dim: c_int,
-                steps: c_int,
                 scale: f32,
             ) -> c_int;
             fn $sample_rows(
@@ -287,39 +289,39 @@ fn int(n: usize, what: &str) -> c_int {
 }
 
 /// The sizes of the cache attention kernel's arguments (see src/cuda/cached_attention.cu):
-/// `q [batch, heads, steps, head_dim]`, `keys`/`values [slots, kv_heads, capacity, head_dim]`.
+/// `q [queries, heads, head_dim]`, `cos`/`sin [queries, head_dim/2]`, `keys`/`values [slots,
+/// kv_heads, capacity, head_dim]`.
 #[derive(Clone, Copy, Debug)]
 pub struct AttentionDims {
-    pub batch: usize,
+    pub queries: usize,
     pub heads: usize,
-    pub steps: usize,
     pub head_dim: usize,
     pub slots: usize,
     pub kv_heads: usize,
     pub capacity: usize,
 }
 
-/// Runs `cached_attention_{f32,bf16,f16}`; returns `out [batch, steps, heads, head_dim]`.
+/// Runs `cached_attention_{f32,bf16,f16}`; returns `out [queries, heads, head_dim]`.
 pub fn cached_attention<T: Element + Default>(
     launch: Launch,
     dims: AttentionDims,
     q: &[T],
-    keys: &[T],
-    values: &[T],
+    (cos, sin): (&[T], &[T]),
+    (keys, values): (&[T], &[T]),
     spans: &[u32],
     scale: f32,
 ) -> Result<Vec<T>, String> {
     let AttentionDims {
-        batch,
+        queries,
         heads,
-        steps,
         head_dim,
         slots,
         kv_heads,
         capacity,
     } = dims;
-    let queries = batch * steps;
     assert_eq!(q.len(), queries * heads * head_dim, "q");
+    assert_eq!(cos.len(), queries * head_dim / 2, "cos");
+    assert_eq!(sin.len(), cos.len(), "sin");
     assert_eq!(keys.len(), slots * kv_heads * capacity * head_dim, "keys");
     assert_eq!(values.len(), keys.len(), "values");
     assert_eq!(spans.len(), 3 * queries, "spans");
@@ -339,6 +341,8 @@ pub fn cached_attention<T: Element + Default>(
             launch.grid,
             launch.block,
             q.as_ptr(),
+            cos.as_ptr(),
+            sin.as_ptr(),
             keys.as_ptr(),
             values.as_ptr(),
             out.as_mut_ptr(),
@@ -347,7 +351,6 @@ pub fn cached_attention<T: Element + Default>(
             int(kv_heads, "kv_heads"),
             int(capacity, "capacity"),
             int(head_dim, "head_dim"),
-            int(steps, "steps"),
             scale,
         )
     };

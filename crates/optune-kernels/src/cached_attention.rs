@@ -11,49 +11,77 @@
 
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 
-/// `q [batch, heads, steps, d]` (query `b·steps + s`) over `keys`, `values [slots, kv_heads,
-/// capacity, d]` (a KV cache, the queries' own positions already written), with `spans
-/// [batch·steps, 3]` u32 of each query's `(slot, first, last)` positions, inclusive: `[batch,
-/// steps, heads, d]`. A query with `last < first` (an idle slot) gets zeros. The query heads of a
-/// group share their KV head; scores are `(q · k) · scale`, the softmax and the weighted sum of
-/// values are in f32 whatever the dtype.
+/// The queries `q` (`[.., heads·d]`, one row per query: the projections as they come, not yet
+/// rotated), each turned by its rotary angles `cos`, `sin` (`[.., d/2]`, a row per query;
+/// rotate-half layout) and attending over `keys`, `values [slots, kv_heads, capacity, d]` (a KV
+/// cache, the queries' own positions already written) with `spans [queries, 3]` u32 of each
+/// query's `(slot, first, last)` positions, inclusive: `[queries, heads, d]`. A query with
+/// `last < first` (an idle slot) gets zeros. The query heads of a group share their KV head;
+/// scores are `(q · k) · scale`; the rotation, the softmax and the weighted sum of values are in
+/// f32 whatever the dtype.
 pub fn cached_attention(
     q: &Tensor,
+    (cos, sin): (&Tensor, &Tensor),
     keys: &Tensor,
     values: &Tensor,
     spans: &Tensor,
     scale: f64,
 ) -> Result<Tensor> {
-    let (batch, heads, steps, d) = q.dims4()?;
-    let (_, kv_heads, _, cache_d) = keys.dims4()?;
-    if cache_d != d || heads % kv_heads != 0 {
+    let (_, kv_heads, _, d) = keys.dims4()?;
+    let queries = spans.dim(0)?;
+    let width = q.elem_count() / queries.max(1);
+    let heads = width / d.max(1);
+    if q.elem_count() != queries * heads * d || heads % kv_heads != 0 || d % 2 != 0 {
         bail!(
-            "cached_attention: q {:?} against a cache {:?}: the same head width, whole groups of \
-             heads",
+            "cached_attention: q {:?} for {queries} queries against a cache {:?}: rows of whole \
+             heads, whole groups of heads",
             q.dims(),
             keys.dims()
         );
     }
-    let queries = batch * steps;
-    if values.dims() != keys.dims() || spans.dims() != [queries, 3] || spans.dtype() != DType::U32 {
+    if values.dims() != keys.dims()
+        || spans.dims() != [queries, 3]
+        || spans.dtype() != DType::U32
+        || cos.elem_count() != queries * d / 2
+        || sin.elem_count() != queries * d / 2
+    {
         bail!(
-            "cached_attention: values {:?}, spans {:?} {:?} for keys {:?} and {queries} queries",
+            "cached_attention: values {:?}, spans {:?} {:?}, tables {:?} {:?} for keys {:?} and \
+             {queries} queries",
             values.dims(),
             spans.dims(),
             spans.dtype(),
+            cos.dims(),
+            sin.dims(),
             keys.dims()
+        );
+    }
+    if [cos, sin, keys, values]
+        .iter()
+        .any(|t| t.dtype() != q.dtype())
+    {
+        bail!(
+            "cached_attention: q {:?} with tables {:?}, cache {:?}",
+            q.dtype(),
+            cos.dtype(),
+            keys.dtype()
         );
     }
     let op = CachedAttention {
         spans: spans.contiguous()?,
+        cos: cos.contiguous()?,
+        sin: sin.contiguous()?,
         scale,
     };
     q.contiguous()?
+        .reshape((queries, heads, d))?
         .apply_op3_no_bwd(&keys.contiguous()?, &values.contiguous()?, &op)
 }
 
 struct CachedAttention {
     spans: Tensor,
+    cos: Tensor,
+    sin: Tensor,
     scale: f64,
 }
 
@@ -65,21 +93,40 @@ fn launch_dims(queries: usize, heads: usize) -> (u32, u32) {
 }
 
 impl CachedAttention {
+    /// A held tensor's elements as f32 (CPU tensors only).
+    fn host_floats(t: &Tensor, what: &str) -> Result<Vec<f32>> {
+        let (storage, layout) = t.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(s) => {
+                Ok(crate::storage::floats(s, layout, "cached_attention", what)?.into_owned())
+            }
+            _ => bail!("cached_attention: the {what} are not on the CPU"),
+        }
+    }
+
     /// The spans as host numbers (CPU tensors only).
     fn host_spans(&self) -> Result<Vec<u32>> {
         let (storage, layout) = self.spans.storage_and_layout();
         match &*storage {
-            Storage::Cpu(s) => Ok(s.as_slice::<u32>()?[layout.start_offset()..]
-                [..layout.shape().elem_count()]
-                .to_vec()),
+            Storage::Cpu(s) => {
+                Ok(
+                    crate::storage::contiguous::<u32>(s, layout, "cached_attention", "spans")?
+                        .to_vec(),
+                )
+            }
             _ => bail!("cached_attention: the spans are not on the CPU"),
         }
     }
+}
 
-    /// `[batch, steps, heads, d]` from `q [batch, heads, steps, d]`.
-    fn output_shape(lq: &Layout) -> Result<Shape> {
-        let (batch, heads, steps, d) = lq.shape().dims4()?;
-        Ok(Shape::from((batch, steps, heads, d)))
+/// Channel `c` of a head `x [d]` turned by the angles `cos`, `sin [d/2]` (rotate-half layout),
+/// in f32 as the kernel turns it.
+fn turned(x: &[f32], cos: &[f32], sin: &[f32], c: usize) -> f32 {
+    let half = x.len() / 2;
+    if c < half {
+        x[c] * cos[c] - x[c + half] * sin[c]
+    } else {
+        x[c - half] * sin[c - half] + x[c] * cos[c - half]
     }
 }
 
@@ -97,7 +144,7 @@ impl CustomOp3 for CachedAttention {
         v: &CpuStorage,
         lv: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (batch, heads, steps, d) = lq.shape().dims4()?;
+        let (queries, heads, d) = lq.shape().dims3()?;
         let (slots, kv_heads, capacity, _) = lk.shape().dims4()?;
         let read = |s, l, what| crate::storage::floats(s, l, "cached_attention", what);
         let (q_all, keys, values) = (
@@ -106,13 +153,16 @@ impl CustomOp3 for CachedAttention {
             read(v, lv, "values")?,
         );
         let spans = self.host_spans()?;
+        let cos = Self::host_floats(&self.cos, "cosines")?;
+        let sin = Self::host_floats(&self.sin, "sines")?;
         // The host kernel takes the live queries only, as rows [heads·d], and scales by 1/√d
         // itself (the model's scale, for which this factor is 1).
         let rescale = (self.scale * (d as f64).sqrt()) as f32;
+        let half = d / 2;
         let mut live = Vec::new();
-        let mut queries = Vec::new();
+        let mut host_queries = Vec::new();
         let mut rows = Vec::new();
-        for query in 0..batch * steps {
+        for query in 0..queries {
             let [slot, first, last] = [0, 1, 2].map(|i| spans[3 * query + i] as usize);
             if last < first {
                 continue;
@@ -124,15 +174,16 @@ impl CustomOp3 for CachedAttention {
                 );
             }
             live.push(query);
-            queries.push(crate::host::Query {
+            host_queries.push(crate::host::Query {
                 slot,
                 first,
                 position: last,
             });
-            let (b, s) = (query / steps, query % steps);
+            let angles = query * half..(query + 1) * half;
+            let (cos, sin) = (&cos[angles.clone()], &sin[angles]);
             for head in 0..heads {
-                let at = ((b * heads + head) * steps + s) * d;
-                rows.extend(q_all[at..at + d].iter().map(|x| x * rescale));
+                let x = &q_all[(query * heads + head) * d..][..d];
+                rows.extend((0..d).map(|c| turned(x, cos, sin, c) * rescale));
             }
         }
         let mut attended = vec![0f32; rows.len()];
@@ -142,8 +193,8 @@ impl CustomOp3 for CachedAttention {
             kv_heads,
             capacity,
         };
-        crate::host::attention(&rows, &queries, heads, d, &cache, &mut attended);
-        let mut out = vec![0f32; batch * steps * heads * d];
+        crate::host::attention(&rows, &host_queries, heads, d, &cache, &mut attended);
+        let mut out = vec![0f32; queries * heads * d];
         for (&query, row) in live.iter().zip(attended.chunks_exact(heads * d)) {
             out[query * heads * d..(query + 1) * heads * d].copy_from_slice(row);
         }
@@ -158,7 +209,7 @@ impl CustomOp3 for CachedAttention {
                 }
                 _ => CpuStorage::F64(out.iter().map(|&x| x as f64).collect()),
             },
-            Self::output_shape(lq)?,
+            lq.shape().clone(),
         ))
     }
 
@@ -188,24 +239,30 @@ impl CustomOp3 for CachedAttention {
             (v, lv): (&CudaStorage, &Layout),
         ) -> Result<CudaStorage> {
             let device = q.device().clone();
-            let (batch, heads, steps, d) = lq.shape().dims4()?;
+            let (queries, heads, d) = lq.shape().dims3()?;
             let (_, kv_heads, capacity, _) = lk.shape().dims4()?;
             let q = q.as_cuda_slice::<T>()?.slice(lq.start_offset()..);
             let k = k.as_cuda_slice::<T>()?.slice(lk.start_offset()..);
             let v = v.as_cuda_slice::<T>()?.slice(lv.start_offset()..);
+            // The tables and spans the op holds, read where they are (on the GPU).
+            let (cos_storage, cos_layout) = op.cos.storage_and_layout();
+            let (sin_storage, sin_layout) = op.sin.storage_and_layout();
             let (spans_storage, spans_layout) = op.spans.storage_and_layout();
-            let Storage::Cuda(spans) = &*spans_storage else {
-                bail!("cached_attention: the spans are not on the GPU");
+            let (Storage::Cuda(cos), Storage::Cuda(sin), Storage::Cuda(spans)) =
+                (&*cos_storage, &*sin_storage, &*spans_storage)
+            else {
+                bail!("cached_attention: the tables or the spans are not on the GPU");
             };
+            let cos = cos.as_cuda_slice::<T>()?.slice(cos_layout.start_offset()..);
+            let sin = sin.as_cuda_slice::<T>()?.slice(sin_layout.start_offset()..);
             let spans = spans
                 .as_cuda_slice::<u32>()?
                 .slice(spans_layout.start_offset()..);
-            let queries = batch * steps;
             // SAFETY: every element is written by the kernel (idle queries get zeros).
             let out = unsafe { device.alloc::<T>(queries * heads * d)? };
             let func = device.get_or_load_custom_func(name, "optune_cached_attention", PTX)?;
-            let [heads_arg, kv_heads_arg, capacity_arg, d_arg, steps_arg] =
-                [heads, kv_heads, capacity, d, steps].map(|n| n as i32);
+            let [heads_arg, kv_heads_arg, capacity_arg, d_arg] =
+                [heads, kv_heads, capacity, d].map(|n| n as i32);
             let scale = op.scale as f32;
             let (blocks, threads) = launch_dims(queries, heads);
             let config = LaunchConfig {
@@ -215,6 +272,8 @@ impl CustomOp3 for CachedAttention {
             };
             let mut builder = func.builder();
             builder.arg(&q);
+            builder.arg(&cos);
+            builder.arg(&sin);
             builder.arg(&k);
             builder.arg(&v);
             builder.arg(&out);
@@ -223,28 +282,25 @@ impl CustomOp3 for CachedAttention {
             builder.arg(&kv_heads_arg);
             builder.arg(&capacity_arg);
             builder.arg(&d_arg);
-            builder.arg(&steps_arg);
             builder.arg(&scale);
             // SAFETY: the argument list matches the kernel's signature; the slices hold
-            // queries·heads·d (q, out), slots·kv_heads·capacity·d (k, v) and 3·queries (spans)
-            // elements, checked by `cached_attention`; the slots and positions the spans name are
-            // the caller's to keep inside the cache (the CPU form checks them).
+            // queries·heads·d (q, out), queries·d/2 (cos, sin), slots·kv_heads·capacity·d (k, v)
+            // and 3·queries (spans) elements, checked by `cached_attention`; the slots and
+            // positions the spans name are the caller's to keep inside the cache (the CPU form
+            // checks them).
             unsafe { builder.launch(config) }.w()?;
             Ok(CudaStorage::wrap_cuda_slice(out, device))
         }
 
-        let (batch, heads, steps, d) = lq.shape().dims4()?;
+        let (queries, heads, d) = lq.shape().dims3()?;
         if d > MAX_HEAD_DIM {
             bail!("cached_attention: head width {d} above the kernel's {MAX_HEAD_DIM}");
         }
-        if batch * steps == 0 {
+        if queries == 0 {
             bail!("cached_attention: no queries (a CUDA launch over no blocks fails)");
         }
-        if batch * steps * heads > i32::MAX as usize {
-            bail!(
-                "cached_attention: {} queries of {heads} heads exceed a grid",
-                batch * steps
-            );
+        if queries * heads > i32::MAX as usize {
+            bail!("cached_attention: {queries} queries of {heads} heads exceed a grid");
         }
         let (q, k, v) = ((q, lq), (k, lk), (v, lv));
         let out = match q.0.dtype() {
@@ -253,7 +309,7 @@ impl CustomOp3 for CachedAttention {
             DType::F16 => launch::<half::f16>(self, "cached_attention_f16", q, k, v)?,
             other => bail!("cached_attention: {other:?} on CUDA"),
         };
-        Ok((out, Self::output_shape(lq)?))
+        Ok((out, lq.shape().clone()))
     }
 }
 
@@ -311,17 +367,42 @@ mod tests {
             .unwrap()
     }
 
-    /// Each query of `q [batch, heads, steps, d]` against the masked form, in f32 and bf16.
+    /// Rotary angles `[batch, steps, d/2]`, varied per query.
+    pub(super) fn angles(batch: usize, steps: usize, d: usize) -> (Tensor, Tensor) {
+        let theta: Vec<f32> = (0..batch * steps * d / 2)
+            .map(|i| (i as f32 * 0.37).sin() * 3.0)
+            .collect();
+        let theta = Tensor::from_vec(theta, (batch, steps, d / 2), &Device::Cpu).unwrap();
+        (theta.cos().unwrap(), theta.sin().unwrap())
+    }
+
+    /// Each query of the projections `q [batch, steps, heads·d]`, turned by [`angles`], against
+    /// the masked form over the rotary embedding's output, in f32 and bf16.
     fn check_against_masked(q: &Tensor, k: &Tensor, v: &Tensor, spans: &[(u32, u32, u32)]) {
-        let (batch, heads, steps, d) = q.dims4().unwrap();
+        let (batch, steps, width) = q.dims3().unwrap();
+        let d = k.dim(3).unwrap();
+        let heads = width / d;
+        let (cos, sin) = angles(batch, steps, d);
         for dtype in [DType::F32, DType::BF16] {
-            let [q, k, v] = [q, k, v].map(|t| t.to_dtype(dtype).unwrap());
-            let got = cached_attention(&q, &k, &v, &spans_tensor(spans), 0.35).unwrap();
-            assert_eq!(got.dims(), [batch, steps, heads, d]);
+            let [q, k, v, cos, sin] = [q, k, v, &cos, &sin].map(|t| t.to_dtype(dtype).unwrap());
+            let got = cached_attention(&q, (&cos, &sin), &k, &v, &spans_tensor(spans), 0.35)
+                .unwrap()
+                .reshape((batch, steps, heads, d))
+                .unwrap();
             assert_eq!(got.dtype(), dtype);
+            // [batch, heads, steps, d], rotated (in f32: the kernel turns in f32).
+            let rotated = crate::ops::generic::rotary_heads(
+                &q.to_dtype(DType::F32).unwrap(),
+                &cos.to_dtype(DType::F32).unwrap(),
+                &sin.to_dtype(DType::F32).unwrap(),
+                heads,
+            )
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
             for (query, &span) in spans.iter().enumerate() {
                 let (b, s) = (query / steps, query % steps);
-                let one = q
+                let one = rotated
                     .get(b)
                     .unwrap()
                     .narrow(1, s, 1)
@@ -338,10 +419,10 @@ mod tests {
 
     #[test]
     fn one_query_per_slot_attends_over_its_own_span_as_the_masked_form_does() {
-        // The decode step's layout: [slots, heads, 1, d], query s on slot s.
+        // The decode step's layout: [slots, 1, heads·d], query s on slot s.
         let mut rng = ChaCha8Rng::seed_from_u64(5);
         let (slots, heads, kv_heads, capacity, d) = (4, 6, 2, 20, 8);
-        let q = random(&[slots, heads, 1, d], &mut rng);
+        let q = random(&[slots, 1, heads * d], &mut rng);
         let k = random(&[slots, kv_heads, capacity, d], &mut rng);
         let v = random(&[slots, kv_heads, capacity, d], &mut rng);
         // Whole prefixes, a sliding window, a single position.
@@ -350,7 +431,7 @@ mod tests {
 
     #[test]
     fn packed_queries_each_attend_over_their_slot_up_to_their_position() {
-        // A packed prefill's layout: [1, heads, tokens, d], tokens of three prompt chunks on
+        // A packed prefill's layout: [1, tokens, heads·d], tokens of three prompt chunks on
         // slots 2, 0 and 1 (the second after 4 positions its slot held), one windowed.
         let mut rng = ChaCha8Rng::seed_from_u64(7);
         let (slots, heads, kv_heads, capacity, d) = (3, 4, 2, 16, 8);
@@ -359,7 +440,7 @@ mod tests {
             .chain((4..9).map(|p| (0, 0, p)))
             .chain((0..3).map(|p| (1, p.max(1) - 1, p)))
             .collect();
-        let q = random(&[1, heads, spans.len(), d], &mut rng);
+        let q = random(&[1, spans.len(), heads * d], &mut rng);
         let k = random(&[slots, kv_heads, capacity, d], &mut rng);
         let v = random(&[slots, kv_heads, capacity, d], &mut rng);
         check_against_masked(&q, &k, &v, &spans);
@@ -368,10 +449,19 @@ mod tests {
     #[test]
     fn an_idle_query_gets_zeros_and_a_span_past_the_cache_is_refused() {
         let mut rng = ChaCha8Rng::seed_from_u64(6);
-        let q = random(&[2, 2, 1, 4], &mut rng);
+        let q = random(&[2, 1, 2 * 4], &mut rng);
         let k = random(&[2, 1, 5, 4], &mut rng);
-        let out =
-            cached_attention(&q, &k, &k, &spans_tensor(&[(0, 1, 0), (1, 0, 3)]), 1.0).unwrap();
+        let (cos, sin) = angles(2, 1, 4);
+        let tables = (&cos, &sin);
+        let out = cached_attention(
+            &q,
+            tables,
+            &k,
+            &k,
+            &spans_tensor(&[(0, 1, 0), (1, 0, 3)]),
+            1.0,
+        )
+        .unwrap();
         let idle: Vec<f32> = out
             .get(0)
             .unwrap()
@@ -384,7 +474,7 @@ mod tests {
             ([(0, 0, 5), (1, 0, 3)], "reads position 5 of slot 0"),
             ([(0, 0, 2), (2, 0, 3)], "reads position 3 of slot 2"),
         ] {
-            let err = cached_attention(&q, &k, &k, &spans_tensor(&spans), 1.0).unwrap_err();
+            let err = cached_attention(&q, tables, &k, &k, &spans_tensor(&spans), 1.0).unwrap_err();
             assert!(err.to_string().contains(what), "{err}");
         }
     }
@@ -402,18 +492,18 @@ mod emulated {
 
     fn kernel<T: Element + Default + candle_core::WithDType>(
         dims: AttentionDims,
-        [q, k, v]: [&Tensor; 3],
+        [q, cos, sin, k, v]: [&Tensor; 5],
         spans: &[u32],
         scale: f32,
     ) -> Vec<f32> {
         let flat = |t: &Tensor| -> Vec<T> { t.flatten_all().unwrap().to_vec1().unwrap() };
-        let (grid, block) = launch_dims(dims.batch * dims.steps, dims.heads);
+        let (grid, block) = launch_dims(dims.queries, dims.heads);
         let out = optune_cuda_emulator::cached_attention(
             Launch { grid, block },
             dims,
             &flat(q),
-            &flat(k),
-            &flat(v),
+            (&flat(cos), &flat(sin)),
+            (&flat(k), &flat(v)),
             spans,
             scale,
         )
@@ -421,27 +511,29 @@ mod emulated {
         out.into_iter().map(|x| x.to_f64() as f32).collect()
     }
 
-    /// `spans` over a cache of `slots × capacity`, queries laid out `[batch, heads, steps, d]`.
+    /// `spans` over a cache of `slots × capacity`, queries laid out `[queries, heads·d]`.
     fn check(dims: AttentionDims, spans: &[(u32, u32, u32)], seed: u64) {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut random = |shape: &[usize]| super::tests::random(shape, &mut rng);
-        let q = random(&[dims.batch, dims.heads, dims.steps, dims.head_dim]);
+        let q = random(&[dims.queries, dims.heads * dims.head_dim]);
         let cache = [dims.slots, dims.kv_heads, dims.capacity, dims.head_dim];
         let (k, v) = (random(&cache), random(&cache));
+        let (cos, sin) = super::tests::angles(1, dims.queries, dims.head_dim);
         let flat_spans: Vec<u32> = spans.iter().flat_map(|&(s, a, b)| [s, a, b]).collect();
         let spans_tensor = super::tests::spans_tensor(spans);
         let scale = 1.0 / (dims.head_dim as f32).sqrt();
         for dtype in [DType::F32, DType::BF16, DType::F16] {
-            let [q, k, v] = [&q, &k, &v].map(|t| t.to_dtype(dtype).unwrap());
-            let want: Vec<f32> = cached_attention(&q, &k, &v, &spans_tensor, scale as f64)
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let tensors = [&q, &k, &v];
+            let [q, cos, sin, k, v] = [&q, &cos, &sin, &k, &v].map(|t| t.to_dtype(dtype).unwrap());
+            let want: Vec<f32> =
+                cached_attention(&q, (&cos, &sin), &k, &v, &spans_tensor, scale as f64)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+            let tensors = [&q, &cos, &sin, &k, &v];
             let got = match dtype {
                 DType::F32 => kernel::<f32>(dims, tensors, &flat_spans, scale),
                 DType::BF16 => kernel::<half::bf16>(dims, tensors, &flat_spans, scale),
@@ -473,9 +565,8 @@ mod emulated {
         // Five slots, one query each: whole prefixes, a window, one position, an idle slot; four
         // query heads per KV head, as Mistral-7B.
         let dims = AttentionDims {
-            batch: 5,
+            queries: 5,
             heads: 8,
-            steps: 1,
             head_dim: 64,
             slots: 5,
             kv_heads: 2,
@@ -499,9 +590,8 @@ mod emulated {
             .chain([(1, 0, 20), (3, 0, 7), (4, 2, 11)])
             .collect();
         let dims = AttentionDims {
-            batch: 1,
+            queries: spans.len(),
             heads: 4,
-            steps: spans.len(),
             head_dim: 80,
             slots: 5,
             kv_heads: 4,
@@ -512,11 +602,10 @@ mod emulated {
 
     #[test]
     fn the_widest_head_matches_the_cpu_form() {
-        // Head width 256, the kernel's limit (8 channels a lane), batch rows of two steps.
+        // Head width 256, the kernel's limit (8 channels a lane).
         let dims = AttentionDims {
-            batch: 2,
+            queries: 4,
             heads: 2,
-            steps: 2,
             head_dim: 256,
             slots: 2,
             kv_heads: 1,

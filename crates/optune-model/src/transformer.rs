@@ -1201,28 +1201,30 @@ impl Block {
             config.head_dim(),
         );
         let scale = 1.0 / (d as f64).sqrt();
-        let q = ops::rotary_heads(&self.self_attn.q_proj.forward(&h)?, cos, sin, heads)?;
-        // [b, t, kv_heads·d] each, as the projections give them.
+        // [b, t, heads·d] and [b, t, kv_heads·d], as the projections give them.
+        let q = self.self_attn.q_proj.forward(&h)?;
         let k = self.self_attn.k_proj.forward(&h)?;
         let v = self.self_attn.v_proj.forward(&h)?;
-        let attn =
-            match attend {
-                Attend::Masked(mask) => {
-                    let k = ops::rotary_heads(&k, cos, sin, kv_heads)?;
-                    let v = v
-                        .reshape((b, t, kv_heads, d))?
-                        .transpose(1, 2)?
-                        .contiguous()?;
-                    ops::attention(&q, &k, &v, mask, scale)?
-                        .transpose(1, 2)?
-                        .reshape((b, t, heads * d))?
-                }
-                Attend::Cached(c) => {
-                    let (keys, values) = c.cache.write(c.layer, &k, &v, cos, sin, c.spans)?;
-                    optune_kernels::cached_attention(&q, &keys, &values, c.spans, scale)?
-                        .reshape((b, t, heads * d))?
-                }
-            };
+        let attn = match attend {
+            Attend::Masked(mask) => {
+                let q = ops::rotary_heads(&q, cos, sin, heads)?;
+                let k = ops::rotary_heads(&k, cos, sin, kv_heads)?;
+                let v = v
+                    .reshape((b, t, kv_heads, d))?
+                    .transpose(1, 2)?
+                    .contiguous()?;
+                ops::attention(&q, &k, &v, mask, scale)?
+                    .transpose(1, 2)?
+                    .reshape((b, t, heads * d))?
+            }
+            Attend::Cached(c) => {
+                let (keys, values) = c.cache.write(c.layer, &k, &v, cos, sin, c.spans)?;
+                // The queries are turned by their angles inside the attention op.
+                let tables = (cos, sin);
+                optune_kernels::cached_attention(&q, tables, &keys, &values, c.spans, scale)?
+                    .reshape((b, t, heads * d))?
+            }
+        };
         let attended = Residual {
             x,
             pending: Some(self.self_attn.o_proj.forward(&attn)?),

@@ -542,7 +542,7 @@ impl Param {
                     update_in_place(rule, var, &grad, buffers)?;
                 } else {
                     // Another dtype or layout: the step on an f32 copy, written back.
-                    let param = var.to_dtype(DType::F32)?.contiguous()?.copy()?;
+                    let param = var.to_dtype(DType::F32)?.contiguous()?;
                     update_in_place(rule, &param, &grad, buffers)?;
                     self.var.set(&param.to_dtype(self.var.dtype())?)?;
                 }

@@ -5,16 +5,16 @@
 // One block per (query, query head), WARPS warps; block b is head b % heads of query b / heads, so
 // the heads of one query, and among them those sharing a KV head, run side by side and read its
 // keys and values while they are in L2 (with the head as the slow index, a group's other heads
-// would come a whole grid row later). Warp w walks the query's positions
-// first+w, first+w+WARPS, ... up to last (inclusive) with an online softmax: each lane holds the
-// query and the running output for channels lane, lane+32, ... of the head, a key's score is the
-// warp's sum of the lanes' partial dot products. The warps' partial results are merged at the end
-// through shared memory. Everything is accumulated in f32 whatever the storage type. A query with
-// last < first (an idle slot) gets zeros. Keys and values are read once, in place, from the cache
-// laid out [slots, kv_heads, capacity, head_dim]. q is [batch, heads, steps, head_dim] (query
-// b * steps + s; the layout the model's projections come in), out is
-// [batch, steps, heads, head_dim] (the layout the output projection reads); spans is
-// [batch * steps, 3] of (slot, first, last).
+// would come a whole grid row later). Each lane loads the query's channels lane, lane+32, ... of
+// the head, turned by the query's rotary angle (rotate-half layout: channel c < d/2 pairs with
+// c + d/2) and scaled, in f32. Warp w then walks the query's positions first+w, first+w+WARPS, ...
+// up to last (inclusive) with an online softmax, holding the running output for its channels; a
+// key's score is the warp's sum of the lanes' partial dot products. The warps' partial results
+// are merged at the end through shared memory. Everything is accumulated in f32 whatever the
+// storage type. A query with last < first (an idle slot) gets zeros. Keys and values are read
+// once, in place, from the cache laid out [slots, kv_heads, capacity, head_dim]. q and out are
+// [queries, heads, head_dim] (the projections' layout, and the one the output projection reads);
+// cos and sin [queries, head_dim / 2]; spans [queries, 3] of (slot, first, last).
 
 #include "dtypes.cuh"
 #include <math_constants.h>
@@ -33,21 +33,21 @@ __device__ __forceinline__ float warp_sum(float x) {
 }
 
 template <typename T>
-__device__ void cached_attention(const T *__restrict__ q, const T *__restrict__ keys,
+__device__ void cached_attention(const T *__restrict__ q, const T *__restrict__ cos,
+                                 const T *__restrict__ sin, const T *__restrict__ keys,
                                  const T *__restrict__ values, T *__restrict__ out,
                                  const uint32_t *__restrict__ spans, int heads, int kv_heads,
-                                 int capacity, int head_dim, int steps, float scale) {
+                                 int capacity, int head_dim, float scale) {
     const size_t query_id = blockIdx.x / heads;
     const int head = blockIdx.x % heads;
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
     const int kv_head = head / (heads / kv_heads);
-    const size_t batch_row = query_id / steps;
-    const size_t step = query_id % steps;
-    // Where this query head's vector starts in q [batch, heads, steps, d] and in
-    // out [batch, steps, heads, d].
-    const size_t q_at = ((batch_row * heads + head) * steps + step) * head_dim;
-    const size_t out_at = (query_id * heads + head) * head_dim;
+    const int half = head_dim / 2;
+    // Where this query head's vector starts in q and out [queries, heads, d], and the query's
+    // angles in cos, sin [queries, d/2].
+    const size_t at = (query_id * heads + head) * head_dim;
+    const size_t angles = query_id * half;
     // spans: [queries, 3] of (slot, first, last), positions inclusive.
     const size_t slot = spans[3 * query_id];
     const uint32_t first = spans[3 * query_id + 1];
@@ -59,8 +59,17 @@ __device__ void cached_attention(const T *__restrict__ q, const T *__restrict__ 
 #pragma unroll
     for (int i = 0; i < MAX_PER_LANE; ++i) {
         const int c = lane + 32 * i;
-        query[i] = c < head_dim ? to_float(q[q_at + c]) * scale : 0.0f;
         acc[i] = 0.0f;
+        query[i] = 0.0f;
+        if (c >= head_dim) continue;
+        const bool low = c < half;
+        const int j = low ? c : c - half;
+        const float x = to_float(q[at + c]);
+        const float partner = to_float(q[at + (low ? c + half : c - half)]);
+        const float cs = to_float(cos[angles + j]), sn = to_float(sin[angles + j]);
+        const float turned = low ? __fsub_rn(__fmul_rn(x, cs), __fmul_rn(partner, sn))
+                                 : __fadd_rn(__fmul_rn(partner, sn), __fmul_rn(x, cs));
+        query[i] = __fmul_rn(turned, scale);
     }
     float running_max = -CUDART_INF_F;
     float running_sum = 0.0f;
@@ -119,16 +128,17 @@ __device__ void cached_attention(const T *__restrict__ q, const T *__restrict__ 
         float sum = 0.0f;
 #pragma unroll
         for (int w = 0; w < WARPS; ++w) sum += warp_acc[w][c] * factor[w];
-        out[out_at + c] = from_float<T>(sum * inverse);
+        out[at + c] = from_float<T>(sum * inverse);
     }
 }
 
 #define CACHED_ATTENTION(NAME, T)                                                                  \
     extern "C" __global__ void __launch_bounds__(WARPS * 32)                                       \
-        NAME(const T *q, const T *keys, const T *values, T *out, const uint32_t *spans, int heads, \
-             int kv_heads, int capacity, int head_dim, int steps, float scale) {                   \
-        cached_attention<T>(q, keys, values, out, spans, heads, kv_heads, capacity, head_dim,     \
-                            steps, scale);                                                         \
+        NAME(const T *q, const T *cos, const T *sin, const T *keys, const T *values, T *out,      \
+             const uint32_t *spans, int heads, int kv_heads, int capacity, int head_dim,          \
+             float scale) {                                                                        \
+        cached_attention<T>(q, cos, sin, keys, values, out, spans, heads, kv_heads, capacity,     \
+                            head_dim, scale);                                                      \
     }
 
 CACHED_ATTENTION(cached_attention_f32, float)
