@@ -35,7 +35,7 @@ pub fn write_rotated(
     let tokens = spans.dim(0)?;
     let per_token = kv_heads * d;
     if two != 2
-        || d % 2 != 0
+        || !d.is_multiple_of(2)
         || spans.dims() != [tokens, 3]
         || spans.dtype() != DType::U32
         || k.elem_count() != tokens * per_token
