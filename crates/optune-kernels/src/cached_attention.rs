@@ -31,7 +31,10 @@ pub fn cached_attention(
     let queries = spans.dim(0)?;
     let width = q.elem_count() / queries.max(1);
     let heads = width / d.max(1);
-    if q.elem_count() != queries * heads * d || !heads.is_multiple_of(kv_heads) || !d.is_multiple_of(2) {
+    if q.elem_count() != queries * heads * d
+        || !heads.is_multiple_of(kv_heads)
+        || !d.is_multiple_of(2)
+    {
         bail!(
             "cached_attention: q {:?} for {queries} queries against a cache {:?}: rows of whole \
              heads, whole groups of heads",
