@@ -166,7 +166,9 @@ fn run(args: Args) -> Result<()> {
         .with_context(|| shard.name().to_string())?;
 
     let started = Instant::now();
-    let (model, tokenizer, meta) = load_model(&args.model, dtype, &device)?;
+    let (mut model, tokenizer, meta) = load_model(&args.model, dtype, &device)?;
+    // One product for q/k/v and one for gate/up per layer where generation runs on tensors.
+    model.stack_projections()?;
     if meta.eos_token_ids.is_empty() && !args.ignore_eos {
         bail!(
             "{}: no eos_token_id in generation_config.json, config.json or the tokenizer",

@@ -58,6 +58,7 @@ pub type CachedAttentionFn<T> = unsafe extern "C" fn(
     c_int,
     c_int,
     c_int,
+    c_int,
     f32,
 ) -> c_int;
 
@@ -90,7 +91,7 @@ pub type AddRmsNormFn<T> = unsafe extern "C" fn(
 ) -> c_int;
 
 #[doc(hidden)]
-pub type SiluMulFn<T> = unsafe extern "C" fn(u32, u32, *const T, *const T, *mut T, u64) -> c_int;
+pub type SiluMulFn<T> = unsafe extern "C" fn(u32, u32, *const T, *mut T, u64, c_int) -> c_int;
 
 #[doc(hidden)]
 pub type CacheWriteFn<T> = unsafe extern "C" fn(
@@ -100,9 +101,11 @@ pub type CacheWriteFn<T> = unsafe extern "C" fn(
     *const T,
     *const T,
     *const T,
-    *const T,
     *const u32,
     u64,
+    c_int,
+    c_int,
+    c_int,
     c_int,
     c_int,
     c_int,
@@ -187,6 +190,7 @@ macro_rules! element {
                 kv_heads: c_int,
                 capacity: c_int,
                 head_dim: c_int,
+                row_width: c_int,
                 scale: f32,
             ) -> c_int;
             fn $sample_rows(
@@ -216,17 +220,16 @@ macro_rules! element {
             fn $silu_mul(
                 grid: u32,
                 block: u32,
-                gate: *const $t,
-                up: *const $t,
+                gate_up: *const $t,
                 out: *mut $t,
                 n: u64,
+                width: c_int,
             ) -> c_int;
             fn $cache_write(
                 grid: u32,
                 block: u32,
                 store: *mut $t,
-                k: *const $t,
-                v: *const $t,
+                rows: *const $t,
                 cos: *const $t,
                 sin: *const $t,
                 spans: *const u32,
@@ -235,6 +238,9 @@ macro_rules! element {
                 kv_heads: c_int,
                 capacity: c_int,
                 head_dim: c_int,
+                row_width: c_int,
+                k_at: c_int,
+                v_at: c_int,
             ) -> c_int;
         }
         impl Element for $t {
@@ -289,11 +295,12 @@ fn int(n: usize, what: &str) -> c_int {
 }
 
 /// The sizes of the cache attention kernel's arguments (see src/cuda/cached_attention.cu):
-/// `q [queries, heads, head_dim]`, `cos`/`sin [queries, head_dim/2]`, `keys`/`values [slots,
-/// kv_heads, capacity, head_dim]`.
+/// the queries as the first `heads·head_dim` columns of `rows [queries, row_width]`,
+/// `cos`/`sin [queries, head_dim/2]`, `keys`/`values [slots, kv_heads, capacity, head_dim]`.
 #[derive(Clone, Copy, Debug)]
 pub struct AttentionDims {
     pub queries: usize,
+    pub row_width: usize,
     pub heads: usize,
     pub head_dim: usize,
     pub slots: usize,
@@ -305,7 +312,7 @@ pub struct AttentionDims {
 pub fn cached_attention<T: Element + Default>(
     launch: Launch,
     dims: AttentionDims,
-    q: &[T],
+    rows: &[T],
     (cos, sin): (&[T], &[T]),
     (keys, values): (&[T], &[T]),
     spans: &[u32],
@@ -313,13 +320,15 @@ pub fn cached_attention<T: Element + Default>(
 ) -> Result<Vec<T>, String> {
     let AttentionDims {
         queries,
+        row_width,
         heads,
         head_dim,
         slots,
         kv_heads,
         capacity,
     } = dims;
-    assert_eq!(q.len(), queries * heads * head_dim, "q");
+    assert!(row_width >= heads * head_dim, "rows");
+    assert_eq!(rows.len(), queries * row_width, "rows");
     assert_eq!(cos.len(), queries * head_dim / 2, "cos");
     assert_eq!(sin.len(), cos.len(), "sin");
     assert_eq!(keys.len(), slots * kv_heads * capacity * head_dim, "keys");
@@ -333,14 +342,14 @@ pub fn cached_attention<T: Element + Default>(
             "span {span:?} outside the cache"
         );
     }
-    let mut out = vec![T::default(); q.len()];
+    let mut out = vec![T::default(); queries * heads * head_dim];
     // SAFETY: the buffers hold the element counts the kernel reads and writes for these sizes
     // (checked above, spans included); the emulator runs the launch to its end before returning.
     let code = unsafe {
         T::CACHED_ATTENTION(
             launch.grid,
             launch.block,
-            q.as_ptr(),
+            rows.as_ptr(),
             cos.as_ptr(),
             sin.as_ptr(),
             keys.as_ptr(),
@@ -351,6 +360,7 @@ pub fn cached_attention<T: Element + Default>(
             int(kv_heads, "kv_heads"),
             int(capacity, "capacity"),
             int(head_dim, "head_dim"),
+            int(row_width, "row_width"),
             scale,
         )
     };
@@ -433,23 +443,28 @@ pub fn add_rms_norm<T: Element + Default>(
     verdict(code).map(|()| out)
 }
 
-/// Runs `silu_mul_{f32,bf16,f16}` over `gate` and `up` (one length); returns `silu(gate) · up`.
+/// Runs `silu_mul_{f32,bf16,f16}` over rows `[rows, 2·width]` of the gate's then the up
+/// projection's columns; returns `silu(gate) · up`, `[rows, width]`.
 pub fn silu_mul<T: Element + Default>(
     launch: Launch,
-    gate: &[T],
-    up: &[T],
+    gate_up: &[T],
+    width: usize,
 ) -> Result<Vec<T>, String> {
-    assert_eq!(gate.len(), up.len(), "up");
-    let mut out = vec![T::default(); gate.len()];
-    // SAFETY: gate, up and out hold n elements; the kernel's grid-stride loop stays below n.
+    assert!(
+        width > 0 && gate_up.len().is_multiple_of(2 * width),
+        "gate_up"
+    );
+    let n = gate_up.len() / 2;
+    let mut out = vec![T::default(); n];
+    // SAFETY: gate_up holds 2n elements, out n; the kernel's grid-stride loop stays below n.
     let code = unsafe {
         T::SILU_MUL(
             launch.grid,
             launch.block,
-            gate.as_ptr(),
-            up.as_ptr(),
+            gate_up.as_ptr(),
             out.as_mut_ptr(),
-            gate.len() as u64,
+            n as u64,
+            int(width, "width"),
         )
     };
     verdict(code).map(|()| out)
@@ -465,13 +480,14 @@ pub struct StoreDims {
     pub head_dim: usize,
 }
 
-/// Runs `cache_write_rotated_{f32,bf16,f16}` on `store` in place: token `i`'s rotated key and
-/// value go to the slot and position `spans[i]` names.
+/// Runs `cache_write_rotated_{f32,bf16,f16}` on `store` in place: token `i`'s key (rotated) and
+/// value, `kv_heads·head_dim` columns of `rows [tokens, row_width]` from columns `k_at` and
+/// `v_at`, go to the slot and position `spans[i]` names.
 pub fn cache_write_rotated<T: Element>(
     launch: Launch,
     dims: StoreDims,
     store: &mut [T],
-    (k, v): (&[T], &[T]),
+    (rows, row_width, k_at, v_at): (&[T], usize, usize, usize),
     (cos, sin): (&[T], &[T]),
     spans: &[u32],
 ) -> Result<(), String> {
@@ -482,13 +498,13 @@ pub fn cache_write_rotated<T: Element>(
         head_dim,
     } = dims;
     let tokens = spans.len() / 3;
-    assert_eq!(
-        store.len(),
-        2 * slots * kv_heads * capacity * head_dim,
-        "store"
+    let width = kv_heads * head_dim;
+    assert_eq!(store.len(), 2 * slots * width * capacity, "store");
+    assert_eq!(rows.len(), tokens * row_width, "rows");
+    assert!(
+        k_at + width <= row_width && v_at + width <= row_width,
+        "columns"
     );
-    assert_eq!(k.len(), tokens * kv_heads * head_dim, "k");
-    assert_eq!(v.len(), k.len(), "v");
     assert_eq!(cos.len(), tokens * head_dim / 2, "cos");
     assert_eq!(sin.len(), cos.len(), "sin");
     for span in spans.chunks_exact(3) {
@@ -497,15 +513,15 @@ pub fn cache_write_rotated<T: Element>(
             "span {span:?} outside the store"
         );
     }
-    // SAFETY: the buffers hold what the kernel reads and writes for these sizes, the spans'
-    // slots and positions included (checked above); the launch runs to its end before returning.
+    // SAFETY: the buffers hold what the kernel reads and writes for these sizes, the columns and
+    // the spans' slots and positions included (checked above); the launch runs to its end before
+    // returning.
     let code = unsafe {
         T::CACHE_WRITE(
             launch.grid,
             launch.block,
             store.as_mut_ptr(),
-            k.as_ptr(),
-            v.as_ptr(),
+            rows.as_ptr(),
             cos.as_ptr(),
             sin.as_ptr(),
             spans.as_ptr(),
@@ -514,6 +530,9 @@ pub fn cache_write_rotated<T: Element>(
             int(kv_heads, "kv_heads"),
             int(capacity, "capacity"),
             int(head_dim, "head_dim"),
+            int(row_width, "row_width"),
+            int(k_at, "k_at"),
+            int(v_at, "v_at"),
         )
     };
     verdict(code)

@@ -7,23 +7,22 @@
 //! once to the cache's dtype.
 
 use candle_core::{
-    bail, CpuStorage, DType, InplaceOp3, Layout, Result, Storage, Tensor, WithDType,
+    bail, CpuStorage, DType, InplaceOp2, Layout, Result, Storage, Tensor, WithDType,
 };
 
 /// Threads of a block of the CUDA kernel.
 const THREADS: u32 = 256;
 
-/// Writes token `i`'s key `k[i]` (turned by `cos[i]`, `sin[i]`, rotate-half layout) and value
-/// `v[i]` at its slot and position (`spans[i] = (slot, first, last)`, the position being `last`)
-/// of `store [2, slots, kv_heads, capacity, d]` (keys, then values). `k`, `v`: `tokens·kv_heads·d`
-/// elements, token-major (`[b, t, kv_heads·d]` as the projections give them); `cos`, `sin`:
-/// `tokens·d/2`; all of the store's dtype.
+/// Writes token `i`'s key (turned by `cos[i]`, `sin[i]`, rotate-half layout) and value at its
+/// slot and position (`spans[i] = (slot, first, last)`, the position being `last`) of `store [2,
+/// slots, kv_heads, capacity, d]` (keys, then values). The keys and values are `kv_heads·d`
+/// columns of `rows` (`[.., row_width]`, a row per token: the projections' output) from columns
+/// `k_at` and `v_at`; `cos`, `sin`: `tokens·d/2` elements; all of the store's dtype.
 pub fn write_rotated(
     store: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    cos: &Tensor,
-    sin: &Tensor,
+    rows: &Tensor,
+    (k_at, v_at): (usize, usize),
+    (cos, sin): (&Tensor, &Tensor),
     spans: &Tensor,
 ) -> Result<()> {
     let &[two, _, kv_heads, _, d] = store.dims() else {
@@ -33,21 +32,23 @@ pub fn write_rotated(
         );
     };
     let tokens = spans.dim(0)?;
-    let per_token = kv_heads * d;
+    let width = kv_heads * d;
+    let row_width = rows.dim(candle_core::D::Minus1)?;
     if two != 2
         || !d.is_multiple_of(2)
         || spans.dims() != [tokens, 3]
         || spans.dtype() != DType::U32
-        || k.elem_count() != tokens * per_token
-        || v.elem_count() != tokens * per_token
+        || rows.elem_count() != tokens * row_width
+        || k_at + width > row_width
+        || v_at + width > row_width
         || cos.elem_count() != tokens * d / 2
         || sin.elem_count() != tokens * d / 2
     {
         bail!(
-            "cache_write: store {:?}, k {:?}, v {:?}, cos {:?}, sin {:?}, spans {:?} {:?}",
+            "cache_write: store {:?}, rows {:?} (keys at {k_at}, values at {v_at}), cos {:?}, \
+             sin {:?}, spans {:?} {:?}",
             store.dims(),
-            k.dims(),
-            v.dims(),
+            rows.dims(),
             cos.dims(),
             sin.dims(),
             spans.dims(),
@@ -58,12 +59,11 @@ pub fn write_rotated(
         bail!("cache_write: no tokens (a CUDA launch over no blocks fails)");
     }
     let dtype = store.dtype();
-    if [k, v, cos, sin].iter().any(|t| t.dtype() != dtype) || !crate::forward_only::supports(dtype)
+    if [rows, cos, sin].iter().any(|t| t.dtype() != dtype) || !crate::forward_only::supports(dtype)
     {
         bail!(
-            "cache_write: store {dtype:?} with k {:?}, v {:?}, tables {:?}",
-            k.dtype(),
-            v.dtype(),
+            "cache_write: store {dtype:?} with rows {:?}, tables {:?}",
+            rows.dtype(),
             cos.dtype()
         );
     }
@@ -74,14 +74,17 @@ pub fn write_rotated(
         cos: cos.contiguous()?,
         sin: sin.contiguous()?,
         spans: spans.contiguous()?,
+        columns: (row_width, k_at, v_at),
     };
-    store.inplace_op3(&k.contiguous()?, &v.contiguous()?, &op)
+    store.inplace_op2(&rows.contiguous()?, &op)
 }
 
 struct CacheWrite {
     cos: Tensor,
     sin: Tensor,
     spans: Tensor,
+    /// `(row_width, k_at, v_at)`: where the keys and values are in a row.
+    columns: (usize, usize, usize),
 }
 
 /// The store's sizes: `(slots, kv_heads, capacity, d)`.
@@ -103,13 +106,11 @@ fn launch_dims(pairs: usize) -> (u32, u32) {
 }
 
 /// The CPU form on slices of one dtype.
-#[allow(clippy::too_many_arguments)]
 fn write<T: WithDType>(
     store: &mut [T],
-    k: &[T],
-    v: &[T],
-    cos: &[T],
-    sin: &[T],
+    rows: &[T],
+    (row_width, k_at, v_at): (usize, usize, usize),
+    (cos, sin): (&[T], &[T]),
     spans: &[u32],
     (slots, kv_heads, capacity, d): (usize, usize, usize, usize),
 ) -> Result<()> {
@@ -125,15 +126,16 @@ fn write<T: WithDType>(
             );
         }
         for head in 0..kv_heads {
-            let from = (token * kv_heads + head) * d;
+            let from = token * row_width + head * d;
+            let (k, v) = (&rows[from + k_at..][..d], &rows[from + v_at..][..d]);
             let to = ((slot * kv_heads + head) * capacity + position) * d;
             for c in 0..half {
-                let (k1, k2) = (f(k[from + c]), f(k[from + c + half]));
+                let (k1, k2) = (f(k[c]), f(k[c + half]));
                 let (cs, sn) = (f(cos[token * half + c]), f(sin[token * half + c]));
                 store[to + c] = T::from_f64((k1 * cs - k2 * sn) as f64);
                 store[to + c + half] = T::from_f64((k1 * sn + k2 * cs) as f64);
             }
-            store[values + to..values + to + d].copy_from_slice(&v[from..from + d]);
+            store[values + to..values + to + d].copy_from_slice(v);
         }
     }
     Ok(())
@@ -152,7 +154,7 @@ impl CacheWrite {
     }
 }
 
-impl InplaceOp3 for CacheWrite {
+impl InplaceOp2 for CacheWrite {
     fn name(&self) -> &'static str {
         "cache-write"
     }
@@ -161,31 +163,28 @@ impl InplaceOp3 for CacheWrite {
         &self,
         store: &mut CpuStorage,
         ls: &Layout,
-        k: &CpuStorage,
-        lk: &Layout,
-        v: &CpuStorage,
-        lv: &Layout,
+        rows: &CpuStorage,
+        lr: &Layout,
     ) -> Result<()> {
         fn run<T: WithDType>(
             op: &CacheWrite,
             store: &mut [T],
             ls: &Layout,
-            (k, lk): (&CpuStorage, &Layout),
-            (v, lv): (&CpuStorage, &Layout),
+            (rows, lr): (&CpuStorage, &Layout),
         ) -> Result<()> {
-            let read = |s, l, what| crate::storage::contiguous::<T>(s, l, "cache_write", what);
-            let (k, v) = (read(k, lk, "keys")?, read(v, lv, "values")?);
+            let rows = crate::storage::contiguous::<T>(rows, lr, "cache_write", "rows")?;
             let cos = CacheWrite::host::<T>(&op.cos, "cosines")?;
             let sin = CacheWrite::host::<T>(&op.sin, "sines")?;
             let spans = CacheWrite::host::<u32>(&op.spans, "spans")?;
             let store = &mut store[ls.start_offset()..];
-            write(store, k, v, &cos, &sin, &spans, store_dims(ls)?)
+            let dims = store_dims(ls)?;
+            write(store, rows, op.columns, (&cos, &sin), &spans, dims)
         }
-        let (k, v) = ((k, lk), (v, lv));
+        let rows = (rows, lr);
         match store {
-            CpuStorage::F32(s) => run(self, s, ls, k, v),
-            CpuStorage::BF16(s) => run(self, s, ls, k, v),
-            CpuStorage::F16(s) => run(self, s, ls, k, v),
+            CpuStorage::F32(s) => run(self, s, ls, rows),
+            CpuStorage::BF16(s) => run(self, s, ls, rows),
+            CpuStorage::F16(s) => run(self, s, ls, rows),
             other => bail!(
                 "cache_write: a {:?} store",
                 candle_core::backend::BackendStorage::dtype(other)
@@ -198,10 +197,8 @@ impl InplaceOp3 for CacheWrite {
         &self,
         store: &mut candle_core::CudaStorage,
         ls: &Layout,
-        k: &candle_core::CudaStorage,
-        lk: &Layout,
-        v: &candle_core::CudaStorage,
-        lv: &Layout,
+        rows: &candle_core::CudaStorage,
+        lr: &Layout,
     ) -> Result<()> {
         use candle_core::backend::BackendStorage;
         use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
@@ -214,14 +211,12 @@ impl InplaceOp3 for CacheWrite {
             op: &CacheWrite,
             name: &str,
             (store, ls): (&mut CudaStorage, &Layout),
-            (k, lk): (&CudaStorage, &Layout),
-            (v, lv): (&CudaStorage, &Layout),
+            (rows, lr): (&CudaStorage, &Layout),
         ) -> Result<()> {
             let device = store.device().clone();
             let (slots, kv_heads, capacity, d) = store_dims(ls)?;
             let tokens = op.spans.dim(0)?;
-            let k = k.as_cuda_slice::<T>()?.slice(lk.start_offset()..);
-            let v = v.as_cuda_slice::<T>()?.slice(lv.start_offset()..);
+            let rows = rows.as_cuda_slice::<T>()?.slice(lr.start_offset()..);
             // The tables and spans the op holds, read where they are (on the GPU).
             let (cos_storage, cos_layout) = op.cos.storage_and_layout();
             let (sin_storage, sin_layout) = op.sin.storage_and_layout();
@@ -247,41 +242,43 @@ impl InplaceOp3 for CacheWrite {
                 shared_mem_bytes: 0,
             };
             let tokens_arg = tokens as u64;
-            let [slots_arg, kv_heads_arg, capacity_arg, d_arg] =
-                [slots, kv_heads, capacity, d].map(|n| n as i32);
+            let (row_width, k_at, v_at) = op.columns;
+            let ints = [slots, kv_heads, capacity, d, row_width, k_at, v_at].map(|n| n as i32);
             let mut builder = func.builder();
             builder.arg(&mut target);
-            builder.arg(&k);
-            builder.arg(&v);
+            builder.arg(&rows);
             builder.arg(&cos);
             builder.arg(&sin);
             builder.arg(&spans);
             builder.arg(&tokens_arg);
-            builder.arg(&slots_arg);
-            builder.arg(&kv_heads_arg);
-            builder.arg(&capacity_arg);
-            builder.arg(&d_arg);
-            // SAFETY: the argument list matches the kernel's signature; k and v hold
-            // tokens·kv_heads·d elements, cos and sin tokens·d/2, spans 3·tokens (checked by
-            // `write_rotated`), the store 2·slots·kv_heads·capacity·d; the slots and positions
-            // the spans name are the caller's to keep inside the cache (the CPU form checks).
+            for n in &ints {
+                builder.arg(n);
+            }
+            // SAFETY: the argument list matches the kernel's signature; the rows hold
+            // tokens·row_width elements with the keys and values inside each row, cos and sin
+            // tokens·d/2, spans 3·tokens (checked by `write_rotated`), the store
+            // 2·slots·kv_heads·capacity·d; the slots and positions the spans name are the
+            // caller's to keep inside the cache (the CPU form checks).
             unsafe { builder.launch(config) }.w()?;
             Ok(())
         }
 
-        for n in [store_dims(ls)?.0, store_dims(ls)?.1, store_dims(ls)?.2] {
-            if n > i32::MAX as usize {
-                bail!(
-                    "cache_write: a store of {:?} exceeds the kernel's int",
-                    ls.dims()
-                );
-            }
+        let (slots, kv_heads, capacity, d) = store_dims(ls)?;
+        let (row_width, ..) = self.columns;
+        if [slots, kv_heads, capacity, d, row_width]
+            .iter()
+            .any(|&n| n > i32::MAX as usize)
+        {
+            bail!(
+                "cache_write: a store of {:?} exceeds the kernel's int",
+                ls.dims()
+            );
         }
-        let (s, k, v) = ((store, ls), (k, lk), (v, lv));
+        let (s, r) = ((store, ls), (rows, lr));
         match s.0.dtype() {
-            DType::F32 => launch::<f32>(self, "cache_write_rotated_f32", s, k, v),
-            DType::BF16 => launch::<half::bf16>(self, "cache_write_rotated_bf16", s, k, v),
-            DType::F16 => launch::<half::f16>(self, "cache_write_rotated_f16", s, k, v),
+            DType::F32 => launch::<f32>(self, "cache_write_rotated_f32", s, r),
+            DType::BF16 => launch::<half::bf16>(self, "cache_write_rotated_bf16", s, r),
+            DType::F16 => launch::<half::f16>(self, "cache_write_rotated_f16", s, r),
             other => bail!("cache_write: a {other:?} store on CUDA"),
         }
     }
@@ -316,7 +313,7 @@ mod tests {
         }
 
         /// k, v `[1, tokens, kv_heads·d]`, cos, sin `[1, tokens, d/2]`, in `dtype`.
-        fn inputs(&self, dtype: DType, seed: u64) -> [Tensor; 4] {
+        fn parts(&self, dtype: DType, seed: u64) -> [Tensor; 4] {
             let mut rng = ChaCha8Rng::seed_from_u64(seed);
             let n = self.tokens.len();
             let mut random = |shape: &[usize]| {
@@ -336,6 +333,20 @@ mod tests {
                 random(&[1, n, self.d / 2]),
                 random(&[1, n, self.d / 2]),
             ]
+        }
+
+        /// Rows as a stacked projection gives them: queries' columns (here noise), then k, then
+        /// v; with k, v, cos, sin.
+        fn inputs(&self, dtype: DType, seed: u64) -> (Tensor, [Tensor; 4]) {
+            let [k, v, cos, sin] = self.parts(dtype, seed);
+            let queries = self.parts(dtype, seed + 100)[0].clone();
+            let rows = Tensor::cat(&[&queries, &k, &v], 2).unwrap();
+            (rows, [k, v, cos, sin])
+        }
+
+        /// Where k and v start in a row of [`Case::inputs`].
+        fn columns(&self) -> (usize, usize) {
+            (self.kv_heads * self.d, 2 * self.kv_heads * self.d)
         }
 
         fn store(&self, dtype: DType) -> Tensor {
@@ -371,9 +382,10 @@ mod tests {
     fn keys_land_rotated_and_values_as_they_are() {
         for case in cases() {
             for dtype in DTYPES {
-                let [k, v, cos, sin] = case.inputs(dtype, 1);
+                let (rows, [k, v, cos, sin]) = case.inputs(dtype, 1);
                 let store = case.store(dtype);
-                write_rotated(&store, &k, &v, &cos, &sin, &case.spans_tensor()).unwrap();
+                let spans = case.spans_tensor();
+                write_rotated(&store, &rows, case.columns(), (&cos, &sin), &spans).unwrap();
                 let heads_k = crate::ops::generic::rotary_heads(&k, &cos, &sin, case.kv_heads)
                     .unwrap() // [1, kv_heads, tokens, d]
                     .to_dtype(DType::F32)
@@ -445,13 +457,13 @@ mod tests {
             d: 4,
             tokens: vec![(0, 4)],
         };
-        let [k, v, cos, sin] = case.inputs(DType::F32, 2);
+        let (rows, [_, _, cos, sin]) = case.inputs(DType::F32, 2);
+        let store = case.store(DType::F32);
         let err = write_rotated(
-            &case.store(DType::F32),
-            &k,
-            &v,
-            &cos,
-            &sin,
+            &store,
+            &rows,
+            case.columns(),
+            (&cos, &sin),
             &case.spans_tensor(),
         )
         .unwrap_err();
@@ -464,10 +476,9 @@ mod tests {
 
     fn emulated<T: Element + candle_core::WithDType>(
         case: &Case,
-        inputs: &[Tensor; 4],
+        (rows, cos, sin): (&Tensor, &Tensor, &Tensor),
         launch: Launch,
     ) -> Vec<f32> {
-        let [k, v, cos, sin] = inputs;
         let mut store: Vec<T> = flat(&case.store(T::DTYPE));
         let dims = StoreDims {
             slots: case.slots,
@@ -475,11 +486,13 @@ mod tests {
             capacity: case.capacity,
             head_dim: case.d,
         };
+        let (k_at, v_at) = case.columns();
+        let row_width = rows.dim(2).unwrap();
         optune_cuda_emulator::cache_write_rotated(
             launch,
             dims,
             &mut store,
-            (&flat::<T>(k), &flat::<T>(v)),
+            (&flat::<T>(rows), row_width, k_at, v_at),
             (&flat::<T>(cos), &flat::<T>(sin)),
             &case.spans(),
         )
@@ -493,17 +506,18 @@ mod tests {
     fn the_cuda_kernel_writes_the_cpu_forms_store() {
         for case in cases() {
             for dtype in DTYPES {
-                let inputs = case.inputs(dtype, 3);
+                let (rows, [_, _, cos, sin]) = case.inputs(dtype, 3);
                 let store = case.store(dtype);
-                let [k, v, cos, sin] = &inputs;
-                write_rotated(&store, k, v, cos, sin, &case.spans_tensor()).unwrap();
+                let spans = case.spans_tensor();
+                write_rotated(&store, &rows, case.columns(), (&cos, &sin), &spans).unwrap();
+                let inputs = (&rows, &cos, &sin);
                 let want: Vec<f32> = flat(&store.to_dtype(DType::F32).unwrap());
                 let (grid, block) = launch_dims(case.tokens.len() * case.kv_heads * case.d / 2);
                 for launch in [Launch { grid, block }, Launch { grid: 1, block: 32 }] {
                     let got = match dtype {
-                        DType::F32 => emulated::<f32>(&case, &inputs, launch),
-                        DType::BF16 => emulated::<half::bf16>(&case, &inputs, launch),
-                        _ => emulated::<half::f16>(&case, &inputs, launch),
+                        DType::F32 => emulated::<f32>(&case, inputs, launch),
+                        DType::BF16 => emulated::<half::bf16>(&case, inputs, launch),
+                        _ => emulated::<half::f16>(&case, inputs, launch),
                     };
                     assert_eq!(got, want, "{dtype:?} {launch:?}");
                 }

@@ -11,16 +11,17 @@
 
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 
-/// The queries `q` (`[.., heads·d]`, one row per query: the projections as they come, not yet
-/// rotated), each turned by its rotary angles `cos`, `sin` (`[.., d/2]`, a row per query;
-/// rotate-half layout) and attending over `keys`, `values [slots, kv_heads, capacity, d]` (a KV
-/// cache, the queries' own positions already written) with `spans [queries, 3]` u32 of each
-/// query's `(slot, first, last)` positions, inclusive: `[queries, heads, d]`. A query with
-/// `last < first` (an idle slot) gets zeros. The query heads of a group share their KV head;
-/// scores are `(q · k) · scale`; the rotation, the softmax and the weighted sum of values are in
-/// f32 whatever the dtype.
+/// The queries, each the first `heads·d` columns of its row of `rows` (`[.., row_width]`: the
+/// projections as they come, q first, not yet rotated), turned by their rotary angles `cos`,
+/// `sin` (`[.., d/2]`, a row per query; rotate-half layout) and attending over `keys`, `values
+/// [slots, kv_heads, capacity, d]` (a KV cache, the queries' own positions already written) with
+/// `spans [queries, 3]` u32 of each query's `(slot, first, last)` positions, inclusive:
+/// `[queries, heads, d]`. A query with `last < first` (an idle slot) gets zeros. The query heads
+/// of a group share their KV head; scores are `(q · k) · scale`; the rotation, the softmax and the
+/// weighted sum of values are in f32 whatever the dtype.
 pub fn cached_attention(
-    q: &Tensor,
+    rows: &Tensor,
+    heads: usize,
     (cos, sin): (&Tensor, &Tensor),
     keys: &Tensor,
     values: &Tensor,
@@ -29,16 +30,16 @@ pub fn cached_attention(
 ) -> Result<Tensor> {
     let (_, kv_heads, _, d) = keys.dims4()?;
     let queries = spans.dim(0)?;
-    let width = q.elem_count() / queries.max(1);
-    let heads = width / d.max(1);
-    if q.elem_count() != queries * heads * d
+    let row_width = rows.dim(candle_core::D::Minus1)?;
+    if rows.elem_count() != queries * row_width
+        || heads * d > row_width
         || !heads.is_multiple_of(kv_heads)
         || !d.is_multiple_of(2)
     {
         bail!(
-            "cached_attention: q {:?} for {queries} queries against a cache {:?}: rows of whole \
-             heads, whole groups of heads",
-            q.dims(),
+            "cached_attention: rows {:?} for {queries} queries of {heads} heads against a cache \
+             {:?}: whole groups of heads within each row",
+            rows.dims(),
             keys.dims()
         );
     }
@@ -61,11 +62,11 @@ pub fn cached_attention(
     }
     if [cos, sin, keys, values]
         .iter()
-        .any(|t| t.dtype() != q.dtype())
+        .any(|t| t.dtype() != rows.dtype())
     {
         bail!(
-            "cached_attention: q {:?} with tables {:?}, cache {:?}",
-            q.dtype(),
+            "cached_attention: rows {:?} with tables {:?}, cache {:?}",
+            rows.dtype(),
             cos.dtype(),
             keys.dtype()
         );
@@ -74,10 +75,11 @@ pub fn cached_attention(
         spans: spans.contiguous()?,
         cos: cos.contiguous()?,
         sin: sin.contiguous()?,
+        heads,
         scale,
     };
-    q.contiguous()?
-        .reshape((queries, heads, d))?
+    rows.contiguous()?
+        .reshape((queries, row_width))?
         .apply_op3_no_bwd(&keys.contiguous()?, &values.contiguous()?, &op)
 }
 
@@ -85,6 +87,7 @@ struct CachedAttention {
     spans: Tensor,
     cos: Tensor,
     sin: Tensor,
+    heads: usize,
     scale: f64,
 }
 
@@ -147,8 +150,9 @@ impl CustomOp3 for CachedAttention {
         v: &CpuStorage,
         lv: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (queries, heads, d) = lq.shape().dims3()?;
-        let (slots, kv_heads, capacity, _) = lk.shape().dims4()?;
+        let (queries, row_width) = lq.shape().dims2()?;
+        let (slots, kv_heads, capacity, d) = lk.shape().dims4()?;
+        let heads = self.heads;
         let read = |s, l, what| crate::storage::floats(s, l, "cached_attention", what);
         let (q_all, keys, values) = (
             read(q, lq, "q")?,
@@ -185,7 +189,7 @@ impl CustomOp3 for CachedAttention {
             let angles = query * half..(query + 1) * half;
             let (cos, sin) = (&cos[angles.clone()], &sin[angles]);
             for head in 0..heads {
-                let x = &q_all[(query * heads + head) * d..][..d];
+                let x = &q_all[query * row_width + head * d..][..d];
                 rows.extend((0..d).map(|c| turned(x, cos, sin, c) * rescale));
             }
         }
@@ -212,7 +216,7 @@ impl CustomOp3 for CachedAttention {
                 }
                 _ => CpuStorage::F64(out.iter().map(|&x| x as f64).collect()),
             },
-            lq.shape().clone(),
+            Shape::from((queries, heads, d)),
         ))
     }
 
@@ -242,8 +246,9 @@ impl CustomOp3 for CachedAttention {
             (v, lv): (&CudaStorage, &Layout),
         ) -> Result<CudaStorage> {
             let device = q.device().clone();
-            let (queries, heads, d) = lq.shape().dims3()?;
-            let (_, kv_heads, capacity, _) = lk.shape().dims4()?;
+            let (queries, row_width) = lq.shape().dims2()?;
+            let (_, kv_heads, capacity, d) = lk.shape().dims4()?;
+            let heads = op.heads;
             let q = q.as_cuda_slice::<T>()?.slice(lq.start_offset()..);
             let k = k.as_cuda_slice::<T>()?.slice(lk.start_offset()..);
             let v = v.as_cuda_slice::<T>()?.slice(lv.start_offset()..);
@@ -264,8 +269,8 @@ impl CustomOp3 for CachedAttention {
             // SAFETY: every element is written by the kernel (idle queries get zeros).
             let out = unsafe { device.alloc::<T>(queries * heads * d)? };
             let func = device.get_or_load_custom_func(name, "optune_cached_attention", PTX)?;
-            let [heads_arg, kv_heads_arg, capacity_arg, d_arg] =
-                [heads, kv_heads, capacity, d].map(|n| n as i32);
+            let [heads_arg, kv_heads_arg, capacity_arg, d_arg, row_width_arg] =
+                [heads, kv_heads, capacity, d, row_width].map(|n| n as i32);
             let scale = op.scale as f32;
             let (blocks, threads) = launch_dims(queries, heads);
             let config = LaunchConfig {
@@ -285,9 +290,11 @@ impl CustomOp3 for CachedAttention {
             builder.arg(&kv_heads_arg);
             builder.arg(&capacity_arg);
             builder.arg(&d_arg);
+            builder.arg(&row_width_arg);
             builder.arg(&scale);
             // SAFETY: the argument list matches the kernel's signature; the slices hold
-            // queries·heads·d (q, out), queries·d/2 (cos, sin), slots·kv_heads·capacity·d (k, v)
+            // queries·row_width (the rows, each with its query's heads·d columns first),
+            // queries·heads·d (out), queries·d/2 (cos, sin), slots·kv_heads·capacity·d (k, v)
             // and 3·queries (spans) elements, checked by `cached_attention`; the slots and
             // positions the spans name are the caller's to keep inside the cache (the CPU form
             // checks them).
@@ -295,14 +302,15 @@ impl CustomOp3 for CachedAttention {
             Ok(CudaStorage::wrap_cuda_slice(out, device))
         }
 
-        let (queries, heads, d) = lq.shape().dims3()?;
+        let (queries, row_width) = lq.shape().dims2()?;
+        let (heads, d) = (self.heads, lk.shape().dims4()?.3);
         if d > MAX_HEAD_DIM {
             bail!("cached_attention: head width {d} above the kernel's {MAX_HEAD_DIM}");
         }
         if queries == 0 {
             bail!("cached_attention: no queries (a CUDA launch over no blocks fails)");
         }
-        if queries * heads > i32::MAX as usize {
+        if queries * heads > i32::MAX as usize || row_width > i32::MAX as usize {
             bail!("cached_attention: {queries} queries of {heads} heads exceed a grid");
         }
         let (q, k, v) = ((q, lq), (k, lk), (v, lv));
@@ -312,7 +320,7 @@ impl CustomOp3 for CachedAttention {
             DType::F16 => launch::<half::f16>(self, "cached_attention_f16", q, k, v)?,
             other => bail!("cached_attention: {other:?} on CUDA"),
         };
-        Ok((out, lq.shape().clone()))
+        Ok((out, Shape::from((queries, heads, d))))
     }
 }
 
@@ -388,10 +396,20 @@ mod tests {
         let (cos, sin) = angles(batch, steps, d);
         for dtype in [DType::F32, DType::BF16] {
             let [q, k, v, cos, sin] = [q, k, v, &cos, &sin].map(|t| t.to_dtype(dtype).unwrap());
-            let got = cached_attention(&q, (&cos, &sin), &k, &v, &spans_tensor(spans), 0.35)
-                .unwrap()
-                .reshape((batch, steps, heads, d))
-                .unwrap();
+            // The queries' columns first in rows that hold more (as a stacked q/k/v projection's).
+            let rows = Tensor::cat(&[&q, &q.affine(0.5, 1.0).unwrap()], 2).unwrap();
+            let got = cached_attention(
+                &rows,
+                heads,
+                (&cos, &sin),
+                &k,
+                &v,
+                &spans_tensor(spans),
+                0.35,
+            )
+            .unwrap()
+            .reshape((batch, steps, heads, d))
+            .unwrap();
             assert_eq!(got.dtype(), dtype);
             // [batch, heads, steps, d], rotated (in f32: the kernel turns in f32).
             let rotated = crate::ops::generic::rotary_heads(
@@ -458,6 +476,7 @@ mod tests {
         let tables = (&cos, &sin);
         let out = cached_attention(
             &q,
+            2,
             tables,
             &k,
             &k,
@@ -477,7 +496,8 @@ mod tests {
             ([(0, 0, 5), (1, 0, 3)], "reads position 5 of slot 0"),
             ([(0, 0, 2), (2, 0, 3)], "reads position 3 of slot 2"),
         ] {
-            let err = cached_attention(&q, tables, &k, &k, &spans_tensor(&spans), 1.0).unwrap_err();
+            let err =
+                cached_attention(&q, 2, tables, &k, &k, &spans_tensor(&spans), 1.0).unwrap_err();
             assert!(err.to_string().contains(what), "{err}");
         }
     }
@@ -495,7 +515,7 @@ mod emulated {
 
     fn kernel<T: Element + Default + candle_core::WithDType>(
         dims: AttentionDims,
-        [q, cos, sin, k, v]: [&Tensor; 5],
+        [rows, cos, sin, k, v]: [&Tensor; 5],
         spans: &[u32],
         scale: f32,
     ) -> Vec<f32> {
@@ -504,7 +524,7 @@ mod emulated {
         let out = optune_cuda_emulator::cached_attention(
             Launch { grid, block },
             dims,
-            &flat(q),
+            &flat(rows),
             (&flat(cos), &flat(sin)),
             (&flat(k), &flat(v)),
             spans,
@@ -514,11 +534,12 @@ mod emulated {
         out.into_iter().map(|x| x.to_f64() as f32).collect()
     }
 
-    /// `spans` over a cache of `slots × capacity`, queries laid out `[queries, heads·d]`.
+    /// `spans` over a cache of `slots × capacity`, queries the first columns of rows
+    /// `[queries, row_width]`.
     fn check(dims: AttentionDims, spans: &[(u32, u32, u32)], seed: u64) {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut random = |shape: &[usize]| super::tests::random(shape, &mut rng);
-        let q = random(&[dims.queries, dims.heads * dims.head_dim]);
+        let q = random(&[dims.queries, dims.row_width]);
         let cache = [dims.slots, dims.kv_heads, dims.capacity, dims.head_dim];
         let (k, v) = (random(&cache), random(&cache));
         let (cos, sin) = super::tests::angles(1, dims.queries, dims.head_dim);
@@ -527,8 +548,9 @@ mod emulated {
         let scale = 1.0 / (dims.head_dim as f32).sqrt();
         for dtype in [DType::F32, DType::BF16, DType::F16] {
             let [q, cos, sin, k, v] = [&q, &cos, &sin, &k, &v].map(|t| t.to_dtype(dtype).unwrap());
+            let tables = (&cos, &sin);
             let want: Vec<f32> =
-                cached_attention(&q, (&cos, &sin), &k, &v, &spans_tensor, scale as f64)
+                cached_attention(&q, dims.heads, tables, &k, &v, &spans_tensor, scale as f64)
                     .unwrap()
                     .to_dtype(DType::F32)
                     .unwrap()
@@ -569,6 +591,7 @@ mod emulated {
         // query heads per KV head, as Mistral-7B.
         let dims = AttentionDims {
             queries: 5,
+            row_width: (8 + 2 * 2) * 64,
             heads: 8,
             head_dim: 64,
             slots: 5,
@@ -594,6 +617,7 @@ mod emulated {
             .collect();
         let dims = AttentionDims {
             queries: spans.len(),
+            row_width: 4 * 80,
             heads: 4,
             head_dim: 80,
             slots: 5,
@@ -608,6 +632,7 @@ mod emulated {
         // Head width 256, the kernel's limit (8 channels a lane).
         let dims = AttentionDims {
             queries: 4,
+            row_width: 3 * 256,
             heads: 2,
             head_dim: 256,
             slots: 2,

@@ -8,7 +8,7 @@
 //! values and rounded once to the dtype, except the residual sum, which is rounded to the dtype
 //! before its statistics are taken, since the stream is stored so.
 
-use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Threads of a block of the CUDA kernels (THREADS in the kernel).
@@ -47,17 +47,19 @@ pub fn add_rms_norm(
     ))
 }
 
-/// `silu(gate) · up`, elementwise, for `gate` and `up` of one shape and dtype (f32, bf16, f16).
-pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    if gate.dims() != up.dims() {
-        bail!("silu_mul: gate {:?}, up {:?}", gate.dims(), up.dims());
+/// `silu(gate) · up` for `gate_up [.., 2·width]` holding the gate projection's `width` columns and
+/// then the up projection's (as one product over the two stacked weights gives them):
+/// `[.., width]`. f32, bf16 or f16.
+pub fn silu_mul(gate_up: &Tensor) -> Result<Tensor> {
+    let both = gate_up.dim(candle_core::D::Minus1)?;
+    if both % 2 != 0 || gate_up.elem_count() == 0 {
+        bail!(
+            "silu_mul: gate and up {:?}: two halves of one width",
+            gate_up.dims()
+        );
     }
-    check_dtypes("silu_mul", &[gate, up])?;
-    if gate.elem_count() == 0 {
-        bail!("silu_mul: no elements in {:?}", gate.dims());
-    }
-    gate.contiguous()?
-        .apply_op2_no_bwd(&up.contiguous()?, &SiluMul)
+    check_dtypes("silu_mul", &[gate_up])?;
+    gate_up.contiguous()?.apply_op1_no_bwd(&SiluMul)
 }
 
 /// Whether this module's ops take tensors of `dtype`.
@@ -173,47 +175,53 @@ impl CustomOp3 for AddRmsNorm {
 
 struct SiluMul;
 
-impl CustomOp2 for SiluMul {
+impl CustomOp1 for SiluMul {
     fn name(&self) -> &'static str {
         "silu-mul"
     }
 
-    fn cpu_fwd(
-        &self,
-        gate: &CpuStorage,
-        lg: &Layout,
-        up: &CpuStorage,
-        lu: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let read = |s, l, what| crate::storage::floats(s, l, "silu_mul", what);
-        let (gates, ups) = (read(gate, lg, "gate")?, read(up, lu, "up")?);
-        let round = rounding(gate);
-        let out: Vec<f32> = gates
-            .par_iter()
-            .zip(ups.par_iter())
-            .map(|(&g, &u)| round(g / (1.0 + (-g).exp()) * u))
+    fn cpu_fwd(&self, gate_up: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = crate::storage::floats(gate_up, l, "silu_mul", "gate and up")?;
+        let width = l.dims()[l.dims().len() - 1] / 2;
+        let round = rounding(gate_up);
+        let out: Vec<f32> = x
+            .par_chunks(2 * width)
+            .flat_map_iter(|row| {
+                let (gate, up) = row.split_at(width);
+                gate.iter()
+                    .zip(up)
+                    .map(move |(&g, &u)| round(g / (1.0 + (-g).exp()) * u))
+            })
             .collect();
-        Ok((store(out, gate), lg.shape().clone()))
+        Ok((store(out, gate_up), halved(l.shape())))
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
-        gate: &candle_core::CudaStorage,
-        lg: &Layout,
-        up: &candle_core::CudaStorage,
-        lu: &Layout,
+        gate_up: &candle_core::CudaStorage,
+        l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let n = lg.shape().elem_count();
+        use cuda::Scalar;
+        let shape = halved(l.shape());
+        let (n, width) = (shape.elem_count(), shape.dims()[shape.rank() - 1]);
         let out = cuda::launch(
             "silu_mul",
-            [(gate, lg), (up, lu)],
+            [(gate_up, l)],
             n,
             elementwise_launch(n),
-            &[cuda::Scalar::U64(n as u64)],
+            &[Scalar::U64(n as u64), Scalar::int(width, "width")?],
         )?;
-        Ok((out, lg.shape().clone()))
+        Ok((out, shape))
     }
+}
+
+/// `shape` with its last axis halved.
+fn halved(shape: &Shape) -> Shape {
+    let mut dims = shape.dims().to_vec();
+    let last = dims.len() - 1;
+    dims[last] /= 2;
+    Shape::from(dims)
 }
 
 /// The CUDA launch of add_rms_norm over `rows` rows: one block of [`THREADS`] per row;
@@ -296,7 +304,7 @@ mod tests {
             assert_eq!(values(&sum), values(&want_sum), "{dtype:?}");
             let off = worst(&values(&normed), &values(&want_normed));
             assert!(off <= tolerance(dtype), "{dtype:?} norm: {off}");
-            let gated = silu_mul(&x, &delta).unwrap();
+            let gated = silu_mul(&Tensor::cat(&[&x, &delta], 1).unwrap()).unwrap();
             let want = (x.silu().unwrap() * &delta).unwrap();
             let off = worst(&values(&gated), &values(&want));
             assert!(off <= tolerance(dtype), "{dtype:?} silu_mul: {off}");
@@ -324,15 +332,17 @@ mod tests {
         v.into_iter().map(|x| x.to_f64() as f32).collect()
     }
 
-    /// Both kernels by the emulator on `x`, `delta [rows, hidden]` and `weight`, each with the
-    /// CUDA path's launch and the gate also with one block striding: the add+norm's output
-    /// `[2, rows, hidden]` and the gate's, once per launch.
+    /// Both kernels by the emulator on `x`, `delta [rows, hidden]` and `weight` (the gate's input
+    /// the two side by side, `[rows, 2·hidden]`), each with the CUDA path's launch and the gate
+    /// also with one block striding: the add+norm's output `[2, rows, hidden]` and the gate's, once
+    /// per launch.
     fn kernels<T: Element + Default + candle_core::WithDType>(
         x: &Tensor,
         delta: &Tensor,
         weight: &Tensor,
     ) -> (Vec<f32>, Vec<Vec<f32>>) {
-        let (rows, _) = x.dims2().unwrap();
+        let (rows, hidden) = x.dims2().unwrap();
+        let gate_up = flat::<T>(&Tensor::cat(&[x, delta], 1).unwrap());
         let (x, delta, weight) = (flat::<T>(x), flat::<T>(delta), flat::<T>(weight));
         let (grid, block) = add_rms_norm_launch(rows);
         let launch = Launch { grid, block };
@@ -345,7 +355,7 @@ mod tests {
                 block: 256,
             },
         ]
-        .map(|launch| widen(optune_cuda_emulator::silu_mul(launch, &x, &delta).unwrap()));
+        .map(|launch| widen(optune_cuda_emulator::silu_mul(launch, &gate_up, hidden).unwrap()));
         (widen(norm), gates.to_vec())
     }
 
@@ -376,7 +386,7 @@ mod tests {
                 assert_eq!(got_sum, values(&sum), "{dtype:?} sums");
                 let off = worst(got_normed, &values(&normed));
                 assert!(off <= tolerance(dtype), "{dtype:?} norm: {off}");
-                let gated = values(&silu_mul(&x, &delta).unwrap());
+                let gated = values(&silu_mul(&Tensor::cat(&[&x, &delta], 1).unwrap()).unwrap());
                 for got in gates {
                     assert_eq!(got, gated, "{dtype:?} silu_mul");
                 }

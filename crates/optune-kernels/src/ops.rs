@@ -10,7 +10,8 @@
 //! | [`rms_norm`] | [`generic::rms_norm`] | `fused::RmsNorm` | [`crate::host::rms_norm`] |
 //! | [`linear`] | [`generic::linear`] | `fused::LinearOp` | [`crate::host::linear_many`] |
 //! | [`lora_linear`] | [`generic::lora_linear`] | `fused::LoraLinear` | — |
-//! | [`silu_mul`] | [`generic::silu_mul`] (generation: [`crate::forward_only::silu_mul`]) | `fused::SiluMul` | [`crate::host::silu_mul`] |
+//! | [`silu_mul`] | [`generic::silu_mul`] | `fused::SiluMul` | [`crate::host::silu_mul`] |
+//! | [`silu_mul_halves`] (generation) | [`crate::forward_only::silu_mul`] | halves, `fused::SiluMul` | — |
 //! | [`add_rms_norm`] | add, [`generic::rms_norm`] (generation: [`crate::forward_only::add_rms_norm`]) | add, `fused::RmsNorm` | (add, [`crate::host::rms_norm`]) |
 //! | [`rotary_heads`] | [`generic::rotary_heads`] | `fused::Rope` | [`crate::host::rotary`] |
 //! | [`attention`] | [`generic::attention`] | `fused::Attention` | [`crate::host::attention`] |
@@ -77,11 +78,26 @@ pub enum Pass {
 }
 
 /// `silu(gate) · up`: the SwiGLU gate.
-pub fn silu_mul(gate: &Tensor, up: &Tensor, pass: Pass) -> Result<Tensor> {
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     match path_for(&[gate, up]) {
         Path::Fused => fused::silu_mul(gate, up),
-        Path::Generic if forward_only(pass, &[gate, up]) => crate::forward_only::silu_mul(gate, up),
         Path::Generic => generic::silu_mul(gate, up),
+    }
+}
+
+/// [`silu_mul`] of `gate_up [.., 2·width]`, the gate's columns then up's (one product over the
+/// two weights stacked): `[.., width]`. For generation's passes: on the generic path one op
+/// ([`crate::forward_only::silu_mul`]), otherwise the halves through [`silu_mul`].
+pub fn silu_mul_halves(gate_up: &Tensor) -> Result<Tensor> {
+    match path_for(&[gate_up]) {
+        Path::Generic if forward_only(Pass::Generation, &[gate_up]) => {
+            crate::forward_only::silu_mul(gate_up)
+        }
+        _ => {
+            let width = gate_up.dim(candle_core::D::Minus1)? / 2;
+            let half = |at| gate_up.narrow(candle_core::D::Minus1, at, width);
+            silu_mul(&half(0)?, &half(width)?)
+        }
     }
 }
 

@@ -38,6 +38,9 @@ struct Attention {
     k_proj: Linear,
     v_proj: Linear,
     o_proj: Linear,
+    /// q, k and v's weights stacked ([`Transformer::stack_projections`]), whose row blocks the
+    /// three projections' weights are views of: generation's one product for the three.
+    qkv: Option<Linear>,
 }
 
 #[derive(Clone)]
@@ -45,6 +48,8 @@ struct Mlp {
     gate_proj: Linear,
     up_proj: Linear,
     down_proj: Linear,
+    /// gate's and up's weights stacked, as `qkv` in [`Attention`].
+    gate_up: Option<Linear>,
 }
 
 #[derive(Clone)]
@@ -193,10 +198,64 @@ impl WeightMap {
 
 impl Mlp {
     fn forward(&self, x: &Tensor, pass: ops::Pass) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?;
-        let up = self.up_proj.forward(x)?;
-        self.down_proj.forward(&ops::silu_mul(&gate, &up, pass)?)
+        let gated = match pass {
+            ops::Pass::Differentiable => {
+                ops::silu_mul(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?
+            }
+            ops::Pass::Generation => ops::silu_mul_halves(&stacked_forward(
+                &self.gate_up,
+                &[&self.gate_proj, &self.up_proj],
+                x,
+            )?)?,
+        };
+        self.down_proj.forward(&gated)
     }
+}
+
+/// `x` through projections whose outputs are wanted side by side (`[.., Σ out]`): one product
+/// over their stacked weights where [`Transformer::stack_projections`] made them, else each
+/// projection and a concatenation.
+fn stacked_forward(stacked: &Option<Linear>, parts: &[&Linear], x: &Tensor) -> Result<Tensor> {
+    match stacked {
+        Some(linear) => linear.forward(x),
+        None => {
+            let outputs = parts
+                .iter()
+                .map(|linear| linear.forward(x))
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::cat(&outputs, candle_core::D::Minus1)
+        }
+    }
+}
+
+/// Stacks the weights (and biases) of `parts` into one projection, each part's weight becoming a
+/// view of its block of rows: `None`, leaving the parts as they are, where one of them has a LoRA
+/// adapter or is a variable (a model being trained), or only some have biases.
+fn stack(mut parts: Vec<&mut Linear>) -> Result<Option<Linear>> {
+    let biased = parts[0].bias.is_some();
+    if parts
+        .iter()
+        .any(|l| l.lora.is_some() || l.weight.is_variable() || l.bias.is_some() != biased)
+    {
+        return Ok(None);
+    }
+    let weights: Vec<&Tensor> = parts.iter().map(|l| &l.weight).collect();
+    let weight = Tensor::cat(&weights, 0)?;
+    let bias = match biased {
+        true => {
+            let biases: Vec<&Tensor> = parts.iter().filter_map(|l| l.bias.as_ref()).collect();
+            Some(Tensor::cat(&biases, 0)?)
+        }
+        false => None,
+    };
+    let mut at = 0;
+    for part in parts.iter_mut() {
+        let rows = part.weight.dim(0)?;
+        part.weight = weight.narrow(0, at, rows)?;
+        part.bias = bias.as_ref().map(|b| b.narrow(0, at, rows)).transpose()?;
+        at += rows;
+    }
+    Ok(Some(Linear::new(weight, bias)))
 }
 
 impl Transformer {
@@ -246,6 +305,7 @@ impl Transformer {
                         config.qkv_bias(),
                     )?,
                     o_proj: weights.linear(&format!("{attn}.o_proj"), h, q_out, config.o_bias())?,
+                    qkv: None,
                 },
                 post_attention_layernorm: weights
                     .take(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
@@ -263,6 +323,7 @@ impl Transformer {
                         i,
                         config.mlp_bias(),
                     )?,
+                    gate_up: None,
                 },
             });
         }
@@ -449,6 +510,33 @@ impl Transformer {
 
     pub fn max_positions(&self) -> usize {
         self.rope.max_positions()
+    }
+
+    /// For generation: stacks each layer's q/k/v weights into one matrix and its gate/up weights
+    /// into another, the separate projections' weights becoming views of their rows (no extra
+    /// memory once the originals are dropped), so that a generation pass over a tensor KV cache
+    /// (a GPU, the CPU's generic path) runs one product for each group. Every other pass, and the
+    /// CPU's host decode kernels, read the views as they read the weights before. Layers with
+    /// LoRA adapters or trainable weights are left as they are.
+    pub fn stack_projections(&mut self) -> Result<()> {
+        for block in &mut self.layers {
+            let Attention {
+                q_proj,
+                k_proj,
+                v_proj,
+                qkv,
+                ..
+            } = &mut block.self_attn;
+            *qkv = stack(vec![q_proj, k_proj, v_proj])?;
+            let Mlp {
+                gate_proj,
+                up_proj,
+                gate_up,
+                ..
+            } = &mut block.mlp;
+            *gate_up = stack(vec![gate_proj, up_proj])?;
+        }
+        Ok(())
     }
 
     /// Final-norm hidden states `[batch, seq, hidden]` of a padded batch: the training path.
@@ -1201,15 +1289,14 @@ impl Block {
             config.head_dim(),
         );
         let scale = 1.0 / (d as f64).sqrt();
-        // [b, t, heads·d] and [b, t, kv_heads·d], as the projections give them.
-        let q = self.self_attn.q_proj.forward(&h)?;
-        let k = self.self_attn.k_proj.forward(&h)?;
-        let v = self.self_attn.v_proj.forward(&h)?;
         let attn = match attend {
             Attend::Masked(mask) => {
-                let q = ops::rotary_heads(&q, cos, sin, heads)?;
-                let k = ops::rotary_heads(&k, cos, sin, kv_heads)?;
-                let v = v
+                let attn = &self.self_attn;
+                let q = ops::rotary_heads(&attn.q_proj.forward(&h)?, cos, sin, heads)?;
+                let k = ops::rotary_heads(&attn.k_proj.forward(&h)?, cos, sin, kv_heads)?;
+                let v = attn
+                    .v_proj
+                    .forward(&h)?
                     .reshape((b, t, kv_heads, d))?
                     .transpose(1, 2)?
                     .contiguous()?;
@@ -1218,11 +1305,25 @@ impl Block {
                     .reshape((b, t, heads * d))?
             }
             Attend::Cached(c) => {
-                let (keys, values) = c.cache.write(c.layer, &k, &v, cos, sin, c.spans)?;
-                // The queries are turned by their angles inside the attention op.
-                let tables = (cos, sin);
-                optune_kernels::cached_attention(&q, tables, &keys, &values, c.spans, scale)?
-                    .reshape((b, t, heads * d))?
+                // [b, t, (heads + 2·kv_heads)·d]: q, k and v side by side. The keys are turned
+                // as they are written, the queries inside the attention op.
+                let attn = &self.self_attn;
+                let rows =
+                    stacked_forward(&attn.qkv, &[&attn.q_proj, &attn.k_proj, &attn.v_proj], &h)?;
+                let columns = (heads * d, (heads + kv_heads) * d);
+                let (keys, values) = c
+                    .cache
+                    .write(c.layer, &rows, columns, (cos, sin), c.spans)?;
+                optune_kernels::cached_attention(
+                    &rows,
+                    heads,
+                    (cos, sin),
+                    &keys,
+                    &values,
+                    c.spans,
+                    scale,
+                )?
+                .reshape((b, t, heads * d))?
             }
         };
         let attended = Residual {
@@ -1389,24 +1490,23 @@ impl KvCache {
         Ok(())
     }
 
-    /// Writes the new keys (turned by `cos`, `sin`) and values `k`, `v` (`[b, t, kv_heads·d]`) of
-    /// one layer into the store in place, each at its token's slot and position (`spans`), and
-    /// returns the layer's whole key and value stores `[slots, kv_heads, capacity, d]` (tensor
-    /// store only).
+    /// Writes the new keys (turned by `cos`, `sin`) and values of one layer, the `kv_heads·d`
+    /// columns of `rows` (`[b, t, ..]`, a row per token) from `columns = (keys, values)`, into the
+    /// store in place, each at its token's slot and position (`spans`), and returns the layer's
+    /// whole key and value stores `[slots, kv_heads, capacity, d]` (tensor store only).
     fn write(
         &mut self,
         layer: usize,
-        k: &Tensor,
-        v: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        rows: &Tensor,
+        columns: (usize, usize),
+        tables: (&Tensor, &Tensor),
         spans: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
         let KvStore::Tensors { layers } = &self.store else {
             candle_core::bail!("write on a host KV cache");
         };
         let store = &layers[layer];
-        optune_kernels::cache_write::write_rotated(store, k, v, cos, sin, spans)?;
+        optune_kernels::cache_write::write_rotated(store, rows, columns, tables, spans)?;
         Ok((store.get(0)?, store.get(1)?))
     }
 }

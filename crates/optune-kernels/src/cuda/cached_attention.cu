@@ -12,9 +12,11 @@
 // key's score is the warp's sum of the lanes' partial dot products. The warps' partial results
 // are merged at the end through shared memory. Everything is accumulated in f32 whatever the
 // storage type. A query with last < first (an idle slot) gets zeros. Keys and values are read
-// once, in place, from the cache laid out [slots, kv_heads, capacity, head_dim]. q and out are
-// [queries, heads, head_dim] (the projections' layout, and the one the output projection reads);
-// cos and sin [queries, head_dim / 2]; spans [queries, 3] of (slot, first, last).
+// once, in place, from the cache laid out [slots, kv_heads, capacity, head_dim]. The queries are
+// the first heads·head_dim columns of rows [queries, row_width] (the projections' output, q
+// first, then what else was projected with it); out is [queries, heads, head_dim] (the layout the
+// output projection reads); cos and sin [queries, head_dim / 2]; spans [queries, 3] of (slot,
+// first, last).
 
 #include "dtypes.cuh"
 #include <math_constants.h>
@@ -37,16 +39,17 @@ __device__ void cached_attention(const T *__restrict__ q, const T *__restrict__ 
                                  const T *__restrict__ sin, const T *__restrict__ keys,
                                  const T *__restrict__ values, T *__restrict__ out,
                                  const uint32_t *__restrict__ spans, int heads, int kv_heads,
-                                 int capacity, int head_dim, float scale) {
+                                 int capacity, int head_dim, int row_width, float scale) {
     const size_t query_id = blockIdx.x / heads;
     const int head = blockIdx.x % heads;
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
     const int kv_head = head / (heads / kv_heads);
     const int half = head_dim / 2;
-    // Where this query head's vector starts in q and out [queries, heads, d], and the query's
-    // angles in cos, sin [queries, d/2].
-    const size_t at = (query_id * heads + head) * head_dim;
+    // Where this query head's vector starts in the rows and in out [queries, heads, d], and the
+    // query's angles in cos, sin [queries, d/2].
+    const size_t at = query_id * row_width + (size_t)head * head_dim;
+    const size_t out_at = (query_id * heads + head) * head_dim;
     const size_t angles = query_id * half;
     // spans: [queries, 3] of (slot, first, last), positions inclusive.
     const size_t slot = spans[3 * query_id];
@@ -128,7 +131,7 @@ __device__ void cached_attention(const T *__restrict__ q, const T *__restrict__ 
         float sum = 0.0f;
 #pragma unroll
         for (int w = 0; w < WARPS; ++w) sum += warp_acc[w][c] * factor[w];
-        out[at + c] = from_float<T>(sum * inverse);
+        out[out_at + c] = from_float<T>(sum * inverse);
     }
 }
 
@@ -136,9 +139,9 @@ __device__ void cached_attention(const T *__restrict__ q, const T *__restrict__ 
     extern "C" __global__ void __launch_bounds__(WARPS * 32)                                       \
         NAME(const T *q, const T *cos, const T *sin, const T *keys, const T *values, T *out,      \
              const uint32_t *spans, int heads, int kv_heads, int capacity, int head_dim,          \
-             float scale) {                                                                        \
+             int row_width, float scale) {                                                         \
         cached_attention<T>(q, cos, sin, keys, values, out, spans, heads, kv_heads, capacity,     \
-                            head_dim, scale);                                                      \
+                            head_dim, row_width, scale);                                           \
     }
 
 CACHED_ATTENTION(cached_attention_f32, float)

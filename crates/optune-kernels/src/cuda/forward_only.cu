@@ -3,7 +3,9 @@
 // * add_rms_norm: the residual add and the RMS norm after it. out [2, rows, hidden]: out[0] the
 //   sum x + delta rounded to T (the new residual stream), out[1] that sum normalised and scaled by
 //   weight. One block of THREADS threads per row; statistics in f32.
-// * silu_mul: the SwiGLU gate silu(gate) · up, in f32, rounded once to T.
+// * silu_mul: the SwiGLU gate silu(gate) · up, in f32, rounded once to T, of rows [rows, 2 · width]
+//   holding the gate's projection, then the up projection's (as one stacked product gives them);
+//   out [rows, width].
 
 #include "dtypes.cuh"
 #include <stdint.h>
@@ -43,12 +45,14 @@ __device__ void add_rms_norm(const T *__restrict__ x, const T *__restrict__ delt
 }
 
 template <typename T>
-__device__ void silu_mul(const T *__restrict__ gate, const T *__restrict__ up, T *__restrict__ out,
-                         uint64_t n) {
+__device__ void silu_mul(const T *__restrict__ gate_up, T *__restrict__ out, uint64_t n,
+                         int width) {
     for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n;
          i += (uint64_t)gridDim.x * blockDim.x) {
-        const float g = to_float(gate[i]);
-        out[i] = from_float<T>(g / (1.0f + expf(-g)) * to_float(up[i]));
+        const uint64_t row = i / width;
+        const T *gate = gate_up + row * 2 * width + i % width;
+        const float g = to_float(gate[0]);
+        out[i] = from_float<T>(g / (1.0f + expf(-g)) * to_float(gate[width]));
     }
 }
 
@@ -58,8 +62,9 @@ __device__ void silu_mul(const T *__restrict__ gate, const T *__restrict__ up, T
                               int hidden, float eps) {                                             \
         add_rms_norm<T>(x, delta, weight, out, rows, hidden, eps);                                 \
     }                                                                                              \
-    extern "C" __global__ void silu_mul_##SUFFIX(const T *gate, const T *up, T *out, uint64_t n) { \
-        silu_mul<T>(gate, up, out, n);                                                             \
+    extern "C" __global__ void silu_mul_##SUFFIX(const T *gate_up, T *out, uint64_t n,           \
+                                                 int width) {                                      \
+        silu_mul<T>(gate_up, out, n, width);                                                       \
     }
 
 FORWARD_ONLY(f32, float)
