@@ -2,6 +2,8 @@
 //! built under a temporary name beside its destination and renamed into place once complete, so
 //! a failed or killed run never leaves a torn output under the final name (a killed run may leave
 //! a `.NAME.*.partial` file or a `.NAME.tmp-*` directory, which no reader mistakes for an output).
+//! A destination that is a device or a pipe (`-o /dev/null`, `/dev/stdout`, a FIFO) is written in
+//! place: a rename would replace the device itself with the file.
 
 use anyhow::{Context, Result};
 use std::fs::File;
@@ -30,6 +32,17 @@ pub fn write_file_atomically(
     path: &Path,
     write: impl FnOnce(&mut BufWriter<&mut File>) -> Result<()>,
 ) -> Result<()> {
+    if std::fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir()) {
+        let mut device = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        let mut out = BufWriter::new(&mut device);
+        write(&mut out)?;
+        out.flush()
+            .with_context(|| format!("writing {}", path.display()))?;
+        return Ok(());
+    }
     let directory = parent_of(path);
     let prefix = format!(".{}.", name_of(path)?);
     let mut builder = tempfile::Builder::new();
@@ -84,6 +97,32 @@ pub fn write_dir_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Renaming onto a pipe (or `/dev/null`) would put a regular file in its place: the bytes
+    /// go through it instead, and it stays a pipe.
+    #[cfg(unix)]
+    #[test]
+    fn a_pipe_is_written_through_not_replaced() {
+        use std::os::unix::fs::FileTypeExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let fifo = tmp.path().join("pipe");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let (sent, received) = std::sync::mpsc::channel();
+        let reader = fifo.clone();
+        // Opening a pipe to read waits for a writer: a replaced pipe would never get one.
+        std::thread::spawn(move || sent.send(std::fs::read(reader).unwrap()));
+        write_bytes_atomically(&fifo, b"through the pipe").unwrap();
+        let got = received
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("nothing came through the pipe");
+        assert_eq!(got, b"through the pipe");
+        let kind = std::fs::metadata(&fifo).unwrap().file_type();
+        assert!(kind.is_fifo(), "the pipe was replaced: {kind:?}");
+    }
 
     #[test]
     fn a_failed_write_leaves_nothing_and_keeps_the_old_file() {
