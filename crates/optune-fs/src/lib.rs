@@ -2,8 +2,9 @@
 //! built under a temporary name beside its destination and renamed into place once complete, so
 //! a failed or killed run never leaves a torn output under the final name (a killed run may leave
 //! a `.NAME.*.partial` file or a `.NAME.tmp-*` directory, which no reader mistakes for an output).
-//! A destination that is a device or a pipe (`-o /dev/null`, `/dev/stdout`, a FIFO) is written in
-//! place: a rename would replace the device itself with the file.
+//! A destination that is a device, a pipe or a symbolic link (`-o /dev/null`, `/dev/stdout`, a
+//! FIFO, a link to a file) is written in place, through the link: a rename would put a regular
+//! file in the place of the device or the link itself.
 
 use anyhow::{Context, Result};
 use std::fs::File;
@@ -32,9 +33,11 @@ pub fn write_file_atomically(
     path: &Path,
     write: impl FnOnce(&mut BufWriter<&mut File>) -> Result<()>,
 ) -> Result<()> {
-    if std::fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir()) {
+    let linked = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+    if linked || std::fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir()) {
         let mut device = std::fs::OpenOptions::new()
             .write(true)
+            .truncate(true)
             .open(path)
             .with_context(|| format!("opening {}", path.display()))?;
         let mut out = BufWriter::new(&mut device);
@@ -97,6 +100,22 @@ pub fn write_dir_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A link is written through: it stays a link, and its file gets the bytes.
+    #[cfg(unix)]
+    #[test]
+    fn a_link_is_written_through_not_replaced() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (file, link) = (tmp.path().join("file.txt"), tmp.path().join("link.txt"));
+        std::fs::write(&file, b"old contents, longer than the new").unwrap();
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        write_bytes_atomically(&link, b"new").unwrap();
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(std::fs::read(&file).unwrap(), b"new");
+    }
 
     /// Renaming onto a pipe (or `/dev/null`) would put a regular file in its place: the bytes
     /// go through it instead, and it stays a pipe.
