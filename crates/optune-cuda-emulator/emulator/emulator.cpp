@@ -8,7 +8,12 @@
 
 #include "emulator.h"
 
+#include <signal.h>
+#include <sys/mman.h>
 #include <ucontext.h>
+#include <unistd.h>
+
+#include <cstdio>
 
 #include <algorithm>
 #include <memory>
@@ -45,6 +50,8 @@ constexpr size_t STACK_BYTES = 128 * 1024;
 constexpr unsigned WARP = 32;
 
 std::mutex one_launch_at_a_time;
+std::once_flag fault_handler_installed;
+struct sigaction previous_fault_handler;
 thread_local Launch *active = nullptr;
 thread_local std::string error_message;
 
@@ -130,6 +137,42 @@ bool run_block(Launch &launch) {
     }
 }
 
+// A fault inside a launch is a kernel touching memory outside its buffers (each buffer of the
+// tests ends at an inaccessible page, see optune_emu_guarded_alloc): reported with the kernel,
+// block and thread, then the process ends, as a GPU's illegal address would end it. Any other
+// fault goes to the handler that was there before (Rust's stack-overflow report).
+void on_fault(int signal, siginfo_t *info, void *) {
+    if (active == nullptr) {
+        sigaction(signal, &previous_fault_handler, nullptr);
+        return;  // the faulting instruction runs again, under the previous handler
+    }
+    const dim3 &b = active->block_index, &t = running().index;
+    char message[512];
+    const int n = std::snprintf(
+        message, sizeof message,
+        "emulated CUDA kernel %s, block (%u, %u, %u), thread (%u, %u, %u): access at %p "
+        "outside its buffers (on a GPU: an illegal address)\n",
+        active->kernel, b.x, b.y, b.z, t.x, t.y, t.z, info->si_addr);
+    if (n > 0) (void)!write(STDERR_FILENO, message, size_t(n));
+    _exit(134);
+}
+
+void install_fault_handler() {
+    struct sigaction action = {};
+    action.sa_sigaction = on_fault;
+    action.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigemptyset(&action.sa_mask);
+    sigaction(SIGSEGV, &action, &previous_fault_handler);
+}
+
+size_t page_bytes() { return size_t(sysconf(_SC_PAGESIZE)); }
+
+// The pages a guarded buffer of `bytes` spans before its guard page.
+size_t guarded_body(size_t bytes) {
+    const size_t page = page_bytes();
+    return bytes == 0 ? page : (bytes + page - 1) / page * page;
+}
+
 }  // namespace
 
 const dim3 &thread_index() { return running().index; }
@@ -154,6 +197,7 @@ float shfl_xor(unsigned mask, float value, int lane_mask) {
 
 int launch_erased(const char *kernel, dim3 grid, dim3 block, void (*body)(void *), void *context) {
     const std::lock_guard<std::mutex> lock(one_launch_at_a_time);
+    std::call_once(fault_handler_installed, install_fault_handler);
     const size_t blocks = size_t(grid.x) * grid.y * grid.z;
     const size_t threads = size_t(block.x) * block.y * block.z;
     if (blocks == 0 || threads == 0 || threads > 1024) {
@@ -202,3 +246,24 @@ const char *last_error() { return error_message.c_str(); }
 }  // namespace emu
 
 extern "C" const char *optune_emu_last_error() { return emu::last_error(); }
+
+// A buffer of `bytes` whose last byte is followed by an inaccessible page, so that a kernel reading
+// or writing past its end faults at once (on_fault) instead of reading a neighbour's data.
+// Null when the mapping fails.
+extern "C" void *optune_emu_guarded_alloc(size_t bytes) {
+    const size_t body = emu::guarded_body(bytes), page = emu::page_bytes();
+    void *base = mmap(nullptr, body + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                      -1, 0);
+    if (base == MAP_FAILED) return nullptr;
+    char *guard = static_cast<char *>(base) + body;
+    if (mprotect(guard, page, PROT_NONE) != 0) {
+        munmap(base, body + page);
+        return nullptr;
+    }
+    return guard - bytes;
+}
+
+extern "C" void optune_emu_guarded_free(void *data, size_t bytes) {
+    const size_t body = emu::guarded_body(bytes), page = emu::page_bytes();
+    munmap(static_cast<char *>(data) + bytes - body, body + page);
+}

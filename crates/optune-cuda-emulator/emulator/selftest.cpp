@@ -1,6 +1,6 @@
 // Kernels that test the emulator itself (src/lib.rs's tests): a block reduction through shared
-// memory and __syncthreads, a warp reduction through shuffles, and a shuffle that half of its
-// warp never reaches.
+// memory and __syncthreads, a warp reduction through shuffles, a shuffle that half of its warp
+// never reaches, and a read past the end of a buffer.
 
 #include "kernels.h"
 
@@ -29,6 +29,12 @@ __global__ void selftest_diverged_shuffle(float *out) {
     }
 }
 
+// Thread t reads x[t + n]: for a buffer of n elements, every read is past its end.
+__global__ void selftest_read_past_the_end(const float *x, float *out, int n) {
+    out[threadIdx.x] = x[threadIdx.x + n];
+}
+
 EMULATED(selftest_block_sum, PARAMS(const float *x, float *out), PARAMS(x, out))
 EMULATED(selftest_warp_sum, PARAMS(const float *x, float *out), PARAMS(x, out))
 EMULATED(selftest_diverged_shuffle, PARAMS(float *out), PARAMS(out))
+EMULATED(selftest_read_past_the_end, PARAMS(const float *x, float *out, int n), PARAMS(x, out, n))

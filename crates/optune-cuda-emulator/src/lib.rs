@@ -11,7 +11,10 @@
 //! by `scripts/build-cuda.sh check`).
 //!
 //! A launch that a GPU would refuse (no blocks, more than 1024 threads) or that could never finish
-//! (a barrier some threads cannot reach) is an `Err` naming the kernel and the block.
+//! (a barrier some threads cannot reach) is an `Err` naming the kernel and the block. Every buffer
+//! a kernel gets is a copy that ends where an inaccessible page begins: a read or write past its
+//! end ends the process at once with a report naming the kernel, block and thread, as an illegal
+//! address ends a GPU run.
 
 use std::ffi::{c_char, c_int, CStr};
 
@@ -131,6 +134,8 @@ type OptimizerFn = unsafe extern "C" fn(
 
 extern "C" {
     fn optune_emu_last_error() -> *const c_char;
+    fn optune_emu_guarded_alloc(bytes: usize) -> *mut std::ffi::c_void;
+    fn optune_emu_guarded_free(data: *mut std::ffi::c_void, bytes: usize);
     fn optune_emu_optimizer_moments(
         grid: u32,
         block: u32,
@@ -290,6 +295,51 @@ fn verdict(code: c_int) -> Result<(), String> {
         .into_owned())
 }
 
+/// A kernel's copy of a buffer, ending where an inaccessible page begins: a kernel that reads or
+/// writes past the end stops the process with a report naming the kernel, block and thread (as
+/// an illegal address stops a GPU run) instead of reading a neighbour's data.
+struct Guarded<T: Copy> {
+    data: *mut T,
+    len: usize,
+}
+
+impl<T: Copy> Guarded<T> {
+    fn new(values: &[T]) -> Self {
+        let bytes = std::mem::size_of_val(values);
+        // SAFETY: a plain allocation; a null result is checked.
+        let data = unsafe { optune_emu_guarded_alloc(bytes) } as *mut T;
+        assert!(!data.is_null(), "mapping a guarded buffer of {bytes} bytes");
+        // SAFETY: `data` holds `bytes` writable bytes, aligned for T (they end on a page
+        // boundary and `bytes` is a multiple of T's power-of-two size), apart from `values`.
+        unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), data, values.len()) };
+        Self {
+            data,
+            len: values.len(),
+        }
+    }
+
+    fn ptr(&self) -> *const T {
+        self.data
+    }
+
+    fn ptr_mut(&mut self) -> *mut T {
+        self.data
+    }
+
+    fn to_vec(&self) -> Vec<T> {
+        // SAFETY: `data` holds `len` initialised values (copied in by `new`, then written by a
+        // kernel of matching element type).
+        unsafe { std::slice::from_raw_parts(self.data, self.len) }.to_vec()
+    }
+}
+
+impl<T: Copy> Drop for Guarded<T> {
+    fn drop(&mut self) {
+        // SAFETY: the mapping `new` made for these bytes, released once.
+        unsafe { optune_emu_guarded_free(self.data.cast(), self.len * std::mem::size_of::<T>()) }
+    }
+}
+
 fn int(n: usize, what: &str) -> c_int {
     c_int::try_from(n).unwrap_or_else(|_| panic!("{what} {n} does not fit the kernel's int"))
 }
@@ -342,20 +392,21 @@ pub fn cached_attention<T: Element + Default>(
             "span {span:?} outside the cache"
         );
     }
-    let mut out = vec![T::default(); queries * heads * head_dim];
+    let mut out = Guarded::new(&vec![T::default(); queries * heads * head_dim]);
     // SAFETY: the buffers hold the element counts the kernel reads and writes for these sizes
-    // (checked above, spans included); the emulator runs the launch to its end before returning.
+    // (checked above, spans included); the emulator runs the launch to its end before returning,
+    // and the guarded copies live to the end of the statement.
     let code = unsafe {
         T::CACHED_ATTENTION(
             launch.grid,
             launch.block,
-            rows.as_ptr(),
-            cos.as_ptr(),
-            sin.as_ptr(),
-            keys.as_ptr(),
-            values.as_ptr(),
-            out.as_mut_ptr(),
-            spans.as_ptr(),
+            Guarded::new(rows).ptr(),
+            Guarded::new(cos).ptr(),
+            Guarded::new(sin).ptr(),
+            Guarded::new(keys).ptr(),
+            Guarded::new(values).ptr(),
+            out.ptr_mut(),
+            Guarded::new(spans).ptr(),
             int(heads, "heads"),
             int(kv_heads, "kv_heads"),
             int(capacity, "capacity"),
@@ -364,7 +415,7 @@ pub fn cached_attention<T: Element + Default>(
             scale,
         )
     };
-    verdict(code).map(|()| out)
+    verdict(code).map(|()| out.to_vec())
 }
 
 /// The sampler's scalar arguments (see src/cuda/sampling.cu).
@@ -389,16 +440,16 @@ pub fn sample_rows<T: Element>(
     let rows = uniforms.len();
     assert_eq!(logits.len(), rows * vocab, "logits");
     assert!(launch.grid as usize <= rows, "one block per row at most");
-    let mut out = vec![0f32; 2 * rows];
+    let mut out = Guarded::new(&vec![0f32; 2 * rows]);
     // SAFETY: logits hold rows·vocab elements, uniforms rows and out 2·rows; each block reads
     // and writes its own row only, and no more blocks than rows are launched (checked above).
     let code = unsafe {
         T::SAMPLE_ROWS(
             launch.grid,
             launch.block,
-            logits.as_ptr(),
-            uniforms.as_ptr(),
-            out.as_mut_ptr(),
+            Guarded::new(logits).ptr(),
+            Guarded::new(uniforms).ptr(),
+            out.ptr_mut(),
             int(vocab, "vocab"),
             args.temperature,
             int(args.top_k as usize, "top_k"),
@@ -407,7 +458,7 @@ pub fn sample_rows<T: Element>(
             int(args.steps as usize, "steps"),
         )
     };
-    verdict(code).map(|()| out)
+    verdict(code).map(|()| out.to_vec())
 }
 
 /// Runs `add_rms_norm_{f32,bf16,f16}` over `x`, `delta [rows, weight.len()]`; returns `[2, rows,
@@ -424,23 +475,23 @@ pub fn add_rms_norm<T: Element + Default>(
     assert_eq!(delta.len(), x.len(), "delta");
     let rows = x.len() / hidden;
     assert!(launch.grid as usize <= rows, "one block per row at most");
-    let mut out = vec![T::default(); 2 * x.len()];
+    let mut out = Guarded::new(&vec![T::default(); 2 * x.len()]);
     // SAFETY: x and delta hold rows·hidden elements, weight hidden, out 2·rows·hidden; each block
     // reads and writes its own row, and no more blocks than rows are launched (checked above).
     let code = unsafe {
         T::ADD_RMS_NORM(
             launch.grid,
             launch.block,
-            x.as_ptr(),
-            delta.as_ptr(),
-            weight.as_ptr(),
-            out.as_mut_ptr(),
+            Guarded::new(x).ptr(),
+            Guarded::new(delta).ptr(),
+            Guarded::new(weight).ptr(),
+            out.ptr_mut(),
             int(rows, "rows"),
             int(hidden, "hidden"),
             eps,
         )
     };
-    verdict(code).map(|()| out)
+    verdict(code).map(|()| out.to_vec())
 }
 
 /// Runs `silu_mul_{f32,bf16,f16}` over rows `[rows, 2·width]` of the gate's then the up
@@ -455,19 +506,19 @@ pub fn silu_mul<T: Element + Default>(
         "gate_up"
     );
     let n = gate_up.len() / 2;
-    let mut out = vec![T::default(); n];
+    let mut out = Guarded::new(&vec![T::default(); n]);
     // SAFETY: gate_up holds 2n elements, out n; the kernel's grid-stride loop stays below n.
     let code = unsafe {
         T::SILU_MUL(
             launch.grid,
             launch.block,
-            gate_up.as_ptr(),
-            out.as_mut_ptr(),
+            Guarded::new(gate_up).ptr(),
+            out.ptr_mut(),
             n as u64,
             int(width, "width"),
         )
     };
-    verdict(code).map(|()| out)
+    verdict(code).map(|()| out.to_vec())
 }
 
 /// The sizes of the cache write kernel's store (see src/cuda/cache_write.cu): `[2, slots,
@@ -513,6 +564,7 @@ pub fn cache_write_rotated<T: Element>(
             "span {span:?} outside the store"
         );
     }
+    let mut guarded_store = Guarded::new(store);
     // SAFETY: the buffers hold what the kernel reads and writes for these sizes, the columns and
     // the spans' slots and positions included (checked above); the launch runs to its end before
     // returning.
@@ -520,11 +572,11 @@ pub fn cache_write_rotated<T: Element>(
         T::CACHE_WRITE(
             launch.grid,
             launch.block,
-            store.as_mut_ptr(),
-            rows.as_ptr(),
-            cos.as_ptr(),
-            sin.as_ptr(),
-            spans.as_ptr(),
+            guarded_store.ptr_mut(),
+            Guarded::new(rows).ptr(),
+            Guarded::new(cos).ptr(),
+            Guarded::new(sin).ptr(),
+            Guarded::new(spans).ptr(),
             tokens as u64,
             int(slots, "slots"),
             int(kv_heads, "kv_heads"),
@@ -535,6 +587,7 @@ pub fn cache_write_rotated<T: Element>(
             int(v_at, "v_at"),
         )
     };
+    store.copy_from_slice(&guarded_store.to_vec());
     verdict(code)
 }
 
@@ -556,15 +609,17 @@ fn optimizer(
     args: OptimizerArgs,
 ) -> Result<(), String> {
     let s = args.scalars;
+    let mut guarded = Guarded::new(target);
     // SAFETY: the callers check the buffers against n; the kernel's grid-stride loop stays
-    // below n (and below buffers·n for the moments, whose rows are n apart).
+    // below n (and below buffers·n for the moments, whose rows are n apart). The guarded copies
+    // live to the end of the statement.
     let code = unsafe {
         kernel(
             launch.grid,
             launch.block,
-            target.as_mut_ptr(),
-            a.as_ptr(),
-            b.as_ptr(),
+            guarded.ptr_mut(),
+            Guarded::new(a).ptr(),
+            Guarded::new(b).ptr(),
             n as u64,
             args.kind,
             s[0],
@@ -576,6 +631,7 @@ fn optimizer(
             s[6],
         )
     };
+    target.copy_from_slice(&guarded.to_vec());
     verdict(code)
 }
 
@@ -672,6 +728,13 @@ mod tests {
             out: *mut f32,
         ) -> c_int;
         fn optune_emu_selftest_diverged_shuffle(grid: u32, block: u32, out: *mut f32) -> c_int;
+        fn optune_emu_selftest_read_past_the_end(
+            grid: u32,
+            block: u32,
+            x: *const f32,
+            out: *mut f32,
+            n: c_int,
+        ) -> c_int;
     }
 
     /// Shared memory and __syncthreads: a tree reduction per block, over several blocks (each
@@ -713,6 +776,39 @@ mod tests {
         assert!(
             err.contains("selftest_diverged_shuffle") && err.contains("16 wait at __syncthreads"),
             "{err}"
+        );
+    }
+
+    /// A read past a buffer's end stops the process with a report naming the kernel (on a GPU:
+    /// an illegal address) instead of reading a neighbour's data. The read runs in a child
+    /// process: this test binary again, with `CHILD` set.
+    #[test]
+    fn a_read_past_the_end_is_reported() {
+        const CHILD: &str = "OPTUNE_EMULATOR_READ_PAST_THE_END";
+        if std::env::var_os(CHILD).is_some() {
+            let x = Guarded::new(&[1f32; 32]);
+            let mut out = Guarded::new(&[0f32; 32]);
+            // SAFETY: none: the kernel reads past x's end on purpose, which ends this process.
+            let code =
+                unsafe { optune_emu_selftest_read_past_the_end(1, 32, x.ptr(), out.ptr_mut(), 32) };
+            println!("the read past the end went unnoticed (launch returned {code})");
+            return;
+        }
+        let child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "tests::a_read_past_the_end_is_reported",
+                "--nocapture",
+            ])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&child.stderr);
+        assert!(!child.status.success(), "the child finished: {stderr}");
+        assert!(
+            stderr.contains("selftest_read_past_the_end, block (0, 0, 0), thread (0, 0, 0)")
+                && stderr.contains("outside its buffers"),
+            "{stderr}"
         );
     }
 }

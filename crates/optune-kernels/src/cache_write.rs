@@ -363,7 +363,8 @@ mod tests {
                 kv_heads: 2,
                 capacity: 8,
                 d: 8,
-                tokens: vec![(0, 5), (2, 0), (1, 7)],
+                // Slot 2's position 7 ends the store: a write past it faults in the emulator.
+                tokens: vec![(0, 5), (2, 7), (1, 0)],
             },
             // A packed prefill: a prompt of 4 on slot 1 beside a decoding token on slot 0.
             Case {

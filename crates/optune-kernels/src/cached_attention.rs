@@ -598,9 +598,10 @@ mod emulated {
             kv_heads: 2,
             capacity: 40,
         };
+        // The last slot's last position ends the cache: a read past it faults in the emulator.
         check(
             dims,
-            &[(0, 0, 39), (1, 0, 2), (2, 17, 30), (3, 6, 6), (4, 1, 0)],
+            &[(0, 0, 39), (1, 0, 2), (4, 17, 39), (3, 6, 6), (2, 1, 0)],
             21,
         );
     }
