@@ -1187,8 +1187,8 @@ fn first_visible(window: Option<usize>, position: usize) -> usize {
 }
 
 /// The residual stream between blocks: `x` plus the last block's output `pending`, not yet added.
-/// The add happens inside the next RMS norm ([`ops::add_rms_norm`]: one op where no gradient is
-/// needed on the generic path, the add and then the norm otherwise).
+/// The add happens inside the next RMS norm ([`ops::add_rms_norm`]: one op in a generation pass on
+/// the generic path, the add and then the norm otherwise).
 struct Residual {
     x: Tensor,
     pending: Option<Tensor>,
