@@ -11,7 +11,7 @@ use optune_resume::{file_stamps, Digest, Fingerprint, Journal};
 use optune_shard::arrow::array::{Float32Array, UInt32Array, UInt64Array};
 use optune_shard::cli::{run_tool, OutputArgs, Summary};
 use optune_shard::split::SliceSpec;
-use optune_shard::{Destination, Shard};
+use optune_shard::Shard;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -40,7 +40,8 @@ use std::time::Instant;
 /// or prompts is refused. The output is then the uninterrupted run's, byte for byte on the CPU
 /// (fused kernels); elsewhere the batch a response shares changes its log-prob in the last bits,
 /// as another --batch-size does (and, rarely, which side of a --top-p cut-off a token falls on).
-/// The journal is removed once FILE is written.
+/// The journal is removed once FILE is written. A device or a pipe (-o /dev/null) gets no
+/// journal and is written through, never replaced.
 ///
 /// Example:
 ///   opt-gen --model runs/policy prompts.jsonl --n 2 --max-new-tokens 64 -o responses.parquet
@@ -223,12 +224,13 @@ fn run(args: Args) -> Result<()> {
         })
         .collect();
     // What an earlier, killed run with the same arguments finished.
-    let mut journal = match args.output.destination() {
-        Destination::File(path) => Some(Journal::<Finished>::open(
-            &path,
+    let destination = args.output.destination();
+    let mut journal = match destination.resumable_file() {
+        Some(path) => Some(Journal::<Finished>::open(
+            path,
             &fingerprint(&args, &device, dtype, &keys, &requests)?,
         )?),
-        Destination::Stdout => None,
+        None => None,
     };
     let mut results: Vec<Option<Generation>> = vec![None; requests.len()];
     if let Some((journal, finished)) = &journal {

@@ -11,7 +11,7 @@ use optune_reward::{RewardCommand, RewardRequest, SentimentLexicon};
 use optune_shard::arrow::array::Float32Array;
 use optune_shard::cli::{run_tool, OutputArgs, Summary};
 use optune_shard::split::SliceSpec;
-use optune_shard::{col, Destination, PromptText, Shard};
+use optune_shard::{col, PromptText, Shard};
 use rayon::prelude::*;
 use rm::RewardModel;
 use serde::{Deserialize, Serialize};
@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 ///                      seconds in FILE.journal: after a crash or a kill, the same command run
 ///                      again scores only the rest (the output is the same as an uninterrupted
 ///                      run's); a run with other arguments or input is refused. The journal is
-///                      removed once FILE is written.
+///                      removed once FILE is written; a device or a pipe gets none.
 ///                      reward_model: the directory's name.
 ///   --reward-cmd PROGRAM [ARGS]...
 ///                      any program, started once without a shell. It reads one JSON line
@@ -423,8 +423,9 @@ fn score_with_rm(
     let tokens: usize = sequences.iter().map(Vec::len).sum();
 
     // What an earlier, killed run with the same arguments scored.
-    let mut journal = match args.output.destination() {
-        Destination::File(path) => {
+    let destination = args.output.destination();
+    let mut journal = match destination.resumable_file() {
+        Some(path) => {
             let mut digest = Digest::new();
             for (&row, sequence) in input.rows.iter().zip(&sequences) {
                 digest.u64(row as u64).u32s(sequence);
@@ -442,9 +443,9 @@ fn score_with_rm(
                     "--kernels",
                     optune_kernels::autograd_path(&device, dtype).name(),
                 );
-            Some(Journal::<ScoredRow>::open(&path, &fingerprint)?)
+            Some(Journal::<ScoredRow>::open(path, &fingerprint)?)
         }
-        Destination::Stdout => None,
+        None => None,
     };
     let mut rewards: Vec<Option<f32>> = vec![None; sequences.len()];
     if let Some((journal, scored)) = &journal {

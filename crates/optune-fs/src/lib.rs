@@ -27,6 +27,12 @@ fn name_of(path: &Path) -> Result<String> {
         .into_owned())
 }
 
+/// Whether `path` is a device or a pipe (`/dev/null`, `/dev/stdout` on a pipe, a FIFO), links
+/// followed: written through as a stream, never replaced, and nothing to resume into.
+pub fn is_stream(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir())
+}
+
 /// Writes the file at `path` through `write`, atomically. The file gets the usual permissions
 /// (0666 less the umask), not a temporary file's private ones.
 pub fn write_file_atomically(
@@ -34,7 +40,7 @@ pub fn write_file_atomically(
     write: impl FnOnce(&mut BufWriter<&mut File>) -> Result<()>,
 ) -> Result<()> {
     let linked = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
-    if linked || std::fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir()) {
+    if linked || is_stream(path) {
         let mut device = std::fs::OpenOptions::new()
             .write(true)
             .truncate(true)

@@ -334,6 +334,16 @@ impl Destination {
             None => Destination::Stdout,
         }
     }
+
+    /// The file a crash-resume journal can sit beside (`FILE.journal`): a named file, not stdout
+    /// and not a device or a pipe (`-o /dev/null`, whose directory is no place for a journal and
+    /// whose output no later run can resume into).
+    pub fn resumable_file(&self) -> Option<&Path> {
+        match self {
+            Destination::File(path) if !optune_fs::is_stream(path) => Some(path),
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Display for Destination {
@@ -395,6 +405,22 @@ mod tests {
     use super::*;
     use crate::shard::tests::scored;
     use arrow::array::{Array, LargeStringArray, StringViewArray};
+
+    /// A journal goes beside a named file, never beside a device (nor for stdout).
+    #[test]
+    fn only_a_named_file_is_resumable() {
+        let file = Destination::from_arg(Some(Path::new("out.parquet")));
+        assert_eq!(file.resumable_file(), Some(Path::new("out.parquet")));
+        assert_eq!(
+            Destination::from_arg(Some(Path::new("-"))).resumable_file(),
+            None
+        );
+        #[cfg(unix)]
+        assert_eq!(
+            Destination::from_arg(Some(Path::new("/dev/null"))).resumable_file(),
+            None
+        );
+    }
 
     fn round_trip(shard: &Shard, format: OutputFormat, extension: &str) -> Shard {
         let directory = tempfile::tempdir().unwrap();
