@@ -13,6 +13,9 @@ use rayon::prelude::*;
 
 /// Threads of a block of the CUDA kernels (THREADS in the kernel).
 const THREADS: u32 = 256;
+/// Below this many elements a CPU form runs on the calling thread: for a decode step's few rows,
+/// waking the thread pool costs more than the work.
+const PARALLEL_ELEMENTS: usize = 1 << 16;
 
 /// `x + delta` and its RMS norm scaled by `weight [hidden]`, for `x`, `delta [.., hidden]` of
 /// one dtype (f32, bf16 or f16): `(sum, normed)`, both shaped as `x`.
@@ -127,21 +130,27 @@ impl CustomOp3 for AddRmsNorm {
         let round = rounding(x);
         let mut out = vec![0f32; 2 * rows * hidden];
         let (sums, normed) = out.split_at_mut(rows * hidden);
-        sums.par_chunks_mut(hidden)
-            .zip(normed.par_chunks_mut(hidden))
-            .enumerate()
-            .for_each(|(row, (sum, normed))| {
-                let at = row * hidden;
-                let mut squares = 0f32;
-                for (i, s) in sum.iter_mut().enumerate() {
-                    *s = round(xs[at + i] + deltas[at + i]);
-                    squares += *s * *s;
-                }
-                let inverse = 1.0 / (squares / hidden as f32 + self.eps).sqrt();
-                for ((n, &s), &w) in normed.iter_mut().zip(sum.iter()).zip(weight.iter()) {
-                    *n = round(s * inverse * w);
-                }
-            });
+        let row_of = |(row, (sum, normed)): (usize, (&mut [f32], &mut [f32]))| {
+            let at = row * hidden;
+            let mut squares = 0f32;
+            for (i, s) in sum.iter_mut().enumerate() {
+                *s = round(xs[at + i] + deltas[at + i]);
+                squares += *s * *s;
+            }
+            let inverse = 1.0 / (squares / hidden as f32 + self.eps).sqrt();
+            for ((n, &s), &w) in normed.iter_mut().zip(sum.iter()).zip(weight.iter()) {
+                *n = round(s * inverse * w);
+            }
+        };
+        if rows * hidden < PARALLEL_ELEMENTS {
+            let rows = sums.chunks_mut(hidden).zip(normed.chunks_mut(hidden));
+            rows.enumerate().for_each(row_of);
+        } else {
+            let rows = sums
+                .par_chunks_mut(hidden)
+                .zip(normed.par_chunks_mut(hidden));
+            rows.enumerate().for_each(row_of);
+        }
         Ok((store(out, x), Shape::from((2, rows, hidden))))
     }
 
@@ -184,15 +193,18 @@ impl CustomOp1 for SiluMul {
         let x = crate::storage::floats(gate_up, l, "silu_mul", "gate and up")?;
         let width = l.dims()[l.dims().len() - 1] / 2;
         let round = rounding(gate_up);
-        let out: Vec<f32> = x
-            .par_chunks(2 * width)
-            .flat_map_iter(|row| {
-                let (gate, up) = row.split_at(width);
-                gate.iter()
-                    .zip(up)
-                    .map(move |(&g, &u)| round(g / (1.0 + (-g).exp()) * u))
-            })
-            .collect();
+        let gated = |row: &[f32]| -> Vec<f32> {
+            let (gate, up) = row.split_at(width);
+            gate.iter()
+                .zip(up)
+                .map(|(&g, &u)| round(g / (1.0 + (-g).exp()) * u))
+                .collect()
+        };
+        let out: Vec<f32> = if x.len() < PARALLEL_ELEMENTS {
+            x.chunks(2 * width).flat_map(gated).collect()
+        } else {
+            x.par_chunks(2 * width).flat_map_iter(gated).collect()
+        };
         Ok((store(out, gate_up), halved(l.shape())))
     }
 
@@ -287,8 +299,11 @@ mod tests {
     /// The one-op forms against the add, candle-nn's RMS norm and candle's SiLU and product.
     #[test]
     fn the_one_op_forms_match_the_composed_ops() {
-        let (rows, hidden) = (5, 96);
-        for dtype in DTYPES {
+        // A decode step's few rows (on the calling thread) and a prefill's many (on the pool).
+        for ((rows, hidden), dtype) in [(5, 96), (40, 2048)]
+            .into_iter()
+            .flat_map(|size| DTYPES.map(|dtype| (size, dtype)))
+        {
             let tensor = |v: Vec<f32>, shape: &[usize]| {
                 Tensor::from_vec(v, shape, &Device::Cpu)
                     .unwrap()
@@ -302,12 +317,14 @@ mod tests {
             let want_sum = (&x + &delta).unwrap();
             let want_normed = crate::ops::generic::rms_norm(&want_sum, &weight, 1e-5).unwrap();
             assert_eq!(values(&sum), values(&want_sum), "{dtype:?}");
+            // candle-nn's norm and candle's SiLU round an intermediate to the dtype, these round
+            // once: two roundings apart at most.
             let off = worst(&values(&normed), &values(&want_normed));
-            assert!(off <= tolerance(dtype), "{dtype:?} norm: {off}");
+            assert!(off <= 2.0 * tolerance(dtype), "{dtype:?} norm: {off}");
             let gated = silu_mul(&Tensor::cat(&[&x, &delta], 1).unwrap()).unwrap();
             let want = (x.silu().unwrap() * &delta).unwrap();
             let off = worst(&values(&gated), &values(&want));
-            assert!(off <= tolerance(dtype), "{dtype:?} silu_mul: {off}");
+            assert!(off <= 2.0 * tolerance(dtype), "{dtype:?} silu_mul: {off}");
         }
     }
 
