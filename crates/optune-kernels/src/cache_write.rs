@@ -6,24 +6,22 @@
 //! The CPU form below is the specification: the rotation in f32 from the stored values, rounded
 //! once to the cache's dtype.
 
-use candle_core::{
-    bail, CpuStorage, DType, InplaceOp2, Layout, Result, Storage, Tensor, WithDType,
-};
+use crate::token_tables::{HostTables, TokenTables};
+use candle_core::{bail, CpuStorage, InplaceOp2, Layout, Result, Tensor, WithDType};
 
 /// Threads of a block of the CUDA kernel.
 const THREADS: u32 = 256;
 
-/// Writes token `i`'s key (turned by `cos[i]`, `sin[i]`, rotate-half layout) and value at its
-/// slot and position (`spans[i] = (slot, first, last)`, the position being `last`) of `store [2,
-/// slots, kv_heads, capacity, d]` (keys, then values). The keys and values are `kv_heads·d`
-/// columns of `rows` (`[.., row_width]`, a row per token: the projections' output) from columns
-/// `k_at` and `v_at`; `cos`, `sin`: `tokens·d/2` elements; all of the store's dtype.
+/// Writes each new token's key (turned by its rotary angles) and value at its slot and position
+/// (`tables`: its span's `(slot, first, last)`, the position being `last`) of `store [2, slots,
+/// kv_heads, capacity, d]` (keys, then values). The keys and values are `kv_heads·d` columns of
+/// `rows` (`[.., row_width]`, a row per token: the projections' output) from columns `k_at` and
+/// `v_at`; all of the store's dtype.
 pub fn write_rotated(
     store: &Tensor,
     rows: &Tensor,
     (k_at, v_at): (usize, usize),
-    (cos, sin): (&Tensor, &Tensor),
-    spans: &Tensor,
+    tables: &TokenTables,
 ) -> Result<()> {
     let &[two, _, kv_heads, _, d] = store.dims() else {
         bail!(
@@ -31,58 +29,46 @@ pub fn write_rotated(
             store.dims()
         );
     };
-    let tokens = spans.dim(0)?;
+    let tokens = tables.tokens();
     let width = kv_heads * d;
     let row_width = rows.dim(candle_core::D::Minus1)?;
     if two != 2
-        || !d.is_multiple_of(2)
-        || spans.dims() != [tokens, 3]
-        || spans.dtype() != DType::U32
+        || 2 * tables.half() != d
         || rows.elem_count() != tokens * row_width
         || k_at + width > row_width
         || v_at + width > row_width
-        || cos.elem_count() != tokens * d / 2
-        || sin.elem_count() != tokens * d / 2
     {
         bail!(
-            "cache_write: store {:?}, rows {:?} (keys at {k_at}, values at {v_at}), cos {:?}, \
-             sin {:?}, spans {:?} {:?}",
+            "cache_write: store {:?}, rows {:?} (keys at {k_at}, values at {v_at}) for {tokens} \
+             tokens of {} angles",
             store.dims(),
             rows.dims(),
-            cos.dims(),
-            sin.dims(),
-            spans.dims(),
-            spans.dtype()
+            tables.half()
         );
     }
     if tokens == 0 {
         bail!("cache_write: no tokens (a CUDA launch over no blocks fails)");
     }
     let dtype = store.dtype();
-    if [rows, cos, sin].iter().any(|t| t.dtype() != dtype) || !crate::forward_only::supports(dtype)
-    {
+    if rows.dtype() != dtype || tables.dtype() != dtype || !crate::forward_only::supports(dtype) {
         bail!(
-            "cache_write: store {dtype:?} with rows {:?}, tables {:?}",
+            "cache_write: store {dtype:?} with rows {:?}, angles {:?}",
             rows.dtype(),
-            cos.dtype()
+            tables.dtype()
         );
     }
     if !store.is_contiguous() {
         bail!("cache_write: the store must be contiguous");
     }
     let op = CacheWrite {
-        cos: cos.contiguous()?,
-        sin: sin.contiguous()?,
-        spans: spans.contiguous()?,
+        tables,
         columns: (row_width, k_at, v_at),
     };
     store.inplace_op2(&rows.contiguous()?, &op)
 }
 
-struct CacheWrite {
-    cos: Tensor,
-    sin: Tensor,
-    spans: Tensor,
+struct CacheWrite<'a> {
+    tables: &'a TokenTables,
     /// `(row_width, k_at, v_at)`: where the keys and values are in a row.
     columns: (usize, usize, usize),
 }
@@ -110,8 +96,7 @@ fn write<T: WithDType>(
     store: &mut [T],
     rows: &[T],
     (row_width, k_at, v_at): (usize, usize, usize),
-    (cos, sin): (&[T], &[T]),
-    spans: &[u32],
+    HostTables { cos, sin, spans }: &HostTables,
     (slots, kv_heads, capacity, d): (usize, usize, usize, usize),
 ) -> Result<()> {
     let half = d / 2;
@@ -131,7 +116,7 @@ fn write<T: WithDType>(
             let to = ((slot * kv_heads + head) * capacity + position) * d;
             for c in 0..half {
                 let (k1, k2) = (f(k[c]), f(k[c + half]));
-                let (cs, sn) = (f(cos[token * half + c]), f(sin[token * half + c]));
+                let (cs, sn) = (cos[token * half + c], sin[token * half + c]);
                 store[to + c] = T::from_f64((k1 * cs - k2 * sn) as f64);
                 store[to + c + half] = T::from_f64((k1 * sn + k2 * cs) as f64);
             }
@@ -141,20 +126,7 @@ fn write<T: WithDType>(
     Ok(())
 }
 
-impl CacheWrite {
-    /// A held tensor's CPU elements of dtype `T`.
-    fn host<T: WithDType>(t: &Tensor, what: &str) -> Result<Vec<T>> {
-        let (storage, layout) = t.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(s) => {
-                Ok(crate::storage::contiguous::<T>(s, layout, "cache_write", what)?.to_vec())
-            }
-            _ => bail!("cache_write: the {what} are not on the CPU"),
-        }
-    }
-}
-
-impl InplaceOp2 for CacheWrite {
+impl InplaceOp2 for CacheWrite<'_> {
     fn name(&self) -> &'static str {
         "cache-write"
     }
@@ -173,12 +145,9 @@ impl InplaceOp2 for CacheWrite {
             (rows, lr): (&CpuStorage, &Layout),
         ) -> Result<()> {
             let rows = crate::storage::contiguous::<T>(rows, lr, "cache_write", "rows")?;
-            let cos = CacheWrite::host::<T>(&op.cos, "cosines")?;
-            let sin = CacheWrite::host::<T>(&op.sin, "sines")?;
-            let spans = CacheWrite::host::<u32>(&op.spans, "spans")?;
+            let tables = op.tables.host("cache_write")?;
             let store = &mut store[ls.start_offset()..];
-            let dims = store_dims(ls)?;
-            write(store, rows, op.columns, (&cos, &sin), &spans, dims)
+            write(store, rows, op.columns, tables, store_dims(ls)?)
         }
         let rows = (rows, lr);
         match store {
@@ -203,7 +172,7 @@ impl InplaceOp2 for CacheWrite {
         use candle_core::backend::BackendStorage;
         use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
         use candle_core::cuda_backend::{CudaDType, WrapErr};
-        use candle_core::CudaStorage;
+        use candle_core::{CudaStorage, DType};
 
         const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/cache_write.ptx"));
 
@@ -215,22 +184,8 @@ impl InplaceOp2 for CacheWrite {
         ) -> Result<()> {
             let device = store.device().clone();
             let (slots, kv_heads, capacity, d) = store_dims(ls)?;
-            let tokens = op.spans.dim(0)?;
+            let tokens = op.tables.tokens();
             let rows = rows.as_cuda_slice::<T>()?.slice(lr.start_offset()..);
-            // The tables and spans the op holds, read where they are (on the GPU).
-            let (cos_storage, cos_layout) = op.cos.storage_and_layout();
-            let (sin_storage, sin_layout) = op.sin.storage_and_layout();
-            let (spans_storage, spans_layout) = op.spans.storage_and_layout();
-            let (Storage::Cuda(cos), Storage::Cuda(sin), Storage::Cuda(spans)) =
-                (&*cos_storage, &*sin_storage, &*spans_storage)
-            else {
-                bail!("cache_write: the tables or the spans are not on the GPU");
-            };
-            let cos = cos.as_cuda_slice::<T>()?.slice(cos_layout.start_offset()..);
-            let sin = sin.as_cuda_slice::<T>()?.slice(sin_layout.start_offset()..);
-            let spans = spans
-                .as_cuda_slice::<u32>()?
-                .slice(spans_layout.start_offset()..);
             let mut target = store
                 .as_cuda_slice_mut::<T>()?
                 .slice_mut(ls.start_offset()..);
@@ -244,23 +199,25 @@ impl InplaceOp2 for CacheWrite {
             let tokens_arg = tokens as u64;
             let (row_width, k_at, v_at) = op.columns;
             let ints = [slots, kv_heads, capacity, d, row_width, k_at, v_at].map(|n| n as i32);
-            let mut builder = func.builder();
-            builder.arg(&mut target);
-            builder.arg(&rows);
-            builder.arg(&cos);
-            builder.arg(&sin);
-            builder.arg(&spans);
-            builder.arg(&tokens_arg);
-            for n in &ints {
-                builder.arg(n);
-            }
-            // SAFETY: the argument list matches the kernel's signature; the rows hold
-            // tokens·row_width elements with the keys and values inside each row, cos and sin
-            // tokens·d/2, spans 3·tokens (checked by `write_rotated`), the store
-            // 2·slots·kv_heads·capacity·d; the slots and positions the spans name are the
-            // caller's to keep inside the cache (the CPU form checks).
-            unsafe { builder.launch(config) }.w()?;
-            Ok(())
+            op.tables.on_device::<T, _>("cache_write", |tables| {
+                let mut builder = func.builder();
+                builder.arg(&mut target);
+                builder.arg(&rows);
+                builder.arg(&tables.cos);
+                builder.arg(&tables.sin);
+                builder.arg(&tables.spans);
+                builder.arg(&tokens_arg);
+                for n in &ints {
+                    builder.arg(n);
+                }
+                // SAFETY: the argument list matches the kernel's signature; the rows hold
+                // tokens·row_width elements with the keys and values inside each row, cos and sin
+                // tokens·d/2, spans 3·tokens (checked by `write_rotated` and `TokenTables::new`),
+                // the store 2·slots·kv_heads·capacity·d; the slots and positions the spans name
+                // are the caller's to keep inside the cache (the CPU form checks).
+                unsafe { builder.launch(config) }.w()?;
+                Ok(())
+            })
         }
 
         let (slots, kv_heads, capacity, d) = store_dims(ls)?;
@@ -287,7 +244,7 @@ impl InplaceOp2 for CacheWrite {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
     use optune_cuda_emulator::{Element, Launch, StoreDims};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
@@ -385,8 +342,8 @@ mod tests {
             for dtype in DTYPES {
                 let (rows, [k, v, cos, sin]) = case.inputs(dtype, 1);
                 let store = case.store(dtype);
-                let spans = case.spans_tensor();
-                write_rotated(&store, &rows, case.columns(), (&cos, &sin), &spans).unwrap();
+                let tables = TokenTables::new(&cos, &sin, &case.spans_tensor()).unwrap();
+                write_rotated(&store, &rows, case.columns(), &tables).unwrap();
                 let heads_k = crate::ops::generic::rotary_heads(&k, &cos, &sin, case.kv_heads)
                     .unwrap() // [1, kv_heads, tokens, d]
                     .to_dtype(DType::F32)
@@ -460,14 +417,8 @@ mod tests {
         };
         let (rows, [_, _, cos, sin]) = case.inputs(DType::F32, 2);
         let store = case.store(DType::F32);
-        let err = write_rotated(
-            &store,
-            &rows,
-            case.columns(),
-            (&cos, &sin),
-            &case.spans_tensor(),
-        )
-        .unwrap_err();
+        let tables = TokenTables::new(&cos, &sin, &case.spans_tensor()).unwrap();
+        let err = write_rotated(&store, &rows, case.columns(), &tables).unwrap_err();
         assert!(err.to_string().contains("position 4 of slot 0"), "{err}");
     }
 
@@ -509,8 +460,8 @@ mod tests {
             for dtype in DTYPES {
                 let (rows, [_, _, cos, sin]) = case.inputs(dtype, 3);
                 let store = case.store(dtype);
-                let spans = case.spans_tensor();
-                write_rotated(&store, &rows, case.columns(), (&cos, &sin), &spans).unwrap();
+                let tables = TokenTables::new(&cos, &sin, &case.spans_tensor()).unwrap();
+                write_rotated(&store, &rows, case.columns(), &tables).unwrap();
                 let inputs = (&rows, &cos, &sin);
                 let want: Vec<f32> = flat(&store.to_dtype(DType::F32).unwrap());
                 let (grid, block) = launch_dims(case.tokens.len() * case.kv_heads * case.d / 2);

@@ -9,72 +9,55 @@
 //! src/cuda/cached_attention.cu (online softmax in f32, one block per query and head); on the CPU
 //! the host decode kernel [`crate::host::attention`], in f32.
 
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+use crate::token_tables::{HostTables, TokenTables};
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 /// The queries, each the first `heads·d` columns of its row of `rows` (`[.., row_width]`: the
-/// projections as they come, q first, not yet rotated), turned by their rotary angles `cos`,
-/// `sin` (`[.., d/2]`, a row per query; rotate-half layout) and attending over `keys`, `values
-/// [slots, kv_heads, capacity, d]` (a KV cache, the queries' own positions already written) with
-/// `spans [queries, 3]` u32 of each query's `(slot, first, last)` positions, inclusive:
-/// `[queries, heads, d]`. A query with `last < first` (an idle slot) gets zeros. The query heads
-/// of a group share their KV head; scores are `(q · k) · scale`; the rotation, the softmax and the
-/// weighted sum of values are in f32 whatever the dtype.
+/// projections as they come, q first, not yet rotated), turned by their rotary angles and
+/// attending over `keys`, `values [slots, kv_heads, capacity, d]` (a KV cache, the queries' own
+/// positions already written), each over its span's `first..=last` positions of its slot
+/// (`tables`, a row per query): `[queries, heads, d]`. A query with `last < first` (an idle slot)
+/// gets zeros. The query heads of a group share their KV head; scores are `(q · k) · scale`; the
+/// rotation, the softmax and the weighted sum of values are in f32 whatever the dtype.
 pub fn cached_attention(
     rows: &Tensor,
     heads: usize,
-    (cos, sin): (&Tensor, &Tensor),
+    tables: &TokenTables,
     keys: &Tensor,
     values: &Tensor,
-    spans: &Tensor,
     scale: f64,
 ) -> Result<Tensor> {
     let (_, kv_heads, _, d) = keys.dims4()?;
-    let queries = spans.dim(0)?;
+    let queries = tables.tokens();
     let row_width = rows.dim(candle_core::D::Minus1)?;
     if rows.elem_count() != queries * row_width
         || heads * d > row_width
         || !heads.is_multiple_of(kv_heads)
-        || !d.is_multiple_of(2)
+        || 2 * tables.half() != d
+        || values.dims() != keys.dims()
     {
         bail!(
-            "cached_attention: rows {:?} for {queries} queries of {heads} heads against a cache \
-             {:?}: whole groups of heads within each row",
+            "cached_attention: rows {:?} for {queries} queries of {heads} heads with {} angles \
+             each against keys {:?} and values {:?}: whole groups of heads within each row",
             rows.dims(),
-            keys.dims()
+            tables.half(),
+            keys.dims(),
+            values.dims()
         );
     }
-    if values.dims() != keys.dims()
-        || spans.dims() != [queries, 3]
-        || spans.dtype() != DType::U32
-        || cos.elem_count() != queries * d / 2
-        || sin.elem_count() != queries * d / 2
-    {
-        bail!(
-            "cached_attention: values {:?}, spans {:?} {:?}, tables {:?} {:?} for keys {:?} and \
-             {queries} queries",
-            values.dims(),
-            spans.dims(),
-            spans.dtype(),
-            cos.dims(),
-            sin.dims(),
-            keys.dims()
-        );
-    }
-    if [cos, sin, keys, values]
+    if [tables.dtype(), keys.dtype(), values.dtype()]
         .iter()
-        .any(|t| t.dtype() != rows.dtype())
+        .any(|&t| t != rows.dtype())
     {
         bail!(
-            "cached_attention: rows {:?} with tables {:?}, cache {:?}",
+            "cached_attention: rows {:?} with angles {:?}, cache {:?}",
             rows.dtype(),
-            cos.dtype(),
+            tables.dtype(),
             keys.dtype()
         );
     }
     let op = CachedAttention {
-        spans: spans.contiguous()?,
-        cos: cos.contiguous()?,
-        sin: sin.contiguous()?,
+        tables,
         heads,
         scale,
     };
@@ -83,10 +66,8 @@ pub fn cached_attention(
         .apply_op3_no_bwd(&keys.contiguous()?, &values.contiguous()?, &op)
 }
 
-struct CachedAttention {
-    spans: Tensor,
-    cos: Tensor,
-    sin: Tensor,
+struct CachedAttention<'a> {
+    tables: &'a TokenTables,
     heads: usize,
     scale: f64,
 }
@@ -96,33 +77,6 @@ struct CachedAttention {
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
 fn launch_dims(queries: usize, heads: usize) -> (u32, u32) {
     ((queries * heads) as u32, 4 * 32)
-}
-
-impl CachedAttention {
-    /// A held tensor's elements as f32 (CPU tensors only).
-    fn host_floats(t: &Tensor, what: &str) -> Result<Vec<f32>> {
-        let (storage, layout) = t.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(s) => {
-                Ok(crate::storage::floats(s, layout, "cached_attention", what)?.into_owned())
-            }
-            _ => bail!("cached_attention: the {what} are not on the CPU"),
-        }
-    }
-
-    /// The spans as host numbers (CPU tensors only).
-    fn host_spans(&self) -> Result<Vec<u32>> {
-        let (storage, layout) = self.spans.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(s) => {
-                Ok(
-                    crate::storage::contiguous::<u32>(s, layout, "cached_attention", "spans")?
-                        .to_vec(),
-                )
-            }
-            _ => bail!("cached_attention: the spans are not on the CPU"),
-        }
-    }
 }
 
 /// Channel `c` of a head `x [d]` turned by the angles `cos`, `sin [d/2]` (rotate-half layout),
@@ -136,7 +90,7 @@ fn turned(x: &[f32], cos: &[f32], sin: &[f32], c: usize) -> f32 {
     }
 }
 
-impl CustomOp3 for CachedAttention {
+impl CustomOp3 for CachedAttention<'_> {
     fn name(&self) -> &'static str {
         "cached-attention"
     }
@@ -159,9 +113,7 @@ impl CustomOp3 for CachedAttention {
             read(k, lk, "keys")?,
             read(v, lv, "values")?,
         );
-        let spans = self.host_spans()?;
-        let cos = Self::host_floats(&self.cos, "cosines")?;
-        let sin = Self::host_floats(&self.sin, "sines")?;
+        let HostTables { cos, sin, spans } = self.tables.host("cached_attention")?;
         // The host kernel takes the live queries only, as rows [heads·d], and scales by 1/√d
         // itself (the model's scale, for which this factor is 1).
         let rescale = (self.scale * (d as f64).sqrt()) as f32;
@@ -233,7 +185,7 @@ impl CustomOp3 for CachedAttention {
         use candle_core::backend::BackendStorage;
         use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
         use candle_core::cuda_backend::{CudaDType, WrapErr};
-        use candle_core::CudaStorage;
+        use candle_core::{CudaStorage, DType};
 
         const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/cached_attention.ptx"));
         const MAX_HEAD_DIM: usize = 256;
@@ -252,20 +204,6 @@ impl CustomOp3 for CachedAttention {
             let q = q.as_cuda_slice::<T>()?.slice(lq.start_offset()..);
             let k = k.as_cuda_slice::<T>()?.slice(lk.start_offset()..);
             let v = v.as_cuda_slice::<T>()?.slice(lv.start_offset()..);
-            // The tables and spans the op holds, read where they are (on the GPU).
-            let (cos_storage, cos_layout) = op.cos.storage_and_layout();
-            let (sin_storage, sin_layout) = op.sin.storage_and_layout();
-            let (spans_storage, spans_layout) = op.spans.storage_and_layout();
-            let (Storage::Cuda(cos), Storage::Cuda(sin), Storage::Cuda(spans)) =
-                (&*cos_storage, &*sin_storage, &*spans_storage)
-            else {
-                bail!("cached_attention: the tables or the spans are not on the GPU");
-            };
-            let cos = cos.as_cuda_slice::<T>()?.slice(cos_layout.start_offset()..);
-            let sin = sin.as_cuda_slice::<T>()?.slice(sin_layout.start_offset()..);
-            let spans = spans
-                .as_cuda_slice::<u32>()?
-                .slice(spans_layout.start_offset()..);
             // SAFETY: every element is written by the kernel (idle queries get zeros).
             let out = unsafe { device.alloc::<T>(queries * heads * d)? };
             let func = device.get_or_load_custom_func(name, "optune_cached_attention", PTX)?;
@@ -278,27 +216,30 @@ impl CustomOp3 for CachedAttention {
                 block_dim: (threads, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let mut builder = func.builder();
-            builder.arg(&q);
-            builder.arg(&cos);
-            builder.arg(&sin);
-            builder.arg(&k);
-            builder.arg(&v);
-            builder.arg(&out);
-            builder.arg(&spans);
-            builder.arg(&heads_arg);
-            builder.arg(&kv_heads_arg);
-            builder.arg(&capacity_arg);
-            builder.arg(&d_arg);
-            builder.arg(&row_width_arg);
-            builder.arg(&scale);
-            // SAFETY: the argument list matches the kernel's signature; the slices hold
-            // queries·row_width (the rows, each with its query's heads·d columns first),
-            // queries·heads·d (out), queries·d/2 (cos, sin), slots·kv_heads·capacity·d (k, v)
-            // and 3·queries (spans) elements, checked by `cached_attention`; the slots and
-            // positions the spans name are the caller's to keep inside the cache (the CPU form
-            // checks them).
-            unsafe { builder.launch(config) }.w()?;
+            op.tables.on_device::<T, _>("cached_attention", |tables| {
+                let mut builder = func.builder();
+                builder.arg(&q);
+                builder.arg(&tables.cos);
+                builder.arg(&tables.sin);
+                builder.arg(&k);
+                builder.arg(&v);
+                builder.arg(&out);
+                builder.arg(&tables.spans);
+                builder.arg(&heads_arg);
+                builder.arg(&kv_heads_arg);
+                builder.arg(&capacity_arg);
+                builder.arg(&d_arg);
+                builder.arg(&row_width_arg);
+                builder.arg(&scale);
+                // SAFETY: the argument list matches the kernel's signature; the slices hold
+                // queries·row_width (the rows, each with its query's heads·d columns first),
+                // queries·heads·d (out), queries·d/2 (cos, sin), slots·kv_heads·capacity·d (k, v)
+                // and 3·queries (spans) elements, checked by `cached_attention` and
+                // `TokenTables::new`; the slots and positions the spans name are the caller's to
+                // keep inside the cache (the CPU form checks them).
+                unsafe { builder.launch(config) }.w()?;
+                Ok(())
+            })?;
             Ok(CudaStorage::wrap_cuda_slice(out, device))
         }
 
@@ -327,7 +268,7 @@ impl CustomOp3 for CachedAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
@@ -398,18 +339,11 @@ mod tests {
             let [q, k, v, cos, sin] = [q, k, v, &cos, &sin].map(|t| t.to_dtype(dtype).unwrap());
             // The queries' columns first in rows that hold more (as a stacked q/k/v projection's).
             let rows = Tensor::cat(&[&q, &q.affine(0.5, 1.0).unwrap()], 2).unwrap();
-            let got = cached_attention(
-                &rows,
-                heads,
-                (&cos, &sin),
-                &k,
-                &v,
-                &spans_tensor(spans),
-                0.35,
-            )
-            .unwrap()
-            .reshape((batch, steps, heads, d))
-            .unwrap();
+            let tables = TokenTables::new(&cos, &sin, &spans_tensor(spans)).unwrap();
+            let got = cached_attention(&rows, heads, &tables, &k, &v, 0.35)
+                .unwrap()
+                .reshape((batch, steps, heads, d))
+                .unwrap();
             assert_eq!(got.dtype(), dtype);
             // [batch, heads, steps, d], rotated (in f32: the kernel turns in f32).
             let rotated = crate::ops::generic::rotary_heads(
@@ -473,17 +407,9 @@ mod tests {
         let q = random(&[2, 1, 2 * 4], &mut rng);
         let k = random(&[2, 1, 5, 4], &mut rng);
         let (cos, sin) = angles(2, 1, 4);
-        let tables = (&cos, &sin);
-        let out = cached_attention(
-            &q,
-            2,
-            tables,
-            &k,
-            &k,
-            &spans_tensor(&[(0, 1, 0), (1, 0, 3)]),
-            1.0,
-        )
-        .unwrap();
+        let tables =
+            |spans: &[(u32, u32, u32)]| TokenTables::new(&cos, &sin, &spans_tensor(spans)).unwrap();
+        let out = cached_attention(&q, 2, &tables(&[(0, 1, 0), (1, 0, 3)]), &k, &k, 1.0).unwrap();
         let idle: Vec<f32> = out
             .get(0)
             .unwrap()
@@ -496,8 +422,7 @@ mod tests {
             ([(0, 0, 5), (1, 0, 3)], "reads position 5 of slot 0"),
             ([(0, 0, 2), (2, 0, 3)], "reads position 3 of slot 2"),
         ] {
-            let err =
-                cached_attention(&q, 2, tables, &k, &k, &spans_tensor(&spans), 1.0).unwrap_err();
+            let err = cached_attention(&q, 2, &tables(&spans), &k, &k, 1.0).unwrap_err();
             assert!(err.to_string().contains(what), "{err}");
         }
     }
@@ -509,6 +434,7 @@ mod tests {
 #[cfg(test)]
 mod emulated {
     use super::*;
+    use candle_core::DType;
     use optune_cuda_emulator::{AttentionDims, Element, Launch};
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
@@ -548,16 +474,15 @@ mod emulated {
         let scale = 1.0 / (dims.head_dim as f32).sqrt();
         for dtype in [DType::F32, DType::BF16, DType::F16] {
             let [q, cos, sin, k, v] = [&q, &cos, &sin, &k, &v].map(|t| t.to_dtype(dtype).unwrap());
-            let tables = (&cos, &sin);
-            let want: Vec<f32> =
-                cached_attention(&q, dims.heads, tables, &k, &v, &spans_tensor, scale as f64)
-                    .unwrap()
-                    .to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
+            let tables = TokenTables::new(&cos, &sin, &spans_tensor).unwrap();
+            let want: Vec<f32> = cached_attention(&q, dims.heads, &tables, &k, &v, scale as f64)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             let tensors = [&q, &cos, &sin, &k, &v];
             let got = match dtype {
                 DType::F32 => kernel::<f32>(dims, tensors, &flat_spans, scale),

@@ -32,6 +32,7 @@ pub mod runtime;
 mod sampling;
 mod simd;
 pub mod storage;
+mod token_tables;
 
 pub use cached_attention::cached_attention;
 pub use dispatch::{autograd_path, decode_path, kernels, path_for, set_kernels, Kernels, Path};
@@ -46,3 +47,4 @@ pub use ops::{
     KEPT_LOGITS_BYTES,
 };
 pub use sampling::{sample_rows, Sampling, BISECTION_STEPS, FLOOR_NATS};
+pub use token_tables::TokenTables;

@@ -14,7 +14,7 @@ use anyhow::{bail, Context};
 use candle_core::{CpuStorage, DType, Device, Result, Storage, StorageRef, Tensor, TensorId};
 use half::bf16;
 use optune_checkpoint::ModelConfig;
-use optune_kernels::{host, ops, Path};
+use optune_kernels::{host, ops, Path, TokenTables};
 use optune_kernels::{matmul_bf16_packed, Mat, PackedRhs, ProductPrecision};
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -767,13 +767,15 @@ impl Transformer {
         let positions: Vec<u32> = tokens.iter().map(|&(_, p)| p as u32).collect();
         let positions = Tensor::from_vec(positions, (batch, steps), &self.device)?;
         let (cos, sin) = self.rope.lookup(&positions)?;
+        // Read by every layer's cache write and attention.
+        let tables = TokenTables::new(&cos, &sin, &spans)?;
         let mut stream =
             Residual::new(self.embed(&Tensor::from_vec(ids, (batch, steps), &self.device)?)?);
         for (layer, block) in self.layers.iter().enumerate() {
             let cached = CachedKv {
                 cache,
                 layer,
-                spans: &spans,
+                tables: &tables,
             };
             stream = block.forward(&self.config, stream, &cos, &sin, Attend::Cached(cached))?;
         }
@@ -1239,9 +1241,9 @@ impl Attend<'_> {
 struct CachedKv<'a> {
     cache: &'a mut KvCache,
     layer: usize,
-    /// `[tokens, 3]` u32: each new token's slot and the first and last position it attends over
-    /// (the last being its own, where its key and value are written).
-    spans: &'a Tensor,
+    /// Each new token's rotary angles and span: its slot and the first and last position it
+    /// attends over (the last being its own, where its key and value are written).
+    tables: &'a TokenTables,
 }
 
 impl Block {
@@ -1311,19 +1313,9 @@ impl Block {
                 let rows =
                     stacked_forward(&attn.qkv, &[&attn.q_proj, &attn.k_proj, &attn.v_proj], &h)?;
                 let columns = (heads * d, (heads + kv_heads) * d);
-                let (keys, values) = c
-                    .cache
-                    .write(c.layer, &rows, columns, (cos, sin), c.spans)?;
-                optune_kernels::cached_attention(
-                    &rows,
-                    heads,
-                    (cos, sin),
-                    &keys,
-                    &values,
-                    c.spans,
-                    scale,
-                )?
-                .reshape((b, t, heads * d))?
+                let (keys, values) = c.cache.write(c.layer, &rows, columns, c.tables)?;
+                optune_kernels::cached_attention(&rows, heads, c.tables, &keys, &values, scale)?
+                    .reshape((b, t, heads * d))?
             }
         };
         let attended = Residual {
@@ -1490,23 +1482,22 @@ impl KvCache {
         Ok(())
     }
 
-    /// Writes the new keys (turned by `cos`, `sin`) and values of one layer, the `kv_heads·d`
+    /// Writes the new keys (turned by their angles) and values of one layer, the `kv_heads·d`
     /// columns of `rows` (`[b, t, ..]`, a row per token) from `columns = (keys, values)`, into the
-    /// store in place, each at its token's slot and position (`spans`), and returns the layer's
+    /// store in place, each at its token's slot and position (`tables`), and returns the layer's
     /// whole key and value stores `[slots, kv_heads, capacity, d]` (tensor store only).
     fn write(
         &mut self,
         layer: usize,
         rows: &Tensor,
         columns: (usize, usize),
-        tables: (&Tensor, &Tensor),
-        spans: &Tensor,
+        tables: &TokenTables,
     ) -> Result<(Tensor, Tensor)> {
         let KvStore::Tensors { layers } = &self.store else {
             candle_core::bail!("write on a host KV cache");
         };
         let store = &layers[layer];
-        optune_kernels::cache_write::write_rotated(store, rows, columns, tables, spans)?;
+        optune_kernels::cache_write::write_rotated(store, rows, columns, tables)?;
         Ok((store.get(0)?, store.get(1)?))
     }
 }
