@@ -158,16 +158,7 @@ impl CustomOp3 for CachedAttention<'_> {
             out[query * heads * d..(query + 1) * heads * d].copy_from_slice(row);
         }
         Ok((
-            match q {
-                CpuStorage::F32(_) => CpuStorage::F32(out),
-                CpuStorage::BF16(_) => {
-                    CpuStorage::BF16(out.iter().map(|&x| half::bf16::from_f32(x)).collect())
-                }
-                CpuStorage::F16(_) => {
-                    CpuStorage::F16(out.iter().map(|&x| half::f16::from_f32(x)).collect())
-                }
-                _ => CpuStorage::F64(out.iter().map(|&x| x as f64).collect()),
-            },
+            crate::storage::stored_like(out, q),
             Shape::from((queries, heads, d)),
         ))
     }

@@ -8,6 +8,7 @@
 //! values and rounded once to the dtype, except the residual sum, which is rounded to the dtype
 //! before its statistics are taken, since the stream is stored so.
 
+use crate::storage::stored_like;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -88,19 +89,6 @@ fn rounding(like: &CpuStorage) -> fn(f32) -> f32 {
     }
 }
 
-/// `values` (already rounded to the dtype of `like`) stored in that dtype.
-fn store(values: Vec<f32>, like: &CpuStorage) -> CpuStorage {
-    match like {
-        CpuStorage::BF16(_) => {
-            CpuStorage::BF16(values.into_iter().map(half::bf16::from_f32).collect())
-        }
-        CpuStorage::F16(_) => {
-            CpuStorage::F16(values.into_iter().map(half::f16::from_f32).collect())
-        }
-        _ => CpuStorage::F32(values),
-    }
-}
-
 struct AddRmsNorm {
     eps: f32,
 }
@@ -151,7 +139,7 @@ impl CustomOp3 for AddRmsNorm {
                 .zip(normed.par_chunks_mut(hidden));
             rows.enumerate().for_each(row_of);
         }
-        Ok((store(out, x), Shape::from((2, rows, hidden))))
+        Ok((stored_like(out, x), Shape::from((2, rows, hidden))))
     }
 
     #[cfg(feature = "cuda")]
@@ -205,7 +193,7 @@ impl CustomOp1 for SiluMul {
         } else {
             x.par_chunks(2 * width).flat_map_iter(gated).collect()
         };
-        Ok((store(out, gate_up), halved(l.shape())))
+        Ok((stored_like(out, gate_up), halved(l.shape())))
     }
 
     #[cfg(feature = "cuda")]

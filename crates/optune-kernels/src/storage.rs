@@ -56,6 +56,21 @@ pub(crate) fn floats<'a>(
     })
 }
 
+/// `values` stored in the dtype of `like` (rounded to nearest even for bf16 and f16): what
+/// [`floats`] read, written back.
+pub(crate) fn stored_like(values: Vec<f32>, like: &CpuStorage) -> CpuStorage {
+    match like {
+        CpuStorage::BF16(_) => {
+            CpuStorage::BF16(values.into_iter().map(half::bf16::from_f32).collect())
+        }
+        CpuStorage::F16(_) => {
+            CpuStorage::F16(values.into_iter().map(half::f16::from_f32).collect())
+        }
+        CpuStorage::F64(_) => CpuStorage::F64(values.into_iter().map(f64::from).collect()),
+        _ => CpuStorage::F32(values),
+    }
+}
+
 fn span(l: &Layout, op: &str, what: &str) -> Result<std::ops::Range<usize>> {
     match l.contiguous_offsets() {
         Some((start, end)) => Ok(start..end),
