@@ -3,6 +3,7 @@
 //! the model crate's job.
 
 use crate::config::{ModelConfig, TokenIds};
+use crate::safetensors_file::{cast_float, read_safetensors_file, write_safetensors_as};
 use crate::tokenizer::ChatTokenizer;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -126,16 +127,6 @@ fn read_json(path: &Path) -> Result<Value> {
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
-/// `tensor` in `cast` when it is a floating-point tensor of another dtype.
-fn cast_float(tensor: Tensor, cast: Option<DType>) -> candle_core::Result<Tensor> {
-    match cast {
-        Some(dtype) if tensor.dtype().is_float() && tensor.dtype() != dtype => {
-            tensor.to_dtype(dtype)
-        }
-        _ => Ok(tensor),
-    }
-}
-
 /// `model.safetensors`, or the shards listed in `model.safetensors.index.json`.
 fn read_safetensors(
     dir: &Path,
@@ -168,52 +159,6 @@ fn read_safetensors(
             .with_context(|| format!("reading weights from {}", file.display()))?;
     }
     Ok(tensors)
-}
-
-/// The largest safetensors header accepted (the format's own limit).
-const MAX_HEADER_BYTES: u64 = 100_000_000;
-
-/// One safetensors file into `tensors`, a tensor at a time: its bytes are read, made a tensor on
-/// `device`, cast (see [`cast_float`]) and dropped before the next is read, largest first, so the
-/// file is never in memory whole (candle's `safetensors::load` reads all of it, then copies every
-/// tensor: twice the stored weights at once, whatever dtype the model then wants).
-fn read_safetensors_file(
-    path: &Path,
-    device: &Device,
-    cast: Option<DType>,
-    tensors: &mut HashMap<String, Tensor>,
-) -> Result<()> {
-    use candle_core::safetensors::Load;
-    use std::io::{Read, Seek, SeekFrom};
-    let mut file = std::fs::File::open(path)?;
-    let mut len = [0u8; 8];
-    file.read_exact(&mut len)?;
-    let header_len = u64::from_le_bytes(len);
-    if header_len > MAX_HEADER_BYTES {
-        bail!("safetensors header of {header_len} bytes");
-    }
-    let mut header = vec![0u8; header_len as usize];
-    file.read_exact(&mut header)?;
-    let metadata: safetensors::tensor::Metadata =
-        serde_json::from_slice(&header).context("parsing the safetensors header")?;
-    let mut infos: Vec<_> = metadata.tensors().into_iter().collect();
-    infos.sort_by(|(a, x), (b, y)| {
-        let size = |i: &safetensors::tensor::TensorInfo| i.data_offsets.1 - i.data_offsets.0;
-        size(y).cmp(&size(x)).then_with(|| a.cmp(b))
-    });
-    let data_start = 8 + header_len;
-    for (name, info) in infos {
-        let (begin, end) = info.data_offsets;
-        let mut bytes = vec![0u8; end - begin];
-        file.seek(SeekFrom::Start(data_start + begin as u64))?;
-        file.read_exact(&mut bytes)
-            .with_context(|| format!("{name}: the file ends inside its data"))?;
-        let view = safetensors::tensor::TensorView::new(info.dtype, info.shape.clone(), &bytes)
-            .with_context(|| name.clone())?;
-        let tensor = cast_float(view.load(device)?, cast)?;
-        tensors.insert(name, tensor);
-    }
-    Ok(())
 }
 
 fn read_gguf_checkpoint(path: &Path, device: &Device, cast: Option<DType>) -> Result<Checkpoint> {
@@ -265,85 +210,6 @@ fn read_gguf_checkpoint(path: &Path, device: &Device, cast: Option<DType>) -> Re
     })
 }
 
-/// Writes `tensors` as a safetensors file with the `format: pt` metadata transformers requires.
-pub fn write_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()> {
-    write_safetensors_as(tensors, None, path)
-}
-
-/// [`write_safetensors`] with every tensor cast to `dtype` (when given). Each tensor is copied to
-/// the host (and cast) only as it is written, so a save holds one tensor's copy at a time beside
-/// the model, not a second copy of all of it.
-pub fn write_safetensors_as(
-    tensors: &[(String, Tensor)],
-    dtype: Option<DType>,
-    path: &Path,
-) -> Result<()> {
-    let failed = std::cell::RefCell::new(None);
-    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let written = safetensors::serialize_to_file(
-        tensors.iter().map(|(name, tensor)| {
-            let view = HostCast {
-                tensor,
-                dtype: dtype.unwrap_or(tensor.dtype()),
-                failed: &failed,
-            };
-            (name.as_str(), view)
-        }),
-        Some(metadata),
-        path,
-    );
-    if let Some(err) = failed.into_inner() {
-        return Err(anyhow::Error::from(err).context(format!("writing {}", path.display())));
-    }
-    written.with_context(|| format!("writing {}", path.display()))?;
-    // safetensors writes through a private (0600) temporary file; give it the usual mode.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))?;
-    }
-    Ok(())
-}
-
-/// A tensor as safetensors writes it: cast to `dtype` and copied to the host when its bytes are
-/// asked for. `View::data` cannot fail, so a failed cast or copy is kept in `failed` (and zeros of
-/// the right length written in its place) for the writer to report.
-struct HostCast<'a> {
-    tensor: &'a Tensor,
-    dtype: DType,
-    failed: &'a std::cell::RefCell<Option<candle_core::Error>>,
-}
-
-impl safetensors::View for HostCast<'_> {
-    fn dtype(&self) -> safetensors::Dtype {
-        self.dtype.into()
-    }
-
-    fn shape(&self) -> &[usize] {
-        self.tensor.dims()
-    }
-
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        let host = self
-            .tensor
-            .detach()
-            .to_dtype(self.dtype)
-            .and_then(|t| t.to_device(&Device::Cpu));
-        match host {
-            // candle's own view of a host tensor: one copy of its bytes.
-            Ok(t) => std::borrow::Cow::Owned(safetensors::View::data(&t).into_owned()),
-            Err(err) => {
-                self.failed.borrow_mut().get_or_insert(err);
-                std::borrow::Cow::Owned(vec![0; self.data_len()])
-            }
-        }
-    }
-
-    fn data_len(&self) -> usize {
-        self.tensor.elem_count() * self.dtype.size_in_bytes()
-    }
-}
-
 /// Writes a Hugging Face checkpoint directory: `model.safetensors` of `weights` (each cast to
 /// `dtype` as it is written, when given), `config.json` (with `torch_dtype` set to the saved
 /// dtype) and the carried tokenizer/generation files; `extra` may add files (metrics, adapters).
@@ -378,88 +244,4 @@ pub fn write_checkpoint(
         }
         extra(tmp)
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn values(t: &Tensor) -> Vec<f32> {
-        t.to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap()
-    }
-
-    /// A directory with one safetensors file of an f32, a bf16 and an integer tensor.
-    fn weights_dir() -> (tempfile::TempDir, Vec<(String, Tensor)>) {
-        let dev = Device::Cpu;
-        let tensors = vec![
-            (
-                "w".to_string(),
-                Tensor::new(&[[0.1f32, -2.5, 3.0e-3], [1.0, 7.75, -0.3]], &dev).unwrap(),
-            ),
-            (
-                "h".to_string(),
-                Tensor::new(&[0.5f32, 1.25], &dev)
-                    .unwrap()
-                    .to_dtype(DType::BF16)
-                    .unwrap(),
-            ),
-            (
-                "ids".to_string(),
-                Tensor::new(&[3i64, -1, 9], &dev).unwrap(),
-            ),
-        ];
-        let dir = tempfile::tempdir().unwrap();
-        write_safetensors(&tensors, &dir.path().join("model.safetensors")).unwrap();
-        (dir, tensors)
-    }
-
-    #[test]
-    fn weights_read_a_tensor_at_a_time_are_cast_floats_only() {
-        let (dir, tensors) = weights_dir();
-        let stored = read_safetensors(dir.path(), &Device::Cpu, None).unwrap();
-        let cast = read_safetensors(dir.path(), &Device::Cpu, Some(DType::BF16)).unwrap();
-        for (name, tensor) in &tensors {
-            assert_eq!(stored[name].dtype(), tensor.dtype(), "{name}");
-            assert_eq!(stored[name].dims(), tensor.dims(), "{name}");
-            assert_eq!(values(&stored[name]), values(tensor), "{name}");
-            let want = if tensor.dtype().is_float() {
-                DType::BF16
-            } else {
-                tensor.dtype()
-            };
-            assert_eq!(cast[name].dtype(), want, "{name}");
-            assert_eq!(
-                values(&cast[name]),
-                values(&tensor.to_dtype(want).unwrap()),
-                "{name}"
-            );
-        }
-    }
-
-    #[test]
-    fn a_truncated_weights_file_is_an_error() {
-        let (dir, _) = weights_dir();
-        let path = dir.path().join("model.safetensors");
-        let bytes = std::fs::read(&path).unwrap();
-        std::fs::write(&path, &bytes[..bytes.len() - 4]).unwrap();
-        let err = read_safetensors(dir.path(), &Device::Cpu, None).unwrap_err();
-        assert!(format!("{err:#}").contains("ends inside"), "{err:#}");
-    }
-
-    #[test]
-    fn weights_written_in_another_dtype_are_cast_as_written() {
-        let (dir, tensors) = weights_dir();
-        let path = dir.path().join("f32.safetensors");
-        write_safetensors_as(&tensors[..2], Some(DType::F32), &path).unwrap();
-        let read = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
-        for (name, tensor) in &tensors[..2] {
-            assert_eq!(read[name].dtype(), DType::F32, "{name}");
-            assert_eq!(values(&read[name]), values(tensor), "{name}");
-        }
-    }
 }

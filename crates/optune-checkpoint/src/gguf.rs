@@ -22,7 +22,7 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{Device, Tensor};
 use serde_json::{json, Map};
 
-use crate::checkpoint::write_safetensors;
+use crate::safetensors_file::write_safetensors;
 use optune_fs::write_dir_atomically;
 
 /// A Hugging Face `LlamaForCausalLM` checkpoint held in memory, ready to be written by

@@ -5,10 +5,10 @@
 pub mod checkpoint;
 pub mod config;
 pub mod gguf;
+mod safetensors_file;
 pub mod tokenizer;
 
-pub use checkpoint::{
-    write_checkpoint, write_safetensors, write_safetensors_as, Checkpoint, CheckpointMeta,
-};
+pub use checkpoint::{write_checkpoint, Checkpoint, CheckpointMeta};
 pub use config::{Family, ModelConfig};
+pub use safetensors_file::{write_safetensors, write_safetensors_as};
 pub use tokenizer::{ChatMessage, ChatTokenizer, Prompt};
