@@ -138,7 +138,7 @@ bool run_block(Launch &launch) {
 }
 
 // A fault inside a launch is a kernel touching memory outside its buffers (each buffer of the
-// tests ends at an inaccessible page, see optune_emu_guarded_alloc): reported with the kernel,
+// tests sits against an inaccessible page, see optune_emu_guarded_alloc): reported with the kernel,
 // block and thread, then the process ends, as a GPU's illegal address would end it. Any other
 // fault goes to the handler that was there before (Rust's stack-overflow report).
 void on_fault(int signal, siginfo_t *info, void *) {
@@ -243,27 +243,34 @@ int launch_erased(const char *kernel, dim3 grid, dim3 block, void (*body)(void *
 
 const char *last_error() { return error_message.c_str(); }
 
+int refuse(const std::string &message) {
+    error_message = message;
+    return -1;
+}
+
 }  // namespace emu
 
 extern "C" const char *optune_emu_last_error() { return emu::last_error(); }
 
-// A buffer of `bytes` whose last byte is followed by an inaccessible page, so that a kernel reading
-// or writing past its end faults at once (on_fault) instead of reading a neighbour's data.
-// Null when the mapping fails.
-extern "C" void *optune_emu_guarded_alloc(size_t bytes) {
+// A buffer of `bytes` between two inaccessible pages: [guard][body][guard], the body the whole
+// pages the bytes need. With `at_start` 0 the buffer ends where the trailing guard begins, so a
+// kernel reading or writing past its end faults at once (on_fault); with 1 it starts where the
+// leading guard ends, so an access before its start does. Null when the mapping fails.
+extern "C" void *optune_emu_guarded_alloc(size_t bytes, int at_start) {
     const size_t body = emu::guarded_body(bytes), page = emu::page_bytes();
-    void *base = mmap(nullptr, body + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
-                      -1, 0);
-    if (base == MAP_FAILED) return nullptr;
-    char *guard = static_cast<char *>(base) + body;
-    if (mprotect(guard, page, PROT_NONE) != 0) {
-        munmap(base, body + page);
+    void *mapped = mmap(nullptr, page + body + page, PROT_READ | PROT_WRITE,
+                        MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (mapped == MAP_FAILED) return nullptr;
+    char *base = static_cast<char *>(mapped);
+    if (mprotect(base, page, PROT_NONE) != 0 || mprotect(base + page + body, page, PROT_NONE) != 0) {
+        munmap(mapped, page + body + page);
         return nullptr;
     }
-    return guard - bytes;
+    return at_start ? base + page : base + page + body - bytes;
 }
 
-extern "C" void optune_emu_guarded_free(void *data, size_t bytes) {
+extern "C" void optune_emu_guarded_free(void *data, size_t bytes, int at_start) {
     const size_t body = emu::guarded_body(bytes), page = emu::page_bytes();
-    munmap(static_cast<char *>(data) + bytes - body, body + page);
+    char *body_start = at_start ? static_cast<char *>(data) : static_cast<char *>(data) + bytes - body;
+    munmap(body_start - page, page + body + page);
 }

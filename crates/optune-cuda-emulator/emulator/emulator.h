@@ -14,6 +14,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <string>
 
 #define __global__
 #define __device__
@@ -101,6 +102,8 @@ namespace emu {
 // fibers; 0 when every block ran to the end, else -1 with the reason in `last_error()`.
 int launch_erased(const char *kernel, dim3 grid, dim3 block, void (*body)(void *), void *context);
 const char *last_error();
+// Sets the error last_error() returns, for a launch refused before it starts; -1.
+int refuse(const std::string &message);
 
 template <typename F> int launch(const char *kernel, dim3 grid, dim3 block, F &&body) {
     return launch_erased(

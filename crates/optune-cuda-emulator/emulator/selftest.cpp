@@ -1,6 +1,6 @@
 // Kernels that test the emulator itself (src/lib.rs's tests): a block reduction through shared
 // memory and __syncthreads, a warp reduction through shuffles, a shuffle that half of its warp
-// never reaches, and a read past the end of a buffer.
+// never reaches, reads outside a buffer, and a kernel leaving an output element unwritten.
 
 #include "kernels.h"
 
@@ -29,12 +29,19 @@ __global__ void selftest_diverged_shuffle(float *out) {
     }
 }
 
-// Thread t reads x[t + n]: for a buffer of n elements, every read is past its end.
-__global__ void selftest_read_past_the_end(const float *x, float *out, int n) {
-    out[threadIdx.x] = x[threadIdx.x + n];
+// Thread t reads x[t + offset]: for a buffer of n elements, offset n reads past its end and -1
+// (thread 0) before its start.
+__global__ void selftest_read_at_offset(const float *x, float *out, int offset) {
+    out[threadIdx.x] = x[int(threadIdx.x) + offset];
 }
 
-EMULATED(selftest_block_sum, PARAMS(const float *x, float *out), PARAMS(x, out))
-EMULATED(selftest_warp_sum, PARAMS(const float *x, float *out), PARAMS(x, out))
-EMULATED(selftest_diverged_shuffle, PARAMS(float *out), PARAMS(out))
-EMULATED(selftest_read_past_the_end, PARAMS(const float *x, float *out, int n), PARAMS(x, out, n))
+// Every thread but the block's last writes its element.
+__global__ void selftest_write_all_but_last(float *out) {
+    if (threadIdx.x + 1 < blockDim.x) out[threadIdx.x] = 1.0f;
+}
+
+EMULATED(selftest_block_sum)
+EMULATED(selftest_warp_sum)
+EMULATED(selftest_diverged_shuffle)
+EMULATED(selftest_write_all_but_last)
+EMULATED(selftest_read_at_offset)

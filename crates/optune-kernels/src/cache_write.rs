@@ -6,6 +6,7 @@
 //! The CPU form below is the specification: the rotation in f32 from the stored values, rounded
 //! once to the cache's dtype.
 
+use crate::kernel_args::KernelArg;
 use crate::token_tables::{HostTables, TokenTables};
 use candle_core::{bail, CpuStorage, InplaceOp2, Layout, Result, Tensor, WithDType};
 
@@ -79,6 +80,47 @@ fn store_dims(l: &Layout) -> Result<(usize, usize, usize, usize)> {
         bail!("cache_write: store {:?}", l.dims());
     };
     Ok((slots, kv_heads, capacity, d))
+}
+
+/// The sizes the kernel's arguments carry: `tokens` rows of `row_width` columns, each token's
+/// keys from column `k_at` and values from `v_at`, into a store `[2, slots, kv_heads, capacity,
+/// head_dim]`.
+#[derive(Clone, Copy, Debug)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
+struct WriteDims {
+    tokens: usize,
+    slots: usize,
+    kv_heads: usize,
+    capacity: usize,
+    head_dim: usize,
+    row_width: usize,
+    k_at: usize,
+    v_at: usize,
+}
+
+/// The kernel's arguments (src/cuda/cache_write.cu): the addresses of the store, the rows, the
+/// angles `cos`, `sin [tokens, head_dim/2]` and the spans `[tokens, 3]`, then the sizes. The CUDA
+/// launch and the emulated tests both pass this list.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
+fn kernel_args(
+    [store, rows, cos, sin, spans]: [u64; 5],
+    dims: &WriteDims,
+) -> Result<Vec<KernelArg>> {
+    Ok(vec![
+        KernelArg::Pointer(store),
+        KernelArg::Pointer(rows),
+        KernelArg::Pointer(cos),
+        KernelArg::Pointer(sin),
+        KernelArg::Pointer(spans),
+        KernelArg::U64(dims.tokens as u64),
+        KernelArg::int(dims.slots, "slots")?,
+        KernelArg::int(dims.kv_heads, "kv_heads")?,
+        KernelArg::int(dims.capacity, "capacity")?,
+        KernelArg::int(dims.head_dim, "head_dim")?,
+        KernelArg::int(dims.row_width, "row_width")?,
+        KernelArg::int(dims.k_at, "k_at")?,
+        KernelArg::int(dims.v_at, "v_at")?,
+    ])
 }
 
 /// The CUDA launch over `pairs` (token, KV head, channel pair) threads: blocks of [`THREADS`]
@@ -169,9 +211,10 @@ impl InplaceOp2 for CacheWrite<'_> {
         rows: &candle_core::CudaStorage,
         lr: &Layout,
     ) -> Result<()> {
+        use crate::kernel_args::cuda::{config, launch as launch_kernel};
         use candle_core::backend::BackendStorage;
-        use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
-        use candle_core::cuda_backend::{CudaDType, WrapErr};
+        use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr};
+        use candle_core::cuda_backend::CudaDType;
         use candle_core::{CudaStorage, DType};
 
         const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/cache_write.ptx"));
@@ -183,40 +226,40 @@ impl InplaceOp2 for CacheWrite<'_> {
             (rows, lr): (&CudaStorage, &Layout),
         ) -> Result<()> {
             let device = store.device().clone();
-            let (slots, kv_heads, capacity, d) = store_dims(ls)?;
-            let tokens = op.tables.tokens();
+            let stream = device.cuda_stream();
+            let (slots, kv_heads, capacity, head_dim) = store_dims(ls)?;
+            let (row_width, k_at, v_at) = op.columns;
+            let dims = WriteDims {
+                tokens: op.tables.tokens(),
+                slots,
+                kv_heads,
+                capacity,
+                head_dim,
+                row_width,
+                k_at,
+                v_at,
+            };
             let rows = rows.as_cuda_slice::<T>()?.slice(lr.start_offset()..);
             let mut target = store
                 .as_cuda_slice_mut::<T>()?
                 .slice_mut(ls.start_offset()..);
             let func = device.get_or_load_custom_func(name, "optune_cache_write", PTX)?;
-            let (blocks, threads) = launch_dims(tokens * kv_heads * d / 2);
-            let config = LaunchConfig {
-                grid_dim: (blocks, 1, 1),
-                block_dim: (threads, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let tokens_arg = tokens as u64;
-            let (row_width, k_at, v_at) = op.columns;
-            let ints = [slots, kv_heads, capacity, d, row_width, k_at, v_at].map(|n| n as i32);
+            let dims_of_launch = launch_dims(dims.tokens * kv_heads * head_dim / 2);
             op.tables.on_device::<T, _>("cache_write", |tables| {
-                let mut builder = func.builder();
-                builder.arg(&mut target);
-                builder.arg(&rows);
-                builder.arg(&tables.cos);
-                builder.arg(&tables.sin);
-                builder.arg(&tables.spans);
-                builder.arg(&tokens_arg);
-                for n in &ints {
-                    builder.arg(n);
-                }
-                // SAFETY: the argument list matches the kernel's signature; the rows hold
-                // tokens·row_width elements with the keys and values inside each row, cos and sin
-                // tokens·d/2, spans 3·tokens (checked by `write_rotated` and `TokenTables::new`),
-                // the store 2·slots·kv_heads·capacity·d; the slots and positions the spans name
-                // are the caller's to keep inside the cache (the CPU form checks).
-                unsafe { builder.launch(config) }.w()?;
-                Ok(())
+                // The guards order the launch after the buffers' last writes and record it.
+                let (store_at, _store) = target.device_ptr_mut(&stream);
+                let (rows_at, _rows) = rows.device_ptr(&stream);
+                let (cos_at, _cos) = tables.cos.device_ptr(&stream);
+                let (sin_at, _sin) = tables.sin.device_ptr(&stream);
+                let (spans_at, _spans) = tables.spans.device_ptr(&stream);
+                let args = kernel_args([store_at, rows_at, cos_at, sin_at, spans_at], &dims)?;
+                // SAFETY: the list is the kernel's; the rows hold tokens·row_width elements with
+                // the keys and values inside each row, cos and sin tokens·d/2, spans 3·tokens
+                // (checked by `write_rotated` and `TokenTables::new`), the store
+                // 2·slots·kv_heads·capacity·d; the slots and positions the spans name are the
+                // caller's to keep inside the cache (the CPU form checks). The guards live to the
+                // end of the closure.
+                unsafe { launch_kernel(func.builder(), config(dims_of_launch), &args) }
             })
         }
 
@@ -244,8 +287,9 @@ impl InplaceOp2 for CacheWrite<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernel_args::emulated;
     use candle_core::{DType, Device};
-    use optune_cuda_emulator::{Element, Launch, StoreDims};
+    use optune_cuda_emulator::{self as emulator, in_both_placements, Element, Launch};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
@@ -426,30 +470,40 @@ mod tests {
         t.flatten_all().unwrap().to_vec1().unwrap()
     }
 
-    fn emulated<T: Element + candle_core::WithDType>(
+    /// The kernel by the emulator on the case's store, with `launch` and the CUDA path's
+    /// argument list: the store it leaves.
+    fn kernel_store<T: Element + candle_core::WithDType>(
         case: &Case,
         (rows, cos, sin): (&Tensor, &Tensor, &Tensor),
         launch: Launch,
     ) -> Vec<f32> {
-        let mut store: Vec<T> = flat(&case.store(T::DTYPE));
-        let dims = StoreDims {
+        let store: Vec<T> = flat(&case.store(T::DTYPE));
+        let (k_at, v_at) = case.columns();
+        let dims = WriteDims {
+            tokens: case.tokens.len(),
             slots: case.slots,
             kv_heads: case.kv_heads,
             capacity: case.capacity,
             head_dim: case.d,
+            row_width: rows.dim(2).unwrap(),
+            k_at,
+            v_at,
         };
-        let (k_at, v_at) = case.columns();
-        let row_width = rows.dim(2).unwrap();
-        optune_cuda_emulator::cache_write_rotated(
-            launch,
-            dims,
-            &mut store,
-            (&flat::<T>(rows), row_width, k_at, v_at),
-            (&flat::<T>(cos), &flat::<T>(sin)),
-            &case.spans(),
-        )
+        let inputs = [rows, cos, sin].map(flat::<T>);
+        let kernel = format!("cache_write_rotated_{}", T::SUFFIX);
+        let written = in_both_placements(&kernel, |memory| {
+            let store = memory.in_place(&store);
+            let [rows, cos, sin] = inputs.each_ref().map(|x| memory.input(x));
+            let spans = memory.input(&case.spans());
+            let args = kernel_args([store.address, rows, cos, sin, spans], &dims)
+                .map_err(|e| e.to_string())?;
+            // SAFETY: the buffers hold what the kernel reads and writes for these sizes, and the
+            // spans name slots and positions inside the store.
+            unsafe { emulator::launch(&kernel, launch, &emulated(&args)) }?;
+            Ok(memory.read(&store))
+        })
         .unwrap();
-        store.into_iter().map(|x| x.to_f64() as f32).collect()
+        written.into_iter().map(|x| x.to_f64() as f32).collect()
     }
 
     /// The CUDA kernel (src/cuda/cache_write.cu), run by the emulator with the CUDA path's launch
@@ -467,9 +521,9 @@ mod tests {
                 let (grid, block) = launch_dims(case.tokens.len() * case.kv_heads * case.d / 2);
                 for launch in [Launch { grid, block }, Launch { grid: 1, block: 32 }] {
                     let got = match dtype {
-                        DType::F32 => emulated::<f32>(&case, inputs, launch),
-                        DType::BF16 => emulated::<half::bf16>(&case, inputs, launch),
-                        _ => emulated::<half::f16>(&case, inputs, launch),
+                        DType::F32 => kernel_store::<f32>(&case, inputs, launch),
+                        DType::BF16 => kernel_store::<half::bf16>(&case, inputs, launch),
+                        _ => kernel_store::<half::f16>(&case, inputs, launch),
                     };
                     assert_eq!(got, want, "{dtype:?} {launch:?}");
                 }

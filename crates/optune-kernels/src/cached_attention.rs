@@ -9,6 +9,7 @@
 //! src/cuda/cached_attention.cu (online softmax in f32, one block per query and head); on the CPU
 //! the host decode kernel [`crate::host::attention`], in f32.
 
+use crate::kernel_args::KernelArg;
 use crate::token_tables::{HostTables, TokenTables};
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
@@ -77,6 +78,46 @@ struct CachedAttention<'a> {
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
 fn launch_dims(queries: usize, heads: usize) -> (u32, u32) {
     ((queries * heads) as u32, 4 * 32)
+}
+
+/// The sizes of the kernel's buffers: the queries as the first `heads·head_dim` columns of
+/// `rows [queries, row_width]`, `keys`/`values [slots, kv_heads, capacity, head_dim]`.
+#[derive(Clone, Copy, Debug)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
+struct AttentionDims {
+    queries: usize,
+    row_width: usize,
+    heads: usize,
+    head_dim: usize,
+    kv_heads: usize,
+    capacity: usize,
+}
+
+/// The kernel's arguments (src/cuda/cached_attention.cu): the addresses of the rows, the angles
+/// `cos`, `sin [queries, head_dim/2]`, the keys, the values, `out [queries, heads, head_dim]` and
+/// the spans `[queries, 3]`, then the sizes and the scale. The CUDA launch and the emulated tests
+/// both pass this list.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
+fn kernel_args(
+    [rows, cos, sin, keys, values, out, spans]: [u64; 7],
+    dims: &AttentionDims,
+    scale: f32,
+) -> Result<Vec<KernelArg>> {
+    Ok(vec![
+        KernelArg::Pointer(rows),
+        KernelArg::Pointer(cos),
+        KernelArg::Pointer(sin),
+        KernelArg::Pointer(keys),
+        KernelArg::Pointer(values),
+        KernelArg::Pointer(out),
+        KernelArg::Pointer(spans),
+        KernelArg::int(dims.heads, "heads")?,
+        KernelArg::int(dims.kv_heads, "kv_heads")?,
+        KernelArg::int(dims.capacity, "capacity")?,
+        KernelArg::int(dims.head_dim, "head_dim")?,
+        KernelArg::int(dims.row_width, "row_width")?,
+        KernelArg::F32(scale),
+    ])
 }
 
 /// Channel `c` of a head `x [d]` turned by the angles `cos`, `sin [d/2]` (rotate-half layout),
@@ -173,15 +214,16 @@ impl CustomOp3 for CachedAttention<'_> {
         v: &candle_core::CudaStorage,
         lv: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::kernel_args::cuda::{config, launch as launch_kernel};
         use candle_core::backend::BackendStorage;
-        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-        use candle_core::cuda_backend::{CudaDType, WrapErr};
+        use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr};
+        use candle_core::cuda_backend::CudaDType;
         use candle_core::{CudaStorage, DType};
 
         const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/cached_attention.ptx"));
         const MAX_HEAD_DIM: usize = 256;
 
-        fn launch<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
+        fn launch<T: CudaDType + DeviceRepr>(
             op: &CachedAttention,
             name: &str,
             (q, lq): (&CudaStorage, &Layout),
@@ -189,47 +231,47 @@ impl CustomOp3 for CachedAttention<'_> {
             (v, lv): (&CudaStorage, &Layout),
         ) -> Result<CudaStorage> {
             let device = q.device().clone();
+            let stream = device.cuda_stream();
             let (queries, row_width) = lq.shape().dims2()?;
-            let (_, kv_heads, capacity, d) = lk.shape().dims4()?;
-            let heads = op.heads;
+            let (_, kv_heads, capacity, head_dim) = lk.shape().dims4()?;
+            let dims = AttentionDims {
+                queries,
+                row_width,
+                heads: op.heads,
+                head_dim,
+                kv_heads,
+                capacity,
+            };
             let q = q.as_cuda_slice::<T>()?.slice(lq.start_offset()..);
             let k = k.as_cuda_slice::<T>()?.slice(lk.start_offset()..);
             let v = v.as_cuda_slice::<T>()?.slice(lv.start_offset()..);
             // SAFETY: every element is written by the kernel (idle queries get zeros).
-            let out = unsafe { device.alloc::<T>(queries * heads * d)? };
+            let mut out = unsafe { device.alloc::<T>(dims.queries * dims.heads * head_dim)? };
             let func = device.get_or_load_custom_func(name, "optune_cached_attention", PTX)?;
-            let [heads_arg, kv_heads_arg, capacity_arg, d_arg, row_width_arg] =
-                [heads, kv_heads, capacity, d, row_width].map(|n| n as i32);
-            let scale = op.scale as f32;
-            let (blocks, threads) = launch_dims(queries, heads);
-            let config = LaunchConfig {
-                grid_dim: (blocks, 1, 1),
-                block_dim: (threads, 1, 1),
-                shared_mem_bytes: 0,
-            };
             op.tables.on_device::<T, _>("cached_attention", |tables| {
-                let mut builder = func.builder();
-                builder.arg(&q);
-                builder.arg(&tables.cos);
-                builder.arg(&tables.sin);
-                builder.arg(&k);
-                builder.arg(&v);
-                builder.arg(&out);
-                builder.arg(&tables.spans);
-                builder.arg(&heads_arg);
-                builder.arg(&kv_heads_arg);
-                builder.arg(&capacity_arg);
-                builder.arg(&d_arg);
-                builder.arg(&row_width_arg);
-                builder.arg(&scale);
-                // SAFETY: the argument list matches the kernel's signature; the slices hold
-                // queries·row_width (the rows, each with its query's heads·d columns first),
-                // queries·heads·d (out), queries·d/2 (cos, sin), slots·kv_heads·capacity·d (k, v)
-                // and 3·queries (spans) elements, checked by `cached_attention` and
-                // `TokenTables::new`; the slots and positions the spans name are the caller's to
-                // keep inside the cache (the CPU form checks them).
-                unsafe { builder.launch(config) }.w()?;
-                Ok(())
+                // The guards order the launch after the buffers' last writes and record it.
+                let (q_at, _q) = q.device_ptr(&stream);
+                let (cos_at, _cos) = tables.cos.device_ptr(&stream);
+                let (sin_at, _sin) = tables.sin.device_ptr(&stream);
+                let (k_at, _k) = k.device_ptr(&stream);
+                let (v_at, _v) = v.device_ptr(&stream);
+                let (spans_at, _spans) = tables.spans.device_ptr(&stream);
+                let (out_at, _out) = out.device_ptr_mut(&stream);
+                let buffers = [q_at, cos_at, sin_at, k_at, v_at, out_at, spans_at];
+                let args = kernel_args(buffers, &dims, op.scale as f32)?;
+                // SAFETY: the list is the kernel's; the buffers hold queries·row_width (the rows,
+                // each with its query's heads·d columns first), queries·heads·d (out), queries·d/2
+                // (cos, sin), slots·kv_heads·capacity·d (k, v) and 3·queries (spans) elements,
+                // checked by `cached_attention` and `TokenTables::new`; the slots and positions
+                // the spans name are the caller's to keep inside the cache (the CPU form checks
+                // them). The guards live to the end of the closure.
+                unsafe {
+                    launch_kernel(
+                        func.builder(),
+                        config(launch_dims(dims.queries, dims.heads)),
+                        &args,
+                    )
+                }
             })?;
             Ok(CudaStorage::wrap_cuda_slice(out, device))
         }
@@ -425,39 +467,45 @@ mod tests {
 #[cfg(test)]
 mod emulated {
     use super::*;
+    use crate::kernel_args::emulated;
     use candle_core::DType;
-    use optune_cuda_emulator::{AttentionDims, Element, Launch};
+    use optune_cuda_emulator::{self as emulator, in_both_placements, Element, Launch};
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
 
-    fn kernel<T: Element + Default + candle_core::WithDType>(
+    /// The kernel by the emulator, with the CUDA path's launch and argument list.
+    fn kernel<T: Element + candle_core::WithDType>(
         dims: AttentionDims,
         [rows, cos, sin, k, v]: [&Tensor; 5],
         spans: &[u32],
         scale: f32,
     ) -> Vec<f32> {
         let flat = |t: &Tensor| -> Vec<T> { t.flatten_all().unwrap().to_vec1().unwrap() };
+        let inputs = [rows, cos, sin, k, v].map(flat);
         let (grid, block) = launch_dims(dims.queries, dims.heads);
-        let out = optune_cuda_emulator::cached_attention(
-            Launch { grid, block },
-            dims,
-            &flat(rows),
-            (&flat(cos), &flat(sin)),
-            (&flat(k), &flat(v)),
-            spans,
-            scale,
-        )
+        let kernel = format!("cached_attention_{}", T::SUFFIX);
+        let out = in_both_placements(&kernel, |memory| {
+            let [rows, cos, sin, k, v] = inputs.each_ref().map(|x| memory.input(x));
+            let spans = memory.input(spans);
+            let out = memory.output::<T>(dims.queries * dims.heads * dims.head_dim);
+            let args = kernel_args([rows, cos, sin, k, v, out.address, spans], &dims, scale)
+                .map_err(|e| e.to_string())?;
+            // SAFETY: the buffers hold what the kernel reads and writes for these sizes: the
+            // tensors are shaped by `dims`, and the spans stay inside the cache.
+            unsafe { emulator::launch(&kernel, Launch { grid, block }, &emulated(&args)) }?;
+            Ok(memory.read(&out))
+        })
         .unwrap();
         out.into_iter().map(|x| x.to_f64() as f32).collect()
     }
 
     /// `spans` over a cache of `slots × capacity`, queries the first columns of rows
     /// `[queries, row_width]`.
-    fn check(dims: AttentionDims, spans: &[(u32, u32, u32)], seed: u64) {
+    fn check(dims: AttentionDims, slots: usize, spans: &[(u32, u32, u32)], seed: u64) {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut random = |shape: &[usize]| super::tests::random(shape, &mut rng);
         let q = random(&[dims.queries, dims.row_width]);
-        let cache = [dims.slots, dims.kv_heads, dims.capacity, dims.head_dim];
+        let cache = [slots, dims.kv_heads, dims.capacity, dims.head_dim];
         let (k, v) = (random(&cache), random(&cache));
         let (cos, sin) = super::tests::angles(1, dims.queries, dims.head_dim);
         let flat_spans: Vec<u32> = spans.iter().flat_map(|&(s, a, b)| [s, a, b]).collect();
@@ -510,16 +558,12 @@ mod emulated {
             row_width: (8 + 2 * 2) * 64,
             heads: 8,
             head_dim: 64,
-            slots: 5,
             kv_heads: 2,
             capacity: 40,
         };
         // The last slot's last position ends the cache: a read past it faults in the emulator.
-        check(
-            dims,
-            &[(0, 0, 39), (1, 0, 2), (4, 17, 39), (3, 6, 6), (2, 1, 0)],
-            21,
-        );
+        let spans = [(0, 0, 39), (1, 0, 2), (4, 17, 39), (3, 6, 6), (2, 1, 0)];
+        check(dims, 5, &spans, 21);
     }
 
     #[test]
@@ -537,11 +581,10 @@ mod emulated {
             row_width: 4 * 80,
             heads: 4,
             head_dim: 80,
-            slots: 5,
             kv_heads: 4,
             capacity: 24,
         };
-        check(dims, &spans, 22);
+        check(dims, 5, &spans, 22);
     }
 
     #[test]
@@ -552,10 +595,9 @@ mod emulated {
             row_width: 3 * 256,
             heads: 2,
             head_dim: 256,
-            slots: 2,
             kv_heads: 1,
             capacity: 9,
         };
-        check(dims, &[(1, 0, 7), (1, 0, 8), (0, 0, 0), (0, 3, 2)], 23);
+        check(dims, 2, &[(1, 0, 7), (1, 0, 8), (0, 0, 0), (0, 3, 2)], 23);
     }
 }

@@ -8,6 +8,7 @@
 //! values and rounded once to the dtype, except the residual sum, which is rounded to the dtype
 //! before its statistics are taken, since the stream is stored so.
 
+use crate::kernel_args::KernelArg;
 use crate::storage::stored_like;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -152,7 +153,6 @@ impl CustomOp3 for AddRmsNorm {
         weight: &candle_core::CudaStorage,
         lw: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use cuda::Scalar;
         let hidden = lw.shape().elem_count();
         let rows = lx.shape().elem_count() / hidden;
         let out = cuda::launch(
@@ -160,11 +160,9 @@ impl CustomOp3 for AddRmsNorm {
             [(x, lx), (delta, ld), (weight, lw)],
             2 * rows * hidden,
             add_rms_norm_launch(rows),
-            &[
-                Scalar::int(rows, "rows")?,
-                Scalar::int(hidden, "hidden")?,
-                Scalar::F32(self.eps),
-            ],
+            |[x, delta, weight], out| {
+                add_rms_norm_args([x, delta, weight, out], rows, hidden, self.eps)
+            },
         )?;
         Ok((out, Shape::from((2, rows, hidden))))
     }
@@ -202,7 +200,6 @@ impl CustomOp1 for SiluMul {
         gate_up: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use cuda::Scalar;
         let shape = halved(l.shape());
         let (n, width) = (shape.elem_count(), shape.dims()[shape.rank() - 1]);
         let out = cuda::launch(
@@ -210,7 +207,7 @@ impl CustomOp1 for SiluMul {
             [(gate_up, l)],
             n,
             elementwise_launch(n),
-            &[Scalar::U64(n as u64), Scalar::int(width, "width")?],
+            |[gate_up], out| silu_mul_args([gate_up, out], n, width),
         )?;
         Ok((out, shape))
     }
@@ -222,6 +219,39 @@ fn halved(shape: &Shape) -> Shape {
     let last = dims.len() - 1;
     dims[last] /= 2;
     Shape::from(dims)
+}
+
+/// add_rms_norm's arguments (src/cuda/forward_only.cu) over `rows` rows of `hidden`: the
+/// addresses of `x`, `delta`, `weight` and `out`, then the sizes and `eps`. The CUDA launch and
+/// the emulated tests both pass this list.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
+fn add_rms_norm_args(
+    [x, delta, weight, out]: [u64; 4],
+    rows: usize,
+    hidden: usize,
+    eps: f32,
+) -> Result<Vec<KernelArg>> {
+    Ok(vec![
+        KernelArg::Pointer(x),
+        KernelArg::Pointer(delta),
+        KernelArg::Pointer(weight),
+        KernelArg::Pointer(out),
+        KernelArg::int(rows, "rows")?,
+        KernelArg::int(hidden, "hidden")?,
+        KernelArg::F32(eps),
+    ])
+}
+
+/// silu_mul's arguments (src/cuda/forward_only.cu) for `n` outputs of rows `width` wide: the
+/// addresses of `gate_up` and `out`, then the sizes.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
+fn silu_mul_args([gate_up, out]: [u64; 2], n: usize, width: usize) -> Result<Vec<KernelArg>> {
+    Ok(vec![
+        KernelArg::Pointer(gate_up),
+        KernelArg::Pointer(out),
+        KernelArg::U64(n as u64),
+        KernelArg::int(width, "width")?,
+    ])
 }
 
 /// The CUDA launch of add_rms_norm over `rows` rows: one block of [`THREADS`] per row;
@@ -244,8 +274,9 @@ fn elementwise_launch(n: usize) -> (u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernel_args::emulated;
     use candle_core::{Device, Var};
-    use optune_cuda_emulator::{Element, Launch};
+    use optune_cuda_emulator::{self as emulator, in_both_placements, Element, Launch};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
@@ -338,10 +369,10 @@ mod tests {
     }
 
     /// Both kernels by the emulator on `x`, `delta [rows, hidden]` and `weight` (the gate's input
-    /// the two side by side, `[rows, 2·hidden]`), each with the CUDA path's launch and the gate
-    /// also with one block striding: the add+norm's output `[2, rows, hidden]` and the gate's, once
-    /// per launch.
-    fn kernels<T: Element + Default + candle_core::WithDType>(
+    /// the two side by side, `[rows, 2·hidden]`), each with the CUDA path's launch and argument
+    /// list and the gate also with one block striding: the add+norm's output `[2, rows, hidden]`
+    /// and the gate's, once per launch.
+    fn kernels<T: Element + candle_core::WithDType>(
         x: &Tensor,
         delta: &Tensor,
         weight: &Tensor,
@@ -349,10 +380,22 @@ mod tests {
         let (rows, hidden) = x.dims2().unwrap();
         let gate_up = flat::<T>(&Tensor::cat(&[x, delta], 1).unwrap());
         let (x, delta, weight) = (flat::<T>(x), flat::<T>(delta), flat::<T>(weight));
-        let (grid, block) = add_rms_norm_launch(rows);
-        let launch = Launch { grid, block };
-        let norm = optune_cuda_emulator::add_rms_norm(launch, &x, &delta, &weight, 1e-5).unwrap();
+        let kernel = format!("add_rms_norm_{}", T::SUFFIX);
+        let norm = in_both_placements(&kernel, |memory| {
+            let inputs = [&x, &delta, &weight].map(|v| memory.input(v));
+            let out = memory.output::<T>(2 * rows * hidden);
+            let [x, delta, weight] = inputs;
+            let args = add_rms_norm_args([x, delta, weight, out.address], rows, hidden, 1e-5)
+                .map_err(|e| e.to_string())?;
+            let (grid, block) = add_rms_norm_launch(rows);
+            // SAFETY: x and delta hold rows·hidden elements, weight hidden and out
+            // 2·rows·hidden, as the kernel reads and writes them for these arguments.
+            unsafe { emulator::launch(&kernel, Launch { grid, block }, &emulated(&args)) }?;
+            Ok(memory.read(&out))
+        })
+        .unwrap();
         let (grid, block) = elementwise_launch(x.len());
+        let kernel = format!("silu_mul_{}", T::SUFFIX);
         let gates = [
             Launch { grid, block },
             Launch {
@@ -360,7 +403,18 @@ mod tests {
                 block: 256,
             },
         ]
-        .map(|launch| widen(optune_cuda_emulator::silu_mul(launch, &gate_up, hidden).unwrap()));
+        .map(|launch| {
+            let gated = in_both_placements(&kernel, |memory| {
+                let input = memory.input(&gate_up);
+                let out = memory.output::<T>(x.len());
+                let args = silu_mul_args([input, out.address], x.len(), hidden)
+                    .map_err(|e| e.to_string())?;
+                // SAFETY: gate_up holds 2n elements and out n, for n = rows·hidden.
+                unsafe { emulator::launch(&kernel, launch, &emulated(&args)) }?;
+                Ok(memory.read(&out))
+            });
+            widen(gated.unwrap())
+        });
         (widen(norm), gates.to_vec())
     }
 
@@ -402,86 +456,67 @@ mod tests {
 
 #[cfg(feature = "cuda")]
 mod cuda {
+    use crate::kernel_args::{self, KernelArg};
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::{CudaDType, WrapErr};
+    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr};
+    use candle_core::cuda_backend::CudaDType;
     use candle_core::{bail, CudaStorage, DType, Layout, Result};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/forward_only.ptx"));
 
-    /// A kernel argument after the buffers.
-    pub(super) enum Scalar {
-        I32(i32),
-        U64(u64),
-        F32(f32),
-    }
-
-    impl Scalar {
-        pub(super) fn int(n: usize, what: &str) -> Result<Scalar> {
-            match i32::try_from(n) {
-                Ok(n) => Ok(Scalar::I32(n)),
-                Err(_) => bail!("{what} {n} exceeds the kernel's int"),
-            }
-        }
-    }
-
     /// Launches `{kernel}_{f32,bf16,f16}`, by the inputs' dtype, on `(blocks, threads)`: the
-    /// inputs (contiguous, of one dtype), a fresh output of `out_len` elements of that dtype,
-    /// then `scalars`, in the kernel's argument order.
+    /// inputs (contiguous, of one dtype) and a fresh output of `out_len` elements of that dtype,
+    /// with the argument list `args` makes of their addresses (the inputs', the output's).
     pub(super) fn launch<const N: usize>(
         kernel: &str,
         inputs: [(&CudaStorage, &Layout); N],
         out_len: usize,
-        (blocks, threads): (u32, u32),
-        scalars: &[Scalar],
+        dims: (u32, u32),
+        args: impl Fn([u64; N], u64) -> Result<Vec<KernelArg>>,
     ) -> Result<CudaStorage> {
         fn run<T: CudaDType + DeviceRepr, const N: usize>(
             name: &str,
             inputs: [(&CudaStorage, &Layout); N],
             out_len: usize,
-            config: LaunchConfig,
-            scalars: &[Scalar],
+            dims: (u32, u32),
+            args: impl Fn([u64; N], u64) -> Result<Vec<KernelArg>>,
         ) -> Result<CudaStorage> {
             let device = inputs[0].0.device().clone();
+            let stream = device.cuda_stream();
             let views = inputs
                 .iter()
                 .map(|(s, l)| Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..)))
                 .collect::<Result<Vec<_>>>()?;
             // SAFETY: both kernels write every element of their output.
-            let out = unsafe { device.alloc::<T>(out_len)? };
+            let mut out = unsafe { device.alloc::<T>(out_len)? };
             let func = device.get_or_load_custom_func(name, "optune_forward_only", PTX)?;
-            let mut builder = func.builder();
-            for view in &views {
-                builder.arg(view);
+            {
+                // The guards order the launch after the buffers' last writes and record it.
+                let pointers: Vec<_> = views.iter().map(|v| v.device_ptr(&stream)).collect();
+                let addresses: [u64; N] = std::array::from_fn(|i| pointers[i].0);
+                let (out_at, _out_guard) = out.device_ptr_mut(&stream);
+                let args = args(addresses, out_at)?;
+                // SAFETY: the list is the kernel's (built by its `*_args`), over the inputs
+                // (contiguous, of the sizes the callers checked) and an output of the size the
+                // launch writes; the guards live to the end of this block.
+                unsafe {
+                    kernel_args::cuda::launch(
+                        func.builder(),
+                        kernel_args::cuda::config(dims),
+                        &args,
+                    )
+                }?;
             }
-            builder.arg(&out);
-            for scalar in scalars {
-                match scalar {
-                    Scalar::I32(v) => builder.arg(v),
-                    Scalar::U64(v) => builder.arg(v),
-                    Scalar::F32(v) => builder.arg(v),
-                };
-            }
-            // SAFETY: the argument list matches the kernel's signature (buffers, output, then
-            // the scalars, as the callers pass them); the inputs are contiguous buffers of the
-            // sizes the callers checked, and the output holds what the launch writes.
-            unsafe { builder.launch(config) }.w()?;
             Ok(CudaStorage::wrap_cuda_slice(out, device))
         }
 
-        let config = LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let dtype = inputs[0].0.dtype();
-        match dtype {
-            DType::F32 => run::<f32, N>(&format!("{kernel}_f32"), inputs, out_len, config, scalars),
+        match inputs[0].0.dtype() {
+            DType::F32 => run::<f32, N>(&format!("{kernel}_f32"), inputs, out_len, dims, args),
             DType::BF16 => {
-                run::<half::bf16, N>(&format!("{kernel}_bf16"), inputs, out_len, config, scalars)
+                run::<half::bf16, N>(&format!("{kernel}_bf16"), inputs, out_len, dims, args)
             }
             DType::F16 => {
-                run::<half::f16, N>(&format!("{kernel}_f16"), inputs, out_len, config, scalars)
+                run::<half::f16, N>(&format!("{kernel}_f16"), inputs, out_len, dims, args)
             }
             other => bail!("{kernel}: {other:?} on CUDA"),
         }

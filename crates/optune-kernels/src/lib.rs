@@ -24,6 +24,7 @@ pub mod forward_only;
 mod fused;
 mod grad_buffers;
 pub mod host;
+mod kernel_args;
 mod matmul;
 mod op_rules;
 pub mod ops;

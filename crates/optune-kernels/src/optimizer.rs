@@ -7,6 +7,7 @@
 //! Every line mirrors one torch tensor op in torch's order, in f32, so results match
 //! `torch.optim` to rounding; the scalars come rounded from f64 as torch rounds Python floats.
 
+use crate::kernel_args::KernelArg;
 use crate::storage::{contiguous, contiguous_f32_mut};
 use candle_core::{bail, CpuStorage, InplaceOp3, Layout, Result, Tensor};
 
@@ -292,11 +293,15 @@ impl InplaceOp3 for Param {
     }
 }
 
-/// The CUDA kernels' `kind` and seven scalars for `rule`, in the kernels' argument order: kind 0
-/// AdamW, 1 RMSprop, 2 RMSprop with momentum.
+/// The kernels' arguments (src/cuda/optimizer.cu, both kernels alike): the addresses of the
+/// buffer written in place and of the two read (optimizer_moments: the moments, then the
+/// parameter and the gradient; optimizer_param: the parameter, then the gradient and the
+/// moments), the parameter's element count `n`, then `rule`'s kind (0 AdamW, 1 RMSprop, 2 RMSprop
+/// with momentum) and its seven scalars. The CUDA launch and the emulated tests both pass this
+/// list.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
-fn kernel_args(rule: StepRule) -> (i32, [f32; 7]) {
-    match rule {
+fn kernel_args([target, a, b]: [u64; 3], n: usize, rule: StepRule) -> Vec<KernelArg> {
+    let (kind, scalars) = match rule {
         StepRule::AdamW(s) => (
             0,
             [
@@ -321,7 +326,13 @@ fn kernel_args(rule: StepRule) -> (i32, [f32; 7]) {
                 0.0,
             ],
         ),
-    }
+    };
+    [target, a, b]
+        .map(KernelArg::Pointer)
+        .into_iter()
+        .chain([KernelArg::U64(n as u64), KernelArg::I32(kind)])
+        .chain(scalars.map(KernelArg::F32))
+        .collect()
 }
 
 /// The kernels' launch over a parameter of `n` elements: blocks of 256 threads striding over the
@@ -334,9 +345,9 @@ fn launch_dims(n: usize) -> (u32, u32) {
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::{kernel_args, launch_dims, StepRule};
+    use crate::kernel_args::cuda::{config, launch as launch_kernel};
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::WrapErr;
+    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
     use candle_core::{CudaStorage, Layout, Result};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/optimizer.ptx"));
@@ -355,39 +366,28 @@ mod cuda {
         lb: &Layout,
     ) -> Result<()> {
         let device = target.device().clone();
+        let stream = device.cuda_stream();
         // The parameter's element count: the moments hold `buffers` of it.
         let n = if name == "optimizer_moments" {
             la.shape().elem_count()
         } else {
             lt.shape().elem_count()
         };
-        let (kind, s) = kernel_args(rule);
         let target_slice = target.as_cuda_slice_mut::<f32>()?;
         let mut target_view = target_slice.slice_mut(lt.start_offset()..);
         let a = a.as_cuda_slice::<f32>()?.slice(la.start_offset()..);
         let b = b.as_cuda_slice::<f32>()?.slice(lb.start_offset()..);
         let func = device.get_or_load_custom_func(name, "optune_optimizer", PTX)?;
-        let n_arg = n as u64;
-        let (blocks, threads) = launch_dims(n);
-        let config = LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut builder = func.builder();
-        builder.arg(&mut target_view);
-        builder.arg(&a);
-        builder.arg(&b);
-        builder.arg(&n_arg);
-        builder.arg(&kind);
-        for scalar in &s {
-            builder.arg(scalar);
-        }
-        // SAFETY: the argument list matches the kernel's signature; the target and the two
-        // inputs are contiguous f32 buffers of n (parameter, gradient) or buffers·n (moments)
-        // elements, checked by `update_in_place`; the kernel's grid-stride loop stays below n.
-        unsafe { builder.launch(config) }.w()?;
-        Ok(())
+        // The guards order the launch after the buffers' last writes and record it.
+        let (target_at, _target) = target_view.device_ptr_mut(&stream);
+        let (a_at, _a) = a.device_ptr(&stream);
+        let (b_at, _b) = b.device_ptr(&stream);
+        let args = kernel_args([target_at, a_at, b_at], n, rule);
+        // SAFETY: the list is the kernel's; the target and the two inputs are contiguous f32
+        // buffers of n (parameter, gradient) or buffers·n (moments) elements, checked by
+        // `update_in_place`; the kernel's grid-stride loop stays below n. The guards live to the
+        // end of the function.
+        unsafe { launch_kernel(func.builder(), config(launch_dims(n)), &args) }
     }
 }
 
@@ -496,7 +496,29 @@ mod tests {
 mod emulated {
     use super::tests::{element_steps, problem, rules};
     use super::*;
-    use optune_cuda_emulator::{optimizer_moments, optimizer_param, Launch, OptimizerArgs};
+    use crate::kernel_args::emulated;
+    use optune_cuda_emulator::{self as emulator, in_both_placements, Launch};
+
+    /// One of the kernels by the emulator, with `launch` and the CUDA path's argument list:
+    /// `target` after it, updated from `a` and `b` over a parameter of `n` elements.
+    fn kernel(
+        name: &str,
+        launch: Launch,
+        rule: StepRule,
+        n: usize,
+        [target, a, b]: [&[f32]; 3],
+    ) -> Vec<f32> {
+        in_both_placements(name, |memory| {
+            let target = memory.in_place(target);
+            let (a, b) = (memory.input(a), memory.input(b));
+            let args = kernel_args([target.address, a, b], n, rule);
+            // SAFETY: the parameter and the gradient hold n elements, the moments buffers·n;
+            // the kernels' grid-stride loops stay below n.
+            unsafe { emulator::launch(name, launch, &emulated(&args)) }?;
+            Ok(memory.read(&target))
+        })
+        .unwrap()
+    }
 
     /// `rule` over the gradients on the emulated kernels, launched as `launch`: the parameter
     /// and the moments `[buffers, n]`.
@@ -506,12 +528,11 @@ mod emulated {
         param: &[f32],
         grads: &[Vec<f32>],
     ) -> (Vec<f32>, Vec<f32>) {
-        let (kind, scalars) = kernel_args(rule);
-        let args = OptimizerArgs { kind, scalars };
-        let (mut param, mut moments) = (param.to_vec(), vec![0f32; rule.buffers() * param.len()]);
+        let n = param.len();
+        let (mut param, mut moments) = (param.to_vec(), vec![0f32; rule.buffers() * n]);
         for g in grads {
-            optimizer_moments(launch, &mut moments, &param, g, args).unwrap();
-            optimizer_param(launch, &mut param, g, &moments, args).unwrap();
+            moments = kernel("optimizer_moments", launch, rule, n, [&moments, &param, g]);
+            param = kernel("optimizer_param", launch, rule, n, [&param, g, &moments]);
         }
         (param, moments)
     }

@@ -19,6 +19,7 @@
 //! the draw's running weight over 256 contiguous chunks of ids), so the two devices differ only
 //! by their `exp`'s last bits. The same uniform and logits repeat the same draw.
 
+use crate::kernel_args::KernelArg;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -66,6 +67,28 @@ pub fn sample_rows(logits: &Tensor, uniforms: &Tensor, sampling: Sampling) -> Re
 }
 
 struct SampleRows(Sampling);
+
+/// The kernel's arguments (src/cuda/sampling.cu): the addresses of `logits [rows, vocab]`,
+/// `uniforms [rows]` and `out [rows, 2]`, then the vocabulary, the sampling settings and the
+/// search's floor and steps. The CUDA launch and the emulated tests both pass this list.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
+fn kernel_args(
+    [logits, uniforms, out]: [u64; 3],
+    vocab: usize,
+    sampling: Sampling,
+) -> Result<Vec<KernelArg>> {
+    Ok(vec![
+        KernelArg::Pointer(logits),
+        KernelArg::Pointer(uniforms),
+        KernelArg::Pointer(out),
+        KernelArg::int(vocab, "vocab")?,
+        KernelArg::F32(sampling.temperature),
+        KernelArg::int(sampling.top_k as usize, "top_k")?,
+        KernelArg::F32(sampling.top_p),
+        KernelArg::F32(FLOOR_NATS),
+        KernelArg::int(BISECTION_STEPS as usize, "steps")?,
+    ])
+}
 
 /// The CUDA kernel's launch for `rows` rows: one block of [`LANES`] threads per row, as the
 /// kernel's shared arrays assume; `(blocks, threads)`.
@@ -200,17 +223,15 @@ impl CustomOp2 for SampleRows {
         uniforms: &candle_core::CudaStorage,
         lu: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::kernel_args::cuda::{config, launch as launch_kernel};
         use candle_core::backend::BackendStorage;
-        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-        use candle_core::cuda_backend::WrapErr;
+        use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr};
+        use candle_core::cuda_backend::CudaDType;
         use candle_core::CudaStorage;
 
         const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sampling.ptx"));
 
-        fn launch<
-            T: candle_core::cuda_backend::CudaDType
-                + candle_core::cuda_backend::cudarc::driver::DeviceRepr,
-        >(
+        fn launch<T: CudaDType + DeviceRepr>(
             op: &SampleRows,
             name: &str,
             (logits, ll): (&CudaStorage, &Layout),
@@ -218,38 +239,24 @@ impl CustomOp2 for SampleRows {
         ) -> Result<CudaStorage> {
             let (rows, vocab) = ll.shape().dims2()?;
             let device = logits.device().clone();
+            let stream = device.cuda_stream();
             let logits = logits.as_cuda_slice::<T>()?.slice(ll.start_offset()..);
             let uniforms = uniforms.as_cuda_slice::<f32>()?.slice(lu.start_offset()..);
             // SAFETY: the kernel writes both numbers of every row.
-            let out = unsafe { device.alloc::<f32>(rows * 2)? };
+            let mut out = unsafe { device.alloc::<f32>(rows * 2)? };
             let func = device.get_or_load_custom_func(name, "optune_sampling", PTX)?;
-            let Sampling {
-                temperature,
-                top_k,
-                top_p,
-            } = op.0;
-            let (vocab_arg, top_k_arg, steps) =
-                (vocab as i32, top_k as i32, BISECTION_STEPS as i32);
-            let (blocks, threads) = launch_dims(rows);
-            let config = LaunchConfig {
-                grid_dim: (blocks, 1, 1),
-                block_dim: (threads, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let mut builder = func.builder();
-            builder.arg(&logits);
-            builder.arg(&uniforms);
-            builder.arg(&out);
-            builder.arg(&vocab_arg);
-            builder.arg(&temperature);
-            builder.arg(&top_k_arg);
-            builder.arg(&top_p);
-            builder.arg(&FLOOR_NATS);
-            builder.arg(&steps);
-            // SAFETY: the argument list matches the kernel's signature; logits hold rows·vocab
-            // elements of T, uniforms rows f32, out 2·rows f32 (shapes checked by
-            // `sample_rows`), and the block is LANES threads as the kernel's shared arrays assume.
-            unsafe { builder.launch(config) }.w()?;
+            {
+                // The guards order the launch after the buffers' last writes and record it.
+                let (logits_at, _logits) = logits.device_ptr(&stream);
+                let (uniforms_at, _uniforms) = uniforms.device_ptr(&stream);
+                let (out_at, _out) = out.device_ptr_mut(&stream);
+                let args = kernel_args([logits_at, uniforms_at, out_at], vocab, op.0)?;
+                // SAFETY: the list is the kernel's; logits hold rows·vocab elements of T,
+                // uniforms rows f32, out 2·rows f32 (shapes checked by `sample_rows`), and the
+                // block is LANES threads as the kernel's shared arrays assume. The guards live to
+                // the end of this block.
+                unsafe { launch_kernel(func.builder(), config(launch_dims(rows)), &args) }?;
+            }
             Ok(CudaStorage::wrap_cuda_slice(out, device))
         }
 
@@ -321,8 +328,9 @@ mod tests {
 #[cfg(test)]
 mod emulated {
     use super::*;
+    use crate::kernel_args::emulated;
     use candle_core::Device;
-    use optune_cuda_emulator::{Element, Launch, SampleArgs};
+    use optune_cuda_emulator::{self as emulator, in_both_placements, Element, Launch};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
@@ -341,6 +349,7 @@ mod emulated {
         rows
     }
 
+    /// The kernel by the emulator, with the CUDA path's launch and argument list.
     fn kernel_draws<T: Element>(
         logits: &[T],
         vocab: usize,
@@ -348,15 +357,18 @@ mod emulated {
         sampling: Sampling,
     ) -> Vec<f32> {
         let (grid, block) = launch_dims(uniforms.len());
-        let args = SampleArgs {
-            temperature: sampling.temperature,
-            top_k: sampling.top_k,
-            top_p: sampling.top_p,
-            floor_nats: FLOOR_NATS,
-            steps: BISECTION_STEPS,
-        };
-        optune_cuda_emulator::sample_rows(Launch { grid, block }, logits, vocab, uniforms, args)
-            .unwrap()
+        let kernel = format!("sample_rows_{}", T::SUFFIX);
+        in_both_placements(&kernel, |memory| {
+            let (logits, uniforms_at) = (memory.input(logits), memory.input(uniforms));
+            let out = memory.output::<f32>(2 * uniforms.len());
+            let args = kernel_args([logits, uniforms_at, out.address], vocab, sampling)
+                .map_err(|e| e.to_string())?;
+            // SAFETY: logits hold rows·vocab elements, uniforms rows and out 2·rows, one block
+            // per row.
+            unsafe { emulator::launch(&kernel, Launch { grid, block }, &emulated(&args)) }?;
+            Ok(memory.read(&out))
+        })
+        .unwrap()
     }
 
     #[test]
