@@ -15,7 +15,7 @@ export CARGO_TARGET_DIR
 OPTUNE_PYTHON ?= python3
 export OPTUNE_PYTHON
 
-.PHONY: build test
+.PHONY: build test lint
 
 build:
 	cargo build --release --workspace
@@ -32,6 +32,11 @@ test:
 	@if $(OPTUNE_PYTHON) -c 'import duckdb, pyarrow' 2>/dev/null; \
 	then echo 'DuckDB/pyarrow cross-read: ran'; \
 	else echo 'DuckDB/pyarrow cross-read: SKIPPED ($(OPTUNE_PYTHON) cannot import duckdb and pyarrow; pip install duckdb pyarrow)'; fi
+
+# Formatting and clippy, warnings as errors (CI runs it before the tests).
+lint:
+	cargo fmt --all --check
+	cargo clippy --release --workspace --all-targets -- -D warnings
 
 # Generation speed of opt-gen against Hugging Face transformers on the CPU (batches 1, 16 and 32,
 # f32 and bf16 on both sides, 128 new tokens, greedy): see scripts/bench/bench_gen.sh for the

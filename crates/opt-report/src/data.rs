@@ -242,8 +242,11 @@ fn read_settings(path: &Path) -> Result<BTreeMap<String, String>> {
         .collect())
 }
 
-/// Reads a CSV with a header into (header, rows); a missing file gives no rows.
-fn read_csv(path: &Path) -> Result<Option<(Vec<String>, Vec<Vec<String>>)>> {
+/// A CSV's header and rows, each field trimmed.
+type Table = (Vec<String>, Vec<Vec<String>>);
+
+/// Reads a CSV with a header; a missing file gives `None`.
+fn read_csv(path: &Path) -> Result<Option<Table>> {
     if !path.is_file() {
         return Ok(None);
     }

@@ -88,7 +88,9 @@ fn single(cli: &Cli) -> Result<()> {
             .clone()
             .unwrap_or_else(|| report_dir.join("plots"));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let jobs: [(&str, &str, fn(&Run, &Path) -> Result<()>); 4] = [
+        // (title, file name, what draws it)
+        type Plot = (&'static str, &'static str, fn(&Run, &Path) -> Result<()>);
+        let jobs: [Plot; 4] = [
             (
                 "Mean reward per iteration",
                 "reward_mean.png",

@@ -201,7 +201,7 @@ mod kernels {
         }
         let inv = T::ONE / sum(dst);
         for d in dst.iter_mut() {
-            *d = *d * inv;
+            *d *= inv;
         }
     }
 

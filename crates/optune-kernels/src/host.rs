@@ -55,8 +55,8 @@ impl Lanes for Portable {
     #[inline(always)]
     unsafe fn fma(self, a: Self, b: Self) -> Self {
         let mut out = self.0;
-        for j in 0..16 {
-            out[j] = a.0[j].mul_add(b.0[j], out[j]);
+        for ((o, a), b) in out.iter_mut().zip(a.0).zip(b.0) {
+            *o = a.mul_add(b, *o);
         }
         Portable(out)
     }
@@ -143,6 +143,9 @@ mod x86 {
 }
 
 /// `out[r·ldo + o] = dot(x[r·k..], w[o·k..]) (+ bias[o])` for an `R × O` tile.
+// `r` and `o` each index an array and a pointer offset in the same nest: the index form reads as
+// the tile's matrix, iterators over one of them would not.
+#[allow(clippy::needless_range_loop)]
 #[inline(always)]
 unsafe fn tile<L: Lanes, const R: usize, const O: usize>(
     x: *const f32,
@@ -366,7 +369,9 @@ fn linear_many_with(isa: Isa, x: &[f32], rows: usize, products: &mut [Product]) 
         .step_by(block)
         .map(|r| (r, (r + block).min(rows)))
         .collect();
-    let mut tasks: Vec<(usize, (usize, usize), (usize, usize))> = Vec::new();
+    // (product, row block, columns), the blocks and columns as half-open ranges.
+    type Task = (usize, (usize, usize), (usize, usize));
+    let mut tasks: Vec<Task> = Vec::new();
     for (i, p) in products.iter().enumerate() {
         assert!(
             p.w.len() % k == 0,
@@ -411,7 +416,7 @@ fn linear_many_with(isa: Isa, x: &[f32], rows: usize, products: &mut [Product]) 
     let xp = x.as_ptr() as usize;
     // SAFETY: tasks write disjoint blocks (rows r0..r1, columns c0..c1) of their product's
     // output, and read `x` and the weights, which outlive the tasks, within their lengths.
-    let run = |&(i, (r0, r1), (c0, c1)): &(usize, (usize, usize), (usize, usize))| unsafe {
+    let run = |&(i, (r0, r1), (c0, c1)): &Task| unsafe {
         let p = &raw[i];
         let x = (xp as *const f32).add(r0 * k);
         columns_with(
