@@ -70,13 +70,13 @@ fn a_killed_run_resumes_to_the_uninterrupted_output_in_less_time() {
     let (outcome, rerun_secs) = timed(&mut opt_gen(&resumed, &["--batch-size", "7"]));
     assert_resumed(&outcome, kept, &resumed, &whole);
     eprintln!(
-        "uninterrupted {whole_secs:.1} s; killed after {kept} of {} responses; rerun {rerun_secs:.1} s ({:.0} %)",
+        "uninterrupted {whole_secs:.1} CPU s; killed after {kept} of {} responses; rerun {rerun_secs:.1} CPU s ({:.0} %)",
         300 * samples(),
         100.0 * rerun_secs / whole_secs
     );
     assert!(
         rerun_secs < 0.75 * whole_secs,
-        "rerun took {rerun_secs:.1} s against {whole_secs:.1} s uninterrupted"
+        "rerun took {rerun_secs:.1} CPU s against {whole_secs:.1} uninterrupted"
     );
 }
 

@@ -144,12 +144,12 @@ fn a_killed_run_resumes_from_its_last_state_to_the_same_weights() {
         "the state is removed once the checkpoint is written"
     );
     eprintln!(
-        "uninterrupted {whole_secs:.1} s; killed after step {kept} of 12; rerun {rerun_secs:.1} s ({:.0} %)",
+        "uninterrupted {whole_secs:.1} CPU s; killed after step {kept} of 12; rerun {rerun_secs:.1} CPU s ({:.0} %)",
         100.0 * rerun_secs / whole_secs
     );
     assert!(
         rerun_secs < 0.75 * whole_secs,
-        "rerun took {rerun_secs:.1} s against {whole_secs:.1} s uninterrupted"
+        "rerun took {rerun_secs:.1} CPU s against {whole_secs:.1} uninterrupted"
     );
 }
 

@@ -398,11 +398,49 @@ pub fn kill_when_journalled(command: &mut Command, output: &Path, rows: usize) -
     journal_rows(output)
 }
 
-/// Runs `command` to its end like [`run`], and how many seconds it took.
+/// Runs `command` to its end like [`run`] (no stdin), and the CPU seconds it used (user and
+/// system, its threads together). CPU time, not wall time: the tests that compare two runs' times
+/// run beside other tests and builds, whose load stretches one run's wall time and not the
+/// other's, while a run's CPU time hardly moves with load.
+// The child is reaped by wait4, which gives its resource usage; std's wait does not.
+#[allow(clippy::zombie_processes)]
 pub fn timed(command: &mut Command) -> (Outcome, f64) {
-    let started = std::time::Instant::now();
-    let outcome = run(command, None);
-    (outcome, started.elapsed().as_secs_f64())
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|err| panic!("starting {command:?}: {err}"));
+    let drain = |mut pipe: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            pipe.read_to_end(&mut bytes).map(|_| bytes)
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().expect("piped stdout")));
+    let stderr = drain(Box::new(child.stderr.take().expect("piped stderr")));
+    let pid = libc::pid_t::try_from(child.id()).expect("a pid");
+    let mut raw_status = 0;
+    // SAFETY: a zeroed rusage is a valid value for wait4 to fill.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child, which nothing else waits for (`child` is not waited on or
+    // killed after this), writing into the two locals.
+    let waited = unsafe { libc::wait4(pid, &mut raw_status, 0, &mut usage) };
+    assert_eq!(
+        waited,
+        pid,
+        "waiting for {command:?}: {}",
+        std::io::Error::last_os_error()
+    );
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    let cpu = seconds(usage.ru_utime) + seconds(usage.ru_stime);
+    use std::os::unix::process::ExitStatusExt;
+    let outcome = Outcome {
+        status: ExitStatus::from_raw(raw_status),
+        stdout: stdout.join().unwrap().expect("reading stdout"),
+        stderr: String::from_utf8_lossy(&stderr.join().unwrap().expect("reading stderr")).into(),
+    };
+    (outcome, cpu)
 }
 
 /// Whether these tests run on the generic kernels (`OPTUNE_KERNELS=generic`, inherited by the
