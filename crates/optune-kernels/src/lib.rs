@@ -4,7 +4,7 @@
 //! * **generic** ([`ops::generic`]): composed from candle's differentiable tensor ops; runs on
 //!   every device and dtype (this is the graph CUDA runs) and is the reference the others are
 //!   tested against;
-//! * **fused** (`fused.rs`): one candle `CustomOp` per op with its own backward, on the CPU in
+//! * **fused** (`fused/`): one candle `CustomOp` per op with its own backward, on the CPU in
 //!   f32/f64, fewer autograd nodes and passes over memory (the CPU training path);
 //! * **host** ([`host`]): plain-slice f32 kernels of the CPU decode step, each output computed by
 //!   a fixed sequence of operations so generated text does not depend on the batch.

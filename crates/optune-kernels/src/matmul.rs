@@ -1,7 +1,7 @@
 //! Matrix operands, and the bf16 matrix product of the fused ops: [`matmul_bf16`] rounds its
 //! operands to bf16 and sums in f32 on AVX512-BF16's `vdpbf16ps`, which does twice the
 //! multiply-adds of an f32 FMA per instruction. (f32/f64 products go through `gemm` in
-//! `fused.rs`.)
+//! `fused/`.)
 //!
 //! Why not AMX: the development and CI machines are AMD EPYC (Zen 4) with AVX512-BF16; their
 //! kernels offer no tile state (`arch_prctl(ARCH_GET_XCOMP_SUPP)` = 0xe7, no XTILEDATA), so an AMX
