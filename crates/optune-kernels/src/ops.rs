@@ -1,8 +1,8 @@
 //! The ops of the transformer, each with its forms side by side. An op's public function here
 //! asks [`crate::dispatch::path_for`] which form runs; the generic forms are in [`generic`]
-//! below, the fused autograd ops in `fused/` (one module and one `CustomOp` per op, named after it), and the
-//! host decode kernels of the same op in [`crate::host`] (called by the model's CPU decode step,
-//! which [`crate::dispatch::decode_path`] turns on or off as a whole).
+//! below, the fused autograd ops in `fused/` (one module and one `CustomOp` per op, named after
+//! it), and the host decode kernels of the same op in [`crate::host`] (called by the model's CPU
+//! decode step, which [`crate::dispatch::decode_path`] turns on or off as a whole).
 //!
 //! | op | generic | fused | host |
 //! |---|---|---|---|
