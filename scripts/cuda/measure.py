@@ -8,8 +8,9 @@ the correctness rows use the repo's testdata models, the speed rows random llama
 transformers (weights do not change the speed of a training step or of greedy decoding with EOS
 ignored), all sharing tiny-llama's tokenizer so both sides see the same token ids.
 
-Stages (--stages, comma-separated, run in the order given; default all five, in this order: the
-rows the issues' acceptance names first, the 1.1B generation rows, cheapest to rerun, last):
+Stages (--stages, comma-separated, run in the order given; default all six, in this order: the
+rows the issues' acceptance names first, then the 1.1B generation rows, cheapest to rerun, and the
+sanitizer rows, which run when the others leave time within --budget-s):
 
   logprobs  Correctness on testdata/models (tiny llama/mistral/qwen2 policies, tiny reward models),
             CUDA against the CPU: teacher-forced response log-probs from `opt-wdpo --precompute-ref`
@@ -36,6 +37,13 @@ rows the issues' acceptance names first, the 1.1B generation rows, cheapest to r
             then the prefill of one ~1,900-token prompt (one new token) against one transformers
             forward over it.
   gen-1b    The rows of gen-7b on the 1.1B.
+  sanitize  Our kernels and candle's under NVIDIA's compute-sanitizer, on tiny-llama: memcheck (an
+            access outside an allocation, a misaligned one, a device error) over opt-gen sampling
+            in bf16 (--n 2, chunked prefill: the cache write, cache attention, add+norm, gate and
+            sampler kernels) and over two opt-wdpo steps in bf16 (the optimiser kernels); racecheck
+            (shared-memory hazards between a block's threads, which the CPU emulator of our kernels
+            cannot show: it runs a block's threads one at a time) over the opt-gen run. Last by
+            default: the logprobs rows already compare every kernel's results with the CPU's.
 
 Cost on one H100/H200, guessed from the sizes before any GPU run (the table's last row gives the
 measured wall seconds of each stage; replace these guesses with them):
@@ -48,7 +56,10 @@ measured wall seconds of each stage; replace these guesses with them):
   gen-7b     4 batch sizes x (opt-gen run incl. 13.5 GB load + generate), prefill   ~105 s
   gen-1b     4 batch sizes x (opt-gen run incl. load + generate), 1.1B reloaded,
              prefill                                                                ~58 s
-  total                                                                             ~388 s
+  sanitize   3 runs on tiny-llama, each instrumenting the kernels it loads          ~90 s
+  total                                                                             ~478 s
+             (over the default budget: the sanitize rows run when the earlier stages
+             come in under their guesses, or alone with --stages sanitize)
 
 --budget-s (default 420) bounds the run: before each row the elapsed time plus that row's guessed
 cost (ESTIMATE_S) must fit, else the row is skipped with a note; every tool run is killed at
@@ -109,7 +120,7 @@ SHAPES = {
 }
 MODEL_OF = {"1b": "llama1b", "7b": "llama7b"}
 DRY_MODEL_OF = {"1b": "tiny", "7b": "tiny-mha"}
-STAGES = ["logprobs", "train-1b", "train-7b", "gen-7b", "gen-1b"]
+STAGES = ["logprobs", "train-1b", "train-7b", "gen-7b", "gen-1b", "sanitize"]
 
 # Guessed cost in seconds on an H100 of each unit of work the budget is checked before (see the
 # docstring); a dry run checks against 0 (its figures are the CPU's).
@@ -118,6 +129,7 @@ ESTIMATE_S = {
     "build:1b": 15, "lora:1b": 15, "full:1b": 20, "gen:1b": 12,
     "build:7b": 45, "lora:7b": 55, "gen:7b": 22,
     "prefill:1b": 8, "prefill:7b": 15,
+    "sanitize": 30,
 }
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -630,6 +642,81 @@ def stage_logprobs(args, models) -> None:
     guarded("logprobs", "training steps", lambda: logprobs_training(args.bin, work))
 
 
+def compute_sanitizer():
+    """compute-sanitizer's path: on PATH, else in a CUDA toolkit's or Nsight's usual folders."""
+    found = shutil.which("compute-sanitizer")
+    if found:
+        return found
+    for pattern in ["/usr/local/cuda*/bin/compute-sanitizer", "/usr/local/cuda*/compute-sanitizer/compute-sanitizer",
+                    "/opt/nvidia/*/compute-sanitizer", "/opt/nvidia/**/compute-sanitizer"]:
+        hits = sorted(Path("/").glob(pattern.lstrip("/")))
+        if hits:
+            return str(hits[-1])
+    return None
+
+
+def sanitized_row(tool: str, what: str, cmd, sanitizer) -> None:
+    """`cmd` under `compute-sanitizer --tool {tool}`: passes when it reports no error. In a dry run
+    (no GPU, no sanitizer) the command runs bare, which checks the row's plumbing only."""
+    if sanitizer is None:
+        if GPU == "cuda":
+            REPORT.row("sanitize", what, "", "", "", "n/a: compute-sanitizer not found", kind="skip")
+            return
+        run(cmd, unit="sanitize")
+        REPORT.row("sanitize", what, "", "", "", "dry run: the command ran without compute-sanitizer")
+        return
+    log = Path(cmd[cmd.index("-o") + 1]).with_suffix(f".{tool}.log")
+    full = [sanitizer, "--tool", tool, "--error-exitcode", "97", "--print-limit", "20", "--log-file", log, *cmd]
+    start = time.monotonic()
+    failure = None
+    try:
+        run(full, unit="sanitize")
+    except RuntimeError as e:
+        failure = e
+    report = log.read_text(errors="replace") if log.exists() else ""
+    errors = re.search(r"ERROR SUMMARY: (\d+) error", report)
+    if errors is None:
+        raise failure or RuntimeError(f"no ERROR SUMMARY in {log}:\n{report[-2000:]}")
+    if int(errors.group(1)) or failure is not None:
+        REPORT.detail(f"### compute-sanitizer {tool}: {what}\n\n```\n{report[-3000:]}\n```\n")
+        why = "" if int(errors.group(1)) else f": {str(failure).splitlines()[0][:120]}"
+        REPORT.row("sanitize", what, f"{errors.group(1)} errors", "", "", f"FAIL (log in measure.md){why}",
+                   kind="fail")
+        return
+    REPORT.row("sanitize", what, "0 errors", "", "", f"pass ({time.monotonic() - start:.0f} s)")
+
+
+def stage_sanitize(args) -> None:
+    if not BUDGET.allows("sanitize"):
+        BUDGET.skip("sanitize", "compute-sanitizer rows", "sanitize")
+        return
+    sanitizer = compute_sanitizer() if GPU == "cuda" else None
+    work = args.work / "sanitize"
+    work.mkdir(parents=True, exist_ok=True)
+    model = TESTDATA / "models" / "tiny-llama"
+    prompts = gen_prompts(work)
+    gen = [args.bin / "opt-gen", "--model", model, prompts, "-o", work / "sampled.jsonl", "--n", "2",
+           "--temperature", "1.0", "--top-p", "0.9", "--seed", "11", "--prompt-tokens-per-step", "7",
+           "--max-new-tokens", "16", "--batch-size", "8", "--device", GPU, "--dtype", "bf16",
+           *device_flags("cuda", "bf16")]
+    cases = json.loads((TESTDATA / "reference" / "tiny-llama.json").read_text())["cases"]
+    pairs = work / "pairs.jsonl"
+    write_jsonl(pairs, [{"messages": messages_of(c), "chosen": c["response"],
+                         "rejected": cases[(i + 1) % len(cases)]["response"]} for i, c in enumerate(cases)])
+    train = [args.bin / "opt-wdpo", "--policy", model, pairs, "-o", work / "ckpt", "--lr", "1e-3",
+             "--warmup-ratio", "0", "--schedule", "constant", "--batch-size", "4", "--max-steps", "2",
+             "--device", GPU, "--dtype", "bf16", *device_flags("cuda", "bf16")]
+    for tool, what, cmd in [
+        ("memcheck", "memcheck: opt-gen sampling bf16 (tiny-llama, --n 2, 7 prompt tokens per step)", gen),
+        ("memcheck", "memcheck: opt-wdpo, 2 steps bf16 (tiny-llama, AdamW)", train),
+        ("racecheck", "racecheck: opt-gen sampling bf16 (shared-memory hazards)", gen),
+    ]:
+        if not BUDGET.allows("sanitize"):
+            BUDGET.skip("sanitize", what, "sanitize")
+            continue
+        guarded("sanitize", what, lambda: sanitized_row(tool, what, cmd, sanitizer))
+
+
 # ---------------------------------------------------------------------------------------------
 # the random llamas: built once under --work; the peer's bf16 copy stays on the device
 # ---------------------------------------------------------------------------------------------
@@ -1136,7 +1223,8 @@ def plumbing_check(args, rows_before_check: int) -> bool:
     kinds = [r["kind"] for r in rows]
     if "fail" in kinds or "skip" in kinds:
         problems.append(f"{kinds.count('fail')} failed and {kinds.count('skip')} skipped rows")
-    expected = {"logprobs": 9, "train-1b": 6, "train-7b": 3, "gen-7b": len(args.batches), "gen-1b": len(args.batches)}
+    expected = {"logprobs": 9, "train-1b": 6, "train-7b": 3, "gen-7b": len(args.batches), "gen-1b": len(args.batches),
+                "sanitize": 3}
     want = sum(expected[s] for s in args.stages)
     made = sum(1 for r in rows if r["kind"] == "ok" and not r["cells"][0].startswith(("build", "setup")))
     if made < want:
@@ -1240,6 +1328,7 @@ def main() -> None:
         "gen-1b": lambda: stage_gen(args, models, "1b"),
         "train-7b": lambda: stage_train(args, models, "7b", ["lora"]),
         "gen-7b": lambda: stage_gen(args, models, "7b"),
+        "sanitize": lambda: stage_sanitize(args),
     }
     walls = []
     for stage in args.stages:
