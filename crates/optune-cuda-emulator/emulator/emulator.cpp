@@ -40,6 +40,7 @@ struct Launch {
     void *context;
     std::vector<Fiber> fibers;
     std::vector<float> exchange;  // one shuffled value per thread
+    bool reversed = false;        // resume the block's threads last first
     ucontext_t scheduler;
     size_t current = 0;
     std::string error;
@@ -92,7 +93,8 @@ bool run_block(Launch &launch) {
         fiber.state = State::Runnable;
     }
     for (;;) {
-        for (size_t t = 0; t < threads; ++t) {
+        for (size_t i = 0; i < threads; ++i) {
+            const size_t t = launch.reversed ? threads - 1 - i : i;
             if (launch.fibers[t].state != State::Runnable) continue;
             launch.current = t;
             swapcontext(&launch.scheduler, &launch.fibers[t].context);
@@ -195,7 +197,8 @@ float shfl_xor(unsigned mask, float value, int lane_mask) {
     return theirs;
 }
 
-int launch_erased(const char *kernel, dim3 grid, dim3 block, void (*body)(void *), void *context) {
+int launch_erased(const char *kernel, dim3 grid, dim3 block, bool reversed, void (*body)(void *),
+                  void *context) {
     const std::lock_guard<std::mutex> lock(one_launch_at_a_time);
     std::call_once(fault_handler_installed, install_fault_handler);
     const size_t blocks = size_t(grid.x) * grid.y * grid.z;
@@ -213,6 +216,7 @@ int launch_erased(const char *kernel, dim3 grid, dim3 block, void (*body)(void *
     launch.block = block;
     launch.body = body;
     launch.context = context;
+    launch.reversed = reversed;
     launch.fibers.resize(threads);
     launch.exchange.assign(threads, 0.0f);
     for (size_t t = 0; t < threads; ++t) {
@@ -224,13 +228,11 @@ int launch_erased(const char *kernel, dim3 grid, dim3 block, void (*body)(void *
     Launch *outer = active;
     active = &launch;
     bool ok = true;
-    for (unsigned z = 0; z < grid.z && ok; ++z) {
-        for (unsigned y = 0; y < grid.y && ok; ++y) {
-            for (unsigned x = 0; x < grid.x && ok; ++x) {
-                launch.block_index = {x, y, z};
-                ok = run_block(launch);
-            }
-        }
+    for (size_t b = 0; b < blocks && ok; ++b) {
+        const size_t i = reversed ? blocks - 1 - b : b;
+        launch.block_index = {unsigned(i % grid.x), unsigned(i / grid.x % grid.y),
+                              unsigned(i / (size_t(grid.x) * grid.y))};
+        ok = run_block(launch);
     }
     active = outer;
     if (!ok) {

@@ -99,14 +99,18 @@ inline int max(int a, int b) { return a > b ? a : b; }
 
 namespace emu {
 // Runs `body` once per thread of a grid of blocks, block after block, each block's threads as
-// fibers; 0 when every block ran to the end, else -1 with the reason in `last_error()`.
-int launch_erased(const char *kernel, dim3 grid, dim3 block, void (*body)(void *), void *context);
+// fibers; 0 when every block ran to the end, else -1 with the reason in `last_error()`. With
+// `reversed`, the blocks run last first and a block's threads are resumed last first: a result
+// that changes with that order depends on how a GPU happens to schedule (a race).
+int launch_erased(const char *kernel, dim3 grid, dim3 block, bool reversed, void (*body)(void *),
+                  void *context);
 const char *last_error();
 // Sets the error last_error() returns, for a launch refused before it starts; -1.
 int refuse(const std::string &message);
 
-template <typename F> int launch(const char *kernel, dim3 grid, dim3 block, F &&body) {
+template <typename F> int launch(const char *kernel, dim3 grid, dim3 block, bool reversed, F &&body) {
     return launch_erased(
-        kernel, grid, block, [](void *c) { (*static_cast<decltype(&body)>(c))(); }, &body);
+        kernel, grid, block, reversed, [](void *c) { (*static_cast<decltype(&body)>(c))(); },
+        &body);
 }
 }  // namespace emu

@@ -1,6 +1,6 @@
 // The C entry points the Rust side calls, one per kernel instantiation (EMULATED(name)): each takes
-// the launch's grid and block sizes (one-dimensional, as every kernel of this project is launched)
-// and the kernel's arguments as a CUDA launch passes them to the driver (cuLaunchKernel's
+// the launch's grid and block sizes (one-dimensional, as every kernel of this project is launched),
+// the order to run blocks and threads in (see launch_erased) and the kernel's arguments as a CUDA launch passes them to the driver (cuLaunchKernel's
 // kernelParams): a pointer to each argument's bytes. The driver copies as many bytes as the
 // kernel's parameter takes and reads them as its type, whatever the caller meant; here each
 // argument's size and kind (pointer, signed or unsigned integer, float) must also be the
@@ -41,15 +41,17 @@ template <typename P> P read_argument(const EmulatedArgument &argument) {
 }
 
 template <typename... P, size_t... I>
-int launch_unpacked(const char *name, unsigned grid, unsigned block, void (*kernel)(P...),
-                    const EmulatedArgument *arguments, std::index_sequence<I...>) {
+int launch_unpacked(const char *name, unsigned grid, unsigned block, bool reversed,
+                    void (*kernel)(P...), const EmulatedArgument *arguments,
+                    std::index_sequence<I...>) {
     std::tuple<P...> values{read_argument<P>(arguments[I])...};
-    return launch(name, {grid, 1, 1}, {block, 1, 1}, [&] { std::apply(kernel, values); });
+    return launch(name, {grid, 1, 1}, {block, 1, 1}, reversed,
+                  [&] { std::apply(kernel, values); });
 }
 
 template <typename... P>
-int launch_packed(const char *name, unsigned grid, unsigned block, void (*kernel)(P...),
-                  const EmulatedArgument *arguments, int count) {
+int launch_packed(const char *name, unsigned grid, unsigned block, bool reversed,
+                  void (*kernel)(P...), const EmulatedArgument *arguments, int count) {
     static_assert(sizeof...(P) > 0, "every kernel takes arguments");
     constexpr size_t sizes[] = {sizeof(P)...};
     constexpr char kinds[] = {kind_of<P>()...};
@@ -65,13 +67,14 @@ int launch_packed(const char *name, unsigned grid, unsigned block, void (*kernel
                           std::to_string(sizes[i]) + " bytes of kind '" + kinds[i] + "'");
         }
     }
-    return launch_unpacked(name, grid, block, kernel, arguments, std::index_sequence_for<P...>{});
+    return launch_unpacked(name, grid, block, reversed, kernel, arguments,
+                           std::index_sequence_for<P...>{});
 }
 
 }  // namespace emu
 
 #define EMULATED(NAME)                                                                             \
-    extern "C" int optune_emu_##NAME(unsigned grid, unsigned block,                                \
+    extern "C" int optune_emu_##NAME(unsigned grid, unsigned block, int reversed,                  \
                                      const EmulatedArgument *arguments, int count) {               \
-        return emu::launch_packed(#NAME, grid, block, &NAME, arguments, count);                   \
+        return emu::launch_packed(#NAME, grid, block, reversed != 0, &NAME, arguments, count);    \
     }

@@ -1,6 +1,7 @@
 // Kernels that test the emulator itself (src/lib.rs's tests): a block reduction through shared
 // memory and __syncthreads, a warp reduction through shuffles, a shuffle that half of its warp
-// never reaches, reads outside a buffer, and a kernel leaving an output element unwritten.
+// never reaches, reads outside a buffer, a kernel leaving an output element unwritten, and a
+// race: a read of shared memory another thread writes, with no barrier between.
 
 #include "kernels.h"
 
@@ -40,8 +41,18 @@ __global__ void selftest_write_all_but_last(float *out) {
     if (threadIdx.x + 1 < blockDim.x) out[threadIdx.x] = 1.0f;
 }
 
+// Thread t stores x[t] in shared memory and reads its neighbour's value with no barrier between:
+// what it reads depends on whether the neighbour ran first.
+__global__ void selftest_missing_barrier(const float *x, float *out) {
+    __shared__ float values[1024];
+    const unsigned t = threadIdx.x;
+    values[t] = x[t];
+    out[t] = values[(t + 1) % blockDim.x];
+}
+
 EMULATED(selftest_block_sum)
 EMULATED(selftest_warp_sum)
 EMULATED(selftest_diverged_shuffle)
 EMULATED(selftest_write_all_but_last)
 EMULATED(selftest_read_at_offset)
+EMULATED(selftest_missing_barrier)

@@ -82,7 +82,7 @@ struct Argument {
     kind: c_char,
 }
 
-type Entry = unsafe extern "C" fn(u32, u32, *const Argument, c_int) -> c_int;
+type Entry = unsafe extern "C" fn(u32, u32, c_int, *const Argument, c_int) -> c_int;
 
 /// The kernels' C entry points (`optune_emu_{kernel}`, see emulator/kernels.h), by kernel name.
 macro_rules! entries {
@@ -90,8 +90,13 @@ macro_rules! entries {
         extern "C" {
             $(
                 #[link_name = concat!("optune_emu_", stringify!($kernel))]
-                fn $kernel(grid: u32, block: u32, arguments: *const Argument, count: c_int)
-                    -> c_int;
+                fn $kernel(
+                    grid: u32,
+                    block: u32,
+                    reversed: c_int,
+                    arguments: *const Argument,
+                    count: c_int,
+                ) -> c_int;
             )*
         }
 
@@ -127,54 +132,13 @@ entries!(
     selftest_diverged_shuffle,
     selftest_write_all_but_last,
     selftest_read_at_offset,
+    selftest_missing_barrier,
 );
 
 extern "C" {
     fn optune_emu_last_error() -> *const c_char;
     fn optune_emu_guarded_alloc(bytes: usize, at_start: c_int) -> *mut c_void;
     fn optune_emu_guarded_free(data: *mut c_void, bytes: usize, at_start: c_int);
-}
-
-/// Runs `kernel` (an instantiation's name, as `cached_attention_bf16`) over `launch` with `args`,
-/// in the kernel's parameter order, to its end.
-///
-/// # Safety
-/// Every [`Arg::Pointer`] must be the address of a buffer of a live [`Memory`] that holds what
-/// the kernel reads and writes there for these arguments. An access just past either end of a
-/// buffer is caught (the process ends with a report) in one of the two runs of
-/// [`in_both_placements`]; one further away may touch other memory.
-pub unsafe fn launch(kernel: &str, launch: Launch, args: &[Arg]) -> Result<(), String> {
-    let Some(entry) = entry(kernel) else {
-        return Err(format!("{kernel}: no such emulated kernel"));
-    };
-    let arguments: Vec<Argument> = args
-        .iter()
-        .map(|arg| {
-            let (bytes, size, kind): (*const c_void, usize, u8) = match arg {
-                Arg::Pointer(address) => (std::ptr::from_ref(address).cast(), 8, b'p'),
-                Arg::I32(v) => (std::ptr::from_ref(v).cast(), 4, b'i'),
-                Arg::U64(v) => (std::ptr::from_ref(v).cast(), 8, b'u'),
-                Arg::F32(v) => (std::ptr::from_ref(v).cast(), 4, b'f'),
-            };
-            Argument {
-                bytes,
-                size,
-                kind: kind as c_char,
-            }
-        })
-        .collect();
-    let count = c_int::try_from(arguments.len()).map_err(|_| "too many arguments")?;
-    // SAFETY: `arguments` points at `count` entries, each at the bytes of a value of `args`,
-    // which outlive the call; the buffers behind the pointers are the caller's to vouch for.
-    let code = unsafe { entry(launch.grid, launch.block, arguments.as_ptr(), count) };
-    if code == 0 {
-        return Ok(());
-    }
-    // SAFETY: the emulator returns a pointer to its thread-local, NUL-terminated message, valid
-    // until the next launch on this thread.
-    Err(unsafe { CStr::from_ptr(optune_emu_last_error()) }
-        .to_string_lossy()
-        .into_owned())
 }
 
 /// Where a run's buffers sit between their two inaccessible guard pages.
@@ -236,6 +200,60 @@ impl Memory {
         (data.cast(), self.regions.len() - 1)
     }
 
+    /// Runs `kernel` (an instantiation's name, as `cached_attention_bf16`) over `launch` with
+    /// `args`, in the kernel's parameter order, to its end. In the second run of
+    /// [`in_both_placements`] the blocks run last first and each block's threads are resumed last
+    /// first, so a result that depends on the order a GPU happens to run them in (a race: a
+    /// missing `__syncthreads`, a block reading what another writes) makes the runs differ.
+    ///
+    /// # Safety
+    /// Every [`Arg::Pointer`] must be the address of a buffer of this memory that holds what the
+    /// kernel reads and writes there for these arguments. An access just past either end of a
+    /// buffer is caught (the process ends with a report) in one of the two runs of
+    /// [`in_both_placements`]; one further away may touch other memory.
+    pub unsafe fn launch(&self, kernel: &str, launch: Launch, args: &[Arg]) -> Result<(), String> {
+        let Some(entry) = entry(kernel) else {
+            return Err(format!("{kernel}: no such emulated kernel"));
+        };
+        let arguments: Vec<Argument> = args
+            .iter()
+            .map(|arg| {
+                let (bytes, size, kind): (*const c_void, usize, u8) = match arg {
+                    Arg::Pointer(address) => (std::ptr::from_ref(address).cast(), 8, b'p'),
+                    Arg::I32(v) => (std::ptr::from_ref(v).cast(), 4, b'i'),
+                    Arg::U64(v) => (std::ptr::from_ref(v).cast(), 8, b'u'),
+                    Arg::F32(v) => (std::ptr::from_ref(v).cast(), 4, b'f'),
+                };
+                Argument {
+                    bytes,
+                    size,
+                    kind: kind as c_char,
+                }
+            })
+            .collect();
+        let count = c_int::try_from(arguments.len()).map_err(|_| "too many arguments")?;
+        let reversed = c_int::from(self.placement == Placement::AgainstStart);
+        // SAFETY: `arguments` points at `count` entries, each at the bytes of a value of `args`,
+        // which outlive the call; the buffers behind the pointers are the caller's to vouch for.
+        let code = unsafe {
+            entry(
+                launch.grid,
+                launch.block,
+                reversed,
+                arguments.as_ptr(),
+                count,
+            )
+        };
+        if code == 0 {
+            return Ok(());
+        }
+        // SAFETY: the emulator returns a pointer to its thread-local, NUL-terminated message,
+        // valid until the next launch on this thread.
+        Err(unsafe { CStr::from_ptr(optune_emu_last_error()) }
+            .to_string_lossy()
+            .into_owned())
+    }
+
     /// A copy of `values` that the kernel reads: its address.
     pub fn input<T: Plain>(&mut self, values: &[T]) -> u64 {
         self.in_place(values).address
@@ -293,8 +311,9 @@ impl Drop for Memory {
 /// Runs `run` twice, on a fresh [`Memory`] each time: its buffers placed against their trailing
 /// guard pages, then against their leading ones, so that a read or write past either end of any
 /// buffer is caught. The two runs must return the same bytes: they differ when the kernel leaves
-/// an output element unwritten (the runs fill outputs differently) or its result depends on
-/// where its buffers are. `kernel` names the launch in the error.
+/// an output element unwritten (the runs fill outputs differently), when its result depends on
+/// the order its blocks and threads run in (the second run reverses it), or on where its buffers
+/// are. `kernel` names the launch in the error.
 pub fn in_both_placements<T: Plain>(
     kernel: &str,
     run: impl Fn(&mut Memory) -> Result<Vec<T>, String>,
@@ -308,8 +327,10 @@ pub fn in_both_placements<T: Plain>(
             .position(|(a, b)| bytes(std::slice::from_ref(a)) != bytes(std::slice::from_ref(b)))
             .map_or("in length".to_string(), |i| format!("at element {i}"));
         return Err(format!(
-            "{kernel}: two runs differ {first} of the output, which started as zeros in one and \
-             as all ones in the other: an element the kernel does not write"
+            "{kernel}: two runs differ {first} of the output: an element the kernel does not \
+             write (the output started as zeros in one run, as all ones in the other), or one \
+             that depends on the order of the blocks or threads (a race; the second run reversed \
+             it)"
         ));
     }
     Ok(against_end)
@@ -337,7 +358,7 @@ mod tests {
             let launch = Launch { grid: 0, block: 1 };
             // SAFETY: no block runs.
             unsafe {
-                super::launch(
+                memory.launch(
                     "selftest_write_all_but_last",
                     launch,
                     &[Arg::Pointer(out.address)],
@@ -374,13 +395,13 @@ mod tests {
         ];
         for (args, want) in cases {
             // SAFETY: refused before it runs; the right list would read x and write out, 32 each.
-            let err =
-                unsafe { launch("selftest_read_at_offset", one_block(32), &args) }.unwrap_err();
+            let err = unsafe { memory.launch("selftest_read_at_offset", one_block(32), &args) }
+                .unwrap_err();
             assert!(err.contains(want), "{err}");
         }
         let ok = [Arg::Pointer(x), Arg::Pointer(out.address), Arg::I32(0)];
         // SAFETY: thread t reads x[t] and writes out[t], for 32 threads.
-        unsafe { launch("selftest_read_at_offset", one_block(32), &ok) }.unwrap();
+        unsafe { memory.launch("selftest_read_at_offset", one_block(32), &ok) }.unwrap();
         assert_eq!(memory.read(&out), [1f32; 32]);
     }
 
@@ -398,7 +419,7 @@ mod tests {
                 block: block as u32,
             };
             // SAFETY: x holds grid·block elements, out grid.
-            unsafe { super::launch("selftest_block_sum", launch, &args) }?;
+            unsafe { memory.launch("selftest_block_sum", launch, &args) }?;
             Ok(memory.read(&out))
         })
         .unwrap();
@@ -414,7 +435,7 @@ mod tests {
             let (input, out) = (memory.input(&x), memory.output::<f32>(64));
             let args = [Arg::Pointer(input), Arg::Pointer(out.address)];
             // SAFETY: x and out hold one element per thread of the block.
-            unsafe { launch("selftest_warp_sum", one_block(64), &args) }?;
+            unsafe { memory.launch("selftest_warp_sum", one_block(64), &args) }?;
             Ok(memory.read(&out))
         })
         .unwrap();
@@ -430,7 +451,7 @@ mod tests {
         let out = memory.output::<f32>(32);
         // SAFETY: out holds one element per thread of the block.
         let err = unsafe {
-            launch(
+            memory.launch(
                 "selftest_diverged_shuffle",
                 one_block(32),
                 &[Arg::Pointer(out.address)],
@@ -452,7 +473,7 @@ mod tests {
                 let out = memory.output::<f32>(32);
                 // SAFETY: out holds 32 elements; thread t writes out[t] for t < block - 1 ≤ 32.
                 unsafe {
-                    launch(
+                    memory.launch(
                         "selftest_write_all_but_last",
                         one_block(block),
                         &[Arg::Pointer(out.address)],
@@ -465,6 +486,25 @@ mod tests {
         let err = run(32).unwrap_err();
         assert!(
             err.contains("at element 31 ") && err.contains("does not write"),
+            "{err}"
+        );
+    }
+
+    /// A race between a block's threads is an error: the second run resumes them in the reverse
+    /// order, so a read of shared memory with no barrier after its write gives other values.
+    #[test]
+    fn a_race_between_threads_is_reported() {
+        let x: Vec<f32> = (1..=64).map(|i| i as f32).collect();
+        let err = in_both_placements("selftest_missing_barrier", |memory| {
+            let (input, out) = (memory.input(&x), memory.output::<f32>(64));
+            let args = [Arg::Pointer(input), Arg::Pointer(out.address)];
+            // SAFETY: x and out hold one element per thread of the block.
+            unsafe { memory.launch("selftest_missing_barrier", one_block(64), &args) }?;
+            Ok(memory.read(&out))
+        })
+        .unwrap_err();
+        assert!(
+            err.contains("selftest_missing_barrier") && err.contains("a race"),
             "{err}"
         );
     }
@@ -487,7 +527,7 @@ mod tests {
             let (x, out) = (memory.input(&[1f32; 32]), memory.output::<f32>(32));
             let args = [Arg::Pointer(x), Arg::Pointer(out.address), Arg::I32(offset)];
             // SAFETY: none: the kernel reads outside x on purpose, which ends this process.
-            let result = unsafe { launch("selftest_read_at_offset", one_block(32), &args) };
+            let result = unsafe { memory.launch("selftest_read_at_offset", one_block(32), &args) };
             println!("the read went unnoticed ({result:?})");
             return;
         }

@@ -289,7 +289,7 @@ mod tests {
     use super::*;
     use crate::kernel_args::emulated;
     use candle_core::{DType, Device};
-    use optune_cuda_emulator::{self as emulator, in_both_placements, Element, Launch};
+    use optune_cuda_emulator::{in_both_placements, Element, Launch};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
@@ -499,7 +499,7 @@ mod tests {
                 .map_err(|e| e.to_string())?;
             // SAFETY: the buffers hold what the kernel reads and writes for these sizes, and the
             // spans name slots and positions inside the store.
-            unsafe { emulator::launch(&kernel, launch, &emulated(&args)) }?;
+            unsafe { memory.launch(&kernel, launch, &emulated(&args)) }?;
             Ok(memory.read(&store))
         })
         .unwrap();

@@ -469,7 +469,7 @@ mod emulated {
     use super::*;
     use crate::kernel_args::emulated;
     use candle_core::DType;
-    use optune_cuda_emulator::{self as emulator, in_both_placements, Element, Launch};
+    use optune_cuda_emulator::{in_both_placements, Element, Launch};
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
 
@@ -492,7 +492,7 @@ mod emulated {
                 .map_err(|e| e.to_string())?;
             // SAFETY: the buffers hold what the kernel reads and writes for these sizes: the
             // tensors are shaped by `dims`, and the spans stay inside the cache.
-            unsafe { emulator::launch(&kernel, Launch { grid, block }, &emulated(&args)) }?;
+            unsafe { memory.launch(&kernel, Launch { grid, block }, &emulated(&args)) }?;
             Ok(memory.read(&out))
         })
         .unwrap();

@@ -276,7 +276,7 @@ mod tests {
     use super::*;
     use crate::kernel_args::emulated;
     use candle_core::{Device, Var};
-    use optune_cuda_emulator::{self as emulator, in_both_placements, Element, Launch};
+    use optune_cuda_emulator::{in_both_placements, Element, Launch};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
@@ -390,7 +390,7 @@ mod tests {
             let (grid, block) = add_rms_norm_launch(rows);
             // SAFETY: x and delta hold rows·hidden elements, weight hidden and out
             // 2·rows·hidden, as the kernel reads and writes them for these arguments.
-            unsafe { emulator::launch(&kernel, Launch { grid, block }, &emulated(&args)) }?;
+            unsafe { memory.launch(&kernel, Launch { grid, block }, &emulated(&args)) }?;
             Ok(memory.read(&out))
         })
         .unwrap();
@@ -410,7 +410,7 @@ mod tests {
                 let args = silu_mul_args([input, out.address], x.len(), hidden)
                     .map_err(|e| e.to_string())?;
                 // SAFETY: gate_up holds 2n elements and out n, for n = rows·hidden.
-                unsafe { emulator::launch(&kernel, launch, &emulated(&args)) }?;
+                unsafe { memory.launch(&kernel, launch, &emulated(&args)) }?;
                 Ok(memory.read(&out))
             });
             widen(gated.unwrap())

@@ -497,7 +497,7 @@ mod emulated {
     use super::tests::{element_steps, problem, rules};
     use super::*;
     use crate::kernel_args::emulated;
-    use optune_cuda_emulator::{self as emulator, in_both_placements, Launch};
+    use optune_cuda_emulator::{in_both_placements, Launch};
 
     /// One of the kernels by the emulator, with `launch` and the CUDA path's argument list:
     /// `target` after it, updated from `a` and `b` over a parameter of `n` elements.
@@ -514,7 +514,7 @@ mod emulated {
             let args = kernel_args([target.address, a, b], n, rule);
             // SAFETY: the parameter and the gradient hold n elements, the moments buffers·n;
             // the kernels' grid-stride loops stay below n.
-            unsafe { emulator::launch(name, launch, &emulated(&args)) }?;
+            unsafe { memory.launch(name, launch, &emulated(&args)) }?;
             Ok(memory.read(&target))
         })
         .unwrap()

@@ -330,7 +330,7 @@ mod emulated {
     use super::*;
     use crate::kernel_args::emulated;
     use candle_core::Device;
-    use optune_cuda_emulator::{self as emulator, in_both_placements, Element, Launch};
+    use optune_cuda_emulator::{in_both_placements, Element, Launch};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
@@ -365,7 +365,7 @@ mod emulated {
                 .map_err(|e| e.to_string())?;
             // SAFETY: logits hold rows·vocab elements, uniforms rows and out 2·rows, one block
             // per row.
-            unsafe { emulator::launch(&kernel, Launch { grid, block }, &emulated(&args)) }?;
+            unsafe { memory.launch(&kernel, Launch { grid, block }, &emulated(&args)) }?;
             Ok(memory.read(&out))
         })
         .unwrap()
