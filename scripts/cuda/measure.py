@@ -35,7 +35,8 @@ sanitizer rows, which run when the others leave time within --budget-s):
             of the bandwidth roof: bytes of weights one decode step reads x steps per second
             (tokens/s / batch, prefill included) / the copy bandwidth measured at the start;
             then the prefill of one ~1,900-token prompt (one new token) against one transformers
-            forward over it.
+            forward over it, and 64 more tokens decoded after it at batch 1 (ms per token, against
+            the batch-1 row's short prompts: what a long context adds to a decode step).
   gen-1b    The rows of gen-7b on the 1.1B.
   sanitize  Our kernels and candle's under NVIDIA's compute-sanitizer, on tiny-llama: memcheck (an
             access outside an allocation, a misaligned one, a device error) over opt-gen sampling
@@ -53,11 +54,12 @@ measured wall seconds of each stage; replace these guesses with them):
   train-1b   build the 1.1B (2.2 GB), 2 x (optune run + peer)                        ~50 s
   train-7b   build the 7B (init on the GPU, 13.5 GB written once), optune LoRA run
              (load, 5 steps, 13.5 GB merged checkpoint written), peer (loads the 7B) ~100 s
-  gen-7b     4 batch sizes x (opt-gen run incl. 13.5 GB load + generate), prefill   ~105 s
+  gen-7b     4 batch sizes x (opt-gen run incl. 13.5 GB load + generate), prefill,
+             decode after it                                                        ~115 s
   gen-1b     4 batch sizes x (opt-gen run incl. load + generate), 1.1B reloaded,
-             prefill                                                                ~58 s
+             prefill, decode after it                                               ~62 s
   sanitize   3 runs on tiny-llama, each instrumenting the kernels it loads          ~90 s
-  total                                                                             ~478 s
+  total                                                                             ~492 s
              (over the default budget: the sanitize rows run when the earlier stages
              come in under their guesses, or alone with --stages sanitize)
 
@@ -128,10 +130,12 @@ ESTIMATE_S = {
     "logprobs": 60,
     "build:1b": 15, "lora:1b": 15, "full:1b": 20, "gen:1b": 12,
     "build:7b": 45, "lora:7b": 55, "gen:7b": 22,
-    "prefill:1b": 8, "prefill:7b": 15,
+    "prefill:1b": 12, "prefill:7b": 25,
     "sanitize": 30,
 }
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+# New tokens decoded after the long prompt of the prefill row.
+LONG_DECODE = 64
 
 # The GPU device as the binaries and torch name it; --dry-run sets it to "cpu".
 GPU = "cuda"
@@ -252,6 +256,13 @@ def run(cmd, watch_gpu: bool = False, unit: str = None):
     """Runs a tool, killed at BUDGET.timeout(unit); returns (stderr, peak GPU GiB or None, how the
     peak was read)."""
     cmd = [str(c) for c in cmd]
+    if "-o" in cmd:
+        # A run killed earlier (a time limit, an interrupted check) leaves its resume state beside
+        # its output (opt-gen's OUT.journal, opt-wdpo's OUT.state/), and a rerun with other
+        # arguments is then refused, one with the same resumed: these runs start afresh.
+        out = cmd[cmd.index("-o") + 1]
+        Path(out + ".journal").unlink(missing_ok=True)
+        shutil.rmtree(out + ".state", ignore_errors=True)
     limit = BUDGET.timeout(unit)
     peak = GpuMemoryPeak() if watch_gpu else None
     try:
@@ -1173,13 +1184,14 @@ def stage_gen(args, models: Models, role: str) -> None:
 def prefill_row(args, models: Models, role: str) -> None:
     """One long prompt, one new token: the prefill alone. opt-gen attends each prompt token over
     its slot through the cache kernel (one block per token and head, keys read per token), where
-    transformers runs sdpa over the whole prompt; this row says what that costs on long prompts."""
+    transformers runs sdpa over the whole prompt; this row says what that costs on long prompts.
+    Then a second row: the decode steps after that prompt, per token."""
     import torch
 
     work = args.work / "gen" / role
     peer = models.peer(role)
     tok = tokenizer_for(models.path(role))
-    target = min(1900, peer.config.max_position_embeddings - 8)
+    target = min(1900, peer.config.max_position_embeddings - 8 - (1 + LONG_DECODE))
     text = " ".join(PROMPTS)
     while len(chat_ids(tok, [{"role": "user", "content": text}])) < target:
         text = text + " " + " ".join(PROMPTS)
@@ -1211,6 +1223,33 @@ def prefill_row(args, models: Models, role: str) -> None:
                "(bf16, sdpa) over the prompt; below 1 favours optune")
     REPORT.raw.setdefault("prefill", []).append({"role": role, "tokens": target, "optune_s": ours,
                                                  "transformers_s": theirs})
+
+    # Decoding after that prompt: each new token attends over ~target positions. The same run with
+    # LONG_DECODE more tokens, less the one above, per token; set against the batch-1 row's short
+    # prompts, this is what a long context adds to a decode step (opt-gen: one block per head
+    # walking the positions, 4 warps).
+    at = cmd.index("--max-new-tokens") + 1
+    longer = cmd[:at] + [str(1 + LONG_DECODE)] + cmd[at + 1:]
+    stderr, _, _ = run(longer, unit=f"prefill:{role}")
+    ours_ms = (float(summary(stderr, "opt-gen")["gen_s"]) - o) / LONG_DECODE * 1e3
+    sync()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        peer.generate(input_ids=x, do_sample=False, max_new_tokens=1 + LONG_DECODE, min_new_tokens=1 + LONG_DECODE,
+                      pad_token_id=3)
+    sync()
+    theirs_ms = (time.perf_counter() - start - t) / LONG_DECODE * 1e3
+    short = [g for g in REPORT.raw.get("gen", []) if g["role"] == role and g["batch"] == 1]
+    if short:
+        short_ms = 1e3 / statistics.median(short[0]["optune"])
+        context = f"optune at batch 1 after the short prompts: {short_ms:.2f} ms per token"
+    else:
+        context = "no batch-1 row to set it against"
+    REPORT.row(f"gen {role}", f"decode after the {target}-token prompt, batch 1, ms per new token "
+               f"({LONG_DECODE} tokens, one run)", f"{ours_ms:.2f}", f"{theirs_ms:.2f}", ratio(ours_ms, theirs_ms),
+               f"{context}; below 1 favours optune")
+    REPORT.raw.setdefault("long_decode", []).append({"role": role, "tokens": target, "optune_ms": ours_ms,
+                                                     "transformers_ms": theirs_ms})
 
 
 # ---------------------------------------------------------------------------------------------
