@@ -17,11 +17,15 @@
 //!   address ends a GPU run;
 //! - outputs written in full: the two runs fill their output buffers with different bytes (zeros,
 //!   then all ones) and must agree, so an element the kernel never writes (on a GPU: whatever the
-//!   allocation held) is an error.
+//!   allocation held) is an error;
+//! - races: the second run resumes a block's threads, and runs the blocks, in the reverse order,
+//!   so a result that depends on the order a GPU happens to pick (a missing `__syncthreads`, a
+//!   block reading what another writes) makes the runs differ.
 //!
 //! A launch that a GPU would refuse (no blocks, more than 1024 threads) or that could never finish
 //! (a barrier some threads cannot reach) is an error naming the kernel and the block. What this
-//! cannot check: timing, memory coalescing, races between blocks, the GPU's approximate `__expf`.
+//! cannot check: timing, memory coalescing, blocks running at the same time (they run one after
+//! another here), the GPU's approximate `__expf`.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::marker::PhantomData;
