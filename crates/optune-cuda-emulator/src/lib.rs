@@ -211,14 +211,27 @@ impl Memory {
     /// missing `__syncthreads`, a block reading what another writes) makes the runs differ.
     ///
     /// # Safety
-    /// Every [`Arg::Pointer`] must be the address of a buffer of this memory that holds what the
-    /// kernel reads and writes there for these arguments. An access just past either end of a
+    /// Every [`Arg::Pointer`] must point into a buffer of this memory (checked: an error
+    /// otherwise) that holds what the kernel reads and writes there for these arguments. An access just past either end of a
     /// buffer is caught (the process ends with a report) in one of the two runs of
     /// [`in_both_placements`]; one further away may touch other memory.
     pub unsafe fn launch(&self, kernel: &str, launch: Launch, args: &[Arg]) -> Result<(), String> {
         let Some(entry) = entry(kernel) else {
             return Err(format!("{kernel}: no such emulated kernel"));
         };
+        for (i, arg) in args.iter().enumerate() {
+            if let Arg::Pointer(address) = *arg {
+                let inside = self.regions.iter().any(|&(data, bytes)| {
+                    (data as u64..=data as u64 + bytes as u64).contains(&address)
+                });
+                if !inside {
+                    return Err(format!(
+                        "{kernel}: argument {i} ({address:#x}) points into none of this memory's \
+                         buffers"
+                    ));
+                }
+            }
+        }
         let arguments: Vec<Argument> = args
             .iter()
             .map(|arg| {
@@ -403,6 +416,12 @@ mod tests {
                 .unwrap_err();
             assert!(err.contains(want), "{err}");
         }
+        let stray = [Arg::Pointer(x), Arg::Pointer(0xdead_0000), Arg::I32(0)];
+        // SAFETY: refused before it runs: the second pointer is none of this memory's.
+        let err = unsafe { memory.launch("selftest_read_at_offset", one_block(32), &stray) };
+        assert!(err
+            .unwrap_err()
+            .contains("argument 1 (0xdead0000) points into none"));
         let ok = [Arg::Pointer(x), Arg::Pointer(out.address), Arg::I32(0)];
         // SAFETY: thread t reads x[t] and writes out[t], for 32 threads.
         unsafe { memory.launch("selftest_read_at_offset", one_block(32), &ok) }.unwrap();
