@@ -464,6 +464,16 @@ def wdpo_ref_logps(bins: Path, model: Path, pairs: Path, work: Path, device: str
 RUNS = [("cpu", "f32"), ("cuda", "f32"), ("cuda", "bf16")]
 
 
+def reference_pairs(name: str, path: Path) -> list:
+    """Pairs of a testdata model's reference responses, each case's response chosen against the
+    next one's, written to `path`; returns the cases."""
+    cases = json.loads((TESTDATA / "reference" / f"{name}.json").read_text())["cases"]
+    n = len(cases)
+    write_jsonl(path, [{"messages": messages_of(c), "chosen": c["response"], "rejected": cases[(i + 1) % n]["response"]}
+                       for i, c in enumerate(cases)])
+    return cases
+
+
 def logprobs_policies(bins: Path, work: Path) -> None:
     R = REPORT
     R.detail("### Log-probs: CUDA against CPU f32 (`opt-wdpo --precompute-ref`, summed over response + EOS)")
@@ -474,12 +484,9 @@ def logprobs_policies(bins: Path, work: Path) -> None:
     count = 0
     for name in ["tiny-llama", "tiny-mistral", "tiny-qwen2"]:
         model = TESTDATA / "models" / name
-        cases = json.loads((TESTDATA / "reference" / f"{name}.json").read_text())["cases"]
-        n = len(cases)
-        pairs = [{"messages": messages_of(c), "chosen": c["response"], "rejected": cases[(i + 1) % n]["response"]}
-                 for i, c in enumerate(cases)]
         pairs_file = work / f"{name}-pairs.jsonl"
-        write_jsonl(pairs_file, pairs)
+        cases = reference_pairs(name, pairs_file)
+        n = len(cases)
         got = {}
         for device, dtype in RUNS:
             c, r, _ = wdpo_ref_logps(bins, model, pairs_file, work / f"{name}-{device}-{dtype}", device, dtype)
@@ -710,10 +717,8 @@ def stage_sanitize(args) -> None:
            "--temperature", "1.0", "--top-p", "0.9", "--seed", "11", "--prompt-tokens-per-step", "7",
            "--max-new-tokens", "16", "--batch-size", "8", "--device", GPU, "--dtype", "bf16",
            *device_flags("cuda", "bf16")]
-    cases = json.loads((TESTDATA / "reference" / "tiny-llama.json").read_text())["cases"]
     pairs = work / "pairs.jsonl"
-    write_jsonl(pairs, [{"messages": messages_of(c), "chosen": c["response"],
-                         "rejected": cases[(i + 1) % len(cases)]["response"]} for i, c in enumerate(cases)])
+    reference_pairs("tiny-llama", pairs)
     train = [args.bin / "opt-wdpo", "--policy", model, pairs, "-o", work / "ckpt", "--lr", "1e-3",
              "--warmup-ratio", "0", "--schedule", "constant", "--batch-size", "4", "--max-steps", "2",
              "--device", GPU, "--dtype", "bf16", *device_flags("cuda", "bf16")]

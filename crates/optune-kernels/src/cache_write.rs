@@ -263,17 +263,7 @@ impl InplaceOp2 for CacheWrite<'_> {
             })
         }
 
-        let (slots, kv_heads, capacity, d) = store_dims(ls)?;
-        let (row_width, ..) = self.columns;
-        if [slots, kv_heads, capacity, d, row_width]
-            .iter()
-            .any(|&n| n > i32::MAX as usize)
-        {
-            bail!(
-                "cache_write: a store of {:?} exceeds the kernel's int",
-                ls.dims()
-            );
-        }
+        // Sizes beyond the kernel's int are refused by `kernel_args`, before the launch.
         let (s, r) = ((store, ls), (rows, lr));
         match s.0.dtype() {
             DType::F32 => launch::<f32>(self, "cache_write_rotated_f32", s, r),

@@ -276,7 +276,7 @@ impl CustomOp3 for CachedAttention<'_> {
             Ok(CudaStorage::wrap_cuda_slice(out, device))
         }
 
-        let (queries, row_width) = lq.shape().dims2()?;
+        let queries = lq.shape().dims2()?.0;
         let (heads, d) = (self.heads, lk.shape().dims4()?.3);
         if d > MAX_HEAD_DIM {
             bail!("cached_attention: head width {d} above the kernel's {MAX_HEAD_DIM}");
@@ -284,7 +284,8 @@ impl CustomOp3 for CachedAttention<'_> {
         if queries == 0 {
             bail!("cached_attention: no queries (a CUDA launch over no blocks fails)");
         }
-        if queries * heads > i32::MAX as usize || row_width > i32::MAX as usize {
+        // The grid; the sizes passed as ints are checked by `kernel_args`.
+        if queries * heads > i32::MAX as usize {
             bail!("cached_attention: {queries} queries of {heads} heads exceed a grid");
         }
         let (q, k, v) = ((q, lq), (k, lk), (v, lv));
