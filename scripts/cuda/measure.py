@@ -36,7 +36,9 @@ sanitizer rows, which run when the others leave time within --budget-s):
             (tokens/s / batch, prefill included) / the copy bandwidth measured at the start;
             then the prefill of one ~1,900-token prompt (one new token) against one transformers
             forward over it, and 64 more tokens decoded after it at batch 1 (ms per token, against
-            the batch-1 row's short prompts: what a long context adds to a decode step).
+            the batch-1 row's short prompts: what a long context adds to a decode step), also
+            with OPTUNE_ATTENTION_SPLITS=1 (each head's span in one block: what splitting it
+            across blocks is worth).
   gen-1b    The rows of gen-7b on the 1.1B.
   sanitize  Our kernels and candle's under NVIDIA's compute-sanitizer, on tiny-llama: memcheck (an
             access outside an allocation, a misaligned one, a device error) over opt-gen sampling
@@ -55,11 +57,11 @@ measured wall seconds of each stage; replace these guesses with them):
   train-7b   build the 7B (init on the GPU, 13.5 GB written once), optune LoRA run
              (load, 5 steps, 13.5 GB merged checkpoint written), peer (loads the 7B) ~100 s
   gen-7b     4 batch sizes x (opt-gen run incl. 13.5 GB load + generate), prefill,
-             decode after it                                                        ~115 s
+             decode after it, split and unsplit                                     ~123 s
   gen-1b     4 batch sizes x (opt-gen run incl. load + generate), 1.1B reloaded,
-             prefill, decode after it                                               ~62 s
+             prefill, decode after it, split and unsplit                            ~66 s
   sanitize   3 runs on tiny-llama, each instrumenting the kernels it loads          ~90 s
-  total                                                                             ~492 s
+  total                                                                             ~504 s
              (over the default budget: the sanitize rows run when the earlier stages
              come in under their guesses, or alone with --stages sanitize)
 
@@ -89,6 +91,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import re
 import shutil
 import statistics
@@ -130,7 +133,7 @@ ESTIMATE_S = {
     "logprobs": 60,
     "build:1b": 15, "lora:1b": 15, "full:1b": 20, "gen:1b": 12,
     "build:7b": 45, "lora:7b": 55, "gen:7b": 22,
-    "prefill:1b": 12, "prefill:7b": 25,
+    "prefill:1b": 16, "prefill:7b": 33,
     "sanitize": 30,
 }
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -252,9 +255,9 @@ def guarded(stage: str, what: str, fn) -> None:
 # helpers
 # ---------------------------------------------------------------------------------------------
 
-def run(cmd, watch_gpu: bool = False, unit: str = None):
-    """Runs a tool, killed at BUDGET.timeout(unit); returns (stderr, peak GPU GiB or None, how the
-    peak was read)."""
+def run(cmd, watch_gpu: bool = False, unit: str = None, env: dict = None):
+    """Runs a tool (with `env` added to the environment), killed at BUDGET.timeout(unit); returns
+    (stderr, peak GPU GiB or None, how the peak was read)."""
     cmd = [str(c) for c in cmd]
     if "-o" in cmd:
         # A run killed earlier (a time limit, an interrupted check) leaves its resume state beside
@@ -266,7 +269,8 @@ def run(cmd, watch_gpu: bool = False, unit: str = None):
     limit = BUDGET.timeout(unit)
     peak = GpuMemoryPeak() if watch_gpu else None
     try:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, **env} if env else None)
         if peak:
             peak.watch(proc.pid)
         try:
@@ -1231,12 +1235,20 @@ def prefill_row(args, models: Models, role: str) -> None:
 
     # Decoding after that prompt: each new token attends over ~target positions. The same run with
     # LONG_DECODE more tokens, less the one above, per token; set against the batch-1 row's short
-    # prompts, this is what a long context adds to a decode step (opt-gen: one block per head
-    # walking the positions, 4 warps).
+    # prompts, this is what a long context adds to a decode step. opt-gen splits each head's span
+    # across blocks at batch 1 (cached_attention.rs, split_for); the run again with
+    # OPTUNE_ATTENTION_SPLITS=1 (one block per head walking all the positions, as before
+    # 2026-12-01) says what the split is worth on this GPU. On the CPU (the dry run) neither
+    # applies: the host kernel attends.
     at = cmd.index("--max-new-tokens") + 1
     longer = cmd[:at] + [str(1 + LONG_DECODE)] + cmd[at + 1:]
-    stderr, _, _ = run(longer, unit=f"prefill:{role}")
-    ours_ms = (float(summary(stderr, "opt-gen")["gen_s"]) - o) / LONG_DECODE * 1e3
+
+    def per_token_ms(env=None):
+        stderr, _, _ = run(longer, unit=f"prefill:{role}", env=env)
+        return (float(summary(stderr, "opt-gen")["gen_s"]) - o) / LONG_DECODE * 1e3
+
+    ours_ms = per_token_ms()
+    unsplit_ms = per_token_ms({"OPTUNE_ATTENTION_SPLITS": "1"})
     sync()
     start = time.perf_counter()
     with torch.inference_mode():
@@ -1252,8 +1264,10 @@ def prefill_row(args, models: Models, role: str) -> None:
         context = "no batch-1 row to set it against"
     REPORT.row(f"gen {role}", f"decode after the {target}-token prompt, batch 1, ms per new token "
                f"({LONG_DECODE} tokens, one run)", f"{ours_ms:.2f}", f"{theirs_ms:.2f}", ratio(ours_ms, theirs_ms),
-               f"{context}; below 1 favours optune")
+               f"{context}; with each head's span unsplit (OPTUNE_ATTENTION_SPLITS=1): {unsplit_ms:.2f} ms "
+               f"per token, split/unsplit {ratio(ours_ms, unsplit_ms)}; below 1 favours optune")
     REPORT.raw.setdefault("long_decode", []).append({"role": role, "tokens": target, "optune_ms": ours_ms,
+                                                     "optune_unsplit_ms": unsplit_ms,
                                                      "transformers_ms": theirs_ms})
 
 

@@ -2,5 +2,17 @@
 #include "kernels.h"
 
 EMULATED(cached_attention_f32)
+EMULATED(cached_attention_wide_f32)
 EMULATED(cached_attention_bf16)
+EMULATED(cached_attention_wide_bf16)
 EMULATED(cached_attention_f16)
+EMULATED(cached_attention_wide_f16)
+EMULATED(cached_attention_split_f32)
+EMULATED(cached_attention_split_wide_f32)
+EMULATED(cached_attention_split_bf16)
+EMULATED(cached_attention_split_wide_bf16)
+EMULATED(cached_attention_split_f16)
+EMULATED(cached_attention_split_wide_f16)
+EMULATED(cached_attention_merge_f32)
+EMULATED(cached_attention_merge_bf16)
+EMULATED(cached_attention_merge_f16)

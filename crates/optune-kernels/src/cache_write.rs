@@ -138,7 +138,7 @@ fn write<T: WithDType>(
     store: &mut [T],
     rows: &[T],
     (row_width, k_at, v_at): (usize, usize, usize),
-    HostTables { cos, sin, spans }: &HostTables,
+    HostTables { cos, sin, spans }: HostTables,
     (slots, kv_heads, capacity, d): (usize, usize, usize, usize),
 ) -> Result<()> {
     let half = d / 2;
@@ -299,10 +299,6 @@ mod tests {
             self.tokens.iter().flat_map(|&(s, p)| [s, 0, p]).collect()
         }
 
-        fn spans_tensor(&self) -> Tensor {
-            Tensor::from_vec(self.spans(), (self.tokens.len(), 3), &Device::Cpu).unwrap()
-        }
-
         /// k, v `[1, tokens, kv_heads·d]`, cos, sin `[1, tokens, d/2]`, in `dtype`.
         fn parts(&self, dtype: DType, seed: u64) -> [Tensor; 4] {
             let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -376,7 +372,7 @@ mod tests {
             for dtype in DTYPES {
                 let (rows, [k, v, cos, sin]) = case.inputs(dtype, 1);
                 let store = case.store(dtype);
-                let tables = TokenTables::new(&cos, &sin, &case.spans_tensor()).unwrap();
+                let tables = TokenTables::new(&cos, &sin, &case.spans()).unwrap();
                 write_rotated(&store, &rows, case.columns(), &tables).unwrap();
                 let heads_k = crate::ops::generic::rotary_heads(&k, &cos, &sin, case.kv_heads)
                     .unwrap() // [1, kv_heads, tokens, d]
@@ -451,7 +447,7 @@ mod tests {
         };
         let (rows, [_, _, cos, sin]) = case.inputs(DType::F32, 2);
         let store = case.store(DType::F32);
-        let tables = TokenTables::new(&cos, &sin, &case.spans_tensor()).unwrap();
+        let tables = TokenTables::new(&cos, &sin, &case.spans()).unwrap();
         let err = write_rotated(&store, &rows, case.columns(), &tables).unwrap_err();
         assert!(err.to_string().contains("position 4 of slot 0"), "{err}");
     }
@@ -504,7 +500,7 @@ mod tests {
             for dtype in DTYPES {
                 let (rows, [_, _, cos, sin]) = case.inputs(dtype, 3);
                 let store = case.store(dtype);
-                let tables = TokenTables::new(&cos, &sin, &case.spans_tensor()).unwrap();
+                let tables = TokenTables::new(&cos, &sin, &case.spans()).unwrap();
                 write_rotated(&store, &rows, case.columns(), &tables).unwrap();
                 let inputs = (&rows, &cos, &sin);
                 let want: Vec<f32> = flat(&store.to_dtype(DType::F32).unwrap());

@@ -6,8 +6,9 @@
 //! and the values are copied per layer per step; at prefill every prompt of a step is padded to
 //! the longest, the slots' keys are gathered into a copy, and a `[prompts, 1, t, keys]` mask is
 //! made on the host. Here each query reads its own span once. On CUDA the kernel is
-//! src/cuda/cached_attention.cu (online softmax in f32, one block per query and head); on the CPU
-//! the host decode kernel [`crate::host::attention`], in f32.
+//! src/cuda/cached_attention.cu (online softmax in f32, one block per query and head, or per
+//! chunk of its span when the query heads are too few to fill the GPU: see [`split_for`]); on the
+//! CPU the host decode kernel [`crate::host::attention`], in f32.
 
 use crate::kernel_args::KernelArg;
 use crate::token_tables::{HostTables, TokenTables};
@@ -73,11 +74,107 @@ struct CachedAttention<'a> {
     scale: f64,
 }
 
-/// The CUDA kernel's launch for `queries` queries of `heads` heads: one block per (query, head),
-/// the heads of a query adjacent (see the kernel), of WARPS (4) warps; `(blocks, threads)`.
+/// How each query's span is cut into chunks of positions, one block each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
-fn launch_dims(queries: usize, heads: usize) -> (u32, u32) {
-    ((queries * heads) as u32, 4 * 32)
+enum Split {
+    /// One block per query head writes its output (cached_attention_*).
+    Whole,
+    /// `count` blocks per query head, each over `chunk` positions of the span, write partial
+    /// results (cached_attention_split_*) that a second launch merges
+    /// (cached_attention_merge_*).
+    Chunks { count: usize, chunk: usize },
+}
+
+/// Positions a block's warps take per round (the kernel's WARPS · IN_FLIGHT): chunks are whole
+/// rounds.
+const ROUND: usize = 16;
+/// Blocks of 4 warps per streaming multiprocessor a launch aims for: 16 warps, each with up to
+/// 8 rows of keys and values loading, enough to keep an SM's share of the memory busy.
+const BLOCKS_PER_PROCESSOR: usize = 4;
+/// The fewest positions worth a block of their own (4 rounds).
+const MIN_CHUNK: usize = 64;
+/// The widest head the narrow kernels take (4 channels a lane), and the widest any takes (8).
+const NARROW_HEAD: usize = 128;
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch
+const WIDEST_HEAD: usize = 256;
+/// Threads of a merging block (the kernel's MERGE_THREADS).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+const MERGE_THREADS: u32 = 128;
+
+/// The one place the launch's shape is chosen, for `query_heads` query heads whose longest span
+/// is `longest` positions on a GPU of `processors` SMs. Unsplit when the query heads alone make
+/// [`BLOCKS_PER_PROCESSOR`] blocks per SM (any prefill; a decode step of ~16 sequences or more on
+/// a 7B) or no span is longer than [`MIN_CHUNK`]: a split costs a second launch and a pass over
+/// the partial results. Else each span is cut into as many chunks as make up that many blocks,
+/// none shorter than [`MIN_CHUNK`]: a decode step at batch 1 on a 7B (32 query heads) after a
+/// 1,900-token prompt runs 17 blocks per head of 112 positions on an H200 (132 SMs) instead of
+/// one block walking all 1,900. `forced` (from `OPTUNE_ATTENTION_SPLITS`) asks for that many
+/// chunks instead, for measuring; chunks never go below [`ROUND`] positions.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
+fn split_for(
+    query_heads: usize,
+    longest: usize,
+    processors: usize,
+    forced: Option<usize>,
+) -> Split {
+    let wanted = forced.unwrap_or_else(|| {
+        (processors * BLOCKS_PER_PROCESSOR / query_heads.max(1)).min(longest.div_ceil(MIN_CHUNK))
+    });
+    if wanted <= 1 || longest <= ROUND {
+        return Split::Whole;
+    }
+    let chunk = longest.div_ceil(wanted).next_multiple_of(ROUND);
+    Split::Chunks {
+        count: longest.div_ceil(chunk),
+        chunk,
+    }
+}
+
+/// `OPTUNE_ATTENTION_SPLITS`: unset or `auto` leaves the split to [`split_for`]; a count of
+/// chunks per span forces it (`1`: unsplit). Read once.
+#[cfg(feature = "cuda")]
+fn forced_splits() -> Result<Option<usize>> {
+    static FORCED: std::sync::OnceLock<std::result::Result<Option<usize>, String>> =
+        std::sync::OnceLock::new();
+    FORCED
+        .get_or_init(|| match std::env::var("OPTUNE_ATTENTION_SPLITS") {
+            Err(_) => Ok(None),
+            Ok(v) if v.is_empty() || v == "auto" => Ok(None),
+            Ok(v) => match v.parse::<usize>() {
+                Ok(n) if n >= 1 => Ok(Some(n)),
+                _ => Err(format!(
+                    "OPTUNE_ATTENTION_SPLITS={v}: expected `auto` or a count of chunks per span \
+                     (1 or more)"
+                )),
+            },
+        })
+        .clone()
+        .map_err(candle_core::Error::msg)
+}
+
+/// The attention kernel for heads `head_dim` wide, cut as `split`, of the storage type `suffix`
+/// (`f32`, `bf16`, `f16`); the merging kernel is `cached_attention_merge_{suffix}`.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
+fn attention_kernel(split: Split, head_dim: usize, suffix: &str) -> String {
+    let split = match split {
+        Split::Whole => "",
+        Split::Chunks { .. } => "split_",
+    };
+    let wide = if head_dim > NARROW_HEAD { "wide_" } else { "" };
+    format!("cached_attention_{split}{wide}{suffix}")
+}
+
+/// The attention kernel's launch for `query_heads` query heads cut as `split`: one block of 4
+/// warps per (query head, chunk), the heads of a query's chunk adjacent (see the kernel);
+/// `(blocks, threads)`.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
+fn launch_dims(query_heads: usize, split: Split) -> (u32, u32) {
+    let count = match split {
+        Split::Whole => 1,
+        Split::Chunks { count, .. } => count,
+    };
+    ((query_heads * count) as u32, 4 * 32)
 }
 
 /// The sizes of the kernel's buffers: the queries as the first `heads·head_dim` columns of
@@ -93,16 +190,23 @@ struct AttentionDims {
     capacity: usize,
 }
 
-/// The kernel's arguments (src/cuda/cached_attention.cu): the addresses of the rows, the angles
-/// `cos`, `sin [queries, head_dim/2]`, the keys, the values, `out [queries, heads, head_dim]` and
-/// the spans `[queries, 3]`, then the sizes and the scale. The CUDA launch and the emulated tests
-/// both pass this list.
+/// The attention kernels' arguments (src/cuda/cached_attention.cu): the addresses of the rows,
+/// the angles `cos`, `sin [queries, head_dim/2]`, the keys, the values, the output (`out
+/// [queries, heads, head_dim]` unsplit, the f32 partial results `[queries, heads, count,
+/// head_dim + 2]` split) and the spans `[queries, 3]`, then the sizes, the split and the scale.
+/// The CUDA launch and the emulated tests both pass this list.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
 fn kernel_args(
     [rows, cos, sin, keys, values, out, spans]: [u64; 7],
     dims: &AttentionDims,
+    split: Split,
     scale: f32,
 ) -> Result<Vec<KernelArg>> {
+    // Unsplit, one chunk holds any span of the cache.
+    let (count, chunk) = match split {
+        Split::Whole => (1, dims.capacity),
+        Split::Chunks { count, chunk } => (count, chunk),
+    };
     Ok(vec![
         KernelArg::Pointer(rows),
         KernelArg::Pointer(cos),
@@ -116,7 +220,21 @@ fn kernel_args(
         KernelArg::int(dims.capacity, "capacity")?,
         KernelArg::int(dims.head_dim, "head_dim")?,
         KernelArg::int(dims.row_width, "row_width")?,
+        KernelArg::int(count, "splits")?,
+        KernelArg::int(chunk, "chunk")?,
         KernelArg::F32(scale),
+    ])
+}
+
+/// The merging kernel's arguments: the partial results' and the output's addresses, the count of
+/// chunks per span and the head width.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
+fn merge_args([partial, out]: [u64; 2], count: usize, head_dim: usize) -> Result<Vec<KernelArg>> {
+    Ok(vec![
+        KernelArg::Pointer(partial),
+        KernelArg::Pointer(out),
+        KernelArg::int(count, "splits")?,
+        KernelArg::int(head_dim, "head_dim")?,
     ])
 }
 
@@ -216,16 +334,16 @@ impl CustomOp3 for CachedAttention<'_> {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use crate::kernel_args::cuda::{config, launch as launch_kernel};
         use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
         use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr};
         use candle_core::cuda_backend::CudaDType;
         use candle_core::{CudaStorage, DType};
 
         const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/cached_attention.ptx"));
-        const MAX_HEAD_DIM: usize = 256;
 
         fn launch<T: CudaDType + DeviceRepr>(
             op: &CachedAttention,
-            name: &str,
+            suffix: &str,
             (q, lq): (&CudaStorage, &Layout),
             (k, lk): (&CudaStorage, &Layout),
             (v, lv): (&CudaStorage, &Layout),
@@ -242,14 +360,39 @@ impl CustomOp3 for CachedAttention<'_> {
                 kv_heads,
                 capacity,
             };
+            let query_heads = dims.queries * dims.heads;
+            let processors = stream
+                .context()
+                .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+                .map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+            let split = split_for(
+                query_heads,
+                op.tables.longest_span(),
+                processors.max(1) as usize,
+                forced_splits()?,
+            );
+            let (blocks, threads) = launch_dims(query_heads, split);
             let q = q.as_cuda_slice::<T>()?.slice(lq.start_offset()..);
             let k = k.as_cuda_slice::<T>()?.slice(lk.start_offset()..);
             let v = v.as_cuda_slice::<T>()?.slice(lv.start_offset()..);
-            // SAFETY: every element is written by the kernel (idle queries get zeros).
-            let mut out = unsafe { device.alloc::<T>(dims.queries * dims.heads * head_dim)? };
-            let func = device.get_or_load_custom_func(name, "optune_cached_attention", PTX)?;
+            // SAFETY: every element is written, by the attention kernel unsplit or by the merging
+            // one (idle queries get zeros).
+            let mut out = unsafe { device.alloc::<T>(query_heads * head_dim)? };
+            // SAFETY: the split kernel writes every chunk's record in full (an empty chunk's too).
+            let mut partial = match split {
+                Split::Whole => None,
+                Split::Chunks { count, .. } => {
+                    Some(unsafe { device.alloc::<f32>(query_heads * count * (head_dim + 2))? })
+                }
+            };
+            let module = "optune_cached_attention";
+            let attend = device.get_or_load_custom_func(
+                &attention_kernel(split, head_dim, suffix),
+                module,
+                PTX,
+            )?;
             op.tables.on_device::<T, _>("cached_attention", |tables| {
-                // The guards order the launch after the buffers' last writes and record it.
+                // The guards order the launches after the buffers' last writes and record them.
                 let (q_at, _q) = q.device_ptr(&stream);
                 let (cos_at, _cos) = tables.cos.device_ptr(&stream);
                 let (sin_at, _sin) = tables.sin.device_ptr(&stream);
@@ -257,42 +400,54 @@ impl CustomOp3 for CachedAttention<'_> {
                 let (v_at, _v) = v.device_ptr(&stream);
                 let (spans_at, _spans) = tables.spans.device_ptr(&stream);
                 let (out_at, _out) = out.device_ptr_mut(&stream);
-                let buffers = [q_at, cos_at, sin_at, k_at, v_at, out_at, spans_at];
-                let args = kernel_args(buffers, &dims, op.scale as f32)?;
+                let partial = partial.as_mut().map(|p| p.device_ptr_mut(&stream));
+                let written_at = partial.as_ref().map_or(out_at, |(at, _)| *at);
+                let buffers = [q_at, cos_at, sin_at, k_at, v_at, written_at, spans_at];
+                let args = kernel_args(buffers, &dims, split, op.scale as f32)?;
                 // SAFETY: the list is the kernel's; the buffers hold queries·row_width (the rows,
-                // each with its query's heads·d columns first), queries·heads·d (out), queries·d/2
-                // (cos, sin), slots·kv_heads·capacity·d (k, v) and 3·queries (spans) elements,
-                // checked by `cached_attention` and `TokenTables::new`; the slots and positions
-                // the spans name are the caller's to keep inside the cache (the CPU form checks
-                // them). The guards live to the end of the closure.
-                unsafe {
-                    launch_kernel(
-                        func.builder(),
-                        config(launch_dims(dims.queries, dims.heads)),
-                        &args,
-                    )
+                // each with its query's heads·d columns first), queries·heads·d (out) or
+                // queries·heads·count·(d+2) (partial, f32), queries·d/2 (cos, sin),
+                // slots·kv_heads·capacity·d (k, v) and 3·queries (spans) elements, checked by
+                // `cached_attention` and `TokenTables::new`; the slots and positions the spans
+                // name are the caller's to keep inside the cache (the CPU form checks them). The
+                // guards live to the end of the closure.
+                unsafe { launch_kernel(attend.builder(), config((blocks, threads)), &args) }?;
+                if let (Split::Chunks { count, .. }, Some((partial_at, _))) = (split, &partial) {
+                    let merge = device.get_or_load_custom_func(
+                        &format!("cached_attention_merge_{suffix}"),
+                        module,
+                        PTX,
+                    )?;
+                    let args = merge_args([*partial_at, out_at], count, head_dim)?;
+                    let grid = (query_heads as u32, MERGE_THREADS);
+                    // SAFETY: the merging kernel's list; partial holds the query_heads·count
+                    // records of d+2 the launch above wrote, out query_heads·d elements.
+                    unsafe { launch_kernel(merge.builder(), config(grid), &args) }?;
                 }
+                Ok(())
             })?;
             Ok(CudaStorage::wrap_cuda_slice(out, device))
         }
 
         let queries = lq.shape().dims2()?.0;
         let (heads, d) = (self.heads, lk.shape().dims4()?.3);
-        if d > MAX_HEAD_DIM {
-            bail!("cached_attention: head width {d} above the kernel's {MAX_HEAD_DIM}");
+        if d > WIDEST_HEAD {
+            bail!("cached_attention: head width {d} above the kernel's {WIDEST_HEAD}");
         }
         if queries == 0 {
             bail!("cached_attention: no queries (a CUDA launch over no blocks fails)");
         }
-        // The grid; the sizes passed as ints are checked by `kernel_args`.
-        if queries * heads > i32::MAX as usize {
+        // The grid (at most `longest_span / ROUND` chunks per query head); the sizes passed as
+        // ints are checked by `kernel_args`.
+        let most_blocks = queries * heads * self.tables.longest_span().div_ceil(ROUND).max(1);
+        if most_blocks > i32::MAX as usize {
             bail!("cached_attention: {queries} queries of {heads} heads exceed a grid");
         }
         let (q, k, v) = ((q, lq), (k, lk), (v, lv));
         let out = match q.0.dtype() {
-            DType::F32 => launch::<f32>(self, "cached_attention_f32", q, k, v)?,
-            DType::BF16 => launch::<half::bf16>(self, "cached_attention_bf16", q, k, v)?,
-            DType::F16 => launch::<half::f16>(self, "cached_attention_f16", q, k, v)?,
+            DType::F32 => launch::<f32>(self, "f32", q, k, v)?,
+            DType::BF16 => launch::<half::bf16>(self, "bf16", q, k, v)?,
+            DType::F16 => launch::<half::f16>(self, "f16", q, k, v)?,
             other => bail!("cached_attention: {other:?} on CUDA"),
         };
         Ok((out, Shape::from((queries, heads, d))))
@@ -312,9 +467,8 @@ mod tests {
         Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
     }
 
-    pub(super) fn spans_tensor(spans: &[(u32, u32, u32)]) -> Tensor {
-        let flat: Vec<u32> = spans.iter().flat_map(|&(s, a, b)| [s, a, b]).collect();
-        Tensor::from_vec(flat, (spans.len(), 3), &Device::Cpu).unwrap()
+    pub(super) fn flat_spans(spans: &[(u32, u32, u32)]) -> Vec<u32> {
+        spans.iter().flat_map(|&(s, a, b)| [s, a, b]).collect()
     }
 
     /// One query `q [heads, d]` over its slot's positions `first..=last` by the masked generic
@@ -373,7 +527,7 @@ mod tests {
             let [q, k, v, cos, sin] = [q, k, v, &cos, &sin].map(|t| t.to_dtype(dtype).unwrap());
             // The queries' columns first in rows that hold more (as a stacked q/k/v projection's).
             let rows = Tensor::cat(&[&q, &q.affine(0.5, 1.0).unwrap()], 2).unwrap();
-            let tables = TokenTables::new(&cos, &sin, &spans_tensor(spans)).unwrap();
+            let tables = TokenTables::new(&cos, &sin, &flat_spans(spans)).unwrap();
             let got = cached_attention(&rows, heads, &tables, &k, &v, 0.35)
                 .unwrap()
                 .reshape((batch, steps, heads, d))
@@ -442,7 +596,7 @@ mod tests {
         let k = random(&[2, 1, 5, 4], &mut rng);
         let (cos, sin) = angles(2, 1, 4);
         let tables =
-            |spans: &[(u32, u32, u32)]| TokenTables::new(&cos, &sin, &spans_tensor(spans)).unwrap();
+            |spans: &[(u32, u32, u32)]| TokenTables::new(&cos, &sin, &flat_spans(spans)).unwrap();
         let out = cached_attention(&q, 2, &tables(&[(0, 1, 0), (1, 0, 3)]), &k, &k, 1.0).unwrap();
         let idle: Vec<f32> = out
             .get(0)
@@ -462,9 +616,9 @@ mod tests {
     }
 }
 
-/// The CUDA kernel (src/cuda/cached_attention.cu), run by the emulator with the launch the CUDA
-/// path makes, against the CPU form: decode and packed prefill layouts, grouped heads, idle
-/// slots, windows, and head widths that do not fill the last 32 channels.
+/// The CUDA kernels (src/cuda/cached_attention.cu), run by the emulator with the launches the
+/// CUDA path makes, against the CPU form: decode and packed prefill layouts, grouped heads, idle
+/// slots, windows, head widths that do not fill the last 32 channels, unsplit and split.
 #[cfg(test)]
 mod emulated {
     use super::*;
@@ -474,26 +628,50 @@ mod emulated {
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
 
-    /// The kernel by the emulator, with the CUDA path's launch and argument list.
+    /// The kernels by the emulator, with the CUDA path's launches and argument lists.
     fn kernel<T: Element + candle_core::WithDType>(
         dims: AttentionDims,
+        split: Split,
         [rows, cos, sin, k, v]: [&Tensor; 5],
         spans: &[u32],
         scale: f32,
     ) -> Vec<f32> {
         let flat = |t: &Tensor| -> Vec<T> { t.flatten_all().unwrap().to_vec1().unwrap() };
         let inputs = [rows, cos, sin, k, v].map(flat);
-        let (grid, block) = launch_dims(dims.queries, dims.heads);
-        let kernel = format!("cached_attention_{}", T::SUFFIX);
-        let out = in_both_placements(&kernel, |memory| {
+        let query_heads = dims.queries * dims.heads;
+        let (grid, block) = launch_dims(query_heads, split);
+        let attend_kernel = attention_kernel(split, dims.head_dim, T::SUFFIX);
+        let merge_kernel = format!("cached_attention_merge_{}", T::SUFFIX);
+        let out = in_both_placements(&attend_kernel, |memory| {
             let [rows, cos, sin, k, v] = inputs.each_ref().map(|x| memory.input(x));
             let spans = memory.input(spans);
-            let out = memory.output::<T>(dims.queries * dims.heads * dims.head_dim);
-            let args = kernel_args([rows, cos, sin, k, v, out.address, spans], &dims, scale)
-                .map_err(|e| e.to_string())?;
-            // SAFETY: the buffers hold what the kernel reads and writes for these sizes: the
-            // tensors are shaped by `dims`, and the spans stay inside the cache.
-            unsafe { memory.launch(&kernel, Launch { grid, block }, &emulated(&args)) }?;
+            let out = memory.output::<T>(query_heads * dims.head_dim);
+            let buffers = |written| [rows, cos, sin, k, v, written, spans];
+            let attend = Launch { grid, block };
+            match split {
+                Split::Whole => {
+                    let args = kernel_args(buffers(out.address), &dims, split, scale)
+                        .map_err(|e| e.to_string())?;
+                    // SAFETY: the buffers hold what the kernel reads and writes for these sizes:
+                    // the tensors are shaped by `dims`, and the spans stay inside the cache.
+                    unsafe { memory.launch(&attend_kernel, attend, &emulated(&args)) }?;
+                }
+                Split::Chunks { count, .. } => {
+                    let partial = memory.output::<f32>(query_heads * count * (dims.head_dim + 2));
+                    let args = kernel_args(buffers(partial.address), &dims, split, scale)
+                        .map_err(|e| e.to_string())?;
+                    // SAFETY: as above, with partial holding every chunk's record.
+                    unsafe { memory.launch(&attend_kernel, attend, &emulated(&args)) }?;
+                    let args = merge_args([partial.address, out.address], count, dims.head_dim)
+                        .map_err(|e| e.to_string())?;
+                    let merge = Launch {
+                        grid: query_heads as u32,
+                        block: MERGE_THREADS,
+                    };
+                    // SAFETY: partial holds the records written above, out the output.
+                    unsafe { memory.launch(&merge_kernel, merge, &emulated(&args)) }?;
+                }
+            }
             Ok(memory.read(&out))
         })
         .unwrap();
@@ -501,20 +679,25 @@ mod emulated {
     }
 
     /// `spans` over a cache of `slots × capacity`, queries the first columns of rows
-    /// `[queries, row_width]`.
-    fn check(dims: AttentionDims, slots: usize, spans: &[(u32, u32, u32)], seed: u64) {
+    /// `[queries, row_width]`, by the kernels unsplit and cut as each of `splits`.
+    fn check(
+        dims: AttentionDims,
+        slots: usize,
+        spans: &[(u32, u32, u32)],
+        splits: &[Split],
+        seed: u64,
+    ) {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut random = |shape: &[usize]| super::tests::random(shape, &mut rng);
         let q = random(&[dims.queries, dims.row_width]);
         let cache = [slots, dims.kv_heads, dims.capacity, dims.head_dim];
         let (k, v) = (random(&cache), random(&cache));
         let (cos, sin) = super::tests::angles(1, dims.queries, dims.head_dim);
-        let flat_spans: Vec<u32> = spans.iter().flat_map(|&(s, a, b)| [s, a, b]).collect();
-        let spans_tensor = super::tests::spans_tensor(spans);
+        let flat_spans = super::tests::flat_spans(spans);
         let scale = 1.0 / (dims.head_dim as f32).sqrt();
         for dtype in [DType::F32, DType::BF16, DType::F16] {
             let [q, cos, sin, k, v] = [&q, &cos, &sin, &k, &v].map(|t| t.to_dtype(dtype).unwrap());
-            let tables = TokenTables::new(&cos, &sin, &spans_tensor).unwrap();
+            let tables = TokenTables::new(&cos, &sin, &flat_spans).unwrap();
             let want: Vec<f32> = cached_attention(&q, dims.heads, &tables, &k, &v, scale as f64)
                 .unwrap()
                 .to_dtype(DType::F32)
@@ -524,47 +707,65 @@ mod emulated {
                 .to_vec1()
                 .unwrap();
             let tensors = [&q, &cos, &sin, &k, &v];
-            let got = match dtype {
-                DType::F32 => kernel::<f32>(dims, tensors, &flat_spans, scale),
-                DType::BF16 => kernel::<half::bf16>(dims, tensors, &flat_spans, scale),
-                _ => kernel::<half::f16>(dims, tensors, &flat_spans, scale),
-            };
-            // f32: the kernel's online softmax over 4 warps against the CPU's sums; bf16 and
-            // f16: both round their f32 result once, so a rounding step apart at most.
-            let tolerance = if dtype == DType::F32 { 2e-6 } else { 8e-3 };
-            let worst = got
-                .iter()
-                .zip(&want)
-                .map(|(g, w)| (g - w).abs())
-                .fold(0f32, f32::max);
-            assert!(worst <= tolerance, "{dims:?} {dtype:?}: off by {worst}");
-            // Idle queries are zeros on both.
-            let width = dims.heads * dims.head_dim;
-            for (query, &(_, first, last)) in spans.iter().enumerate() {
-                if last < first {
-                    assert!(got[query * width..(query + 1) * width]
-                        .iter()
-                        .all(|&x| x == 0.0));
+            for &split in [Split::Whole].iter().chain(splits) {
+                let got = match dtype {
+                    DType::F32 => kernel::<f32>(dims, split, tensors, &flat_spans, scale),
+                    DType::BF16 => kernel::<half::bf16>(dims, split, tensors, &flat_spans, scale),
+                    _ => kernel::<half::f16>(dims, split, tensors, &flat_spans, scale),
+                };
+                // f32: the kernel's online softmax over 4 warps (and chunks) against the CPU's
+                // sums; bf16 and f16: both round their f32 result once, so a rounding step apart
+                // at most.
+                let tolerance = if dtype == DType::F32 { 2e-6 } else { 8e-3 };
+                let worst = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(g, w)| (g - w).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    worst <= tolerance,
+                    "{dims:?} {split:?} {dtype:?}: off by {worst}"
+                );
+                // Idle queries are zeros on both.
+                let width = dims.heads * dims.head_dim;
+                for (query, &(_, first, last)) in spans.iter().enumerate() {
+                    if last < first {
+                        assert!(got[query * width..(query + 1) * width]
+                            .iter()
+                            .all(|&x| x == 0.0));
+                    }
                 }
             }
         }
     }
 
     #[test]
-    fn a_decode_step_matches_the_cpu_form() {
+    fn a_decode_step_matches_the_cpu_form_whole_and_split() {
         // Five slots, one query each: whole prefixes, a window, one position, an idle slot; four
-        // query heads per KV head, as Mistral-7B.
+        // query heads per KV head, 128 channels (the narrow kernels' widest), as Mistral-7B.
+        // Split in chunks of 16 (the longest span in 3, the short ones' later chunks empty) and
+        // of 32.
         let dims = AttentionDims {
             queries: 5,
-            row_width: (8 + 2 * 2) * 64,
+            row_width: (8 + 2 * 2) * 128,
             heads: 8,
-            head_dim: 64,
+            head_dim: 128,
             kv_heads: 2,
             capacity: 40,
         };
         // The last slot's last position ends the cache: a read past it faults in the emulator.
         let spans = [(0, 0, 39), (1, 0, 2), (4, 17, 39), (3, 6, 6), (2, 1, 0)];
-        check(dims, 5, &spans, 21);
+        let splits = [
+            Split::Chunks {
+                count: 3,
+                chunk: 16,
+            },
+            Split::Chunks {
+                count: 2,
+                chunk: 32,
+            },
+        ];
+        check(dims, 5, &spans, &splits, 21);
     }
 
     #[test]
@@ -585,20 +786,69 @@ mod emulated {
             kv_heads: 4,
             capacity: 24,
         };
-        check(dims, 5, &spans, 22);
+        check(dims, 5, &spans, &[], 22);
     }
 
     #[test]
-    fn the_widest_head_matches_the_cpu_form() {
-        // Head width 256, the kernel's limit (8 channels a lane).
+    fn the_widest_head_matches_the_cpu_form_whole_and_split() {
+        // Head width 256, the wide kernels' limit (8 channels a lane); a span of 67 positions in
+        // 5 chunks, the last holding 3.
         let dims = AttentionDims {
             queries: 4,
             row_width: 3 * 256,
             heads: 2,
             head_dim: 256,
             kv_heads: 1,
-            capacity: 9,
+            capacity: 70,
         };
-        check(dims, 2, &[(1, 0, 7), (1, 0, 8), (0, 0, 0), (0, 3, 2)], 23);
+        let spans = [(1, 0, 66), (1, 0, 8), (0, 0, 0), (0, 3, 2)];
+        let split = Split::Chunks {
+            count: 5,
+            chunk: 16,
+        };
+        check(dims, 2, &spans, &[split], 23);
+    }
+
+    #[test]
+    fn the_split_is_chosen_by_how_few_blocks_the_query_heads_make() {
+        // An H200 (132 SMs); a 7B's 32 query heads per sequence.
+        let h200 = |query_heads, longest| split_for(query_heads, longest, 132, None);
+        // Batch 1 after a 1,900-token prompt: 15 chunks of 128 (480 blocks), not 32 blocks.
+        assert_eq!(
+            h200(32, 1900),
+            Split::Chunks {
+                count: 15,
+                chunk: 128
+            }
+        );
+        // A short span: at most one chunk per 64 positions.
+        assert_eq!(
+            h200(32, 130),
+            Split::Chunks {
+                count: 3,
+                chunk: 48
+            }
+        );
+        // Too short to split, or enough query heads already (batch 16: 512 blocks; a prefill).
+        assert_eq!(h200(32, 64), Split::Whole);
+        assert_eq!(h200(16 * 32, 1900), Split::Whole);
+        assert_eq!(h200(2048 * 32, 2048), Split::Whole);
+        // Forced: as many chunks as asked, none under 16 positions; 1 is unsplit.
+        let forced = |count| split_for(16 * 32, 100, 132, Some(count));
+        assert_eq!(forced(1), Split::Whole);
+        assert_eq!(
+            forced(4),
+            Split::Chunks {
+                count: 4,
+                chunk: 32
+            }
+        );
+        assert_eq!(
+            forced(50),
+            Split::Chunks {
+                count: 7,
+                chunk: 16
+            }
+        );
     }
 }

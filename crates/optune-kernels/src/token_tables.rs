@@ -10,44 +10,49 @@ pub struct TokenTables {
     cos: Tensor,
     sin: Tensor,
     spans: Tensor,
-    host: OnceLock<HostTables>,
+    /// The spans as given, `[tokens, 3]` flat.
+    host_spans: Vec<u32>,
+    /// The angles widened to f32, read out of `cos` and `sin` by the first CPU op that needs
+    /// them.
+    host_angles: OnceLock<[Vec<f32>; 2]>,
 }
 
 /// The tables' elements on the CPU, the angles widened to f32 (exactly).
-pub(crate) struct HostTables {
-    pub cos: Vec<f32>,
-    pub sin: Vec<f32>,
-    pub spans: Vec<u32>,
+#[derive(Clone, Copy)]
+pub(crate) struct HostTables<'a> {
+    pub cos: &'a [f32],
+    pub sin: &'a [f32],
+    pub spans: &'a [u32],
 }
 
 impl TokenTables {
     /// `cos`, `sin`: token `i`'s rotary angles (rotate-half layout), rows of `[.., d/2]` of one
-    /// float dtype; `spans [tokens, 3]` u32: token `i`'s `(slot, first, last)` positions,
-    /// inclusive, the last being its own (where its key and value are written).
-    pub fn new(cos: &Tensor, sin: &Tensor, spans: &Tensor) -> Result<Self> {
-        let tokens = spans.dim(0)?;
+    /// float dtype; `spans`: token `i`'s `(slot, first, last)` positions at `3i..3i+3`,
+    /// inclusive, the last being its own (where its key and value are written). The spans go to
+    /// the angles' device; their host copy is kept (the GPU's launches are sized by them).
+    pub fn new(cos: &Tensor, sin: &Tensor, spans: &[u32]) -> Result<Self> {
+        let tokens = spans.len() / 3;
         let half = cos.dim(candle_core::D::Minus1)?;
-        if spans.dims() != [tokens, 3]
-            || spans.dtype() != DType::U32
+        if spans.len() != 3 * tokens
             || cos.elem_count() != tokens * half
             || sin.dims() != cos.dims()
             || sin.dtype() != cos.dtype()
         {
             bail!(
-                "token tables: cos {:?} {:?}, sin {:?} {:?}, spans {:?} {:?}: a row each per token",
+                "token tables: cos {:?} {:?}, sin {:?} {:?}, {} span values: a row each per token",
                 cos.dims(),
                 cos.dtype(),
                 sin.dims(),
                 sin.dtype(),
-                spans.dims(),
-                spans.dtype()
+                spans.len()
             );
         }
         Ok(Self {
             cos: cos.contiguous()?,
             sin: sin.contiguous()?,
-            spans: spans.contiguous()?,
-            host: OnceLock::new(),
+            spans: Tensor::from_slice(spans, (tokens, 3), cos.device())?,
+            host_spans: spans.to_vec(),
+            host_angles: OnceLock::new(),
         })
     }
 
@@ -64,29 +69,39 @@ impl TokenTables {
         self.cos.dtype()
     }
 
+    /// The most positions any token attends over (`last - first + 1`; 0 when every span is
+    /// empty).
+    pub fn longest_span(&self) -> usize {
+        self.host_spans
+            .chunks_exact(3)
+            .map(|span| (span[2] as usize + 1).saturating_sub(span[1] as usize))
+            .max()
+            .unwrap_or(0)
+    }
+
     /// The elements on the CPU (CPU tensors only); `op` names the op in the error.
-    pub(crate) fn host(&self, op: &str) -> Result<&HostTables> {
-        if let Some(host) = self.host.get() {
-            return Ok(host);
-        }
-        let floats = |t: &Tensor, what| -> Result<Vec<f32>> {
-            let (storage, layout) = t.storage_and_layout();
-            match &*storage {
-                Storage::Cpu(s) => Ok(crate::storage::floats(s, layout, op, what)?.into_owned()),
-                _ => bail!("{op}: the {what} are not on the CPU"),
+    pub(crate) fn host(&self, op: &str) -> Result<HostTables<'_>> {
+        let [cos, sin] = match self.host_angles.get() {
+            Some(angles) => angles,
+            None => {
+                let floats = |t: &Tensor, what| -> Result<Vec<f32>> {
+                    let (storage, layout) = t.storage_and_layout();
+                    match &*storage {
+                        Storage::Cpu(s) => {
+                            Ok(crate::storage::floats(s, layout, op, what)?.into_owned())
+                        }
+                        _ => bail!("{op}: the {what} are not on the CPU"),
+                    }
+                };
+                let angles = [floats(&self.cos, "cosines")?, floats(&self.sin, "sines")?];
+                self.host_angles.get_or_init(|| angles)
             }
         };
-        let (storage, layout) = self.spans.storage_and_layout();
-        let spans = match &*storage {
-            Storage::Cpu(s) => crate::storage::contiguous::<u32>(s, layout, op, "spans")?.to_vec(),
-            _ => bail!("{op}: the spans are not on the CPU"),
-        };
-        let host = HostTables {
-            cos: floats(&self.cos, "cosines")?,
-            sin: floats(&self.sin, "sines")?,
-            spans,
-        };
-        Ok(self.host.get_or_init(|| host))
+        Ok(HostTables {
+            cos,
+            sin,
+            spans: &self.host_spans,
+        })
     }
 
     /// `f` of the tables' device slices (GPU tensors only, the angles of dtype `T`), held for the

@@ -763,7 +763,6 @@ impl Transformer {
                 [slot, first_visible(window, position), position].map(|x| x as u32)
             })
             .collect();
-        let spans = Tensor::from_vec(spans, (n, 3), &self.device)?;
         let positions: Vec<u32> = tokens.iter().map(|&(_, p)| p as u32).collect();
         let positions = Tensor::from_vec(positions, (batch, steps), &self.device)?;
         let (cos, sin) = self.rope.lookup(&positions)?;

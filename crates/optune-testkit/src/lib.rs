@@ -14,8 +14,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::Arc;
 
+/// The checkout the tests run in: two levels above the manifest of the crate under test, which
+/// cargo names at run time. This crate's own compile-time directory would do in one checkout, but
+/// a second checkout sharing the target directory (CI's clean clone) may leave this library built
+/// from there, its path baked in.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest.join("../..")
 }
 
 /// A committed test shard in `testdata/shards/`.
