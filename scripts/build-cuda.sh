@@ -8,7 +8,8 @@
 #   check    toolkit + `cargo check --release --features cuda` (build scripts still run nvcc on candle's
 #            kernels: the long part, reused by a later `build`)
 #   build    toolkit + `cargo build --release --features cuda`, then stripped copies of the binaries in
-#            $OPTUNE_CUDA_DIST with their dynamic section printed, and all of them in one
+#            $OPTUNE_CUDA_DIST with their dynamic section printed and SOURCE_DIGEST (the sources'
+#            digest, scripts/cuda/source_digest.py), and all of them in one
 #            $OPTUNE_CUDA_DIST.tar.xz (the default)
 #
 # Environment (all optional):
@@ -164,6 +165,8 @@ if [[ $MODE == check ]]; then
 	took "$t0"
 	exit 0
 fi
+# The sources as the build starts: the device check compares this with the tree it runs in.
+digest=$("$PYTHON" "$ROOT/scripts/cuda/source_digest.py" "$ROOT")
 log "cargo build --release --features cuda ${pkg_args[*]} $*"
 cargo build --release --features cuda "${pkg_args[@]}" "$@"
 took "$t0"
@@ -177,6 +180,7 @@ for p in $PACKAGES; do
 	strip "$DIST/$p.tmp"
 	mv "$DIST/$p.tmp" "$DIST/$p"
 done
+echo "$digest" >"$DIST/SOURCE_DIGEST"
 ls -l "$DIST"
 for p in $PACKAGES; do
 	echo "-- $p"
@@ -188,7 +192,7 @@ if [[ ${OPTUNE_CUDA_ARCHIVE:-1} != 0 ]]; then
 	# binary: ~14 MB for the three. Unpack with `tar -xJf` or Python's tarfile (measure.sh does).
 	archive=$DIST.tar.xz
 	log "archive $archive"
-	tar -cf - -C "$DIST" $PACKAGES | xz -T1 --lzma2=preset=6,dict=256MiB >"$archive.tmp"
+	tar -cf - -C "$DIST" $PACKAGES SOURCE_DIGEST | xz -T1 --lzma2=preset=6,dict=256MiB >"$archive.tmp"
 	mv "$archive.tmp" "$archive"
 	ls -l "$archive"
 fi

@@ -106,6 +106,7 @@ REPO = Path(__file__).resolve().parents[2]
 TESTDATA = REPO / "testdata"
 
 sys.path.insert(0, str(REPO / "scripts/bench"))
+sys.path.insert(0, str(REPO / "scripts/cuda"))
 from bench_gen import PROMPTS  # noqa: E402  (the CPU generation benchmark's prompts)
 
 SHAPES = {
@@ -231,20 +232,30 @@ class Budget:
         REPORT.row(stage, what, "", "", "", f"skipped: {elapsed():.0f} s elapsed + ~{need} s needed "
                    f"> --budget-s {self.seconds:.0f}", kind="skip")
 
-    def timeout(self, unit: str = None) -> float:
+    def timeout(self, unit: str = None):
         """Seconds a tool run may still take: to budget + grace, and for a unit of work at most
-        3x its guess (at least a minute), so that one runaway row cannot eat the rows after it."""
-        left = max(1.0, self.seconds + self.GRACE_S - elapsed())
-        return left if unit is None else min(left, max(60.0, 3 * ESTIMATE_S[unit]))
+        3x its guess (at least a minute), so that one runaway row cannot eat the rows after it;
+        and whether the first of these (the whole run's hard limit) is the one that binds."""
+        left = self.seconds + self.GRACE_S - elapsed()
+        cap = None if unit is None else max(60.0, 3 * ESTIMATE_S[unit])
+        return (left, True) if cap is None or left <= cap else (cap, False)
+
+
+class OutOfTime(RuntimeError):
+    """A tool run stopped (or not started) at the whole run's hard limit: the row is skipped,
+    not failed."""
 
 
 BUDGET = None  # the Budget, made by main()
 
 
 def guarded(stage: str, what: str, fn) -> None:
-    """Runs fn(); a failure becomes a FAILED row and the check goes on."""
+    """Runs fn(); a failure becomes a FAILED row (running out of the whole run's time a skipped
+    one) and the check goes on."""
     try:
         fn()
+    except OutOfTime as e:
+        REPORT.row(stage, what, "", "", "", f"skipped: {e}", kind="skip")
     except Exception as e:  # noqa: BLE001  (one broken row must not hide the others)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         note(f"{stage} / {what} failed:\n{e}")
@@ -266,7 +277,10 @@ def run(cmd, watch_gpu: bool = False, unit: str = None, env: dict = None):
         out = cmd[cmd.index("-o") + 1]
         Path(out + ".journal").unlink(missing_ok=True)
         shutil.rmtree(out + ".state", ignore_errors=True)
-    limit = BUDGET.timeout(unit)
+    limit, hard = BUDGET.timeout(unit)
+    if limit < 5:
+        raise OutOfTime(f"{elapsed():.0f} s elapsed, the hard limit (--budget-s + {BUDGET.GRACE_S} s) "
+                        f"is reached: {Path(cmd[0]).name} not started")
     peak = GpuMemoryPeak() if watch_gpu else None
     try:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -278,6 +292,9 @@ def run(cmd, watch_gpu: bool = False, unit: str = None, env: dict = None):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.communicate()
+            if hard:
+                raise OutOfTime(f"{Path(cmd[0]).name} killed after {limit:.0f} s at the hard limit "
+                                f"(--budget-s + {BUDGET.GRACE_S} s)")
             raise RuntimeError(f"killed after {limit:.0f} s (its time limit): {' '.join(cmd)}")
     finally:
         gib, how = peak.stop() if peak else (None, "")
@@ -402,6 +419,24 @@ def rel(a: float, b: float) -> float:
 
 def fmt(x, spec: str) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def binaries_provenance(bin_dir: Path) -> str:
+    """Whether the binaries were built from this tree's sources: the SOURCE_DIGEST that
+    scripts/build-cuda.sh wrote beside them against the tree's own (scripts/cuda/source_digest.py).
+    Stale binaries would measure older code than the table names; the check still runs, and says
+    so first."""
+    from source_digest import source_digest
+
+    ours = source_digest(REPO)
+    stamp = bin_dir / "SOURCE_DIGEST"
+    if not stamp.exists():
+        return f"sources of the binaries: unknown (no {stamp.name}: not built by scripts/build-cuda.sh build)"
+    theirs = stamp.read_text().strip()
+    if theirs == ours:
+        return f"sources of the binaries: this tree's ({ours[:12]})"
+    return (f"**STALE BINARIES: built from sources {theirs[:12]}, this tree is {ours[:12]}; rebuild with "
+            f"scripts/build-cuda.sh build. The figures below are of the older code.**")
 
 
 def ratio(a, b) -> str:
@@ -671,41 +706,60 @@ def compute_sanitizer():
         return found
     for pattern in ["/usr/local/cuda*/bin/compute-sanitizer", "/usr/local/cuda*/compute-sanitizer/compute-sanitizer",
                     "/opt/nvidia/*/compute-sanitizer", "/opt/nvidia/**/compute-sanitizer"]:
-        hits = sorted(Path("/").glob(pattern.lstrip("/")))
+        hits = sorted(p for p in Path("/").glob(pattern.lstrip("/")) if p.is_file() and os.access(p, os.X_OK))
         if hits:
             return str(hits[-1])
     return None
 
 
-def sanitized_row(tool: str, what: str, cmd, sanitizer) -> None:
+def sanitized_row(tool: str, what: str, cmd, sanitizer, env=None) -> None:
     """`cmd` under `compute-sanitizer --tool {tool}`: passes when it reports no error. In a dry run
     (no GPU, no sanitizer) the command runs bare, which checks the row's plumbing only."""
     if sanitizer is None:
         if GPU == "cuda":
             REPORT.row("sanitize", what, "", "", "", "n/a: compute-sanitizer not found", kind="skip")
             return
-        run(cmd, unit="sanitize")
+        run(cmd, unit="sanitize", env=env)
         REPORT.row("sanitize", what, "", "", "", "dry run: the command ran without compute-sanitizer")
         return
     log = Path(cmd[cmd.index("-o") + 1]).with_suffix(f".{tool}.log")
-    full = [sanitizer, "--tool", tool, "--error-exitcode", "97", "--print-limit", "20", "--log-file", log, *cmd]
+    log.unlink(missing_ok=True)  # a rerun must not read an earlier run's log
+    # API errors that candle or cuBLAS handle themselves would read as kernel faults: off.
+    full = [sanitizer, "--tool", tool, "--error-exitcode", "97", "--print-limit", "20",
+            "--report-api-errors", "no", "--log-file", log, *cmd]
     start = time.monotonic()
     failure = None
     try:
-        run(full, unit="sanitize")
+        run(full, unit="sanitize", env=env)
+    except OutOfTime:
+        raise
     except RuntimeError as e:
         failure = e
     report = log.read_text(errors="replace") if log.exists() else ""
-    errors = re.search(r"ERROR SUMMARY: (\d+) error", report)
-    if errors is None:
-        raise failure or RuntimeError(f"no ERROR SUMMARY in {log}:\n{report[-2000:]}")
-    if int(errors.group(1)) or failure is not None:
+    if "Device not supported" in report:
+        # compute-sanitizer refuses some virtualised GPUs (seen on gVisor machines): the
+        # machine's limit, not a fault of the kernels.
+        REPORT.row("sanitize", what, "", "", "", "n/a: compute-sanitizer does not support this machine's "
+                   "GPU (\"Device not supported\")", kind="skip")
+        return
+    count = sanitizer_errors(report)
+    if count is None:
+        raise failure or RuntimeError(f"no error summary in {log}:\n{report[-2000:]}")
+    if count or failure is not None:
         REPORT.detail(f"### compute-sanitizer {tool}: {what}\n\n```\n{report[-3000:]}\n```\n")
-        why = "" if int(errors.group(1)) else f": {str(failure).splitlines()[0][:120]}"
-        REPORT.row("sanitize", what, f"{errors.group(1)} errors", "", "", f"FAIL (log in measure.md){why}",
-                   kind="fail")
+        why = "" if count else f": {str(failure).splitlines()[0][:120]}"
+        REPORT.row("sanitize", what, f"{count} errors", "", "", f"FAIL (log in measure.md){why}", kind="fail")
         return
     REPORT.row("sanitize", what, "0 errors", "", "", f"pass ({time.monotonic() - start:.0f} s)")
+
+
+def sanitizer_errors(report: str):
+    """The error count of a compute-sanitizer log: memcheck ends with `ERROR SUMMARY: N errors`,
+    racecheck with `RACECHECK SUMMARY: H hazards displayed (N errors, W warnings)`; None when
+    neither is there."""
+    found = re.search(r"ERROR SUMMARY: (\d+) errors?|RACECHECK SUMMARY: \d+ hazards? displayed \((\d+) errors?",
+                      report)
+    return None if found is None else int(found.group(1) or found.group(2))
 
 
 def stage_sanitize(args) -> None:
@@ -726,15 +780,20 @@ def stage_sanitize(args) -> None:
     train = [args.bin / "opt-wdpo", "--policy", model, pairs, "-o", work / "ckpt", "--lr", "1e-3",
              "--warmup-ratio", "0", "--schedule", "constant", "--batch-size", "4", "--max-steps", "2",
              "--device", GPU, "--dtype", "bf16", *device_flags("cuda", "bf16")]
-    for tool, what, cmd in [
-        ("memcheck", "memcheck: opt-gen sampling bf16 (tiny-llama, --n 2, 7 prompt tokens per step)", gen),
-        ("memcheck", "memcheck: opt-wdpo, 2 steps bf16 (tiny-llama, AdamW)", train),
-        ("racecheck", "racecheck: opt-gen sampling bf16 (shared-memory hazards)", gen),
+    # Memcheck's opt-gen run cuts every attention span in chunks (OPTUNE_ATTENTION_SPLITS=4: the
+    # split and merging kernels, which these short spans would not otherwise take); racecheck's
+    # runs the spans whole.
+    split = {"OPTUNE_ATTENTION_SPLITS": "4"}
+    for tool, what, cmd, env in [
+        ("memcheck", "memcheck: opt-gen sampling bf16 (tiny-llama, --n 2, 7 prompt tokens per step, "
+         "attention split in chunks)", gen, split),
+        ("memcheck", "memcheck: opt-wdpo, 2 steps bf16 (tiny-llama, AdamW)", train, None),
+        ("racecheck", "racecheck: opt-gen sampling bf16 (shared-memory hazards)", gen, None),
     ]:
         if not BUDGET.allows("sanitize"):
             BUDGET.skip("sanitize", what, "sanitize")
             continue
-        guarded("sanitize", what, lambda: sanitized_row(tool, what, cmd, sanitizer))
+        guarded("sanitize", what, lambda: sanitized_row(tool, what, cmd, sanitizer, env))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -919,7 +978,7 @@ def attach_lora(model, rank: int, how: str):
     """Adapters on q,k,v,o of a frozen bf16 model; returns (model to train, undo, what was used)."""
     try:
         import peft
-    except ImportError:
+    except Exception:  # noqa: BLE001  (a peft that breaks on import is as good as none here)
         peft = None
     if how == "peft" and peft is None:
         raise RuntimeError("--peer-lora peft: peft is not importable")
@@ -1349,7 +1408,7 @@ def main() -> None:
     transformers.utils.logging.disable_progress_bar()
     try:
         peft_version = __import__("peft").__version__
-    except ImportError:
+    except Exception:  # noqa: BLE001  (not only ImportError: a version clash may raise anything)
         peft_version = "not importable"
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU visible to torch"
     try:
@@ -1363,6 +1422,7 @@ def main() -> None:
     R.line(f"- GPU: {gpu} ({smi or 'nvidia-smi n/a'}); torch {torch.__version__} (CUDA {torch.version.cuda}), "
            f"transformers {transformers.__version__}, peft {peft_version}")
     R.line(f"- binaries: {args.bin}; stages: {','.join(args.stages)}; budget {args.budget_s:.0f} s")
+    R.line(f"- {binaries_provenance(args.bin)}")
     if dry:
         R.line("- DRY RUN (--dry-run): NO GPU. Every 'CUDA' run and torch ran on the CPU (the binaries with "
                "--kernels generic), on tiny models; the figures say nothing about a GPU.")
