@@ -37,8 +37,9 @@ sanitizer rows, which run when the others leave time within --budget-s):
             then the prefill of one ~1,900-token prompt (one new token) against one transformers
             forward over it, and 64 more tokens decoded after it at batch 1 (ms per token, against
             the batch-1 row's short prompts: what a long context adds to a decode step), also
-            with OPTUNE_ATTENTION_SPLITS=1 (each head's span in one block: what splitting it
-            across blocks is worth).
+            with OPTUNE_ATTENTION=whole (each head's span in one block: what splitting it across
+            blocks is worth); the prefill also with OPTUNE_ATTENTION=whole (each prompt token
+            reading its keys itself: what the tiled kernel is worth).
   gen-1b    The rows of gen-7b on the 1.1B.
   sanitize  Our kernels and candle's under NVIDIA's compute-sanitizer, on tiny-llama: memcheck (an
             access outside an allocation, a misaligned one, a device error) over opt-gen sampling
@@ -57,11 +58,11 @@ measured wall seconds of each stage; replace these guesses with them):
   train-7b   build the 7B (init on the GPU, 13.5 GB written once), optune LoRA run
              (load, 5 steps, 13.5 GB merged checkpoint written), peer (loads the 7B) ~100 s
   gen-7b     4 batch sizes x (opt-gen run incl. 13.5 GB load + generate), prefill,
-             decode after it, split and unsplit                                     ~123 s
+             decode after it, each also with OPTUNE_ATTENTION=whole                ~130 s
   gen-1b     4 batch sizes x (opt-gen run incl. load + generate), 1.1B reloaded,
-             prefill, decode after it, split and unsplit                            ~66 s
+             prefill, decode after it, each also with OPTUNE_ATTENTION=whole       ~69 s
   sanitize   3 runs on tiny-llama, each instrumenting the kernels it loads          ~90 s
-  total                                                                             ~504 s
+  total                                                                             ~514 s
              (over the default budget: the sanitize rows run when the earlier stages
              come in under their guesses, or alone with --stages sanitize)
 
@@ -134,7 +135,7 @@ ESTIMATE_S = {
     "logprobs": 60,
     "build:1b": 15, "lora:1b": 15, "full:1b": 20, "gen:1b": 12,
     "build:7b": 45, "lora:7b": 55, "gen:7b": 22,
-    "prefill:1b": 16, "prefill:7b": 33,
+    "prefill:1b": 19, "prefill:7b": 40,
     "sanitize": 30,
 }
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -780,13 +781,13 @@ def stage_sanitize(args) -> None:
     train = [args.bin / "opt-wdpo", "--policy", model, pairs, "-o", work / "ckpt", "--lr", "1e-3",
              "--warmup-ratio", "0", "--schedule", "constant", "--batch-size", "4", "--max-steps", "2",
              "--device", GPU, "--dtype", "bf16", *device_flags("cuda", "bf16")]
-    # Memcheck's opt-gen run cuts every attention span in chunks (OPTUNE_ATTENTION_SPLITS=4: the
-    # split and merging kernels, which these short spans would not otherwise take); racecheck's
-    # runs the spans whole.
-    split = {"OPTUNE_ATTENTION_SPLITS": "4"}
+    # Memcheck's opt-gen run cuts every decode step's spans in chunks (OPTUNE_ATTENTION=split:4:
+    # the split and merging kernels, which these short spans would not otherwise take); both runs
+    # take the tiled kernel for the prompt chunks, racecheck's the per-token one whole to decode.
+    split = {"OPTUNE_ATTENTION": "split:4"}
     for tool, what, cmd, env in [
         ("memcheck", "memcheck: opt-gen sampling bf16 (tiny-llama, --n 2, 7 prompt tokens per step, "
-         "attention split in chunks)", gen, split),
+         "decode attention split in chunks)", gen, split),
         ("memcheck", "memcheck: opt-wdpo, 2 steps bf16 (tiny-llama, AdamW)", train, None),
         ("racecheck", "racecheck: opt-gen sampling bf16 (shared-memory hazards)", gen, None),
     ]:
@@ -1285,29 +1286,37 @@ def prefill_row(args, models: Models, role: str) -> None:
         sync()
         theirs.append(time.perf_counter() - start)
     o, t = min(ours), min(theirs)
+    # The same prefill through the per-token kernel (OPTUNE_ATTENTION=whole: each prompt token
+    # reads its keys itself, as before the tiled kernel): what the tiles are worth here.
+    whole = {"OPTUNE_ATTENTION": "whole"}
+    stderr, _, _ = run(cmd, unit=f"prefill:{role}", env=whole)
+    o_whole = float(summary(stderr, "opt-gen")["gen_s"])
     REPORT.row(f"gen {role}", f"prefill of one {target}-token prompt + 1 new token, seconds (best of {len(ours)})",
                f"{o:.3f}", f"{t:.3f}", ratio(o, t),
+               f"per-token attention instead of tiles (OPTUNE_ATTENTION=whole, one run): {o_whole:.3f} s, "
+               f"tiled/per-token {ratio(o, o_whole)}; "
                "optune: opt-gen's gen_s (prefill, one decode step, sampling); peer: one transformers forward "
                "(bf16, sdpa) over the prompt; below 1 favours optune")
     REPORT.raw.setdefault("prefill", []).append({"role": role, "tokens": target, "optune_s": ours,
+                                                 "optune_per_token_attention_s": o_whole,
                                                  "transformers_s": theirs})
 
     # Decoding after that prompt: each new token attends over ~target positions. The same run with
     # LONG_DECODE more tokens, less the one above, per token; set against the batch-1 row's short
     # prompts, this is what a long context adds to a decode step. opt-gen splits each head's span
-    # across blocks at batch 1 (cached_attention.rs, split_for); the run again with
-    # OPTUNE_ATTENTION_SPLITS=1 (one block per head walking all the positions, as before
-    # 2026-12-01) says what the split is worth on this GPU. On the CPU (the dry run) neither
-    # applies: the host kernel attends.
+    # across blocks at batch 1 (cached_attention.rs, shape_for); the run again with
+    # OPTUNE_ATTENTION=whole (one block per head walking all the positions, as before 2026-12-01,
+    # less its own prefill) says what the split is worth on this GPU. On the CPU (the dry run)
+    # neither applies: the host kernel attends.
     at = cmd.index("--max-new-tokens") + 1
     longer = cmd[:at] + [str(1 + LONG_DECODE)] + cmd[at + 1:]
 
-    def per_token_ms(env=None):
+    def per_token_ms(env, prefill_s):
         stderr, _, _ = run(longer, unit=f"prefill:{role}", env=env)
-        return (float(summary(stderr, "opt-gen")["gen_s"]) - o) / LONG_DECODE * 1e3
+        return (float(summary(stderr, "opt-gen")["gen_s"]) - prefill_s) / LONG_DECODE * 1e3
 
-    ours_ms = per_token_ms()
-    unsplit_ms = per_token_ms({"OPTUNE_ATTENTION_SPLITS": "1"})
+    ours_ms = per_token_ms(None, o)
+    unsplit_ms = per_token_ms(whole, o_whole)
     sync()
     start = time.perf_counter()
     with torch.inference_mode():
@@ -1323,7 +1332,7 @@ def prefill_row(args, models: Models, role: str) -> None:
         context = "no batch-1 row to set it against"
     REPORT.row(f"gen {role}", f"decode after the {target}-token prompt, batch 1, ms per new token "
                f"({LONG_DECODE} tokens, one run)", f"{ours_ms:.2f}", f"{theirs_ms:.2f}", ratio(ours_ms, theirs_ms),
-               f"{context}; with each head's span unsplit (OPTUNE_ATTENTION_SPLITS=1): {unsplit_ms:.2f} ms "
+               f"{context}; with each head's span unsplit (OPTUNE_ATTENTION=whole): {unsplit_ms:.2f} ms "
                f"per token, split/unsplit {ratio(ours_ms, unsplit_ms)}; below 1 favours optune")
     REPORT.raw.setdefault("long_decode", []).append({"role": role, "tokens": target, "optune_ms": ours_ms,
                                                      "optune_unsplit_ms": unsplit_ms,

@@ -184,18 +184,28 @@ const dim3 &grid_dim() { return active->grid; }
 
 void sync_block() { wait(State::AtBlockBarrier); }
 
-float shfl_xor(unsigned mask, float value, int lane_mask) {
+namespace {
+// The value lane `source` of the calling warp holds, every lane of it taking part.
+float exchange(unsigned mask, float value, int source) {
     if (mask != 0xffffffffu) fail("a warp shuffle with a partial mask (not emulated)");
     const size_t me = active->current;
     const size_t base = me - me % WARP;
     if (base + WARP > active->fibers.size()) fail("a warp shuffle in a partial warp");
-    if (lane_mask < 0 || lane_mask >= int(WARP)) fail("a warp shuffle to a lane outside the warp");
+    if (source < 0 || source >= int(WARP)) fail("a warp shuffle from a lane outside the warp");
     active->exchange[me] = value;
     wait(State::AtWarpBarrier);  // every lane has written
-    const float theirs = active->exchange[base + ((me % WARP) ^ unsigned(lane_mask))];
+    const float theirs = active->exchange[base + unsigned(source)];
     wait(State::AtWarpBarrier);  // every lane has read
     return theirs;
 }
+}  // namespace
+
+float shfl_xor(unsigned mask, float value, int lane_mask) {
+    if (lane_mask < 0 || lane_mask >= int(WARP)) fail("a warp shuffle to a lane outside the warp");
+    return exchange(mask, value, int((active->current % WARP) ^ unsigned(lane_mask)));
+}
+
+float shfl(unsigned mask, float value, int source) { return exchange(mask, value, source); }
 
 int launch_erased(const char *kernel, dim3 grid, dim3 block, bool reversed, void (*body)(void *),
                   void *context) {

@@ -27,6 +27,9 @@
 struct dim3 {
     unsigned x, y, z;
 };
+struct float4 {
+    float x, y, z, w;
+};
 
 namespace emu {
 // The running fiber's thread and block indices and the launch's dimensions.
@@ -38,6 +41,8 @@ const dim3 &grid_dim();
 void sync_block();
 // The value `value` of lane `lane ^ lane_mask` of the calling warp; all 32 lanes must take part.
 float shfl_xor(unsigned mask, float value, int lane_mask);
+// The value `value` of lane `source` of the calling warp; all 32 lanes must take part.
+float shfl(unsigned mask, float value, int source);
 }  // namespace emu
 
 #define threadIdx (emu::thread_index())
@@ -48,6 +53,9 @@ float shfl_xor(unsigned mask, float value, int lane_mask);
 inline void __syncthreads() { emu::sync_block(); }
 inline float __shfl_xor_sync(unsigned mask, float value, int lane_mask) {
     return emu::shfl_xor(mask, value, lane_mask);
+}
+inline float __shfl_sync(unsigned mask, float value, int source) {
+    return emu::shfl(mask, value, source);
 }
 
 // Storage types: the bits, as the GPU and the `half` crate lay them out.

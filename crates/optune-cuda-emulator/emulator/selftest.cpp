@@ -1,7 +1,8 @@
 // Kernels that test the emulator itself (src/lib.rs's tests): a block reduction through shared
-// memory and __syncthreads, a warp reduction through shuffles, a shuffle that half of its warp
-// never reaches, reads outside a buffer, a kernel leaving an output element unwritten, and a
-// race: a read of shared memory another thread writes, with no barrier between.
+// memory and __syncthreads, a warp reduction through shuffles, a broadcast from a named lane, a
+// shuffle that half of its warp never reaches, reads outside a buffer, a kernel leaving an output
+// element unwritten, and a race: a read of shared memory another thread writes, with no barrier
+// between.
 
 #include "kernels.h"
 
@@ -20,6 +21,12 @@ __global__ void selftest_warp_sum(const float *x, float *out) {
     float v = x[threadIdx.x];
     for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
     out[threadIdx.x] = v;
+}
+
+// Lane l of each warp takes the value of lane (7 l + 3) mod 32 of its warp.
+__global__ void selftest_warp_broadcast(const float *x, float *out) {
+    const int lane = threadIdx.x % 32;
+    out[threadIdx.x] = __shfl_sync(0xffffffffu, x[threadIdx.x], (7 * lane + 3) % 32);
 }
 
 __global__ void selftest_diverged_shuffle(float *out) {
@@ -52,6 +59,7 @@ __global__ void selftest_missing_barrier(const float *x, float *out) {
 
 EMULATED(selftest_block_sum)
 EMULATED(selftest_warp_sum)
+EMULATED(selftest_warp_broadcast)
 EMULATED(selftest_diverged_shuffle)
 EMULATED(selftest_write_all_but_last)
 EMULATED(selftest_read_at_offset)

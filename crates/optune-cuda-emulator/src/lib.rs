@@ -129,6 +129,9 @@ entries!(
     cached_attention_merge_f32,
     cached_attention_merge_bf16,
     cached_attention_merge_f16,
+    cached_attention_tiled_f32,
+    cached_attention_tiled_bf16,
+    cached_attention_tiled_f16,
     sample_rows_f32,
     sample_rows_bf16,
     sample_rows_f16,
@@ -145,6 +148,7 @@ entries!(
     optimizer_param,
     selftest_block_sum,
     selftest_warp_sum,
+    selftest_warp_broadcast,
     selftest_diverged_shuffle,
     selftest_write_all_but_last,
     selftest_read_at_offset,
@@ -466,17 +470,26 @@ mod tests {
     #[test]
     fn shuffles_exchange_within_a_warp() {
         let x: Vec<f32> = (0..64).map(|i| i as f32).collect();
-        let sums = in_both_placements("selftest_warp_sum", |memory| {
-            let (input, out) = (memory.input(&x), memory.output::<f32>(64));
-            let args = [Arg::Pointer(input), Arg::Pointer(out.address)];
-            // SAFETY: x and out hold one element per thread of the block.
-            unsafe { memory.launch("selftest_warp_sum", one_block(64), &args) }?;
-            Ok(memory.read(&out))
-        })
-        .unwrap();
+        let run = |kernel: &str| {
+            in_both_placements(kernel, |memory| {
+                let (input, out) = (memory.input(&x), memory.output::<f32>(64));
+                let args = [Arg::Pointer(input), Arg::Pointer(out.address)];
+                // SAFETY: x and out hold one element per thread of the block.
+                unsafe { memory.launch(kernel, one_block(64), &args) }?;
+                Ok(memory.read(&out))
+            })
+            .unwrap()
+        };
+        // Butterfly sums: every lane of a warp ends with the warp's sum.
+        let sums = run("selftest_warp_sum");
         let warp = |w: usize| (32 * w..32 * (w + 1)).map(|i| i as f32).sum::<f32>();
         assert_eq!(sums[..32], [warp(0); 32]);
         assert_eq!(sums[32..], [warp(1); 32]);
+        // A broadcast from a named lane: lane l reads lane (7 l + 3) mod 32 of its own warp.
+        let read: Vec<f32> = (0..64)
+            .map(|t| (t / 32 * 32 + (7 * (t % 32) + 3) % 32) as f32)
+            .collect();
+        assert_eq!(run("selftest_warp_broadcast"), read);
     }
 
     /// A shuffle half its warp never reaches would hang (or worse) on a GPU: an error here.

@@ -7,7 +7,7 @@
 //! the longest, the slots' keys are gathered into a copy, and a `[prompts, 1, t, keys]` mask is
 //! made on the host. Here each query reads its own span once. On CUDA the kernel is
 //! src/cuda/cached_attention.cu (online softmax in f32, one block per query and head, or per
-//! chunk of its span when the query heads are too few to fill the GPU: see [`split_for`]); on the
+//! chunk of its span when the query heads are too few to fill the GPU: see [`shape_for`]); on the
 //! CPU the host decode kernel [`crate::host::attention`], in f32.
 
 use crate::kernel_args::KernelArg;
@@ -74,16 +74,19 @@ struct CachedAttention<'a> {
     scale: f64,
 }
 
-/// How each query's span is cut into chunks of positions, one block each.
+/// How the attention kernels are launched.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
-enum Split {
-    /// One block per query head writes its output (cached_attention_*).
+enum AttentionShape {
+    /// One block per query head writes its output (cached_attention_[wide_]*).
     Whole,
     /// `count` blocks per query head, each over `chunk` positions of the span, write partial
-    /// results (cached_attention_split_*) that a second launch merges
+    /// results (cached_attention_split_[wide_]*) that a second launch merges
     /// (cached_attention_merge_*).
     Chunks { count: usize, chunk: usize },
+    /// One block per tile of tokens and head (cached_attention_tiled_*), the tiles of
+    /// [`crate::token_tables::query_tiles`].
+    Tiles,
 }
 
 /// Positions a block's warps take per round (the kernel's WARPS · IN_FLIGHT): chunks are whole
@@ -96,85 +99,113 @@ const BLOCKS_PER_PROCESSOR: usize = 4;
 const MIN_CHUNK: usize = 64;
 /// The widest head the narrow kernels take (4 channels a lane), and the widest any takes (8).
 const NARROW_HEAD: usize = 128;
+/// The widest head the tiled kernel takes (its shared arrays).
+const TILE_HEAD: usize = 128;
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch
 const WIDEST_HEAD: usize = 256;
 /// Threads of a merging block (the kernel's MERGE_THREADS).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 const MERGE_THREADS: u32 = 128;
 
-/// The one place the launch's shape is chosen, for `query_heads` query heads whose longest span
-/// is `longest` positions on a GPU of `processors` SMs. Unsplit when the query heads alone make
-/// [`BLOCKS_PER_PROCESSOR`] blocks per SM (any prefill; a decode step of ~16 sequences or more on
-/// a 7B) or no span is longer than [`MIN_CHUNK`]: a split costs a second launch and a pass over
-/// the partial results. Else each span is cut into as many chunks as make up that many blocks,
-/// none shorter than [`MIN_CHUNK`]: a decode step at batch 1 on a 7B (32 query heads) after a
-/// 1,900-token prompt runs 17 blocks per head of 112 positions on an H200 (132 SMs) instead of
-/// one block walking all 1,900. `forced` (from `OPTUNE_ATTENTION_SPLITS`) asks for that many
-/// chunks instead, for measuring; chunks never go below [`ROUND`] positions.
+/// What `OPTUNE_ATTENTION` asks of [`shape_for`] instead of its own choice, for measuring one
+/// launch against another on the same GPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
-fn split_for(
+enum ForcedShape {
+    /// `whole`: one block per query head everywhere, prompts included (no tiles, no split).
+    Whole,
+    /// `split:N`: a decode step's spans in N chunks (`split:1`: whole); prompts still tiled.
+    Split(usize),
+}
+
+/// The one place the launch's shape is chosen, for `query_heads` query heads, heads
+/// `head_dim` wide, whose longest span is `longest` positions, on a GPU of `processors` SMs.
+///
+/// A pass with prompt tokens (`prompt_tiles`: some tile holds more than one) runs the tiled
+/// kernel when the heads fit it ([`TILE_HEAD`]): a prompt chunk's tokens share each key and
+/// value they load, where the per-token kernels read them once per token.
+///
+/// Otherwise (decoding tokens alone) the per-token kernels, unsplit when the query heads alone
+/// make [`BLOCKS_PER_PROCESSOR`] blocks per SM (a decode step of ~16 sequences or more on a 7B)
+/// or no span is longer than [`MIN_CHUNK`]: a split costs a second launch and a pass over the
+/// partial results. Else each span is cut into as many chunks as make up that many blocks, none
+/// shorter than [`MIN_CHUNK`]: a decode step at batch 1 on a 7B (32 query heads) after a
+/// 1,900-token prompt runs 15 blocks per head of 128 positions on an H200 (132 SMs) instead of
+/// one block walking all 1,900. `forced` overrides the choice (see [`ForcedShape`]); chunks
+/// never go below [`ROUND`] positions.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
+fn shape_for(
+    prompt_tiles: bool,
+    head_dim: usize,
     query_heads: usize,
     longest: usize,
     processors: usize,
-    forced: Option<usize>,
-) -> Split {
-    let wanted = forced.unwrap_or_else(|| {
-        (processors * BLOCKS_PER_PROCESSOR / query_heads.max(1)).min(longest.div_ceil(MIN_CHUNK))
-    });
+    forced: Option<ForcedShape>,
+) -> AttentionShape {
+    let wanted = match forced {
+        Some(ForcedShape::Whole) => return AttentionShape::Whole,
+        _ if prompt_tiles && head_dim <= TILE_HEAD => return AttentionShape::Tiles,
+        Some(ForcedShape::Split(count)) => count,
+        None => (processors * BLOCKS_PER_PROCESSOR / query_heads.max(1))
+            .min(longest.div_ceil(MIN_CHUNK)),
+    };
     if wanted <= 1 || longest <= ROUND {
-        return Split::Whole;
+        return AttentionShape::Whole;
     }
     let chunk = longest.div_ceil(wanted).next_multiple_of(ROUND);
-    Split::Chunks {
+    AttentionShape::Chunks {
         count: longest.div_ceil(chunk),
         chunk,
     }
 }
 
-/// `OPTUNE_ATTENTION_SPLITS`: unset or `auto` leaves the split to [`split_for`]; a count of
-/// chunks per span forces it (`1`: unsplit). Read once.
+/// `OPTUNE_ATTENTION` (GPU only): unset or `auto` leaves the launch to [`shape_for`]; `whole`
+/// or `split:N` force it (see [`ForcedShape`]). Read once.
 #[cfg(feature = "cuda")]
-fn forced_splits() -> Result<Option<usize>> {
-    static FORCED: std::sync::OnceLock<std::result::Result<Option<usize>, String>> =
+fn forced_shape() -> Result<Option<ForcedShape>> {
+    static FORCED: std::sync::OnceLock<std::result::Result<Option<ForcedShape>, String>> =
         std::sync::OnceLock::new();
     FORCED
-        .get_or_init(|| match std::env::var("OPTUNE_ATTENTION_SPLITS") {
-            Err(_) => Ok(None),
-            Ok(v) if v.is_empty() || v == "auto" => Ok(None),
-            Ok(v) => match v.parse::<usize>() {
-                Ok(n) if n >= 1 => Ok(Some(n)),
+        .get_or_init(|| {
+            let value = std::env::var("OPTUNE_ATTENTION").unwrap_or_default();
+            let count = value.strip_prefix("split:").map(str::parse::<usize>);
+            match (value.as_str(), count) {
+                ("" | "auto", _) => Ok(None),
+                ("whole", _) => Ok(Some(ForcedShape::Whole)),
+                (_, Some(Ok(count))) if count >= 1 => Ok(Some(ForcedShape::Split(count))),
                 _ => Err(format!(
-                    "OPTUNE_ATTENTION_SPLITS={v}: expected `auto` or a count of chunks per span \
-                     (1 or more)"
+                    "OPTUNE_ATTENTION={value}: expected auto, whole or split:N (N chunks per span \
+                     of a decode step, 1 or more)"
                 )),
-            },
+            }
         })
         .clone()
         .map_err(candle_core::Error::msg)
 }
 
-/// The attention kernel for heads `head_dim` wide, cut as `split`, of the storage type `suffix`
+/// The attention kernel for heads `head_dim` wide, launched as `shape`, of the storage type `suffix`
 /// (`f32`, `bf16`, `f16`); the merging kernel is `cached_attention_merge_{suffix}`.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
-fn attention_kernel(split: Split, head_dim: usize, suffix: &str) -> String {
-    let split = match split {
-        Split::Whole => "",
-        Split::Chunks { .. } => "split_",
-    };
+fn attention_kernel(shape: AttentionShape, head_dim: usize, suffix: &str) -> String {
     let wide = if head_dim > NARROW_HEAD { "wide_" } else { "" };
-    format!("cached_attention_{split}{wide}{suffix}")
+    match shape {
+        AttentionShape::Whole => format!("cached_attention_{wide}{suffix}"),
+        AttentionShape::Chunks { .. } => format!("cached_attention_split_{wide}{suffix}"),
+        AttentionShape::Tiles => format!("cached_attention_tiled_{suffix}"),
+    }
 }
 
-/// The attention kernel's launch for `query_heads` query heads cut as `split`: one block of 4
-/// warps per (query head, chunk), the heads of a query's chunk adjacent (see the kernel);
-/// `(blocks, threads)`.
+/// The attention kernel's launch for the queries of `dims` launched as `shape` (`tiles` tiles,
+/// for [`AttentionShape::Tiles`]): one block of 4 warps per (query head, chunk) or (tile, head), the heads
+/// adjacent (see the kernels); `(blocks, threads)`.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
-fn launch_dims(query_heads: usize, split: Split) -> (u32, u32) {
-    let count = match split {
-        Split::Whole => 1,
-        Split::Chunks { count, .. } => count,
+fn launch_dims(shape: AttentionShape, dims: &AttentionDims, tiles: usize) -> (u32, u32) {
+    let blocks = match shape {
+        AttentionShape::Whole => dims.queries * dims.heads,
+        AttentionShape::Chunks { count, .. } => dims.queries * dims.heads * count,
+        AttentionShape::Tiles => tiles * dims.heads,
     };
-    ((query_heads * count) as u32, 4 * 32)
+    (blocks as u32, 4 * 32)
 }
 
 /// The sizes of the kernel's buffers: the queries as the first `heads·head_dim` columns of
@@ -192,38 +223,51 @@ struct AttentionDims {
 
 /// The attention kernels' arguments (src/cuda/cached_attention.cu): the addresses of the rows,
 /// the angles `cos`, `sin [queries, head_dim/2]`, the keys, the values, the output (`out
-/// [queries, heads, head_dim]` unsplit, the f32 partial results `[queries, heads, count,
-/// head_dim + 2]` split) and the spans `[queries, 3]`, then the sizes, the split and the scale.
-/// The CUDA launch and the emulated tests both pass this list.
+/// [queries, heads, head_dim]`, or split the f32 partial results `[queries, heads, count,
+/// head_dim + 2]`), the spans `[queries, 3]` and, tiled, the tiles `[tiles, 2]`; then the sizes,
+/// the split (not tiled) and the scale. The CUDA launch and the emulated tests both pass this
+/// list.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
 fn kernel_args(
     [rows, cos, sin, keys, values, out, spans]: [u64; 7],
+    tiles: Option<u64>,
     dims: &AttentionDims,
-    split: Split,
+    shape: AttentionShape,
     scale: f32,
 ) -> Result<Vec<KernelArg>> {
+    let mut args = [rows, cos, sin, keys, values, out, spans]
+        .map(KernelArg::Pointer)
+        .to_vec();
+    match (shape, tiles) {
+        (AttentionShape::Tiles, Some(tiles)) => args.push(KernelArg::Pointer(tiles)),
+        (AttentionShape::Whole | AttentionShape::Chunks { .. }, None) => {}
+        _ => bail!(
+            "cached_attention: {shape:?} with tiles {tiles:?}: the tiled kernel alone takes them"
+        ),
+    }
+    for (size, what) in [
+        (dims.heads, "heads"),
+        (dims.kv_heads, "kv_heads"),
+        (dims.capacity, "capacity"),
+        (dims.head_dim, "head_dim"),
+        (dims.row_width, "row_width"),
+    ] {
+        args.push(KernelArg::int(size, what)?);
+    }
     // Unsplit, one chunk holds any span of the cache.
-    let (count, chunk) = match split {
-        Split::Whole => (1, dims.capacity),
-        Split::Chunks { count, chunk } => (count, chunk),
-    };
-    Ok(vec![
-        KernelArg::Pointer(rows),
-        KernelArg::Pointer(cos),
-        KernelArg::Pointer(sin),
-        KernelArg::Pointer(keys),
-        KernelArg::Pointer(values),
-        KernelArg::Pointer(out),
-        KernelArg::Pointer(spans),
-        KernelArg::int(dims.heads, "heads")?,
-        KernelArg::int(dims.kv_heads, "kv_heads")?,
-        KernelArg::int(dims.capacity, "capacity")?,
-        KernelArg::int(dims.head_dim, "head_dim")?,
-        KernelArg::int(dims.row_width, "row_width")?,
-        KernelArg::int(count, "splits")?,
-        KernelArg::int(chunk, "chunk")?,
-        KernelArg::F32(scale),
-    ])
+    match shape {
+        AttentionShape::Whole => args.extend([
+            KernelArg::int(1, "splits")?,
+            KernelArg::int(dims.capacity, "chunk")?,
+        ]),
+        AttentionShape::Chunks { count, chunk } => args.extend([
+            KernelArg::int(count, "splits")?,
+            KernelArg::int(chunk, "chunk")?,
+        ]),
+        AttentionShape::Tiles => {}
+    }
+    args.push(KernelArg::F32(scale));
+    Ok(args)
 }
 
 /// The merging kernel's arguments: the partial results' and the output's addresses, the count of
@@ -365,29 +409,30 @@ impl CustomOp3 for CachedAttention<'_> {
                 .context()
                 .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
                 .map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
-            let split = split_for(
+            let shape = shape_for(
+                op.tables.has_prompt_tiles(),
+                head_dim,
                 query_heads,
                 op.tables.longest_span(),
                 processors.max(1) as usize,
-                forced_splits()?,
+                forced_shape()?,
             );
-            let (blocks, threads) = launch_dims(query_heads, split);
             let q = q.as_cuda_slice::<T>()?.slice(lq.start_offset()..);
             let k = k.as_cuda_slice::<T>()?.slice(lk.start_offset()..);
             let v = v.as_cuda_slice::<T>()?.slice(lv.start_offset()..);
-            // SAFETY: every element is written, by the attention kernel unsplit or by the merging
-            // one (idle queries get zeros).
+            // SAFETY: every element is written, by the attention kernel whole or tiled, or by the
+            // merging one split (idle queries get zeros).
             let mut out = unsafe { device.alloc::<T>(query_heads * head_dim)? };
             // SAFETY: the split kernel writes every chunk's record in full (an empty chunk's too).
-            let mut partial = match split {
-                Split::Whole => None,
-                Split::Chunks { count, .. } => {
+            let mut partial = match shape {
+                AttentionShape::Chunks { count, .. } => {
                     Some(unsafe { device.alloc::<f32>(query_heads * count * (head_dim + 2))? })
                 }
+                AttentionShape::Whole | AttentionShape::Tiles => None,
             };
             let module = "optune_cached_attention";
             let attend = device.get_or_load_custom_func(
-                &attention_kernel(split, head_dim, suffix),
+                &attention_kernel(shape, head_dim, suffix),
                 module,
                 PTX,
             )?;
@@ -402,17 +447,27 @@ impl CustomOp3 for CachedAttention<'_> {
                 let (out_at, _out) = out.device_ptr_mut(&stream);
                 let partial = partial.as_mut().map(|p| p.device_ptr_mut(&stream));
                 let written_at = partial.as_ref().map_or(out_at, |(at, _)| *at);
+                let tiles = match shape {
+                    AttentionShape::Tiles => tables.prompt_tiles.as_ref(),
+                    _ => None,
+                };
+                let tiles = tiles.map(|t| (t.len() / 2, t.device_ptr(&stream)));
                 let buffers = [q_at, cos_at, sin_at, k_at, v_at, written_at, spans_at];
-                let args = kernel_args(buffers, &dims, split, op.scale as f32)?;
+                let tiles_at = tiles.as_ref().map(|(_, (at, _))| *at);
+                let args = kernel_args(buffers, tiles_at, &dims, shape, op.scale as f32)?;
+                let grid = launch_dims(shape, &dims, tiles.as_ref().map_or(0, |(n, _)| *n));
                 // SAFETY: the list is the kernel's; the buffers hold queries·row_width (the rows,
                 // each with its query's heads·d columns first), queries·heads·d (out) or
                 // queries·heads·count·(d+2) (partial, f32), queries·d/2 (cos, sin),
-                // slots·kv_heads·capacity·d (k, v) and 3·queries (spans) elements, checked by
-                // `cached_attention` and `TokenTables::new`; the slots and positions the spans
-                // name are the caller's to keep inside the cache (the CPU form checks them). The
-                // guards live to the end of the closure.
-                unsafe { launch_kernel(attend.builder(), config((blocks, threads)), &args) }?;
-                if let (Split::Chunks { count, .. }, Some((partial_at, _))) = (split, &partial) {
+                // slots·kv_heads·capacity·d (k, v), 3·queries (spans) and 2·tiles (tiles, each
+                // naming tokens of the pass) elements, checked by `cached_attention` and
+                // `TokenTables::new`; the slots and positions the spans name are the caller's to
+                // keep inside the cache (the CPU form checks them). The guards live to the end of
+                // the closure.
+                unsafe { launch_kernel(attend.builder(), config(grid), &args) }?;
+                if let (AttentionShape::Chunks { count, .. }, Some((partial_at, _))) =
+                    (shape, &partial)
+                {
                     let merge = device.get_or_load_custom_func(
                         &format!("cached_attention_merge_{suffix}"),
                         module,
@@ -631,7 +686,7 @@ mod emulated {
     /// The kernels by the emulator, with the CUDA path's launches and argument lists.
     fn kernel<T: Element + candle_core::WithDType>(
         dims: AttentionDims,
-        split: Split,
+        shape: AttentionShape,
         [rows, cos, sin, k, v]: [&Tensor; 5],
         spans: &[u32],
         scale: f32,
@@ -639,8 +694,9 @@ mod emulated {
         let flat = |t: &Tensor| -> Vec<T> { t.flatten_all().unwrap().to_vec1().unwrap() };
         let inputs = [rows, cos, sin, k, v].map(flat);
         let query_heads = dims.queries * dims.heads;
-        let (grid, block) = launch_dims(query_heads, split);
-        let attend_kernel = attention_kernel(split, dims.head_dim, T::SUFFIX);
+        let tiles = crate::token_tables::query_tiles(spans);
+        let (grid, block) = launch_dims(shape, &dims, tiles.len() / 2);
+        let attend_kernel = attention_kernel(shape, dims.head_dim, T::SUFFIX);
         let merge_kernel = format!("cached_attention_merge_{}", T::SUFFIX);
         let out = in_both_placements(&attend_kernel, |memory| {
             let [rows, cos, sin, k, v] = inputs.each_ref().map(|x| memory.input(x));
@@ -648,17 +704,19 @@ mod emulated {
             let out = memory.output::<T>(query_heads * dims.head_dim);
             let buffers = |written| [rows, cos, sin, k, v, written, spans];
             let attend = Launch { grid, block };
-            match split {
-                Split::Whole => {
-                    let args = kernel_args(buffers(out.address), &dims, split, scale)
+            match shape {
+                AttentionShape::Whole | AttentionShape::Tiles => {
+                    let tiles = (shape == AttentionShape::Tiles).then(|| memory.input(&tiles));
+                    let args = kernel_args(buffers(out.address), tiles, &dims, shape, scale)
                         .map_err(|e| e.to_string())?;
                     // SAFETY: the buffers hold what the kernel reads and writes for these sizes:
-                    // the tensors are shaped by `dims`, and the spans stay inside the cache.
+                    // the tensors are shaped by `dims`, the spans stay inside the cache and the
+                    // tiles name the queries.
                     unsafe { memory.launch(&attend_kernel, attend, &emulated(&args)) }?;
                 }
-                Split::Chunks { count, .. } => {
+                AttentionShape::Chunks { count, .. } => {
                     let partial = memory.output::<f32>(query_heads * count * (dims.head_dim + 2));
-                    let args = kernel_args(buffers(partial.address), &dims, split, scale)
+                    let args = kernel_args(buffers(partial.address), None, &dims, shape, scale)
                         .map_err(|e| e.to_string())?;
                     // SAFETY: as above, with partial holding every chunk's record.
                     unsafe { memory.launch(&attend_kernel, attend, &emulated(&args)) }?;
@@ -679,14 +737,21 @@ mod emulated {
     }
 
     /// `spans` over a cache of `slots × capacity`, queries the first columns of rows
-    /// `[queries, row_width]`, by the kernels unsplit and cut as each of `splits`.
+    /// `[queries, row_width]`, by the kernels whole, tiled (heads up to [`TILE_HEAD`]) and cut as
+    /// each of `splits`.
     fn check(
         dims: AttentionDims,
         slots: usize,
         spans: &[(u32, u32, u32)],
-        splits: &[Split],
+        splits: &[AttentionShape],
         seed: u64,
     ) {
+        let tiled = (dims.head_dim <= TILE_HEAD).then_some(AttentionShape::Tiles);
+        let shapes: Vec<AttentionShape> = [AttentionShape::Whole]
+            .into_iter()
+            .chain(tiled)
+            .chain(splits.iter().copied())
+            .collect();
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut random = |shape: &[usize]| super::tests::random(shape, &mut rng);
         let q = random(&[dims.queries, dims.row_width]);
@@ -707,11 +772,11 @@ mod emulated {
                 .to_vec1()
                 .unwrap();
             let tensors = [&q, &cos, &sin, &k, &v];
-            for &split in [Split::Whole].iter().chain(splits) {
+            for &shape in &shapes {
                 let got = match dtype {
-                    DType::F32 => kernel::<f32>(dims, split, tensors, &flat_spans, scale),
-                    DType::BF16 => kernel::<half::bf16>(dims, split, tensors, &flat_spans, scale),
-                    _ => kernel::<half::f16>(dims, split, tensors, &flat_spans, scale),
+                    DType::F32 => kernel::<f32>(dims, shape, tensors, &flat_spans, scale),
+                    DType::BF16 => kernel::<half::bf16>(dims, shape, tensors, &flat_spans, scale),
+                    _ => kernel::<half::f16>(dims, shape, tensors, &flat_spans, scale),
                 };
                 // f32: the kernel's online softmax over 4 warps (and chunks) against the CPU's
                 // sums; bf16 and f16: both round their f32 result once, so a rounding step apart
@@ -724,7 +789,7 @@ mod emulated {
                     .fold(0f32, f32::max);
                 assert!(
                     worst <= tolerance,
-                    "{dims:?} {split:?} {dtype:?}: off by {worst}"
+                    "{dims:?} {shape:?} {dtype:?}: off by {worst}"
                 );
                 // Idle queries are zeros on both.
                 let width = dims.heads * dims.head_dim;
@@ -756,11 +821,11 @@ mod emulated {
         // The last slot's last position ends the cache: a read past it faults in the emulator.
         let spans = [(0, 0, 39), (1, 0, 2), (4, 17, 39), (3, 6, 6), (2, 1, 0)];
         let splits = [
-            Split::Chunks {
+            AttentionShape::Chunks {
                 count: 3,
                 chunk: 16,
             },
-            Split::Chunks {
+            AttentionShape::Chunks {
                 count: 2,
                 chunk: 32,
             },
@@ -770,23 +835,25 @@ mod emulated {
 
     #[test]
     fn a_packed_prefill_matches_the_cpu_form() {
-        // One row of 12 tokens: a 5-token prompt on slot 2, 4 tokens continuing slot 0 after 9
-        // cached positions, 3 decode tokens; head width 80 leaves 16 lanes idle in the last
-        // pass over the channels.
+        // One row of 31 tokens: a 5-token prompt on slot 2, 20 tokens continuing slot 0 after 37
+        // cached positions (two tiles, 16 and 4, whose spans take two and three blocks of 32
+        // keys), 3 tokens of a windowed prompt on slot 3, 3 decode tokens; two query heads per
+        // KV head; head width 80 leaves 16 lanes idle in the last pass over the channels.
         let spans: Vec<(u32, u32, u32)> = (0..5)
             .map(|p| (2, 0, p))
-            .chain((9..13).map(|p| (0, 0, p)))
-            .chain([(1, 0, 20), (3, 0, 7), (4, 2, 11)])
+            .chain((37..57).map(|p| (0, 0, p)))
+            .chain((30..33).map(|p| (3, p - 9, p)))
+            .chain([(1, 0, 20), (4, 0, 7), (5, 2, 59)])
             .collect();
         let dims = AttentionDims {
             queries: spans.len(),
-            row_width: 4 * 80,
+            row_width: 4 * 80 + 2 * 2 * 80,
             heads: 4,
             head_dim: 80,
-            kv_heads: 4,
-            capacity: 24,
+            kv_heads: 2,
+            capacity: 60,
         };
-        check(dims, 5, &spans, &[], 22);
+        check(dims, 6, &spans, &[], 22);
     }
 
     #[test]
@@ -802,7 +869,7 @@ mod emulated {
             capacity: 70,
         };
         let spans = [(1, 0, 66), (1, 0, 8), (0, 0, 0), (0, 3, 2)];
-        let split = Split::Chunks {
+        let split = AttentionShape::Chunks {
             count: 5,
             chunk: 16,
         };
@@ -810,13 +877,13 @@ mod emulated {
     }
 
     #[test]
-    fn the_split_is_chosen_by_how_few_blocks_the_query_heads_make() {
-        // An H200 (132 SMs); a 7B's 32 query heads per sequence.
-        let h200 = |query_heads, longest| split_for(query_heads, longest, 132, None);
+    fn the_shape_is_chosen_by_the_tokens_and_how_few_blocks_the_query_heads_make() {
+        // An H200 (132 SMs); a 7B's 32 query heads of 128 channels per sequence; decode steps.
+        let h200 = |query_heads, longest| shape_for(false, 128, query_heads, longest, 132, None);
         // Batch 1 after a 1,900-token prompt: 15 chunks of 128 (480 blocks), not 32 blocks.
         assert_eq!(
             h200(32, 1900),
-            Split::Chunks {
+            AttentionShape::Chunks {
                 count: 15,
                 chunk: 128
             }
@@ -824,31 +891,60 @@ mod emulated {
         // A short span: at most one chunk per 64 positions.
         assert_eq!(
             h200(32, 130),
-            Split::Chunks {
+            AttentionShape::Chunks {
                 count: 3,
                 chunk: 48
             }
         );
-        // Too short to split, or enough query heads already (batch 16: 512 blocks; a prefill).
-        assert_eq!(h200(32, 64), Split::Whole);
-        assert_eq!(h200(16 * 32, 1900), Split::Whole);
-        assert_eq!(h200(2048 * 32, 2048), Split::Whole);
+        // Too short to split, or enough query heads already (batch 16: 512 blocks).
+        assert_eq!(h200(32, 64), AttentionShape::Whole);
+        assert_eq!(h200(16 * 32, 1900), AttentionShape::Whole);
         // Forced: as many chunks as asked, none under 16 positions; 1 is unsplit.
-        let forced = |count| split_for(16 * 32, 100, 132, Some(count));
-        assert_eq!(forced(1), Split::Whole);
+        let forced = |count| {
+            shape_for(
+                false,
+                128,
+                16 * 32,
+                100,
+                132,
+                Some(ForcedShape::Split(count)),
+            )
+        };
+        assert_eq!(forced(1), AttentionShape::Whole);
         assert_eq!(
             forced(4),
-            Split::Chunks {
+            AttentionShape::Chunks {
                 count: 4,
                 chunk: 32
             }
         );
         assert_eq!(
             forced(50),
-            Split::Chunks {
+            AttentionShape::Chunks {
                 count: 7,
                 chunk: 16
             }
+        );
+        assert_eq!(
+            shape_for(false, 128, 32, 1900, 132, Some(ForcedShape::Whole)),
+            AttentionShape::Whole
+        );
+        // A pass with a prompt chunk: tiled when the heads fit the tiles, unless forced whole.
+        assert_eq!(
+            shape_for(true, 128, 2048 * 32, 2048, 132, None),
+            AttentionShape::Tiles
+        );
+        assert_eq!(
+            shape_for(true, 64, 32, 1900, 132, Some(ForcedShape::Split(4))),
+            AttentionShape::Tiles
+        );
+        assert_eq!(
+            shape_for(true, 64, 2048 * 32, 2048, 132, Some(ForcedShape::Whole)),
+            AttentionShape::Whole
+        );
+        assert_eq!(
+            shape_for(true, 256, 2048 * 8, 2048, 132, None),
+            AttentionShape::Whole
         );
     }
 }

@@ -1,7 +1,8 @@
 //! What the KV-cache ops ([`crate::cache_write`], [`crate::cached_attention`]) take besides their
 //! operands, a row per new token of a forward pass: its rotary angles and its span. A pass makes
 //! it once and every layer's ops read it; on the CPU its elements are read out of the tensors
-//! once, by the first op that needs them.
+//! once, by the first op that needs them. A pass that holds prompt tokens also lists them in
+//! tiles (see [`query_tiles`]) for the GPU's tiled attention.
 
 use candle_core::{bail, DType, Result, Storage, Tensor};
 use std::sync::OnceLock;
@@ -12,6 +13,9 @@ pub struct TokenTables {
     spans: Tensor,
     /// The spans as given, `[tokens, 3]` flat.
     host_spans: Vec<u32>,
+    /// [`query_tiles`] of the spans, `[tiles, 2]`, when one holds more than one token (a prompt
+    /// chunk is in the pass); none in a pass of decoding tokens alone.
+    prompt_tiles: Option<Tensor>,
     /// The angles widened to f32, read out of `cos` and `sin` by the first CPU op that needs
     /// them.
     host_angles: OnceLock<[Vec<f32>; 2]>,
@@ -47,11 +51,21 @@ impl TokenTables {
                 spans.len()
             );
         }
+        let tiles = query_tiles(spans);
+        let prompt_tiles = match tiles.chunks_exact(2).any(|tile| tile[1] > 1) {
+            true => Some(Tensor::from_slice(
+                &tiles,
+                (tiles.len() / 2, 2),
+                cos.device(),
+            )?),
+            false => None,
+        };
         Ok(Self {
             cos: cos.contiguous()?,
             sin: sin.contiguous()?,
             spans: Tensor::from_slice(spans, (tokens, 3), cos.device())?,
             host_spans: spans.to_vec(),
+            prompt_tiles,
             host_angles: OnceLock::new(),
         })
     }
@@ -67,6 +81,11 @@ impl TokenTables {
 
     pub fn dtype(&self) -> DType {
         self.cos.dtype()
+    }
+
+    /// Whether the pass holds prompt tokens in tiles of more than one (see [`query_tiles`]).
+    pub fn has_prompt_tiles(&self) -> bool {
+        self.prompt_tiles.is_some()
     }
 
     /// The most positions any token attends over (`last - first + 1`; 0 when every span is
@@ -118,10 +137,20 @@ impl TokenTables {
         let (cos_storage, cos_layout) = self.cos.storage_and_layout();
         let (sin_storage, sin_layout) = self.sin.storage_and_layout();
         let (spans_storage, spans_layout) = self.spans.storage_and_layout();
+        let tiles_guard = self.prompt_tiles.as_ref().map(|t| t.storage_and_layout());
         let (Storage::Cuda(cos), Storage::Cuda(sin), Storage::Cuda(spans)) =
             (&*cos_storage, &*sin_storage, &*spans_storage)
         else {
             bail!("{op}: the rotary angles or the spans are not on the GPU");
+        };
+        let prompt_tiles = match &tiles_guard {
+            None => None,
+            Some((storage, layout)) => match &**storage {
+                Storage::Cuda(tiles) => {
+                    Some(tiles.as_cuda_slice::<u32>()?.slice(layout.start_offset()..))
+                }
+                _ => bail!("{op}: the prompt tiles are not on the GPU"),
+            },
         };
         f(DeviceTables {
             cos: cos.as_cuda_slice::<T>()?.slice(cos_layout.start_offset()..),
@@ -129,6 +158,7 @@ impl TokenTables {
             spans: spans
                 .as_cuda_slice::<u32>()?
                 .slice(spans_layout.start_offset()..),
+            prompt_tiles,
         })
     }
 }
@@ -139,4 +169,54 @@ pub(crate) struct DeviceTables<'a, T> {
     pub cos: candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>,
     pub sin: candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>,
     pub spans: candle_core::cuda_backend::cudarc::driver::CudaView<'a, u32>,
+    pub prompt_tiles: Option<candle_core::cuda_backend::cudarc::driver::CudaView<'a, u32>>,
+}
+
+/// Tokens per tile (the tiled kernel's TILE_QUERIES).
+pub(crate) const TILE_QUERIES: usize = 16;
+
+/// The tokens of a pass, in order, as tiles `(first token, count)` flat: up to [`TILE_QUERIES`]
+/// consecutive tokens of one slot, each at the position after the one before (a prompt chunk's
+/// tokens, which attend over nearly the same positions); a token of an empty span (an idle slot)
+/// is a tile of its own.
+pub(crate) fn query_tiles(spans: &[u32]) -> Vec<u32> {
+    let mut tiles: Vec<u32> = Vec::new();
+    let mut previous: Option<&[u32]> = None;
+    for (token, span) in spans.chunks_exact(3).enumerate() {
+        let follows = match (previous, tiles.last()) {
+            (Some(before), Some(&count)) => {
+                count < TILE_QUERIES as u32
+                    && span[0] == before[0]
+                    && span[1] <= span[2]
+                    && before[1] <= before[2]
+                    && span[2] == before[2] + 1
+            }
+            _ => false,
+        };
+        match follows {
+            true => *tiles.last_mut().expect("a tile to extend") += 1,
+            false => tiles.extend([token as u32, 1]),
+        }
+        previous = Some(span);
+    }
+    tiles
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consecutive_tokens_of_a_slot_share_tiles_of_up_to_sixteen() {
+        // 20 prompt tokens on slot 2 from position 5 (windowed from the 12th), 2 on slot 0, a
+        // decoding token of slot 1, an idle slot, a token of slot 0 at a position that does not
+        // follow.
+        let mut spans: Vec<[u32; 3]> = (5..25).map(|p| [2, p.max(16) - 11, p]).collect();
+        spans.extend([[0, 0, 3], [0, 0, 4], [1, 0, 9], [3, 1, 0], [0, 0, 7]]);
+        let flat: Vec<u32> = spans.concat();
+        assert_eq!(
+            query_tiles(&flat),
+            [0, 16, 16, 4, 20, 2, 22, 1, 23, 1, 24, 1]
+        );
+    }
 }

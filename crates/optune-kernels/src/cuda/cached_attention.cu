@@ -1,6 +1,9 @@
 // Attention of queries over a KV cache, each query over its own slot's cached positions (see
 // src/cached_attention.rs): the decode step (one query per slot) and the prefill of packed prompt
-// chunks (many queries per slot) alike.
+// chunks (many queries per slot) alike. Two families: the per-token kernels below (one block
+// per query head, or per chunk of its span), which a pass of decoding tokens takes, and the tiled
+// kernel further down (one block per tile of up to 16 prompt tokens and head), which a pass with
+// prompt tokens takes; `shape_for` in the Rust file chooses.
 //
 // A query's span of positions may be split into `splits` chunks of `chunk` positions, one block
 // each (a decode step of few sequences launches too few blocks to keep the GPU's memory busy
@@ -42,6 +45,30 @@ __device__ __forceinline__ float warp_sum(float x) {
         x += __shfl_xor_sync(0xffffffffu, x, offset);
     }
     return x;
+}
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
+    }
+    return x;
+}
+
+// Channel c of the query head whose vector starts at q[at], turned by the query's angles
+// cos, sin[angles..] (rotate-half layout: channel c < d/2 pairs with c + d/2) and scaled, in f32.
+template <typename T>
+__device__ __forceinline__ float turned_query(const T *__restrict__ q, const T *__restrict__ cos,
+                                              const T *__restrict__ sin, size_t at, size_t angles,
+                                              int c, int half, float scale) {
+    const bool low = c < half;
+    const int j = low ? c : c - half;
+    const float x = to_float(q[at + c]);
+    const float partner = to_float(q[at + (low ? c + half : c - half)]);
+    const float cs = to_float(cos[angles + j]), sn = to_float(sin[angles + j]);
+    const float turned = low ? __fsub_rn(__fmul_rn(x, cs), __fmul_rn(partner, sn))
+                             : __fadd_rn(__fmul_rn(partner, sn), __fmul_rn(x, cs));
+    return __fmul_rn(turned, scale);
 }
 
 // A chunk's record in `partial`: its max score, its sum of weights e^(score - max), then its
@@ -96,16 +123,7 @@ __device__ void cached_attention(const T *__restrict__ q, const T *__restrict__ 
     for (int i = 0; i < PER_LANE; ++i) {
         const int c = lane + 32 * i;
         acc[i] = 0.0f;
-        query[i] = 0.0f;
-        if (c >= head_dim) continue;
-        const bool low = c < half;
-        const int j = low ? c : c - half;
-        const float x = to_float(q[at + c]);
-        const float partner = to_float(q[at + (low ? c + half : c - half)]);
-        const float cs = to_float(cos[angles + j]), sn = to_float(sin[angles + j]);
-        const float turned = low ? __fsub_rn(__fmul_rn(x, cs), __fmul_rn(partner, sn))
-                                 : __fadd_rn(__fmul_rn(partner, sn), __fmul_rn(x, cs));
-        query[i] = __fmul_rn(turned, scale);
+        query[i] = c < head_dim ? turned_query(q, cos, sin, at, angles, c, half, scale) : 0.0f;
     }
     float running_max = -CUDART_INF_F;
     float running_sum = 0.0f;
@@ -229,6 +247,155 @@ __device__ void merge_split_attention(const float *__restrict__ partial, T *__re
     }
 }
 
+// Prompt tiles: up to TILE_QUERIES consecutive tokens of one slot at consecutive positions (a
+// prompt chunk's), listed in tiles [tiles, 2] of (first query, count); a lone token (a decoding
+// sequence's, an idle slot's) is a tile of its own. One block per (tile, head), the heads of a
+// tile adjacent. The block turns its queries into shared memory, then walks the union of their
+// spans TILE_KEYS positions at a time: all its threads load those keys and values into shared
+// memory once for the whole tile (the per-token kernels read each key once per token: 16 times
+// as much for a prompt). Warp w holds queries 4w..4w+3 of the tile: lane j scores position j
+// against all four at once (one key channel read per four products), and each query folds the
+// scores its own span admits into its online softmax. Heads up to TILE_HEAD channels (the shared
+// arrays: 41 KB).
+#define TILE_QUERIES 16
+#define QUERIES_PER_WARP 4
+#define TILE_KEYS 32
+#define TILE_HEAD 128
+static_assert(TILE_QUERIES == WARPS * QUERIES_PER_WARP && QUERIES_PER_WARP == 4,
+              "a warp's queries are the four components of a float4");
+
+template <typename T>
+__device__ void tiled_attention(const T *__restrict__ q, const T *__restrict__ cos,
+                                const T *__restrict__ sin, const T *__restrict__ keys,
+                                const T *__restrict__ values, T *__restrict__ out,
+                                const uint32_t *__restrict__ spans,
+                                const uint32_t *__restrict__ tiles, int heads, int kv_heads,
+                                int capacity, int head_dim, int row_width, float scale) {
+    // Warp w's four queries, channel c: component k of tile_query[w][c] is query 4w + k's.
+    __shared__ float4 tile_query[WARPS][TILE_HEAD];
+    // One column of padding: lane j reads row j, channel c, at bank (j + c) mod 32.
+    __shared__ float tile_key[TILE_KEYS][TILE_HEAD + 1];
+    __shared__ float tile_value[TILE_KEYS][TILE_HEAD];
+    const int head = blockIdx.x % heads;
+    const size_t tile = blockIdx.x / heads;
+    const size_t first_query = tiles[2 * tile];
+    const int count = tiles[2 * tile + 1];
+    const int warp = threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    const int kv_head = head / (heads / kv_heads);
+    const int half = head_dim / 2;
+    const size_t slot = spans[3 * first_query];
+    const size_t cache_base = (slot * kv_heads + kv_head) * (size_t)capacity * head_dim;
+
+    // The union lo..=hi of the tile's spans (empty when every span is).
+    int64_t lo = INT64_MAX, hi = -1;
+    for (int r = 0; r < count; ++r) {
+        const int64_t first = spans[3 * (first_query + r) + 1];
+        const int64_t last = spans[3 * (first_query + r) + 2];
+        if (first > last) continue;
+        lo = first < lo ? first : lo;
+        hi = last > hi ? last : hi;
+    }
+    // The queries, zeros past the tile's count.
+    for (int i = threadIdx.x; i < TILE_QUERIES * head_dim; i += WARPS * 32) {
+        const int r = i / head_dim, c = i % head_dim;
+        const size_t query = first_query + r;
+        const size_t at = query * row_width + (size_t)head * head_dim;
+        reinterpret_cast<float *>(&tile_query[r / QUERIES_PER_WARP][c])[r % QUERIES_PER_WARP] =
+            r < count ? turned_query(q, cos, sin, at, query * half, c, half, scale) : 0.0f;
+    }
+
+    // This warp's queries' spans (an empty one past the tile's count) and softmax states.
+    int64_t first[QUERIES_PER_WARP], last[QUERIES_PER_WARP];
+    float running_max[QUERIES_PER_WARP], running_sum[QUERIES_PER_WARP];
+    float acc[QUERIES_PER_WARP][TILE_HEAD / 32];
+#pragma unroll
+    for (int k = 0; k < QUERIES_PER_WARP; ++k) {
+        const int r = warp * QUERIES_PER_WARP + k;
+        first[k] = r < count ? (int64_t)spans[3 * (first_query + r) + 1] : 1;
+        last[k] = r < count ? (int64_t)spans[3 * (first_query + r) + 2] : 0;
+        running_max[k] = -CUDART_INF_F;
+        running_sum[k] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < TILE_HEAD / 32; ++i) acc[k][i] = 0.0f;
+    }
+
+    for (int64_t start = lo; start <= hi; start += TILE_KEYS) {
+        const int rows = hi - start + 1 < TILE_KEYS ? int(hi - start + 1) : TILE_KEYS;
+        // The previous keys and values are read (and, the first time, the queries written).
+        __syncthreads();
+        for (int i = threadIdx.x; i < rows * head_dim; i += WARPS * 32) {
+            const int j = i / head_dim, c = i % head_dim;
+            const size_t at = cache_base + (size_t)(start + j) * head_dim + c;
+            tile_key[j][c] = to_float(keys[at]);
+            tile_value[j][c] = to_float(values[at]);
+        }
+        __syncthreads();
+        // Warp-uniform: which of the warp's queries see any of these positions.
+        bool sees[QUERIES_PER_WARP];
+        bool any = false;
+#pragma unroll
+        for (int k = 0; k < QUERIES_PER_WARP; ++k) {
+            sees[k] = first[k] <= last[k] && start <= last[k] && start + rows - 1 >= first[k];
+            any = any || sees[k];
+        }
+        if (!any) continue;
+        float dot[QUERIES_PER_WARP] = {0.0f, 0.0f, 0.0f, 0.0f};
+        if (lane < rows) {
+            for (int c = 0; c < head_dim; ++c) {
+                const float key = tile_key[lane][c];
+                const float4 query = tile_query[warp][c];
+                dot[0] += query.x * key;
+                dot[1] += query.y * key;
+                dot[2] += query.z * key;
+                dot[3] += query.w * key;
+            }
+        }
+        float weight[QUERIES_PER_WARP];
+#pragma unroll
+        for (int k = 0; k < QUERIES_PER_WARP; ++k) {
+            weight[k] = 0.0f;
+            if (!sees[k]) continue;
+            // Inside the query's span, so inside the rows loaded (last ≤ hi).
+            const int64_t position = start + lane;
+            const bool live = position >= first[k] && position <= last[k];
+            const float score = live ? dot[k] : -CUDART_INF_F;
+            const float new_max = fmaxf(running_max[k], warp_max(score));
+            const float rescale = chunk_weight(running_max[k], new_max);
+            weight[k] = live ? __expf(score - new_max) : 0.0f;
+            running_sum[k] = running_sum[k] * rescale + warp_sum(weight[k]);
+#pragma unroll
+            for (int i = 0; i < TILE_HEAD / 32; ++i) acc[k][i] *= rescale;
+            running_max[k] = new_max;
+        }
+        for (int j = 0; j < rows; ++j) {
+            float w[QUERIES_PER_WARP];
+#pragma unroll
+            for (int k = 0; k < QUERIES_PER_WARP; ++k) w[k] = __shfl_sync(0xffffffffu, weight[k], j);
+#pragma unroll
+            for (int i = 0; i < TILE_HEAD / 32; ++i) {
+                const int c = lane + 32 * i;
+                if (c >= head_dim) continue;
+                const float value = tile_value[j][c];
+#pragma unroll
+                for (int k = 0; k < QUERIES_PER_WARP; ++k) acc[k][i] += w[k] * value;
+            }
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < QUERIES_PER_WARP; ++k) {
+        const int r = warp * QUERIES_PER_WARP + k;
+        if (r >= count) continue;
+        const float inverse = running_sum[k] > 0.0f ? 1.0f / running_sum[k] : 0.0f;
+        const size_t out_at = ((first_query + r) * heads + head) * head_dim;
+#pragma unroll
+        for (int i = 0; i < TILE_HEAD / 32; ++i) {
+            const int c = lane + 32 * i;
+            if (c < head_dim) out[out_at + c] = from_float<T>(acc[k][i] * inverse);
+        }
+    }
+}
+
 #define ATTENTION_ENTRY(NAME, T, PER_LANE, W, SPLIT)                                               \
     extern "C" __global__ void __launch_bounds__(WARPS * 32)                                       \
         NAME(const T *q, const T *cos, const T *sin, const T *keys, const T *values, W *written,  \
@@ -243,14 +410,21 @@ __device__ void merge_split_attention(const float *__restrict__ partial, T *__re
     ATTENTION_ENTRY(cached_attention_##SUFFIX, T, PER_LANE, T, false)                              \
     ATTENTION_ENTRY(cached_attention_split_##SUFFIX, T, PER_LANE, float, true)
 
-// Per storage type: the attention kernels for heads up to 128 and up to 256 wide, whole and
-// split, and the merging kernel.
+// Per storage type: the per-token attention kernels for heads up to 128 and up to 256 wide,
+// whole and split, the merging kernel, and the tiled kernel (heads up to 128).
 #define CACHED_ATTENTION(T, SUFFIX)                                                                \
     ATTENTION_ENTRIES(T, 4, SUFFIX)                                                                \
     ATTENTION_ENTRIES(T, 8, wide_##SUFFIX)                                                         \
     extern "C" __global__ void __launch_bounds__(MERGE_THREADS) cached_attention_merge_##SUFFIX(  \
         const float *partial, T *out, int splits, int head_dim) {                                 \
         merge_split_attention<T>(partial, out, splits, head_dim);                                 \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32) cached_attention_tiled_##SUFFIX(     \
+        const T *q, const T *cos, const T *sin, const T *keys, const T *values, T *out,           \
+        const uint32_t *spans, const uint32_t *tiles, int heads, int kv_heads, int capacity,      \
+        int head_dim, int row_width, float scale) {                                               \
+        tiled_attention<T>(q, cos, sin, keys, values, out, spans, tiles, heads, kv_heads,         \
+                           capacity, head_dim, row_width, scale);                                 \
     }
 
 CACHED_ATTENTION(float, f32)
