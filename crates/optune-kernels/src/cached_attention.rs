@@ -85,7 +85,7 @@ enum AttentionShape {
     /// (cached_attention_merge_*).
     Chunks { count: usize, chunk: usize },
     /// One block per tile of tokens and head (cached_attention_tiled_*), the tiles of
-    /// [`crate::token_tables::query_tiles`].
+    /// [`crate::token_tables::query_tiles`]; a tile of one token walks its span as `Whole` does.
     Tiles,
 }
 

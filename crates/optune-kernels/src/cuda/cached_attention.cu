@@ -88,17 +88,15 @@ __device__ __forceinline__ float chunk_weight(float chunk_max, float overall_max
 // PER_LANE: channels per lane, head_dim up to 32 · PER_LANE (4: 128, as Llama's and Mistral's
 // heads; 8: 256). Each lane holds 2 · IN_FLIGHT · PER_LANE loaded keys and values, so the narrow
 // form needs half the registers of the wide one and keeps more blocks resident. W: what the block
-// writes, T (the output, unsplit) or float (its chunk's record, split).
+// writes, T (the output, unsplit) or float (its chunk's record, split). The block attends for
+// head `head` of query `query_id`, chunk `split` of `splits`.
 template <typename T, int PER_LANE, typename W, bool SPLIT>
 __device__ void cached_attention(const T *__restrict__ q, const T *__restrict__ cos,
                                  const T *__restrict__ sin, const T *__restrict__ keys,
                                  const T *__restrict__ values, W *__restrict__ written,
-                                 const uint32_t *__restrict__ spans,
-                                 int heads, int kv_heads, int capacity, int head_dim,
+                                 const uint32_t *__restrict__ spans, size_t query_id, int head,
+                                 int split, int heads, int kv_heads, int capacity, int head_dim,
                                  int row_width, int splits, int chunk, float scale) {
-    const int head = blockIdx.x % heads;
-    const int split = (blockIdx.x / heads) % splits;
-    const size_t query_id = blockIdx.x / heads / splits;
     const size_t query_head = query_id * heads + head;
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
@@ -249,14 +247,14 @@ __device__ void merge_split_attention(const float *__restrict__ partial, T *__re
 
 // Prompt tiles: up to TILE_QUERIES consecutive tokens of one slot at consecutive positions (a
 // prompt chunk's), listed in tiles [tiles, 2] of (first query, count); a lone token (a decoding
-// sequence's, an idle slot's) is a tile of its own. One block per (tile, head), the heads of a
-// tile adjacent. The block turns its queries into shared memory, then walks the union of their
-// spans TILE_KEYS positions at a time: all its threads load those keys and values into shared
-// memory once for the whole tile (the per-token kernels read each key once per token: 16 times
-// as much for a prompt). Warp w holds queries 4w..4w+3 of the tile: lane j scores position j
-// against all four at once (one key channel read per four products), and each query folds the
-// scores its own span admits into its online softmax. Heads up to TILE_HEAD channels (the shared
-// arrays: 41 KB).
+// sequence's, an idle slot's) is a tile of its own, which the per-token walk above attends. One
+// block per (tile, head), the heads of a tile adjacent. The block turns its queries into shared
+// memory, then walks the union of their spans TILE_KEYS positions at a time: all its threads load
+// those keys and values into shared memory once for the whole tile (the per-token kernels read each
+// key once per token: 16 times as much for a prompt). Warp w holds queries 4w..4w+3 of the tile:
+// lane j scores position j against all four at once (one key channel read per four products), and
+// each query folds the scores its own span admits into its online softmax. Heads up to TILE_HEAD
+// channels (the shared arrays: 41 KB, and the per-token walk's 2 KB).
 #define TILE_QUERIES 16
 #define QUERIES_PER_WARP 4
 #define TILE_KEYS 32
@@ -280,6 +278,15 @@ __device__ void tiled_attention(const T *__restrict__ q, const T *__restrict__ c
     const size_t tile = blockIdx.x / heads;
     const size_t first_query = tiles[2 * tile];
     const int count = tiles[2 * tile + 1];
+    if (count == 1) {
+        // A lone token (decoding, in a pass that also prefills): the per-token walk, all four
+        // warps on its one span, not one warp of four on it.
+        cached_attention<T, TILE_HEAD / 32, T, false>(q, cos, sin, keys, values, out, spans,
+                                                      first_query, head, 0, heads, kv_heads,
+                                                      capacity, head_dim, row_width, 1, capacity,
+                                                      scale);
+        return;
+    }
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
     const int kv_head = head / (heads / kv_heads);
@@ -371,7 +378,9 @@ __device__ void tiled_attention(const T *__restrict__ q, const T *__restrict__ c
         for (int j = 0; j < rows; ++j) {
             float w[QUERIES_PER_WARP];
 #pragma unroll
-            for (int k = 0; k < QUERIES_PER_WARP; ++k) w[k] = __shfl_sync(0xffffffffu, weight[k], j);
+            for (int k = 0; k < QUERIES_PER_WARP; ++k) {
+                w[k] = __shfl_sync(0xffffffffu, weight[k], j);
+            }
 #pragma unroll
             for (int i = 0; i < TILE_HEAD / 32; ++i) {
                 const int c = lane + 32 * i;
@@ -401,9 +410,10 @@ __device__ void tiled_attention(const T *__restrict__ q, const T *__restrict__ c
         NAME(const T *q, const T *cos, const T *sin, const T *keys, const T *values, W *written,  \
              const uint32_t *spans, int heads, int kv_heads, int capacity, int head_dim,          \
              int row_width, int splits, int chunk, float scale) {                                  \
-        cached_attention<T, PER_LANE, W, SPLIT>(q, cos, sin, keys, values, written, spans, heads, \
-                                                kv_heads, capacity, head_dim, row_width, splits,  \
-                                                chunk, scale);                                     \
+        cached_attention<T, PER_LANE, W, SPLIT>(                                                  \
+            q, cos, sin, keys, values, written, spans, blockIdx.x / heads / splits,                \
+            blockIdx.x % heads, (blockIdx.x / heads) % splits, heads, kv_heads, capacity,          \
+            head_dim, row_width, splits, chunk, scale);                                            \
     }
 
 #define ATTENTION_ENTRIES(T, PER_LANE, SUFFIX)                                                     \
