@@ -13,8 +13,8 @@ pub struct TokenTables {
     spans: Tensor,
     /// The spans as given, `[tokens, 3]` flat.
     host_spans: Vec<u32>,
-    /// [`query_tiles`] of the spans, `[tiles, 2]`, when one holds more than one token (a prompt
-    /// chunk is in the pass); none in a pass of decoding tokens alone.
+    /// [`query_tiles`] of the spans, `[tiles, 2]`, on a GPU when one holds more than one token (a
+    /// prompt chunk is in the pass); none in a pass of decoding tokens alone, nor on the CPU.
     prompt_tiles: Option<Tensor>,
     /// The angles widened to f32, read out of `cos` and `sin` by the first CPU op that needs
     /// them.
@@ -51,7 +51,11 @@ impl TokenTables {
                 spans.len()
             );
         }
-        let tiles = query_tiles(spans);
+        // Only the GPU's attention reads them (the CPU's host kernel walks each token's span).
+        let tiles = match cos.device().is_cuda() {
+            true => query_tiles(spans),
+            false => Vec::new(),
+        };
         let prompt_tiles = match tiles.chunks_exact(2).any(|tile| tile[1] > 1) {
             true => Some(Tensor::from_slice(
                 &tiles,
@@ -83,7 +87,8 @@ impl TokenTables {
         self.cos.dtype()
     }
 
-    /// Whether the pass holds prompt tokens in tiles of more than one (see [`query_tiles`]).
+    /// Whether the pass holds prompt tokens in tiles of more than one, on a GPU (see
+    /// [`query_tiles`]).
     pub fn has_prompt_tiles(&self) -> bool {
         self.prompt_tiles.is_some()
     }
