@@ -4,15 +4,30 @@ use anyhow::Result;
 
 /// The device named by `--device`: `cpu`, `cuda` or `cuda:N`. Without a name: the first GPU when
 /// the binary was built with the `cuda` feature and one is visible, else the CPU. A GPU comes
-/// prepared for many small kernels ([`prepare_gpu`]).
+/// prepared for many small kernels ([`gpu::prepare`]).
+///
+/// A GPU's work all goes to one stream of its own, whichever thread issues it: candle's
+/// `Device::new_cuda` would take CUDA's per-thread default stream, a different stream for each
+/// host thread, and generation runs its steps on rayon's workers (`generate`'s `on_worker`), so
+/// two steps, or the KV cache's zeroing on the main thread and the first step, would be ordered
+/// by nothing.
 pub fn device(spec: Option<&str>) -> Result<candle_core::Device> {
     use candle_core::Device;
     let device = match spec {
-        None if candle_core::utils::cuda_is_available() => {
-            Device::new_cuda(0).unwrap_or(Device::Cpu)
-        }
+        None if candle_core::utils::cuda_is_available() => match Device::new_cuda_with_stream(0) {
+            Ok(gpu) => gpu,
+            Err(e) => {
+                eprintln!(
+                    "a GPU is visible but could not be opened ({e}): running on the CPU \
+                         (--device cuda makes this an error)"
+                );
+                Device::Cpu
+            }
+        },
         None | Some("cpu") => Device::Cpu,
-        Some("cuda") => Device::new_cuda(0).map_err(|e| anyhow::anyhow!("--device cuda: {e}"))?,
+        Some("cuda") => {
+            Device::new_cuda_with_stream(0).map_err(|e| anyhow::anyhow!("--device cuda: {e}"))?
+        }
         Some(other) => {
             let ordinal = other
                 .strip_prefix("cuda:")
@@ -20,7 +35,8 @@ pub fn device(spec: Option<&str>) -> Result<candle_core::Device> {
                 .ok_or_else(|| {
                     anyhow::anyhow!("--device '{other}': expected cpu, cuda or cuda:N")
                 })?;
-            Device::new_cuda(ordinal).map_err(|e| anyhow::anyhow!("--device {other}: {e}"))?
+            Device::new_cuda_with_stream(ordinal)
+                .map_err(|e| anyhow::anyhow!("--device {other}: {e}"))?
         }
     };
     #[cfg(feature = "cuda")]
@@ -65,8 +81,8 @@ mod gpu {
     use candle_core::CudaDevice;
 
     /// 1. No event tracking: cudarc creates and destroys two CUDA events with every buffer so
-    ///    that buffers can cross streams safely; candle issues all of a device's work on one
-    ///    stream and so do we, so the events order nothing.
+    ///    that buffers can cross streams safely; all of a device's work goes to its one stream
+    ///    (see [`super::device`]), so the events order nothing.
     /// 2. The stream-ordered pool keeps what it has reserved: `cuMemAllocAsync`'s pool has a
     ///    release threshold of 0 by default, which hands every freed buffer back to the driver
     ///    at each synchronisation (once per decode step, once per training step), so that the
@@ -74,9 +90,8 @@ mod gpu {
     ///    [`free_bytes`] counts what the pool holds unused as free.
     pub(super) fn prepare(gpu: &CudaDevice) -> Result<()> {
         // SAFETY: called before this device has made any buffer, and every buffer of it is used
-        // on its one stream only (candle's per-thread stream of this thread; optune issues no
-        // device work from other threads), which is the condition cudarc states for turning the
-        // tracking off.
+        // on its one stream only (the stream `device` made for it, which every thread's work
+        // goes to), which is the condition cudarc states for turning the tracking off.
         unsafe { gpu.disable_event_tracking() };
         let Some(pool) = memory_pool(gpu.cuda_stream().context())? else {
             return Ok(());

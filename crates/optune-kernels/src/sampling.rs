@@ -83,7 +83,9 @@ fn kernel_args(
         KernelArg::Pointer(out),
         KernelArg::int(vocab, "vocab")?,
         KernelArg::F32(sampling.temperature),
-        KernelArg::int(sampling.top_k as usize, "top_k")?,
+        // A top_k of the vocabulary or more keeps every token, as the vocabulary itself does
+        // (and fits the kernel's int).
+        KernelArg::int((sampling.top_k as usize).min(vocab), "top_k")?,
         KernelArg::F32(sampling.top_p),
         KernelArg::F32(FLOOR_NATS),
         KernelArg::int(BISECTION_STEPS as usize, "steps")?,
@@ -418,5 +420,17 @@ mod emulated {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_top_k_past_the_vocabulary_keeps_every_token_on_the_gpu_too() {
+        // The CPU form takes any u32; the kernel's int gets the vocabulary instead.
+        let sampling = Sampling {
+            temperature: 1.0,
+            top_k: u32::MAX,
+            top_p: 1.0,
+        };
+        let args = kernel_args([0; 3], 32_000, sampling).unwrap();
+        assert_eq!(args[5], KernelArg::I32(32_000));
     }
 }
