@@ -306,6 +306,23 @@ fn run(args: Args) -> Result<()> {
     if pairs.is_empty() {
         bail!("{}: no pairs to train on", shard.name());
     }
+    // Before any work: a sequence past the rotary tables would fail at its batch.
+    let longest = pairs
+        .iter()
+        .flat_map(|pair| [&pair.chosen, &pair.rejected])
+        .map(|side| side.prompt.len() + side.response.len())
+        .max()
+        .unwrap_or(0);
+    if longest > policy.model.max_positions() {
+        bail!(
+            "{}: a pair of {longest} tokens (after --max-length {}) is longer than the policy's \
+             max_position_embeddings {}: pass --max-length {} or less",
+            shard.name(),
+            args.max_length,
+            policy.model.max_positions(),
+            policy.model.max_positions()
+        );
+    }
     let plan = memory::Plan::estimate(
         &args,
         &policy,

@@ -379,6 +379,35 @@ fn a_prompt_without_tokens_is_a_clear_error() {
     assert!(!out.exists());
 }
 
+/// A pair longer than the model's rotary tables is refused before any work, with the length to
+/// pass: the CPU's lookup would fail at its batch, a GPU's would read past the tables silently.
+#[test]
+fn a_pair_longer_than_the_model_is_refused_before_training() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pairs = tmp.path().join("pairs.jsonl");
+    let long = "the sea is calm and the sky is grey ".repeat(60);
+    write_jsonl(
+        &pairs,
+        &[
+            serde_json::json!({"prompt": "Say yes.", "chosen": "Yes.", "rejected": "No."}),
+            serde_json::json!({"prompt": "Describe the sea.", "chosen": long, "rejected": "No."}),
+        ],
+    );
+    let out = tmp.path().join("policy");
+    // tiny-llama: max_position_embeddings 256, under the default --max-length 512.
+    let (ok, err) = wdpo_on("tiny-llama", &pairs, &out, &[]);
+    assert!(!ok);
+    assert!(
+        err.contains("longer than the policy's max_position_embeddings 256")
+            && err.contains("pass --max-length 256 or less"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    // Within the tables, the same pairs train.
+    let (ok, err) = wdpo_on("tiny-llama", &pairs, &out, &["--max-length", "256"]);
+    assert!(ok, "{err}");
+}
+
 /// Writes `rows` as JSONL.
 fn write_jsonl(path: &Path, rows: &[serde_json::Value]) {
     let text: String = rows.iter().map(|row| format!("{row}\n")).collect();

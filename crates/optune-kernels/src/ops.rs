@@ -614,9 +614,54 @@ pub mod generic {
         }
     }
 
+    /// The most elements of scores one piece of [`attention`] makes: candle's CUDA elementwise
+    /// kernels count elements in 32-bit unsigned ints, so at 2³² or more they would wrap (hang
+    /// or fail to launch): a reward model's 12k-token row with 32 heads gets there.
+    const MOST_SCORES: usize = 1 << 31;
+
     /// GQA without materialising repeated keys: the query heads that share a KV head are folded
-    /// into the query axis. Softmax in [`accumulation_dtype`].
+    /// into the query axis. Softmax in [`accumulation_dtype`]. Queries in pieces of at most
+    /// [`MOST_SCORES`] scores.
     pub fn attention(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &Tensor,
+        scale: f64,
+    ) -> Result<Tensor> {
+        attention_in_pieces(q, k, v, mask, scale, MOST_SCORES)
+    }
+
+    /// [`attention`] with the query rows `q [b, heads, tq, d]` (and the mask's, unless it
+    /// broadcasts over them) cut into pieces of at most `most_scores` scores each.
+    fn attention_in_pieces(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &Tensor,
+        scale: f64,
+        most_scores: usize,
+    ) -> Result<Tensor> {
+        let (b, heads, tq, _) = q.dims4()?;
+        let rows = (most_scores / (b * heads * k.dim(2)?).max(1)).max(1);
+        if tq <= rows {
+            return attention_piece(q, k, v, mask, scale);
+        }
+        let pieces = (0..tq)
+            .step_by(rows)
+            .map(|start| {
+                let len = rows.min(tq - start);
+                let mask = match mask.dim(2)? {
+                    1 => mask.clone(),
+                    _ => mask.narrow(2, start, len)?,
+                };
+                attention_piece(&q.narrow(2, start, len)?, k, v, &mask, scale)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&pieces, 2)
+    }
+
+    fn attention_piece(
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
@@ -805,6 +850,39 @@ pub mod generic {
         use super::*;
         use crate::fused::tests::{compare_with_generic, values, weighted_finite_differences};
         use candle_core::Var;
+
+        /// Attention in pieces of query rows (what a reward model's long rows take on a GPU)
+        /// gives the values and gradients of attention in one piece: a causal mask cut with its
+        /// rows, one that broadcasts over them kept whole, pieces of 2 rows and a last one of 1.
+        #[test]
+        fn attention_in_pieces_equals_attention_whole() {
+            let (b, heads, kv_heads, t, d) = (2, 4, 2, 5, 4);
+            let causal: Vec<f64> = (0..b * t * t)
+                .map(|i| if i % t <= (i / t) % t { 0.0 } else { -1e9 })
+                .collect();
+            let causal = Tensor::from_vec(causal, (b, 1, t, t), &candle_core::Device::Cpu).unwrap();
+            let padding = values(&[b, 1, 1, t], 64, 1.0, DType::F64);
+            let q = Var::from_tensor(&values(&[b, heads, t, d], 60, 1.0, DType::F64)).unwrap();
+            let k = Var::from_tensor(&values(&[b, kv_heads, t, d], 61, 1.0, DType::F64)).unwrap();
+            let v = Var::from_tensor(&values(&[b, kv_heads, t, d], 62, 1.0, DType::F64)).unwrap();
+            let w = values(&[b, heads, t, d], 63, 1.0, DType::F64);
+            // Two query rows a piece: 2·4·5·2 scores.
+            let two_rows = b * heads * t * 2;
+            for mask in [&causal, &padding] {
+                let whole = attention_in_pieces(&q, &k, &v, mask, 0.5, usize::MAX).unwrap();
+                let pieces = attention_in_pieces(&q, &k, &v, mask, 0.5, two_rows).unwrap();
+                let diff = (&whole - &pieces).unwrap().abs().unwrap();
+                assert!(diff.max_all().unwrap().to_scalar::<f64>().unwrap() < 1e-15);
+                let grads = |out: &Tensor| {
+                    let g = (out * &w).unwrap().sum_all().unwrap().backward().unwrap();
+                    [&q, &k, &v].map(|x| g.get(x.as_tensor()).unwrap().clone())
+                };
+                for (a, b) in grads(&whole).iter().zip(grads(&pieces).iter()) {
+                    let diff = (a - b).unwrap().abs().unwrap();
+                    assert!(diff.max_all().unwrap().to_scalar::<f64>().unwrap() < 1e-14);
+                }
+            }
+        }
 
         /// The rotary composition the kernel replaced: `x·cos + rotate_half(x)·sin` with
         /// half-width tables `[b, t, d/2]`.

@@ -67,15 +67,18 @@ pub fn sequence_logprobs(
     let flat = hidden.reshape((pairs.len() * seq_len, hidden_size))?;
     let rows = flat.index_select(&Tensor::new(predictor_rows.as_slice(), device)?, 0)?;
     let token_logps = token_logprobs(model, &rows, &targets)?;
-    // Segment sum as a [batch, tokens] 0/1 matrix product: differentiable and one kernel.
+    // Segment sum through a [batch, tokens] 0/1 mask, differentiable: an elementwise product and
+    // a sum, not a matrix product, which on CUDA with TF32 (on by default) would round each
+    // token's log-prob to a 10-bit mantissa before the sum.
     let mut membership = vec![0f32; pairs.len() * targets.len()];
     for (i, &b) in owners.iter().enumerate() {
         membership[b * targets.len() + i] = 1.0;
     }
     let membership = Tensor::from_vec(membership, (pairs.len(), targets.len()), device)?
         .to_dtype(token_logps.dtype())?;
-    let sums =
-        optune_kernels::cuda_matmul::matmul(&membership, &token_logps.unsqueeze(1)?)?.squeeze(1)?;
+    let sums = membership
+        .broadcast_mul(&token_logps.unsqueeze(0)?)?
+        .sum(1)?;
     Ok(SequenceLogprobs {
         sums,
         token_counts: pairs.iter().map(|p| p.response.len()).collect(),

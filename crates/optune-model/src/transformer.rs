@@ -87,6 +87,9 @@ pub struct PaddedBatch {
     pub input_ids: Tensor,
     pub positions: Tensor,
     pub mask: Vec<Vec<bool>>,
+    /// The largest token id, padding included: checked against the vocabulary before the
+    /// embedding reads it (a GPU's lookup does not check its indices).
+    pub largest_id: u32,
 }
 
 impl PaddedBatch {
@@ -103,6 +106,7 @@ impl PaddedBatch {
             mask.push((0..seq).map(|t| t < s.len()).collect());
         }
         Ok(Self {
+            largest_id: ids.iter().copied().max().unwrap_or(0),
             input_ids: Tensor::from_vec(ids, (batch, seq), device)?,
             positions: Tensor::from_vec(positions, (batch, seq), device)?,
             mask,
@@ -554,6 +558,7 @@ impl Transformer {
     /// final norm.
     fn run_layers(&self, batch: &PaddedBatch) -> Result<Residual> {
         let (b, t) = batch.dims();
+        self.check_tokens(t, batch.largest_id)?;
         let window = self.config.attention_window();
         let mut mask = Vec::with_capacity(b * t * t);
         for row in &batch.mask {
@@ -580,6 +585,27 @@ impl Transformer {
             stream = block.forward(&self.config, stream, &cos, &sin, Attend::Masked(&mask))?;
         }
         Ok(stream)
+    }
+
+    /// Refuses sequences longer than the rotary tables (`max_position_embeddings`) or a token id
+    /// outside the vocabulary: the CPU's lookups would fail on them, a GPU's would read past
+    /// their tables silently.
+    fn check_tokens(&self, longest: usize, largest_id: u32) -> Result<()> {
+        if longest > self.max_positions() {
+            candle_core::bail!(
+                "a sequence of {longest} tokens is longer than the model's \
+                 max_position_embeddings ({}): lower --max-length or truncate the inputs",
+                self.max_positions()
+            );
+        }
+        let vocab = self.embed_tokens.dim(0)?;
+        if largest_id as usize >= vocab {
+            candle_core::bail!(
+                "token id {largest_id} is outside the model's vocabulary of {vocab} (a tokenizer or \
+                 pad id that does not belong to this model?)"
+            );
+        }
+        Ok(())
     }
 
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {
@@ -752,6 +778,12 @@ impl Transformer {
             last_rows.push(tokens.len() as u32 - 1);
         }
         let n = tokens.len();
+        let longest = tokens
+            .iter()
+            .map(|&(_, position)| position + 1)
+            .max()
+            .unwrap_or(0);
+        self.check_tokens(longest, ids.iter().copied().max().unwrap_or(0))?;
         let (batch, steps) = match n == segments.len() {
             true => (n, 1),
             false => (1, n),

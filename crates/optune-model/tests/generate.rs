@@ -419,6 +419,24 @@ fn the_tensor_feed_refuses_a_slot_twice_an_overfull_slot_and_nothing() {
     assert!(err.to_string().contains("slot 1 is full"), "{err}");
     let err = model.feed_tensor(&[], &mut cache).unwrap_err();
     assert!(err.to_string().contains("no segments"), "{err}");
+    // A token id past the vocabulary: refused before the embedding (a GPU's lookup would read
+    // past its table).
+    let vocab = model.config().vocab_size as u32;
+    let err = model
+        .feed_tensor(
+            &[Segment {
+                slot: 1,
+                tokens: &[5, vocab],
+            }],
+            &mut cache,
+        )
+        .unwrap_err();
+    assert!(
+        err.to_string().contains(&format!(
+            "token id {vocab} is outside the model's vocabulary"
+        )),
+        "{err}"
+    );
     // Nothing was written: both slots are still empty, and feeding them works.
     assert!((0..2).all(|s| cache.is_empty(s)));
     let rows = model

@@ -125,3 +125,34 @@ fn the_generic_path_generates_what_the_fused_path_does() {
     }
     set_kernels(Kernels::Fused);
 }
+
+/// The padded forward (training, reference and score passes) refuses a sequence longer than the
+/// rotary tables or a token outside the vocabulary, on every path: the CPU's lookups would fail
+/// on them with an index error, a GPU's would read past their tables silently.
+#[test]
+fn the_padded_forward_refuses_what_is_past_the_model_s_tables() {
+    let model = model("tiny-llama");
+    let positions = model.max_positions();
+    let too_long = vec![7u32; positions + 1];
+    let batch = PaddedBatch::right_padded(&[vec![1, 2, 3], too_long], 0, &Device::Cpu).unwrap();
+    let err = model.hidden_states(&batch).unwrap_err();
+    assert!(
+        err.to_string().contains(&format!(
+            "a sequence of {} tokens is longer than the model's max_position_embeddings ({positions})",
+            positions + 1
+        )),
+        "{err}"
+    );
+    let vocab = model.config().vocab_size as u32;
+    let batch = PaddedBatch::right_padded(&[vec![1, 2, 3]], vocab, &Device::Cpu).unwrap();
+    // The padding alone: one sequence pads nothing, so the largest id is 3 and it runs.
+    assert!(model.hidden_states(&batch).is_ok());
+    let batch = PaddedBatch::right_padded(&[vec![1, 2, 3], vec![1]], vocab, &Device::Cpu).unwrap();
+    let err = model.hidden_states(&batch).unwrap_err();
+    assert!(
+        err.to_string().contains(&format!(
+            "token id {vocab} is outside the model's vocabulary"
+        )),
+        "{err}"
+    );
+}
