@@ -614,10 +614,13 @@ pub mod generic {
         }
     }
 
-    /// The most elements of scores one piece of [`attention`] makes: candle's CUDA elementwise
+    /// The most elements of scores one piece of [`attention`] makes. candle's CUDA elementwise
     /// kernels count elements in 32-bit unsigned ints, so at 2³² or more they would wrap (hang
-    /// or fail to launch): a reward model's 12k-token row with 32 heads gets there.
-    const MOST_SCORES: usize = 1 << 31;
+    /// or fail to launch): a reward model's 12k-token row with 32 heads gets there. 2²⁸ also
+    /// bounds what a long row's scores hold at once outside autograd (a reward or reference
+    /// pass): 1 GiB in f32 per piece instead of, for a batch of 8 rows of 4k tokens with 32
+    /// heads, 16 GiB per layer.
+    const MOST_SCORES: usize = 1 << 28;
 
     /// GQA without materialising repeated keys: the query heads that share a KV head are folded
     /// into the query axis. Softmax in [`accumulation_dtype`]. Queries in pieces of at most
