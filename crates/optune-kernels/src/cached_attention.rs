@@ -166,21 +166,24 @@ fn forced_shape() -> Result<Option<ForcedShape>> {
     static FORCED: std::sync::OnceLock<std::result::Result<Option<ForcedShape>, String>> =
         std::sync::OnceLock::new();
     FORCED
-        .get_or_init(|| {
-            let value = std::env::var("OPTUNE_ATTENTION").unwrap_or_default();
-            let count = value.strip_prefix("split:").map(str::parse::<usize>);
-            match (value.as_str(), count) {
-                ("" | "auto", _) => Ok(None),
-                ("whole", _) => Ok(Some(ForcedShape::Whole)),
-                (_, Some(Ok(count))) if count >= 1 => Ok(Some(ForcedShape::Split(count))),
-                _ => Err(format!(
-                    "OPTUNE_ATTENTION={value}: expected auto, whole or split:N (N chunks per span \
-                     of a decode step, 1 or more)"
-                )),
-            }
-        })
+        .get_or_init(|| parse_forced_shape(&std::env::var("OPTUNE_ATTENTION").unwrap_or_default()))
         .clone()
         .map_err(candle_core::Error::msg)
+}
+
+/// The value of `OPTUNE_ATTENTION`: empty or `auto` (none), `whole`, `split:N` with N ≥ 1.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the tests
+fn parse_forced_shape(value: &str) -> std::result::Result<Option<ForcedShape>, String> {
+    let count = value.strip_prefix("split:").map(str::parse::<usize>);
+    match (value, count) {
+        ("" | "auto", _) => Ok(None),
+        ("whole", _) => Ok(Some(ForcedShape::Whole)),
+        (_, Some(Ok(count))) if count >= 1 => Ok(Some(ForcedShape::Split(count))),
+        _ => Err(format!(
+            "OPTUNE_ATTENTION={value}: expected auto, whole or split:N (N chunks per span of a \
+             decode step, 1 or more)"
+        )),
+    }
 }
 
 /// The attention kernel for heads `head_dim` wide, launched as `shape`, of the storage type `suffix`
@@ -805,7 +808,7 @@ mod emulated {
     }
 
     #[test]
-    fn a_decode_step_matches_the_cpu_form_whole_and_split() {
+    fn a_decode_step_matches_the_cpu_form_whole_tiled_and_split() {
         // Five slots, one query each: whole prefixes, a window, one position, an idle slot; four
         // query heads per KV head, 128 channels (the narrow kernels' widest), as Mistral-7B.
         // Split in chunks of 16 (the longest span in 3, the short ones' later chunks empty) and
@@ -834,7 +837,7 @@ mod emulated {
     }
 
     #[test]
-    fn a_packed_prefill_matches_the_cpu_form() {
+    fn a_packed_prefill_matches_the_cpu_form_whole_and_tiled() {
         // One row of 31 tokens: a 5-token prompt on slot 2, 20 tokens continuing slot 0 after 37
         // cached positions (two tiles, 16 and 4, whose spans take two and three blocks of 32
         // keys), 3 tokens of a windowed prompt on slot 3, 3 decode tokens; two query heads per
@@ -929,6 +932,18 @@ mod emulated {
             shape_for(false, 128, 32, 1900, 132, Some(ForcedShape::Whole)),
             AttentionShape::Whole
         );
+        // OPTUNE_ATTENTION's values.
+        assert_eq!(parse_forced_shape(""), Ok(None));
+        assert_eq!(parse_forced_shape("auto"), Ok(None));
+        assert_eq!(parse_forced_shape("whole"), Ok(Some(ForcedShape::Whole)));
+        assert_eq!(
+            parse_forced_shape("split:4"),
+            Ok(Some(ForcedShape::Split(4)))
+        );
+        for bad in ["split:0", "split:", "split:x", "tiles", "Whole"] {
+            let err = parse_forced_shape(bad).unwrap_err();
+            assert!(err.contains("expected auto, whole or split:N"), "{err}");
+        }
         // A pass with a prompt chunk: tiled when the heads fit the tiles, unless forced whole.
         assert_eq!(
             shape_for(true, 128, 2048 * 32, 2048, 132, None),
