@@ -29,8 +29,18 @@ pub fn cached_attention(
     values: &Tensor,
     scale: f64,
 ) -> Result<Tensor> {
-    let (_, kv_heads, _, d) = keys.dims4()?;
+    let (slots, kv_heads, capacity, d) = keys.dims4()?;
     let queries = tables.tokens();
+    // On every device: a GPU's kernels would read another slot's keys, or past the cache.
+    for (query, span) in tables.host_spans().chunks_exact(3).enumerate() {
+        let [slot, first, last] = [0, 1, 2].map(|i| span[i] as usize);
+        if first <= last && (slot >= slots || last >= capacity) {
+            bail!(
+                "cached_attention: query {query} reads position {last} of slot {slot}, outside \
+                 the cache's {slots} slots of {capacity}"
+            );
+        }
+    }
     let row_width = rows.dim(candle_core::D::Minus1)?;
     if rows.elem_count() != queries * row_width
         || heads * d > row_width
@@ -311,7 +321,7 @@ impl CustomOp3 for CachedAttention<'_> {
         lv: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (queries, row_width) = lq.shape().dims2()?;
-        let (slots, kv_heads, capacity, d) = lk.shape().dims4()?;
+        let (_, kv_heads, capacity, d) = lk.shape().dims4()?;
         let heads = self.heads;
         let read = |s, l, what| crate::storage::floats(s, l, "cached_attention", what);
         let (q_all, keys, values) = (
@@ -331,12 +341,6 @@ impl CustomOp3 for CachedAttention<'_> {
             let [slot, first, last] = [0, 1, 2].map(|i| spans[3 * query + i] as usize);
             if last < first {
                 continue;
-            }
-            if slot >= slots || last >= capacity {
-                bail!(
-                    "cached_attention: query {query} reads position {last} of slot {slot}, \
-                     outside the cache's {slots} slots of {capacity}"
-                );
             }
             live.push(query);
             host_queries.push(crate::host::Query {
@@ -464,9 +468,8 @@ impl CustomOp3 for CachedAttention<'_> {
                 // queries·heads·count·(d+2) (partial, f32), queries·d/2 (cos, sin),
                 // slots·kv_heads·capacity·d (k, v), 3·queries (spans) and 2·tiles (tiles, each
                 // naming tokens of the pass) elements, checked by `cached_attention` and
-                // `TokenTables::new`; the slots and positions the spans name are the caller's to
-                // keep inside the cache (the CPU form checks them). The guards live to the end of
-                // the closure.
+                // `TokenTables::new`, as are the slots and positions the spans name (inside the
+                // cache). The guards live to the end of the closure.
                 unsafe { launch_kernel(attend.builder(), config(grid), &args) }?;
                 if let (AttentionShape::Chunks { count, .. }, Some((partial_at, _))) =
                     (shape, &partial)

@@ -87,6 +87,11 @@ impl TokenTables {
         self.cos.dtype()
     }
 
+    /// The spans as given: token `i`'s `(slot, first, last)` at `3i..3i+3`.
+    pub(crate) fn host_spans(&self) -> &[u32] {
+        &self.host_spans
+    }
+
     /// Whether the pass holds prompt tokens in tiles of more than one, on a GPU (see
     /// [`query_tiles`]).
     pub fn has_prompt_tiles(&self) -> bool {

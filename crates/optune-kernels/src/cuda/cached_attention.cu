@@ -128,18 +128,33 @@ __device__ void cached_attention(const T *__restrict__ q, const T *__restrict__ 
     // Warp-uniform: every lane of a warp takes the same groups and positions.
     for (int64_t group = lo + (int64_t)warp * IN_FLIGHT; group <= hi;
          group += WARPS * IN_FLIGHT) {
+        // Every load unconditional, as stored, and converted only after all of them are issued:
+        // a predicated load converted at once makes the compiler wait on it before the next one
+        // (seen in the sm_90 SASS of the bf16 forms: 6 memory round trips per group instead of
+        // 1). A position past the chunk re-reads its last row and a channel past the head its
+        // last channel; neither is ever used (the weights skip dead positions, and channels past
+        // the head are neither scored, their query being 0, nor written out).
+        T key_raw[IN_FLIGHT][PER_LANE];
+        T value_raw[IN_FLIGHT][PER_LANE];
+#pragma unroll
+        for (int p = 0; p < IN_FLIGHT; ++p) {
+            const int64_t position = group + p <= hi ? group + p : hi;
+            const size_t row = cache_base + (size_t)position * head_dim;
+#pragma unroll
+            for (int i = 0; i < PER_LANE; ++i) {
+                const int c = min(lane + 32 * i, head_dim - 1);
+                key_raw[p][i] = keys[row + c];
+                value_raw[p][i] = values[row + c];
+            }
+        }
         float key[IN_FLIGHT][PER_LANE];
         float value[IN_FLIGHT][PER_LANE];
 #pragma unroll
         for (int p = 0; p < IN_FLIGHT; ++p) {
-            const bool live = group + p <= hi;
-            const size_t row = cache_base + (size_t)(group + p) * head_dim;
 #pragma unroll
             for (int i = 0; i < PER_LANE; ++i) {
-                const int c = lane + 32 * i;
-                const bool read = live && c < head_dim;
-                key[p][i] = read ? to_float(keys[row + c]) : 0.0f;
-                value[p][i] = read ? to_float(values[row + c]) : 0.0f;
+                key[p][i] = lane + 32 * i < head_dim ? to_float(key_raw[p][i]) : 0.0f;
+                value[p][i] = to_float(value_raw[p][i]);
             }
         }
         float score[IN_FLIGHT];
@@ -303,13 +318,15 @@ __device__ void tiled_attention(const T *__restrict__ q, const T *__restrict__ c
         lo = first < lo ? first : lo;
         hi = last > hi ? last : hi;
     }
-    // The queries, zeros past the tile's count.
-    for (int i = threadIdx.x; i < TILE_QUERIES * head_dim; i += WARPS * 32) {
-        const int r = i / head_dim, c = i % head_dim;
+    // The queries, zeros past the tile's count: warp w turns rows w, w + WARPS, ..., lane l its
+    // channels l, l + 32, ... (no division by the head width per element).
+    for (int r = warp; r < TILE_QUERIES; r += WARPS) {
         const size_t query = first_query + r;
         const size_t at = query * row_width + (size_t)head * head_dim;
-        reinterpret_cast<float *>(&tile_query[r / QUERIES_PER_WARP][c])[r % QUERIES_PER_WARP] =
-            r < count ? turned_query(q, cos, sin, at, query * half, c, half, scale) : 0.0f;
+        for (int c = lane; c < head_dim; c += 32) {
+            reinterpret_cast<float *>(&tile_query[r / QUERIES_PER_WARP][c])[r % QUERIES_PER_WARP] =
+                r < count ? turned_query(q, cos, sin, at, query * half, c, half, scale) : 0.0f;
+        }
     }
 
     // This warp's queries' spans (an empty one past the tile's count) and softmax states.
@@ -331,11 +348,26 @@ __device__ void tiled_attention(const T *__restrict__ q, const T *__restrict__ c
         const int rows = hi - start + 1 < TILE_KEYS ? int(hi - start + 1) : TILE_KEYS;
         // The previous keys and values are read (and, the first time, the queries written).
         __syncthreads();
-        for (int i = threadIdx.x; i < rows * head_dim; i += WARPS * 32) {
-            const int j = i / head_dim, c = i % head_dim;
-            const size_t at = cache_base + (size_t)(start + j) * head_dim + c;
-            tile_key[j][c] = to_float(keys[at]);
-            tile_value[j][c] = to_float(values[at]);
+        // Warp w loads rows w, w + WARPS, ...: a row's loads all issued (unconditional, as
+        // stored; a channel past the head re-reads the last one) before any is converted, so
+        // they are in flight together.
+        for (int j = warp; j < rows; j += WARPS) {
+            const size_t row = cache_base + (size_t)(start + j) * head_dim;
+            T key_raw[TILE_HEAD / 32];
+            T value_raw[TILE_HEAD / 32];
+#pragma unroll
+            for (int i = 0; i < TILE_HEAD / 32; ++i) {
+                const int c = min(lane + 32 * i, head_dim - 1);
+                key_raw[i] = keys[row + c];
+                value_raw[i] = values[row + c];
+            }
+#pragma unroll
+            for (int i = 0; i < TILE_HEAD / 32; ++i) {
+                const int c = lane + 32 * i;
+                if (c >= head_dim) continue;
+                tile_key[j][c] = to_float(key_raw[i]);
+                tile_value[j][c] = to_float(value_raw[i]);
+            }
         }
         __syncthreads();
         // Warp-uniform: which of the warp's queries see any of these positions.
