@@ -20,11 +20,22 @@ pub struct TrainPair {
     pub ref_logps: Option<(f32, f32)>,
 }
 
+impl TrainPair {
+    /// Tokens of the longer side (prompt and response).
+    pub fn longest_side(&self) -> usize {
+        self.chosen.tokens().max(self.rejected.tokens())
+    }
+}
+
+/// Tokens of the longest sequence of `pairs` (0 for none).
+pub fn longest_sequence(pairs: &[TrainPair]) -> usize {
+    pairs.iter().map(TrainPair::longest_side).max().unwrap_or(0)
+}
+
 /// Keeps a sequence within `max_length` tokens: the prompt loses tokens from its start (down to
 /// half the budget), then the response loses tokens from its end.
 fn truncate(pair: &mut TokenizedPair, max_length: usize) {
-    let total = pair.prompt.len() + pair.response.len();
-    if total <= max_length {
+    if pair.tokens() <= max_length {
         return;
     }
     let prompt_budget = (max_length / 2).max(max_length.saturating_sub(pair.response.len()));
@@ -110,13 +121,8 @@ pub fn epoch_batches(
     let mut order: Vec<usize> = (0..pairs.len()).collect();
     let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(epoch as u64));
     order.shuffle(&mut rng);
-    let length = |i: usize| {
-        let p = &pairs[i];
-        (p.chosen.prompt.len() + p.chosen.response.len())
-            .max(p.rejected.prompt.len() + p.rejected.response.len())
-    };
     for window in order.chunks_mut(batch_size * 8) {
-        window.sort_by_key(|&i| (length(i), i));
+        window.sort_by_key(|&i| (pairs[i].longest_side(), i));
     }
     let mut batches: Vec<Vec<usize>> = order.chunks(batch_size).map(<[usize]>::to_vec).collect();
     batches.shuffle(&mut rng);

@@ -307,12 +307,7 @@ fn run(args: Args) -> Result<()> {
         bail!("{}: no pairs to train on", shard.name());
     }
     // Before any work: a sequence past the rotary tables would fail at its batch.
-    let longest = pairs
-        .iter()
-        .flat_map(|pair| [&pair.chosen, &pair.rejected])
-        .map(|side| side.prompt.len() + side.response.len())
-        .max()
-        .unwrap_or(0);
+    let longest = data::longest_sequence(&pairs);
     if longest > policy.model.max_positions() {
         bail!(
             "{}: a pair of {longest} tokens (after --max-length {}) is longer than the policy's \

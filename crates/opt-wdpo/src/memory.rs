@@ -46,12 +46,7 @@ impl Plan {
             optune_train::optim::OptimizerKind::Rmsprop => 1.0,
         };
         // The longest micro-batch: chosen and rejected sides, padded to the longest sequence.
-        let longest = pairs
-            .iter()
-            .flat_map(|p| [&p.chosen, &p.rejected])
-            .map(|s| s.prompt.len() + s.response.len())
-            .max()
-            .unwrap_or(0) as f64;
+        let longest = crate::data::longest_sequence(pairs) as f64;
         let tokens = 2.0 * args.batch_size.min(pairs.len()) as f64 * longest;
         let c = model.config();
         let (h, i, heads) = (

@@ -147,10 +147,7 @@ impl SideLogps {
             .map(|p| p.chosen.clone())
             .chain(pairs.iter().map(|p| p.rejected.clone()))
             .collect();
-        let tokens = sequences
-            .iter()
-            .map(|s| s.prompt.len() + s.response.len())
-            .sum();
+        let tokens = sequences.iter().map(TokenizedPair::tokens).sum();
         let logps = sequence_logprobs(model, &sequences, pad_id)?;
         let means = logps.means()?;
         let n = pairs.len();

@@ -12,6 +12,13 @@ pub struct TokenizedPair {
     pub response: Vec<u32>,
 }
 
+impl TokenizedPair {
+    /// Prompt and response tokens together: the sequence the model reads.
+    pub fn tokens(&self) -> usize {
+        self.prompt.len() + self.response.len()
+    }
+}
+
 /// Summed log-probs `[batch]` (f32, or f64 for f64 models; differentiable) and the number of response tokens of each.
 pub struct SequenceLogprobs {
     pub sums: Tensor,
@@ -39,11 +46,7 @@ pub fn sequence_logprobs(
     let mut predictor_rows = Vec::new();
     let mut targets = Vec::new();
     let mut owners = Vec::new();
-    let seq_len = pairs
-        .iter()
-        .map(|p| p.prompt.len() + p.response.len())
-        .max()
-        .unwrap_or(0);
+    let seq_len = pairs.iter().map(TokenizedPair::tokens).max().unwrap_or(0);
     for (b, pair) in pairs.iter().enumerate() {
         if pair.prompt.is_empty() {
             bail!("pair {b}: empty prompt (at least one prompt token is needed to predict the response)");
