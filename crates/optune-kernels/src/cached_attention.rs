@@ -196,8 +196,8 @@ fn parse_forced_shape(value: &str) -> std::result::Result<Option<ForcedShape>, S
     }
 }
 
-/// The attention kernel for heads `head_dim` wide, launched as `shape`, of the storage type `suffix`
-/// (`f32`, `bf16`, `f16`); the merging kernel is `cached_attention_merge_{suffix}`.
+/// The attention kernel for heads `head_dim` wide, launched as `shape`, of the storage type
+/// `suffix` (`f32`, `bf16`, `f16`); the merging kernel is `cached_attention_merge_{suffix}`.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
 fn attention_kernel(shape: AttentionShape, head_dim: usize, suffix: &str) -> String {
     let wide = if head_dim > NARROW_HEAD { "wide_" } else { "" };
@@ -209,8 +209,8 @@ fn attention_kernel(shape: AttentionShape, head_dim: usize, suffix: &str) -> Str
 }
 
 /// The attention kernel's launch for the queries of `dims` launched as `shape` (`tiles` tiles,
-/// for [`AttentionShape::Tiles`]): one block of 4 warps per (query head, chunk) or (tile, head), the heads
-/// adjacent (see the kernels); `(blocks, threads)`.
+/// for [`AttentionShape::Tiles`]): one block of 4 warps per (query head, chunk) or (tile, head),
+/// the heads adjacent (see the kernels); `(blocks, threads)`.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
 fn launch_dims(shape: AttentionShape, dims: &AttentionDims, tiles: usize) -> (u32, u32) {
     let blocks = match shape {

@@ -13,6 +13,8 @@ pub struct TokenTables {
     spans: Tensor,
     /// The spans as given, `[tokens, 3]` flat.
     host_spans: Vec<u32>,
+    /// The most positions any token attends over, found once for every layer's launches.
+    longest_span: usize,
     /// [`query_tiles`] of the spans, `[tiles, 2]`, on a GPU when one holds more than one token (a
     /// prompt chunk is in the pass); none in a pass of decoding tokens alone, nor on the CPU.
     prompt_tiles: Option<Tensor>,
@@ -69,6 +71,11 @@ impl TokenTables {
             sin: sin.contiguous()?,
             spans: Tensor::from_slice(spans, (tokens, 3), cos.device())?,
             host_spans: spans.to_vec(),
+            longest_span: spans
+                .chunks_exact(3)
+                .map(|span| (span[2] as usize + 1).saturating_sub(span[1] as usize))
+                .max()
+                .unwrap_or(0),
             prompt_tiles,
             host_angles: OnceLock::new(),
         })
@@ -101,11 +108,7 @@ impl TokenTables {
     /// The most positions any token attends over (`last - first + 1`; 0 when every span is
     /// empty).
     pub fn longest_span(&self) -> usize {
-        self.host_spans
-            .chunks_exact(3)
-            .map(|span| (span[2] as usize + 1).saturating_sub(span[1] as usize))
-            .max()
-            .unwrap_or(0)
+        self.longest_span
     }
 
     /// The elements on the CPU (CPU tensors only); `op` names the op in the error.
