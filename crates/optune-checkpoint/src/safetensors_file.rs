@@ -93,13 +93,7 @@ pub fn write_safetensors_as(
         return Err(anyhow::Error::from(err).context(format!("writing {}", path.display())));
     }
     written.with_context(|| format!("writing {}", path.display()))?;
-    // safetensors writes through a private (0600) temporary file; give it the usual mode.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))?;
-    }
-    Ok(())
+    optune_fs::make_readable(path)
 }
 
 /// A tensor as safetensors writes it: cast to `dtype` and copied to the host when its bytes are

@@ -77,6 +77,18 @@ pub fn write_bytes_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     write_file_atomically(path, |out| Ok(out.write_all(bytes)?))
 }
 
+/// Gives a file finished by a writer that makes its temporary files private (safetensors writes
+/// through a 0600 temporary file and renames it) the usual mode of a file others read: 0644.
+pub fn make_readable(path: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
+            .with_context(|| format!("setting the mode of {}", path.display()))?;
+    }
+    Ok(())
+}
+
 /// Fills a fresh temporary directory beside `dir` with `fill`, then puts it in `dir`'s place
 /// (a directory already there is replaced).
 pub fn write_dir_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {

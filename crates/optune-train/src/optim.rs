@@ -370,6 +370,8 @@ impl Optimizer {
     /// and a JSON header (algorithm, lr, step count, per-parameter weight decay, stored in the
     /// safetensors metadata under `optune.optimizer`) to one safetensors file. The file is
     /// written beside `path` and renamed into place, so a crash never leaves a torn state.
+    /// Moments on a device come to the host one buffer at a time, as they are written: a save
+    /// holds one parameter's buffer on the host, not all of them (56 GB for a 7B's AdamW).
     pub fn save_state(&self, path: &Path) -> Result<()> {
         let header = SavedState {
             format: STATE_FORMAT_VERSION,
@@ -382,42 +384,37 @@ impl Optimizer {
                 .map(|p| (p.name.clone(), p.weight_decay))
                 .collect(),
         };
+        let failed = std::cell::RefCell::new(None);
         let mut tensors = Vec::new();
         for param in &self.params {
             let Some(moments) = &param.moments else {
                 continue;
             };
             let names = self.algorithm.buffer_names().iter();
-            let shape = param.var.dims();
-            match moments {
-                Moments::Host(buffers) => {
-                    for (buffer_name, values) in names.zip(buffers) {
-                        let view = F32View {
-                            shape,
-                            values: Cow::Borrowed(values.as_slice()),
-                        };
-                        tensors.push((format!("{}.{buffer_name}", param.name), view));
-                    }
-                }
-                Moments::Device(buffers) => {
-                    for (buffer_name, values) in names.zip(buffers.to_vec2::<f32>()?) {
-                        let view = F32View {
-                            shape,
-                            values: Cow::Owned(values),
-                        };
-                        tensors.push((format!("{}.{buffer_name}", param.name), view));
-                    }
-                }
+            for (index, buffer_name) in names.enumerate() {
+                let values = match moments {
+                    Moments::Host(buffers) => MomentValues::Host(&buffers[index]),
+                    Moments::Device(buffers) => MomentValues::DeviceRow(buffers, index),
+                };
+                let view = MomentView {
+                    shape: param.var.dims(),
+                    values,
+                    failed: &failed,
+                };
+                tensors.push((format!("{}.{buffer_name}", param.name), view));
             }
         }
         let metadata = HashMap::from([(
             STATE_METADATA_KEY.to_string(),
             serde_json::to_string(&header)?,
         )]);
-        let bytes = safetensors::serialize(tensors, Some(metadata))
-            .context("serialising the optimizer state")?;
-        optune_fs::write_bytes_atomically(path, &bytes)
-            .with_context(|| format!("writing optimizer state {}", path.display()))
+        let written = safetensors::serialize_to_file(tensors, Some(metadata), path);
+        if let Some(err) = failed.into_inner() {
+            return Err(anyhow::Error::from(err)
+                .context(format!("copying the optimizer state to {}", path.display())));
+        }
+        written.with_context(|| format!("writing optimizer state {}", path.display()))?;
+        optune_fs::make_readable(path)
     }
 
     /// Restores a state written by [`Optimizer::save_state`] for the same parameter names and
@@ -425,8 +422,15 @@ impl Optimizer {
     /// rate, the step count and the weight decays all come from the file. On error the optimiser
     /// is left as it was.
     pub fn load_state(&mut self, path: &Path) -> Result<()> {
-        let bytes = std::fs::read(path)
+        let file = std::fs::File::open(path)
             .with_context(|| format!("reading optimizer state {}", path.display()))?;
+        // Mapped, not read: the file's pages are read as each parameter's moments are restored
+        // (and uploaded, on a device), so a 7B's 56 GB of moments are never on the heap at once.
+        // SAFETY: the map is read-only and dropped before this returns; the state files are
+        // written by renaming a finished file into place (`save_state`), never in place, so the
+        // mapped file does not change under the map.
+        let bytes = unsafe { memmap2::Mmap::map(&file) }
+            .with_context(|| format!("mapping optimizer state {}", path.display()))?;
         let (_, metadata) = SafeTensors::read_metadata(&bytes)
             .with_context(|| format!("{} is not a safetensors file", path.display()))?;
         let header = metadata
@@ -780,13 +784,23 @@ fn scale_grad(grads: &mut GradStore, var: &Tensor, scale: f32) -> Result<()> {
     Ok(())
 }
 
-/// `f32` buffer as a safetensors view; converted to little-endian bytes only while written.
-struct F32View<'a> {
-    shape: &'a [usize],
-    values: Cow<'a, [f32]>,
+/// Where one moment buffer lives: a host vector, or row `index` of a parameter's `[buffers, n]`
+/// device tensor.
+enum MomentValues<'a> {
+    Host(&'a [f32]),
+    DeviceRow(&'a Tensor, usize),
 }
 
-impl View for F32View<'_> {
+/// One moment buffer as safetensors writes it: converted to little-endian bytes, and copied from
+/// its device, only when its bytes are asked for. `View::data` cannot fail, so a failed copy is
+/// kept in `failed` (and zeros of the right length written in its place) for the writer to report.
+struct MomentView<'a> {
+    shape: &'a [usize],
+    values: MomentValues<'a>,
+    failed: &'a std::cell::RefCell<Option<candle_core::Error>>,
+}
+
+impl View for MomentView<'_> {
     fn dtype(&self) -> Dtype {
         Dtype::F32
     }
@@ -796,11 +810,23 @@ impl View for F32View<'_> {
     }
 
     fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Owned(self.values.iter().flat_map(|x| x.to_le_bytes()).collect())
+        let le_bytes = |values: &[f32]| values.iter().flat_map(|x| x.to_le_bytes()).collect();
+        match self.values {
+            MomentValues::Host(values) => Cow::Owned(le_bytes(values)),
+            MomentValues::DeviceRow(buffers, index) => {
+                match buffers.get(index).and_then(|row| row.to_vec1::<f32>()) {
+                    Ok(values) => Cow::Owned(le_bytes(&values)),
+                    Err(err) => {
+                        self.failed.borrow_mut().get_or_insert(err);
+                        Cow::Owned(vec![0; self.data_len()])
+                    }
+                }
+            }
+        }
     }
 
     fn data_len(&self) -> usize {
-        self.values.len() * std::mem::size_of::<f32>()
+        self.shape.iter().product::<usize>() * std::mem::size_of::<f32>()
     }
 }
 
