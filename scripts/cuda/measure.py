@@ -40,7 +40,10 @@ sanitizer rows, which run when the others leave time within --budget-s):
             with OPTUNE_ATTENTION=whole (each head's span in one block: what splitting it across
             blocks is worth); the prefill also with OPTUNE_ATTENTION=whole (each prompt token
             reading its keys itself: what the tiled kernel is worth).
-  gen-1b    The rows of gen-7b on the 1.1B.
+  gen-1b    The rows of gen-7b on the 1.1B. Its 8 query heads per KV head take blocks of 4
+            heads: the largest batch runs once more with OPTUNE_ATTENTION=whole (one head to a
+            block), and its decode after the long prompt compares grouped and split against one
+            head to a block, unsplit.
   sanitize  Our kernels and candle's under NVIDIA's compute-sanitizer, on tiny-llama: memcheck (an
             access outside an allocation, a misaligned one, a device error) over opt-gen sampling
             in bf16 (--n 2, chunked prefill: the cache write, cache attention, add+norm, gate and
@@ -60,9 +63,10 @@ measured wall seconds of each stage; replace these guesses with them):
   gen-7b     4 batch sizes x (opt-gen run incl. 13.5 GB load + generate), prefill,
              decode after it, each also with OPTUNE_ATTENTION=whole                ~130 s
   gen-1b     4 batch sizes x (opt-gen run incl. load + generate), 1.1B reloaded,
-             prefill, decode after it, each also with OPTUNE_ATTENTION=whole       ~69 s
+             the largest batch, prefill and decode after it also with
+             OPTUNE_ATTENTION=whole                                                ~80 s
   sanitize   3 runs on tiny-llama, each instrumenting the kernels it loads          ~90 s
-  total                                                                             ~514 s
+  total                                                                             ~525 s
              (over the default budget: the sanitize rows run when the earlier stages
              come in under their guesses, or alone with --stages sanitize)
 
@@ -1192,6 +1196,19 @@ def gen_row(args, models: Models, role: str, batch: int, peer, ids_all, bytes_pe
     def roof(tok_s):
         return None if bw is None else bytes_per_step * tok_s / batch / bw * 100
 
+    # A GQA model's largest batch once more with one query head to a block (OPTUNE_ATTENTION=whole:
+    # each head reads its KV head's keys and values itself, as before 2026-12-01; short prompts, so
+    # the prefill's tiles, also off, weigh little): what sharing them across a block is worth.
+    grouping = ""
+    config = peer.config
+    if batch == max(args.batches) and config.num_key_value_heads < config.num_attention_heads:
+        free_torch_memory()
+        stderr, _, _ = run(cmd, unit=f"gen:{role}", env={"OPTUNE_ATTENTION": "whole"})
+        ungrouped = float(summary(stderr, "opt-gen")["tok_per_s"])
+        grouping = (f"; one query head to a block (OPTUNE_ATTENTION=whole, one run): {ungrouped:,.1f} tok/s, "
+                    f"grouped/ungrouped {ratio(o, ungrouped)} (above 1 favours the groups)")
+        REPORT.raw.setdefault("gen_ungrouped", []).append({"role": role, "batch": batch,
+                                                           "optune_tok_per_s": ungrouped})
     goals = ""
     if role == "7b" and batch == 64:
         goals = f"; goal ≥ 3x transformers: {'met' if o >= 3 * t else 'not met'}"
@@ -1201,7 +1218,7 @@ def gen_row(args, models: Models, role: str, batch: int, peer, ids_all, bytes_pe
                f"{', median of ' + str(args.repeats) + ' runs' if args.repeats > 1 else ''})",
                f"{o:,.1f}", f"{t:,.1f}", ratio(o, t),
                f"roof: optune {fmt(roof(o), '.1f')} %, peer {fmt(roof(t), '.1f')} %; optune peak GiB "
-               f"{fmt(max((p for p in peaks if p is not None), default=None), '.1f')} ({how}){goals}")
+               f"{fmt(max((p for p in peaks if p is not None), default=None), '.1f')} ({how}){grouping}{goals}")
     REPORT.raw.setdefault("gen", []).append({"role": role, "batch": batch, "prompts": count, "optune": ours,
                                              "transformers": theirs, "optune_peak_gib": peaks,
                                              "weight_bytes_per_step": bytes_per_step})
@@ -1306,8 +1323,9 @@ def prefill_row(args, models: Models, role: str) -> None:
     # prompts, this is what a long context adds to a decode step. opt-gen splits each head's span
     # across blocks at batch 1 (cached_attention.rs, shape_for); the run again with
     # OPTUNE_ATTENTION=whole (one block per head walking all the positions, as before 2026-12-01,
-    # less its own prefill) says what the split is worth on this GPU. On the CPU (the dry run)
-    # neither applies: the host kernel attends.
+    # less its own prefill) says what the split is worth on this GPU, with, on a GQA model, the
+    # query heads' sharing of a block. On the CPU (the dry run) neither applies: the host kernel
+    # attends.
     at = cmd.index("--max-new-tokens") + 1
     longer = cmd[:at] + [str(1 + LONG_DECODE)] + cmd[at + 1:]
 
@@ -1332,8 +1350,9 @@ def prefill_row(args, models: Models, role: str) -> None:
         context = "no batch-1 row to set it against"
     REPORT.row(f"gen {role}", f"decode after the {target}-token prompt, batch 1, ms per new token "
                f"({LONG_DECODE} tokens, one run)", f"{ours_ms:.2f}", f"{theirs_ms:.2f}", ratio(ours_ms, theirs_ms),
-               f"{context}; with each head's span unsplit (OPTUNE_ATTENTION=whole): {unsplit_ms:.2f} ms "
-               f"per token, split/unsplit {ratio(ours_ms, unsplit_ms)}; below 1 favours optune")
+               f"{context}; with each head's span unsplit and one query head to a block "
+               f"(OPTUNE_ATTENTION=whole): {unsplit_ms:.2f} ms per token, ours/whole "
+               f"{ratio(ours_ms, unsplit_ms)}; below 1 favours optune")
     REPORT.raw.setdefault("long_decode", []).append({"role": role, "tokens": target, "optune_ms": ours_ms,
                                                      "optune_unsplit_ms": unsplit_ms,
                                                      "transformers_ms": theirs_ms})

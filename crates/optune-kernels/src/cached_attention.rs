@@ -6,9 +6,10 @@
 //! and the values are copied per layer per step; at prefill every prompt of a step is padded to
 //! the longest, the slots' keys are gathered into a copy, and a `[prompts, 1, t, keys]` mask is
 //! made on the host. Here each query reads its own span once. On CUDA the kernel is
-//! src/cuda/cached_attention.cu (online softmax in f32, one block per query and head, or per
-//! chunk of its span when the query heads are too few to fill the GPU: see [`shape_for`]); on the
-//! CPU the host decode kernel [`crate::host::attention`], in f32.
+//! src/cuda/cached_attention.cu (online softmax in f32, one block per query and group of query
+//! heads sharing a KV head, or per chunk of its span when the blocks are too few to fill the GPU;
+//! prompts in tiles: see [`shape_for`]); on the CPU the host decode kernel
+//! [`crate::host::attention`], in f32.
 
 use crate::kernel_args::KernelArg;
 use crate::token_tables::{HostTables, TokenTables};
@@ -88,12 +89,17 @@ struct CachedAttention<'a> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
 enum AttentionShape {
-    /// One block per query head writes its output (cached_attention_[wide_]*).
-    Whole,
-    /// `count` blocks per query head, each over `chunk` positions of the span, write partial
-    /// results (cached_attention_split_[wide_]*) that a second launch merges
+    /// One block per `group` query heads of a KV head writes their outputs
+    /// (cached_attention_[g2_|g4_|wide_]*).
+    Whole { group: usize },
+    /// `count` blocks per `group` query heads, each over `chunk` positions of the span, write
+    /// partial results (cached_attention_split_*) that a second launch merges
     /// (cached_attention_merge_*).
-    Chunks { count: usize, chunk: usize },
+    Chunks {
+        count: usize,
+        chunk: usize,
+        group: usize,
+    },
     /// One block per tile of tokens and head (cached_attention_tiled_*), the tiles of
     /// [`crate::token_tables::query_tiles`]; a tile of one token walks its span as `Whole` does.
     Tiles,
@@ -109,6 +115,8 @@ const BLOCKS_PER_PROCESSOR: usize = 4;
 const MIN_CHUNK: usize = 64;
 /// The widest head the narrow kernels take (4 channels a lane), and the widest any takes (8).
 const NARROW_HEAD: usize = 128;
+/// The most query heads a per-token block attends for (the g4_ kernels).
+const MOST_HEADS_PER_BLOCK: usize = 4;
 /// The widest head the tiled kernel takes (its shared arrays).
 const TILE_HEAD: usize = 128;
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch
@@ -122,51 +130,75 @@ const MERGE_THREADS: u32 = 128;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
 enum ForcedShape {
-    /// `whole`: one block per query head everywhere, prompts included (no tiles, no split).
+    /// `whole`: one block per query head everywhere, prompts included (no tiles, no split, no
+    /// heads sharing a block): the launch of before 2026-12-01.
     Whole,
     /// `split:N`: a decode step's spans in N chunks (`split:1`: whole); prompts still tiled.
     Split(usize),
 }
 
-/// The one place the launch's shape is chosen, for `query_heads` query heads, heads
-/// `head_dim` wide, whose longest span is `longest` positions, on a GPU of `processors` SMs.
+/// The one place the launch's shape is chosen, for `queries` queries of `heads` query heads
+/// `head_dim` wide over `kv_heads` KV heads, whose longest span is `longest` positions, on a GPU
+/// of `processors` SMs.
 ///
 /// A pass with prompt tokens (`prompt_tiles`: some tile holds more than one) runs the tiled
 /// kernel when the heads fit it ([`TILE_HEAD`]): a prompt chunk's tokens share each key and
 /// value they load, where the per-token kernels read them once per token.
 ///
-/// Otherwise (decoding tokens alone) the per-token kernels, unsplit when the query heads alone
-/// make [`BLOCKS_PER_PROCESSOR`] blocks per SM (a decode step of ~16 sequences or more on a 7B)
-/// or no span is longer than [`MIN_CHUNK`]: a split costs a second launch and a pass over the
-/// partial results. Else each span is cut into as many chunks as make up that many blocks, none
-/// shorter than [`MIN_CHUNK`]: a decode step at batch 1 on a 7B (32 query heads) after a
-/// 1,900-token prompt runs 15 blocks per head of 128 positions on an H200 (132 SMs) instead of
-/// one block walking all 1,900. `forced` overrides the choice (see [`ForcedShape`]); chunks
-/// never go below [`ROUND`] positions.
+/// Otherwise (decoding tokens alone) the per-token kernels, each block attending for as many
+/// query heads of one KV head as [`heads_per_block`] allows, so that they share its keys and
+/// values (a GQA model's query heads would each read them, from L2 at best: 4× for Mistral-7B,
+/// 8× for TinyLlama). Unsplit when those blocks alone make [`BLOCKS_PER_PROCESSOR`] per SM (a
+/// decode step of ~16 sequences or more on a 7B without GQA) or no span is longer than
+/// [`MIN_CHUNK`]: a split costs a second launch and a pass over the partial results. Else each
+/// span is cut into as many chunks as make up that many blocks, none shorter than [`MIN_CHUNK`]:
+/// a decode step at batch 1 on a 7B (32 query heads) after a 1,900-token prompt runs 15 blocks
+/// per head of 128 positions on an H200 (132 SMs) instead of one block walking all 1,900.
+/// `forced` overrides the choice (see [`ForcedShape`]); chunks never go below [`ROUND`]
+/// positions.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
 fn shape_for(
     prompt_tiles: bool,
     head_dim: usize,
-    query_heads: usize,
+    (queries, heads, kv_heads): (usize, usize, usize),
     longest: usize,
     processors: usize,
     forced: Option<ForcedShape>,
 ) -> AttentionShape {
+    let group = heads_per_block(heads, kv_heads, head_dim);
+    let blocks = queries * heads / group;
     let wanted = match forced {
-        Some(ForcedShape::Whole) => return AttentionShape::Whole,
+        Some(ForcedShape::Whole) => return AttentionShape::Whole { group: 1 },
         _ if prompt_tiles && head_dim <= TILE_HEAD => return AttentionShape::Tiles,
         Some(ForcedShape::Split(count)) => count,
-        None => (processors * BLOCKS_PER_PROCESSOR / query_heads.max(1))
-            .min(longest.div_ceil(MIN_CHUNK)),
+        None => {
+            (processors * BLOCKS_PER_PROCESSOR / blocks.max(1)).min(longest.div_ceil(MIN_CHUNK))
+        }
     };
     if wanted <= 1 || longest <= ROUND {
-        return AttentionShape::Whole;
+        return AttentionShape::Whole { group };
     }
     let chunk = longest.div_ceil(wanted).next_multiple_of(ROUND);
     AttentionShape::Chunks {
         count: longest.div_ceil(chunk),
         chunk,
+        group,
     }
+}
+
+/// How many query heads of one KV head a per-token block attends for: the most of 4, 2 and 1
+/// that divides the heads of a KV head, for heads up to [`NARROW_HEAD`] channels (a wider head
+/// takes twice the registers per head already); 1 without GQA.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
+fn heads_per_block(heads: usize, kv_heads: usize, head_dim: usize) -> usize {
+    let per_kv_head = heads / kv_heads.max(1);
+    if head_dim > NARROW_HEAD {
+        return 1;
+    }
+    (1..=MOST_HEADS_PER_BLOCK)
+        .rev()
+        .find(|&group| group.is_power_of_two() && per_kv_head.is_multiple_of(group))
+        .unwrap_or(1)
 }
 
 /// `OPTUNE_ATTENTION` (GPU only): unset or `auto` leaves the launch to [`shape_for`]; `whole`
@@ -200,22 +232,28 @@ fn parse_forced_shape(value: &str) -> std::result::Result<Option<ForcedShape>, S
 /// `suffix` (`f32`, `bf16`, `f16`); the merging kernel is `cached_attention_merge_{suffix}`.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
 fn attention_kernel(shape: AttentionShape, head_dim: usize, suffix: &str) -> String {
-    let wide = if head_dim > NARROW_HEAD { "wide_" } else { "" };
+    let form = |group| match (head_dim > NARROW_HEAD, group) {
+        (true, _) => "wide_".to_string(),
+        (false, 1) => String::new(),
+        (false, group) => format!("g{group}_"),
+    };
     match shape {
-        AttentionShape::Whole => format!("cached_attention_{wide}{suffix}"),
-        AttentionShape::Chunks { .. } => format!("cached_attention_split_{wide}{suffix}"),
+        AttentionShape::Whole { group } => format!("cached_attention_{}{suffix}", form(group)),
+        AttentionShape::Chunks { group, .. } => {
+            format!("cached_attention_split_{}{suffix}", form(group))
+        }
         AttentionShape::Tiles => format!("cached_attention_tiled_{suffix}"),
     }
 }
 
 /// The attention kernel's launch for the queries of `dims` launched as `shape` (`tiles` tiles,
-/// for [`AttentionShape::Tiles`]): one block of 4 warps per (query head, chunk) or (tile, head),
-/// the heads adjacent (see the kernels); `(blocks, threads)`.
+/// for [`AttentionShape::Tiles`]): one block of 4 warps per (query, group of heads, chunk) or
+/// (tile, head), the heads adjacent (see the kernels); `(blocks, threads)`.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
 fn launch_dims(shape: AttentionShape, dims: &AttentionDims, tiles: usize) -> (u32, u32) {
     let blocks = match shape {
-        AttentionShape::Whole => dims.queries * dims.heads,
-        AttentionShape::Chunks { count, .. } => dims.queries * dims.heads * count,
+        AttentionShape::Whole { group } => dims.queries * dims.heads / group,
+        AttentionShape::Chunks { count, group, .. } => dims.queries * dims.heads / group * count,
         AttentionShape::Tiles => tiles * dims.heads,
     };
     (blocks as u32, 4 * 32)
@@ -253,7 +291,7 @@ fn kernel_args(
         .to_vec();
     match (shape, tiles) {
         (AttentionShape::Tiles, Some(tiles)) => args.push(KernelArg::Pointer(tiles)),
-        (AttentionShape::Whole | AttentionShape::Chunks { .. }, None) => {}
+        (AttentionShape::Whole { .. } | AttentionShape::Chunks { .. }, None) => {}
         _ => bail!(
             "cached_attention: {shape:?} with tiles {tiles:?}: the tiled kernel alone takes them"
         ),
@@ -269,11 +307,11 @@ fn kernel_args(
     }
     // Unsplit, one chunk holds any span of the cache.
     match shape {
-        AttentionShape::Whole => args.extend([
+        AttentionShape::Whole { .. } => args.extend([
             KernelArg::int(1, "splits")?,
             KernelArg::int(dims.capacity, "chunk")?,
         ]),
-        AttentionShape::Chunks { count, chunk } => args.extend([
+        AttentionShape::Chunks { count, chunk, .. } => args.extend([
             KernelArg::int(count, "splits")?,
             KernelArg::int(chunk, "chunk")?,
         ]),
@@ -419,7 +457,7 @@ impl CustomOp3 for CachedAttention<'_> {
             let shape = shape_for(
                 op.tables.has_prompt_tiles(),
                 head_dim,
-                query_heads,
+                (queries, op.heads, kv_heads),
                 op.tables.longest_span(),
                 processors.max(1) as usize,
                 forced_shape()?,
@@ -435,7 +473,7 @@ impl CustomOp3 for CachedAttention<'_> {
                 AttentionShape::Chunks { count, .. } => {
                     Some(unsafe { device.alloc::<f32>(query_heads * count * (head_dim + 2))? })
                 }
-                AttentionShape::Whole | AttentionShape::Tiles => None,
+                AttentionShape::Whole { .. } | AttentionShape::Tiles => None,
             };
             let module = "optune_cached_attention";
             let attend = device.get_or_load_custom_func(
@@ -711,7 +749,7 @@ mod emulated {
             let buffers = |written| [rows, cos, sin, k, v, written, spans];
             let attend = Launch { grid, block };
             match shape {
-                AttentionShape::Whole | AttentionShape::Tiles => {
+                AttentionShape::Whole { .. } | AttentionShape::Tiles => {
                     let tiles = (shape == AttentionShape::Tiles).then(|| memory.input(&tiles));
                     let args = kernel_args(buffers(out.address), tiles, &dims, shape, scale)
                         .map_err(|e| e.to_string())?;
@@ -743,20 +781,31 @@ mod emulated {
     }
 
     /// `spans` over a cache of `slots × capacity`, queries the first columns of rows
-    /// `[queries, row_width]`, by the kernels whole, tiled (heads up to [`TILE_HEAD`]) and cut as
-    /// each of `splits`.
+    /// `[queries, row_width]`, by the kernels tiled (heads up to [`TILE_HEAD`]), whole and cut in
+    /// each of `splits` (count, chunk), each of these with one query head to a block and with
+    /// every larger group of heads the head width and the heads of a KV head allow.
     fn check(
         dims: AttentionDims,
         slots: usize,
         spans: &[(u32, u32, u32)],
-        splits: &[AttentionShape],
+        splits: &[(usize, usize)],
         seed: u64,
     ) {
+        let most = heads_per_block(dims.heads, dims.kv_heads, dims.head_dim);
+        let groups = (0..).map(|k| 1 << k).take_while(|&group| group <= most);
         let tiled = (dims.head_dim <= TILE_HEAD).then_some(AttentionShape::Tiles);
-        let shapes: Vec<AttentionShape> = [AttentionShape::Whole]
+        let shapes: Vec<AttentionShape> = tiled
             .into_iter()
-            .chain(tiled)
-            .chain(splits.iter().copied())
+            .chain(groups.flat_map(|group| {
+                let chunks = splits
+                    .iter()
+                    .map(move |&(count, chunk)| AttentionShape::Chunks {
+                        count,
+                        chunk,
+                        group,
+                    });
+                [AttentionShape::Whole { group }].into_iter().chain(chunks)
+            }))
             .collect();
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut random = |shape: &[usize]| super::tests::random(shape, &mut rng);
@@ -813,9 +862,9 @@ mod emulated {
     #[test]
     fn a_decode_step_matches_the_cpu_form_whole_tiled_and_split() {
         // Five slots, one query each: whole prefixes, a window, one position, an idle slot; four
-        // query heads per KV head, 128 channels (the narrow kernels' widest), as Mistral-7B.
-        // Split in chunks of 16 (the longest span in 3, the short ones' later chunks empty) and
-        // of 32.
+        // query heads per KV head, 128 channels (the narrow kernels' widest), as Mistral-7B:
+        // blocks of one, two and four heads. Split in chunks of 16 (the longest span in 3, the
+        // short ones' later chunks empty) and of 32.
         let dims = AttentionDims {
             queries: 5,
             row_width: (8 + 2 * 2) * 128,
@@ -826,17 +875,24 @@ mod emulated {
         };
         // The last slot's last position ends the cache: a read past it faults in the emulator.
         let spans = [(0, 0, 39), (1, 0, 2), (4, 17, 39), (3, 6, 6), (2, 1, 0)];
-        let splits = [
-            AttentionShape::Chunks {
-                count: 3,
-                chunk: 16,
-            },
-            AttentionShape::Chunks {
-                count: 2,
-                chunk: 32,
-            },
-        ];
-        check(dims, 5, &spans, &splits, 21);
+        check(dims, 5, &spans, &[(3, 16), (2, 32)], 21);
+    }
+
+    #[test]
+    fn eight_query_heads_to_a_kv_head_take_blocks_of_four() {
+        // TinyLlama's grouping (32 query heads, 4 KV heads) in small: 16 query heads, 2 KV
+        // heads, head width 64 (lanes 0..31 hold two channels each); two blocks per KV head.
+        let dims = AttentionDims {
+            queries: 3,
+            row_width: 16 * 64 + 2 * 2 * 64,
+            heads: 16,
+            head_dim: 64,
+            kv_heads: 2,
+            capacity: 24,
+        };
+        assert_eq!(heads_per_block(16, 2, 64), 4);
+        let spans = [(0, 0, 23), (2, 4, 9), (1, 0, 0)];
+        check(dims, 3, &spans, &[(2, 16)], 24);
     }
 
     #[test]
@@ -875,65 +931,60 @@ mod emulated {
             capacity: 70,
         };
         let spans = [(1, 0, 66), (1, 0, 8), (0, 0, 0), (0, 3, 2)];
-        let split = AttentionShape::Chunks {
-            count: 5,
-            chunk: 16,
-        };
-        check(dims, 2, &spans, &[split], 23);
+        check(dims, 2, &spans, &[(5, 16)], 23);
     }
 
     #[test]
     fn the_shape_is_chosen_by_the_tokens_and_how_few_blocks_the_query_heads_make() {
         // An H200 (132 SMs); a 7B's 32 query heads of 128 channels per sequence; decode steps.
-        let h200 = |query_heads, longest| shape_for(false, 128, query_heads, longest, 132, None);
+        let h200 = |queries, longest| shape_for(false, 128, (queries, 32, 32), longest, 132, None);
+        let whole = AttentionShape::Whole { group: 1 };
+        let chunks = |count, chunk, group| AttentionShape::Chunks {
+            count,
+            chunk,
+            group,
+        };
         // Batch 1 after a 1,900-token prompt: 15 chunks of 128 (480 blocks), not 32 blocks.
-        assert_eq!(
-            h200(32, 1900),
-            AttentionShape::Chunks {
-                count: 15,
-                chunk: 128
-            }
-        );
+        assert_eq!(h200(1, 1900), chunks(15, 128, 1));
         // A short span: at most one chunk per 64 positions.
-        assert_eq!(
-            h200(32, 130),
-            AttentionShape::Chunks {
-                count: 3,
-                chunk: 48
-            }
-        );
+        assert_eq!(h200(1, 130), chunks(3, 48, 1));
         // Too short to split, or enough query heads already (batch 16: 512 blocks).
-        assert_eq!(h200(32, 64), AttentionShape::Whole);
-        assert_eq!(h200(16 * 32, 1900), AttentionShape::Whole);
-        // Forced: as many chunks as asked, none under 16 positions; 1 is unsplit.
+        assert_eq!(h200(1, 64), whole);
+        assert_eq!(h200(16, 1900), whole);
+        // GQA: Mistral-7B (32 query heads, 8 KV heads) takes blocks of 4 heads, so batch 16
+        // makes 128 blocks and is split in 4 (512 blocks); batch 64, 512 blocks, is not.
+        let mistral = |queries| shape_for(false, 128, (queries, 32, 8), 1900, 132, None);
+        assert_eq!(mistral(16), chunks(4, 480, 4));
+        assert_eq!(mistral(64), AttentionShape::Whole { group: 4 });
+        // Heads per block: the most of 4, 2, 1 that divides a KV head's; 1 past 128 channels.
+        for (heads, kv_heads, head_dim, group) in [
+            (32, 4, 64, 4),
+            (32, 8, 128, 4),
+            (12, 2, 128, 2),
+            (9, 3, 64, 1),
+            (32, 32, 128, 1),
+            (16, 8, 256, 1),
+        ] {
+            assert_eq!(heads_per_block(heads, kv_heads, head_dim), group);
+        }
+        // Forced: as many chunks as asked, none under 16 positions; 1 is unsplit; `whole` is
+        // one head to a block, unsplit.
         let forced = |count| {
             shape_for(
                 false,
                 128,
-                16 * 32,
+                (16, 32, 32),
                 100,
                 132,
                 Some(ForcedShape::Split(count)),
             )
         };
-        assert_eq!(forced(1), AttentionShape::Whole);
+        assert_eq!(forced(1), whole);
+        assert_eq!(forced(4), chunks(4, 32, 1));
+        assert_eq!(forced(50), chunks(7, 16, 1));
         assert_eq!(
-            forced(4),
-            AttentionShape::Chunks {
-                count: 4,
-                chunk: 32
-            }
-        );
-        assert_eq!(
-            forced(50),
-            AttentionShape::Chunks {
-                count: 7,
-                chunk: 16
-            }
-        );
-        assert_eq!(
-            shape_for(false, 128, 32, 1900, 132, Some(ForcedShape::Whole)),
-            AttentionShape::Whole
+            shape_for(false, 128, (1, 32, 8), 1900, 132, Some(ForcedShape::Whole)),
+            whole
         );
         // OPTUNE_ATTENTION's values.
         assert_eq!(parse_forced_shape(""), Ok(None));
@@ -949,20 +1000,17 @@ mod emulated {
         }
         // A pass with a prompt chunk: tiled when the heads fit the tiles, unless forced whole.
         assert_eq!(
-            shape_for(true, 128, 2048 * 32, 2048, 132, None),
+            shape_for(true, 128, (2048, 32, 32), 2048, 132, None),
             AttentionShape::Tiles
         );
         assert_eq!(
-            shape_for(true, 64, 32, 1900, 132, Some(ForcedShape::Split(4))),
+            shape_for(true, 64, (1, 32, 4), 1900, 132, Some(ForcedShape::Split(4))),
             AttentionShape::Tiles
         );
         assert_eq!(
-            shape_for(true, 64, 2048 * 32, 2048, 132, Some(ForcedShape::Whole)),
-            AttentionShape::Whole
+            shape_for(true, 64, (2048, 32, 4), 2048, 132, Some(ForcedShape::Whole)),
+            whole
         );
-        assert_eq!(
-            shape_for(true, 256, 2048 * 8, 2048, 132, None),
-            AttentionShape::Whole
-        );
+        assert_eq!(shape_for(true, 256, (2048, 8, 8), 2048, 132, None), whole);
     }
 }

@@ -5,29 +5,32 @@
 // kernel further down (one block per tile of up to 16 prompt tokens and head), which a pass with
 // prompt tokens takes; `shape_for` in the Rust file chooses.
 //
-// A query's span of positions may be split into `splits` chunks of `chunk` positions, one block
-// each (a decode step of few sequences launches too few blocks to keep the GPU's memory busy
-// otherwise: 32 at batch 1 on a 7B, each walking ~2,000 positions after a long prompt). Block b is
-// head b % heads of chunk (b / heads) % splits of query b / (heads · splits): the heads of one
-// query's chunk, and among them those sharing a KV head, run side by side and read its keys and
-// values while they are in L2. Each lane loads the query's channels lane, lane+32, ... of the
-// head, turned by the query's rotary angle (rotate-half layout: channel c < d/2 pairs with
-// c + d/2) and scaled, in f32. Warp w then takes IN_FLIGHT consecutive positions of the chunk at a
-// time, starting at its w-th group of them and stepping over the other warps' groups: it loads
-// all their keys and values before it reduces any (independent loads in flight), and folds their
-// scores into an online softmax, holding the running output for its channels; a key's score is
-// the warp's sum of the lanes' partial dot products. The warps' results are merged at the end
-// through shared memory. Unsplit (cached_attention_[wide_]*), the block writes the query head's
-// output; split (cached_attention_split_[wide_]*), it writes its chunk's (max, sum, unnormalised
-// output) to `partial`, and cached_attention_merge_* combines a query head's chunks. The wide_
-// forms take heads up to 256 channels, the others up to 128. Everything is
-// accumulated in f32 whatever the storage type. A query with last < first (an idle slot) gets
-// zeros. Keys and values are read once, in place, from the cache laid out [slots, kv_heads,
-// capacity, head_dim]. The queries are the first heads·head_dim columns of rows [queries,
-// row_width] (the projections' output, q first, then what else was projected with it); out is
-// [queries, heads, head_dim] (the layout the output projection reads); partial [queries, heads,
-// splits, head_dim + 2] f32; cos and sin [queries, head_dim / 2]; spans [queries, 3] of (slot,
-// first, last).
+// A block of the per-token kernels attends for one, two or four query heads of one query that
+// share a KV head (g2_, g4_: GQA models such as Mistral-7B, 4 query heads per KV head, or
+// TinyLlama, 8), so that each key and value it loads serves all of them. A query's span of
+// positions may also be split into `splits` chunks of `chunk` positions, one block each (a decode
+// step of few sequences launches too few blocks to keep the GPU's memory busy otherwise: 32 at
+// batch 1 on a 7B, each walking ~2,000 positions after a long prompt). Block b is head group
+// b % groups of chunk (b / groups) % splits of query b / (groups · splits): the groups of one
+// query's chunk run side by side. Each lane loads its heads' query channels lane, lane+32, ...,
+// turned by the query's rotary angle (rotate-half layout: channel c < d/2 pairs with c + d/2) and
+// scaled, in f32. Warp w then takes IN_FLIGHT consecutive positions of the chunk at a time,
+// starting at its w-th group of them and stepping over the other warps' groups: it loads all
+// their keys and values before it reduces any (independent loads in flight), sums the lanes'
+// partial dot products of each (head, position) over the warp, and folds each head's scores
+// into its online softmax, holding the running output for its channels. The warps' results
+// are merged at the end through shared memory. Unsplit
+// (cached_attention_[g2_|g4_|wide_]*), the block writes its heads' outputs; split
+// (cached_attention_split_*), each head's chunk record (max, sum, unnormalised output) to
+// `partial`, and cached_attention_merge_* combines a query head's chunks. The wide_ forms take
+// heads up to 256 channels, one to a block; the others up to 128. Everything is accumulated in
+// f32 whatever the storage type. A query with last < first (an idle slot) gets zeros. Keys and
+// values are read once, in place, from the cache laid out [slots, kv_heads, capacity, head_dim].
+// The queries are the first heads·head_dim columns of rows [queries, row_width] (the
+// projections' output, q first, then what else was projected with it); out is [queries, heads,
+// head_dim] (the layout the output projection reads); partial [queries, heads, splits,
+// head_dim + 2] f32; cos and sin [queries, head_dim / 2]; spans [queries, 3] of (slot, first,
+// last).
 
 #include "dtypes.cuh"
 #include <math_constants.h>
@@ -87,24 +90,25 @@ __device__ __forceinline__ float chunk_weight(float chunk_max, float overall_max
 
 // PER_LANE: channels per lane, head_dim up to 32 · PER_LANE (4: 128, as Llama's and Mistral's
 // heads; 8: 256). Each lane holds 2 · IN_FLIGHT · PER_LANE loaded keys and values, so the narrow
-// form needs half the registers of the wide one and keeps more blocks resident. W: what the block
-// writes, T (the output, unsplit) or float (its chunk's record, split). The block attends for
-// head `head` of query `query_id`, chunk `split` of `splits`.
-template <typename T, int PER_LANE, typename W, bool SPLIT>
+// form needs half the registers of the wide one and keeps more blocks resident. GROUP: query
+// heads of one KV head the block attends for at once, heads group·GROUP .. group·GROUP + GROUP - 1
+// (all of one KV head's: the launch checks), so that each key and value it loads serves GROUP
+// heads, where a block per head would read them GROUP times (from L2, at best). W: what the block
+// writes, T (the output, unsplit) or float (its chunk's records, split). The block attends for
+// query `query_id`, chunk `split` of `splits`.
+template <typename T, int PER_LANE, int GROUP, typename W, bool SPLIT>
 __device__ void cached_attention(const T *__restrict__ q, const T *__restrict__ cos,
                                  const T *__restrict__ sin, const T *__restrict__ keys,
                                  const T *__restrict__ values, W *__restrict__ written,
-                                 const uint32_t *__restrict__ spans, size_t query_id, int head,
+                                 const uint32_t *__restrict__ spans, size_t query_id, int group,
                                  int split, int heads, int kv_heads, int capacity, int head_dim,
                                  int row_width, int splits, int chunk, float scale) {
-    const size_t query_head = query_id * heads + head;
+    const int first_head = group * GROUP;
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
-    const int kv_head = head / (heads / kv_heads);
+    const int kv_head = first_head / (heads / kv_heads);
     const int half = head_dim / 2;
-    // Where this query head's vector starts in the rows and in out [queries, heads, d], and the
-    // query's angles in cos, sin [queries, d/2].
-    const size_t at = query_id * row_width + (size_t)head * head_dim;
+    // The query's angles in cos, sin [queries, d/2].
     const size_t angles = query_id * half;
     // spans: [queries, 3] of (slot, first, last), positions inclusive; this block's chunk of
     // them is lo..=hi (empty when lo > hi).
@@ -115,19 +119,28 @@ __device__ void cached_attention(const T *__restrict__ q, const T *__restrict__ 
     const int64_t hi = last < lo + chunk - 1 ? last : lo + chunk - 1;
     const size_t cache_base = (slot * kv_heads + kv_head) * (size_t)capacity * head_dim;
 
-    float query[PER_LANE];
-    float acc[PER_LANE];
+    // Per head g of the block: its query channels, running output, max and sum.
+    float query[GROUP][PER_LANE];
+    float acc[GROUP][PER_LANE];
+    float running_max[GROUP];
+    float running_sum[GROUP];
 #pragma unroll
-    for (int i = 0; i < PER_LANE; ++i) {
-        const int c = lane + 32 * i;
-        acc[i] = 0.0f;
-        query[i] = c < head_dim ? turned_query(q, cos, sin, at, angles, c, half, scale) : 0.0f;
+    for (int g = 0; g < GROUP; ++g) {
+        // Where head first_head + g's vector starts in the rows.
+        const size_t at = query_id * row_width + (size_t)(first_head + g) * head_dim;
+#pragma unroll
+        for (int i = 0; i < PER_LANE; ++i) {
+            const int c = lane + 32 * i;
+            acc[g][i] = 0.0f;
+            query[g][i] =
+                c < head_dim ? turned_query(q, cos, sin, at, angles, c, half, scale) : 0.0f;
+        }
+        running_max[g] = -CUDART_INF_F;
+        running_sum[g] = 0.0f;
     }
-    float running_max = -CUDART_INF_F;
-    float running_sum = 0.0f;
     // Warp-uniform: every lane of a warp takes the same groups and positions.
-    for (int64_t group = lo + (int64_t)warp * IN_FLIGHT; group <= hi;
-         group += WARPS * IN_FLIGHT) {
+    for (int64_t start = lo + (int64_t)warp * IN_FLIGHT; start <= hi;
+         start += WARPS * IN_FLIGHT) {
         // Every load unconditional, as stored, and converted only after all of them are issued:
         // a predicated load converted at once makes the compiler wait on it before the next one
         // (seen in the sm_90 SASS of the bf16 forms: 6 memory round trips per group instead of
@@ -138,7 +151,7 @@ __device__ void cached_attention(const T *__restrict__ q, const T *__restrict__ 
         T value_raw[IN_FLIGHT][PER_LANE];
 #pragma unroll
         for (int p = 0; p < IN_FLIGHT; ++p) {
-            const int64_t position = group + p <= hi ? group + p : hi;
+            const int64_t position = start + p <= hi ? start + p : hi;
             const size_t row = cache_base + (size_t)position * head_dim;
 #pragma unroll
             for (int i = 0; i < PER_LANE; ++i) {
@@ -157,78 +170,93 @@ __device__ void cached_attention(const T *__restrict__ q, const T *__restrict__ 
                 value[p][i] = to_float(value_raw[p][i]);
             }
         }
-        float score[IN_FLIGHT];
+        // score[g][p]: head g's score of position start + p, summed over the warp as soon as it
+        // is made (summing them all at the end, or several at once, makes the compiler wait on
+        // the loads in two to four rounds instead of one: sm_90 SASS).
+        float score[GROUP][IN_FLIGHT];
 #pragma unroll
         for (int p = 0; p < IN_FLIGHT; ++p) {
-            float dot = 0.0f;
 #pragma unroll
-            for (int i = 0; i < PER_LANE; ++i) dot += query[i] * key[p][i];
-            score[p] = warp_sum(dot);
+            for (int g = 0; g < GROUP; ++g) {
+                float dot = 0.0f;
+#pragma unroll
+                for (int i = 0; i < PER_LANE; ++i) dot += query[g][i] * key[p][i];
+                score[g][p] = warp_sum(dot);
+            }
         }
-        float new_max = running_max;
 #pragma unroll
-        for (int p = 0; p < IN_FLIGHT; ++p) {
-            if (group + p <= hi) new_max = fmaxf(new_max, score[p]);
+        for (int g = 0; g < GROUP; ++g) {
+            float new_max = running_max[g];
+#pragma unroll
+            for (int p = 0; p < IN_FLIGHT; ++p) {
+                if (start + p <= hi) new_max = fmaxf(new_max, score[g][p]);
+            }
+            const float rescale = __expf(running_max[g] - new_max);
+            running_sum[g] *= rescale;
+#pragma unroll
+            for (int i = 0; i < PER_LANE; ++i) acc[g][i] *= rescale;
+#pragma unroll
+            for (int p = 0; p < IN_FLIGHT; ++p) {
+                if (start + p > hi) continue;
+                const float weight = __expf(score[g][p] - new_max);
+                running_sum[g] += weight;
+#pragma unroll
+                for (int i = 0; i < PER_LANE; ++i) acc[g][i] += weight * value[p][i];
+            }
+            running_max[g] = new_max;
         }
-        const float rescale = __expf(running_max - new_max);
-        running_sum *= rescale;
-#pragma unroll
-        for (int i = 0; i < PER_LANE; ++i) acc[i] *= rescale;
-#pragma unroll
-        for (int p = 0; p < IN_FLIGHT; ++p) {
-            if (group + p > hi) continue;
-            const float weight = __expf(score[p] - new_max);
-            running_sum += weight;
-#pragma unroll
-            for (int i = 0; i < PER_LANE; ++i) acc[i] += weight * value[p][i];
-        }
-        running_max = new_max;
     }
 
-    __shared__ float warp_max[WARPS];
-    __shared__ float warp_sum_of[WARPS];
-    __shared__ float warp_acc[WARPS][32 * PER_LANE];
-    if (lane == 0) {
-        warp_max[warp] = running_max;
-        warp_sum_of[warp] = running_sum;
-    }
+    __shared__ float warp_max[WARPS][GROUP];
+    __shared__ float warp_sum_of[WARPS][GROUP];
+    __shared__ float warp_acc[WARPS][GROUP][32 * PER_LANE];
 #pragma unroll
-    for (int i = 0; i < PER_LANE; ++i) {
-        const int c = lane + 32 * i;
-        if (c < head_dim) warp_acc[warp][c] = acc[i];
-    }
-    __syncthreads();
-    if (warp != 0) return;
-    float overall_max = -CUDART_INF_F;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) overall_max = fmaxf(overall_max, warp_max[w]);
-    float total = 0.0f;
-    float factor[WARPS];
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) {
-        // A warp that saw no position holds -inf and contributes nothing.
-        factor[w] = chunk_weight(warp_max[w], overall_max);
-        total += warp_sum_of[w] * factor[w];
-    }
-    const float inverse = total > 0.0f ? 1.0f / total : 0.0f;
-    W *record = written + (SPLIT ? record_at(query_head, split, splits, head_dim) : 0);
-    if constexpr (SPLIT) {
+    for (int g = 0; g < GROUP; ++g) {
         if (lane == 0) {
-            record[0] = overall_max;
-            record[1] = total;
+            warp_max[warp][g] = running_max[g];
+            warp_sum_of[warp][g] = running_sum[g];
+        }
+#pragma unroll
+        for (int i = 0; i < PER_LANE; ++i) {
+            const int c = lane + 32 * i;
+            if (c < head_dim) warp_acc[warp][g][c] = acc[g][i];
         }
     }
+    __syncthreads();
+    // Warp w writes heads w, w + WARPS, ... of the block.
+    for (int g = warp; g < GROUP; g += WARPS) {
+        float overall_max = -CUDART_INF_F;
 #pragma unroll
-    for (int i = 0; i < PER_LANE; ++i) {
-        const int c = lane + 32 * i;
-        if (c >= head_dim) continue;
-        float sum = 0.0f;
+        for (int w = 0; w < WARPS; ++w) overall_max = fmaxf(overall_max, warp_max[w][g]);
+        float total = 0.0f;
+        float factor[WARPS];
 #pragma unroll
-        for (int w = 0; w < WARPS; ++w) sum += warp_acc[w][c] * factor[w];
+        for (int w = 0; w < WARPS; ++w) {
+            // A warp that saw no position holds -inf and contributes nothing.
+            factor[w] = chunk_weight(warp_max[w][g], overall_max);
+            total += warp_sum_of[w][g] * factor[w];
+        }
+        const float inverse = total > 0.0f ? 1.0f / total : 0.0f;
+        const size_t query_head = query_id * heads + first_head + g;
+        W *record = written + (SPLIT ? record_at(query_head, split, splits, head_dim) : 0);
         if constexpr (SPLIT) {
-            record[2 + c] = sum;
-        } else {
-            written[query_head * head_dim + c] = from_float<T>(sum * inverse);
+            if (lane == 0) {
+                record[0] = overall_max;
+                record[1] = total;
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < PER_LANE; ++i) {
+            const int c = lane + 32 * i;
+            if (c >= head_dim) continue;
+            float sum = 0.0f;
+#pragma unroll
+            for (int w = 0; w < WARPS; ++w) sum += warp_acc[w][g][c] * factor[w];
+            if constexpr (SPLIT) {
+                record[2 + c] = sum;
+            } else {
+                written[query_head * head_dim + c] = from_float<T>(sum * inverse);
+            }
         }
     }
 }
@@ -296,10 +324,10 @@ __device__ void tiled_attention(const T *__restrict__ q, const T *__restrict__ c
     if (count == 1) {
         // A lone token (decoding, in a pass that also prefills): the per-token walk, all four
         // warps on its one span, not one warp of four on it.
-        cached_attention<T, TILE_HEAD / 32, T, false>(q, cos, sin, keys, values, out, spans,
-                                                      first_query, head, 0, heads, kv_heads,
-                                                      capacity, head_dim, row_width, 1, capacity,
-                                                      scale);
+        cached_attention<T, TILE_HEAD / 32, 1, T, false>(q, cos, sin, keys, values, out, spans,
+                                                         first_query, head, 0, heads, kv_heads,
+                                                         capacity, head_dim, row_width, 1,
+                                                         capacity, scale);
         return;
     }
     const int warp = threadIdx.x / 32;
@@ -437,26 +465,32 @@ __device__ void tiled_attention(const T *__restrict__ q, const T *__restrict__ c
     }
 }
 
-#define ATTENTION_ENTRY(NAME, T, PER_LANE, W, SPLIT)                                               \
+// Block b attends for head group b % groups of chunk (b / groups) % splits of query
+// b / (groups · splits), groups = heads / GROUP.
+#define ATTENTION_ENTRY(NAME, T, PER_LANE, GROUP, W, SPLIT)                                        \
     extern "C" __global__ void __launch_bounds__(WARPS * 32)                                       \
         NAME(const T *q, const T *cos, const T *sin, const T *keys, const T *values, W *written,  \
              const uint32_t *spans, int heads, int kv_heads, int capacity, int head_dim,          \
              int row_width, int splits, int chunk, float scale) {                                  \
-        cached_attention<T, PER_LANE, W, SPLIT>(                                                  \
-            q, cos, sin, keys, values, written, spans, blockIdx.x / heads / splits,                \
-            blockIdx.x % heads, (blockIdx.x / heads) % splits, heads, kv_heads, capacity,          \
+        const int groups = heads / GROUP;                                                          \
+        cached_attention<T, PER_LANE, GROUP, W, SPLIT>(                                           \
+            q, cos, sin, keys, values, written, spans, blockIdx.x / groups / splits,               \
+            blockIdx.x % groups, (blockIdx.x / groups) % splits, heads, kv_heads, capacity,        \
             head_dim, row_width, splits, chunk, scale);                                            \
     }
 
-#define ATTENTION_ENTRIES(T, PER_LANE, SUFFIX)                                                     \
-    ATTENTION_ENTRY(cached_attention_##SUFFIX, T, PER_LANE, T, false)                              \
-    ATTENTION_ENTRY(cached_attention_split_##SUFFIX, T, PER_LANE, float, true)
+#define ATTENTION_ENTRIES(T, PER_LANE, GROUP, SUFFIX)                                              \
+    ATTENTION_ENTRY(cached_attention_##SUFFIX, T, PER_LANE, GROUP, T, false)                       \
+    ATTENTION_ENTRY(cached_attention_split_##SUFFIX, T, PER_LANE, GROUP, float, true)
 
-// Per storage type: the per-token attention kernels for heads up to 128 and up to 256 wide,
-// whole and split, the merging kernel, and the tiled kernel (heads up to 128).
+// Per storage type: the per-token attention kernels, whole and split, for heads up to 128 wide
+// one, two or four query heads to a block (g2_, g4_) and for heads up to 256 one (wide_); the
+// merging kernel; and the tiled kernel (heads up to 128).
 #define CACHED_ATTENTION(T, SUFFIX)                                                                \
-    ATTENTION_ENTRIES(T, 4, SUFFIX)                                                                \
-    ATTENTION_ENTRIES(T, 8, wide_##SUFFIX)                                                         \
+    ATTENTION_ENTRIES(T, 4, 1, SUFFIX)                                                             \
+    ATTENTION_ENTRIES(T, 4, 2, g2_##SUFFIX)                                                        \
+    ATTENTION_ENTRIES(T, 4, 4, g4_##SUFFIX)                                                        \
+    ATTENTION_ENTRIES(T, 8, 1, wide_##SUFFIX)                                                      \
     extern "C" __global__ void __launch_bounds__(MERGE_THREADS) cached_attention_merge_##SUFFIX(  \
         const float *partial, T *out, int splits, int head_dim) {                                 \
         merge_split_attention<T>(partial, out, splits, head_dim);                                 \
