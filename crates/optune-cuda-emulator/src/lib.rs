@@ -240,15 +240,17 @@ impl Memory {
     ///
     /// # Safety
     /// Every [`Arg::Pointer`] must point into a buffer of this memory (checked: an error
-    /// otherwise) that holds what the kernel reads and writes there for these arguments. An access just past either end of a
-    /// buffer is caught (the process ends with a report) in one of the two runs of
-    /// [`in_both_placements`]; one further away may touch other memory.
+    /// otherwise) that holds what the kernel reads and writes there for these arguments, or be
+    /// 0, a null pointer, for a kernel that takes an optional buffer (and must then not read
+    /// it). An access just past either end of a buffer is caught (the process ends with a
+    /// report) in one of the two runs of [`in_both_placements`]; one further away may touch
+    /// other memory.
     pub unsafe fn launch(&self, kernel: &str, launch: Launch, args: &[Arg]) -> Result<(), String> {
         let Some(entry) = entry(kernel) else {
             return Err(format!("{kernel}: no such emulated kernel"));
         };
         for (i, arg) in args.iter().enumerate() {
-            if let Arg::Pointer(address) = *arg {
+            if let Arg::Pointer(address @ 1..) = *arg {
                 let inside = self.regions.iter().any(|&(data, bytes)| {
                     (data as u64..=data as u64 + bytes as u64).contains(&address)
                 });

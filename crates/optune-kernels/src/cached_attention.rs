@@ -100,9 +100,10 @@ enum AttentionShape {
         chunk: usize,
         group: usize,
     },
-    /// One block per tile of tokens and head (cached_attention_tiled_*), the tiles of
-    /// [`crate::token_tables::query_tiles`]; a tile of one token walks its span as `Whole` does.
-    Tiles,
+    /// One block per tile of prompt tokens and head (cached_attention_tiled_*), the tiles of
+    /// more than one token of [`crate::token_tables::query_tiles`]; then the pass's other tokens
+    /// as `Whole { group }` over their list.
+    Tiles { group: usize },
 }
 
 /// Positions a block's warps take per round (the kernel's WARPS · IN_FLIGHT): chunks are whole
@@ -142,8 +143,9 @@ enum ForcedShape {
 /// of `processors` SMs.
 ///
 /// A pass with prompt tokens (`prompt_tiles`: some tile holds more than one) runs the tiled
-/// kernel when the heads fit it ([`TILE_HEAD`]): a prompt chunk's tokens share each key and
-/// value they load, where the per-token kernels read them once per token.
+/// kernel over them when the heads fit it ([`TILE_HEAD`]): a prompt chunk's tokens share each
+/// key and value they load, where the per-token kernels read them once per token. Its other
+/// tokens (decoding sequences') go to the per-token kernels, unsplit.
 ///
 /// Otherwise (decoding tokens alone) the per-token kernels, each block attending for as many
 /// query heads of one KV head as [`heads_per_block`] allows, so that they share its keys and
@@ -169,7 +171,7 @@ fn shape_for(
     let blocks = queries * heads / group;
     let wanted = match forced {
         Some(ForcedShape::Whole) => return AttentionShape::Whole { group: 1 },
-        _ if prompt_tiles && head_dim <= TILE_HEAD => return AttentionShape::Tiles,
+        _ if prompt_tiles && head_dim <= TILE_HEAD => return AttentionShape::Tiles { group },
         Some(ForcedShape::Split(count)) => count,
         None => {
             (processors * BLOCKS_PER_PROCESSOR / blocks.max(1)).min(longest.div_ceil(MIN_CHUNK))
@@ -242,19 +244,19 @@ fn attention_kernel(shape: AttentionShape, head_dim: usize, suffix: &str) -> Str
         AttentionShape::Chunks { group, .. } => {
             format!("cached_attention_split_{}{suffix}", form(group))
         }
-        AttentionShape::Tiles => format!("cached_attention_tiled_{suffix}"),
+        AttentionShape::Tiles { .. } => format!("cached_attention_tiled_{suffix}"),
     }
 }
 
-/// The attention kernel's launch for the queries of `dims` launched as `shape` (`tiles` tiles,
-/// for [`AttentionShape::Tiles`]): one block of 4 warps per (query, group of heads, chunk) or
+/// The attention kernel's launch for `items` queries of `dims` launched as `shape` (tiles, for
+/// [`AttentionShape::Tiles`]): one block of 4 warps per (query, group of heads, chunk) or
 /// (tile, head), the heads adjacent (see the kernels); `(blocks, threads)`.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
-fn launch_dims(shape: AttentionShape, dims: &AttentionDims, tiles: usize) -> (u32, u32) {
+fn launch_dims(shape: AttentionShape, dims: &AttentionDims, items: usize) -> (u32, u32) {
     let blocks = match shape {
-        AttentionShape::Whole { group } => dims.queries * dims.heads / group,
-        AttentionShape::Chunks { count, group, .. } => dims.queries * dims.heads / group * count,
-        AttentionShape::Tiles => tiles * dims.heads,
+        AttentionShape::Whole { group } => items * dims.heads / group,
+        AttentionShape::Chunks { count, group, .. } => items * dims.heads / group * count,
+        AttentionShape::Tiles { .. } => items * dims.heads,
     };
     (blocks as u32, 4 * 32)
 }
@@ -275,27 +277,17 @@ struct AttentionDims {
 /// The attention kernels' arguments (src/cuda/cached_attention.cu): the addresses of the rows,
 /// the angles `cos`, `sin [queries, head_dim/2]`, the keys, the values, the output (`out
 /// [queries, heads, head_dim]`, or split the f32 partial results `[queries, heads, count,
-/// head_dim + 2]`), the spans `[queries, 3]` and, tiled, the tiles `[tiles, 2]`; then the sizes,
-/// the split (not tiled) and the scale. The CUDA launch and the emulated tests both pass this
-/// list.
+/// head_dim + 2]`), the spans `[queries, 3]` and a list: tiled the tiles `[tiles, 2]`, else the
+/// queries to attend for (`[n]`; 0, a null pointer, for all of them); then the sizes, the split
+/// (not tiled) and the scale. The CUDA launch and the emulated tests both pass this list.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
 fn kernel_args(
-    [rows, cos, sin, keys, values, out, spans]: [u64; 7],
-    tiles: Option<u64>,
+    buffers: [u64; 8],
     dims: &AttentionDims,
     shape: AttentionShape,
     scale: f32,
 ) -> Result<Vec<KernelArg>> {
-    let mut args = [rows, cos, sin, keys, values, out, spans]
-        .map(KernelArg::Pointer)
-        .to_vec();
-    match (shape, tiles) {
-        (AttentionShape::Tiles, Some(tiles)) => args.push(KernelArg::Pointer(tiles)),
-        (AttentionShape::Whole { .. } | AttentionShape::Chunks { .. }, None) => {}
-        _ => bail!(
-            "cached_attention: {shape:?} with tiles {tiles:?}: the tiled kernel alone takes them"
-        ),
-    }
+    let mut args = buffers.map(KernelArg::Pointer).to_vec();
     for (size, what) in [
         (dims.heads, "heads"),
         (dims.kv_heads, "kv_heads"),
@@ -315,7 +307,7 @@ fn kernel_args(
             KernelArg::int(count, "splits")?,
             KernelArg::int(chunk, "chunk")?,
         ]),
-        AttentionShape::Tiles => {}
+        AttentionShape::Tiles { .. } => {}
     }
     args.push(KernelArg::F32(scale));
     Ok(args)
@@ -465,22 +457,26 @@ impl CustomOp3 for CachedAttention<'_> {
             let q = q.as_cuda_slice::<T>()?.slice(lq.start_offset()..);
             let k = k.as_cuda_slice::<T>()?.slice(lk.start_offset()..);
             let v = v.as_cuda_slice::<T>()?.slice(lv.start_offset()..);
-            // SAFETY: every element is written, by the attention kernel whole or tiled, or by the
-            // merging one split (idle queries get zeros).
+            // SAFETY: every element is written: by the per-token kernel whole, by the merging one
+            // split, by the tiled kernel and the per-token one (its other tokens) tiled; idle
+            // queries get zeros.
             let mut out = unsafe { device.alloc::<T>(query_heads * head_dim)? };
             // SAFETY: the split kernel writes every chunk's record in full (an empty chunk's too).
             let mut partial = match shape {
                 AttentionShape::Chunks { count, .. } => {
                     Some(unsafe { device.alloc::<f32>(query_heads * count * (head_dim + 2))? })
                 }
-                AttentionShape::Whole { .. } | AttentionShape::Tiles => None,
+                AttentionShape::Whole { .. } | AttentionShape::Tiles { .. } => None,
             };
             let module = "optune_cached_attention";
-            let attend = device.get_or_load_custom_func(
-                &attention_kernel(shape, head_dim, suffix),
-                module,
-                PTX,
-            )?;
+            let kernel = |shape| {
+                device.get_or_load_custom_func(
+                    &attention_kernel(shape, head_dim, suffix),
+                    module,
+                    PTX,
+                )
+            };
+            let scale = op.scale as f32;
             op.tables.on_device::<T, _>("cached_attention", |tables| {
                 // The guards order the launches after the buffers' last writes and record them.
                 let (q_at, _q) = q.device_ptr(&stream);
@@ -490,38 +486,61 @@ impl CustomOp3 for CachedAttention<'_> {
                 let (v_at, _v) = v.device_ptr(&stream);
                 let (spans_at, _spans) = tables.spans.device_ptr(&stream);
                 let (out_at, _out) = out.device_ptr_mut(&stream);
-                let partial = partial.as_mut().map(|p| p.device_ptr_mut(&stream));
-                let written_at = partial.as_ref().map_or(out_at, |(at, _)| *at);
-                let tiles = match shape {
-                    AttentionShape::Tiles => tables.prompt_tiles.as_ref(),
-                    _ => None,
-                };
-                let tiles = tiles.map(|t| (t.len() / 2, t.device_ptr(&stream)));
-                let buffers = [q_at, cos_at, sin_at, k_at, v_at, written_at, spans_at];
-                let tiles_at = tiles.as_ref().map(|(_, (at, _))| *at);
-                let args = kernel_args(buffers, tiles_at, &dims, shape, op.scale as f32)?;
-                let grid = launch_dims(shape, &dims, tiles.as_ref().map_or(0, |(n, _)| *n));
-                // SAFETY: the list is the kernel's; the buffers hold queries·row_width (the rows,
-                // each with its query's heads·d columns first), queries·heads·d (out) or
-                // queries·heads·count·(d+2) (partial, f32), queries·d/2 (cos, sin),
-                // slots·kv_heads·capacity·d (k, v), 3·queries (spans) and 2·tiles (tiles, each
-                // naming tokens of the pass) elements, checked by `cached_attention` and
-                // `TokenTables::new`, as are the slots and positions the spans name (inside the
-                // cache). The guards live to the end of the closure.
-                unsafe { launch_kernel(attend.builder(), config(grid), &args) }?;
-                if let (AttentionShape::Chunks { count, .. }, Some((partial_at, _))) =
-                    (shape, &partial)
-                {
-                    let merge = device.get_or_load_custom_func(
-                        &format!("cached_attention_merge_{suffix}"),
-                        module,
-                        PTX,
-                    )?;
-                    let args = merge_args([*partial_at, out_at], count, head_dim)?;
-                    let grid = (query_heads as u32, MERGE_THREADS);
-                    // SAFETY: the merging kernel's list; partial holds the query_heads·count
-                    // records of d+2 the launch above wrote, out query_heads·d elements.
-                    unsafe { launch_kernel(merge.builder(), config(grid), &args) }?;
+                let buffers =
+                    |written, list| [q_at, cos_at, sin_at, k_at, v_at, written, spans_at, list];
+                // SAFETY (each launch below): the list is the kernel's; the buffers hold
+                // queries·row_width (the rows, each with its query's heads·d columns first),
+                // queries·heads·d (out) or queries·heads·count·(d+2) (partial, f32), queries·d/2
+                // (cos, sin), slots·kv_heads·capacity·d (k, v), 3·queries (spans), and 2·tiles
+                // (tiles) or n (a list of queries) elements, each naming queries of the pass,
+                // checked by `cached_attention` and `TokenTables::new`, as are the slots and
+                // positions the spans name (inside the cache). The guards live to the end of the
+                // closure.
+                match shape {
+                    AttentionShape::Tiles { group } => {
+                        let Some(tiles) = tables.prompt_tiles.as_ref() else {
+                            bail!("cached_attention: a tiled launch in a pass without prompt tiles")
+                        };
+                        let (tiles_at, _tiles) = tiles.device_ptr(&stream);
+                        let args = kernel_args(buffers(out_at, tiles_at), &dims, shape, scale)?;
+                        let grid = launch_dims(shape, &dims, tiles.len() / 2);
+                        // SAFETY: as above.
+                        unsafe { launch_kernel(kernel(shape)?.builder(), config(grid), &args) }?;
+                        if let Some(lone) = tables.lone_tokens.as_ref() {
+                            let whole = AttentionShape::Whole { group };
+                            let (lone_at, _lone) = lone.device_ptr(&stream);
+                            let args = kernel_args(buffers(out_at, lone_at), &dims, whole, scale)?;
+                            let grid = launch_dims(whole, &dims, lone.len());
+                            // SAFETY: as above.
+                            unsafe {
+                                launch_kernel(kernel(whole)?.builder(), config(grid), &args)
+                            }?;
+                        }
+                    }
+                    AttentionShape::Whole { .. } | AttentionShape::Chunks { .. } => {
+                        let partial = partial.as_mut().map(|p| p.device_ptr_mut(&stream));
+                        let written_at = partial.as_ref().map_or(out_at, |(at, _)| *at);
+                        // No list: every query of the pass.
+                        let args = kernel_args(buffers(written_at, 0), &dims, shape, scale)?;
+                        let grid = launch_dims(shape, &dims, queries);
+                        // SAFETY: as above.
+                        unsafe { launch_kernel(kernel(shape)?.builder(), config(grid), &args) }?;
+                        if let (AttentionShape::Chunks { count, .. }, Some((partial_at, _))) =
+                            (shape, &partial)
+                        {
+                            let merge = device.get_or_load_custom_func(
+                                &format!("cached_attention_merge_{suffix}"),
+                                module,
+                                PTX,
+                            )?;
+                            let args = merge_args([*partial_at, out_at], count, head_dim)?;
+                            let grid = (query_heads as u32, MERGE_THREADS);
+                            // SAFETY: the merging kernel's list; partial holds the
+                            // query_heads·count records of d+2 the launch above wrote, out
+                            // query_heads·d elements.
+                            unsafe { launch_kernel(merge.builder(), config(grid), &args) }?;
+                        }
+                    }
                 }
                 Ok(())
             })?;
@@ -738,51 +757,68 @@ mod emulated {
         let flat = |t: &Tensor| -> Vec<T> { t.flatten_all().unwrap().to_vec1().unwrap() };
         let inputs = [rows, cos, sin, k, v].map(flat);
         let query_heads = dims.queries * dims.heads;
-        let tiles = crate::token_tables::query_tiles(spans);
-        let (grid, block) = launch_dims(shape, &dims, tiles.len() / 2);
-        let attend_kernel = attention_kernel(shape, dims.head_dim, T::SUFFIX);
+        let (tiles, lone) = crate::token_tables::tiles_and_lone_tokens(spans);
         let merge_kernel = format!("cached_attention_merge_{}", T::SUFFIX);
-        let out = in_both_placements(&attend_kernel, |memory| {
-            let [rows, cos, sin, k, v] = inputs.each_ref().map(|x| memory.input(x));
-            let spans = memory.input(spans);
-            let out = memory.output::<T>(query_heads * dims.head_dim);
-            let buffers = |written| [rows, cos, sin, k, v, written, spans];
-            let attend = Launch { grid, block };
-            match shape {
-                AttentionShape::Whole { .. } | AttentionShape::Tiles => {
-                    let tiles = (shape == AttentionShape::Tiles).then(|| memory.input(&tiles));
-                    let args = kernel_args(buffers(out.address), tiles, &dims, shape, scale)
-                        .map_err(|e| e.to_string())?;
-                    // SAFETY: the buffers hold what the kernel reads and writes for these sizes:
-                    // the tensors are shaped by `dims`, the spans stay inside the cache and the
-                    // tiles name the queries.
-                    unsafe { memory.launch(&attend_kernel, attend, &emulated(&args)) }?;
-                }
-                AttentionShape::Chunks { count, .. } => {
-                    let partial = memory.output::<f32>(query_heads * count * (dims.head_dim + 2));
-                    let args = kernel_args(buffers(partial.address), None, &dims, shape, scale)
-                        .map_err(|e| e.to_string())?;
-                    // SAFETY: as above, with partial holding every chunk's record.
-                    unsafe { memory.launch(&attend_kernel, attend, &emulated(&args)) }?;
-                    let args = merge_args([partial.address, out.address], count, dims.head_dim)
-                        .map_err(|e| e.to_string())?;
-                    let merge = Launch {
-                        grid: query_heads as u32,
-                        block: MERGE_THREADS,
+        let out = in_both_placements(
+            &attention_kernel(shape, dims.head_dim, T::SUFFIX),
+            |memory| {
+                let [rows, cos, sin, k, v] = inputs.each_ref().map(|x| memory.input(x));
+                let spans = memory.input(spans);
+                let out = memory.output::<T>(query_heads * dims.head_dim);
+                let buffers = |written, list| [rows, cos, sin, k, v, written, spans, list];
+                // `shape` over `items` (queries, or tiles), writing to `written`, with `list`.
+                let attend =
+                    |memory: &mut optune_cuda_emulator::Memory, shape, items, written, list| {
+                        let args = kernel_args(buffers(written, list), &dims, shape, scale)
+                            .map_err(|e| e.to_string())?;
+                        let (grid, block) = launch_dims(shape, &dims, items);
+                        let kernel = attention_kernel(shape, dims.head_dim, T::SUFFIX);
+                        // SAFETY: the buffers hold what the kernel reads and writes for these sizes: the
+                        // tensors are shaped by `dims`, the spans stay inside the cache, and the tiles or
+                        // the list name queries of the pass (or no list: all of them).
+                        unsafe { memory.launch(&kernel, Launch { grid, block }, &emulated(&args)) }
                     };
-                    // SAFETY: partial holds the records written above, out the output.
-                    unsafe { memory.launch(&merge_kernel, merge, &emulated(&args)) }?;
+                match shape {
+                    AttentionShape::Whole { .. } => {
+                        attend(memory, shape, dims.queries, out.address, 0)?
+                    }
+                    AttentionShape::Tiles { group } => {
+                        // As the CUDA path: the prompt tiles, then the other tokens over their list
+                        // (a pass without prompt tiles, which the CUDA path never tiles, is all list).
+                        if !tiles.is_empty() {
+                            let list = memory.input(&tiles);
+                            attend(memory, shape, tiles.len() / 2, out.address, list)?;
+                        }
+                        if !lone.is_empty() {
+                            let list = memory.input(&lone);
+                            let whole = AttentionShape::Whole { group };
+                            attend(memory, whole, lone.len(), out.address, list)?;
+                        }
+                    }
+                    AttentionShape::Chunks { count, .. } => {
+                        let partial =
+                            memory.output::<f32>(query_heads * count * (dims.head_dim + 2));
+                        attend(memory, shape, dims.queries, partial.address, 0)?;
+                        let args = merge_args([partial.address, out.address], count, dims.head_dim)
+                            .map_err(|e| e.to_string())?;
+                        let merge = Launch {
+                            grid: query_heads as u32,
+                            block: MERGE_THREADS,
+                        };
+                        // SAFETY: partial holds the records written above, out the output.
+                        unsafe { memory.launch(&merge_kernel, merge, &emulated(&args)) }?;
+                    }
                 }
-            }
-            Ok(memory.read(&out))
-        })
+                Ok(memory.read(&out))
+            },
+        )
         .unwrap();
         out.into_iter().map(|x| x.to_f64() as f32).collect()
     }
 
     /// `spans` over a cache of `slots × capacity`, queries the first columns of rows
     /// `[queries, row_width]`, by the kernels tiled (heads up to [`TILE_HEAD`]), whole and cut in
-    /// each of `splits` (count, chunk), each of these with one query head to a block and with
+    /// each of `splits` (count, chunk), the last two with one query head to a block and with
     /// every larger group of heads the head width and the heads of a KV head allow.
     fn check(
         dims: AttentionDims,
@@ -793,7 +829,8 @@ mod emulated {
     ) {
         let most = heads_per_block(dims.heads, dims.kv_heads, dims.head_dim);
         let groups = (0..).map(|k| 1 << k).take_while(|&group| group <= most);
-        let tiled = (dims.head_dim <= TILE_HEAD).then_some(AttentionShape::Tiles);
+        // Tiled, the other tokens take the largest group (the list is read alike by all).
+        let tiled = (dims.head_dim <= TILE_HEAD).then_some(AttentionShape::Tiles { group: most });
         let shapes: Vec<AttentionShape> = tiled
             .into_iter()
             .chain(groups.flat_map(|group| {
@@ -999,13 +1036,14 @@ mod emulated {
             assert!(err.contains("expected auto, whole or split:N"), "{err}");
         }
         // A pass with a prompt chunk: tiled when the heads fit the tiles, unless forced whole.
+        // The pass's decoding tokens then go to the per-token blocks of as many heads as allowed.
         assert_eq!(
             shape_for(true, 128, (2048, 32, 32), 2048, 132, None),
-            AttentionShape::Tiles
+            AttentionShape::Tiles { group: 1 }
         );
         assert_eq!(
             shape_for(true, 64, (1, 32, 4), 1900, 132, Some(ForcedShape::Split(4))),
-            AttentionShape::Tiles
+            AttentionShape::Tiles { group: 4 }
         );
         assert_eq!(
             shape_for(true, 64, (2048, 32, 4), 2048, 132, Some(ForcedShape::Whole)),

@@ -1,8 +1,9 @@
 //! What the KV-cache ops ([`crate::cache_write`], [`crate::cached_attention`]) take besides their
 //! operands, a row per new token of a forward pass: its rotary angles and its span. A pass makes
 //! it once and every layer's ops read it; on the CPU its elements are read out of the tensors
-//! once, by the first op that needs them. A pass that holds prompt tokens also lists them in
-//! tiles (see [`query_tiles`]) for the GPU's tiled attention.
+//! once, by the first op that needs them. On a GPU, a pass that holds prompt tokens also lists
+//! them in tiles (see [`query_tiles`]) for the tiled attention, and its other tokens for the
+//! per-token attention.
 
 use candle_core::{bail, DType, Result, Storage, Tensor};
 use std::sync::OnceLock;
@@ -15,9 +16,14 @@ pub struct TokenTables {
     host_spans: Vec<u32>,
     /// The most positions any token attends over, found once for every layer's launches.
     longest_span: usize,
-    /// [`query_tiles`] of the spans, `[tiles, 2]`, on a GPU when one holds more than one token (a
-    /// prompt chunk is in the pass); none in a pass of decoding tokens alone, nor on the CPU.
+    /// The tiles of [`query_tiles`] that hold more than one token, `[tiles, 2]`, on a GPU when
+    /// there are any (a prompt chunk is in the pass); none in a pass of decoding tokens alone, nor
+    /// on the CPU.
     prompt_tiles: Option<Tensor>,
+    /// With `prompt_tiles`, the pass's other tokens (decoding sequences', idle slots'), `[n]`,
+    /// when there are any.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch
+    lone_tokens: Option<Tensor>,
     /// The angles widened to f32, read out of `cos` and `sin` by the first CPU op that needs
     /// them.
     host_angles: OnceLock<[Vec<f32>; 2]>,
@@ -54,17 +60,18 @@ impl TokenTables {
             );
         }
         // Only the GPU's attention reads them (the CPU's host kernel walks each token's span).
-        let tiles = match cos.device().is_cuda() {
-            true => query_tiles(spans),
-            false => Vec::new(),
+        let (tiles, lone) = match cos.device().is_cuda() {
+            true => tiles_and_lone_tokens(spans),
+            false => Default::default(),
         };
-        let prompt_tiles = match tiles.chunks_exact(2).any(|tile| tile[1] > 1) {
-            true => Some(Tensor::from_slice(
-                &tiles,
-                (tiles.len() / 2, 2),
-                cos.device(),
-            )?),
-            false => None,
+        let upload = |values: &[u32], shape: &[usize]| match values.is_empty() {
+            true => Ok(None),
+            false => Tensor::from_slice(values, shape, cos.device()).map(Some),
+        };
+        let prompt_tiles = upload(&tiles, &[tiles.len() / 2, 2])?;
+        let lone_tokens = match prompt_tiles {
+            Some(_) => upload(&lone, &[lone.len()])?,
+            None => None,
         };
         Ok(Self {
             cos: cos.contiguous()?,
@@ -77,6 +84,7 @@ impl TokenTables {
                 .max()
                 .unwrap_or(0),
             prompt_tiles,
+            lone_tokens,
             host_angles: OnceLock::new(),
         })
     }
@@ -151,27 +159,36 @@ impl TokenTables {
         let (sin_storage, sin_layout) = self.sin.storage_and_layout();
         let (spans_storage, spans_layout) = self.spans.storage_and_layout();
         let tiles_guard = self.prompt_tiles.as_ref().map(|t| t.storage_and_layout());
+        let lone_guard = self.lone_tokens.as_ref().map(|t| t.storage_and_layout());
         let (Storage::Cuda(cos), Storage::Cuda(sin), Storage::Cuda(spans)) =
             (&*cos_storage, &*sin_storage, &*spans_storage)
         else {
             bail!("{op}: the rotary angles or the spans are not on the GPU");
         };
-        let prompt_tiles = match &tiles_guard {
-            None => None,
-            Some((storage, layout)) => match &**storage {
-                Storage::Cuda(tiles) => {
-                    Some(tiles.as_cuda_slice::<u32>()?.slice(layout.start_offset()..))
-                }
-                _ => bail!("{op}: the prompt tiles are not on the GPU"),
-            },
-        };
+        /// A list's device slice, when the tables hold that list.
+        fn list<'a>(
+            op: &str,
+            guard: &'a Option<(candle_core::StorageRef<'_>, &candle_core::Layout)>,
+            what: &str,
+        ) -> Result<Option<candle_core::cuda_backend::cudarc::driver::CudaView<'a, u32>>> {
+            match guard {
+                None => Ok(None),
+                Some((storage, layout)) => match &**storage {
+                    Storage::Cuda(list) => Ok(Some(
+                        list.as_cuda_slice::<u32>()?.slice(layout.start_offset()..),
+                    )),
+                    _ => bail!("{op}: the {what} are not on the GPU"),
+                },
+            }
+        }
         f(DeviceTables {
             cos: cos.as_cuda_slice::<T>()?.slice(cos_layout.start_offset()..),
             sin: sin.as_cuda_slice::<T>()?.slice(sin_layout.start_offset()..),
             spans: spans
                 .as_cuda_slice::<u32>()?
                 .slice(spans_layout.start_offset()..),
-            prompt_tiles,
+            prompt_tiles: list(op, &tiles_guard, "prompt tiles")?,
+            lone_tokens: list(op, &lone_guard, "lone tokens")?,
         })
     }
 }
@@ -183,6 +200,7 @@ pub(crate) struct DeviceTables<'a, T> {
     pub sin: candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>,
     pub spans: candle_core::cuda_backend::cudarc::driver::CudaView<'a, u32>,
     pub prompt_tiles: Option<candle_core::cuda_backend::cudarc::driver::CudaView<'a, u32>>,
+    pub lone_tokens: Option<candle_core::cuda_backend::cudarc::driver::CudaView<'a, u32>>,
 }
 
 /// Tokens per tile (the tiled kernel's TILE_QUERIES).
@@ -215,6 +233,21 @@ pub(crate) fn query_tiles(spans: &[u32]) -> Vec<u32> {
     tiles
 }
 
+/// [`query_tiles`] of the spans parted: the tiles of more than one token (flat `(first token,
+/// count)` pairs; the tiled attention kernel's) and the tokens of the others, in order (the
+/// per-token kernel's).
+pub(crate) fn tiles_and_lone_tokens(spans: &[u32]) -> (Vec<u32>, Vec<u32>) {
+    let mut tiles = Vec::new();
+    let mut lone = Vec::new();
+    for tile in query_tiles(spans).chunks_exact(2) {
+        match tile[1] {
+            1 => lone.push(tile[0]),
+            _ => tiles.extend_from_slice(tile),
+        }
+    }
+    (tiles, lone)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,6 +263,10 @@ mod tests {
         assert_eq!(
             query_tiles(&flat),
             [0, 16, 16, 4, 20, 2, 22, 1, 23, 1, 24, 1]
+        );
+        assert_eq!(
+            tiles_and_lone_tokens(&flat),
+            (vec![0, 16, 16, 4, 20, 2], vec![22, 23, 24])
         );
     }
 }

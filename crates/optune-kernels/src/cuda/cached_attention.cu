@@ -1,9 +1,10 @@
 // Attention of queries over a KV cache, each query over its own slot's cached positions (see
 // src/cached_attention.rs): the decode step (one query per slot) and the prefill of packed prompt
 // chunks (many queries per slot) alike. Two families: the per-token kernels below (one block
-// per query head, or per chunk of its span), which a pass of decoding tokens takes, and the tiled
-// kernel further down (one block per tile of up to 16 prompt tokens and head), which a pass with
-// prompt tokens takes; `shape_for` in the Rust file chooses.
+// per query and group of its heads, or per chunk of its span), which a pass of decoding tokens
+// takes, and the tiled kernel further down (one block per tile of 2 to 16 prompt tokens and
+// head), which takes the prompt tokens of a pass that has some, the per-token kernels taking its
+// other tokens in a second launch; `shape_for` in the Rust file chooses.
 //
 // A block of the per-token kernels attends for one, two or four query heads of one query that
 // share a KV head (g2_, g4_: GQA models such as Mistral-7B, 4 query heads per KV head, or
@@ -88,6 +89,22 @@ __device__ __forceinline__ float chunk_weight(float chunk_max, float overall_max
     return chunk_max == -CUDART_INF_F ? 0.0f : __expf(chunk_max - overall_max);
 }
 
+// Channels lane, lane + 32, ... of the rows of positions start..start + IN_FLIGHT - 1 (those past
+// hi re-read row hi; channels past the head re-read its last) of `cache` from cache_base, as
+// stored, into raw: unconditional loads, none converted or used here.
+template <typename T, int PER_LANE>
+__device__ __forceinline__ void load_rows(const T *__restrict__ cache, T (&raw)[IN_FLIGHT][PER_LANE],
+                                          size_t cache_base, int64_t start, int64_t hi, int lane,
+                                          int head_dim) {
+#pragma unroll
+    for (int p = 0; p < IN_FLIGHT; ++p) {
+        const int64_t position = start + p <= hi ? start + p : hi;
+        const size_t row = cache_base + (size_t)position * head_dim;
+#pragma unroll
+        for (int i = 0; i < PER_LANE; ++i) raw[p][i] = cache[row + min(lane + 32 * i, head_dim - 1)];
+    }
+}
+
 // PER_LANE: channels per lane, head_dim up to 32 · PER_LANE (4: 128, as Llama's and Mistral's
 // heads; 8: 256). Each lane holds 2 · IN_FLIGHT · PER_LANE loaded keys and values, so the narrow
 // form needs half the registers of the wide one and keeps more blocks resident. GROUP: query
@@ -141,32 +158,24 @@ __device__ void cached_attention(const T *__restrict__ q, const T *__restrict__ 
     // Warp-uniform: every lane of a warp takes the same groups and positions.
     for (int64_t start = lo + (int64_t)warp * IN_FLIGHT; start <= hi;
          start += WARPS * IN_FLIGHT) {
-        // Every load unconditional, as stored, and converted only after all of them are issued:
-        // a predicated load converted at once makes the compiler wait on it before the next one
-        // (seen in the sm_90 SASS of the bf16 forms: 6 memory round trips per group instead of
-        // 1). A position past the chunk re-reads its last row and a channel past the head its
-        // last channel; neither is ever used (the weights skip dead positions, and channels past
-        // the head are neither scored, their query being 0, nor written out).
+        // Every load unconditional, as stored, and converted only after all of them are issued,
+        // the keys' first (the scores need them first): a predicated load converted at once
+        // makes the compiler wait on it before the next one (seen in the sm_90 SASS of the bf16
+        // forms: 6 memory round trips per group instead of 1). A position past the chunk
+        // re-reads its last row and a channel past the head its last channel; neither is ever
+        // used (the weights skip dead positions, and channels past the head are scored against
+        // a query of 0 and not written out).
         T key_raw[IN_FLIGHT][PER_LANE];
         T value_raw[IN_FLIGHT][PER_LANE];
-#pragma unroll
-        for (int p = 0; p < IN_FLIGHT; ++p) {
-            const int64_t position = start + p <= hi ? start + p : hi;
-            const size_t row = cache_base + (size_t)position * head_dim;
-#pragma unroll
-            for (int i = 0; i < PER_LANE; ++i) {
-                const int c = min(lane + 32 * i, head_dim - 1);
-                key_raw[p][i] = keys[row + c];
-                value_raw[p][i] = values[row + c];
-            }
-        }
+        load_rows(keys, key_raw, cache_base, start, hi, lane, head_dim);
+        load_rows(values, value_raw, cache_base, start, hi, lane, head_dim);
         float key[IN_FLIGHT][PER_LANE];
         float value[IN_FLIGHT][PER_LANE];
 #pragma unroll
         for (int p = 0; p < IN_FLIGHT; ++p) {
 #pragma unroll
             for (int i = 0; i < PER_LANE; ++i) {
-                key[p][i] = lane + 32 * i < head_dim ? to_float(key_raw[p][i]) : 0.0f;
+                key[p][i] = to_float(key_raw[p][i]);
                 value[p][i] = to_float(value_raw[p][i]);
             }
         }
@@ -288,16 +297,16 @@ __device__ void merge_split_attention(const float *__restrict__ partial, T *__re
     }
 }
 
-// Prompt tiles: up to TILE_QUERIES consecutive tokens of one slot at consecutive positions (a
-// prompt chunk's), listed in tiles [tiles, 2] of (first query, count); a lone token (a decoding
-// sequence's, an idle slot's) is a tile of its own, which the per-token walk above attends. One
-// block per (tile, head), the heads of a tile adjacent. The block turns its queries into shared
+// Prompt tiles: 2 to TILE_QUERIES consecutive tokens of one slot at consecutive positions (a
+// prompt chunk's), listed in tiles [tiles, 2] of (first query, count); the pass's other tokens (a
+// decoding sequence's, an idle slot's) are left to the per-token kernels, launched after this one
+// over a list of them. One block per (tile, head), the heads of a tile adjacent. The block turns its queries into shared
 // memory, then walks the union of their spans TILE_KEYS positions at a time: all its threads load
 // those keys and values into shared memory once for the whole tile (the per-token kernels read each
 // key once per token: 16 times as much for a prompt). Warp w holds queries 4w..4w+3 of the tile:
 // lane j scores position j against all four at once (one key channel read per four products), and
 // each query folds the scores its own span admits into its online softmax. Heads up to TILE_HEAD
-// channels (the shared arrays: 41 KB, and the per-token walk's 2 KB).
+// channels (the shared arrays: 41 KB).
 #define TILE_QUERIES 16
 #define QUERIES_PER_WARP 4
 #define TILE_KEYS 32
@@ -321,15 +330,6 @@ __device__ void tiled_attention(const T *__restrict__ q, const T *__restrict__ c
     const size_t tile = blockIdx.x / heads;
     const size_t first_query = tiles[2 * tile];
     const int count = tiles[2 * tile + 1];
-    if (count == 1) {
-        // A lone token (decoding, in a pass that also prefills): the per-token walk, all four
-        // warps on its one span, not one warp of four on it.
-        cached_attention<T, TILE_HEAD / 32, 1, T, false>(q, cos, sin, keys, values, out, spans,
-                                                         first_query, head, 0, heads, kv_heads,
-                                                         capacity, head_dim, row_width, 1,
-                                                         capacity, scale);
-        return;
-    }
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
     const int kv_head = head / (heads / kv_heads);
@@ -465,16 +465,19 @@ __device__ void tiled_attention(const T *__restrict__ q, const T *__restrict__ c
     }
 }
 
-// Block b attends for head group b % groups of chunk (b / groups) % splits of query
-// b / (groups · splits), groups = heads / GROUP.
+// Block b attends for head group b % groups of chunk (b / groups) % splits of query i =
+// b / (groups · splits), groups = heads / GROUP: the pass's query i, or with a list of `tokens`
+// (the decoding tokens of a pass that also prefills, whose prompt tiles the tiled kernel takes)
+// query tokens[i].
 #define ATTENTION_ENTRY(NAME, T, PER_LANE, GROUP, W, SPLIT)                                        \
     extern "C" __global__ void __launch_bounds__(WARPS * 32)                                       \
         NAME(const T *q, const T *cos, const T *sin, const T *keys, const T *values, W *written,  \
-             const uint32_t *spans, int heads, int kv_heads, int capacity, int head_dim,          \
-             int row_width, int splits, int chunk, float scale) {                                  \
+             const uint32_t *spans, const uint32_t *tokens, int heads, int kv_heads, int capacity, \
+             int head_dim, int row_width, int splits, int chunk, float scale) {                    \
         const int groups = heads / GROUP;                                                          \
+        const size_t index = blockIdx.x / groups / splits;                                         \
         cached_attention<T, PER_LANE, GROUP, W, SPLIT>(                                           \
-            q, cos, sin, keys, values, written, spans, blockIdx.x / groups / splits,               \
+            q, cos, sin, keys, values, written, spans, tokens ? tokens[index] : index,             \
             blockIdx.x % groups, (blockIdx.x / groups) % splits, heads, kv_heads, capacity,        \
             head_dim, row_width, splits, chunk, scale);                                            \
     }
