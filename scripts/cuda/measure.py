@@ -42,8 +42,8 @@ sanitizer rows, which run when the others leave time within --budget-s):
             reading its keys itself: what the tiled kernel is worth).
   gen-1b    The rows of gen-7b on the 1.1B. Its 8 query heads per KV head take blocks of 4
             heads: the largest batch runs once more with OPTUNE_ATTENTION=whole (one head to a
-            block), and its decode after the long prompt compares grouped and split against one
-            head to a block, unsplit.
+            block; a row of its own, grouped/ungrouped), and its decode after the long prompt
+            compares grouped and split against one head to a block, unsplit.
   sanitize  Our kernels and candle's under NVIDIA's compute-sanitizer, on tiny-llama: memcheck (an
             access outside an allocation, a misaligned one, a device error) over opt-gen sampling
             in bf16 (--n 2, chunked prefill: the cache write, cache attention, add+norm, gate and
@@ -1153,18 +1153,32 @@ def decode_weight_bytes(model) -> int:
     return total
 
 
-def gen_row(args, models: Models, role: str, batch: int, peer, ids_all, bytes_per_step: int) -> None:
-    import torch
-
+def gen_command(args, models: Models, role: str, batch: int):
+    """The opt-gen command of a batch row and its count of sequences (its prompts file written)."""
     work = args.work / "gen" / role
     count = args.prompts_batch1 if batch == 1 else batch
     prompts_file = work / f"prompts-{count}.jsonl"
     write_jsonl(prompts_file, [{"prompt_id": f"b{i:03d}", "prompt": PROMPTS[i % len(PROMPTS)]} for i in range(count)])
-    ids = [ids_all[i % len(PROMPTS)] for i in range(count)]
-    pad = 3
     cmd = [args.bin / "opt-gen", "--model", models.path(role), prompts_file, "-o", work / "out.jsonl", "--n", "1",
            "--temperature", "0", "--ignore-eos", "--max-new-tokens", str(args.new_tokens),
            "--batch-size", str(batch), "--device", GPU, "--dtype", "bf16", *device_flags("cuda", "bf16")]
+    return cmd, count
+
+
+def generated_tok_per_s(args, stderr: str, count: int) -> float:
+    """opt-gen's tokens/s from its summary line, after checking it made every token asked for."""
+    s = summary(stderr, "opt-gen")
+    if int(s["new_tokens"]) != count * args.new_tokens:
+        raise RuntimeError(f"opt-gen made {s['new_tokens']} tokens, not {count} x {args.new_tokens}")
+    return float(s["tok_per_s"])
+
+
+def gen_row(args, models: Models, role: str, batch: int, peer, ids_all, bytes_per_step: int) -> None:
+    import torch
+
+    cmd, count = gen_command(args, models, role, batch)
+    ids = [ids_all[i % len(PROMPTS)] for i in range(count)]
+    pad = 3
 
     def peer_generate(batch_ids) -> float:
         width = max(len(x) for x in batch_ids)
@@ -1183,10 +1197,7 @@ def gen_row(args, models: Models, role: str, batch: int, peer, ids_all, bytes_pe
     for _ in range(args.repeats):
         free_torch_memory()
         stderr, peak, how = run(cmd, watch_gpu=True, unit=f"gen:{role}")
-        s = summary(stderr, "opt-gen")
-        if int(s["new_tokens"]) != count * args.new_tokens:
-            raise RuntimeError(f"opt-gen made {s['new_tokens']} tokens, not {count} x {args.new_tokens}")
-        ours.append(float(s["tok_per_s"]))
+        ours.append(generated_tok_per_s(args, stderr, count))
         peaks.append(peak)
         seconds = sum(peer_generate(ids[i:i + batch]) for i in range(0, count, batch))
         theirs.append(count * args.new_tokens / seconds)
@@ -1196,19 +1207,6 @@ def gen_row(args, models: Models, role: str, batch: int, peer, ids_all, bytes_pe
     def roof(tok_s):
         return None if bw is None else bytes_per_step * tok_s / batch / bw * 100
 
-    # A GQA model's largest batch once more with one query head to a block (OPTUNE_ATTENTION=whole:
-    # each head reads its KV head's keys and values itself, as before 2026-12-01; short prompts, so
-    # the prefill's tiles, also off, weigh little): what sharing them across a block is worth.
-    grouping = ""
-    config = peer.config
-    if batch == max(args.batches) and config.num_key_value_heads < config.num_attention_heads:
-        free_torch_memory()
-        stderr, _, _ = run(cmd, unit=f"gen:{role}", env={"OPTUNE_ATTENTION": "whole"})
-        ungrouped = float(summary(stderr, "opt-gen")["tok_per_s"])
-        grouping = (f"; one query head to a block (OPTUNE_ATTENTION=whole, one run): {ungrouped:,.1f} tok/s, "
-                    f"grouped/ungrouped {ratio(o, ungrouped)} (above 1 favours the groups)")
-        REPORT.raw.setdefault("gen_ungrouped", []).append({"role": role, "batch": batch,
-                                                           "optune_tok_per_s": ungrouped})
     goals = ""
     if role == "7b" and batch == 64:
         goals = f"; goal ≥ 3x transformers: {'met' if o >= 3 * t else 'not met'}"
@@ -1218,10 +1216,28 @@ def gen_row(args, models: Models, role: str, batch: int, peer, ids_all, bytes_pe
                f"{', median of ' + str(args.repeats) + ' runs' if args.repeats > 1 else ''})",
                f"{o:,.1f}", f"{t:,.1f}", ratio(o, t),
                f"roof: optune {fmt(roof(o), '.1f')} %, peer {fmt(roof(t), '.1f')} %; optune peak GiB "
-               f"{fmt(max((p for p in peaks if p is not None), default=None), '.1f')} ({how}){grouping}{goals}")
+               f"{fmt(max((p for p in peaks if p is not None), default=None), '.1f')} ({how}){goals}")
     REPORT.raw.setdefault("gen", []).append({"role": role, "batch": batch, "prompts": count, "optune": ours,
                                              "transformers": theirs, "optune_peak_gib": peaks,
                                              "weight_bytes_per_step": bytes_per_step})
+
+
+def ungrouped_row(args, models: Models, role: str, batch: int) -> None:
+    """A GQA model's batch row once more with one query head to a block (OPTUNE_ATTENTION=whole:
+    each head reads its KV head's keys and values itself, as before 2026-12-01; the prompts are
+    short, so the prefill's tiles, also off, weigh little): what sharing them across a block is
+    worth, against the row's own median."""
+    cmd, count = gen_command(args, models, role, batch)
+    free_torch_memory()
+    stderr, _, _ = run(cmd, unit=f"gen:{role}", env={"OPTUNE_ATTENTION": "whole"})
+    ungrouped = generated_tok_per_s(args, stderr, count)
+    grouped = [g for g in REPORT.raw.get("gen", []) if g["role"] == role and g["batch"] == batch]
+    o = statistics.median(grouped[0]["optune"]) if grouped else None
+    REPORT.row(f"gen {role}", f"tok/s at batch {batch}, one query head to a block (OPTUNE_ATTENTION=whole, one run)",
+               f"{ungrouped:,.1f}", "", "",
+               f"grouped/ungrouped {ratio(o, ungrouped)} (the batch row's median over this; above 1 "
+               "favours the groups)")
+    REPORT.raw.setdefault("gen_ungrouped", []).append({"role": role, "batch": batch, "optune_tok_per_s": ungrouped})
 
 
 def stage_gen(args, models: Models, role: str) -> None:
@@ -1261,6 +1277,15 @@ def stage_gen(args, models: Models, role: str) -> None:
             continue
         guarded(f"gen {role}", f"tok/s at batch {batch}",
                 lambda: gen_row(args, models, role, batch, models.peer(role), state["ids"], state["bytes"]))
+    # A GQA model's largest batch with one query head to a block, as a row of its own.
+    config = models.peer(role).config
+    if config.num_key_value_heads < config.num_attention_heads:
+        batch = max(args.batches)
+        if BUDGET.allows(f"gen:{role}"):
+            guarded(f"gen {role}", f"tok/s at batch {batch}, one query head to a block",
+                    lambda: ungrouped_row(args, models, role, batch))
+        else:
+            BUDGET.skip(f"gen {role}", f"tok/s at batch {batch}, one query head to a block", f"gen:{role}")
     if BUDGET.allows(f"prefill:{role}"):
         guarded(f"gen {role}", "prefill of a long prompt", lambda: prefill_row(args, models, role))
     else:
@@ -1268,10 +1293,10 @@ def stage_gen(args, models: Models, role: str) -> None:
 
 
 def prefill_row(args, models: Models, role: str) -> None:
-    """One long prompt, one new token: the prefill alone. opt-gen attends each prompt token over
-    its slot through the cache kernel (one block per token and head, keys read per token), where
-    transformers runs sdpa over the whole prompt; this row says what that costs on long prompts.
-    Then a second row: the decode steps after that prompt, per token."""
+    """One long prompt, one new token: the prefill alone. opt-gen attends the prompt's tokens over
+    their slot through the tiled cache kernel (tiles of 16 tokens sharing each key they load, on
+    CUDA cores), where transformers runs sdpa over the whole prompt; this row says what that
+    costs on long prompts. Then a second row: the decode steps after that prompt, per token."""
     import torch
 
     work = args.work / "gen" / role

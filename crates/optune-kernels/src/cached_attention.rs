@@ -134,7 +134,8 @@ enum ForcedShape {
     /// `whole`: one block per query head everywhere, prompts included (no tiles, no split, no
     /// heads sharing a block): the launch of before 2026-12-01.
     Whole,
-    /// `split:N`: a decode step's spans in N chunks (`split:1`: whole); prompts still tiled.
+    /// `split:N`: a decode step's spans in N chunks (`split:1`: unsplit, the heads still grouped);
+    /// prompts still tiled.
     Split(usize),
 }
 
@@ -233,19 +234,73 @@ fn parse_forced_shape(value: &str) -> std::result::Result<Option<ForcedShape>, S
 /// The attention kernel for heads `head_dim` wide, launched as `shape`, of the storage type
 /// `suffix` (`f32`, `bf16`, `f16`); the merging kernel is `cached_attention_merge_{suffix}`.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
-fn attention_kernel(shape: AttentionShape, head_dim: usize, suffix: &str) -> String {
+fn attention_kernel(shape: AttentionShape, head_dim: usize, suffix: &str) -> Result<String> {
+    // The block counts of `launch_dims` assume the group the kernel takes.
     let form = |group| match (head_dim > NARROW_HEAD, group) {
-        (true, _) => "wide_".to_string(),
-        (false, 1) => String::new(),
-        (false, group) => format!("g{group}_"),
+        (true, 1) => Ok("wide_".to_string()),
+        (false, 1) => Ok(String::new()),
+        (false, 2 | 4) => Ok(format!("g{group}_")),
+        _ => Err(candle_core::Error::msg(format!(
+            "cached_attention: no kernel for {group} heads of {head_dim} channels to a block"
+        ))),
     };
-    match shape {
-        AttentionShape::Whole { group } => format!("cached_attention_{}{suffix}", form(group)),
+    Ok(match shape {
+        AttentionShape::Whole { group } => format!("cached_attention_{}{suffix}", form(group)?),
         AttentionShape::Chunks { group, .. } => {
-            format!("cached_attention_split_{}{suffix}", form(group))
+            format!("cached_attention_split_{}{suffix}", form(group)?)
         }
         AttentionShape::Tiles { .. } => format!("cached_attention_tiled_{suffix}"),
-    }
+    })
+}
+
+/// The list an attention launch reads (its kernel's `tokens` or `tiles` argument).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
+enum LaunchList {
+    /// None (a null pointer): the per-token kernel attends for every query of the pass.
+    AllQueries,
+    /// The pass's prompt tiles, `[tiles, 2]` ([`TokenTables`]' `prompt_tiles`).
+    PromptTiles,
+    /// The pass's other tokens, `[n]` (`lone_tokens`).
+    LoneTokens,
+}
+
+/// One kernel launch of the op: `shape` over `items` (queries or tiles) read from `list`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
+struct AttentionLaunch {
+    shape: AttentionShape,
+    items: usize,
+    list: LaunchList,
+}
+
+/// The attention launches that make the output of a pass of `queries` queries launched as
+/// `shape`, with `tiles` prompt tiles and `lone` other tokens (the token tables' lists): tiled,
+/// the prompt tiles, then the other tokens by the per-token kernel grouped alike; else one
+/// launch over every query (split, the merging launch follows it). Launches over nothing are left
+/// out. The CUDA launch and the emulated tests both follow this plan.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
+fn attention_launches(
+    shape: AttentionShape,
+    queries: usize,
+    tiles: usize,
+    lone: usize,
+) -> Vec<AttentionLaunch> {
+    let launch = |shape, items, list| AttentionLaunch { shape, items, list };
+    let launches = match shape {
+        AttentionShape::Tiles { group } => vec![
+            launch(shape, tiles, LaunchList::PromptTiles),
+            launch(
+                AttentionShape::Whole { group },
+                lone,
+                LaunchList::LoneTokens,
+            ),
+        ],
+        AttentionShape::Whole { .. } | AttentionShape::Chunks { .. } => {
+            vec![launch(shape, queries, LaunchList::AllQueries)]
+        }
+    };
+    launches.into_iter().filter(|l| l.items > 0).collect()
 }
 
 /// The attention kernel's launch for `items` queries of `dims` launched as `shape` (tiles, for
@@ -277,17 +332,25 @@ struct AttentionDims {
 /// The attention kernels' arguments (src/cuda/cached_attention.cu): the addresses of the rows,
 /// the angles `cos`, `sin [queries, head_dim/2]`, the keys, the values, the output (`out
 /// [queries, heads, head_dim]`, or split the f32 partial results `[queries, heads, count,
-/// head_dim + 2]`), the spans `[queries, 3]` and a list: tiled the tiles `[tiles, 2]`, else the
-/// queries to attend for (`[n]`; 0, a null pointer, for all of them); then the sizes, the split
-/// (not tiled) and the scale. The CUDA launch and the emulated tests both pass this list.
+/// head_dim + 2]`), the spans `[queries, 3]` and `list`'s: tiled the tiles `[tiles, 2]`, else the
+/// queries to attend for (`[n]`; none, a null pointer, for all of them); then the sizes, the
+/// split (not tiled) and the scale. The CUDA launch and the emulated tests both pass this list.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
 fn kernel_args(
-    buffers: [u64; 8],
+    buffers: [u64; 7],
+    list: Option<u64>,
     dims: &AttentionDims,
     shape: AttentionShape,
     scale: f32,
 ) -> Result<Vec<KernelArg>> {
+    let list = match (shape, list) {
+        (AttentionShape::Tiles { .. }, None) => {
+            bail!("cached_attention: a tiled launch without its tiles")
+        }
+        (_, list) => list.unwrap_or(0),
+    };
     let mut args = buffers.map(KernelArg::Pointer).to_vec();
+    args.push(KernelArg::Pointer(list));
     for (size, what) in [
         (dims.heads, "heads"),
         (dims.kv_heads, "kv_heads"),
@@ -469,13 +532,6 @@ impl CustomOp3 for CachedAttention<'_> {
                 AttentionShape::Whole { .. } | AttentionShape::Tiles { .. } => None,
             };
             let module = "optune_cached_attention";
-            let kernel = |shape| {
-                device.get_or_load_custom_func(
-                    &attention_kernel(shape, head_dim, suffix),
-                    module,
-                    PTX,
-                )
-            };
             let scale = op.scale as f32;
             op.tables.on_device::<T, _>("cached_attention", |tables| {
                 // The guards order the launches after the buffers' last writes and record them.
@@ -486,60 +542,55 @@ impl CustomOp3 for CachedAttention<'_> {
                 let (v_at, _v) = v.device_ptr(&stream);
                 let (spans_at, _spans) = tables.spans.device_ptr(&stream);
                 let (out_at, _out) = out.device_ptr_mut(&stream);
-                let buffers =
-                    |written, list| [q_at, cos_at, sin_at, k_at, v_at, written, spans_at, list];
-                // SAFETY (each launch below): the list is the kernel's; the buffers hold
-                // queries·row_width (the rows, each with its query's heads·d columns first),
-                // queries·heads·d (out) or queries·heads·count·(d+2) (partial, f32), queries·d/2
-                // (cos, sin), slots·kv_heads·capacity·d (k, v), 3·queries (spans), and 2·tiles
-                // (tiles) or n (a list of queries) elements, each naming queries of the pass,
-                // checked by `cached_attention` and `TokenTables::new`, as are the slots and
-                // positions the spans name (inside the cache). The guards live to the end of the
-                // closure.
-                match shape {
-                    AttentionShape::Tiles { group } => {
-                        let Some(tiles) = tables.prompt_tiles.as_ref() else {
-                            bail!("cached_attention: a tiled launch in a pass without prompt tiles")
-                        };
-                        let (tiles_at, _tiles) = tiles.device_ptr(&stream);
-                        let args = kernel_args(buffers(out_at, tiles_at), &dims, shape, scale)?;
-                        let grid = launch_dims(shape, &dims, tiles.len() / 2);
-                        // SAFETY: as above.
-                        unsafe { launch_kernel(kernel(shape)?.builder(), config(grid), &args) }?;
-                        if let Some(lone) = tables.lone_tokens.as_ref() {
-                            let whole = AttentionShape::Whole { group };
-                            let (lone_at, _lone) = lone.device_ptr(&stream);
-                            let args = kernel_args(buffers(out_at, lone_at), &dims, whole, scale)?;
-                            let grid = launch_dims(whole, &dims, lone.len());
-                            // SAFETY: as above.
-                            unsafe {
-                                launch_kernel(kernel(whole)?.builder(), config(grid), &args)
-                            }?;
-                        }
+                let partial = partial.as_mut().map(|p| p.device_ptr_mut(&stream));
+                let tiles = tables
+                    .prompt_tiles
+                    .as_ref()
+                    .map(|t| (t.len() / 2, t.device_ptr(&stream)));
+                let lone = tables
+                    .lone_tokens
+                    .as_ref()
+                    .map(|t| (t.len(), t.device_ptr(&stream)));
+                let length = |list: &Option<(usize, _)>| list.as_ref().map_or(0, |(n, _)| *n);
+                let plan = attention_launches(shape, queries, length(&tiles), length(&lone));
+                for launch in plan {
+                    let list = match launch.list {
+                        LaunchList::AllQueries => None,
+                        LaunchList::PromptTiles => tiles.as_ref().map(|(_, (at, _))| *at),
+                        LaunchList::LoneTokens => lone.as_ref().map(|(_, (at, _))| *at),
+                    };
+                    let written_at = match launch.shape {
+                        AttentionShape::Chunks { .. } => partial.as_ref().map(|(at, _)| *at),
+                        _ => Some(out_at),
                     }
-                    AttentionShape::Whole { .. } | AttentionShape::Chunks { .. } => {
-                        let partial = partial.as_mut().map(|p| p.device_ptr_mut(&stream));
-                        let written_at = partial.as_ref().map_or(out_at, |(at, _)| *at);
-                        // No list: every query of the pass.
-                        let args = kernel_args(buffers(written_at, 0), &dims, shape, scale)?;
-                        let grid = launch_dims(shape, &dims, queries);
-                        // SAFETY: as above.
-                        unsafe { launch_kernel(kernel(shape)?.builder(), config(grid), &args) }?;
-                        if let (AttentionShape::Chunks { count, .. }, Some((partial_at, _))) =
-                            (shape, &partial)
-                        {
-                            let merge = device.get_or_load_custom_func(
-                                &format!("cached_attention_merge_{suffix}"),
-                                module,
-                                PTX,
-                            )?;
-                            let args = merge_args([*partial_at, out_at], count, head_dim)?;
-                            let grid = (query_heads as u32, MERGE_THREADS);
-                            // SAFETY: the merging kernel's list; partial holds the
-                            // query_heads·count records of d+2 the launch above wrote, out
-                            // query_heads·d elements.
-                            unsafe { launch_kernel(merge.builder(), config(grid), &args) }?;
-                        }
+                    .ok_or_else(|| {
+                        candle_core::Error::msg("cached_attention: no partial buffer")
+                    })?;
+                    let buffers = [q_at, cos_at, sin_at, k_at, v_at, written_at, spans_at];
+                    let args = kernel_args(buffers, list, &dims, launch.shape, scale)?;
+                    let kernel = attention_kernel(launch.shape, head_dim, suffix)?;
+                    let attend = device.get_or_load_custom_func(&kernel, module, PTX)?;
+                    let grid = launch_dims(launch.shape, &dims, launch.items);
+                    // SAFETY: the list is the kernel's; the buffers hold queries·row_width
+                    // (the rows, each with its query's heads·d columns first), queries·heads·d
+                    // (out) or queries·heads·count·(d+2) (partial, f32), queries·d/2 (cos,
+                    // sin), slots·kv_heads·capacity·d (k, v), 3·queries (spans), and 2·tiles
+                    // (tiles) or n (a list of queries) elements, each naming queries of the
+                    // pass, checked by `cached_attention` and `TokenTables::new`, as are the
+                    // slots and positions the spans name (inside the cache). The guards live to
+                    // the end of the closure.
+                    unsafe { launch_kernel(attend.builder(), config(grid), &args) }?;
+                    if let AttentionShape::Chunks { count, .. } = launch.shape {
+                        let merge = device.get_or_load_custom_func(
+                            &format!("cached_attention_merge_{suffix}"),
+                            module,
+                            PTX,
+                        )?;
+                        let args = merge_args([written_at, out_at], count, head_dim)?;
+                        let grid = (query_heads as u32, MERGE_THREADS);
+                        // SAFETY: the merging kernel's list; partial holds the query_heads·count
+                        // records of d+2 the launch above wrote, out query_heads·d elements.
+                        unsafe { launch_kernel(merge.builder(), config(grid), &args) }?;
                     }
                 }
                 Ok(())
@@ -759,59 +810,52 @@ mod emulated {
         let query_heads = dims.queries * dims.heads;
         let (tiles, lone) = crate::token_tables::tiles_and_lone_tokens(spans);
         let merge_kernel = format!("cached_attention_merge_{}", T::SUFFIX);
-        let out = in_both_placements(
-            &attention_kernel(shape, dims.head_dim, T::SUFFIX),
-            |memory| {
-                let [rows, cos, sin, k, v] = inputs.each_ref().map(|x| memory.input(x));
-                let spans = memory.input(spans);
-                let out = memory.output::<T>(query_heads * dims.head_dim);
-                let buffers = |written, list| [rows, cos, sin, k, v, written, spans, list];
-                // `shape` over `items` (queries, or tiles), writing to `written`, with `list`.
-                let attend =
-                    |memory: &mut optune_cuda_emulator::Memory, shape, items, written, list| {
-                        let args = kernel_args(buffers(written, list), &dims, shape, scale)
-                            .map_err(|e| e.to_string())?;
-                        let (grid, block) = launch_dims(shape, &dims, items);
-                        let kernel = attention_kernel(shape, dims.head_dim, T::SUFFIX);
-                        // SAFETY: the buffers hold what the kernel reads and writes for these sizes: the
-                        // tensors are shaped by `dims`, the spans stay inside the cache, and the tiles or
-                        // the list name queries of the pass (or no list: all of them).
-                        unsafe { memory.launch(&kernel, Launch { grid, block }, &emulated(&args)) }
+        let first_kernel = attention_kernel(shape, dims.head_dim, T::SUFFIX).unwrap();
+        let out = in_both_placements(&first_kernel, |memory| {
+            let [rows, cos, sin, k, v] = inputs.each_ref().map(|x| memory.input(x));
+            let spans = memory.input(spans);
+            let out = memory.output::<T>(query_heads * dims.head_dim);
+            let tiles_at = (!tiles.is_empty()).then(|| memory.input(&tiles));
+            let lone_at = (!lone.is_empty()).then(|| memory.input(&lone));
+            // The CUDA path's plan; a pass without prompt tiles (which the CUDA path never tiles)
+            // is all lone tokens.
+            for launch in attention_launches(shape, dims.queries, tiles.len() / 2, lone.len()) {
+                let list = match launch.list {
+                    LaunchList::AllQueries => None,
+                    LaunchList::PromptTiles => tiles_at,
+                    LaunchList::LoneTokens => lone_at,
+                };
+                let partial = match launch.shape {
+                    AttentionShape::Chunks { count, .. } => Some((
+                        count,
+                        memory.output::<f32>(query_heads * count * (dims.head_dim + 2)),
+                    )),
+                    _ => None,
+                };
+                let written = partial.as_ref().map_or(out.address, |(_, p)| p.address);
+                let buffers = [rows, cos, sin, k, v, written, spans];
+                let args = kernel_args(buffers, list, &dims, launch.shape, scale)
+                    .map_err(|e| e.to_string())?;
+                let (grid, block) = launch_dims(launch.shape, &dims, launch.items);
+                let kernel = attention_kernel(launch.shape, dims.head_dim, T::SUFFIX)
+                    .map_err(|e| e.to_string())?;
+                // SAFETY: the buffers hold what the kernel reads and writes for these sizes: the
+                // tensors are shaped by `dims`, the spans stay inside the cache, and the tiles or
+                // the list name queries of the pass (or no list: all of them).
+                unsafe { memory.launch(&kernel, Launch { grid, block }, &emulated(&args)) }?;
+                if let Some((count, partial)) = partial {
+                    let args = merge_args([partial.address, out.address], count, dims.head_dim)
+                        .map_err(|e| e.to_string())?;
+                    let merge = Launch {
+                        grid: query_heads as u32,
+                        block: MERGE_THREADS,
                     };
-                match shape {
-                    AttentionShape::Whole { .. } => {
-                        attend(memory, shape, dims.queries, out.address, 0)?
-                    }
-                    AttentionShape::Tiles { group } => {
-                        // As the CUDA path: the prompt tiles, then the other tokens over their list
-                        // (a pass without prompt tiles, which the CUDA path never tiles, is all list).
-                        if !tiles.is_empty() {
-                            let list = memory.input(&tiles);
-                            attend(memory, shape, tiles.len() / 2, out.address, list)?;
-                        }
-                        if !lone.is_empty() {
-                            let list = memory.input(&lone);
-                            let whole = AttentionShape::Whole { group };
-                            attend(memory, whole, lone.len(), out.address, list)?;
-                        }
-                    }
-                    AttentionShape::Chunks { count, .. } => {
-                        let partial =
-                            memory.output::<f32>(query_heads * count * (dims.head_dim + 2));
-                        attend(memory, shape, dims.queries, partial.address, 0)?;
-                        let args = merge_args([partial.address, out.address], count, dims.head_dim)
-                            .map_err(|e| e.to_string())?;
-                        let merge = Launch {
-                            grid: query_heads as u32,
-                            block: MERGE_THREADS,
-                        };
-                        // SAFETY: partial holds the records written above, out the output.
-                        unsafe { memory.launch(&merge_kernel, merge, &emulated(&args)) }?;
-                    }
+                    // SAFETY: partial holds the records written above, out the output.
+                    unsafe { memory.launch(&merge_kernel, merge, &emulated(&args)) }?;
                 }
-                Ok(memory.read(&out))
-            },
-        )
+            }
+            Ok(memory.read(&out))
+        })
         .unwrap();
         out.into_iter().map(|x| x.to_f64() as f32).collect()
     }
@@ -1050,5 +1094,58 @@ mod emulated {
             whole
         );
         assert_eq!(shape_for(true, 256, (2048, 8, 8), 2048, 132, None), whole);
+    }
+
+    #[test]
+    fn the_launch_plan_covers_every_query_once_and_refuses_what_no_kernel_takes() {
+        let launch = |shape, items, list| AttentionLaunch { shape, items, list };
+        // A pass that prefills: its 3 prompt tiles, then its 5 other tokens grouped; none left.
+        let tiled = AttentionShape::Tiles { group: 4 };
+        assert_eq!(
+            attention_launches(tiled, 40, 3, 5),
+            [
+                launch(tiled, 3, LaunchList::PromptTiles),
+                launch(
+                    AttentionShape::Whole { group: 4 },
+                    5,
+                    LaunchList::LoneTokens
+                ),
+            ]
+        );
+        assert_eq!(
+            attention_launches(tiled, 32, 2, 0),
+            [launch(tiled, 2, LaunchList::PromptTiles)]
+        );
+        let split = AttentionShape::Chunks {
+            count: 3,
+            chunk: 64,
+            group: 2,
+        };
+        assert_eq!(
+            attention_launches(split, 7, 0, 0),
+            [launch(split, 7, LaunchList::AllQueries)]
+        );
+        // A wide head takes one head to a block only; a tiled launch takes its tiles.
+        let err = attention_kernel(AttentionShape::Whole { group: 2 }, 256, "bf16").unwrap_err();
+        assert!(
+            err.to_string().contains("no kernel for 2 heads of 256"),
+            "{err}"
+        );
+        assert_eq!(
+            attention_kernel(AttentionShape::Whole { group: 4 }, 128, "bf16").unwrap(),
+            "cached_attention_g4_bf16"
+        );
+        let dims = AttentionDims {
+            queries: 2,
+            row_width: 64,
+            heads: 2,
+            head_dim: 32,
+            kv_heads: 1,
+            capacity: 8,
+        };
+        let err = kernel_args([1; 7], None, &dims, tiled, 1.0).unwrap_err();
+        assert!(err.to_string().contains("without its tiles"), "{err}");
+        let args = kernel_args([1; 7], None, &dims, AttentionShape::Whole { group: 2 }, 1.0);
+        assert_eq!(args.unwrap()[7], KernelArg::Pointer(0));
     }
 }

@@ -93,26 +93,28 @@ __device__ __forceinline__ float chunk_weight(float chunk_max, float overall_max
 // hi re-read row hi; channels past the head re-read its last) of `cache` from cache_base, as
 // stored, into raw: unconditional loads, none converted or used here.
 template <typename T, int PER_LANE>
-__device__ __forceinline__ void load_rows(const T *__restrict__ cache, T (&raw)[IN_FLIGHT][PER_LANE],
-                                          size_t cache_base, int64_t start, int64_t hi, int lane,
-                                          int head_dim) {
+__device__ __forceinline__ void load_rows(const T *__restrict__ cache,
+                                          T (&raw)[IN_FLIGHT][PER_LANE], size_t cache_base,
+                                          int64_t start, int64_t hi, int lane, int head_dim) {
 #pragma unroll
     for (int p = 0; p < IN_FLIGHT; ++p) {
         const int64_t position = start + p <= hi ? start + p : hi;
         const size_t row = cache_base + (size_t)position * head_dim;
 #pragma unroll
-        for (int i = 0; i < PER_LANE; ++i) raw[p][i] = cache[row + min(lane + 32 * i, head_dim - 1)];
+        for (int i = 0; i < PER_LANE; ++i) {
+            raw[p][i] = cache[row + min(lane + 32 * i, head_dim - 1)];
+        }
     }
 }
 
 // PER_LANE: channels per lane, head_dim up to 32 · PER_LANE (4: 128, as Llama's and Mistral's
 // heads; 8: 256). Each lane holds 2 · IN_FLIGHT · PER_LANE loaded keys and values, so the narrow
-// form needs half the registers of the wide one and keeps more blocks resident. GROUP: query
-// heads of one KV head the block attends for at once, heads group·GROUP .. group·GROUP + GROUP - 1
-// (all of one KV head's: the launch checks), so that each key and value it loads serves GROUP
-// heads, where a block per head would read them GROUP times (from L2, at best). W: what the block
-// writes, T (the output, unsplit) or float (its chunk's records, split). The block attends for
-// query `query_id`, chunk `split` of `splits`.
+// form needs fewer registers than the wide one and keeps more blocks resident. GROUP: query
+// heads the block attends for at once, heads group·GROUP .. group·GROUP + GROUP - 1, all of one
+// KV head (GROUP divides the heads of a KV head: `heads_per_block` in the Rust file), so that
+// each key and value it loads serves GROUP heads, where a block per head would read them GROUP
+// times (from L2, at best). W: what the block writes, T (the output, unsplit) or float (its
+// chunk's records, split). The block attends for query `query_id`, chunk `split` of `splits`.
 template <typename T, int PER_LANE, int GROUP, typename W, bool SPLIT>
 __device__ void cached_attention(const T *__restrict__ q, const T *__restrict__ cos,
                                  const T *__restrict__ sin, const T *__restrict__ keys,
@@ -297,16 +299,16 @@ __device__ void merge_split_attention(const float *__restrict__ partial, T *__re
     }
 }
 
-// Prompt tiles: 2 to TILE_QUERIES consecutive tokens of one slot at consecutive positions (a
-// prompt chunk's), listed in tiles [tiles, 2] of (first query, count); the pass's other tokens (a
-// decoding sequence's, an idle slot's) are left to the per-token kernels, launched after this one
-// over a list of them. One block per (tile, head), the heads of a tile adjacent. The block turns its queries into shared
-// memory, then walks the union of their spans TILE_KEYS positions at a time: all its threads load
-// those keys and values into shared memory once for the whole tile (the per-token kernels read each
-// key once per token: 16 times as much for a prompt). Warp w holds queries 4w..4w+3 of the tile:
-// lane j scores position j against all four at once (one key channel read per four products), and
-// each query folds the scores its own span admits into its online softmax. Heads up to TILE_HEAD
-// channels (the shared arrays: 41 KB).
+// Prompt tiles: 2 to TILE_QUERIES consecutive tokens of one slot at consecutive positions (a prompt
+// chunk's), listed in tiles [tiles, 2] of (first query, count); the pass's other tokens (a decoding
+// sequence's, an idle slot's) are left to the per-token kernels, launched after this one over a
+// list of them. One block per (tile, head), the heads of a tile adjacent. The block turns its
+// queries into shared memory, then walks the union of their spans TILE_KEYS positions at a time:
+// all its threads load those keys and values into shared memory once for the whole tile (the
+// per-token kernels read each key once per token: 16 times as much for a prompt). Warp w holds
+// queries 4w..4w+3 of the tile: lane j scores position j against all four at once (one key channel
+// read per four products), and each query folds the scores its own span admits into its online
+// softmax. Heads up to TILE_HEAD channels (the shared arrays: 41 KB).
 #define TILE_QUERIES 16
 #define QUERIES_PER_WARP 4
 #define TILE_KEYS 32
