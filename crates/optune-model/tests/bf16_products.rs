@@ -6,10 +6,9 @@ use optune_kernels::{bf16_products_available, set_f32_product_precision, Product
 use optune_model::generate::{generate, stream_seed, GenerationRequest, SamplingParams};
 use optune_model::{load_model, Transformer};
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 fn tiny_llama() -> Transformer {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/models/tiny-llama");
+    let dir = optune_testkit::workspace_root().join("testdata/models/tiny-llama");
     load_model(&dir, DType::F32, &Device::Cpu).unwrap().0
 }
 

@@ -5,8 +5,8 @@ use optune_model::{load_model, save_checkpoint};
 use std::path::{Path, PathBuf};
 
 fn model_dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../testdata/models")
+    optune_testkit::workspace_root()
+        .join("testdata/models")
         .join(name)
 }
 

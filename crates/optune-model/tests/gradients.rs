@@ -4,11 +4,10 @@
 use candle_core::{DType, Device, Tensor, Var};
 use optune_model::{sequence_logprobs, Checkpoint, TokenizedPair, Transformer};
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 fn model_with_vars(name: &str) -> (Transformer, Vec<(String, Var)>) {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../testdata/models")
+    let dir = optune_testkit::workspace_root()
+        .join("testdata/models")
         .join(name);
     let ckpt = Checkpoint::read(&dir, &Device::Cpu).unwrap();
     let mut vars = Vec::new();

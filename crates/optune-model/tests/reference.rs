@@ -10,7 +10,7 @@ use serde_json::Value;
 use std::path::PathBuf;
 
 fn testdata() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata")
+    optune_testkit::workspace_root().join("testdata")
 }
 
 fn reference(name: &str) -> Value {

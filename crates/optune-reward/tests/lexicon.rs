@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use optune_reward::SentimentLexicon;
 
 fn testdata(relative: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR"))
         .join("testdata")
         .join(relative)
 }

@@ -8,9 +8,11 @@ use optune_reward::{RewardCommand, RewardRequest};
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 fn spawn_script(script: &str, extra_args: &[String], timeout: Duration) -> RewardCommand {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("testdata/reward_cmd")
-        .join(script);
+    let path = Path::new(
+        &std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR"),
+    )
+    .join("testdata/reward_cmd")
+    .join(script);
     let mut args = vec![path.display().to_string()];
     args.extend_from_slice(extra_args);
     RewardCommand::spawn("python3", &args, timeout).expect("python3 starts")

@@ -589,7 +589,11 @@ mod tests {
     ///   c: iter1 (0.1, 0.1)  [kept]            iter3 (0.1, 0.1)   two rounds, both flat
     fn three_iterations() -> [Shard; 3] {
         [1, 2, 3].map(|i| {
-            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!(
+            let path = std::path::Path::new(
+                &std::env::var_os("CARGO_MANIFEST_DIR")
+                    .expect("cargo test sets CARGO_MANIFEST_DIR"),
+            )
+            .join(format!(
                 "../../testdata/shards/history/scored-iter{i}.jsonl"
             ));
             Shard::read(Some(&path)).unwrap()

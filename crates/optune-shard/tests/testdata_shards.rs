@@ -5,7 +5,7 @@ use optune_shard::{write_shard, Destination, Message, OutputFormat, PromptText, 
 use std::path::{Path, PathBuf};
 
 fn testdata(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR"))
         .join("../../testdata/shards")
         .join(name)
 }

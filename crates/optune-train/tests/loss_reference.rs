@@ -14,10 +14,11 @@ use optune_train::loss::{
 };
 use serde::Deserialize;
 
-const REFERENCE: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../../testdata/reference/losses.json"
-);
+/// The committed reference values (their `generator` field names the script that made them).
+fn reference_path() -> std::path::PathBuf {
+    optune_testkit::workspace_root().join("testdata/reference/losses.json")
+}
+
 const TOLERANCE: f64 = 1e-5;
 
 fn t32(values: &[f32]) -> Tensor {
@@ -506,7 +507,7 @@ struct MethodReference {
 }
 
 fn method_reference() -> MethodReference {
-    serde_json::from_str(&std::fs::read_to_string(REFERENCE).unwrap()).unwrap()
+    serde_json::from_str(&std::fs::read_to_string(reference_path()).unwrap()).unwrap()
 }
 
 #[test]
@@ -596,7 +597,7 @@ fn scalar(t: &Tensor) -> f64 {
 #[test]
 fn matches_trl_dpo_loss() {
     let reference: Reference =
-        serde_json::from_str(&std::fs::read_to_string(REFERENCE).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(reference_path()).unwrap()).unwrap();
     assert_eq!(reference.cases.len(), 16);
     for case in &reference.cases {
         let logps = match case.logps.as_str() {

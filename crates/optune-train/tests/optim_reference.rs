@@ -10,10 +10,11 @@ use candle_core::{DType, Device, Tensor, Var};
 use optune_train::optim::{clip_grad_norm, Algorithm, Decay, Optimizer, ParamGroup, Schedule};
 use serde::Deserialize;
 
-const REFERENCE: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../../testdata/reference/optim.json"
-);
+/// The committed reference values (their `generator` field names the script that made them).
+fn reference_path() -> std::path::PathBuf {
+    optune_testkit::workspace_root().join("testdata/reference/optim.json")
+}
+
 const TOLERANCE: f64 = 1e-6;
 
 #[derive(Deserialize)]
@@ -147,7 +148,8 @@ fn replay(case: &Case, dtype: DType) -> f64 {
 
 #[test]
 fn optimizers_match_torch() {
-    let text = std::fs::read_to_string(REFERENCE).expect("reading testdata/reference/optim.json");
+    let text =
+        std::fs::read_to_string(reference_path()).expect("reading testdata/reference/optim.json");
     let reference: Reference = serde_json::from_str(&text).unwrap();
     assert!(!reference.cases.is_empty());
     for case in &reference.cases {

@@ -25,9 +25,7 @@ pub fn tiny_lexicon() -> PathBuf {
 
 /// A reward program: this crate's testdata/reward_cmd, else optune-reward's.
 pub fn reward_script(name: &str) -> PathBuf {
-    let own = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("testdata/reward_cmd")
-        .join(name);
+    let own = repo_file("crates/opt-score/testdata/reward_cmd").join(name);
     if own.exists() {
         own
     } else {

@@ -2,12 +2,11 @@
 
 use candle_core::{DType, Device};
 use optune_model::{load_model, Transformer};
-use std::path::PathBuf;
 
 /// A model of testdata/models in f32 on the CPU.
 pub fn model(name: &str) -> Transformer {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../testdata/models")
+    let dir = optune_testkit::workspace_root()
+        .join("testdata/models")
         .join(name);
     load_model(&dir, DType::F32, &Device::Cpu).unwrap().0
 }
