@@ -75,37 +75,22 @@ pub fn write_safetensors_as(
     dtype: Option<DType>,
     path: &Path,
 ) -> Result<()> {
-    let failed = std::cell::RefCell::new(None);
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let written = safetensors::serialize_to_file(
-        tensors.iter().map(|(name, tensor)| {
-            let view = HostCast {
-                tensor,
-                dtype: dtype.unwrap_or(tensor.dtype()),
-                failed: &failed,
-            };
-            (name.as_str(), view)
-        }),
-        Some(metadata),
-        path,
-    );
-    if let Some(err) = failed.into_inner() {
-        return Err(anyhow::Error::from(err).context(format!("writing {}", path.display())));
-    }
-    written.with_context(|| format!("writing {}", path.display()))?;
-    optune_fs::make_readable(path)
+    let tensors = tensors.iter().map(|(name, tensor)| {
+        let dtype = dtype.unwrap_or(tensor.dtype());
+        (name.clone(), HostCast { tensor, dtype })
+    });
+    optune_fs::write_safetensors_lazily(tensors, metadata, path)
 }
 
 /// A tensor as safetensors writes it: cast to `dtype` and copied to the host when its bytes are
-/// asked for. `View::data` cannot fail, so a failed cast or copy is kept in `failed` (and zeros of
-/// the right length written in its place) for the writer to report.
+/// asked for.
 struct HostCast<'a> {
     tensor: &'a Tensor,
     dtype: DType,
-    failed: &'a std::cell::RefCell<Option<candle_core::Error>>,
 }
 
-impl safetensors::View for HostCast<'_> {
+impl optune_fs::LazyTensor for HostCast<'_> {
     fn dtype(&self) -> safetensors::Dtype {
         self.dtype.into()
     }
@@ -114,24 +99,14 @@ impl safetensors::View for HostCast<'_> {
         self.tensor.dims()
     }
 
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+    fn bytes(&self) -> Result<Vec<u8>> {
         let host = self
             .tensor
             .detach()
-            .to_dtype(self.dtype)
-            .and_then(|t| t.to_device(&Device::Cpu));
-        match host {
-            // candle's own view of a host tensor: one copy of its bytes.
-            Ok(t) => std::borrow::Cow::Owned(safetensors::View::data(&t).into_owned()),
-            Err(err) => {
-                self.failed.borrow_mut().get_or_insert(err);
-                std::borrow::Cow::Owned(vec![0; self.data_len()])
-            }
-        }
-    }
-
-    fn data_len(&self) -> usize {
-        self.tensor.elem_count() * self.dtype.size_in_bytes()
+            .to_dtype(self.dtype)?
+            .to_device(&Device::Cpu)?;
+        // candle's own view of a host tensor: one copy of its bytes.
+        Ok(safetensors::View::data(&host).into_owned())
     }
 }
 

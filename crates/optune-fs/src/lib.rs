@@ -77,9 +77,37 @@ pub fn write_bytes_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     write_file_atomically(path, |out| Ok(out.write_all(bytes)?))
 }
 
-/// Gives a file finished by a writer that makes its temporary files private (safetensors writes
-/// through a 0600 temporary file and renames it) the usual mode of a file others read: 0644.
-pub fn make_readable(path: &Path) -> Result<()> {
+/// A tensor whose bytes are made only when they are written (copied off a device, cast,
+/// converted), so that a save holds one tensor's bytes at a time.
+pub trait LazyTensor {
+    fn dtype(&self) -> safetensors::Dtype;
+    fn shape(&self) -> &[usize];
+    /// The tensor's little-endian bytes, as many as its shape and dtype make.
+    fn bytes(&self) -> Result<Vec<u8>>;
+}
+
+/// Writes `tensors` as one safetensors file with `metadata`, each tensor's bytes made as the
+/// writer reaches it ([`LazyTensor::bytes`]). safetensors writes through a temporary file beside
+/// `path` and renames it into place; the file then gets the usual mode of a file others read
+/// (0644, not the temporary file's 0600). A tensor whose bytes fail is the error.
+pub fn write_safetensors_lazily<T: LazyTensor>(
+    tensors: impl IntoIterator<Item = (String, T)>,
+    metadata: std::collections::HashMap<String, String>,
+    path: &Path,
+) -> Result<()> {
+    let failed = std::cell::RefCell::new(None);
+    let views = tensors.into_iter().map(|(name, tensor)| {
+        let view = WrittenTensor {
+            tensor,
+            failed: &failed,
+        };
+        (name, view)
+    });
+    let written = safetensors::serialize_to_file(views, Some(metadata), path);
+    if let Some(err) = failed.into_inner() {
+        return Err(err.context(format!("writing {}", path.display())));
+    }
+    written.with_context(|| format!("writing {}", path.display()))?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -87,6 +115,38 @@ pub fn make_readable(path: &Path) -> Result<()> {
             .with_context(|| format!("setting the mode of {}", path.display()))?;
     }
     Ok(())
+}
+
+/// A [`LazyTensor`] as safetensors' writer takes it. `View::data` cannot fail, so a tensor whose
+/// bytes fail leaves its error in `failed` (and zeros of the right length in its place) for
+/// [`write_safetensors_lazily`] to report.
+struct WrittenTensor<'a, T> {
+    tensor: T,
+    failed: &'a std::cell::RefCell<Option<anyhow::Error>>,
+}
+
+impl<T: LazyTensor> safetensors::View for WrittenTensor<'_, T> {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.tensor.dtype()
+    }
+
+    fn shape(&self) -> &[usize] {
+        self.tensor.shape()
+    }
+
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        match self.tensor.bytes() {
+            Ok(bytes) => std::borrow::Cow::Owned(bytes),
+            Err(err) => {
+                self.failed.borrow_mut().get_or_insert(err);
+                std::borrow::Cow::Owned(vec![0; self.data_len()])
+            }
+        }
+    }
+
+    fn data_len(&self) -> usize {
+        self.shape().iter().product::<usize>() * self.dtype().bitsize() / 8
+    }
 }
 
 /// Fills a fresh temporary directory beside `dir` with `fill`, then puts it in `dir`'s place

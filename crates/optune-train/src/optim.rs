@@ -22,7 +22,6 @@
 //! would hide that. [`missing_grads`] gives the same check to callers that want to report it
 //! earlier.
 
-use std::borrow::Cow;
 use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::Path;
@@ -33,7 +32,7 @@ use candle_core::{CpuStorage, DType, InplaceOp1, InplaceOp2, Layout, Storage, Te
 use optune_kernels::optimizer::{update_in_place, AdamWStep, RmsPropStep, StepRule};
 use optune_kernels::storage::{contiguous, contiguous_f32_mut};
 use rayon::prelude::*;
-use safetensors::{Dtype, SafeTensors, View};
+use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
 /// Elements per rayon task: large enough that scheduling costs nothing next to the arithmetic,
@@ -384,7 +383,6 @@ impl Optimizer {
                 .map(|p| (p.name.clone(), p.weight_decay))
                 .collect(),
         };
-        let failed = std::cell::RefCell::new(None);
         let mut tensors = Vec::new();
         for param in &self.params {
             let Some(moments) = &param.moments else {
@@ -399,7 +397,6 @@ impl Optimizer {
                 let view = MomentView {
                     shape: param.var.dims(),
                     values,
-                    failed: &failed,
                 };
                 tensors.push((format!("{}.{buffer_name}", param.name), view));
             }
@@ -408,13 +405,8 @@ impl Optimizer {
             STATE_METADATA_KEY.to_string(),
             serde_json::to_string(&header)?,
         )]);
-        let written = safetensors::serialize_to_file(tensors, Some(metadata), path);
-        if let Some(err) = failed.into_inner() {
-            return Err(anyhow::Error::from(err)
-                .context(format!("copying the optimizer state to {}", path.display())));
-        }
-        written.with_context(|| format!("writing optimizer state {}", path.display()))?;
-        optune_fs::make_readable(path)
+        optune_fs::write_safetensors_lazily(tensors, metadata, path)
+            .context("saving the optimizer state")
     }
 
     /// Restores a state written by [`Optimizer::save_state`] for the same parameter names and
@@ -792,15 +784,13 @@ enum MomentValues<'a> {
 }
 
 /// One moment buffer as safetensors writes it: converted to little-endian bytes, and copied from
-/// its device, only when its bytes are asked for. `View::data` cannot fail, so a failed copy is
-/// kept in `failed` (and zeros of the right length written in its place) for the writer to report.
+/// its device, only when its bytes are asked for.
 struct MomentView<'a> {
     shape: &'a [usize],
     values: MomentValues<'a>,
-    failed: &'a std::cell::RefCell<Option<candle_core::Error>>,
 }
 
-impl View for MomentView<'_> {
+impl optune_fs::LazyTensor for MomentView<'_> {
     fn dtype(&self) -> Dtype {
         Dtype::F32
     }
@@ -809,24 +799,14 @@ impl View for MomentView<'_> {
         self.shape
     }
 
-    fn data(&self) -> Cow<'_, [u8]> {
+    fn bytes(&self) -> Result<Vec<u8>> {
         let le_bytes = |values: &[f32]| values.iter().flat_map(|x| x.to_le_bytes()).collect();
-        match self.values {
-            MomentValues::Host(values) => Cow::Owned(le_bytes(values)),
+        Ok(match self.values {
+            MomentValues::Host(values) => le_bytes(values),
             MomentValues::DeviceRow(buffers, index) => {
-                match buffers.get(index).and_then(|row| row.to_vec1::<f32>()) {
-                    Ok(values) => Cow::Owned(le_bytes(&values)),
-                    Err(err) => {
-                        self.failed.borrow_mut().get_or_insert(err);
-                        Cow::Owned(vec![0; self.data_len()])
-                    }
-                }
+                le_bytes(&buffers.get(index)?.to_vec1::<f32>()?)
             }
-        }
-    }
-
-    fn data_len(&self) -> usize {
-        self.shape.iter().product::<usize>() * std::mem::size_of::<f32>()
+        })
     }
 }
 
