@@ -2,24 +2,25 @@
 //! scored by the policy (with gradient) and the reference (without).
 
 use crate::data::TrainPair;
-use crate::policy::Policy;
+use crate::policy::{policy_logprobs, Policy};
 use crate::Args;
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 use optune_model::generate::{generate, stream_seed, GenerationRequest, SamplingParams};
-use optune_model::{sequence_logprobs, TokenizedPair, Transformer};
+use optune_model::{sequence_logprobs, RecomputedPass, TokenizedPair, Transformer};
 use optune_train::loss::loo_reinforce_kl;
 
-/// The surrogate whose gradient estimates ∇KL(π‖π_ref), and the KL estimate for the log.
+/// The surrogate whose gradient estimates ∇KL(π‖π_ref), the KL estimate for the log, and with
+/// --gradient-checkpointing the pass whose blocks the backward pass runs again.
 /// `reference` is `None` when the reference is the policy with its LoRA adapters off.
-pub fn kl_term(
+pub fn kl_term<'m>(
     args: &Args,
-    policy: &Policy,
+    policy: &'m Policy,
     reference: Option<&Transformer>,
     batch: &[&TrainPair],
     epoch: usize,
     step: usize,
-) -> Result<(Tensor, f32)> {
+) -> Result<(Tensor, f32, Option<RecomputedPass<'m>>)> {
     let k = args.kl_samples;
     let mut requests = Vec::with_capacity(batch.len() * k);
     for (i, pair) in batch.iter().enumerate() {
@@ -67,6 +68,12 @@ pub fn kl_term(
         (None, None) => bail!("HyPO needs a reference model"),
     };
     policy.set_training(true);
-    let policy_logps = sequence_logprobs(&policy.model, &sequences, policy.pad_id)?.sums;
-    loo_reinforce_kl(&policy_logps, &reference_logps, k)
+    let (policy_logps, pass) = policy_logprobs(
+        &policy.model,
+        &sequences,
+        policy.pad_id,
+        args.gradient_checkpointing,
+    )?;
+    let (surrogate, estimate) = loo_reinforce_kl(&policy_logps.sums, &reference_logps, k)?;
+    Ok((surrogate, estimate, pass))
 }

@@ -209,6 +209,13 @@ pub struct Args {
     #[arg(long, default_value_t = 1)]
     pub grad_accum: usize,
 
+    /// Recompute each layer's activations in the backward pass instead of keeping them
+    /// (gradient checkpointing): activations drop from every layer's to one layer's plus one or
+    /// two hidden states per layer, for one more forward pass of the layers per micro-batch.
+    /// The gradients are the same
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
+
     /// Global gradient-norm clip (0 = off)
     #[arg(long, default_value_t = 1.0)]
     pub max_grad_norm: f64,

@@ -22,6 +22,8 @@ pub struct Plan {
     /// A second model held through training (HyPO's reference).
     reference: f64,
     activations: f64,
+    /// Whether the activations are recomputed (--gradient-checkpointing).
+    recomputes: bool,
 }
 
 impl Plan {
@@ -64,6 +66,12 @@ impl Plan {
         let generic = optune_kernels::autograd_path(model.device(), model.dtype())
             == optune_kernels::Path::Generic;
         let per_token_layer = per_token_layer * if generic { 2.0 } else { 1.0 };
+        // Recomputed: the stream and the pending MLP output of every layer, and one layer's
+        // activations at a time.
+        let layers_kept = match args.gradient_checkpointing {
+            true => layers * 2.0 * h * compute + per_token_layer,
+            false => layers * per_token_layer,
+        };
         // One chunk of logits, its softmax and its gradient at a time, in f32; the fused head
         // also keeps all the forward pass's logits for the backward pass when they fit its bound.
         let head = 3.0 * optune_kernels::HEAD_CHUNK_ROWS as f64 * c.vocab_size as f64 * 4.0;
@@ -80,7 +88,8 @@ impl Plan {
             } else {
                 0.0
             },
-            activations: tokens * layers * per_token_layer + head,
+            activations: tokens * layers_kept + head,
+            recomputes: args.gradient_checkpointing,
         }
     }
 
@@ -131,12 +140,16 @@ impl Plan {
         );
         if self.total() > available {
             bail!(
-                "this run needs about {:.2} GB but {:.2} GB are {what}: train LoRA adapters \
+                "this run needs about {:.2} GB but {:.2} GB are {what}: {}train LoRA adapters \
                  (--lora-rank 16) instead of every weight, lower --batch-size (with --grad-accum \
                  to keep the pairs per step), lower --max-length, or compute in bf16 (--dtype bf16); \
                  --memory-budget GB plans against another amount",
                 self.total() / GB,
-                available / GB
+                available / GB,
+                match self.recomputes {
+                    true => "",
+                    false => "recompute activations (--gradient-checkpointing), ",
+                }
             );
         }
         Ok(())

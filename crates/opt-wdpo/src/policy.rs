@@ -7,7 +7,8 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
 use optune_model::lora::{attach_lora, LoraAdapters, LoraConfig};
 use optune_model::{
-    sequence_logprobs, ChatTokenizer, Checkpoint, CheckpointMeta, TokenizedPair, Transformer,
+    sequence_logprobs, sequence_logprobs_recomputed, ChatTokenizer, Checkpoint, CheckpointMeta,
+    RecomputedPass, SequenceLogprobs, TokenizedPair, Transformer,
 };
 use std::collections::HashMap;
 
@@ -141,23 +142,31 @@ pub struct SideLogps {
 }
 
 impl SideLogps {
-    pub fn of(model: &Transformer, pairs: &[&TrainPair], pad_id: u32) -> Result<Self> {
+    /// With `recompute`, also the pass whose blocks the backward pass runs again
+    /// ([`optune_model::recomputed_backward`]).
+    pub fn of<'m>(
+        model: &'m Transformer,
+        pairs: &[&TrainPair],
+        pad_id: u32,
+        recompute: bool,
+    ) -> Result<(Self, Option<RecomputedPass<'m>>)> {
         let sequences: Vec<TokenizedPair> = pairs
             .iter()
             .map(|p| p.chosen.clone())
             .chain(pairs.iter().map(|p| p.rejected.clone()))
             .collect();
         let tokens = sequences.iter().map(TokenizedPair::tokens).sum();
-        let logps = sequence_logprobs(model, &sequences, pad_id)?;
+        let (logps, pass) = policy_logprobs(model, &sequences, pad_id, recompute)?;
         let means = logps.means()?;
         let n = pairs.len();
-        Ok(SideLogps {
+        let sides = SideLogps {
             chosen: logps.sums.narrow(0, 0, n)?,
             rejected: logps.sums.narrow(0, n, n)?,
             chosen_mean: means.narrow(0, 0, n)?,
             rejected_mean: means.narrow(0, n, n)?,
             tokens,
-        })
+        };
+        Ok((sides, pass))
     }
 
     /// The (chosen, rejected) values a loss takes: per-token means or sums.
@@ -168,4 +177,21 @@ impl SideLogps {
             (&self.chosen, &self.rejected)
         }
     }
+}
+
+/// The policy's summed log-probs of `sequences`, to be differentiated: with `recompute`, by a
+/// pass whose activations the backward pass recomputes (--gradient-checkpointing).
+pub fn policy_logprobs<'m>(
+    model: &'m Transformer,
+    sequences: &[TokenizedPair],
+    pad_id: u32,
+    recompute: bool,
+) -> Result<(SequenceLogprobs, Option<RecomputedPass<'m>>)> {
+    Ok(match recompute {
+        true => {
+            let (logps, pass) = sequence_logprobs_recomputed(model, sequences, pad_id)?;
+            (logps, Some(pass))
+        }
+        false => (sequence_logprobs(model, sequences, pad_id)?, None),
+    })
 }

@@ -142,7 +142,7 @@ fn fill(model: &Transformer, pairs: &mut [TrainPair], pad_id: u32) -> Result<()>
             .expect("valid"),
     );
     for i in todo {
-        let logps = SideLogps::of(model, &[&pairs[i]], pad_id)?;
+        let (logps, _) = SideLogps::of(model, &[&pairs[i]], pad_id, false)?;
         let (chosen, rejected) = logps.sides(false);
         let value = |t: &Tensor| -> Result<f32> { Ok(t.to_dtype(DType::F32)?.to_vec1()?[0]) };
         pairs[i].ref_logps = Some((value(chosen)?, value(rejected)?));

@@ -201,8 +201,19 @@ impl<'a> Trainer<'a> {
 
     /// Forward and backward of one micro-batch; its gradients join the step's sum.
     fn micro_batch(&mut self, batch: &[&TrainPair], epoch: usize, index: usize) -> Result<()> {
+        // The micro-batch's graph (its activations) is gone once `gradients` returns, before
+        // the sum allocates.
+        let grads = self.gradients(batch, epoch, index)?;
+        self.accumulate(grads)
+    }
+
+    /// The gradients of one micro-batch's loss; its metrics join the step's.
+    fn gradients(&mut self, batch: &[&TrainPair], epoch: usize, index: usize) -> Result<GradStore> {
         let args = self.args;
-        let logps = SideLogps::of(&self.policy.model, batch, self.policy.pad_id)?;
+        let recompute = args.gradient_checkpointing;
+        let (logps, pass) =
+            SideLogps::of(&self.policy.model, batch, self.policy.pad_id, recompute)?;
+        let mut passes: Vec<_> = pass.into_iter().collect();
         let means = args.loss.uses_mean_logps();
         let (chosen, rejected) = logps.sides(means);
         // The reference values are sums; a loss on per-token means divides them by the
@@ -260,14 +271,16 @@ impl<'a> Trainer<'a> {
         let (mut loss, losses) = batch_loss(args.loss, &params, &batch_logps, &weights)?;
         let mut kl = None;
         if args.loss.samples_online() {
-            let (surrogate, estimate) =
+            let (surrogate, estimate, pass) =
                 crate::hypo::kl_term(args, self.policy, self.reference, batch, epoch, index)?;
             loss = (loss + (surrogate * args.kl_coef)?)?;
             kl = Some(estimate);
+            passes.extend(pass);
         }
         let loss = (loss / args.grad_accum as f64)?;
-        let grads = loss.backward()?;
-        self.accumulate(grads)?;
+        // Detached: a gradient kept with its graph would keep the micro-batch's activations
+        // alive until the optimiser step.
+        let grads = optune_model::recomputed_backward(&loss, passes)?;
         self.step_metrics.add_batch(
             &losses,
             chosen,
@@ -279,7 +292,7 @@ impl<'a> Trainer<'a> {
         )?;
         self.tokens += logps.tokens;
         self.micro += 1;
-        Ok(())
+        Ok(grads)
     }
 
     fn accumulate(&mut self, grads: GradStore) -> Result<()> {

@@ -12,9 +12,15 @@ mod sampling;
 pub mod transformer;
 
 pub use load::{load_model, save_checkpoint, save_checkpoint_with, saved_dtype};
-pub use logprobs::{sequence_logprobs, sequence_scores, SequenceLogprobs, TokenizedPair};
+pub use logprobs::{
+    sequence_logprobs, sequence_logprobs_recomputed, sequence_scores, SequenceLogprobs,
+    TokenizedPair,
+};
 pub use optune_checkpoint::{
     config, gguf, tokenizer, ChatMessage, ChatTokenizer, Checkpoint, CheckpointMeta, Family,
     ModelConfig, Prompt,
 };
-pub use transformer::{llama_weight_shapes, KvCache, OutputHead, PaddedBatch, Transformer};
+pub use transformer::{
+    llama_weight_shapes, recomputed_backward, KvCache, OutputHead, PaddedBatch, RecomputedPass,
+    Transformer,
+};

@@ -51,6 +51,18 @@ impl DropoutStream {
         state.ahead = None;
     }
 
+    /// Where the stream stands now, flags drawn ahead included, to come back to with
+    /// [`DropoutPlace::restore`]: a block run again for its gradients (activation
+    /// recomputation) must draw the masks its first run drew.
+    pub(crate) fn place(&self) -> DropoutPlace {
+        let state = self.lock();
+        DropoutPlace {
+            stream: self.clone(),
+            position: state.rng.get_word_pos(),
+            ahead: state.ahead.clone(),
+        }
+    }
+
     /// `count` keep flags (1 with probability `keep`) from the stream, on `device`: one copy.
     fn keep_flags(
         rng: &mut ChaCha8Rng,
@@ -97,6 +109,36 @@ impl DropoutStream {
             .affine(f64::from(1.0 / keep), 0.0)?;
         x * mask
     }
+}
+
+/// A [`DropoutStream`]'s state at one moment ([`DropoutStream::place`]).
+pub(crate) struct DropoutPlace {
+    stream: DropoutStream,
+    position: u128,
+    ahead: Option<(Tensor, usize)>,
+}
+
+impl DropoutPlace {
+    /// Puts the stream back where it stood: the masks drawn next are the ones drawn then.
+    pub(crate) fn restore(&self) {
+        let mut state = self.stream.lock();
+        state.rng.set_word_pos(self.position);
+        state.ahead = self.ahead.clone();
+    }
+}
+
+/// The distinct dropout streams of `linears` whose adapters drop out now (training, `p > 0`).
+pub(crate) fn active_dropout_streams<'a>(
+    linears: impl IntoIterator<Item = &'a Linear>,
+) -> Vec<DropoutStream> {
+    let mut streams: Vec<DropoutStream> = Vec::new();
+    for lora in linears.into_iter().filter_map(|l| l.lora.as_ref()) {
+        let stream = &lora.dropout_stream;
+        if lora.drops_out() && !streams.iter().any(|s| Arc::ptr_eq(&s.0, &stream.0)) {
+            streams.push(stream.clone());
+        }
+    }
+    streams
 }
 
 /// Draws the dropout masks of one forward pass over `rows` rows through `linears` (in the order

@@ -1,9 +1,9 @@
 //! Sequence log-probabilities of responses given prompts: what DPO trains on and what the
 //! generator reports.
 
-use crate::transformer::{OutputHead, PaddedBatch, Transformer};
+use crate::transformer::{OutputHead, PaddedBatch, RecomputedPass, Transformer};
 use anyhow::{bail, Result};
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 
 /// One (prompt, response) pair as token ids; the response includes its final EOS.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,50 +42,91 @@ pub fn sequence_logprobs(
     pairs: &[TokenizedPair],
     pad_id: u32,
 ) -> Result<SequenceLogprobs> {
-    let mut sequences = Vec::with_capacity(pairs.len());
-    let mut predictor_rows = Vec::new();
-    let mut targets = Vec::new();
-    let mut owners = Vec::new();
-    let seq_len = pairs.iter().map(TokenizedPair::tokens).max().unwrap_or(0);
-    for (b, pair) in pairs.iter().enumerate() {
-        if pair.prompt.is_empty() {
-            bail!("pair {b}: empty prompt (at least one prompt token is needed to predict the response)");
+    let layout = ResponseTokens::of(pairs, pad_id, model.device())?;
+    let hidden = model.hidden_states(&layout.batch)?;
+    layout.logprobs(model, &hidden)
+}
+
+/// [`sequence_logprobs`] with its activations recomputed in the backward pass: the gradients of
+/// a loss built on the sums come from [`crate::recomputed_backward`] with the returned pass.
+pub fn sequence_logprobs_recomputed<'m>(
+    model: &'m Transformer,
+    pairs: &[TokenizedPair],
+    pad_id: u32,
+) -> Result<(SequenceLogprobs, RecomputedPass<'m>)> {
+    let layout = ResponseTokens::of(pairs, pad_id, model.device())?;
+    let (hidden, pass) = model.hidden_states_recomputed(&layout.batch)?;
+    Ok((layout.logprobs(model, &hidden)?, pass))
+}
+
+/// The padded batch of (prompt, response) sequences and where their response tokens are.
+struct ResponseTokens {
+    batch: PaddedBatch,
+    /// Per response token: the flat `[batch · seq]` row that predicts it, the token, and its
+    /// sequence.
+    predictor_rows: Vec<u32>,
+    targets: Vec<u32>,
+    owners: Vec<usize>,
+    token_counts: Vec<usize>,
+}
+
+impl ResponseTokens {
+    fn of(pairs: &[TokenizedPair], pad_id: u32, device: &Device) -> Result<Self> {
+        let mut sequences = Vec::with_capacity(pairs.len());
+        let mut predictor_rows = Vec::new();
+        let mut targets = Vec::new();
+        let mut owners = Vec::new();
+        let seq_len = pairs.iter().map(TokenizedPair::tokens).max().unwrap_or(0);
+        for (b, pair) in pairs.iter().enumerate() {
+            if pair.prompt.is_empty() {
+                bail!("pair {b}: empty prompt (at least one prompt token is needed to predict the response)");
+            }
+            if pair.response.is_empty() {
+                bail!("pair {b}: empty response");
+            }
+            let mut seq = pair.prompt.clone();
+            seq.extend_from_slice(&pair.response);
+            for (j, &token) in pair.response.iter().enumerate() {
+                predictor_rows.push((b * seq_len + pair.prompt.len() - 1 + j) as u32);
+                targets.push(token);
+                owners.push(b);
+            }
+            sequences.push(seq);
         }
-        if pair.response.is_empty() {
-            bail!("pair {b}: empty response");
-        }
-        let mut seq = pair.prompt.clone();
-        seq.extend_from_slice(&pair.response);
-        for (j, &token) in pair.response.iter().enumerate() {
-            predictor_rows.push((b * seq_len + pair.prompt.len() - 1 + j) as u32);
-            targets.push(token);
-            owners.push(b);
-        }
-        sequences.push(seq);
+        Ok(Self {
+            batch: PaddedBatch::right_padded(&sequences, pad_id, device)?,
+            predictor_rows,
+            targets,
+            owners,
+            token_counts: pairs.iter().map(|p| p.response.len()).collect(),
+        })
     }
-    let device = model.device();
-    let batch = PaddedBatch::right_padded(&sequences, pad_id, device)?;
-    let hidden = model.hidden_states(&batch)?;
-    let hidden_size = hidden.dim(D::Minus1)?;
-    let flat = hidden.reshape((pairs.len() * seq_len, hidden_size))?;
-    let rows = flat.index_select(&Tensor::new(predictor_rows.as_slice(), device)?, 0)?;
-    let token_logps = token_logprobs(model, &rows, &targets)?;
-    // Segment sum through a [batch, tokens] 0/1 mask, differentiable: an elementwise product and
-    // a sum, not a matrix product, which on CUDA with TF32 (on by default) would round each
-    // token's log-prob to a 10-bit mantissa before the sum.
-    let mut membership = vec![0f32; pairs.len() * targets.len()];
-    for (i, &b) in owners.iter().enumerate() {
-        membership[b * targets.len() + i] = 1.0;
+
+    /// The summed log-probs from the final-norm hidden states `[batch, seq, hidden]`.
+    fn logprobs(self, model: &Transformer, hidden: &Tensor) -> Result<SequenceLogprobs> {
+        let device = model.device();
+        let (batch, seq_len, hidden_size) = hidden.dims3()?;
+        let flat = hidden.reshape((batch * seq_len, hidden_size))?;
+        let rows = flat.index_select(&Tensor::new(self.predictor_rows.as_slice(), device)?, 0)?;
+        let token_logps = token_logprobs(model, &rows, &self.targets)?;
+        // Segment sum through a [batch, tokens] 0/1 mask, differentiable: an elementwise product
+        // and a sum, not a matrix product, which on CUDA with TF32 (on by default) would round
+        // each token's log-prob to a 10-bit mantissa before the sum.
+        let tokens = self.targets.len();
+        let mut membership = vec![0f32; batch * tokens];
+        for (i, &b) in self.owners.iter().enumerate() {
+            membership[b * tokens + i] = 1.0;
+        }
+        let membership =
+            Tensor::from_vec(membership, (batch, tokens), device)?.to_dtype(token_logps.dtype())?;
+        let sums = membership
+            .broadcast_mul(&token_logps.unsqueeze(0)?)?
+            .sum(1)?;
+        Ok(SequenceLogprobs {
+            sums,
+            token_counts: self.token_counts,
+        })
     }
-    let membership = Tensor::from_vec(membership, (pairs.len(), targets.len()), device)?
-        .to_dtype(token_logps.dtype())?;
-    let sums = membership
-        .broadcast_mul(&token_logps.unsqueeze(0)?)?
-        .sum(1)?;
-    Ok(SequenceLogprobs {
-        sums,
-        token_counts: pairs.iter().map(|p| p.response.len()).collect(),
-    })
 }
 
 /// `log softmax(head(rows))[target]` for each row, `[rows]`, one chunk of logits at a time

@@ -4,7 +4,9 @@
 //!
 //! Two paths over one set of weights:
 //! * [`Transformer::hidden_states`], the training path: a padded batch with an attention mask,
-//!   every position, built only from ops that propagate gradients;
+//!   every position, built only from ops that propagate gradients (or
+//!   [`Transformer::hidden_states_recomputed`], which keeps only each block's input and runs the
+//!   blocks again in the backward pass);
 //! * [`Transformer::prefill`] / [`Transformer::decode_step`], the inference path with a KV cache
 //!   whose slots can hold sequences of different lengths (continuous batching).
 
@@ -18,6 +20,9 @@ use optune_kernels::{host, ops, Path, TokenTables};
 use optune_kernels::{matmul_bf16_packed, Mat, PackedRhs, ProductPrecision};
 use std::borrow::Cow;
 use std::collections::HashMap;
+
+mod recompute;
+pub use recompute::{recomputed_backward, RecomputedPass};
 
 /// Additive mask value for disallowed keys. Finite so that a row never turns into NaN.
 const MASKED: f32 = -1e30;
@@ -557,6 +562,17 @@ impl Transformer {
     /// a padding query attends to itself, so no row is fully masked): the stream before the
     /// final norm.
     fn run_layers(&self, batch: &PaddedBatch) -> Result<Residual> {
+        let pass = self.masked_pass(batch)?;
+        let mut stream = Residual::new(self.embed(&batch.input_ids)?);
+        for block in &self.layers {
+            stream = pass.through(block, &self.config, stream)?;
+        }
+        Ok(stream)
+    }
+
+    /// What every block of a training pass over `batch` reads besides the stream (the mask and
+    /// the rotary tables), with the pass's dropout masks drawn.
+    fn masked_pass(&self, batch: &PaddedBatch) -> Result<MaskedPass> {
         let (b, t) = batch.dims();
         self.check_tokens(t, batch.largest_id)?;
         let window = self.config.attention_window();
@@ -580,11 +596,7 @@ impl Transformer {
             b * t,
             &self.device,
         )?;
-        let mut stream = Residual::new(self.embed(&batch.input_ids)?);
-        for block in &self.layers {
-            stream = block.forward(&self.config, stream, &cos, &sin, Attend::Masked(&mask))?;
-        }
-        Ok(stream)
+        Ok(MaskedPass { mask, cos, sin })
     }
 
     /// Refuses sequences longer than the rotary tables (`max_position_embeddings`) or a token id
@@ -1222,6 +1234,9 @@ fn first_visible(window: Option<usize>, position: usize) -> usize {
 /// The residual stream between blocks: `x` plus the last block's output `pending`, not yet added.
 /// The add happens inside the next RMS norm ([`ops::add_rms_norm`]: one op in a generation pass on
 /// the generic path, the add and then the norm otherwise).
+/// The residual stream between blocks: `x`, and the output of the last block's MLP not yet added
+/// to it (the next RMS norm adds it as it normalises).
+#[derive(Clone)]
 struct Residual {
     x: Tensor,
     pending: Option<Tensor>,
@@ -1246,6 +1261,22 @@ impl Residual {
             x: f(&self.x)?,
             pending: self.pending.as_ref().map(f).transpose()?,
         })
+    }
+}
+
+/// A padded batch's additive attention mask `[b, 1, t, t]` and rotary tables: the same for every
+/// block of a training pass.
+struct MaskedPass {
+    mask: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl MaskedPass {
+    /// The stream through `block`.
+    fn through(&self, block: &Block, config: &ModelConfig, stream: Residual) -> Result<Residual> {
+        let attend = Attend::Masked(&self.mask);
+        block.forward(config, stream, &self.cos, &self.sin, attend)
     }
 }
 

@@ -1,6 +1,8 @@
 //! Every weight kind gets a correct gradient: autograd against central finite differences in f64.
 //! (candle's fused kernels silently detach gradients; this proves our forward avoids them.)
 
+mod common;
+
 use candle_core::{DType, Device, Tensor, Var};
 use optune_model::{sequence_logprobs, Checkpoint, TokenizedPair, Transformer};
 use std::collections::HashMap;
@@ -32,20 +34,7 @@ fn loss(model: &Transformer, pairs: &[TokenizedPair]) -> Tensor {
 
 fn check(name: &str, kinds: &[&str]) {
     let (model, vars) = model_with_vars(name);
-    let pairs = vec![
-        TokenizedPair {
-            prompt: vec![1, 40, 41, 42, 43, 44, 45, 46, 47],
-            response: vec![50, 51, 52, 2],
-        },
-        TokenizedPair {
-            prompt: vec![1, 60, 61],
-            response: vec![70, 71, 72, 73, 74, 75, 76, 2],
-        },
-        TokenizedPair {
-            prompt: vec![1, 80, 81, 82, 83],
-            response: vec![90, 2],
-        },
-    ];
+    let pairs = common::pairs();
     let grads = loss(&model, &pairs).backward().unwrap();
     let missing: Vec<&String> = vars
         .iter()

@@ -30,7 +30,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use optune_model::logprobs::token_logprobs;
 use optune_model::lora::{attach_lora, LoraConfig};
 use optune_model::{
-    llama_weight_shapes, sequence_logprobs, Checkpoint, ModelConfig, TokenizedPair, Transformer,
+    llama_weight_shapes, recomputed_backward, sequence_logprobs, Checkpoint, ModelConfig,
+    TokenizedPair, Transformer,
 };
 use optune_testkit::memory::CountingAllocator;
 use optune_train::loss::{dpo_losses, DpoLoss};
@@ -216,7 +217,10 @@ fn dpo_step(
                 .mean_all()?,
         )
     })?;
-    let (mut grads, backward, cpu_b) = timed(|| Ok(loss.backward()?))?;
+    let value = loss.to_scalar::<f32>()?;
+    // As opt-wdpo: gradients without their graph, the activations freed before the optimiser.
+    let (mut grads, backward, cpu_b) = timed(|| Ok(recomputed_backward(&loss, Vec::new())?))?;
+    drop(loss);
     let ((), optimiser, cpu_o) = timed(|| {
         clip_grad_norm(&mut grads, vars.iter().map(|(_, v)| v), 1.0)?;
         optimizer.step(&grads)?;
@@ -229,7 +233,7 @@ fn dpo_step(
             optimiser,
             cpu: cpu_f + cpu_b + cpu_o,
         },
-        loss.to_scalar::<f32>()?,
+        value,
     ))
 }
 

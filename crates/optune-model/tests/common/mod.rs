@@ -1,7 +1,9 @@
-//! What the generation tests share: the tiny testdata models and a handful of prompts.
+//! What the model's tests share: the tiny testdata models, a handful of prompts and three
+//! (prompt, response) pairs. Each test file is its own crate and uses a part of this module.
+#![allow(dead_code)]
 
 use candle_core::{DType, Device};
-use optune_model::{load_model, Transformer};
+use optune_model::{load_model, TokenizedPair, Transformer};
 
 /// A model of testdata/models in f32 on the CPU.
 pub fn model(name: &str) -> Transformer {
@@ -21,5 +23,24 @@ pub fn prompts() -> Vec<Vec<u32>> {
         vec![
             1, 120, 121, 122, 123, 124, 125, 126, 127, 128, 129, 130, 131, 132,
         ],
+    ]
+}
+
+/// Three (prompt, response) pairs of unequal lengths (padding on two of them), each response
+/// ending in EOS.
+pub fn pairs() -> Vec<TokenizedPair> {
+    vec![
+        TokenizedPair {
+            prompt: vec![1, 40, 41, 42, 43, 44, 45, 46, 47],
+            response: vec![50, 51, 52, 2],
+        },
+        TokenizedPair {
+            prompt: vec![1, 60, 61],
+            response: vec![70, 71, 72, 73, 74, 75, 76, 2],
+        },
+        TokenizedPair {
+            prompt: vec![1, 80, 81, 82, 83],
+            response: vec![90, 2],
+        },
     ]
 }
