@@ -38,8 +38,20 @@ RHO = 0.7
 ITERS = 3
 REF = initial
 DEVICE_ARGS = --device cuda --dtype bf16
-# Zephyr's DPO recipe: β 0.01, lr 5e-7, 128 pairs per step (8 × 16 accumulated), full fine-tuning;
-# the wDPO weight exp(β2 · gap) on top, as in OPTune.
-TRAIN_ARGS = --loss sigmoid --beta 0.01 --weight exp --beta2 1.0 --lr 5e-7 --epochs 1 \
-  --batch-size 8 --grad-accum 16 --max-length 1024 --warmup-ratio 0.1
+# Training runs as one process on one GPU, with the wDPO weight exp(β2 · gap) on top of DPO, as
+# in OPTune. TRAIN=lora (the default) trains LoRA adapters with the alignment-handbook's one-GPU
+# Zephyr DPO settings (its QLoRA recipe without the 4-bit weights: rank 16, α 16, dropout 0.05 on
+# every projection, β 0.01, lr 5e-6, cosine, 4 pairs a step, 1024 tokens) with activations
+# recomputed: about 30 GB by opt-wdpo's memory plan for Mistral-7B in bf16 (264 GB of
+# activations without the recomputation). TRAIN=full is Zephyr's
+# own recipe (every weight, β 0.01, lr 5e-7, 128 pairs a step as 8 × 16), which the paper ran on
+# 8 A100s: in one process a 7B's f32 master weights, gradients and AdamW moments alone take
+# 121 GB, so opt-wdpo refuses it on a single H100/H200 before training starts.
+TRAIN = lora
+TRAIN_ARGS_lora = --lora-rank 16 --lora-alpha 16 --lora-dropout 0.05 \
+  --lora-targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj \
+  --lr 5e-6 --schedule cosine --batch-size 4 --grad-accum 1 --gradient-checkpointing
+TRAIN_ARGS_full = --lr 5e-7 --batch-size 8 --grad-accum 16 --gradient-checkpointing
+TRAIN_ARGS = --loss sigmoid --beta 0.01 --weight exp --beta2 1.0 --epochs 1 --max-length 1024 \
+  --warmup-ratio 0.1 $(TRAIN_ARGS_$(TRAIN))
 CARGO_FLAGS = --features opt-gen/cuda,opt-score/cuda,opt-wdpo/cuda
