@@ -303,6 +303,8 @@ fn run(args: Args) -> Result<()> {
     }
     let kernels = optune_kernels::autograd_path(&device, dtype).name();
     let shard = Shard::read(args.input.as_deref())?;
+    // Before the policy takes its share: the plan counts its weights too.
+    let available = optune_cli::runtime::available_memory(&device);
     let mut policy = Policy::load(&args, &device, dtype)?;
     let mut pairs = data::read_pairs(
         &shard,
@@ -333,7 +335,7 @@ fn run(args: Args) -> Result<()> {
     );
     match args.memory_budget {
         Some(gb) => plan.check(Some(gb * 1e9), "in --memory-budget")?,
-        None => plan.check(optune_cli::runtime::available_memory(&device), "available")?,
+        None => plan.check(available, "available")?,
     }
     let fingerprint = state::fingerprint(&args, &device, dtype, &pairs)?;
     let resumed = state::load(&args.output, &fingerprint)?;
