@@ -210,9 +210,10 @@ pub struct Args {
     pub grad_accum: usize,
 
     /// Recompute each layer's activations in the backward pass instead of keeping them
-    /// (gradient checkpointing): activations drop from every layer's to one layer's plus one or
-    /// two hidden states per layer, for one more forward pass of the layers per micro-batch.
-    /// The gradients are the same
+    /// (gradient checkpointing): activations drop from every layer's to one layer's plus two
+    /// hidden states per layer, for one more forward pass of the layers per micro-batch.
+    /// The gradients are the same (to the bit, but for a tied embedding matrix on the generic
+    /// kernels: its head and embedding parts are then summed in another order)
     #[arg(long)]
     pub gradient_checkpointing: bool,
 

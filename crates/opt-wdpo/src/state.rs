@@ -64,8 +64,10 @@ pub fn dir_of(output: &Path) -> PathBuf {
 /// digest covers the input's pairs as tokens (so --max-length and the chat template), their
 /// reward gaps and --weight-col weights; reference log-probs read from the input are left out,
 /// since --precompute-ref writes them into it (the state keeps its own). --threads, --metrics,
-/// --save-steps, --save-adapter, --precompute-ref, --memory-budget and --gradient-checkpointing
-/// do not change the weights and may differ.
+/// --save-steps, --save-adapter, --precompute-ref and --memory-budget do not change the weights
+/// and may differ; so may --gradient-checkpointing (a run that ran out of memory resumes with
+/// it), which changes them only by the rounding of a tied embedding's gradient on the generic
+/// kernels (its two parts are summed in another order).
 pub fn fingerprint(
     args: &Args,
     device: &Device,

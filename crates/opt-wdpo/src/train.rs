@@ -278,9 +278,15 @@ impl<'a> Trainer<'a> {
             passes.extend(pass);
         }
         let loss = (loss / args.grad_accum as f64)?;
-        // Detached: a gradient kept with its graph would keep the micro-batch's activations
-        // alive until the optimiser step.
-        let grads = optune_model::recomputed_backward(&loss, passes)?;
+        // Only the trained weights' gradients, detached: a gradient kept with its graph would
+        // keep the micro-batch's activations alive until the optimiser step.
+        let trained: Vec<&Tensor> = self
+            .policy
+            .trainable
+            .iter()
+            .map(|(_, v)| v.as_tensor())
+            .collect();
+        let grads = optune_model::recomputed_backward(&loss, passes, &trained)?;
         self.step_metrics.add_batch(
             &losses,
             chosen,

@@ -1234,8 +1234,6 @@ fn first_visible(window: Option<usize>, position: usize) -> usize {
 /// The residual stream between blocks: `x` plus the last block's output `pending`, not yet added.
 /// The add happens inside the next RMS norm ([`ops::add_rms_norm`]: one op in a generation pass on
 /// the generic path, the add and then the norm otherwise).
-/// The residual stream between blocks: `x`, and the output of the last block's MLP not yet added
-/// to it (the next RMS norm adds it as it normalises).
 #[derive(Clone)]
 struct Residual {
     x: Tensor,

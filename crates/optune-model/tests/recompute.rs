@@ -48,11 +48,15 @@ fn whole_graph(model: &Transformer) -> (f32, GradStore) {
     (loss.to_scalar().unwrap(), loss.backward().unwrap())
 }
 
-fn recomputed(model: &Transformer) -> (f32, GradStore) {
+fn recomputed(model: &Transformer, vars: &[(String, Var)]) -> (f32, GradStore) {
     let (logps, pass) = sequence_logprobs_recomputed(model, &common::pairs(), 3).unwrap();
     let loss = weighted(&logps.sums);
     let value = loss.to_scalar().unwrap();
-    (value, recomputed_backward(&loss, vec![pass]).unwrap())
+    let variables: Vec<&Tensor> = vars.iter().map(|(_, v)| v.as_tensor()).collect();
+    (
+        value,
+        recomputed_backward(&loss, vec![pass], &variables).unwrap(),
+    )
 }
 
 /// Both runs' losses agree exactly (the forward passes run the same ops), and every variable's
@@ -107,14 +111,20 @@ fn full_fine_tuning_gets_the_whole_graphs_gradients() {
     // the embedding's parts, which the recomputed pass computes in separate backward passes.
     for name in ["tiny-llama", "tiny-mistral", "tiny-qwen2"] {
         let (model, vars) = fully_trained(name, DType::F32);
-        assert_same_gradients(name, &vars, whole_graph(&model), recomputed(&model), 1e-6);
+        assert_same_gradients(
+            name,
+            &vars,
+            whole_graph(&model),
+            recomputed(&model, &vars),
+            1e-6,
+        );
     }
     let (model, vars) = fully_trained("tiny-llama", DType::F64);
     assert_same_gradients(
         "tiny-llama in f64",
         &vars,
         whole_graph(&model),
-        recomputed(&model),
+        recomputed(&model, &vars),
         1e-6,
     );
     let (model, vars) = fully_trained("tiny-llama", DType::BF16);
@@ -122,7 +132,7 @@ fn full_fine_tuning_gets_the_whole_graphs_gradients() {
         "tiny-llama in bf16",
         &vars,
         whole_graph(&model),
-        recomputed(&model),
+        recomputed(&model, &vars),
         1e-2,
     );
 }
@@ -153,14 +163,14 @@ fn lora_dropout_masks_are_drawn_again_for_the_second_run() {
     let whole = whole_graph(&model);
     let after_whole = adapters.dropout_stream.position();
     adapters.dropout_stream.set_position(start);
-    let again = recomputed(&model);
+    let again = recomputed(&model, &adapters.vars);
     // The second run drew its masks again from where the first drew them, then left the stream
     // where one forward pass leaves it: the next step draws what it would have drawn.
     assert_eq!(adapters.dropout_stream.position(), after_whole);
     assert_same_gradients("LoRA with dropout", &adapters.vars, whole, again, 1e-6);
 
     // Fresh masks give other gradients: the comparison can see a wrong mask.
-    let fresh = recomputed(&model);
+    let fresh = recomputed(&model, &adapters.vars);
     let lora_a = &adapters
         .vars
         .iter()
@@ -189,5 +199,5 @@ fn again_a(
     model: &Transformer,
 ) -> GradStore {
     adapters.dropout_stream.set_position(position);
-    recomputed(model).1
+    recomputed(model, &adapters.vars).1
 }

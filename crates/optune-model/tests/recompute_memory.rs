@@ -1,5 +1,5 @@
 //! Activation recomputation holds one block's activations at a time: a LoRA forward and backward
-//! pass over 8 blocks peaks at under half of what the whole graph holds. The heap is counted by a
+//! pass over 8 blocks peaks at under 0.3 of what the whole graph holds (0.2 when written). The heap is counted by a
 //! counting allocator, so this file holds one test: the counts are the whole test process's.
 
 use candle_core::{DType, Device, Tensor};
@@ -65,15 +65,16 @@ fn recomputation_holds_one_block_of_activations() {
     adapters.set_training(true);
     let loss = |sums: &Tensor| sums.sum_all().unwrap();
     let model: &Transformer = &model;
+    let variables: Vec<&Tensor> = adapters.vars.iter().map(|(_, v)| v.as_tensor()).collect();
 
     let whole = peak_bytes(|| {
         let logps = sequence_logprobs(model, &pairs(), 3).unwrap();
-        let grads = loss(&logps.sums).backward().unwrap();
+        let grads = recomputed_backward(&loss(&logps.sums), Vec::new(), &variables).unwrap();
         assert!(grads.get(adapters.vars[0].1.as_tensor()).is_some());
     });
     let recomputed = peak_bytes(|| {
         let (logps, pass) = sequence_logprobs_recomputed(model, &pairs(), 3).unwrap();
-        let grads = recomputed_backward(&loss(&logps.sums), vec![pass]).unwrap();
+        let grads = recomputed_backward(&loss(&logps.sums), vec![pass], &variables).unwrap();
         assert!(grads.get(adapters.vars[0].1.as_tensor()).is_some());
     });
     eprintln!(
@@ -83,7 +84,7 @@ fn recomputation_holds_one_block_of_activations() {
     );
     // 8 blocks' activations against two hidden states per block and one block's activations.
     assert!(
-        recomputed <= 0.5 * whole,
+        recomputed <= 0.3 * whole,
         "recomputation peaked at {:.1} MB, the whole graph at {:.1} MB",
         recomputed / MB,
         whole / MB

@@ -219,7 +219,9 @@ fn dpo_step(
     })?;
     let value = loss.to_scalar::<f32>()?;
     // As opt-wdpo: gradients without their graph, the activations freed before the optimiser.
-    let (mut grads, backward, cpu_b) = timed(|| Ok(recomputed_backward(&loss, Vec::new())?))?;
+    let trained: Vec<&Tensor> = vars.iter().map(|(_, v)| v.as_tensor()).collect();
+    let (mut grads, backward, cpu_b) =
+        timed(|| Ok(recomputed_backward(&loss, Vec::new(), &trained)?))?;
     drop(loss);
     let ((), optimiser, cpu_o) = timed(|| {
         clip_grad_norm(&mut grads, vars.iter().map(|(_, v)| v), 1.0)?;

@@ -1,15 +1,15 @@
 //! Activation recomputation (gradient checkpointing) on the training path. The forward pass keeps
 //! the stream that enters each block and lets the rest of the block's graph go; the backward pass
 //! runs the blocks again, last to first, each from its kept input, and propagates through that one
-//! block at a time. What stays alive is one or two hidden states per block (the stream and the
-//! MLP output the next norm adds) and one block's graph, instead of every block's graph; the price
-//! is a second forward pass of the blocks. The gradients are the ones the whole graph gives: the
+//! block at a time. What stays alive is two hidden states per block (the stream and the MLP
+//! output the next norm adds) and one block's graph, instead of every block's graph; the price is
+//! a second forward pass of the blocks. The gradients are the ones the whole graph gives: the
 //! blocks run the same ops on the same inputs, with the dropout masks of their first run.
 
 use super::{MaskedPass, PaddedBatch, Residual, Transformer};
 use crate::linear::{active_dropout_streams, DropoutPlace, DropoutStream};
 use candle_core::backprop::GradStore;
-use candle_core::{Result, Tensor, TensorId, Var};
+use candle_core::{Result, Tensor, Var};
 use optune_kernels::ops;
 
 /// A forward pass run by [`Transformer::hidden_states_recomputed`]: what its backward pass needs
@@ -62,41 +62,53 @@ impl Transformer {
     }
 }
 
-/// The gradients of `loss`, as `loss.backward()` gives them for a graph built whole, where the
-/// states of `passes` are among what it was built from; with no passes, `loss.backward()`'s.
-/// [`detached`] either way.
-pub fn recomputed_backward(loss: &Tensor, passes: Vec<RecomputedPass>) -> Result<GradStore> {
-    let mut grads = detached(loss.backward()?);
-    for pass in passes {
-        pass.backward_into(&mut grads)?;
+/// The gradients of `loss` for `variables`, as `loss.backward()` gives them for a graph built
+/// whole, where the states of `passes` are among what it was built from (with no passes,
+/// `loss.backward()`'s). Only the variables' gradients are kept, each without its graph: candle
+/// leaves a gradient for every operand of every op in its store, tracked or not (a dropout mask,
+/// the other factor of a product), and the sums it leaves at the leaves keep the ops, and so the
+/// activations, that made them. The passes' blocks run again with the model's adapters as they
+/// are now: leave them as the forward pass had them (on or off, training or not).
+pub fn recomputed_backward(
+    loss: &Tensor,
+    passes: Vec<RecomputedPass>,
+    variables: &[&Tensor],
+) -> Result<GradStore> {
+    let mut whole = loss.backward()?;
+    let tops: Vec<Option<Residual>> = passes
+        .iter()
+        .map(|p| p.top.take_grads(&mut whole))
+        .collect();
+    let mut grads = kept(whole, variables);
+    for (pass, top) in passes.into_iter().zip(tops) {
+        // None: the loss does not read this pass.
+        if let Some(top) = top {
+            pass.backward_into(top, &mut grads, variables)?;
+        }
     }
     Ok(grads)
 }
 
-/// `grads` without the graphs they were computed through. candle detaches the gradient it
-/// propagates, not the sums it leaves at the leaves: a weight's gradient can still hold the ops
-/// (and so the activations) that made it, which would keep every recomputed block's activations
-/// alive until the step ends.
-fn detached(grads: GradStore) -> GradStore {
-    let ids: Vec<TensorId> = grads.get_ids().copied().collect();
-    let mut grads = grads;
-    for id in ids {
-        let grad = grads.get_id(id).map(Tensor::detach);
-        if let Some(grad) = grad {
-            grads.insert_id(id, grad);
+/// The gradients of `variables` in `grads`, detached; nothing else.
+fn kept(grads: GradStore, variables: &[&Tensor]) -> GradStore {
+    let mut kept = GradStore::default();
+    for variable in variables {
+        if let Some(grad) = grads.get(variable) {
+            kept.insert(variable, grad.detach());
         }
     }
-    grads
+    kept
 }
 
 impl RecomputedPass<'_> {
-    /// Takes the gradient at the top of the blocks out of `grads` and adds in the gradients of
-    /// every weight below it, one block at a time.
-    fn backward_into(self, grads: &mut GradStore) -> Result<()> {
-        let Some(mut upstream) = self.top.take_grads(grads) else {
-            // The loss does not read this pass.
-            return Ok(());
-        };
+    /// From the gradient at the top of the blocks, adds into `grads` the gradients of the
+    /// `variables` below it, one block at a time.
+    fn backward_into(
+        self,
+        mut upstream: Residual,
+        grads: &mut GradStore,
+        variables: &[&Tensor],
+    ) -> Result<()> {
         let model = self.model;
         let streams = model.active_dropout_streams();
         let now: Vec<DropoutPlace> = streams.iter().map(DropoutStream::place).collect();
@@ -111,22 +123,22 @@ impl RecomputedPass<'_> {
                 false => input,
             };
             let output = self.pass.through(block, &model.config, input.clone())?;
-            let mut partial = detached(output.weighted_sum(&upstream)?.backward()?);
+            let mut partial = output.weighted_sum(&upstream)?.backward()?;
             let below = match wants_input {
                 true => Some(input.take_grads(&mut partial).ok_or_else(|| {
                     candle_core::Error::Msg(format!("block {index}: no gradient at its input"))
                 })?),
                 false => None,
             };
-            grads.extend(partial)?;
+            grads.extend(kept(partial, variables))?;
             if let Some(below) = below {
                 upstream = below;
             }
         }
         if embedding_trained {
             let embedded = model.embed(&self.input_ids)?;
-            let partial = detached((embedded * upstream.x)?.sum_all()?.backward()?);
-            grads.extend(partial)?;
+            let partial = (embedded * upstream.x)?.sum_all()?.backward()?;
+            grads.extend(kept(partial, variables))?;
         }
         now.iter().for_each(DropoutPlace::restore);
         Ok(())
@@ -152,13 +164,16 @@ impl Residual {
         })
     }
 
-    /// The gradients of these tensors, taken out of `grads` ([`detached`]: kept with their
-    /// graph, which reads the weights they went through, a backward pass through the next
-    /// block's `Σ output·gradient` would reach those weights a second time).
+    /// The gradients of these tensors, taken out of `grads`, detached (with their graph, which
+    /// reads the weights they went through, a backward pass through the next block's
+    /// `Σ output·gradient` would reach those weights a second time).
     fn take_grads(&self, grads: &mut GradStore) -> Option<Self> {
-        let x = grads.remove(&self.x)?;
+        let x = grads.remove(&self.x)?.detach();
         let pending = self.pending.as_ref().and_then(|p| grads.remove(p));
-        Some(Self { x, pending })
+        Some(Self {
+            x,
+            pending: pending.as_ref().map(Tensor::detach),
+        })
     }
 
     /// `Σ x·gx + Σ pending·gp`: its gradient with respect to the stream is `upstream` itself.
