@@ -9,6 +9,7 @@ fn main() {
         "selftest",
         "cache_write",
         "cached_attention",
+        "dropout",
         "forward_only",
         "sampling",
         "optimizer",

@@ -5,9 +5,10 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const KERNELS: [&str; 5] = [
+const KERNELS: [&str; 6] = [
     "cache_write",
     "cached_attention",
+    "dropout",
     "forward_only",
     "optimizer",
     "sampling",

@@ -66,6 +66,24 @@ impl Plan {
         let generic = optune_kernels::autograd_path(model.device(), model.dtype())
             == optune_kernels::Path::Generic;
         let per_token_layer = per_token_layer * if generic { 2.0 } else { 1.0 };
+        // With LoRA dropout each adapter reads its own dropped-out copy of its input, which the
+        // backward pass keeps (the masks themselves are drawn again, not kept).
+        let dropped: f64 = match (&policy.lora, args.lora_dropout > 0.0) {
+            (Some(lora), true) => {
+                let attention = (c.num_attention_heads * c.head_dim()) as f64;
+                lora.config
+                    .targets
+                    .iter()
+                    .map(|target| match target.as_str() {
+                        "o_proj" => attention,
+                        "down_proj" => i,
+                        _ => h,
+                    })
+                    .sum()
+            }
+            _ => 0.0,
+        };
+        let per_token_layer = per_token_layer + dropped * compute;
         // Recomputed: the stream and the pending MLP output of every layer, and one layer's
         // activations at a time.
         let layers_kept = match args.gradient_checkpointing {

@@ -114,6 +114,9 @@ macro_rules! entries {
 }
 
 entries!(
+    dropout_f32,
+    dropout_bf16,
+    dropout_f16,
     cached_attention_f32,
     cached_attention_g2_f32,
     cached_attention_g4_f32,

@@ -155,7 +155,8 @@ impl CustomOp3 for AddRmsNorm {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let hidden = lw.shape().elem_count();
         let rows = lx.shape().elem_count() / hidden;
-        let out = cuda::launch(
+        let out = crate::kernel_args::cuda::launch_new(
+            MODULE,
             "add_rms_norm",
             [(x, lx), (delta, ld), (weight, lw)],
             2 * rows * hidden,
@@ -202,11 +203,12 @@ impl CustomOp1 for SiluMul {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let shape = halved(l.shape());
         let (n, width) = (shape.elem_count(), shape.dims()[shape.rank() - 1]);
-        let out = cuda::launch(
+        let out = crate::kernel_args::cuda::launch_new(
+            MODULE,
             "silu_mul",
             [(gate_up, l)],
             n,
-            elementwise_launch(n),
+            crate::kernel_args::elementwise_launch(n),
             |[gate_up], out| silu_mul_args([gate_up, out], n, width),
         )?;
         Ok((out, shape))
@@ -261,20 +263,10 @@ fn add_rms_norm_launch(rows: usize) -> (u32, u32) {
     (rows as u32, THREADS)
 }
 
-/// The CUDA launch of an elementwise kernel over `n` elements: blocks of [`THREADS`] striding
-/// over them, at most 8 blocks per 65,535; `(blocks, threads)`.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
-fn elementwise_launch(n: usize) -> (u32, u32) {
-    (
-        (n.div_ceil(THREADS as usize).min(65_535 * 8) as u32).max(1),
-        THREADS,
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernel_args::emulated;
+    use crate::kernel_args::{elementwise_launch, emulated};
     use candle_core::{Device, Var};
     use optune_cuda_emulator::{in_both_placements, Element, Launch};
     use rand::{Rng, SeedableRng};
@@ -454,71 +446,9 @@ mod tests {
     }
 }
 
+/// This module's kernels (src/cuda/forward_only.cu).
 #[cfg(feature = "cuda")]
-mod cuda {
-    use crate::kernel_args::{self, KernelArg};
-    use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr};
-    use candle_core::cuda_backend::CudaDType;
-    use candle_core::{bail, CudaStorage, DType, Layout, Result};
-
-    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/forward_only.ptx"));
-
-    /// Launches `{kernel}_{f32,bf16,f16}`, by the inputs' dtype, on `(blocks, threads)`: the
-    /// inputs (contiguous, of one dtype) and a fresh output of `out_len` elements of that dtype,
-    /// with the argument list `args` makes of their addresses (the inputs', the output's).
-    pub(super) fn launch<const N: usize>(
-        kernel: &str,
-        inputs: [(&CudaStorage, &Layout); N],
-        out_len: usize,
-        dims: (u32, u32),
-        args: impl Fn([u64; N], u64) -> Result<Vec<KernelArg>>,
-    ) -> Result<CudaStorage> {
-        fn run<T: CudaDType + DeviceRepr, const N: usize>(
-            name: &str,
-            inputs: [(&CudaStorage, &Layout); N],
-            out_len: usize,
-            dims: (u32, u32),
-            args: impl Fn([u64; N], u64) -> Result<Vec<KernelArg>>,
-        ) -> Result<CudaStorage> {
-            let device = inputs[0].0.device().clone();
-            let stream = device.cuda_stream();
-            let views = inputs
-                .iter()
-                .map(|(s, l)| Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..)))
-                .collect::<Result<Vec<_>>>()?;
-            // SAFETY: both kernels write every element of their output.
-            let mut out = unsafe { device.alloc::<T>(out_len)? };
-            let func = device.get_or_load_custom_func(name, "optune_forward_only", PTX)?;
-            {
-                // The guards order the launch after the buffers' last writes and record it.
-                let pointers: Vec<_> = views.iter().map(|v| v.device_ptr(&stream)).collect();
-                let addresses: [u64; N] = std::array::from_fn(|i| pointers[i].0);
-                let (out_at, _out_guard) = out.device_ptr_mut(&stream);
-                let args = args(addresses, out_at)?;
-                // SAFETY: the list is the kernel's (built by its `*_args`), over the inputs
-                // (contiguous, of the sizes the callers checked) and an output of the size the
-                // launch writes; the guards live to the end of this block.
-                unsafe {
-                    kernel_args::cuda::launch(
-                        func.builder(),
-                        kernel_args::cuda::config(dims),
-                        &args,
-                    )
-                }?;
-            }
-            Ok(CudaStorage::wrap_cuda_slice(out, device))
-        }
-
-        match inputs[0].0.dtype() {
-            DType::F32 => run::<f32, N>(&format!("{kernel}_f32"), inputs, out_len, dims, args),
-            DType::BF16 => {
-                run::<half::bf16, N>(&format!("{kernel}_bf16"), inputs, out_len, dims, args)
-            }
-            DType::F16 => {
-                run::<half::f16, N>(&format!("{kernel}_f16"), inputs, out_len, dims, args)
-            }
-            other => bail!("{kernel}: {other:?} on CUDA"),
-        }
-    }
-}
+const MODULE: crate::kernel_args::cuda::Module = crate::kernel_args::cuda::Module {
+    name: "optune_forward_only",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/forward_only.ptx")),
+};

@@ -20,6 +20,7 @@ pub mod cache_write;
 mod cached_attention;
 pub mod cuda_matmul;
 pub mod dispatch;
+mod dropout;
 pub mod forward_only;
 mod fused;
 mod grad_buffers;
@@ -37,6 +38,7 @@ mod token_tables;
 
 pub use cached_attention::cached_attention;
 pub use dispatch::{autograd_path, decode_path, kernels, path_for, set_kernels, Kernels, Path};
+pub use dropout::{dropout, dropout_key};
 pub use grad_buffers::GradBuffers;
 pub use matmul::{
     bf16_products_available, f32_product_precision, matmul_bf16, matmul_bf16_packed,

@@ -1,129 +1,71 @@
 //! A linear layer with an optional LoRA adapter.
 
-use candle_core::{Device, Result, Tensor};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use candle_core::{Result, Tensor};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
-/// The random stream of LoRA dropout, shared by a model's adapters and seeded by the caller, so a
-/// run with a fixed seed draws the same masks on every device (candle's CPU RNG cannot be seeded,
-/// and its CUDA RNG, curand, draws other numbers than any CPU stream would).
-///
-/// The masks are drawn on the host, but not adapter by adapter: [`draw_dropout_masks`] draws a
-/// whole forward pass's keep flags (one byte each) into one buffer and copies it to the device
-/// once, and each adapter then takes its slice in the order the pass visits them. The flags come
-/// from the stream in the same order as when each adapter drew its own, so the masks are the
-/// same as before that change; the price is one byte per masked element held during the pass.
+/// The random stream of LoRA dropout, shared by a model's adapters and seeded by the caller.
+/// Counter-based ([`optune_kernels::dropout`]): each call takes the next `x.elem_count()`
+/// positions of the stream, and its mask is computed from them where the tensor lives, by the
+/// backward pass again, and by a recomputed block again; nothing is drawn on the host, copied to
+/// the device or kept. A run with a fixed seed draws the same masks on every device.
 #[derive(Clone)]
-pub struct DropoutStream(Arc<Mutex<StreamState>>);
+pub struct DropoutStream(Arc<StreamState>);
 
 struct StreamState {
-    rng: ChaCha8Rng,
-    /// Keep flags drawn ahead for the current pass (u8 0/1 `[n]` on the device), and how many
-    /// of them the adapters have taken.
-    ahead: Option<(Tensor, usize)>,
+    key: u64,
+    /// How many elements the calls so far have taken.
+    position: AtomicU64,
 }
 
 impl DropoutStream {
     pub fn new(seed: u64) -> Self {
-        Self(Arc::new(Mutex::new(StreamState {
-            rng: ChaCha8Rng::seed_from_u64(seed),
-            ahead: None,
-        })))
+        Self(Arc::new(StreamState {
+            key: optune_kernels::dropout_key(seed),
+            position: AtomicU64::new(0),
+        }))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, StreamState> {
-        self.0.lock().expect("dropout stream lock")
-    }
-
-    /// How far the stream has been drawn (ChaCha's word position): a training state keeps it,
-    /// so that a resumed run draws the masks the uninterrupted run would have drawn. Flags drawn
-    /// ahead count as drawn; a state is saved between steps, when none are left over.
+    /// How far the stream has been taken: a training state keeps it, so that a resumed run
+    /// draws the masks the uninterrupted run would have drawn.
     pub fn position(&self) -> u128 {
-        self.lock().rng.get_word_pos()
+        u128::from(self.0.position.load(Ordering::Relaxed))
     }
 
     /// Moves the stream to `position` (from [`DropoutStream::position`]).
     pub fn set_position(&self, position: u128) {
-        let mut state = self.lock();
-        state.rng.set_word_pos(position);
-        state.ahead = None;
+        let position = u64::try_from(position).unwrap_or(u64::MAX);
+        self.0.position.store(position, Ordering::Relaxed);
     }
 
-    /// Where the stream stands now, flags drawn ahead included, to come back to with
-    /// [`DropoutPlace::restore`]: a block run again for its gradients (activation
-    /// recomputation) must draw the masks its first run drew.
+    /// Where the stream stands now, to come back to with [`DropoutPlace::restore`]: a block run
+    /// again for its gradients (activation recomputation) must draw the masks its first run drew.
     pub(crate) fn place(&self) -> DropoutPlace {
-        let state = self.lock();
         DropoutPlace {
             stream: self.clone(),
-            position: state.rng.get_word_pos(),
-            ahead: state.ahead.clone(),
+            position: self.position(),
         }
     }
 
-    /// `count` keep flags (1 with probability `keep`) from the stream, on `device`: one copy.
-    fn keep_flags(
-        rng: &mut ChaCha8Rng,
-        count: usize,
-        keep: f32,
-        device: &Device,
-    ) -> Result<Tensor> {
-        let flags: Vec<u8> = (0..count)
-            .map(|_| u8::from(rng.random::<f32>() < keep))
-            .collect();
-        Tensor::from_vec(flags, count, device)
-    }
-
-    /// Draws `count` flags ahead (replacing any left over), for the adapters of one pass.
-    fn draw_ahead(&self, count: usize, keep: f32, device: &Device) -> Result<()> {
-        let mut state = self.lock();
-        let flags = Self::keep_flags(&mut state.rng, count, keep, device)?;
-        state.ahead = Some((flags, 0));
-        Ok(())
-    }
-
-    /// Inverted dropout: each element kept with probability `1 − p` and scaled by `1 / (1 − p)`.
-    /// The flags are the next ones drawn ahead, or drawn now when none are (a pass that
-    /// [`draw_dropout_masks`] did not plan).
+    /// Inverted dropout: each element kept with probability `1 − p` and scaled by `1 / (1 − p)`,
+    /// by the stream's next `x.elem_count()` positions.
     fn apply(&self, x: &Tensor, p: f32) -> Result<Tensor> {
-        let keep = 1.0 - p;
-        let count = x.elem_count();
-        let flags = {
-            let mut state = self.lock();
-            match state.ahead.take() {
-                Some((ahead, taken)) if taken + count <= ahead.elem_count() => {
-                    let flags = ahead.narrow(0, taken, count)?;
-                    if taken + count < ahead.elem_count() {
-                        state.ahead = Some((ahead, taken + count));
-                    }
-                    flags
-                }
-                _ => Self::keep_flags(&mut state.rng, count, keep, x.device())?,
-            }
-        };
-        let mask = flags
-            .reshape(x.shape())?
-            .to_dtype(x.dtype())?
-            .affine(f64::from(1.0 / keep), 0.0)?;
-        x * mask
+        let count = x.elem_count() as u64;
+        let position = self.0.position.fetch_add(count, Ordering::Relaxed);
+        optune_kernels::dropout(x, self.0.key, position, p)
     }
 }
 
-/// A [`DropoutStream`]'s state at one moment ([`DropoutStream::place`]).
+/// A [`DropoutStream`]'s position at one moment ([`DropoutStream::place`]).
 pub(crate) struct DropoutPlace {
     stream: DropoutStream,
     position: u128,
-    ahead: Option<(Tensor, usize)>,
 }
 
 impl DropoutPlace {
     /// Puts the stream back where it stood: the masks drawn next are the ones drawn then.
     pub(crate) fn restore(&self) {
-        let mut state = self.stream.lock();
-        state.rng.set_word_pos(self.position);
-        state.ahead = self.ahead.clone();
+        self.stream.set_position(self.position);
     }
 }
 
@@ -139,36 +81,6 @@ pub(crate) fn active_dropout_streams<'a>(
         }
     }
     streams
-}
-
-/// Draws the dropout masks of one forward pass over `rows` rows through `linears` (in the order
-/// the pass runs them) in one go: one host buffer, one copy to the device. Nothing when no
-/// adapter drops out. The adapters of one model share one stream and one `p`
-/// ([`crate::lora::attach_lora`]); adapters on another stream draw their own masks as they run,
-/// and so do all when the shared stream's adapters differ in `p`.
-pub fn draw_dropout_masks<'a>(
-    linears: impl IntoIterator<Item = &'a Linear>,
-    rows: usize,
-    device: &Device,
-) -> Result<()> {
-    let mut planned: Option<(&DropoutStream, f32, usize)> = None;
-    for lora in linears.into_iter().filter_map(|l| l.lora.as_ref()) {
-        if !lora.drops_out() {
-            continue;
-        }
-        let (stream, p, count) = planned.get_or_insert((&lora.dropout_stream, lora.dropout, 0));
-        if !Arc::ptr_eq(&stream.0, &lora.dropout_stream.0) {
-            continue;
-        }
-        if *p != lora.dropout {
-            return Ok(());
-        }
-        *count += rows * lora.a.dim(1)?;
-    }
-    match planned {
-        Some((stream, p, count)) => stream.draw_ahead(count, 1.0 - p, device),
-        None => Ok(()),
-    }
 }
 
 /// Low-rank adapter `Δy = scale · dropout(x) Aᵀ Bᵀ` (PEFT's layout: `A: [r, in]`, `B: [out, r]`).
@@ -289,6 +201,7 @@ impl Linear {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     #[test]
     fn dropout_keeps_one_minus_p_scaled_and_repeats_with_the_seed() {
@@ -309,71 +222,6 @@ mod tests {
         assert!(a.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.75).abs() < 1e-6));
         assert_eq!(a, masked(7));
         assert_ne!(a, masked(8));
-    }
-
-    /// Adapters sharing one stream, as `attach_lora` makes them: `[rows, in]` inputs of widths
-    /// `widths`, training with dropout `p`.
-    fn adapters(widths: &[usize], p: f32, stream: &DropoutStream) -> Vec<Linear> {
-        let on = Arc::new(AtomicBool::new(true));
-        widths
-            .iter()
-            .map(|&width| {
-                let mut linear = Linear::new(
-                    Tensor::zeros((3, width), candle_core::DType::F32, &Device::Cpu).unwrap(),
-                    None,
-                );
-                linear.lora = Some(LoraAdapter {
-                    a: Tensor::ones((2, width), candle_core::DType::F32, &Device::Cpu).unwrap(),
-                    b: Tensor::ones((3, 2), candle_core::DType::F32, &Device::Cpu).unwrap(),
-                    scale: 1.0,
-                    dropout: p,
-                    enabled: on.clone(),
-                    training: on.clone(),
-                    dropout_stream: stream.clone(),
-                });
-                linear
-            })
-            .collect()
-    }
-
-    #[test]
-    fn masks_drawn_ahead_for_a_pass_are_the_masks_drawn_adapter_by_adapter() {
-        let widths = [5, 7, 5, 11];
-        let rows = 6;
-        let outputs = |ahead: bool| {
-            let stream = DropoutStream::new(9);
-            let linears = adapters(&widths, 0.3, &stream);
-            if ahead {
-                draw_dropout_masks(&linears, rows, &Device::Cpu).unwrap();
-            }
-            let out: Vec<Vec<f32>> = linears
-                .iter()
-                .map(|l| {
-                    let x = Tensor::ones(
-                        (rows, l.weight.dim(1).unwrap()),
-                        candle_core::DType::F32,
-                        &Device::Cpu,
-                    )
-                    .unwrap();
-                    l.forward(&x)
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1()
-                        .unwrap()
-                })
-                .collect();
-            let left_over = stream.lock().ahead.is_some();
-            (out, stream.position(), left_over)
-        };
-        let (drawn_ahead, position, left_over) = outputs(true);
-        assert_eq!((drawn_ahead.clone(), position), {
-            let (each, position, _) = outputs(false);
-            (each, position)
-        });
-        assert!(!left_over, "the pass took every flag drawn ahead");
-        // Dropout did something: the outputs differ between rows.
-        assert!(drawn_ahead[3].windows(2).any(|w| w[0] != w[1]));
     }
 
     #[test]

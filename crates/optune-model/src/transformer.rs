@@ -570,8 +570,8 @@ impl Transformer {
         Ok(stream)
     }
 
-    /// What every block of a training pass over `batch` reads besides the stream (the mask and
-    /// the rotary tables), with the pass's dropout masks drawn.
+    /// What every block of a training pass over `batch` reads besides the stream: the mask and
+    /// the rotary tables.
     fn masked_pass(&self, batch: &PaddedBatch) -> Result<MaskedPass> {
         let (b, t) = batch.dims();
         self.check_tokens(t, batch.largest_id)?;
@@ -589,13 +589,6 @@ impl Transformer {
         }
         let mask = Tensor::from_vec(mask, (b, 1, t, t), &self.device)?.to_dtype(self.dtype)?;
         let (cos, sin) = self.rope.lookup(&batch.positions)?;
-        crate::linear::draw_dropout_masks(
-            self.layers
-                .iter()
-                .flat_map(|block| block.linears().map(|(_, linear)| linear)),
-            b * t,
-            &self.device,
-        )?;
         Ok(MaskedPass { mask, cos, sin })
     }
 
@@ -1307,7 +1300,7 @@ struct CachedKv<'a> {
 }
 
 impl Block {
-    /// In the order the forward pass runs them (the dropout masks drawn ahead rely on it).
+    /// In the order the forward pass runs them.
     fn linears(&self) -> [(&'static str, &Linear); 7] {
         [
             ("self_attn.q_proj", &self.self_attn.q_proj),
