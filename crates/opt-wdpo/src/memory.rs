@@ -67,17 +67,29 @@ impl Plan {
             == optune_kernels::Path::Generic;
         let per_token_layer = per_token_layer * if generic { 2.0 } else { 1.0 };
         // With LoRA dropout each adapter reads its own dropped-out copy of its input, which the
-        // backward pass keeps (the masks themselves are drawn again, not kept).
+        // backward pass keeps (the masks themselves are drawn again, not kept). On the fused path
+        // the adapter is then no longer part of the base product's one op: its low-rank product,
+        // the base product and their sum are kept too.
         let dropped: f64 = match (&policy.lora, args.lora_dropout > 0.0) {
             (Some(lora), true) => {
                 let attention = (c.num_attention_heads * c.head_dim()) as f64;
+                let kv = (c.num_kv_heads() * c.head_dim()) as f64;
+                let rank = lora.config.rank as f64;
                 lora.config
                     .targets
                     .iter()
-                    .map(|target| match target.as_str() {
-                        "o_proj" => attention,
-                        "down_proj" => i,
-                        _ => h,
+                    .map(|target| {
+                        let (input, output) = match target.as_str() {
+                            t if t.ends_with("q_proj") => (h, attention),
+                            t if t.ends_with("k_proj") || t.ends_with("v_proj") => (h, kv),
+                            t if t.ends_with("o_proj") => (attention, h),
+                            t if t.ends_with("down_proj") => (i, h),
+                            _ => (h, i),
+                        };
+                        match generic {
+                            true => input,
+                            false => input + rank + 2.0 * output,
+                        }
                     })
                     .sum()
             }

@@ -23,7 +23,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-const FORMAT: u32 = 1;
+/// 2 since the LoRA dropout stream became counter-based (2026-12-01): a position saved by format 1
+/// counted a ChaCha stream's words, which would resume silently under other masks.
+const FORMAT: u32 = 2;
 
 /// Where training stands after an optimiser step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,7 +47,8 @@ pub struct Saved {
     pub position: Position,
     /// Response tokens trained on so far.
     pub tokens: usize,
-    /// The LoRA dropout stream's word position, as a decimal string (JSON has no u128).
+    /// The LoRA dropout stream's position (elements taken), as a decimal string (as format 1
+    /// wrote its u128).
     dropout_position: Option<String>,
     /// Each pair's reference log-probs (chosen, rejected), in input order; none for the
     /// objectives that read none.

@@ -8,7 +8,10 @@
 //! `1 / keep` in f32 and rounded once to the tensor's dtype; a dropped element is +0. SplitMix64
 //! is the counter-based generator that seeds xoshiro: each output is a fixed mix of its counter, so
 //! any element's bits are computed on their own, in any order, on any device. The CPU form below
-//! is the specification; the emulated tests hold the CUDA kernel to it, bit for bit.
+//! is the specification; the emulated tests hold the CUDA kernel to it, bit for bit. On a GPU the
+//! kernels are built with `--use_fast_math`, which flushes subnormal values to zero, as the tools
+//! set the CPU to do (flush-to-zero and denormals-are-zero); f64, for gradient checks, has a CPU
+//! form only.
 
 use crate::kernel_args::KernelArg;
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
@@ -45,6 +48,8 @@ struct Mask {
     position: u64,
     /// `keep · 2³²`: an element whose bits are below it is kept.
     threshold: u64,
+    /// The keep probability `1 − p`.
+    keep: f64,
     /// `1 / keep`.
     scale: f32,
 }
@@ -54,15 +59,22 @@ impl Mask {
         u64::from(bits(self.key, self.position.wrapping_add(i as u64))) < self.threshold
     }
 
-    fn apply<T: Copy + Send + Sync>(
+    /// `x` through `scaled` (a kept element) or +0, computed in `widen`'s type and rounded
+    /// once by `narrow`.
+    fn apply<T: Copy + Send + Sync, W>(
         &self,
         x: &[T],
-        widen: impl Fn(T) -> f32 + Sync,
-        narrow: impl Fn(f32) -> T + Sync,
-    ) -> Vec<T> {
+        widen: impl Fn(T) -> W + Sync,
+        scaled: impl Fn(W) -> W + Sync,
+        narrow: impl Fn(W) -> T + Sync,
+        zero: W,
+    ) -> Vec<T>
+    where
+        W: Copy + Send + Sync,
+    {
         let one = |(i, &v): (usize, &T)| match self.keeps(i) {
-            true => narrow(widen(v) * self.scale),
-            false => narrow(0.0),
+            true => narrow(scaled(widen(v))),
+            false => narrow(zero),
         };
         match x.len() < PARALLEL_ELEMENTS {
             true => x.iter().enumerate().map(one).collect(),
@@ -79,14 +91,18 @@ pub fn dropout(x: &Tensor, key: u64, position: u64, p: f32) -> Result<Tensor> {
     if !(0.0..1.0).contains(&p) {
         bail!("dropout: p {p} is not in [0, 1)");
     }
-    if !matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16) {
-        bail!("dropout: {:?}, expected f32, bf16 or f16", x.dtype());
+    if !matches!(
+        x.dtype(),
+        DType::F32 | DType::BF16 | DType::F16 | DType::F64
+    ) {
+        bail!("dropout: {:?}, expected f32, bf16, f16 or f64", x.dtype());
     }
     let keep = 1.0 - f64::from(p);
     let mask = Mask {
         key,
         position,
         threshold: (keep * 4_294_967_296.0).round() as u64,
+        keep,
         scale: (1.0 / keep) as f32,
     };
     x.contiguous()?.apply_op1(Dropout(mask))
@@ -104,15 +120,27 @@ impl CustomOp1 for Dropout {
             bail!("dropout: a non-contiguous input");
         };
         let mask = &self.0;
+        let scaled = |v: f32| v * mask.scale;
         let out = match storage {
-            CpuStorage::F32(x) => CpuStorage::F32(mask.apply(&x[start..end], |v| v, |v| v)),
-            CpuStorage::BF16(x) => {
-                CpuStorage::BF16(mask.apply(&x[start..end], bf16::to_f32, bf16::from_f32))
+            CpuStorage::F32(x) => {
+                CpuStorage::F32(mask.apply(&x[start..end], |v| v, scaled, |v| v, 0.0))
             }
+            CpuStorage::BF16(x) => CpuStorage::BF16(mask.apply(
+                &x[start..end],
+                bf16::to_f32,
+                scaled,
+                bf16::from_f32,
+                0.0,
+            )),
             CpuStorage::F16(x) => {
-                CpuStorage::F16(mask.apply(&x[start..end], f16::to_f32, f16::from_f32))
+                CpuStorage::F16(mask.apply(&x[start..end], f16::to_f32, scaled, f16::from_f32, 0.0))
             }
-            _ => bail!("dropout: expected f32, bf16 or f16"),
+            // For gradient checks (no CUDA kernel): scaled in f64.
+            CpuStorage::F64(x) => {
+                let scale = 1.0 / mask.keep;
+                CpuStorage::F64(mask.apply(&x[start..end], |v| v, |v| v * scale, |v| v, 0.0))
+            }
+            _ => bail!("dropout: expected f32, bf16, f16 or f64"),
         };
         Ok((out, layout.shape().clone()))
     }
@@ -124,6 +152,9 @@ impl CustomOp1 for Dropout {
         layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use crate::kernel_args::cuda::{launch_new, Module};
+        if !layout.is_contiguous() {
+            bail!("dropout: a non-contiguous input");
+        }
         const MODULE: Module = Module {
             name: "optune_dropout",
             ptx: include_str!(concat!(env!("OUT_DIR"), "/dropout.ptx")),
@@ -201,6 +232,16 @@ mod tests {
         assert_eq!(a, values(&dropout(&x, key, 0, 0.25).unwrap()));
         assert_ne!(a, values(&dropout(&x, dropout_key(8), 0, 0.25).unwrap()));
         assert_ne!(a, values(&dropout(&x, key, 1, 0.25).unwrap()));
+        // f64 (gradient checks) takes the same mask, scaled in f64.
+        let x64 = x.to_dtype(DType::F64).unwrap();
+        let b: Vec<f64> = dropout(&x64, key, 0, 0.25)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!(a.iter().zip(&b).all(|(&a, &b)| (a == 0.0) == (b == 0.0)));
+        assert!(b.iter().all(|&v| v == 0.0 || v == 1.0 / 0.75));
     }
 
     /// What makes the mask counter-based: a call's mask is its slice of a longer call's, so a
@@ -291,6 +332,7 @@ mod tests {
                 key: dropout_key(11),
                 position: (1u64 << 33) + 17,
                 threshold: (0.9 * 4_294_967_296.0f64).round() as u64,
+                keep: 0.9,
                 scale: (1.0 / 0.9f64) as f32,
             };
             let want = values(&x.apply_op1_no_bwd(&Dropout(mask)).unwrap());

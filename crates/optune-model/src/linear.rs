@@ -28,13 +28,12 @@ impl DropoutStream {
 
     /// How far the stream has been taken: a training state keeps it, so that a resumed run
     /// draws the masks the uninterrupted run would have drawn.
-    pub fn position(&self) -> u128 {
-        u128::from(self.0.position.load(Ordering::Relaxed))
+    pub fn position(&self) -> u64 {
+        self.0.position.load(Ordering::Relaxed)
     }
 
     /// Moves the stream to `position` (from [`DropoutStream::position`]).
-    pub fn set_position(&self, position: u128) {
-        let position = u64::try_from(position).unwrap_or(u64::MAX);
+    pub fn set_position(&self, position: u64) {
         self.0.position.store(position, Ordering::Relaxed);
     }
 
@@ -59,7 +58,7 @@ impl DropoutStream {
 /// A [`DropoutStream`]'s position at one moment ([`DropoutStream::place`]).
 pub(crate) struct DropoutPlace {
     stream: DropoutStream,
-    position: u128,
+    position: u64,
 }
 
 impl DropoutPlace {

@@ -195,7 +195,7 @@ fn lora_dropout_masks_are_drawn_again_for_the_second_run() {
 /// The recomputed gradients with the dropout stream moved back to `position` first.
 fn again_a(
     adapters: &optune_model::lora::LoraAdapters,
-    position: u128,
+    position: u64,
     model: &Transformer,
 ) -> GradStore {
     adapters.dropout_stream.set_position(position);

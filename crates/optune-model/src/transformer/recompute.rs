@@ -65,7 +65,7 @@ impl Transformer {
 /// The gradients of `loss` for `variables`, as `loss.backward()` gives them for a graph built
 /// whole, where the states of `passes` are among what it was built from (with no passes,
 /// `loss.backward()`'s). Only the variables' gradients are kept, each without its graph: candle
-/// leaves a gradient for every operand of every op in its store, tracked or not (a dropout mask,
+/// leaves a gradient for every operand of every op in its store, tracked or not (a constant mask,
 /// the other factor of a product), and the sums it leaves at the leaves keep the ops, and so the
 /// activations, that made them. The passes' blocks run again with the model's adapters as they
 /// are now: leave them as the forward pass had them (on or off, training or not).
