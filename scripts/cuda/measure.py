@@ -18,7 +18,8 @@ sanitizer rows, which run when the others leave time within --budget-s):
             1e-4; bf16 reported), `opt-gen` greedy (identical responses, KV-cache `logp`), `opt-gen`
             sampled at T 1.0 / top-p 0.9 with --n 2 and chunked prefill against the CPU's generic
             path (the same device sampler and uniforms: identical responses, `logp`) and
-            three opt-wdpo training steps (losses after one and two updates: f32 1e-3, bf16 1e-1, see logprobs_training).
+            three opt-wdpo training steps (losses after one and two updates: f32 1e-3, bf16 1e-1, see logprobs_training),
+            and three LoRA steps with dropout and --gradient-checkpointing (the trained change, f32, 1e-2).
             The first CUDA runs also pay the driver's JIT of candle's PTX for the later stages.
   train-1b  One bf16 DPO optimiser step on a random llama of TinyLlama-1.1B's shape: LoRA r16 on
             q,k,v,o, then full fine-tuning. optune: `opt-wdpo --device cuda --dtype bf16`. Peer: a
@@ -56,7 +57,7 @@ Cost on one H100/H200, guessed from the sizes before any GPU run (the table's la
 measured wall seconds of each stage; replace these guesses with them):
 
   start      unpack the archive, import torch, copy bandwidth                      ~15 s
-  logprobs   18 CUDA runs of the tools, the first ones JIT-compile candle's PTX     ~60 s
+  logprobs   19 CUDA runs of the tools, the first ones JIT-compile candle's PTX     ~70 s
   train-1b   build the 1.1B (2.2 GB), 2 x (optune run + peer)                        ~50 s
   train-7b   build the 7B (init on the GPU, 13.5 GB written once), optune LoRA run
              (load, 5 steps, 13.5 GB merged checkpoint written), peer (loads the 7B) ~100 s
@@ -66,7 +67,7 @@ measured wall seconds of each stage; replace these guesses with them):
              the largest batch, prefill and decode after it also with
              OPTUNE_ATTENTION=whole                                                ~80 s
   sanitize   3 runs on tiny-llama, each instrumenting the kernels it loads          ~90 s
-  total                                                                             ~525 s
+  total                                                                             ~535 s
              (over the default budget: the sanitize rows run when the earlier stages
              come in under their guesses, or alone with --stages sanitize)
 
@@ -136,7 +137,7 @@ STAGES = ["logprobs", "train-1b", "train-7b", "gen-7b", "gen-1b", "sanitize"]
 # Guessed cost in seconds on an H100 of each unit of work the budget is checked before (see the
 # docstring); a dry run checks against 0 (its figures are the CPU's).
 ESTIMATE_S = {
-    "logprobs": 60,
+    "logprobs": 70,
     "build:1b": 15, "lora:1b": 15, "full:1b": 20, "gen:1b": 12,
     "build:7b": 45, "lora:7b": 55, "gen:7b": 22,
     "prefill:1b": 19, "prefill:7b": 40,
@@ -691,6 +692,47 @@ def logprobs_training(bins: Path, work: Path) -> None:
     R.detail()
 
 
+def logprobs_lora_dropout(bins: Path, work: Path) -> None:
+    """LoRA dropout's masks are drawn on the device by a kernel held to the CPU's form, and a
+    recomputed block draws them again: 3 steps of LoRA with dropout 0.3 on every projection and
+    --gradient-checkpointing, CUDA f32 against CPU f32 by the trained change of the weights
+    (merged − base). Another seed on the CPU shows the size of a change with other masks."""
+    from safetensors.torch import load_file
+
+    R = REPORT
+    model = TESTDATA / "models" / "tiny-llama"
+    pairs_file = work / "tiny-llama-dropout-pairs.jsonl"
+    reference_pairs("tiny-llama", pairs_file)
+    base = load_file(str(model / "model.safetensors"))
+
+    def delta(device: str, seed: int) -> dict:
+        out = work / f"dropout-{device}-{seed}"
+        run([bins / "opt-wdpo", "--policy", model, pairs_file, "-o", out, "--lora-rank", "4",
+             "--lora-alpha", "8", "--lora-dropout", "0.3", "--lora-targets",
+             "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "--gradient-checkpointing",
+             "--lr", "1e-2", "--warmup-ratio", "0", "--schedule", "constant", "--batch-size", "4",
+             "--epochs", "3", "--seed", str(seed), "--device", dev(device), "--dtype", "f32",
+             *device_flags(device, "f32")])
+        merged = load_file(str(out / "model.safetensors"))
+        return {k: merged[k].float() - base[k].float() for k in merged if "proj" in k}
+
+    def off(a: dict, b: dict) -> float:
+        # Norms, not the largest element: AdamW turns a rounding-sized gradient into a full-sized
+        # step, so single elements may differ by rounding alone.
+        diff = sum(float((a[k] - b[k]).pow(2).sum()) for k in b)
+        size = sum(float(b[k].pow(2).sum()) for k in b)
+        return math.sqrt(diff / max(size, 1e-300))
+
+    cpu = delta("cpu", 5)
+    cuda = delta("cuda", 5)
+    other = delta("cpu", 6)
+    d, seed_d = off(cuda, cpu), off(other, cpu)
+    text, kind = verdict(d, 1e-2)
+    R.row("logprobs", "LoRA dropout 0.3 + --gradient-checkpointing, 3 steps: trained weight change CUDA f32 "
+          "vs CPU f32, ‖difference‖ / ‖change‖ (tiny-llama, 7 projections)", f"{d:.2e}", "", "",
+          f"{text}; another seed's masks: {seed_d:.2e}", kind)
+
+
 def stage_logprobs(args, models) -> None:
     if not BUDGET.allows("logprobs"):
         BUDGET.skip("logprobs", "correctness rows", "logprobs")
@@ -702,6 +744,7 @@ def stage_logprobs(args, models) -> None:
     guarded("logprobs", "opt-gen greedy", lambda: logprobs_generation(args.bin, work))
     guarded("logprobs", "opt-gen sampled", lambda: logprobs_sampling(args.bin, work))
     guarded("logprobs", "training steps", lambda: logprobs_training(args.bin, work))
+    guarded("logprobs", "LoRA dropout", lambda: logprobs_lora_dropout(args.bin, work))
 
 
 def compute_sanitizer():
