@@ -22,8 +22,8 @@ pub struct Plan {
     /// A second model held through training (HyPO's reference).
     reference: f64,
     activations: f64,
-    /// Whether the activations are recomputed (--gradient-checkpointing).
-    recomputes: bool,
+    /// Without --gradient-checkpointing, the activations the run would hold with it.
+    recomputed_activations: Option<f64>,
 }
 
 impl Plan {
@@ -98,8 +98,9 @@ impl Plan {
         let per_token_layer = per_token_layer + dropped * compute;
         // Recomputed: the stream and the pending MLP output of every layer, and one layer's
         // activations at a time.
+        let recomputed = layers * 2.0 * h * compute + per_token_layer;
         let layers_kept = match args.gradient_checkpointing {
-            true => layers * 2.0 * h * compute + per_token_layer,
+            true => recomputed,
             false => layers * per_token_layer,
         };
         // One chunk of logits, its softmax and its gradient at a time, in f32; the fused head
@@ -119,7 +120,8 @@ impl Plan {
                 0.0
             },
             activations: tokens * layers_kept + head,
-            recomputes: args.gradient_checkpointing,
+            recomputed_activations: (!args.gradient_checkpointing)
+                .then_some(tokens * recomputed + head),
         }
     }
 
@@ -176,9 +178,12 @@ impl Plan {
                  --memory-budget GB plans against another amount",
                 self.total() / GB,
                 available / GB,
-                match self.recomputes {
-                    true => "",
-                    false => "recompute activations (--gradient-checkpointing), ",
+                match self.recomputed_activations {
+                    Some(recomputed) => format!(
+                        "recompute activations (--gradient-checkpointing: about {:.2} GB), ",
+                        (self.total() - 1.1 * (self.activations - recomputed)) / GB
+                    ),
+                    None => String::new(),
                 }
             );
         }

@@ -1004,7 +1004,25 @@ fn a_run_that_cannot_fit_is_refused_before_training() {
         stderr.contains("--lora-rank") && stderr.contains("--batch-size"),
         "{stderr}"
     );
+    // What recomputing the activations would need, smaller than what the run needs.
+    let gb = |after: &str| -> f64 {
+        let rest =
+            &stderr[stderr.find(after).unwrap_or_else(|| panic!("{stderr}")) + after.len()..];
+        rest.split_whitespace().next().unwrap().parse().unwrap()
+    };
+    let (needed, recomputed) = (gb("needs about "), gb("--gradient-checkpointing: about "));
+    assert!(recomputed < needed, "{stderr}");
     assert!(!out.exists());
+    let flagged = [
+        &base[..],
+        &["--memory-budget", "0.0001", "--gradient-checkpointing"],
+    ]
+    .concat();
+    let (ok, stderr) = wdpo(&flagged);
+    assert!(
+        !ok && !stderr.contains("(--gradient-checkpointing"),
+        "{stderr}"
+    );
     let (ok, stderr) = wdpo(&base);
     assert!(ok, "{stderr}");
     assert!(stderr.contains("memory estimate"), "{stderr}");
