@@ -69,29 +69,25 @@ impl Plan {
         // With LoRA dropout each adapter reads its own dropped-out copy of its input, which the
         // backward pass keeps (the masks themselves are drawn again, not kept). On the fused path
         // the adapter is then no longer part of the base product's one op: its low-rank product,
-        // the base product and their sum are kept too.
+        // the base product and their sum are kept too. Read off the adapters themselves (A
+        // `[rank, in]`, B `[out, rank]`) over all layers: in per adapter, and on the fused path
+        // rank + 2·out more.
         let dropped: f64 = match (&policy.lora, args.lora_dropout > 0.0) {
             (Some(lora), true) => {
-                let attention = (c.num_attention_heads * c.head_dim()) as f64;
-                let kv = (c.num_kv_heads() * c.head_dim()) as f64;
-                let rank = lora.config.rank as f64;
-                lora.config
-                    .targets
+                let kept: usize = lora
+                    .vars
                     .iter()
-                    .map(|target| {
-                        let (input, output) = match target.as_str() {
-                            t if t.ends_with("q_proj") => (h, attention),
-                            t if t.ends_with("k_proj") || t.ends_with("v_proj") => (h, kv),
-                            t if t.ends_with("o_proj") => (attention, h),
-                            t if t.ends_with("down_proj") => (i, h),
-                            _ => (h, i),
-                        };
-                        match generic {
-                            true => input,
-                            false => input + rank + 2.0 * output,
+                    .map(|(name, var)| {
+                        let dims = var.dims();
+                        match (name.ends_with("lora_A.weight"), generic) {
+                            (true, true) => dims[1],
+                            (true, false) => dims[1] + dims[0],
+                            (false, true) => 0,
+                            (false, false) => 2 * dims[0],
                         }
                     })
-                    .sum()
+                    .sum();
+                kept as f64 / layers
             }
             _ => 0.0,
         };

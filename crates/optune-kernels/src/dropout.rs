@@ -196,18 +196,10 @@ fn dropout_args([x, out]: [u64; 2], n: usize, mask: &Mask) -> Vec<KernelArg> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fused::tests::f32_elements;
     use crate::kernel_args::{elementwise_launch, emulated};
     use candle_core::{Device, Var};
     use optune_cuda_emulator::{in_both_placements, Element, Launch};
-
-    fn values(t: &Tensor) -> Vec<f32> {
-        t.to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap()
-    }
 
     /// `n` values in ±2, none zero.
     fn input(n: usize, dtype: DType) -> Tensor {
@@ -224,14 +216,17 @@ mod tests {
     fn keeps_one_minus_p_scaled_and_repeats_with_its_key_and_position() {
         let x = Tensor::ones((200, 500), DType::F32, &Device::Cpu).unwrap();
         let key = dropout_key(7);
-        let a = values(&dropout(&x, key, 0, 0.25).unwrap());
+        let a = f32_elements(&dropout(&x, key, 0, 0.25).unwrap());
         let kept = a.iter().filter(|&&v| v != 0.0).count() as f64 / a.len() as f64;
         // 100,000 draws: the kept fraction's standard deviation is 0.0014.
         assert!((kept - 0.75).abs() < 0.007, "kept {kept}");
         assert!(a.iter().all(|&v| v == 0.0 || v == (1.0f64 / 0.75) as f32));
-        assert_eq!(a, values(&dropout(&x, key, 0, 0.25).unwrap()));
-        assert_ne!(a, values(&dropout(&x, dropout_key(8), 0, 0.25).unwrap()));
-        assert_ne!(a, values(&dropout(&x, key, 1, 0.25).unwrap()));
+        assert_eq!(a, f32_elements(&dropout(&x, key, 0, 0.25).unwrap()));
+        assert_ne!(
+            a,
+            f32_elements(&dropout(&x, dropout_key(8), 0, 0.25).unwrap())
+        );
+        assert_ne!(a, f32_elements(&dropout(&x, key, 1, 0.25).unwrap()));
         // f64 (gradient checks) takes the same mask, scaled in f64.
         let x64 = x.to_dtype(DType::F64).unwrap();
         let b: Vec<f64> = dropout(&x64, key, 0, 0.25)
@@ -250,8 +245,8 @@ mod tests {
     fn a_call_is_its_slice_of_the_stream() {
         let x = Tensor::ones(3000, DType::F32, &Device::Cpu).unwrap();
         let key = dropout_key(3);
-        let whole = values(&dropout(&x, key, 1000, 0.5).unwrap());
-        let part = values(&dropout(&x.narrow(0, 0, 700).unwrap(), key, 1700, 0.5).unwrap());
+        let whole = f32_elements(&dropout(&x, key, 1000, 0.5).unwrap());
+        let part = f32_elements(&dropout(&x.narrow(0, 0, 700).unwrap(), key, 1700, 0.5).unwrap());
         assert_eq!(part, whole[700..1400]);
         // Neighbouring elements are not correlated: as many changes between them as a fair coin
         // makes (2999 pairs, standard deviation 27).
@@ -269,7 +264,7 @@ mod tests {
         for dtype in [DType::F32, DType::BF16, DType::F16] {
             let x = input(1000, dtype);
             let out = dropout(&x, dropout_key(1), 5, 0.3).unwrap();
-            let (x_values, out_values) = (values(&x), values(&out));
+            let (x_values, out_values) = (f32_elements(&x), f32_elements(&out));
             for (v, o) in x_values.iter().zip(&out_values) {
                 let scaled = match dtype {
                     DType::F32 => v * (1.0f64 / 0.7) as f32,
@@ -281,7 +276,7 @@ mod tests {
             let var = Var::from_tensor(&x).unwrap();
             let y = dropout(var.as_tensor(), dropout_key(1), 5, 0.3).unwrap();
             let grads = y.sum_all().unwrap().backward().unwrap();
-            let grad = values(grads.get(var.as_tensor()).unwrap());
+            let grad = f32_elements(grads.get(var.as_tensor()).unwrap());
             for (g, o) in grad.iter().zip(&out_values) {
                 assert_eq!(
                     *g == 0.0,
@@ -335,7 +330,7 @@ mod tests {
                 keep: 0.9,
                 scale: (1.0 / 0.9f64) as f32,
             };
-            let want = values(&x.apply_op1_no_bwd(&Dropout(mask)).unwrap());
+            let want = f32_elements(&x.apply_op1_no_bwd(&Dropout(mask)).unwrap());
             let got = match dtype {
                 DType::F32 => kernel::<f32>(&x, &mask),
                 DType::BF16 => kernel::<bf16>(&x, &mask),

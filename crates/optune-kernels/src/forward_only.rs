@@ -266,6 +266,7 @@ fn add_rms_norm_launch(rows: usize) -> (u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fused::tests::f32_elements;
     use crate::kernel_args::{elementwise_launch, emulated};
     use candle_core::{Device, Var};
     use optune_cuda_emulator::{in_both_placements, Element, Launch};
@@ -277,15 +278,6 @@ mod tests {
         (0..n)
             .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * spread)
             .collect()
-    }
-
-    fn values(t: &Tensor) -> Vec<f32> {
-        t.to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap()
     }
 
     fn worst(a: &[f32], b: &[f32]) -> f32 {
@@ -327,14 +319,14 @@ mod tests {
             let (sum, normed) = add_rms_norm(&x, &delta, &weight, 1e-5).unwrap();
             let want_sum = (&x + &delta).unwrap();
             let want_normed = crate::ops::generic::rms_norm(&want_sum, &weight, 1e-5).unwrap();
-            assert_eq!(values(&sum), values(&want_sum), "{dtype:?}");
+            assert_eq!(f32_elements(&sum), f32_elements(&want_sum), "{dtype:?}");
             // candle-nn's norm and candle's SiLU round an intermediate to the dtype, these round
             // once: two roundings apart at most.
-            let off = worst(&values(&normed), &values(&want_normed));
+            let off = worst(&f32_elements(&normed), &f32_elements(&want_normed));
             assert!(off <= 2.0 * tolerance(dtype), "{dtype:?} norm: {off}");
             let gated = silu_mul(&Tensor::cat(&[&x, &delta], 1).unwrap()).unwrap();
             let want = (x.silu().unwrap() * &delta).unwrap();
-            let off = worst(&values(&gated), &values(&want));
+            let off = worst(&f32_elements(&gated), &f32_elements(&want));
             assert!(off <= 2.0 * tolerance(dtype), "{dtype:?} silu_mul: {off}");
         }
     }
@@ -434,10 +426,11 @@ mod tests {
                 };
                 let (sum, normed) = add_rms_norm(&x, &delta, &weight, 1e-5).unwrap();
                 let (got_sum, got_normed) = norm.split_at(rows * hidden);
-                assert_eq!(got_sum, values(&sum), "{dtype:?} sums");
-                let off = worst(got_normed, &values(&normed));
+                assert_eq!(got_sum, f32_elements(&sum), "{dtype:?} sums");
+                let off = worst(got_normed, &f32_elements(&normed));
                 assert!(off <= tolerance(dtype), "{dtype:?} norm: {off}");
-                let gated = values(&silu_mul(&Tensor::cat(&[&x, &delta], 1).unwrap()).unwrap());
+                let gated =
+                    f32_elements(&silu_mul(&Tensor::cat(&[&x, &delta], 1).unwrap()).unwrap());
                 for got in gates {
                     assert_eq!(got, gated, "{dtype:?} silu_mul");
                 }

@@ -5,6 +5,16 @@ use super::*;
 use candle_core::{Device, Var};
 use rand::{Rng, SeedableRng};
 
+/// The elements of `t`, as f32, in row-major order.
+pub fn f32_elements(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
 /// Deterministic normal-ish values (uniform sums) `[shape]` in `dtype`.
 pub fn values(shape: &[usize], seed: u64, scale: f64, dtype: DType) -> Tensor {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
