@@ -66,26 +66,16 @@ impl Plan {
         let generic = optune_kernels::autograd_path(model.device(), model.dtype())
             == optune_kernels::Path::Generic;
         let per_token_layer = per_token_layer * if generic { 2.0 } else { 1.0 };
-        // With LoRA dropout each adapter reads its own dropped-out copy of its input, which the
-        // backward pass keeps (the masks themselves are drawn again, not kept). On the fused path
-        // the adapter is then no longer part of the base product's one op: its low-rank product,
-        // the base product and their sum are kept too. Read off the adapters themselves (A
-        // `[rank, in]`, B `[out, rank]`) over all layers: in per adapter, and on the fused path
-        // rank + 2·out more.
-        let dropped: f64 = match (&policy.lora, args.lora_dropout > 0.0) {
+        // With LoRA dropout on the generic path each adapter reads its own dropped-out copy of its
+        // input, which the backward pass keeps (the fused op draws the mask again instead): `in`
+        // per adapter, read off the adapters themselves (A `[rank, in]`) over all layers.
+        let dropped: f64 = match (&policy.lora, args.lora_dropout > 0.0 && generic) {
             (Some(lora), true) => {
                 let kept: usize = lora
                     .vars
                     .iter()
-                    .map(|(name, var)| {
-                        let dims = var.dims();
-                        match (name.ends_with("lora_A.weight"), generic) {
-                            (true, true) => dims[1],
-                            (true, false) => dims[1] + dims[0],
-                            (false, true) => 0,
-                            (false, false) => 2 * dims[0],
-                        }
-                    })
+                    .filter(|(name, _)| name.ends_with("lora_A.weight"))
+                    .map(|(_, var)| var.dims()[1])
                     .sum();
                 kept as f64 / layers
             }

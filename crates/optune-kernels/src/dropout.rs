@@ -14,7 +14,7 @@
 //! form only.
 
 use crate::kernel_args::KernelArg;
-use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
@@ -41,9 +41,12 @@ fn bits(key: u64, counter: u64) -> u32 {
     (mix(key.wrapping_add(counter.wrapping_mul(GOLDEN))) >> 32) as u32
 }
 
-/// The mask of one call.
+/// The mask of one dropout call: elements `position ..` of the stream `key`, each kept with
+/// probability `1 − p`. [`dropout`] applies it as an op of its own; [`crate::lora_linear`] applies
+/// it inside its adapter's product, drawing it again in the backward pass instead of keeping the
+/// dropped-out input.
 #[derive(Clone, Copy, Debug)]
-struct Mask {
+pub struct DropoutMask {
     key: u64,
     position: u64,
     /// `keep · 2³²`: an element whose bits are below it is kept.
@@ -54,7 +57,23 @@ struct Mask {
     scale: f32,
 }
 
-impl Mask {
+impl DropoutMask {
+    /// The mask of elements `position .. ` of the stream `key` ([`dropout_key`]) for dropout
+    /// probability `p` in `[0, 1)`.
+    pub fn new(key: u64, position: u64, p: f32) -> Result<Self> {
+        if !(0.0..1.0).contains(&p) {
+            bail!("dropout: p {p} is not in [0, 1)");
+        }
+        let keep = 1.0 - f64::from(p);
+        Ok(Self {
+            key,
+            position,
+            threshold: (keep * 4_294_967_296.0).round() as u64,
+            keep,
+            scale: (1.0 / keep) as f32,
+        })
+    }
+
     fn keeps(&self, i: usize) -> bool {
         u64::from(bits(self.key, self.position.wrapping_add(i as u64))) < self.threshold
     }
@@ -72,43 +91,68 @@ impl Mask {
     where
         W: Copy + Send + Sync,
     {
-        let one = |(i, &v): (usize, &T)| match self.keeps(i) {
+        map_elements(x, |i, v| match self.keeps(i) {
             true => narrow(scaled(widen(v))),
             false => narrow(zero),
+        })
+    }
+
+    /// Element `i` of a call, `v`, through the mask as [`dropout`] takes an f32 or f64 value: an
+    /// f32 scaled in f32 (the product of two f32 is exact in f64, so rounding it once gives the
+    /// f32 product), an f64 in f64; a dropped one is +0.
+    fn float_element<T: WithDType>(&self, i: usize, v: T) -> T {
+        debug_assert!(matches!(T::DTYPE, DType::F32 | DType::F64));
+        let scale = match T::DTYPE {
+            DType::F64 => 1.0 / self.keep,
+            _ => f64::from(self.scale),
         };
+        match self.keeps(i) {
+            true => T::from_f64(v.to_f64() * scale),
+            false => T::from_f64(0.0),
+        }
+    }
+
+    /// The mask applied to f32 or f64 values, as [`dropout`] applies it.
+    pub(crate) fn apply_float<T: WithDType>(&self, x: &[T]) -> Vec<T> {
+        map_elements(x, |i, v| self.float_element(i, v))
+    }
+
+    /// `sum += mask(x)`, elementwise, for f32 or f64 values.
+    pub(crate) fn add_applied_float<T: WithDType>(&self, sum: &mut [T], x: &[T]) {
+        let one = |(i, (s, &v)): (usize, (&mut T, &T))| *s += self.float_element(i, v);
         match x.len() < PARALLEL_ELEMENTS {
-            true => x.iter().enumerate().map(one).collect(),
-            false => x.par_iter().enumerate().map(one).collect(),
+            true => sum.iter_mut().zip(x).enumerate().for_each(one),
+            false => sum
+                .par_iter_mut()
+                .zip(x.par_iter())
+                .enumerate()
+                .for_each(one),
         }
     }
 }
 
-/// `x` with each element kept with probability `1 − p` and scaled by `1 / (1 − p)`, or zero, by
-/// the mask of elements `position .. position + x.elem_count()` of the stream `key`
-/// ([`dropout_key`]). Differentiable: the gradient goes through the same mask. f32, bf16 or f16,
-/// on the CPU and on CUDA.
-pub fn dropout(x: &Tensor, key: u64, position: u64, p: f32) -> Result<Tensor> {
-    if !(0.0..1.0).contains(&p) {
-        bail!("dropout: p {p} is not in [0, 1)");
+/// `one(i, x[i])` for every element `i`, on rayon's pool for a large call.
+fn map_elements<T: Copy + Send + Sync>(x: &[T], one: impl Fn(usize, T) -> T + Sync) -> Vec<T> {
+    match x.len() < PARALLEL_ELEMENTS {
+        true => x.iter().enumerate().map(|(i, &v)| one(i, v)).collect(),
+        false => x.par_iter().enumerate().map(|(i, &v)| one(i, v)).collect(),
     }
+}
+
+/// `x` with each element kept with probability `1 − p` and scaled by `1 / (1 − p)`, or zero, by
+/// `mask` (elements `position .. position + x.elem_count()` of its stream). Differentiable: the
+/// gradient goes through the same mask. f32, bf16 or f16, on the CPU and on CUDA.
+pub fn dropout(x: &Tensor, mask: DropoutMask) -> Result<Tensor> {
     if !matches!(
         x.dtype(),
         DType::F32 | DType::BF16 | DType::F16 | DType::F64
     ) {
         bail!("dropout: {:?}, expected f32, bf16, f16 or f64", x.dtype());
     }
-    let keep = 1.0 - f64::from(p);
-    let mask = Mask {
-        key,
-        position,
-        threshold: (keep * 4_294_967_296.0).round() as u64,
-        keep,
-        scale: (1.0 / keep) as f32,
-    };
     x.contiguous()?.apply_op1(Dropout(mask))
 }
 
-struct Dropout(Mask);
+struct Dropout(DropoutMask);
 
 impl CustomOp1 for Dropout {
     fn name(&self) -> &'static str {
@@ -122,9 +166,7 @@ impl CustomOp1 for Dropout {
         let mask = &self.0;
         let scaled = |v: f32| v * mask.scale;
         let out = match storage {
-            CpuStorage::F32(x) => {
-                CpuStorage::F32(mask.apply(&x[start..end], |v| v, scaled, |v| v, 0.0))
-            }
+            CpuStorage::F32(x) => CpuStorage::F32(mask.apply_float(&x[start..end])),
             CpuStorage::BF16(x) => CpuStorage::BF16(mask.apply(
                 &x[start..end],
                 bf16::to_f32,
@@ -136,10 +178,7 @@ impl CustomOp1 for Dropout {
                 CpuStorage::F16(mask.apply(&x[start..end], f16::to_f32, scaled, f16::from_f32, 0.0))
             }
             // For gradient checks (no CUDA kernel): scaled in f64.
-            CpuStorage::F64(x) => {
-                let scale = 1.0 / mask.keep;
-                CpuStorage::F64(mask.apply(&x[start..end], |v| v, |v| v * scale, |v| v, 0.0))
-            }
+            CpuStorage::F64(x) => CpuStorage::F64(mask.apply_float(&x[start..end])),
             _ => bail!("dropout: expected f32, bf16, f16 or f64"),
         };
         Ok((out, layout.shape().clone()))
@@ -181,7 +220,7 @@ impl CustomOp1 for Dropout {
 /// `out`, then the count and the mask. The CUDA launch and the emulated tests both pass this
 /// list.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
-fn dropout_args([x, out]: [u64; 2], n: usize, mask: &Mask) -> Vec<KernelArg> {
+fn dropout_args([x, out]: [u64; 2], n: usize, mask: &DropoutMask) -> Vec<KernelArg> {
     vec![
         KernelArg::Pointer(x),
         KernelArg::Pointer(out),
@@ -201,6 +240,10 @@ mod tests {
     use candle_core::{Device, Var};
     use optune_cuda_emulator::{in_both_placements, Element, Launch};
 
+    fn mask_at(key: u64, position: u64, p: f32) -> DropoutMask {
+        DropoutMask::new(key, position, p).unwrap()
+    }
+
     /// `n` values in ±2, none zero.
     fn input(n: usize, dtype: DType) -> Tensor {
         let v: Vec<f32> = (0..n)
@@ -216,20 +259,26 @@ mod tests {
     fn keeps_one_minus_p_scaled_and_repeats_with_its_key_and_position() {
         let x = Tensor::ones((200, 500), DType::F32, &Device::Cpu).unwrap();
         let key = dropout_key(7);
-        let a = f32_elements(&dropout(&x, key, 0, 0.25).unwrap());
+        let a = f32_elements(&dropout(&x, mask_at(key, 0, 0.25)).unwrap());
         let kept = a.iter().filter(|&&v| v != 0.0).count() as f64 / a.len() as f64;
         // 100,000 draws: the kept fraction's standard deviation is 0.0014.
         assert!((kept - 0.75).abs() < 0.007, "kept {kept}");
         assert!(a.iter().all(|&v| v == 0.0 || v == (1.0f64 / 0.75) as f32));
-        assert_eq!(a, f32_elements(&dropout(&x, key, 0, 0.25).unwrap()));
+        assert_eq!(
+            a,
+            f32_elements(&dropout(&x, mask_at(key, 0, 0.25)).unwrap())
+        );
         assert_ne!(
             a,
-            f32_elements(&dropout(&x, dropout_key(8), 0, 0.25).unwrap())
+            f32_elements(&dropout(&x, mask_at(dropout_key(8), 0, 0.25)).unwrap())
         );
-        assert_ne!(a, f32_elements(&dropout(&x, key, 1, 0.25).unwrap()));
+        assert_ne!(
+            a,
+            f32_elements(&dropout(&x, mask_at(key, 1, 0.25)).unwrap())
+        );
         // f64 (gradient checks) takes the same mask, scaled in f64.
         let x64 = x.to_dtype(DType::F64).unwrap();
-        let b: Vec<f64> = dropout(&x64, key, 0, 0.25)
+        let b: Vec<f64> = dropout(&x64, mask_at(key, 0, 0.25))
             .unwrap()
             .flatten_all()
             .unwrap()
@@ -237,6 +286,7 @@ mod tests {
             .unwrap();
         assert!(a.iter().zip(&b).all(|(&a, &b)| (a == 0.0) == (b == 0.0)));
         assert!(b.iter().all(|&v| v == 0.0 || v == 1.0 / 0.75));
+        assert!(DropoutMask::new(key, 0, 1.0).is_err() && DropoutMask::new(key, 0, -0.1).is_err());
     }
 
     /// What makes the mask counter-based: a call's mask is its slice of a longer call's, so a
@@ -245,8 +295,9 @@ mod tests {
     fn a_call_is_its_slice_of_the_stream() {
         let x = Tensor::ones(3000, DType::F32, &Device::Cpu).unwrap();
         let key = dropout_key(3);
-        let whole = f32_elements(&dropout(&x, key, 1000, 0.5).unwrap());
-        let part = f32_elements(&dropout(&x.narrow(0, 0, 700).unwrap(), key, 1700, 0.5).unwrap());
+        let whole = f32_elements(&dropout(&x, mask_at(key, 1000, 0.5)).unwrap());
+        let part =
+            f32_elements(&dropout(&x.narrow(0, 0, 700).unwrap(), mask_at(key, 1700, 0.5)).unwrap());
         assert_eq!(part, whole[700..1400]);
         // Neighbouring elements are not correlated: as many changes between them as a fair coin
         // makes (2999 pairs, standard deviation 27).
@@ -263,7 +314,7 @@ mod tests {
     fn the_gradient_takes_the_same_mask() {
         for dtype in [DType::F32, DType::BF16, DType::F16] {
             let x = input(1000, dtype);
-            let out = dropout(&x, dropout_key(1), 5, 0.3).unwrap();
+            let out = dropout(&x, mask_at(dropout_key(1), 5, 0.3)).unwrap();
             let (x_values, out_values) = (f32_elements(&x), f32_elements(&out));
             for (v, o) in x_values.iter().zip(&out_values) {
                 let scaled = match dtype {
@@ -274,7 +325,7 @@ mod tests {
                 assert!(*o == 0.0 || *o == scaled, "{dtype:?}: {v} became {o}");
             }
             let var = Var::from_tensor(&x).unwrap();
-            let y = dropout(var.as_tensor(), dropout_key(1), 5, 0.3).unwrap();
+            let y = dropout(var.as_tensor(), mask_at(dropout_key(1), 5, 0.3)).unwrap();
             let grads = y.sum_all().unwrap().backward().unwrap();
             let grad = f32_elements(grads.get(var.as_tensor()).unwrap());
             for (g, o) in grad.iter().zip(&out_values) {
@@ -289,7 +340,10 @@ mod tests {
 
     /// The kernel by the emulator, with the CUDA path's launch and argument list (and one block
     /// striding over all), on `x`.
-    fn kernel<T: Element + candle_core::WithDType>(x: &Tensor, mask: &Mask) -> Vec<Vec<f32>> {
+    fn kernel<T: Element + candle_core::WithDType>(
+        x: &Tensor,
+        mask: &DropoutMask,
+    ) -> Vec<Vec<f32>> {
         let x: Vec<T> = x.to_vec1().unwrap();
         let n = x.len();
         let kernel = format!("dropout_{}", T::SUFFIX);
@@ -323,13 +377,7 @@ mod tests {
     fn the_cuda_kernel_matches_the_cpu_form() {
         for dtype in [DType::F32, DType::BF16, DType::F16] {
             let x = input(1000, dtype);
-            let mask = Mask {
-                key: dropout_key(11),
-                position: (1u64 << 33) + 17,
-                threshold: (0.9 * 4_294_967_296.0f64).round() as u64,
-                keep: 0.9,
-                scale: (1.0 / 0.9f64) as f32,
-            };
+            let mask = DropoutMask::new(dropout_key(11), (1u64 << 33) + 17, 0.1).unwrap();
             let want = f32_elements(&x.apply_op1_no_bwd(&Dropout(mask)).unwrap());
             let got = match dtype {
                 DType::F32 => kernel::<f32>(&x, &mask),

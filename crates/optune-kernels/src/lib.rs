@@ -38,7 +38,7 @@ mod token_tables;
 
 pub use cached_attention::cached_attention;
 pub use dispatch::{autograd_path, decode_path, kernels, path_for, set_kernels, Kernels, Path};
-pub use dropout::{dropout, dropout_key};
+pub use dropout::{dropout, dropout_key, DropoutMask};
 pub use grad_buffers::GradBuffers;
 pub use matmul::{
     bf16_products_available, f32_product_precision, matmul_bf16, matmul_bf16_packed,

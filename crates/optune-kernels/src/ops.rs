@@ -22,6 +22,7 @@
 //! CUDA) inside nodes of their own whose backward is written in tensor ops.
 
 use crate::dispatch::{path_for, Path};
+use crate::dropout::DropoutMask;
 use crate::fused;
 pub use crate::fused::KEPT_LOGITS_BYTES;
 pub use crate::op_rules::accumulation_dtype;
@@ -56,12 +57,19 @@ pub fn linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// `x [.., in] · weightᵀ + (x · aᵀ) · bᵀ`: a linear layer with a LoRA adapter `a [rank, in]`,
-/// `b [out, rank]` (scaled already) on its own input.
-pub fn lora_linear(x: &Tensor, weight: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+/// `x [.., in] · weightᵀ + (d(x) · aᵀ) · bᵀ`: a linear layer with a LoRA adapter `a [rank, in]`,
+/// `b [out, rank]` (scaled already) on its own input, dropped out by `dropout`'s mask when there
+/// is one ([`crate::dropout`]'s: the same elements dropped on every path).
+pub fn lora_linear(
+    x: &Tensor,
+    weight: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    dropout: Option<DropoutMask>,
+) -> Result<Tensor> {
     match path_for(&[x, weight, a, b]) {
-        Path::Fused => fused::lora_linear(x, weight, a, b),
-        Path::Generic => generic::lora_linear(x, weight, a, b),
+        Path::Fused => fused::lora_linear(x, weight, a, b, dropout),
+        Path::Generic => generic::lora_linear(x, weight, a, b, dropout),
     }
 }
 
@@ -168,6 +176,7 @@ pub fn token_logprobs(rows: &Tensor, weight: &Tensor, targets: &[u32]) -> Result
 /// [`accumulation_dtype`]. Every node returns gradients only for inputs that lead to a variable.
 pub mod generic {
     use super::accumulation_dtype;
+    use crate::dropout::DropoutMask;
     use candle_core::backend::BackendStorage;
     use candle_core::{
         bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage,
@@ -339,9 +348,20 @@ pub mod generic {
         weight.index_select(&ids.flatten_all()?, 0)?.reshape(dims)
     }
 
-    /// The base product plus the adapter's two.
-    pub fn lora_linear(x: &Tensor, weight: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        linear(x, weight)? + linear(&linear(x, a)?, b)?
+    /// The base product plus the adapter's two, the adapter's on a dropped-out copy of `x`
+    /// (which the backward pass keeps) when there is a mask.
+    pub fn lora_linear(
+        x: &Tensor,
+        weight: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        dropout: Option<DropoutMask>,
+    ) -> Result<Tensor> {
+        let adapter_input = match dropout {
+            Some(mask) => crate::dropout(x, mask)?,
+            None => x.clone(),
+        };
+        linear(x, weight)? + linear(&linear(&adapter_input, a)?, b)?
     }
 
     /// A weight that is no variable and comes from no op (frozen) gets no gradient.

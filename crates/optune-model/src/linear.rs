@@ -1,14 +1,16 @@
 //! A linear layer with an optional LoRA adapter.
 
 use candle_core::{Result, Tensor};
+use optune_kernels::DropoutMask;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// The random stream of LoRA dropout, shared by a model's adapters and seeded by the caller.
-/// Counter-based ([`optune_kernels::dropout`]): each call takes the next `x.elem_count()`
-/// positions of the stream, and its mask is computed from them where the tensor lives, by the
-/// backward pass again, and by a recomputed block again; nothing is drawn on the host, copied to
-/// the device or kept. A run with a fixed seed draws the same masks on every device.
+/// Counter-based ([`optune_kernels::DropoutMask`]): each adapted input takes the next positions
+/// of the stream, one per element ([`DropoutStream::next_mask`]), and its mask is computed from
+/// them where the tensor lives, by the adapter's op ([`optune_kernels::lora_linear`]), by its
+/// backward pass again, and by a recomputed block again; nothing is drawn on the host or copied
+/// to the device, and on the CPU's fused path no dropped-out copy is kept either. A run with a fixed seed draws the same masks on every device.
 #[derive(Clone)]
 pub struct DropoutStream(Arc<StreamState>);
 
@@ -46,12 +48,14 @@ impl DropoutStream {
         }
     }
 
-    /// Inverted dropout: each element kept with probability `1 − p` and scaled by `1 / (1 − p)`,
-    /// by the stream's next `x.elem_count()` positions.
-    fn apply(&self, x: &Tensor, p: f32) -> Result<Tensor> {
-        let count = x.elem_count() as u64;
-        let position = self.0.position.fetch_add(count, Ordering::Relaxed);
-        optune_kernels::dropout(x, self.0.key, position, p)
+    /// The mask of inverted dropout over the stream's next `elements` positions: each element
+    /// kept with probability `1 − p` and scaled by `1 / (1 − p)`.
+    fn next_mask(&self, elements: usize, p: f32) -> Result<DropoutMask> {
+        let position = self
+            .0
+            .position
+            .fetch_add(elements as u64, Ordering::Relaxed);
+        DropoutMask::new(self.0.key, position, p)
     }
 }
 
@@ -105,10 +109,10 @@ impl LoraAdapter {
     }
 }
 
-/// A LoRA adapter's operands in one forward pass: `b` is scaled already, `input` is the
-/// dropped-out copy of the layer's input (`None`: the input itself).
+/// A LoRA adapter's operands in one forward pass: `b` is scaled already, `dropout` the mask of
+/// its input (`None`: the input itself).
 struct Adapter {
-    input: Option<Tensor>,
+    dropout: Option<DropoutMask>,
     a: Tensor,
     b: Tensor,
 }
@@ -132,17 +136,8 @@ impl Linear {
     /// `x [.., in] → [.., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match self.adapter(x)? {
-            // The adapter reads the layer's own input: one op for the base and the adapter.
-            Some(Adapter { input: None, a, b }) => {
-                optune_kernels::lora_linear(x, &self.weight, &a, &b)?
-            }
-            Some(Adapter {
-                input: Some(dropped),
-                a,
-                b,
-            }) => {
-                let delta = optune_kernels::linear(&optune_kernels::linear(&dropped, &a)?, &b)?;
-                (optune_kernels::linear(x, &self.weight)? + delta)?
+            Some(Adapter { dropout, a, b }) => {
+                optune_kernels::lora_linear(x, &self.weight, &a, &b, dropout)?
             }
             None => optune_kernels::linear(x, &self.weight)?,
         };
@@ -161,12 +156,12 @@ impl Linear {
         if !lora.enabled.load(Ordering::Relaxed) {
             return Ok(None);
         }
-        // No reshapes: each node on a [rows, width] tensor costs candle's backward a zeroed
-        // gradient and an add of that size (the products take `[.., in]` as they come).
-        let input = if lora.drops_out() {
-            Some(lora.dropout_stream.apply(x, lora.dropout)?)
-        } else {
-            None
+        let dropout = match lora.drops_out() {
+            true => Some(
+                lora.dropout_stream
+                    .next_mask(x.elem_count(), lora.dropout)?,
+            ),
+            false => None,
         };
         // The adapters are f32 master weights; they compute in the input's dtype (bf16 on a GPU),
         // and the cast passes their gradients back in f32. The scale goes on B (out × rank), not
@@ -177,7 +172,7 @@ impl Linear {
         );
         // Every path's products compute only the gradients wanted (no input gradient for the
         // first layer's adapters, whose input is frozen).
-        Ok(Some(Adapter { input, a, b }))
+        Ok(Some(Adapter { dropout, a, b }))
     }
 
     /// The weight with the adapter folded in, for saving a merged checkpoint. Computed outside
@@ -206,8 +201,8 @@ mod tests {
     fn dropout_keeps_one_minus_p_scaled_and_repeats_with_the_seed() {
         let x = Tensor::ones((200, 50), candle_core::DType::F32, &Device::Cpu).unwrap();
         let masked = |seed| {
-            DropoutStream::new(seed)
-                .apply(&x, 0.25)
+            let mask = DropoutStream::new(seed).next_mask(x.elem_count(), 0.25);
+            optune_kernels::dropout(&x, mask.unwrap())
                 .unwrap()
                 .flatten_all()
                 .unwrap()
@@ -227,8 +222,8 @@ mod tests {
     fn a_stream_moved_to_a_saved_position_draws_the_same_masks() {
         let x = Tensor::ones((10, 10), candle_core::DType::F32, &Device::Cpu).unwrap();
         let mask = |stream: &DropoutStream| {
-            stream
-                .apply(&x, 0.5)
+            let mask = stream.next_mask(x.elem_count(), 0.5);
+            optune_kernels::dropout(&x, mask.unwrap())
                 .unwrap()
                 .flatten_all()
                 .unwrap()

@@ -1,6 +1,8 @@
 //! Activation recomputation holds one block's activations at a time: a LoRA forward and backward
-//! pass over 8 blocks peaks at under 0.3 of what the whole graph holds (0.2 when written). The heap is counted by a
-//! counting allocator, so this file holds one test: the counts are the whole test process's.
+//! pass over 16 blocks peaks at under 0.3 of what the whole graph holds (0.23 fused, 0.14 generic
+//! when written; 16 blocks since the fused LoRA op keeps no dropped-out input, which shrank the
+//! whole graph: over 8 it was 0.35 fused). The heap is counted by a counting allocator, so this
+//! file holds one test: the counts are the whole test process's.
 
 use candle_core::{DType, Device, Tensor};
 use optune_model::lora::{attach_lora, LoraConfig};
@@ -41,7 +43,7 @@ fn peak_bytes(run: impl FnOnce()) -> f64 {
 fn recomputation_holds_one_block_of_activations() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("wide");
-    write_wide_llama(&dir, 256, 768, 8, |json| {
+    write_wide_llama(&dir, 256, 768, 16, |json| {
         llama_weight_shapes(&ModelConfig::from_json_str(json).unwrap())
     });
     let (mut model, _, _) = load_model(&dir, DType::F32, &Device::Cpu).unwrap();
@@ -82,7 +84,7 @@ fn recomputation_holds_one_block_of_activations() {
         whole / MB,
         recomputed / MB
     );
-    // 8 blocks' activations against two hidden states per block and one block's activations.
+    // 16 blocks' activations against two hidden states per block and one block's activations.
     assert!(
         recomputed <= 0.3 * whole,
         "recomputation peaked at {:.1} MB, the whole graph at {:.1} MB",

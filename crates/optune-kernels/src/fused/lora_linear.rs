@@ -2,12 +2,22 @@
 
 use super::linear::LinearOp;
 use super::*;
+use crate::dropout::DropoutMask;
 
-/// `x · weightᵀ + (x · aᵀ) · bᵀ` for `x [.., in]`, `weight [out, in]`, `a [rank, in]` and
-/// `b [out, rank]`: `[.., out]`, differentiable in all four, as one autograd node. Composed, the
-/// adapter is three more nodes on `[rows, out]`-sized tensors, each costing candle's backward a
-/// zeroed gradient and an add of that size. CPU, f32/f64 (bf16 through f32 copies).
-pub fn lora_linear(x: &Tensor, weight: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+/// `x · weightᵀ + (d(x) · aᵀ) · bᵀ` for `x [.., in]`, `weight [out, in]`, `a [rank, in]` and
+/// `b [out, rank]`: `[.., out]`, differentiable in all four, as one autograd node; `d` is
+/// `dropout`'s mask (the identity without one). Composed, the adapter is three more nodes on
+/// `[rows, out]`-sized tensors, each costing candle's backward a zeroed gradient and an add of
+/// that size, and a dropped-out copy of the input that the backward pass keeps; here the mask is
+/// drawn again by the backward pass, and nothing but the op's inputs is kept. CPU, f32/f64 (bf16
+/// through f32 copies).
+pub fn lora_linear(
+    x: &Tensor,
+    weight: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    dropout: Option<DropoutMask>,
+) -> Result<Tensor> {
     let rank = a.dim(0)?;
     if b.dims() != [weight.dim(0)?, rank] || a.dims() != [rank, weight.dim(1)?] {
         bail!(
@@ -19,13 +29,17 @@ pub fn lora_linear(x: &Tensor, weight: &Tensor, a: &Tensor, b: &Tensor) -> Resul
     }
     // The two small adapters as one input `[a | b]` (a concatenation of a few thousand numbers).
     let adapters = Tensor::cat(&[a.flatten_all()?, b.flatten_all()?], 0)?;
-    x.contiguous()?
-        .apply_op3(&weight.contiguous()?, &adapters, LoraLinear { rank })
+    x.contiguous()?.apply_op3(
+        &weight.contiguous()?,
+        &adapters,
+        LoraLinear { rank, dropout },
+    )
 }
 
 #[derive(Clone, Copy)]
 struct LoraLinear {
     rank: usize,
+    dropout: Option<DropoutMask>,
 }
 
 impl LoraLinear {
@@ -40,11 +54,19 @@ impl LoraLinear {
         (0..3).filter(|&i| wanted[i]).map(|i| lens[i]).sum()
     }
 
-    /// `x · aᵀ`: `[rows, rank]`.
-    fn down<T: Real>(&self, x: &[T], a: &[T], (rows, k): (usize, usize)) -> Vec<T> {
+    /// The adapter's input `d(x)`: `x` dropped out by the mask, or `x` itself.
+    fn adapter_input<'x, T: Real>(&self, x: &'x [T]) -> std::borrow::Cow<'x, [T]> {
+        match &self.dropout {
+            Some(mask) => mask.apply_float(x).into(),
+            None => x.into(),
+        }
+    }
+
+    /// `d(x) · aᵀ` for the adapter's input `d(x)`: `[rows, rank]`.
+    fn down<T: Real>(&self, x_in: &[T], a: &[T], (rows, k): (usize, usize)) -> Vec<T> {
         let mut u = vec![T::ZERO; rows * self.rank];
         let a_t = Mat::transposed(a, k);
-        matmul(rows, self.rank, k, &mut u, false, Mat::rows(x, k), a_t);
+        matmul(rows, self.rank, k, &mut u, false, Mat::rows(x_in, k), a_t);
         u
     }
 
@@ -57,7 +79,7 @@ impl LoraLinear {
     ) -> Vec<T> {
         let (a, b) = ab.split_at(self.rank * k);
         let mut y = LinearOp::product(x, w, (rows, k, out));
-        let u = self.down(x, a, (rows, k));
+        let u = self.down(&self.adapter_input(x), a, (rows, k));
         let b_t = Mat::transposed(b, self.rank);
         matmul(
             rows,
@@ -88,7 +110,7 @@ impl LoraLinear {
         let mut packed = vec![T::ZERO; self.packed_len(wanted, (rows, k, out))];
         let (dx, rest) = packed.split_at_mut(if wanted[0] { lens[0] } else { 0 });
         let (dw, dab) = rest.split_at_mut(if wanted[1] { lens[1] } else { 0 });
-        // ∂u = g · b, with u = x · aᵀ the adapter's inner activations.
+        // ∂u = g · b, with u = d(x) · aᵀ the adapter's inner activations.
         let mut du = vec![T::ZERO; rows * r];
         matmul(
             rows,
@@ -101,7 +123,23 @@ impl LoraLinear {
         );
         if wanted[0] {
             matmul(rows, k, out, dx, false, Mat::rows(g, out), Mat::rows(w, k));
-            matmul(rows, k, r, dx, true, Mat::rows(&du, r), Mat::rows(a, k));
+            match &self.dropout {
+                // ∂x gets the adapter's part through the mask: ∂d(x) = ∂u · a, dropped out.
+                Some(mask) => {
+                    let mut dx_in = vec![T::ZERO; rows * k];
+                    matmul(
+                        rows,
+                        k,
+                        r,
+                        &mut dx_in,
+                        false,
+                        Mat::rows(&du, r),
+                        Mat::rows(a, k),
+                    );
+                    mask.add_applied_float(dx, &dx_in);
+                }
+                None => matmul(rows, k, r, dx, true, Mat::rows(&du, r), Mat::rows(a, k)),
+            }
         }
         if wanted[1] {
             matmul(
@@ -116,6 +154,7 @@ impl LoraLinear {
         }
         if wanted[2] {
             let (da, db) = dab.split_at_mut(r * k);
+            let x_in = self.adapter_input(x);
             matmul(
                 r,
                 k,
@@ -123,9 +162,9 @@ impl LoraLinear {
                 da,
                 false,
                 Mat::transposed(&du, r),
-                Mat::rows(x, k),
+                Mat::rows(&x_in, k),
             );
-            let u = self.down(x, a, (rows, k));
+            let u = self.down(&x_in, a, (rows, k));
             matmul(
                 out,
                 r,
@@ -263,6 +302,12 @@ impl CustomOp3 for LoraLinearGrad {
 mod tests {
     use super::*;
     use crate::fused::tests::*;
+    use candle_core::Var;
+
+    /// A mask dropping 40 % of the adapter's input, from a position inside the stream.
+    fn mask() -> DropoutMask {
+        DropoutMask::new(crate::dropout_key(5), 1234, 0.4).unwrap()
+    }
 
     #[test]
     fn lora_linear_gradients_match_finite_differences_in_f64() {
@@ -272,11 +317,16 @@ mod tests {
             values(&[2, 5], 92, 1.0, DType::F64),
             values(&[4, 2], 93, 1.0, DType::F64),
         ];
-        weighted_finite_differences(&inputs, &[0, 1, 2, 3], 94, |t| {
-            lora_linear(&t[0], &t[1], &t[2], &t[3]).unwrap()
-        });
+        for dropout in [None, Some(mask())] {
+            weighted_finite_differences(&inputs, &[0, 1, 2, 3], 94, |t| {
+                lora_linear(&t[0], &t[1], &t[2], &t[3], dropout).unwrap()
+            });
+        }
     }
 
+    /// With and without dropout: with it, the generic form drops out a copy of the input (the
+    /// dropout op) that the adapter reads, so the fused op has to draw the same mask, in the
+    /// forward and in the input's gradient.
     #[test]
     fn lora_linear_matches_the_generic_ops() {
         let inputs = [
@@ -285,15 +335,50 @@ mod tests {
             values(&[16, 48], 97, 0.2, DType::F64),
             values(&[40, 16], 98, 0.2, DType::F64),
         ];
-        compare_with_generic(
-            &inputs,
-            2.0,
-            |t| lora_linear(&t[0], &t[1], &t[2], &t[3]).unwrap(),
-            |t| crate::ops::generic::lora_linear(&t[0], &t[1], &t[2], &t[3]).unwrap(),
+        for dropout in [None, Some(mask())] {
+            compare_with_generic(
+                &inputs,
+                2.0,
+                |t| lora_linear(&t[0], &t[1], &t[2], &t[3], dropout).unwrap(),
+                |t| crate::ops::generic::lora_linear(&t[0], &t[1], &t[2], &t[3], dropout).unwrap(),
+            );
+            // A frozen base weight (LoRA's) gets no gradient; the adapters and the input do.
+            frozen_second_input_gets_no_gradient(&inputs[0], &inputs[1], |x, w| {
+                lora_linear(x, w, &inputs[2], &inputs[3], dropout).unwrap()
+            });
+        }
+        // The mask is applied: another position gives other numbers.
+        let at = |position| {
+            let mask = DropoutMask::new(crate::dropout_key(5), position, 0.4).unwrap();
+            let y = lora_linear(&inputs[0], &inputs[1], &inputs[2], &inputs[3], Some(mask));
+            y.unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()
+        };
+        assert_ne!(at(1234), at(1235));
+    }
+
+    /// The first layer's adapters: neither the input nor the base weight is trained, so the op
+    /// computes only the adapters' gradients, which take the mask as the generic form's do.
+    #[test]
+    fn adapters_alone_get_the_generic_forms_gradients_under_dropout() {
+        let x = values(&[3, 9, 24], 99, 1.0, DType::F64);
+        let w = values(&[20, 24], 100, 0.2, DType::F64);
+        let (a, b) = (
+            Var::from_tensor(&values(&[4, 24], 101, 0.2, DType::F64)).unwrap(),
+            Var::from_tensor(&values(&[20, 4], 102, 0.2, DType::F64)).unwrap(),
         );
-        // A frozen base weight (LoRA's) gets no gradient; the adapters and the input do.
-        frozen_second_input_gets_no_gradient(&inputs[0], &inputs[1], |x, w| {
-            lora_linear(x, w, &inputs[2], &inputs[3]).unwrap()
-        });
+        let grads = |f: &dyn Fn() -> Tensor| {
+            let grads = f().sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            assert!(grads.get(&x).is_none() && grads.get(&w).is_none());
+            [&a, &b].map(|v| {
+                let g = grads.get(v.as_tensor()).unwrap();
+                g.flatten_all().unwrap().to_vec1::<f64>().unwrap()
+            })
+        };
+        let fused = grads(&|| lora_linear(&x, &w, &a, &b, Some(mask())).unwrap());
+        let generic =
+            grads(&|| crate::ops::generic::lora_linear(&x, &w, &a, &b, Some(mask())).unwrap());
+        for (f, g) in fused.iter().flatten().zip(generic.iter().flatten()) {
+            assert!((f - g).abs() <= 1e-12 * (1.0 + g.abs()), "{f} against {g}");
+        }
     }
 }
