@@ -223,6 +223,10 @@ $(call shard_part,$(1),$(3)): private SHARD_LOG = $(dir $(1))logs/$(2).$(3)-of-$
 $(call shard_part,$(1),$(3)): private LAUNCH = $(call launch,$(call job_name,$(dir $(1))$(2)).$(3)-of-$(SHARDS))
 endef
 
+# Whether the reference log-probs are a stage of their own: with the stages split (SHARDS > 1),
+# unless the loss needs no reference (SimPO, SFT: opt-wdpo --reference-only refuses them).
+REF_STAGE = $(if $(or $(filter 1,$(SHARDS)),$(filter simpo sft,$(TRAIN_ARGS))),,yes)
+
 # One iteration's rules: $(1) = N, $(2) = N-1.
 define ITERATION
 $(call sharded_stage,$(call iter_dir,$(1))/responses.parquet,$(if $(filter 1,$(1)),$(call iter_dir,1)/prompts.parquet,$(call iter_dir,$(1))/regen.parquet),gen)
@@ -249,9 +253,10 @@ $(call iter_dir,$(1))/pairs.parquet: $(call iter_dir,$(1))/new_scored.parquet $(
 
 # With SHARDS > 1 the reference log-probs are a stage of their own (opt-wdpo --reference-only),
 # split like the others; training then reads pairs_ref.parquet, which is deleted once the policy
-# is written (pairs.parquet plus two columns). With SHARDS=1 opt-wdpo computes them itself.
-ifneq ($(SHARDS),1)
-$(if $(filter 1,$(SHARDS)),,$(call sharded_stage,$(call iter_dir,$(1))/pairs_ref.parquet,$(call iter_dir,$(1))/pairs.parquet,ref))
+# is written (pairs.parquet plus two columns). With SHARDS=1 opt-wdpo computes them itself, and a
+# reference-free loss (REF_STAGE) has none.
+ifneq ($(REF_STAGE),)
+$(if $(REF_STAGE),$(call sharded_stage,$(call iter_dir,$(1))/pairs_ref.parquet,$(call iter_dir,$(1))/pairs.parquet,ref))
 .SECONDARY: $(call iter_dir,$(1))/pairs_ref.parquet
 $(call shard_parts,$(call iter_dir,$(1))/pairs_ref.parquet): $(call iter_dir,$(1))/pairs.parquet $(call policy_file,$(2)) $(call ref_file,$(2)) | $(POLICY_DEPS) tools settings
 	@mkdir -p $$(@D)
@@ -264,12 +269,12 @@ endif
 # over from an interrupted run. An interrupted opt-wdpo keeps its training state in
 # policy.state beside it (on SIGTERM/SIGINT, or every --save-steps N steps in TRAIN_ARGS), and
 # the next make continues from there.
-$(call iter_dir,$(1))/policy/config.json: $(call iter_dir,$(1))/$(if $(filter 1,$(SHARDS)),pairs,pairs_ref).parquet $(call policy_file,$(2)) $(call ref_file,$(2)) | $(POLICY_DEPS) tools settings
+$(call iter_dir,$(1))/policy/config.json: $(call iter_dir,$(1))/$(if $(REF_STAGE),pairs_ref,pairs).parquet $(call policy_file,$(2)) $(call ref_file,$(2)) | $(POLICY_DEPS) tools settings
 	rm -rf $(call iter_dir,$(1))/policy
 	$(call launch,$(call job_name,$(call iter_dir,$(1))/train)) $(TIMED) train $(call iter_dir,$(1))/logs/train.csv --rows pairs --tokens tokens -- \
 	  $(BIN)/opt-wdpo --policy $(call policy_of,$(2)) $(call ref_arg,$(2)) $$< -o $(call iter_dir,$(1))/policy \
 	  --seed $(call plus,$(SEED),$(1)) $(TRAIN_ARGS) $(DEVICE_ARGS) $(call device_arg,1)
-	$(if $(filter 1,$(SHARDS)),,rm -f $(call iter_dir,$(1))/pairs_ref.parquet)
+	$(if $(REF_STAGE),rm -f $(call iter_dir,$(1))/pairs_ref.parquet)
 
 $(call iter_dir,$(1))/metrics.csv: $(call iter_dir,$(1))/policy/config.json
 	cp $(call iter_dir,$(1))/policy/metrics.csv $$@.tmp && mv $$@.tmp $$@

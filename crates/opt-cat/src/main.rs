@@ -44,7 +44,7 @@ struct Cli {
     #[arg(long, value_name = "N", default_value_t = 0)]
     head: usize,
 
-    /// Drop the first N rows
+    /// Drop the first N rows (N must be below the number of rows: nothing left is an error)
     #[arg(long, value_name = "N", default_value_t = 0)]
     skip: usize,
 

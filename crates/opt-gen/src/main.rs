@@ -90,8 +90,8 @@ struct Args {
     #[arg(long, value_enum, default_value_t = Truncate::Error)]
     truncate: Truncate,
 
-    /// Sequences decoded together (finished ones are replaced at once) [default: 16; with
-    /// --kv-memory, as many as fit, at most 1024]
+    /// Sequences decoded together (finished ones are replaced at once) [default: 16 on the CPU;
+    /// on a GPU or with --kv-memory, as many as fit, at most 1024; this caps them]
     #[arg(long)]
     batch_size: Option<usize>,
 
@@ -428,8 +428,19 @@ impl Finished {
     }
 }
 
-/// Sequences decoded together: --batch-size, or what --kv-memory (explicit, or 0.9 on a GPU)
-/// of the free memory holds, capped by --batch-size.
+/// Sequences decoded together without --kv-memory on the CPU.
+const DEFAULT_BATCH: usize = 16;
+
+/// The share of the free memory the KV cache is sized from: --kv-memory, else 0.9 on a GPU
+/// (whatever --batch-size says: it caps the batch, it does not switch the sizing off, which
+/// would let a large --batch-size run out of GPU memory); `None`: no sizing (the CPU's default).
+fn kv_memory_fraction(kv_memory: Option<f64>, on_gpu: bool) -> Option<f64> {
+    const GPU_KV_MEMORY: f64 = 0.9;
+    kv_memory.or(on_gpu.then_some(GPU_KV_MEMORY))
+}
+
+/// Sequences decoded together: --batch-size (16 by default), or what the KV cache's share of the
+/// free memory ([`kv_memory_fraction`]) holds, capped by --batch-size.
 fn batch_size(
     args: &Args,
     device: &candle_core::Device,
@@ -437,13 +448,9 @@ fn batch_size(
     requests: &[GenerationRequest],
     params: &SamplingParams,
 ) -> Result<usize> {
-    const DEFAULT_BATCH: usize = 16;
     const MOST_SLOTS: usize = 1024;
-    const GPU_KV_MEMORY: f64 = 0.9;
-    let fraction = match (args.kv_memory, args.batch_size) {
-        (Some(f), _) => f,
-        (None, None) if device.is_cuda() => GPU_KV_MEMORY,
-        (None, batch) => return Ok(batch.unwrap_or(DEFAULT_BATCH)),
+    let Some(fraction) = kv_memory_fraction(args.kv_memory, device.is_cuda()) else {
+        return Ok(args.batch_size.unwrap_or(DEFAULT_BATCH));
     };
     let Some(free) = optune_cli::runtime::available_memory(device) else {
         bail!("--kv-memory: cannot read the free memory of {device:?}; give --batch-size instead");
@@ -492,7 +499,7 @@ fn fingerprint(
         .with("--max-new-tokens", args.max_new_tokens)
         .with("--ignore-eos", args.ignore_eos)
         .with("--device", format!("{:?}", device.location()))
-        .with("--dtype", format!("{dtype:?}").to_lowercase())
+        .with("--dtype", optune_cli::runtime::precision(device, dtype))
         .with(
             "--kernels",
             optune_kernels::decode_path(device, dtype).name(),
@@ -508,4 +515,18 @@ fn process_cpu_seconds() -> Option<f64> {
         nanos += stat.split_whitespace().next()?.parse::<u64>().ok()?;
     }
     Some(nanos as f64 * 1e-9)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kv_memory_fraction;
+
+    /// On a GPU the batch is sized from memory even with --batch-size (which caps it).
+    #[test]
+    fn a_gpu_sizes_the_batch_from_memory_unless_told_another_share() {
+        assert_eq!(kv_memory_fraction(None, true), Some(0.9));
+        assert_eq!(kv_memory_fraction(Some(0.5), true), Some(0.5));
+        assert_eq!(kv_memory_fraction(None, false), None);
+        assert_eq!(kv_memory_fraction(Some(0.3), false), Some(0.3));
+    }
 }

@@ -41,9 +41,9 @@ fn duplicate_responses_name_both_rows() {
     std::fs::write(
         &again,
         concat!(
-            r#"{"prompt_id": "p09", "sample": 0, "response": "x", "reward": 0.5}"#,
+            r#"{"prompt_id": "p09", "prompt": "q", "sample": 0, "response": "x", "reward": 0.5}"#,
             "\n",
-            r#"{"prompt_id": "p04", "sample": 1, "response": "y", "reward": 0.5}"#,
+            r#"{"prompt_id": "p04", "prompt": "q", "sample": 1, "response": "y", "reward": 0.5}"#,
             "\n",
         ),
     )
@@ -67,8 +67,7 @@ fn conflicting_column_types_name_both_files() {
     let out = tempfile::tempdir().unwrap();
     let scored = testdata("scored.jsonl");
     let other = inputs.path().join("other.jsonl");
-    let row =
-        r#"{"prompt_id": "p09", "sample": 0, "response": "x", "reward": 0.5, "topic": [1, 2]}"#;
+    let row = r#"{"prompt_id": "p09", "prompt": "q", "sample": 0, "response": "x", "reward": 0.5, "topic": [1, 2]}"#;
     std::fs::write(&other, row).unwrap();
     let outcome = run(&mut opt_pairs(&[&scored, &other], out.path()), None);
     let expected = format!(

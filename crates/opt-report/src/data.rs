@@ -9,8 +9,9 @@ use optune_shard::Shard;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-/// The stages `timings.csv` records, in pipeline order.
-pub const STAGES: [&str; 5] = ["gen", "score", "select", "pairs", "train"];
+/// The stages `timings.csv` records, in pipeline order (`ref`: the reference log-probs, a stage
+/// of their own with SHARDS > 1).
+const STAGES: [&str; 6] = ["gen", "score", "select", "pairs", "ref", "train"];
 
 /// One row of `timings.csv`: `stage,seconds,rows,tokens`.
 #[derive(Clone, Debug)]
@@ -36,7 +37,7 @@ pub struct Iteration {
     pub index: u32,
     /// Rewards of the responses generated in this iteration (by policy N−1):
     /// `new_scored.parquet`, or `scored.parquet` where there is no
-    /// `new_scored.parquet` (iteration 1).
+    /// `new_scored.parquet` (a run of an older pipeline's iteration 1).
     pub fresh: Option<Vec<f64>>,
     /// Rewards of the iteration's full scored set (kept ∪ new).
     pub all: Option<Vec<f64>>,
@@ -122,6 +123,15 @@ impl Run {
     /// the initial policy's held-out evaluation).
     pub fn trained(&self) -> impl Iterator<Item = &Iteration> {
         self.iterations.iter().filter(|it| it.index >= 1)
+    }
+
+    /// The stages of [`STAGES`] this run's tables and plots show: `ref` only where some
+    /// iteration recorded it (the pipeline's SHARDS > 1), the others always.
+    pub fn stages(&self) -> Vec<&'static str> {
+        STAGES
+            .into_iter()
+            .filter(|&stage| stage != "ref" || self.trained().any(|it| it.stage(stage).is_some()))
+            .collect()
     }
 
     /// ρ: `RHO` in `run.env`, else a `-rhoX` suffix of the directory name.

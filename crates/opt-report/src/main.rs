@@ -6,7 +6,7 @@ mod plots;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use data::{mean, median, Iteration, Run, STAGES};
+use data::{mean, median, Iteration, Run};
 use optune_shard::cli::{run_tool, Summary};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -19,7 +19,7 @@ const TOOL: &str = "opt-report";
 /// RUN_DIR is a directory written by the pipeline (`make iterN`): `run.env`
 /// and one `iterN/` per iteration holding `scored.parquet` (every response of
 /// the iteration, kept ∪ new), `new_scored.parquet` (the responses generated
-/// anew, from iteration 2 on), `regen.parquet`, `pairs.parquet`,
+/// anew), `regen.parquet`, `pairs.parquet`,
 /// `timings.csv` (stage,seconds,rows,tokens), `metrics.csv` (opt-wdpo's
 /// per-step metrics) and, when the pipeline evaluates on held-out prompts,
 /// `eval_scored.parquet` (`iter0/` then holds the initial policy's). Missing
@@ -54,7 +54,7 @@ struct Cli {
     output: Option<PathBuf>,
 
     /// Directory for the PNG plots [default: `plots/` beside the report; with
-    /// --sweep, the plot is REPORT_STEM.png beside the report]
+    /// --sweep, DIR/sweep.png, else REPORT_STEM.png beside the -o report, else ./sweep.png]
     #[arg(long, value_name = "DIR")]
     plots: Option<PathBuf>,
 
@@ -315,16 +315,17 @@ fn run_markdown(run: &Run, plots: &[(&str, String)]) -> String {
     }
 
     let _ = writeln!(md, "## Wall time per stage (seconds)\n");
+    let stages = run.stages();
     let _ = writeln!(
         md,
         "| iteration | {} | total | generated tokens | generation tok/s |",
-        STAGES.join(" | ")
+        stages.join(" | ")
     );
-    let _ = writeln!(md, "|---:|{}---:|---:|---:|", "---:|".repeat(STAGES.len()));
-    let mut totals = vec![0.0; STAGES.len()];
+    let _ = writeln!(md, "|---:|{}---:|---:|---:|", "---:|".repeat(stages.len()));
+    let mut totals = vec![0.0; stages.len()];
     for it in &trained {
-        let cells: Vec<String> = STAGES.iter().map(|s| num(it.stage_seconds(s), 1)).collect();
-        for (t, s) in totals.iter_mut().zip(STAGES) {
+        let cells: Vec<String> = stages.iter().map(|s| num(it.stage_seconds(s), 1)).collect();
+        for (t, s) in totals.iter_mut().zip(&stages) {
             *t += it.stage_seconds(s).unwrap_or(0.0);
         }
         let gen = it.stage("gen");
@@ -542,8 +543,8 @@ fn sweep_markdown(runs: &[Run], plot: Option<&str>) -> String {
                 "g = {g:.3}: the generation share of an iteration in the ρ = 1 run `{}`, its \
                  generation seconds over its iteration seconds, summed over iterations ≥ 2; an \
                  iteration's seconds are the sum of the stages in its `timings.csv` (gen, score, \
-                 select, pairs, ref, train; training includes loading the models and the \
-                 reference pass; the held-out evaluation is not part of an iteration). If only \
+                 select, pairs, ref, train; training includes loading the models, and the \
+                 reference pass unless it is the ref stage of its own (SHARDS > 1); the held-out evaluation is not part of an iteration). If only \
                  generation shrinks with ρ, an iteration at ρ takes 1 − (1 − ρ)·g of a ρ = 1 \
                  iteration, so the predicted speedup is 1 / (1 − (1 − ρ)·g).\n",
                 v.run.name
@@ -615,6 +616,34 @@ mod tests {
             settings: [("RHO".to_string(), rho.to_string())].into(),
             iterations,
         }
+    }
+
+    /// With SHARDS > 1 the reference log-probs are a stage of their own: the table has its
+    /// column, and the "all" row adds up to the iterations' totals.
+    #[test]
+    fn the_wall_time_table_holds_the_reference_stage() {
+        let iteration: &[(&str, f64)] =
+            &[("gen", 10.0), ("pairs", 1.0), ("ref", 4.0), ("train", 5.0)];
+        let md = run_markdown(&fixture_run("x", "0.7", &[iteration, iteration]), &[]);
+        assert!(
+            md.contains("| iteration | gen | score | select | pairs | ref | train | total |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| 1 | 10.0 | – | – | 1.0 | 4.0 | 5.0 | 20.0 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| all | 20.0 | 0.0 | 0.0 | 2.0 | 8.0 | 10.0 | 40.0 |"),
+            "{md}"
+        );
+        // Without it (SHARDS=1) the column is left out.
+        let unsplit: &[(&str, f64)] = &[("gen", 10.0), ("train", 9.0)];
+        let md = run_markdown(&fixture_run("y", "0.7", &[unsplit]), &[]);
+        assert!(
+            md.contains("| iteration | gen | score | select | pairs | train | total |"),
+            "{md}"
+        );
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The report's PNG plots, drawn with plotters' bitmap backend and the DejaVu
 //! Sans font embedded from the `dejavu` crate (no system font lookup).
 
-use crate::data::{mean, Iteration, Run, STAGES};
+use crate::data::{mean, Iteration, Run};
 use anyhow::{anyhow, Result};
 use plotters::coord::cartesian::Cartesian2d;
 use plotters::coord::types::RangedCoordf64;
@@ -330,12 +330,13 @@ pub fn wall_times(run: &Run, path: &Path) -> Result<()> {
         .label_style((FONT, 15))
         .draw()
         .map_err(err)?;
-    for (s, stage) in STAGES.iter().enumerate() {
+    let stages = run.stages();
+    for (s, stage) in stages.iter().enumerate() {
         let c = color(s);
         let bars: Vec<Rectangle<(f64, f64)>> = iterations
             .iter()
             .filter_map(|it| {
-                let below: f64 = STAGES[..s]
+                let below: f64 = stages[..s]
                     .iter()
                     .filter_map(|st| it.stage_seconds(st))
                     .sum();

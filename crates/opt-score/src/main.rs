@@ -41,7 +41,8 @@ use std::time::{Duration, Instant};
 ///                      unless --truncate left. With -o FILE, the rewards are kept every few
 ///                      seconds in FILE.journal: after a crash or a kill, the same command run
 ///                      again scores only the rest (the output is the same as an uninterrupted
-///                      run's); a run with other arguments or input is refused. The journal is
+///                      run's); a run with another model, input, --shard, --max-length,
+///                      --truncate, device, precision or kernels is refused. The journal is
 ///                      removed once FILE is written; a device or a pipe gets none.
 ///                      reward_model: the directory's name.
 ///   --reward-cmd PROGRAM [ARGS]...
@@ -438,7 +439,7 @@ fn score_with_rm(
                     digest.hex(),
                 )
                 .with("--device", format!("{:?}", device.location()))
-                .with("--dtype", format!("{dtype:?}").to_lowercase())
+                .with("--dtype", optune_cli::runtime::precision(&device, dtype))
                 .with(
                     "--kernels",
                     optune_kernels::autograd_path(&device, dtype).name(),

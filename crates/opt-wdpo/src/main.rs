@@ -49,9 +49,10 @@ use std::time::Instant;
 /// and sft need no reference log-probs.
 ///
 /// Reference log-probs are computed once before training (or read from the shard's
-/// ref_chosen_logp/ref_rejected_logp columns), so no reference model is held during training;
+/// ref_chosen_logp/ref_rejected_logp columns, which are trusted: they must come from the same
+/// reference, --max-length and --dtype), so no reference model is held during training;
 /// --precompute-ref also writes them back into the pairs file. With LoRA the reference is the
-/// base model with the adapters off. --reference-only computes them and writes the pairs with
+/// base model with the adapters off (unless --ref names another). --reference-only computes them and writes the pairs with
 /// them to -o FILE without training; with --shard K/N only for the K-th of N slices of the
 /// prompts (sorted by prompt_id), so that N jobs share the work and opt-cat joins their outputs.
 ///
@@ -60,8 +61,10 @@ use std::time::Instant;
 /// log-probs) is written atomically to OUT_DIR.state; SIGTERM or SIGINT writes one at the next
 /// step boundary and exits with an error (a second signal exits at once). The same command run
 /// again resumes from it and ends with the weights an uninterrupted run writes (to the bit on
-/// the CPU); a run with other arguments or pairs is refused. OUT_DIR.state is removed once
-/// OUT_DIR is written.
+/// the CPU); a run with other pairs or other arguments that change the weights (not
+/// --gradient-checkpointing, --threads, --metrics, --save-steps, --memory-budget) is refused.
+/// A signal before training starts (loading, the reference pass) ends the run without a state.
+/// OUT_DIR.state is removed once OUT_DIR is written.
 ///
 /// Precision: the model computes in --dtype (f32 on the CPU, bf16 on CUDA), with reductions
 /// (RMS norm statistics, softmax, log-softmax, the loss) in f32; the trained weights (all of
@@ -107,7 +110,8 @@ pub struct Args {
     #[arg(long, default_value_t = 1.0)]
     pub rpo_alpha: f64,
 
-    /// Label smoothing ε for sigmoid (cDPO) and robust
+    /// Label smoothing ε in [0, 0.5]: sigmoid, hypo and rpo (cDPO), simpo, and robust (ε < 0.5);
+    /// ipo, hinge and sft take none
     #[arg(long, default_value_t = 0.0)]
     pub label_smoothing: f64,
 
@@ -158,41 +162,48 @@ pub struct Args {
     pub lora_rank: Option<usize>,
 
     /// LoRA scale numerator: the adapter's output is multiplied by alpha / rank
-    #[arg(long, default_value_t = 16.0)]
+    #[arg(long, default_value_t = 16.0, requires = "lora_rank")]
     pub lora_alpha: f64,
 
     /// Dropout on the adapters' input while training, in [0, 1); the masks are drawn from --seed
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, requires = "lora_rank")]
     pub lora_dropout: f32,
 
     /// Projections that get adapters (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "q_proj,k_proj,v_proj,o_proj"
+        default_value = "q_proj,k_proj,v_proj,o_proj",
+        requires = "lora_rank"
     )]
     pub lora_targets: Vec<String>,
 
     /// With LoRA: also write a PEFT adapter (adapter_config.json + adapter_model.safetensors)
     /// to OUT_DIR/adapter; OUT_DIR itself always holds the merged model
-    #[arg(long)]
+    #[arg(long, requires = "lora_rank")]
     pub save_adapter: bool,
 
+    /// Optimiser of the trained weights (f32 moments)
     #[arg(long, value_enum, default_value_t = OptimizerKind::Adamw)]
     pub optimizer: OptimizerKind,
 
+    /// Peak learning rate
     #[arg(long, default_value_t = 5e-7)]
     pub lr: f64,
 
+    /// Decoupled weight decay, on matrices only (not on norms' weights or biases)
     #[arg(long, default_value_t = 0.0)]
     pub weight_decay: f64,
 
+    /// Share of the optimiser steps spent warming the learning rate up from 0 (rounded up)
     #[arg(long, default_value_t = 0.1)]
     pub warmup_ratio: f64,
 
+    /// How the learning rate falls after the warm-up
     #[arg(long, value_enum, default_value_t = Decay::Linear)]
     pub schedule: Decay,
 
+    /// Passes over the pairs
     #[arg(long, default_value_t = 1)]
     pub epochs: usize,
 
@@ -205,7 +216,7 @@ pub struct Args {
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
 
-    /// Micro-batches per optimiser step
+    /// Micro-batches per optimiser step (an epoch's last step may take fewer)
     #[arg(long, default_value_t = 1)]
     pub grad_accum: usize,
 
@@ -225,6 +236,7 @@ pub struct Args {
     #[arg(long, default_value_t = 512)]
     pub max_length: usize,
 
+    /// Seeds the pairs' order, the LoRA initialisation, LoRA dropout and HyPO's samples
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 
@@ -253,6 +265,11 @@ fn main() -> ExitCode {
 
 impl Args {
     /// The checks clap cannot express.
+    /// `--loss` as it is written on the command line.
+    fn loss_name(&self) -> String {
+        format!("{:?}", self.loss).to_lowercase()
+    }
+
     fn validate(&self) -> Result<()> {
         if self.batch_size == 0 || self.grad_accum == 0 || self.epochs == 0 {
             bail!("--batch-size, --grad-accum and --epochs must be at least 1");
@@ -267,6 +284,9 @@ impl Args {
                 self.max_length
             );
         }
+        if !(0.0..=1.0).contains(&self.warmup_ratio) {
+            bail!("--warmup-ratio {} must be in [0, 1]", self.warmup_ratio);
+        }
         if self.max_steps == Some(0) {
             bail!("--max-steps must be at least 1");
         }
@@ -276,8 +296,8 @@ impl Args {
         ] {
             if given && !self.loss.needs_reference() {
                 bail!(
-                    "{flag}: --loss {:?} reads no reference log-probs",
-                    self.loss
+                    "{flag}: --loss {} reads no reference log-probs",
+                    self.loss_name()
                 );
             }
         }
@@ -285,6 +305,61 @@ impl Args {
             bail!(
                 "--kl-samples must be at least 2: the leave-one-out baseline needs another sample"
             );
+        }
+        if self.loss.samples_online() && self.kl_max_new_tokens == 0 {
+            bail!("--kl-max-new-tokens must be at least 1");
+        }
+        // The losses check these too, but only at the first micro-batch: after the models
+        // have loaded and the reference pass has run.
+        if !(self.beta.is_finite() && self.beta > 0.0) {
+            bail!("--beta {} must be finite and > 0", self.beta);
+        }
+        for (value, flag) in [(self.beta2, "--beta2"), (self.rpo_alpha, "--rpo-alpha")] {
+            if !(value.is_finite() && value >= 0.0) {
+                bail!("{flag} {value} must be finite and >= 0");
+            }
+        }
+        let most_smoothing = match self.loss {
+            Objective::Robust => "< 0.5",
+            _ => "<= 0.5",
+        };
+        if !(0.0..=0.5).contains(&self.label_smoothing)
+            || (self.loss == Objective::Robust && self.label_smoothing == 0.5)
+        {
+            bail!(
+                "--label-smoothing {} must be >= 0 and {most_smoothing} for --loss {}",
+                self.label_smoothing,
+                self.loss_name()
+            );
+        }
+        if self.label_smoothing > 0.0
+            && matches!(
+                self.loss,
+                Objective::Ipo | Objective::Hinge | Objective::Sft
+            )
+        {
+            bail!(
+                "--label-smoothing: --loss {} takes none (sigmoid, hypo, rpo, simpo and robust do)",
+                self.loss_name()
+            );
+        }
+        if self.lora_rank == Some(0) {
+            bail!("--lora-rank must be at least 1 (leave it out for full fine-tuning)");
+        }
+        if self.precompute_ref {
+            let Some(path) = self.input.as_ref().filter(|p| p.as_os_str() != "-") else {
+                bail!("--precompute-ref needs the pairs as a file, not stdin");
+            };
+            if path
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("csv"))
+            {
+                bail!(
+                    "--precompute-ref: {} is CSV, which it cannot rewrite; convert it with \
+                     opt-cat to .parquet or .jsonl first",
+                    path.display()
+                );
+            }
         }
         Ok(())
     }
@@ -294,15 +369,16 @@ fn run(args: Args) -> Result<()> {
     args.validate()?;
     let started = Instant::now();
     let (device, dtype) = args.runtime.init()?;
+    let kernels = optune_kernels::autograd_path(&device, dtype).name();
     if args.reference_only {
         let pairs = reference::write_only(&args, &device, dtype)?;
         Summary::new("opt-wdpo")
             .field("pairs", pairs)
             .field("total_s", format!("{:.2}", started.elapsed().as_secs_f64()))
+            .field("kernels", kernels)
             .print();
         return Ok(());
     }
-    let kernels = optune_kernels::autograd_path(&device, dtype).name();
     let shard = Shard::read(args.input.as_deref())?;
     // Before the policy takes its share: the plan counts its weights too.
     let available = optune_cli::runtime::available_memory(&device);

@@ -46,7 +46,8 @@ pub fn prepare(
     if !had_reference {
         fill_missing(policy, separate.as_ref(), pairs)?;
         if args.precompute_ref {
-            let Some(path) = args.input.as_ref().filter(|p| p.as_os_str() != "-") else {
+            // A file, not stdin (Args::validate).
+            let Some(path) = args.input.as_ref() else {
                 bail!("--precompute-ref needs the pairs as a file, not stdin");
             };
             write_with_reference(shard, pairs, path)?;

@@ -125,7 +125,7 @@ pub fn fingerprint(
         .with("--max-grad-norm", args.max_grad_norm)
         .with("--seed", args.seed)
         .with("--device", format!("{:?}", device.location()))
-        .with("--dtype", format!("{dtype:?}").to_lowercase())
+        .with("--dtype", optune_cli::runtime::precision(device, dtype))
         .with(
             "--kernels",
             optune_kernels::autograd_path(device, dtype).name(),

@@ -71,7 +71,9 @@ pub fn train(
         for (b, batch) in batches.iter().enumerate().skip(first) {
             let batch_pairs: Vec<&TrainPair> = batch.iter().map(|&i| &pairs[i]).collect();
             trainer.micro_batch(&batch_pairs, epoch, b)?;
-            if !(trainer.micro.is_multiple_of(args.grad_accum) || b == last_batch) {
+            // Every epoch's micro-batches in groups of --grad-accum, the last group maybe
+            // shorter, as the schedule counts them.
+            if !((b + 1).is_multiple_of(args.grad_accum) || b == last_batch) {
                 continue;
             }
             trainer.optimizer_step(epoch)?;

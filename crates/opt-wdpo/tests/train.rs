@@ -418,6 +418,56 @@ fn bad_input_is_a_clear_error() {
     assert!(!out.exists());
 }
 
+/// Values the losses would refuse only at the first micro-batch (after the models have loaded
+/// and the reference pass has run), and LoRA options without --lora-rank, are refused at once,
+/// naming the flag.
+#[test]
+fn bad_arguments_are_refused_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pairs = tmp.path().join("pairs.jsonl");
+    write_pairs(&pairs);
+    let out = tmp.path().join("policy");
+    let cases: [(&[&str], &str); 9] = [
+        (&["--beta", "0"], "--beta 0 must be finite and > 0"),
+        (&["--beta2=-1"], "--beta2 -1 must be finite and >= 0"),
+        (&["--loss", "rpo", "--rpo-alpha=-0.5"], "--rpo-alpha -0.5"),
+        (
+            &["--loss", "robust", "--label-smoothing", "0.5"],
+            "< 0.5 for --loss robust",
+        ),
+        (
+            &["--loss", "ipo", "--label-smoothing", "0.1"],
+            "--loss ipo takes none",
+        ),
+        (
+            &["--loss", "hypo", "--kl-max-new-tokens", "0"],
+            "--kl-max-new-tokens",
+        ),
+        (&["--lora-rank", "0"], "--lora-rank must be at least 1"),
+        (&["--lora-dropout", "0.1"], "--lora-rank"),
+        (
+            &["--warmup-ratio", "1.5"],
+            "--warmup-ratio 1.5 must be in [0, 1]",
+        ),
+    ];
+    for (extra, expected) in cases {
+        let (ok, err) = wdpo_on("tiny-llama", &pairs, &out, extra);
+        assert!(!ok && err.contains(expected), "{extra:?}: {err}");
+        assert!(
+            !err.contains("memory estimate"),
+            "{extra:?} got as far as planning: {err}"
+        );
+    }
+    let csv = tmp.path().join("pairs.csv");
+    std::fs::write(&csv, "prompt,chosen,rejected\nhi,a,b\n").unwrap();
+    let (ok, err) = wdpo_on("tiny-llama", &csv, &out, &["--precompute-ref"]);
+    assert!(
+        !ok && err.contains("is CSV, which it cannot rewrite"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}
+
 /// Pairs that cannot be trained on name the flag or the row, before any tensor is made: a
 /// prompt with no tokens would leave the response's first token nothing to be predicted from
 /// (and on a GPU a zero-size tensor, which its kernels refuse).
@@ -545,6 +595,29 @@ fn max_steps_overrides_epochs() {
         !ok && err.contains("--max-steps must be at least 1"),
         "{err}"
     );
+}
+
+/// --grad-accum groups each epoch's micro-batches, the last group of an epoch maybe shorter:
+/// 5 micro-batches an epoch in groups of 3 make 2 steps an epoch, as the schedule counts them.
+/// (A count over the whole run put the second epoch's first micro-batch alone in a step and ran
+/// a fifth step past the schedule's end.)
+#[test]
+fn grad_accum_groups_the_micro_batches_of_each_epoch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pairs = tmp.path().join("pairs.jsonl");
+    write_pairs(&pairs);
+    let five: String = std::fs::read_to_string(&pairs)
+        .unwrap()
+        .lines()
+        .take(5)
+        .map(|line| format!("{line}\n"))
+        .collect();
+    std::fs::write(&pairs, five).unwrap();
+    let args = ["--batch-size", "1", "--grad-accum", "3", "--epochs", "2"];
+    let out = train_on("tiny-llama", tmp.path(), "accum", &pairs, &args);
+    let rows = metrics(&out);
+    assert_eq!(column(&rows, "step"), [1.0, 2.0, 3.0, 4.0]);
+    assert_eq!(column(&rows, "epoch"), [0.0, 0.0, 1.0, 1.0]);
 }
 
 /// The pairs of testdata/reference/`model`.json's cases (chosen: the case's response, whose

@@ -58,6 +58,27 @@ pub fn dtype(spec: Option<&str>, device: &candle_core::Device) -> Result<candle_
     }
 }
 
+/// The arithmetic a run computes in, as a journal or training state records it: the dtype, and
+/// what [`crate::RuntimeArgs::init`] set beside it (bf16 products of f32 tensors on a CPU with
+/// AVX512-BF16, `--dtype bf16` there; TF32 products of f32 on a GPU, `--tf32`). A run resumed in
+/// another precision would mix two in one output, so it is refused.
+pub fn precision(device: &candle_core::Device, dtype: candle_core::DType) -> String {
+    let name = format!("{dtype:?}").to_lowercase();
+    if dtype != candle_core::DType::F32 {
+        return name;
+    }
+    let products = match device.is_cuda() {
+        true => candle_core::cuda::gemm_reduced_precision_f32().then_some("tf32"),
+        false => (optune_kernels::f32_product_precision()
+            == optune_kernels::ProductPrecision::Bf16)
+            .then_some("bf16"),
+    };
+    match products {
+        Some(products) => format!("{name} ({products} products)"),
+        None => name,
+    }
+}
+
 /// Bytes the device can still give: the CPU's `MemAvailable` (Linux), a GPU's free memory as its
 /// driver reports it; `None` when it cannot be read.
 pub fn available_memory(device: &candle_core::Device) -> Option<f64> {

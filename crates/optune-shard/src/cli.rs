@@ -38,7 +38,7 @@ pub struct OutputArgs {
     pub output: Option<PathBuf>,
 
     /// Output format [default: jsonl for a .jsonl/.ndjson/.json FILE,
-    /// else parquet (zstd)]
+    /// else parquet (zstd); a .csv FILE is an error: CSV is read, not written]
     #[arg(long, value_enum, value_name = "FORMAT")]
     pub format: Option<OutputFormat>,
 }

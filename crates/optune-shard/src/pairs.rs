@@ -105,6 +105,8 @@ pub fn build_pairs(inputs: &[Shard], min_gap: f64) -> Result<PairShard> {
             (col::RESPONSE, ColumnKind::Utf8),
             (col::REWARD, ColumnKind::Float),
         ])?;
+        // A pair without its prompt would reach opt-wdpo as a transcript to split.
+        shard.prompt_column()?;
         let prompt_ids = shard.strings(col::PROMPT_ID)?;
         let samples = shard.uints(col::SAMPLE)?;
         let texts = shard.strings(col::RESPONSE)?;
@@ -250,6 +252,21 @@ mod tests {
             format!("{id} response {rejected}"),
             gap,
         )
+    }
+
+    #[test]
+    fn responses_without_their_prompts_are_refused() {
+        let full = scored(&[("a", 0, 0.5), ("a", 1, 0.9)]);
+        let batch = full.batch();
+        let without = batch.project(&[0, 2, 3, 4, 5]).unwrap();
+        assert!(without.schema().column_with_name("prompt").is_none());
+        let err = build_pairs(&[Shard::new("scored.parquet", without)], 0.0).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("scored.parquet: missing required column 'prompt' or 'messages'"),
+            "{err}"
+        );
+        assert!(build_pairs(&[full], 0.0).is_ok());
     }
 
     #[test]

@@ -123,6 +123,26 @@ pub fn parse_rho(text: &str) -> Result<f64, String> {
     Ok(rho)
 }
 
+/// `--explore`: a probability, in [0, 1].
+pub fn parse_explore(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
+        _ => Err(format!(
+            "'{text}': the probability that a flat prompt stays a candidate must be in [0, 1]"
+        )),
+    }
+}
+
+/// `--flat-tol`: a reward spread, finite and >= 0.
+pub fn parse_flat_tol(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
+        _ => Err(format!(
+            "'{text}': the largest reward spread that counts as none must be a finite number >= 0"
+        )),
+    }
+}
+
 /// How many of `prompts` prompts a fraction `rho` selects: ⌈ρ·n⌉, at least
 /// one. The product is rounded down by a relative 1e-9 before the ceiling,
 /// because floating point makes some whole products slightly larger than
