@@ -191,7 +191,8 @@ pub struct Args {
     #[arg(long, default_value_t = 5e-7)]
     pub lr: f64,
 
-    /// Decoupled weight decay, on matrices only (not on norms' weights or biases)
+    /// Weight decay (AdamW's decoupled form; RMSprop adds it to the gradient, as torch does), on
+    /// matrices only (not on norms' weights or biases)
     #[arg(long, default_value_t = 0.0)]
     pub weight_decay: f64,
 
@@ -264,12 +265,12 @@ fn main() -> ExitCode {
 }
 
 impl Args {
-    /// The checks clap cannot express.
     /// `--loss` as it is written on the command line.
     fn loss_name(&self) -> String {
         format!("{:?}", self.loss).to_lowercase()
     }
 
+    /// The checks clap cannot express.
     fn validate(&self) -> Result<()> {
         if self.batch_size == 0 || self.grad_accum == 0 || self.epochs == 0 {
             bail!("--batch-size, --grad-accum and --epochs must be at least 1");
