@@ -44,7 +44,10 @@ use std::time::{Duration, Instant};
 ///                      run's); a run with another model, input, --shard, --max-length,
 ///                      --truncate, device, precision or kernels is refused. The journal is
 ///                      removed once FILE is written; a device or a pipe gets none.
-///                      reward_model: the directory's name.
+///                      --device, --dtype, --threads, --kernels and --tf32 apply to this
+///                      source only (the others run no model and ignore them, so that a
+///                      pipeline can pass the same flags to every tool). reward_model: the
+///                      directory's name.
 ///   --reward-cmd PROGRAM [ARGS]...
 ///                      any program, started once without a shell. It reads one JSON line
 ///                      {"prompt_id", "prompt", "response"} per row on stdin and answers one
@@ -106,7 +109,7 @@ struct Args {
     #[arg(long, value_name = "NAME")]
     reward_name: Option<String>,
 
-    /// (--rm)
+    // --device, --dtype, --threads, --kernels, --tf32: used by --rm only (said under --rm).
     #[command(flatten)]
     runtime: RuntimeArgs,
 }
