@@ -70,7 +70,8 @@ use std::time::Instant;
 /// (RMS norm statistics, softmax, log-softmax, the loss) in f32; the trained weights (all of
 /// them, or the LoRA adapters) are f32 master copies with f32 gradients and optimiser moments,
 /// frozen weights and the reference exist in --dtype only. The checkpoint is saved in the dtype
-/// its config.json names.
+/// its config.json names, from the weights the model computed with: full fine-tuning in bf16 of
+/// a model whose config says float32 saves the bf16-rounded weights in f32.
 ///
 /// Example:
 ///   opt-wdpo --policy runs/x/iter1/policy pairs.parquet -o runs/x/iter2/policy \
