@@ -67,7 +67,10 @@ fn conflicting_column_types_name_both_files() {
     let out = tempfile::tempdir().unwrap();
     let scored = testdata("scored.jsonl");
     let other = inputs.path().join("other.jsonl");
-    let row = r#"{"prompt_id": "p09", "prompt": "q", "sample": 0, "response": "x", "reward": 0.5, "topic": [1, 2]}"#;
+    let row = concat!(
+        r#"{"prompt_id": "p09", "prompt": "q", "sample": 0, "response": "x", "reward": 0.5, "#,
+        r#""topic": [1, 2]}"#
+    );
     std::fs::write(&other, row).unwrap();
     let outcome = run(&mut opt_pairs(&[&scored, &other], out.path()), None);
     let expected = format!(

@@ -544,8 +544,8 @@ fn sweep_markdown(runs: &[Run], plot: Option<&str>) -> String {
                  generation seconds over its iteration seconds, summed over iterations ≥ 2; an \
                  iteration's seconds are the sum of the stages in its `timings.csv` (gen, score, \
                  select, pairs, ref, train; training includes loading the models, and the \
-                 reference pass unless it is the ref stage of its own (SHARDS > 1); the held-out evaluation is not part of an iteration). If only \
-                 generation shrinks with ρ, an iteration at ρ takes 1 − (1 − ρ)·g of a ρ = 1 \
+                 reference pass unless it is the ref stage of its own (SHARDS > 1); the \
+                 held-out evaluation is not part of an iteration). If only generation shrinks with ρ, an iteration at ρ takes 1 − (1 − ρ)·g of a ρ = 1 \
                  iteration, so the predicted speedup is 1 / (1 − (1 − ρ)·g).\n",
                 v.run.name
             );

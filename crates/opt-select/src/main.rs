@@ -94,11 +94,23 @@ struct Cli {
     skip_flat: Option<u64>,
 
     /// With --skip-flat: probability that a prompt to skip is kept as a candidate
-    #[arg(long, value_name = "P", default_value_t = 0.1, requires = "skip_flat", value_parser = parse_explore)]
+    #[arg(
+        long,
+        value_name = "P",
+        default_value_t = 0.1,
+        requires = "skip_flat",
+        value_parser = parse_explore
+    )]
     explore: f64,
 
     /// With --skip-flat: the largest reward spread (max - min) that counts as none
-    #[arg(long, value_name = "X", default_value_t = 0.0, requires = "skip_flat", value_parser = parse_flat_tol)]
+    #[arg(
+        long,
+        value_name = "X",
+        default_value_t = 0.0,
+        requires = "skip_flat",
+        value_parser = parse_flat_tol
+    )]
     flat_tol: f64,
 
     /// Also write the scored rows (all columns) of the prompts not selected

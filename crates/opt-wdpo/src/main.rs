@@ -52,9 +52,10 @@ use std::time::Instant;
 /// ref_chosen_logp/ref_rejected_logp columns, which are trusted: they must come from the same
 /// reference, --max-length and --dtype), so no reference model is held during training;
 /// --precompute-ref also writes them back into the pairs file. With LoRA the reference is the
-/// base model with the adapters off (unless --ref names another). --reference-only computes them and writes the pairs with
-/// them to -o FILE without training; with --shard K/N only for the K-th of N slices of the
-/// prompts (sorted by prompt_id), so that N jobs share the work and opt-cat joins their outputs.
+/// base model with the adapters off (unless --ref names another). --reference-only computes
+/// them and writes the pairs with them to -o FILE without training; with --shard K/N only for
+/// the K-th of N slices of the prompts (sorted by prompt_id), so that N jobs share the work and
+/// opt-cat joins their outputs.
 ///
 /// With --save-steps N, every N optimiser steps a training state (the trained weights or
 /// adapters, optimiser moments, step, random streams, position in the data order, reference
@@ -268,7 +269,8 @@ fn main() -> ExitCode {
 impl Args {
     /// `--loss` as it is written on the command line.
     fn loss_name(&self) -> String {
-        format!("{:?}", self.loss).to_lowercase()
+        let value = clap::ValueEnum::to_possible_value(&self.loss);
+        value.map_or_else(|| format!("{:?}", self.loss), |v| v.get_name().to_string())
     }
 
     /// The checks clap cannot express.
