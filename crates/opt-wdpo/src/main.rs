@@ -71,8 +71,9 @@ use std::time::Instant;
 /// (RMS norm statistics, softmax, log-softmax, the loss) in f32; the trained weights (all of
 /// them, or the LoRA adapters) are f32 master copies with f32 gradients and optimiser moments,
 /// frozen weights and the reference exist in --dtype only. The checkpoint is saved in the dtype
-/// its config.json names, from the weights the model computed with: full fine-tuning in bf16 of
-/// a model whose config says float32 saves the bf16-rounded weights in f32.
+/// its config.json names: full fine-tuning saves the f32 masters (cast to it), LoRA merges the
+/// adapters in f32 into the weights as --policy stores them (read again, a tensor at a time,
+/// when --dtype is narrower than the checkpoint's).
 ///
 /// Example:
 ///   opt-wdpo --policy runs/x/iter1/policy pairs.parquet -o runs/x/iter2/policy \
@@ -444,7 +445,9 @@ fn run(args: Args) -> Result<()> {
 /// The checkpoint (merged weights), metrics.csv unless --metrics, and the PEFT adapter on request.
 fn save(args: &Args, policy: &Policy, trained: &train::Trained) -> Result<()> {
     let csv = trained.log.to_csv()?;
-    optune_model::save_checkpoint_with(&policy.model, &policy.meta, &args.output, |dir| {
+    let bases = policy.checkpoint_bases(&args.policy)?;
+    let base_of = |name: &str| bases.base_of(name);
+    optune_model::save_checkpoint_with(&policy.model, &base_of, &policy.meta, &args.output, |dir| {
         if args.metrics.is_none() {
             std::fs::write(dir.join("metrics.csv"), &csv)?;
         }

@@ -8,9 +8,10 @@ use candle_core::{DType, Device, Tensor, Var};
 use optune_model::lora::{attach_lora, LoraAdapters, LoraConfig};
 use optune_model::{
     sequence_logprobs, sequence_logprobs_recomputed, ChatTokenizer, Checkpoint, CheckpointMeta,
-    RecomputedPass, SequenceLogprobs, TokenizedPair, Transformer,
+    RecomputedPass, SequenceLogprobs, StoredWeights, TokenizedPair, Transformer,
 };
 use std::collections::HashMap;
+use std::path::Path;
 
 pub struct Policy {
     /// Computes in the run's dtype (`--dtype`); with full fine-tuning in bf16/f16 its weights are
@@ -103,6 +104,25 @@ impl Policy {
         Ok(())
     }
 
+    /// Where the checkpoint's weights come from: see [`CheckpointBases`]. `source` is the
+    /// policy as stored (--policy).
+    pub fn checkpoint_bases(&self, source: &Path) -> Result<CheckpointBases> {
+        if self.lora.is_none() {
+            let masters = self
+                .trainable
+                .iter()
+                .map(|(name, var)| (name.clone(), var.as_tensor().clone()))
+                .collect();
+            return Ok(CheckpointBases::Masters(masters));
+        }
+        let compute = self.model.dtype();
+        let saved = optune_model::saved_dtype(&self.meta).unwrap_or(compute);
+        if compute == DType::F32 || compute == saved {
+            return Ok(CheckpointBases::Model);
+        }
+        Ok(CheckpointBases::Stored(StoredWeights::open(source)?, saved))
+    }
+
     /// Runs `f` with the LoRA adapters off (the base model: the reference), then turns them back on.
     pub fn with_adapters_off<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
         if let Some(lora) = &self.lora {
@@ -119,6 +139,30 @@ impl Policy {
     pub fn set_training(&self, on: bool) {
         if let Some(lora) = &self.lora {
             lora.set_training(on);
+        }
+    }
+}
+
+/// The weights a checkpoint is made from in place of the model's compute weights.
+pub enum CheckpointBases {
+    /// The model's own (an f32 run, or LoRA computed in the checkpoint's dtype).
+    Model,
+    /// Full fine-tuning's f32 masters, by name (in bf16 the model computes with their rounded
+    /// casts).
+    Masters(HashMap<String, Tensor>),
+    /// LoRA computed in a narrower dtype than the checkpoint's (the second field): the frozen
+    /// weights are rounded copies, so each weight is read again as stored, on the host, as it
+    /// is saved, and the adapter merged into that.
+    Stored(StoredWeights, DType),
+}
+
+impl CheckpointBases {
+    /// The weight saved (or merged into) for the Hugging Face name `name`; `None`: the model's.
+    pub fn base_of(&self, name: &str) -> Result<Option<Tensor>> {
+        match self {
+            CheckpointBases::Model => Ok(None),
+            CheckpointBases::Masters(masters) => Ok(masters.get(name).cloned()),
+            CheckpointBases::Stored(stored, dtype) => stored.read(name, &Device::Cpu, *dtype),
         }
     }
 }

@@ -1018,6 +1018,113 @@ fn bf16_training_follows_f32_within_rounding() {
     }
 }
 
+/// A bf16 run of a model whose config says float32 saves what it trained, not its bf16 copies:
+/// full fine-tuning saves the f32 masters; LoRA merges the adapters into the weights as stored,
+/// so the weights it did not adapt come back unchanged to the bit and the adapted ones are the
+/// stored weights plus scale·B·A.
+#[test]
+fn bf16_runs_save_the_f32_weights_they_trained() {
+    let dir = tempfile::tempdir().unwrap();
+    let pairs = dir.path().join("pairs.jsonl");
+    write_pairs(&pairs);
+    let policy = model("tiny-llama");
+    let stored: std::collections::HashMap<String, Vec<f32>> =
+        weights(&policy).into_iter().collect();
+    let not_bf16 = |v: &[f32]| v.iter().filter(|x| x.to_bits() & 0xffff != 0).count();
+
+    let full = dir.path().join("full");
+    let (ok, stderr) = wdpo_at(
+        &policy,
+        &pairs,
+        &full,
+        &["--dtype", "bf16", "--lr", "1e-3", "--warmup-ratio", "0"],
+    );
+    assert!(ok, "{stderr}");
+    for (name, values) in weights(&full) {
+        // Every weight trained: a master moved by less than half a bf16 step would still round
+        // to its bf16 copy, so the rounded copies are bf16 values all through.
+        assert_ne!(values, stored[&name], "{name} did not train");
+        assert!(
+            not_bf16(&values) > values.len() / 2,
+            "{name}: {} of {} values are bf16-rounded",
+            values.len() - not_bf16(&values),
+            values.len()
+        );
+    }
+
+    let lora = dir.path().join("lora");
+    let (ok, stderr) = wdpo_at(
+        &policy,
+        &pairs,
+        &lora,
+        &[
+            "--dtype",
+            "bf16",
+            "--lora-rank",
+            "4",
+            "--lora-alpha",
+            "8",
+            "--lora-targets",
+            "q_proj,down_proj",
+            "--lr",
+            "2e-2",
+            "--batch-size",
+            "2",
+            "--warmup-ratio",
+            "0",
+            "--save-adapter",
+        ],
+    );
+    assert!(ok, "{stderr}");
+    let adapter: std::collections::HashMap<String, candle_core::Tensor> =
+        candle_core::safetensors::load(
+            lora.join("adapter/adapter_model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+        .into_iter()
+        .collect();
+    let mut adapted = 0;
+    for (name, values) in weights(&lora) {
+        let module = name.trim_end_matches(".weight");
+        let factor = |part: &str| {
+            adapter
+                .get(&format!("base_model.model.{module}.{part}.weight"))
+                .map(|t| t.to_dtype(candle_core::DType::F32).unwrap())
+        };
+        match (factor("lora_A"), factor("lora_B")) {
+            (Some(a), Some(b)) => {
+                adapted += 1;
+                let delta: Vec<f32> = (b.matmul(&a).unwrap() * 2.0)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                assert!(
+                    delta.iter().any(|d| *d != 0.0),
+                    "{name}: the adapter is zero"
+                );
+                for (i, ((got, base), d)) in
+                    values.iter().zip(&stored[&name]).zip(&delta).enumerate()
+                {
+                    let want = base + d;
+                    assert!(
+                        (got - want).abs() <= 1e-6 * want.abs().max(1e-3),
+                        "{name}[{i}]: saved {got}, stored {base} + delta {d}"
+                    );
+                }
+            }
+            _ => assert!(values == stored[&name], "{name} changed without an adapter"),
+        }
+    }
+    assert_eq!(
+        adapted,
+        2 * 2,
+        "tiny-llama has two layers, two targets each"
+    );
+}
+
 /// A checkpoint is saved in the dtype its config.json names, whatever the run computed in.
 #[test]
 fn checkpoints_keep_their_own_dtype() {

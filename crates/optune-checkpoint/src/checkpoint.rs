@@ -3,7 +3,9 @@
 //! the model crate's job.
 
 use crate::config::{ModelConfig, TokenIds};
-use crate::safetensors_file::{cast_float, read_safetensors_file, write_safetensors_as};
+use crate::safetensors_file::{
+    cast_float, read_safetensors_file, write_safetensors_as, SafetensorsFile, SavedWeight,
+};
 use crate::tokenizer::ChatTokenizer;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -128,37 +130,82 @@ fn read_json(path: &Path) -> Result<Value> {
 }
 
 /// `model.safetensors`, or the shards listed in `model.safetensors.index.json`.
+fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index_path = dir.join("model.safetensors.index.json");
+    let index = read_json(&index_path).with_context(|| {
+        format!(
+            "{}: no model.safetensors or model.safetensors.index.json",
+            dir.display()
+        )
+    })?;
+    let map = index
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .with_context(|| format!("{}: no weight_map", index_path.display()))?;
+    let mut names: Vec<&str> = map.values().filter_map(Value::as_str).collect();
+    names.sort_unstable();
+    names.dedup();
+    Ok(names.into_iter().map(|n| dir.join(n)).collect())
+}
+
 fn read_safetensors(
     dir: &Path,
     device: &Device,
     cast: Option<DType>,
 ) -> Result<HashMap<String, Tensor>> {
-    let single = dir.join("model.safetensors");
-    let files: Vec<PathBuf> = if single.is_file() {
-        vec![single]
-    } else {
-        let index_path = dir.join("model.safetensors.index.json");
-        let index = read_json(&index_path).with_context(|| {
-            format!(
-                "{}: no model.safetensors or model.safetensors.index.json",
-                dir.display()
-            )
-        })?;
-        let map = index
-            .get("weight_map")
-            .and_then(Value::as_object)
-            .with_context(|| format!("{}: no weight_map", index_path.display()))?;
-        let mut names: Vec<&str> = map.values().filter_map(Value::as_str).collect();
-        names.sort_unstable();
-        names.dedup();
-        names.into_iter().map(|n| dir.join(n)).collect()
-    };
     let mut tensors = HashMap::new();
-    for file in files {
+    for file in safetensors_files(dir)? {
         read_safetensors_file(&file, device, cast, &mut tensors)
             .with_context(|| format!("reading weights from {}", file.display()))?;
     }
     Ok(tensors)
+}
+
+/// A checkpoint's weights left where they are stored and read one at a time, by name, for work
+/// that wants a few of them or one after another (a save that merges adapters into the weights
+/// as stored). A Hugging Face directory's safetensors files are read a tensor at a time; a
+/// `.gguf` file is converted whole on the fly, so its weights are all read at once, on the host.
+pub struct StoredWeights(Stored);
+
+enum Stored {
+    Files(Vec<SafetensorsFile>),
+    Converted(HashMap<String, Tensor>),
+}
+
+impl StoredWeights {
+    pub fn open(path: &Path) -> Result<Self> {
+        if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+            let tensors = crate::gguf::read_gguf(path)?.tensors.into_iter().collect();
+            return Ok(Self(Stored::Converted(tensors)));
+        }
+        let files = safetensors_files(path)?
+            .into_iter()
+            .map(|file| {
+                SafetensorsFile::open(&file)
+                    .with_context(|| format!("reading the header of {}", file.display()))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self(Stored::Files(files)))
+    }
+
+    /// The weight `name` on `device`, cast to `dtype` when it is a floating-point weight;
+    /// `None` when the checkpoint has no weight of that name.
+    pub fn read(&self, name: &str, device: &Device, dtype: DType) -> Result<Option<Tensor>> {
+        match &self.0 {
+            Stored::Files(files) => match files.iter().find(|f| f.contains(name)) {
+                Some(file) => Ok(Some(file.read(name, device, Some(dtype))?)),
+                None => Ok(None),
+            },
+            Stored::Converted(tensors) => match tensors.get(name) {
+                Some(t) => Ok(Some(cast_float(t.to_device(device)?, Some(dtype))?)),
+                None => Ok(None),
+            },
+        }
+    }
 }
 
 fn read_gguf_checkpoint(path: &Path, device: &Device, cast: Option<DType>) -> Result<Checkpoint> {
@@ -210,13 +257,13 @@ fn read_gguf_checkpoint(path: &Path, device: &Device, cast: Option<DType>) -> Re
     })
 }
 
-/// Writes a Hugging Face checkpoint directory: `model.safetensors` of `weights` (each cast to
-/// `dtype` as it is written, when given), `config.json` (with `torch_dtype` set to the saved
+/// Writes a Hugging Face checkpoint directory: `model.safetensors` of `weights` (each made and
+/// cast to `dtype` as it is written, when given), `config.json` (with `torch_dtype` set to the saved
 /// dtype) and the carried tokenizer/generation files; `extra` may add files (metrics, adapters).
 /// Written beside `dir` and renamed into place, so a failed save never leaves a half-written
 /// checkpoint; an existing `dir` is replaced.
-pub fn write_checkpoint(
-    weights: &[(String, Tensor)],
+pub fn write_checkpoint<W: SavedWeight>(
+    weights: &[(String, W)],
     dtype: Option<DType>,
     meta: &CheckpointMeta,
     dir: &Path,
@@ -244,4 +291,43 @@ pub fn write_checkpoint(
         }
         extra(tmp)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::safetensors_file::tests::values;
+    use crate::safetensors_file::write_safetensors;
+
+    /// Weights read one at a time by name, from the shards an index lists, are the stored ones,
+    /// floating-point ones cast and integer ones kept; a name the checkpoint lacks is `None`.
+    #[test]
+    fn stored_weights_are_read_by_name_from_the_shards() {
+        let dev = Device::Cpu;
+        let dir = tempfile::tempdir().unwrap();
+        let w = Tensor::new(&[[0.1f32, -2.5], [3.0e-3, 7.75]], &dev).unwrap();
+        let ids = Tensor::new(&[3i64, -1], &dev).unwrap();
+        write_safetensors(
+            &[("w".into(), w.clone())],
+            &dir.path().join("a.safetensors"),
+        )
+        .unwrap();
+        write_safetensors(&[("ids".into(), ids)], &dir.path().join("b.safetensors")).unwrap();
+        let index =
+            serde_json::json!({"weight_map": {"w": "a.safetensors", "ids": "b.safetensors"}});
+        std::fs::write(
+            dir.path().join("model.safetensors.index.json"),
+            index.to_string(),
+        )
+        .unwrap();
+
+        let stored = StoredWeights::open(dir.path()).unwrap();
+        let read = stored.read("w", &dev, DType::BF16).unwrap().unwrap();
+        assert_eq!(read.dtype(), DType::BF16);
+        assert_eq!(values(&read), values(&w.to_dtype(DType::BF16).unwrap()));
+        let ids = stored.read("ids", &dev, DType::F32).unwrap().unwrap();
+        assert_eq!(ids.dtype(), DType::I64);
+        assert_eq!(ids.to_vec1::<i64>().unwrap(), [3, -1]);
+        assert!(stored.read("absent", &dev, DType::F32).unwrap().is_none());
+    }
 }

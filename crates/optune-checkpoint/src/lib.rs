@@ -8,7 +8,7 @@ pub mod gguf;
 mod safetensors_file;
 pub mod tokenizer;
 
-pub use checkpoint::{write_checkpoint, Checkpoint, CheckpointMeta};
+pub use checkpoint::{write_checkpoint, Checkpoint, CheckpointMeta, StoredWeights};
 pub use config::{Family, ModelConfig};
-pub use safetensors_file::{write_safetensors, write_safetensors_as};
+pub use safetensors_file::{write_safetensors, write_safetensors_as, SavedWeight};
 pub use tokenizer::{ChatMessage, ChatTokenizer, Prompt};

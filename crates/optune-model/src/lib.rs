@@ -18,7 +18,7 @@ pub use logprobs::{
 };
 pub use optune_checkpoint::{
     config, gguf, tokenizer, ChatMessage, ChatTokenizer, Checkpoint, CheckpointMeta, Family,
-    ModelConfig, Prompt,
+    ModelConfig, Prompt, SavedWeight, StoredWeights,
 };
 pub use transformer::{
     llama_weight_shapes, recomputed_backward, KvCache, OutputHead, PaddedBatch, RecomputedPass,

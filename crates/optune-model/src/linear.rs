@@ -176,19 +176,93 @@ impl Linear {
         Ok(Some(Adapter { dropout, a, b }))
     }
 
-    /// The weight with the adapter folded in, for saving a merged checkpoint. Computed outside
-    /// autograd: from the adapter variables themselves, the merged weight would record its ops
-    /// and keep every intermediate (B·A, its scaled and cast copies) alive as long as it lives,
-    /// about 12 bytes per adapted weight element for the whole save.
-    pub fn merged_weight(&self) -> Result<Tensor> {
+    /// The weight as a merged checkpoint saves it: the adapter folded in when there is one.
+    pub fn saved_weight(&self) -> ModelWeight {
         match &self.lora {
-            Some(lora) => {
-                let delta = (lora.b.detach().matmul(&lora.a.detach())? * lora.scale)?;
-                self.weight
+            Some(lora) => ModelWeight::Merged {
+                base: self.weight.clone(),
+                a: lora.a.clone(),
+                b: lora.b.clone(),
+                scale: lora.scale,
+            },
+            None => ModelWeight::Plain(self.weight.clone()),
+        }
+    }
+}
+
+/// A weight of a model as its checkpoint is saved: made only when the writer reaches it, so a
+/// save of a LoRA model holds one merged weight at a time, not a merged copy of the model.
+#[derive(Clone)]
+pub enum ModelWeight {
+    Plain(Tensor),
+    /// `base + scale · B·A`, summed in f32 and cast once, by the writer, to the saved dtype.
+    Merged {
+        base: Tensor,
+        a: Tensor,
+        b: Tensor,
+        scale: f64,
+    },
+}
+
+impl ModelWeight {
+    /// The same weight over `base` instead of the model's own: the f32 master copies of a run
+    /// computed in bf16, or the weights as stored under a LoRA model whose base was read in a
+    /// narrower dtype.
+    pub fn with_base(self, replacement: Tensor) -> anyhow::Result<Self> {
+        let current = match &self {
+            ModelWeight::Plain(t) | ModelWeight::Merged { base: t, .. } => t,
+        };
+        if current.dims() != replacement.dims() {
+            anyhow::bail!(
+                "a replacement weight of shape {:?} for one of shape {:?}",
+                replacement.dims(),
+                current.dims()
+            );
+        }
+        Ok(match self {
+            ModelWeight::Plain(_) => ModelWeight::Plain(replacement),
+            ModelWeight::Merged { a, b, scale, .. } => ModelWeight::Merged {
+                base: replacement,
+                a,
+                b,
+                scale,
+            },
+        })
+    }
+}
+
+impl optune_checkpoint::SavedWeight for ModelWeight {
+    fn dtype(&self) -> candle_core::DType {
+        match self {
+            ModelWeight::Plain(t) => t.dtype(),
+            ModelWeight::Merged { .. } => candle_core::DType::F32,
+        }
+    }
+
+    fn shape(&self) -> &[usize] {
+        match self {
+            ModelWeight::Plain(t) | ModelWeight::Merged { base: t, .. } => t.dims(),
+        }
+    }
+
+    /// Computed outside autograd: from the adapter variables themselves, the merged weight
+    /// would record its ops and keep every intermediate (B·A, its scaled and cast copies)
+    /// alive as long as it lives.
+    fn tensor(&self) -> anyhow::Result<Tensor> {
+        match self {
+            ModelWeight::Plain(t) => Ok(t.clone()),
+            ModelWeight::Merged { base, a, b, scale } => {
+                let f32 = candle_core::DType::F32;
+                let delta = (b
                     .detach()
-                    .add(&delta.to_dtype(self.weight.dtype())?)
+                    .to_dtype(f32)?
+                    .matmul(&a.detach().to_dtype(f32)?)?
+                    * *scale)?;
+                Ok(base
+                    .detach()
+                    .to_dtype(f32)?
+                    .add(&delta.to_device(base.device())?)?)
             }
-            None => Ok(self.weight.clone()),
         }
     }
 }
@@ -242,9 +316,10 @@ mod tests {
 
     /// The merged weight of a trained adapter is plain data: it records no autograd op, so it
     /// keeps none of the merge's intermediates alive (nor reaches the adapter's variables), and
-    /// it is W + scale·B·A in the base weight's dtype.
+    /// it is W + scale·B·A summed in f32.
     #[test]
     fn a_merged_weight_is_computed_outside_autograd() {
+        use optune_checkpoint::SavedWeight;
         let dev = Device::Cpu;
         let a = candle_core::Var::from_tensor(
             &Tensor::new(&[[1f32, 2.], [3., 4.], [5., 6.]], &dev)
@@ -271,8 +346,10 @@ mod tests {
             training: on,
             dropout_stream: DropoutStream::new(0),
         });
-        let merged = linear.merged_weight().unwrap();
-        assert_eq!(merged.dtype(), candle_core::DType::BF16);
+        let saved = linear.saved_weight();
+        let merged = saved.tensor().unwrap();
+        assert_eq!(merged.dtype(), candle_core::DType::F32);
+        assert_eq!(SavedWeight::dtype(&saved), candle_core::DType::F32);
         let values: Vec<Vec<f32>> = merged
             .to_dtype(candle_core::DType::F32)
             .unwrap()

@@ -10,7 +10,7 @@
 //! * [`Transformer::prefill`] / [`Transformer::decode_step`], the inference path with a KV cache
 //!   whose slots can hold sequences of different lengths (continuous batching).
 
-use crate::linear::Linear;
+use crate::linear::{Linear, ModelWeight};
 use crate::rope::RotaryTables;
 use anyhow::{bail, Context};
 use candle_core::{CpuStorage, DType, Device, Result, Storage, StorageRef, Tensor, TensorId};
@@ -439,39 +439,40 @@ impl Transformer {
     }
 
     /// Every weight by its Hugging Face name (the tied head appears once, as the embedding),
-    /// with LoRA adapters merged in.
-    pub fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
-        let mut out = vec![(
-            "model.embed_tokens.weight".to_string(),
-            self.embed_tokens.clone(),
+    /// as a checkpoint saves it: LoRA weights merged when written.
+    pub fn saved_weights(&self) -> Vec<(String, ModelWeight)> {
+        let plain = |name: String, t: &Tensor| (name, ModelWeight::Plain(t.clone()));
+        let mut out = vec![plain(
+            "model.embed_tokens.weight".into(),
+            &self.embed_tokens,
         )];
         for (l, block) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{l}");
-            out.push((
+            out.push(plain(
                 format!("{p}.input_layernorm.weight"),
-                block.input_layernorm.clone(),
+                &block.input_layernorm,
             ));
-            out.push((
+            out.push(plain(
                 format!("{p}.post_attention_layernorm.weight"),
-                block.post_attention_layernorm.clone(),
+                &block.post_attention_layernorm,
             ));
             for (name, lin) in block.linears() {
-                out.push((format!("{p}.{name}.weight"), lin.merged_weight()?));
+                out.push((format!("{p}.{name}.weight"), lin.saved_weight()));
                 if let Some(b) = &lin.bias {
-                    out.push((format!("{p}.{name}.bias"), b.clone()));
+                    out.push(plain(format!("{p}.{name}.bias"), b));
                 }
             }
         }
-        out.push(("model.norm.weight".to_string(), self.norm.clone()));
+        out.push(plain("model.norm.weight".into(), &self.norm));
         match &self.head {
             OutputHead::LanguageModel {
                 weight,
                 tied: false,
-            } => out.push(("lm_head.weight".to_string(), weight.clone())),
+            } => out.push(plain("lm_head.weight".into(), weight)),
             OutputHead::LanguageModel { tied: true, .. } => {}
-            OutputHead::Score { weight } => out.push(("score.weight".to_string(), weight.clone())),
+            OutputHead::Score { weight } => out.push(plain("score.weight".into(), weight)),
         }
-        Ok(out)
+        out
     }
 
     /// Mutable access to each linear layer by its Hugging Face module name

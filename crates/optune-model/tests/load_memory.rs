@@ -4,7 +4,8 @@
 //! the whole test process's.
 
 use candle_core::{DType, Device};
-use optune_model::{llama_weight_shapes, load_model, save_checkpoint, ModelConfig};
+use optune_model::lora::{attach_lora, LoraConfig};
+use optune_model::{llama_weight_shapes, load_model, save_checkpoint, ModelConfig, SavedWeight};
 use optune_testkit::memory::{write_wide_llama, CountingAllocator};
 
 #[global_allocator]
@@ -64,9 +65,10 @@ fn a_bf16_model_is_read_and_saved_without_an_f32_copy_of_its_weights() {
     // What was saved is the model's weights, exactly, in f32.
     let saved =
         candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
-    let weights = model.named_weights().unwrap();
+    let weights = model.saved_weights();
     assert_eq!(saved.len(), weights.len());
     for (name, weight) in weights {
+        let weight = weight.tensor().unwrap();
         let stored = &saved[&name];
         assert_eq!(stored.dtype(), DType::F32, "{name}");
         let want: Vec<f32> = weight
@@ -82,4 +84,37 @@ fn a_bf16_model_is_read_and_saved_without_an_f32_copy_of_its_weights() {
             "{name}: the saved weights differ from the model's"
         );
     }
+
+    // With LoRA on every projection the checkpoint holds merged weights, each made as it is
+    // written: merging them all first held a merged copy of every projection beside the model.
+    let mut model = model;
+    let config = LoraConfig {
+        rank: 8,
+        alpha: 16.0,
+        dropout: 0.0,
+        targets: optune_testkit::LLAMA_PROJECTIONS.map(String::from).to_vec(),
+    };
+    attach_lora(&mut model, &config, 0).unwrap();
+    let projection_bytes: usize = model
+        .saved_weights()
+        .iter()
+        .filter(|(name, _)| name.contains("_proj"))
+        .map(|(_, weight)| 2 * weight.shape().iter().product::<usize>())
+        .sum();
+    let merged_out = tmp.path().join("merged");
+    let before = CountingAllocator::reset_peak();
+    save_checkpoint(&model, &meta, &merged_out).unwrap();
+    let merged_peak = (CountingAllocator::peak() - before) as f64;
+    eprintln!(
+        "merged save peak {:.1} MB; bf16 projections {:.1} MB",
+        merged_peak / MB,
+        projection_bytes as f64 / MB
+    );
+    assert!(
+        merged_peak <= 0.5 * projection_bytes as f64,
+        "saving the LoRA model merged peaked at {:.1} MB above the start for {:.1} MB of bf16 \
+         projections",
+        merged_peak / MB,
+        projection_bytes as f64 / MB
+    );
 }

@@ -24,16 +24,6 @@ const RANDOM_LLAMA: &str = r#"{
     "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3, "hidden_act": "silu"
 }"#;
 
-const PROJECTIONS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
-
 /// Deterministic small weights `[shape]` (norm weights 1).
 fn weight(shape: &[usize], seed: usize) -> Tensor {
     let n: usize = shape.iter().product();
@@ -102,7 +92,7 @@ fn lora_backward_costs_at_most_0_6_of_full_fine_tuning() {
         rank: 16,
         alpha: 32.0,
         dropout: 0.0,
-        targets: PROJECTIONS.map(String::from).to_vec(),
+        targets: optune_testkit::LLAMA_PROJECTIONS.map(String::from).to_vec(),
     };
     let _adapters = attach_lora(&mut lora, &adapters, 0).unwrap();
     let lora_cost = backward_cost(&lora);
@@ -112,7 +102,11 @@ fn lora_backward_costs_at_most_0_6_of_full_fine_tuning() {
     let rows = 4 * 60;
     let linear_gradients: u64 = shapes
         .iter()
-        .filter(|(name, _)| PROJECTIONS.iter().any(|p| name.contains(p)))
+        .filter(|(name, _)| {
+            optune_testkit::LLAMA_PROJECTIONS
+                .iter()
+                .any(|p| name.contains(p))
+        })
         .map(|(_, shape)| 2 * (rows * shape[0] * shape[1]) as u64)
         .sum();
     assert!(

@@ -51,17 +51,7 @@ fn recomputation_holds_one_block_of_activations() {
         rank: 8,
         alpha: 16.0,
         dropout: 0.1,
-        targets: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
-        .map(String::from)
-        .to_vec(),
+        targets: optune_testkit::LLAMA_PROJECTIONS.map(String::from).to_vec(),
     };
     let adapters = attach_lora(&mut model, &config, 0).unwrap();
     adapters.set_training(true);

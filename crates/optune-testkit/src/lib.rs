@@ -25,6 +25,17 @@ pub fn workspace_root() -> PathBuf {
     manifest.join("../..")
 }
 
+/// The seven projections of a llama block, the LoRA targets of a test that adapts them all.
+pub const LLAMA_PROJECTIONS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
 /// A committed test shard in `testdata/shards/`.
 pub fn testdata(name: &str) -> PathBuf {
     workspace_root().join("testdata/shards").join(name)
