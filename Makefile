@@ -165,8 +165,10 @@ policy_of = $(if $(filter 0,$(1)),$(POLICY),$(RUN_DIR)/iter$(1)/policy)
 policy_file = $(if $(filter 0,$(1)),,$(RUN_DIR)/iter$(1)/policy/config.json)
 ref_of = $(if $(filter initial,$(REF)),$(POLICY),$(if $(filter previous,$(REF)),$(call policy_of,$(1)),$(REF)))
 ref_file = $(if $(filter previous,$(REF)),$(call policy_file,$(1)))
-# opt-wdpo's reference defaults to the policy it trains from: pass --ref only when it differs.
-ref_arg = $(if $(filter $(call policy_of,$(1)),$(call ref_of,$(1))),,--ref $(call ref_of,$(1)))
+# opt-wdpo's reference defaults to the policy it trains from: pass --ref only when it differs,
+# and never to a reference-free loss (REF_FREE), which refuses it.
+REF_FREE = $(filter simpo sft,$(TRAIN_ARGS))
+ref_arg = $(if $(or $(REF_FREE),$(filter $(call policy_of,$(1)),$(call ref_of,$(1)))),,--ref $(call ref_of,$(1)))
 plus = $(shell expr $(1) + $(2))
 # The scored sets before iteration N-1's ($(1) = N-1): iterations 1..N-2, with SELECT_HISTORY=1.
 select_history = $(if $(filter 1,$(SELECT_HISTORY)),$(foreach k,$(wordlist 1,$(shell expr $(1) - 1),$(ITER_NUMS)),$(call iter_dir,$(k))/scored.parquet))
@@ -225,7 +227,7 @@ endef
 
 # Whether the reference log-probs are a stage of their own: with the stages split (SHARDS > 1),
 # unless the loss needs no reference (SimPO, SFT: opt-wdpo --reference-only refuses them).
-REF_STAGE = $(if $(or $(filter 1,$(SHARDS)),$(filter simpo sft,$(TRAIN_ARGS))),,yes)
+REF_STAGE = $(if $(or $(filter 1,$(SHARDS)),$(REF_FREE)),,yes)
 
 # One iteration's rules: $(1) = N, $(2) = N-1.
 define ITERATION

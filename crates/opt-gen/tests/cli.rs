@@ -312,6 +312,37 @@ fn over_long_prompts_fail_unless_truncated() {
     assert_eq!(rows(&String::from_utf8(out.stdout).unwrap()).len(), 3);
 }
 
+/// An -o that no write could take is refused before the model is read: nothing is generated
+/// for nothing, and no journal is left for a rerun to trip over.
+#[test]
+fn an_unwritable_output_is_refused_before_any_work() {
+    let out = tempfile::tempdir().unwrap();
+    let m = model("tiny-llama");
+    let p = prompts();
+    for (target, expected) in [
+        (out.path().join("r.csv"), "cannot write CSV"),
+        (out.path().join("nodir/r.parquet"), "nodir does not exist"),
+        (out.path().to_path_buf(), "is a directory"),
+    ] {
+        let result = opt_gen(&[
+            "--model",
+            m.to_str().unwrap(),
+            p.to_str().unwrap(),
+            "--max-new-tokens",
+            "4",
+            "-o",
+            target.to_str().unwrap(),
+        ]);
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert!(
+            !result.status.success() && stderr.contains(expected),
+            "{stderr}"
+        );
+        let left: Vec<_> = std::fs::read_dir(out.path()).unwrap().collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+}
+
 /// A prompt with no tokens (an empty text for a base model that adds no BOS) names its
 /// prompt_id, and so does --max-prompt-tokens 0, before any tensor is made (on a GPU a
 /// zero-size tensor, which its kernels refuse).

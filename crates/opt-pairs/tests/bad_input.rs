@@ -81,6 +81,27 @@ fn conflicting_column_types_name_both_files() {
     assert_failed_cleanly("type conflict", &outcome, &[&expected], out.path());
 }
 
+/// A reward beyond half of f32's range would leave an infinite reward or gap in the pairs.
+#[test]
+fn a_reward_beyond_f32_is_named_by_its_row() {
+    let inputs = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let huge = inputs.path().join("huge.jsonl");
+    std::fs::write(
+        &huge,
+        concat!(
+            r#"{"prompt_id": "p1", "prompt": "q", "sample": 0, "response": "x", "reward": 0.5}"#,
+            "\n",
+            r#"{"prompt_id": "p1", "prompt": "q", "sample": 1, "response": "y", "reward": 1e300}"#,
+            "\n",
+        ),
+    )
+    .unwrap();
+    let outcome = run(&mut opt_pairs(&[&huge], out.path()), None);
+    let expected = ["huge.jsonl: column 'reward': 1e300 at row 2 is too large"];
+    assert_failed_cleanly("huge reward", &outcome, &expected, out.path());
+}
+
 #[test]
 fn bad_arguments_fail_cleanly() {
     let out = tempfile::tempdir().unwrap();

@@ -4,7 +4,7 @@
 //! Everything is optional: a run that stopped half-way, or an iteration that
 //! is still running, reports what exists and leaves the rest blank.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use optune_shard::Shard;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -186,7 +186,7 @@ fn load_iteration(dir: &Path, index: u32) -> Result<Iteration> {
     };
     let rewards = |shard: &Shard| -> Result<Vec<f64>> {
         shard
-            .floats("reward")
+            .finite_floats("reward")
             .with_context(|| format!("{}: column 'reward'", shard.name()))
     };
 
@@ -265,7 +265,8 @@ fn read_csv(path: &Path) -> Result<Option<Table>> {
         .from_path(path)
         .with_context(|| format!("reading {}", path.display()))?;
     let header = reader
-        .headers()?
+        .headers()
+        .with_context(|| format!("parsing the header of {}", path.display()))?
         .iter()
         .map(|h| h.trim().to_string())
         .collect();
@@ -282,39 +283,63 @@ fn field<'a>(header: &[String], row: &'a [String], name: &str) -> Option<&'a str
     row.get(at).map(String::as_str).filter(|v| !v.is_empty())
 }
 
+/// The number in column `name` of the table's row `index` (`None` when the field is empty or
+/// absent); a field that holds no finite number is an error naming the file, line and column:
+/// a report that quietly left it out would understate what it sums.
+fn number<T: std::str::FromStr>(
+    path: &Path,
+    (header, rows): &Table,
+    index: usize,
+    name: &str,
+) -> Result<Option<T>> {
+    let Some(text) = field(header, &rows[index], name) else {
+        return Ok(None);
+    };
+    let finite = text.parse::<f64>().is_ok_and(f64::is_finite);
+    match text.parse::<T>() {
+        Ok(value) if finite => Ok(Some(value)),
+        _ => bail!(
+            "{} line {}: column '{name}': {text:?} is not a finite number of the column's kind",
+            path.display(),
+            index + 2
+        ),
+    }
+}
+
 fn read_timings(path: &Path) -> Result<Vec<StageTiming>> {
-    let Some((header, rows)) = read_csv(path)? else {
+    let Some(table) = read_csv(path)? else {
         return Ok(Vec::new());
     };
-    Ok(rows
-        .iter()
-        .filter_map(|row| {
-            Some(StageTiming {
-                stage: field(&header, row, "stage")?.to_string(),
-                seconds: field(&header, row, "seconds").and_then(|v| v.parse().ok()),
-                rows: field(&header, row, "rows").and_then(|v| v.parse().ok()),
-                tokens: field(&header, row, "tokens").and_then(|v| v.parse().ok()),
-            })
-        })
-        .collect())
+    let mut timings = Vec::new();
+    for (index, row) in table.1.iter().enumerate() {
+        let Some(stage) = field(&table.0, row, "stage") else {
+            continue;
+        };
+        timings.push(StageTiming {
+            stage: stage.to_string(),
+            seconds: number(path, &table, index, "seconds")?,
+            rows: number(path, &table, index, "rows")?,
+            tokens: number(path, &table, index, "tokens")?,
+        });
+    }
+    Ok(timings)
 }
 
 fn read_metrics(path: &Path) -> Result<Vec<MetricsPoint>> {
-    let Some((header, rows)) = read_csv(path)? else {
+    let Some(table) = read_csv(path)? else {
         return Ok(Vec::new());
     };
-    let number =
-        |row: &[String], name: &str| field(&header, row, name).and_then(|v| v.parse::<f64>().ok());
-    Ok(rows
-        .iter()
-        .enumerate()
-        .map(|(i, row)| MetricsPoint {
-            step: number(row, "step").unwrap_or((i + 1) as f64),
-            loss: number(row, "loss"),
-            margin: number(row, "rewards/margins"),
-            accuracy: number(row, "rewards/accuracies"),
+    (0..table.1.len())
+        .map(|index| {
+            let number = |name| number::<f64>(path, &table, index, name);
+            Ok(MetricsPoint {
+                step: number("step")?.unwrap_or((index + 1) as f64),
+                loss: number("loss")?,
+                margin: number("rewards/margins")?,
+                accuracy: number("rewards/accuracies")?,
+            })
         })
-        .collect())
+        .collect()
 }
 
 pub fn mean(values: &[f64]) -> Option<f64> {

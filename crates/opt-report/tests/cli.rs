@@ -253,3 +253,24 @@ fn report_refuses_several_runs_without_sweep() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--sweep"));
 }
+
+/// A timing that is no finite number is named by file, line and column: an infinite one hung
+/// the plots, and a dropped one would understate the totals.
+#[test]
+fn a_timing_that_is_no_finite_number_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let it1 = tmp.path().join("run").join("iter1");
+    fs::create_dir_all(&it1).unwrap();
+    for (value, column) in [("1e999", "seconds"), ("three", "seconds")] {
+        fs::write(
+            it1.join("timings.csv"),
+            format!("stage,seconds,rows,tokens\ngen,2.5,4,100\nscore,{value},4,\n"),
+        )
+        .unwrap();
+        let out = run(REPORT, &[tmp.path().join("run").to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        let expected = format!("timings.csv line 3: column '{column}': \"{value}\"");
+        assert!(stderr.contains(&expected), "{stderr}");
+    }
+}

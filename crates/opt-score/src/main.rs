@@ -207,6 +207,7 @@ fn progress_bar(len: usize) -> indicatif::ProgressBar {
 }
 
 fn run(args: Args) -> Result<()> {
+    args.output.check()?;
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }

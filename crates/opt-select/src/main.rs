@@ -133,11 +133,15 @@ fn run(cli: &Cli) -> Result<()> {
         .rest
         .as_deref()
         .map(|path| Destination::from_arg(Some(path)));
-    if rest.as_ref() == Some(&output.destination()) {
-        bail!(
-            "--rest and -o both name {}: give them different destinations",
-            output.destination()
-        );
+    output.check()?;
+    if let Some(rest) = &rest {
+        output.check_destination(rest)?;
+        if rest.names_same_file(&output.destination()) {
+            bail!(
+                "--rest and -o both name {}: give them different destinations",
+                output.destination()
+            );
+        }
     }
     let scored = cli.shard.read_input()?;
     let history = cli
@@ -160,7 +164,14 @@ fn run(cli: &Cli) -> Result<()> {
     if let Some(rest) = &rest {
         output.write_to(rest, &selection.rest)?;
     }
-    output.write(&selection.prompts)?;
+    if let Err(err) = output.write(&selection.prompts) {
+        // Both outputs or neither: a --rest without its selection would pass for a whole run.
+        // Only a regular file: never a device or a pipe (`--rest /dev/null`).
+        if let Some(path) = rest.as_ref().and_then(Destination::resumable_file) {
+            let _ = std::fs::remove_file(path);
+        }
+        return Err(err);
+    }
     let mut summary = Summary::new(TOOL)
         .field("rows_in", scored.num_rows())
         .field("prompts", selection.prompts_in)

@@ -100,4 +100,45 @@ fn missing_inputs_and_unwritable_outputs_fail_cleanly() {
     csv.arg(testdata("scored.jsonl"));
     let expected = ["regen.csv", "cannot write CSV"];
     assert_failed_cleanly("CSV output", &run(&mut csv, None), &expected, out.path());
+
+    // With --rest: -o is checked before anything is written, so no --rest is left behind.
+    let mut csv_with_rest = Command::new(env!("CARGO_BIN_EXE_opt-select"));
+    csv_with_rest
+        .args(["--rho", "0.5", "-o"])
+        .arg(out.path().join("regen.csv"))
+        .arg("--rest")
+        .arg(out.path().join("kept.parquet"))
+        .arg(testdata("scored.jsonl"));
+    let outcome = run(&mut csv_with_rest, None);
+    assert_failed_cleanly("CSV output with --rest", &outcome, &expected, out.path());
+
+    let mut no_dir = opt_select(&["--rho", "0.5"], &out.path().join("nodir"));
+    no_dir.arg(testdata("scored.jsonl"));
+    let expected = ["nodir does not exist"];
+    assert_failed_cleanly(
+        "missing directory",
+        &run(&mut no_dir, None),
+        &expected,
+        out.path(),
+    );
+
+    // One file, however it is spelled, cannot be both outputs.
+    let sub = tempfile::tempdir().unwrap();
+    let mut roundabout = opt_select(&["--rho", "0.5"], sub.path());
+    roundabout
+        .arg("--rest")
+        .arg(
+            sub.path()
+                .join("../")
+                .join(sub.path().file_name().unwrap())
+                .join("regen.parquet"),
+        )
+        .arg(testdata("scored.jsonl"));
+    let expected = ["--rest and -o"];
+    assert_failed_cleanly(
+        "-o and --rest spelled apart",
+        &run(&mut roundabout, None),
+        &expected,
+        sub.path(),
+    );
 }

@@ -16,7 +16,8 @@ mod state;
 mod train;
 
 use anyhow::{bail, Result};
-use clap::Parser;
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use optune_cli::RuntimeArgs;
 use optune_shard::cli::{run_tool, Summary};
 use optune_shard::split::SliceSpec;
@@ -79,7 +80,12 @@ use std::time::Instant;
 ///   opt-wdpo --policy runs/x/iter1/policy pairs.parquet -o runs/x/iter2/policy \
 ///       --lora-rank 16 --lr 5e-5 --beta 0.1 --weight exp --beta2 1.0
 #[derive(Parser, Debug)]
-#[command(name = "opt-wdpo", version, verbatim_doc_comment)]
+#[command(
+    name = "opt-wdpo",
+    version,
+    verbatim_doc_comment,
+    allow_negative_numbers = true
+)]
 pub struct Args {
     /// Policy to train: a Hugging Face model directory or a llama-family .gguf file
     #[arg(long, value_name = "DIR")]
@@ -232,7 +238,7 @@ pub struct Args {
     #[arg(long)]
     pub gradient_checkpointing: bool,
 
-    /// Global gradient-norm clip (0 = off)
+    /// Global gradient-norm clip (0 = off: the norm is still logged)
     #[arg(long, default_value_t = 1.0)]
     pub max_grad_norm: f64,
 
@@ -260,10 +266,21 @@ pub struct Args {
 
     #[command(flatten)]
     pub runtime: RuntimeArgs,
+
+    /// The options given on the command line (clap's ids), so that one the run would ignore is
+    /// refused rather than silently dropped; filled by `main`.
+    #[arg(skip)]
+    pub given: Vec<String>,
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let matches = Args::command().get_matches();
+    let mut args = Args::from_arg_matches(&matches).unwrap_or_else(|err| err.exit());
+    args.given = matches
+        .ids()
+        .filter(|id| matches.value_source(id.as_str()) == Some(ValueSource::CommandLine))
+        .map(|id| id.to_string())
+        .collect();
     run_tool("opt-wdpo", || run(args))
 }
 
@@ -305,6 +322,38 @@ impl Args {
                     self.loss_name()
                 );
             }
+        }
+        let online = self.loss.samples_online();
+        for (id, flag, used) in [
+            (
+                "simpo_gamma",
+                "--simpo-gamma",
+                self.loss == Objective::Simpo,
+            ),
+            ("rpo_alpha", "--rpo-alpha", self.loss == Objective::Rpo),
+            ("kl_coef", "--kl-coef", online),
+            ("kl_samples", "--kl-samples", online),
+            ("kl_max_new_tokens", "--kl-max-new-tokens", online),
+            ("reference", "--ref", self.loss.needs_reference()),
+        ] {
+            if !used && self.given.iter().any(|given| given == id) {
+                bail!(
+                    "{flag}: --loss {} does not use it; leave it out",
+                    self.loss_name()
+                );
+            }
+        }
+        for (value, flag) in [
+            (self.lr, "--lr"),
+            (self.weight_decay, "--weight-decay"),
+            (self.max_grad_norm, "--max-grad-norm"),
+        ] {
+            if !(value.is_finite() && value >= 0.0) {
+                bail!("{flag} {value} must be finite and >= 0");
+            }
+        }
+        if !self.reference_only {
+            check_output_dir(&self.output)?;
         }
         if self.loss.samples_online() && self.kl_samples < 2 {
             bail!(
@@ -368,6 +417,43 @@ impl Args {
         }
         Ok(())
     }
+}
+
+/// Refuses, before any work, an OUT_DIR the final save could not take or would wrongly
+/// replace: the save puts a new directory in its place, whole.
+fn check_output_dir(dir: &std::path::Path) -> Result<()> {
+    if dir.file_name().is_none() {
+        bail!(
+            "-o {}: names no directory of its own; give the checkpoint a new directory",
+            dir.display()
+        );
+    }
+    let parent = optune_fs::parent_of(dir);
+    if parent.exists() && !parent.is_dir() {
+        bail!(
+            "-o {}: {} is not a directory",
+            dir.display(),
+            parent.display()
+        );
+    }
+    if dir.exists() && !dir.is_dir() {
+        bail!(
+            "-o {}: exists and is not a directory; the checkpoint is a directory",
+            dir.display()
+        );
+    }
+    if dir.is_dir() && !dir.join("config.json").is_file() {
+        let mut entries =
+            std::fs::read_dir(dir).map_err(|err| anyhow::anyhow!("-o {}: {err}", dir.display()))?;
+        if entries.next().is_some() {
+            bail!(
+                "-o {}: a directory that holds files but no checkpoint (no config.json); the \
+                 save replaces OUT_DIR whole, so name a new directory or an earlier checkpoint",
+                dir.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 fn run(args: Args) -> Result<()> {

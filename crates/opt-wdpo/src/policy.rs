@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use optune_model::lora::{attach_lora, LoraAdapters, LoraConfig};
 use optune_model::{
     sequence_logprobs, sequence_logprobs_recomputed, ChatTokenizer, Checkpoint, CheckpointMeta,
-    RecomputedPass, SequenceLogprobs, StoredWeights, TokenizedPair, Transformer,
+    OutputHead, RecomputedPass, SequenceLogprobs, StoredWeights, TokenizedPair, Transformer,
 };
 use std::collections::HashMap;
 use std::path::Path;
@@ -53,6 +53,7 @@ impl Policy {
             .collect::<Result<_>>()?;
         trainable.sort_by(|a, b| a.0.cmp(&b.0));
         let mut model = Transformer::from_weights(&checkpoint.meta.config, tensors, dtype, device)?;
+        require_language_model(&model, "--policy", &args.policy)?;
         let lora = match args.lora_rank {
             Some(rank) => {
                 let config = LoraConfig {
@@ -165,6 +166,19 @@ impl CheckpointBases {
             CheckpointBases::Stored(stored, dtype) => stored.read(name, &Device::Cpu, *dtype),
         }
     }
+}
+
+/// Refuses a reward model (a score head, `…ForSequenceClassification`) where a language model
+/// belongs: it has no next-token distribution to train or to take log-probs from.
+pub fn require_language_model(model: &Transformer, flag: &str, path: &Path) -> Result<()> {
+    if matches!(model.head(), OutputHead::Score { .. }) {
+        anyhow::bail!(
+            "{flag} {}: a reward model (a sequence-classification head), not a causal language \
+             model",
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 /// Each variable once: a tied embedding is one variable under one name, but the optimiser must

@@ -104,6 +104,7 @@ fn separate_reference(
         return Ok(None);
     };
     let (model, _, meta) = optune_model::load_model(dir, dtype, device)?;
+    crate::policy::require_language_model(&model, "--ref", dir)?;
     if meta.config.vocab_size != policy.meta.config.vocab_size {
         bail!(
             "--ref {}: vocab_size {} differs from the policy's {}",

@@ -427,7 +427,25 @@ fn bad_arguments_are_refused_before_any_work() {
     let pairs = tmp.path().join("pairs.jsonl");
     write_pairs(&pairs);
     let out = tmp.path().join("policy");
-    let cases: [(&[&str], &str); 9] = [
+    let cases: [(&[&str], &str); 15] = [
+        (
+            &["--simpo-gamma", "3"],
+            "--simpo-gamma: --loss sigmoid does not use it",
+        ),
+        (
+            &["--kl-coef", "0.5"],
+            "--kl-coef: --loss sigmoid does not use it",
+        ),
+        (
+            &["--loss", "sft", "--ref", "/nonexistent"],
+            "--ref: --loss sft does not use it",
+        ),
+        (&["--lr", "-1"], "--lr -1 must be finite and >= 0"),
+        (
+            &["--weight-decay", "NaN"],
+            "--weight-decay NaN must be finite",
+        ),
+        (&["--max-grad-norm=-1"], "--max-grad-norm -1 must be finite"),
         (&["--beta", "0"], "--beta 0 must be finite and > 0"),
         (&["--beta2=-1"], "--beta2 -1 must be finite and >= 0"),
         (&["--loss", "rpo", "--rpo-alpha=-0.5"], "--rpo-alpha -0.5"),
@@ -466,6 +484,47 @@ fn bad_arguments_are_refused_before_any_work() {
         "{err}"
     );
     assert!(!out.exists());
+}
+
+/// An OUT_DIR the final save could not take, or would wrongly replace, is refused before any
+/// work, and a reward model is refused as the policy; `--max-grad-norm 0` trains unclipped.
+#[test]
+fn outputs_and_models_that_cannot_be_used_are_refused_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pairs = tmp.path().join("pairs.jsonl");
+    write_pairs(&pairs);
+    let file = tmp.path().join("a-file");
+    std::fs::write(&file, "keep").unwrap();
+    let busy = tmp.path().join("busy");
+    std::fs::create_dir(&busy).unwrap();
+    std::fs::write(busy.join("precious.txt"), "keep").unwrap();
+    for (out, expected) in [
+        (file.clone(), "exists and is not a directory"),
+        (file.join("out"), "is not a directory"),
+        (busy.clone(), "holds files but no checkpoint"),
+        (PathBuf::from("."), "names no directory of its own"),
+    ] {
+        let (ok, err) = wdpo_on("tiny-llama", &pairs, &out, &[]);
+        assert!(!ok && err.contains(expected), "{}: {err}", out.display());
+        assert!(!err.contains("memory estimate"), "{}: {err}", out.display());
+    }
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep");
+    assert!(busy.join("precious.txt").is_file());
+
+    let out = tmp.path().join("out");
+    let (ok, err) = wdpo_on("tiny-rm-llama", &pairs, &out, &[]);
+    assert!(!ok && err.contains("a reward model"), "{err}");
+    assert!(!out.exists());
+
+    let (ok, err) = wdpo_on(
+        "tiny-llama",
+        &pairs,
+        &out,
+        &["--max-grad-norm", "0", "--batch-size", "4", "--lr", "1e-3"],
+    );
+    assert!(ok, "{err}");
+    let norms = column(&metrics(&out), "grad_norm");
+    assert!(norms.iter().all(|n| n.is_finite() && *n > 0.0), "{norms:?}");
 }
 
 /// Pairs that cannot be trained on name the flag or the row, before any tensor is made: a

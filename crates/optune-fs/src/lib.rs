@@ -6,13 +6,14 @@
 //! FIFO, a link to a file) is written in place, through the link: a rename would put a regular
 //! file in the place of the device or the link itself.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 /// The directory `path` sits in (`.` for a bare file name).
-fn parent_of(path: &Path) -> PathBuf {
+/// The directory `path` sits in (`.` for a bare file name).
+pub fn parent_of(path: &Path) -> PathBuf {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -53,6 +54,13 @@ pub fn write_file_atomically(
         return Ok(());
     }
     let directory = parent_of(path);
+    if !directory.is_dir() {
+        bail!(
+            "directory {} does not exist (for {})",
+            directory.display(),
+            path.display()
+        );
+    }
     let prefix = format!(".{}.", name_of(path)?);
     let mut builder = tempfile::Builder::new();
     builder.prefix(&prefix).suffix(".partial");

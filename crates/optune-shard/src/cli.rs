@@ -49,6 +49,19 @@ impl OutputArgs {
         Destination::from_arg(self.output.as_deref())
     }
 
+    /// Refuses, before any work, an `-o` no write could reach or whose format cannot be
+    /// written (a `.csv` FILE); see [`Destination::check_writable`]. Tools call it first, so a
+    /// long run never ends in such an error, nor leaves a journal for it.
+    pub fn check(&self) -> Result<()> {
+        self.check_destination(&self.destination())
+    }
+
+    /// [`OutputArgs::check`] for a secondary output (like `opt-select --rest`).
+    pub fn check_destination(&self, destination: &Destination) -> Result<()> {
+        OutputFormat::resolve(self.format, destination)?;
+        destination.check_writable()
+    }
+
     /// Writes the tool's output shard to `-o`.
     pub fn write(&self, shard: &Shard) -> Result<()> {
         self.write_to(&self.destination(), shard)

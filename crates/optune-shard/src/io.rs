@@ -21,6 +21,7 @@ use std::sync::Arc;
 pub const STDIN_NAME: &str = "<stdin>";
 
 const PARQUET_MAGIC: &[u8] = b"PAR1";
+const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum InputFormat {
@@ -104,8 +105,16 @@ impl Shard {
         format: Option<InputFormat>,
     ) -> Result<Shard> {
         let name = name.into();
+        let mut bytes = bytes;
+        // A text file saved with a byte-order mark (Windows editors do): the mark is no data.
+        if bytes.starts_with(UTF8_BOM) {
+            bytes.drain(..UTF8_BOM.len());
+        }
         if bytes.is_empty() {
             bail!("{name}: empty input (0 bytes): expected a Parquet, JSONL or CSV shard");
+        }
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            bail!("{name}: empty input (only whitespace): expected a Parquet, JSONL or CSV shard");
         }
         let format = format.unwrap_or_else(|| InputFormat::sniff(&bytes));
         let batch = match format {
@@ -125,6 +134,15 @@ impl Shard {
                 read_csv(&bytes).with_context(|| format!("{name}: not a readable CSV file"))
             }
         }?;
+        let mut seen = std::collections::HashSet::new();
+        if let Some(twice) = batch
+            .schema()
+            .fields()
+            .iter()
+            .find(|field| !seen.insert(field.name().clone()))
+        {
+            bail!("{name}: column '{}' appears twice", twice.name());
+        }
         let batch =
             normalise(batch).with_context(|| format!("{name}: normalising column types"))?;
         Ok(Shard::new(name, batch))
@@ -139,8 +157,11 @@ fn read_parquet(bytes: Vec<u8>) -> Result<RecordBatch> {
 }
 
 fn read_jsonl(bytes: &[u8]) -> Result<RecordBatch> {
+    // First, so that a malformed record is named by its line in the file: Arrow's reader
+    // numbers its errors from the start of each line it reads ("line 1" whatever the line).
+    let written = keys_in_written_order(bytes)?;
     let (schema, _) = arrow::json::reader::infer_json_schema(Cursor::new(bytes), None)?;
-    let schema = Arc::new(text_columns_as_utf8(in_written_order(schema, bytes)));
+    let schema = Arc::new(text_columns_as_utf8(in_written_order(schema, &written)));
     // Coercion turns the numbers in a text column (`"prompt_id": 7`) into text.
     let reader = arrow::json::ReaderBuilder::new(schema.clone())
         .with_coerce_primitive(true)
@@ -149,19 +170,24 @@ fn read_jsonl(bytes: &[u8]) -> Result<RecordBatch> {
     Ok(concat_batches(&schema, &batches)?)
 }
 
-/// Arrow's JSON inference sorts the columns by name; this puts them back in
-/// the order the file first writes each key, as a person reading it expects.
-fn in_written_order(schema: Schema, jsonl: &[u8]) -> Schema {
+/// Every key the records of `jsonl` use, in the order the file first writes each; a record
+/// that is not a JSON object is an error naming its line and column in the file.
+fn keys_in_written_order(jsonl: &[u8]) -> Result<Vec<String>> {
     let mut written: Vec<String> = Vec::new();
     for keys in serde_json::Deserializer::from_slice(jsonl).into_iter::<ObjectKeys>() {
-        // Malformed lines are left to Arrow's reader, which reports them.
-        let Ok(ObjectKeys(keys)) = keys else { break };
+        let ObjectKeys(keys) = keys?;
         for key in keys {
             if !written.contains(&key) {
                 written.push(key);
             }
         }
     }
+    Ok(written)
+}
+
+/// Arrow's JSON inference sorts the columns by name; this puts them back in
+/// the order the file first writes each key, as a person reading it expects.
+fn in_written_order(schema: Schema, written: &[String]) -> Schema {
     let position = |name: &str| {
         written
             .iter()
@@ -218,8 +244,9 @@ fn text_columns_as_utf8(schema: Schema) -> Schema {
         .fields()
         .iter()
         .map(|field| {
-            let scalar =
-                field.data_type().is_primitive() || *field.data_type() == DataType::Boolean;
+            // Null: a CSV of a header alone, whose columns hold no value to type them by.
+            let scalar = field.data_type().is_primitive()
+                || matches!(field.data_type(), DataType::Boolean | DataType::Null);
             if scalar && TEXT_COLUMNS.contains(&field.name().as_str()) {
                 field.as_ref().clone().with_data_type(DataType::Utf8)
             } else {
@@ -332,6 +359,47 @@ impl Destination {
         match named_file(path) {
             Some(path) => Destination::File(path.to_path_buf()),
             None => Destination::Stdout,
+        }
+    }
+
+    /// Refuses a destination no write could reach, before any work: a file in a directory that
+    /// does not exist, or a path that is a directory. (A stream, a device or a pipe is left to
+    /// the write itself.)
+    pub fn check_writable(&self) -> Result<()> {
+        let Destination::File(path) = self else {
+            return Ok(());
+        };
+        if optune_fs::is_stream(path) {
+            return Ok(());
+        }
+        if path.is_dir() {
+            bail!("{}: is a directory; name a file to write", path.display());
+        }
+        let parent = optune_fs::parent_of(path);
+        if !parent.is_dir() {
+            bail!(
+                "directory {} does not exist (for {})",
+                parent.display(),
+                path.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// Whether `self` and `other` name one file, however written (`o/s.parquet` and
+    /// `o/../o/s.parquet`): the same stream, or files whose directories resolve to one.
+    pub fn names_same_file(&self, other: &Destination) -> bool {
+        match (self, other) {
+            (Destination::File(a), Destination::File(b)) => {
+                let resolved = |path: &Path| {
+                    optune_fs::parent_of(path)
+                        .canonicalize()
+                        .ok()
+                        .map(|dir| dir.join(path.file_name().unwrap_or_default()))
+                };
+                a == b || resolved(a).is_some_and(|ra| resolved(b) == Some(ra))
+            }
+            (a, b) => a == b,
         }
     }
 
@@ -537,6 +605,63 @@ mod tests {
                 .starts_with("cut.parquet: not a readable Parquet file: "),
             "{err}"
         );
+    }
+
+    /// Text input that a person may hand over: errors name the line of the file, not Arrow's
+    /// line of one record; a byte-order mark, a CSV of a header alone and whitespace read as
+    /// what they are.
+    #[test]
+    fn text_input_errors_name_the_line_and_odd_text_reads_plainly() {
+        let jsonl = |text: &str| Shard::from_bytes("p.jsonl", text.as_bytes().to_vec(), None);
+        let err = jsonl("{\"prompt_id\": \"a\"}\n\n{\"prompt_id\": \"b\"}\n{\"prompt_id\": \"c\n")
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("line 4"), "{err:#}");
+        let err = jsonl("{\"prompt_id\": \"a\"}\n[1, 2]\n").unwrap_err();
+        assert!(format!("{err:#}").contains("line 2"), "{err:#}");
+
+        let with_bom = [b"\xEF\xBB\xBF".as_slice(), b"{\"prompt_id\": \"a\"}\n"].concat();
+        let shard = Shard::from_bytes("<stdin>", with_bom, None).unwrap();
+        assert_eq!(shard.strings("prompt_id").unwrap(), ["a"]);
+
+        let header_only = Shard::from_bytes("p.csv", b"prompt_id,prompt\n".to_vec(), None).unwrap();
+        assert_eq!(header_only.num_rows(), 0);
+        assert!(header_only.strings("prompt_id").unwrap().is_empty());
+
+        let err = Shard::from_bytes("<stdin>", b"\n \n".to_vec(), None).unwrap_err();
+        assert!(
+            err.to_string().contains("empty input (only whitespace)"),
+            "{err}"
+        );
+    }
+
+    /// A shard with two columns of one name is refused by name, whatever else it holds.
+    #[test]
+    fn a_column_named_twice_is_refused() {
+        let err = Shard::from_bytes("d.csv", b"prompt_id,reward,reward\na,1,x\n".to_vec(), None)
+            .unwrap_err();
+        assert_eq!(err.to_string(), "d.csv: column 'reward' appears twice");
+    }
+
+    /// A destination no write could reach is refused before any work, and two spellings of
+    /// one file are one file.
+    #[test]
+    fn unreachable_destinations_are_refused_and_spellings_compared() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = |path: PathBuf| Destination::File(path);
+        let missing = file(tmp.path().join("nodir/x.parquet"));
+        let err = missing.check_writable().unwrap_err();
+        assert!(err.to_string().contains("nodir does not exist"), "{err}");
+        let err = file(tmp.path().to_path_buf()).check_writable().unwrap_err();
+        assert!(err.to_string().contains("is a directory"), "{err}");
+        file(tmp.path().join("x.parquet")).check_writable().unwrap();
+        Destination::Stdout.check_writable().unwrap();
+
+        std::fs::create_dir(tmp.path().join("o")).unwrap();
+        let plain = file(tmp.path().join("o/s.parquet"));
+        let roundabout = file(tmp.path().join("o/../o/s.parquet"));
+        assert!(plain.names_same_file(&roundabout));
+        assert!(!plain.names_same_file(&file(tmp.path().join("o/t.parquet"))));
+        assert!(Destination::Stdout.names_same_file(&Destination::Stdout));
     }
 
     #[test]

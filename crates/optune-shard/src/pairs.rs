@@ -105,8 +105,9 @@ pub fn build_pairs(inputs: &[Shard], min_gap: f64) -> Result<PairShard> {
             (col::RESPONSE, ColumnKind::Utf8),
             (col::REWARD, ColumnKind::Float),
         ])?;
-        // A pair without its prompt would reach opt-wdpo as a transcript to split.
-        shard.prompt_column()?;
+        // A pair without its prompt would reach opt-wdpo as a transcript to split; a null
+        // prompt is refused here, by its row, not by the next tool.
+        shard.prompt_texts()?;
         let prompt_ids = shard.strings(col::PROMPT_ID)?;
         let samples = shard.uints(col::SAMPLE)?;
         let texts = shard.strings(col::RESPONSE)?;
@@ -118,6 +119,17 @@ pub fn build_pairs(inputs: &[Shard], min_gap: f64) -> Result<PairShard> {
             .zip(rewards)
             .enumerate()
         {
+            // The pairs shard holds rewards and their gaps as f32: beyond half its range a gap
+            // could be written as infinity.
+            if reward.abs() > f64::from(f32::MAX) / 2.0 {
+                bail!(
+                    "{}: column '{}': {reward:e} at row {} is too large: rewards and their gaps \
+                     are written as f32, so |reward| must stay within 1.7e38",
+                    shard.name(),
+                    col::REWARD,
+                    row + 1
+                );
+            }
             responses.push(Response {
                 input,
                 row,

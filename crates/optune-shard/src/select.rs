@@ -176,8 +176,9 @@ pub fn select_prompts(
             (col::REWARD, ColumnKind::Float),
         ])?;
     }
-    // The selected prompts go back to generation, which needs their text.
-    scored.prompt_column()?;
+    // The selected prompts go back to generation, which needs their text: a null is refused
+    // here, by its row, not by opt-gen in the selection.
+    scored.prompt_texts()?;
     if scored.num_rows() == 0 {
         bail!(
             "{}: no rows: there are no prompts to select from",

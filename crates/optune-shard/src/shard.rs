@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 /// One table, with the name it was read from (a path or `<stdin>`) so that
 /// every error can say which input is wrong. Row numbers in errors count
-/// from 1, the first data row (the line number in a JSONL file).
+/// from 1, the first data row (the line number in a JSONL file without blank lines, which
+/// hold no row).
 #[derive(Clone, Debug)]
 pub struct Shard {
     name: String,
@@ -82,9 +83,10 @@ impl Shard {
         let column = self.column(name)?;
         if !kind.accepts(column.data_type()) {
             bail!(
-                "{}: column '{name}': expected {kind}, found {}",
+                "{}: column '{name}': expected {kind}, found {}{}",
                 self.name,
-                describe_type(column.data_type())
+                describe_type(column.data_type()),
+                first_non_number(column, kind).unwrap_or_default()
             );
         }
         Ok(column)
@@ -248,6 +250,25 @@ impl Shard {
     }
 }
 
+/// For a numeric column that JSONL or CSV typing read as text (one cell that is not a number
+/// makes the whole column text): `" (row N: \"VALUE\" is not a number)"`, naming the first such
+/// cell; `None` when the column is no text column of a numeric kind, or holds no number at all
+/// (a text column named where a number belongs).
+fn first_non_number(column: &ArrayRef, kind: ColumnKind) -> Option<String> {
+    if !matches!(kind, ColumnKind::Float | ColumnKind::UInt | ColumnKind::Int) {
+        return None;
+    }
+    let text = column.as_string_opt::<i32>()?;
+    let is_number = |row: usize| text.value(row).trim().parse::<f64>().is_ok();
+    let rows = || (0..text.len()).filter(|&row| text.is_valid(row));
+    if !rows().any(is_number) {
+        return None;
+    }
+    rows()
+        .find(|&row| !is_number(row))
+        .map(|row| format!(" (row {}: {:?} is not a number)", row + 1, text.value(row)))
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -287,6 +308,23 @@ pub(crate) mod tests {
         ])
         .expect("valid test batch");
         Shard::new("scored.parquet", batch)
+    }
+
+    /// One cell that is not a number turns a JSONL or CSV column into text; the error names it.
+    #[test]
+    fn a_numeric_column_read_as_text_names_its_first_non_number() {
+        let shard = Shard::from_bytes(
+            "s.csv",
+            b"prompt_id,sample\na,0\nb,1\nc,two\n".to_vec(),
+            None,
+        )
+        .unwrap();
+        let err = shard.uints("sample").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "s.csv: column 'sample': expected unsigned integer, found utf8 (row 3: \"two\" is \
+             not a number)"
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@
 pub mod memory;
 
 pub use optune_resume::journal_path;
-use optune_shard::arrow::array::{ArrayRef, Float32Array};
+use optune_shard::arrow::array::{ArrayRef, Float32Array, StringArray};
 use optune_shard::arrow::compute::cast;
 use optune_shard::arrow::datatypes::DataType;
 use optune_shard::{col, write_shard, Destination, OutputFormat, Shard};
@@ -286,6 +286,24 @@ pub fn write_bad_scored_inputs(dir: &Path) -> Vec<BadInput> {
         "nan_reward.parquet",
         parquet_bytes(&nan_reward.expect("same length"), dir),
         &["column 'reward': NaN at row 3"],
+    );
+
+    let mut prompts: Vec<Option<String>> = scored
+        .strings(col::PROMPT)
+        .expect("text prompts")
+        .iter()
+        .map(|p| Some(p.to_string()))
+        .collect();
+    prompts[3] = None;
+    let null_prompt = scored.clone().with_column(
+        col::PROMPT,
+        Arc::new(StringArray::from(prompts)) as ArrayRef,
+    );
+    case(
+        "null prompt",
+        "null_prompt.parquet",
+        parquet_bytes(&null_prompt.expect("same length"), dir),
+        &["column 'prompt': null at row 4"],
     );
     cases
 }

@@ -704,9 +704,10 @@ pub fn clip_grad_norm<'a>(
     vars: impl IntoIterator<Item = &'a Var>,
     max_norm: f64,
 ) -> Result<f32> {
+    // Infinity: the norm, measured for the log, and no clipping (NaN fails the comparison).
     ensure!(
-        max_norm.is_finite() && max_norm > 0.0,
-        "max_norm must be finite and > 0, got {max_norm}"
+        max_norm > 0.0,
+        "max_norm must be > 0 (infinity: no clipping), got {max_norm}"
     );
     let mut seen = HashSet::new();
     let mut with_grad = Vec::new();
