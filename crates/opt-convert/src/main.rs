@@ -20,7 +20,8 @@ use optune_shard::cli::run_tool;
 /// OUT_DIR then holds config.json, generation_config.json, model.safetensors, tokenizer.json and
 /// tokenizer_config.json, loadable by transformers' `from_pretrained` and by optune's tools. It
 /// must not exist or be empty; it is written in a staging directory beside it and renamed at
-/// the end, so a failed conversion leaves nothing behind.
+/// the end, so a failed conversion leaves nothing under OUT_DIR's name (a killed one leaves its
+/// hidden .OUT_DIR.tmp-PID-* staging, which the next conversion to OUT_DIR removes).
 ///
 /// Only the llama architecture with a GPT-2-style BPE tokenizer that splits digits (SmolLM2,
 /// StarCoder) is supported; anything else fails with an error naming what is not supported.

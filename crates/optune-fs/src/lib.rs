@@ -1,7 +1,8 @@
 //! Outputs that appear whole or not at all. Every file and directory an optune tool writes is
 //! built under a temporary name beside its destination and renamed into place once complete, so
 //! a failed or killed run never leaves a torn output under the final name (a killed run may leave
-//! a `.NAME.*.partial` file or a `.NAME.tmp-*` directory, which no reader mistakes for an output).
+//! a `.NAME.*.partial` file or a `.NAME.tmp-PID-*` directory, which no reader mistakes for an
+//! output, and which the next write of that directory removes).
 //! A destination that is a device, a pipe or a symbolic link (`-o /dev/null`, `/dev/stdout`, a
 //! FIFO, a link to a file) is written in place, through the link: a rename would put a regular
 //! file in the place of the device or the link itself.
@@ -163,8 +164,9 @@ pub fn write_dir_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) 
     let parent = parent_of(dir);
     std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
     let name = name_of(dir)?;
+    remove_stale_staging(&parent, &name);
     let tmp = tempfile::Builder::new()
-        .prefix(&format!(".{name}.tmp-"))
+        .prefix(&format!(".{name}.tmp-{}-", std::process::id()))
         .tempdir_in(&parent)
         .with_context(|| format!("creating a temporary directory in {}", parent.display()))?;
     fill(tmp.path())?;
@@ -181,6 +183,34 @@ pub fn write_dir_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) 
         std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
     }
     Ok(())
+}
+
+/// Removes what killed writes of `parent/name` left: `.NAME.tmp-PID-*` staging directories and
+/// `.NAME.old-PID` replaced ones whose process no longer runs (a signal skips the clean-up, and
+/// a checkpoint's staging holds the whole model). Another live writer's are left alone. Only
+/// where `/proc` tells which processes run; a failure to remove is no error of this write.
+fn remove_stale_staging(parent: &Path, name: &str) {
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(file_name) = file_name.to_str() else {
+            continue;
+        };
+        let pid = [".tmp-", ".old-"].iter().find_map(|kind| {
+            let rest = file_name.strip_prefix(&format!(".{name}{kind}"))?;
+            rest.split('-').next()?.parse::<u32>().ok()
+        });
+        if let Some(pid) = pid {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -255,5 +285,35 @@ mod tests {
         assert!(write_dir_atomically(&dir, |_| anyhow::bail!("failed")).is_err());
         assert_eq!(std::fs::read_to_string(dir.join("b")).unwrap(), "2");
         assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
+    }
+
+    /// What a killed write left (its process gone) is removed by the next write of that
+    /// directory; a running writer's staging and other names are left alone.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_killed_writes_staging_is_removed_by_the_next() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("model");
+        // Above the kernel's largest process id (2^22): no such process.
+        let dead = 1u32 << 23;
+        let stale = [
+            format!(".model.tmp-{dead}-abc"),
+            format!(".model.old-{dead}"),
+        ];
+        let kept = [
+            ".model.tmp-1-abc".to_string(),
+            ".other.tmp-8388608-x".to_string(),
+        ];
+        for name in stale.iter().chain(&kept) {
+            std::fs::create_dir(tmp.path().join(name)).unwrap();
+            std::fs::write(tmp.path().join(name).join("weights"), "x").unwrap();
+        }
+        write_dir_atomically(&dir, |d| Ok(std::fs::write(d.join("a"), "1")?)).unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, [".model.tmp-1-abc", ".other.tmp-8388608-x", "model"]);
     }
 }
