@@ -167,7 +167,7 @@ ref_of = $(if $(filter initial,$(REF)),$(POLICY),$(if $(filter previous,$(REF)),
 ref_file = $(if $(filter previous,$(REF)),$(call policy_file,$(1)))
 # opt-wdpo's reference defaults to the policy it trains from: pass --ref only when it differs,
 # and never to a reference-free loss (REF_FREE), which refuses it.
-REF_FREE = $(filter simpo sft,$(TRAIN_ARGS))
+REF_FREE = $(filter simpo sft --loss=simpo --loss=sft,$(TRAIN_ARGS))
 ref_arg = $(if $(or $(REF_FREE),$(filter $(call policy_of,$(1)),$(call ref_of,$(1)))),,--ref $(call ref_of,$(1)))
 plus = $(shell expr $(1) + $(2))
 # The scored sets before iteration N-1's ($(1) = N-1): iterations 1..N-2, with SELECT_HISTORY=1.

@@ -21,7 +21,7 @@ use optune_shard::cli::run_tool;
 /// tokenizer_config.json, loadable by transformers' `from_pretrained` and by optune's tools. It
 /// must not exist or be empty; it is written in a staging directory beside it and renamed at
 /// the end, so a failed conversion leaves nothing under OUT_DIR's name (a killed one leaves its
-/// hidden .OUT_DIR.tmp-PID-* staging, which the next conversion to OUT_DIR removes).
+/// hidden .OUT_DIR.tmp-HOST:PID-* staging, which the next conversion to OUT_DIR removes).
 ///
 /// Only the llama architecture with a GPT-2-style BPE tokenizer that splits digits (SmolLM2,
 /// StarCoder) is supported; anything else fails with an error naming what is not supported.

@@ -252,8 +252,8 @@ fn read_settings(path: &Path) -> Result<BTreeMap<String, String>> {
         .collect())
 }
 
-/// A CSV's header and rows, each field trimmed.
-type Table = (Vec<String>, Vec<Vec<String>>);
+/// A CSV's header and rows, each field trimmed, and each row's line in the file.
+type Table = (Vec<String>, Vec<Vec<String>>, Vec<u64>);
 
 /// Reads a CSV with a header; a missing file gives `None`.
 fn read_csv(path: &Path) -> Result<Option<Table>> {
@@ -270,12 +270,13 @@ fn read_csv(path: &Path) -> Result<Option<Table>> {
         .iter()
         .map(|h| h.trim().to_string())
         .collect();
-    let rows = reader
-        .records()
-        .map(|record| record.map(|r| r.iter().map(|f| f.trim().to_string()).collect()))
-        .collect::<std::result::Result<Vec<Vec<String>>, _>>()
-        .with_context(|| format!("parsing {}", path.display()))?;
-    Ok(Some((header, rows)))
+    let (mut rows, mut lines) = (Vec::new(), Vec::new());
+    for record in reader.records() {
+        let record = record.with_context(|| format!("parsing {}", path.display()))?;
+        lines.push(record.position().map_or(0, |p| p.line()));
+        rows.push(record.iter().map(|f| f.trim().to_string()).collect());
+    }
+    Ok(Some((header, rows, lines)))
 }
 
 fn field<'a>(header: &[String], row: &'a [String], name: &str) -> Option<&'a str> {
@@ -288,7 +289,7 @@ fn field<'a>(header: &[String], row: &'a [String], name: &str) -> Option<&'a str
 /// a report that quietly left it out would understate what it sums.
 fn number<T: std::str::FromStr>(
     path: &Path,
-    (header, rows): &Table,
+    (header, rows, lines): &Table,
     index: usize,
     name: &str,
 ) -> Result<Option<T>> {
@@ -301,7 +302,7 @@ fn number<T: std::str::FromStr>(
         _ => bail!(
             "{} line {}: column '{name}': {text:?} is not a finite number of the column's kind",
             path.display(),
-            index + 2
+            lines[index]
         ),
     }
 }

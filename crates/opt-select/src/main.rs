@@ -134,6 +134,22 @@ fn run(cli: &Cli) -> Result<()> {
         .as_deref()
         .map(|path| Destination::from_arg(Some(path)));
     output.check()?;
+    let inputs: Vec<Destination> = cli
+        .shard
+        .input
+        .iter()
+        .chain(&cli.history)
+        .map(|path| Destination::from_arg(Some(path)))
+        .filter(|input| matches!(input, Destination::File(_)))
+        .collect();
+    for (destination, flag) in [(Some(output.destination()), "-o"), (rest.clone(), "--rest")] {
+        let Some(destination) = destination else {
+            continue;
+        };
+        if let Some(input) = inputs.iter().find(|i| destination.names_same_file(i)) {
+            bail!("{flag} {destination} is an input ({input}): write the selection elsewhere");
+        }
+    }
     if let Some(rest) = &rest {
         output.check_destination(rest)?;
         if rest.names_same_file(&output.destination()) {
@@ -166,9 +182,12 @@ fn run(cli: &Cli) -> Result<()> {
     }
     if let Err(err) = output.write(&selection.prompts) {
         // Both outputs or neither: a --rest without its selection would pass for a whole run.
-        // Only a regular file: never a device or a pipe (`--rest /dev/null`).
+        // Only a regular file: never a device or a pipe (`--rest /dev/null`), nor a link,
+        // which was written through and would lose only itself.
         if let Some(path) = rest.as_ref().and_then(Destination::resumable_file) {
-            let _ = std::fs::remove_file(path);
+            if !std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+                let _ = std::fs::remove_file(path);
+            }
         }
         return Err(err);
     }

@@ -141,4 +141,26 @@ fn missing_inputs_and_unwritable_outputs_fail_cleanly() {
         &expected,
         sub.path(),
     );
+
+    // Nor an input: a failed write would then take the input with it.
+    let input = sub.path().join("scored.jsonl");
+    std::fs::copy(testdata("scored.jsonl"), &input).unwrap();
+    let mut over_input = Command::new(env!("CARGO_BIN_EXE_opt-select"));
+    over_input
+        .args(["--rho", "0.5", "-o"])
+        .arg(sub.path().join("regen.parquet"))
+        .arg("--rest")
+        .arg(&input)
+        .arg(&input);
+    let outcome = run(&mut over_input, None);
+    assert!(!outcome.status.success(), "{}", outcome.stderr);
+    assert!(
+        outcome.stderr.contains("--rest") && outcome.stderr.contains("is an input"),
+        "{}",
+        outcome.stderr
+    );
+    assert_eq!(
+        std::fs::read(&input).unwrap(),
+        std::fs::read(testdata("scored.jsonl")).unwrap()
+    );
 }

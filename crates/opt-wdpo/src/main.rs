@@ -73,8 +73,9 @@ use std::time::Instant;
 /// them, or the LoRA adapters) are f32 master copies with f32 gradients and optimiser moments,
 /// frozen weights and the reference exist in --dtype only. The checkpoint is saved in the dtype
 /// its config.json names: full fine-tuning saves the f32 masters (cast to it), LoRA merges the
-/// adapters in f32 into the weights as --policy stores them (read again, a tensor at a time,
-/// when --dtype is narrower than the checkpoint's).
+/// adapters in f32 into the weights as --policy stores them (when --dtype is not f32 and not
+/// the checkpoint's own, read again at the end from the file opened at the start, a tensor at a
+/// time; a .gguf policy whole).
 ///
 /// Example:
 ///   opt-wdpo --policy runs/x/iter1/policy pairs.parquet -o runs/x/iter2/policy \
@@ -276,6 +277,8 @@ pub struct Args {
 fn main() -> ExitCode {
     let matches = Args::command().get_matches();
     let mut args = Args::from_arg_matches(&matches).unwrap_or_else(|err| err.exit());
+    // `-o runs/x/policy/` is `runs/x/policy`: its state goes beside it, never inside it.
+    args.output = args.output.components().collect();
     args.given = matches
         .ids()
         .filter(|id| matches.value_source(id.as_str()) == Some(ValueSource::CommandLine))
@@ -354,6 +357,16 @@ impl Args {
         }
         if !self.reference_only {
             check_output_dir(&self.output)?;
+            if let Some(metrics) = &self.metrics {
+                if metrics.starts_with(&self.output) {
+                    bail!(
+                        "--metrics {}: inside OUT_DIR, which the save replaces whole; leave \
+                         --metrics out (OUT_DIR/metrics.csv is written at the end) or name a \
+                         file elsewhere",
+                        metrics.display()
+                    );
+                }
+            }
         }
         if self.loss.samples_online() && self.kl_samples < 2 {
             bail!(
@@ -531,7 +544,7 @@ fn run(args: Args) -> Result<()> {
 /// The checkpoint (merged weights), metrics.csv unless --metrics, and the PEFT adapter on request.
 fn save(args: &Args, policy: &Policy, trained: &train::Trained) -> Result<()> {
     let csv = trained.log.to_csv()?;
-    let bases = policy.checkpoint_bases(&args.policy)?;
+    let bases = policy.checkpoint_bases();
     let base_of = |name: &str| bases.base_of(name);
     optune_model::save_checkpoint_with(&policy.model, &base_of, &policy.meta, &args.output, |dir| {
         if args.metrics.is_none() {

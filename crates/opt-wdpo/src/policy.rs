@@ -23,6 +23,10 @@ pub struct Policy {
     pub trainable: Vec<(String, Var)>,
     pub lora: Option<LoraAdapters>,
     pub pad_id: u32,
+    /// Under LoRA computed in a dtype that is neither f32 nor the checkpoint's own: `--policy`'s
+    /// weights as stored, opened at the start (the save merges the adapters into them, and a
+    /// policy deleted or replaced since cannot change what is merged into) with the saved dtype.
+    stored_base: Option<(StoredWeights, DType)>,
 }
 
 impl Policy {
@@ -68,6 +72,11 @@ impl Policy {
             }
             None => None,
         };
+        let saved = optune_model::saved_dtype(&checkpoint.meta).unwrap_or(dtype);
+        let stored_base = match lora.is_some() && dtype != DType::F32 && dtype != saved {
+            true => Some((StoredWeights::open(&args.policy)?, saved)),
+            false => None,
+        };
         let pad_id = checkpoint
             .tokenizer
             .pad_token_id()
@@ -81,6 +90,7 @@ impl Policy {
             trainable: dedup_vars(trainable),
             lora,
             pad_id,
+            stored_base,
         })
     }
 
@@ -105,23 +115,18 @@ impl Policy {
         Ok(())
     }
 
-    /// Where the checkpoint's weights come from: see [`CheckpointBases`]. `source` is the
-    /// policy as stored (--policy).
-    pub fn checkpoint_bases(&self, source: &Path) -> Result<CheckpointBases> {
-        if self.lora.is_none() {
-            let masters = self
-                .trainable
-                .iter()
-                .map(|(name, var)| (name.clone(), var.as_tensor().clone()))
-                .collect();
-            return Ok(CheckpointBases::Masters(masters));
+    /// Where the checkpoint's weights come from: see [`CheckpointBases`].
+    pub fn checkpoint_bases(&self) -> CheckpointBases<'_> {
+        match (&self.lora, &self.stored_base) {
+            (None, _) => CheckpointBases::Masters(
+                self.trainable
+                    .iter()
+                    .map(|(name, var)| (name.clone(), var.as_tensor().clone()))
+                    .collect(),
+            ),
+            (Some(_), Some((stored, dtype))) => CheckpointBases::Stored(stored, *dtype),
+            (Some(_), None) => CheckpointBases::Model,
         }
-        let compute = self.model.dtype();
-        let saved = optune_model::saved_dtype(&self.meta).unwrap_or(compute);
-        if compute == DType::F32 || compute == saved {
-            return Ok(CheckpointBases::Model);
-        }
-        Ok(CheckpointBases::Stored(StoredWeights::open(source)?, saved))
     }
 
     /// Runs `f` with the LoRA adapters off (the base model: the reference), then turns them back on.
@@ -145,19 +150,19 @@ impl Policy {
 }
 
 /// The weights a checkpoint is made from in place of the model's compute weights.
-pub enum CheckpointBases {
+pub enum CheckpointBases<'a> {
     /// The model's own (an f32 run, or LoRA computed in the checkpoint's dtype).
     Model,
     /// Full fine-tuning's f32 masters, by name (in bf16 the model computes with their rounded
     /// casts).
     Masters(HashMap<String, Tensor>),
-    /// LoRA computed in a narrower dtype than the checkpoint's (the second field): the frozen
-    /// weights are rounded copies, so each weight is read again as stored, on the host, as it
-    /// is saved, and the adapter merged into that.
-    Stored(StoredWeights, DType),
+    /// LoRA computed in a dtype that is neither f32 nor the checkpoint's (the second field): the
+    /// frozen weights are rounded copies, so each weight is read again as stored, on the host,
+    /// as it is saved, and the adapter merged into that.
+    Stored(&'a StoredWeights, DType),
 }
 
-impl CheckpointBases {
+impl CheckpointBases<'_> {
     /// The weight saved (or merged into) for the Hugging Face name `name`; `None`: the model's.
     pub fn base_of(&self, name: &str) -> Result<Option<Tensor>> {
         match self {

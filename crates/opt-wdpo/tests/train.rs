@@ -510,6 +510,15 @@ fn outputs_and_models_that_cannot_be_used_are_refused_first() {
     }
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep");
     assert!(busy.join("precious.txt").is_file());
+    let fresh = tmp.path().join("fresh");
+    let inside = fresh.join("m.csv");
+    let (ok, err) = wdpo_on(
+        "tiny-llama",
+        &pairs,
+        &fresh,
+        &["--metrics", inside.to_str().unwrap()],
+    );
+    assert!(!ok && err.contains("inside OUT_DIR"), "{err}");
 
     let out = tmp.path().join("out");
     let (ok, err) = wdpo_on("tiny-rm-llama", &pairs, &out, &[]);

@@ -167,20 +167,26 @@ fn read_safetensors(
 
 /// A checkpoint's weights left where they are stored and read one at a time, by name, for work
 /// that wants a few of them or one after another (a save that merges adapters into the weights
-/// as stored). A Hugging Face directory's safetensors files are read a tensor at a time; a
-/// `.gguf` file is converted whole on the fly, so its weights are all read at once, on the host.
+/// as stored). A Hugging Face directory's safetensors files are opened at once and held open,
+/// then read a tensor at a time; a `.gguf` file is converted whole on the fly, so its weights
+/// are all read at the first read, on the host.
 pub struct StoredWeights(Stored);
 
 enum Stored {
     Files(Vec<SafetensorsFile>),
-    Converted(HashMap<String, Tensor>),
+    Gguf {
+        path: PathBuf,
+        converted: std::cell::OnceCell<HashMap<String, Tensor>>,
+    },
 }
 
 impl StoredWeights {
     pub fn open(path: &Path) -> Result<Self> {
         if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
-            let tensors = crate::gguf::read_gguf(path)?.tensors.into_iter().collect();
-            return Ok(Self(Stored::Converted(tensors)));
+            return Ok(Self(Stored::Gguf {
+                path: path.to_path_buf(),
+                converted: std::cell::OnceCell::new(),
+            }));
         }
         let files = safetensors_files(path)?
             .into_iter()
@@ -200,10 +206,16 @@ impl StoredWeights {
                 Some(file) => Ok(Some(file.read(name, device, Some(dtype))?)),
                 None => Ok(None),
             },
-            Stored::Converted(tensors) => match tensors.get(name) {
-                Some(t) => Ok(Some(cast_float(t.to_device(device)?, Some(dtype))?)),
-                None => Ok(None),
-            },
+            Stored::Gguf { path, converted } => {
+                if converted.get().is_none() {
+                    let tensors = crate::gguf::read_gguf(path)?.tensors.into_iter().collect();
+                    let _ = converted.set(tensors);
+                }
+                match converted.get().and_then(|tensors| tensors.get(name)) {
+                    Some(t) => Ok(Some(cast_float(t.to_device(device)?, Some(dtype))?)),
+                    None => Ok(None),
+                }
+            }
         }
     }
 }

@@ -4,7 +4,7 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// `tensor` in `cast` when it is a floating-point tensor of another dtype.
 pub(crate) fn cast_float(tensor: Tensor, cast: Option<DType>) -> candle_core::Result<Tensor> {
@@ -23,7 +23,8 @@ const MAX_HEADER_BYTES: u64 = 100_000_000;
 /// time, by name (candle's `safetensors::load` reads the whole file, then copies every tensor:
 /// twice the stored weights at once, whatever dtype the model then wants).
 pub(crate) struct SafetensorsFile {
-    path: PathBuf,
+    /// Held open: a file deleted or replaced since it was opened is still the one read.
+    file: std::fs::File,
     data_start: u64,
     tensors: HashMap<String, safetensors::tensor::TensorInfo>,
 }
@@ -48,7 +49,7 @@ impl SafetensorsFile {
             .map(|(name, info)| (name, info.clone()))
             .collect();
         Ok(Self {
-            path: path.to_path_buf(),
+            file,
             data_start: 8 + header_len,
             tensors,
         })
@@ -82,7 +83,7 @@ impl SafetensorsFile {
             .with_context(|| format!("no tensor {name}"))?;
         let (begin, end) = info.data_offsets;
         let mut bytes = vec![0u8; end - begin];
-        let mut file = std::fs::File::open(&self.path)?;
+        let mut file = &self.file;
         file.seek(SeekFrom::Start(self.data_start + begin as u64))?;
         file.read_exact(&mut bytes)
             .with_context(|| format!("{name}: the file ends inside its data"))?;

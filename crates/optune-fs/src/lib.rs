@@ -1,8 +1,8 @@
 //! Outputs that appear whole or not at all. Every file and directory an optune tool writes is
 //! built under a temporary name beside its destination and renamed into place once complete, so
 //! a failed or killed run never leaves a torn output under the final name (a killed run may leave
-//! a `.NAME.*.partial` file or a `.NAME.tmp-PID-*` directory, which no reader mistakes for an
-//! output, and which the next write of that directory removes).
+//! a `.NAME.*.partial` file or a `.NAME.tmp-HOST:PID-*` directory, which no reader mistakes for
+//! an output, and which the next write of that directory on that machine removes).
 //! A destination that is a device, a pipe or a symbolic link (`-o /dev/null`, `/dev/stdout`, a
 //! FIFO, a link to a file) is written in place, through the link: a rename would put a regular
 //! file in the place of the device or the link itself.
@@ -12,7 +12,6 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-/// The directory `path` sits in (`.` for a bare file name).
 /// The directory `path` sits in (`.` for a bare file name).
 pub fn parent_of(path: &Path) -> PathBuf {
     match path.parent() {
@@ -164,13 +163,14 @@ pub fn write_dir_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) 
     let parent = parent_of(dir);
     std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
     let name = name_of(dir)?;
-    remove_stale_staging(&parent, &name);
+    #[cfg(unix)]
+    remove_stale_staging(&parent, &name, dir);
     let tmp = tempfile::Builder::new()
-        .prefix(&format!(".{name}.tmp-{}-", std::process::id()))
+        .prefix(&format!(".{name}.tmp-{}-", writer_tag()))
         .tempdir_in(&parent)
         .with_context(|| format!("creating a temporary directory in {}", parent.display()))?;
     fill(tmp.path())?;
-    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+    let old = parent.join(format!(".{name}.old-{}", writer_tag()));
     let replaced = dir.exists();
     if replaced {
         std::fs::rename(dir, &old)
@@ -185,30 +185,59 @@ pub fn write_dir_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) 
     Ok(())
 }
 
-/// Removes what killed writes of `parent/name` left: `.NAME.tmp-PID-*` staging directories and
-/// `.NAME.old-PID` replaced ones whose process no longer runs (a signal skips the clean-up, and
-/// a checkpoint's staging holds the whole model). Another live writer's are left alone. Only
-/// where `/proc` tells which processes run; a failure to remove is no error of this write.
-fn remove_stale_staging(parent: &Path, name: &str) {
-    if !Path::new("/proc/self").exists() {
+/// This process as staging names record it: `HOST:PID`, so that a clean-up on a shared file
+/// system (a Slurm run's nodes) never takes another machine's live writer for a dead one.
+fn writer_tag() -> String {
+    format!("{}:{}", host_name(), std::process::id())
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Removes what killed writes of `parent/name` left: `.NAME.tmp-HOST:PID-*` staging directories
+/// and `.NAME.old-HOST:PID` replaced ones of this machine and this user whose process no longer
+/// runs (a signal skips the clean-up, and a checkpoint's staging holds the whole model). A writer
+/// killed between its two renames left `dir` missing and the only copies in those two names:
+/// its entries are then kept. Only where `/proc` tells which processes run; a failure to remove
+/// is no error of this write.
+#[cfg(unix)]
+fn remove_stale_staging(parent: &Path, name: &str, dir: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(me) = std::fs::metadata("/proc/self") else {
         return;
-    }
+    };
     let Ok(entries) = std::fs::read_dir(parent) else {
         return;
     };
+    let host = host_name();
+    // (path, writer's pid, whether it is a replaced `.old-` directory)
+    let mut stale: Vec<(PathBuf, u32, bool)> = Vec::new();
     for entry in entries.flatten() {
         let file_name = entry.file_name();
         let Some(file_name) = file_name.to_str() else {
             continue;
         };
-        let pid = [".tmp-", ".old-"].iter().find_map(|kind| {
+        let writer = [".tmp-", ".old-"].iter().find_map(|kind| {
             let rest = file_name.strip_prefix(&format!(".{name}{kind}"))?;
-            rest.split('-').next()?.parse::<u32>().ok()
+            let (entry_host, tail) = rest.rsplit_once(':')?;
+            let pid = tail.split('-').next()?.parse::<u32>().ok()?;
+            Some((entry_host == host, pid, *kind == ".old-"))
         });
-        if let Some(pid) = pid {
-            if !Path::new(&format!("/proc/{pid}")).exists() {
-                let _ = std::fs::remove_dir_all(entry.path());
-            }
+        let Some((this_host, pid, old)) = writer else {
+            continue;
+        };
+        let ours = entry.metadata().is_ok_and(|m| m.uid() == me.uid());
+        if this_host && ours && !Path::new(&format!("/proc/{pid}")).exists() {
+            stale.push((entry.path(), pid, old));
+        }
+    }
+    let between_renames = |pid: u32| !dir.exists() && stale.iter().any(|s| s.1 == pid && s.2);
+    for (path, pid, _) in &stale {
+        if !between_renames(*pid) {
+            let _ = std::fs::remove_dir_all(path);
         }
     }
 }
@@ -288,32 +317,59 @@ mod tests {
     }
 
     /// What a killed write left (its process gone) is removed by the next write of that
-    /// directory; a running writer's staging and other names are left alone.
+    /// directory; a running writer's staging, another machine's and other names are left alone,
+    /// and so is a writer's pair of names when it was killed between its two renames (the
+    /// directory missing: they hold its only copies).
     #[cfg(target_os = "linux")]
     #[test]
     fn a_killed_writes_staging_is_removed_by_the_next() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("model");
-        // Above the kernel's largest process id (2^22): no such process.
-        let dead = 1u32 << 23;
-        let stale = [
-            format!(".model.tmp-{dead}-abc"),
-            format!(".model.old-{dead}"),
+        let host = host_name();
+        // Above the kernel's largest process id (2^22): no such processes.
+        let dead = [1u32 << 23, (1 << 23) + 1, (1 << 23) + 2];
+        let killed_filling = format!(".model.tmp-{host}:{}-abc", dead[0]);
+        let killed_between = [
+            format!(".model.tmp-{host}:{}-new", dead[1]),
+            format!(".model.old-{host}:{}", dead[1]),
         ];
         let kept = [
-            ".model.tmp-1-abc".to_string(),
-            ".other.tmp-8388608-x".to_string(),
+            format!(".model.tmp-{host}:1-abc"),
+            format!(".model.tmp-elsewhere:{}-abc", dead[0]),
+            format!(".other.tmp-{host}:{}-x", dead[0]),
         ];
-        for name in stale.iter().chain(&kept) {
+        let make = |name: &String| {
             std::fs::create_dir(tmp.path().join(name)).unwrap();
             std::fs::write(tmp.path().join(name).join("weights"), "x").unwrap();
-        }
+        };
+        [&killed_filling]
+            .into_iter()
+            .chain(&killed_between)
+            .chain(&kept)
+            .for_each(make);
+        let listing = || {
+            let mut left: Vec<String> = std::fs::read_dir(tmp.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            left.sort();
+            left
+        };
+        let sorted = |names: Vec<String>| {
+            let mut names = names;
+            names.sort();
+            names
+        };
+        // `model` is missing: the writer with both names was killed between its renames.
         write_dir_atomically(&dir, |d| Ok(std::fs::write(d.join("a"), "1")?)).unwrap();
-        let mut left: Vec<String> = std::fs::read_dir(tmp.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        left.sort();
-        assert_eq!(left, [".model.tmp-1-abc", ".other.tmp-8388608-x", "model"]);
+        let mut want: Vec<String> = kept.iter().chain(&killed_between).cloned().collect();
+        want.push("model".into());
+        assert_eq!(listing(), sorted(want));
+        // With `model` in place, a replaced directory left alone is stale too.
+        make(&format!(".model.old-{host}:{}", dead[2]));
+        write_dir_atomically(&dir, |d| Ok(std::fs::write(d.join("a"), "2")?)).unwrap();
+        let mut want: Vec<String> = kept.to_vec();
+        want.push("model".into());
+        assert_eq!(listing(), sorted(want));
     }
 }

@@ -171,11 +171,24 @@ fn read_jsonl(bytes: &[u8]) -> Result<RecordBatch> {
 }
 
 /// Every key the records of `jsonl` use, in the order the file first writes each; a record
-/// that is not a JSON object is an error naming its line and column in the file.
+/// that is not a JSON object, or that spans lines (Arrow's reader takes one record a line), is an
+/// error naming its line in the file.
 fn keys_in_written_order(jsonl: &[u8]) -> Result<Vec<String>> {
     let mut written: Vec<String> = Vec::new();
-    for keys in serde_json::Deserializer::from_slice(jsonl).into_iter::<ObjectKeys>() {
+    let mut records = serde_json::Deserializer::from_slice(jsonl).into_iter::<ObjectKeys>();
+    let mut end = 0;
+    while let Some(keys) = records.next() {
         let ObjectKeys(keys) = keys?;
+        let start = end
+            + jsonl[end..]
+                .iter()
+                .take_while(|b| b.is_ascii_whitespace())
+                .count();
+        end = records.byte_offset();
+        if jsonl[start..end].contains(&b'\n') {
+            let line = 1 + jsonl[..start].iter().filter(|&&b| b == b'\n').count();
+            bail!("line {line}: a record spans several lines; JSONL holds one JSON object a line");
+        }
         for key in keys {
             if !written.contains(&key) {
                 written.push(key);
@@ -618,6 +631,11 @@ mod tests {
         assert!(format!("{err:#}").contains("line 4"), "{err:#}");
         let err = jsonl("{\"prompt_id\": \"a\"}\n[1, 2]\n").unwrap_err();
         assert!(format!("{err:#}").contains("line 2"), "{err:#}");
+        let err = jsonl("{\"prompt_id\": \"a\"}\n\n{\"prompt_id\":\n \"b\"}\n").unwrap_err();
+        assert!(
+            format!("{err:#}").contains("line 3: a record spans several lines"),
+            "{err:#}"
+        );
 
         let with_bom = [b"\xEF\xBB\xBF".as_slice(), b"{\"prompt_id\": \"a\"}\n"].concat();
         let shard = Shard::from_bytes("<stdin>", with_bom, None).unwrap();
