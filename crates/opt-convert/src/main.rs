@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use clap::Parser;
-use optune_model::gguf::{read_gguf, write_hf_dir};
+use optune_model::gguf::{check_conversion_target, read_gguf, write_hf_dir};
 use optune_shard::cli::run_tool;
 
 /// Convert a llama-architecture GGUF model into a Hugging Face checkpoint directory.
@@ -42,6 +42,7 @@ fn main() -> ExitCode {
 }
 
 fn convert(args: &Args) -> Result<()> {
+    check_conversion_target(&args.output)?;
     let started = Instant::now();
     eprintln!("reading and dequantising {}", args.input.display());
     let ckpt = read_gguf(&args.input)?;

@@ -117,7 +117,14 @@ pub fn read_gguf(path: &Path) -> Result<HfCheckpoint> {
 /// Everything is written into a staging directory beside `dir` and renamed into place at the end,
 /// so a failed conversion leaves neither `dir` nor the staging directory behind.
 pub fn write_hf_dir(ckpt: &HfCheckpoint, dir: &Path) -> Result<()> {
-    // Unlike saving a training checkpoint, a conversion never replaces someone's files.
+    check_conversion_target(dir)?;
+    write_dir_atomically(dir, |staging| write_checkpoint_files(ckpt, staging))
+}
+
+/// Refuses a conversion's target that exists and is not an empty directory: unlike saving a
+/// training checkpoint, a conversion never replaces someone's files. [`write_hf_dir`] checks it;
+/// a caller checks it first too, before the reading and dequantising it would otherwise waste.
+pub fn check_conversion_target(dir: &Path) -> Result<()> {
     if dir.exists() {
         let mut entries = fs::read_dir(dir)
             .with_context(|| format!("{} exists and is not a readable directory", dir.display()))?;
@@ -127,7 +134,7 @@ pub fn write_hf_dir(ckpt: &HfCheckpoint, dir: &Path) -> Result<()> {
             dir.display()
         );
     }
-    write_dir_atomically(dir, |staging| write_checkpoint_files(ckpt, staging))
+    Ok(())
 }
 
 fn write_checkpoint_files(ckpt: &HfCheckpoint, dir: &Path) -> Result<()> {
