@@ -142,10 +142,9 @@ fn run(cli: &Cli) -> Result<()> {
         .map(|path| Destination::from_arg(Some(path)))
         .filter(|input| matches!(input, Destination::File(_)))
         .collect();
-    for (destination, flag) in [(Some(output.destination()), "-o"), (rest.clone(), "--rest")] {
-        let Some(destination) = destination else {
-            continue;
-        };
+    let outputs = std::iter::once((output.destination(), "-o"))
+        .chain(rest.clone().map(|rest| (rest, "--rest")));
+    for (destination, flag) in outputs {
         if let Some(input) = inputs.iter().find(|i| destination.names_same_file(i)) {
             bail!("{flag} {destination} is an input ({input}): write the selection elsewhere");
         }

@@ -20,6 +20,20 @@ pub fn parent_of(path: &Path) -> PathBuf {
     }
 }
 
+/// Refuses a file whose directory does not exist, by the directory's name: a write of it could
+/// only fail, naming a temporary file that never existed.
+pub fn require_parent_dir(path: &Path) -> Result<()> {
+    let directory = parent_of(path);
+    if !directory.is_dir() {
+        bail!(
+            "directory {} does not exist (for {})",
+            directory.display(),
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 fn name_of(path: &Path) -> Result<String> {
     Ok(path
         .file_name()
@@ -54,13 +68,7 @@ pub fn write_file_atomically(
         return Ok(());
     }
     let directory = parent_of(path);
-    if !directory.is_dir() {
-        bail!(
-            "directory {} does not exist (for {})",
-            directory.display(),
-            path.display()
-        );
-    }
+    require_parent_dir(path)?;
     let prefix = format!(".{}.", name_of(path)?);
     let mut builder = tempfile::Builder::new();
     builder.prefix(&prefix).suffix(".partial");
@@ -163,14 +171,18 @@ pub fn write_dir_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) 
     let parent = parent_of(dir);
     std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
     let name = name_of(dir)?;
+    // This process as the staging names record it: `HOST:PID`, so that a clean-up on a shared
+    // file system (a Slurm run's nodes) never takes another machine's live writer for a dead one.
+    let host = host_name();
+    let writer = format!("{host}:{}", std::process::id());
     #[cfg(unix)]
-    remove_stale_staging(&parent, &name, dir);
+    remove_stale_staging(&parent, &name, dir, &host);
     let tmp = tempfile::Builder::new()
-        .prefix(&format!(".{name}.tmp-{}-", writer_tag()))
+        .prefix(&format!(".{name}.tmp-{writer}-"))
         .tempdir_in(&parent)
         .with_context(|| format!("creating a temporary directory in {}", parent.display()))?;
     fill(tmp.path())?;
-    let old = parent.join(format!(".{name}.old-{}", writer_tag()));
+    let old = parent.join(format!(".{name}.old-{writer}"));
     let replaced = dir.exists();
     if replaced {
         std::fs::rename(dir, &old)
@@ -183,12 +195,6 @@ pub fn write_dir_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) 
         std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
     }
     Ok(())
-}
-
-/// This process as staging names record it: `HOST:PID`, so that a clean-up on a shared file
-/// system (a Slurm run's nodes) never takes another machine's live writer for a dead one.
-fn writer_tag() -> String {
-    format!("{}:{}", host_name(), std::process::id())
 }
 
 fn host_name() -> String {
@@ -204,7 +210,7 @@ fn host_name() -> String {
 /// its entries are then kept. Only where `/proc` tells which processes run; a failure to remove
 /// is no error of this write.
 #[cfg(unix)]
-fn remove_stale_staging(parent: &Path, name: &str, dir: &Path) {
+fn remove_stale_staging(parent: &Path, name: &str, dir: &Path, host: &str) {
     use std::os::unix::fs::MetadataExt;
     let Ok(me) = std::fs::metadata("/proc/self") else {
         return;
@@ -212,7 +218,6 @@ fn remove_stale_staging(parent: &Path, name: &str, dir: &Path) {
     let Ok(entries) = std::fs::read_dir(parent) else {
         return;
     };
-    let host = host_name();
     // (path, writer's pid, whether it is a replaced `.old-` directory)
     let mut stale: Vec<(PathBuf, u32, bool)> = Vec::new();
     for entry in entries.flatten() {

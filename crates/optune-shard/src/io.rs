@@ -388,15 +388,7 @@ impl Destination {
         if path.is_dir() {
             bail!("{}: is a directory; name a file to write", path.display());
         }
-        let parent = optune_fs::parent_of(path);
-        if !parent.is_dir() {
-            bail!(
-                "directory {} does not exist (for {})",
-                parent.display(),
-                path.display()
-            );
-        }
-        Ok(())
+        optune_fs::require_parent_dir(path)
     }
 
     /// Whether `self` and `other` name one file, however written (`o/s.parquet` and
