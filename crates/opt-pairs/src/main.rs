@@ -19,15 +19,18 @@ Build one preference pair per prompt from scored responses.
 Reads one or more scored shards (one row per response: prompt_id, prompt or
 messages, sample, response, reward, ...), groups all their rows by prompt_id
 and pairs each prompt's highest-rewarded response (chosen) with its
-lowest-rewarded one (rejected); among equal rewards the lower sample is taken.
-Writes the pairs shard: the prompt-level columns, then chosen, rejected,
-chosen_reward, rejected_reward and reward_gap (float32).
+lowest-rewarded one whose text differs from the chosen one (rejected); among
+equal rewards the lower sample is taken. Writes the pairs shard: the
+prompt-level columns, then chosen, rejected, chosen_reward, rejected_reward
+and reward_gap (float32).
 
-A prompt is skipped when it has fewer than two responses or when
-chosen_reward - rejected_reward is not greater than --min-gap (so with the
-default 0, a prompt whose rewards are all equal is skipped); both counts go to
-the summary on stderr. A (prompt_id, sample) that occurs twice, or a reward
-that is NaN or infinite, is an error.
+A prompt is skipped when it has fewer than two responses (skipped_single),
+when all its responses are the same text (skipped_same), or when
+chosen_reward - rejected_reward is not greater than --min-gap (skipped_gap;
+with the default 0, a prompt whose rewards are all equal is skipped); the
+counts go to the summary on stderr. A (prompt_id, sample) that occurs twice,
+a prompt_id whose rows hold two different prompts, or a reward that is NaN or
+infinite, is an error.
 
 --top-frac F then keeps only the ceil(F x pairs) pairs with the largest
 reward gap (at least one; equal gaps keep the lower prompt_id), the margin
@@ -90,6 +93,7 @@ fn run(cli: &Cli) -> Result<()> {
         .field("prompts", pairs.prompts_in)
         .field("pairs", pairs.shard.num_rows())
         .field("skipped_single", pairs.skipped_single)
+        .field("skipped_same", pairs.skipped_same)
         .field("skipped_gap", pairs.skipped_gap)
         .field("min_gap", cli.min_gap);
     if let Some(frac) = cli.top_frac {

@@ -27,7 +27,7 @@ fn pairs_the_fixture_and_skips_equal_rewards() {
     outcome.assert_success();
     assert_eq!(
         outcome.stderr,
-        "opt-pairs: rows_in=12 prompts=6 pairs=5 skipped_single=0 skipped_gap=1 min_gap=0\n"
+        "opt-pairs: rows_in=12 prompts=6 pairs=5 skipped_single=0 skipped_same=0 skipped_gap=1 min_gap=0\n"
     );
 
     let pairs = read(&pairs_path);
@@ -81,7 +81,7 @@ fn min_gap_skips_close_calls() {
     assert!(
         outcome
             .stderr
-            .contains("pairs=3 skipped_single=0 skipped_gap=3"),
+            .contains("pairs=3 skipped_single=0 skipped_same=0 skipped_gap=3"),
         "{}",
         outcome.stderr
     );
@@ -111,7 +111,7 @@ fn top_frac_keeps_the_largest_margins() {
     assert_eq!(ids, ["p01", "p02", "p04", "p06"]);
     assert_eq!(
         stderr,
-        "opt-pairs: rows_in=12 prompts=6 pairs=4 skipped_single=0 skipped_gap=1 min_gap=0 \
+        "opt-pairs: rows_in=12 prompts=6 pairs=4 skipped_single=0 skipped_same=0 skipped_gap=1 min_gap=0 \
          skipped_top_frac=1 top_frac=0.8\n"
     );
     // ⌈0.2 · 5⌉ = 1: three pairs tie at 0.6, the lowest prompt_id stays.
@@ -149,7 +149,7 @@ fn merges_kept_rows_with_new_rows_from_another_format() {
         None,
     );
     let pairs = outcome.assert_success().stdout_shard();
-    let summary = "rows_in=5 prompts=3 pairs=2 skipped_single=1 skipped_gap=0";
+    let summary = "rows_in=5 prompts=3 pairs=2 skipped_single=1 skipped_same=0 skipped_gap=0";
     assert!(outcome.stderr.contains(summary), "{}", outcome.stderr);
     assert_eq!(pairs.strings("prompt_id").unwrap(), ["p01", "p03"]);
     assert_eq!(pairs.strings("chosen").unwrap()[1], "2, 3, 5");
@@ -239,7 +239,7 @@ fn pairs_what_opt_select_kept_in_a_pipe() {
     );
     let topics = pairs.strings("topic").unwrap();
     assert_eq!([topics[0], topics[3]], ["poetry", "advice"]);
-    let summary = "rows_in=12 prompts=6 pairs=5 skipped_single=0 skipped_gap=1";
+    let summary = "rows_in=12 prompts=6 pairs=5 skipped_single=0 skipped_same=0 skipped_gap=1";
     assert!(
         outcomes[1].stderr.contains(summary),
         "{}",

@@ -3,6 +3,7 @@
 use anyhow::{bail, Context, Result};
 use optune_model::{ChatTokenizer, TokenizedPair};
 use optune_shard::Shard;
+use optune_train::loss::Objective;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -110,6 +111,19 @@ pub fn read_pairs(
         .collect()
 }
 
+/// Drops the pairs whose chosen and rejected sequences are the same tokens (after truncation)
+/// when `objective` only compares a pair's sides: they add nothing to the gradient but rounding,
+/// which AdamW would scale up to a full step in a batch of them, and they dilute the mean loss of
+/// the others. Returns how many were dropped.
+pub fn drop_identical_pairs(pairs: &mut Vec<TrainPair>, objective: Objective) -> usize {
+    if !objective.only_compares_sides() {
+        return 0;
+    }
+    let before = pairs.len();
+    pairs.retain(|pair| pair.chosen != pair.rejected);
+    before - pairs.len()
+}
+
 /// The order of one epoch: shuffled by `seed + epoch`, then sorted by length within windows of
 /// 8 batches so each batch holds similar lengths (less padding) while batches stay mixed.
 pub fn epoch_batches(
@@ -148,5 +162,36 @@ mod tests {
         };
         truncate(&mut short, 12);
         assert_eq!(short.prompt, vec![1, 2]);
+    }
+
+    #[test]
+    fn identical_pairs_are_dropped_only_where_they_teach_nothing() {
+        let pair = |rejected: u32| TrainPair {
+            chosen: TokenizedPair {
+                prompt: vec![1, 2],
+                response: vec![3, 4],
+            },
+            rejected: TokenizedPair {
+                prompt: vec![1, 2],
+                response: vec![rejected, 4],
+            },
+            reward_gap: 1.0,
+            given_weight: None,
+            ref_logps: None,
+        };
+        let pairs = vec![pair(5), pair(3), pair(6)];
+        let rejected_of = |kept: &[TrainPair]| -> Vec<u32> {
+            kept.iter().map(|p| p.rejected.response[0]).collect()
+        };
+        for objective in [Objective::Sigmoid, Objective::Ipo, Objective::Simpo] {
+            let mut kept = pairs.clone();
+            assert_eq!(drop_identical_pairs(&mut kept, objective), 1);
+            assert_eq!(rejected_of(&kept), [5, 6]);
+        }
+        for objective in [Objective::Rpo, Objective::Hypo, Objective::Sft] {
+            let mut kept = pairs.clone();
+            assert_eq!(drop_identical_pairs(&mut kept, objective), 0);
+            assert_eq!(rejected_of(&kept), [5, 3, 6]);
+        }
     }
 }

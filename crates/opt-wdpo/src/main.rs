@@ -47,7 +47,9 @@ use std::time::Instant;
 /// simpo (reference-free, length-normalised, margin --simpo-gamma; its paper uses --beta 2 to
 /// 2.5), rpo (DPO + --rpo-alpha × the NLL of the chosen reply) and sft (the NLL of the chosen
 /// reply alone: Best-of-N fine-tuning on opt-pairs' output). All take the pair weights; simpo
-/// and sft need no reference log-probs.
+/// and sft need no reference log-probs. A pair whose chosen and rejected replies are the same
+/// tokens is dropped (skipped_identical in the summary) unless the loss is hypo, rpo or sft:
+/// the others learn nothing from it.
 ///
 /// Reference log-probs are computed once before training (or read from the shard's
 /// ref_chosen_logp/ref_rejected_logp columns, which are trusted: they must come from the same
@@ -524,6 +526,16 @@ fn run(args: Args) -> Result<()> {
         saved.fill_reference(&mut pairs)?;
     }
     let reference = reference::prepare(&args, &policy, &shard, &mut pairs, &device, dtype)?;
+    // After the reference pass: --precompute-ref writes back one row per pair of the shard.
+    let identical = data::drop_identical_pairs(&mut pairs, args.loss);
+    if pairs.is_empty() {
+        bail!(
+            "{}: all {identical} pairs have the same chosen and rejected tokens, and --loss {} \
+             learns nothing from such a pair",
+            shard.name(),
+            args.loss_name()
+        );
+    }
     let trained = train::train(
         &args,
         &mut policy,
@@ -535,7 +547,7 @@ fn run(args: Args) -> Result<()> {
     )?;
     save(&args, &policy, &trained)?;
     state::remove(&args.output)?;
-    summary(&trained, pairs.len(), started)
+    summary(&trained, pairs.len(), identical, started)
         .field("kernels", kernels)
         .print();
     Ok(())
@@ -559,9 +571,11 @@ fn save(args: &Args, policy: &Policy, trained: &train::Trained) -> Result<()> {
     })
 }
 
-fn summary(trained: &train::Trained, pairs: usize, started: Instant) -> Summary {
+/// The summary line: `pairs` counts those trained on, `skipped_identical` those dropped.
+fn summary(trained: &train::Trained, pairs: usize, identical: usize, started: Instant) -> Summary {
     let mut summary = Summary::new("opt-wdpo")
         .field("pairs", pairs)
+        .field("skipped_identical", identical)
         .field("steps", trained.steps)
         .field("resumed_from", trained.resumed_from)
         .field("tokens", trained.tokens)

@@ -629,6 +629,61 @@ fn train_on(policy: &str, tmp: &Path, name: &str, pairs: &Path, extra: &[&str]) 
     out
 }
 
+/// Pairs whose two replies are the same text are dropped by the losses that only compare the
+/// sides, after --precompute-ref has written every row back; a shard of nothing else is refused.
+#[test]
+fn identical_pairs_are_skipped_where_they_teach_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pairs = tmp.path().join("pairs.jsonl");
+    write_pairs(&pairs);
+    let text = std::fs::read_to_string(&pairs).unwrap();
+    let mut rows: Vec<serde_json::Value> = text
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    for row in &mut rows[..2] {
+        row["rejected"] = row["chosen"].clone();
+    }
+    write_jsonl(&pairs, &rows);
+    let extra = ["--max-steps", "1", "--batch-size", "2"];
+    let (ok, err) = wdpo_on(
+        "tiny-llama",
+        &pairs,
+        &tmp.path().join("dpo"),
+        &[&extra[..], &["--precompute-ref"]].concat(),
+    );
+    assert!(ok, "{err}");
+    assert!(err.contains("pairs=6 skipped_identical=2 "), "{err}");
+    let written = std::fs::read_to_string(&pairs).unwrap();
+    assert_eq!(
+        written
+            .lines()
+            .filter(|l| l.contains("ref_chosen_logp"))
+            .count(),
+        8
+    );
+    let (ok, err) = wdpo_on(
+        "tiny-llama",
+        &pairs,
+        &tmp.path().join("rpo"),
+        &[&extra[..], &["--loss", "rpo"]].concat(),
+    );
+    assert!(ok, "{err}");
+    assert!(err.contains("pairs=8 skipped_identical=0 "), "{err}");
+
+    let same = tmp.path().join("same.jsonl");
+    write_jsonl(&same, &rows[..2]);
+    let (ok, err) = wdpo_on("tiny-llama", &same, &tmp.path().join("none"), &extra);
+    assert!(
+        !ok && err.contains(
+            "same.jsonl: all 2 pairs have the same chosen and rejected tokens, and --loss \
+             sigmoid learns nothing from such a pair"
+        ),
+        "{err}"
+    );
+    assert!(!tmp.path().join("none").exists());
+}
+
 #[test]
 fn max_steps_overrides_epochs() {
     let tmp = tempfile::tempdir().unwrap();

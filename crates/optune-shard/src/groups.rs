@@ -1,5 +1,7 @@
 //! Grouping a scored shard's rows by prompt.
 
+use crate::prompt::PromptText;
+use anyhow::{bail, Result};
 use std::collections::HashMap;
 
 /// The rows of one prompt, in input order.
@@ -27,6 +29,31 @@ pub(crate) fn group_by_prompt<'a>(prompt_ids: &[&'a str]) -> Vec<PromptGroup<'a>
     groups
 }
 
+/// Refuses a prompt whose rows disagree on its text. The tools keep one row
+/// per prompt (its first), so two texts under one `prompt_id` would otherwise
+/// lose one of them without a word: two datasets merged with clashing ids, or
+/// a prompt edited between iterations. `texts[row]` is row `row`'s prompt and
+/// `locate(row)` names that row for the message.
+pub(crate) fn require_one_text_per_prompt(
+    groups: &[PromptGroup],
+    texts: &[PromptText],
+    locate: impl Fn(usize) -> String,
+) -> Result<()> {
+    for group in groups {
+        let first = group.rows[0];
+        if let Some(&other) = group.rows.iter().find(|&&row| texts[row] != texts[first]) {
+            bail!(
+                "prompt_id '{}' has two different prompts: {} and {}; give each prompt its own \
+                 prompt_id",
+                group.prompt_id,
+                locate(first),
+                locate(other)
+            );
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -50,6 +77,28 @@ mod tests {
                     rows: vec![3]
                 },
             ]
+        );
+    }
+
+    #[test]
+    fn one_text_per_prompt_is_required_and_names_both_rows() {
+        let texts = [
+            PromptText::Text("hi".into()),
+            PromptText::Text("yo".into()),
+            PromptText::Text("hi".into()),
+            PromptText::Text("bye".into()),
+        ];
+        let locate = |row: usize| format!("row {}", row + 1);
+        let agreeing = group_by_prompt(&["a", "b", "a"]);
+        require_one_text_per_prompt(&agreeing, &texts[..3], locate).unwrap();
+        let clashing = group_by_prompt(&["a", "b", "a", "a"]);
+        let error = require_one_text_per_prompt(&clashing, &texts, locate)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            error,
+            "prompt_id 'a' has two different prompts: row 1 and row 4; give each prompt its own \
+             prompt_id"
         );
     }
 }

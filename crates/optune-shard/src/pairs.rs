@@ -4,7 +4,7 @@
 
 use crate::concat::concat_shards;
 use crate::contract::{col, ColumnKind};
-use crate::groups::group_by_prompt;
+use crate::groups::{group_by_prompt, require_one_text_per_prompt};
 use crate::select::selected_count;
 use crate::shard::Shard;
 use anyhow::{bail, Result};
@@ -24,6 +24,8 @@ pub struct PairShard {
     pub prompts_in: usize,
     /// Prompts with fewer than two responses.
     pub skipped_single: usize,
+    /// Prompts whose responses are all the same text.
+    pub skipped_same: usize,
     /// Prompts whose best and worst rewards differ by no more than the
     /// minimum gap.
     pub skipped_gap: usize,
@@ -91,13 +93,15 @@ struct Response<'a> {
 }
 
 /// Pairs each prompt's highest-rewarded response (`chosen`) with its
-/// lowest-rewarded one (`rejected`), over the rows of all `inputs`. Among
-/// equal rewards the lower `sample` is taken for either role. A prompt is
-/// kept only when `chosen_reward − rejected_reward > min_gap`, so with the
-/// default 0 a prompt whose rewards are all equal is skipped, as is a
-/// prompt with a single response.
+/// lowest-rewarded one whose text differs (`rejected`), over the rows of all
+/// `inputs`. Among equal rewards the lower `sample` is taken for either role.
+/// A prompt is kept only when `chosen_reward − rejected_reward > min_gap`, so
+/// with the default 0 a prompt whose rewards are all equal is skipped, as is a
+/// prompt with a single response or with one text in all its responses. The
+/// rows of one `prompt_id` must agree on its prompt.
 pub fn build_pairs(inputs: &[Shard], min_gap: f64) -> Result<PairShard> {
     let mut responses = Vec::new();
+    let mut prompt_texts = Vec::new();
     for (input, shard) in inputs.iter().enumerate() {
         shard.require(&[
             (col::PROMPT_ID, ColumnKind::Utf8),
@@ -107,7 +111,7 @@ pub fn build_pairs(inputs: &[Shard], min_gap: f64) -> Result<PairShard> {
         ])?;
         // A pair without its prompt would reach opt-wdpo as a transcript to split; a null
         // prompt is refused here, by its row, not by the next tool.
-        shard.prompt_texts()?;
+        prompt_texts.extend(shard.prompt_texts()?);
         let prompt_ids = shard.strings(col::PROMPT_ID)?;
         let samples = shard.uints(col::SAMPLE)?;
         let texts = shard.strings(col::RESPONSE)?;
@@ -171,8 +175,9 @@ pub fn build_pairs(inputs: &[Shard], min_gap: f64) -> Result<PairShard> {
         .map(|response| response.prompt_id)
         .collect();
     let mut groups = group_by_prompt(&prompt_ids);
+    require_one_text_per_prompt(&groups, &prompt_texts, |row| locate(&responses[row]))?;
     groups.sort_by(|a, b| a.prompt_id.cmp(b.prompt_id));
-    let (mut skipped_single, mut skipped_gap) = (0, 0);
+    let (mut skipped_single, mut skipped_same, mut skipped_gap) = (0, 0, 0);
     let mut first_rows = Vec::new();
     let mut chosen: Vec<&Response> = Vec::new();
     let mut rejected: Vec<&Response> = Vec::new();
@@ -183,11 +188,18 @@ pub fn build_pairs(inputs: &[Shard], min_gap: f64) -> Result<PairShard> {
         }
         let members = || group.rows.iter().map(|&row| &responses[row]);
         // Distinct samples (checked above) make these orders total.
-        let best =
-            members().max_by(|a, b| a.reward.total_cmp(&b.reward).then(b.sample.cmp(&a.sample)));
-        let worst =
-            members().min_by(|a, b| a.reward.total_cmp(&b.reward).then(a.sample.cmp(&b.sample)));
-        let (Some(best), Some(worst)) = (best, worst) else {
+        let Some(best) =
+            members().max_by(|a, b| a.reward.total_cmp(&b.reward).then(b.sample.cmp(&a.sample)))
+        else {
+            continue;
+        };
+        // A response identical to the chosen one teaches nothing (its DPO gradient is zero up
+        // to rounding, which AdamW scales up to full steps), whatever reward noise says.
+        let Some(worst) = members()
+            .filter(|response| response.text != best.text)
+            .min_by(|a, b| a.reward.total_cmp(&b.reward).then(a.sample.cmp(&b.sample)))
+        else {
+            skipped_same += 1;
             continue;
         };
         // Rewards are finite (checked above), so this comparison is total.
@@ -229,6 +241,7 @@ pub fn build_pairs(inputs: &[Shard], min_gap: f64) -> Result<PairShard> {
         rows_in: responses.len(),
         prompts_in: groups.len(),
         skipped_single,
+        skipped_same,
         skipped_gap,
         skipped_top_frac: 0,
     })
@@ -327,6 +340,54 @@ mod tests {
         assert_eq!(
             pairs.shard.floats(col::REJECTED_REWARD).unwrap(),
             [-0.5, -1.0]
+        );
+    }
+
+    /// `scored` with the `response` and `prompt` columns replaced.
+    fn with_texts(shard: Shard, responses: &[&str], prompts: &[&str]) -> Shard {
+        shard
+            .with_column(
+                col::RESPONSE,
+                Shard::string_column(responses.iter().copied()),
+            )
+            .unwrap()
+            .with_column(col::PROMPT, Shard::string_column(prompts.iter().copied()))
+            .unwrap()
+    }
+
+    #[test]
+    fn rejected_is_the_worst_response_that_differs_from_chosen() {
+        let shard = with_texts(
+            scored(&[
+                ("a", 0, 0.9),
+                ("a", 1, 0.1),
+                ("a", 2, 0.5),
+                ("b", 0, 0.7),
+                ("b", 1, 0.2),
+            ]),
+            &["same", "same", "other", "twin", "twin"],
+            &["pa", "pa", "pa", "pb", "pb"],
+        );
+        let pairs = build_pairs(&[shard], 0.0).unwrap();
+        assert_eq!(
+            pairs_of(&pairs),
+            [("a".into(), "same".into(), "other".into(), 0.4)]
+        );
+        assert_eq!((pairs.skipped_same, pairs.skipped_gap), (1, 0));
+    }
+
+    #[test]
+    fn a_prompt_id_with_two_prompts_is_refused() {
+        let kept = scored(&[("a", 0, 0.1), ("b", 0, 0.2)]);
+        let new = Shard::new(
+            "new.parquet",
+            with_texts(scored(&[("a", 1, 0.7)]), &["r"], &["edited"]).into_batch(),
+        );
+        let err = build_pairs(&[kept, new], 0.0).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "prompt_id 'a' has two different prompts: scored.parquet row 1 and new.parquet row 1; \
+             give each prompt its own prompt_id"
         );
     }
 

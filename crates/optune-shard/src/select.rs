@@ -8,7 +8,7 @@
 //! 2025, arXiv 2506.02177; see [`SkipFlat`]).
 
 use crate::contract::{col, ColumnKind};
-use crate::groups::{group_by_prompt, PromptGroup};
+use crate::groups::{group_by_prompt, require_one_text_per_prompt, PromptGroup};
 use crate::shard::Shard;
 use anyhow::{bail, ensure, Result};
 use arrow::array::{Array, AsArray};
@@ -178,7 +178,7 @@ pub fn select_prompts(
     }
     // The selected prompts go back to generation, which needs their text: a null is refused
     // here, by its row, not by opt-gen in the selection.
-    scored.prompt_texts()?;
+    let prompt_texts = scored.prompt_texts()?;
     if scored.num_rows() == 0 {
         bail!(
             "{}: no rows: there are no prompts to select from",
@@ -187,6 +187,9 @@ pub fn select_prompts(
     }
     let prompt_ids = scored.strings(col::PROMPT_ID)?;
     let groups = group_by_prompt(&prompt_ids);
+    require_one_text_per_prompt(&groups, &prompt_texts, |row| {
+        format!("{} row {}", scored.name(), row + 1)
+    })?;
     let files: Vec<&Shard> = history.iter().chain([scored]).collect();
     let rounds = reward_rounds(&files)?;
     let rounds_of = |group: &PromptGroup| &rounds[group.prompt_id];
@@ -443,6 +446,20 @@ mod tests {
         assert_eq!(
             selected_ids(&shard, options(0.3, RankBy::Min, Strategy::Lowest)),
             ["p4", "p5"]
+        );
+    }
+
+    #[test]
+    fn a_prompt_id_with_two_prompts_is_refused() {
+        let shard = scored(&[("p1", 0, 0.5), ("p2", 0, 0.1), ("p1", 1, 0.2)]);
+        let prompts = Shard::string_column(["one", "two", "one, edited"]);
+        let shard = shard.with_column(col::PROMPT, prompts).unwrap();
+        let err =
+            select_prompts(&shard, &[], &options(0.5, RankBy::Max, Strategy::Lowest)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "prompt_id 'p1' has two different prompts: scored.parquet row 1 and scored.parquet \
+             row 3; give each prompt its own prompt_id"
         );
     }
 

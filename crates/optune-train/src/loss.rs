@@ -205,6 +205,14 @@ impl Objective {
         }
     }
 
+    /// Whether the loss reads a pair only through the difference between its two sides, so that
+    /// a pair whose chosen and rejected sequences are the same tokens adds a constant to it and
+    /// nothing to the gradient. RPO and SFT also train on the chosen reply alone, and HyPO on
+    /// fresh samples of the pair's prompt.
+    pub fn only_compares_sides(self) -> bool {
+        !matches!(self, Objective::Hypo | Objective::Rpo | Objective::Sft)
+    }
+
     /// Whether training needs fresh samples from the policy (and so a reference model at hand).
     pub fn samples_online(self) -> bool {
         self == Objective::Hypo
