@@ -136,7 +136,7 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<()> {
-    args.output.check()?;
+    args.output.check(&args.input)?;
     if args.n == 0 {
         bail!("--n must be at least 1");
     }

@@ -81,7 +81,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: &Cli) -> Result<()> {
-    cli.output.check()?;
+    cli.output.check(&cli.inputs)?;
     let inputs = Shard::read_all(&cli.inputs)?;
     let mut pairs = build_pairs(&inputs, cli.min_gap)?;
     if let Some(frac) = cli.top_frac {

@@ -247,6 +247,35 @@ fn pairs_what_opt_select_kept_in_a_pipe() {
     );
 }
 
+/// An -o that names an input, however spelt, is refused before any work and leaves it as it was.
+#[test]
+fn an_output_over_an_input_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("scored.jsonl");
+    std::fs::copy(testdata("scored.jsonl"), &input).unwrap();
+    let before = std::fs::read(&input).unwrap();
+    let spelt_apart = dir.path().join(".").join("scored.jsonl");
+    let outcome = run(
+        opt_pairs()
+            .arg(testdata("scored.jsonl"))
+            .arg(&input)
+            .arg("-o")
+            .arg(&spelt_apart),
+        None,
+    );
+    assert!(!outcome.status.success());
+    assert!(
+        outcome.stderr.contains(&format!(
+            "-o {} is an input ({}): write the output elsewhere",
+            spelt_apart.display(),
+            input.display()
+        )),
+        "{}",
+        outcome.stderr
+    );
+    assert_eq!(std::fs::read(&input).unwrap(), before);
+}
+
 #[test]
 fn help_explains_what_and_when() {
     let help = run(opt_pairs().arg("--help"), None)

@@ -207,7 +207,7 @@ fn progress_bar(len: usize) -> indicatif::ProgressBar {
 }
 
 fn run(args: Args) -> Result<()> {
-    args.output.check()?;
+    args.output.check(&args.input)?;
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }

@@ -189,3 +189,26 @@ fn bad_command_lines_fail_cleanly() {
         );
     }
 }
+
+/// Scoring a shard into itself is refused before any scoring: the write would replace the input.
+#[test]
+fn an_output_over_the_input_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = write(
+        dir.path(),
+        "responses.jsonl",
+        &[json!({"prompt_id": "a", "prompt": "Q", "response": "good"})],
+    );
+    let before = std::fs::read(&input).unwrap();
+    let mut command = opt_score();
+    command
+        .arg(&input)
+        .arg("-o")
+        .arg(&input)
+        .args(["--lexicon", &lexicon_arg()]);
+    let outcome = run(&mut command, None);
+    assert!(!outcome.status.success());
+    assert!(outcome.stderr.contains("is an input"), "{}", outcome.stderr);
+    assert_eq!(std::fs::read(&input).unwrap(), before);
+    assert!(!dir.path().join("responses.jsonl.journal").exists());
+}

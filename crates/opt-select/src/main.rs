@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Result};
 use clap::Parser;
-use optune_shard::cli::{run_tool, ShardArgs, Summary};
+use optune_shard::cli::{refuse_input_as_output, run_tool, ShardArgs, Summary};
 use optune_shard::select::{
     parse_explore, parse_flat_tol, parse_rho, select_prompts, RankBy, SelectOptions, SkipFlat,
     Strategy,
@@ -133,24 +133,11 @@ fn run(cli: &Cli) -> Result<()> {
         .rest
         .as_deref()
         .map(|path| Destination::from_arg(Some(path)));
-    output.check()?;
-    let inputs: Vec<Destination> = cli
-        .shard
-        .input
-        .iter()
-        .chain(&cli.history)
-        .map(|path| Destination::from_arg(Some(path)))
-        .filter(|input| matches!(input, Destination::File(_)))
-        .collect();
-    let outputs = std::iter::once((output.destination(), "-o"))
-        .chain(rest.clone().map(|rest| (rest, "--rest")));
-    for (destination, flag) in outputs {
-        if let Some(input) = inputs.iter().find(|i| destination.names_same_file(i)) {
-            bail!("{flag} {destination} is an input ({input}): write the selection elsewhere");
-        }
-    }
+    let inputs = || cli.shard.input.iter().chain(&cli.history);
+    output.check(inputs())?;
     if let Some(rest) = &rest {
         output.check_destination(rest)?;
+        refuse_input_as_output(rest, "--rest", inputs())?;
         if rest.names_same_file(&output.destination()) {
             bail!(
                 "--rest and -o both name {}: give them different destinations",

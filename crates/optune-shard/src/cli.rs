@@ -4,9 +4,9 @@
 
 use crate::io::{write_shard, Destination, OutputFormat};
 use crate::shard::Shard;
-use anyhow::Result;
+use anyhow::{bail, Result};
 use std::fmt::Display;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 /// Input and output of a tool that turns one shard into another. Flatten it
@@ -50,10 +50,13 @@ impl OutputArgs {
     }
 
     /// Refuses, before any work, an `-o` no write could reach or whose format cannot be
-    /// written (a `.csv` FILE); see [`Destination::check_writable`]. Tools call it first, so a
-    /// long run never ends in such an error, nor leaves a journal for it.
-    pub fn check(&self) -> Result<()> {
-        self.check_destination(&self.destination())
+    /// written (a `.csv` FILE; see [`Destination::check_writable`]), or that names one of the
+    /// tool's `inputs`, which the write would replace. Tools call it first, so a long run never
+    /// ends in such an error, nor leaves a journal for it.
+    pub fn check<P: AsRef<Path>>(&self, inputs: impl IntoIterator<Item = P>) -> Result<()> {
+        let destination = self.destination();
+        self.check_destination(&destination)?;
+        refuse_input_as_output(&destination, "-o", inputs)
     }
 
     /// [`OutputArgs::check`] for a secondary output (like `opt-select --rest`).
@@ -76,6 +79,22 @@ impl OutputArgs {
             OutputFormat::resolve(self.format, destination)?,
         )
     }
+}
+
+/// Refuses an output (`flag`, for the message) that names one of `inputs` however spelt: the
+/// finished write would replace an input, and a failed one could remove it.
+pub fn refuse_input_as_output<P: AsRef<Path>>(
+    output: &Destination,
+    flag: &str,
+    inputs: impl IntoIterator<Item = P>,
+) -> Result<()> {
+    for input in inputs {
+        let input = Destination::from_arg(Some(input.as_ref()));
+        if matches!(input, Destination::File(_)) && output.names_same_file(&input) {
+            bail!("{flag} {output} is an input ({input}): write the output elsewhere");
+        }
+    }
+    Ok(())
 }
 
 /// The one line a tool prints on stderr when it succeeds:

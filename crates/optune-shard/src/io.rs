@@ -675,6 +675,29 @@ mod tests {
     }
 
     #[test]
+    fn an_output_that_names_an_input_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir(tmp.path().join("o")).unwrap();
+        let input = tmp.path().join("o/s.parquet");
+        let output = Destination::File(tmp.path().join("o/../o/s.parquet"));
+        let other = tmp.path().join("o/t.parquet");
+        let refusal = crate::cli::refuse_input_as_output(&output, "-o", [&other, &input])
+            .unwrap_err()
+            .to_string();
+        assert!(refusal.starts_with("-o "), "{refusal}");
+        assert!(
+            refusal.ends_with(&format!(
+                "is an input ({}): write the output elsewhere",
+                input.display()
+            )),
+            "{refusal}"
+        );
+        crate::cli::refuse_input_as_output(&output, "-o", [&other]).unwrap();
+        // stdin as input and stdout as output are no clash.
+        crate::cli::refuse_input_as_output(&Destination::Stdout, "-o", ["-"]).unwrap();
+    }
+
+    #[test]
     fn output_format_follows_the_extension_unless_given() {
         let file = |name: &str| Destination::File(PathBuf::from(name));
         assert_eq!(
