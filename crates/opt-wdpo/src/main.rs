@@ -359,6 +359,21 @@ impl Args {
         }
         if !self.reference_only {
             check_output_dir(&self.output)?;
+            let inputs = [
+                ("--policy", Some(&self.policy)),
+                ("--ref", self.reference.as_ref()),
+                ("PAIRS", self.input.as_ref()),
+            ];
+            for (flag, input) in inputs {
+                if let Some(input) = input.filter(|input| lies_within(input, &self.output)) {
+                    bail!(
+                        "-o {}: the save replaces OUT_DIR whole, and {flag} {} lies in it; give \
+                         the checkpoint a new directory",
+                        self.output.display(),
+                        input.display()
+                    );
+                }
+            }
             if let Some(metrics) = &self.metrics {
                 if metrics.starts_with(&self.output) {
                     bail!(
@@ -431,6 +446,15 @@ impl Args {
             }
         }
         Ok(())
+    }
+}
+
+/// Whether `path` is `dir` or lies below it, however either is spelt (links resolved); false
+/// when either does not exist.
+fn lies_within(path: &std::path::Path, dir: &std::path::Path) -> bool {
+    match (path.canonicalize(), dir.canonicalize()) {
+        (Ok(path), Ok(dir)) => path.starts_with(dir),
+        _ => false,
     }
 }
 

@@ -520,6 +520,35 @@ fn outputs_and_models_that_cannot_be_used_are_refused_first() {
     );
     assert!(!ok && err.contains("inside OUT_DIR"), "{err}");
 
+    // An OUT_DIR that is the policy, or holds the reference or the pairs: the save would
+    // replace them.
+    let policy = tmp.path().join("policy");
+    std::fs::create_dir(&policy).unwrap();
+    for entry in std::fs::read_dir(model("tiny-llama")).unwrap() {
+        let entry = entry.unwrap().path();
+        std::fs::copy(&entry, policy.join(entry.file_name().unwrap())).unwrap();
+    }
+    let spelt_apart = tmp.path().join(".").join("policy");
+    let own_pairs = policy.join("pairs.jsonl");
+    write_pairs(&own_pairs);
+    for (policy_dir, pairs_file, flag) in [
+        (&policy, &pairs, "--policy"),
+        (&model("tiny-llama"), &own_pairs, "PAIRS"),
+    ] {
+        let (ok, err) = wdpo_at(policy_dir, pairs_file, &spelt_apart, &[]);
+        assert!(
+            !ok && err.contains(&format!("the save replaces OUT_DIR whole, and {flag} ")),
+            "{flag}: {err}"
+        );
+    }
+    let reference = ["--ref", policy.to_str().unwrap()];
+    let (ok, err) = wdpo_at(&model("tiny-llama"), &pairs, &policy, &reference);
+    assert!(!ok && err.contains("and --ref "), "{err}");
+    assert_eq!(
+        std::fs::read(policy.join("model.safetensors")).unwrap(),
+        std::fs::read(model("tiny-llama").join("model.safetensors")).unwrap()
+    );
+
     let out = tmp.path().join("out");
     let (ok, err) = wdpo_on("tiny-rm-llama", &pairs, &out, &[]);
     assert!(!ok && err.contains("a reward model"), "{err}");
