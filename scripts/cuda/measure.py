@@ -80,8 +80,10 @@ a run stopped from outside still leaves its rows on stdout and in --out.
 GPU memory: optune's peak is polled with nvidia-smi every ~0.1 s (the process's used_memory,
 its CUDA context included; the device's memory.used above its value at the start when the
 process is not listed), shown beside opt-wdpo's own plan (its "memory estimate" line); the
-peer's is torch.cuda.max_memory_allocated (no context, no cache). opt-wdpo trains with the
-device to itself; opt-gen runs while this process holds the peer's bf16 model.
+peer's is read the same way: torch.cuda.max_memory_reserved (its cache's high-water mark, as
+optune's pool keeps what it reserved) plus the process's memory outside torch (nvidia-smi's
+figure less torch's reservation), with torch's max allocated in the note. opt-wdpo trains with
+the device to itself; opt-gen runs while this process holds the peer's bf16 model.
 
 --dry-run runs every stage with the same code on the CPU (the "CUDA" runs use --device cpu with
 --kernels generic, the op graph a GPU runs; torch on the CPU; tiny model shapes; fewer tokens),
@@ -252,6 +254,11 @@ class OutOfTime(RuntimeError):
     not failed."""
 
 
+class OverCap(RuntimeError):
+    """A tool run killed at its own unit's cap (3x its guess), before the whole run's limit: a
+    failure for a row that measures the tool, a skip for a row that only watches it run."""
+
+
 BUDGET = None  # the Budget, made by main()
 
 
@@ -301,7 +308,7 @@ def run(cmd, watch_gpu: bool = False, unit: str = None, env: dict = None):
             if hard:
                 raise OutOfTime(f"{Path(cmd[0]).name} killed after {limit:.0f} s at the hard limit "
                                 f"(--budget-s + {BUDGET.GRACE_S} s)")
-            raise RuntimeError(f"killed after {limit:.0f} s (its time limit): {' '.join(cmd)}")
+            raise OverCap(f"killed after {limit:.0f} s (its time limit): {' '.join(cmd)}")
     finally:
         gib, how = peak.stop() if peak else (None, "")
     if proc.returncode != 0:
@@ -499,7 +506,7 @@ def wdpo_ref_logps(bins: Path, model: Path, pairs: Path, work: Path, device: str
     run([bins / "opt-wdpo", "--policy", model, copy, "-o", work / "ckpt", "--precompute-ref",
          "--lr", lr, "--warmup-ratio", "0", "--schedule", "constant", "--batch-size", "4",
          "--epochs", str(epochs), "--metrics", metrics, "--device", dev(device), "--dtype", dtype,
-         *device_flags(device, dtype)])
+         *device_flags(device, dtype)], unit="logprobs")
     rows = read_jsonl(copy)
     with open(metrics) as f:
         steps = list(csv.DictReader(f))
@@ -574,7 +581,7 @@ def logprobs_rewards(bins: Path, work: Path) -> None:
         for device, dtype in RUNS:
             out = work / f"{name}-{device}-{dtype}.jsonl"
             run([bins / "opt-score", shard, "--rm", model, "-o", out, "--device", dev(device), "--dtype", dtype,
-                 *device_flags(device, dtype)])
+                 *device_flags(device, dtype)], unit="logprobs")
             got[f"{device}-{dtype}"] = [r["reward"] for r in read_jsonl(out)]
         hf = [float(c["score"]) for c in cases]
         scale = max(abs(x) for x in got["cpu-f32"])
@@ -612,7 +619,7 @@ def logprobs_generation(bins: Path, work: Path) -> None:
         out = work / f"gen-{device}-{dtype}.jsonl"
         run([bins / "opt-gen", "--model", model, prompts, "-o", out, "--n", "1", "--temperature", "0",
              "--max-new-tokens", "48", "--batch-size", "8", "--device", dev(device), "--dtype", dtype,
-             *device_flags(device, dtype)])
+             *device_flags(device, dtype)], unit="logprobs")
         got[f"{device}-{dtype}"] = read_jsonl(out)
     for key, tol in [("cuda-f32", 1e-4), ("cuda-bf16", 1e-2)]:
         same = [(a, b) for a, b in zip(got[key], got["cpu-f32"]) if a["response"] == b["response"]]
@@ -646,7 +653,7 @@ def logprobs_sampling(bins: Path, work: Path) -> None:
         flags = device_flags(device, "f32") if device == "cuda" else ["--kernels", "generic"]
         run([bins / "opt-gen", "--model", model, prompts, "-o", out, "--n", "2", "--temperature", "1.0",
              "--top-p", "0.9", "--seed", "11", "--prompt-tokens-per-step", "7", "--max-new-tokens", "48",
-             "--batch-size", "8", "--device", dev(device), "--dtype", "f32", *flags])
+             "--batch-size", "8", "--device", dev(device), "--dtype", "f32", *flags], unit="logprobs")
         got[device] = read_jsonl(out)
     same = [(a, b) for a, b in zip(got["cuda"], got["cpu"]) if a["response"] == b["response"]]
     worst = max((rel(a["logp"], b["logp"]) for a, b in same), default=float("nan"))
@@ -712,7 +719,7 @@ def logprobs_lora_dropout(bins: Path, work: Path) -> None:
              "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "--gradient-checkpointing",
              "--lr", "1e-2", "--warmup-ratio", "0", "--schedule", "constant", "--batch-size", "4",
              "--epochs", "3", "--seed", str(seed), "--device", dev(device), "--dtype", "f32",
-             *device_flags(device, "f32")])
+             *device_flags(device, "f32")], unit="logprobs")
         merged = load_file(str(out / "model.safetensors"))
         return {k: merged[k].float() - base[k].float() for k in merged if "proj" in k}
 
@@ -776,11 +783,15 @@ def sanitized_row(tool: str, what: str, cmd, sanitizer, env=None) -> None:
     full = [sanitizer, "--tool", tool, "--error-exitcode", "97", "--print-limit", "20",
             "--report-api-errors", "no", "--log-file", log, *cmd]
     start = time.monotonic()
-    failure = None
+    failure = capped = None
     try:
         run(full, unit="sanitize", env=env)
     except OutOfTime:
         raise
+    except OverCap as e:
+        # Instrumenting every module (candle's PTX, cuBLAS) can outlast the row's cap: slow, not
+        # faulty, unless the log already holds an error.
+        capped = e
     except RuntimeError as e:
         failure = e
     report = log.read_text(errors="replace") if log.exists() else ""
@@ -791,6 +802,10 @@ def sanitized_row(tool: str, what: str, cmd, sanitizer, env=None) -> None:
                    "GPU (\"Device not supported\")", kind="skip")
         return
     count = sanitizer_errors(report)
+    if capped is not None and not count and not re.search(r"^=+ (Invalid|Error|.*[Hh]azard|.*[Rr]ace )", report, re.M):
+        REPORT.row("sanitize", what, "", "", "", f"skipped: {str(capped).split(':')[0]} under "
+                   "compute-sanitizer, no error reported by then", kind="skip")
+        return
     if count is None:
         raise failure or RuntimeError(f"no error summary in {log}:\n{report[-2000:]}")
     if count or failure is not None:
@@ -973,9 +988,23 @@ def make_train_pairs(tok, n_pairs: int, tokens: int, path: Path):
     return sides
 
 
+def scratch_dir(work: Path, name: str, need_bytes: float) -> Path:
+    """Where a large output that is deleted unread goes: memory (/dev/shm) when it has room, so
+    that writing a 7B checkpoint costs seconds of the budget instead of tens; else `work`."""
+    shm = Path("/dev/shm")
+    try:
+        if shm.is_dir() and shutil.disk_usage(shm).free > 1.5 * need_bytes:
+            return shm / f"optune-measure-{os.getpid()}-{name}"
+    except OSError:
+        pass
+    return work / name
+
+
 def optune_train(args, model_dir: Path, pairs: Path, n_pairs: int, work: Path, lora: bool, unit: str) -> dict:
     metrics = work / "metrics.csv"
-    cmd = [args.bin / "opt-wdpo", "--policy", model_dir, pairs, "-o", work / "ckpt",
+    weights = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
+    ckpt = scratch_dir(work, "ckpt", weights)
+    cmd = [args.bin / "opt-wdpo", "--policy", model_dir, pairs, "-o", ckpt,
            "--lr", "1e-5" if lora else "1e-6", "--warmup-ratio", "0", "--schedule", "constant",
            "--batch-size", str(n_pairs), "--max-steps", str(args.train_steps),
            "--max-length", str(4 * args.train_tokens), "--metrics", metrics,
@@ -984,9 +1013,11 @@ def optune_train(args, model_dir: Path, pairs: Path, n_pairs: int, work: Path, l
         cmd += ["--lora-rank", str(args.lora_rank), "--lora-alpha", str(2 * args.lora_rank),
                 "--lora-targets", ",".join(LORA_TARGETS)]
     start = time.perf_counter()
-    stderr, peak, how = run(cmd, watch_gpu=True, unit=unit)
-    wall = time.perf_counter() - start
-    shutil.rmtree(work / "ckpt", ignore_errors=True)  # a merged 7B is 13.5 GB of disk
+    try:
+        stderr, peak, how = run(cmd, watch_gpu=True, unit=unit)
+        wall = time.perf_counter() - start
+    finally:
+        shutil.rmtree(ckpt, ignore_errors=True)  # a merged 7B is 13.5 GB
     s = summary(stderr, "opt-wdpo")
     with open(metrics) as f:
         seconds = [float(r["seconds"]) for r in csv.DictReader(f)]
@@ -1099,10 +1130,28 @@ def peer_dpo_steps(model, sides, steps: int, lr: float) -> dict:
             "trainable": sum(p.numel() for p in trainable), "dtype": str(trainable[0].dtype).removeprefix("torch.")}
 
 
-def peak_allocated_gib():
+def peer_peak() -> dict:
+    """The peer's peak as nvidia-smi shows optune's: torch's peak reserved memory (its caching
+    allocator's high-water mark, as optune's pool keeps what it reserved) plus what the process
+    holds outside torch's allocator (CUDA context, library workspaces: its nvidia-smi figure now
+    less torch's reservation now); with torch's peak allocated beside it."""
     import torch
 
-    return torch.cuda.max_memory_allocated() / 2**30 if GPU == "cuda" else None
+    if GPU != "cuda":
+        return {"peak_gib": None, "peak_how": "n/a: no GPU", "allocated_gib": None}
+    reserved, allocated = torch.cuda.max_memory_reserved(), torch.cuda.max_memory_allocated()
+    try:
+        apps = GpuMemoryPeak.smi("--query-compute-apps=pid,used_memory")
+    except (OSError, subprocess.SubprocessError):
+        apps = []
+    own = next((row[1] for row in apps if len(row) == 2 and row[0] == os.getpid()), None)
+    if own is None:
+        how = "torch max reserved; no context (nvidia-smi lists no process)"
+        outside = 0
+    else:
+        how = "torch max reserved + the process's memory outside torch (context incl.)"
+        outside = max(own * 2**20 - torch.cuda.memory_reserved(), 0)
+    return {"peak_gib": (reserved + outside) / 2**30, "peak_how": how, "allocated_gib": allocated / 2**30}
 
 
 def reset_peak() -> None:
@@ -1121,7 +1170,7 @@ def peer_lora(args, models: Models, role: str, sides) -> dict:
         out = peer_dpo_steps(wrapped, sides, args.train_steps, 1e-5)
     finally:
         undo()
-    out.update(peak_gib=peak_allocated_gib(), used=used)
+    out.update(peer_peak(), used=used)
     return out
 
 
@@ -1133,7 +1182,7 @@ def peer_full(args, models: Models, role: str, sides) -> dict:
     model = AutoModelForCausalLM.from_pretrained(models.path(role), dtype=torch.float32,
                                                  attn_implementation="sdpa").to(GPU)
     out = peer_dpo_steps(model, sides, args.train_steps, 1e-6)
-    out.update(peak_gib=peak_allocated_gib(), used="transformers model in f32")
+    out.update(peer_peak(), used="transformers model in f32")
     del model
     free_torch_memory()
     return out
@@ -1161,7 +1210,7 @@ def train_row(args, models: Models, role: str, kind: str, pairs: Path, sides) ->
     REPORT.row(stage, "peak GPU memory, GiB", fmt(ours["peak_gib"], ".1f"), fmt(theirs["peak_gib"], ".1f"),
                ratio(ours["peak_gib"], theirs["peak_gib"]),
                f"optune: {ours['peak_how']}, its own plan {fmt(ours['planned_gib'], '.1f')} GiB; "
-               f"peer: torch max allocated")
+               f"peer: {theirs['peak_how']}, torch max allocated {fmt(theirs['allocated_gib'], '.1f')} GiB")
     REPORT.raw.setdefault("train", []).append({"role": role, "kind": kind, "optune": ours, "peer": theirs})
 
 

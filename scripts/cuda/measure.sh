@@ -51,7 +51,8 @@ except ImportError:
     pass
 EOF
 )
-candidates+=(/usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/local/cuda-13*/lib64 /usr/lib/x86_64-linux-gnu)
+candidates+=(/usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/local/cuda-13*/lib64 /usr/local/nvidia/lib64
+	/usr/local/nvidia/lib /usr/lib/x86_64-linux-gnu /usr/lib64)
 
 for tool in opt-gen opt-wdpo opt-score; do
 	[[ -x $BIN/$tool ]] || { echo "measure: $BIN/$tool is missing (scripts/build-cuda.sh builds it)" >&2; exit 1; }

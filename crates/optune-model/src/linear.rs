@@ -247,21 +247,20 @@ impl optune_checkpoint::SavedWeight for ModelWeight {
 
     /// Computed outside autograd: from the adapter variables themselves, the merged weight
     /// would record its ops and keep every intermediate (B·A, its scaled and cast copies)
-    /// alive as long as it lives.
+    /// alive as long as it lives. A merged weight is summed on the host, where the writer needs
+    /// it anyway: there B·A is a full f32 product, where a GPU's may run in TF32 (`--tf32`),
+    /// and the merge takes no device memory.
     fn tensor(&self) -> anyhow::Result<Tensor> {
         match self {
             ModelWeight::Plain(t) => Ok(t.clone()),
             ModelWeight::Merged { base, a, b, scale } => {
-                let f32 = candle_core::DType::F32;
-                let delta = (b
-                    .detach()
-                    .to_dtype(f32)?
-                    .matmul(&a.detach().to_dtype(f32)?)?
-                    * *scale)?;
-                Ok(base
-                    .detach()
-                    .to_dtype(f32)?
-                    .add(&delta.to_device(base.device())?)?)
+                let on_host = |t: &Tensor| {
+                    t.detach()
+                        .to_device(&candle_core::Device::Cpu)?
+                        .to_dtype(candle_core::DType::F32)
+                };
+                let delta = (on_host(b)?.matmul(&on_host(a)?)? * *scale)?;
+                Ok(on_host(base)?.add(&delta)?)
             }
         }
     }
