@@ -247,6 +247,29 @@ fn pairs_what_opt_select_kept_in_a_pipe() {
     );
 }
 
+/// A reader that closes the pipe before the tool writes (`opt-pairs … | head -0`) ends it with
+/// status 0 and nothing on stderr, as it ends `cat`, in either output format.
+#[test]
+fn a_reader_gone_early_ends_the_tool_quietly() {
+    for format in ["jsonl", "parquet"] {
+        let mut child = opt_pairs()
+            .arg(testdata("scored.jsonl"))
+            .args(["--format", format])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let output = child.wait_with_output().unwrap();
+        assert!(
+            output.status.success() && output.stderr.is_empty(),
+            "{format}: {:?} {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
 /// An -o that names an input, however spelt, is refused before any work and leaves it as it was.
 #[test]
 fn an_output_over_an_input_is_refused() {

@@ -208,7 +208,9 @@ pub struct Args {
     #[arg(long, default_value_t = 0.0)]
     pub weight_decay: f64,
 
-    /// Share of the optimiser steps spent warming the learning rate up from 0 (rounded up)
+    /// Share of the optimiser steps spent warming the learning rate up from 0 (rounded up). As in
+    /// transformers, the first step then takes learning rate 0: a one-step run changes nothing
+    /// unless this is 0
     #[arg(long, default_value_t = 0.1)]
     pub warmup_ratio: f64,
 
@@ -296,6 +298,28 @@ impl Args {
         value.map_or_else(|| format!("{:?}", self.loss), |v| v.get_name().to_string())
     }
 
+    /// Whether the option of clap id `id` was given on the command line.
+    fn given(&self, id: &str) -> bool {
+        self.given.iter().any(|given| given == id)
+    }
+
+    /// Refuses a reward weighting asked for on pairs that hold no rewards: every weight would be
+    /// 1, plain DPO, without a word.
+    fn check_weighting(&self, shard: &Shard) -> Result<()> {
+        let asked = ["weight", "beta2"].into_iter().find(|&id| self.given(id));
+        if let Some(id) = asked {
+            if self.weight != WeightForm::None && shard.pair_reward_gaps()?.is_none() {
+                bail!(
+                    "--{id}: {} holds no rewards (reward_gap, chosen_reward/rejected_reward or \
+                     score_chosen/score_rejected), so every pair would weigh 1; leave it out, \
+                     or give each pair its weight with --weight-col",
+                    shard.name()
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// The checks clap cannot express.
     fn validate(&self) -> Result<()> {
         if self.batch_size == 0 || self.grad_accum == 0 || self.epochs == 0 {
@@ -329,23 +353,32 @@ impl Args {
             }
         }
         let online = self.loss.samples_online();
-        for (id, flag, used) in [
+        let loss = format!("--loss {}", self.loss_name());
+        let unweighted = "--weight none".to_string();
+        let weighted = self.weight != WeightForm::None || self.weight_col.is_some();
+        for (id, flag, used, setting) in [
+            ("beta", "--beta", self.loss != Objective::Sft, &loss),
             (
                 "simpo_gamma",
                 "--simpo-gamma",
                 self.loss == Objective::Simpo,
+                &loss,
             ),
-            ("rpo_alpha", "--rpo-alpha", self.loss == Objective::Rpo),
-            ("kl_coef", "--kl-coef", online),
-            ("kl_samples", "--kl-samples", online),
-            ("kl_max_new_tokens", "--kl-max-new-tokens", online),
-            ("reference", "--ref", self.loss.needs_reference()),
+            (
+                "rpo_alpha",
+                "--rpo-alpha",
+                self.loss == Objective::Rpo,
+                &loss,
+            ),
+            ("kl_coef", "--kl-coef", online, &loss),
+            ("kl_samples", "--kl-samples", online, &loss),
+            ("kl_max_new_tokens", "--kl-max-new-tokens", online, &loss),
+            ("reference", "--ref", self.loss.needs_reference(), &loss),
+            ("beta2", "--beta2", weighted, &unweighted),
+            ("weight_norm", "--weight-norm", weighted, &unweighted),
         ] {
-            if !used && self.given.iter().any(|given| given == id) {
-                bail!(
-                    "{flag}: --loss {} does not use it; leave it out",
-                    self.loss_name()
-                );
+            if !used && self.given(id) {
+                bail!("{flag}: {setting} does not use it; leave it out");
             }
         }
         for (value, flag) in [
@@ -510,6 +543,7 @@ fn run(args: Args) -> Result<()> {
         return Ok(());
     }
     let shard = Shard::read(args.input.as_deref())?;
+    args.check_weighting(&shard)?;
     // Before the policy takes its share: the plan counts its weights too.
     let available = optune_cli::runtime::available_memory(&device);
     let mut policy = Policy::load(&args, &device, dtype)?;

@@ -427,7 +427,19 @@ fn bad_arguments_are_refused_before_any_work() {
     let pairs = tmp.path().join("pairs.jsonl");
     write_pairs(&pairs);
     let out = tmp.path().join("policy");
-    let cases: [(&[&str], &str); 15] = [
+    let cases: [(&[&str], &str); 18] = [
+        (
+            &["--loss", "sft", "--beta", "0.5"],
+            "--beta: --loss sft does not use it",
+        ),
+        (
+            &["--weight", "none", "--beta2", "2"],
+            "--beta2: --weight none does not use it",
+        ),
+        (
+            &["--weight", "none", "--weight-norm", "none"],
+            "--weight-norm: --weight none does not use it",
+        ),
         (
             &["--simpo-gamma", "3"],
             "--simpo-gamma: --loss sigmoid does not use it",
@@ -483,6 +495,14 @@ fn bad_arguments_are_refused_before_any_work() {
         !ok && err.contains("is CSV, which it cannot rewrite"),
         "{err}"
     );
+    // A weighting asked for on pairs without rewards would weigh every pair 1.
+    for extra in [&["--weight", "sigmoid"][..], &["--beta2", "3"]] {
+        let (ok, err) = wdpo_on("tiny-llama", &csv, &out, extra);
+        assert!(
+            !ok && err.contains("pairs.csv holds no rewards"),
+            "{extra:?}: {err}"
+        );
+    }
     assert!(!out.exists());
 }
 
@@ -845,28 +865,36 @@ fn simpo_and_sft_train_without_a_reference() {
     let tmp = tempfile::tempdir().unwrap();
     let pairs = tmp.path().join("pairs.jsonl");
     write_pairs(&pairs);
-    for loss in ["simpo", "sft"] {
+    // SimPO's paper scales its rewards by β = 2; SFT has no β.
+    for (loss, beta) in [("simpo", "2"), ("sft", "")] {
+        let beta = if beta.is_empty() {
+            vec![]
+        } else {
+            vec!["--beta", beta]
+        };
         let out = train_on(
             "tiny-llama",
             tmp.path(),
             loss,
             &pairs,
             &[
-                "--loss",
-                loss,
-                "--beta",
-                "2",
-                "--lr",
-                "1e-3",
-                "--epochs",
-                "4",
-                "--batch-size",
-                "4",
-                "--warmup-ratio",
-                "0",
-                "--schedule",
-                "constant",
-            ],
+                &[
+                    "--loss",
+                    loss,
+                    "--lr",
+                    "1e-3",
+                    "--epochs",
+                    "4",
+                    "--batch-size",
+                    "4",
+                    "--warmup-ratio",
+                    "0",
+                    "--schedule",
+                    "constant",
+                ][..],
+                &beta,
+            ]
+            .concat(),
         );
         let loss_column = column(&metrics(&out), "loss");
         assert!(
@@ -919,10 +947,16 @@ fn ultrafeedback_scores_drive_the_weights() {
         "--beta2",
         "0.5",
     ];
-    let run = |name: &str, columns| {
+    let run = |name: &str, columns: Option<(&str, &str)>| {
         let pairs = tmp.path().join(format!("{name}.jsonl"));
         write_scored_pairs(&pairs, columns, None);
-        weights(&train_on("tiny-llama", tmp.path(), name, &pairs, &args))
+        // Pairs without rewards refuse a weighting asked for: their weights are 1 by default.
+        let args = if columns.is_some() {
+            &args[..]
+        } else {
+            &args[..6]
+        };
+        weights(&train_on("tiny-llama", tmp.path(), name, &pairs, args))
     };
     let explicit = run("explicit", Some(("chosen_reward", "rejected_reward")));
     let ultrafeedback = run("ultrafeedback", Some(("score_chosen", "score_rejected")));

@@ -122,13 +122,26 @@ impl Summary {
 }
 
 /// Runs a tool's body and turns an error into `TOOL: error: …` on stderr
-/// and exit status 1 (clap's own usage errors exit with 2).
+/// and exit status 1 (clap's own usage errors exit with 2). A reader that
+/// closed the output early (`opt-gen … | head`) ends the tool quietly with
+/// status 0, as it ends `cat`: the reader has what it wanted, and a failing
+/// reader reports its own failure.
 pub fn run_tool(tool: &str, body: impl FnOnce() -> Result<()>) -> ExitCode {
     match body() {
         Ok(()) => ExitCode::SUCCESS,
+        Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("{tool}: error: {err:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Whether an error comes from writing to a pipe whose reader has gone.
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }

@@ -176,17 +176,25 @@ fn read_jsonl(bytes: &[u8]) -> Result<RecordBatch> {
 fn keys_in_written_order(jsonl: &[u8]) -> Result<Vec<String>> {
     let mut written: Vec<String> = Vec::new();
     let mut records = serde_json::Deserializer::from_slice(jsonl).into_iter::<ObjectKeys>();
-    let mut end = 0;
+    let newlines = |bytes: &[u8]| bytes.iter().filter(|&&b| b == b'\n').count();
+    let (mut end, mut line) = (0, 1);
     while let Some(keys) = records.next() {
-        let ObjectKeys(keys) = keys?;
         let start = end
             + jsonl[end..]
                 .iter()
                 .take_while(|b| b.is_ascii_whitespace())
                 .count();
+        line += newlines(&jsonl[end..start]);
+        let ObjectKeys(keys) = keys.map_err(|err| {
+            // serde notices an unclosed record where the next one begins: name its own line.
+            if err.line() > line {
+                anyhow!("line {line}: the record does not end on its line ({err})")
+            } else {
+                err.into()
+            }
+        })?;
         end = records.byte_offset();
         if jsonl[start..end].contains(&b'\n') {
-            let line = 1 + jsonl[..start].iter().filter(|&&b| b == b'\n').count();
             bail!("line {line}: a record spans several lines; JSONL holds one JSON object a line");
         }
         for key in keys {
@@ -626,6 +634,12 @@ mod tests {
         let err = jsonl("{\"prompt_id\": \"a\"}\n\n{\"prompt_id\":\n \"b\"}\n").unwrap_err();
         assert!(
             format!("{err:#}").contains("line 3: a record spans several lines"),
+            "{err:#}"
+        );
+        let err = jsonl("{\"prompt_id\": \"a\"}\n{\"prompt_id\": \"b\"\n{\"prompt_id\": \"c\"}\n")
+            .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("line 2: the record does not end on its line"),
             "{err:#}"
         );
 

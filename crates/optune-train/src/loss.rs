@@ -507,7 +507,7 @@ pub fn chosen_nll(
 pub enum WeightForm {
     /// Every weight 1: plain DPO.
     None,
-    /// `exp(x)`: unbounded, the recommended default (with [`WeightNorm::Batch`]).
+    /// `exp(x)`: unbounded, the recommended default (with `--weight-norm batch`).
     #[default]
     Exp,
     /// `1 + x`.
