@@ -162,10 +162,15 @@ fn run(args: Args) -> Result<()> {
     let shard = Shard::read(args.input.as_deref())?;
     let prompts = shard.prompts()?;
     let ids: Vec<&str> = prompts.iter().map(|p| p.prompt_id.as_str()).collect();
-    let rows = args
-        .shard
-        .select(&ids)
-        .with_context(|| shard.name().to_string())?;
+    let rows = args.shard.select(&ids).with_context(|| {
+        let hint = if shard.has_column(optune_shard::col::RESPONSE) {
+            " (it holds responses, a row per sample; opt-gen takes a row per prompt, as \
+             opt-select writes them)"
+        } else {
+            ""
+        };
+        format!("{}{hint}", shard.name())
+    })?;
 
     let started = Instant::now();
     let (mut model, tokenizer, meta) = load_model(&args.model, dtype, &device)?;
@@ -318,8 +323,10 @@ fn run(args: Args) -> Result<()> {
         .policy_name
         .clone()
         .unwrap_or_else(|| args.model.display().to_string());
+    // The prompt-level columns: a reward or a log-prob that came with the prompts belongs to
+    // other responses and would read as these ones'.
     let out = shard
-        .take(&out_rows)?
+        .prompt_level(&out_rows)?
         .with_column(
             "sample",
             Arc::new(UInt32Array::from_iter_values(

@@ -215,6 +215,62 @@ fn n_gives_that_many_samples_per_prompt() {
     assert!(out[0]["response"] != out[1]["response"] || out[1]["response"] != out[2]["response"]);
 }
 
+/// Prompts that arrive with the columns of earlier responses (a scored shard cut down to one row
+/// a prompt) come out without them: a stale reward would read as the new response's; other
+/// columns are carried. Several rows of one prompt are refused with a hint.
+#[test]
+fn columns_of_earlier_responses_are_not_carried() {
+    let dir = tempfile::tempdir().unwrap();
+    let stale = dir.path().join("stale.jsonl");
+    write_jsonl(
+        &stale,
+        &[
+            serde_json::json!({"prompt_id": "a", "prompt": "Hi", "topic": "t", "reward": 0.3,
+            "reward_model": "rm", "sample": 9, "ref_chosen_logp": -1.0}),
+        ],
+    );
+    let m = model("tiny-llama");
+    let out = rows(&run(&[
+        "--model",
+        m.to_str().unwrap(),
+        stale.to_str().unwrap(),
+        "--n",
+        "1",
+        "--max-new-tokens",
+        "2",
+    ]));
+    let columns: std::collections::BTreeSet<&str> = out[0]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        columns,
+        std::collections::BTreeSet::from([
+            "prompt_id",
+            "prompt",
+            "topic",
+            "sample",
+            "response",
+            "response_tokens",
+            "finish_reason",
+            "policy",
+            "seed",
+            "logp"
+        ])
+    );
+    assert_eq!(out[0]["sample"], 0);
+
+    let scored = root().join("testdata/shards/scored.jsonl");
+    let failed = opt_gen(&["--model", m.to_str().unwrap(), scored.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(
+        !failed.status.success() && stderr.contains("it holds responses, a row per sample"),
+        "{stderr}"
+    );
+}
+
 /// A copy of tiny-llama whose generation config stops at `eos`.
 fn model_with_eos(dir: &Path, eos: &[u32]) -> PathBuf {
     let src = model("tiny-llama");
