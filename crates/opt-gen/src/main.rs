@@ -326,7 +326,7 @@ fn run(args: Args) -> Result<()> {
     // The prompt-level columns: a reward or a log-prob that came with the prompts belongs to
     // other responses and would read as these ones'.
     let out = shard
-        .prompt_level(&out_rows)?
+        .prompt_level(&out_rows, &[])?
         .with_column(
             "sample",
             Arc::new(UInt32Array::from_iter_values(

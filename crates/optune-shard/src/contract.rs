@@ -52,6 +52,13 @@ pub fn is_response_level(name: &str) -> bool {
     RESPONSE_LEVEL_COLUMNS.contains(&name) || (name.starts_with("ref_") && name.ends_with("logp"))
 }
 
+/// Whether the contract places a column: a prompt's own (`prompt_id`,
+/// `prompt`, `messages`) or a response's. Others are the user's, carried
+/// through as they are.
+pub(crate) fn is_contract_column(name: &str) -> bool {
+    is_response_level(name) || [col::PROMPT_ID, col::PROMPT, col::MESSAGES].contains(&name)
+}
+
 /// Columns that are text by contract. JSONL and CSV carry no types, so the
 /// readers would otherwise type ids like `1` or `42` as integers and every
 /// tool would reject them; these columns are read as text whenever the file

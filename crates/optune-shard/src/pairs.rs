@@ -179,38 +179,42 @@ pub fn build_pairs(inputs: &[Shard], min_gap: f64) -> Result<PairShard> {
     groups.sort_by(|a, b| a.prompt_id.cmp(b.prompt_id));
     let (mut skipped_single, mut skipped_same, mut skipped_gap) = (0, 0, 0);
     let mut first_rows = Vec::new();
-    let mut chosen: Vec<&Response> = Vec::new();
-    let mut rejected: Vec<&Response> = Vec::new();
+    // Rows of the merged shard, which are indices into `responses`.
+    let mut chosen_rows: Vec<usize> = Vec::new();
+    let mut rejected_rows: Vec<usize> = Vec::new();
     for group in &groups {
         if group.rows.len() < 2 {
             skipped_single += 1;
             continue;
         }
-        let members = || group.rows.iter().map(|&row| &responses[row]);
+        let members = || group.rows.iter().copied();
+        let by_reward =
+            |a: &usize, b: &usize| responses[*a].reward.total_cmp(&responses[*b].reward);
+        let by_sample = |a: &usize, b: &usize| responses[*a].sample.cmp(&responses[*b].sample);
         // Distinct samples (checked above) make these orders total.
-        let Some(best) =
-            members().max_by(|a, b| a.reward.total_cmp(&b.reward).then(b.sample.cmp(&a.sample)))
-        else {
+        let Some(best) = members().max_by(|a, b| by_reward(a, b).then(by_sample(b, a))) else {
             continue;
         };
         // A response identical to the chosen one teaches nothing (its DPO gradient is zero up
         // to rounding, which AdamW scales up to full steps), whatever reward noise says.
         let Some(worst) = members()
-            .filter(|response| response.text != best.text)
-            .min_by(|a, b| a.reward.total_cmp(&b.reward).then(a.sample.cmp(&b.sample)))
+            .filter(|&row| responses[row].text != responses[best].text)
+            .min_by(|a, b| by_reward(a, b).then(by_sample(a, b)))
         else {
             skipped_same += 1;
             continue;
         };
         // Rewards are finite (checked above), so this comparison is total.
-        if best.reward - worst.reward <= min_gap {
+        if responses[best].reward - responses[worst].reward <= min_gap {
             skipped_gap += 1;
             continue;
         }
         first_rows.push(group.rows[0]);
-        chosen.push(best);
-        rejected.push(worst);
+        chosen_rows.push(best);
+        rejected_rows.push(worst);
     }
+    let chosen: Vec<&Response> = chosen_rows.iter().map(|&row| &responses[row]).collect();
+    let rejected: Vec<&Response> = rejected_rows.iter().map(|&row| &responses[row]).collect();
 
     let rewards = |side: &[&Response]| -> ArrayRef {
         Arc::new(Float32Array::from_iter_values(
@@ -223,8 +227,10 @@ pub fn build_pairs(inputs: &[Shard], min_gap: f64) -> Result<PairShard> {
             .zip(&rejected)
             .map(|(c, r)| (c.reward - r.reward) as f32),
     ));
-    let shard = merged
-        .prompt_level(&first_rows)?
+    // A column of the user's that differs between a prompt's responses goes with each side.
+    let varying = merged.varying_columns(groups.iter().map(|group| group.rows.as_slice()));
+    let mut shard = merged
+        .prompt_level(&first_rows, &varying)?
         .with_column(
             col::CHOSEN,
             Shard::string_column(chosen.iter().map(|response| response.text)),
@@ -236,6 +242,15 @@ pub fn build_pairs(inputs: &[Shard], min_gap: f64) -> Result<PairShard> {
         .with_column(col::CHOSEN_REWARD, rewards(&chosen))?
         .with_column(col::REJECTED_REWARD, rewards(&rejected))?
         .with_column(col::REWARD_GAP, gaps)?;
+    if !varying.is_empty() {
+        for (side, rows) in [(col::CHOSEN, &chosen_rows), (col::REJECTED, &rejected_rows)] {
+            let taken = merged.take(rows)?;
+            for name in &varying {
+                shard =
+                    shard.with_column(&format!("{side}_{name}"), taken.column(name)?.clone())?;
+            }
+        }
+    }
     Ok(PairShard {
         shard,
         rows_in: responses.len(),
@@ -374,6 +389,34 @@ mod tests {
             [("a".into(), "same".into(), "other".into(), 0.4)]
         );
         assert_eq!((pairs.skipped_same, pairs.skipped_gap), (1, 0));
+    }
+
+    #[test]
+    fn a_column_that_differs_between_responses_goes_with_each_side() {
+        let shard = scored(&[("a", 0, 0.9), ("a", 1, 0.1), ("b", 0, 0.7), ("b", 1, 0.2)])
+            .with_column(
+                "judge",
+                Shard::string_column(["good", "bad", "fine", "poor"]),
+            )
+            .unwrap();
+        let pairs = build_pairs(&[shard], 0.0).unwrap().shard;
+        assert_eq!(
+            pairs.column_names(),
+            [
+                "prompt_id",
+                "prompt",
+                "note",
+                "chosen",
+                "rejected",
+                "chosen_reward",
+                "rejected_reward",
+                "reward_gap",
+                "chosen_judge",
+                "rejected_judge"
+            ]
+        );
+        assert_eq!(pairs.strings("chosen_judge").unwrap(), ["good", "fine"]);
+        assert_eq!(pairs.strings("rejected_judge").unwrap(), ["bad", "poor"]);
     }
 
     #[test]

@@ -223,6 +223,8 @@ pub fn select_prompts(
         selected[group] = true;
     }
 
+    // A column of the user's that differs between a prompt's responses stays in --rest only.
+    let varying = scored.varying_columns(groups.iter().map(|group| group.rows.as_slice()));
     let first_rows: Vec<usize> = groups
         .iter()
         .zip(&selected)
@@ -237,7 +239,7 @@ pub fn select_prompts(
         .collect();
     rest_rows.sort_unstable();
     Ok(Selection {
-        prompts: scored.prompt_level(&first_rows)?,
+        prompts: scored.prompt_level(&first_rows, &varying)?,
         rest: scored.take(&rest_rows)?,
         prompts_in: groups.len(),
         skipped: skip.iter().filter(|&&s| s).count(),
@@ -447,6 +449,22 @@ mod tests {
             selected_ids(&shard, options(0.3, RankBy::Min, Strategy::Lowest)),
             ["p4", "p5"]
         );
+    }
+
+    #[test]
+    fn a_column_that_differs_between_responses_stays_in_the_rest() {
+        let shard = scored(&[("p1", 0, 0.5), ("p1", 1, 0.2), ("p2", 0, 0.1)])
+            .with_column("judge", Shard::string_column(["x", "y", "z"]))
+            .unwrap();
+        let selection =
+            select_prompts(&shard, &[], &options(1.0, RankBy::Max, Strategy::Lowest)).unwrap();
+        assert_eq!(
+            selection.prompts.column_names(),
+            ["prompt_id", "prompt", "note"]
+        );
+        let half =
+            select_prompts(&shard, &[], &options(0.5, RankBy::Max, Strategy::Lowest)).unwrap();
+        assert_eq!(half.rest.strings("judge").unwrap(), ["x", "y"]);
     }
 
     #[test]

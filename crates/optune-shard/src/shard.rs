@@ -183,20 +183,49 @@ impl Shard {
         Ok(Shard::new(self.name.clone(), batch))
     }
 
-    /// The rows at `rows` without the response-level columns: one row per
-    /// prompt, carrying every prompt-level column (known or not).
-    pub fn prompt_level(&self, rows: &[usize]) -> Result<Shard> {
+    /// The rows at `rows` without the response-level columns and without the
+    /// columns named in `varying`: one row per prompt, carrying every other
+    /// prompt-level column (known or not).
+    pub fn prompt_level(&self, rows: &[usize], varying: &[String]) -> Result<Shard> {
         let keep: Vec<usize> = self
             .batch
             .schema_ref()
             .fields()
             .iter()
             .enumerate()
-            .filter(|(_, field)| !is_response_level(field.name()))
+            .filter(|(_, field)| {
+                !is_response_level(field.name()) && !varying.contains(field.name())
+            })
             .map(|(index, _)| index)
             .collect();
         let projected = Shard::new(self.name.clone(), self.batch.project(&keep)?);
         projected.take(rows)
+    }
+
+    /// The columns the contract does not name whose values differ between the
+    /// rows of one of `groups` (the rows of each prompt): they belong to the
+    /// responses, not to the prompt, so a one-row-per-prompt output cannot
+    /// carry them as they are.
+    pub fn varying_columns<'a>(
+        &self,
+        groups: impl IntoIterator<Item = &'a [usize]> + Clone,
+    ) -> Vec<String> {
+        let schema = self.batch.schema();
+        schema
+            .fields()
+            .iter()
+            .zip(self.batch.columns())
+            .filter(|(field, _)| !crate::contract::is_contract_column(field.name()))
+            .filter(|(_, column)| {
+                groups.clone().into_iter().any(|rows| {
+                    let first = column.slice(rows[0], 1).to_data();
+                    rows[1..]
+                        .iter()
+                        .any(|&row| column.slice(row, 1).to_data() != first)
+                })
+            })
+            .map(|(field, _)| field.name().clone())
+            .collect()
     }
 
     /// Adds a column at the end, or replaces the column of that name in place
@@ -393,9 +422,26 @@ pub(crate) mod tests {
     #[test]
     fn prompt_level_drops_response_columns_and_keeps_unknown_ones() {
         let shard = scored(&[("a", 0, 1.0), ("a", 1, 2.0), ("b", 0, 3.0)]);
-        let prompts = shard.prompt_level(&[2, 0]).unwrap();
+        let prompts = shard.prompt_level(&[2, 0], &[]).unwrap();
         assert_eq!(prompts.column_names(), ["prompt_id", "prompt", "note"]);
         assert_eq!(prompts.strings("prompt_id").unwrap(), ["b", "a"]);
+        let without = shard.prompt_level(&[2, 0], &["note".into()]).unwrap();
+        assert_eq!(without.column_names(), ["prompt_id", "prompt"]);
+    }
+
+    #[test]
+    fn varying_columns_are_the_unknown_ones_that_differ_within_a_prompt() {
+        let shard = scored(&[("a", 0, 1.0), ("a", 1, 2.0), ("b", 0, 3.0)])
+            .with_column("judge", Shard::string_column(["x", "y", "z"]))
+            .unwrap()
+            .with_column("topic", Shard::string_column(["t", "t", "u"]))
+            .unwrap();
+        // `sample`, `response` and `reward` differ within prompt a too, but the contract places
+        // them; `topic` differs only between prompts.
+        let groups: [&[usize]; 2] = [&[0, 1], &[2]];
+        assert_eq!(shard.varying_columns(groups), ["judge"]);
+        let singles: [&[usize]; 3] = [&[0], &[1], &[2]];
+        assert!(shard.varying_columns(singles).is_empty());
     }
 
     #[test]
