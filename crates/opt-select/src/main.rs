@@ -145,7 +145,15 @@ fn run(cli: &Cli) -> Result<()> {
             );
         }
     }
-    let scored = cli.shard.read_input()?;
+    let scored = match cli.shard.read_input() {
+        Err(err) if cli.shard.input.is_none() && !cli.history.is_empty() => {
+            return Err(err.context(
+                "no INPUT given, so it was read from stdin: --history takes every path after it; \
+                 put INPUT before --history",
+            ));
+        }
+        read => read?,
+    };
     let history = cli
         .history
         .iter()

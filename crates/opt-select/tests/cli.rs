@@ -259,4 +259,18 @@ fn history_ranks_by_every_round_and_skips_flat_prompts() {
             outcome.stderr
         );
     }
+    // The input written after --history is taken as history, and stdin (empty here) as the
+    // input: the error says so.
+    let outcome = run(
+        opt_select()
+            .args(["--rho", "0.5", "--history"])
+            .arg(round(1))
+            .arg(round(3)),
+        Some(b""),
+    );
+    assert!(
+        !outcome.status.success() && outcome.stderr.contains("put INPUT before --history"),
+        "{}",
+        outcome.stderr
+    );
 }

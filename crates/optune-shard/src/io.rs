@@ -6,7 +6,7 @@ use crate::shard::Shard;
 use anyhow::{anyhow, bail, Context, Result};
 use arrow::array::{ArrayRef, RecordBatch, RecordBatchOptions};
 use arrow::compute::{cast, concat_batches};
-use arrow::datatypes::{DataType, Field, Schema};
+use arrow::datatypes::{DataType, Field, FieldRef, Schema};
 use bytes::Bytes;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
@@ -161,7 +161,15 @@ fn read_jsonl(bytes: &[u8]) -> Result<RecordBatch> {
     // numbers its errors from the start of each line it reads ("line 1" whatever the line).
     let written = keys_in_written_order(bytes)?;
     let (schema, _) = arrow::json::reader::infer_json_schema(Cursor::new(bytes), None)?;
-    let schema = Arc::new(text_columns_as_utf8(in_written_order(schema, &written)));
+    let schema = in_written_order(schema, &written);
+    let schema = Schema::new(
+        schema
+            .fields()
+            .iter()
+            .map(|field| messages_role_first(field.clone()))
+            .collect::<Vec<_>>(),
+    );
+    let schema = Arc::new(text_columns_as_utf8(schema));
     // Coercion turns the numbers in a text column (`"prompt_id": 7`) into text.
     let reader = arrow::json::ReaderBuilder::new(schema.clone())
         .with_coerce_primitive(true)
@@ -218,6 +226,37 @@ fn in_written_order(schema: Schema, written: &[String]) -> Schema {
     let mut fields: Vec<_> = schema.fields().iter().cloned().collect();
     fields.sort_by_key(|field| position(field.name()));
     Schema::new(fields)
+}
+
+/// Arrow's JSON inference sorts the keys of nested objects by name too, so a conversation's
+/// messages would come out as `struct<content, role>`; the contract, and every chat dataset,
+/// puts the role first. A list of structs with both keys gets `role, content`, then the rest.
+fn messages_role_first(field: FieldRef) -> FieldRef {
+    let DataType::List(item) = field.data_type() else {
+        return field;
+    };
+    let DataType::Struct(members) = item.data_type() else {
+        return field;
+    };
+    if members.find("role").is_none() || members.find("content").is_none() {
+        return field;
+    }
+    let mut ordered: Vec<FieldRef> = members.iter().cloned().collect();
+    ordered.sort_by_key(|member| match member.name().as_str() {
+        "role" => 0,
+        "content" => 1,
+        _ => 2,
+    });
+    let item = item
+        .as_ref()
+        .clone()
+        .with_data_type(DataType::Struct(ordered.into()));
+    Arc::new(
+        field
+            .as_ref()
+            .clone()
+            .with_data_type(DataType::List(Arc::new(item))),
+    )
 }
 
 /// The top-level keys of one JSON object, in the order they are written.
@@ -618,6 +657,34 @@ mod tests {
                 .starts_with("cut.parquet: not a readable Parquet file: "),
             "{err}"
         );
+    }
+
+    /// A conversation read from JSONL has the contract's `struct<role, content>`, whatever order
+    /// the file writes the keys in (Arrow's inference sorts them), and reads back the same.
+    #[test]
+    fn messages_from_jsonl_put_the_role_first() {
+        let text = concat!(
+            r#"{"prompt_id": "a", "messages": [{"content": "Hi", "role": "user", "name": "x"}]}"#,
+            "\n",
+            r#"{"prompt_id": "b", "messages": [{"role": "user", "content": "Yo"}]}"#,
+            "\n"
+        );
+        let shard = Shard::from_bytes("p.jsonl", text.as_bytes().to_vec(), None).unwrap();
+        let DataType::List(item) = shard.column("messages").unwrap().data_type().clone() else {
+            panic!("messages is not a list");
+        };
+        let DataType::Struct(members) = item.data_type() else {
+            panic!("a message is not a struct");
+        };
+        let names: Vec<&str> = members.iter().map(|m| m.name().as_str()).collect();
+        assert_eq!(names, ["role", "content", "name"]);
+        let contents: Vec<String> = shard
+            .messages("messages")
+            .unwrap()
+            .into_iter()
+            .map(|conversation| format!("{}:{}", conversation[0].role, conversation[0].content))
+            .collect();
+        assert_eq!(contents, ["user:Hi", "user:Yo"]);
     }
 
     /// Text input that a person may hand over: errors name the line of the file, not Arrow's
