@@ -24,9 +24,35 @@ pub struct MetricsRow {
     pub weight_mean: f64,
     pub kl: Option<f64>,
     pub grad_norm: f32,
+    #[serde(with = "exact_text")]
     pub lr: f64,
     pub tokens_per_s: f64,
     pub seconds: f64,
+}
+
+/// A float in the training state as its shortest exact text (`{:e}`, as metrics.csv prints `lr`):
+/// serde_json, built without its `float_roundtrip` feature, may read a number back one unit in
+/// the last place off, and a resumed run's metrics.csv would then differ from an uninterrupted
+/// one's in the last digits of `lr`. A state that wrote the number itself still reads.
+mod exact_text {
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &f64, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&format_args!("{value:e}"))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Written {
+            Text(String),
+            Number(f64),
+        }
+        match Written::deserialize(deserializer)? {
+            Written::Text(text) => text.parse().map_err(D::Error::custom),
+            Written::Number(number) => Ok(number),
+        }
+    }
 }
 
 impl MetricsRow {
@@ -196,5 +222,54 @@ impl MetricsLog {
             out.push('\n');
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The learning rates of a warm-up and a linear decay read back from the training state
+    /// exactly, so a resumed metrics.csv prints them as the uninterrupted run does.
+    #[test]
+    fn a_learning_rate_survives_the_training_state_exactly() {
+        let row = |lr: f64| MetricsRow {
+            step: 1,
+            epoch: 0,
+            loss: 0.0,
+            chosen_reward: 0.0,
+            rejected_reward: 0.0,
+            margin: 0.0,
+            accuracy: 0.0,
+            chosen_logp: 0.0,
+            rejected_logp: 0.0,
+            weight_mean: 1.0,
+            kl: None,
+            grad_norm: 0.0,
+            lr,
+            tokens_per_s: 0.0,
+            seconds: 0.0,
+        };
+        for peak in [5e-7, 1e-6, 5e-5, 1e-3] {
+            for steps in [7u32, 12, 100, 999] {
+                for step in 0..steps {
+                    let lr = peak * f64::from(steps - step) / f64::from(steps);
+                    let text = serde_json::to_string(&row(lr)).unwrap();
+                    let read: MetricsRow = serde_json::from_str(&text).unwrap();
+                    assert_eq!(
+                        read.lr.to_bits(),
+                        lr.to_bits(),
+                        "{lr:e} read as {:e}",
+                        read.lr
+                    );
+                }
+            }
+        }
+        // A state written before lr was text still reads.
+        let text = serde_json::to_string(&row(0.25))
+            .unwrap()
+            .replace("\"2.5e-1\"", "0.25");
+        let read: MetricsRow = serde_json::from_str(&text).unwrap();
+        assert_eq!(read.lr, 0.25);
     }
 }
