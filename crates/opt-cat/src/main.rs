@@ -64,7 +64,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: &Cli) -> Result<()> {
-    cli.output.check(&cli.inputs)?;
+    cli.output.check(cli.inputs.iter().chain(&cli.slices_of))?;
     let shards = Shard::read_all(&cli.inputs)?;
     let rows_in: usize = shards.iter().map(Shard::num_rows).sum();
     let rows_per_ref_row = match &cli.slices_of {

@@ -22,7 +22,8 @@ and pairs each prompt's highest-rewarded response (chosen) with its
 lowest-rewarded one whose text differs from the chosen one (rejected); among
 equal rewards the lower sample is taken. Writes the pairs shard: the
 prompt-level columns, then chosen, rejected, chosen_reward, rejected_reward
-and reward_gap (float32).
+and reward_gap (float32), then chosen_NAME and rejected_NAME for each column
+NAME of yours whose value differs between a paired prompt's responses.
 
 A prompt is skipped when it has fewer than two responses (skipped_single),
 when all its responses are the same text (skipped_same), or when

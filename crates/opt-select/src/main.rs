@@ -25,9 +25,10 @@ prompts by a statistic of their rewards (--by) and writes the prompts shard of
 the ceil(rho x prompts) that rank lowest (or, with --strategy, highest or at
 random): one row per prompt, with every prompt-level column and without the
 response-level ones (sample, response, response_tokens, finish_reason, policy,
-seed, logp, reward, reward_model, ref_*logp). Feed it to the generator; --rest
-keeps the scored rows of the other prompts, to merge with the new scores
-before opt-pairs.
+seed, logp, reward, reward_model, ref_*logp, and any other column whose value
+differs between one prompt's rows). Feed it to the generator; --rest keeps the
+scored rows of the other prompts, to merge with the new scores before
+opt-pairs. A prompt_id whose rows hold two different prompts is an error.
 
 Use it between opt-score and opt-gen from the second iteration on. rho = 1
 regenerates every prompt (vanilla online DPO).

@@ -390,7 +390,10 @@ impl Args {
                 bail!("{flag} {value} must be finite and >= 0");
             }
         }
-        if !self.reference_only {
+        if self.reference_only {
+            let output = optune_shard::Destination::from_arg(Some(&self.output));
+            optune_shard::cli::refuse_input_as_output(&output, "-o", &self.input)?;
+        } else {
             check_output_dir(&self.output)?;
             let inputs = [
                 ("--policy", Some(&self.policy)),
@@ -408,7 +411,7 @@ impl Args {
                 }
             }
             if let Some(metrics) = &self.metrics {
-                if metrics.starts_with(&self.output) {
+                if lies_within(metrics, &self.output) {
                     bail!(
                         "--metrics {}: inside OUT_DIR, which the save replaces whole; leave \
                          --metrics out (OUT_DIR/metrics.csv is written at the end) or name a \
@@ -482,11 +485,11 @@ impl Args {
     }
 }
 
-/// Whether `path` is `dir` or lies below it, however either is spelt (links resolved); false
-/// when either does not exist.
+/// Whether `path` is `dir` or lies below it, however either is spelt (links resolved,
+/// [`optune_fs::resolved`]).
 fn lies_within(path: &std::path::Path, dir: &std::path::Path) -> bool {
-    match (path.canonicalize(), dir.canonicalize()) {
-        (Ok(path), Ok(dir)) => path.starts_with(dir),
+    match (optune_fs::resolved(path), optune_fs::resolved(dir)) {
+        (Some(path), Some(dir)) => path.starts_with(dir),
         _ => false,
     }
 }
@@ -580,12 +583,16 @@ fn run(args: Args) -> Result<()> {
     }
     let fingerprint = state::fingerprint(&args, &device, dtype, &pairs)?;
     let resumed = state::load(&args.output, &fingerprint)?;
+    let mut identical = 0;
     if let Some(saved) = &resumed {
+        // A state holds the reference log-probs of the pairs its run kept.
+        identical = data::drop_identical_pairs(&mut pairs, args.loss);
         saved.fill_reference(&mut pairs)?;
     }
     let reference = reference::prepare(&args, &policy, &shard, &mut pairs, &device, dtype)?;
-    // After the reference pass: --precompute-ref writes back one row per pair of the shard.
-    let identical = data::drop_identical_pairs(&mut pairs, args.loss);
+    // After the reference pass, whose --precompute-ref writes back one row per pair of the shard
+    // (on a resumed run, the pairs were dropped above).
+    identical += data::drop_identical_pairs(&mut pairs, args.loss);
     if pairs.is_empty() {
         bail!(
             "{}: all {identical} pairs have the same chosen and rejected tokens, and --loss {} \

@@ -24,8 +24,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// 2 since the LoRA dropout stream became counter-based (2026-12-01): a position saved by format 1
-/// counted a ChaCha stream's words, which would resume silently under other masks.
-const FORMAT: u32 = 2;
+/// counted a ChaCha stream's words, which would resume silently under other masks. 3 since pairs
+/// whose sides are the same tokens are dropped (2026-12-02): a format-2 state's run trained on
+/// them, and would resume with another data order.
+const FORMAT: u32 = 3;
 
 /// Where training stands after an optimiser step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

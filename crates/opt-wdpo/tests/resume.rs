@@ -156,6 +156,15 @@ fn a_killed_run_resumes_from_its_last_state_to_the_same_weights() {
 #[test]
 fn sigterm_writes_a_state_at_the_next_step_and_the_rerun_completes() {
     let (_serial, dir, pairs) = setup();
+    // Pairs whose two sides are one text, which the run drops: the state must hold what the
+    // rerun trains on (it once held the kept pairs' reference for all the pairs, and refused).
+    let mut text = std::fs::read_to_string(&pairs).unwrap();
+    for i in 0..3 {
+        let row = serde_json::json!({"prompt_id": format!("same{i}"), "prompt": "Say it.",
+            "chosen": "The same.", "rejected": "The same.", "reward_gap": 1.0});
+        text.push_str(&format!("{row}\n"));
+    }
+    std::fs::write(&pairs, text).unwrap();
     let whole = dir.path().join("whole");
     timed(&mut wdpo(&pairs, &whole, &[])).0.assert_success();
 
@@ -201,7 +210,8 @@ fn sigterm_writes_a_state_at_the_next_step_and_the_rerun_completes() {
     ));
     outcome.assert_success();
     assert!(
-        outcome.stderr.contains(&format!(" resumed_from={step} ")),
+        outcome.stderr.contains(&format!(" resumed_from={step} "))
+            && outcome.stderr.contains(" skipped_identical=3 "),
         "{}",
         outcome.stderr
     );

@@ -561,6 +561,14 @@ fn outputs_and_models_that_cannot_be_used_are_refused_first() {
             "{flag}: {err}"
         );
     }
+    // --reference-only writes a shard: not over its input.
+    let (ok, err) = wdpo_at(
+        &model("tiny-llama"),
+        &pairs,
+        &pairs,
+        &["--reference-only", "--shard", "1/2"],
+    );
+    assert!(!ok && err.contains("is an input"), "{err}");
     let reference = ["--ref", policy.to_str().unwrap()];
     let (ok, err) = wdpo_at(&model("tiny-llama"), &pairs, &policy, &reference);
     assert!(!ok && err.contains("and --ref "), "{err}");

@@ -20,6 +20,32 @@ pub fn parent_of(path: &Path) -> PathBuf {
     }
 }
 
+/// The one path `path` names however it is spelt: the canonical form (links followed) of its
+/// longest existing ancestor, joined with the components below it that do not exist yet; `None`
+/// when no ancestor resolves. Two spellings of one file, or a link and its target, resolve alike.
+pub fn resolved(path: &Path) -> Option<PathBuf> {
+    let relative_base = Path::new(".");
+    let mut existing = path;
+    let mut missing = Vec::new();
+    loop {
+        let base = if existing.as_os_str().is_empty() {
+            relative_base
+        } else {
+            existing
+        };
+        if let Ok(canonical) = base.canonicalize() {
+            return Some(
+                missing
+                    .iter()
+                    .rev()
+                    .fold(canonical, |at, part| at.join(part)),
+            );
+        }
+        missing.push(existing.file_name()?);
+        existing = existing.parent()?;
+    }
+}
+
 /// Refuses a file whose directory does not exist, by the directory's name: a write of it could
 /// only fail, naming a temporary file that never existed.
 pub fn require_parent_dir(path: &Path) -> Result<()> {
@@ -250,6 +276,35 @@ fn remove_stale_staging(parent: &Path, name: &str, dir: &Path, host: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn resolved_names_one_path_however_spelt() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("o");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("s.parquet"), "x").unwrap();
+        let canonical = dir.canonicalize().unwrap();
+        assert_eq!(
+            resolved(&tmp.path().join("o/../o/s.parquet")),
+            Some(canonical.join("s.parquet"))
+        );
+        std::os::unix::fs::symlink(dir.join("s.parquet"), tmp.path().join("link")).unwrap();
+        assert_eq!(
+            resolved(&tmp.path().join("link")),
+            Some(canonical.join("s.parquet"))
+        );
+        // Components that do not exist yet are joined to the ancestor that does.
+        assert_eq!(
+            resolved(&dir.join("new/m.csv")),
+            Some(canonical.join("new").join("m.csv"))
+        );
+        let here = std::env::current_dir().unwrap().canonicalize().unwrap();
+        assert_eq!(
+            resolved(Path::new("not-here.csv")),
+            Some(here.join("not-here.csv"))
+        );
+    }
 
     /// A link is written through: it stays a link, and its file gets the bytes.
     #[cfg(unix)]

@@ -2,7 +2,7 @@
 //! it goes and in which format, the one-line summary on stderr, and how
 //! errors end the process.
 
-use crate::io::{write_shard, Destination, OutputFormat};
+use crate::io::{write_shard, Destination, OutputFormat, ReaderGone};
 use crate::shard::Shard;
 use anyhow::{bail, Result};
 use std::fmt::Display;
@@ -129,19 +129,10 @@ impl Summary {
 pub fn run_tool(tool: &str, body: impl FnOnce() -> Result<()>) -> ExitCode {
     match body() {
         Ok(()) => ExitCode::SUCCESS,
-        Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
+        Err(err) if err.chain().any(|cause| cause.is::<ReaderGone>()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("{tool}: error: {err:#}");
             ExitCode::FAILURE
         }
     }
-}
-
-/// Whether an error comes from writing to a pipe whose reader has gone.
-fn is_broken_pipe(err: &anyhow::Error) -> bool {
-    err.chain().any(|cause| {
-        cause
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-    })
 }

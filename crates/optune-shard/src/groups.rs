@@ -42,9 +42,17 @@ pub(crate) fn require_one_text_per_prompt(
     for group in groups {
         let first = group.rows[0];
         if let Some(&other) = group.rows.iter().find(|&&row| texts[row] != texts[first]) {
+            let forms = match (&texts[first], &texts[other]) {
+                (PromptText::Text(_), PromptText::Messages(_))
+                | (PromptText::Messages(_), PromptText::Text(_)) => {
+                    " (one a text, one a conversation: give every file of one run the same prompt \
+                     column)"
+                }
+                _ => "",
+            };
             bail!(
-                "prompt_id '{}' has two different prompts: {} and {}; give each prompt its own \
-                 prompt_id",
+                "prompt_id '{}' has two different prompts: {} and {}{forms}; give each prompt its \
+                 own prompt_id",
                 group.prompt_id,
                 locate(first),
                 locate(other)

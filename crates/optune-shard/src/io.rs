@@ -439,17 +439,13 @@ impl Destination {
     }
 
     /// Whether `self` and `other` name one file, however written (`o/s.parquet` and
-    /// `o/../o/s.parquet`): the same stream, or files whose directories resolve to one.
+    /// `o/../o/s.parquet`, a link and its target): the same stream, or paths that resolve to one
+    /// ([`optune_fs::resolved`]).
     pub fn names_same_file(&self, other: &Destination) -> bool {
         match (self, other) {
             (Destination::File(a), Destination::File(b)) => {
-                let resolved = |path: &Path| {
-                    optune_fs::parent_of(path)
-                        .canonicalize()
-                        .ok()
-                        .map(|dir| dir.join(path.file_name().unwrap_or_default()))
-                };
-                a == b || resolved(a).is_some_and(|ra| resolved(b) == Some(ra))
+                a == b
+                    || optune_fs::resolved(a).is_some_and(|ra| optune_fs::resolved(b) == Some(ra))
             }
             (a, b) => a == b,
         }
@@ -475,6 +471,19 @@ impl fmt::Display for Destination {
     }
 }
 
+/// The error of a write to stdout whose reader closed it early (`opt-gen … | head`): not a
+/// failure of the tool, which [`crate::cli::run_tool`] ends quietly.
+#[derive(Debug)]
+pub struct ReaderGone;
+
+impl fmt::Display for ReaderGone {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("the reader of stdout closed it before the output was written")
+    }
+}
+
+impl std::error::Error for ReaderGone {}
+
 /// Writes `shard` to `destination`. A file is written under a temporary
 /// name in the same directory and renamed into place only when complete, so
 /// a failed run leaves neither a partial file nor a stale one under the
@@ -487,8 +496,20 @@ pub fn write_shard(shard: &Shard, destination: &Destination, format: OutputForma
                 bail!("refusing to write Parquet to a terminal: pass -o FILE, --format jsonl, or pipe the output");
             }
             let mut out = BufWriter::new(stdout);
-            encode(shard.batch(), format, &mut out)?;
-            out.flush().context("writing to stdout")
+            let written = encode(shard.batch(), format, &mut out)
+                .and_then(|()| out.flush().map_err(anyhow::Error::from));
+            written.map_err(|err| {
+                let broken_pipe = err.chain().any(|cause| {
+                    cause
+                        .downcast_ref::<std::io::Error>()
+                        .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+                });
+                if broken_pipe {
+                    anyhow::Error::new(ReaderGone)
+                } else {
+                    err.context("writing to stdout")
+                }
+            })
         }
         Destination::File(path) => {
             { optune_fs::write_file_atomically(path, |out| encode(shard.batch(), format, out)) }
@@ -774,6 +795,11 @@ mod tests {
             "{refusal}"
         );
         crate::cli::refuse_input_as_output(&output, "-o", [&other]).unwrap();
+        // A link to the output is the output.
+        std::fs::write(&input, "x").unwrap();
+        let link = tmp.path().join("link.parquet");
+        std::os::unix::fs::symlink(&input, &link).unwrap();
+        assert!(crate::cli::refuse_input_as_output(&output, "-o", [&link]).is_err());
         // stdin as input and stdout as output are no clash.
         crate::cli::refuse_input_as_output(&Destination::Stdout, "-o", ["-"]).unwrap();
     }

@@ -179,6 +179,7 @@ pub fn build_pairs(inputs: &[Shard], min_gap: f64) -> Result<PairShard> {
     groups.sort_by(|a, b| a.prompt_id.cmp(b.prompt_id));
     let (mut skipped_single, mut skipped_same, mut skipped_gap) = (0, 0, 0);
     let mut first_rows = Vec::new();
+    let mut paired: Vec<&[usize]> = Vec::new();
     // Rows of the merged shard, which are indices into `responses`.
     let mut chosen_rows: Vec<usize> = Vec::new();
     let mut rejected_rows: Vec<usize> = Vec::new();
@@ -210,6 +211,7 @@ pub fn build_pairs(inputs: &[Shard], min_gap: f64) -> Result<PairShard> {
             continue;
         }
         first_rows.push(group.rows[0]);
+        paired.push(group.rows.as_slice());
         chosen_rows.push(best);
         rejected_rows.push(worst);
     }
@@ -227,8 +229,9 @@ pub fn build_pairs(inputs: &[Shard], min_gap: f64) -> Result<PairShard> {
             .zip(&rejected)
             .map(|(c, r)| (c.reward - r.reward) as f32),
     ));
-    // A column of the user's that differs between a prompt's responses goes with each side.
-    let varying = merged.varying_columns(groups.iter().map(|group| group.rows.as_slice()));
+    // A column of the user's that differs between the responses of a paired prompt goes with
+    // each side.
+    let varying = merged.varying_columns(paired.iter().copied());
     let mut shard = merged
         .prompt_level(&first_rows, &varying)?
         .with_column(
@@ -243,6 +246,18 @@ pub fn build_pairs(inputs: &[Shard], min_gap: f64) -> Result<PairShard> {
         .with_column(col::REJECTED_REWARD, rewards(&rejected))?
         .with_column(col::REWARD_GAP, gaps)?;
     if !varying.is_empty() {
+        for name in &varying {
+            for side in [col::CHOSEN, col::REJECTED] {
+                let side_name = format!("{side}_{name}");
+                if shard.has_column(&side_name) {
+                    bail!(
+                        "column '{name}' differs between the responses of one prompt, so the \
+                         pairs give it as {side}_{name}, but the input already has a column \
+                         '{side_name}': rename one of them"
+                    );
+                }
+            }
+        }
         for (side, rows) in [(col::CHOSEN, &chosen_rows), (col::REJECTED, &rejected_rows)] {
             let taken = merged.take(rows)?;
             for name in &varying {
@@ -417,6 +432,20 @@ mod tests {
         );
         assert_eq!(pairs.strings("chosen_judge").unwrap(), ["good", "fine"]);
         assert_eq!(pairs.strings("rejected_judge").unwrap(), ["bad", "poor"]);
+    }
+
+    #[test]
+    fn a_side_column_that_would_replace_one_of_the_inputs_is_refused() {
+        let shard = scored(&[("a", 0, 0.9), ("a", 1, 0.1)])
+            .with_column("judge", Shard::string_column(["good", "bad"]))
+            .unwrap()
+            .with_column("chosen_judge", Shard::string_column(["mine", "mine"]))
+            .unwrap();
+        let err = build_pairs(&[shard], 0.0).unwrap_err().to_string();
+        assert!(
+            err.contains("the input already has a column 'chosen_judge'"),
+            "{err}"
+        );
     }
 
     #[test]
