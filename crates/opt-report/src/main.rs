@@ -27,7 +27,8 @@ const TOOL: &str = "opt-report";
 ///
 /// Writes the Markdown report to -o and its PNG plots to --plots: mean reward
 /// per iteration, reward histograms, stacked wall time per stage, DPO margins
-/// and loss over the steps.
+/// and loss over the steps. Each file appears only once complete, and the plots
+/// only once all of them are drawn: a failure leaves the previous ones.
 ///
 /// With --sweep, RUN_DIR... are runs of one pipeline at different ρ
 /// (`make sweep`): the report is one table of the final reward and the wall
@@ -80,7 +81,7 @@ fn single(cli: &Cli) -> Result<()> {
         .output
         .clone()
         .unwrap_or_else(|| run.dir.join("report.md"));
-    let report_dir = parent_dir(&output);
+    let report_dir = optune_fs::parent_of(&output);
     let mut plot_files = Vec::new();
     if !cli.no_plots {
         let dir = cli
@@ -108,10 +109,16 @@ fn single(cli: &Cli) -> Result<()> {
                 plots::dpo_margins,
             ),
         ];
-        for (title, file, draw) in jobs {
-            let path = dir.join(file);
-            draw(&run, &path).with_context(|| format!("drawing {}", path.display()))?;
-            plot_files.push((title, link(&report_dir, &path)));
+        let run = &run;
+        let drawings: Vec<Drawing> = jobs
+            .iter()
+            .map(|&(_, file, draw)| -> Drawing {
+                (dir.join(file), Box::new(move |path| draw(run, path)))
+            })
+            .collect();
+        draw_plots(drawings)?;
+        for (title, file, _) in jobs {
+            plot_files.push((title, link(&report_dir, &dir.join(file))));
         }
     }
     let markdown = run_markdown(&run, &plot_files);
@@ -142,11 +149,11 @@ fn sweep(cli: &Cli) -> Result<()> {
             (None, Some(out)) => out.with_extension("png"),
             (None, None) => PathBuf::from("sweep.png"),
         };
-        plots::sweep(&runs, &path).with_context(|| format!("drawing {}", path.display()))?;
+        draw_plots(vec![(path.clone(), Box::new(|at| plots::sweep(&runs, at)))])?;
         let base = cli
             .output
             .as_deref()
-            .map(parent_dir)
+            .map(optune_fs::parent_of)
             .unwrap_or_else(|| PathBuf::from("."));
         plot = Some(link(&base, &path));
     }
@@ -166,13 +173,6 @@ fn sweep(cli: &Cli) -> Result<()> {
         )
         .print();
     Ok(())
-}
-
-fn parent_dir(path: &Path) -> PathBuf {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    }
 }
 
 /// `path` as the report links it: relative to the report's directory when below it.
@@ -195,9 +195,50 @@ fn link(report_dir: &Path, path: &Path) -> String {
     }
 }
 
+/// What draws a plot to a given path.
+type Draw<'a> = Box<dyn Fn(&Path) -> Result<()> + 'a>;
+
+/// A plot's file, and what draws it.
+type Drawing<'a> = (PathBuf, Draw<'a>);
+
+/// Draws every plot to a staging file beside its own (`.NAME.tmp-PID.png`: plotters picks the
+/// image format by the extension) and renames them into place once all are drawn, so a failure
+/// leaves the previous report's plots as they were, not half a set of new ones.
+fn draw_plots(drawings: Vec<Drawing>) -> Result<()> {
+    let staged: Vec<PathBuf> = drawings
+        .iter()
+        .map(|(path, _)| {
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            path.with_file_name(format!(".{name}.tmp-{}.png", std::process::id()))
+        })
+        .collect();
+    let drawn = drawings
+        .iter()
+        .zip(&staged)
+        .try_for_each(|((path, draw), staging)| {
+            draw(staging).with_context(|| format!("drawing {}", path.display()))
+        })
+        .and_then(|()| {
+            drawings
+                .iter()
+                .zip(&staged)
+                .try_for_each(|((path, _), staging)| {
+                    std::fs::rename(staging, path)
+                        .with_context(|| format!("moving {} into place", path.display()))
+                })
+        });
+    if drawn.is_err() {
+        for staging in &staged {
+            // Drawn or not: a staging file that is not there is the aim.
+            let _ = std::fs::remove_file(staging);
+        }
+    }
+    drawn
+}
+
 /// Writes beside the target and renames, so a reader never sees half a report.
 fn write_atomic(path: &Path, text: &str) -> Result<()> {
-    let dir = parent_dir(path);
+    let dir = optune_fs::parent_of(path);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     optune_fs::write_bytes_atomically(path, text.as_bytes())
 }
@@ -590,6 +631,30 @@ fn sweep_markdown(runs: &[Run], plot: Option<&str>) -> String {
 mod tests {
     use super::*;
     use data::StageTiming;
+
+    /// A plot that cannot be drawn leaves the previous set of plots and no staging file; a set
+    /// that draws replaces it.
+    #[test]
+    fn a_failed_plot_leaves_the_previous_set() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (tmp.path().join("a.png"), tmp.path().join("b.png"));
+        std::fs::write(&a, "old a").unwrap();
+        let writes =
+            |text: &'static str| -> Draw { Box::new(move |path| Ok(std::fs::write(path, text)?)) };
+        let failing: Draw = Box::new(|_| anyhow::bail!("no data"));
+        let err = draw_plots(vec![(a.clone(), writes("new a")), (b.clone(), failing)]).unwrap_err();
+        assert!(format!("{err:#}").contains("drawing"), "{err:#}");
+        assert_eq!(std::fs::read_to_string(&a).unwrap(), "old a");
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
+        draw_plots(vec![
+            (a.clone(), writes("new a")),
+            (b.clone(), writes("new b")),
+        ])
+        .unwrap();
+        assert_eq!(std::fs::read_to_string(&a).unwrap(), "new a");
+        assert_eq!(std::fs::read_to_string(&b).unwrap(), "new b");
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 2);
+    }
 
     /// A run at `rho` whose iterations took `stages` (stage, seconds) each.
     fn fixture_run(name: &str, rho: &str, stages: &[&[(&str, f64)]]) -> Run {
