@@ -201,39 +201,23 @@ type Draw<'a> = Box<dyn Fn(&Path) -> Result<()> + 'a>;
 /// A plot's file, and what draws it.
 type Drawing<'a> = (PathBuf, Draw<'a>);
 
-/// Draws every plot to a staging file beside its own (`.NAME.tmp-PID.png`: plotters picks the
-/// image format by the extension) and renames them into place once all are drawn, so a failure
-/// leaves the previous report's plots as they were, not half a set of new ones.
+/// Draws every plot to a staging file beside its own ([`optune_fs::staging_file`], ending in
+/// `.png`: plotters picks the image format by the extension) and moves them into place once all
+/// are drawn, so a failure leaves the previous report's plots as they were, not half a set of
+/// new ones (the staging files of an unfinished set are removed as they drop).
 fn draw_plots(drawings: Vec<Drawing>) -> Result<()> {
-    let staged: Vec<PathBuf> = drawings
-        .iter()
-        .map(|(path, _)| {
-            let name = path.file_name().unwrap_or_default().to_string_lossy();
-            path.with_file_name(format!(".{name}.tmp-{}.png", std::process::id()))
-        })
-        .collect();
-    let drawn = drawings
-        .iter()
-        .zip(&staged)
-        .try_for_each(|((path, draw), staging)| {
-            draw(staging).with_context(|| format!("drawing {}", path.display()))
-        })
-        .and_then(|()| {
-            drawings
-                .iter()
-                .zip(&staged)
-                .try_for_each(|((path, _), staging)| {
-                    std::fs::rename(staging, path)
-                        .with_context(|| format!("moving {} into place", path.display()))
-                })
-        });
-    if drawn.is_err() {
-        for staging in &staged {
-            // Drawn or not: a staging file that is not there is the aim.
-            let _ = std::fs::remove_file(staging);
-        }
+    let mut staged = Vec::with_capacity(drawings.len());
+    for (path, draw) in &drawings {
+        let staging = optune_fs::staging_file(path, ".png")?;
+        draw(staging.path()).with_context(|| format!("drawing {}", path.display()))?;
+        staged.push((staging, path));
     }
-    drawn
+    for (staging, path) in staged {
+        staging
+            .persist(path)
+            .with_context(|| format!("moving {} into place", path.display()))?;
+    }
+    Ok(())
 }
 
 /// Writes beside the target and renames, so a reader never sees half a report.

@@ -93,16 +93,7 @@ pub fn write_file_atomically(
             .with_context(|| format!("writing {}", path.display()))?;
         return Ok(());
     }
-    let directory = parent_of(path);
-    require_parent_dir(path)?;
-    let prefix = format!(".{}.", name_of(path)?);
-    let mut builder = tempfile::Builder::new();
-    builder.prefix(&prefix).suffix(".partial");
-    #[cfg(unix)]
-    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
-    let mut temporary = builder
-        .tempfile_in(&directory)
-        .with_context(|| format!("creating a temporary file in {}", directory.display()))?;
+    let mut temporary = staging_file(path, ".partial")?;
     {
         let mut out = BufWriter::new(temporary.as_file_mut());
         write(&mut out)?;
@@ -112,6 +103,23 @@ pub fn write_file_atomically(
         .persist(path)
         .with_context(|| format!("renaming the finished file to {}", path.display()))?;
     Ok(())
+}
+
+/// A temporary file beside `path`, named `.NAME.*SUFFIX` so that no reader takes it for an
+/// output, with the mode of a file others read (0666 less the umask); removed when dropped,
+/// unless persisted to `path` once complete. [`write_file_atomically`] writes through one; a
+/// writer that needs a path with a given extension (an image library) draws into one itself.
+pub fn staging_file(path: &Path, suffix: &str) -> Result<tempfile::NamedTempFile> {
+    let directory = parent_of(path);
+    require_parent_dir(path)?;
+    let prefix = format!(".{}.", name_of(path)?);
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(&prefix).suffix(suffix);
+    #[cfg(unix)]
+    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
+    builder
+        .tempfile_in(&directory)
+        .with_context(|| format!("creating a temporary file in {}", directory.display()))
 }
 
 /// [`write_file_atomically`] of a byte string.

@@ -162,14 +162,7 @@ fn read_jsonl(bytes: &[u8]) -> Result<RecordBatch> {
     let written = keys_in_written_order(bytes)?;
     let (schema, _) = arrow::json::reader::infer_json_schema(Cursor::new(bytes), None)?;
     let schema = in_written_order(schema, &written);
-    let schema = Schema::new(
-        schema
-            .fields()
-            .iter()
-            .map(|field| messages_role_first(field.clone()))
-            .collect::<Vec<_>>(),
-    );
-    let schema = Arc::new(text_columns_as_utf8(schema));
+    let schema = Arc::new(text_columns_as_utf8(messages_role_first(schema)));
     // Coercion turns the numbers in a text column (`"prompt_id": 7`) into text.
     let reader = arrow::json::ReaderBuilder::new(schema.clone())
         .with_coerce_primitive(true)
@@ -231,7 +224,17 @@ fn in_written_order(schema: Schema, written: &[String]) -> Schema {
 /// Arrow's JSON inference sorts the keys of nested objects by name too, so a conversation's
 /// messages would come out as `struct<content, role>`; the contract, and every chat dataset,
 /// puts the role first. A list of structs with both keys gets `role, content`, then the rest.
-fn messages_role_first(field: FieldRef) -> FieldRef {
+fn messages_role_first(schema: Schema) -> Schema {
+    let fields: Vec<FieldRef> = schema
+        .fields()
+        .iter()
+        .map(|field| message_members_role_first(field.clone()))
+        .collect();
+    Schema::new(fields)
+}
+
+/// One column of [`messages_role_first`].
+fn message_members_role_first(field: FieldRef) -> FieldRef {
     let DataType::List(item) = field.data_type() else {
         return field;
     };

@@ -178,7 +178,7 @@ pub fn build_pairs(inputs: &[Shard], min_gap: f64) -> Result<PairShard> {
     require_one_text_per_prompt(&groups, &prompt_texts, |row| locate(&responses[row]))?;
     groups.sort_by(|a, b| a.prompt_id.cmp(b.prompt_id));
     let (mut skipped_single, mut skipped_same, mut skipped_gap) = (0, 0, 0);
-    let mut first_rows = Vec::new();
+    // The rows of each prompt that becomes a pair.
     let mut paired: Vec<&[usize]> = Vec::new();
     // Rows of the merged shard, which are indices into `responses`.
     let mut chosen_rows: Vec<usize> = Vec::new();
@@ -210,7 +210,6 @@ pub fn build_pairs(inputs: &[Shard], min_gap: f64) -> Result<PairShard> {
             skipped_gap += 1;
             continue;
         }
-        first_rows.push(group.rows[0]);
         paired.push(group.rows.as_slice());
         chosen_rows.push(best);
         rejected_rows.push(worst);
@@ -232,6 +231,7 @@ pub fn build_pairs(inputs: &[Shard], min_gap: f64) -> Result<PairShard> {
     // A column of the user's that differs between the responses of a paired prompt goes with
     // each side.
     let varying = merged.varying_columns(paired.iter().copied());
+    let first_rows: Vec<usize> = paired.iter().map(|rows| rows[0]).collect();
     let mut shard = merged
         .prompt_level(&first_rows, &varying)?
         .with_column(
@@ -246,23 +246,19 @@ pub fn build_pairs(inputs: &[Shard], min_gap: f64) -> Result<PairShard> {
         .with_column(col::REJECTED_REWARD, rewards(&rejected))?
         .with_column(col::REWARD_GAP, gaps)?;
     if !varying.is_empty() {
-        for name in &varying {
-            for side in [col::CHOSEN, col::REJECTED] {
-                let side_name = format!("{side}_{name}");
-                if shard.has_column(&side_name) {
-                    bail!(
-                        "column '{name}' differs between the responses of one prompt, so the \
-                         pairs give it as {side}_{name}, but the input already has a column \
-                         '{side_name}': rename one of them"
-                    );
-                }
-            }
-        }
         for (side, rows) in [(col::CHOSEN, &chosen_rows), (col::REJECTED, &rejected_rows)] {
             let taken = merged.take(rows)?;
             for name in &varying {
-                shard =
-                    shard.with_column(&format!("{side}_{name}"), taken.column(name)?.clone())?;
+                let side_name = format!("{side}_{name}");
+                // Side columns are named apart, so one that is there came with the input.
+                if shard.has_column(&side_name) {
+                    bail!(
+                        "column '{name}' differs between the responses of one prompt, so the \
+                         pairs give it as {side_name}, but the input already has a column \
+                         '{side_name}': rename one of them"
+                    );
+                }
+                shard = shard.with_column(&side_name, taken.column(name)?.clone())?;
             }
         }
     }
