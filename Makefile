@@ -122,6 +122,10 @@ DEVICE_ARGS ?=
 # SLURM_ARGS="--gres=gpu:1"` runs on a cluster; RUNS must then be on a file system the nodes share.
 SHARDS ?= 1
 DEVICES ?=
+# TRAIN_DEVICES="cuda:0 cuda:1 cuda:2 cuda:3" trains on those devices at once (opt-wdpo --devices:
+# data parallel in one process, TRAIN_ARGS' --batch-size and --grad-accum per device, so a step
+# takes that many times the pairs); leave --device out of DEVICE_ARGS then.
+TRAIN_DEVICES ?=
 LAUNCHER ?= local
 SLURM_ARGS ?=
 # Variables a run cannot do without; files that must come from the user (make says which).
@@ -152,7 +156,7 @@ SELECT_HISTORY_history ?= 1
 TIMED = scripts/pipeline/timed.sh
 SETTINGS_VARS = PIPELINE NAME POLICY PROMPTS_FILE PROMPTS EVAL_PROMPTS EVAL_N EVAL_SEED N TEMPERATURE \
   TOP_P MAX_NEW_TOKENS GEN_BATCH GEN_ARGS SEED RHO SELECT_BY SELECT_ARGS SELECT_HISTORY PAIRS_ARGS REF SCORE_ARGS \
-  TRAIN_ARGS DEVICE_ARGS
+  TRAIN_ARGS DEVICE_ARGS TRAIN_DEVICES
 
 # Rules exist for iterations 1..max(MAX_ITER, ITERS, any iterN named on the command line).
 ITER_LAST := $(shell printf '%s\n' $(MAX_ITER) $(ITERS) $(patsubst iter%,%,$(filter iter%,$(MAKECMDGOALS))) \
@@ -185,6 +189,9 @@ SHARD_NUMS := $(shell seq 1 $(SHARDS))
 launch = $(if $(filter slurm,$(LAUNCHER)),srun --quit-on-interrupt --job-name=$(1) $(SLURM_ARGS))
 # `--device D` for shard $(1) (1-based) when DEVICES is set.
 device_arg = $(if $(DEVICES),--device $(word $(shell expr \( $(1) - 1 \) % $(words $(DEVICES)) + 1),$(DEVICES)))
+# Training's devices: all of TRAIN_DEVICES (data parallel), else as shard 1's.
+comma := ,
+train_device_args = $(if $(strip $(TRAIN_DEVICES)),--devices $(subst $(eval) ,$(comma),$(strip $(TRAIN_DEVICES))),$(call device_arg,1))
 # Shard $(2) of stage output $(1): iterN/shards/responses.2-of-4.parquet.
 shard_part = $(dir $(1))shards/$(basename $(notdir $(1))).$(2)-of-$(SHARDS).parquet
 shard_parts = $(foreach k,$(SHARD_NUMS),$(call shard_part,$(1),$(k)))
@@ -275,7 +282,7 @@ $(call iter_dir,$(1))/policy/config.json: $(call iter_dir,$(1))/$(if $(REF_STAGE
 	rm -rf $(call iter_dir,$(1))/policy
 	$(call launch,$(call job_name,$(call iter_dir,$(1))/train)) $(TIMED) train $(call iter_dir,$(1))/logs/train.csv --rows pairs --tokens tokens -- \
 	  $(BIN)/opt-wdpo --policy $(call policy_of,$(2)) $(call ref_arg,$(2)) $$< -o $(call iter_dir,$(1))/policy \
-	  --seed $(call plus,$(SEED),$(1)) $(TRAIN_ARGS) $(DEVICE_ARGS) $(call device_arg,1)
+	  --seed $(call plus,$(SEED),$(1)) $(TRAIN_ARGS) $(DEVICE_ARGS) $(train_device_args)
 	$(if $(REF_STAGE),rm -f $(call iter_dir,$(1))/pairs_ref.parquet)
 
 $(call iter_dir,$(1))/metrics.csv: $(call iter_dir,$(1))/policy/config.json

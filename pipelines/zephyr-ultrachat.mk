@@ -48,7 +48,9 @@ DEVICE_ARGS = --device cuda --dtype bf16
 # activations without the recomputation). TRAIN=full is Zephyr's own recipe (every weight,
 # β 0.01, lr 5e-7, 128 pairs a step as 8 × 16; the paper's runs had 8 A100s): in one process a
 # 7B's f32 master weights, gradients and AdamW moments alone take 121 GB, so opt-wdpo refuses it
-# on a single H100/H200 before training starts.
+# on a single H100/H200 before training starts, and on several with TRAIN_DEVICES too (each replica
+# holds the whole run). TRAIN_DEVICES="cuda:0 … cuda:7" trains the LoRA recipe on 8 GPUs at once:
+# 8 × 4 pairs a step (see docs/pipeline.md).
 TRAIN = lora
 TRAIN_ARGS_lora = --lora-rank 16 --lora-alpha 16 --lora-dropout 0.05 \
   --lora-targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj \

@@ -19,7 +19,9 @@ sanitizer rows, which run when the others leave time within --budget-s):
             sampled at T 1.0 / top-p 0.9 with --n 2 and chunked prefill against the CPU's generic
             path (the same device sampler and uniforms: identical responses, `logp`) and
             three opt-wdpo training steps (losses after one and two updates: f32 1e-3, bf16 1e-1, see logprobs_training),
-            and three LoRA steps with dropout and --gradient-checkpointing (the trained change, f32, 1e-2).
+            three LoRA steps with dropout and --gradient-checkpointing (the trained change, f32, 1e-2),
+            and `opt-wdpo --devices` with two replicas on the one GPU against one replica with
+            twice the accumulation (the trained change, f32, 1e-5).
             The first CUDA runs also pay the driver's JIT of candle's PTX for the later stages.
   train-1b  One bf16 DPO optimiser step on a random llama of TinyLlama-1.1B's shape: LoRA r16 on
             q,k,v,o, then full fine-tuning. optune: `opt-wdpo --device cuda --dtype bf16`. Peer: a
@@ -50,14 +52,15 @@ sanitizer rows, which run when the others leave time within --budget-s):
             in bf16 (--n 2, chunked prefill: the cache write, cache attention, add+norm, gate and
             sampler kernels) and over two opt-wdpo steps in bf16 (the optimiser kernels); racecheck
             (shared-memory hazards between a block's threads, which the CPU emulator of our kernels
-            cannot show: it runs a block's threads one at a time) over the opt-gen run. Last by
+            cannot show: it runs a block's threads one at a time) over the opt-gen run, watching our
+            kernels that use shared memory only (SHARED_MEMORY_KERNELS, `--kernel-name kns=`). Last by
             default: the logprobs rows already compare every kernel's results with the CPU's.
 
 Cost on one H100/H200, guessed from the sizes before any GPU run (the table's last row gives the
 measured wall seconds of each stage; replace these guesses with them):
 
   start      unpack the archive, import torch, copy bandwidth                      ~15 s
-  logprobs   19 CUDA runs of the tools, the first ones JIT-compile candle's PTX     ~70 s
+  logprobs   21 CUDA runs of the tools, the first ones JIT-compile candle's PTX     ~75 s
   train-1b   build the 1.1B (2.2 GB), 2 x (optune run + peer)                        ~50 s
   train-7b   build the 7B (init on the GPU, 13.5 GB written once), optune LoRA run
              (load, 5 steps, 13.5 GB merged checkpoint written), peer (loads the 7B) ~100 s
@@ -67,7 +70,7 @@ measured wall seconds of each stage; replace these guesses with them):
              the largest batch, prefill and decode after it also with
              OPTUNE_ATTENTION=whole                                                ~80 s
   sanitize   3 runs on tiny-llama, each instrumenting the kernels it loads          ~90 s
-  total                                                                             ~535 s
+  total                                                                             ~540 s
              (over the default budget: the sanitize rows run when the earlier stages
              come in under their guesses, or alone with --stages sanitize)
 
@@ -139,7 +142,7 @@ STAGES = ["logprobs", "train-1b", "train-7b", "gen-7b", "gen-1b", "sanitize"]
 # Guessed cost in seconds on an H100 of each unit of work the budget is checked before (see the
 # docstring); a dry run checks against 0 (its figures are the CPU's).
 ESTIMATE_S = {
-    "logprobs": 70,
+    "logprobs": 75,
     "build:1b": 15, "lora:1b": 15, "full:1b": 20, "gen:1b": 12,
     "build:7b": 45, "lora:7b": 55, "gen:7b": 22,
     "prefill:1b": 19, "prefill:7b": 40,
@@ -699,6 +702,44 @@ def logprobs_training(bins: Path, work: Path) -> None:
     R.detail()
 
 
+def change_gap(a: dict, b: dict) -> float:
+    """‖a − b‖ / ‖b‖ over the tensors of b: how far one run's trained change `a` is from another's.
+    Norms, not the largest element: AdamW turns a rounding-sized gradient into a full-sized step,
+    so single elements may differ by rounding alone."""
+    diff = sum(float((a[k] - b[k]).pow(2).sum()) for k in b)
+    size = sum(float(b[k].pow(2).sum()) for k in b)
+    return math.sqrt(diff / max(size, 1e-300))
+
+
+def logprobs_data_parallel(bins: Path, work: Path) -> None:
+    """`opt-wdpo --devices`: two replicas on the one GPU, each on a host thread of its own (the
+    threads' CUDA work, the gradients gathered on the first replica, the weights sent back),
+    against one replica with twice the accumulation, by the trained change of the weights. The
+    first replica adds the other's sum after its own, as one replica adds its micro-batches."""
+    from safetensors.torch import load_file
+
+    model = TESTDATA / "models" / "tiny-llama"
+    pairs_file = work / "tiny-llama-dp-pairs.jsonl"
+    reference_pairs("tiny-llama", pairs_file)
+    base = load_file(str(model / "model.safetensors"))
+
+    def delta(name: str, placement: list) -> dict:
+        out = work / f"data-parallel-{name}"
+        run([bins / "opt-wdpo", "--policy", model, pairs_file, "-o", out, "--lr", "1e-3",
+             "--warmup-ratio", "0", "--schedule", "constant", "--batch-size", "2", "--epochs", "3",
+             "--dtype", "f32", *placement, *device_flags("cuda", "f32")], unit="logprobs")
+        merged = load_file(str(out / "model.safetensors"))
+        return {k: merged[k].float() - base[k].float() for k in merged}
+
+    one = delta("one", ["--device", dev("cuda"), "--grad-accum", "2"])
+    two = delta("two", ["--devices", "cuda:0,cuda:0" if GPU == "cuda" else "cpu,cpu"])
+    d = change_gap(two, one)
+    text, kind = verdict(d, 1e-5)
+    REPORT.row("logprobs", "opt-wdpo --devices: 2 replicas on one GPU vs 1 with --grad-accum 2, 3 steps f32: "
+               "trained weight change, ‖difference‖ / ‖change‖ (tiny-llama, full)", f"{d:.2e}", "", "",
+               text + ("; identical" if d == 0 else ""), kind)
+
+
 def logprobs_lora_dropout(bins: Path, work: Path) -> None:
     """LoRA dropout's masks are drawn on the device by a kernel held to the CPU's form, and a
     recomputed block draws them again: 3 steps of LoRA with dropout 0.3 on every projection and
@@ -723,17 +764,10 @@ def logprobs_lora_dropout(bins: Path, work: Path) -> None:
         merged = load_file(str(out / "model.safetensors"))
         return {k: merged[k].float() - base[k].float() for k in merged if "proj" in k}
 
-    def off(a: dict, b: dict) -> float:
-        # Norms, not the largest element: AdamW turns a rounding-sized gradient into a full-sized
-        # step, so single elements may differ by rounding alone.
-        diff = sum(float((a[k] - b[k]).pow(2).sum()) for k in b)
-        size = sum(float(b[k].pow(2).sum()) for k in b)
-        return math.sqrt(diff / max(size, 1e-300))
-
     cpu = delta("cpu", 5)
     cuda = delta("cuda", 5)
     other = delta("cpu", 6)
-    d, seed_d = off(cuda, cpu), off(other, cpu)
+    d, seed_d = change_gap(cuda, cpu), change_gap(other, cpu)
     text, kind = verdict(d, 1e-2)
     R.row("logprobs", "LoRA dropout 0.3 + --gradient-checkpointing, 3 steps: trained weight change CUDA f32 "
           "vs CPU f32, ‖difference‖ / ‖change‖ (tiny-llama, 7 projections)", f"{d:.2e}", "", "",
@@ -752,6 +786,7 @@ def stage_logprobs(args, models) -> None:
     guarded("logprobs", "opt-gen sampled", lambda: logprobs_sampling(args.bin, work))
     guarded("logprobs", "training steps", lambda: logprobs_training(args.bin, work))
     guarded("logprobs", "LoRA dropout", lambda: logprobs_lora_dropout(args.bin, work))
+    guarded("logprobs", "data parallel", lambda: logprobs_data_parallel(args.bin, work))
 
 
 def compute_sanitizer():
@@ -767,9 +802,10 @@ def compute_sanitizer():
     return None
 
 
-def sanitized_row(tool: str, what: str, cmd, sanitizer, env=None) -> None:
-    """`cmd` under `compute-sanitizer --tool {tool}`: passes when it reports no error. In a dry run
-    (no GPU, no sanitizer) the command runs bare, which checks the row's plumbing only."""
+def sanitized_row(tool: str, what: str, cmd, sanitizer, env=None, kernels=None) -> None:
+    """`cmd` under `compute-sanitizer --tool {tool}`, watching only the kernels whose names hold one
+    of `kernels` when given: passes when it reports no error. In a dry run (no GPU, no sanitizer)
+    the command runs bare, which checks the row's plumbing only."""
     if sanitizer is None:
         if GPU == "cuda":
             REPORT.row("sanitize", what, "", "", "", "n/a: compute-sanitizer not found", kind="skip")
@@ -781,7 +817,8 @@ def sanitized_row(tool: str, what: str, cmd, sanitizer, env=None) -> None:
     log.unlink(missing_ok=True)  # a rerun must not read an earlier run's log
     # API errors that candle or cuBLAS handle themselves would read as kernel faults: off.
     full = [sanitizer, "--tool", tool, "--error-exitcode", "97", "--print-limit", "20",
-            "--report-api-errors", "no", "--log-file", log, *cmd]
+            "--report-api-errors", "no", "--log-file", log,
+            *[arg for stem in kernels or [] for arg in ("--kernel-name", f"kns={stem}")], *cmd]
     start = time.monotonic()
     failure = capped = None
     try:
@@ -847,16 +884,37 @@ def stage_sanitize(args) -> None:
     # the split and merging kernels, which these short spans would not otherwise take); both runs
     # take the tiled kernel for the prompt chunks, racecheck's the per-token one whole to decode.
     split = {"OPTUNE_ATTENTION": "split:4"}
-    for tool, what, cmd, env in [
+    for tool, what, cmd, env, kernels in [
         ("memcheck", "memcheck: opt-gen sampling bf16 (tiny-llama, --n 2, 7 prompt tokens per step, "
-         "decode attention split in chunks)", gen, split),
-        ("memcheck", "memcheck: opt-wdpo, 2 steps bf16 (tiny-llama, AdamW)", train, None),
-        ("racecheck", "racecheck: opt-gen sampling bf16 (shared-memory hazards)", gen, None),
+         "decode attention split in chunks)", gen, split, None),
+        ("memcheck", "memcheck: opt-wdpo, 2 steps bf16 (tiny-llama, AdamW)", train, None, None),
+        ("racecheck", "racecheck: opt-gen sampling bf16 (shared-memory hazards in our kernels)", gen, None,
+         shared_memory_kernels()),
     ]:
         if not BUDGET.allows("sanitize"):
             BUDGET.skip("sanitize", what, "sanitize")
             continue
-        guarded("sanitize", what, lambda: sanitized_row(tool, what, cmd, sanitizer, env))
+        guarded("sanitize", what, lambda: sanitized_row(tool, what, cmd, sanitizer, env, kernels))
+
+
+# The name stems of our CUDA kernels that use shared memory: what racecheck watches.
+SHARED_MEMORY_KERNELS = ["cached_attention", "sample_rows", "add_rms_norm"]
+
+
+def shared_memory_kernels() -> list:
+    """SHARED_MEMORY_KERNELS, checked against the sources: each stem names a kernel there, and each
+    source with shared memory holds one. Memcheck watches every kernel; racecheck only ours, since a
+    hazard it reports in candle's or cuBLAS's kernels is not ours to mend, and instrumenting them
+    all is slow."""
+    sources = {p.name: p.read_text() for p in sorted((REPO / "crates/optune-kernels/src/cuda").glob("*.cu"))}
+    named = " ".join(sources.values())
+    missing = [stem for stem in SHARED_MEMORY_KERNELS if not re.search(rf"\b{stem}_", named)]
+    unwatched = [name for name, text in sources.items()
+                 if "__shared__" in text and not any(stem in text for stem in SHARED_MEMORY_KERNELS)]
+    if missing or unwatched:
+        raise RuntimeError(f"SHARED_MEMORY_KERNELS is out of date: no kernel named {missing}; "
+                           f"shared memory in {unwatched}")
+    return SHARED_MEMORY_KERNELS
 
 
 # ---------------------------------------------------------------------------------------------

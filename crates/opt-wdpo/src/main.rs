@@ -70,6 +70,10 @@ use std::time::Instant;
 /// A signal before training starts (loading, the reference pass) ends the run without a state.
 /// OUT_DIR.state is removed once OUT_DIR is written.
 ///
+/// Several GPUs: --devices cuda:0,cuda:1,… trains a replica on each (data parallel, one process),
+/// each step taking --batch-size × --grad-accum pairs per device, as TRL's per-device batch size
+/// does under accelerate; the pipeline's SHARDS splits the reference pass into jobs.
+///
 /// Precision: the model computes in --dtype (f32 on the CPU, bf16 on CUDA), with reductions
 /// (RMS norm statistics, softmax, log-softmax, the loss) in f32; the trained weights (all of
 /// them, or the LoRA adapters) are f32 master copies with f32 gradients and optimiser moments,
@@ -266,8 +270,23 @@ pub struct Args {
 
     /// Plan memory against this many GB instead of what the device reports free (e.g. to leave
     /// room for another process on the GPU); the run is refused when the estimate exceeds it
+    /// (with --devices, on each device)
     #[arg(long, value_name = "GB")]
     pub memory_budget: Option<f64>,
+
+    /// Data parallel: a replica of the policy on each of these devices (e.g.
+    /// cuda:0,cuda:1,cuda:2,cuda:3), in place of --device. Each optimiser step takes --grad-accum
+    /// micro-batches of --batch-size pairs per device, run at once; the first device sums the
+    /// gradients, clips them, steps the optimiser and sends the new weights to the others. The
+    /// weights are those of one device with --grad-accum multiplied by the number of devices (to
+    /// the rounding of the sums' order). The reference log-probs are computed on the first device
+    #[arg(
+        long,
+        value_name = "DEVICES",
+        value_delimiter = ',',
+        conflicts_with_all = ["device", "reference_only"]
+    )]
+    pub devices: Vec<String>,
 
     #[command(flatten)]
     pub runtime: RuntimeArgs,
@@ -340,6 +359,9 @@ impl Args {
         }
         if self.max_steps == Some(0) {
             bail!("--max-steps must be at least 1");
+        }
+        if self.devices.iter().any(String::is_empty) {
+            bail!("--devices: an empty name; list them as cuda:0,cuda:1");
         }
         for (given, flag) in [
             (self.precompute_ref, "--precompute-ref"),
@@ -531,9 +553,12 @@ fn check_output_dir(dir: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-fn run(args: Args) -> Result<()> {
+fn run(mut args: Args) -> Result<()> {
     args.validate()?;
     let started = Instant::now();
+    if let Some(first) = args.devices.first() {
+        args.runtime.device = Some(first.clone());
+    }
     let (device, dtype) = args.runtime.init()?;
     let kernels = optune_kernels::autograd_path(&device, dtype).name();
     if args.reference_only {
@@ -577,10 +602,18 @@ fn run(args: Args) -> Result<()> {
         &pairs,
         reference::held_during_training(&args, &policy),
     );
-    match args.memory_budget {
-        Some(gb) => plan.check(Some(gb * 1e9), "in --memory-budget")?,
-        None => plan.check(available, "available")?,
-    }
+    let worker_devices = args
+        .devices
+        .iter()
+        .skip(1)
+        .map(|spec| optune_cli::runtime::device(Some(spec)));
+    let worker_devices: Vec<_> = worker_devices.collect::<Result<_>>()?;
+    check_memory(
+        &args,
+        &plan,
+        (&args.devices, &device, available),
+        &worker_devices,
+    )?;
     let fingerprint = state::fingerprint(&args, &device, dtype, &pairs)?;
     let resumed = state::load(&args.output, &fingerprint)?;
     let mut identical = 0;
@@ -601,20 +634,75 @@ fn run(args: Args) -> Result<()> {
             args.loss_name()
         );
     }
+    let mut workers = Vec::with_capacity(worker_devices.len());
+    for worker_device in &worker_devices {
+        let replica = Policy::load(&args, worker_device, dtype)?;
+        let reference = reference::held_model(&args, &replica, worker_device, dtype)?;
+        workers.push((replica, reference));
+    }
     let trained = train::train(
         &args,
         &mut policy,
         &pairs,
         reference.as_ref(),
         &device,
+        &mut workers,
         &fingerprint,
         resumed,
     )?;
     save(&args, &policy, &trained)?;
     state::remove(&args.output)?;
     summary(&trained, pairs.len(), identical, started)
+        .field("replicas", args.devices.len().max(1))
         .field("kernels", kernels)
         .print();
+    Ok(())
+}
+
+/// Holds the memory plan against each device's memory: the first device keeps the optimiser,
+/// every replica its weights, gradients and activations; replicas on one device (or on the
+/// host) add up. `first`: --devices, the first device and what it has available.
+fn check_memory(
+    args: &Args,
+    plan: &memory::Plan,
+    first: (&[String], &candle_core::Device, Option<f64>),
+    workers: &[candle_core::Device],
+) -> Result<()> {
+    let (specs, device, available) = first;
+    let budget = args.memory_budget.map(|gb| gb * 1e9);
+    let what = if budget.is_some() {
+        "in --memory-budget"
+    } else {
+        "available"
+    };
+    if specs.len() <= 1 {
+        return plan.check(budget.or(available), what);
+    }
+    // (a device, its name, replicas on it); the first holds the optimiser.
+    let mut devices: Vec<(&candle_core::Device, &str, usize)> = Vec::new();
+    for (replica, spec) in std::iter::once(device).chain(workers).zip(specs) {
+        match devices
+            .iter_mut()
+            .find(|(d, ..)| d.location() == replica.location())
+        {
+            Some((_, _, replicas)) => *replicas += 1,
+            None => devices.push((replica, spec, 1)),
+        }
+    }
+    for (i, (replica, spec, replicas)) in devices.into_iter().enumerate() {
+        let holds_optimizer = i == 0;
+        // The first device's was read before the policy took its share.
+        let free = match holds_optimizer {
+            true => available,
+            false => optune_cli::runtime::available_memory(replica),
+        };
+        let shared = plan.for_replicas(replicas, holds_optimizer);
+        let replicas = match replicas {
+            1 => String::new(),
+            n => format!(" for its {n} replicas"),
+        };
+        shared.check(budget.or(free), &format!("{what} on {spec}{replicas}"))?;
+    }
     Ok(())
 }
 

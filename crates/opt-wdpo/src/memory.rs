@@ -111,6 +111,22 @@ impl Plan {
         }
     }
 
+    /// The plan of `replicas` copies of the run on one device (`--devices` naming it more than
+    /// once, or the host's memory shared), one of which holds the optimiser's moments when
+    /// `holds_optimizer`.
+    pub fn for_replicas(&self, replicas: usize, holds_optimizer: bool) -> Plan {
+        let n = replicas as f64;
+        Plan {
+            weights: self.weights * n,
+            masters: self.masters * n,
+            gradients: self.gradients * n,
+            optimizer: if holds_optimizer { self.optimizer } else { 0.0 },
+            reference: self.reference * n,
+            activations: self.activations * n,
+            recomputed_activations: self.recomputed_activations.map(|bytes| bytes * n),
+        }
+    }
+
     pub fn total(&self) -> f64 {
         // Allocator slack and temporaries the estimate does not itemise.
         1.1 * (self.weights

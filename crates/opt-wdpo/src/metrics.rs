@@ -131,6 +131,24 @@ impl StepMetrics {
         Ok(())
     }
 
+    /// Adds another replica's sums for the same step.
+    pub fn merge(&mut self, other: StepMetrics) {
+        self.pairs += other.pairs;
+        self.batches += other.batches;
+        self.loss += other.loss;
+        self.chosen_reward += other.chosen_reward;
+        self.rejected_reward += other.rejected_reward;
+        self.correct += other.correct;
+        self.chosen_logp += other.chosen_logp;
+        self.rejected_logp += other.rejected_logp;
+        self.weight += other.weight;
+        self.kl = match (self.kl, other.kl) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
+        self.tokens += other.tokens;
+    }
+
     pub fn finish(
         &self,
         step: u64,

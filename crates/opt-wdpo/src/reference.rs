@@ -56,8 +56,25 @@ pub fn prepare(
     if !held_during_training(args, policy) {
         return Ok(None);
     }
-    // Without a separate --ref, full fine-tuning keeps the initial weights for train time.
     match separate {
+        Some(model) => Ok(Some(model)),
+        None => held_model(args, policy, device, dtype),
+    }
+}
+
+/// The reference model `policy` (a replica on `device`) holds through training, when
+/// [`held_during_training`]: `--ref`, or without a separate one the policy's initial weights
+/// (full fine-tuning changes the policy's own).
+pub fn held_model(
+    args: &Args,
+    policy: &Policy,
+    device: &Device,
+    dtype: DType,
+) -> Result<Option<Transformer>> {
+    if !held_during_training(args, policy) {
+        return Ok(None);
+    }
+    match separate_reference(args, policy, device, dtype)? {
         Some(model) => Ok(Some(model)),
         None => Ok(Some(
             optune_model::load_model(&args.policy, dtype, device)?.0,

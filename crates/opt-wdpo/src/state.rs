@@ -26,8 +26,11 @@ use std::sync::Arc;
 /// 2 since the LoRA dropout stream became counter-based (2026-12-01): a position saved by format 1
 /// counted a ChaCha stream's words, which would resume silently under other masks. 3 since pairs
 /// whose sides are the same tokens are dropped (2026-12-02): a format-2 state's run trained on
-/// them, and would resume with another data order.
-const FORMAT: u32 = 3;
+/// them, and would resume with another data order. 4 since each micro-batch's dropout masks
+/// start at a place of their own in the stream (data parallel, 2026-12-02): a format-3 run drew
+/// them one after the other, and kept the stream's position, which this one neither keeps nor
+/// reads.
+const FORMAT: u32 = 4;
 
 /// Where training stands after an optimiser step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,9 +52,6 @@ pub struct Saved {
     pub position: Position,
     /// Response tokens trained on so far.
     pub tokens: usize,
-    /// The LoRA dropout stream's position (elements taken), as a decimal string (as format 1
-    /// wrote its u128).
-    dropout_position: Option<String>,
     /// Each pair's reference log-probs (chosen, rejected), in input order; none for the
     /// objectives that read none.
     reference: Option<Vec<(f32, f32)>>,
@@ -127,6 +127,7 @@ pub fn fingerprint(
         .with("--max-grad-norm", args.max_grad_norm)
         .with("--seed", args.seed)
         .with("--device", format!("{:?}", device.location()))
+        .with("--devices (replicas)", args.devices.len().max(1))
         .with("--dtype", optune_cli::runtime::precision(device, dtype))
         .with(
             "--kernels",
@@ -182,8 +183,7 @@ impl Saved {
         Ok(())
     }
 
-    /// Puts the trained weights, the optimiser and the dropout stream where the state's run had
-    /// them.
+    /// Puts the trained weights and the optimiser where the state's run had them.
     pub fn restore(&self, output: &Path, policy: &Policy, optimizer: &mut Optimizer) -> Result<()> {
         let dir = dir_of(output);
         let step = self.position.step;
@@ -199,13 +199,6 @@ impl Saved {
                 .with_context(|| format!("{}: weight {name}", weights_path.display()))?;
         }
         optimizer.load_state(&dir.join(format!("optimizer-{step}.safetensors")))?;
-        if let (Some(lora), Some(position)) = (&policy.lora, &self.dropout_position) {
-            lora.dropout_stream.set_position(
-                position
-                    .parse()
-                    .with_context(|| format!("{}: dropout position '{position}'", dir.display()))?,
-            );
-        }
         Ok(())
     }
 }
@@ -242,10 +235,6 @@ pub fn save(
         fingerprint: fingerprint.clone(),
         position,
         tokens,
-        dropout_position: policy
-            .lora
-            .as_ref()
-            .map(|lora| lora.dropout_stream.position().to_string()),
         reference: pairs.iter().map(|p| p.ref_logps).collect(),
         metrics: metrics.to_vec(),
     };

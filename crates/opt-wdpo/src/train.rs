@@ -1,5 +1,8 @@
 //! The training loop: micro-batches of pairs, gradient accumulation, clipping, the optimiser and
-//! learning-rate schedule, and the per-step metrics log.
+//! learning-rate schedule, and the per-step metrics log. With `--devices`, one replica of the
+//! policy per device (data parallel): each optimiser step's micro-batches are dealt out to the
+//! replicas, which run them at once, each on a thread of its own; the first replica sums their
+//! gradients, steps the optimiser and sends the new weights to the others.
 
 use crate::data::{epoch_batches, TrainPair};
 use crate::metrics::{MetricsLog, StepMetrics};
@@ -29,18 +32,26 @@ pub struct Trained {
 /// Trains `policy` on `pairs` (reference log-probs filled in when the loss reads them) for
 /// `--epochs`, or for `--max-steps` optimiser steps over as many epochs as that takes, from the
 /// start or from `resumed`, keeping a state every --save-steps steps and when SIGTERM/SIGINT
-/// arrives (then ending with an error once it is written).
+/// arrives (then ending with an error once it is written). `workers`: the other replicas of
+/// `--devices` (none on one device), each a policy loaded as `policy` was and the reference model
+/// it holds through training, if any.
+#[allow(clippy::too_many_arguments)]
 pub fn train(
     args: &Args,
     policy: &mut Policy,
     pairs: &[TrainPair],
     reference: Option<&Transformer>,
     device: &Device,
+    workers: &mut [(Policy, Option<Transformer>)],
     fingerprint: &Fingerprint,
     resumed: Option<Saved>,
 ) -> Result<Trained> {
-    policy.set_training(true);
-    let mut trainer = Trainer::new(args, policy, reference, device, pairs.len())?;
+    let mut replicas = vec![Replica::new(policy, reference, device)?];
+    for (policy, reference) in workers.iter_mut() {
+        let device = policy.model.device().clone();
+        replicas.push(Replica::new(policy, reference.as_ref(), &device)?);
+    }
+    let mut trainer = Trainer::new(args, replicas, pairs.len())?;
     let mut start = Position {
         step: 0,
         epoch: 0,
@@ -48,14 +59,19 @@ pub fn train(
         micro: 0,
     };
     if let Some(saved) = resumed {
-        saved.restore(&args.output, trainer.policy, &mut trainer.optimizer)?;
-        trainer.policy.refresh_compute_weights()?;
+        saved.restore(
+            &args.output,
+            trainer.replicas[0].policy,
+            &mut trainer.optimizer,
+        )?;
+        trainer.master().refresh_compute_weights()?;
         start = saved.position;
         trainer.micro = start.micro;
         trainer.tokens = saved.tokens;
         trainer.log.restore(saved.metrics)?;
         trainer.progress.set_position(start.step);
     }
+    trainer.send_weights()?;
     let total_steps = trainer.schedule.total_steps;
     let interrupts = Interrupts::register()?;
     let started = Instant::now();
@@ -68,14 +84,17 @@ pub fn train(
         let batches = epoch_batches(pairs, args.batch_size, args.seed, epoch);
         let last_batch = batches.len() - 1;
         let first = if epoch == start.epoch { start.batch } else { 0 };
+        // Every epoch's micro-batches in groups of --grad-accum per replica, the last group
+        // maybe shorter, as the schedule counts them.
+        let group_len = args.grad_accum * trainer.replicas.len();
+        let mut group: Vec<(usize, Vec<&TrainPair>)> = Vec::with_capacity(group_len);
         for (b, batch) in batches.iter().enumerate().skip(first) {
-            let batch_pairs: Vec<&TrainPair> = batch.iter().map(|&i| &pairs[i]).collect();
-            trainer.micro_batch(&batch_pairs, epoch, b)?;
-            // Every epoch's micro-batches in groups of --grad-accum, the last group maybe
-            // shorter, as the schedule counts them.
-            if !((b + 1).is_multiple_of(args.grad_accum) || b == last_batch) {
+            group.push((b, batch.iter().map(|&i| &pairs[i]).collect()));
+            if !((b + 1).is_multiple_of(group_len) || b == last_batch) {
                 continue;
             }
+            trainer.run_group(&group, epoch)?;
+            group.clear();
             trainer.optimizer_step(epoch)?;
             let step = trainer.optimizer.step_count();
             if step == total_steps {
@@ -104,7 +123,7 @@ pub fn train(
                     fingerprint,
                     position,
                     trainer.tokens,
-                    trainer.policy,
+                    trainer.replicas[0].policy,
                     &trainer.optimizer,
                     pairs,
                     trainer.log.rows(),
@@ -120,7 +139,9 @@ pub fn train(
             }
         }
     }
-    trainer.policy.set_training(false);
+    for replica in &trainer.replicas {
+        replica.policy.set_training(false);
+    }
     trainer.progress.finish_and_clear();
     Ok(Trained {
         steps: trainer.optimizer.step_count(),
@@ -131,87 +152,86 @@ pub fn train(
     })
 }
 
-struct Trainer<'a> {
-    args: &'a Args,
+/// One copy of the policy on one device, and what it sums over the current optimiser step.
+struct Replica<'a> {
     policy: &'a mut Policy,
     reference: Option<&'a Transformer>,
-    device: &'a Device,
-    optimizer: Optimizer,
-    schedule: Schedule,
-    /// Gradients summed over the micro-batches of the current optimiser step, but for those
-    /// the fused ops sum in `grad_buffers`.
+    device: Device,
+    /// Gradients summed over the replica's micro-batches of the current optimiser step, but for
+    /// those the fused ops sum in `grad_buffers`.
     accumulated: Option<GradStore>,
     grad_buffers: GradBuffers,
-    micro: usize,
+    metrics: StepMetrics,
     tokens: usize,
-    step_metrics: StepMetrics,
-    step_started: Instant,
-    log: MetricsLog,
-    progress: indicatif::ProgressBar,
 }
 
-impl<'a> Trainer<'a> {
+/// A micro-batch of a group, where it stands in the run.
+struct MicroBatch<'g> {
+    /// Micro-batches run since the start before this one: fixes its LoRA dropout masks.
+    micro: usize,
+    /// Its index in the epoch: fixes HyPO's samples.
+    index: usize,
+    pairs: &'g [&'g TrainPair],
+}
+
+/// Where a micro-batch's LoRA dropout masks start in the dropout stream: each micro-batch has a
+/// stretch of its own (2^40 elements, far more than one takes), so that its masks depend on its
+/// place in the run only, whichever replica runs it and whatever ran before.
+const DROPOUT_ELEMENTS_PER_MICRO_BATCH: u64 = 1 << 40;
+
+impl<'a> Replica<'a> {
     fn new(
-        args: &'a Args,
         policy: &'a mut Policy,
         reference: Option<&'a Transformer>,
-        device: &'a Device,
-        pairs: usize,
+        device: &Device,
     ) -> Result<Self> {
-        let steps_per_epoch = pairs.div_ceil(args.batch_size).div_ceil(args.grad_accum);
-        let total_steps = args
-            .max_steps
-            .unwrap_or((steps_per_epoch * args.epochs) as u64);
-        let schedule = Schedule {
-            peak_lr: args.lr,
-            warmup_steps: (args.warmup_ratio * total_steps as f64).ceil() as u64,
-            total_steps,
-            decay: args.schedule,
-        };
-        let optimizer = Optimizer::new(
-            decay_groups(policy.trainable.clone(), args.weight_decay),
-            args.optimizer.algorithm(),
-            schedule.lr_at(0),
-        )?;
+        policy.set_training(true);
         // The fused ops write the gradients of the weights they read into buffers of their own.
         let fused = optune_kernels::autograd_path(device, policy.model.dtype()) == Path::Fused;
         let weights = policy.trainable.iter().map(|(_, v)| v.as_tensor());
         let grad_buffers = GradBuffers::register(weights.filter(|_| fused))?;
-        let progress = indicatif::ProgressBar::new(total_steps).with_style(
-            indicatif::ProgressStyle::with_template(
-                "opt-wdpo {bar:30} {pos}/{len} steps  {msg}  eta {eta}",
-            )
-            .expect("valid"),
-        );
         Ok(Self {
-            args,
             policy,
             reference,
-            device,
-            optimizer,
-            schedule,
+            device: device.clone(),
             accumulated: None,
             grad_buffers,
-            micro: 0,
+            metrics: StepMetrics::default(),
             tokens: 0,
-            step_metrics: StepMetrics::default(),
-            step_started: Instant::now(),
-            log: MetricsLog::new(args.metrics.as_deref())?,
-            progress,
         })
     }
 
-    /// Forward and backward of one micro-batch; its gradients join the step's sum.
-    fn micro_batch(&mut self, batch: &[&TrainPair], epoch: usize, index: usize) -> Result<()> {
-        // The micro-batch's graph (its activations) is gone once `gradients` returns, before
-        // the sum allocates.
-        let grads = self.gradients(batch, epoch, index)?;
-        self.accumulate(grads)
+    /// Forward and backward of each of `batches`; their gradients join the replica's sum.
+    /// `share`: the step's loss is the mean over this many micro-batches (all replicas').
+    fn run(
+        &mut self,
+        args: &Args,
+        batches: &[MicroBatch],
+        epoch: usize,
+        share: usize,
+    ) -> Result<()> {
+        for batch in batches {
+            // The micro-batch's graph (its activations) is gone once `gradients` returns,
+            // before the sum allocates.
+            let grads = self.gradients(args, batch, epoch, share)?;
+            self.accumulate(grads)?;
+        }
+        Ok(())
     }
 
-    /// The gradients of one micro-batch's loss; its metrics join the step's.
-    fn gradients(&mut self, batch: &[&TrainPair], epoch: usize, index: usize) -> Result<GradStore> {
-        let args = self.args;
+    /// The gradients of one micro-batch's loss; its metrics join the replica's.
+    fn gradients(
+        &mut self,
+        args: &Args,
+        micro_batch: &MicroBatch,
+        epoch: usize,
+        share: usize,
+    ) -> Result<GradStore> {
+        let batch = micro_batch.pairs;
+        if let Some(lora) = &self.policy.lora {
+            let start = micro_batch.micro as u64 * DROPOUT_ELEMENTS_PER_MICRO_BATCH;
+            lora.dropout_stream.set_position(start);
+        }
         let recompute = args.gradient_checkpointing;
         let (logps, pass) =
             SideLogps::of(&self.policy.model, batch, self.policy.pad_id, recompute)?;
@@ -239,7 +259,7 @@ impl<'a> Trainer<'a> {
                     }
                 })
                 .collect();
-            Ok(Tensor::new(values.as_slice(), self.device)?)
+            Ok(Tensor::new(values.as_slice(), &self.device)?)
         };
         let reference = if args.loss.needs_reference() {
             Some((reference(true)?, reference(false)?))
@@ -273,13 +293,19 @@ impl<'a> Trainer<'a> {
         let (mut loss, losses) = batch_loss(args.loss, &params, &batch_logps, &weights)?;
         let mut kl = None;
         if args.loss.samples_online() {
-            let (surrogate, estimate, pass) =
-                crate::hypo::kl_term(args, self.policy, self.reference, batch, epoch, index)?;
+            let (surrogate, estimate, pass) = crate::hypo::kl_term(
+                args,
+                self.policy,
+                self.reference,
+                batch,
+                epoch,
+                micro_batch.index,
+            )?;
             loss = (loss + (surrogate * args.kl_coef)?)?;
             kl = Some(estimate);
             passes.extend(pass);
         }
-        let loss = (loss / args.grad_accum as f64)?;
+        let loss = (loss / share as f64)?;
         // Only the trained weights' gradients, detached: a gradient kept with its graph would
         // keep the micro-batch's activations alive until the optimiser step.
         let trained: Vec<&Tensor> = self
@@ -289,17 +315,16 @@ impl<'a> Trainer<'a> {
             .map(|(_, v)| v.as_tensor())
             .collect();
         let grads = optune_model::recomputed_backward(&loss, passes, &trained)?;
-        self.step_metrics.add_batch(
+        self.metrics.add_batch(
             &losses,
             chosen,
             rejected,
             &weights,
-            loss.to_scalar::<f32>()? * args.grad_accum as f32,
+            loss.to_scalar::<f32>()? * share as f32,
             kl,
             logps.tokens,
         )?;
         self.tokens += logps.tokens;
-        self.micro += 1;
         Ok(grads)
     }
 
@@ -335,22 +360,168 @@ impl<'a> Trainer<'a> {
         Ok(())
     }
 
-    /// Clips the summed gradients, steps the optimiser at the scheduled rate, logs the step.
-    fn optimizer_step(&mut self, epoch: usize) -> Result<()> {
-        let mut grads = self.accumulated.take().expect("a micro-batch ran");
+    /// The replica's summed gradients of this step (none when it ran no micro-batch), the fused
+    /// ops' buffers included; the next step starts from nothing.
+    fn take_gradients(&mut self) -> Result<Option<GradStore>> {
+        let Some(mut grads) = self.accumulated.take() else {
+            return Ok(None);
+        };
         self.grad_buffers.drain_into(&mut grads)?;
+        Ok(Some(grads))
+    }
+}
+
+struct Trainer<'a> {
+    args: &'a Args,
+    /// The first one holds the optimiser and steps; the others follow its weights.
+    replicas: Vec<Replica<'a>>,
+    optimizer: Optimizer,
+    schedule: Schedule,
+    micro: usize,
+    tokens: usize,
+    step_started: Instant,
+    log: MetricsLog,
+    progress: indicatif::ProgressBar,
+}
+
+impl<'a> Trainer<'a> {
+    fn new(args: &'a Args, replicas: Vec<Replica<'a>>, pairs: usize) -> Result<Self> {
+        let steps_per_epoch = pairs
+            .div_ceil(args.batch_size)
+            .div_ceil(args.grad_accum * replicas.len());
+        let total_steps = args
+            .max_steps
+            .unwrap_or((steps_per_epoch * args.epochs) as u64);
+        let schedule = Schedule {
+            peak_lr: args.lr,
+            warmup_steps: (args.warmup_ratio * total_steps as f64).ceil() as u64,
+            total_steps,
+            decay: args.schedule,
+        };
+        let optimizer = Optimizer::new(
+            decay_groups(replicas[0].policy.trainable.clone(), args.weight_decay),
+            args.optimizer.algorithm(),
+            schedule.lr_at(0),
+        )?;
+        let progress = indicatif::ProgressBar::new(total_steps).with_style(
+            indicatif::ProgressStyle::with_template(
+                "opt-wdpo {bar:30} {pos}/{len} steps  {msg}  eta {eta}",
+            )
+            .expect("valid"),
+        );
+        Ok(Self {
+            args,
+            replicas,
+            optimizer,
+            schedule,
+            micro: 0,
+            tokens: 0,
+            step_started: Instant::now(),
+            log: MetricsLog::new(args.metrics.as_deref())?,
+            progress,
+        })
+    }
+
+    /// The policy the optimiser steps: the first replica's.
+    fn master(&mut self) -> &mut Policy {
+        &mut *self.replicas[0].policy
+    }
+
+    /// Runs one optimiser step's micro-batches (`(index in the epoch, pairs)`), dealt out in turn
+    /// to the replicas, which run theirs at once; their gradients wait in each replica.
+    fn run_group(&mut self, group: &[(usize, Vec<&TrainPair>)], epoch: usize) -> Result<()> {
+        let args = self.args;
+        let count = self.replicas.len();
+        let share = args.grad_accum * count;
+        let first_micro = self.micro;
+        let shares: Vec<Vec<MicroBatch>> = (0..count)
+            .map(|replica| {
+                group
+                    .iter()
+                    .enumerate()
+                    .filter(|(k, _)| k % count == replica)
+                    .map(|(k, (index, pairs))| MicroBatch {
+                        micro: first_micro + k,
+                        index: *index,
+                        pairs,
+                    })
+                    .collect()
+            })
+            .collect();
+        let (first, others) = self
+            .replicas
+            .split_first_mut()
+            .expect("a run has one replica at least");
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = others
+                .iter_mut()
+                .zip(&shares[1..])
+                .map(|(replica, batches)| {
+                    scope.spawn(move || {
+                        optune_kernels::runtime::flush_denormals_on_this_thread();
+                        replica.run(args, batches, epoch, share)
+                    })
+                })
+                .collect();
+            let mut result = first.run(args, &shares[0], epoch, share);
+            for handle in handles {
+                let theirs = handle
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                result = result.and(theirs);
+            }
+            result
+        })?;
+        self.micro += group.len();
+        Ok(())
+    }
+
+    /// Sums the replicas' gradients on the first one's device, clips them, steps the optimiser
+    /// at the scheduled rate, sends the new weights to the other replicas, logs the step.
+    fn optimizer_step(&mut self, epoch: usize) -> Result<()> {
+        let (first, others) = self
+            .replicas
+            .split_first_mut()
+            .expect("a run has one replica at least");
+        let mut grads = first.take_gradients()?.expect("a micro-batch ran");
+        let mut metrics = std::mem::take(&mut first.metrics);
+        self.tokens += std::mem::take(&mut first.tokens);
+        for replica in others {
+            metrics.merge(std::mem::take(&mut replica.metrics));
+            self.tokens += std::mem::take(&mut replica.tokens);
+            let Some(theirs) = replica.take_gradients()? else {
+                continue;
+            };
+            let pairs = first.policy.trainable.iter().zip(&replica.policy.trainable);
+            for ((_, mine), (_, var)) in pairs {
+                let Some(grad) = theirs.get(var.as_tensor()) else {
+                    continue;
+                };
+                let grad = grad.to_device(&first.device)?;
+                let total = match grads.get(mine.as_tensor()) {
+                    Some(sum) => (sum + grad)?,
+                    None => grad,
+                };
+                grads.insert(mine.as_tensor(), total);
+            }
+        }
         let max_norm = if self.args.max_grad_norm > 0.0 {
             self.args.max_grad_norm
         } else {
             f64::INFINITY
         };
-        let vars = self.policy.trainable.iter().map(|(_, v): &(String, Var)| v);
+        let vars = first
+            .policy
+            .trainable
+            .iter()
+            .map(|(_, v): &(String, Var)| v);
         let grad_norm = clip_grad_norm(&mut grads, vars, max_norm)?;
         let lr = self.schedule.lr_at(self.optimizer.step_count());
         self.optimizer.set_lr(lr);
         self.optimizer.step(&grads)?;
-        self.policy.refresh_compute_weights()?;
-        let row = std::mem::take(&mut self.step_metrics).finish(
+        first.policy.refresh_compute_weights()?;
+        self.send_weights()?;
+        let row = metrics.finish(
             self.optimizer.step_count(),
             epoch,
             grad_norm,
@@ -362,6 +533,24 @@ impl<'a> Trainer<'a> {
         self.log.push(row)?;
         self.progress.inc(1);
         self.step_started = Instant::now();
+        Ok(())
+    }
+
+    /// Copies the first replica's trained weights into the others (at the start, and after each
+    /// optimiser step).
+    fn send_weights(&mut self) -> Result<()> {
+        let (first, others) = self
+            .replicas
+            .split_first_mut()
+            .expect("a run has one replica at least");
+        for replica in others {
+            let pairs = first.policy.trainable.iter().zip(&replica.policy.trainable);
+            for ((name, master), (other_name, var)) in pairs {
+                debug_assert_eq!(name, other_name, "replicas list their weights alike");
+                var.set(&master.as_tensor().to_device(&replica.device)?)?;
+            }
+            replica.policy.refresh_compute_weights()?;
+        }
         Ok(())
     }
 }

@@ -228,6 +228,47 @@ fn sigterm_writes_a_state_at_the_next_step_and_the_rerun_completes() {
     assert_eq!(untimed(&metrics), untimed(&whole.join("metrics.csv")));
 }
 
+/// A data-parallel run (two replicas on the host, LoRA dropout on) killed mid-way resumes to the
+/// uninterrupted run's weights: each micro-batch's dropout masks come from its place in the run,
+/// whichever replica draws them.
+#[test]
+fn a_killed_data_parallel_run_resumes_to_the_same_weights() {
+    let (_serial, dir, pairs) = setup();
+    let half = (batch() / 2).to_string();
+    let extra = [
+        "--save-steps",
+        "2",
+        "--devices",
+        "cpu,cpu",
+        "--batch-size",
+        &half,
+    ];
+    let whole = dir.path().join("whole");
+    let (outcome, _) = timed(&mut wdpo(&pairs, &whole, &extra));
+    outcome.assert_success();
+    assert!(
+        outcome.stderr.contains(" steps=12 ") && outcome.stderr.contains(" replicas=2 "),
+        "{}",
+        outcome.stderr
+    );
+    let resumed = dir.path().join("resumed");
+    signal_when(&mut wdpo(&pairs, &resumed, &extra), "KILL", || {
+        state_step(&resumed) >= 4
+    });
+    let kept = state_step(&resumed);
+    let (outcome, _) = timed(&mut wdpo(&pairs, &resumed, &extra));
+    outcome.assert_success();
+    assert!(
+        outcome.stderr.contains(&format!(" resumed_from={kept} ")),
+        "{}",
+        outcome.stderr
+    );
+    assert!(
+        model_bytes(&resumed) == model_bytes(&whole),
+        "the resumed model.safetensors differs from the uninterrupted run's"
+    );
+}
+
 #[test]
 fn a_state_of_other_arguments_is_refused() {
     let (_serial, dir, pairs) = setup();
@@ -245,6 +286,9 @@ fn a_state_of_other_arguments_is_refused() {
     // bf16 products, which the state has to tell from f32.
     let (outcome, _) = timed(&mut wdpo(&pairs, &output, &["--dtype", "bf16"]));
     assert_failed(&outcome, "(--dtype: f32 then, ");
+    // Replicas: each step would take twice the pairs.
+    let (outcome, _) = timed(&mut wdpo(&pairs, &output, &["--devices", "cpu,cpu"]));
+    assert_failed(&outcome, "(--devices (replicas): 1 then, 2 now)");
     // Other pairs: one chosen reply changed.
     let other = dir.path().join("other.jsonl");
     let text = std::fs::read_to_string(&pairs).unwrap();

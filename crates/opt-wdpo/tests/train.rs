@@ -686,6 +686,135 @@ fn train_on(policy: &str, tmp: &Path, name: &str, pairs: &Path, extra: &[&str]) 
     out
 }
 
+/// The per-step metrics without the timing columns (the last two).
+fn untimed_metrics(dir: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(dir.join("metrics.csv")).unwrap();
+    text.lines()
+        .map(|line| line.rsplitn(3, ',').nth(2).unwrap().to_string())
+        .collect()
+}
+
+/// `--devices cpu,cpu,cpu` trains three replicas as one: the weights and metrics of one device
+/// with three times the accumulation. 8 pairs in micro-batches of 2 make groups of 3 and 1 per
+/// epoch, so the replicas also meet a step that leaves two of them idle. On the generic kernels
+/// (the op graph a GPU runs) the master adds the replicas' sums in the order one device adds its
+/// micro-batches: the same bits. The fused ops sum a device's micro-batches in their gradient
+/// buffers instead, so full fine-tuning matches there to rounding, amplified by Adam's
+/// normalisation over 4 steps.
+#[test]
+fn data_parallel_replicas_train_as_one_device_with_more_accumulation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pairs = tmp.path().join("pairs.jsonl");
+    write_pairs(&pairs);
+    let run = |name: &str, kernels: &str, extra: &[&str]| -> PathBuf {
+        let out = tmp.path().join(format!("{name}-{kernels}"));
+        let mut args = vec![
+            "--policy",
+            model("tiny-llama").to_str().unwrap(),
+            pairs.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--lr",
+            "1e-3",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "2",
+            "--warmup-ratio",
+            "0",
+            "--kernels",
+            kernels,
+        ]
+        .into_iter()
+        .map(str::to_string)
+        .collect::<Vec<_>>();
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (ok, err) = wdpo(&args);
+        assert!(ok, "{err}");
+        assert!(err.contains(" steps=4 "), "{err}");
+        out
+    };
+    let lora = [
+        "--lora-rank",
+        "4",
+        "--lora-dropout",
+        "0.1",
+        "--gradient-checkpointing",
+    ];
+    for (what, extra) in [("full", &[][..]), ("lora", &lora[..])] {
+        for kernels in ["generic", "fused"] {
+            let one = run(
+                &format!("{what}-one"),
+                kernels,
+                &[&["--grad-accum", "3"], extra].concat(),
+            );
+            let three = run(
+                &format!("{what}-three"),
+                kernels,
+                &[&["--devices", "cpu,cpu,cpu"], extra].concat(),
+            );
+            let (a, b) = (weights(&one), weights(&three));
+            let exact = kernels == "generic" || what == "lora";
+            if exact {
+                assert!(a == b, "{what} {kernels}: the replicas' weights differ");
+                assert_eq!(
+                    untimed_metrics(&one),
+                    untimed_metrics(&three),
+                    "{what} {kernels}"
+                );
+                continue;
+            }
+            let worst = a
+                .iter()
+                .zip(&b)
+                .flat_map(|((_, x), (_, y))| x.iter().zip(y))
+                .map(|(x, y)| (x - y).abs() / x.abs().max(1e-3))
+                .fold(0f32, f32::max);
+            assert!(
+                worst < 1e-3,
+                "{what} {kernels}: relative difference {worst}"
+            );
+        }
+    }
+}
+
+/// What `--devices` refuses before any work.
+#[test]
+fn devices_refuses_what_it_cannot_combine() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pairs = tmp.path().join("pairs.jsonl");
+    write_pairs(&pairs);
+    let out = tmp.path().join("out");
+    let policy = model("tiny-llama");
+    let base = [
+        "--policy",
+        policy.to_str().unwrap(),
+        pairs.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    for (extra, expected) in [
+        (
+            &["--devices", "cpu,cpu", "--device", "cpu"][..],
+            "cannot be used with",
+        ),
+        (
+            &["--devices", "cpu,cpu", "--reference-only"][..],
+            "cannot be used with",
+        ),
+        (&["--devices", "cpu,,cpu"][..], "--devices: an empty name"),
+        (
+            &["--devices", "cpu,gpu"][..],
+            "expected cpu, cuda or cuda:N",
+        ),
+    ] {
+        let (ok, err) = wdpo(&[&base[..], extra].concat());
+        assert!(!ok && err.contains(expected), "{extra:?}: {err}");
+        assert!(!out.exists());
+    }
+}
+
 /// Pairs whose two replies are the same text are dropped by the losses that only compare the
 /// sides, after --precompute-ref has written every row back; a shard of nothing else is refused.
 #[test]

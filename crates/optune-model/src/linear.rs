@@ -29,13 +29,14 @@ impl DropoutStream {
         }))
     }
 
-    /// How far the stream has been taken: a training state keeps it, so that a resumed run
-    /// draws the masks the uninterrupted run would have drawn.
+    /// How far the stream has been taken.
     pub fn position(&self) -> u64 {
         self.0.position.load(Ordering::Relaxed)
     }
 
-    /// Moves the stream to `position` (from [`DropoutStream::position`]).
+    /// Moves the stream to `position`: a trainer gives each micro-batch a stretch of its own, so
+    /// that its masks depend on its place in the run only (a resumed run, or another replica,
+    /// draws what the uninterrupted run on one device draws).
     pub fn set_position(&self, position: u64) {
         self.0.position.store(position, Ordering::Relaxed);
     }
