@@ -76,7 +76,7 @@ fn make_run(dir: &Path, rho: &str, gen_seconds: [f64; 2]) {
     .unwrap();
     fs::write(
         it1.join("metrics.csv"),
-        "step,epoch,loss,rewards/chosen,rewards/rejected,rewards/margins,rewards/accuracies\n1,0,0.69,0,0,0.0,0.5\n2,0,0.60,0.1,-0.1,0.2,0.75\n",
+        "step,epoch,loss,rewards/chosen,rewards/rejected,rewards/margins,rewards/accuracies\n1,0.5000,0.69,0,0,0.0,0.5\n2,1.0000,0.60,0.1,-0.1,0.2,0.75\n",
     )
     .unwrap();
 
@@ -104,7 +104,7 @@ fn make_run(dir: &Path, rho: &str, gen_seconds: [f64; 2]) {
     .unwrap();
     fs::write(
         it2.join("metrics.csv"),
-        "step,epoch,loss,rewards/chosen,rewards/rejected,rewards/margins,rewards/accuracies\n1,0,0.65,0,0,0.1,0.5\n2,0,0.55,0.2,-0.2,0.4,1.0\n",
+        "step,epoch,loss,rewards/chosen,rewards/rejected,rewards/margins,rewards/accuracies\n1,0.5000,0.65,0,0,0.1,0.5\n2,1.0000,0.55,0.2,-0.2,0.4,1.0\n",
     )
     .unwrap();
     fs::write(

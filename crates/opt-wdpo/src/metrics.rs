@@ -13,7 +13,9 @@ logps/chosen,logps/rejected,weight/mean,kl,grad_norm,lr,tokens_per_s,seconds";
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct MetricsRow {
     pub step: u64,
-    pub epoch: usize,
+    /// Epochs done by the end of the step, as TRL logs them: the epoch's index plus the share of
+    /// its micro-batches run (0.5, 1.0, 1.5, … for two steps an epoch).
+    pub epoch: f64,
     pub loss: f64,
     pub chosen_reward: f64,
     pub rejected_reward: f64,
@@ -59,7 +61,7 @@ impl MetricsRow {
     fn csv_line(&self) -> String {
         let kl = self.kl.map(|k| format!("{k:.6}")).unwrap_or_default();
         format!(
-            "{},{},{:.6},{:.6},{:.6},{:.6},{:.4},{:.4},{:.4},{:.4},{kl},{:.6},{:e},{:.1},{:.3}",
+            "{},{:.4},{:.6},{:.6},{:.6},{:.6},{:.4},{:.4},{:.4},{:.4},{kl},{:.6},{:e},{:.1},{:.3}",
             self.step,
             self.epoch,
             self.loss,
@@ -152,7 +154,7 @@ impl StepMetrics {
     pub fn finish(
         &self,
         step: u64,
-        epoch: usize,
+        epoch: f64,
         grad_norm: f32,
         lr: f64,
         seconds: f64,
@@ -253,7 +255,7 @@ mod tests {
     fn a_learning_rate_survives_the_training_state_exactly() {
         let row = |lr: f64| MetricsRow {
             step: 1,
-            epoch: 0,
+            epoch: 0.5,
             loss: 0.0,
             chosen_reward: 0.0,
             rejected_reward: 0.0,

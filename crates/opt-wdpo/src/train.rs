@@ -95,7 +95,8 @@ pub fn train(
             }
             trainer.run_group(&group, epoch)?;
             group.clear();
-            trainer.optimizer_step(epoch)?;
+            let epochs_done = epoch as f64 + (b + 1) as f64 / batches.len() as f64;
+            trainer.optimizer_step(epochs_done)?;
             let step = trainer.optimizer.step_count();
             if step == total_steps {
                 // The checkpoint follows at once.
@@ -478,7 +479,8 @@ impl<'a> Trainer<'a> {
 
     /// Sums the replicas' gradients on the first one's device, clips them, steps the optimiser
     /// at the scheduled rate, sends the new weights to the other replicas, logs the step.
-    fn optimizer_step(&mut self, epoch: usize) -> Result<()> {
+    /// `epochs_done`: by the end of this step, for the log.
+    fn optimizer_step(&mut self, epochs_done: f64) -> Result<()> {
         let (first, others) = self
             .replicas
             .split_first_mut()
@@ -523,7 +525,7 @@ impl<'a> Trainer<'a> {
         self.send_weights()?;
         let row = metrics.finish(
             self.optimizer.step_count(),
-            epoch,
+            epochs_done,
             grad_norm,
             lr,
             self.step_started.elapsed().as_secs_f64(),
