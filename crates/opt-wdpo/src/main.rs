@@ -634,12 +634,7 @@ fn run(mut args: Args) -> Result<()> {
             args.loss_name()
         );
     }
-    let mut workers = Vec::with_capacity(worker_devices.len());
-    for worker_device in &worker_devices {
-        let replica = Policy::load(&args, worker_device, dtype)?;
-        let reference = reference::held_model(&args, &replica, worker_device, dtype)?;
-        workers.push((replica, reference));
-    }
+    let mut workers = load_replicas(&args, &worker_devices, dtype)?;
     let trained = train::train(
         &args,
         &mut policy,
@@ -657,6 +652,34 @@ fn run(mut args: Args) -> Result<()> {
         .field("kernels", kernels)
         .print();
     Ok(())
+}
+
+/// The other replicas of --devices, each the policy (and the reference it holds through training,
+/// if any) on its device, loaded side by side.
+fn load_replicas(
+    args: &Args,
+    devices: &[candle_core::Device],
+    dtype: candle_core::DType,
+) -> Result<Vec<(Policy, Option<optune_model::Transformer>)>> {
+    std::thread::scope(|scope| {
+        let loads: Vec<_> = devices
+            .iter()
+            .map(|device| {
+                scope.spawn(move || {
+                    let replica = Policy::load(args, device, dtype)?;
+                    let reference = reference::held_model(args, &replica, device, dtype)?;
+                    Ok((replica, reference))
+                })
+            })
+            .collect();
+        loads
+            .into_iter()
+            .map(|load| {
+                load.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect()
+    })
 }
 
 /// Holds the memory plan against each device's memory: the first device keeps the optimiser,
