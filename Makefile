@@ -124,7 +124,7 @@ SHARDS ?= 1
 DEVICES ?=
 # TRAIN_DEVICES="cuda:0 cuda:1 cuda:2 cuda:3" trains on those devices at once (opt-wdpo --devices:
 # data parallel in one process, TRAIN_ARGS' --batch-size and --grad-accum per device, so a step
-# takes that many times the pairs); leave --device out of DEVICE_ARGS then.
+# takes that many times the pairs); a --device in DEVICE_ARGS must name the first of them.
 TRAIN_DEVICES ?=
 LAUNCHER ?= local
 SLURM_ARGS ?=

@@ -889,12 +889,13 @@ def stage_sanitize(args) -> None:
          "decode attention split in chunks)", gen, split, None),
         ("memcheck", "memcheck: opt-wdpo, 2 steps bf16 (tiny-llama, AdamW)", train, None, None),
         ("racecheck", "racecheck: opt-gen sampling bf16 (shared-memory hazards in our kernels)", gen, None,
-         shared_memory_kernels()),
+         shared_memory_kernels),
     ]:
         if not BUDGET.allows("sanitize"):
             BUDGET.skip("sanitize", what, "sanitize")
             continue
-        guarded("sanitize", what, lambda: sanitized_row(tool, what, cmd, sanitizer, env, kernels))
+        guarded("sanitize", what,
+                lambda: sanitized_row(tool, what, cmd, sanitizer, env, kernels() if kernels else None))
 
 
 # The name stems of our CUDA kernels that use shared memory: what racecheck watches.

@@ -275,7 +275,8 @@ pub struct Args {
     pub memory_budget: Option<f64>,
 
     /// Data parallel: a replica of the policy on each of these devices (e.g.
-    /// cuda:0,cuda:1,cuda:2,cuda:3), in place of --device. Each optimiser step takes --grad-accum
+    /// cuda:0,cuda:1,cuda:2,cuda:3; all GPUs or all CPUs), in place of --device (which, when also
+    /// given, must name the first: cuda is cuda:0). Each optimiser step takes --grad-accum
     /// micro-batches of --batch-size pairs per device, run at once; the first device sums the
     /// gradients, clips them, steps the optimiser and sends the new weights to the others. The
     /// weights are those of one device with --grad-accum multiplied by the number of devices (to
@@ -284,7 +285,7 @@ pub struct Args {
         long,
         value_name = "DEVICES",
         value_delimiter = ',',
-        conflicts_with_all = ["device", "reference_only"]
+        conflicts_with = "reference_only"
     )]
     pub devices: Vec<String>,
 
@@ -362,6 +363,29 @@ impl Args {
         }
         if self.devices.iter().any(String::is_empty) {
             bail!("--devices: an empty name; list them as cuda:0,cuda:1");
+        }
+        if let Some(first) = self.devices.first() {
+            let gpu = |spec: &str| spec.starts_with("cuda");
+            if self.devices.iter().any(|spec| gpu(spec) != gpu(first)) {
+                bail!(
+                    "--devices {}: GPUs and CPUs together; list only GPUs (or only the CPU): \
+                     the precision and kernels are the first device's for every replica",
+                    self.devices.join(",")
+                );
+            }
+            let named = |spec: &str| match spec {
+                "cuda" => "cuda:0".to_string(),
+                other => other.to_string(),
+            };
+            if let Some(device) = &self.runtime.device {
+                if named(device) != named(first) {
+                    bail!(
+                        "--device {device} with --devices {}: --device, when given too, names the \
+                         first of --devices (the device that holds the optimiser)",
+                        self.devices.join(",")
+                    );
+                }
+            }
         }
         for (given, flag) in [
             (self.precompute_ref, "--precompute-ref"),

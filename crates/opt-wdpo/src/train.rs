@@ -217,6 +217,9 @@ impl<'a> Replica<'a> {
             let grads = self.gradients(args, batch, epoch, share)?;
             self.accumulate(grads)?;
         }
+        // Another replica's stream reads these sums next, and a GPU's streams order nothing
+        // between them (optune_cli::runtime turns cudarc's events off): done before it does.
+        self.device.synchronize()?;
         Ok(())
     }
 
@@ -229,9 +232,9 @@ impl<'a> Replica<'a> {
         share: usize,
     ) -> Result<GradStore> {
         let batch = micro_batch.pairs;
+        let dropout_start = micro_batch.micro as u64 * DROPOUT_ELEMENTS_PER_MICRO_BATCH;
         if let Some(lora) = &self.policy.lora {
-            let start = micro_batch.micro as u64 * DROPOUT_ELEMENTS_PER_MICRO_BATCH;
-            lora.dropout_stream.set_position(start);
+            lora.dropout_stream.set_position(dropout_start);
         }
         let recompute = args.gradient_checkpointing;
         let (logps, pass) =
@@ -316,6 +319,15 @@ impl<'a> Replica<'a> {
             .map(|(_, v)| v.as_tensor())
             .collect();
         let grads = optune_model::recomputed_backward(&loss, passes, &trained)?;
+        if let Some(lora) = &self.policy.lora {
+            let taken = lora.dropout_stream.position() - dropout_start;
+            if taken >= DROPOUT_ELEMENTS_PER_MICRO_BATCH {
+                bail!(
+                    "a micro-batch took {taken} LoRA dropout mask elements, past its stretch of \
+                     2^40 of the stream: lower --batch-size or --max-length"
+                );
+            }
+        }
         self.metrics.add_batch(
             &losses,
             chosen,
@@ -506,6 +518,9 @@ impl<'a> Trainer<'a> {
                 };
                 grads.insert(mine.as_tensor(), total);
             }
+            // The copies above read `theirs` on the first device's stream: done before it is
+            // freed on its own.
+            first.device.synchronize()?;
         }
         let max_norm = if self.args.max_grad_norm > 0.0 {
             self.args.max_grad_norm
@@ -545,6 +560,11 @@ impl<'a> Trainer<'a> {
             .replicas
             .split_first_mut()
             .expect("a run has one replica at least");
+        if others.is_empty() {
+            return Ok(());
+        }
+        // The optimiser's writes, on the first device's stream, before other streams read them.
+        first.device.synchronize()?;
         for replica in others {
             let pairs = first.policy.trainable.iter().zip(&replica.policy.trainable);
             for ((name, master), (other_name, var)) in pairs {

@@ -796,8 +796,12 @@ fn devices_refuses_what_it_cannot_combine() {
     ];
     for (extra, expected) in [
         (
-            &["--devices", "cpu,cpu", "--device", "cpu"][..],
-            "cannot be used with",
+            &["--devices", "cpu,cpu", "--device", "cuda"][..],
+            "--device cuda with --devices cpu,cpu: --device, when given too, names the first",
+        ),
+        (
+            &["--devices", "cpu,cuda:0"][..],
+            "--devices cpu,cuda:0: GPUs and CPUs together",
         ),
         (
             &["--devices", "cpu,cpu", "--reference-only"][..],

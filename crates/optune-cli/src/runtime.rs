@@ -112,7 +112,10 @@ mod gpu {
     pub(super) fn prepare(gpu: &CudaDevice) -> Result<()> {
         // SAFETY: called before this device has made any buffer, and every buffer of it is used
         // on its one stream only (the stream `device` made for it, which every thread's work
-        // goes to), which is the condition cudarc states for turning the tracking off.
+        // goes to), which is the condition cudarc states for turning the tracking off. The one
+        // crossing, opt-wdpo --devices copying gradients and weights between its replicas'
+        // devices, synchronises the stream that wrote a buffer before another reads it, and the
+        // reading stream before the buffer is freed (opt-wdpo's train.rs).
         unsafe { gpu.disable_event_tracking() };
         let Some(pool) = memory_pool(gpu.cuda_stream().context())? else {
             return Ok(());
