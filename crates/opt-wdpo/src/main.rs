@@ -280,7 +280,7 @@ pub struct Args {
     /// micro-batches of --batch-size pairs per device, run at once; the first device sums the
     /// gradients, clips them, steps the optimiser and sends the new weights to the others. The
     /// weights are those of one device with --grad-accum multiplied by the number of devices (to
-    /// the rounding of the sums' order). The reference log-probs are computed on the first device
+    /// the rounding of the sums' order). The replicas share the reference pass too
     #[arg(
         long,
         value_name = "DEVICES",
@@ -646,7 +646,9 @@ fn run(mut args: Args) -> Result<()> {
         identical = data::drop_identical_pairs(&mut pairs, args.loss);
         saved.fill_reference(&mut pairs)?;
     }
-    let reference = reference::prepare(&args, &policy, &shard, &mut pairs, &device, dtype)?;
+    let mut workers = load_replicas(&args, &worker_devices, dtype)?;
+    let reference =
+        reference::prepare(&args, &policy, &workers, &shard, &mut pairs, &device, dtype)?;
     // After the reference pass, whose --precompute-ref writes back one row per pair of the shard
     // (on a resumed run, the pairs were dropped above).
     identical += data::drop_identical_pairs(&mut pairs, args.loss);
@@ -658,7 +660,6 @@ fn run(mut args: Args) -> Result<()> {
             args.loss_name()
         );
     }
-    let mut workers = load_replicas(&args, &worker_devices, dtype)?;
     let trained = train::train(
         &args,
         &mut policy,

@@ -17,17 +17,25 @@ use std::sync::Arc;
 /// Whether a reference model stays in memory through training: online sampling (HyPO) needs
 /// one, unless the reference is the LoRA policy with its adapters off.
 pub fn held_during_training(args: &Args, policy: &Policy) -> bool {
-    let separate = args.reference.as_ref().is_some_and(|r| *r != args.policy);
-    args.loss.needs_reference() && args.loss.samples_online() && (separate || policy.lora.is_none())
+    args.loss.needs_reference()
+        && args.loss.samples_online()
+        && (is_separate(args) || policy.lora.is_none())
 }
 
-/// Fills the pairs' reference log-probs where the shard had none, writes them back with
-/// `--precompute-ref`, and returns the reference model when the objective samples online (with
-/// LoRA and no separate `--ref`, the reference is the policy with its adapters off: `None`).
-/// Reference-free objectives (SimPO, SFT) skip all of it.
+/// Whether `--ref` names a model other than the policy.
+fn is_separate(args: &Args) -> bool {
+    args.reference.as_ref().is_some_and(|r| *r != args.policy)
+}
+
+/// Fills the pairs' reference log-probs where the shard had none (`workers`, the other replicas
+/// of --devices with the reference each holds through training, take shares of them), writes
+/// them back with `--precompute-ref`, and returns the reference model when the objective samples
+/// online (with LoRA and no separate `--ref`, the reference is the policy with its adapters off:
+/// `None`). Reference-free objectives (SimPO, SFT) skip all of it.
 pub fn prepare(
     args: &Args,
     policy: &Policy,
+    workers: &[(Policy, Option<Transformer>)],
     shard: &Shard,
     pairs: &mut [TrainPair],
     device: &Device,
@@ -44,7 +52,23 @@ pub fn prepare(
         None
     };
     if !had_reference {
-        fill_missing(policy, separate.as_ref(), pairs)?;
+        // A replica that holds no reference through training loads `--ref` for this pass only.
+        let loaded = workers
+            .iter()
+            .map(|(replica, held)| match held {
+                Some(_) => Ok(None),
+                None => separate_reference(args, replica, replica.model.device(), dtype),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut replicas = vec![(policy, separate.as_ref())];
+        for ((replica, held), load) in workers.iter().zip(&loaded) {
+            let model = match is_separate(args) {
+                true => held.as_ref().or(load.as_ref()),
+                false => None,
+            };
+            replicas.push((replica, model));
+        }
+        fill_missing(&replicas, pairs)?;
         if args.precompute_ref {
             // A file, not stdin (Args::validate).
             let Some(path) = args.input.as_ref() else {
@@ -104,7 +128,7 @@ pub fn write_only(args: &Args, device: &Device, dtype: DType) -> Result<usize> {
     )?;
     if pairs.iter().any(|p| p.ref_logps.is_none()) {
         let separate = separate_reference(args, &policy, device, dtype)?;
-        fill_missing(&policy, separate.as_ref(), &mut pairs)?;
+        fill_missing(&[(&policy, separate.as_ref())], &mut pairs)?;
     }
     write_with_reference(&shard, &pairs, &args.output)?;
     Ok(pairs.len())
@@ -117,7 +141,7 @@ fn separate_reference(
     device: &Device,
     dtype: DType,
 ) -> Result<Option<Transformer>> {
-    let Some(dir) = args.reference.as_ref().filter(|r| **r != args.policy) else {
+    let Some(dir) = args.reference.as_ref().filter(|_| is_separate(args)) else {
         return Ok(None);
     };
     let (model, _, meta) = optune_model::load_model(dir, dtype, device)?;
@@ -133,26 +157,19 @@ fn separate_reference(
     Ok(Some(model))
 }
 
-/// Fills the missing reference log-probs with `separate`, or with the policy's adapters off.
+/// Fills every pair's missing reference log-probs (summed over the response; the losses that
+/// take per-token means divide by the response's length), the pairs dealt out in runs to the
+/// `replicas`, each computing its run at once with its separate reference model, or its policy
+/// with the adapters off. One pair (its chosen and rejected side) per forward pass: in a batch
+/// of several pairs, a sum would change in its last bits with its batch mates (the padding, and
+/// where its tokens sit in the batch's segment sum), so the values would depend on
+/// --batch-size, on the pairs a `--shard` slice holds and on the replica count; a pair is never
+/// split. (On 2 CPU cores this costs about a fifth more CPU time than batches of 4 pairs on
+/// SmolLM2-135M.)
 fn fill_missing(
-    policy: &Policy,
-    separate: Option<&Transformer>,
+    replicas: &[(&Policy, Option<&Transformer>)],
     pairs: &mut [TrainPair],
 ) -> Result<()> {
-    match separate {
-        Some(model) => fill(model, pairs, policy.pad_id),
-        None => policy.with_adapters_off(|| fill(&policy.model, pairs, policy.pad_id)),
-    }
-}
-
-/// Fills every pair's missing reference log-probs (summed over the response; the losses that
-/// take per-token means divide by the response's length) with `model`, one pair (its chosen and
-/// rejected side) per forward pass. In a batch of several pairs, a sum would change in its last
-/// bits with its batch mates (the padding, and where its tokens sit in the batch's segment sum),
-/// so the values would depend on --batch-size and on the pairs a `--shard` slice holds; a pair
-/// is never split. (On 2 CPU cores this costs about a fifth more CPU time than batches of 4
-/// pairs on SmolLM2-135M.)
-fn fill(model: &Transformer, pairs: &mut [TrainPair], pad_id: u32) -> Result<()> {
     let todo: Vec<usize> = (0..pairs.len())
         .filter(|&i| pairs[i].ref_logps.is_none())
         .collect();
@@ -160,15 +177,61 @@ fn fill(model: &Transformer, pairs: &mut [TrainPair], pad_id: u32) -> Result<()>
         indicatif::ProgressStyle::with_template("opt-wdpo reference {bar:30} {pos}/{len} pairs")
             .expect("valid"),
     );
-    for i in todo {
-        let (logps, _) = SideLogps::of(model, &[&pairs[i]], pad_id, false)?;
-        let (chosen, rejected) = logps.sides(false);
-        let value = |t: &Tensor| -> Result<f32> { Ok(t.to_dtype(DType::F32)?.to_vec1()?[0]) };
-        pairs[i].ref_logps = Some((value(chosen)?, value(rejected)?));
-        progress.inc(1);
+    let run = todo.len().div_ceil(replicas.len()).max(1);
+    let runs: Vec<&[usize]> = todo.chunks(run).collect();
+    let all: &[TrainPair] = pairs;
+    let compute = |(policy, separate): (&Policy, Option<&Transformer>), run: &[usize]| {
+        run.iter()
+            .map(|&i| {
+                let pair = &all[i];
+                let value = match separate {
+                    Some(model) => side_logps(model, pair, policy.pad_id),
+                    None => {
+                        policy.with_adapters_off(|| side_logps(&policy.model, pair, policy.pad_id))
+                    }
+                }?;
+                progress.inc(1);
+                Ok(value)
+            })
+            .collect::<Result<Vec<(f32, f32)>>>()
+    };
+    let values = std::thread::scope(|scope| {
+        let others: Vec<_> = replicas
+            .iter()
+            .zip(&runs)
+            .skip(1)
+            .map(|(&replica, run)| {
+                scope.spawn(move || {
+                    optune_kernels::runtime::flush_denormals_on_this_thread();
+                    compute(replica, run)
+                })
+            })
+            .collect();
+        let mut values = match runs.first() {
+            Some(run) => compute(replicas[0], run)?,
+            None => Vec::new(),
+        };
+        for other in others {
+            let theirs = other
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            values.extend(theirs?);
+        }
+        anyhow::Ok(values)
+    })?;
+    for (&i, value) in todo.iter().zip(values) {
+        pairs[i].ref_logps = Some(value);
     }
     progress.finish_and_clear();
     Ok(())
+}
+
+/// The summed log-probs of `pair`'s chosen and rejected responses under `model`.
+fn side_logps(model: &Transformer, pair: &TrainPair, pad_id: u32) -> Result<(f32, f32)> {
+    let (logps, _) = SideLogps::of(model, &[pair], pad_id, false)?;
+    let (chosen, rejected) = logps.sides(false);
+    let value = |t: &Tensor| -> Result<f32> { Ok(t.to_dtype(DType::F32)?.to_vec1()?[0]) };
+    Ok((value(chosen)?, value(rejected)?))
 }
 
 /// Writes `shard` with the pairs' reference log-probs as `ref_chosen_logp`/`ref_rejected_logp`

@@ -779,6 +779,58 @@ fn data_parallel_replicas_train_as_one_device_with_more_accumulation() {
     }
 }
 
+/// The replicas of `--devices` share the reference pass, one pair per forward pass: the values
+/// written back by --precompute-ref are one device's, for the policy as its own reference
+/// (full fine-tuning), the LoRA base with its adapters off, and a separate --ref.
+#[test]
+fn replicas_share_the_reference_pass_and_write_one_devices_values() {
+    let tmp = tempfile::tempdir().unwrap();
+    let written = |name: &str, extra: &[&str]| -> Vec<serde_json::Value> {
+        let pairs = tmp.path().join(format!("{name}.jsonl"));
+        write_pairs(&pairs);
+        let out = tmp.path().join(name);
+        let policy = model("tiny-llama");
+        let mut args = vec![
+            "--policy",
+            policy.to_str().unwrap(),
+            pairs.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--precompute-ref",
+            "--max-steps",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        let (ok, err) = wdpo(&args);
+        assert!(ok, "{name}: {err}");
+        std::fs::read_to_string(&pairs)
+            .unwrap()
+            .lines()
+            .map(|line| {
+                let row: serde_json::Value = serde_json::from_str(line).unwrap();
+                serde_json::json!([row["ref_chosen_logp"], row["ref_rejected_logp"]])
+            })
+            .collect()
+    };
+    let reference = model("tiny-mistral");
+    let separate = ["--ref", reference.to_str().unwrap()];
+    let lora = ["--lora-rank", "4"];
+    for (what, extra) in [
+        ("full", &[][..]),
+        ("lora", &lora[..]),
+        ("ref", &separate[..]),
+    ] {
+        let one = written(&format!("{what}-one"), extra);
+        let three = written(
+            &format!("{what}-three"),
+            &[extra, &["--devices", "cpu,cpu,cpu"]].concat(),
+        );
+        assert_eq!(one.len(), 8);
+        assert!(one.iter().all(|v| v[0].is_number()), "{what}: {one:?}");
+        assert_eq!(one, three, "{what}");
+    }
+}
+
 /// What `--devices` refuses before any work.
 #[test]
 fn devices_refuses_what_it_cannot_combine() {

@@ -176,7 +176,7 @@ enum Stored {
     Files(Vec<SafetensorsFile>),
     Gguf {
         path: PathBuf,
-        converted: std::cell::OnceCell<HashMap<String, Tensor>>,
+        converted: std::sync::OnceLock<HashMap<String, Tensor>>,
     },
 }
 
@@ -185,7 +185,7 @@ impl StoredWeights {
         if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
             return Ok(Self(Stored::Gguf {
                 path: path.to_path_buf(),
-                converted: std::cell::OnceCell::new(),
+                converted: std::sync::OnceLock::new(),
             }));
         }
         let files = safetensors_files(path)?
