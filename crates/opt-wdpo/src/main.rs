@@ -624,7 +624,7 @@ fn run(mut args: Args) -> Result<()> {
         &args,
         &policy,
         &pairs,
-        reference::held_during_training(&args, &policy),
+        reference::held(&args, &policy, &pairs),
     );
     let worker_devices = args
         .devices

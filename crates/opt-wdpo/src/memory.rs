@@ -9,6 +9,16 @@ use candle_core::DType;
 
 const GB: f64 = 1e9;
 
+/// Whether a reference model other than the policy is in memory, and when.
+pub enum ReferenceHeld {
+    /// None: reference-free, its log-probs given, or the policy (adapters off) serves.
+    Never,
+    /// A separate `--ref` loaded for the reference pass, freed before training.
+    ForThePass,
+    /// Through training too (HyPO samples against it).
+    ThroughTraining,
+}
+
 /// Bytes by kind, each an estimate for the largest micro-batch.
 pub struct Plan {
     /// The model in its compute dtype (frozen weights, or casts of the masters).
@@ -21,18 +31,21 @@ pub struct Plan {
     optimizer: f64,
     /// A second model held through training (HyPO's reference).
     reference: f64,
+    /// A separate `--ref` loaded for the reference pass only (the policy's size assumed), freed
+    /// before training: it counts against the activations, which come later.
+    pass_reference: f64,
     activations: f64,
     /// Without --gradient-checkpointing, the activations the run would hold with it.
     recomputed_activations: Option<f64>,
 }
 
 impl Plan {
-    /// `holds_reference`: a reference model stays in memory while training.
+    /// `reference`: where the reference model is held ([`ReferenceHeld`]).
     pub fn estimate(
         args: &Args,
         policy: &Policy,
         pairs: &[TrainPair],
-        holds_reference: bool,
+        reference: ReferenceHeld,
     ) -> Self {
         let model = &policy.model;
         let compute = model.dtype().size_in_bytes() as f64;
@@ -100,10 +113,13 @@ impl Plan {
             masters: if full_in_half { trained * 4.0 } else { 0.0 },
             gradients: trained * 4.0 + if full_in_half { trained * compute } else { 0.0 },
             optimizer: trained * 4.0 * buffers,
-            reference: if holds_reference {
-                params * compute
-            } else {
-                0.0
+            reference: match reference {
+                ReferenceHeld::ThroughTraining => params * compute,
+                _ => 0.0,
+            },
+            pass_reference: match reference {
+                ReferenceHeld::ForThePass => params * compute,
+                _ => 0.0,
             },
             activations: tokens * layers_kept + head,
             recomputed_activations: (!args.gradient_checkpointing)
@@ -122,6 +138,7 @@ impl Plan {
             gradients: self.gradients * n,
             optimizer: if holds_optimizer { self.optimizer } else { 0.0 },
             reference: self.reference * n,
+            pass_reference: self.pass_reference * n,
             activations: self.activations * n,
             recomputed_activations: self.recomputed_activations.map(|bytes| bytes * n),
         }
@@ -134,7 +151,7 @@ impl Plan {
             + self.gradients
             + self.optimizer
             + self.reference
-            + self.activations)
+            + self.activations.max(self.pass_reference))
     }
 
     pub fn describe(&self) -> String {
@@ -144,6 +161,7 @@ impl Plan {
             ("gradients", self.gradients),
             ("optimizer", self.optimizer),
             ("reference", self.reference),
+            ("--ref (reference pass only)", self.pass_reference),
             ("activations", self.activations),
         ];
         let listed: Vec<String> = parts

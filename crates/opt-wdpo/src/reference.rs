@@ -12,14 +12,29 @@ use optune_model::Transformer;
 use optune_shard::arrow::array::Float32Array;
 use optune_shard::{col, Destination, OutputFormat, Shard};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// Whether a reference model stays in memory through training: online sampling (HyPO) needs
 /// one, unless the reference is the LoRA policy with its adapters off.
-pub fn held_during_training(args: &Args, policy: &Policy) -> bool {
+fn held_during_training(args: &Args, policy: &Policy) -> bool {
     args.loss.needs_reference()
         && args.loss.samples_online()
         && (is_separate(args) || policy.lora.is_none())
+}
+
+/// Where a reference model other than the policy is held, for the memory plan: through
+/// training, or a separate `--ref` for the pass that fills the pairs' missing log-probs.
+pub fn held(args: &Args, policy: &Policy, pairs: &[TrainPair]) -> crate::memory::ReferenceHeld {
+    use crate::memory::ReferenceHeld;
+    let missing = pairs.iter().any(|p| p.ref_logps.is_none());
+    if held_during_training(args, policy) {
+        ReferenceHeld::ThroughTraining
+    } else if args.loss.needs_reference() && is_separate(args) && missing {
+        ReferenceHeld::ForThePass
+    } else {
+        ReferenceHeld::Never
+    }
 }
 
 /// Whether `--ref` names a model other than the policy.
@@ -52,21 +67,9 @@ pub fn prepare(
         None
     };
     if !had_reference {
-        // A replica that holds no reference through training loads `--ref` for this pass only.
-        let loaded = workers
-            .iter()
-            .map(|(replica, held)| match held {
-                Some(_) => Ok(None),
-                None => separate_reference(args, replica, replica.model.device(), dtype),
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let mut replicas = vec![(policy, separate.as_ref())];
-        for ((replica, held), load) in workers.iter().zip(&loaded) {
-            let model = match is_separate(args) {
-                true => held.as_ref().or(load.as_ref()),
-                false => None,
-            };
-            replicas.push((replica, model));
+        let mut replicas = vec![(policy, PassReference::of(args, dtype, separate.as_ref()))];
+        for (replica, held) in workers {
+            replicas.push((replica, PassReference::of(args, dtype, held.as_ref())));
         }
         fill_missing(&replicas, pairs)?;
         if args.precompute_ref {
@@ -128,7 +131,11 @@ pub fn write_only(args: &Args, device: &Device, dtype: DType) -> Result<usize> {
     )?;
     if pairs.iter().any(|p| p.ref_logps.is_none()) {
         let separate = separate_reference(args, &policy, device, dtype)?;
-        fill_missing(&[(&policy, separate.as_ref())], &mut pairs)?;
+        let source = match &separate {
+            Some(model) => PassReference::Model(model),
+            None => PassReference::AdaptersOff,
+        };
+        fill_missing(&[(&policy, source)], &mut pairs)?;
     }
     write_with_reference(&shard, &pairs, &args.output)?;
     Ok(pairs.len())
@@ -157,19 +164,37 @@ fn separate_reference(
     Ok(Some(model))
 }
 
+/// Where a replica takes its reference from in the reference pass.
+enum PassReference<'m> {
+    /// The policy itself, with its LoRA adapters off (without LoRA, the untrained policy).
+    AdaptersOff,
+    /// A separate `--ref` model already loaded on the replica's device.
+    Model(&'m Transformer),
+    /// `--ref`, loaded on the replica's device for the pass, by its own thread.
+    Load(&'m Args, DType),
+}
+
+impl<'m> PassReference<'m> {
+    /// A replica's reference for the pass, given the model it holds through training, if any.
+    fn of(args: &'m Args, dtype: DType, held: Option<&'m Transformer>) -> Self {
+        match (is_separate(args), held) {
+            (false, _) => PassReference::AdaptersOff,
+            (true, Some(model)) => PassReference::Model(model),
+            // A replica that holds no reference through training loads `--ref` for the pass.
+            (true, None) => PassReference::Load(args, dtype),
+        }
+    }
+}
+
 /// Fills every pair's missing reference log-probs (summed over the response; the losses that
 /// take per-token means divide by the response's length), the pairs dealt out in runs to the
-/// `replicas`, each computing its run at once with its separate reference model, or its policy
-/// with the adapters off. One pair (its chosen and rejected side) per forward pass: in a batch
-/// of several pairs, a sum would change in its last bits with its batch mates (the padding, and
-/// where its tokens sit in the batch's segment sum), so the values would depend on
-/// --batch-size, on the pairs a `--shard` slice holds and on the replica count; a pair is never
-/// split. (On 2 CPU cores this costs about a fifth more CPU time than batches of 4 pairs on
-/// SmolLM2-135M.)
-fn fill_missing(
-    replicas: &[(&Policy, Option<&Transformer>)],
-    pairs: &mut [TrainPair],
-) -> Result<()> {
+/// `replicas` ([`in_runs`]), each with its reference. One pair (its chosen and rejected side) per
+/// forward pass: in a batch of several pairs, a sum would change in its last bits with its batch
+/// mates (the padding, and where its tokens sit in the batch's segment sum), so the values would
+/// depend on --batch-size, on the pairs a `--shard` slice holds and on the replica count; a pair
+/// is never split. (On 2 CPU cores this costs about a fifth more CPU time than batches of 4
+/// pairs on SmolLM2-135M.)
+fn fill_missing(replicas: &[(&Policy, PassReference)], pairs: &mut [TrainPair]) -> Result<()> {
     let todo: Vec<usize> = (0..pairs.len())
         .filter(|&i| pairs[i].ref_logps.is_none())
         .collect();
@@ -177,53 +202,96 @@ fn fill_missing(
         indicatif::ProgressStyle::with_template("opt-wdpo reference {bar:30} {pos}/{len} pairs")
             .expect("valid"),
     );
-    let run = todo.len().div_ceil(replicas.len()).max(1);
-    let runs: Vec<&[usize]> = todo.chunks(run).collect();
     let all: &[TrainPair] = pairs;
-    let compute = |(policy, separate): (&Policy, Option<&Transformer>), run: &[usize]| {
-        run.iter()
-            .map(|&i| {
-                let pair = &all[i];
-                let value = match separate {
-                    Some(model) => side_logps(model, pair, policy.pad_id),
-                    None => {
-                        policy.with_adapters_off(|| side_logps(&policy.model, pair, policy.pad_id))
-                    }
-                }?;
-                progress.inc(1);
-                Ok(value)
-            })
-            .collect::<Result<Vec<(f32, f32)>>>()
-    };
-    let values = std::thread::scope(|scope| {
-        let others: Vec<_> = replicas
-            .iter()
-            .zip(&runs)
-            .skip(1)
-            .map(|(&replica, run)| {
-                scope.spawn(move || {
-                    optune_kernels::runtime::flush_denormals_on_this_thread();
-                    compute(replica, run)
-                })
-            })
-            .collect();
-        let mut values = match runs.first() {
-            Some(run) => compute(replicas[0], run)?,
-            None => Vec::new(),
+    let values = in_runs(replicas, &todo, |(policy, source), run, stop| {
+        let loaded = match source {
+            PassReference::Load(args, dtype) => {
+                separate_reference(args, policy, policy.model.device(), *dtype)?
+            }
+            _ => None,
         };
-        for other in others {
-            let theirs = other
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-            values.extend(theirs?);
+        let separate = match source {
+            PassReference::Model(model) => Some(*model),
+            _ => loaded.as_ref(),
+        };
+        let mut values = Vec::with_capacity(run.len());
+        for &i in run {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let pair = &all[i];
+            values.push(match separate {
+                Some(model) => side_logps(model, pair, policy.pad_id)?,
+                None => {
+                    policy.with_adapters_off(|| side_logps(&policy.model, pair, policy.pad_id))?
+                }
+            });
+            progress.inc(1);
         }
-        anyhow::Ok(values)
+        Ok(values)
     })?;
     for (&i, value) in todo.iter().zip(values) {
         pairs[i].ref_logps = Some(value);
     }
     progress.finish_and_clear();
     Ok(())
+}
+
+/// Runs `work` over `items` dealt out in contiguous runs, the first run to the first worker and
+/// so on (a worker left without a run idles), each on a thread of its own but the first, which
+/// runs on this one; returns the results in the order of `items`. A failure sets the flag `work`
+/// is given, for the others to stop at their next item, and is returned once every worker has
+/// ended (the first failure in worker order; a panic is raised again).
+fn in_runs<W: Sync, T: Send>(
+    workers: &[W],
+    items: &[usize],
+    work: impl Fn(&W, &[usize], &AtomicBool) -> Result<Vec<T>> + Sync,
+) -> Result<Vec<T>> {
+    let run = items.len().div_ceil(workers.len().max(1)).max(1);
+    let runs: Vec<&[usize]> = items.chunks(run).collect();
+    let stop = AtomicBool::new(false);
+    let attempt = |worker: &W, run: &[usize]| {
+        let done = work(worker, run, &stop);
+        if done.is_err() {
+            stop.store(true, Ordering::Relaxed);
+        }
+        done
+    };
+    let results: Vec<Result<Vec<T>>> = std::thread::scope(|scope| {
+        let others: Vec<_> = workers
+            .iter()
+            .zip(&runs)
+            .skip(1)
+            .map(|(worker, run)| {
+                let attempt = &attempt;
+                scope.spawn(move || {
+                    optune_kernels::runtime::flush_denormals_on_this_thread();
+                    attempt(worker, run)
+                })
+            })
+            .collect();
+        let first = match (workers.first(), runs.first()) {
+            (Some(worker), Some(run)) => attempt(worker, run),
+            _ => Ok(Vec::new()),
+        };
+        let others = others.into_iter().map(|other| {
+            other
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        });
+        std::iter::once(first).chain(others).collect()
+    });
+    let mut values = Vec::with_capacity(items.len());
+    for result in results {
+        values.extend(result?);
+    }
+    anyhow::ensure!(
+        values.len() == items.len(),
+        "{} results for {} items",
+        values.len(),
+        items.len()
+    );
+    Ok(values)
 }
 
 /// The summed log-probs of `pair`'s chosen and rejected responses under `model`.
@@ -252,4 +320,69 @@ fn write_with_reference(shard: &Shard, pairs: &[TrainPair], path: &Path) -> Resu
     let format = OutputFormat::resolve(None, &destination)?;
     optune_shard::write_shard(&updated, &destination, format)
         .with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::in_runs;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    /// Each worker tags what it did: the runs are contiguous, dealt out in order, and their
+    /// results come back in the order of the items, with more workers than items too.
+    #[test]
+    fn runs_are_dealt_out_in_order_and_joined_in_order() {
+        let items: Vec<usize> = (10..18).collect();
+        for workers in [1, 3, 8, 11] {
+            let ids: Vec<usize> = (0..workers).collect();
+            let tagged = in_runs(&ids, &items, |&id, run, _: &AtomicBool| {
+                Ok(run.iter().map(|&item| (id, item)).collect())
+            })
+            .unwrap();
+            let order: Vec<usize> = tagged.iter().map(|&(_, item)| item).collect();
+            assert_eq!(order, items, "{workers} workers");
+            let run = items.len().div_ceil(workers);
+            for (k, &(id, _)) in tagged.iter().enumerate() {
+                assert_eq!(id, k / run, "{workers} workers: item {k}");
+            }
+        }
+        let none = in_runs(&[0, 1], &[], |_, run: &[usize], _: &AtomicBool| {
+            Ok(run.to_vec())
+        });
+        assert_eq!(none.unwrap(), Vec::<usize>::new());
+    }
+
+    /// A worker's failure is returned after the others have stopped at their next item, and a
+    /// worker that returns short is an error, not a shifted mapping.
+    #[test]
+    fn a_failure_stops_the_other_workers_and_is_returned() {
+        let items: Vec<usize> = (0..400).collect();
+        let done = AtomicUsize::new(0);
+        let result = in_runs(&[0, 1], &items, |&id, run, stop: &AtomicBool| {
+            if id == 0 {
+                anyhow::bail!("worker 0 failed");
+            }
+            let mut out = Vec::new();
+            for &item in run {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                done.fetch_add(1, Ordering::Relaxed);
+                out.push(item);
+            }
+            Ok(out)
+        });
+        assert_eq!(result.unwrap_err().to_string(), "worker 0 failed");
+        assert!(
+            done.load(Ordering::Relaxed) < 200,
+            "worker 1 ran its whole run"
+        );
+        let short = in_runs(&[0, 1], &items, |_, run: &[usize], _: &AtomicBool| {
+            Ok(run[1..].to_vec())
+        });
+        assert!(short
+            .unwrap_err()
+            .to_string()
+            .contains("398 results for 400 items"));
+    }
 }

@@ -781,7 +781,9 @@ fn data_parallel_replicas_train_as_one_device_with_more_accumulation() {
 
 /// The replicas of `--devices` share the reference pass, one pair per forward pass: the values
 /// written back by --precompute-ref are one device's, for the policy as its own reference
-/// (full fine-tuning), the LoRA base with its adapters off, and a separate --ref.
+/// (full fine-tuning and LoRA, whose adapters start at zero) and for a separate --ref, which
+/// the other replicas load for the pass on their own threads. (How the pairs are dealt out is
+/// the unit test of `in_runs`.)
 #[test]
 fn replicas_share_the_reference_pass_and_write_one_devices_values() {
     let tmp = tempfile::tempdir().unwrap();
