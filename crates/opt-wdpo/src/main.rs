@@ -10,6 +10,7 @@ mod data;
 mod hypo;
 mod memory;
 mod metrics;
+mod parallel;
 mod policy;
 mod reference;
 mod state;
@@ -686,25 +687,13 @@ fn load_replicas(
     devices: &[candle_core::Device],
     dtype: candle_core::DType,
 ) -> Result<Vec<(Policy, Option<optune_model::Transformer>)>> {
-    std::thread::scope(|scope| {
-        let loads: Vec<_> = devices
-            .iter()
-            .map(|device| {
-                scope.spawn(move || {
-                    let replica = Policy::load(args, device, dtype)?;
-                    let reference = reference::held_model(args, &replica, device, dtype)?;
-                    Ok((replica, reference))
-                })
-            })
-            .collect();
-        loads
-            .into_iter()
-            .map(|load| {
-                load.join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-            })
-            .collect()
-    })
+    let mut devices: Vec<&candle_core::Device> = devices.iter().collect();
+    let loads = parallel::on_each(&mut devices, |_, device| {
+        let replica = Policy::load(args, device, dtype)?;
+        let reference = reference::held_model(args, &replica, device, dtype)?;
+        Ok((replica, reference))
+    });
+    loads.into_iter().collect()
 }
 
 /// Holds the memory plan against each device's memory: the first device keeps the optimiser,

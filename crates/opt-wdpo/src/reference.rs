@@ -238,8 +238,8 @@ fn fill_missing(replicas: &[(&Policy, PassReference)], pairs: &mut [TrainPair]) 
 }
 
 /// Runs `work` over `items` dealt out in contiguous runs, the first run to the first worker and
-/// so on (a worker left without a run idles), each on a thread of its own but the first, which
-/// runs on this one; returns the results in the order of `items`. A failure sets the flag `work`
+/// so on (a worker left without a run idles), each on a thread of its own
+/// ([`crate::parallel::on_each`]); returns the results in the order of `items`. A failure sets the flag `work`
 /// is given, for the others to stop at their next item, and is returned once every worker has
 /// ended (the first failure in worker order; a panic is raised again).
 fn in_runs<W: Sync, T: Send>(
@@ -257,30 +257,8 @@ fn in_runs<W: Sync, T: Send>(
         }
         done
     };
-    let results: Vec<Result<Vec<T>>> = std::thread::scope(|scope| {
-        let others: Vec<_> = workers
-            .iter()
-            .zip(&runs)
-            .skip(1)
-            .map(|(worker, run)| {
-                let attempt = &attempt;
-                scope.spawn(move || {
-                    optune_kernels::runtime::flush_denormals_on_this_thread();
-                    attempt(worker, run)
-                })
-            })
-            .collect();
-        let first = match (workers.first(), runs.first()) {
-            (Some(worker), Some(run)) => attempt(worker, run),
-            _ => Ok(Vec::new()),
-        };
-        let others = others.into_iter().map(|other| {
-            other
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-        });
-        std::iter::once(first).chain(others).collect()
-    });
+    let mut busy: Vec<(&W, &[usize])> = workers.iter().zip(runs).collect();
+    let results = crate::parallel::on_each(&mut busy, |_, (worker, run)| attempt(worker, run));
     let mut values = Vec::with_capacity(items.len());
     for result in results {
         values.extend(result?);

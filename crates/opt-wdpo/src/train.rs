@@ -461,30 +461,10 @@ impl<'a> Trainer<'a> {
                     .collect()
             })
             .collect();
-        let (first, others) = self
-            .replicas
-            .split_first_mut()
-            .expect("a run has one replica at least");
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = others
-                .iter_mut()
-                .zip(&shares[1..])
-                .map(|(replica, batches)| {
-                    scope.spawn(move || {
-                        optune_kernels::runtime::flush_denormals_on_this_thread();
-                        replica.run(args, batches, epoch, share)
-                    })
-                })
-                .collect();
-            let mut result = first.run(args, &shares[0], epoch, share);
-            for handle in handles {
-                let theirs = handle
-                    .join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-                result = result.and(theirs);
-            }
-            result
-        })?;
+        let results = crate::parallel::on_each(&mut self.replicas, |r, replica| {
+            replica.run(args, &shares[r], epoch, share)
+        });
+        results.into_iter().collect::<Result<Vec<()>>>()?;
         self.micro += group.len();
         Ok(())
     }
