@@ -8,7 +8,7 @@ use std::path::Path;
 
 const HEADER: &str =
     "step,epoch,loss,rewards/chosen,rewards/rejected,rewards/margins,rewards/accuracies,\
-logps/chosen,logps/rejected,weight/mean,kl,grad_norm,lr,tokens_per_s,seconds";
+logps/chosen,logps/rejected,weight/mean,weight/max,kl,grad_norm,lr,tokens_per_s,seconds";
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct MetricsRow {
@@ -24,6 +24,9 @@ pub struct MetricsRow {
     pub chosen_logp: f64,
     pub rejected_logp: f64,
     pub weight_mean: f64,
+    /// The largest pair weight of the step: 1 under --weight-norm batch only when the weights
+    /// are all equal, so it shows how far the weighting leans on the widest gaps.
+    pub weight_max: f64,
     pub kl: Option<f64>,
     pub grad_norm: f32,
     #[serde(with = "exact_text")]
@@ -61,7 +64,7 @@ impl MetricsRow {
     fn csv_line(&self) -> String {
         let kl = self.kl.map(|k| format!("{k:.6}")).unwrap_or_default();
         format!(
-            "{},{:.4},{:.6},{:.6},{:.6},{:.6},{:.4},{:.4},{:.4},{:.4},{kl},{:.6},{:e},{:.1},{:.3}",
+            "{},{:.4},{:.6},{:.6},{:.6},{:.6},{:.4},{:.4},{:.4},{:.4},{:.4},{kl},{:.6},{:e},{:.1},{:.3}",
             self.step,
             self.epoch,
             self.loss,
@@ -72,6 +75,7 @@ impl MetricsRow {
             self.chosen_logp,
             self.rejected_logp,
             self.weight_mean,
+            self.weight_max,
             self.grad_norm,
             self.lr,
             self.tokens_per_s,
@@ -92,6 +96,7 @@ pub struct StepMetrics {
     chosen_logp: f64,
     rejected_logp: f64,
     weight: f64,
+    weight_max: f64,
     kl: Option<f64>,
     tokens: usize,
 }
@@ -126,6 +131,8 @@ impl StepMetrics {
             .map(|&x| x as f64)
             .sum::<f64>();
         self.weight += weights.iter().map(|&w| w as f64).sum::<f64>();
+        let widest = weights.iter().fold(0f32, |max, &w| max.max(w));
+        self.weight_max = self.weight_max.max(widest as f64);
         if let Some(kl) = kl {
             self.kl = Some(self.kl.unwrap_or(0.0) + kl as f64);
         }
@@ -144,6 +151,7 @@ impl StepMetrics {
         self.chosen_logp += other.chosen_logp;
         self.rejected_logp += other.rejected_logp;
         self.weight += other.weight;
+        self.weight_max = self.weight_max.max(other.weight_max);
         self.kl = match (self.kl, other.kl) {
             (Some(a), Some(b)) => Some(a + b),
             (a, b) => a.or(b),
@@ -173,6 +181,7 @@ impl StepMetrics {
             chosen_logp: self.chosen_logp / n,
             rejected_logp: self.rejected_logp / n,
             weight_mean: self.weight / n,
+            weight_max: self.weight_max,
             kl: self.kl.map(|k| k / self.batches.max(1) as f64),
             grad_norm,
             lr,
@@ -264,6 +273,7 @@ mod tests {
             chosen_logp: 0.0,
             rejected_logp: 0.0,
             weight_mean: 1.0,
+            weight_max: 1.0,
             kl: None,
             grad_norm: 0.0,
             lr,

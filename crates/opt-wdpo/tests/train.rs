@@ -1190,6 +1190,7 @@ fn weight_col_gives_each_pair_its_weight() {
         ],
     );
     assert_eq!(column(&metrics(&out), "weight/mean"), [1.75]);
+    assert_eq!(column(&metrics(&out), "weight/max"), [3.5]);
     // Normalised per batch, the weights average 1.
     let out = train_on(
         "tiny-llama",
@@ -1199,6 +1200,8 @@ fn weight_col_gives_each_pair_its_weight() {
         &["--weight-col", "w", "--batch-size", "8"],
     );
     assert_eq!(column(&metrics(&out), "weight/mean"), [1.0]);
+    // The widest, 3.5 of a mean 1.75, is 2 once normalised.
+    assert_eq!(column(&metrics(&out), "weight/max"), [2.0]);
     // Negative weights, a missing column, and --beta2 beside --weight-col are errors.
     write_scored_pairs(&pairs, None, Some(-1.0));
     for (extra, expected) in [
