@@ -16,7 +16,7 @@ mod reference;
 mod state;
 mod train;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser};
 use optune_cli::RuntimeArgs;
@@ -62,8 +62,8 @@ use std::time::Instant;
 /// opt-cat joins their outputs.
 ///
 /// With --save-steps N, every N optimiser steps a training state (the trained weights or
-/// adapters, optimiser moments, step, random streams, position in the data order, reference
-/// log-probs) is written atomically to OUT_DIR.state; SIGTERM or SIGINT writes one at the next
+/// adapters, optimiser moments, step, position in the data order, which fixes the LoRA dropout
+/// masks and HyPO's samples, reference log-probs) is written atomically to OUT_DIR.state; SIGTERM or SIGINT writes one at the next
 /// step boundary and exits with an error (a second signal exits at once). The same command run
 /// again resumes from it and ends with the weights an uninterrupted run writes (to the bit on
 /// the CPU); a run with other pairs or other arguments that change the weights (not
@@ -627,18 +627,11 @@ fn run(mut args: Args) -> Result<()> {
         &pairs,
         reference::held(&args, &policy, &pairs),
     );
-    let worker_devices = args
-        .devices
-        .iter()
-        .skip(1)
-        .map(|spec| optune_cli::runtime::device(Some(spec)));
+    let worker_devices = args.devices.iter().skip(1).map(|spec| {
+        optune_cli::runtime::device(Some(spec)).with_context(|| format!("--devices {spec}"))
+    });
     let worker_devices: Vec<_> = worker_devices.collect::<Result<_>>()?;
-    check_memory(
-        &args,
-        &plan,
-        (&args.devices, &device, available),
-        &worker_devices,
-    )?;
+    check_memory(&args, &plan, (&device, available), &worker_devices)?;
     let fingerprint = state::fingerprint(&args, &device, dtype, &pairs)?;
     let resumed = state::load(&args.output, &fingerprint)?;
     let mut identical = 0;
@@ -698,14 +691,16 @@ fn load_replicas(
 
 /// Holds the memory plan against each device's memory: the first device keeps the optimiser,
 /// every replica its weights, gradients and activations; replicas on one device (or on the
-/// host) add up. `first`: --devices, the first device and what it has available.
+/// host) add up. `first`: the first device and what it had available before the policy loaded;
+/// `workers`: the other devices of --devices, in order.
 fn check_memory(
     args: &Args,
     plan: &memory::Plan,
-    first: (&[String], &candle_core::Device, Option<f64>),
+    first: (&candle_core::Device, Option<f64>),
     workers: &[candle_core::Device],
 ) -> Result<()> {
-    let (specs, device, available) = first;
+    let (first_device, first_available) = first;
+    let specs = &args.devices;
     let budget = args.memory_budget.map(|gb| gb * 1e9);
     let what = if budget.is_some() {
         "in --memory-budget"
@@ -713,32 +708,31 @@ fn check_memory(
         "available"
     };
     if specs.len() <= 1 {
-        return plan.check(budget.or(available), what);
+        return plan.check(budget.or(first_available), what);
     }
-    // (a device, its name, replicas on it); the first holds the optimiser.
+    // (a device, its name, how many replicas it holds); the first holds the optimiser.
     let mut devices: Vec<(&candle_core::Device, &str, usize)> = Vec::new();
-    for (replica, spec) in std::iter::once(device).chain(workers).zip(specs) {
+    for (device, spec) in std::iter::once(first_device).chain(workers).zip(specs) {
         match devices
             .iter_mut()
-            .find(|(d, ..)| d.location() == replica.location())
+            .find(|(d, ..)| d.location() == device.location())
         {
-            Some((_, _, replicas)) => *replicas += 1,
-            None => devices.push((replica, spec, 1)),
+            Some((_, _, count)) => *count += 1,
+            None => devices.push((device, spec, 1)),
         }
     }
-    for (i, (replica, spec, replicas)) in devices.into_iter().enumerate() {
+    for (i, (device, spec, count)) in devices.into_iter().enumerate() {
         let holds_optimizer = i == 0;
-        // The first device's was read before the policy took its share.
         let free = match holds_optimizer {
-            true => available,
-            false => optune_cli::runtime::available_memory(replica),
+            true => first_available,
+            false => optune_cli::runtime::available_memory(device),
         };
-        let shared = plan.for_replicas(replicas, holds_optimizer);
-        let replicas = match replicas {
+        let shared = plan.for_replicas(count, holds_optimizer);
+        let suffix = match count {
             1 => String::new(),
             n => format!(" for its {n} replicas"),
         };
-        shared.check(budget.or(free), &format!("{what} on {spec}{replicas}"))?;
+        shared.check(budget.or(free), &format!("{what} on {spec}{suffix}"))?;
     }
     Ok(())
 }

@@ -4,8 +4,8 @@
 //! `OUT_DIR.state/` holds, for the last saved step K, `trainable-K.safetensors` (the trained
 //! weights: the LoRA adapters, or every weight), `optimizer-K.safetensors` (moments, step count;
 //! [`Optimizer::save_state`]) and `state.json`, written last and renamed into place, which names
-//! K and holds the rest: the run's fingerprint, the position in the data order, the LoRA dropout
-//! stream's position, the reference log-probs, the tokens so far and the metrics rows. A kill at
+//! K and holds the rest: the run's fingerprint, the position in the data order (which fixes the
+//! LoRA dropout masks), the reference log-probs, the tokens so far and the metrics rows. A kill at
 //! any moment leaves the previous `state.json` and its files whole. The directory is removed once
 //! the checkpoint is written.
 
@@ -40,7 +40,7 @@ pub struct Position {
     /// The epoch and the index of its next micro-batch.
     pub epoch: usize,
     pub batch: usize,
-    /// Micro-batches run since the start (accumulation counts them).
+    /// Micro-batches run since the start: where the next one's LoRA dropout masks start.
     pub micro: usize,
 }
 

@@ -64,7 +64,7 @@ pub fn train(
             trainer.replicas[0].policy,
             &mut trainer.optimizer,
         )?;
-        trainer.master().refresh_compute_weights()?;
+        trainer.replicas[0].policy.refresh_compute_weights()?;
         start = saved.position;
         trainer.micro = start.micro;
         trainer.tokens = saved.tokens;
@@ -324,7 +324,8 @@ impl<'a> Replica<'a> {
             if taken >= DROPOUT_ELEMENTS_PER_MICRO_BATCH {
                 bail!(
                     "a micro-batch took {taken} LoRA dropout mask elements, past its stretch of \
-                     2^40 of the stream: lower --batch-size or --max-length"
+                     {DROPOUT_ELEMENTS_PER_MICRO_BATCH} of the stream: lower --batch-size or \
+                     --max-length"
                 );
             }
         }
@@ -433,11 +434,6 @@ impl<'a> Trainer<'a> {
             log: MetricsLog::new(args.metrics.as_deref())?,
             progress,
         })
-    }
-
-    /// The policy the optimiser steps: the first replica's.
-    fn master(&mut self) -> &mut Policy {
-        &mut *self.replicas[0].policy
     }
 
     /// Runs one optimiser step's micro-batches (`(index in the epoch, pairs)`), dealt out in turn
