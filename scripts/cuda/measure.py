@@ -711,25 +711,31 @@ def change_gap(a: dict, b: dict) -> float:
     return math.sqrt(diff / max(size, 1e-300))
 
 
+def trained_change(bins: Path, pairs_file: Path, out: Path, flags: list, names=lambda name: True) -> dict:
+    """3 epochs of opt-wdpo in f32 on tiny-llama over `pairs_file` into `out` (constant learning
+    rate, no warm-up) with `flags`; returns the trained change (merged − base) of each weight
+    whose name `names` accepts."""
+    from safetensors.torch import load_file
+
+    model = TESTDATA / "models" / "tiny-llama"
+    run([bins / "opt-wdpo", "--policy", model, pairs_file, "-o", out, "--warmup-ratio", "0",
+         "--schedule", "constant", "--epochs", "3", "--dtype", "f32", *flags], unit="logprobs")
+    base = load_file(str(model / "model.safetensors"))
+    merged = load_file(str(out / "model.safetensors"))
+    return {k: merged[k].float() - base[k].float() for k in merged if names(k)}
+
+
 def logprobs_data_parallel(bins: Path, work: Path) -> None:
     """`opt-wdpo --devices`: two replicas on the one GPU, each on a host thread of its own (the
     threads' CUDA work, the gradients gathered on the first replica, the weights sent back),
     against one replica with twice the accumulation, by the trained change of the weights. The
     first replica adds the other's sum after its own, as one replica adds its micro-batches."""
-    from safetensors.torch import load_file
-
-    model = TESTDATA / "models" / "tiny-llama"
     pairs_file = work / "tiny-llama-dp-pairs.jsonl"
     reference_pairs("tiny-llama", pairs_file)
-    base = load_file(str(model / "model.safetensors"))
 
     def delta(name: str, placement: list) -> dict:
-        out = work / f"data-parallel-{name}"
-        run([bins / "opt-wdpo", "--policy", model, pairs_file, "-o", out, "--lr", "1e-3",
-             "--warmup-ratio", "0", "--schedule", "constant", "--batch-size", "2", "--epochs", "3",
-             "--dtype", "f32", *placement, *device_flags("cuda", "f32")], unit="logprobs")
-        merged = load_file(str(out / "model.safetensors"))
-        return {k: merged[k].float() - base[k].float() for k in merged}
+        return trained_change(bins, pairs_file, work / f"data-parallel-{name}",
+                              ["--lr", "1e-3", "--batch-size", "2", *placement, *device_flags("cuda", "f32")])
 
     one = delta("one", ["--device", dev("cuda"), "--grad-accum", "2"])
     two = delta("two", ["--devices", "cuda:0,cuda:0" if GPU == "cuda" else "cpu,cpu"])
@@ -745,24 +751,18 @@ def logprobs_lora_dropout(bins: Path, work: Path) -> None:
     recomputed block draws them again: 3 steps of LoRA with dropout 0.3 on every projection and
     --gradient-checkpointing, CUDA f32 against CPU f32 by the trained change of the weights
     (merged − base). Another seed on the CPU shows the size of a change with other masks."""
-    from safetensors.torch import load_file
-
     R = REPORT
-    model = TESTDATA / "models" / "tiny-llama"
     pairs_file = work / "tiny-llama-dropout-pairs.jsonl"
     reference_pairs("tiny-llama", pairs_file)
-    base = load_file(str(model / "model.safetensors"))
 
     def delta(device: str, seed: int) -> dict:
-        out = work / f"dropout-{device}-{seed}"
-        run([bins / "opt-wdpo", "--policy", model, pairs_file, "-o", out, "--lora-rank", "4",
-             "--lora-alpha", "8", "--lora-dropout", "0.3", "--lora-targets",
+        return trained_change(
+            bins, pairs_file, work / f"dropout-{device}-{seed}",
+            ["--lora-rank", "4", "--lora-alpha", "8", "--lora-dropout", "0.3", "--lora-targets",
              "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "--gradient-checkpointing",
-             "--lr", "1e-2", "--warmup-ratio", "0", "--schedule", "constant", "--batch-size", "4",
-             "--epochs", "3", "--seed", str(seed), "--device", dev(device), "--dtype", "f32",
-             *device_flags(device, "f32")], unit="logprobs")
-        merged = load_file(str(out / "model.safetensors"))
-        return {k: merged[k].float() - base[k].float() for k in merged if "proj" in k}
+             "--lr", "1e-2", "--batch-size", "4", "--seed", str(seed), "--device", dev(device),
+             *device_flags(device, "f32")],
+            names=lambda name: "proj" in name)
 
     cpu = delta("cpu", 5)
     cuda = delta("cuda", 5)

@@ -659,7 +659,6 @@ fn run(mut args: Args) -> Result<()> {
         &mut policy,
         &pairs,
         reference.as_ref(),
-        &device,
         &mut workers,
         &fingerprint,
         resumed,

@@ -41,15 +41,13 @@ pub fn train(
     policy: &mut Policy,
     pairs: &[TrainPair],
     reference: Option<&Transformer>,
-    device: &Device,
     workers: &mut [(Policy, Option<Transformer>)],
     fingerprint: &Fingerprint,
     resumed: Option<Saved>,
 ) -> Result<Trained> {
-    let mut replicas = vec![Replica::new(policy, reference, device)?];
+    let mut replicas = vec![Replica::new(policy, reference)?];
     for (policy, reference) in workers.iter_mut() {
-        let device = policy.model.device().clone();
-        replicas.push(Replica::new(policy, reference.as_ref(), &device)?);
+        replicas.push(Replica::new(policy, reference.as_ref())?);
     }
     let mut trainer = Trainer::new(args, replicas, pairs.len())?;
     let mut start = Position {
@@ -157,7 +155,6 @@ pub fn train(
 struct Replica<'a> {
     policy: &'a mut Policy,
     reference: Option<&'a Transformer>,
-    device: Device,
     /// Gradients summed over the replica's micro-batches of the current optimiser step, but for
     /// those the fused ops sum in `grad_buffers`.
     accumulated: Option<GradStore>,
@@ -181,25 +178,26 @@ struct MicroBatch<'g> {
 const DROPOUT_ELEMENTS_PER_MICRO_BATCH: u64 = 1 << 40;
 
 impl<'a> Replica<'a> {
-    fn new(
-        policy: &'a mut Policy,
-        reference: Option<&'a Transformer>,
-        device: &Device,
-    ) -> Result<Self> {
+    fn new(policy: &'a mut Policy, reference: Option<&'a Transformer>) -> Result<Self> {
         policy.set_training(true);
         // The fused ops write the gradients of the weights they read into buffers of their own.
-        let fused = optune_kernels::autograd_path(device, policy.model.dtype()) == Path::Fused;
+        let model = &policy.model;
+        let fused = optune_kernels::autograd_path(model.device(), model.dtype()) == Path::Fused;
         let weights = policy.trainable.iter().map(|(_, v)| v.as_tensor());
         let grad_buffers = GradBuffers::register(weights.filter(|_| fused))?;
         Ok(Self {
             policy,
             reference,
-            device: device.clone(),
             accumulated: None,
             grad_buffers,
             metrics: StepMetrics::default(),
             tokens: 0,
         })
+    }
+
+    /// The device the replica's policy lives on.
+    fn device(&self) -> &Device {
+        self.policy.model.device()
     }
 
     /// Forward and backward of each of `batches`; their gradients join the replica's sum.
@@ -219,7 +217,7 @@ impl<'a> Replica<'a> {
         }
         // Another replica's stream reads these sums next, and a GPU's streams order nothing
         // between them (optune_cli::runtime turns cudarc's events off): done before it does.
-        self.device.synchronize()?;
+        self.device().synchronize()?;
         Ok(())
     }
 
@@ -263,7 +261,7 @@ impl<'a> Replica<'a> {
                     }
                 })
                 .collect();
-            Ok(Tensor::new(values.as_slice(), &self.device)?)
+            Ok(Tensor::new(values.as_slice(), self.device())?)
         };
         let reference = if args.loss.needs_reference() {
             Some((reference(true)?, reference(false)?))
@@ -487,7 +485,7 @@ impl<'a> Trainer<'a> {
                 let Some(grad) = theirs.get(var.as_tensor()) else {
                     continue;
                 };
-                let grad = grad.to_device(&first.device)?;
+                let grad = grad.to_device(first.device())?;
                 let total = match grads.get(mine.as_tensor()) {
                     Some(sum) => (sum + grad)?,
                     None => grad,
@@ -496,7 +494,7 @@ impl<'a> Trainer<'a> {
             }
             // The copies above read `theirs` on the first device's stream: done before it is
             // freed on its own.
-            first.device.synchronize()?;
+            first.device().synchronize()?;
         }
         let max_norm = if self.args.max_grad_norm > 0.0 {
             self.args.max_grad_norm
@@ -540,12 +538,12 @@ impl<'a> Trainer<'a> {
             return Ok(());
         }
         // The optimiser's writes, on the first device's stream, before other streams read them.
-        first.device.synchronize()?;
+        first.device().synchronize()?;
         for replica in others {
             let pairs = first.policy.trainable.iter().zip(&replica.policy.trainable);
             for ((name, master), (other_name, var)) in pairs {
                 debug_assert_eq!(name, other_name, "replicas list their weights alike");
-                var.set(&master.as_tensor().to_device(&replica.device)?)?;
+                var.set(&master.as_tensor().to_device(replica.device())?)?;
             }
             replica.policy.refresh_compute_weights()?;
         }

@@ -4,7 +4,9 @@
 //! arguments is refused; --reference-only --shard splits the reference pass without changing
 //! the trained weights.
 
-use optune_testkit::{generic_kernels, signal_when, timed, workspace_root, Outcome};
+use optune_testkit::{
+    generic_kernels, signal_when, timed, untimed_metrics, workspace_root, Outcome,
+};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
@@ -106,6 +108,35 @@ fn model_bytes(output: &Path) -> Vec<u8> {
     std::fs::read(output.join("model.safetensors")).unwrap()
 }
 
+/// Runs opt-wdpo into `resumed` with `extra`, SIGKILLs it once its state reaches step `at`, and
+/// runs it again, which must resume from the kept step and write `whole`'s model byte for byte.
+/// Returns the kept step and the rerun's CPU seconds.
+fn kill_and_resume(
+    pairs: &Path,
+    resumed: &Path,
+    whole: &Path,
+    extra: &[&str],
+    at: u64,
+) -> (u64, f64) {
+    signal_when(&mut wdpo(pairs, resumed, extra), "KILL", || {
+        state_step(resumed) >= at
+    });
+    let kept = state_step(resumed);
+    assert!(!resumed.exists(), "a killed run leaves no checkpoint");
+    let (outcome, rerun_secs) = timed(&mut wdpo(pairs, resumed, extra));
+    outcome.assert_success();
+    assert!(
+        outcome.stderr.contains(&format!(" resumed_from={kept} ")),
+        "{}",
+        outcome.stderr
+    );
+    assert!(
+        model_bytes(resumed) == model_bytes(whole),
+        "the resumed model.safetensors differs from the uninterrupted run's"
+    );
+    (kept, rerun_secs)
+}
+
 fn assert_failed(outcome: &Outcome, expected: &str) {
     assert!(!outcome.status.success(), "succeeded: {}", outcome.stderr);
     assert!(outcome.stderr.contains(expected), "{}", outcome.stderr);
@@ -124,21 +155,7 @@ fn a_killed_run_resumes_from_its_last_state_to_the_same_weights() {
     );
 
     let resumed = dir.path().join("resumed");
-    let command = &mut wdpo(&pairs, &resumed, &["--save-steps", "2"]);
-    signal_when(command, "KILL", || state_step(&resumed) >= 6);
-    let kept = state_step(&resumed);
-    assert!(!resumed.exists(), "a killed run leaves no checkpoint");
-    let (outcome, rerun_secs) = timed(&mut wdpo(&pairs, &resumed, &["--save-steps", "2"]));
-    outcome.assert_success();
-    assert!(
-        outcome.stderr.contains(&format!(" resumed_from={kept} ")),
-        "{}",
-        outcome.stderr
-    );
-    assert!(
-        model_bytes(&resumed) == model_bytes(&whole),
-        "the resumed model.safetensors differs from the uninterrupted run's"
-    );
+    let (kept, rerun_secs) = kill_and_resume(&pairs, &resumed, &whole, &["--save-steps", "2"], 6);
     assert!(
         !state_dir(&resumed).exists(),
         "the state is removed once the checkpoint is written"
@@ -219,13 +236,10 @@ fn sigterm_writes_a_state_at_the_next_step_and_the_rerun_completes() {
     assert_eq!(logged(), 12, "the metrics file holds every step once");
     assert!(!state_dir(&output).exists());
     // Every figure but the timings equals the uninterrupted run's, to the last digit of `lr`.
-    let untimed = |path: &Path| -> Vec<String> {
-        let text = std::fs::read_to_string(path).unwrap();
-        text.lines()
-            .map(|line| line.rsplitn(3, ',').nth(2).unwrap().to_string())
-            .collect()
-    };
-    assert_eq!(untimed(&metrics), untimed(&whole.join("metrics.csv")));
+    assert_eq!(
+        untimed_metrics(&metrics),
+        untimed_metrics(&whole.join("metrics.csv"))
+    );
 }
 
 /// A data-parallel run (two replicas on the host, LoRA dropout on) killed mid-way resumes to the
@@ -251,22 +265,7 @@ fn a_killed_data_parallel_run_resumes_to_the_same_weights() {
         "{}",
         outcome.stderr
     );
-    let resumed = dir.path().join("resumed");
-    signal_when(&mut wdpo(&pairs, &resumed, &extra), "KILL", || {
-        state_step(&resumed) >= 4
-    });
-    let kept = state_step(&resumed);
-    let (outcome, _) = timed(&mut wdpo(&pairs, &resumed, &extra));
-    outcome.assert_success();
-    assert!(
-        outcome.stderr.contains(&format!(" resumed_from={kept} ")),
-        "{}",
-        outcome.stderr
-    );
-    assert!(
-        model_bytes(&resumed) == model_bytes(&whole),
-        "the resumed model.safetensors differs from the uninterrupted run's"
-    );
+    kill_and_resume(&pairs, &dir.path().join("resumed"), &whole, &extra, 4);
 }
 
 #[test]

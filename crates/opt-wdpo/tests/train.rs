@@ -1,5 +1,6 @@
 //! opt-wdpo end to end on the tiny testdata models.
 
+use optune_testkit::untimed_metrics;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -686,14 +687,6 @@ fn train_on(policy: &str, tmp: &Path, name: &str, pairs: &Path, extra: &[&str]) 
     out
 }
 
-/// The per-step metrics without the timing columns (the last two).
-fn untimed_metrics(dir: &Path) -> Vec<String> {
-    let text = std::fs::read_to_string(dir.join("metrics.csv")).unwrap();
-    text.lines()
-        .map(|line| line.rsplitn(3, ',').nth(2).unwrap().to_string())
-        .collect()
-}
-
 /// `--devices cpu,cpu,cpu` trains three replicas as one: the weights and metrics of one device
 /// with three times the accumulation. 8 pairs in micro-batches of 2 make groups of 3 and 1 per
 /// epoch, so the replicas also meet a step that leaves two of them idle. On the generic kernels
@@ -707,13 +700,7 @@ fn data_parallel_replicas_train_as_one_device_with_more_accumulation() {
     let pairs = tmp.path().join("pairs.jsonl");
     write_pairs(&pairs);
     let run = |name: &str, kernels: &str, extra: &[&str]| -> PathBuf {
-        let out = tmp.path().join(format!("{name}-{kernels}"));
-        let mut args = vec![
-            "--policy",
-            model("tiny-llama").to_str().unwrap(),
-            pairs.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
+        let common = [
             "--lr",
             "1e-3",
             "--epochs",
@@ -724,15 +711,16 @@ fn data_parallel_replicas_train_as_one_device_with_more_accumulation() {
             "0",
             "--kernels",
             kernels,
-        ]
-        .into_iter()
-        .map(str::to_string)
-        .collect::<Vec<_>>();
-        args.extend(extra.iter().map(|a| a.to_string()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let (ok, err) = wdpo(&args);
-        assert!(ok, "{err}");
-        assert!(err.contains(" steps=4 "), "{err}");
+        ];
+        let name = format!("{name}-{kernels}");
+        let out = train_on(
+            "tiny-llama",
+            tmp.path(),
+            &name,
+            &pairs,
+            &[&common, extra].concat(),
+        );
+        assert_eq!(column(&metrics(&out), "step"), [1.0, 2.0, 3.0, 4.0]);
         out
     };
     let lora = [
@@ -759,8 +747,8 @@ fn data_parallel_replicas_train_as_one_device_with_more_accumulation() {
             if exact {
                 assert!(a == b, "{what} {kernels}: the replicas' weights differ");
                 assert_eq!(
-                    untimed_metrics(&one),
-                    untimed_metrics(&three),
+                    untimed_metrics(&one.join("metrics.csv")),
+                    untimed_metrics(&three.join("metrics.csv")),
                     "{what} {kernels}"
                 );
                 continue;
@@ -791,19 +779,8 @@ fn replicas_share_the_reference_pass_and_write_one_devices_values() {
         let pairs = tmp.path().join(format!("{name}.jsonl"));
         write_pairs(&pairs);
         let out = tmp.path().join(name);
-        let policy = model("tiny-llama");
-        let mut args = vec![
-            "--policy",
-            policy.to_str().unwrap(),
-            pairs.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-            "--precompute-ref",
-            "--max-steps",
-            "1",
-        ];
-        args.extend_from_slice(extra);
-        let (ok, err) = wdpo(&args);
+        let args = [&["--precompute-ref", "--max-steps", "1"], extra].concat();
+        let (ok, err) = wdpo_at(&model("tiny-llama"), &pairs, &out, &args);
         assert!(ok, "{name}: {err}");
         std::fs::read_to_string(&pairs)
             .unwrap()
@@ -840,14 +817,6 @@ fn devices_refuses_what_it_cannot_combine() {
     let pairs = tmp.path().join("pairs.jsonl");
     write_pairs(&pairs);
     let out = tmp.path().join("out");
-    let policy = model("tiny-llama");
-    let base = [
-        "--policy",
-        policy.to_str().unwrap(),
-        pairs.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-    ];
     for (extra, expected) in [
         (
             &["--devices", "cpu,cpu", "--device", "cuda"][..],
@@ -867,7 +836,7 @@ fn devices_refuses_what_it_cannot_combine() {
             "expected cpu, cuda or cuda:N",
         ),
     ] {
-        let (ok, err) = wdpo(&[&base[..], extra].concat());
+        let (ok, err) = wdpo_at(&model("tiny-llama"), &pairs, &out, extra);
         assert!(!ok && err.contains(expected), "{extra:?}: {err}");
         assert!(!out.exists());
     }

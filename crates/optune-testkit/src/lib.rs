@@ -479,6 +479,15 @@ pub fn timed(command: &mut Command) -> (Outcome, f64) {
     (outcome, cpu)
 }
 
+/// The rows of an opt-wdpo `metrics.csv` at `path` without their timing columns (the last two:
+/// tokens_per_s and seconds), to compare two runs' figures.
+pub fn untimed_metrics(path: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap();
+    text.lines()
+        .map(|line| line.rsplitn(3, ',').nth(2).unwrap().to_string())
+        .collect()
+}
+
 /// Whether these tests run on the generic kernels (`OPTUNE_KERNELS=generic`, inherited by the
 /// tools: the op graph CUDA runs, tested on the CPU by `make test`'s second pass).
 pub fn generic_kernels() -> bool {
