@@ -21,7 +21,7 @@ POLICY =
 RM =
 PROMPTS_FILE =
 REQUIRED_VARS = POLICY RM PROMPTS_FILE
-SCORE_ARGS = $(if $(RM),--rm $(RM) --batch-size 16 --max-length 2048 --truncate left)
+SCORE_ARGS = $(if $(RM),--rm $(RM) --max-length 2048 --truncate left)
 SCORE_DEPS = $(if $(RM),$(RM)/config.json)
 EXTERNAL_INPUTS = $(if $(POLICY),$(POLICY)/config.json) $(SCORE_DEPS) $(PROMPTS_FILE)
 EXTERNAL_HINT = Download it and name it with POLICY=, RM= or PROMPTS_FILE= (see pipelines/zephyr-ultrachat.mk).

@@ -15,7 +15,7 @@ sanitizer rows, which run when the others leave time within --budget-s):
   logprobs  Correctness on testdata/models (tiny llama/mistral/qwen2 policies, tiny reward models),
             CUDA against the CPU: teacher-forced response log-probs from `opt-wdpo --precompute-ref`
             (f32 within 1e-4 relative, bf16 within 1e-2), reward scores from `opt-score --rm` (f32
-            1e-4; bf16 reported), `opt-gen` greedy (identical responses, KV-cache `logp`), `opt-gen`
+            1e-4, packed in one pass and each conversation alone in pieces; bf16 reported), `opt-gen` greedy (identical responses, KV-cache `logp`), `opt-gen`
             sampled at T 1.0 / top-p 0.9 with --n 2 and chunked prefill against the CPU's generic
             path (the same device sampler and uniforms: identical responses, `logp`) and
             three opt-wdpo training steps (losses after one and two updates: f32 1e-3, bf16 1e-1, see logprobs_training),
@@ -60,7 +60,7 @@ Cost on one H100/H200, guessed from the sizes before any GPU run (the table's la
 measured wall seconds of each stage; replace these guesses with them):
 
   start      unpack the archive, import torch, copy bandwidth                      ~15 s
-  logprobs   21 CUDA runs of the tools, the first ones JIT-compile candle's PTX     ~75 s
+  logprobs   24 CUDA runs of the tools, the first ones JIT-compile candle's PTX     ~80 s
   train-1b   build the 1.1B (2.2 GB), 2 x (optune run + peer)                        ~50 s
   train-7b   build the 7B (init on the GPU, 13.5 GB written once), optune LoRA run
              (load, 5 steps, 13.5 GB merged checkpoint written), peer (loads the 7B) ~100 s
@@ -70,7 +70,7 @@ measured wall seconds of each stage; replace these guesses with them):
              the largest batch, prefill and decode after it also with
              OPTUNE_ATTENTION=whole                                                ~80 s
   sanitize   3 runs on tiny-llama, each instrumenting the kernels it loads          ~90 s
-  total                                                                             ~540 s
+  total                                                                             ~545 s
              (over the default budget: the sanitize rows run when the earlier stages
              come in under their guesses, or alone with --stages sanitize)
 
@@ -142,7 +142,7 @@ STAGES = ["logprobs", "train-1b", "train-7b", "gen-7b", "gen-1b", "sanitize"]
 # Guessed cost in seconds on an H100 of each unit of work the budget is checked before (see the
 # docstring); a dry run checks against 0 (its figures are the CPU's).
 ESTIMATE_S = {
-    "logprobs": 75,
+    "logprobs": 80,
     "build:1b": 15, "lora:1b": 15, "full:1b": 20, "gen:1b": 12,
     "build:7b": 45, "lora:7b": 55, "gen:7b": 22,
     "prefill:1b": 19, "prefill:7b": 40,
@@ -568,6 +568,7 @@ def logprobs_policies(bins: Path, work: Path) -> None:
 
 def logprobs_rewards(bins: Path, work: Path) -> None:
     R = REPORT
+    PIECE = "48"  # tokens: the tiny reward models' conversations are 31-164 tokens long
     R.detail("### Reward-model scores from `opt-score --rm` (difference over the largest |score| of the model)")
     R.detail()
     R.detail("| reward model | compared | rows | max diff / max abs | tolerance | result |")
@@ -581,15 +582,20 @@ def logprobs_rewards(bins: Path, work: Path) -> None:
         shard = work / f"{name}-responses.jsonl"
         write_jsonl(shard, rows)
         got = {}
-        for device, dtype in RUNS:
-            out = work / f"{name}-{device}-{dtype}.jsonl"
+        # The CUDA runs pack the conversations into one pass; "in pieces" feeds each alone, in
+        # pieces of PIECE tokens through its KV-cache slot.
+        for device, dtype, extra in [*((d, t, []) for d, t in RUNS), ("cuda", "f32", ["--batch-tokens", PIECE])]:
+            key = f"{device}-{dtype}" + ("-pieces" if extra else "")
+            out = work / f"{name}-{key}.jsonl"
             run([bins / "opt-score", shard, "--rm", model, "-o", out, "--device", dev(device), "--dtype", dtype,
-                 *device_flags(device, dtype)], unit="logprobs")
-            got[f"{device}-{dtype}"] = [r["reward"] for r in read_jsonl(out)]
+                 *device_flags(device, dtype), *extra], unit="logprobs")
+            got[key] = [r["reward"] for r in read_jsonl(out)]
         hf = [float(c["score"]) for c in cases]
         scale = max(abs(x) for x in got["cpu-f32"])
         for key, label, a, b in [("cpu-hf", "CPU f32 vs transformers", got["cpu-f32"], hf),
                                  ("cuda-f32", "CUDA f32 vs CPU f32", got["cuda-f32"], got["cpu-f32"]),
+                                 ("cuda-f32", f"CUDA f32 in pieces of {PIECE} vs CPU f32", got["cuda-f32-pieces"],
+                                  got["cpu-f32"]),
                                  ("cuda-bf16", "CUDA bf16 vs CPU f32", got["cuda-bf16"], got["cpu-f32"])]:
             w = max(abs(x - y) for x, y in zip(a, b)) / scale
             if key in worst:
@@ -599,7 +605,7 @@ def logprobs_rewards(bins: Path, work: Path) -> None:
         R.raw.setdefault("rewards", {})[name] = {"values": got, "transformers": hf}
     R.detail()
     text, kind = verdict(worst["cuda-f32"], 1e-4)
-    R.row("logprobs", "reward scores CUDA f32 vs CPU f32, max diff / largest score (3 tiny RMs)",
+    R.row("logprobs", "reward scores CUDA f32 (packed; in pieces) vs CPU f32, max diff / largest score (3 tiny RMs)",
           f"{worst['cuda-f32']:.2e}", "", "", text, kind)
     # A scalar head after bf16 layers moves by a few percent (1.7-2.8e-2 on the CPU's bf16 too):
     # reported, not judged.

@@ -174,11 +174,7 @@ fn run(args: Args) -> Result<()> {
 
     let started = Instant::now();
     let (mut model, tokenizer, meta) = load_model(&args.model, dtype, &device)?;
-    // One product for q/k/v and one for gate/up per layer where generation runs on tensors (the
-    // CPU's host decode kernels read the separate weights: stacking would only cost memory).
-    if optune_kernels::decode_path(&device, dtype) == optune_kernels::Path::Generic {
-        model.stack_projections()?;
-    }
+    model.prepare_to_feed()?;
     if meta.eos_token_ids.is_empty() && !args.ignore_eos {
         bail!(
             "{}: no eos_token_id in generation_config.json, config.json or the tokenizer",

@@ -13,8 +13,9 @@ use optune_shard::cli::{run_tool, OutputArgs, Summary};
 use optune_shard::split::SliceSpec;
 use optune_shard::{col, PromptText, Shard};
 use rayon::prelude::*;
-use rm::RewardModel;
+use rm::{Batching, RewardModel};
 use serde::{Deserialize, Serialize};
+use std::cmp::Reverse;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -34,9 +35,15 @@ use std::time::{Duration, Instant};
 ///                      Qwen2; num_labels 1). Each (prompt, response) is rendered as a
 ///                      conversation with the RM's own chat template (a raw-text prompt becomes
 ///                      one user message, the response the final assistant message), tokenised
-///                      with the RM's tokenizer and scored at its last token. Sequences run in
-///                      batches of equal length (--batch-size), so a row's reward does not
-///                      depend on the rows beside it or on --shard (on the CPU, to the bit).
+///                      with the RM's tokenizer and scored at its last token. Sequences run
+///                      longest first, several to a forward pass (--batch-size, --batch-tokens).
+///                      On a GPU a pass is packed: no padding, each sequence attending over its
+///                      own tokens in a KV-cache slot of its own, a longer one fed in pieces;
+///                      --batch-tokens is sized from the free memory, and the plan printed before
+///                      the work (a pass that cannot fit is refused then). On the CPU a pass
+///                      holds sequences of one length. A row's reward does not depend on the
+///                      rows beside it, the batching or --shard (to the bit on the CPU's fused
+///                      kernels, the default; to rounding on a GPU).
 ///                      A conversation longer than --max-length is an error naming the row,
 ///                      unless --truncate left. With -o FILE, the rewards are kept every few
 ///                      seconds in FILE.journal: after a crash or a kill, the same command run
@@ -84,9 +91,15 @@ struct Args {
     #[command(flatten)]
     source: Source,
 
-    /// Sequences per reward-model forward pass (--rm)
-    #[arg(long, default_value_t = 16, conflicts_with_all = ["reward_cmd", "lexicon"])]
+    /// Most sequences in one reward-model forward pass (--rm)
+    #[arg(long, default_value_t = 256, conflicts_with_all = ["reward_cmd", "lexicon"])]
     batch_size: usize,
+
+    /// Most positions in one reward-model forward pass: its sequences × the longest of them. A
+    /// longer conversation goes alone, in pieces of this many tokens [default: 2048 on the CPU;
+    /// on a GPU, what 0.9 of its free memory holds once the weights are in, at most 16384] (--rm)
+    #[arg(long, value_name = "TOKENS", conflicts_with_all = ["reward_cmd", "lexicon"])]
+    batch_tokens: Option<usize>,
 
     /// Longest conversation the reward model may read, in tokens after its chat template
     /// [default: the model's max_position_embeddings] (--rm)
@@ -210,6 +223,9 @@ fn run(args: Args) -> Result<()> {
     args.output.check(&args.input)?;
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
+    }
+    if args.batch_tokens == Some(0) {
+        bail!("--batch-tokens must be at least 1");
     }
     if args.max_length == Some(0) {
         bail!("--max-length must be at least 1");
@@ -481,7 +497,11 @@ fn score_with_rm(
     bar.set_position(resumed as u64);
     let model_started = Instant::now();
     let mut done = 0usize;
-    let scored = model.score(&todo_sequences, args.batch_size, |batch, scores| {
+    let longest = (0..sequences.len())
+        .max_by_key(|&p| (sequences[p].len(), Reverse(p)))
+        .map(|p| (input.rows[p], sequences[p].len()));
+    let batching = batching(args, &device, &model, longest, input)?;
+    let scored = model.score(&todo_sequences, batching, |batch, scores| {
         if let Some((journal, _)) = &mut journal {
             for (&i, &reward) in batch.iter().zip(scores) {
                 let row = input.rows[todo[i]];
@@ -514,6 +534,80 @@ fn score_with_rm(
         },
         journal.map(|(journal, _)| journal),
     ))
+}
+
+/// The forward passes' sizes: at most --batch-size sequences and --batch-tokens positions, the
+/// positions by default [`CPU_POSITIONS`] on the CPU and, on a GPU, what [`GPU_MEMORY`] of its
+/// free memory holds (at most [`GPU_MOST_POSITIONS`]). Packed passes (a GPU, the CPU's generic
+/// kernels) are refused before any work when the longest conversation (`longest`: its input row
+/// and tokens) or a pass cannot fit in that memory; the plan is printed.
+fn batching(
+    args: &Args,
+    device: &candle_core::Device,
+    model: &RewardModel,
+    longest: Option<(usize, usize)>,
+    input: &Input,
+) -> Result<Batching> {
+    const CPU_POSITIONS: usize = 2048;
+    const GPU_MEMORY: f64 = 0.9;
+    const GPU_MOST_POSITIONS: usize = 16384;
+    let default = Batching {
+        sequences: args.batch_size,
+        positions: args.batch_tokens.unwrap_or(CPU_POSITIONS),
+    };
+    if !model.packed() {
+        return Ok(default);
+    }
+    let free = optune_cli::runtime::available_memory(device);
+    let Some(free) = free else {
+        if device.is_cuda() && args.batch_tokens.is_none() {
+            bail!("cannot read the free memory of {device:?}; give --batch-tokens");
+        }
+        return Ok(default);
+    };
+    let budget = match device.is_cuda() {
+        true => GPU_MEMORY * free,
+        false => free,
+    };
+    let memory = model.pass_memory();
+    let (row, longest) = longest.unwrap_or((0, 0));
+    let gb = |bytes: f64| bytes / 1e9;
+    let positions = match (args.batch_tokens, memory.positions_within(budget, longest)) {
+        (Some(positions), _) => positions,
+        (None, Some(fit)) if device.is_cuda() => fit.min(GPU_MOST_POSITIONS),
+        (None, None) => bail!(
+            "{}: the KV cache of its {longest} tokens alone takes {:.2} GB, of the {:.2} GB \
+             allowed ({:.2} GB free on {device:?}): --max-length with --truncate left",
+            input.row_label(row),
+            gb(longest as f64 * memory.cache),
+            gb(budget),
+            gb(free)
+        ),
+        (None, Some(_)) => CPU_POSITIONS,
+    };
+    if memory.need(positions, longest) > budget {
+        bail!(
+            "--batch-tokens {positions}: a pass would need {:.2} GB (the longest conversation, \
+             {}, has {longest} tokens), above the {:.2} GB allowed ({:.2} GB free on \
+             {device:?}): lower --batch-tokens, or --max-length with --truncate left",
+            gb(memory.need(positions, longest)),
+            input.row_label(row),
+            gb(budget),
+            gb(free)
+        );
+    }
+    eprintln!(
+        "opt-score: passes of at most {} sequences and {positions} positions: {:.2} GB of KV \
+         cache and activations ({:.2} GB free after {:.2} GB of weights)",
+        args.batch_size,
+        gb(memory.need(positions, longest)),
+        gb(free),
+        gb(model.weight_bytes() as f64)
+    );
+    Ok(Batching {
+        sequences: args.batch_size,
+        positions,
+    })
 }
 
 /// One scored row in the journal (see [`Journal`]): its row in the input, from 0.

@@ -3,16 +3,19 @@
 //! Each (prompt, response) is rendered as a conversation with the RM's own chat template
 //! (`messages + [assistant: response]`, no generation prompt, as transformers'
 //! `apply_chat_template(..., tokenize=False)`), re-tokenised from that text without added
-//! special tokens, and scored at its last token. Sequences run longest first in batches of equal
-//! length: with padding, a sequence's score would change in its last bits with the length of the
-//! longest sequence beside it (the attention's reductions run over the padded length), so a
-//! `--shard` of the rows would not score them as the whole run does. The scores go back to the
-//! rows' order.
+//! special tokens, and scored at its last token. Sequences run longest first, several to a
+//! forward pass ([`Batching`]), and the scores go back to the rows' order. On a GPU (and the CPU's
+//! generic kernels) a pass is packed: each sequence in a KV-cache slot of its own, no padding.
+//! On the CPU's fused kernels a pass is a batch of sequences of one length through the training
+//! forward: with padding, a sequence's score would change in its last bits with the length of
+//! the longest sequence beside it (the attention's reductions run over the padded length), so a
+//! `--shard` of the rows would not score them as the whole run does.
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use optune_model::{
-    load_model, sequence_scores, ChatMessage, ChatTokenizer, OutputHead, Transformer,
+    load_model, packed_sequence_scores, sequence_scores, ChatMessage, ChatTokenizer, KvCache,
+    OutputHead, Transformer,
 };
 use optune_shard::PromptText;
 use std::cmp::Reverse;
@@ -22,12 +25,15 @@ pub struct RewardModel {
     model: Transformer,
     tokenizer: ChatTokenizer,
     pad_id: u32,
+    /// Whether passes run packed through a KV cache ([`packed_sequence_scores`]) rather than as
+    /// batches of one length through the training forward ([`sequence_scores`]).
+    packed: bool,
 }
 
 impl RewardModel {
     /// Loads `dir` and checks that it is a single-score classifier with a chat template.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        let (model, tokenizer, meta) = load_model(dir, dtype, device)?;
+        let (mut model, tokenizer, meta) = load_model(dir, dtype, device)?;
         let OutputHead::Score { weight } = model.head() else {
             bail!(
                 "{}: not a reward model: config.json lists no *ForSequenceClassification architecture",
@@ -56,10 +62,18 @@ impl RewardModel {
             .or_else(|| tokenizer.pad_token_id())
             .or_else(|| meta.eos_token_ids.first().copied())
             .unwrap_or(0);
+        // The CPU's fused ops run the training forward's products faster than the host decode
+        // kernels run a packed pass (1.4x on SmolLM2-sized models: docs/perf.md); everywhere
+        // else, a GPU first, the packed pass reads no padding and makes no `[t, t]` scores.
+        let packed = optune_kernels::autograd_path(device, dtype) == optune_kernels::Path::Generic;
+        if packed {
+            model.prepare_to_feed()?;
+        }
         Ok(Self {
             model,
             tokenizer,
             pad_id,
+            packed,
         })
     }
 
@@ -83,19 +97,18 @@ impl RewardModel {
         self.tokenizer.encode(&text)
     }
 
-    /// Scores `sequences`, `batch_size` at a time grouped by length, calling `on_batch` with the
-    /// indices and scores of each batch as it finishes. Returns the scores in `sequences'` order.
+    /// Scores `sequences` in the forward passes of [`passes`], calling `on_batch` with the
+    /// indices and scores of each pass as it finishes. Returns the scores in `sequences'` order.
     pub fn score(
         &self,
         sequences: &[Vec<u32>],
-        batch_size: usize,
+        batching: Batching,
         mut on_batch: impl FnMut(&[usize], &[f32]) -> Result<()>,
     ) -> Result<Vec<f32>> {
         let mut scores = vec![0f32; sequences.len()];
-        for batch in length_buckets(sequences, batch_size) {
-            let tokens: Vec<Vec<u32>> = batch.iter().map(|&i| sequences[i].clone()).collect();
-            let batch_scores: Vec<f32> = sequence_scores(&self.model, &tokens, self.pad_id)
-                .and_then(|t| Ok(t.to_vec1()?))
+        for batch in passes(sequences, batching, self.packed) {
+            let batch_scores = self
+                .score_pass(sequences, &batch, batching)
                 .with_context(|| {
                     format!("running the reward model on {} sequences", batch.len())
                 })?;
@@ -106,18 +119,112 @@ impl RewardModel {
         }
         Ok(scores)
     }
+
+    /// The scores of `sequences[batch]`: packed, each sequence whole but for one longer than a
+    /// pass alone (in pieces); or one right-padded batch, whose sequences [`passes`] made of one
+    /// length.
+    fn score_pass(
+        &self,
+        sequences: &[Vec<u32>],
+        batch: &[usize],
+        batching: Batching,
+    ) -> Result<Vec<f32>> {
+        if self.packed {
+            let tokens: Vec<&[u32]> = batch.iter().map(|&i| sequences[i].as_slice()).collect();
+            let chunk = (batching.positions / batch.len()).max(1);
+            return packed_sequence_scores(&self.model, &tokens, chunk);
+        }
+        let tokens: Vec<Vec<u32>> = batch.iter().map(|&i| sequences[i].clone()).collect();
+        Ok(sequence_scores(&self.model, &tokens, self.pad_id)?.to_vec1()?)
+    }
+
+    /// Whether passes run packed (and so the memory plan of [`RewardModel::bytes_per_position`]
+    /// holds).
+    pub fn packed(&self) -> bool {
+        self.packed
+    }
+
+    /// What a packed pass takes on the device per position.
+    pub fn pass_memory(&self) -> PassMemory {
+        let cfg = self.model.config();
+        let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
+        let q = cfg.num_attention_heads * cfg.head_dim();
+        let kv = cfg.num_kv_heads() * cfg.head_dim();
+        // The stream, its norm, q/k/v, the attention's output, o, the stream again and its norm;
+        // gate and up, their product, down.
+        let layer = 7 * h + q + 2 * kv + q + 3 * inter;
+        PassMemory {
+            cache: KvCache::slot_bytes(&self.model, 1) as f64,
+            activations: (layer * self.model.dtype().size_in_bytes()) as f64,
+        }
+    }
+
+    /// Bytes of the model's weights.
+    pub fn weight_bytes(&self) -> usize {
+        self.model.parameter_count() * self.model.dtype().size_in_bytes()
+    }
 }
 
-/// Indices of `sequences` in batches of at most `batch_size` sequences of one length, longest
-/// first (ties in input order), so no batch needs padding.
-fn length_buckets(sequences: &[Vec<u32>], batch_size: usize) -> Vec<Vec<usize>> {
+/// How sequences are grouped into forward passes.
+#[derive(Clone, Copy, Debug)]
+pub struct Batching {
+    /// At most this many sequences in a pass (`--batch-size`).
+    pub sequences: usize,
+    /// At most this many positions in a pass, counting each sequence as long as the longest
+    /// beside it (what its KV-cache slot holds): `--batch-tokens`. A longer sequence goes alone,
+    /// in pieces of this many tokens.
+    pub positions: usize,
+}
+
+/// Bytes a packed pass takes on the device per position: its keys and values in every layer's
+/// cache, and (an upper bound) every activation of one layer, which the next layer's replace.
+#[derive(Clone, Copy, Debug)]
+pub struct PassMemory {
+    pub cache: f64,
+    pub activations: f64,
+}
+
+impl PassMemory {
+    /// Bytes of a pass of `positions` when the longest sequence has `longest` tokens: its cache
+    /// holds at most max(positions, longest) positions (a longer sequence's slot holds all of
+    /// it, fed in pieces) and `positions` tokens' activations.
+    pub fn need(&self, positions: usize, longest: usize) -> f64 {
+        positions.max(longest) as f64 * self.cache + positions as f64 * self.activations
+    }
+
+    /// The most positions a pass may take within `budget` bytes, `None` when the longest
+    /// sequence's cache leaves no room for even one token's activations.
+    pub fn positions_within(&self, budget: f64, longest: usize) -> Option<usize> {
+        let whole = budget / (self.cache + self.activations);
+        let fit = match whole >= longest as f64 {
+            true => whole,
+            false => (budget - longest as f64 * self.cache) / self.activations,
+        };
+        (fit >= 1.0).then_some(fit as usize)
+    }
+}
+
+/// Indices of `sequences` in forward passes: longest first (ties in input order), as many
+/// sequences in a pass as `batching` allows, and, unless the passes are `packed`, all of one
+/// length (a padded batch's scores would change in their last bits with the longest sequence
+/// beside them, and a `--shard` of the rows would not score them as the whole run does).
+fn passes(sequences: &[Vec<u32>], batching: Batching, packed: bool) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..sequences.len()).collect();
     order.sort_by_key(|&i| Reverse(sequences[i].len()));
-    order
-        .chunk_by(|&a, &b| sequences[a].len() == sequences[b].len())
-        .flat_map(|same_length| same_length.chunks(batch_size.max(1)))
-        .map(<[usize]>::to_vec)
-        .collect()
+    let mut passes: Vec<Vec<usize>> = Vec::new();
+    for i in order {
+        match passes.last_mut() {
+            Some(pass)
+                if pass.len() < batching.sequences
+                    && (pass.len() + 1) * sequences[pass[0]].len() <= batching.positions
+                    && (packed || sequences[i].len() == sequences[pass[0]].len()) =>
+            {
+                pass.push(i)
+            }
+            _ => passes.push(vec![i]),
+        }
+    }
+    passes
 }
 
 #[cfg(test)]
@@ -125,16 +232,62 @@ mod tests {
     use super::*;
 
     #[test]
-    fn buckets_hold_one_length_and_cover_every_index_once() {
+    fn passes_fit_the_memory_they_are_sized_from() {
+        let memory = PassMemory {
+            cache: 10.0,
+            activations: 2.0,
+        };
+        assert_eq!(memory.need(100, 30), 1200.0);
+        assert_eq!(memory.need(20, 30), 340.0);
+        // Whole sequences: 1000 bytes hold 83 positions at 12 each.
+        assert_eq!(memory.positions_within(1000.0, 50), Some(83));
+        // A sequence of 90 tokens takes 900 bytes of cache: pieces of 50 tokens in the rest.
+        assert_eq!(memory.positions_within(1000.0, 90), Some(50));
+        assert_eq!(memory.need(50, 90), 1000.0);
+        // Its cache alone leaves less than one token's activations.
+        assert_eq!(memory.positions_within(1000.0, 100), None);
+        for (budget, longest) in [(1000.0, 50), (1000.0, 90), (5e9, 4096), (1e6, 0)] {
+            let positions = memory.positions_within(budget, longest).unwrap();
+            assert!(memory.need(positions, longest) <= budget);
+            assert!(memory.need(positions + 1, longest) > budget);
+        }
+    }
+
+    #[test]
+    fn passes_hold_what_the_batching_allows_and_cover_every_index_once() {
         let sequences: Vec<Vec<u32>> = [3, 9, 1, 9, 5, 9, 3].iter().map(|&n| vec![0; n]).collect();
+        let batching = |sequences, positions| Batching {
+            sequences,
+            positions,
+        };
+        // Longest first, ties in input order; each pass within 2 sequences and 20 positions.
         assert_eq!(
-            length_buckets(&sequences, 2),
+            passes(&sequences, batching(2, 20), true),
+            [vec![1, 3], vec![5, 4], vec![0, 6], vec![2]]
+        );
+        // A pass of 9s holds two (a third would make 27 positions), a 9 and a 5 count 18.
+        assert_eq!(
+            passes(&sequences, batching(10, 20), true),
+            [vec![1, 3], vec![5, 4], vec![0, 6, 2]]
+        );
+        // Unpacked, a pass holds one length.
+        assert_eq!(
+            passes(&sequences, batching(10, 20), false),
             [vec![1, 3], vec![5], vec![4], vec![0, 6], vec![2]]
         );
+        // A sequence longer than a pass goes alone.
         assert_eq!(
-            length_buckets(&sequences, 10),
-            [vec![1, 3, 5], vec![4], vec![0, 6], vec![2]]
+            passes(&sequences, batching(10, 4), true),
+            [
+                vec![1],
+                vec![3],
+                vec![5],
+                vec![4],
+                vec![0],
+                vec![6],
+                vec![2]
+            ]
         );
-        assert!(length_buckets(&[], 4).is_empty());
+        assert!(passes(&[], batching(4, 4), true).is_empty());
     }
 }

@@ -13,8 +13,8 @@ pub mod transformer;
 
 pub use load::{load_model, save_checkpoint, save_checkpoint_with, saved_dtype};
 pub use logprobs::{
-    sequence_logprobs, sequence_logprobs_recomputed, sequence_scores, SequenceLogprobs,
-    TokenizedPair,
+    packed_sequence_scores, sequence_logprobs, sequence_logprobs_recomputed, sequence_scores,
+    SequenceLogprobs, TokenizedPair,
 };
 pub use optune_checkpoint::{
     config, gguf, tokenizer, ChatMessage, ChatTokenizer, Checkpoint, CheckpointMeta, Family,

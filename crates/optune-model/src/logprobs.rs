@@ -1,7 +1,7 @@
 //! Sequence log-probabilities of responses given prompts: what DPO trains on and what the
 //! generator reports.
 
-use crate::transformer::{OutputHead, PaddedBatch, RecomputedPass, Transformer};
+use crate::transformer::{KvCache, OutputHead, PaddedBatch, RecomputedPass, Segment, Transformer};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, D};
 
@@ -161,4 +161,56 @@ pub fn sequence_scores(model: &Transformer, sequences: &[Vec<u32>], pad_id: u32)
         .narrow(1, 0, 1)?
         .squeeze(1)?
         .to_dtype(DType::F32)?)
+}
+
+/// Sequence-classification scores (label 0) read at each sequence's last token: what a reward
+/// model outputs, in `sequences`' order.
+///
+/// The sequences go through the model together, unpadded, each in a KV-cache slot of its own
+/// and attending over its own positions only ([`Transformer::feed`]), at most `chunk` tokens of
+/// each per forward pass: a sequence longer than `chunk` is fed in pieces, the scores coming
+/// from the pass that feeds the last ones. Unlike [`sequence_scores`], no `[batch, 1, t, t]`
+/// mask and no scores over padding: the cost is the tokens' own, what a GPU wants. On the CPU's
+/// host kernels a sequence's score does not depend on the others fed with it, nor on `chunk`, to
+/// the bit.
+pub fn packed_sequence_scores(
+    model: &Transformer,
+    sequences: &[&[u32]],
+    chunk: usize,
+) -> Result<Vec<f32>> {
+    if let Some(b) = sequences.iter().position(|s| s.is_empty()) {
+        bail!("sequence {b} is empty");
+    }
+    if chunk == 0 {
+        bail!("packed_sequence_scores: chunk must be at least one token");
+    }
+    let Some(longest) = sequences.iter().map(|s| s.len()).max() else {
+        return Ok(Vec::new());
+    };
+    let mut cache = KvCache::new(model, sequences.len(), longest)?;
+    let mut scores = vec![0f32; sequences.len()];
+    for start in (0..longest).step_by(chunk) {
+        let end = start.saturating_add(chunk);
+        let fed: Vec<usize> = (0..sequences.len())
+            .filter(|&i| start < sequences[i].len())
+            .collect();
+        let segments: Vec<Segment> = fed
+            .iter()
+            .map(|&slot| {
+                let tokens = sequences[slot];
+                Segment {
+                    slot,
+                    tokens: &tokens[start..tokens.len().min(end)],
+                }
+            })
+            .collect();
+        let logits = model.feed(&segments, &mut cache)?;
+        let width = logits.len() / segments.len();
+        for (row, &i) in fed.iter().enumerate() {
+            if end >= sequences[i].len() {
+                scores[i] = logits[row * width];
+            }
+        }
+    }
+    Ok(scores)
 }

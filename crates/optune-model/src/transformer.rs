@@ -522,6 +522,17 @@ impl Transformer {
         self.rope.max_positions()
     }
 
+    /// Readies the model for [`Transformer::feed`] (generation, reward scoring): where feeding
+    /// runs on tensors (a GPU, the CPU's generic kernels) it stacks the projections
+    /// ([`Transformer::stack_projections`]); the CPU's host decode kernels read the separate
+    /// weights, so there stacking would only cost memory.
+    pub fn prepare_to_feed(&mut self) -> Result<()> {
+        match optune_kernels::decode_path(&self.device, self.dtype) {
+            Path::Generic => self.stack_projections(),
+            Path::Fused => Ok(()),
+        }
+    }
+
     /// For generation: stacks each layer's q/k/v weights into one matrix and its gate/up weights
     /// into another, the separate projections' weights becoming views of their rows (no extra
     /// memory once the originals are dropped), so that a generation pass over a tensor KV cache

@@ -4,7 +4,8 @@
 use candle_core::{DType, Device, Tensor};
 use optune_model::tokenizer::{ChatMessage, Prompt};
 use optune_model::{
-    load_model, sequence_logprobs, sequence_scores, KvCache, PaddedBatch, TokenizedPair,
+    load_model, packed_sequence_scores, sequence_logprobs, sequence_scores, KvCache, PaddedBatch,
+    TokenizedPair,
 };
 use serde_json::Value;
 use std::path::PathBuf;
@@ -231,13 +232,24 @@ fn check_reward_model(name: &str) {
         .unwrap()
         .to_vec1()
         .unwrap();
+    // Packed through a KV cache: whole, and fed in pieces of 5 tokens.
+    let tokens: Vec<&[u32]> = sequences.iter().map(Vec::as_slice).collect();
+    let whole = packed_sequence_scores(&model, &tokens, usize::MAX).unwrap();
+    let pieces = packed_sequence_scores(&model, &tokens, 5).unwrap();
     for (i, case) in reference["cases"].as_array().unwrap().iter().enumerate() {
-        assert_close(
-            scores[i] as f64,
-            case["score"].as_f64().unwrap(),
-            1e-4,
-            &format!("{name} case {i} score"),
-        );
+        let expected = case["score"].as_f64().unwrap();
+        for (form, score) in [
+            ("padded", scores[i]),
+            ("packed", whole[i]),
+            ("in pieces", pieces[i]),
+        ] {
+            assert_close(
+                score as f64,
+                expected,
+                1e-4,
+                &format!("{name} case {i} score, {form}"),
+            );
+        }
     }
 }
 

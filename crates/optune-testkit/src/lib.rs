@@ -488,6 +488,19 @@ pub fn untimed_metrics(path: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Asserts that `got` and `want` have the same length and each value of `got` is within
+/// `tolerance` × max(|want|, 1) of `want`'s, naming the first row (from 1) that is not.
+pub fn assert_floats_close(got: &[f64], want: &[f64], tolerance: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    for (row, (x, y)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (x - y).abs() <= tolerance * y.abs().max(1.0),
+            "{what}: row {}: {x} against {y}",
+            row + 1
+        );
+    }
+}
+
 /// Whether these tests run on the generic kernels (`OPTUNE_KERNELS=generic`, inherited by the
 /// tools: the op graph CUDA runs, tested on the CPU by `make test`'s second pass).
 pub fn generic_kernels() -> bool {
@@ -522,13 +535,7 @@ pub fn assert_resumed(outcome: &Outcome, kept: usize, resumed: &Path, whole: &Pa
         for name in want.column_names() {
             if name == "logp" {
                 let (a, b) = (got.floats(name).unwrap(), want.floats(name).unwrap());
-                for (row, (x, y)) in a.iter().zip(&b).enumerate() {
-                    assert!(
-                        (x - y).abs() <= 1e-4 * y.abs().max(1.0),
-                        "{what}: row {} logp {x} vs {y}",
-                        row + 1
-                    );
-                }
+                assert_floats_close(&a, &b, 1e-4, &format!("{what}: logp"));
             } else {
                 assert_eq!(
                     got.column(name).unwrap(),
