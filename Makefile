@@ -46,6 +46,12 @@ lint:
 bench-gen:
 	scripts/bench/bench_gen.sh $(BENCH_ARGS)
 
+# Reward-scoring speed of opt-score --rm against transformers on the CPU (96 responses, f32 and
+# bf16 on both sides): see scripts/bench/bench_score.sh and docs/perf.md. Not part of `make test`.
+.PHONY: bench-score
+bench-score:
+	scripts/bench/bench_score.sh $(BENCH_ARGS)
+
 # ===========================================================================
 # The OPTune pipeline (docs/pipeline.md)
 #

@@ -278,6 +278,15 @@ def loadavg() -> str:
         return "n/a"
 
 
+def end_of_run(json_path, figures: dict) -> None:
+    """What every bench ends with: the load average, and the raw `figures` written to
+    `json_path` (--json) when one is given."""
+    print()
+    print(f"# load average at end: {loadavg()}")
+    if json_path:
+        json_path.write_text(json.dumps({**figures, "loadavg_end": loadavg()}, indent=1))
+
+
 def dtype_list(text: str) -> list:
     """`--dtypes`: a comma-separated subset of DTYPES, in the order given."""
     names = text.split(",")
@@ -403,10 +412,7 @@ def main() -> None:
               + (own if both else "")
               + f" {row['ours_cpu']:.2f} | {row['peer_cpu']:.2f}"
               f" | {fractions(label, batch, dtype, o)} | {fractions(label, batch, dtype, t)} |{tail}")
-    print()
-    print(f"# load average at end: {loadavg()}")
-    if args.json:
-        args.json.write_text(json.dumps({"rows": raw, "versions": versions, "loadavg_end": loadavg()}, indent=1))
+    end_of_run(args.json, {"rows": raw, "versions": versions})
 
 
 if __name__ == "__main__":

@@ -40,10 +40,11 @@ use std::time::{Duration, Instant};
 ///                      On a GPU a pass is packed: no padding, each sequence attending over its
 ///                      own tokens in a KV-cache slot of its own, a longer one fed in pieces;
 ///                      --batch-tokens is sized from the free memory, and the plan printed before
-///                      the work (a pass that cannot fit is refused then). On the CPU a pass
-///                      holds sequences of one length. A row's reward does not depend on the
-///                      rows beside it, the batching or --shard (to the bit on the CPU's fused
-///                      kernels, the default; to rounding on a GPU).
+///                      the first pass (a pass that cannot fit is refused then). On the CPU's
+///                      fused kernels (f32; bf16 where the CPU has AVX512-BF16) a pass holds
+///                      sequences of one length; with generic kernels it is packed, as on a GPU.
+///                      A row's reward does not depend on the rows beside it, the batching or
+///                      --shard (to the bit on the CPU's fused kernels; to rounding elsewhere).
 ///                      A conversation longer than --max-length is an error naming the row,
 ///                      unless --truncate left. With -o FILE, the rewards are kept every few
 ///                      seconds in FILE.journal: after a crash or a kill, the same command run
@@ -96,8 +97,9 @@ struct Args {
     batch_size: usize,
 
     /// Most positions in one reward-model forward pass: its sequences × the longest of them. A
-    /// longer conversation goes alone, in pieces of this many tokens [default: 2048 on the CPU;
-    /// on a GPU, what 0.9 of its free memory holds once the weights are in, at most 16384] (--rm)
+    /// longer conversation goes alone (in pieces of this many tokens where passes are packed)
+    /// [default: 2048 on the CPU; on a GPU, what 0.9 of its free memory holds once the weights
+    /// are in, at most 16384] (--rm)
     #[arg(long, value_name = "TOKENS", conflicts_with_all = ["reward_cmd", "lexicon"])]
     batch_tokens: Option<usize>,
 
@@ -442,6 +444,11 @@ fn score_with_rm(
         sequences.push(tokens);
     }
     let tokens: usize = sequences.iter().map(Vec::len).sum();
+    // The longest conversation (its input row and tokens) bounds the passes' memory.
+    let longest = (0..sequences.len())
+        .max_by_key(|&p| (sequences[p].len(), Reverse(p)))
+        .map(|p| (input.rows[p], sequences[p].len()));
+    let batching = batching(args, &device, &model, longest, input)?;
 
     // What an earlier, killed run with the same arguments scored.
     let destination = args.output.destination();
@@ -497,10 +504,6 @@ fn score_with_rm(
     bar.set_position(resumed as u64);
     let model_started = Instant::now();
     let mut done = 0usize;
-    let longest = (0..sequences.len())
-        .max_by_key(|&p| (sequences[p].len(), Reverse(p)))
-        .map(|p| (input.rows[p], sequences[p].len()));
-    let batching = batching(args, &device, &model, longest, input)?;
     let scored = model.score(&todo_sequences, batching, |batch, scores| {
         if let Some((journal, _)) = &mut journal {
             for (&i, &reward) in batch.iter().zip(scores) {
@@ -537,10 +540,10 @@ fn score_with_rm(
 }
 
 /// The forward passes' sizes: at most --batch-size sequences and --batch-tokens positions, the
-/// positions by default [`CPU_POSITIONS`] on the CPU and, on a GPU, what [`GPU_MEMORY`] of its
-/// free memory holds (at most [`GPU_MOST_POSITIONS`]). Packed passes (a GPU, the CPU's generic
-/// kernels) are refused before any work when the longest conversation (`longest`: its input row
-/// and tokens) or a pass cannot fit in that memory; the plan is printed.
+/// positions by default 2048 on the CPU and, on a GPU, what 0.9 of its free memory holds (at most
+/// 16384). Packed passes (a GPU, the CPU's generic kernels) print their plan, and are refused
+/// before the first pass when the longest conversation (`longest`: its input row and tokens) or
+/// a pass cannot fit in that memory (on the CPU: its available memory).
 fn batching(
     args: &Args,
     device: &candle_core::Device,
@@ -558,11 +561,15 @@ fn batching(
     if !model.packed() {
         return Ok(default);
     }
-    let free = optune_cli::runtime::available_memory(device);
-    let Some(free) = free else {
+    let Some(free) = optune_cli::runtime::available_memory(device) else {
         if device.is_cuda() && args.batch_tokens.is_none() {
             bail!("cannot read the free memory of {device:?}; give --batch-tokens");
         }
+        eprintln!(
+            "opt-score: passes of at most {} sequences and {} positions (the free memory of \
+             {device:?} is unknown: not checked)",
+            default.sequences, default.positions
+        );
         return Ok(default);
     };
     let budget = match device.is_cuda() {
@@ -572,24 +579,26 @@ fn batching(
     let memory = model.pass_memory();
     let (row, longest) = longest.unwrap_or((0, 0));
     let gb = |bytes: f64| bytes / 1e9;
-    let positions = match (args.batch_tokens, memory.positions_within(budget, longest)) {
-        (Some(positions), _) => positions,
-        (None, Some(fit)) if device.is_cuda() => fit.min(GPU_MOST_POSITIONS),
-        (None, None) => bail!(
-            "{}: the KV cache of its {longest} tokens alone takes {:.2} GB, of the {:.2} GB \
-             allowed ({:.2} GB free on {device:?}): --max-length with --truncate left",
+    let Some(fit) = memory.positions_within(budget, longest) else {
+        bail!(
+            "{}: the KV cache of its {longest} tokens ({:.2} GB) leaves no room for a pass in the \
+             {:.2} GB allowed ({:.2} GB free on {device:?}): --max-length with --truncate left",
             input.row_label(row),
             gb(longest as f64 * memory.cache),
             gb(budget),
             gb(free)
-        ),
-        (None, Some(_)) => CPU_POSITIONS,
+        );
+    };
+    let positions = match args.batch_tokens {
+        Some(positions) => positions,
+        None if device.is_cuda() => fit.min(GPU_MOST_POSITIONS),
+        None => fit.min(CPU_POSITIONS),
     };
     if memory.need(positions, longest) > budget {
         bail!(
             "--batch-tokens {positions}: a pass would need {:.2} GB (the longest conversation, \
              {}, has {longest} tokens), above the {:.2} GB allowed ({:.2} GB free on \
-             {device:?}): lower --batch-tokens, or --max-length with --truncate left",
+             {device:?}): lower --batch-tokens to {fit} or less",
             gb(memory.need(positions, longest)),
             input.row_label(row),
             gb(budget),

@@ -4,8 +4,8 @@
 //! (`messages + [assistant: response]`, no generation prompt, as transformers'
 //! `apply_chat_template(..., tokenize=False)`), re-tokenised from that text without added
 //! special tokens, and scored at its last token. Sequences run longest first, several to a
-//! forward pass ([`Batching`]), and the scores go back to the rows' order. On a GPU (and the CPU's
-//! generic kernels) a pass is packed: each sequence in a KV-cache slot of its own, no padding.
+//! forward pass ([`Batching`]), and the scores go back to the rows' order. On a GPU (and with the
+//! CPU's generic kernels) a pass is packed: each sequence in a KV-cache slot of its own, no padding.
 //! On the CPU's fused kernels a pass is a batch of sequences of one length through the training
 //! forward: with padding, a sequence's score would change in its last bits with the length of
 //! the longest sequence beside it (the attention's reductions run over the padded length), so a
@@ -62,9 +62,9 @@ impl RewardModel {
             .or_else(|| tokenizer.pad_token_id())
             .or_else(|| meta.eos_token_ids.first().copied())
             .unwrap_or(0);
-        // The CPU's fused ops run the training forward's products faster than the host decode
-        // kernels run a packed pass (1.4x on SmolLM2-sized models: docs/perf.md); everywhere
-        // else, a GPU first, the packed pass reads no padding and makes no `[t, t]` scores.
+        // The CPU's fused ops run the training forward faster than the host decode kernels run
+        // a packed pass (1.7x on a SmolLM2-sized reward model: docs/perf.md); everywhere else,
+        // a GPU first, the packed pass reads no padding and makes no `[t, t]` scores.
         let packed = optune_kernels::autograd_path(device, dtype) == optune_kernels::Path::Generic;
         if packed {
             model.prepare_to_feed()?;
@@ -138,8 +138,7 @@ impl RewardModel {
         Ok(sequence_scores(&self.model, &tokens, self.pad_id)?.to_vec1()?)
     }
 
-    /// Whether passes run packed (and so the memory plan of [`RewardModel::bytes_per_position`]
-    /// holds).
+    /// Whether passes run packed (and so the memory plan of [`RewardModel::pass_memory`] holds).
     pub fn packed(&self) -> bool {
         self.packed
     }
@@ -150,8 +149,8 @@ impl RewardModel {
         let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
         let q = cfg.num_attention_heads * cfg.head_dim();
         let kv = cfg.num_kv_heads() * cfg.head_dim();
-        // The stream, its norm, q/k/v, the attention's output, o, the stream again and its norm;
-        // gate and up, their product, down.
+        // The stream coming in and the one going out, its norm, q/k/v, the attention's output,
+        // o, the stream after attention and its norm; gate and up, their product, down.
         let layer = 7 * h + q + 2 * kv + q + 3 * inter;
         PassMemory {
             cache: KvCache::slot_bytes(&self.model, 1) as f64,
@@ -171,8 +170,8 @@ pub struct Batching {
     /// At most this many sequences in a pass (`--batch-size`).
     pub sequences: usize,
     /// At most this many positions in a pass, counting each sequence as long as the longest
-    /// beside it (what its KV-cache slot holds): `--batch-tokens`. A longer sequence goes alone,
-    /// in pieces of this many tokens.
+    /// beside it (what its KV-cache slot holds): `--batch-tokens`. A longer sequence goes alone
+    /// (packed: in pieces of this many tokens).
     pub positions: usize,
 }
 

@@ -7,6 +7,7 @@
 use std::f64::consts::LN_2;
 
 use candle_core::{DType, Device, Tensor, Var};
+use optune_testkit::assert_floats_close;
 use optune_train::loss::{
     batch_loss, chosen_nll, dpo_losses, given_weights, log_sigmoid, loo_reinforce_kl, pair_weights,
     simpo_losses, weighted_mean, BatchLogps, DpoLoss, Objective, ObjectiveParams, PairLosses,
@@ -31,18 +32,6 @@ fn t64(values: &[f64]) -> Tensor {
 
 fn values(t: &Tensor) -> Vec<f64> {
     t.to_dtype(DType::F64).unwrap().to_vec1().unwrap()
-}
-
-/// Absolute difference up to magnitude 1, relative above.
-fn assert_close(what: &str, actual: &[f64], expected: &[f64], tolerance: f64) {
-    assert_eq!(actual.len(), expected.len(), "{what}: length");
-    for (i, (&a, &e)) in actual.iter().zip(expected).enumerate() {
-        let error = (a - e).abs() / e.abs().max(1.0);
-        assert!(
-            error <= tolerance,
-            "{what}[{i}]: got {a}, expected {e} (error {error:e} > {tolerance:e})"
-        );
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -99,28 +88,28 @@ fn hand_computed_dpo_losses() {
     for (kind, losses) in expected {
         let out = hand_losses(kind, EPS);
         assert_eq!(out.losses.dtype(), DType::F32);
-        assert_close(kind.name(), &values(&out.losses), &losses, TOLERANCE);
-        assert_close(
-            "chosen rewards",
+        assert_floats_close(&values(&out.losses), &losses, TOLERANCE, kind.name());
+        assert_floats_close(
             &values(&out.chosen_rewards),
             &[0.5, 0.0, -0.5],
             0.0,
+            "chosen rewards",
         );
-        assert_close(
-            "rejected rewards",
+        assert_floats_close(
             &values(&out.rejected_rewards),
             &[-1.5, 0.0, 0.5],
             0.0,
+            "rejected rewards",
         );
     }
     // ε = 0: sigmoid and robust are both plain DPO, −logσ(βl) = (0.126928011, 0.693147181, 1.313261688).
     for kind in [DpoLoss::Sigmoid, DpoLoss::Robust] {
         let out = hand_losses(kind, 0.0);
-        assert_close(
-            kind.name(),
+        assert_floats_close(
             &values(&out.losses),
             &[0.126928011, LN_2, 1.313261688],
             TOLERANCE,
+            kind.name(),
         );
     }
     // ipo and hinge ignore ε, as TRL does.
@@ -137,7 +126,7 @@ fn log_sigmoid_is_stable() {
     // logσ(±200) and logσ(±1e30): no overflow, no NaN. logσ(−x) → −x.
     let x = t32(&[200.0, -200.0, 1e30, -1e30, 0.0]);
     let y = values(&log_sigmoid(&x).unwrap());
-    assert_close("logsigmoid", &y, &[0.0, -200.0, 0.0, -1e30, -LN_2], 1e-7);
+    assert_floats_close(&y, &[0.0, -200.0, 0.0, -1e30, -LN_2], 1e-7, "logsigmoid");
 }
 
 #[test]
@@ -174,12 +163,12 @@ fn hand_computed_weights() {
                 .map(f64::from)
                 .collect()
         };
-        assert_close(&format!("{form} raw"), &w(WeightNorm::None), &raw, 1e-6);
-        assert_close(
-            &format!("{form} batch"),
+        assert_floats_close(&w(WeightNorm::None), &raw, 1e-6, &format!("{form} raw"));
+        assert_floats_close(
             &w(WeightNorm::Batch),
             &normalised,
             1e-6,
+            &format!("{form} batch"),
         );
         // A negative gap weighs as a tie: 1 unnormalised for every form.
         assert_eq!(
@@ -251,39 +240,39 @@ fn hand_computed_simpo() {
     let chosen = t32(&[-1.0, -1.5, -2.0]);
     let rejected = t32(&[-2.0, -1.5, -1.0]);
     let out = simpo_losses(2.0, 1.0, 0.0, &chosen, &rejected).unwrap();
-    assert_close(
-        "simpo",
+    assert_floats_close(
         &values(&out.losses),
         &[0.313261688, 1.313261688, 3.048587351],
         TOLERANCE,
+        "simpo",
     );
     // rewards β·π̄: 2·(−1, −1.5, −2) and 2·(−2, −1.5, −1)
-    assert_close(
-        "simpo chosen rewards",
+    assert_floats_close(
         &values(&out.chosen_rewards),
         &[-2.0, -3.0, -4.0],
         0.0,
+        "simpo chosen rewards",
     );
-    assert_close(
-        "simpo rejected rewards",
+    assert_floats_close(
         &values(&out.rejected_rewards),
         &[-4.0, -3.0, -2.0],
         0.0,
+        "simpo rejected rewards",
     );
     let smoothed = simpo_losses(2.0, 1.0, 0.1, &chosen, &rejected).unwrap();
-    assert_close(
-        "simpo eps 0.1",
+    assert_floats_close(
         &values(&smoothed.losses),
         &[0.413261688, 1.213261688, 2.748587351],
         TOLERANCE,
+        "simpo eps 0.1",
     );
     // γ = 0 is the sigmoid loss of β(π̄c − π̄r): βl = (2, 0, −2), −logσ = (0.126928011, ln 2, 2.126928011)
     let no_margin = simpo_losses(2.0, 0.0, 0.0, &chosen, &rejected).unwrap();
-    assert_close(
-        "simpo gamma 0",
+    assert_floats_close(
         &values(&no_margin.losses),
         &[0.126928011, LN_2, 2.126928011],
         TOLERANCE,
+        "simpo gamma 0",
     );
     assert!(simpo_losses(0.0, 1.0, 0.0, &chosen, &rejected).is_err());
     assert!(simpo_losses(2.0, f64::NAN, 0.0, &chosen, &rejected).is_err());
@@ -310,7 +299,7 @@ fn hand_computed_chosen_nll() {
     // d/dsumᵢ = −wᵢ/10
     let loss = chosen_nll(sums.as_tensor(), &[5, 2, 3], &[0.5, 1.0, 1.5]).unwrap();
     let grad = values(loss.backward().unwrap().get(&sums).unwrap());
-    assert_close("nll gradient", &grad, &[-0.05, -0.1, -0.15], 1e-12);
+    assert_floats_close(&grad, &[-0.05, -0.1, -0.15], 1e-12, "nll gradient");
     assert!(chosen_nll(sums.as_tensor(), &[5, 2], &[1.0; 3]).is_err());
     assert!(chosen_nll(sums.as_tensor(), &[5, 2, 3], &[1.0; 2]).is_err());
     assert!(chosen_nll(sums.as_tensor(), &[0, 0, 0], &[1.0; 3]).is_err());
@@ -468,7 +457,7 @@ fn assert_pair_losses(what: &str, out: &PairLosses, expected: [&[f64]; 3]) {
         .iter()
         .zip(actual.into_iter().zip(expected))
     {
-        assert_close(&format!("{what} {name}"), &values(t), e, TOLERANCE);
+        assert_floats_close(&values(t), e, TOLERANCE, &format!("{what} {name}"));
     }
 }
 
@@ -573,7 +562,7 @@ fn matches_trl_rpo_and_sft_losses() {
         ]
         .map(|v| t32(v));
         let nll = chosen_nll(&pc, &case.chosen_tokens, &unit).unwrap();
-        assert_close(&what, &[scalar(&nll)], &[case.nll_loss], TOLERANCE);
+        assert_floats_close(&[scalar(&nll)], &[case.nll_loss], TOLERANCE, &what);
         let objective = match case.rpo_alpha {
             Some(_) => Objective::Rpo,
             None => Objective::Sft,
@@ -586,7 +575,7 @@ fn matches_trl_rpo_and_sft_losses() {
             chosen_tokens: &case.chosen_tokens,
         };
         let (loss, _) = batch_loss(objective, &params(case), &logps, &unit).unwrap();
-        assert_close(&what, &[scalar(&loss)], &[case.loss], TOLERANCE);
+        assert_floats_close(&[scalar(&loss)], &[case.loss], TOLERANCE, &what);
     }
 }
 
@@ -674,11 +663,11 @@ fn gradients_match_finite_differences() {
                         (at(h) - at(-h)) / (2.0 * h)
                     })
                     .collect();
-                assert_close(
-                    &format!("{kind} eps {eps} d/d{name}"),
+                assert_floats_close(
                     &analytic,
                     &numeric,
                     1e-7,
+                    &format!("{kind} eps {eps} d/d{name}"),
                 );
             }
         }
@@ -721,7 +710,7 @@ fn simpo_gradient_matches_finite_differences() {
             (at(h) - at(-h)) / (2.0 * h)
         })
         .collect();
-    assert_close("simpo d/dchosen", &analytic, &numeric, 1e-7);
+    assert_floats_close(&analytic, &numeric, 1e-7, "simpo d/dchosen");
 }
 
 #[test]
@@ -758,7 +747,7 @@ fn loo_gradient_per_sample() {
         .map(|a| a / 8.0)
         .collect();
     // Prompt 1's values carry the f32 rounding of its reference log-probs.
-    assert_close("loo gradient", &grad, &expected, 1e-7);
+    assert_floats_close(&grad, &expected, 1e-7, "loo gradient");
     assert!((kl - -0.35).abs() < 1e-6, "{kl}");
 
     // f32 policy log-probs work the same.
