@@ -8,9 +8,9 @@ the correctness rows use the repo's testdata models, the speed rows random llama
 transformers (weights do not change the speed of a training step or of greedy decoding with EOS
 ignored), all sharing tiny-llama's tokenizer so both sides see the same token ids.
 
-Stages (--stages, comma-separated, run in the order given; default all six, in this order: the
-rows the issues' acceptance names first, then the 1.1B generation rows, cheapest to rerun, and the
-sanitizer rows, which run when the others leave time within --budget-s):
+Stages (--stages, comma-separated, run in the order given; default all seven, in this order: the
+rows the issues' acceptance names first, then the 1.1B generation and scoring rows, cheapest to
+rerun, and the sanitizer rows, which run when the others leave time within --budget-s):
 
   logprobs  Correctness on testdata/models (tiny llama/mistral/qwen2 policies, tiny reward models),
             CUDA against the CPU: teacher-forced response log-probs from `opt-wdpo --precompute-ref`
@@ -47,6 +47,13 @@ sanitizer rows, which run when the others leave time within --budget-s):
             heads: the largest batch runs once more with OPTUNE_ATTENTION=whole (one head to a
             block; a row of its own, grouped/ungrouped), and its decode after the long prompt
             compares grouped and split against one head to a block, unsplit.
+  score-1b  Reward scoring on the 1.1B made a reward model (transformers' sequence-classification
+            head over its weights, seed 0): `opt-score --rm --dtype bf16` (packed passes,
+            --batch-tokens from the free memory) against transformers' forward (bf16, sdpa) over
+            the same token ids, longest first in right-padded batches of --score-batch (32), on
+            --score-rows (512) conversations of up to --score-words (400) words: tokens/s of the
+            model passes (opt-score's model_s; the peer timed after a warm-up batch), the rewards'
+            largest difference (information: both sides bf16), opt-score's plan and peak memory.
   sanitize  Our kernels and candle's under NVIDIA's compute-sanitizer, on tiny-llama: memcheck (an
             access outside an allocation, a misaligned one, a device error) over opt-gen sampling
             in bf16 (--n 2, chunked prefill: the cache write, cache attention, add+norm, gate and
@@ -69,8 +76,9 @@ measured wall seconds of each stage; replace these guesses with them):
   gen-1b     4 batch sizes x (opt-gen run incl. load + generate), 1.1B reloaded,
              the largest batch, prefill and decode after it also with
              OPTUNE_ATTENTION=whole                                                ~80 s
+  score-1b   the reward model written (2.2 GB), opt-score run, peer (loads it)    ~25 s
   sanitize   3 runs on tiny-llama, each instrumenting the kernels it loads          ~90 s
-  total                                                                             ~545 s
+  total                                                                             ~570 s
              (over the default budget: the sanitize rows run when the earlier stages
              come in under their guesses, or alone with --stages sanitize)
 
@@ -137,7 +145,7 @@ SHAPES = {
 }
 MODEL_OF = {"1b": "llama1b", "7b": "llama7b"}
 DRY_MODEL_OF = {"1b": "tiny", "7b": "tiny-mha"}
-STAGES = ["logprobs", "train-1b", "train-7b", "gen-7b", "gen-1b", "sanitize"]
+STAGES = ["logprobs", "train-1b", "train-7b", "gen-7b", "gen-1b", "score-1b", "sanitize"]
 
 # Guessed cost in seconds on an H100 of each unit of work the budget is checked before (see the
 # docstring); a dry run checks against 0 (its figures are the CPU's).
@@ -145,7 +153,7 @@ ESTIMATE_S = {
     "logprobs": 80,
     "build:1b": 15, "lora:1b": 15, "full:1b": 20, "gen:1b": 12,
     "build:7b": 45, "lora:7b": 55, "gen:7b": 22,
-    "prefill:1b": 19, "prefill:7b": 40,
+    "prefill:1b": 19, "prefill:7b": 40, "score:1b": 25,
     "sanitize": 30,
 }
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -215,7 +223,8 @@ class Report:
 
 
 LEGEND = ("optune / peer: for s/step and GiB below 1 favours optune, for tok/s above 1. Peer: a plain "
-          "PyTorch step (training), transformers `generate` (generation). Roof: bytes of weights read per "
+          "PyTorch step (training), transformers `generate` (generation), transformers' sequence-classification "
+          "forward in padded batches (scoring). Roof: bytes of weights read per "
           "decode step x steps/s / the measured copy bandwidth.")
 
 REPORT = None  # the Report, made by main()
@@ -1009,6 +1018,17 @@ def ensure_model(models: Models, role: str) -> bool:
     return models.ready(role)
 
 
+def stage_may_start(models: Models, role: str, unit: str, stage: str, what: str) -> bool:
+    """Whether a stage on the role's model may start: the model there (built if need be) and the
+    stage's first unit of work within the budget (else a skipped row for `what`)."""
+    if not ensure_model(models, role):
+        return False
+    if not BUDGET.allows(unit):
+        BUDGET.skip(stage, what, unit)
+        return False
+    return True
+
+
 def tokenizer_for(model_dir: Path):
     from transformers import AutoTokenizer
 
@@ -1398,10 +1418,7 @@ def ungrouped_row(args, models: Models, role: str, batch: int) -> None:
 
 
 def stage_gen(args, models: Models, role: str) -> None:
-    if not ensure_model(models, role):
-        return
-    if not BUDGET.allows(f"gen:{role}"):
-        BUDGET.skip(f"gen {role}", "generation rows", f"gen:{role}")
+    if not stage_may_start(models, role, f"gen:{role}", f"gen {role}", "generation rows"):
         return
     work = args.work / "gen" / role
     work.mkdir(parents=True, exist_ok=True)
@@ -1542,6 +1559,110 @@ def prefill_row(args, models: Models, role: str) -> None:
 
 # ---------------------------------------------------------------------------------------------
 
+# ---------------------------------------------------------------------------------------------
+# reward scoring
+# ---------------------------------------------------------------------------------------------
+
+def make_reward_model(models: Models, role: str, path: Path) -> None:
+    """The role's random llama as a reward model: transformers' LlamaForSequenceClassification
+    over its weights, a score head drawn with seed 0, saved under `path` once."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    if (path / "config.json").exists():
+        return
+    models.release()
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(models.path(role), num_labels=1,
+                                                               dtype=torch.bfloat16)
+    model.config.pad_token_id = 3
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    for name in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]:
+        shutil.copy(models.path(role) / name, tmp / name)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+    del model
+    free_torch_memory()
+
+
+def score_row(args, models: Models, role: str) -> None:
+    """opt-score --rm in bf16 (packed passes, --batch-tokens from the free memory) against
+    transformers' sequence-classification forward (bf16, sdpa) over the same token ids, longest
+    first in right-padded batches of --score-batch: tokens/s of the model passes, the rewards'
+    largest difference (info: both sides in bf16), opt-score's plan and peak memory."""
+    import random
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    work = args.work / "score" / role
+    work.mkdir(parents=True, exist_ok=True)
+    rm = work / "rm"
+    make_reward_model(models, role, rm)
+    tok = tokenizer_for(rm)
+    words = " ".join(PROMPTS).split()
+    rng = random.Random(0)
+    rows, ids = [], []
+    for i in range(args.score_rows):
+        messages = [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
+        response = " ".join(words[(i + j) % len(words)] for j in range(rng.randint(8, args.score_words)))
+        rows.append({"prompt_id": f"s{i:04d}", "sample": 0, "messages": messages, "response": response})
+        text = tok.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
+        ids.append(tok(text, add_special_tokens=False)["input_ids"])
+    responses = work / "responses.jsonl"
+    write_jsonl(responses, rows)
+    out = work / "scored.jsonl"
+    stderr, peak, how = run([args.bin / "opt-score", responses, "--rm", rm, "-o", out, "--device", GPU,
+                             "--dtype", "bf16", *device_flags("cuda", "bf16")], watch_gpu=True, unit=f"score:{role}")
+    s = summary(stderr, "opt-score")
+    tokens = sum(len(x) for x in ids)
+    if int(s["tokens"]) != tokens:
+        raise RuntimeError(f"opt-score read {s['tokens']} tokens, transformers {tokens}: not the same ids")
+    ours_tok_s = tokens / float(s["model_s"])
+    ours = [r["reward"] for r in read_jsonl(out)]
+    plan = next((l for l in stderr.splitlines() if l.startswith("opt-score: passes")), "no plan line")
+
+    peer = AutoModelForSequenceClassification.from_pretrained(rm, dtype=torch.bfloat16,
+                                                              attn_implementation="sdpa").to(GPU).eval()
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    batches = [order[b:b + args.score_batch] for b in range(0, len(order), args.score_batch)]
+    theirs = [0.0] * len(ids)
+
+    def forward(batch):
+        width = max(len(ids[i]) for i in batch)
+        x = torch.tensor([ids[i] + [3] * (width - len(ids[i])) for i in batch], device=GPU)
+        mask = torch.tensor([[1] * len(ids[i]) + [0] * (width - len(ids[i])) for i in batch], device=GPU)
+        for i, r in zip(batch, peer(input_ids=x, attention_mask=mask).logits[:, 0].float().tolist()):
+            theirs[i] = r
+
+    with torch.inference_mode():
+        forward(batches[-1])  # warm-up
+        sync()
+        start = time.perf_counter()
+        for batch in batches:
+            forward(batch)
+        sync()
+        peer_tok_s = tokens / (time.perf_counter() - start)
+    del peer
+    free_torch_memory()
+    gap = max(abs(a - b) for a, b in zip(ours, theirs)) / max(max(abs(b) for b in theirs), 1e-30)
+    REPORT.row(f"score {role}", f"reward scoring tokens/s, {len(ids)} conversations of "
+               f"{min(map(len, ids))}-{max(map(len, ids))} tokens, bf16 (peer: padded batches of {args.score_batch})",
+               f"{ours_tok_s:,.0f}", f"{peer_tok_s:,.0f}", ratio(ours_tok_s, peer_tok_s),
+               f"rewards max diff / largest {gap:.1e} (info); optune peak GiB {fmt(peak, '.1f')} ({how}); "
+               f"{plan.removeprefix('opt-score: ')}")
+    REPORT.raw.setdefault("score", []).append({"role": role, "tokens": tokens, "optune_tok_per_s": ours_tok_s,
+                                               "peer_tok_per_s": peer_tok_s, "reward_gap": gap, "plan": plan,
+                                               "optune_peak_gib": peak, "summary": s})
+
+
+def stage_score(args, models: Models, role: str) -> None:
+    if not stage_may_start(models, role, f"score:{role}", f"score {role}", "reward-scoring row"):
+        return
+    guarded(f"score {role}", "reward scoring", lambda: score_row(args, models, role))
+
+
 def plumbing_check(args, rows_before_check: int) -> bool:
     """Dry run: every row made (a row exists only once its tool's outputs and summary line were
     read) and none failed or skipped, the files written, the checkpoints there."""
@@ -1551,7 +1672,7 @@ def plumbing_check(args, rows_before_check: int) -> bool:
     if "fail" in kinds or "skip" in kinds:
         problems.append(f"{kinds.count('fail')} failed and {kinds.count('skip')} skipped rows")
     expected = {"logprobs": 9, "train-1b": 6, "train-7b": 3, "gen-7b": len(args.batches), "gen-1b": len(args.batches),
-                "sanitize": 3}
+                "score-1b": 1, "sanitize": 3}
     want = sum(expected[s] for s in args.stages)
     made = sum(1 for r in rows if r["kind"] == "ok" and not r["cells"][0].startswith(("build", "setup")))
     if made < want:
@@ -1590,13 +1711,17 @@ def main() -> None:
     ap.add_argument("--lora-rank", type=int, default=16, help="LoRA rank (alpha = 2 x rank) on q,k,v,o")
     ap.add_argument("--peer-lora", choices=["auto", "peft", "torch"], default="auto",
                     help="the peer's LoRA: peft (auto: when importable) or this script's module")
+    ap.add_argument("--score-rows", type=int, help="conversations scored in the score stage [512; dry run 16]")
+    ap.add_argument("--score-words", type=int, help="most words of a scored response [400; dry run 40]")
+    ap.add_argument("--score-batch", type=int, default=32, help="the peer's batch size in the score stage")
     ap.add_argument("--copy-mib", type=int, help="size of the bandwidth copy [2048; dry run 64]")
     ap.add_argument("--dry-run", action="store_true",
                     help="everything on the CPU with tiny models (no GPU here): tries the script, figures mean nothing")
     args = ap.parse_args()
     dry = args.dry_run
     for name, gpu_default, dry_default in [("prompts_batch1", 2, 1), ("new_tokens", 128, 16), ("train_tokens", 128, 32),
-                                           ("train_steps", 5, 3), ("copy_mib", 2048, 64)]:
+                                           ("train_steps", 5, 3), ("copy_mib", 2048, 64), ("score_rows", 512, 16),
+                                           ("score_words", 400, 40)]:
         if getattr(args, name) is None:
             setattr(args, name, dry_default if dry else gpu_default)
     args.stages = [s for s in args.stages.split(",") if s]
@@ -1656,6 +1781,7 @@ def main() -> None:
         "gen-1b": lambda: stage_gen(args, models, "1b"),
         "train-7b": lambda: stage_train(args, models, "7b", ["lora"]),
         "gen-7b": lambda: stage_gen(args, models, "7b"),
+        "score-1b": lambda: stage_score(args, models, "1b"),
         "sanitize": lambda: stage_sanitize(args),
     }
     walls = []
