@@ -52,10 +52,11 @@ WORDS = ("the a river light stone quiet morning city window garden music small o
          "because after under through always never often together").split()
 
 
-def make_reward_model(causal: Path, path: Path) -> None:
-    """A sequence-classification reward model over `causal`'s weights, its score head drawn
-    with seed 0; kept across runs."""
-    if (path / "model.safetensors").exists():
+def make_reward_model(causal: Path, path: Path, dtype=None) -> None:
+    """A sequence-classification reward model over `causal`'s weights (in `dtype`, default f32),
+    its score head drawn with torch's seed 0, saved with `causal`'s tokenizer under `path`; kept
+    across runs."""
+    if (path / "config.json").exists():
         return
     import shutil
     import torch
@@ -63,7 +64,7 @@ def make_reward_model(causal: Path, path: Path) -> None:
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(causal)
-    model = AutoModelForSequenceClassification.from_pretrained(causal, num_labels=1, dtype=torch.float32)
+    model = AutoModelForSequenceClassification.from_pretrained(causal, num_labels=1, dtype=dtype or torch.float32)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
             else tokenizer.eos_token_id
@@ -73,6 +74,46 @@ def make_reward_model(causal: Path, path: Path) -> None:
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
+
+
+def conversation_ids(tokenizer, messages, response) -> list:
+    """The token ids of `messages` answered by `response` as `opt-score --rm` reads them: the
+    chat template rendered as text, encoded without added special tokens."""
+    text = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def padded_rewards(model, ids, batch: int, device: str):
+    """(rewards, seconds) of a transformers sequence-classification `model` over the token `ids`:
+    longest first in right-padded batches of `batch` with their attention mask (what a TRL or
+    OpenRLHF scoring loop does), under inference_mode, the loop timed after one warm-up batch."""
+    import torch
+
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    batches = [order[b:b + batch] for b in range(0, len(order), batch)]
+    pad = model.config.pad_token_id
+    rewards = [0.0] * len(ids)
+
+    def sync():
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def forward(rows):
+        width = max(len(ids[i]) for i in rows)
+        x = torch.tensor([ids[i] + [pad] * (width - len(ids[i])) for i in rows], device=device)
+        mask = torch.tensor([[1] * len(ids[i]) + [0] * (width - len(ids[i])) for i in rows], device=device)
+        for i, reward in zip(rows, model(input_ids=x, attention_mask=mask).logits[:, 0].float().tolist()):
+            rewards[i] = reward
+
+    with torch.inference_mode():
+        forward(batches[-1])
+        sync()
+        start = time.perf_counter()
+        for rows in batches:
+            forward(rows)
+        sync()
+        seconds = time.perf_counter() - start
+    return rewards, seconds
 
 
 def write_responses(path: Path, rows: int) -> None:
@@ -103,30 +144,8 @@ def peer_main(argv) -> None:
     model = AutoModelForSequenceClassification.from_pretrained(
         args.model, dtype=torch_dtype(args.dtype), attn_implementation="sdpa").eval()
     rows = [json.loads(line) for line in args.responses.read_text().splitlines()]
-    ids = []
-    for row in rows:
-        text = tokenizer.apply_chat_template(
-            row["messages"] + [{"role": "assistant", "content": row["response"]}], tokenize=False)
-        ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    batches = [order[b:b + args.batch] for b in range(0, len(order), args.batch)]
-    pad = model.config.pad_token_id
-    scores = [0.0] * len(ids)
-
-    def run(batch):
-        width = max(len(ids[i]) for i in batch)
-        x = torch.tensor([ids[i] + [pad] * (width - len(ids[i])) for i in batch])
-        mask = torch.tensor([[1] * len(ids[i]) + [0] * (width - len(ids[i])) for i in batch])
-        out = model(input_ids=x, attention_mask=mask).logits[:, 0].float().tolist()
-        for i, score in zip(batch, out):
-            scores[i] = score
-
-    with torch.inference_mode():
-        run(batches[-1])  # warm-up: first-call allocations, kernel selection
-        start = time.perf_counter()
-        for batch in batches:
-            run(batch)
-        elapsed = time.perf_counter() - start
+    ids = [conversation_ids(tokenizer, row["messages"], row["response"]) for row in rows]
+    scores, elapsed = padded_rewards(model, ids, args.batch, "cpu")
     tokens = sum(len(x) for x in ids)
     print(json.dumps({"tok_per_s": tokens / elapsed, "tokens": tokens, "scores": scores,
                       "torch": torch.__version__, "transformers": transformers.__version__}))

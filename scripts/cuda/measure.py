@@ -127,6 +127,7 @@ TESTDATA = REPO / "testdata"
 sys.path.insert(0, str(REPO / "scripts/bench"))
 sys.path.insert(0, str(REPO / "scripts/cuda"))
 from bench_gen import PROMPTS  # noqa: E402  (the CPU generation benchmark's prompts)
+from bench_score import conversation_ids, make_reward_model, padded_rewards  # noqa: E402
 
 SHAPES = {
     "llama1b": dict(label="random llama 1.1B (TinyLlama shape)", vocab_size=32000, hidden_size=2048,
@@ -1563,44 +1564,23 @@ def prefill_row(args, models: Models, role: str) -> None:
 # reward scoring
 # ---------------------------------------------------------------------------------------------
 
-def make_reward_model(models: Models, role: str, path: Path) -> None:
-    """The role's random llama as a reward model: transformers' LlamaForSequenceClassification
-    over its weights, a score head drawn with seed 0, saved under `path` once."""
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
-    if (path / "config.json").exists():
-        return
-    models.release()
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(models.path(role), num_labels=1,
-                                                               dtype=torch.bfloat16)
-    model.config.pad_token_id = 3
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    for name in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]:
-        shutil.copy(models.path(role) / name, tmp / name)
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
-    del model
-    free_torch_memory()
-
-
 def score_row(args, models: Models, role: str) -> None:
     """opt-score --rm in bf16 (packed passes, --batch-tokens from the free memory) against
     transformers' sequence-classification forward (bf16, sdpa) over the same token ids, longest
-    first in right-padded batches of --score-batch: tokens/s of the model passes, the rewards'
-    largest difference (info: both sides in bf16), opt-score's plan and peak memory."""
+    first in right-padded batches of --score-batch (bench_score's padded_rewards): tokens/s of
+    the model passes, the rewards' largest difference (info: both sides in bf16; the ids are
+    checked by their count), opt-score's plan and peak memory."""
     import random
     import torch
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     work = args.work / "score" / role
     work.mkdir(parents=True, exist_ok=True)
     rm = work / "rm"
-    make_reward_model(models, role, rm)
-    tok = tokenizer_for(rm)
+    models.release()  # the device to opt-score, whose plan reads what is free
+    make_reward_model(models.path(role), rm, torch.bfloat16)
+    free_torch_memory()
+    tok = AutoTokenizer.from_pretrained(rm)
     words = " ".join(PROMPTS).split()
     rng = random.Random(0)
     rows, ids = [], []
@@ -1608,8 +1588,7 @@ def score_row(args, models: Models, role: str) -> None:
         messages = [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
         response = " ".join(words[(i + j) % len(words)] for j in range(rng.randint(8, args.score_words)))
         rows.append({"prompt_id": f"s{i:04d}", "sample": 0, "messages": messages, "response": response})
-        text = tok.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
-        ids.append(tok(text, add_special_tokens=False)["input_ids"])
+        ids.append(conversation_ids(tok, messages, response))
     responses = work / "responses.jsonl"
     write_jsonl(responses, rows)
     out = work / "scored.jsonl"
@@ -1623,27 +1602,13 @@ def score_row(args, models: Models, role: str) -> None:
     ours = [r["reward"] for r in read_jsonl(out)]
     plan = next((l for l in stderr.splitlines() if l.startswith("opt-score: passes")), "no plan line")
 
+    limit, _ = BUDGET.timeout(f"score:{role}")
+    if limit < 20:
+        raise OutOfTime(f"{elapsed():.0f} s elapsed: no time left for the peer")
     peer = AutoModelForSequenceClassification.from_pretrained(rm, dtype=torch.bfloat16,
                                                               attn_implementation="sdpa").to(GPU).eval()
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    batches = [order[b:b + args.score_batch] for b in range(0, len(order), args.score_batch)]
-    theirs = [0.0] * len(ids)
-
-    def forward(batch):
-        width = max(len(ids[i]) for i in batch)
-        x = torch.tensor([ids[i] + [3] * (width - len(ids[i])) for i in batch], device=GPU)
-        mask = torch.tensor([[1] * len(ids[i]) + [0] * (width - len(ids[i])) for i in batch], device=GPU)
-        for i, r in zip(batch, peer(input_ids=x, attention_mask=mask).logits[:, 0].float().tolist()):
-            theirs[i] = r
-
-    with torch.inference_mode():
-        forward(batches[-1])  # warm-up
-        sync()
-        start = time.perf_counter()
-        for batch in batches:
-            forward(batch)
-        sync()
-        peer_tok_s = tokens / (time.perf_counter() - start)
+    theirs, seconds = padded_rewards(peer, ids, args.score_batch, GPU)
+    peer_tok_s = tokens / seconds
     del peer
     free_torch_memory()
     gap = max(abs(a - b) for a, b in zip(ours, theirs)) / max(max(abs(b) for b in theirs), 1e-30)
@@ -1712,7 +1677,9 @@ def main() -> None:
     ap.add_argument("--peer-lora", choices=["auto", "peft", "torch"], default="auto",
                     help="the peer's LoRA: peft (auto: when importable) or this script's module")
     ap.add_argument("--score-rows", type=int, help="conversations scored in the score stage [512; dry run 16]")
-    ap.add_argument("--score-words", type=int, help="most words of a scored response [400; dry run 40]")
+    ap.add_argument("--score-words", type=int,
+                    help="most words of a scored response [400; dry run 40]; above ~520 a conversation "
+                         "outgrows the 1.1B's 2048 positions and opt-score refuses it")
     ap.add_argument("--score-batch", type=int, default=32, help="the peer's batch size in the score stage")
     ap.add_argument("--copy-mib", type=int, help="size of the bandwidth copy [2048; dry run 64]")
     ap.add_argument("--dry-run", action="store_true",
