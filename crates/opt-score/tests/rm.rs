@@ -43,6 +43,33 @@ fn case_row(index: usize, case: &Value, raw_prompts: bool) -> Value {
     row
 }
 
+/// Writes `model`'s reference cases (as message lists) to `dir/responses.jsonl`, and returns a
+/// runner of opt-score over them with `model`, the given arguments and `-o out/scored.parquet`.
+fn cases_scorer<'a>(
+    model: &'a str,
+    dir: &Path,
+    out: &'a Path,
+) -> impl Fn(&[&str]) -> optune_testkit::Outcome + 'a {
+    let rows: Vec<Value> = reference_cases(model)
+        .iter()
+        .enumerate()
+        .map(|(i, case)| case_row(i, case, false))
+        .collect();
+    let input = dir.join("responses.jsonl");
+    write_jsonl(&input, &rows);
+    move |extra| {
+        let mut command = opt_score();
+        command
+            .arg(&input)
+            .arg("--rm")
+            .arg(model_dir(model))
+            .args(extra)
+            .arg("-o")
+            .arg(out.join("scored.parquet"));
+        run(&mut command, None)
+    }
+}
+
 /// Scores `rows` with `model` at --batch-size 2 and checks each reward against `expected`.
 fn check_scores(model: &str, rows: &[Value], expected: &[f64], dir: &Path) {
     let input = dir.join(format!("{model}-{}.jsonl", rows.len()));
@@ -210,27 +237,49 @@ fn rewards_do_not_depend_on_the_batch_or_the_shard() {
 }
 
 #[test]
+fn packed_passes_print_their_plan_and_refuse_one_that_cannot_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let score = cases_scorer("tiny-rm-llama", dir.path(), out.path());
+    // A billion positions of a pass: terabytes of KV cache, beyond any machine's memory.
+    let huge = ["--batch-tokens", "1000000000"];
+    if generic_kernels() {
+        let outcome = score(&[]);
+        outcome.assert_success();
+        assert!(
+            outcome
+                .stderr
+                .contains("opt-score: passes of at most 256 sequences and 2048 positions: "),
+            "{}",
+            outcome.stderr
+        );
+        std::fs::remove_file(out.path().join("scored.parquet")).unwrap();
+        // The longest conversation is the third case, 164 tokens.
+        let expected = [
+            "--batch-tokens 1000000000: a pass would need",
+            "responses.jsonl: row 3 (prompt_id 'c2'), has 164 tokens",
+            "lower --batch-tokens to",
+        ];
+        assert_failed_cleanly("a pass too large", &score(&huge), &expected, out.path());
+    } else {
+        // Batches of one length through the training forward: no plan, and one length's
+        // sequences (here one each) bound a batch whatever --batch-tokens allows.
+        let outcome = score(&huge);
+        outcome.assert_success();
+        assert!(
+            !outcome.stderr.contains("passes of at most"),
+            "{}",
+            outcome.stderr
+        );
+    }
+}
+
+#[test]
 fn long_conversations_fail_unless_truncated() {
     let dir = tempfile::tempdir().unwrap();
     let out = tempfile::tempdir().unwrap();
     let cases = reference_cases("tiny-rm-qwen2");
-    let rows: Vec<Value> = cases
-        .iter()
-        .enumerate()
-        .map(|(i, case)| case_row(i, case, false))
-        .collect();
-    let input = dir.path().join("responses.jsonl");
-    write_jsonl(&input, &rows);
-    let score = |extra: &[&str]| {
-        let mut command = opt_score();
-        command
-            .arg(&input)
-            .arg("--rm")
-            .arg(model_dir("tiny-rm-qwen2"))
-            .args(extra);
-        command.arg("-o").arg(out.path().join("scored.parquet"));
-        run(&mut command, None)
-    };
+    let score = cases_scorer("tiny-rm-qwen2", dir.path(), out.path());
     // Token counts of the qwen2 cases: 116, 31, 120, 38, 65. The first one above 100 is row 1.
     let expected = [
         "responses.jsonl: row 1 (prompt_id 'c0'): 116 tokens",
