@@ -558,9 +558,10 @@ fn batching(
         sequences: args.batch_size,
         positions: args.batch_tokens.unwrap_or(CPU_POSITIONS),
     };
-    if !model.packed() {
+    // Nothing to score (an empty input) needs no pass.
+    let (true, Some((row, longest))) = (model.packed(), longest) else {
         return Ok(default);
-    }
+    };
     let Some(free) = optune_cli::runtime::available_memory(device) else {
         if device.is_cuda() && args.batch_tokens.is_none() {
             bail!("cannot read the free memory of {device:?}; give --batch-tokens");
@@ -577,7 +578,6 @@ fn batching(
         false => free,
     };
     let memory = model.pass_memory();
-    let (row, longest) = longest.unwrap_or((0, 0));
     let gb = |bytes: f64| bytes / 1e9;
     let Some(fit) = memory.positions_within(budget, longest) else {
         bail!(

@@ -5,7 +5,9 @@ mod common;
 
 use common::{opt_score, repo_file, write_jsonl};
 use optune_shard::arrow::datatypes::DataType;
-use optune_testkit::{assert_failed_cleanly, assert_floats_close, generic_kernels, read, run};
+use optune_testkit::{
+    assert_failed_cleanly, assert_floats_close, generic_kernels, read, run, write_parquet,
+};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 
@@ -253,7 +255,29 @@ fn packed_passes_print_their_plan_and_refuse_one_that_cannot_fit() {
             "{}",
             outcome.stderr
         );
+        // No rows: no pass to plan, whatever --batch-tokens says.
+        let empty = dir.path().join("empty.parquet");
+        write_parquet(
+            &read(&out.path().join("scored.parquet")).take(&[]).unwrap(),
+            &empty,
+        );
         std::fs::remove_file(out.path().join("scored.parquet")).unwrap();
+        let outcome = run(
+            opt_score()
+                .arg(&empty)
+                .arg("--rm")
+                .arg(model_dir("tiny-rm-llama"))
+                .args(huge)
+                .arg("-o")
+                .arg(dir.path().join("empty-scored.parquet")),
+            None,
+        );
+        outcome.assert_success();
+        assert!(
+            outcome.stderr.contains("opt-score: rows=0 "),
+            "{}",
+            outcome.stderr
+        );
         // The longest conversation is the third case, 164 tokens.
         let expected = [
             "--batch-tokens 1000000000: a pass would need",
