@@ -116,14 +116,18 @@ def padded_rewards(model, ids, batch: int, device: str):
     return rewards, seconds
 
 
-def write_responses(path: Path, rows: int) -> None:
+def synthetic_responses(count: int, most_words: int) -> list:
+    """`count` rows of a responses shard, the same on every run: a prompt of bench_gen's PROMPTS
+    as one user message, answered by 10 to `most_words` words drawn with a fixed seed from
+    WORDS."""
     rng = random.Random(0)
-    with open(path, "w") as f:
-        for i in range(rows):
-            words = [rng.choice(WORDS) for _ in range(rng.randint(10, 160))]
-            f.write(json.dumps({"prompt_id": f"s{i:04d}", "sample": 0,
-                                "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
-                                "response": " ".join(words).capitalize() + "."}) + "\n")
+    rows = []
+    for i in range(count):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(10, most_words))]
+        rows.append({"prompt_id": f"s{i:04d}", "sample": 0,
+                     "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                     "response": " ".join(words).capitalize() + "."})
+    return rows
 
 
 def peer_main(argv) -> None:
@@ -195,7 +199,7 @@ def main() -> None:
     policies = args.peer_policies.split(",")
     responses = args.work / f"responses-{args.rows}.jsonl"
     args.work.mkdir(parents=True, exist_ok=True)
-    write_responses(responses, args.rows)
+    responses.write_text("".join(json.dumps(row) + "\n" for row in synthetic_responses(args.rows, 160)))
     print(f"# threads {args.threads}, {args.rows} responses, transformers in batches of {args.peer_batch}, "
           f"{' and '.join(args.dtypes)}, {args.repeats} repeats (medians); transformers with OMP_WAIT_POLICY in "
           f"{policies}, the better one compared")
@@ -229,12 +233,12 @@ def main() -> None:
                 "peer": statistics.median(x["tok_per_s"] for x in fig["peer"][best]),
                 "diff": max(abs(a - b) for a, b in zip(ours_scores, peer_scores)),
             })
-            raw.append({"model": label, "dtype": dtype, **{
-                "ours_tok_per_s": [x["tok_per_s"] for x in fig["ours"]],
-                "peer_tok_per_s": {p: [x["tok_per_s"] for x in fig["peer"][p]] for p in policies}}})
+            raw.append({"model": label, "dtype": dtype,
+                        "ours_tok_per_s": [x["tok_per_s"] for x in fig["ours"]],
+                        "peer_tok_per_s": {p: [x["tok_per_s"] for x in fig["peer"][p]] for p in policies}})
     print(f"# {versions}")
     print()
-    print("| reward model | dtype | tokens | opt-score tok/s | transformers tok/s | ratio | max |Δ reward| |")
+    print("| reward model | dtype | tokens | opt-score tok/s | transformers tok/s | ratio | max \\|Δ reward\\| |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for row in rows:
         print(f"| {row['label']} | {row['dtype']} ({row['kernels']}) | {row['tokens']} | {row['ours']:.1f} | "

@@ -127,7 +127,7 @@ TESTDATA = REPO / "testdata"
 sys.path.insert(0, str(REPO / "scripts/bench"))
 sys.path.insert(0, str(REPO / "scripts/cuda"))
 from bench_gen import PROMPTS  # noqa: E402  (the CPU generation benchmark's prompts)
-from bench_score import conversation_ids, make_reward_model, padded_rewards  # noqa: E402
+from bench_score import conversation_ids, make_reward_model, padded_rewards, synthetic_responses  # noqa: E402
 
 SHAPES = {
     "llama1b": dict(label="random llama 1.1B (TinyLlama shape)", vocab_size=32000, hidden_size=2048,
@@ -1570,7 +1570,6 @@ def score_row(args, models: Models, role: str) -> None:
     first in right-padded batches of --score-batch (bench_score's padded_rewards): tokens/s of
     the model passes, the rewards' largest difference (info: both sides in bf16; the ids are
     checked by their count), opt-score's plan and peak memory."""
-    import random
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -1581,14 +1580,8 @@ def score_row(args, models: Models, role: str) -> None:
     make_reward_model(models.path(role), rm, torch.bfloat16)
     free_torch_memory()
     tok = AutoTokenizer.from_pretrained(rm)
-    words = " ".join(PROMPTS).split()
-    rng = random.Random(0)
-    rows, ids = [], []
-    for i in range(args.score_rows):
-        messages = [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
-        response = " ".join(words[(i + j) % len(words)] for j in range(rng.randint(8, args.score_words)))
-        rows.append({"prompt_id": f"s{i:04d}", "sample": 0, "messages": messages, "response": response})
-        ids.append(conversation_ids(tok, messages, response))
+    rows = synthetic_responses(args.score_rows, args.score_words)
+    ids = [conversation_ids(tok, row["messages"], row["response"]) for row in rows]
     responses = work / "responses.jsonl"
     write_jsonl(responses, rows)
     out = work / "scored.jsonl"
@@ -1678,7 +1671,7 @@ def main() -> None:
                     help="the peer's LoRA: peft (auto: when importable) or this script's module")
     ap.add_argument("--score-rows", type=int, help="conversations scored in the score stage [512; dry run 16]")
     ap.add_argument("--score-words", type=int,
-                    help="most words of a scored response [400; dry run 40]; above ~520 a conversation "
+                    help="most words of a scored response [400; dry run 40]; above ~620 a conversation "
                          "outgrows the 1.1B's 2048 positions and opt-score refuses it")
     ap.add_argument("--score-batch", type=int, default=32, help="the peer's batch size in the score stage")
     ap.add_argument("--copy-mib", type=int, help="size of the bandwidth copy [2048; dry run 64]")

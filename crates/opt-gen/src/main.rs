@@ -439,8 +439,7 @@ const DEFAULT_BATCH: usize = 16;
 /// (whatever --batch-size says: it caps the batch, it does not switch the sizing off, which
 /// would let a large --batch-size run out of GPU memory); `None`: no sizing (the CPU's default).
 fn kv_memory_fraction(kv_memory: Option<f64>, on_gpu: bool) -> Option<f64> {
-    const GPU_KV_MEMORY: f64 = 0.9;
-    kv_memory.or(on_gpu.then_some(GPU_KV_MEMORY))
+    kv_memory.or(on_gpu.then_some(optune_cli::runtime::GPU_MEMORY_SHARE))
 }
 
 /// Sequences decoded together: --batch-size (16 by default), or what the KV cache's share of the

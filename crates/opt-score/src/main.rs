@@ -552,7 +552,6 @@ fn batching(
     input: &Input,
 ) -> Result<Batching> {
     const CPU_POSITIONS: usize = 2048;
-    const GPU_MEMORY: f64 = 0.9;
     const GPU_MOST_POSITIONS: usize = 16384;
     let default = Batching {
         sequences: args.batch_size,
@@ -574,7 +573,7 @@ fn batching(
         return Ok(default);
     };
     let budget = match device.is_cuda() {
-        true => GPU_MEMORY * free,
+        true => optune_cli::runtime::GPU_MEMORY_SHARE * free,
         false => free,
     };
     let memory = model.pass_memory();

@@ -79,6 +79,11 @@ pub fn precision(device: &candle_core::Device, dtype: candle_core::DType) -> Str
     }
 }
 
+/// The share of a GPU's free memory a tool sizes its batches from by default (opt-gen's KV cache,
+/// opt-score's passes), as vLLM's gpu_memory_utilization does with the whole: the rest is left to
+/// cuBLAS's workspaces, the allocator's rounding and what the estimates leave out.
+pub const GPU_MEMORY_SHARE: f64 = 0.9;
+
 /// Bytes the device can still give: the CPU's `MemAvailable` (Linux), a GPU's free memory as its
 /// driver reports it; `None` when it cannot be read.
 pub fn available_memory(device: &candle_core::Device) -> Option<f64> {
