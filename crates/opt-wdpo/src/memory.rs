@@ -79,22 +79,6 @@ impl Plan {
         let generic = optune_kernels::autograd_path(model.device(), model.dtype())
             == optune_kernels::Path::Generic;
         let per_token_layer = per_token_layer * if generic { 2.0 } else { 1.0 };
-        // With LoRA dropout on the generic path each adapter reads its own dropped-out copy of its
-        // input, which the backward pass keeps (the fused op draws the mask again instead): `in`
-        // per adapter, read off the adapters themselves (A `[rank, in]`) over all layers.
-        let dropped: f64 = match (&policy.lora, args.lora_dropout > 0.0 && generic) {
-            (Some(lora), true) => {
-                let kept: usize = lora
-                    .vars
-                    .iter()
-                    .filter(|(name, _)| name.ends_with("lora_A.weight"))
-                    .map(|(_, var)| var.dims()[1])
-                    .sum();
-                kept as f64 / layers
-            }
-            _ => 0.0,
-        };
-        let per_token_layer = per_token_layer + dropped * compute;
         // Recomputed: the stream and the pending MLP output of every layer, and one layer's
         // activations at a time.
         let recomputed = layers * 2.0 * h * compute + per_token_layer;

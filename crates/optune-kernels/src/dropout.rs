@@ -152,6 +152,13 @@ pub fn dropout(x: &Tensor, mask: DropoutMask) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Dropout(mask))
 }
 
+/// [`dropout`]'s values without an autograd node: what a node that draws the mask again in its
+/// backward pass (the generic LoRA adapter's, [`crate::ops::generic::lora_linear`]) and the
+/// dropout op's own backward apply.
+pub(crate) fn dropped_without_graph(x: &Tensor, mask: DropoutMask) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&Dropout(mask))
+}
+
 struct Dropout(DropoutMask);
 
 impl CustomOp1 for Dropout {
@@ -212,7 +219,7 @@ impl CustomOp1 for Dropout {
 
     fn bwd(&self, _x: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         // The element order is the forward's: both are row-major over one shape.
-        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&Dropout(self.0))?))
+        Ok(Some(dropped_without_graph(grad, self.0)?))
     }
 }
 

@@ -348,8 +348,12 @@ pub mod generic {
         weight.index_select(&ids.flatten_all()?, 0)?.reshape(dims)
     }
 
-    /// The base product plus the adapter's two, the adapter's on a dropped-out copy of `x`
-    /// (which the backward pass keeps) when there is a mask.
+    /// The base product plus the adapter's two. Under a mask the adapter's first product reads
+    /// `x` dropped out ([`crate::dropout`]'s elements) as one node, [`DroppedProduct`], that
+    /// keeps `x` (which the base product keeps anyway) and draws the mask again in its backward
+    /// pass. Composed of the dropout op and a product, each adapter would keep a dropped-out
+    /// copy of its input until the backward pass: for a Mistral-7B with adapters on all seven
+    /// projections, 38,912 elements per token and layer.
     pub fn lora_linear(
         x: &Tensor,
         weight: &Tensor,
@@ -357,11 +361,89 @@ pub mod generic {
         b: &Tensor,
         dropout: Option<DropoutMask>,
     ) -> Result<Tensor> {
-        let adapter_input = match dropout {
-            Some(mask) => crate::dropout(x, mask)?,
-            None => x.clone(),
+        let low_rank = match dropout {
+            None => linear(x, a)?,
+            Some(mask) => {
+                let inputs = x.dim(D::Minus1)?;
+                let rows = x.reshape((x.elem_count() / inputs, inputs))?;
+                let mut dims = x.dims().to_vec();
+                *dims.last_mut().expect("linear input has at least one dim") = a.dim(0)?;
+                dropped_product(&rows, a, mask)?.reshape(dims)?
+            }
         };
-        linear(x, weight)? + linear(&linear(&adapter_input, a)?, b)?
+        linear(x, weight)? + linear(&low_rank, b)?
+    }
+
+    /// `d(x) · aᵀ` for `x [n, in]` and `a [rank, in]`, `d` the dropout of `mask`: `[n, rank]`.
+    /// The values and gradients of `product(dropout(x), aᵀ)`, to the bit.
+    fn dropped_product(x: &Tensor, a: &Tensor, mask: DropoutMask) -> Result<Tensor> {
+        let dropped = crate::dropout::dropped_without_graph(x, mask)?;
+        let values = crate::cuda_matmul::matmul(&dropped, &a.detach().t()?)?;
+        if !(x.track_op() || a.track_op()) {
+            return Ok(values);
+        }
+        x.apply_op2(
+            a,
+            DroppedProduct {
+                mask,
+                values: Precomputed::new(values),
+            },
+        )
+    }
+
+    /// [`dropped_product`]'s node: its forward computed before it (the dropped-out input freed
+    /// with it), its backward drawing the mask again.
+    struct DroppedProduct {
+        mask: DropoutMask,
+        values: Precomputed,
+    }
+
+    impl CustomOp2 for DroppedProduct {
+        fn name(&self) -> &'static str {
+            "dropped-product"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            self.values.cpu()
+        }
+
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &self,
+            _: &candle_core::CudaStorage,
+            _: &Layout,
+            _: &candle_core::CudaStorage,
+            _: &Layout,
+        ) -> Result<(candle_core::CudaStorage, Shape)> {
+            self.values.cuda()
+        }
+
+        /// `∂x = d(g · a)`, `∂a = (d(x)ᵀ · g)ᵀ`: the products [`Product`]'s backward runs on the
+        /// composed form's operands, in its order, each only when its input leads to a variable.
+        fn bwd(
+            &self,
+            x: &Tensor,
+            a: &Tensor,
+            _res: &Tensor,
+            grad: &Tensor,
+        ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+            let dropped = |t: &Tensor| crate::dropout::dropped_without_graph(t, self.mask);
+            let x_grad = match x.track_op() {
+                true => Some(dropped(&backward_product(grad, a)?)?),
+                false => None,
+            };
+            let a_grad = match a.track_op() {
+                true => Some(backward_product(&dropped(x)?.t()?, grad)?.t()?),
+                false => None,
+            };
+            Ok((x_grad, a_grad))
+        }
     }
 
     /// A weight that is no variable and comes from no op (frozen) gets no gradient.
@@ -1024,6 +1106,51 @@ pub mod generic {
             // With nothing to differentiate there is no node: the kernel's values as they are.
             let plain = rms_norm(&x.as_tensor().detach(), &weight, 1e-5).unwrap();
             assert!(!plain.track_op());
+        }
+
+        /// Under a mask, the LoRA op is the dropout op composed with the products it replaced,
+        /// to the bit in its values and every gradient, in f32, bf16 and f64: with the input
+        /// trained, and with the input and the base weight frozen (the first layer's adapters).
+        #[test]
+        fn lora_dropout_equals_the_dropout_op_composed_with_the_products() {
+            let mask = DropoutMask::new(crate::dropout_key(7), 4321, 0.3).unwrap();
+            let composed = |x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor| {
+                let dropped = crate::dropout(x, mask).unwrap();
+                (linear(x, w).unwrap() + linear(&linear(&dropped, a).unwrap(), b).unwrap()).unwrap()
+            };
+            let bits = |t: &Tensor| {
+                let t = t.to_dtype(DType::F64).unwrap();
+                t.flatten_all().unwrap().to_vec1::<f64>().unwrap()
+            };
+            for dtype in [DType::F32, DType::BF16, DType::F64] {
+                let x = Var::from_tensor(&values(&[3, 7, 24], 80, 1.0, dtype)).unwrap();
+                let w = values(&[20, 24], 81, 0.2, dtype);
+                let a = Var::from_tensor(&values(&[4, 24], 82, 0.2, dtype)).unwrap();
+                let b = Var::from_tensor(&values(&[20, 4], 83, 0.2, dtype)).unwrap();
+                let out_weights = values(&[3, 7, 20], 84, 1.0, dtype);
+                for x_trained in [true, false] {
+                    let input = match x_trained {
+                        true => x.as_tensor().clone(),
+                        false => x.as_tensor().detach(),
+                    };
+                    let run = |y: Tensor| {
+                        let loss = (&y * &out_weights).unwrap().sum_all().unwrap();
+                        let grads = loss.backward().unwrap();
+                        assert!(grads.get(&w).is_none(), "the frozen weight got a gradient");
+                        let wanted = [x.as_tensor(), a.as_tensor(), b.as_tensor()];
+                        let grads = wanted.map(|v| grads.get(v).map(bits));
+                        (bits(&y), grads)
+                    };
+                    let ours = run(lora_linear(&input, &w, &a, &b, Some(mask)).unwrap());
+                    let reference = run(composed(&input, &w, &a, &b));
+                    assert_eq!(
+                        ours.1[0].is_some(),
+                        x_trained,
+                        "{dtype:?}: the input's gradient"
+                    );
+                    assert_eq!(ours, reference, "{dtype:?}, input trained: {x_trained}");
+                }
+            }
         }
     }
 }

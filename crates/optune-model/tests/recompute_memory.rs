@@ -4,11 +4,13 @@
 //! whole graph: over 8 it was 0.35 fused). The heap is counted by a counting allocator, so this
 //! file holds one test: the counts are the whole test process's.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use optune_model::lora::{attach_lora, LoraConfig};
 use optune_model::{
     llama_weight_shapes, load_model, recomputed_backward, sequence_logprobs,
-    sequence_logprobs_recomputed, ModelConfig, TokenizedPair, Transformer,
+    sequence_logprobs_recomputed, ModelConfig, Transformer,
 };
 use optune_testkit::memory::{write_wide_llama, CountingAllocator};
 
@@ -16,21 +18,6 @@ use optune_testkit::memory::{write_wide_llama, CountingAllocator};
 static ALLOCATOR: CountingAllocator = CountingAllocator;
 
 const MB: f64 = 1024.0 * 1024.0;
-
-/// Four sequences of 120–126 tokens.
-fn pairs() -> Vec<TokenizedPair> {
-    (0..4)
-        .map(|s| TokenizedPair {
-            prompt: (0..60 + s)
-                .map(|t| 4 + ((t * 37 + s * 11) % 500) as u32)
-                .collect(),
-            response: (0..59 + s)
-                .map(|t| 4 + ((t * 53 + s * 7) % 500) as u32)
-                .chain([2])
-                .collect(),
-        })
-        .collect()
-}
 
 /// The heap's peak above its start over one forward and backward pass of `run`.
 fn peak_bytes(run: impl FnOnce()) -> f64 {
@@ -60,12 +47,12 @@ fn recomputation_holds_one_block_of_activations() {
     let variables: Vec<&Tensor> = adapters.vars.iter().map(|(_, v)| v.as_tensor()).collect();
 
     let whole = peak_bytes(|| {
-        let logps = sequence_logprobs(model, &pairs(), 3).unwrap();
+        let logps = sequence_logprobs(model, &common::long_pairs(), 3).unwrap();
         let grads = recomputed_backward(&loss(&logps.sums), Vec::new(), &variables).unwrap();
         assert!(grads.get(adapters.vars[0].1.as_tensor()).is_some());
     });
     let recomputed = peak_bytes(|| {
-        let (logps, pass) = sequence_logprobs_recomputed(model, &pairs(), 3).unwrap();
+        let (logps, pass) = sequence_logprobs_recomputed(model, &common::long_pairs(), 3).unwrap();
         let grads = recomputed_backward(&loss(&logps.sums), vec![pass], &variables).unwrap();
         assert!(grads.get(adapters.vars[0].1.as_tensor()).is_some());
     });

@@ -8,8 +8,8 @@ use crate::dropout::DropoutMask;
 /// `b [out, rank]`: `[.., out]`, differentiable in all four, as one autograd node; `d` is
 /// `dropout`'s mask (the identity without one). Composed, the adapter is three more nodes on
 /// `[rows, out]`-sized tensors, each costing candle's backward a zeroed gradient and an add of
-/// that size, and a dropped-out copy of the input that the backward pass keeps; here the mask is
-/// drawn again by the backward pass, and nothing but the op's inputs is kept. CPU, f32/f64 (bf16
+/// that size; here the mask is drawn again by the backward pass, and nothing but the op's inputs
+/// is kept. CPU, f32/f64 (bf16
 /// through f32 copies).
 pub fn lora_linear(
     x: &Tensor,
@@ -324,9 +324,8 @@ mod tests {
         }
     }
 
-    /// With and without dropout: with it, the generic form drops out a copy of the input (the
-    /// dropout op) that the adapter reads, so the fused op has to draw the same mask, in the
-    /// forward and in the input's gradient.
+    /// With and without dropout: with it, the fused op has to draw the generic form's mask (the
+    /// dropout op's elements), in the forward and in the input's gradient.
     #[test]
     fn lora_linear_matches_the_generic_ops() {
         let inputs = [

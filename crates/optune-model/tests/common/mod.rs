@@ -44,3 +44,18 @@ pub fn pairs() -> Vec<TokenizedPair> {
         },
     ]
 }
+
+/// Four sequences of 120–126 tokens: the memory tests' batch.
+pub fn long_pairs() -> Vec<TokenizedPair> {
+    (0..4)
+        .map(|s| TokenizedPair {
+            prompt: (0..60 + s)
+                .map(|t| 4 + ((t * 37 + s * 11) % 500) as u32)
+                .collect(),
+            response: (0..59 + s)
+                .map(|t| 4 + ((t * 53 + s * 7) % 500) as u32)
+                .chain([2])
+                .collect(),
+        })
+        .collect()
+}
