@@ -69,16 +69,25 @@ impl Plan {
             c.intermediate_size as f64,
             c.num_attention_heads as f64,
         );
-        // What autograd keeps per token and layer: norm, projection and rotary inputs and
-        // outputs (~12 h), the MLP's gate, up, activation and product (~5 i) in the compute
-        // dtype, and the attention scores and probabilities over the sequence in f32.
-        let per_token_layer = (12.0 * h + 5.0 * i) * compute + 2.0 * heads * longest * 4.0;
         let layers = c.num_hidden_layers as f64;
-        // candle's generic ops (any GPU) keep about twice what the fused CPU ops keep (measured
-        // on SmolLM2-135M LoRA: 1.95 GB of activations against 0.85 GB).
         let generic = optune_kernels::autograd_path(model.device(), model.dtype())
             == optune_kernels::Path::Generic;
-        let per_token_layer = per_token_layer * if generic { 2.0 } else { 1.0 };
+        // What autograd keeps per token and layer: norm, projection and rotary inputs and
+        // outputs (~12 h), the MLP's gate, up, activation and product (~5 i) in the compute
+        // dtype. candle's generic ops (any GPU) keep about twice what the fused CPU ops keep
+        // (measured on SmolLM2-135M LoRA: 1.95 GB of activations against 0.85 GB). On the fused
+        // path the estimate also counts the attention scores and probabilities over the sequence
+        // in f32, as it was calibrated; the generic attention keeps none (its backward pass
+        // computes them again) and holds one layer's at a time, `attention_pass` below.
+        let kept = (12.0 * h + 5.0 * i) * compute;
+        let per_token_layer = match generic {
+            true => 2.0 * kept,
+            false => kept + 2.0 * heads * longest * 4.0,
+        };
+        // The generic attention's scores, masked scores, probabilities and their gradients in f32
+        // (six buffers) for one layer, a piece of at most ATTENTION_PIECE_SCORES at a time.
+        let scores = (tokens * heads * longest).min(optune_kernels::ATTENTION_PIECE_SCORES as f64);
+        let attention_pass = if generic { 6.0 * 4.0 * scores } else { 0.0 };
         // Recomputed: the stream and the pending MLP output of every layer, and one layer's
         // activations at a time.
         let recomputed = layers * 2.0 * h * compute + per_token_layer;
@@ -105,9 +114,9 @@ impl Plan {
                 ReferenceHeld::ForThePass => params * compute,
                 _ => 0.0,
             },
-            activations: tokens * layers_kept + head,
+            activations: tokens * layers_kept + head + attention_pass,
             recomputed_activations: (!args.gradient_checkpointing)
-                .then_some(tokens * recomputed + head),
+                .then_some(tokens * recomputed + head + attention_pass),
         }
     }
 

@@ -46,8 +46,8 @@ pub use matmul::{
 };
 pub use ops::{
     accumulation_dtype, add_rms_norm, attention, embedding, linear, lora_linear, rms_norm,
-    rotary_heads, silu_mul, silu_mul_halves, token_logprobs, Pass, HEAD_CHUNK_ROWS,
-    KEPT_LOGITS_BYTES,
+    rotary_heads, silu_mul, silu_mul_halves, token_logprobs, Pass, ATTENTION_PIECE_SCORES,
+    HEAD_CHUNK_ROWS, KEPT_LOGITS_BYTES,
 };
 pub use sampling::{sample_rows, Sampling, BISECTION_STEPS, FLOOR_NATS};
 pub use token_tables::TokenTables;

@@ -32,6 +32,14 @@ use candle_core::{DType, Result, Tensor};
 /// `chunk × vocab` floats.
 pub const HEAD_CHUNK_ROWS: usize = 256;
 
+/// The most scores one piece of [`attention`]'s generic form makes. candle's CUDA elementwise
+/// kernels count elements in 32-bit unsigned ints, so at 2³² or more they would wrap (hang or
+/// fail to launch): a reward model's 12k-token row with 32 heads gets there. 2²⁸ also bounds
+/// what a long row's scores take at once (in the forward pass, and in the backward pass, which
+/// computes them again): 1 GiB in f32 per piece instead of, for a batch of 8 rows of 4k tokens
+/// with 32 heads, 16 GiB per layer.
+pub const ATTENTION_PIECE_SCORES: usize = 1 << 28;
+
 /// `x / rms(x) · weight` over the last axis, statistics in [`accumulation_dtype`].
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     match path_for(&[x, weight]) {
@@ -175,7 +183,7 @@ pub fn token_logprobs(rows: &Tensor, weight: &Tensor, targets: &[u32]) -> Result
 /// whose backward is written in tensor ops; on any device and dtype, with reductions in
 /// [`accumulation_dtype`]. Every node returns gradients only for inputs that lead to a variable.
 pub mod generic {
-    use super::accumulation_dtype;
+    use super::{accumulation_dtype, ATTENTION_PIECE_SCORES};
     use crate::dropout::DropoutMask;
     use candle_core::backend::BackendStorage;
     use candle_core::{
@@ -220,6 +228,28 @@ pub mod generic {
     /// `1 / sqrt(mean(x²) + eps)` over the last axis, kept as a size-1 axis.
     fn inverse_rms(x: &Tensor, eps: f64) -> Result<Tensor> {
         (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()
+    }
+
+    /// A node's `cpu_fwd` and `cuda_fwd` that hand over its [`Precomputed`] values (the field
+    /// named first) and read none of their storages, for a custom op of as many operands as
+    /// (storage, layout) names follow.
+    macro_rules! precomputed_forward {
+        ($values:tt; $($storage:ident $layout:ident),+) => {
+            fn cpu_fwd(
+                &self,
+                $($storage: &CpuStorage, $layout: &Layout),+
+            ) -> Result<(CpuStorage, Shape)> {
+                self.$values.cpu()
+            }
+
+            #[cfg(feature = "cuda")]
+            fn cuda_fwd(
+                &self,
+                $($storage: &candle_core::CudaStorage, $layout: &Layout),+
+            ) -> Result<(candle_core::CudaStorage, Shape)> {
+                self.$values.cuda()
+            }
+        };
     }
 
     /// A forward computed before its autograd node exists (by one of candle-nn's kernels, which
@@ -281,26 +311,7 @@ pub mod generic {
             "kernel-rms-norm"
         }
 
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> Result<(CpuStorage, Shape)> {
-            self.values.cpu()
-        }
-
-        #[cfg(feature = "cuda")]
-        fn cuda_fwd(
-            &self,
-            _: &candle_core::CudaStorage,
-            _: &Layout,
-            _: &candle_core::CudaStorage,
-            _: &Layout,
-        ) -> Result<(candle_core::CudaStorage, Shape)> {
-            self.values.cuda()
-        }
+        precomputed_forward!(values; _a _la, _b _lb);
 
         /// With `n = x / rms(x)` and `g` the output gradient: `∂weight = Σ_rows g·n`,
         /// `∂x = (g·weight − n · mean(g·weight·n)) / rms(x)`.
@@ -403,26 +414,7 @@ pub mod generic {
             "dropped-product"
         }
 
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> Result<(CpuStorage, Shape)> {
-            self.values.cpu()
-        }
-
-        #[cfg(feature = "cuda")]
-        fn cuda_fwd(
-            &self,
-            _: &candle_core::CudaStorage,
-            _: &Layout,
-            _: &candle_core::CudaStorage,
-            _: &Layout,
-        ) -> Result<(candle_core::CudaStorage, Shape)> {
-            self.values.cuda()
-        }
+        precomputed_forward!(values; _a _la, _b _lb);
 
         /// `∂x = d(g · a)`, `∂a = (d(x)ᵀ · g)ᵀ`: the products [`Product`]'s backward runs on the
         /// composed form's operands, in its order, each only when its input leads to a variable.
@@ -604,30 +596,7 @@ pub mod generic {
             "kernel-rope"
         }
 
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> Result<(CpuStorage, Shape)> {
-            self.0.cpu()
-        }
-
-        #[cfg(feature = "cuda")]
-        fn cuda_fwd(
-            &self,
-            _: &candle_core::CudaStorage,
-            _: &Layout,
-            _: &candle_core::CudaStorage,
-            _: &Layout,
-            _: &candle_core::CudaStorage,
-            _: &Layout,
-        ) -> Result<(candle_core::CudaStorage, Shape)> {
-            self.0.cuda()
-        }
+        precomputed_forward!(0; _a _la, _b _lb, _c _lc);
 
         /// `y₁ = x₁c − x₂s`, `y₂ = x₁s + x₂c` (halves of the last axis), so `∂x` is the rotation
         /// by the opposite angle, `rope(g, c, −s)` (the same kernel), and `∂c = Σ_heads g₁x₁ +
@@ -695,18 +664,7 @@ pub mod generic {
             "kernel-softmax-last-dim"
         }
 
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-            self.0.cpu()
-        }
-
-        #[cfg(feature = "cuda")]
-        fn cuda_fwd(
-            &self,
-            _: &candle_core::CudaStorage,
-            _: &Layout,
-        ) -> Result<(candle_core::CudaStorage, Shape)> {
-            self.0.cuda()
-        }
+        precomputed_forward!(0; _a _la);
 
         /// `∂x = p·g − p·Σ(p·g)` with `p` the output.
         fn bwd(&self, _x: &Tensor, probs: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -716,17 +674,14 @@ pub mod generic {
         }
     }
 
-    /// The most elements of scores one piece of [`attention`] makes. candle's CUDA elementwise
-    /// kernels count elements in 32-bit unsigned ints, so at 2³² or more they would wrap (hang
-    /// or fail to launch): a reward model's 12k-token row with 32 heads gets there. 2²⁸ also
-    /// bounds what a long row's scores hold at once outside autograd (a reward or reference
-    /// pass): 1 GiB in f32 per piece instead of, for a batch of 8 rows of 4k tokens with 32
-    /// heads, 16 GiB per layer.
-    const MOST_SCORES: usize = 1 << 28;
-
     /// GQA without materialising repeated keys: the query heads that share a KV head are folded
     /// into the query axis. Softmax in [`accumulation_dtype`]. Queries in pieces of at most
-    /// [`MOST_SCORES`] scores.
+    /// [`ATTENTION_PIECE_SCORES`] scores. Differentiable as one node, [`RecomputedAttention`], which keeps
+    /// no scores or probabilities for the backward pass: composed of tensor ops, every layer
+    /// would keep five `[b, heads, tq, tk]` tensors (the scores, the masked scores and the
+    /// probabilities in the compute dtype, the scores and the probabilities in f32), 14 bytes a
+    /// score in bf16, until the backward pass: for 8 sequences of 1,024 tokens on a 32-head
+    /// model, 3.8 GB a layer.
     pub fn attention(
         q: &Tensor,
         k: &Tensor,
@@ -734,7 +689,156 @@ pub mod generic {
         mask: &Tensor,
         scale: f64,
     ) -> Result<Tensor> {
-        attention_in_pieces(q, k, v, mask, scale, MOST_SCORES)
+        if ![q, k, v].iter().any(|t| t.track_op()) {
+            return attention_in_pieces(q, k, v, mask, scale, ATTENTION_PIECE_SCORES);
+        }
+        recomputed_attention(q, k, v, mask, scale, ATTENTION_PIECE_SCORES)
+    }
+
+    /// [`attention`]'s node, with pieces of at most `most_scores` scores.
+    fn recomputed_attention(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &Tensor,
+        scale: f64,
+        most_scores: usize,
+    ) -> Result<Tensor> {
+        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        let mask = mask.detach();
+        let values = attention_in_pieces(
+            &q.detach(),
+            &k.detach(),
+            &v.detach(),
+            &mask,
+            scale,
+            most_scores,
+        )?;
+        q.apply_op3(
+            &k,
+            &v,
+            RecomputedAttention {
+                mask,
+                scale,
+                most_scores,
+                values: Precomputed::new(values),
+            },
+        )
+    }
+
+    /// [`attention`]'s node: the forward computed before it, and a backward pass that computes
+    /// each piece's probabilities again and differentiates the composed form's ops in its order
+    /// (so the gradients are the composed form's, to the bit when there is one piece).
+    struct RecomputedAttention {
+        mask: Tensor,
+        scale: f64,
+        most_scores: usize,
+        values: Precomputed,
+    }
+
+    impl CustomOp3 for RecomputedAttention {
+        fn name(&self) -> &'static str {
+            "recomputed-attention"
+        }
+
+        precomputed_forward!(values; _q _lq, _k _lk, _v _lv);
+
+        fn bwd(
+            &self,
+            q: &Tensor,
+            k: &Tensor,
+            v: &Tensor,
+            _res: &Tensor,
+            grad: &Tensor,
+        ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+            let (b, heads, tq, _) = q.dims4()?;
+            let rows = piece_rows(b, heads, k.dim(2)?, self.most_scores);
+            let (mut q_grads, mut k_grad, mut v_grad) = (Vec::new(), None, None);
+            for start in (0..tq).step_by(rows) {
+                let len = rows.min(tq - start);
+                let piece = |t: &Tensor| t.narrow(2, start, len);
+                let mask = match self.mask.dim(2)? {
+                    1 => self.mask.clone(),
+                    _ => piece(&self.mask)?,
+                };
+                let grads =
+                    AttentionGrads::of_piece(&piece(q)?, [k, v], &mask, self.scale, &piece(grad)?)?;
+                q_grads.extend(grads.q);
+                let sum = |total: Option<Tensor>, g: Option<Tensor>| match (total, g) {
+                    (Some(total), Some(g)) => (total + g).map(Some),
+                    (total, g) => Ok(total.or(g)),
+                };
+                k_grad = sum(k_grad, grads.k)?;
+                v_grad = sum(v_grad, grads.v)?;
+            }
+            let q_grad = match q_grads.is_empty() {
+                true => None,
+                false => Some(Tensor::cat(&q_grads, 2)?),
+            };
+            Ok((q_grad, k_grad, v_grad))
+        }
+    }
+
+    /// The gradients of one piece of [`attention`] (those of its inputs that lead to a
+    /// variable).
+    struct AttentionGrads {
+        q: Option<Tensor>,
+        k: Option<Tensor>,
+        v: Option<Tensor>,
+    }
+
+    impl AttentionGrads {
+        /// `grad` the output's gradient for the query rows `q`, against all of `k` and `v`:
+        /// [`attention_piece`]'s forward again, then the backward passes of its ops.
+        fn of_piece(
+            q: &Tensor,
+            [k, v]: [&Tensor; 2],
+            mask: &Tensor,
+            scale: f64,
+            grad: &Tensor,
+        ) -> Result<Self> {
+            let (b, heads, tq, d) = q.dims4()?;
+            let kv_heads = k.dim(1)?;
+            let (dtype, acc) = (q.dtype(), accumulation_dtype(q.dtype()));
+            let (scaled_q, probs) = attention_probs(&q.detach(), &k.detach(), mask, scale)?;
+            let grad = grad.reshape((b, kv_heads, heads / kv_heads * tq, d))?;
+            let v_grad = match v.track_op() {
+                true => Some(backward_product(&probs.to_dtype(dtype)?.t()?, &grad)?),
+                false => None,
+            };
+            if !(q.track_op() || k.track_op()) {
+                return Ok(Self {
+                    q: None,
+                    k: None,
+                    v: v_grad,
+                });
+            }
+            // The softmax's backward pass in the accumulation dtype.
+            let probs_grad = backward_product(&grad, &v.t()?)?.to_dtype(acc)?;
+            let weighted = (&probs * &probs_grad)?;
+            let total = weighted.sum_keepdim(D::Minus1)?;
+            let scores_grad = (weighted - probs.broadcast_mul(&total)?)?.to_dtype(dtype)?;
+            let q_grad = match q.track_op() {
+                true => {
+                    Some((backward_product(&scores_grad, k)? * scale)?.reshape((b, heads, tq, d))?)
+                }
+                false => None,
+            };
+            let k_grad = match k.track_op() {
+                true => Some(backward_product(&scaled_q.t()?, &scores_grad)?.t()?),
+                false => None,
+            };
+            Ok(Self {
+                q: q_grad,
+                k: k_grad,
+                v: v_grad,
+            })
+        }
+    }
+
+    /// Query rows per piece of attention: at most `most_scores` scores, at least one row.
+    fn piece_rows(b: usize, heads: usize, tk: usize, most_scores: usize) -> usize {
+        (most_scores / (b * heads * tk).max(1)).max(1)
     }
 
     /// [`attention`] with the query rows `q [b, heads, tq, d]` (and the mask's, unless it
@@ -748,7 +852,7 @@ pub mod generic {
         most_scores: usize,
     ) -> Result<Tensor> {
         let (b, heads, tq, _) = q.dims4()?;
-        let rows = (most_scores / (b * heads * k.dim(2)?).max(1)).max(1);
+        let rows = piece_rows(b, heads, k.dim(2)?, most_scores);
         if tq <= rows {
             return attention_piece(q, k, v, mask, scale);
         }
@@ -774,18 +878,30 @@ pub mod generic {
         scale: f64,
     ) -> Result<Tensor> {
         let (b, heads, tq, d) = q.dims4()?;
-        let (kv_heads, tk) = (k.dim(1)?, k.dim(2)?);
-        let group = heads / kv_heads;
-        let q = (q.reshape((b, kv_heads, group * tq, d))? * scale)?;
-        let scores = product(&q, &k.t()?)?.reshape((b, kv_heads, group, tq, tk))?;
-        let scores = scores.broadcast_add(&mask.unsqueeze(1)?)?;
-        let dtype = scores.dtype();
-        let probs = softmax_last_dim(&scores.to_dtype(accumulation_dtype(dtype))?)?
-            .to_dtype(dtype)?
-            .reshape((b, kv_heads, group * tq, tk))?;
+        let (_, probs) = attention_probs(q, k, mask, scale)?;
         // `v` as it comes: a KV cache's first positions are a strided view that the product reads
         // in place (a copy of it would be a copy of the cache per layer per decode step).
-        product(&probs, v)?.reshape((b, heads, tq, d))
+        product(&probs.to_dtype(q.dtype())?, v)?.reshape((b, heads, tq, d))
+    }
+
+    /// The queries scaled, `[b, kv_heads, group · tq, d]` (the query heads that share a KV head
+    /// folded into the query axis), and `softmax(scale · q kᵀ + mask)`, `[b, kv_heads, group ·
+    /// tq, tk]` in [`accumulation_dtype`].
+    fn attention_probs(
+        q: &Tensor,
+        k: &Tensor,
+        mask: &Tensor,
+        scale: f64,
+    ) -> Result<(Tensor, Tensor)> {
+        let (b, heads, tq, d) = q.dims4()?;
+        let (kv_heads, tk) = (k.dim(1)?, k.dim(2)?);
+        let group = heads / kv_heads;
+        let scaled_q = (q.reshape((b, kv_heads, group * tq, d))? * scale)?;
+        let scores = product(&scaled_q, &k.t()?)?.reshape((b, kv_heads, group, tq, tk))?;
+        let scores = scores.broadcast_add(&mask.unsqueeze(1)?)?;
+        let probs = softmax_last_dim(&scores.to_dtype(accumulation_dtype(q.dtype()))?)?
+            .reshape((b, kv_heads, group * tq, tk))?;
+        Ok((scaled_q, probs))
     }
 
     /// One chunk of `chunk × vocab` logits at a time, in the backward pass too: the values are
@@ -875,26 +991,7 @@ pub mod generic {
             "chunked-token-logprobs"
         }
 
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> Result<(CpuStorage, Shape)> {
-            self.values.cpu()
-        }
-
-        #[cfg(feature = "cuda")]
-        fn cuda_fwd(
-            &self,
-            _: &candle_core::CudaStorage,
-            _: &Layout,
-            _: &candle_core::CudaStorage,
-            _: &Layout,
-        ) -> Result<(candle_core::CudaStorage, Shape)> {
-            self.values.cuda()
-        }
+        precomputed_forward!(values; _a _la, _b _lb);
 
         /// `∂logits = g · (onehot(target) − softmax)` chunk by chunk; `∂rows = ∂logits · W`,
         /// `∂W = Σ ∂logitsᵀ · rows`, each only when its input leads to a variable.
@@ -1106,6 +1203,100 @@ pub mod generic {
             // With nothing to differentiate there is no node: the kernel's values as they are.
             let plain = rms_norm(&x.as_tensor().detach(), &weight, 1e-5).unwrap();
             assert!(!plain.track_op());
+        }
+
+        /// A causal mask `[b, 1, t, t]` and a padding mask `[b, 1, 1, t]` (the last position of
+        /// the second sequence hidden) for `b` = 2, in `dtype`.
+        fn masks(t: usize, dtype: DType) -> [Tensor; 2] {
+            let cpu = &candle_core::Device::Cpu;
+            let causal: Vec<f64> = (0..2 * t * t)
+                .map(|i| if i % t <= (i / t) % t { 0.0 } else { -1e9 })
+                .collect();
+            let padding: Vec<f64> = (0..2 * t)
+                .map(|i| if i == 2 * t - 1 { -1e9 } else { 0.0 })
+                .collect();
+            [
+                Tensor::from_vec(causal, (2, 1, t, t), cpu).unwrap(),
+                Tensor::from_vec(padding, (2, 1, 1, t), cpu).unwrap(),
+            ]
+            .map(|m| m.to_dtype(dtype).unwrap())
+        }
+
+        /// The attention node keeps no probabilities and computes them again in its backward
+        /// pass, differentiating the composed form's ops in its order: its values and
+        /// gradients are the composed form's to the bit in f32, bf16 and f64 with one piece of
+        /// query rows, and within rounding with pieces of 2 rows (the keys' and values'
+        /// gradients then add the pieces in another order). A frozen input gets no gradient.
+        #[test]
+        fn recomputed_attention_equals_the_composed_form() {
+            let (b, heads, kv_heads, t, d) = (2, 4, 2, 5, 8);
+            for dtype in [DType::F32, DType::BF16, DType::F64] {
+                let q = Var::from_tensor(&values(&[b, heads, t, d], 70, 1.0, dtype)).unwrap();
+                let k = Var::from_tensor(&values(&[b, kv_heads, t, d], 71, 1.0, dtype)).unwrap();
+                let v = Var::from_tensor(&values(&[b, kv_heads, t, d], 72, 1.0, dtype)).unwrap();
+                let w = values(&[b, heads, t, d], 73, 1.0, dtype);
+                let run = |out: Tensor, frozen_v: bool| {
+                    let grads = (&out * &w).unwrap().sum_all().unwrap().backward().unwrap();
+                    let bits = |t: &Tensor| {
+                        let t = t.to_dtype(DType::F64).unwrap();
+                        t.flatten_all().unwrap().to_vec1::<f64>().unwrap()
+                    };
+                    let wanted = [&q, &k, &v].map(|x| grads.get(x.as_tensor()).map(bits));
+                    assert_eq!(wanted[2].is_none(), frozen_v, "{dtype:?}: v's gradient");
+                    (bits(&out), wanted)
+                };
+                for mask in masks(t, dtype) {
+                    for frozen_v in [false, true] {
+                        let v = match frozen_v {
+                            true => v.as_tensor().detach(),
+                            false => v.as_tensor().clone(),
+                        };
+                        let (q, k) = (q.as_tensor(), k.as_tensor());
+                        let composed = attention_in_pieces(q, k, &v, &mask, 0.3, usize::MAX);
+                        let composed = run(composed.unwrap(), frozen_v);
+                        let one_piece = recomputed_attention(q, k, &v, &mask, 0.3, usize::MAX);
+                        assert_eq!(run(one_piece.unwrap(), frozen_v), composed, "{dtype:?}");
+                        // Two query rows a piece: 2·4·5·2 scores.
+                        let pieces = recomputed_attention(q, k, &v, &mask, 0.3, b * heads * t * 2);
+                        let pieces = run(pieces.unwrap(), frozen_v);
+                        let tolerance = match dtype {
+                            DType::F64 => 1e-14,
+                            DType::F32 => 1e-6,
+                            _ => 2e-2,
+                        };
+                        let all = |r: &(Vec<f64>, [Option<Vec<f64>>; 3])| {
+                            let grads = r.1.iter().flatten().flatten().copied();
+                            r.0.iter().copied().chain(grads).collect::<Vec<f64>>()
+                        };
+                        let (got, want) = (all(&pieces), all(&composed));
+                        assert_eq!(got.len(), want.len());
+                        for (g, w) in got.iter().zip(&want) {
+                            assert!(
+                                (g - w).abs() <= tolerance * (1.0 + w.abs()),
+                                "{dtype:?}: {g} against {w}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn recomputed_attention_gradients_match_finite_differences_in_f64() {
+            let (b, heads, kv_heads, t, d) = (2, 4, 2, 5, 4);
+            for mask in masks(t, DType::F64) {
+                let inputs = [
+                    values(&[b, heads, t, d], 74, 1.0, DType::F64),
+                    values(&[b, kv_heads, t, d], 75, 1.0, DType::F64),
+                    values(&[b, kv_heads, t, d], 76, 1.0, DType::F64),
+                ];
+                for most_scores in [usize::MAX, b * heads * t * 2] {
+                    let worst = weighted_finite_differences(&inputs, &[0, 1, 2], 77, |x| {
+                        recomputed_attention(&x[0], &x[1], &x[2], &mask, 0.5, most_scores).unwrap()
+                    });
+                    assert!(worst < 1e-6, "{worst:e}");
+                }
+            }
         }
 
         /// Under a mask, the LoRA op is the dropout op composed with the products it replaced,
