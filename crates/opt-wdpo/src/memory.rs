@@ -79,10 +79,10 @@ impl Plan {
         // path the estimate also counts the attention scores and probabilities over the sequence
         // in f32, as it was calibrated; the generic attention keeps none (its backward pass
         // computes them again) and holds one layer's at a time, `attention_pass` below.
-        let kept = (12.0 * h + 5.0 * i) * compute;
+        let kept_per_token_layer = (12.0 * h + 5.0 * i) * compute;
         let per_token_layer = match generic {
-            true => 2.0 * kept,
-            false => kept + 2.0 * heads * longest * 4.0,
+            true => 2.0 * kept_per_token_layer,
+            false => kept_per_token_layer + 2.0 * heads * longest * 4.0,
         };
         // The generic attention's scores, masked scores, probabilities and their gradients in f32
         // (six buffers) for one layer, a piece of at most ATTENTION_PIECE_SCORES at a time.

@@ -19,7 +19,9 @@
 //!
 //! The generic RMSNorm, rotary embedding and attention softmax run candle-nn's fused kernels
 //! ([`generic::rms_norm`], [`generic::rope`], [`generic::softmax_last_dim`]: one kernel each on
-//! CUDA) inside nodes of their own whose backward is written in tensor ops.
+//! CUDA) inside nodes of their own whose backward is written in tensor ops; the generic
+//! attention and the LoRA adapter under dropout are such nodes too, whose backward passes
+//! compute the probabilities and the dropped-out input again instead of keeping them.
 
 use crate::dispatch::{path_for, Path};
 use crate::dropout::DropoutMask;
@@ -179,9 +181,11 @@ pub fn token_logprobs(rows: &Tensor, weight: &Tensor, targets: &[u32]) -> Result
 }
 
 /// The generic forms: candle's differentiable tensor ops, and candle-nn's fused kernels
-/// (`rms_norm`, `softmax_last_dim`, `rope`: CPU and CUDA forwards, no backward) wrapped in nodes
-/// whose backward is written in tensor ops; on any device and dtype, with reductions in
-/// [`accumulation_dtype`]. Every node returns gradients only for inputs that lead to a variable.
+/// (`rms_norm`, `softmax_last_dim`, `rope`: CPU and CUDA forwards, no backward) and forwards of
+/// tensor ops outside autograd (attention, the LoRA adapter under dropout) wrapped in nodes whose
+/// backward is written in tensor ops; on any device and dtype, with reductions in
+/// [`accumulation_dtype`]. Every node returns gradients only for inputs that lead to a variable,
+/// and gradients without a graph.
 pub mod generic {
     use super::{accumulation_dtype, ATTENTION_PIECE_SCORES};
     use crate::dropout::DropoutMask;
@@ -252,11 +256,19 @@ pub mod generic {
         };
     }
 
+    /// A backward pass's operands without their graphs, and whether each leads to a variable.
+    /// A product of a tensor that tracks its op gets a graph of its own, so a gradient computed
+    /// from the operands as given would hold its intermediates (for attention, each piece's
+    /// probabilities and their gradients) until candle's gradient store lets go of it.
+    fn detached<const N: usize>(operands: [&Tensor; N]) -> ([Tensor; N], [bool; N]) {
+        (operands.map(Tensor::detach), operands.map(Tensor::track_op))
+    }
+
     /// A forward computed before its autograd node exists (by one of candle-nn's kernels, which
-    /// have CPU and CUDA forms but no backward), handed to the node by its forward pass. candle
-    /// gives a custom op's forward only storages, and candle-nn's kernels are reachable only
-    /// through tensors, so the node copies the values once (a device-side copy on CUDA); the
-    /// forward takes them out, so the graph keeps the copy alone.
+    /// have CPU and CUDA forms but no backward, or by tensor ops outside autograd), handed to
+    /// the node by its forward pass. candle gives a custom op's forward only storages, so the
+    /// node copies the values once (a device-side copy on CUDA); the forward takes them out, so
+    /// the graph keeps the copy alone.
     struct Precomputed(Mutex<Option<Tensor>>);
 
     impl Precomputed {
@@ -322,12 +334,13 @@ pub mod generic {
             _res: &Tensor,
             grad: &Tensor,
         ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+            let ([x, weight, grad], [x_wanted, weight_wanted, _]) = detached([x, weight, grad]);
             let acc = accumulation_dtype(x.dtype());
             let x_acc = x.to_dtype(acc)?;
             let inv_rms = inverse_rms(&x_acc, self.eps)?;
             let normed = x_acc.broadcast_mul(&inv_rms)?;
             let grad = grad.to_dtype(acc)?;
-            let x_grad = match x.track_op() {
+            let x_grad = match x_wanted {
                 true => {
                     let g_normed = grad.broadcast_mul(&weight.to_dtype(acc)?)?;
                     let projection = (&g_normed * &normed)?.mean_keepdim(D::Minus1)?;
@@ -336,7 +349,7 @@ pub mod generic {
                 }
                 false => None,
             };
-            let weight_grad = match weight.track_op() {
+            let weight_grad = match weight_wanted {
                 true => {
                     let width = weight.elem_count();
                     let rows = (grad * normed)?.reshape(((), width))?;
@@ -425,13 +438,14 @@ pub mod generic {
             _res: &Tensor,
             grad: &Tensor,
         ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+            let ([x, a, grad], [x_wanted, a_wanted, _]) = detached([x, a, grad]);
             let dropped = |t: &Tensor| crate::dropout::dropped_without_graph(t, self.mask);
-            let x_grad = match x.track_op() {
-                true => Some(dropped(&backward_product(grad, a)?)?),
+            let x_grad = match x_wanted {
+                true => Some(dropped(&backward_product(&grad, &a)?)?),
                 false => None,
             };
-            let a_grad = match a.track_op() {
-                true => Some(backward_product(&dropped(x)?.t()?, grad)?.t()?),
+            let a_grad = match a_wanted {
+                true => Some(backward_product(&dropped(&x)?.t()?, &grad)?.t()?),
                 false => None,
             };
             Ok((x_grad, a_grad))
@@ -544,12 +558,13 @@ pub mod generic {
             _res: &Tensor,
             grad: &Tensor,
         ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-            let a_grad = match a.track_op() {
-                true => Some(backward_product(grad, &b.t()?)?),
+            let ([a, b, grad], [a_wanted, b_wanted, _]) = detached([a, b, grad]);
+            let a_grad = match a_wanted {
+                true => Some(backward_product(&grad, &b.t()?)?),
                 false => None,
             };
-            let b_grad = match b.track_op() {
-                true => Some(backward_product(&a.t()?, grad)?),
+            let b_grad = match b_wanted {
+                true => Some(backward_product(&a.t()?, &grad)?),
                 false => None,
             };
             Ok((a_grad, b_grad))
@@ -609,11 +624,13 @@ pub mod generic {
             _res: &Tensor,
             grad: &Tensor,
         ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-            let x_grad = match x.track_op() {
-                true => Some(rope(grad, cos, &sin.neg()?)?),
+            let ([x, cos, sin, grad], [x_wanted, cos_wanted, sin_wanted, _]) =
+                detached([x, cos, sin, grad]);
+            let x_grad = match x_wanted {
+                true => Some(rope(&grad, &cos, &sin.neg()?)?),
                 false => None,
             };
-            if !(cos.track_op() || sin.track_op()) {
+            if !(cos_wanted || sin_wanted) {
                 return Ok((x_grad, None, None));
             }
             let half = x.dim(D::Minus1)? / 2;
@@ -623,7 +640,7 @@ pub mod generic {
                     t.narrow(D::Minus1, half, half)?,
                 ))
             };
-            let ((x1, x2), (g1, g2)) = (halves(x)?, halves(grad)?);
+            let ((x1, x2), (g1, g2)) = (halves(&x)?, halves(&grad)?);
             // `[b, heads, t, d/2]` summed to the table's shape.
             let to_table = |per_head: Tensor, table: &Tensor| -> Result<Tensor> {
                 let per_row = per_head.sum(1)?;
@@ -632,12 +649,12 @@ pub mod generic {
                     _ => Ok(per_row),
                 }
             };
-            let cos_grad = match cos.track_op() {
-                true => Some(to_table(((&g1 * &x1)? + (&g2 * &x2)?)?, cos)?),
+            let cos_grad = match cos_wanted {
+                true => Some(to_table(((&g1 * &x1)? + (&g2 * &x2)?)?, &cos)?),
                 false => None,
             };
-            let sin_grad = match sin.track_op() {
-                true => Some(to_table(((&g2 * &x1)? - (&g1 * &x2)?)?, sin)?),
+            let sin_grad = match sin_wanted {
+                true => Some(to_table(((&g2 * &x1)? - (&g1 * &x2)?)?, &sin)?),
                 false => None,
             };
             Ok((x_grad, cos_grad, sin_grad))
@@ -666,22 +683,28 @@ pub mod generic {
 
         precomputed_forward!(0; _a _la);
 
-        /// `∂x = p·g − p·Σ(p·g)` with `p` the output.
         fn bwd(&self, _x: &Tensor, probs: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-            let weighted = (probs * grad)?;
-            let total = weighted.sum_keepdim(D::Minus1)?;
-            Ok(Some((weighted - probs.broadcast_mul(&total)?)?))
+            let ([probs, grad], _) = detached([probs, grad]);
+            Ok(Some(softmax_backward(&probs, &grad)?))
         }
+    }
+
+    /// The softmax's input gradient over the last axis from its output `p` and the output's
+    /// gradient `g`: `p·g − p·Σ(p·g)`.
+    fn softmax_backward(probs: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        let weighted = (probs * grad)?;
+        let total = weighted.sum_keepdim(D::Minus1)?;
+        weighted - probs.broadcast_mul(&total)?
     }
 
     /// GQA without materialising repeated keys: the query heads that share a KV head are folded
     /// into the query axis. Softmax in [`accumulation_dtype`]. Queries in pieces of at most
-    /// [`ATTENTION_PIECE_SCORES`] scores. Differentiable as one node, [`RecomputedAttention`], which keeps
-    /// no scores or probabilities for the backward pass: composed of tensor ops, every layer
-    /// would keep five `[b, heads, tq, tk]` tensors (the scores, the masked scores and the
-    /// probabilities in the compute dtype, the scores and the probabilities in f32), 14 bytes a
-    /// score in bf16, until the backward pass: for 8 sequences of 1,024 tokens on a 32-head
-    /// model, 3.8 GB a layer.
+    /// [`ATTENTION_PIECE_SCORES`] scores. Differentiable as one node, [`RecomputedAttention`],
+    /// which keeps no scores or probabilities for the backward pass: composed of tensor ops,
+    /// every layer would keep five `[b, heads, tq, tk]` tensors (the scores, the masked scores
+    /// and the probabilities in the compute dtype, the scores and the probabilities in f32), 14
+    /// bytes a score in bf16, until the backward pass: for 8 sequences of 1,024 tokens on a
+    /// 32-head model, 3.8 GB a layer.
     pub fn attention(
         q: &Tensor,
         k: &Tensor,
@@ -751,23 +774,29 @@ pub mod generic {
             _res: &Tensor,
             grad: &Tensor,
         ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+            let ([q, k, v, grad], [q_wanted, k_wanted, v_wanted, _]) = detached([q, k, v, grad]);
+            let wanted = Wanted {
+                q: q_wanted,
+                k: k_wanted,
+                v: v_wanted,
+            };
             let (b, heads, tq, _) = q.dims4()?;
             let rows = piece_rows(b, heads, k.dim(2)?, self.most_scores);
+            let sum = |total: Option<Tensor>, g: Option<Tensor>| match (total, g) {
+                (Some(total), Some(g)) => (total + g).map(Some),
+                (total, g) => Ok(total.or(g)),
+            };
             let (mut q_grads, mut k_grad, mut v_grad) = (Vec::new(), None, None);
-            for start in (0..tq).step_by(rows) {
-                let len = rows.min(tq - start);
-                let piece = |t: &Tensor| t.narrow(2, start, len);
-                let mask = match self.mask.dim(2)? {
-                    1 => self.mask.clone(),
-                    _ => piece(&self.mask)?,
-                };
-                let grads =
-                    AttentionGrads::of_piece(&piece(q)?, [k, v], &mask, self.scale, &piece(grad)?)?;
+            for (start, len) in pieces(tq, rows) {
+                let grads = AttentionGrads::of_piece(
+                    &q.narrow(2, start, len)?,
+                    [&k, &v],
+                    &mask_rows(&self.mask, start, len)?,
+                    self.scale,
+                    &grad.narrow(2, start, len)?,
+                    wanted,
+                )?;
                 q_grads.extend(grads.q);
-                let sum = |total: Option<Tensor>, g: Option<Tensor>| match (total, g) {
-                    (Some(total), Some(g)) => (total + g).map(Some),
-                    (total, g) => Ok(total.or(g)),
-                };
                 k_grad = sum(k_grad, grads.k)?;
                 v_grad = sum(v_grad, grads.v)?;
             }
@@ -779,6 +808,14 @@ pub mod generic {
         }
     }
 
+    /// Which of attention's inputs lead to a variable.
+    #[derive(Clone, Copy)]
+    struct Wanted {
+        q: bool,
+        k: bool,
+        v: bool,
+    }
+
     /// The gradients of one piece of [`attention`] (those of its inputs that lead to a
     /// variable).
     struct AttentionGrads {
@@ -788,25 +825,27 @@ pub mod generic {
     }
 
     impl AttentionGrads {
-        /// `grad` the output's gradient for the query rows `q`, against all of `k` and `v`:
-        /// [`attention_piece`]'s forward again, then the backward passes of its ops.
+        /// `grad` the output's gradient for the query rows `q`, against all of `k` and `v`
+        /// (all without a graph): [`attention_piece`]'s forward again, then the backward passes
+        /// of its ops.
         fn of_piece(
             q: &Tensor,
             [k, v]: [&Tensor; 2],
             mask: &Tensor,
             scale: f64,
             grad: &Tensor,
+            wanted: Wanted,
         ) -> Result<Self> {
             let (b, heads, tq, d) = q.dims4()?;
             let kv_heads = k.dim(1)?;
             let (dtype, acc) = (q.dtype(), accumulation_dtype(q.dtype()));
-            let (scaled_q, probs) = attention_probs(&q.detach(), &k.detach(), mask, scale)?;
+            let (scaled_q, probs) = attention_probs(q, k, mask, scale)?;
             let grad = grad.reshape((b, kv_heads, heads / kv_heads * tq, d))?;
-            let v_grad = match v.track_op() {
+            let v_grad = match wanted.v {
                 true => Some(backward_product(&probs.to_dtype(dtype)?.t()?, &grad)?),
                 false => None,
             };
-            if !(q.track_op() || k.track_op()) {
+            if !(wanted.q || wanted.k) {
                 return Ok(Self {
                     q: None,
                     k: None,
@@ -815,16 +854,15 @@ pub mod generic {
             }
             // The softmax's backward pass in the accumulation dtype.
             let probs_grad = backward_product(&grad, &v.t()?)?.to_dtype(acc)?;
-            let weighted = (&probs * &probs_grad)?;
-            let total = weighted.sum_keepdim(D::Minus1)?;
-            let scores_grad = (weighted - probs.broadcast_mul(&total)?)?.to_dtype(dtype)?;
-            let q_grad = match q.track_op() {
+            let scores_grad = softmax_backward(&probs, &probs_grad)?.to_dtype(dtype)?;
+            let q_grad = match wanted.q {
                 true => {
-                    Some((backward_product(&scores_grad, k)? * scale)?.reshape((b, heads, tq, d))?)
+                    let q_grad = (backward_product(&scores_grad, k)? * scale)?;
+                    Some(q_grad.reshape((b, heads, tq, d))?)
                 }
                 false => None,
             };
-            let k_grad = match k.track_op() {
+            let k_grad = match wanted.k {
                 true => Some(backward_product(&scaled_q.t()?, &scores_grad)?.t()?),
                 false => None,
             };
@@ -833,6 +871,21 @@ pub mod generic {
                 k: k_grad,
                 v: v_grad,
             })
+        }
+    }
+
+    /// `(start, len)` of the pieces of at most `rows` query rows that cover `tq`.
+    fn pieces(tq: usize, rows: usize) -> impl Iterator<Item = (usize, usize)> {
+        (0..tq)
+            .step_by(rows)
+            .map(move |start| (start, rows.min(tq - start)))
+    }
+
+    /// The mask's rows `start..start + len`: all of it when it broadcasts over the rows.
+    fn mask_rows(mask: &Tensor, start: usize, len: usize) -> Result<Tensor> {
+        match mask.dim(2)? {
+            1 => Ok(mask.clone()),
+            _ => mask.narrow(2, start, len),
         }
     }
 
@@ -856,18 +909,13 @@ pub mod generic {
         if tq <= rows {
             return attention_piece(q, k, v, mask, scale);
         }
-        let pieces = (0..tq)
-            .step_by(rows)
-            .map(|start| {
-                let len = rows.min(tq - start);
-                let mask = match mask.dim(2)? {
-                    1 => mask.clone(),
-                    _ => mask.narrow(2, start, len)?,
-                };
+        let outputs = pieces(tq, rows)
+            .map(|(start, len)| {
+                let mask = mask_rows(mask, start, len)?;
                 attention_piece(&q.narrow(2, start, len)?, k, v, &mask, scale)
             })
             .collect::<Result<Vec<_>>>()?;
-        Tensor::cat(&pieces, 2)
+        Tensor::cat(&outputs, 2)
     }
 
     fn attention_piece(
@@ -1222,51 +1270,87 @@ pub mod generic {
             .map(|m| m.to_dtype(dtype).unwrap())
         }
 
+        /// `t`'s elements as f64 bits (so that −0 and +0 differ).
+        fn bits(t: &Tensor) -> Vec<u64> {
+            let t = t.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+            t.to_vec1::<f64>()
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect()
+        }
+
         /// The attention node keeps no probabilities and computes them again in its backward
         /// pass, differentiating the composed form's ops in its order: its values and
         /// gradients are the composed form's to the bit in f32, bf16 and f64 with one piece of
         /// query rows, and within rounding with pieces of 2 rows (the keys' and values'
-        /// gradients then add the pieces in another order). A frozen input gets no gradient.
+        /// gradients then add the pieces in another order). An input that leads to no variable
+        /// gets no gradient (v alone; q; q and k: the first layer's attention under LoRA on
+        /// some projections), and no gradient carries a graph.
         #[test]
         fn recomputed_attention_equals_the_composed_form() {
             let (b, heads, kv_heads, t, d) = (2, 4, 2, 5, 8);
             for dtype in [DType::F32, DType::BF16, DType::F64] {
-                let q = Var::from_tensor(&values(&[b, heads, t, d], 70, 1.0, dtype)).unwrap();
-                let k = Var::from_tensor(&values(&[b, kv_heads, t, d], 71, 1.0, dtype)).unwrap();
-                let v = Var::from_tensor(&values(&[b, kv_heads, t, d], 72, 1.0, dtype)).unwrap();
+                let vars = [
+                    values(&[b, heads, t, d], 70, 1.0, dtype),
+                    values(&[b, kv_heads, t, d], 71, 1.0, dtype),
+                    values(&[b, kv_heads, t, d], 72, 1.0, dtype),
+                ]
+                .map(|x| Var::from_tensor(&x).unwrap());
                 let w = values(&[b, heads, t, d], 73, 1.0, dtype);
-                let run = |out: Tensor, frozen_v: bool| {
-                    let grads = (&out * &w).unwrap().sum_all().unwrap().backward().unwrap();
-                    let bits = |t: &Tensor| {
-                        let t = t.to_dtype(DType::F64).unwrap();
-                        t.flatten_all().unwrap().to_vec1::<f64>().unwrap()
-                    };
-                    let wanted = [&q, &k, &v].map(|x| grads.get(x.as_tensor()).map(bits));
-                    assert_eq!(wanted[2].is_none(), frozen_v, "{dtype:?}: v's gradient");
-                    (bits(&out), wanted)
-                };
                 for mask in masks(t, dtype) {
-                    for frozen_v in [false, true] {
-                        let v = match frozen_v {
-                            true => v.as_tensor().detach(),
-                            false => v.as_tensor().clone(),
+                    for frozen in [
+                        [false; 3],
+                        [false, false, true],
+                        [true, false, false],
+                        [true, true, false],
+                    ] {
+                        let inputs: [Tensor; 3] = std::array::from_fn(|i| match frozen[i] {
+                            true => vars[i].as_tensor().detach(),
+                            false => vars[i].as_tensor().clone(),
+                        });
+                        let [q, k, v] = &inputs;
+                        let run = |out: Tensor| {
+                            let loss = (&out * &w).unwrap().sum_all().unwrap();
+                            let grads = loss.backward().unwrap();
+                            let got = inputs.each_ref().map(|x| grads.get(x));
+                            for (i, g) in got.iter().enumerate() {
+                                assert_eq!(
+                                    g.is_none(),
+                                    frozen[i],
+                                    "{dtype:?}: input {i}'s gradient"
+                                );
+                                assert!(
+                                    !g.is_some_and(|g| g.track_op()),
+                                    "input {i}'s gradient has a graph"
+                                );
+                            }
+                            let grads: Vec<Vec<u64>> =
+                                got.iter().flatten().map(|g| bits(g)).collect();
+                            (bits(&out), grads)
                         };
-                        let (q, k) = (q.as_tensor(), k.as_tensor());
-                        let composed = attention_in_pieces(q, k, &v, &mask, 0.3, usize::MAX);
-                        let composed = run(composed.unwrap(), frozen_v);
-                        let one_piece = recomputed_attention(q, k, &v, &mask, 0.3, usize::MAX);
-                        assert_eq!(run(one_piece.unwrap(), frozen_v), composed, "{dtype:?}");
+                        let composed =
+                            run(attention_in_pieces(q, k, v, &mask, 0.3, usize::MAX).unwrap());
+                        let one_piece = recomputed_attention(q, k, v, &mask, 0.3, usize::MAX);
+                        assert_eq!(
+                            run(one_piece.unwrap()),
+                            composed,
+                            "{dtype:?}, frozen {frozen:?}"
+                        );
                         // Two query rows a piece: 2·4·5·2 scores.
-                        let pieces = recomputed_attention(q, k, &v, &mask, 0.3, b * heads * t * 2);
-                        let pieces = run(pieces.unwrap(), frozen_v);
+                        let pieces = recomputed_attention(q, k, v, &mask, 0.3, b * heads * t * 2);
+                        let pieces = run(pieces.unwrap());
                         let tolerance = match dtype {
                             DType::F64 => 1e-14,
                             DType::F32 => 1e-6,
                             _ => 2e-2,
                         };
-                        let all = |r: &(Vec<f64>, [Option<Vec<f64>>; 3])| {
-                            let grads = r.1.iter().flatten().flatten().copied();
-                            r.0.iter().copied().chain(grads).collect::<Vec<f64>>()
+                        let all = |r: &(Vec<u64>, Vec<Vec<u64>>)| {
+                            let grads = r.1.iter().flatten();
+                            r.0.iter()
+                                .chain(grads)
+                                .map(|&x| f64::from_bits(x))
+                                .collect::<Vec<f64>>()
                         };
                         let (got, want) = (all(&pieces), all(&composed));
                         assert_eq!(got.len(), want.len());
@@ -1309,10 +1393,6 @@ pub mod generic {
                 let dropped = crate::dropout(x, mask).unwrap();
                 (linear(x, w).unwrap() + linear(&linear(&dropped, a).unwrap(), b).unwrap()).unwrap()
             };
-            let bits = |t: &Tensor| {
-                let t = t.to_dtype(DType::F64).unwrap();
-                t.flatten_all().unwrap().to_vec1::<f64>().unwrap()
-            };
             for dtype in [DType::F32, DType::BF16, DType::F64] {
                 let x = Var::from_tensor(&values(&[3, 7, 24], 80, 1.0, dtype)).unwrap();
                 let w = values(&[20, 24], 81, 0.2, dtype);
@@ -1328,9 +1408,13 @@ pub mod generic {
                         let loss = (&y * &out_weights).unwrap().sum_all().unwrap();
                         let grads = loss.backward().unwrap();
                         assert!(grads.get(&w).is_none(), "the frozen weight got a gradient");
-                        let wanted = [x.as_tensor(), a.as_tensor(), b.as_tensor()];
-                        let grads = wanted.map(|v| grads.get(v).map(bits));
-                        (bits(&y), grads)
+                        let wanted = [&input, a.as_tensor(), b.as_tensor()];
+                        let grads = wanted.map(|v| grads.get(v));
+                        assert!(
+                            grads.iter().flatten().all(|g| !g.track_op()),
+                            "a gradient has a graph"
+                        );
+                        (bits(&y), grads.map(|g| g.map(bits)))
                     };
                     let ours = run(lora_linear(&input, &w, &a, &b, Some(mask)).unwrap());
                     let reference = run(composed(&input, &w, &a, &b));

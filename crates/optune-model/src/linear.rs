@@ -10,8 +10,8 @@ use std::sync::Arc;
 /// of the stream, one per element ([`DropoutStream::next_mask`]), and its mask is computed from
 /// them where the tensor lives, by the adapter's op ([`optune_kernels::lora_linear`]), by its
 /// backward pass again, and by a recomputed block again; nothing is drawn on the host or copied
-/// to the device, and no dropped-out copy is kept for the backward pass on either path. A run with a
-/// fixed seed draws the same masks on every device.
+/// to the device, and no dropped-out copy is kept for the backward pass on either path. A run
+/// with a fixed seed draws the same masks on every device.
 #[derive(Clone)]
 pub struct DropoutStream(Arc<StreamState>);
 

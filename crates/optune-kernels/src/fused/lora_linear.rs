@@ -9,8 +9,7 @@ use crate::dropout::DropoutMask;
 /// `dropout`'s mask (the identity without one). Composed, the adapter is three more nodes on
 /// `[rows, out]`-sized tensors, each costing candle's backward a zeroed gradient and an add of
 /// that size; here the mask is drawn again by the backward pass, and nothing but the op's inputs
-/// is kept. CPU, f32/f64 (bf16
-/// through f32 copies).
+/// is kept. CPU, f32/f64 (bf16 through f32 copies).
 pub fn lora_linear(
     x: &Tensor,
     weight: &Tensor,
