@@ -20,8 +20,8 @@
 //! The generic RMSNorm, rotary embedding and attention softmax run candle-nn's fused kernels
 //! ([`generic::rms_norm`], [`generic::rope`], [`generic::softmax_last_dim`]: one kernel each on
 //! CUDA) inside nodes of their own whose backward is written in tensor ops; the generic
-//! attention and the LoRA adapter under dropout are such nodes too, whose backward passes
-//! compute the probabilities and the dropped-out input again instead of keeping them.
+//! attention and LoRA projection are such nodes too, whose backward passes compute the
+//! probabilities and the dropped-out input again instead of keeping them.
 
 use crate::dispatch::{path_for, Path};
 use crate::dropout::DropoutMask;
@@ -182,7 +182,7 @@ pub fn token_logprobs(rows: &Tensor, weight: &Tensor, targets: &[u32]) -> Result
 
 /// The generic forms: candle's differentiable tensor ops, and candle-nn's fused kernels
 /// (`rms_norm`, `softmax_last_dim`, `rope`: CPU and CUDA forwards, no backward) and forwards of
-/// tensor ops outside autograd (attention, the LoRA adapter under dropout) wrapped in nodes whose
+/// tensor ops outside autograd (attention, a LoRA projection) wrapped in nodes whose
 /// backward is written in tensor ops; on any device and dtype, with reductions in
 /// [`accumulation_dtype`]. Every node returns gradients only for inputs that lead to a variable,
 /// and gradients without a graph.
@@ -372,12 +372,13 @@ pub mod generic {
         weight.index_select(&ids.flatten_all()?, 0)?.reshape(dims)
     }
 
-    /// The base product plus the adapter's two. Under a mask the adapter's first product reads
-    /// `x` dropped out ([`crate::dropout`]'s elements) as one node, [`DroppedProduct`], that
-    /// keeps `x` (which the base product keeps anyway) and draws the mask again in its backward
-    /// pass. Composed of the dropout op and a product, each adapter would keep a dropped-out
-    /// copy of its input until the backward pass: for a Mistral-7B with adapters on all seven
-    /// projections, 38,912 elements per token and layer.
+    /// The base product plus the adapter's two. With a frozen base weight (LoRA's case) one node,
+    /// [`LoraNode`], that keeps `x`, `a`, `b` and the `[n, rank]` low-rank product and, under a
+    /// mask, draws the dropped-out input again in its backward pass. Composed of
+    /// products and a sum ([`composed_lora_linear`], what a trained base weight takes), the graph
+    /// keeps the sum's inputs, the base and the adapter outputs (2 · out elements a token: for
+    /// Mistral-7B with adapters on all seven projections, 86,016 a layer), and under dropout
+    /// each adapter's dropped-out copy of its input (38,912 a layer).
     pub fn lora_linear(
         x: &Tensor,
         weight: &Tensor,
@@ -385,70 +386,118 @@ pub mod generic {
         b: &Tensor,
         dropout: Option<DropoutMask>,
     ) -> Result<Tensor> {
-        let low_rank = match dropout {
-            None => linear(x, a)?,
-            Some(mask) => {
-                let inputs = x.dim(D::Minus1)?;
-                let rows = x.reshape((x.elem_count() / inputs, inputs))?;
-                let mut dims = x.dims().to_vec();
-                *dims.last_mut().expect("linear input has at least one dim") = a.dim(0)?;
-                dropped_product(&rows, a, mask)?.reshape(dims)?
-            }
-        };
-        linear(x, weight)? + linear(&low_rank, b)?
-    }
-
-    /// `d(x) · aᵀ` for `x [n, in]` and `a [rank, in]`, `d` the dropout of `mask`: `[n, rank]`.
-    /// The values and gradients of `product(dropout(x), aᵀ)`, to the bit.
-    fn dropped_product(x: &Tensor, a: &Tensor, mask: DropoutMask) -> Result<Tensor> {
-        let dropped = crate::dropout::dropped_without_graph(x, mask)?;
-        let values = crate::cuda_matmul::matmul(&dropped, &a.detach().t()?)?;
-        if !(x.track_op() || a.track_op()) {
-            return Ok(values);
+        if weight.track_op() {
+            return composed_lora_linear(x, weight, a, b, dropout);
         }
-        x.apply_op2(
-            a,
-            DroppedProduct {
-                mask,
-                values: Precomputed::new(values),
-            },
-        )
+        let inputs = x.dim(D::Minus1)?;
+        let rows = x.reshape((x.elem_count() / inputs, inputs))?;
+        let weight = weight.detach();
+        let (values, low_rank) =
+            lora_values(&rows.detach(), &weight, &a.detach(), &b.detach(), dropout)?;
+        let mut dims = x.dims().to_vec();
+        *dims.last_mut().expect("linear input has at least one dim") = weight.dim(0)?;
+        if ![&rows, a, b].iter().any(|t| t.track_op()) {
+            return values.reshape(dims);
+        }
+        let node = LoraNode {
+            weight,
+            dropout,
+            low_rank,
+            values: Precomputed::new(values),
+        };
+        rows.apply_op3(a, b, node)?.reshape(dims)
     }
 
-    /// [`dropped_product`]'s node: its forward computed before it (the dropped-out input freed
-    /// with it), its backward drawing the mask again.
-    struct DroppedProduct {
-        mask: DropoutMask,
+    /// [`lora_linear`] composed of the dropout op, products and a sum: differentiable in all
+    /// four inputs.
+    pub fn composed_lora_linear(
+        x: &Tensor,
+        weight: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        dropout: Option<DropoutMask>,
+    ) -> Result<Tensor> {
+        let adapter_input = match dropout {
+            Some(mask) => crate::dropout(x, mask)?,
+            None => x.clone(),
+        };
+        linear(x, weight)? + linear(&linear(&adapter_input, a)?, b)?
+    }
+
+    /// [`lora_linear`]'s node over `x [n, in]`, `a [rank, in]` and `b [out, rank]`, holding the
+    /// frozen base weight `[out, in]`, the mask and the low-rank product `d(x) · aᵀ` `[n, rank]`
+    /// (which `∂b` reads, as the composed form's product keeps it).
+    struct LoraNode {
+        weight: Tensor,
+        dropout: Option<DropoutMask>,
+        low_rank: Tensor,
         values: Precomputed,
     }
 
-    impl CustomOp2 for DroppedProduct {
+    /// `x` through the mask, when there is one (without a graph).
+    fn adapter_input(x: &Tensor, dropout: Option<DropoutMask>) -> Result<Tensor> {
+        match dropout {
+            Some(mask) => crate::dropout::dropped_without_graph(x, mask),
+            None => Ok(x.clone()),
+        }
+    }
+
+    /// `x · weightᵀ + (d(x) · aᵀ) · bᵀ` by the composed form's products, in its order, and the
+    /// low-rank product `d(x) · aᵀ`.
+    fn lora_values(
+        x: &Tensor,
+        weight: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        dropout: Option<DropoutMask>,
+    ) -> Result<(Tensor, Tensor)> {
+        let low_rank = crate::cuda_matmul::matmul(&adapter_input(x, dropout)?, &a.t()?)?;
+        let values = (crate::cuda_matmul::matmul(x, &weight.t()?)?
+            + crate::cuda_matmul::matmul(&low_rank, &b.t()?)?)?;
+        Ok((values, low_rank))
+    }
+
+    impl CustomOp3 for LoraNode {
         fn name(&self) -> &'static str {
-            "dropped-product"
+            "lora-linear"
         }
 
-        precomputed_forward!(values; _a _la, _b _lb);
+        precomputed_forward!(values; _x _lx, _a _la, _b _lb);
 
-        /// `∂x = d(g · a)`, `∂a = (d(x)ᵀ · g)ᵀ`: the products [`Product`]'s backward runs on the
-        /// composed form's operands, in its order, each only when its input leads to a variable.
+        /// The composed form's products on its operands: `∂low = g · b`, `∂b = (lowᵀ · g)ᵀ`,
+        /// `∂a = (d(x)ᵀ · ∂low)ᵀ`, `∂x = g · weight + d(∂low · a)`, each only when its input
+        /// leads to a variable (`d(x)` drawn again for `∂a`).
         fn bwd(
             &self,
             x: &Tensor,
             a: &Tensor,
+            b: &Tensor,
             _res: &Tensor,
             grad: &Tensor,
-        ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-            let ([x, a, grad], [x_wanted, a_wanted, _]) = detached([x, a, grad]);
-            let dropped = |t: &Tensor| crate::dropout::dropped_without_graph(t, self.mask);
-            let x_grad = match x_wanted {
-                true => Some(dropped(&backward_product(&grad, &a)?)?),
+        ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+            let ([x, a, b, grad], [x_wanted, a_wanted, b_wanted, _]) = detached([x, a, b, grad]);
+            let low_rank_grad = backward_product(&grad, &b)?;
+            let b_grad = match b_wanted {
+                true => Some(backward_product(&self.low_rank.t()?, &grad)?.t()?),
                 false => None,
             };
             let a_grad = match a_wanted {
-                true => Some(backward_product(&dropped(&x)?.t()?, &grad)?.t()?),
+                true => {
+                    let dropped_x = adapter_input(&x, self.dropout)?;
+                    Some(backward_product(&dropped_x.t()?, &low_rank_grad)?.t()?)
+                }
                 false => None,
             };
-            Ok((x_grad, a_grad))
+            let x_grad = match x_wanted {
+                true => {
+                    let base = backward_product(&grad, &self.weight)?;
+                    let adapter =
+                        adapter_input(&backward_product(&low_rank_grad, &a)?, self.dropout)?;
+                    Some((base + adapter)?)
+                }
+                false => None,
+            };
+            Ok((x_grad, a_grad, b_grad))
         }
     }
 
@@ -1383,23 +1432,24 @@ pub mod generic {
             }
         }
 
-        /// Under a mask, the LoRA op is the dropout op composed with the products it replaced,
-        /// to the bit in its values and every gradient, in f32, bf16 and f64: with the input
-        /// trained, and with the input and the base weight frozen (the first layer's adapters).
+        /// With a frozen base weight the LoRA op is one node equal to the composed form (the
+        /// dropout op, products and a sum) to the bit in its values and every gradient, in f32,
+        /// bf16 and f64, with and without a mask: with the input trained, and with the input
+        /// frozen too (the first layer's adapters); no gradient carries a graph. A trained base
+        /// weight takes the composed form and gets its gradient.
         #[test]
-        fn lora_dropout_equals_the_dropout_op_composed_with_the_products() {
+        fn lora_linear_equals_the_composed_form() {
             let mask = DropoutMask::new(crate::dropout_key(7), 4321, 0.3).unwrap();
-            let composed = |x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor| {
-                let dropped = crate::dropout(x, mask).unwrap();
-                (linear(x, w).unwrap() + linear(&linear(&dropped, a).unwrap(), b).unwrap()).unwrap()
-            };
             for dtype in [DType::F32, DType::BF16, DType::F64] {
                 let x = Var::from_tensor(&values(&[3, 7, 24], 80, 1.0, dtype)).unwrap();
                 let w = values(&[20, 24], 81, 0.2, dtype);
                 let a = Var::from_tensor(&values(&[4, 24], 82, 0.2, dtype)).unwrap();
                 let b = Var::from_tensor(&values(&[20, 4], 83, 0.2, dtype)).unwrap();
                 let out_weights = values(&[3, 7, 20], 84, 1.0, dtype);
-                for x_trained in [true, false] {
+                for (dropout, x_trained) in [None, Some(mask)]
+                    .into_iter()
+                    .flat_map(|d| [(d, true), (d, false)])
+                {
                     let input = match x_trained {
                         true => x.as_tensor().clone(),
                         false => x.as_tensor().detach(),
@@ -1416,15 +1466,26 @@ pub mod generic {
                         );
                         (bits(&y), grads.map(|g| g.map(bits)))
                     };
-                    let ours = run(lora_linear(&input, &w, &a, &b, Some(mask)).unwrap());
-                    let reference = run(composed(&input, &w, &a, &b));
+                    let ours = run(lora_linear(&input, &w, &a, &b, dropout).unwrap());
+                    let reference = run(composed_lora_linear(&input, &w, &a, &b, dropout).unwrap());
                     assert_eq!(
                         ours.1[0].is_some(),
                         x_trained,
                         "{dtype:?}: the input's gradient"
                     );
-                    assert_eq!(ours, reference, "{dtype:?}, input trained: {x_trained}");
+                    let case = format!(
+                        "{dtype:?}, dropout {}, input trained {x_trained}",
+                        dropout.is_some()
+                    );
+                    assert_eq!(ours, reference, "{case}");
                 }
+                let trained_w = Var::from_tensor(&w).unwrap();
+                let y = lora_linear(x.as_tensor(), &trained_w, &a, &b, Some(mask)).unwrap();
+                let grads = y.sum_all().unwrap().backward().unwrap();
+                assert!(
+                    grads.get(trained_w.as_tensor()).is_some(),
+                    "a trained base weight's gradient"
+                );
             }
         }
     }

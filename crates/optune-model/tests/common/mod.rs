@@ -1,5 +1,6 @@
 //! What the model's tests share: the tiny testdata models, a handful of prompts, three
-//! (prompt, response) pairs and the memory tests' four longer ones. Each test file is its own crate and uses a part of this module.
+//! (prompt, response) pairs and the memory tests' four longer ones. Each test file is its own
+//! crate and uses a part of this module.
 #![allow(dead_code)]
 
 use candle_core::{DType, Device};
