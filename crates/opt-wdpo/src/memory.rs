@@ -76,11 +76,13 @@ impl Plan {
         // outputs (~12 h), the MLP's gate, up, activation and product (~5 i) in the compute
         // dtype. On the fused path the estimate also counts the attention scores and
         // probabilities over the sequence in f32, as it was calibrated. candle's generic ops (any
-        // GPU) keep a little more than the fused ones (the rotary and SwiGLU inputs as separate
-        // nodes take them; measured on SmolLM2-135M, 4 pairs of ~261 tokens, f32, peak RSS:
-        // 4.20 against 3.90 GB under LoRA, 5.69 against 5.36 GB fully fine-tuned), but no
-        // attention scores: its backward pass computes them again, one layer's at a time
-        // (`attention_pass` below).
+        // GPU) keep no attention scores (their backward pass computes them again, one layer's
+        // at a time: `attention_pass` below) but more copies: q and k as products, contiguous
+        // copies and rotated, v and the attention output with their copies, SwiGLU's gate, up,
+        // activation and product, about 11 h + 5 kv + 4 i elements, which 1.2 (12 h + 5 i)
+        // covers by 14 % on a Llama-2-7B shape, more with GQA (measured whole-process
+        // peaks on SmolLM2-135M, 4 pairs of ~261 tokens, f32: 4.20 against the fused path's
+        // 3.90 GB under LoRA, 5.69 against 5.36 GB fully fine-tuned).
         let kept_per_token_layer = (12.0 * h + 5.0 * i) * compute;
         let per_token_layer = match generic {
             true => 1.2 * kept_per_token_layer,

@@ -476,26 +476,29 @@ pub mod generic {
             grad: &Tensor,
         ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
             let ([x, a, b, grad], [x_wanted, a_wanted, b_wanted, _]) = detached([x, a, b, grad]);
-            let low_rank_grad = backward_product(&grad, &b)?;
+            let low_rank_grad = match x_wanted || a_wanted {
+                true => Some(backward_product(&grad, &b)?),
+                false => None,
+            };
             let b_grad = match b_wanted {
                 true => Some(backward_product(&self.low_rank.t()?, &grad)?.t()?),
                 false => None,
             };
-            let a_grad = match a_wanted {
-                true => {
+            let a_grad = match (a_wanted, &low_rank_grad) {
+                (true, Some(low_rank_grad)) => {
                     let dropped_x = adapter_input(&x, self.dropout)?;
-                    Some(backward_product(&dropped_x.t()?, &low_rank_grad)?.t()?)
+                    Some(backward_product(&dropped_x.t()?, low_rank_grad)?.t()?)
                 }
-                false => None,
+                _ => None,
             };
-            let x_grad = match x_wanted {
-                true => {
+            let x_grad = match (x_wanted, &low_rank_grad) {
+                (true, Some(low_rank_grad)) => {
                     let base = backward_product(&grad, &self.weight)?;
                     let adapter =
-                        adapter_input(&backward_product(&low_rank_grad, &a)?, self.dropout)?;
+                        adapter_input(&backward_product(low_rank_grad, &a)?, self.dropout)?;
                     Some((base + adapter)?)
                 }
-                false => None,
+                _ => None,
             };
             Ok((x_grad, a_grad, b_grad))
         }

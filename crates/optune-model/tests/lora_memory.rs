@@ -84,8 +84,8 @@ fn lora_keeps_no_projection_outputs_or_dropped_inputs() {
             (seven - one) / MB,
             kept_outputs / MB
         );
-        // The dropped-out inputs would be 2304 of every 16-odd thousand elements kept per token
-        // and layer on the generic path (+17 %); what dropout may add is a few small buffers.
+        // The dropped-out inputs would be 2304 elements a token and layer, about a third more
+        // than the generic graph keeps now; what dropout may add is a few small buffers.
         assert!(
             dropped <= 1.03 * seven,
             "{name}: with dropout the graph holds {:.2} MB, without {:.2} MB",

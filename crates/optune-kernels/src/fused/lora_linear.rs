@@ -354,29 +354,37 @@ mod tests {
         assert_ne!(at(1234), at(1235));
     }
 
-    /// The first layer's adapters: neither the input nor the base weight is trained, so the op
-    /// computes only the adapters' gradients, which take the mask as the generic form's do.
+    /// A frozen base weight (LoRA's case, where the generic form is one node of its own): the
+    /// gradients the op gives the adapters, and the input when it is trained, are the generic
+    /// form's under the mask. In the first layer neither the input nor the base weight is trained,
+    /// and the op computes only the adapters' gradients.
     #[test]
-    fn adapters_alone_get_the_generic_forms_gradients_under_dropout() {
-        let x = values(&[3, 9, 24], 99, 1.0, DType::F64);
+    fn adapters_get_the_generic_forms_gradients_under_dropout() {
         let w = values(&[20, 24], 100, 0.2, DType::F64);
         let (a, b) = (
             Var::from_tensor(&values(&[4, 24], 101, 0.2, DType::F64)).unwrap(),
             Var::from_tensor(&values(&[20, 4], 102, 0.2, DType::F64)).unwrap(),
         );
-        let grads = |f: &dyn Fn() -> Tensor| {
-            let grads = f().sqr().unwrap().sum_all().unwrap().backward().unwrap();
-            assert!(grads.get(&x).is_none() && grads.get(&w).is_none());
-            [&a, &b].map(|v| {
-                let g = grads.get(v.as_tensor()).unwrap();
-                g.flatten_all().unwrap().to_vec1::<f64>().unwrap()
-            })
-        };
-        let fused = grads(&|| lora_linear(&x, &w, &a, &b, Some(mask())).unwrap());
-        let generic =
-            grads(&|| crate::ops::generic::lora_linear(&x, &w, &a, &b, Some(mask())).unwrap());
-        for (f, g) in fused.iter().flatten().zip(generic.iter().flatten()) {
-            assert!((f - g).abs() <= 1e-12 * (1.0 + g.abs()), "{f} against {g}");
+        let x_var = Var::from_tensor(&values(&[3, 9, 24], 99, 1.0, DType::F64)).unwrap();
+        for x in [x_var.as_tensor().clone(), x_var.as_tensor().detach()] {
+            let grads = |f: &dyn Fn() -> Tensor| {
+                let grads = f().sqr().unwrap().sum_all().unwrap().backward().unwrap();
+                assert!(grads.get(&w).is_none());
+                assert_eq!(grads.get(&x).is_some(), x.track_op());
+                [&x, a.as_tensor(), b.as_tensor()].map(|v| {
+                    let g = grads.get(v).map(|g| g.flatten_all().unwrap());
+                    g.map(|g| g.to_vec1::<f64>().unwrap()).unwrap_or_default()
+                })
+            };
+            let fused = grads(&|| lora_linear(&x, &w, &a, &b, Some(mask())).unwrap());
+            let generic =
+                grads(&|| crate::ops::generic::lora_linear(&x, &w, &a, &b, Some(mask())).unwrap());
+            for (f, g) in fused.iter().zip(&generic) {
+                assert_eq!(f.len(), g.len());
+                for (f, g) in f.iter().zip(g) {
+                    assert!((f - g).abs() <= 1e-12 * (1.0 + g.abs()), "{f} against {g}");
+                }
+            }
         }
     }
 }
