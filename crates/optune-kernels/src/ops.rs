@@ -389,13 +389,10 @@ pub mod generic {
         if weight.track_op() {
             return composed_lora_linear(x, weight, a, b, dropout);
         }
-        let inputs = x.dim(D::Minus1)?;
-        let rows = x.reshape((x.elem_count() / inputs, inputs))?;
+        let (rows, dims) = rows_and_output_dims(x, weight.dim(0)?)?;
         let weight = weight.detach();
         let (values, low_rank) =
             lora_values(&rows.detach(), &weight, &a.detach(), &b.detach(), dropout)?;
-        let mut dims = x.dims().to_vec();
-        *dims.last_mut().expect("linear input has at least one dim") = weight.dim(0)?;
         if ![&rows, a, b].iter().any(|t| t.track_op()) {
             return values.reshape(dims);
         }
@@ -506,12 +503,16 @@ pub mod generic {
 
     /// A weight that is no variable and comes from no op (frozen) gets no gradient.
     pub fn linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        let (rows, dims) = rows_and_output_dims(x, weight.dim(0)?)?;
+        product(&rows, &weight.t()?)?.reshape(dims)
+    }
+
+    /// `x [.., in]` as rows `[n, in]`, and the dims `[.., out]` of a linear layer's output.
+    fn rows_and_output_dims(x: &Tensor, out: usize) -> Result<(Tensor, Vec<usize>)> {
         let mut dims = x.dims().to_vec();
-        let inputs = *dims.last().expect("linear input has at least one dim");
-        let rows = x.reshape((x.elem_count() / inputs, inputs))?;
-        let y = product(&rows, &weight.t()?)?;
-        *dims.last_mut().expect("non-empty") = weight.dim(0)?;
-        y.reshape(dims)
+        let last = dims.last_mut().expect("linear input has at least one dim");
+        let inputs = std::mem::replace(last, out);
+        Ok((x.reshape((x.elem_count() / inputs, inputs))?, dims))
     }
 
     thread_local! {

@@ -11,9 +11,7 @@ mod common;
 use candle_core::{DType, Device};
 use optune_kernels::{set_kernels, Kernels};
 use optune_model::lora::{attach_lora, LoraConfig};
-use optune_model::{
-    llama_weight_shapes, load_model, sequence_logprobs, ModelConfig, TokenizedPair,
-};
+use optune_model::{llama_weight_shapes, load_model, ModelConfig, TokenizedPair};
 use optune_testkit::memory::{write_wide_llama, CountingAllocator};
 
 #[global_allocator]
@@ -38,17 +36,8 @@ fn a_generic_forward_pass_keeps_no_attention_probabilities() {
     };
     let adapters = attach_lora(&mut model, &config, 0).unwrap();
     adapters.set_training(true);
-    // The heap the graph of one forward pass holds until its backward pass.
-    let graph_bytes = |pairs: &[TokenizedPair]| {
-        let before = CountingAllocator::live();
-        let logps = sequence_logprobs(&model, pairs, 3).unwrap();
-        let held = CountingAllocator::live() - before;
-        let grads = logps.sums.sum_all().unwrap().backward().unwrap();
-        for (name, var) in &adapters.vars {
-            assert!(grads.get(var.as_tensor()).is_some(), "{name}: no gradient");
-        }
-        held as f64
-    };
+    let graph_bytes =
+        |pairs: &[TokenizedPair]| common::forward_graph_bytes(&model, pairs, &adapters.vars);
     let short = common::long_pairs();
     // The same tokens in half as many sequences, each two of the short ones end to end.
     let long: Vec<TokenizedPair> = short

@@ -3,8 +3,10 @@
 //! crate and uses a part of this module.
 #![allow(dead_code)]
 
+use candle_core::Var;
 use candle_core::{DType, Device};
-use optune_model::{load_model, TokenizedPair, Transformer};
+use optune_model::{load_model, sequence_logprobs, TokenizedPair, Transformer};
+use optune_testkit::memory::CountingAllocator;
 
 /// A model of testdata/models in f32 on the CPU.
 pub fn model(name: &str) -> Transformer {
@@ -59,4 +61,22 @@ pub fn long_pairs() -> Vec<TokenizedPair> {
                 .collect(),
         })
         .collect()
+}
+
+/// The heap the graph of one forward pass of `pairs` holds until its backward pass (counted by
+/// the test file's counting allocator), once that backward pass is checked to reach every one of
+/// `trained`.
+pub fn forward_graph_bytes(
+    model: &Transformer,
+    pairs: &[TokenizedPair],
+    trained: &[(String, Var)],
+) -> f64 {
+    let before = CountingAllocator::live();
+    let logps = sequence_logprobs(model, pairs, 3).unwrap();
+    let held = CountingAllocator::live() - before;
+    let grads = logps.sums.sum_all().unwrap().backward().unwrap();
+    for (name, var) in trained {
+        assert!(grads.get(var.as_tensor()).is_some(), "{name}: no gradient");
+    }
+    held as f64
 }
