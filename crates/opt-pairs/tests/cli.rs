@@ -256,18 +256,22 @@ fn pairs_what_opt_select_kept_in_a_pipe() {
 }
 
 /// A reader that closes the pipe before the tool writes (`opt-pairs … | head -0`) ends it with
-/// status 0 and nothing on stderr, as it ends `cat`, in either output format.
+/// status 0 and nothing on stderr, as it ends `cat`, in either output format. The pipe's reading
+/// end is closed before the tool starts: closed after, it could still be open in a child that
+/// another test thread was starting at that moment (a fork holds it until its exec), and the
+/// tool's write would then succeed.
 #[test]
 fn a_reader_gone_early_ends_the_tool_quietly() {
     for format in ["jsonl", "parquet"] {
-        let mut child = opt_pairs()
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let child = opt_pairs()
             .arg(testdata("scored.jsonl"))
             .args(["--format", format])
-            .stdout(std::process::Stdio::piped())
+            .stdout(writer)
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        drop(child.stdout.take());
         let output = child.wait_with_output().unwrap();
         assert!(
             output.status.success() && output.stderr.is_empty(),

@@ -247,22 +247,72 @@ impl optune_checkpoint::SavedWeight for ModelWeight {
     }
 
     /// Computed outside autograd: from the adapter variables themselves, the merged weight
-    /// would record its ops and keep every intermediate (B·A, its scaled and cast copies)
-    /// alive as long as it lives. A merged weight is summed on the host, where the writer needs
-    /// it anyway: there B·A is a full f32 product, where a GPU's may run in TF32 (`--tf32`),
-    /// and the merge takes no device memory.
+    /// would record its ops and keep every intermediate alive as long as it lives. A merged
+    /// weight is summed on the host, where the writer needs it anyway: there B·A is a full f32
+    /// product, where a GPU's may run in TF32 (`--tf32`), and the merge takes no device memory.
+    /// The scale goes into B (`[out, rank]`) and the base is added into the product in place,
+    /// so a merge holds one weight-sized f32 buffer where `base + (B·A)·scale` held three.
     fn tensor(&self) -> anyhow::Result<Tensor> {
         match self {
             ModelWeight::Plain(t) => Ok(t.clone()),
             ModelWeight::Merged { base, a, b, scale } => {
-                let on_host = |t: &Tensor| {
-                    t.detach()
-                        .to_device(&candle_core::Device::Cpu)?
-                        .to_dtype(candle_core::DType::F32)
-                };
-                let delta = (on_host(b)?.matmul(&on_host(a)?)? * *scale)?;
-                Ok(on_host(base)?.add(&delta)?)
+                let on_host = |t: &Tensor| t.detach().to_device(&candle_core::Device::Cpu);
+                let f32_on_host = |t: &Tensor| on_host(t)?.to_dtype(candle_core::DType::F32);
+                // A fresh product: no other tensor sees the buffer that the base is added to.
+                let merged = (f32_on_host(b)? * *scale)?.matmul(&f32_on_host(a)?)?;
+                merged.inplace_op2(&on_host(base)?.contiguous()?, &AddBase)?;
+                Ok(merged)
             }
+        }
+    }
+}
+
+/// `merged += base` in place, `merged` an f32 buffer of the caller's own (both contiguous on the
+/// host), `base` in any float dtype (widened exactly from bf16 and f16, rounded from f64).
+struct AddBase;
+
+impl candle_core::InplaceOp2 for AddBase {
+    fn name(&self) -> &'static str {
+        "merge-base"
+    }
+
+    fn cpu_fwd(
+        &self,
+        merged: &mut candle_core::CpuStorage,
+        merged_layout: &candle_core::Layout,
+        base: &candle_core::CpuStorage,
+        base_layout: &candle_core::Layout,
+    ) -> Result<()> {
+        use optune_kernels::storage::{contiguous, contiguous_f32_mut};
+        let name = self.name();
+        let merged = contiguous_f32_mut(merged, merged_layout, name, "the merged weight")?;
+        fn add<T: candle_core::WithDType>(merged: &mut [f32], base: &[T]) -> Result<()> {
+            if merged.len() != base.len() {
+                candle_core::bail!("merge-base: {} elements and {}", merged.len(), base.len());
+            }
+            for (m, b) in merged.iter_mut().zip(base) {
+                *m += b.to_f64() as f32;
+            }
+            Ok(())
+        }
+        match base {
+            candle_core::CpuStorage::F32(_) => add(
+                merged,
+                contiguous::<f32>(base, base_layout, name, "the base")?,
+            ),
+            candle_core::CpuStorage::BF16(_) => add(
+                merged,
+                contiguous::<half::bf16>(base, base_layout, name, "the base")?,
+            ),
+            candle_core::CpuStorage::F16(_) => add(
+                merged,
+                contiguous::<half::f16>(base, base_layout, name, "the base")?,
+            ),
+            candle_core::CpuStorage::F64(_) => add(
+                merged,
+                contiguous::<f64>(base, base_layout, name, "the base")?,
+            ),
+            _ => candle_core::bail!("merge-base: a base weight that is not a float"),
         }
     }
 }
