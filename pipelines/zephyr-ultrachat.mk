@@ -44,8 +44,10 @@ DEVICE_ARGS = --device cuda --dtype bf16
 # in OPTune. TRAIN=lora (the default) trains LoRA adapters with the alignment-handbook's one-GPU
 # Zephyr DPO settings (its QLoRA recipe without the 4-bit weights: rank 16, α 16, dropout 0.05 on
 # every projection, β 0.01, lr 5e-6, cosine, 4 pairs a step, 1024 tokens) with activations
-# recomputed: about 31 GB by opt-wdpo's memory plan for Mistral-7B in bf16 (83 GB of
-# activations without the recomputation). TRAIN=full is Zephyr's own recipe (every weight,
+# recomputed: about 30 GB by opt-wdpo's memory plan for Mistral-7B in bf16; without the
+# recomputation 69 GB (47 GB of activations), so on an H200 dropping --gradient-checkpointing
+# from TRAIN_ARGS_lora saves its extra forward pass (opt-wdpo refuses it where it does not fit,
+# and says so before training). TRAIN=full is Zephyr's own recipe (every weight,
 # β 0.01, lr 5e-7, 128 pairs a step as 8 × 16; the paper's runs had 8 A100s): in one process a
 # 7B's f32 master weights, gradients and AdamW moments alone take 121 GB, so opt-wdpo refuses it
 # on a single H100/H200 before training starts, and on several with TRAIN_DEVICES too (each replica

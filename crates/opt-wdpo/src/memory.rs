@@ -69,25 +69,34 @@ impl Plan {
             c.intermediate_size as f64,
             c.num_attention_heads as f64,
         );
+        // The queries' and the keys' widths (hidden and less under GQA, or as `head_dim` says).
+        let (q, kv) = (
+            heads * c.head_dim() as f64,
+            (c.num_kv_heads() * c.head_dim()) as f64,
+        );
         let layers = c.num_hidden_layers as f64;
         let generic = optune_kernels::autograd_path(model.device(), model.dtype())
             == optune_kernels::Path::Generic;
-        // What autograd keeps per token and layer: norm, projection and rotary inputs and
-        // outputs (~12 h), the MLP's gate, up, activation and product (~5 i) in the compute
-        // dtype. On the fused path the estimate also counts the attention scores and
-        // probabilities over the sequence in f32, as it was calibrated. candle's generic ops (any
-        // GPU) keep no attention scores (their backward pass computes them again, one layer's
-        // at a time: `attention_pass` below) but more copies: q and k as products, contiguous
-        // copies and rotated, v and the attention output with their copies, SwiGLU's gate, up,
-        // activation and product, about 11 h + 5 kv + 4 i elements, which 1.2 (12 h + 5 i)
-        // covers by 14 % on a Llama-2-7B shape, more with GQA (measured whole-process
-        // peaks on SmolLM2-135M, 4 pairs of ~261 tokens, f32: 4.20 against the fused path's
-        // 3.90 GB under LoRA, 5.69 against 5.36 GB fully fine-tuned).
-        let kept_per_token_layer = (12.0 * h + 5.0 * i) * compute;
+        // What autograd keeps per token and layer, in the compute dtype: the stream and its norm
+        // before attention and before the MLP (4 h), the pending attention and MLP outputs (2 h),
+        // q, k and v (q + 2 kv), the attention's merged output (q), and the MLP's gate, up and
+        // product (3 i); a bias's sum keeps the product before it too. On the CPU's fused path
+        // also the rotated q and k and v split into heads (its attention op takes them so), the
+        // attention's output before the merge (2 q + 2 kv). No path keeps attention scores (nor
+        // a copy of the mask, made once in the dtype each path adds it in): the fused attention
+        // makes them a (batch, KV head) block at a time inside its op, the generic attention's
+        // backward pass one layer's again (`attention_pass` below). optune-model's
+        // tests/layer_memory.rs counts 1.01 times this on either path (LoRA's low-rank
+        // products besides).
+        let bias = |present: bool, elements: f64| if present { elements } else { 0.0 };
+        let biases = bias(c.qkv_bias(), q + 2.0 * kv)
+            + bias(c.o_bias(), h)
+            + bias(c.mlp_bias(), 2.0 * i + h);
+        let each_once = 6.0 * h + 2.0 * q + 2.0 * kv + 3.0 * i + biases;
         let per_token_layer = match generic {
-            true => 1.2 * kept_per_token_layer,
-            false => kept_per_token_layer + 2.0 * heads * longest * 4.0,
-        };
+            true => each_once,
+            false => each_once + 2.0 * q + 2.0 * kv,
+        } * compute;
         // The generic attention's scores, masked scores, probabilities and their gradients in f32
         // (six buffers) for one layer, a piece of at most ATTENTION_PIECE_SCORES at a time.
         let scores = (tokens * heads * longest).min(optune_kernels::ATTENTION_PIECE_SCORES as f64);

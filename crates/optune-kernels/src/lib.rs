@@ -45,9 +45,9 @@ pub use matmul::{
     set_f32_product_precision, Bf16Source, Mat, PackedRhs, ProductPrecision,
 };
 pub use ops::{
-    accumulation_dtype, add_rms_norm, attention, embedding, linear, lora_linear, rms_norm,
-    rotary_heads, silu_mul, silu_mul_halves, token_logprobs, Pass, ATTENTION_PIECE_SCORES,
-    HEAD_CHUNK_ROWS, KEPT_LOGITS_BYTES,
+    accumulation_dtype, add_rms_norm, embedding, linear, lora_linear, rms_norm, rotary_attention,
+    silu_mul, silu_mul_halves, token_logprobs, Pass, ATTENTION_PIECE_SCORES, HEAD_CHUNK_ROWS,
+    KEPT_LOGITS_BYTES,
 };
 pub use sampling::{sample_rows, Sampling, BISECTION_STEPS, FLOOR_NATS};
 pub use token_tables::TokenTables;

@@ -13,15 +13,15 @@
 //! | [`silu_mul`] | [`generic::silu_mul`] | `fused::SiluMul` | [`crate::host::silu_mul`] |
 //! | [`silu_mul_halves`] (generation) | [`crate::forward_only::silu_mul`] | halves, `fused::SiluMul` | — |
 //! | [`add_rms_norm`] | add, [`generic::rms_norm`] (generation: [`crate::forward_only::add_rms_norm`]) | add, `fused::RmsNorm` | (add, [`crate::host::rms_norm`]) |
-//! | [`rotary_heads`] | [`generic::rotary_heads`] | `fused::Rope` | [`crate::host::rotary`] |
-//! | [`attention`] | [`generic::attention`] | `fused::Attention` | [`crate::host::attention`] |
+//! | [`rotary_attention`] | [`generic::rotary_attention`] (`RotaryAttention`) | `fused::Rope`, `fused::Attention` | [`crate::host::rotary`], [`crate::host::attention`] |
 //! | [`token_logprobs`] | [`generic::token_logprobs`] (`ChunkedLogprobs`) | `fused::TokenLogprobs` | (sampler: [`crate::host::log_sum_exp`]) |
 //!
 //! The generic RMSNorm, rotary embedding and attention softmax run candle-nn's fused kernels
 //! ([`generic::rms_norm`], [`generic::rope`], [`generic::softmax_last_dim`]: one kernel each on
 //! CUDA) inside nodes of their own whose backward is written in tensor ops; the generic
-//! attention and LoRA projection are such nodes too, whose backward passes compute the
-//! probabilities and the dropped-out input again instead of keeping them.
+//! attention (with its rotary embedding and heads), LoRA projection and SwiGLU gate are such
+//! nodes too, whose backward passes compute the rotated heads, the probabilities, the
+//! dropped-out input and `silu(gate)` again instead of keeping them.
 
 use crate::dispatch::{path_for, Path};
 use crate::dropout::DropoutMask;
@@ -34,7 +34,7 @@ use candle_core::{DType, Result, Tensor};
 /// `chunk × vocab` floats.
 pub const HEAD_CHUNK_ROWS: usize = 256;
 
-/// The most scores one piece of [`attention`]'s generic form makes. candle's CUDA elementwise
+/// The most scores one piece of [`generic::attention`] makes. candle's CUDA elementwise
 /// kernels count elements in 32-bit unsigned ints, so at 2³² or more they would wrap (hang or
 /// fail to launch): a reward model's 12k-token row with 32 heads gets there. 2²⁸ also bounds
 /// what a long row's scores take at once (in the forward pass, and in the backward pass, which
@@ -151,23 +151,57 @@ fn forward_only(pass: Pass, inputs: &[&Tensor]) -> bool {
             .all(|t| crate::forward_only::supports(t.dtype()))
 }
 
-/// Splits a projection `x [b, t, heads·d]` into heads and rotates them (rotate-half layout) with
-/// the tables `cos`/`sin [b, t, d/2]` (channels `j` and `j + d/2` turn by the same angle):
-/// `[b, heads, t, d]`.
-pub fn rotary_heads(x: &Tensor, cos: &Tensor, sin: &Tensor, heads: usize) -> Result<Tensor> {
-    match path_for(&[x, cos, sin]) {
-        Path::Fused => fused::rotary_heads(x, cos, sin, heads),
-        Path::Generic => generic::rotary_heads(x, cos, sin, heads),
+/// Self-attention over a layer's projections `q [b, t, heads·d]` and `k`, `v [b, t,
+/// kv_heads·d]` (`heads`: `(heads, kv_heads)`): q and k split into heads and rotated
+/// (rotate-half layout) by the tables `cos`/`sin [b, t, d/2]` (channels `j` and `j + d/2` turn by
+/// the same angle), grouped-query attention `softmax(scale · q kᵀ + mask) v` with an additive
+/// `mask [b, 1, t, t]`, and the heads merged again: `[b, t, heads·d]`. The mask is in q's dtype,
+/// or in the fused path's [`accumulation_dtype`] (which it adds in; the op would convert it).
+/// On the generic path one node that keeps the three projections alone for the backward pass
+/// ([`generic::rotary_attention`]).
+pub fn rotary_attention(
+    [q, k, v]: [&Tensor; 3],
+    [cos, sin]: [&Tensor; 2],
+    mask: &Tensor,
+    heads: (usize, usize),
+    scale: f64,
+) -> Result<Tensor> {
+    match path_for(&[q, k, v, cos, sin]) {
+        Path::Fused => composed_rotary_attention(
+            [q, k, v],
+            heads,
+            |x, n| fused::rotary_heads(x, cos, sin, n),
+            |q, k, v| fused::attention(q, k, v, mask, scale),
+        ),
+        Path::Generic => generic::rotary_attention([q, k, v], [cos, sin], mask, heads, scale),
     }
 }
 
-/// Grouped-query attention `softmax(scale · q kᵀ + mask) v` with `q [b, heads, tq, d]`,
-/// `k`/`v [b, kv_heads, tk, d]` and an additive `mask [b, 1, tq, tk]`: `[b, heads, tq, d]`.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
-    match path_for(&[q, k, v, mask]) {
-        Path::Fused => fused::attention(q, k, v, mask, scale),
-        Path::Generic => generic::attention(q, k, v, mask, scale),
-    }
+/// [`rotary_attention`] composed of its steps: q and k split and turned by `rotate` (a
+/// projection and its heads), v split, `attend` (`[b, heads, t, d]` from q, k, v), the heads
+/// merged.
+fn composed_rotary_attention(
+    [q, k, v]: [&Tensor; 3],
+    (heads, kv_heads): (usize, usize),
+    rotate: impl Fn(&Tensor, usize) -> Result<Tensor>,
+    attend: impl FnOnce(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let (q, k) = (rotate(q, heads)?, rotate(k, kv_heads)?);
+    merge_heads(&attend(&q, &k, &split_heads(v, kv_heads)?)?)
+}
+
+/// `x [b, t, heads·d]` as `[b, heads, t, d]` (contiguous).
+fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, t, width) = x.dims3()?;
+    x.reshape((b, t, heads, width / heads))?
+        .transpose(1, 2)?
+        .contiguous()
+}
+
+/// `x [b, heads, t, d]` as `[b, t, heads·d]` (contiguous).
+fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let (b, heads, t, d) = x.dims4()?;
+    x.transpose(1, 2)?.reshape((b, t, heads * d))
 }
 
 /// `log softmax(rows · weightᵀ)[targets[i]]` for each row of `rows [n, hidden]`: `[n]`, in
@@ -182,8 +216,8 @@ pub fn token_logprobs(rows: &Tensor, weight: &Tensor, targets: &[u32]) -> Result
 
 /// The generic forms: candle's differentiable tensor ops, and candle-nn's fused kernels
 /// (`rms_norm`, `softmax_last_dim`, `rope`: CPU and CUDA forwards, no backward) and forwards of
-/// tensor ops outside autograd (attention, a LoRA projection) wrapped in nodes whose
-/// backward is written in tensor ops; on any device and dtype, with reductions in
+/// tensor ops outside autograd (attention, a LoRA projection, the SwiGLU gate) wrapped in nodes
+/// whose backward is written in tensor ops; on any device and dtype, with reductions in
 /// [`accumulation_dtype`]. Every node returns gradients only for inputs that lead to a variable,
 /// and gradients without a graph.
 pub mod generic {
@@ -624,17 +658,187 @@ pub mod generic {
         }
     }
 
+    /// `silu(gate) · up`, one node ([`SiluMul`]) that keeps `gate` and `up` and computes
+    /// `silu(gate)` again in its backward pass. Composed of the two ops, the product would keep
+    /// `silu(gate)` as well: a third `[.., intermediate]` tensor a token and layer, about a tenth
+    /// of what a Llama-2-7B layer keeps.
     pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        let values = composed_silu_mul(&gate.detach(), &up.detach())?;
+        if !(gate.track_op() || up.track_op()) {
+            return Ok(values);
+        }
+        gate.apply_op2(up, SiluMul(Precomputed::new(values)))
+    }
+
+    fn composed_silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         gate.silu()? * up
     }
 
+    /// [`silu_mul`]'s node: the composed form's backward, with `silu(gate)` computed again.
+    struct SiluMul(Precomputed);
+
+    impl CustomOp2 for SiluMul {
+        fn name(&self) -> &'static str {
+            "silu-mul"
+        }
+
+        precomputed_forward!(0; _a _la, _b _lb);
+
+        /// `∂up = g · silu(gate)`, `∂gate = g · up · silu′(gate)`, with candle's own `silu′ =
+        /// σ · (1 − silu) + silu` and its order of ops, so that the gradients are the composed
+        /// form's to the bit.
+        fn bwd(
+            &self,
+            gate: &Tensor,
+            up: &Tensor,
+            _res: &Tensor,
+            grad: &Tensor,
+        ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+            let ([gate, up, grad], [gate_wanted, up_wanted, _]) = detached([gate, up, grad]);
+            let silu = gate.silu()?;
+            let up_grad = match up_wanted {
+                true => Some(grad.mul(&silu)?),
+                false => None,
+            };
+            let gate_grad = match gate_wanted {
+                true => {
+                    let sigmoid = (gate.neg()?.exp()? + 1.)?.recip()?;
+                    let derivative = ((&sigmoid * silu.affine(-1., 1.)?)? + &silu)?;
+                    Some(grad.mul(&up)?.mul(&derivative)?)
+                }
+                false => None,
+            };
+            Ok((gate_grad, up_grad))
+        }
+    }
+
+    /// `x [b, t, heads·d]` split into heads and rotated by [`rope`]: `[b, heads, t, d]`.
     pub fn rotary_heads(x: &Tensor, cos: &Tensor, sin: &Tensor, heads: usize) -> Result<Tensor> {
-        let (b, t, width) = x.dims3()?;
-        let split = x
-            .reshape((b, t, heads, width / heads))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        rope(&split, cos, sin)
+        rope(&super::split_heads(x, heads)?, cos, sin)
+    }
+
+    /// [`super::rotary_attention`]: one node, [`RotaryAttention`], that keeps the three
+    /// projections alone and computes the rotated heads and each piece's probabilities again in
+    /// its backward pass. Composed of [`rotary_heads`], [`attention`] and the merge of the
+    /// heads, a layer kept q and k three times (the projection, its copy split into heads, the
+    /// rotated heads), v twice and the attention's output twice (before and after the merge):
+    /// `3·heads·d + 3·kv_heads·d` elements a token more. The composed form runs where nothing
+    /// is differentiated, and where the tables are (the node gives them no gradient; the mask
+    /// gets none on either form).
+    pub fn rotary_attention(
+        rows: [&Tensor; 3],
+        tables: [&Tensor; 2],
+        mask: &Tensor,
+        heads: (usize, usize),
+        scale: f64,
+    ) -> Result<Tensor> {
+        rotary_attention_in_pieces(rows, tables, mask, heads, scale, ATTENTION_PIECE_SCORES)
+    }
+
+    /// [`rotary_attention`] with pieces of at most `most_scores` scores.
+    fn rotary_attention_in_pieces(
+        rows: [&Tensor; 3],
+        [cos, sin]: [&Tensor; 2],
+        mask: &Tensor,
+        heads: (usize, usize),
+        scale: f64,
+        most_scores: usize,
+    ) -> Result<Tensor> {
+        let composed = |rows: [&Tensor; 3]| {
+            super::composed_rotary_attention(
+                rows,
+                heads,
+                |x, n| rotary_heads(x, cos, sin, n),
+                |q, k, v| match [q, k, v].iter().any(|t| t.track_op()) {
+                    true => recomputed_attention(q, k, v, mask, scale, most_scores),
+                    false => attention_in_pieces(q, k, v, mask, scale, most_scores),
+                },
+            )
+        };
+        let tables_tracked = cos.track_op() || sin.track_op();
+        if tables_tracked || !rows.iter().any(|t| t.track_op()) {
+            return composed(rows);
+        }
+        let [q, k, v] = rows;
+        let values = composed([q, k, v].map(Tensor::detach).each_ref())?;
+        q.apply_op3(
+            k,
+            v,
+            RotaryAttention {
+                tables: [cos, sin].map(Tensor::detach),
+                mask: mask.detach(),
+                heads,
+                scale,
+                most_scores,
+                values: Precomputed::new(values),
+            },
+        )
+    }
+
+    /// [`rotary_attention`]'s node: the forward computed before it; a backward pass that
+    /// splits and rotates q and k and splits v again, differentiates attention as
+    /// [`RecomputedAttention`] does, turns the gradients of q and k back (the rotation by the
+    /// opposite angle, as [`KernelRope`]'s backward pass) and merges their heads, so that the
+    /// gradients are the composed form's to the bit.
+    struct RotaryAttention {
+        tables: [Tensor; 2],
+        mask: Tensor,
+        heads: (usize, usize),
+        scale: f64,
+        most_scores: usize,
+        values: Precomputed,
+    }
+
+    impl CustomOp3 for RotaryAttention {
+        fn name(&self) -> &'static str {
+            "rotary-attention"
+        }
+
+        precomputed_forward!(values; _q _lq, _k _lk, _v _lv);
+
+        fn bwd(
+            &self,
+            q: &Tensor,
+            k: &Tensor,
+            v: &Tensor,
+            _res: &Tensor,
+            grad: &Tensor,
+        ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+            let ([q, k, v, grad], [q_wanted, k_wanted, v_wanted, _]) = detached([q, k, v, grad]);
+            let [cos, sin] = &self.tables;
+            let (heads, kv_heads) = self.heads;
+            let (b, t, width) = grad.dims3()?;
+            // [b, heads, t, d], as the composed form's merge hands it back.
+            let grad = grad
+                .reshape((b, t, heads, width / heads))?
+                .transpose(1, 2)?;
+            let grads = attention_backward(
+                [
+                    &rotary_heads(&q, cos, sin, heads)?,
+                    &rotary_heads(&k, cos, sin, kv_heads)?,
+                    &super::split_heads(&v, kv_heads)?,
+                ],
+                &self.mask,
+                self.scale,
+                self.most_scores,
+                &grad,
+                Wanted {
+                    q: q_wanted,
+                    k: k_wanted,
+                    v: v_wanted,
+                },
+            )?;
+            let opposite = sin.neg()?;
+            let turned_back = |g: Option<Tensor>| {
+                g.map(|g| super::merge_heads(&rope(&g, cos, &opposite)?))
+                    .transpose()
+            };
+            Ok((
+                turned_back(grads.q)?,
+                turned_back(grads.k)?,
+                grads.v.map(|g| super::merge_heads(&g)).transpose()?,
+            ))
+        }
     }
 
     /// Rotary embedding (rotate-half layout) of `x [b, heads, t, d]` with `cos`/`sin`
@@ -833,32 +1037,57 @@ pub mod generic {
                 k: k_wanted,
                 v: v_wanted,
             };
-            let (b, heads, tq, _) = q.dims4()?;
-            let rows = piece_rows(b, heads, k.dim(2)?, self.most_scores);
-            let sum = |total: Option<Tensor>, g: Option<Tensor>| match (total, g) {
-                (Some(total), Some(g)) => (total + g).map(Some),
-                (total, g) => Ok(total.or(g)),
-            };
-            let (mut q_grads, mut k_grad, mut v_grad) = (Vec::new(), None, None);
-            for (start, len) in pieces(tq, rows) {
-                let grads = AttentionGrads::of_piece(
-                    &q.narrow(2, start, len)?,
-                    [&k, &v],
-                    &mask_rows(&self.mask, start, len)?,
-                    self.scale,
-                    &grad.narrow(2, start, len)?,
-                    wanted,
-                )?;
-                q_grads.extend(grads.q);
-                k_grad = sum(k_grad, grads.k)?;
-                v_grad = sum(v_grad, grads.v)?;
-            }
-            let q_grad = match q_grads.is_empty() {
-                true => None,
-                false => Some(Tensor::cat(&q_grads, 2)?),
-            };
-            Ok((q_grad, k_grad, v_grad))
+            let grads = attention_backward(
+                [&q, &k, &v],
+                &self.mask,
+                self.scale,
+                self.most_scores,
+                &grad,
+                wanted,
+            )?;
+            Ok((grads.q, grads.k, grads.v))
         }
+    }
+
+    /// The gradients of [`attention`] for the output's gradient `grad` (all without a graph),
+    /// a piece of at most `most_scores` scores at a time.
+    fn attention_backward(
+        [q, k, v]: [&Tensor; 3],
+        mask: &Tensor,
+        scale: f64,
+        most_scores: usize,
+        grad: &Tensor,
+        wanted: Wanted,
+    ) -> Result<AttentionGrads> {
+        let (b, heads, tq, _) = q.dims4()?;
+        let rows = piece_rows(b, heads, k.dim(2)?, most_scores);
+        let sum = |total: Option<Tensor>, g: Option<Tensor>| match (total, g) {
+            (Some(total), Some(g)) => (total + g).map(Some),
+            (total, g) => Ok(total.or(g)),
+        };
+        let (mut q_grads, mut k_grad, mut v_grad) = (Vec::new(), None, None);
+        for (start, len) in pieces(tq, rows) {
+            let grads = AttentionGrads::of_piece(
+                &q.narrow(2, start, len)?,
+                [k, v],
+                &mask_rows(mask, start, len)?,
+                scale,
+                &grad.narrow(2, start, len)?,
+                wanted,
+            )?;
+            q_grads.extend(grads.q);
+            k_grad = sum(k_grad, grads.k)?;
+            v_grad = sum(v_grad, grads.v)?;
+        }
+        let q_grad = match q_grads.is_empty() {
+            true => None,
+            false => Some(Tensor::cat(&q_grads, 2)?),
+        };
+        Ok(AttentionGrads {
+            q: q_grad,
+            k: k_grad,
+            v: v_grad,
+        })
     }
 
     /// Which of attention's inputs lead to a variable.
@@ -1490,6 +1719,169 @@ pub mod generic {
                     grads.get(trained_w.as_tensor()).is_some(),
                     "a trained base weight's gradient"
                 );
+            }
+        }
+
+        /// `out` weighted by `w` and summed, differentiated: `out`'s bits and those of each
+        /// input's gradient (`None` for an input that got none). For one of our nodes (`ours`)
+        /// after checking that no gradient carries a graph; for candle's own ops, whose backward
+        /// passes may leave one (that of `silu` does) and give a gradient to an input that leads
+        /// to no variable too (that of a product does), `None` for such an input.
+        fn bits_of_gradients<const N: usize>(
+            out: &Tensor,
+            w: &Tensor,
+            inputs: [&Tensor; N],
+            ours: bool,
+        ) -> (Vec<u64>, [Option<Vec<u64>>; N]) {
+            let grads = (out * w).unwrap().sum_all().unwrap().backward().unwrap();
+            let got = inputs.map(|x| grads.get(x).filter(|_| ours || x.track_op()));
+            assert!(
+                !ours || got.iter().flatten().all(|g| !g.track_op()),
+                "a gradient has a graph"
+            );
+            (bits(out), got.map(|g| g.map(bits)))
+        }
+
+        /// The rotary attention node keeps the three projections alone and splits and rotates
+        /// them again in its backward pass: its values and gradients are those of its composed
+        /// form (the rotary node on each of q and k, v split, the attention node, the heads
+        /// merged) to the bit, in f32, bf16 and f64, with causal and padding masks, GQA, pieces
+        /// of query rows or one, and with inputs that lead to no variable (v; q; q and k); no
+        /// gradient carries a graph. Tables that are differentiated take the composed form and
+        /// get their gradients.
+        #[test]
+        fn rotary_attention_equals_the_composed_form() {
+            // GQA; as many KV heads as query heads; one head of one position (the merge of the
+            // heads is then a view of the attention's output).
+            for (b, heads, kv_heads, t, d) in [(2, 4, 2, 5, 8), (2, 2, 2, 3, 4), (2, 1, 1, 1, 4)] {
+                rotary_attention_in_shape(b, (heads, kv_heads), t, d);
+            }
+        }
+
+        fn rotary_attention_in_shape(b: usize, split: (usize, usize), t: usize, d: usize) {
+            let (heads, kv_heads) = split;
+            for dtype in [DType::F32, DType::BF16, DType::F64] {
+                let vars = [
+                    values(&[b, t, heads * d], 90, 1.0, dtype),
+                    values(&[b, t, kv_heads * d], 91, 1.0, dtype),
+                    values(&[b, t, kv_heads * d], 92, 1.0, dtype),
+                ]
+                .map(|x| Var::from_tensor(&x).unwrap());
+                let w = values(&[b, t, heads * d], 93, 1.0, dtype);
+                let [cos, sin] = tables(b, t, d / 2, dtype);
+                for mask in masks(t, dtype) {
+                    for frozen in [
+                        [false; 3],
+                        [false, false, true],
+                        [false, true, false],
+                        [true, false, false],
+                        [true, true, false],
+                    ] {
+                        let inputs: [Tensor; 3] = std::array::from_fn(|i| match frozen[i] {
+                            true => vars[i].as_tensor().detach(),
+                            false => vars[i].as_tensor().clone(),
+                        });
+                        let rows = inputs.each_ref();
+                        // One piece, and two query rows a piece (2·4·5·2 scores).
+                        for most_scores in [usize::MAX, b * heads * t * 2] {
+                            let node = rotary_attention_in_pieces(
+                                rows,
+                                [&cos, &sin],
+                                &mask,
+                                split,
+                                0.3,
+                                most_scores,
+                            )
+                            .unwrap();
+                            let composed = crate::ops::composed_rotary_attention(
+                                rows,
+                                split,
+                                |x, n| rotary_heads(x, &cos, &sin, n),
+                                |q, k, v| recomputed_attention(q, k, v, &mask, 0.3, most_scores),
+                            )
+                            .unwrap();
+                            let ours = bits_of_gradients(&node, &w, rows, true);
+                            let case = format!("{dtype:?}, frozen {frozen:?}, {most_scores}");
+                            for (i, g) in ours.1.iter().enumerate() {
+                                assert_eq!(g.is_none(), frozen[i], "{case}: input {i}");
+                            }
+                            assert_eq!(
+                                ours,
+                                bits_of_gradients(&composed, &w, rows, true),
+                                "{case}"
+                            );
+                        }
+                    }
+                }
+                let tracked_cos = Var::from_tensor(&cos).unwrap();
+                let rows = vars.each_ref().map(|v| v.as_tensor());
+                let out =
+                    rotary_attention(rows, [&tracked_cos, &sin], &masks(t, dtype)[0], split, 0.3);
+                let (_, [cos_grad]) =
+                    bits_of_gradients(&out.unwrap(), &w, [tracked_cos.as_tensor()], true);
+                assert!(
+                    cos_grad.is_some(),
+                    "{dtype:?}: a differentiated table's gradient"
+                );
+            }
+        }
+
+        #[test]
+        fn rotary_attention_gradients_match_finite_differences_in_f64() {
+            let (b, heads, kv_heads, t, d) = (2, 4, 2, 5, 4);
+            let [cos, sin] = tables(b, t, d / 2, DType::F64);
+            for mask in masks(t, DType::F64) {
+                let inputs = [
+                    values(&[b, t, heads * d], 94, 1.0, DType::F64),
+                    values(&[b, t, kv_heads * d], 95, 1.0, DType::F64),
+                    values(&[b, t, kv_heads * d], 96, 1.0, DType::F64),
+                ];
+                for most_scores in [usize::MAX, b * heads * t * 2] {
+                    let worst = weighted_finite_differences(&inputs, &[0, 1, 2], 97, |x| {
+                        rotary_attention_in_pieces(
+                            [&x[0], &x[1], &x[2]],
+                            [&cos, &sin],
+                            &mask,
+                            (heads, kv_heads),
+                            0.5,
+                            most_scores,
+                        )
+                        .unwrap()
+                    });
+                    assert!(worst < 1e-6, "{worst:e}");
+                }
+            }
+        }
+
+        /// The SwiGLU node keeps `gate` and `up` alone: its values and gradients are the two
+        /// ops' to the bit in f32, bf16 and f64, with either input frozen; no gradient carries
+        /// a graph.
+        #[test]
+        fn silu_mul_equals_the_composed_form() {
+            for dtype in [DType::F32, DType::BF16, DType::F64] {
+                let vars = [
+                    values(&[3, 5, 16], 100, 3.0, dtype),
+                    values(&[3, 5, 16], 101, 1.0, dtype),
+                ]
+                .map(|x| Var::from_tensor(&x).unwrap());
+                let w = values(&[3, 5, 16], 102, 1.0, dtype);
+                for frozen in [[false, false], [true, false], [false, true]] {
+                    let inputs: [Tensor; 2] = std::array::from_fn(|i| match frozen[i] {
+                        true => vars[i].as_tensor().detach(),
+                        false => vars[i].as_tensor().clone(),
+                    });
+                    let [gate, up] = &inputs;
+                    let node = silu_mul(gate, up).unwrap();
+                    assert!(node.track_op());
+                    let ours = bits_of_gradients(&node, &w, [gate, up], true);
+                    let composed = composed_silu_mul(gate, up).unwrap();
+                    let case = format!("{dtype:?}, frozen {frozen:?}");
+                    for (i, g) in ours.1.iter().enumerate() {
+                        assert_eq!(g.is_none(), frozen[i], "{case}: input {i}");
+                    }
+                    let composed = bits_of_gradients(&composed, &w, [gate, up], false);
+                    assert_eq!(ours, composed, "{case}");
+                }
             }
         }
     }

@@ -72,7 +72,7 @@ impl RotaryTables {
     }
 
     /// Tables for `positions` (`[batch, seq]`, u32), shaped `[batch, seq, head_dim / 2]`: what
-    /// [`optune_kernels::rotary_heads`] takes, looked up once per forward pass for every layer.
+    /// [`optune_kernels::rotary_attention`] takes, looked up once per forward pass for every layer.
     pub fn lookup(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
         let (batch, seq) = positions.dims2()?;
         let flat = positions.flatten_all()?;

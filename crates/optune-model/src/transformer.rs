@@ -599,7 +599,13 @@ impl Transformer {
                 }
             }
         }
-        let mask = Tensor::from_vec(mask, (b, 1, t, t), &self.device)?.to_dtype(self.dtype)?;
+        // In the dtype the attention adds it in: the fused op's f32 for a bf16 model (given the
+        // model's, each layer's op would keep an f32 copy of it), else the model's.
+        let mask_dtype = match optune_kernels::autograd_path(&self.device, self.dtype) {
+            Path::Fused => ops::accumulation_dtype(self.dtype),
+            Path::Generic => self.dtype,
+        };
+        let mask = Tensor::from_vec(mask, (b, 1, t, t), &self.device)?.to_dtype(mask_dtype)?;
         let (cos, sin) = self.rope.lookup(&batch.positions)?;
         Ok(MaskedPass { mask, cos, sin })
     }
@@ -1359,17 +1365,8 @@ impl Block {
         let attn = match attend {
             Attend::Masked(mask) => {
                 let attn = &self.self_attn;
-                let q = ops::rotary_heads(&attn.q_proj.forward(&h)?, cos, sin, heads)?;
-                let k = ops::rotary_heads(&attn.k_proj.forward(&h)?, cos, sin, kv_heads)?;
-                let v = attn
-                    .v_proj
-                    .forward(&h)?
-                    .reshape((b, t, kv_heads, d))?
-                    .transpose(1, 2)?
-                    .contiguous()?;
-                ops::attention(&q, &k, &v, mask, scale)?
-                    .transpose(1, 2)?
-                    .reshape((b, t, heads * d))?
+                let [q, k, v] = [&attn.q_proj, &attn.k_proj, &attn.v_proj].map(|p| p.forward(&h));
+                ops::rotary_attention([&q?, &k?, &v?], [cos, sin], mask, (heads, kv_heads), scale)?
             }
             Attend::Cached(c) => {
                 // [b, t, (heads + 2·kv_heads)·d]: q, k and v side by side. The keys are turned

@@ -29,12 +29,7 @@ fn lora_keeps_no_projection_outputs_or_dropped_inputs() {
         llama_weight_shapes(&ModelConfig::from_json_str(json).unwrap())
     });
     let pairs = common::long_pairs();
-    // The padded batch's positions.
-    let longest = pairs
-        .iter()
-        .map(|p| p.prompt.len() + p.response.len())
-        .max();
-    let positions = (pairs.len() * longest.unwrap()) as f64;
+    let positions = common::padded_positions(&pairs);
     for kernels in [Kernels::Generic, Kernels::Fused] {
         set_kernels(kernels);
         // The heap the graph of one forward pass holds until its backward pass.

@@ -63,6 +63,12 @@ pub fn long_pairs() -> Vec<TokenizedPair> {
         .collect()
 }
 
+/// The positions of `pairs` as one padded batch: sequences × the longest.
+pub fn padded_positions(pairs: &[TokenizedPair]) -> f64 {
+    let longest = pairs.iter().map(|p| p.prompt.len() + p.response.len());
+    (pairs.len() * longest.max().unwrap_or(0)) as f64
+}
+
 /// The heap the graph of one forward pass of `pairs` holds until its backward pass (counted by
 /// the test file's counting allocator), once that backward pass is checked to reach every one of
 /// `trained`.
