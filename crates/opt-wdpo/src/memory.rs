@@ -77,26 +77,21 @@ impl Plan {
         let layers = c.num_hidden_layers as f64;
         let generic = optune_kernels::autograd_path(model.device(), model.dtype())
             == optune_kernels::Path::Generic;
-        // What autograd keeps per token and layer, in the compute dtype: the stream and its norm
-        // before attention and before the MLP (4 h), the pending attention and MLP outputs (2 h),
-        // q, k and v (q + 2 kv), the attention's merged output (q), and the MLP's gate, up and
-        // product (3 i); a bias's sum keeps the product before it too. On the CPU's fused path
-        // also the rotated q and k and v split into heads (its attention op takes them so), the
-        // attention's output before the merge (2 q + 2 kv). No path keeps attention scores (nor
-        // a copy of the mask, made once in the dtype each path adds it in): the fused attention
-        // makes them a (batch, KV head) block at a time inside its op, the generic attention's
-        // backward pass one layer's again (`attention_pass` below). optune-model's
-        // tests/layer_memory.rs counts 1.01 times this on either path (LoRA's low-rank
-        // products besides).
+        // What autograd keeps per token and layer, in the compute dtype, on either path: the
+        // stream and its norm before attention and before the MLP (4 h), the pending attention
+        // and MLP outputs (2 h), q, k and v (q + 2 kv: the attention node splits and rotates
+        // them again in its backward pass), the attention's merged output (q), and the MLP's
+        // gate, up and product (3 i); a bias's sum keeps the product before it too. No path
+        // keeps attention scores (nor a copy of the mask, made once in the dtype each path adds
+        // it in): the fused attention makes them a (batch, KV head) block at a time inside its
+        // op, the generic attention's backward pass one layer's again (`attention_pass` below).
+        // optune-model's tests/layer_memory.rs counts 1.01 times this on either path (LoRA's
+        // low-rank products besides).
         let bias = |present: bool, elements: f64| if present { elements } else { 0.0 };
         let biases = bias(c.qkv_bias(), q + 2.0 * kv)
             + bias(c.o_bias(), h)
             + bias(c.mlp_bias(), 2.0 * i + h);
-        let each_once = 6.0 * h + 2.0 * q + 2.0 * kv + 3.0 * i + biases;
-        let per_token_layer = match generic {
-            true => each_once,
-            false => each_once + 2.0 * q + 2.0 * kv,
-        } * compute;
+        let per_token_layer = (6.0 * h + 2.0 * q + 2.0 * kv + 3.0 * i + biases) * compute;
         // The generic attention's scores, masked scores, probabilities and their gradients in f32
         // (six buffers) for one layer, a piece of at most ATTENTION_PIECE_SCORES at a time.
         let scores = (tokens * heads * longest).min(optune_kernels::ATTENTION_PIECE_SCORES as f64);

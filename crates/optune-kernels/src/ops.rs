@@ -13,7 +13,7 @@
 //! | [`silu_mul`] | [`generic::silu_mul`] | `fused::SiluMul` | [`crate::host::silu_mul`] |
 //! | [`silu_mul_halves`] (generation) | [`crate::forward_only::silu_mul`] | halves, `fused::SiluMul` | — |
 //! | [`add_rms_norm`] | add, [`generic::rms_norm`] (generation: [`crate::forward_only::add_rms_norm`]) | add, `fused::RmsNorm` | (add, [`crate::host::rms_norm`]) |
-//! | [`rotary_attention`] | [`generic::rotary_attention`] (`RotaryAttention`) | `fused::Rope`, `fused::Attention` | [`crate::host::rotary`], [`crate::host::attention`] |
+//! | [`rotary_attention`] | [`generic::rotary_attention`] (`RotaryAttention`) | the same node, `fused::Rope` and `fused::Attention` inside | [`crate::host::rotary`], [`crate::host::attention`] |
 //! | [`token_logprobs`] | [`generic::token_logprobs`] (`ChunkedLogprobs`) | `fused::TokenLogprobs` | (sampler: [`crate::host::log_sum_exp`]) |
 //!
 //! The generic RMSNorm, rotary embedding and attention softmax run candle-nn's fused kernels
@@ -157,8 +157,8 @@ fn forward_only(pass: Pass, inputs: &[&Tensor]) -> bool {
 /// the same angle), grouped-query attention `softmax(scale · q kᵀ + mask) v` with an additive
 /// `mask [b, 1, t, t]`, and the heads merged again: `[b, t, heads·d]`. The mask is in q's dtype,
 /// or in the fused path's [`accumulation_dtype`] (which it adds in; the op would convert it).
-/// On the generic path one node that keeps the three projections alone for the backward pass
-/// ([`generic::rotary_attention`]).
+/// On either path one node that keeps the three projections alone for the backward pass
+/// ([`generic::rotary_attention`], with the path's kernels inside).
 pub fn rotary_attention(
     [q, k, v]: [&Tensor; 3],
     [cos, sin]: [&Tensor; 2],
@@ -166,15 +166,8 @@ pub fn rotary_attention(
     heads: (usize, usize),
     scale: f64,
 ) -> Result<Tensor> {
-    match path_for(&[q, k, v, cos, sin]) {
-        Path::Fused => composed_rotary_attention(
-            [q, k, v],
-            heads,
-            |x, n| fused::rotary_heads(x, cos, sin, n),
-            |q, k, v| fused::attention(q, k, v, mask, scale),
-        ),
-        Path::Generic => generic::rotary_attention([q, k, v], [cos, sin], mask, heads, scale),
-    }
+    let path = path_for(&[q, k, v, cos, sin]);
+    generic::rotary_attention(path, [q, k, v], [cos, sin], mask, heads, scale)
 }
 
 /// [`rotary_attention`] composed of its steps: q and k split and turned by `rotate` (a
@@ -222,6 +215,7 @@ pub fn token_logprobs(rows: &Tensor, weight: &Tensor, targets: &[u32]) -> Result
 /// and gradients without a graph.
 pub mod generic {
     use super::{accumulation_dtype, ATTENTION_PIECE_SCORES};
+    use crate::dispatch::Path;
     use crate::dropout::DropoutMask;
     use candle_core::backend::BackendStorage;
     use candle_core::{
@@ -658,7 +652,7 @@ pub mod generic {
         }
     }
 
-    /// `silu(gate) · up`, one node ([`SiluMul`]) that keeps `gate` and `up` and computes
+    /// `silu(gate) · up`, one node (`SiluMul`) that keeps `gate` and `up` and computes
     /// `silu(gate)` again in its backward pass. Composed of the two ops, the product would keep
     /// `silu(gate)` as well: a third `[.., intermediate]` tensor a token and layer, about a tenth
     /// of what a Llama-2-7B layer keeps.
@@ -717,26 +711,40 @@ pub mod generic {
         rope(&super::split_heads(x, heads)?, cos, sin)
     }
 
-    /// [`super::rotary_attention`]: one node, [`RotaryAttention`], that keeps the three
-    /// projections alone and computes the rotated heads and each piece's probabilities again in
-    /// its backward pass. Composed of [`rotary_heads`], [`attention`] and the merge of the
-    /// heads, a layer kept q and k three times (the projection, its copy split into heads, the
-    /// rotated heads), v twice and the attention's output twice (before and after the merge):
-    /// `3·heads·d + 3·kv_heads·d` elements a token more. The composed form runs where nothing
-    /// is differentiated, and where the tables are (the node gives them no gradient; the mask
-    /// gets none on either form).
+    /// [`super::rotary_attention`] with the kernels of `path`: one node, `RotaryAttention`,
+    /// that keeps the three projections alone and computes the rotated heads and each piece's
+    /// probabilities again in its backward pass. Composed of [`rotary_heads`], [`attention`]
+    /// and the merge of the heads, a generic layer kept q and k three times (the projection,
+    /// its copy split into heads, the rotated heads), v twice and the attention's output twice
+    /// (before and after the merge): `3·heads·d + 3·kv_heads·d` elements a token more; the
+    /// fused path's ops, which split and rotate in one op, kept `2·heads·d + 2·kv_heads·d`
+    /// more. The only node of this module that also serves the fused path: there its forward
+    /// and backward passes run the fused ops and their own backward forms
+    /// ([`crate::fused::rotary_heads_grad`], [`crate::fused::attention_grads`]). The composed
+    /// form runs where nothing is differentiated, and where the tables are (the node gives
+    /// them no gradient; the mask gets none on either form).
     pub fn rotary_attention(
+        path: Path,
         rows: [&Tensor; 3],
         tables: [&Tensor; 2],
         mask: &Tensor,
         heads: (usize, usize),
         scale: f64,
     ) -> Result<Tensor> {
-        rotary_attention_in_pieces(rows, tables, mask, heads, scale, ATTENTION_PIECE_SCORES)
+        rotary_attention_in_pieces(
+            path,
+            rows,
+            tables,
+            mask,
+            heads,
+            scale,
+            ATTENTION_PIECE_SCORES,
+        )
     }
 
-    /// [`rotary_attention`] with pieces of at most `most_scores` scores.
+    /// [`rotary_attention`] with pieces of at most `most_scores` scores (generic path).
     fn rotary_attention_in_pieces(
+        path: Path,
         rows: [&Tensor; 3],
         [cos, sin]: [&Tensor; 2],
         mask: &Tensor,
@@ -744,8 +752,8 @@ pub mod generic {
         scale: f64,
         most_scores: usize,
     ) -> Result<Tensor> {
-        let composed = |rows: [&Tensor; 3]| {
-            super::composed_rotary_attention(
+        let composed = |rows: [&Tensor; 3]| match path {
+            Path::Generic => super::composed_rotary_attention(
                 rows,
                 heads,
                 |x, n| rotary_heads(x, cos, sin, n),
@@ -753,7 +761,13 @@ pub mod generic {
                     true => recomputed_attention(q, k, v, mask, scale, most_scores),
                     false => attention_in_pieces(q, k, v, mask, scale, most_scores),
                 },
-            )
+            ),
+            Path::Fused => super::composed_rotary_attention(
+                rows,
+                heads,
+                |x, n| crate::fused::rotary_heads(x, cos, sin, n),
+                |q, k, v| crate::fused::attention(q, k, v, mask, scale),
+            ),
         };
         let tables_tracked = cos.track_op() || sin.track_op();
         if tables_tracked || !rows.iter().any(|t| t.track_op()) {
@@ -765,6 +779,7 @@ pub mod generic {
             k,
             v,
             RotaryAttention {
+                path,
                 tables: [cos, sin].map(Tensor::detach),
                 mask: mask.detach(),
                 heads,
@@ -776,11 +791,12 @@ pub mod generic {
     }
 
     /// [`rotary_attention`]'s node: the forward computed before it; a backward pass that
-    /// splits and rotates q and k and splits v again, differentiates attention as
-    /// [`RecomputedAttention`] does, turns the gradients of q and k back (the rotation by the
-    /// opposite angle, as [`KernelRope`]'s backward pass) and merges their heads, so that the
-    /// gradients are the composed form's to the bit.
+    /// splits and rotates q and k and splits v again, differentiates attention (as
+    /// [`RecomputedAttention`] does, or as the fused attention op does), turns the gradients of
+    /// q and k back (as [`KernelRope`]'s backward pass, or the fused rotary op's) and merges
+    /// their heads, so that the gradients are the composed form's to the bit.
     struct RotaryAttention {
+        path: Path,
         tables: [Tensor; 2],
         mask: Tensor,
         heads: (usize, usize),
@@ -812,31 +828,56 @@ pub mod generic {
             let grad = grad
                 .reshape((b, t, heads, width / heads))?
                 .transpose(1, 2)?;
-            let grads = attention_backward(
-                [
-                    &rotary_heads(&q, cos, sin, heads)?,
-                    &rotary_heads(&k, cos, sin, kv_heads)?,
-                    &super::split_heads(&v, kv_heads)?,
-                ],
-                &self.mask,
-                self.scale,
-                self.most_scores,
-                &grad,
-                Wanted {
-                    q: q_wanted,
-                    k: k_wanted,
-                    v: v_wanted,
-                },
-            )?;
-            let opposite = sin.neg()?;
-            let turned_back = |g: Option<Tensor>| {
-                g.map(|g| super::merge_heads(&rope(&g, cos, &opposite)?))
-                    .transpose()
+            let v = super::split_heads(&v, kv_heads)?;
+            let (q_grad, k_grad, v_grad) = match self.path {
+                Path::Generic => {
+                    let grads = attention_backward(
+                        [
+                            &rotary_heads(&q, cos, sin, heads)?,
+                            &rotary_heads(&k, cos, sin, kv_heads)?,
+                            &v,
+                        ],
+                        &self.mask,
+                        self.scale,
+                        self.most_scores,
+                        &grad,
+                        Wanted {
+                            q: q_wanted,
+                            k: k_wanted,
+                            v: v_wanted,
+                        },
+                    )?;
+                    let opposite = sin.neg()?;
+                    let turned_back = |g: Option<Tensor>| {
+                        g.map(|g| super::merge_heads(&rope(&g, cos, &opposite)?))
+                            .transpose()
+                    };
+                    (turned_back(grads.q)?, turned_back(grads.k)?, grads.v)
+                }
+                Path::Fused => {
+                    let [q_grad, k_grad, v_grad] = crate::fused::attention_grads(
+                        &crate::fused::rotary_heads(&q, cos, sin, heads)?,
+                        &crate::fused::rotary_heads(&k, cos, sin, kv_heads)?,
+                        &v,
+                        &self.mask,
+                        self.scale,
+                        &grad,
+                    )?;
+                    let turned_back =
+                        |g: Tensor, n| crate::fused::rotary_heads_grad(&g, cos, sin, n);
+                    (
+                        q_wanted.then(|| turned_back(q_grad, heads)).transpose()?,
+                        k_wanted
+                            .then(|| turned_back(k_grad, kv_heads))
+                            .transpose()?,
+                        v_wanted.then_some(v_grad),
+                    )
+                }
             };
             Ok((
-                turned_back(grads.q)?,
-                turned_back(grads.k)?,
-                grads.v.map(|g| super::merge_heads(&g)).transpose()?,
+                q_grad,
+                k_grad,
+                v_grad.map(|g| super::merge_heads(&g)).transpose()?,
             ))
         }
     }
@@ -1744,23 +1785,55 @@ pub mod generic {
 
         /// The rotary attention node keeps the three projections alone and splits and rotates
         /// them again in its backward pass: its values and gradients are those of its composed
-        /// form (the rotary node on each of q and k, v split, the attention node, the heads
-        /// merged) to the bit, in f32, bf16 and f64, with causal and padding masks, GQA, pieces
-        /// of query rows or one, and with inputs that lead to no variable (v; q; q and k); no
-        /// gradient carries a graph. Tables that are differentiated take the composed form and
-        /// get their gradients.
+        /// form to the bit. On the generic path (the rotary node on each of q and k, v split, the
+        /// attention node, the heads merged) in f32, bf16 and f64, with pieces of query rows or
+        /// one; on the fused path (its rotary and attention ops) in f32 and f64; with causal and
+        /// padding masks, GQA, and inputs that lead to no variable (v; k; q; q and k); no
+        /// gradient carries a graph. Tables that are differentiated take the composed form and,
+        /// on the generic path, get their gradients.
         #[test]
         fn rotary_attention_equals_the_composed_form() {
             // GQA; as many KV heads as query heads; one head of one position (the merge of the
             // heads is then a view of the attention's output).
             for (b, heads, kv_heads, t, d) in [(2, 4, 2, 5, 8), (2, 2, 2, 3, 4), (2, 1, 1, 1, 4)] {
-                rotary_attention_in_shape(b, (heads, kv_heads), t, d);
+                for path in [Path::Generic, Path::Fused] {
+                    rotary_attention_in_shape(path, b, (heads, kv_heads), t, d);
+                }
             }
         }
 
-        fn rotary_attention_in_shape(b: usize, split: (usize, usize), t: usize, d: usize) {
+        /// `mask` as `path`'s attention takes it: the fused op takes a mask of every query row.
+        fn full_mask(path: Path, mask: Tensor) -> Tensor {
+            match path {
+                Path::Generic => mask,
+                Path::Fused => {
+                    let t = mask.dim(3).unwrap();
+                    mask.broadcast_as((2, 1, t, t))
+                        .unwrap()
+                        .contiguous()
+                        .unwrap()
+                }
+            }
+        }
+
+        fn rotary_attention_in_shape(
+            path: Path,
+            b: usize,
+            split: (usize, usize),
+            t: usize,
+            d: usize,
+        ) {
             let (heads, kv_heads) = split;
-            for dtype in [DType::F32, DType::BF16, DType::F64] {
+            let dtypes = match path {
+                Path::Generic => &[DType::F32, DType::BF16, DType::F64][..],
+                Path::Fused => &[DType::F32, DType::F64],
+            };
+            // One piece, and (generic) two query rows a piece (2·4·5·2 scores).
+            let piece_sizes = match path {
+                Path::Generic => &[usize::MAX, b * heads * t * 2][..],
+                Path::Fused => &[usize::MAX],
+            };
+            for &dtype in dtypes {
                 let vars = [
                     values(&[b, t, heads * d], 90, 1.0, dtype),
                     values(&[b, t, kv_heads * d], 91, 1.0, dtype),
@@ -1770,6 +1843,7 @@ pub mod generic {
                 let w = values(&[b, t, heads * d], 93, 1.0, dtype);
                 let [cos, sin] = tables(b, t, d / 2, dtype);
                 for mask in masks(t, dtype) {
+                    let mask = full_mask(path, mask);
                     for frozen in [
                         [false; 3],
                         [false, false, true],
@@ -1782,9 +1856,9 @@ pub mod generic {
                             false => vars[i].as_tensor().clone(),
                         });
                         let rows = inputs.each_ref();
-                        // One piece, and two query rows a piece (2·4·5·2 scores).
-                        for most_scores in [usize::MAX, b * heads * t * 2] {
+                        for &most_scores in piece_sizes {
                             let node = rotary_attention_in_pieces(
+                                path,
                                 rows,
                                 [&cos, &sin],
                                 &mask,
@@ -1793,35 +1867,49 @@ pub mod generic {
                                 most_scores,
                             )
                             .unwrap();
-                            let composed = crate::ops::composed_rotary_attention(
-                                rows,
-                                split,
-                                |x, n| rotary_heads(x, &cos, &sin, n),
-                                |q, k, v| recomputed_attention(q, k, v, &mask, 0.3, most_scores),
-                            )
-                            .unwrap();
+                            let composed = match path {
+                                Path::Generic => crate::ops::composed_rotary_attention(
+                                    rows,
+                                    split,
+                                    |x, n| rotary_heads(x, &cos, &sin, n),
+                                    |q, k, v| {
+                                        recomputed_attention(q, k, v, &mask, 0.3, most_scores)
+                                    },
+                                ),
+                                Path::Fused => crate::ops::composed_rotary_attention(
+                                    rows,
+                                    split,
+                                    |x, n| crate::fused::rotary_heads(x, &cos, &sin, n),
+                                    |q, k, v| crate::fused::attention(q, k, v, &mask, 0.3),
+                                ),
+                            };
                             let ours = bits_of_gradients(&node, &w, rows, true);
-                            let case = format!("{dtype:?}, frozen {frozen:?}, {most_scores}");
+                            let case = format!(
+                                "{}, {dtype:?}, frozen {frozen:?}, {most_scores}",
+                                path.name()
+                            );
                             for (i, g) in ours.1.iter().enumerate() {
                                 assert_eq!(g.is_none(), frozen[i], "{case}: input {i}");
                             }
-                            assert_eq!(
-                                ours,
-                                bits_of_gradients(&composed, &w, rows, true),
-                                "{case}"
-                            );
+                            let composed = bits_of_gradients(&composed.unwrap(), &w, rows, true);
+                            assert_eq!(ours, composed, "{case}");
                         }
                     }
                 }
+                // The fused rotary op differentiates no table.
+                if path == Path::Fused {
+                    continue;
+                }
                 let tracked_cos = Var::from_tensor(&cos).unwrap();
                 let rows = vars.each_ref().map(|v| v.as_tensor());
-                let out =
-                    rotary_attention(rows, [&tracked_cos, &sin], &masks(t, dtype)[0], split, 0.3);
+                let mask = &masks(t, dtype)[0];
+                let out = rotary_attention(path, rows, [&tracked_cos, &sin], mask, split, 0.3);
                 let (_, [cos_grad]) =
                     bits_of_gradients(&out.unwrap(), &w, [tracked_cos.as_tensor()], true);
                 assert!(
                     cos_grad.is_some(),
-                    "{dtype:?}: a differentiated table's gradient"
+                    "{}, {dtype:?}: a differentiated table's gradient",
+                    path.name()
                 );
             }
         }
@@ -1836,9 +1924,15 @@ pub mod generic {
                     values(&[b, t, kv_heads * d], 95, 1.0, DType::F64),
                     values(&[b, t, kv_heads * d], 96, 1.0, DType::F64),
                 ];
-                for most_scores in [usize::MAX, b * heads * t * 2] {
+                for (path, most_scores) in [
+                    (Path::Generic, usize::MAX),
+                    (Path::Generic, b * heads * t * 2),
+                    (Path::Fused, usize::MAX),
+                ] {
+                    let mask = full_mask(path, mask.clone());
                     let worst = weighted_finite_differences(&inputs, &[0, 1, 2], 97, |x| {
                         rotary_attention_in_pieces(
+                            path,
                             [&x[0], &x[1], &x[2]],
                             [&cos, &sin],
                             &mask,
@@ -1848,7 +1942,7 @@ pub mod generic {
                         )
                         .unwrap()
                     });
-                    assert!(worst < 1e-6, "{worst:e}");
+                    assert!(worst < 1e-6, "{}: {worst:e}", path.name());
                 }
             }
         }

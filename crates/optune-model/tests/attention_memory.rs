@@ -1,9 +1,10 @@
 //! On the generic path (the op graph a GPU runs) a training forward pass keeps no attention
 //! scores or probabilities for the backward pass: the graph it holds grows with the tokens, not
 //! with the tokens times the sequence length. The same tokens as four sequences of ~123 tokens
-//! and as two of ~246 hold about the same graph (measured: 52.60 and 52.30 MB); composed of
-//! tensor ops, attention kept three `[b, heads, t, t]` tensors a layer in f32 (five in bf16), and
-//! the longer batch held 9.6 MB more (106.65 and 116.26 MB, without the first pass). The heap is counted by a counting
+//! and as two of ~246 hold about the same graph (measured: 37.83 and 37.64 MB, 52.60 and 52.30
+//! MB before the rotary attention node kept q, k and v once); composed of tensor ops, attention
+//! kept three `[b, heads, t, t]` tensors a layer in f32 (five in bf16), and the longer batch held
+//! 9.6 MB more (106.65 and 116.26 MB, without the first pass). The heap is counted by a counting
 //! allocator, so this file holds one test: the counts are the whole test process's.
 
 mod common;

@@ -8,16 +8,24 @@ use super::*;
 /// probabilities live only inside it, one (batch, KV head) block at a time, and the backward
 /// recomputes them. CPU, f32/f64.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
-    let op = Attention {
-        // bf16 inputs run the f32 kernel (`through_f32!`), which reads an f32 mask.
-        mask: mask
-            .detach()
-            .to_dtype(crate::op_rules::accumulation_dtype(mask.dtype()))?
-            .contiguous()?,
-        scale,
-    };
-    q.contiguous()?
-        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+    q.contiguous()?.apply_op3(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        Attention::new(mask, scale)?,
+    )
+}
+
+/// The gradients `[∂q, ∂k, ∂v]` of [`attention`] for its output's gradient `grad`, computed as
+/// its node's backward pass computes them (for a node that keeps its own inputs instead).
+pub fn attention_grads(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+    grad: &Tensor,
+) -> Result<[Tensor; 3]> {
+    Attention::new(mask, scale)?.grads(q, k, v, grad)
 }
 
 #[derive(Clone)]
@@ -43,6 +51,39 @@ impl AttnDims {
 }
 
 impl Attention {
+    fn new(mask: &Tensor, scale: f64) -> Result<Self> {
+        Ok(Self {
+            // bf16 inputs run the f32 kernel (`through_f32!`), which reads an f32 mask.
+            mask: mask
+                .detach()
+                .to_dtype(crate::op_rules::accumulation_dtype(mask.dtype()))?
+                .contiguous()?,
+            scale,
+        })
+    }
+
+    /// [`attention_grads`].
+    fn grads(&self, q: &Tensor, k: &Tensor, v: &Tensor, grad: &Tensor) -> Result<[Tensor; 3]> {
+        let (nq, nk) = (q.elem_count(), k.elem_count());
+        let op = AttentionGrad {
+            op: self.clone(),
+            // As the mask: read by the f32 kernel when the inputs are bf16.
+            q: q.detach()
+                .to_dtype(crate::op_rules::accumulation_dtype(q.dtype()))?
+                .contiguous()?,
+        };
+        let packed = grad.detach().contiguous()?.apply_op3_no_bwd(
+            &k.detach().contiguous()?,
+            &v.detach().contiguous()?,
+            &op,
+        )?;
+        Ok([
+            packed.narrow(0, 0, nq)?.reshape(q.shape())?,
+            packed.narrow(0, nq, nk)?.reshape(k.shape())?,
+            packed.narrow(0, nq + nk, nk)?.reshape(v.shape())?,
+        ])
+    }
+
     fn check(&self, q: &[usize], k: &[usize], v: &[usize]) -> Result<AttnDims> {
         let (&[b, heads, tq, d], &[kb, kv_heads, tk, kd]) = (q, k) else {
             bail!(
@@ -253,22 +294,8 @@ impl CustomOp3 for Attention {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (nq, nk) = (q.elem_count(), k.elem_count());
-        let op = AttentionGrad {
-            op: self.clone(),
-            // As the mask: read by the f32 kernel when the inputs are bf16.
-            q: q.detach()
-                .to_dtype(crate::op_rules::accumulation_dtype(q.dtype()))?,
-        };
-        let packed = grad
-            .detach()
-            .contiguous()?
-            .apply_op3_no_bwd(&k.detach(), &v.detach(), &op)?;
-        Ok((
-            Some(packed.narrow(0, 0, nq)?.reshape(q.shape())?),
-            Some(packed.narrow(0, nq, nk)?.reshape(k.shape())?),
-            Some(packed.narrow(0, nq + nk, nk)?.reshape(v.shape())?),
-        ))
+        let [q_grad, k_grad, v_grad] = self.grads(q, k, v, grad)?;
+        Ok((Some(q_grad), Some(k_grad), Some(v_grad)))
     }
 }
 

@@ -15,6 +15,9 @@
 //! * [`rotary_heads`]: the split of a projection into heads fused with the rotary embedding.
 //! * [`attention`]: grouped-query `softmax(scale · q kᵀ + mask) v`; scores and probabilities exist
 //!   one (batch, KV head) block at a time and are recomputed by the backward.
+//! * [`rotary_heads_grad`], [`attention_grads`]: those two ops' backward passes as functions,
+//!   for the node that keeps the projections alone and runs both ops inside
+//!   ([`crate::ops::rotary_attention`], the training path's).
 
 use crate::grad_buffers::{self, GradBuffer};
 use crate::matmul::{
@@ -29,12 +32,12 @@ use half::bf16;
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
 
-pub use attention::attention;
+pub use attention::{attention, attention_grads};
 pub use embedding::embedding;
 pub use linear::linear;
 pub use lora_linear::lora_linear;
 pub use rms_norm::rms_norm;
-pub use rotary::rotary_heads;
+pub use rotary::{rotary_heads, rotary_heads_grad};
 pub use silu_mul::silu_mul;
 pub use token_logprobs::{token_logprobs, KEPT_LOGITS_BYTES};
 

@@ -10,6 +10,21 @@ pub fn rotary_heads(x: &Tensor, cos: &Tensor, sin: &Tensor, heads: usize) -> Res
         .apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope { heads })
 }
 
+/// The gradient `[b, t, heads·d]` of [`rotary_heads`]' input for its output's gradient `grad [b,
+/// heads, t, d]`, computed as its node's backward pass computes it.
+pub fn rotary_heads_grad(
+    grad: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    heads: usize,
+) -> Result<Tensor> {
+    grad.detach().contiguous()?.apply_op3_no_bwd(
+        &cos.detach().contiguous()?,
+        &sin.detach().contiguous()?,
+        &RopeGrad(Rope { heads }),
+    )
+}
+
 #[derive(Clone, Copy)]
 struct Rope {
     heads: usize,
@@ -145,10 +160,7 @@ impl CustomOp3 for Rope {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = grad
-            .detach()
-            .contiguous()?
-            .apply_op3_no_bwd(cos, sin, &RopeGrad(*self))?;
+        let grad = rotary_heads_grad(grad, cos, sin, self.heads)?;
         Ok((Some(grad.reshape(x.shape())?), None, None))
     }
 }
