@@ -1787,10 +1787,10 @@ pub mod generic {
         /// them again in its backward pass: its values and gradients are those of its composed
         /// form to the bit. On the generic path (the rotary node on each of q and k, v split, the
         /// attention node, the heads merged) in f32, bf16 and f64, with pieces of query rows or
-        /// one; on the fused path (its rotary and attention ops) in f32 and f64; with causal and
-        /// padding masks, GQA, and inputs that lead to no variable (v; k; q; q and k); no
-        /// gradient carries a graph. Tables that are differentiated take the composed form and,
-        /// on the generic path, get their gradients.
+        /// one; on the fused path (its rotary and attention ops) in f32, bf16 and f64; with
+        /// causal and padding masks, GQA, and inputs that lead to no variable (v; k; q; q and
+        /// k); no gradient carries a graph. Tables that are differentiated take the composed
+        /// form and, on the generic path, get their gradients.
         #[test]
         fn rotary_attention_equals_the_composed_form() {
             // GQA; as many KV heads as query heads; one head of one position (the merge of the
@@ -1826,7 +1826,7 @@ pub mod generic {
             let (heads, kv_heads) = split;
             let dtypes = match path {
                 Path::Generic => &[DType::F32, DType::BF16, DType::F64][..],
-                Path::Fused => &[DType::F32, DType::F64],
+                Path::Fused => &[DType::F32, DType::BF16, DType::F64],
             };
             // One piece, and (generic) two query rows a piece (2·4·5·2 scores).
             let piece_sizes = match path {

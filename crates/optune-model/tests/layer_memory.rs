@@ -8,7 +8,7 @@
 //! 7 r; composed of its rotary and attention ops, the fused path kept the rotated heads, v split
 //! and the output before the merge: 10 h + 4 kv + 3 i + 7 r. Measured on this model (h 256, kv
 //! 128, i 768, r 8), against 4,664 counted: 4,710 elements a token and layer on the generic
-//! path (with the composed attention 5,864, with the composed SwiGLU 5,478) and 4,710 on the
+//! path (with the composed attention 5,864, with the composed SwiGLU 5,478) and 4,731 on the
 //! fused path (5,500 composed). The heap is counted by a counting allocator, so this file holds
 //! one test: the counts are the whole test process's.
 
