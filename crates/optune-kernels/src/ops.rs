@@ -752,22 +752,8 @@ pub mod generic {
         scale: f64,
         most_scores: usize,
     ) -> Result<Tensor> {
-        let composed = |rows: [&Tensor; 3]| match path {
-            Path::Generic => super::composed_rotary_attention(
-                rows,
-                heads,
-                |x, n| rotary_heads(x, cos, sin, n),
-                |q, k, v| match [q, k, v].iter().any(|t| t.track_op()) {
-                    true => recomputed_attention(q, k, v, mask, scale, most_scores),
-                    false => attention_in_pieces(q, k, v, mask, scale, most_scores),
-                },
-            ),
-            Path::Fused => super::composed_rotary_attention(
-                rows,
-                heads,
-                |x, n| crate::fused::rotary_heads(x, cos, sin, n),
-                |q, k, v| crate::fused::attention(q, k, v, mask, scale),
-            ),
+        let composed = |rows| {
+            rotary_attention_composed(path, rows, [cos, sin], mask, heads, scale, most_scores)
         };
         let tables_tracked = cos.track_op() || sin.track_op();
         if tables_tracked || !rows.iter().any(|t| t.track_op()) {
@@ -788,6 +774,37 @@ pub mod generic {
                 values: Precomputed::new(values),
             },
         )
+    }
+
+    /// [`rotary_attention`] composed of `path`'s ops (the rotary node on each of q and k, v
+    /// split, the attention node, the heads merged): the node's values, and its form where it
+    /// makes no node.
+    fn rotary_attention_composed(
+        path: Path,
+        rows: [&Tensor; 3],
+        [cos, sin]: [&Tensor; 2],
+        mask: &Tensor,
+        heads: (usize, usize),
+        scale: f64,
+        most_scores: usize,
+    ) -> Result<Tensor> {
+        match path {
+            Path::Generic => super::composed_rotary_attention(
+                rows,
+                heads,
+                |x, n| rotary_heads(x, cos, sin, n),
+                |q, k, v| match [q, k, v].iter().any(|t| t.track_op()) {
+                    true => recomputed_attention(q, k, v, mask, scale, most_scores),
+                    false => attention_in_pieces(q, k, v, mask, scale, most_scores),
+                },
+            ),
+            Path::Fused => super::composed_rotary_attention(
+                rows,
+                heads,
+                |x, n| crate::fused::rotary_heads(x, cos, sin, n),
+                |q, k, v| crate::fused::attention(q, k, v, mask, scale),
+            ),
+        }
     }
 
     /// [`rotary_attention`]'s node: the forward computed before it; a backward pass that
@@ -1824,16 +1841,12 @@ pub mod generic {
             d: usize,
         ) {
             let (heads, kv_heads) = split;
-            let dtypes = match path {
-                Path::Generic => &[DType::F32, DType::BF16, DType::F64][..],
-                Path::Fused => &[DType::F32, DType::BF16, DType::F64],
-            };
             // One piece, and (generic) two query rows a piece (2·4·5·2 scores).
             let piece_sizes = match path {
                 Path::Generic => &[usize::MAX, b * heads * t * 2][..],
                 Path::Fused => &[usize::MAX],
             };
-            for &dtype in dtypes {
+            for dtype in [DType::F32, DType::BF16, DType::F64] {
                 let vars = [
                     values(&[b, t, heads * d], 90, 1.0, dtype),
                     values(&[b, t, kv_heads * d], 91, 1.0, dtype),
@@ -1867,22 +1880,15 @@ pub mod generic {
                                 most_scores,
                             )
                             .unwrap();
-                            let composed = match path {
-                                Path::Generic => crate::ops::composed_rotary_attention(
-                                    rows,
-                                    split,
-                                    |x, n| rotary_heads(x, &cos, &sin, n),
-                                    |q, k, v| {
-                                        recomputed_attention(q, k, v, &mask, 0.3, most_scores)
-                                    },
-                                ),
-                                Path::Fused => crate::ops::composed_rotary_attention(
-                                    rows,
-                                    split,
-                                    |x, n| crate::fused::rotary_heads(x, &cos, &sin, n),
-                                    |q, k, v| crate::fused::attention(q, k, v, &mask, 0.3),
-                                ),
-                            };
+                            let composed = rotary_attention_composed(
+                                path,
+                                rows,
+                                [&cos, &sin],
+                                &mask,
+                                split,
+                                0.3,
+                                most_scores,
+                            );
                             let ours = bits_of_gradients(&node, &w, rows, true);
                             let case = format!(
                                 "{}, {dtype:?}, frozen {frozen:?}, {most_scores}",
