@@ -5,7 +5,7 @@
 //! the trained weights.
 
 use optune_testkit::{
-    generic_kernels, signal_when, timed, untimed_metrics, workspace_root, Outcome,
+    generic_kernels, signal_when, timed, untimed_metrics, workspace_root, Outcome, Running,
 };
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -194,17 +194,17 @@ fn sigterm_writes_a_state_at_the_next_step_and_the_rerun_completes() {
             .unwrap_or(0)
     };
     let command = &mut wdpo(&pairs, &output, &["--metrics", metrics.to_str().unwrap()]);
-    // The signal comes in the middle of a step, some time after the third one ended.
-    let steps_before_signal = std::cell::Cell::new(0);
-    let (outcome, seconds) = signal_when(command, "TERM", || {
-        if logged() < 3 {
-            return false;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(150));
-        steps_before_signal.set(logged());
-        true
-    });
-    let at_signal = steps_before_signal.get() as u64;
+    // The signal comes in the middle of a step, some time after the third one ended. A loaded
+    // machine may let a step or more end between a reading of the log and the signal's arrival,
+    // so the steps logged once `kill` has returned bound the step the state may be at.
+    let mut running = Running::start(command);
+    running.wait_until(|| logged() >= 3);
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    let signalled = std::time::Instant::now();
+    running.signal("TERM");
+    let at_signal = logged() as u64;
+    let outcome = running.wait();
+    let seconds = signalled.elapsed().as_secs_f64();
     let step = state_step(&output);
     assert_failed(
         &outcome,
@@ -215,9 +215,11 @@ fn sigterm_writes_a_state_at_the_next_step_and_the_rerun_completes() {
     );
     assert!(
         (at_signal..=at_signal + 1).contains(&step),
-        "state at step {step}, signalled after step {at_signal}: more than one step later"
+        "state at step {step}, {at_signal} steps logged once the signal was sent: more than one step later"
     );
-    eprintln!("SIGTERM after step {at_signal}: state at step {step}, exit {seconds:.2} s later");
+    eprintln!(
+        "SIGTERM with {at_signal} steps logged: state at step {step}, exit {seconds:.2} s later"
+    );
     assert!(!output.exists());
 
     let (outcome, _) = timed(&mut wdpo(

@@ -372,59 +372,94 @@ pub fn journal_rows(output: &Path) -> usize {
         .unwrap_or(0)
 }
 
-/// Starts `command` (stdout discarded, stderr kept), waits until `ready()` holds, sends it
-/// `signal` (`KILL`, `TERM`, `INT`) and waits for it to end; returns how it ended and how many
-/// seconds it took to end after the signal. Panics when the tool ends before `ready()` holds or
-/// makes no progress for ten minutes.
+/// A tool running with its stdout discarded and its stderr read on the side (so that a full pipe
+/// never stalls it), for a test that signals it mid-run.
+pub struct Running {
+    child: std::process::Child,
+    reader: Option<std::thread::JoinHandle<String>>,
+    started: std::time::Instant,
+}
+
+impl Running {
+    pub fn start(command: &mut Command) -> Running {
+        let mut child = command
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the tool starts");
+        let mut stderr = child.stderr.take().expect("piped stderr");
+        let reader = std::thread::spawn(move || {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut stderr, &mut text).ok();
+            text
+        });
+        Running {
+            child,
+            reader: Some(reader),
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// Polls `ready()` every 20 ms until it holds. Panics when the tool ends first or makes no
+    /// progress for ten minutes.
+    pub fn wait_until(&mut self, ready: impl Fn() -> bool) {
+        while !ready() {
+            if let Some(status) = self.child.try_wait().expect("waiting for the tool") {
+                panic!(
+                    "the tool ended ({status}) before the moment to signal it:\n{}",
+                    self.stderr()
+                );
+            }
+            assert!(
+                self.started.elapsed() < std::time::Duration::from_secs(600),
+                "no progress in ten minutes"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// Sends `signal` (`KILL`, `TERM`, `INT`); on return the tool has been sent it.
+    pub fn signal(&mut self, signal: &str) {
+        let sent = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill runs");
+        assert!(sent.success(), "kill -{signal} failed");
+    }
+
+    /// Waits for the tool to end; how it ended, with its stderr.
+    pub fn wait(mut self) -> Outcome {
+        let status = self.child.wait().expect("reaping the tool");
+        Outcome {
+            status,
+            stdout: Vec::new(),
+            stderr: self.stderr(),
+        }
+    }
+
+    /// What the tool wrote to stderr; call once it has ended.
+    fn stderr(&mut self) -> String {
+        self.reader
+            .take()
+            .and_then(|reader| reader.join().ok())
+            .unwrap_or_default()
+    }
+}
+
+/// Starts `command`, waits until `ready()` holds, sends it `signal` and waits for it to end (see
+/// [`Running`]); returns how it ended and how many seconds it took to end after the signal.
 pub fn signal_when(
     command: &mut Command,
     signal: &str,
     ready: impl Fn() -> bool,
 ) -> (Outcome, f64) {
-    let mut child = command
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the tool starts");
-    let mut stderr = child.stderr.take().expect("piped stderr");
-    // Read while it runs, so that a full pipe never stalls the tool.
-    let reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        std::io::Read::read_to_string(&mut stderr, &mut text).ok();
-        text
-    });
-    let started = std::time::Instant::now();
-    while !ready() {
-        if let Some(status) = child.try_wait().expect("waiting for the tool") {
-            panic!(
-                "the tool ended ({status}) before the moment to signal it:\n{}",
-                reader.join().unwrap_or_default()
-            );
-        }
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(600),
-            "no progress in ten minutes"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let mut running = Running::start(command);
+    running.wait_until(ready);
     let signalled = std::time::Instant::now();
-    let sent = Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(child.id().to_string())
-        .status()
-        .expect("kill runs");
-    assert!(sent.success(), "kill -{signal} failed");
-    let status = child.wait().expect("reaping the tool");
-    let seconds = signalled.elapsed().as_secs_f64();
-    let stderr = reader.join().unwrap_or_default();
-    (
-        Outcome {
-            status,
-            stdout: Vec::new(),
-            stderr,
-        },
-        seconds,
-    )
+    running.signal(signal);
+    let outcome = running.wait();
+    (outcome, signalled.elapsed().as_secs_f64())
 }
 
 /// SIGKILLs `command` once the journal of `output` holds at least `rows` rows (see
