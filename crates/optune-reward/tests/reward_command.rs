@@ -146,7 +146,8 @@ fn hung_program_times_out_and_is_reaped() {
     let message = score_error(&mut command, 3);
     drop(command);
     let elapsed = started.elapsed();
-    assert!(elapsed < Duration::from_secs(3), "took {elapsed:?}");
+    // A 1 s timeout, with room for Python's start on a loaded CI machine.
+    assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}");
     assert_mentions(
         &message,
         &[
