@@ -59,32 +59,36 @@ rerun, and the sanitizer rows, which run when the others leave time within --bud
             in bf16 (--n 2, chunked prefill: the cache write, cache attention, add+norm, gate and
             sampler kernels) and over two opt-wdpo steps in bf16 (the optimiser kernels); racecheck
             (shared-memory hazards between a block's threads, which the CPU emulator of our kernels
-            cannot show: it runs a block's threads one at a time) over the opt-gen run, watching our
-            kernels that use shared memory only (SHARED_MEMORY_KERNELS, `--kernel-name kns=`). Last by
-            default: the logprobs rows already compare every kernel's results with the CPU's.
+            cannot show: it runs a block's threads one at a time) over the opt-gen run, once per kernel
+            of ours that uses shared memory (SHARED_MEMORY_KERNELS, one `--kernel-name kns=` filter
+            a run). Last by default: the logprobs rows already compare every kernel's results with
+            the CPU's.
 
 Cost on one H100/H200, guessed from the sizes before any GPU run (the table's last row gives the
 measured wall seconds of each stage; replace these guesses with them):
 
   start      unpack the archive, import torch, copy bandwidth                      ~15 s
-  logprobs   24 CUDA runs of the tools, the first ones JIT-compile candle's PTX     ~80 s
+  logprobs   37 runs of the tools (26 on CUDA), the first ones JIT-compile
+             candle's PTX (2.2 MB)                                                  ~110 s
   train-1b   build the 1.1B (2.2 GB), 2 x (optune run + peer)                        ~50 s
   train-7b   build the 7B (init on the GPU, 13.5 GB written once), optune LoRA run
              (load, 5 steps, 13.5 GB merged checkpoint written), peer (loads the 7B) ~100 s
-  gen-7b     4 batch sizes x (opt-gen run incl. 13.5 GB load + generate), prefill,
-             decode after it, each also with OPTUNE_ATTENTION=whole                ~130 s
-  gen-1b     4 batch sizes x (opt-gen run incl. load + generate), 1.1B reloaded,
-             the largest batch, prefill and decode after it also with
-             OPTUNE_ATTENTION=whole                                                ~80 s
+  gen-7b     warm-up (the peer's 7B loaded, one short opt-gen run), 4 batch sizes x
+             (opt-gen run incl. 13.5 GB load + generate), prefill, decode after it,
+             each also with OPTUNE_ATTENTION=whole                                   ~165 s
+  gen-1b     the same on the 1.1B, and its largest batch with OPTUNE_ATTENTION=whole ~95 s
   score-1b   the reward model written (2.2 GB), opt-score run, peer (loads it)    ~25 s
-  sanitize   3 runs on tiny-llama, each instrumenting the kernels it loads          ~90 s
-  total                                                                             ~570 s
-             (over the default budget: the sanitize rows run when the earlier stages
-             come in under their guesses, or alone with --stages sanitize)
+  sanitize   5 runs on tiny-llama under compute-sanitizer                           ~150 s
+  total                                                                             ~710 s
 
---budget-s (default 420) bounds the run: before each row the elapsed time plus that row's guessed
+--budget-s (default 480) bounds the run: before each row the elapsed time plus that row's guessed
 cost (ESTIMATE_S) must fit, else the row is skipped with a note; every tool run is killed at
---budget-s + 45 s, and a training or generation run after 3x its row's guess (at least 60 s).
+--budget-s + 45 s, and a training or generation run after 3x its row's guess (at least 60 s); a
+row's peer side starts only with half the row's guess left before that limit. By the guesses the
+budget ends inside gen-1b: its last rows, score-1b and the sanitizer rows run when the earlier
+stages come in under their guesses, or in a second call (--stages gen-1b,score-1b,sanitize reuses
+the checkpoints under --work on the same machine). A row whose peer fails or runs out of time
+keeps optune's figures, with the peer's cells empty and the reason in its note.
 Rows print as soon as they are measured and measure.md/measure.json are rewritten after each, so
 a run stopped from outside still leaves its rows on stdout and in --out.
 
@@ -151,9 +155,9 @@ STAGES = ["logprobs", "train-1b", "train-7b", "gen-7b", "gen-1b", "score-1b", "s
 # Guessed cost in seconds on an H100 of each unit of work the budget is checked before (see the
 # docstring); a dry run checks against 0 (its figures are the CPU's).
 ESTIMATE_S = {
-    "logprobs": 80,
-    "build:1b": 15, "lora:1b": 15, "full:1b": 20, "gen:1b": 12,
-    "build:7b": 45, "lora:7b": 55, "gen:7b": 22,
+    "logprobs": 110,
+    "build:1b": 15, "lora:1b": 15, "full:1b": 20, "warmup:1b": 15, "gen:1b": 12,
+    "build:7b": 45, "lora:7b": 55, "warmup:7b": 35, "gen:7b": 22,
     "prefill:1b": 19, "prefill:7b": 40, "score:1b": 25,
     "sanitize": 30,
 }
@@ -261,6 +265,15 @@ class Budget:
         cap = None if unit is None else max(60.0, 3 * ESTIMATE_S[unit])
         return (left, True) if cap is None or left <= cap else (cap, False)
 
+    def ensure(self, unit: str, what: str) -> None:
+        """Raises OutOfTime unless half of the unit's guess (a dry run: any time) is left before the
+        hard limit: the check before Python work, such as a row's peer side, that no tool-run
+        timeout bounds."""
+        left = self.seconds + self.GRACE_S - elapsed()
+        if left < (1 if self.dry_run else ESTIMATE_S[unit] / 2):
+            raise OutOfTime(f"{elapsed():.0f} s elapsed: no time left for {what} before the hard limit "
+                            f"(--budget-s + {self.GRACE_S} s)")
+
 
 class OutOfTime(RuntimeError):
     """A tool run stopped (or not started) at the whole run's hard limit: the row is skipped,
@@ -273,6 +286,21 @@ class OverCap(RuntimeError):
 
 
 BUDGET = None  # the Budget, made by main()
+
+
+def peer_side(stage: str, unit: str, fn):
+    """The peer's half of a row, run once optune's half is measured: (its result, "", "ok"), or
+    when it fails or the time is out (None, a note for the row, "fail" or "skip"), so that the
+    row still carries optune's figures."""
+    try:
+        BUDGET.ensure(unit, "the peer")
+        return fn(), "", "ok"
+    except OutOfTime as e:
+        return None, f"peer skipped: {e}", "skip"
+    except Exception as e:  # noqa: BLE001  (the peer's failure must not discard optune's figures)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        note(f"{stage}: the peer failed:\n{e}")
+        return None, f"peer FAILED: {first[:160]}", "fail"
 
 
 def guarded(stage: str, what: str, fn) -> None:
@@ -818,10 +846,11 @@ def compute_sanitizer():
     return None
 
 
-def sanitized_row(tool: str, what: str, cmd, sanitizer, env=None, kernels=None) -> None:
-    """`cmd` under `compute-sanitizer --tool {tool}`, watching only the kernels whose names hold one
-    of `kernels` when given: passes when it reports no error. In a dry run (no GPU, no sanitizer)
-    the command runs bare, which checks the row's plumbing only."""
+def sanitized_row(tool: str, what: str, cmd, sanitizer, env=None, kernel=None) -> None:
+    """`cmd` under `compute-sanitizer --tool {tool}`, watching only the kernels whose names hold
+    `kernel` when given (one `--kernel-name` filter: whether the option may repeat differs between
+    versions, so a run watches one stem): passes when it reports no error. In a dry run (no GPU, no
+    sanitizer) the command runs bare, which checks the row's plumbing only."""
     if sanitizer is None:
         if GPU == "cuda":
             REPORT.row("sanitize", what, "", "", "", "n/a: compute-sanitizer not found", kind="skip")
@@ -834,7 +863,7 @@ def sanitized_row(tool: str, what: str, cmd, sanitizer, env=None, kernels=None) 
     # API errors that candle or cuBLAS handle themselves would read as kernel faults: off.
     full = [sanitizer, "--tool", tool, "--error-exitcode", "97", "--print-limit", "20",
             "--report-api-errors", "no", "--log-file", log,
-            *[arg for stem in kernels or [] for arg in ("--kernel-name", f"kns={stem}")], *cmd]
+            *(["--kernel-name", f"kns={kernel}"] if kernel else []), *cmd]
     start = time.monotonic()
     failure = capped = None
     try:
@@ -900,18 +929,19 @@ def stage_sanitize(args) -> None:
     # the split and merging kernels, which these short spans would not otherwise take); both runs
     # take the tiled kernel for the prompt chunks, racecheck's the per-token one whole to decode.
     split = {"OPTUNE_ATTENTION": "split:4"}
-    for tool, what, cmd, env, kernels in [
+    runs = [
         ("memcheck", "memcheck: opt-gen sampling bf16 (tiny-llama, --n 2, 7 prompt tokens per step, "
          "decode attention split in chunks)", gen, split, None),
         ("memcheck", "memcheck: opt-wdpo, 2 steps bf16 (tiny-llama, AdamW)", train, None, None),
-        ("racecheck", "racecheck: opt-gen sampling bf16 (shared-memory hazards in our kernels)", gen, None,
-         shared_memory_kernels),
-    ]:
+    ]
+    # Racecheck: the opt-gen run once per kernel of ours with shared memory.
+    runs += [("racecheck", f"racecheck: opt-gen sampling bf16, {stem}_* kernels (shared-memory hazards)", gen,
+              None, stem) for stem in shared_memory_kernels()]
+    for tool, what, cmd, env, kernel in runs:
         if not BUDGET.allows("sanitize"):
             BUDGET.skip("sanitize", what, "sanitize")
             continue
-        guarded("sanitize", what,
-                lambda: sanitized_row(tool, what, cmd, sanitizer, env, kernels() if kernels else None))
+        guarded("sanitize", what, lambda: sanitized_row(tool, what, cmd, sanitizer, env, kernel))
 
 
 # The name stems of our CUDA kernels that use shared memory: what racecheck watches.
@@ -1139,15 +1169,20 @@ def lora_linear(base, rank: int, alpha: float):
     return LoraLinear()
 
 
-def attach_lora(model, rank: int, how: str):
-    """Adapters on q,k,v,o of a frozen bf16 model; returns (model to train, undo, what was used)."""
+def peft_module():
+    """peft when it imports, else None (not only on ImportError: a version clash may raise anything)."""
     try:
         import peft
-    except Exception:  # noqa: BLE001  (a peft that breaks on import is as good as none here)
-        peft = None
-    if how == "peft" and peft is None:
-        raise RuntimeError("--peer-lora peft: peft is not importable")
-    if peft is not None and how != "torch":
+    except Exception:  # noqa: BLE001
+        return None
+    return peft
+
+
+def attach_lora(model, rank: int, use_peft: bool):
+    """Adapters on q,k,v,o of a frozen bf16 model, through peft or this script's module; returns
+    (model to train, undo, what was used)."""
+    if use_peft:
+        peft = peft_module()
         config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, bias="none",
                                  target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
         wrapped = peft.get_peft_model(model, config)  # adapters in f32 (autocast_adapter_dtype)
@@ -1164,7 +1199,7 @@ def attach_lora(model, rank: int, how: str):
             setattr(parent, name, base)
         return model
 
-    return model, undo, "LoRA module of this script" + (" (peft not importable)" if peft is None else "")
+    return model, undo, "LoRA module of this script"
 
 
 def peer_dpo_steps(model, sides, steps: int, lr: float) -> dict:
@@ -1249,14 +1284,32 @@ def reset_peak() -> None:
 
 
 def peer_lora(args, models: Models, role: str, sides) -> dict:
+    """The peer's LoRA steps: through peft when --peer-lora allows it and peft imports, else this
+    script's LoRA module; with `auto`, a peft that fails in any way (an API that moved, an error
+    inside its step) is replaced by the script's module for a second try, and the row says why."""
     model = models.peer(role)
-    reset_peak()
-    wrapped, undo, used = attach_lora(model, args.lora_rank, args.peer_lora)
-    try:
-        out = peer_dpo_steps(wrapped, sides, args.train_steps, 1e-5)
-    finally:
-        undo()
-    out.update(peer_peak(), used=used)
+    importable = peft_module() is not None
+    if args.peer_lora == "peft" and not importable:
+        raise RuntimeError("--peer-lora peft: peft is not importable")
+    tries = [True, False] if args.peer_lora == "auto" and importable else [args.peer_lora == "peft"]
+    why = " (peft not importable)" if args.peer_lora == "auto" and not importable else ""
+    for use_peft in tries:
+        reset_peak()
+        undo = None
+        try:
+            wrapped, undo, used = attach_lora(model, args.lora_rank, use_peft)
+            out = peer_dpo_steps(wrapped, sides, args.train_steps, 1e-5)
+            break
+        except Exception as e:  # noqa: BLE001  (any failure of peft: the script's module next)
+            if not use_peft or len(tries) == 1:
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            note(f"the peer's LoRA through peft failed; once more with this script's module:\n{e}")
+            why = f" (peft failed: {first[:80]})"
+        finally:
+            if undo is not None:
+                undo()
+    out.update(peer_peak(), used=used + why)
     return out
 
 
@@ -1276,28 +1329,33 @@ def peer_full(args, models: Models, role: str, sides) -> dict:
 
 def train_row(args, models: Models, role: str, kind: str, pairs: Path, sides) -> None:
     stage = f"train {role} {'LoRA' if kind == 'lora' else 'full'}"
+    unit = f"{kind}:{role}"
     work = args.work / "train" / f"{role}-{kind}"
     work.mkdir(parents=True, exist_ok=True)
     models.release()  # the whole device for opt-wdpo, whose memory plan reads what is free
-    ours = optune_train(args, models.path(role), pairs, len(sides) // 2, work, lora=(kind == "lora"),
-                        unit=f"{kind}:{role}")
-    theirs = (peer_lora if kind == "lora" else peer_full)(args, models, role, sides)
+    ours = optune_train(args, models.path(role), pairs, len(sides) // 2, work, lora=(kind == "lora"), unit=unit)
+    theirs, peer_note, kind_of_row = peer_side(stage, unit, lambda: (peer_lora if kind == "lora" else peer_full)(
+        args, models, role, sides))
+    theirs = theirs or {}
     o = statistics.median(ours["step_s"][1:] or ours["step_s"])
-    t = statistics.median(theirs["step_s"][1:] or theirs["step_s"])
-    ot, tt = ours["tokens_per_step"] / o, theirs["tokens_per_step"] / t
+    t = statistics.median(theirs["step_s"][1:] or theirs["step_s"]) if theirs else None
+    ot = ours["tokens_per_step"] / o
+    tt = theirs["tokens_per_step"] / t if theirs else None
     what = (f"LoRA r{args.lora_rank} on {','.join(p[0] for p in LORA_TARGETS)}" if kind == "lora"
             else "full fine-tuning")
     REPORT.row(stage, f"s/step, {what}, {len(sides) // 2} pairs x ~{args.train_tokens} response tokens "
-               f"(median of steps 2..{args.train_steps})", f"{o:.3f}", f"{t:.3f}", ratio(o, t),
-               f"peer: {theirs['used']}, {theirs['trainable']:,} trainable in {theirs['dtype']}; "
-               f"optune kernels={ours['kernels']}")
-    REPORT.row(stage, "tokens/s (prompt + response, both sides)", f"{ot:,.0f}", f"{tt:,.0f}", ratio(ot, tt),
-               f"tokens/step: optune {ours['tokens_per_step']}, peer {theirs['tokens_per_step']}")
-    REPORT.row(stage, "peak GPU memory, GiB", fmt(ours["peak_gib"], ".1f"), fmt(theirs["peak_gib"], ".1f"),
-               ratio(ours["peak_gib"], theirs["peak_gib"]),
+               f"(median of steps 2..{args.train_steps})", f"{o:.3f}", fmt(t, ".3f"), ratio(o, t),
+               (f"peer: {theirs['used']}, {theirs['trainable']:,} trainable in {theirs['dtype']}; " if theirs
+                else f"{peer_note}; ") + f"optune kernels={ours['kernels']}", kind=kind_of_row)
+    REPORT.row(stage, "tokens/s (prompt + response, both sides)", f"{ot:,.0f}", fmt(tt, ",.0f"), ratio(ot, tt),
+               f"tokens/step: optune {ours['tokens_per_step']}, peer {theirs.get('tokens_per_step', 'n/a')}",
+               kind=kind_of_row)
+    REPORT.row(stage, "peak GPU memory, GiB", fmt(ours["peak_gib"], ".1f"), fmt(theirs.get("peak_gib"), ".1f"),
+               ratio(ours["peak_gib"], theirs.get("peak_gib")),
                f"optune: {ours['peak_how']}, its own plan {fmt(ours['planned_gib'], '.1f')} GiB; "
-               f"peer: {theirs['peak_how']}, torch max allocated {fmt(theirs['allocated_gib'], '.1f')} GiB")
-    REPORT.raw.setdefault("train", []).append({"role": role, "kind": kind, "optune": ours, "peer": theirs})
+               + (f"peer: {theirs['peak_how']}, torch max allocated {fmt(theirs['allocated_gib'], '.1f')} GiB"
+                  if theirs else peer_note), kind=kind_of_row)
+    REPORT.raw.setdefault("train", []).append({"role": role, "kind": kind, "optune": ours, "peer": theirs or peer_note})
 
 
 def stage_train(args, models: Models, role: str, kinds) -> None:
@@ -1371,32 +1429,37 @@ def gen_row(args, models: Models, role: str, batch: int, peer, ids_all, bytes_pe
         assert out.shape[1] - width == args.new_tokens, out.shape
         return time.perf_counter() - start
 
-    ours, theirs, peaks = [], [], []
+    ours, peaks = [], []
     for _ in range(args.repeats):
         free_torch_memory()
         stderr, peak, how = run(cmd, watch_gpu=True, unit=f"gen:{role}")
         ours.append(generated_tok_per_s(args, stderr, count))
         peaks.append(peak)
-        seconds = sum(peer_generate(ids[i:i + batch]) for i in range(0, count, batch))
-        theirs.append(count * args.new_tokens / seconds)
-    o, t = statistics.median(ours), statistics.median(theirs)
+
+    def peer_runs():
+        return [count * args.new_tokens / sum(peer_generate(ids[i:i + batch]) for i in range(0, count, batch))
+                for _ in range(args.repeats)]
+
+    theirs, peer_note, kind = peer_side(f"gen {role}", f"gen:{role}", peer_runs)
+    o, t = statistics.median(ours), statistics.median(theirs) if theirs else None
     bw = REPORT.raw.get("copy_bytes_per_s")
 
     def roof(tok_s):
-        return None if bw is None else bytes_per_step * tok_s / batch / bw * 100
+        return None if bw is None or tok_s is None else bytes_per_step * tok_s / batch / bw * 100
 
     goals = ""
-    if role == "7b" and batch == 64:
+    if role == "7b" and batch == 64 and t is not None:
         goals = f"; goal ≥ 3x transformers: {'met' if o >= 3 * t else 'not met'}"
     if role == "7b" and batch == 1 and bw is not None:
         goals = f"; goal ≥ 50 % of the roof: {'met' if roof(o) >= 50 else 'not met'}"
     REPORT.row(f"gen {role}", f"tok/s at batch {batch} (sequences: {count}, new tokens each: {args.new_tokens}"
                f"{', median of ' + str(args.repeats) + ' runs' if args.repeats > 1 else ''})",
-               f"{o:,.1f}", f"{t:,.1f}", ratio(o, t),
+               f"{o:,.1f}", fmt(t, ",.1f"), ratio(o, t),
                f"roof: optune {fmt(roof(o), '.1f')} %, peer {fmt(roof(t), '.1f')} %; optune peak GiB "
-               f"{fmt(max((p for p in peaks if p is not None), default=None), '.1f')} ({how}){goals}")
+               f"{fmt(max((p for p in peaks if p is not None), default=None), '.1f')} ({how}){goals}"
+               + (f"; {peer_note}" if peer_note else ""), kind=kind)
     REPORT.raw.setdefault("gen", []).append({"role": role, "batch": batch, "prompts": count, "optune": ours,
-                                             "transformers": theirs, "optune_peak_gib": peaks,
+                                             "transformers": theirs or peer_note, "optune_peak_gib": peaks,
                                              "weight_bytes_per_step": bytes_per_step})
 
 
@@ -1419,7 +1482,7 @@ def ungrouped_row(args, models: Models, role: str, batch: int) -> None:
 
 
 def stage_gen(args, models: Models, role: str) -> None:
-    if not stage_may_start(models, role, f"gen:{role}", f"gen {role}", "generation rows"):
+    if not stage_may_start(models, role, f"warmup:{role}", f"gen {role}", "generation rows"):
         return
     work = args.work / "gen" / role
     work.mkdir(parents=True, exist_ok=True)
@@ -1437,7 +1500,7 @@ def stage_gen(args, models: Models, role: str) -> None:
         write_jsonl(prompts, [{"prompt_id": f"w{i:02d}", "prompt": p} for i, p in enumerate(PROMPTS)])
         run([args.bin / "opt-gen", "--model", models.path(role), prompts, "-o", work / "out.jsonl", "--n", "1",
              "--temperature", "0", "--ignore-eos", "--max-new-tokens", "8", "--batch-size", "16",
-             "--device", GPU, "--dtype", "bf16", *device_flags("cuda", "bf16")], unit=f"gen:{role}")
+             "--device", GPU, "--dtype", "bf16", *device_flags("cuda", "bf16")], unit=f"warmup:{role}")
         with torch.inference_mode():
             x = torch.tensor([state["ids"][0]], device=GPU)
             peer.generate(input_ids=x, do_sample=False, max_new_tokens=8, pad_token_id=3)
@@ -1488,35 +1551,45 @@ def prefill_row(args, models: Models, role: str) -> None:
            "--temperature", "0", "--ignore-eos", "--max-new-tokens", "1", "--batch-size", "1",
            "--max-prompt-tokens", str(target), "--truncate", "left", "--device", GPU, "--dtype", "bf16",
            *device_flags("cuda", "bf16")]
-    ours, theirs = [], []
-    x = torch.tensor([ids], device=GPU)
-    with torch.inference_mode():
-        peer(input_ids=x[:, :16])
+    unit = f"prefill:{role}"
+    ours = []
     for _ in range(max(2, args.repeats)):
         free_torch_memory()
-        stderr, _, _ = run(cmd, unit=f"prefill:{role}")
+        stderr, _, _ = run(cmd, unit=unit)
         ours.append(float(summary(stderr, "opt-gen")["gen_s"]))
-        sync()
-        start = time.perf_counter()
-        with torch.inference_mode():
-            peer(input_ids=x)
-        sync()
-        theirs.append(time.perf_counter() - start)
-    o, t = min(ours), min(theirs)
+    o = min(ours)
     # The same prefill through the per-token kernel (OPTUNE_ATTENTION=whole: each prompt token
     # reads its keys itself, as before the tiled kernel): what the tiles are worth here.
     whole = {"OPTUNE_ATTENTION": "whole"}
-    stderr, _, _ = run(cmd, unit=f"prefill:{role}", env=whole)
+    stderr, _, _ = run(cmd, unit=unit, env=whole)
     o_whole = float(summary(stderr, "opt-gen")["gen_s"])
+    x = torch.tensor([ids], device=GPU)
+
+    def peer_prefill():
+        with torch.inference_mode():
+            peer(input_ids=x[:, :16])
+        times = []
+        for _ in range(len(ours)):
+            sync()
+            start = time.perf_counter()
+            with torch.inference_mode():
+                peer(input_ids=x)
+            sync()
+            times.append(time.perf_counter() - start)
+        return times
+
+    theirs, peer_note, kind = peer_side(f"gen {role}", unit, peer_prefill)
+    t = min(theirs) if theirs else None
     REPORT.row(f"gen {role}", f"prefill of one {target}-token prompt + 1 new token, seconds (best of {len(ours)})",
-               f"{o:.3f}", f"{t:.3f}", ratio(o, t),
+               f"{o:.3f}", fmt(t, ".3f"), ratio(o, t),
                f"per-token attention instead of tiles (OPTUNE_ATTENTION=whole, one run): {o_whole:.3f} s, "
                f"tiled/per-token {ratio(o, o_whole)}; "
                "optune: opt-gen's gen_s (prefill, one decode step, sampling); peer: one transformers forward "
-               "(bf16, sdpa) over the prompt; below 1 favours optune")
+               "(bf16, sdpa) over the prompt; below 1 favours optune" + (f"; {peer_note}" if peer_note else ""),
+               kind=kind)
     REPORT.raw.setdefault("prefill", []).append({"role": role, "tokens": target, "optune_s": ours,
                                                  "optune_per_token_attention_s": o_whole,
-                                                 "transformers_s": theirs})
+                                                 "transformers_s": theirs or peer_note})
 
     # Decoding after that prompt: each new token attends over ~target positions. The same run with
     # LONG_DECODE more tokens, less the one above, per token; set against the batch-1 row's short
@@ -1535,13 +1608,19 @@ def prefill_row(args, models: Models, role: str) -> None:
 
     ours_ms = per_token_ms(None, o)
     unsplit_ms = per_token_ms(whole, o_whole)
-    sync()
-    start = time.perf_counter()
-    with torch.inference_mode():
-        peer.generate(input_ids=x, do_sample=False, max_new_tokens=1 + LONG_DECODE, min_new_tokens=1 + LONG_DECODE,
-                      pad_token_id=3)
-    sync()
-    theirs_ms = (time.perf_counter() - start - t) / LONG_DECODE * 1e3
+
+    def peer_decode():
+        if t is None:
+            raise RuntimeError("no peer prefill to subtract")
+        sync()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            peer.generate(input_ids=x, do_sample=False, max_new_tokens=1 + LONG_DECODE,
+                          min_new_tokens=1 + LONG_DECODE, pad_token_id=3)
+        sync()
+        return (time.perf_counter() - start - t) / LONG_DECODE * 1e3
+
+    theirs_ms, peer_note, kind = peer_side(f"gen {role}", unit, peer_decode)
     short = [g for g in REPORT.raw.get("gen", []) if g["role"] == role and g["batch"] == 1]
     if short:
         short_ms = 1e3 / statistics.median(short[0]["optune"])
@@ -1549,10 +1628,11 @@ def prefill_row(args, models: Models, role: str) -> None:
     else:
         context = "no batch-1 row to set it against"
     REPORT.row(f"gen {role}", f"decode after the {target}-token prompt, batch 1, ms per new token "
-               f"({LONG_DECODE} tokens, one run)", f"{ours_ms:.2f}", f"{theirs_ms:.2f}", ratio(ours_ms, theirs_ms),
+               f"({LONG_DECODE} tokens, one run)", f"{ours_ms:.2f}", fmt(theirs_ms, ".2f"), ratio(ours_ms, theirs_ms),
                f"{context}; with each head's span unsplit and one query head to a block "
                f"(OPTUNE_ATTENTION=whole): {unsplit_ms:.2f} ms per token, ours/whole "
-               f"{ratio(ours_ms, unsplit_ms)}; below 1 favours optune")
+               f"{ratio(ours_ms, unsplit_ms)}; below 1 favours optune" + (f"; {peer_note}" if peer_note else ""),
+               kind=kind)
     REPORT.raw.setdefault("long_decode", []).append({"role": role, "tokens": target, "optune_ms": ours_ms,
                                                      "optune_unsplit_ms": unsplit_ms,
                                                      "transformers_ms": theirs_ms})
@@ -1595,21 +1675,25 @@ def score_row(args, models: Models, role: str) -> None:
     ours = [r["reward"] for r in read_jsonl(out)]
     plan = next((l for l in stderr.splitlines() if l.startswith("opt-score: passes")), "no plan line")
 
-    limit, _ = BUDGET.timeout(f"score:{role}")
-    if limit < 20:
-        raise OutOfTime(f"{elapsed():.0f} s elapsed: no time left for the peer")
-    peer = AutoModelForSequenceClassification.from_pretrained(rm, dtype=torch.bfloat16,
-                                                              attn_implementation="sdpa").to(GPU).eval()
-    theirs, seconds = padded_rewards(peer, ids, args.score_batch, GPU)
-    peer_tok_s = tokens / seconds
-    del peer
-    free_torch_memory()
-    gap = max(abs(a - b) for a, b in zip(ours, theirs)) / max(max(abs(b) for b in theirs), 1e-30)
+    def peer_scores():
+        peer = AutoModelForSequenceClassification.from_pretrained(rm, dtype=torch.bfloat16,
+                                                                  attn_implementation="sdpa").to(GPU).eval()
+        try:
+            return padded_rewards(peer, ids, args.score_batch, GPU)
+        finally:
+            del peer
+            free_torch_memory()
+
+    peer, peer_note, kind = peer_side(f"score {role}", f"score:{role}", peer_scores)
+    theirs, seconds = peer or (None, None)
+    peer_tok_s = tokens / seconds if peer else None
+    gap = (max(abs(a - b) for a, b in zip(ours, theirs)) / max(max(abs(b) for b in theirs), 1e-30) if peer
+           else None)
     REPORT.row(f"score {role}", f"reward scoring tokens/s, {len(ids)} conversations of "
                f"{min(map(len, ids))}-{max(map(len, ids))} tokens, bf16 (peer: padded batches of {args.score_batch})",
-               f"{ours_tok_s:,.0f}", f"{peer_tok_s:,.0f}", ratio(ours_tok_s, peer_tok_s),
-               f"rewards max diff / largest {gap:.1e} (info); optune peak GiB {fmt(peak, '.1f')} ({how}); "
-               f"{plan.removeprefix('opt-score: ')}")
+               f"{ours_tok_s:,.0f}", fmt(peer_tok_s, ",.0f"), ratio(ours_tok_s, peer_tok_s),
+               f"rewards max diff / largest {fmt(gap, '.1e')} (info); optune peak GiB {fmt(peak, '.1f')} ({how}); "
+               f"{plan.removeprefix('opt-score: ')}" + (f"; {peer_note}" if peer_note else ""), kind=kind)
     REPORT.raw.setdefault("score", []).append({"role": role, "tokens": tokens, "optune_tok_per_s": ours_tok_s,
                                                "peer_tok_per_s": peer_tok_s, "reward_gap": gap, "plan": plan,
                                                "optune_peak_gib": peak, "summary": s})
@@ -1630,7 +1714,7 @@ def plumbing_check(args, rows_before_check: int) -> bool:
     if "fail" in kinds or "skip" in kinds:
         problems.append(f"{kinds.count('fail')} failed and {kinds.count('skip')} skipped rows")
     expected = {"logprobs": 9, "train-1b": 6, "train-7b": 3, "gen-7b": len(args.batches), "gen-1b": len(args.batches),
-                "score-1b": 1, "sanitize": 3}
+                "score-1b": 1, "sanitize": 2 + len(SHARED_MEMORY_KERNELS)}
     want = sum(expected[s] for s in args.stages)
     made = sum(1 for r in rows if r["kind"] == "ok" and not r["cells"][0].startswith(("build", "setup")))
     if made < want:
@@ -1656,7 +1740,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/cuda-measure"), help="measure.md and measure.json go here")
     ap.add_argument("--stages", default=",".join(STAGES),
                     help=f"comma-separated, run in the order given, of: {','.join(STAGES)}")
-    ap.add_argument("--budget-s", type=float, default=420, help="start no row whose guessed cost overruns this")
+    ap.add_argument("--budget-s", type=float, default=480,
+                    help="start no row whose guessed cost overruns this; tool runs are killed 45 s past it")
     ap.add_argument("--batches", default="1,16,64,256", help="generation batch sizes")
     ap.add_argument("--prompts-batch1", type=int, help="prompts run one at a time at batch 1 [2; dry run 1]")
     ap.add_argument("--new-tokens", type=int, help="new tokens per generated sequence [128; dry run 16]")
@@ -1701,10 +1786,8 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices of peft/transformers
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    try:
-        peft_version = __import__("peft").__version__
-    except Exception:  # noqa: BLE001  (not only ImportError: a version clash may raise anything)
-        peft_version = "not importable"
+    peft = peft_module()
+    peft_version = peft.__version__ if peft else "not importable"
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU visible to torch"
     try:
         smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],

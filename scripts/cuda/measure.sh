@@ -84,6 +84,8 @@ fi
 "$BIN/opt-gen" --version
 
 export PYTHONUNBUFFERED=1
+# Nothing is downloaded (the device machine reaches no network): transformers and peft must not try.
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # candle's kernels travel as PTX that the driver compiles on first use and caches on disk: let the
 # cache hold all of them so only the first run pays (the warm-up runs of measure.py).
 export CUDA_CACHE_MAXSIZE=${CUDA_CACHE_MAXSIZE:-4294967296}
