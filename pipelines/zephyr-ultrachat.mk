@@ -44,8 +44,8 @@ DEVICE_ARGS = --device cuda --dtype bf16
 # in OPTune. TRAIN=lora (the default) trains LoRA adapters with the alignment-handbook's one-GPU
 # Zephyr DPO settings (its QLoRA recipe without the 4-bit weights: rank 16, α 16, dropout 0.05 on
 # every projection, β 0.01, lr 5e-6, cosine, 4 pairs a step, 1024 tokens) with activations
-# recomputed: about 30 GB by opt-wdpo's memory plan for Mistral-7B in bf16; without the
-# recomputation 69 GB (47 GB of activations), so on an H200 dropping --gradient-checkpointing
+# recomputed: about 25 GB by opt-wdpo's memory plan for Mistral-7B in bf16; without the
+# recomputation 63 GB (43 GB of activations), so on an H200 dropping --gradient-checkpointing
 # from TRAIN_ARGS_lora saves its extra forward pass (opt-wdpo refuses it where it does not fit,
 # and says so before training). TRAIN=full is Zephyr's own recipe (every weight,
 # β 0.01, lr 5e-7, 128 pairs a step as 8 × 16; the paper's runs had 8 A100s): in one process a

@@ -36,11 +36,13 @@ pub const HEAD_CHUNK_ROWS: usize = 256;
 
 /// The most scores one piece of [`generic::attention`] makes. candle's CUDA elementwise
 /// kernels count elements in 32-bit unsigned ints, so at 2³² or more they would wrap (hang or
-/// fail to launch): a reward model's 12k-token row with 32 heads gets there. 2²⁸ also bounds
-/// what a long row's scores take at once (in the forward pass, and in the backward pass, which
-/// computes them again): 1 GiB in f32 per piece instead of, for a batch of 8 rows of 4k tokens
-/// with 32 heads, 16 GiB per layer.
-pub const ATTENTION_PIECE_SCORES: usize = 1 << 28;
+/// fail to launch): a reward model's 12k-token row with 32 heads gets there. The bound also
+/// limits what the scores take at once: a training pass holds six score-sized f32 buffers of one
+/// piece (24 bytes a score), 1.6 GB at 2²⁶, where 2²⁸ took 6.4 GB, more than half of the
+/// activations of a 7B LoRA step of 4 pairs of 1,024 tokens with recomputation. A piece of 2²⁶
+/// scores is still a large product on a GPU (that step's 8 × 32 heads × 1,024 keys make 256
+/// query rows a piece, 4 pieces a layer).
+pub const ATTENTION_PIECE_SCORES: usize = 1 << 26;
 
 /// `x / rms(x) · weight` over the last axis, statistics in [`accumulation_dtype`].
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
