@@ -6,6 +6,7 @@ use crate::policy::Policy;
 use crate::Args;
 use anyhow::{bail, Result};
 use candle_core::DType;
+use optune_model::ModelConfig;
 
 const GB: f64 = 1e9;
 
@@ -39,6 +40,29 @@ pub struct Plan {
     recomputed_activations: Option<f64>,
 }
 
+/// What the plan reads of a run: the model's shape and dtype, what trains, the longest
+/// micro-batch. [`Plan::estimate`] reads it off a loaded policy; a test, off a config alone.
+pub struct RunShape<'a> {
+    pub config: &'a ModelConfig,
+    /// The compute dtype of the weights.
+    pub dtype: DType,
+    /// Whether training takes the generic kernels (any GPU; the CPU with OPTUNE_KERNELS=generic).
+    pub generic: bool,
+    /// Every weight of the model.
+    pub params: f64,
+    /// The trained weights: the adapters under LoRA, else every weight.
+    pub trained: f64,
+    pub lora: bool,
+    /// f32 buffers of the optimiser per trained weight (AdamW 2, RMSprop 1).
+    pub optimizer_buffers: f64,
+    /// Pairs in the largest micro-batch.
+    pub pairs: f64,
+    /// Tokens of the longest side (each micro-batch is padded to it).
+    pub longest: f64,
+    pub gradient_checkpointing: bool,
+    pub reference: ReferenceHeld,
+}
+
 impl Plan {
     /// `reference`: where the reference model is held ([`ReferenceHeld`]).
     pub fn estimate(
@@ -48,22 +72,37 @@ impl Plan {
         reference: ReferenceHeld,
     ) -> Self {
         let model = &policy.model;
-        let compute = model.dtype().size_in_bytes() as f64;
-        let params = model.parameter_count() as f64;
-        let trained: f64 = policy
-            .trainable
-            .iter()
-            .map(|(_, v)| v.elem_count() as f64)
-            .sum();
-        let full_in_half = policy.lora.is_none() && model.dtype() != DType::F32;
-        let buffers = match args.optimizer {
-            optune_train::optim::OptimizerKind::Adamw => 2.0,
-            optune_train::optim::OptimizerKind::Rmsprop => 1.0,
-        };
+        Self::of_run(RunShape {
+            config: model.config(),
+            dtype: model.dtype(),
+            generic: optune_kernels::autograd_path(model.device(), model.dtype())
+                == optune_kernels::Path::Generic,
+            params: model.parameter_count() as f64,
+            trained: policy
+                .trainable
+                .iter()
+                .map(|(_, v)| v.elem_count() as f64)
+                .sum(),
+            lora: policy.lora.is_some(),
+            optimizer_buffers: match args.optimizer {
+                optune_train::optim::OptimizerKind::Adamw => 2.0,
+                optune_train::optim::OptimizerKind::Rmsprop => 1.0,
+            },
+            pairs: args.batch_size.min(pairs.len()) as f64,
+            longest: crate::data::longest_sequence(pairs) as f64,
+            gradient_checkpointing: args.gradient_checkpointing,
+            reference,
+        })
+    }
+
+    pub fn of_run(run: RunShape) -> Self {
+        let c = run.config;
+        let compute = run.dtype.size_in_bytes() as f64;
+        let (params, trained) = (run.params, run.trained);
+        let full_in_half = !run.lora && run.dtype != DType::F32;
         // The longest micro-batch: chosen and rejected sides, padded to the longest sequence.
-        let longest = crate::data::longest_sequence(pairs) as f64;
-        let tokens = 2.0 * args.batch_size.min(pairs.len()) as f64 * longest;
-        let c = model.config();
+        let longest = run.longest;
+        let tokens = 2.0 * run.pairs * longest;
         let (h, i, heads) = (
             c.hidden_size as f64,
             c.intermediate_size as f64,
@@ -75,8 +114,7 @@ impl Plan {
             (c.num_kv_heads() * c.head_dim()) as f64,
         );
         let layers = c.num_hidden_layers as f64;
-        let generic = optune_kernels::autograd_path(model.device(), model.dtype())
-            == optune_kernels::Path::Generic;
+        let generic = run.generic;
         // What autograd keeps per token and layer, in the compute dtype, on either path: the
         // stream and its norm before attention and before the MLP (4 h), the pending attention
         // and MLP outputs (2 h), q, k and v (q + 2 kv: the attention node splits and rotates
@@ -99,7 +137,7 @@ impl Plan {
         // Recomputed: the stream and the pending MLP output of every layer, and one layer's
         // activations at a time.
         let recomputed = layers * 2.0 * h * compute + per_token_layer;
-        let layers_kept = match args.gradient_checkpointing {
+        let layers_kept = match run.gradient_checkpointing {
             true => recomputed,
             false => layers * per_token_layer,
         };
@@ -113,17 +151,17 @@ impl Plan {
             weights: params * compute,
             masters: if full_in_half { trained * 4.0 } else { 0.0 },
             gradients: trained * 4.0 + if full_in_half { trained * compute } else { 0.0 },
-            optimizer: trained * 4.0 * buffers,
-            reference: match reference {
+            optimizer: trained * 4.0 * run.optimizer_buffers,
+            reference: match run.reference {
                 ReferenceHeld::ThroughTraining => params * compute,
                 _ => 0.0,
             },
-            pass_reference: match reference {
+            pass_reference: match run.reference {
                 ReferenceHeld::ForThePass => params * compute,
                 _ => 0.0,
             },
             activations: tokens * layers_kept + head + attention_pass,
-            recomputed_activations: (!args.gradient_checkpointing)
+            recomputed_activations: (!run.gradient_checkpointing)
                 .then_some(tokens * recomputed + head + attention_pass),
         }
     }
@@ -209,5 +247,195 @@ impl Plan {
             );
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A llama config of the given shape: 32,000 words, the head untied.
+    fn llama(h: usize, i: usize, heads: usize, kv_heads: usize, layers: usize) -> ModelConfig {
+        let json = serde_json::json!({
+            "model_type": "llama", "vocab_size": 32000, "hidden_size": h,
+            "intermediate_size": i, "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads, "num_hidden_layers": layers,
+            "tie_word_embeddings": false,
+        });
+        ModelConfig::from_json_str(&json.to_string()).unwrap()
+    }
+
+    /// Every weight: the checkpoint's tensors and the untied head.
+    fn params(c: &ModelConfig) -> f64 {
+        let stored: usize = optune_model::llama_weight_shapes(c)
+            .iter()
+            .map(|(_, shape)| shape.iter().product::<usize>())
+            .sum();
+        (stored + c.vocab_size * c.hidden_size) as f64
+    }
+
+    /// LoRA rank 16's A and B on the named projections of every layer.
+    fn lora_weights(c: &ModelConfig, targets: &[&str]) -> f64 {
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        let (q, kv) = (
+            c.num_attention_heads * c.head_dim(),
+            c.num_kv_heads() * c.head_dim(),
+        );
+        let per_layer: usize = targets
+            .iter()
+            .map(|t| match *t {
+                "q" | "o" => h + q,
+                "k" | "v" => h + kv,
+                "gate" | "up" | "down" => h + i,
+                other => panic!("{other}"),
+            })
+            .map(|in_and_out| 16 * in_and_out)
+            .sum();
+        (per_layer * c.num_hidden_layers) as f64
+    }
+
+    /// A bf16 run on the generic kernels (a GPU's) with AdamW and no reference held.
+    fn bf16_plan(c: &ModelConfig, lora: Option<&[&str]>, pairs: usize, longest: usize) -> Plan {
+        bf16_plan_with(c, lora, pairs, longest, false)
+    }
+
+    fn bf16_plan_with(
+        c: &ModelConfig,
+        lora: Option<&[&str]>,
+        pairs: usize,
+        longest: usize,
+        gradient_checkpointing: bool,
+    ) -> Plan {
+        Plan::of_run(RunShape {
+            config: c,
+            dtype: DType::BF16,
+            generic: true,
+            params: params(c),
+            trained: lora.map_or(params(c), |targets| lora_weights(c, targets)),
+            lora: lora.is_some(),
+            optimizer_buffers: 2.0,
+            pairs: pairs as f64,
+            longest: longest as f64,
+            gradient_checkpointing,
+            reference: ReferenceHeld::Never,
+        })
+    }
+
+    /// The table "What it gives in bf16 for sequences of 512 tokens" in docs/cuda.md, and the
+    /// Zephyr recipe's figures in pipelines/zephyr-ultrachat.mk and docs/pipeline.md: the
+    /// documents state these plans (weights, masters + gradients + moments, activations, total,
+    /// in GB to one decimal), and change with the planner.
+    #[test]
+    fn the_documented_plans() {
+        let llama_7b = llama(4096, 11008, 32, 32, 32);
+        let tiny_llama = llama(2048, 5632, 32, 4, 22);
+        let mistral_7b = llama(4096, 14336, 32, 8, 32);
+        let attention: &[&str] = &["q", "k", "v", "o"];
+        let every: &[&str] = &["q", "k", "v", "o", "gate", "up", "down"];
+        let rows: [(&str, Plan, [f64; 4]); 9] = [
+            (
+                "7B LoRA, 1 pair",
+                bf16_plan(&llama_7b, Some(attention), 1, 512),
+                [13.5, 0.2, 5.3, 20.9],
+            ),
+            (
+                "7B LoRA, 4 pairs",
+                bf16_plan(&llama_7b, Some(attention), 4, 512),
+                [13.5, 0.2, 21.1, 38.3],
+            ),
+            (
+                "1.1B full, 1 pair",
+                bf16_plan(&tiny_llama, None, 1, 512),
+                [2.2, 19.8, 2.0, 26.4],
+            ),
+            (
+                "1.1B full, 8 pairs",
+                bf16_plan(&tiny_llama, None, 8, 512),
+                [2.2, 19.8, 13.9, 39.5],
+            ),
+            (
+                "7B full, 1 pair",
+                bf16_plan(&llama_7b, None, 1, 512),
+                [13.5, 121.3, 5.3, 154.1],
+            ),
+            (
+                "7B LoRA recomputed, 4 pairs",
+                bf16_plan_with(&llama_7b, Some(attention), 4, 512, true),
+                [13.5, 0.2, 4.5, 20.0],
+            ),
+            (
+                "7B LoRA recomputed, 16 pairs",
+                bf16_plan_with(&llama_7b, Some(attention), 16, 512, true),
+                [13.5, 0.2, 12.7, 29.0],
+            ),
+            (
+                "1.1B full recomputed, 8 pairs",
+                bf16_plan_with(&tiny_llama, None, 8, 512, true),
+                [2.2, 19.8, 3.7, 28.3],
+            ),
+            (
+                "7B full recomputed, 1 pair",
+                bf16_plan_with(&llama_7b, None, 1, 512, true),
+                [13.5, 121.3, 1.2, 149.6],
+            ),
+        ];
+        let recipe = [
+            (
+                "Zephyr recipe",
+                bf16_plan_with(&mistral_7b, Some(every), 4, 1024, true),
+                [14.5, 0.5, 7.3, 24.5],
+            ),
+            (
+                "Zephyr recipe, no recomputation",
+                bf16_plan(&mistral_7b, Some(every), 4, 1024),
+                [14.5, 0.5, 42.5, 63.2],
+            ),
+        ];
+        for (name, plan, [weights, states, activations, total]) in rows.into_iter().chain(recipe) {
+            let got = [
+                plan.weights,
+                plan.masters + plan.gradients + plan.optimizer,
+                plan.activations,
+                plan.total(),
+            ]
+            .map(|bytes| (bytes / GB * 10.0).round() / 10.0);
+            assert_eq!(
+                got,
+                [weights, states, activations, total],
+                "{name}: {}",
+                plan.describe()
+            );
+        }
+    }
+
+    /// The generic attention's pass holds one piece of scores (24 bytes each) however long the
+    /// sequences, and the fused path's none: past a piece a layer, the activations grow with the
+    /// tokens, not with their square.
+    #[test]
+    fn the_attention_pass_is_one_piece_at_most() {
+        let llama_7b = llama(4096, 11008, 32, 32, 32);
+        let attention: &[&str] = &["q", "k", "v", "o"];
+        // 32 pairs of 2,048 tokens: 2^33 scores a layer, 128 pieces.
+        let plan = |generic| {
+            Plan::of_run(RunShape {
+                config: &llama_7b,
+                dtype: DType::BF16,
+                generic,
+                params: params(&llama_7b),
+                trained: lora_weights(&llama_7b, attention),
+                lora: true,
+                optimizer_buffers: 2.0,
+                pairs: 32.0,
+                longest: 2048.0,
+                gradient_checkpointing: true,
+                reference: ReferenceHeld::Never,
+            })
+        };
+        let piece = 24.0 * optune_kernels::ATTENTION_PIECE_SCORES as f64;
+        let extra = plan(true).activations - plan(false).activations;
+        assert!(
+            (extra - piece).abs() < 1e-9 * piece,
+            "{extra} against {piece}"
+        );
     }
 }

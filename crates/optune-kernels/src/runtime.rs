@@ -32,13 +32,14 @@ pub fn flush_denormals_on_this_thread() {
 
 /// Whether this thread flushes denormals (always false on other architectures).
 pub fn denormals_flushed_on_this_thread() -> bool {
-    // SAFETY: only reads this thread's MXCSR / FPCR register.
+    // SAFETY: only stores this thread's MXCSR register into a local.
     #[cfg(target_arch = "x86_64")]
     unsafe {
         let mut csr: u32 = 0;
         std::arch::asm!("stmxcsr [{}]", in(reg) &mut csr, options(nostack));
         csr & 0x8040 == 0x8040
     }
+    // SAFETY: only reads this thread's FPCR register into a local.
     #[cfg(target_arch = "aarch64")]
     unsafe {
         let fpcr: u64;
