@@ -29,7 +29,7 @@ rerun, and the sanitizer rows, which run when the others leave time within --bud
             weights and fused AdamW, clip 1.0, reference log-probs computed before the steps as
             opt-wdpo does; LoRA through peft when importable, else a LoRA module written here).
             Seconds per step (median of steps 2..N), tokens/s, peak GPU memory.
-  train-7b  The LoRA step of train-1b, with --train-pairs-7b (4) pairs, on a random llama of
+  train-7b  The LoRA step of train-1b, with --train-pairs-7b (8) pairs, on a random llama of
             Llama-2-7B's shape, built on the GPU in bf16 and saved once under --work (reused by a
             later run on the same machine).
   gen-7b    Generation tokens/s on that 7B, greedy, --new-tokens per sequence, EOS ignored, at
@@ -1747,8 +1747,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, help="new tokens per generated sequence [128; dry run 16]")
     ap.add_argument("--repeats", type=int, default=1, help="generation runs per side and batch (median)")
     ap.add_argument("--train-pairs", type=int, default=8, help="pairs per step (one micro-batch) on the 1.1B")
-    ap.add_argument("--train-pairs-7b", type=int, default=4,
-                    help="pairs per step on the 7B (with 8, opt-wdpo's memory plan nears an H100's 80 GB)")
+    ap.add_argument("--train-pairs-7b", type=int, default=8,
+                    help="pairs per step on the 7B (8: about 34 GB by opt-wdpo's plan, sides of ~220 tokens)")
     ap.add_argument("--train-tokens", type=int, help="response tokens per side [128; dry run 32]")
     ap.add_argument("--train-steps", type=int, help="optimiser steps per run [5; dry run 3]")
     ap.add_argument("--lora-rank", type=int, default=16, help="LoRA rank (alpha = 2 x rank) on q,k,v,o")
