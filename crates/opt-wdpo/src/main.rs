@@ -275,6 +275,15 @@ pub struct Args {
     #[arg(long, value_name = "GB")]
     pub memory_budget: Option<f64>,
 
+    /// Print the memory plan of this run and exit, training and writing nothing. The policy's
+    /// config.json and tokenizer and the pairs are read, not its weights, so a run can be sized
+    /// for a GPU on a machine without one: --device cuda there plans bf16 (or --dtype) on a GPU's
+    /// kernels, and --memory-budget GB holds the plan against that GPU's memory (e.g. 80). Exits
+    /// with an error, as the run would, when the plan does not fit. Reads a Hugging Face
+    /// directory (opt-convert turns a .gguf into one)
+    #[arg(long, conflicts_with_all = ["reference_only", "devices"])]
+    pub plan_only: bool,
+
     /// Data parallel: a replica of the policy on each of these devices (e.g.
     /// cuda:0,cuda:1,cuda:2,cuda:3; all GPUs or all CPUs), in place of --device (which, when also
     /// given, must name the first: cuda is cuda:0). Each optimiser step takes --grad-accum
@@ -584,6 +593,9 @@ fn run(mut args: Args) -> Result<()> {
     if let Some(first) = args.devices.first() {
         args.runtime.device = Some(first.clone());
     }
+    if args.plan_only {
+        return plan_only(&args);
+    }
     let (device, dtype) = args.runtime.init()?;
     let kernels = optune_kernels::autograd_path(&device, dtype).name();
     if args.reference_only {
@@ -621,12 +633,7 @@ fn run(mut args: Args) -> Result<()> {
             policy.model.max_positions()
         );
     }
-    let plan = memory::Plan::estimate(
-        &args,
-        &policy,
-        &pairs,
-        reference::held(&args, &policy, &pairs),
-    );
+    let plan = memory::Plan::estimate(&args, &policy, &pairs, reference::held(&args, &pairs));
     let worker_devices = args.devices.iter().skip(1).map(|spec| {
         optune_cli::runtime::device(Some(spec)).with_context(|| format!("--devices {spec}"))
     });
@@ -672,6 +679,87 @@ fn run(mut args: Args) -> Result<()> {
     Ok(())
 }
 
+/// --plan-only: the plan `run` prints before training, made from the policy's config, tokenizer
+/// and the pairs; for a GPU that is not here (`--device cuda` on a machine without one), from the
+/// kernels and the default dtype a GPU takes, against --memory-budget only.
+fn plan_only(args: &Args) -> Result<()> {
+    if !args.policy.is_dir() {
+        bail!(
+            "--plan-only: --policy {} is not a model directory; it reads config.json and the \
+             tokenizer of a Hugging Face directory (opt-convert turns a .gguf into one)",
+            args.policy.display()
+        );
+    }
+    let config = optune_model::ModelConfig::from_file(&args.policy.join("config.json"))?;
+    let tokenizer = optune_model::ChatTokenizer::from_dir(&args.policy)?;
+    let absent_gpu = args
+        .runtime
+        .device
+        .as_deref()
+        .filter(|d| d.starts_with("cuda") && !candle_core::utils::cuda_is_available());
+    let (dtype, generic, available, device) = match absent_gpu {
+        Some(gpu) => {
+            let dtype = optune_cli::runtime::dtype_on(args.runtime.dtype.as_deref(), true)?;
+            (dtype, true, None, gpu.to_string())
+        }
+        None => {
+            let (device, dtype) = args.runtime.init()?;
+            let generic =
+                optune_kernels::autograd_path(&device, dtype) == optune_kernels::Path::Generic;
+            let available = optune_cli::runtime::available_memory(&device);
+            let name = match device.is_cuda() {
+                true => args.runtime.device.clone().unwrap_or("cuda".into()),
+                false => "cpu".into(),
+            };
+            (dtype, generic, available, name)
+        }
+    };
+    let shard = Shard::read(args.input.as_deref())?;
+    args.check_weighting(&shard)?;
+    let pairs = data::read_pairs(
+        &shard,
+        &tokenizer,
+        args.max_length,
+        args.weight_col.as_deref(),
+    )?;
+    if pairs.is_empty() {
+        bail!("{}: no pairs to train on", shard.name());
+    }
+    let trained = match args.lora_rank {
+        Some(rank) => optune_model::lora::LoraConfig {
+            rank,
+            alpha: args.lora_alpha,
+            dropout: args.lora_dropout,
+            targets: args.lora_targets.clone(),
+        }
+        .adapter_weight_count(&config)?,
+        None => optune_model::weight_count(&config),
+    };
+    let shape = memory::RunShape::of_args(
+        args,
+        &config,
+        (dtype, generic),
+        trained as f64,
+        &pairs,
+        reference::held(args, &pairs),
+    );
+    let plan = memory::Plan::of_run(shape);
+    let (limit, what) = memory_limit(args, available);
+    plan.check(limit, what)?;
+    let kernels = match generic {
+        true => optune_kernels::Path::Generic,
+        false => optune_kernels::Path::Fused,
+    };
+    Summary::new("opt-wdpo")
+        .field("plan_gb", format!("{:.2}", plan.total() / 1e9))
+        .field("pairs", pairs.len())
+        .field("device", device)
+        .field("device_here", absent_gpu.is_none())
+        .field("kernels", kernels.name())
+        .print();
+    Ok(())
+}
+
 /// The other replicas of --devices, each the policy (and the reference it holds through training,
 /// if any) on its device, loaded side by side.
 fn load_replicas(
@@ -692,6 +780,15 @@ fn load_replicas(
 /// every replica its weights, gradients and activations; replicas on one device (or on the
 /// host) add up. `first`: the first device and what it had available before the policy loaded;
 /// `workers`: the other devices of --devices, in order.
+/// What the plan is held against: --memory-budget, else what the device has `available`; and
+/// how the plan's line names it.
+fn memory_limit(args: &Args, available: Option<f64>) -> (Option<f64>, &'static str) {
+    match args.memory_budget {
+        Some(gb) => (Some(gb * 1e9), "in --memory-budget"),
+        None => (available, "available"),
+    }
+}
+
 fn check_memory(
     args: &Args,
     plan: &memory::Plan,
@@ -700,14 +797,9 @@ fn check_memory(
 ) -> Result<()> {
     let (first_device, first_available) = first;
     let specs = &args.devices;
-    let budget = args.memory_budget.map(|gb| gb * 1e9);
-    let what = if budget.is_some() {
-        "in --memory-budget"
-    } else {
-        "available"
-    };
     if specs.len() <= 1 {
-        return plan.check(budget.or(first_available), what);
+        let (limit, what) = memory_limit(args, first_available);
+        return plan.check(limit, what);
     }
     // (a device, its name, how many replicas it holds); the first holds the optimiser.
     let mut devices: Vec<(&candle_core::Device, &str, usize)> = Vec::new();
@@ -731,7 +823,8 @@ fn check_memory(
             1 => String::new(),
             n => format!(" for its {n} replicas"),
         };
-        shared.check(budget.or(free), &format!("{what} on {spec}{suffix}"))?;
+        let (limit, what) = memory_limit(args, free);
+        shared.check(limit, &format!("{what} on {spec}{suffix}"))?;
     }
     Ok(())
 }

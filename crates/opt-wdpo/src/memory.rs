@@ -63,27 +63,24 @@ pub struct RunShape<'a> {
     pub reference: ReferenceHeld,
 }
 
-impl Plan {
-    /// `reference`: where the reference model is held ([`ReferenceHeld`]).
-    pub fn estimate(
+impl<'a> RunShape<'a> {
+    /// The run `args` describe on `pairs`, of a model of `config` computing in `dtype` on the
+    /// generic kernels or not, training `trained` weights (every weight without LoRA).
+    pub fn of_args(
         args: &Args,
-        policy: &Policy,
+        config: &'a ModelConfig,
+        (dtype, generic): (DType, bool),
+        trained: f64,
         pairs: &[TrainPair],
         reference: ReferenceHeld,
     ) -> Self {
-        let model = &policy.model;
-        Self::of_run(RunShape {
-            config: model.config(),
-            dtype: model.dtype(),
-            generic: optune_kernels::autograd_path(model.device(), model.dtype())
-                == optune_kernels::Path::Generic,
-            params: model.parameter_count() as f64,
-            trained: policy
-                .trainable
-                .iter()
-                .map(|(_, v)| v.elem_count() as f64)
-                .sum(),
-            lora: policy.lora.is_some(),
+        RunShape {
+            config,
+            dtype,
+            generic,
+            params: optune_model::weight_count(config) as f64,
+            trained,
+            lora: args.lora_rank.is_some(),
             optimizer_buffers: match args.optimizer {
                 optune_train::optim::OptimizerKind::Adamw => 2.0,
                 optune_train::optim::OptimizerKind::Rmsprop => 1.0,
@@ -92,7 +89,35 @@ impl Plan {
             longest: crate::data::longest_sequence(pairs) as f64,
             gradient_checkpointing: args.gradient_checkpointing,
             reference,
-        })
+        }
+    }
+}
+
+impl Plan {
+    /// The plan of the run `args` describe with `policy` loaded; `reference`: where the
+    /// reference model is held ([`ReferenceHeld`]).
+    pub fn estimate(
+        args: &Args,
+        policy: &Policy,
+        pairs: &[TrainPair],
+        reference: ReferenceHeld,
+    ) -> Self {
+        let model = &policy.model;
+        let generic = optune_kernels::autograd_path(model.device(), model.dtype())
+            == optune_kernels::Path::Generic;
+        let trained = policy
+            .trainable
+            .iter()
+            .map(|(_, v)| v.elem_count() as f64)
+            .sum();
+        Self::of_run(RunShape::of_args(
+            args,
+            model.config(),
+            (model.dtype(), generic),
+            trained,
+            pairs,
+            reference,
+        ))
     }
 
     pub fn of_run(run: RunShape) -> Self {
@@ -206,13 +231,9 @@ impl Plan {
         let listed: Vec<String> = parts
             .iter()
             .filter(|(_, bytes)| *bytes > 0.0)
-            .map(|(name, bytes)| format!("{name} {:.2}", bytes / GB))
+            .map(|(name, bytes)| format!("{name} {}", three_figures(*bytes)))
             .collect();
-        format!(
-            "{:.2} GB ({} GB, +10 %)",
-            self.total() / GB,
-            listed.join(", ")
-        )
+        format!("{:.2} GB ({}, +10 %)", self.total() / GB, listed.join(", "))
     }
 
     /// Prints the estimate and refuses a run that cannot fit in `available` bytes.
@@ -250,6 +271,22 @@ impl Plan {
     }
 }
 
+/// `bytes` to three significant figures in kB, MB or GB: a LoRA run's gradients (megabytes)
+/// beside its weights (gigabytes).
+fn three_figures(bytes: f64) -> String {
+    let (value, unit) = [(GB, "GB"), (1e6, "MB"), (1e3, "kB")]
+        .into_iter()
+        .map(|(size, unit)| (bytes / size, unit))
+        .find(|(value, _)| *value >= 1.0)
+        .unwrap_or((bytes / 1e3, "kB"));
+    let decimals = match value {
+        v if v >= 100.0 => 0,
+        v if v >= 10.0 => 1,
+        _ => 2,
+    };
+    format!("{value:.decimals$} {unit}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -265,33 +302,19 @@ mod tests {
         ModelConfig::from_json_str(&json.to_string()).unwrap()
     }
 
-    /// Every weight: the checkpoint's tensors and the untied head.
     fn params(c: &ModelConfig) -> f64 {
-        let stored: usize = optune_model::llama_weight_shapes(c)
-            .iter()
-            .map(|(_, shape)| shape.iter().product::<usize>())
-            .sum();
-        (stored + c.vocab_size * c.hidden_size) as f64
+        optune_model::weight_count(c) as f64
     }
 
-    /// LoRA rank 16's A and B on the named projections of every layer.
+    /// LoRA rank 16's A and B on the named projections (`q` for `q_proj`) of every layer.
     fn lora_weights(c: &ModelConfig, targets: &[&str]) -> f64 {
-        let (h, i) = (c.hidden_size, c.intermediate_size);
-        let (q, kv) = (
-            c.num_attention_heads * c.head_dim(),
-            c.num_kv_heads() * c.head_dim(),
-        );
-        let per_layer: usize = targets
-            .iter()
-            .map(|t| match *t {
-                "q" | "o" => h + q,
-                "k" | "v" => h + kv,
-                "gate" | "up" | "down" => h + i,
-                other => panic!("{other}"),
-            })
-            .map(|in_and_out| 16 * in_and_out)
-            .sum();
-        (per_layer * c.num_hidden_layers) as f64
+        let lora = optune_model::lora::LoraConfig {
+            rank: 16,
+            alpha: 16.0,
+            dropout: 0.0,
+            targets: targets.iter().map(|t| format!("{t}_proj")).collect(),
+        };
+        lora.adapter_weight_count(c).unwrap() as f64
     }
 
     /// A bf16 run on the generic kernels (a GPU's) with AdamW and no reference held.
@@ -405,6 +428,22 @@ mod tests {
                 "{name}: {}",
                 plan.describe()
             );
+        }
+    }
+
+    #[test]
+    fn parts_read_to_three_figures() {
+        let cases = [
+            (13.48e9, "13.5 GB"),
+            (121.3e9, "121 GB"),
+            (1.18e6, "1.18 MB"),
+            (67.1e6, "67.1 MB"),
+            (999.4e6, "999 MB"),
+            (2.5e3, "2.50 kB"),
+            (12.0, "0.01 kB"),
+        ];
+        for (bytes, text) in cases {
+            assert_eq!(three_figures(bytes), text);
         }
     }
 

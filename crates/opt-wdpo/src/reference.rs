@@ -17,18 +17,18 @@ use std::sync::Arc;
 
 /// Whether a reference model stays in memory through training: online sampling (HyPO) needs
 /// one, unless the reference is the LoRA policy with its adapters off.
-fn held_during_training(args: &Args, policy: &Policy) -> bool {
+fn held_during_training(args: &Args) -> bool {
     args.loss.needs_reference()
         && args.loss.samples_online()
-        && (is_separate(args) || policy.lora.is_none())
+        && (is_separate(args) || args.lora_rank.is_none())
 }
 
 /// Where a reference model other than the policy is held, for the memory plan: through
 /// training, or a separate `--ref` for the pass that fills the pairs' missing log-probs.
-pub fn held(args: &Args, policy: &Policy, pairs: &[TrainPair]) -> crate::memory::ReferenceHeld {
+pub fn held(args: &Args, pairs: &[TrainPair]) -> crate::memory::ReferenceHeld {
     use crate::memory::ReferenceHeld;
     let missing = pairs.iter().any(|p| p.ref_logps.is_none());
-    if held_during_training(args, policy) {
+    if held_during_training(args) {
         ReferenceHeld::ThroughTraining
     } else if args.loss.needs_reference() && is_separate(args) && missing {
         ReferenceHeld::ForThePass
@@ -80,7 +80,7 @@ pub fn prepare(
             write_with_reference(shard, pairs, path)?;
         }
     }
-    if !held_during_training(args, policy) {
+    if !held_during_training(args) {
         return Ok(None);
     }
     match separate {
@@ -98,7 +98,7 @@ pub fn held_model(
     device: &Device,
     dtype: DType,
 ) -> Result<Option<Transformer>> {
-    if !held_during_training(args, policy) {
+    if !held_during_training(args) {
         return Ok(None);
     }
     match separate_reference(args, policy, device, dtype)? {

@@ -1562,6 +1562,126 @@ fn a_run_that_cannot_fit_is_refused_before_training() {
     assert!(stderr.contains("memory estimate"), "{stderr}");
 }
 
+/// The line of the memory plan in opt-wdpo's stderr.
+fn plan_line(stderr: &str) -> &str {
+    stderr
+        .lines()
+        .find(|l| l.starts_with("opt-wdpo: memory estimate"))
+        .unwrap_or_else(|| panic!("no memory estimate in {stderr}"))
+}
+
+/// --plan-only prints the plan the run prints before training, from the config, the tokenizer
+/// and the pairs alone, and writes nothing: full and LoRA (with a bias-carrying family),
+/// recomputed or not, on both kernel paths, in f32 and bf16.
+#[test]
+fn plan_only_prints_the_plan_of_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let pairs = dir.path().join("pairs.jsonl");
+    write_pairs(&pairs);
+    let runs: [(&str, &[&str]); 4] = [
+        ("tiny-llama", &[]),
+        (
+            "tiny-qwen2",
+            &[
+                "--lora-rank",
+                "4",
+                "--lora-targets",
+                "q_proj,v_proj,down_proj",
+            ],
+        ),
+        (
+            "tiny-mistral",
+            &[
+                "--lora-rank",
+                "8",
+                "--gradient-checkpointing",
+                "--kernels",
+                "generic",
+                "--dtype",
+                "bf16",
+            ],
+        ),
+        (
+            "tiny-llama",
+            &[
+                "--kernels",
+                "generic",
+                "--batch-size",
+                "3",
+                "--optimizer",
+                "rmsprop",
+            ],
+        ),
+    ];
+    for (i, (name, extra)) in runs.into_iter().enumerate() {
+        let out = dir.path().join(format!("out{i}"));
+        let run = [extra, &["--max-steps", "1", "--memory-budget", "1000"]].concat();
+        let (ok, planned) = wdpo_at(
+            &model(name),
+            &pairs,
+            &out,
+            &[&run[..], &["--plan-only"]].concat(),
+        );
+        assert!(ok, "{planned}");
+        assert!(!out.exists(), "--plan-only wrote {}", out.display());
+        let (ok, trained) = wdpo_at(&model(name), &pairs, &out, &run);
+        assert!(ok, "{trained}");
+        assert_eq!(plan_line(&planned), plan_line(&trained), "{name} {extra:?}");
+    }
+}
+
+/// --device cuda --plan-only on a machine without a GPU plans bf16 on the generic kernels (a
+/// GPU's), as the CPU's generic bf16 run would be planned; a plan over --memory-budget is refused
+/// with the run's advice.
+#[test]
+fn plan_only_sizes_a_gpu_run_without_a_gpu() {
+    if candle_core::utils::cuda_is_available() {
+        return; // a GPU here: --device cuda opens it, as the run would
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pairs = dir.path().join("pairs.jsonl");
+    write_pairs(&pairs);
+    let out = dir.path().join("out");
+    let lora = ["--lora-rank", "8", "--memory-budget", "80", "--plan-only"];
+    let (ok, gpu) = wdpo_at(
+        &model("tiny-mistral"),
+        &pairs,
+        &out,
+        &[&lora[..], &["--device", "cuda"]].concat(),
+    );
+    assert!(ok, "{gpu}");
+    for field in ["device=cuda", "device_here=false", "kernels=generic"] {
+        assert!(gpu.contains(field), "{field}: {gpu}");
+    }
+    let cpu = ["--device", "cpu", "--kernels", "generic", "--dtype", "bf16"];
+    let (ok, generic_bf16) = wdpo_at(
+        &model("tiny-mistral"),
+        &pairs,
+        &out,
+        &[&lora[..], &cpu].concat(),
+    );
+    assert!(ok, "{generic_bf16}");
+    assert_eq!(plan_line(&gpu), plan_line(&generic_bf16));
+    let (ok, refused) = wdpo_at(
+        &model("tiny-mistral"),
+        &pairs,
+        &out,
+        &[
+            "--device",
+            "cuda",
+            "--plan-only",
+            "--memory-budget",
+            "0.0001",
+        ],
+    );
+    assert!(!ok, "{refused}");
+    assert!(
+        refused.contains("--lora-rank") && refused.contains("needs about"),
+        "{refused}"
+    );
+    assert!(!out.exists());
+}
+
 /// Issue 14's memory goal on the generic kernels (the op graph a GPU runs): `--dtype bf16` LoRA
 /// holds its frozen weights in bf16 only, from reading the checkpoint to saving the merged model
 /// (as f32, the config's dtype), so it peaks at ≤ 0.75× the f32 run's RSS on a model whose weights

@@ -48,9 +48,14 @@ pub fn device(spec: Option<&str>) -> Result<candle_core::Device> {
 
 /// The dtype named by `--dtype`; by default f32 on the CPU and bf16 on a GPU.
 pub fn dtype(spec: Option<&str>, device: &candle_core::Device) -> Result<candle_core::DType> {
+    dtype_on(spec, device.is_cuda())
+}
+
+/// [`dtype`] for a device that is a GPU or not (one that need not be here).
+pub fn dtype_on(spec: Option<&str>, cuda: bool) -> Result<candle_core::DType> {
     use candle_core::DType;
     match spec {
-        None if device.is_cuda() => Ok(DType::BF16),
+        None if cuda => Ok(DType::BF16),
         None | Some("f32") => Ok(DType::F32),
         Some("bf16") => Ok(DType::BF16),
         Some("f16") => Ok(DType::F16),

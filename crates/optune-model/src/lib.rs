@@ -21,6 +21,6 @@ pub use optune_checkpoint::{
     ModelConfig, Prompt, SavedWeight, StoredWeights,
 };
 pub use transformer::{
-    llama_weight_shapes, recomputed_backward, KvCache, OutputHead, PaddedBatch, RecomputedPass,
-    Transformer,
+    llama_weight_shapes, recomputed_backward, weight_count, KvCache, OutputHead, PaddedBatch,
+    RecomputedPass, Transformer,
 };

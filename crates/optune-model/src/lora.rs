@@ -17,6 +17,42 @@ pub struct LoraConfig {
     pub targets: Vec<String>,
 }
 
+impl LoraConfig {
+    /// The target a linear layer's name matches (by its last part), if any.
+    fn target_of(&self, linear: &str) -> Option<&String> {
+        self.targets
+            .iter()
+            .find(|t| linear.ends_with(&format!(".{t}")))
+    }
+
+    /// Refuses a target that no linear layer matched.
+    fn check_matched(&self, matched: &std::collections::BTreeSet<&String>) -> Result<()> {
+        if let Some(missing) = self.targets.iter().find(|t| !matched.contains(t)) {
+            bail!("--lora-targets '{missing}' matches no linear layer (expected q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)");
+        }
+        Ok(())
+    }
+
+    /// The weights of the adapters [`attach_lora`] makes on a model of `config` (A and B of each
+    /// linear layer a target matches), from the config alone; refused as `attach_lora` refuses.
+    pub fn adapter_weight_count(&self, config: &crate::ModelConfig) -> Result<usize> {
+        let mut matched = std::collections::BTreeSet::new();
+        let mut count = 0;
+        for (name, shape) in crate::llama_weight_shapes(config) {
+            let linear = name
+                .strip_suffix(".weight")
+                .filter(|_| name.starts_with("model.layers."));
+            if let (Some(target), [out, inp]) = (linear.and_then(|l| self.target_of(l)), &shape[..])
+            {
+                matched.insert(target);
+                count += self.rank * (out + inp);
+            }
+        }
+        self.check_matched(&matched)?;
+        Ok(count)
+    }
+}
+
 /// The adapters attached to a model: their trainable variables and the switches they share.
 pub struct LoraAdapters {
     pub config: LoraConfig,
@@ -104,14 +140,10 @@ pub fn attach_lora(
     let mut vars = Vec::new();
     let mut matched = std::collections::BTreeSet::new();
     for (name, linear) in model.linears_mut() {
-        let Some(target) = config
-            .targets
-            .iter()
-            .find(|t| name.ends_with(&format!(".{t}")))
-        else {
+        let Some(target) = config.target_of(&name) else {
             continue;
         };
-        matched.insert(target.clone());
+        matched.insert(target);
         let (out, inp) = linear.weight.dims2()?;
         let bound = 1.0 / (inp as f64).sqrt();
         let a: Vec<f32> = (0..config.rank * inp)
@@ -132,9 +164,7 @@ pub fn attach_lora(
         vars.push((format!("{name}.lora_A.weight"), a));
         vars.push((format!("{name}.lora_B.weight"), b));
     }
-    if let Some(missing) = config.targets.iter().find(|t| !matched.contains(*t)) {
-        bail!("--lora-targets '{missing}' matches no linear layer (expected q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)");
-    }
+    config.check_matched(&matched)?;
     Ok(LoraAdapters {
         config: config.clone(),
         vars,

@@ -123,9 +123,11 @@ impl PaddedBatch {
     }
 }
 
-/// The name and shape of every weight of a Llama checkpoint of `config` (no biases, the head tied
-/// to the embedding), with the linear layers in the order the forward pass runs them: for
-/// building random models in tests and benchmarks.
+/// The name and shape of every weight a language model of `config` reads from its checkpoint
+/// (the biases its config names, `lm_head.weight` unless the head is tied to the embedding),
+/// with the linear layers in the order the forward pass runs them: the checkpoint's name tree,
+/// for building random models in tests and benchmarks and for sizing a run from its config
+/// alone ([`weight_count`]).
 pub fn llama_weight_shapes(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     let (h, i, d) = (
         config.hidden_size,
@@ -141,20 +143,35 @@ pub fn llama_weight_shapes(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
         let p = format!("model.layers.{l}");
         shapes.push((format!("{p}.input_layernorm.weight"), vec![h]));
         shapes.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-        for (name, out, inp) in [
-            ("self_attn.q_proj", q, h),
-            ("self_attn.k_proj", kv, h),
-            ("self_attn.v_proj", kv, h),
-            ("self_attn.o_proj", h, q),
-            ("mlp.gate_proj", i, h),
-            ("mlp.up_proj", i, h),
-            ("mlp.down_proj", h, i),
+        for (name, out, inp, bias) in [
+            ("self_attn.q_proj", q, h, config.qkv_bias()),
+            ("self_attn.k_proj", kv, h, config.qkv_bias()),
+            ("self_attn.v_proj", kv, h, config.qkv_bias()),
+            ("self_attn.o_proj", h, q, config.o_bias()),
+            ("mlp.gate_proj", i, h, config.mlp_bias()),
+            ("mlp.up_proj", i, h, config.mlp_bias()),
+            ("mlp.down_proj", h, i, config.mlp_bias()),
         ] {
             shapes.push((format!("{p}.{name}.weight"), vec![out, inp]));
+            if bias {
+                shapes.push((format!("{p}.{name}.bias"), vec![out]));
+            }
         }
     }
     shapes.push(("model.norm.weight".to_string(), vec![h]));
+    if !config.tie_word_embeddings {
+        shapes.push(("lm_head.weight".to_string(), vec![config.vocab_size, h]));
+    }
     shapes
+}
+
+/// The number of weights of a language model of `config`, as [`Transformer::parameter_count`]
+/// counts them once it is loaded.
+pub fn weight_count(config: &ModelConfig) -> usize {
+    llama_weight_shapes(config)
+        .iter()
+        .map(|(_, shape)| shape.iter().product::<usize>())
+        .sum()
 }
 
 /// Weights by Hugging Face name; [`WeightMap::take`] checks presence and shape.
