@@ -84,7 +84,7 @@ measured wall seconds of each stage; replace these guesses with them):
 --budget-s (default 480) bounds the run: before each row the elapsed time plus that row's guessed
 cost (ESTIMATE_S) must fit, else the row is skipped with a note; every tool run is killed at
 --budget-s + 45 s, and a training or generation run after 3x its row's guess (at least 60 s); a
-row's peer side starts only with half the row's guess left before that limit. By the guesses the
+row's peer side starts only with the row's whole guess left before that limit. By the guesses the
 budget ends inside gen-1b: its last rows, score-1b and the sanitizer rows run when the earlier
 stages come in under their guesses, or in a second call (--stages gen-1b,score-1b,sanitize reuses
 the checkpoints under --work on the same machine). A row whose peer fails or runs out of time
@@ -266,11 +266,11 @@ class Budget:
         return (left, True) if cap is None or left <= cap else (cap, False)
 
     def ensure(self, unit: str, what: str) -> None:
-        """Raises OutOfTime unless half of the unit's guess (a dry run: any time) is left before the
+        """Raises OutOfTime unless the unit's whole guess (a dry run: any time) is left before the
         hard limit: the check before Python work, such as a row's peer side, that no tool-run
-        timeout bounds."""
+        timeout bounds (the guess covers both sides of a row, so the peer's half fits in it)."""
         left = self.seconds + self.GRACE_S - elapsed()
-        if left < (1 if self.dry_run else ESTIMATE_S[unit] / 2):
+        if left < (1 if self.dry_run else ESTIMATE_S[unit]):
             raise OutOfTime(f"{elapsed():.0f} s elapsed: no time left for {what} before the hard limit "
                             f"(--budget-s + {self.GRACE_S} s)")
 
@@ -935,8 +935,13 @@ def stage_sanitize(args) -> None:
         ("memcheck", "memcheck: opt-wdpo, 2 steps bf16 (tiny-llama, AdamW)", train, None, None),
     ]
     # Racecheck: the opt-gen run once per kernel of ours with shared memory.
+    try:
+        stems = shared_memory_kernels()
+    except RuntimeError as e:
+        stems = []
+        REPORT.row("sanitize", "racecheck: opt-gen sampling bf16", "", "", "", f"FAILED: {e}", kind="fail")
     runs += [("racecheck", f"racecheck: opt-gen sampling bf16, {stem}_* kernels (shared-memory hazards)", gen,
-              None, stem) for stem in shared_memory_kernels()]
+              None, stem) for stem in stems]
     for tool, what, cmd, env, kernel in runs:
         if not BUDGET.allows("sanitize"):
             BUDGET.skip("sanitize", what, "sanitize")
@@ -1306,6 +1311,11 @@ def peer_lora(args, models: Models, role: str, sides) -> dict:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             note(f"the peer's LoRA through peft failed; once more with this script's module:\n{e}")
             why = f" (peft failed: {first[:80]})"
+            # peft may have put adapters in before it failed: the second try, and the later
+            # stages that hold this model, get it afresh from the checkpoint.
+            undo = None
+            models.release()
+            model = models.peer(role)
         finally:
             if undo is not None:
                 undo()
@@ -1379,13 +1389,23 @@ def stage_train(args, models: Models, role: str, kinds) -> None:
 # generation
 # ---------------------------------------------------------------------------------------------
 
-def decode_weight_bytes(model) -> int:
-    """Bytes of weights one decode step reads: every parameter once, except the input embedding
-    table (only the batch's rows are gathered) unless the output head is tied to it."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    if not model.config.tie_word_embeddings:
-        emb = model.get_input_embeddings().weight
-        total -= emb.numel() * emb.element_size()
+def checkpoint_config(path: Path) -> dict:
+    return json.loads((path / "config.json").read_text())
+
+
+def decode_weight_bytes(path: Path) -> int:
+    """Bytes of weights one decode step reads: every tensor of the checkpoint once (from its
+    safetensors headers), except the input embedding table (only the batch's rows are
+    gathered) unless the output head is tied to it."""
+    sizes = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with open(file, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        sizes.update({name: t["data_offsets"][1] - t["data_offsets"][0]
+                      for name, t in header.items() if name != "__metadata__"})
+    total = sum(sizes.values())
+    if not checkpoint_config(path).get("tie_word_embeddings", False):
+        total -= sizes["model.embed_tokens.weight"]
     return total
 
 
@@ -1409,7 +1429,7 @@ def generated_tok_per_s(args, stderr: str, count: int) -> float:
     return float(s["tok_per_s"])
 
 
-def gen_row(args, models: Models, role: str, batch: int, peer, ids_all, bytes_per_step: int) -> None:
+def gen_row(args, models: Models, role: str, batch: int, ids_all, bytes_per_step: int) -> None:
     import torch
 
     cmd, count = gen_command(args, models, role, batch)
@@ -1423,7 +1443,8 @@ def gen_row(args, models: Models, role: str, batch: int, peer, ids_all, bytes_pe
         sync()
         start = time.perf_counter()
         with torch.inference_mode():
-            out = peer.generate(input_ids=x, attention_mask=mask, do_sample=False, max_new_tokens=args.new_tokens,
+            out = models.peer(role).generate(input_ids=x, attention_mask=mask, do_sample=False,
+                                             max_new_tokens=args.new_tokens,
                                 min_new_tokens=args.new_tokens, pad_token_id=pad)
         sync()
         assert out.shape[1] - width == args.new_tokens, out.shape
@@ -1490,21 +1511,28 @@ def stage_gen(args, models: Models, role: str) -> None:
 
     def warm_up():
         # The driver's PTX cache, the file cache, cuBLAS handles: one short run on each side.
+        # The peer's half is its own: a peer that cannot load fails its rows' peer cells, not
+        # optune's figures.
         import torch
 
-        peer = models.peer(role)
         tok = tokenizer_for(models.path(role))
         state["ids"] = [chat_ids(tok, [{"role": "user", "content": p}]) for p in PROMPTS]
-        state["bytes"] = decode_weight_bytes(peer)
+        state["bytes"] = decode_weight_bytes(models.path(role))
         prompts = work / "warm-up.jsonl"
         write_jsonl(prompts, [{"prompt_id": f"w{i:02d}", "prompt": p} for i, p in enumerate(PROMPTS)])
         run([args.bin / "opt-gen", "--model", models.path(role), prompts, "-o", work / "out.jsonl", "--n", "1",
              "--temperature", "0", "--ignore-eos", "--max-new-tokens", "8", "--batch-size", "16",
              "--device", GPU, "--dtype", "bf16", *device_flags("cuda", "bf16")], unit=f"warmup:{role}")
-        with torch.inference_mode():
-            x = torch.tensor([state["ids"][0]], device=GPU)
-            peer.generate(input_ids=x, do_sample=False, max_new_tokens=8, pad_token_id=3)
         REPORT.raw.setdefault("weight_bytes_per_step", {})[role] = state["bytes"]
+
+        def peer_warm_up():
+            with torch.inference_mode():
+                x = torch.tensor([state["ids"][0]], device=GPU)
+                models.peer(role).generate(input_ids=x, do_sample=False, max_new_tokens=8, pad_token_id=3)
+
+        _, peer_note, _ = peer_side(f"gen {role}", f"warmup:{role}", peer_warm_up)
+        if peer_note:
+            REPORT.detail(f"gen {role} warm-up: {peer_note}")
 
     guarded(f"gen {role}", "warm-up", warm_up)
     if "bytes" not in state:
@@ -1514,10 +1542,10 @@ def stage_gen(args, models: Models, role: str) -> None:
             BUDGET.skip(f"gen {role}", f"tok/s at batch {batch}", f"gen:{role}")
             continue
         guarded(f"gen {role}", f"tok/s at batch {batch}",
-                lambda: gen_row(args, models, role, batch, models.peer(role), state["ids"], state["bytes"]))
+                lambda: gen_row(args, models, role, batch, state["ids"], state["bytes"]))
     # A GQA model's largest batch with one query head to a block, as a row of its own.
-    config = models.peer(role).config
-    if config.num_key_value_heads < config.num_attention_heads:
+    config = checkpoint_config(models.path(role))
+    if config["num_key_value_heads"] < config["num_attention_heads"]:
         batch = max(args.batches)
         if BUDGET.allows(f"gen:{role}"):
             guarded(f"gen {role}", f"tok/s at batch {batch}, one query head to a block",
@@ -1538,9 +1566,9 @@ def prefill_row(args, models: Models, role: str) -> None:
     import torch
 
     work = args.work / "gen" / role
-    peer = models.peer(role)
     tok = tokenizer_for(models.path(role))
-    target = min(1900, peer.config.max_position_embeddings - 8 - (1 + LONG_DECODE))
+    positions = checkpoint_config(models.path(role))["max_position_embeddings"]
+    target = min(1900, positions - 8 - (1 + LONG_DECODE))
     text = " ".join(PROMPTS)
     while len(chat_ids(tok, [{"role": "user", "content": text}])) < target:
         text = text + " " + " ".join(PROMPTS)
@@ -1566,6 +1594,7 @@ def prefill_row(args, models: Models, role: str) -> None:
     x = torch.tensor([ids], device=GPU)
 
     def peer_prefill():
+        peer = models.peer(role)
         with torch.inference_mode():
             peer(input_ids=x[:, :16])
         times = []
@@ -1615,7 +1644,7 @@ def prefill_row(args, models: Models, role: str) -> None:
         sync()
         start = time.perf_counter()
         with torch.inference_mode():
-            peer.generate(input_ids=x, do_sample=False, max_new_tokens=1 + LONG_DECODE,
+            models.peer(role).generate(input_ids=x, do_sample=False, max_new_tokens=1 + LONG_DECODE,
                           min_new_tokens=1 + LONG_DECODE, pad_token_id=3)
         sync()
         return (time.perf_counter() - start - t) / LONG_DECODE * 1e3
@@ -1713,11 +1742,13 @@ def plumbing_check(args, rows_before_check: int) -> bool:
     kinds = [r["kind"] for r in rows]
     if "fail" in kinds or "skip" in kinds:
         problems.append(f"{kinds.count('fail')} failed and {kinds.count('skip')} skipped rows")
-    expected = {"logprobs": 9, "train-1b": 6, "train-7b": 3, "gen-7b": len(args.batches), "gen-1b": len(args.batches),
-                "score-1b": 1, "sanitize": 2 + len(SHARED_MEMORY_KERNELS)}
+    # Each stage's rows: the batch rows, the prefill and the decode after it (and, on the 1.1B's
+    # grouped-query shape, the largest batch with one head to a block).
+    expected = {"logprobs": 12, "train-1b": 6, "train-7b": 3, "gen-7b": len(args.batches) + 2,
+                "gen-1b": len(args.batches) + 3, "score-1b": 1, "sanitize": 2 + len(SHARED_MEMORY_KERNELS)}
     want = sum(expected[s] for s in args.stages)
     made = sum(1 for r in rows if r["kind"] == "ok" and not r["cells"][0].startswith(("build", "setup")))
-    if made < want:
+    if made != want:
         problems.append(f"{made} measured rows, {want} expected")
     for f in ["measure.md", "measure.json"]:
         if not (args.out / f).stat().st_size:
