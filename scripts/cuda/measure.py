@@ -288,6 +288,17 @@ class OverCap(RuntimeError):
 BUDGET = None  # the Budget, made by main()
 
 
+def first_line(error: Exception) -> str:
+    """An error's first line, for a row's note (its type when it says nothing)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def also(peer_note: str) -> str:
+    """A row note's tail for `peer_note` (peer_side's), empty when the peer ran."""
+    return f"; {peer_note}" if peer_note else ""
+
+
 def peer_side(stage: str, unit: str, fn):
     """The peer's half of a row, run once optune's half is measured: (its result, "", "ok"), or
     when it fails or the time is out (None, a note for the row, "fail" or "skip"), so that the
@@ -298,7 +309,7 @@ def peer_side(stage: str, unit: str, fn):
     except OutOfTime as e:
         return None, f"peer skipped: {e}", "skip"
     except Exception as e:  # noqa: BLE001  (the peer's failure must not discard optune's figures)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         note(f"{stage}: the peer failed:\n{e}")
         return None, f"peer FAILED: {first[:160]}", "fail"
 
@@ -311,7 +322,7 @@ def guarded(stage: str, what: str, fn) -> None:
     except OutOfTime as e:
         REPORT.row(stage, what, "", "", "", f"skipped: {e}", kind="skip")
     except Exception as e:  # noqa: BLE001  (one broken row must not hide the others)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         note(f"{stage} / {what} failed:\n{e}")
         REPORT.row(stage, what, "", "", "", f"FAILED: {first[:160]}", kind="fail")
 
@@ -1308,7 +1319,7 @@ def peer_lora(args, models: Models, role: str, sides) -> dict:
         except Exception as e:  # noqa: BLE001  (any failure of peft: the script's module next)
             if not use_peft or len(tries) == 1:
                 raise
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             note(f"the peer's LoRA through peft failed; once more with this script's module:\n{e}")
             why = f" (peft failed: {first[:80]})"
             # peft may have put adapters in before it failed: the second try, and the later
@@ -1478,7 +1489,7 @@ def gen_row(args, models: Models, role: str, batch: int, ids_all, bytes_per_step
                f"{o:,.1f}", fmt(t, ",.1f"), ratio(o, t),
                f"roof: optune {fmt(roof(o), '.1f')} %, peer {fmt(roof(t), '.1f')} %; optune peak GiB "
                f"{fmt(max((p for p in peaks if p is not None), default=None), '.1f')} ({how}){goals}"
-               + (f"; {peer_note}" if peer_note else ""), kind=kind)
+               + also(peer_note), kind=kind)
     REPORT.raw.setdefault("gen", []).append({"role": role, "batch": batch, "prompts": count, "optune": ours,
                                              "transformers": theirs or peer_note, "optune_peak_gib": peaks,
                                              "weight_bytes_per_step": bytes_per_step})
@@ -1614,7 +1625,7 @@ def prefill_row(args, models: Models, role: str) -> None:
                f"per-token attention instead of tiles (OPTUNE_ATTENTION=whole, one run): {o_whole:.3f} s, "
                f"tiled/per-token {ratio(o, o_whole)}; "
                "optune: opt-gen's gen_s (prefill, one decode step, sampling); peer: one transformers forward "
-               "(bf16, sdpa) over the prompt; below 1 favours optune" + (f"; {peer_note}" if peer_note else ""),
+               "(bf16, sdpa) over the prompt; below 1 favours optune" + also(peer_note),
                kind=kind)
     REPORT.raw.setdefault("prefill", []).append({"role": role, "tokens": target, "optune_s": ours,
                                                  "optune_per_token_attention_s": o_whole,
@@ -1660,7 +1671,7 @@ def prefill_row(args, models: Models, role: str) -> None:
                f"({LONG_DECODE} tokens, one run)", f"{ours_ms:.2f}", fmt(theirs_ms, ".2f"), ratio(ours_ms, theirs_ms),
                f"{context}; with each head's span unsplit and one query head to a block "
                f"(OPTUNE_ATTENTION=whole): {unsplit_ms:.2f} ms per token, ours/whole "
-               f"{ratio(ours_ms, unsplit_ms)}; below 1 favours optune" + (f"; {peer_note}" if peer_note else ""),
+               f"{ratio(ours_ms, unsplit_ms)}; below 1 favours optune" + also(peer_note),
                kind=kind)
     REPORT.raw.setdefault("long_decode", []).append({"role": role, "tokens": target, "optune_ms": ours_ms,
                                                      "optune_unsplit_ms": unsplit_ms,
@@ -1722,7 +1733,7 @@ def score_row(args, models: Models, role: str) -> None:
                f"{min(map(len, ids))}-{max(map(len, ids))} tokens, bf16 (peer: padded batches of {args.score_batch})",
                f"{ours_tok_s:,.0f}", fmt(peer_tok_s, ",.0f"), ratio(ours_tok_s, peer_tok_s),
                f"rewards max diff / largest {fmt(gap, '.1e')} (info); optune peak GiB {fmt(peak, '.1f')} ({how}); "
-               f"{plan.removeprefix('opt-score: ')}" + (f"; {peer_note}" if peer_note else ""), kind=kind)
+               f"{plan.removeprefix('opt-score: ')}" + also(peer_note), kind=kind)
     REPORT.raw.setdefault("score", []).append({"role": role, "tokens": tokens, "optune_tok_per_s": ours_tok_s,
                                                "peer_tok_per_s": peer_tok_s, "reward_gap": gap, "plan": plan,
                                                "optune_peak_gib": peak, "summary": s})

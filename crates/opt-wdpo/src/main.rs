@@ -333,6 +333,34 @@ impl Args {
         self.given.iter().any(|given| given == id)
     }
 
+    /// The LoRA adapters asked for, if any.
+    pub fn lora_config(&self) -> Option<optune_model::lora::LoraConfig> {
+        self.lora_rank.map(|rank| optune_model::lora::LoraConfig {
+            rank,
+            alpha: self.lora_alpha,
+            dropout: self.lora_dropout,
+            targets: self.lora_targets.clone(),
+        })
+    }
+
+    /// The pairs of `shard` to train on, tokenized by `tokenizer`; refused when there are none.
+    fn training_pairs(
+        &self,
+        shard: &Shard,
+        tokenizer: &optune_model::ChatTokenizer,
+    ) -> Result<Vec<data::TrainPair>> {
+        let pairs = data::read_pairs(
+            shard,
+            tokenizer,
+            self.max_length,
+            self.weight_col.as_deref(),
+        )?;
+        if pairs.is_empty() {
+            bail!("{}: no pairs to train on", shard.name());
+        }
+        Ok(pairs)
+    }
+
     /// Refuses a reward weighting asked for on pairs that hold no rewards: every weight would be
     /// 1, plain DPO, without a word.
     fn check_weighting(&self, shard: &Shard) -> Result<()> {
@@ -612,15 +640,7 @@ fn run(mut args: Args) -> Result<()> {
     // Before the policy takes its share: the plan counts its weights too.
     let available = optune_cli::runtime::available_memory(&device);
     let mut policy = Policy::load(&args, &device, dtype)?;
-    let mut pairs = data::read_pairs(
-        &shard,
-        &policy.tokenizer,
-        args.max_length,
-        args.weight_col.as_deref(),
-    )?;
-    if pairs.is_empty() {
-        bail!("{}: no pairs to train on", shard.name());
-    }
+    let mut pairs = args.training_pairs(&shard, &policy.tokenizer)?;
     // Before any work: a sequence past the rotary tables would fail at its batch.
     let longest = data::longest_sequence(&pairs);
     if longest > policy.model.max_positions() {
@@ -716,23 +736,9 @@ fn plan_only(args: &Args) -> Result<()> {
     };
     let shard = Shard::read(args.input.as_deref())?;
     args.check_weighting(&shard)?;
-    let pairs = data::read_pairs(
-        &shard,
-        &tokenizer,
-        args.max_length,
-        args.weight_col.as_deref(),
-    )?;
-    if pairs.is_empty() {
-        bail!("{}: no pairs to train on", shard.name());
-    }
-    let trained = match args.lora_rank {
-        Some(rank) => optune_model::lora::LoraConfig {
-            rank,
-            alpha: args.lora_alpha,
-            dropout: args.lora_dropout,
-            targets: args.lora_targets.clone(),
-        }
-        .adapter_weight_count(&config)?,
+    let pairs = args.training_pairs(&shard, &tokenizer)?;
+    let trained = match args.lora_config() {
+        Some(lora) => lora.adapter_weight_count(&config)?,
         None => optune_model::weight_count(&config),
     };
     let shape = memory::RunShape::of_args(
@@ -776,10 +782,6 @@ fn load_replicas(
     loads.into_iter().collect()
 }
 
-/// Holds the memory plan against each device's memory: the first device keeps the optimiser,
-/// every replica its weights, gradients and activations; replicas on one device (or on the
-/// host) add up. `first`: the first device and what it had available before the policy loaded;
-/// `workers`: the other devices of --devices, in order.
 /// What the plan is held against: --memory-budget, else what the device has `available`; and
 /// how the plan's line names it.
 fn memory_limit(args: &Args, available: Option<f64>) -> (Option<f64>, &'static str) {
@@ -789,6 +791,10 @@ fn memory_limit(args: &Args, available: Option<f64>) -> (Option<f64>, &'static s
     }
 }
 
+/// Holds the memory plan against each device's memory: the first device keeps the optimiser,
+/// every replica its weights, gradients and activations; replicas on one device (or on the
+/// host) add up. `first`: the first device and what it had available before the policy loaded;
+/// `workers`: the other devices of --devices, in order.
 fn check_memory(
     args: &Args,
     plan: &memory::Plan,

@@ -329,7 +329,17 @@ mod tests {
         longest: usize,
         gradient_checkpointing: bool,
     ) -> Plan {
-        Plan::of_run(RunShape {
+        Plan::of_run(bf16_shape(c, lora, pairs, longest, gradient_checkpointing))
+    }
+
+    fn bf16_shape<'a>(
+        c: &'a ModelConfig,
+        lora: Option<&[&str]>,
+        pairs: usize,
+        longest: usize,
+        gradient_checkpointing: bool,
+    ) -> RunShape<'a> {
+        RunShape {
             config: c,
             dtype: DType::BF16,
             generic: true,
@@ -341,7 +351,7 @@ mod tests {
             longest: longest as f64,
             gradient_checkpointing,
             reference: ReferenceHeld::Never,
-        })
+        }
     }
 
     /// The table "What it gives in bf16 for sequences of 512 tokens" in docs/cuda.md, and the
@@ -457,17 +467,8 @@ mod tests {
         // 32 pairs of 2,048 tokens: 2^33 scores a layer, 128 pieces.
         let plan = |generic| {
             Plan::of_run(RunShape {
-                config: &llama_7b,
-                dtype: DType::BF16,
                 generic,
-                params: params(&llama_7b),
-                trained: lora_weights(&llama_7b, attention),
-                lora: true,
-                optimizer_buffers: 2.0,
-                pairs: 32.0,
-                longest: 2048.0,
-                gradient_checkpointing: true,
-                reference: ReferenceHeld::Never,
+                ..bf16_shape(&llama_7b, Some(attention), 32, 2048, true)
             })
         };
         let piece = 24.0 * optune_kernels::ATTENTION_PIECE_SCORES as f64;

@@ -5,7 +5,7 @@ use crate::data::TrainPair;
 use crate::Args;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
-use optune_model::lora::{attach_lora, LoraAdapters, LoraConfig};
+use optune_model::lora::{attach_lora, LoraAdapters};
 use optune_model::{
     sequence_logprobs, sequence_logprobs_recomputed, ChatTokenizer, Checkpoint, CheckpointMeta,
     OutputHead, RecomputedPass, SequenceLogprobs, StoredWeights, TokenizedPair, Transformer,
@@ -58,14 +58,8 @@ impl Policy {
         trainable.sort_by(|a, b| a.0.cmp(&b.0));
         let mut model = Transformer::from_weights(&checkpoint.meta.config, tensors, dtype, device)?;
         require_language_model(&model, "--policy", &args.policy)?;
-        let lora = match args.lora_rank {
-            Some(rank) => {
-                let config = LoraConfig {
-                    rank,
-                    alpha: args.lora_alpha,
-                    dropout: args.lora_dropout,
-                    targets: args.lora_targets.clone(),
-                };
+        let lora = match args.lora_config() {
+            Some(config) => {
                 let adapters = attach_lora(&mut model, &config, args.seed)?;
                 trainable = adapters.vars.clone();
                 Some(adapters)
