@@ -47,17 +47,21 @@ DEVICE_ARGS = --device cuda --dtype bf16
 # recomputed: about 25 GB by opt-wdpo's memory plan for Mistral-7B in bf16; without the
 # recomputation 63 GB (43 GB of activations), so on an H200 dropping --gradient-checkpointing
 # from TRAIN_ARGS_lora saves its extra forward pass (opt-wdpo refuses it where it does not fit,
-# and says so before training). TRAIN=full is Zephyr's own recipe (every weight,
-# β 0.01, lr 5e-7, 128 pairs a step as 8 × 16; the paper's runs had 8 A100s): in one process a
-# 7B's f32 master weights, gradients and AdamW moments alone take 121 GB, so opt-wdpo refuses it
-# on a single H100/H200 before training starts, and on several with TRAIN_DEVICES too (each replica
-# holds the whole run). TRAIN_DEVICES="cuda:0 … cuda:7" trains the LoRA recipe on 8 GPUs at once:
-# 8 × 4 pairs a step (see docs/pipeline.md).
+# and says so before training). TRAIN=full is Zephyr's own recipe (every weight, β 0.01,
+# lr 5e-7, 128 pairs a step as 8 a micro-batch × 16; the paper's runs had 8 A100s). In one
+# process on one GPU a 7B's f32 master weights, gradients and AdamW moments alone take 121 GB,
+# so opt-wdpo refuses it on a single H100/H200 before training starts. With
+# TRAIN_DEVICES="cuda:0 … cuda:7" the 16 micro-batches are dealt out 2 to a GPU (as the recipe's
+# own 8 × 2 on 8 GPUs; 1, 2, 4, 8 or 16 GPUs keep the 128 pairs) and each weight's f32 master,
+# gradient sum and moments live on one of the eight: 62.4 GB a GPU by opt-wdpo's plan, which fits
+# GPUs of 80 GB. TRAIN=lora on 8 GPUs runs 8 × 4 pairs a step (see docs/pipeline.md).
 TRAIN = lora
 TRAIN_ARGS_lora = --lora-rank 16 --lora-alpha 16 --lora-dropout 0.05 \
   --lora-targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj \
   --lr 5e-6 --schedule cosine --batch-size 4 --grad-accum 1 --gradient-checkpointing
-TRAIN_ARGS_full = --lr 5e-7 --batch-size 8 --grad-accum 16 --gradient-checkpointing
+TRAIN_GPUS = $(if $(strip $(TRAIN_DEVICES)),$(words $(TRAIN_DEVICES)),1)
+TRAIN_ARGS_full = --lr 5e-7 --batch-size 8 --grad-accum $(shell expr 16 / $(TRAIN_GPUS)) \
+  --gradient-checkpointing
 TRAIN_ARGS = --loss sigmoid --beta 0.01 --weight exp --beta2 1.0 --epochs 1 --max-length 1024 \
   --warmup-ratio 0.1 $(TRAIN_ARGS_$(TRAIN))
 CARGO_FLAGS = --features opt-gen/cuda,opt-score/cuda,opt-wdpo/cuda

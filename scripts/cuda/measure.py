@@ -21,7 +21,8 @@ rerun, and the sanitizer rows, which run when the others leave time within --bud
             three opt-wdpo training steps (losses after one and two updates: f32 1e-3, bf16 1e-1, see logprobs_training),
             three LoRA steps with dropout and --gradient-checkpointing (the trained change, f32, 1e-2),
             and `opt-wdpo --devices` with two replicas on the one GPU against one replica with
-            twice the accumulation (the trained change, f32, 1e-5).
+            twice the accumulation (the trained change, f32 1e-5, bf16 1e-2: in bf16 each replica
+            keeps the f32 masters of the weights it owns only).
             The first CUDA runs also pay the driver's JIT of candle's PTX for the later stages.
   train-1b  One bf16 DPO optimiser step on a random llama of TinyLlama-1.1B's shape: LoRA r16 on
             q,k,v,o, then full fine-tuning. optune: `opt-wdpo --device cuda --dtype bf16`. Peer: a
@@ -68,8 +69,8 @@ Cost on one H100/H200, guessed from the sizes before any GPU run (the table's la
 measured wall seconds of each stage; replace these guesses with them):
 
   start      unpack the archive, import torch, copy bandwidth                      ~15 s
-  logprobs   37 runs of the tools (26 on CUDA), the first ones JIT-compile
-             candle's PTX (2.2 MB)                                                  ~110 s
+  logprobs   39 runs of the tools (28 on CUDA), the first ones JIT-compile
+             candle's PTX (2.2 MB)                                                  ~120 s
   train-1b   build the 1.1B (2.2 GB), 2 x (optune run + peer)                        ~50 s
   train-7b   build the 7B (init on the GPU, 13.5 GB written once), optune LoRA run
              (load, 5 steps, 13.5 GB merged checkpoint written), peer (loads the 7B) ~100 s
@@ -155,7 +156,7 @@ STAGES = ["logprobs", "train-1b", "train-7b", "gen-7b", "gen-1b", "score-1b", "s
 # Guessed cost in seconds on an H100 of each unit of work the budget is checked before (see the
 # docstring); a dry run checks against 0 (its figures are the CPU's).
 ESTIMATE_S = {
-    "logprobs": 110,
+    "logprobs": 120,
     "build:1b": 15, "lora:1b": 15, "full:1b": 20, "warmup:1b": 15, "gen:1b": 12,
     "build:7b": 45, "lora:7b": 55, "warmup:7b": 35, "gen:7b": 22,
     "prefill:1b": 19, "prefill:7b": 40, "score:1b": 25,
@@ -766,15 +767,16 @@ def change_gap(a: dict, b: dict) -> float:
     return math.sqrt(diff / max(size, 1e-300))
 
 
-def trained_change(bins: Path, pairs_file: Path, out: Path, flags: list, names=lambda name: True) -> dict:
-    """3 epochs of opt-wdpo in f32 on tiny-llama over `pairs_file` into `out` (constant learning
-    rate, no warm-up) with `flags`; returns the trained change (merged − base) of each weight
-    whose name `names` accepts."""
+def trained_change(bins: Path, pairs_file: Path, out: Path, flags: list, names=lambda name: True,
+                   dtype: str = "f32") -> dict:
+    """3 epochs of opt-wdpo in `dtype` on tiny-llama over `pairs_file` into `out` (constant
+    learning rate, no warm-up) with `flags`; returns the trained change (merged − base) of each
+    weight whose name `names` accepts."""
     from safetensors.torch import load_file
 
     model = TESTDATA / "models" / "tiny-llama"
     run([bins / "opt-wdpo", "--policy", model, pairs_file, "-o", out, "--warmup-ratio", "0",
-         "--schedule", "constant", "--epochs", "3", "--dtype", "f32", *flags], unit="logprobs")
+         "--schedule", "constant", "--epochs", "3", "--dtype", dtype, *flags], unit="logprobs")
     base = load_file(str(model / "model.safetensors"))
     merged = load_file(str(out / "model.safetensors"))
     return {k: merged[k].float() - base[k].float() for k in merged if names(k)}
@@ -782,23 +784,27 @@ def trained_change(bins: Path, pairs_file: Path, out: Path, flags: list, names=l
 
 def logprobs_data_parallel(bins: Path, work: Path) -> None:
     """`opt-wdpo --devices`: two replicas on the one GPU, each on a host thread of its own (the
-    threads' CUDA work, the gradients gathered on the first replica, the weights sent back),
-    against one replica with twice the accumulation, by the trained change of the weights. The
-    first replica adds the other's sum after its own, as one replica adds its micro-batches."""
+    threads' CUDA work, each weight's gradients added on its owner replica, the weights sent
+    back), against one replica with twice the accumulation, by the trained change of the weights.
+    The owners add the replicas' gradients in the order one replica adds its micro-batches. In
+    f32 the replicas split the moments only; in bf16 each keeps the f32 masters of the weights it
+    owns and trains bf16 copies of the other's (the casts, and the masters gathered for the
+    checkpoint, run on the GPU); bf16 is held at 1e-2, as its log-probs are."""
     pairs_file = work / "tiny-llama-dp-pairs.jsonl"
     reference_pairs("tiny-llama", pairs_file)
+    for dtype, bound in [("f32", 1e-5), ("bf16", 1e-2)]:
+        def delta(name: str, placement: list) -> dict:
+            return trained_change(bins, pairs_file, work / f"data-parallel-{dtype}-{name}",
+                                  ["--lr", "1e-3", "--batch-size", "2", *placement,
+                                   *device_flags("cuda", dtype)], dtype=dtype)
 
-    def delta(name: str, placement: list) -> dict:
-        return trained_change(bins, pairs_file, work / f"data-parallel-{name}",
-                              ["--lr", "1e-3", "--batch-size", "2", *placement, *device_flags("cuda", "f32")])
-
-    one = delta("one", ["--device", dev("cuda"), "--grad-accum", "2"])
-    two = delta("two", ["--devices", "cuda:0,cuda:0" if GPU == "cuda" else "cpu,cpu"])
-    d = change_gap(two, one)
-    text, kind = verdict(d, 1e-5)
-    REPORT.row("logprobs", "opt-wdpo --devices: 2 replicas on one GPU vs 1 with --grad-accum 2, 3 steps f32: "
-               "trained weight change, ‖difference‖ / ‖change‖ (tiny-llama, full)", f"{d:.2e}", "", "",
-               text + ("; identical" if d == 0 else ""), kind)
+        one = delta("one", ["--device", dev("cuda"), "--grad-accum", "2"])
+        two = delta("two", ["--devices", "cuda:0,cuda:0" if GPU == "cuda" else "cpu,cpu"])
+        d = change_gap(two, one)
+        text, kind = verdict(d, bound)
+        REPORT.row("logprobs", f"opt-wdpo --devices: 2 replicas on one GPU vs 1 with --grad-accum 2, 3 steps {dtype}: "
+                   "trained weight change, ‖difference‖ / ‖change‖ (tiny-llama, full)", f"{d:.2e}", "", "",
+                   text + ("; identical" if d == 0 else ""), kind)
 
 
 def logprobs_lora_dropout(bins: Path, work: Path) -> None:
@@ -1755,7 +1761,7 @@ def plumbing_check(args, rows_before_check: int) -> bool:
         problems.append(f"{kinds.count('fail')} failed and {kinds.count('skip')} skipped rows")
     # Each stage's rows: the batch rows, the prefill and the decode after it (and, on the 1.1B's
     # grouped-query shape, the largest batch with one head to a block).
-    expected = {"logprobs": 12, "train-1b": 6, "train-7b": 3, "gen-7b": len(args.batches) + 2,
+    expected = {"logprobs": 13, "train-1b": 6, "train-7b": 3, "gen-7b": len(args.batches) + 2,
                 "gen-1b": len(args.batches) + 3, "score-1b": 1, "sanitize": 2 + len(SHARED_MEMORY_KERNELS)}
     want = sum(expected[s] for s in args.stages)
     made = sum(1 for r in rows if r["kind"] == "ok" and not r["cells"][0].startswith(("build", "setup")))

@@ -73,7 +73,10 @@ use std::time::Instant;
 ///
 /// Several GPUs: --devices cuda:0,cuda:1,… trains a replica on each (data parallel, one process),
 /// each step taking --batch-size × --grad-accum pairs per device, as TRL's per-device batch size
-/// does under accelerate; the pipeline's SHARDS splits the reference pass into jobs.
+/// does under accelerate; the optimiser's state (moments, and the f32 masters of full
+/// fine-tuning in bf16) is dealt out over the devices (by the memory plan a 7B's full
+/// fine-tuning fits 8 GPUs of 80 GB);
+/// the pipeline's SHARDS splits the reference pass into jobs.
 ///
 /// Precision: the model computes in --dtype (f32 on the CPU, bf16 on CUDA), with reductions
 /// (RMS norm statistics, softmax, log-softmax, the loss) in f32; the trained weights (all of
@@ -279,18 +282,22 @@ pub struct Args {
     /// config.json and tokenizer and the pairs are read, not its weights, so a run can be sized
     /// for a GPU on a machine without one: --device cuda there plans bf16 (or --dtype) on a GPU's
     /// kernels, and --memory-budget GB holds the plan against that GPU's memory (e.g. 80). Exits
-    /// with an error, as the run would, when the plan does not fit. Reads a Hugging Face
-    /// directory (opt-convert turns a .gguf into one)
-    #[arg(long, conflicts_with_all = ["reference_only", "devices"])]
+    /// with an error, as the run would, when the plan does not fit; with --devices, each
+    /// device's plan (e.g. --devices cuda:0,…,cuda:7 --memory-budget 80 sizes a run on eight
+    /// 80 GB GPUs). Reads a Hugging Face directory (opt-convert turns a .gguf into one)
+    #[arg(long, conflicts_with = "reference_only")]
     pub plan_only: bool,
 
     /// Data parallel: a replica of the policy on each of these devices (e.g.
     /// cuda:0,cuda:1,cuda:2,cuda:3; all GPUs or all CPUs), in place of --device (which, when also
     /// given, must name the first: cuda is cuda:0). Each optimiser step takes --grad-accum
-    /// micro-batches of --batch-size pairs per device, run at once; the first device sums the
-    /// gradients, clips them, steps the optimiser and sends the new weights to the others. The
-    /// weights are those of one device with --grad-accum multiplied by the number of devices (to
-    /// the rounding of the sums' order). The replicas share the reference pass too
+    /// micro-batches of --batch-size pairs per device, run at once. Each trained weight has an
+    /// owner device, which holds its optimiser moments (8 bytes a trained weight under AdamW)
+    /// and, in bf16/f16 full fine-tuning, its f32 master and gradient sum; the others send it
+    /// their gradients after each micro-batch and train its bf16 copy. Each device owns about a
+    /// 1/N share. The weights are those of one device with --grad-accum multiplied by the number
+    /// of devices (on a GPU's kernels the same sums in the same order). The replicas share the
+    /// reference pass too
     #[arg(
         long,
         value_name = "DEVICES",
@@ -419,7 +426,7 @@ impl Args {
                 if named(device) != named(first) {
                     bail!(
                         "--device {device} with --devices {}: --device, when given too, names the \
-                         first of --devices (the device that holds the optimiser)",
+                         first of --devices (the device whose precision and kernels every replica takes)",
                         self.devices.join(",")
                     );
                 }
@@ -639,7 +646,12 @@ fn run(mut args: Args) -> Result<()> {
     args.check_weighting(&shard)?;
     // Before the policy takes its share: the plan counts its weights too.
     let available = optune_cli::runtime::available_memory(&device);
-    let mut policy = Policy::load(&args, &device, dtype)?;
+    let replica_count = args.devices.len().max(1);
+    let first = policy::ReplicaOf {
+        index: 0,
+        count: replica_count,
+    };
+    let mut policy = Policy::load(&args, &device, dtype, first)?;
     let mut pairs = args.training_pairs(&shard, &policy.tokenizer)?;
     // Before any work: a sequence past the rotary tables would fail at its batch.
     let longest = data::longest_sequence(&pairs);
@@ -658,7 +670,21 @@ fn run(mut args: Args) -> Result<()> {
         optune_cli::runtime::device(Some(spec)).with_context(|| format!("--devices {spec}"))
     });
     let worker_devices: Vec<_> = worker_devices.collect::<Result<_>>()?;
-    check_memory(&args, &plan, (&device, available), &worker_devices)?;
+    let workers = (worker_devices.iter()).map(|d| (d, optune_cli::runtime::available_memory(d)));
+    let replicas: Vec<ReplicaDevice> = std::iter::once((&device, available))
+        .chain(workers)
+        .enumerate()
+        .map(|(i, (device, available))| ReplicaDevice {
+            key: format!("{:?}", device.location()),
+            spec: args.devices.get(i).map_or("", String::as_str),
+            available,
+        })
+        .collect();
+    let elements: Vec<usize> = (policy.trainable.iter())
+        .map(|(_, var)| var.elem_count())
+        .collect();
+    let shares = parallel::owned_shares(&elements, replicas.len());
+    check_memory(&args, &plan, &replicas, &shares)?;
     let fingerprint = state::fingerprint(&args, &device, dtype, &pairs)?;
     let resumed = state::load(&args.output, &fingerprint)?;
     let mut identical = 0;
@@ -690,7 +716,8 @@ fn run(mut args: Args) -> Result<()> {
         &fingerprint,
         resumed,
     )?;
-    save(&args, &policy, &trained)?;
+    let worker_policies: Vec<&Policy> = workers.iter().map(|(p, _)| p).collect();
+    save(&args, &policy, &worker_policies, &trained)?;
     state::remove(&args.output)?;
     summary(&trained, pairs.len(), identical, started)
         .field("replicas", args.devices.len().max(1))
@@ -699,9 +726,10 @@ fn run(mut args: Args) -> Result<()> {
     Ok(())
 }
 
-/// --plan-only: the plan `run` prints before training, made from the policy's config, tokenizer
-/// and the pairs; for a GPU that is not here (`--device cuda` on a machine without one), from the
-/// kernels and the default dtype a GPU takes, against --memory-budget only.
+/// --plan-only: the plan `run` prints before training (each device's, with --devices), made from
+/// the policy's config, tokenizer and the pairs; for GPUs that are not here (`--device cuda` on a
+/// machine without one), from the kernels and the default dtype a GPU takes, against
+/// --memory-budget only.
 fn plan_only(args: &Args) -> Result<()> {
     if !args.policy.is_dir() {
         bail!(
@@ -717,49 +745,83 @@ fn plan_only(args: &Args) -> Result<()> {
         .device
         .as_deref()
         .filter(|d| d.starts_with("cuda") && !candle_core::utils::cuda_is_available());
-    let (dtype, generic, available, device) = match absent_gpu {
+    let specs: Vec<&str> = match args.devices.is_empty() {
+        true => vec![args.runtime.device.as_deref().unwrap_or("")],
+        false => args.devices.iter().map(String::as_str).collect(),
+    };
+    let (dtype, generic, device, replicas) = match absent_gpu {
         Some(gpu) => {
             let dtype = optune_cli::runtime::dtype_on(args.runtime.dtype.as_deref(), true)?;
-            (dtype, true, None, gpu.to_string())
+            // --devices lists GPUs only when its first is one (Args::validate).
+            let replicas = (specs.iter())
+                .map(|&spec| ReplicaDevice {
+                    key: match spec {
+                        "cuda" => "cuda:0".to_string(),
+                        other => other.to_string(),
+                    },
+                    spec,
+                    available: None,
+                })
+                .collect();
+            (dtype, true, gpu.to_string(), replicas)
         }
         None => {
             let (device, dtype) = args.runtime.init()?;
             let generic =
                 optune_kernels::autograd_path(&device, dtype) == optune_kernels::Path::Generic;
-            let available = optune_cli::runtime::available_memory(&device);
             let name = match device.is_cuda() {
                 true => args.runtime.device.clone().unwrap_or("cuda".into()),
                 false => "cpu".into(),
             };
-            (dtype, generic, available, name)
+            let mut replicas = vec![ReplicaDevice {
+                key: format!("{:?}", device.location()),
+                spec: specs[0],
+                available: optune_cli::runtime::available_memory(&device),
+            }];
+            for &spec in &specs[1..] {
+                let worker = optune_cli::runtime::device(Some(spec))
+                    .with_context(|| format!("--devices {spec}"))?;
+                replicas.push(ReplicaDevice {
+                    key: format!("{:?}", worker.location()),
+                    spec,
+                    available: optune_cli::runtime::available_memory(&worker),
+                });
+            }
+            (dtype, generic, name, replicas)
         }
     };
     let shard = Shard::read(args.input.as_deref())?;
     args.check_weighting(&shard)?;
     let pairs = args.training_pairs(&shard, &tokenizer)?;
-    let trained = match args.lora_config() {
-        Some(lora) => lora.adapter_weight_count(&config)?,
-        None => optune_model::weight_count(&config),
+    // The trained weights in the order the run's owners deal them out (by name).
+    let mut trained = match args.lora_config() {
+        Some(lora) => lora.adapter_weight_shapes(&config)?,
+        None => optune_model::llama_weight_shapes(&config),
     };
+    trained.sort();
+    let elements: Vec<usize> = (trained.iter())
+        .map(|(_, shape)| shape.iter().product())
+        .collect();
     let shape = memory::RunShape::of_args(
         args,
         &config,
         (dtype, generic),
-        trained as f64,
+        elements.iter().sum::<usize>() as f64,
         &pairs,
         reference::held(args, &pairs),
     );
     let plan = memory::Plan::of_run(shape);
-    let (limit, what) = memory_limit(args, available);
-    plan.check(limit, what)?;
+    let shares = parallel::owned_shares(&elements, replicas.len());
+    let largest = check_memory(args, &plan, &replicas, &shares)?;
     let kernels = match generic {
         true => optune_kernels::Path::Generic,
         false => optune_kernels::Path::Fused,
     };
     Summary::new("opt-wdpo")
-        .field("plan_gb", format!("{:.2}", plan.total() / 1e9))
+        .field("plan_gb", format!("{:.2}", largest / 1e9))
         .field("pairs", pairs.len())
         .field("device", device)
+        .field("replicas", replicas.len())
         .field("device_here", absent_gpu.is_none())
         .field("kernels", kernels.name())
         .print();
@@ -774,8 +836,13 @@ fn load_replicas(
     dtype: candle_core::DType,
 ) -> Result<Vec<(Policy, Option<optune_model::Transformer>)>> {
     let mut devices: Vec<&candle_core::Device> = devices.iter().collect();
-    let loads = parallel::on_each(&mut devices, |_, device| {
-        let replica = Policy::load(args, device, dtype)?;
+    let count = devices.len() + 1;
+    let loads = parallel::on_each(&mut devices, |i, device| {
+        let replica = policy::ReplicaOf {
+            index: i + 1,
+            count,
+        };
+        let replica = Policy::load(args, device, dtype, replica)?;
         let reference = reference::held_model(args, &replica, device, dtype)?;
         Ok((replica, reference))
     });
@@ -791,54 +858,59 @@ fn memory_limit(args: &Args, available: Option<f64>) -> (Option<f64>, &'static s
     }
 }
 
-/// Holds the memory plan against each device's memory: the first device keeps the optimiser,
-/// every replica its weights, gradients and activations; replicas on one device (or on the
-/// host) add up. `first`: the first device and what it had available before the policy loaded;
-/// `workers`: the other devices of --devices, in order.
+/// One replica's device, for [`check_memory`]: a key equal for the replicas of one device, its
+/// name in --devices, and what it has available.
+struct ReplicaDevice<'a> {
+    key: String,
+    spec: &'a str,
+    available: Option<f64>,
+}
+
+/// Holds the memory plan against each device's memory: every replica its weights, gradients and
+/// activations, and the optimiser's moments of the weights it owns (`shares`, by replica);
+/// replicas on one device (or on the host) add up. With one replica, its device's. Returns the
+/// largest device's plan in bytes.
 fn check_memory(
     args: &Args,
     plan: &memory::Plan,
-    first: (&candle_core::Device, Option<f64>),
-    workers: &[candle_core::Device],
-) -> Result<()> {
-    let (first_device, first_available) = first;
-    let specs = &args.devices;
-    if specs.len() <= 1 {
-        let (limit, what) = memory_limit(args, first_available);
-        return plan.check(limit, what);
+    replicas: &[ReplicaDevice],
+    shares: &[f64],
+) -> Result<f64> {
+    if let [only] = replicas {
+        let (limit, what) = memory_limit(args, only.available);
+        plan.check(limit, what)?;
+        return Ok(plan.total());
     }
-    // (a device, its name, how many replicas it holds); the first holds the optimiser.
-    let mut devices: Vec<(&candle_core::Device, &str, usize)> = Vec::new();
-    for (device, spec) in std::iter::once(first_device).chain(workers).zip(specs) {
-        match devices
-            .iter_mut()
-            .find(|(d, ..)| d.location() == device.location())
-        {
-            Some((_, _, count)) => *count += 1,
-            None => devices.push((device, spec, 1)),
+    // (a replica standing for its device, how many replicas the device holds, their share)
+    let mut devices: Vec<(&ReplicaDevice, usize, f64)> = Vec::new();
+    for (replica, share) in replicas.iter().zip(shares) {
+        match devices.iter_mut().find(|(d, ..)| d.key == replica.key) {
+            Some((_, count, owned)) => {
+                *count += 1;
+                *owned += share;
+            }
+            None => devices.push((replica, 1, *share)),
         }
     }
-    for (i, (device, spec, count)) in devices.into_iter().enumerate() {
-        let holds_optimizer = i == 0;
-        let free = match holds_optimizer {
-            true => first_available,
-            false => optune_cli::runtime::available_memory(device),
-        };
-        let shared = plan.for_replicas(count, holds_optimizer);
+    let mut largest = 0f64;
+    for (device, count, share) in devices {
+        let shared = plan.for_replicas(count, share);
         let suffix = match count {
             1 => String::new(),
             n => format!(" for its {n} replicas"),
         };
-        let (limit, what) = memory_limit(args, free);
-        shared.check(limit, &format!("{what} on {spec}{suffix}"))?;
+        let (limit, what) = memory_limit(args, device.available);
+        shared.check(limit, &format!("{what} on {}{suffix}", device.spec))?;
+        largest = largest.max(shared.total());
     }
-    Ok(())
+    Ok(largest)
 }
 
 /// The checkpoint (merged weights), metrics.csv unless --metrics, and the PEFT adapter on request.
-fn save(args: &Args, policy: &Policy, trained: &train::Trained) -> Result<()> {
+/// `workers`: the other replicas of --devices (full fine-tuning's masters are with their owners).
+fn save(args: &Args, policy: &Policy, workers: &[&Policy], trained: &train::Trained) -> Result<()> {
     let csv = trained.log.to_csv()?;
-    let bases = policy.checkpoint_bases();
+    let bases = policy.checkpoint_bases(workers);
     let base_of = |name: &str| bases.base_of(name);
     optune_model::save_checkpoint_with(&policy.model, &base_of, &policy.meta, &args.output, |dir| {
         if args.metrics.is_none() {

@@ -24,11 +24,15 @@ pub enum ReferenceHeld {
 pub struct Plan {
     /// The model in its compute dtype (frozen weights, or casts of the masters).
     weights: f64,
-    /// f32 master copies, when they are not the compute weights themselves.
+    /// f32 master copies, when they are not the compute weights themselves: with --devices, its
+    /// owner's only.
     masters: f64,
-    /// f32 gradients of the trained weights (and, in bf16 full fine-tuning, the compute-dtype
-    /// gradients they are cast from).
+    /// Gradients every replica holds: f32 of the trained weights, but in bf16/f16 full
+    /// fine-tuning a micro-batch's compute-dtype gradients.
     gradients: f64,
+    /// Gradients only a weight's owner holds: in bf16/f16 full fine-tuning, the f32 gradients
+    /// of the masters and their sums (other replicas send theirs after each micro-batch).
+    owned_gradients: f64,
     optimizer: f64,
     /// A second model held through training (HyPO's reference).
     reference: f64,
@@ -175,7 +179,8 @@ impl Plan {
         Self {
             weights: params * compute,
             masters: if full_in_half { trained * 4.0 } else { 0.0 },
-            gradients: trained * 4.0 + if full_in_half { trained * compute } else { 0.0 },
+            gradients: trained * if full_in_half { compute } else { 4.0 },
+            owned_gradients: if full_in_half { trained * 4.0 } else { 0.0 },
             optimizer: trained * 4.0 * run.optimizer_buffers,
             reference: match run.reference {
                 ReferenceHeld::ThroughTraining => params * compute,
@@ -192,15 +197,17 @@ impl Plan {
     }
 
     /// The plan of `replicas` copies of the run on one device (`--devices` naming it more than
-    /// once, or the host's memory shared), one of which holds the optimiser's moments when
-    /// `holds_optimizer`.
-    pub fn for_replicas(&self, replicas: usize, holds_optimizer: bool) -> Plan {
+    /// once, or the host's memory shared), which together own `share` of the trained weights
+    /// and hold that share of the optimiser's moments, of the f32 masters and of the gradients
+    /// only owners hold.
+    pub fn for_replicas(&self, replicas: usize, share: f64) -> Plan {
         let n = replicas as f64;
         Plan {
             weights: self.weights * n,
-            masters: self.masters * n,
-            gradients: self.gradients * n,
-            optimizer: if holds_optimizer { self.optimizer } else { 0.0 },
+            masters: self.masters * share,
+            gradients: self.gradients * n + self.owned_gradients * share,
+            owned_gradients: 0.0,
+            optimizer: self.optimizer * share,
             reference: self.reference * n,
             pass_reference: self.pass_reference * n,
             activations: self.activations * n,
@@ -213,6 +220,7 @@ impl Plan {
         1.1 * (self.weights
             + self.masters
             + self.gradients
+            + self.owned_gradients
             + self.optimizer
             + self.reference
             + self.activations.max(self.pass_reference))
@@ -222,7 +230,7 @@ impl Plan {
         let parts = [
             ("weights", self.weights),
             ("f32 masters", self.masters),
-            ("gradients", self.gradients),
+            ("gradients", self.gradients + self.owned_gradients),
             ("optimizer", self.optimizer),
             ("reference", self.reference),
             ("--ref (reference pass only)", self.pass_reference),
@@ -354,8 +362,9 @@ mod tests {
         }
     }
 
-    /// The table "What it gives in bf16 for sequences of 512 tokens" in docs/cuda.md, and the
-    /// Zephyr recipe's figures in pipelines/zephyr-ultrachat.mk and docs/pipeline.md: the
+    /// The table "What it gives in bf16 for sequences of 512 tokens" in docs/cuda.md with its rows
+    /// over --devices, and the Zephyr recipe's figures in pipelines/zephyr-ultrachat.mk and
+    /// docs/pipeline.md (LoRA on one GPU, the full recipe on eight): the
     /// documents state these plans (weights, masters + gradients + moments, activations, total,
     /// in GB to one decimal), and change with the planner.
     #[test]
@@ -424,10 +433,50 @@ mod tests {
                 [14.5, 0.5, 42.5, 63.2],
             ),
         ];
-        for (name, plan, [weights, states, activations, total]) in rows.into_iter().chain(recipe) {
+        // Full fine-tuning over --devices: the plan of the device owning the most moments.
+        let on_devices = |plan: Plan, c: &ModelConfig, devices: usize| {
+            let mut shapes = optune_model::llama_weight_shapes(c);
+            shapes.sort();
+            let elements: Vec<usize> = shapes.iter().map(|(_, s)| s.iter().product()).collect();
+            let shares = crate::parallel::owned_shares(&elements, devices);
+            plan.for_replicas(1, shares.into_iter().fold(0.0, f64::max))
+        };
+        let devices = [
+            (
+                "7B full, 1 pair, 2 devices",
+                on_devices(bf16_plan(&llama_7b, None, 1, 512), &llama_7b, 2),
+                [13.5, 67.7, 5.3, 95.2],
+            ),
+            (
+                "7B full, 1 pair, 8 devices",
+                on_devices(bf16_plan(&llama_7b, None, 1, 512), &llama_7b, 8),
+                [13.5, 27.2, 5.3, 50.6],
+            ),
+            (
+                "Zephyr full recipe, 1 device",
+                bf16_plan_with(&mistral_7b, None, 8, 1024, true),
+                [14.5, 130.4, 12.8, 173.5],
+            ),
+            (
+                "Zephyr full recipe, 8 devices",
+                on_devices(
+                    bf16_plan_with(&mistral_7b, None, 8, 1024, true),
+                    &mistral_7b,
+                    8,
+                ),
+                [14.5, 29.4, 12.8, 62.4],
+            ),
+            (
+                "7B full recomputed, 1 pair, 8 devices",
+                on_devices(bf16_plan_with(&llama_7b, None, 1, 512, true), &llama_7b, 8),
+                [13.5, 27.2, 1.2, 46.0],
+            ),
+        ];
+        let all = rows.into_iter().chain(recipe).chain(devices);
+        for (name, plan, [weights, states, activations, total]) in all {
             let got = [
                 plan.weights,
-                plan.masters + plan.gradients + plan.optimizer,
+                plan.masters + plan.gradients + plan.owned_gradients + plan.optimizer,
                 plan.activations,
                 plan.total(),
             ]

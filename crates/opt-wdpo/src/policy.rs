@@ -10,17 +10,34 @@ use optune_model::{
     sequence_logprobs, sequence_logprobs_recomputed, ChatTokenizer, Checkpoint, CheckpointMeta,
     OutputHead, RecomputedPass, SequenceLogprobs, StoredWeights, TokenizedPair, Transformer,
 };
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
+
+/// Which of the `count` replicas of --devices a policy is (0 and 1 without --devices).
+#[derive(Clone, Copy, Debug)]
+pub struct ReplicaOf {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl ReplicaOf {
+    pub const ONLY: ReplicaOf = ReplicaOf { index: 0, count: 1 };
+}
 
 pub struct Policy {
     /// Computes in the run's dtype (`--dtype`); with full fine-tuning in bf16/f16 its weights are
-    /// casts of the f32 masters in `trainable`, renewed after each optimiser step.
+    /// casts of the f32 masters in `trainable` that this replica owns, renewed after each
+    /// optimiser step, and the other replicas' weights themselves.
     pub model: Transformer,
     pub tokenizer: ChatTokenizer,
     pub meta: CheckpointMeta,
-    /// Each trainable variable once, sorted by name.
+    /// Each trainable variable once, sorted by name: f32, but for full fine-tuning in bf16/f16
+    /// the weights another replica owns, which are the model's own compute-dtype weights (the
+    /// owner keeps the f32 master, the moments and the gradients' sum).
     pub trainable: Vec<(String, Var)>,
+    /// The replica owning each of `trainable` ([`crate::parallel::owners`]); alike on every
+    /// replica.
+    pub owners: Vec<usize>,
     pub lora: Option<LoraAdapters>,
     pub pad_id: u32,
     /// Under LoRA computed in a dtype that is neither f32 nor the checkpoint's own: `--policy`'s
@@ -30,22 +47,40 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// Loads the policy to compute in `dtype`. Trainable weights (all of them, or the LoRA
-    /// adapters) are f32 variables, and so are their gradients and optimiser moments; frozen
-    /// weights exist in `dtype` only.
-    pub fn load(args: &Args, device: &Device, dtype: DType) -> Result<Self> {
+    /// Loads the policy to compute in `dtype`, as `replica` of --devices. Trainable weights (all
+    /// of them, or the LoRA adapters) are f32 variables, and so are their gradients and
+    /// optimiser moments, but for full fine-tuning in bf16/f16 those another replica owns;
+    /// frozen weights exist in `dtype` only.
+    pub fn load(args: &Args, device: &Device, dtype: DType, replica: ReplicaOf) -> Result<Self> {
         let full_finetune = args.lora_rank.is_none();
         // Each weight comes off disk in the dtype it is kept in (f32 masters for full
         // fine-tuning, the compute dtype when frozen), so no stored-dtype copy of the model is
         // ever held whole.
         let stored = if full_finetune { DType::F32 } else { dtype };
         let checkpoint = Checkpoint::read_as(&args.policy, device, stored)?;
+        // Full fine-tuning in bf16/f16: the weights other replicas own (as `trainable` will list
+        // them) keep no f32 master here.
+        let mut sizes: Vec<(&String, usize)> = (checkpoint.tensors.iter())
+            .map(|(name, t)| (name, t.elem_count()))
+            .collect();
+        sizes.sort();
+        let elements: Vec<usize> = sizes.iter().map(|(_, n)| *n).collect();
+        let owned_elsewhere: HashSet<String> = (sizes.iter())
+            .zip(crate::parallel::owners(&elements, replica.count))
+            .filter(|(_, owner)| *owner != replica.index && full_finetune && dtype != DType::F32)
+            .map(|((name, _), _)| (*name).clone())
+            .collect();
         let mut trainable = Vec::new();
         let tensors: HashMap<String, Tensor> = checkpoint
             .tensors
             .into_iter()
             .map(|(name, t)| {
-                if full_finetune {
+                if owned_elsewhere.contains(&name) {
+                    // This replica trains the compute weight itself.
+                    let var = Var::from_tensor(&t.to_dtype(dtype)?)?;
+                    trainable.push((name.clone(), var.clone()));
+                    Ok((name, var.as_tensor().clone()))
+                } else if full_finetune {
                     let var = Var::from_tensor(&t.to_dtype(DType::F32)?)?;
                     trainable.push((name.clone(), var.clone()));
                     // In f32 this is the variable itself (the model keeps its identity).
@@ -55,7 +90,6 @@ impl Policy {
                 }
             })
             .collect::<Result<_>>()?;
-        trainable.sort_by(|a, b| a.0.cmp(&b.0));
         let mut model = Transformer::from_weights(&checkpoint.meta.config, tensors, dtype, device)?;
         require_language_model(&model, "--policy", &args.policy)?;
         let lora = match args.lora_config() {
@@ -66,6 +100,11 @@ impl Policy {
             }
             None => None,
         };
+        // By name: the owners of --devices deal out runs of this order.
+        trainable.sort_by(|a, b| a.0.cmp(&b.0));
+        let trainable = dedup_vars(trainable);
+        let elements: Vec<usize> = trainable.iter().map(|(_, v)| v.elem_count()).collect();
+        let owners = crate::parallel::owners(&elements, replica.count);
         let saved = optune_model::saved_dtype(&checkpoint.meta).unwrap_or(dtype);
         let stored_base = match lora.is_some() && dtype != DType::F32 && dtype != saved {
             true => Some((StoredWeights::open(&args.policy)?, saved)),
@@ -81,7 +120,8 @@ impl Policy {
             model,
             tokenizer: checkpoint.tokenizer,
             meta: checkpoint.meta,
-            trainable: dedup_vars(trainable),
+            trainable,
+            owners,
             lora,
             pad_id,
             stored_base,
@@ -95,9 +135,9 @@ impl Policy {
         if self.lora.is_some() || self.model.dtype() == DType::F32 {
             return Ok(());
         }
-        let masters: HashMap<&str, &Var> = self
-            .trainable
-            .iter()
+        // The weights other replicas own are the model's own (set by their owners).
+        let masters: HashMap<&str, &Var> = (self.trainable.iter())
+            .filter(|(_, v)| v.dtype() == DType::F32)
             .map(|(n, v)| (n.as_str(), v))
             .collect();
         let dtype = self.model.dtype();
@@ -109,15 +149,26 @@ impl Policy {
         Ok(())
     }
 
-    /// Where the checkpoint's weights come from: see [`CheckpointBases`].
-    pub fn checkpoint_bases(&self) -> CheckpointBases<'_> {
+    /// The trained weights by name, each its owner's (an f32 master where this replica computes
+    /// with a cast, or trains the compute weight of another's master). `workers`: the other
+    /// replicas of --devices, in order.
+    pub fn masters(&self, workers: &[&Policy]) -> HashMap<String, Tensor> {
+        (self.trainable.iter().zip(&self.owners).enumerate())
+            .map(|(k, ((name, var), &owner))| {
+                let var = match owner {
+                    0 => var,
+                    _ => &workers[owner - 1].trainable[k].1,
+                };
+                (name.clone(), var.as_tensor().clone())
+            })
+            .collect()
+    }
+
+    /// Where the checkpoint's weights come from: see [`CheckpointBases`]. `workers`: as for
+    /// [`Policy::masters`].
+    pub fn checkpoint_bases(&self, workers: &[&Policy]) -> CheckpointBases<'_> {
         match (&self.lora, &self.stored_base) {
-            (None, _) => CheckpointBases::Masters(
-                self.trainable
-                    .iter()
-                    .map(|(name, var)| (name.clone(), var.as_tensor().clone()))
-                    .collect(),
-            ),
+            (None, _) => CheckpointBases::Masters(self.masters(workers)),
             (Some(_), Some((stored, dtype))) => CheckpointBases::Stored(stored, *dtype),
             (Some(_), None) => CheckpointBases::Model,
         }
@@ -251,4 +302,54 @@ pub fn policy_logprobs<'m>(
         }
         false => (sequence_logprobs(model, sequences, pad_id)?, None),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Policy, ReplicaOf};
+    use crate::Args;
+    use candle_core::{DType, Device};
+    use clap::Parser;
+
+    fn args(extra: &[&str]) -> Args {
+        let policy = optune_testkit::workspace_root().join("testdata/models/tiny-llama");
+        let base = [
+            "opt-wdpo",
+            "--policy",
+            policy.to_str().unwrap(),
+            "-o",
+            "unused",
+        ];
+        Args::try_parse_from([&base[..], extra].concat()).unwrap()
+    }
+
+    /// Full fine-tuning in bf16: a replica keeps f32 masters of the weights it owns only, and
+    /// trains the model's own bf16 weights for the others; every replica lists the same owners.
+    /// In f32, and for LoRA's adapters, every trained weight is f32 on every replica.
+    #[test]
+    fn a_replica_keeps_masters_of_the_weights_it_owns() {
+        let full = args(&[]);
+        let load = |args: &Args, dtype, index| {
+            Policy::load(args, &Device::Cpu, dtype, ReplicaOf { index, count: 3 }).unwrap()
+        };
+        let first = load(&full, DType::BF16, 0);
+        for index in 0..3 {
+            let replica = load(&full, DType::BF16, index);
+            assert_eq!(replica.owners, first.owners);
+            let kept: Vec<bool> = (replica.trainable.iter())
+                .map(|(_, var)| var.dtype() == DType::F32)
+                .collect();
+            let owned: Vec<bool> = replica.owners.iter().map(|&o| o == index).collect();
+            assert_eq!(kept, owned, "replica {index}");
+            assert!(owned.contains(&true) && owned.contains(&false), "{owned:?}");
+            let f32_run = load(&full, DType::F32, index);
+            assert!(f32_run
+                .trainable
+                .iter()
+                .all(|(_, v)| v.dtype() == DType::F32));
+        }
+        let lora = load(&args(&["--lora-rank", "4"]), DType::BF16, 1);
+        assert!(lora.trainable.iter().all(|(_, v)| v.dtype() == DType::F32));
+        assert!(lora.owners.contains(&2));
+    }
 }

@@ -122,7 +122,7 @@ pub fn write_only(args: &Args, device: &Device, dtype: DType) -> Result<usize> {
         }
         None => shard,
     };
-    let policy = Policy::load(args, device, dtype)?;
+    let policy = Policy::load(args, device, dtype, crate::policy::ReplicaOf::ONLY)?;
     let mut pairs = read_pairs(
         &shard,
         &policy.tokenizer,

@@ -14,11 +14,10 @@ use crate::metrics::MetricsRow;
 use crate::policy::Policy;
 use crate::Args;
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use optune_resume::{file_stamps, Digest, Fingerprint};
 use optune_train::optim::Optimizer;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -184,18 +183,28 @@ impl Saved {
     }
 
     /// Puts the trained weights and the optimiser where the state's run had them.
-    pub fn restore(&self, output: &Path, policy: &Policy, optimizer: &mut Optimizer) -> Result<()> {
+    /// Puts the saved trained weights into their owners among `replicas` (all of --devices, in
+    /// order; the owners send them to the others) and the moments into `optimizer`.
+    pub fn restore(
+        &self,
+        output: &Path,
+        replicas: &[&Policy],
+        optimizer: &mut Optimizer,
+    ) -> Result<()> {
         let dir = dir_of(output);
         let step = self.position.step;
         let weights_path = dir.join(format!("trainable-{step}.safetensors"));
-        let device = policy.model.device();
-        let weights = candle_core::safetensors::load(&weights_path, device)
+        // SAFETY: the state's files are written beside and renamed into place (`save`), never
+        // changed in place, so the mapped file does not change under the map.
+        let weights = unsafe { candle_core::safetensors::MmapedSafetensors::new(&weights_path) }
             .with_context(|| format!("{}: cannot read", weights_path.display()))?;
-        for (name, var) in &policy.trainable {
+        let first = replicas[0];
+        for (k, ((name, _), &owner)) in first.trainable.iter().zip(&first.owners).enumerate() {
+            let var = &replicas[owner].trainable[k].1;
             let saved = weights
-                .get(name)
+                .load(name, var.device())
                 .with_context(|| format!("{}: no weight {name}", weights_path.display()))?;
-            var.set(saved)
+            var.set(&saved)
                 .with_context(|| format!("{}: weight {name}", weights_path.display()))?;
         }
         optimizer.load_state(&dir.join(format!("optimizer-{step}.safetensors")))?;
@@ -211,7 +220,7 @@ pub fn save(
     fingerprint: &Fingerprint,
     position: Position,
     tokens: usize,
-    policy: &Policy,
+    replicas: &[&Policy],
     optimizer: &Optimizer,
     pairs: &[TrainPair],
     metrics: &[MetricsRow],
@@ -219,11 +228,7 @@ pub fn save(
     let dir = dir_of(output);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let step = position.step;
-    let weights: HashMap<String, Tensor> = policy
-        .trainable
-        .iter()
-        .map(|(name, var)| (name.clone(), var.as_tensor().clone()))
-        .collect();
+    let weights = replicas[0].masters(&replicas[1..]);
     let weights_path = dir.join(format!("trainable-{step}.safetensors"));
     let partial = dir.join(format!("trainable-{step}.safetensors.partial"));
     candle_core::safetensors::save(&weights, &partial)

@@ -1,8 +1,12 @@
 //! The training loop: micro-batches of pairs, gradient accumulation, clipping, the optimiser and
 //! learning-rate schedule, and the per-step metrics log. With `--devices`, one replica of the
 //! policy per device (data parallel): each optimiser step's micro-batches are dealt out to the
-//! replicas, which run them at once, each on a thread of its own; the first replica sums their
-//! gradients, steps the optimiser and sends the new weights to the others.
+//! replicas, which run them at once, each on a thread of its own. Each trained weight has an
+//! owner among the replicas ([`crate::parallel::owners`]): its device holds the weight's
+//! optimiser moments (and, in bf16/f16 full fine-tuning, its f32 master), adds the replicas'
+//! gradients of it after each micro-batch they run, steps it and sends it to the others. So
+//! the optimiser's state is dealt out over the devices, as DeepSpeed's ZeRO stage 1 deals it,
+//! while every replica holds the whole model in its compute dtype.
 
 use crate::data::{epoch_batches, TrainPair};
 use crate::metrics::{MetricsLog, StepMetrics};
@@ -11,7 +15,7 @@ use crate::state::{self, Interrupts, Position, Saved};
 use crate::Args;
 use anyhow::{bail, Result};
 use candle_core::backprop::GradStore;
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use optune_kernels::{GradBuffers, Path};
 use optune_model::Transformer;
 use optune_resume::Fingerprint;
@@ -57,19 +61,16 @@ pub fn train(
         micro: 0,
     };
     if let Some(saved) = resumed {
-        saved.restore(
-            &args.output,
-            trainer.replicas[0].policy,
-            &mut trainer.optimizer,
-        )?;
-        trainer.replicas[0].policy.refresh_compute_weights()?;
+        let policies: Vec<&Policy> = trainer.replicas.iter().map(|r| &*r.policy).collect();
+        saved.restore(&args.output, &policies, &mut trainer.optimizer)?;
         start = saved.position;
         trainer.micro = start.micro;
         trainer.tokens = saved.tokens;
         trainer.log.restore(saved.metrics)?;
         trainer.progress.set_position(start.step);
     }
-    trainer.send_weights()?;
+    // The weights as their owners loaded or restored them.
+    send_weights(&mut trainer.replicas, &trainer.owners)?;
     let total_steps = trainer.schedule.total_steps;
     let interrupts = Interrupts::register()?;
     let started = Instant::now();
@@ -117,12 +118,13 @@ pub fn train(
             let signal = interrupts.received();
             let scheduled = args.save_steps > 0 && step.is_multiple_of(args.save_steps);
             if signal.is_some() || scheduled {
+                let policies: Vec<&Policy> = trainer.replicas.iter().map(|r| &*r.policy).collect();
                 state::save(
                     &args.output,
                     fingerprint,
                     position,
                     trainer.tokens,
-                    trainer.replicas[0].policy,
+                    &policies,
                     &trainer.optimizer,
                     pairs,
                     trainer.log.rows(),
@@ -155,8 +157,9 @@ pub fn train(
 struct Replica<'a> {
     policy: &'a mut Policy,
     reference: Option<&'a Transformer>,
-    /// Gradients summed over the replica's micro-batches of the current optimiser step, but for
-    /// those the fused ops sum in `grad_buffers`.
+    /// Gradients summed over the replica's micro-batches since they last went to the owners (a
+    /// step's when it is the only replica, one micro-batch's otherwise), but for those the fused
+    /// ops sum in `grad_buffers`.
     accumulated: Option<GradStore>,
     grad_buffers: GradBuffers,
     metrics: StepMetrics,
@@ -372,8 +375,8 @@ impl<'a> Replica<'a> {
         Ok(())
     }
 
-    /// The replica's summed gradients of this step (none when it ran no micro-batch), the fused
-    /// ops' buffers included; the next step starts from nothing.
+    /// The replica's summed gradients (none when it ran no micro-batch), the fused ops' buffers
+    /// included; the next sum starts from nothing.
     fn take_gradients(&mut self) -> Result<Option<GradStore>> {
         let Some(mut grads) = self.accumulated.take() else {
             return Ok(None);
@@ -385,9 +388,14 @@ impl<'a> Replica<'a> {
 
 struct Trainer<'a> {
     args: &'a Args,
-    /// The first one holds the optimiser and steps; the others follow its weights.
     replicas: Vec<Replica<'a>>,
+    /// The replica owning each trained weight, in the order of the policies' `trainable`.
+    owners: Vec<usize>,
+    /// Over each weight's owner's variable: the moments live on the owner's device.
     optimizer: Optimizer,
+    /// The current step's gradients so far, each weight's summed on its owner's device and keyed
+    /// by the owner's variable.
+    sums: Option<GradStore>,
     schedule: Schedule,
     micro: usize,
     tokens: usize,
@@ -410,8 +418,14 @@ impl<'a> Trainer<'a> {
             total_steps,
             decay: args.schedule,
         };
+        let owners = replicas[0].policy.owners.clone();
+        let owned = owners
+            .iter()
+            .enumerate()
+            .map(|(k, &owner)| replicas[owner].policy.trainable[k].clone())
+            .collect();
         let optimizer = Optimizer::new(
-            decay_groups(replicas[0].policy.trainable.clone(), args.weight_decay),
+            decay_groups(owned, args.weight_decay),
             args.optimizer.algorithm(),
             schedule.lr_at(0),
         )?;
@@ -424,7 +438,9 @@ impl<'a> Trainer<'a> {
         Ok(Self {
             args,
             replicas,
+            owners,
             optimizer,
+            sums: None,
             schedule,
             micro: 0,
             tokens: 0,
@@ -455,63 +471,61 @@ impl<'a> Trainer<'a> {
                     .collect()
             })
             .collect();
-        let results = crate::parallel::on_each(&mut self.replicas, |r, replica| {
-            replica.run(args, &shares[r], epoch, share)
-        });
-        results.into_iter().collect::<Result<Vec<()>>>()?;
+        // Several replicas send their gradients to the owners after every micro-batch each runs
+        // (a round): a replica never holds a sum of its own (in bf16/f16 full fine-tuning, f32
+        // gradients of the weights others own), and the owners add the micro-batches in the
+        // order one device adds them. Alone, the replica sums all of a step's itself.
+        let rounds = match count {
+            1 => 1,
+            _ => shares[0].len(),
+        };
+        for round in 0..rounds {
+            let results = crate::parallel::on_each(&mut self.replicas, |r, replica| {
+                let batches = match count {
+                    1 => &shares[r][..],
+                    _ => shares[r].get(round..round + 1).unwrap_or_default(),
+                };
+                replica.run(args, batches, epoch, share)
+            });
+            results.into_iter().collect::<Result<Vec<()>>>()?;
+            let mut stores = Vec::with_capacity(count);
+            for replica in &mut self.replicas {
+                stores.push(replica.take_gradients()?);
+            }
+            let sums = self.sums.take();
+            self.sums = Some(reduce_to_owners(
+                &self.replicas,
+                &self.owners,
+                &mut stores,
+                sums,
+            )?);
+        }
         self.micro += group.len();
         Ok(())
     }
 
-    /// Sums the replicas' gradients on the first one's device, clips them, steps the optimiser
-    /// at the scheduled rate, sends the new weights to the other replicas, logs the step.
-    /// `epochs_done`: by the end of this step, for the log.
+    /// Clips the step's gradient sums (each on its owner's device), steps the optimiser at the
+    /// scheduled rate, sends each new weight from its owner to the other replicas, logs the
+    /// step. `epochs_done`: by the end of this step, for the log.
     fn optimizer_step(&mut self, epochs_done: f64) -> Result<()> {
-        let (first, others) = self
-            .replicas
-            .split_first_mut()
-            .expect("a run has one replica at least");
-        let mut grads = first.take_gradients()?.expect("a micro-batch ran");
-        let mut metrics = std::mem::take(&mut first.metrics);
-        self.tokens += std::mem::take(&mut first.tokens);
-        for replica in others {
+        let mut metrics = StepMetrics::default();
+        for replica in &mut self.replicas {
             metrics.merge(std::mem::take(&mut replica.metrics));
             self.tokens += std::mem::take(&mut replica.tokens);
-            let Some(theirs) = replica.take_gradients()? else {
-                continue;
-            };
-            let pairs = first.policy.trainable.iter().zip(&replica.policy.trainable);
-            for ((_, mine), (_, var)) in pairs {
-                let Some(grad) = theirs.get(var.as_tensor()) else {
-                    continue;
-                };
-                let grad = grad.to_device(first.device())?;
-                let total = match grads.get(mine.as_tensor()) {
-                    Some(sum) => (sum + grad)?,
-                    None => grad,
-                };
-                grads.insert(mine.as_tensor(), total);
-            }
-            // The copies above read `theirs` on the first device's stream: done before it is
-            // freed on its own.
-            first.device().synchronize()?;
         }
+        let mut sums = self.sums.take().expect("a micro-batch ran");
         let max_norm = if self.args.max_grad_norm > 0.0 {
             self.args.max_grad_norm
         } else {
             f64::INFINITY
         };
-        let vars = first
-            .policy
-            .trainable
-            .iter()
-            .map(|(_, v): &(String, Var)| v);
-        let grad_norm = clip_grad_norm(&mut grads, vars, max_norm)?;
+        let owned = (self.owners.iter().enumerate())
+            .map(|(k, &owner)| &self.replicas[owner].policy.trainable[k].1);
+        let grad_norm = clip_grad_norm(&mut sums, owned, max_norm)?;
         let lr = self.schedule.lr_at(self.optimizer.step_count());
         self.optimizer.set_lr(lr);
-        self.optimizer.step(&grads)?;
-        first.policy.refresh_compute_weights()?;
-        self.send_weights()?;
+        self.optimizer.step(&sums)?;
+        send_weights(&mut self.replicas, &self.owners)?;
         let row = metrics.finish(
             self.optimizer.step_count(),
             epochs_done,
@@ -526,27 +540,97 @@ impl<'a> Trainer<'a> {
         self.step_started = Instant::now();
         Ok(())
     }
+}
 
-    /// Copies the first replica's trained weights into the others (at the start, and after each
-    /// optimiser step).
-    fn send_weights(&mut self) -> Result<()> {
-        let (first, others) = self
-            .replicas
-            .split_first_mut()
-            .expect("a run has one replica at least");
-        if others.is_empty() {
-            return Ok(());
+/// `running` (the step's sums so far, if any) with each trained weight's gradients in `stores`
+/// (each replica's, in replica order, as one device adds its micro-batches) added, on the
+/// weight's owner's device and keyed by the owner's variable: `running`, or the first store
+/// that holds any (the first replica always runs a micro-batch).
+fn reduce_to_owners(
+    replicas: &[Replica],
+    owners: &[usize],
+    stores: &mut [Option<GradStore>],
+    running: Option<GradStore>,
+) -> Result<GradStore> {
+    let mut sums = Vec::with_capacity(owners.len());
+    for (k, &owner) in owners.iter().enumerate() {
+        let device = replicas[owner].device();
+        let owner_var = replicas[owner].policy.trainable[k].1.as_tensor();
+        let mut total = running
+            .as_ref()
+            .and_then(|sums| sums.get(owner_var))
+            .cloned();
+        for (replica, store) in replicas.iter().zip(stores.iter()) {
+            let var = replica.policy.trainable[k].1.as_tensor();
+            let Some(grad) = store.as_ref().and_then(|store| store.get(var)) else {
+                continue;
+            };
+            // f32 as the owner's master is (a compute-dtype weight's gradient comes as is).
+            let grad = grad.to_device(device)?.to_dtype(DType::F32)?;
+            total = Some(match total {
+                Some(sum) => (sum + grad)?,
+                None => grad,
+            });
         }
-        // The optimiser's writes, on the first device's stream, before other streams read them.
-        first.device().synchronize()?;
-        for replica in others {
-            let pairs = first.policy.trainable.iter().zip(&replica.policy.trainable);
-            for ((name, master), (other_name, var)) in pairs {
-                debug_assert_eq!(name, other_name, "replicas list their weights alike");
-                var.set(&master.as_tensor().to_device(replica.device())?)?;
-            }
-            replica.policy.refresh_compute_weights()?;
-        }
-        Ok(())
+        sums.push(total);
     }
+    // The copies above read each replica's gradients on the owners' streams: done before those
+    // are freed on their own.
+    for replica in replicas {
+        replica.device().synchronize()?;
+    }
+    let mut store = match running {
+        Some(running) => running,
+        None => stores
+            .iter_mut()
+            .find_map(Option::take)
+            .expect("a micro-batch ran"),
+    };
+    for (k, total) in sums.into_iter().enumerate() {
+        // The container's own entries make way for the owners' sums.
+        for replica in replicas {
+            store.remove(replica.policy.trainable[k].1.as_tensor());
+        }
+        if let Some(total) = total {
+            store.insert(replicas[owners[k]].policy.trainable[k].1.as_tensor(), total);
+        }
+    }
+    Ok(store)
+}
+
+/// Copies each trained weight from its owner (`owners`, by weight) into the other replicas (cast
+/// once to their compute dtype where they train the compute weight of another's master), and
+/// renews every replica's compute weights: at the start, and after each optimiser step.
+fn send_weights(replicas: &mut [Replica], owners: &[usize]) -> Result<()> {
+    if replicas.len() > 1 {
+        // (weight, the value the others take: the owner's, or its cast)
+        let mut sent = Vec::with_capacity(owners.len());
+        for (k, &owner) in owners.iter().enumerate() {
+            let master = replicas[owner].policy.trainable[k].1.as_tensor();
+            let alike =
+                (replicas.iter()).all(|r| r.policy.trainable[k].1.dtype() == master.dtype());
+            let value = match alike {
+                true => master.clone(),
+                false => master.to_dtype(replicas[0].policy.model.dtype())?,
+            };
+            sent.push((k, owner, value));
+        }
+        // The optimiser's writes and the casts, on the owners' streams, before other streams
+        // read them.
+        for replica in replicas.iter() {
+            replica.device().synchronize()?;
+        }
+        for (k, owner, value) in sent {
+            for (r, replica) in replicas.iter().enumerate() {
+                if r != owner {
+                    let var = &replica.policy.trainable[k].1;
+                    var.set(&value.to_device(replica.device())?.to_dtype(var.dtype())?)?;
+                }
+            }
+        }
+    }
+    for replica in replicas.iter_mut() {
+        replica.policy.refresh_compute_weights()?;
+    }
+    Ok(())
 }

@@ -74,7 +74,14 @@ fn setup() -> (MutexGuard<'static, ()>, TempDir, PathBuf) {
     (serial, dir, pairs)
 }
 
+/// opt-wdpo training LoRA adapters (rank 4, dropout 0.1) on the tiny llama, with `extra`.
 fn wdpo(pairs: &Path, output: &Path, extra: &[&str]) -> Command {
+    let lora = ["--lora-rank", "4", "--lora-dropout", "0.1"];
+    full_wdpo(pairs, output, &[&lora[..], extra].concat())
+}
+
+/// opt-wdpo training every weight of the tiny llama, with `extra`.
+fn full_wdpo(pairs: &Path, output: &Path, extra: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_opt-wdpo"));
     command
         .arg("--policy")
@@ -83,7 +90,6 @@ fn wdpo(pairs: &Path, output: &Path, extra: &[&str]) -> Command {
         .arg("-o")
         .arg(output)
         .args(["--lr", "1e-3", "--max-length", "256"])
-        .args(["--lora-rank", "4", "--lora-dropout", "0.1"])
         .args(extra);
     if !extra.contains(&"--batch-size") {
         command.args(["--batch-size", &batch().to_string()]);
@@ -108,22 +114,19 @@ fn model_bytes(output: &Path) -> Vec<u8> {
     std::fs::read(output.join("model.safetensors")).unwrap()
 }
 
-/// Runs opt-wdpo into `resumed` with `extra`, SIGKILLs it once its state reaches step `at`, and
+/// Runs `command` (opt-wdpo into `resumed`), SIGKILLs it once its state reaches step `at`, and
 /// runs it again, which must resume from the kept step and write `whole`'s model byte for byte.
 /// Returns the kept step and the rerun's CPU seconds.
 fn kill_and_resume(
-    pairs: &Path,
+    command: impl Fn() -> Command,
     resumed: &Path,
     whole: &Path,
-    extra: &[&str],
     at: u64,
 ) -> (u64, f64) {
-    signal_when(&mut wdpo(pairs, resumed, extra), "KILL", || {
-        state_step(resumed) >= at
-    });
+    signal_when(&mut command(), "KILL", || state_step(resumed) >= at);
     let kept = state_step(resumed);
     assert!(!resumed.exists(), "a killed run leaves no checkpoint");
-    let (outcome, rerun_secs) = timed(&mut wdpo(pairs, resumed, extra));
+    let (outcome, rerun_secs) = timed(&mut command());
     outcome.assert_success();
     assert!(
         outcome.stderr.contains(&format!(" resumed_from={kept} ")),
@@ -155,7 +158,8 @@ fn a_killed_run_resumes_from_its_last_state_to_the_same_weights() {
     );
 
     let resumed = dir.path().join("resumed");
-    let (kept, rerun_secs) = kill_and_resume(&pairs, &resumed, &whole, &["--save-steps", "2"], 6);
+    let rerun = || wdpo(&pairs, &resumed, &["--save-steps", "2"]);
+    let (kept, rerun_secs) = kill_and_resume(rerun, &resumed, &whole, 6);
     assert!(
         !state_dir(&resumed).exists(),
         "the state is removed once the checkpoint is written"
@@ -244,14 +248,15 @@ fn sigterm_writes_a_state_at_the_next_step_and_the_rerun_completes() {
     );
 }
 
-/// A data-parallel run (two replicas on the host, LoRA dropout on) killed mid-way resumes to the
-/// uninterrupted run's weights: each micro-batch's dropout masks come from its place in the run,
-/// whichever replica draws them.
-#[test]
-fn a_killed_data_parallel_run_resumes_to_the_same_weights() {
+/// Two replicas on the host with `--save-steps 2`: `command` (opt-wdpo with `more`) runs through,
+/// then again killed once its state reaches step 4, and resumes to the same weights.
+fn a_data_parallel_run_killed_and_resumed(
+    command: fn(&Path, &Path, &[&str]) -> Command,
+    more: &[&str],
+) {
     let (_serial, dir, pairs) = setup();
     let half = (batch() / 2).to_string();
-    let extra = [
+    let data_parallel = [
         "--save-steps",
         "2",
         "--devices",
@@ -259,15 +264,34 @@ fn a_killed_data_parallel_run_resumes_to_the_same_weights() {
         "--batch-size",
         &half,
     ];
+    let extra = [&data_parallel[..], more].concat();
     let whole = dir.path().join("whole");
-    let (outcome, _) = timed(&mut wdpo(&pairs, &whole, &extra));
+    let (outcome, _) = timed(&mut command(&pairs, &whole, &extra));
     outcome.assert_success();
     assert!(
         outcome.stderr.contains(" steps=12 ") && outcome.stderr.contains(" replicas=2 "),
         "{}",
         outcome.stderr
     );
-    kill_and_resume(&pairs, &dir.path().join("resumed"), &whole, &extra, 4);
+    let resumed = dir.path().join("resumed");
+    kill_and_resume(|| command(&pairs, &resumed, &extra), &resumed, &whole, 4);
+}
+
+/// A data-parallel run (LoRA dropout on) killed mid-way resumes to the uninterrupted run's
+/// weights: each micro-batch's dropout masks come from its place in the run, whichever replica
+/// draws them.
+#[test]
+fn a_killed_data_parallel_run_resumes_to_the_same_weights() {
+    a_data_parallel_run_killed_and_resumed(wdpo, &[]);
+}
+
+/// Full fine-tuning in bf16 over two replicas (on the generic kernels) killed mid-way resumes to
+/// the uninterrupted run's weights: the state holds each weight's f32 master, gathered from its
+/// owner, and the resumed run puts it back there (the other replica holds a bf16 copy only).
+#[test]
+fn a_killed_bf16_data_parallel_run_resumes_to_the_same_weights() {
+    let bf16 = ["--dtype", "bf16", "--kernels", "generic"];
+    a_data_parallel_run_killed_and_resumed(full_wdpo, &bf16);
 }
 
 #[test]

@@ -33,23 +33,39 @@ impl LoraConfig {
         Ok(())
     }
 
-    /// The weights of the adapters [`attach_lora`] makes on a model of `config` (A and B of each
-    /// linear layer a target matches), from the config alone; refused as `attach_lora` refuses.
-    pub fn adapter_weight_count(&self, config: &crate::ModelConfig) -> Result<usize> {
+    /// The adapters [`attach_lora`] makes on a model of `config`, from the config alone: the
+    /// PEFT name and shape of A (`[rank, in]`) and B (`[out, rank]`) of each linear layer a
+    /// target matches, in the order of the checkpoint's name tree; refused as `attach_lora`
+    /// refuses.
+    pub fn adapter_weight_shapes(
+        &self,
+        config: &crate::ModelConfig,
+    ) -> Result<Vec<(String, Vec<usize>)>> {
         let mut matched = std::collections::BTreeSet::new();
-        let mut count = 0;
+        let mut shapes = Vec::new();
         for (name, shape) in crate::llama_weight_shapes(config) {
             let linear = name
                 .strip_suffix(".weight")
                 .filter(|_| name.starts_with("model.layers."));
-            if let (Some(target), [out, inp]) = (linear.and_then(|l| self.target_of(l)), &shape[..])
-            {
-                matched.insert(target);
-                count += self.rank * (out + inp);
+            if let (Some(linear), [out, inp]) = (linear, &shape[..]) {
+                if let Some(target) = self.target_of(linear) {
+                    matched.insert(target);
+                    shapes.push((format!("{linear}.lora_A.weight"), vec![self.rank, *inp]));
+                    shapes.push((format!("{linear}.lora_B.weight"), vec![*out, self.rank]));
+                }
             }
         }
         self.check_matched(&matched)?;
-        Ok(count)
+        Ok(shapes)
+    }
+
+    /// The count of the weights in [`LoraConfig::adapter_weight_shapes`].
+    pub fn adapter_weight_count(&self, config: &crate::ModelConfig) -> Result<usize> {
+        let shapes = self.adapter_weight_shapes(config)?;
+        Ok(shapes
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum())
     }
 }
 

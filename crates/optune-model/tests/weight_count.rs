@@ -1,6 +1,6 @@
 //! The checkpoint's name tree stated once (`llama_weight_shapes`) against the testdata
 //! checkpoints of each family: the same names and shapes as their files hold, the count of
-//! weights a loaded model reports, and the adapters' weights `attach_lora` makes. A run sized
+//! weights a loaded model reports, and the names and shapes of the adapters' weights `attach_lora` makes. A run sized
 //! from its config alone (`opt-wdpo --plan-only`) rests on these.
 
 use candle_core::{DType, Device};
@@ -43,7 +43,7 @@ fn the_name_tree_is_the_checkpoints_own() {
 }
 
 #[test]
-fn adapter_weights_are_counted_from_the_config() {
+fn adapter_weights_are_stated_from_the_config() {
     let targets: [&[&str]; 3] = [
         &["q_proj", "v_proj"],
         &["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -60,15 +60,23 @@ fn adapter_weights_are_counted_from_the_config() {
                 targets: targets.iter().map(|t| t.to_string()).collect(),
             };
             let (mut model, _, _) = load_model(&dir, DType::F32, &Device::Cpu).unwrap();
-            let attached: usize = attach_lora(&mut model, &lora, 0)
+            let mut attached: Vec<(String, Vec<usize>)> = attach_lora(&mut model, &lora, 0)
                 .unwrap()
                 .vars
                 .iter()
-                .map(|(_, var)| var.elem_count())
+                .map(|(name, var)| (name.clone(), var.dims().to_vec()))
+                .collect();
+            attached.sort();
+            let mut stated = lora.adapter_weight_shapes(&config).unwrap();
+            stated.sort();
+            assert_eq!(stated, attached, "{name} {targets:?}");
+            let elements: usize = attached
+                .iter()
+                .map(|(_, s)| s.iter().product::<usize>())
                 .sum();
             assert_eq!(
                 lora.adapter_weight_count(&config).unwrap(),
-                attached,
+                elements,
                 "{name} {targets:?}"
             );
         }

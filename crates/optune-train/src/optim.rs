@@ -28,7 +28,9 @@ use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, DType, InplaceOp1, InplaceOp2, Layout, Storage, Tensor, Var};
+use candle_core::{
+    CpuStorage, DType, Device, InplaceOp1, InplaceOp2, Layout, Storage, Tensor, Var,
+};
 use optune_kernels::optimizer::{update_in_place, AdamWStep, RmsPropStep, StepRule};
 use optune_kernels::storage::{contiguous, contiguous_f32_mut};
 use rayon::prelude::*;
@@ -712,9 +714,10 @@ pub fn clip_grad_norm<'a>(
     let mut seen = HashSet::new();
     let mut with_grad = Vec::new();
     let mut sum_of_squares = 0.0f64;
-    // Gradients off the host: each one's sum of squares stays on its device, and all of them
-    // come back in one transfer, so the device synchronises once per step, not per parameter.
-    let mut device_sums = Vec::new();
+    // Gradients off the host: each one's sum of squares stays on its device, and all of a
+    // device's come back in one transfer, so each device synchronises once per step, not per
+    // parameter (the gradients may lie on several: a data-parallel run's owners).
+    let mut device_sums: Vec<(Device, Vec<Tensor>)> = Vec::new();
     for var in vars {
         if !seen.insert(var.id()) {
             continue;
@@ -722,13 +725,22 @@ pub fn clip_grad_norm<'a>(
         if let Some(grad) = grads.get(var.as_tensor()) {
             match host_squared_l2_norm(grad) {
                 Some(sum) => sum_of_squares += sum,
-                None => device_sums.push(grad.to_dtype(DType::F32)?.sqr()?.sum_all()?),
+                None => {
+                    let sum = grad.to_dtype(DType::F32)?.sqr()?.sum_all()?;
+                    match device_sums
+                        .iter_mut()
+                        .find(|(d, _)| d.same_device(grad.device()))
+                    {
+                        Some((_, sums)) => sums.push(sum),
+                        None => device_sums.push((grad.device().clone(), vec![sum])),
+                    }
+                }
             }
             with_grad.push(var.as_tensor());
         }
     }
-    if !device_sums.is_empty() {
-        let sums: Vec<f32> = Tensor::stack(&device_sums, 0)?.to_vec1()?;
+    for (_, sums) in device_sums {
+        let sums: Vec<f32> = Tensor::stack(&sums, 0)?.to_vec1()?;
         sum_of_squares += sums.iter().map(|&s| f64::from(s)).sum::<f64>();
     }
     // torch reduces in f32; accumulating in f64 agrees with it to rounding and stays accurate
