@@ -52,7 +52,8 @@ DEVICE_ARGS = --device cuda --dtype bf16
 # process on one GPU a 7B's f32 master weights, gradients and AdamW moments alone take 121 GB,
 # so opt-wdpo refuses it on a single H100/H200 before training starts. With
 # TRAIN_DEVICES="cuda:0 … cuda:7" the 16 micro-batches are dealt out 2 to a GPU (as the recipe's
-# own 8 × 2 on 8 GPUs; 1, 2, 4, 8 or 16 GPUs keep the 128 pairs) and each weight's f32 master,
+# own 8 × 2 on 8 GPUs; it takes 1, 2, 4, 8 or 16 GPUs, which keep the 128 pairs, and refuses
+# other counts) and each weight's f32 master,
 # gradient sum and moments live on one of the eight: 62.4 GB a GPU by opt-wdpo's plan, which fits
 # GPUs of 80 GB. TRAIN=lora on 8 GPUs runs 8 × 4 pairs a step (see docs/pipeline.md).
 TRAIN = lora
@@ -61,7 +62,9 @@ TRAIN_ARGS_lora = --lora-rank 16 --lora-alpha 16 --lora-dropout 0.05 \
   --lr 5e-6 --schedule cosine --batch-size 4 --grad-accum 1 --gradient-checkpointing
 TRAIN_GPUS = $(if $(strip $(TRAIN_DEVICES)),$(words $(TRAIN_DEVICES)),1)
 TRAIN_ARGS_full = --lr 5e-7 --batch-size 8 --grad-accum $(shell expr 16 / $(TRAIN_GPUS)) \
-  --gradient-checkpointing
+  --gradient-checkpointing $(if $(filter-out 0,$(shell expr 16 % $(TRAIN_GPUS))),$(error \
+  TRAIN=full deals 16 micro-batches of 8 pairs over TRAIN_DEVICES: name 1, 2, 4, 8 or 16 GPUs, \
+  not $(TRAIN_GPUS)))
 TRAIN_ARGS = --loss sigmoid --beta 0.01 --weight exp --beta2 1.0 --epochs 1 --max-length 1024 \
   --warmup-ratio 0.1 $(TRAIN_ARGS_$(TRAIN))
 CARGO_FLAGS = --features opt-gen/cuda,opt-score/cuda,opt-wdpo/cuda

@@ -259,11 +259,20 @@ impl Plan {
             available / GB
         );
         if self.total() > available {
+            // Worth naming where the optimiser's moments outweigh the model (full fine-tuning).
+            let spread = match self.optimizer > self.weights {
+                true => {
+                    "deal the optimiser's state over more GPUs (--devices cuda:0,cuda:1,…: each \
+                     keeps the moments, and in bf16 the f32 masters, of about 1/N of the \
+                     weights), "
+                }
+                false => "",
+            };
             bail!(
-                "this run needs about {:.2} GB but {:.2} GB are {what}: {}train LoRA adapters \
-                 (--lora-rank 16) instead of every weight, lower --batch-size (with --grad-accum \
-                 to keep the pairs per step), lower --max-length, or compute in bf16 (--dtype bf16); \
-                 --memory-budget GB plans against another amount",
+                "this run needs about {:.2} GB but {:.2} GB are {what}: {}{spread}train LoRA \
+                 adapters (--lora-rank 16) instead of every weight, lower --batch-size (with \
+                 --grad-accum to keep the pairs per step), lower --max-length, or compute in bf16 \
+                 (--dtype bf16); --memory-budget GB plans against another amount",
                 self.total() / GB,
                 available / GB,
                 match self.recomputed_activations {

@@ -1697,6 +1697,28 @@ fn plan_only_sizes_a_gpu_run_without_a_gpu() {
         refused.contains("--lora-rank") && refused.contains("needs about"),
         "{refused}"
     );
+    // Full fine-tuning: the moments are a large part, so spreading them is advised; LoRA's are
+    // not.
+    assert!(refused.contains("over more GPUs (--devices"), "{refused}");
+    let (ok, lora_refused) = wdpo_at(
+        &model("tiny-mistral"),
+        &pairs,
+        &out,
+        &[
+            "--lora-rank",
+            "8",
+            "--device",
+            "cuda",
+            "--plan-only",
+            "--memory-budget",
+            "0.0001",
+        ],
+    );
+    assert!(
+        !ok && lora_refused.contains("needs about"),
+        "{lora_refused}"
+    );
+    assert!(!lora_refused.contains("--devices"), "{lora_refused}");
     assert!(!out.exists());
 }
 
