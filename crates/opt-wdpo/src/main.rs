@@ -678,13 +678,13 @@ fn run(mut args: Args) -> Result<()> {
             key: format!("{:?}", device.location()),
             spec: args.devices.get(i).map_or("", String::as_str),
             available,
+            gpu: device.is_cuda(),
         })
         .collect();
     let elements: Vec<usize> = (policy.trainable.iter())
         .map(|(_, var)| var.elem_count())
         .collect();
-    let shares = parallel::owned_shares(&elements, replicas.len());
-    check_memory(&args, &plan, &replicas, &shares)?;
+    check_memory(&args, &plan, &replicas, &elements)?;
     let fingerprint = state::fingerprint(&args, &device, dtype, &pairs)?;
     let resumed = state::load(&args.output, &fingerprint)?;
     let mut identical = 0;
@@ -761,6 +761,7 @@ fn plan_only(args: &Args) -> Result<()> {
                     },
                     spec,
                     available: None,
+                    gpu: true,
                 })
                 .collect();
             (dtype, true, gpu.to_string(), replicas)
@@ -777,6 +778,7 @@ fn plan_only(args: &Args) -> Result<()> {
                 key: format!("{:?}", device.location()),
                 spec: specs[0],
                 available: optune_cli::runtime::available_memory(&device),
+                gpu: device.is_cuda(),
             }];
             for &spec in &specs[1..] {
                 let worker = optune_cli::runtime::device(Some(spec))
@@ -785,6 +787,7 @@ fn plan_only(args: &Args) -> Result<()> {
                     key: format!("{:?}", worker.location()),
                     spec,
                     available: optune_cli::runtime::available_memory(&worker),
+                    gpu: worker.is_cuda(),
                 });
             }
             (dtype, generic, name, replicas)
@@ -811,8 +814,7 @@ fn plan_only(args: &Args) -> Result<()> {
         reference::held(args, &pairs),
     );
     let plan = memory::Plan::of_run(shape);
-    let shares = parallel::owned_shares(&elements, replicas.len());
-    let largest = check_memory(args, &plan, &replicas, &shares)?;
+    let largest = check_memory(args, &plan, &replicas, &elements)?;
     let kernels = match generic {
         true => optune_kernels::Path::Generic,
         false => optune_kernels::Path::Fused,
@@ -859,31 +861,47 @@ fn memory_limit(args: &Args, available: Option<f64>) -> (Option<f64>, &'static s
 }
 
 /// One replica's device, for [`check_memory`]: a key equal for the replicas of one device, its
-/// name in --devices, and what it has available.
+/// name in --devices, what it has available, and whether it is a GPU.
 struct ReplicaDevice<'a> {
     key: String,
     spec: &'a str,
     available: Option<f64>,
+    gpu: bool,
 }
 
 /// Holds the memory plan against each device's memory: every replica its weights, gradients and
-/// activations, and the optimiser's moments of the weights it owns (`shares`, by replica);
-/// replicas on one device (or on the host) add up. With one replica, its device's. Returns the
-/// largest device's plan in bytes.
+/// activations, and the optimiser's state of the weights it owns (`elements`: the trained
+/// weights' sizes in the owners' order); replicas on one device (or on the host) add up. With
+/// one replica, its device's; refused on a GPU, the advice names the fewest GPUs of that size
+/// that --devices would fit it on, if any up to 16 do. Returns the largest device's plan in
+/// bytes.
 fn check_memory(
     args: &Args,
     plan: &memory::Plan,
     replicas: &[ReplicaDevice],
-    shares: &[f64],
+    elements: &[usize],
 ) -> Result<f64> {
     if let [only] = replicas {
         let (limit, what) = memory_limit(args, only.available);
-        plan.check(limit, what)?;
-        return Ok(plan.total());
+        let refused = match plan.check(limit, what) {
+            Ok(()) => return Ok(plan.total()),
+            Err(refused) => refused,
+        };
+        let fewest = limit.and_then(|limit| plan.fewest_devices(elements, limit));
+        match (only.gpu, fewest) {
+            (true, Some((count, each))) => bail!(
+                "{refused}; by the plan it fits {count} such GPUs, {:.2} GB each (--devices \
+                 cuda:0,…,cuda:{})",
+                each / 1e9,
+                count - 1
+            ),
+            _ => return Err(refused),
+        }
     }
     // (a replica standing for its device, how many replicas the device holds, their share)
+    let shares = parallel::owned_shares(elements, replicas.len());
     let mut devices: Vec<(&ReplicaDevice, usize, f64)> = Vec::new();
-    for (replica, share) in replicas.iter().zip(shares) {
+    for (replica, share) in replicas.iter().zip(&shares) {
         match devices.iter_mut().find(|(d, ..)| d.key == replica.key) {
             Some((_, count, owned)) => {
                 *count += 1;

@@ -215,6 +215,18 @@ impl Plan {
         }
     }
 
+    /// The fewest devices, 2 to 16, over which `--devices` brings this one-device plan within
+    /// `limit` bytes on each, with the plan of the device owning the most; `elements`: the
+    /// trained weights' sizes in the owners' order.
+    pub fn fewest_devices(&self, elements: &[usize], limit: f64) -> Option<(usize, f64)> {
+        (2..=16).find_map(|count| {
+            let shares = crate::parallel::owned_shares(elements, count);
+            let most = shares.into_iter().fold(0.0, f64::max);
+            let each = self.for_replicas(1, most).total();
+            (each <= limit).then_some((count, each))
+        })
+    }
+
     pub fn total(&self) -> f64 {
         // Allocator slack and temporaries the estimate does not itemise.
         1.1 * (self.weights
@@ -497,6 +509,30 @@ mod tests {
                 plan.describe()
             );
         }
+    }
+
+    /// The fewest devices count the share the largest owner holds, not an equal one: a weight of
+    /// 60 % of the elements keeps its owner at 60 % however many devices there are.
+    #[test]
+    fn the_fewest_devices_are_those_the_largest_owner_fits() {
+        let llama_7b = llama(4096, 11008, 32, 32, 32);
+        let plan = bf16_plan(&llama_7b, None, 1, 512);
+        let mut shapes = optune_model::llama_weight_shapes(&llama_7b);
+        shapes.sort();
+        let elements: Vec<usize> = shapes.iter().map(|(_, s)| s.iter().product()).collect();
+        let on = |count: usize| {
+            let shares = crate::parallel::owned_shares(&elements, count);
+            plan.for_replicas(1, shares.into_iter().fold(0.0, f64::max))
+                .total()
+        };
+        assert_eq!(plan.fewest_devices(&elements, 80e9), Some((3, on(3))));
+        assert!(on(2) > 80e9 && on(3) <= 80e9, "{} {}", on(2), on(3));
+        assert_eq!(plan.fewest_devices(&elements, 150e9), Some((2, on(2))));
+        assert_eq!(plan.fewest_devices(&elements, 1e9), None);
+        let lopsided = [60, 10, 10, 10, 10];
+        let at_60 = plan.for_replicas(1, 0.6).total();
+        assert_eq!(plan.fewest_devices(&lopsided, at_60 - 1.0), None);
+        assert_eq!(plan.fewest_devices(&lopsided, at_60), Some((2, at_60)));
     }
 
     #[test]

@@ -1648,18 +1648,27 @@ fn plan_only_prints_the_plan_of_the_run() {
     }
 }
 
-/// --device cuda --plan-only on a machine without a GPU plans bf16 on the generic kernels (a
-/// GPU's), as the CPU's generic bf16 run would be planned; a plan over --memory-budget is refused
-/// with the run's advice.
-#[test]
-fn plan_only_sizes_a_gpu_run_without_a_gpu() {
+/// A directory holding [`write_pairs`]' pairs and an output path in it, for planning GPUs that
+/// are not here; `None` where there is a GPU.
+fn without_a_gpu() -> Option<(tempfile::TempDir, PathBuf, PathBuf)> {
     if candle_core::utils::cuda_is_available() {
-        return; // a GPU here: --device cuda opens it, as the run would
+        return None;
     }
     let dir = tempfile::tempdir().unwrap();
     let pairs = dir.path().join("pairs.jsonl");
     write_pairs(&pairs);
     let out = dir.path().join("out");
+    Some((dir, pairs, out))
+}
+
+/// --device cuda --plan-only on a machine without a GPU plans bf16 on the generic kernels (a
+/// GPU's), as the CPU's generic bf16 run would be planned; a plan over --memory-budget is refused
+/// with the run's advice.
+#[test]
+fn plan_only_sizes_a_gpu_run_without_a_gpu() {
+    let Some((_dir, pairs, out)) = without_a_gpu() else {
+        return; // a GPU here: --device cuda opens it, as the run would
+    };
     let lora = ["--lora-rank", "8", "--memory-budget", "80", "--plan-only"];
     let (ok, gpu) = wdpo_at(
         &model("tiny-mistral"),
@@ -1747,13 +1756,9 @@ fn plan_part(line: &str, part: &str) -> f64 {
 /// holds both its replicas.
 #[test]
 fn plan_only_deals_the_optimizer_out_over_the_devices() {
-    if candle_core::utils::cuda_is_available() {
+    let Some((_dir, pairs, out)) = without_a_gpu() else {
         return; // a GPU here: the devices would be opened
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let pairs = dir.path().join("pairs.jsonl");
-    write_pairs(&pairs);
-    let out = dir.path().join("out");
+    };
     let plan = |devices: &str| -> Vec<String> {
         let args = ["--memory-budget", "80", "--plan-only", "--devices", devices];
         let (ok, stderr) = wdpo_at(&model("tiny-llama"), &pairs, &out, &args);
@@ -1814,6 +1819,60 @@ fn plan_only_deals_the_optimizer_out_over_the_devices() {
         (sum / plan_part(one, "optimizer") - 1.0).abs() < 0.01,
         "{shared:?}"
     );
+}
+
+/// A GPU run refused for memory names the fewest GPUs of that size `--devices` would fit it on,
+/// and the plan of that many fits while one fewer is refused (tiny-llama's full fine-tuning, with
+/// budgets stepped down until the advice names three GPUs or more).
+#[test]
+fn a_refused_gpu_plan_names_the_fewest_gpus_that_fit() {
+    let Some((_dir, pairs, out)) = without_a_gpu() else {
+        return; // a GPU here: the devices would be opened
+    };
+    let plan = |budget: &str, devices: &str| -> (bool, String) {
+        let args = [
+            "--plan-only",
+            "--memory-budget",
+            budget,
+            "--devices",
+            devices,
+        ];
+        wdpo_at(&model("tiny-llama"), &pairs, &out, &args)
+    };
+    let mut named = None;
+    for step in 0..150 {
+        let budget = format!("{:.4}", 0.03 - 0.0002 * step as f64);
+        let (ok, stderr) = plan(&budget, "cuda");
+        let Some(at) = stderr.find("by the plan it fits ") else {
+            continue;
+        };
+        assert!(!ok, "{stderr}");
+        let count: usize = stderr[at + 20..]
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(
+            stderr.contains(&format!("cuda:0,…,cuda:{})", count - 1)),
+            "{stderr}"
+        );
+        if count >= 3 {
+            named = Some((budget, count));
+            break;
+        }
+    }
+    let (budget, count) = named.expect("no budget named three GPUs or more");
+    let devices = |n: usize| {
+        (0..n)
+            .map(|k| format!("cuda:{k}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let (ok, stderr) = plan(&budget, &devices(count));
+    assert!(ok, "{count} GPUs of {budget} GB: {stderr}");
+    let (ok, stderr) = plan(&budget, &devices(count - 1));
+    assert!(!ok && stderr.contains("needs about"), "{stderr}");
 }
 
 /// Issue 14's memory goal on the generic kernels (the op graph a GPU runs): `--dtype bf16` LoRA
