@@ -60,6 +60,7 @@ impl Policy {
         let checkpoint = Checkpoint::read_as(&args.policy, device, stored)?;
         // Full fine-tuning in bf16/f16: the weights other replicas own (as `trainable` will list
         // them) keep no f32 master here.
+        let masters_with_owners = full_finetune && dtype != DType::F32;
         let mut sizes: Vec<(&String, usize)> = (checkpoint.tensors.iter())
             .map(|(name, t)| (name, t.elem_count()))
             .collect();
@@ -67,7 +68,7 @@ impl Policy {
         let elements: Vec<usize> = sizes.iter().map(|(_, n)| *n).collect();
         let owned_elsewhere: HashSet<String> = (sizes.iter())
             .zip(crate::parallel::owners(&elements, replica.count))
-            .filter(|(_, owner)| *owner != replica.index && full_finetune && dtype != DType::F32)
+            .filter(|(_, owner)| masters_with_owners && *owner != replica.index)
             .map(|((name, _), _)| (*name).clone())
             .collect();
         let mut trainable = Vec::new();
@@ -105,6 +106,16 @@ impl Policy {
         let trainable = dedup_vars(trainable);
         let elements: Vec<usize> = trainable.iter().map(|(_, v)| v.elem_count()).collect();
         let owners = crate::parallel::owners(&elements, replica.count);
+        // The checkpoint's list decided above which weights keep no master here; it must be the
+        // list the owners are dealt from.
+        for ((name, _), owner) in trainable.iter().zip(&owners) {
+            anyhow::ensure!(
+                owned_elsewhere.contains(name) == (masters_with_owners && *owner != replica.index),
+                "{name}: trained as replica {} of {} without the master its owner {owner} keeps",
+                replica.index,
+                replica.count
+            );
+        }
         let saved = optune_model::saved_dtype(&checkpoint.meta).unwrap_or(dtype);
         let stored_base = match lora.is_some() && dtype != DType::F32 && dtype != saved {
             true => Some((StoredWeights::open(&args.policy)?, saved)),

@@ -419,6 +419,16 @@ impl<'a> Trainer<'a> {
             decay: args.schedule,
         };
         let owners = replicas[0].policy.owners.clone();
+        let names = |replica: &Replica| -> Vec<String> {
+            let trainable = replica.policy.trainable.iter();
+            trainable.map(|(name, _)| name.clone()).collect()
+        };
+        for replica in &replicas[1..] {
+            anyhow::ensure!(
+                replica.policy.owners == owners && names(replica) == names(&replicas[0]),
+                "the replicas of --devices list their trained weights or owners differently"
+            );
+        }
         let owned = owners
             .iter()
             .enumerate()
@@ -496,7 +506,7 @@ impl<'a> Trainer<'a> {
             self.sums = Some(reduce_to_owners(
                 &self.replicas,
                 &self.owners,
-                &mut stores,
+                &stores,
                 sums,
             )?);
         }
@@ -525,6 +535,8 @@ impl<'a> Trainer<'a> {
         let lr = self.schedule.lr_at(self.optimizer.step_count());
         self.optimizer.set_lr(lr);
         self.optimizer.step(&sums)?;
+        // Before the casts sent to the other replicas take memory of their own.
+        drop(sums);
         send_weights(&mut self.replicas, &self.owners)?;
         let row = metrics.finish(
             self.optimizer.step_count(),
@@ -544,23 +556,22 @@ impl<'a> Trainer<'a> {
 
 /// `running` (the step's sums so far, if any) with each trained weight's gradients in `stores`
 /// (each replica's, in replica order, as one device adds its micro-batches) added, on the
-/// weight's owner's device and keyed by the owner's variable: `running`, or the first store
-/// that holds any (the first replica always runs a micro-batch).
+/// weight's owner's device and keyed by the owner's variable. The stores' gradients may be freed
+/// once this returns.
 fn reduce_to_owners(
     replicas: &[Replica],
     owners: &[usize],
-    stores: &mut [Option<GradStore>],
+    stores: &[Option<GradStore>],
     running: Option<GradStore>,
 ) -> Result<GradStore> {
-    let mut sums = Vec::with_capacity(owners.len());
+    let mut sums = running.unwrap_or_default();
     for (k, &owner) in owners.iter().enumerate() {
         let device = replicas[owner].device();
         let owner_var = replicas[owner].policy.trainable[k].1.as_tensor();
-        let mut total = running
-            .as_ref()
-            .and_then(|sums| sums.get(owner_var))
-            .cloned();
-        for (replica, store) in replicas.iter().zip(stores.iter()) {
+        // Out of the store, so that the new sum replaces it at once (on the owner's stream,
+        // which made both).
+        let mut total = sums.remove(owner_var);
+        for (replica, store) in replicas.iter().zip(stores) {
             let var = replica.policy.trainable[k].1.as_tensor();
             let Some(grad) = store.as_ref().and_then(|store| store.get(var)) else {
                 continue;
@@ -572,30 +583,16 @@ fn reduce_to_owners(
                 None => grad,
             });
         }
-        sums.push(total);
+        if let Some(total) = total {
+            sums.insert(owner_var, total);
+        }
     }
     // The copies above read each replica's gradients on the owners' streams: done before those
     // are freed on their own.
     for replica in replicas {
         replica.device().synchronize()?;
     }
-    let mut store = match running {
-        Some(running) => running,
-        None => stores
-            .iter_mut()
-            .find_map(Option::take)
-            .expect("a micro-batch ran"),
-    };
-    for (k, total) in sums.into_iter().enumerate() {
-        // The container's own entries make way for the owners' sums.
-        for replica in replicas {
-            store.remove(replica.policy.trainable[k].1.as_tensor());
-        }
-        if let Some(total) = total {
-            store.insert(replicas[owners[k]].policy.trainable[k].1.as_tensor(), total);
-        }
-    }
-    Ok(store)
+    Ok(sums)
 }
 
 /// Copies each trained weight from its owner (`owners`, by weight) into the other replicas (cast
@@ -620,14 +617,20 @@ fn send_weights(replicas: &mut [Replica], owners: &[usize]) -> Result<()> {
         for replica in replicas.iter() {
             replica.device().synchronize()?;
         }
-        for (k, owner, value) in sent {
+        for (k, owner, value) in &sent {
             for (r, replica) in replicas.iter().enumerate() {
-                if r != owner {
-                    let var = &replica.policy.trainable[k].1;
+                if r != *owner {
+                    let var = &replica.policy.trainable[*k].1;
                     var.set(&value.to_device(replica.device())?.to_dtype(var.dtype())?)?;
                 }
             }
         }
+        // The copies read the casts on the other streams: done before the casts are freed on
+        // the owners' (and their memory taken again by the casts of the refresh below).
+        for replica in replicas.iter() {
+            replica.device().synchronize()?;
+        }
+        drop(sent);
     }
     for replica in replicas.iter_mut() {
         replica.policy.refresh_compute_weights()?;
