@@ -293,9 +293,9 @@ pub struct Args {
     /// given, must name the first: cuda is cuda:0). Each optimiser step takes --grad-accum
     /// micro-batches of --batch-size pairs per device, run at once. Each trained weight has an
     /// owner device, which holds its optimiser moments (8 bytes a trained weight under AdamW)
-    /// and, in bf16/f16 full fine-tuning, its f32 master and gradient sum; the others send it
-    /// their gradients after each micro-batch and train its bf16 copy. Each device owns about a
-    /// 1/N share. The weights are those of one device with --grad-accum multiplied by the number
+    /// and, in bf16/f16 full fine-tuning, its f32 master and gradient sum (the others train a
+    /// bf16 copy); the others send it their gradients after each micro-batch. Each device owns
+    /// about a 1/N share. The weights are those of one device with --grad-accum multiplied by the number
     /// of devices (on a GPU's kernels the same sums in the same order). The replicas share the
     /// reference pass too
     #[arg(
