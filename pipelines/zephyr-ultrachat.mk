@@ -32,8 +32,9 @@ N = 2
 TEMPERATURE = 1.0
 TOP_P = 0.9
 MAX_NEW_TOKENS = 512
-# On a GPU opt-gen sizes its batch from the free memory (--kv-memory 0.9 by default: about 600
-# sequences of 1024 + 512 tokens for Mistral-7B on an H200); GEN_BATCH only caps it.
+# On a GPU opt-gen sizes its batch from the free memory (--kv-memory 0.9 by default), its KV
+# cache paged: for Mistral-7B on an H200 about 920,000 positions, 600 sequences of 1024 + 512
+# tokens or more of shorter prompts (each takes its own prompt's blocks); GEN_BATCH caps them.
 GEN_BATCH = 1024
 GEN_ARGS = --max-prompt-tokens 1024 --truncate left
 RHO = 0.7

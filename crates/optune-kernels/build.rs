@@ -25,8 +25,9 @@ fn main() {
     let nvcc = std::env::var("NVCC").unwrap_or_else(|_| "nvcc".to_string());
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".to_string());
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
-    // The storage-type helpers every kernel includes.
+    // The storage-type helpers every kernel includes, and the KV cache's addressing.
     println!("cargo:rerun-if-changed=src/cuda/dtypes.cuh");
+    println!("cargo:rerun-if-changed=src/cuda/kv_blocks.cuh");
     for kernel in KERNELS {
         let source = format!("src/cuda/{kernel}.cu");
         println!("cargo:rerun-if-changed={source}");

@@ -95,9 +95,12 @@ struct Args {
     #[arg(long)]
     batch_size: Option<usize>,
 
-    /// Size the batch from memory: decode as many sequences together as FRACTION of the device's
-    /// free memory (measured once the model is loaded) holds in KV cache, each slot holding the
-    /// longest prompt and --max-new-tokens; --batch-size then caps it. Like vLLM's
+    /// Size the batch from memory: give the KV cache FRACTION of the device's free memory
+    /// (measured once the model is loaded). On a GPU (or in bf16/f16) the cache is paged in blocks
+    /// of 32 positions: a sequence starts once the blocks of its own prompt and --max-new-tokens
+    /// are free, the --n samples of a prompt share its prompt's blocks, and blocks return as
+    /// sequences finish. The CPU's f32 cache holds as many slots of the longest prompt and
+    /// --max-new-tokens as fit. --batch-size caps the sequences. Like vLLM's
     /// gpu_memory_utilization, but of the free memory. Default on a GPU: 0.9
     #[arg(long, value_name = "FRACTION")]
     kv_memory: Option<f64>,
@@ -263,7 +266,7 @@ fn run(args: Args) -> Result<()> {
         )
         .expect("valid template"),
     );
-    let batch_size = batch_size(&args, &device, &model, &todo_requests, &params)?;
+    let (batch_size, kv_blocks) = batch_size(&args, &device, &model, &todo_requests, &params)?;
     let decode_started = Instant::now();
     let cpu_started = process_cpu_seconds();
     let mut tokens_done = 0usize;
@@ -281,6 +284,7 @@ fn run(args: Args) -> Result<()> {
         optune_model::generate::Batching {
             slots: batch_size,
             prompt_tokens_per_step: args.prompt_tokens_per_step,
+            kv_blocks,
         },
         |i, generation| {
             if let (Some((journal, _)), None) = (&mut journal, &journal_error) {
@@ -442,32 +446,47 @@ fn kv_memory_fraction(kv_memory: Option<f64>, on_gpu: bool) -> Option<f64> {
     kv_memory.or(on_gpu.then_some(optune_cli::runtime::GPU_MEMORY_SHARE))
 }
 
-/// Sequences decoded together: --batch-size (16 by default), or what the KV cache's share of the
-/// free memory ([`kv_memory_fraction`]) holds, capped by --batch-size.
+/// Sequences decoded together at most: --batch-size (16 by default), or what the KV cache's share
+/// of the free memory ([`kv_memory_fraction`]) holds, capped by --batch-size; with the blocks of a
+/// paged cache when it is one (a tensor cache sized from memory).
 fn batch_size(
     args: &Args,
     device: &candle_core::Device,
     model: &optune_model::Transformer,
     requests: &[GenerationRequest],
     params: &SamplingParams,
-) -> Result<usize> {
+) -> Result<(usize, Option<(usize, usize)>)> {
     const MOST_SLOTS: usize = 1024;
     let Some(fraction) = kv_memory_fraction(args.kv_memory, device.is_cuda()) else {
-        return Ok(args.batch_size.unwrap_or(DEFAULT_BATCH));
+        return Ok((args.batch_size.unwrap_or(DEFAULT_BATCH), None));
     };
     let Some(free) = optune_cli::runtime::available_memory(device) else {
         bail!("--kv-memory: cannot read the free memory of {device:?}; give --batch-size instead");
     };
     let most = args.batch_size.unwrap_or(MOST_SLOTS);
-    let (slots, cache_bytes) =
-        optune_model::generate::slots_for_memory(model, requests, params, fraction * free, most)
+    let size =
+        optune_model::generate::cache_for_memory(model, requests, params, fraction * free, most)
             .context("--kv-memory")?;
-    eprintln!(
-        "opt-gen: {slots} sequences at a time: KV cache of {:.2} GB ({fraction} of {:.2} GB free, at most {most})",
-        cache_bytes / 1e9,
-        free / 1e9,
-    );
-    Ok(slots)
+    let share = format!("{fraction} of {:.2} GB free", free / 1e9);
+    match size.blocks {
+        Some(blocks) => eprintln!(
+            "opt-gen: up to {} sequences at a time: paged KV cache of {blocks} blocks of {} \
+             positions, {:.2} GB ({share}); each sequence waits for the blocks of its prompt and \
+             --max-new-tokens",
+            size.slots,
+            optune_model::KvCache::BLOCK,
+            size.bytes / 1e9,
+        ),
+        None => eprintln!(
+            "opt-gen: {} sequences at a time: KV cache of {:.2} GB ({share}, at most {most})",
+            size.slots,
+            size.bytes / 1e9,
+        ),
+    }
+    Ok((
+        size.slots,
+        size.blocks.map(|b| (b, optune_model::KvCache::BLOCK)),
+    ))
 }
 
 /// What fixes this run's responses: a journal is continued only by a run with the same. The

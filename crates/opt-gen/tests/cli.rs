@@ -602,7 +602,10 @@ fn generic_kernels_give_the_fused_greedy_output() {
 
 /// --kv-memory sizes the batch from the free memory (and --batch-size caps it): a batch size,
 /// so the same output as any other on the fused path; a budget too small for one sequence, or a
-/// fraction outside (0, 1], is refused with the reason.
+/// fraction outside (0, 1], is refused with the reason. On a tensor cache (bf16 on the CPU here,
+/// as any dtype on a GPU) it pages the cache: with the same batch, the same responses to the bit
+/// as the cache by slot (the same numbers read in the same order; how requests wait for blocks
+/// is tested in optune-model's paged_cache).
 #[test]
 fn kv_memory_sizes_the_batch() {
     let m = model("tiny-llama");
@@ -630,12 +633,13 @@ fn kv_memory_sizes_the_batch() {
         let out = opt_gen(&all);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{extra:?}: {stderr}");
-        let want = if extra.contains(&"--batch-size") {
-            "2 sequences at a time"
-        } else {
-            "1024 sequences at a time"
+        // Capped by --batch-size, else by the requests (under the 1,024 most).
+        let want = match extra.contains(&"--batch-size") {
+            true => 2,
+            false => reference.lines().count(),
         };
-        assert!(stderr.contains(want), "{extra:?}: {stderr}");
+        let want = format!("{want} sequences at a time");
+        assert!(stderr.contains(&want), "{extra:?}: {stderr}");
         assert_same_output(
             &String::from_utf8(out.stdout).unwrap(),
             &reference,
@@ -654,4 +658,21 @@ fn kv_memory_sizes_the_batch() {
             "--kv-memory {fraction}: {stderr}"
         );
     }
+    let bf16 = ["--dtype", "bf16", "--batch-size", "4"];
+    let by_slot = run(&base(&bf16));
+    let out = opt_gen(
+        &[
+            &["--format", "jsonl"][..],
+            &base(&bf16),
+            &["--kv-memory", "0.5"],
+        ]
+        .concat(),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("up to 4 sequences at a time: paged KV cache of"),
+        "{stderr}"
+    );
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), by_slot);
 }

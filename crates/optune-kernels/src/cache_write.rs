@@ -7,15 +7,16 @@
 //! once to the cache's dtype.
 
 use crate::kernel_args::KernelArg;
-use crate::token_tables::{HostTables, TokenTables};
+use crate::token_tables::{Addressing, HostTables, TokenTables};
 use candle_core::{bail, CpuStorage, InplaceOp2, Layout, Result, Tensor, WithDType};
 
 /// Threads of a block of the CUDA kernel.
 const THREADS: u32 = 256;
 
 /// Writes each new token's key (turned by its rotary angles) and value at its slot and position
-/// (`tables`: its span's `(slot, first, last)`, the position being `last`) of `store [2, slots,
-/// kv_heads, capacity, d]` (keys, then values). The keys and values are `kv_heads·d` columns of
+/// (`tables`: its span's `(slot, first, last)`, the position being `last`) of `store [2, blocks,
+/// kv_heads, block, d]` (keys, then values; the position found through the tables' block table,
+/// or unpaged `[2, slots, kv_heads, capacity, d]`). The keys and values are `kv_heads·d` columns of
 /// `rows` (`[.., row_width]`, a row per token: the projections' output) from columns `k_at` and
 /// `v_at`; all of the store's dtype.
 pub fn write_rotated(
@@ -26,7 +27,7 @@ pub fn write_rotated(
 ) -> Result<()> {
     let &[two, _, kv_heads, _, d] = store.dims() else {
         bail!(
-            "cache_write: store {:?}, expected [2, slots, kv_heads, capacity, d]",
+            "cache_write: store {:?}, expected [2, blocks, kv_heads, block, d]",
             store.dims()
         );
     };
@@ -61,6 +62,9 @@ pub fn write_rotated(
     if !store.is_contiguous() {
         bail!("cache_write: the store must be contiguous");
     }
+    // Every token's slot and position inside the cache (a GPU's kernel would write elsewhere).
+    let (blocks, block) = (store.dims()[1], store.dims()[3]);
+    tables.addressing("cache_write", blocks, block)?;
     let op = CacheWrite {
         tables,
         columns: (row_width, k_at, v_at),
@@ -74,24 +78,25 @@ struct CacheWrite<'a> {
     columns: (usize, usize, usize),
 }
 
-/// The store's sizes: `(slots, kv_heads, capacity, d)`.
+/// The store's sizes: `(blocks, kv_heads, block, d)`.
 fn store_dims(l: &Layout) -> Result<(usize, usize, usize, usize)> {
-    let &[_, slots, kv_heads, capacity, d] = l.dims() else {
+    let &[_, blocks, kv_heads, block, d] = l.dims() else {
         bail!("cache_write: store {:?}", l.dims());
     };
-    Ok((slots, kv_heads, capacity, d))
+    Ok((blocks, kv_heads, block, d))
 }
 
 /// The sizes the kernel's arguments carry: `tokens` rows of `row_width` columns, each token's
-/// keys from column `k_at` and values from `v_at`, into a store `[2, slots, kv_heads, capacity,
-/// head_dim]`.
+/// keys from column `k_at` and values from `v_at`, into a store `[2, blocks, kv_heads, block,
+/// head_dim]` whose block table has rows of `table_width` (1 without one).
 #[derive(Clone, Copy, Debug)]
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
 struct WriteDims {
     tokens: usize,
-    slots: usize,
+    blocks: usize,
+    table_width: usize,
     kv_heads: usize,
-    capacity: usize,
+    block: usize,
     head_dim: usize,
     row_width: usize,
     k_at: usize,
@@ -99,11 +104,12 @@ struct WriteDims {
 }
 
 /// The kernel's arguments (src/cuda/cache_write.cu): the addresses of the store, the rows, the
-/// angles `cos`, `sin [tokens, head_dim/2]` and the spans `[tokens, 3]`, then the sizes. The CUDA
-/// launch and the emulated tests both pass this list.
+/// angles `cos`, `sin [tokens, head_dim/2]`, the spans `[tokens, 3]` and the block table
+/// `[slots, table_width]` (0, a null pointer, unpaged), then the sizes. The CUDA launch and the
+/// emulated tests both pass this list.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
 fn kernel_args(
-    [store, rows, cos, sin, spans]: [u64; 5],
+    [store, rows, cos, sin, spans, table]: [u64; 6],
     dims: &WriteDims,
 ) -> Result<Vec<KernelArg>> {
     Ok(vec![
@@ -112,10 +118,12 @@ fn kernel_args(
         KernelArg::Pointer(cos),
         KernelArg::Pointer(sin),
         KernelArg::Pointer(spans),
+        KernelArg::Pointer(table),
         KernelArg::U64(dims.tokens as u64),
-        KernelArg::int(dims.slots, "slots")?,
+        KernelArg::int(dims.blocks, "blocks")?,
+        KernelArg::int(dims.table_width, "table_width")?,
         KernelArg::int(dims.kv_heads, "kv_heads")?,
-        KernelArg::int(dims.capacity, "capacity")?,
+        KernelArg::int(dims.block, "block")?,
         KernelArg::int(dims.head_dim, "head_dim")?,
         KernelArg::int(dims.row_width, "row_width")?,
         KernelArg::int(dims.k_at, "k_at")?,
@@ -133,29 +141,23 @@ fn launch_dims(pairs: usize) -> (u32, u32) {
     )
 }
 
-/// The CPU form on slices of one dtype.
+/// The CPU form on slices of one dtype; the spans are checked against the store (`addressing`).
 fn write<T: WithDType>(
     store: &mut [T],
     rows: &[T],
     (row_width, k_at, v_at): (usize, usize, usize),
-    HostTables { cos, sin, spans }: HostTables,
-    (slots, kv_heads, capacity, d): (usize, usize, usize, usize),
+    (HostTables { cos, sin, spans }, addressing): (HostTables, Addressing),
+    (blocks, kv_heads, block, d): (usize, usize, usize, usize),
 ) -> Result<()> {
     let half = d / 2;
-    let values = slots * kv_heads * capacity * d;
+    let values = blocks * kv_heads * block * d;
     let f = |x: T| x.to_f64() as f32;
     for (token, span) in spans.chunks_exact(3).enumerate() {
-        let (slot, position) = (span[0] as usize, span[2] as usize);
-        if slot >= slots || position >= capacity {
-            bail!(
-                "cache_write: token {token} goes to position {position} of slot {slot}, outside \
-                 the cache's {slots} slots of {capacity}"
-            );
-        }
+        let (block_id, row) = addressing.at(span[0] as usize, span[2] as usize);
         for head in 0..kv_heads {
             let from = token * row_width + head * d;
             let (k, v) = (&rows[from + k_at..][..d], &rows[from + v_at..][..d]);
-            let to = ((slot * kv_heads + head) * capacity + position) * d;
+            let to = ((block_id * kv_heads + head) * block + row) * d;
             for c in 0..half {
                 let (k1, k2) = (f(k[c]), f(k[c + half]));
                 let (cs, sn) = (cos[token * half + c], sin[token * half + c]);
@@ -188,8 +190,10 @@ impl InplaceOp2 for CacheWrite<'_> {
         ) -> Result<()> {
             let rows = crate::storage::contiguous::<T>(rows, lr, "cache_write", "rows")?;
             let tables = op.tables.host("cache_write")?;
+            let dims = store_dims(ls)?;
+            let addressing = op.tables.addressing("cache_write", dims.0, dims.2)?;
             let store = &mut store[ls.start_offset()..];
-            write(store, rows, op.columns, tables, store_dims(ls)?)
+            write(store, rows, op.columns, (tables, addressing), dims)
         }
         let rows = (rows, lr);
         match store {
@@ -227,13 +231,14 @@ impl InplaceOp2 for CacheWrite<'_> {
         ) -> Result<()> {
             let device = store.device().clone();
             let stream = device.cuda_stream();
-            let (slots, kv_heads, capacity, head_dim) = store_dims(ls)?;
+            let (blocks, kv_heads, block, head_dim) = store_dims(ls)?;
             let (row_width, k_at, v_at) = op.columns;
             let dims = WriteDims {
                 tokens: op.tables.tokens(),
-                slots,
+                blocks,
+                table_width: op.tables.block_table().map_or(1, |t| t.width()),
                 kv_heads,
-                capacity,
+                block,
                 head_dim,
                 row_width,
                 k_at,
@@ -252,13 +257,16 @@ impl InplaceOp2 for CacheWrite<'_> {
                 let (cos_at, _cos) = tables.cos.device_ptr(&stream);
                 let (sin_at, _sin) = tables.sin.device_ptr(&stream);
                 let (spans_at, _spans) = tables.spans.device_ptr(&stream);
-                let args = kernel_args([store_at, rows_at, cos_at, sin_at, spans_at], &dims)?;
+                let table = tables.block_table.as_ref().map(|t| t.device_ptr(&stream));
+                let table_at = table.as_ref().map_or(0, |(at, _)| *at);
+                let buffers = [store_at, rows_at, cos_at, sin_at, spans_at, table_at];
+                let args = kernel_args(buffers, &dims)?;
                 // SAFETY: the list is the kernel's; the rows hold tokens·row_width elements with
                 // the keys and values inside each row, cos and sin tokens·d/2, spans 3·tokens
                 // (checked by `write_rotated` and `TokenTables::new`), the store
-                // 2·slots·kv_heads·capacity·d; the slots and positions the spans name are the
-                // caller's to keep inside the cache (the CPU form checks). The guards live to the
-                // end of the closure.
+                // 2·blocks·kv_heads·block·d, the block table slots·table_width entries; every
+                // token's slot, position and block are inside them (`TokenTables::addressing`,
+                // called by `write_rotated`). The guards live to the end of the closure.
                 unsafe { launch_kernel(func.builder(), config(dims_of_launch), &args) }
             })
         }
@@ -292,9 +300,50 @@ mod tests {
         d: usize,
         /// Each token's (slot, position).
         tokens: Vec<(u32, u32)>,
+        /// A paged store: `capacity` positions per block, this many blocks, and the block table
+        /// `[slots, width]`.
+        paged: Option<(usize, Vec<u32>)>,
     }
 
     impl Case {
+        /// Blocks of the store, and entries per slot of its table.
+        fn blocks(&self) -> (usize, usize) {
+            match &self.paged {
+                Some((blocks, table)) => (*blocks, table.len() / self.slots),
+                None => (self.slots, 1),
+            }
+        }
+
+        /// Where slot `slot`'s position `position` is: (block, row).
+        fn at(&self, slot: u32, position: u32) -> (usize, usize) {
+            let (slot, position) = (slot as usize, position as usize);
+            match &self.paged {
+                Some((_, table)) => {
+                    let width = table.len() / self.slots;
+                    let block = table[slot * width + position / self.capacity];
+                    (block as usize, position % self.capacity)
+                }
+                None => (slot, position),
+            }
+        }
+
+        fn tables(&self, cos: &Tensor, sin: &Tensor) -> TokenTables {
+            let tables = TokenTables::new(cos, sin, &self.spans()).unwrap();
+            match &self.paged {
+                Some((_, table)) => {
+                    let width = table.len() / self.slots;
+                    let blocks = crate::BlockTable::new(
+                        std::sync::Arc::new(table.clone()),
+                        width,
+                        &Device::Cpu,
+                    )
+                    .unwrap();
+                    tables.with_blocks(blocks).unwrap()
+                }
+                None => tables,
+            }
+        }
+
         fn spans(&self) -> Vec<u32> {
             self.tokens.iter().flat_map(|&(s, p)| [s, 0, p]).collect()
         }
@@ -337,7 +386,7 @@ mod tests {
         }
 
         fn store(&self, dtype: DType) -> Tensor {
-            let shape = (2, self.slots, self.kv_heads, self.capacity, self.d);
+            let shape = (2, self.blocks().0, self.kv_heads, self.capacity, self.d);
             Tensor::zeros(shape, dtype, &Device::Cpu).unwrap()
         }
     }
@@ -352,6 +401,7 @@ mod tests {
                 d: 8,
                 // Slot 2's position 7 ends the store: a write past it faults in the emulator.
                 tokens: vec![(0, 5), (2, 7), (1, 0)],
+                paged: None,
             },
             // A packed prefill: a prompt of 4 on slot 1 beside a decoding token on slot 0.
             Case {
@@ -360,6 +410,17 @@ mod tests {
                 capacity: 6,
                 d: 16,
                 tokens: vec![(1, 0), (1, 1), (1, 2), (1, 3), (0, 4)],
+                paged: None,
+            },
+            // Paged, blocks of 2 positions out of order: a prompt of 5 on slot 1 across three
+            // blocks (the last one ends the store) beside decoding tokens of slots 0 and 2.
+            Case {
+                slots: 3,
+                kv_heads: 2,
+                capacity: 2,
+                d: 8,
+                tokens: vec![(0, 3), (1, 0), (1, 1), (1, 2), (1, 3), (1, 4), (2, 1)],
+                paged: Some((7, vec![5, 0, 9, 4, 2, 6, 3, 9, 9])),
             },
         ]
     }
@@ -372,7 +433,7 @@ mod tests {
             for dtype in DTYPES {
                 let (rows, [k, v, cos, sin]) = case.inputs(dtype, 1);
                 let store = case.store(dtype);
-                let tables = TokenTables::new(&cos, &sin, &case.spans()).unwrap();
+                let tables = case.tables(&cos, &sin);
                 write_rotated(&store, &rows, case.columns(), &tables).unwrap();
                 let heads_k = crate::ops::generic::rotary_heads(&k, &cos, &sin, case.kv_heads)
                     .unwrap() // [1, kv_heads, tokens, d]
@@ -386,16 +447,17 @@ mod tests {
                 let store = store.to_dtype(DType::F32).unwrap();
                 let mut written = 0f32;
                 for (i, &(slot, position)) in case.tokens.iter().enumerate() {
+                    let (block, row) = case.at(slot, position);
                     for head in 0..case.kv_heads {
                         let at = |kind: usize| -> Vec<f32> {
                             store
                                 .get(kind)
                                 .unwrap()
-                                .get(slot as usize)
+                                .get(block)
                                 .unwrap()
                                 .get(head)
                                 .unwrap()
-                                .get(position as usize)
+                                .get(row)
                                 .unwrap()
                                 .to_vec1()
                                 .unwrap()
@@ -444,12 +506,27 @@ mod tests {
             capacity: 4,
             d: 4,
             tokens: vec![(0, 4)],
+            paged: None,
         };
         let (rows, [_, _, cos, sin]) = case.inputs(DType::F32, 2);
         let store = case.store(DType::F32);
-        let tables = TokenTables::new(&cos, &sin, &case.spans()).unwrap();
+        let tables = case.tables(&cos, &sin);
         let err = write_rotated(&store, &rows, case.columns(), &tables).unwrap_err();
         assert!(err.to_string().contains("position 4 of slot 0"), "{err}");
+        // Paged: a block the store does not have.
+        let case = Case {
+            slots: 1,
+            kv_heads: 1,
+            capacity: 2,
+            d: 4,
+            tokens: vec![(0, 3)],
+            paged: Some((2, vec![0, 2])),
+        };
+        let (rows, [_, _, cos, sin]) = case.inputs(DType::F32, 2);
+        let store = case.store(DType::F32);
+        let tables = case.tables(&cos, &sin);
+        let err = write_rotated(&store, &rows, case.columns(), &tables).unwrap_err();
+        assert!(err.to_string().contains("reads block 2"), "{err}");
     }
 
     fn flat<T: candle_core::WithDType>(t: &Tensor) -> Vec<T> {
@@ -465,11 +542,13 @@ mod tests {
     ) -> Vec<f32> {
         let store: Vec<T> = flat(&case.store(T::DTYPE));
         let (k_at, v_at) = case.columns();
+        let (blocks, table_width) = case.blocks();
         let dims = WriteDims {
             tokens: case.tokens.len(),
-            slots: case.slots,
+            blocks,
+            table_width,
             kv_heads: case.kv_heads,
-            capacity: case.capacity,
+            block: case.capacity,
             head_dim: case.d,
             row_width: rows.dim(2).unwrap(),
             k_at,
@@ -481,7 +560,11 @@ mod tests {
             let store = memory.in_place(&store);
             let [rows, cos, sin] = inputs.each_ref().map(|x| memory.input(x));
             let spans = memory.input(&case.spans());
-            let args = kernel_args([store.address, rows, cos, sin, spans], &dims)
+            let table = match &case.paged {
+                Some((_, table)) => memory.input(table),
+                None => 0,
+            };
+            let args = kernel_args([store.address, rows, cos, sin, spans, table], &dims)
                 .map_err(|e| e.to_string())?;
             // SAFETY: the buffers hold what the kernel reads and writes for these sizes, and the
             // spans name slots and positions inside the store.
@@ -500,7 +583,7 @@ mod tests {
             for dtype in DTYPES {
                 let (rows, [_, _, cos, sin]) = case.inputs(dtype, 3);
                 let store = case.store(dtype);
-                let tables = TokenTables::new(&cos, &sin, &case.spans()).unwrap();
+                let tables = case.tables(&cos, &sin);
                 write_rotated(&store, &rows, case.columns(), &tables).unwrap();
                 let inputs = (&rows, &cos, &sin);
                 let want: Vec<f32> = flat(&store.to_dtype(DType::F32).unwrap());

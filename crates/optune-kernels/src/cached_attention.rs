@@ -17,9 +17,10 @@ use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 /// The queries, each the first `heads·d` columns of its row of `rows` (`[.., row_width]`: the
 /// projections as they come, q first, not yet rotated), turned by their rotary angles and
-/// attending over `keys`, `values [slots, kv_heads, capacity, d]` (a KV cache, the queries' own
-/// positions already written), each over its span's `first..=last` positions of its slot
-/// (`tables`, a row per query): `[queries, heads, d]`. A query with `last < first` (an idle slot)
+/// attending over `keys`, `values [blocks, kv_heads, block, d]` (a KV cache, the queries' own
+/// positions already written; unpaged `[slots, kv_heads, capacity, d]`, else found through the
+/// tables' block table), each over its span's `first..=last` positions of its slot (`tables`, a
+/// row per query): `[queries, heads, d]`. A query with `last < first` (an idle slot)
 /// gets zeros. The query heads of a group share their KV head; scores are `(q · k) · scale`; the
 /// rotation, the softmax and the weighted sum of values are in f32 whatever the dtype.
 pub fn cached_attention(
@@ -30,18 +31,10 @@ pub fn cached_attention(
     values: &Tensor,
     scale: f64,
 ) -> Result<Tensor> {
-    let (slots, kv_heads, capacity, d) = keys.dims4()?;
+    let (blocks, kv_heads, block, d) = keys.dims4()?;
     let queries = tables.tokens();
     // On every device: a GPU's kernels would read another slot's keys, or past the cache.
-    for (query, span) in tables.host_spans().chunks_exact(3).enumerate() {
-        let [slot, first, last] = [0, 1, 2].map(|i| span[i] as usize);
-        if first <= last && (slot >= slots || last >= capacity) {
-            bail!(
-                "cached_attention: query {query} reads position {last} of slot {slot}, outside \
-                 the cache's {slots} slots of {capacity}"
-            );
-        }
-    }
+    tables.addressing("cached_attention", blocks, block)?;
     let row_width = rows.dim(candle_core::D::Minus1)?;
     if rows.elem_count() != queries * row_width
         || heads * d > row_width
@@ -317,7 +310,8 @@ fn launch_dims(shape: AttentionShape, dims: &AttentionDims, items: usize) -> (u3
 }
 
 /// The sizes of the kernel's buffers: the queries as the first `heads·head_dim` columns of
-/// `rows [queries, row_width]`, `keys`/`values [slots, kv_heads, capacity, head_dim]`.
+/// `rows [queries, row_width]`, `keys`/`values [blocks, kv_heads, block, head_dim]` and their
+/// block table's rows of `table_width` (1 unpaged).
 #[derive(Clone, Copy, Debug)]
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
 struct AttentionDims {
@@ -326,19 +320,21 @@ struct AttentionDims {
     heads: usize,
     head_dim: usize,
     kv_heads: usize,
-    capacity: usize,
+    table_width: usize,
+    block: usize,
 }
 
 /// The attention kernels' arguments (src/cuda/cached_attention.cu): the addresses of the rows,
 /// the angles `cos`, `sin [queries, head_dim/2]`, the keys, the values, the output (`out
 /// [queries, heads, head_dim]`, or split the f32 partial results `[queries, heads, count,
-/// head_dim + 2]`), the spans `[queries, 3]` and `list`'s: tiled the tiles `[tiles, 2]`, else the
-/// queries to attend for (`[n]`; none, a null pointer, for all of them); then the sizes, the
-/// split (not tiled) and the scale. The CUDA launch and the emulated tests both pass this list.
+/// head_dim + 2]`), the spans `[queries, 3]`, `list`'s: tiled the tiles `[tiles, 2]`, else the
+/// queries to attend for (`[n]`; none, a null pointer, for all of them), and the block table
+/// (`[slots, table_width]`; a null pointer unpaged); then the sizes, the split (not tiled) and
+/// the scale. The CUDA launch and the emulated tests both pass this list.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
 fn kernel_args(
     buffers: [u64; 7],
-    list: Option<u64>,
+    (list, table): (Option<u64>, Option<u64>),
     dims: &AttentionDims,
     shape: AttentionShape,
     scale: f32,
@@ -351,10 +347,12 @@ fn kernel_args(
     };
     let mut args = buffers.map(KernelArg::Pointer).to_vec();
     args.push(KernelArg::Pointer(list));
+    args.push(KernelArg::Pointer(table.unwrap_or(0)));
     for (size, what) in [
         (dims.heads, "heads"),
         (dims.kv_heads, "kv_heads"),
-        (dims.capacity, "capacity"),
+        (dims.table_width, "table_width"),
+        (dims.block, "block"),
         (dims.head_dim, "head_dim"),
         (dims.row_width, "row_width"),
     ] {
@@ -364,7 +362,7 @@ fn kernel_args(
     match shape {
         AttentionShape::Whole { .. } => args.extend([
             KernelArg::int(1, "splits")?,
-            KernelArg::int(dims.capacity, "chunk")?,
+            KernelArg::int(dims.table_width * dims.block, "chunk")?,
         ]),
         AttentionShape::Chunks { count, chunk, .. } => args.extend([
             KernelArg::int(count, "splits")?,
@@ -386,6 +384,59 @@ fn merge_args([partial, out]: [u64; 2], count: usize, head_dim: usize) -> Result
         KernelArg::int(count, "splits")?,
         KernelArg::int(head_dim, "head_dim")?,
     ])
+}
+
+/// The positions of a paged cache's slots that a pass's spans read, copied slot-major: the keys
+/// and values `[slots read, kv_heads, capacity, d]`, `capacity` the most any reads.
+struct GatheredSlots {
+    keys: Vec<f32>,
+    values: Vec<f32>,
+    capacity: usize,
+    /// A slot's index among the slots read.
+    index: std::collections::HashMap<usize, usize>,
+}
+
+fn gathered_slots(
+    keys: &[f32],
+    values: &[f32],
+    spans: &[u32],
+    addressing: crate::token_tables::Addressing,
+    (kv_heads, d): (usize, usize),
+) -> GatheredSlots {
+    // Each slot read, in order of appearance, with the positions it needs (0..=its last).
+    let mut read: Vec<(usize, usize)> = Vec::new();
+    let mut index = std::collections::HashMap::new();
+    for span in spans.chunks_exact(3) {
+        let [slot, first, last] = [0, 1, 2].map(|i| span[i] as usize);
+        if first > last {
+            continue;
+        }
+        let at = *index.entry(slot).or_insert_with(|| {
+            read.push((slot, 0));
+            read.len() - 1
+        });
+        read[at].1 = read[at].1.max(last + 1);
+    }
+    let capacity = read.iter().map(|&(_, len)| len).max().unwrap_or(0);
+    let size = read.len() * kv_heads * capacity * d;
+    let (mut gathered_keys, mut gathered_values) = (vec![0f32; size], vec![0f32; size]);
+    for (at, &(slot, len)) in read.iter().enumerate() {
+        for position in 0..len {
+            let (block, row) = addressing.at(slot, position);
+            for head in 0..kv_heads {
+                let from = ((block * kv_heads + head) * addressing.block + row) * d;
+                let to = ((at * kv_heads + head) * capacity + position) * d;
+                gathered_keys[to..to + d].copy_from_slice(&keys[from..from + d]);
+                gathered_values[to..to + d].copy_from_slice(&values[from..from + d]);
+            }
+        }
+    }
+    GatheredSlots {
+        keys: gathered_keys,
+        values: gathered_values,
+        capacity,
+        index,
+    }
 }
 
 /// Channel `c` of a head `x [d]` turned by the angles `cos`, `sin [d/2]` (rotate-half layout),
@@ -414,7 +465,7 @@ impl CustomOp3 for CachedAttention<'_> {
         lv: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (queries, row_width) = lq.shape().dims2()?;
-        let (_, kv_heads, capacity, d) = lk.shape().dims4()?;
+        let (blocks, kv_heads, block, d) = lk.shape().dims4()?;
         let heads = self.heads;
         let read = |s, l, what| crate::storage::floats(s, l, "cached_attention", what);
         let (q_all, keys, values) = (
@@ -423,6 +474,17 @@ impl CustomOp3 for CachedAttention<'_> {
             read(v, lv, "values")?,
         );
         let HostTables { cos, sin, spans } = self.tables.host("cached_attention")?;
+        let addressing = self.tables.addressing("cached_attention", blocks, block)?;
+        // The host kernel reads each slot's positions in one run: a paged cache's are gathered
+        // slot by slot first, the slots renumbered in order of appearance.
+        let paged = addressing
+            .table
+            .is_some()
+            .then(|| gathered_slots(&keys, &values, spans, addressing, (kv_heads, d)));
+        let (keys, values, capacity) = match &paged {
+            Some(g) => (&g.keys[..], &g.values[..], g.capacity),
+            None => (&keys[..], &values[..], block),
+        };
         // The host kernel takes the live queries only, as rows [heads·d], and scales by 1/√d
         // itself (the model's scale, for which this factor is 1).
         let rescale = (self.scale * (d as f64).sqrt()) as f32;
@@ -437,7 +499,7 @@ impl CustomOp3 for CachedAttention<'_> {
             }
             live.push(query);
             host_queries.push(crate::host::Query {
-                slot,
+                slot: paged.as_ref().map_or(slot, |g| g.index[&slot]),
                 first,
                 position: last,
             });
@@ -450,8 +512,8 @@ impl CustomOp3 for CachedAttention<'_> {
         }
         let mut attended = vec![0f32; rows.len()];
         let cache = crate::host::LayerCache {
-            keys: &keys,
-            values: &values,
+            keys,
+            values,
             kv_heads,
             capacity,
         };
@@ -495,14 +557,15 @@ impl CustomOp3 for CachedAttention<'_> {
             let device = q.device().clone();
             let stream = device.cuda_stream();
             let (queries, row_width) = lq.shape().dims2()?;
-            let (_, kv_heads, capacity, head_dim) = lk.shape().dims4()?;
+            let (_, kv_heads, block, head_dim) = lk.shape().dims4()?;
             let dims = AttentionDims {
                 queries,
                 row_width,
                 heads: op.heads,
                 head_dim,
                 kv_heads,
-                capacity,
+                table_width: op.tables.block_table().map_or(1, |t| t.width()),
+                block,
             };
             let query_heads = dims.queries * dims.heads;
             let processors = stream
@@ -551,6 +614,8 @@ impl CustomOp3 for CachedAttention<'_> {
                     .lone_tokens
                     .as_ref()
                     .map(|t| (t.len(), t.device_ptr(&stream)));
+                let table = tables.block_table.as_ref().map(|t| t.device_ptr(&stream));
+                let table_at = table.as_ref().map(|(at, _)| *at);
                 let length = |list: &Option<(usize, _)>| list.as_ref().map_or(0, |(n, _)| *n);
                 let plan = attention_launches(shape, queries, length(&tiles), length(&lone));
                 for launch in plan {
@@ -567,18 +632,19 @@ impl CustomOp3 for CachedAttention<'_> {
                         candle_core::Error::msg("cached_attention: no partial buffer")
                     })?;
                     let buffers = [q_at, cos_at, sin_at, k_at, v_at, written_at, spans_at];
-                    let args = kernel_args(buffers, list, &dims, launch.shape, scale)?;
+                    let args = kernel_args(buffers, (list, table_at), &dims, launch.shape, scale)?;
                     let kernel = attention_kernel(launch.shape, head_dim, suffix)?;
                     let attend = device.get_or_load_custom_func(&kernel, module, PTX)?;
                     let grid = launch_dims(launch.shape, &dims, launch.items);
                     // SAFETY: the list is the kernel's; the buffers hold queries·row_width
                     // (the rows, each with its query's heads·d columns first), queries·heads·d
                     // (out) or queries·heads·count·(d+2) (partial, f32), queries·d/2 (cos,
-                    // sin), slots·kv_heads·capacity·d (k, v), 3·queries (spans), and 2·tiles
-                    // (tiles) or n (a list of queries) elements, each naming queries of the
-                    // pass, checked by `cached_attention` and `TokenTables::new`, as are the
-                    // slots and positions the spans name (inside the cache). The guards live to
-                    // the end of the closure.
+                    // sin), blocks·kv_heads·block·d (k, v), 3·queries (spans), 2·tiles (tiles)
+                    // or n (a list of queries) elements, each naming queries of the pass,
+                    // checked by `cached_attention` and `TokenTables::new`, and the block table
+                    // slots·table_width; every slot, position and block the spans read is inside
+                    // them (`TokenTables::addressing`). The guards live to the end of the
+                    // closure.
                     unsafe { launch_kernel(attend.builder(), config(grid), &args) }?;
                     if let AttentionShape::Chunks { count, .. } = launch.shape {
                         let merge = device.get_or_load_custom_func(
@@ -792,7 +858,7 @@ mod tests {
 mod emulated {
     use super::*;
     use crate::kernel_args::emulated;
-    use candle_core::DType;
+    use candle_core::{DType, Device};
     use optune_cuda_emulator::{in_both_placements, Element, Launch};
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
@@ -802,7 +868,7 @@ mod emulated {
         dims: AttentionDims,
         shape: AttentionShape,
         [rows, cos, sin, k, v]: [&Tensor; 5],
-        spans: &[u32],
+        (spans, table): (&[u32], Option<&[u32]>),
         scale: f32,
     ) -> Vec<f32> {
         let flat = |t: &Tensor| -> Vec<T> { t.flatten_all().unwrap().to_vec1().unwrap() };
@@ -814,6 +880,7 @@ mod emulated {
         let out = in_both_placements(&first_kernel, |memory| {
             let [rows, cos, sin, k, v] = inputs.each_ref().map(|x| memory.input(x));
             let spans = memory.input(spans);
+            let table = table.map(|t| memory.input(t));
             let out = memory.output::<T>(query_heads * dims.head_dim);
             let tiles_at = (!tiles.is_empty()).then(|| memory.input(&tiles));
             let lone_at = (!lone.is_empty()).then(|| memory.input(&lone));
@@ -834,7 +901,7 @@ mod emulated {
                 };
                 let written = partial.as_ref().map_or(out.address, |(_, p)| p.address);
                 let buffers = [rows, cos, sin, k, v, written, spans];
-                let args = kernel_args(buffers, list, &dims, launch.shape, scale)
+                let args = kernel_args(buffers, (list, table), &dims, launch.shape, scale)
                     .map_err(|e| e.to_string())?;
                 let (grid, block) = launch_dims(launch.shape, &dims, launch.items);
                 let kernel = attention_kernel(launch.shape, dims.head_dim, T::SUFFIX)
@@ -860,10 +927,41 @@ mod emulated {
         out.into_iter().map(|x| x.to_f64() as f32).collect()
     }
 
+    /// The cache `[slots, kv_heads, capacity, d]` paged in blocks of `block` positions, the
+    /// blocks shuffled among `extra` more than the slots need: the store `[blocks, kv_heads,
+    /// block, d]` and the block table `[slots, width]`.
+    fn paged(cache: &Tensor, block: usize, extra: usize, seed: u64) -> (Tensor, Vec<u32>) {
+        let (slots, kv_heads, capacity, d) = cache.dims4().unwrap();
+        let width = capacity.div_ceil(block);
+        let blocks = slots * width + extra;
+        let mut order: Vec<u32> = (0..blocks as u32).collect();
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        for i in (1..blocks).rev() {
+            order.swap(i, rand::Rng::random_range(&mut rng, 0..=i));
+        }
+        let table = order[..slots * width].to_vec();
+        let padded = cache
+            .pad_with_zeros(2, 0, width * block - capacity)
+            .unwrap()
+            .reshape((slots, kv_heads, width, block, d))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((slots * width, kv_heads, block, d))
+            .unwrap();
+        let mut store =
+            Tensor::zeros((blocks, kv_heads, block, d), cache.dtype(), cache.device()).unwrap();
+        let at = Tensor::new(table.as_slice(), cache.device()).unwrap();
+        store = store.index_add(&at, &padded, 0).unwrap();
+        (store, table)
+    }
+
     /// `spans` over a cache of `slots × capacity`, queries the first columns of rows
     /// `[queries, row_width]`, by the kernels tiled (heads up to [`TILE_HEAD`]), whole and cut in
     /// each of `splits` (count, chunk), the last two with one query head to a block and with
-    /// every larger group of heads the head width and the heads of a KV head allow.
+    /// every larger group of heads the head width and the heads of a KV head allow; each with
+    /// the cache as it is and paged (blocks of 8 positions, shuffled), where the CPU form gives
+    /// the same bits.
     fn check(
         dims: AttentionDims,
         slots: usize,
@@ -891,7 +989,7 @@ mod emulated {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut random = |shape: &[usize]| super::tests::random(shape, &mut rng);
         let q = random(&[dims.queries, dims.row_width]);
-        let cache = [slots, dims.kv_heads, dims.capacity, dims.head_dim];
+        let cache = [slots, dims.kv_heads, dims.block, dims.head_dim];
         let (k, v) = (random(&cache), random(&cache));
         let (cos, sin) = super::tests::angles(1, dims.queries, dims.head_dim);
         let flat_spans = super::tests::flat_spans(spans);
@@ -899,20 +997,55 @@ mod emulated {
         for dtype in [DType::F32, DType::BF16, DType::F16] {
             let [q, cos, sin, k, v] = [&q, &cos, &sin, &k, &v].map(|t| t.to_dtype(dtype).unwrap());
             let tables = TokenTables::new(&cos, &sin, &flat_spans).unwrap();
-            let want: Vec<f32> = cached_attention(&q, dims.heads, &tables, &k, &v, scale as f64)
+            let cpu_form = |tables: &TokenTables, k: &Tensor, v: &Tensor| -> Vec<f32> {
+                cached_attention(&q, dims.heads, tables, k, v, scale as f64)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            };
+            let want = cpu_form(&tables, &k, &v);
+            let block = 8;
+            let ((paged_k, table), (paged_v, _)) =
+                (paged(&k, block, 3, seed), paged(&v, block, 3, seed));
+            let width = table.len() / slots;
+            let blocks =
+                crate::BlockTable::new(std::sync::Arc::new(table.clone()), width, &Device::Cpu)
+                    .unwrap();
+            let paged_tables = TokenTables::new(&cos, &sin, &flat_spans)
                 .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
+                .with_blocks(blocks)
                 .unwrap();
-            let tensors = [&q, &cos, &sin, &k, &v];
-            for &shape in &shapes {
+            assert_eq!(
+                cpu_form(&paged_tables, &paged_k, &paged_v),
+                want,
+                "{dtype:?} paged"
+            );
+            let paged_dims = AttentionDims {
+                table_width: width,
+                block,
+                ..dims
+            };
+            let runs = [
+                (dims, [&q, &cos, &sin, &k, &v], None),
+                (
+                    paged_dims,
+                    [&q, &cos, &sin, &paged_k, &paged_v],
+                    Some(table.as_slice()),
+                ),
+            ];
+            for (&shape, (dims, tensors, table)) in shapes
+                .iter()
+                .flat_map(|shape| runs.iter().map(move |run| (shape, run)))
+            {
+                let (dims, lists) = (*dims, (flat_spans.as_slice(), *table));
                 let got = match dtype {
-                    DType::F32 => kernel::<f32>(dims, shape, tensors, &flat_spans, scale),
-                    DType::BF16 => kernel::<half::bf16>(dims, shape, tensors, &flat_spans, scale),
-                    _ => kernel::<half::f16>(dims, shape, tensors, &flat_spans, scale),
+                    DType::F32 => kernel::<f32>(dims, shape, *tensors, lists, scale),
+                    DType::BF16 => kernel::<half::bf16>(dims, shape, *tensors, lists, scale),
+                    _ => kernel::<half::f16>(dims, shape, *tensors, lists, scale),
                 };
                 // f32: the kernel's online softmax over 4 warps (and chunks) against the CPU's
                 // sums; bf16 and f16: both round their f32 result once, so a rounding step apart
@@ -952,7 +1085,8 @@ mod emulated {
             heads: 8,
             head_dim: 128,
             kv_heads: 2,
-            capacity: 40,
+            table_width: 1,
+            block: 40,
         };
         // The last slot's last position ends the cache: a read past it faults in the emulator.
         let spans = [(0, 0, 39), (1, 0, 2), (4, 17, 39), (3, 6, 6), (2, 1, 0)];
@@ -969,7 +1103,8 @@ mod emulated {
             heads: 16,
             head_dim: 64,
             kv_heads: 2,
-            capacity: 24,
+            table_width: 1,
+            block: 24,
         };
         assert_eq!(heads_per_block(16, 2, 64), 4);
         let spans = [(0, 0, 23), (2, 4, 9), (1, 0, 0)];
@@ -994,7 +1129,8 @@ mod emulated {
             heads: 4,
             head_dim: 80,
             kv_heads: 2,
-            capacity: 60,
+            table_width: 1,
+            block: 60,
         };
         check(dims, 6, &spans, &[], 22);
     }
@@ -1009,7 +1145,8 @@ mod emulated {
             heads: 2,
             head_dim: 256,
             kv_heads: 1,
-            capacity: 70,
+            table_width: 1,
+            block: 70,
         };
         let spans = [(1, 0, 66), (1, 0, 8), (0, 0, 0), (0, 3, 2)];
         check(dims, 2, &spans, &[(5, 16)], 23);
@@ -1141,11 +1278,13 @@ mod emulated {
             heads: 2,
             head_dim: 32,
             kv_heads: 1,
-            capacity: 8,
+            table_width: 1,
+            block: 8,
         };
-        let err = kernel_args([1; 7], None, &dims, tiled, 1.0).unwrap_err();
+        let err = kernel_args([1; 7], (None, None), &dims, tiled, 1.0).unwrap_err();
         assert!(err.to_string().contains("without its tiles"), "{err}");
-        let args = kernel_args([1; 7], None, &dims, AttentionShape::Whole { group: 2 }, 1.0);
-        assert_eq!(args.unwrap()[7], KernelArg::Pointer(0));
+        let whole = AttentionShape::Whole { group: 2 };
+        let args = kernel_args([1; 7], (None, None), &dims, whole, 1.0).unwrap();
+        assert_eq!(args[7..9], [KernelArg::Pointer(0), KernelArg::Pointer(0)]);
     }
 }

@@ -50,4 +50,4 @@ pub use ops::{
     KEPT_LOGITS_BYTES,
 };
 pub use sampling::{sample_rows, Sampling, BISECTION_STEPS, FLOOR_NATS};
-pub use token_tables::TokenTables;
+pub use token_tables::{BlockTable, TokenTables};

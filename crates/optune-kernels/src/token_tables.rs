@@ -1,12 +1,113 @@
 //! What the KV-cache ops ([`crate::cache_write`], [`crate::cached_attention`]) take besides their
-//! operands, a row per new token of a forward pass: its rotary angles and its span. A pass makes
-//! it once and every layer's ops read it; on the CPU its elements are read out of the tensors
+//! operands, a row per new token of a forward pass: its rotary angles and its span, and, for a
+//! paged cache, where each slot's positions are ([`BlockTable`]). A pass makes it once and every
+//! layer's ops read it; on the CPU its elements are read out of the tensors
 //! once, by the first op that needs them. On a GPU, a pass that holds prompt tokens also lists
 //! them in tiles (see [`query_tiles`]) for the tiled attention, and its other tokens for the
 //! per-token attention.
 
-use candle_core::{bail, DType, Result, Storage, Tensor};
-use std::sync::OnceLock;
+use candle_core::{bail, DType, Device, Result, Storage, Tensor};
+use std::sync::{Arc, OnceLock};
+
+/// Where the positions of a paged KV cache's slots are. The cache holds blocks of `block`
+/// positions (a layer's store `[2, blocks, kv_heads, block, d]`); slot `s`'s position `p` is row
+/// `p % block` of block `table[s · width + p / block]`. Entries past a slot's written positions
+/// are never read. Without a table the ops take block `s` as slot `s`'s whole span (the store
+/// `[2, slots, kv_heads, capacity, d]`).
+#[derive(Clone)]
+pub struct BlockTable {
+    /// `[slots, width]` u32, on the cache's device.
+    table: Tensor,
+    /// The same, on the host: the CPU forms and the bounds checks read it.
+    host: Arc<Vec<u32>>,
+    width: usize,
+}
+
+impl BlockTable {
+    /// `host`: `[slots, width]` block indices, flat; uploaded to `device`.
+    pub fn new(host: Arc<Vec<u32>>, width: usize, device: &Device) -> Result<Self> {
+        if width == 0 || host.is_empty() || !host.len().is_multiple_of(width) {
+            bail!(
+                "block table: {} entries in rows of {width}: whole rows, at least one",
+                host.len()
+            );
+        }
+        let table = Tensor::from_slice(host.as_slice(), (host.len() / width, width), device)?;
+        Ok(Self { table, host, width })
+    }
+
+    /// The table on its device with `rows` of it brought up to `host`: one upload and one
+    /// scatter for all of them, instead of the whole table's upload, for the few slots a step
+    /// (re)fills.
+    pub fn with_rows(&self, host: Arc<Vec<u32>>, rows: &[usize]) -> Result<Self> {
+        let width = self.width;
+        if host.len() != self.host.len() || rows.iter().any(|&r| r >= self.slots()) {
+            bail!(
+                "block table: {} entries replace {}, rows {rows:?} of {}",
+                host.len(),
+                self.host.len(),
+                self.slots()
+            );
+        }
+        if !rows.is_empty() {
+            // [2, rows, width]: the rows' entries, then each row's index as often.
+            let mut upload = Vec::with_capacity(2 * rows.len() * width);
+            for &row in rows {
+                upload.extend_from_slice(&host[row * width..(row + 1) * width]);
+            }
+            for &row in rows {
+                upload.extend(std::iter::repeat_n(row as u32, width));
+            }
+            let both = Tensor::from_vec(upload, (2, rows.len(), width), self.table.device())?;
+            self.table.scatter_set(&both.get(1)?, &both.get(0)?, 0)?;
+        }
+        Ok(Self {
+            table: self.table.clone(),
+            host,
+            width,
+        })
+    }
+
+    pub fn slots(&self) -> usize {
+        self.host.len() / self.width
+    }
+
+    /// Entries per slot.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    pub(crate) fn host(&self) -> &[u32] {
+        &self.host
+    }
+}
+
+/// How the KV-cache ops find a slot's position `p` in a store `[2, blocks, kv_heads, block, d]`
+/// (`blocks`, `block` read off the store): through `table` (paged) or as block `slot`.
+#[derive(Clone, Copy)]
+pub(crate) struct Addressing<'a> {
+    pub table: Option<&'a [u32]>,
+    pub width: usize,
+    pub block: usize,
+}
+
+impl Addressing<'_> {
+    /// The block that holds slot `slot`'s position `position`, and the row within it.
+    pub fn at(&self, slot: usize, position: usize) -> (usize, usize) {
+        match self.table {
+            Some(table) => (
+                table[slot * self.width + position / self.block] as usize,
+                position % self.block,
+            ),
+            None => (slot, position),
+        }
+    }
+
+    /// Positions a slot may hold.
+    pub fn positions(&self) -> usize {
+        self.width * self.block
+    }
+}
 
 pub struct TokenTables {
     cos: Tensor,
@@ -27,6 +128,11 @@ pub struct TokenTables {
     /// The angles widened to f32, read out of `cos` and `sin` by the first CPU op that needs
     /// them.
     host_angles: OnceLock<[Vec<f32>; 2]>,
+    /// Where a paged cache's positions are; `None`: block `s` is slot `s`'s.
+    blocks: Option<BlockTable>,
+    /// The store sizes `(blocks, block)` every span was checked against, by the first op (the
+    /// layers' stores are alike: one walk of the spans per pass).
+    checked: OnceLock<(usize, usize)>,
 }
 
 /// The tables' elements on the CPU, the angles widened to f32 (exactly).
@@ -86,7 +192,79 @@ impl TokenTables {
             prompt_tiles,
             lone_tokens,
             host_angles: OnceLock::new(),
+            blocks: None,
+            checked: OnceLock::new(),
         })
+    }
+
+    /// These tables for a paged cache: the ops find each slot's positions through `blocks`.
+    pub fn with_blocks(mut self, blocks: BlockTable) -> Result<Self> {
+        if !blocks.table.device().same_device(self.cos.device()) {
+            bail!("token tables: the block table is not on the angles' device");
+        }
+        self.blocks = Some(blocks);
+        Ok(self)
+    }
+
+    /// How the ops address a store of `block` positions per block (its dim 3) and `blocks`
+    /// blocks (its dim 1), checked against every span: each token's slot has a row of the table
+    /// (or a block of its own, unpaged), and each position it reads is inside its slot's
+    /// positions and names a block of the store. `op` names the op in the error.
+    pub(crate) fn addressing(
+        &self,
+        op: &str,
+        blocks: usize,
+        block: usize,
+    ) -> Result<Addressing<'_>> {
+        let addressing = match &self.blocks {
+            Some(table) => Addressing {
+                table: Some(table.host()),
+                width: table.width(),
+                block,
+            },
+            None => Addressing {
+                table: None,
+                width: 1,
+                block,
+            },
+        };
+        if self.checked.get() == Some(&(blocks, block)) {
+            return Ok(addressing);
+        }
+        let slots = match &self.blocks {
+            Some(table) => table.slots(),
+            None => blocks,
+        };
+        for (token, span) in self.host_spans.chunks_exact(3).enumerate() {
+            let [slot, first, last] = [0, 1, 2].map(|i| span[i] as usize);
+            if first > last {
+                continue;
+            }
+            if slot >= slots || last >= addressing.positions() {
+                bail!(
+                    "{op}: token {token} reads position {last} of slot {slot}, outside the \
+                     cache's {slots} slots of {} positions",
+                    addressing.positions()
+                );
+            }
+            if let Some(table) = addressing.table {
+                let row = &table[slot * addressing.width..][..last / block + 1];
+                if let Some(bad) = row.iter().find(|&&b| b as usize >= blocks) {
+                    bail!(
+                        "{op}: token {token} of slot {slot} reads block {bad}, outside the \
+                         cache's {blocks} blocks"
+                    );
+                }
+            }
+        }
+        let _ = self.checked.set((blocks, block));
+        Ok(addressing)
+    }
+
+    /// The block table, when the cache is paged.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn block_table(&self) -> Option<&BlockTable> {
+        self.blocks.as_ref()
     }
 
     pub fn tokens(&self) -> usize {
@@ -100,11 +278,6 @@ impl TokenTables {
 
     pub fn dtype(&self) -> DType {
         self.cos.dtype()
-    }
-
-    /// The spans as given: token `i`'s `(slot, first, last)` at `3i..3i+3`.
-    pub(crate) fn host_spans(&self) -> &[u32] {
-        &self.host_spans
     }
 
     /// Whether the pass holds prompt tokens in tiles of more than one, on a GPU (see
@@ -160,6 +333,7 @@ impl TokenTables {
         let (spans_storage, spans_layout) = self.spans.storage_and_layout();
         let tiles_guard = self.prompt_tiles.as_ref().map(|t| t.storage_and_layout());
         let lone_guard = self.lone_tokens.as_ref().map(|t| t.storage_and_layout());
+        let table_guard = self.blocks.as_ref().map(|t| t.table.storage_and_layout());
         let (Storage::Cuda(cos), Storage::Cuda(sin), Storage::Cuda(spans)) =
             (&*cos_storage, &*sin_storage, &*spans_storage)
         else {
@@ -189,6 +363,7 @@ impl TokenTables {
                 .slice(spans_layout.start_offset()..),
             prompt_tiles: list(op, &tiles_guard, "prompt tiles")?,
             lone_tokens: list(op, &lone_guard, "lone tokens")?,
+            block_table: list(op, &table_guard, "block table")?,
         })
     }
 }
@@ -201,6 +376,8 @@ pub(crate) struct DeviceTables<'a, T> {
     pub spans: candle_core::cuda_backend::cudarc::driver::CudaView<'a, u32>,
     pub prompt_tiles: Option<candle_core::cuda_backend::cudarc::driver::CudaView<'a, u32>>,
     pub lone_tokens: Option<candle_core::cuda_backend::cudarc::driver::CudaView<'a, u32>>,
+    /// A paged cache's block table, `[slots, width]`.
+    pub block_table: Option<candle_core::cuda_backend::cudarc::driver::CudaView<'a, u32>>,
 }
 
 /// Tokens per tile (the tiled kernel's TILE_QUERIES).
@@ -251,6 +428,21 @@ pub(crate) fn tiles_and_lone_tokens(spans: &[u32]) -> (Vec<u32>, Vec<u32>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Rows brought up to date on the device equal the host's; the others stay.
+    #[test]
+    fn a_block_tables_changed_rows_reach_its_device_copy() {
+        let host: Vec<u32> = (0..12).collect();
+        let table = BlockTable::new(Arc::new(host.clone()), 3, &Device::Cpu).unwrap();
+        let mut changed = host.clone();
+        changed[3..6].copy_from_slice(&[40, 41, 42]);
+        changed[9..12].copy_from_slice(&[90, 91, 92]);
+        changed[0] = 77; // not sent: row 0 is not named
+        let table = table.with_rows(Arc::new(changed), &[3, 1]).unwrap();
+        let device: Vec<u32> = table.table.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(device, [0, 1, 2, 40, 41, 42, 6, 7, 8, 90, 91, 92]);
+        assert!(table.with_rows(Arc::new(host), &[4]).is_err());
+    }
 
     #[test]
     fn consecutive_tokens_of_a_slot_share_tiles_of_up_to_sixteen() {

@@ -62,30 +62,63 @@ pub fn cache_capacity(requests: &[GenerationRequest], params: &SamplingParams) -
     longest.unwrap_or(0) + params.max_new_tokens
 }
 
-/// How many sequences decode together when the KV cache may take `budget_bytes`: as many slots of
-/// [`cache_capacity`] positions as fit, at least one (an error when not even one fits) and at most
-/// `most`; with the bytes those slots take.
-pub fn slots_for_memory(
+/// A KV cache sized from memory ([`cache_for_memory`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CacheSize {
+    /// Sequences decoded together at most.
+    pub slots: usize,
+    /// A paged cache's blocks of [`KvCache::BLOCK`] positions (`None`: each slot holds
+    /// [`cache_capacity`] positions of its own).
+    pub blocks: Option<usize>,
+    /// What the cache takes.
+    pub bytes: f64,
+}
+
+/// The KV cache `budget_bytes` hold for `requests`, at most `most` sequences at a time.
+///
+/// A tensor cache (a GPU's) is paged: as many blocks as the budget holds, no more than `most`
+/// sequences of [`cache_capacity`] positions could fill, each sequence admitted while the blocks
+/// its own prompt and `max_new_tokens` take are free (and its samples sharing its prompt's), so
+/// a batch of short prompts is not sized by the longest. The host decode kernels' cache (the
+/// CPU's in f32) holds as many slots of [`cache_capacity`] positions as fit. Either way at least
+/// one sequence of the longest must fit: an error otherwise.
+pub fn cache_for_memory(
     model: &Transformer,
     requests: &[GenerationRequest],
     params: &SamplingParams,
     budget_bytes: f64,
     most: usize,
-) -> Result<(usize, f64)> {
+) -> Result<CacheSize> {
     let capacity = cache_capacity(requests, params);
-    let per_slot = KvCache::slot_bytes(model, capacity) as f64;
-    let fit = (budget_bytes / per_slot).floor();
-    if fit < 1.0 {
+    let most = most.clamp(1, requests.len().max(1));
+    let (unit, units_per_slot) = match KvCache::can_page(model) {
+        true => (KvCache::BLOCK, capacity.div_ceil(KvCache::BLOCK).max(1)),
+        false => (capacity, 1),
+    };
+    let per_unit = KvCache::slot_bytes(model, unit) as f64;
+    let fit = (budget_bytes / per_unit).floor();
+    if fit < units_per_slot as f64 {
         bail!(
             "one sequence's KV cache ({:.2} GB for {capacity} positions: the longest prompt and \
              max_new_tokens) does not fit in the {:.2} GB allowed; allow more memory, or shorten \
              the prompts or the responses",
-            per_slot / 1e9,
+            per_unit * units_per_slot as f64 / 1e9,
             budget_bytes / 1e9
         );
     }
-    let slots = (fit as usize).clamp(1, most.max(1));
-    Ok((slots, slots as f64 * per_slot))
+    let units = (fit as usize).min(most * units_per_slot);
+    Ok(match KvCache::can_page(model) {
+        true => CacheSize {
+            slots: most,
+            blocks: Some(units),
+            bytes: units as f64 * per_unit,
+        },
+        false => CacheSize {
+            slots: units,
+            blocks: None,
+            bytes: units as f64 * per_unit,
+        },
+    })
 }
 
 /// Mixes a run seed with a request's identity into an independent stream seed (SplitMix64 over
@@ -138,6 +171,11 @@ pub struct Batching {
     /// sequences decoding beside it wait at most this much prefill per token, and the step's
     /// buffers stay bounded.
     pub prompt_tokens_per_step: usize,
+    /// A paged KV cache of `(blocks, positions per block)` ([`cache_for_memory`] sizes it, in
+    /// blocks of [`KvCache::BLOCK`]): a request then waits for a free slot and for the blocks its
+    /// prompt and `max_new_tokens` take, and decodes on the tensor path whatever the device.
+    /// `None`: [`KvCache::new`], every slot holding the longest request.
+    pub kv_blocks: Option<(usize, usize)>,
 }
 
 impl Batching {
@@ -148,6 +186,7 @@ impl Batching {
         Self {
             slots,
             prompt_tokens_per_step: Self::PROMPT_TOKENS_PER_STEP,
+            kv_blocks: None,
         }
     }
 }
@@ -200,7 +239,10 @@ pub fn generate(
         );
     }
     let slots = batching.slots.min(requests.len()).max(1);
-    let mut cache = KvCache::new(model, slots, capacity)?;
+    let mut cache = match batching.kv_blocks {
+        Some(blocks) => KvCache::paged(model, (slots, capacity), blocks)?,
+        None => KvCache::new(model, slots, capacity)?,
+    };
     let mut results: Vec<Option<Generation>> = vec![None; requests.len()];
     // Longest prompts first, so that the long ones do not straggle at the end.
     let mut queue: Vec<usize> = (0..requests.len()).collect();
@@ -238,8 +280,14 @@ pub fn generate(
             if leader.is_none() && budget == 0 {
                 break;
             }
-            queue.pop();
+            // The blocks of its whole sequence (a paged cache), less its leader's full prompt
+            // blocks, which it will share; else it waits, in order, for others to finish.
+            let shared = leader.map_or(0, |_| prompt.len());
             cache.clear(slot);
+            if !cache.reserve(slot, prompt.len() + params.max_new_tokens, shared)? {
+                break;
+            }
+            queue.pop();
             if leader.is_none() {
                 let take = prompt.len().min(budget);
                 until[slot] = Some(take);
@@ -367,6 +415,8 @@ pub fn generate(
         })?;
         for (slot, done) in finished {
             let state = active[slot].take().expect("a finished slot was active");
+            // Its blocks, for the requests waiting on them.
+            cache.clear(slot);
             on_finish(state.request, &done);
             results[state.request] = Some(done);
         }

@@ -16,10 +16,11 @@ use anyhow::{bail, Context};
 use candle_core::{CpuStorage, DType, Device, Result, Storage, StorageRef, Tensor, TensorId};
 use half::bf16;
 use optune_checkpoint::ModelConfig;
-use optune_kernels::{host, ops, Path, TokenTables};
+use optune_kernels::{host, ops, BlockTable, Path, TokenTables};
 use optune_kernels::{matmul_bf16_packed, Mat, PackedRhs, ProductPrecision};
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 mod recompute;
 pub use recompute::{recomputed_backward, RecomputedPass};
@@ -813,6 +814,7 @@ impl Transformer {
                     cache.capacity
                 );
             }
+            cache.hold_positions(slot, start + len)?;
             tokens.extend((start..start + len).map(|position| (slot, position)));
             ids.extend_from_slice(segment.tokens);
             last_rows.push(tokens.len() as u32 - 1);
@@ -839,7 +841,10 @@ impl Transformer {
         let positions = Tensor::from_vec(positions, (batch, steps), &self.device)?;
         let (cos, sin) = self.rope.lookup(&positions)?;
         // Read by every layer's cache write and attention.
-        let tables = TokenTables::new(&cos, &sin, &spans)?;
+        let tables = match cache.block_table()? {
+            Some(blocks) => TokenTables::new(&cos, &sin, &spans)?.with_blocks(blocks)?,
+            None => TokenTables::new(&cos, &sin, &spans)?,
+        };
         let mut stream =
             Residual::new(self.embed(&Tensor::from_vec(ids, (batch, steps), &self.device)?)?);
         for (layer, block) in self.layers.iter().enumerate() {
@@ -1409,13 +1414,18 @@ impl Block {
     }
 }
 
-/// Per-layer keys and values for `slots` sequences of up to `capacity` positions each, laid out
-/// `[slots, kv_heads, capacity, head_dim]`. On the CPU in f32 they live in plain host vectors
-/// that the decode kernels read directly ([`Transformer::decode_step`] then attends over each
-/// slot's own length); otherwise in tensors, into which a forward pass writes all its new
-/// positions with one op per layer, keys rotated on the way ([`optune_kernels::cache_write`]),
-/// each new position then attending over its own slot's span
-/// ([`optune_kernels::cached_attention`]).
+/// Per-layer keys and values for `slots` sequences of up to `capacity` positions each. On the CPU
+/// in f32 they live in plain host vectors `[slots, kv_heads, capacity, head_dim]` that the decode
+/// kernels read directly ([`Transformer::decode_step`] then attends over each slot's own length);
+/// otherwise in tensors, into which a forward pass writes all its new positions with one op per
+/// layer, keys rotated on the way ([`optune_kernels::cache_write`]), each new position then
+/// attending over its own slot's span ([`optune_kernels::cached_attention`]).
+///
+/// A tensor cache is laid out by slot (`[slots, kv_heads, capacity, head_dim]`, [`KvCache::new`])
+/// or paged ([`KvCache::paged`]): a pool of blocks of [`KvCache::BLOCK`] positions, which a slot
+/// takes as its sequence grows and hands back when cleared, so that memory goes to the sequences'
+/// real lengths and not to every slot's longest. The samples of one prompt then share the blocks
+/// its prompt filled ([`KvCache::copy_slot`]).
 pub struct KvCache {
     store: KvStore,
     lengths: Vec<usize>,
@@ -1429,12 +1439,82 @@ enum KvStore {
         kv_heads: usize,
         head_dim: usize,
     },
-    /// Per layer `[2, slots, kv_heads, capacity, d]`: keys, then values, so that one op writes
-    /// both ([`optune_kernels::cache_write`]).
-    Tensors { layers: Vec<Tensor> },
+    /// Per layer `[2, slots, kv_heads, capacity, d]`, or paged `[2, blocks, kv_heads, block,
+    /// d]`: keys, then values, so that one op writes both
+    /// ([`optune_kernels::cache_write`]).
+    Tensors {
+        layers: Vec<Tensor>,
+        pages: Option<Pages>,
+    },
+}
+
+/// Which blocks of a paged cache hold each slot's positions, which are free, and what the slots
+/// were promised.
+struct Pages {
+    /// Positions per block.
+    block: usize,
+    /// `[slots, width]`: slot `s`'s position `p` is in block `table[s·width + p / block]`; the
+    /// entries past the blocks a slot holds are never read.
+    table: Arc<Vec<u32>>,
+    width: usize,
+    /// Blocks each slot holds: the first entries of its row.
+    held: Vec<usize>,
+    /// Slots holding each block (a prompt's full blocks are shared by its samples).
+    holders: Vec<u32>,
+    /// Free blocks, the next taken last.
+    free: Vec<u32>,
+    /// Blocks promised to each slot ([`KvCache::reserve`]) and not yet taken.
+    promised: Vec<usize>,
+    /// Their sum: free blocks no other slot may take.
+    promised_total: usize,
+    /// The table on the device, once uploaded, and the rows changed since.
+    device: Option<BlockTable>,
+    stale: Vec<usize>,
+}
+
+impl Pages {
+    /// Gives `slot` another block: one of its promised ones, or else a free block no promise
+    /// holds.
+    fn take(&mut self, slot: usize) -> anyhow::Result<u32> {
+        let promised = self.promised[slot] > 0;
+        if !promised && self.free.len() <= self.promised_total {
+            bail!(
+                "the KV cache has no block left for slot {slot} ({} free, {} promised to other \
+                 sequences)",
+                self.free.len(),
+                self.promised_total
+            );
+        }
+        let block = self.free.pop().expect("a promised block is free");
+        if promised {
+            self.promised[slot] -= 1;
+            self.promised_total -= 1;
+        }
+        self.holders[block as usize] = 1;
+        Arc::make_mut(&mut self.table)[slot * self.width + self.held[slot]] = block;
+        self.held[slot] += 1;
+        self.stale.push(slot);
+        Ok(block)
+    }
+
+    /// Hands back what `slot` holds and was promised.
+    fn release(&mut self, slot: usize) {
+        for &block in &self.table[slot * self.width..][..self.held[slot]] {
+            self.holders[block as usize] -= 1;
+            if self.holders[block as usize] == 0 {
+                self.free.push(block);
+            }
+        }
+        self.held[slot] = 0;
+        self.promised_total -= std::mem::take(&mut self.promised[slot]);
+    }
 }
 
 impl KvCache {
+    /// Positions per block of a paged cache: what a sequence wastes is under one block, and the
+    /// block table stays small (a 4,096-position slot takes 128 entries).
+    pub const BLOCK: usize = 32;
+
     /// A cache for `model`: host vectors read by the host decode kernels where
     /// [`optune_kernels::decode_path`] picks them (the CPU in f32, fused kernels), else tensors.
     pub fn new(model: &Transformer, slots: usize, capacity: usize) -> Result<Self> {
@@ -1456,7 +1536,7 @@ impl KvCache {
         Self::new_tensors(model, slots, capacity)
     }
 
-    /// Bytes one slot of `capacity` positions takes in the cache [`KvCache::new`] makes for
+    /// Bytes `capacity` positions of one sequence take in the cache [`KvCache::new`] makes for
     /// `model` (keys and values of every layer).
     pub fn slot_bytes(model: &Transformer, capacity: usize) -> usize {
         let cfg = model.config();
@@ -1473,18 +1553,72 @@ impl KvCache {
         optune_kernels::decode_path(model.device(), model.dtype()) == Path::Fused
     }
 
+    /// Whether [`KvCache::new`] makes a tensor cache for `model` (not the host decode kernels'
+    /// vectors), which a paged one then replaces at no cost.
+    pub fn can_page(model: &Transformer) -> bool {
+        !Self::on_host(model)
+    }
+
     /// A tensor-backed cache whatever the device: decoding then takes the tensor path
     /// (what other devices and dtypes use), e.g. to compare it with the CPU kernels.
     pub fn new_tensors(model: &Transformer, slots: usize, capacity: usize) -> Result<Self> {
-        let cfg = model.config();
-        // Keys, then values.
-        let shape = (2, slots, cfg.num_kv_heads(), capacity, cfg.head_dim());
-        let zeros = || Tensor::zeros(shape, model.dtype(), model.device());
         Ok(Self {
             store: KvStore::Tensors {
-                layers: (0..cfg.num_hidden_layers)
-                    .map(|_| zeros())
-                    .collect::<Result<_>>()?,
+                layers: Self::tensor_layers(model, slots, capacity)?,
+                pages: None,
+            },
+            lengths: vec![0; slots],
+            capacity,
+        })
+    }
+
+    /// Per layer a zeroed `[2, count, kv_heads, positions, d]` store.
+    fn tensor_layers(model: &Transformer, count: usize, positions: usize) -> Result<Vec<Tensor>> {
+        let cfg = model.config();
+        // Keys, then values.
+        let shape = (2, count, cfg.num_kv_heads(), positions, cfg.head_dim());
+        (0..cfg.num_hidden_layers)
+            .map(|_| Tensor::zeros(shape, model.dtype(), model.device()))
+            .collect()
+    }
+
+    /// A paged tensor cache (whatever the device, as [`KvCache::new_tensors`]): `blocks` blocks of
+    /// `block` positions ([`KvCache::BLOCK`] unless testing) shared by `slots` sequences of up to
+    /// `capacity` positions each; at least one slot's worth of blocks, so that any one sequence
+    /// fits.
+    pub fn paged(
+        model: &Transformer,
+        (slots, capacity): (usize, usize),
+        (blocks, block): (usize, usize),
+    ) -> anyhow::Result<Self> {
+        if block == 0 {
+            bail!("a paged KV cache needs blocks of at least one position");
+        }
+        let width = capacity.div_ceil(block).max(1);
+        if blocks < width {
+            bail!(
+                "a paged KV cache of {blocks} blocks of {block} positions cannot hold one \
+                 sequence of {capacity}"
+            );
+        }
+        if blocks > u32::MAX as usize {
+            bail!("a paged KV cache of {blocks} blocks: at most {}", u32::MAX);
+        }
+        Ok(Self {
+            store: KvStore::Tensors {
+                layers: Self::tensor_layers(model, blocks, block)?,
+                pages: Some(Pages {
+                    block,
+                    table: Arc::new(vec![0; slots * width]),
+                    width,
+                    held: vec![0; slots],
+                    holders: vec![0; blocks],
+                    free: (0..blocks as u32).rev().collect(),
+                    promised: vec![0; slots],
+                    promised_total: 0,
+                    device: None,
+                    stale: Vec::new(),
+                }),
             },
             lengths: vec![0; slots],
             capacity,
@@ -1504,6 +1638,13 @@ impl KvCache {
         }
     }
 
+    fn pages_mut(&mut self) -> Option<&mut Pages> {
+        match &mut self.store {
+            KvStore::Tensors { pages, .. } => pages.as_mut(),
+            KvStore::Host { .. } => None,
+        }
+    }
+
     pub fn slots(&self) -> usize {
         self.lengths.len()
     }
@@ -1516,17 +1657,103 @@ impl KvCache {
     pub fn is_empty(&self, slot: usize) -> bool {
         self.lengths[slot] == 0
     }
-    /// Frees a slot for the next sequence; its stale entries are never read: attention reads a
-    /// slot's positions up to its length only.
-    pub fn clear(&mut self, slot: usize) {
-        self.lengths[slot] = 0;
+
+    /// Free blocks of a paged cache no promise holds (`None` unpaged).
+    pub fn unpromised_blocks(&self) -> Option<usize> {
+        match &self.store {
+            KvStore::Tensors {
+                pages: Some(pages), ..
+            } => Some(pages.free.len() - pages.promised_total),
+            _ => None,
+        }
     }
 
-    /// Makes slot `to` a copy of slot `from` (its keys, values and length): the samples of one
-    /// prompt share its prefill.
-    pub fn copy_slot(&mut self, from: usize, to: usize) -> Result<()> {
+    /// Frees a slot for the next sequence. Its stale entries are never read (attention reads a
+    /// slot's positions up to its length only); a paged cache takes back its blocks (those it
+    /// shares stay with the other holders) and what it was promised.
+    pub fn clear(&mut self, slot: usize) {
+        self.lengths[slot] = 0;
+        if let Some(pages) = self.pages_mut() {
+            pages.release(slot);
+        }
+    }
+
+    /// Promises the empty slot `slot` the blocks a sequence of `positions` positions takes, less
+    /// the full blocks of a `shared` positions' prefix it will share ([`KvCache::copy_slot`]), when
+    /// that many are free beyond the other promises: a sequence admitted so never runs out of
+    /// blocks. `false` when they are not; always `true` unpaged (every slot has its capacity).
+    pub fn reserve(
+        &mut self,
+        slot: usize,
+        positions: usize,
+        shared: usize,
+    ) -> anyhow::Result<bool> {
+        if positions > self.capacity || shared > positions {
+            bail!(
+                "slot {slot}: {positions} positions (sharing {shared}) exceed the KV cache's {}",
+                self.capacity
+            );
+        }
+        if self.lengths[slot] != 0 {
+            bail!("slot {slot} is not empty");
+        }
+        let Some(pages) = self.pages_mut() else {
+            return Ok(true);
+        };
+        let needed = positions.div_ceil(pages.block) - shared / pages.block;
+        if pages.free.len() - pages.promised_total < needed {
+            return Ok(false);
+        }
+        pages.promised_total += needed;
+        pages.promised[slot] += needed;
+        Ok(true)
+    }
+
+    /// Makes sure a paged cache's slot `slot` holds blocks for its first `positions` positions.
+    fn hold_positions(&mut self, slot: usize, positions: usize) -> anyhow::Result<()> {
+        let Some(pages) = self.pages_mut() else {
+            return Ok(());
+        };
+        while pages.held[slot] * pages.block < positions {
+            pages.take(slot)?;
+        }
+        Ok(())
+    }
+
+    /// A paged cache's block table on its device, the rows changed since the last pass sent
+    /// (`None` unpaged).
+    fn block_table(&mut self) -> Result<Option<BlockTable>> {
+        let KvStore::Tensors {
+            layers,
+            pages: Some(pages),
+        } = &mut self.store
+        else {
+            return Ok(None);
+        };
+        let mut stale = std::mem::take(&mut pages.stale);
+        stale.sort_unstable();
+        stale.dedup();
+        let table = match &pages.device {
+            // The changed rows with their indices, unless that is more than the whole table (the
+            // first passes fill many slots at once).
+            Some(device) if 2 * stale.len() <= pages.held.len() => {
+                device.with_rows(pages.table.clone(), &stale)?
+            }
+            _ => BlockTable::new(pages.table.clone(), pages.width, layers[0].device())?,
+        };
+        pages.device = Some(table.clone());
+        Ok(Some(table))
+    }
+
+    /// Makes the empty slot `to` a copy of slot `from` (its keys, values and length): the samples
+    /// of one prompt share its prefill. A paged cache shares `from`'s full blocks (they are never
+    /// written again) and copies its last, partly filled one into a block of `to`'s own.
+    pub fn copy_slot(&mut self, from: usize, to: usize) -> anyhow::Result<()> {
         if from == to {
             return Ok(());
+        }
+        if self.lengths[to] != 0 {
+            bail!("copy_slot: slot {to} is not empty");
         }
         let len = self.lengths[from];
         let capacity = self.capacity;
@@ -1548,12 +1775,37 @@ impl KvCache {
                     }
                 }
             }
-            KvStore::Tensors { layers } => {
+            KvStore::Tensors {
+                layers,
+                pages: None,
+            } => {
                 for store in layers {
                     // The slot's keys and values alone, gathered into a tensor of their own
                     // (`copy` would clone the whole store, on a GPU gigabytes per layer).
                     let slot = store.narrow(1, from, 1)?.contiguous()?;
                     store.slice_set(&slot, 1, to)?;
+                }
+            }
+            KvStore::Tensors {
+                layers,
+                pages: Some(pages),
+            } => {
+                let full = len / pages.block;
+                let width = pages.width;
+                for i in 0..full {
+                    let block = pages.table[from * width + i];
+                    pages.holders[block as usize] += 1;
+                    Arc::make_mut(&mut pages.table)[to * width + i] = block;
+                }
+                pages.held[to] = full;
+                pages.stale.push(to);
+                if full * pages.block < len {
+                    let last = pages.table[from * width + full] as usize;
+                    let own = pages.take(to)? as usize;
+                    for store in layers {
+                        let block = store.narrow(1, last, 1)?.contiguous()?;
+                        store.slice_set(&block, 1, own)?;
+                    }
                 }
             }
         }
@@ -1564,7 +1816,8 @@ impl KvCache {
     /// Writes the new keys (turned by their angles) and values of one layer, the `kv_heads·d`
     /// columns of `rows` (`[b, t, ..]`, a row per token) from `columns = (keys, values)`, into the
     /// store in place, each at its token's slot and position (`tables`), and returns the layer's
-    /// whole key and value stores `[slots, kv_heads, capacity, d]` (tensor store only).
+    /// whole key and value stores `[slots, kv_heads, capacity, d]` (paged `[blocks, kv_heads,
+    /// block, d]`; tensor store only).
     fn write(
         &mut self,
         layer: usize,
@@ -1572,7 +1825,7 @@ impl KvCache {
         columns: (usize, usize),
         tables: &TokenTables,
     ) -> Result<(Tensor, Tensor)> {
-        let KvStore::Tensors { layers } = &self.store else {
+        let KvStore::Tensors { layers, .. } = &self.store else {
             candle_core::bail!("write on a host KV cache");
         };
         let store = &layers[layer];

@@ -1,13 +1,12 @@
 //! Generation against the training path, on the tiny testdata models.
 
-use candle_core::Device;
 use optune_model::generate::{
     generate, stream_seed, Batching, FinishReason, GenerationRequest, SamplingParams,
 };
-use optune_model::{sequence_logprobs, KvCache, PaddedBatch, TokenizedPair, Transformer};
+use optune_model::{sequence_logprobs, KvCache, TokenizedPair, Transformer};
 
 mod common;
-use common::{model, prompts};
+use common::{argmax_continuation, model, prompts};
 
 fn requests(seed: u64) -> Vec<GenerationRequest> {
     prompts()
@@ -27,26 +26,6 @@ fn sampling(temperature: f64, max_new_tokens: usize) -> SamplingParams {
         top_k: None,
         max_new_tokens,
     }
-}
-
-/// Greedy continuation recomputed with the training path: a full forward pass per step.
-fn argmax_continuation(model: &Transformer, prompt: &[u32], steps: usize) -> Vec<u32> {
-    let mut seq = prompt.to_vec();
-    for _ in 0..steps {
-        let batch = PaddedBatch::right_padded(&[seq.clone()], 0, &Device::Cpu).unwrap();
-        let hidden = model.hidden_states(&batch).unwrap().squeeze(0).unwrap();
-        let last = hidden.narrow(0, seq.len() - 1, 1).unwrap();
-        let logits: Vec<f32> = model
-            .head_logits(&last)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let best = (0..logits.len()).fold(0, |b, i| if logits[i] > logits[b] { i } else { b });
-        seq.push(best as u32);
-    }
-    seq[prompt.len()..].to_vec()
 }
 
 #[test]
@@ -341,16 +320,7 @@ fn chunked_prefill_generates_what_whole_prompts_do() {
     let temperature = if fused { 1.0 } else { 0.0 };
     for name in ["tiny-llama", "tiny-mistral", "tiny-qwen2"] {
         let model = model(name);
-        let requests: Vec<GenerationRequest> = prompts()
-            .into_iter()
-            .enumerate()
-            .flat_map(|(i, p)| {
-                (0..3).map(move |sample| GenerationRequest {
-                    prompt_ids: p.clone(),
-                    seed: stream_seed(9, &format!("p{i}"), sample),
-                })
-            })
-            .collect();
+        let requests = common::three_samples_of_each_prompt(9);
         let run = |batching: Batching| {
             generate(
                 &model,
@@ -365,8 +335,8 @@ fn chunked_prefill_generates_what_whole_prompts_do() {
         let whole = run(Batching::new(4));
         for (slots, per_step) in [(4, 1), (4, 3), (7, 5), (2, 6)] {
             let chunked = run(Batching {
-                slots,
                 prompt_tokens_per_step: per_step,
+                ..Batching::new(slots)
             });
             for (i, (a, b)) in whole.iter().zip(&chunked).enumerate() {
                 let what = format!(

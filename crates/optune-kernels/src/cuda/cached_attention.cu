@@ -26,7 +26,9 @@
 // `partial`, and cached_attention_merge_* combines a query head's chunks. The wide_ forms take
 // heads up to 256 channels, one to a block; the others up to 128. Everything is accumulated in
 // f32 whatever the storage type. A query with last < first (an idle slot) gets zeros. Keys and
-// values are read once, in place, from the cache laid out [slots, kv_heads, capacity, head_dim].
+// values are read once, in place, from the cache's blocks [blocks, kv_heads, block, head_dim],
+// each position found through the block table `blocks` [slots, table_width] (a paged cache) or,
+// without one (a null pointer), block s being slot s's whole span (kv_blocks.cuh).
 // The queries are the first heads·head_dim columns of rows [queries, row_width] (the
 // projections' output, q first, then what else was projected with it); out is [queries, heads,
 // head_dim] (the layout the output projection reads); partial [queries, heads, splits,
@@ -34,6 +36,7 @@
 // last).
 
 #include "dtypes.cuh"
+#include "kv_blocks.cuh"
 #include <math_constants.h>
 #include <stdint.h>
 
@@ -89,20 +92,30 @@ __device__ __forceinline__ float chunk_weight(float chunk_max, float overall_max
     return chunk_max == -CUDART_INF_F ? 0.0f : __expf(chunk_max - overall_max);
 }
 
-// Channels lane, lane + 32, ... of the rows of positions start..start + IN_FLIGHT - 1 (those past
-// hi re-read row hi; channels past the head re-read its last) of `cache` from cache_base, as
-// stored, into raw: unconditional loads, none converted or used here.
-template <typename T, int PER_LANE>
-__device__ __forceinline__ void load_rows(const T *__restrict__ cache,
-                                          T (&raw)[IN_FLIGHT][PER_LANE], size_t cache_base,
-                                          int64_t start, int64_t hi, int lane, int head_dim) {
+// Where the rows of positions start..start + IN_FLIGHT - 1 of one KV head of a slot begin (those
+// past hi at row hi's).
+__device__ __forceinline__ void row_starts(size_t (&row)[IN_FLIGHT],
+                                           const uint32_t *__restrict__ slot_blocks, size_t slot,
+                                           int kv_head, int kv_heads, int block, int64_t start,
+                                           int64_t hi, int head_dim) {
 #pragma unroll
     for (int p = 0; p < IN_FLIGHT; ++p) {
         const int64_t position = start + p <= hi ? start + p : hi;
-        const size_t row = cache_base + (size_t)position * head_dim;
+        row[p] = kv_row(slot_blocks, slot, position, kv_head, kv_heads, block, head_dim);
+    }
+}
+
+// Channels lane, lane + 32, ... of the rows starting at `row` (channels past the head re-read its
+// last) of `cache`, as stored, into raw: unconditional loads, none converted or used here.
+template <typename T, int PER_LANE>
+__device__ __forceinline__ void load_rows(const T *__restrict__ cache,
+                                          T (&raw)[IN_FLIGHT][PER_LANE],
+                                          const size_t (&row)[IN_FLIGHT], int lane, int head_dim) {
+#pragma unroll
+    for (int p = 0; p < IN_FLIGHT; ++p) {
 #pragma unroll
         for (int i = 0; i < PER_LANE; ++i) {
-            raw[p][i] = cache[row + min(lane + 32 * i, head_dim - 1)];
+            raw[p][i] = cache[row[p] + min(lane + 32 * i, head_dim - 1)];
         }
     }
 }
@@ -119,9 +132,10 @@ template <typename T, int PER_LANE, int GROUP, typename W, bool SPLIT>
 __device__ void cached_attention(const T *__restrict__ q, const T *__restrict__ cos,
                                  const T *__restrict__ sin, const T *__restrict__ keys,
                                  const T *__restrict__ values, W *__restrict__ written,
-                                 const uint32_t *__restrict__ spans, size_t query_id, int group,
-                                 int split, int heads, int kv_heads, int capacity, int head_dim,
-                                 int row_width, int splits, int chunk, float scale) {
+                                 const uint32_t *__restrict__ spans,
+                                 const uint32_t *__restrict__ blocks, size_t query_id, int group,
+                                 int split, int heads, int kv_heads, int table_width, int block,
+                                 int head_dim, int row_width, int splits, int chunk, float scale) {
     const int first_head = group * GROUP;
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
@@ -136,7 +150,7 @@ __device__ void cached_attention(const T *__restrict__ q, const T *__restrict__ 
     const int64_t last = spans[3 * query_id + 2];
     const int64_t lo = first + (int64_t)split * chunk;
     const int64_t hi = last < lo + chunk - 1 ? last : lo + chunk - 1;
-    const size_t cache_base = (slot * kv_heads + kv_head) * (size_t)capacity * head_dim;
+    const uint32_t *slot_blocks = slot_blocks_of(blocks, slot, table_width);
 
     // Per head g of the block: its query channels, running output, max and sum.
     float query[GROUP][PER_LANE];
@@ -169,8 +183,10 @@ __device__ void cached_attention(const T *__restrict__ q, const T *__restrict__ 
         // a query of 0 and not written out).
         T key_raw[IN_FLIGHT][PER_LANE];
         T value_raw[IN_FLIGHT][PER_LANE];
-        load_rows(keys, key_raw, cache_base, start, hi, lane, head_dim);
-        load_rows(values, value_raw, cache_base, start, hi, lane, head_dim);
+        size_t row[IN_FLIGHT];
+        row_starts(row, slot_blocks, slot, kv_head, kv_heads, block, start, hi, head_dim);
+        load_rows(keys, key_raw, row, lane, head_dim);
+        load_rows(values, value_raw, row, lane, head_dim);
         float key[IN_FLIGHT][PER_LANE];
         float value[IN_FLIGHT][PER_LANE];
 #pragma unroll
@@ -321,8 +337,10 @@ __device__ void tiled_attention(const T *__restrict__ q, const T *__restrict__ c
                                 const T *__restrict__ sin, const T *__restrict__ keys,
                                 const T *__restrict__ values, T *__restrict__ out,
                                 const uint32_t *__restrict__ spans,
-                                const uint32_t *__restrict__ tiles, int heads, int kv_heads,
-                                int capacity, int head_dim, int row_width, float scale) {
+                                const uint32_t *__restrict__ tiles,
+                                const uint32_t *__restrict__ blocks, int heads, int kv_heads,
+                                int table_width, int block, int head_dim, int row_width,
+                                float scale) {
     // Warp w's four queries, channel c: component k of tile_query[w][c] is query 4w + k's.
     __shared__ float4 tile_query[WARPS][TILE_HEAD];
     // One column of padding: lane j reads row j, channel c, at bank (j + c) mod 32.
@@ -337,7 +355,7 @@ __device__ void tiled_attention(const T *__restrict__ q, const T *__restrict__ c
     const int kv_head = head / (heads / kv_heads);
     const int half = head_dim / 2;
     const size_t slot = spans[3 * first_query];
-    const size_t cache_base = (slot * kv_heads + kv_head) * (size_t)capacity * head_dim;
+    const uint32_t *slot_blocks = slot_blocks_of(blocks, slot, table_width);
 
     // The union lo..=hi of the tile's spans (empty when every span is).
     int64_t lo = INT64_MAX, hi = -1;
@@ -382,7 +400,8 @@ __device__ void tiled_attention(const T *__restrict__ q, const T *__restrict__ c
         // stored; a channel past the head re-reads the last one) before any is converted, so
         // they are in flight together.
         for (int j = warp; j < rows; j += WARPS) {
-            const size_t row = cache_base + (size_t)(start + j) * head_dim;
+            const size_t row =
+                kv_row(slot_blocks, slot, start + j, kv_head, kv_heads, block, head_dim);
             T key_raw[TILE_HEAD / 32];
             T value_raw[TILE_HEAD / 32];
 #pragma unroll
@@ -474,14 +493,15 @@ __device__ void tiled_attention(const T *__restrict__ q, const T *__restrict__ c
 #define ATTENTION_ENTRY(NAME, T, PER_LANE, GROUP, W, SPLIT)                                        \
     extern "C" __global__ void __launch_bounds__(WARPS * 32)                                       \
         NAME(const T *q, const T *cos, const T *sin, const T *keys, const T *values, W *written,  \
-             const uint32_t *spans, const uint32_t *tokens, int heads, int kv_heads, int capacity, \
-             int head_dim, int row_width, int splits, int chunk, float scale) {                    \
+             const uint32_t *spans, const uint32_t *tokens, const uint32_t *blocks, int heads,    \
+             int kv_heads, int table_width, int block, int head_dim, int row_width, int splits,   \
+             int chunk, float scale) {                                                             \
         const int groups = heads / GROUP;                                                          \
         const size_t index = blockIdx.x / groups / splits;                                         \
         cached_attention<T, PER_LANE, GROUP, W, SPLIT>(                                           \
-            q, cos, sin, keys, values, written, spans, tokens ? tokens[index] : index,             \
-            blockIdx.x % groups, (blockIdx.x / groups) % splits, heads, kv_heads, capacity,        \
-            head_dim, row_width, splits, chunk, scale);                                            \
+            q, cos, sin, keys, values, written, spans, blocks, tokens ? tokens[index] : index,     \
+            blockIdx.x % groups, (blockIdx.x / groups) % splits, heads, kv_heads, table_width,     \
+            block, head_dim, row_width, splits, chunk, scale);                                     \
     }
 
 #define ATTENTION_ENTRIES(T, PER_LANE, GROUP, SUFFIX)                                              \
@@ -502,10 +522,10 @@ __device__ void tiled_attention(const T *__restrict__ q, const T *__restrict__ c
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(WARPS * 32) cached_attention_tiled_##SUFFIX(     \
         const T *q, const T *cos, const T *sin, const T *keys, const T *values, T *out,           \
-        const uint32_t *spans, const uint32_t *tiles, int heads, int kv_heads, int capacity,      \
-        int head_dim, int row_width, float scale) {                                               \
-        tiled_attention<T>(q, cos, sin, keys, values, out, spans, tiles, heads, kv_heads,         \
-                           capacity, head_dim, row_width, scale);                                 \
+        const uint32_t *spans, const uint32_t *tiles, const uint32_t *blocks, int heads,          \
+        int kv_heads, int table_width, int block, int head_dim, int row_width, float scale) {     \
+        tiled_attention<T>(q, cos, sin, keys, values, out, spans, tiles, blocks, heads, kv_heads, \
+                           table_width, block, head_dim, row_width, scale);                       \
     }
 
 CACHED_ATTENTION(float, f32)

@@ -5,7 +5,8 @@
 
 use candle_core::Var;
 use candle_core::{DType, Device};
-use optune_model::{load_model, sequence_logprobs, TokenizedPair, Transformer};
+use optune_model::generate::{stream_seed, GenerationRequest};
+use optune_model::{load_model, sequence_logprobs, PaddedBatch, TokenizedPair, Transformer};
 use optune_testkit::memory::CountingAllocator;
 
 /// A model of testdata/models in f32 on the CPU.
@@ -14,6 +15,26 @@ pub fn model(name: &str) -> Transformer {
         .join("testdata/models")
         .join(name);
     load_model(&dir, DType::F32, &Device::Cpu).unwrap().0
+}
+
+/// Greedy continuation recomputed with the training path: a full forward pass per step.
+pub fn argmax_continuation(model: &Transformer, prompt: &[u32], steps: usize) -> Vec<u32> {
+    let mut seq = prompt.to_vec();
+    for _ in 0..steps {
+        let batch = PaddedBatch::right_padded(&[seq.clone()], 0, &Device::Cpu).unwrap();
+        let hidden = model.hidden_states(&batch).unwrap().squeeze(0).unwrap();
+        let last = hidden.narrow(0, seq.len() - 1, 1).unwrap();
+        let logits: Vec<f32> = model
+            .head_logits(&last)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let best = (0..logits.len()).fold(0, |b, i| if logits[i] > logits[b] { i } else { b });
+        seq.push(best as u32);
+    }
+    seq[prompt.len()..].to_vec()
 }
 
 /// Prompts of 2 to 14 tokens, BOS first.
@@ -27,6 +48,21 @@ pub fn prompts() -> Vec<Vec<u32>> {
             1, 120, 121, 122, 123, 124, 125, 126, 127, 128, 129, 130, 131, 132,
         ],
     ]
+}
+
+/// Three samples of each of [`prompts`], their streams seeded from `seed` (the samples of a
+/// prompt share its prefill).
+pub fn three_samples_of_each_prompt(seed: u64) -> Vec<GenerationRequest> {
+    prompts()
+        .into_iter()
+        .enumerate()
+        .flat_map(|(i, p)| {
+            (0..3).map(move |sample| GenerationRequest {
+                prompt_ids: p.clone(),
+                seed: stream_seed(seed, &format!("p{i}"), sample),
+            })
+        })
+        .collect()
 }
 
 /// Three (prompt, response) pairs of unequal lengths (padding on two of them), each response

@@ -1,0 +1,203 @@
+//! The paged KV cache (`KvCache::paged`): what it feeds, shares, promises and takes back, and
+//! the generation it serves, on the tiny testdata models.
+
+use optune_model::generate::{generate, Batching, SamplingParams};
+use optune_model::transformer::Segment;
+use optune_model::{KvCache, Transformer};
+
+mod common;
+use common::{model, prompts};
+
+const FAMILIES: [&str; 3] = ["tiny-llama", "tiny-mistral", "tiny-qwen2"];
+
+/// `feed_tensor`'s logits for `segments`, as host rows.
+fn feed(model: &Transformer, cache: &mut KvCache, segments: &[Segment]) -> Vec<Vec<f32>> {
+    model
+        .feed_tensor(segments, cache)
+        .unwrap()
+        .to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .to_vec2()
+        .unwrap()
+}
+
+/// A paged cache in blocks of 3 positions, its blocks taken in no particular order, gives the
+/// same logits to the bit as a cache laid out by slot (the CPU forms read the same numbers in the
+/// same order), through a packed prefill, a prompt's samples sharing its full blocks (and copying
+/// its last, partly filled one, which the prompt's own sequence then goes on writing), decoding
+/// steps with a slot idle, and a slot cleared and refilled; clearing every slot hands every block
+/// back.
+#[test]
+fn a_paged_cache_feeds_what_a_cache_by_slot_does() {
+    for name in FAMILIES {
+        let model = model(name);
+        let prompts = prompts();
+        let mut by_slot = KvCache::new_tensors(&model, 3, 40).unwrap();
+        let mut paged = KvCache::paged(&model, (3, 40), (40, 3)).unwrap();
+        let both =
+            |by_slot: &mut KvCache, paged: &mut KvCache, segments: &[Segment], what: &str| {
+                let want = feed(&model, by_slot, segments);
+                let got = feed(&model, paged, segments);
+                assert_eq!(got, want, "{name}: {what}");
+            };
+        // Slot 0 a 14-token prompt (4 full blocks and 2 positions), slot 2 an 11-token one.
+        both(
+            &mut by_slot,
+            &mut paged,
+            &[
+                Segment {
+                    slot: 0,
+                    tokens: &prompts[4],
+                },
+                Segment {
+                    slot: 2,
+                    tokens: &prompts[0],
+                },
+            ],
+            "prefill",
+        );
+        by_slot.copy_slot(0, 1).unwrap();
+        paged.copy_slot(0, 1).unwrap();
+        assert_eq!(paged.len(1), 14);
+        // 40 blocks: slot 0's 5 and slot 2's 4 taken, slot 1's copy of slot 0's last one.
+        assert_eq!(paged.unpromised_blocks(), Some(40 - 5 - 4 - 1));
+        for step in 0..10u32 {
+            // Slot 2 sits out every third step.
+            let tokens: Vec<[u32; 1]> = (0..3).map(|s| [20 + 7 * step + s]).collect();
+            let segments: Vec<Segment> = (0..3)
+                .filter(|&s| s != 2 || step % 3 != 0)
+                .map(|s| Segment {
+                    slot: s as usize,
+                    tokens: &tokens[s as usize],
+                })
+                .collect();
+            let what = format!("decode step {step}");
+            both(&mut by_slot, &mut paged, &segments, &what);
+        }
+        by_slot.clear(2);
+        paged.clear(2);
+        both(
+            &mut by_slot,
+            &mut paged,
+            &[
+                Segment {
+                    slot: 2,
+                    tokens: &prompts[2],
+                },
+                Segment {
+                    slot: 0,
+                    tokens: &[5],
+                },
+            ],
+            "a cleared slot refilled",
+        );
+        for slot in 0..3 {
+            paged.clear(slot);
+        }
+        assert_eq!(paged.unpromised_blocks(), Some(40));
+    }
+}
+
+/// A slot is promised the blocks its sequence will take, less the full blocks of a prefix it
+/// shares; a promise beyond the free blocks is refused; a slot may go past its promise only into
+/// blocks nobody was promised; clearing hands back its blocks and what is left of its promise.
+#[test]
+fn a_paged_cache_promises_blocks_and_takes_them_back() {
+    let model = model("tiny-llama");
+    // 6 blocks of 3 positions; slots of up to 10 positions (4 blocks).
+    let mut cache = KvCache::paged(&model, (2, 10), (6, 3)).unwrap();
+    assert!(cache.reserve(0, 10, 0).unwrap());
+    assert_eq!(cache.unpromised_blocks(), Some(2));
+    assert!(!cache.reserve(1, 10, 0).unwrap());
+    // Sharing a 9-position prefix (3 full blocks) it needs one block of its own.
+    assert!(cache.reserve(1, 10, 9).unwrap());
+    assert_eq!(cache.unpromised_blocks(), Some(1));
+    // Slot 1 unshared after all: its promised block, then the one nobody was promised, then none.
+    let tokens = [5u32, 6, 7, 8, 9, 10];
+    feed(
+        &model,
+        &mut cache,
+        &[Segment {
+            slot: 1,
+            tokens: &tokens,
+        }],
+    );
+    assert_eq!(cache.unpromised_blocks(), Some(0));
+    let err = model
+        .feed_tensor(
+            &[Segment {
+                slot: 1,
+                tokens: &[11],
+            }],
+            &mut cache,
+        )
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("no block left for slot 1"),
+        "{err}"
+    );
+    // Slot 0's promise still holds its 4 blocks.
+    let prompt = [1u32, 2, 3, 4, 5, 6, 7, 8, 9, 10];
+    feed(
+        &model,
+        &mut cache,
+        &[Segment {
+            slot: 0,
+            tokens: &prompt,
+        }],
+    );
+    cache.clear(1);
+    assert_eq!(cache.unpromised_blocks(), Some(2));
+    cache.clear(0);
+    assert_eq!(cache.unpromised_blocks(), Some(6));
+    // Too few blocks for one sequence, and a promise past a slot's positions, are errors.
+    let err = KvCache::paged(&model, (2, 10), (3, 3)).err().unwrap();
+    assert!(
+        err.to_string().contains("cannot hold one sequence"),
+        "{err}"
+    );
+    assert!(cache.reserve(0, 11, 0).is_err());
+}
+
+/// Generation on paged caches, a prompt's three samples sharing its prefill, with pools from
+/// ample to one sequence's worth (requests then wait for blocks) and blocks of 1 to 7 positions:
+/// the greedy tokens of a whole forward pass per step, and the log-probs of the cache by slot.
+#[test]
+fn paged_generation_is_the_greedy_continuation() {
+    let params = SamplingParams {
+        temperature: 0.0,
+        top_p: 1.0,
+        top_k: None,
+        max_new_tokens: 12,
+    };
+    for name in FAMILIES {
+        let model = model(name);
+        let requests = common::three_samples_of_each_prompt(4);
+        let run = |batching: Batching| {
+            generate(&model, &requests, &params, &[], batching, |_, _| {}).unwrap()
+        };
+        let by_slot = run(Batching::new(4));
+        // The longest request takes 14 + 12 = 26 positions: 9 blocks of 3, 4 of 7.
+        for (slots, blocks) in [(4, (64, 4)), (7, (9, 3)), (3, (5, 7)), (2, (26, 1))] {
+            let paged = run(Batching {
+                kv_blocks: Some(blocks),
+                ..Batching::new(slots)
+            });
+            for (i, (got, want)) in paged.iter().zip(&by_slot).enumerate() {
+                let what = format!("{name}: {slots} slots, {blocks:?} blocks, request {i}");
+                let prompt = &requests[i].prompt_ids;
+                assert_eq!(
+                    got.tokens,
+                    common::argmax_continuation(&model, prompt, 12),
+                    "{what}"
+                );
+                assert!(
+                    (got.logp - want.logp).abs() <= 1e-4 * want.logp.abs().max(1.0),
+                    "{what}: {} vs {}",
+                    got.logp,
+                    want.logp
+                );
+            }
+        }
+    }
+}
