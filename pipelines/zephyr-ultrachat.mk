@@ -34,7 +34,8 @@ TOP_P = 0.9
 MAX_NEW_TOKENS = 512
 # On a GPU opt-gen sizes its batch from the free memory (--kv-memory 0.9 by default), its KV
 # cache paged: for Mistral-7B on an H200 about 920,000 positions, 600 sequences of 1024 + 512
-# tokens or more of shorter prompts (each takes its own prompt's blocks); GEN_BATCH caps them.
+# tokens, more of shorter prompts and responses (each takes blocks as it grows); GEN_BATCH caps
+# them.
 GEN_BATCH = 1024
 GEN_ARGS = --max-prompt-tokens 1024 --truncate left
 RHO = 0.7

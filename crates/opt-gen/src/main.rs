@@ -97,10 +97,11 @@ struct Args {
 
     /// Size the batch from memory: give the KV cache FRACTION of the device's free memory
     /// (measured once the model is loaded). On a GPU (or in bf16/f16) the cache is paged in blocks
-    /// of 32 positions: a sequence starts once the blocks of its own prompt and --max-new-tokens
-    /// are free, the --n samples of a prompt share its prompt's blocks, and blocks return as
-    /// sequences finish. The CPU's f32 cache holds as many slots of the longest prompt and
-    /// --max-new-tokens as fit. --batch-size caps the sequences. Like vLLM's
+    /// of 32 positions, as vLLM's: a sequence starts once its prompt's blocks are free and takes
+    /// more as it grows; when none is free, the sequence started last gives its blocks back and
+    /// is computed again later from the tokens it sampled, its random stream going on; the --n samples
+    /// of a prompt share its prompt's blocks. The CPU's f32 cache holds as many slots of the
+    /// longest prompt and --max-new-tokens as fit. --batch-size caps the sequences. Like vLLM's
     /// gpu_memory_utilization, but of the free memory. Default on a GPU: 0.9
     #[arg(long, value_name = "FRACTION")]
     kv_memory: Option<f64>,
@@ -471,8 +472,7 @@ fn batch_size(
     match size.blocks {
         Some(blocks) => eprintln!(
             "opt-gen: up to {} sequences at a time: paged KV cache of {blocks} blocks of {} \
-             positions, {:.2} GB ({share}); each sequence waits for the blocks of its prompt and \
-             --max-new-tokens",
+             positions, {:.2} GB ({share})",
             size.slots,
             optune_model::KvCache::BLOCK,
             size.bytes / 1e9,

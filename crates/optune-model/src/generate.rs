@@ -20,6 +20,8 @@ use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
+use std::collections::HashMap;
+use std::sync::Arc;
 
 /// One sequence to generate: its prompt tokens and its random stream's seed.
 #[derive(Debug, Clone)]
@@ -77,9 +79,9 @@ pub struct CacheSize {
 /// The KV cache `budget_bytes` hold for `requests`, at most `most` sequences at a time.
 ///
 /// A tensor cache (a GPU's) is paged: as many blocks as the budget holds, no more than `most`
-/// sequences of [`cache_capacity`] positions could fill, each sequence admitted while the blocks
-/// its own prompt and `max_new_tokens` take are free (and its samples sharing its prompt's), so
-/// a batch of short prompts is not sized by the longest. The host decode kernels' cache (the
+/// sequences of [`cache_capacity`] positions could fill; sequences start on their prompt's blocks
+/// and take more as they grow (see [`generate`]), so a batch is sized by its sequences' lengths,
+/// not by the longest. The host decode kernels' cache (the
 /// CPU's in f32) holds as many slots of [`cache_capacity`] positions as fit. Either way at least
 /// one sequence of the longest must fit: an error otherwise.
 pub fn cache_for_memory(
@@ -144,7 +146,7 @@ struct Active {
     rng: ChaCha8Rng,
     tokens: Vec<u32>,
     logp: f64,
-    /// Prompt tokens fed so far.
+    /// Tokens of [`Active::source`] fed so far.
     fed: usize,
     /// Sampled but not yet fed to the model; `None` while the prompt is still to be fed.
     pending: Option<u32>,
@@ -152,6 +154,12 @@ struct Active {
     /// last logits it samples from) once that prefill is complete: the --n samples of a prompt
     /// share one prefill.
     follows: Option<usize>,
+    /// For a sequence resumed after it gave its paged cache's blocks back: its prompt and the
+    /// tokens it had sampled, whose keys and values are computed again before it samples on.
+    resumed: Option<Arc<[u32]>>,
+    /// When it took its slot (the order of admissions): the last one admitted gives its blocks
+    /// back first.
+    admitted: usize,
 }
 
 impl Active {
@@ -159,6 +167,26 @@ impl Active {
     /// samples of the same prompt wait on).
     fn leads_prefill(&self) -> bool {
         self.pending.is_none() && self.follows.is_none()
+    }
+
+    /// What this slot prefills: its request's prompt, or a resumed sequence's tokens so far.
+    fn source<'a>(&'a self, requests: &'a [GenerationRequest]) -> &'a [u32] {
+        match &self.resumed {
+            Some(tokens) => tokens,
+            None => &requests[self.request].prompt_ids,
+        }
+    }
+
+    /// Back to the queue: its sampled tokens become what it prefills when it is admitted again,
+    /// its random stream and log-probability carry on.
+    fn preempted(mut self, requests: &[GenerationRequest]) -> Self {
+        let mut source = requests[self.request].prompt_ids.clone();
+        source.extend_from_slice(&self.tokens);
+        self.resumed = Some(source.into());
+        self.fed = 0;
+        self.pending = None;
+        self.follows = None;
+        self
     }
 }
 
@@ -172,9 +200,9 @@ pub struct Batching {
     /// buffers stay bounded.
     pub prompt_tokens_per_step: usize,
     /// A paged KV cache of `(blocks, positions per block)` ([`cache_for_memory`] sizes it, in
-    /// blocks of [`KvCache::BLOCK`]): a request then waits for a free slot and for the blocks its
-    /// prompt and `max_new_tokens` take, and decodes on the tensor path whatever the device.
-    /// `None`: [`KvCache::new`], every slot holding the longest request.
+    /// blocks of [`KvCache::BLOCK`]; see [`generate`] for how sequences share it), decoded on the
+    /// tensor path whatever the device. `None`: [`KvCache::new`], every slot holding the longest
+    /// request.
     pub kv_blocks: Option<(usize, usize)>,
 }
 
@@ -208,6 +236,14 @@ impl From<usize> for Batching {
 /// random stream, and on the CPU in f32 its numbers do not depend on the other requests or on
 /// how its prompt was split, so the output is the same to the bit for any [`Batching`] and
 /// thread count.
+///
+/// On a paged cache ([`Batching::kv_blocks`]) a request is admitted once a slot and its prompt's
+/// blocks are free (with a margin of 1 % of the pool once others run), and each decoding sequence
+/// takes its next block before anything new is admitted. When none is free, the decoding
+/// sequence admitted last gives its blocks back and returns to the head of the queue with its
+/// tokens and random stream; admitted again, it prefills its prompt and those tokens and samples
+/// on (vLLM's preemption by recomputation). The schedule depends only on the requests and the
+/// pool, so a run repeats itself.
 pub fn generate(
     model: &Transformer,
     requests: &[GenerationRequest],
@@ -249,7 +285,29 @@ pub fn generate(
     queue.sort_by_key(|&i| (std::cmp::Reverse(requests[i].prompt_ids.len()), i));
     queue.reverse();
     let mut active: Vec<Option<Active>> = (0..slots).map(|_| None).collect();
+    // Sequences that gave their blocks back, by request, until they are admitted again.
+    let mut parked: HashMap<usize, Active> = HashMap::new();
+    let mut admissions = 0usize;
     loop {
+        // A paged cache: each decoding sequence takes the block its next position needs before
+        // anything new is admitted; when none is free, the decoding sequence admitted last gives
+        // its blocks back and waits at the head of the queue (it may be the one in need).
+        let mut decoding: Vec<usize> = (0..slots)
+            .filter(|&s| active[s].as_ref().is_some_and(|a| a.pending.is_some()))
+            .collect();
+        decoding.sort_by_key(|&s| active[s].as_ref().map(|a| a.admitted));
+        for &slot in &decoding {
+            while active[slot].is_some() && !cache.grow(slot, cache.len(slot) + 1)? {
+                let victim = (0..slots)
+                    .filter(|&s| active[s].as_ref().is_some_and(|a| a.pending.is_some()))
+                    .max_by_key(|&s| active[s].as_ref().map(|a| a.admitted))
+                    .expect("the sequence in need is decoding");
+                let state = active[victim].take().expect("the victim is active");
+                cache.clear(victim);
+                queue.push(state.request);
+                parked.insert(state.request, state.preempted(requests));
+            }
+        }
         // This step's prompt tokens per slot, `fed..until`: first the prompts already started,
         // then new requests in free slots, within the step's budget.
         let mut budget = batching.prompt_tokens_per_step;
@@ -258,7 +316,7 @@ pub fn generate(
             let Some(a) = a.as_ref().filter(|a| a.leads_prefill()) else {
                 continue;
             };
-            let take = (requests[a.request].prompt_ids.len() - a.fed).min(budget);
+            let take = (a.source(requests).len() - a.fed).min(budget);
             if take > 0 {
                 until[slot] = Some(a.fed + take);
                 budget -= take;
@@ -269,22 +327,35 @@ pub fn generate(
                 continue;
             }
             let Some(&request) = queue.last() else { break };
-            let prompt = requests[request].prompt_ids.as_slice();
+            let resumed = parked.get(&request);
+            let prompt = match resumed {
+                Some(state) => state.source(requests),
+                None => requests[request].prompt_ids.as_slice(),
+            };
             // The same prompt being prefilled in another slot (the --n samples of a prompt):
             // wait for it instead of feeding it again.
+            // (A resumed sequence feeds its own.)
             let leader = (0..slots).find(|&l| {
-                active[l]
-                    .as_ref()
-                    .is_some_and(|a| a.leads_prefill() && requests[a.request].prompt_ids == prompt)
+                resumed.is_none()
+                    && active[l]
+                        .as_ref()
+                        .is_some_and(|a| a.leads_prefill() && a.source(requests) == prompt)
             });
             if leader.is_none() && budget == 0 {
                 break;
             }
-            // The blocks of its whole sequence (a paged cache), less its leader's full prompt
-            // blocks, which it will share; else it waits, in order, for others to finish.
+            // A paged cache's blocks for what it prefills and its first new position, less its
+            // leader's full prompt blocks, which it will share; it waits, in order, while they
+            // are not free beyond the others' (and, but for the first one admitted, a margin of
+            // the pool's: a sequence admitted into the last free block would only be preempted
+            // again at its next block).
             let shared = leader.map_or(0, |_| prompt.len());
+            let margin = match active.iter().any(Option::is_some) {
+                true => cache.blocks().map_or(0, |blocks| blocks.div_ceil(100)),
+                false => 0,
+            };
             cache.clear(slot);
-            if !cache.reserve(slot, prompt.len() + params.max_new_tokens, shared)? {
+            if !cache.reserve(slot, prompt.len() + 1, shared, margin)? {
                 break;
             }
             queue.pop();
@@ -293,28 +364,47 @@ pub fn generate(
                 until[slot] = Some(take);
                 budget -= take;
             }
+            admissions += 1;
+            let state = match parked.remove(&request) {
+                Some(state) => state,
+                None => Active {
+                    request,
+                    rng: ChaCha8Rng::seed_from_u64(requests[request].seed),
+                    tokens: Vec::new(),
+                    logp: 0.0,
+                    fed: 0,
+                    pending: None,
+                    follows: leader,
+                    resumed: None,
+                    admitted: 0,
+                },
+            };
             active[slot] = Some(Active {
-                request,
-                rng: ChaCha8Rng::seed_from_u64(requests[request].seed),
-                tokens: Vec::new(),
-                logp: 0.0,
-                fed: 0,
-                pending: None,
-                follows: leader,
+                admitted: admissions,
+                ..state
             });
         }
         let pending: Vec<[u32; 1]> = active
             .iter()
             .map(|a| [a.as_ref().and_then(|s| s.pending).unwrap_or(0)])
             .collect();
+        // The resumed sequences' tokens, held apart from `active`, which the step updates.
+        let resumed: Vec<Option<Arc<[u32]>>> = active
+            .iter()
+            .map(|a| a.as_ref().and_then(|a| a.resumed.clone()))
+            .collect();
         let segments: Vec<Segment> = active
             .iter()
             .enumerate()
             .filter_map(|(slot, a)| {
                 let a = a.as_ref()?;
+                let source = match &resumed[slot] {
+                    Some(tokens) => tokens,
+                    None => requests[a.request].prompt_ids.as_slice(),
+                };
                 let tokens: &[u32] = match (a.pending, until[slot]) {
                     (Some(_), _) => &pending[slot],
-                    (None, Some(end)) => &requests[a.request].prompt_ids[a.fed..end],
+                    (None, Some(end)) => &source[a.fed..end],
                     (None, None) => return None,
                 };
                 Some(Segment { slot, tokens })
@@ -341,7 +431,7 @@ pub fn generate(
                     samples[slot] = true;
                 } else if let Some(end) = until[slot] {
                     a.fed = end;
-                    samples[slot] = end == requests[a.request].prompt_ids.len();
+                    samples[slot] = end == a.source(requests).len();
                 }
             }
             let mut copies = Vec::new();

@@ -1678,15 +1678,17 @@ impl KvCache {
         }
     }
 
-    /// Promises the empty slot `slot` the blocks a sequence of `positions` positions takes, less
-    /// the full blocks of a `shared` positions' prefix it will share ([`KvCache::copy_slot`]), when
-    /// that many are free beyond the other promises: a sequence admitted so never runs out of
-    /// blocks. `false` when they are not; always `true` unpaged (every slot has its capacity).
+    /// Promises the empty slot `slot` the blocks its first `positions` positions take, less the
+    /// full blocks of a `shared` positions' prefix it will share ([`KvCache::copy_slot`]), when
+    /// that many and `margin` more are free beyond the other promises; feeding those positions
+    /// then never runs out of blocks. `false` when they are not; always `true` unpaged (every
+    /// slot has its capacity).
     pub fn reserve(
         &mut self,
         slot: usize,
         positions: usize,
         shared: usize,
+        margin: usize,
     ) -> anyhow::Result<bool> {
         if positions > self.capacity || shared > positions {
             bail!(
@@ -1701,12 +1703,48 @@ impl KvCache {
             return Ok(true);
         };
         let needed = positions.div_ceil(pages.block) - shared / pages.block;
-        if pages.free.len() - pages.promised_total < needed {
+        if pages.free.len() - pages.promised_total < needed + margin {
             return Ok(false);
         }
         pages.promised_total += needed;
         pages.promised[slot] += needed;
         Ok(true)
+    }
+
+    /// Gives a paged cache's slot `slot` the blocks its first `positions` positions take: its own
+    /// promised ones, then blocks no promise holds, when enough are free; `false`, taking none,
+    /// when they are not. Always `true` unpaged.
+    pub fn grow(&mut self, slot: usize, positions: usize) -> anyhow::Result<bool> {
+        if positions > self.capacity {
+            bail!(
+                "slot {slot}: {positions} positions exceed the KV cache's {}",
+                self.capacity
+            );
+        }
+        let Some(pages) = self.pages_mut() else {
+            return Ok(true);
+        };
+        let needed = positions
+            .div_ceil(pages.block)
+            .saturating_sub(pages.held[slot]);
+        let own = pages.promised[slot].min(needed);
+        if needed - own > pages.free.len() - pages.promised_total {
+            return Ok(false);
+        }
+        for _ in 0..needed {
+            pages.take(slot)?;
+        }
+        Ok(true)
+    }
+
+    /// A paged cache's blocks (`None` unpaged).
+    pub fn blocks(&self) -> Option<usize> {
+        match &self.store {
+            KvStore::Tensors {
+                pages: Some(pages), ..
+            } => Some(pages.holders.len()),
+            _ => None,
+        }
     }
 
     /// Makes sure a paged cache's slot `slot` holds blocks for its first `positions` positions.

@@ -99,18 +99,19 @@ fn a_paged_cache_feeds_what_a_cache_by_slot_does() {
 }
 
 /// A slot is promised the blocks its sequence will take, less the full blocks of a prefix it
-/// shares; a promise beyond the free blocks is refused; a slot may go past its promise only into
-/// blocks nobody was promised; clearing hands back its blocks and what is left of its promise.
+/// shares; a promise beyond the free blocks (and a margin) is refused; a slot may go past its
+/// promise only into blocks nobody was promised, and grows all at once or not at all; clearing
+/// hands back its blocks and what is left of its promise.
 #[test]
 fn a_paged_cache_promises_blocks_and_takes_them_back() {
     let model = model("tiny-llama");
     // 6 blocks of 3 positions; slots of up to 10 positions (4 blocks).
     let mut cache = KvCache::paged(&model, (2, 10), (6, 3)).unwrap();
-    assert!(cache.reserve(0, 10, 0).unwrap());
+    assert!(cache.reserve(0, 10, 0, 0).unwrap());
     assert_eq!(cache.unpromised_blocks(), Some(2));
-    assert!(!cache.reserve(1, 10, 0).unwrap());
+    assert!(!cache.reserve(1, 10, 0, 0).unwrap());
     // Sharing a 9-position prefix (3 full blocks) it needs one block of its own.
-    assert!(cache.reserve(1, 10, 9).unwrap());
+    assert!(cache.reserve(1, 10, 9, 0).unwrap());
     assert_eq!(cache.unpromised_blocks(), Some(1));
     // Slot 1 unshared after all: its promised block, then the one nobody was promised, then none.
     let tokens = [5u32, 6, 7, 8, 9, 10];
@@ -150,18 +151,34 @@ fn a_paged_cache_promises_blocks_and_takes_them_back() {
     assert_eq!(cache.unpromised_blocks(), Some(2));
     cache.clear(0);
     assert_eq!(cache.unpromised_blocks(), Some(6));
+    // Growing: the slot's own promise first, then blocks nobody was promised, or nothing at all.
+    assert!(cache.reserve(0, 4, 0, 0).unwrap());
+    assert!(cache.grow(0, 10).unwrap());
+    assert_eq!(cache.unpromised_blocks(), Some(2));
+    assert!(!cache.grow(1, 9).unwrap());
+    assert_eq!(cache.unpromised_blocks(), Some(2));
+    // A margin of free blocks beyond the promise.
+    assert!(!cache.reserve(1, 3, 0, 2).unwrap());
+    assert!(cache.reserve(1, 3, 0, 1).unwrap());
+    cache.clear(0);
+    cache.clear(1);
+    assert_eq!(cache.unpromised_blocks(), Some(6));
     // Too few blocks for one sequence, and a promise past a slot's positions, are errors.
     let err = KvCache::paged(&model, (2, 10), (3, 3)).err().unwrap();
     assert!(
         err.to_string().contains("cannot hold one sequence"),
         "{err}"
     );
-    assert!(cache.reserve(0, 11, 0).is_err());
+    assert!(cache.reserve(0, 11, 0, 0).is_err());
 }
 
 /// Generation on paged caches, a prompt's three samples sharing its prefill, with pools from
-/// ample to one sequence's worth (requests then wait for blocks) and blocks of 1 to 7 positions:
-/// the greedy tokens of a whole forward pass per step, and the log-probs of the cache by slot.
+/// ample to one sequence's worth and blocks of 1 to 7 positions: the greedy tokens of a whole
+/// forward pass per step, and the log-probs of the cache by slot. Sequences start on their
+/// prompt's blocks alone, so the small pools run out as they decode: the sequences started last
+/// give their blocks back and are computed again from their tokens when blocks are free (a pool
+/// of one sequence's worth, 9 blocks of 3, cannot hold the 7 slots' sequences of 13 to 26
+/// positions).
 #[test]
 fn paged_generation_is_the_greedy_continuation() {
     let params = SamplingParams {
