@@ -479,6 +479,12 @@ def device_flags(device: str, dtype: str) -> list:
     return ["--kernels", "generic"] + (["--tf32", "false"] if dtype == "f32" else [])
 
 
+def gen_flags(device: str) -> list:
+    # opt-gen's KV cache as a GPU sizes it (--kv-memory 0.9, its default there: paged), named so
+    # that a dry run's "cuda" side on the CPU pages its cache too.
+    return ["--kv-memory", "0.9"] if device == "cuda" else []
+
+
 def rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
 
@@ -678,7 +684,7 @@ def logprobs_generation(bins: Path, work: Path) -> None:
         out = work / f"gen-{device}-{dtype}.jsonl"
         run([bins / "opt-gen", "--model", model, prompts, "-o", out, "--n", "1", "--temperature", "0",
              "--max-new-tokens", "48", "--batch-size", "8", "--device", dev(device), "--dtype", dtype,
-             *device_flags(device, dtype)], unit="logprobs")
+             *device_flags(device, dtype), *gen_flags(device)], unit="logprobs")
         got[f"{device}-{dtype}"] = read_jsonl(out)
     for key, tol in [("cuda-f32", 1e-4), ("cuda-bf16", 1e-2)]:
         same = [(a, b) for a, b in zip(got[key], got["cpu-f32"]) if a["response"] == b["response"]]
@@ -709,7 +715,9 @@ def logprobs_sampling(bins: Path, work: Path) -> None:
     got = {}
     for device in ["cpu", "cuda"]:
         out = work / f"sampled-{device}.jsonl"
+        # Both sides page their KV cache, as the GPU does by default.
         flags = device_flags(device, "f32") if device == "cuda" else ["--kernels", "generic"]
+        flags += gen_flags("cuda")
         run([bins / "opt-gen", "--model", model, prompts, "-o", out, "--n", "2", "--temperature", "1.0",
              "--top-p", "0.9", "--seed", "11", "--prompt-tokens-per-step", "7", "--max-new-tokens", "48",
              "--batch-size", "8", "--device", dev(device), "--dtype", "f32", *flags], unit="logprobs")
@@ -936,7 +944,7 @@ def stage_sanitize(args) -> None:
     gen = [args.bin / "opt-gen", "--model", model, prompts, "-o", work / "sampled.jsonl", "--n", "2",
            "--temperature", "1.0", "--top-p", "0.9", "--seed", "11", "--prompt-tokens-per-step", "7",
            "--max-new-tokens", "16", "--batch-size", "8", "--device", GPU, "--dtype", "bf16",
-           *device_flags("cuda", "bf16")]
+           *device_flags("cuda", "bf16"), *gen_flags("cuda")]
     pairs = work / "pairs.jsonl"
     reference_pairs("tiny-llama", pairs)
     train = [args.bin / "opt-wdpo", "--policy", model, pairs, "-o", work / "ckpt", "--lr", "1e-3",
@@ -1434,7 +1442,8 @@ def gen_command(args, models: Models, role: str, batch: int):
     write_jsonl(prompts_file, [{"prompt_id": f"b{i:03d}", "prompt": PROMPTS[i % len(PROMPTS)]} for i in range(count)])
     cmd = [args.bin / "opt-gen", "--model", models.path(role), prompts_file, "-o", work / "out.jsonl", "--n", "1",
            "--temperature", "0", "--ignore-eos", "--max-new-tokens", str(args.new_tokens),
-           "--batch-size", str(batch), "--device", GPU, "--dtype", "bf16", *device_flags("cuda", "bf16")]
+           "--batch-size", str(batch), "--device", GPU, "--dtype", "bf16", *device_flags("cuda", "bf16"),
+           *gen_flags("cuda")]
     return cmd, count
 
 
