@@ -320,7 +320,7 @@ fn chunked_prefill_generates_what_whole_prompts_do() {
     let temperature = if fused { 1.0 } else { 0.0 };
     for name in ["tiny-llama", "tiny-mistral", "tiny-qwen2"] {
         let model = model(name);
-        let requests = common::three_samples_of_each_prompt(9);
+        let requests = common::samples_of_each_prompt(9, 3);
         let run = |batching: Batching| {
             generate(
                 &model,

@@ -4,28 +4,15 @@
 
 use candle_core::Device;
 use optune_kernels::{set_kernels, Kernels};
-use optune_model::generate::{
-    generate, stream_seed, Generation, GenerationRequest, SamplingParams,
-};
+use optune_model::generate::{generate, Generation, GenerationRequest, SamplingParams};
 use optune_model::{sequence_logprobs, PaddedBatch, TokenizedPair, Transformer};
 
 mod common;
-use common::{model, prompts};
-
-const FAMILIES: [&str; 3] = ["tiny-llama", "tiny-mistral", "tiny-qwen2"];
+use common::{model, FAMILIES};
 
 /// Each prompt twice (two samples sharing one prefill), each with its own stream.
 fn requests(seed: u64) -> Vec<GenerationRequest> {
-    prompts()
-        .into_iter()
-        .enumerate()
-        .flat_map(|(i, p)| {
-            (0..2).map(move |sample| GenerationRequest {
-                prompt_ids: p.clone(),
-                seed: stream_seed(seed, &format!("p{i}"), sample),
-            })
-        })
-        .collect()
+    common::samples_of_each_prompt(seed, 2)
 }
 
 fn params(temperature: f64, top_p: f64, top_k: Option<usize>) -> SamplingParams {

@@ -6,9 +6,7 @@ use optune_model::transformer::Segment;
 use optune_model::{KvCache, Transformer};
 
 mod common;
-use common::{model, prompts};
-
-const FAMILIES: [&str; 3] = ["tiny-llama", "tiny-mistral", "tiny-qwen2"];
+use common::{model, prompts, FAMILIES};
 
 /// `feed_tensor`'s logits for `segments`, as host rows.
 fn feed(model: &Transformer, cache: &mut KvCache, segments: &[Segment]) -> Vec<Vec<f32>> {
@@ -189,7 +187,7 @@ fn paged_generation_is_the_greedy_continuation() {
     };
     for name in FAMILIES {
         let model = model(name);
-        let requests = common::three_samples_of_each_prompt(4);
+        let requests = common::samples_of_each_prompt(4, 3);
         let run = |batching: Batching| {
             generate(&model, &requests, &params, &[], batching, |_, _| {}).unwrap()
         };

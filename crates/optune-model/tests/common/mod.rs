@@ -50,14 +50,17 @@ pub fn prompts() -> Vec<Vec<u32>> {
     ]
 }
 
-/// Three samples of each of [`prompts`], their streams seeded from `seed` (the samples of a
+/// The tiny testdata models of every family: llama, mistral (windowed), qwen2 (biases).
+pub const FAMILIES: [&str; 3] = ["tiny-llama", "tiny-mistral", "tiny-qwen2"];
+
+/// `samples` samples of each of [`prompts`], their streams seeded from `seed` (the samples of a
 /// prompt share its prefill).
-pub fn three_samples_of_each_prompt(seed: u64) -> Vec<GenerationRequest> {
+pub fn samples_of_each_prompt(seed: u64, samples: u32) -> Vec<GenerationRequest> {
     prompts()
         .into_iter()
         .enumerate()
         .flat_map(|(i, p)| {
-            (0..3).map(move |sample| GenerationRequest {
+            (0..samples).map(move |sample| GenerationRequest {
                 prompt_ids: p.clone(),
                 seed: stream_seed(seed, &format!("p{i}"), sample),
             })
