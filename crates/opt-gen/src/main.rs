@@ -95,13 +95,15 @@ struct Args {
     #[arg(long)]
     batch_size: Option<usize>,
 
-    /// Size the batch from memory: give the KV cache FRACTION of the device's free memory
-    /// (measured once the model is loaded). On a GPU (or in bf16/f16) the cache is paged in blocks
-    /// of 32 positions, as vLLM's: a sequence starts once its prompt's blocks are free and takes
-    /// more as it grows; when none is free, the sequence started last gives its blocks back and
-    /// is computed again later from the tokens it sampled, its random stream going on; the --n samples
-    /// of a prompt share its prompt's blocks. The CPU's f32 cache holds as many slots of the
-    /// longest prompt and --max-new-tokens as fit. --batch-size caps the sequences. Like vLLM's
+    /// Size the batch from memory: of FRACTION of the device's free memory (measured once the
+    /// model is loaded), set a step's activations and logits aside (its sequences' and
+    /// --prompt-tokens-per-step prompt tokens') and give the rest to the KV cache. On a GPU (or
+    /// in bf16/f16) the cache is paged in blocks of 32 positions, as vLLM's: a sequence starts
+    /// once its prompt's blocks are free and takes more as it grows; when none is free, the
+    /// sequence started last gives its blocks back and is computed again later from the tokens
+    /// it sampled, its random stream going on (the run says how often); the --n samples of a
+    /// prompt share its prompt's blocks. The CPU's f32 cache holds as many slots of the longest
+    /// prompt and --max-new-tokens as fit. --batch-size caps the sequences. Like vLLM's
     /// gpu_memory_utilization, but of the free memory. Default on a GPU: 0.9
     #[arg(long, value_name = "FRACTION")]
     kv_memory: Option<f64>,
@@ -304,7 +306,15 @@ fn run(args: Args) -> Result<()> {
     if let Some(err) = journal_error {
         return Err(err);
     }
-    for (&i, generation) in todo.iter().zip(generated) {
+    if generated.preemptions > 0 {
+        eprintln!(
+            "opt-gen: the KV cache ran short {} times: sequences gave their blocks back and \
+             {} positions were computed again; a larger --kv-memory (or a smaller --batch-size) \
+             avoids that",
+            generated.preemptions, generated.recomputed_tokens
+        );
+    }
+    for (&i, generation) in todo.iter().zip(generated.generations) {
         results[i] = Some(generation);
     }
     let generations: Vec<Generation> = results
@@ -465,10 +475,20 @@ fn batch_size(
         bail!("--kv-memory: cannot read the free memory of {device:?}; give --batch-size instead");
     };
     let most = args.batch_size.unwrap_or(MOST_SLOTS);
-    let size =
-        optune_model::generate::cache_for_memory(model, requests, params, fraction * free, most)
-            .context("--kv-memory")?;
-    let share = format!("{fraction} of {:.2} GB free", free / 1e9);
+    let size = optune_model::generate::cache_for_memory(
+        model,
+        requests,
+        params,
+        fraction * free,
+        most,
+        args.prompt_tokens_per_step,
+    )
+    .context("--kv-memory")?;
+    let share = format!(
+        "{:.2} GB for a step's activations; {fraction} of {:.2} GB free",
+        size.working_bytes / 1e9,
+        free / 1e9
+    );
     match size.blocks {
         Some(blocks) => eprintln!(
             "opt-gen: up to {} sequences at a time: paged KV cache of {blocks} blocks of {} \
@@ -492,7 +512,9 @@ fn batch_size(
 /// What fixes this run's responses: a journal is continued only by a run with the same. The
 /// prompts' digest covers the input rows, --shard, --n, --seed, the chat template and
 /// --max-prompt-tokens/--truncate (every request's tokens and random stream); --batch-size,
-/// --kv-memory, --prompt-tokens-per-step and --threads do not change the output and may differ.
+/// --kv-memory, --prompt-tokens-per-step and --threads may differ: on the CPU's fused kernels
+/// they do not change the output, elsewhere only its rounding (which sequences share a step; a
+/// GPU's KV pool also follows its free memory), as the help says of the journal.
 fn fingerprint(
     args: &Args,
     device: &candle_core::Device,

@@ -647,7 +647,7 @@ fn kv_memory_sizes_the_batch() {
         );
     }
     for (fraction, why) in [
-        ("1e-15", "does not fit"),
+        ("1e-15", "working memory (0.01 GB with 2048 prompt tokens per step) do not fit"),
         ("1.5", "expected a fraction"),
         ("0", "expected a fraction"),
     ] {
@@ -671,7 +671,8 @@ fn kv_memory_sizes_the_batch() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(
-        stderr.contains("up to 4 sequences at a time: paged KV cache of"),
+        stderr.contains("up to 4 sequences at a time: paged KV cache of")
+            && stderr.contains("GB for a step's activations"),
         "{stderr}"
     );
     assert_eq!(String::from_utf8(out.stdout).unwrap(), by_slot);

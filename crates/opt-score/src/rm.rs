@@ -145,16 +145,9 @@ impl RewardModel {
 
     /// What a packed pass takes on the device per position.
     pub fn pass_memory(&self) -> PassMemory {
-        let cfg = self.model.config();
-        let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
-        let q = cfg.num_attention_heads * cfg.head_dim();
-        let kv = cfg.num_kv_heads() * cfg.head_dim();
-        // The stream coming in and the one going out, its norm, q/k/v, the attention's output,
-        // o, the stream after attention and its norm; gate and up, their product, down.
-        let layer = 7 * h + q + 2 * kv + q + 3 * inter;
         PassMemory {
             cache: KvCache::slot_bytes(&self.model, 1) as f64,
-            activations: (layer * self.model.dtype().size_in_bytes()) as f64,
+            activations: self.model.activation_bytes_per_token() as f64,
         }
     }
 

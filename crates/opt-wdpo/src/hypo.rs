@@ -46,7 +46,8 @@ pub fn kl_term<'m>(
         &policy.meta.eos_token_ids,
         args.batch_size * k,
         |_, _| {},
-    )?;
+    )?
+    .generations;
     let sequences: Vec<TokenizedPair> = requests
         .iter()
         .zip(&samples)

@@ -74,52 +74,73 @@ pub struct CacheSize {
     pub blocks: Option<usize>,
     /// What the cache takes.
     pub bytes: f64,
+    /// What a step's activations and logits take at most, set aside from the budget.
+    pub working_bytes: f64,
 }
 
-/// The KV cache `budget_bytes` hold for `requests`, at most `most` sequences at a time.
+/// What `budget_bytes` hold for generating `requests`, at most `most` sequences at a time and
+/// `prompt_tokens_per_step` prompt tokens per step ([`Batching`]): first a step's working memory
+/// (the activations of one layer for every token it feeds, the logits of every sequence twice:
+/// the head's and the rows picked for sampling), then the KV cache.
 ///
-/// A tensor cache (a GPU's) is paged: as many blocks as the budget holds, no more than `most`
+/// A tensor cache (a GPU's) is paged: as many blocks as the rest holds, no more than `most`
 /// sequences of [`cache_capacity`] positions could fill; sequences start on their prompt's blocks
 /// and take more as they grow (see [`generate`]), so a batch is sized by its sequences' lengths,
-/// not by the longest. The host decode kernels' cache (the
-/// CPU's in f32) holds as many slots of [`cache_capacity`] positions as fit. Either way at least
-/// one sequence of the longest must fit: an error otherwise.
+/// not by the longest. The host decode kernels' cache (the CPU's in f32) holds as many slots of
+/// [`cache_capacity`] positions as fit. Either way there are no more sequences than the cache
+/// has blocks or slots (each holds one of its own), and one sequence of the longest must fit
+/// beside their working memory: an error otherwise.
 pub fn cache_for_memory(
     model: &Transformer,
     requests: &[GenerationRequest],
     params: &SamplingParams,
     budget_bytes: f64,
     most: usize,
+    prompt_tokens_per_step: usize,
 ) -> Result<CacheSize> {
     let capacity = cache_capacity(requests, params);
     let most = most.clamp(1, requests.len().max(1));
-    let (unit, units_per_slot) = match KvCache::can_page(model) {
+    let paged = KvCache::can_page(model);
+    let (unit, units_per_slot) = match paged {
         true => (KvCache::BLOCK, capacity.div_ceil(KvCache::BLOCK).max(1)),
         false => (capacity, 1),
     };
-    let per_unit = KvCache::slot_bytes(model, unit) as f64;
-    let fit = (budget_bytes / per_unit).floor();
-    if fit < units_per_slot as f64 {
+    let unit_bytes = KvCache::slot_bytes(model, unit) as f64;
+    let token_bytes = model.activation_bytes_per_token() as f64;
+    let logit_bytes = (2 * model.config().vocab_size * model.dtype().size_in_bytes()) as f64;
+    // Each sequence feeds a token and samples from its logits; the prompt chunks come on top.
+    let per_sequence = token_bytes + logit_bytes;
+    let prompt_bytes = prompt_tokens_per_step as f64 * token_bytes;
+    let room = budget_bytes - prompt_bytes;
+    let longest = units_per_slot as f64 * unit_bytes;
+    let slots = (room / (unit_bytes + per_sequence))
+        .min((room - longest) / per_sequence)
+        .min(most as f64)
+        .floor();
+    if slots < 1.0 {
         bail!(
             "one sequence's KV cache ({:.2} GB for {capacity} positions: the longest prompt and \
-             max_new_tokens) does not fit in the {:.2} GB allowed; allow more memory, or shorten \
-             the prompts or the responses",
-            per_unit * units_per_slot as f64 / 1e9,
+             max_new_tokens) and a step's working memory ({:.2} GB with {prompt_tokens_per_step} \
+             prompt tokens per step) do not fit in the {:.2} GB allowed; allow more memory, feed \
+             fewer prompt tokens per step, or shorten the prompts or the responses",
+            longest / 1e9,
+            (prompt_bytes + per_sequence) / 1e9,
             budget_bytes / 1e9
         );
     }
-    let units = (fit as usize).min(most * units_per_slot);
-    Ok(match KvCache::can_page(model) {
-        true => CacheSize {
-            slots: most,
-            blocks: Some(units),
-            bytes: units as f64 * per_unit,
-        },
-        false => CacheSize {
-            slots: units,
-            blocks: None,
-            bytes: units as f64 * per_unit,
-        },
+    let slots = slots as usize;
+    let working_bytes = prompt_bytes + slots as f64 * per_sequence;
+    let units =
+        (((budget_bytes - working_bytes) / unit_bytes).floor() as usize).min(most * units_per_slot);
+    let (blocks, units) = match paged {
+        true => (Some(units), units),
+        false => (None, slots),
+    };
+    Ok(CacheSize {
+        slots,
+        blocks,
+        bytes: units as f64 * unit_bytes,
+        working_bytes,
     })
 }
 
@@ -169,25 +190,59 @@ impl Active {
         self.pending.is_none() && self.follows.is_none()
     }
 
-    /// What this slot prefills: its request's prompt, or a resumed sequence's tokens so far.
+    /// What this slot prefills ([`prefill_source`]).
     fn source<'a>(&'a self, requests: &'a [GenerationRequest]) -> &'a [u32] {
-        match &self.resumed {
-            Some(tokens) => tokens,
-            None => &requests[self.request].prompt_ids,
-        }
+        prefill_source(self.resumed.as_ref(), &requests[self.request])
     }
 
     /// Back to the queue: its sampled tokens become what it prefills when it is admitted again,
-    /// its random stream and log-probability carry on.
-    fn preempted(mut self, requests: &[GenerationRequest]) -> Self {
+    /// its random stream and log-probability carry on. `None` when it has sampled nothing yet:
+    /// it starts afresh (its stream untouched), and may share a prompt's prefill again.
+    fn preempted(mut self, requests: &[GenerationRequest]) -> Option<Self> {
+        if self.tokens.is_empty() {
+            return None;
+        }
         let mut source = requests[self.request].prompt_ids.clone();
         source.extend_from_slice(&self.tokens);
         self.resumed = Some(source.into());
         self.fed = 0;
         self.pending = None;
         self.follows = None;
-        self
+        Some(self)
     }
+}
+
+/// What a sequence prefills: its request's prompt, or, `resumed` after a preemption, that prompt
+/// and the tokens it had sampled.
+fn prefill_source<'a>(
+    resumed: Option<&'a Arc<[u32]>>,
+    request: &'a GenerationRequest,
+) -> &'a [u32] {
+    match resumed {
+        Some(tokens) => tokens,
+        None => &request.prompt_ids,
+    }
+}
+
+/// The sequence that gives its paged cache's blocks back when a decoding one needs a block and
+/// none is free: the one admitted last, whether decoding or still prefilling (whose promised
+/// blocks go back too), so that the sequences admitted earlier run on (vLLM's order). Never one
+/// whose prefill others wait on: they were admitted after it.
+fn preemption_victim(active: &[Option<Active>]) -> Option<usize> {
+    (0..active.len())
+        .filter(|&s| active[s].is_some())
+        .max_by_key(|&s| active[s].as_ref().map(|a| a.admitted))
+}
+
+/// [`generate`]'s generations, and what running short of KV cache cost it.
+#[derive(Debug, Clone)]
+pub struct Generated {
+    /// One per request, in request order.
+    pub generations: Vec<Generation>,
+    /// Times a sequence gave its paged cache's blocks back (0 unpaged).
+    pub preemptions: usize,
+    /// Positions those sequences had in the cache, which were fed again.
+    pub recomputed_tokens: usize,
 }
 
 /// How [`generate`] batches its requests.
@@ -242,8 +297,11 @@ impl From<usize> for Batching {
 /// takes its next block before anything new is admitted. When none is free, the decoding
 /// sequence admitted last gives its blocks back and returns to the head of the queue with its
 /// tokens and random stream; admitted again, it prefills its prompt and those tokens and samples
-/// on (vLLM's preemption by recomputation). The schedule depends only on the requests and the
-/// pool, so a run repeats itself.
+/// on (vLLM's preemption by recomputation). A sequence admitted after it that is still
+/// prefilling gives its blocks back first ([`preemption_victim`]). The schedule depends only on
+/// the requests, the [`Batching`] and the pool's size, so a run with the same pool repeats
+/// itself; another pool changes which sequences share a step, and so, off the CPU's fused
+/// kernels, the last bits of their numbers, as another batch size does.
 pub fn generate(
     model: &Transformer,
     requests: &[GenerationRequest],
@@ -251,7 +309,7 @@ pub fn generate(
     eos_ids: &[u32],
     batching: impl Into<Batching>,
     mut on_finish: impl FnMut(usize, &Generation),
-) -> Result<Vec<Generation>> {
+) -> Result<Generated> {
     let batching = batching.into();
     if batching.slots == 0 {
         bail!("batch size must be at least 1");
@@ -288,24 +346,26 @@ pub fn generate(
     // Sequences that gave their blocks back, by request, until they are admitted again.
     let mut parked: HashMap<usize, Active> = HashMap::new();
     let mut admissions = 0usize;
+    let (mut preemptions, mut recomputed_tokens) = (0, 0);
     loop {
         // A paged cache: each decoding sequence takes the block its next position needs before
-        // anything new is admitted; when none is free, the decoding sequence admitted last gives
-        // its blocks back and waits at the head of the queue (it may be the one in need).
+        // anything new is admitted; when none is free, the sequence admitted last gives its
+        // blocks back and waits at the head of the queue (it may be the one in need).
         let mut decoding: Vec<usize> = (0..slots)
             .filter(|&s| active[s].as_ref().is_some_and(|a| a.pending.is_some()))
             .collect();
         decoding.sort_by_key(|&s| active[s].as_ref().map(|a| a.admitted));
         for &slot in &decoding {
             while active[slot].is_some() && !cache.grow(slot, cache.len(slot) + 1)? {
-                let victim = (0..slots)
-                    .filter(|&s| active[s].as_ref().is_some_and(|a| a.pending.is_some()))
-                    .max_by_key(|&s| active[s].as_ref().map(|a| a.admitted))
-                    .expect("the sequence in need is decoding");
+                let victim = preemption_victim(&active).expect("the sequence in need is active");
                 let state = active[victim].take().expect("the victim is active");
+                preemptions += 1;
+                recomputed_tokens += cache.len(victim);
                 cache.clear(victim);
                 queue.push(state.request);
-                parked.insert(state.request, state.preempted(requests));
+                if let Some(state) = state.preempted(requests) {
+                    parked.insert(state.request, state);
+                }
             }
         }
         // This step's prompt tokens per slot, `fed..until`: first the prompts already started,
@@ -328,10 +388,8 @@ pub fn generate(
             }
             let Some(&request) = queue.last() else { break };
             let resumed = parked.get(&request);
-            let prompt = match resumed {
-                Some(state) => state.source(requests),
-                None => requests[request].prompt_ids.as_slice(),
-            };
+            let prompt =
+                prefill_source(resumed.and_then(|a| a.resumed.as_ref()), &requests[request]);
             // The same prompt being prefilled in another slot (the --n samples of a prompt):
             // wait for it instead of feeding it again.
             // (A resumed sequence feeds its own.)
@@ -398,10 +456,7 @@ pub fn generate(
             .enumerate()
             .filter_map(|(slot, a)| {
                 let a = a.as_ref()?;
-                let source = match &resumed[slot] {
-                    Some(tokens) => tokens,
-                    None => requests[a.request].prompt_ids.as_slice(),
-                };
+                let source = prefill_source(resumed[slot].as_ref(), &requests[a.request]);
                 let tokens: &[u32] = match (a.pending, until[slot]) {
                     (Some(_), _) => &pending[slot],
                     (None, Some(end)) => &source[a.fed..end],
@@ -511,10 +566,14 @@ pub fn generate(
             results[state.request] = Some(done);
         }
     }
-    Ok(results
-        .into_iter()
-        .map(|r| r.expect("every request finishes"))
-        .collect())
+    Ok(Generated {
+        generations: results
+            .into_iter()
+            .map(|r| r.expect("every request finishes"))
+            .collect(),
+        preemptions,
+        recomputed_tokens,
+    })
 }
 
 /// Runs `f` on a worker of rayon's pool. The kernels' parallel regions are then forked from a
@@ -564,5 +623,61 @@ mod tests {
         assert_ne!(a, stream_seed(0, "p2", 0));
         assert_ne!(a, stream_seed(1, "p1", 0));
         assert_eq!(a, stream_seed(0, "p1", 0));
+    }
+
+    /// A sequence of request `request`, admitted `admitted`-th, decoding or still prefilling.
+    fn active(request: usize, admitted: usize, decoding: bool) -> Option<Active> {
+        Some(Active {
+            request,
+            rng: ChaCha8Rng::seed_from_u64(0),
+            tokens: match decoding {
+                true => vec![7],
+                false => Vec::new(),
+            },
+            logp: 0.0,
+            fed: 0,
+            pending: decoding.then_some(7),
+            follows: None,
+            resumed: None,
+            admitted,
+        })
+    }
+
+    /// The sequence admitted last gives its blocks back, even when it is still prefilling and
+    /// an older one decodes: the older one does not preempt itself for a newer one's promise.
+    #[test]
+    fn the_sequence_admitted_last_is_preempted_first() {
+        let slots = [
+            active(0, 1, true),
+            None,
+            active(1, 3, false),
+            active(2, 2, true),
+        ];
+        assert_eq!(preemption_victim(&slots), Some(2));
+        let slots = [active(0, 1, true), None, active(2, 2, true)];
+        assert_eq!(preemption_victim(&slots), Some(2));
+        assert_eq!(preemption_victim(&[None, None]), None);
+    }
+
+    /// A preempted sequence that has sampled keeps its tokens, log-probability and stream, and
+    /// prefills its prompt and tokens when admitted again; one that has sampled nothing starts
+    /// afresh.
+    #[test]
+    fn a_preempted_sequence_resumes_from_its_tokens() {
+        let requests = [GenerationRequest {
+            prompt_ids: vec![1, 2, 3],
+            seed: 0,
+        }];
+        let mut decoding = active(0, 1, true).unwrap();
+        decoding.tokens.push(9);
+        decoding.logp = -1.5;
+        decoding.fed = 3;
+        let draw = decoding.rng.clone().random::<u64>();
+        let parked = decoding.preempted(&requests).expect("it has sampled");
+        assert_eq!(parked.source(&requests), [1, 2, 3, 7, 9]);
+        assert_eq!((parked.fed, parked.pending, parked.logp), (0, None, -1.5));
+        assert!(parked.leads_prefill());
+        assert_eq!(parked.rng.clone().random::<u64>(), draw);
+        assert!(active(0, 2, false).unwrap().preempted(&requests).is_none());
     }
 }

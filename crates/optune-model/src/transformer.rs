@@ -540,6 +540,18 @@ impl Transformer {
         self.rope.max_positions()
     }
 
+    /// Bytes one token's activations take at most while a forward pass feeds it (an upper
+    /// bound: every activation of one layer at once, which the next layer's replace): the stream
+    /// coming in and the one going out, its norm, q/k/v, the attention's output, o, the stream
+    /// after attention and its norm; gate and up, their product, down.
+    pub fn activation_bytes_per_token(&self) -> usize {
+        let cfg = &self.config;
+        let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
+        let q = cfg.num_attention_heads * cfg.head_dim();
+        let kv = cfg.num_kv_heads() * cfg.head_dim();
+        (7 * h + q + 2 * kv + q + 3 * inter) * self.dtype.size_in_bytes()
+    }
+
     /// Readies the model for [`Transformer::feed`] (generation, reward scoring): where feeding
     /// runs on tensors (a GPU, the CPU's generic kernels) it stacks the projections
     /// ([`Transformer::stack_projections`]); the CPU's host decode kernels read the separate
@@ -1473,11 +1485,16 @@ struct Pages {
 }
 
 impl Pages {
+    /// Whether `slot` can take `count` more blocks: its own promised ones, then free blocks no
+    /// promise holds.
+    fn can_take(&self, slot: usize, count: usize) -> bool {
+        count - self.promised[slot].min(count) <= self.free.len() - self.promised_total
+    }
+
     /// Gives `slot` another block: one of its promised ones, or else a free block no promise
     /// holds.
     fn take(&mut self, slot: usize) -> anyhow::Result<u32> {
-        let promised = self.promised[slot] > 0;
-        if !promised && self.free.len() <= self.promised_total {
+        if !self.can_take(slot, 1) {
             bail!(
                 "the KV cache has no block left for slot {slot} ({} free, {} promised to other \
                  sequences)",
@@ -1485,6 +1502,7 @@ impl Pages {
                 self.promised_total
             );
         }
+        let promised = self.promised[slot] > 0;
         let block = self.free.pop().expect("a promised block is free");
         if promised {
             self.promised[slot] -= 1;
@@ -1727,8 +1745,7 @@ impl KvCache {
         let needed = positions
             .div_ceil(pages.block)
             .saturating_sub(pages.held[slot]);
-        let own = pages.promised[slot].min(needed);
-        if needed - own > pages.free.len() - pages.promised_total {
+        if !pages.can_take(slot, needed) {
             return Ok(false);
         }
         for _ in 0..needed {
@@ -1747,13 +1764,17 @@ impl KvCache {
         }
     }
 
-    /// Makes sure a paged cache's slot `slot` holds blocks for its first `positions` positions.
+    /// Makes sure a paged cache's slot `slot` holds blocks for its first `positions` positions,
+    /// taking none when they are not all free.
     fn hold_positions(&mut self, slot: usize, positions: usize) -> anyhow::Result<()> {
-        let Some(pages) = self.pages_mut() else {
-            return Ok(());
-        };
-        while pages.held[slot] * pages.block < positions {
-            pages.take(slot)?;
+        if !self.grow(slot, positions)? {
+            let pages = self.pages_mut().expect("only a paged cache runs short");
+            bail!(
+                "the KV cache has no blocks left for slot {slot}'s {positions} positions ({} \
+                 free, {} promised to other sequences)",
+                pages.free.len(),
+                pages.promised_total
+            );
         }
         Ok(())
     }
@@ -1768,17 +1789,19 @@ impl KvCache {
         else {
             return Ok(None);
         };
-        let mut stale = std::mem::take(&mut pages.stale);
-        stale.sort_unstable();
-        stale.dedup();
+        // The changed rows stay listed until the device has them (a failed upload is retried
+        // whole by the next pass).
+        pages.stale.sort_unstable();
+        pages.stale.dedup();
         let table = match &pages.device {
             // The changed rows with their indices, unless that is more than the whole table (the
             // first passes fill many slots at once).
-            Some(device) if 2 * stale.len() <= pages.held.len() => {
-                device.with_rows(pages.table.clone(), &stale)?
+            Some(device) if 2 * pages.stale.len() <= pages.held.len() => {
+                device.with_rows(pages.table.clone(), &pages.stale)?
             }
             _ => BlockTable::new(pages.table.clone(), pages.width, layers[0].device())?,
         };
+        pages.stale.clear();
         pages.device = Some(table.clone());
         Ok(Some(table))
     }
@@ -1828,7 +1851,19 @@ impl KvCache {
                 layers,
                 pages: Some(pages),
             } => {
+                if pages.held[to] != 0 {
+                    bail!("copy_slot: slot {to} holds blocks");
+                }
                 let full = len / pages.block;
+                let partial = full * pages.block < len;
+                // Its own block for the partly filled one, checked before anything changes.
+                if partial && !pages.can_take(to, 1) {
+                    bail!(
+                        "copy_slot: no block left for slot {to}'s copy of slot {from}'s last \
+                         {} positions",
+                        len - full * pages.block
+                    );
+                }
                 let width = pages.width;
                 for i in 0..full {
                     let block = pages.table[from * width + i];
@@ -1837,7 +1872,7 @@ impl KvCache {
                 }
                 pages.held[to] = full;
                 pages.stale.push(to);
-                if full * pages.block < len {
+                if partial {
                     let last = pages.table[from * width + full] as usize;
                     let own = pages.take(to)? as usize;
                     for store in layers {

@@ -29,6 +29,7 @@ fn greedy(model: &Transformer) -> Vec<Vec<u32>> {
     };
     generate(model, &requests, &params, &[], 2, |_, _| {})
         .unwrap()
+        .generations
         .into_iter()
         .map(|g| g.tokens)
         .collect()

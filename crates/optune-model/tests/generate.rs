@@ -33,7 +33,9 @@ fn greedy_decoding_equals_the_training_path_argmax() {
     for name in ["tiny-llama", "tiny-mistral", "tiny-qwen2"] {
         let model = model(name);
         // No EOS, so every sequence runs the full length (past mistral's window of 8).
-        let out = generate(&model, &requests(0), &sampling(0.0, 16), &[], 3, |_, _| {}).unwrap();
+        let out = generate(&model, &requests(0), &sampling(0.0, 16), &[], 3, |_, _| {})
+            .unwrap()
+            .generations;
         for (g, p) in out.iter().zip(prompts()) {
             assert_eq!(g.finish, FinishReason::Length);
             assert_eq!(g.tokens, argmax_continuation(&model, &p, 16), "{name}");
@@ -44,7 +46,9 @@ fn greedy_decoding_equals_the_training_path_argmax() {
 #[test]
 fn reported_logp_equals_the_sequence_logprob() {
     let model = model("tiny-qwen2");
-    let out = generate(&model, &requests(3), &sampling(1.0, 12), &[], 2, |_, _| {}).unwrap();
+    let out = generate(&model, &requests(3), &sampling(1.0, 12), &[], 2, |_, _| {})
+        .unwrap()
+        .generations;
     let pairs: Vec<TokenizedPair> = out
         .iter()
         .zip(prompts())
@@ -88,6 +92,7 @@ fn output_does_not_depend_on_the_batch_size() {
                 |_, _| {},
             )
             .unwrap()
+            .generations
         })
     };
     let reference = run(2, 1);
@@ -208,10 +213,14 @@ fn cpu_kernels_agree_with_the_tensor_path() {
 #[test]
 fn generation_stops_at_any_eos_and_reports_it() {
     let model = model("tiny-llama");
-    let free = generate(&model, &requests(5), &sampling(1.0, 30), &[], 4, |_, _| {}).unwrap();
+    let free = generate(&model, &requests(5), &sampling(1.0, 30), &[], 4, |_, _| {})
+        .unwrap()
+        .generations;
     // Use tokens that the free run produced as EOS ids: those runs must now stop there.
     let eos = [free[0].tokens[3], free[1].tokens[5]];
-    let out = generate(&model, &requests(5), &sampling(1.0, 30), &eos, 4, |_, _| {}).unwrap();
+    let out = generate(&model, &requests(5), &sampling(1.0, 30), &eos, 4, |_, _| {})
+        .unwrap()
+        .generations;
     for (f, g) in free.iter().zip(&out) {
         match f.tokens.iter().position(|t| eos.contains(t)) {
             Some(stop) => {
@@ -331,6 +340,7 @@ fn chunked_prefill_generates_what_whole_prompts_do() {
                 |_, _| {},
             )
             .unwrap()
+            .generations
         };
         let whole = run(Batching::new(4));
         for (slots, per_step) in [(4, 1), (4, 3), (7, 5), (2, 6)] {

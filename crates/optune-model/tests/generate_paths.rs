@@ -26,7 +26,9 @@ fn params(temperature: f64, top_p: f64, top_k: Option<usize>) -> SamplingParams 
 
 fn run(kernels: Kernels, model: &Transformer, p: &SamplingParams, batch: usize) -> Vec<Generation> {
     set_kernels(kernels);
-    generate(model, &requests(5), p, &[], batch, |_, _| {}).unwrap()
+    generate(model, &requests(5), p, &[], batch, |_, _| {})
+        .unwrap()
+        .generations
 }
 
 /// The model's logits at every response position of `prompt + response`, `[response, vocab]`,

@@ -1,7 +1,7 @@
 //! The paged KV cache (`KvCache::paged`): what it feeds, shares, promises and takes back, and
 //! the generation it serves, on the tiny testdata models.
 
-use optune_model::generate::{generate, Batching, SamplingParams};
+use optune_model::generate::{cache_for_memory, generate, Batching, SamplingParams};
 use optune_model::transformer::Segment;
 use optune_model::{KvCache, Transformer};
 
@@ -132,7 +132,7 @@ fn a_paged_cache_promises_blocks_and_takes_them_back() {
         )
         .unwrap_err();
     assert!(
-        err.to_string().contains("no block left for slot 1"),
+        err.to_string().contains("no blocks left for slot 1"),
         "{err}"
     );
     // Slot 0's promise still holds its 4 blocks.
@@ -170,13 +170,61 @@ fn a_paged_cache_promises_blocks_and_takes_them_back() {
     assert!(cache.reserve(0, 11, 0, 0).is_err());
 }
 
+/// A feed or a copy that runs out of blocks fails before it takes any: the blocks it could
+/// have taken stay free, and the slots it would have shared keep theirs alone.
+#[test]
+fn a_paged_cache_that_runs_short_changes_nothing() {
+    let model = model("tiny-llama");
+    // 6 blocks of 3 positions; slot 0 promised 3 of them.
+    let mut cache = KvCache::paged(&model, (3, 10), (6, 3)).unwrap();
+    assert!(cache.reserve(0, 9, 0, 0).unwrap());
+    feed(
+        &model,
+        &mut cache,
+        &[Segment {
+            slot: 1,
+            tokens: &[5, 6, 7, 8],
+        }],
+    );
+    assert_eq!(cache.unpromised_blocks(), Some(1));
+    // Slot 1's next 6 positions need 2 more blocks; 1 is free.
+    let err = model
+        .feed_tensor(
+            &[Segment {
+                slot: 1,
+                tokens: &[9, 10, 11, 12, 13, 14],
+            }],
+            &mut cache,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("no blocks left"), "{err}");
+    assert_eq!(cache.unpromised_blocks(), Some(1));
+    // Its next 3 take that one; slot 0's 7 positions fill its 3 promised blocks.
+    for (slot, tokens) in [(1, &[9u32, 10, 11][..]), (0, &[1, 2, 3, 4, 5, 6, 7])] {
+        feed(&model, &mut cache, &[Segment { slot, tokens }]);
+    }
+    assert_eq!(cache.unpromised_blocks(), Some(0));
+    // A copy of slot 1's 7 positions would share its 2 full blocks and need one of its own for
+    // the last position: none is free.
+    let err = cache.copy_slot(1, 2).unwrap_err();
+    assert!(err.to_string().contains("no block left"), "{err}");
+    assert_eq!(cache.len(2), 0);
+    // Slot 2 shares nothing: clearing slot 1 frees all 3 of its blocks.
+    cache.clear(1);
+    assert_eq!(cache.unpromised_blocks(), Some(3));
+    cache.clear(0);
+    assert_eq!(cache.unpromised_blocks(), Some(6));
+}
+
 /// Generation on paged caches, a prompt's three samples sharing its prefill, with pools from
 /// ample to one sequence's worth and blocks of 1 to 7 positions: the greedy tokens of a whole
 /// forward pass per step, and the log-probs of the cache by slot. Sequences start on their
 /// prompt's blocks alone, so the small pools run out as they decode: the sequences started last
 /// give their blocks back and are computed again from their tokens when blocks are free (a pool
 /// of one sequence's worth, 9 blocks of 3, cannot hold the 7 slots' sequences of 13 to 26
-/// positions).
+/// positions). With a few prompt tokens per step, sequences still prefilling are preempted too
+/// (those that sampled nothing yet start afresh). Only the pools too small for every slot's
+/// longest preempt.
 #[test]
 fn paged_generation_is_the_greedy_continuation() {
     let params = SamplingParams {
@@ -192,13 +240,28 @@ fn paged_generation_is_the_greedy_continuation() {
             generate(&model, &requests, &params, &[], batching, |_, _| {}).unwrap()
         };
         let by_slot = run(Batching::new(4));
-        // The longest request takes 14 + 12 = 26 positions: 9 blocks of 3, 4 of 7.
-        for (slots, blocks) in [(4, (64, 4)), (7, (9, 3)), (3, (5, 7)), (2, (26, 1))] {
+        assert_eq!(by_slot.preemptions, 0);
+        // The longest request takes 14 + 12 = 26 positions: 9 blocks of 3, 4 of 7. The first
+        // pool holds 4 slots of the longest; the others must preempt, the chunked ones also
+        // sequences still prefilling.
+        let pools = [
+            (4, (64, 4), 64),
+            (7, (9, 3), 64),
+            (3, (5, 7), 64),
+            (2, (26, 1), 64),
+        ];
+        let chunked = [(7, (9, 3), 4), (5, (13, 2), 3)];
+        for (slots, blocks, per_step) in pools.into_iter().chain(chunked) {
             let paged = run(Batching {
                 kv_blocks: Some(blocks),
+                prompt_tokens_per_step: per_step,
                 ..Batching::new(slots)
             });
-            for (i, (got, want)) in paged.iter().zip(&by_slot).enumerate() {
+            let ample = blocks.0 >= slots * 26usize.div_ceil(blocks.1);
+            assert_eq!(paged.preemptions == 0, ample, "{name}: {blocks:?}");
+            assert_eq!(paged.recomputed_tokens == 0, ample, "{name}: {blocks:?}");
+            let pairs = paged.generations.iter().zip(&by_slot.generations);
+            for (i, (got, want)) in pairs.enumerate() {
                 let what = format!("{name}: {slots} slots, {blocks:?} blocks, request {i}");
                 let prompt = &requests[i].prompt_ids;
                 assert_eq!(
@@ -215,4 +278,79 @@ fn paged_generation_is_the_greedy_continuation() {
             }
         }
     }
+}
+
+/// Memory goes first to a step's working memory (every sequence's token and logits, and the
+/// prompt tokens of a step), then to the cache; there are never more sequences than the cache
+/// has blocks or slots, each count is the most that fits, and below one sequence of the longest
+/// beside its working memory sizing is refused. Whichever cache the kernel path makes: paged
+/// (tensors) or by slot (the fused path's host vectors).
+#[test]
+fn memory_holds_a_steps_working_memory_then_the_cache() {
+    let model = model("tiny-llama");
+    // 15 requests of up to 14 prompt tokens, 60 new ones: 74 positions, 3 blocks of 32.
+    let requests = common::samples_of_each_prompt(1, 3);
+    let params = SamplingParams {
+        temperature: 1.0,
+        top_p: 1.0,
+        top_k: None,
+        max_new_tokens: 60,
+    };
+    let (most, prompt_tokens) = (requests.len(), 64);
+    let paged = KvCache::can_page(&model);
+    let (unit, per_slot) = match paged {
+        true => (KvCache::slot_bytes(&model, KvCache::BLOCK) as f64, 3),
+        false => (KvCache::slot_bytes(&model, 74) as f64, 1),
+    };
+    let token = model.activation_bytes_per_token() as f64;
+    let per_sequence =
+        token + (2 * model.config().vocab_size * model.dtype().size_in_bytes()) as f64;
+    let prompt = prompt_tokens as f64 * token;
+    let smallest = per_slot as f64 * unit + prompt + per_sequence;
+    let units_left = |budget: f64, slots: usize| {
+        ((budget - prompt - slots as f64 * per_sequence) / unit).floor() as usize
+    };
+    let mut sizes = std::collections::BTreeSet::new();
+    for step in 0..400 {
+        let budget = smallest * (0.9 + step as f64 * 0.05);
+        let size = match cache_for_memory(&model, &requests, &params, budget, most, prompt_tokens) {
+            Err(err) => {
+                assert!(budget < smallest, "{budget}: {err}");
+                assert!(err.to_string().contains("working memory"), "{err}");
+                continue;
+            }
+            Ok(size) => size,
+        };
+        assert!(budget >= smallest, "{budget}");
+        let slots = size.slots;
+        assert!((1..=most).contains(&slots), "{budget}: {size:?}");
+        assert_eq!(size.working_bytes, prompt + slots as f64 * per_sequence);
+        assert!(
+            size.bytes + size.working_bytes <= budget,
+            "{budget}: {size:?}"
+        );
+        let units = match size.blocks {
+            Some(blocks) => {
+                assert!(paged);
+                assert!(blocks >= per_slot.max(slots) && blocks <= most * per_slot);
+                assert_eq!(blocks, units_left(budget, slots).min(most * per_slot));
+                blocks
+            }
+            None => {
+                assert!(!paged);
+                slots
+            }
+        };
+        assert_eq!(size.bytes, units as f64 * unit);
+        // One sequence more would leave fewer units than sequences, or than the longest takes.
+        assert!(
+            slots == most || units_left(budget, slots + 1) < (slots + 1).max(per_slot),
+            "{budget}: {size:?}"
+        );
+        sizes.insert((slots, units));
+    }
+    // From one sequence to the most, through counts between.
+    assert!(sizes.iter().any(|&(slots, _)| slots == 1), "{sizes:?}");
+    assert!(sizes.iter().any(|&(slots, _)| slots == most), "{sizes:?}");
+    assert!(sizes.len() > 10, "{sizes:?}");
 }
