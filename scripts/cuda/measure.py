@@ -1476,12 +1476,13 @@ def gen_row(args, models: Models, role: str, batch: int, ids_all, bytes_per_step
         assert out.shape[1] - width == args.new_tokens, out.shape
         return time.perf_counter() - start
 
-    ours, peaks = [], []
+    ours, peaks, preemptions = [], [], []
     for _ in range(args.repeats):
         free_torch_memory()
         stderr, peak, how = run(cmd, watch_gpu=True, unit=f"gen:{role}")
         ours.append(generated_tok_per_s(args, stderr, count))
         peaks.append(peak)
+        preemptions.append(int(summary(stderr, "opt-gen")["preemptions"]))
 
     def peer_runs():
         return [count * args.new_tokens / sum(peer_generate(ids[i:i + batch]) for i in range(0, count, batch))
@@ -1503,10 +1504,12 @@ def gen_row(args, models: Models, role: str, batch: int, ids_all, bytes_per_step
                f"{', median of ' + str(args.repeats) + ' runs' if args.repeats > 1 else ''})",
                f"{o:,.1f}", fmt(t, ",.1f"), ratio(o, t),
                f"roof: optune {fmt(roof(o), '.1f')} %, peer {fmt(roof(t), '.1f')} %; optune peak GiB "
-               f"{fmt(max((p for p in peaks if p is not None), default=None), '.1f')} ({how}){goals}"
+               f"{fmt(max((p for p in peaks if p is not None), default=None), '.1f')} ({how}); "
+               f"KV cache preemptions {max(preemptions)}{goals}"
                + also(peer_note), kind=kind)
     REPORT.raw.setdefault("gen", []).append({"role": role, "batch": batch, "prompts": count, "optune": ours,
                                              "transformers": theirs or peer_note, "optune_peak_gib": peaks,
+                                             "optune_preemptions": preemptions,
                                              "weight_bytes_per_step": bytes_per_step})
 
 

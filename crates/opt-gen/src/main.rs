@@ -314,6 +314,7 @@ fn run(args: Args) -> Result<()> {
             generated.preemptions, generated.recomputed_tokens
         );
     }
+    let (preemptions, recomputed_tokens) = (generated.preemptions, generated.recomputed_tokens);
     for (&i, generation) in todo.iter().zip(generated.generations) {
         results[i] = Some(generation);
     }
@@ -387,6 +388,8 @@ fn run(args: Args) -> Result<()> {
         .field("new_tokens", total_tokens)
         .field("resumed", resumed)
         .field("batch", batch_size)
+        .field("preemptions", preemptions)
+        .field("recomputed_tokens", recomputed_tokens)
         .field(
             "tok_per_s",
             format!("{:.1}", tokens_done as f64 / decode_secs.max(1e-9)),

@@ -647,7 +647,10 @@ fn kv_memory_sizes_the_batch() {
         );
     }
     for (fraction, why) in [
-        ("1e-15", "working memory (0.01 GB with 2048 prompt tokens per step) do not fit"),
+        (
+            "1e-15",
+            "working memory (0.01 GB with 2048 prompt tokens per step) do not fit",
+        ),
         ("1.5", "expected a fraction"),
         ("0", "expected a fraction"),
     ] {
@@ -672,7 +675,8 @@ fn kv_memory_sizes_the_batch() {
     assert!(out.status.success(), "{stderr}");
     assert!(
         stderr.contains("up to 4 sequences at a time: paged KV cache of")
-            && stderr.contains("GB for a step's activations"),
+            && stderr.contains("GB for a step's activations")
+            && stderr.contains(" preemptions=0 recomputed_tokens=0 "),
         "{stderr}"
     );
     assert_eq!(String::from_utf8(out.stdout).unwrap(), by_slot);
