@@ -83,8 +83,8 @@ pub struct CacheSize {
 /// (the activations of one layer for every token it feeds, the logits of every sequence twice:
 /// the head's and the rows picked for sampling), then the KV cache.
 ///
-/// A tensor cache (a GPU's) is paged: as many blocks as the rest holds, no more than `most`
-/// sequences of [`cache_capacity`] positions could fill; sequences start on their prompt's blocks
+/// A tensor cache (a GPU's) is paged: as many blocks as the rest holds, no more than its
+/// sequences could fill at [`cache_capacity`] positions each; sequences start on their prompt's blocks
 /// and take more as they grow (see [`generate`]), so a batch is sized by its sequences' lengths,
 /// not by the longest. The host decode kernels' cache (the CPU's in f32) holds as many slots of
 /// [`cache_capacity`] positions as fit. Either way there are no more sequences than the cache
@@ -113,11 +113,23 @@ pub fn cache_for_memory(
     let prompt_bytes = prompt_tokens_per_step as f64 * token_bytes;
     let room = budget_bytes - prompt_bytes;
     let longest = units_per_slot as f64 * unit_bytes;
-    let slots = (room / (unit_bytes + per_sequence))
+    // Units beside `slots` sequences' working memory.
+    let units_beside = |slots: usize| {
+        ((room - slots as f64 * per_sequence) / unit_bytes)
+            .floor()
+            .max(0.0) as usize
+    };
+    let estimate = (room / (unit_bytes + per_sequence))
         .min((room - longest) / per_sequence)
         .min(most as f64)
-        .floor();
-    if slots < 1.0 {
+        .floor()
+        .max(0.0) as usize;
+    // The estimate's rounding aside: a unit of its own for each sequence, and the longest's.
+    let slots = (0..=estimate)
+        .rev()
+        .find(|&slots| units_beside(slots) >= slots.max(units_per_slot))
+        .filter(|&slots| slots > 0);
+    let Some(slots) = slots else {
         bail!(
             "one sequence's KV cache ({:.2} GB for {capacity} positions: the longest prompt and \
              max_new_tokens) and a step's working memory ({:.2} GB with {prompt_tokens_per_step} \
@@ -127,11 +139,9 @@ pub fn cache_for_memory(
             (prompt_bytes + per_sequence) / 1e9,
             budget_bytes / 1e9
         );
-    }
-    let slots = slots as usize;
+    };
     let working_bytes = prompt_bytes + slots as f64 * per_sequence;
-    let units =
-        (((budget_bytes - working_bytes) / unit_bytes).floor() as usize).min(most * units_per_slot);
+    let units = units_beside(slots).min(slots * units_per_slot);
     let (blocks, units) = match paged {
         true => (Some(units), units),
         false => (None, slots),
@@ -294,11 +304,11 @@ impl From<usize> for Batching {
 ///
 /// On a paged cache ([`Batching::kv_blocks`]) a request is admitted once a slot and its prompt's
 /// blocks are free (with a margin of 1 % of the pool once others run), and each decoding sequence
-/// takes its next block before anything new is admitted. When none is free, the decoding
-/// sequence admitted last gives its blocks back and returns to the head of the queue with its
-/// tokens and random stream; admitted again, it prefills its prompt and those tokens and samples
-/// on (vLLM's preemption by recomputation). A sequence admitted after it that is still
-/// prefilling gives its blocks back first ([`preemption_victim`]). The schedule depends only on
+/// takes its next block before anything new is admitted. When none is free, the sequence
+/// admitted last, decoding or still prefilling ([`preemption_victim`]), gives its blocks and
+/// promises back and returns to the head of the queue with its tokens and random stream;
+/// admitted again, it prefills its prompt and those tokens and samples on (vLLM's preemption by
+/// recomputation). The schedule depends only on
 /// the requests, the [`Batching`] and the pool's size, so a run with the same pool repeats
 /// itself; another pool changes which sequences share a step, and so, off the CPU's fused
 /// kernels, the last bits of their numbers, as another batch size does.

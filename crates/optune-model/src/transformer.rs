@@ -826,7 +826,6 @@ impl Transformer {
                     cache.capacity
                 );
             }
-            cache.hold_positions(slot, start + len)?;
             tokens.extend((start..start + len).map(|position| (slot, position)));
             ids.extend_from_slice(segment.tokens);
             last_rows.push(tokens.len() as u32 - 1);
@@ -838,6 +837,12 @@ impl Transformer {
             .max()
             .unwrap_or(0);
         self.check_tokens(longest, ids.iter().copied().max().unwrap_or(0))?;
+        // The blocks of the whole pass, once it is known to be valid: all of them or none.
+        let reach: Vec<(usize, usize)> = segments
+            .iter()
+            .map(|s| (s.slot, cache.lengths[s.slot] + s.tokens.len()))
+            .collect();
+        cache.hold_positions(&reach)?;
         let (batch, steps) = match n == segments.len() {
             true => (n, 1),
             false => (1, n),
@@ -1764,17 +1769,35 @@ impl KvCache {
         }
     }
 
-    /// Makes sure a paged cache's slot `slot` holds blocks for its first `positions` positions,
-    /// taking none when they are not all free.
-    fn hold_positions(&mut self, slot: usize, positions: usize) -> anyhow::Result<()> {
-        if !self.grow(slot, positions)? {
-            let pages = self.pages_mut().expect("only a paged cache runs short");
+    /// Makes sure each `(slot, positions)` of a pass (distinct slots) holds blocks for its first
+    /// `positions` positions in a paged cache, taking none when they are not all free.
+    fn hold_positions(&mut self, reach: &[(usize, usize)]) -> anyhow::Result<()> {
+        let Some(pages) = self.pages_mut() else {
+            return Ok(());
+        };
+        let needs: Vec<(usize, usize)> = (reach.iter())
+            .map(|&(slot, positions)| {
+                let held = pages.held[slot];
+                (slot, positions.div_ceil(pages.block).saturating_sub(held))
+            })
+            .collect();
+        // Beyond each slot's own promise, from the blocks nobody was promised.
+        let unpromised: usize = (needs.iter())
+            .map(|&(slot, needed)| needed - pages.promised[slot].min(needed))
+            .sum();
+        if unpromised > pages.free.len() - pages.promised_total {
             bail!(
-                "the KV cache has no blocks left for slot {slot}'s {positions} positions ({} \
-                 free, {} promised to other sequences)",
+                "the KV cache has no blocks left for this pass: its {} slots need {unpromised} \
+                 blocks beyond their promises ({} free, {} promised)",
+                reach.len(),
                 pages.free.len(),
                 pages.promised_total
             );
+        }
+        for (slot, needed) in needs {
+            for _ in 0..needed {
+                pages.take(slot)?;
+            }
         }
         Ok(())
     }
