@@ -84,9 +84,9 @@ pub struct CacheSize {
 /// the head's and the rows picked for sampling), then the KV cache.
 ///
 /// A tensor cache (a GPU's) is paged: as many blocks as the rest holds, no more than its
-/// sequences could fill at [`cache_capacity`] positions each; sequences start on their prompt's blocks
-/// and take more as they grow (see [`generate`]), so a batch is sized by its sequences' lengths,
-/// not by the longest. The host decode kernels' cache (the CPU's in f32) holds as many slots of
+/// sequences could fill at [`cache_capacity`] positions each; sequences start on their prompt's
+/// blocks and take more as they grow (see [`generate`]), so a batch is sized by its sequences'
+/// lengths, not by the longest. The host decode kernels' cache (the CPU's in f32) holds as many slots of
 /// [`cache_capacity`] positions as fit. Either way there are no more sequences than the cache
 /// has blocks or slots (each holds one of its own), and one sequence of the longest must fit
 /// beside their working memory: an error otherwise.
@@ -308,10 +308,10 @@ impl From<usize> for Batching {
 /// admitted last, decoding or still prefilling ([`preemption_victim`]), gives its blocks and
 /// promises back and returns to the head of the queue with its tokens and random stream;
 /// admitted again, it prefills its prompt and those tokens and samples on (vLLM's preemption by
-/// recomputation). The schedule depends only on
-/// the requests, the [`Batching`] and the pool's size, so a run with the same pool repeats
-/// itself; another pool changes which sequences share a step, and so, off the CPU's fused
-/// kernels, the last bits of their numbers, as another batch size does.
+/// recomputation). The schedule depends only on the requests, the [`Batching`] and the pool's
+/// size, so a run with the same pool repeats itself; another pool changes which sequences share
+/// a step, and so, off the CPU's fused kernels, the last bits of their numbers, as another batch
+/// size does.
 pub fn generate(
     model: &Transformer,
     requests: &[GenerationRequest],
