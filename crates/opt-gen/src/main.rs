@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
 use optune_cli::RuntimeArgs;
 use optune_model::generate::{
-    generate, stream_seed, FinishReason, Generation, GenerationRequest, SamplingParams,
+    generate, stream_seed, FinishReason, Generated, Generation, GenerationRequest, SamplingParams,
 };
 use optune_model::load_model;
 use optune_resume::{file_stamps, Digest, Fingerprint, Journal};
@@ -279,7 +279,11 @@ fn run(args: Args) -> Result<()> {
         &meta.eos_token_ids
     };
     let mut journal_error = None;
-    let generated = generate(
+    let Generated {
+        generations: generated,
+        preemptions,
+        recomputed_tokens,
+    } = generate(
         &model,
         &todo_requests,
         &params,
@@ -306,16 +310,14 @@ fn run(args: Args) -> Result<()> {
     if let Some(err) = journal_error {
         return Err(err);
     }
-    if generated.preemptions > 0 {
+    if preemptions > 0 {
         eprintln!(
-            "opt-gen: the KV cache ran short {} times: sequences gave their blocks back and \
-             {} positions were computed again; a larger --kv-memory (or a smaller --batch-size) \
-             avoids that",
-            generated.preemptions, generated.recomputed_tokens
+            "opt-gen: the KV cache ran short {preemptions} times: sequences gave their blocks \
+             back and {recomputed_tokens} positions were computed again; a larger --kv-memory \
+             (or a smaller --batch-size) avoids that"
         );
     }
-    let (preemptions, recomputed_tokens) = (generated.preemptions, generated.recomputed_tokens);
-    for (&i, generation) in todo.iter().zip(generated.generations) {
+    for (&i, generation) in todo.iter().zip(generated) {
         results[i] = Some(generation);
     }
     let generations: Vec<Generation> = results

@@ -1490,10 +1490,27 @@ struct Pages {
 }
 
 impl Pages {
+    /// Free blocks no promise holds.
+    fn unpromised(&self) -> usize {
+        self.free.len() - self.promised_total
+    }
+
+    /// Blocks `slot` takes for its first `positions` positions beyond those it holds.
+    fn needed(&self, slot: usize, positions: usize) -> usize {
+        positions
+            .div_ceil(self.block)
+            .saturating_sub(self.held[slot])
+    }
+
+    /// Of `count` more blocks for `slot`, those its own promise does not cover.
+    fn beyond_promise(&self, slot: usize, count: usize) -> usize {
+        count - self.promised[slot].min(count)
+    }
+
     /// Whether `slot` can take `count` more blocks: its own promised ones, then free blocks no
     /// promise holds.
     fn can_take(&self, slot: usize, count: usize) -> bool {
-        count - self.promised[slot].min(count) <= self.free.len() - self.promised_total
+        self.beyond_promise(slot, count) <= self.unpromised()
     }
 
     /// Gives `slot` another block: one of its promised ones, or else a free block no promise
@@ -1686,7 +1703,7 @@ impl KvCache {
         match &self.store {
             KvStore::Tensors {
                 pages: Some(pages), ..
-            } => Some(pages.free.len() - pages.promised_total),
+            } => Some(pages.unpromised()),
             _ => None,
         }
     }
@@ -1726,7 +1743,7 @@ impl KvCache {
             return Ok(true);
         };
         let needed = positions.div_ceil(pages.block) - shared / pages.block;
-        if pages.free.len() - pages.promised_total < needed + margin {
+        if pages.unpromised() < needed + margin {
             return Ok(false);
         }
         pages.promised_total += needed;
@@ -1747,9 +1764,7 @@ impl KvCache {
         let Some(pages) = self.pages_mut() else {
             return Ok(true);
         };
-        let needed = positions
-            .div_ceil(pages.block)
-            .saturating_sub(pages.held[slot]);
+        let needed = pages.needed(slot, positions);
         if !pages.can_take(slot, needed) {
             return Ok(false);
         }
@@ -1776,16 +1791,13 @@ impl KvCache {
             return Ok(());
         };
         let needs: Vec<(usize, usize)> = (reach.iter())
-            .map(|&(slot, positions)| {
-                let held = pages.held[slot];
-                (slot, positions.div_ceil(pages.block).saturating_sub(held))
-            })
+            .map(|&(slot, positions)| (slot, pages.needed(slot, positions)))
             .collect();
         // Beyond each slot's own promise, from the blocks nobody was promised.
         let unpromised: usize = (needs.iter())
-            .map(|&(slot, needed)| needed - pages.promised[slot].min(needed))
+            .map(|&(slot, needed)| pages.beyond_promise(slot, needed))
             .sum();
-        if unpromised > pages.free.len() - pages.promised_total {
+        if unpromised > pages.unpromised() {
             bail!(
                 "the KV cache has no blocks left for this pass: its {} slots need {unpromised} \
                  blocks beyond their promises ({} free, {} promised)",
