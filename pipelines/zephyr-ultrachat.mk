@@ -1,7 +1,8 @@
 # The OPTune paper's setting (Chen et al. 2024, arXiv 2406.07657, §5), as a recipe for a GPU
 # machine: Zephyr-7B-SFT as the policy, a Mistral-7B sequence-classification reward model,
 # UltraChat prompts; ρ = 0.7, 2 samples per prompt at temperature 1.0 and top-p 0.9,
-# 3 iterations, bf16 on CUDA. It cannot run on a CPU in any useful time.
+# 3 iterations, bf16 on CUDA. It cannot run on a CPU in any useful time; `make pipeline-test`
+# runs it in miniature (tiny models, --device cpu, 8 new tokens; everything else as below).
 #
 # The user downloads the models and the prompts and names them:
 #   POLICY        a Hugging Face directory of the SFT policy (e.g. zephyr-7b-sft-full)
