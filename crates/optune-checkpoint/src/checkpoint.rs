@@ -136,6 +136,13 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
         return Ok(vec![single]);
     }
     let index_path = dir.join("model.safetensors.index.json");
+    if !index_path.is_file() && crate::pytorch::pytorch_weight_files(dir)?.is_some() {
+        bail!(
+            "{0}: its weights are in PyTorch's pickle format (pytorch_model.bin), which optune \
+             does not read; convert the directory once with `opt-convert {0} -o NEW_DIR`",
+            dir.display()
+        );
+    }
     let index = read_json(&index_path).with_context(|| {
         format!(
             "{}: no model.safetensors or model.safetensors.index.json",

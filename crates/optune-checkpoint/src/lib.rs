@@ -5,6 +5,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod gguf;
+pub mod pytorch;
 mod safetensors_file;
 pub mod tokenizer;
 

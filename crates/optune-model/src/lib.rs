@@ -17,8 +17,8 @@ pub use logprobs::{
     SequenceLogprobs, TokenizedPair,
 };
 pub use optune_checkpoint::{
-    config, gguf, tokenizer, ChatMessage, ChatTokenizer, Checkpoint, CheckpointMeta, Family,
-    ModelConfig, Prompt, SavedWeight, StoredWeights,
+    config, gguf, pytorch, tokenizer, ChatMessage, ChatTokenizer, Checkpoint, CheckpointMeta,
+    Family, ModelConfig, Prompt, SavedWeight, StoredWeights,
 };
 pub use transformer::{
     llama_weight_shapes, recomputed_backward, weight_count, KvCache, OutputHead, PaddedBatch,
