@@ -47,9 +47,13 @@ trap finish EXIT
 ok() { passed=$((passed + 1)); echo "ok: $*"; }
 fail() { failed=$((failed + 1)); echo "FAILED: $*"; }
 
-pipeline_make() {
-  "$MAKE" --no-print-directory PIPELINE=pipelines/tiny.mk RUNS="$runs" BUILD_TOOLS=0 "$@" >>"$log" 2>&1
+# make with the tools as built, into the log: PIPELINE, then make's other arguments.
+make_pipeline() {
+  local pipeline=$1
+  shift
+  "$MAKE" --no-print-directory PIPELINE="$pipeline" BUILD_TOOLS=0 "$@" >>"$log" 2>&1
 }
+pipeline_make() { make_pipeline pipelines/tiny.mk RUNS="$runs" "$@"; }
 
 # Build the tools once, through make (the stages then use them as they are).
 if ! "$MAKE" --no-print-directory PIPELINE=pipelines/tiny.mk tools >"$log" 2>&1; then
@@ -194,10 +198,10 @@ for model in tiny-mistral tiny-rm-mistral; do
     "$recipe_models/$model/config.json"
 done
 recipe_make() {
-  "$MAKE" --no-print-directory PIPELINE=pipelines/zephyr-ultrachat.mk RUNS="$runs/recipe" BUILD_TOOLS=0 \
-    CARGO_FLAGS= DEVICE_ARGS="--device cpu --dtype bf16" MAX_NEW_TOKENS=8 \
+  make_pipeline pipelines/zephyr-ultrachat.mk RUNS="$runs/recipe" CARGO_FLAGS= \
+    DEVICE_ARGS="--device cpu --dtype bf16" MAX_NEW_TOKENS=8 \
     POLICY="$recipe_models/tiny-mistral" RM="$recipe_models/tiny-rm-mistral" \
-    PROMPTS_FILE=testdata/shards/ultrachat-prompts.jsonl "$@" >>"$log" 2>&1
+    PROMPTS_FILE=testdata/shards/ultrachat-prompts.jsonl "$@"
 }
 recipe=$runs/recipe/zephyr-ultrachat
 : >"$log"

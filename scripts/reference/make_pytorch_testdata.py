@@ -67,7 +67,6 @@ def single_bf16(name: str) -> None:
 
 
 if __name__ == "__main__":
-    torch.manual_seed(0)
     sharded("tiny-rm-mistral", 2)
     single_bf16("tiny-llama")
     print("wrote", MODELS / "tiny-rm-mistral-pytorch", "and", MODELS / "tiny-llama-pytorch-bf16")

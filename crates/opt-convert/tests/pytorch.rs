@@ -51,22 +51,14 @@ fn assert_same_tensors(got: &BTreeMap<String, Tensor>, want: &BTreeMap<String, T
             (tensor.dtype(), tensor.dims()),
             "{name}"
         );
-        let bits = |t: &Tensor| -> Vec<u8> {
-            let t = t.flatten_all().unwrap();
-            match t.dtype() {
-                DType::BF16 => t
-                    .to_vec1::<half::bf16>()
-                    .unwrap()
-                    .iter()
-                    .flat_map(|x| x.to_bits().to_le_bytes())
-                    .collect(),
-                _ => t
-                    .to_vec1::<f32>()
-                    .unwrap()
-                    .iter()
-                    .flat_map(|x| x.to_bits().to_le_bytes())
-                    .collect(),
-            }
+        // Widening bf16 to f32 is exact, so equal f32 bits are equal stored bits (dtypes match).
+        let bits = |t: &Tensor| -> Vec<u32> {
+            let wide = t.flatten_all().unwrap().to_dtype(DType::F32).unwrap();
+            wide.to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect()
         };
         assert!(bits(other) == bits(tensor), "{name}: values differ");
     }

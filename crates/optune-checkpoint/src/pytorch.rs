@@ -10,6 +10,7 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::Tensor;
 use serde_json::{json, Map, Value};
 
+use crate::checkpoint::read_json;
 use crate::gguf::check_conversion_target;
 use crate::safetensors_file::write_safetensors;
 use optune_fs::write_dir_atomically;
@@ -28,10 +29,7 @@ pub fn pytorch_weight_files(dir: &Path) -> Result<Option<Vec<PathBuf>>> {
     if !index_path.is_file() {
         return Ok(None);
     }
-    let text = fs::read_to_string(&index_path)
-        .with_context(|| format!("reading {}", index_path.display()))?;
-    let index: Value =
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", index_path.display()))?;
+    let index = read_json(&index_path)?;
     let Some(map) = index.get("weight_map").and_then(Value::as_object) else {
         bail!("{}: no weight_map object", index_path.display());
     };
