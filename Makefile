@@ -462,7 +462,7 @@ cuda-check-dry: tools
 bench-train:
 	scripts/bench/bench_train.sh $(BENCH_ARGS)
 
-# This machine's matrix-product roofs: our f32 (gemm) and bf16 (AVX512-BF16) products against
+# This machine's matrix-product roofs: our f32 (gemm) and bf16 (AVX512-BF16 or AVX2) products against
 # torch's on the shapes of a SmolLM2 training and decode step, in one run; needs a Python with
 # torch (OPTUNE_BENCH_PYTHON, else python3). Not part of `make test`.
 .PHONY: bench-roof

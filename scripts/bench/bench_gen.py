@@ -26,11 +26,11 @@ a time, batch B runs B prompts together) and dtype (--dtypes, default f32,bf16):
     clock on a busy machine, and each side's fractions of the roofs (below).
 
 Both sides use the same number of threads (torch.set_num_threads / opt-gen --threads). What bf16
-means: transformers holds bf16 weights and computes in bf16. opt-gen --dtype bf16 on a CPU with
-AVX512-BF16 keeps f32 tensors and runs the matrix products with bf16 operands and f32 sums
-(docs/perf.md, "bf16 on this CPU"); the decode step multiplies by bf16-packed copies of every
-linear weight and of the head, packed once and kept across steps. Without AVX512-BF16 (or with
-OPTUNE_KERNELS=generic) it runs candle's bf16 tensors.
+means: transformers holds bf16 weights and computes in bf16. opt-gen --dtype bf16 on an x86-64
+CPU keeps f32 tensors and runs the matrix products with bf16 operands and f32 sums, on
+AVX512-BF16's instruction or else AVX2's f32 multiply-adds (docs/perf.md, "bf16 on this CPU");
+the decode step multiplies by bf16-packed copies of every linear weight and of the head, packed
+once and kept across steps. With OPTUNE_KERNELS=generic it runs candle's bf16 tensors.
 
 Roofs, measured in the same run: torch's copy bandwidth and the best product rate ours or torch's
 reach on a [256, hidden] x [hidden, intermediate] product, per dtype. The bandwidth fraction counts

@@ -25,9 +25,9 @@ What it does, on each model (--models) and dtype (--dtypes, default f32,bf16):
     dtype (both sides' f32 should agree to ~1e-6).
 
 Both sides use the same number of threads. What bf16 means: transformers holds bf16 weights and
-computes in bf16; opt-score --dtype bf16 on a CPU with AVX512-BF16 keeps f32 tensors and runs the
-products with bf16 operands and f32 sums, and without it runs candle's bf16 tensors (its summary
-says `kernels=generic` then).
+computes in bf16; opt-score --dtype bf16 on an x86-64 CPU with AVX512-BF16 or AVX2 keeps f32
+tensors and runs the products with bf16 operands and f32 sums, and elsewhere runs candle's bf16
+tensors (its summary says `kernels=generic` then).
 
 Models: the random llama of bench_gen (12.9M parameters, 8.2M of them the tied embedding; the
 tokenizer of testdata/models/tiny-llama) and, when OPTUNE_SMOLLM2_DIR names its converted

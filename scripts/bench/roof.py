@@ -1,9 +1,9 @@
 """This machine's matrix-product roofs, ours and torch's, in one run (`make bench-roof`).
 
 Runs `cargo bench -p optune-kernels --bench roof` (f32 products by `gemm`, bf16 products by
-optune's AVX512-BF16 kernel, on the shapes of a SmolLM2-135M training step and a decode step),
-then times torch's f32 and bf16 matmul on the same shapes with the same thread count, and prints
-one table: GFLOP/s of each, and ours as a fraction of torch's.
+optune's bf16 kernel, on AVX512-BF16 or else AVX2's emulation, on the shapes of a SmolLM2-135M
+training step and a decode step), then times torch's f32 and bf16 matmul on the same shapes with
+the same thread count, and prints one table: GFLOP/s of each, and ours as a fraction of torch's.
 
     python scripts/bench/roof.py [--threads N]
 
@@ -39,7 +39,7 @@ def best_seconds(f, budget: float = 0.6) -> float:
 def ours_matmul_gflops(shapes: list, threads: int) -> list:
     """Our kernels' GFLOP/s on each (m, n, k) (none: the bench's own SmolLM2 shapes): `cargo bench
     --bench roof -- --shape ...`; rows with "shape", "m", "n", "k", "f32" and "bf16" (None without
-    AVX512-BF16)."""
+    bf16 products)."""
     repo = Path(__file__).resolve().parents[2]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "roof.jsonl"

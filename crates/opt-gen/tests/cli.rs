@@ -602,10 +602,10 @@ fn generic_kernels_give_the_fused_greedy_output() {
 
 /// --kv-memory sizes the batch from the free memory (and --batch-size caps it): a batch size,
 /// so the same output as any other on the fused path; a budget too small for one sequence, or a
-/// fraction outside (0, 1], is refused with the reason. On a tensor cache (bf16 on the CPU here,
-/// as any dtype on a GPU) it pages the cache: with the same batch, the same responses to the bit
-/// as the cache by slot (the same numbers read in the same order; how requests wait for blocks
-/// is tested in optune-model's paged_cache).
+/// fraction outside (0, 1], is refused with the reason. On a tensor cache (bf16 on the CPU's
+/// generic kernels, as any dtype on a GPU) it pages the cache: with the same batch, the same
+/// responses to the bit as the cache by slot (the same numbers read in the same order; how
+/// requests wait for blocks is tested in optune-model's paged_cache).
 #[test]
 fn kv_memory_sizes_the_batch() {
     let m = model("tiny-llama");
@@ -661,7 +661,16 @@ fn kv_memory_sizes_the_batch() {
             "--kv-memory {fraction}: {stderr}"
         );
     }
-    let bf16 = ["--dtype", "bf16", "--batch-size", "4"];
+    // bf16 tensors on the generic kernels: the paged tensor cache a GPU takes (the fused kernels
+    // run bf16 as f32 tensors with bf16 products, in the host cache by slot).
+    let bf16 = [
+        "--dtype",
+        "bf16",
+        "--batch-size",
+        "4",
+        "--kernels",
+        "generic",
+    ];
     let by_slot = run(&base(&bf16));
     let out = opt_gen(
         &[

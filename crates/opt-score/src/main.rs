@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 ///                      own tokens in a KV-cache slot of its own, a longer one fed in pieces;
 ///                      --batch-tokens is sized from the free memory, and the plan printed before
 ///                      the first pass (a pass that cannot fit is refused then). On the CPU's
-///                      fused kernels (f32; bf16 where the CPU has AVX512-BF16) a pass holds
+///                      fused kernels (f32; bf16 where the CPU has bf16 products) a pass holds
 ///                      sequences of one length; with generic kernels it is packed, as on a GPU.
 ///                      A row's reward does not depend on the rows beside it, the batching or
 ///                      --shard (to the bit on the CPU's fused kernels; to rounding elsewhere).

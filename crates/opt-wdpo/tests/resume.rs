@@ -307,7 +307,7 @@ fn a_state_of_other_arguments_is_refused() {
         &outcome,
         "policy.state holds the unfinished work of a run with other arguments or inputs (--beta: 0.1 then, 0.2 now)",
     );
-    // Another precision: on a CPU with AVX512-BF16, --dtype bf16 keeps f32 tensors and takes
+    // Another precision: on a CPU with bf16 products, --dtype bf16 keeps f32 tensors and takes
     // bf16 products, which the state has to tell from f32.
     let (outcome, _) = timed(&mut wdpo(&pairs, &output, &["--dtype", "bf16"]));
     assert_failed(&outcome, "(--dtype: f32 then, ");

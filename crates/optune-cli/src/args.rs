@@ -12,9 +12,10 @@ pub struct RuntimeArgs {
     #[arg(long, value_name = "DEVICE")]
     pub device: Option<String>,
 
-    /// f32, bf16 or f16 [default: f32 on cpu, bf16 on cuda]. On a CPU with AVX512-BF16 (fused
-    /// kernels), bf16 keeps tensors in f32 and runs the matrix products with bf16 operands and
-    /// f32 sums; elsewhere it computes in bf16 tensors
+    /// f32, bf16 or f16 [default: f32 on cpu, bf16 on cuda]. On an x86-64 CPU (fused kernels),
+    /// bf16 keeps tensors in f32 and runs the matrix products with bf16 operands and f32 sums
+    /// (AVX512-BF16's instruction, else AVX2's f32 multiply-adds on the widened operands);
+    /// elsewhere, and with --kernels generic, it computes in bf16 tensors
     #[arg(long, value_name = "DTYPE")]
     pub dtype: Option<String>,
 
@@ -51,9 +52,9 @@ impl RuntimeArgs {
             && optune_kernels::bf16_products_available()
         {
             // bf16 on the CPU's fused path: f32 tensors, matrix products with bf16 operands and
-            // f32 sums (vdpbf16ps). Everything but the products stays in f32, where this CPU
-            // has no faster form, and no bf16 tensor needs converting on its way through the
-            // f32 kernels.
+            // f32 sums (vdpbf16ps, or AVX2's FMAs). Everything but the products stays in f32,
+            // where this CPU has no faster form, and no bf16 tensor needs converting on its way
+            // through the f32 kernels.
             optune_kernels::set_f32_product_precision(optune_kernels::ProductPrecision::Bf16)
                 .map_err(anyhow::Error::msg)?;
             dtype = DType::F32;

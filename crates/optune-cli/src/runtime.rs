@@ -65,7 +65,7 @@ pub fn dtype_on(spec: Option<&str>, cuda: bool) -> Result<candle_core::DType> {
 
 /// The arithmetic a run computes in, as a journal or training state records it: the dtype, and
 /// what [`crate::RuntimeArgs::init`] set beside it (bf16 products of f32 tensors on a CPU with
-/// AVX512-BF16, `--dtype bf16` there; TF32 products of f32 on a GPU, `--tf32`). A run resumed in
+/// bf16 products, `--dtype bf16` there; TF32 products of f32 on a GPU, `--tf32`). A run resumed in
 /// another precision would mix two in one output, so it is refused.
 pub fn precision(device: &candle_core::Device, dtype: candle_core::DType) -> String {
     let name = format!("{dtype:?}").to_lowercase();

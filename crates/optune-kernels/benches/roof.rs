@@ -98,7 +98,8 @@ fn main() {
             .collect(),
         false => asked,
     };
-    println!("threads={threads} avx512bf16={bf16}");
+    let form = optune_kernels::bf16_products().map_or("none", |f| f.name());
+    println!("threads={threads} bf16_products={form}");
     println!("| shape | m | n | k | f32 GFLOP/s | bf16 GFLOP/s | bf16 / f32 |");
     println!("|---|---:|---:|---:|---:|---:|---:|");
     let (mut best32, mut best16) = (0f64, 0f64);

@@ -101,8 +101,8 @@ impl Path {
 
 /// The rule, the only place it is written ([`autograd_path`] and [`decode_path`] apply it): the
 /// fused forms run on the CPU, in a dtype they are written for (`written_for`: f32 and f64 for
-/// the autograd ops, f32 for the host decode kernels, and bf16 for both on CPUs with
-/// AVX512-BF16), unless the process chose generic kernels. Everything else, CUDA included, takes
+/// the autograd ops, f32 for the host decode kernels, and bf16 for both on CPUs with bf16
+/// products: AVX512-BF16, or AVX2 and FMA), unless the process chose generic kernels. Everything else, CUDA included, takes
 /// the generic ops. Asked for every op of every pass, so it allocates nothing.
 fn path(device: &Device, dtype: DType, written_for: &[DType]) -> Path {
     let has_form = written_for.contains(&dtype)
@@ -115,13 +115,13 @@ fn path(device: &Device, dtype: DType, written_for: &[DType]) -> Path {
 }
 
 /// Where the fused autograd ops (training, scoring, log-probs) run: the CPU in f32, f64 and, on
-/// CPUs with AVX512-BF16, bf16 (its products on `vdpbf16ps`; without it candle's generic bf16).
+/// CPUs with bf16 products ([`crate::bf16_products`]), bf16; elsewhere candle's generic bf16.
 pub fn autograd_path(device: &Device, dtype: DType) -> Path {
     path(device, dtype, &[DType::F32, DType::F64])
 }
 
-/// Where the host decode kernels (generation's step) run: the CPU in f32 and, on CPUs with
-/// AVX512-BF16, bf16 (bf16 products, everything else in f32).
+/// Where the host decode kernels (generation's step) run: the CPU in f32 and, on CPUs with bf16
+/// products, bf16 (bf16 products, everything else in f32).
 pub fn decode_path(device: &Device, dtype: DType) -> Path {
     path(device, dtype, &[DType::F32])
 }

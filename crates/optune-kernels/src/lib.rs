@@ -41,8 +41,8 @@ pub use dispatch::{autograd_path, decode_path, kernels, path_for, set_kernels, K
 pub use dropout::{dropout, dropout_key, DropoutMask};
 pub use grad_buffers::GradBuffers;
 pub use matmul::{
-    bf16_products_available, f32_product_precision, matmul_bf16, matmul_bf16_packed,
-    set_f32_product_precision, Bf16Source, Mat, PackedRhs, ProductPrecision,
+    bf16_products, bf16_products_available, f32_product_precision, matmul_bf16, matmul_bf16_packed,
+    set_f32_product_precision, Bf16Products, Bf16Source, Mat, PackedRhs, ProductPrecision,
 };
 pub use ops::{
     accumulation_dtype, add_rms_norm, embedding, linear, lora_linear, rms_norm, rotary_attention,

@@ -1,4 +1,4 @@
-//! The decode step under bf16 products (`--dtype bf16` on a CPU with AVX512-BF16). Its own test
+//! The decode step under bf16 products (`--dtype bf16` on a CPU with bf16 products). Its own test
 //! binary: the product precision is process-wide and would reach the other tests' threads.
 
 use candle_core::{DType, Device, Var};
@@ -40,7 +40,7 @@ fn greedy(model: &Transformer) -> Vec<Vec<u32>> {
 #[test]
 fn decoding_reads_variables_updated_in_place() {
     if !bf16_products_available() {
-        eprintln!("skipped: this CPU has no AVX512-BF16");
+        eprintln!("skipped: this CPU runs no bf16 products");
         return;
     }
     set_f32_product_precision(ProductPrecision::Bf16).unwrap();
