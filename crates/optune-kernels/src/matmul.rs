@@ -486,6 +486,9 @@ fn matmul_bf16_packed_by<A: Bf16Source>(
     let threads = rayon::current_num_threads().max(1);
     let out = SharedOut(dst.as_mut_ptr());
     let mut packed_lhs = Vec::new();
+    // The emulated kernel's lhs: the packed tiles widened to f32, once per k block (not once per
+    // rhs panel a tile meets).
+    let mut widened_lhs = Vec::new();
     let m_tiles = m.div_ceil(MR);
     // lhs lines are its rows (`rs` apart), `cs` apart along k.
     let lhs_lines = Lines {
@@ -509,6 +512,19 @@ fn matmul_bf16_packed_by<A: Bf16Source>(
                 // operand; the tile holds `pairs` lanes for each of MR rows.
                 unsafe { lhs_lines.pack(t * MR, MR, m, k0, kc, tile, pairs, 1) }
             });
+        if form == Bf16Products::Emulated {
+            widened_lhs.resize(packed_lhs.len() * 2, 0f32);
+            widened_lhs
+                .par_chunks_mut(MR * 2 * pairs)
+                .zip(packed_lhs.par_chunks(MR * pairs))
+                .for_each(|(floats, lanes)| {
+                    for (two, &lane) in floats.chunks_exact_mut(2).zip(lanes) {
+                        // A bf16 is the high half of its f32: exact.
+                        two[0] = f32::from_bits(lane << 16);
+                        two[1] = f32::from_bits(lane & 0xffff_0000);
+                    }
+                });
+        }
         for n0 in (0..n).step_by(NC) {
             let packed_rhs = blocks.next().expect("one packed block per (k, n) block");
             let panels = NC.min(n - n0).div_ceil(NR);
@@ -517,7 +533,7 @@ fn matmul_bf16_packed_by<A: Bf16Source>(
             // (decoding), and when a few row blocks would leave a thread idle at the end.
             let groups = (8 * threads).div_ceil(m_blocks).clamp(1, panels);
             let per_group = panels.div_ceil(groups);
-            let packed_lhs = &packed_lhs;
+            let (packed_lhs, widened_lhs) = (&packed_lhs, &widened_lhs);
             (0..m_blocks * groups).into_par_iter().for_each(|task| {
                 let (mb, g) = (task / groups, task % groups);
                 let tiles = (mb * MC / MR)..((mb + 1) * MC / MR).min(m_tiles);
@@ -528,14 +544,20 @@ fn matmul_bf16_packed_by<A: Bf16Source>(
                     for t in tiles.clone() {
                         let row = t * MR;
                         let rows = MR.min(m - row);
-                        let lhs_tile = &packed_lhs[t * MR * pairs..(t + 1) * MR * pairs];
+                        let lhs_tile = match form {
+                            Bf16Products::Native => {
+                                LhsTile::Pairs(&packed_lhs[t * MR * pairs..(t + 1) * MR * pairs])
+                            }
+                            Bf16Products::Emulated => LhsTile::Widened(
+                                &widened_lhs[t * MR * 2 * pairs..(t + 1) * MR * 2 * pairs],
+                            ),
+                        };
                         // SAFETY: the tasks write disjoint blocks of dst (rows of `mb`, columns
                         // of `g`'s panels), each inside m × n; the packed tiles hold `pairs`
                         // pairs of MR rows / NR columns; the CPU runs `form` (the callers
                         // check).
                         unsafe {
                             micro_tile(
-                                form,
                                 pairs,
                                 lhs_tile,
                                 rhs_panel,
@@ -663,19 +685,28 @@ impl<T: Bf16Source> Lines<T> {
     }
 }
 
+/// One MR-row tile of the packed lhs, in the form its kernel reads.
+#[derive(Clone, Copy)]
+enum LhsTile<'a> {
+    /// `[MR][pairs]` lanes of two bf16, as `vdpbf16ps` multiplies them ([`Bf16Products::Native`]).
+    Pairs(&'a [u32]),
+    /// `[MR][2 · pairs]` floats, each lane's two bf16 widened to f32, the even `k` first
+    /// ([`Bf16Products::Emulated`]).
+    Widened(&'a [f32]),
+}
+
 /// `c [rows, cols] (+)= lhs_tile · rhs_panel` over `pairs` k-pairs, for one MR × NR micro-tile
-/// (`rows ≤ MR`, `cols ≤ NR`), by `form`'s kernel; a partial tile goes through a buffer of the
-/// whole tile's size, so the kernels' vector loads and stores stay in bounds, and its padding
-/// lanes are computed and dropped.
+/// (`rows ≤ MR`, `cols ≤ NR`), by the kernel of the tile's form; a partial tile goes through a
+/// buffer of the whole tile's size, so the kernels' vector loads and stores stay in bounds, and
+/// its padding lanes are computed and dropped.
 ///
 /// # Safety
-/// The CPU runs `form`; `c` points at `rows` rows of `cols` writable floats, `ldc` apart; the
-/// tiles hold `pairs × MR` and `pairs × NR` lanes.
+/// The CPU runs the tile's form; `c` points at `rows` rows of `cols` writable floats, `ldc`
+/// apart; the tiles hold `pairs` pairs of MR rows and `pairs × NR` lanes.
 #[allow(clippy::too_many_arguments)]
 unsafe fn micro_tile(
-    form: Bf16Products,
     pairs: usize,
-    lhs_tile: &[u32],
+    lhs_tile: LhsTile,
     rhs_panel: &[u32],
     c: *mut f32,
     ldc: usize,
@@ -683,7 +714,7 @@ unsafe fn micro_tile(
     cols: usize,
     add: bool,
 ) {
-    debug_assert!(lhs_tile.len() >= MR * pairs && rhs_panel.len() >= pairs * NR);
+    debug_assert!(rhs_panel.len() >= pairs * NR);
     let full = rows == MR && cols == NR;
     let mut edge = [0f32; MR * NR];
     let (base, ld) = if full {
@@ -696,16 +727,17 @@ unsafe fn micro_tile(
         }
         (edge.as_mut_ptr(), NR)
     };
-    match form {
+    match lhs_tile {
         #[cfg(target_arch = "x86_64")]
-        Bf16Products::Native => whole_tile_avx512(pairs, lhs_tile, rhs_panel, base, ld, add),
-        #[cfg(target_arch = "x86_64")]
+        LhsTile::Pairs(lanes) => whole_tile_avx512(pairs, lanes, rhs_panel, base, ld, add),
         // A decoding step's one or two rows take the narrower tile, which computes no padding.
-        Bf16Products::Emulated if rows <= 2 => {
-            whole_tile_avx2::<2, 3>(pairs, lhs_tile, rhs_panel, base, ld, rows, add)
+        #[cfg(target_arch = "x86_64")]
+        LhsTile::Widened(floats) if rows <= 2 => {
+            whole_tile_avx2::<2, 3>(pairs, floats, rhs_panel, base, ld, rows, add)
         }
-        Bf16Products::Emulated => {
-            whole_tile_avx2::<4, 2>(pairs, lhs_tile, rhs_panel, base, ld, rows, add)
+        #[cfg(target_arch = "x86_64")]
+        LhsTile::Widened(floats) => {
+            whole_tile_avx2::<4, 2>(pairs, floats, rhs_panel, base, ld, rows, add)
         }
         #[cfg(not(target_arch = "x86_64"))]
         _ => unreachable!("bf16 products run on x86-64 only"),
@@ -733,6 +765,7 @@ unsafe fn whole_tile_avx512(
     add: bool,
 ) {
     use std::arch::x86_64::*;
+    debug_assert!(lhs_tile.len() >= MR * pairs);
     let mut acc = [[_mm512_setzero_ps(); NV]; MR];
     if add {
         for (r, row) in acc.iter_mut().enumerate() {
@@ -768,9 +801,9 @@ unsafe fn whole_tile_avx512(
     }
 }
 
-/// [`micro_tile`]'s MR × NR tile on AVX2 + FMA ([`Bf16Products::Emulated`]): the lhs tile
-/// widened to f32 once, then register tiles of `R` rows × `V` vectors of 8 sums, each pair as
-/// two FMAs (the odd `k` first). With R = 4, V = 2 the sums, each row's two widened lhs values
+/// [`micro_tile`]'s MR × NR tile on AVX2 + FMA ([`Bf16Products::Emulated`]), from the widened
+/// lhs tile ([`LhsTile::Widened`]): register tiles of `R` rows × `V` vectors of 8 sums, each
+/// pair as two FMAs (the odd `k` first). With R = 4, V = 2 the sums, each row's two widened lhs values
 /// and one rhs vector's two halves fill 18 registers of 16, and the compiler reloads the lhs
 /// values from the widened copy; it measured 0.8× gemm's f32 rate here, against 0.6× for
 /// R = 2, V = 3 and 0.5× for R = 4, V = 3 (an rhs vector is widened once for R rows, so more
@@ -780,13 +813,12 @@ unsafe fn whole_tile_avx512(
 ///
 /// # Safety
 /// The CPU has AVX2 and FMA; `c` points at MR rows of NR writable floats, `ldc` apart; the tiles
-/// hold `pairs × MR` and `pairs × NR` lanes; `pairs ≤ KC / 2`; R divides MR and V divides NR / 8.
+/// hold `MR × 2 · pairs` floats and `pairs × NR` lanes; R divides MR and V divides NR / 8.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn whole_tile_avx2<const R: usize, const V: usize>(
     pairs: usize,
-    lhs_tile: &[u32],
+    widened: &[f32],
     rhs_panel: &[u32],
     c: *mut f32,
     ldc: usize,
@@ -794,21 +826,10 @@ unsafe fn whole_tile_avx2<const R: usize, const V: usize>(
     add: bool,
 ) {
     use std::arch::x86_64::*;
-    debug_assert!(2 * pairs <= KC);
+    debug_assert!(widened.len() >= MR * 2 * pairs);
     let live = rows.div_ceil(R) * R;
-    // Row r's k-th element at widened[r * 2 * pairs + k] (a bf16 is the high half of its f32),
-    // for the live rows only: a decoding step's tile is mostly padding, and zeroing the whole
-    // buffer for every panel would cost about as much as reading the panel.
-    let mut buffer = std::mem::MaybeUninit::<[f32; MR * KC]>::uninit();
-    let widened = buffer.as_mut_ptr().cast::<f32>();
-    for r in 0..live {
-        for p in 0..pairs {
-            let lane = lhs_tile[r * pairs + p];
-            // SAFETY: r < MR and 2 · pairs ≤ KC, so both indices lie inside the buffer.
-            *widened.add(r * 2 * pairs + 2 * p) = f32::from_bits(lane << 16);
-            *widened.add(r * 2 * pairs + 2 * p + 1) = f32::from_bits(lane & 0xffff_0000);
-        }
-    }
+    // Row r's k-th element at a[r * 2 * pairs + k].
+    let a = widened.as_ptr();
     let high = _mm256_set1_epi32(0xffff_0000u32 as i32);
     let b = rhs_panel.as_ptr();
     for r0 in (0..live).step_by(R) {
@@ -826,9 +847,9 @@ unsafe fn whole_tile_avx2<const R: usize, const V: usize>(
                 let mut odd = [_mm256_setzero_ps(); R];
                 for r in 0..R {
                     let at = (r0 + r) * 2 * pairs + 2 * p;
-                    // SAFETY: rows r0 + r < live were written above, both elements of pair p.
-                    even[r] = _mm256_set1_ps(*widened.add(at));
-                    odd[r] = _mm256_set1_ps(*widened.add(at + 1));
+                    // SAFETY: r0 + r < live ≤ MR and p < pairs: inside the tile's floats.
+                    even[r] = _mm256_set1_ps(*a.add(at));
+                    odd[r] = _mm256_set1_ps(*a.add(at + 1));
                 }
                 for v in 0..V {
                     let lanes = _mm256_loadu_si256(b.add(p * NR + 8 * (v0 + v)).cast());
