@@ -12,10 +12,10 @@ pub struct RuntimeArgs {
     #[arg(long, value_name = "DEVICE")]
     pub device: Option<String>,
 
-    /// f32, bf16 or f16 [default: f32 on cpu, bf16 on cuda]. On an x86-64 CPU (fused kernels),
-    /// bf16 keeps tensors in f32 and runs the matrix products with bf16 operands and f32 sums
-    /// (AVX512-BF16's instruction, else AVX2's f32 multiply-adds on the widened operands);
-    /// elsewhere, and with --kernels generic, it computes in bf16 tensors
+    /// f32, bf16 or f16 [default: f32 on cpu, bf16 on cuda]. On an x86-64 CPU with AVX2 or
+    /// AVX512-BF16 (fused kernels), bf16 keeps tensors in f32 and runs the matrix products with
+    /// bf16 operands and f32 sums (AVX512-BF16's instruction, else AVX2's f32 multiply-adds on
+    /// the widened operands); elsewhere, and with --kernels generic, it computes in bf16 tensors
     #[arg(long, value_name = "DTYPE")]
     pub dtype: Option<String>,
 

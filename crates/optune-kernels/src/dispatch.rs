@@ -102,8 +102,9 @@ impl Path {
 /// The rule, the only place it is written ([`autograd_path`] and [`decode_path`] apply it): the
 /// fused forms run on the CPU, in a dtype they are written for (`written_for`: f32 and f64 for
 /// the autograd ops, f32 for the host decode kernels, and bf16 for both on CPUs with bf16
-/// products: AVX512-BF16, or AVX2 and FMA), unless the process chose generic kernels. Everything else, CUDA included, takes
-/// the generic ops. Asked for every op of every pass, so it allocates nothing.
+/// products: AVX512-BF16, or AVX2 and FMA), unless the process chose generic kernels.
+/// Everything else, CUDA included, takes the generic ops. Asked for every op of every pass, so
+/// it allocates nothing.
 fn path(device: &Device, dtype: DType, written_for: &[DType]) -> Path {
     let has_form = written_for.contains(&dtype)
         || (dtype == DType::BF16 && crate::matmul::bf16_products_available());
