@@ -118,6 +118,10 @@ REF ?= initial
 TRAIN_ARGS ?=
 # Given to opt-gen, opt-score and opt-wdpo, e.g. `--device cuda --dtype bf16`.
 DEVICE_ARGS ?=
+# Variables for the policy's chat template, given to opt-gen and opt-wdpo alike (a prompt's tokens
+# are its rendering), e.g. CHAT_TEMPLATE_KWARGS='{"enable_thinking": false}' for Qwen3 replies
+# without a reasoning block. A reward model's go into SCORE_ARGS (--chat-template-kwargs).
+CHAT_TEMPLATE_KWARGS ?=
 # Beyond one process (docs/pipeline.md): SHARDS=N runs generation, scoring, the reference
 # log-probs and the held-out evaluation as N `--shard K/N` jobs, merged by opt-cat, which checks
 # that the parts cover every prompt exactly once; make -j runs them side by side.
@@ -162,7 +166,7 @@ SELECT_HISTORY_history ?= 1
 TIMED = scripts/pipeline/timed.sh
 SETTINGS_VARS = PIPELINE NAME POLICY PROMPTS_FILE PROMPTS EVAL_PROMPTS EVAL_N EVAL_SEED N TEMPERATURE \
   TOP_P MAX_NEW_TOKENS GEN_BATCH GEN_ARGS SEED RHO SELECT_BY SELECT_ARGS SELECT_HISTORY PAIRS_ARGS REF SCORE_ARGS \
-  TRAIN_ARGS DEVICE_ARGS TRAIN_DEVICES
+  TRAIN_ARGS DEVICE_ARGS TRAIN_DEVICES CHAT_TEMPLATE_KWARGS
 
 # Rules exist for iterations 1..max(MAX_ITER, ITERS, any iterN named on the command line).
 ITER_LAST := $(shell printf '%s\n' $(MAX_ITER) $(ITERS) $(patsubst iter%,%,$(filter iter%,$(MAKECMDGOALS))) \
@@ -170,6 +174,7 @@ ITER_LAST := $(shell printf '%s\n' $(MAX_ITER) $(ITERS) $(patsubst iter%,%,$(fil
 ITER_NUMS := $(shell seq 1 $(ITER_LAST))
 
 iter_dir = $(RUN_DIR)/iter$(1)
+template_args = $(if $(strip $(CHAT_TEMPLATE_KWARGS)),--chat-template-kwargs '$(subst ','"'"',$(strip $(CHAT_TEMPLATE_KWARGS)))')
 # The policy that iteration N generates with and trains from is policy N-1; policy 0 is POLICY.
 policy_of = $(if $(filter 0,$(1)),$(POLICY),$(RUN_DIR)/iter$(1)/policy)
 policy_file = $(if $(filter 0,$(1)),,$(RUN_DIR)/iter$(1)/policy/config.json)
@@ -250,7 +255,7 @@ $(call stage_files,$(call iter_dir,$(1))/responses.parquet): $(if $(filter 1,$(1
 	$$(LAUNCH) $(TIMED) gen $$(SHARD_LOG) --rows responses --tokens new_tokens -- \
 	  $(BIN)/opt-gen --model $(call policy_of,$(2)) $$< $$(SHARD_ARGS) --n $(N) --temperature $(TEMPERATURE) \
 	  --top-p $(TOP_P) --max-new-tokens $(MAX_NEW_TOKENS) --batch-size $(GEN_BATCH) \
-	  --seed $(call plus,$(SEED),$(1)) $(GEN_ARGS) $(DEVICE_ARGS)
+	  --seed $(call plus,$(SEED),$(1)) $(GEN_ARGS) $(template_args) $(DEVICE_ARGS)
 
 $(call sharded_stage,$(call iter_dir,$(1))/new_scored.parquet,$(call iter_dir,$(1))/responses.parquet,score)
 $(call stage_files,$(call iter_dir,$(1))/new_scored.parquet): $(call iter_dir,$(1))/responses.parquet | $(SCORE_DEPS) tools settings
@@ -277,7 +282,7 @@ $(call shard_parts,$(call iter_dir,$(1))/pairs_ref.parquet): $(call iter_dir,$(1
 	@mkdir -p $$(@D)
 	$$(LAUNCH) $(TIMED) ref $$(SHARD_LOG) --rows pairs -- \
 	  $(BIN)/opt-wdpo --policy $(call policy_of,$(2)) $(call ref_arg,$(2)) $$< --reference-only $$(SHARD_ARGS) \
-	  --seed $(call plus,$(SEED),$(1)) $(TRAIN_ARGS) $(DEVICE_ARGS)
+	  --seed $(call plus,$(SEED),$(1)) $(TRAIN_ARGS) $(template_args) $(DEVICE_ARGS)
 endif
 
 # A policy directory is complete once config.json is there; anything else in it is left
@@ -288,7 +293,7 @@ $(call iter_dir,$(1))/policy/config.json: $(call iter_dir,$(1))/$(if $(REF_STAGE
 	rm -rf $(call iter_dir,$(1))/policy
 	$(call launch,$(call job_name,$(call iter_dir,$(1))/train)) $(TIMED) train $(call iter_dir,$(1))/logs/train.csv --rows pairs --tokens tokens -- \
 	  $(BIN)/opt-wdpo --policy $(call policy_of,$(2)) $(call ref_arg,$(2)) $$< -o $(call iter_dir,$(1))/policy \
-	  --seed $(call plus,$(SEED),$(1)) $(TRAIN_ARGS) $(DEVICE_ARGS) $(train_device_args)
+	  --seed $(call plus,$(SEED),$(1)) $(TRAIN_ARGS) $(template_args) $(DEVICE_ARGS) $(train_device_args)
 	$(if $(REF_STAGE),rm -f $(call iter_dir,$(1))/pairs_ref.parquet)
 
 $(call iter_dir,$(1))/metrics.csv: $(call iter_dir,$(1))/policy/config.json
@@ -313,7 +318,7 @@ $(call stage_files,$(call iter_dir,$(1))/eval_responses.parquet): $(RUN_DIR)/eva
 	$$(LAUNCH) $(TIMED) eval-gen $$(SHARD_LOG) --rows responses --tokens new_tokens -- \
 	  $(BIN)/opt-gen --model $(call policy_of,$(1)) $$< $$(SHARD_ARGS) --n $(EVAL_N) --temperature $(TEMPERATURE) \
 	  --top-p $(TOP_P) --max-new-tokens $(MAX_NEW_TOKENS) --batch-size $(GEN_BATCH) --seed $(EVAL_SEED) \
-	  $(GEN_ARGS) $(DEVICE_ARGS)
+	  $(GEN_ARGS) $(template_args) $(DEVICE_ARGS)
 
 $(call sharded_stage,$(call iter_dir,$(1))/eval_scored.parquet,$(call iter_dir,$(1))/eval_responses.parquet,eval-score)
 $(call stage_files,$(call iter_dir,$(1))/eval_scored.parquet): $(call iter_dir,$(1))/eval_responses.parquet | $(SCORE_DEPS) tools settings

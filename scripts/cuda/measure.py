@@ -593,7 +593,7 @@ def logprobs_policies(bins: Path, work: Path) -> None:
     R.detail("|---|---|---:|---:|---:|---|")
     worst = {"f32": 0.0, "bf16": 0.0, "hf": 0.0}
     count = 0
-    for name in ["tiny-llama", "tiny-mistral", "tiny-qwen2"]:
+    for name in ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3"]:
         model = TESTDATA / "models" / name
         pairs_file = work / f"{name}-pairs.jsonl"
         cases = reference_pairs(name, pairs_file)
@@ -615,7 +615,7 @@ def logprobs_policies(bins: Path, work: Path) -> None:
             R.detail(f"| {name} | {label} | {len(a)} | {w:.2e} | {tol:g} | {'pass' if w <= tol else 'FAIL'} |")
         R.raw.setdefault("logprobs", {})[name] = {"values": got, "transformers_chosen": hf}
     R.detail()
-    for key, what, tol in [("f32", f"log-probs CUDA f32 vs CPU f32, max rel. diff ({count}, 3 tiny models)", 1e-4),
+    for key, what, tol in [("f32", f"log-probs CUDA f32 vs CPU f32, max rel. diff ({count}, 4 tiny models)", 1e-4),
                            ("bf16", f"log-probs CUDA bf16 vs CPU f32, max rel. diff ({count})", 1e-2),
                            ("hf", "log-probs CUDA f32 vs transformers (stored), max rel. diff", 1e-4)]:
         text, kind = verdict(worst[key], tol)
@@ -630,7 +630,7 @@ def logprobs_rewards(bins: Path, work: Path) -> None:
     R.detail("| reward model | compared | rows | max diff / max abs | tolerance | result |")
     R.detail("|---|---|---:|---:|---:|---|")
     worst = {"cuda-f32": 0.0, "cuda-bf16": 0.0}
-    for name in ["tiny-rm-llama", "tiny-rm-mistral", "tiny-rm-qwen2"]:
+    for name in ["tiny-rm-llama", "tiny-rm-mistral", "tiny-rm-qwen2", "tiny-rm-qwen3"]:
         model = TESTDATA / "models" / name
         cases = json.loads((TESTDATA / "reference" / f"{name}.json").read_text())["cases"]
         rows = [{"prompt_id": f"r{i}", "messages": messages_of(c), "response": c["response"]}

@@ -24,12 +24,17 @@
 #      testdata/shards/ultrachat-prompts.jsonl, --device cpu, no CUDA build, 8 new tokens):
 #      iterations 1-2 with TRAIN=lora, iteration 1 with TRAIN=full on TRAIN_DEVICES="cpu cpu",
 #      and the refusals of a missing POLICY and of three training devices.
+#   9. a Qwen3 policy and reward model (tiny-qwen3, tiny-rm-qwen3) through iteration 1, with and
+#      without CHAT_TEMPLATE_KWARGS='{"enable_thinking": false}': the variables reach every
+#      opt-gen and opt-wdpo run, and the prompts they render change the responses' log-probs.
 # Ends with `pipeline-test: N passed, N failed`. KEEP_RUNS=1 keeps the temporary directory.
 set -uo pipefail
 
 cd "$(dirname "$0")/../.."
 MAKE=${MAKE:-make}
 PYTHON=${OPTUNE_PYTHON:-python3}
+# Where make puts the tools (its CARGO_TARGET_DIR default, which it exports).
+BIN_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/optune-target}/release
 runs=$(mktemp -d "${TMPDIR:-/tmp}/optune-pipeline-test.XXXXXX")
 log=$runs/make.log
 passed=0 failed=0
@@ -227,5 +232,26 @@ if ! recipe_make -n iter1 TRAIN=full TRAIN_DEVICES="cpu cpu cpu" \
   && ! recipe_make iter1 POLICY= && grep -q "POLICY is not set" "$log"; then
   ok "the recipe refuses three training devices and a missing POLICY, naming them"
 else fail "the recipe's refusals"; tail -n 10 "$log"; fi
+
+# 9. Qwen3 with and without the template's variables.
+qwen3_make() {
+  pipeline_make POLICY=testdata/models/tiny-qwen3 SCORE_ARGS="--rm testdata/models/tiny-rm-qwen3" \
+    SCORE_DEPS=testdata/models/tiny-rm-qwen3/config.json "$@"
+}
+# Each response's prompt_id, sample and summed log-prob, from iteration 1 of run $1.
+qwen3_logps() {
+  "$BIN_DIR/opt-cat" "$runs/$1/iter1/responses.parquet" --format jsonl \
+    | sed 's/.*"prompt_id":"\([^"]*\)".*"sample":\([0-9]*\).*"logp":\([^,}]*\).*/\1 \2 \3/'
+}
+: >"$log"
+if qwen3_make iter1 RUN_NAME=qwen3-no-thinking CHAT_TEMPLATE_KWARGS='{"enable_thinking": false}' \
+  && qwen3_make iter1 RUN_NAME=qwen3; then
+  # opt-gen for iteration 1 and the held-out prompts of policies 0 and 1, and opt-wdpo.
+  flagged=$(grep -c -- "--chat-template-kwargs '{\"enable_thinking\": false}'" "$log")
+  without=$(qwen3_logps qwen3) with=$(qwen3_logps qwen3-no-thinking)
+  if [ "$flagged" = 4 ] && [ -n "$with" ] && [ "$(echo "$with" | wc -l)" = 16 ] && [ "$with" != "$without" ]; then
+    ok "Qwen3 runs iteration 1; CHAT_TEMPLATE_KWARGS reaches its 4 opt-gen/opt-wdpo runs and changes the prompts"
+  else fail "CHAT_TEMPLATE_KWARGS: $flagged runs given it; log-probs with: $(echo "$with" | head -n 2)"; tail -n 20 "$log"; fi
+else fail "make iter1 with the Qwen3 models"; tail -n 30 "$log"; fi
 
 [ "$failed" -eq 0 ]

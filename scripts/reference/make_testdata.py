@@ -6,8 +6,8 @@ Run by hand (never from CI):
     /work/.venv-ref/bin/python scripts/reference/make_testdata.py
 
 Writes (relative to the repository root):
-    testdata/models/{tiny-llama,tiny-mistral,tiny-qwen2}/        causal LMs
-    testdata/models/{tiny-rm-llama,tiny-rm-mistral,tiny-rm-qwen2}/  reward models
+    testdata/models/{tiny-llama,tiny-mistral,tiny-qwen2,tiny-qwen3}/           causal LMs
+    testdata/models/{tiny-rm-llama,tiny-rm-mistral,tiny-rm-qwen2,tiny-rm-qwen3}/  reward models
     testdata/reference/{tiny-*,tiny-rm-*}.json                  log-probs / logits / scores
     testdata/reference/chat_templates.json                      rendered chat templates
 
@@ -47,6 +47,9 @@ from transformers import (  # noqa: E402
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen2ForSequenceClassification,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Qwen3ForSequenceClassification,
 )
 
 torch.set_num_threads(1)
@@ -122,6 +125,22 @@ CHATML_SMOLLM2 = (
 CHATML_PLAIN = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# ChatML in the manner of Qwen3's templates (written for these tests, not Qwen's text): an
+# assistant turn keeps only what follows its last '</think>' (Python string methods .split,
+# .lstrip and a negative index), and `enable_thinking=false` opens the reply with an empty
+# think block.
+CHATML_REASONING = (
+    "{%- for message in messages %}"
+    "{%- if message.role == 'assistant' %}"
+    "{%- set content = message.content.split('</think>')[-1].lstrip('\n') %}"
+    "{%- else %}{%- set content = message.content %}{%- endif %}"
+    "{{- '<|im_start|>' + message.role + '\n' + content + '<|im_end|>\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\n\n</think>\n\n' }}{%- endif %}{%- endif %}"
 )
 
 # Llama-2-chat's template, verbatim: uses bos_token, eos_token, .strip() and
@@ -260,6 +279,28 @@ FAMILIES = {
         generation=dict(bos_token_id=None, eos_token_id=[2, 0], pad_token_id=PAD_ID),
         seed=3003,
     ),
+    "qwen3": dict(
+        config_cls=Qwen3Config,
+        lm_cls=Qwen3ForCausalLM,
+        rm_cls=Qwen3ForSequenceClassification,
+        config=dict(
+            # Like Qwen3-0.6B: head_dim set apart from hidden_size / heads (4 x 32 = 128 wide
+            # q against a 64-wide stream), tied embeddings, no biases, q/k RMS norms per head.
+            head_dim=32,
+            tie_word_embeddings=True,
+            rms_norm_eps=1e-6,
+            rope_theta=1000000.0,
+            attention_bias=False,
+            use_sliding_window=False,
+            bos_token_id=None,
+            eos_token_id=2,
+        ),
+        tokenizer=dict(bos_token=None, eos_token="<|im_end|>"),
+        chat_template=CHATML_REASONING,
+        template_in_tokenizer_config=True,
+        generation=dict(bos_token_id=None, eos_token_id=[2, 0], pad_token_id=PAD_ID),
+        seed=4004,
+    ),
 }
 
 # ---------------------------------------------------------------------------
@@ -337,6 +378,14 @@ TEMPLATE_CASES = [
             {"role": "user", "content": "  padded question with caf\u00e9 \u2615 \n"},
             {"role": "assistant", "content": "\n answer with trailing space  "},
             {"role": "user", "content": "line one\nline two"},
+        ],
+    ),
+    (
+        "assistant_with_reasoning",
+        [
+            {"role": "user", "content": "Is 17 prime?"},
+            {"role": "assistant", "content": "<think>\nCheck 2, 3 and 4.\n</think>\n\nYes, 17 is prime."},
+            {"role": "user", "content": "And 21?"},
         ],
     ),
     (
@@ -478,7 +527,7 @@ def ref_inv_freq(cfg) -> torch.Tensor:
     return inv
 
 
-def ref_hidden(sd: dict, cfg, ids: list[int]) -> torch.Tensor:
+def ref_hidden(sd: dict, cfg, ids: list[int], skip_qk_norm: bool = False) -> torch.Tensor:
     T = len(ids)
     H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
     hd = cfg.head_dim if getattr(cfg, "head_dim", None) else cfg.hidden_size // H
@@ -514,8 +563,12 @@ def ref_hidden(sd: dict, cfg, ids: list[int]) -> torch.Tensor:
     for layer in range(cfg.num_hidden_layers):
         p = f"model.layers.{layer}."
         h = rms(x, sd[p + "input_layernorm.weight"])
-        q = lin(h, p + "self_attn.q_proj").view(T, H, hd).transpose(0, 1)
-        k = lin(h, p + "self_attn.k_proj").view(T, KV, hd).transpose(0, 1)
+        q = lin(h, p + "self_attn.q_proj").view(T, H, hd)
+        k = lin(h, p + "self_attn.k_proj").view(T, KV, hd)
+        if p + "self_attn.q_norm.weight" in sd and not skip_qk_norm:  # Qwen3: per head, before rope
+            q = rms(q, sd[p + "self_attn.q_norm.weight"])
+            k = rms(k, sd[p + "self_attn.k_norm.weight"])
+        q, k = q.transpose(0, 1), k.transpose(0, 1)
         v = lin(h, p + "self_attn.v_proj").view(T, KV, hd).transpose(0, 1)
         q, k = rope(q), rope(k)
         k = k.repeat_interleave(H // KV, 0)
@@ -529,8 +582,8 @@ def ref_hidden(sd: dict, cfg, ids: list[int]) -> torch.Tensor:
     return rms(x, sd["model.norm.weight"])
 
 
-def ref_logits(sd, cfg, ids):
-    h = ref_hidden(sd, cfg, ids)
+def ref_logits(sd, cfg, ids, skip_qk_norm=False):
+    h = ref_hidden(sd, cfg, ids, skip_qk_norm)
     w = sd["lm_head.weight"] if "lm_head.weight" in sd else sd["model.embed_tokens.weight"]
     return h @ w.T
 
@@ -641,6 +694,14 @@ def lm_reference(name: str, path: Path) -> dict:
             "transformers ignores the window (it sets sliding_window=None and all layers to full "
             f"attention). Applying an 8-token window anyway would change case 0's logits by up to {d:.4f}."
         )
+    if cfg.model_type == "qwen3":
+        assert cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size
+        d = (ref_logits(sd, cfg, seqs[0], skip_qk_norm=True) - logits[0, : len(seqs[0])]).abs().max().item()
+        assert d > 1e-3, d
+        extra["qk_norm_note"] = (
+            "q and k pass through RMS norms over each head's 32 values (self_attn.q_norm / k_norm) "
+            f"before the rotary embedding; leaving them out would change case 0's logits by up to {d:.4f}."
+        )
     if getattr(cfg, "rope_scaling", None):
         inv_default = 1.0 / (cfg.rope_theta ** (torch.arange(0, 16, 2).float() / 16))
         extra["rope_inv_freq_default"] = fl_list(inv_default)
@@ -731,6 +792,19 @@ def template_reference() -> dict:
             "chat_template": tok.chat_template,
             "cases": entries,
         }
+    # Variables beside the messages, as apply_chat_template(**kwargs) passes them.
+    tok = AutoTokenizer.from_pretrained(MODELS / "tiny-qwen3", local_files_only=True)
+    entries = []
+    for variables in ({"enable_thinking": False}, {"enable_thinking": True}):
+        for case_name, msgs in TEMPLATE_CASES:
+            for agp in (False, True):
+                rendered = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=agp, **variables)
+                entries.append(
+                    {"name": case_name, "messages": msgs, "add_generation_prompt": agp, "variables": variables,
+                     "rendered": rendered}
+                )
+    assert any("<think>" in e["rendered"] for e in entries)
+    out["template_variables"] = {"tiny-qwen3": entries}
     out["extra_templates"] = {}
     base = AutoTokenizer.from_pretrained(MODELS / "tiny-qwen2", local_files_only=True)
     for tname, tmpl in (("zephyr_multiline", ZEPHYR_MULTILINE), ("indented_namespace", INDENTED_NAMESPACE)):
@@ -786,7 +860,7 @@ def main() -> None:
 
     total = sum(p.stat().st_size for p in MODELS.rglob("*") if p.is_file())
     print(f"testdata/models: {total} bytes")
-    assert total < 5 * 1024 * 1024
+    assert total < 6 * 1024 * 1024
     print("ok")
 
 

@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
-use optune_cli::RuntimeArgs;
+use optune_cli::{ChatTemplateArgs, RuntimeArgs};
 use optune_model::generate::{
     generate, stream_seed, FinishReason, Generated, Generation, GenerationRequest, SamplingParams,
 };
@@ -125,6 +125,9 @@ struct Args {
     policy_name: Option<String>,
 
     #[command(flatten)]
+    chat_template: ChatTemplateArgs,
+
+    #[command(flatten)]
     runtime: RuntimeArgs,
 }
 
@@ -164,6 +167,7 @@ fn run(args: Args) -> Result<()> {
     if args.prompt_tokens_per_step == 0 {
         bail!("--prompt-tokens-per-step must be at least 1");
     }
+    args.chat_template.variables()?;
     let (device, dtype) = args.runtime.init()?;
     let shard = Shard::read(args.input.as_deref())?;
     let prompts = shard.prompts()?;
@@ -179,7 +183,8 @@ fn run(args: Args) -> Result<()> {
     })?;
 
     let started = Instant::now();
-    let (mut model, tokenizer, meta) = load_model(&args.model, dtype, &device)?;
+    let (mut model, mut tokenizer, meta) = load_model(&args.model, dtype, &device)?;
+    args.chat_template.apply_to(&mut tokenizer)?;
     model.prepare_to_feed()?;
     if meta.eos_token_ids.is_empty() && !args.ignore_eos {
         bail!(

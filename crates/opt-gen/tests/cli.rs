@@ -89,7 +89,7 @@ fn output_bytes_do_not_depend_on_batch_size_or_threads() {
         dtypes.push("bf16");
     }
     for dtype in dtypes {
-        for name in ["tiny-llama", "tiny-mistral", "tiny-qwen2"] {
+        for name in ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3"] {
             let m = model(name);
             let p = prompts();
             // The generic path's logits move in the last bits with the batch (the products'
@@ -563,7 +563,7 @@ fn ultrachat_conversations_are_answered_like_their_bare_prompts() {
 /// fused CPU kernels, for every model family, and the summary line names the kernels used.
 #[test]
 fn generic_kernels_give_the_fused_greedy_output() {
-    for name in ["tiny-llama", "tiny-mistral", "tiny-qwen2"] {
+    for name in ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3"] {
         let m = model(name);
         let p = prompts();
         let mut outputs = Vec::new();
@@ -689,4 +689,99 @@ fn kv_memory_sizes_the_batch() {
         "{stderr}"
     );
     assert_eq!(String::from_utf8(out.stdout).unwrap(), by_slot);
+}
+
+/// `--chat-template-kwargs` reaches the template: tiny-qwen3's prompt with
+/// `{"enable_thinking": false}` is transformers' rendering with that variable (its empty think
+/// block included), counted in tokens through the over-long prompt error; a malformed value, and
+/// variables for a model without a template, are refused naming the flag.
+#[test]
+fn chat_template_kwargs_render_the_prompt_as_transformers_does() {
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("testdata/reference/chat_templates.json")).unwrap(),
+    )
+    .unwrap();
+    let rendering = |variables: &serde_json::Value| {
+        let cases = match variables.is_null() {
+            true => &reference["models"]["tiny-qwen3"]["cases"],
+            false => &reference["template_variables"]["tiny-qwen3"],
+        };
+        let case = cases
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| {
+                c["name"] == "system_user"
+                    && c["add_generation_prompt"] == true
+                    && (variables.is_null() || &c["variables"] == variables)
+            })
+            .unwrap();
+        (
+            case["messages"].clone(),
+            case["rendered"].as_str().unwrap().to_string(),
+        )
+    };
+    let tokenizer = optune_model::ChatTokenizer::from_dir(&model("tiny-qwen3")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = tmp.path().join("prompts.jsonl");
+    let (messages, _) = rendering(&serde_json::Value::Null);
+    write_jsonl(
+        &prompts,
+        &[serde_json::json!({"prompt_id": "p", "messages": messages})],
+    );
+    // The prompt's token count, from the error of a run that allows one token.
+    let prompt_tokens = |model_name: &str, extra: &[&str]| -> Result<usize, String> {
+        let m = model(model_name);
+        let mut args = vec![
+            "--model",
+            m.to_str().unwrap(),
+            prompts.to_str().unwrap(),
+            "--max-prompt-tokens",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        let stderr = String::from_utf8_lossy(&opt_gen(&args).stderr).to_string();
+        let count = stderr
+            .split(" tokens after templating")
+            .next()
+            .and_then(|head| head.rsplit(' ').next())
+            .and_then(|n| n.parse().ok());
+        count.ok_or(stderr)
+    };
+    for variables in [
+        serde_json::Value::Null,
+        serde_json::json!({"enable_thinking": false}),
+        serde_json::json!({"enable_thinking": true}),
+    ] {
+        let (_, rendered) = rendering(&variables);
+        let flag = variables.to_string();
+        let extra: Vec<&str> = match variables.is_null() {
+            true => vec![],
+            false => vec!["--chat-template-kwargs", &flag],
+        };
+        assert_eq!(
+            prompt_tokens("tiny-qwen3", &extra).unwrap(),
+            tokenizer.encode(&rendered).unwrap().len(),
+            "{flag}: {rendered:?}"
+        );
+    }
+    assert!(rendering(&serde_json::json!({"enable_thinking": false}))
+        .1
+        .ends_with("<think>\n\n</think>\n\n"));
+    for (model_name, value, says) in [
+        ("tiny-qwen3", "enable_thinking=false", "is not JSON"),
+        ("tiny-qwen3", "[false]", "must be a JSON object"),
+        ("tiny-qwen3", r#"{"messages": []}"#, "'messages'"),
+        (
+            "tiny-llama-base",
+            r#"{"enable_thinking": false}"#,
+            "no chat_template",
+        ),
+    ] {
+        let error = prompt_tokens(model_name, &["--chat-template-kwargs", value]).unwrap_err();
+        assert!(
+            error.contains("--chat-template-kwargs") && error.contains(says),
+            "{value}: {error}"
+        );
+    }
 }

@@ -5,7 +5,7 @@ mod rm;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, ValueEnum};
-use optune_cli::RuntimeArgs;
+use optune_cli::{ChatTemplateArgs, RuntimeArgs};
 use optune_resume::{file_stamps, Digest, Fingerprint, Journal};
 use optune_reward::{RewardCommand, RewardRequest, SentimentLexicon};
 use optune_shard::arrow::array::Float32Array;
@@ -32,9 +32,10 @@ use std::time::{Duration, Instant};
 ///
 /// Exactly one reward source:
 ///   --rm DIR           a Hugging Face *ForSequenceClassification reward model (Llama, Mistral,
-///                      Qwen2; num_labels 1). Each (prompt, response) is rendered as a
+///                      Qwen2, Qwen3; num_labels 1). Each (prompt, response) is rendered as a
 ///                      conversation with the RM's own chat template (a raw-text prompt becomes
-///                      one user message, the response the final assistant message), tokenised
+///                      one user message, the response the final assistant message; variables
+///                      from --chat-template-kwargs), tokenised
 ///                      with the RM's tokenizer and scored at its last token. Sequences run
 ///                      longest first, several to a forward pass (--batch-size, --batch-tokens).
 ///                      On a GPU a pass is packed: no padding, each sequence attending over its
@@ -123,6 +124,10 @@ struct Args {
     /// Name written in the `reward_model` column [default: see the reward sources above]
     #[arg(long, value_name = "NAME")]
     reward_name: Option<String>,
+
+    // --chat-template-kwargs: the reward model's template (--rm).
+    #[command(flatten)]
+    chat_template: ChatTemplateArgs,
 
     // --device, --dtype, --threads, --kernels, --tf32: used by --rm only (said under --rm).
     #[command(flatten)]
@@ -232,6 +237,10 @@ fn run(args: Args) -> Result<()> {
     if args.max_length == Some(0) {
         bail!("--max-length must be at least 1");
     }
+    if args.chat_template.chat_template_kwargs.is_some() && args.source.rm.is_none() {
+        bail!("--chat-template-kwargs is for a reward model's chat template (--rm)");
+    }
+    args.chat_template.variables()?;
     let timeout = Duration::try_from_secs_f64(args.cmd_timeout)
         .ok()
         .filter(|timeout| !timeout.is_zero())
@@ -409,7 +418,7 @@ fn score_with_rm(
 ) -> Result<(Vec<f32>, RmStats, Option<Journal<ScoredRow>>)> {
     let texts = input.shard.prompt_texts()?;
     let (device, dtype) = args.runtime.init()?;
-    let model = RewardModel::load(dir, dtype, &device)?;
+    let model = RewardModel::load(dir, dtype, &device, &args.chat_template)?;
     let max_length = match args.max_length {
         Some(length) if length > model.max_positions() => bail!(
             "--max-length {length} is above the reward model's max_position_embeddings {}",

@@ -31,9 +31,15 @@ pub struct RewardModel {
 }
 
 impl RewardModel {
-    /// Loads `dir` and checks that it is a single-score classifier with a chat template.
-    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        let (mut model, tokenizer, meta) = load_model(dir, dtype, device)?;
+    /// Loads `dir` and checks that it is a single-score classifier with a chat template, which
+    /// renders with `template`'s variables.
+    pub fn load(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        template: &optune_cli::ChatTemplateArgs,
+    ) -> Result<Self> {
+        let (mut model, mut tokenizer, meta) = load_model(dir, dtype, device)?;
         let OutputHead::Score { weight } = model.head() else {
             bail!(
                 "{}: not a reward model: config.json lists no *ForSequenceClassification architecture",
@@ -54,6 +60,7 @@ impl RewardModel {
                 dir.display()
             );
         }
+        template.apply_to(&mut tokenizer)?;
         // Padding is masked out and the score is read at each sequence's own last token, so the
         // pad id only has to be a valid token.
         let pad_id = meta

@@ -11,7 +11,12 @@ use optune_testkit::{
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 
-const REWARD_MODELS: [&str; 3] = ["tiny-rm-llama", "tiny-rm-mistral", "tiny-rm-qwen2"];
+const REWARD_MODELS: [&str; 4] = [
+    "tiny-rm-llama",
+    "tiny-rm-mistral",
+    "tiny-rm-qwen2",
+    "tiny-rm-qwen3",
+];
 
 fn model_dir(name: &str) -> PathBuf {
     repo_file("testdata/models").join(name)
@@ -385,5 +390,48 @@ fn models_and_conversations_the_reward_model_cannot_take_are_named() {
         &score("tiny-rm-mistral"),
         &expected,
         out.path(),
+    );
+}
+
+/// `--chat-template-kwargs` goes to the reward model's template: a name the rendering sets itself
+/// is refused naming the flag, and so is the flag without --rm. tiny-rm-qwen3's template reads
+/// `enable_thinking` only for a generation prompt, which a scored conversation has none of, so the
+/// scores stay as transformers gives them.
+#[test]
+fn chat_template_kwargs_go_to_the_reward_models_template() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let score = cases_scorer("tiny-rm-qwen3", dir.path(), out.path());
+    assert_failed_cleanly(
+        "a variable the rendering sets",
+        &score(&["--chat-template-kwargs", r#"{"eos_token": "x"}"#]),
+        &["--chat-template-kwargs", "'eos_token'"],
+        out.path(),
+    );
+    let outcome = score(&["--chat-template-kwargs", r#"{"enable_thinking": false}"#]);
+    outcome.assert_success();
+    let rewards = read(&out.path().join("scored.parquet"))
+        .floats("reward")
+        .unwrap();
+    let expected: Vec<f64> = reference_cases("tiny-rm-qwen3")
+        .iter()
+        .map(|case| case["score"].as_f64().unwrap())
+        .collect();
+    assert_floats_close(&rewards, &expected, 1e-4, "tiny-rm-qwen3 scores");
+
+    let lexicon_out = tempfile::tempdir().unwrap();
+    let mut command = opt_score();
+    command
+        .arg(dir.path().join("responses.jsonl"))
+        .arg("--lexicon")
+        .arg(common::tiny_lexicon())
+        .args(["--chat-template-kwargs", "{}"])
+        .arg("-o")
+        .arg(lexicon_out.path().join("scored.parquet"));
+    assert_failed_cleanly(
+        "without --rm",
+        &run(&mut command, None),
+        &["--chat-template-kwargs is for a reward model's chat template (--rm)"],
+        lexicon_out.path(),
     );
 }

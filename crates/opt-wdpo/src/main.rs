@@ -19,7 +19,7 @@ mod train;
 use anyhow::{bail, Context, Result};
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser};
-use optune_cli::RuntimeArgs;
+use optune_cli::{ChatTemplateArgs, RuntimeArgs};
 use optune_shard::cli::{run_tool, Summary};
 use optune_shard::split::SliceSpec;
 use optune_shard::Shard;
@@ -307,6 +307,9 @@ pub struct Args {
     pub devices: Vec<String>,
 
     #[command(flatten)]
+    pub chat_template: ChatTemplateArgs,
+
+    #[command(flatten)]
     pub runtime: RuntimeArgs,
 
     /// The options given on the command line (clap's ids), so that one the run would ignore is
@@ -387,6 +390,7 @@ impl Args {
 
     /// The checks clap cannot express.
     fn validate(&self) -> Result<()> {
+        self.chat_template.variables()?;
         if self.batch_size == 0 || self.grad_accum == 0 || self.epochs == 0 {
             bail!("--batch-size, --grad-accum and --epochs must be at least 1");
         }
@@ -739,7 +743,8 @@ fn plan_only(args: &Args) -> Result<()> {
         );
     }
     let config = optune_model::ModelConfig::from_file(&args.policy.join("config.json"))?;
-    let tokenizer = optune_model::ChatTokenizer::from_dir(&args.policy)?;
+    let mut tokenizer = optune_model::ChatTokenizer::from_dir(&args.policy)?;
+    args.chat_template.apply_to(&mut tokenizer)?;
     let absent_gpu = args
         .runtime
         .device

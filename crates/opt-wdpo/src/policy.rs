@@ -57,7 +57,8 @@ impl Policy {
         // fine-tuning, the compute dtype when frozen), so no stored-dtype copy of the model is
         // ever held whole.
         let stored = if full_finetune { DType::F32 } else { dtype };
-        let checkpoint = Checkpoint::read_as(&args.policy, device, stored)?;
+        let mut checkpoint = Checkpoint::read_as(&args.policy, device, stored)?;
+        args.chat_template.apply_to(&mut checkpoint.tokenizer)?;
         // Full fine-tuning in bf16/f16: the weights other replicas own (as `trainable` will list
         // them) keep no f32 master here.
         let masters_with_owners = full_finetune && dtype != DType::F32;

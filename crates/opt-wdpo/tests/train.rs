@@ -90,13 +90,20 @@ fn weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
 
 #[test]
 fn training_lowers_the_loss_and_widens_the_margin() {
+    // Qwen3 as well: its norms of each query and key head are trained with the rest.
+    for name in ["tiny-llama", "tiny-qwen3"] {
+        lowers_the_loss_and_trains_every_weight(name);
+    }
+}
+
+fn lowers_the_loss_and_trains_every_weight(name: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let pairs = tmp.path().join("pairs.jsonl");
     write_pairs(&pairs);
     let out = tmp.path().join("policy");
     let (ok, err) = wdpo(&[
         "--policy",
-        model("tiny-llama").to_str().unwrap(),
+        model(name).to_str().unwrap(),
         pairs.to_str().unwrap(),
         "-o",
         out.to_str().unwrap(),
@@ -115,9 +122,24 @@ fn training_lowers_the_loss_and_widens_the_margin() {
     let rows = metrics(&out);
     let loss = column(&rows, "loss");
     let margin = column(&rows, "rewards/margins");
-    assert_eq!(loss.len(), 12);
-    assert!(loss.last().unwrap() < &(loss[0] * 0.5), "loss {loss:?}");
-    assert!(margin.last().unwrap() > &margin[0], "margins {margin:?}");
+    assert_eq!(loss.len(), 12, "{name}");
+    assert!(
+        loss.last().unwrap() < &(loss[0] * 0.5),
+        "{name}: loss {loss:?}"
+    );
+    assert!(
+        margin.last().unwrap() > &margin[0],
+        "{name}: margins {margin:?}"
+    );
+    let (trained, original) = (weights(&out), weights(&model(name)));
+    assert_eq!(
+        trained.iter().map(|w| &w.0).collect::<Vec<_>>(),
+        original.iter().map(|w| &w.0).collect::<Vec<_>>(),
+        "{name}"
+    );
+    for ((weight, after), (_, before)) in trained.iter().zip(&original) {
+        assert!(after != before, "{name}: {weight} was not trained");
+    }
     // The checkpoint reloads in our code.
     optune_model::load_model(&out, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
 }
@@ -1927,4 +1949,92 @@ fn bf16_lora_peaks_at_most_three_quarters_of_the_f32_rss() {
         "bf16 LoRA peaked at {bf16_mb} MB, f32 at {f32_mb} MB: {:.2}×",
         bf16_mb / f32_mb
     );
+}
+
+/// `--chat-template-kwargs` reaches the prompts opt-wdpo reads: tiny-qwen3's reference log-probs
+/// with `{"enable_thinking": false}` are those of transformers' rendering with that variable
+/// (chat_templates.json), computed here through the library, and differ from the run without.
+#[test]
+fn chat_template_kwargs_render_the_pairs_prompts() {
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            optune_testkit::workspace_root().join("testdata/reference/chat_templates.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let variables = serde_json::json!({"enable_thinking": false});
+    let cases: Vec<&serde_json::Value> = reference["template_variables"]["tiny-qwen3"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["add_generation_prompt"] == true && c["variables"] == variables)
+        .filter(|c| {
+            ["single_user", "system_user", "multi_turn"].contains(&c["name"].as_str().unwrap())
+        })
+        .collect();
+    assert_eq!(cases.len(), 3);
+    let tmp = tempfile::tempdir().unwrap();
+    let pairs = tmp.path().join("pairs.jsonl");
+    let rows: Vec<serde_json::Value> = (cases.iter().enumerate())
+        .map(|(i, case)| {
+            serde_json::json!({
+                "prompt_id": format!("p{i}"), "messages": case["messages"],
+                "chosen": format!("Sure, here it is {i}."), "rejected": "No.",
+            })
+        })
+        .collect();
+    write_jsonl(&pairs, &rows);
+    let reference_logps = |extra: &[&str]| -> Vec<f64> {
+        let out = tmp.path().join(format!("ref{}.jsonl", extra.len()));
+        let (ok, err) = wdpo_on(
+            "tiny-qwen3",
+            &pairs,
+            &out,
+            &[&["--reference-only"], extra].concat(),
+        );
+        assert!(ok, "{err}");
+        let text = std::fs::read_to_string(&out).unwrap();
+        text.lines()
+            .map(|line| {
+                let row: serde_json::Value = serde_json::from_str(line).unwrap();
+                row["ref_chosen_logp"].as_f64().unwrap()
+            })
+            .collect()
+    };
+    let flag = variables.to_string();
+    let with = reference_logps(&["--chat-template-kwargs", &flag]);
+    let without = reference_logps(&[]);
+
+    let (policy, tokenizer, meta) = optune_model::load_model(
+        &model("tiny-qwen3"),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let eos = meta.eos_token_ids[0];
+    let tokenized: Vec<optune_model::TokenizedPair> = (cases.iter().zip(&rows))
+        .map(|(case, row)| {
+            let mut response = tokenizer.encode(row["chosen"].as_str().unwrap()).unwrap();
+            response.push(eos);
+            optune_model::TokenizedPair {
+                prompt: tokenizer
+                    .encode(case["rendered"].as_str().unwrap())
+                    .unwrap(),
+                response,
+            }
+        })
+        .collect();
+    let expected: Vec<f32> = optune_model::sequence_logprobs(&policy, &tokenized, 3)
+        .unwrap()
+        .sums
+        .to_vec1()
+        .unwrap();
+    for (i, ((got, want), plain)) in with.iter().zip(&expected).zip(&without).enumerate() {
+        assert!(
+            (got - *want as f64).abs() <= 1e-4 * got.abs(),
+            "pair {i}: {got} against {want}"
+        );
+        assert!((got - plain).abs() > 1e-3, "pair {i}: {got} and {plain}");
+    }
 }

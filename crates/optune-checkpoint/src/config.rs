@@ -1,7 +1,8 @@
 //! `config.json` of the supported decoder-only families, deserialised directly.
 //!
-//! Llama, Mistral and Qwen2 share one architecture (pre-norm RMSNorm blocks, rotary attention with
-//! grouped KV heads, SwiGLU MLP); they differ only in a few switches, which [`ModelConfig`] resolves
+//! Llama, Mistral, Qwen2 and Qwen3 share one architecture (pre-norm RMSNorm blocks, rotary
+//! attention with grouped KV heads, SwiGLU MLP); they differ only in a few switches (biases, a
+//! sliding window, Qwen3's RMS norms of each query and key head), which [`ModelConfig`] resolves
 //! per family so the forward pass can stay a single readable function.
 
 use anyhow::{bail, Context, Result};
@@ -14,6 +15,7 @@ pub enum Family {
     Llama,
     Mistral,
     Qwen2,
+    Qwen3,
 }
 
 impl Family {
@@ -22,9 +24,10 @@ impl Family {
             "llama" => Ok(Family::Llama),
             "mistral" => Ok(Family::Mistral),
             "qwen2" => Ok(Family::Qwen2),
+            "qwen3" => Ok(Family::Qwen3),
             other => bail!(
-                "unsupported model_type '{other}': optune supports llama, mistral and qwen2 \
-                 (Llama 2/3, TinyLlama, SmolLM2, Zephyr/Mistral, Qwen2/2.5)"
+                "unsupported model_type '{other}': optune supports llama, mistral, qwen2 and \
+                 qwen3 (Llama 2/3, TinyLlama, SmolLM2, Zephyr/Mistral, Qwen2/2.5, Qwen3 dense)"
             ),
         }
     }
@@ -34,6 +37,7 @@ impl Family {
             Family::Llama => "llama",
             Family::Mistral => "mistral",
             Family::Qwen2 => "qwen2",
+            Family::Qwen3 => "qwen3",
         }
     }
 }
@@ -99,10 +103,10 @@ pub struct ModelConfig {
     /// Mistral: attend to at most this many previous positions (inclusive of the current one).
     #[serde(default)]
     pub sliding_window: Option<usize>,
-    /// Qwen2 writes a window size but only uses it when this is set.
+    /// Qwen2 and Qwen3 write a window size but only use it when this is set.
     #[serde(default)]
     pub use_sliding_window: Option<bool>,
-    /// Llama's optional biases on q/k/v/o.
+    /// Llama's and Qwen3's optional biases on q/k/v/o.
     #[serde(default)]
     pub attention_bias: Option<bool>,
     #[serde(default)]
@@ -216,7 +220,7 @@ impl ModelConfig {
             .unwrap_or(self.hidden_size / self.num_attention_heads)
     }
 
-    /// Qwen2 always carries q/k/v biases; Llama only when `attention_bias` says so.
+    /// Qwen2 always carries q/k/v biases; Llama and Qwen3 only when `attention_bias` says so.
     pub fn qkv_bias(&self) -> bool {
         match self.family() {
             Ok(Family::Qwen2) => true,
@@ -226,9 +230,15 @@ impl ModelConfig {
 
     pub fn o_bias(&self) -> bool {
         match self.family() {
-            Ok(Family::Llama) => self.attention_bias.unwrap_or(false),
+            Ok(Family::Llama | Family::Qwen3) => self.attention_bias.unwrap_or(false),
             _ => false,
         }
+    }
+
+    /// Qwen3: each query and key head passes through an RMS norm of its own width
+    /// (`self_attn.q_norm` / `k_norm`, weights `[head_dim]`) before the rotary embedding.
+    pub fn qk_norm(&self) -> bool {
+        matches!(self.family(), Ok(Family::Qwen3))
     }
 
     pub fn mlp_bias(&self) -> bool {
@@ -239,7 +249,9 @@ impl ModelConfig {
     pub fn attention_window(&self) -> Option<usize> {
         match self.family() {
             Ok(Family::Mistral) => self.sliding_window,
-            Ok(Family::Qwen2) if self.use_sliding_window == Some(true) => self.sliding_window,
+            Ok(Family::Qwen2 | Family::Qwen3) if self.use_sliding_window == Some(true) => {
+                self.sliding_window
+            }
             _ => None,
         }
     }
@@ -287,6 +299,16 @@ mod tests {
         let mistral = ModelConfig::from_json_str(&base("mistral").to_string()).unwrap();
         assert_eq!(mistral.attention_window(), Some(4));
         assert_eq!(mistral.head_dim(), 4);
+        assert!(!llama.qk_norm() && !qwen.qk_norm() && !mistral.qk_norm());
+        let qwen3 = ModelConfig::from_json_str(&base("qwen3").to_string()).unwrap();
+        assert!(qwen3.qk_norm() && !qwen3.qkv_bias() && !qwen3.o_bias());
+        assert!(qwen3.attention_window().is_none());
+        let mut biased = base("qwen3");
+        biased["attention_bias"] = serde_json::json!(true);
+        biased["use_sliding_window"] = serde_json::json!(true);
+        let biased = ModelConfig::from_json_str(&biased.to_string()).unwrap();
+        assert!(biased.qkv_bias() && biased.o_bias());
+        assert_eq!(biased.attention_window(), Some(4));
     }
 
     #[test]

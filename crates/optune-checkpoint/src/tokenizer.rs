@@ -45,7 +45,19 @@ pub struct ChatTokenizer {
     eos_token: Option<String>,
     pad_token: Option<String>,
     raw_text_specials: RawTextSpecials,
+    /// What the template sees besides the messages and the special tokens
+    /// ([`ChatTokenizer::set_template_variables`]).
+    template_variables: serde_json::Map<String, Value>,
 }
+
+/// The variables every rendering sets itself.
+const RENDERING_VARIABLES: [&str; 5] = [
+    "messages",
+    "add_generation_prompt",
+    "bos_token",
+    "eos_token",
+    "pad_token",
+];
 
 /// The special tokens transformers' `tokenizer(text)` adds around raw text (transformers 4.x).
 ///
@@ -132,7 +144,36 @@ impl ChatTokenizer {
             eos_token: token_text(config.get("eos_token")),
             pad_token: token_text(config.get("pad_token")),
             raw_text_specials: RawTextSpecials::of(config),
+            template_variables: Default::default(),
         })
+    }
+
+    /// Variables for the chat template besides the messages and the special tokens, as
+    /// transformers' `apply_chat_template(..., **kwargs)` and vLLM's `chat_template_kwargs` pass
+    /// them: `{"enable_thinking": false}` makes Qwen3's template open the reply with an empty
+    /// reasoning block. Refused for a tokenizer without a template (nothing would read them) and
+    /// for the names each rendering sets itself.
+    pub fn set_template_variables(
+        &mut self,
+        variables: serde_json::Map<String, Value>,
+    ) -> Result<()> {
+        if let Some(name) = variables
+            .keys()
+            .find(|name| RENDERING_VARIABLES.contains(&name.as_str()))
+        {
+            bail!(
+                "the chat template variable '{name}' is set by the tool itself (it sets {})",
+                RENDERING_VARIABLES.join(", ")
+            );
+        }
+        if !variables.is_empty() && self.template.is_none() {
+            bail!(
+                "chat template variables were given, but the tokenizer has no chat_template to \
+                 read them"
+            );
+        }
+        self.template_variables = variables;
+        Ok(())
     }
 
     pub fn has_chat_template(&self) -> bool {
@@ -187,6 +228,7 @@ impl ChatTokenizer {
                 bos_token => self.bos_token.clone().unwrap_or_default(),
                 eos_token => self.eos_token.clone().unwrap_or_default(),
                 pad_token => self.pad_token.clone().unwrap_or_default(),
+                ..minijinja::Value::from_serialize(&self.template_variables)
             })
             .map_err(|e| anyhow!("rendering the chat template: {e:#}"))?;
         Ok(rendered)

@@ -1,11 +1,13 @@
 //! What the tools that run a model (opt-gen, opt-score, opt-wdpo) share on top of the shard
-//! command line of `optune_shard::cli`: the runtime flags and the numeric set-up they drive, and
-//! a shard's prompt as the tokenizer's prompt.
+//! command line of `optune_shard::cli`: the runtime flags and the numeric set-up they drive, the
+//! chat template's variables, and a shard's prompt as the tokenizer's prompt.
 
 mod args;
 pub mod runtime;
+mod template;
 
 pub use args::RuntimeArgs;
+pub use template::ChatTemplateArgs;
 
 use optune_checkpoint::{ChatMessage, Prompt};
 use optune_shard::PromptText;

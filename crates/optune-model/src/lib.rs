@@ -1,5 +1,5 @@
-//! The model core of optune: a trainable Llama/Mistral/Qwen2 transformer on candle, its KV cache
-//! and generation, sequence log-probabilities and LoRA. Checkpoint files, tokenizers and chat
+//! The model core of optune: a trainable Llama/Mistral/Qwen2/Qwen3 transformer on candle, its KV
+//! cache and generation, sequence log-probabilities and LoRA. Checkpoint files, tokenizers and chat
 //! templates come from `optune-checkpoint` (re-exported here), the ops from `optune-kernels`.
 
 pub mod generate;

@@ -1,6 +1,6 @@
-//! The decoder-only transformer shared by Llama, Mistral and Qwen2, read top to bottom:
+//! The decoder-only transformer shared by Llama, Mistral, Qwen2 and Qwen3, read top to bottom:
 //! embed → N × (RMSNorm → rotary GQA attention → residual → RMSNorm → SwiGLU MLP → residual)
-//! → RMSNorm → head.
+//! → RMSNorm → head. Qwen3's attention normalises each query and key head before rotating it.
 //!
 //! Two paths over one set of weights:
 //! * [`Transformer::hidden_states`], the training path: a padded batch with an attention mask,
@@ -44,9 +44,44 @@ struct Attention {
     k_proj: Linear,
     v_proj: Linear,
     o_proj: Linear,
+    /// Qwen3's RMS norms of each query and key head.
+    head_norms: Option<HeadNorms>,
     /// q, k and v's weights stacked ([`Transformer::stack_projections`]), whose row blocks the
     /// three projections' weights are views of: generation's one product for the three.
     qkv: Option<Linear>,
+}
+
+/// RMS norms over each head's `head_dim` values (`self_attn.q_norm.weight` and
+/// `self_attn.k_norm.weight`, `[head_dim]`), applied to the projections before the rotary
+/// embedding.
+#[derive(Clone)]
+struct HeadNorms {
+    q: Tensor,
+    k: Tensor,
+}
+
+impl HeadNorms {
+    /// `x [b, t, n·d]` with each of its `n` heads normalised by `weight [d]`.
+    fn apply(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+        let (b, t, width) = x.dims3()?;
+        let d = weight.dim(0)?;
+        ops::rms_norm(&x.reshape((b, t, width / d, d))?, weight, eps)?.reshape((b, t, width))
+    }
+
+    /// Projections `[q, k]` (`[b, t, heads·d]`, `[b, t, kv_heads·d]`) normalised.
+    fn forward(&self, [q, k]: [&Tensor; 2], eps: f64) -> Result<[Tensor; 2]> {
+        Ok([Self::apply(q, &self.q, eps)?, Self::apply(k, &self.k, eps)?])
+    }
+
+    /// q, k and v side by side (`[b, t, (heads + 2·kv_heads)·d]`, `columns` = where k and v
+    /// start), q's and k's columns normalised.
+    fn forward_stacked(&self, rows: &Tensor, columns: (usize, usize), eps: f64) -> Result<Tensor> {
+        let width = rows.dim(candle_core::D::Minus1)?;
+        let (k_at, v_at) = columns;
+        let part = |from: usize, to: usize| rows.narrow(candle_core::D::Minus1, from, to - from);
+        let [q, k] = self.forward([&part(0, k_at)?, &part(k_at, v_at)?], eps)?;
+        Tensor::cat(&[&q, &k, &part(v_at, width)?], candle_core::D::Minus1)
+    }
 }
 
 #[derive(Clone)]
@@ -144,6 +179,10 @@ pub fn llama_weight_shapes(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
         let p = format!("model.layers.{l}");
         shapes.push((format!("{p}.input_layernorm.weight"), vec![h]));
         shapes.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+        if config.qk_norm() {
+            shapes.push((format!("{p}.self_attn.q_norm.weight"), vec![d]));
+            shapes.push((format!("{p}.self_attn.k_norm.weight"), vec![d]));
+        }
         for (name, out, inp, bias) in [
             ("self_attn.q_proj", q, h, config.qkv_bias()),
             ("self_attn.k_proj", kv, h, config.qkv_bias()),
@@ -332,6 +371,13 @@ impl Transformer {
                         config.qkv_bias(),
                     )?,
                     o_proj: weights.linear(&format!("{attn}.o_proj"), h, q_out, config.o_bias())?,
+                    head_norms: match config.qk_norm() {
+                        true => Some(HeadNorms {
+                            q: weights.take(&format!("{attn}.q_norm.weight"), &[head_dim])?,
+                            k: weights.take(&format!("{attn}.k_norm.weight"), &[head_dim])?,
+                        }),
+                        false => None,
+                    },
                     qkv: None,
                 },
                 post_attention_layernorm: weights
@@ -437,6 +483,10 @@ impl Transformer {
                 &format!("{p}.post_attention_layernorm.weight"),
                 &mut block.post_attention_layernorm,
             )?;
+            if let Some(norms) = &mut block.self_attn.head_norms {
+                f(&format!("{p}.self_attn.q_norm.weight"), &mut norms.q)?;
+                f(&format!("{p}.self_attn.k_norm.weight"), &mut norms.k)?;
+            }
             for (name, lin) in block.linears_mut() {
                 f(&format!("{p}.{name}.weight"), &mut lin.weight)?;
                 if let Some(b) = &mut lin.bias {
@@ -474,6 +524,10 @@ impl Transformer {
                 format!("{p}.post_attention_layernorm.weight"),
                 &block.post_attention_layernorm,
             ));
+            if let Some(norms) = &block.self_attn.head_norms {
+                out.push(plain(format!("{p}.self_attn.q_norm.weight"), &norms.q));
+                out.push(plain(format!("{p}.self_attn.k_norm.weight"), &norms.k));
+            }
             for (name, lin) in block.linears() {
                 out.push((format!("{p}.{name}.weight"), lin.saved_weight()));
                 if let Some(b) = &lin.bias {
@@ -523,6 +577,9 @@ impl Transformer {
         for block in &self.layers {
             count +=
                 block.input_layernorm.elem_count() + block.post_attention_layernorm.elem_count();
+            if let Some(norms) = &block.self_attn.head_norms {
+                count += norms.q.elem_count() + norms.k.elem_count();
+            }
             for (_, lin) in block.linears() {
                 count += lin.weight.elem_count() + lin.bias.as_ref().map_or(0, Tensor::elem_count);
             }
@@ -543,13 +600,18 @@ impl Transformer {
     /// Bytes one token's activations take at most while a forward pass feeds it (an upper
     /// bound: every activation of one layer at once, which the next layer's replace): the stream
     /// coming in and the one going out, its norm, q/k/v, the attention's output, o, the stream
-    /// after attention and its norm; gate and up, their product, down.
+    /// after attention and its norm; gate and up, their product, down; with Qwen3's head norms,
+    /// the normalised q and k and the rows they are put back into.
     pub fn activation_bytes_per_token(&self) -> usize {
         let cfg = &self.config;
         let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
         let q = cfg.num_attention_heads * cfg.head_dim();
         let kv = cfg.num_kv_heads() * cfg.head_dim();
-        (7 * h + q + 2 * kv + q + 3 * inter) * self.dtype.size_in_bytes()
+        let head_norms = match cfg.qk_norm() {
+            true => (q + kv) + (q + 2 * kv),
+            false => 0,
+        };
+        (7 * h + q + 2 * kv + q + 3 * inter + head_norms) * self.dtype.size_in_bytes()
     }
 
     /// Readies the model for [`Transformer::feed`] (generation, reward scoring): where feeding
@@ -956,6 +1018,12 @@ impl Transformer {
             host::rms_norm(&x, &block.input_norm.floats(), eps, &mut normed);
             let [mut q, mut k, v] =
                 HostLinear::forward_many([&block.q, &block.k, &block.v], &normed, rows);
+            if let Some([q_norm, k_norm]) = &block.head_norms {
+                for (x, weight) in [(&mut q, q_norm), (&mut k, k_norm)] {
+                    let heads_in = x.clone();
+                    host::rms_norm(&heads_in, &weight.floats(), eps, x);
+                }
+            }
             host::rotary(&mut q, heads, d, &cos, &sin);
             host::rotary(&mut k, kvh, d, &cos, &sin);
             // Every row's key and value go in before any row attends (a prompt's rows read
@@ -1212,6 +1280,8 @@ struct HostBlock<'a> {
     k: HostLinear<'a>,
     v: HostLinear<'a>,
     o: HostLinear<'a>,
+    /// Qwen3's norms of each query and key head.
+    head_norms: Option<[HostView<'a>; 2]>,
     post_norm: HostView<'a>,
     gate: HostLinear<'a>,
     up: HostLinear<'a>,
@@ -1239,6 +1309,10 @@ impl<'a> HostWeights<'a> {
                     k: HostLinear::new(&b.self_attn.k_proj, &mut packed)?,
                     v: HostLinear::new(&b.self_attn.v_proj, &mut packed)?,
                     o: HostLinear::new(&b.self_attn.o_proj, &mut packed)?,
+                    head_norms: match &b.self_attn.head_norms {
+                        Some(norms) => Some([HostView::new(&norms.q)?, HostView::new(&norms.k)?]),
+                        None => None,
+                    },
                     post_norm: HostView::new(&b.post_attention_layernorm)?,
                     gate: HostLinear::new(&b.mlp.gate_proj, &mut packed)?,
                     up: HostLinear::new(&b.mlp.up_proj, &mut packed)?,
@@ -1405,7 +1479,12 @@ impl Block {
             Attend::Masked(mask) => {
                 let attn = &self.self_attn;
                 let [q, k, v] = [&attn.q_proj, &attn.k_proj, &attn.v_proj].map(|p| p.forward(&h));
-                ops::rotary_attention([&q?, &k?, &v?], [cos, sin], mask, (heads, kv_heads), scale)?
+                let [q, k, v] = [q?, k?, v?];
+                let [q, k] = match &attn.head_norms {
+                    Some(norms) => norms.forward([&q, &k], eps)?,
+                    None => [q, k],
+                };
+                ops::rotary_attention([&q, &k, &v], [cos, sin], mask, (heads, kv_heads), scale)?
             }
             Attend::Cached(c) => {
                 // [b, t, (heads + 2·kv_heads)·d]: q, k and v side by side. The keys are turned
@@ -1414,6 +1493,10 @@ impl Block {
                 let rows =
                     stacked_forward(&attn.qkv, &[&attn.q_proj, &attn.k_proj, &attn.v_proj], &h)?;
                 let columns = (heads * d, (heads + kv_heads) * d);
+                let rows = match &attn.head_norms {
+                    Some(norms) => norms.forward_stacked(&rows, columns, eps)?,
+                    None => rows,
+                };
                 let (keys, values) = c.cache.write(c.layer, &rows, columns, c.tables)?;
                 optune_kernels::cached_attention(&rows, heads, c.tables, &keys, &values, scale)?
                     .reshape((b, t, heads * d))?

@@ -30,7 +30,7 @@ fn weights(model: &optune_model::Transformer) -> Vec<(String, candle_core::Tenso
 
 #[test]
 fn a_saved_checkpoint_reloads_bit_identically() {
-    for name in ["tiny-llama", "tiny-qwen2", "tiny-rm-mistral"] {
+    for name in ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-rm-mistral"] {
         let (model, _, meta) = load_model(&model_dir(name), DType::F32, &Device::Cpu).unwrap();
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("saved");

@@ -117,6 +117,21 @@ fn qwen2_biases_and_untied_head() {
 }
 
 #[test]
+fn qwen3_head_norms_and_wide_heads() {
+    check(
+        "tiny-qwen3",
+        &[
+            "layers.0.self_attn.q_norm",
+            "layers.1.self_attn.k_norm",
+            "q_proj.weight",
+            "k_proj.weight",
+            "o_proj.weight",
+            "embed_tokens",
+        ],
+    );
+}
+
+#[test]
 fn mistral_sliding_window() {
     check(
         "tiny-mistral",

@@ -203,6 +203,11 @@ fn qwen2_matches_transformers() {
     check_causal_model("tiny-qwen2");
 }
 
+#[test]
+fn qwen3_matches_transformers() {
+    check_causal_model("tiny-qwen3");
+}
+
 fn check_reward_model(name: &str) {
     let reference = reference(name);
     let (model, tokenizer, _) = load_model(
@@ -262,7 +267,12 @@ fn check_reward_model(name: &str) {
 
 #[test]
 fn reward_models_match_transformers() {
-    for name in ["tiny-rm-llama", "tiny-rm-mistral", "tiny-rm-qwen2"] {
+    for name in [
+        "tiny-rm-llama",
+        "tiny-rm-mistral",
+        "tiny-rm-qwen2",
+        "tiny-rm-qwen3",
+    ] {
         check_reward_model(name);
     }
 }
@@ -302,6 +312,47 @@ fn chat_templates_render_like_transformers() {
         }
     }
     assert!(checked >= 10, "only {checked} template cases");
+}
+
+/// Variables beside the messages (`--chat-template-kwargs`, transformers'
+/// `apply_chat_template(**kwargs)`): Qwen3's `enable_thinking`, on and off, against transformers;
+/// and the refusals of names the rendering sets itself and of variables without a template.
+#[test]
+fn template_variables_render_like_transformers() {
+    let reference = reference("chat_templates");
+    let dir = testdata().join("models/tiny-qwen3");
+    let mut checked = 0;
+    for case in reference["template_variables"]["tiny-qwen3"]
+        .as_array()
+        .unwrap()
+    {
+        let mut tokenizer = optune_model::ChatTokenizer::from_dir(&dir).unwrap();
+        let variables = case["variables"].as_object().unwrap().clone();
+        tokenizer.set_template_variables(variables).unwrap();
+        let rendered = tokenizer
+            .apply_chat_template(
+                &messages(&case["messages"]),
+                case["add_generation_prompt"].as_bool().unwrap(),
+            )
+            .unwrap();
+        let expected = case["rendered"].as_str().unwrap();
+        assert_eq!(rendered, expected, "{} {}", case["name"], case["variables"]);
+        checked += expected.contains("<think>") as usize;
+    }
+    assert!(checked >= 6, "only {checked} renderings open a think block");
+
+    let variables = |json: Value| json.as_object().unwrap().clone();
+    let mut tokenizer = optune_model::ChatTokenizer::from_dir(&dir).unwrap();
+    let clash = tokenizer
+        .set_template_variables(variables(serde_json::json!({"eos_token": "x"})))
+        .unwrap_err();
+    assert!(format!("{clash}").contains("'eos_token'"), "{clash}");
+    let mut untemplated =
+        optune_model::ChatTokenizer::from_dir(&testdata().join("models/tiny-llama-base")).unwrap();
+    let unread = untemplated
+        .set_template_variables(variables(serde_json::json!({"enable_thinking": false})))
+        .unwrap_err();
+    assert!(format!("{unread}").contains("no chat_template"), "{unread}");
 }
 
 /// The untemplated tiny-llama-base (`scripts/reference/make_base_testdata.py`): raw-text prompts

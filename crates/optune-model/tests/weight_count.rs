@@ -14,12 +14,14 @@ fn model_dir(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// The language models of testdata: tied (llama), untied (mistral), biased q/k/v (qwen2).
-const LANGUAGE_MODELS: [&str; 4] = [
+/// The language models of testdata: tied (llama), untied (mistral), biased q/k/v (qwen2), norms
+/// of each query and key head (qwen3).
+const LANGUAGE_MODELS: [&str; 5] = [
     "tiny-llama",
     "tiny-llama-base",
     "tiny-mistral",
     "tiny-qwen2",
+    "tiny-qwen3",
 ];
 
 #[test]
