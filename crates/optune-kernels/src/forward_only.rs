@@ -1,6 +1,7 @@
 //! Ops of generation's forward passes, which need no gradient, one kernel each on CUDA
-//! (src/cuda/forward_only.cu) where the differentiable form takes two or three: the residual add
-//! fused into the RMS norm after it, and the SwiGLU gate. [`crate::ops`] picks them on the generic
+//! (src/cuda/forward_only.cu) where the differentiable form takes two or more: the residual add
+//! fused into the RMS norm after it, the SwiGLU gate, and Qwen3's norms of each query and key
+//! head over the stacked q/k/v projection. [`crate::ops`] picks them on the generic
 //! path for a [`crate::ops::Pass::Generation`]; passes set against training's (reference
 //! log-probs) keep the differentiable forms, whose rounding these do not share.
 //!
@@ -15,6 +16,8 @@ use rayon::prelude::*;
 
 /// Threads of a block of the CUDA kernels (THREADS in the kernel).
 const THREADS: u32 = 256;
+/// Heads a block of head_rms_norm takes, one warp each (HEAD_WARPS in the kernel).
+const HEAD_WARPS: u32 = 4;
 /// Below this many elements a CPU form runs on the calling thread: for a decode step's few rows,
 /// waking the thread pool costs more than the work.
 const PARALLEL_ELEMENTS: usize = 1 << 16;
@@ -65,6 +68,45 @@ pub fn silu_mul(gate_up: &Tensor) -> Result<Tensor> {
     }
     check_dtypes("silu_mul", &[gate_up])?;
     gate_up.contiguous()?.apply_op1_no_bwd(&SiluMul)
+}
+
+/// `rows [.., heads_per_row·d]` holding each token's query heads, then its key heads, then the
+/// rest (values), with each of the first `q_heads` heads normalised over its `d` values and
+/// scaled by `q_weight [d]`, each of the next `k_heads` by `k_weight [d]`, the rest as they are:
+/// Qwen3's norms before the rotary embedding, over the one stacked q/k/v product. f32, bf16 or
+/// f16.
+pub fn head_rms_norm(
+    rows: &Tensor,
+    [q_weight, k_weight]: [&Tensor; 2],
+    (q_heads, k_heads): (usize, usize),
+    eps: f64,
+) -> Result<Tensor> {
+    let d = q_weight.elem_count();
+    let width = rows.dim(candle_core::D::Minus1)?;
+    if d == 0
+        || q_weight.dims() != [d]
+        || k_weight.dims() != [d]
+        || width % d != 0
+        || width / d < q_heads + k_heads
+        || rows.elem_count() == 0
+    {
+        bail!(
+            "head_rms_norm: weights {:?} and {:?} for {q_heads} + {k_heads} heads of rows {:?}",
+            q_weight.dims(),
+            k_weight.dims(),
+            rows.dims()
+        );
+    }
+    check_dtypes("head_rms_norm", &[rows, q_weight, k_weight])?;
+    rows.contiguous()?.apply_op3_no_bwd(
+        &q_weight.contiguous()?,
+        &k_weight.contiguous()?,
+        &HeadRmsNorm {
+            q_heads,
+            k_heads,
+            eps: eps as f32,
+        },
+    )
 }
 
 /// Whether this module's ops take tensors of `dtype`.
@@ -215,6 +257,85 @@ impl CustomOp1 for SiluMul {
     }
 }
 
+struct HeadRmsNorm {
+    q_heads: usize,
+    k_heads: usize,
+    eps: f32,
+}
+
+impl CustomOp3 for HeadRmsNorm {
+    fn name(&self) -> &'static str {
+        "head-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        rows: &CpuStorage,
+        lr: &Layout,
+        q_weight: &CpuStorage,
+        lq: &Layout,
+        k_weight: &CpuStorage,
+        lk: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let read = |s, l, what| crate::storage::floats(s, l, "head_rms_norm", what);
+        let (x, q_weight, k_weight) = (
+            read(rows, lr, "rows")?,
+            read(q_weight, lq, "q_weight")?,
+            read(k_weight, lk, "k_weight")?,
+        );
+        let d = q_weight.len();
+        let heads_per_row = lr.dims()[lr.dims().len() - 1] / d;
+        let round = rounding(rows);
+        let mut out = x.to_vec();
+        let head_of = |(unit, head): (usize, &mut [f32])| {
+            let weight = match unit % heads_per_row {
+                h if h < self.q_heads => &q_weight,
+                h if h < self.q_heads + self.k_heads => &k_weight,
+                _ => return,
+            };
+            let squares: f32 = head.iter().map(|v| v * v).sum();
+            let inverse = 1.0 / (squares / d as f32 + self.eps).sqrt();
+            for (v, &w) in head.iter_mut().zip(weight.iter()) {
+                *v = round(*v * inverse * w);
+            }
+        };
+        if out.len() < PARALLEL_ELEMENTS {
+            out.chunks_mut(d).enumerate().for_each(head_of);
+        } else {
+            out.par_chunks_mut(d).enumerate().for_each(head_of);
+        }
+        Ok((stored_like(out, rows), lr.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        rows: &candle_core::CudaStorage,
+        lr: &Layout,
+        q_weight: &candle_core::CudaStorage,
+        lq: &Layout,
+        k_weight: &candle_core::CudaStorage,
+        lk: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let d = lq.shape().elem_count();
+        let n = lr.shape().elem_count();
+        let heads_per_row = lr.dims()[lr.dims().len() - 1] / d;
+        let units = n / d;
+        let out = crate::kernel_args::cuda::launch_new(
+            MODULE,
+            "head_rms_norm",
+            [(rows, lr), (q_weight, lq), (k_weight, lk)],
+            n,
+            head_rms_norm_launch(units),
+            |[rows, q_weight, k_weight], out| {
+                let heads = (heads_per_row, self.q_heads, self.k_heads, d);
+                head_rms_norm_args([rows, q_weight, k_weight, out], units, heads, self.eps)
+            },
+        )?;
+        Ok((out, lr.shape().clone()))
+    }
+}
+
 /// `shape` with its last axis halved.
 fn halved(shape: &Shape) -> Shape {
     let mut dims = shape.dims().to_vec();
@@ -254,6 +375,37 @@ fn silu_mul_args([gate_up, out]: [u64; 2], n: usize, width: usize) -> Result<Vec
         KernelArg::U64(n as u64),
         KernelArg::int(width, "width")?,
     ])
+}
+
+/// head_rms_norm's arguments (src/cuda/forward_only.cu) over `units` heads of `d` values: the
+/// addresses of `rows`, `q_weight`, `k_weight` and `out`, then the count, the heads of a row,
+/// of q and of k, `d` and `eps`.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
+fn head_rms_norm_args(
+    [rows, q_weight, k_weight, out]: [u64; 4],
+    units: usize,
+    (heads_per_row, q_heads, k_heads, d): (usize, usize, usize, usize),
+    eps: f32,
+) -> Result<Vec<KernelArg>> {
+    Ok(vec![
+        KernelArg::Pointer(rows),
+        KernelArg::Pointer(q_weight),
+        KernelArg::Pointer(k_weight),
+        KernelArg::Pointer(out),
+        KernelArg::U64(units as u64),
+        KernelArg::int(heads_per_row, "heads_per_row")?,
+        KernelArg::int(q_heads, "q_heads")?,
+        KernelArg::int(k_heads, "k_heads")?,
+        KernelArg::int(d, "d")?,
+        KernelArg::F32(eps),
+    ])
+}
+
+/// The CUDA launch of head_rms_norm over `units` heads: a warp each, [`HEAD_WARPS`] to a block;
+/// `(blocks, threads)`.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launch and the emulated tests
+fn head_rms_norm_launch(units: usize) -> (u32, u32) {
+    (units.div_ceil(HEAD_WARPS as usize) as u32, 32 * HEAD_WARPS)
 }
 
 /// The CUDA launch of add_rms_norm over `rows` rows: one block of [`THREADS`] per row;
@@ -328,6 +480,117 @@ mod tests {
             let want = (x.silu().unwrap() * &delta).unwrap();
             let off = worst(&f32_elements(&gated), &f32_elements(&want));
             assert!(off <= 2.0 * tolerance(dtype), "{dtype:?} silu_mul: {off}");
+        }
+    }
+
+    /// Qwen3's head norms as one op against candle-nn's RMS norm on each part (q's heads, k's)
+    /// and the values untouched; rows whose heads are not a multiple of a warp wide, and more
+    /// heads in a row than the norms take (v's).
+    #[test]
+    fn the_head_norms_match_the_composed_ops() {
+        for ((tokens, (q_heads, k_heads, v_heads), d), dtype) in
+            [(3, (4, 2, 2), 40), (70, (8, 2, 2), 128)]
+                .into_iter()
+                .flat_map(|size| DTYPES.map(|dtype| (size, dtype)))
+        {
+            let tensor = |v: Vec<f32>, shape: &[usize]| {
+                Tensor::from_vec(v, shape, &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+            };
+            let width = (q_heads + k_heads + v_heads) * d;
+            let rows = tensor(random(tokens * width, 3.0, 11), &[tokens, width]);
+            let q_weight = tensor(random(d, 1.0, 12), &[d]);
+            let k_weight = tensor(random(d, 1.0, 13), &[d]);
+            let got =
+                head_rms_norm(&rows, [&q_weight, &k_weight], (q_heads, k_heads), 1e-6).unwrap();
+            assert_eq!(got.dims(), rows.dims());
+            let part = |t: &Tensor, from: usize, heads: usize| {
+                t.narrow(1, from * d, heads * d)
+                    .unwrap()
+                    .reshape((tokens, heads, d))
+                    .unwrap()
+            };
+            for (from, heads, weight) in [(0, q_heads, &q_weight), (q_heads, k_heads, &k_weight)] {
+                let want =
+                    crate::ops::generic::rms_norm(&part(&rows, from, heads), weight, 1e-6).unwrap();
+                let off = worst(
+                    &f32_elements(&part(&got, from, heads)),
+                    &f32_elements(&want),
+                );
+                assert!(off <= 2.0 * tolerance(dtype), "{dtype:?} d {d}: {off}");
+            }
+            let values = q_heads + k_heads;
+            assert_eq!(
+                f32_elements(&part(&got, values, v_heads)),
+                f32_elements(&part(&rows, values, v_heads)),
+                "{dtype:?}"
+            );
+        }
+    }
+
+    /// head_rms_norm's kernel by the emulator, with the CUDA path's launch and argument list.
+    fn head_kernel<T: Element + candle_core::WithDType>(
+        rows: &Tensor,
+        [q_weight, k_weight]: [&Tensor; 2],
+        (q_heads, k_heads): (usize, usize),
+    ) -> Vec<f32> {
+        let d = q_weight.elem_count();
+        let heads_per_row = rows.dim(1).unwrap() / d;
+        let units = rows.elem_count() / d;
+        let (rows, q_weight, k_weight) =
+            (flat::<T>(rows), flat::<T>(q_weight), flat::<T>(k_weight));
+        let kernel = format!("head_rms_norm_{}", T::SUFFIX);
+        let out = in_both_placements(&kernel, |memory| {
+            let [rows_at, q_at, k_at] = [&rows, &q_weight, &k_weight].map(|v| memory.input(v));
+            let out = memory.output::<T>(rows.len());
+            let heads = (heads_per_row, q_heads, k_heads, d);
+            let args = head_rms_norm_args([rows_at, q_at, k_at, out.address], units, heads, 1e-6)
+                .map_err(|e| e.to_string())?;
+            let (grid, block) = head_rms_norm_launch(units);
+            // SAFETY: rows and out hold units·d elements and each weight d, as the kernel reads
+            // and writes them for these arguments.
+            unsafe { memory.launch(&kernel, Launch { grid, block }, &emulated(&args)) }?;
+            Ok(memory.read(&out))
+        });
+        widen(out.unwrap())
+    }
+
+    /// The CUDA head norm against its CPU form: the values copied to the bit, the norms within a
+    /// rounding (the sum of squares is added in another order); a last block with idle warps
+    /// (7 heads a token), heads narrower and wider than a warp.
+    #[test]
+    fn the_cuda_head_norm_matches_the_cpu_form() {
+        for (tokens, (q_heads, k_heads, v_heads), d) in [(3, (3, 2, 2), 24), (5, (4, 2, 2), 72)] {
+            for dtype in DTYPES {
+                let tensor = |v: Vec<f32>, shape: &[usize]| {
+                    Tensor::from_vec(v, shape, &Device::Cpu)
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap()
+                };
+                let width = (q_heads + k_heads + v_heads) * d;
+                let rows = tensor(random(tokens * width, 3.0, 14), &[tokens, width]);
+                let weights = [
+                    tensor(random(d, 1.0, 15), &[d]),
+                    tensor(random(d, 1.0, 16), &[d]),
+                ];
+                let weights = [&weights[0], &weights[1]];
+                let heads = (q_heads, k_heads);
+                let got = match dtype {
+                    DType::F32 => head_kernel::<f32>(&rows, weights, heads),
+                    DType::BF16 => head_kernel::<half::bf16>(&rows, weights, heads),
+                    _ => head_kernel::<half::f16>(&rows, weights, heads),
+                };
+                let want = f32_elements(&head_rms_norm(&rows, weights, heads, 1e-6).unwrap());
+                let normed = (q_heads + k_heads) * d;
+                for (got, want) in got.chunks(width).zip(want.chunks(width)) {
+                    let off = worst(&got[..normed], &want[..normed]);
+                    assert!(off <= tolerance(dtype), "{dtype:?} d {d}: {off}");
+                    assert_eq!(got[normed..], want[normed..], "{dtype:?} values");
+                }
+            }
         }
     }
 

@@ -13,6 +13,7 @@
 //! | [`silu_mul`] | [`generic::silu_mul`] | `fused::SiluMul` | [`crate::host::silu_mul`] |
 //! | [`silu_mul_halves`] (generation) | [`crate::forward_only::silu_mul`] | halves, `fused::SiluMul` | — |
 //! | [`add_rms_norm`] | add, [`generic::rms_norm`] (generation: [`crate::forward_only::add_rms_norm`]) | add, `fused::RmsNorm` | (add, [`crate::host::rms_norm`]) |
+//! | [`head_rms_norm`] (stacked q/k/v) | parts through [`generic::rms_norm`] (generation: [`crate::forward_only::head_rms_norm`]) | parts through `fused::RmsNorm` | ([`crate::host::rms_norm`] on q and k) |
 //! | [`rotary_attention`] | [`generic::rotary_attention`] (`RotaryAttention`) | the same node, `fused::Rope` and `fused::Attention` inside | [`crate::host::rotary`], [`crate::host::attention`] |
 //! | [`token_logprobs`] | [`generic::token_logprobs`] (`ChunkedLogprobs`) | `fused::TokenLogprobs` | (sampler: [`crate::host::log_sum_exp`]) |
 //!
@@ -140,6 +141,44 @@ pub fn add_rms_norm(
             let sum = (x + delta)?;
             let normed = rms_norm(&sum, weight, eps)?;
             Ok((sum, normed))
+        }
+    }
+}
+
+/// Qwen3's norms of each query and key head over `rows [b, t, heads_per_row·d]` holding the
+/// tokens' query heads, then their key heads, then the rest (values): each of the first
+/// `q_heads` heads through [`rms_norm`] with `q_weight [d]`, the next `k_heads` with
+/// `k_weight`, the rest as they are; the same shape. In a generation pass on the generic path one
+/// op ([`crate::forward_only::head_rms_norm`]); otherwise the two parts normalised and the rows
+/// put together again.
+pub fn head_rms_norm(
+    rows: &Tensor,
+    [q_weight, k_weight]: [&Tensor; 2],
+    (q_heads, k_heads): (usize, usize),
+    eps: f64,
+    pass: Pass,
+) -> Result<Tensor> {
+    match path_for(&[rows, q_weight, k_weight]) {
+        Path::Generic if forward_only(pass, &[rows, q_weight, k_weight]) => {
+            crate::forward_only::head_rms_norm(rows, [q_weight, k_weight], (q_heads, k_heads), eps)
+        }
+        _ => {
+            let (b, t, width) = rows.dims3()?;
+            let d = q_weight.dim(0)?;
+            let normed = |from: usize, heads: usize, weight: &Tensor| -> Result<Tensor> {
+                let part = rows.narrow(candle_core::D::Minus1, from * d, heads * d)?;
+                rms_norm(&part.reshape((b, t, heads, d))?, weight, eps)?.reshape((b, t, heads * d))
+            };
+            let rest = q_heads + k_heads;
+            let values = rows.narrow(candle_core::D::Minus1, rest * d, width - rest * d)?;
+            Tensor::cat(
+                &[
+                    &normed(0, q_heads, q_weight)?,
+                    &normed(q_heads, k_heads, k_weight)?,
+                    &values,
+                ],
+                candle_core::D::Minus1,
+            )
         }
     }
 }

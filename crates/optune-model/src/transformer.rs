@@ -73,14 +73,10 @@ impl HeadNorms {
         Ok([Self::apply(q, &self.q, eps)?, Self::apply(k, &self.k, eps)?])
     }
 
-    /// q, k and v side by side (`[b, t, (heads + 2·kv_heads)·d]`, `columns` = where k and v
-    /// start), q's and k's columns normalised.
-    fn forward_stacked(&self, rows: &Tensor, columns: (usize, usize), eps: f64) -> Result<Tensor> {
-        let width = rows.dim(candle_core::D::Minus1)?;
-        let (k_at, v_at) = columns;
-        let part = |from: usize, to: usize| rows.narrow(candle_core::D::Minus1, from, to - from);
-        let [q, k] = self.forward([&part(0, k_at)?, &part(k_at, v_at)?], eps)?;
-        Tensor::cat(&[&q, &k, &part(v_at, width)?], candle_core::D::Minus1)
+    /// q, k and v side by side (`[b, t, (heads + 2·kv_heads)·d]`), q's and k's heads normalised:
+    /// one op on a GPU.
+    fn forward_stacked(&self, rows: &Tensor, heads: (usize, usize), eps: f64) -> Result<Tensor> {
+        ops::head_rms_norm(rows, [&self.q, &self.k], heads, eps, ops::Pass::Generation)
     }
 }
 
@@ -1494,7 +1490,7 @@ impl Block {
                     stacked_forward(&attn.qkv, &[&attn.q_proj, &attn.k_proj, &attn.v_proj], &h)?;
                 let columns = (heads * d, (heads + kv_heads) * d);
                 let rows = match &attn.head_norms {
-                    Some(norms) => norms.forward_stacked(&rows, columns, eps)?,
+                    Some(norms) => norms.forward_stacked(&rows, (heads, kv_heads), eps)?,
                     None => rows,
                 };
                 let (keys, values) = c.cache.write(c.layer, &rows, columns, c.tables)?;

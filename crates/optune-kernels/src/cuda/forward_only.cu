@@ -6,6 +6,10 @@
 // * silu_mul: the SwiGLU gate silu(gate) · up, in f32, rounded once to T, of rows [rows, 2 · width]
 //   holding the gate's projection, then the up projection's (as one stacked product gives them);
 //   out [rows, width].
+// * head_rms_norm: Qwen3's RMS norms of each query and key head, on rows [tokens, heads_per_row
+//   · d] holding q's heads, then k's, then the rest (v): out the same rows with each of the first
+//   q_heads heads normalised and scaled by q_weight [d], each of the next k_heads by k_weight,
+//   the rest copied. One warp per (token, head), HEAD_WARPS to a block; statistics in f32.
 
 #include "dtypes.cuh"
 #include <stdint.h>
@@ -56,6 +60,39 @@ __device__ void silu_mul(const T *__restrict__ gate_up, T *__restrict__ out, uin
     }
 }
 
+#define HEAD_WARPS 4
+
+template <typename T>
+__device__ void head_rms_norm(const T *__restrict__ rows, const T *__restrict__ q_weight,
+                              const T *__restrict__ k_weight, T *__restrict__ out, uint64_t units,
+                              int heads_per_row, int q_heads, int k_heads, int d, float eps) {
+    // Uniform across a warp: a warp whose unit is past the end leaves whole, before any shuffle.
+    const uint64_t unit = blockIdx.x * (uint64_t)HEAD_WARPS + threadIdx.x / 32;
+    if (unit >= units) return;
+    const int lane = threadIdx.x % 32;
+    const int head = (int)(unit % heads_per_row);
+    const T *in = rows + unit * d;
+    T *to = out + unit * d;
+    if (head >= q_heads + k_heads) {
+        for (int i = lane; i < d; i += 32) to[i] = in[i];
+        return;
+    }
+    const T *weight = head < q_heads ? q_weight : k_weight;
+    float squares = 0.0f;
+    for (int i = lane; i < d; i += 32) {
+        const float f = to_float(in[i]);
+        squares += f * f;
+    }
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        squares += __shfl_xor_sync(0xffffffffu, squares, offset);
+    }
+    const float inverse = 1.0f / sqrtf(squares / (float)d + eps);
+    for (int i = lane; i < d; i += 32) {
+        to[i] = from_float<T>(to_float(in[i]) * inverse * to_float(weight[i]));
+    }
+}
+
 #define FORWARD_ONLY(SUFFIX, T)                                                                    \
     extern "C" __global__ void __launch_bounds__(THREADS)                                          \
         add_rms_norm_##SUFFIX(const T *x, const T *delta, const T *weight, T *out, int rows,       \
@@ -65,6 +102,13 @@ __device__ void silu_mul(const T *__restrict__ gate_up, T *__restrict__ out, uin
     extern "C" __global__ void silu_mul_##SUFFIX(const T *gate_up, T *out, uint64_t n,           \
                                                  int width) {                                      \
         silu_mul<T>(gate_up, out, n, width);                                                       \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(32 * HEAD_WARPS)                                  \
+        head_rms_norm_##SUFFIX(const T *rows, const T *q_weight, const T *k_weight, T *out,        \
+                               uint64_t units, int heads_per_row, int q_heads, int k_heads, int d, \
+                               float eps) {                                                        \
+        head_rms_norm<T>(rows, q_weight, k_weight, out, units, heads_per_row, q_heads, k_heads, d, \
+                         eps);                                                                     \
     }
 
 FORWARD_ONLY(f32, float)
