@@ -5,6 +5,7 @@ use clap::{Parser, ValueEnum};
 use optune_cli::{ChatTemplateArgs, RuntimeArgs};
 use optune_model::generate::{
     generate, stream_seed, FinishReason, Generated, Generation, GenerationRequest, SamplingParams,
+    StopStrings, Stopping,
 };
 use optune_model::load_model;
 use optune_resume::{file_stamps, Digest, Fingerprint, Journal};
@@ -81,6 +82,14 @@ struct Args {
     /// Do not stop at EOS: every response gets --max-new-tokens tokens (for benchmarks)
     #[arg(long)]
     ignore_eos: bool,
+
+    /// End a response once its text completes TEXT (repeatable; vLLM's stop), e.g.
+    /// '\n\nHuman:' for a base model continuing HH-style transcripts. The response is the text
+    /// before the first stop string, with finish_reason stop; response_tokens and logp count the
+    /// tokens sampled, through the one that completed it. \n, \t, \r and \\ are read as
+    /// escapes
+    #[arg(long, value_name = "TEXT", value_parser = parse_stop)]
+    stop: Vec<String>,
 
     /// Longest templated prompt accepted, in tokens
     #[arg(long, default_value_t = 1024)]
@@ -185,6 +194,10 @@ fn run(args: Args) -> Result<()> {
     let started = Instant::now();
     let (mut model, mut tokenizer, meta) = load_model(&args.model, dtype, &device)?;
     args.chat_template.apply_to(&mut tokenizer)?;
+    let stop_strings = match args.stop.is_empty() {
+        true => None,
+        false => Some(StopStrings::new(args.stop.clone(), &tokenizer)?),
+    };
     model.prepare_to_feed()?;
     if meta.eos_token_ids.is_empty() && !args.ignore_eos {
         bail!(
@@ -292,7 +305,10 @@ fn run(args: Args) -> Result<()> {
         &model,
         &todo_requests,
         &params,
-        eos_ids,
+        Stopping {
+            eos_ids,
+            strings: stop_strings.as_ref(),
+        },
         optune_model::generate::Batching {
             slots: batch_size,
             prompt_tokens_per_step: args.prompt_tokens_per_step,
@@ -332,7 +348,11 @@ fn run(args: Args) -> Result<()> {
 
     let mut texts = Vec::with_capacity(generations.len());
     for g in &generations {
-        texts.push(tokenizer.decode(&g.tokens)?);
+        let text = tokenizer.decode(&g.tokens)?;
+        texts.push(match &stop_strings {
+            Some(stop) => stop.cut(&text).to_string(),
+            None => text,
+        });
     }
     let out_rows: Vec<usize> = rows
         .iter()
@@ -420,6 +440,35 @@ fn run(args: Args) -> Result<()> {
         .field("total_s", format!("{:.2}", started.elapsed().as_secs_f64()))
         .print();
     Ok(())
+}
+
+/// A --stop value with its escapes read: \n, \t, \r and \\; an empty string, or any other
+/// backslash, is refused.
+fn parse_stop(text: &str) -> std::result::Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        out.push(match chars.next() {
+            Some('n') => '\n',
+            Some('t') => '\t',
+            Some('r') => '\r',
+            Some('\\') => '\\',
+            other => {
+                let escape = other.map_or(String::new(), String::from);
+                return Err(format!(
+                    "'\\{escape}' is not an escape --stop reads (\\n, \\t, \\r, \\\\)"
+                ));
+            }
+        });
+    }
+    match out.is_empty() {
+        true => Err("an empty stop string would end every response at once".into()),
+        false => Ok(out),
+    }
 }
 
 /// One finished response in the journal (see [`Journal`]): enough to rebuild its output row.
@@ -552,6 +601,7 @@ fn fingerprint(
         .with("--top-k", args.top_k)
         .with("--max-new-tokens", args.max_new_tokens)
         .with("--ignore-eos", args.ignore_eos)
+        .with("--stop", format!("{:?}", args.stop))
         .with("--device", format!("{:?}", device.location()))
         .with("--dtype", optune_cli::runtime::precision(device, dtype))
         .with(
@@ -573,7 +623,19 @@ fn process_cpu_seconds() -> Option<f64> {
 
 #[cfg(test)]
 mod tests {
-    use super::kv_memory_fraction;
+    use super::{kv_memory_fraction, parse_stop};
+
+    #[test]
+    fn stop_strings_read_four_escapes_and_refuse_the_rest() {
+        assert_eq!(parse_stop(r"\n\nHuman:").unwrap(), "\n\nHuman:");
+        assert_eq!(parse_stop(r"a\tb\rc\\d").unwrap(), "a\tb\rc\\d");
+        assert_eq!(parse_stop("</answer>").unwrap(), "</answer>");
+        assert!(parse_stop(r"\boxed").unwrap_err().contains(r"'\b'"));
+        // A backslash ending the text, and one before a space.
+        assert!(parse_stop("end\\").unwrap_err().contains(r"'\'"));
+        assert!(parse_stop("a\\ b").unwrap_err().contains(r"'\ '"));
+        assert!(parse_stop("").is_err());
+    }
 
     /// On a GPU the batch is sized from memory even with --batch-size (which caps it).
     #[test]

@@ -785,3 +785,62 @@ fn chat_template_kwargs_render_the_prompt_as_transformers_does() {
         );
     }
 }
+
+/// `--stop`: each response is the unstopped one's text before the first stop string, ended with
+/// finish_reason stop where it held one, as it was elsewhere; a bad escape is refused.
+#[test]
+fn stop_strings_cut_the_responses_that_reach_them() {
+    let m = model("tiny-llama");
+    let p = prompts();
+    let run_with = |extra: &[&str]| {
+        let mut args = vec![
+            "--model",
+            m.to_str().unwrap(),
+            p.to_str().unwrap(),
+            "--n",
+            "2",
+            "--seed",
+            "4",
+            "--max-new-tokens",
+            "24",
+        ];
+        args.extend_from_slice(extra);
+        rows(&run(&args))
+    };
+    let free = run_with(&[]);
+    // Three characters from the middle of the first response.
+    let first = free[0]["response"].as_str().unwrap();
+    let piece: String = first
+        .chars()
+        .skip(first.chars().count() / 2)
+        .take(3)
+        .collect();
+    assert!(!piece.contains('\\'), "{piece:?}");
+    let stopped = run_with(&["--stop", &piece.replace('\n', "\\n")]);
+    let mut ended = 0;
+    for (free, stopped) in free.iter().zip(&stopped) {
+        let text = free["response"].as_str().unwrap();
+        match text.find(&piece) {
+            Some(at) => {
+                ended += 1;
+                assert_eq!(stopped["response"], text[..at], "{piece:?}");
+                assert_eq!(stopped["finish_reason"], "stop");
+                assert!(stopped["response_tokens"].as_u64() <= free["response_tokens"].as_u64());
+            }
+            None => assert_eq!(stopped["response"], free["response"]),
+        }
+    }
+    assert!(ended >= 1, "{piece:?}");
+    let out = opt_gen(&[
+        "--model",
+        m.to_str().unwrap(),
+        p.to_str().unwrap(),
+        "--stop",
+        r"\q",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains(r"'\q' is not an escape"),
+        "{stderr}"
+    );
+}

@@ -6,7 +6,7 @@ use crate::policy::{policy_logprobs, Policy};
 use crate::Args;
 use anyhow::{bail, Result};
 use candle_core::Tensor;
-use optune_model::generate::{generate, stream_seed, GenerationRequest, SamplingParams};
+use optune_model::generate::{generate, stream_seed, GenerationRequest, SamplingParams, Stopping};
 use optune_model::{sequence_logprobs, RecomputedPass, TokenizedPair, Transformer};
 use optune_train::loss::loo_reinforce_kl;
 
@@ -43,7 +43,7 @@ pub fn kl_term<'m>(
         &policy.model,
         &requests,
         &params,
-        &policy.meta.eos_token_ids,
+        Stopping::eos(&policy.meta.eos_token_ids),
         args.batch_size * k,
         |_, _| {},
     )?

@@ -14,6 +14,7 @@
 
 pub use crate::sampling::SamplingParams;
 use crate::sampling::{sample_rows, sample_token};
+pub use crate::stop::StopStrings;
 use crate::transformer::{KvCache, Segment, Transformer};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
@@ -30,9 +31,29 @@ pub struct GenerationRequest {
     pub seed: u64,
 }
 
+/// What ends a sequence before `max_new_tokens`.
+#[derive(Clone, Copy, Default)]
+pub struct Stopping<'a> {
+    /// Sampling one of these (kept as the sequence's last token): the model's EOS.
+    pub eos_ids: &'a [u32],
+    /// Its text completing one of these (vLLM's `stop`).
+    pub strings: Option<&'a StopStrings<'a>>,
+}
+
+impl<'a> Stopping<'a> {
+    /// At the EOS ids only.
+    pub fn eos(eos_ids: &'a [u32]) -> Self {
+        Self {
+            eos_ids,
+            strings: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
-    /// An EOS token was sampled (it is the last entry of `tokens`).
+    /// An EOS token was sampled (it is the last entry of `tokens`), or the text completed a stop
+    /// string ([`Stopping::strings`]) at the last token.
     Stop,
     /// `max_new_tokens` were sampled without EOS.
     Length,
@@ -316,7 +337,7 @@ pub fn generate(
     model: &Transformer,
     requests: &[GenerationRequest],
     params: &SamplingParams,
-    eos_ids: &[u32],
+    stopping: Stopping,
     batching: impl Into<Batching>,
     mut on_finish: impl FnMut(usize, &Generation),
 ) -> Result<Generated> {
@@ -564,7 +585,7 @@ pub fn generate(
                 .zip(picks)
                 .filter_map(|((slot, state), pick)| {
                     state.follows = None;
-                    Some((slot, advance(state, pick, params, eos_ids)?))
+                    Some((slot, advance(state, pick, params, stopping)?))
                 })
                 .collect())
         })?;
@@ -603,12 +624,13 @@ fn advance(
     state: &mut Active,
     (token, logp): (u32, f64),
     params: &SamplingParams,
-    eos_ids: &[u32],
+    stopping: Stopping,
 ) -> Option<Generation> {
     state.tokens.push(token);
     state.logp += logp;
     state.pending = Some(token);
-    let finish = if eos_ids.contains(&token) {
+    let at_string = |tokens: &[u32]| stopping.strings.is_some_and(|s| s.end_here(tokens));
+    let finish = if stopping.eos_ids.contains(&token) || at_string(&state.tokens) {
         Some(FinishReason::Stop)
     } else if state.tokens.len() >= params.max_new_tokens {
         Some(FinishReason::Length)

@@ -9,6 +9,7 @@ pub mod logprobs;
 pub mod lora;
 pub mod rope;
 mod sampling;
+mod stop;
 pub mod transformer;
 
 pub use load::{load_model, save_checkpoint, save_checkpoint_with, saved_dtype};

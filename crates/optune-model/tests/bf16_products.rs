@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device, Var};
 use optune_kernels::{bf16_products_available, set_f32_product_precision, ProductPrecision};
-use optune_model::generate::{generate, stream_seed, GenerationRequest, SamplingParams};
+use optune_model::generate::{generate, stream_seed, GenerationRequest, SamplingParams, Stopping};
 use optune_model::{load_model, Transformer};
 use std::collections::HashMap;
 
@@ -27,7 +27,7 @@ fn greedy(model: &Transformer) -> Vec<Vec<u32>> {
         top_k: None,
         max_new_tokens: 12,
     };
-    generate(model, &requests, &params, &[], 2, |_, _| {})
+    generate(model, &requests, &params, Stopping::eos(&[]), 2, |_, _| {})
         .unwrap()
         .generations
         .into_iter()

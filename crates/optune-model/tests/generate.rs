@@ -1,7 +1,8 @@
 //! Generation against the training path, on the tiny testdata models.
 
 use optune_model::generate::{
-    generate, stream_seed, Batching, FinishReason, GenerationRequest, SamplingParams,
+    generate, stream_seed, Batching, FinishReason, Generation, GenerationRequest, SamplingParams,
+    Stopping,
 };
 use optune_model::{sequence_logprobs, KvCache, TokenizedPair, Transformer};
 
@@ -33,9 +34,16 @@ fn greedy_decoding_equals_the_training_path_argmax() {
     for name in ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3"] {
         let model = model(name);
         // No EOS, so every sequence runs the full length (past mistral's window of 8).
-        let out = generate(&model, &requests(0), &sampling(0.0, 16), &[], 3, |_, _| {})
-            .unwrap()
-            .generations;
+        let out = generate(
+            &model,
+            &requests(0),
+            &sampling(0.0, 16),
+            Stopping::eos(&[]),
+            3,
+            |_, _| {},
+        )
+        .unwrap()
+        .generations;
         for (g, p) in out.iter().zip(prompts()) {
             assert_eq!(g.finish, FinishReason::Length);
             assert_eq!(g.tokens, argmax_continuation(&model, &p, 16), "{name}");
@@ -46,10 +54,23 @@ fn greedy_decoding_equals_the_training_path_argmax() {
 #[test]
 fn reported_logp_equals_the_sequence_logprob() {
     let model = model("tiny-qwen2");
-    let out = generate(&model, &requests(3), &sampling(1.0, 12), &[], 2, |_, _| {})
-        .unwrap()
-        .generations;
-    let pairs: Vec<TokenizedPair> = out
+    let out = generate(
+        &model,
+        &requests(3),
+        &sampling(1.0, 12),
+        Stopping::eos(&[]),
+        2,
+        |_, _| {},
+    )
+    .unwrap()
+    .generations;
+    assert_logps_are_the_sequences(&model, &out);
+}
+
+/// Each generation's `logp` is the training path's summed log-probability of its tokens after
+/// its prompt (of [`prompts`], in order), within 1e-4.
+fn assert_logps_are_the_sequences(model: &Transformer, generations: &[Generation]) {
+    let pairs: Vec<TokenizedPair> = generations
         .iter()
         .zip(prompts())
         .map(|(g, p)| TokenizedPair {
@@ -57,12 +78,12 @@ fn reported_logp_equals_the_sequence_logprob() {
             response: g.tokens.clone(),
         })
         .collect();
-    let sums: Vec<f32> = sequence_logprobs(&model, &pairs, 3)
+    let sums: Vec<f32> = sequence_logprobs(model, &pairs, 3)
         .unwrap()
         .sums
         .to_vec1()
         .unwrap();
-    for (g, s) in out.iter().zip(sums) {
+    for (g, s) in generations.iter().zip(sums) {
         assert!(
             (g.logp - s as f64).abs() <= 1e-4 * (s.abs() as f64).max(1.0),
             "{} vs {s}",
@@ -87,7 +108,7 @@ fn output_does_not_depend_on_the_batch_size() {
                 &model,
                 &requests(11),
                 &sampling(1.0, 20),
-                &[5, 7],
+                Stopping::eos(&[5, 7]),
                 batch,
                 |_, _| {},
             )
@@ -213,14 +234,28 @@ fn cpu_kernels_agree_with_the_tensor_path() {
 #[test]
 fn generation_stops_at_any_eos_and_reports_it() {
     let model = model("tiny-llama");
-    let free = generate(&model, &requests(5), &sampling(1.0, 30), &[], 4, |_, _| {})
-        .unwrap()
-        .generations;
+    let free = generate(
+        &model,
+        &requests(5),
+        &sampling(1.0, 30),
+        Stopping::eos(&[]),
+        4,
+        |_, _| {},
+    )
+    .unwrap()
+    .generations;
     // Use tokens that the free run produced as EOS ids: those runs must now stop there.
     let eos = [free[0].tokens[3], free[1].tokens[5]];
-    let out = generate(&model, &requests(5), &sampling(1.0, 30), &eos, 4, |_, _| {})
-        .unwrap()
-        .generations;
+    let out = generate(
+        &model,
+        &requests(5),
+        &sampling(1.0, 30),
+        Stopping::eos(&eos),
+        4,
+        |_, _| {},
+    )
+    .unwrap()
+    .generations;
     for (f, g) in free.iter().zip(&out) {
         match f.tokens.iter().position(|t| eos.contains(t)) {
             Some(stop) => {
@@ -241,7 +276,15 @@ fn capacity_beyond_the_model_positions_is_an_error() {
         prompt_ids: vec![1; 250],
         seed: 0,
     }];
-    let err = generate(&model, &long, &sampling(1.0, 10), &[], 1, |_, _| {}).unwrap_err();
+    let err = generate(
+        &model,
+        &long,
+        &sampling(1.0, 10),
+        Stopping::eos(&[]),
+        1,
+        |_, _| {},
+    )
+    .unwrap_err();
     assert!(
         err.to_string()
             .contains("exceeds the model's 256 positions"),
@@ -335,7 +378,7 @@ fn chunked_prefill_generates_what_whole_prompts_do() {
                 &model,
                 &requests,
                 &sampling(temperature, 12),
-                &[],
+                Stopping::eos(&[]),
                 batching,
                 |_, _| {},
             )
@@ -437,4 +480,74 @@ fn the_tensor_feed_refuses_a_slot_twice_an_overfull_slot_and_nothing() {
     assert_eq!(rows.len(), 2 * model.config().vocab_size);
     assert_eq!((cache.len(0), cache.len(1)), (3, 1));
     assert!(model.feed(&[], &mut cache).unwrap().is_empty());
+}
+
+/// Stop strings end each sequence at the first token whose text completes one, keeping that
+/// token, and leave the sequences whose text never holds one as they were; the log-probability
+/// is that of the tokens kept.
+#[test]
+fn stop_strings_end_a_sequence_at_the_token_that_completes_one() {
+    let dir = optune_testkit::workspace_root().join("testdata/models/tiny-llama");
+    let (model, tokenizer, _) =
+        optune_model::load_model(&dir, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    let run = |stopping: Stopping| {
+        generate(
+            &model,
+            &requests(5),
+            &sampling(1.0, 24),
+            stopping,
+            3,
+            |_, _| {},
+        )
+        .unwrap()
+        .generations
+    };
+    let free = run(Stopping::eos(&[]));
+    // A piece of the first response's text from its 6th token on: some responses hold it.
+    let text = tokenizer.decode(&free[0].tokens).unwrap();
+    let from = tokenizer.decode(&free[0].tokens[..5]).unwrap().len();
+    let piece: String = text[from..].chars().take(3).collect();
+    let strings =
+        optune_model::generate::StopStrings::new(vec![piece.clone()], &tokenizer).unwrap();
+    let stopped = run(Stopping {
+        eos_ids: &[],
+        strings: Some(&strings),
+    });
+    let mut ended = 0;
+    for (i, (free, stopped)) in free.iter().zip(&stopped).enumerate() {
+        let first = (1..=free.tokens.len()).find(|&n| {
+            tokenizer
+                .decode(&free.tokens[..n])
+                .unwrap()
+                .contains(&piece)
+        });
+        match first {
+            Some(n) => {
+                ended += 1;
+                assert_eq!(stopped.tokens, free.tokens[..n], "{i}: {piece:?}");
+                assert_eq!(stopped.finish, FinishReason::Stop, "{i}");
+                let text = tokenizer.decode(&stopped.tokens).unwrap();
+                assert!(!strings.cut(&text).contains(&piece) && text.contains(&piece));
+            }
+            None => {
+                // The same bits on the fused path; on the generic path the batch around it
+                // changed, and with it the rounding.
+                assert_eq!(stopped.tokens, free.tokens, "{i}");
+                match optune_kernels::kernels() {
+                    optune_kernels::Kernels::Fused => {
+                        assert_eq!(stopped.logp.to_bits(), free.logp.to_bits(), "{i}")
+                    }
+                    _ => assert!((stopped.logp - free.logp).abs() <= 1e-4 * free.logp.abs()),
+                }
+            }
+        }
+    }
+    // Responses that hold the piece, and (with these seeds) ones that do not.
+    assert!(
+        ended >= 1 && ended < free.len(),
+        "{ended} of {}",
+        free.len()
+    );
+    // The log-probability of the kept tokens, as the sequence's own.
+    assert_logps_are_the_sequences(&model, &stopped);
 }

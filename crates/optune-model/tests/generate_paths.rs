@@ -4,7 +4,7 @@
 
 use candle_core::Device;
 use optune_kernels::{set_kernels, Kernels};
-use optune_model::generate::{generate, Generation, GenerationRequest, SamplingParams};
+use optune_model::generate::{generate, Generation, GenerationRequest, SamplingParams, Stopping};
 use optune_model::{sequence_logprobs, PaddedBatch, TokenizedPair, Transformer};
 
 mod common;
@@ -26,7 +26,7 @@ fn params(temperature: f64, top_p: f64, top_k: Option<usize>) -> SamplingParams 
 
 fn run(kernels: Kernels, model: &Transformer, p: &SamplingParams, batch: usize) -> Vec<Generation> {
     set_kernels(kernels);
-    generate(model, &requests(5), p, &[], batch, |_, _| {})
+    generate(model, &requests(5), p, Stopping::eos(&[]), batch, |_, _| {})
         .unwrap()
         .generations
 }

@@ -1,7 +1,7 @@
 //! The paged KV cache (`KvCache::paged`): what it feeds, shares, promises and takes back, and
 //! the generation it serves, on the tiny testdata models.
 
-use optune_model::generate::{cache_for_memory, generate, Batching, SamplingParams};
+use optune_model::generate::{cache_for_memory, generate, Batching, SamplingParams, Stopping};
 use optune_model::transformer::Segment;
 use optune_model::{KvCache, Transformer};
 
@@ -259,7 +259,15 @@ fn paged_generation_is_the_greedy_continuation() {
         let model = model(name);
         let requests = common::samples_of_each_prompt(4, 3);
         let run = |batching: Batching| {
-            generate(&model, &requests, &params, &[], batching, |_, _| {}).unwrap()
+            generate(
+                &model,
+                &requests,
+                &params,
+                Stopping::eos(&[]),
+                batching,
+                |_, _| {},
+            )
+            .unwrap()
         };
         let by_slot = run(Batching::new(4));
         assert_eq!(by_slot.preemptions, 0);
