@@ -55,10 +55,11 @@ rerun, and the sanitizer rows, which run when the others leave time within --bud
             --score-rows (512) conversations of up to --score-words (400) words: tokens/s of the
             model passes (opt-score's model_s; the peer timed after a warm-up batch), the rewards'
             largest difference (information: both sides bf16), opt-score's plan and peak memory.
-  sanitize  Our kernels and candle's under NVIDIA's compute-sanitizer, on tiny-llama: memcheck (an
-            access outside an allocation, a misaligned one, a device error) over opt-gen sampling
-            in bf16 (--n 2, chunked prefill: the cache write, cache attention, add+norm, gate and
-            sampler kernels) and over two opt-wdpo steps in bf16 (the optimiser kernels); racecheck
+  sanitize  Our kernels and candle's under NVIDIA's compute-sanitizer: memcheck (an access outside
+            an allocation, a misaligned one, a device error) over opt-gen sampling in bf16 on
+            tiny-qwen3 (--n 2, chunked prefill: the head norm, cache write, cache attention,
+            add+norm, gate and sampler kernels) and over two opt-wdpo steps in bf16 on tiny-llama
+            (the optimiser kernels); racecheck
             (shared-memory hazards between a block's threads, which the CPU emulator of our kernels
             cannot show: it runs a block's threads one at a time) over the opt-gen run, once per kernel
             of ours that uses shared memory (SHARED_MEMORY_KERNELS, one `--kernel-name kns=` filter
@@ -661,7 +662,7 @@ def logprobs_rewards(bins: Path, work: Path) -> None:
         R.raw.setdefault("rewards", {})[name] = {"values": got, "transformers": hf}
     R.detail()
     text, kind = verdict(worst["cuda-f32"], 1e-4)
-    R.row("logprobs", "reward scores CUDA f32 (packed; in pieces) vs CPU f32, max diff / largest score (3 tiny RMs)",
+    R.row("logprobs", "reward scores CUDA f32 (packed; in pieces) vs CPU f32, max diff / largest score (4 tiny RMs)",
           f"{worst['cuda-f32']:.2e}", "", "", text, kind)
     # A scalar head after bf16 layers moves by a few percent (1.7-2.8e-2 on the CPU's bf16 too):
     # reported, not judged.
@@ -939,9 +940,10 @@ def stage_sanitize(args) -> None:
     sanitizer = compute_sanitizer() if GPU == "cuda" else None
     work = args.work / "sanitize"
     work.mkdir(parents=True, exist_ok=True)
+    # tiny-qwen3 for generation: the kernels tiny-llama's passes take, and Qwen3's head norm.
     model = TESTDATA / "models" / "tiny-llama"
     prompts = gen_prompts(work)
-    gen = [args.bin / "opt-gen", "--model", model, prompts, "-o", work / "sampled.jsonl", "--n", "2",
+    gen = [args.bin / "opt-gen", "--model", TESTDATA / "models" / "tiny-qwen3", prompts, "-o", work / "sampled.jsonl", "--n", "2",
            "--temperature", "1.0", "--top-p", "0.9", "--seed", "11", "--prompt-tokens-per-step", "7",
            "--max-new-tokens", "16", "--batch-size", "8", "--device", GPU, "--dtype", "bf16",
            *device_flags("cuda", "bf16"), *gen_flags("cuda")]
@@ -955,7 +957,7 @@ def stage_sanitize(args) -> None:
     # take the tiled kernel for the prompt chunks, racecheck's the per-token one whole to decode.
     split = {"OPTUNE_ATTENTION": "split:4"}
     runs = [
-        ("memcheck", "memcheck: opt-gen sampling bf16 (tiny-llama, --n 2, 7 prompt tokens per step, "
+        ("memcheck", "memcheck: opt-gen sampling bf16 (tiny-qwen3, --n 2, 7 prompt tokens per step, "
          "decode attention split in chunks)", gen, split, None),
         ("memcheck", "memcheck: opt-wdpo, 2 steps bf16 (tiny-llama, AdamW)", train, None, None),
     ]

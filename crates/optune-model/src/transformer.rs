@@ -597,7 +597,7 @@ impl Transformer {
     /// bound: every activation of one layer at once, which the next layer's replace): the stream
     /// coming in and the one going out, its norm, q/k/v, the attention's output, o, the stream
     /// after attention and its norm; gate and up, their product, down; with Qwen3's head norms,
-    /// the normalised q and k and the rows they are put back into.
+    /// the rows they write (and, where they run composed, the normalised q and k before it).
     pub fn activation_bytes_per_token(&self) -> usize {
         let cfg = &self.config;
         let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
