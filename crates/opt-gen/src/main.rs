@@ -91,6 +91,12 @@ struct Args {
     #[arg(long, value_name = "TEXT", value_parser = parse_stop)]
     stop: Vec<String>,
 
+    /// Token ids that end a response as EOS does, kept as its last token (comma-separated; vLLM's
+    /// stop_token_ids), beside the EOS ids of generation_config.json: for a model whose config
+    /// lacks its end-of-turn token. --ignore-eos leaves these in force
+    #[arg(long, value_name = "IDS", value_delimiter = ',')]
+    stop_token_ids: Vec<u32>,
+
     /// Longest templated prompt accepted, in tokens
     #[arg(long, default_value_t = 1024)]
     max_prompt_tokens: usize,
@@ -199,11 +205,16 @@ fn run(args: Args) -> Result<()> {
         false => Some(StopStrings::new(args.stop.clone(), &tokenizer)?),
     };
     model.prepare_to_feed()?;
-    if meta.eos_token_ids.is_empty() && !args.ignore_eos {
+    if meta.eos_token_ids.is_empty() && !args.ignore_eos && args.stop_token_ids.is_empty() {
         bail!(
-            "{}: no eos_token_id in generation_config.json, config.json or the tokenizer",
+            "{}: no eos_token_id in generation_config.json, config.json or the tokenizer (give \
+             --stop-token-ids, or --ignore-eos)",
             args.model.display()
         );
+    }
+    let vocab = meta.config.vocab_size;
+    if let Some(id) = args.stop_token_ids.iter().find(|&&id| id as usize >= vocab) {
+        bail!("--stop-token-ids {id}: outside the model's vocabulary of {vocab}");
     }
     let mut requests = Vec::with_capacity(rows.len() * args.n as usize);
     for &row in &rows {
@@ -291,11 +302,11 @@ fn run(args: Args) -> Result<()> {
     let decode_started = Instant::now();
     let cpu_started = process_cpu_seconds();
     let mut tokens_done = 0usize;
-    let eos_ids: &[u32] = if args.ignore_eos {
-        &[]
-    } else {
-        &meta.eos_token_ids
+    let mut eos_ids: Vec<u32> = match args.ignore_eos {
+        true => Vec::new(),
+        false => meta.eos_token_ids.clone(),
     };
+    eos_ids.extend(&args.stop_token_ids);
     let mut journal_error = None;
     let Generated {
         generations: generated,
@@ -306,7 +317,7 @@ fn run(args: Args) -> Result<()> {
         &todo_requests,
         &params,
         Stopping {
-            eos_ids,
+            eos_ids: &eos_ids,
             strings: stop_strings.as_ref(),
         },
         optune_model::generate::Batching {
@@ -602,6 +613,7 @@ fn fingerprint(
         .with("--max-new-tokens", args.max_new_tokens)
         .with("--ignore-eos", args.ignore_eos)
         .with("--stop", format!("{:?}", args.stop))
+        .with("--stop-token-ids", format!("{:?}", args.stop_token_ids))
         .with("--device", format!("{:?}", device.location()))
         .with("--dtype", optune_cli::runtime::precision(device, dtype))
         .with(

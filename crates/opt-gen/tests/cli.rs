@@ -283,14 +283,16 @@ fn model_with_eos(dir: &Path, eos: &[u32]) -> PathBuf {
     dir.to_path_buf()
 }
 
-#[test]
-fn eos_stops_a_response_and_is_reported() {
-    let tmp = tempfile::tempdir().unwrap();
-    // One id in 64 ends a response: some of 12 samples stop within 24 tokens, some do not.
-    let eos: Vec<u32> = (2..512).step_by(64).collect();
-    let m = model_with_eos(tmp.path(), &eos);
+/// One id in 64 of tiny-llama's vocabulary (2, its EOS, among them): some of
+/// [`sampled_with_eos_ids`]'s 12 samples stop on one within 24 tokens, some do not.
+fn one_id_in_64() -> Vec<u32> {
+    (2..512).step_by(64).collect()
+}
+
+/// Four samples of each test prompt, 24 new tokens, seed 1, from the model at `m`, with `extra`.
+fn sampled_with_eos_ids(m: &Path, extra: &[&str]) -> String {
     let p = prompts();
-    let base = [
+    let mut args = vec![
         "--model",
         m.to_str().unwrap(),
         p.to_str().unwrap(),
@@ -300,11 +302,56 @@ fn eos_stops_a_response_and_is_reported() {
         "24",
         "--seed",
         "1",
+        "--policy-name",
+        "tiny",
     ];
-    let stopped = rows(&run(&base));
-    let mut free_args = base.to_vec();
-    free_args.push("--ignore-eos");
-    let free = rows(&run(&free_args));
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
+/// `--stop-token-ids` ends responses as a generation config's EOS ids do: tiny-llama (EOS 2)
+/// given the ids alone under --ignore-eos, or the ids beside its EOS, writes what a copy whose
+/// generation config lists them all writes; an id outside the vocabulary is refused.
+#[test]
+fn stop_token_ids_stop_as_eos_ids_do() {
+    let tmp = tempfile::tempdir().unwrap();
+    let eos = one_id_in_64();
+    let listed = model_with_eos(tmp.path(), &eos);
+    let plain = model("tiny-llama");
+    let p = prompts();
+    let sampled = sampled_with_eos_ids;
+    let ids = |from: usize| -> String {
+        let ids: Vec<String> = eos[from..].iter().map(u32::to_string).collect();
+        ids.join(",")
+    };
+    let want = sampled(&listed, &[]);
+    assert!(want.contains("\"finish_reason\":\"stop\""));
+    let alone = sampled(&plain, &["--ignore-eos", "--stop-token-ids", &ids(0)]);
+    assert_same_output(&alone, &want, "--ignore-eos --stop-token-ids");
+    // 2 is tiny-llama's EOS already.
+    let beside = sampled(&plain, &["--stop-token-ids", &ids(1)]);
+    assert_same_output(&beside, &want, "--stop-token-ids beside EOS");
+    let out = opt_gen(&[
+        "--model",
+        plain.to_str().unwrap(),
+        p.to_str().unwrap(),
+        "--stop-token-ids",
+        "512",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains("--stop-token-ids 512: outside the model's vocabulary of 512"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn eos_stops_a_response_and_is_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model_with_eos(tmp.path(), &one_id_in_64());
+    let stopped = rows(&sampled_with_eos_ids(&m, &[]));
+    let free = rows(&sampled_with_eos_ids(&m, &["--ignore-eos"]));
     let mut kinds = std::collections::BTreeSet::new();
     for (s, f) in stopped.iter().zip(&free) {
         let tokens = s["response_tokens"].as_u64().unwrap();
