@@ -13,7 +13,7 @@
 //! | [`silu_mul`] | [`generic::silu_mul`] | `fused::SiluMul` | [`crate::host::silu_mul`] |
 //! | [`silu_mul_halves`] (generation) | [`crate::forward_only::silu_mul`] | halves, `fused::SiluMul` | — |
 //! | [`add_rms_norm`] | add, [`generic::rms_norm`] (generation: [`crate::forward_only::add_rms_norm`]) | add, `fused::RmsNorm` | (add, [`crate::host::rms_norm`]) |
-//! | [`head_rms_norm`] (stacked q/k/v) | parts through [`generic::rms_norm`] (generation: [`crate::forward_only::head_rms_norm`]) | parts through `fused::RmsNorm` | ([`crate::host::rms_norm`] on q and k) |
+//! | [`head_rms_norm`] (stacked q/k/v; [`rms_norm_heads`] on one projection) | parts through [`generic::rms_norm`] (generation: [`crate::forward_only::head_rms_norm`]) | parts through `fused::RmsNorm` | ([`crate::host::rms_norm`] on q and k) |
 //! | [`rotary_attention`] | [`generic::rotary_attention`] (`RotaryAttention`) | the same node, `fused::Rope` and `fused::Attention` inside | [`crate::host::rotary`], [`crate::host::attention`] |
 //! | [`token_logprobs`] | [`generic::token_logprobs`] (`ChunkedLogprobs`) | `fused::TokenLogprobs` | (sampler: [`crate::host::log_sum_exp`]) |
 //!
@@ -145,6 +145,13 @@ pub fn add_rms_norm(
     }
 }
 
+/// `x [b, t, n·d]` with each of its `n` heads through [`rms_norm`] by `weight [d]`.
+pub fn rms_norm_heads(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let (b, t, width) = x.dims3()?;
+    let d = weight.dim(0)?;
+    rms_norm(&x.reshape((b, t, width / d, d))?, weight, eps)?.reshape((b, t, width))
+}
+
 /// Qwen3's norms of each query and key head over `rows [b, t, heads_per_row·d]` holding the
 /// tokens' query heads, then their key heads, then the rest (values): each of the first
 /// `q_heads` heads through [`rms_norm`] with `q_weight [d]`, the next `k_heads` with
@@ -163,11 +170,11 @@ pub fn head_rms_norm(
             crate::forward_only::head_rms_norm(rows, [q_weight, k_weight], (q_heads, k_heads), eps)
         }
         _ => {
-            let (b, t, width) = rows.dims3()?;
+            let width = rows.dim(candle_core::D::Minus1)?;
             let d = q_weight.dim(0)?;
             let normed = |from: usize, heads: usize, weight: &Tensor| -> Result<Tensor> {
                 let part = rows.narrow(candle_core::D::Minus1, from * d, heads * d)?;
-                rms_norm(&part.reshape((b, t, heads, d))?, weight, eps)?.reshape((b, t, heads * d))
+                rms_norm_heads(&part, weight, eps)
             };
             let rest = q_heads + k_heads;
             let values = rows.narrow(candle_core::D::Minus1, rest * d, width - rest * d)?;

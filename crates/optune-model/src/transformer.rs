@@ -61,16 +61,12 @@ struct HeadNorms {
 }
 
 impl HeadNorms {
-    /// `x [b, t, n·d]` with each of its `n` heads normalised by `weight [d]`.
-    fn apply(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-        let (b, t, width) = x.dims3()?;
-        let d = weight.dim(0)?;
-        ops::rms_norm(&x.reshape((b, t, width / d, d))?, weight, eps)?.reshape((b, t, width))
-    }
-
     /// Projections `[q, k]` (`[b, t, heads·d]`, `[b, t, kv_heads·d]`) normalised.
     fn forward(&self, [q, k]: [&Tensor; 2], eps: f64) -> Result<[Tensor; 2]> {
-        Ok([Self::apply(q, &self.q, eps)?, Self::apply(k, &self.k, eps)?])
+        Ok([
+            ops::rms_norm_heads(q, &self.q, eps)?,
+            ops::rms_norm_heads(k, &self.k, eps)?,
+        ])
     }
 
     /// q, k and v side by side (`[b, t, (heads + 2·kv_heads)·d]`), q's and k's heads normalised:
