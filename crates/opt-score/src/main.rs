@@ -105,7 +105,7 @@ struct Args {
     batch_tokens: Option<usize>,
 
     /// Longest conversation the reward model may read, in tokens after its chat template
-    /// [default: the model's max_position_embeddings] (--rm)
+    /// [default: the model's context: max_position_embeddings, or a YaRN config's longer one] (--rm)
     #[arg(long, value_name = "TOKENS", conflicts_with_all = ["reward_cmd", "lexicon"])]
     max_length: Option<usize>,
 
@@ -421,7 +421,7 @@ fn score_with_rm(
     let model = RewardModel::load(dir, dtype, &device, &args.chat_template)?;
     let max_length = match args.max_length {
         Some(length) if length > model.max_positions() => bail!(
-            "--max-length {length} is above the reward model's max_position_embeddings {}",
+            "--max-length {length} is above the {} positions the reward model's config allows",
             model.max_positions()
         ),
         Some(length) => length,

@@ -322,7 +322,10 @@ fn long_conversations_fail_unless_truncated() {
         out.path(),
     );
 
-    let expected = ["--max-length 1000", "max_position_embeddings 256"];
+    let expected = [
+        "--max-length 1000",
+        "256 positions the reward model's config allows",
+    ];
     assert_failed_cleanly(
         "beyond the model",
         &score(&["--max-length", "1000"]),

@@ -661,8 +661,8 @@ fn run(mut args: Args) -> Result<()> {
     let longest = data::longest_sequence(&pairs);
     if longest > policy.model.max_positions() {
         bail!(
-            "{}: a pair of {longest} tokens (after --max-length {}) is longer than the policy's \
-             max_position_embeddings {}: pass --max-length {} or less",
+            "{}: a pair of {longest} tokens (after --max-length {}) is longer than the {} \
+             positions the policy's config allows: pass --max-length {} or less",
             shard.name(),
             args.max_length,
             policy.model.max_positions(),

@@ -663,7 +663,7 @@ fn a_pair_longer_than_the_model_is_refused_before_training() {
     let (ok, err) = wdpo_on("tiny-llama", &pairs, &out, &[]);
     assert!(!ok);
     assert!(
-        err.contains("longer than the policy's max_position_embeddings 256")
+        err.contains("longer than the 256 positions the policy's config allows")
             && err.contains("pass --max-length 256 or less"),
         "{err}"
     );

@@ -42,7 +42,10 @@ impl Family {
     }
 }
 
-/// `rope_scaling` as written by transformers; only the Llama-3 form changes the frequencies here.
+/// `rope_scaling` as written by transformers. The forms read are `default`, `linear` (position
+/// interpolation), `dynamic` (NTK, which only departs from the default past
+/// `max_position_embeddings`, where no sequence goes here), `llama3` and `yarn`; the fields of
+/// each are those of transformers' `modeling_rope_utils`, which `optune_model::rope` follows.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 pub struct RopeScaling {
     #[serde(alias = "type")]
@@ -55,7 +58,26 @@ pub struct RopeScaling {
     pub high_freq_factor: Option<f64>,
     #[serde(default)]
     pub original_max_position_embeddings: Option<usize>,
+    /// YaRN: the scale of the cosine and sine tables; derived from `factor` (and `mscale`,
+    /// `mscale_all_dim`) when absent.
+    #[serde(default)]
+    pub attention_factor: Option<f64>,
+    #[serde(default)]
+    pub mscale: Option<f64>,
+    #[serde(default)]
+    pub mscale_all_dim: Option<f64>,
+    /// YaRN: the rotations that bound the ramp between extrapolated and interpolated channels.
+    #[serde(default)]
+    pub beta_fast: Option<f64>,
+    #[serde(default)]
+    pub beta_slow: Option<f64>,
+    /// YaRN: whether the ramp's bounds are rounded out to whole channels (transformers: true).
+    #[serde(default)]
+    pub truncate: Option<bool>,
 }
+
+/// The rope scaling forms [`ModelConfig`] accepts.
+const ROPE_SCALING_TYPES: &str = "default, linear, dynamic, llama3, yarn";
 
 /// A token id field that transformers writes either as one integer or as a list.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -201,7 +223,17 @@ impl ModelConfig {
         if let Some(scaling) = &self.rope_scaling {
             match scaling.rope_type.as_str() {
                 "default" | "llama3" => {}
-                other => bail!("rope_scaling type '{other}' is not supported (default, llama3)"),
+                "linear" | "dynamic" | "yarn" => match scaling.factor {
+                    Some(factor) if factor >= 1.0 => {}
+                    Some(factor) => bail!(
+                        "rope_scaling '{}': factor {factor} is below 1",
+                        scaling.rope_type
+                    ),
+                    None => bail!("rope_scaling '{}' has no factor", scaling.rope_type),
+                },
+                other => {
+                    bail!("rope_scaling type '{other}' is not supported ({ROPE_SCALING_TYPES})")
+                }
             }
         }
         Ok(())
@@ -213,6 +245,23 @@ impl ModelConfig {
 
     pub fn num_kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// The positions a sequence may use: `max_position_embeddings`, or for YaRN the original
+    /// context times the factor where that is longer (as vLLM reads a YaRN config: Qwen's
+    /// model cards add `factor` 4 over an original 32768 to reach 131072 positions).
+    pub fn max_positions(&self) -> usize {
+        let extended = self
+            .rope_scaling
+            .as_ref()
+            .filter(|s| s.rope_type == "yarn")
+            .map(|s| {
+                let original = s
+                    .original_max_position_embeddings
+                    .unwrap_or(self.max_position_embeddings);
+                (original as f64 * s.factor.unwrap_or(1.0)) as usize
+            });
+        self.max_position_embeddings.max(extended.unwrap_or(0))
     }
 
     pub fn head_dim(&self) -> usize {
@@ -329,6 +378,38 @@ mod tests {
         c["eos_token_id"] = serde_json::json!(7);
         let cfg = ModelConfig::from_json_str(&c.to_string()).unwrap();
         assert_eq!(cfg.eos_token_ids(), vec![7]);
+    }
+
+    #[test]
+    fn rope_scaling_forms_are_checked_and_yarn_extends_the_context() {
+        let with = |scaling: serde_json::Value| {
+            let mut json = base("qwen3");
+            json["max_position_embeddings"] = serde_json::json!(40960);
+            json["rope_scaling"] = scaling;
+            ModelConfig::from_json_str(&json.to_string())
+        };
+        let message = |scaling| format!("{:#}", with(scaling).unwrap_err());
+        let yarn = with(serde_json::json!({"rope_type": "yarn", "factor": 4.0,
+                                           "original_max_position_embeddings": 32768}));
+        assert_eq!(yarn.unwrap().max_positions(), 131072);
+        // Without an original context YaRN stretches max_position_embeddings itself.
+        let yarn = with(serde_json::json!({"type": "yarn", "factor": 2.0})).unwrap();
+        assert_eq!(yarn.max_positions(), 81920);
+        for kind in ["linear", "dynamic"] {
+            let scaled = with(serde_json::json!({"rope_type": kind, "factor": 2.0})).unwrap();
+            assert_eq!(scaled.max_positions(), 40960, "{kind}");
+        }
+        assert!(message(serde_json::json!({"rope_type": "yarn"})).contains("'yarn' has no factor"));
+        assert!(
+            message(serde_json::json!({"rope_type": "linear", "factor": 0.5}))
+                .contains("factor 0.5 is below 1")
+        );
+        let longrope = message(serde_json::json!({"rope_type": "longrope", "factor": 2.0}));
+        assert!(
+            longrope
+                .contains("'longrope' is not supported (default, linear, dynamic, llama3, yarn)"),
+            "{longrope}"
+        );
     }
 
     #[test]

@@ -691,16 +691,17 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f64, out: &mut [f32]) {
     }
 }
 
-/// Cosines and sines `[rows, head_dim/2]` of the angles `position · inv_freq`, computed in f32
-/// as the tables of the training path are.
-pub fn rotary_tables(positions: &[usize], inv_freq: &[f32]) -> (Vec<f32>, Vec<f32>) {
+/// Cosines and sines `[rows, head_dim/2]` of the angles `position · inv_freq`, times `scale`
+/// (YaRN's attention factor, else 1), computed in f32 as transformers computes them: the
+/// tables of every path.
+pub fn rotary_tables(positions: &[usize], inv_freq: &[f32], scale: f32) -> (Vec<f32>, Vec<f32>) {
     let mut cos = Vec::with_capacity(positions.len() * inv_freq.len());
     let mut sin = Vec::with_capacity(positions.len() * inv_freq.len());
     for &pos in positions {
         for f in inv_freq {
             let angle = pos as f32 * f;
-            cos.push(angle.cos());
-            sin.push(angle.sin());
+            cos.push(angle.cos() * scale);
+            sin.push(angle.sin() * scale);
         }
     }
     (cos, sin)

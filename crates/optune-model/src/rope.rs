@@ -1,7 +1,8 @@
 //! Rotary position embeddings in the Hugging Face layout (rotate-half, not interleaved pairs).
 
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, RopeScaling};
 use candle_core::{DType, Device, Result, Tensor};
+use optune_kernels::host::rotary_tables;
 
 /// Cosine and sine tables for every position up to the model's context length, shaped
 /// `[positions, head_dim / 2]`: one angle per pair of rotated channels (transformers keeps the
@@ -12,28 +13,51 @@ pub struct RotaryTables {
     sin: Tensor,
 }
 
-/// Inverse frequencies `1 / θ^(2i/d)`, with Llama-3's smooth low/high-frequency rescaling when the
-/// config asks for it.
-pub fn inverse_frequencies(config: &ModelConfig) -> Vec<f64> {
+/// The rotation a config asks for: one inverse frequency per pair of rotated channels, and the
+/// scale of the cosine and sine tables (YaRN's attention factor, which scales every query-key
+/// product by its square; 1 for the other forms).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RotaryFrequencies {
+    pub inverse: Vec<f64>,
+    pub attention_factor: f64,
+}
+
+/// Inverse frequencies `1 / θ^(2i/d)`, rescaled as the config's `rope_scaling` says, following
+/// transformers' `modeling_rope_utils` form by form (`testdata/reference/rope_scaling.json`).
+pub fn rotary_frequencies(config: &ModelConfig) -> RotaryFrequencies {
     let dim = config.head_dim();
     let base: Vec<f64> = (0..dim / 2)
         .map(|i| 1.0 / config.rope_theta.powf((2 * i) as f64 / dim as f64))
         .collect();
-    let Some(scaling) = config
-        .rope_scaling
-        .as_ref()
-        .filter(|s| s.rope_type == "llama3")
-    else {
-        return base;
+    let plain = |inverse| RotaryFrequencies {
+        inverse,
+        attention_factor: 1.0,
     };
+    let Some(scaling) = config.rope_scaling.as_ref() else {
+        return plain(base);
+    };
+    let factor = scaling.factor.unwrap_or(1.0);
+    match scaling.rope_type.as_str() {
+        "linear" => plain(base.into_iter().map(|f| f / factor).collect()),
+        "llama3" => plain(llama3(&base, scaling)),
+        "yarn" => yarn(&base, config, scaling),
+        // `dynamic` (NTK) raises θ only for sequences past max_position_embeddings, which
+        // `ModelConfig::max_positions` does not allow.
+        _ => plain(base),
+    }
+}
+
+/// Llama 3's smooth rescaling: high frequencies kept, low ones divided by the factor, a blend
+/// between.
+fn llama3(base: &[f64], scaling: &RopeScaling) -> Vec<f64> {
     let factor = scaling.factor.unwrap_or(8.0);
     let low = scaling.low_freq_factor.unwrap_or(1.0);
     let high = scaling.high_freq_factor.unwrap_or(4.0);
     let original = scaling.original_max_position_embeddings.unwrap_or(8192) as f64;
     let low_freq_wavelen = original / low;
     let high_freq_wavelen = original / high;
-    base.into_iter()
-        .map(|freq| {
+    base.iter()
+        .map(|&freq| {
             let wavelen = 2.0 * std::f64::consts::PI / freq;
             if wavelen < high_freq_wavelen {
                 freq
@@ -47,19 +71,69 @@ pub fn inverse_frequencies(config: &ModelConfig) -> Vec<f64> {
         .collect()
 }
 
+/// YaRN (Peng et al. 2023): channels that turn more than `beta_fast` times over the original
+/// context keep their frequency, those that turn fewer than `beta_slow` times are divided by the
+/// factor, a linear ramp over the channels between; the tables are scaled by the attention
+/// factor, `0.1 ln(factor) + 1` unless the config gives it.
+fn yarn(base: &[f64], config: &ModelConfig, scaling: &RopeScaling) -> RotaryFrequencies {
+    let dim = config.head_dim() as f64;
+    let theta = config.rope_theta;
+    let factor = scaling.factor.unwrap_or(1.0);
+    let original = scaling
+        .original_max_position_embeddings
+        .unwrap_or(config.max_position_embeddings) as f64;
+    let mscale = |scale: f64, m: f64| {
+        if scale <= 1.0 {
+            1.0
+        } else {
+            0.1 * m * scale.ln() + 1.0
+        }
+    };
+    let attention_factor = scaling.attention_factor.unwrap_or_else(|| {
+        match (scaling.mscale, scaling.mscale_all_dim) {
+            (Some(m), Some(all)) if m != 0.0 && all != 0.0 => {
+                mscale(factor, m) / mscale(factor, all)
+            }
+            _ => mscale(factor, 1.0),
+        }
+    });
+    // transformers reads 0 as absent here (`or`), so do we.
+    let beta_fast = scaling.beta_fast.filter(|b| *b != 0.0).unwrap_or(32.0);
+    let beta_slow = scaling.beta_slow.filter(|b| *b != 0.0).unwrap_or(1.0);
+    // The channel whose pair turns `rotations` times over the original context.
+    let channel = |rotations: f64| {
+        dim * (original / (rotations * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln())
+    };
+    let (mut low, mut high) = (channel(beta_fast), channel(beta_slow));
+    if scaling.truncate.unwrap_or(true) {
+        (low, high) = (low.floor(), high.ceil());
+    }
+    let (low, mut high) = (low.max(0.0), high.min(dim - 1.0));
+    if low == high {
+        high += 0.001;
+    }
+    let inverse = base
+        .iter()
+        .enumerate()
+        .map(|(i, &freq)| {
+            let interpolated = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+            freq / factor * interpolated + freq * (1.0 - interpolated)
+        })
+        .collect();
+    RotaryFrequencies {
+        inverse,
+        attention_factor,
+    }
+}
+
 impl RotaryTables {
     pub fn new(config: &ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
-        let inv_freq = inverse_frequencies(config);
+        let frequencies = rotary_frequencies(config);
+        let inv_freq: Vec<f32> = frequencies.inverse.iter().map(|f| *f as f32).collect();
         let half = inv_freq.len();
-        let positions = config.max_position_embeddings.max(1);
-        let mut cos = Vec::with_capacity(positions * half);
-        let mut sin = Vec::with_capacity(positions * half);
-        for pos in 0..positions {
-            // transformers computes the angles in f32; doing the same keeps long positions equal.
-            let angles = inv_freq.iter().map(|f| pos as f32 * *f as f32);
-            cos.extend(angles.clone().map(f32::cos));
-            sin.extend(angles.map(f32::sin));
-        }
+        let positions = config.max_positions().max(1);
+        let all: Vec<usize> = (0..positions).collect();
+        let (cos, sin) = rotary_tables(&all, &inv_freq, frequencies.attention_factor as f32);
         let shape = (positions, half);
         Ok(Self {
             cos: Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?,
@@ -100,7 +174,7 @@ mod tests {
             .to_string(),
         )
         .unwrap();
-        let scaled = inverse_frequencies(&config);
+        let scaled = rotary_frequencies(&config).inverse;
         // Frequency 0 is 1.0: wavelength 2π < 32/4, so it is kept.
         assert_eq!(scaled[0], 1.0);
         // The lowest frequency has a wavelength far above 32: divided by the factor.

@@ -694,14 +694,14 @@ impl Transformer {
         Ok(MaskedPass { mask, cos, sin })
     }
 
-    /// Refuses sequences longer than the rotary tables (`max_position_embeddings`) or a token id
+    /// Refuses sequences longer than the rotary tables ([`ModelConfig::max_positions`]) or a token id
     /// outside the vocabulary: the CPU's lookups would fail on them, a GPU's would read past
     /// their tables silently.
     fn check_tokens(&self, longest: usize, largest_id: u32) -> Result<()> {
         if longest > self.max_positions() {
             candle_core::bail!(
-                "a sequence of {longest} tokens is longer than the model's \
-                 max_position_embeddings ({}): lower --max-length or truncate the inputs",
+                "a sequence of {longest} tokens is longer than the {} positions the model's \
+                 config allows: lower --max-length or truncate the inputs",
                 self.max_positions()
             );
         }
@@ -992,11 +992,10 @@ impl Transformer {
             return Ok(Vec::new());
         }
         let positions: Vec<usize> = queries.iter().map(|q| q.position).collect();
-        let inv_freq: Vec<f32> = crate::rope::inverse_frequencies(cfg)
-            .iter()
-            .map(|f| *f as f32)
-            .collect();
-        let (cos, sin) = host::rotary_tables(&positions, &inv_freq);
+        let frequencies = crate::rope::rotary_frequencies(cfg);
+        let inv_freq: Vec<f32> = frequencies.inverse.iter().map(|f| *f as f32).collect();
+        let (cos, sin) =
+            host::rotary_tables(&positions, &inv_freq, frequencies.attention_factor as f32);
         let mut x = Vec::with_capacity(rows * h);
         weights.embed.gather_rows(&ids, h, &mut x);
         let eps = cfg.rms_norm_eps;

@@ -127,7 +127,7 @@ fn the_padded_forward_refuses_what_is_past_the_model_s_tables() {
     let err = model.hidden_states(&batch).unwrap_err();
     assert!(
         err.to_string().contains(&format!(
-            "a sequence of {} tokens is longer than the model's max_position_embeddings ({positions})",
+            "a sequence of {} tokens is longer than the {positions} positions the model's config allows",
             positions + 1
         )),
         "{err}"

@@ -403,3 +403,126 @@ fn raw_text_gets_the_special_tokens_transformers_adds() {
     }
     assert_eq!(variants.len(), 9);
 }
+
+/// Every `rope_scaling` form's inverse frequencies and attention factor against transformers'
+/// `ROPE_INIT_FUNCTIONS` (`scripts/reference/make_rope_scaling_testdata.py`).
+#[test]
+fn rope_scaling_frequencies_match_transformers() {
+    let reference = reference("rope_scaling");
+    for case in reference["frequencies"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let config = optune_model::ModelConfig::from_json_str(&case["config"].to_string()).unwrap();
+        let ours = optune_model::rope::rotary_frequencies(&config);
+        let theirs = floats(&case["inv_freq"]);
+        assert_eq!(ours.inverse.len(), theirs.len(), "{name}: channel pairs");
+        for (i, (a, b)) in ours.inverse.iter().zip(&theirs).enumerate() {
+            // transformers computes them in f32.
+            assert!(
+                (a - b).abs() <= 1e-6 * b.abs(),
+                "{name} frequency {i}: ours {a} vs transformers {b}"
+            );
+        }
+        assert_close(
+            ours.attention_factor,
+            case["attention_factor"].as_f64().unwrap(),
+            1e-12,
+            &format!("{name} attention factor"),
+        );
+    }
+}
+
+/// Test models under another `rope_scaling` (a copy of the model directory with the config's
+/// scaling replaced) give transformers' per-token log-probs on the training path and through
+/// the KV cache, on sequences longer than the context the scaling stretches; the YaRN model's
+/// longer one runs past `max_position_embeddings` into the positions YaRN adds.
+#[test]
+fn rope_scaled_models_match_transformers() {
+    let reference = reference("rope_scaling");
+    for case in reference["models"].as_array().unwrap() {
+        let name = case["model"].as_str().unwrap();
+        let label = format!("{name} {}", case["label"].as_str().unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let source = testdata().join("models").join(name);
+        for entry in std::fs::read_dir(&source).unwrap() {
+            let path = entry.unwrap().path();
+            std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+        }
+        let config_path = dir.path().join("config.json");
+        let mut config: Value =
+            serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+        config["rope_scaling"] = case["rope_scaling"].clone();
+        std::fs::write(&config_path, config.to_string()).unwrap();
+        let (model, _, _) = load_model(dir.path(), DType::F32, &Device::Cpu).unwrap();
+        let sequences: Vec<Vec<u32>> = case["sequences"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(ids)
+            .collect();
+        let expected: Vec<Vec<f64>> = case["token_logps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(floats)
+            .collect();
+        let longest = sequences.iter().map(Vec::len).max().unwrap();
+        assert!(longest <= model.max_positions(), "{label}: positions");
+
+        // Training path: the first token as the prompt, the rest as the response.
+        let pairs: Vec<TokenizedPair> = sequences
+            .iter()
+            .map(|s| TokenizedPair {
+                prompt: s[..1].to_vec(),
+                response: s[1..].to_vec(),
+            })
+            .collect();
+        let pad = case["pad_token_id"].as_u64().unwrap() as u32;
+        let sums: Vec<f32> = sequence_logprobs(&model, &pairs, pad)
+            .unwrap()
+            .sums
+            .to_vec1()
+            .unwrap();
+        for (i, sum) in sums.iter().enumerate() {
+            let theirs: f64 = expected[i].iter().sum();
+            assert_close(
+                *sum as f64,
+                theirs,
+                1e-5,
+                &format!("{label} sequence {i} sum"),
+            );
+        }
+
+        // Inference path: an 8-token prefill, then token by token through the cache.
+        let prefix = 8;
+        let mut cache = KvCache::new(&model, sequences.len(), longest).unwrap();
+        let mut per_token: Vec<Vec<f64>> = vec![Vec::new(); sequences.len()];
+        for (slot, seq) in sequences.iter().enumerate() {
+            let logits = model.prefill(&seq[..prefix], &mut cache, slot).unwrap();
+            per_token[slot].push(logprob(&logits, seq[prefix]));
+        }
+        for step in prefix + 1..longest {
+            let feed: Vec<Option<u32>> = sequences
+                .iter()
+                .map(|s| (step < s.len()).then(|| s[step - 1]))
+                .collect();
+            let logits = model.decode_step(&feed, &mut cache).unwrap();
+            for (slot, seq) in sequences.iter().enumerate() {
+                if step < seq.len() {
+                    per_token[slot].push(logprob(&logits.get(slot).unwrap(), seq[step]));
+                }
+            }
+        }
+        for (i, ours) in per_token.iter().enumerate() {
+            let theirs = &expected[i][prefix - 1..];
+            assert_eq!(ours.len(), theirs.len(), "{label} sequence {i}: tokens");
+            for (t, (a, b)) in ours.iter().zip(theirs).enumerate() {
+                assert_close(
+                    *a,
+                    *b,
+                    1e-4,
+                    &format!("{label} sequence {i} cached token {t}"),
+                );
+            }
+        }
+    }
+}
