@@ -290,6 +290,14 @@ impl ChatTokenizer {
         }
     }
 
+    /// The ids of the special tokens, which [`ChatTokenizer::decode`] skips (they add no text).
+    pub fn special_ids(&self) -> std::collections::HashSet<u32> {
+        (self.tokenizer.get_added_tokens_decoder().into_iter())
+            .filter(|(_, token)| token.special)
+            .map(|(id, _)| id)
+            .collect()
+    }
+
     /// Text of `ids`, skipping special tokens.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.tokenizer

@@ -7,14 +7,16 @@ use anyhow::{bail, Result};
 /// Strings that end a sequence when its text completes one of them.
 ///
 /// After each sampled token the text of the sequence's last tokens is searched: a stop string of
-/// `b` bytes that ends in the newest token lies within its last `b` tokens (a token decodes to at
-/// least one byte), so a window of the longest string's bytes and two tokens more (one whose
-/// first bytes may finish a character, one whose leading space a decoder may drop) finds it in
-/// a step that costs the same whatever the length, and a string already in the window would have
-/// ended the sequence a token earlier.
+/// `b` bytes that ends in the newest token lies within its last `b` tokens that add text (every
+/// token but a special one, which decoding skips, decodes to at least one byte), so a window of
+/// the longest string's bytes and two such tokens more (one whose first bytes may finish a
+/// character, one whose leading space a decoder may drop), with the special tokens among them,
+/// finds it in a step that costs the same whatever the length, and a string already in the
+/// window would have ended the sequence a token earlier.
 pub struct StopStrings<'t> {
     strings: Vec<String>,
     window: usize,
+    special: std::collections::HashSet<u32>,
     tokenizer: &'t ChatTokenizer,
 }
 
@@ -28,6 +30,7 @@ impl<'t> StopStrings<'t> {
         Ok(Self {
             strings,
             window: longest + 2,
+            special: tokenizer.special_ids(),
             tokenizer,
         })
     }
@@ -36,7 +39,15 @@ impl<'t> StopStrings<'t> {
     /// Asked after each token, it first says so at the token that completes one. A tail the
     /// tokenizer fails to decode ends nothing (the sequence runs on to EOS or its length).
     pub fn end_here(&self, tokens: &[u32]) -> bool {
-        let tail = &tokens[tokens.len().saturating_sub(self.window)..];
+        let mut texts = 0;
+        let start = (0..tokens.len())
+            .rev()
+            .find(|&i| {
+                texts += usize::from(!self.special.contains(&tokens[i]));
+                texts == self.window
+            })
+            .unwrap_or(0);
+        let tail = &tokens[start..];
         match self.tokenizer.decode(tail) {
             Ok(text) => self.strings.iter().any(|s| text.contains(s.as_str())),
             Err(_) => false,
@@ -81,5 +92,36 @@ mod tests {
         let both = StopStrings::new(vec!["boats".into(), "calm".into()], &tokenizer).unwrap();
         assert_eq!(both.cut(text), "The sea was ");
         assert!(StopStrings::new(vec![String::new()], &tokenizer).is_err());
+    }
+
+    /// Special tokens decode to nothing: a string whose pieces lie on both sides of more of them
+    /// than the window's length is still found, at the token that completes it.
+    #[test]
+    fn special_tokens_between_the_pieces_do_not_hide_a_string() {
+        let tokenizer = tokenizer();
+        let (im_start, im_end) = (1, 2);
+        assert!(tokenizer
+            .special_ids()
+            .is_superset(&[im_start, im_end].into()));
+        let mut tokens = tokenizer.encode("The sea was calm").unwrap();
+        tokens.extend([im_start, im_end].repeat(12));
+        let before = tokens.len();
+        tokens.extend(tokenizer.encode(" this morning").unwrap());
+        assert_eq!(
+            tokenizer.decode(&tokens).unwrap(),
+            "The sea was calm this morning"
+        );
+        let stop = StopStrings::new(vec!["calm this".into()], &tokenizer).unwrap();
+        let first = (before + 1..=tokens.len())
+            .find(|&n| {
+                tokenizer
+                    .decode(&tokens[..n])
+                    .unwrap()
+                    .contains("calm this")
+            })
+            .unwrap();
+        for n in 1..=first {
+            assert_eq!(stop.end_here(&tokens[..n]), n == first, "{n} tokens");
+        }
     }
 }
