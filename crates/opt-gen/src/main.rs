@@ -76,6 +76,11 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     top_k: usize,
 
+    /// Keep only tokens at least P times as likely as the most likely one, after the
+    /// temperature, --top-k and --top-p (vLLM's and transformers' min_p; 0 = off)
+    #[arg(long, default_value_t = 0.0, value_name = "P")]
+    min_p: f64,
+
     #[arg(long, default_value_t = 256)]
     max_new_tokens: usize,
 
@@ -170,6 +175,9 @@ fn run(args: Args) -> Result<()> {
     {
         bail!("--temperature must be >= 0 and --top-p in (0, 1]");
     }
+    if !(0.0..=1.0).contains(&args.min_p) {
+        bail!("--min-p {}: expected a share in [0, 1]", args.min_p);
+    }
     if let Some(f) = args.kv_memory.filter(|f| !(f > &0.0 && f <= &1.0)) {
         bail!("--kv-memory {f}: expected a fraction in (0, 1]");
     }
@@ -251,6 +259,7 @@ fn run(args: Args) -> Result<()> {
         temperature: args.temperature,
         top_p: args.top_p,
         top_k: (args.top_k > 0).then_some(args.top_k),
+        min_p: args.min_p,
         max_new_tokens: args.max_new_tokens,
     };
     let keys: Vec<(&str, u32)> = rows
@@ -610,6 +619,7 @@ fn fingerprint(
         .with("--temperature", args.temperature)
         .with("--top-p", args.top_p)
         .with("--top-k", args.top_k)
+        .with("--min-p", args.min_p)
         .with("--max-new-tokens", args.max_new_tokens)
         .with("--ignore-eos", args.ignore_eos)
         .with("--stop", format!("{:?}", args.stop))

@@ -891,3 +891,25 @@ fn stop_strings_cut_the_responses_that_reach_them() {
         "{stderr}"
     );
 }
+
+/// --min-p 1 keeps only the most likely token: sampling at temperature 1 writes what greedy
+/// decoding writes (the testdata models have no ties at the top), and a share outside [0, 1] is
+/// refused.
+#[test]
+fn min_p_of_one_samples_the_greedy_responses() {
+    let (m, p) = (model("tiny-qwen2"), prompts());
+    let (m, p) = (m.to_str().unwrap(), p.to_str().unwrap());
+    let common = ["--model", m, p, "--max-new-tokens", "16", "--n", "2"];
+    let greedy = run(&[&common[..], &["--temperature", "0"]].concat());
+    let min_p = run(&[&common[..], &["--temperature", "1", "--min-p", "1"]].concat());
+    assert_same_output(&min_p, &greedy, "--min-p 1 against greedy");
+    // Without it the samples part from greedy's.
+    let sampled = run(&[&common[..], &["--temperature", "1"]].concat());
+    assert_ne!(rows(&sampled), rows(&greedy));
+    let out = opt_gen(&[&common[..], &["--min-p", "1.5"]].concat());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("--min-p 1.5: expected a share in [0, 1]"),
+        "{stderr}"
+    );
+}

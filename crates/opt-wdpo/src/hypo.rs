@@ -36,6 +36,7 @@ pub fn kl_term<'m>(
         temperature: 1.0,
         top_p: 1.0,
         top_k: None,
+        min_p: 0.0,
         max_new_tokens: args.kl_max_new_tokens,
     };
     policy.set_training(false);

@@ -3,11 +3,13 @@
 //! their log-probabilities cross to the host.
 //!
 //! It draws from the distribution a sorting sampler draws from (greedy, temperature, top-k,
-//! top-p), without sorting the vocabulary (candle's CUDA sort holds a row in 48 KiB of shared
-//! memory: 12,288 columns):
+//! top-p, min-p, applied in transformers' and vLLM's order), without sorting the vocabulary
+//! (candle's CUDA sort holds a row in 48 KiB of shared memory: 12,288 columns):
 //! * the top-k and top-p cut-offs are thresholds on the shifted logit `l − max(l)`, found per row
 //!   by [`BISECTION_STEPS`] halvings of `[−FLOOR_NATS·T, 1]`: the highest threshold at which the
 //!   tokens at or above it number at least k, then hold at least p of the top-k tokens' weight.
+//!   Min-p then raises the threshold to `T·ln(min_p)`: a token is kept when its tempered
+//!   probability is at least min_p times the top token's.
 //!   Tokens tied with the last one kept are all kept, and tokens more than
 //!   [`FLOOR_NATS`]·T below the top are never kept: each weighs under e^-40 of the top token,
 //!   together under 1e-12 of the mass for any vocabulary up to 10^5.
@@ -31,13 +33,14 @@ pub const BISECTION_STEPS: u32 = 32;
 /// Lanes of the kernel's block, and of the CPU form's sums.
 const LANES: usize = 256;
 
-/// How a row's token is chosen: `temperature` 0 is greedy; `top_k` 0 or ≥ the vocabulary and
-/// `top_p` ≥ 1 keep every token.
+/// How a row's token is chosen: `temperature` 0 is greedy; `top_k` 0 or ≥ the vocabulary,
+/// `top_p` ≥ 1 and `min_p` 0 keep every token.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Sampling {
     pub temperature: f32,
     pub top_k: u32,
     pub top_p: f32,
+    pub min_p: f32,
 }
 
 /// One token from each row of `logits [rows, vocab]` (f32, bf16 or f16, read as f32) with
@@ -87,6 +90,7 @@ fn kernel_args(
         // (and fits the kernel's int).
         KernelArg::int((sampling.top_k as usize).min(vocab), "top_k")?,
         KernelArg::F32(sampling.top_p),
+        KernelArg::F32(sampling.min_p_threshold()),
         KernelArg::F32(FLOOR_NATS),
         KernelArg::int(BISECTION_STEPS as usize, "steps")?,
     ])
@@ -108,6 +112,16 @@ fn lane_sum(n: usize, f: impl Fn(usize) -> f32) -> f32 {
 }
 
 impl Sampling {
+    /// The lowest shifted logit min-p keeps, `T·ln(min_p)` (−∞ without min-p): computed once
+    /// here for both forms, so that they compare against the same number.
+    fn min_p_threshold(&self) -> f32 {
+        if self.min_p > 0.0 {
+            self.temperature * self.min_p.ln()
+        } else {
+            f32::NEG_INFINITY
+        }
+    }
+
     /// The token and its log-probability for one row, with uniform `u`.
     fn row(&self, logits: &[f32], u: f32) -> (u32, f32) {
         let n = logits.len();
@@ -137,6 +151,7 @@ impl Sampling {
             let target = mass_from(threshold) * self.top_p;
             threshold = bisect(threshold, |mid| mass_from(mid) >= target);
         }
+        threshold = threshold.max(self.min_p_threshold());
         let kept = |i: usize| {
             if shifted(i) >= threshold {
                 weight(i)
@@ -298,6 +313,7 @@ mod tests {
             temperature,
             top_k,
             top_p,
+            min_p: 0.0,
         };
         // Weights at T = 1: 1, e^-1, e^-2, e^-3 (ids 2, 0, 3, 1).
         let row = [2.0f32, 0.0, 3.0, 1.0];
@@ -321,6 +337,24 @@ mod tests {
         let (token, lp) = sampling(1.0, 0, 1.0).row(&row, 0.0);
         assert_eq!(token, 0);
         assert!((lp - logp(0)).abs() < 1e-6);
+        // Min-p 0.3 at T = 1 keeps ids 2 and 0 (e^-1 = 0.37 of the top's weight, e^-2 = 0.14
+        // not); at T = 2 id 3 too (e^-1 at half the logit gap); 1 keeps only the top. After
+        // top-k 2 it keeps the same two: the ratios to the top do not depend on the cut.
+        let min_p = |temperature, top_k, min_p| Sampling {
+            min_p,
+            ..sampling(temperature, top_k, 1.0)
+        };
+        let support = |s: Sampling| -> Vec<u32> {
+            let mut ids: Vec<u32> = (0..=100).map(|u| s.row(&row, u as f32 / 101.0).0).collect();
+            ids.sort();
+            ids.dedup();
+            ids
+        };
+        assert_eq!(support(min_p(1.0, 0, 0.3)), [0, 2]);
+        assert_eq!(support(min_p(2.0, 0, 0.3)), [0, 2, 3]);
+        assert_eq!(support(min_p(1.0, 0, 1.0)), [2]);
+        assert_eq!(support(min_p(1.0, 2, 0.3)), [0, 2]);
+        assert_eq!(support(min_p(1.0, 0, 0.0)), [0, 1, 2, 3]);
     }
 }
 
@@ -377,16 +411,19 @@ mod emulated {
     fn the_cuda_kernel_draws_the_cpu_forms_tokens() {
         let mut rng = ChaCha8Rng::seed_from_u64(11);
         let samplings = [
-            (0.0, 0, 1.0),
-            (1.0, 0, 1.0),
-            (1.0, 0, 0.9),
-            (0.7, 50, 1.0),
-            (1.3, 5, 0.8),
+            (0.0, 0, 1.0, 0.0),
+            (1.0, 0, 1.0, 0.0),
+            (1.0, 0, 0.9, 0.0),
+            (0.7, 50, 1.0, 0.0),
+            (1.3, 5, 0.8, 0.0),
+            (1.0, 0, 1.0, 0.05),
+            (0.8, 40, 0.95, 0.2),
         ]
-        .map(|(temperature, top_k, top_p)| Sampling {
+        .map(|(temperature, top_k, top_p, min_p)| Sampling {
             temperature,
             top_k,
             top_p,
+            min_p,
         });
         // Fewer ids than lanes, a vocabulary that is no multiple of the lanes.
         for vocab in [100, 1000] {
@@ -429,6 +466,7 @@ mod emulated {
             temperature: 1.0,
             top_k: u32::MAX,
             top_p: 1.0,
+            min_p: 0.0,
         };
         let args = kernel_args([0; 3], 32_000, sampling).unwrap();
         assert_eq!(args[5], KernelArg::I32(32_000));

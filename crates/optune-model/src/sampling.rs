@@ -3,9 +3,10 @@
 //!
 //! On a GPU the `[rows, vocab]` logits stay on the device and each step copies back one token id
 //! and one log-probability per row. That sampler draws from the distribution [`sample_token`]
-//! draws from (greedy, temperature, top-k, top-p) by other means, in one op
+//! draws from (greedy, temperature, top-k, top-p, min-p) by other means, in one op
 //! ([`optune_kernels::sample_rows`]: one kernel launch per step on a GPU, its CPU form on the
-//! generic path): top-k and top-p become per-row thresholds on the logit found by bisection (ties
+//! generic path): top-k, top-p and min-p become per-row thresholds on the logit (the first two
+//! found by bisection; ties
 //! at a cut-off kept whole, tokens more than [`optune_kernels::FLOOR_NATS`]·T below the top never
 //! kept), and the token is the first id whose running kept weight passes `u · total`, at one
 //! uniform `u` per row from the row's own seeded stream (the host sends those few bytes).
@@ -24,6 +25,9 @@ pub struct SamplingParams {
     pub temperature: f64,
     pub top_p: f64,
     pub top_k: Option<usize>,
+    /// Keep only tokens whose tempered probability is at least this share of the most likely
+    /// token's (applied after top-k and top-p, as transformers and vLLM do); 0 keeps every one.
+    pub min_p: f64,
     pub max_new_tokens: usize,
 }
 
@@ -31,9 +35,9 @@ pub struct SamplingParams {
 ///
 /// Greedy (temperature 0) takes the argmax, ties to the lowest id. Otherwise the support is
 /// the `top_k` most likely tokens (all without it), then the smallest prefix of them, by
-/// descending probability, whose tempered mass reaches `top_p`; a token is drawn from that
-/// prefix in proportion to `exp((logit − max) / temperature)`. Only as much of the vocabulary as
-/// the prefix needs is sorted.
+/// descending probability, whose tempered mass reaches `top_p`, then those of it whose weight
+/// `exp((logit − max) / temperature)` is at least `min_p`; a token is drawn from that support
+/// in proportion to its weight. Only as much of the vocabulary as the prefix needs is sorted.
 pub fn sample_token(logits: &[f32], params: &SamplingParams, rng: &mut ChaCha8Rng) -> (u32, f64) {
     let log_z = optune_kernels::host::log_sum_exp(logits);
     let logp = |t: usize| logits[t] as f64 - log_z;
@@ -54,9 +58,19 @@ pub fn sample_token(logits: &[f32], params: &SamplingParams, rng: &mut ChaCha8Rn
             .total_cmp(&logits[*a as usize])
             .then(a.cmp(b))
     };
+    // Min-p's floor on the weight, which is the probability relative to the top token's.
+    let min_p = params.min_p;
+    let kept_weight = |t: usize| {
+        let w = weight(t);
+        if w >= min_p {
+            w
+        } else {
+            0.0
+        }
+    };
     if top_k.is_none() && params.top_p >= 1.0 {
         // The whole vocabulary: draw in id order, no sorting needed.
-        let weights: Vec<f64> = (0..vocab).map(weight).collect();
+        let weights: Vec<f64> = (0..vocab).map(kept_weight).collect();
         let total: f64 = weights.iter().sum();
         return draw(rng, &weights, total, |i| i, logp);
     }
@@ -98,7 +112,10 @@ pub fn sample_token(logits: &[f32], params: &SamplingParams, rng: &mut ChaCha8Rn
             }
         };
     }
-    let weights: Vec<f64> = order[..keep].iter().map(|&t| weight(t as usize)).collect();
+    let weights: Vec<f64> = order[..keep]
+        .iter()
+        .map(|&t| kept_weight(t as usize))
+        .collect();
     let kept: f64 = weights.iter().sum();
     draw(rng, &weights, kept, |i| order[i] as usize, logp)
 }
@@ -147,6 +164,7 @@ pub fn sample_rows(
         temperature: params.temperature as f32,
         top_k: params.top_k.map_or(0, |k| k.min(u32::MAX as usize) as u32),
         top_p: params.top_p as f32,
+        min_p: params.min_p as f32,
     };
     let picks = optune_kernels::sample_rows(logits, &u, sampling)?.to_vec2::<f32>()?;
     Ok(picks
@@ -170,6 +188,7 @@ mod tests {
             temperature,
             top_p,
             top_k,
+            min_p: 0.0,
             max_new_tokens: 1,
         }
     }
@@ -226,7 +245,9 @@ mod tests {
                 break;
             }
         }
-        let weights: Vec<f64> = order[..keep].iter().map(|&t| weight(t)).collect();
+        order.truncate(keep);
+        order.retain(|&t| weight(t) >= params.min_p);
+        let weights: Vec<f64> = order.iter().map(|&t| weight(t)).collect();
         let kept: f64 = weights.iter().sum();
         draw(rng, &weights, kept, |i| order[i], |_| 0.0).0
     }
@@ -241,11 +262,15 @@ mod tests {
             let logits: Vec<f32> = (0..vocab)
                 .map(|_| ((data.random::<f64>() * spread * 4.0).round() / 4.0) as f32)
                 .collect();
-            let params = params(
-                [0.7, 1.0, 1.5][case % 3],
-                [0.5, 0.9, 0.99, 1.0][case % 4],
-                [None, Some(3), Some(40)][case % 3],
-            );
+            let params = SamplingParams {
+                min_p: [0.0, 0.0, 0.05, 0.3, 0.0][case % 5],
+                ..params(
+                    [0.7, 1.0, 1.5][case % 3],
+                    [0.5, 0.9, 0.99, 1.0][case % 4],
+                    [None, Some(3), Some(40)][case % 3],
+                )
+            };
+            // Without a cut-off the sampler draws in id order, not by rank.
             if params.top_p >= 1.0 && params.top_k.is_none() {
                 continue;
             }
@@ -260,6 +285,34 @@ mod tests {
                     "case {case}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn min_p_keeps_the_tokens_near_the_top_in_either_branch() {
+        // Weights at T = 1 relative to the top (id 1): e^-1 = 0.37, 1, e^-3 = 0.05, e^-2 = 0.14.
+        let logits = [2.0f32, 3.0, 0.0, 1.0];
+        let support = |min_p: f64, temperature: f64, top_p: f64| {
+            let p = SamplingParams {
+                min_p,
+                ..params(temperature, top_p, None)
+            };
+            let mut rng = ChaCha8Rng::seed_from_u64(3);
+            let mut ids: Vec<u32> = (0..400)
+                .map(|_| sample_token(&logits, &p, &mut rng).0)
+                .collect();
+            ids.sort();
+            ids.dedup();
+            ids
+        };
+        // In id order (no top-p) and by rank (top-p 0.999, which alone keeps all four).
+        for top_p in [1.0, 0.999] {
+            assert_eq!(support(0.1, 1.0, top_p), [0, 1, 3], "top-p {top_p}");
+            assert_eq!(support(0.3, 1.0, top_p), [0, 1], "top-p {top_p}");
+            assert_eq!(support(1.0, 1.0, top_p), [1], "top-p {top_p}");
+            // At T = 2 the gaps halve: e^-1.5 = 0.22 for id 2.
+            assert_eq!(support(0.2, 2.0, top_p), [0, 1, 2, 3], "top-p {top_p}");
+            assert_eq!(support(0.0, 1.0, top_p), [0, 1, 2, 3], "top-p {top_p}");
         }
     }
 
@@ -315,6 +368,8 @@ mod tests {
         };
         nucleus(&mut host, false);
         nucleus(&mut tied, true);
+        host.retain(|&t| w(t) >= p.min_p);
+        tied.retain(|&t| w(t) >= p.min_p);
         host.sort();
         tied.sort();
         (host, tied)
@@ -346,11 +401,15 @@ mod tests {
                         .collect()
                 })
                 .collect();
-            let p = params(
-                [0.7, 1.0, 1.5][case % 3],
-                [0.5, 0.9, 1.0][case % 3],
-                [None, Some(3), Some(40), None][case % 4],
-            );
+            let p = SamplingParams {
+                // No logit gap (quarter steps) lies on min-p's cut at these temperatures.
+                min_p: [0.0, 0.05, 0.0, 0.2, 0.0][case % 5],
+                ..params(
+                    [0.7, 1.0, 1.5][case % 3],
+                    [0.5, 0.9, 1.0][case % 3],
+                    [None, Some(3), Some(40), None][case % 4],
+                )
+            };
             let l = logits(&rows);
             let (hosts, supports): (Vec<_>, Vec<_>) = rows.iter().map(|r| supports(r, &p)).unzip();
             for (host, tied) in hosts.iter().zip(&supports) {

@@ -25,6 +25,7 @@ fn greedy(model: &Transformer) -> Vec<Vec<u32>> {
         temperature: 0.0,
         top_p: 1.0,
         top_k: None,
+        min_p: 0.0,
         max_new_tokens: 12,
     };
     generate(model, &requests, &params, Stopping::eos(&[]), 2, |_, _| {})

@@ -25,6 +25,7 @@ fn sampling(temperature: f64, max_new_tokens: usize) -> SamplingParams {
         temperature,
         top_p: 0.9,
         top_k: None,
+        min_p: 0.0,
         max_new_tokens,
     }
 }

@@ -20,6 +20,7 @@ fn params(temperature: f64, top_p: f64, top_k: Option<usize>) -> SamplingParams 
         temperature,
         top_p,
         top_k,
+        min_p: 0.0,
         max_new_tokens: 16,
     }
 }

@@ -253,6 +253,7 @@ fn paged_generation_is_the_greedy_continuation() {
         temperature: 0.0,
         top_p: 1.0,
         top_k: None,
+        min_p: 0.0,
         max_new_tokens: 12,
     };
     for name in FAMILIES {
@@ -330,6 +331,7 @@ fn memory_holds_a_steps_working_memory_then_the_cache() {
         temperature: 1.0,
         top_p: 1.0,
         top_k: None,
+        min_p: 0.0,
         max_new_tokens: 60,
     };
     let (most, prompt_tokens) = (requests.len(), 64);

@@ -74,7 +74,7 @@ __device__ float count_from(const T *l, int vocab, float top, float threshold, f
 template <typename T>
 __device__ void sample_rows(const T *__restrict__ logits, const float *__restrict__ uniforms,
                             float *__restrict__ out, int vocab, float temperature, int top_k,
-                            float top_p, float floor_nats, int steps) {
+                            float top_p, float min_p_threshold, float floor_nats, int steps) {
     __shared__ float shared[LANES + 1];
     __shared__ int shared_int[LANES + 1];
     const int lane = threadIdx.x;
@@ -131,6 +131,8 @@ __device__ void sample_rows(const T *__restrict__ logits, const float *__restric
         }
         threshold = low;
     }
+    // Min-p: at least min_p of the top token's tempered probability (-inf without it).
+    threshold = fmaxf(threshold, min_p_threshold);
 
     // The draw: each lane's kept weight over its contiguous chunk of ids, then thread 0 finds the
     // chunk where the running weight passes u · total, and the id within it.
@@ -173,9 +175,9 @@ __device__ void sample_rows(const T *__restrict__ logits, const float *__restric
 #define SAMPLE_ROWS(NAME, T)                                                                       \
     extern "C" __global__ void __launch_bounds__(LANES)                                            \
         NAME(const T *logits, const float *uniforms, float *out, int vocab, float temperature,     \
-             int top_k, float top_p, float floor_nats, int steps) {                                \
-        sample_rows<T>(logits, uniforms, out, vocab, temperature, top_k, top_p, floor_nats,       \
-                       steps);                                                                     \
+             int top_k, float top_p, float min_p_threshold, float floor_nats, int steps) {         \
+        sample_rows<T>(logits, uniforms, out, vocab, temperature, top_k, top_p, min_p_threshold,  \
+                       floor_nats, steps);                                                         \
     }
 
 SAMPLE_ROWS(sample_rows_f32, float)
