@@ -16,6 +16,15 @@ models trained for 6 steps (`opt-wdpo --lr 1e-3 --epochs 3 --batch-size 2`, and 
 full fine-tune of tiny-llama: max |Δ| 1.9e-05 over 8 sequences (summed log-probs of -60 to -110);
 LoRA on tiny-qwen2, merged checkpoint: 1.4e-05; tiny-qwen2 + the PEFT adapter loaded by peft:
 1.6e-05.
+
+Figures of 2026-12-04 (same versions), tiny-phi3, whose checkpoints and PEFT adapters store the
+projections fused (qkv_proj, gate_up_proj), 5 pairs from testdata/shards/scored.jsonl through
+opt-pairs with each prompt as a one-message `messages` list, 9 steps (`--epochs 3 --batch-size
+2`): full fine-tune (`--lr 1e-3`): 1.9e-05 over 10 sequences; LoRA `--lora-targets
+qkv_proj,o_proj,gate_up_proj --lora-rank 4 --lr 1e-2 --save-adapter`: merged 3.7e-05, tiny-phi3
++ the PEFT adapter (rank_pattern qkv_proj 12, gate_up_proj 8) 3.7e-05; LoRA `--lora-targets
+q_proj,v_proj,up_proj` (fused adapters with zero rows for k, v and gate): merged 1.8e-05,
+PEFT 3.4e-05.
 """
 import json
 import os

@@ -8,12 +8,14 @@ Run by hand after make_testdata.py (never from CI):
 Writes testdata/reference/rope_scaling.json:
     frequencies   for each config below, the inverse frequencies and the attention factor that
                   transformers' ROPE_INIT_FUNCTIONS give (the tables' scale: YaRN's, else 1);
-    models        tiny-qwen3 and tiny-llama (testdata/models) loaded with another rope_scaling
-                  (the weights as they are), and for two token sequences each, the log-probs of
-                  every token after the first under one right-padded batch. One sequence runs
-                  past the original context the scaling stretches; the YaRN model's longer one
-                  runs past max_position_embeddings (256) into the positions YaRN adds
-                  (original 64 x factor 8 = 512).
+    models        tiny-qwen3, tiny-llama and tiny-phi3 (testdata/models) loaded with another
+                  rope_scaling (config fields in "config"; the weights as they are), and for two
+                  token sequences each, the log-probs of every token after the first under one
+                  right-padded batch. For YaRN and linear scaling one sequence runs past the
+                  original context the scaling stretches; the YaRN model's longer one runs past
+                  max_position_embeddings (256) into the positions YaRN adds (original 64 x
+                  factor 8 = 512). LongRoPE (Phi-3.5's form) stays within its original context
+                  (64 of 256 positions), where transformers uses the short factors.
 
 The script asserts that every scaled model's log-probs differ from the unscaled model's (by
 more than 1e-3 on the longer sequence), so a test that ignored the scaling would fail.
@@ -41,6 +43,10 @@ torch.use_deterministic_algorithms(True)
 REPO = Path(__file__).resolve().parents[2]
 MODELS = REPO / "testdata" / "models"
 OUT = REPO / "testdata" / "reference" / "rope_scaling.json"
+
+# LongRoPE factors per channel pair (head_dim 16: eight), rising like Phi-3.5's.
+SHORT = [1.0, 1.0, 1.05, 1.1, 1.3, 1.6, 2.2, 3.0]
+LONG = [1.0, 1.2, 1.5, 2.0, 3.0, 4.5, 7.0, 10.0]
 
 # Configs whose frequencies are compared: head_dim 64 over theta 1e6 (Qwen-like) and head_dim 16
 # over 5e5, so the YaRN ramp lands inside the channels in some and at their edges in others.
@@ -85,20 +91,45 @@ FREQUENCY_CASES = [
          "beta_slow": 2.0, "truncate": False, "original_max_position_embeddings": 32},
     ),
     ("yarn-type-key", 64, 1e4, 4096, {"type": "yarn", "factor": 3.0}),
+    (
+        "longrope-factor",
+        16,
+        1e4,
+        4096,
+        {"rope_type": "longrope", "factor": 8.0, "short_factor": SHORT, "long_factor": LONG},
+    ),
+    (
+        "longrope-attention-factor",
+        16,
+        1e4,
+        4096,
+        {"rope_type": "longrope", "attention_factor": 1.25, "short_factor": SHORT,
+         "long_factor": LONG},
+    ),
 ]
 
 MODEL_CASES = [
     (
         "tiny-qwen3",
         "yarn",
-        {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64},
+        {"rope_scaling": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64}},
         [300, 90],
     ),
-    ("tiny-llama", "linear", {"rope_type": "linear", "factor": 2.0}, [200, 70]),
+    ("tiny-llama", "linear", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, [200, 70]),
+    (
+        "tiny-phi3",
+        "longrope",
+        # Phi-3.5-mini's layout: the original context at the top level, the stretch (4 here)
+        # from it and max_position_embeddings.
+        {"rope_scaling": {"type": "longrope", "short_factor": SHORT, "long_factor": LONG},
+         "original_max_position_embeddings": 64},
+        [64, 40],
+    ),
 ]
 
 
 def frequency_case(name, head_dim, theta, max_positions, scaling):
+    # LlamaConfig has no original_max_position_embeddings, so LongRoPE's stretch is `factor`.
     config = transformers.LlamaConfig(
         hidden_size=head_dim * 4,
         num_attention_heads=4,
@@ -144,7 +175,7 @@ def token_logps(model, sequences, pad):
     return out
 
 
-def model_case(name, label, scaling, lengths, seed):
+def model_case(name, label, overrides, lengths, seed):
     path = MODELS / name
     generator = torch.Generator().manual_seed(seed)
     sequences = [
@@ -153,7 +184,8 @@ def model_case(name, label, scaling, lengths, seed):
     plain = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
     pad = plain.config.pad_token_id
     config = AutoConfig.from_pretrained(path)
-    config.rope_scaling = dict(scaling)
+    for key, value in overrides.items():
+        setattr(config, key, value)
     scaled = AutoModelForCausalLM.from_pretrained(
         path, config=config, torch_dtype=torch.float32
     ).eval()
@@ -169,7 +201,7 @@ def model_case(name, label, scaling, lengths, seed):
     return {
         "model": name,
         "label": label,
-        "rope_scaling": scaling,
+        "config": overrides,
         "pad_token_id": pad,
         "sequences": sequences,
         "token_logps": ours,

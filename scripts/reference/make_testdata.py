@@ -6,8 +6,8 @@ Run by hand (never from CI):
     /work/.venv-ref/bin/python scripts/reference/make_testdata.py
 
 Writes (relative to the repository root):
-    testdata/models/{tiny-llama,tiny-mistral,tiny-qwen2,tiny-qwen3}/           causal LMs
-    testdata/models/{tiny-rm-llama,tiny-rm-mistral,tiny-rm-qwen2,tiny-rm-qwen3}/  reward models
+    testdata/models/{tiny-llama,tiny-mistral,tiny-qwen2,tiny-qwen3,tiny-phi3}/   causal LMs
+    testdata/models/tiny-rm-{llama,mistral,qwen2,qwen3,phi3}/                  reward models
     testdata/reference/{tiny-*,tiny-rm-*}.json                  log-probs / logits / scores
     testdata/reference/chat_templates.json                      rendered chat templates
 
@@ -47,6 +47,9 @@ from transformers import (  # noqa: E402
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen2ForSequenceClassification,
+    Phi3Config,
+    Phi3ForCausalLM,
+    Phi3ForSequenceClassification,
     Qwen3Config,
     Qwen3ForCausalLM,
     Qwen3ForSequenceClassification,
@@ -125,6 +128,14 @@ CHATML_SMOLLM2 = (
 CHATML_PLAIN = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Turns in the manner of Phi-3's template (written for these tests, not Microsoft's text): a
+# role tag on its own line, the content, an end tag; EOS after the last turn unless a reply is
+# asked for. The shared tokenizer has no <|user|> tokens, so the tags are plain text here.
+PHI3_TURNS = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
 )
 
 # ChatML in the manner of Qwen3's templates (written for these tests, not Qwen's text): an
@@ -300,6 +311,29 @@ FAMILIES = {
         template_in_tokenizer_config=True,
         generation=dict(bos_token_id=None, eos_token_id=[2, 0], pad_token_id=PAD_ID),
         seed=4004,
+    ),
+    "phi3": dict(
+        config_cls=Phi3Config,
+        lm_cls=Phi3ForCausalLM,
+        rm_cls=Phi3ForSequenceClassification,
+        config=dict(
+            # Like Phi-3-mini-4k: the projections fused in the checkpoint (self_attn.qkv_proj,
+            # mlp.gate_up_proj), a sliding window (8 here, 2047 there), untied embeddings.
+            tie_word_embeddings=False,
+            rms_norm_eps=1e-5,
+            rope_theta=10000.0,
+            sliding_window=8,
+            original_max_position_embeddings=256,
+            bos_token_id=1,
+            eos_token_id=0,
+            pad_token_id=PAD_ID,
+        ),
+        tokenizer=dict(bos_token="<|im_start|>", eos_token="<|endoftext|>"),
+        chat_template=PHI3_TURNS,
+        template_in_tokenizer_config=True,
+        # Like Phi-3: generation also stops at the end-of-turn tag.
+        generation=dict(bos_token_id=1, eos_token_id=[0, 2], pad_token_id=PAD_ID),
+        seed=5005,
     ),
 }
 
@@ -527,6 +561,22 @@ def ref_inv_freq(cfg) -> torch.Tensor:
     return inv
 
 
+def unfused(sd: dict, cfg) -> dict:
+    """Phi-3's qkv_proj (q rows, k rows, v rows) and gate_up_proj (gate rows, up rows) as the
+    separate Llama weights."""
+    sd = dict(sd)
+    H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
+    hd = cfg.hidden_size // H
+    for name in [n for n in sd if n.endswith("self_attn.qkv_proj.weight")]:
+        p = name[: -len("qkv_proj.weight")]
+        q, k, v = sd.pop(name).split([H * hd, KV * hd, KV * hd])
+        sd[p + "q_proj.weight"], sd[p + "k_proj.weight"], sd[p + "v_proj.weight"] = q, k, v
+    for name in [n for n in sd if n.endswith("mlp.gate_up_proj.weight")]:
+        p = name[: -len("gate_up_proj.weight")]
+        sd[p + "gate_proj.weight"], sd[p + "up_proj.weight"] = sd.pop(name).chunk(2)
+    return sd
+
+
 def ref_hidden(sd: dict, cfg, ids: list[int], skip_qk_norm: bool = False) -> torch.Tensor:
     T = len(ids)
     H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -551,8 +601,9 @@ def ref_hidden(sd: dict, cfg, ids: list[int], skip_qk_norm: bool = False) -> tor
         return x * cos + torch.cat([-x2, x1], -1) * sin
 
     window = None
-    if cfg.model_type == "mistral" or getattr(cfg, "use_sliding_window", False):
+    if cfg.model_type in ("mistral", "phi3") or getattr(cfg, "use_sliding_window", False):
         window = cfg.sliding_window
+    sd = unfused(sd, cfg)
     q_idx = torch.arange(T)[:, None]
     k_idx = torch.arange(T)[None, :]
     allowed = k_idx <= q_idx
@@ -666,7 +717,7 @@ def lm_reference(name: str, path: Path) -> dict:
     assert lg.std(-1).min().item() > 0.5, lg.std(-1).min().item()
 
     extra = {}
-    if cfg.model_type == "mistral":
+    if cfg.model_type in ("mistral", "phi3"):
         # Show that the sliding window matters for these sequences.
         cfg_full = type(cfg).from_dict(cfg.to_dict())
         cfg_full.sliding_window = None

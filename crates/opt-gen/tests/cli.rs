@@ -89,7 +89,7 @@ fn output_bytes_do_not_depend_on_batch_size_or_threads() {
         dtypes.push("bf16");
     }
     for dtype in dtypes {
-        for name in ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3"] {
+        for name in optune_testkit::FAMILY_MODELS {
             let m = model(name);
             let p = prompts();
             // The generic path's logits move in the last bits with the batch (the products'
@@ -610,7 +610,7 @@ fn ultrachat_conversations_are_answered_like_their_bare_prompts() {
 /// fused CPU kernels, for every model family, and the summary line names the kernels used.
 #[test]
 fn generic_kernels_give_the_fused_greedy_output() {
-    for name in ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3"] {
+    for name in optune_testkit::FAMILY_MODELS {
         let m = model(name);
         let p = prompts();
         let mut outputs = Vec::new();

@@ -11,11 +11,12 @@ use optune_testkit::{
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 
-const REWARD_MODELS: [&str; 4] = [
+const REWARD_MODELS: [&str; 5] = [
     "tiny-rm-llama",
     "tiny-rm-mistral",
     "tiny-rm-qwen2",
     "tiny-rm-qwen3",
+    "tiny-rm-phi3",
 ];
 
 fn model_dir(name: &str) -> PathBuf {

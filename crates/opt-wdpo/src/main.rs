@@ -189,7 +189,9 @@ pub struct Args {
     #[arg(long, default_value_t = 0.0, requires = "lora_rank")]
     pub lora_dropout: f32,
 
-    /// Projections that get adapters (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)
+    /// Projections that get adapters (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj,
+    /// down_proj; on Phi-3 also qkv_proj and gate_up_proj for their parts, whose adapters the
+    /// PEFT files stack into Phi-3's fused modules)
     #[arg(
         long,
         value_delimiter = ',',

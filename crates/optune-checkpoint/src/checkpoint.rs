@@ -74,7 +74,9 @@ impl Checkpoint {
         tokenizer
             .check_vocab(config.vocab_size)
             .with_context(|| format!("{}", path.display()))?;
-        let tensors = read_safetensors(path, device, cast)?;
+        let mut tensors = read_safetensors(path, device, cast)?;
+        crate::fused::split_fused(&config, &mut tensors)
+            .with_context(|| format!("{}", path.display()))?;
         let mut files = Vec::new();
         for name in CARRIED_FILES {
             if let Ok(bytes) = std::fs::read(path.join(name)) {
@@ -180,7 +182,8 @@ fn read_safetensors(
 pub struct StoredWeights(Stored);
 
 enum Stored {
-    Files(Vec<SafetensorsFile>),
+    /// The files, and the weights stored fused (Phi-3's), which a read of a part splits.
+    Files(Vec<SafetensorsFile>, Vec<crate::fused::Fused>),
     Gguf {
         path: PathBuf,
         converted: std::sync::OnceLock<HashMap<String, Tensor>>,
@@ -202,17 +205,39 @@ impl StoredWeights {
                     .with_context(|| format!("reading the header of {}", file.display()))
             })
             .collect::<Result<_>>()?;
-        Ok(Self(Stored::Files(files)))
+        // Without a config.json (weights alone), nothing is read as fused.
+        let config_path = path.join("config.json");
+        let fused = match config_path.is_file() {
+            true => crate::fused::fused_weights(
+                &ModelConfig::from_json_str(&read_json(&config_path)?.to_string())
+                    .with_context(|| format!("{}", config_path.display()))?,
+            ),
+            false => Vec::new(),
+        };
+        Ok(Self(Stored::Files(files, fused)))
     }
 
     /// The weight `name` on `device`, cast to `dtype` when it is a floating-point weight;
     /// `None` when the checkpoint has no weight of that name.
     pub fn read(&self, name: &str, device: &Device, dtype: DType) -> Result<Option<Tensor>> {
         match &self.0 {
-            Stored::Files(files) => match files.iter().find(|f| f.contains(name)) {
-                Some(file) => Ok(Some(file.read(name, device, Some(dtype))?)),
-                None => Ok(None),
-            },
+            Stored::Files(files, fused) => {
+                let read = |name: &str| match files.iter().find(|f| f.contains(name)) {
+                    Some(file) => file.read(name, device, Some(dtype)).map(Some),
+                    None => Ok(None),
+                };
+                let part = (fused.iter()).find_map(|f| Some((f, f.rows_of(name)?)));
+                match part {
+                    Some((f, (first, rows))) => match read(&f.name)? {
+                        Some(stored) => {
+                            f.check(&stored)?;
+                            Ok(Some(stored.narrow(0, first, rows)?.copy()?))
+                        }
+                        None => Ok(None),
+                    },
+                    None => read(name),
+                }
+            }
             Stored::Gguf { path, converted } => {
                 if converted.get().is_none() {
                     let tensors = crate::gguf::read_gguf(path)?.tensors.into_iter().collect();
@@ -303,8 +328,9 @@ pub fn write_checkpoint<W: SavedWeight>(
     ))
     .chain(meta.files.iter().cloned())
     .collect();
+    let weights = crate::fused::stack_fused(&meta.config, weights)?;
     optune_fs::write_dir_atomically(dir, |tmp| {
-        write_safetensors_as(weights, dtype, &tmp.join("model.safetensors"))?;
+        write_safetensors_as(&weights, dtype, &tmp.join("model.safetensors"))?;
         for (name, bytes) in &files {
             std::fs::write(tmp.join(name), bytes).with_context(|| format!("writing {name}"))?;
         }

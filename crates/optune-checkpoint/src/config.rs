@@ -1,9 +1,10 @@
 //! `config.json` of the supported decoder-only families, deserialised directly.
 //!
-//! Llama, Mistral, Qwen2 and Qwen3 share one architecture (pre-norm RMSNorm blocks, rotary
-//! attention with grouped KV heads, SwiGLU MLP); they differ only in a few switches (biases, a
-//! sliding window, Qwen3's RMS norms of each query and key head), which [`ModelConfig`] resolves
-//! per family so the forward pass can stay a single readable function.
+//! Llama, Mistral, Qwen2, Qwen3 and Phi-3 share one architecture (pre-norm RMSNorm blocks,
+//! rotary attention with grouped KV heads, SwiGLU MLP); they differ only in a few switches
+//! (biases, a sliding window, Qwen3's RMS norms of each query and key head), which
+//! [`ModelConfig`] resolves per family so the forward pass can stay a single readable function,
+//! and in how Phi-3's checkpoints store the projections (fused; see `crate::fused`).
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
@@ -16,6 +17,7 @@ pub enum Family {
     Mistral,
     Qwen2,
     Qwen3,
+    Phi3,
 }
 
 impl Family {
@@ -25,9 +27,11 @@ impl Family {
             "mistral" => Ok(Family::Mistral),
             "qwen2" => Ok(Family::Qwen2),
             "qwen3" => Ok(Family::Qwen3),
+            "phi3" => Ok(Family::Phi3),
             other => bail!(
-                "unsupported model_type '{other}': optune supports llama, mistral, qwen2 and \
-                 qwen3 (Llama 2/3, TinyLlama, SmolLM2, Zephyr/Mistral, Qwen2/2.5, Qwen3 dense)"
+                "unsupported model_type '{other}': optune supports llama, mistral, qwen2, qwen3 \
+                 and phi3 (Llama 2/3, TinyLlama, SmolLM2, Zephyr/Mistral, Qwen2/2.5, Qwen3 dense, \
+                 Phi-3/3.5/4)"
             ),
         }
     }
@@ -38,14 +42,17 @@ impl Family {
             Family::Mistral => "mistral",
             Family::Qwen2 => "qwen2",
             Family::Qwen3 => "qwen3",
+            Family::Phi3 => "phi3",
         }
     }
 }
 
 /// `rope_scaling` as written by transformers. The forms read are `default`, `linear` (position
 /// interpolation), `dynamic` (NTK, which only departs from the default past
-/// `max_position_embeddings`, where no sequence goes here), `llama3` and `yarn`; the fields of
-/// each are those of transformers' `modeling_rope_utils`, which `optune_model::rope` follows.
+/// `max_position_embeddings`, where no sequence goes here), `llama3`, `yarn` and `longrope`
+/// (Phi-3.5's: the short factors, which transformers uses up to the original context, the
+/// limit here); the fields of each are those of transformers' `modeling_rope_utils`, which
+/// `optune_model::rope` follows.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 pub struct RopeScaling {
     #[serde(alias = "type")]
@@ -74,10 +81,16 @@ pub struct RopeScaling {
     /// YaRN: whether the ramp's bounds are rounded out to whole channels (transformers: true).
     #[serde(default)]
     pub truncate: Option<bool>,
+    /// LongRoPE: each channel pair's divisor of its frequency within the original context, and
+    /// past it (read only to check its length).
+    #[serde(default)]
+    pub short_factor: Option<Vec<f64>>,
+    #[serde(default)]
+    pub long_factor: Option<Vec<f64>>,
 }
 
 /// The rope scaling forms [`ModelConfig`] accepts.
-const ROPE_SCALING_TYPES: &str = "default, linear, dynamic, llama3, yarn";
+const ROPE_SCALING_TYPES: &str = "default, linear, dynamic, llama3, yarn, longrope";
 
 /// A token id field that transformers writes either as one integer or as a list.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -120,9 +133,17 @@ pub struct ModelConfig {
     pub rope_scaling: Option<RopeScaling>,
     #[serde(default = "default_max_position_embeddings")]
     pub max_position_embeddings: usize,
+    /// Phi-3: the context the model was pretrained with, below `max_position_embeddings` when
+    /// LongRoPE stretches it.
+    #[serde(default)]
+    pub original_max_position_embeddings: Option<usize>,
+    /// Phi-4-mini rotates only this share of each head (refused unless 1).
+    #[serde(default)]
+    pub partial_rotary_factor: Option<f64>,
     #[serde(default)]
     pub tie_word_embeddings: bool,
-    /// Mistral: attend to at most this many previous positions (inclusive of the current one).
+    /// Mistral and Phi-3: attend to at most this many previous positions (inclusive of the
+    /// current one).
     #[serde(default)]
     pub sliding_window: Option<usize>,
     /// Qwen2 and Qwen3 write a window size but only use it when this is set.
@@ -220,9 +241,28 @@ impl ModelConfig {
                 self.head_dim()
             );
         }
+        if let Some(share) = self.partial_rotary_factor.filter(|share| *share != 1.0) {
+            bail!("partial_rotary_factor {share} is not supported (only rotary embeddings over whole heads)");
+        }
         if let Some(scaling) = &self.rope_scaling {
-            match scaling.rope_type.as_str() {
+            match self.rope_type() {
                 "default" | "llama3" => {}
+                "longrope" => {
+                    let pairs = self.head_dim() / 2;
+                    for (name, factors) in [
+                        ("short_factor", &scaling.short_factor),
+                        ("long_factor", &scaling.long_factor),
+                    ] {
+                        match factors {
+                            Some(f) if f.len() == pairs => {}
+                            Some(f) => bail!(
+                                "rope_scaling 'longrope': {name} has {} values for {pairs} channel pairs",
+                                f.len()
+                            ),
+                            None => bail!("rope_scaling 'longrope' has no {name}"),
+                        }
+                    }
+                }
                 "linear" | "dynamic" | "yarn" => match scaling.factor {
                     Some(factor) if factor >= 1.0 => {}
                     Some(factor) => bail!(
@@ -234,6 +274,9 @@ impl ModelConfig {
                 other => {
                     bail!("rope_scaling type '{other}' is not supported ({ROPE_SCALING_TYPES})")
                 }
+            }
+            if self.max_positions() == 0 {
+                bail!("rope_scaling '{}' leaves no positions", scaling.rope_type);
             }
         }
         Ok(())
@@ -247,21 +290,48 @@ impl ModelConfig {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
 
-    /// The positions a sequence may use: `max_position_embeddings`, or for YaRN the original
+    /// The rope scaling form, `default` without one. Phi-3's configuration reads its older
+    /// names, `su` and `yarn`, as `longrope`, as transformers' does.
+    pub fn rope_type(&self) -> &str {
+        match (&self.rope_scaling, self.family()) {
+            (None, _) => "default",
+            (Some(s), Ok(Family::Phi3)) if s.rope_type == "su" || s.rope_type == "yarn" => {
+                "longrope"
+            }
+            (Some(s), _) => &s.rope_type,
+        }
+    }
+
+    /// The context the model was pretrained with: `original_max_position_embeddings` where the
+    /// config has it (Phi-3's defaults to 4096, as transformers' `Phi3Config`), else
+    /// `max_position_embeddings`.
+    pub fn original_context(&self) -> usize {
+        match (self.original_max_position_embeddings, self.family()) {
+            (Some(original), _) => original,
+            (None, Ok(Family::Phi3)) => 4096,
+            (None, _) => self.max_position_embeddings,
+        }
+    }
+
+    /// The positions a sequence may use: `max_position_embeddings`; for YaRN the original
     /// context times the factor where that is longer (as vLLM reads a YaRN config: Qwen's
-    /// model cards add `factor` 4 over an original 32768 to reach 131072 positions).
+    /// model cards add `factor` 4 over an original 32768 to reach 131072 positions); for
+    /// LongRoPE the original context, past which transformers switches to the long factors.
     pub fn max_positions(&self) -> usize {
-        let extended = self
-            .rope_scaling
-            .as_ref()
-            .filter(|s| s.rope_type == "yarn")
-            .map(|s| {
-                let original = s
+        let Some(scaling) = &self.rope_scaling else {
+            return self.max_position_embeddings;
+        };
+        match self.rope_type() {
+            "yarn" => {
+                let original = scaling
                     .original_max_position_embeddings
                     .unwrap_or(self.max_position_embeddings);
-                (original as f64 * s.factor.unwrap_or(1.0)) as usize
-            });
-        self.max_position_embeddings.max(extended.unwrap_or(0))
+                let extended = (original as f64 * scaling.factor.unwrap_or(1.0)) as usize;
+                self.max_position_embeddings.max(extended)
+            }
+            "longrope" => self.original_context().min(self.max_position_embeddings),
+            _ => self.max_position_embeddings,
+        }
     }
 
     pub fn head_dim(&self) -> usize {
@@ -297,7 +367,7 @@ impl ModelConfig {
     /// The attention window in positions, when the family uses one.
     pub fn attention_window(&self) -> Option<usize> {
         match self.family() {
-            Ok(Family::Mistral) => self.sliding_window,
+            Ok(Family::Mistral | Family::Phi3) => self.sliding_window,
             Ok(Family::Qwen2 | Family::Qwen3) if self.use_sliding_window == Some(true) => {
                 self.sliding_window
             }
@@ -404,11 +474,44 @@ mod tests {
             message(serde_json::json!({"rope_type": "linear", "factor": 0.5}))
                 .contains("factor 0.5 is below 1")
         );
-        let longrope = message(serde_json::json!({"rope_type": "longrope", "factor": 2.0}));
+        let su = message(serde_json::json!({"rope_type": "su", "factor": 2.0}));
         assert!(
-            longrope
-                .contains("'longrope' is not supported (default, linear, dynamic, llama3, yarn)"),
-            "{longrope}"
+            su.contains("'su' is not supported (default, linear, dynamic, llama3, yarn, longrope)"),
+            "{su}"
+        );
+        // Phi-3 reads `su` as LongRoPE (transformers' Phi3Config does), whose factors cover
+        // each channel pair (head_dim 4: two), and whose context is the original one.
+        let phi3 = |scaling: serde_json::Value| {
+            let mut json = base("phi3");
+            json["max_position_embeddings"] = serde_json::json!(131072);
+            json["original_max_position_embeddings"] = serde_json::json!(4096);
+            json["rope_scaling"] = scaling;
+            ModelConfig::from_json_str(&json.to_string())
+        };
+        let longrope =
+            phi3(serde_json::json!({"type": "su", "short_factor": [1.0, 1.5], "long_factor": [2.0, 3.0]}))
+                .unwrap();
+        assert_eq!(
+            (longrope.rope_type(), longrope.max_positions()),
+            ("longrope", 4096)
+        );
+        let short = phi3(
+            serde_json::json!({"type": "longrope", "short_factor": [1.0], "long_factor": [2.0, 3.0]}),
+        );
+        let short = format!("{:#}", short.unwrap_err());
+        assert!(
+            short.contains("short_factor has 1 values for 2 channel pairs"),
+            "{short}"
+        );
+        let mut partial = base("phi3");
+        partial["partial_rotary_factor"] = serde_json::json!(0.75);
+        let partial = format!(
+            "{:#}",
+            ModelConfig::from_json_str(&partial.to_string()).unwrap_err()
+        );
+        assert!(
+            partial.contains("partial_rotary_factor 0.75 is not supported"),
+            "{partial}"
         );
     }
 

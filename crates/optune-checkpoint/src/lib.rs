@@ -4,6 +4,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod fused;
 pub mod gguf;
 pub mod pytorch;
 mod safetensors_file;

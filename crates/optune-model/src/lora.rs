@@ -1,4 +1,11 @@
 //! LoRA adapters on the attention/MLP projections, and their PEFT-format files.
+//!
+//! Phi-3's checkpoints fuse q/k/v into `qkv_proj` and gate/up into `gate_up_proj`
+//! (`optune_checkpoint::fused`), which PEFT adapts as one module each. Here each part keeps
+//! its own adapter (the targets `qkv_proj` and `gate_up_proj` name the parts), and the PEFT files
+//! stack them into the fused module's: `A` the parts' `A` one above the other (rank r per part),
+//! `B` block-diagonal, with `rank_pattern` and `alpha_pattern` giving that module r and α times
+//! the parts, so its scale α/r and its product are the parts' to the bit.
 
 use crate::linear::{DropoutStream, LoraAdapter};
 use crate::transformer::Transformer;
@@ -18,6 +25,29 @@ pub struct LoraConfig {
 }
 
 impl LoraConfig {
+    /// The targets on a model of `config`: on Phi-3, `qkv_proj` and `gate_up_proj` stand for
+    /// their parts, which the model adapts one by one.
+    fn resolved(&self, config: &crate::ModelConfig) -> LoraConfig {
+        let fused = optune_checkpoint::fused::fused_weights(config);
+        let mut targets: Vec<String> = Vec::new();
+        for target in &self.targets {
+            let parts: Vec<String> = fused
+                .iter()
+                .find(|f| f.name.ends_with(&format!(".{target}.weight")))
+                .map(|f| f.parts.iter().map(|(part, _)| module_of(part)).collect())
+                .unwrap_or_else(|| vec![target.clone()]);
+            for part in parts {
+                if !targets.contains(&part) {
+                    targets.push(part);
+                }
+            }
+        }
+        LoraConfig {
+            targets,
+            ..self.clone()
+        }
+    }
+
     /// The target a linear layer's name matches (by its last part), if any.
     fn target_of(&self, linear: &str) -> Option<&String> {
         self.targets
@@ -28,7 +58,7 @@ impl LoraConfig {
     /// Refuses a target that no linear layer matched.
     fn check_matched(&self, matched: &std::collections::BTreeSet<&String>) -> Result<()> {
         if let Some(missing) = self.targets.iter().find(|t| !matched.contains(t)) {
-            bail!("--lora-targets '{missing}' matches no linear layer (expected q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)");
+            bail!("--lora-targets '{missing}' matches no linear layer (expected q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj; on phi3 also qkv_proj, gate_up_proj)");
         }
         Ok(())
     }
@@ -41,6 +71,8 @@ impl LoraConfig {
         &self,
         config: &crate::ModelConfig,
     ) -> Result<Vec<(String, Vec<usize>)>> {
+        let resolved = self.resolved(config);
+        let this = &resolved;
         let mut matched = std::collections::BTreeSet::new();
         let mut shapes = Vec::new();
         for (name, shape) in crate::llama_weight_shapes(config) {
@@ -48,14 +80,14 @@ impl LoraConfig {
                 .strip_suffix(".weight")
                 .filter(|_| name.starts_with("model.layers."));
             if let (Some(linear), [out, inp]) = (linear, &shape[..]) {
-                if let Some(target) = self.target_of(linear) {
+                if let Some(target) = this.target_of(linear) {
                     matched.insert(target);
-                    shapes.push((format!("{linear}.lora_A.weight"), vec![self.rank, *inp]));
-                    shapes.push((format!("{linear}.lora_B.weight"), vec![*out, self.rank]));
+                    shapes.push((format!("{linear}.lora_A.weight"), vec![this.rank, *inp]));
+                    shapes.push((format!("{linear}.lora_B.weight"), vec![*out, this.rank]));
                 }
             }
         }
-        self.check_matched(&matched)?;
+        this.check_matched(&matched)?;
         Ok(shapes)
     }
 
@@ -69,9 +101,20 @@ impl LoraConfig {
     }
 }
 
+/// The last part of a weight's name, the module a target names: `q_proj` for
+/// `model.layers.0.self_attn.q_proj.weight`.
+fn module_of(weight: &str) -> String {
+    let linear = weight.strip_suffix(".weight").unwrap_or(weight);
+    linear.rsplit('.').next().unwrap_or(linear).to_string()
+}
+
 /// The adapters attached to a model: their trainable variables and the switches they share.
 pub struct LoraAdapters {
+    /// The config as attached: on Phi-3 with the fused modules' parts as targets.
     pub config: LoraConfig,
+    /// The model's weights its checkpoints store fused (Phi-3's), whose adapters the PEFT
+    /// files stack.
+    fused: Vec<optune_checkpoint::fused::Fused>,
     /// `(PEFT weight name, variable)`, e.g. `model.layers.0.self_attn.q_proj.lora_A.weight`.
     pub vars: Vec<(String, Var)>,
     enabled: Arc<AtomicBool>,
@@ -93,6 +136,27 @@ impl LoraAdapters {
 
     /// Writes `adapter_config.json` + `adapter_model.safetensors` as the peft library expects.
     pub fn write_peft(&self, dir: &Path, base_model: &str) -> Result<()> {
+        let (tensors, stacked) = self.peft_tensors()?;
+        let mut targets: Vec<String> = Vec::new();
+        for target in &self.config.targets {
+            let module = (stacked.iter())
+                .find(|(_, (parts, _))| parts.contains(target))
+                .map_or(target, |(module, _)| module);
+            if !targets.contains(module) {
+                targets.push(module.clone());
+            }
+        }
+        // Each stacked module has the parts' rank and alpha times their count: the same scale.
+        let (mut rank_pattern, mut alpha_pattern) =
+            (serde_json::Map::new(), serde_json::Map::new());
+        for (module, (_, parts)) in &stacked {
+            let rank = self.config.rank * parts;
+            rank_pattern.insert(module.clone(), serde_json::json!(rank));
+            alpha_pattern.insert(
+                module.clone(),
+                serde_json::json!(self.config.alpha * *parts as f64),
+            );
+        }
         let config = serde_json::json!({
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
@@ -100,7 +164,9 @@ impl LoraAdapters {
             "r": self.config.rank,
             "lora_alpha": self.config.alpha,
             "lora_dropout": self.config.dropout,
-            "target_modules": self.config.targets,
+            "target_modules": targets,
+            "rank_pattern": rank_pattern,
+            "alpha_pattern": alpha_pattern,
             "bias": "none",
             "fan_in_fan_out": false,
             "inference_mode": true,
@@ -112,17 +178,93 @@ impl LoraAdapters {
             dir.join("adapter_config.json"),
             serde_json::to_vec_pretty(&config)?,
         )?;
-        let tensors: Vec<(String, Tensor)> = self
-            .vars
-            .iter()
-            .map(|(name, var)| {
-                Ok((
-                    format!("base_model.model.{name}"),
-                    var.as_tensor().to_dtype(DType::F32)?,
-                ))
-            })
-            .collect::<Result<_>>()?;
+        let tensors: Vec<(String, Tensor)> = (tensors.into_iter())
+            .map(|(name, tensor)| (format!("base_model.model.{name}"), tensor))
+            .collect();
         optune_checkpoint::write_safetensors(&tensors, &dir.join("adapter_model.safetensors"))
+    }
+
+    /// The adapters as PEFT names them, in f32: each fused module's parts stacked into one
+    /// adapter (the module doc says how), the others as they are; and for each fused module
+    /// adapted, its targets among the parts and their count (the same in every layer).
+    #[allow(clippy::type_complexity)]
+    fn peft_tensors(
+        &self,
+    ) -> Result<(
+        Vec<(String, Tensor)>,
+        std::collections::BTreeMap<String, (Vec<String>, usize)>,
+    )> {
+        let adapter = |linear: &str, matrix: &str| -> Result<Option<Tensor>> {
+            let name = format!("{linear}.lora_{matrix}.weight");
+            (self.vars.iter().find(|(n, _)| *n == name))
+                .map(|(_, var)| Ok(var.as_tensor().to_dtype(DType::F32)?))
+                .transpose()
+        };
+        let rank = self.config.rank;
+        let mut stacked = std::collections::BTreeMap::new();
+        let mut done = std::collections::HashSet::new();
+        let mut tensors = Vec::new();
+        for fused in &self.fused {
+            let mut parts = Vec::new();
+            for (part, rows) in &fused.parts {
+                let linear = part.strip_suffix(".weight").unwrap_or(part);
+                let pair = match (adapter(linear, "A")?, adapter(linear, "B")?) {
+                    (Some(a), Some(b)) => Some((a, b)),
+                    _ => None,
+                };
+                parts.push((linear.to_string(), *rows, pair));
+            }
+            let count = parts.iter().filter(|(_, _, pair)| pair.is_some()).count();
+            if count == 0 {
+                continue;
+            }
+            let Some((a0, _)) = parts.iter().find_map(|(_, _, pair)| pair.as_ref()) else {
+                continue;
+            };
+            let device = a0.device().clone();
+            let (mut a_rows, mut b_rows, mut column) = (Vec::new(), Vec::new(), 0);
+            for (linear, rows, pair) in &parts {
+                let block = match pair {
+                    Some((a, b)) => {
+                        a_rows.push(a.clone());
+                        done.insert(linear.clone());
+                        let left = Tensor::zeros((*rows, column * rank), DType::F32, &device)?;
+                        let right = Tensor::zeros(
+                            (*rows, (count - 1 - column) * rank),
+                            DType::F32,
+                            &device,
+                        )?;
+                        column += 1;
+                        Tensor::cat(&[&left, b, &right], 1)?
+                    }
+                    None => Tensor::zeros((*rows, count * rank), DType::F32, &device)?,
+                };
+                b_rows.push(block);
+            }
+            let linear = fused.name.strip_suffix(".weight").unwrap_or(&fused.name);
+            tensors.push((format!("{linear}.lora_A.weight"), Tensor::cat(&a_rows, 0)?));
+            tensors.push((format!("{linear}.lora_B.weight"), Tensor::cat(&b_rows, 0)?));
+            let targets: Vec<String> = (parts.iter())
+                .filter(|(_, _, pair)| pair.is_some())
+                .map(|(linear, _, _)| module_of(linear))
+                .collect();
+            let module = module_of(&fused.name);
+            match stacked.get(&module) {
+                Some(seen) if *seen != (targets.clone(), count) => {
+                    bail!("{module}: adapted parts differ between layers ({seen:?}, {targets:?})")
+                }
+                _ => {
+                    stacked.insert(module, (targets, count));
+                }
+            }
+        }
+        for (name, var) in &self.vars {
+            let linear = name.rsplitn(3, '.').nth(2).unwrap_or(name);
+            if !done.contains(linear) {
+                tensors.push((name.clone(), var.as_tensor().to_dtype(DType::F32)?));
+            }
+        }
+        Ok((tensors, stacked))
     }
 }
 
@@ -138,6 +280,8 @@ pub fn attach_lora(
     if config.rank == 0 {
         bail!("--lora-rank must be at least 1");
     }
+    let fused = optune_checkpoint::fused::fused_weights(model.config());
+    let config = &config.resolved(model.config());
     let enabled = Arc::new(AtomicBool::new(true));
     let training = Arc::new(AtomicBool::new(false));
     // Its own stream ("dropout" in ASCII), apart from the one that drew `A`.
@@ -183,9 +327,110 @@ pub fn attach_lora(
     config.check_matched(&matched)?;
     Ok(LoraAdapters {
         config: config.clone(),
+        fused,
         vars,
         enabled,
         training,
         dropout_stream,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use std::collections::HashMap;
+
+    /// On Phi-3 the PEFT adapter of a fused module computes what its parts' adapters compute:
+    /// `(α'/r')·x·Aᵀ·Bᵀ` with the stacked `A`, the block-diagonal `B` and the config's rank and
+    /// alpha patterns equals the parts' `(α/r)·x·A_pᵀ·B_pᵀ` stacked, zero for a part left out.
+    #[test]
+    fn phi3_adapters_stack_into_the_fused_modules() {
+        let dir = optune_testkit::workspace_root().join("testdata/models/tiny-phi3");
+        let (mut model, _, _) = crate::load_model(&dir, DType::F32, &Device::Cpu).unwrap();
+        let config = LoraConfig {
+            rank: 2,
+            alpha: 6.0,
+            dropout: 0.0,
+            targets: vec!["qkv_proj".into(), "up_proj".into()],
+        };
+        let adapters = attach_lora(&mut model, &config, 7).unwrap();
+        // B starts at zero: give every adapter values of its own.
+        for (i, (_, var)) in adapters.vars.iter().enumerate() {
+            let noise = Tensor::randn(0f32, 1.0, var.dims(), &Device::Cpu).unwrap();
+            var.set(&(noise + i as f64).unwrap()).unwrap();
+        }
+        let out = tempfile::tempdir().unwrap();
+        adapters.write_peft(out.path(), "tiny-phi3").unwrap();
+        let saved = candle_core::safetensors::load(
+            out.path().join("adapter_model.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let peft: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.path().join("adapter_config.json")).unwrap())
+                .unwrap();
+        assert_eq!(
+            peft["target_modules"],
+            serde_json::json!(["qkv_proj", "gate_up_proj"])
+        );
+        let ours: HashMap<&str, &Var> =
+            adapters.vars.iter().map(|(n, v)| (n.as_str(), v)).collect();
+        let x = Tensor::randn(0f32, 1.0, (3, 64), &Device::Cpu).unwrap();
+        let delta = |a: &Tensor, b: &Tensor, scale: f64| {
+            (x.matmul(&a.t().unwrap())
+                .unwrap()
+                .matmul(&b.t().unwrap())
+                .unwrap()
+                * scale)
+                .unwrap()
+        };
+        let p = "model.layers.1";
+        for (module, parts) in [
+            (
+                "self_attn.qkv_proj",
+                vec![
+                    ("self_attn.q_proj", 64),
+                    ("self_attn.k_proj", 32),
+                    ("self_attn.v_proj", 32),
+                ],
+            ),
+            (
+                "mlp.gate_up_proj",
+                vec![("mlp.gate_proj", 128), ("mlp.up_proj", 128)],
+            ),
+        ] {
+            let short = module.rsplit('.').next().unwrap();
+            let scale = peft["alpha_pattern"][short].as_f64().unwrap()
+                / peft["rank_pattern"][short].as_f64().unwrap();
+            assert_eq!(scale, 3.0, "{module}");
+            let name =
+                |m: &str, matrix: &str| format!("base_model.model.{p}.{m}.lora_{matrix}.weight");
+            let fused = delta(
+                &saved[&name(module, "A")],
+                &saved[&name(module, "B")],
+                scale,
+            );
+            let stacked: Vec<Tensor> = parts
+                .iter()
+                .map(|(part, rows)| {
+                    let a = ours.get(format!("{p}.{part}.lora_A.weight").as_str());
+                    let b = ours.get(format!("{p}.{part}.lora_B.weight").as_str());
+                    match (a, b) {
+                        (Some(a), Some(b)) => delta(a.as_tensor(), b.as_tensor(), 3.0),
+                        _ => Tensor::zeros((3, *rows), DType::F32, &Device::Cpu).unwrap(),
+                    }
+                })
+                .collect();
+            let stacked = Tensor::cat(&stacked, 1).unwrap();
+            let largest =
+                |t: Tensor| -> f32 { t.abs().unwrap().max_all().unwrap().to_scalar().unwrap() };
+            let gap = largest((fused - &stacked).unwrap());
+            let size = largest(stacked);
+            assert!(
+                size > 1.0 && gap <= 1e-5 * size,
+                "{module}: {gap} of {size}"
+            );
+        }
+    }
 }

@@ -37,10 +37,11 @@ pub fn rotary_frequencies(config: &ModelConfig) -> RotaryFrequencies {
         return plain(base);
     };
     let factor = scaling.factor.unwrap_or(1.0);
-    match scaling.rope_type.as_str() {
+    match config.rope_type() {
         "linear" => plain(base.into_iter().map(|f| f / factor).collect()),
         "llama3" => plain(llama3(&base, scaling)),
         "yarn" => yarn(&base, config, scaling),
+        "longrope" => longrope(&base, config, scaling),
         // `dynamic` (NTK) raises θ only for sequences past max_position_embeddings, which
         // `ModelConfig::max_positions` does not allow.
         _ => plain(base),
@@ -120,6 +121,33 @@ fn yarn(base: &[f64], config: &ModelConfig, scaling: &RopeScaling) -> RotaryFreq
             freq / factor * interpolated + freq * (1.0 - interpolated)
         })
         .collect();
+    RotaryFrequencies {
+        inverse,
+        attention_factor,
+    }
+}
+
+/// LongRoPE (Phi-3.5): each frequency divided by its channel pair's short factor (the long
+/// ones apply past the original context, which [`ModelConfig::max_positions`] does not pass),
+/// the tables scaled by `√(1 + ln s / ln original)` for the stretch `s` of the context, unless
+/// the config gives the factor.
+fn longrope(base: &[f64], config: &ModelConfig, scaling: &RopeScaling) -> RotaryFrequencies {
+    let short = scaling.short_factor.as_deref().unwrap_or_default();
+    let inverse = base.iter().zip(short).map(|(f, s)| f / s).collect();
+    let original = config.original_context() as f64;
+    // transformers measures the stretch by the two contexts when the config has both (Phi-3's
+    // always does), else by `factor`.
+    let stretch = match (config.original_max_position_embeddings, config.family()) {
+        (None, Ok(optune_checkpoint::Family::Phi3)) | (Some(_), _) => {
+            config.max_position_embeddings as f64 / original
+        }
+        _ => scaling.factor.unwrap_or(1.0),
+    };
+    let attention_factor = scaling.attention_factor.unwrap_or(if stretch <= 1.0 {
+        1.0
+    } else {
+        (1.0 + stretch.ln() / original.ln()).sqrt()
+    });
     RotaryFrequencies {
         inverse,
         attention_factor,

@@ -30,7 +30,14 @@ fn weights(model: &optune_model::Transformer) -> Vec<(String, candle_core::Tenso
 
 #[test]
 fn a_saved_checkpoint_reloads_bit_identically() {
-    for name in ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-rm-mistral"] {
+    for name in [
+        "tiny-llama",
+        "tiny-qwen2",
+        "tiny-qwen3",
+        "tiny-phi3",
+        "tiny-rm-mistral",
+        "tiny-rm-phi3",
+    ] {
         let (model, _, meta) = load_model(&model_dir(name), DType::F32, &Device::Cpu).unwrap();
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("saved");
@@ -43,6 +50,17 @@ fn a_saved_checkpoint_reloads_bit_identically() {
         ] {
             assert!(out.join(file).is_file(), "{name}: {file} not written");
         }
+        // The checkpoint's own name tree: Phi-3's projections stacked back into its fused ones.
+        let names = |dir: &Path| -> Vec<String> {
+            let mut names: Vec<String> =
+                candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)
+                    .unwrap()
+                    .into_keys()
+                    .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(names(&out), names(&model_dir(name)), "{name}: saved names");
         let (again, _, _) = load_model(&out, DType::F32, &Device::Cpu).unwrap();
         let (a, b) = (weights(&model), weights(&again));
         assert_eq!(a.len(), b.len());

@@ -32,7 +32,7 @@ fn sampling(temperature: f64, max_new_tokens: usize) -> SamplingParams {
 
 #[test]
 fn greedy_decoding_equals_the_training_path_argmax() {
-    for name in ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3"] {
+    for name in optune_testkit::FAMILY_MODELS {
         let model = model(name);
         // No EOS, so every sequence runs the full length (past mistral's window of 8).
         let out = generate(
@@ -144,7 +144,7 @@ fn output_does_not_depend_on_the_batch_size() {
 /// read the separate weights, now views of the stacks) to the bit.
 #[test]
 fn stacked_projections_change_no_logits() {
-    for name in ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3"] {
+    for name in optune_testkit::FAMILY_MODELS {
         let model = model(name);
         let mut stacked = model.clone();
         stacked.stack_projections().unwrap();
@@ -186,7 +186,7 @@ fn stacked_projections_change_no_logits() {
 /// same logits, up to rounding.
 #[test]
 fn cpu_kernels_agree_with_the_tensor_path() {
-    for name in ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3"] {
+    for name in optune_testkit::FAMILY_MODELS {
         let model = model(name);
         let prompts = prompts();
         let mut host = KvCache::new(&model, 3, 64).unwrap();
@@ -299,7 +299,7 @@ fn capacity_beyond_the_model_positions_is_an_error() {
 #[test]
 fn feeding_slots_together_equals_feeding_them_alone() {
     use optune_model::transformer::Segment;
-    for name in ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3"] {
+    for name in optune_testkit::FAMILY_MODELS {
         let model = model(name);
         let prompts = prompts();
         let mut together = KvCache::new(&model, 3, 64).unwrap();
@@ -371,7 +371,7 @@ fn feeding_slots_together_equals_feeding_them_alone() {
 fn chunked_prefill_generates_what_whole_prompts_do() {
     let fused = optune_kernels::kernels() == optune_kernels::Kernels::Fused;
     let temperature = if fused { 1.0 } else { 0.0 };
-    for name in ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3"] {
+    for name in optune_testkit::FAMILY_MODELS {
         let model = model(name);
         let requests = common::samples_of_each_prompt(9, 3);
         let run = |batching: Batching| {

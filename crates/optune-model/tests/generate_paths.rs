@@ -8,7 +8,7 @@ use optune_model::generate::{generate, Generation, GenerationRequest, SamplingPa
 use optune_model::{sequence_logprobs, PaddedBatch, TokenizedPair, Transformer};
 
 mod common;
-use common::{model, FAMILIES};
+use common::model;
 
 /// Each prompt twice (two samples sharing one prefill), each with its own stream.
 fn requests(seed: u64) -> Vec<GenerationRequest> {
@@ -45,7 +45,7 @@ fn response_logits(model: &Transformer, prompt: &[u32], response: &[u32]) -> Vec
 
 #[test]
 fn the_generic_path_generates_what_the_fused_path_does() {
-    for name in FAMILIES {
+    for name in optune_testkit::FAMILY_MODELS {
         let model = model(name);
 
         // Greedy: the same tokens on both paths.

@@ -6,7 +6,7 @@ use optune_model::transformer::Segment;
 use optune_model::{KvCache, Transformer};
 
 mod common;
-use common::{model, prompts, FAMILIES};
+use common::{model, prompts};
 
 /// `feed_tensor`'s logits for `segments`, as host rows.
 fn feed(model: &Transformer, cache: &mut KvCache, segments: &[Segment]) -> Vec<Vec<f32>> {
@@ -27,7 +27,7 @@ fn feed(model: &Transformer, cache: &mut KvCache, segments: &[Segment]) -> Vec<V
 /// back.
 #[test]
 fn a_paged_cache_feeds_what_a_cache_by_slot_does() {
-    for name in FAMILIES {
+    for name in optune_testkit::FAMILY_MODELS {
         let model = model(name);
         let prompts = prompts();
         let mut by_slot = KvCache::new_tensors(&model, 3, 40).unwrap();
@@ -256,7 +256,7 @@ fn paged_generation_is_the_greedy_continuation() {
         min_p: 0.0,
         max_new_tokens: 12,
     };
-    for name in FAMILIES {
+    for name in optune_testkit::FAMILY_MODELS {
         let model = model(name);
         let requests = common::samples_of_each_prompt(4, 3);
         let run = |batching: Batching| {

@@ -109,7 +109,7 @@ fn assert_same_gradients(
 fn full_fine_tuning_gets_the_whole_graphs_gradients() {
     // tiny-llama ties its head to the embedding: that variable's gradient sums the head's and
     // the embedding's parts, which the recomputed pass computes in separate backward passes.
-    for name in ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3"] {
+    for name in optune_testkit::FAMILY_MODELS {
         let (model, vars) = fully_trained(name, DType::F32);
         assert_same_gradients(
             name,

@@ -208,6 +208,11 @@ fn qwen3_matches_transformers() {
     check_causal_model("tiny-qwen3");
 }
 
+#[test]
+fn phi3_matches_transformers() {
+    check_causal_model("tiny-phi3");
+}
+
 fn check_reward_model(name: &str) {
     let reference = reference(name);
     let (model, tokenizer, _) = load_model(
@@ -272,6 +277,7 @@ fn reward_models_match_transformers() {
         "tiny-rm-mistral",
         "tiny-rm-qwen2",
         "tiny-rm-qwen3",
+        "tiny-rm-phi3",
     ] {
         check_reward_model(name);
     }
@@ -433,8 +439,9 @@ fn rope_scaling_frequencies_match_transformers() {
 
 /// Test models under another `rope_scaling` (a copy of the model directory with the config's
 /// scaling replaced) give transformers' per-token log-probs on the training path and through
-/// the KV cache, on sequences longer than the context the scaling stretches; the YaRN model's
-/// longer one runs past `max_position_embeddings` into the positions YaRN adds.
+/// the KV cache: YaRN and linear scaling on sequences longer than the context they stretch (the
+/// YaRN model's longer one past `max_position_embeddings`, into the positions YaRN adds),
+/// Phi-3's LongRoPE up to its original context.
 #[test]
 fn rope_scaled_models_match_transformers() {
     let reference = reference("rope_scaling");
@@ -450,7 +457,9 @@ fn rope_scaled_models_match_transformers() {
         let config_path = dir.path().join("config.json");
         let mut config: Value =
             serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
-        config["rope_scaling"] = case["rope_scaling"].clone();
+        for (key, value) in case["config"].as_object().unwrap() {
+            config[key] = value.clone();
+        }
         std::fs::write(&config_path, config.to_string()).unwrap();
         let (model, _, _) = load_model(dir.path(), DType::F32, &Device::Cpu).unwrap();
         let sequences: Vec<Vec<u32>> = case["sequences"]

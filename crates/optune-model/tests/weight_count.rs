@@ -15,13 +15,14 @@ fn model_dir(name: &str) -> PathBuf {
 }
 
 /// The language models of testdata: tied (llama), untied (mistral), biased q/k/v (qwen2), norms
-/// of each query and key head (qwen3).
-const LANGUAGE_MODELS: [&str; 5] = [
+/// of each query and key head (qwen3), fused projections in the checkpoint (phi3).
+const LANGUAGE_MODELS: [&str; 6] = [
     "tiny-llama",
     "tiny-llama-base",
     "tiny-mistral",
     "tiny-qwen2",
     "tiny-qwen3",
+    "tiny-phi3",
 ];
 
 #[test]
@@ -36,7 +37,8 @@ fn the_name_tree_is_the_checkpoints_own() {
             .map(|(name, t)| (name, t.dims().to_vec()))
             .collect();
         stored.sort();
-        let mut stated = llama_weight_shapes(&config);
+        let mut stated =
+            optune_checkpoint::fused::stored_shapes(&config, llama_weight_shapes(&config));
         stated.sort();
         assert_eq!(stated, stored, "{name}");
         let (model, _, _) = load_model(&dir, DType::F32, &Device::Cpu).unwrap();

@@ -25,6 +25,17 @@ pub fn workspace_root() -> PathBuf {
     manifest.join("../..")
 }
 
+/// The causal language models of testdata, one per family (llama; mistral, windowed; qwen2,
+/// biased; qwen3, with norms of each query and key head; phi3, its projections stored fused),
+/// for the tests that run on each.
+pub const FAMILY_MODELS: [&str; 5] = [
+    "tiny-llama",
+    "tiny-mistral",
+    "tiny-qwen2",
+    "tiny-qwen3",
+    "tiny-phi3",
+];
+
 /// The seven projections of a llama block, the LoRA targets of a test that adapts them all.
 pub const LLAMA_PROJECTIONS: [&str; 7] = [
     "q_proj",

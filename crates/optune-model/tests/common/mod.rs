@@ -50,10 +50,6 @@ pub fn prompts() -> Vec<Vec<u32>> {
     ]
 }
 
-/// The tiny testdata models of every family: llama, mistral (windowed), qwen2 (biases), qwen3
-/// (norms of each query and key head, head_dim apart from hidden / heads).
-pub const FAMILIES: [&str; 4] = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3"];
-
 /// `samples` samples of each of [`prompts`], their streams seeded from `seed` (the samples of a
 /// prompt share its prefill).
 pub fn samples_of_each_prompt(seed: u64, samples: u32) -> Vec<GenerationRequest> {
