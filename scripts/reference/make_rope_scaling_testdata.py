@@ -99,6 +99,14 @@ FREQUENCY_CASES = [
         {"rope_type": "longrope", "factor": 8.0, "short_factor": SHORT, "long_factor": LONG},
     ),
     (
+        "partial-yarn",
+        16,
+        1e4,
+        4096,
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024},
+        0.5,
+    ),
+    (
         "longrope-attention-factor",
         16,
         1e4,
@@ -125,10 +133,26 @@ MODEL_CASES = [
          "original_max_position_embeddings": 64},
         [64, 40],
     ),
+    (
+        "tiny-phi3",
+        "partial rotary",
+        # Half of each 16-channel head rotated.
+        {"partial_rotary_factor": 0.5},
+        [120, 50],
+    ),
+    (
+        "tiny-phi3",
+        "partial rotary longrope",
+        # Phi-4-mini's layout: three quarters of each head rotated, LongRoPE over those channels.
+        {"partial_rotary_factor": 0.75,
+         "rope_scaling": {"type": "longrope", "short_factor": SHORT[:6], "long_factor": LONG[:6]},
+         "original_max_position_embeddings": 64},
+        [64, 30],
+    ),
 ]
 
 
-def frequency_case(name, head_dim, theta, max_positions, scaling):
+def frequency_case(name, head_dim, theta, max_positions, scaling, partial=1.0):
     # LlamaConfig has no original_max_position_embeddings, so LongRoPE's stretch is `factor`.
     config = transformers.LlamaConfig(
         hidden_size=head_dim * 4,
@@ -138,6 +162,7 @@ def frequency_case(name, head_dim, theta, max_positions, scaling):
         max_position_embeddings=max_positions,
         rope_scaling=dict(scaling),
     )
+    config.partial_rotary_factor = partial
     rope_type = scaling.get("rope_type", scaling.get("type"))
     inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
     return {
@@ -153,6 +178,7 @@ def frequency_case(name, head_dim, theta, max_positions, scaling):
             "rope_theta": theta,
             "max_position_embeddings": max_positions,
             "rope_scaling": scaling,
+            "partial_rotary_factor": partial,
         },
         "inv_freq": [float(f) for f in inv_freq.tolist()],
         "attention_factor": float(attention_factor),

@@ -75,7 +75,8 @@ impl Checkpoint {
             .check_vocab(config.vocab_size)
             .with_context(|| format!("{}", path.display()))?;
         let mut tensors = read_safetensors(path, device, cast)?;
-        crate::fused::split_fused(&config, &mut tensors)
+        crate::layout::Layout::of(&config)
+            .to_model(&mut tensors)
             .with_context(|| format!("{}", path.display()))?;
         let mut files = Vec::new();
         for name in CARRIED_FILES {
@@ -182,8 +183,8 @@ fn read_safetensors(
 pub struct StoredWeights(Stored);
 
 enum Stored {
-    /// The files, and the weights stored fused (Phi-3's), which a read of a part splits.
-    Files(Vec<SafetensorsFile>, Vec<crate::fused::Fused>),
+    /// The files, and how the model's weights lie in them (`crate::layout`).
+    Files(Vec<SafetensorsFile>, crate::layout::Layout),
     Gguf {
         path: PathBuf,
         converted: std::sync::OnceLock<HashMap<String, Tensor>>,
@@ -205,38 +206,27 @@ impl StoredWeights {
                     .with_context(|| format!("reading the header of {}", file.display()))
             })
             .collect::<Result<_>>()?;
-        // Without a config.json (weights alone), nothing is read as fused.
+        // Without a config.json (weights alone), the weights are read as they are stored.
         let config_path = path.join("config.json");
-        let fused = match config_path.is_file() {
-            true => crate::fused::fused_weights(
+        let layout = match config_path.is_file() {
+            true => crate::layout::Layout::of(
                 &ModelConfig::from_json_str(&read_json(&config_path)?.to_string())
                     .with_context(|| format!("{}", config_path.display()))?,
             ),
-            false => Vec::new(),
+            false => crate::layout::Layout::none(),
         };
-        Ok(Self(Stored::Files(files, fused)))
+        Ok(Self(Stored::Files(files, layout)))
     }
 
     /// The weight `name` on `device`, cast to `dtype` when it is a floating-point weight;
     /// `None` when the checkpoint has no weight of that name.
     pub fn read(&self, name: &str, device: &Device, dtype: DType) -> Result<Option<Tensor>> {
         match &self.0 {
-            Stored::Files(files, fused) => {
-                let read = |name: &str| match files.iter().find(|f| f.contains(name)) {
+            Stored::Files(files, layout) => {
+                layout.stored_part(name, |name| match files.iter().find(|f| f.contains(name)) {
                     Some(file) => file.read(name, device, Some(dtype)).map(Some),
                     None => Ok(None),
-                };
-                let part = (fused.iter()).find_map(|f| Some((f, f.rows_of(name)?)));
-                match part {
-                    Some((f, (first, rows))) => match read(&f.name)? {
-                        Some(stored) => {
-                            f.check(&stored)?;
-                            Ok(Some(stored.narrow(0, first, rows)?.copy()?))
-                        }
-                        None => Ok(None),
-                    },
-                    None => read(name),
-                }
+                })
             }
             Stored::Gguf { path, converted } => {
                 if converted.get().is_none() {
@@ -328,7 +318,8 @@ pub fn write_checkpoint<W: SavedWeight>(
     ))
     .chain(meta.files.iter().cloned())
     .collect();
-    let weights = crate::fused::stack_fused(&meta.config, weights)?;
+    let layout = crate::layout::Layout::of(&meta.config);
+    let weights = layout.to_checkpoint(weights)?;
     optune_fs::write_dir_atomically(dir, |tmp| {
         write_safetensors_as(&weights, dtype, &tmp.join("model.safetensors"))?;
         for (name, bytes) in &files {

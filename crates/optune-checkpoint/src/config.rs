@@ -4,7 +4,7 @@
 //! rotary attention with grouped KV heads, SwiGLU MLP); they differ only in a few switches
 //! (biases, a sliding window, Qwen3's RMS norms of each query and key head), which
 //! [`ModelConfig`] resolves per family so the forward pass can stay a single readable function,
-//! and in how Phi-3's checkpoints store the projections (fused; see `crate::fused`).
+//! and in how Phi-3's checkpoints store the projections (fused; see `crate::layout`).
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
@@ -137,7 +137,8 @@ pub struct ModelConfig {
     /// LongRoPE stretches it.
     #[serde(default)]
     pub original_max_position_embeddings: Option<usize>,
-    /// Phi-4-mini rotates only this share of each head (refused unless 1).
+    /// Phi-4-mini rotates only this share of each head's channels (`crate::layout` says how the
+    /// model holds them).
     #[serde(default)]
     pub partial_rotary_factor: Option<f64>,
     #[serde(default)]
@@ -241,14 +242,20 @@ impl ModelConfig {
                 self.head_dim()
             );
         }
-        if let Some(share) = self.partial_rotary_factor.filter(|share| *share != 1.0) {
-            bail!("partial_rotary_factor {share} is not supported (only rotary embeddings over whole heads)");
+        let (d, r) = (self.head_dim(), self.rotary_dim());
+        if let Some(share) = self.partial_rotary_factor.filter(|_| r != d) {
+            if r == 0 || !r.is_multiple_of(2) || r > d {
+                bail!("partial_rotary_factor {share} rotates {r} of {d} channels: expected an even count from 2 to {d}");
+            }
+            if self.qk_norm() {
+                bail!("partial_rotary_factor {share} with norms of each query and key head is not supported");
+            }
         }
         if let Some(scaling) = &self.rope_scaling {
             match self.rope_type() {
                 "default" | "llama3" => {}
                 "longrope" => {
-                    let pairs = self.head_dim() / 2;
+                    let pairs = self.rotary_dim() / 2;
                     for (name, factors) in [
                         ("short_factor", &scaling.short_factor),
                         ("long_factor", &scaling.long_factor),
@@ -332,6 +339,14 @@ impl ModelConfig {
             "longrope" => self.original_context().min(self.max_position_embeddings),
             _ => self.max_position_embeddings,
         }
+    }
+
+    /// The channels of each head the rotary embedding turns: `partial_rotary_factor` of the
+    /// head (rounded down, as transformers' `int()`), all of it without one.
+    pub fn rotary_dim(&self) -> usize {
+        let d = self.head_dim();
+        self.partial_rotary_factor
+            .map_or(d, |share| (d as f64 * share) as usize)
     }
 
     pub fn head_dim(&self) -> usize {
@@ -510,7 +525,7 @@ mod tests {
             ModelConfig::from_json_str(&partial.to_string()).unwrap_err()
         );
         assert!(
-            partial.contains("partial_rotary_factor 0.75 is not supported"),
+            partial.contains("partial_rotary_factor 0.75 rotates 3 of 4 channels"),
             "{partial}"
         );
     }

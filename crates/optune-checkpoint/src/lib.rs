@@ -4,8 +4,8 @@
 
 pub mod checkpoint;
 pub mod config;
-pub mod fused;
 pub mod gguf;
+pub mod layout;
 pub mod pytorch;
 mod safetensors_file;
 pub mod tokenizer;

@@ -1,7 +1,7 @@
 //! LoRA adapters on the attention/MLP projections, and their PEFT-format files.
 //!
 //! Phi-3's checkpoints fuse q/k/v into `qkv_proj` and gate/up into `gate_up_proj`
-//! (`optune_checkpoint::fused`), which PEFT adapts as one module each. Here each part keeps
+//! (`optune_checkpoint::layout`), which PEFT adapts as one module each. Here each part keeps
 //! its own adapter (the targets `qkv_proj` and `gate_up_proj` name the parts), and the PEFT files
 //! stack them into the fused module's: `A` the parts' `A` one above the other (rank r per part),
 //! `B` block-diagonal, with `rank_pattern` and `alpha_pattern` giving that module r and α times
@@ -28,7 +28,8 @@ impl LoraConfig {
     /// The targets on a model of `config`: on Phi-3, `qkv_proj` and `gate_up_proj` stand for
     /// their parts, which the model adapts one by one.
     fn resolved(&self, config: &crate::ModelConfig) -> LoraConfig {
-        let fused = optune_checkpoint::fused::fused_weights(config);
+        let layout = optune_checkpoint::layout::Layout::of(config);
+        let fused = layout.fused();
         let mut targets: Vec<String> = Vec::new();
         for target in &self.targets {
             let parts: Vec<String> = fused
@@ -112,9 +113,9 @@ fn module_of(weight: &str) -> String {
 pub struct LoraAdapters {
     /// The config as attached: on Phi-3 with the fused modules' parts as targets.
     pub config: LoraConfig,
-    /// The model's weights its checkpoints store fused (Phi-3's), whose adapters the PEFT
-    /// files stack.
-    fused: Vec<optune_checkpoint::fused::Fused>,
+    /// How the model's checkpoints store its weights (Phi-3's fused projections, reordered
+    /// query and key rows), which the PEFT files follow.
+    layout: optune_checkpoint::layout::Layout,
     /// `(PEFT weight name, variable)`, e.g. `model.layers.0.self_attn.q_proj.lora_A.weight`.
     pub vars: Vec<(String, Var)>,
     enabled: Arc<AtomicBool>,
@@ -194,17 +195,27 @@ impl LoraAdapters {
         Vec<(String, Tensor)>,
         std::collections::BTreeMap<String, (Vec<String>, usize)>,
     )> {
+        // B's rows follow its weight's, which the checkpoint may store in another order.
+        let stored = |linear: &str, matrix: &str, var: &Var| -> Result<Tensor> {
+            let t = var.as_tensor().to_dtype(DType::F32)?;
+            match matrix {
+                "B" => self
+                    .layout
+                    .rows_to_checkpoint(&format!("{linear}.weight"), &t),
+                _ => Ok(t),
+            }
+        };
         let adapter = |linear: &str, matrix: &str| -> Result<Option<Tensor>> {
             let name = format!("{linear}.lora_{matrix}.weight");
             (self.vars.iter().find(|(n, _)| *n == name))
-                .map(|(_, var)| Ok(var.as_tensor().to_dtype(DType::F32)?))
+                .map(|(_, var)| stored(linear, matrix, var))
                 .transpose()
         };
         let rank = self.config.rank;
         let mut stacked = std::collections::BTreeMap::new();
         let mut done = std::collections::HashSet::new();
         let mut tensors = Vec::new();
-        for fused in &self.fused {
+        for fused in self.layout.fused() {
             let mut parts = Vec::new();
             for (part, rows) in &fused.parts {
                 let linear = part.strip_suffix(".weight").unwrap_or(part);
@@ -259,9 +270,11 @@ impl LoraAdapters {
             }
         }
         for (name, var) in &self.vars {
-            let linear = name.rsplitn(3, '.').nth(2).unwrap_or(name);
+            let mut parts = name.rsplitn(3, '.');
+            let (_, matrix, linear) = (parts.next(), parts.next(), parts.next().unwrap_or(name));
+            let matrix = matrix.unwrap_or_default().trim_start_matches("lora_");
             if !done.contains(linear) {
-                tensors.push((name.clone(), var.as_tensor().to_dtype(DType::F32)?));
+                tensors.push((name.clone(), stored(linear, matrix, var)?));
             }
         }
         Ok((tensors, stacked))
@@ -280,7 +293,7 @@ pub fn attach_lora(
     if config.rank == 0 {
         bail!("--lora-rank must be at least 1");
     }
-    let fused = optune_checkpoint::fused::fused_weights(model.config());
+    let layout = optune_checkpoint::layout::Layout::of(model.config());
     let config = &config.resolved(model.config());
     let enabled = Arc::new(AtomicBool::new(true));
     let training = Arc::new(AtomicBool::new(false));
@@ -327,7 +340,7 @@ pub fn attach_lora(
     config.check_matched(&matched)?;
     Ok(LoraAdapters {
         config: config.clone(),
-        fused,
+        layout,
         vars,
         enabled,
         training,
@@ -343,11 +356,32 @@ mod tests {
 
     /// On Phi-3 the PEFT adapter of a fused module computes what its parts' adapters compute:
     /// `(α'/r')·x·Aᵀ·Bᵀ` with the stacked `A`, the block-diagonal `B` and the config's rank and
-    /// alpha patterns equals the parts' `(α/r)·x·A_pᵀ·B_pᵀ` stacked, zero for a part left out.
+    /// alpha patterns equals the parts' `(α/r)·x·A_pᵀ·B_pᵀ` stacked, zero for a part left out;
+    /// under a partial rotation, with the query and key outputs back in the stored order.
     #[test]
     fn phi3_adapters_stack_into_the_fused_modules() {
-        let dir = optune_testkit::workspace_root().join("testdata/models/tiny-phi3");
-        let (mut model, _, _) = crate::load_model(&dir, DType::F32, &Device::Cpu).unwrap();
+        for partial in [1.0, 0.5] {
+            fused_adapters_compute_their_parts(partial);
+        }
+    }
+
+    fn fused_adapters_compute_their_parts(partial: f64) {
+        let source = optune_testkit::workspace_root().join("testdata/models/tiny-phi3");
+        let dir = tempfile::tempdir().unwrap();
+        for entry in std::fs::read_dir(&source).unwrap() {
+            let path = entry.unwrap().path();
+            std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+        }
+        let config_path = dir.path().join("config.json");
+        let mut json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
+        json["partial_rotary_factor"] = serde_json::json!(partial);
+        std::fs::write(&config_path, json.to_string()).unwrap();
+        let (mut model, _, _) = crate::load_model(dir.path(), DType::F32, &Device::Cpu).unwrap();
+        // The model's order of each head's query and key channels: stored channel of each.
+        let d = model.config().head_dim();
+        let order = optune_checkpoint::layout::head_order(model.config())
+            .unwrap_or_else(|| (0..d).collect());
         let config = LoraConfig {
             rank: 2,
             alpha: 6.0,
@@ -416,10 +450,22 @@ mod tests {
                 .map(|(part, rows)| {
                     let a = ours.get(format!("{p}.{part}.lora_A.weight").as_str());
                     let b = ours.get(format!("{p}.{part}.lora_B.weight").as_str());
-                    match (a, b) {
+                    let held = match (a, b) {
                         (Some(a), Some(b)) => delta(a.as_tensor(), b.as_tensor(), 3.0),
                         _ => Tensor::zeros((3, *rows), DType::F32, &Device::Cpu).unwrap(),
+                    };
+                    if !part.ends_with("q_proj") && !part.ends_with("k_proj") {
+                        return held;
                     }
+                    // Output channel `h·d + order[j]` of the checkpoint is the model's `h·d + j`.
+                    let mut stored_at = vec![0u32; *rows];
+                    for (i, slot) in stored_at.iter_mut().enumerate() {
+                        let (head, channel) = (i / d, i % d);
+                        let j = order.iter().position(|&o| o == channel).unwrap();
+                        *slot = (head * d + j) as u32;
+                    }
+                    let index = Tensor::new(stored_at, &Device::Cpu).unwrap();
+                    held.index_select(&index, 1).unwrap()
                 })
                 .collect();
             let stacked = Tensor::cat(&stacked, 1).unwrap();
@@ -429,7 +475,7 @@ mod tests {
             let size = largest(stacked);
             assert!(
                 size > 1.0 && gap <= 1e-5 * size,
-                "{module}: {gap} of {size}"
+                "{module} (partial {partial}): {gap} of {size}"
             );
         }
     }

@@ -22,10 +22,40 @@ pub struct RotaryFrequencies {
     pub attention_factor: f64,
 }
 
+impl RotaryFrequencies {
+    /// The cosine and sine tables `[positions, head_dim / 2]` of `positions`, in f32 as
+    /// transformers computes them, scaled by the attention factor; the pairs that hold
+    /// passed-through channels (a partial rotation: the pairs from `rotated` on) are neither
+    /// turned nor scaled, as transformers leaves those channels.
+    pub fn tables(&self, positions: &[usize], rotated: usize) -> (Vec<f32>, Vec<f32>) {
+        let inv_freq: Vec<f32> = self.inverse.iter().map(|f| *f as f32).collect();
+        let (mut cos, mut sin) = rotary_tables(positions, &inv_freq, self.attention_factor as f32);
+        let half = inv_freq.len();
+        if rotated < half {
+            for (cos, sin) in cos.chunks_exact_mut(half).zip(sin.chunks_exact_mut(half)) {
+                cos[rotated..].fill(1.0);
+                sin[rotated..].fill(0.0);
+            }
+        }
+        (cos, sin)
+    }
+}
+
 /// Inverse frequencies `1 / θ^(2i/d)`, rescaled as the config's `rope_scaling` says, following
 /// transformers' `modeling_rope_utils` form by form (`testdata/reference/rope_scaling.json`).
+///
+/// Under a `partial_rotary_factor` the frequencies are those of the rotated channels, and the
+/// pairs the model holds passed-through channels in (`optune_checkpoint::layout`) get 0: an
+/// identity rotation.
 pub fn rotary_frequencies(config: &ModelConfig) -> RotaryFrequencies {
-    let dim = config.head_dim();
+    let mut frequencies = rotated_frequencies(config);
+    frequencies.inverse.resize(config.head_dim() / 2, 0.0);
+    frequencies
+}
+
+/// [`rotary_frequencies`] of the rotated channels alone.
+fn rotated_frequencies(config: &ModelConfig) -> RotaryFrequencies {
+    let dim = config.rotary_dim();
     let base: Vec<f64> = (0..dim / 2)
         .map(|i| 1.0 / config.rope_theta.powf((2 * i) as f64 / dim as f64))
         .collect();
@@ -77,7 +107,7 @@ fn llama3(base: &[f64], scaling: &RopeScaling) -> Vec<f64> {
 /// factor, a linear ramp over the channels between; the tables are scaled by the attention
 /// factor, `0.1 ln(factor) + 1` unless the config gives it.
 fn yarn(base: &[f64], config: &ModelConfig, scaling: &RopeScaling) -> RotaryFrequencies {
-    let dim = config.head_dim() as f64;
+    let dim = config.rotary_dim() as f64;
     let theta = config.rope_theta;
     let factor = scaling.factor.unwrap_or(1.0);
     let original = scaling
@@ -157,11 +187,10 @@ fn longrope(base: &[f64], config: &ModelConfig, scaling: &RopeScaling) -> Rotary
 impl RotaryTables {
     pub fn new(config: &ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
         let frequencies = rotary_frequencies(config);
-        let inv_freq: Vec<f32> = frequencies.inverse.iter().map(|f| *f as f32).collect();
-        let half = inv_freq.len();
+        let half = frequencies.inverse.len();
         let positions = config.max_positions().max(1);
         let all: Vec<usize> = (0..positions).collect();
-        let (cos, sin) = rotary_tables(&all, &inv_freq, frequencies.attention_factor as f32);
+        let (cos, sin) = frequencies.tables(&all, config.rotary_dim() / 2);
         let shape = (positions, half);
         Ok(Self {
             cos: Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?,

@@ -992,10 +992,8 @@ impl Transformer {
             return Ok(Vec::new());
         }
         let positions: Vec<usize> = queries.iter().map(|q| q.position).collect();
-        let frequencies = crate::rope::rotary_frequencies(cfg);
-        let inv_freq: Vec<f32> = frequencies.inverse.iter().map(|f| *f as f32).collect();
         let (cos, sin) =
-            host::rotary_tables(&positions, &inv_freq, frequencies.attention_factor as f32);
+            crate::rope::rotary_frequencies(cfg).tables(&positions, cfg.rotary_dim() / 2);
         let mut x = Vec::with_capacity(rows * h);
         weights.embed.gather_rows(&ids, h, &mut x);
         let eps = cfg.rms_norm_eps;

@@ -420,7 +420,18 @@ fn rope_scaling_frequencies_match_transformers() {
         let config = optune_model::ModelConfig::from_json_str(&case["config"].to_string()).unwrap();
         let ours = optune_model::rope::rotary_frequencies(&config);
         let theirs = floats(&case["inv_freq"]);
-        assert_eq!(ours.inverse.len(), theirs.len(), "{name}: channel pairs");
+        // Under a partial rotation transformers gives the rotated pairs' frequencies; the pairs
+        // after them hold passed-through channels here, with frequency 0.
+        assert_eq!(
+            ours.inverse.len(),
+            config.head_dim() / 2,
+            "{name}: channel pairs"
+        );
+        assert!(
+            ours.inverse[theirs.len()..].iter().all(|f| *f == 0.0),
+            "{name}: {:?}",
+            ours.inverse
+        );
         for (i, (a, b)) in ours.inverse.iter().zip(&theirs).enumerate() {
             // transformers computes them in f32.
             assert!(
@@ -441,7 +452,8 @@ fn rope_scaling_frequencies_match_transformers() {
 /// scaling replaced) give transformers' per-token log-probs on the training path and through
 /// the KV cache: YaRN and linear scaling on sequences longer than the context they stretch (the
 /// YaRN model's longer one past `max_position_embeddings`, into the positions YaRN adds),
-/// Phi-3's LongRoPE up to its original context.
+/// Phi-3's LongRoPE up to its original context, and Phi-4-mini's rotation of part of each head
+/// (with LongRoPE over those channels).
 #[test]
 fn rope_scaled_models_match_transformers() {
     let reference = reference("rope_scaling");

@@ -37,8 +37,8 @@ fn the_name_tree_is_the_checkpoints_own() {
             .map(|(name, t)| (name, t.dims().to_vec()))
             .collect();
         stored.sort();
-        let mut stated =
-            optune_checkpoint::fused::stored_shapes(&config, llama_weight_shapes(&config));
+        let mut stated = optune_checkpoint::layout::Layout::of(&config)
+            .stored_shapes(llama_weight_shapes(&config));
         stated.sort();
         assert_eq!(stated, stored, "{name}");
         let (model, _, _) = load_model(&dir, DType::F32, &Device::Cpu).unwrap();
