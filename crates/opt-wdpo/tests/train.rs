@@ -272,6 +272,74 @@ fn lora_trains_adapters_and_saves_merged_and_peft() {
     );
 }
 
+/// LoRA on Phi-3's fused query/key/value projection: the merged checkpoint keeps Phi-3's names,
+/// and each layer's stored `qkv_proj` moved by exactly what the PEFT adapter adds to it,
+/// `(α'/r')·B·A` with the adapter's rank and alpha patterns; nothing else moved.
+#[test]
+fn phi3_lora_merges_and_saves_the_fused_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pairs = tmp.path().join("pairs.jsonl");
+    write_pairs(&pairs);
+    let out = tmp.path().join("policy");
+    let (ok, err) = wdpo(&[
+        "--policy",
+        model("tiny-phi3").to_str().unwrap(),
+        pairs.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--lora-rank",
+        "4",
+        "--lora-alpha",
+        "8",
+        "--lora-targets",
+        "qkv_proj",
+        "--lr",
+        "5e-3",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--save-adapter",
+    ]);
+    assert!(ok, "{err}");
+    let peft: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("adapter/adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(peft["target_modules"], serde_json::json!(["qkv_proj"]));
+    let scale = peft["alpha_pattern"]["qkv_proj"].as_f64().unwrap()
+        / peft["rank_pattern"]["qkv_proj"].as_f64().unwrap();
+    assert_eq!(scale, 2.0);
+    let device = candle_core::Device::Cpu;
+    let adapter =
+        candle_core::safetensors::load(out.join("adapter/adapter_model.safetensors"), &device)
+            .unwrap();
+    let (merged, base) = (weights(&out), weights(&model("tiny-phi3")));
+    assert_eq!(
+        merged.iter().map(|w| &w.0).collect::<Vec<_>>(),
+        base.iter().map(|w| &w.0).collect::<Vec<_>>()
+    );
+    for ((name, after), (_, before)) in merged.iter().zip(&base) {
+        let Some(linear) = name.strip_suffix(".qkv_proj.weight") else {
+            assert_eq!(after, before, "{name} moved");
+            continue;
+        };
+        let matrix = |m: &str| {
+            adapter[&format!("base_model.model.{linear}.qkv_proj.lora_{m}.weight")].clone()
+        };
+        let delta: Vec<f32> = (matrix("B").matmul(&matrix("A")).unwrap() * scale)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let moved = delta.iter().map(|d| d.abs()).fold(0f32, f32::max);
+        assert!(moved > 1e-4, "{name}: the adapter is still zero");
+        for (i, ((a, b), d)) in after.iter().zip(before).zip(&delta).enumerate() {
+            assert!((a - (b + d)).abs() <= 1e-6, "{name}[{i}]: {a} vs {b} + {d}");
+        }
+    }
+}
+
 #[test]
 fn lora_dropout_is_reproducible_with_the_seed() {
     let tmp = tempfile::tempdir().unwrap();
