@@ -594,7 +594,7 @@ def logprobs_policies(bins: Path, work: Path) -> None:
     R.detail("|---|---|---:|---:|---:|---|")
     worst = {"f32": 0.0, "bf16": 0.0, "hf": 0.0}
     count = 0
-    for name in ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-phi3"]:
+    for name in ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-phi3", "tiny-smollm3"]:
         model = TESTDATA / "models" / name
         pairs_file = work / f"{name}-pairs.jsonl"
         cases = reference_pairs(name, pairs_file)
@@ -616,7 +616,7 @@ def logprobs_policies(bins: Path, work: Path) -> None:
             R.detail(f"| {name} | {label} | {len(a)} | {w:.2e} | {tol:g} | {'pass' if w <= tol else 'FAIL'} |")
         R.raw.setdefault("logprobs", {})[name] = {"values": got, "transformers_chosen": hf}
     R.detail()
-    for key, what, tol in [("f32", f"log-probs CUDA f32 vs CPU f32, max rel. diff ({count}, 5 tiny models)", 1e-4),
+    for key, what, tol in [("f32", f"log-probs CUDA f32 vs CPU f32, max rel. diff ({count}, 6 tiny models)", 1e-4),
                            ("bf16", f"log-probs CUDA bf16 vs CPU f32, max rel. diff ({count})", 1e-2),
                            ("hf", "log-probs CUDA f32 vs transformers (stored), max rel. diff", 1e-4)]:
         text, kind = verdict(worst[key], tol)
@@ -631,7 +631,8 @@ def logprobs_rewards(bins: Path, work: Path) -> None:
     R.detail("| reward model | compared | rows | max diff / max abs | tolerance | result |")
     R.detail("|---|---|---:|---:|---:|---|")
     worst = {"cuda-f32": 0.0, "cuda-bf16": 0.0}
-    for name in ["tiny-rm-llama", "tiny-rm-mistral", "tiny-rm-qwen2", "tiny-rm-qwen3", "tiny-rm-phi3"]:
+    for name in ["tiny-rm-llama", "tiny-rm-mistral", "tiny-rm-qwen2", "tiny-rm-qwen3", "tiny-rm-phi3",
+                 "tiny-rm-smollm3"]:
         model = TESTDATA / "models" / name
         cases = json.loads((TESTDATA / "reference" / f"{name}.json").read_text())["cases"]
         rows = [{"prompt_id": f"r{i}", "messages": messages_of(c), "response": c["response"]}
@@ -662,7 +663,7 @@ def logprobs_rewards(bins: Path, work: Path) -> None:
         R.raw.setdefault("rewards", {})[name] = {"values": got, "transformers": hf}
     R.detail()
     text, kind = verdict(worst["cuda-f32"], 1e-4)
-    R.row("logprobs", "reward scores CUDA f32 (packed; in pieces) vs CPU f32, max diff / largest score (5 tiny RMs)",
+    R.row("logprobs", "reward scores CUDA f32 (packed; in pieces) vs CPU f32, max diff / largest score (6 tiny RMs)",
           f"{worst['cuda-f32']:.2e}", "", "", text, kind)
     # A scalar head after bf16 layers moves by a few percent (1.7-2.8e-2 on the CPU's bf16 too):
     # reported, not judged.

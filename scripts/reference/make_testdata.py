@@ -6,8 +6,8 @@ Run by hand (never from CI):
     /work/.venv-ref/bin/python scripts/reference/make_testdata.py
 
 Writes (relative to the repository root):
-    testdata/models/{tiny-llama,tiny-mistral,tiny-qwen2,tiny-qwen3,tiny-phi3}/   causal LMs
-    testdata/models/tiny-rm-{llama,mistral,qwen2,qwen3,phi3}/                  reward models
+    testdata/models/tiny-{llama,mistral,qwen2,qwen3,phi3,smollm3}/             causal LMs
+    testdata/models/tiny-rm-{llama,mistral,qwen2,qwen3,phi3,smollm3}/          reward models
     testdata/reference/{tiny-*,tiny-rm-*}.json                  log-probs / logits / scores
     testdata/reference/chat_templates.json                      rendered chat templates
 
@@ -53,6 +53,9 @@ from transformers import (  # noqa: E402
     Qwen3Config,
     Qwen3ForCausalLM,
     Qwen3ForSequenceClassification,
+    SmolLM3Config,
+    SmolLM3ForCausalLM,
+    SmolLM3ForSequenceClassification,
 )
 
 torch.set_num_threads(1)
@@ -334,6 +337,27 @@ FAMILIES = {
         # Like Phi-3: generation also stops at the end-of-turn tag.
         generation=dict(bos_token_id=1, eos_token_id=[0, 2], pad_token_id=PAD_ID),
         seed=5005,
+    ),
+    "smollm3": dict(
+        config_cls=SmolLM3Config,
+        lm_cls=SmolLM3ForCausalLM,
+        rm_cls=SmolLM3ForSequenceClassification,
+        config=dict(
+            # Like SmolLM3-3B: some layers without a rotary embedding ("NoPE"; there every
+            # fourth, here the second of two), tied embeddings, no biases.
+            no_rope_layers=[1, 0],
+            tie_word_embeddings=True,
+            rms_norm_eps=1e-6,
+            rope_theta=5000000.0,
+            use_sliding_window=False,
+            bos_token_id=None,
+            eos_token_id=2,
+        ),
+        tokenizer=dict(bos_token=None, eos_token="<|im_end|>"),
+        chat_template=CHATML_PLAIN,
+        template_in_tokenizer_config=True,
+        generation=dict(bos_token_id=None, eos_token_id=2, pad_token_id=PAD_ID),
+        seed=6006,
     ),
 }
 
@@ -621,7 +645,8 @@ def ref_hidden(sd: dict, cfg, ids: list[int], skip_qk_norm: bool = False) -> tor
             k = rms(k, sd[p + "self_attn.k_norm.weight"])
         q, k = q.transpose(0, 1), k.transpose(0, 1)
         v = lin(h, p + "self_attn.v_proj").view(T, KV, hd).transpose(0, 1)
-        q, k = rope(q), rope(k)
+        if getattr(cfg, "no_rope_layers", None) is None or cfg.no_rope_layers[layer]:
+            q, k = rope(q), rope(k)
         k = k.repeat_interleave(H // KV, 0)
         v = v.repeat_interleave(H // KV, 0)
         att = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
@@ -744,6 +769,15 @@ def lm_reference(name: str, path: Path) -> dict:
             "config.json has sliding_window=8 and max_window_layers=1 but use_sliding_window=false: "
             "transformers ignores the window (it sets sliding_window=None and all layers to full "
             f"attention). Applying an 8-token window anyway would change case 0's logits by up to {d:.4f}."
+        )
+    if cfg.model_type == "smollm3":
+        cfg_all = type(cfg).from_dict(cfg.to_dict())
+        cfg_all.no_rope_layers = [1] * cfg.num_hidden_layers
+        d = (ref_logits(sd, cfg_all, seqs[0]) - logits[0, : len(seqs[0])]).abs().max().item()
+        assert d > 1e-3, d
+        extra["no_rope_note"] = (
+            f"no_rope_layers {cfg.no_rope_layers}: layer 1 attends without a rotary embedding; "
+            f"rotating it too would change case 0's logits by up to {d:.4f}."
         )
     if cfg.model_type == "qwen3":
         assert cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size
@@ -911,7 +945,7 @@ def main() -> None:
 
     total = sum(p.stat().st_size for p in MODELS.rglob("*") if p.is_file())
     print(f"testdata/models: {total} bytes")
-    assert total < 6 * 1024 * 1024
+    assert total < 8 * 1024 * 1024
     print("ok")
 
 

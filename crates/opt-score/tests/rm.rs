@@ -11,12 +11,13 @@ use optune_testkit::{
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 
-const REWARD_MODELS: [&str; 5] = [
+const REWARD_MODELS: [&str; 6] = [
     "tiny-rm-llama",
     "tiny-rm-mistral",
     "tiny-rm-qwen2",
     "tiny-rm-qwen3",
     "tiny-rm-phi3",
+    "tiny-rm-smollm3",
 ];
 
 fn model_dir(name: &str) -> PathBuf {

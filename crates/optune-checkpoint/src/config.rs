@@ -1,8 +1,9 @@
 //! `config.json` of the supported decoder-only families, deserialised directly.
 //!
-//! Llama, Mistral, Qwen2, Qwen3 and Phi-3 share one architecture (pre-norm RMSNorm blocks,
-//! rotary attention with grouped KV heads, SwiGLU MLP); they differ only in a few switches
-//! (biases, a sliding window, Qwen3's RMS norms of each query and key head), which
+//! Llama, Mistral, Qwen2, Qwen3, Phi-3 and SmolLM3 share one architecture (pre-norm RMSNorm
+//! blocks, rotary attention with grouped KV heads, SwiGLU MLP); they differ only in a few
+//! switches (biases, a sliding window, Qwen3's RMS norms of each query and key head, SmolLM3's
+//! layers without a rotary embedding), which
 //! [`ModelConfig`] resolves per family so the forward pass can stay a single readable function,
 //! and in how Phi-3's checkpoints store the projections (fused; see `crate::layout`).
 
@@ -18,6 +19,7 @@ pub enum Family {
     Qwen2,
     Qwen3,
     Phi3,
+    SmolLM3,
 }
 
 impl Family {
@@ -28,10 +30,11 @@ impl Family {
             "qwen2" => Ok(Family::Qwen2),
             "qwen3" => Ok(Family::Qwen3),
             "phi3" => Ok(Family::Phi3),
+            "smollm3" => Ok(Family::SmolLM3),
             other => bail!(
-                "unsupported model_type '{other}': optune supports llama, mistral, qwen2, qwen3 \
-                 and phi3 (Llama 2/3, TinyLlama, SmolLM2, Zephyr/Mistral, Qwen2/2.5, Qwen3 dense, \
-                 Phi-3/3.5/4)"
+                "unsupported model_type '{other}': optune supports llama, mistral, qwen2, qwen3, \
+                 phi3 and smollm3 (Llama 2/3, TinyLlama, SmolLM2, Zephyr/Mistral, Qwen2/2.5, \
+                 Qwen3 dense, Phi-3/3.5/4, SmolLM3)"
             ),
         }
     }
@@ -43,6 +46,7 @@ impl Family {
             Family::Qwen2 => "qwen2",
             Family::Qwen3 => "qwen3",
             Family::Phi3 => "phi3",
+            Family::SmolLM3 => "smollm3",
         }
     }
 }
@@ -137,12 +141,19 @@ pub struct ModelConfig {
     /// LongRoPE stretches it.
     #[serde(default)]
     pub original_max_position_embeddings: Option<usize>,
+    /// SmolLM3: per layer, 1 where the attention has a rotary embedding, 0 where it has none
+    /// ("NoPE"); without the list, every `no_rope_layer_interval`-th layer has none.
+    #[serde(default)]
+    pub no_rope_layers: Option<Vec<u32>>,
+    #[serde(default)]
+    pub no_rope_layer_interval: Option<usize>,
     /// Phi-4-mini rotates only this share of each head's channels (`crate::layout` says how the
     /// model holds them).
     #[serde(default)]
     pub partial_rotary_factor: Option<f64>,
+    /// Absent, the family's default in transformers ([`ModelConfig::tied_embeddings`]).
     #[serde(default)]
-    pub tie_word_embeddings: bool,
+    pub tie_word_embeddings: Option<bool>,
     /// Mistral and Phi-3: attend to at most this many previous positions (inclusive of the
     /// current one).
     #[serde(default)]
@@ -240,6 +251,20 @@ impl ModelConfig {
             bail!(
                 "head_dim {} must be even for rotary embeddings",
                 self.head_dim()
+            );
+        }
+        if let (Ok(Family::SmolLM3), Some(layers)) = (self.family(), &self.no_rope_layers) {
+            if layers.len() != self.num_hidden_layers {
+                bail!(
+                    "no_rope_layers has {} entries for {} layers",
+                    layers.len(),
+                    self.num_hidden_layers
+                );
+            }
+        }
+        if matches!(self.family(), Ok(Family::SmolLM3)) && self.use_sliding_window == Some(true) {
+            bail!(
+                "smollm3 with use_sliding_window is not supported (a window on some layers only)"
             );
         }
         let (d, r) = (self.head_dim(), self.rotary_dim());
@@ -341,6 +366,26 @@ impl ModelConfig {
         }
     }
 
+    /// Whether the output head is the token embedding. transformers writes the field only where
+    /// it differs from the config class's default: false for the Llama-like classes, true for
+    /// SmolLM3's (whose class leaves it to `PretrainedConfig`).
+    pub fn tied_embeddings(&self) -> bool {
+        self.tie_word_embeddings
+            .unwrap_or(matches!(self.family(), Ok(Family::SmolLM3)))
+    }
+
+    /// Whether layer `layer`'s attention turns queries and keys by their positions: all but
+    /// SmolLM3's NoPE layers (by default every fourth, as transformers' `SmolLM3Config`).
+    pub fn rotary_layer(&self, layer: usize) -> bool {
+        if !matches!(self.family(), Ok(Family::SmolLM3)) {
+            return true;
+        }
+        match &self.no_rope_layers {
+            Some(layers) => layers.get(layer).is_none_or(|&on| on != 0),
+            None => !(layer + 1).is_multiple_of(self.no_rope_layer_interval.unwrap_or(4)),
+        }
+    }
+
     /// The channels of each head the rotary embedding turns: `partial_rotary_factor` of the
     /// head (rounded down, as transformers' `int()`), all of it without one.
     pub fn rotary_dim(&self) -> usize {
@@ -364,7 +409,9 @@ impl ModelConfig {
 
     pub fn o_bias(&self) -> bool {
         match self.family() {
-            Ok(Family::Llama | Family::Qwen3) => self.attention_bias.unwrap_or(false),
+            Ok(Family::Llama | Family::Qwen3 | Family::SmolLM3) => {
+                self.attention_bias.unwrap_or(false)
+            }
             _ => false,
         }
     }

@@ -87,6 +87,9 @@ struct Mlp {
 
 #[derive(Clone)]
 struct Block {
+    /// Whether the attention turns queries and keys by position (all but SmolLM3's NoPE
+    /// layers, which take tables that turn nothing: cosines 1, sines 0).
+    rotary: bool,
     input_layernorm: Tensor,
     self_attn: Attention,
     post_attention_layernorm: Tensor,
@@ -191,7 +194,7 @@ pub fn llama_weight_shapes(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
         }
     }
     shapes.push(("model.norm.weight".to_string(), vec![h]));
-    if !config.tie_word_embeddings {
+    if !config.tied_embeddings() {
         shapes.push(("lm_head.weight".to_string(), vec![config.vocab_size, h]));
     }
     shapes
@@ -342,6 +345,7 @@ impl Transformer {
             let attn = format!("{p}.self_attn");
             let mlp = format!("{p}.mlp");
             layers.push(Block {
+                rotary: config.rotary_layer(l),
                 input_layernorm: weights.take(&format!("{p}.input_layernorm.weight"), &[h])?,
                 self_attn: Attention {
                     q_proj: weights.linear(
@@ -399,13 +403,13 @@ impl Transformer {
             }
         } else if let Some(w) = weights
             .take_optional("lm_head.weight", &[v, h])?
-            .filter(|_| !config.tie_word_embeddings)
+            .filter(|_| !config.tied_embeddings())
         {
             OutputHead::LanguageModel {
                 weight: w,
                 tied: false,
             }
-        } else if config.tie_word_embeddings {
+        } else if config.tied_embeddings() {
             OutputHead::LanguageModel {
                 weight: embed_tokens.clone(),
                 tied: true,
@@ -691,7 +695,13 @@ impl Transformer {
         };
         let mask = Tensor::from_vec(mask, (b, 1, t, t), &self.device)?.to_dtype(mask_dtype)?;
         let (cos, sin) = self.rope.lookup(&batch.positions)?;
-        Ok(MaskedPass { mask, cos, sin })
+        let unturned = unturned_tables(&self.layers, &cos)?;
+        Ok(MaskedPass {
+            mask,
+            cos,
+            sin,
+            unturned,
+        })
     }
 
     /// Refuses sequences longer than the rotary tables ([`ModelConfig::max_positions`]) or a token id
@@ -911,20 +921,36 @@ impl Transformer {
         let positions: Vec<u32> = tokens.iter().map(|&(_, p)| p as u32).collect();
         let positions = Tensor::from_vec(positions, (batch, steps), &self.device)?;
         let (cos, sin) = self.rope.lookup(&positions)?;
-        // Read by every layer's cache write and attention.
-        let tables = match cache.block_table()? {
-            Some(blocks) => TokenTables::new(&cos, &sin, &spans)?.with_blocks(blocks)?,
-            None => TokenTables::new(&cos, &sin, &spans)?,
+        // Read by every layer's cache write and attention (the unturned ones by the layers
+        // without a rotary embedding).
+        let blocks = cache.block_table()?;
+        let token_tables = |cos: &Tensor, sin: &Tensor| -> Result<TokenTables> {
+            match &blocks {
+                Some(blocks) => TokenTables::new(cos, sin, &spans)?.with_blocks(blocks.clone()),
+                None => TokenTables::new(cos, sin, &spans),
+            }
+        };
+        let tables = token_tables(&cos, &sin)?;
+        let unturned = match unturned_tables(&self.layers, &cos)? {
+            Some([cos, sin]) => {
+                let tables = token_tables(&cos, &sin)?;
+                Some((cos, sin, tables))
+            }
+            None => None,
         };
         let mut stream =
             Residual::new(self.embed(&Tensor::from_vec(ids, (batch, steps), &self.device)?)?);
         for (layer, block) in self.layers.iter().enumerate() {
+            let (cos, sin, tables) = match (&unturned, block.rotary) {
+                (Some((cos, sin, tables)), false) => (cos, sin, tables),
+                _ => (&cos, &sin, &tables),
+            };
             let cached = CachedKv {
                 cache,
                 layer,
-                tables: &tables,
+                tables,
             };
-            stream = block.forward(&self.config, stream, &cos, &sin, Attend::Cached(cached))?;
+            stream = block.forward(&self.config, stream, cos, sin, Attend::Cached(cached))?;
         }
         for segment in segments {
             cache.lengths[segment.slot] += segment.tokens.len();
@@ -1013,8 +1039,10 @@ impl Transformer {
                     host::rms_norm(&heads_in, &weight.floats(), eps, x);
                 }
             }
-            host::rotary(&mut q, heads, d, &cos, &sin);
-            host::rotary(&mut k, kvh, d, &cos, &sin);
+            if cfg.rotary_layer(l) {
+                host::rotary(&mut q, heads, d, &cos, &sin);
+                host::rotary(&mut k, kvh, d, &cos, &sin);
+            }
             // Every row's key and value go in before any row attends (a prompt's rows read
             // each other's).
             for (row, query) in queries.iter().enumerate() {
@@ -1381,14 +1409,28 @@ struct MaskedPass {
     mask: Tensor,
     cos: Tensor,
     sin: Tensor,
+    /// Tables that turn nothing, for the blocks without a rotary embedding (if any).
+    unturned: Option<[Tensor; 2]>,
 }
 
 impl MaskedPass {
     /// The stream through `block`.
     fn through(&self, block: &Block, config: &ModelConfig, stream: Residual) -> Result<Residual> {
         let attend = Attend::Masked(&self.mask);
-        block.forward(config, stream, &self.cos, &self.sin, attend)
+        match (&self.unturned, block.rotary) {
+            (Some([cos, sin]), false) => block.forward(config, stream, cos, sin, attend),
+            _ => block.forward(config, stream, &self.cos, &self.sin, attend),
+        }
     }
+}
+
+/// Cosine and sine tables shaped as `cos` that turn nothing, when some layer of `layers` has no
+/// rotary embedding.
+fn unturned_tables(layers: &[Block], cos: &Tensor) -> Result<Option<[Tensor; 2]>> {
+    if layers.iter().all(|block| block.rotary) {
+        return Ok(None);
+    }
+    Ok(Some([cos.ones_like()?, cos.zeros_like()?]))
 }
 
 /// How a block's attention reaches its keys.

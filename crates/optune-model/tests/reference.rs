@@ -213,6 +213,11 @@ fn phi3_matches_transformers() {
     check_causal_model("tiny-phi3");
 }
 
+#[test]
+fn smollm3_matches_transformers() {
+    check_causal_model("tiny-smollm3");
+}
+
 fn check_reward_model(name: &str) {
     let reference = reference(name);
     let (model, tokenizer, _) = load_model(
@@ -278,6 +283,7 @@ fn reward_models_match_transformers() {
         "tiny-rm-qwen2",
         "tiny-rm-qwen3",
         "tiny-rm-phi3",
+        "tiny-rm-smollm3",
     ] {
         check_reward_model(name);
     }

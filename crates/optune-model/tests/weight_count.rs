@@ -15,14 +15,16 @@ fn model_dir(name: &str) -> PathBuf {
 }
 
 /// The language models of testdata: tied (llama), untied (mistral), biased q/k/v (qwen2), norms
-/// of each query and key head (qwen3), fused projections in the checkpoint (phi3).
-const LANGUAGE_MODELS: [&str; 6] = [
+/// of each query and key head (qwen3), fused projections in the checkpoint (phi3), a layer
+/// without a rotary embedding (smollm3).
+const LANGUAGE_MODELS: [&str; 7] = [
     "tiny-llama",
     "tiny-llama-base",
     "tiny-mistral",
     "tiny-qwen2",
     "tiny-qwen3",
     "tiny-phi3",
+    "tiny-smollm3",
 ];
 
 #[test]

@@ -26,14 +26,15 @@ pub fn workspace_root() -> PathBuf {
 }
 
 /// The causal language models of testdata, one per family (llama; mistral, windowed; qwen2,
-/// biased; qwen3, with norms of each query and key head; phi3, its projections stored fused),
-/// for the tests that run on each.
-pub const FAMILY_MODELS: [&str; 5] = [
+/// biased; qwen3, with norms of each query and key head; phi3, its projections stored fused;
+/// smollm3, a layer without a rotary embedding), for the tests that run on each.
+pub const FAMILY_MODELS: [&str; 6] = [
     "tiny-llama",
     "tiny-mistral",
     "tiny-qwen2",
     "tiny-qwen3",
     "tiny-phi3",
+    "tiny-smollm3",
 ];
 
 /// The seven projections of a llama block, the LoRA targets of a test that adapts them all.
