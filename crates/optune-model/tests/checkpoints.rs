@@ -35,6 +35,7 @@ fn a_saved_checkpoint_reloads_bit_identically() {
         "tiny-qwen2",
         "tiny-qwen3",
         "tiny-phi3",
+        "tiny-smollm3",
         "tiny-rm-mistral",
         "tiny-rm-phi3",
     ] {
