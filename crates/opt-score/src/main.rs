@@ -421,8 +421,9 @@ fn score_with_rm(
     let model = RewardModel::load(dir, dtype, &device, &args.chat_template)?;
     let max_length = match args.max_length {
         Some(length) if length > model.max_positions() => bail!(
-            "--max-length {length} is above the {} positions the reward model's config allows",
-            model.max_positions()
+            "--max-length {length} is above the {} positions the reward model's config allows{}",
+            model.max_positions(),
+            model.position_limit_note()
         ),
         Some(length) => length,
         None => model.max_positions(),

@@ -89,6 +89,11 @@ impl RewardModel {
         self.model.max_positions()
     }
 
+    /// Why that is below the config's `max_position_embeddings`, if it is.
+    pub fn position_limit_note(&self) -> &'static str {
+        self.model.config().position_limit_note()
+    }
+
     /// Token ids of the conversation `prompt` + the assistant's `response`. Raw-text prompts
     /// become one user message.
     pub fn tokenize(&self, prompt: &PromptText, response: &str) -> Result<Vec<u32>> {

@@ -664,10 +664,11 @@ fn run(mut args: Args) -> Result<()> {
     if longest > policy.model.max_positions() {
         bail!(
             "{}: a pair of {longest} tokens (after --max-length {}) is longer than the {} \
-             positions the policy's config allows: pass --max-length {} or less",
+             positions the policy's config allows{}: pass --max-length {} or less",
             shard.name(),
             args.max_length,
             policy.model.max_positions(),
+            policy.model.config().position_limit_note(),
             policy.model.max_positions()
         );
     }

@@ -322,6 +322,17 @@ impl ModelConfig {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
 
+    /// Why [`ModelConfig::max_positions`] stops short of `max_position_embeddings`, for the
+    /// errors that name the limit; empty where it does not.
+    pub fn position_limit_note(&self) -> &'static str {
+        if self.max_positions() < self.max_position_embeddings {
+            " (LongRoPE: past its original context transformers switches to its long factors, \
+             batch by batch; optune stops there)"
+        } else {
+            ""
+        }
+    }
+
     /// The rope scaling form, `default` without one. Phi-3's configuration reads its older
     /// names, `su` and `yarn`, as `longrope`, as transformers' does.
     pub fn rope_type(&self) -> &str {
@@ -557,6 +568,9 @@ mod tests {
             (longrope.rope_type(), longrope.max_positions()),
             ("longrope", 4096)
         );
+        // The errors that name the limit say why it is below max_position_embeddings.
+        assert!(longrope.position_limit_note().contains("LongRoPE"));
+        assert_eq!(yarn.position_limit_note(), "");
         let short = phi3(
             serde_json::json!({"type": "longrope", "short_factor": [1.0], "long_factor": [2.0, 3.0]}),
         );

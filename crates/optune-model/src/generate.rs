@@ -357,10 +357,11 @@ pub fn generate(
     let capacity = cache_capacity(requests, params);
     if capacity > model.max_positions() {
         bail!(
-            "prompt ({} tokens) + max_new_tokens ({}) exceeds the model's {} positions",
+            "prompt ({} tokens) + max_new_tokens ({}) exceeds the model's {} positions{}",
             capacity - params.max_new_tokens,
             params.max_new_tokens,
-            model.max_positions()
+            model.max_positions(),
+            model.config().position_limit_note()
         );
     }
     let slots = batching.slots.min(requests.len()).max(1);

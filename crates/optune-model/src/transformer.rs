@@ -711,8 +711,9 @@ impl Transformer {
         if longest > self.max_positions() {
             candle_core::bail!(
                 "a sequence of {longest} tokens is longer than the {} positions the model's \
-                 config allows: lower --max-length or truncate the inputs",
-                self.max_positions()
+                 config allows{}: lower --max-length or truncate the inputs",
+                self.max_positions(),
+                self.config.position_limit_note()
             );
         }
         let vocab = self.embed_tokens.dim(0)?;
