@@ -273,11 +273,7 @@ fn columns_of_earlier_responses_are_not_carried() {
 
 /// A copy of tiny-llama whose generation config stops at `eos`.
 fn model_with_eos(dir: &Path, eos: &[u32]) -> PathBuf {
-    let src = model("tiny-llama");
-    for entry in std::fs::read_dir(&src).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
-    }
+    optune_testkit::copy_model("tiny-llama", dir);
     let config = serde_json::json!({"bos_token_id": 1, "eos_token_id": eos, "pad_token_id": 3});
     std::fs::write(dir.join("generation_config.json"), config.to_string()).unwrap();
     dir.to_path_buf()

@@ -7,18 +7,10 @@ use common::{opt_score, repo_file, write_jsonl};
 use optune_shard::arrow::datatypes::DataType;
 use optune_testkit::{
     assert_failed_cleanly, assert_floats_close, generic_kernels, read, run, write_parquet,
+    REWARD_MODELS,
 };
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
-
-const REWARD_MODELS: [&str; 6] = [
-    "tiny-rm-llama",
-    "tiny-rm-mistral",
-    "tiny-rm-qwen2",
-    "tiny-rm-qwen3",
-    "tiny-rm-phi3",
-    "tiny-rm-smollm3",
-];
 
 fn model_dir(name: &str) -> PathBuf {
     repo_file("testdata/models").join(name)

@@ -635,12 +635,7 @@ fn outputs_and_models_that_cannot_be_used_are_refused_first() {
 
     // An OUT_DIR that is the policy, or holds the reference or the pairs: the save would
     // replace them.
-    let policy = tmp.path().join("policy");
-    std::fs::create_dir(&policy).unwrap();
-    for entry in std::fs::read_dir(model("tiny-llama")).unwrap() {
-        let entry = entry.unwrap().path();
-        std::fs::copy(&entry, policy.join(entry.file_name().unwrap())).unwrap();
-    }
+    let policy = optune_testkit::copy_model("tiny-llama", &tmp.path().join("policy"));
     let spelt_apart = tmp.path().join(".").join("policy");
     let own_pairs = policy.join("pairs.jsonl");
     write_pairs(&own_pairs);
@@ -1595,12 +1590,7 @@ fn checkpoints_keep_their_own_dtype() {
     let dir = tempfile::tempdir().unwrap();
     let pairs = dir.path().join("pairs.jsonl");
     write_pairs(&pairs);
-    let policy = dir.path().join("policy");
-    std::fs::create_dir(&policy).unwrap();
-    for entry in std::fs::read_dir(model("tiny-llama")).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), policy.join(entry.file_name())).unwrap();
-    }
+    let policy = optune_testkit::copy_model("tiny-llama", &dir.path().join("policy"));
     let config = policy.join("config.json");
     let text = std::fs::read_to_string(&config).unwrap();
     std::fs::write(&config, text.replace("\"float32\"", "\"bfloat16\"")).unwrap();

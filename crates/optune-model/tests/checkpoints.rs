@@ -10,14 +10,6 @@ fn model_dir(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
-    }
-}
-
 /// The weights a checkpoint of `model` holds, by name.
 fn weights(model: &optune_model::Transformer) -> Vec<(String, candle_core::Tensor)> {
     use optune_model::SavedWeight;
@@ -86,8 +78,7 @@ fn a_saved_checkpoint_reloads_bit_identically() {
 
 fn load_error(edit: impl FnOnce(&Path)) -> String {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("m");
-    copy_dir(&model_dir("tiny-llama"), &dir);
+    let dir = optune_testkit::copy_model("tiny-llama", &tmp.path().join("m"));
     edit(&dir);
     match load_model(&dir, DType::F32, &Device::Cpu) {
         Ok(_) => panic!("loading succeeded"),
@@ -96,11 +87,7 @@ fn load_error(edit: impl FnOnce(&Path)) -> String {
 }
 
 fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
-    let path = dir.join("config.json");
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    f(&mut v);
-    std::fs::write(path, v.to_string()).unwrap();
+    optune_testkit::edit_json(&dir.join("config.json"), f);
 }
 
 #[test]

@@ -277,14 +277,7 @@ fn check_reward_model(name: &str) {
 
 #[test]
 fn reward_models_match_transformers() {
-    for name in [
-        "tiny-rm-llama",
-        "tiny-rm-mistral",
-        "tiny-rm-qwen2",
-        "tiny-rm-qwen3",
-        "tiny-rm-phi3",
-        "tiny-rm-smollm3",
-    ] {
+    for name in optune_testkit::REWARD_MODELS {
         check_reward_model(name);
     }
 }
@@ -466,20 +459,14 @@ fn rope_scaled_models_match_transformers() {
     for case in reference["models"].as_array().unwrap() {
         let name = case["model"].as_str().unwrap();
         let label = format!("{name} {}", case["label"].as_str().unwrap());
-        let dir = tempfile::tempdir().unwrap();
-        let source = testdata().join("models").join(name);
-        for entry in std::fs::read_dir(&source).unwrap() {
-            let path = entry.unwrap().path();
-            std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
-        }
-        let config_path = dir.path().join("config.json");
-        let mut config: Value =
-            serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
-        for (key, value) in case["config"].as_object().unwrap() {
-            config[key] = value.clone();
-        }
-        std::fs::write(&config_path, config.to_string()).unwrap();
-        let (model, _, _) = load_model(dir.path(), DType::F32, &Device::Cpu).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = optune_testkit::copy_model(name, tmp.path());
+        optune_testkit::edit_json(&dir.join("config.json"), |config| {
+            for (key, value) in case["config"].as_object().unwrap() {
+                config[key] = value.clone();
+            }
+        });
+        let (model, _, _) = load_model(&dir, DType::F32, &Device::Cpu).unwrap();
         let sequences: Vec<Vec<u32>> = case["sequences"]
             .as_array()
             .unwrap()

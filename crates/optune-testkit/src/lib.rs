@@ -37,6 +37,16 @@ pub const FAMILY_MODELS: [&str; 6] = [
     "tiny-smollm3",
 ];
 
+/// The reward models of testdata, one per family (`*ForSequenceClassification`, one label).
+pub const REWARD_MODELS: [&str; 6] = [
+    "tiny-rm-llama",
+    "tiny-rm-mistral",
+    "tiny-rm-qwen2",
+    "tiny-rm-qwen3",
+    "tiny-rm-phi3",
+    "tiny-rm-smollm3",
+];
+
 /// The seven projections of a llama block, the LoRA targets of a test that adapts them all.
 pub const LLAMA_PROJECTIONS: [&str; 7] = [
     "q_proj",
@@ -53,23 +63,35 @@ pub fn testdata(name: &str) -> PathBuf {
     workspace_root().join("testdata/shards").join(name)
 }
 
+/// A copy of the committed test model `name` (`testdata/models/NAME`) at `copy`, for a test that
+/// edits its files ([`edit_json`]).
+pub fn copy_model(name: &str, copy: &Path) -> PathBuf {
+    let model = workspace_root().join("testdata/models").join(name);
+    std::fs::create_dir_all(copy).unwrap();
+    for entry in std::fs::read_dir(&model).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, copy.join(path.file_name().unwrap())).unwrap();
+    }
+    copy.to_path_buf()
+}
+
+/// Rewrites the JSON file `path` (a model's `config.json`, say) as `edit` changes it.
+pub fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    edit(&mut json);
+    std::fs::write(path, json.to_string()).unwrap();
+}
+
 /// A copy, in `dir`, of the committed `tiny-llama-base` whose tokenizer adds no BOS to raw text
 /// (a Llama tokenizer with `add_bos_token: false`, which transformers honours), so that an empty
 /// raw-text prompt has no tokens at all.
 pub fn base_model_without_bos(dir: &Path) -> PathBuf {
-    let base = workspace_root().join("testdata/models/tiny-llama-base");
-    let copy = dir.join("tiny-llama-base-no-bos");
-    std::fs::create_dir_all(&copy).unwrap();
-    for entry in std::fs::read_dir(&base).unwrap() {
-        let path = entry.unwrap().path();
-        std::fs::copy(&path, copy.join(path.file_name().unwrap())).unwrap();
-    }
-    let config_path = copy.join("tokenizer_config.json");
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
-    config["tokenizer_class"] = "LlamaTokenizerFast".into();
-    config["add_bos_token"] = false.into();
-    std::fs::write(&config_path, config.to_string()).unwrap();
+    let copy = copy_model("tiny-llama-base", &dir.join("tiny-llama-base-no-bos"));
+    edit_json(&copy.join("tokenizer_config.json"), |config| {
+        config["tokenizer_class"] = "LlamaTokenizerFast".into();
+        config["add_bos_token"] = false.into();
+    });
     copy
 }
 
