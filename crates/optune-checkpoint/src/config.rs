@@ -345,15 +345,29 @@ impl ModelConfig {
         }
     }
 
-    /// The context the model was pretrained with: `original_max_position_embeddings` where the
-    /// config has it (Phi-3's defaults to 4096, as transformers' `Phi3Config`), else
-    /// `max_position_embeddings`.
-    pub fn original_context(&self) -> usize {
+    /// The context the model was pretrained with, where its config class states one:
+    /// `original_max_position_embeddings` (Phi-3's defaults to 4096, as transformers'
+    /// `Phi3Config`).
+    pub fn stated_original_context(&self) -> Option<usize> {
         match (self.original_max_position_embeddings, self.family()) {
-            (Some(original), _) => original,
-            (None, Ok(Family::Phi3)) => 4096,
-            (None, _) => self.max_position_embeddings,
+            (Some(original), _) => Some(original),
+            (None, Ok(Family::Phi3)) => Some(4096),
+            (None, _) => None,
         }
+    }
+
+    /// [`ModelConfig::stated_original_context`], else `max_position_embeddings`.
+    pub fn original_context(&self) -> usize {
+        self.stated_original_context()
+            .unwrap_or(self.max_position_embeddings)
+    }
+
+    /// The context a `rope_scaling` factor stretches (YaRN's): the scaling's own
+    /// `original_max_position_embeddings`, else `max_position_embeddings`.
+    pub fn scaled_context(&self) -> usize {
+        (self.rope_scaling.as_ref())
+            .and_then(|s| s.original_max_position_embeddings)
+            .unwrap_or(self.max_position_embeddings)
     }
 
     /// The positions a sequence may use: `max_position_embeddings`; for YaRN the original
@@ -366,10 +380,8 @@ impl ModelConfig {
         };
         match self.rope_type() {
             "yarn" => {
-                let original = scaling
-                    .original_max_position_embeddings
-                    .unwrap_or(self.max_position_embeddings);
-                let extended = (original as f64 * scaling.factor.unwrap_or(1.0)) as usize;
+                let extended =
+                    (self.scaled_context() as f64 * scaling.factor.unwrap_or(1.0)) as usize;
                 self.max_position_embeddings.max(extended)
             }
             "longrope" => self.original_context().min(self.max_position_embeddings),

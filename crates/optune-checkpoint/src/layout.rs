@@ -110,30 +110,16 @@ impl Layout {
                         .join(", ")
                 );
             };
-            fused.check(&stored)?;
             for (part, _) in &fused.parts {
-                let (first, rows) = fused.rows_of(part).expect("a part of its own");
-                tensors.insert(part.clone(), stored.narrow(0, first, rows)?.copy()?);
+                tensors.insert(part.clone(), fused.part(&stored, part)?);
             }
         }
         for (name, rows) in &self.reordered {
             if let Some(stored) = tensors.remove(name) {
-                tensors.insert(name.clone(), self.rows_to_model(name, rows, &stored)?);
+                tensors.insert(name.clone(), rows_to_model(name, rows, &stored)?);
             }
         }
         Ok(())
-    }
-
-    fn rows_to_model(&self, name: &str, rows: &[u32], stored: &Tensor) -> Result<Tensor> {
-        if stored.dim(0)? != rows.len() {
-            bail!(
-                "weight '{name}' has shape {:?}, expected {} rows",
-                stored.dims(),
-                rows.len()
-            );
-        }
-        let index = Tensor::from_slice(rows, rows.len(), stored.device())?;
-        Ok(stored.index_select(&index, 0)?)
     }
 
     /// The model's weight `name` read alone: `read(stored name)` gives a stored weight, of
@@ -143,13 +129,10 @@ impl Layout {
         name: &str,
         read: impl Fn(&str) -> Result<Option<Tensor>>,
     ) -> Result<Option<Tensor>> {
-        let part = (self.fused.iter()).find_map(|f| Some((f, f.rows_of(name)?)));
-        let tensor = match part {
-            Some((f, (first, rows))) => match read(&f.name)? {
-                Some(stored) => {
-                    f.check(&stored)?;
-                    stored.narrow(0, first, rows)?.copy()?
-                }
+        let owner = (self.fused.iter()).find(|f| f.rows_of(name).is_some());
+        let tensor = match owner {
+            Some(f) => match read(&f.name)? {
+                Some(stored) => f.part(&stored, name)?,
                 None => return Ok(None),
             },
             None => match read(name)? {
@@ -158,7 +141,7 @@ impl Layout {
             },
         };
         match self.reordered.get(name) {
-            Some(rows) => self.rows_to_model(name, rows, &tensor).map(Some),
+            Some(rows) => rows_to_model(name, rows, &tensor).map(Some),
             None => Ok(Some(tensor)),
         }
     }
@@ -238,6 +221,19 @@ impl Layout {
     }
 }
 
+/// The stored weight `name`'s rows in the model's order, `rows[held] = stored`.
+fn rows_to_model(name: &str, rows: &[u32], stored: &Tensor) -> Result<Tensor> {
+    if stored.dim(0)? != rows.len() {
+        bail!(
+            "weight '{name}' has shape {:?}, expected {} rows",
+            stored.dims(),
+            rows.len()
+        );
+    }
+    let index = Tensor::from_slice(rows, rows.len(), stored.device())?;
+    Ok(stored.index_select(&index, 0)?)
+}
+
 /// The fused weights of a model of `config`: Phi-3's two per layer, none for the other families.
 fn fused_weights(config: &ModelConfig) -> Vec<Fused> {
     if !matches!(config.family(), Ok(Family::Phi3)) {
@@ -289,8 +285,18 @@ impl Fused {
         None
     }
 
+    /// Part `name` of the stored weight, a copy of its rows (so the stored weight's memory can
+    /// go), after checking the stored weight's shape.
+    fn part(&self, stored: &Tensor, name: &str) -> Result<Tensor> {
+        self.check(stored)?;
+        let Some((first, rows)) = self.rows_of(name) else {
+            bail!("'{name}' is not a part of '{}'", self.name);
+        };
+        Ok(stored.narrow(0, first, rows)?.copy()?)
+    }
+
     /// Checks the stored weight's shape: the parts' rows, stacked.
-    pub fn check(&self, stored: &Tensor) -> Result<()> {
+    fn check(&self, stored: &Tensor) -> Result<()> {
         if stored.rank() != 2 || stored.dim(0)? != self.rows() {
             bail!(
                 "weight '{}' has shape {:?}, expected {} rows (its parts' {:?})",

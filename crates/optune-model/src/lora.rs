@@ -11,6 +11,7 @@ use crate::linear::{DropoutStream, LoraAdapter};
 use crate::transformer::Transformer;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, Var};
+use optune_checkpoint::layout::Layout;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -25,15 +26,12 @@ pub struct LoraConfig {
 }
 
 impl LoraConfig {
-    /// The targets on a model of `config`: on Phi-3, `qkv_proj` and `gate_up_proj` stand for
-    /// their parts, which the model adapts one by one.
-    fn resolved(&self, config: &crate::ModelConfig) -> LoraConfig {
-        let layout = optune_checkpoint::layout::Layout::of(config);
-        let fused = layout.fused();
+    /// The targets on a model stored as `layout` says: on Phi-3, `qkv_proj` and `gate_up_proj`
+    /// stand for their parts, which the model adapts one by one.
+    fn resolved(&self, layout: &Layout) -> LoraConfig {
         let mut targets: Vec<String> = Vec::new();
         for target in &self.targets {
-            let parts: Vec<String> = fused
-                .iter()
+            let parts: Vec<String> = (layout.fused().iter())
                 .find(|f| f.name.ends_with(&format!(".{target}.weight")))
                 .map(|f| f.parts.iter().map(|(part, _)| module_of(part)).collect())
                 .unwrap_or_else(|| vec![target.clone()]);
@@ -72,8 +70,7 @@ impl LoraConfig {
         &self,
         config: &crate::ModelConfig,
     ) -> Result<Vec<(String, Vec<usize>)>> {
-        let resolved = self.resolved(config);
-        let this = &resolved;
+        let this = self.resolved(&Layout::of(config));
         let mut matched = std::collections::BTreeSet::new();
         let mut shapes = Vec::new();
         for (name, shape) in crate::llama_weight_shapes(config) {
@@ -115,7 +112,7 @@ pub struct LoraAdapters {
     pub config: LoraConfig,
     /// How the model's checkpoints store its weights (Phi-3's fused projections, reordered
     /// query and key rows), which the PEFT files follow.
-    layout: optune_checkpoint::layout::Layout,
+    layout: Layout,
     /// `(PEFT weight name, variable)`, e.g. `model.layers.0.self_attn.q_proj.lora_A.weight`.
     pub vars: Vec<(String, Var)>,
     enabled: Arc<AtomicBool>,
@@ -225,13 +222,11 @@ impl LoraAdapters {
                 };
                 parts.push((linear.to_string(), *rows, pair));
             }
-            let count = parts.iter().filter(|(_, _, pair)| pair.is_some()).count();
-            if count == 0 {
-                continue;
-            }
+            // A fused module none of whose parts is adapted has no adapter.
             let Some((a0, _)) = parts.iter().find_map(|(_, _, pair)| pair.as_ref()) else {
                 continue;
             };
+            let count = parts.iter().filter(|(_, _, pair)| pair.is_some()).count();
             let device = a0.device().clone();
             let (mut a_rows, mut b_rows, mut column) = (Vec::new(), Vec::new(), 0);
             for (linear, rows, pair) in &parts {
@@ -293,8 +288,8 @@ pub fn attach_lora(
     if config.rank == 0 {
         bail!("--lora-rank must be at least 1");
     }
-    let layout = optune_checkpoint::layout::Layout::of(model.config());
-    let config = &config.resolved(model.config());
+    let layout = Layout::of(model.config());
+    let config = &config.resolved(&layout);
     let enabled = Arc::new(AtomicBool::new(true));
     let training = Arc::new(AtomicBool::new(false));
     // Its own stream ("dropout" in ASCII), apart from the one that drew `A`.
@@ -366,18 +361,12 @@ mod tests {
     }
 
     fn fused_adapters_compute_their_parts(partial: f64) {
-        let source = optune_testkit::workspace_root().join("testdata/models/tiny-phi3");
-        let dir = tempfile::tempdir().unwrap();
-        for entry in std::fs::read_dir(&source).unwrap() {
-            let path = entry.unwrap().path();
-            std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
-        }
-        let config_path = dir.path().join("config.json");
-        let mut json: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
-        json["partial_rotary_factor"] = serde_json::json!(partial);
-        std::fs::write(&config_path, json.to_string()).unwrap();
-        let (mut model, _, _) = crate::load_model(dir.path(), DType::F32, &Device::Cpu).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = optune_testkit::copy_model("tiny-phi3", tmp.path());
+        optune_testkit::edit_json(&dir.join("config.json"), |config| {
+            config["partial_rotary_factor"] = serde_json::json!(partial);
+        });
+        let (mut model, _, _) = crate::load_model(&dir, DType::F32, &Device::Cpu).unwrap();
         // The model's order of each head's query and key channels: stored channel of each.
         let d = model.config().head_dim();
         let order = optune_checkpoint::layout::head_order(model.config())

@@ -11,6 +11,11 @@ use optune_kernels::host::rotary_tables;
 pub struct RotaryTables {
     cos: Tensor,
     sin: Tensor,
+    /// What they were made from, for the host decode path's tables of a step's positions.
+    frequencies: RotaryFrequencies,
+    /// The channel pairs the rotation turns (the rest hold a partial rotation's passed-through
+    /// channels).
+    rotated: usize,
 }
 
 /// The rotation a config asks for: one inverse frequency per pair of rotated channels, and the
@@ -27,7 +32,7 @@ impl RotaryFrequencies {
     /// transformers computes them, scaled by the attention factor; the pairs that hold
     /// passed-through channels (a partial rotation: the pairs from `rotated` on) are neither
     /// turned nor scaled, as transformers leaves those channels.
-    pub fn tables(&self, positions: &[usize], rotated: usize) -> (Vec<f32>, Vec<f32>) {
+    fn tables(&self, positions: &[usize], rotated: usize) -> (Vec<f32>, Vec<f32>) {
         let inv_freq: Vec<f32> = self.inverse.iter().map(|f| *f as f32).collect();
         let (mut cos, mut sin) = rotary_tables(positions, &inv_freq, self.attention_factor as f32);
         let half = inv_freq.len();
@@ -110,9 +115,7 @@ fn yarn(base: &[f64], config: &ModelConfig, scaling: &RopeScaling) -> RotaryFreq
     let dim = config.rotary_dim() as f64;
     let theta = config.rope_theta;
     let factor = scaling.factor.unwrap_or(1.0);
-    let original = scaling
-        .original_max_position_embeddings
-        .unwrap_or(config.max_position_embeddings) as f64;
+    let original = config.scaled_context() as f64;
     let mscale = |scale: f64, m: f64| {
         if scale <= 1.0 {
             1.0
@@ -165,13 +168,11 @@ fn longrope(base: &[f64], config: &ModelConfig, scaling: &RopeScaling) -> Rotary
     let short = scaling.short_factor.as_deref().unwrap_or_default();
     let inverse = base.iter().zip(short).map(|(f, s)| f / s).collect();
     let original = config.original_context() as f64;
-    // transformers measures the stretch by the two contexts when the config has both (Phi-3's
-    // always does), else by `factor`.
-    let stretch = match (config.original_max_position_embeddings, config.family()) {
-        (None, Ok(optune_checkpoint::Family::Phi3)) | (Some(_), _) => {
-            config.max_position_embeddings as f64 / original
-        }
-        _ => scaling.factor.unwrap_or(1.0),
+    // transformers measures the stretch by the two contexts when the config states the original
+    // one (Phi-3's always does), else by `factor`.
+    let stretch = match config.stated_original_context() {
+        Some(_) => config.max_position_embeddings as f64 / original,
+        None => scaling.factor.unwrap_or(1.0),
     };
     let attention_factor = scaling.attention_factor.unwrap_or(if stretch <= 1.0 {
         1.0
@@ -187,15 +188,24 @@ fn longrope(base: &[f64], config: &ModelConfig, scaling: &RopeScaling) -> Rotary
 impl RotaryTables {
     pub fn new(config: &ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
         let frequencies = rotary_frequencies(config);
+        let rotated = config.rotary_dim() / 2;
         let half = frequencies.inverse.len();
         let positions = config.max_positions().max(1);
         let all: Vec<usize> = (0..positions).collect();
-        let (cos, sin) = frequencies.tables(&all, config.rotary_dim() / 2);
+        let (cos, sin) = frequencies.tables(&all, rotated);
         let shape = (positions, half);
         Ok(Self {
             cos: Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?,
             sin: Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?,
+            frequencies,
+            rotated,
         })
+    }
+
+    /// The f32 cosine and sine tables `[positions, head_dim / 2]` of `positions` on the host,
+    /// the same numbers as the table's rows: the host decode path's, a step at a time.
+    pub fn host_tables(&self, positions: &[usize]) -> (Vec<f32>, Vec<f32>) {
+        self.frequencies.tables(positions, self.rotated)
     }
 
     pub fn max_positions(&self) -> usize {

@@ -1019,8 +1019,7 @@ impl Transformer {
             return Ok(Vec::new());
         }
         let positions: Vec<usize> = queries.iter().map(|q| q.position).collect();
-        let (cos, sin) =
-            crate::rope::rotary_frequencies(cfg).tables(&positions, cfg.rotary_dim() / 2);
+        let (cos, sin) = self.rope.host_tables(&positions);
         let mut x = Vec::with_capacity(rows * h);
         weights.embed.gather_rows(&ids, h, &mut x);
         let eps = cfg.rms_norm_eps;
@@ -1040,7 +1039,7 @@ impl Transformer {
                     host::rms_norm(&heads_in, &weight.floats(), eps, x);
                 }
             }
-            if cfg.rotary_layer(l) {
+            if block.rotary {
                 host::rotary(&mut q, heads, d, &cos, &sin);
                 host::rotary(&mut k, kvh, d, &cos, &sin);
             }
@@ -1293,6 +1292,8 @@ impl<'m> PackedFor<'m> {
 }
 
 struct HostBlock<'a> {
+    /// The block's `rotary`: SmolLM3's NoPE layers skip the rotation.
+    rotary: bool,
     input_norm: HostView<'a>,
     q: HostLinear<'a>,
     k: HostLinear<'a>,
@@ -1322,6 +1323,7 @@ impl<'a> HostWeights<'a> {
             .iter()
             .map(|b| {
                 Ok(HostBlock {
+                    rotary: b.rotary,
                     input_norm: HostView::new(&b.input_layernorm)?,
                     q: HostLinear::new(&b.self_attn.q_proj, &mut packed)?,
                     k: HostLinear::new(&b.self_attn.k_proj, &mut packed)?,
