@@ -129,6 +129,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 TESTDATA = REPO / "testdata"
+# One tiny model of each family and its reward model (optune_testkit's FAMILY_MODELS and
+# REWARD_MODELS): the log-prob and reward rows run every one.
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "olmo2"]
+FAMILY_MODELS = [f"tiny-{f}" for f in FAMILIES]
+REWARD_MODELS = [f"tiny-rm-{f}" for f in FAMILIES]
 
 sys.path.insert(0, str(REPO / "scripts/bench"))
 sys.path.insert(0, str(REPO / "scripts/cuda"))
@@ -157,7 +162,7 @@ STAGES = ["logprobs", "train-1b", "train-7b", "gen-7b", "gen-1b", "score-1b", "s
 # Guessed cost in seconds on an H100 of each unit of work the budget is checked before (see the
 # docstring); a dry run checks against 0 (its figures are the CPU's).
 ESTIMATE_S = {
-    "logprobs": 120,
+    "logprobs": 130,
     "build:1b": 15, "lora:1b": 15, "full:1b": 20, "warmup:1b": 15, "gen:1b": 12,
     "build:7b": 45, "lora:7b": 55, "warmup:7b": 35, "gen:7b": 22,
     "prefill:1b": 19, "prefill:7b": 40, "score:1b": 25,
@@ -594,7 +599,7 @@ def logprobs_policies(bins: Path, work: Path) -> None:
     R.detail("|---|---|---:|---:|---:|---|")
     worst = {"f32": 0.0, "bf16": 0.0, "hf": 0.0}
     count = 0
-    for name in ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-phi3", "tiny-smollm3"]:
+    for name in FAMILY_MODELS:
         model = TESTDATA / "models" / name
         pairs_file = work / f"{name}-pairs.jsonl"
         cases = reference_pairs(name, pairs_file)
@@ -616,7 +621,8 @@ def logprobs_policies(bins: Path, work: Path) -> None:
             R.detail(f"| {name} | {label} | {len(a)} | {w:.2e} | {tol:g} | {'pass' if w <= tol else 'FAIL'} |")
         R.raw.setdefault("logprobs", {})[name] = {"values": got, "transformers_chosen": hf}
     R.detail()
-    for key, what, tol in [("f32", f"log-probs CUDA f32 vs CPU f32, max rel. diff ({count}, 6 tiny models)", 1e-4),
+    for key, what, tol in [("f32", f"log-probs CUDA f32 vs CPU f32, max rel. diff ({count}, "
+                                   f"{len(FAMILY_MODELS)} tiny models)", 1e-4),
                            ("bf16", f"log-probs CUDA bf16 vs CPU f32, max rel. diff ({count})", 1e-2),
                            ("hf", "log-probs CUDA f32 vs transformers (stored), max rel. diff", 1e-4)]:
         text, kind = verdict(worst[key], tol)
@@ -631,8 +637,7 @@ def logprobs_rewards(bins: Path, work: Path) -> None:
     R.detail("| reward model | compared | rows | max diff / max abs | tolerance | result |")
     R.detail("|---|---|---:|---:|---:|---|")
     worst = {"cuda-f32": 0.0, "cuda-bf16": 0.0}
-    for name in ["tiny-rm-llama", "tiny-rm-mistral", "tiny-rm-qwen2", "tiny-rm-qwen3", "tiny-rm-phi3",
-                 "tiny-rm-smollm3"]:
+    for name in REWARD_MODELS:
         model = TESTDATA / "models" / name
         cases = json.loads((TESTDATA / "reference" / f"{name}.json").read_text())["cases"]
         rows = [{"prompt_id": f"r{i}", "messages": messages_of(c), "response": c["response"]}

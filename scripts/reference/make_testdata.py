@@ -6,8 +6,8 @@ Run by hand (never from CI):
     /work/.venv-ref/bin/python scripts/reference/make_testdata.py
 
 Writes (relative to the repository root):
-    testdata/models/tiny-{llama,mistral,qwen2,qwen3,phi3,smollm3}/             causal LMs
-    testdata/models/tiny-rm-{llama,mistral,qwen2,qwen3,phi3,smollm3}/          reward models
+    testdata/models/tiny-{llama,mistral,qwen2,qwen3,phi3,smollm3,olmo2}/       causal LMs
+    testdata/models/tiny-rm-{llama,mistral,qwen2,qwen3,phi3,smollm3,olmo2}/    reward models
     testdata/reference/{tiny-*,tiny-rm-*}.json                  log-probs / logits / scores
     testdata/reference/chat_templates.json                      rendered chat templates
 
@@ -43,6 +43,9 @@ from transformers import (  # noqa: E402
     MistralConfig,
     MistralForCausalLM,
     MistralForSequenceClassification,
+    Olmo2Config,
+    Olmo2ForCausalLM,
+    Olmo2PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
@@ -57,6 +60,7 @@ from transformers import (  # noqa: E402
     SmolLM3ForCausalLM,
     SmolLM3ForSequenceClassification,
 )
+from transformers.modeling_layers import GenericForSequenceClassification  # noqa: E402
 
 torch.set_num_threads(1)
 torch.use_deterministic_algorithms(True)
@@ -156,6 +160,25 @@ CHATML_REASONING = (
     "{%- if enable_thinking is defined and enable_thinking is false %}"
     "{{- '<think>\n\n</think>\n\n' }}{%- endif %}{%- endif %}"
 )
+
+# Turns in the manner of OLMo 2's (Tulu's) template (written for these tests, not AI2's text): BOS
+# first (OLMo 2's BOS is its EOS, <|endoftext|>), a role tag line, the content, EOS after each
+# assistant turn.
+TULU_TURNS = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}{{ '<|assistant|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% else %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+class Olmo2ForSequenceClassification(GenericForSequenceClassification, Olmo2PreTrainedModel):
+    """transformers 4.57 has no sequence-classification class for OLMo 2; this one is built as
+    transformers builds its own (LlamaForSequenceClassification is the same two bases): the
+    model under `model.`, `score.weight` on top, read at the last non-padding token."""
+
+
+AutoModelForSequenceClassification.register(Olmo2Config, Olmo2ForSequenceClassification)
 
 # Llama-2-chat's template, verbatim: uses bos_token, eos_token, .strip() and
 # raise_exception; ignores add_generation_prompt (the prompt ends in " [/INST]").
@@ -358,6 +381,30 @@ FAMILIES = {
         template_in_tokenizer_config=True,
         generation=dict(bos_token_id=None, eos_token_id=2, pad_token_id=PAD_ID),
         seed=6006,
+    ),
+    "olmo2": dict(
+        config_cls=Olmo2Config,
+        lm_cls=Olmo2ForCausalLM,
+        rm_cls=Olmo2ForSequenceClassification,
+        config=dict(
+            # Like OLMo-2-1B: norms after each sublayer (post_attention_layernorm,
+            # post_feedforward_layernorm), RMS norms of the whole q and k projections, untied
+            # embeddings, BOS = EOS. GQA here (the 32B has it); the reward model is MHA as the
+            # 1B/7B/13B are, where the q and k norms are of one width.
+            tie_word_embeddings=False,
+            rms_norm_eps=1e-6,
+            rope_theta=500000.0,
+            attention_bias=False,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=PAD_ID,
+        ),
+        rm_config=dict(num_key_value_heads=4),
+        tokenizer=dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>"),
+        chat_template=TULU_TURNS,
+        template_in_tokenizer_config=True,
+        generation=dict(bos_token_id=0, eos_token_id=0, pad_token_id=PAD_ID),
+        seed=7007,
     ),
 }
 
@@ -637,10 +684,18 @@ def ref_hidden(sd: dict, cfg, ids: list[int], skip_qk_norm: bool = False) -> tor
     x = sd["model.embed_tokens.weight"][torch.tensor(ids)]
     for layer in range(cfg.num_hidden_layers):
         p = f"model.layers.{layer}."
-        h = rms(x, sd[p + "input_layernorm.weight"])
-        q = lin(h, p + "self_attn.q_proj").view(T, H, hd)
-        k = lin(h, p + "self_attn.k_proj").view(T, KV, hd)
-        if p + "self_attn.q_norm.weight" in sd and not skip_qk_norm:  # Qwen3: per head, before rope
+        # OLMo 2: norms on each sublayer's output, the sublayer reading the stream as it is.
+        after = p + "post_feedforward_layernorm.weight" in sd
+        h = x if after else rms(x, sd[p + "input_layernorm.weight"])
+        q = lin(h, p + "self_attn.q_proj")
+        k = lin(h, p + "self_attn.k_proj")
+        qk_norm = p + "self_attn.q_norm.weight" in sd and not skip_qk_norm
+        per_head = qk_norm and sd[p + "self_attn.q_norm.weight"].numel() == hd
+        if qk_norm and not per_head:  # OLMo 2: the whole projection, before rope
+            q = rms(q, sd[p + "self_attn.q_norm.weight"])
+            k = rms(k, sd[p + "self_attn.k_norm.weight"])
+        q, k = q.view(T, H, hd), k.view(T, KV, hd)
+        if per_head:  # Qwen3: each head, before rope
             q = rms(q, sd[p + "self_attn.q_norm.weight"])
             k = rms(k, sd[p + "self_attn.k_norm.weight"])
         q, k = q.transpose(0, 1), k.transpose(0, 1)
@@ -652,9 +707,11 @@ def ref_hidden(sd: dict, cfg, ids: list[int], skip_qk_norm: bool = False) -> tor
         att = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
         att = att.masked_fill(~allowed, float("-inf")).softmax(-1)
         o = (att @ v).transpose(0, 1).reshape(T, H * hd)
-        x = x + lin(o, p + "self_attn.o_proj")
-        h = rms(x, sd[p + "post_attention_layernorm.weight"])
-        x = x + lin(F.silu(lin(h, p + "mlp.gate_proj")) * lin(h, p + "mlp.up_proj"), p + "mlp.down_proj")
+        o = lin(o, p + "self_attn.o_proj")
+        x = x + (rms(o, sd[p + "post_attention_layernorm.weight"]) if after else o)
+        h = x if after else rms(x, sd[p + "post_attention_layernorm.weight"])
+        m = lin(F.silu(lin(h, p + "mlp.gate_proj")) * lin(h, p + "mlp.up_proj"), p + "mlp.down_proj")
+        x = x + (rms(m, sd[p + "post_feedforward_layernorm.weight"]) if after else m)
     return rms(x, sd["model.norm.weight"])
 
 
@@ -786,6 +843,17 @@ def lm_reference(name: str, path: Path) -> dict:
         extra["qk_norm_note"] = (
             "q and k pass through RMS norms over each head's 32 values (self_attn.q_norm / k_norm) "
             f"before the rotary embedding; leaving them out would change case 0's logits by up to {d:.4f}."
+        )
+    if cfg.model_type == "olmo2":
+        d = (ref_logits(sd, cfg, seqs[0], skip_qk_norm=True) - logits[0, : len(seqs[0])]).abs().max().item()
+        assert d > 1e-3, d
+        extra["qk_norm_note"] = (
+            "q and k pass through RMS norms over each token's whole projection "
+            f"({sd['model.layers.0.self_attn.q_norm.weight'].numel()} and "
+            f"{sd['model.layers.0.self_attn.k_norm.weight'].numel()} values: "
+            "self_attn.q_norm / k_norm) before the rotary embedding; leaving them out would change "
+            f"case 0's logits by up to {d:.4f}. The blocks normalise each sublayer's output "
+            "(post_attention_layernorm, post_feedforward_layernorm) before the residual add."
         )
     if getattr(cfg, "rope_scaling", None):
         inv_default = 1.0 / (cfg.rope_theta ** (torch.arange(0, 16, 2).float() / 16))
@@ -930,7 +998,9 @@ def main() -> None:
             patch_qwen2_config(MODELS / f"tiny-{fam_name}")
 
         # reward model
-        rm_cfg = fam["config_cls"](**{**cfg_kwargs, "tie_word_embeddings": False}, num_labels=1)
+        rm_cfg = fam["config_cls"](
+            **{**cfg_kwargs, "tie_word_embeddings": False, **fam.get("rm_config", {})}, num_labels=1
+        )
         torch.manual_seed(fam["seed"] + 7)
         rm = fam["rm_cls"](rm_cfg).eval()
         init_weights(rm, fam["seed"] + 7)

@@ -153,13 +153,13 @@ impl Plan {
         // it in): the fused attention makes them a (batch, KV head) block at a time inside its
         // op, the generic attention's backward pass one layer's again (`attention_pass` below).
         // optune-model's tests/layer_memory.rs counts 1.01 times this on either path (LoRA's
-        // low-rank products besides). Qwen3's norms of each query and key head keep their
+        // low-rank products besides). The norms of queries and keys (Qwen3, OLMo-2) keep their
         // inputs too (q + kv), like a bias's sum.
         let bias = |present: bool, elements: f64| if present { elements } else { 0.0 };
         let biases = bias(c.qkv_bias(), q + 2.0 * kv)
             + bias(c.o_bias(), h)
             + bias(c.mlp_bias(), 2.0 * i + h)
-            + bias(c.qk_norm(), q + kv);
+            + bias(c.qk_norm().is_some(), q + kv);
         let per_token_layer = (6.0 * h + 2.0 * q + 2.0 * kv + 3.0 * i + biases) * compute;
         // The generic attention's scores, masked scores, probabilities and their gradients in f32
         // (six buffers) for one layer, a piece of at most ATTENTION_PIECE_SCORES at a time.

@@ -92,8 +92,15 @@ fn weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
 fn training_lowers_the_loss_and_widens_the_margin() {
     // Qwen3 as well: its norms of each query and key head are trained with the rest; Phi-3,
     // whose saved checkpoint stacks the trained projections back into its fused weights;
-    // SmolLM3, whose layer without a rotary embedding trains through unturned tables.
-    for name in ["tiny-llama", "tiny-qwen3", "tiny-phi3", "tiny-smollm3"] {
+    // SmolLM3, whose layer without a rotary embedding trains through unturned tables; OLMo-2,
+    // whose norms after the sublayers and of the whole q and k projections train too.
+    for name in [
+        "tiny-llama",
+        "tiny-qwen3",
+        "tiny-phi3",
+        "tiny-smollm3",
+        "tiny-olmo2",
+    ] {
         lowers_the_loss_and_trains_every_weight(name);
     }
 }

@@ -1,9 +1,10 @@
 //! `config.json` of the supported decoder-only families, deserialised directly.
 //!
-//! Llama, Mistral, Qwen2, Qwen3, Phi-3 and SmolLM3 share one architecture (pre-norm RMSNorm
+//! Llama, Mistral, Qwen2, Qwen3, Phi-3, SmolLM3 and OLMo-2 share one architecture (RMSNorm
 //! blocks, rotary attention with grouped KV heads, SwiGLU MLP); they differ only in a few
-//! switches (biases, a sliding window, Qwen3's RMS norms of each query and key head, SmolLM3's
-//! layers without a rotary embedding), which
+//! switches (biases, a sliding window, the RMS norms of queries and keys of Qwen3 (each head) and
+//! OLMo-2 (each whole projection), SmolLM3's layers without a rotary embedding, OLMo-2's norms
+//! after each sublayer in place of before it), which
 //! [`ModelConfig`] resolves per family so the forward pass can stay a single readable function,
 //! and in how Phi-3's checkpoints store the projections (fused; see `crate::layout`).
 
@@ -20,6 +21,7 @@ pub enum Family {
     Qwen3,
     Phi3,
     SmolLM3,
+    Olmo2,
 }
 
 impl Family {
@@ -31,10 +33,11 @@ impl Family {
             "qwen3" => Ok(Family::Qwen3),
             "phi3" => Ok(Family::Phi3),
             "smollm3" => Ok(Family::SmolLM3),
+            "olmo2" => Ok(Family::Olmo2),
             other => bail!(
                 "unsupported model_type '{other}': optune supports llama, mistral, qwen2, qwen3, \
-                 phi3 and smollm3 (Llama 2/3, TinyLlama, SmolLM2, Zephyr/Mistral, Qwen2/2.5, \
-                 Qwen3 dense, Phi-3/3.5/4, SmolLM3)"
+                 phi3, smollm3 and olmo2 (Llama 2/3, TinyLlama, SmolLM2, Zephyr/Mistral, \
+                 Qwen2/2.5, Qwen3 dense, Phi-3/3.5/4, SmolLM3, OLMo 2)"
             ),
         }
     }
@@ -47,8 +50,19 @@ impl Family {
             Family::Qwen3 => "qwen3",
             Family::Phi3 => "phi3",
             Family::SmolLM3 => "smollm3",
+            Family::Olmo2 => "olmo2",
         }
     }
+}
+
+/// What the RMS norms of the queries and keys ([`ModelConfig::qk_norm`]) each normalise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QkNorm {
+    /// Qwen3: each head over its `head_dim` values (weights `[head_dim]`).
+    PerHead,
+    /// OLMo-2: a token's whole projection (weights `[heads·head_dim]` for q,
+    /// `[kv_heads·head_dim]` for k).
+    WholeProjection,
 }
 
 /// `rope_scaling` as written by transformers. The forms read are `default`, `linear` (position
@@ -272,8 +286,8 @@ impl ModelConfig {
             if r == 0 || !r.is_multiple_of(2) || r > d {
                 bail!("partial_rotary_factor {share} rotates {r} of {d} channels: expected an even count from 2 to {d}");
             }
-            if self.qk_norm() {
-                bail!("partial_rotary_factor {share} with norms of each query and key head is not supported");
+            if self.qk_norm().is_some() {
+                bail!("partial_rotary_factor {share} with norms of the queries and keys is not supported");
             }
         }
         if let Some(scaling) = &self.rope_scaling {
@@ -432,17 +446,28 @@ impl ModelConfig {
 
     pub fn o_bias(&self) -> bool {
         match self.family() {
-            Ok(Family::Llama | Family::Qwen3 | Family::SmolLM3) => {
+            Ok(Family::Llama | Family::Qwen3 | Family::SmolLM3 | Family::Olmo2) => {
                 self.attention_bias.unwrap_or(false)
             }
             _ => false,
         }
     }
 
-    /// Qwen3: each query and key head passes through an RMS norm of its own width
-    /// (`self_attn.q_norm` / `k_norm`, weights `[head_dim]`) before the rotary embedding.
-    pub fn qk_norm(&self) -> bool {
-        matches!(self.family(), Ok(Family::Qwen3))
+    /// The RMS norms (`self_attn.q_norm` / `k_norm`) the queries and keys pass through before
+    /// the rotary embedding, if any.
+    pub fn qk_norm(&self) -> Option<QkNorm> {
+        match self.family() {
+            Ok(Family::Qwen3) => Some(QkNorm::PerHead),
+            Ok(Family::Olmo2) => Some(QkNorm::WholeProjection),
+            _ => None,
+        }
+    }
+
+    /// OLMo-2: each sublayer reads the stream as it is and its output is normalised before it
+    /// is added (`post_attention_layernorm` after the attention, `post_feedforward_layernorm`
+    /// after the MLP; no `input_layernorm`). The others normalise what each sublayer reads.
+    pub fn norms_after_sublayers(&self) -> bool {
+        matches!(self.family(), Ok(Family::Olmo2))
     }
 
     pub fn mlp_bias(&self) -> bool {
@@ -503,9 +528,15 @@ mod tests {
         let mistral = ModelConfig::from_json_str(&base("mistral").to_string()).unwrap();
         assert_eq!(mistral.attention_window(), Some(4));
         assert_eq!(mistral.head_dim(), 4);
-        assert!(!llama.qk_norm() && !qwen.qk_norm() && !mistral.qk_norm());
+        assert!(llama.qk_norm().is_none() && qwen.qk_norm().is_none());
+        assert!(mistral.qk_norm().is_none() && !llama.norms_after_sublayers());
         let qwen3 = ModelConfig::from_json_str(&base("qwen3").to_string()).unwrap();
-        assert!(qwen3.qk_norm() && !qwen3.qkv_bias() && !qwen3.o_bias());
+        assert!(qwen3.qk_norm() == Some(QkNorm::PerHead) && !qwen3.qkv_bias() && !qwen3.o_bias());
+        assert!(!qwen3.norms_after_sublayers());
+        let olmo2 = ModelConfig::from_json_str(&base("olmo2").to_string()).unwrap();
+        assert_eq!(olmo2.qk_norm(), Some(QkNorm::WholeProjection));
+        assert!(olmo2.norms_after_sublayers() && !olmo2.tied_embeddings());
+        assert!(!olmo2.qkv_bias() && !olmo2.o_bias() && olmo2.attention_window().is_none());
         assert!(qwen3.attention_window().is_none());
         let mut biased = base("qwen3");
         biased["attention_bias"] = serde_json::json!(true);

@@ -1,6 +1,8 @@
-//! The decoder-only transformer shared by Llama, Mistral, Qwen2 and Qwen3, read top to bottom:
-//! embed → N × (RMSNorm → rotary GQA attention → residual → RMSNorm → SwiGLU MLP → residual)
-//! → RMSNorm → head. Qwen3's attention normalises each query and key head before rotating it.
+//! The decoder-only transformer shared by the families of [`optune_checkpoint::Family`], read top
+//! to bottom: embed → N × (RMSNorm → rotary GQA attention → residual → RMSNorm → SwiGLU MLP →
+//! residual) → RMSNorm → head. Qwen3's attention normalises each query and key head before
+//! rotating it, OLMo-2's each whole projection; OLMo-2's blocks normalise each sublayer's output
+//! before the residual add instead of its input.
 //!
 //! Two paths over one set of weights:
 //! * [`Transformer::hidden_states`], the training path: a padded batch with an attention mask,
@@ -15,7 +17,7 @@ use crate::rope::RotaryTables;
 use anyhow::{bail, Context};
 use candle_core::{CpuStorage, DType, Device, Result, Storage, StorageRef, Tensor, TensorId};
 use half::bf16;
-use optune_checkpoint::ModelConfig;
+use optune_checkpoint::{ModelConfig, QkNorm};
 use optune_kernels::{host, ops, BlockTable, Path, TokenTables};
 use optune_kernels::{matmul_bf16_packed, Mat, PackedRhs, ProductPrecision};
 use std::borrow::Cow;
@@ -44,35 +46,81 @@ struct Attention {
     k_proj: Linear,
     v_proj: Linear,
     o_proj: Linear,
-    /// Qwen3's RMS norms of each query and key head.
+    /// The RMS norms of the queries and keys (Qwen3's, OLMo-2's).
     head_norms: Option<HeadNorms>,
     /// q, k and v's weights stacked ([`Transformer::stack_projections`]), whose row blocks the
     /// three projections' weights are views of: generation's one product for the three.
     qkv: Option<Linear>,
 }
 
-/// RMS norms over each head's `head_dim` values (`self_attn.q_norm.weight` and
-/// `self_attn.k_norm.weight`, `[head_dim]`), applied to the projections before the rotary
-/// embedding.
+/// RMS norms of the query and key projections (`self_attn.q_norm.weight` and
+/// `self_attn.k_norm.weight`), applied before the rotary embedding: over each head's `head_dim`
+/// values (Qwen3, weights `[head_dim]`) or over a token's whole projection (OLMo-2, weights
+/// `[heads·head_dim]` and `[kv_heads·head_dim]`).
 #[derive(Clone)]
 struct HeadNorms {
+    span: QkNorm,
     q: Tensor,
     k: Tensor,
 }
 
 impl HeadNorms {
-    /// Projections `[q, k]` (`[b, t, heads·d]`, `[b, t, kv_heads·d]`) normalised.
-    fn forward(&self, [q, k]: [&Tensor; 2], eps: f64) -> Result<[Tensor; 2]> {
-        Ok([
-            ops::rms_norm_heads(q, &self.q, eps)?,
-            ops::rms_norm_heads(k, &self.k, eps)?,
-        ])
+    fn load(
+        config: &ModelConfig,
+        weights: &mut WeightMap,
+        attn: &str,
+    ) -> anyhow::Result<Option<Self>> {
+        let Some(span) = config.qk_norm() else {
+            return Ok(None);
+        };
+        let [q, k] = qk_norm_widths(config, span);
+        Ok(Some(Self {
+            span,
+            q: weights.take(&format!("{attn}.q_norm.weight"), &[q])?,
+            k: weights.take(&format!("{attn}.k_norm.weight"), &[k])?,
+        }))
     }
 
-    /// q, k and v side by side (`[b, t, (heads + 2·kv_heads)·d]`), q's and k's heads normalised:
-    /// one op on a GPU.
+    /// Projections `[q, k]` (`[b, t, heads·d]`, `[b, t, kv_heads·d]`) normalised.
+    fn forward(&self, [q, k]: [&Tensor; 2], eps: f64) -> Result<[Tensor; 2]> {
+        Ok(match self.span {
+            QkNorm::PerHead => [
+                ops::rms_norm_heads(q, &self.q, eps)?,
+                ops::rms_norm_heads(k, &self.k, eps)?,
+            ],
+            QkNorm::WholeProjection => [
+                ops::rms_norm(q, &self.q, eps)?,
+                ops::rms_norm(k, &self.k, eps)?,
+            ],
+        })
+    }
+
+    /// q, k and v side by side (`[b, t, (heads + 2·kv_heads)·d]`), q and k normalised: one op
+    /// on a GPU where the norms' units are of one width (every head; or the whole projections
+    /// without GQA, one unit each), else q's and k's columns normalised apart.
     fn forward_stacked(&self, rows: &Tensor, heads: (usize, usize), eps: f64) -> Result<Tensor> {
-        ops::head_rms_norm(rows, [&self.q, &self.k], heads, eps, ops::Pass::Generation)
+        let units = match self.span {
+            QkNorm::PerHead => heads,
+            QkNorm::WholeProjection => (1, 1),
+        };
+        if self.q.dims() == self.k.dims() {
+            return ops::head_rms_norm(rows, [&self.q, &self.k], units, eps, ops::Pass::Generation);
+        }
+        let (q_width, k_width) = (self.q.elem_count(), self.k.elem_count());
+        let width = rows.dim(candle_core::D::Minus1)?;
+        let columns = |from, count| rows.narrow(candle_core::D::Minus1, from, count);
+        let [q, k] = self.forward([&columns(0, q_width)?, &columns(q_width, k_width)?], eps)?;
+        let values = columns(q_width + k_width, width - q_width - k_width)?;
+        Tensor::cat(&[&q, &k, &values], candle_core::D::Minus1)
+    }
+}
+
+/// The widths of the q and k norms' weights.
+fn qk_norm_widths(config: &ModelConfig, span: QkNorm) -> [usize; 2] {
+    let d = config.head_dim();
+    match span {
+        QkNorm::PerHead => [d, d],
+        QkNorm::WholeProjection => [config.num_attention_heads * d, config.num_kv_heads() * d],
     }
 }
 
@@ -90,10 +138,81 @@ struct Block {
     /// Whether the attention turns queries and keys by position (all but SmolLM3's NoPE
     /// layers, which take tables that turn nothing: cosines 1, sines 0).
     rotary: bool,
-    input_layernorm: Tensor,
+    norms: BlockNorms,
     self_attn: Attention,
-    post_attention_layernorm: Tensor,
     mlp: Mlp,
+}
+
+/// A block's two RMS norms (`[hidden]` each), one for each sublayer: the attention's and the
+/// MLP's.
+#[derive(Clone)]
+struct BlockNorms {
+    /// OLMo-2's place for them ([`ModelConfig::norms_after_sublayers`]): on each sublayer's output
+    /// before the residual add, the sublayer reading the stream as it is. Otherwise on what
+    /// each sublayer reads.
+    after: bool,
+    attention: Tensor,
+    mlp: Tensor,
+}
+
+impl BlockNorms {
+    /// The checkpoint's names of the attention's norm and the MLP's, with the norms `after` the
+    /// sublayers or before them.
+    fn names(after: bool) -> [&'static str; 2] {
+        match after {
+            true => ["post_attention_layernorm", "post_feedforward_layernorm"],
+            false => ["input_layernorm", "post_attention_layernorm"],
+        }
+    }
+
+    fn load(config: &ModelConfig, weights: &mut WeightMap, block: &str) -> anyhow::Result<Self> {
+        let (h, after) = (config.hidden_size, config.norms_after_sublayers());
+        let [attention, mlp] =
+            Self::names(after).map(|name| weights.take(&format!("{block}.{name}.weight"), &[h]));
+        Ok(Self {
+            after,
+            attention: attention?,
+            mlp: mlp?,
+        })
+    }
+
+    /// Both norms by checkpoint name (the attention's, then the MLP's).
+    fn named(&self) -> [(&'static str, &Tensor); 2] {
+        let [a, m] = Self::names(self.after);
+        [(a, &self.attention), (m, &self.mlp)]
+    }
+
+    fn named_mut(&mut self) -> [(&'static str, &mut Tensor); 2] {
+        let [a, m] = Self::names(self.after);
+        [(a, &mut self.attention), (m, &mut self.mlp)]
+    }
+
+    /// The stream with its pending output added, and what the sublayer whose norm is `norm`
+    /// reads of it: the stream normalised, or (norms after the sublayers) the stream itself.
+    fn sublayer_input(
+        &self,
+        stream: &Residual,
+        norm: &Tensor,
+        eps: f64,
+        pass: ops::Pass,
+    ) -> Result<(Tensor, Tensor)> {
+        match self.after {
+            true => {
+                let x = stream.sum()?;
+                Ok((x.clone(), x))
+            }
+            false => stream.add_norm(norm, eps, pass),
+        }
+    }
+
+    /// A sublayer's `output` as it joins the stream: normalised by `norm` (norms after the
+    /// sublayers), or as it is.
+    fn sublayer_output(&self, output: Tensor, norm: &Tensor, eps: f64) -> Result<Tensor> {
+        match self.after {
+            true => ops::rms_norm(&output, norm, eps),
+            false => Ok(output),
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -172,11 +291,13 @@ pub fn llama_weight_shapes(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     )];
     for l in 0..config.num_hidden_layers {
         let p = format!("model.layers.{l}");
-        shapes.push((format!("{p}.input_layernorm.weight"), vec![h]));
-        shapes.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-        if config.qk_norm() {
-            shapes.push((format!("{p}.self_attn.q_norm.weight"), vec![d]));
-            shapes.push((format!("{p}.self_attn.k_norm.weight"), vec![d]));
+        for name in BlockNorms::names(config.norms_after_sublayers()) {
+            shapes.push((format!("{p}.{name}.weight"), vec![h]));
+        }
+        if let Some(span) = config.qk_norm() {
+            let [q_norm, k_norm] = qk_norm_widths(config, span);
+            shapes.push((format!("{p}.self_attn.q_norm.weight"), vec![q_norm]));
+            shapes.push((format!("{p}.self_attn.k_norm.weight"), vec![k_norm]));
         }
         for (name, out, inp, bias) in [
             ("self_attn.q_proj", q, h, config.qkv_bias()),
@@ -346,7 +467,7 @@ impl Transformer {
             let mlp = format!("{p}.mlp");
             layers.push(Block {
                 rotary: config.rotary_layer(l),
-                input_layernorm: weights.take(&format!("{p}.input_layernorm.weight"), &[h])?,
+                norms: BlockNorms::load(config, &mut weights, &p)?,
                 self_attn: Attention {
                     q_proj: weights.linear(
                         &format!("{attn}.q_proj"),
@@ -367,17 +488,9 @@ impl Transformer {
                         config.qkv_bias(),
                     )?,
                     o_proj: weights.linear(&format!("{attn}.o_proj"), h, q_out, config.o_bias())?,
-                    head_norms: match config.qk_norm() {
-                        true => Some(HeadNorms {
-                            q: weights.take(&format!("{attn}.q_norm.weight"), &[head_dim])?,
-                            k: weights.take(&format!("{attn}.k_norm.weight"), &[head_dim])?,
-                        }),
-                        false => None,
-                    },
+                    head_norms: HeadNorms::load(config, &mut weights, &attn)?,
                     qkv: None,
                 },
-                post_attention_layernorm: weights
-                    .take(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
                 mlp: Mlp {
                     gate_proj: weights.linear(
                         &format!("{mlp}.gate_proj"),
@@ -471,14 +584,9 @@ impl Transformer {
         f("model.embed_tokens.weight", &mut self.embed_tokens)?;
         for (l, block) in self.layers.iter_mut().enumerate() {
             let p = format!("model.layers.{l}");
-            f(
-                &format!("{p}.input_layernorm.weight"),
-                &mut block.input_layernorm,
-            )?;
-            f(
-                &format!("{p}.post_attention_layernorm.weight"),
-                &mut block.post_attention_layernorm,
-            )?;
+            for (name, norm) in block.norms.named_mut() {
+                f(&format!("{p}.{name}.weight"), norm)?;
+            }
             if let Some(norms) = &mut block.self_attn.head_norms {
                 f(&format!("{p}.self_attn.q_norm.weight"), &mut norms.q)?;
                 f(&format!("{p}.self_attn.k_norm.weight"), &mut norms.k)?;
@@ -512,14 +620,9 @@ impl Transformer {
         )];
         for (l, block) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{l}");
-            out.push(plain(
-                format!("{p}.input_layernorm.weight"),
-                &block.input_layernorm,
-            ));
-            out.push(plain(
-                format!("{p}.post_attention_layernorm.weight"),
-                &block.post_attention_layernorm,
-            ));
+            for (name, norm) in block.norms.named() {
+                out.push(plain(format!("{p}.{name}.weight"), norm));
+            }
             if let Some(norms) = &block.self_attn.head_norms {
                 out.push(plain(format!("{p}.self_attn.q_norm.weight"), &norms.q));
                 out.push(plain(format!("{p}.self_attn.k_norm.weight"), &norms.k));
@@ -571,8 +674,7 @@ impl Transformer {
     pub fn parameter_count(&self) -> usize {
         let mut count = self.embed_tokens.elem_count() + self.norm.elem_count();
         for block in &self.layers {
-            count +=
-                block.input_layernorm.elem_count() + block.post_attention_layernorm.elem_count();
+            count += block.norms.attention.elem_count() + block.norms.mlp.elem_count();
             if let Some(norms) = &block.self_attn.head_norms {
                 count += norms.q.elem_count() + norms.k.elem_count();
             }
@@ -596,16 +698,17 @@ impl Transformer {
     /// Bytes one token's activations take at most while a forward pass feeds it (an upper
     /// bound: every activation of one layer at once, which the next layer's replace): the stream
     /// coming in and the one going out, its norm, q/k/v, the attention's output, o, the stream
-    /// after attention and its norm; gate and up, their product, down; with Qwen3's head norms,
+    /// after attention and its norm; gate and up, their product, down; with norms of q and k,
     /// the rows they write (and, where they run composed, the normalised q and k before it).
+    /// OLMo-2's norms after the sublayers write as many values as the others' before them.
     pub fn activation_bytes_per_token(&self) -> usize {
         let cfg = &self.config;
         let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
         let q = cfg.num_attention_heads * cfg.head_dim();
         let kv = cfg.num_kv_heads() * cfg.head_dim();
         let head_norms = match cfg.qk_norm() {
-            true => (q + kv) + (q + 2 * kv),
-            false => 0,
+            Some(_) => (q + kv) + (q + 2 * kv),
+            None => 0,
         };
         (7 * h + q + 2 * kv + q + 3 * inter + head_norms) * self.dtype.size_in_bytes()
     }
@@ -1030,7 +1133,7 @@ impl Transformer {
             unreachable!("host cache")
         };
         for (l, block) in weights.layers.iter().enumerate() {
-            host::rms_norm(&x, &block.input_norm.floats(), eps, &mut normed);
+            block.sublayer_input(&x, &block.attention_norm, eps, &mut normed);
             let [mut q, mut k, v] =
                 HostLinear::forward_many([&block.q, &block.k, &block.v], &normed, rows);
             if let Some([q_norm, k_norm]) = &block.head_norms {
@@ -1061,11 +1164,13 @@ impl Transformer {
             };
             host::attention(&q, &queries, heads, d, &layer, &mut attn);
             let o = block.o.forward(&attn, rows);
+            let o = block.sublayer_output(o, &block.attention_norm, eps);
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
-            host::rms_norm(&x, &block.post_norm.floats(), eps, &mut normed);
+            block.sublayer_input(&x, &block.mlp_norm, eps, &mut normed);
             let [mut gate, up] = HostLinear::forward_many([&block.gate, &block.up], &normed, rows);
             host::silu_mul(&mut gate, &up);
             let down = block.down.forward(&gate, rows);
+            let down = block.sublayer_output(down, &block.mlp_norm, eps);
             x.iter_mut().zip(&down).for_each(|(x, o)| *x += o);
         }
         // Only each segment's last position needs logits.
@@ -1294,17 +1399,41 @@ impl<'m> PackedFor<'m> {
 struct HostBlock<'a> {
     /// The block's `rotary`: SmolLM3's NoPE layers skip the rotation.
     rotary: bool,
-    input_norm: HostView<'a>,
+    /// [`BlockNorms`]' `after`: OLMo-2's norms of the sublayers' outputs.
+    norms_after: bool,
+    attention_norm: HostView<'a>,
     q: HostLinear<'a>,
     k: HostLinear<'a>,
     v: HostLinear<'a>,
     o: HostLinear<'a>,
-    /// Qwen3's norms of each query and key head.
+    /// The norms of the queries and keys (per head or whole projection: the weights' widths
+    /// say which, as `host::rms_norm` normalises pieces of its weight's width).
     head_norms: Option<[HostView<'a>; 2]>,
-    post_norm: HostView<'a>,
+    mlp_norm: HostView<'a>,
     gate: HostLinear<'a>,
     up: HostLinear<'a>,
     down: HostLinear<'a>,
+}
+
+impl HostBlock<'_> {
+    /// [`BlockNorms::sublayer_input`] on host rows: `x` normalised by `norm` into `input`, or
+    /// (norms after the sublayers) copied.
+    fn sublayer_input(&self, x: &[f32], norm: &HostView, eps: f64, input: &mut [f32]) {
+        match self.norms_after {
+            true => input.copy_from_slice(x),
+            false => host::rms_norm(x, &norm.floats(), eps, input),
+        }
+    }
+
+    /// [`BlockNorms::sublayer_output`] on host rows.
+    fn sublayer_output(&self, output: Vec<f32>, norm: &HostView, eps: f64) -> Vec<f32> {
+        if !self.norms_after {
+            return output;
+        }
+        let mut normed = vec![0f32; output.len()];
+        host::rms_norm(&output, &norm.floats(), eps, &mut normed);
+        normed
+    }
 }
 
 /// Every weight of the model as host slices, for one decode step.
@@ -1324,7 +1453,8 @@ impl<'a> HostWeights<'a> {
             .map(|b| {
                 Ok(HostBlock {
                     rotary: b.rotary,
-                    input_norm: HostView::new(&b.input_layernorm)?,
+                    norms_after: b.norms.after,
+                    attention_norm: HostView::new(&b.norms.attention)?,
                     q: HostLinear::new(&b.self_attn.q_proj, &mut packed)?,
                     k: HostLinear::new(&b.self_attn.k_proj, &mut packed)?,
                     v: HostLinear::new(&b.self_attn.v_proj, &mut packed)?,
@@ -1333,7 +1463,7 @@ impl<'a> HostWeights<'a> {
                         Some(norms) => Some([HostView::new(&norms.q)?, HostView::new(&norms.k)?]),
                         None => None,
                     },
-                    post_norm: HostView::new(&b.post_attention_layernorm)?,
+                    mlp_norm: HostView::new(&b.norms.mlp)?,
                     gate: HostLinear::new(&b.mlp.gate_proj, &mut packed)?,
                     up: HostLinear::new(&b.mlp.up_proj, &mut packed)?,
                     down: HostLinear::new(&b.mlp.down_proj, &mut packed)?,
@@ -1394,6 +1524,14 @@ impl Residual {
         match &self.pending {
             Some(delta) => ops::add_rms_norm(&self.x, delta, weight, eps, pass),
             None => Ok((self.x.clone(), ops::rms_norm(&self.x, weight, eps)?)),
+        }
+    }
+
+    /// The stream with its pending output added.
+    fn sum(&self) -> Result<Tensor> {
+        match &self.pending {
+            Some(delta) => &self.x + delta,
+            None => Ok(self.x.clone()),
         }
     }
 
@@ -1501,7 +1639,8 @@ impl Block {
         attend: Attend,
     ) -> Result<Residual> {
         let (eps, pass) = (config.rms_norm_eps, attend.pass());
-        let (x, h) = residual.add_norm(&self.input_layernorm, eps, pass)?;
+        let norms = &self.norms;
+        let (x, h) = norms.sublayer_input(&residual, &norms.attention, eps, pass)?;
         let (b, t, _) = x.dims3()?;
         let (heads, kv_heads, d) = (
             config.num_attention_heads,
@@ -1538,12 +1677,16 @@ impl Block {
         };
         let attended = Residual {
             x,
-            pending: Some(self.self_attn.o_proj.forward(&attn)?),
+            pending: Some(norms.sublayer_output(
+                self.self_attn.o_proj.forward(&attn)?,
+                &norms.attention,
+                eps,
+            )?),
         };
-        let (x, h) = attended.add_norm(&self.post_attention_layernorm, eps, pass)?;
+        let (x, h) = norms.sublayer_input(&attended, &norms.mlp, eps, pass)?;
         Ok(Residual {
             x,
-            pending: Some(self.mlp.forward(&h, pass)?),
+            pending: Some(norms.sublayer_output(self.mlp.forward(&h, pass)?, &norms.mlp, eps)?),
         })
     }
 }

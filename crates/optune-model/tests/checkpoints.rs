@@ -28,6 +28,7 @@ fn a_saved_checkpoint_reloads_bit_identically() {
         "tiny-qwen3",
         "tiny-phi3",
         "tiny-smollm3",
+        "tiny-olmo2",
         "tiny-rm-mistral",
         "tiny-rm-phi3",
     ] {

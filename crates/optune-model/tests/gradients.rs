@@ -132,6 +132,22 @@ fn qwen3_head_norms_and_wide_heads() {
 }
 
 #[test]
+fn olmo2_norms_after_the_sublayers_and_of_whole_projections() {
+    check(
+        "tiny-olmo2",
+        &[
+            "layers.0.self_attn.q_norm",
+            "layers.1.self_attn.k_norm",
+            "layers.0.post_attention_layernorm",
+            "layers.1.post_feedforward_layernorm",
+            "q_proj.weight",
+            "down_proj.weight",
+            "embed_tokens",
+        ],
+    );
+}
+
+#[test]
 fn mistral_sliding_window() {
     check(
         "tiny-mistral",

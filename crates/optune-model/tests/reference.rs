@@ -218,6 +218,11 @@ fn smollm3_matches_transformers() {
     check_causal_model("tiny-smollm3");
 }
 
+#[test]
+fn olmo2_matches_transformers() {
+    check_causal_model("tiny-olmo2");
+}
+
 fn check_reward_model(name: &str) {
     let reference = reference(name);
     let (model, tokenizer, _) = load_model(

@@ -16,8 +16,9 @@ fn model_dir(name: &str) -> PathBuf {
 
 /// The language models of testdata: tied (llama), untied (mistral), biased q/k/v (qwen2), norms
 /// of each query and key head (qwen3), fused projections in the checkpoint (phi3), a layer
-/// without a rotary embedding (smollm3).
-const LANGUAGE_MODELS: [&str; 7] = [
+/// without a rotary embedding (smollm3), norms after the sublayers and of the whole q and k
+/// projections (olmo2).
+const LANGUAGE_MODELS: [&str; 8] = [
     "tiny-llama",
     "tiny-llama-base",
     "tiny-mistral",
@@ -25,6 +26,7 @@ const LANGUAGE_MODELS: [&str; 7] = [
     "tiny-qwen3",
     "tiny-phi3",
     "tiny-smollm3",
+    "tiny-olmo2",
 ];
 
 #[test]

@@ -27,24 +27,28 @@ pub fn workspace_root() -> PathBuf {
 
 /// The causal language models of testdata, one per family (llama; mistral, windowed; qwen2,
 /// biased; qwen3, with norms of each query and key head; phi3, its projections stored fused;
-/// smollm3, a layer without a rotary embedding), for the tests that run on each.
-pub const FAMILY_MODELS: [&str; 6] = [
+/// smollm3, a layer without a rotary embedding; olmo2, norms after the sublayers and of the whole
+/// q and k projections), for the tests that run on each.
+pub const FAMILY_MODELS: [&str; 7] = [
     "tiny-llama",
     "tiny-mistral",
     "tiny-qwen2",
     "tiny-qwen3",
     "tiny-phi3",
     "tiny-smollm3",
+    "tiny-olmo2",
 ];
 
-/// The reward models of testdata, one per family (`*ForSequenceClassification`, one label).
-pub const REWARD_MODELS: [&str; 6] = [
+/// The reward models of testdata, one per family (`*ForSequenceClassification`, one label;
+/// tiny-rm-olmo2 without GQA, so its q and k norms are of one width).
+pub const REWARD_MODELS: [&str; 7] = [
     "tiny-rm-llama",
     "tiny-rm-mistral",
     "tiny-rm-qwen2",
     "tiny-rm-qwen3",
     "tiny-rm-phi3",
     "tiny-rm-smollm3",
+    "tiny-rm-olmo2",
 ];
 
 /// The seven projections of a llama block, the LoRA targets of a test that adapts them all.
