@@ -129,10 +129,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 TESTDATA = REPO / "testdata"
-# One tiny model of each family and its reward model (optune_testkit's FAMILY_MODELS and
-# REWARD_MODELS): the log-prob and reward rows run every one.
+# One tiny model of each family and the reward models (optune_testkit's FAMILY_MODELS and
+# REWARD_MODELS; OLMo 3 has none): the log-prob and reward rows run every one.
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "olmo2"]
-FAMILY_MODELS = [f"tiny-{f}" for f in FAMILIES]
+FAMILY_MODELS = [f"tiny-{f}" for f in FAMILIES + ["olmo3"]]
 REWARD_MODELS = [f"tiny-rm-{f}" for f in FAMILIES]
 
 sys.path.insert(0, str(REPO / "scripts/bench"))

@@ -28,6 +28,13 @@ PEFT 3.4e-05. A copy of tiny-phi3 made like Phi-4-mini (partial_rotary_factor 0.
 over the 12 rotated channels of each head with six short factors, original context 128), whose
 query and key rows optune holds reordered: full fine-tune 2.7e-05; LoRA on qkv_proj, o_proj and
 gate_up_proj: merged 3.6e-05, PEFT 2.6e-05.
+
+Figures of 2026-12-04, a later session (same versions), the same 5 pairs trained from their
+raw-text prompts and checked with them as one-message lists, 9 steps: tiny-olmo2 (norms after
+the sublayers, q and k norms over whole projections): full fine-tune 1.2e-05; LoRA `--lora-targets
+q_proj,k_proj,o_proj,up_proj,down_proj --lora-rank 4 --lr 1e-2 --save-adapter`: merged 2.0e-05,
+PEFT 2.0e-05. tiny-olmo3 (a sliding layer turned by the plain rotation, a full one by YaRN):
+full 3.4e-05; the same LoRA: merged 2.0e-05, PEFT 3.1e-05.
 """
 import json
 import os

@@ -6,7 +6,7 @@ Run by hand (never from CI):
     /work/.venv-ref/bin/python scripts/reference/make_testdata.py
 
 Writes (relative to the repository root):
-    testdata/models/tiny-{llama,mistral,qwen2,qwen3,phi3,smollm3,olmo2}/       causal LMs
+    testdata/models/tiny-{llama,mistral,qwen2,qwen3,phi3,smollm3,olmo2,olmo3}/ causal LMs
     testdata/models/tiny-rm-{llama,mistral,qwen2,qwen3,phi3,smollm3,olmo2}/    reward models
     testdata/reference/{tiny-*,tiny-rm-*}.json                  log-probs / logits / scores
     testdata/reference/chat_templates.json                      rendered chat templates
@@ -46,6 +46,8 @@ from transformers import (  # noqa: E402
     Olmo2Config,
     Olmo2ForCausalLM,
     Olmo2PreTrainedModel,
+    Olmo3Config,
+    Olmo3ForCausalLM,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
@@ -61,6 +63,7 @@ from transformers import (  # noqa: E402
     SmolLM3ForSequenceClassification,
 )
 from transformers.modeling_layers import GenericForSequenceClassification  # noqa: E402
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
 
 torch.set_num_threads(1)
 torch.use_deterministic_algorithms(True)
@@ -406,6 +409,35 @@ FAMILIES = {
         generation=dict(bos_token_id=0, eos_token_id=0, pad_token_id=PAD_ID),
         seed=7007,
     ),
+    "olmo3": dict(
+        config_cls=Olmo3Config,
+        lm_cls=Olmo3ForCausalLM,
+        # No reward model: its layers are tiny-olmo3's, which the feeding tests run.
+        rm_cls=None,
+        config=dict(
+            # Like OLMo-3-7B: OLMo 2's blocks, sliding-window layers (layer_types; three of four
+            # there, 4096 positions) turned by the plain rotation and full layers by YaRN with
+            # its stated attention factor.
+            layer_types=["sliding_attention", "full_attention"],
+            sliding_window=8,
+            rope_scaling=dict(
+                rope_type="yarn", factor=2.0, original_max_position_embeddings=128,
+                attention_factor=1.2, beta_fast=32.0, beta_slow=1.0,
+            ),
+            tie_word_embeddings=False,
+            rms_norm_eps=1e-6,
+            rope_theta=500000.0,
+            attention_bias=False,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=PAD_ID,
+        ),
+        tokenizer=dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>"),
+        chat_template=TULU_TURNS,
+        template_in_tokenizer_config=True,
+        generation=dict(bos_token_id=0, eos_token_id=0, pad_token_id=PAD_ID),
+        seed=8008,
+    ),
 }
 
 # ---------------------------------------------------------------------------
@@ -663,23 +695,44 @@ def ref_hidden(sd: dict, cfg, ids: list[int], skip_qk_norm: bool = False) -> tor
             y = y + sd[name + ".bias"]
         return y
 
-    inv = ref_inv_freq(cfg)
-    ang = torch.arange(T, dtype=torch.float32)[:, None] * inv[None, :]
-    cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)
+    def tables(inv, scale=1.0):
+        ang = torch.arange(T, dtype=torch.float32)[:, None] * inv[None, :]
+        return torch.cat([ang.cos(), ang.cos()], -1) * scale, torch.cat([ang.sin(), ang.sin()], -1) * scale
 
-    def rope(x):  # x: [heads, T, hd]  (rotate_half convention)
+    rs = getattr(cfg, "rope_scaling", None) or {}
+    if rs.get("rope_type", rs.get("type")) in (None, "default", "llama3"):
+        scaled = tables(ref_inv_freq(cfg))
+    else:  # YaRN and the others: transformers' own frequencies (rope_scaling.json checks them)
+        inv, factor = ROPE_INIT_FUNCTIONS[rs.get("rope_type", rs.get("type"))](cfg, None)
+        scaled = tables(inv.float(), factor)
+    plain = tables(1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd)))
+
+    def rope(x, cos_sin):  # x: [heads, T, hd]  (rotate_half convention)
+        cos, sin = cos_sin
         x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
         return x * cos + torch.cat([-x2, x1], -1) * sin
 
-    window = None
-    if cfg.model_type in ("mistral", "phi3") or getattr(cfg, "use_sliding_window", False):
-        window = cfg.sliding_window
+    # Per layer: its window (None: full attention) and its rotary tables, as transformers reads
+    # the config: every layer of Mistral and Phi-3 windowed; Qwen2's under use_sliding_window;
+    # OLMo 3's sliding layers (layer_types) windowed and turned by the plain rotation.
+    types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
+    windows, turns = [], []
+    for layer in range(cfg.num_hidden_layers):
+        sliding = types[layer] == "sliding_attention"
+        if cfg.model_type in ("mistral", "phi3"):
+            windows.append(cfg.sliding_window)
+        elif cfg.model_type == "olmo3" or getattr(cfg, "use_sliding_window", False):
+            windows.append(cfg.sliding_window if sliding else None)
+        else:
+            windows.append(None)
+        turns.append(plain if cfg.model_type == "olmo3" and sliding else scaled)
     sd = unfused(sd, cfg)
     q_idx = torch.arange(T)[:, None]
     k_idx = torch.arange(T)[None, :]
-    allowed = k_idx <= q_idx
-    if window is not None:
-        allowed = allowed & (k_idx > q_idx - window)  # window tokens, self included
+
+    def allowed(window):
+        causal = k_idx <= q_idx
+        return causal if window is None else causal & (k_idx > q_idx - window)  # window tokens, self included
 
     x = sd["model.embed_tokens.weight"][torch.tensor(ids)]
     for layer in range(cfg.num_hidden_layers):
@@ -701,11 +754,11 @@ def ref_hidden(sd: dict, cfg, ids: list[int], skip_qk_norm: bool = False) -> tor
         q, k = q.transpose(0, 1), k.transpose(0, 1)
         v = lin(h, p + "self_attn.v_proj").view(T, KV, hd).transpose(0, 1)
         if getattr(cfg, "no_rope_layers", None) is None or cfg.no_rope_layers[layer]:
-            q, k = rope(q), rope(k)
+            q, k = rope(q, turns[layer]), rope(k, turns[layer])
         k = k.repeat_interleave(H // KV, 0)
         v = v.repeat_interleave(H // KV, 0)
         att = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
-        att = att.masked_fill(~allowed, float("-inf")).softmax(-1)
+        att = att.masked_fill(~allowed(windows[layer]), float("-inf")).softmax(-1)
         o = (att @ v).transpose(0, 1).reshape(T, H * hd)
         o = lin(o, p + "self_attn.o_proj")
         x = x + (rms(o, sd[p + "post_attention_layernorm.weight"]) if after else o)
@@ -820,6 +873,7 @@ def lm_reference(name: str, path: Path) -> dict:
         assert all(t == "full_attention" for t in cfg.layer_types)
         cfg_win = type(cfg).from_dict(cfg.to_dict())
         cfg_win.use_sliding_window, cfg_win.sliding_window = True, 8
+        cfg_win.layer_types = ["sliding_attention"] * cfg.num_hidden_layers
         d = (ref_logits(sd, cfg_win, seqs[0]) - logits[0, : len(seqs[0])]).abs().max().item()
         assert d > 1e-3, d
         extra["sliding_window_note"] = (
@@ -844,6 +898,19 @@ def lm_reference(name: str, path: Path) -> dict:
             "q and k pass through RMS norms over each head's 32 values (self_attn.q_norm / k_norm) "
             f"before the rotary embedding; leaving them out would change case 0's logits by up to {d:.4f}."
         )
+    if cfg.model_type == "olmo3":
+        # Both the window of the sliding layer and its plain rotation matter.
+        as_full = type(cfg).from_dict({**cfg.to_dict(), "layer_types": ["full_attention"] * cfg.num_hidden_layers})
+        d_window = (ref_logits(sd, as_full, seqs[0]) - logits[0, : len(seqs[0])]).abs().max().item()
+        unwindowed = type(cfg).from_dict({**cfg.to_dict(), "sliding_window": 10**6})
+        d_rotation = (ref_logits(sd, unwindowed, seqs[0]) - ref_logits(sd, as_full, seqs[0])).abs().max().item()
+        assert d_window > 1e-3 and d_rotation > 1e-3, (d_window, d_rotation)
+        extra["layer_types_note"] = (
+            f"layer_types {cfg.layer_types}, sliding_window {cfg.sliding_window}: layer 0 attends to the last "
+            f"{cfg.sliding_window} positions and turns by the plain rotation of rope_theta, layer 1 attends to "
+            f"all and turns by YaRN. Reading both layers as full ones would change case 0's logits by up to "
+            f"{d_window:.4f}; of that, the sliding layer's rotation alone (no window) accounts for up to {d_rotation:.4f}."
+        )
     if cfg.model_type == "olmo2":
         d = (ref_logits(sd, cfg, seqs[0], skip_qk_norm=True) - logits[0, : len(seqs[0])]).abs().max().item()
         assert d > 1e-3, d
@@ -855,7 +922,7 @@ def lm_reference(name: str, path: Path) -> dict:
             f"case 0's logits by up to {d:.4f}. The blocks normalise each sublayer's output "
             "(post_attention_layernorm, post_feedforward_layernorm) before the residual add."
         )
-    if getattr(cfg, "rope_scaling", None):
+    if getattr(cfg, "rope_scaling", None) and cfg.rope_scaling.get("rope_type") == "llama3":
         inv_default = 1.0 / (cfg.rope_theta ** (torch.arange(0, 16, 2).float() / 16))
         extra["rope_inv_freq_default"] = fl_list(inv_default)
         extra["rope_inv_freq_scaled"] = fl_list(ref_inv_freq(cfg))
@@ -998,6 +1065,8 @@ def main() -> None:
             patch_qwen2_config(MODELS / f"tiny-{fam_name}")
 
         # reward model
+        if fam["rm_cls"] is None:
+            continue
         rm_cfg = fam["config_cls"](
             **{**cfg_kwargs, "tie_word_embeddings": False, **fam.get("rm_config", {})}, num_labels=1
         )
@@ -1010,12 +1079,13 @@ def main() -> None:
 
     for fam_name in FAMILIES:
         write_json(REFS / f"tiny-{fam_name}.json", lm_reference(f"tiny-{fam_name}", MODELS / f"tiny-{fam_name}"))
-        write_json(REFS / f"tiny-rm-{fam_name}.json", rm_reference(f"tiny-rm-{fam_name}", MODELS / f"tiny-rm-{fam_name}"))
+        if FAMILIES[fam_name]["rm_cls"] is not None:
+            write_json(REFS / f"tiny-rm-{fam_name}.json", rm_reference(f"tiny-rm-{fam_name}", MODELS / f"tiny-rm-{fam_name}"))
     write_json(REFS / "chat_templates.json", template_reference())
 
     total = sum(p.stat().st_size for p in MODELS.rglob("*") if p.is_file())
     print(f"testdata/models: {total} bytes")
-    assert total < 8 * 1024 * 1024
+    assert total < 9 * 1024 * 1024
     print("ok")
 
 

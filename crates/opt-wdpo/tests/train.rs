@@ -93,13 +93,15 @@ fn training_lowers_the_loss_and_widens_the_margin() {
     // Qwen3 as well: its norms of each query and key head are trained with the rest; Phi-3,
     // whose saved checkpoint stacks the trained projections back into its fused weights;
     // SmolLM3, whose layer without a rotary embedding trains through unturned tables; OLMo-2,
-    // whose norms after the sublayers and of the whole q and k projections train too.
+    // whose norms after the sublayers and of the whole q and k projections train too; OLMo 3,
+    // its sliding layer through its own mask and tables.
     for name in [
         "tiny-llama",
         "tiny-qwen3",
         "tiny-phi3",
         "tiny-smollm3",
         "tiny-olmo2",
+        "tiny-olmo3",
     ] {
         lowers_the_loss_and_trains_every_weight(name);
     }

@@ -22,6 +22,7 @@ pub enum Family {
     Phi3,
     SmolLM3,
     Olmo2,
+    Olmo3,
 }
 
 impl Family {
@@ -34,10 +35,11 @@ impl Family {
             "phi3" => Ok(Family::Phi3),
             "smollm3" => Ok(Family::SmolLM3),
             "olmo2" => Ok(Family::Olmo2),
+            "olmo3" => Ok(Family::Olmo3),
             other => bail!(
                 "unsupported model_type '{other}': optune supports llama, mistral, qwen2, qwen3, \
-                 phi3, smollm3 and olmo2 (Llama 2/3, TinyLlama, SmolLM2, Zephyr/Mistral, \
-                 Qwen2/2.5, Qwen3 dense, Phi-3/3.5/4, SmolLM3, OLMo 2)"
+                 phi3, smollm3, olmo2 and olmo3 (Llama 2/3, TinyLlama, SmolLM2, Zephyr/Mistral, \
+                 Qwen2/2.5, Qwen3 dense, Phi-3/3.5/4, SmolLM3, OLMo 2, OLMo 3)"
             ),
         }
     }
@@ -51,6 +53,7 @@ impl Family {
             Family::Phi3 => "phi3",
             Family::SmolLM3 => "smollm3",
             Family::Olmo2 => "olmo2",
+            Family::Olmo3 => "olmo3",
         }
     }
 }
@@ -63,6 +66,17 @@ pub enum QkNorm {
     /// OLMo-2: a token's whole projection (weights `[heads·head_dim]` for q,
     /// `[kv_heads·head_dim]` for k).
     WholeProjection,
+}
+
+/// How a layer's attention turns queries and keys by position ([`ModelConfig::layer_rotation`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerRotation {
+    /// By the config's rotation, `rope_scaling` included.
+    Scaled,
+    /// By the plain rotation of `rope_theta`, `rope_scaling` left out (OLMo 3's sliding layers).
+    Unscaled,
+    /// Not at all (SmolLM3's NoPE layers).
+    None,
 }
 
 /// `rope_scaling` as written by transformers. The forms read are `default`, `linear` (position
@@ -168,13 +182,20 @@ pub struct ModelConfig {
     /// Absent, the family's default in transformers ([`ModelConfig::tied_embeddings`]).
     #[serde(default)]
     pub tie_word_embeddings: Option<bool>,
-    /// Mistral and Phi-3: attend to at most this many previous positions (inclusive of the
-    /// current one).
+    /// Attend to at most this many previous positions (inclusive of the current one): every
+    /// layer of Mistral and Phi-3, the sliding layers of the others
+    /// ([`ModelConfig::layer_window`]).
     #[serde(default)]
     pub sliding_window: Option<usize>,
-    /// Qwen2 and Qwen3 write a window size but only use it when this is set.
+    /// Qwen2, Qwen3 and SmolLM3 write a window size but only use it when this is set.
     #[serde(default)]
     pub use_sliding_window: Option<bool>,
+    /// Per layer, `sliding_attention` or `full_attention`; absent, the family's default pattern.
+    #[serde(default)]
+    pub layer_types: Option<Vec<String>>,
+    /// Qwen2 and Qwen3 without `layer_types`: the first this many layers attend in full.
+    #[serde(default)]
+    pub max_window_layers: Option<usize>,
     /// Llama's and Qwen3's optional biases on q/k/v/o.
     #[serde(default)]
     pub attention_bias: Option<bool>,
@@ -276,10 +297,20 @@ impl ModelConfig {
                 );
             }
         }
-        if matches!(self.family(), Ok(Family::SmolLM3)) && self.use_sliding_window == Some(true) {
-            bail!(
-                "smollm3 with use_sliding_window is not supported (a window on some layers only)"
-            );
+        if let Some(types) = &self.layer_types {
+            if types.len() != self.num_hidden_layers {
+                bail!(
+                    "layer_types has {} entries for {} layers",
+                    types.len(),
+                    self.num_hidden_layers
+                );
+            }
+            if let Some(other) = types
+                .iter()
+                .find(|t| *t != "sliding_attention" && *t != "full_attention")
+            {
+                bail!("layer_types: '{other}' is neither sliding_attention nor full_attention");
+            }
         }
         let (d, r) = (self.head_dim(), self.rotary_dim());
         if let Some(share) = self.partial_rotary_factor.filter(|_| r != d) {
@@ -411,15 +442,40 @@ impl ModelConfig {
             .unwrap_or(matches!(self.family(), Ok(Family::SmolLM3)))
     }
 
-    /// Whether layer `layer`'s attention turns queries and keys by their positions: all but
-    /// SmolLM3's NoPE layers (by default every fourth, as transformers' `SmolLM3Config`).
-    pub fn rotary_layer(&self, layer: usize) -> bool {
-        if !matches!(self.family(), Ok(Family::SmolLM3)) {
-            return true;
+    /// How layer `layer`'s attention turns queries and keys by their positions.
+    pub fn layer_rotation(&self, layer: usize) -> LayerRotation {
+        match self.family() {
+            // NoPE layers, by default every fourth (transformers' `SmolLM3Config`).
+            Ok(Family::SmolLM3) => {
+                let rotates = match &self.no_rope_layers {
+                    Some(layers) => layers.get(layer).is_none_or(|&on| on != 0),
+                    None => !(layer + 1).is_multiple_of(self.no_rope_layer_interval.unwrap_or(4)),
+                };
+                match rotates {
+                    true => LayerRotation::Scaled,
+                    false => LayerRotation::None,
+                }
+            }
+            // transformers' `Olmo3Model` turns its sliding layers by the default rotation.
+            Ok(Family::Olmo3) if self.rope_scaling.is_some() && self.sliding_layer(layer) => {
+                LayerRotation::Unscaled
+            }
+            _ => LayerRotation::Scaled,
         }
-        match &self.no_rope_layers {
-            Some(layers) => layers.get(layer).is_none_or(|&on| on != 0),
-            None => !(layer + 1).is_multiple_of(self.no_rope_layer_interval.unwrap_or(4)),
+    }
+
+    /// Whether layer `layer` is one of the config's sliding-window layers (`layer_types`, else
+    /// the family's default pattern as transformers' config classes make it): whether a window
+    /// applies is [`ModelConfig::layer_window`]'s to say.
+    fn sliding_layer(&self, layer: usize) -> bool {
+        if let Some(types) = &self.layer_types {
+            return types.get(layer).is_some_and(|t| t == "sliding_attention");
+        }
+        match self.family() {
+            Ok(Family::Qwen2 | Family::Qwen3) => layer >= self.max_window_layers.unwrap_or(28),
+            Ok(Family::SmolLM3) => self.layer_rotation(layer) == LayerRotation::None,
+            Ok(Family::Olmo3) => !(layer + 1).is_multiple_of(4),
+            _ => false,
         }
     }
 
@@ -446,7 +502,7 @@ impl ModelConfig {
 
     pub fn o_bias(&self) -> bool {
         match self.family() {
-            Ok(Family::Llama | Family::Qwen3 | Family::SmolLM3 | Family::Olmo2) => {
+            Ok(Family::Llama | Family::Qwen3 | Family::SmolLM3 | Family::Olmo2 | Family::Olmo3) => {
                 self.attention_bias.unwrap_or(false)
             }
             _ => false,
@@ -458,28 +514,36 @@ impl ModelConfig {
     pub fn qk_norm(&self) -> Option<QkNorm> {
         match self.family() {
             Ok(Family::Qwen3) => Some(QkNorm::PerHead),
-            Ok(Family::Olmo2) => Some(QkNorm::WholeProjection),
+            Ok(Family::Olmo2 | Family::Olmo3) => Some(QkNorm::WholeProjection),
             _ => None,
         }
     }
 
-    /// OLMo-2: each sublayer reads the stream as it is and its output is normalised before it
-    /// is added (`post_attention_layernorm` after the attention, `post_feedforward_layernorm`
-    /// after the MLP; no `input_layernorm`). The others normalise what each sublayer reads.
+    /// OLMo 2 and 3: each sublayer reads the stream as it is and its output is normalised
+    /// before it is added (`post_attention_layernorm` after the attention,
+    /// `post_feedforward_layernorm` after the MLP; no `input_layernorm`). The others normalise
+    /// what each sublayer reads.
     pub fn norms_after_sublayers(&self) -> bool {
-        matches!(self.family(), Ok(Family::Olmo2))
+        matches!(self.family(), Ok(Family::Olmo2 | Family::Olmo3))
     }
 
     pub fn mlp_bias(&self) -> bool {
         self.mlp_bias.unwrap_or(false)
     }
 
-    /// The attention window in positions, when the family uses one.
-    pub fn attention_window(&self) -> Option<usize> {
+    /// Layer `layer`'s attention window in positions, if it has one: every layer of Mistral and
+    /// Phi-3; the sliding layers of Qwen2, Qwen3 and SmolLM3 under `use_sliding_window`, and of
+    /// OLMo 3 (whose config class defaults the window to 4096), as transformers reads them.
+    pub fn layer_window(&self, layer: usize) -> Option<usize> {
         match self.family() {
             Ok(Family::Mistral | Family::Phi3) => self.sliding_window,
-            Ok(Family::Qwen2 | Family::Qwen3) if self.use_sliding_window == Some(true) => {
+            Ok(Family::Qwen2 | Family::Qwen3 | Family::SmolLM3)
+                if self.use_sliding_window == Some(true) && self.sliding_layer(layer) =>
+            {
                 self.sliding_window
+            }
+            Ok(Family::Olmo3) if self.sliding_layer(layer) => {
+                Some(self.sliding_window.unwrap_or(4096))
             }
             _ => None,
         }
@@ -522,11 +586,11 @@ mod tests {
     #[test]
     fn families_resolve_their_switches() {
         let llama = ModelConfig::from_json_str(&base("llama").to_string()).unwrap();
-        assert!(!llama.qkv_bias() && llama.attention_window().is_none());
+        assert!(!llama.qkv_bias() && llama.layer_window(0).is_none());
         let qwen = ModelConfig::from_json_str(&base("qwen2").to_string()).unwrap();
-        assert!(qwen.qkv_bias() && qwen.attention_window().is_none());
+        assert!(qwen.qkv_bias() && qwen.layer_window(0).is_none());
         let mistral = ModelConfig::from_json_str(&base("mistral").to_string()).unwrap();
-        assert_eq!(mistral.attention_window(), Some(4));
+        assert_eq!(mistral.layer_window(0), Some(4));
         assert_eq!(mistral.head_dim(), 4);
         assert!(llama.qk_norm().is_none() && qwen.qk_norm().is_none());
         assert!(mistral.qk_norm().is_none() && !llama.norms_after_sublayers());
@@ -536,14 +600,70 @@ mod tests {
         let olmo2 = ModelConfig::from_json_str(&base("olmo2").to_string()).unwrap();
         assert_eq!(olmo2.qk_norm(), Some(QkNorm::WholeProjection));
         assert!(olmo2.norms_after_sublayers() && !olmo2.tied_embeddings());
-        assert!(!olmo2.qkv_bias() && !olmo2.o_bias() && olmo2.attention_window().is_none());
-        assert!(qwen3.attention_window().is_none());
+        assert!(!olmo2.qkv_bias() && !olmo2.o_bias() && olmo2.layer_window(0).is_none());
+        assert!(qwen3.layer_window(0).is_none());
         let mut biased = base("qwen3");
         biased["attention_bias"] = serde_json::json!(true);
         biased["use_sliding_window"] = serde_json::json!(true);
+        biased["max_window_layers"] = serde_json::json!(0);
         let biased = ModelConfig::from_json_str(&biased.to_string()).unwrap();
         assert!(biased.qkv_bias() && biased.o_bias());
-        assert_eq!(biased.attention_window(), Some(4));
+        assert_eq!(biased.layer_window(0), Some(4));
+    }
+
+    /// Which layers slide, as transformers' config classes and models read them.
+    #[test]
+    fn sliding_layers_follow_layer_types_or_the_family_pattern() {
+        let windows = |model_type: &str, edit: serde_json::Value| {
+            let mut json = base(model_type);
+            json["num_hidden_layers"] = serde_json::json!(8);
+            for (key, value) in edit.as_object().unwrap() {
+                json[key] = value.clone();
+            }
+            let config = ModelConfig::from_json_str(&json.to_string()).unwrap();
+            (0..8).map(|l| config.layer_window(l)).collect::<Vec<_>>()
+        };
+        let (w, full) = (Some(4), None);
+        // Qwen2: the layers from max_window_layers on, only under use_sliding_window.
+        let qwen = |edit| windows("qwen2", edit);
+        assert_eq!(qwen(serde_json::json!({})), [full; 8]);
+        assert_eq!(
+            qwen(serde_json::json!({"use_sliding_window": true, "max_window_layers": 6})),
+            [full, full, full, full, full, full, w, w]
+        );
+        let types = serde_json::json!(["full_attention", "sliding_attention"].repeat(4));
+        assert_eq!(qwen(serde_json::json!({"layer_types": types})), [full; 8]);
+        assert_eq!(
+            qwen(serde_json::json!({"layer_types": types, "use_sliding_window": true})),
+            [full, w].repeat(4)
+        );
+        // SmolLM3: the NoPE layers (every fourth) under use_sliding_window.
+        assert_eq!(
+            windows("smollm3", serde_json::json!({"use_sliding_window": true})),
+            [full, full, full, w].repeat(2)
+        );
+        // OLMo 3: three sliding layers to one full, 4096 positions unless set; its sliding
+        // layers turn by the unscaled rotation.
+        assert_eq!(
+            windows("olmo3", serde_json::json!({"sliding_window": null})),
+            [Some(4096), Some(4096), Some(4096), full].repeat(2)
+        );
+        let mut olmo3 = base("olmo3");
+        olmo3["num_hidden_layers"] = serde_json::json!(4);
+        olmo3["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 2.0});
+        let olmo3 = ModelConfig::from_json_str(&olmo3.to_string()).unwrap();
+        assert_eq!(olmo3.layer_rotation(0), LayerRotation::Unscaled);
+        assert_eq!(olmo3.layer_rotation(3), LayerRotation::Scaled);
+        // Mistral: every layer, layer_types or not.
+        assert_eq!(windows("mistral", serde_json::json!({})), [w; 8]);
+        let mut bad = base("olmo3");
+        bad["num_hidden_layers"] = serde_json::json!(2);
+        bad["layer_types"] = serde_json::json!(["full_attention", "chunked_attention"]);
+        let err = ModelConfig::from_json_str(&bad.to_string()).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("'chunked_attention'"),
+            "{err:#}"
+        );
     }
 
     #[test]

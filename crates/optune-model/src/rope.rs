@@ -187,7 +187,26 @@ fn longrope(base: &[f64], config: &ModelConfig, scaling: &RopeScaling) -> Rotary
 
 impl RotaryTables {
     pub fn new(config: &ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
-        let frequencies = rotary_frequencies(config);
+        Self::of(rotary_frequencies(config), config, dtype, device)
+    }
+
+    /// The plain rotation of the config's `rope_theta`, its `rope_scaling` left out, over as many
+    /// positions as [`RotaryTables::new`]'s: OLMo 3's sliding layers turn by it.
+    pub fn unscaled(config: &ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
+        let plain = ModelConfig {
+            rope_scaling: None,
+            ..config.clone()
+        };
+        Self::of(rotary_frequencies(&plain), config, dtype, device)
+    }
+
+    /// Tables of `frequencies` for every position `config` allows.
+    fn of(
+        frequencies: RotaryFrequencies,
+        config: &ModelConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let rotated = config.rotary_dim() / 2;
         let half = frequencies.inverse.len();
         let positions = config.max_positions().max(1);

@@ -17,7 +17,7 @@ use crate::rope::RotaryTables;
 use anyhow::{bail, Context};
 use candle_core::{CpuStorage, DType, Device, Result, Storage, StorageRef, Tensor, TensorId};
 use half::bf16;
-use optune_checkpoint::{ModelConfig, QkNorm};
+use optune_checkpoint::{LayerRotation, ModelConfig, QkNorm};
 use optune_kernels::{host, ops, BlockTable, Path, TokenTables};
 use optune_kernels::{matmul_bf16_packed, Mat, PackedRhs, ProductPrecision};
 use std::borrow::Cow;
@@ -135,9 +135,8 @@ struct Mlp {
 
 #[derive(Clone)]
 struct Block {
-    /// Whether the attention turns queries and keys by position (all but SmolLM3's NoPE
-    /// layers, which take tables that turn nothing: cosines 1, sines 0).
-    rotary: bool,
+    /// The index of the block's [`AttentionKind`] in [`Transformer::attention_kinds`].
+    kind: usize,
     norms: BlockNorms,
     self_attn: Attention,
     mlp: Mlp,
@@ -215,14 +214,29 @@ impl BlockNorms {
     }
 }
 
+/// How a layer's attention sees positions: how it turns queries and keys, and how far back its
+/// window reaches. A model's layers come in one to three kinds (OLMo 3: sliding layers turned
+/// by the unscaled rotation, full ones by the scaled; SmolLM3: NoPE layers among turned ones);
+/// a pass makes each kind's mask, tables or spans once, and each block reads its kind's.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct AttentionKind {
+    rotation: LayerRotation,
+    window: Option<usize>,
+}
+
 #[derive(Clone)]
 pub struct Transformer {
     config: ModelConfig,
     embed_tokens: Tensor,
     layers: Vec<Block>,
+    /// The kinds of the layers' attention, each once, in the order of their first layer.
+    attention_kinds: Vec<AttentionKind>,
     norm: Tensor,
     head: OutputHead,
     rope: std::sync::Arc<RotaryTables>,
+    /// The rotation of `rope_theta` without the config's `rope_scaling`, where some layer turns
+    /// by it (OLMo 3's sliding layers).
+    unscaled_rope: Option<std::sync::Arc<RotaryTables>>,
     dtype: DType,
     device: Device,
     /// bf16 weights packed for the CPU decode step's products, by the weight tensor they were
@@ -461,12 +475,24 @@ impl Transformer {
         let kv_out = config.num_kv_heads() * head_dim;
         let embed_tokens = weights.take("model.embed_tokens.weight", &[v, h])?;
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        let mut attention_kinds: Vec<AttentionKind> = Vec::new();
         for l in 0..config.num_hidden_layers {
             let p = format!("model.layers.{l}");
             let attn = format!("{p}.self_attn");
             let mlp = format!("{p}.mlp");
+            let kind = AttentionKind {
+                rotation: config.layer_rotation(l),
+                window: config.layer_window(l),
+            };
+            let kind = match attention_kinds.iter().position(|k| *k == kind) {
+                Some(at) => at,
+                None => {
+                    attention_kinds.push(kind);
+                    attention_kinds.len() - 1
+                }
+            };
             layers.push(Block {
-                rotary: config.rotary_layer(l),
+                kind,
                 norms: BlockNorms::load(config, &mut weights, &p)?,
                 self_attn: Attention {
                     q_proj: weights.linear(
@@ -531,13 +557,24 @@ impl Transformer {
             bail!("missing weight 'lm_head.weight' and tie_word_embeddings is false");
         };
         let rope = RotaryTables::new(config, dtype, device)?;
+        let unscaled_rope = match attention_kinds
+            .iter()
+            .any(|k| k.rotation == LayerRotation::Unscaled)
+        {
+            true => Some(std::sync::Arc::new(RotaryTables::unscaled(
+                config, dtype, device,
+            )?)),
+            false => None,
+        };
         let mut model = Self {
             config: config.clone(),
             embed_tokens,
             layers,
+            attention_kinds,
             norm,
             head,
             rope: std::sync::Arc::new(rope),
+            unscaled_rope,
             dtype,
             device: device.clone(),
             packed: PackedWeights::default(),
@@ -778,33 +815,66 @@ impl Transformer {
     fn masked_pass(&self, batch: &PaddedBatch) -> Result<MaskedPass> {
         let (b, t) = batch.dims();
         self.check_tokens(t, batch.largest_id)?;
-        let window = self.config.attention_window();
-        let mut mask = Vec::with_capacity(b * t * t);
-        for row in &batch.mask {
-            for q in 0..t {
-                let attended = first_visible(window, q)..=q;
-                for k in 0..t {
-                    let visible = attended.contains(&k) && row[k];
-                    let own_padding = k == q && !row[q];
-                    mask.push(if visible || own_padding { 0.0 } else { MASKED });
-                }
-            }
-        }
         // In the dtype the attention adds it in: the fused op's f32 for a bf16 model (given the
         // model's, each layer's op would keep an f32 copy of it), else the model's.
         let mask_dtype = match optune_kernels::autograd_path(&self.device, self.dtype) {
             Path::Fused => ops::accumulation_dtype(self.dtype),
             Path::Generic => self.dtype,
         };
-        let mask = Tensor::from_vec(mask, (b, 1, t, t), &self.device)?.to_dtype(mask_dtype)?;
-        let (cos, sin) = self.rope.lookup(&batch.positions)?;
-        let unturned = unturned_tables(&self.layers, &cos)?;
-        Ok(MaskedPass {
-            mask,
-            cos,
-            sin,
-            unturned,
-        })
+        let mask_of = |window: Option<usize>| -> Result<Tensor> {
+            let mut mask = Vec::with_capacity(b * t * t);
+            for row in &batch.mask {
+                for q in 0..t {
+                    let attended = first_visible(window, q)..=q;
+                    for k in 0..t {
+                        let visible = attended.contains(&k) && row[k];
+                        let own_padding = k == q && !row[q];
+                        mask.push(if visible || own_padding { 0.0 } else { MASKED });
+                    }
+                }
+            }
+            Tensor::from_vec(mask, (b, 1, t, t), &self.device)?.to_dtype(mask_dtype)
+        };
+        // One mask per window, shared by the kinds that differ only in their rotation.
+        let mut masks: Vec<(Option<usize>, Tensor)> = Vec::new();
+        let tables = self.kind_tables(&batch.positions)?;
+        let mut kinds = Vec::with_capacity(tables.len());
+        for (kind, (cos, sin)) in self.attention_kinds.iter().zip(tables) {
+            let mask = match masks.iter().find(|(w, _)| *w == kind.window) {
+                Some((_, mask)) => mask.clone(),
+                None => {
+                    let mask = mask_of(kind.window)?;
+                    masks.push((kind.window, mask.clone()));
+                    mask
+                }
+            };
+            kinds.push(KindInputs { mask, cos, sin });
+        }
+        Ok(MaskedPass { kinds })
+    }
+
+    /// Each attention kind's cosine and sine tables for `positions` (`[batch, seq]`, u32),
+    /// `[batch, seq, head_dim / 2]`: its rotation's, or (a kind without one) tables that turn
+    /// nothing (cosines 1, sines 0).
+    fn kind_tables(&self, positions: &Tensor) -> Result<Vec<(Tensor, Tensor)>> {
+        let (cos, sin) = self.rope.lookup(positions)?;
+        self.attention_kinds
+            .iter()
+            .map(|kind| match self.rotary_tables(kind.rotation) {
+                Some(rope) if std::ptr::eq(rope, &*self.rope) => Ok((cos.clone(), sin.clone())),
+                Some(rope) => rope.lookup(positions),
+                None => Ok((cos.ones_like()?, cos.zeros_like()?)),
+            })
+            .collect()
+    }
+
+    /// The tables a layer of `rotation` turns by; `None` for a layer that turns nothing.
+    fn rotary_tables(&self, rotation: LayerRotation) -> Option<&RotaryTables> {
+        match rotation {
+            LayerRotation::Scaled => Some(&self.rope),
+            LayerRotation::Unscaled => self.unscaled_rope.as_deref(),
+            LayerRotation::None => None,
+        }
     }
 
     /// Refuses sequences longer than the rotary tables ([`ModelConfig::max_positions`]) or a token id
@@ -1015,40 +1085,35 @@ impl Transformer {
             true => (n, 1),
             false => (1, n),
         };
-        let window = self.config.attention_window();
-        let spans: Vec<u32> = tokens
-            .iter()
-            .flat_map(|&(slot, position)| {
-                [slot, first_visible(window, position), position].map(|x| x as u32)
-            })
-            .collect();
         let positions: Vec<u32> = tokens.iter().map(|&(_, p)| p as u32).collect();
         let positions = Tensor::from_vec(positions, (batch, steps), &self.device)?;
-        let (cos, sin) = self.rope.lookup(&positions)?;
-        // Read by every layer's cache write and attention (the unturned ones by the layers
-        // without a rotary embedding).
+        // Each attention kind's tables and spans, read by its layers' cache writes and
+        // attention.
         let blocks = cache.block_table()?;
-        let token_tables = |cos: &Tensor, sin: &Tensor| -> Result<TokenTables> {
-            match &blocks {
-                Some(blocks) => TokenTables::new(cos, sin, &spans)?.with_blocks(blocks.clone()),
-                None => TokenTables::new(cos, sin, &spans),
-            }
-        };
-        let tables = token_tables(&cos, &sin)?;
-        let unturned = match unturned_tables(&self.layers, &cos)? {
-            Some([cos, sin]) => {
-                let tables = token_tables(&cos, &sin)?;
-                Some((cos, sin, tables))
-            }
-            None => None,
-        };
+        let kinds = (self
+            .attention_kinds
+            .iter()
+            .zip(self.kind_tables(&positions)?))
+        .map(|(kind, (cos, sin))| {
+            let spans: Vec<u32> = tokens
+                .iter()
+                .flat_map(|&(slot, position)| {
+                    [slot, first_visible(kind.window, position), position].map(|x| x as u32)
+                })
+                .collect();
+            let tables = match &blocks {
+                Some(blocks) => {
+                    TokenTables::new(&cos, &sin, &spans)?.with_blocks(blocks.clone())?
+                }
+                None => TokenTables::new(&cos, &sin, &spans)?,
+            };
+            Ok((cos, sin, tables))
+        })
+        .collect::<Result<Vec<_>>>()?;
         let mut stream =
             Residual::new(self.embed(&Tensor::from_vec(ids, (batch, steps), &self.device)?)?);
         for (layer, block) in self.layers.iter().enumerate() {
-            let (cos, sin, tables) = match (&unturned, block.rotary) {
-                (Some((cos, sin, tables)), false) => (cos, sin, tables),
-                _ => (&cos, &sin, &tables),
-            };
+            let (cos, sin, tables) = &kinds[block.kind];
             let cached = CachedKv {
                 cache,
                 layer,
@@ -1082,9 +1147,9 @@ impl Transformer {
         let width = weights.head.out;
         let slots = cache.slots();
         let vocab = cfg.vocab_size;
-        let window = cfg.attention_window();
         let mut seen = vec![false; slots];
-        let mut queries: Vec<host::Query> = Vec::new();
+        // Each new token's slot and position.
+        let mut tokens: Vec<(usize, usize)> = Vec::new();
         let mut ids: Vec<usize> = Vec::new();
         for segment in segments {
             let slot = segment.slot;
@@ -1108,21 +1173,31 @@ impl Transformer {
                 if id as usize >= vocab {
                     bail!("token id {id} is outside the vocabulary of {vocab}");
                 }
-                let position = start + i;
-                queries.push(host::Query {
-                    slot,
-                    first: first_visible(window, position),
-                    position,
-                });
+                tokens.push((slot, start + i));
                 ids.push(id as usize);
             }
         }
-        let rows = queries.len();
+        let rows = tokens.len();
         if rows == 0 {
             return Ok(Vec::new());
         }
-        let positions: Vec<usize> = queries.iter().map(|q| q.position).collect();
-        let (cos, sin) = self.rope.host_tables(&positions);
+        let positions: Vec<usize> = tokens.iter().map(|&(_, position)| position).collect();
+        let kinds: Vec<HostKind> = (self.attention_kinds)
+            .iter()
+            .map(|kind| {
+                let queries = (tokens.iter())
+                    .map(|&(slot, position)| host::Query {
+                        slot,
+                        first: first_visible(kind.window, position),
+                        position,
+                    })
+                    .collect();
+                let tables = self
+                    .rotary_tables(kind.rotation)
+                    .map(|rope| rope.host_tables(&positions));
+                HostKind { queries, tables }
+            })
+            .collect();
         let mut x = Vec::with_capacity(rows * h);
         weights.embed.gather_rows(&ids, h, &mut x);
         let eps = cfg.rms_norm_eps;
@@ -1142,15 +1217,16 @@ impl Transformer {
                     host::rms_norm(&heads_in, &weight.floats(), eps, x);
                 }
             }
-            if block.rotary {
-                host::rotary(&mut q, heads, d, &cos, &sin);
-                host::rotary(&mut k, kvh, d, &cos, &sin);
+            let kind = &kinds[block.kind];
+            if let Some((cos, sin)) = &kind.tables {
+                host::rotary(&mut q, heads, d, cos, sin);
+                host::rotary(&mut k, kvh, d, cos, sin);
             }
             // Every row's key and value go in before any row attends (a prompt's rows read
             // each other's).
-            for (row, query) in queries.iter().enumerate() {
+            for (row, &(slot, position)) in tokens.iter().enumerate() {
                 for head in 0..kvh {
-                    let at = ((query.slot * kvh + head) * capacity + query.position) * d;
+                    let at = ((slot * kvh + head) * capacity + position) * d;
                     let from = (row * kvh + head) * d;
                     keys[l][at..at + d].copy_from_slice(&k[from..from + d]);
                     values[l][at..at + d].copy_from_slice(&v[from..from + d]);
@@ -1162,7 +1238,7 @@ impl Transformer {
                 kv_heads: kvh,
                 capacity,
             };
-            host::attention(&q, &queries, heads, d, &layer, &mut attn);
+            host::attention(&q, &kind.queries, heads, d, &layer, &mut attn);
             let o = block.o.forward(&attn, rows);
             let o = block.sublayer_output(o, &block.attention_norm, eps);
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
@@ -1396,9 +1472,16 @@ impl<'m> PackedFor<'m> {
     }
 }
 
+/// One attention kind's part of a host decode step: its queries (their first positions by its
+/// window) and its cosine and sine tables (none for a kind that turns nothing).
+struct HostKind {
+    queries: Vec<host::Query>,
+    tables: Option<(Vec<f32>, Vec<f32>)>,
+}
+
 struct HostBlock<'a> {
-    /// The block's `rotary`: SmolLM3's NoPE layers skip the rotation.
-    rotary: bool,
+    /// The block's `kind`: which of the step's queries and tables it reads.
+    kind: usize,
     /// [`BlockNorms`]' `after`: OLMo-2's norms of the sublayers' outputs.
     norms_after: bool,
     attention_norm: HostView<'a>,
@@ -1452,7 +1535,7 @@ impl<'a> HostWeights<'a> {
             .iter()
             .map(|b| {
                 Ok(HostBlock {
-                    rotary: b.rotary,
+                    kind: b.kind,
                     norms_after: b.norms.after,
                     attention_norm: HostView::new(&b.norms.attention)?,
                     q: HostLinear::new(&b.self_attn.q_proj, &mut packed)?,
@@ -1544,34 +1627,25 @@ impl Residual {
     }
 }
 
-/// A padded batch's additive attention mask `[b, 1, t, t]` and rotary tables: the same for every
-/// block of a training pass.
+/// What every block of a training pass over a padded batch reads besides the stream, per
+/// [`AttentionKind`].
 struct MaskedPass {
+    kinds: Vec<KindInputs>,
+}
+
+/// One attention kind's additive mask `[b, 1, t, t]` (its window's) and rotary tables.
+struct KindInputs {
     mask: Tensor,
     cos: Tensor,
     sin: Tensor,
-    /// Tables that turn nothing, for the blocks without a rotary embedding (if any).
-    unturned: Option<[Tensor; 2]>,
 }
 
 impl MaskedPass {
     /// The stream through `block`.
     fn through(&self, block: &Block, config: &ModelConfig, stream: Residual) -> Result<Residual> {
-        let attend = Attend::Masked(&self.mask);
-        match (&self.unturned, block.rotary) {
-            (Some([cos, sin]), false) => block.forward(config, stream, cos, sin, attend),
-            _ => block.forward(config, stream, &self.cos, &self.sin, attend),
-        }
+        let KindInputs { mask, cos, sin } = &self.kinds[block.kind];
+        block.forward(config, stream, cos, sin, Attend::Masked(mask))
     }
-}
-
-/// Cosine and sine tables shaped as `cos` that turn nothing, when some layer of `layers` has no
-/// rotary embedding.
-fn unturned_tables(layers: &[Block], cos: &Tensor) -> Result<Option<[Tensor; 2]>> {
-    if layers.iter().all(|block| block.rotary) {
-        return Ok(None);
-    }
-    Ok(Some([cos.ones_like()?, cos.zeros_like()?]))
 }
 
 /// How a block's attention reaches its keys.

@@ -29,6 +29,7 @@ fn a_saved_checkpoint_reloads_bit_identically() {
         "tiny-phi3",
         "tiny-smollm3",
         "tiny-olmo2",
+        "tiny-olmo3",
         "tiny-rm-mistral",
         "tiny-rm-phi3",
     ] {

@@ -148,6 +148,19 @@ fn olmo2_norms_after_the_sublayers_and_of_whole_projections() {
 }
 
 #[test]
+fn olmo3_sliding_and_full_layers() {
+    check(
+        "tiny-olmo3",
+        &[
+            "layers.0.self_attn.q_proj.weight",
+            "layers.0.self_attn.k_norm",
+            "layers.1.self_attn.k_proj.weight",
+            "embed_tokens",
+        ],
+    );
+}
+
+#[test]
 fn mistral_sliding_window() {
     check(
         "tiny-mistral",

@@ -223,6 +223,11 @@ fn olmo2_matches_transformers() {
     check_causal_model("tiny-olmo2");
 }
 
+#[test]
+fn olmo3_matches_transformers() {
+    check_causal_model("tiny-olmo3");
+}
+
 fn check_reward_model(name: &str) {
     let reference = reference(name);
     let (model, tokenizer, _) = load_model(

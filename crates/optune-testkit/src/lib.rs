@@ -28,8 +28,9 @@ pub fn workspace_root() -> PathBuf {
 /// The causal language models of testdata, one per family (llama; mistral, windowed; qwen2,
 /// biased; qwen3, with norms of each query and key head; phi3, its projections stored fused;
 /// smollm3, a layer without a rotary embedding; olmo2, norms after the sublayers and of the whole
-/// q and k projections), for the tests that run on each.
-pub const FAMILY_MODELS: [&str; 7] = [
+/// q and k projections; olmo3, a sliding layer turned by the plain rotation beside a full one
+/// turned by YaRN), for the tests that run on each.
+pub const FAMILY_MODELS: [&str; 8] = [
     "tiny-llama",
     "tiny-mistral",
     "tiny-qwen2",
@@ -37,10 +38,12 @@ pub const FAMILY_MODELS: [&str; 7] = [
     "tiny-phi3",
     "tiny-smollm3",
     "tiny-olmo2",
+    "tiny-olmo3",
 ];
 
-/// The reward models of testdata, one per family (`*ForSequenceClassification`, one label;
-/// tiny-rm-olmo2 without GQA, so its q and k norms are of one width).
+/// The reward models of testdata, one per family but OLMo 3's, whose layers tiny-olmo3 runs
+/// (`*ForSequenceClassification`, one label; tiny-rm-olmo2 without GQA, so its q and k norms are
+/// of one width).
 pub const REWARD_MODELS: [&str; 7] = [
     "tiny-rm-llama",
     "tiny-rm-mistral",
