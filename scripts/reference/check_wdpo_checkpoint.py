@@ -34,7 +34,9 @@ raw-text prompts and checked with them as one-message lists, 9 steps: tiny-olmo2
 the sublayers, q and k norms over whole projections): full fine-tune 1.2e-05; LoRA `--lora-targets
 q_proj,k_proj,o_proj,up_proj,down_proj --lora-rank 4 --lr 1e-2 --save-adapter`: merged 2.0e-05,
 PEFT 2.0e-05. tiny-olmo3 (a sliding layer turned by the plain rotation, a full one by YaRN):
-full 3.4e-05; the same LoRA: merged 2.0e-05, PEFT 3.1e-05.
+full 3.4e-05; the same LoRA: merged 2.0e-05, PEFT 3.1e-05. tiny-exaone4 (norms after the
+sublayers and of each query and key head, a full layer without a rotary embedding): full
+2.0e-05; the same LoRA: merged 3.1e-05, PEFT 3.1e-05.
 """
 import json
 import os

@@ -6,8 +6,8 @@ Run by hand (never from CI):
     /work/.venv-ref/bin/python scripts/reference/make_testdata.py
 
 Writes (relative to the repository root):
-    testdata/models/tiny-{llama,mistral,qwen2,qwen3,phi3,smollm3,olmo2,olmo3}/ causal LMs
-    testdata/models/tiny-rm-{llama,mistral,qwen2,qwen3,phi3,smollm3,olmo2}/    reward models
+    testdata/models/tiny-{llama,mistral,qwen2,qwen3,phi3,smollm3,olmo2,olmo3,exaone4}/ causal LMs
+    testdata/models/tiny-rm-{llama,mistral,qwen2,qwen3,phi3,smollm3,olmo2,exaone4}/    reward models
     testdata/reference/{tiny-*,tiny-rm-*}.json                  log-probs / logits / scores
     testdata/reference/chat_templates.json                      rendered chat templates
 
@@ -36,6 +36,9 @@ from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    Exaone4Config,
+    Exaone4ForCausalLM,
+    Exaone4ForSequenceClassification,
     GenerationConfig,
     LlamaConfig,
     LlamaForCausalLM,
@@ -182,6 +185,13 @@ class Olmo2ForSequenceClassification(GenericForSequenceClassification, Olmo2PreT
 
 
 AutoModelForSequenceClassification.register(Olmo2Config, Olmo2ForSequenceClassification)
+
+# Turns in the manner of EXAONE 4's template (written for these tests, not LG's text): a
+# bracketed role tag, the content, an end-of-turn tag (here <|im_end|>, the EOS).
+EXAONE_TURNS = (
+    "{% for message in messages %}{{ '[|' + message['role'] + '|]' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '[|assistant|]' }}{% endif %}"
+)
 
 # Llama-2-chat's template, verbatim: uses bos_token, eos_token, .strip() and
 # raise_exception; ignores add_generation_prompt (the prompt ends in " [/INST]").
@@ -437,6 +447,29 @@ FAMILIES = {
         template_in_tokenizer_config=True,
         generation=dict(bos_token_id=0, eos_token_id=0, pad_token_id=PAD_ID),
         seed=8008,
+    ),
+    "exaone4": dict(
+        config_cls=Exaone4Config,
+        lm_cls=Exaone4ForCausalLM,
+        rm_cls=Exaone4ForSequenceClassification,
+        config=dict(
+            # Like EXAONE-4.0-32B: OLMo 2's norms after the sublayers with Qwen3's norms of each
+            # query and key head; sliding layers (three of four there, "LLLG") with a rotary
+            # embedding, full layers without one.
+            sliding_window=8,
+            sliding_window_pattern=2,
+            tie_word_embeddings=False,
+            rms_norm_eps=1e-5,
+            rope_theta=1000000.0,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=PAD_ID,
+        ),
+        tokenizer=dict(bos_token="<|im_start|>", eos_token="<|im_end|>"),
+        chat_template=EXAONE_TURNS,
+        template_in_tokenizer_config=True,
+        generation=dict(bos_token_id=1, eos_token_id=2, pad_token_id=PAD_ID),
+        seed=9009,
     ),
 }
 
@@ -712,20 +745,27 @@ def ref_hidden(sd: dict, cfg, ids: list[int], skip_qk_norm: bool = False) -> tor
         x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
         return x * cos + torch.cat([-x2, x1], -1) * sin
 
-    # Per layer: its window (None: full attention) and its rotary tables, as transformers reads
-    # the config: every layer of Mistral and Phi-3 windowed; Qwen2's under use_sliding_window;
-    # OLMo 3's sliding layers (layer_types) windowed and turned by the plain rotation.
+    # Per layer: its window (None: full attention) and its rotary tables (None: no rotation), as
+    # transformers reads the config: every layer of Mistral and Phi-3 windowed; Qwen2's under
+    # use_sliding_window; OLMo 3's sliding layers (layer_types) windowed and turned by the plain
+    # rotation; EXAONE 4's sliding layers windowed, its full ones not turned; SmolLM3's NoPE
+    # layers not turned.
     types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
     windows, turns = [], []
     for layer in range(cfg.num_hidden_layers):
         sliding = types[layer] == "sliding_attention"
         if cfg.model_type in ("mistral", "phi3"):
             windows.append(cfg.sliding_window)
-        elif cfg.model_type == "olmo3" or getattr(cfg, "use_sliding_window", False):
+        elif cfg.model_type in ("olmo3", "exaone4") or getattr(cfg, "use_sliding_window", False):
             windows.append(cfg.sliding_window if sliding else None)
         else:
             windows.append(None)
-        turns.append(plain if cfg.model_type == "olmo3" and sliding else scaled)
+        if getattr(cfg, "no_rope_layers", None) is not None and not cfg.no_rope_layers[layer]:
+            turns.append(None)
+        elif cfg.model_type == "exaone4" and cfg.sliding_window is not None and not sliding:
+            turns.append(None)
+        else:
+            turns.append(plain if cfg.model_type == "olmo3" and sliding else scaled)
     sd = unfused(sd, cfg)
     q_idx = torch.arange(T)[:, None]
     k_idx = torch.arange(T)[None, :]
@@ -753,7 +793,7 @@ def ref_hidden(sd: dict, cfg, ids: list[int], skip_qk_norm: bool = False) -> tor
             k = rms(k, sd[p + "self_attn.k_norm.weight"])
         q, k = q.transpose(0, 1), k.transpose(0, 1)
         v = lin(h, p + "self_attn.v_proj").view(T, KV, hd).transpose(0, 1)
-        if getattr(cfg, "no_rope_layers", None) is None or cfg.no_rope_layers[layer]:
+        if turns[layer] is not None:
             q, k = rope(q, turns[layer]), rope(k, turns[layer])
         k = k.repeat_interleave(H // KV, 0)
         v = v.repeat_interleave(H // KV, 0)
@@ -910,6 +950,16 @@ def lm_reference(name: str, path: Path) -> dict:
             f"{cfg.sliding_window} positions and turns by the plain rotation of rope_theta, layer 1 attends to "
             f"all and turns by YaRN. Reading both layers as full ones would change case 0's logits by up to "
             f"{d_window:.4f}; of that, the sliding layer's rotation alone (no window) accounts for up to {d_rotation:.4f}."
+        )
+    if cfg.model_type == "exaone4":
+        as_full = type(cfg).from_dict({**cfg.to_dict(), "sliding_window": None,
+                                       "layer_types": ["full_attention"] * cfg.num_hidden_layers})
+        d = (ref_logits(sd, as_full, seqs[0]) - logits[0, : len(seqs[0])]).abs().max().item()
+        assert d > 1e-3, d
+        extra["layer_types_note"] = (
+            f"layer_types {cfg.layer_types}, sliding_window {cfg.sliding_window}: layer 0 attends to the last "
+            f"{cfg.sliding_window} positions with a rotary embedding, layer 1 to all without one. Reading both "
+            f"as full layers with a rotary embedding would change case 0's logits by up to {d:.4f}."
         )
     if cfg.model_type == "olmo2":
         d = (ref_logits(sd, cfg, seqs[0], skip_qk_norm=True) - logits[0, : len(seqs[0])]).abs().max().item()
@@ -1085,7 +1135,7 @@ def main() -> None:
 
     total = sum(p.stat().st_size for p in MODELS.rglob("*") if p.is_file())
     print(f"testdata/models: {total} bytes")
-    assert total < 9 * 1024 * 1024
+    assert total < 10 * 1024 * 1024
     print("ok")
 
 

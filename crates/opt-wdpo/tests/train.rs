@@ -94,7 +94,8 @@ fn training_lowers_the_loss_and_widens_the_margin() {
     // whose saved checkpoint stacks the trained projections back into its fused weights;
     // SmolLM3, whose layer without a rotary embedding trains through unturned tables; OLMo-2,
     // whose norms after the sublayers and of the whole q and k projections train too; OLMo 3,
-    // its sliding layer through its own mask and tables.
+    // its sliding layer through its own mask and tables; EXAONE 4, its full layer through
+    // unturned tables.
     for name in [
         "tiny-llama",
         "tiny-qwen3",
@@ -102,6 +103,7 @@ fn training_lowers_the_loss_and_widens_the_margin() {
         "tiny-smollm3",
         "tiny-olmo2",
         "tiny-olmo3",
+        "tiny-exaone4",
     ] {
         lowers_the_loss_and_trains_every_weight(name);
     }

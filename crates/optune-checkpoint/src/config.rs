@@ -23,6 +23,7 @@ pub enum Family {
     SmolLM3,
     Olmo2,
     Olmo3,
+    Exaone4,
 }
 
 impl Family {
@@ -36,10 +37,12 @@ impl Family {
             "smollm3" => Ok(Family::SmolLM3),
             "olmo2" => Ok(Family::Olmo2),
             "olmo3" => Ok(Family::Olmo3),
+            "exaone4" => Ok(Family::Exaone4),
             other => bail!(
                 "unsupported model_type '{other}': optune supports llama, mistral, qwen2, qwen3, \
-                 phi3, smollm3, olmo2 and olmo3 (Llama 2/3, TinyLlama, SmolLM2, Zephyr/Mistral, \
-                 Qwen2/2.5, Qwen3 dense, Phi-3/3.5/4, SmolLM3, OLMo 2, OLMo 3)"
+                 phi3, smollm3, olmo2, olmo3 and exaone4 (Llama 2/3, TinyLlama, SmolLM2, \
+                 Zephyr/Mistral, Qwen2/2.5, Qwen3 dense, Phi-3/3.5/4, SmolLM3, OLMo 2, OLMo 3, \
+                 EXAONE 4.0)"
             ),
         }
     }
@@ -54,7 +57,18 @@ impl Family {
             Family::SmolLM3 => "smollm3",
             Family::Olmo2 => "olmo2",
             Family::Olmo3 => "olmo3",
+            Family::Exaone4 => "exaone4",
         }
+    }
+}
+
+/// The layers of one period of a `sliding_window_pattern`: the count, or the length of a string
+/// of `L` and `G` (transformers reads `"LLLG"` as 4).
+fn pattern_period(pattern: &serde_json::Value) -> Option<usize> {
+    match pattern {
+        serde_json::Value::Number(n) => n.as_u64().map(|n| n as usize),
+        serde_json::Value::String(s) if s.chars().all(|c| c == 'L' || c == 'G') => Some(s.len()),
+        _ => None,
     }
 }
 
@@ -196,6 +210,10 @@ pub struct ModelConfig {
     /// Qwen2 and Qwen3 without `layer_types`: the first this many layers attend in full.
     #[serde(default)]
     pub max_window_layers: Option<usize>,
+    /// EXAONE 4 without `layer_types`: every this-many-th layer attends in full, the others
+    /// slide; a count, or a string of `L` (sliding) and `G` (full) such as `"LLLG"`.
+    #[serde(default)]
+    pub sliding_window_pattern: Option<serde_json::Value>,
     /// Llama's and Qwen3's optional biases on q/k/v/o.
     #[serde(default)]
     pub attention_bias: Option<bool>,
@@ -295,6 +313,14 @@ impl ModelConfig {
                     layers.len(),
                     self.num_hidden_layers
                 );
+            }
+        }
+        if let Some(pattern) = &self.sliding_window_pattern {
+            match pattern_period(pattern) {
+                Some(period) if period > 0 => {}
+                _ => bail!(
+                    "sliding_window_pattern {pattern}: expected a positive count or a string of L and G"
+                ),
             }
         }
         if let Some(types) = &self.layer_types {
@@ -460,6 +486,10 @@ impl ModelConfig {
             Ok(Family::Olmo3) if self.rope_scaling.is_some() && self.sliding_layer(layer) => {
                 LayerRotation::Unscaled
             }
+            // EXAONE 4 with a window: its full layers attend without a rotary embedding.
+            Ok(Family::Exaone4) if self.sliding_window.is_some() && !self.sliding_layer(layer) => {
+                LayerRotation::None
+            }
             _ => LayerRotation::Scaled,
         }
     }
@@ -475,6 +505,12 @@ impl ModelConfig {
             Ok(Family::Qwen2 | Family::Qwen3) => layer >= self.max_window_layers.unwrap_or(28),
             Ok(Family::SmolLM3) => self.layer_rotation(layer) == LayerRotation::None,
             Ok(Family::Olmo3) => !(layer + 1).is_multiple_of(4),
+            Ok(Family::Exaone4) if self.sliding_window.is_some() => {
+                let period = (self.sliding_window_pattern.as_ref())
+                    .and_then(pattern_period)
+                    .unwrap_or(4);
+                !(layer + 1).is_multiple_of(period)
+            }
             _ => false,
         }
     }
@@ -513,18 +549,21 @@ impl ModelConfig {
     /// the rotary embedding, if any.
     pub fn qk_norm(&self) -> Option<QkNorm> {
         match self.family() {
-            Ok(Family::Qwen3) => Some(QkNorm::PerHead),
+            Ok(Family::Qwen3 | Family::Exaone4) => Some(QkNorm::PerHead),
             Ok(Family::Olmo2 | Family::Olmo3) => Some(QkNorm::WholeProjection),
             _ => None,
         }
     }
 
-    /// OLMo 2 and 3: each sublayer reads the stream as it is and its output is normalised
-    /// before it is added (`post_attention_layernorm` after the attention,
+    /// OLMo 2 and 3, EXAONE 4: each sublayer reads the stream as it is and its output is
+    /// normalised before it is added (`post_attention_layernorm` after the attention,
     /// `post_feedforward_layernorm` after the MLP; no `input_layernorm`). The others normalise
     /// what each sublayer reads.
     pub fn norms_after_sublayers(&self) -> bool {
-        matches!(self.family(), Ok(Family::Olmo2 | Family::Olmo3))
+        matches!(
+            self.family(),
+            Ok(Family::Olmo2 | Family::Olmo3 | Family::Exaone4)
+        )
     }
 
     pub fn mlp_bias(&self) -> bool {
@@ -532,8 +571,9 @@ impl ModelConfig {
     }
 
     /// Layer `layer`'s attention window in positions, if it has one: every layer of Mistral and
-    /// Phi-3; the sliding layers of Qwen2, Qwen3 and SmolLM3 under `use_sliding_window`, and of
-    /// OLMo 3 (whose config class defaults the window to 4096), as transformers reads them.
+    /// Phi-3; the sliding layers of Qwen2, Qwen3 and SmolLM3 under `use_sliding_window`, of
+    /// OLMo 3 (whose config class defaults the window to 4096) and of EXAONE 4 (with a
+    /// `sliding_window`), as transformers reads them.
     pub fn layer_window(&self, layer: usize) -> Option<usize> {
         match self.family() {
             Ok(Family::Mistral | Family::Phi3) => self.sliding_window,
@@ -545,6 +585,7 @@ impl ModelConfig {
             Ok(Family::Olmo3) if self.sliding_layer(layer) => {
                 Some(self.sliding_window.unwrap_or(4096))
             }
+            Ok(Family::Exaone4) if self.sliding_layer(layer) => self.sliding_window,
             _ => None,
         }
     }
@@ -654,6 +695,32 @@ mod tests {
         let olmo3 = ModelConfig::from_json_str(&olmo3.to_string()).unwrap();
         assert_eq!(olmo3.layer_rotation(0), LayerRotation::Unscaled);
         assert_eq!(olmo3.layer_rotation(3), LayerRotation::Scaled);
+        // EXAONE 4: three sliding layers to one full, which attends without a rotary
+        // embedding; no window, no NoPE.
+        assert_eq!(
+            windows(
+                "exaone4",
+                serde_json::json!({"sliding_window_pattern": "LLLG"})
+            ),
+            [w, w, w, full].repeat(2)
+        );
+        assert_eq!(
+            windows("exaone4", serde_json::json!({"sliding_window_pattern": 2})),
+            [w, full].repeat(4)
+        );
+        let mut exaone = base("exaone4");
+        exaone["num_hidden_layers"] = serde_json::json!(4);
+        let rotation = |json: &serde_json::Value| {
+            let config = ModelConfig::from_json_str(&json.to_string()).unwrap();
+            (0..4).map(|l| config.layer_rotation(l)).collect::<Vec<_>>()
+        };
+        let (turned, none) = (LayerRotation::Scaled, LayerRotation::None);
+        assert_eq!(rotation(&exaone), [turned, turned, turned, none]);
+        exaone["sliding_window"] = serde_json::Value::Null;
+        assert_eq!(rotation(&exaone), [turned; 4]);
+        let mut bad = base("exaone4");
+        bad["sliding_window_pattern"] = serde_json::json!("LLX");
+        assert!(ModelConfig::from_json_str(&bad.to_string()).is_err());
         // Mistral: every layer, layer_types or not.
         assert_eq!(windows("mistral", serde_json::json!({})), [w; 8]);
         let mut bad = base("olmo3");

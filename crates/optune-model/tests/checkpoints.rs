@@ -30,6 +30,7 @@ fn a_saved_checkpoint_reloads_bit_identically() {
         "tiny-smollm3",
         "tiny-olmo2",
         "tiny-olmo3",
+        "tiny-exaone4",
         "tiny-rm-mistral",
         "tiny-rm-phi3",
     ] {

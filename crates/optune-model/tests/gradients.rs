@@ -161,6 +161,19 @@ fn olmo3_sliding_and_full_layers() {
 }
 
 #[test]
+fn exaone4_head_norms_after_the_sublayers_and_a_full_layer_without_rotation() {
+    check(
+        "tiny-exaone4",
+        &[
+            "layers.0.self_attn.q_norm",
+            "layers.1.self_attn.k_norm",
+            "layers.1.self_attn.q_proj.weight",
+            "layers.0.post_feedforward_layernorm",
+        ],
+    );
+}
+
+#[test]
 fn mistral_sliding_window() {
     check(
         "tiny-mistral",

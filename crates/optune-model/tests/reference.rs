@@ -228,6 +228,11 @@ fn olmo3_matches_transformers() {
     check_causal_model("tiny-olmo3");
 }
 
+#[test]
+fn exaone4_matches_transformers() {
+    check_causal_model("tiny-exaone4");
+}
+
 fn check_reward_model(name: &str) {
     let reference = reference(name);
     let (model, tokenizer, _) = load_model(

@@ -17,8 +17,9 @@ fn model_dir(name: &str) -> PathBuf {
 /// The language models of testdata: tied (llama), untied (mistral), biased q/k/v (qwen2), norms
 /// of each query and key head (qwen3), fused projections in the checkpoint (phi3), a layer
 /// without a rotary embedding (smollm3), norms after the sublayers and of the whole q and k
-/// projections (olmo2, olmo3).
-const LANGUAGE_MODELS: [&str; 9] = [
+/// projections (olmo2, olmo3), norms after the sublayers and of each query and key head
+/// (exaone4).
+const LANGUAGE_MODELS: [&str; 10] = [
     "tiny-llama",
     "tiny-llama-base",
     "tiny-mistral",
@@ -28,6 +29,7 @@ const LANGUAGE_MODELS: [&str; 9] = [
     "tiny-smollm3",
     "tiny-olmo2",
     "tiny-olmo3",
+    "tiny-exaone4",
 ];
 
 #[test]
