@@ -6,8 +6,8 @@ Run by hand (never from CI):
     /work/.venv-ref/bin/python scripts/reference/make_testdata.py
 
 Writes (relative to the repository root):
-    testdata/models/tiny-{llama,mistral,qwen2,qwen3,phi3,smollm3,olmo2,olmo3,exaone4}/ causal LMs
-    testdata/models/tiny-rm-{llama,mistral,qwen2,qwen3,phi3,smollm3,olmo2,exaone4}/    reward models
+    testdata/models/tiny-{llama,mistral,qwen2,qwen3,phi3,smollm3,olmo2,olmo3,exaone4,gemma3}/ causal LMs
+    testdata/models/tiny-rm-{llama,mistral,qwen2,qwen3,phi3,smollm3,olmo2,exaone4,gemma3}/    reward models
     testdata/reference/{tiny-*,tiny-rm-*}.json                  log-probs / logits / scores
     testdata/reference/chat_templates.json                      rendered chat templates
 
@@ -39,6 +39,9 @@ from transformers import (  # noqa: E402
     Exaone4Config,
     Exaone4ForCausalLM,
     Exaone4ForSequenceClassification,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    Gemma3TextForSequenceClassification,
     GenerationConfig,
     LlamaConfig,
     LlamaForCausalLM,
@@ -191,6 +194,16 @@ AutoModelForSequenceClassification.register(Olmo2Config, Olmo2ForSequenceClassif
 EXAONE_TURNS = (
     "{% for message in messages %}{{ '[|' + message['role'] + '|]' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '[|assistant|]' }}{% endif %}"
+)
+
+# Turns in the manner of Gemma's template (written for these tests, not Google's text): BOS first,
+# `<start_of_turn>` and the role (`model` for the assistant) as text, the content, an end-of-turn
+# tag (here <|im_end|>, the EOS).
+GEMMA_TURNS = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
 )
 
 # Llama-2-chat's template, verbatim: uses bos_token, eos_token, .strip() and
@@ -471,6 +484,38 @@ FAMILIES = {
         generation=dict(bos_token_id=1, eos_token_id=2, pad_token_id=PAD_ID),
         seed=9009,
     ),
+    "gemma3": dict(
+        config_cls=Gemma3TextConfig,
+        lm_cls=Gemma3ForCausalLM,
+        rm_cls=Gemma3TextForSequenceClassification,
+        config=dict(
+            # Like Gemma-3-1B-it: norms before and after each sublayer, all scaling by 1 + weight;
+            # the embedding scaled by sqrt(hidden); a GELU (tanh) gate; norms of each query and
+            # key head; head_dim apart from the stream (32 against 64 here) and scores scaled by
+            # query_pre_attn_scalar; sliding layers turned by rope_local_base_freq, full layers
+            # by rope_theta with rope_scaling (linear, as the 4B to 27B); tied embeddings.
+            head_dim=32,
+            query_pre_attn_scalar=24,
+            hidden_activation="gelu_pytorch_tanh",
+            layer_types=["sliding_attention", "full_attention"],
+            sliding_window=8,
+            rope_theta=1000000.0,
+            rope_local_base_freq=10000.0,
+            rope_scaling=dict(rope_type="linear", factor=2.0),
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=True,
+            final_logit_softcapping=None,
+            attn_logit_softcapping=None,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=PAD_ID,
+        ),
+        tokenizer=dict(bos_token="<|im_start|>", eos_token="<|im_end|>"),
+        chat_template=GEMMA_TURNS,
+        template_in_tokenizer_config=True,
+        generation=dict(bos_token_id=1, eos_token_id=2, pad_token_id=PAD_ID),
+        seed=10010,
+    ),
 }
 
 # ---------------------------------------------------------------------------
@@ -718,9 +763,10 @@ def ref_hidden(sd: dict, cfg, ids: list[int], skip_qk_norm: bool = False) -> tor
     H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
     hd = cfg.head_dim if getattr(cfg, "head_dim", None) else cfg.hidden_size // H
     eps = cfg.rms_norm_eps
+    gemma = cfg.model_type == "gemma3_text"
 
-    def rms(x, w):
-        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+    def rms(x, w):  # Gemma's norms scale by 1 + weight
+        return ((1.0 + w) if gemma else w) * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
     def lin(x, name):
         y = x @ sd[name + ".weight"].T
@@ -738,7 +784,8 @@ def ref_hidden(sd: dict, cfg, ids: list[int], skip_qk_norm: bool = False) -> tor
     else:  # YaRN and the others: transformers' own frequencies (rope_scaling.json checks them)
         inv, factor = ROPE_INIT_FUNCTIONS[rs.get("rope_type", rs.get("type"))](cfg, None)
         scaled = tables(inv.float(), factor)
-    plain = tables(1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd)))
+    local_theta = getattr(cfg, "rope_local_base_freq", None) or cfg.rope_theta
+    plain = tables(1.0 / (local_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd)))
 
     def rope(x, cos_sin):  # x: [heads, T, hd]  (rotate_half convention)
         cos, sin = cos_sin
@@ -756,7 +803,7 @@ def ref_hidden(sd: dict, cfg, ids: list[int], skip_qk_norm: bool = False) -> tor
         sliding = types[layer] == "sliding_attention"
         if cfg.model_type in ("mistral", "phi3"):
             windows.append(cfg.sliding_window)
-        elif cfg.model_type in ("olmo3", "exaone4") or getattr(cfg, "use_sliding_window", False):
+        elif cfg.model_type in ("olmo3", "exaone4", "gemma3_text") or getattr(cfg, "use_sliding_window", False):
             windows.append(cfg.sliding_window if sliding else None)
         else:
             windows.append(None)
@@ -765,7 +812,7 @@ def ref_hidden(sd: dict, cfg, ids: list[int], skip_qk_norm: bool = False) -> tor
         elif cfg.model_type == "exaone4" and cfg.sliding_window is not None and not sliding:
             turns.append(None)
         else:
-            turns.append(plain if cfg.model_type == "olmo3" and sliding else scaled)
+            turns.append(plain if cfg.model_type in ("olmo3", "gemma3_text") and sliding else scaled)
     sd = unfused(sd, cfg)
     q_idx = torch.arange(T)[:, None]
     k_idx = torch.arange(T)[None, :]
@@ -775,11 +822,19 @@ def ref_hidden(sd: dict, cfg, ids: list[int], skip_qk_norm: bool = False) -> tor
         return causal if window is None else causal & (k_idx > q_idx - window)  # window tokens, self included
 
     x = sd["model.embed_tokens.weight"][torch.tensor(ids)]
+    if gemma:
+        x = x * torch.tensor(cfg.hidden_size**0.5, dtype=torch.float32)
+    scale = cfg.query_pre_attn_scalar**-0.5 if gemma else 1.0 / math.sqrt(hd)
+    act = (lambda g: F.gelu(g, approximate="tanh")) if gemma else F.silu
     for layer in range(cfg.num_hidden_layers):
         p = f"model.layers.{layer}."
-        # OLMo 2: norms on each sublayer's output, the sublayer reading the stream as it is.
+        # Each sublayer's norms: before it (Llama), after it (OLMo 2), or both (Gemma 3).
         after = p + "post_feedforward_layernorm.weight" in sd
-        h = x if after else rms(x, sd[p + "input_layernorm.weight"])
+        attn_before = sd.get(p + "input_layernorm.weight")
+        attn_after = sd[p + "post_attention_layernorm.weight"] if after else None
+        mlp_before = sd.get(p + "pre_feedforward_layernorm.weight", None if after else sd.get(p + "post_attention_layernorm.weight"))
+        mlp_after = sd[p + "post_feedforward_layernorm.weight"] if after else None
+        h = x if attn_before is None else rms(x, attn_before)
         q = lin(h, p + "self_attn.q_proj")
         k = lin(h, p + "self_attn.k_proj")
         qk_norm = p + "self_attn.q_norm.weight" in sd and not skip_qk_norm
@@ -797,14 +852,14 @@ def ref_hidden(sd: dict, cfg, ids: list[int], skip_qk_norm: bool = False) -> tor
             q, k = rope(q, turns[layer]), rope(k, turns[layer])
         k = k.repeat_interleave(H // KV, 0)
         v = v.repeat_interleave(H // KV, 0)
-        att = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
+        att = (q @ k.transpose(-1, -2)) * scale
         att = att.masked_fill(~allowed(windows[layer]), float("-inf")).softmax(-1)
         o = (att @ v).transpose(0, 1).reshape(T, H * hd)
         o = lin(o, p + "self_attn.o_proj")
-        x = x + (rms(o, sd[p + "post_attention_layernorm.weight"]) if after else o)
-        h = x if after else rms(x, sd[p + "post_attention_layernorm.weight"])
-        m = lin(F.silu(lin(h, p + "mlp.gate_proj")) * lin(h, p + "mlp.up_proj"), p + "mlp.down_proj")
-        x = x + (rms(m, sd[p + "post_feedforward_layernorm.weight"]) if after else m)
+        x = x + (o if attn_after is None else rms(o, attn_after))
+        h = x if mlp_before is None else rms(x, mlp_before)
+        m = lin(act(lin(h, p + "mlp.gate_proj")) * lin(h, p + "mlp.up_proj"), p + "mlp.down_proj")
+        x = x + (m if mlp_after is None else rms(m, mlp_after))
     return rms(x, sd["model.norm.weight"])
 
 
@@ -950,6 +1005,17 @@ def lm_reference(name: str, path: Path) -> dict:
             f"{cfg.sliding_window} positions and turns by the plain rotation of rope_theta, layer 1 attends to "
             f"all and turns by YaRN. Reading both layers as full ones would change case 0's logits by up to "
             f"{d_window:.4f}; of that, the sliding layer's rotation alone (no window) accounts for up to {d_rotation:.4f}."
+        )
+    if cfg.model_type == "gemma3_text":
+        # A loader that scaled by the stored weight (not 1 + weight) would read every norm as
+        # this model with each norm weight one less.
+        plain = {k: (v - 1.0 if k.endswith("norm.weight") else v) for k, v in sd.items()}
+        d = (ref_logits(plain, cfg, seqs[0]) - logits[0, : len(seqs[0])]).abs().max().item()
+        assert d > 1e-3, d
+        extra["norm_offset_note"] = (
+            "Every RMS norm (before and after each sublayer, of each query and key head, the final "
+            "one) scales by 1 + weight; scaling by the stored weight instead would change case 0's "
+            f"logits by up to {d:.4f}."
         )
     if cfg.model_type == "exaone4":
         as_full = type(cfg).from_dict({**cfg.to_dict(), "sliding_window": None,
@@ -1135,7 +1201,7 @@ def main() -> None:
 
     total = sum(p.stat().st_size for p in MODELS.rglob("*") if p.is_file())
     print(f"testdata/models: {total} bytes")
-    assert total < 10 * 1024 * 1024
+    assert total < 11 * 1024 * 1024
     print("ok")
 
 

@@ -6,7 +6,7 @@ use crate::policy::Policy;
 use crate::Args;
 use anyhow::{bail, Result};
 use candle_core::DType;
-use optune_model::ModelConfig;
+use optune_model::{ModelConfig, NormPlacement};
 
 const GB: f64 = 1e9;
 
@@ -159,7 +159,10 @@ impl Plan {
         let biases = bias(c.qkv_bias(), q + 2.0 * kv)
             + bias(c.o_bias(), h)
             + bias(c.mlp_bias(), 2.0 * i + h)
-            + bias(c.qk_norm().is_some(), q + kv);
+            + bias(c.qk_norm().is_some(), q + kv)
+            // Gemma 3's norms after the sublayers keep each output's input besides the
+            // norms before them.
+            + bias(c.norm_placement() == NormPlacement::BeforeAndAfter, 2.0 * h);
         let per_token_layer = (6.0 * h + 2.0 * q + 2.0 * kv + 3.0 * i + biases) * compute;
         // The generic attention's scores, masked scores, probabilities and their gradients in f32
         // (six buffers) for one layer, a piece of at most ATTENTION_PIECE_SCORES at a time.

@@ -24,6 +24,7 @@ pub enum Family {
     Olmo2,
     Olmo3,
     Exaone4,
+    Gemma3Text,
 }
 
 impl Family {
@@ -38,11 +39,16 @@ impl Family {
             "olmo2" => Ok(Family::Olmo2),
             "olmo3" => Ok(Family::Olmo3),
             "exaone4" => Ok(Family::Exaone4),
+            "gemma3_text" => Ok(Family::Gemma3Text),
+            "gemma3" => bail!(
+                "model_type 'gemma3' is a multimodal Gemma 3 checkpoint (4B to 27B, the language \
+                 model under text_config): optune reads the text-only gemma3_text ones (270M, 1B)"
+            ),
             other => bail!(
                 "unsupported model_type '{other}': optune supports llama, mistral, qwen2, qwen3, \
-                 phi3, smollm3, olmo2, olmo3 and exaone4 (Llama 2/3, TinyLlama, SmolLM2, \
-                 Zephyr/Mistral, Qwen2/2.5, Qwen3 dense, Phi-3/3.5/4, SmolLM3, OLMo 2, OLMo 3, \
-                 EXAONE 4.0)"
+                 phi3, smollm3, olmo2, olmo3, exaone4 and gemma3_text (Llama 2/3, TinyLlama, \
+                 SmolLM2, Zephyr/Mistral, Qwen2/2.5, Qwen3 dense, Phi-3/3.5/4, SmolLM3, OLMo 2, \
+                 OLMo 3, EXAONE 4.0, Gemma 3 text-only: 270M, 1B)"
             ),
         }
     }
@@ -58,6 +64,7 @@ impl Family {
             Family::Olmo2 => "olmo2",
             Family::Olmo3 => "olmo3",
             Family::Exaone4 => "exaone4",
+            Family::Gemma3Text => "gemma3_text",
         }
     }
 }
@@ -82,13 +89,37 @@ pub enum QkNorm {
     WholeProjection,
 }
 
+/// Where a block's RMS norms sit around each of its two sublayers (the attention, the MLP)
+/// ([`ModelConfig::norm_placement`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormPlacement {
+    /// On what each sublayer reads (`input_layernorm`, `post_attention_layernorm`).
+    Before,
+    /// On each sublayer's output before the residual add, the sublayer reading the stream as it
+    /// is (OLMo 2 and 3, EXAONE 4: `post_attention_layernorm`, `post_feedforward_layernorm`).
+    After,
+    /// Both (Gemma 3: `input_layernorm` and `post_attention_layernorm` around the attention,
+    /// `pre_feedforward_layernorm` and `post_feedforward_layernorm` around the MLP).
+    BeforeAndAfter,
+}
+
+/// The MLP's gate ([`ModelConfig::activation`]): `act(gate) · up`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// SiLU (SwiGLU).
+    Silu,
+    /// GELU's tanh approximation (Gemma's `gelu_pytorch_tanh`).
+    GeluTanh,
+}
+
 /// How a layer's attention turns queries and keys by position ([`ModelConfig::layer_rotation`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LayerRotation {
     /// By the config's rotation, `rope_scaling` included.
     Scaled,
-    /// By the plain rotation of `rope_theta`, `rope_scaling` left out (OLMo 3's sliding layers).
-    Unscaled,
+    /// By the plain rotation of [`ModelConfig::local_rope_theta`], `rope_scaling` left out
+    /// (the sliding layers of OLMo 3 and Gemma 3).
+    Local,
     /// Not at all (SmolLM3's NoPE layers).
     None,
 }
@@ -221,6 +252,24 @@ pub struct ModelConfig {
     pub mlp_bias: Option<bool>,
     #[serde(default)]
     pub hidden_act: Option<String>,
+    /// Gemma's name for `hidden_act`.
+    #[serde(default)]
+    pub hidden_activation: Option<String>,
+    /// Gemma 3: attention scores are scaled by this to the power -1/2 (in place of `head_dim`).
+    #[serde(default)]
+    pub query_pre_attn_scalar: Option<f64>,
+    /// Gemma 3: the sliding layers turn by the plain rotation of this base.
+    #[serde(default)]
+    pub rope_local_base_freq: Option<f64>,
+    /// Gemma 2's caps on the logits and the attention scores (`tanh(x / cap) · cap`): not
+    /// supported; Gemma 3 writes them null.
+    #[serde(default)]
+    pub final_logit_softcapping: Option<f64>,
+    #[serde(default)]
+    pub attn_logit_softcapping: Option<f64>,
+    /// EmbeddingGemma's attention over the whole sequence: not a causal model, refused.
+    #[serde(default)]
+    pub use_bidirectional_attention: Option<bool>,
     #[serde(default)]
     pub bos_token_id: Option<TokenIds>,
     #[serde(default)]
@@ -285,9 +334,16 @@ impl ModelConfig {
 
     fn validate(&self) -> Result<()> {
         self.family()?;
-        if let Some(act) = &self.hidden_act {
-            if act != "silu" && act != "swish" {
-                bail!("hidden_act '{act}' is not supported (only silu)");
+        self.activation()?;
+        if self.use_bidirectional_attention == Some(true) {
+            bail!("use_bidirectional_attention is set: an embedding model, not a causal one");
+        }
+        for (name, cap) in [
+            ("final_logit_softcapping", self.final_logit_softcapping),
+            ("attn_logit_softcapping", self.attn_logit_softcapping),
+        ] {
+            if let Some(cap) = cap {
+                bail!("{name} {cap} is not supported (Gemma 2's caps; Gemma 3 writes null)");
             }
         }
         if self.num_attention_heads == 0 || self.hidden_size == 0 || self.num_hidden_layers == 0 {
@@ -462,10 +518,62 @@ impl ModelConfig {
 
     /// Whether the output head is the token embedding. transformers writes the field only where
     /// it differs from the config class's default: false for the Llama-like classes, true for
-    /// SmolLM3's (whose class leaves it to `PretrainedConfig`).
+    /// SmolLM3's (whose class leaves it to `PretrainedConfig`) and Gemma 3's.
     pub fn tied_embeddings(&self) -> bool {
-        self.tie_word_embeddings
-            .unwrap_or(matches!(self.family(), Ok(Family::SmolLM3)))
+        self.tie_word_embeddings.unwrap_or(matches!(
+            self.family(),
+            Ok(Family::SmolLM3 | Family::Gemma3Text)
+        ))
+    }
+
+    /// The MLP's gate: `hidden_act` (Gemma: `hidden_activation`), SiLU unless set.
+    pub fn activation(&self) -> Result<Activation> {
+        let name = (self.hidden_activation.as_ref())
+            .or(self.hidden_act.as_ref())
+            .map_or("silu", String::as_str);
+        match name {
+            "silu" | "swish" => Ok(Activation::Silu),
+            "gelu_pytorch_tanh" => Ok(Activation::GeluTanh),
+            other => {
+                bail!("activation '{other}' is not supported (silu, swish or gelu_pytorch_tanh)")
+            }
+        }
+    }
+
+    /// Gemma 3: every RMS norm scales by `1 + weight` (the checkpoint stores the difference).
+    pub fn norm_weight_offset(&self) -> f64 {
+        match self.family() {
+            Ok(Family::Gemma3Text) => 1.0,
+            _ => 0.0,
+        }
+    }
+
+    /// Gemma 3: the embedding's rows are scaled by `sqrt(hidden_size)` (in the model's dtype)
+    /// on the way in; a tied head reads them unscaled.
+    pub fn embedding_scale(&self) -> Option<f64> {
+        match self.family() {
+            Ok(Family::Gemma3Text) => Some((self.hidden_size as f64).sqrt()),
+            _ => None,
+        }
+    }
+
+    /// The factor of the attention scores: `head_dim^-1/2`, or Gemma 3's
+    /// `query_pre_attn_scalar^-1/2`.
+    pub fn attention_scale(&self) -> f64 {
+        let scalar = match self.family() {
+            Ok(Family::Gemma3Text) => self.query_pre_attn_scalar.unwrap_or(self.head_dim() as f64),
+            _ => self.head_dim() as f64,
+        };
+        1.0 / scalar.sqrt()
+    }
+
+    /// The base of the rotation of [`LayerRotation::Local`] layers: Gemma 3's
+    /// `rope_local_base_freq` (10000 unless set), else `rope_theta`.
+    pub fn local_rope_theta(&self) -> f64 {
+        match self.family() {
+            Ok(Family::Gemma3Text) => self.rope_local_base_freq.unwrap_or(10000.0),
+            _ => self.rope_theta,
+        }
     }
 
     /// How layer `layer`'s attention turns queries and keys by their positions.
@@ -482,10 +590,12 @@ impl ModelConfig {
                     false => LayerRotation::None,
                 }
             }
-            // transformers' `Olmo3Model` turns its sliding layers by the default rotation.
+            // transformers' `Olmo3Model` turns its sliding layers by the default rotation,
+            // `Gemma3TextModel` by the default rotation of its local base.
             Ok(Family::Olmo3) if self.rope_scaling.is_some() && self.sliding_layer(layer) => {
-                LayerRotation::Unscaled
+                LayerRotation::Local
             }
+            Ok(Family::Gemma3Text) if self.sliding_layer(layer) => LayerRotation::Local,
             // EXAONE 4 with a window: its full layers attend without a rotary embedding.
             Ok(Family::Exaone4) if self.sliding_window.is_some() && !self.sliding_layer(layer) => {
                 LayerRotation::None
@@ -505,14 +615,19 @@ impl ModelConfig {
             Ok(Family::Qwen2 | Family::Qwen3) => layer >= self.max_window_layers.unwrap_or(28),
             Ok(Family::SmolLM3) => self.layer_rotation(layer) == LayerRotation::None,
             Ok(Family::Olmo3) => !(layer + 1).is_multiple_of(4),
-            Ok(Family::Exaone4) if self.sliding_window.is_some() => {
-                let period = (self.sliding_window_pattern.as_ref())
-                    .and_then(pattern_period)
-                    .unwrap_or(4);
-                !(layer + 1).is_multiple_of(period)
-            }
+            Ok(Family::Exaone4) if self.sliding_window.is_some() => self.pattern_slides(layer, 4),
+            Ok(Family::Gemma3Text) => self.pattern_slides(layer, 6),
             _ => false,
         }
+    }
+
+    /// Whether `sliding_window_pattern` (else `default` layers to a period) makes layer `layer`
+    /// slide: all but the last of each period.
+    fn pattern_slides(&self, layer: usize, default: usize) -> bool {
+        let period = (self.sliding_window_pattern.as_ref())
+            .and_then(pattern_period)
+            .unwrap_or(default);
+        !(layer + 1).is_multiple_of(period)
     }
 
     /// The channels of each head the rotary embedding turns: `partial_rotary_factor` of the
@@ -538,9 +653,14 @@ impl ModelConfig {
 
     pub fn o_bias(&self) -> bool {
         match self.family() {
-            Ok(Family::Llama | Family::Qwen3 | Family::SmolLM3 | Family::Olmo2 | Family::Olmo3) => {
-                self.attention_bias.unwrap_or(false)
-            }
+            Ok(
+                Family::Llama
+                | Family::Qwen3
+                | Family::SmolLM3
+                | Family::Olmo2
+                | Family::Olmo3
+                | Family::Gemma3Text,
+            ) => self.attention_bias.unwrap_or(false),
             _ => false,
         }
     }
@@ -549,21 +669,19 @@ impl ModelConfig {
     /// the rotary embedding, if any.
     pub fn qk_norm(&self) -> Option<QkNorm> {
         match self.family() {
-            Ok(Family::Qwen3 | Family::Exaone4) => Some(QkNorm::PerHead),
+            Ok(Family::Qwen3 | Family::Exaone4 | Family::Gemma3Text) => Some(QkNorm::PerHead),
             Ok(Family::Olmo2 | Family::Olmo3) => Some(QkNorm::WholeProjection),
             _ => None,
         }
     }
 
-    /// OLMo 2 and 3, EXAONE 4: each sublayer reads the stream as it is and its output is
-    /// normalised before it is added (`post_attention_layernorm` after the attention,
-    /// `post_feedforward_layernorm` after the MLP; no `input_layernorm`). The others normalise
-    /// what each sublayer reads.
-    pub fn norms_after_sublayers(&self) -> bool {
-        matches!(
-            self.family(),
-            Ok(Family::Olmo2 | Family::Olmo3 | Family::Exaone4)
-        )
+    /// Where each block's RMS norms sit around its attention and its MLP.
+    pub fn norm_placement(&self) -> NormPlacement {
+        match self.family() {
+            Ok(Family::Olmo2 | Family::Olmo3 | Family::Exaone4) => NormPlacement::After,
+            Ok(Family::Gemma3Text) => NormPlacement::BeforeAndAfter,
+            _ => NormPlacement::Before,
+        }
     }
 
     pub fn mlp_bias(&self) -> bool {
@@ -586,6 +704,9 @@ impl ModelConfig {
                 Some(self.sliding_window.unwrap_or(4096))
             }
             Ok(Family::Exaone4) if self.sliding_layer(layer) => self.sliding_window,
+            Ok(Family::Gemma3Text) if self.sliding_layer(layer) => {
+                Some(self.sliding_window.unwrap_or(4096))
+            }
             _ => None,
         }
     }
@@ -634,13 +755,38 @@ mod tests {
         assert_eq!(mistral.layer_window(0), Some(4));
         assert_eq!(mistral.head_dim(), 4);
         assert!(llama.qk_norm().is_none() && qwen.qk_norm().is_none());
-        assert!(mistral.qk_norm().is_none() && !llama.norms_after_sublayers());
+        assert!(mistral.qk_norm().is_none());
+        assert_eq!(llama.norm_placement(), NormPlacement::Before);
         let qwen3 = ModelConfig::from_json_str(&base("qwen3").to_string()).unwrap();
         assert!(qwen3.qk_norm() == Some(QkNorm::PerHead) && !qwen3.qkv_bias() && !qwen3.o_bias());
-        assert!(!qwen3.norms_after_sublayers());
+        assert_eq!(qwen3.norm_placement(), NormPlacement::Before);
         let olmo2 = ModelConfig::from_json_str(&base("olmo2").to_string()).unwrap();
         assert_eq!(olmo2.qk_norm(), Some(QkNorm::WholeProjection));
-        assert!(olmo2.norms_after_sublayers() && !olmo2.tied_embeddings());
+        assert!(olmo2.norm_placement() == NormPlacement::After && !olmo2.tied_embeddings());
+        let gemma = ModelConfig::from_json_str(&base("gemma3_text").to_string()).unwrap();
+        assert_eq!(gemma.norm_placement(), NormPlacement::BeforeAndAfter);
+        assert!(gemma.tied_embeddings() && gemma.norm_weight_offset() == 1.0);
+        assert_eq!(gemma.embedding_scale(), Some(8f64.sqrt()));
+        assert_eq!(gemma.attention_scale(), 0.5);
+        assert_eq!(gemma.activation().unwrap(), Activation::Silu);
+        let mut capped = base("gemma3_text");
+        capped["final_logit_softcapping"] = serde_json::json!(30.0);
+        let err = ModelConfig::from_json_str(&capped.to_string()).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("final_logit_softcapping"),
+            "{err:#}"
+        );
+        let err = ModelConfig::from_json_str(&base("gemma3").to_string()).unwrap_err();
+        assert!(format!("{err:#}").contains("gemma3_text"), "{err:#}");
+        let mut gelu = base("gemma3_text");
+        gelu["hidden_activation"] = serde_json::json!("gelu_pytorch_tanh");
+        gelu["query_pre_attn_scalar"] = serde_json::json!(16);
+        let gelu = ModelConfig::from_json_str(&gelu.to_string()).unwrap();
+        assert_eq!(gelu.activation().unwrap(), Activation::GeluTanh);
+        assert_eq!(gelu.attention_scale(), 0.25);
+        let mut erf = base("llama");
+        erf["hidden_act"] = serde_json::json!("gelu");
+        assert!(ModelConfig::from_json_str(&erf.to_string()).is_err());
         assert!(!olmo2.qkv_bias() && !olmo2.o_bias() && olmo2.layer_window(0).is_none());
         assert!(qwen3.layer_window(0).is_none());
         let mut biased = base("qwen3");
@@ -693,7 +839,7 @@ mod tests {
         olmo3["num_hidden_layers"] = serde_json::json!(4);
         olmo3["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 2.0});
         let olmo3 = ModelConfig::from_json_str(&olmo3.to_string()).unwrap();
-        assert_eq!(olmo3.layer_rotation(0), LayerRotation::Unscaled);
+        assert_eq!(olmo3.layer_rotation(0), LayerRotation::Local);
         assert_eq!(olmo3.layer_rotation(3), LayerRotation::Scaled);
         // EXAONE 4: three sliding layers to one full, which attends without a rotary
         // embedding; no window, no NoPE.
@@ -721,6 +867,17 @@ mod tests {
         let mut bad = base("exaone4");
         bad["sliding_window_pattern"] = serde_json::json!("LLX");
         assert!(ModelConfig::from_json_str(&bad.to_string()).is_err());
+        // Gemma 3: five sliding layers to one full, turned by the local base.
+        assert_eq!(
+            windows("gemma3_text", serde_json::json!({})),
+            [w, w, w, w, w, full, w, w]
+        );
+        let mut gemma = base("gemma3_text");
+        gemma["num_hidden_layers"] = serde_json::json!(6);
+        let gemma = ModelConfig::from_json_str(&gemma.to_string()).unwrap();
+        assert_eq!(gemma.layer_rotation(0), LayerRotation::Local);
+        assert_eq!(gemma.layer_rotation(5), LayerRotation::Scaled);
+        assert_eq!(gemma.local_rope_theta(), 10000.0);
         // Mistral: every layer, layer_types or not.
         assert_eq!(windows("mistral", serde_json::json!({})), [w; 8]);
         let mut bad = base("olmo3");

@@ -11,6 +11,6 @@ mod safetensors_file;
 pub mod tokenizer;
 
 pub use checkpoint::{write_checkpoint, Checkpoint, CheckpointMeta, StoredWeights};
-pub use config::{Family, LayerRotation, ModelConfig, QkNorm};
+pub use config::{Activation, Family, LayerRotation, ModelConfig, NormPlacement, QkNorm};
 pub use safetensors_file::{write_safetensors, write_safetensors_as, SavedWeight};
 pub use tokenizer::{ChatMessage, ChatTokenizer, Prompt};

@@ -517,7 +517,14 @@ impl CustomOp3 for CachedAttention<'_> {
             kv_heads,
             capacity,
         };
-        crate::host::attention(&rows, &host_queries, heads, d, &cache, &mut attended);
+        let scale = 1.0 / (d as f32).sqrt();
+        crate::host::attention(
+            &rows,
+            &host_queries,
+            (heads, d, scale),
+            &cache,
+            &mut attended,
+        );
         let mut out = vec![0f32; queries * heads * d];
         for (&query, row) in live.iter().zip(attended.chunks_exact(heads * d)) {
             out[query * heads * d..(query + 1) * heads * d].copy_from_slice(row);

@@ -457,24 +457,22 @@ pub struct Query {
 }
 
 /// Attention of each query row over its own cached positions `first..=position`.
-/// `q [rows, heads·d]` → `out [rows, heads·d]`; the query heads sharing a KV head are computed
-/// together. Scores are `(q·scale)·k` dot products, the softmax is `exp(s − max) / Σ`, and the
-/// output is `Σ_t p_t·v_t` accumulated in position order.
+/// `q [rows, heads·d]` → `out [rows, heads·d]` for `(heads, d, scale)`; the query heads sharing a
+/// KV head are computed together. Scores are `(q·scale)·k` dot products (`scale` is
+/// `1/sqrt(d)` but for Gemma 3's `query_pre_attn_scalar`), the softmax is `exp(s − max) / Σ`,
+/// and the output is `Σ_t p_t·v_t` accumulated in position order.
 pub fn attention(
     q: &[f32],
     queries: &[Query],
-    heads: usize,
-    head_dim: usize,
+    (heads, d, scale): (usize, usize, f32),
     cache: &LayerCache,
     out: &mut [f32],
 ) {
     let rows = queries.len();
-    let d = head_dim;
     let kvh = cache.kv_heads;
     let group = heads / kvh;
     assert_eq!(q.len(), rows * heads * d);
     assert_eq!(out.len(), rows * heads * d);
-    let scale = (1.0 / (d as f64).sqrt()) as f32;
     let isa = isa();
     let out_ptr = SharedMut(out.as_mut_ptr());
     let task = |t: usize| {
@@ -734,6 +732,18 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// `gelu(gate) · up` with GELU's tanh approximation (`0.5·g·(1 + tanh(√(2/π)·g·(1 + 0.044715·g²)))`,
+/// PyTorch's `gelu(approximate="tanh")`), in place in `gate`: the GELU in the order candle's f32
+/// op computes it, so that this path and the tensor path round alike.
+pub fn gelu_tanh_mul(gate: &mut [f32], up: &[f32]) {
+    const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
+    for (g, u) in gate.iter_mut().zip(up) {
+        let x = *g;
+        let activated = 0.5 * x * (1.0 + (SQRT_TWO_OVER_PI * x * (1.0 + 0.044715 * x * x)).tanh());
+        *g = activated * u;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -828,7 +838,8 @@ mod tests {
         ];
         let q = data(2 * heads * d, 6);
         let mut out = vec![0f32; 2 * heads * d];
-        attention(&q, &queries, heads, d, &cache, &mut out);
+        let scale = 1.0 / (d as f32).sqrt();
+        attention(&q, &queries, (heads, d, scale), &cache, &mut out);
         for (row, query) in queries.iter().enumerate() {
             for h in 0..heads {
                 let kv = h / (heads / kvh);

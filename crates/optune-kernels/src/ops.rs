@@ -106,6 +106,17 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// `gelu(gate) · up` with GELU's tanh approximation (Gemma's gate), composed of candle's ops
+/// (their backward included) on every device. A half-precision gate takes the GELU in f32, as
+/// PyTorch computes it (candle's own bf16 form rounds after every step).
+pub fn gelu_tanh_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let activated = match gate.dtype() {
+        DType::BF16 | DType::F16 => gate.to_dtype(DType::F32)?.gelu()?.to_dtype(gate.dtype())?,
+        _ => gate.gelu()?,
+    };
+    activated * up
+}
+
 /// [`silu_mul`] of `gate_up [.., 2·width]`, the gate's columns then up's (one product over the
 /// two weights stacked): `[.., width]`. For generation's passes: on the generic path one op
 /// ([`crate::forward_only::silu_mul`]), otherwise the halves through [`silu_mul`].

@@ -19,7 +19,7 @@ pub use logprobs::{
 };
 pub use optune_checkpoint::{
     config, gguf, pytorch, tokenizer, ChatMessage, ChatTokenizer, Checkpoint, CheckpointMeta,
-    Family, ModelConfig, Prompt, SavedWeight, StoredWeights,
+    Family, ModelConfig, NormPlacement, Prompt, SavedWeight, StoredWeights,
 };
 pub use transformer::{
     llama_weight_shapes, recomputed_backward, weight_count, KvCache, OutputHead, PaddedBatch,

@@ -190,11 +190,13 @@ impl RotaryTables {
         Self::of(rotary_frequencies(config), config, dtype, device)
     }
 
-    /// The plain rotation of the config's `rope_theta`, its `rope_scaling` left out, over as many
-    /// positions as [`RotaryTables::new`]'s: OLMo 3's sliding layers turn by it.
-    pub fn unscaled(config: &ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
+    /// The plain rotation of [`ModelConfig::local_rope_theta`], the config's `rope_scaling` left
+    /// out, over as many positions as [`RotaryTables::new`]'s: the sliding layers of OLMo 3 and
+    /// Gemma 3 turn by it.
+    pub fn local(config: &ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
         let plain = ModelConfig {
             rope_scaling: None,
+            rope_theta: config.local_rope_theta(),
             ..config.clone()
         };
         Self::of(rotary_frequencies(&plain), config, dtype, device)

@@ -17,7 +17,7 @@ use crate::rope::RotaryTables;
 use anyhow::{bail, Context};
 use candle_core::{CpuStorage, DType, Device, Result, Storage, StorageRef, Tensor, TensorId};
 use half::bf16;
-use optune_checkpoint::{LayerRotation, ModelConfig, QkNorm};
+use optune_checkpoint::{Activation, LayerRotation, ModelConfig, NormPlacement, QkNorm};
 use optune_kernels::{host, ops, BlockTable, Path, TokenTables};
 use optune_kernels::{matmul_bf16_packed, Mat, PackedRhs, ProductPrecision};
 use std::borrow::Cow;
@@ -81,16 +81,21 @@ impl HeadNorms {
         }))
     }
 
-    /// Projections `[q, k]` (`[b, t, heads·d]`, `[b, t, kv_heads·d]`) normalised.
-    fn forward(&self, [q, k]: [&Tensor; 2], eps: f64) -> Result<[Tensor; 2]> {
+    /// Projections `[q, k]` (`[b, t, heads·d]`, `[b, t, kv_heads·d]`) normalised, the weights
+    /// taken plus `offset` ([`offset_weight`]).
+    fn forward(&self, [q, k]: [&Tensor; 2], eps: f64, offset: f64) -> Result<[Tensor; 2]> {
+        let (q_weight, k_weight) = (
+            offset_weight(&self.q, offset)?,
+            offset_weight(&self.k, offset)?,
+        );
         Ok(match self.span {
             QkNorm::PerHead => [
-                ops::rms_norm_heads(q, &self.q, eps)?,
-                ops::rms_norm_heads(k, &self.k, eps)?,
+                ops::rms_norm_heads(q, &q_weight, eps)?,
+                ops::rms_norm_heads(k, &k_weight, eps)?,
             ],
             QkNorm::WholeProjection => [
-                ops::rms_norm(q, &self.q, eps)?,
-                ops::rms_norm(k, &self.k, eps)?,
+                ops::rms_norm(q, &q_weight, eps)?,
+                ops::rms_norm(k, &k_weight, eps)?,
             ],
         })
     }
@@ -98,18 +103,32 @@ impl HeadNorms {
     /// q, k and v side by side (`[b, t, (heads + 2·kv_heads)·d]`), q and k normalised: one op
     /// on a GPU where the norms' units are of one width (every head; or the whole projections
     /// without GQA, one unit each), else q's and k's columns normalised apart.
-    fn forward_stacked(&self, rows: &Tensor, heads: (usize, usize), eps: f64) -> Result<Tensor> {
+    fn forward_stacked(
+        &self,
+        rows: &Tensor,
+        heads: (usize, usize),
+        eps: f64,
+        offset: f64,
+    ) -> Result<Tensor> {
         let units = match self.span {
             QkNorm::PerHead => heads,
             QkNorm::WholeProjection => (1, 1),
         };
         if self.q.dims() == self.k.dims() {
-            return ops::head_rms_norm(rows, [&self.q, &self.k], units, eps, ops::Pass::Generation);
+            let (q, k) = (
+                offset_weight(&self.q, offset)?,
+                offset_weight(&self.k, offset)?,
+            );
+            return ops::head_rms_norm(rows, [&q, &k], units, eps, ops::Pass::Generation);
         }
         let (q_width, k_width) = (self.q.elem_count(), self.k.elem_count());
         let width = rows.dim(candle_core::D::Minus1)?;
         let columns = |from, count| rows.narrow(candle_core::D::Minus1, from, count);
-        let [q, k] = self.forward([&columns(0, q_width)?, &columns(q_width, k_width)?], eps)?;
+        let [q, k] = self.forward(
+            [&columns(0, q_width)?, &columns(q_width, k_width)?],
+            eps,
+            offset,
+        )?;
         let values = columns(q_width + k_width, width - q_width - k_width)?;
         Tensor::cat(&[&q, &k, &values], candle_core::D::Minus1)
     }
@@ -126,6 +145,8 @@ fn qk_norm_widths(config: &ModelConfig, span: QkNorm) -> [usize; 2] {
 
 #[derive(Clone)]
 struct Mlp {
+    /// The gate's function: SiLU, or Gemma's GELU (tanh).
+    activation: Activation,
     gate_proj: Linear,
     up_proj: Linear,
     down_proj: Linear,
@@ -142,81 +163,168 @@ struct Block {
     mlp: Mlp,
 }
 
-/// A block's two RMS norms (`[hidden]` each), one for each sublayer: the attention's and the
-/// MLP's.
+/// A block's RMS norms (`[hidden]` each) around its two sublayers, the attention and the MLP,
+/// where [`NormPlacement`] puts them: before each (what it reads), after each (its output before
+/// the residual add, the sublayer then reading the stream as it is), or both.
 #[derive(Clone)]
 struct BlockNorms {
-    /// OLMo-2's place for them ([`ModelConfig::norms_after_sublayers`]): on each sublayer's output
-    /// before the residual add, the sublayer reading the stream as it is. Otherwise on what
-    /// each sublayer reads.
-    after: bool,
-    attention: Tensor,
-    mlp: Tensor,
+    placement: NormPlacement,
+    attention: SublayerNorms,
+    mlp: SublayerNorms,
+    /// Added to each weight where it is used: Gemma 3's norms scale by `1 + weight`
+    /// ([`ModelConfig::norm_weight_offset`]); 0 for the others.
+    offset: f64,
+}
+
+/// One sublayer's norms: before it and after it, where the placement has them.
+#[derive(Clone)]
+struct SublayerNorms {
+    before: Option<Tensor>,
+    after: Option<Tensor>,
 }
 
 impl BlockNorms {
-    /// The checkpoint's names of the attention's norm and the MLP's, with the norms `after` the
-    /// sublayers or before them.
-    fn names(after: bool) -> [&'static str; 2] {
-        match after {
-            true => ["post_attention_layernorm", "post_feedforward_layernorm"],
-            false => ["input_layernorm", "post_attention_layernorm"],
+    /// The checkpoint's names of the norms under `placement`: the attention's before and after,
+    /// then the MLP's.
+    fn names(placement: NormPlacement) -> [[Option<&'static str>; 2]; 2] {
+        match placement {
+            NormPlacement::Before => [
+                [Some("input_layernorm"), None],
+                [Some("post_attention_layernorm"), None],
+            ],
+            NormPlacement::After => [
+                [None, Some("post_attention_layernorm")],
+                [None, Some("post_feedforward_layernorm")],
+            ],
+            NormPlacement::BeforeAndAfter => [
+                [Some("input_layernorm"), Some("post_attention_layernorm")],
+                [
+                    Some("pre_feedforward_layernorm"),
+                    Some("post_feedforward_layernorm"),
+                ],
+            ],
         }
+    }
+
+    /// The names of the norms under `placement`, in the forward pass's order.
+    fn all_names(placement: NormPlacement) -> impl Iterator<Item = &'static str> {
+        Self::names(placement).into_iter().flatten().flatten()
     }
 
     fn load(config: &ModelConfig, weights: &mut WeightMap, block: &str) -> anyhow::Result<Self> {
-        let (h, after) = (config.hidden_size, config.norms_after_sublayers());
-        let [attention, mlp] =
-            Self::names(after).map(|name| weights.take(&format!("{block}.{name}.weight"), &[h]));
+        let (h, placement) = (config.hidden_size, config.norm_placement());
+        let mut take = |name: Option<&str>| {
+            name.map(|name| weights.take(&format!("{block}.{name}.weight"), &[h]))
+                .transpose()
+        };
+        let [[ab, aa], [mb, ma]] = Self::names(placement);
         Ok(Self {
-            after,
-            attention: attention?,
-            mlp: mlp?,
+            placement,
+            attention: SublayerNorms {
+                before: take(ab)?,
+                after: take(aa)?,
+            },
+            mlp: SublayerNorms {
+                before: take(mb)?,
+                after: take(ma)?,
+            },
+            offset: config.norm_weight_offset(),
         })
     }
 
-    /// Both norms by checkpoint name (the attention's, then the MLP's).
-    fn named(&self) -> [(&'static str, &Tensor); 2] {
-        let [a, m] = Self::names(self.after);
-        [(a, &self.attention), (m, &self.mlp)]
+    /// Every norm by checkpoint name, in the forward pass's order.
+    fn named(&self) -> Vec<(&'static str, &Tensor)> {
+        let held = [
+            &self.attention.before,
+            &self.attention.after,
+            &self.mlp.before,
+            &self.mlp.after,
+        ];
+        let names = Self::names(self.placement).into_iter().flatten();
+        (names.zip(held))
+            .filter_map(|(name, norm)| Some((name?, norm.as_ref()?)))
+            .collect()
     }
 
-    fn named_mut(&mut self) -> [(&'static str, &mut Tensor); 2] {
-        let [a, m] = Self::names(self.after);
-        [(a, &mut self.attention), (m, &mut self.mlp)]
+    fn named_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
+        let Self {
+            placement,
+            attention,
+            mlp,
+            ..
+        } = self;
+        let held = [
+            &mut attention.before,
+            &mut attention.after,
+            &mut mlp.before,
+            &mut mlp.after,
+        ];
+        let names = Self::names(*placement).into_iter().flatten();
+        (names.zip(held))
+            .filter_map(|(name, norm)| Some((name?, norm.as_mut()?)))
+            .collect()
     }
 
-    /// The stream with its pending output added, and what the sublayer whose norm is `norm`
-    /// reads of it: the stream normalised, or (norms after the sublayers) the stream itself.
+    /// The stream with its pending output added, and what `sublayer` reads of it: the stream
+    /// normalised by its norm before, or the stream itself.
     fn sublayer_input(
         &self,
         stream: &Residual,
-        norm: &Tensor,
+        sublayer: &SublayerNorms,
         eps: f64,
         pass: ops::Pass,
     ) -> Result<(Tensor, Tensor)> {
-        match self.after {
-            true => {
+        match &sublayer.before {
+            Some(norm) => stream.add_norm(&*offset_weight(norm, self.offset)?, eps, pass),
+            None => {
                 let x = stream.sum()?;
                 Ok((x.clone(), x))
             }
-            false => stream.add_norm(norm, eps, pass),
         }
     }
 
-    /// A sublayer's `output` as it joins the stream: normalised by `norm` (norms after the
-    /// sublayers), or as it is.
-    fn sublayer_output(&self, output: Tensor, norm: &Tensor, eps: f64) -> Result<Tensor> {
-        match self.after {
-            true => ops::rms_norm(&output, norm, eps),
-            false => Ok(output),
+    /// `sublayer`'s `output` as it joins the stream: normalised by its norm after, or as it is.
+    fn sublayer_output(
+        &self,
+        output: Tensor,
+        sublayer: &SublayerNorms,
+        eps: f64,
+    ) -> Result<Tensor> {
+        match &sublayer.after {
+            Some(norm) => ops::rms_norm(&output, &*offset_weight(norm, self.offset)?, eps),
+            None => Ok(output),
         }
+    }
+
+    fn elem_count(&self) -> usize {
+        self.named().iter().map(|(_, t)| t.elem_count()).sum()
+    }
+}
+
+/// `value` as `dtype` stores it (transformers casts Gemma's embedding scale to the weights'
+/// dtype before the product).
+fn rounded_to(value: f64, dtype: DType) -> f64 {
+    match dtype {
+        DType::BF16 => half::bf16::from_f64(value).to_f64(),
+        DType::F16 => half::f16::from_f64(value).to_f64(),
+        DType::F32 => value as f32 as f64,
+        _ => value,
+    }
+}
+
+/// An RMS norm's weight as the norm scales by it: `weight + offset` (Gemma 3's `1 + weight`),
+/// computed where it is used so that gradients reach the stored weight and a checkpoint saves
+/// it as read.
+fn offset_weight(weight: &Tensor, offset: f64) -> Result<Cow<'_, Tensor>> {
+    match offset {
+        0.0 => Ok(Cow::Borrowed(weight)),
+        _ => Ok(Cow::Owned(weight.affine(1.0, offset)?)),
     }
 }
 
 /// How a layer's attention sees positions: how it turns queries and keys, and how far back its
 /// window reaches. A model's layers come in one to three kinds (OLMo 3: sliding layers turned
-/// by the unscaled rotation, full ones by the scaled; SmolLM3: NoPE layers among turned ones);
+/// by the local rotation, full ones by the scaled; SmolLM3: NoPE layers among turned ones);
 /// a pass makes each kind's mask, tables or spans once, and each block reads its kind's.
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct AttentionKind {
@@ -234,9 +342,11 @@ pub struct Transformer {
     norm: Tensor,
     head: OutputHead,
     rope: std::sync::Arc<RotaryTables>,
-    /// The rotation of `rope_theta` without the config's `rope_scaling`, where some layer turns
-    /// by it (OLMo 3's sliding layers).
-    unscaled_rope: Option<std::sync::Arc<RotaryTables>>,
+    /// The plain rotation of [`ModelConfig::local_rope_theta`], where some layer turns by it
+    /// (the sliding layers of OLMo 3 and Gemma 3).
+    local_rope: Option<std::sync::Arc<RotaryTables>>,
+    /// Gemma 3's factor of the embedding's rows on the way in, as the model's dtype holds it.
+    embed_scale: Option<f64>,
     dtype: DType,
     device: Device,
     /// bf16 weights packed for the CPU decode step's products, by the weight tensor they were
@@ -305,7 +415,7 @@ pub fn llama_weight_shapes(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     )];
     for l in 0..config.num_hidden_layers {
         let p = format!("model.layers.{l}");
-        for name in BlockNorms::names(config.norms_after_sublayers()) {
+        for name in BlockNorms::all_names(config.norm_placement()) {
             shapes.push((format!("{p}.{name}.weight"), vec![h]));
         }
         if let Some(span) = config.qk_norm() {
@@ -396,13 +506,24 @@ impl Mlp {
     fn forward(&self, x: &Tensor, pass: ops::Pass) -> Result<Tensor> {
         let gated = match pass {
             ops::Pass::Differentiable => {
-                ops::silu_mul(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?
+                let (gate, up) = (self.gate_proj.forward(x)?, self.up_proj.forward(x)?);
+                match self.activation {
+                    Activation::Silu => ops::silu_mul(&gate, &up)?,
+                    Activation::GeluTanh => ops::gelu_tanh_mul(&gate, &up)?,
+                }
             }
-            ops::Pass::Generation => ops::silu_mul_halves(&stacked_forward(
-                &self.gate_up,
-                &[&self.gate_proj, &self.up_proj],
-                x,
-            )?)?,
+            ops::Pass::Generation => {
+                // [.., 2·intermediate]: gate's columns, then up's.
+                let both = stacked_forward(&self.gate_up, &[&self.gate_proj, &self.up_proj], x)?;
+                match self.activation {
+                    Activation::Silu => ops::silu_mul_halves(&both)?,
+                    Activation::GeluTanh => {
+                        let width = both.dim(candle_core::D::Minus1)? / 2;
+                        let half = |at| both.narrow(candle_core::D::Minus1, at, width);
+                        ops::gelu_tanh_mul(&half(0)?, &half(width)?)?
+                    }
+                }
+            }
         };
         self.down_proj.forward(&gated)
     }
@@ -518,6 +639,7 @@ impl Transformer {
                     qkv: None,
                 },
                 mlp: Mlp {
+                    activation: config.activation()?,
                     gate_proj: weights.linear(
                         &format!("{mlp}.gate_proj"),
                         i,
@@ -557,11 +679,11 @@ impl Transformer {
             bail!("missing weight 'lm_head.weight' and tie_word_embeddings is false");
         };
         let rope = RotaryTables::new(config, dtype, device)?;
-        let unscaled_rope = match attention_kinds
+        let local_rope = match attention_kinds
             .iter()
-            .any(|k| k.rotation == LayerRotation::Unscaled)
+            .any(|k| k.rotation == LayerRotation::Local)
         {
-            true => Some(std::sync::Arc::new(RotaryTables::unscaled(
+            true => Some(std::sync::Arc::new(RotaryTables::local(
                 config, dtype, device,
             )?)),
             false => None,
@@ -574,7 +696,10 @@ impl Transformer {
             norm,
             head,
             rope: std::sync::Arc::new(rope),
-            unscaled_rope,
+            local_rope,
+            embed_scale: config
+                .embedding_scale()
+                .map(|scale| rounded_to(scale, dtype)),
             dtype,
             device: device.clone(),
             packed: PackedWeights::default(),
@@ -711,7 +836,7 @@ impl Transformer {
     pub fn parameter_count(&self) -> usize {
         let mut count = self.embed_tokens.elem_count() + self.norm.elem_count();
         for block in &self.layers {
-            count += block.norms.attention.elem_count() + block.norms.mlp.elem_count();
+            count += block.norms.elem_count();
             if let Some(norms) = &block.self_attn.head_norms {
                 count += norms.q.elem_count() + norms.k.elem_count();
             }
@@ -747,7 +872,13 @@ impl Transformer {
             Some(_) => (q + kv) + (q + 2 * kv),
             None => 0,
         };
-        (7 * h + q + 2 * kv + q + 3 * inter + head_norms) * self.dtype.size_in_bytes()
+        // Gemma 3 normalises the sublayers' outputs as well as their inputs.
+        let output_norms = match cfg.norm_placement() {
+            NormPlacement::BeforeAndAfter => 2 * h,
+            _ => 0,
+        };
+        (7 * h + q + 2 * kv + q + 3 * inter + head_norms + output_norms)
+            * self.dtype.size_in_bytes()
     }
 
     /// Readies the model for [`Transformer::feed`] (generation, reward scoring): where feeding
@@ -791,7 +922,7 @@ impl Transformer {
     /// Final-norm hidden states `[batch, seq, hidden]` of a padded batch: the training path.
     pub fn hidden_states(&self, batch: &PaddedBatch) -> Result<Tensor> {
         let (_, normed) = self.run_layers(batch)?.add_norm(
-            &self.norm,
+            &*self.final_norm()?,
             self.config.rms_norm_eps,
             ops::Pass::Differentiable,
         )?;
@@ -872,7 +1003,7 @@ impl Transformer {
     fn rotary_tables(&self, rotation: LayerRotation) -> Option<&RotaryTables> {
         match rotation {
             LayerRotation::Scaled => Some(&self.rope),
-            LayerRotation::Unscaled => self.unscaled_rope.as_deref(),
+            LayerRotation::Local => self.local_rope.as_deref(),
             LayerRotation::None => None,
         }
     }
@@ -899,8 +1030,18 @@ impl Transformer {
         Ok(())
     }
 
+    /// The rows of `ids`, times Gemma 3's scale where it has one.
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {
-        ops::embedding(&self.embed_tokens, ids)
+        let rows = ops::embedding(&self.embed_tokens, ids)?;
+        match self.embed_scale {
+            Some(scale) => rows.affine(scale, 0.0),
+            None => Ok(rows),
+        }
+    }
+
+    /// The final norm's weight as it scales ([`offset_weight`]).
+    pub(crate) fn final_norm(&self) -> Result<Cow<'_, Tensor>> {
+        offset_weight(&self.norm, self.config.norm_weight_offset())
     }
 
     /// Logits `[rows, vocab]` (or scores `[rows, labels]`) of hidden rows `[rows, hidden]`.
@@ -1129,8 +1270,11 @@ impl Transformer {
             let last_rows = Tensor::new(last_rows.as_slice(), &self.device)?;
             stream = stream.map(|t| t.index_select(&last_rows, 0))?;
         }
-        let (_, x) =
-            stream.add_norm(&self.norm, self.config.rms_norm_eps, ops::Pass::Generation)?;
+        let (_, x) = stream.add_norm(
+            &*self.final_norm()?,
+            self.config.rms_norm_eps,
+            ops::Pass::Generation,
+        )?;
         Ok(self.head_logits(&x)?)
     }
 
@@ -1200,7 +1344,14 @@ impl Transformer {
             .collect();
         let mut x = Vec::with_capacity(rows * h);
         weights.embed.gather_rows(&ids, h, &mut x);
+        if let Some(scale) = self.embed_scale {
+            x.iter_mut().for_each(|v| *v *= scale as f32);
+        }
         let eps = cfg.rms_norm_eps;
+        let norm = HostNorm {
+            eps,
+            offset: cfg.norm_weight_offset() as f32,
+        };
         let mut normed = vec![0f32; rows * h];
         let mut attn = vec![0f32; rows * heads * d];
         let capacity = cache.capacity;
@@ -1208,13 +1359,13 @@ impl Transformer {
             unreachable!("host cache")
         };
         for (l, block) in weights.layers.iter().enumerate() {
-            block.sublayer_input(&x, &block.attention_norm, eps, &mut normed);
+            block.sublayer_input(0, &x, &norm, &mut normed);
             let [mut q, mut k, v] =
                 HostLinear::forward_many([&block.q, &block.k, &block.v], &normed, rows);
             if let Some([q_norm, k_norm]) = &block.head_norms {
                 for (x, weight) in [(&mut q, q_norm), (&mut k, k_norm)] {
                     let heads_in = x.clone();
-                    host::rms_norm(&heads_in, &weight.floats(), eps, x);
+                    host::rms_norm(&heads_in, &norm.weight(weight), eps, x);
                 }
             }
             let kind = &kinds[block.kind];
@@ -1238,15 +1389,19 @@ impl Transformer {
                 kv_heads: kvh,
                 capacity,
             };
-            host::attention(&q, &kind.queries, heads, d, &layer, &mut attn);
+            let scale = cfg.attention_scale() as f32;
+            host::attention(&q, &kind.queries, (heads, d, scale), &layer, &mut attn);
             let o = block.o.forward(&attn, rows);
-            let o = block.sublayer_output(o, &block.attention_norm, eps);
+            let o = block.sublayer_output(0, o, &norm);
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
-            block.sublayer_input(&x, &block.mlp_norm, eps, &mut normed);
+            block.sublayer_input(1, &x, &norm, &mut normed);
             let [mut gate, up] = HostLinear::forward_many([&block.gate, &block.up], &normed, rows);
-            host::silu_mul(&mut gate, &up);
+            match block.activation {
+                Activation::Silu => host::silu_mul(&mut gate, &up),
+                Activation::GeluTanh => host::gelu_tanh_mul(&mut gate, &up),
+            }
             let down = block.down.forward(&gate, rows);
-            let down = block.sublayer_output(down, &block.mlp_norm, eps);
+            let down = block.sublayer_output(1, down, &norm);
             x.iter_mut().zip(&down).for_each(|(x, o)| *x += o);
         }
         // Only each segment's last position needs logits.
@@ -1258,7 +1413,7 @@ impl Transformer {
             last.extend_from_slice(&x[(end - 1) * h..end * h]);
         }
         let mut normed = vec![0f32; segments.len() * h];
-        host::rms_norm(&last, &weights.norm.floats(), eps, &mut normed);
+        host::rms_norm(&last, &norm.weight(&weights.norm), eps, &mut normed);
         let logits = weights.head.forward(&normed, segments.len());
         debug_assert_eq!(logits.len(), segments.len() * width);
         Ok(logits)
@@ -1482,9 +1637,9 @@ struct HostKind {
 struct HostBlock<'a> {
     /// The block's `kind`: which of the step's queries and tables it reads.
     kind: usize,
-    /// [`BlockNorms`]' `after`: OLMo-2's norms of the sublayers' outputs.
-    norms_after: bool,
-    attention_norm: HostView<'a>,
+    /// The block's norms ([`BlockNorms`]): the attention's before and after it, then the
+    /// MLP's.
+    norms: [[Option<HostView<'a>>; 2]; 2],
     q: HostLinear<'a>,
     k: HostLinear<'a>,
     v: HostLinear<'a>,
@@ -1492,30 +1647,46 @@ struct HostBlock<'a> {
     /// The norms of the queries and keys (per head or whole projection: the weights' widths
     /// say which, as `host::rms_norm` normalises pieces of its weight's width).
     head_norms: Option<[HostView<'a>; 2]>,
-    mlp_norm: HostView<'a>,
+    activation: Activation,
     gate: HostLinear<'a>,
     up: HostLinear<'a>,
     down: HostLinear<'a>,
 }
 
 impl HostBlock<'_> {
-    /// [`BlockNorms::sublayer_input`] on host rows: `x` normalised by `norm` into `input`, or
-    /// (norms after the sublayers) copied.
-    fn sublayer_input(&self, x: &[f32], norm: &HostView, eps: f64, input: &mut [f32]) {
-        match self.norms_after {
-            true => input.copy_from_slice(x),
-            false => host::rms_norm(x, &norm.floats(), eps, input),
+    /// [`BlockNorms::sublayer_input`] on host rows, for sublayer 0 (the attention) or 1 (the
+    /// MLP): `x` normalised by its norm before into `input`, or copied.
+    fn sublayer_input(&self, sublayer: usize, x: &[f32], norm: &HostNorm, input: &mut [f32]) {
+        match &self.norms[sublayer][0] {
+            Some(weight) => host::rms_norm(x, &norm.weight(weight), norm.eps, input),
+            None => input.copy_from_slice(x),
         }
     }
 
     /// [`BlockNorms::sublayer_output`] on host rows.
-    fn sublayer_output(&self, output: Vec<f32>, norm: &HostView, eps: f64) -> Vec<f32> {
-        if !self.norms_after {
+    fn sublayer_output(&self, sublayer: usize, output: Vec<f32>, norm: &HostNorm) -> Vec<f32> {
+        let Some(weight) = &self.norms[sublayer][1] else {
             return output;
-        }
+        };
         let mut normed = vec![0f32; output.len()];
-        host::rms_norm(&output, &norm.floats(), eps, &mut normed);
+        host::rms_norm(&output, &norm.weight(weight), norm.eps, &mut normed);
         normed
+    }
+}
+
+/// What every RMS norm of a host decode step shares: the epsilon, and the offset added to each
+/// weight ([`offset_weight`]).
+struct HostNorm {
+    eps: f64,
+    offset: f32,
+}
+
+impl HostNorm {
+    fn weight<'v>(&self, view: &'v HostView) -> Cow<'v, [f32]> {
+        match self.offset {
+            0.0 => view.floats(),
+            offset => Cow::Owned(view.floats().iter().map(|w| w + offset).collect()),
+        }
     }
 }
 
@@ -1534,10 +1705,14 @@ impl<'a> HostWeights<'a> {
             .layers
             .iter()
             .map(|b| {
+                let view = |norm: &'a Option<Tensor>| norm.as_ref().map(HostView::new).transpose();
+                let (attention, mlp) = (&b.norms.attention, &b.norms.mlp);
                 Ok(HostBlock {
                     kind: b.kind,
-                    norms_after: b.norms.after,
-                    attention_norm: HostView::new(&b.norms.attention)?,
+                    norms: [
+                        [view(&attention.before)?, view(&attention.after)?],
+                        [view(&mlp.before)?, view(&mlp.after)?],
+                    ],
                     q: HostLinear::new(&b.self_attn.q_proj, &mut packed)?,
                     k: HostLinear::new(&b.self_attn.k_proj, &mut packed)?,
                     v: HostLinear::new(&b.self_attn.v_proj, &mut packed)?,
@@ -1546,7 +1721,7 @@ impl<'a> HostWeights<'a> {
                         Some(norms) => Some([HostView::new(&norms.q)?, HostView::new(&norms.k)?]),
                         None => None,
                     },
-                    mlp_norm: HostView::new(&b.norms.mlp)?,
+                    activation: b.mlp.activation,
                     gate: HostLinear::new(&b.mlp.gate_proj, &mut packed)?,
                     up: HostLinear::new(&b.mlp.up_proj, &mut packed)?,
                     down: HostLinear::new(&b.mlp.down_proj, &mut packed)?,
@@ -1721,14 +1896,14 @@ impl Block {
             config.num_kv_heads(),
             config.head_dim(),
         );
-        let scale = 1.0 / (d as f64).sqrt();
+        let scale = config.attention_scale();
         let attn = match attend {
             Attend::Masked(mask) => {
                 let attn = &self.self_attn;
                 let [q, k, v] = [&attn.q_proj, &attn.k_proj, &attn.v_proj].map(|p| p.forward(&h));
                 let [q, k, v] = [q?, k?, v?];
                 let [q, k] = match &attn.head_norms {
-                    Some(norms) => norms.forward([&q, &k], eps)?,
+                    Some(norms) => norms.forward([&q, &k], eps, self.norms.offset)?,
                     None => [q, k],
                 };
                 ops::rotary_attention([&q, &k, &v], [cos, sin], mask, (heads, kv_heads), scale)?
@@ -1741,7 +1916,9 @@ impl Block {
                     stacked_forward(&attn.qkv, &[&attn.q_proj, &attn.k_proj, &attn.v_proj], &h)?;
                 let columns = (heads * d, (heads + kv_heads) * d);
                 let rows = match &attn.head_norms {
-                    Some(norms) => norms.forward_stacked(&rows, (heads, kv_heads), eps)?,
+                    Some(norms) => {
+                        norms.forward_stacked(&rows, (heads, kv_heads), eps, self.norms.offset)?
+                    }
                     None => rows,
                 };
                 let (keys, values) = c.cache.write(c.layer, &rows, columns, c.tables)?;

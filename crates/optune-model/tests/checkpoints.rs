@@ -31,6 +31,7 @@ fn a_saved_checkpoint_reloads_bit_identically() {
         "tiny-olmo2",
         "tiny-olmo3",
         "tiny-exaone4",
+        "tiny-gemma3",
         "tiny-rm-mistral",
         "tiny-rm-phi3",
     ] {

@@ -139,6 +139,13 @@ fn output_does_not_depend_on_the_batch_size() {
     }
 }
 
+/// The size of a row of logits that rounding differences scale with: its largest magnitude (at
+/// least 1). Gemma 3's logits run about twice the others' (its scaled embedding and norms), and
+/// so do the differences of two paths' summation orders.
+fn row_scale(row: &[f32]) -> f32 {
+    row.iter().fold(1f32, |m, v| m.max(v.abs()))
+}
+
 /// Stacking q/k/v and gate/up for generation groups the products, not the numbers: on the
 /// tensor path the logits agree with the unstacked model's to rounding, on the host kernels (which
 /// read the separate weights, now views of the stacks) to the bit.
@@ -172,11 +179,11 @@ fn stacked_projections_change_no_logits() {
             if cache(&model).is_host() {
                 assert_eq!(a, b, "{name}");
             }
-            for (x, y) in a.iter().flatten().zip(b.iter().flatten()) {
-                assert!(
-                    (x - y).abs() <= 1e-5 * y.abs().max(1.0),
-                    "{name}: {x} vs {y}"
-                );
+            for (row_a, row_b) in a.iter().zip(&b) {
+                let scale = row_scale(row_b);
+                for (x, y) in row_a.iter().zip(row_b) {
+                    assert!((x - y).abs() <= 1e-5 * scale, "{name}: {x} vs {y}");
+                }
             }
         }
     }
@@ -218,9 +225,10 @@ fn cpu_kernels_agree_with_the_tensor_path() {
                         "{name} slot {s}"
                     );
                 }
+                let scale = row_scale(&b[s]);
                 for (x, y) in a[s].iter().zip(&b[s]) {
                     assert!(
-                        (x - y).abs() <= 1e-5 * y.abs().max(1.0),
+                        (x - y).abs() <= 1e-5 * scale,
                         "{name} step {step} slot {s}: {x} vs {y}"
                     );
                 }

@@ -174,6 +174,23 @@ fn exaone4_head_norms_after_the_sublayers_and_a_full_layer_without_rotation() {
 }
 
 #[test]
+fn gemma3_offset_norms_scaled_embedding_and_gelu_gate() {
+    check(
+        "tiny-gemma3",
+        &[
+            "embed_tokens",
+            "layers.0.input_layernorm",
+            "layers.0.post_attention_layernorm",
+            "layers.1.pre_feedforward_layernorm",
+            "layers.1.post_feedforward_layernorm",
+            "layers.0.self_attn.q_norm",
+            "gate_proj",
+            "model.norm",
+        ],
+    );
+}
+
+#[test]
 fn mistral_sliding_window() {
     check(
         "tiny-mistral",

@@ -233,6 +233,11 @@ fn exaone4_matches_transformers() {
     check_causal_model("tiny-exaone4");
 }
 
+#[test]
+fn gemma3_matches_transformers() {
+    check_causal_model("tiny-gemma3");
+}
+
 fn check_reward_model(name: &str) {
     let reference = reference(name);
     let (model, tokenizer, _) = load_model(

@@ -29,9 +29,10 @@ pub fn workspace_root() -> PathBuf {
 /// biased; qwen3, with norms of each query and key head; phi3, its projections stored fused;
 /// smollm3, a layer without a rotary embedding; olmo2, norms after the sublayers and of the whole
 /// q and k projections; olmo3, a sliding layer turned by the plain rotation beside a full one
-/// turned by YaRN; exaone4, a sliding layer beside a full one without a rotary embedding), for
-/// the tests that run on each.
-pub const FAMILY_MODELS: [&str; 9] = [
+/// turned by YaRN; exaone4, a sliding layer beside a full one without a rotary embedding;
+/// gemma3, norms before and after each sublayer scaling by 1 + weight, a scaled embedding, a
+/// GELU gate and a sliding layer on its local base), for the tests that run on each.
+pub const FAMILY_MODELS: [&str; 10] = [
     "tiny-llama",
     "tiny-mistral",
     "tiny-qwen2",
@@ -41,12 +42,13 @@ pub const FAMILY_MODELS: [&str; 9] = [
     "tiny-olmo2",
     "tiny-olmo3",
     "tiny-exaone4",
+    "tiny-gemma3",
 ];
 
 /// The reward models of testdata, one per family but OLMo 3's, whose layers tiny-olmo3 runs
 /// (`*ForSequenceClassification`, one label; tiny-rm-olmo2 without GQA, so its q and k norms are
 /// of one width).
-pub const REWARD_MODELS: [&str; 8] = [
+pub const REWARD_MODELS: [&str; 9] = [
     "tiny-rm-llama",
     "tiny-rm-mistral",
     "tiny-rm-qwen2",
@@ -55,6 +57,7 @@ pub const REWARD_MODELS: [&str; 8] = [
     "tiny-rm-smollm3",
     "tiny-rm-olmo2",
     "tiny-rm-exaone4",
+    "tiny-rm-gemma3",
 ];
 
 /// The seven projections of a llama block, the LoRA targets of a test that adapts them all.

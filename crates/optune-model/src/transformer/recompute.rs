@@ -45,7 +45,7 @@ impl Transformer {
         }
         let top = stream.as_variables()?;
         let eps = self.config.rms_norm_eps;
-        let (_, normed) = top.add_norm(&self.norm, eps, ops::Pass::Differentiable)?;
+        let (_, normed) = top.add_norm(&*self.final_norm()?, eps, ops::Pass::Differentiable)?;
         let recomputed = RecomputedPass {
             model: self,
             input_ids: batch.input_ids.clone(),
