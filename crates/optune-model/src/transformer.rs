@@ -1,8 +1,10 @@
 //! The decoder-only transformer shared by the families of [`optune_checkpoint::Family`], read top
 //! to bottom: embed → N × (RMSNorm → rotary GQA attention → residual → RMSNorm → SwiGLU MLP →
-//! residual) → RMSNorm → head. Qwen3's attention normalises each query and key head before
-//! rotating it, OLMo-2's each whole projection; OLMo-2's blocks normalise each sublayer's output
-//! before the residual add instead of its input.
+//! residual) → RMSNorm → head. The families' departures are switches read once from the config:
+//! norms of the queries and keys before the rotation (each head: Qwen3, EXAONE 4, Gemma 3; each
+//! whole projection: OLMo 2 and 3), norms on the sublayers' outputs instead of their inputs (OLMo
+//! 2 and 3, EXAONE 4) or on both (Gemma 3, whose norms scale by 1 + weight, whose embedding is
+//! scaled and whose gate is a GELU), and each layer's window and rotation ([`AttentionKind`]).
 //!
 //! Two paths over one set of weights:
 //! * [`Transformer::hidden_states`], the training path: a padded batch with an attention mask,
