@@ -130,9 +130,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 TESTDATA = REPO / "testdata"
 # One tiny model of each family and the reward models (optune_testkit's FAMILY_MODELS and
-# REWARD_MODELS; OLMo 3 has none): the log-prob and reward rows run every one.
+# REWARD_MODELS; OLMo 3 and Granite have none): the log-prob and reward rows run every one.
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "olmo2", "exaone4", "gemma3"]
-FAMILY_MODELS = [f"tiny-{f}" for f in FAMILIES + ["olmo3"]]
+FAMILY_MODELS = [f"tiny-{f}" for f in FAMILIES + ["olmo3", "granite"]]
 REWARD_MODELS = [f"tiny-rm-{f}" for f in FAMILIES]
 
 sys.path.insert(0, str(REPO / "scripts/bench"))
@@ -162,7 +162,7 @@ STAGES = ["logprobs", "train-1b", "train-7b", "gen-7b", "gen-1b", "score-1b", "s
 # Guessed cost in seconds on an H100 of each unit of work the budget is checked before (see the
 # docstring); a dry run checks against 0 (its figures are the CPU's).
 ESTIMATE_S = {
-    "logprobs": 150,
+    "logprobs": 155,
     "build:1b": 15, "lora:1b": 15, "full:1b": 20, "warmup:1b": 15, "gen:1b": 12,
     "build:7b": 45, "lora:7b": 55, "warmup:7b": 35, "gen:7b": 22,
     "prefill:1b": 19, "prefill:7b": 40, "score:1b": 25,

@@ -38,7 +38,8 @@ full 3.4e-05; the same LoRA: merged 2.0e-05, PEFT 3.1e-05. tiny-exaone4 (norms a
 sublayers and of each query and key head, a full layer without a rotary embedding): full
 2.0e-05; the same LoRA: merged 3.1e-05, PEFT 3.1e-05. tiny-gemma3 (norms before and after the
 sublayers scaling by 1 + weight, a scaled embedding, a GELU gate): full 4.4e-05; the same LoRA:
-merged 3.5e-05, PEFT 6.6e-05.
+merged 3.5e-05, PEFT 6.6e-05. tiny-granite (four multipliers): full 3.1e-05; the same LoRA:
+merged 1.7e-05, PEFT 2.6e-05.
 """
 import json
 import os

@@ -6,7 +6,7 @@ Run by hand (never from CI):
     /work/.venv-ref/bin/python scripts/reference/make_testdata.py
 
 Writes (relative to the repository root):
-    testdata/models/tiny-{llama,mistral,qwen2,qwen3,phi3,smollm3,olmo2,olmo3,exaone4,gemma3}/ causal LMs
+    testdata/models/tiny-{llama,mistral,qwen2,qwen3,phi3,smollm3,olmo2,olmo3,exaone4,gemma3,granite}/ causal LMs
     testdata/models/tiny-rm-{llama,mistral,qwen2,qwen3,phi3,smollm3,olmo2,exaone4,gemma3}/    reward models
     testdata/reference/{tiny-*,tiny-rm-*}.json                  log-probs / logits / scores
     testdata/reference/chat_templates.json                      rendered chat templates
@@ -43,6 +43,8 @@ from transformers import (  # noqa: E402
     Gemma3TextConfig,
     Gemma3TextForSequenceClassification,
     GenerationConfig,
+    GraniteConfig,
+    GraniteForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     LlamaForSequenceClassification,
@@ -516,6 +518,32 @@ FAMILIES = {
         generation=dict(bos_token_id=1, eos_token_id=2, pad_token_id=PAD_ID),
         seed=10010,
     ),
+    "granite": dict(
+        config_cls=GraniteConfig,
+        lm_cls=GraniteForCausalLM,
+        # No reward model: transformers has no sequence-classification class for Granite.
+        rm_cls=None,
+        config=dict(
+            # Like Granite-3.3-2B-Instruct: Llama's blocks with four multipliers (the embedding,
+            # each sublayer's output before the residual add, the attention scores in place of
+            # 1/sqrt(head_dim), and the logits divided), tied embeddings.
+            embedding_multiplier=12.0,
+            residual_multiplier=0.22,
+            attention_multiplier=0.1,
+            logits_scaling=2.0,
+            tie_word_embeddings=True,
+            rms_norm_eps=1e-5,
+            rope_theta=10000000.0,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=PAD_ID,
+        ),
+        tokenizer=dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>"),
+        chat_template=CHATML_PLAIN,
+        template_in_tokenizer_config=True,
+        generation=dict(bos_token_id=0, eos_token_id=0, pad_token_id=PAD_ID),
+        seed=11011,
+    ),
 }
 
 # ---------------------------------------------------------------------------
@@ -824,7 +852,11 @@ def ref_hidden(sd: dict, cfg, ids: list[int], skip_qk_norm: bool = False) -> tor
     x = sd["model.embed_tokens.weight"][torch.tensor(ids)]
     if gemma:
         x = x * torch.tensor(cfg.hidden_size**0.5, dtype=torch.float32)
-    scale = cfg.query_pre_attn_scalar**-0.5 if gemma else 1.0 / math.sqrt(hd)
+    granite = cfg.model_type == "granite"
+    if granite:
+        x = x * cfg.embedding_multiplier
+    residual = cfg.residual_multiplier if granite else 1.0
+    scale = cfg.query_pre_attn_scalar**-0.5 if gemma else cfg.attention_multiplier if granite else 1.0 / math.sqrt(hd)
     act = (lambda g: F.gelu(g, approximate="tanh")) if gemma else F.silu
     for layer in range(cfg.num_hidden_layers):
         p = f"model.layers.{layer}."
@@ -856,17 +888,17 @@ def ref_hidden(sd: dict, cfg, ids: list[int], skip_qk_norm: bool = False) -> tor
         att = att.masked_fill(~allowed(windows[layer]), float("-inf")).softmax(-1)
         o = (att @ v).transpose(0, 1).reshape(T, H * hd)
         o = lin(o, p + "self_attn.o_proj")
-        x = x + (o if attn_after is None else rms(o, attn_after))
+        x = x + (o if attn_after is None else rms(o, attn_after)) * residual
         h = x if mlp_before is None else rms(x, mlp_before)
         m = lin(act(lin(h, p + "mlp.gate_proj")) * lin(h, p + "mlp.up_proj"), p + "mlp.down_proj")
-        x = x + (m if mlp_after is None else rms(m, mlp_after))
+        x = x + (m if mlp_after is None else rms(m, mlp_after)) * residual
     return rms(x, sd["model.norm.weight"])
 
 
 def ref_logits(sd, cfg, ids, skip_qk_norm=False):
     h = ref_hidden(sd, cfg, ids, skip_qk_norm)
     w = sd["lm_head.weight"] if "lm_head.weight" in sd else sd["model.embed_tokens.weight"]
-    return h @ w.T
+    return (h @ w.T) / (cfg.logits_scaling if cfg.model_type == "granite" else 1.0)
 
 
 # ---------------------------------------------------------------------------
@@ -1005,6 +1037,16 @@ def lm_reference(name: str, path: Path) -> dict:
             f"{cfg.sliding_window} positions and turns by the plain rotation of rope_theta, layer 1 attends to "
             f"all and turns by YaRN. Reading both layers as full ones would change case 0's logits by up to "
             f"{d_window:.4f}; of that, the sliding layer's rotation alone (no window) accounts for up to {d_rotation:.4f}."
+        )
+    if cfg.model_type == "granite":
+        plain = type(cfg).from_dict({**cfg.to_dict(), "residual_multiplier": 1.0})
+        d = (ref_logits(sd, plain, seqs[0]) - logits[0, : len(seqs[0])]).abs().max().item()
+        assert d > 1e-3, d
+        extra["multipliers_note"] = (
+            f"embedding_multiplier {cfg.embedding_multiplier}, residual_multiplier {cfg.residual_multiplier}, "
+            f"attention_multiplier {cfg.attention_multiplier} (the scores' scale), logits_scaling "
+            f"{cfg.logits_scaling} (the logits divided); leaving out the residual multiplier alone would change "
+            f"case 0's logits by up to {d:.4f}."
         )
     if cfg.model_type == "gemma3_text":
         # A loader that scaled by the stored weight (not 1 + weight) would read every norm as
@@ -1201,7 +1243,7 @@ def main() -> None:
 
     total = sum(p.stat().st_size for p in MODELS.rglob("*") if p.is_file())
     print(f"testdata/models: {total} bytes")
-    assert total < 11 * 1024 * 1024
+    assert total < 12 * 1024 * 1024
     print("ok")
 
 

@@ -95,7 +95,8 @@ fn training_lowers_the_loss_and_widens_the_margin() {
     // SmolLM3, whose layer without a rotary embedding trains through unturned tables; OLMo-2,
     // whose norms after the sublayers and of the whole q and k projections train too; OLMo 3,
     // its sliding layer through its own mask and tables; EXAONE 4, its full layer through
-    // unturned tables; Gemma 3, whose norms scale by 1 + weight (the stored weight trains).
+    // unturned tables; Gemma 3, whose norms scale by 1 + weight (the stored weight trains);
+    // Granite, through its multipliers.
     for name in [
         "tiny-llama",
         "tiny-qwen3",
@@ -105,6 +106,7 @@ fn training_lowers_the_loss_and_widens_the_margin() {
         "tiny-olmo3",
         "tiny-exaone4",
         "tiny-gemma3",
+        "tiny-granite",
     ] {
         lowers_the_loss_and_trains_every_weight(name);
     }

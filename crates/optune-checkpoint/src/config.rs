@@ -25,6 +25,7 @@ pub enum Family {
     Olmo3,
     Exaone4,
     Gemma3Text,
+    Granite,
 }
 
 impl Family {
@@ -40,15 +41,16 @@ impl Family {
             "olmo3" => Ok(Family::Olmo3),
             "exaone4" => Ok(Family::Exaone4),
             "gemma3_text" => Ok(Family::Gemma3Text),
+            "granite" => Ok(Family::Granite),
             "gemma3" => bail!(
                 "model_type 'gemma3' is a multimodal Gemma 3 checkpoint (4B to 27B, the language \
                  model under text_config): optune reads the text-only gemma3_text ones (270M, 1B)"
             ),
             other => bail!(
                 "unsupported model_type '{other}': optune supports llama, mistral, qwen2, qwen3, \
-                 phi3, smollm3, olmo2, olmo3, exaone4 and gemma3_text (Llama 2/3, TinyLlama, \
-                 SmolLM2, Zephyr/Mistral, Qwen2/2.5, Qwen3 dense, Phi-3/3.5/4, SmolLM3, OLMo 2, \
-                 OLMo 3, EXAONE 4.0, Gemma 3 text-only: 270M, 1B)"
+                 phi3, smollm3, olmo2, olmo3, exaone4, gemma3_text and granite (Llama 2/3, \
+                 TinyLlama, SmolLM2, Zephyr/Mistral, Qwen2/2.5, Qwen3 dense, Phi-3/3.5/4, SmolLM3, \
+                 OLMo 2, OLMo 3, EXAONE 4.0, Gemma 3 text-only: 270M, 1B, Granite 3)"
             ),
         }
     }
@@ -65,6 +67,7 @@ impl Family {
             Family::Olmo3 => "olmo3",
             Family::Exaone4 => "exaone4",
             Family::Gemma3Text => "gemma3_text",
+            Family::Granite => "granite",
         }
     }
 }
@@ -267,6 +270,17 @@ pub struct ModelConfig {
     pub final_logit_softcapping: Option<f64>,
     #[serde(default)]
     pub attn_logit_softcapping: Option<f64>,
+    /// Granite's four multipliers ([`ModelConfig::embedding_scale`],
+    /// [`ModelConfig::residual_scale`], [`ModelConfig::attention_scale`],
+    /// [`ModelConfig::logits_scale`]); 1 when absent, as its config class has them.
+    #[serde(default)]
+    pub embedding_multiplier: Option<f64>,
+    #[serde(default)]
+    pub residual_multiplier: Option<f64>,
+    #[serde(default)]
+    pub attention_multiplier: Option<f64>,
+    #[serde(default)]
+    pub logits_scaling: Option<f64>,
     /// EmbeddingGemma's attention over the whole sequence: not a causal model, refused.
     #[serde(default)]
     pub use_bidirectional_attention: Option<bool>,
@@ -548,23 +562,42 @@ impl ModelConfig {
         }
     }
 
-    /// Gemma 3: the embedding's rows are scaled by `sqrt(hidden_size)` (in the model's dtype)
-    /// on the way in; a tied head reads them unscaled.
+    /// The factor of the embedding's rows on the way in (in the model's dtype; a tied head reads
+    /// them unscaled): Gemma 3's `sqrt(hidden_size)`, Granite's `embedding_multiplier`.
     pub fn embedding_scale(&self) -> Option<f64> {
         match self.family() {
             Ok(Family::Gemma3Text) => Some((self.hidden_size as f64).sqrt()),
+            Ok(Family::Granite) => self.embedding_multiplier,
             _ => None,
         }
     }
 
-    /// The factor of the attention scores: `head_dim^-1/2`, or Gemma 3's
-    /// `query_pre_attn_scalar^-1/2`.
+    /// The factor of the attention scores: `head_dim^-1/2`, Gemma 3's
+    /// `query_pre_attn_scalar^-1/2`, or Granite's `attention_multiplier`.
     pub fn attention_scale(&self) -> f64 {
         let scalar = match self.family() {
             Ok(Family::Gemma3Text) => self.query_pre_attn_scalar.unwrap_or(self.head_dim() as f64),
+            Ok(Family::Granite) => return self.attention_multiplier.unwrap_or(1.0),
             _ => self.head_dim() as f64,
         };
         1.0 / scalar.sqrt()
+    }
+
+    /// The factor of each sublayer's output as it joins the stream: Granite's
+    /// `residual_multiplier`, else 1.
+    pub fn residual_scale(&self) -> f64 {
+        match self.family() {
+            Ok(Family::Granite) => self.residual_multiplier.unwrap_or(1.0),
+            _ => 1.0,
+        }
+    }
+
+    /// The factor of a language model's logits: 1 over Granite's `logits_scaling`, else 1.
+    pub fn logits_scale(&self) -> f64 {
+        match self.family() {
+            Ok(Family::Granite) => 1.0 / self.logits_scaling.unwrap_or(1.0),
+            _ => 1.0,
+        }
     }
 
     /// The base of the rotation of [`LayerRotation::Local`] layers: Gemma 3's
@@ -659,7 +692,8 @@ impl ModelConfig {
                 | Family::SmolLM3
                 | Family::Olmo2
                 | Family::Olmo3
-                | Family::Gemma3Text,
+                | Family::Gemma3Text
+                | Family::Granite,
             ) => self.attention_bias.unwrap_or(false),
             _ => false,
         }
@@ -784,6 +818,23 @@ mod tests {
         let gelu = ModelConfig::from_json_str(&gelu.to_string()).unwrap();
         assert_eq!(gelu.activation().unwrap(), Activation::GeluTanh);
         assert_eq!(gelu.attention_scale(), 0.25);
+        let mut granite = base("granite");
+        for (key, value) in [
+            ("embedding_multiplier", 12.0),
+            ("residual_multiplier", 0.25),
+            ("attention_multiplier", 0.125),
+            ("logits_scaling", 8.0),
+        ] {
+            granite[key] = serde_json::json!(value);
+        }
+        let granite = ModelConfig::from_json_str(&granite.to_string()).unwrap();
+        assert_eq!(granite.embedding_scale(), Some(12.0));
+        assert_eq!(granite.residual_scale(), 0.25);
+        assert_eq!(granite.attention_scale(), 0.125);
+        assert_eq!(granite.logits_scale(), 0.125);
+        assert!(!granite.tied_embeddings());
+        let plain = ModelConfig::from_json_str(&base("granite").to_string()).unwrap();
+        assert_eq!(plain.attention_scale() * plain.logits_scale(), 1.0);
         let mut erf = base("llama");
         erf["hidden_act"] = serde_json::json!("gelu");
         assert!(ModelConfig::from_json_str(&erf.to_string()).is_err());

@@ -176,6 +176,9 @@ struct BlockNorms {
     /// Added to each weight where it is used: Gemma 3's norms scale by `1 + weight`
     /// ([`ModelConfig::norm_weight_offset`]); 0 for the others.
     offset: f64,
+    /// The factor of each sublayer's output as it joins the stream (Granite's
+    /// `residual_multiplier`; 1 for the others).
+    residual_scale: f64,
 }
 
 /// One sublayer's norms: before it and after it, where the placement has them.
@@ -231,6 +234,7 @@ impl BlockNorms {
                 after: take(ma)?,
             },
             offset: config.norm_weight_offset(),
+            residual_scale: config.residual_scale(),
         })
     }
 
@@ -285,16 +289,21 @@ impl BlockNorms {
         }
     }
 
-    /// `sublayer`'s `output` as it joins the stream: normalised by its norm after, or as it is.
+    /// `sublayer`'s `output` as it joins the stream: normalised by its norm after, or as it is,
+    /// and scaled by the residual factor.
     fn sublayer_output(
         &self,
         output: Tensor,
         sublayer: &SublayerNorms,
         eps: f64,
     ) -> Result<Tensor> {
-        match &sublayer.after {
-            Some(norm) => ops::rms_norm(&output, &*offset_weight(norm, self.offset)?, eps),
-            None => Ok(output),
+        let output = match &sublayer.after {
+            Some(norm) => ops::rms_norm(&output, &*offset_weight(norm, self.offset)?, eps)?,
+            None => output,
+        };
+        match self.residual_scale {
+            1.0 => Ok(output),
+            scale => output.affine(scale, 0.0),
         }
     }
 
@@ -928,7 +937,7 @@ impl Transformer {
             self.config.rms_norm_eps,
             ops::Pass::Differentiable,
         )?;
-        Ok(normed)
+        self.head_input(normed)
     }
 
     /// The blocks over a padded batch (causal, within the sliding window, padding keys hidden;
@@ -1044,6 +1053,24 @@ impl Transformer {
     /// The final norm's weight as it scales ([`offset_weight`]).
     pub(crate) fn final_norm(&self) -> Result<Cow<'_, Tensor>> {
         offset_weight(&self.norm, self.config.norm_weight_offset())
+    }
+
+    /// The final norm's output as the head reads it: a language model's scaled by Granite's
+    /// `1 / logits_scaling` (the head is linear, so its logits are scaled alike), a score head's
+    /// as it is.
+    pub(crate) fn head_input(&self, normed: Tensor) -> Result<Tensor> {
+        match self.head_scale() {
+            1.0 => Ok(normed),
+            scale => normed.affine(scale as f64, 0.0),
+        }
+    }
+
+    /// [`Transformer::head_input`]'s factor, which the host decode path applies too.
+    fn head_scale(&self) -> f32 {
+        match &self.head {
+            OutputHead::LanguageModel { .. } => self.config.logits_scale() as f32,
+            OutputHead::Score { .. } => 1.0,
+        }
     }
 
     /// Logits `[rows, vocab]` (or scores `[rows, labels]`) of hidden rows `[rows, hidden]`.
@@ -1277,7 +1304,7 @@ impl Transformer {
             self.config.rms_norm_eps,
             ops::Pass::Generation,
         )?;
-        Ok(self.head_logits(&x)?)
+        Ok(self.head_logits(&self.head_input(x)?)?)
     }
 
     /// [`Transformer::feed`] on a host cache.
@@ -1354,6 +1381,8 @@ impl Transformer {
             eps,
             offset: cfg.norm_weight_offset() as f32,
         };
+        // Each sublayer's output joins the stream times this (Granite's; 1 for the others).
+        let residual = cfg.residual_scale() as f32;
         let mut normed = vec![0f32; rows * h];
         let mut attn = vec![0f32; rows * heads * d];
         let capacity = cache.capacity;
@@ -1395,7 +1424,7 @@ impl Transformer {
             host::attention(&q, &kind.queries, (heads, d, scale), &layer, &mut attn);
             let o = block.o.forward(&attn, rows);
             let o = block.sublayer_output(0, o, &norm);
-            x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
+            x.iter_mut().zip(&o).for_each(|(x, o)| *x += o * residual);
             block.sublayer_input(1, &x, &norm, &mut normed);
             let [mut gate, up] = HostLinear::forward_many([&block.gate, &block.up], &normed, rows);
             match block.activation {
@@ -1404,7 +1433,9 @@ impl Transformer {
             }
             let down = block.down.forward(&gate, rows);
             let down = block.sublayer_output(1, down, &norm);
-            x.iter_mut().zip(&down).for_each(|(x, o)| *x += o);
+            x.iter_mut()
+                .zip(&down)
+                .for_each(|(x, o)| *x += o * residual);
         }
         // Only each segment's last position needs logits.
         let mut last = Vec::with_capacity(segments.len() * h);
@@ -1416,6 +1447,10 @@ impl Transformer {
         }
         let mut normed = vec![0f32; segments.len() * h];
         host::rms_norm(&last, &norm.weight(&weights.norm), eps, &mut normed);
+        let head_scale = self.head_scale();
+        if head_scale != 1.0 {
+            normed.iter_mut().for_each(|v| *v *= head_scale);
+        }
         let logits = weights.head.forward(&normed, segments.len());
         debug_assert_eq!(logits.len(), segments.len() * width);
         Ok(logits)

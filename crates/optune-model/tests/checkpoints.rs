@@ -32,6 +32,7 @@ fn a_saved_checkpoint_reloads_bit_identically() {
         "tiny-olmo3",
         "tiny-exaone4",
         "tiny-gemma3",
+        "tiny-granite",
         "tiny-rm-mistral",
         "tiny-rm-phi3",
     ] {

@@ -191,6 +191,19 @@ fn gemma3_offset_norms_scaled_embedding_and_gelu_gate() {
 }
 
 #[test]
+fn granite_multipliers() {
+    check(
+        "tiny-granite",
+        &[
+            "embed_tokens",
+            "layers.0.self_attn.q_proj.weight",
+            "layers.1.mlp.down_proj.weight",
+            "model.norm",
+        ],
+    );
+}
+
+#[test]
 fn mistral_sliding_window() {
     check(
         "tiny-mistral",

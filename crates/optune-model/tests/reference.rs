@@ -238,6 +238,11 @@ fn gemma3_matches_transformers() {
     check_causal_model("tiny-gemma3");
 }
 
+#[test]
+fn granite_matches_transformers() {
+    check_causal_model("tiny-granite");
+}
+
 fn check_reward_model(name: &str) {
     let reference = reference(name);
     let (model, tokenizer, _) = load_model(

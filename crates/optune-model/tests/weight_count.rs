@@ -18,8 +18,8 @@ fn model_dir(name: &str) -> PathBuf {
 /// of each query and key head (qwen3), fused projections in the checkpoint (phi3), a layer
 /// without a rotary embedding (smollm3), norms after the sublayers and of the whole q and k
 /// projections (olmo2, olmo3), norms after the sublayers and of each query and key head
-/// (exaone4), norms before and after each sublayer (gemma3).
-const LANGUAGE_MODELS: [&str; 11] = [
+/// (exaone4), norms before and after each sublayer (gemma3), multipliers (granite).
+const LANGUAGE_MODELS: [&str; 12] = [
     "tiny-llama",
     "tiny-llama-base",
     "tiny-mistral",
@@ -31,6 +31,7 @@ const LANGUAGE_MODELS: [&str; 11] = [
     "tiny-olmo3",
     "tiny-exaone4",
     "tiny-gemma3",
+    "tiny-granite",
 ];
 
 #[test]

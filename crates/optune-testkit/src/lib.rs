@@ -31,8 +31,9 @@ pub fn workspace_root() -> PathBuf {
 /// q and k projections; olmo3, a sliding layer turned by the plain rotation beside a full one
 /// turned by YaRN; exaone4, a sliding layer beside a full one without a rotary embedding;
 /// gemma3, norms before and after each sublayer scaling by 1 + weight, a scaled embedding, a
-/// GELU gate and a sliding layer on its local base), for the tests that run on each.
-pub const FAMILY_MODELS: [&str; 10] = [
+/// GELU gate and a sliding layer on its local base; granite, four multipliers), for the tests
+/// that run on each.
+pub const FAMILY_MODELS: [&str; 11] = [
     "tiny-llama",
     "tiny-mistral",
     "tiny-qwen2",
@@ -43,9 +44,11 @@ pub const FAMILY_MODELS: [&str; 10] = [
     "tiny-olmo3",
     "tiny-exaone4",
     "tiny-gemma3",
+    "tiny-granite",
 ];
 
-/// The reward models of testdata, one per family but OLMo 3's, whose layers tiny-olmo3 runs
+/// The reward models of testdata, one per family but OLMo 3's, whose layers tiny-olmo3 runs, and
+/// Granite's, which transformers has no class for
 /// (`*ForSequenceClassification`, one label; tiny-rm-olmo2 without GQA, so its q and k norms are
 /// of one width).
 pub const REWARD_MODELS: [&str; 9] = [

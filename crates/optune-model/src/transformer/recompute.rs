@@ -46,6 +46,7 @@ impl Transformer {
         let top = stream.as_variables()?;
         let eps = self.config.rms_norm_eps;
         let (_, normed) = top.add_norm(&*self.final_norm()?, eps, ops::Pass::Differentiable)?;
+        let normed = self.head_input(normed)?;
         let recomputed = RecomputedPass {
             model: self,
             input_ids: batch.input_ids.clone(),
