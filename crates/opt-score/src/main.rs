@@ -80,6 +80,9 @@ use std::time::{Duration, Instant};
 ///   opt-score responses.parquet --rm models/rm -o scored.parquet
 ///   opt-score responses.parquet --lexicon vader_lexicon.txt | opt-select --rho 0.7 > regen.parquet
 ///   opt-score responses.parquet -o scored.parquet --reward-cmd python3 my_reward.py --strict
+// The doc comment above is the --help text, verbatim: its `[ARGS]` and `<TAB>` are usage, not
+// links or HTML.
+#[allow(rustdoc::broken_intra_doc_links, rustdoc::invalid_html_tags)]
 #[derive(Parser, Debug)]
 #[command(name = "opt-score", version, verbatim_doc_comment)]
 struct Args {

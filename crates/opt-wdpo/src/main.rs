@@ -1,7 +1,7 @@
 //! opt-wdpo: train a policy on preference pairs with weighted DPO.
 //!
 //! The stages of a run, one module each: [`policy`] (load the policy, LoRA), [`data`] (pairs as
-//! tokens, batches), [`reference`] (reference log-probs once before training), [`train`] (the
+//! tokens, batches), [`reference`](mod@reference) (reference log-probs once before training), [`train`] (the
 //! loop: loss, accumulation, clipping, optimiser, metrics; [`hypo`] for the online KL term;
 //! [`state`] for the training state a killed run resumes from), then the checkpoint and the
 //! summary line here.

@@ -8,7 +8,7 @@
 //!   we see are Hugging Face's `[out_features, in_features]`;
 //! - llama.cpp's converter reorders the rows of each attention head of `W_q` and `W_k` so that
 //!   GGML's rope can rotate adjacent pairs, whereas Hugging Face's llama rotates the first half of a
-//!   head against the second half ([`unpermute_rope_rows`] restores Hugging Face's order);
+//!   head against the second half (`unpermute_rope_rows` restores Hugging Face's order);
 //! - the tokenizer exists only as metadata (token list, merges, token types) and is rebuilt as a
 //!   `tokenizers` byte-level BPE.
 

@@ -4,7 +4,7 @@ use anyhow::Result;
 
 /// The device named by `--device`: `cpu`, `cuda` or `cuda:N`. Without a name: the first GPU when
 /// the binary was built with the `cuda` feature and one is visible, else the CPU. A GPU comes
-/// prepared for many small kernels ([`gpu::prepare`]).
+/// prepared for many small kernels (`gpu::prepare`).
 ///
 /// A GPU's work all goes to one stream of its own, whichever thread issues it: candle's
 /// `Device::new_cuda` would take CUDA's per-thread default stream, a different stream for each

@@ -1,4 +1,4 @@
-//! Which form of an op runs: the process setting, and the one rule ([`path`]) that applies it to a
+//! Which form of an op runs: the process setting, and the one rule (`path`) that applies it to a
 //! device and dtype.
 
 use candle_core::{DType, Device, Tensor};

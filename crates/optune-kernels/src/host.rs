@@ -325,7 +325,7 @@ const PARALLEL_WORK: usize = 1 << 17;
 const ROW_BLOCK_BYTES: usize = 1 << 20;
 
 /// `out [rows, n] = x [rows, k] · wᵀ (+ bias)` with `w [n, k]` row-major (the Hugging Face
-/// layout of a linear layer's weight). Each element is a [`Lanes`] dot product, so a row's
+/// layout of a linear layer's weight). Each element is a `Lanes` dot product, so a row's
 /// result does not depend on `rows`, on the thread count or on the instruction set.
 pub fn linear(x: &[f32], rows: usize, w: &[f32], bias: Option<&[f32]>, out: &mut [f32]) {
     linear_many(x, rows, &mut [Product { w, bias, out }])

@@ -392,8 +392,8 @@ pub fn matmul_bf16<A: Bf16Source, B: Bf16Source>(
     matmul_bf16_packed(m, dst, accumulate, lhs, &PackedRhs::new(k, n, rhs))
 }
 
-/// The right operand `[k, n]` of bf16 products, packed: blocks of `k_block(k)` × [`NC`], each as
-/// panels of [`NR`] columns, each panel `[pair][NR]` lanes of two bf16 (the even `k` in the low
+/// The right operand `[k, n]` of bf16 products, packed: blocks of `k_block(k)` × `NC`, each as
+/// panels of `NR` columns, each panel `[pair][NR]` lanes of two bf16 (the even `k` in the low
 /// half, as `vdpbf16ps` multiplies them); the padding is zero. Packing costs about as much as
 /// reading `rhs` once; a weight reused by several products (the vocabulary head's chunks, a
 /// decode step's layers) is packed once.

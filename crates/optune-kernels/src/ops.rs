@@ -285,7 +285,7 @@ pub mod generic {
     use std::sync::Mutex;
 
     /// candle-nn's RMSNorm kernel (statistics in f32 for half dtypes, on the CPU and on CUDA),
-    /// made differentiable by [`KernelRmsNorm`].
+    /// made differentiable by `KernelRmsNorm`.
     pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
         let x = x.contiguous()?;
         let weight = weight.contiguous()?;
@@ -460,7 +460,7 @@ pub mod generic {
     }
 
     /// The base product plus the adapter's two. With a frozen base weight (LoRA's case) one node,
-    /// [`LoraNode`], that keeps `x`, `a`, `b` and the `[n, rank]` low-rank product and, under a
+    /// `LoraNode`, that keeps `x`, `a`, `b` and the `[n, rank]` low-rank product and, under a
     /// mask, draws the dropped-out input again in its backward pass. Composed of
     /// products and a sum ([`composed_lora_linear`], what a trained base weight takes), the graph
     /// keeps the sum's inputs, the base and the adapter outputs (2 · out elements a token: for
@@ -779,7 +779,7 @@ pub mod generic {
     /// fused path's ops, which split and rotate in one op, kept `2·heads·d + 2·kv_heads·d`
     /// more. The only node of this module that also serves the fused path: there its forward
     /// and backward passes run the fused ops and their own backward forms
-    /// ([`crate::fused::rotary_heads_grad`], [`crate::fused::attention_grads`]). The composed
+    /// (`crate::fused::rotary_heads_grad`, `crate::fused::attention_grads`). The composed
     /// form runs where nothing is differentiated, and where the tables are (the node gives
     /// them no gradient; the mask gets none on either form).
     pub fn rotary_attention(
@@ -959,7 +959,7 @@ pub mod generic {
     }
 
     /// Rotary embedding (rotate-half layout) of `x [b, heads, t, d]` with `cos`/`sin`
-    /// `[b, t, d/2]` or `[t, d/2]`: candle-nn's kernel, made differentiable by [`KernelRope`].
+    /// `[b, t, d/2]` or `[t, d/2]`: candle-nn's kernel, made differentiable by `KernelRope`.
     pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let (b, _, t, d) = x.dims4()?;
         for table in [cos, sin] {
@@ -1036,7 +1036,7 @@ pub mod generic {
     }
 
     /// Softmax over the last axis: candle-nn's kernel, made differentiable by
-    /// [`KernelSoftmax`]. The caller picks the dtype (attention upcasts half dtypes to f32).
+    /// `KernelSoftmax`. The caller picks the dtype (attention upcasts half dtypes to f32).
     pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
         let x = x.contiguous()?;
         let values = candle_nn::ops::softmax_last_dim(&x.detach())?;
@@ -1073,7 +1073,7 @@ pub mod generic {
 
     /// GQA without materialising repeated keys: the query heads that share a KV head are folded
     /// into the query axis. Softmax in [`accumulation_dtype`]. Queries in pieces of at most
-    /// [`ATTENTION_PIECE_SCORES`] scores. Differentiable as one node, [`RecomputedAttention`],
+    /// [`ATTENTION_PIECE_SCORES`] scores. Differentiable as one node, `RecomputedAttention`,
     /// which keeps no scores or probabilities for the backward pass: composed of tensor ops,
     /// every layer would keep five `[b, heads, tq, tk]` tensors (the scores, the masked scores
     /// and the probabilities in the compute dtype, the scores and the probabilities in f32), 14
@@ -1352,7 +1352,7 @@ pub mod generic {
     }
 
     /// One chunk of `chunk × vocab` logits at a time, in the backward pass too: the values are
-    /// computed outside autograd, and [`ChunkedLogprobs`] gives them a backward that recomputes
+    /// computed outside autograd, and `ChunkedLogprobs` gives them a backward that recomputes
     /// each chunk's softmax. Logits and their softmax in [`accumulation_dtype`].
     pub fn token_logprobs(
         rows: &Tensor,

@@ -281,7 +281,7 @@ impl TokenTables {
     }
 
     /// Whether the pass holds prompt tokens in tiles of more than one, on a GPU (see
-    /// [`query_tiles`]).
+    /// `query_tiles`).
     pub fn has_prompt_tiles(&self) -> bool {
         self.prompt_tiles.is_some()
     }

@@ -8,7 +8,7 @@
 //! on the thread count.
 //!
 //! Elsewhere (a GPU, or `OPTUNE_KERNELS=generic` on the CPU) the logits stay on the model's device
-//! and each sequence samples there ([`crate::sampling`]: one uniform per sequence from its
+//! and each sequence samples there (`crate::sampling`: one uniform per sequence from its
 //! own stream goes in, one token id and its log-probability per sequence come back), from the same
 //! distribution by other arithmetic; a fixed seed repeats its output on that device.
 
@@ -326,7 +326,7 @@ impl From<usize> for Batching {
 /// On a paged cache ([`Batching::kv_blocks`]) a request is admitted once a slot and its prompt's
 /// blocks are free (with a margin of 1 % of the pool once others run), and each decoding sequence
 /// takes its next block before anything new is admitted. When none is free, the sequence
-/// admitted last, decoding or still prefilling ([`preemption_victim`]), gives its blocks and
+/// admitted last, decoding or still prefilling (`preemption_victim`), gives its blocks and
 /// promises back and returns to the head of the queue with its tokens and random stream;
 /// admitted again, it prefills its prompt and those tokens and samples on (vLLM's preemption by
 /// recomputation). The schedule depends only on the requests, the [`Batching`] and the pool's

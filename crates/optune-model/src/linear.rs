@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 /// The random stream of LoRA dropout, shared by a model's adapters and seeded by the caller.
 /// Counter-based ([`optune_kernels::DropoutMask`]): each adapted input takes the next positions
-/// of the stream, one per element ([`DropoutStream::next_mask`]), and its mask is computed from
+/// of the stream, one per element (`DropoutStream::next_mask`), and its mask is computed from
 /// them where the tensor lives, by the adapter's op ([`optune_kernels::lora_linear`]), by its
 /// backward pass again, and by a recomputed block again; nothing is drawn on the host or copied
 /// to the device, and no dropped-out copy is kept for the backward pass on either path. A run

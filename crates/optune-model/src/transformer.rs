@@ -4,7 +4,7 @@
 //! norms of the queries and keys before the rotation (each head: Qwen3, EXAONE 4, Gemma 3; each
 //! whole projection: OLMo 2 and 3), norms on the sublayers' outputs instead of their inputs (OLMo
 //! 2 and 3, EXAONE 4) or on both (Gemma 3, whose norms scale by 1 + weight, whose embedding is
-//! scaled and whose gate is a GELU), and each layer's window and rotation ([`AttentionKind`]).
+//! scaled and whose gate is a GELU), and each layer's window and rotation (`AttentionKind`).
 //!
 //! Two paths over one set of weights:
 //! * [`Transformer::hidden_states`], the training path: a padded batch with an attention mask,
@@ -465,7 +465,7 @@ pub fn weight_count(config: &ModelConfig) -> usize {
         .sum()
 }
 
-/// Weights by Hugging Face name; [`WeightMap::take`] checks presence and shape.
+/// Weights by Hugging Face name; `WeightMap::take` checks presence and shape.
 pub struct WeightMap {
     tensors: HashMap<String, Tensor>,
 }

@@ -180,7 +180,7 @@ impl Shard {
     /// and the messages before it are its prompt. The prompt comes from the
     /// `messages`/`prompt` column when there is one, else from the
     /// conversations, which must then agree on it, else (two texts, as in
-    /// Anthropic HH) from the texts' shared start ([`split_shared_prefix`]).
+    /// Anthropic HH) from the texts' shared start (`split_shared_prefix`).
     pub fn preference_pairs(&self) -> Result<Vec<PreferencePair>> {
         let chosen = self.texts_or_messages(col::CHOSEN)?;
         let rejected = self.texts_or_messages(col::REJECTED)?;
