@@ -1383,6 +1383,7 @@ impl Transformer {
         };
         // Each sublayer's output joins the stream times this (Granite's; 1 for the others).
         let residual = cfg.residual_scale() as f32;
+        let scale = cfg.attention_scale() as f32;
         let mut normed = vec![0f32; rows * h];
         let mut attn = vec![0f32; rows * heads * d];
         let capacity = cache.capacity;
@@ -1420,7 +1421,6 @@ impl Transformer {
                 kv_heads: kvh,
                 capacity,
             };
-            let scale = cfg.attention_scale() as f32;
             host::attention(&q, &kind.queries, (heads, d, scale), &layer, &mut attn);
             let o = block.o.forward(&attn, rows);
             let o = block.sublayer_output(0, o, &norm);

@@ -22,20 +22,11 @@ fn weights(model: &optune_model::Transformer) -> Vec<(String, candle_core::Tenso
 
 #[test]
 fn a_saved_checkpoint_reloads_bit_identically() {
-    for name in [
-        "tiny-llama",
-        "tiny-qwen2",
-        "tiny-qwen3",
-        "tiny-phi3",
-        "tiny-smollm3",
-        "tiny-olmo2",
-        "tiny-olmo3",
-        "tiny-exaone4",
-        "tiny-gemma3",
-        "tiny-granite",
-        "tiny-rm-mistral",
-        "tiny-rm-phi3",
-    ] {
+    let reward_models = ["tiny-rm-mistral", "tiny-rm-phi3"];
+    for name in optune_testkit::FAMILY_MODELS
+        .into_iter()
+        .chain(reward_models)
+    {
         let (model, _, meta) = load_model(&model_dir(name), DType::F32, &Device::Cpu).unwrap();
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("saved");

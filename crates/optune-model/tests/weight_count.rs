@@ -14,29 +14,17 @@ fn model_dir(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// The language models of testdata: tied (llama), untied (mistral), biased q/k/v (qwen2), norms
-/// of each query and key head (qwen3), fused projections in the checkpoint (phi3), a layer
-/// without a rotary embedding (smollm3), norms after the sublayers and of the whole q and k
-/// projections (olmo2, olmo3), norms after the sublayers and of each query and key head
-/// (exaone4), norms before and after each sublayer (gemma3), multipliers (granite).
-const LANGUAGE_MODELS: [&str; 12] = [
-    "tiny-llama",
-    "tiny-llama-base",
-    "tiny-mistral",
-    "tiny-qwen2",
-    "tiny-qwen3",
-    "tiny-phi3",
-    "tiny-smollm3",
-    "tiny-olmo2",
-    "tiny-olmo3",
-    "tiny-exaone4",
-    "tiny-gemma3",
-    "tiny-granite",
-];
+/// The language models of testdata: one of each family (`optune_testkit::FAMILY_MODELS`) and a
+/// base model without a chat template.
+fn language_models() -> impl Iterator<Item = &'static str> {
+    optune_testkit::FAMILY_MODELS
+        .into_iter()
+        .chain(["tiny-llama-base"])
+}
 
 #[test]
 fn the_name_tree_is_the_checkpoints_own() {
-    for name in LANGUAGE_MODELS {
+    for name in language_models() {
         let dir = model_dir(name);
         let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
         let stored =
@@ -62,7 +50,7 @@ fn adapter_weights_are_stated_from_the_config() {
         &["q_proj", "k_proj", "v_proj", "o_proj"],
         &optune_testkit::LLAMA_PROJECTIONS,
     ];
-    for name in LANGUAGE_MODELS {
+    for name in language_models() {
         let dir = model_dir(name);
         let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
         for targets in targets {
