@@ -11,6 +11,7 @@ fn main() {
         "cached_attention",
         "dropout",
         "forward_only",
+        "norm_backward",
         "sampling",
         "optimizer",
     ];

@@ -5,11 +5,12 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const KERNELS: [&str; 6] = [
+const KERNELS: [&str; 7] = [
     "cache_write",
     "cached_attention",
     "dropout",
     "forward_only",
+    "norm_backward",
     "optimizer",
     "sampling",
 ];

@@ -61,9 +61,9 @@ rerun, and the sanitizer rows, which run when the others leave time within --bud
             add+norm, gate and sampler kernels) and over two opt-wdpo steps in bf16 on tiny-llama
             (the optimiser kernels); racecheck
             (shared-memory hazards between a block's threads, which the CPU emulator of our kernels
-            cannot show: it runs a block's threads one at a time) over the opt-gen run, once per kernel
-            of ours that uses shared memory (SHARED_MEMORY_KERNELS, one `--kernel-name kns=` filter
-            a run). Last by default: the logprobs rows already compare every kernel's results with
+            cannot show: it runs a block's threads one at a time) over the opt-gen run (the
+            training run for the norm's backward kernel), once per kernel of ours that uses shared
+            memory (SHARED_MEMORY_KERNELS, one `--kernel-name kns=` filter a run). Last by default: the logprobs rows already compare every kernel's results with
             the CPU's.
 
 Cost on one H100/H200, guessed from the sizes before any GPU run (the table's last row gives the
@@ -158,6 +158,8 @@ SHAPES = {
 MODEL_OF = {"1b": "llama1b", "7b": "llama7b"}
 DRY_MODEL_OF = {"1b": "tiny", "7b": "tiny-mha"}
 STAGES = ["logprobs", "train-1b", "train-7b", "gen-7b", "gen-1b", "score-1b", "sanitize"]
+# Run only when --stages names them.
+EXTRA_STAGES = ["kernels-1b"]
 
 # Guessed cost in seconds on an H100 of each unit of work the budget is checked before (see the
 # docstring); a dry run checks against 0 (its figures are the CPU's).
@@ -167,6 +169,8 @@ ESTIMATE_S = {
     "build:7b": 45, "lora:7b": 55, "warmup:7b": 35, "gen:7b": 22,
     "prefill:1b": 19, "prefill:7b": 40, "score:1b": 25,
     "sanitize": 30,
+    # One kind's three opt-wdpo runs: one bare, two under Nsight Compute.
+    "kernels:1b": 60,
 }
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # New tokens decoded after the long prompt of the prefill row.
@@ -865,32 +869,34 @@ def stage_logprobs(args, models) -> None:
     guarded("logprobs", "data parallel", lambda: logprobs_data_parallel(args.bin, work))
 
 
-def compute_sanitizer():
-    """compute-sanitizer's path: on PATH, else in a CUDA toolkit's or Nsight's usual folders."""
-    found = shutil.which("compute-sanitizer")
+def nvidia_tool(name: str):
+    """The path of one of NVIDIA's tools (compute-sanitizer, ncu): on PATH, else in a CUDA
+    toolkit's or an Nsight package's usual folders."""
+    found = shutil.which(name)
     if found:
         return found
-    for pattern in ["/usr/local/cuda*/bin/compute-sanitizer", "/usr/local/cuda*/compute-sanitizer/compute-sanitizer",
-                    "/opt/nvidia/*/compute-sanitizer", "/opt/nvidia/**/compute-sanitizer"]:
+    for pattern in [f"/usr/local/cuda*/bin/{name}", f"/usr/local/cuda*/{name}/{name}", f"/opt/nvidia/*/{name}",
+                    f"/opt/nvidia/**/{name}"]:
         hits = sorted(p for p in Path("/").glob(pattern.lstrip("/")) if p.is_file() and os.access(p, os.X_OK))
         if hits:
             return str(hits[-1])
     return None
 
 
-def sanitized_row(tool: str, what: str, cmd, sanitizer, env=None, kernel=None) -> None:
+def sanitized_row(tool: str, what: str, cmd, sanitizer, env=None, kernel=None, log=None) -> str:
     """`cmd` under `compute-sanitizer --tool {tool}`, watching only the kernels whose names hold
     `kernel` when given (one `--kernel-name` filter: whether the option may repeat differs between
-    versions, so a run watches one stem): passes when it reports no error. In a dry run (no GPU, no
-    sanitizer) the command runs bare, which checks the row's plumbing only."""
+    versions, so a run watches one stem): passes when it reports no error. The sanitizer's log goes
+    to `log` (default: beside the command's `-o` output); returns its text ("" when none). In a dry
+    run (no GPU, no sanitizer) the command runs bare, which checks the row's plumbing only."""
     if sanitizer is None:
         if GPU == "cuda":
             REPORT.row("sanitize", what, "", "", "", "n/a: compute-sanitizer not found", kind="skip")
-            return
+            return ""
         run(cmd, unit="sanitize", env=env)
         REPORT.row("sanitize", what, "", "", "", "dry run: the command ran without compute-sanitizer")
-        return
-    log = Path(cmd[cmd.index("-o") + 1]).with_suffix(f".{tool}.log")
+        return ""
+    log = log or Path(cmd[cmd.index("-o") + 1]).with_suffix(f".{tool}.log")
     log.unlink(missing_ok=True)  # a rerun must not read an earlier run's log
     # API errors that candle or cuBLAS handle themselves would read as kernel faults: off.
     full = [sanitizer, "--tool", tool, "--error-exitcode", "97", "--print-limit", "20",
@@ -914,20 +920,23 @@ def sanitized_row(tool: str, what: str, cmd, sanitizer, env=None, kernel=None) -
         # machine's limit, not a fault of the kernels.
         REPORT.row("sanitize", what, "", "", "", "n/a: compute-sanitizer does not support this machine's "
                    "GPU (\"Device not supported\")", kind="skip")
-        return
+        return report
     count = sanitizer_errors(report)
     if capped is not None and not count and not re.search(r"^=+ (Invalid|Error|.*[Hh]azard|.*[Rr]ace )", report, re.M):
         REPORT.row("sanitize", what, "", "", "", f"skipped: {str(capped).split(':')[0]} under "
                    "compute-sanitizer, no error reported by then", kind="skip")
-        return
+        return report
     if count is None:
         raise failure or RuntimeError(f"no error summary in {log}:\n{report[-2000:]}")
     if count or failure is not None:
         REPORT.detail(f"### compute-sanitizer {tool}: {what}\n\n```\n{report[-3000:]}\n```\n")
         why = "" if count else f": {str(failure).splitlines()[0][:120]}"
+        if SANITIZER_INTERNAL_ERROR in report:
+            why += f"; the sanitizer's own \"{SANITIZER_INTERNAL_ERROR}\", no hazard named"
         REPORT.row("sanitize", what, f"{count} errors", "", "", f"FAIL (log in measure.md){why}", kind="fail")
-        return
+        return report
     REPORT.row("sanitize", what, "0 errors", "", "", f"pass ({time.monotonic() - start:.0f} s)")
+    return report
 
 
 def sanitizer_errors(report: str):
@@ -943,7 +952,7 @@ def stage_sanitize(args) -> None:
     if not BUDGET.allows("sanitize"):
         BUDGET.skip("sanitize", "compute-sanitizer rows", "sanitize")
         return
-    sanitizer = compute_sanitizer() if GPU == "cuda" else None
+    sanitizer = nvidia_tool("compute-sanitizer") if GPU == "cuda" else None
     work = args.work / "sanitize"
     work.mkdir(parents=True, exist_ok=True)
     # tiny-qwen3 for generation: the kernels tiny-llama's passes take, and Qwen3's head norm.
@@ -967,30 +976,51 @@ def stage_sanitize(args) -> None:
          "decode attention split in chunks)", gen, split, None),
         ("memcheck", "memcheck: opt-wdpo, 2 steps bf16 (tiny-llama, AdamW)", train, None, None),
     ]
-    # Racecheck: the opt-gen run once per kernel of ours with shared memory.
+    # Racecheck: once per kernel of ours with shared memory, over the run that launches it.
     try:
         stems = shared_memory_kernels()
     except RuntimeError as e:
-        stems = []
+        stems = {}
         REPORT.row("sanitize", "racecheck: opt-gen sampling bf16", "", "", "", f"FAILED: {e}", kind="fail")
-    runs += [("racecheck", f"racecheck: opt-gen sampling bf16, {stem}_* kernels (shared-memory hazards)", gen,
-              None, stem) for stem in stems]
+    run_of = {"gen": ("opt-gen sampling bf16", gen), "train": ("opt-wdpo, 2 steps bf16", train)}
+    runs += [("racecheck", f"racecheck: {run_of[which][0]}, {stem}_* kernels (shared-memory hazards)",
+              run_of[which][1], None, stem) for stem, which in stems.items()]
+    reports = []
     for tool, what, cmd, env, kernel in runs:
         if not BUDGET.allows("sanitize"):
             BUDGET.skip("sanitize", what, "sanitize")
             continue
-        guarded("sanitize", what, lambda: sanitized_row(tool, what, cmd, sanitizer, env, kernel))
+        guarded("sanitize", what, lambda: reports.append(sanitized_row(tool, what, cmd, sanitizer, env, kernel)))
+    # The first GPU run's racecheck rows ended in the sanitizer's own "Internal Sanitizer Error"
+    # (a hardware exception it could not handle) with no hazard named. Two controls tell whether
+    # that is the machine's or ours: the same run watching none of our kernels, and PyTorch's
+    # softmax (shared-memory reductions) under racecheck.
+    if any(SANITIZER_INTERNAL_ERROR in r for r in reports):
+        controls = [
+            ("racecheck control: the same opt-gen run, watching no kernel of ours", gen,
+             "no_kernel_has_this_name", work / "control-none.racecheck.log"),
+            ("racecheck control: PyTorch's softmax over 2^20 values (not our binaries)",
+             [sys.executable, "-c", "import torch; x = torch.randn(1 << 20, device='cuda'); "
+              "print(float(x.softmax(0).sum()))"], None, work / "control-torch.racecheck.log"),
+        ]
+        for what, cmd, kernel, log in controls:
+            guarded("sanitize", what, lambda: sanitized_row("racecheck", what, cmd, sanitizer, None, kernel, log))
+
+
+# What compute-sanitizer writes when it fails itself rather than finding an error in the program.
+SANITIZER_INTERNAL_ERROR = "Internal Sanitizer Error"
 
 
 # The name stems of our CUDA kernels that use shared memory: what racecheck watches.
-SHARED_MEMORY_KERNELS = ["cached_attention", "sample_rows", "add_rms_norm"]
+SHARED_MEMORY_KERNELS = {"cached_attention": "gen", "sample_rows": "gen", "add_rms_norm": "gen",
+                         "rms_norm_backward": "train"}
 
 
-def shared_memory_kernels() -> list:
-    """SHARED_MEMORY_KERNELS, checked against the sources: each stem names a kernel there, and each
-    source with shared memory holds one. Memcheck watches every kernel; racecheck only ours, since a
-    hazard it reports in candle's or cuBLAS's kernels is not ours to mend, and instrumenting them
-    all is slow."""
+def shared_memory_kernels() -> dict:
+    """SHARED_MEMORY_KERNELS (stem: the run that launches it), checked against the sources: each
+    stem names a kernel there, and each source with shared memory holds one. Memcheck watches every
+    kernel; racecheck only ours, since a hazard it reports in candle's or cuBLAS's kernels is not
+    ours to mend, and instrumenting them all is slow."""
     sources = {p.name: p.read_text() for p in sorted((REPO / "crates/optune-kernels/src/cuda").glob("*.cu"))}
     named = " ".join(sources.values())
     missing = [stem for stem in SHARED_MEMORY_KERNELS if not re.search(rf"\b{stem}_", named)]
@@ -1154,18 +1184,25 @@ def scratch_dir(work: Path, name: str, need_bytes: float) -> Path:
     return work / name
 
 
-def optune_train(args, model_dir: Path, pairs: Path, n_pairs: int, work: Path, lora: bool, unit: str) -> dict:
-    metrics = work / "metrics.csv"
-    weights = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
-    ckpt = scratch_dir(work, "ckpt", weights)
+def wdpo_train_cmd(args, model_dir: Path, pairs: Path, n_pairs: int, ckpt: Path, metrics: Path, lora: bool,
+                   steps: int) -> list:
+    """The opt-wdpo command of the training rows: bf16 DPO steps of `n_pairs` pairs on the GPU."""
     cmd = [args.bin / "opt-wdpo", "--policy", model_dir, pairs, "-o", ckpt,
            "--lr", "1e-5" if lora else "1e-6", "--warmup-ratio", "0", "--schedule", "constant",
-           "--batch-size", str(n_pairs), "--max-steps", str(args.train_steps),
+           "--batch-size", str(n_pairs), "--max-steps", str(steps),
            "--max-length", str(4 * args.train_tokens), "--metrics", metrics,
            "--device", GPU, "--dtype", "bf16", *device_flags("cuda", "bf16")]
     if lora:
         cmd += ["--lora-rank", str(args.lora_rank), "--lora-alpha", str(2 * args.lora_rank),
                 "--lora-targets", ",".join(LORA_TARGETS)]
+    return cmd
+
+
+def optune_train(args, model_dir: Path, pairs: Path, n_pairs: int, work: Path, lora: bool, unit: str) -> dict:
+    metrics = work / "metrics.csv"
+    weights = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
+    ckpt = scratch_dir(work, "ckpt", weights)
+    cmd = wdpo_train_cmd(args, model_dir, pairs, n_pairs, ckpt, metrics, lora, args.train_steps)
     start = time.perf_counter()
     try:
         stderr, peak, how = run(cmd, watch_gpu=True, unit=unit)
@@ -1416,6 +1453,118 @@ def stage_train(args, models: Models, role: str, kinds) -> None:
             BUDGET.skip(stage, "DPO step rows", f"{kind}:{role}")
             continue
         guarded(stage, "DPO step", lambda: train_row(args, models, role, kind, pairs, sides))
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels: where a training step's GPU time goes
+# ---------------------------------------------------------------------------------------------
+
+def kernel_times(ncu, cmd, report: Path, unit: str) -> dict:
+    """{kernel name: [launches, ns]} of every kernel `cmd` runs, from Nsight Compute collecting
+    only each kernel's duration (one pass: no replay, no cache flush, the clocks as they are)."""
+    report.unlink(missing_ok=True)
+    run([ncu, "--clock-control", "none", "--cache-control", "none", "--metrics", "gpu__time_duration.sum",
+         "--export", report, "--force-overwrite", *cmd], unit=unit)
+    table = subprocess.run([ncu, "--import", report, "--csv", "--page", "raw", "--print-units", "base",
+                            "--metrics", "gpu__time_duration.sum"], capture_output=True, text=True)
+    if table.returncode != 0:
+        raise RuntimeError(f"ncu --import {report} failed ({table.returncode}):\n{table.stderr[-2000:]}")
+    return parse_kernel_table(table.stdout)
+
+
+def parse_kernel_table(text: str) -> dict:
+    """ncu's raw page as CSV: a header row (from `"ID"`), a units row, then a row per launch."""
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith('"ID"')), None)
+    if start is None:
+        raise RuntimeError(f"no kernel table in ncu's output:\n{text[-2000:]}")
+    times = {}
+    for launch in csv.DictReader(lines[start:]):
+        if not launch["ID"].strip().isdigit():
+            continue
+        entry = times.setdefault(short_kernel_name(launch["Kernel Name"]), [0, 0.0])
+        entry[0] += 1
+        entry[1] += float(launch["gpu__time_duration.sum"].replace(",", ""))
+    return times
+
+
+def short_kernel_name(name: str) -> str:
+    """A kernel's name without its parameter list and return type (template arguments kept: a
+    CUTLASS kernel's tile shape is in them)."""
+    return name.split("(", 1)[0].removeprefix("void ").strip()[:110]
+
+
+def is_matrix_product(kernel: str) -> bool:
+    """cuBLAS's and CUTLASS's matrix-product kernels, by their names."""
+    return any(k in kernel.lower() for k in ("gemm", "xmma", "cutlass", "cublas", "gemv"))
+
+
+def stage_kernels(args, models: Models, role: str) -> None:
+    """Each kind's opt-wdpo step of train-1b taken apart: the GPU time of every kernel in one
+    step (the kernels of a two-step run less those of a one-step run, both under Nsight Compute,
+    with reference log-probs computed beforehand so that the runs differ by the step alone),
+    against the step's wall time in a run without the profiler. Their gap is time the GPU waits
+    on the host (launches, allocations, synchronisations)."""
+    if not ensure_model(models, role):
+        return
+    ncu = nvidia_tool("ncu") if GPU == "cuda" else None
+    if GPU == "cuda" and ncu is None:
+        REPORT.row(f"kernels {role}", "kernel times", "", "", "", "n/a: ncu (Nsight Compute) not found", kind="skip")
+        return
+    model_dir = models.path(role)
+    work = args.work / "kernels" / role
+    work.mkdir(parents=True, exist_ok=True)
+    n_pairs = args.train_pairs if role == "1b" else args.train_pairs_7b
+    sides = make_train_pairs(tokenizer_for(model_dir), n_pairs, args.train_tokens, work / "pairs-raw.jsonl")
+    pairs = work / "pairs.parquet"
+    models.release()
+    run([args.bin / "opt-wdpo", "--policy", model_dir, work / "pairs-raw.jsonl", "--reference-only", "-o", pairs,
+         "--batch-size", str(n_pairs), "--max-length", str(4 * args.train_tokens), "--device", GPU,
+         "--dtype", "bf16", *device_flags("cuda", "bf16")], unit=f"build:{role}")
+    for kind in ("lora", "full"):
+        stage = f"kernels {role} {'LoRA' if kind == 'lora' else 'full'}"
+        if not BUDGET.allows(f"kernels:{role}"):
+            BUDGET.skip(stage, "kernel times", f"kernels:{role}")
+            continue
+        guarded(stage, "kernel times", lambda: kernels_row(args, ncu, model_dir, pairs, len(sides) // 2, work / kind,
+                                                            kind, stage, f"kernels:{role}"))
+
+
+def kernels_row(args, ncu, model_dir: Path, pairs: Path, n_pairs: int, work: Path, kind: str, stage: str,
+                unit: str) -> None:
+    work.mkdir(parents=True, exist_ok=True)
+    bare = optune_train(args, model_dir, pairs, n_pairs, work, lora=(kind == "lora"), unit=unit)
+    wall_s = statistics.median(bare["step_s"][1:] or bare["step_s"])
+
+    def profiled(steps: int) -> dict:
+        cmd = wdpo_train_cmd(args, model_dir, pairs, n_pairs, work / f"ckpt-{steps}", work / f"metrics-{steps}.csv",
+                             kind == "lora", steps)
+        if ncu is None:  # a dry run: the command's plumbing only
+            run(cmd, unit=unit)
+            return {}
+        return kernel_times(ncu, cmd, work / f"steps-{steps}.ncu-rep", unit)
+
+    one, two = profiled(1), profiled(2)
+    step = {name: [launches - one.get(name, [0, 0.0])[0], ns - one.get(name, [0, 0.0])[1]]
+            for name, (launches, ns) in two.items()}
+    step = {name: v for name, v in step.items() if v[0] > 0}
+    total_ns = sum(ns for _, ns in step.values())
+    launches = sum(n for n, _ in step.values())
+    products = sum(ns for name, (_, ns) in step.items() if is_matrix_product(name))
+    REPORT.raw.setdefault("kernels", []).append({"stage": stage, "wall_step_s": wall_s, "step": step})
+    if ncu is None:
+        REPORT.row(stage, "GPU time per step", "", "", "", f"dry run: the commands ran without ncu; "
+                   f"wall {wall_s:.3f} s/step")
+        return
+    busy = total_ns / 1e9 / wall_s
+    REPORT.row(stage, "GPU time in one step's kernels (step 2 under ncu), ms", f"{total_ns / 1e6:.1f}", "", "",
+               f"{launches:,} launches; matrix products {products / 1e6:.1f} ms ({products / max(total_ns, 1):.0%}); "
+               f"wall without ncu {wall_s * 1e3:.1f} ms/step: the GPU busy {busy:.0%} of it")
+    lines = [f"### {stage}: the step's kernels by GPU time (wall {wall_s * 1e3:.1f} ms/step without ncu)", "",
+             "| kernel | launches | ms | share |", "|---|---:|---:|---:|"]
+    for name, (n, ns) in sorted(step.items(), key=lambda kv: -kv[1][1])[:25]:
+        lines.append(f"| `{name}` | {n} | {ns / 1e6:.2f} | {ns / max(total_ns, 1):.1%} |")
+    REPORT.detail("\n".join(lines) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1782,7 +1931,8 @@ def plumbing_check(args, rows_before_check: int) -> bool:
     # Each stage's rows: the batch rows, the prefill and the decode after it (and, on the 1.1B's
     # grouped-query shape, the largest batch with one head to a block).
     expected = {"logprobs": 13, "train-1b": 6, "train-7b": 3, "gen-7b": len(args.batches) + 2,
-                "gen-1b": len(args.batches) + 3, "score-1b": 1, "sanitize": 2 + len(SHARED_MEMORY_KERNELS)}
+                "gen-1b": len(args.batches) + 3, "score-1b": 1, "sanitize": 2 + len(SHARED_MEMORY_KERNELS),
+                "kernels-1b": 2}
     want = sum(expected[s] for s in args.stages)
     made = sum(1 for r in rows if r["kind"] == "ok" and not r["cells"][0].startswith(("build", "setup")))
     if made != want:
@@ -1807,7 +1957,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/optune-cuda-measure"), help="scratch folder")
     ap.add_argument("--out", type=Path, default=Path("runs/cuda-measure"), help="measure.md and measure.json go here")
     ap.add_argument("--stages", default=",".join(STAGES),
-                    help=f"comma-separated, run in the order given, of: {','.join(STAGES)}")
+                    help=f"comma-separated, run in the order given, of: {','.join(STAGES)} "
+                         f"(the default), and {','.join(EXTRA_STAGES)}")
     ap.add_argument("--budget-s", type=float, default=480,
                     help="start no row whose guessed cost overruns this; tool runs are killed 45 s past it")
     ap.add_argument("--batches", default="1,16,64,256", help="generation batch sizes")
@@ -1838,9 +1989,9 @@ def main() -> None:
         if getattr(args, name) is None:
             setattr(args, name, dry_default if dry else gpu_default)
     args.stages = [s for s in args.stages.split(",") if s]
-    unknown = set(args.stages) - set(STAGES)
+    unknown = set(args.stages) - set(STAGES) - set(EXTRA_STAGES)
     if unknown:
-        ap.error(f"unknown stages {sorted(unknown)}; known: {STAGES}")
+        ap.error(f"unknown stages {sorted(unknown)}; known: {STAGES + EXTRA_STAGES}")
     args.batches = [int(b) for b in args.batches.split(",")]
     args.bin = args.bin.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -1894,6 +2045,7 @@ def main() -> None:
         "gen-7b": lambda: stage_gen(args, models, "7b"),
         "score-1b": lambda: stage_score(args, models, "1b"),
         "sanitize": lambda: stage_sanitize(args),
+        "kernels-1b": lambda: stage_kernels(args, models, "1b"),
     }
     walls = []
     for stage in args.stages:

@@ -27,6 +27,7 @@ mod grad_buffers;
 pub mod host;
 mod kernel_args;
 mod matmul;
+mod norm_backward;
 mod op_rules;
 pub mod ops;
 pub mod optimizer;
@@ -46,8 +47,8 @@ pub use matmul::{
 };
 pub use ops::{
     accumulation_dtype, add_rms_norm, embedding, linear, lora_linear, rms_norm, rotary_attention,
-    silu_mul, silu_mul_halves, token_logprobs, Pass, ATTENTION_PIECE_SCORES, HEAD_CHUNK_ROWS,
-    KEPT_LOGITS_BYTES,
+    silu_mul, silu_mul_halves, sum_all, token_logprobs, Pass, ATTENTION_PIECE_SCORES,
+    HEAD_CHUNK_ROWS, KEPT_LOGITS_BYTES,
 };
 pub use sampling::{sample_rows, Sampling, BISECTION_STEPS, FLOOR_NATS};
 pub use token_tables::{BlockTable, TokenTables};

@@ -726,7 +726,7 @@ pub fn clip_grad_norm<'a>(
             match host_squared_l2_norm(grad) {
                 Some(sum) => sum_of_squares += sum,
                 None => {
-                    let sum = grad.to_dtype(DType::F32)?.sqr()?.sum_all()?;
+                    let sum = optune_kernels::sum_all(&grad.to_dtype(DType::F32)?.sqr()?)?;
                     match device_sums
                         .iter_mut()
                         .find(|(d, _)| d.same_device(grad.device()))

@@ -138,7 +138,7 @@ impl RecomputedPass<'_> {
         }
         if embedding_trained {
             let embedded = model.embed(&self.input_ids)?;
-            let partial = (embedded * upstream.x)?.sum_all()?.backward()?;
+            let partial = ops::sum_all(&(embedded * upstream.x)?)?.backward()?;
             grads.extend(kept(partial, variables))?;
         }
         now.iter().for_each(DropoutPlace::restore);
@@ -179,9 +179,9 @@ impl Residual {
 
     /// `Σ x·gx + Σ pending·gp`: its gradient with respect to the stream is `upstream` itself.
     fn weighted_sum(&self, upstream: &Self) -> Result<Tensor> {
-        let sum = (&self.x * &upstream.x)?.sum_all()?;
+        let sum = ops::sum_all(&(&self.x * &upstream.x)?)?;
         match (&self.pending, &upstream.pending) {
-            (Some(pending), Some(grad)) => sum + (pending * grad)?.sum_all()?,
+            (Some(pending), Some(grad)) => sum + ops::sum_all(&(pending * grad)?)?,
             (None, None) => Ok(sum),
             _ => candle_core::bail!("a block's output and its gradient differ in parts"),
         }
