@@ -63,33 +63,41 @@ rerun, and the sanitizer rows, which run when the others leave time within --bud
             (shared-memory hazards between a block's threads, which the CPU emulator of our kernels
             cannot show: it runs a block's threads one at a time) over the opt-gen run (the
             training run for the norm's backward kernel), once per kernel of ours that uses shared
-            memory (SHARED_MEMORY_KERNELS, one `--kernel-name kns=` filter a run). Last by default: the logprobs rows already compare every kernel's results with
-            the CPU's.
+            memory (SHARED_MEMORY_KERNELS, one `--kernel-name kns=` filter a run); when racecheck
+            fails itself ("Internal Sanitizer Error", as on the first GPU run), two controls: the
+            opt-gen run watching none of our kernels, and PyTorch's softmax. Last by default: the
+            logprobs rows already compare every kernel's results with the CPU's.
+  kernels-1b  Not in the default run (--stages kernels-1b; --budget-s 330 lets both kinds run):
+            train-1b's opt-wdpo steps (LoRA, then full) taken apart with Nsight Compute (`ncu`,
+            each kernel's duration only): the kernels of a two-step run less those of a one-step
+            run (reference log-probs computed beforehand), so exactly one step's, by name, with
+            their sum against the step's wall time without the profiler (the GPU's busy share)
+            and the matrix products' share. The 25 longest kernels go to measure.md.
 
-Cost on one H100/H200, guessed from the sizes before any GPU run (the table's last row gives the
-measured wall seconds of each stage; replace these guesses with them):
+Cost: wall seconds of each stage on one H200, measured 2026-12-04 (docs/cuda.md, "sixth
+session"), with the guesses made before any GPU run beside them:
 
-  start      unpack the archive, import torch, copy bandwidth                      ~15 s
-  logprobs   39 runs of the tools (28 on CUDA), the first ones JIT-compile
-             candle's PTX (2.2 MB)                                                  ~120 s
-  train-1b   build the 1.1B (2.2 GB), 2 x (optune run + peer)                        ~50 s
-  train-7b   build the 7B (init on the GPU, 13.5 GB written once), optune LoRA run
-             (load, 5 steps, 13.5 GB merged checkpoint written), peer (loads the 7B) ~100 s
-  gen-7b     warm-up (the peer's 7B loaded, one short opt-gen run), 4 batch sizes x
-             (opt-gen run incl. 13.5 GB load + generate), prefill, decode after it,
-             each also with OPTUNE_ATTENTION=whole                                   ~165 s
-  gen-1b     the same on the 1.1B, and its largest batch with OPTUNE_ATTENTION=whole ~95 s
-  score-1b   the reward model written (2.2 GB), opt-score run, peer (loads it)    ~25 s
-  sanitize   5 runs on tiny-llama under compute-sanitizer                           ~150 s
-  total                                                                             ~710 s
+  stage      what                                                          measured  guessed
+  start      unpack the archive, import torch, copy bandwidth                  ~15       15
+  logprobs   80 runs of the tools (57 on CUDA), the first ones JIT-compile
+             candle's PTX                                                       47      155
+  train-1b   build the 1.1B (2.2 GB), 2 x (optune run + peer)                    21       50
+  train-7b   build the 7B (13.5 GB written once), optune LoRA run (load, 5
+             steps, 13.5 GB merged checkpoint written), peer (loads the 7B)      71      100
+  gen-7b     warm-up, 4 batch sizes x (opt-gen run incl. 13.5 GB load +
+             generate), prefill, decode after it, each also whole              161      165
+  gen-1b     the same on the 1.1B, and its largest batch whole                   62       95
+  score-1b   the reward model written (2.2 GB), opt-score run, peer              14       25
+  sanitize   memcheck and racecheck runs on tiny models                           6      150
+  total                                                                         398      755
+  kernels-1b (not in the default run) 2 x (a bare run, two runs under ncu)      275
 
 --budget-s (default 480) bounds the run: before each row the elapsed time plus that row's guessed
 cost (ESTIMATE_S) must fit, else the row is skipped with a note; every tool run is killed at
 --budget-s + 45 s, and a training or generation run after 3x its row's guess (at least 60 s); a
-row's peer side starts only with the row's whole guess left before that limit. By the guesses the
-budget ends inside gen-1b: its last rows, score-1b and the sanitizer rows run when the earlier
-stages come in under their guesses, or in a second call (--stages gen-1b,score-1b,sanitize reuses
-the checkpoints under --work on the same machine). A row whose peer fails or runs out of time
+row's peer side starts only with the row's whole guess left before that limit. On the first GPU
+run all seven stages finished in 398 s; should a later one run out, a second call (--stages
+gen-1b,score-1b,sanitize) reuses the checkpoints under --work on the same machine. A row whose peer fails or runs out of time
 keeps optune's figures, with the peer's cells empty and the reason in its note.
 Rows print as soon as they are measured and measure.md/measure.json are rewritten after each, so
 a run stopped from outside still leaves its rows on stdout and in --out.
@@ -164,13 +172,14 @@ EXTRA_STAGES = ["kernels-1b"]
 # Guessed cost in seconds on an H100 of each unit of work the budget is checked before (see the
 # docstring); a dry run checks against 0 (its figures are the CPU's).
 ESTIMATE_S = {
-    "logprobs": 155,
+    "logprobs": 70,
     "build:1b": 15, "lora:1b": 15, "full:1b": 20, "warmup:1b": 15, "gen:1b": 12,
     "build:7b": 45, "lora:7b": 55, "warmup:7b": 35, "gen:7b": 22,
     "prefill:1b": 19, "prefill:7b": 40, "score:1b": 25,
     "sanitize": 30,
-    # One kind's three opt-wdpo runs: one bare, two under Nsight Compute.
-    "kernels:1b": 60,
+    # One kind's three opt-wdpo runs: one bare, two under Nsight Compute (~130 s each kind on the
+    # H200).
+    "kernels:1b": 140,
 }
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # New tokens decoded after the long prompt of the prefill row.
