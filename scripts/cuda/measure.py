@@ -67,12 +67,16 @@ rerun, and the sanitizer rows, which run when the others leave time within --bud
             fails itself ("Internal Sanitizer Error", as on the first GPU run), two controls: the
             opt-gen run watching none of our kernels, and PyTorch's softmax. Last by default: the
             logprobs rows already compare every kernel's results with the CPU's.
-  kernels-1b  Not in the default run (--stages kernels-1b; --budget-s 330 lets both kinds run):
+  kernels-1b  Not in the default run (--stages kernels-1b; --budget-s 360 lets its three parts
+            start):
             train-1b's opt-wdpo steps (LoRA, then full) taken apart with Nsight Compute (`ncu`,
             each kernel's duration only): the kernels of a two-step run less those of a one-step
             run (reference log-probs computed beforehand), so exactly one step's, by name, with
             their sum against the step's wall time without the profiler (the GPU's busy share)
-            and the matrix products' share. The 25 longest kernels go to measure.md.
+            and the matrix products' share. Then the prefill row's opt-gen run (one ~1,900-token
+            prompt, one new token) under ncu, against its gen_s: where the prefill's time goes
+            (4.7x transformers' forward on the first GPU run). The 25 longest kernels of each go
+            to measure.md.
 
 Cost: wall seconds of each stage on one H200, measured 2026-12-04 (docs/cuda.md, "sixth
 session"), with the guesses made before any GPU run beside them:
@@ -91,6 +95,7 @@ session"), with the guesses made before any GPU run beside them:
   sanitize   memcheck and racecheck runs on tiny models                           6      150
   total                                                                         398      755
   kernels-1b (not in the default run) 2 x (a bare run, two runs under ncu)      275
+             (before the prefill's profile was added; it adds about two opt-gen runs)
 
 --budget-s (default 480) bounds the run: before each row the elapsed time plus that row's guessed
 cost (ESTIMATE_S) must fit, else the row is skipped with a note; every tool run is killed at
@@ -180,6 +185,8 @@ ESTIMATE_S = {
     # One kind's three opt-wdpo runs: one bare, two under Nsight Compute (~130 s each kind on the
     # H200).
     "kernels:1b": 140,
+    # The prefill row's opt-gen run, bare and under ncu.
+    "prefill-kernels:1b": 40,
 }
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # New tokens decoded after the long prompt of the prefill row.
@@ -1504,8 +1511,9 @@ def short_kernel_name(name: str) -> str:
 
 
 def is_matrix_product(kernel: str) -> bool:
-    """cuBLAS's and CUTLASS's matrix-product kernels, by their names."""
-    return any(k in kernel.lower() for k in ("gemm", "xmma", "cutlass", "cublas", "gemv"))
+    """cuBLAS's and CUTLASS's matrix-product kernels, by their names (cuBLAS 13 names its Hopper
+    kernels `nvjet_sm90_*`)."""
+    return any(k in kernel.lower() for k in ("gemm", "xmma", "cutlass", "cublas", "gemv", "nvjet"))
 
 
 def stage_kernels(args, models: Models, role: str) -> None:
@@ -1537,6 +1545,29 @@ def stage_kernels(args, models: Models, role: str) -> None:
             continue
         guarded(stage, "kernel times", lambda: kernels_row(args, ncu, model_dir, pairs, len(sides) // 2, work / kind,
                                                             kind, stage, f"kernels:{role}"))
+    stage = f"kernels {role} prefill"
+    if not BUDGET.allows(f"prefill-kernels:{role}"):
+        BUDGET.skip(stage, "kernel times", f"prefill-kernels:{role}")
+        return
+    guarded(stage, "kernel times", lambda: prefill_kernels_row(args, ncu, models, role, work / "prefill", stage))
+
+
+def prefill_kernels_row(args, ncu, models: Models, role: str, work: Path, stage: str) -> None:
+    """The prefill row's opt-gen run (one ~1,900-token prompt, one new token) under ncu: its
+    kernels by GPU time, the weights' casts at load included (few, and named `cast_*`), against
+    its gen_s without the profiler."""
+    cmd, target, _ = long_prompt_run(args, models, role, work)
+    unit = f"prefill-kernels:{role}"
+    stderr, _, _ = run(cmd, unit=unit)
+    gen_s = float(summary(stderr, "opt-gen")["gen_s"])
+    if ncu is None:
+        run(cmd, unit=unit)
+        REPORT.row(stage, "GPU time of the prefill", "", "", "", f"dry run: the command ran without ncu; "
+                   f"gen_s {gen_s:.3f}")
+        return
+    kernels = kernel_times(ncu, cmd, work / "prefill.ncu-rep", unit)
+    report_kernels(stage, f"the {target}-token prefill's kernels (the whole run under ncu)", kernels, gen_s,
+                   "gen_s without ncu")
 
 
 def kernels_row(args, ncu, model_dir: Path, pairs: Path, n_pairs: int, work: Path, kind: str, stage: str,
@@ -1557,21 +1588,27 @@ def kernels_row(args, ncu, model_dir: Path, pairs: Path, n_pairs: int, work: Pat
     step = {name: [launches - one.get(name, [0, 0.0])[0], ns - one.get(name, [0, 0.0])[1]]
             for name, (launches, ns) in two.items()}
     step = {name: v for name, v in step.items() if v[0] > 0}
-    total_ns = sum(ns for _, ns in step.values())
-    launches = sum(n for n, _ in step.values())
-    products = sum(ns for name, (_, ns) in step.items() if is_matrix_product(name))
-    REPORT.raw.setdefault("kernels", []).append({"stage": stage, "wall_step_s": wall_s, "step": step})
     if ncu is None:
         REPORT.row(stage, "GPU time per step", "", "", "", f"dry run: the commands ran without ncu; "
                    f"wall {wall_s:.3f} s/step")
         return
+    report_kernels(stage, "one step's kernels (step 2 under ncu)", step, wall_s, "wall without ncu")
+
+
+def report_kernels(stage: str, what: str, kernels: dict, wall_s: float, wall_what: str) -> None:
+    """A row of `kernels`' total GPU time, launches and matrix products' share against `wall_s`,
+    and their 25 longest in measure.md."""
+    total_ns = sum(ns for _, ns in kernels.values())
+    launches = sum(n for n, _ in kernels.values())
+    products = sum(ns for name, (_, ns) in kernels.items() if is_matrix_product(name))
+    REPORT.raw.setdefault("kernels", []).append({"stage": stage, "wall_s": wall_s, "kernels": kernels})
     busy = total_ns / 1e9 / wall_s
-    REPORT.row(stage, "GPU time in one step's kernels (step 2 under ncu), ms", f"{total_ns / 1e6:.1f}", "", "",
+    REPORT.row(stage, f"GPU time in {what}, ms", f"{total_ns / 1e6:.1f}", "", "",
                f"{launches:,} launches; matrix products {products / 1e6:.1f} ms ({products / max(total_ns, 1):.0%}); "
-               f"wall without ncu {wall_s * 1e3:.1f} ms/step: the GPU busy {busy:.0%} of it")
-    lines = [f"### {stage}: the step's kernels by GPU time (wall {wall_s * 1e3:.1f} ms/step without ncu)", "",
+               f"{wall_what} {wall_s * 1e3:.1f} ms: the GPU busy {busy:.0%} of it")
+    lines = [f"### {stage}: {what} by GPU time ({wall_what} {wall_s * 1e3:.1f} ms)", "",
              "| kernel | launches | ms | share |", "|---|---:|---:|---:|"]
-    for name, (n, ns) in sorted(step.items(), key=lambda kv: -kv[1][1])[:25]:
+    for name, (n, ns) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[:25]:
         lines.append(f"| `{name}` | {n} | {ns / 1e6:.2f} | {ns / max(total_ns, 1):.1%} |")
     REPORT.detail("\n".join(lines) + "\n")
 
@@ -1753,14 +1790,10 @@ def stage_gen(args, models: Models, role: str) -> None:
         BUDGET.skip(f"gen {role}", "prefill of a long prompt", f"prefill:{role}")
 
 
-def prefill_row(args, models: Models, role: str) -> None:
-    """One long prompt, one new token: the prefill alone. opt-gen attends the prompt's tokens over
-    their slot through the tiled cache kernel (tiles of 16 tokens sharing each key they load, on
-    CUDA cores), where transformers runs sdpa over the whole prompt; this row says what that
-    costs on long prompts. Then a second row: the decode steps after that prompt, per token."""
-    import torch
-
-    work = args.work / "gen" / role
+def long_prompt_run(args, models: Models, role: str, work: Path):
+    """The opt-gen command of one long prompt (~1,900 tokens, its tail kept) and one new token,
+    greedy, in bf16 on the GPU; with the prompt's length and its token ids."""
+    work.mkdir(parents=True, exist_ok=True)
     tok = tokenizer_for(models.path(role))
     positions = checkpoint_config(models.path(role))["max_position_embeddings"]
     target = min(1900, positions - 8 - (1 + LONG_DECODE))
@@ -1774,6 +1807,17 @@ def prefill_row(args, models: Models, role: str) -> None:
            "--temperature", "0", "--ignore-eos", "--max-new-tokens", "1", "--batch-size", "1",
            "--max-prompt-tokens", str(target), "--truncate", "left", "--device", GPU, "--dtype", "bf16",
            *device_flags("cuda", "bf16")]
+    return cmd, target, ids
+
+
+def prefill_row(args, models: Models, role: str) -> None:
+    """One long prompt, one new token: the prefill alone. opt-gen attends the prompt's tokens over
+    their slot through the tiled cache kernel (tiles of 16 tokens sharing each key they load, on
+    CUDA cores), where transformers runs sdpa over the whole prompt; this row says what that
+    costs on long prompts. Then a second row: the decode steps after that prompt, per token."""
+    import torch
+
+    cmd, target, ids = long_prompt_run(args, models, role, args.work / "gen" / role)
     unit = f"prefill:{role}"
     ours = []
     for _ in range(max(2, args.repeats)):
@@ -1941,7 +1985,7 @@ def plumbing_check(args, rows_before_check: int) -> bool:
     # grouped-query shape, the largest batch with one head to a block).
     expected = {"logprobs": 13, "train-1b": 6, "train-7b": 3, "gen-7b": len(args.batches) + 2,
                 "gen-1b": len(args.batches) + 3, "score-1b": 1, "sanitize": 2 + len(SHARED_MEMORY_KERNELS),
-                "kernels-1b": 2}
+                "kernels-1b": 3}
     want = sum(expected[s] for s in args.stages)
     made = sum(1 for r in rows if r["kind"] == "ok" and not r["cells"][0].startswith(("build", "setup")))
     if made != want:
