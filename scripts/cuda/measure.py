@@ -102,8 +102,9 @@ cost (ESTIMATE_S) must fit, else the row is skipped with a note; every tool run 
 --budget-s + 45 s, and a training or generation run after 3x its row's guess (at least 60 s); a
 row's peer side starts only with the row's whole guess left before that limit. On the first GPU
 run all seven stages finished in 398 s; should a later one run out, a second call (--stages
-gen-1b,score-1b,sanitize) reuses the checkpoints under --work on the same machine. A row whose peer fails or runs out of time
-keeps optune's figures, with the peer's cells empty and the reason in its note.
+gen-1b,score-1b,sanitize) reuses the checkpoints under --work on the same machine. A row whose
+peer fails or runs out of time keeps optune's figures, with the peer's cells empty and the reason
+in its note.
 Rows print as soon as they are measured and measure.md/measure.json are rewritten after each, so
 a run stopped from outside still leaves its rows on stdout and in --out.
 
