@@ -1455,6 +1455,11 @@ def train_row(args, models: Models, role: str, kind: str, pairs: Path, sides) ->
     REPORT.raw.setdefault("train", []).append({"role": role, "kind": kind, "optune": ours, "peer": theirs or peer_note})
 
 
+def train_pairs(args, role: str) -> int:
+    """Pairs per step (one micro-batch) of the role's training rows."""
+    return args.train_pairs if role == "1b" else args.train_pairs_7b
+
+
 def stage_train(args, models: Models, role: str, kinds) -> None:
     if not ensure_model(models, role):
         return
@@ -1462,7 +1467,7 @@ def stage_train(args, models: Models, role: str, kinds) -> None:
     tok = tokenizer_for(model_dir)
     pairs = args.work / "train" / f"pairs-{role}.jsonl"
     pairs.parent.mkdir(parents=True, exist_ok=True)
-    n_pairs = args.train_pairs if role == "1b" else args.train_pairs_7b
+    n_pairs = train_pairs(args, role)
     sides = make_train_pairs(tok, n_pairs, args.train_tokens, pairs)
     for kind in kinds:
         stage = f"train {role} {'LoRA' if kind == 'lora' else 'full'}"
@@ -1532,7 +1537,7 @@ def stage_kernels(args, models: Models, role: str) -> None:
     model_dir = models.path(role)
     work = args.work / "kernels" / role
     work.mkdir(parents=True, exist_ok=True)
-    n_pairs = args.train_pairs if role == "1b" else args.train_pairs_7b
+    n_pairs = train_pairs(args, role)
     sides = make_train_pairs(tokenizer_for(model_dir), n_pairs, args.train_tokens, work / "pairs-raw.jsonl")
     pairs = work / "pairs.parquet"
     models.release()
@@ -1561,8 +1566,7 @@ def prefill_kernels_row(args, ncu, models: Models, role: str, work: Path, stage:
     unit = f"prefill-kernels:{role}"
     stderr, _, _ = run(cmd, unit=unit)
     gen_s = float(summary(stderr, "opt-gen")["gen_s"])
-    if ncu is None:
-        run(cmd, unit=unit)
+    if ncu is None:  # a dry run: the command's plumbing only
         REPORT.row(stage, "GPU time of the prefill", "", "", "", f"dry run: the command ran without ncu; "
                    f"gen_s {gen_s:.3f}")
         return

@@ -52,7 +52,8 @@ pub fn write_rotated(
         bail!("cache_write: no tokens (a CUDA launch over no blocks fails)");
     }
     let dtype = store.dtype();
-    if rows.dtype() != dtype || tables.dtype() != dtype || !crate::forward_only::supports(dtype) {
+    if rows.dtype() != dtype || tables.dtype() != dtype || !crate::kernel_args::kernel_dtype(dtype)
+    {
         bail!(
             "cache_write: store {dtype:?} with rows {:?}, angles {:?}",
             rows.dtype(),

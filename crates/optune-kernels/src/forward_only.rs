@@ -9,9 +9,9 @@
 //! values and rounded once to the dtype, except the residual sum, which is rounded to the dtype
 //! before its statistics are taken, since the stream is stored so.
 
-use crate::kernel_args::KernelArg;
+use crate::kernel_args::{check_kernel_dtypes, KernelArg};
 use crate::storage::stored_like;
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Threads of a block of the CUDA kernels (THREADS in the kernel).
@@ -39,7 +39,7 @@ pub fn add_rms_norm(
             x.dims()
         );
     }
-    check_dtypes("add_rms_norm", &[x, delta, weight])?;
+    check_kernel_dtypes("add_rms_norm", &[x, delta, weight])?;
     let rows = x.elem_count() / hidden;
     if rows == 0 || hidden == 0 {
         bail!("add_rms_norm: no elements in x {:?}", x.dims());
@@ -66,7 +66,7 @@ pub fn silu_mul(gate_up: &Tensor) -> Result<Tensor> {
             gate_up.dims()
         );
     }
-    check_dtypes("silu_mul", &[gate_up])?;
+    check_kernel_dtypes("silu_mul", &[gate_up])?;
     gate_up.contiguous()?.apply_op1_no_bwd(&SiluMul)
 }
 
@@ -97,7 +97,7 @@ pub fn head_rms_norm(
             rows.dims()
         );
     }
-    check_dtypes("head_rms_norm", &[rows, q_weight, k_weight])?;
+    check_kernel_dtypes("head_rms_norm", &[rows, q_weight, k_weight])?;
     rows.contiguous()?.apply_op3_no_bwd(
         &q_weight.contiguous()?,
         &k_weight.contiguous()?,
@@ -107,20 +107,6 @@ pub fn head_rms_norm(
             eps: eps as f32,
         },
     )
-}
-
-/// Whether this module's ops take tensors of `dtype`.
-pub fn supports(dtype: DType) -> bool {
-    matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
-}
-
-fn check_dtypes(op: &str, tensors: &[&Tensor]) -> Result<()> {
-    let dtype = tensors[0].dtype();
-    if !supports(dtype) || tensors.iter().any(|t| t.dtype() != dtype) {
-        let dtypes: Vec<DType> = tensors.iter().map(|t| t.dtype()).collect();
-        bail!("{op}: dtypes {dtypes:?}, expected one of f32, bf16, f16");
-    }
-    Ok(())
 }
 
 /// The value `v` as stored in the dtype of `like` (rounded to nearest even), back in f32.
@@ -416,16 +402,18 @@ fn add_rms_norm_launch(rows: usize) -> (u32, u32) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::fused::tests::f32_elements;
     use crate::kernel_args::{elementwise_launch, emulated};
+    use candle_core::DType;
     use candle_core::{Device, Var};
     use optune_cuda_emulator::{in_both_placements, Element, Launch};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
-    fn random(n: usize, spread: f32, seed: u64) -> Vec<f32> {
+    /// `n` values uniform in `[-spread, spread)`, seeded.
+    pub(crate) fn random(n: usize, spread: f32, seed: u64) -> Vec<f32> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         (0..n)
             .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * spread)
@@ -607,7 +595,8 @@ mod tests {
         assert!(grads.get(&x).is_some());
     }
 
-    fn flat<T: candle_core::WithDType>(t: &Tensor) -> Vec<T> {
+    /// A tensor's elements, flattened, as `T`.
+    pub(crate) fn flat<T: candle_core::WithDType>(t: &Tensor) -> Vec<T> {
         t.flatten_all().unwrap().to_vec1().unwrap()
     }
 

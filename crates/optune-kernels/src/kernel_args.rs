@@ -4,7 +4,7 @@
 //! (`optune-cuda-emulator`), which checks each argument's size and kind against the kernel's
 //! parameter. So the tests cover the list the GPU gets, not a copy of it.
 
-use candle_core::{bail, Result};
+use candle_core::{bail, DType, Result, Tensor};
 
 /// One argument of a kernel launch, in the kernel's parameter order.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -27,6 +27,22 @@ impl KernelArg {
             Err(_) => bail!("{what} {n} exceeds the kernel's int"),
         }
     }
+}
+
+/// Whether our kernels take tensors of `dtype`: the three [`cuda::launch_new`] instantiates each
+/// kernel for (`_f32`, `_bf16`, `_f16`), which every CPU form reads too.
+pub(crate) fn kernel_dtype(dtype: DType) -> bool {
+    matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
+}
+
+/// An error naming `op` unless `tensors` share one [`kernel_dtype`].
+pub(crate) fn check_kernel_dtypes(op: &str, tensors: &[&Tensor]) -> Result<()> {
+    let dtype = tensors[0].dtype();
+    if !kernel_dtype(dtype) || tensors.iter().any(|t| t.dtype() != dtype) {
+        let dtypes: Vec<DType> = tensors.iter().map(|t| t.dtype()).collect();
+        bail!("{op}: dtypes {dtypes:?}, expected one of f32, bf16, f16");
+    }
+    Ok(())
 }
 
 /// Threads of a block of the elementwise kernels (THREADS in their sources).

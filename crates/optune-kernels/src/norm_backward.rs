@@ -8,20 +8,15 @@
 //! The CPU form below is the specification: per row, in f32 from the inputs' values, each output
 //! rounded once to the dtype.
 
-use crate::kernel_args::KernelArg;
+use crate::kernel_args::{check_kernel_dtypes, KernelArg};
 use crate::storage::stored_like;
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Threads of a block of the CUDA kernel (THREADS in the kernel).
 const THREADS: u32 = 256;
 /// Below this many elements the CPU form runs on the calling thread.
 const PARALLEL_ELEMENTS: usize = 1 << 16;
-
-/// Whether [`rms_norm_backward`] takes tensors of `dtype`.
-pub(crate) fn supports(dtype: DType) -> bool {
-    matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
-}
 
 /// The gradients of `y = x / rms(x) · weight` for `x`, `grad [.., hidden]` and `weight [hidden]`
 /// of one dtype (f32, bf16 or f16), `rms(x) = sqrt(mean(x²) + eps)` over the last axis: `∂x`
@@ -46,15 +41,7 @@ pub(crate) fn rms_norm_backward(
             grad.dims()
         );
     }
-    let dtype = x.dtype();
-    if !supports(dtype) || weight.dtype() != dtype || grad.dtype() != dtype {
-        bail!(
-            "rms_norm_backward: dtypes {:?}, {:?}, {:?}; expected one of f32, bf16, f16",
-            dtype,
-            weight.dtype(),
-            grad.dtype()
-        );
-    }
+    check_kernel_dtypes("rms_norm_backward", &[x, weight, grad])?;
     let rows = x.elem_count() / hidden;
     if rows == 0 {
         bail!("rms_norm_backward: no rows in x {:?}", x.dims());
@@ -111,7 +98,7 @@ impl CustomOp3 for RmsNormBackward {
         let rows = xs.len() / hidden;
         let mut out = vec![0f32; (1 + usize::from(self.weight_rows)) * rows * hidden];
         let (x_grads, weight_rows) = out.split_at_mut(rows * hidden);
-        let row_of = |row: usize, x_grad: &mut [f32], weight_row: Option<&mut [f32]>| {
+        let row_of = |(row, (x_grad, weight_row)): (usize, (&mut [f32], Option<&mut [f32]>))| {
             let at = row * hidden;
             let (x, g) = (&xs[at..at + hidden], &grads[at..at + hidden]);
             let (mut squares, mut dot) = (0f32, 0f32);
@@ -131,26 +118,17 @@ impl CustomOp3 for RmsNormBackward {
                 }
             }
         };
-        let parallel = rows * hidden >= PARALLEL_ELEMENTS;
-        match (self.weight_rows, parallel) {
-            (true, true) => x_grads
-                .par_chunks_mut(hidden)
-                .zip(weight_rows.par_chunks_mut(hidden))
-                .enumerate()
-                .for_each(|(row, (dx, w))| row_of(row, dx, Some(w))),
-            (true, false) => x_grads
-                .chunks_mut(hidden)
-                .zip(weight_rows.chunks_mut(hidden))
-                .enumerate()
-                .for_each(|(row, (dx, w))| row_of(row, dx, Some(w))),
-            (false, true) => x_grads
-                .par_chunks_mut(hidden)
-                .enumerate()
-                .for_each(|(row, dx)| row_of(row, dx, None)),
-            (false, false) => x_grads
-                .chunks_mut(hidden)
-                .enumerate()
-                .for_each(|(row, dx)| row_of(row, dx, None)),
+        // Each row's slice of the weight's rows, or none (then `weight_rows` is empty).
+        let weight_slots: Vec<Option<&mut [f32]>> = match self.weight_rows {
+            true => weight_rows.chunks_mut(hidden).map(Some).collect(),
+            false => (0..rows).map(|_| None).collect(),
+        };
+        if rows * hidden < PARALLEL_ELEMENTS {
+            let rows = x_grads.chunks_mut(hidden).zip(weight_slots);
+            rows.enumerate().for_each(row_of);
+        } else {
+            let rows = x_grads.par_chunks_mut(hidden).zip(weight_slots);
+            rows.enumerate().for_each(row_of);
         }
         Ok((stored_like(out, x), self.shape(rows, hidden)))
     }
@@ -227,22 +205,14 @@ const MODULE: crate::kernel_args::cuda::Module = crate::kernel_args::cuda::Modul
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::forward_only::tests::{flat, random};
     use crate::fused::tests::f32_elements;
     use crate::kernel_args::emulated;
-    use candle_core::{Device, Var, D};
+    use candle_core::{DType, Device, Var, D};
     use optune_cuda_emulator::{in_both_placements, Element, Launch};
-    use rand::{Rng, SeedableRng};
-    use rand_chacha::ChaCha8Rng;
 
     const DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
     const EPS: f64 = 1e-5;
-
-    fn random(n: usize, spread: f32, seed: u64) -> Vec<f32> {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        (0..n)
-            .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * spread)
-            .collect()
-    }
 
     fn tensor(values: Vec<f32>, shape: &[usize], dtype: DType) -> Tensor {
         let t = Tensor::from_vec(values, shape, &Device::Cpu).unwrap();
@@ -334,10 +304,6 @@ mod tests {
         assert!(err.to_string().contains("rms_norm_backward"), "{err}");
         let half = weight.to_dtype(DType::BF16).unwrap();
         assert!(rms_norm_backward(&x, &half, &x, EPS, true).is_err());
-    }
-
-    fn flat<T: candle_core::WithDType>(t: &Tensor) -> Vec<T> {
-        t.flatten_all().unwrap().to_vec1().unwrap()
     }
 
     /// The kernel by the emulator, with the CUDA path's launch and argument list.

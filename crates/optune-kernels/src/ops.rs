@@ -220,7 +220,7 @@ fn forward_only(pass: Pass, inputs: &[&Tensor]) -> bool {
     pass == Pass::Generation
         && inputs
             .iter()
-            .all(|t| crate::forward_only::supports(t.dtype()))
+            .all(|t| crate::kernel_args::kernel_dtype(t.dtype()))
 }
 
 /// Self-attention over a layer's projections `q [b, t, heads·d]` and `k`, `v [b, t,
@@ -438,7 +438,7 @@ pub mod generic {
         ) -> Result<(Option<Tensor>, Option<Tensor>)> {
             let ([x, weight, grad], [x_wanted, weight_wanted, _]) = detached([x, weight, grad]);
             let dtype = x.dtype();
-            if crate::norm_backward::supports(dtype)
+            if crate::kernel_args::kernel_dtype(dtype)
                 && weight.dtype() == dtype
                 && grad.dtype() == dtype
             {
